@@ -1,0 +1,3 @@
+from jaxinfer.cli import main
+
+main()

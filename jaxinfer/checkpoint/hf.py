@@ -1,0 +1,231 @@
+"""Hugging Face checkpoint directories (config.json, *.safetensors [+ index], tokenizer.json):
+read straight onto a mesh, and written back. No torch involved.
+
+Each of our leaves maps to one HF tensor per layer through a (name, to_ours, to_hf) rule;
+loading builds every shard with `jax.make_array_from_callback`, so a process only ever holds
+one full tensor on the host.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import shutil
+from pathlib import Path
+from typing import Any, Callable
+
+import jax
+import ml_dtypes
+import numpy as np
+from jax.sharding import Mesh
+from safetensors import safe_open
+from safetensors.numpy import save_file
+
+from jaxinfer import params as P
+from jaxinfer.checkpoint.hf_config import config_from_hf, config_to_hf
+from jaxinfer.config import ModelConfig
+from jaxinfer.model import MLP, Attention, Layer, Transformer
+from jaxinfer.sharding import DEFAULT_RULES, ShardingRules
+
+NP_DTYPES = {"float32": np.float32, "bfloat16": ml_dtypes.bfloat16, "float16": np.float16}
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
+                   "generation_config.json")
+
+
+@dataclasses.dataclass(frozen=True)
+class TensorRule:
+  name: str  # HF tensor name; "{i}" is the layer index
+  to_ours: Callable[[np.ndarray], np.ndarray]
+  to_hf: Callable[[np.ndarray], np.ndarray]
+  hf_shape: tuple[int, ...]
+
+
+def _rules(cfg: ModelConfig) -> Transformer:
+  """A Transformer-shaped tree of TensorRules (None where the model has no such tensor)."""
+  d, n, k, h, f, v = (cfg.embed, cfg.q_heads, cfg.kv_heads, cfg.head_dim, cfg.mlp,
+                      cfg.vocab_size)
+  same = lambda x: x
+  tr = lambda x: x.T
+
+  def proj_in(name, heads):  # HF (heads*H, D) <-> ours (D, heads, H)
+    return TensorRule(name, lambda x: x.T.reshape(d, heads, h),
+                      lambda x: x.reshape(d, heads * h).T, (heads * h, d))
+
+  def bias(name, heads):
+    return TensorRule(name, lambda x: x.reshape(heads, h), lambda x: x.reshape(-1), (heads * h,))
+
+  def vec(name, size):
+    return TensorRule(name, same, same, (size,))
+
+  a = "model.layers.{i}.self_attn."
+  m = "model.layers.{i}.mlp."
+  attn = Attention.spec(cfg)
+  layer = Layer(
+      attn_norm=vec("model.layers.{i}.input_layernorm.weight", d),
+      mlp_norm=vec("model.layers.{i}.post_attention_layernorm.weight", d),
+      attn=Attention(
+          q=proj_in(a + "q_proj.weight", n),
+          k=proj_in(a + "k_proj.weight", k),
+          v=proj_in(a + "v_proj.weight", k),
+          o=TensorRule(a + "o_proj.weight", lambda x: x.T.reshape(n, h, d),
+                       lambda x: x.reshape(n * h, d).T, (d, n * h)),
+          q_bias=bias(a + "q_proj.bias", n) if attn.q_bias is not None else None,
+          k_bias=bias(a + "k_proj.bias", k) if attn.k_bias is not None else None,
+          v_bias=bias(a + "v_proj.bias", k) if attn.v_bias is not None else None,
+          o_bias=vec(a + "o_proj.bias", d) if attn.o_bias is not None else None,
+          q_norm=vec(a + "q_norm.weight", h) if attn.q_norm is not None else None,
+          k_norm=vec(a + "k_norm.weight", h) if attn.k_norm is not None else None,
+      ),
+      mlp=MLP(
+          gate=TensorRule(m + "gate_proj.weight", tr, tr, (f, d)),
+          up=TensorRule(m + "up_proj.weight", tr, tr, (f, d)),
+          down=TensorRule(m + "down_proj.weight", tr, tr, (d, f)),
+      ),
+  )
+  return Transformer(
+      embed=TensorRule("model.embed_tokens.weight", same, same, (v, d)),
+      layers=tuple(jax.tree_util.tree_map(
+          lambda r, i=i: dataclasses.replace(r, name=r.name.format(i=i)), layer,
+          is_leaf=lambda x: isinstance(x, TensorRule)) for i in range(cfg.num_layers)),
+      final_norm=vec("model.norm.weight", d),
+      lm_head=None if cfg.tie_embeddings else TensorRule("lm_head.weight", tr, tr, (v, d)),
+  )
+
+
+def _is_rule(x) -> bool:
+  return isinstance(x, TensorRule)
+
+
+class SafetensorsReader:
+  """Tensor name -> file, over one `model.safetensors` or an index of shards."""
+
+  def __init__(self, directory: Path):
+    self.directory = directory
+    index = directory / "model.safetensors.index.json"
+    if index.exists():
+      weight_map = json.loads(index.read_text())["weight_map"]
+      self.files = {name: directory / f for name, f in weight_map.items()}
+    else:
+      shards = sorted(directory.glob("*.safetensors"))
+      if not shards:
+        raise FileNotFoundError(f"{directory}: no *.safetensors files")
+      self.files = {}
+      for shard in shards:
+        with safe_open(str(shard), framework="numpy") as f:
+          self.files.update({name: shard for name in f.keys()})
+
+  def has(self, name: str) -> bool:
+    return name in self.files
+
+  def shape(self, name: str) -> tuple[int, ...]:
+    with safe_open(str(self.files[name]), framework="numpy") as f:
+      return tuple(f.get_slice(name).get_shape())
+
+  def get(self, name: str) -> np.ndarray:
+    with safe_open(str(self.files[name]), framework="numpy") as f:
+      return f.get_tensor(name)
+
+
+def read_config(directory: str | os.PathLike, dtype: str | None = None) -> ModelConfig:
+  directory = Path(directory)
+  path = directory / "config.json"
+  if not path.exists():
+    raise FileNotFoundError(f"{directory}: no config.json (expected a Hugging Face model directory)")
+  hf = json.loads(path.read_text())
+  gen = directory / "generation_config.json"
+  cfg = config_from_hf(hf, dtype)
+  if gen.exists():  # generation_config's EOS ids (e.g. Llama 3 instruct's <|eot_id|>) also stop
+    extra = json.loads(gen.read_text()).get("eos_token_id")
+    extra = [extra] if isinstance(extra, int) else list(extra or [])
+    merged = tuple(dict.fromkeys(list(cfg.eos_token_ids) + [int(e) for e in extra]))
+    cfg = dataclasses.replace(cfg, eos_token_ids=merged)
+  return cfg
+
+
+def load_hf(directory: str | os.PathLike, dtype: str | None = None, mesh: Mesh | None = None,
+            rules: ShardingRules = DEFAULT_RULES) -> tuple[ModelConfig, Transformer]:
+  """Reads a Hugging Face directory into (config, params), sharded over `mesh` when given."""
+  directory = Path(directory)
+  cfg = read_config(directory, dtype)
+  reader = SafetensorsReader(directory)
+  rule_tree = _rules(cfg)
+  spec_tree = Transformer.spec(cfg)
+  np_dtype = NP_DTYPES[cfg.dtype]
+
+  problems = []
+  for rule in jax.tree_util.tree_leaves(rule_tree, is_leaf=_is_rule):
+    if not reader.has(rule.name):
+      problems.append(f"missing tensor {rule.name!r} (expected shape {rule.hf_shape})")
+    elif reader.shape(rule.name) != rule.hf_shape:
+      problems.append(f"tensor {rule.name!r} has shape {reader.shape(rule.name)}, expected "
+                      f"{rule.hf_shape}")
+  if problems:
+    raise ValueError(f"{directory}: " + "; ".join(problems))
+
+  def load_leaf(rule: TensorRule, spec: P.ParamSpec) -> jax.Array:
+    full = np.ascontiguousarray(rule.to_ours(reader.get(rule.name)).astype(np_dtype))
+    if mesh is None:
+      return jax.device_put(full)
+    sharding = rules.sharding(mesh, spec.axes, spec.shape)
+    return jax.make_array_from_callback(spec.shape, sharding, lambda idx: full[idx])
+
+  params = jax.tree_util.tree_map(load_leaf, rule_tree, spec_tree, is_leaf=_is_rule)
+  return cfg, params
+
+
+def _host(x: jax.Array) -> np.ndarray:
+  if not x.is_fully_addressable:
+    from jax.experimental import multihost_utils
+    x = multihost_utils.process_allgather(x, tiled=True)
+  return np.asarray(jax.device_get(x))
+
+
+def save_hf(directory: str | os.PathLike, cfg: ModelConfig, params: Transformer,
+            tokenizer_dir: str | os.PathLike | None = None,
+            max_shard_bytes: int = 4 * 2**30) -> Path:
+  """Writes a Hugging Face directory that transformers (and `load_hf`) read back."""
+  directory = Path(directory)
+  P.check_against_spec(params, Transformer.spec(cfg))
+  tensors: dict[str, np.ndarray] = {}
+  for rule, leaf in zip(jax.tree_util.tree_leaves(_rules(cfg), is_leaf=_is_rule),
+                        jax.tree_util.tree_leaves(params)):
+    tensors[rule.name] = np.ascontiguousarray(rule.to_hf(_host(leaf)))
+  if jax.process_index() != 0:
+    return directory
+  directory.mkdir(parents=True, exist_ok=True)
+  shards: list[dict[str, np.ndarray]] = [{}]
+  size = 0
+  for name, t in tensors.items():
+    if size and size + t.nbytes > max_shard_bytes:
+      shards.append({})
+      size = 0
+    shards[-1][name] = t
+    size += t.nbytes
+  for old in directory.glob("*.safetensors"):
+    old.unlink()
+  metadata = {"format": "pt"}
+  if len(shards) == 1:
+    save_file(shards[0], str(directory / "model.safetensors"), metadata=metadata)
+    (directory / "model.safetensors.index.json").unlink(missing_ok=True)
+  else:
+    weight_map = {}
+    for i, shard in enumerate(shards):
+      fname = f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
+      save_file(shard, str(directory / fname), metadata=metadata)
+      weight_map.update({name: fname for name in shard})
+    total = sum(t.nbytes for t in tensors.values())
+    (directory / "model.safetensors.index.json").write_text(
+        json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2))
+  (directory / "config.json").write_text(json.dumps(config_to_hf(cfg), indent=2) + "\n")
+  if tokenizer_dir is not None and Path(tokenizer_dir).resolve() != directory.resolve():
+    for name in TOKENIZER_FILES:
+      src = Path(tokenizer_dir) / name
+      if src.exists():
+        shutil.copyfile(src, directory / name)
+  if not (directory / "generation_config.json").exists():
+    gen: dict[str, Any] = {"bos_token_id": cfg.bos_token_id}
+    if cfg.eos_token_ids:
+      gen["eos_token_id"] = list(cfg.eos_token_ids)
+    (directory / "generation_config.json").write_text(json.dumps(gen, indent=2) + "\n")
+  return directory

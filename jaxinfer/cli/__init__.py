@@ -1,0 +1,46 @@
+"""`jaxinfer <command> [--flags]`: each command is a module defining its absl flags and `main`.
+
+Only the chosen command's module is imported, so each command sees only its own flags.
+User errors (bad flags, missing files) print one line and exit with status 2, never a traceback.
+"""
+
+from __future__ import annotations
+
+import importlib
+import sys
+
+COMMANDS = {
+    "generate": ("jaxinfer.cli.generate", "batch generation: JSONL prompts in, JSONL completions out"),
+    "quickstart": ("jaxinfer.cli.quickstart", "build the embedded model if needed and run a demo"),
+    "train": ("jaxinfer.cli.train", "pretrain or fine-tune a model on text (resumable)"),
+    "convert": ("jaxinfer.cli.convert", "convert between Hugging Face and orbax checkpoints"),
+}
+
+
+def usage() -> str:
+  lines = ["usage: jaxinfer <command> [--flags]   (jaxinfer <command> --help for flags)", ""]
+  lines += [f"  {name:<11} {desc}" for name, (_, desc) in COMMANDS.items()]
+  return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> None:
+  argv = list(sys.argv if argv is None else argv)
+  if len(argv) < 2 or argv[1] in ("-h", "--help", "help"):
+    print(usage())
+    sys.exit(0 if len(argv) >= 2 else 2)
+  command = argv[1]
+  if command not in COMMANDS:
+    print(f"jaxinfer: unknown command {command!r}\n\n{usage()}", file=sys.stderr)
+    sys.exit(2)
+  module = importlib.import_module(COMMANDS[command][0])
+  from absl import app
+  rest = argv[2:]
+  if not any(a.startswith(("--verbosity", "-v")) for a in rest):
+    rest = ["--verbosity=-1"] + rest  # library INFO logs (orbax, jax) only on request
+  app.run(module.main, argv=[f"jaxinfer {command}"] + rest)
+
+
+def fail(message: str) -> None:
+  """Ends the process with a one-line user error."""
+  print(f"error: {message}", file=sys.stderr)
+  sys.exit(2)

@@ -1,0 +1,44 @@
+"""Flags shared by several commands."""
+
+from __future__ import annotations
+
+from absl import flags
+
+from jaxinfer.config import DTYPES
+
+
+def define_model_flags() -> None:
+  flags.DEFINE_string("model", "embedded", "Hugging Face model directory, jaxinfer checkpoint "
+                      "directory, or 'embedded' (the default model, built locally if missing).")
+  flags.DEFINE_enum("dtype", "auto", ["auto"] + sorted(DTYPES),
+                    "Parameter/activation dtype; auto uses the checkpoint's own.")
+  flags.DEFINE_string("mesh", "", "Device mesh, e.g. data:4,model:2 (axes data, fsdp, model; "
+                      "absent axes are 1). Empty: all devices on the data axis.")
+  flags.DEFINE_integer("cpu_devices", None, "Simulate this many CPU devices (testing meshes "
+                       "without accelerators).", lower_bound=1)
+  flags.DEFINE_string("cache_dir", None, "Where the embedded model is cached (default "
+                      "$JAXINFER_CACHE or ~/.cache/jaxinfer).")
+
+
+def apply_platform_flags() -> None:
+  """Must run before the first JAX computation."""
+  FLAGS = flags.FLAGS
+  if FLAGS.cpu_devices:
+    import jax
+    jax.config.update("jax_platforms", "cpu")
+    jax.config.update("jax_num_cpu_devices", FLAGS.cpu_devices)
+
+
+def load_model_from_flags():
+  """(mesh, model directory, config, params, tokenizer) from the model flags.
+
+  Raises FileNotFoundError / ValueError with user-facing messages."""
+  from jaxinfer import checkpoint
+  from jaxinfer.sharding import make_mesh
+
+  FLAGS = flags.FLAGS
+  mesh = make_mesh(FLAGS.mesh) if FLAGS.mesh else None
+  src = checkpoint.resolve_model_dir(FLAGS.model, FLAGS.cache_dir)
+  cfg, params, tokenizer = checkpoint.load_model(
+      str(src), None if FLAGS.dtype == "auto" else FLAGS.dtype, mesh)
+  return mesh, src, cfg, params, tokenizer

@@ -1,0 +1,73 @@
+"""jaxinfer train: pretrain (--init=random) or fine-tune a model on text; resumes from its
+workdir after a crash; writes a Hugging Face directory (plus report.json) at the end."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from absl import flags
+
+from jaxinfer.cli import fail
+from jaxinfer.cli.common import apply_platform_flags, define_model_flags, load_model_from_flags
+
+define_model_flags()
+flags.DEFINE_string("data", None, "Training text: a .txt file, a JSONL file with a 'text' field "
+                    "per line, or a directory (its *.txt, *.py and *.md files).")
+flags.DEFINE_string("output", None, "Where the trained model (HF format) is written.")
+flags.DEFINE_string("workdir", None, "Checkpoints and metrics.jsonl (default: <output>.run).")
+flags.DEFINE_enum("init", "pretrained", ["pretrained", "random"],
+                  "Start from --model's weights, or from random weights of its architecture.")
+flags.DEFINE_integer("steps", 1000, "Optimizer steps.", lower_bound=1)
+flags.DEFINE_integer("batch_size", 16, "Sequences per step.", lower_bound=1)
+flags.DEFINE_integer("seq_len", 256, "Tokens per sequence.", lower_bound=2)
+flags.DEFINE_float("learning_rate", 1e-3, "Peak learning rate (AdamW).", lower_bound=0.0)
+flags.DEFINE_integer("warmup_steps", 50, "Linear warmup steps.", lower_bound=0)
+flags.DEFINE_float("weight_decay", 0.1, "AdamW weight decay (matrices only).", lower_bound=0.0)
+flags.DEFINE_integer("checkpoint_every", 200, "Steps between orbax checkpoints.", lower_bound=1)
+flags.DEFINE_float("heldout_fraction", 0.05, "Tail of the data kept for evaluation.",
+                   lower_bound=0.0, upper_bound=0.5)
+flags.DEFINE_integer("seed", 0, "Data order and init seed.")
+flags.mark_flags_as_required(["data", "output"])
+FLAGS = flags.FLAGS
+
+
+def main(argv: list[str]) -> None:
+  if len(argv) > 1:
+    fail(f"unexpected arguments {argv[1:]}; all options are --flags")
+  apply_platform_flags()
+  import jax
+  import numpy as np
+
+  from jaxinfer import checkpoint
+  from jaxinfer import model as M
+  from jaxinfer.train import lm
+  from jaxinfer.train.data import load_text_tokens
+  from jaxinfer.train.loop import TrainConfig, train
+
+  try:
+    mesh, src, cfg, params, tokenizer = load_model_from_flags()
+    if tokenizer is None:
+      raise ValueError(f"--model: {src} has no tokenizer.json; training on text needs one")
+    tokens = load_text_tokens(FLAGS.data, tokenizer,
+                              cfg.eos_token_ids[0] if cfg.eos_token_ids else None)
+    n_held = int(len(tokens) * FLAGS.heldout_fraction)
+    train_tokens, held_tokens = tokens[:len(tokens) - n_held], tokens[len(tokens) - n_held:]
+    windows = lm.TokenWindows(train_tokens, FLAGS.batch_size, FLAGS.seq_len, FLAGS.seed)
+    tcfg = TrainConfig(steps=FLAGS.steps, learning_rate=FLAGS.learning_rate,
+                       warmup_steps=FLAGS.warmup_steps, weight_decay=FLAGS.weight_decay,
+                       checkpoint_every=FLAGS.checkpoint_every, seed=FLAGS.seed)
+  except (FileNotFoundError, ValueError) as e:
+    fail(str(e))
+  if FLAGS.init == "random":
+    params = M.init_params(cfg, jax.random.key(FLAGS.seed), mesh)
+  workdir = Path(FLAGS.workdir or FLAGS.output.rstrip("/") + ".run")
+  params, _ = train(lm.lm_loss_fn(cfg), params, windows, tcfg, workdir, mesh=mesh)
+  report = {"train_tokens": int(len(train_tokens)), "steps": FLAGS.steps}
+  if len(held_tokens) > FLAGS.seq_len + 1:
+    held = lm.TokenWindows(np.asarray(held_tokens), 1, FLAGS.seq_len)
+    report["heldout_loss_nats_per_token"] = round(lm.evaluate(params, cfg, held, 64), 4)
+  out = checkpoint.save_hf(FLAGS.output, cfg, params, tokenizer_dir=src)
+  (out / "report.json").write_text(json.dumps(report, indent=2) + "\n")
+  print(json.dumps(report))
+  print(f"wrote {out}")

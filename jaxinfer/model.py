@@ -1,0 +1,240 @@
+"""The decoder-only transformer: parameter declarations and one pure `forward`.
+
+B batch, T query len, S kv len (cache slots), D embed, N q heads, K kv heads, H head dim,
+F mlp, V vocab.
+
+Parameters are flax.struct dataclasses whose `spec(cfg)` declares every weight once (shape,
+logical axes, initializer); see params.py for what derives from it. Layers are a tuple and the
+layer loop is unrolled so each layer's KV cache is its own donated buffer, updated in place.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+import jax
+import jax.numpy as jnp
+from flax import struct
+from jax.sharding import Mesh
+
+from jaxinfer import attention as attention_lib
+from jaxinfer import params as P
+from jaxinfer.config import ModelConfig
+from jaxinfer.rope import apply_rope, rope_tables
+from jaxinfer.sharding import DEFAULT_RULES, ShardingRules, constrain
+
+Array = Any  # jax.Array, or a ParamSpec inside a declaration tree
+
+ACT = ("batch", "seq", "act_embed")  # logical axes of the residual stream
+CACHE_AXES = ("batch", "cache_seq", "kv_heads", "head_dim")
+
+
+@struct.dataclass
+class Attention:
+  q: Array  # (D, N, H)
+  k: Array  # (D, K, H)
+  v: Array  # (D, K, H)
+  o: Array  # (N, H, D)
+  q_bias: Array = None  # (N, H)
+  k_bias: Array = None  # (K, H)
+  v_bias: Array = None  # (K, H)
+  o_bias: Array = None  # (D,)
+  q_norm: Array = None  # (H,)
+  k_norm: Array = None  # (H,)
+
+  @classmethod
+  def spec(cls, cfg: ModelConfig) -> "Attention":
+    d, n, k, h = cfg.embed, cfg.q_heads, cfg.kv_heads, cfg.head_dim
+    w = P.fan_in_init(1)
+    zeros, ones = P.constant_init(0.0), P.constant_init(1.0)
+    bias = cfg.qkv_bias
+    return cls(
+        q=P.ParamSpec((d, n, h), ("embed", "q_heads", "head_dim"), w),
+        k=P.ParamSpec((d, k, h), ("embed", "kv_heads", "head_dim"), w),
+        v=P.ParamSpec((d, k, h), ("embed", "kv_heads", "head_dim"), w),
+        o=P.ParamSpec((n, h, d), ("q_heads", "head_dim", "embed"), P.fan_in_init(2)),
+        q_bias=P.ParamSpec((n, h), ("q_heads", "head_dim"), zeros) if bias else None,
+        k_bias=P.ParamSpec((k, h), ("kv_heads", "head_dim"), zeros) if bias else None,
+        v_bias=P.ParamSpec((k, h), ("kv_heads", "head_dim"), zeros) if bias else None,
+        o_bias=P.ParamSpec((d,), ("embed",), zeros) if cfg.o_bias else None,
+        q_norm=P.ParamSpec((h,), ("head_dim",), ones) if cfg.qk_norm else None,
+        k_norm=P.ParamSpec((h,), ("head_dim",), ones) if cfg.qk_norm else None,
+    )
+
+
+@struct.dataclass
+class MLP:
+  gate: Array  # (D, F)
+  up: Array  # (D, F)
+  down: Array  # (F, D)
+
+  @classmethod
+  def spec(cls, cfg: ModelConfig) -> "MLP":
+    d, f = cfg.embed, cfg.mlp
+    return cls(gate=P.ParamSpec((d, f), ("embed", "mlp"), P.fan_in_init(1)),
+               up=P.ParamSpec((d, f), ("embed", "mlp"), P.fan_in_init(1)),
+               down=P.ParamSpec((f, d), ("mlp", "embed"), P.fan_in_init(1)))
+
+
+@struct.dataclass
+class Layer:
+  attn_norm: Array  # (D,)
+  attn: Attention
+  mlp_norm: Array  # (D,)
+  mlp: MLP
+
+  @classmethod
+  def spec(cls, cfg: ModelConfig) -> "Layer":
+    norm = P.ParamSpec((cfg.embed,), ("embed",), P.constant_init(1.0))
+    return cls(attn_norm=norm, attn=Attention.spec(cfg), mlp_norm=norm, mlp=MLP.spec(cfg))
+
+
+@struct.dataclass
+class Transformer:
+  embed: Array  # (V, D)
+  layers: tuple[Layer, ...]
+  final_norm: Array  # (D,)
+  lm_head: Array = None  # (D, V); None when tied to `embed`
+
+  @classmethod
+  def spec(cls, cfg: ModelConfig) -> "Transformer":
+    v, d = cfg.vocab_size, cfg.embed
+    return cls(
+        embed=P.ParamSpec((v, d), ("vocab", "embed"), P.normal_init(0.02)),
+        layers=tuple(Layer.spec(cfg) for _ in range(cfg.num_layers)),
+        final_norm=P.ParamSpec((d,), ("embed",), P.constant_init(1.0)),
+        lm_head=None if cfg.tie_embeddings else P.ParamSpec((d, v), ("embed", "vocab"),
+                                                             P.fan_in_init(1)),
+    )
+
+
+def init_params(cfg: ModelConfig, key: jax.Array, mesh: Mesh | None = None,
+                rules: ShardingRules = DEFAULT_RULES) -> Transformer:
+  """Random parameters, created directly in their shardings when a mesh is given."""
+  spec = Transformer.spec(cfg)
+  fn = lambda k: P.init_params(spec, k, cfg.jnp_dtype)
+  out_shardings = None if mesh is None else P.param_shardings(spec, mesh, rules)
+  return jax.jit(fn, out_shardings=out_shardings)(key)
+
+
+@struct.dataclass
+class KVCache:
+  """Per-layer key/value buffers, (B, S, K, H) each; slot s holds the token at position s."""
+
+  k: tuple[jax.Array, ...]
+  v: tuple[jax.Array, ...]
+
+  @property
+  def max_len(self) -> int:
+    return self.k[0].shape[1]
+
+  @classmethod
+  def shape_of(cls, cfg: ModelConfig, batch: int, max_len: int) -> tuple[int, ...]:
+    return (batch, max_len, cfg.kv_heads, cfg.head_dim)
+
+  @classmethod
+  def init(cls, cfg: ModelConfig, batch: int, max_len: int, mesh: Mesh | None = None,
+           rules: ShardingRules = DEFAULT_RULES) -> "KVCache":
+    shape = cls.shape_of(cfg, batch, max_len)
+    sharding = None if mesh is None else rules.sharding(mesh, CACHE_AXES, shape)
+    zeros = lambda: tuple(jnp.zeros(shape, cfg.jnp_dtype, device=sharding)
+                          for _ in range(cfg.num_layers))
+    return cls(k=zeros(), v=zeros())
+
+
+def rms_norm(x: jax.Array, weight: jax.Array, eps: float) -> jax.Array:
+  x32 = x.astype(jnp.float32)
+  y = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + eps)
+  return weight * y.astype(x.dtype)
+
+
+def _write_cache(buf: jax.Array, new: jax.Array, positions: jax.Array) -> jax.Array:
+  """Scatters new (B,T,K,H) into buf (B,S,K,H) at slots `positions` (B,T); out of range drops."""
+  rows = jnp.arange(buf.shape[0])[:, None]
+  return buf.at[rows, positions].set(new.astype(buf.dtype), mode="drop")
+
+
+KVSource = Literal["chunk", "cache"]
+
+
+def attention_block(p: Attention, x: jax.Array, positions: jax.Array, cos: jax.Array,
+                    sin: jax.Array, cfg: ModelConfig, window: int | None,
+                    cache_kv: tuple[jax.Array, jax.Array] | None, kv_source: KVSource,
+                    segment_ids: jax.Array | None, implementation: str,
+                    mesh: Mesh | None, rules: ShardingRules):
+  q = jnp.einsum("btd,dnh->btnh", x, p.q)
+  k = jnp.einsum("btd,dkh->btkh", x, p.k)
+  v = jnp.einsum("btd,dkh->btkh", x, p.v)
+  if p.q_bias is not None:
+    q, k, v = q + p.q_bias, k + p.k_bias, v + p.v_bias
+  if p.q_norm is not None:
+    q, k = rms_norm(q, p.q_norm, cfg.norm_eps), rms_norm(k, p.k_norm, cfg.norm_eps)
+  q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+  q = constrain(q, ("batch", "seq", "act_heads", "head_dim"), mesh, rules)
+
+  new_cache = None
+  k_pos = positions
+  if cache_kv is not None:
+    new_cache = (_write_cache(cache_kv[0], k, positions), _write_cache(cache_kv[1], v, positions))
+    if kv_source == "cache":
+      k, v = new_cache
+      k_pos = jnp.broadcast_to(jnp.arange(k.shape[1], dtype=positions.dtype), k.shape[:2])
+  attn = attention_lib.get(implementation)
+  out = attn(q, k, v, positions, k_pos, window=window, q_segment=segment_ids,
+             k_segment=segment_ids if kv_source == "chunk" else None)
+  out = jnp.einsum("btnh,nhd->btd", out, p.o)
+  if p.o_bias is not None:
+    out = out + p.o_bias
+  return out, new_cache
+
+
+def mlp_block(p: MLP, x: jax.Array, mesh: Mesh | None, rules: ShardingRules) -> jax.Array:
+  gate = jnp.einsum("btd,df->btf", x, p.gate)
+  up = jnp.einsum("btd,df->btf", x, p.up)
+  h = constrain(jax.nn.silu(gate) * up, ("batch", "seq", "act_mlp"), mesh, rules)
+  return jnp.einsum("btf,fd->btd", h, p.down)
+
+
+def forward(params: Transformer, tokens: jax.Array, positions: jax.Array, cfg: ModelConfig,
+            cache: KVCache | None = None, *, kv_source: KVSource = "chunk",
+            segment_ids: jax.Array | None = None, implementation: str = "xla",
+            mesh: Mesh | None = None,
+            rules: ShardingRules = DEFAULT_RULES) -> tuple[jax.Array, KVCache | None]:
+  """tokens, positions (B,T) -> final hidden states (B,T,D) and the updated cache.
+
+  kv_source="chunk": queries attend to this chunk's own keys (training, fresh prefill);
+  the chunk is still written to `cache` when one is given.
+  kv_source="cache": the chunk is written at slots `positions`, then queries attend to all cache
+  slots (decode, continued prefill). Slots past a query's position are masked, so stale entries
+  there are harmless.
+  """
+  if kv_source == "cache" and cache is None:
+    raise ValueError("forward: kv_source='cache' needs a cache")
+  x = jnp.take(params.embed, tokens, axis=0)
+  x = constrain(x, ACT, mesh, rules)
+  cos, sin = rope_tables(positions, cfg)
+  new_k, new_v = [], []
+  for i, layer in enumerate(params.layers):
+    with jax.named_scope(f"layer_{i}"):
+      cache_kv = None if cache is None else (cache.k[i], cache.v[i])
+      with jax.named_scope("attention"):
+        h, layer_cache = attention_block(
+            layer.attn, rms_norm(x, layer.attn_norm, cfg.norm_eps), positions, cos, sin, cfg,
+            cfg.layer_window(i), cache_kv, kv_source, segment_ids, implementation, mesh, rules)
+      x = constrain(x + h, ACT, mesh, rules)
+      with jax.named_scope("mlp"):
+        x = x + mlp_block(layer.mlp, rms_norm(x, layer.mlp_norm, cfg.norm_eps), mesh, rules)
+      x = constrain(x, ACT, mesh, rules)
+      if layer_cache is not None:
+        new_k.append(layer_cache[0])
+        new_v.append(layer_cache[1])
+  x = rms_norm(x, params.final_norm, cfg.norm_eps)
+  new_cache = None if cache is None else KVCache(k=tuple(new_k), v=tuple(new_v))
+  return x, new_cache
+
+
+def logits(params: Transformer, hidden: jax.Array) -> jax.Array:
+  """hidden (..., D) -> float32 logits (..., V)."""
+  if params.lm_head is None:
+    return jnp.einsum("...d,vd->...v", hidden, params.embed, preferred_element_type=jnp.float32)
+  return jnp.einsum("...d,dv->...v", hidden, params.lm_head, preferred_element_type=jnp.float32)

@@ -1,0 +1,155 @@
+"""The JSONL request contract of `jaxinfer generate`: parse and validate one input line into a
+`Request`, or into an error record that names the line and what was wrong with it."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+from typing import Any
+
+from jaxinfer.sampling import validate as validate_sampling
+from jaxinfer.tokenizer import Tokenizer
+
+FIELDS = {"id", "prompt", "prompt_ids", "max_new_tokens", "temperature", "top_k", "top_p",
+          "min_p", "stop", "metadata"}
+
+
+@dataclasses.dataclass(frozen=True)
+class Defaults:
+  """Run-wide values (from flags) that a record may override."""
+
+  max_new_tokens: int = 128
+  temperature: float = 0.0
+  top_k: int = 0
+  top_p: float = 1.0
+  min_p: float = 0.0
+  stop: tuple[str, ...] = ()
+
+
+@dataclasses.dataclass
+class Request:
+  id: Any
+  line: int
+  prompt_ids: list[int]
+  max_new_tokens: int
+  temperature: float
+  top_k: int
+  top_p: float
+  min_p: float
+  stop: tuple[str, ...]
+  metadata: Any = None
+
+
+class InvalidRequest(ValueError):
+  pass
+
+
+def error_record(line: int, message: str, request_id: Any = None) -> dict[str, Any]:
+  return {"id": request_id, "line": line, "error": message}
+
+
+def _is_int(x) -> bool:
+  return isinstance(x, int) and not isinstance(x, bool)
+
+
+def _is_number(x) -> bool:
+  return (_is_int(x) or isinstance(x, float)) and math.isfinite(x)
+
+
+def _get(rec: dict, name: str, default, check, expected: str):
+  if name not in rec or rec[name] is None:
+    return default
+  value = rec[name]
+  if not check(value):
+    raise InvalidRequest(f"{name}: expected {expected}, got {json.dumps(value)[:80]}")
+  return value
+
+
+def parse_request(line_no: int, text: str, defaults: Defaults, tokenizer: Tokenizer | None,
+                  vocab_size: int, max_seq_len: int) -> Request:
+  """Raises InvalidRequest with a message fit for the user."""
+  try:
+    rec = json.loads(text)
+  except json.JSONDecodeError as e:
+    raise InvalidRequest(f"not valid JSON: {e.msg} at column {e.colno}") from None
+  if not isinstance(rec, dict):
+    raise InvalidRequest(f"expected a JSON object, got {type(rec).__name__}")
+  unknown = sorted(set(rec) - FIELDS)
+  if unknown:
+    raise InvalidRequest(f"unknown field(s) {unknown}; allowed: {sorted(FIELDS)}")
+  if "id" not in rec:
+    raise InvalidRequest("missing 'id'")
+  rid = rec["id"]
+  if not (isinstance(rid, str) or _is_int(rid)):
+    raise InvalidRequest(f"id: expected a string or integer, got {json.dumps(rid)[:80]}")
+  has_text, has_ids = rec.get("prompt") is not None, rec.get("prompt_ids") is not None
+  if has_text == has_ids:
+    raise InvalidRequest("expected exactly one of 'prompt' (text) or 'prompt_ids' (token ids)")
+  if has_text:
+    if not isinstance(rec["prompt"], str):
+      raise InvalidRequest(f"prompt: expected a string, got {type(rec['prompt']).__name__}")
+    if tokenizer is None:
+      raise InvalidRequest("prompt: text needs a tokenizer and the model has no tokenizer.json; "
+                           "send 'prompt_ids' instead")
+    prompt_ids = tokenizer.encode(rec["prompt"])
+  else:
+    prompt_ids = rec["prompt_ids"]
+    if not isinstance(prompt_ids, list) or not all(_is_int(t) for t in prompt_ids):
+      raise InvalidRequest("prompt_ids: expected a list of integers")
+    bad = [t for t in prompt_ids if not 0 <= t < vocab_size]
+    if bad:
+      raise InvalidRequest(f"prompt_ids: token id {bad[0]} is outside the vocabulary "
+                           f"[0, {vocab_size})")
+  if not prompt_ids:
+    raise InvalidRequest("prompt is empty (0 tokens)")
+  if len(prompt_ids) >= max_seq_len:
+    raise InvalidRequest(f"prompt has {len(prompt_ids)} tokens; the model's context is "
+                         f"{max_seq_len}, which leaves no room to generate")
+
+  max_new = _get(rec, "max_new_tokens", defaults.max_new_tokens, lambda v: _is_int(v) and v >= 1,
+                 "an integer >= 1")
+  temperature = float(_get(rec, "temperature", defaults.temperature, _is_number, "a number"))
+  top_k = _get(rec, "top_k", defaults.top_k, _is_int, "an integer")
+  top_p = float(_get(rec, "top_p", defaults.top_p, _is_number, "a number"))
+  min_p = float(_get(rec, "min_p", defaults.min_p, _is_number, "a number"))
+  problems = validate_sampling(temperature, top_k, top_p, min_p)
+  if problems:
+    raise InvalidRequest("; ".join(problems))
+  stop = rec.get("stop", None)
+  if stop is None:
+    stop = defaults.stop
+  elif isinstance(stop, str):
+    stop = (stop,)
+  elif isinstance(stop, list) and all(isinstance(s, str) for s in stop):
+    stop = tuple(stop)
+  else:
+    raise InvalidRequest("stop: expected a string or a list of strings")
+  if any(not s for s in stop):
+    raise InvalidRequest("stop: stop strings must be non-empty")
+  if stop and tokenizer is None:
+    raise InvalidRequest("stop: stop strings need a tokenizer and the model has no tokenizer.json")
+  # Never generate past the model's context.
+  max_new = min(max_new, max_seq_len - len(prompt_ids))
+  return Request(id=rid, line=line_no, prompt_ids=list(prompt_ids), max_new_tokens=max_new,
+                 temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p, stop=stop,
+                 metadata=rec.get("metadata"))
+
+
+def truncate_at_stop(tokens: list[int], stop: tuple[str, ...],
+                     tokenizer: Tokenizer) -> tuple[list[int], str, bool]:
+  """(ids up to the token that completes the earliest stop string, text before it, found)."""
+  text = tokenizer.decode(tokens)
+  hits = [(text.find(s), s) for s in stop if s in text]
+  if not hits:
+    return tokens, text, False
+  start, s = min(hits)
+  end = start + len(s)
+  lo, hi = 1, len(tokens)  # smallest k whose decoded prefix reaches the end of the stop string
+  while lo < hi:
+    mid = (lo + hi) // 2
+    if len(tokenizer.decode(tokens[:mid])) >= end and s in tokenizer.decode(tokens[:mid]):
+      hi = mid
+    else:
+      lo = mid + 1
+  return tokens[:lo], text[:start], True

@@ -1,0 +1,83 @@
+"""Token sampling with per-row parameters, so one compiled step serves any mix of requests.
+
+B batch, V vocab. Filters apply in Hugging Face's order: temperature, top-k, top-p, min-p.
+A row with temperature 0 is greedy. Top-k 0, top-p 1 and min-p 0 disable their filter.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from flax import struct
+
+
+@struct.dataclass
+class SamplingParams:
+  temperature: jax.Array  # (B,) float32
+  top_k: jax.Array  # (B,) int32
+  top_p: jax.Array  # (B,) float32
+  min_p: jax.Array  # (B,) float32
+
+  @classmethod
+  def make(cls, batch: int, temperature=0.0, top_k=0, top_p=1.0, min_p=0.0) -> "SamplingParams":
+    full = lambda v, dt: jnp.broadcast_to(jnp.asarray(v, dt), (batch,))
+    return cls(full(temperature, jnp.float32), full(top_k, jnp.int32), full(top_p, jnp.float32),
+               full(min_p, jnp.float32))
+
+
+def filtered_sorted(logits: jax.Array, sp: SamplingParams) -> tuple[jax.Array, jax.Array]:
+  """(B,V) logits -> (masked log-probs in descending order, the token of each sorted slot).
+
+  Every filter keeps a prefix of the sorted order, so the result is exact (no tie ambiguity
+  when mapping a threshold back to the vocabulary).
+  """
+  v = logits.shape[-1]
+  temp = jnp.where(sp.temperature > 0, sp.temperature, 1.0)[:, None]
+  scaled = logits.astype(jnp.float32) / temp
+  order = jnp.argsort(-scaled, axis=-1, stable=True)
+  sorted_logits = jnp.take_along_axis(scaled, order, axis=-1)
+  rank = jnp.arange(v)[None, :]
+  keep = (sp.top_k[:, None] <= 0) | (rank < sp.top_k[:, None])
+  probs = jax.nn.softmax(jnp.where(keep, sorted_logits, -jnp.inf), axis=-1)
+  cum_before = jnp.cumsum(probs, axis=-1) - probs
+  keep &= (cum_before < sp.top_p[:, None]) | (rank == 0)
+  keep &= probs >= sp.min_p[:, None] * probs[:, :1]
+  masked = jnp.where(keep, sorted_logits, -jnp.inf)
+  return jax.nn.log_softmax(masked, axis=-1), order
+
+
+def target_probs(logits: jax.Array, sp: SamplingParams) -> jax.Array:
+  """(B,V): the distribution sampling draws from (one-hot argmax for greedy rows)."""
+  logp, order = filtered_sorted(logits, sp)
+  rows = jnp.arange(logits.shape[0])[:, None]
+  probs = jnp.zeros_like(logp).at[rows, order].set(jnp.exp(logp))
+  greedy = jax.nn.one_hot(jnp.argmax(logits, axis=-1), logits.shape[-1], dtype=probs.dtype)
+  return jnp.where((sp.temperature > 0)[:, None], probs, greedy)
+
+
+def sample(logits: jax.Array, sp: SamplingParams, keys: jax.Array) -> jax.Array:
+  """(B,V) logits, (B,) keys -> (B,) int32 tokens."""
+  greedy = jnp.argmax(logits, axis=-1).astype(jnp.int32)
+
+  def draw(_):
+    logp, order = filtered_sorted(logits, sp)
+    slot = jax.vmap(jax.random.categorical)(keys, logp)
+    drawn = jnp.take_along_axis(order, slot[:, None], axis=-1)[:, 0].astype(jnp.int32)
+    return jnp.where(sp.temperature > 0, drawn, greedy)
+
+  # The vocabulary sort only runs when some row samples.
+  return jax.lax.cond(jnp.any(sp.temperature > 0), draw, lambda _: greedy, None)
+
+
+def validate(temperature: float, top_k: int, top_p: float, min_p: float) -> list[str]:
+  """Human-readable problems with one request's sampling values (empty when valid)."""
+  problems = []
+  if not temperature >= 0:
+    problems.append(f"temperature must be >= 0, got {temperature}")
+  if top_k < 0:
+    problems.append(f"top_k must be >= 0 (0 disables), got {top_k}")
+  if not 0 < top_p <= 1:
+    problems.append(f"top_p must be in (0, 1], got {top_p}")
+  if not 0 <= min_p <= 1:
+    problems.append(f"min_p must be in [0, 1], got {min_p}")
+  return problems

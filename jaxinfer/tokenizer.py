@@ -1,0 +1,53 @@
+"""A thin wrapper over a `tokenizers.Tokenizer` read from a model directory's tokenizer.json."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import tokenizers
+
+
+class Tokenizer:
+
+  def __init__(self, tok: tokenizers.Tokenizer, add_bos_token: bool | None = None,
+               bos_token: str | None = None):
+    self._tok = tok
+    self._bos_id = tok.token_to_id(bos_token) if (add_bos_token and bos_token) else None
+
+  @classmethod
+  def from_dir(cls, directory: str | os.PathLike) -> "Tokenizer | None":
+    """The directory's tokenizer, or None when it has no tokenizer.json."""
+    directory = Path(directory)
+    path = directory / "tokenizer.json"
+    if not path.exists():
+      return None
+    tok = tokenizers.Tokenizer.from_file(str(path))
+    add_bos, bos = None, None
+    cfg_path = directory / "tokenizer_config.json"
+    if cfg_path.exists():
+      tcfg = json.loads(cfg_path.read_text())
+      add_bos = tcfg.get("add_bos_token")
+      bos = tcfg.get("bos_token")
+      if isinstance(bos, dict):
+        bos = bos.get("content")
+    return cls(tok, add_bos, bos)
+
+  @property
+  def vocab_size(self) -> int:
+    return self._tok.get_vocab_size(with_added_tokens=True)
+
+  def encode(self, text: str) -> list[int]:
+    """Token ids as the model saw them in training: the tokenizer's own special-token template,
+    plus BOS where tokenizer_config.json asks for it and the template did not add it."""
+    ids = self._tok.encode(text, add_special_tokens=True).ids
+    if self._bos_id is not None and (not ids or ids[0] != self._bos_id):
+      ids = [self._bos_id] + ids
+    return ids
+
+  def decode(self, ids: list[int]) -> str:
+    return self._tok.decode(list(ids), skip_special_tokens=True)
+
+  def token_id(self, token: str) -> int | None:
+    return self._tok.token_to_id(token)

@@ -1,0 +1,77 @@
+"""Causal language modelling on a token stream: windows sampled as a pure function of the step,
+and the next-token loss over `model.forward`. B batch, T window len, V vocab."""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jaxinfer import model as M
+from jaxinfer.config import ModelConfig
+
+
+@dataclasses.dataclass
+class TokenWindows:
+  """Random (B, T+1) windows of a 1-D token array; batch `step` is fixed by (seed, step)."""
+
+  tokens: np.ndarray
+  batch_size: int
+  seq_len: int
+  seed: int = 0
+
+  def __post_init__(self):
+    if len(self.tokens) <= self.seq_len + 1:
+      raise ValueError(f"TokenWindows: {len(self.tokens)} tokens cannot fill windows of "
+                       f"{self.seq_len + 1}")
+
+  def __call__(self, step: int) -> np.ndarray:
+    rng = np.random.default_rng([self.seed, step])
+    starts = rng.integers(0, len(self.tokens) - self.seq_len - 1, size=self.batch_size)
+    return np.stack([self.tokens[s:s + self.seq_len + 1] for s in starts]).astype(np.int32)
+
+  def sequential(self, max_batches: int | None = None):
+    """Non-overlapping windows in order (for held-out evaluation)."""
+    n = (len(self.tokens) - 1) // self.seq_len
+    windows = [self.tokens[i * self.seq_len:(i + 1) * self.seq_len + 1] for i in range(n)]
+    for b in range(0, len(windows) - self.batch_size + 1, self.batch_size):
+      if max_batches is not None and b // self.batch_size >= max_batches:
+        return
+      yield np.stack(windows[b:b + self.batch_size]).astype(np.int32)
+
+
+def token_losses(params: M.Transformer, tokens: jax.Array, cfg: ModelConfig,
+                 implementation: str = "xla") -> jax.Array:
+  """tokens (B, T+1) -> per-position next-token cross entropy (B, T), float32."""
+  inputs, targets = tokens[:, :-1], tokens[:, 1:]
+  positions = jnp.broadcast_to(jnp.arange(inputs.shape[1], dtype=jnp.int32), inputs.shape)
+  hidden, _ = M.forward(params, inputs, positions, cfg, implementation=implementation)
+  logits = M.logits(params, hidden)
+  logz = jax.nn.logsumexp(logits, axis=-1)
+  gold = jnp.take_along_axis(logits, targets[..., None], axis=-1)[..., 0]
+  return logz - gold
+
+
+def lm_loss_fn(cfg: ModelConfig):
+  def loss_fn(params, frozen, batch, rng) -> tuple[jax.Array, dict[str, Any]]:
+    del frozen, rng
+    loss = jnp.mean(token_losses(params, batch, cfg))
+    return loss, {}
+
+  return loss_fn
+
+
+def evaluate(params: M.Transformer, cfg: ModelConfig, windows: TokenWindows,
+             max_batches: int | None = None) -> float:
+  """Mean next-token loss (nats) over sequential windows."""
+  fn = jax.jit(lambda p, b: jnp.sum(token_losses(p, b, cfg)))
+  total, count = 0.0, 0
+  for batch in windows.sequential(max_batches):
+    total += float(fn(params, batch))
+    count += batch.shape[0] * (batch.shape[1] - 1)
+  if not count:
+    raise ValueError("evaluate: no complete evaluation batch")
+  return total / count

@@ -1,0 +1,62 @@
+"""Test session setup: 8 simulated CPU devices (set before JAX initialises its backend)."""
+
+import os
+
+os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") +
+                           " --xla_force_host_platform_device_count=8").strip()
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
+
+import jax  # noqa: E402
+import pytest  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def devices():
+  assert len(jax.devices()) == 8, "tests expect 8 simulated CPU devices"
+  return jax.devices()
+
+
+TINY_TEXT = """def add(a, b):
+    return a + b
+
+
+class Point:
+    def __init__(self, x, y):
+        self.x = x
+        self.y = y
+
+    def __repr__(self):
+        return f"Point({self.x}, {self.y})"
+""" * 4
+
+
+def make_tiny_model_dir(directory, seed=0, **overrides):
+  """A random Llama-style model with a small byte-level BPE tokenizer, saved in HF format."""
+  import dataclasses
+  import json
+
+  from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+  from jaxinfer import model as M
+  from jaxinfer.checkpoint import save_hf
+  from jaxinfer.config import PRESETS
+
+  tok = Tokenizer(models.BPE())
+  tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+  tok.decoder = decoders.ByteLevel()
+  tok.train_from_iterator([TINY_TEXT], trainers.BpeTrainer(
+      vocab_size=300, special_tokens=["<|endoftext|>"],
+      initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False))
+  cfg = dataclasses.replace(PRESETS["tiny"], vocab_size=tok.get_vocab_size(), eos_token_ids=(0,),
+                            **overrides)
+  params = M.init_params(cfg, jax.random.key(seed))
+  save_hf(directory, cfg, params)
+  tok.save(str(directory / "tokenizer.json"))
+  (directory / "tokenizer_config.json").write_text(json.dumps(
+      {"tokenizer_class": "PreTrainedTokenizerFast", "eos_token": "<|endoftext|>"}))
+  return directory
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory):
+  return make_tiny_model_dir(tmp_path_factory.mktemp("tiny_model"))

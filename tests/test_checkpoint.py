@@ -1,0 +1,123 @@
+"""Hugging Face import/export, orbax round trips onto a mesh, and clear errors on bad files."""
+
+import json
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import torch
+from safetensors.numpy import load_file, save_file
+
+from hf_models import VOCAB, make_hf_model
+from jaxinfer import model as M
+from jaxinfer.checkpoint import load_hf, load_model, load_orbax, save_hf, save_orbax
+from jaxinfer.sharding import DEFAULT_RULES, make_mesh
+
+
+def _assert_trees_equal(a, b):
+  la, lb = jax.tree_util.tree_leaves(a), jax.tree_util.tree_leaves(b)
+  assert len(la) == len(lb)
+  for x, y in zip(la, lb):
+    np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+
+
+@pytest.mark.parametrize("family", ["qwen2", "qwen3", "llama3", "mistral"])
+def test_export_round_trip_and_transformers_reads_it(tmp_path, family):
+  import transformers
+  src = tmp_path / "src"
+  model = make_hf_model(family, src)
+  cfg, params = load_hf(src)
+  out = save_hf(tmp_path / "exported", cfg, params, max_shard_bytes=200_000)
+  assert (out / "model.safetensors.index.json").exists()  # forced to shard
+  assert len(list(out.glob("*.safetensors"))) > 1
+  cfg2, params2 = load_hf(out)
+  assert cfg2 == cfg
+  _assert_trees_equal(params, params2)
+  reloaded = transformers.AutoModelForCausalLM.from_pretrained(out).eval()
+  tokens = torch.tensor(np.random.RandomState(0).randint(0, VOCAB, (1, 20)))
+  with torch.no_grad():
+    np.testing.assert_allclose(reloaded(tokens).logits.numpy(), model(tokens).logits.numpy(),
+                               rtol=1e-5, atol=1e-5)
+
+
+def test_orbax_round_trip_restores_onto_a_mesh(tmp_path, devices):
+  make_hf_model("llama3", tmp_path / "hf")
+  cfg, params = load_hf(tmp_path / "hf")
+  save_orbax(tmp_path / "ckpt", cfg, params, tokenizer_dir=tmp_path / "hf")
+  mesh = make_mesh("data:2,model:4")
+  cfg2, restored = load_orbax(tmp_path / "ckpt", mesh=mesh)
+  assert cfg2 == cfg
+  _assert_trees_equal(params, restored)
+  q = restored.layers[0].attn.q  # (D, N=4, H): heads on the model axis
+  assert q.sharding.spec == DEFAULT_RULES.partition_spec(("embed", "q_heads", "head_dim"),
+                                                        q.shape, mesh)
+  assert q.sharding.spec[1] == "model" and len(q.sharding.device_set) == 8
+  # load_model dispatches on the directory's contents
+  cfg3, restored3, _ = load_model(str(tmp_path / "ckpt"))
+  _assert_trees_equal(params, restored3)
+
+
+def test_hf_load_onto_mesh_matches_unsharded(tmp_path, devices):
+  make_hf_model("qwen2", tmp_path)
+  _, plain = load_hf(tmp_path)
+  mesh = make_mesh("fsdp:2,model:4")
+  _, sharded = load_hf(tmp_path, mesh=mesh)
+  _assert_trees_equal(plain, sharded)
+  assert sharded.embed.sharding.spec == jax.sharding.PartitionSpec("model", "fsdp")
+
+
+def test_dtype_auto_and_override(tmp_path):
+  make_hf_model("llama3", tmp_path, dtype="bfloat16")
+  cfg, params = load_hf(tmp_path)
+  assert cfg.dtype == "bfloat16" and params.embed.dtype == jnp.bfloat16
+  cfg32, params32 = load_hf(tmp_path, dtype="float32")
+  assert cfg32.dtype == "float32" and params32.layers[1].mlp.down.dtype == jnp.float32
+
+
+def test_missing_and_misshaped_tensors_are_named(tmp_path):
+  make_hf_model("llama3", tmp_path)
+  path = tmp_path / "model.safetensors"
+  tensors = load_file(str(path))
+  del tensors["model.layers.1.mlp.up_proj.weight"]
+  tensors["model.layers.0.self_attn.k_proj.weight"] = np.zeros((7, 64), np.float32)
+  save_file(tensors, str(path))
+  with pytest.raises(ValueError) as e:
+    load_hf(tmp_path)
+  msg = str(e.value)
+  assert "missing tensor 'model.layers.1.mlp.up_proj.weight'" in msg and "(96, 64)" in msg
+  assert "'model.layers.0.self_attn.k_proj.weight' has shape (7, 64), expected (32, 64)" in msg
+
+
+def test_unsupported_configs_are_refused(tmp_path):
+  make_hf_model("llama3", tmp_path)
+  cfg = json.loads((tmp_path / "config.json").read_text())
+  for patch, needle in (({"model_type": "gpt2"}, "model_type"),
+                        ({"rope_parameters": {"rope_type": "yarn", "factor": 4.0,
+                                              "rope_theta": 1e4}}, "yarn"),
+                        ({"hidden_act": "gelu"}, "hidden_act")):
+    (tmp_path / "config.json").write_text(json.dumps({**cfg, **patch}))
+    with pytest.raises(ValueError, match=needle):
+      load_hf(tmp_path)
+
+
+def test_generation_config_eos_ids_are_merged(tmp_path):
+  make_hf_model("llama3", tmp_path)
+  (tmp_path / "generation_config.json").write_text(json.dumps({"eos_token_id": [2, 9]}))
+  cfg, _ = load_hf(tmp_path)
+  assert cfg.eos_token_ids == (2, 9)
+
+
+def test_random_init_export_is_loadable_by_transformers(tmp_path):
+  import dataclasses
+  import transformers
+  from jaxinfer.config import PRESETS
+  cfg = dataclasses.replace(PRESETS["tiny"], qkv_bias=True, family="qwen2", tie_embeddings=True)
+  params = M.init_params(cfg, jax.random.key(3))
+  save_hf(tmp_path, cfg, params)
+  hf = transformers.AutoModelForCausalLM.from_pretrained(tmp_path).eval()
+  tokens = np.arange(12)[None] % cfg.vocab_size
+  hidden, _ = M.forward(params, jnp.asarray(tokens), jnp.arange(12)[None], cfg)
+  with torch.no_grad():
+    ref = hf(torch.tensor(tokens)).logits.numpy()
+  np.testing.assert_allclose(np.asarray(M.logits(params, hidden)), ref, rtol=1e-4, atol=1e-5)

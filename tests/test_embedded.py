@@ -1,0 +1,42 @@
+"""The embedded-model pipeline end to end (smoke recipe: same code, seconds instead of minutes)."""
+
+import json
+import os
+import subprocess
+import sys
+
+from jaxinfer import embedded
+from jaxinfer.checkpoint import load_model
+
+
+def test_stdlib_corpus_split_is_deterministic():
+  recipe = embedded.RECIPES["default"]
+  train, heldout = embedded.stdlib_files(recipe)
+  assert len(train) > 200 and len(heldout) > 5
+  assert not set(train) & set(heldout)
+  assert embedded.stdlib_files(recipe) == (train, heldout)
+  assert all(f.suffix == ".py" and "site-packages" not in f.parts for f in train)
+
+
+def test_quickstart_builds_caches_and_generates(tmp_path):
+  env = {**os.environ, "JAXINFER_CACHE": str(tmp_path / "cache")}
+  cmd = [sys.executable, "-m", "jaxinfer", "quickstart", "--recipe=smoke",
+         f"--output_dir={tmp_path / 'out'}", "--max_new_tokens=8"]
+  first = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=900)
+  assert first.returncode == 0, first.stderr
+  assert "building" in first.stdout and "held-out loss" in first.stdout and "tok/s" in first.stdout
+  model_dir = embedded.model_dir(tmp_path / "cache", embedded.RECIPES["smoke"])
+  report = json.loads((model_dir / "report.json").read_text())
+  assert report["heldout_loss_nats_per_token"] < 6.0  # below uniform over 512 tokens (6.24)
+  records = [json.loads(l) for l in (tmp_path / "out" / "completions.jsonl").read_text().splitlines()]
+  assert len(records) == 16 and all("error" not in r for r in records)
+  stop = [r for r in records if r["id"] == "stop_at_blank_line"][0]
+  assert "\n\n" not in stop["completion"]
+  metrics = json.loads((tmp_path / "out" / "metrics.json").read_text())
+  assert metrics["num_failed"] == 0 and metrics["decode_tokens_per_second"] > 0
+
+  second = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=900)
+  assert second.returncode == 0 and "(cached)" in second.stdout
+  # the cached model is a plain Hugging Face directory
+  cfg, params, tok = load_model(str(model_dir))
+  assert cfg.vocab_size == 512 and tok.decode(tok.encode("def f(x):")) == "def f(x):"

@@ -1,0 +1,179 @@
+"""The `jaxinfer generate` contract: records, errors per bad line, stop strings, flags."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from jaxinfer.requests import Defaults
+from jaxinfer.runner import GenerateJob, UserError, run
+from jaxinfer.tokenizer import Tokenizer
+
+
+def _write(path, records):
+  path.write_text("".join((r if isinstance(r, str) else json.dumps(r)) + "\n" for r in records))
+  return path
+
+
+def _read(path):
+  return [json.loads(l) for l in path.read_text().splitlines()]
+
+
+def _run(tmp_path, model_dir, records, **kw):
+  prompts = _write(tmp_path / "prompts.jsonl", records)
+  out = tmp_path / "out.jsonl"
+  metrics = run(GenerateJob(prompts=str(prompts), output=str(out), model=str(model_dir),
+                            progress=False, **kw))
+  return {r["id"]: r for r in _read(out)}, metrics
+
+
+BAD_LINES = [
+    ("not json", "{oops"),
+    ("no prompt", {"id": "a"}),
+    ("both prompts", {"id": "b", "prompt": "x", "prompt_ids": [1]}),
+    ("ids not ints", {"id": "c", "prompt_ids": ["1", 2]}),
+    ("out of vocab", {"id": "d", "prompt_ids": [1, 100000]}),
+    ("negative id", {"id": "e", "prompt_ids": [-1]}),
+    ("too long", {"id": "f", "prompt_ids": [5] * 600}),
+    ("bad temperature", {"id": "g", "prompt": "x", "temperature": -1}),
+    ("bad top_p", {"id": "h", "prompt": "x", "top_p": 0}),
+    ("bad min_p", {"id": "i", "prompt": "x", "min_p": 2}),
+    ("bad max_new", {"id": "j", "prompt": "x", "max_new_tokens": 0}),
+    ("string temperature", {"id": "k", "prompt": "x", "temperature": "hot"}),
+    ("unknown field", {"id": "l", "prompt": "x", "max_tokens": 5}),
+    ("no id", {"prompt": "x"}),
+    ("empty prompt ids", {"id": "m", "prompt_ids": []}),
+    ("bad stop", {"id": "n", "prompt": "x", "stop": [1]}),
+    ("array line", "[1, 2]"),
+]
+
+
+def test_bad_lines_become_error_records_and_the_rest_complete(tmp_path, tiny_model_dir):
+  good = [{"id": "ok1", "prompt": "def add("}, {"id": 7, "prompt_ids": [3, 4, 5]}]
+  records = good[:1] + [r for _, r in BAD_LINES] + good[1:] + [{"id": "ok1", "prompt": "x"}]
+  by_id, metrics = _run(tmp_path, tiny_model_dir, records, defaults=Defaults(max_new_tokens=4))
+  out = _read(tmp_path / "out.jsonl")
+  assert len(out) == len(records)  # exactly one record per input line
+  errors = [r for r in out if "error" in r]
+  assert len(errors) == len(BAD_LINES) + 1  # + the duplicate id
+  assert sorted(r["line"] for r in errors) == list(range(2, 2 + len(BAD_LINES))) + [len(records)]
+  dup = [r for r in errors if r["line"] == len(records)][0]
+  assert "duplicate id" in dup["error"] and dup["id"] == "ok1"
+  messages = {name: r["error"] for (name, _), r in zip(BAD_LINES, sorted(
+      (r for r in errors if r["line"] < len(records)), key=lambda r: r["line"]))}
+  assert "not valid JSON" in messages["not json"]
+  assert "outside the vocabulary" in messages["out of vocab"]
+  assert "context" in messages["too long"]
+  assert "top_p" in messages["bad top_p"] and "temperature" in messages["bad temperature"]
+  assert "unknown field" in messages["unknown field"] and "max_tokens" in messages["unknown field"]
+  for rid in ("ok1", 7):
+    rec = by_id[rid] if rid == 7 else [r for r in out if r.get("id") == "ok1" and "error" not in r][0]
+    assert rec["finish_reason"] in ("stop", "length") and rec["completion_ids"]
+    assert isinstance(rec["completion"], str) and rec["prompt_tokens"] > 0
+  assert metrics["num_failed"] == len(BAD_LINES) + 1 and metrics["num_requests"] == len(records)
+  for key in ("tokens_per_second", "prefill_tokens_per_second", "decode_tokens_per_second"):
+    assert metrics[key] > 0
+
+
+def test_stop_strings_truncate_text_and_ids(tmp_path, tiny_model_dir):
+  tok = Tokenizer.from_dir(tiny_model_dir)
+  base, _ = _run(tmp_path, tiny_model_dir, [{"id": "a", "prompt": "class Point:"}],
+                 defaults=Defaults(max_new_tokens=24))
+  text = base["a"]["completion"]
+  assert len(text) > 6, text
+  stop = text[len(text) // 2:len(text) // 2 + 3]
+  cut = text.index(stop)
+  stopped, _ = _run(tmp_path, tiny_model_dir, [{"id": "a", "prompt": "class Point:", "stop": stop}],
+                    defaults=Defaults(max_new_tokens=24), steps_per_sync=3)
+  rec = stopped["a"]
+  assert rec["finish_reason"] == "stop"
+  assert rec["completion"] == text[:cut]
+  ids = rec["completion_ids"]
+  assert ids == base["a"]["completion_ids"][:len(ids)]
+  assert stop in tok.decode(ids) and stop not in tok.decode(ids[:-1])
+
+
+def test_per_record_parameters_and_seeds(tmp_path, tiny_model_dir):
+  records = [{"id": "greedy", "prompt": "def add(a, b):", "max_new_tokens": 3},
+             {"id": "hot", "prompt": "def add(a, b):", "temperature": 1.5, "top_k": 50,
+              "max_new_tokens": 12},
+             {"id": "hot2", "prompt": "def add(a, b):", "temperature": 1.5, "top_k": 50,
+              "max_new_tokens": 12}]
+  a, _ = _run(tmp_path, tiny_model_dir, records, seed=1)
+  b, _ = _run(tmp_path, tiny_model_dir, records[::-1], seed=1, batch_size=1)
+  c, _ = _run(tmp_path, tiny_model_dir, records, seed=2)
+  assert len(a["greedy"]["completion_ids"]) <= 3
+  for rid in a:  # same seed: same output whatever the batching
+    assert a[rid]["completion_ids"] == b[rid]["completion_ids"]
+  assert a["hot"]["completion_ids"] != a["hot2"]["completion_ids"]  # keys differ per id
+  assert a["hot"]["completion_ids"] != c["hot"]["completion_ids"]  # and per run seed
+  assert a["greedy"]["completion_ids"] == c["greedy"]["completion_ids"]
+
+
+def test_job_validation_names_the_flag(tmp_path, tiny_model_dir):
+  prompts = _write(tmp_path / "p.jsonl", [{"id": 1, "prompt": "x"}])
+  cases = [
+      (dict(prompts=str(tmp_path / "missing.jsonl")), "--prompts"),
+      (dict(output=str(tmp_path / "no_dir" / "out.jsonl")), "--output"),
+      (dict(mesh="data:2,tensor:4"), "--mesh"),
+      (dict(mesh="data:64"), "--mesh"),
+      (dict(batch_size=0), "--batch_size"),
+      (dict(dtype="int8"), "--dtype"),
+      (dict(defaults=Defaults(top_p=1.5)), "--top_p"),
+      (dict(model=str(tmp_path)), "--model"),
+  ]
+  for overrides, flag in cases:
+    kw = dict(prompts=str(prompts), output=str(tmp_path / "out.jsonl"), model=str(tiny_model_dir),
+              progress=False)
+    kw.update(overrides)
+    with pytest.raises(UserError, match=flag):
+      run(GenerateJob(**kw))
+    assert not (tmp_path / "out.jsonl").exists()  # failed before any work
+
+
+def _cli(*args, env=None):
+  return subprocess.run([sys.executable, "-m", "jaxinfer", *args], capture_output=True, text=True,
+                        env={**os.environ, **(env or {})}, timeout=300)
+
+
+def test_cli_end_to_end_exit_status_and_no_traceback(tmp_path, tiny_model_dir):
+  prompts = _write(tmp_path / "p.jsonl", [{"id": "ok", "prompt": "def add("}, "{bad json",
+                                          {"id": "long", "prompt_ids": [1] * 1000}])
+  out, metrics = tmp_path / "out.jsonl", tmp_path / "m.json"
+  proc = _cli("generate", f"--model={tiny_model_dir}", f"--prompts={prompts}", f"--output={out}",
+              f"--metrics_output={metrics}", "--max_new_tokens=5", "--mesh=data:2",
+              "--cpu_devices=2", "--noprogress")
+  assert proc.returncode == 1, proc.stderr
+  assert "Traceback" not in proc.stderr
+  records = _read(out)
+  assert len(records) == 3 and sum("error" in r for r in records) == 2
+  m = json.loads(metrics.read_text())
+  assert m["num_requests"] == 3 and m["num_failed"] == 2 and m["mesh"] == "data:2,fsdp:1,model:1"
+
+
+@pytest.mark.parametrize("flag,needle", [
+    ("--temperature=-1", "temperature"),
+    ("--top_p=0", "top_p"),
+    ("--min_p=3", "min_p"),
+    ("--mesh=rows:2", "mesh"),
+    ("--model=/nonexistent/dir", "--model"),
+    ("--batch_size=0", "batch_size"),
+    ("--dtype=int4", "dtype"),
+])
+def test_cli_invalid_flags_fail_before_work(tmp_path, tiny_model_dir, flag, needle):
+  prompts = _write(tmp_path / "p.jsonl", [{"id": 1, "prompt": "x"}])
+  out = tmp_path / "out.jsonl"
+  args = ["generate", f"--model={tiny_model_dir}", f"--prompts={prompts}", f"--output={out}", flag]
+  proc = _cli(*args)
+  assert proc.returncode != 0
+  assert needle in proc.stderr and "Traceback" not in proc.stderr, proc.stderr
+  assert not out.exists()
+
+
+def test_cli_usage():
+  proc = _cli()
+  assert proc.returncode == 2 and "generate" in proc.stdout
+  proc = _cli("frobnicate")
+  assert proc.returncode == 2 and "unknown command" in proc.stderr

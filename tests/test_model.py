@@ -1,0 +1,127 @@
+"""The model's own invariants: cached decoding equals a full forward pass, masks, dtypes."""
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from jaxinfer import model as M
+from jaxinfer import params as P
+from jaxinfer.attention import attention_mask, attention_reference
+from jaxinfer.config import PRESETS, ModelConfig, RopeScaling
+
+TINY = PRESETS["tiny"]
+
+
+def _full_logits(params, cfg, tokens):
+  positions = jnp.broadcast_to(jnp.arange(tokens.shape[1]), tokens.shape)
+  hidden, _ = M.forward(params, tokens, positions, cfg)
+  return M.logits(params, hidden)
+
+
+@pytest.mark.parametrize("kv_heads", [1, 2, 4])
+@pytest.mark.parametrize("window", [None, 5])
+def test_prefill_then_decode_equals_full_forward(kv_heads, window):
+  cfg = dataclasses.replace(TINY, kv_heads=kv_heads, sliding_window=window)
+  params = M.init_params(cfg, jax.random.key(0))
+  tokens = jax.random.randint(jax.random.key(1), (2, 12), 0, cfg.vocab_size)
+  full = _full_logits(params, cfg, tokens)
+
+  cache = M.KVCache.init(cfg, 2, 16)
+  prefix = 7
+  pos = jnp.broadcast_to(jnp.arange(prefix), (2, prefix))
+  hidden, cache = M.forward(params, tokens[:, :prefix], pos, cfg, cache, kv_source="chunk")
+  step_logits = [M.logits(params, hidden)]
+  for t in range(prefix, 12):
+    pos = jnp.full((2, 1), t)
+    hidden, cache = M.forward(params, tokens[:, t:t + 1], pos, cfg, cache, kv_source="cache")
+    step_logits.append(M.logits(params, hidden))
+  cached = jnp.concatenate(step_logits, axis=1)
+  np.testing.assert_allclose(cached, full, rtol=1e-5, atol=1e-5)
+
+
+def test_continued_prefill_chunks_equal_one_prefill():
+  params = M.init_params(TINY, jax.random.key(0))
+  tokens = jax.random.randint(jax.random.key(2), (1, 10), 0, TINY.vocab_size)
+  full = _full_logits(params, TINY, tokens)
+  cache = M.KVCache.init(TINY, 1, 16)
+  outs = []
+  for lo, hi in ((0, 4), (4, 10)):
+    pos = jnp.arange(lo, hi)[None]
+    hidden, cache = M.forward(params, tokens[:, lo:hi], pos, TINY, cache, kv_source="cache")
+    outs.append(M.logits(params, hidden))
+  np.testing.assert_allclose(jnp.concatenate(outs, 1), full, rtol=1e-5, atol=1e-5)
+
+
+def test_attention_mask_semantics():
+  q_pos = jnp.array([[0, 3, 6]])
+  k_pos = jnp.arange(8)[None]
+  m = np.asarray(attention_mask(q_pos, k_pos, window=3))[0]
+  assert m[0].tolist() == [1, 0, 0, 0, 0, 0, 0, 0]
+  assert m[1].tolist() == [0, 1, 1, 1, 0, 0, 0, 0]
+  assert m[2].tolist() == [0, 0, 0, 0, 1, 1, 1, 0]
+  seg = jnp.array([[0, 0, 1]])
+  m = np.asarray(attention_mask(q_pos, jnp.array([[0, 3, 6]]), None, seg, seg))[0]
+  assert m.tolist() == [[1, 0, 0], [1, 1, 0], [0, 0, 1]]
+
+
+def test_attention_reference_gqa_equals_repeated_heads():
+  k1, k2, k3 = jax.random.split(jax.random.key(0), 3)
+  q = jax.random.normal(k1, (2, 5, 6, 8))
+  k = jax.random.normal(k2, (2, 5, 2, 8))
+  v = jax.random.normal(k3, (2, 5, 2, 8))
+  pos = jnp.broadcast_to(jnp.arange(5), (2, 5))
+  out = attention_reference(q, k, v, pos, pos)
+  mha = attention_reference(q, jnp.repeat(k, 3, axis=2), jnp.repeat(v, 3, axis=2), pos, pos)
+  np.testing.assert_allclose(out, mha, rtol=1e-6, atol=1e-6)
+  # explicit softmax for one head
+  s = jnp.einsum("th,sh->ts", q[0, :, 4], k[0, :, 1]) / np.sqrt(8)
+  s = jnp.where(jnp.tril(jnp.ones((5, 5), bool)), s, -jnp.inf)
+  np.testing.assert_allclose(out[0, :, 4], jax.nn.softmax(s) @ v[0, :, 1], rtol=1e-5, atol=1e-6)
+
+
+def test_bfloat16_forward_close_to_float32():
+  params = M.init_params(TINY, jax.random.key(0))
+  cfg16 = dataclasses.replace(TINY, dtype="bfloat16")
+  params16 = jax.tree_util.tree_map(lambda x: x.astype(jnp.bfloat16), params)
+  tokens = jax.random.randint(jax.random.key(1), (2, 16), 0, TINY.vocab_size)
+  full32 = _full_logits(params, TINY, tokens)
+  full16 = _full_logits(params16, cfg16, tokens)
+  assert full16.dtype == jnp.float32  # logits are always float32
+  p32, p16 = jax.nn.softmax(full32), jax.nn.softmax(full16)
+  assert float(jnp.abs(p32 - p16).max()) < 0.05
+
+
+def test_spec_declares_every_leaf_once():
+  cfg = dataclasses.replace(TINY, qkv_bias=True, o_bias=True, qk_norm=True, tie_embeddings=True)
+  spec = M.Transformer.spec(cfg)
+  params = M.init_params(cfg, jax.random.key(0))
+  P.check_against_spec(params, spec)
+  assert params.lm_head is None and params.layers[0].attn.q_norm.shape == (cfg.head_dim,)
+  assert len(jax.tree_util.tree_leaves(params)) == 2 + cfg.num_layers * 15
+  # layers are independent arrays, not one weight tied across layers
+  assert not np.allclose(params.layers[0].attn.q, params.layers[1].attn.q)
+  with pytest.raises(ValueError, match=r"attn.*q.*expected \(64, 4, 16\)"):
+    bad = params.replace(layers=(params.layers[0].replace(
+        attn=params.layers[0].attn.replace(q=jnp.zeros((64, 4, 8)))),) + params.layers[1:])
+    P.check_against_spec(bad, spec)
+
+
+def test_config_rejects_bad_values():
+  with pytest.raises(ValueError, match="multiple of kv_heads"):
+    dataclasses.replace(TINY, q_heads=6, kv_heads=4)
+  with pytest.raises(ValueError, match="dtype"):
+    dataclasses.replace(TINY, dtype="float8")
+
+
+def test_llama3_rope_scaling_changes_only_low_frequencies():
+  from jaxinfer.rope import inverse_frequencies
+  base = ModelConfig(vocab_size=8, embed=64, num_layers=1, q_heads=1, kv_heads=1, head_dim=64,
+                     mlp=8, rope_theta=500000.0)
+  scaled = dataclasses.replace(base, rope_scaling=RopeScaling("llama3", 8.0, 1.0, 4.0, 64))
+  f0, f1 = inverse_frequencies(base), inverse_frequencies(scaled)
+  wavelen = 2 * np.pi / f0
+  np.testing.assert_array_equal(f1[wavelen < 16], f0[wavelen < 16])  # high frequencies kept
+  np.testing.assert_allclose(f1[wavelen > 64], f0[wavelen > 64] / 8, rtol=1e-6)

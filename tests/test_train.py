@@ -1,0 +1,61 @@
+"""The training loop: learning, checkpoints, and resume after a hard kill."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+
+from jaxinfer.train.loop import read_metrics
+
+SCRIPT = Path(__file__).with_name("train_script.py")
+
+
+def _run(*args):
+  env = {**os.environ, "PYTHONPATH": str(SCRIPT.parent.parent)}
+  return subprocess.run([sys.executable, str(SCRIPT), *map(str, args)], capture_output=True,
+                        text=True, env=env, timeout=600)
+
+
+def test_resume_after_sigkill_matches_uninterrupted_run(tmp_path):
+  full = _run(tmp_path / "full", tmp_path / "full.npz")
+  assert full.returncode == 0, full.stderr
+  killed = _run(tmp_path / "crash", tmp_path / "crash.npz", 17)
+  assert killed.returncode == -9  # SIGKILL: no chance to save anything at exit
+  assert not (tmp_path / "crash.npz").exists()
+  steps = sorted(int(p.name) for p in (tmp_path / "crash" / "checkpoints").iterdir()
+                 if p.name.isdigit())
+  assert steps and max(steps) == 10
+  resumed = _run(tmp_path / "crash", tmp_path / "crash.npz")
+  assert resumed.returncode == 0, resumed.stderr
+
+  a, b = np.load(tmp_path / "full.npz"), np.load(tmp_path / "crash.npz")
+  assert len(a.files) == len(b.files)
+  for k in a.files:
+    np.testing.assert_allclose(a[k], b[k], rtol=1e-6, atol=1e-6)
+
+  m_full, m_resumed = read_metrics(tmp_path / "full"), read_metrics(tmp_path / "crash")
+  assert [m["step"] for m in m_resumed] == [m["step"] for m in m_full] == [5, 10, 15, 20, 25, 30]
+  np.testing.assert_allclose([m["loss"] for m in m_resumed], [m["loss"] for m in m_full],
+                             rtol=1e-5)
+  assert m_full[-1]["loss"] < 0.5 * m_full[0]["loss"]  # it learns the cycle
+
+
+def test_train_cli_finetunes_and_exports(tmp_path, tiny_model_dir):
+  data = tmp_path / "data.jsonl"
+  data.write_text("".join(json.dumps({"text": f"def f{i}(x):\n    return x + {i}\n"}) + "\n"
+                          for i in range(200)))
+  out = tmp_path / "tuned"
+  proc = subprocess.run(
+      [sys.executable, "-m", "jaxinfer", "train", f"--model={tiny_model_dir}", f"--data={data}",
+       f"--output={out}", "--steps=40", "--batch_size=4", "--seq_len=32", "--learning_rate=3e-3",
+       "--checkpoint_every=20", "--mesh=data:2", "--cpu_devices=2"],
+      capture_output=True, text=True, timeout=600)
+  assert proc.returncode == 0, proc.stderr
+  report = json.loads((out / "report.json").read_text())
+  metrics = read_metrics(str(out) + ".run")
+  assert metrics[-1]["loss"] < metrics[0]["loss"]
+  assert report["heldout_loss_nats_per_token"] < metrics[0]["loss"]
+  assert (out / "tokenizer.json").exists() and (out / "model.safetensors").exists()
