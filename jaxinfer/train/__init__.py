@@ -1,0 +1,1 @@
+"""Training: the resumable loop, language-model loss and data."""
