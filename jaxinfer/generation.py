@@ -229,7 +229,6 @@ class Generator:
     self.timings.prefill_s += t1 - t0 - (self.timings.compile_s - compile0)
     self.timings.prefill_tokens += int(prompt_len[:n].sum())
 
-    stopped = np.zeros((b,), bool)
     while not host_done.all():
       compile0 = self.timings.compile_s
       t2 = time.perf_counter()
@@ -239,9 +238,9 @@ class Generator:
       self.timings.decode_s += time.perf_counter() - t2 - (self.timings.compile_s - compile0)
       if should_stop is not None:
         tokens, counts = np.asarray(state.tokens), np.asarray(state.num_generated)
-        newly = [i for i in range(n) if not host_done[i] and should_stop(i, list(tokens[i, :counts[i]]))]
+        newly = [i for i in range(n)
+                 if not host_done[i] and should_stop(i, list(tokens[i, :counts[i]]))]
         if newly:
-          stopped[newly] = True
           host_done = host_done.copy()
           host_done[newly] = True
           state = dataclasses.replace(state, done=self._put(host_done, batch))
