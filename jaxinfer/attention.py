@@ -1,29 +1,46 @@
-"""Attention implementations behind one registry, chosen by `implementation=`.
+"""Attention for the model, behind one registry chosen by `implementation=`.
 
-B batch, T query len, S kv len, N q heads, K kv heads, G = N // K, H head dim.
+B batch, T query len, S kv len (cache slots), N q heads, K kv heads, G = N // K, H head dim.
 
-The mask is given by positions, so one function serves training (keys = the chunk itself),
-prefill and decode (keys = the cache slots): key j is visible to query i when
-  k_pos[j] <= q_pos[i]  and  k_pos[j] > q_pos[i] - window  and  segments match.
+Each implementation provides two entry points:
+  chunk(q, k, v, positions, window, segment_ids)  queries attend causally within their own chunk
+                                                   (training, fresh prefill): q (B,T,N,H),
+                                                   k/v (B,T,K,H), consecutive positions per row
+  cache(q, k_cache, v_cache, positions, window)   queries attend to cache slots <= their position
+                                                   (decode, continued prefill): caches (K,B,S,H)
+
+"xla" is the plain-jnp reference. "pallas" runs the block-sparse flash kernel for chunks and the
+paged decode kernel for single-token cache reads (the contiguous cache viewed as pages with an
+identity page table); shapes it does not cover fall back to "xla". On a mesh the kernels run
+under shard_map (batch over data/fsdp, heads over model).
 """
 
 from __future__ import annotations
 
+import dataclasses
+import functools
+import math
 from typing import Callable
 
 import jax
 import jax.numpy as jnp
+from jax.sharding import Mesh, PartitionSpec
+
+from jaxinfer.sharding import DEFAULT_RULES, ShardingRules
+from jaxinfer.sparsity import Sparsity
 
 MASK_VALUE = -0.7 * float(jnp.finfo(jnp.float32).max)  # finite: a fully masked row cannot NaN
 
 
 def attention_mask(q_pos: jax.Array, k_pos: jax.Array, window: int | None = None,
-                   q_segment: jax.Array | None = None,
-                   k_segment: jax.Array | None = None) -> jax.Array:
-  """(B, T, S) bool: which keys each query sees."""
+                   q_segment: jax.Array | None = None, k_segment: jax.Array | None = None,
+                   sinks: int = 0) -> jax.Array:
+  """(B, T, S) bool: key j is visible to query i when k_pos[j] <= q_pos[i], within the window
+  (k_pos > q_pos - window) or among the first `sinks` positions, and in the same segment."""
   mask = k_pos[:, None, :] <= q_pos[:, :, None]
   if window is not None:
-    mask &= k_pos[:, None, :] > q_pos[:, :, None] - window
+    recent = k_pos[:, None, :] > q_pos[:, :, None] - window
+    mask &= (recent | (k_pos[:, None, :] < sinks)) if sinks else recent
   if q_segment is not None:
     mask &= q_segment[:, :, None] == k_segment[:, None, :]
   return mask
@@ -32,7 +49,7 @@ def attention_mask(q_pos: jax.Array, k_pos: jax.Array, window: int | None = None
 def attention_reference(q: jax.Array, k: jax.Array, v: jax.Array, q_pos: jax.Array,
                         k_pos: jax.Array, *, window: int | None = None,
                         q_segment: jax.Array | None = None, k_segment: jax.Array | None = None,
-                        scale: float | None = None) -> jax.Array:
+                        scale: float | None = None, sinks: int = 0) -> jax.Array:
   """q (B,T,N,H), k/v (B,S,K,H), q_pos (B,T), k_pos (B,S) -> (B,T,N,H). Softmax in float32."""
   b, t, n, h = q.shape
   kv_heads = k.shape[2]
@@ -41,22 +58,160 @@ def attention_reference(q: jax.Array, k: jax.Array, v: jax.Array, q_pos: jax.Arr
   scale = h**-0.5 if scale is None else scale
   qg = q.reshape(b, t, kv_heads, n // kv_heads, h)
   scores = jnp.einsum("btkgh,bskh->bkgts", qg, k, preferred_element_type=jnp.float32) * scale
-  mask = attention_mask(q_pos, k_pos, window, q_segment, k_segment)
+  mask = attention_mask(q_pos, k_pos, window, q_segment, k_segment, sinks)
   scores = jnp.where(mask[:, None, None], scores, MASK_VALUE)
   probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
   out = jnp.einsum("bkgts,bskh->btkgh", probs, v, preferred_element_type=jnp.float32)
   return out.reshape(b, t, n, h).astype(q.dtype)
 
 
-AttentionFn = Callable[..., jax.Array]
-IMPLEMENTATIONS: dict[str, AttentionFn] = {"xla": attention_reference}
+def cache_attention_reference(q: jax.Array, k_cache: jax.Array, v_cache: jax.Array,
+                              positions: jax.Array, *, window: int | None = None,
+                              sinks: int = 0) -> jax.Array:
+  """q (B,T,N,H) at `positions` (B,T) over caches (K,B,S,H) whose slot s holds position s."""
+  b, t, n, h = q.shape
+  kv_heads, _, s, _ = k_cache.shape
+  qg = q.reshape(b, t, kv_heads, n // kv_heads, h)
+  scores = jnp.einsum("btkgh,kbsh->bkgts", qg, k_cache, preferred_element_type=jnp.float32)
+  k_pos = jnp.broadcast_to(jnp.arange(s, dtype=positions.dtype), (b, s))
+  mask = attention_mask(positions, k_pos, window, sinks=sinks)
+  scores = jnp.where(mask[:, None, None], scores * h**-0.5, MASK_VALUE)
+  probs = jax.nn.softmax(scores, axis=-1).astype(v_cache.dtype)
+  out = jnp.einsum("bkgts,kbsh->btkgh", probs, v_cache, preferred_element_type=jnp.float32)
+  return out.reshape(b, t, n, h).astype(q.dtype)
 
 
-def register(name: str, fn: AttentionFn) -> None:
-  IMPLEMENTATIONS[name] = fn
+def _dynamic_info(q, k, sparsity: Sparsity):
+  """MInference metadata from q (B,N,T,H), k (B,K,T,H), or None when the prompt is too short
+  (under two blocks, or not a whole number of blocks) for block sparsity to apply."""
+  from pallas_kernels.block_sparse_attention import dynamic
+  t, block = q.shape[2], sparsity.block
+  if t % block or t < 2 * block:
+    return None
+  if sparsity.kind == "block_topk":
+    return dynamic.block_topk_mask_info(q, k, block, sparsity.top_k)
+  return dynamic.vertical_slash_mask_info(q, k, block, sparsity.num_vertical, sparsity.num_slash,
+                                          sparsity.last_q)
 
 
-def get(implementation: str) -> AttentionFn:
+def _heads_major(*xs):
+  return tuple(None if x is None else x.transpose(0, 2, 1, 3) for x in xs)
+
+
+def _xla_chunk(q, k, v, positions, *, window, sinks, sparsity, segment_ids, mesh, rules):
+  del mesh, rules
+  if sparsity.dynamic:
+    from pallas_kernels.block_sparse_attention import block_sparse_attention_reference
+    qh, kh, vh = _heads_major(q, k, v)
+    info = _dynamic_info(qh, kh, sparsity)
+    if info is not None:
+      out = block_sparse_attention_reference(qh, kh, vh, info, q_segment_ids=segment_ids,
+                                             kv_segment_ids=segment_ids)
+      return out.transpose(0, 2, 1, 3)
+  return attention_reference(q, k, v, positions, positions, window=window, q_segment=segment_ids,
+                             k_segment=segment_ids, sinks=sinks)
+
+
+def _xla_cache(q, k_cache, v_cache, positions, *, window, sinks, mesh, rules):
+  del mesh, rules
+  return cache_attention_reference(q, k_cache, v_cache, positions, window=window, sinks=sinks)
+
+
+# --- Pallas ---------------------------------------------------------------------------------
+
+
+@functools.lru_cache(maxsize=64)
+def _static_mask_info(t: int, window: int | None, sinks: int, block: int):
+  from pallas_kernels.block_sparse_attention import masks
+  if window is not None and sinks:
+    mask = masks.sinks_and_window((t, t), sinks, window)
+  else:
+    mask = masks.causal_window((t, t), window)
+  return masks.mask_info(mask, block, block)
+
+
+def _shard(fn, mesh: Mesh | None, rules: ShardingRules, in_axes, out_axes, args):
+  """Runs `fn(*args)` per shard when on a mesh; `*_axes` are logical axes per argument."""
+  if mesh is None or mesh.size == 1:
+    return fn(*args)
+  spec = lambda axes, x: (None if x is None else
+                          rules.partition_spec(axes, x.shape, mesh))
+  in_specs = tuple(spec(a, x) for a, x in zip(in_axes, args))
+  out_spec = rules.partition_spec(out_axes, None, mesh)
+  return jax.shard_map(fn, mesh=mesh, in_specs=in_specs, out_specs=out_spec,
+                       check_vma=False)(*args)
+
+
+def _heads_split_evenly(n: int, k: int, mesh: Mesh | None, rules: ShardingRules) -> bool:
+  """Under shard_map each shard's q heads must map onto its own kv heads."""
+  if mesh is None:
+    return True
+  size = math.prod(mesh.shape[a] for a in rules.mesh_axes("act_kv_heads"))
+  return n % size == 0 and k % size == 0
+
+
+def _pallas_chunk(q, k, v, positions, *, window, sinks, sparsity, segment_ids, mesh, rules):
+  from pallas_kernels.block_sparse_attention import block_sparse_attention
+  b, t, n, h = q.shape
+  if not _heads_split_evenly(n, k.shape[2], mesh, rules):
+    return _xla_chunk(q, k, v, positions, window=window, sinks=sinks, sparsity=sparsity,
+                      segment_ids=segment_ids, mesh=mesh, rules=rules)
+  block = min(128, max(8, 1 << (t - 1).bit_length()))
+  static_info = _static_mask_info(t, window, sinks, block)
+
+  def local(q, k, v, seg):
+    qh, kh, vh = _heads_major(q, k, v)
+    info = (_dynamic_info(qh, kh, sparsity) if sparsity.dynamic else None) or static_info
+    out = block_sparse_attention(qh, kh, vh, info, q_segment_ids=seg, kv_segment_ids=seg)
+    return out.transpose(0, 2, 1, 3)
+
+  qa = ("batch", "seq", "act_heads", "head_dim")
+  ka = ("batch", "seq", "act_kv_heads", "head_dim")
+  return _shard(local, mesh, rules, (qa, ka, ka, ("batch", "seq")), qa, (q, k, v, segment_ids))
+
+
+def _page_size(s: int) -> int:
+  return math.gcd(s, 64)
+
+
+def _pallas_cache(q, k_cache, v_cache, positions, *, window, sinks, mesh, rules):
+  from pallas_kernels.paged_attention import paged_attention
+  b, t, n, h = q.shape
+  if t != 1 or not _heads_split_evenly(n, k_cache.shape[0], mesh, rules):
+    return _xla_cache(q, k_cache, v_cache, positions, window=window, sinks=sinks, mesh=mesh,
+                      rules=rules)
+
+  def local(q, k_cache, v_cache, positions):
+    kv_heads, bl, s, hd = k_cache.shape
+    ps = _page_size(s)
+    pages_per_seq = s // ps
+    # The contiguous cache is a page pool whose sequence b owns pages [b*M, (b+1)*M).
+    k_pages = k_cache.reshape(kv_heads, bl * pages_per_seq, ps, hd)
+    v_pages = v_cache.reshape(kv_heads, bl * pages_per_seq, ps, hd)
+    table = jnp.arange(bl * pages_per_seq, dtype=jnp.int32).reshape(bl, pages_per_seq)
+    lengths = jnp.minimum(positions[:, 0] + 1, s)
+    out = paged_attention(q[:, 0], k_pages, v_pages, lengths, table, window=window, sinks=sinks)
+    return out[:, None]
+
+  qa = ("batch", "seq", "act_heads", "head_dim")
+  ca = ("act_kv_heads", "batch", "cache_seq", "head_dim")
+  return _shard(local, mesh, rules, (qa, ca, ca, ("batch", "seq")), qa,
+                (q, k_cache, v_cache, positions))
+
+
+@dataclasses.dataclass(frozen=True)
+class AttentionImpl:
+  chunk: Callable[..., jax.Array]
+  cache: Callable[..., jax.Array]
+
+
+IMPLEMENTATIONS: dict[str, AttentionImpl] = {
+    "xla": AttentionImpl(_xla_chunk, _xla_cache),
+    "pallas": AttentionImpl(_pallas_chunk, _pallas_cache),
+}
+
+
+def get(implementation: str) -> AttentionImpl:
   try:
     return IMPLEMENTATIONS[implementation]
   except KeyError:

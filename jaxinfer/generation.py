@@ -26,6 +26,7 @@ from jaxinfer import model as M
 from jaxinfer.config import ModelConfig
 from jaxinfer.sampling import SamplingParams, sample
 from jaxinfer.sharding import DEFAULT_RULES, ShardingRules, constrain
+from jaxinfer.sparsity import DENSE, Sparsity
 
 
 @struct.dataclass
@@ -71,19 +72,20 @@ def _sample_and_append(params, hidden, state: DecodeState, sampling: SamplingPar
 
 
 def prefill_fn(params, cache, prompt, state: DecodeState, sampling, eos_ids, *, cfg, mesh, rules,
-               implementation):
+               implementation, sparsity):
   """prompt (B,T) -> state with the first token sampled, cache filled for slots < T."""
   t = prompt.shape[1]
   positions = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), prompt.shape)
   hidden, cache = M.forward(params, prompt, positions, cfg, cache, kv_source="chunk",
-                            implementation=implementation, mesh=mesh, rules=rules)
+                            implementation=implementation, sparsity=sparsity, mesh=mesh,
+                            rules=rules)
   last = jnp.take_along_axis(hidden, (state.prompt_len - 1)[:, None, None], axis=1)[:, 0]
   state = _sample_and_append(params, last, state, sampling, eos_ids)
   return _constrain_state(state, mesh, rules), _constrain_cache(cache, mesh, rules)
 
 
 def decode_fn(params, cache, state: DecodeState, sampling, eos_ids, *, num_steps, cfg, mesh, rules,
-              implementation):
+              implementation, sparsity):
   """Up to `num_steps` decode steps; stops early once every row is done."""
   rows = jnp.arange(state.tokens.shape[0])
 
@@ -97,7 +99,8 @@ def decode_fn(params, cache, state: DecodeState, sampling, eos_ids, *, num_steps
     pos = state.prompt_len + state.num_generated - 1
     pos = jnp.where(state.done, cache.max_len, pos)  # finished rows write nowhere
     hidden, cache = M.forward(params, last[:, None], pos[:, None], cfg, cache, kv_source="cache",
-                              implementation=implementation, mesh=mesh, rules=rules)
+                              implementation=implementation, sparsity=sparsity, mesh=mesh,
+                              rules=rules)
     state = _sample_and_append(params, hidden[:, 0], state, sampling, eos_ids)
     return i + 1, _constrain_state(state, mesh, rules), _constrain_cache(cache, mesh, rules)
 
@@ -147,7 +150,7 @@ class Generator:
 
   def __init__(self, cfg: ModelConfig, params: M.Transformer, mesh: Mesh | None = None,
                rules: ShardingRules = DEFAULT_RULES, implementation: str = "xla",
-               steps_per_sync: int = 32):
+               steps_per_sync: int = 32, sparsity: Sparsity = DENSE):
     self.cfg, self.params, self.mesh, self.rules = cfg, params, mesh, rules
     self.implementation = implementation
     self.steps_per_sync = steps_per_sync
@@ -155,7 +158,7 @@ class Generator:
     self._compiled: dict[tuple, Callable] = {}
     eos = list(cfg.eos_token_ids) or [-1]
     self._eos = jnp.asarray(eos, jnp.int32)
-    kw = dict(cfg=cfg, mesh=mesh, rules=rules, implementation=implementation)
+    kw = dict(cfg=cfg, mesh=mesh, rules=rules, implementation=implementation, sparsity=sparsity)
     self._prefill = jax.jit(partial(prefill_fn, **kw), donate_argnums=(1,))
     self._decode = jax.jit(partial(decode_fn, num_steps=steps_per_sync, **kw),
                            donate_argnums=(1,))

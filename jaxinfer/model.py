@@ -22,11 +22,12 @@ from jaxinfer import params as P
 from jaxinfer.config import ModelConfig
 from jaxinfer.rope import apply_rope, rope_tables
 from jaxinfer.sharding import DEFAULT_RULES, ShardingRules, constrain
+from jaxinfer.sparsity import DENSE, Sparsity
 
 Array = Any  # jax.Array, or a ParamSpec inside a declaration tree
 
 ACT = ("batch", "seq", "act_embed")  # logical axes of the residual stream
-CACHE_AXES = ("batch", "cache_seq", "kv_heads", "head_dim")
+CACHE_AXES = ("kv_heads", "batch", "cache_seq", "head_dim")
 
 
 @struct.dataclass
@@ -119,18 +120,22 @@ def init_params(cfg: ModelConfig, key: jax.Array, mesh: Mesh | None = None,
 
 @struct.dataclass
 class KVCache:
-  """Per-layer key/value buffers, (B, S, K, H) each; slot s holds the token at position s."""
+  """Per-layer key/value buffers, (K, B, S, H) each; slot s holds the token at position s.
+
+  Heads-major, so the buffer is also a page pool (K, B*S/ps, ps, H) for any page size ps
+  dividing S, with sequence b owning a contiguous run of pages: the paged decode kernel reads it
+  with no copy."""
 
   k: tuple[jax.Array, ...]
   v: tuple[jax.Array, ...]
 
   @property
   def max_len(self) -> int:
-    return self.k[0].shape[1]
+    return self.k[0].shape[2]
 
   @classmethod
   def shape_of(cls, cfg: ModelConfig, batch: int, max_len: int) -> tuple[int, ...]:
-    return (batch, max_len, cfg.kv_heads, cfg.head_dim)
+    return (cfg.kv_heads, batch, max_len, cfg.head_dim)
 
   @classmethod
   def init(cls, cfg: ModelConfig, batch: int, max_len: int, mesh: Mesh | None = None,
@@ -149,18 +154,28 @@ def rms_norm(x: jax.Array, weight: jax.Array, eps: float) -> jax.Array:
 
 
 def _write_cache(buf: jax.Array, new: jax.Array, positions: jax.Array) -> jax.Array:
-  """Scatters new (B,T,K,H) into buf (B,S,K,H) at slots `positions` (B,T); out of range drops."""
-  rows = jnp.arange(buf.shape[0])[:, None]
-  return buf.at[rows, positions].set(new.astype(buf.dtype), mode="drop")
+  """Scatters new (B,T,K,H) into buf (K,B,S,H) at slots `positions` (B,T); out of range drops."""
+  rows = jnp.arange(buf.shape[1])[:, None]
+  return buf.at[:, rows, positions].set(new.transpose(2, 0, 1, 3).astype(buf.dtype), mode="drop")
 
 
 KVSource = Literal["chunk", "cache"]
 
 
+def layer_pattern(cfg: ModelConfig, layer: int, sparsity: Sparsity) -> tuple[int | None, int]:
+  """(window, sinks) of one layer: the model's own sliding window, or the run's sinks+window."""
+  window = cfg.layer_window(layer)
+  if sparsity.kind != "sinks_window":
+    return window, 0
+  if window is not None:
+    raise ValueError(f"sparsity {sparsity}: the model already uses a sliding window ({window})")
+  return sparsity.window, sparsity.num_sinks
+
+
 def attention_block(p: Attention, x: jax.Array, positions: jax.Array, cos: jax.Array,
-                    sin: jax.Array, cfg: ModelConfig, window: int | None,
-                    cache_kv: tuple[jax.Array, jax.Array] | None, kv_source: KVSource,
-                    segment_ids: jax.Array | None, implementation: str,
+                    sin: jax.Array, cfg: ModelConfig, pattern: tuple[int | None, int],
+                    sparsity: Sparsity, cache_kv: tuple[jax.Array, jax.Array] | None,
+                    kv_source: KVSource, segment_ids: jax.Array | None, implementation: str,
                     mesh: Mesh | None, rules: ShardingRules):
   q = jnp.einsum("btd,dnh->btnh", x, p.q)
   k = jnp.einsum("btd,dkh->btkh", x, p.k)
@@ -172,16 +187,17 @@ def attention_block(p: Attention, x: jax.Array, positions: jax.Array, cos: jax.A
   q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
   q = constrain(q, ("batch", "seq", "act_heads", "head_dim"), mesh, rules)
 
+  impl = attention_lib.get(implementation)
+  window, sinks = pattern
   new_cache = None
-  k_pos = positions
   if cache_kv is not None:
     new_cache = (_write_cache(cache_kv[0], k, positions), _write_cache(cache_kv[1], v, positions))
-    if kv_source == "cache":
-      k, v = new_cache
-      k_pos = jnp.broadcast_to(jnp.arange(k.shape[1], dtype=positions.dtype), k.shape[:2])
-  attn = attention_lib.get(implementation)
-  out = attn(q, k, v, positions, k_pos, window=window, q_segment=segment_ids,
-             k_segment=segment_ids if kv_source == "chunk" else None)
+  if kv_source == "cache":
+    out = impl.cache(q, new_cache[0], new_cache[1], positions, window=window, sinks=sinks,
+                     mesh=mesh, rules=rules)
+  else:
+    out = impl.chunk(q, k, v, positions, window=window, sinks=sinks, sparsity=sparsity,
+                     segment_ids=segment_ids, mesh=mesh, rules=rules)
   out = jnp.einsum("btnh,nhd->btd", out, p.o)
   if p.o_bias is not None:
     out = out + p.o_bias
@@ -198,7 +214,7 @@ def mlp_block(p: MLP, x: jax.Array, mesh: Mesh | None, rules: ShardingRules) -> 
 def forward(params: Transformer, tokens: jax.Array, positions: jax.Array, cfg: ModelConfig,
             cache: KVCache | None = None, *, kv_source: KVSource = "chunk",
             segment_ids: jax.Array | None = None, implementation: str = "xla",
-            mesh: Mesh | None = None,
+            sparsity: Sparsity = DENSE, mesh: Mesh | None = None,
             rules: ShardingRules = DEFAULT_RULES) -> tuple[jax.Array, KVCache | None]:
   """tokens, positions (B,T) -> final hidden states (B,T,D) and the updated cache.
 
@@ -207,6 +223,8 @@ def forward(params: Transformer, tokens: jax.Array, positions: jax.Array, cfg: M
   kv_source="cache": the chunk is written at slots `positions`, then queries attend to all cache
   slots (decode, continued prefill). Slots past a query's position are masked, so stale entries
   there are harmless.
+  `sparsity` selects a long-prompt attention pattern (sparsity.py); dynamic patterns apply to
+  chunks only.
   """
   if kv_source == "cache" and cache is None:
     raise ValueError("forward: kv_source='cache' needs a cache")
@@ -220,7 +238,8 @@ def forward(params: Transformer, tokens: jax.Array, positions: jax.Array, cfg: M
       with jax.named_scope("attention"):
         h, layer_cache = attention_block(
             layer.attn, rms_norm(x, layer.attn_norm, cfg.norm_eps), positions, cos, sin, cfg,
-            cfg.layer_window(i), cache_kv, kv_source, segment_ids, implementation, mesh, rules)
+            layer_pattern(cfg, i, sparsity), sparsity, cache_kv, kv_source, segment_ids,
+            implementation, mesh, rules)
       x = constrain(x + h, ACT, mesh, rules)
       with jax.named_scope("mlp"):
         x = x + mlp_block(layer.mlp, rms_norm(x, layer.mlp_norm, cfg.norm_eps), mesh, rules)

@@ -21,6 +21,7 @@ from jaxinfer.requests import (Defaults, InvalidRequest, Request, error_record, 
                                truncate_at_stop)
 from jaxinfer.sampling import validate as validate_sampling
 from jaxinfer.sharding import format_mesh, make_mesh, parse_mesh
+from jaxinfer.sparsity import parse as parse_sparsity
 
 
 class UserError(ValueError):
@@ -39,6 +40,8 @@ class GenerateJob:
   batch_size: int = 8
   metrics_output: str | None = None
   implementation: str = "xla"
+  sparsity: str = "dense"
+  max_seq_len: int | None = None  # overrides the model's context (e.g. long prompts + sinks_window)
   steps_per_sync: int = 32
   cache_dir: str | None = None
   progress: bool = True
@@ -56,6 +59,8 @@ class GenerateJob:
           raise UserError(f"{flag}: {path!r} is a directory, expected a file path")
     if self.dtype != "auto" and self.dtype not in DTYPES:
       raise UserError(f"--dtype: expected auto or one of {sorted(DTYPES)}, got {self.dtype!r}")
+    if self.max_seq_len is not None and self.max_seq_len < 2:
+      raise UserError(f"--max_seq_len: must be >= 2, got {self.max_seq_len}")
     if self.batch_size < 1:
       raise UserError(f"--batch_size: must be >= 1, got {self.batch_size}")
     if self.defaults.max_new_tokens < 1:
@@ -69,7 +74,11 @@ class GenerateJob:
         make_mesh(shape)
     except ValueError as e:
       raise UserError(f"--{e}") from None
-    from jaxinfer import attention
+    from jaxinfer import attention, sparsity
+    try:
+      sparsity.parse(self.sparsity)
+    except ValueError as e:
+      raise UserError(f"--{e}") from None
     if self.implementation not in attention.IMPLEMENTATIONS:
       raise UserError(f"--implementation: expected one of {sorted(attention.IMPLEMENTATIONS)}, "
                       f"got {self.implementation!r}")
@@ -128,10 +137,16 @@ def run(job: GenerateJob) -> dict[str, Any]:
   except (FileNotFoundError, ValueError) as e:
     raise UserError(str(e)) from None
   load_s = time.perf_counter() - t_start
+  if job.max_seq_len is not None:
+    cfg = dataclasses.replace(cfg, max_seq_len=job.max_seq_len)
 
   requests, errors, num_lines = read_requests(job, tokenizer, cfg.vocab_size, cfg.max_seq_len)
+  sparsity = parse_sparsity(job.sparsity)
+  if sparsity.kind == "sinks_window" and cfg.sliding_window is not None:
+    raise UserError(f"--sparsity: {job.model} already uses a sliding window "
+                    f"({cfg.sliding_window}); sinks_window would replace it")
   gen = Generator(cfg, params, mesh, implementation=job.implementation,
-                  steps_per_sync=job.steps_per_sync)
+                  steps_per_sync=job.steps_per_sync, sparsity=sparsity)
   requests.sort(key=lambda r: len(r.prompt_ids))  # similar lengths batch with little padding
   completion_tokens = 0
   t_gen = time.perf_counter()
@@ -199,6 +214,8 @@ def run(job: GenerateJob) -> dict[str, Any]:
       "jax_version": jax.__version__,
       "model": job.model,
       "dtype": cfg.dtype,
+      "implementation": job.implementation,
+      "sparsity": str(sparsity),
   }
   if job.metrics_output:
     Path(job.metrics_output).write_text(json.dumps(metrics, indent=2) + "\n")

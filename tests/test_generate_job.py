@@ -161,6 +161,8 @@ def test_cli_end_to_end_exit_status_and_no_traceback(tmp_path, tiny_model_dir):
     ("--model=/nonexistent/dir", "--model"),
     ("--batch_size=0", "batch_size"),
     ("--dtype=int4", "dtype"),
+    ("--sparsity=sinks_window:4", "sparsity"),
+    ("--implementation=cuda", "implementation"),
 ])
 def test_cli_invalid_flags_fail_before_work(tmp_path, tiny_model_dir, flag, needle):
   prompts = _write(tmp_path / "p.jsonl", [{"id": 1, "prompt": "x"}])
@@ -177,3 +179,17 @@ def test_cli_usage():
   assert proc.returncode == 2 and "generate" in proc.stdout
   proc = _cli("frobnicate")
   assert proc.returncode == 2 and "unknown command" in proc.stderr
+
+
+def test_pallas_implementation_matches_xla(tmp_path, tiny_model_dir):
+  records = [{"id": i, "prompt": p, "max_new_tokens": 12}
+             for i, p in enumerate(["def add(a, b):", "class Point:", "x"])]
+  xla, _ = _run(tmp_path, tiny_model_dir, records, batch_size=2)
+  pallas, m = _run(tmp_path, tiny_model_dir, records, batch_size=2, implementation="pallas")
+  assert m["implementation"] == "pallas"
+  for rid in xla:
+    assert pallas[rid]["completion_ids"] == xla[rid]["completion_ids"]
+  windowed, m = _run(tmp_path, tiny_model_dir, records, implementation="pallas",
+                     sparsity="sinks_window:1,3")
+  assert m["sparsity"] == "sinks_window:1,3"
+  assert any(windowed[r]["completion_ids"] != xla[r]["completion_ids"] for r in xla)

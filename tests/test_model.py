@@ -11,6 +11,7 @@ from jaxinfer import model as M
 from jaxinfer import params as P
 from jaxinfer.attention import attention_mask, attention_reference
 from jaxinfer.config import PRESETS, ModelConfig, RopeScaling
+from jaxinfer.sparsity import parse as parse_sparsity
 
 TINY = PRESETS["tiny"]
 
@@ -21,25 +22,59 @@ def _full_logits(params, cfg, tokens):
   return M.logits(params, hidden)
 
 
-@pytest.mark.parametrize("kv_heads", [1, 2, 4])
-@pytest.mark.parametrize("window", [None, 5])
-def test_prefill_then_decode_equals_full_forward(kv_heads, window):
+@pytest.mark.parametrize("implementation", ["xla", "pallas"])
+@pytest.mark.parametrize("kv_heads,window,sparsity", [
+    (1, None, "dense"), (2, None, "dense"), (4, None, "dense"), (2, 5, "dense"),
+    (2, None, "sinks_window:2,4")])
+def test_prefill_then_decode_equals_full_forward(kv_heads, window, sparsity, implementation):
   cfg = dataclasses.replace(TINY, kv_heads=kv_heads, sliding_window=window)
+  sp = parse_sparsity(sparsity)
   params = M.init_params(cfg, jax.random.key(0))
   tokens = jax.random.randint(jax.random.key(1), (2, 12), 0, cfg.vocab_size)
-  full = _full_logits(params, cfg, tokens)
+  positions = jnp.broadcast_to(jnp.arange(12), (2, 12))
+  full = M.logits(params, M.forward(params, tokens, positions, cfg, sparsity=sp)[0])
 
+  kw = dict(implementation=implementation, sparsity=sp)
   cache = M.KVCache.init(cfg, 2, 16)
   prefix = 7
   pos = jnp.broadcast_to(jnp.arange(prefix), (2, prefix))
-  hidden, cache = M.forward(params, tokens[:, :prefix], pos, cfg, cache, kv_source="chunk")
+  hidden, cache = M.forward(params, tokens[:, :prefix], pos, cfg, cache, kv_source="chunk", **kw)
   step_logits = [M.logits(params, hidden)]
   for t in range(prefix, 12):
     pos = jnp.full((2, 1), t)
-    hidden, cache = M.forward(params, tokens[:, t:t + 1], pos, cfg, cache, kv_source="cache")
+    hidden, cache = M.forward(params, tokens[:, t:t + 1], pos, cfg, cache, kv_source="cache",
+                              **kw)
     step_logits.append(M.logits(params, hidden))
   cached = jnp.concatenate(step_logits, axis=1)
   np.testing.assert_allclose(cached, full, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("sparsity", ["dense", "sinks_window:4,32", "block_topk:1,32",
+                                      "vertical_slash:4,4,32"])
+def test_pallas_prefill_equals_xla_for_every_sparsity(sparsity):
+  sp = parse_sparsity(sparsity)
+  params = M.init_params(TINY, jax.random.key(0))
+  tokens = jax.random.randint(jax.random.key(1), (2, 256), 0, TINY.vocab_size)
+  pos = jnp.broadcast_to(jnp.arange(256), (2, 256))
+  seg = jnp.asarray(np.repeat([[0, 1], [0, 0]], 128, axis=1))
+  xla = M.forward(params, tokens, pos, TINY, sparsity=sp, segment_ids=seg)[0]
+  pallas = M.forward(params, tokens, pos, TINY, sparsity=sp, segment_ids=seg,
+                     implementation="pallas")[0]
+  np.testing.assert_allclose(pallas, xla, rtol=2e-5, atol=2e-5)
+  if sparsity != "dense":  # the pattern really changes the result
+    dense = M.forward(params, tokens, pos, TINY, segment_ids=seg)[0]
+    assert float(jnp.abs(dense - xla).max()) > 1e-3
+
+
+def test_pallas_training_gradients_equal_xla():
+  from jaxinfer.train.lm import token_losses
+  params = M.init_params(TINY, jax.random.key(0))
+  batch = jax.random.randint(jax.random.key(1), (2, 33), 0, TINY.vocab_size)
+  loss = lambda impl: jax.value_and_grad(lambda p: jnp.mean(token_losses(p, batch, TINY, impl)))
+  (lx, gx), (lp, gp) = loss("xla")(params), loss("pallas")(params)
+  np.testing.assert_allclose(lp, lx, rtol=1e-6)
+  for a, b in zip(jax.tree_util.tree_leaves(gp), jax.tree_util.tree_leaves(gx)):
+    np.testing.assert_allclose(a, b, rtol=2e-4, atol=2e-5)
 
 
 def test_continued_prefill_chunks_equal_one_prefill():

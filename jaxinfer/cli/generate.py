@@ -27,7 +27,12 @@ flags.DEFINE_integer("seed", 0, "Run seed; each request's sampling key derives f
                      "request id.")
 flags.DEFINE_integer("batch_size", 8, "Sequences generated together.", lower_bound=1)
 flags.DEFINE_string("metrics_output", None, "Write run metrics (JSON) here.")
-flags.DEFINE_enum("implementation", "xla", ["xla"], "Attention implementation.")
+flags.DEFINE_enum("implementation", "xla", ["xla", "pallas"], "Attention: xla (reference) or "
+                  "pallas (block-sparse prefill and paged decode kernels; interpreted on CPU).")
+flags.DEFINE_string("sparsity", "dense", "Long-prompt attention: dense, sinks_window:SINKS,WINDOW, "
+                    "block_topk:TOPK[,BLOCK] or vertical_slash:V,S[,BLOCK] (see README).")
+flags.DEFINE_integer("max_seq_len", None, "Override the model's context length (prompt + output), "
+                     "e.g. for long prompts under sinks_window sparsity.", lower_bound=2)
 flags.DEFINE_integer("steps_per_sync", 32, "Decode steps per host round trip.", lower_bound=1)
 flags.DEFINE_bool("progress", True, "Show a progress bar on stderr.")
 flags.mark_flags_as_required(["prompts", "output"])
@@ -50,6 +55,7 @@ def main(argv: list[str]) -> None:
                         stop=tuple(FLAGS.stop)),
       seed=FLAGS.seed, dtype=FLAGS.dtype, mesh=FLAGS.mesh, batch_size=FLAGS.batch_size,
       metrics_output=FLAGS.metrics_output, implementation=FLAGS.implementation,
+      sparsity=FLAGS.sparsity, max_seq_len=FLAGS.max_seq_len,
       steps_per_sync=FLAGS.steps_per_sync, cache_dir=FLAGS.cache_dir, progress=FLAGS.progress)
   try:
     metrics = run(job)

@@ -1,0 +1,129 @@
+"""Paged decode attention (FlashDecoding split-K over pages), as a Pallas kernel.
+
+B batch, N q heads, K kv heads, G = N // K, H head dim, P pages in the pool, ps page size,
+M max pages per sequence, C splits.
+
+One program per (sequence, kv head, split): the G query heads that share the kv head are the
+rows of one (G, H) x (H, ps) matmul per page, so each K/V page is read once for all of them.
+Each split walks its share of the sequence's pages and writes an unnormalised partial result
+and its log-sum-exp; the splits are merged outside the kernel (a tiny reduction).
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+from jax.experimental import pallas as pl
+
+from pallas_kernels.common import MASK_VALUE, compiler_params, resolve_interpret
+
+_TRANS_B = (((1,), (1,)), ((), ()))
+
+
+def _kernel(len_ref, pt_ref, q_ref, k_ref, v_ref, o_ref, lse_ref, *, scale, page_size,
+            pages_per_split, window, sinks):
+  q = q_ref[...]
+  rows, h = q.shape
+  length = len_ref[0]
+  num_pages = jnp.minimum((length + page_size - 1) // page_size, pt_ref.shape[0])
+  first = pl.program_id(2) * pages_per_split
+  last = jnp.minimum(first + pages_per_split, num_pages)
+
+  def body(j, carry):
+    o, m, l = carry
+    page = pt_ref[j]
+    k = k_ref[page]  # (ps, H)
+    v = v_ref[page]
+    logits = lax.dot_general(q, k, _TRANS_B, preferred_element_type=jnp.float32) * scale
+    pos = (j * page_size + jnp.arange(page_size))[None, :]
+    visible = pos < length
+    if window is not None:
+      visible &= (pos >= length - window) | (pos < sinks)
+    logits = jnp.where(visible, logits, MASK_VALUE)
+    m_new = jnp.maximum(m, logits.max(axis=-1))
+    p = jnp.where(visible, jnp.exp(logits - m_new[:, None]), 0.0)
+    corr = jnp.exp(m - m_new)
+    l = corr * l + p.sum(axis=-1)
+    o = corr[:, None] * o + jnp.dot(p.astype(v.dtype), v, preferred_element_type=jnp.float32)
+    return o, m_new, l
+
+  init = (jnp.zeros((rows, h), jnp.float32), jnp.full((rows,), MASK_VALUE, jnp.float32),
+          jnp.zeros((rows,), jnp.float32))
+  if window is None:
+    o, m, l = lax.fori_loop(first, jnp.maximum(first, last), body, init)
+  else:  # only the sink pages, then the window's pages, are read
+    sink_end = jnp.maximum(first, jnp.minimum(last, (sinks + page_size - 1) // page_size))
+    carry = lax.fori_loop(first, sink_end, body, init)
+    window_start = jnp.maximum(sink_end, jnp.maximum(length - window, 0) // page_size)
+    o, m, l = lax.fori_loop(window_start, jnp.maximum(window_start, last), body, carry)
+  seen = l > 0
+  o_ref[...] = jnp.where(seen[:, None], o / jnp.where(seen, l, 1.0)[:, None], 0.0)
+  lse_ref[...] = jnp.where(seen, m + jnp.log(jnp.where(seen, l, 1.0)), -jnp.inf)
+
+
+def default_num_splits(batch: int, kv_heads: int, max_pages: int, target: int = 256) -> int:
+  """Enough programs to fill a large GPU (~2 per SM) without splitting a sequence too finely."""
+  return max(1, min(max_pages, -(-target // max(1, batch * kv_heads))))
+
+
+def _check(q, k_pages, v_pages, lengths, page_table):
+  if q.ndim != 3 or k_pages.ndim != 4 or v_pages.shape != k_pages.shape:
+    raise ValueError(f"paged_attention: expected q (B,N,H) and pages (K,P,ps,H), got {q.shape}, "
+                     f"{k_pages.shape}, {v_pages.shape}")
+  b, n, h = q.shape
+  if k_pages.shape[3] != h or n % k_pages.shape[0]:
+    raise ValueError(f"paged_attention: q {q.shape} does not fit pages {k_pages.shape}")
+  if lengths.shape != (b,) or page_table.ndim != 2 or page_table.shape[0] != b:
+    raise ValueError(f"paged_attention: lengths {lengths.shape} / page_table {page_table.shape} "
+                     f"do not match batch {b}")
+
+
+@functools.partial(jax.jit, static_argnames=("window", "sinks", "num_splits", "scale",
+                                             "interpret", "min_rows"))
+def paged_attention(q: jax.Array, k_pages: jax.Array, v_pages: jax.Array, lengths: jax.Array,
+                    page_table: jax.Array, *, window: int | None = None, sinks: int = 0,
+                    num_splits: int | None = None, scale: float | None = None,
+                    interpret: bool | None = None, min_rows: int | None = None) -> jax.Array:
+  """q (B,N,H) one token per sequence; keys at positions < lengths[b] are visible (and, with a
+  sliding window, >= lengths[b] - window or < sinks), position p living in page
+  page_table[b, p // ps] at offset p % ps. Returns (B,N,H)."""
+  _check(q, k_pages, v_pages, lengths, page_table)
+  b, n, h = q.shape
+  kv_heads, _, page_size, _ = k_pages.shape
+  g = n // kv_heads
+  max_pages = page_table.shape[1]
+  splits = num_splits or default_num_splits(b, kv_heads, max_pages)
+  per_split = -(-max_pages // splits)
+  scale = h**-0.5 if scale is None else scale
+  if min_rows is None:
+    min_rows = 16 if jax.default_backend() == "gpu" else 1  # Triton's smallest matmul
+  rows = max(g, min_rows)
+  qg = q.reshape(b, kv_heads, g, h)
+  if rows > g:
+    qg = jnp.pad(qg, ((0, 0), (0, 0), (0, rows - g), (0, 0)))
+  kernel = functools.partial(_kernel, scale=scale, page_size=page_size,
+                             pages_per_split=per_split, window=window, sinks=sinks)
+  pool = pl.BlockSpec((None,) + k_pages.shape[1:], lambda bi, ki, si: (ki, 0, 0, 0))
+  o, lse = pl.pallas_call(
+      kernel,
+      grid=(b, kv_heads, splits),
+      in_specs=[pl.BlockSpec((None, 1), lambda bi, ki, si: (bi, 0)),
+                pl.BlockSpec((None, max_pages), lambda bi, ki, si: (bi, 0)),
+                pl.BlockSpec((None, None, rows, h), lambda bi, ki, si: (bi, ki, 0, 0)),
+                pool, pool],
+      out_specs=[pl.BlockSpec((None, None, None, rows, h), lambda bi, ki, si: (bi, ki, si, 0, 0)),
+                 pl.BlockSpec((None, None, None, rows), lambda bi, ki, si: (bi, ki, si, 0))],
+      out_shape=[jax.ShapeDtypeStruct((b, kv_heads, splits, rows, h), jnp.float32),
+                 jax.ShapeDtypeStruct((b, kv_heads, splits, rows), jnp.float32)],
+      interpret=resolve_interpret(interpret), compiler_params=compiler_params(),
+      name="paged_decode_attention",
+  )(lengths.astype(jnp.int32)[:, None], page_table.astype(jnp.int32), qg, k_pages, v_pages)
+  # Merge the splits by their log-sum-exps; a split with no pages has lse = -inf, weight 0.
+  total = jax.nn.logsumexp(lse, axis=2, keepdims=True)
+  weights = jnp.where(jnp.isfinite(lse), jnp.exp(lse - jnp.where(jnp.isfinite(total), total, 0.0)),
+                      0.0)
+  out = jnp.sum(weights[..., None] * o, axis=2)[:, :, :g]
+  return out.reshape(b, n, h).astype(q.dtype)
