@@ -40,6 +40,12 @@ def main(argv: list[str] | None = None) -> None:
   app.run(module.main, argv=[f"jaxinfer {command}"] + rest)
 
 
+def no_positional_args(argv: list[str]) -> None:
+  """Every option is a --flag; a stray word is almost always a typo."""
+  if len(argv) > 1:
+    fail(f"unexpected arguments {argv[1:]}; all options are --flags")
+
+
 def fail(message: str) -> None:
   """Ends the process with a one-line user error."""
   print(f"error: {message}", file=sys.stderr)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from absl import flags
 
-from jaxinfer.cli import fail
+from jaxinfer.cli import fail, no_positional_args
 from jaxinfer.cli.common import apply_platform_flags, define_model_flags, load_model_from_flags
 
 define_model_flags()
@@ -16,8 +16,7 @@ FLAGS = flags.FLAGS
 
 
 def main(argv: list[str]) -> None:
-  if len(argv) > 1:
-    fail(f"unexpected arguments {argv[1:]}; all options are --flags")
+  no_positional_args(argv)
   apply_platform_flags()
   from jaxinfer import checkpoint
 

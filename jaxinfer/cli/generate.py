@@ -7,7 +7,7 @@ import sys
 
 from absl import flags
 
-from jaxinfer.cli import fail
+from jaxinfer.cli import fail, no_positional_args
 from jaxinfer.cli.common import apply_platform_flags, define_model_flags
 
 define_model_flags()
@@ -42,8 +42,7 @@ FLAGS = flags.FLAGS
 
 
 def main(argv: list[str]) -> None:
-  if len(argv) > 1:
-    fail(f"unexpected arguments {argv[1:]}; all options are --flags")
+  no_positional_args(argv)
   apply_platform_flags()
   from jaxinfer.requests import Defaults
   from jaxinfer.runner import GenerateJob, UserError, run

@@ -11,7 +11,7 @@ from pathlib import Path
 
 from absl import flags
 
-from jaxinfer.cli import fail
+from jaxinfer.cli import fail, no_positional_args
 
 flags.DEFINE_string("output_dir", "jaxinfer_quickstart", "Where completions and metrics go.")
 flags.DEFINE_string("cache_dir", None, "Embedded model cache (default $JAXINFER_CACHE or "
@@ -29,8 +29,7 @@ def prompts_path() -> Path:
 
 
 def main(argv: list[str]) -> None:
-  if len(argv) > 1:
-    fail(f"unexpected arguments {argv[1:]}; all options are --flags")
+  no_positional_args(argv)
   from jaxinfer import embedded
   from jaxinfer.runner import GenerateJob, UserError, run
   from jaxinfer.requests import Defaults

@@ -8,7 +8,7 @@ from pathlib import Path
 
 from absl import flags
 
-from jaxinfer.cli import fail
+from jaxinfer.cli import fail, no_positional_args
 from jaxinfer.cli.common import apply_platform_flags, define_model_flags, load_model_from_flags
 
 define_model_flags()
@@ -33,8 +33,7 @@ FLAGS = flags.FLAGS
 
 
 def main(argv: list[str]) -> None:
-  if len(argv) > 1:
-    fail(f"unexpected arguments {argv[1:]}; all options are --flags")
+  no_positional_args(argv)
   apply_platform_flags()
   import jax
   import numpy as np
