@@ -3,14 +3,14 @@
 B batch, T query len, S kv len (cache slots), N q heads, K kv heads, G = N // K, H head dim.
 
 Each implementation provides two entry points:
-  chunk(q, k, v, positions, window, segment_ids)  queries attend causally within their own chunk
-                                                   (training, fresh prefill): q (B,T,N,H),
-                                                   k/v (B,T,K,H), consecutive positions per row
-  cache(q, k_cache, v_cache, positions, window)   queries attend to cache slots <= their position
-                                                   (decode, continued prefill): caches (K,B,S,H)
+  chunk(q, k, v, positions, ...)  queries attend causally within their own chunk (training, fresh
+                                  prefill): q (B,T,N,H), k/v (B,T,K,H), consecutive positions
+  cache(q, kv, positions, ...)    queries attend to cached positions <= their own (decode,
+                                  continued prefill); kv is a kv_cache.LayerKV, contiguous
+                                  (K,B,S,H) or a page pool (K,P,ps,H) with a page table
 
 "xla" is the plain-jnp reference. "pallas" runs the block-sparse flash kernel for chunks and the
-paged decode kernel for single-token cache reads (the contiguous cache viewed as pages with an
+paged decode kernel for single-token cache reads (a contiguous cache is viewed as pages with an
 identity page table); shapes it does not cover fall back to "xla". On a mesh the kernels run
 under shard_map (batch over data/fsdp, heads over model).
 """
@@ -71,14 +71,15 @@ def cache_attention_reference(q: jax.Array, k_cache: jax.Array, v_cache: jax.Arr
   """q (B,T,N,H) at `positions` (B,T) over caches (K,B,S,H) whose slot s holds position s."""
   b, t, n, h = q.shape
   kv_heads, _, s, _ = k_cache.shape
-  qg = q.reshape(b, t, kv_heads, n // kv_heads, h)
-  scores = jnp.einsum("btkgh,kbsh->bkgts", qg, k_cache, preferred_element_type=jnp.float32)
+  # (K, B) lead both operands, as in the cache's own layout: no transpose of the cache.
+  qg = q.reshape(b, t, kv_heads, n // kv_heads, h).transpose(2, 0, 3, 1, 4)  # (K,B,G,T,H)
+  scores = jnp.einsum("kbgth,kbsh->kbgts", qg, k_cache, preferred_element_type=jnp.float32)
   k_pos = jnp.broadcast_to(jnp.arange(s, dtype=positions.dtype), (b, s))
   mask = attention_mask(positions, k_pos, window, sinks=sinks)
-  scores = jnp.where(mask[:, None, None], scores * h**-0.5, MASK_VALUE)
+  scores = jnp.where(mask[None, :, None], scores * h**-0.5, MASK_VALUE)
   probs = jax.nn.softmax(scores, axis=-1).astype(v_cache.dtype)
-  out = jnp.einsum("bkgts,kbsh->btkgh", probs, v_cache, preferred_element_type=jnp.float32)
-  return out.reshape(b, t, n, h).astype(q.dtype)
+  out = jnp.einsum("kbgts,kbsh->kbgth", probs, v_cache, preferred_element_type=jnp.float32)
+  return out.transpose(1, 3, 0, 2, 4).reshape(b, t, n, h).astype(q.dtype)
 
 
 def _dynamic_info(q, k, sparsity: Sparsity):
@@ -112,9 +113,18 @@ def _xla_chunk(q, k, v, positions, *, window, sinks, sparsity, segment_ids, mesh
                              k_segment=segment_ids, sinks=sinks)
 
 
-def _xla_cache(q, k_cache, v_cache, positions, *, window, sinks, mesh, rules):
+def _xla_cache(q, kv, positions, *, window, sinks, mesh, rules):
   del mesh, rules
-  return cache_attention_reference(q, k_cache, v_cache, positions, window=window, sinks=sinks)
+  k, v = kv.k, kv.v
+  if kv.page_table is not None:  # gather each row's pages into (K, B, M*ps, H)
+    k, v = _gather_rows(k, kv.page_table), _gather_rows(v, kv.page_table)
+  return cache_attention_reference(q, k, v, positions, window=window, sinks=sinks)
+
+
+def _gather_rows(pool, page_table):
+  kv_heads, _, ps, h = pool.shape
+  b, m = page_table.shape
+  return pool[:, page_table].reshape(kv_heads, b, m * ps, h)
 
 
 # --- Pallas ---------------------------------------------------------------------------------
@@ -174,14 +184,24 @@ def _page_size(s: int) -> int:
   return math.gcd(s, 64)
 
 
-def _pallas_cache(q, k_cache, v_cache, positions, *, window, sinks, mesh, rules):
+def _pallas_cache(q, kv, positions, *, window, sinks, mesh, rules):
   from pallas_kernels.paged_attention import paged_attention
   b, t, n, h = q.shape
-  if t != 1 or not _heads_split_evenly(n, k_cache.shape[0], mesh, rules):
-    return _xla_cache(q, k_cache, v_cache, positions, window=window, sinks=sinks, mesh=mesh,
-                      rules=rules)
+  if t != 1 or not _heads_split_evenly(n, kv.k.shape[0], mesh, rules):
+    return _xla_cache(q, kv, positions, window=window, sinks=sinks, mesh=mesh, rules=rules)
+  qa = ("batch", "seq", "act_heads", "head_dim")
 
-  def local(q, k_cache, v_cache, positions):
+  if kv.page_table is not None:
+    def paged(q, k_pages, v_pages, positions, table):
+      lengths = jnp.minimum(positions[:, 0] + 1, table.shape[1] * k_pages.shape[2])
+      out = paged_attention(q[:, 0], k_pages, v_pages, lengths, table, window=window, sinks=sinks)
+      return out[:, None]
+
+    pa = ("act_kv_heads", None, None, "head_dim")
+    return _shard(paged, mesh, rules, (qa, pa, pa, ("batch", "seq"), ("batch", None)), qa,
+                  (q, kv.k, kv.v, positions, kv.page_table))
+
+  def contiguous(q, k_cache, v_cache, positions):
     kv_heads, bl, s, hd = k_cache.shape
     ps = _page_size(s)
     pages_per_seq = s // ps
@@ -193,10 +213,9 @@ def _pallas_cache(q, k_cache, v_cache, positions, *, window, sinks, mesh, rules)
     out = paged_attention(q[:, 0], k_pages, v_pages, lengths, table, window=window, sinks=sinks)
     return out[:, None]
 
-  qa = ("batch", "seq", "act_heads", "head_dim")
   ca = ("act_kv_heads", "batch", "cache_seq", "head_dim")
-  return _shard(local, mesh, rules, (qa, ca, ca, ("batch", "seq")), qa,
-                (q, k_cache, v_cache, positions))
+  return _shard(contiguous, mesh, rules, (qa, ca, ca, ("batch", "seq")), qa,
+                (q, kv.k, kv.v, positions))
 
 
 @dataclasses.dataclass(frozen=True)

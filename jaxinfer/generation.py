@@ -24,6 +24,7 @@ from jax.sharding import Mesh
 
 from jaxinfer import model as M
 from jaxinfer.config import ModelConfig
+from jaxinfer.kv_cache import CACHE_AXES, KVCache
 from jaxinfer.sampling import SamplingParams, sample
 from jaxinfer.sharding import DEFAULT_RULES, ShardingRules, constrain
 from jaxinfer.sparsity import DENSE, Sparsity
@@ -43,6 +44,12 @@ def request_key(seed: int, request_id: Any) -> jax.Array:
   return jax.random.fold_in(jax.random.key(seed), zlib.crc32(str(request_id).encode()) & 0x7FFFFFFF)
 
 
+def sample_key(seed: int, request_id: Any, sample: int = 0) -> jax.Array:
+  """The key of a request's `sample`-th completion; sample 0 is what a one-sample run draws."""
+  key = request_key(seed, request_id)
+  return key if sample == 0 else jax.random.fold_in(key, sample)
+
+
 def _constrain_state(state: DecodeState, mesh, rules) -> DecodeState:
   c = lambda x: constrain(x, ("batch",) + (None,) * (x.ndim - 1), mesh, rules)
   return DecodeState(tokens=c(state.tokens), num_generated=c(state.num_generated),
@@ -50,9 +57,9 @@ def _constrain_state(state: DecodeState, mesh, rules) -> DecodeState:
                      keys=state.keys)
 
 
-def _constrain_cache(cache: M.KVCache, mesh, rules) -> M.KVCache:
-  c = lambda x: constrain(x, M.CACHE_AXES, mesh, rules)
-  return M.KVCache(k=tuple(map(c, cache.k)), v=tuple(map(c, cache.v)))
+def _constrain_cache(cache: KVCache, mesh, rules) -> KVCache:
+  c = lambda x: constrain(x, CACHE_AXES, mesh, rules)
+  return KVCache(k=tuple(map(c, cache.k)), v=tuple(map(c, cache.v)))
 
 
 def _sample_and_append(params, hidden, state: DecodeState, sampling: SamplingParams,
@@ -220,7 +227,7 @@ class Generator:
         prompt_len=self._put(prompt_len, batch), max_new=self._put(max_new, batch),
         done=self._put(done, batch), keys=jnp.stack(keys))
     sampling = SamplingParams(**{f: self._put(v, batch) for f, v in sp.items()})
-    cache = M.KVCache.init(self.cfg, b, s, self.mesh, self.rules)
+    cache = KVCache.init(self.cfg, b, s, self.mesh, self.rules)
     prompt_arr = self._put(prompt, ("batch", None))
 
     compile0 = self.timings.compile_s

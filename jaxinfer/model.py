@@ -5,12 +5,13 @@ F mlp, V vocab.
 
 Parameters are flax.struct dataclasses whose `spec(cfg)` declares every weight once (shape,
 logical axes, initializer); see params.py for what derives from it. Layers are a tuple and the
-layer loop is unrolled so each layer's KV cache is its own donated buffer, updated in place.
+layer loop is unrolled so each layer's KV cache (kv_cache.py) is its own donated buffer, updated
+in place.
 """
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Any, Literal, Union
 
 import jax
 import jax.numpy as jnp
@@ -20,6 +21,8 @@ from jax.sharding import Mesh
 from jaxinfer import attention as attention_lib
 from jaxinfer import params as P
 from jaxinfer.config import ModelConfig
+from jaxinfer.kv_cache import (CACHE_AXES, KVCache, LayerKV, MixedPagedKVCache,  # noqa: F401
+                               PagedKVCache)
 from jaxinfer.rope import apply_rope, rope_tables
 from jaxinfer.sharding import DEFAULT_RULES, ShardingRules, constrain
 from jaxinfer.sparsity import DENSE, Sparsity
@@ -27,7 +30,6 @@ from jaxinfer.sparsity import DENSE, Sparsity
 Array = Any  # jax.Array, or a ParamSpec inside a declaration tree
 
 ACT = ("batch", "seq", "act_embed")  # logical axes of the residual stream
-CACHE_AXES = ("kv_heads", "batch", "cache_seq", "head_dim")
 
 
 @struct.dataclass
@@ -118,48 +120,14 @@ def init_params(cfg: ModelConfig, key: jax.Array, mesh: Mesh | None = None,
   return jax.jit(fn, out_shardings=out_shardings)(key)
 
 
-@struct.dataclass
-class KVCache:
-  """Per-layer key/value buffers, (K, B, S, H) each; slot s holds the token at position s.
-
-  Heads-major, so the buffer is also a page pool (K, B*S/ps, ps, H) for any page size ps
-  dividing S, with sequence b owning a contiguous run of pages: the paged decode kernel reads it
-  with no copy."""
-
-  k: tuple[jax.Array, ...]
-  v: tuple[jax.Array, ...]
-
-  @property
-  def max_len(self) -> int:
-    return self.k[0].shape[2]
-
-  @classmethod
-  def shape_of(cls, cfg: ModelConfig, batch: int, max_len: int) -> tuple[int, ...]:
-    return (cfg.kv_heads, batch, max_len, cfg.head_dim)
-
-  @classmethod
-  def init(cls, cfg: ModelConfig, batch: int, max_len: int, mesh: Mesh | None = None,
-           rules: ShardingRules = DEFAULT_RULES) -> "KVCache":
-    shape = cls.shape_of(cfg, batch, max_len)
-    sharding = None if mesh is None else rules.sharding(mesh, CACHE_AXES, shape)
-    zeros = lambda: tuple(jnp.zeros(shape, cfg.jnp_dtype, device=sharding)
-                          for _ in range(cfg.num_layers))
-    return cls(k=zeros(), v=zeros())
-
-
 def rms_norm(x: jax.Array, weight: jax.Array, eps: float) -> jax.Array:
   x32 = x.astype(jnp.float32)
   y = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + eps)
   return weight * y.astype(x.dtype)
 
 
-def _write_cache(buf: jax.Array, new: jax.Array, positions: jax.Array) -> jax.Array:
-  """Scatters new (B,T,K,H) into buf (K,B,S,H) at slots `positions` (B,T); out of range drops."""
-  rows = jnp.arange(buf.shape[1])[:, None]
-  return buf.at[:, rows, positions].set(new.transpose(2, 0, 1, 3).astype(buf.dtype), mode="drop")
-
-
 KVSource = Literal["chunk", "cache"]
+Cache = Union[KVCache, PagedKVCache, MixedPagedKVCache]
 
 
 def layer_pattern(cfg: ModelConfig, layer: int, sparsity: Sparsity) -> tuple[int | None, int]:
@@ -174,9 +142,9 @@ def layer_pattern(cfg: ModelConfig, layer: int, sparsity: Sparsity) -> tuple[int
 
 def attention_block(p: Attention, x: jax.Array, positions: jax.Array, cos: jax.Array,
                     sin: jax.Array, cfg: ModelConfig, pattern: tuple[int | None, int],
-                    sparsity: Sparsity, cache_kv: tuple[jax.Array, jax.Array] | None,
-                    kv_source: KVSource, segment_ids: jax.Array | None, implementation: str,
-                    mesh: Mesh | None, rules: ShardingRules):
+                    sparsity: Sparsity, kv: Any, kv_source: KVSource,
+                    segment_ids: jax.Array | None, implementation: str, mesh: Mesh | None,
+                    rules: ShardingRules):
   q = jnp.einsum("btd,dnh->btnh", x, p.q)
   k = jnp.einsum("btd,dkh->btkh", x, p.k)
   v = jnp.einsum("btd,dkh->btkh", x, p.v)
@@ -189,19 +157,17 @@ def attention_block(p: Attention, x: jax.Array, positions: jax.Array, cos: jax.A
 
   impl = attention_lib.get(implementation)
   window, sinks = pattern
-  new_cache = None
-  if cache_kv is not None:
-    new_cache = (_write_cache(cache_kv[0], k, positions), _write_cache(cache_kv[1], v, positions))
+  if kv is not None:
+    kv = kv.write(k, v, positions)
   if kv_source == "cache":
-    out = impl.cache(q, new_cache[0], new_cache[1], positions, window=window, sinks=sinks,
-                     mesh=mesh, rules=rules)
+    out = kv.attend(impl, q, positions, window=window, sinks=sinks, mesh=mesh, rules=rules)
   else:
     out = impl.chunk(q, k, v, positions, window=window, sinks=sinks, sparsity=sparsity,
                      segment_ids=segment_ids, mesh=mesh, rules=rules)
   out = jnp.einsum("btnh,nhd->btd", out, p.o)
   if p.o_bias is not None:
     out = out + p.o_bias
-  return out, new_cache
+  return out, kv
 
 
 def mlp_block(p: MLP, x: jax.Array, mesh: Mesh | None, rules: ShardingRules) -> jax.Array:
@@ -212,10 +178,10 @@ def mlp_block(p: MLP, x: jax.Array, mesh: Mesh | None, rules: ShardingRules) -> 
 
 
 def forward(params: Transformer, tokens: jax.Array, positions: jax.Array, cfg: ModelConfig,
-            cache: KVCache | None = None, *, kv_source: KVSource = "chunk",
+            cache: Cache | None = None, *, kv_source: KVSource = "chunk",
             segment_ids: jax.Array | None = None, implementation: str = "xla",
             sparsity: Sparsity = DENSE, mesh: Mesh | None = None,
-            rules: ShardingRules = DEFAULT_RULES) -> tuple[jax.Array, KVCache | None]:
+            rules: ShardingRules = DEFAULT_RULES) -> tuple[jax.Array, Cache | None]:
   """tokens, positions (B,T) -> final hidden states (B,T,D) and the updated cache.
 
   kv_source="chunk": queries attend to this chunk's own keys (training, fresh prefill);
@@ -231,25 +197,21 @@ def forward(params: Transformer, tokens: jax.Array, positions: jax.Array, cfg: M
   x = jnp.take(params.embed, tokens, axis=0)
   x = constrain(x, ACT, mesh, rules)
   cos, sin = rope_tables(positions, cfg)
-  new_k, new_v = [], []
+  new_layers = []
   for i, layer in enumerate(params.layers):
     with jax.named_scope(f"layer_{i}"):
-      cache_kv = None if cache is None else (cache.k[i], cache.v[i])
       with jax.named_scope("attention"):
-        h, layer_cache = attention_block(
+        h, kv = attention_block(
             layer.attn, rms_norm(x, layer.attn_norm, cfg.norm_eps), positions, cos, sin, cfg,
-            layer_pattern(cfg, i, sparsity), sparsity, cache_kv, kv_source, segment_ids,
-            implementation, mesh, rules)
+            layer_pattern(cfg, i, sparsity), sparsity, None if cache is None else cache.layer(i),
+            kv_source, segment_ids, implementation, mesh, rules)
       x = constrain(x + h, ACT, mesh, rules)
       with jax.named_scope("mlp"):
         x = x + mlp_block(layer.mlp, rms_norm(x, layer.mlp_norm, cfg.norm_eps), mesh, rules)
       x = constrain(x, ACT, mesh, rules)
-      if layer_cache is not None:
-        new_k.append(layer_cache[0])
-        new_v.append(layer_cache[1])
+      new_layers.append(kv)
   x = rms_norm(x, params.final_norm, cfg.norm_eps)
-  new_cache = None if cache is None else KVCache(k=tuple(new_k), v=tuple(new_v))
-  return x, new_cache
+  return x, None if cache is None else cache.with_layers(new_layers)
 
 
 def logits(params: Transformer, hidden: jax.Array) -> jax.Array:

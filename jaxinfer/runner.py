@@ -1,26 +1,35 @@
-"""The batch-generation job behind `jaxinfer generate`: JSONL in, one JSONL record per input line
-out (written and fsync'ed batch by batch), plus a metrics JSON."""
+"""The batch-generation job behind `jaxinfer generate`: JSONL in, one record per input line out.
+
+Requests run through the continuous-batching engine (or, with scheduler="static", padded static
+batches). Output is written record by record and fsync'ed; re-running the same command after a
+crash skips what is already written. With several processes (jax.distributed) each takes the
+requests whose id hashes to it and process 0 merges the parts.
+"""
 
 from __future__ import annotations
 
 import dataclasses
 import json
-import os
 import sys
+import threading
 import time
+import zlib
 from pathlib import Path
-from typing import Any, TextIO
+from typing import Any
 
 import jax
+import numpy as np
 from tqdm.auto import tqdm
 
-from jaxinfer import checkpoint
+from jaxinfer import checkpoint, output
 from jaxinfer.config import DTYPES
-from jaxinfer.generation import Generator, RowRequest, request_key
+from jaxinfer.engine import Engine, EngineConfig, EngineRequest
+from jaxinfer.generation import Generator, RowRequest, sample_key
+from jaxinfer.kv_cache import PagedKVCache
 from jaxinfer.requests import (Defaults, InvalidRequest, Request, error_record, parse_request,
                                truncate_at_stop)
 from jaxinfer.sampling import validate as validate_sampling
-from jaxinfer.sharding import format_mesh, make_mesh, parse_mesh
+from jaxinfer.sharding import MESH_AXES, format_mesh, parse_mesh
 from jaxinfer.sparsity import parse as parse_sparsity
 
 
@@ -37,12 +46,19 @@ class GenerateJob:
   seed: int = 0
   dtype: str = "auto"
   mesh: str = ""
-  batch_size: int = 8
+  batch_size: int = 8  # slots per replica (continuous) or sequences per batch (static)
   metrics_output: str | None = None
   implementation: str = "xla"
   sparsity: str = "dense"
-  max_seq_len: int | None = None  # overrides the model's context (e.g. long prompts + sinks_window)
-  steps_per_sync: int = 32
+  max_seq_len: int | None = None  # overrides the model's context (e.g. long prompts + sinks)
+  scheduler: str = "continuous"
+  num_samples: int = 1
+  chunk_size: int = 64
+  chunk_lanes: int = 1
+  page_size: int = 16
+  kv_pages: int | None = None
+  overwrite: bool = False
+  steps_per_sync: int = 32  # static scheduler only
   cache_dir: str | None = None
   progress: bool = True
 
@@ -59,37 +75,35 @@ class GenerateJob:
           raise UserError(f"{flag}: {path!r} is a directory, expected a file path")
     if self.dtype != "auto" and self.dtype not in DTYPES:
       raise UserError(f"--dtype: expected auto or one of {sorted(DTYPES)}, got {self.dtype!r}")
+    for flag in ("batch_size", "num_samples", "chunk_size", "chunk_lanes", "page_size"):
+      if getattr(self, flag) < 1:
+        raise UserError(f"--{flag}: must be >= 1, got {getattr(self, flag)}")
+    if self.kv_pages is not None and self.kv_pages < 1:
+      raise UserError(f"--kv_pages: must be >= 1, got {self.kv_pages}")
     if self.max_seq_len is not None and self.max_seq_len < 2:
       raise UserError(f"--max_seq_len: must be >= 2, got {self.max_seq_len}")
-    if self.batch_size < 1:
-      raise UserError(f"--batch_size: must be >= 1, got {self.batch_size}")
     if self.defaults.max_new_tokens < 1:
       raise UserError(f"--max_new_tokens: must be >= 1, got {self.defaults.max_new_tokens}")
+    if self.scheduler not in ("continuous", "static"):
+      raise UserError(f"--scheduler: expected continuous or static, got {self.scheduler!r}")
     d = self.defaults
     for problem in validate_sampling(d.temperature, d.top_k, d.top_p, d.min_p):
       raise UserError(f"--{problem.split()[0]}: {problem}")
     try:
-      shape = parse_mesh(self.mesh)
-      if self.mesh:
-        make_mesh(shape)
+      parse_mesh(self.mesh)
+      sparsity = parse_sparsity(self.sparsity)
     except ValueError as e:
       raise UserError(f"--{e}") from None
-    from jaxinfer import attention, sparsity
-    try:
-      sparsity.parse(self.sparsity)
-    except ValueError as e:
-      raise UserError(f"--{e}") from None
+    if sparsity.dynamic and self.scheduler == "continuous":
+      raise UserError(f"--sparsity: {sparsity} applies to whole-prompt prefill; use it with "
+                      f"--scheduler=static (the continuous engine prefills in chunks)")
+    if self.scheduler == "static" and self.num_samples > 1:
+      raise UserError("--num_samples: N > 1 shares prompt pages and needs the continuous "
+                      "scheduler")
+    from jaxinfer import attention
     if self.implementation not in attention.IMPLEMENTATIONS:
       raise UserError(f"--implementation: expected one of {sorted(attention.IMPLEMENTATIONS)}, "
                       f"got {self.implementation!r}")
-
-
-def _write(f: TextIO, records: list[dict[str, Any]]) -> None:
-  """Whole lines only, then flushed to disk, so a crash never leaves a partial record."""
-  if records:
-    f.write("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records))
-    f.flush()
-    os.fsync(f.fileno())
 
 
 def read_requests(job: GenerateJob, tokenizer, vocab_size: int,
@@ -123,92 +137,181 @@ def read_requests(job: GenerateJob, tokenizer, vocab_size: int,
   return requests, errors, lines
 
 
-def run(job: GenerateJob) -> dict[str, Any]:
-  """Runs the job; returns the metrics (also written to job.metrics_output)."""
+def _owner(record_key: tuple, num_processes: int) -> int:
+  return zlib.crc32(repr(record_key).encode()) % num_processes
+
+
+def _sample_record(tokens: list[int], eos: bool, stop: tuple[str, ...], tokenizer) -> dict:
+  finished = eos
+  text = None
+  if tokenizer is not None and stop:
+    tokens, text, hit = truncate_at_stop(tokens, stop, tokenizer)
+    finished = finished or hit
+  elif tokenizer is not None:
+    text = tokenizer.decode(tokens)
+  rec: dict[str, Any] = {"completion_ids": tokens}
+  if text is not None:
+    rec["completion"] = text
+  rec.update(finish_reason="stop" if finished else "length", completion_tokens=len(tokens))
+  return rec
+
+
+def make_record(req: Request, samples: list[tuple[list[int], bool]], tokenizer) -> dict:
+  rec: dict[str, Any] = {"id": req.id, "line": req.line}
+  parts = [_sample_record(t, eos, req.stop, tokenizer) for t, eos in samples]
+  if len(parts) == 1:
+    rec.update(parts[0])
+  else:
+    rec["samples"] = parts
+  rec["prompt_tokens"] = len(req.prompt_ids)
+  if req.metadata is not None:
+    rec["metadata"] = req.metadata
+  return rec
+
+
+def _init_distributed(coordinator_address, num_processes, process_id, auto) -> tuple[int, int]:
+  if coordinator_address is None and not auto:
+    if num_processes not in (None, 1):
+      raise UserError("--num_processes: a multi-process run needs --coordinator_address (or "
+                      "--distributed on a TPU pod)")
+    return 0, 1
+  # Cross-process barriers on CPU need a collectives library (no effect on accelerators).
+  jax.config.update("jax_cpu_collectives_implementation", "gloo")
+  try:
+    if auto:
+      jax.distributed.initialize()
+    else:
+      jax.distributed.initialize(coordinator_address=coordinator_address,
+                                 num_processes=num_processes, process_id=process_id)
+  except Exception as e:  # the runtime's own message says what is wrong (address, timeout, ...)
+    raise UserError(f"--coordinator_address: jax.distributed could not start: {e}") from None
+  return jax.process_index(), jax.process_count()
+
+
+def _replica_meshes(mesh_spec: str) -> list[jax.sharding.Mesh]:
+  """One (1, fsdp, model) mesh per data-parallel replica, over this process's devices."""
+  local = jax.local_devices()
+  shape = parse_mesh(mesh_spec) if mesh_spec else {"data": len(local), "fsdp": 1, "model": 1}
+  r, f, m = (shape[a] for a in MESH_AXES)
+  grid = np.asarray(local[:r * f * m], dtype=object).reshape(r, 1, f, m)
+  return [jax.sharding.Mesh(grid[i], MESH_AXES) for i in range(r)]
+
+
+def _check_memory(engine: Engine, cfg, job: GenerateJob) -> None:
+  """Refuses a KV pool that cannot fit on the device, naming the flags that size it."""
+  device = engine.mesh.devices.flat[0] if engine.mesh is not None else jax.devices()[0]
+  stats = getattr(device, "memory_stats", lambda: None)()
+  if not stats or "bytes_limit" not in stats:
+    return
+  params = sum(x.size * x.dtype.itemsize for x in jax.tree_util.tree_leaves(engine.params))
+  per_device = (engine.pool_bytes() + params) / engine.mesh.devices.size
+  if per_device > 0.95 * stats["bytes_limit"]:
+    raise UserError(f"--kv_pages: the KV pool ({engine.num_pool_pages} pages of "
+                    f"{job.page_size} tokens, {engine.pool_bytes() / 2**30:.2f} GiB) plus weights "
+                    f"need {per_device / 2**30:.2f} GiB per device, more than its "
+                    f"{stats['bytes_limit'] / 2**30:.2f} GiB; lower --kv_pages or --batch_size")
+
+
+def run(job: GenerateJob, *, coordinator_address: str | None = None,
+        num_processes: int | None = None, process_id: int | None = None,
+        distributed: bool = False) -> dict[str, Any]:
+  """Runs the job; returns this run's metrics (also written to job.metrics_output)."""
   job.validate()
+  pid, nproc = _init_distributed(coordinator_address, num_processes, process_id, distributed)
+  shape = parse_mesh(job.mesh)
+  if job.mesh and np.prod([shape[a] for a in MESH_AXES]) > jax.local_device_count():
+    raise UserError(f"--mesh: {format_mesh(shape)} needs {np.prod(list(shape.values()))} "
+                    f"devices, but this process has {jax.local_device_count()}")
   t_start = time.perf_counter()
-  mesh = make_mesh(job.mesh) if job.mesh else None
-  if mesh is not None and mesh.size == 1:
-    mesh = None
+  meshes = _replica_meshes(job.mesh) if job.scheduler == "continuous" else []
+  static_mesh = None
+  if job.scheduler == "static" and job.mesh:
+    from jaxinfer.sharding import make_mesh
+    static_mesh = make_mesh(job.mesh, jax.local_devices())
   try:
     cfg, params, tokenizer = checkpoint.load_model(
-        job.model, None if job.dtype == "auto" else job.dtype, mesh, cache_dir=job.cache_dir,
-        quiet=not job.progress)
+        job.model, None if job.dtype == "auto" else job.dtype,
+        meshes[0] if meshes else static_mesh, cache_dir=job.cache_dir, quiet=not job.progress)
   except (FileNotFoundError, ValueError) as e:
     raise UserError(str(e)) from None
-  load_s = time.perf_counter() - t_start
   if job.max_seq_len is not None:
     cfg = dataclasses.replace(cfg, max_seq_len=job.max_seq_len)
-
-  requests, errors, num_lines = read_requests(job, tokenizer, cfg.vocab_size, cfg.max_seq_len)
   sparsity = parse_sparsity(job.sparsity)
   if sparsity.kind == "sinks_window" and cfg.sliding_window is not None:
     raise UserError(f"--sparsity: {job.model} already uses a sliding window "
                     f"({cfg.sliding_window}); sinks_window would replace it")
-  gen = Generator(cfg, params, mesh, implementation=job.implementation,
-                  steps_per_sync=job.steps_per_sync, sparsity=sparsity)
-  requests.sort(key=lambda r: len(r.prompt_ids))  # similar lengths batch with little padding
-  completion_tokens = 0
+  load_s = time.perf_counter() - t_start
+
+  requests, errors, num_lines = read_requests(job, tokenizer, cfg.vocab_size, cfg.max_seq_len)
+  part = output.part_path(job.output, pid, nproc) if nproc > 1 else Path(job.output)
+  if job.overwrite and pid == 0:
+    for p in [Path(job.output)] + [output.part_path(job.output, i, nproc) for i in range(nproc)]:
+      p.unlink(missing_ok=True)
+  done = set() if job.overwrite else {output.record_key(r) for r in
+                                      output.completed(job.output, nproc, repair_part=pid)}
+  key_of = lambda r: output.record_key({"id": r.id, "line": r.line})
+  err_key = output.record_key
+  mine = lambda k: _owner(k, nproc) == pid
+  skipped = sum(1 for r in requests if key_of(r) in done) + sum(
+      1 for e in errors if err_key(e) in done)
+  todo = [r for r in requests if key_of(r) not in done and mine(key_of(r))]
+  my_errors = [e for e in errors if err_key(e) not in done and mine(err_key(e))]
+
+  writer = output.RecordWriter(part)
+  writer.write(my_errors)
+  bar = tqdm(total=len(todo), desc="generate", unit="req", disable=not job.progress,
+             dynamic_ncols=True, file=sys.stderr)
   t_gen = time.perf_counter()
-  with open(job.output, "w", encoding="utf-8") as out:
-    _write(out, errors)
-    bar = tqdm(total=len(requests), desc="generate", unit="req", disable=not job.progress,
-               dynamic_ncols=True, file=sys.stderr)
-    for start in range(0, len(requests), job.batch_size):
-      batch = requests[start:start + job.batch_size]
-      rows = [RowRequest(r.prompt_ids, r.max_new_tokens, request_key(job.seed, r.id),
-                         r.temperature, r.top_k, r.top_p, r.min_p) for r in batch]
-
-      def should_stop(i: int, tokens: list[int]) -> bool:
-        stop = batch[i].stop
-        return bool(stop) and any(s in tokenizer.decode(tokens) for s in stop)
-
-      results = gen.generate(rows, should_stop)
-      records = []
-      for req, res in zip(batch, results):
-        tokens, finished = res.tokens, res.finished_by_eos
-        text = None
-        if tokenizer is not None and req.stop:
-          tokens, text, hit = truncate_at_stop(tokens, req.stop, tokenizer)
-          finished = finished or hit
-        elif tokenizer is not None:
-          text = tokenizer.decode(tokens)
-        rec = {"id": req.id, "line": req.line, "completion_ids": tokens}
-        if text is not None:
-          rec["completion"] = text
-        rec.update(finish_reason="stop" if finished else "length",
-                   prompt_tokens=len(req.prompt_ids), completion_tokens=len(tokens))
-        if req.metadata is not None:
-          rec["metadata"] = req.metadata
-        completion_tokens += len(tokens)
-        records.append(rec)
-      _write(out, records)
-      bar.update(len(batch))
-      busy = gen.timings.prefill_s + gen.timings.decode_s
-      bar.set_postfix(tok_s=f"{gen.timings.decode_tokens / max(busy, 1e-9):.0f}")
-    bar.close()
+  if job.scheduler == "continuous":
+    stats = _run_engine(job, cfg, params, tokenizer, meshes, todo, writer, bar, sparsity)
+  else:
+    stats = _run_static(job, cfg, params, tokenizer, static_mesh, todo, writer, bar, sparsity)
+  bar.close()
+  writer.close()
   t_end = time.perf_counter()
 
-  tm = gen.timings
-  busy = tm.prefill_s + tm.decode_s
+  merged = None
+  if nproc > 1:
+    from jax.experimental import multihost_utils
+    multihost_utils.sync_global_devices("jaxinfer_generate_done")
+    if pid == 0:
+      merged = output.merge_parts(job.output, nproc)
+    multihost_utils.sync_global_devices("jaxinfer_generate_merged")
+
+  busy = stats["busy_s"]
   metrics = {
       "num_requests": num_lines,
-      "num_completed": len(requests),
+      "num_completed": len(todo),
+      "num_skipped_already_done": skipped,
       "num_failed": len(errors),
-      "prompt_tokens": tm.prefill_tokens,
-      "completion_tokens": completion_tokens,
-      "tokens_per_second": round(completion_tokens / busy, 2) if busy else 0.0,
-      "prefill_tokens_per_second": round(tm.prefill_tokens / tm.prefill_s, 2) if tm.prefill_s else 0.0,
-      "decode_tokens_per_second": round(tm.decode_tokens / tm.decode_s, 2) if tm.decode_s else 0.0,
-      "end_to_end_tokens_per_second": round(completion_tokens / (t_end - t_gen), 2),
-      "prefill_seconds": round(tm.prefill_s, 4),
-      "decode_seconds": round(tm.decode_s, 4),
-      "compile_seconds": round(tm.compile_s, 3),
-      "compilations": tm.compilations,
+      "num_samples": job.num_samples,
+      "prompt_tokens": int(sum(len(r.prompt_ids) for r in todo)),
+      "completion_tokens": stats["completion_tokens"],
+      "tokens_per_second": round(stats["completion_tokens"] / busy, 2) if busy else 0.0,
+      "prefill_tokens_per_second": stats["prefill_tps"],
+      "decode_tokens_per_second": stats["decode_tps"],
+      "end_to_end_tokens_per_second": round(stats["completion_tokens"] / (t_end - t_gen), 2),
+      # wall time of generation minus compilation: host scheduling included
+      "generation_tokens_per_second": round(
+          stats["completion_tokens"] / max(t_end - t_gen - stats["compile_s"], 1e-9), 2),
+      "prefill_tokens_computed": stats["prefill_tokens"],
+      "prefill_tokens_saved": stats.get("prefill_saved", 0),
+      "mean_slot_occupancy": stats.get("occupancy", 1.0),
+      "kv_pages_used_peak": stats.get("peak_pages"),
+      "kv_pages_pool": stats.get("pool_pages"),
+      "steps": stats["steps"],
+      "compile_seconds": round(stats["compile_s"], 3),
+      "compilations": stats["compilations"],
+      # beyond the fixed shapes (continuous: decode-only + lane lengths per engine; static: one
+      # per bucket it met)
+      "recompilations": max(0, stats["compilations"] - stats["expected_compilations"]),
       "load_seconds": round(load_s, 3),
       "wall_seconds": round(t_end - t_start, 3),
+      "scheduler": job.scheduler,
+      "replicas": stats["replicas"],
       "batch_size": job.batch_size,
-      "mesh": format_mesh(parse_mesh(job.mesh)) if job.mesh else "single-device",
+      "mesh": format_mesh(parse_mesh(job.mesh)) if job.mesh else "default",
+      "processes": nproc,
       "devices": jax.device_count(),
       "backend": jax.default_backend(),
       "jax_version": jax.__version__,
@@ -217,6 +320,145 @@ def run(job: GenerateJob) -> dict[str, Any]:
       "implementation": job.implementation,
       "sparsity": str(sparsity),
   }
-  if job.metrics_output:
+  if merged is not None:
+    metrics["records_in_output"] = merged
+  if job.metrics_output and pid == 0:
     Path(job.metrics_output).write_text(json.dumps(metrics, indent=2) + "\n")
   return metrics
+
+
+def _run_engine(job, cfg, params, tokenizer, meshes, todo, writer, bar, sparsity) -> dict:
+  n = job.num_samples
+  max_len = max([len(r.prompt_ids) + r.max_new_tokens for r in todo] + [2])
+  ecfg = EngineConfig(num_slots=job.batch_size, chunk_size=job.chunk_size,
+                      chunk_lanes=job.chunk_lanes, page_size=job.page_size,
+                      kv_pages=job.kv_pages)
+  shardings = lambda mesh: jax.tree_util.tree_map(lambda x: jax.sharding.NamedSharding(
+      mesh, x.sharding.spec), params)
+  engines = []
+  for mesh in meshes:
+    replica_params = params if mesh is meshes[0] else jax.device_put(params, shardings(mesh))
+    engines.append(Engine(cfg, replica_params, ecfg, max_len, mesh,
+                          implementation=job.implementation, sparsity=sparsity))
+  for eng in engines:
+    _check_memory(eng, cfg, job)
+  pages_needed = max([-(-(len(r.prompt_ids) + r.max_new_tokens) // job.page_size) for r in todo]
+                     + [1])
+  if pages_needed > engines[0].num_pool_pages:
+    need = PagedKVCache.pool_bytes(cfg, pages_needed, job.page_size)
+    raise UserError(f"--kv_pages: the longest request needs {pages_needed} KV pages "
+                    f"({need / 2**20:.1f} MiB) but the pool holds {engines[0].num_pool_pages}; "
+                    f"raise --kv_pages to at least {pages_needed} or lower --max_new_tokens")
+
+  # Engine requests: N samples per record, sorted by prompt so sharers run together.
+  by_uid: dict[int, tuple[Request, int]] = {}
+  ereqs = []
+  for i, req in enumerate(todo):
+    for k in range(n):
+      uid = i * n + k
+      by_uid[uid] = (req, k)
+      key = np.asarray(jax.random.key_data(sample_key(job.seed, req.id, k)))
+      ereqs.append(EngineRequest(uid, req.prompt_ids, req.max_new_tokens, key, req.temperature,
+                                 req.top_k, req.top_p, req.min_p))
+  ereqs.sort(key=lambda e: (e.prompt_ids, e.uid))
+  shares = _split_by_tokens(ereqs, len(engines))
+
+  lock = threading.Lock()
+  pending_samples: dict[int, dict[int, tuple[list[int], bool]]] = {}
+  totals = {"completion_tokens": 0}
+
+  def on_result(res):
+    req, k = by_uid[res.uid]
+    i = res.uid // n
+    with lock:
+      samples = pending_samples.setdefault(i, {})
+      samples[k] = (res.tokens, res.finished_by_eos)
+      if len(samples) < n:
+        return
+      del pending_samples[i]
+      record = make_record(req, [samples[j] for j in range(n)], tokenizer)
+      totals["completion_tokens"] += sum(
+          s["completion_tokens"] for s in record.get("samples", [record]))
+      writer.write([record])
+      bar.update(1)
+      busy = sum(e.stats.busy_s for e in engines)
+      bar.set_postfix(tok_s=f"{totals['completion_tokens'] / max(busy, 1e-9):.0f}")
+
+  def should_stop(uid, tokens):
+    stop = by_uid[uid][0].stop
+    return bool(stop) and any(s in tokenizer.decode(tokens) for s in stop)
+
+  failures = []
+
+  def work(engine, share):
+    try:
+      engine.run(share, on_result, should_stop)
+    except Exception as e:  # surfaced after the other replicas finish
+      failures.append(e)
+
+  threads = [threading.Thread(target=work, args=(e, s)) for e, s in zip(engines, shares)]
+  for t in threads:
+    t.start()
+  for t in threads:
+    t.join()
+  if failures:
+    raise failures[0]
+  st = [e.stats for e in engines]
+  busy = max(s.busy_s for s in st)
+  prefill = sum(s.prefill_tokens for s in st)
+  decode = sum(s.decode_tokens for s in st)
+  mixed = max(s.mixed_busy_s for s in st)
+  pure = max(s.decode_busy_s for s in st)
+  return {
+      "busy_s": busy, "completion_tokens": totals["completion_tokens"],
+      "prefill_tokens": prefill, "prefill_saved": sum(s.prefill_tokens_saved for s in st),
+      "prefill_tps": round(prefill / mixed, 2) if mixed else 0.0,
+      "decode_tps": round(sum(s.pure_decode_tokens for s in st) / pure, 2) if pure else 0.0,
+      "occupancy": round(float(np.mean([s.mean_occupancy for s in st])), 4),
+      "peak_pages": max(s.peak_pages for s in st), "pool_pages": st[0].pool_pages,
+      "steps": sum(s.steps for s in st), "compile_s": sum(s.compile_s for s in st),
+      "compilations": sum(s.compilations for s in st), "replicas": len(engines),
+      "expected_compilations": sum(e.max_shapes for e in engines),
+  }
+
+
+def _split_by_tokens(reqs: list[EngineRequest], parts: int) -> list[list[EngineRequest]]:
+  """Contiguous shares of a sorted list with about equal prompt + output tokens each."""
+  if parts == 1:
+    return [reqs]
+  cost = np.cumsum([len(r.prompt_ids) + r.max_new_tokens for r in reqs])
+  total = cost[-1] if len(cost) else 0
+  cuts = [int(np.searchsorted(cost, total * (i + 1) / parts)) for i in range(parts - 1)]
+  bounds = [0] + cuts + [len(reqs)]
+  return [reqs[bounds[i]:bounds[i + 1]] for i in range(parts)]
+
+
+def _run_static(job, cfg, params, tokenizer, mesh, todo, writer, bar, sparsity) -> dict:
+  gen = Generator(cfg, params, mesh, implementation=job.implementation,
+                  steps_per_sync=job.steps_per_sync, sparsity=sparsity)
+  todo = sorted(todo, key=lambda r: len(r.prompt_ids))  # similar lengths pad little
+  completion = 0
+  for start in range(0, len(todo), job.batch_size):
+    batch = todo[start:start + job.batch_size]
+    rows = [RowRequest(r.prompt_ids, r.max_new_tokens, sample_key(job.seed, r.id, 0),
+                       r.temperature, r.top_k, r.top_p, r.min_p) for r in batch]
+
+    def should_stop(i: int, tokens: list[int]) -> bool:
+      stop = batch[i].stop
+      return bool(stop) and any(s in tokenizer.decode(tokens) for s in stop)
+
+    results = gen.generate(rows, should_stop)
+    records = [make_record(r, [(res.tokens, res.finished_by_eos)], tokenizer)
+               for r, res in zip(batch, results)]
+    completion += sum(rec["completion_tokens"] for rec in records)
+    writer.write(records)
+    bar.update(len(batch))
+  tm = gen.timings
+  return {
+      "busy_s": tm.prefill_s + tm.decode_s, "completion_tokens": completion,
+      "prefill_tokens": tm.prefill_tokens,
+      "prefill_tps": round(tm.prefill_tokens / tm.prefill_s, 2) if tm.prefill_s else 0.0,
+      "decode_tps": round(tm.decode_tokens / tm.decode_s, 2) if tm.decode_s else 0.0,
+      "steps": 0, "compile_s": tm.compile_s, "compilations": tm.compilations, "replicas": 1,
+      "expected_compilations": tm.compilations,
+  }

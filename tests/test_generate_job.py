@@ -24,9 +24,11 @@ def _read(path):
 def _run(tmp_path, model_dir, records, **kw):
   prompts = _write(tmp_path / "prompts.jsonl", records)
   out = tmp_path / "out.jsonl"
+  kw.setdefault("overwrite", True)
+  kw.setdefault("mesh", "data:1")  # one replica unless a test asks for more
   metrics = run(GenerateJob(prompts=str(prompts), output=str(out), model=str(model_dir),
                             progress=False, **kw))
-  return {r["id"]: r for r in _read(out)}, metrics
+  return {r["id"]: r for r in _read(out) if "error" not in r}, metrics
 
 
 BAD_LINES = [

@@ -11,6 +11,7 @@ from jaxinfer import model as M
 from jaxinfer import params as P
 from jaxinfer.attention import attention_mask, attention_reference
 from jaxinfer.config import PRESETS, ModelConfig, RopeScaling
+from jaxinfer.kv_cache import KVCache, PagedKVCache
 from jaxinfer.sparsity import parse as parse_sparsity
 
 TINY = PRESETS["tiny"]
@@ -35,7 +36,7 @@ def test_prefill_then_decode_equals_full_forward(kv_heads, window, sparsity, imp
   full = M.logits(params, M.forward(params, tokens, positions, cfg, sparsity=sp)[0])
 
   kw = dict(implementation=implementation, sparsity=sp)
-  cache = M.KVCache.init(cfg, 2, 16)
+  cache = KVCache.init(cfg, 2, 16)
   prefix = 7
   pos = jnp.broadcast_to(jnp.arange(prefix), (2, prefix))
   hidden, cache = M.forward(params, tokens[:, :prefix], pos, cfg, cache, kv_source="chunk", **kw)
@@ -81,7 +82,7 @@ def test_continued_prefill_chunks_equal_one_prefill():
   params = M.init_params(TINY, jax.random.key(0))
   tokens = jax.random.randint(jax.random.key(2), (1, 10), 0, TINY.vocab_size)
   full = _full_logits(params, TINY, tokens)
-  cache = M.KVCache.init(TINY, 1, 16)
+  cache = KVCache.init(TINY, 1, 16)
   outs = []
   for lo, hi in ((0, 4), (4, 10)):
     pos = jnp.arange(lo, hi)[None]
@@ -160,3 +161,30 @@ def test_llama3_rope_scaling_changes_only_low_frequencies():
   wavelen = 2 * np.pi / f0
   np.testing.assert_array_equal(f1[wavelen < 16], f0[wavelen < 16])  # high frequencies kept
   np.testing.assert_allclose(f1[wavelen > 64], f0[wavelen > 64] / 8, rtol=1e-6)
+
+
+@pytest.mark.parametrize("implementation", ["xla", "pallas"])
+def test_paged_cache_with_shuffled_and_shared_pages(implementation):
+  """Rows read and write through page tables; two rows share their first page by reference."""
+  cfg = dataclasses.replace(TINY, kv_heads=2)
+  params = M.init_params(cfg, jax.random.key(0))
+  ps, m, pool_pages = 4, 4, 12
+  prefix = jax.random.randint(jax.random.key(1), (4,), 0, cfg.vocab_size)
+  tails = jax.random.randint(jax.random.key(2), (2, 8), 0, cfg.vocab_size)
+  tokens = jnp.concatenate([jnp.broadcast_to(prefix, (2, 4)), tails], axis=1)  # (2, 12)
+  positions = jnp.broadcast_to(jnp.arange(12), (2, 12))
+  full = M.logits(params, M.forward(params, tokens, positions, cfg)[0])
+
+  table = jnp.array([[7, 2, 9, 0], [7, 5, 11, 3]], jnp.int32)  # page 7 is shared
+  k, v = PagedKVCache.init_pools(cfg, pool_pages, ps)
+  cache = PagedKVCache(k, v, table[:1])
+  kw = dict(kv_source="cache", implementation=implementation)
+  # row 0 computes the shared prefix page ...
+  _, cache = M.forward(params, tokens[:1, :4], positions[:1, :4], cfg, cache, **kw)
+  # ... then both rows continue from position 4 (row 1 never computes its first page)
+  cache = PagedKVCache(cache.k, cache.v, table)
+  outs = []
+  for t in range(4, 12):
+    hidden, cache = M.forward(params, tokens[:, t:t + 1], positions[:, t:t + 1], cfg, cache, **kw)
+    outs.append(M.logits(params, hidden))
+  np.testing.assert_allclose(jnp.concatenate(outs, 1), full[:, 4:], rtol=1e-5, atol=1e-5)

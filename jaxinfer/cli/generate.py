@@ -25,7 +25,26 @@ flags.DEFINE_float("min_p", 0.0, "Default min-p filter in [0, 1]; 0 disables.", 
 flags.DEFINE_multi_string("stop", [], "Default stop string (repeatable).")
 flags.DEFINE_integer("seed", 0, "Run seed; each request's sampling key derives from it and the "
                      "request id.")
-flags.DEFINE_integer("batch_size", 8, "Sequences generated together.", lower_bound=1)
+flags.DEFINE_integer("batch_size", 8, "Sequences decoded together: slots per replica (continuous) "
+                     "or sequences per padded batch (static).", lower_bound=1)
+flags.DEFINE_enum("scheduler", "continuous", ["continuous", "static"],
+                  "continuous: paged KV cache, slots refilled as sequences finish, chunked "
+                  "prefill mixed with decode, shared prompt prefixes; static: padded batches.")
+flags.DEFINE_integer("num_samples", 1, "Completions per prompt (sharing the prompt's KV).",
+                     lower_bound=1)
+flags.DEFINE_integer("chunk_size", 64, "Prompt tokens per prefill lane per step.", lower_bound=1)
+flags.DEFINE_integer("chunk_lanes", 1, "Prompts prefilled concurrently per step.", lower_bound=1)
+flags.DEFINE_integer("page_size", 16, "Tokens per KV page.", lower_bound=1)
+flags.DEFINE_integer("kv_pages", None, "KV pool size in pages per replica (default: 1.5 x slots x "
+                     "the longest request).", lower_bound=1)
+flags.DEFINE_bool("overwrite", False, "Start over instead of resuming from --output.")
+flags.DEFINE_string("coordinator_address", None, "host:port of process 0 for a multi-process run "
+                    "(jax.distributed).")
+flags.DEFINE_integer("num_processes", None, "Processes in a multi-process run.", lower_bound=1)
+flags.DEFINE_integer("process_id", None, "This process's index in a multi-process run.",
+                     lower_bound=0)
+flags.DEFINE_bool("distributed", False, "Initialise jax.distributed from the environment (TPU "
+                  "pods, SLURM) instead of the three flags above.")
 flags.DEFINE_string("metrics_output", None, "Write run metrics (JSON) here.")
 flags.DEFINE_enum("implementation", "xla", ["xla", "pallas"], "Attention: xla (reference) or "
                   "pallas (block-sparse prefill and paged decode kernels; interpreted on CPU).")
@@ -33,7 +52,8 @@ flags.DEFINE_string("sparsity", "dense", "Long-prompt attention: dense, sinks_wi
                     "block_topk:TOPK[,BLOCK] or vertical_slash:V,S[,BLOCK] (see README).")
 flags.DEFINE_integer("max_seq_len", None, "Override the model's context length (prompt + output), "
                      "e.g. for long prompts under sinks_window sparsity.", lower_bound=2)
-flags.DEFINE_integer("steps_per_sync", 32, "Decode steps per host round trip.", lower_bound=1)
+flags.DEFINE_integer("steps_per_sync", 32, "Static scheduler: decode steps per host round trip.",
+                     lower_bound=1)
 flags.DEFINE_bool("progress", True, "Show a progress bar on stderr.")
 flags.mark_flags_as_required(["prompts", "output"])
 flags.register_validator("top_p", lambda v: 0.0 < v <= 1.0, "--top_p must be in (0, 1]")
@@ -54,10 +74,14 @@ def main(argv: list[str]) -> None:
                         stop=tuple(FLAGS.stop)),
       seed=FLAGS.seed, dtype=FLAGS.dtype, mesh=FLAGS.mesh, batch_size=FLAGS.batch_size,
       metrics_output=FLAGS.metrics_output, implementation=FLAGS.implementation,
-      sparsity=FLAGS.sparsity, max_seq_len=FLAGS.max_seq_len,
+      sparsity=FLAGS.sparsity, max_seq_len=FLAGS.max_seq_len, scheduler=FLAGS.scheduler,
+      num_samples=FLAGS.num_samples, chunk_size=FLAGS.chunk_size, chunk_lanes=FLAGS.chunk_lanes,
+      page_size=FLAGS.page_size, kv_pages=FLAGS.kv_pages, overwrite=FLAGS.overwrite,
       steps_per_sync=FLAGS.steps_per_sync, cache_dir=FLAGS.cache_dir, progress=FLAGS.progress)
   try:
-    metrics = run(job)
+    metrics = run(job, coordinator_address=FLAGS.coordinator_address,
+                  num_processes=FLAGS.num_processes, process_id=FLAGS.process_id,
+                  distributed=FLAGS.distributed)
   except (UserError, FileNotFoundError) as e:
     fail(str(e))
   print(json.dumps({k: metrics[k] for k in ("num_requests", "num_failed", "tokens_per_second",

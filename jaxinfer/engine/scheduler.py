@@ -1,0 +1,249 @@
+"""Continuous batching on the host: slots, chunked prefill lanes and page tables.
+
+Steps come in a few fixed shapes (compiled once each): S decode rows, one per slot, and G lanes
+of Q prompt tokens, Q a power of two up to the chunk size (no lanes for a decode-only step). A
+slot is refilled as soon as its sequence is done. Prompts are prefilled Q tokens at a time in the
+lanes while the other slots keep decoding in the same step (SARATHI). Requests are admitted in
+the order given (the runner sorts them so that prompts sharing a prefix are adjacent), each
+reserving every page it can need, so a running sequence is never preempted.
+
+The scheduler runs one step ahead of the results: a decode row's input token is the one the
+device sampled for that slot at the previous step (kept on the device), so step t+1 is planned
+and launched before step t's tokens reach the host. A sequence that stops at EOS is therefore
+decoded once more (that token is discarded); one that reaches its length frees its slot at once.
+"""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+from typing import Callable
+
+import numpy as np
+
+from jaxinfer.engine.pages import PagePool, page_keys
+
+
+@dataclasses.dataclass
+class EngineRequest:
+  uid: int
+  prompt_ids: list[int]
+  max_new_tokens: int
+  key_data: np.ndarray  # (2,) uint32: the request's sampling key
+  temperature: float = 0.0
+  top_k: int = 0
+  top_p: float = 1.0
+  min_p: float = 0.0
+
+
+@dataclasses.dataclass
+class EngineResult:
+  uid: int
+  tokens: list[int]
+  finished_by_eos: bool
+  stopped: bool  # ended by the host (stop string)
+
+
+@dataclasses.dataclass(eq=False)
+class _Seq:
+  req: EngineRequest
+  slot: int
+  pages: list[int]
+  computed: int  # prompt tokens whose K/V are written (or scheduled to be)
+  shared: int  # leading prompt tokens taken from the prefix cache
+  to_mark: list[tuple[int, int]]  # (page index, page) we register, ready once computed
+  scheduled: int = 0  # output tokens whose sampling has been launched
+  generated: list[int] = dataclasses.field(default_factory=list)
+  released: bool = False  # slot and pages given back
+  done: bool = False  # result delivered
+
+  @property
+  def prompt_len(self) -> int:
+    return len(self.req.prompt_ids)
+
+  @property
+  def in_prefill(self) -> bool:
+    return self.computed < self.prompt_len
+
+
+@dataclasses.dataclass
+class StepPlan:
+  """Host arrays for one device step."""
+
+  tokens: np.ndarray  # (S + G*Q,) prompt tokens (decode rows take the device's last token)
+  from_device: np.ndarray  # (S + G*Q,) bool: decode rows
+  positions: np.ndarray  # (S + G*Q,); out-of-range positions are padding (writes dropped)
+  decode_table: np.ndarray  # (S, M)
+  chunk_table: np.ndarray  # (G, M); G = 0 for a decode-only step
+  sample_rows: np.ndarray  # (S,): flat row whose logits give each slot's next token
+  sample_index: np.ndarray  # (S,): index of that token in the request's output
+  sampled: np.ndarray  # (S,) bool: slots that sample this step
+  sampling: dict[str, np.ndarray]  # per slot temperature, top_k, top_p, min_p
+  key_data: np.ndarray  # (S, 2) uint32
+  samples: list[tuple[int, "_Seq", int]]  # (slot, sequence, output index) sampled this step
+  num_decode: int
+  num_prefill: int
+
+
+def lane_length(take: int, chunk: int) -> int:
+  return min(chunk, max(16, 1 << (take - 1).bit_length()))
+
+
+class Scheduler:
+
+  def __init__(self, num_slots: int, lanes: int, chunk: int, page_size: int, max_pages: int,
+               pool: PagePool, eos_ids: tuple[int, ...]):
+    self.s, self.g, self.q = num_slots, lanes, chunk
+    self.page_size, self.max_pages = page_size, max_pages
+    self.pool = pool
+    self.eos = set(eos_ids)
+    self.pending: collections.deque[EngineRequest] = collections.deque()
+    self.slots: list[_Seq | None] = [None] * num_slots
+    self.order: list[_Seq] = []  # sequences holding a slot, in admission order
+    self.out_of_range = max_pages * page_size
+    self.prefill_tokens_saved = 0
+    self.prefill_tokens_computed = 0
+
+  def pages_needed(self, req: EngineRequest) -> int:
+    return -(-(len(req.prompt_ids) + req.max_new_tokens) // self.page_size)
+
+  def add(self, req: EngineRequest) -> None:
+    need = self.pages_needed(req)
+    if need > self.max_pages or need > self.pool.num_pages:
+      raise ValueError(f"request {req.uid} needs {need} KV pages; the engine allows "
+                       f"{min(self.max_pages, self.pool.num_pages)}")
+    self.pending.append(req)
+
+  @property
+  def active(self) -> int:
+    return sum(s is not None for s in self.slots)
+
+  def idle(self) -> bool:
+    return not self.pending and self.active == 0
+
+  def _admit(self, req: EngineRequest, slot: int) -> bool:
+    ps = self.page_size
+    prompt_len = len(req.prompt_ids)
+    full = prompt_len // ps
+    keys = page_keys(req.prompt_ids, ps, full)
+    shared = []
+    for key in keys[:(prompt_len - 1) // ps]:  # the last prompt token is always computed
+      page = self.pool.lookup(key)
+      if page is None:
+        break
+      shared.append(page)
+    fresh = self.pool.alloc(self.pages_needed(req) - len(shared))
+    if fresh is None:
+      self.pool.release(shared)
+      return False
+    pages = shared + fresh
+    to_mark = []
+    for j in range(len(shared), full):
+      self.pool.register(keys[j], pages[j])
+      to_mark.append((j, pages[j]))
+    seq = _Seq(req, slot, pages, computed=len(shared) * ps, shared=len(shared) * ps,
+               to_mark=to_mark)
+    self.prefill_tokens_saved += seq.shared
+    self.slots[slot] = seq
+    self.order.append(seq)
+    return True
+
+  def _release(self, seq: _Seq) -> None:
+    if not seq.released:
+      seq.released = True
+      self.pool.release(seq.pages)
+      self.slots[seq.slot] = None
+      self.order.remove(seq)
+
+  def _shared_pages_ready(self, seq: _Seq) -> bool:
+    """A prefill may only start once every shared page it reads has been written."""
+    return all(self.pool.ready[p] for p in seq.pages[:seq.shared // self.page_size])
+
+  def plan(self) -> StepPlan | None:
+    """Admits what fits, then lays out the next step; None when nothing can run now."""
+    for slot in range(self.s):
+      if self.slots[slot] is None and self.pending:
+        if not self._admit(self.pending[0], slot):
+          break
+        self.pending.popleft()
+    s, g, m = self.s, self.g, self.max_pages
+    lanes = []
+    for seq in self.order:
+      if len(lanes) == g:
+        break
+      if seq.in_prefill and self._shared_pages_ready(seq):
+        lanes.append((seq, min(self.q, seq.prompt_len - seq.computed)))
+    q = lane_length(max(t for _, t in lanes), self.q) if lanes else 0
+    n = s + (g * q if q else 0)
+    tokens = np.zeros(n, np.int32)
+    from_device = np.zeros(n, bool)
+    positions = np.full(n, self.out_of_range, np.int32)
+    decode_table = np.zeros((s, m), np.int32)
+    chunk_table = np.zeros((g if q else 0, m), np.int32)
+    sample_rows = np.zeros(s, np.int32)
+    sample_index = np.zeros(s, np.int32)
+    sampled = np.zeros(s, bool)
+    key_data = np.zeros((s, 2), np.uint32)
+    sampling = {"temperature": np.zeros(s, np.float32), "top_k": np.zeros(s, np.int32),
+                "top_p": np.ones(s, np.float32), "min_p": np.zeros(s, np.float32)}
+    samples = []
+    num_decode = num_prefill = 0
+
+    def take_sample(seq, row):
+      sample_rows[seq.slot] = row
+      sample_index[seq.slot] = seq.scheduled
+      sampled[seq.slot] = True
+      samples.append((seq.slot, seq, seq.scheduled))
+      seq.scheduled += 1
+
+    for seq in list(self.order):
+      decode_table[seq.slot, :len(seq.pages)] = seq.pages
+      key_data[seq.slot] = seq.req.key_data
+      for f in sampling:
+        sampling[f][seq.slot] = getattr(seq.req, f)
+      if not seq.in_prefill and seq.scheduled < seq.req.max_new_tokens:
+        from_device[seq.slot] = True  # the token sampled for this slot at the previous step
+        positions[seq.slot] = seq.prompt_len + seq.scheduled - 1
+        take_sample(seq, seq.slot)
+        num_decode += 1
+    for lane, (seq, take) in enumerate(lanes):
+      base = s + lane * q
+      tokens[base:base + take] = seq.req.prompt_ids[seq.computed:seq.computed + take]
+      positions[base:base + take] = np.arange(seq.computed, seq.computed + take)
+      chunk_table[lane, :len(seq.pages)] = seq.pages
+      seq.computed += take
+      num_prefill += take
+      # Pages this chunk completes are ready for sharers: any later step runs after this one.
+      for j, page in seq.to_mark:
+        if (j + 1) * self.page_size <= seq.computed:
+          self.pool.ready[page] = True
+      seq.to_mark = [(j, p) for j, p in seq.to_mark if (j + 1) * self.page_size > seq.computed]
+      if not seq.in_prefill:  # the prompt's last token samples output token 0
+        take_sample(seq, base + take - 1)
+    self.prefill_tokens_computed += num_prefill
+    for seq in list(self.order):  # reached its length: nothing more will be written for it
+      if seq.scheduled >= seq.req.max_new_tokens:
+        self._release(seq)
+    if not samples and not num_prefill:
+      return None
+    return StepPlan(tokens, from_device, positions, decode_table, chunk_table, sample_rows,
+                    sample_index, sampled, sampling, key_data, samples, num_decode, num_prefill)
+
+  def commit(self, plan: StepPlan, tokens: np.ndarray,
+             should_stop: Callable[[int, list[int]], bool] | None = None) -> list[EngineResult]:
+    """Takes a step's sampled tokens (one per slot); returns the sequences that finished."""
+    results = []
+    for slot, seq, index in plan.samples:
+      if seq.done:  # decoded once past its EOS / stop string: discard
+        continue
+      assert index == len(seq.generated), (index, len(seq.generated))
+      tok = int(tokens[slot])
+      seq.generated.append(tok)
+      eos = tok in self.eos
+      stopped = (not eos and should_stop is not None
+                 and should_stop(seq.req.uid, seq.generated))
+      if eos or stopped or len(seq.generated) >= seq.req.max_new_tokens:
+        seq.done = True
+        self._release(seq)
+        results.append(EngineResult(seq.req.uid, seq.generated, eos, stopped))
+    return results

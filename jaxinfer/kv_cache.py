@@ -1,0 +1,196 @@
+"""KV caches: contiguous per-sequence buffers, and a page pool addressed through page tables.
+
+K kv heads, B rows (sequences, or flattened tokens in the engine), S slots, H head dim,
+P pages in the pool, ps page size, M pages per row.
+
+Both are stored heads-major. A contiguous buffer (K, B, S, H) is itself a page pool with an
+identity page table, so the paged decode kernel reads either without a copy.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import jax
+import jax.numpy as jnp
+from flax import struct
+from jax.sharding import Mesh
+
+from jaxinfer.config import ModelConfig
+from jaxinfer.sharding import DEFAULT_RULES, ShardingRules
+
+CACHE_AXES = ("kv_heads", "batch", "cache_seq", "head_dim")
+POOL_AXES = ("kv_heads", "cache_pages", "page", "head_dim")
+
+
+@struct.dataclass
+class LayerKV:
+  """One layer's keys and values; `page_table` (B, M) is None for a contiguous cache."""
+
+  k: jax.Array
+  v: jax.Array
+  page_table: Optional[jax.Array] = None
+
+  def write(self, k: jax.Array, v: jax.Array, positions: jax.Array) -> "LayerKV":
+    """Stores k, v (B,T,K,H) at `positions` (B,T); positions past the end are dropped."""
+    if self.page_table is None:
+      write = _write_contiguous
+    else:
+      write = lambda buf, new, pos: _write_paged(buf, new, pos, self.page_table)
+    return LayerKV(write(self.k, k, positions), write(self.v, v, positions), self.page_table)
+
+  def attend(self, impl, q: jax.Array, positions: jax.Array, **kw) -> jax.Array:
+    return impl.cache(q, self, positions, **kw)
+
+
+def _write_contiguous(buf: jax.Array, new: jax.Array, positions: jax.Array) -> jax.Array:
+  rows = jnp.arange(buf.shape[1])[:, None]
+  return buf.at[:, rows, positions].set(new.transpose(2, 0, 1, 3).astype(buf.dtype), mode="drop")
+
+
+def _write_paged(pool: jax.Array, new: jax.Array, positions: jax.Array,
+                 page_table: jax.Array) -> jax.Array:
+  ps, m = pool.shape[2], page_table.shape[1]
+  index = positions // ps
+  page = jnp.take_along_axis(page_table, jnp.clip(index, 0, m - 1), axis=1)
+  page = jnp.where((index >= 0) & (index < m), page, pool.shape[1])  # out of range: dropped
+  return pool.at[:, page, positions % ps].set(new.transpose(2, 0, 1, 3).astype(pool.dtype),
+                                              mode="drop")
+
+
+@struct.dataclass
+class KVCache:
+  """Per-layer buffers (K, B, S, H); slot s holds the token at position s."""
+
+  k: tuple[jax.Array, ...]
+  v: tuple[jax.Array, ...]
+
+  @property
+  def max_len(self) -> int:
+    return self.k[0].shape[2]
+
+  def layer(self, i: int) -> LayerKV:
+    return LayerKV(self.k[i], self.v[i])
+
+  def with_layers(self, layers: list[LayerKV]) -> "KVCache":
+    return KVCache(k=tuple(l.k for l in layers), v=tuple(l.v for l in layers))
+
+  @classmethod
+  def shape_of(cls, cfg: ModelConfig, batch: int, max_len: int) -> tuple[int, ...]:
+    return (cfg.kv_heads, batch, max_len, cfg.head_dim)
+
+  @classmethod
+  def init(cls, cfg: ModelConfig, batch: int, max_len: int, mesh: Mesh | None = None,
+           rules: ShardingRules = DEFAULT_RULES) -> "KVCache":
+    shape = cls.shape_of(cfg, batch, max_len)
+    sharding = None if mesh is None else rules.sharding(mesh, CACHE_AXES, shape)
+    zeros = lambda: tuple(jnp.zeros(shape, cfg.jnp_dtype, device=sharding)
+                          for _ in range(cfg.num_layers))
+    return cls(k=zeros(), v=zeros())
+
+
+@struct.dataclass
+class PagedKVCache:
+  """Per-layer page pools (K, P, ps, H) and one page table (B, M) shared by all layers: row b's
+  position p lives in page page_table[b, p // ps] at offset p % ps. Rows may share pages (a
+  common prompt prefix) by listing the same page ids."""
+
+  k: tuple[jax.Array, ...]
+  v: tuple[jax.Array, ...]
+  page_table: jax.Array
+
+  @property
+  def page_size(self) -> int:
+    return self.k[0].shape[2]
+
+  @property
+  def max_len(self) -> int:
+    return self.page_table.shape[1] * self.page_size
+
+  def layer(self, i: int) -> LayerKV:
+    return LayerKV(self.k[i], self.v[i], self.page_table)
+
+  def with_layers(self, layers: list[LayerKV]) -> "PagedKVCache":
+    return PagedKVCache(k=tuple(l.k for l in layers), v=tuple(l.v for l in layers),
+                        page_table=self.page_table)
+
+  @staticmethod
+  def pool_shape(cfg: ModelConfig, num_pages: int, page_size: int) -> tuple[int, ...]:
+    return (cfg.kv_heads, num_pages, page_size, cfg.head_dim)
+
+  @staticmethod
+  def pool_bytes(cfg: ModelConfig, num_pages: int, page_size: int) -> int:
+    """Bytes of K and V pools for every layer."""
+    return (2 * cfg.num_layers * num_pages * page_size * cfg.kv_heads * cfg.head_dim
+            * jnp.dtype(cfg.jnp_dtype).itemsize)
+
+  @staticmethod
+  def init_pools(cfg: ModelConfig, num_pages: int, page_size: int, mesh: Mesh | None = None,
+                 rules: ShardingRules = DEFAULT_RULES):
+    """(k pools, v pools), zero-filled, one (K, P, ps, H) array per layer each."""
+    shape = PagedKVCache.pool_shape(cfg, num_pages, page_size)
+    sharding = None if mesh is None else rules.sharding(mesh, POOL_AXES, shape)
+    zeros = lambda: tuple(jnp.zeros(shape, cfg.jnp_dtype, device=sharding)
+                          for _ in range(cfg.num_layers))
+    return zeros(), zeros()
+
+
+@struct.dataclass
+class MixedLayerKV:
+  """One layer of a `MixedPagedKVCache`: the step's flat rows split into their two groups."""
+
+  k: jax.Array
+  v: jax.Array
+  decode_table: jax.Array
+  chunk_table: jax.Array
+
+  def _split(self, x: jax.Array):
+    """x (1, S + G*Q, ...) -> decode rows (S, 1, ...) and chunk lanes (G, Q, ...) (None when
+    G == 0: a decode-only step)."""
+    s, g = self.decode_table.shape[0], self.chunk_table.shape[0]
+    if g == 0:
+      return x[0, :s, None], None
+    return x[0, :s, None], x[0, s:].reshape((g, -1) + x.shape[2:])
+
+  def _groups(self):
+    return (LayerKV(self.k, self.v, self.decode_table), LayerKV(self.k, self.v, self.chunk_table))
+
+  def write(self, k: jax.Array, v: jax.Array, positions: jax.Array) -> "MixedLayerKV":
+    kd, kc = self._split(k)
+    vd, vc = self._split(v)
+    pd, pc = self._split(positions)
+    dec, _ = self._groups()
+    dec = dec.write(kd, vd, pd)
+    if kc is not None:
+      dec = LayerKV(dec.k, dec.v, self.chunk_table).write(kc, vc, pc)
+    return MixedLayerKV(dec.k, dec.v, self.decode_table, self.chunk_table)
+
+  def attend(self, impl, q: jax.Array, positions: jax.Array, **kw) -> jax.Array:
+    qd, qc = self._split(q)
+    pd, pc = self._split(positions)
+    dec, chunk = self._groups()
+    out_d = impl.cache(qd, dec, pd, **kw)[:, 0]  # (S, N, H): one token per sequence
+    if qc is None:
+      return out_d[None]
+    out_c = impl.cache(qc, chunk, pc, **kw)  # (G, Q, N, H): a prompt chunk per lane
+    return jnp.concatenate([out_d, out_c.reshape((-1,) + out_c.shape[2:])])[None]
+
+
+@struct.dataclass
+class MixedPagedKVCache:
+  """The continuous-batching engine's step: one flat row of S + G*Q tokens (B=1) whose first S
+  tokens are one decode token per slot (page tables `decode_table` (S, M)) and whose rest are G
+  lanes of Q prompt tokens, each lane a chunk of one sequence (`chunk_table` (G, M)). Dense
+  layers see all tokens as one batch (SARATHI's mixed step); attention runs per group."""
+
+  k: tuple[jax.Array, ...]
+  v: tuple[jax.Array, ...]
+  decode_table: jax.Array
+  chunk_table: jax.Array
+
+  def layer(self, i: int) -> MixedLayerKV:
+    return MixedLayerKV(self.k[i], self.v[i], self.decode_table, self.chunk_table)
+
+  def with_layers(self, layers: list[MixedLayerKV]) -> "MixedPagedKVCache":
+    return MixedPagedKVCache(k=tuple(l.k for l in layers), v=tuple(l.v for l in layers),
+                             decode_table=self.decode_table, chunk_table=self.chunk_table)

@@ -1,0 +1,95 @@
+"""Durable JSONL output: whole records only, fsync'ed; resumable; one file from many processes.
+
+A single process appends straight to --output. With N processes, process i appends to
+`<output>.part-i-of-N` and process 0 merges the parts into --output at the end. On restart, the
+records already in --output and in any part file are read back (a torn last line from a crash
+is cut off) and their requests are skipped.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import threading
+from pathlib import Path
+from typing import Any, Iterable
+
+
+def part_path(output: str | os.PathLike, process: int, num_processes: int) -> Path:
+  return Path(f"{output}.part-{process}-of-{num_processes}")
+
+
+def _read_records(path: Path, repair: bool) -> list[dict[str, Any]]:
+  """Complete records of a JSONL file; with `repair`, a torn tail is truncated away."""
+  if not path.exists():
+    return []
+  data = path.read_bytes()
+  end = data.rfind(b"\n") + 1
+  if repair and end != len(data):
+    with open(path, "r+b") as f:
+      f.truncate(end)
+  records = []
+  for line in data[:end].splitlines():
+    if line.strip():
+      try:
+        records.append(json.loads(line))
+      except json.JSONDecodeError:
+        continue  # a corrupt line is treated as not written; its request runs again
+  return records
+
+
+def completed(output: str | os.PathLike, num_processes: int,
+              repair_part: int | None = None) -> list[dict[str, Any]]:
+  """Every record already written by an earlier run (the merged file and all parts)."""
+  records = _read_records(Path(output), repair=num_processes == 1)
+  if num_processes > 1:
+    for i in range(num_processes):
+      records += _read_records(part_path(output, i, num_processes), repair=i == repair_part)
+  return records
+
+
+def record_key(record: dict[str, Any]) -> tuple:
+  """Identity of an input line's record: a completion is known by its id (unique among valid
+  requests), an error by its line (a bad line may repeat or lack an id)."""
+  if "error" in record or record.get("id") is None:
+    return ("line", record.get("line"))
+  return ("id", json.dumps(record["id"]))
+
+
+class RecordWriter:
+  """Appends whole records and flushes them to disk; safe to share between threads."""
+
+  def __init__(self, path: str | os.PathLike):
+    self._f = open(path, "a", encoding="utf-8")
+    self._lock = threading.Lock()
+
+  def write(self, records: Iterable[dict[str, Any]]) -> None:
+    text = "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records)
+    if not text:
+      return
+    with self._lock:
+      self._f.write(text)
+      self._f.flush()
+      os.fsync(self._f.fileno())
+
+  def close(self) -> None:
+    self._f.close()
+
+
+def merge_parts(output: str | os.PathLike, num_processes: int) -> int:
+  """Process 0, after every process finished: one --output with each record once."""
+  seen, merged = set(), []
+  for record in completed(output, num_processes):
+    key = record_key(record)
+    if key not in seen:
+      seen.add(key)
+      merged.append(record)
+  tmp = Path(f"{output}.merge-tmp")
+  with open(tmp, "w", encoding="utf-8") as f:
+    f.write("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in merged))
+    f.flush()
+    os.fsync(f.fileno())
+  os.replace(tmp, output)
+  for i in range(num_processes):
+    part_path(output, i, num_processes).unlink(missing_ok=True)
+  return len(merged)

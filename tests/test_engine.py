@@ -1,0 +1,210 @@
+"""The continuous-batching engine: pages, prefix sharing, equality with independent generation,
+determinism, resume after SIGKILL, and a two-process run."""
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+
+from jaxinfer.engine.pages import PagePool, page_keys
+from jaxinfer.requests import Defaults
+from jaxinfer.runner import GenerateJob, UserError, run
+
+# -- the page pool --------------------------------------------------------------------------
+
+
+def test_page_pool_refcounts_prefix_cache_and_eviction():
+  pool = PagePool(4, page_size=2)
+  keys = page_keys([1, 2, 3, 4, 5], 2, 2)
+  assert keys == page_keys([1, 2, 3, 4, 9], 2, 2)  # same full pages, same keys
+  assert keys[0] != page_keys([1, 7], 2, 1)[0]
+  a = pool.alloc(3)
+  pool.register(keys[0], a[0])
+  assert pool.lookup(keys[0]) == a[0] and pool.refcount[a[0]] == 2
+  assert pool.alloc(2) is None and pool.available == 1  # all-or-nothing
+  pool.ready[a[0]] = True
+  pool.release(a)  # a[0] still referenced once
+  pool.release([a[0]])  # now unreferenced but cached: kept for reuse
+  assert pool.in_use == 0 and pool.available == 4
+  assert pool.lookup(keys[0]) == a[0]  # revived from the cache
+  pool.release([a[0]])
+  got = pool.alloc(4)  # needs every page: the cached one is evicted last
+  assert sorted(got) == [0, 1, 2, 3] and got[-1] == a[0]
+  assert pool.lookup(keys[0]) is None
+  with pytest.raises(RuntimeError, match="released more often"):
+    pool.release([got[0], got[0]])
+
+
+# -- the job, end to end on a tiny model ---------------------------------------------------
+
+SYSTEM = "You are a helpful assistant. Answer briefly and precisely. " * 2
+
+
+def _workload():
+  rng = np.random.RandomState(0)
+  records = []
+  for i in range(14):
+    rec = {"id": f"r{i}", "prompt": (SYSTEM if i % 4 else "") + f"question {i}: " + "x" * (i % 5),
+           "max_new_tokens": int(rng.randint(2, 20))}
+    if i % 5 == 1:
+      rec.update(temperature=0.9, top_k=40)
+    if i % 6 == 2:
+      rec.update(temperature=0.7, top_p=0.9, min_p=0.05)
+    if i == 3:
+      rec["stop"] = ["e"]
+    records.append(rec)
+  records.append({"id": "ids", "prompt_ids": [5, 6, 7, 8] * 9, "max_new_tokens": 9})
+  return records
+
+
+def _job(tmp_path, model_dir, records, name, **kw):
+  prompts = tmp_path / f"{name}.jsonl"
+  prompts.write_text("".join(json.dumps(r) + "\n" for r in records))
+  out = tmp_path / f"{name}.out.jsonl"
+  kw.setdefault("mesh", "data:1")  # one replica unless a test asks for more
+  metrics = run(GenerateJob(prompts=str(prompts), output=str(out), model=str(model_dir),
+                            progress=False, overwrite=True, **kw))
+  return {r["id"]: r for r in map(json.loads, out.read_text().splitlines())}, metrics
+
+
+def test_engine_equals_independent_generation(tmp_path, tiny_model_dir):
+  records = _workload()
+  ref, _ = _job(tmp_path, tiny_model_dir, records, "ref", scheduler="static", batch_size=1)
+  out, m = _job(tmp_path, tiny_model_dir, records, "engine", batch_size=4, chunk_size=16,
+                chunk_lanes=2, page_size=8)
+  assert set(out) == set(ref)
+  for rid in ref:
+    for field in ("completion_ids", "completion", "finish_reason", "prompt_tokens"):
+      assert out[rid][field] == ref[rid][field], (rid, field)
+  assert m["prefill_tokens_saved"] > 0  # the shared system prompt was computed once
+  assert m["prefill_tokens_computed"] + m["prefill_tokens_saved"] == m["prompt_tokens"]
+  assert m["recompilations"] == 0  # only the fixed step shapes were compiled
+  assert 0 < m["mean_slot_occupancy"] <= 1 and m["kv_pages_used_peak"] <= m["kv_pages_pool"]
+
+
+def test_outputs_do_not_depend_on_slots_chunks_pages_or_replicas(tmp_path, tiny_model_dir):
+  records = _workload()
+  base, _ = _job(tmp_path, tiny_model_dir, records, "a", batch_size=4, chunk_size=16)
+  variants = [dict(batch_size=1, chunk_size=8, page_size=4),
+              dict(batch_size=7, chunk_size=32, chunk_lanes=3, page_size=16, kv_pages=300),
+              dict(batch_size=3, mesh="data:2")]  # two replicas, each its own engine
+  for i, kw in enumerate(variants):
+    other, _ = _job(tmp_path, tiny_model_dir, records, f"v{i}", **kw)
+    for rid in base:
+      assert other[rid]["completion_ids"] == base[rid]["completion_ids"], (kw, rid)
+
+
+def test_num_samples_share_the_prompt(tmp_path, tiny_model_dir):
+  records = [{"id": "p", "prompt": SYSTEM + "tell me", "temperature": 1.0, "max_new_tokens": 12},
+             {"id": "g", "prompt": SYSTEM + "greedy", "max_new_tokens": 6}]
+  one, _ = _job(tmp_path, tiny_model_dir, records, "one")
+  many, m = _job(tmp_path, tiny_model_dir, records, "many", num_samples=4, page_size=8,
+                mesh="data:1")  # one replica: every sample shares the prompt pages
+  samples = many["p"]["samples"]
+  assert len(samples) == 4 and len({tuple(s["completion_ids"]) for s in samples}) > 1
+  assert samples[0]["completion_ids"] == one["p"]["completion_ids"]  # sample 0 = 1-sample run
+  assert all(s["completion_ids"] == one["g"]["completion_ids"] for s in many["g"]["samples"])
+  prompt_pages = (many["p"]["prompt_tokens"] - 1) // 8
+  assert m["prefill_tokens_saved"] >= 2 * 3 * prompt_pages * 8  # 3 sharers x 2 prompts
+
+
+def test_a_pool_too_small_names_the_flag(tmp_path, tiny_model_dir):
+  with pytest.raises(UserError, match=r"--kv_pages: the longest request needs \d+ KV pages"):
+    _job(tmp_path, tiny_model_dir, [{"id": 1, "prompt": "x" * 40, "max_new_tokens": 40}], "small",
+         kv_pages=2, page_size=4)
+
+
+def test_rerun_resumes_and_skips_completed(tmp_path, tiny_model_dir):
+  records = _workload()
+  prompts = tmp_path / "p.jsonl"
+  prompts.write_text("".join(json.dumps(r) + "\n" for r in records) + "{bad\n")
+  out = tmp_path / "o.jsonl"
+  job = GenerateJob(prompts=str(prompts), output=str(out), model=str(tiny_model_dir),
+                    progress=False, mesh="data:1")
+  run(job)
+  full = out.read_text().splitlines()
+  # simulate a crash: keep the first 5 records and a torn half line
+  out.write_text("\n".join(full[:5]) + "\n" + full[5][:17])
+  m = run(job)
+  kept_errors = sum("error" in json.loads(l) for l in full[:5])
+  assert m["num_skipped_already_done"] == 5
+  assert m["num_completed"] == len(full) - 1 - (5 - kept_errors)  # the valid ones not kept
+  again = out.read_text().splitlines()
+  assert len(again) == len(full)
+  assert sorted(map(json.loads, again), key=lambda r: r["line"]) == \
+      sorted(map(json.loads, full), key=lambda r: r["line"])
+  m = run(job)  # nothing left
+  assert m["num_completed"] == 0 and len(out.read_text().splitlines()) == len(full)
+
+
+def _free_port():
+  with socket.socket() as s:
+    s.bind(("127.0.0.1", 0))
+    return s.getsockname()[1]
+
+
+def _cli(args, **kw):
+  return subprocess.Popen([sys.executable, "-m", "jaxinfer", "generate", *args],
+                          stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, **kw)
+
+
+def test_sigkill_then_rerun_gives_every_id_once(tmp_path, tiny_model_dir):
+  records = [{"id": i, "prompt": SYSTEM + f"n{i}", "max_new_tokens": 24} for i in range(60)]
+  prompts = tmp_path / "p.jsonl"
+  prompts.write_text("".join(json.dumps(r) + "\n" for r in records))
+  ref_out, out = tmp_path / "ref.jsonl", tmp_path / "out.jsonl"
+  common = [f"--model={tiny_model_dir}", f"--prompts={prompts}", "--batch_size=2", "--mesh=data:1",
+            "--noprogress"]
+  ref = _cli(common + [f"--output={ref_out}"])
+  assert ref.wait(timeout=600) == 0, ref.stderr.read()
+  proc = _cli(common + [f"--output={out}"])
+  deadline = time.time() + 300
+  while time.time() < deadline and proc.poll() is None:
+    if out.exists() and len(out.read_bytes().splitlines()) >= 10:
+      break
+    time.sleep(0.05)
+  assert proc.poll() is None, "finished before it could be killed"
+  proc.send_signal(signal.SIGKILL)
+  proc.wait()
+  partial = out.read_bytes().splitlines()
+  assert 10 <= len(partial) < 60
+  resumed = _cli(common + [f"--output={out}"])
+  assert resumed.wait(timeout=600) == 0, resumed.stderr.read()
+  got = [json.loads(l) for l in out.read_text().splitlines()]
+  assert sorted(r["id"] for r in got) == list(range(60))  # every id exactly once
+  want = {r["id"]: r for r in map(json.loads, ref_out.read_text().splitlines())}
+  assert all(r == want[r["id"]] for r in got)
+
+
+def test_two_processes_write_one_output(tmp_path, tiny_model_dir):
+  records = _workload() + ["{not json"]
+  prompts = tmp_path / "p.jsonl"
+  prompts.write_text("".join((r if isinstance(r, str) else json.dumps(r)) + "\n"
+                             for r in records))
+  single, _ = _job(tmp_path, tiny_model_dir, _workload(), "single")
+  out = tmp_path / "two.jsonl"
+  port = _free_port()
+  env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+  procs = [_cli([f"--model={tiny_model_dir}", f"--prompts={prompts}", f"--output={out}",
+                 "--noprogress", "--cpu_devices=1", f"--coordinator_address=127.0.0.1:{port}",
+                 "--num_processes=2", f"--process_id={i}",
+                 f"--metrics_output={tmp_path / 'm.json'}"], env=env) for i in range(2)]
+  codes = [p.wait(timeout=600) for p in procs]
+  assert codes == [1, 1], [p.stderr.read() for p in procs]  # 1: the bad line failed
+  assert not list(tmp_path.glob("two.jsonl.part-*"))  # merged and cleaned up
+  got = [json.loads(l) for l in out.read_text().splitlines()]
+  assert len(got) == len(records)
+  errors = [r for r in got if "error" in r]
+  assert len(errors) == 1 and errors[0]["line"] == len(records)
+  by_id = {r["id"]: r for r in got if "error" not in r}
+  assert set(by_id) == set(single)
+  for rid, rec in single.items():
+    assert by_id[rid]["completion_ids"] == rec["completion_ids"]
+  metrics = json.loads((tmp_path / "m.json").read_text())
+  assert metrics["processes"] == 2 and metrics["records_in_output"] == len(records)
