@@ -146,6 +146,8 @@ class Timings:
   prefill_tokens: int = 0
   decode_tokens: int = 0
   compilations: int = 0
+  decode_steps: int = 0
+  row_steps: int = 0  # decode steps x batch rows: decode_tokens / row_steps is the occupancy
 
 
 class Generator:
@@ -261,4 +263,6 @@ class Generator:
       toks = [int(x) for x in tokens[i, :counts[i]]]
       results.append(RowResult(toks, bool(toks) and toks[-1] in eos))
     self.timings.decode_tokens += int(sum(max(0, c - 1) for c in counts[:n]))
+    self.timings.decode_steps += max(0, int(counts.max()) - 1)
+    self.timings.row_steps += max(0, int(counts.max()) - 1) * b
     return results

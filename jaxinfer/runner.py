@@ -53,7 +53,7 @@ class GenerateJob:
   max_seq_len: int | None = None  # overrides the model's context (e.g. long prompts + sinks)
   scheduler: str = "continuous"
   num_samples: int = 1
-  chunk_size: int = 64
+  chunk_size: int = 128
   chunk_lanes: int = 1
   page_size: int = 16
   kv_pages: int | None = None
@@ -459,6 +459,8 @@ def _run_static(job, cfg, params, tokenizer, mesh, todo, writer, bar, sparsity) 
       "prefill_tokens": tm.prefill_tokens,
       "prefill_tps": round(tm.prefill_tokens / tm.prefill_s, 2) if tm.prefill_s else 0.0,
       "decode_tps": round(tm.decode_tokens / tm.decode_s, 2) if tm.decode_s else 0.0,
-      "steps": 0, "compile_s": tm.compile_s, "compilations": tm.compilations, "replicas": 1,
+      "occupancy": round(tm.decode_tokens / tm.row_steps, 4) if tm.row_steps else 0.0,
+      "steps": tm.decode_steps, "compile_s": tm.compile_s, "compilations": tm.compilations,
+      "replicas": 1,
       "expected_compilations": tm.compilations,
   }

@@ -32,7 +32,7 @@ flags.DEFINE_enum("scheduler", "continuous", ["continuous", "static"],
                   "prefill mixed with decode, shared prompt prefixes; static: padded batches.")
 flags.DEFINE_integer("num_samples", 1, "Completions per prompt (sharing the prompt's KV).",
                      lower_bound=1)
-flags.DEFINE_integer("chunk_size", 64, "Prompt tokens per prefill lane per step.", lower_bound=1)
+flags.DEFINE_integer("chunk_size", 128, "Prompt tokens per prefill lane per step.", lower_bound=1)
 flags.DEFINE_integer("chunk_lanes", 1, "Prompts prefilled concurrently per step.", lower_bound=1)
 flags.DEFINE_integer("page_size", 16, "Tokens per KV page.", lower_bound=1)
 flags.DEFINE_integer("kv_pages", None, "KV pool size in pages per replica (default: 1.5 x slots x "

@@ -57,7 +57,7 @@ def main(argv: list[str]) -> None:
   job = GenerateJob(prompts=str(prompts_path()), output=str(out_dir / "completions.jsonl"),
                     model=str(model_dir), defaults=Defaults(max_new_tokens=FLAGS.max_new_tokens),
                     batch_size=FLAGS.batch_size, metrics_output=str(out_dir / "metrics.json"),
-                    progress=False)
+                    progress=False, overwrite=True)
   try:
     m = run(job)
   except UserError as e:
@@ -66,6 +66,10 @@ def main(argv: list[str]) -> None:
         f"{m['tokens_per_second']:.0f} tok/s overall, prefill {m['prefill_tokens_per_second']:.0f} "
         f"tok/s, decode {m['decode_tokens_per_second']:.0f} tok/s on {m['backend']} "
         f"(compile {m['compile_seconds']:.1f}s)")
+  print(f"   prefix sharing saved {m['prefill_tokens_saved']} of "
+        f"{m['prefill_tokens_saved'] + m['prefill_tokens_computed']} prompt tokens; mean slot "
+        f"occupancy {m['mean_slot_occupancy']:.2f}; peak KV pages {m['kv_pages_used_peak']} of "
+        f"{m['kv_pages_pool']}")
   records = [json.loads(l) for l in (out_dir / "completions.jsonl").read_text().splitlines()]
   prompts = {json.loads(l)["id"]: json.loads(l)["prompt"]
              for l in prompts_path().read_text().splitlines()}

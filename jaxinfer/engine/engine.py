@@ -30,7 +30,7 @@ from jaxinfer.sparsity import DENSE, Sparsity
 @dataclasses.dataclass(frozen=True)
 class EngineConfig:
   num_slots: int = 16
-  chunk_size: int = 64  # Q: prompt tokens per lane per step
+  chunk_size: int = 128  # Q: prompt tokens per lane per step
   chunk_lanes: int = 1  # G
   page_size: int = 16
   kv_pages: int | None = None  # P; None: every slot's longest request, plus 50% for prefixes
