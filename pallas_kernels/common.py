@@ -21,3 +21,12 @@ def compiler_params(num_warps: int = 4, num_stages: int = 2):
     return None
   from jax.experimental.pallas import triton as plgpu
   return plgpu.CompilerParams(num_warps=num_warps, num_stages=num_stages)
+
+
+def merge_splits(o: jax.Array, lse: jax.Array, axis: int) -> jax.Array:
+  """Combines split-K partial results o (..., C, rows, H) by their log-sum-exps lse
+  (..., C, rows) along the split axis; a split that saw no key (lse = -inf) weighs 0."""
+  total = jax.nn.logsumexp(lse, axis=axis, keepdims=True)
+  weights = jnp.where(jnp.isfinite(lse), jnp.exp(lse - jnp.where(jnp.isfinite(total), total, 0.0)),
+                      0.0)
+  return jnp.sum(weights[..., None] * o, axis=axis)

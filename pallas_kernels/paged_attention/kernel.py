@@ -18,7 +18,7 @@ import jax.numpy as jnp
 from jax import lax
 from jax.experimental import pallas as pl
 
-from pallas_kernels.common import MASK_VALUE, compiler_params, resolve_interpret
+from pallas_kernels.common import MASK_VALUE, compiler_params, merge_splits, resolve_interpret
 
 _TRANS_B = (((1,), (1,)), ((), ()))
 
@@ -121,9 +121,5 @@ def paged_attention(q: jax.Array, k_pages: jax.Array, v_pages: jax.Array, length
       interpret=resolve_interpret(interpret), compiler_params=compiler_params(),
       name="paged_decode_attention",
   )(lengths.astype(jnp.int32)[:, None], page_table.astype(jnp.int32), qg, k_pages, v_pages)
-  # Merge the splits by their log-sum-exps; a split with no pages has lse = -inf, weight 0.
-  total = jax.nn.logsumexp(lse, axis=2, keepdims=True)
-  weights = jnp.where(jnp.isfinite(lse), jnp.exp(lse - jnp.where(jnp.isfinite(total), total, 0.0)),
-                      0.0)
-  out = jnp.sum(weights[..., None] * o, axis=2)[:, :, :g]
+  out = merge_splits(o, lse, axis=2)[:, :, :g]
   return out.reshape(b, n, h).astype(q.dtype)

@@ -1,0 +1,133 @@
+"""Tree-verification attention over a paged KV cache, as a Pallas kernel.
+
+B sequences, T tree tokens per sequence (a chain is a tree), N q heads, K kv heads, G = N // K,
+H head dim, P pages of ps positions, M pages per sequence, W mask words, C splits.
+
+Each sequence's committed prefix occupies positions [0, L) of its pages and its draft tree's K/V
+have been written at positions [L, L + T) (node j at L + j). Tree token t sees the whole prefix
+and, among the tree positions, only itself and its ancestors (bit j of its packed mask). One
+program per (sequence, kv head, split): the T tree tokens times the G query heads sharing the kv
+head are the rows of one (T*G, H) x (H, ps) matmul per page, so each page is read once for the
+whole tree; splits walk disjoint page ranges (FlashDecoding) and are merged by log-sum-exp.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+from jax.experimental import pallas as pl
+
+from pallas_kernels.common import MASK_VALUE, compiler_params, merge_splits, resolve_interpret
+from pallas_kernels.paged_attention.kernel import default_num_splits
+
+_TRANS_B = (((1,), (1,)), ((), ()))
+
+
+def _kernel(len_ref, pt_ref, mask_ref, q_ref, k_ref, v_ref, o_ref, lse_ref, *, scale, page_size,
+            pages_per_split, tree_size):
+  q = q_ref[...]
+  rows, h = q.shape
+  words = mask_ref[...]  # (rows, W) int32
+  prefix = len_ref[0]
+  end = prefix + tree_size
+  num_pages = jnp.minimum((end + page_size - 1) // page_size, pt_ref.shape[0])
+  first = pl.program_id(2) * pages_per_split
+  last = jnp.minimum(first + pages_per_split, num_pages)
+
+  def body(j, carry):
+    o, m, l = carry
+    page = pt_ref[j]
+    k = k_ref[page]  # (ps, H)
+    v = v_ref[page]
+    logits = lax.dot_general(q, k, _TRANS_B, preferred_element_type=jnp.float32) * scale
+    pos = (j * page_size + jnp.arange(page_size))[None, :]
+    rel = pos - prefix
+    in_tree = (rel >= 0) & (rel < tree_size)
+    relc = jnp.clip(rel, 0, tree_size - 1)
+    bit = jnp.zeros((rows, page_size), jnp.int32)
+    for w in range(words.shape[1]):  # the word holding each column's bit
+      shifted = words[:, w:w + 1] >> (relc & 31)  # (rows, ps); bit 31 is read after & 1
+      bit = jnp.where((relc >> 5) == w, shifted & 1, bit)
+    visible = (pos < prefix) | (in_tree & (bit == 1))
+    logits = jnp.where(visible, logits, MASK_VALUE)
+    m_new = jnp.maximum(m, logits.max(axis=-1))
+    p = jnp.where(visible, jnp.exp(logits - m_new[:, None]), 0.0)
+    corr = jnp.exp(m - m_new)
+    l = corr * l + p.sum(axis=-1)
+    o = corr[:, None] * o + jnp.dot(p.astype(v.dtype), v, preferred_element_type=jnp.float32)
+    return o, m_new, l
+
+  init = (jnp.zeros((rows, h), jnp.float32), jnp.full((rows,), MASK_VALUE, jnp.float32),
+          jnp.zeros((rows,), jnp.float32))
+  o, m, l = lax.fori_loop(first, jnp.maximum(first, last), body, init)
+  seen = l > 0
+  o_ref[...] = jnp.where(seen[:, None], o / jnp.where(seen, l, 1.0)[:, None], 0.0)
+  lse_ref[...] = jnp.where(seen, m + jnp.log(jnp.where(seen, l, 1.0)), -jnp.inf)
+
+
+def _check(q, k_pages, v_pages, prefix_len, page_table, tree_mask):
+  if q.ndim != 4 or k_pages.ndim != 4 or v_pages.shape != k_pages.shape:
+    raise ValueError(f"tree_attention: expected q (B,T,N,H) and pages (K,P,ps,H), got {q.shape}, "
+                     f"{k_pages.shape}, {v_pages.shape}")
+  b, t, n, h = q.shape
+  if k_pages.shape[3] != h or n % k_pages.shape[0]:
+    raise ValueError(f"tree_attention: q {q.shape} does not fit pages {k_pages.shape}")
+  if prefix_len.shape != (b,) or page_table.ndim != 2 or page_table.shape[0] != b:
+    raise ValueError(f"tree_attention: prefix_len {prefix_len.shape} / page_table "
+                     f"{page_table.shape} do not match batch {b}")
+  if tree_mask.shape != (b, t, -(-t // 32)):
+    raise ValueError(f"tree_attention: tree_mask must be (B, T, ceil(T/32)) = "
+                     f"{(b, t, -(-t // 32))}, got {tree_mask.shape}")
+
+
+@functools.partial(jax.jit, static_argnames=("num_splits", "scale", "interpret", "min_rows"))
+def tree_attention(q: jax.Array, k_pages: jax.Array, v_pages: jax.Array, prefix_len: jax.Array,
+                   page_table: jax.Array, tree_mask: jax.Array, *, num_splits: int | None = None,
+                   scale: float | None = None, interpret: bool | None = None,
+                   min_rows: int | None = None) -> jax.Array:
+  """q (B,T,N,H): the tree tokens; their keys at positions prefix_len[b] + j (node j) in the
+  pages, position p living in page page_table[b, p // ps] at offset p % ps; tree_mask (B,T,W)
+  packed ancestor bits (pack_ancestors). Returns (B,T,N,H)."""
+  _check(q, k_pages, v_pages, prefix_len, page_table, tree_mask)
+  b, t, n, h = q.shape
+  kv_heads, _, page_size, _ = k_pages.shape
+  g = n // kv_heads
+  max_pages = page_table.shape[1]
+  splits = num_splits or default_num_splits(b, kv_heads, max_pages)
+  per_split = -(-max_pages // splits)
+  scale = h**-0.5 if scale is None else scale
+  if min_rows is None:
+    min_rows = 16 if jax.default_backend() == "gpu" else 1  # Triton's smallest matmul
+  rows = max(t * g, min_rows)
+  words = tree_mask.shape[2]
+  # Row r = t * G + g: tree token t, query head g of the group.
+  qg = q.reshape(b, t, kv_heads, g, h).transpose(0, 2, 1, 3, 4).reshape(b, kv_heads, t * g, h)
+  mask = jnp.repeat(tree_mask.astype(jnp.int32), g, axis=1)  # (B, T*G, W)
+  if rows > t * g:
+    qg = jnp.pad(qg, ((0, 0), (0, 0), (0, rows - t * g), (0, 0)))
+    mask = jnp.pad(mask, ((0, 0), (0, rows - t * g), (0, 0)))
+  kernel = functools.partial(_kernel, scale=scale, page_size=page_size,
+                             pages_per_split=per_split, tree_size=t)
+  pool = pl.BlockSpec((None,) + k_pages.shape[1:], lambda bi, ki, si: (ki, 0, 0, 0))
+  o, lse = pl.pallas_call(
+      kernel,
+      grid=(b, kv_heads, splits),
+      in_specs=[pl.BlockSpec((None, 1), lambda bi, ki, si: (bi, 0)),
+                pl.BlockSpec((None, max_pages), lambda bi, ki, si: (bi, 0)),
+                pl.BlockSpec((None, rows, words), lambda bi, ki, si: (bi, 0, 0)),
+                pl.BlockSpec((None, None, rows, h), lambda bi, ki, si: (bi, ki, 0, 0)),
+                pool, pool],
+      out_specs=[pl.BlockSpec((None, None, None, rows, h), lambda bi, ki, si: (bi, ki, si, 0, 0)),
+                 pl.BlockSpec((None, None, None, rows), lambda bi, ki, si: (bi, ki, si, 0))],
+      out_shape=[jax.ShapeDtypeStruct((b, kv_heads, splits, rows, h), jnp.float32),
+                 jax.ShapeDtypeStruct((b, kv_heads, splits, rows), jnp.float32)],
+      interpret=resolve_interpret(interpret), compiler_params=compiler_params(),
+      name="tree_verify_attention",
+  )(prefix_len.astype(jnp.int32)[:, None], page_table.astype(jnp.int32), mask, qg, k_pages,
+    v_pages)
+  out = merge_splits(o, lse, axis=2)[:, :, :t * g]  # (B, K, T*G, H)
+  out = out.reshape(b, kv_heads, t, g, h).transpose(0, 2, 1, 3, 4)
+  return out.reshape(b, t, n, h).astype(q.dtype)

@@ -1,0 +1,74 @@
+"""tree_attention's specification in plain jnp (same signature), and the tree masks it takes.
+
+B sequences, T tree tokens each, N q heads, K kv heads, H head dim, W = ceil(T / 32) mask words.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+from pallas_kernels.paged_attention.reference import gather_pages
+
+
+def ancestor_matrix(parents: jax.Array) -> jax.Array:
+  """parents (..., T) (-1 for a root) -> (..., T, T) bool: [t, j] iff j is t or an ancestor.
+  Works inside jit; a node's parent need not have a smaller index."""
+  t = parents.shape[-1]
+  eye = jnp.eye(t, dtype=bool)
+  onehot_parent = jax.nn.one_hot(parents, t, dtype=jnp.int32)  # (..., T, T); a root's row is 0
+  anc = eye | onehot_parent.astype(bool)
+  for _ in range(max(1, (t - 1).bit_length())):  # pointer doubling: paths of length 2^k
+    anc = anc | (jnp.einsum("...tj,...jk->...tk", anc.astype(jnp.int32),
+                            anc.astype(jnp.int32)) > 0)
+  return anc
+
+
+def pack_ancestors(parents: jax.Array) -> jax.Array:
+  """parents (..., T) -> (..., T, W) int32: bit j % 32 of word j // 32 of row t is set iff node
+  j is t itself or one of its ancestors (the packed tree mask the kernel reads)."""
+  anc = ancestor_matrix(parents)
+  t = parents.shape[-1]
+  w = -(-t // 32)
+  anc = jnp.pad(anc, [(0, 0)] * (anc.ndim - 1) + [(0, 32 * w - t)])
+  bits = anc.reshape(anc.shape[:-1] + (w, 32)).astype(jnp.uint32) << jnp.arange(32, dtype=jnp.uint32)
+  return jax.lax.bitcast_convert_type(bits.sum(-1, dtype=jnp.uint32), jnp.int32)
+
+
+def unpack_ancestors(words: jax.Array, t: int) -> jax.Array:
+  """The inverse of pack_ancestors: (..., T, W) int32 -> (..., T, T) bool."""
+  u = jax.lax.bitcast_convert_type(words, jnp.uint32)
+  bits = (u[..., None] >> jnp.arange(32, dtype=jnp.uint32)) & 1
+  return bits.reshape(words.shape[:-1] + (-1,))[..., :t].astype(bool)
+
+
+def tree_visibility(prefix_len: jax.Array, tree_mask: jax.Array, num_keys: int) -> jax.Array:
+  """(B, T, S) bool: tree token t sees cache position s iff s < prefix_len, or s holds a tree
+  token (prefix_len <= s < prefix_len + T) that is t or an ancestor of t."""
+  t = tree_mask.shape[1]
+  anc = unpack_ancestors(tree_mask, t)  # (B,T,T)
+  pos = jnp.arange(num_keys)[None, :]
+  rel = pos - prefix_len[:, None]  # (B,S)
+  in_tree = (rel >= 0) & (rel < t)
+  tree_bit = jnp.take_along_axis(anc, jnp.clip(rel, 0, t - 1)[:, None, :].repeat(t, 1), axis=2)
+  return (pos < prefix_len[:, None])[:, None, :] | (in_tree[:, None, :] & tree_bit)
+
+
+def tree_attention_reference(q: jax.Array, k_pages: jax.Array, v_pages: jax.Array,
+                             prefix_len: jax.Array, page_table: jax.Array, tree_mask: jax.Array,
+                             *, num_splits: int | None = None, scale: float | None = None,
+                             interpret: bool | None = None,
+                             min_rows: int | None = None) -> jax.Array:
+  del num_splits, interpret, min_rows
+  b, t, n, h = q.shape
+  kv_heads = k_pages.shape[0]
+  scale = h**-0.5 if scale is None else scale
+  k, v = gather_pages(k_pages, page_table), gather_pages(v_pages, page_table)  # (B,K,S,H)
+  qg = q.reshape(b, t, kv_heads, n // kv_heads, h)
+  logits = jnp.einsum("btkgh,bksh->bkgts", qg, k, preferred_element_type=jnp.float32) * scale
+  visible = tree_visibility(prefix_len, tree_mask, k.shape[2])  # (B,T,S)
+  logits = jnp.where(visible[:, None, None], logits, -jnp.inf)
+  probs = jax.nn.softmax(logits, axis=-1)  # a tree token always sees itself
+  out = jnp.einsum("bkgts,bksh->btkgh", probs.astype(v.dtype), v,
+                   preferred_element_type=jnp.float32)
+  return out.reshape(b, t, n, h).astype(q.dtype)
