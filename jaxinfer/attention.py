@@ -218,15 +218,41 @@ def _pallas_cache(q, kv, positions, *, window, sinks, mesh, rules):
                 (q, kv.k, kv.v, positions))
 
 
+def _tree_check(window, sinks):
+  if window is not None or sinks:
+    raise NotImplementedError("tree verification with a sliding window or sinks is not "
+                              "supported yet")
+
+
+def _xla_tree(q, kv, positions, *, window, sinks, mesh, rules):
+  del positions, mesh, rules
+  _tree_check(window, sinks)
+  from pallas_kernels.tree_attention import tree_attention_reference
+  return tree_attention_reference(q, kv.k, kv.v, kv.prefix_len, kv.page_table, kv.tree_mask)
+
+
+def _pallas_tree(q, kv, positions, *, window, sinks, mesh, rules):
+  _tree_check(window, sinks)
+  if not _heads_split_evenly(q.shape[2], kv.k.shape[0], mesh, rules):
+    return _xla_tree(q, kv, positions, window=window, sinks=sinks, mesh=mesh, rules=rules)
+  from pallas_kernels.tree_attention import tree_attention
+  qa = ("batch", "seq", "act_heads", "head_dim")
+  pa = ("act_kv_heads", None, None, "head_dim")
+  return _shard(tree_attention, mesh, rules,
+                (qa, pa, pa, ("batch",), ("batch", None), ("batch", None, None)), qa,
+                (q, kv.k, kv.v, kv.prefix_len, kv.page_table, kv.tree_mask))
+
+
 @dataclasses.dataclass(frozen=True)
 class AttentionImpl:
-  chunk: Callable[..., jax.Array]
-  cache: Callable[..., jax.Array]
+  chunk: Callable[..., jax.Array]  # a chunk attending to itself
+  cache: Callable[..., jax.Array]  # queries over a (paged) KV cache
+  tree: Callable[..., jax.Array]  # draft-tree tokens over a paged prefix plus their ancestors
 
 
 IMPLEMENTATIONS: dict[str, AttentionImpl] = {
-    "xla": AttentionImpl(_xla_chunk, _xla_cache),
-    "pallas": AttentionImpl(_pallas_chunk, _pallas_cache),
+    "xla": AttentionImpl(_xla_chunk, _xla_cache, _xla_tree),
+    "pallas": AttentionImpl(_pallas_chunk, _pallas_cache, _pallas_tree),
 }
 
 

@@ -194,3 +194,73 @@ class MixedPagedKVCache:
   def with_layers(self, layers: list[MixedLayerKV]) -> "MixedPagedKVCache":
     return MixedPagedKVCache(k=tuple(l.k for l in layers), v=tuple(l.v for l in layers),
                              decode_table=self.decode_table, chunk_table=self.chunk_table)
+
+
+@struct.dataclass
+class TreeLayerKV:
+  """One layer of a `TreeKVCache`: writes the T tree tokens at slots prefix_len + node index
+  (whatever their RoPE positions), and attends through the tree-verification kernel."""
+
+  k: jax.Array
+  v: jax.Array
+  page_table: jax.Array
+  prefix_len: jax.Array
+  tree_mask: jax.Array
+
+  def slots(self, t: int) -> jax.Array:
+    return self.prefix_len[:, None] + jnp.arange(t, dtype=self.prefix_len.dtype)[None, :]
+
+  def write(self, k: jax.Array, v: jax.Array, positions: jax.Array) -> "TreeLayerKV":
+    del positions  # RoPE positions (prefix + depth); storage is by node index
+    slots = self.slots(k.shape[1])
+    return self.replace(k=_write_paged(self.k, k, slots, self.page_table),
+                        v=_write_paged(self.v, v, slots, self.page_table))
+
+  def attend(self, impl, q: jax.Array, positions: jax.Array, **kw) -> jax.Array:
+    return impl.tree(q, self, positions, **kw)
+
+
+@struct.dataclass
+class TreeKVCache:
+  """Verification of draft trees over a paged cache: each row's committed prefix is positions
+  [0, prefix_len) of its pages; its T tree tokens are written at [prefix_len, prefix_len + T)
+  and see the prefix plus their ancestors (`tree_mask`, packed ancestor bits (B, T, W)).
+  `commit_path` then moves the accepted path's K/V to consecutive positions."""
+
+  k: tuple[jax.Array, ...]
+  v: tuple[jax.Array, ...]
+  page_table: jax.Array
+  prefix_len: jax.Array
+  tree_mask: jax.Array
+
+  def layer(self, i: int) -> TreeLayerKV:
+    return TreeLayerKV(self.k[i], self.v[i], self.page_table, self.prefix_len, self.tree_mask)
+
+  def with_layers(self, layers: list[TreeLayerKV]) -> "TreeKVCache":
+    return self.replace(k=tuple(l.k for l in layers), v=tuple(l.v for l in layers))
+
+
+def commit_path(pools: tuple[jax.Array, ...], page_table: jax.Array, prefix_len: jax.Array,
+                path: jax.Array, num_accepted: jax.Array) -> tuple[jax.Array, ...]:
+  """Moves the K/V of accepted tree nodes path[:, d] (stored at prefix_len + path[:, d]) to
+  prefix_len + d, for 1 <= d <= num_accepted; everything else in the tree region is left as
+  garbage past the new length. pools: per-layer (K, P, ps, H) arrays."""
+  b, t = path.shape
+  ps, m = pools[0].shape[2], page_table.shape[1]
+  depth = jnp.arange(t)[None, :]
+  src = prefix_len[:, None] + path
+  dst = jnp.where((depth >= 1) & (depth <= num_accepted[:, None]), prefix_len[:, None] + depth,
+                  m * ps)  # out of range: dropped
+
+  def locate(pos):
+    index = jnp.clip(pos // ps, 0, m - 1)
+    page = jnp.take_along_axis(page_table, index, axis=1)
+    return jnp.where(pos < m * ps, page, pools[0].shape[1]), pos % ps
+
+  src_page, src_off = locate(src)
+  dst_page, dst_off = locate(dst)
+  out = []
+  for pool in pools:
+    moved = pool.at[:, jnp.clip(src_page, 0, pool.shape[1] - 1), src_off].get()  # (K,B,T,H)
+    out.append(pool.at[:, dst_page, dst_off].set(moved, mode="drop"))
+  return tuple(out)

@@ -1,0 +1,197 @@
+"""Draft proposers: given each row's committed tokens, a draft tree of T nodes per row.
+
+Every proposer is a pure function of (its parameters, its state, the decode state), jitted inside
+the speculative step; its drafts are either deterministic (q = None: exact verification treats
+them as distinct top-k drafts) or sampled from a draft distribution q it returns.
+
+- `NGram` (prompt lookup): the continuation of the latest earlier occurrence of the last n
+  tokens (n from `max_ngram` down to 1) in prompt + output; a chain.
+- `DraftModel`: a separate small model with its own KV cache drafts a chain autoregressively
+  (sampled from its filtered distribution for sampling rows, greedily for greedy rows). The same
+  class is SWIFT-style self-speculation when the draft is the target with layers skipped
+  (`layer_skip_draft`).
+- `Recycling` (Token Recycling): an adjacency matrix (V, k) of each token's most likely
+  successors, refreshed from every verification's logits; the draft tree is a breadth-first
+  expansion of it with a static branching per depth.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import struct
+
+from jaxinfer import model as M
+from jaxinfer.config import ModelConfig
+from jaxinfer.kv_cache import KVCache
+from jaxinfer.sampling import SamplingParams, target_probs
+
+
+@struct.dataclass
+class Context:
+  """What a proposer sees of the decode state (device arrays)."""
+
+  history: jax.Array  # (B, S) every committed token by position, the root at `length`
+  length: jax.Array  # (B,) position of the root (the last committed, not yet cached, token)
+  sampling: SamplingParams
+  keys: jax.Array  # (B,) this step's draft keys
+
+
+@struct.dataclass
+class Draft:
+  tokens: jax.Array  # (B, T); tokens[:, 0] is the root
+  parents: jax.Array  # (T,) or (B, T)
+  q: jax.Array | None  # (B, T, V): the distribution node t's children were drawn from
+
+
+def chain_parents(t: int) -> np.ndarray:
+  return np.arange(-1, t - 1, dtype=np.int32)
+
+
+def tree_parents(branching: tuple[int, ...]) -> np.ndarray:
+  """Breadth-first parents of the tree whose nodes at depth d each have branching[d] children."""
+  parents, level = [-1], [0]
+  for k in branching:
+    nxt = []
+    for node in level:
+      for _ in range(k):
+        parents.append(node)
+        nxt.append(len(parents) - 1)
+    level = nxt
+  return np.asarray(parents, np.int32)
+
+
+def _root_only(ctx: Context) -> jax.Array:
+  return jnp.take_along_axis(ctx.history, ctx.length[:, None], axis=1)[:, 0]
+
+
+@dataclasses.dataclass(frozen=True)
+class NGram:
+  num_draft_tokens: int = 4
+  max_ngram: int = 3
+  name: str = "ngram"
+
+  @property
+  def tree_size(self) -> int:
+    return self.num_draft_tokens + 1
+
+  def init(self, batch: int, max_len: int, history, prompt_len, sampling) -> Any:
+    return ()
+
+  def propose(self, state, ctx: Context):
+    hist, length = ctx.history, ctx.length
+    b, s = hist.shape
+    pos = jnp.arange(s)[None, :]
+    best = jnp.full((b,), -1, jnp.int32)
+    for n in range(self.max_ngram, 0, -1):  # longest match wins
+      match = (pos >= n - 1) & (pos < length[:, None])  # an occurrence ending before the root
+      for i in range(n):
+        last = jnp.take_along_axis(hist, jnp.maximum(length - i, 0)[:, None], axis=1)
+        shifted = jnp.roll(hist, i, axis=1)  # shifted[:, j] = hist[:, j - i]
+        match &= shifted == last
+      latest = jnp.max(jnp.where(match, pos, -1), axis=1)
+      best = jnp.where((best < 0) & (latest >= 0) & (length >= n - 1), latest, best)
+    start = jnp.where(best >= 0, best + 1, length)  # no match: propose the root repeated
+    idx = start[:, None] + jnp.arange(self.num_draft_tokens)[None, :]
+    idx = jnp.minimum(idx, length[:, None])  # only known tokens
+    drafts = jnp.take_along_axis(hist, idx, axis=1)
+    tokens = jnp.concatenate([_root_only(ctx)[:, None], drafts], axis=1)
+    return state, Draft(tokens, jnp.asarray(chain_parents(self.tree_size)), None)
+
+  def update(self, state, tokens, logits, ctx: Context, new_length):
+    return state
+
+
+@dataclasses.dataclass(frozen=True)
+class Recycling:
+  branching: tuple[int, ...] = (4, 2, 1, 1)
+  name: str = "recycling"
+
+  @property
+  def tree_size(self) -> int:
+    return len(tree_parents(self.branching))
+
+  def init(self, batch, max_len, history, prompt_len, sampling):
+    return None  # the adjacency matrix is created lazily with the vocabulary size
+
+  def propose(self, adj, ctx: Context):
+    parents = tree_parents(self.branching)
+    b = ctx.history.shape[0]
+    tokens = [_root_only(ctx)]
+    rank = np.zeros(len(parents), np.int32)  # which successor of its parent each node takes
+    for j in range(1, len(parents)):
+      rank[j] = sum(1 for i in range(1, j) if parents[i] == parents[j])
+    for j in range(1, len(parents)):
+      tokens.append(adj[tokens[parents[j]], rank[j]])
+    del b
+    return adj, Draft(jnp.stack(tokens, 1), jnp.asarray(parents), None)
+
+  def update(self, adj, tokens, logits, ctx, new_length):
+    k = max(self.branching)
+    top = jax.lax.top_k(logits, k)[1].astype(jnp.int32)  # (B, T, k)
+    return adj.at[tokens.reshape(-1)].set(top.reshape(-1, k))
+
+  def init_adjacency(self, vocab_size: int) -> jax.Array:
+    k = max(self.branching)
+    return jnp.broadcast_to(jnp.arange(k, dtype=jnp.int32)[None], (vocab_size, k))
+
+
+@dataclasses.dataclass(frozen=True)
+class DraftModel:
+  """A chain of `num_draft_tokens` from a small model sharing the target's vocabulary."""
+
+  cfg: ModelConfig
+  num_draft_tokens: int = 4
+  name: str = "draft"
+
+  @property
+  def tree_size(self) -> int:
+    return self.num_draft_tokens + 1
+
+  def prefill(self, params, history, prompt_len, max_len):
+    """The draft's own cache over the prompts (positions past a row's prompt are dropped)."""
+    b, t = history.shape[0], int(max_len)
+    cache = KVCache.init(self.cfg, b, t)
+    width = history.shape[1]
+    pos = jnp.arange(width)[None, :]
+    positions = jnp.where(pos < prompt_len[:, None] - 1, pos, t)  # the root is fed later
+    _, cache = M.forward(params, history, positions, self.cfg, cache)
+    return cache
+
+  def propose(self, params, cache: KVCache, ctx: Context):
+    g = self.num_draft_tokens
+    length = ctx.length
+    # Catch up: re-feed the token before the root (its K/V may be missing when every draft was
+    # accepted last step) and the root itself; then draft g tokens one at a time.
+    prev = jnp.take_along_axis(ctx.history, jnp.maximum(length - 1, 0)[:, None], axis=1)
+    root = _root_only(ctx)
+    tokens = jnp.concatenate([prev, root[:, None]], 1)
+    positions = jnp.stack([jnp.where(length > 0, length - 1, cache.max_len), length], 1)
+    drafted, qs = [root], []
+    for i in range(g):
+      hidden, cache = M.forward(params, tokens, positions, self.cfg, cache, kv_source="cache")
+      logits = M.logits(params, hidden[:, -1])
+      q = target_probs(logits, ctx.sampling)
+      key = jax.vmap(lambda k: jax.random.fold_in(k, i))(ctx.keys)
+      sampled = jax.vmap(jax.random.categorical)(key, jnp.log(q))
+      tok = jnp.where(ctx.sampling.temperature > 0, sampled, jnp.argmax(q, -1)).astype(jnp.int32)
+      drafted.append(tok)
+      qs.append(q)
+      tokens, positions = tok[:, None], (length + i + 1)[:, None]
+    qs.append(qs[-1])  # the last node has no children
+    return cache, Draft(jnp.stack(drafted, 1), jnp.asarray(chain_parents(g + 1)),
+                        jnp.stack(qs, 1))
+
+
+def layer_skip_draft(cfg: ModelConfig, params: M.Transformer,
+                     keep: tuple[int, ...]) -> tuple[ModelConfig, M.Transformer]:
+  """SWIFT-style self-speculation: the target itself with only the layers in `keep`."""
+  if not keep or any(not 0 <= i < cfg.num_layers for i in keep) or len(set(keep)) != len(keep):
+    raise ValueError(f"layer skip: layers to keep must be distinct indices in "
+                     f"[0, {cfg.num_layers}), got {keep}")
+  return (dataclasses.replace(cfg, num_layers=len(keep)),
+          params.replace(layers=tuple(params.layers[i] for i in sorted(keep))))
