@@ -227,8 +227,20 @@ def _tree_check(window, sinks):
 def _xla_tree(q, kv, positions, *, window, sinks, mesh, rules):
   del positions, mesh, rules
   _tree_check(window, sinks)
-  from pallas_kernels.tree_attention import tree_attention_reference
-  return tree_attention_reference(q, kv.k, kv.v, kv.prefix_len, kv.page_table, kv.tree_mask)
+  from pallas_kernels.tree_attention import tree_attention_reference, tree_visibility
+  if not kv.contiguous:
+    return tree_attention_reference(q, kv.k, kv.v, kv.prefix_len, kv.page_table, kv.tree_mask)
+  # Row b owns pages [b*M, (b+1)*M): the pool is a (K, B, S, H) cache, read in place.
+  b, t, n, h = q.shape
+  kv_heads = kv.k.shape[0]
+  k, v = (x.reshape(kv_heads, b, -1, h) for x in (kv.k, kv.v))
+  qg = q.reshape(b, t, kv_heads, n // kv_heads, h).transpose(2, 0, 3, 1, 4)  # (K,B,G,T,H)
+  scores = jnp.einsum("kbgth,kbsh->kbgts", qg, k, preferred_element_type=jnp.float32)
+  visible = tree_visibility(kv.prefix_len, kv.tree_mask, k.shape[2])  # (B,T,S)
+  scores = jnp.where(visible[None, :, None], scores * h**-0.5, MASK_VALUE)
+  probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
+  out = jnp.einsum("kbgts,kbsh->kbgth", probs, v, preferred_element_type=jnp.float32)
+  return out.transpose(1, 3, 0, 2, 4).reshape(b, t, n, h).astype(q.dtype)
 
 
 def _pallas_tree(q, kv, positions, *, window, sinks, mesh, rules):

@@ -206,6 +206,7 @@ class TreeLayerKV:
   page_table: jax.Array
   prefix_len: jax.Array
   tree_mask: jax.Array
+  contiguous: bool = struct.field(pytree_node=False, default=False)  # table = identity
 
   def slots(self, t: int) -> jax.Array:
     return self.prefix_len[:, None] + jnp.arange(t, dtype=self.prefix_len.dtype)[None, :]
@@ -213,8 +214,13 @@ class TreeLayerKV:
   def write(self, k: jax.Array, v: jax.Array, positions: jax.Array) -> "TreeLayerKV":
     del positions  # RoPE positions (prefix + depth); storage is by node index
     slots = self.slots(k.shape[1])
-    return self.replace(k=_write_paged(self.k, k, slots, self.page_table),
-                        v=_write_paged(self.v, v, slots, self.page_table))
+    if self.contiguous:  # row b's pages are [b*M, (b+1)*M): write the (K, B, S, H) view
+      b = self.page_table.shape[0]
+      write = lambda pool, new: _write_contiguous(
+          pool.reshape(pool.shape[0], b, -1, pool.shape[3]), new, slots).reshape(pool.shape)
+    else:
+      write = lambda pool, new: _write_paged(pool, new, slots, self.page_table)
+    return self.replace(k=write(self.k, k), v=write(self.v, v))
 
   def attend(self, impl, q: jax.Array, positions: jax.Array, **kw) -> jax.Array:
     return impl.tree(q, self, positions, **kw)
@@ -232,9 +238,11 @@ class TreeKVCache:
   page_table: jax.Array
   prefix_len: jax.Array
   tree_mask: jax.Array
+  contiguous: bool = struct.field(pytree_node=False, default=False)  # table = identity
 
   def layer(self, i: int) -> TreeLayerKV:
-    return TreeLayerKV(self.k[i], self.v[i], self.page_table, self.prefix_len, self.tree_mask)
+    return TreeLayerKV(self.k[i], self.v[i], self.page_table, self.prefix_len, self.tree_mask,
+                       self.contiguous)
 
   def with_layers(self, layers: list[TreeLayerKV]) -> "TreeKVCache":
     return self.replace(k=tuple(l.k for l in layers), v=tuple(l.v for l in layers))

@@ -61,6 +61,12 @@ class GenerateJob:
   steps_per_sync: int = 32  # static scheduler only
   cache_dir: str | None = None
   progress: bool = True
+  speculative: str = "none"  # none | ngram | recycling | draft | layerskip
+  draft_model: str | None = None
+  num_draft_tokens: int = 4
+  tree: str = "4,2,1,1"  # Token Recycling's branching per depth
+  draft_layers: str | None = None  # layerskip: layers the draft keeps
+  acceptance: str = "exact"  # exact | typical
 
   def validate(self) -> None:
     """Everything checkable before loading a model, with the flag named in the message."""
@@ -100,10 +106,75 @@ class GenerateJob:
     if self.scheduler == "static" and self.num_samples > 1:
       raise UserError("--num_samples: N > 1 shares prompt pages and needs the continuous "
                       "scheduler")
+    if self.speculative not in SPECULATIVE:
+      raise UserError(f"--speculative: expected one of {SPECULATIVE}, got {self.speculative!r}")
+    if self.speculative != "none":
+      if self.scheduler != "static":
+        raise UserError("--speculative: speculative decoding runs in static batches for now; "
+                        "add --scheduler=static")
+      if sparsity.kind != "dense":
+        raise UserError("--speculative: not combinable with --sparsity yet")
+      if self.num_draft_tokens < 1:
+        raise UserError(f"--num_draft_tokens: must be >= 1, got {self.num_draft_tokens}")
+      if self.acceptance not in ("exact", "typical"):
+        raise UserError(f"--acceptance: expected exact or typical, got {self.acceptance!r}")
+      if (self.speculative == "draft") != (self.draft_model is not None):
+        raise UserError("--draft_model: needed with --speculative=draft, and only then")
+      try:
+        tree_branching(self.tree)
+        if self.draft_layers:
+          _int_list(self.draft_layers)
+      except ValueError as e:
+        raise UserError(str(e)) from None
     from jaxinfer import attention
     if self.implementation not in attention.IMPLEMENTATIONS:
       raise UserError(f"--implementation: expected one of {sorted(attention.IMPLEMENTATIONS)}, "
                       f"got {self.implementation!r}")
+
+
+SPECULATIVE = ("none", "ngram", "recycling", "draft", "layerskip")
+
+
+def _int_list(text: str) -> tuple[int, ...]:
+  try:
+    return tuple(int(x) for x in text.split(","))
+  except ValueError:
+    raise ValueError(f"--draft_layers: expected comma-separated integers, got {text!r}") from None
+
+
+def tree_branching(text: str) -> tuple[int, ...]:
+  try:
+    branching = tuple(int(x) for x in text.split(","))
+  except ValueError:
+    branching = ()
+  if not branching or any(k < 1 for k in branching):
+    raise ValueError(f"--tree: expected children per depth, e.g. 4,2,1,1; got {text!r}")
+  return branching
+
+
+def make_proposer(job: "GenerateJob", cfg, params, dtype):
+  """(proposer, draft params) for job.speculative."""
+  from jaxinfer.speculative import proposers as P
+  if job.speculative == "ngram":
+    return P.NGram(num_draft_tokens=job.num_draft_tokens), None
+  if job.speculative == "recycling":
+    return P.Recycling(branching=tree_branching(job.tree)), None
+  if job.speculative == "layerskip":
+    keep = (_int_list(job.draft_layers) if job.draft_layers
+            else tuple(range(max(1, cfg.num_layers // 2))))
+    try:
+      dcfg, dparams = P.layer_skip_draft(cfg, params, keep)
+    except ValueError as e:
+      raise UserError(f"--draft_layers: {e}") from None
+    return P.DraftModel(dcfg, num_draft_tokens=job.num_draft_tokens, name="layerskip"), dparams
+  try:
+    dcfg, dparams, _ = checkpoint.load_model(job.draft_model, dtype, quiet=True)
+  except (FileNotFoundError, ValueError) as e:
+    raise UserError(f"--draft_model: {e}") from None
+  if dcfg.vocab_size != cfg.vocab_size:
+    raise UserError(f"--draft_model: its vocabulary ({dcfg.vocab_size}) differs from the "
+                    f"model's ({cfg.vocab_size})")
+  return P.DraftModel(dcfg, num_draft_tokens=job.num_draft_tokens), dparams
 
 
 def read_requests(job: GenerateJob, tokenizer, vocab_size: int,
@@ -320,6 +391,13 @@ def run(job: GenerateJob, *, coordinator_address: str | None = None,
       "implementation": job.implementation,
       "sparsity": str(sparsity),
   }
+  for key in ("mean_accepted_tokens", "accepted_length_histogram", "per_depth_acceptance",
+              "verify_steps"):
+    if key in stats:
+      metrics[key] = stats[key]
+  if job.speculative != "none":
+    metrics["speculative"] = job.speculative
+    metrics["acceptance"] = job.acceptance
   if merged is not None:
     metrics["records_in_output"] = merged
   if job.metrics_output and pid == 0:
@@ -434,8 +512,18 @@ def _split_by_tokens(reqs: list[EngineRequest], parts: int) -> list[list[EngineR
 
 
 def _run_static(job, cfg, params, tokenizer, mesh, todo, writer, bar, sparsity) -> dict:
-  gen = Generator(cfg, params, mesh, implementation=job.implementation,
-                  steps_per_sync=job.steps_per_sync, sparsity=sparsity)
+  if job.speculative != "none":
+    from jaxinfer.speculative.decode import SpeculativeGenerator
+    if mesh is not None and mesh.size > 1:
+      raise UserError("--speculative: runs on one device for now; use --mesh=data:1")
+    proposer, draft_params = make_proposer(job, cfg, params, None if job.dtype == "auto"
+                                           else job.dtype)
+    gen = SpeculativeGenerator(cfg, params, proposer, draft_params=draft_params,
+                               rule=job.acceptance, implementation=job.implementation,
+                               steps_per_sync=job.steps_per_sync, page_size=job.page_size)
+  else:
+    gen = Generator(cfg, params, mesh, implementation=job.implementation,
+                    steps_per_sync=job.steps_per_sync, sparsity=sparsity)
   todo = sorted(todo, key=lambda r: len(r.prompt_ids))  # similar lengths pad little
   completion = 0
   for start in range(0, len(todo), job.batch_size):
@@ -454,6 +542,7 @@ def _run_static(job, cfg, params, tokenizer, mesh, todo, writer, bar, sparsity) 
     writer.write(records)
     bar.update(len(batch))
   tm = gen.timings
+  extra = {} if job.speculative == "none" else gen.stats.metrics()
   return {
       "busy_s": tm.prefill_s + tm.decode_s, "completion_tokens": completion,
       "prefill_tokens": tm.prefill_tokens,
@@ -463,4 +552,4 @@ def _run_static(job, cfg, params, tokenizer, mesh, todo, writer, bar, sparsity) 
       "steps": tm.decode_steps, "compile_s": tm.compile_s, "compilations": tm.compilations,
       "replicas": 1,
       "expected_compilations": tm.compilations,
-  }
+  } | extra

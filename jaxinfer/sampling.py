@@ -55,6 +55,18 @@ def target_probs(logits: jax.Array, sp: SamplingParams) -> jax.Array:
   return jnp.where((sp.temperature > 0)[:, None], probs, greedy)
 
 
+def distribution(logits: jax.Array, sp: SamplingParams) -> jax.Array:
+  """target_probs for (..., V) logits over batch rows (B, ...); skips the vocabulary sort when
+  every row is greedy."""
+  def full(l):
+    flat = l.reshape(l.shape[0], -1, l.shape[-1])
+    out = jax.vmap(lambda x: target_probs(x, sp), in_axes=1, out_axes=1)(flat)
+    return out.reshape(l.shape)
+
+  greedy = lambda l: jax.nn.one_hot(jnp.argmax(l, -1), l.shape[-1], dtype=jnp.float32)
+  return jax.lax.cond(jnp.any(sp.temperature > 0), full, greedy, logits)
+
+
 def sample(logits: jax.Array, sp: SamplingParams, keys: jax.Array) -> jax.Array:
   """(B,V) logits, (B,) keys -> (B,) int32 tokens."""
   greedy = jnp.argmax(logits, axis=-1).astype(jnp.int32)

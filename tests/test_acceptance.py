@@ -155,3 +155,21 @@ def test_typical_acceptance_thresholds():
   with pytest.raises(ValueError, match="rule must be"):
     A.verify(jax.random.split(jax.random.key(0), 1), jnp.asarray(p),
              jnp.asarray([[0, 1]], jnp.int32), jnp.asarray([-1, 0]), rule="lossless-ish")
+
+
+def test_greedy_fast_path_equals_the_general_rule():
+  rng = np.random.RandomState(4)
+  b, t = 64, len(PARENTS)
+  logits = rng.randn(b, t, V).astype(np.float32)
+  best = logits.argmax(-1)
+  # Drafts that often match the argmax, so paths of every depth occur.
+  tokens = np.where(rng.rand(b, t) < 0.6, best[np.arange(b)[:, None], np.maximum(PARENTS, 0)],
+                    rng.randint(0, V, (b, t)))
+  keys = jax.random.split(jax.random.key(0), b)
+  full = A.verify(keys, jax.nn.softmax(jnp.asarray(logits)), jnp.asarray(tokens, jnp.int32),
+                  jnp.asarray(PARENTS), greedy=jnp.ones(b, bool))
+  fast = A.verify_greedy(jnp.asarray(tokens, jnp.int32), jnp.asarray(PARENTS), jnp.asarray(best))
+  for a, c in ((full.path, fast.path), (full.num_accepted, fast.num_accepted),
+               (full.next_token, fast.next_token)):
+    np.testing.assert_array_equal(a, c)
+  assert len(set(np.asarray(fast.num_accepted).tolist())) >= 3

@@ -25,6 +25,7 @@ def test_quickstart_builds_caches_and_generates(tmp_path):
   first = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=900)
   assert first.returncode == 0, first.stderr
   assert "building" in first.stdout and "held-out loss" in first.stdout and "tok/s" in first.stdout
+  assert "tau" in first.stdout and "outputs identical to plain greedy: 4/4" in first.stdout
   model_dir = embedded.model_dir(tmp_path / "cache", embedded.RECIPES["smoke"])
   report = json.loads((model_dir / "report.json").read_text())
   assert report["heldout_loss_nats_per_token"] < 6.0  # below uniform over 512 tokens (6.24)

@@ -1,6 +1,8 @@
 """Speculative decoding end to end: every proposer's greedy output equals plain greedy decoding
 token for token (float32), at batch 1 and batch > 1 with mixed prompt and output lengths."""
 
+import json
+
 import jax
 import numpy as np
 import pytest
@@ -62,13 +64,14 @@ def test_greedy_speculative_equals_greedy(target, other_draft, name):
       assert b.finished_by_eos == a.finished_by_eos
     st = spec.stats
     assert st.verify_steps > 0 and st.mean_accepted_tokens >= 1.0
-    assert len(st.per_depth_acceptance()) == proposer.tree_size - 1
+    assert len(st.per_depth_acceptance()) == proposer.max_depth
 
 
 def test_ngram_accepts_on_repetitive_text(target):
   cfg, params = target
   rows = [RowRequest([5, 6, 7, 8] * 8, 40, jax.random.key(0))]
-  spec = SpeculativeGenerator(cfg, params, P.NGram(num_draft_tokens=4), page_size=8)
+  spec = SpeculativeGenerator(cfg, params, P.NGram(num_draft_tokens=4), page_size=8,
+                              policy="always")
   plain = Generator(cfg, params).generate(rows)
   assert spec.generate(rows)[0].tokens == plain[0].tokens
   # A random tiny model's greedy output cycles; prompt lookup should then accept drafts.
@@ -95,3 +98,90 @@ def test_sampling_runs_and_respects_budgets(target):
     assert o.finished_by_eos or len(o.tokens) == r.max_new_tokens
   again = SpeculativeGenerator(cfg, params, P.NGram(num_draft_tokens=3), page_size=8)
   assert [o.tokens for o in again.generate(rows)] == [o.tokens for o in out]  # deterministic
+
+
+def test_auto_policy_measures_both_modes_and_stays_lossless(target, other_draft):
+  """Batch after batch, the auto policy tries speculation and plain decoding, keeps the faster,
+  and says so; outputs equal plain greedy whichever mode ran."""
+  cfg, params = target
+  rows = _rows(cfg, 5, seed=11)
+  plain = Generator(cfg, params).generate(rows)
+  proposer, draft_params = _proposers(cfg, params, other_draft)["draft"]
+  gen = SpeculativeGenerator(cfg, params, proposer, draft_params=draft_params, steps_per_sync=4,
+                             page_size=8, explore_every=1)
+  for _ in range(6):
+    assert [r.tokens for r in gen.generate(rows)] == [r.tokens for r in plain]
+  st = gen.stats
+  assert st.spec_batches >= 2 and st.plain_batches >= 2
+  assert st.spec_tps > 0 and st.plain_tps > 0 and "measured" in st.decision()
+  assert st.accepted_hist.sum() == st.verify_steps
+
+
+def test_generate_job_with_speculation(tmp_path, tiny_model_dir):
+  from jaxinfer.runner import GenerateJob, UserError, run
+  prompts = tmp_path / "p.jsonl"
+  prompts.write_text("".join(json.dumps(r) + "\n" for r in [
+      {"id": 1, "prompt": "def add(a, b):\n    return a + b\n\ndef add(", "max_new_tokens": 20},
+      {"id": 2, "prompt_ids": [5, 6, 7, 8] * 6, "max_new_tokens": 30},
+      {"id": 3, "prompt": "class Point:", "max_new_tokens": 12, "stop": ["e"]}]))
+
+  def job(name, **kw):
+    out = tmp_path / f"{name}.jsonl"
+    m = run(GenerateJob(prompts=str(prompts), output=str(out), model=str(tiny_model_dir),
+                        scheduler="static", batch_size=2, progress=False, **kw))
+    return {r["id"]: r for r in map(json.loads, out.read_text().splitlines())}, m
+
+  plain, _ = job("plain")
+  for method in ("ngram", "recycling", "layerskip"):
+    spec, m = job(method, speculative=method, tree="2,1")
+    assert {i: r["completion_ids"] for i, r in spec.items()} == {
+        i: r["completion_ids"] for i, r in plain.items()}, method
+    assert m["speculative"] == method and m["mean_accepted_tokens"] >= 1.0
+    assert sum(m["accepted_length_histogram"]) == m["verify_steps"] > 0
+  for kw, flag in ((dict(speculative="ngram", scheduler="continuous"), "--speculative"),
+                   (dict(speculative="draft", scheduler="static"), "--draft_model"),
+                   (dict(speculative="recycling", scheduler="static", tree="4,x"), "--tree")):
+    with pytest.raises(UserError, match=flag):
+      run(GenerateJob(prompts=str(prompts), output=str(tmp_path / "x.jsonl"),
+                      model=str(tiny_model_dir), progress=False, **kw))
+
+
+@pytest.mark.parametrize("name", ["draft", "recycling"])
+def test_sampled_speculation_matches_plain_sampling(target, other_draft, name):
+  """The joint distribution of the second and third tokens (both drawn in speculative steps:
+  the first comes from the prompt's forward) equals plain sampling's, by a two-sample
+  chi-square over 3000 rows each; top_k = 3 keeps the support small."""
+  cfg, params = target
+  proposer, draft_params = _proposers(cfg, params, other_draft)[name]
+  n = 3000
+  prompt = [5, 6, 7, 8, 9, 10]
+  rows = lambda salt: [RowRequest(prompt, 3, jax.random.key(salt + i), temperature=1.0, top_k=3)
+                       for i in range(n)]
+  plain = Generator(cfg, params).generate(rows(0))
+  spec = SpeculativeGenerator(cfg, params, proposer, draft_params=draft_params, page_size=8,
+                              policy="always")
+  out = spec.generate(rows(10**6))
+  assert spec.stats.verify_steps > 0 and spec.stats.mean_accepted_tokens > 1.0
+
+  def counts(results):
+    c = {}
+    for r in results:
+      if len(r.tokens) == 3:
+        c[tuple(r.tokens[1:])] = c.get(tuple(r.tokens[1:]), 0) + 1
+    return c
+
+  a, b = counts(plain), counts(out)
+  keys = sorted(set(a) | set(b))
+  ca = np.array([a.get(k, 0) for k in keys], float)
+  cb = np.array([b.get(k, 0) for k in keys], float)
+  keep = ca + cb >= 10  # pool rare cells
+  ca = np.append(ca[keep], ca[~keep].sum())
+  cb = np.append(cb[keep], cb[~keep].sum())
+  ka, kb = np.sqrt(cb.sum() / ca.sum()), np.sqrt(ca.sum() / cb.sum())
+  used = (ca + cb) > 0
+  ca, cb = ca[used], cb[used]
+  chi2 = (((ka * ca - kb * cb) ** 2) / (ca + cb)).sum()
+  df = len(ca) - 1
+  # p = 1e-4 critical value, Wilson-Hilferty approximation
+  crit = df * (1 - 2 / (9 * df) + 3.719 * np.sqrt(2 / (9 * df))) ** 3
+  assert chi2 < crit, (chi2, df, crit)

@@ -54,6 +54,18 @@ flags.DEFINE_integer("max_seq_len", None, "Override the model's context length (
                      "e.g. for long prompts under sinks_window sparsity.", lower_bound=2)
 flags.DEFINE_integer("steps_per_sync", 32, "Static scheduler: decode steps per host round trip.",
                      lower_bound=1)
+flags.DEFINE_enum("speculative", "none", ["none", "ngram", "recycling", "draft", "layerskip"],
+                  "Speculative decoding proposer (with --scheduler=static): prompt lookup, Token "
+                  "Recycling, a separate draft model, or the model itself with layers skipped.")
+flags.DEFINE_string("draft_model", None, "Draft model for --speculative=draft (same vocabulary).")
+flags.DEFINE_integer("num_draft_tokens", 4, "Drafted tokens per step (chain proposers).",
+                     lower_bound=1)
+flags.DEFINE_string("tree", "4,2,1,1", "Token Recycling's draft tree: children per node at each "
+                    "depth.")
+flags.DEFINE_string("draft_layers", None, "--speculative=layerskip: comma-separated layers the "
+                    "draft keeps (default: the first half).")
+flags.DEFINE_enum("acceptance", "exact", ["exact", "typical"], "exact: lossless rejection "
+                  "sampling (greedy = plain greedy); typical: Medusa's typical acceptance (lossy).")
 flags.DEFINE_bool("progress", True, "Show a progress bar on stderr.")
 flags.mark_flags_as_required(["prompts", "output"])
 flags.register_validator("top_p", lambda v: 0.0 < v <= 1.0, "--top_p must be in (0, 1]")
@@ -77,16 +89,19 @@ def main(argv: list[str]) -> None:
       sparsity=FLAGS.sparsity, max_seq_len=FLAGS.max_seq_len, scheduler=FLAGS.scheduler,
       num_samples=FLAGS.num_samples, chunk_size=FLAGS.chunk_size, chunk_lanes=FLAGS.chunk_lanes,
       page_size=FLAGS.page_size, kv_pages=FLAGS.kv_pages, overwrite=FLAGS.overwrite,
-      steps_per_sync=FLAGS.steps_per_sync, cache_dir=FLAGS.cache_dir, progress=FLAGS.progress)
+      steps_per_sync=FLAGS.steps_per_sync, cache_dir=FLAGS.cache_dir, progress=FLAGS.progress,
+      speculative=FLAGS.speculative, draft_model=FLAGS.draft_model,
+      num_draft_tokens=FLAGS.num_draft_tokens, tree=FLAGS.tree, draft_layers=FLAGS.draft_layers,
+      acceptance=FLAGS.acceptance)
   try:
     metrics = run(job, coordinator_address=FLAGS.coordinator_address,
                   num_processes=FLAGS.num_processes, process_id=FLAGS.process_id,
                   distributed=FLAGS.distributed)
   except (UserError, FileNotFoundError) as e:
     fail(str(e))
-  print(json.dumps({k: metrics[k] for k in ("num_requests", "num_failed", "tokens_per_second",
-                                            "prefill_tokens_per_second",
-                                            "decode_tokens_per_second")}), file=sys.stderr)
+  keys = ("num_requests", "num_failed", "tokens_per_second", "prefill_tokens_per_second",
+          "decode_tokens_per_second", "mean_accepted_tokens")
+  print(json.dumps({k: metrics[k] for k in keys if k in metrics}), file=sys.stderr)
   if metrics["num_failed"]:
     print(f"{metrics['num_failed']} of {metrics['num_requests']} requests failed; see their "
           f"'error' records in {FLAGS.output}", file=sys.stderr)

@@ -30,6 +30,7 @@ import dataclasses
 
 import jax
 import jax.numpy as jnp
+from flax import struct
 
 EXACT, TYPICAL = "exact", "typical"
 
@@ -42,7 +43,7 @@ class Typical:
   delta: float = 0.3
 
 
-@dataclasses.dataclass
+@struct.dataclass
 class Verdict:
   path: jax.Array  # (B, T) node index at each depth of the accepted path; path[:, 0] = 0
   num_accepted: jax.Array  # (B,) drafted tokens accepted (the path's length minus the root)
@@ -52,6 +53,26 @@ class Verdict:
 def _normalise(x: jax.Array) -> jax.Array:
   total = x.sum(axis=-1, keepdims=True)
   return x / jnp.where(total > 0, total, 1.0)
+
+
+def verify_greedy(tokens: jax.Array, parents: jax.Array, target: jax.Array) -> Verdict:
+  """Greedy verification from the target's argmax at every node, target (B, T): accept a child
+  iff it is the argmax at its parent; emit the argmax where the walk stops. The same walk as
+  `verify` with greedy rows, on (B, T) integers only (no vocabulary-sized work)."""
+  b, t = tokens.shape
+  parents = jnp.broadcast_to(parents, (b, t)).astype(jnp.int32)
+  rows = jnp.arange(b)
+
+  def body(j, state):
+    cur, depth, path = state
+    accept = (parents[:, j] == cur) & (tokens[:, j] == target[rows, cur])
+    depth = depth + accept
+    path = path.at[rows, jnp.where(accept, depth, t)].set(j, mode="drop")
+    return jnp.where(accept, j, cur), depth, path
+
+  init = (jnp.zeros((b,), jnp.int32), jnp.zeros((b,), jnp.int32), jnp.zeros((b, t), jnp.int32))
+  cur, depth, path = jax.lax.fori_loop(1, t, body, init)
+  return Verdict(path, depth, target[rows, cur].astype(jnp.int32))
 
 
 def _residual(r: jax.Array, qj: jax.Array) -> jax.Array:

@@ -21,11 +21,11 @@ from flax import struct
 
 from jaxinfer import model as M
 from jaxinfer.config import ModelConfig
-from jaxinfer.generation import RowRequest, RowResult, next_pow2
-from jaxinfer.kv_cache import PagedKVCache, TreeKVCache, commit_path
-from jaxinfer.sampling import SamplingParams, sample, target_probs
+from jaxinfer.generation import Generator, RowRequest, RowResult, next_pow2
+from jaxinfer.kv_cache import KVCache, PagedKVCache, TreeKVCache, commit_path
+from jaxinfer.sampling import SamplingParams, distribution, sample
 from jaxinfer.speculative import acceptance
-from jaxinfer.speculative.proposers import Context, DraftModel, NGram, Recycling
+from jaxinfer.speculative.proposers import Context, DraftModel, Recycling
 from pallas_kernels.tree_attention import ancestor_matrix, pack_ancestors
 
 _DRAFT_SALT, _VERIFY_SALT = 1 << 20, 1 << 21
@@ -59,11 +59,36 @@ class SpecStats:
   compilations: int = 0
   decode_tokens: int = 0
   prefill_tokens: int = 0
+  steps: int = 0  # batched verification steps
+  row_slots: int = 0  # steps x rows
+  spec_batches: int = 0  # batches that speculated
+  plain_batches: int = 0  # ... that decoded plainly (policy "auto")
+  spec_tps: float | None = None  # measured decode tokens/s of each (moving average)
+  plain_tps: float | None = None
+
+  def decision(self) -> str:
+    ratio = (f"; measured {self.spec_tps / self.plain_tps:.2f}x plain decoding"
+             if self.spec_tps and self.plain_tps else "")
+    if not self.plain_batches:
+      return "speculating throughout" + ratio
+    share = self.spec_batches / (self.spec_batches + self.plain_batches)
+    if self.spec_tps and self.plain_tps and self.spec_tps < self.plain_tps:
+      return f"speculation turned itself off ({share:.0%} of batches speculated{ratio})"
+    return f"speculating ({share:.0%} of batches{ratio})"
 
   @property
   def mean_accepted_tokens(self) -> float:
     """tau: tokens per target forward per row, counting the bonus token."""
     return self.emitted / self.verify_steps if self.verify_steps else 0.0
+
+  def metrics(self) -> dict:
+    return {"mean_accepted_tokens": round(self.mean_accepted_tokens, 4),
+            "accepted_length_histogram": [int(x) for x in self.accepted_hist],
+            "per_depth_acceptance": [round(x, 4) for x in self.per_depth_acceptance()],
+            "verify_steps": self.verify_steps,
+            "occupancy": round(self.verify_steps / self.row_slots, 4) if self.row_slots else 0.0,
+            "speculation": self.decision(), "speculative_batches": self.spec_batches,
+            "plain_batches": self.plain_batches}
 
   def per_depth_acceptance(self) -> list[float]:
     """P(draft at depth d accepted | depth d - 1 accepted), d = 1..T-1."""
@@ -87,18 +112,32 @@ def _step(params, draft_params, state: SpecState, sampling: SamplingParams, page
     pstate, draft = proposer.propose(state.proposer, ctx)
   parents = jnp.broadcast_to(draft.parents, (b, t))
   depth = jnp.sum(ancestor_matrix(parents), axis=-1, dtype=jnp.int32) - 1  # (B,T)
-  cache = TreeKVCache(state.k, state.v, page_table, state.length, pack_ancestors(parents))
+  cache = TreeKVCache(state.k, state.v, page_table, state.length, pack_ancestors(parents),
+                      contiguous=True)
   hidden, cache = M.forward(params, draft.tokens, state.length[:, None] + depth, cfg, cache,
                             kv_source="cache", implementation=implementation, mesh=mesh,
                             rules=rules)
   logits = M.logits(params, hidden)  # (B,T,V)
-  p = jax.vmap(lambda l: target_probs(l, sampling), in_axes=1, out_axes=1)(logits)
-  verdict = acceptance.verify(
-      jax.vmap(lambda k: jax.random.fold_in(k, _VERIFY_SALT))(step_keys), p, draft.tokens,
-      parents, draft.q, greedy=sampling.temperature <= 0, rule=rule)
+  greedy = sampling.temperature <= 0
+  verify_keys = jax.vmap(lambda k: jax.random.fold_in(k, _VERIFY_SALT))(step_keys)
+
+  def sampled(_):  # the full rule on distributions (greedy rows among them follow the argmax)
+    p = distribution(logits, sampling)  # (B,T,V)
+    return acceptance.verify(verify_keys, p, draft.tokens, parents, draft.q, greedy=greedy,
+                             rule=rule)
+
+  def all_greedy(_):
+    if rule == acceptance.TYPICAL:
+      return sampled(None)
+    return acceptance.verify_greedy(draft.tokens, parents, jnp.argmax(logits, -1))
+
+  verdict = jax.lax.cond(jnp.all(greedy), all_greedy, sampled, None)
   n_acc = verdict.num_accepted
-  k_new = commit_path(cache.k, page_table, state.length, verdict.path, n_acc)
-  v_new = commit_path(cache.v, page_table, state.length, verdict.path, n_acc)
+  if proposer.max_depth == t - 1:  # a chain: the accepted path is already in place
+    k_new, v_new = cache.k, cache.v
+  else:
+    k_new = commit_path(cache.k, page_table, state.length, verdict.path, n_acc)
+    v_new = commit_path(cache.v, page_table, state.length, verdict.path, n_acc)
 
   # Emitted: the accepted drafts, then the next token; cut at EOS and at the budget.
   path_tokens = jnp.take_along_axis(draft.tokens, verdict.path, axis=1)  # (B,T); [:,0] = root
@@ -142,22 +181,44 @@ def _chunk(params, draft_params, state, sampling, page_table, parents_tree, eos_
   return jax.lax.while_loop(cond, body, (0, state))[1]
 
 
-def _prefill(params, draft_params, k, v, history, prompt_len, page_table, sampling, keys, *, cfg,
-             proposer, max_len, implementation, mesh, rules):
-  """Target (and draft) prefill; the first token, sampled as plain decoding samples it."""
-  width = history.shape[1]
+def _prefill(params, draft_params, history, prompt_len, max_new, sampling, keys, eos_ids,
+             adjacency, *, cfg, proposer, max_len, num_pages, page_size, out_len, implementation,
+             mesh, rules) -> SpecState:
+  """Target (and draft) prefill and the initial state; the first token is sampled as plain
+  decoding samples it."""
+  b, width = history.shape
+  k, v = PagedKVCache.init_pools(cfg, num_pages, page_size)
   pos = jnp.arange(width)[None, :]
   positions = jnp.where(pos < prompt_len[:, None], pos, max_len)  # padding: dropped
-  cache = PagedKVCache(k, v, page_table)
-  hidden, cache = M.forward(params, history, positions, cfg, cache, kv_source="cache",
+  view = lambda pool: pool.reshape(pool.shape[0], b, -1, pool.shape[3])  # row b: pages b*M...
+  cache = KVCache(tuple(map(view, k)), tuple(map(view, v)))
+  # The prompt attends to itself (padding sits at out-of-range positions, after every real
+  # token, and is never written); its K/V land in the row's pages.
+  hidden, cache = M.forward(params, history, positions, cfg, cache, kv_source="chunk",
                             implementation=implementation, mesh=mesh, rules=rules)
   last = jnp.take_along_axis(hidden, (prompt_len - 1)[:, None, None], axis=1)[:, 0]
   first = sample(M.logits(params, last), sampling,
-                 jax.vmap(lambda kk: jax.random.fold_in(kk, 0))(keys))
+                 jax.vmap(lambda kk: jax.random.fold_in(kk, 0))(keys)).astype(jnp.int32)
   pstate = ()
   if isinstance(proposer, DraftModel):
     pstate = proposer.prefill(draft_params, history, prompt_len, max_len)
-  return cache.k, cache.v, first.astype(jnp.int32), pstate
+  elif isinstance(proposer, Recycling):
+    pstate = adjacency
+  unview = lambda new, old: new.reshape(old.shape)
+  rows = jnp.arange(b)
+  hist = jnp.pad(history, ((0, 0), (0, max_len - width))).at[rows, prompt_len].set(first)
+  return SpecState(
+      k=tuple(map(unview, cache.k, k)), v=tuple(map(unview, cache.v, v)), history=hist,
+      length=prompt_len, out=jnp.zeros((b, out_len), jnp.int32).at[:, 0].set(first),
+      num_generated=jnp.ones((b,), jnp.int32), max_new=max_new,
+      done=(max_new <= 1) | jnp.isin(first, eos_ids), keys=keys,
+      step=jnp.zeros((), jnp.int32), proposer=pstate,
+      accepted_hist=jnp.zeros((proposer.max_depth + 1,), jnp.int32),
+      emitted=jnp.zeros((), jnp.int32))
+
+
+def _average(old: float | None, new: float) -> float:
+  return new if old is None else 0.5 * (old + new)
 
 
 class SpeculativeGenerator:
@@ -166,7 +227,10 @@ class SpeculativeGenerator:
   def __init__(self, cfg: ModelConfig, params: M.Transformer, proposer, *,
                draft_params: M.Transformer | None = None, rule: str = acceptance.EXACT,
                implementation: str = "xla", steps_per_sync: int = 16, page_size: int = 16,
-               mesh=None, rules=None):
+               policy: str = "auto", explore_every: int = 8, mesh=None, rules=None):
+    """policy "auto": each batch speculates or decodes plainly (the plain `Generator`),
+    whichever measured faster, so speculation that stops paying (large batches, compute-bound
+    devices) turns itself off; "always": speculate every batch."""
     from jaxinfer.sharding import DEFAULT_RULES
     if cfg.sliding_window is not None:
       raise ValueError("speculative decoding: sliding-window models are not supported yet")
@@ -175,29 +239,80 @@ class SpeculativeGenerator:
     if isinstance(proposer, DraftModel) and proposer.cfg.vocab_size != cfg.vocab_size:
       raise ValueError(f"speculative decoding: the draft's vocabulary ({proposer.cfg.vocab_size})"
                        f" differs from the target's ({cfg.vocab_size})")
+    if policy not in ("auto", "always"):
+      raise ValueError(f"speculative decoding: policy must be auto or always, got {policy!r}")
+    self.policy, self.explore_every = policy, explore_every
+    self._batches = 0
+    self._fresh = 0  # executables compiled so far
+    self._plain = Generator(cfg, params, mesh, rules or DEFAULT_RULES,
+                            implementation=implementation)
     self.cfg, self.params, self.proposer = cfg, params, proposer
     self.draft_params = draft_params
     self.rule, self.implementation = rule, implementation
     self.steps_per_sync, self.page_size = steps_per_sync, page_size
     self.mesh, self.rules = mesh, rules or DEFAULT_RULES
-    self.stats = SpecStats(accepted_hist=np.zeros(proposer.tree_size, np.int64))
+    self.stats = SpecStats(accepted_hist=np.zeros(proposer.max_depth + 1, np.int64))
     self._compiled: dict = {}
     self._adjacency = (proposer.init_adjacency(cfg.vocab_size)
                        if isinstance(proposer, Recycling) else None)
 
+  @property
+  def timings(self):
+    """The plain Generator's timing record, for the job's metrics."""
+    from jaxinfer.generation import Timings
+    st = self.stats
+    return Timings(prefill_s=st.prefill_s, decode_s=st.decode_s, compile_s=st.compile_s,
+                   prefill_tokens=st.prefill_tokens, decode_tokens=st.decode_tokens,
+                   compilations=st.compilations, decode_steps=st.steps,
+                   row_steps=st.verify_steps)
+
   def _run(self, name, fn, *args):
-    key = (name,) + tuple((a.shape, str(a.dtype)) for a in jax.tree_util.tree_leaves(args[2:]))
+    key = (name,) + tuple((a.shape, str(a.dtype)) for a in jax.tree_util.tree_leaves(args))
     if key not in self._compiled:
+      self._fresh += 1
       t0 = time.perf_counter()
       self._compiled[key] = jax.jit(fn).lower(*args).compile()
       self.stats.compile_s += time.perf_counter() - t0
       self.stats.compilations += 1
     return self._compiled[key](*args)
 
+  def _choose(self) -> str:
+    """Per batch: speculate or decode plainly, whichever measured faster; the slower mode is
+    re-tried now and then, less often the more it lost by, so a change is noticed at a bounded
+    cost. Each mode's first batch (compilation) is not a measurement."""
+    st = self.stats
+    self._batches += 1
+    if self.policy == "always" or st.spec_tps is None:
+      return "spec"
+    if st.plain_tps is None:
+      return "plain"
+    best, other = (("spec", "plain") if st.spec_tps >= st.plain_tps else ("plain", "spec"))
+    loss = max(st.spec_tps, st.plain_tps) / max(min(st.spec_tps, st.plain_tps), 1e-9)
+    interval = min(256, int(self.explore_every * loss**2))
+    return other if self._batches % max(1, interval) == 0 else best
+
+  def _generate_plain(self, rows, should_stop):
+    st, tm = self.stats, self._plain.timings
+    before = dataclasses.replace(tm)
+    results = self._plain.generate(rows, should_stop)
+    new_tokens, decode_s = tm.decode_tokens - before.decode_tokens, tm.decode_s - before.decode_s
+    st.prefill_s += tm.prefill_s - before.prefill_s
+    st.prefill_tokens += tm.prefill_tokens - before.prefill_tokens
+    st.decode_s += decode_s
+    st.decode_tokens += new_tokens
+    st.compile_s += tm.compile_s - before.compile_s
+    st.compilations += tm.compilations - before.compilations
+    st.plain_batches += 1
+    if tm.compilations == before.compilations:
+      st.plain_tps = _average(st.plain_tps, new_tokens / max(decode_s, 1e-9))
+    return results
+
   def generate(self, rows: Sequence[RowRequest],
                should_stop: Callable[[int, list[int]], bool] | None = None) -> list[RowResult]:
     if not rows:
       return []
+    if self._choose() == "plain":
+      return self._generate_plain(rows, should_stop)
     cfg, t = self.cfg, self.proposer.tree_size
     n = len(rows)
     b = n
@@ -220,37 +335,32 @@ class SpeculativeGenerator:
     keys = jnp.stack([r.key for r in rows])
     sampling = SamplingParams(**{f: jnp.asarray(x) for f, x in sp.items()})
     page_table = jnp.arange(b * m, dtype=jnp.int32).reshape(b, m)
-    k, v = PagedKVCache.init_pools(cfg, b * m, ps)
     kw = dict(cfg=cfg, proposer=self.proposer, implementation=self.implementation,
               mesh=self.mesh, rules=self.rules)
+    eos = jnp.asarray(cfg.eos_token_ids or (-1,), jnp.int32)
 
     t0 = time.perf_counter()
     c0 = self.stats.compile_s
-    k, v, first, pstate = self._run(
-        "prefill", partial(_prefill, max_len=max_len, **kw), self.params, self.draft_params, k, v,
-        jnp.asarray(history[:, :width]), jnp.asarray(prompt_len), page_table, sampling, keys)
-    if isinstance(self.proposer, Recycling):
-      pstate = self._adjacency
-    hist = jnp.asarray(history).at[jnp.arange(b), jnp.asarray(prompt_len)].set(first)
-    out = jnp.zeros((b, o), jnp.int32).at[:, 0].set(first)
-    eos = jnp.asarray(cfg.eos_token_ids or (-1,), jnp.int32)
-    done = (jnp.asarray(max_new) <= 1) | jnp.isin(first, eos)
-    state = SpecState(k, v, hist, jnp.asarray(prompt_len), out, jnp.ones((b,), jnp.int32),
-                      jnp.asarray(max_new), done, keys, jnp.zeros((), jnp.int32), pstate,
-                      jnp.zeros((t,), jnp.int32), jnp.zeros((), jnp.int32))
+    state = self._run(
+        "prefill", partial(_prefill, max_len=max_len, num_pages=b * m, page_size=ps, out_len=o,
+                           **kw),
+        self.params, self.draft_params, history[:, :width], prompt_len, max_new, sampling, keys,
+        eos, self._adjacency)
     host_done = np.asarray(state.done)
     t1 = time.perf_counter()
     self.stats.prefill_s += t1 - t0 - (self.stats.compile_s - c0)
     self.stats.prefill_tokens += int(prompt_len.sum())
 
     chunk = partial(_chunk, num_steps=self.steps_per_sync, rule=self.rule, **kw)
+    decode_s = 0.0
+    fresh = self._fresh
     while not host_done.all():
       c0 = self.stats.compile_s
       t2 = time.perf_counter()
       state = self._run("decode", chunk, self.params, self.draft_params, state, sampling,
                         page_table, jnp.zeros((t,), jnp.int32), eos)
       host_done = np.asarray(state.done)
-      self.stats.decode_s += time.perf_counter() - t2 - (self.stats.compile_s - c0)
+      decode_s += time.perf_counter() - t2 - (self.stats.compile_s - c0)
       if should_stop is not None:
         toks, counts = np.asarray(state.out), np.asarray(state.num_generated)
         newly = [i for i in range(n) if not host_done[i]
@@ -263,10 +373,18 @@ class SpeculativeGenerator:
       self._adjacency = state.proposer  # what it learned carries over to the next batch
     toks, counts = np.asarray(state.out), np.asarray(state.num_generated)
     eos_set = set(int(e) for e in cfg.eos_token_ids)
-    self.stats.accepted_hist = self.stats.accepted_hist + np.asarray(state.accepted_hist)
-    self.stats.verify_steps = int(self.stats.accepted_hist.sum())
-    self.stats.emitted += int(state.emitted)
-    self.stats.decode_tokens += int(sum(max(0, c - 1) for c in counts))
+    st = self.stats
+    st.accepted_hist = st.accepted_hist + np.asarray(state.accepted_hist)
+    st.verify_steps = int(st.accepted_hist.sum())
+    st.emitted += int(state.emitted)
+    st.steps += int(state.step)
+    st.row_slots += int(state.step) * b
+    new_tokens = int(sum(max(0, c - 1) for c in counts))
+    st.decode_tokens += new_tokens
+    st.decode_s += decode_s
+    st.spec_batches += 1
+    if self._fresh == fresh:  # not the first run of a fresh executable (slow)
+      st.spec_tps = _average(st.spec_tps, new_tokens / max(decode_s, 1e-9))
     results = []
     for i in range(n):
       ids = [int(x) for x in toks[i, :counts[i]]]

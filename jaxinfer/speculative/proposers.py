@@ -18,8 +18,6 @@ them as distinct top-k drafts) or sampled from a draft distribution q it returns
 from __future__ import annotations
 
 import dataclasses
-from typing import Any
-
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -28,7 +26,7 @@ from flax import struct
 from jaxinfer import model as M
 from jaxinfer.config import ModelConfig
 from jaxinfer.kv_cache import KVCache
-from jaxinfer.sampling import SamplingParams, target_probs
+from jaxinfer.sampling import SamplingParams, distribution
 
 
 @struct.dataclass
@@ -79,8 +77,9 @@ class NGram:
   def tree_size(self) -> int:
     return self.num_draft_tokens + 1
 
-  def init(self, batch: int, max_len: int, history, prompt_len, sampling) -> Any:
-    return ()
+  @property
+  def max_depth(self) -> int:
+    return self.num_draft_tokens
 
   def propose(self, state, ctx: Context):
     hist, length = ctx.history, ctx.length
@@ -115,19 +114,18 @@ class Recycling:
   def tree_size(self) -> int:
     return len(tree_parents(self.branching))
 
-  def init(self, batch, max_len, history, prompt_len, sampling):
-    return None  # the adjacency matrix is created lazily with the vocabulary size
+  @property
+  def max_depth(self) -> int:
+    return len(self.branching)
 
   def propose(self, adj, ctx: Context):
     parents = tree_parents(self.branching)
-    b = ctx.history.shape[0]
     tokens = [_root_only(ctx)]
     rank = np.zeros(len(parents), np.int32)  # which successor of its parent each node takes
     for j in range(1, len(parents)):
       rank[j] = sum(1 for i in range(1, j) if parents[i] == parents[j])
     for j in range(1, len(parents)):
       tokens.append(adj[tokens[parents[j]], rank[j]])
-    del b
     return adj, Draft(jnp.stack(tokens, 1), jnp.asarray(parents), None)
 
   def update(self, adj, tokens, logits, ctx, new_length):
@@ -152,6 +150,10 @@ class DraftModel:
   def tree_size(self) -> int:
     return self.num_draft_tokens + 1
 
+  @property
+  def max_depth(self) -> int:
+    return self.num_draft_tokens
+
   def prefill(self, params, history, prompt_len, max_len):
     """The draft's own cache over the prompts (positions past a row's prompt are dropped)."""
     b, t = history.shape[0], int(max_len)
@@ -175,7 +177,7 @@ class DraftModel:
     for i in range(g):
       hidden, cache = M.forward(params, tokens, positions, self.cfg, cache, kv_source="cache")
       logits = M.logits(params, hidden[:, -1])
-      q = target_probs(logits, ctx.sampling)
+      q = distribution(logits, ctx.sampling)
       key = jax.vmap(lambda k: jax.random.fold_in(k, i))(ctx.keys)
       sampled = jax.vmap(jax.random.categorical)(key, jnp.log(q))
       tok = jnp.where(ctx.sampling.temperature > 0, sampled, jnp.argmax(q, -1)).astype(jnp.int32)

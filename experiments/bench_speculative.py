@@ -1,0 +1,124 @@
+"""Speculative decoding vs plain decoding, side by side in one run: tau and wall-clock speedup.
+
+  python experiments/bench_speculative.py                 # embedded model, batch 1, 4, 16
+
+Prompts are held-out Python standard-library source (the embedded model's domain); each method
+generates --max_new_tokens greedily for the same prompts as plain decoding, and its output is
+checked to be identical. Per batch size: plain decode tokens/s, then per method tau (mean tokens
+per target forward per row, bonus token included), per-depth acceptance, decode tokens/s and
+speedup = plain time / method time for the same batch (wall time of generate, prompt included),
+the median over --repeats interleaved rounds after warm-up, with speculation forced on (policy
+"always") and as users get it (policy "auto": each batch speculates or decodes plainly by
+measured speed; four warm-up batches let it measure both). Results are appended to experiments/results/bench_speculative.jsonl.
+"""
+
+from __future__ import annotations
+
+import datetime
+import json
+import sys
+from pathlib import Path
+
+from absl import app, flags
+
+flags.DEFINE_string("model", "embedded", "Target model.")
+flags.DEFINE_list("methods", ["ngram", "recycling", "layerskip"], "Proposers to measure.")
+flags.DEFINE_list("batch_sizes", ["1", "4", "16"], "Batch sizes.")
+flags.DEFINE_integer("max_new_tokens", 96, "Tokens generated per prompt.")
+flags.DEFINE_integer("prompt_tokens", 128, "Prompt length (tokens of held-out source).")
+flags.DEFINE_integer("num_draft_tokens", 4, "Chain length for ngram / layerskip.")
+flags.DEFINE_string("tree", "4,2,1,1", "Recycling tree branching.")
+flags.DEFINE_string("draft_layers", None, "layerskip: layers kept (default: first half).")
+flags.DEFINE_integer("repeats", 5, "Interleaved timed runs; the median ratio is reported.")
+flags.DEFINE_string("results", str(Path(__file__).parent / "results" / "bench_speculative.jsonl"),
+                    "Results file (JSON lines, appended).")
+FLAGS = flags.FLAGS
+
+
+def prompts(tokenizer, n: int, length: int) -> list[list[int]]:
+  from jaxinfer import embedded
+  recipe = embedded.Recipe()
+  files = embedded.stdlib_files(recipe)[1]  # held-out files
+  out = []
+  for f in files:
+    ids = tokenizer.encode(embedded.read_text(f))
+    for start in range(0, len(ids) - length, 4 * length):
+      out.append(ids[start:start + length])
+      if len(out) == n:
+        return out
+  raise RuntimeError("not enough held-out text for the prompts")
+
+
+def main(argv):
+  del argv
+  import time
+
+  import jax
+  import numpy as np
+
+  from jaxinfer import checkpoint
+  from jaxinfer.generation import Generator, RowRequest
+  from jaxinfer.runner import GenerateJob, make_proposer
+  from jaxinfer.speculative.decode import SpeculativeGenerator
+
+  model_dir = checkpoint.resolve_model_dir(FLAGS.model)
+  cfg, params, tok = checkpoint.load_model(str(model_dir))
+  sizes = [int(b) for b in FLAGS.batch_sizes]
+  all_prompts = prompts(tok, max(sizes), FLAGS.prompt_tokens)
+  base = {"model": FLAGS.model, "device": jax.devices()[0].device_kind, "jax": jax.__version__,
+          "date": datetime.date.today().isoformat(), "max_new_tokens": FLAGS.max_new_tokens,
+          "prompt_tokens": FLAGS.prompt_tokens}
+
+  def clock(gen, rows):
+    t0 = time.perf_counter()
+    out = gen.generate(rows)
+    return time.perf_counter() - t0, out
+
+  for b in sizes:
+    rows = [RowRequest(p, FLAGS.max_new_tokens, jax.random.key(i))
+            for i, p in enumerate(all_prompts[:b])]
+    plain_gen = Generator(cfg, params, steps_per_sync=32)
+    plain = plain_gen.generate(rows)  # compile
+    new_tokens = sum(len(r.tokens) for r in plain)
+    row = dict(base, batch_size=b, methods={})
+    plain_times = []
+    for method in FLAGS.methods:
+      job = GenerateJob(prompts="-", output="-", speculative=method,
+                        num_draft_tokens=FLAGS.num_draft_tokens, tree=FLAGS.tree,
+                        draft_layers=FLAGS.draft_layers)
+      proposer, draft_params = make_proposer(job, cfg, params, None)
+      gens = {"always": SpeculativeGenerator(cfg, params, proposer, draft_params=draft_params,
+                                             steps_per_sync=16, policy="always"),
+              "auto": SpeculativeGenerator(cfg, params, proposer, draft_params=draft_params,
+                                           steps_per_sync=16, policy="auto")}
+      for _ in range(4):  # compile; the auto policy measures both modes
+        outs = {k: g.generate(rows) for k, g in gens.items()}
+      ratios = {"always": [], "auto": []}
+      for _ in range(FLAGS.repeats):  # interleaved: drift hits all three alike
+        tp, _ = clock(plain_gen, rows)
+        plain_times.append(tp)
+        for k, g in gens.items():
+          tk, outs[k] = clock(g, rows)
+          ratios[k].append(tp / tk)
+      st = gens["always"].stats
+      same = sum(a.tokens == c.tokens == d.tokens
+                 for a, c, d in zip(plain, outs["always"], outs["auto"]))
+      speedup = float(np.median(ratios["always"]))
+      result = {"tau": round(st.mean_accepted_tokens, 3),
+                "per_depth_acceptance": [round(x, 3) for x in st.per_depth_acceptance()],
+                "speedup": round(speedup, 3),
+                "speedup_per_repeat": [round(x, 3) for x in ratios["always"]],
+                "speedup_over_tau": round(speedup / st.mean_accepted_tokens, 3),
+                "speedup_auto_policy": round(float(np.median(ratios["auto"])), 3),
+                "auto_policy": gens["auto"].stats.decision(),
+                "identical_to_plain": f"{same}/{b}", "tree_size": proposer.tree_size}
+      row["methods"][method] = result
+      print(f"  batch {b} {method}: {json.dumps(result)}", file=sys.stderr, flush=True)
+    row["plain_tokens_per_second_median"] = round(new_tokens / float(np.median(plain_times)), 1)
+    Path(FLAGS.results).parent.mkdir(parents=True, exist_ok=True)
+    with open(FLAGS.results, "a") as f:
+      f.write(json.dumps(row) + "\n")
+
+
+if __name__ == "__main__":
+  app.run(main)
