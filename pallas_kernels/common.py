@@ -30,3 +30,33 @@ def merge_splits(o: jax.Array, lse: jax.Array, axis: int) -> jax.Array:
   weights = jnp.where(jnp.isfinite(lse), jnp.exp(lse - jnp.where(jnp.isfinite(total), total, 0.0)),
                       0.0)
   return jnp.sum(weights[..., None] * o, axis=axis)
+
+
+# Online softmax over key blocks (flash attention's running max / sum), shared by the kernels
+# that walk pages: a carry of (o (rows, H) f32 unnormalised output, m (rows,) running max,
+# l (rows,) running sum).
+
+
+def softmax_init(rows: int, h: int):
+  return (jnp.zeros((rows, h), jnp.float32), jnp.full((rows,), MASK_VALUE, jnp.float32),
+          jnp.zeros((rows,), jnp.float32))
+
+
+def softmax_update(carry, logits: jax.Array, visible: jax.Array, v: jax.Array):
+  """Folds one block: logits (rows, keys) f32 already scaled, visible (rows, keys), v (keys, H)."""
+  o, m, l = carry
+  logits = jnp.where(visible, logits, MASK_VALUE)
+  m_new = jnp.maximum(m, logits.max(axis=-1))
+  p = jnp.where(visible, jnp.exp(logits - m_new[:, None]), 0.0)
+  corr = jnp.exp(m - m_new)
+  l = corr * l + p.sum(axis=-1)
+  o = corr[:, None] * o + jnp.dot(p.astype(v.dtype), v, preferred_element_type=jnp.float32)
+  return o, m_new, l
+
+
+def softmax_finish(carry):
+  """(normalised output, log-sum-exp); rows that saw no key give 0 and -inf."""
+  o, m, l = carry
+  seen = l > 0
+  out = jnp.where(seen[:, None], o / jnp.where(seen, l, 1.0)[:, None], 0.0)
+  return out, jnp.where(seen, m + jnp.log(jnp.where(seen, l, 1.0)), -jnp.inf)

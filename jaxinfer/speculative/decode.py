@@ -98,8 +98,8 @@ class SpecStats:
             for d in range(1, len(h))]
 
 
-def _step(params, draft_params, state: SpecState, sampling: SamplingParams, page_table,
-          parents_tree, eos_ids, *, cfg, proposer, rule, implementation, mesh, rules):
+def _step(params, draft_params, state: SpecState, sampling: SamplingParams, page_table, eos_ids,
+          *, cfg, proposer, rule, implementation, mesh, rules):
   b = state.length.shape[0]
   t = proposer.tree_size
   live = ~state.done
@@ -160,7 +160,7 @@ def _step(params, draft_params, state: SpecState, sampling: SamplingParams, page
   done = state.done | (live & ((first_eos < count) | (state.num_generated + n_emit
                                                        >= state.max_new)))
   if isinstance(proposer, Recycling):
-    pstate = proposer.update(pstate, draft.tokens, logits, ctx, new_length)
+    pstate = proposer.update(pstate, draft.tokens, logits)
   hist_acc = state.accepted_hist + jnp.zeros_like(state.accepted_hist).at[n_acc].add(
       live.astype(jnp.int32))
   return SpecState(k_new, v_new, hist, new_length, out, state.num_generated + n_emit,
@@ -168,15 +168,14 @@ def _step(params, draft_params, state: SpecState, sampling: SamplingParams, page
                    state.emitted + jnp.sum(jnp.where(live, count, 0)))
 
 
-def _chunk(params, draft_params, state, sampling, page_table, parents_tree, eos_ids, *,
-           num_steps, **kw):
+def _chunk(params, draft_params, state, sampling, page_table, eos_ids, *, num_steps, **kw):
   def cond(c):
     i, s = c
     return (i < num_steps) & ~jnp.all(s.done)
 
   def body(c):
     i, s = c
-    return i + 1, _step(params, draft_params, s, sampling, page_table, parents_tree, eos_ids, **kw)
+    return i + 1, _step(params, draft_params, s, sampling, page_table, eos_ids, **kw)
 
   return jax.lax.while_loop(cond, body, (0, state))[1]
 
@@ -358,7 +357,7 @@ class SpeculativeGenerator:
       c0 = self.stats.compile_s
       t2 = time.perf_counter()
       state = self._run("decode", chunk, self.params, self.draft_params, state, sampling,
-                        page_table, jnp.zeros((t,), jnp.int32), eos)
+                        page_table, eos)
       host_done = np.asarray(state.done)
       decode_s += time.perf_counter() - t2 - (self.stats.compile_s - c0)
       if should_stop is not None:

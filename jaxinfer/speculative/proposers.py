@@ -67,11 +67,10 @@ def _root_only(ctx: Context) -> jax.Array:
   return jnp.take_along_axis(ctx.history, ctx.length[:, None], axis=1)[:, 0]
 
 
-@dataclasses.dataclass(frozen=True)
-class NGram:
-  num_draft_tokens: int = 4
-  max_ngram: int = 3
-  name: str = "ngram"
+class _Chain:
+  """A proposer that drafts a chain of `num_draft_tokens` after the root."""
+
+  num_draft_tokens: int
 
   @property
   def tree_size(self) -> int:
@@ -80,6 +79,13 @@ class NGram:
   @property
   def max_depth(self) -> int:
     return self.num_draft_tokens
+
+
+@dataclasses.dataclass(frozen=True)
+class NGram(_Chain):
+  num_draft_tokens: int = 4
+  max_ngram: int = 3
+  name: str = "ngram"
 
   def propose(self, state, ctx: Context):
     hist, length = ctx.history, ctx.length
@@ -100,9 +106,6 @@ class NGram:
     drafts = jnp.take_along_axis(hist, idx, axis=1)
     tokens = jnp.concatenate([_root_only(ctx)[:, None], drafts], axis=1)
     return state, Draft(tokens, jnp.asarray(chain_parents(self.tree_size)), None)
-
-  def update(self, state, tokens, logits, ctx: Context, new_length):
-    return state
 
 
 @dataclasses.dataclass(frozen=True)
@@ -128,7 +131,8 @@ class Recycling:
       tokens.append(adj[tokens[parents[j]], rank[j]])
     return adj, Draft(jnp.stack(tokens, 1), jnp.asarray(parents), None)
 
-  def update(self, adj, tokens, logits, ctx, new_length):
+  def update(self, adj, tokens, logits):
+    """Each drafted token's successors := the target's top-k at its node."""
     k = max(self.branching)
     top = jax.lax.top_k(logits, k)[1].astype(jnp.int32)  # (B, T, k)
     return adj.at[tokens.reshape(-1)].set(top.reshape(-1, k))
@@ -139,20 +143,12 @@ class Recycling:
 
 
 @dataclasses.dataclass(frozen=True)
-class DraftModel:
+class DraftModel(_Chain):
   """A chain of `num_draft_tokens` from a small model sharing the target's vocabulary."""
 
   cfg: ModelConfig
   num_draft_tokens: int = 4
   name: str = "draft"
-
-  @property
-  def tree_size(self) -> int:
-    return self.num_draft_tokens + 1
-
-  @property
-  def max_depth(self) -> int:
-    return self.num_draft_tokens
 
   def prefill(self, params, history, prompt_len, max_len):
     """The draft's own cache over the prompts (positions past a row's prompt are dropped)."""

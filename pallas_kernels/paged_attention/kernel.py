@@ -18,7 +18,8 @@ import jax.numpy as jnp
 from jax import lax
 from jax.experimental import pallas as pl
 
-from pallas_kernels.common import MASK_VALUE, compiler_params, merge_splits, resolve_interpret
+from pallas_kernels.common import (compiler_params, merge_splits, resolve_interpret,
+                                   softmax_finish, softmax_init, softmax_update)
 
 _TRANS_B = (((1,), (1,)), ((), ()))
 
@@ -33,35 +34,24 @@ def _kernel(len_ref, pt_ref, q_ref, k_ref, v_ref, o_ref, lse_ref, *, scale, page
   last = jnp.minimum(first + pages_per_split, num_pages)
 
   def body(j, carry):
-    o, m, l = carry
     page = pt_ref[j]
     k = k_ref[page]  # (ps, H)
-    v = v_ref[page]
     logits = lax.dot_general(q, k, _TRANS_B, preferred_element_type=jnp.float32) * scale
     pos = (j * page_size + jnp.arange(page_size))[None, :]
     visible = pos < length
     if window is not None:
       visible &= (pos >= length - window) | (pos < sinks)
-    logits = jnp.where(visible, logits, MASK_VALUE)
-    m_new = jnp.maximum(m, logits.max(axis=-1))
-    p = jnp.where(visible, jnp.exp(logits - m_new[:, None]), 0.0)
-    corr = jnp.exp(m - m_new)
-    l = corr * l + p.sum(axis=-1)
-    o = corr[:, None] * o + jnp.dot(p.astype(v.dtype), v, preferred_element_type=jnp.float32)
-    return o, m_new, l
+    return softmax_update(carry, logits, visible, v_ref[page])
 
-  init = (jnp.zeros((rows, h), jnp.float32), jnp.full((rows,), MASK_VALUE, jnp.float32),
-          jnp.zeros((rows,), jnp.float32))
+  init = softmax_init(rows, h)
   if window is None:
-    o, m, l = lax.fori_loop(first, jnp.maximum(first, last), body, init)
+    carry = lax.fori_loop(first, jnp.maximum(first, last), body, init)
   else:  # only the sink pages, then the window's pages, are read
     sink_end = jnp.maximum(first, jnp.minimum(last, (sinks + page_size - 1) // page_size))
     carry = lax.fori_loop(first, sink_end, body, init)
     window_start = jnp.maximum(sink_end, jnp.maximum(length - window, 0) // page_size)
-    o, m, l = lax.fori_loop(window_start, jnp.maximum(window_start, last), body, carry)
-  seen = l > 0
-  o_ref[...] = jnp.where(seen[:, None], o / jnp.where(seen, l, 1.0)[:, None], 0.0)
-  lse_ref[...] = jnp.where(seen, m + jnp.log(jnp.where(seen, l, 1.0)), -jnp.inf)
+    carry = lax.fori_loop(window_start, jnp.maximum(window_start, last), body, carry)
+  o_ref[...], lse_ref[...] = softmax_finish(carry)
 
 
 def default_num_splits(batch: int, kv_heads: int, max_pages: int, target: int = 256) -> int:

@@ -20,7 +20,8 @@ import jax.numpy as jnp
 from jax import lax
 from jax.experimental import pallas as pl
 
-from pallas_kernels.common import MASK_VALUE, compiler_params, merge_splits, resolve_interpret
+from pallas_kernels.common import (compiler_params, merge_splits, resolve_interpret,
+                                   softmax_finish, softmax_init, softmax_update)
 from pallas_kernels.paged_attention.kernel import default_num_splits
 
 _TRANS_B = (((1,), (1,)), ((), ()))
@@ -38,10 +39,8 @@ def _kernel(len_ref, pt_ref, mask_ref, q_ref, k_ref, v_ref, o_ref, lse_ref, *, s
   last = jnp.minimum(first + pages_per_split, num_pages)
 
   def body(j, carry):
-    o, m, l = carry
     page = pt_ref[j]
     k = k_ref[page]  # (ps, H)
-    v = v_ref[page]
     logits = lax.dot_general(q, k, _TRANS_B, preferred_element_type=jnp.float32) * scale
     pos = (j * page_size + jnp.arange(page_size))[None, :]
     rel = pos - prefix
@@ -52,20 +51,10 @@ def _kernel(len_ref, pt_ref, mask_ref, q_ref, k_ref, v_ref, o_ref, lse_ref, *, s
       shifted = words[:, w:w + 1] >> (relc & 31)  # (rows, ps); bit 31 is read after & 1
       bit = jnp.where((relc >> 5) == w, shifted & 1, bit)
     visible = (pos < prefix) | (in_tree & (bit == 1))
-    logits = jnp.where(visible, logits, MASK_VALUE)
-    m_new = jnp.maximum(m, logits.max(axis=-1))
-    p = jnp.where(visible, jnp.exp(logits - m_new[:, None]), 0.0)
-    corr = jnp.exp(m - m_new)
-    l = corr * l + p.sum(axis=-1)
-    o = corr[:, None] * o + jnp.dot(p.astype(v.dtype), v, preferred_element_type=jnp.float32)
-    return o, m_new, l
+    return softmax_update(carry, logits, visible, v_ref[page])
 
-  init = (jnp.zeros((rows, h), jnp.float32), jnp.full((rows,), MASK_VALUE, jnp.float32),
-          jnp.zeros((rows,), jnp.float32))
-  o, m, l = lax.fori_loop(first, jnp.maximum(first, last), body, init)
-  seen = l > 0
-  o_ref[...] = jnp.where(seen[:, None], o / jnp.where(seen, l, 1.0)[:, None], 0.0)
-  lse_ref[...] = jnp.where(seen, m + jnp.log(jnp.where(seen, l, 1.0)), -jnp.inf)
+  carry = lax.fori_loop(first, jnp.maximum(first, last), body, softmax_init(rows, h))
+  o_ref[...], lse_ref[...] = softmax_finish(carry)
 
 
 def _check(q, k_pages, v_pages, prefix_len, page_table, tree_mask):
