@@ -29,6 +29,7 @@ flags.DEFINE_integer("prompt_tokens", 128, "Prompt length (tokens of held-out so
 flags.DEFINE_integer("num_draft_tokens", 4, "Chain length for ngram / layerskip.")
 flags.DEFINE_string("tree", "4,2,1,1", "Recycling tree branching.")
 flags.DEFINE_string("draft_layers", None, "layerskip: layers kept (default: first half).")
+flags.DEFINE_string("draft_heads", None, "medusa: heads written by jaxinfer train-draft.")
 flags.DEFINE_integer("repeats", 5, "Interleaved timed runs; the median ratio is reported.")
 flags.DEFINE_string("results", str(Path(__file__).parent / "results" / "bench_speculative.jsonl"),
                     "Results file (JSON lines, appended).")
@@ -85,7 +86,8 @@ def main(argv):
     for method in FLAGS.methods:
       job = GenerateJob(prompts="-", output="-", speculative=method,
                         num_draft_tokens=FLAGS.num_draft_tokens, tree=FLAGS.tree,
-                        draft_layers=FLAGS.draft_layers)
+                        draft_layers=FLAGS.draft_layers,
+                        draft_heads=FLAGS.draft_heads if method == "medusa" else None)
       proposer, draft_params = make_proposer(job, cfg, params, None)
       gens = {"always": SpeculativeGenerator(cfg, params, proposer, draft_params=draft_params,
                                              steps_per_sync=16, policy="always"),

@@ -61,8 +61,9 @@ class GenerateJob:
   steps_per_sync: int = 32  # static scheduler only
   cache_dir: str | None = None
   progress: bool = True
-  speculative: str = "none"  # none | ngram | recycling | draft | layerskip
+  speculative: str = "none"  # none | ngram | recycling | draft | layerskip | medusa
   draft_model: str | None = None
+  draft_heads: str | None = None  # medusa: a directory written by jaxinfer train-draft
   num_draft_tokens: int = 4
   tree: str = "4,2,1,1"  # Token Recycling's branching per depth
   draft_layers: str | None = None  # layerskip: layers the draft keeps
@@ -120,6 +121,8 @@ class GenerateJob:
         raise UserError(f"--acceptance: expected exact or typical, got {self.acceptance!r}")
       if (self.speculative == "draft") != (self.draft_model is not None):
         raise UserError("--draft_model: needed with --speculative=draft, and only then")
+      if (self.speculative == "medusa") != (self.draft_heads is not None):
+        raise UserError("--draft_heads: needed with --speculative=medusa, and only then")
       try:
         tree_branching(self.tree)
         if self.draft_layers:
@@ -132,7 +135,7 @@ class GenerateJob:
                       f"got {self.implementation!r}")
 
 
-SPECULATIVE = ("none", "ngram", "recycling", "draft", "layerskip")
+SPECULATIVE = ("none", "ngram", "recycling", "draft", "layerskip", "medusa")
 
 
 def _int_list(text: str) -> tuple[int, ...]:
@@ -167,6 +170,17 @@ def make_proposer(job: "GenerateJob", cfg, params, dtype):
     except ValueError as e:
       raise UserError(f"--draft_layers: {e}") from None
     return P.DraftModel(dcfg, num_draft_tokens=job.num_draft_tokens, name="layerskip"), dparams
+  if job.speculative == "medusa":
+    from jaxinfer.draft_heads import medusa
+    try:
+      heads, info = medusa.load(job.draft_heads, cfg.jnp_dtype)
+    except (FileNotFoundError, ValueError) as e:
+      raise UserError(f"--draft_heads: {e}") from None
+    if (info["vocab_size"], info["hidden_size"]) != (cfg.vocab_size, cfg.embed):
+      raise UserError(f"--draft_heads: heads for vocabulary {info['vocab_size']} / hidden "
+                      f"{info['hidden_size']}, the model has {cfg.vocab_size} / "
+                      f"{cfg.embed}")
+    return P.Medusa(paths=tuple(tuple(p) for p in info["tree"])), heads
   try:
     dcfg, dparams, _ = checkpoint.load_model(job.draft_model, dtype, quiet=True)
   except (FileNotFoundError, ValueError) as e:

@@ -54,9 +54,12 @@ flags.DEFINE_integer("max_seq_len", None, "Override the model's context length (
                      "e.g. for long prompts under sinks_window sparsity.", lower_bound=2)
 flags.DEFINE_integer("steps_per_sync", 32, "Static scheduler: decode steps per host round trip.",
                      lower_bound=1)
-flags.DEFINE_enum("speculative", "none", ["none", "ngram", "recycling", "draft", "layerskip"],
+flags.DEFINE_enum("speculative", "none",
+                  ["none", "ngram", "recycling", "draft", "layerskip", "medusa"],
                   "Speculative decoding proposer (with --scheduler=static): prompt lookup, Token "
-                  "Recycling, a separate draft model, or the model itself with layers skipped.")
+                  "Recycling, a separate draft model, the model itself with layers skipped, or "
+                  "Medusa heads (--draft_heads).")
+flags.DEFINE_string("draft_heads", None, "Medusa heads written by jaxinfer train-draft.")
 flags.DEFINE_string("draft_model", None, "Draft model for --speculative=draft (same vocabulary).")
 flags.DEFINE_integer("num_draft_tokens", 4, "Drafted tokens per step (chain proposers).",
                      lower_bound=1)
@@ -91,6 +94,7 @@ def main(argv: list[str]) -> None:
       page_size=FLAGS.page_size, kv_pages=FLAGS.kv_pages, overwrite=FLAGS.overwrite,
       steps_per_sync=FLAGS.steps_per_sync, cache_dir=FLAGS.cache_dir, progress=FLAGS.progress,
       speculative=FLAGS.speculative, draft_model=FLAGS.draft_model,
+      draft_heads=FLAGS.draft_heads,
       num_draft_tokens=FLAGS.num_draft_tokens, tree=FLAGS.tree, draft_layers=FLAGS.draft_layers,
       acceptance=FLAGS.acceptance)
   try:

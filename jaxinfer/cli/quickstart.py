@@ -21,6 +21,8 @@ flags.DEFINE_integer("batch_size", 8, "Sequences generated together.", lower_bou
 flags.DEFINE_integer("show", 3, "Completions to print.", lower_bound=0)
 flags.DEFINE_integer("speculative_prompts", 4, "Prompts for the speculative-decoding demo (0: "
                      "skip it).", lower_bound=0)
+flags.DEFINE_integer("medusa_steps", 400, "Training steps for the Medusa heads of the demo (0: "
+                     "skip training them).", lower_bound=0)
 flags.DEFINE_enum("recipe", "default", ["default", "smoke"], "Embedded model recipe; smoke builds "
                   "a throwaway model in seconds (for testing the pipeline).")
 FLAGS = flags.FLAGS
@@ -79,30 +81,68 @@ def main(argv: list[str]) -> None:
     print(f"\n--- {rec['id']} ({rec['finish_reason']}) ---")
     print(prompts[rec["id"]] + rec["completion"])
   if FLAGS.speculative_prompts:
-    speculative_demo(model_dir, prompts_path(), FLAGS.speculative_prompts, FLAGS.max_new_tokens)
+    from jaxinfer.speculative.proposers import NGram
+    speculative_demo(model_dir, prompts_path(), FLAGS.speculative_prompts, FLAGS.max_new_tokens,
+                     "prompt lookup, 4 drafted tokens", NGram(num_draft_tokens=4), None)
+    if FLAGS.medusa_steps:
+      proposer, heads = medusa_heads(model_dir, FLAGS.medusa_steps)
+      speculative_demo(model_dir, prompts_path(), FLAGS.speculative_prompts,
+                       FLAGS.max_new_tokens, f"Medusa heads, {proposer.tree_size - 1}-node tree",
+                       proposer, heads)
   print(f"\n== done in {time.perf_counter() - t0:.0f}s; outputs in {out_dir}/")
   if m["num_failed"]:
     sys.exit(1)
 
 
-def speculative_demo(model_dir: Path, prompts_file: Path, n: int, max_new_tokens: int) -> None:
-  """Prompt-lookup speculative decoding against plain decoding, one prompt at a time, greedy:
-  the outputs must match; prints tau and the measured speedup."""
+def medusa_heads(model_dir: Path, steps: int):
+  """Medusa heads for the embedded model: trained once (resumable) and cached beside it."""
+  import numpy as np
+
+  from jaxinfer import checkpoint
+  from jaxinfer.draft_heads import medusa
+  from jaxinfer.speculative.proposers import Medusa
+
+  out = model_dir.parent / f"medusa-{steps}"
+  if not (out / "medusa_config.json").is_file():
+    # about two passes over the distilled tokens (64 prompt + 128 written per window)
+    num_prompts = max(64, min(1024, steps * 8 * 128 // 192 // 2))
+    print(f"\n== training Medusa heads on the frozen model: the batch engine writes {num_prompts} "
+          f"greedy continuations of training text (self-distillation), then {steps} steps; "
+          f"cached after", flush=True)
+    cfg, base, _ = checkpoint.load_model(str(model_dir), quiet=True)
+    work = model_dir.parent / f"medusa-{steps}.run"
+    t0 = time.perf_counter()
+    tokens = medusa.self_distill(str(model_dir), np.load(model_dir.parent / "train_tokens.npy"),
+                                 work / "distill", num_prompts=num_prompts, progress=False)
+    held = medusa.self_distill(str(model_dir), np.load(model_dir.parent / "heldout_tokens.npy"),
+                               work / "distill_held", num_prompts=64, progress=False)
+    heads, info = medusa.train_heads(cfg, base, tokens, held, work, steps=steps, batch_size=8,
+                                     seq_len=128, progress=False)
+    info["train_seconds"] = round(time.perf_counter() - t0, 1)
+    medusa.save(out, heads, info)
+  heads, info = medusa.load(out)
+  print(f"\n== Medusa heads ({out}): held-out top-1 accuracy per head "
+        f"{', '.join(f'{a:.2f}' for a in info['accuracy_top1'])}")
+  return Medusa(paths=tuple(tuple(p) for p in info["tree"])), heads
+
+
+def speculative_demo(model_dir: Path, prompts_file: Path, n: int, max_new_tokens: int,
+                     label: str, proposer, draft_params) -> None:
+  """Speculative decoding against plain decoding, one prompt at a time, greedy: the outputs
+  must match; prints tau and the measured speedup."""
   import jax
 
   from jaxinfer import checkpoint
   from jaxinfer.generation import Generator, RowRequest
   from jaxinfer.speculative.decode import SpeculativeGenerator
-  from jaxinfer.speculative.proposers import NGram
 
-  print(f"\n== speculative decoding (prompt lookup, 4 drafted tokens, greedy, batch 1, "
-        f"{n} prompts)", flush=True)
+  print(f"\n== speculative decoding ({label}, greedy, batch 1, {n} prompts)", flush=True)
   cfg, params, tok = checkpoint.load_model(str(model_dir), quiet=True)
   texts = [json.loads(l)["prompt"] for l in prompts_file.read_text().splitlines()[:n]]
   rows = [[RowRequest(tok.encode(t), max_new_tokens, jax.random.key(i))]
           for i, t in enumerate(texts)]
   plain = Generator(cfg, params)
-  spec = SpeculativeGenerator(cfg, params, NGram(num_draft_tokens=4), policy="always")
+  spec = SpeculativeGenerator(cfg, params, proposer, draft_params=draft_params, policy="always")
   plain.generate(rows[0])  # compile both before timing
   spec.generate(rows[0])
   times = {"plain": 0.0, "spec": 0.0}

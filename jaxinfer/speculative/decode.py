@@ -25,7 +25,7 @@ from jaxinfer.generation import Generator, RowRequest, RowResult, next_pow2
 from jaxinfer.kv_cache import KVCache, PagedKVCache, TreeKVCache, commit_path
 from jaxinfer.sampling import SamplingParams, distribution, sample
 from jaxinfer.speculative import acceptance
-from jaxinfer.speculative.proposers import Context, DraftModel, Recycling
+from jaxinfer.speculative.proposers import Context, DraftModel, Medusa, Recycling
 from pallas_kernels.tree_attention import ancestor_matrix, pack_ancestors
 
 _DRAFT_SALT, _VERIFY_SALT = 1 << 20, 1 << 21
@@ -106,7 +106,7 @@ def _step(params, draft_params, state: SpecState, sampling: SamplingParams, page
   step_keys = jax.vmap(lambda k: jax.random.fold_in(k, state.step))(state.keys)
   ctx = Context(state.history, state.length, sampling,
                 jax.vmap(lambda k: jax.random.fold_in(k, _DRAFT_SALT))(step_keys))
-  if isinstance(proposer, DraftModel):
+  if isinstance(proposer, (DraftModel, Medusa)):
     pstate, draft = proposer.propose(draft_params, state.proposer, ctx)
   else:
     pstate, draft = proposer.propose(state.proposer, ctx)
@@ -161,6 +161,9 @@ def _step(params, draft_params, state: SpecState, sampling: SamplingParams, page
                                                        >= state.max_new)))
   if isinstance(proposer, Recycling):
     pstate = proposer.update(pstate, draft.tokens, logits)
+  elif isinstance(proposer, Medusa):
+    pstate = jnp.where(live[:, None], proposer.update(pstate, hidden, verdict.path, n_acc),
+                       pstate)
   hist_acc = state.accepted_hist + jnp.zeros_like(state.accepted_hist).at[n_acc].add(
       live.astype(jnp.int32))
   return SpecState(k_new, v_new, hist, new_length, out, state.num_generated + n_emit,
@@ -203,6 +206,8 @@ def _prefill(params, draft_params, history, prompt_len, max_new, sampling, keys,
     pstate = proposer.prefill(draft_params, history, prompt_len, max_len)
   elif isinstance(proposer, Recycling):
     pstate = adjacency
+  elif isinstance(proposer, Medusa):
+    pstate = last  # the hidden state that predicted the first token
   unview = lambda new, old: new.reshape(old.shape)
   rows = jnp.arange(b)
   hist = jnp.pad(history, ((0, 0), (0, max_len - width))).at[rows, prompt_len].set(first)
@@ -233,8 +238,8 @@ class SpeculativeGenerator:
     from jaxinfer.sharding import DEFAULT_RULES
     if cfg.sliding_window is not None:
       raise ValueError("speculative decoding: sliding-window models are not supported yet")
-    if isinstance(proposer, DraftModel) and draft_params is None:
-      raise ValueError("speculative decoding: a draft model proposer needs draft_params")
+    if isinstance(proposer, (DraftModel, Medusa)) and draft_params is None:
+      raise ValueError(f"speculative decoding: the {proposer.name} proposer needs draft_params")
     if isinstance(proposer, DraftModel) and proposer.cfg.vocab_size != cfg.vocab_size:
       raise ValueError(f"speculative decoding: the draft's vocabulary ({proposer.cfg.vocab_size})"
                        f" differs from the target's ({cfg.vocab_size})")

@@ -122,14 +122,15 @@ class Recycling:
     return len(self.branching)
 
   def propose(self, adj, ctx: Context):
-    parents = tree_parents(self.branching)
-    tokens = [_root_only(ctx)]
-    rank = np.zeros(len(parents), np.int32)  # which successor of its parent each node takes
-    for j in range(1, len(parents)):
-      rank[j] = sum(1 for i in range(1, j) if parents[i] == parents[j])
-    for j in range(1, len(parents)):
-      tokens.append(adj[tokens[parents[j]], rank[j]])
-    return adj, Draft(jnp.stack(tokens, 1), jnp.asarray(parents), None)
+    # Level by level (tree_parents' breadth-first order): each node of a level has
+    # branching[d] children, its top successors in order; one gather per level.
+    level = _root_only(ctx)[:, None]  # (B, 1)
+    levels = [level]
+    for k in self.branching:
+      level = adj[level][:, :, :k].reshape(level.shape[0], -1)
+      levels.append(level)
+    return adj, Draft(jnp.concatenate(levels, axis=1), jnp.asarray(tree_parents(self.branching)),
+                      None)
 
   def update(self, adj, tokens, logits):
     """Each drafted token's successors := the target's top-k at its node."""
@@ -193,3 +194,38 @@ def layer_skip_draft(cfg: ModelConfig, params: M.Transformer,
                      f"[0, {cfg.num_layers}), got {keep}")
   return (dataclasses.replace(cfg, num_layers=len(keep)),
           params.replace(layers=tuple(params.layers[i] for i in sorted(keep))))
+
+
+@dataclasses.dataclass(frozen=True)
+class Medusa:
+  """Medusa heads (jaxinfer.draft_heads.medusa) on the target's hidden state at the last accepted
+  token draft a static tree: node (r_1, ..., r_d) takes the r_d-th ranked candidate of head d-1.
+  The proposer's state is that hidden state (B, D), refreshed from every verification."""
+
+  paths: tuple[tuple[int, ...], ...]
+  name: str = "medusa"
+
+  @property
+  def tree_size(self) -> int:
+    return 1 + len(self.paths)
+
+  @property
+  def max_depth(self) -> int:
+    return max(len(p) for p in self.paths)
+
+  def propose(self, heads, hidden, ctx: Context):
+    from jaxinfer.draft_heads.medusa import head_logits, tree_parents
+    top = 1 + max(max(p) for p in self.paths)
+    logits = head_logits(heads, hidden)[:self.max_depth]  # (K, B, V)
+    cand = jax.lax.top_k(logits, top)[1].astype(jnp.int32)  # (K, B, top): distinct per head
+    # One gather for all nodes (per-node slices get the heads' computation duplicated by XLA).
+    depth = np.array([len(p) - 1 for p in self.paths])
+    rank = np.array([p[-1] for p in self.paths])
+    drafts = cand[depth, :, rank].T  # (B, T - 1)
+    tokens = jnp.concatenate([_root_only(ctx)[:, None], drafts], axis=1)
+    return hidden, Draft(tokens, jnp.asarray(tree_parents(list(self.paths))), None)
+
+  def update(self, hidden_state, verify_hidden, path, num_accepted):
+    """The hidden state at the last accepted node (it predicted the next root)."""
+    rows = jnp.arange(path.shape[0])
+    return verify_hidden[rows, path[rows, num_accepted]]

@@ -135,7 +135,7 @@ def train(loss_fn: LossFn, params: Any, batch_fn: Callable[[int], Any], cfg: Tra
                                                                        batch, rng)
     updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
-    metrics = dict(metrics, loss=loss, grad_norm=optax.global_norm(grads))
+    metrics = dict(metrics, loss=loss, grad_norm=optax.tree.norm(grads))
     return TrainState(step=state.step + 1, params=params, opt_state=opt_state), metrics
 
   step_jit = jax.jit(step_fn, donate_argnums=(0,))

@@ -1,0 +1,238 @@
+"""Medusa-1 draft heads: training on a frozen base, the static tree, and their files.
+
+K heads on the base's last hidden state h_t (after the final norm). Head k (k = 0..K-1) is a
+residual block x = h + SiLU(W_k h + b_k) (W_k, b_k zero-initialised: each head starts as the base's
+own next-token predictor) followed by its own vocabulary projection (initialised from the base's
+output projection), and predicts the token k + 2 places after t (the base predicts t + 1).
+Every head has its own weights (no accidental tying). The loss is sum_k 0.2 * 0.8^k * CE_k with
+the base frozen (its forward runs under stop_gradient; only the heads are trained).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import heapq
+import json
+from pathlib import Path
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import struct
+
+from jaxinfer import model as M
+from jaxinfer.config import ModelConfig
+
+FORMAT = "jaxinfer-medusa-1"
+
+
+@struct.dataclass
+class MedusaHeads:
+  w: jax.Array  # (K, D, D)
+  b: jax.Array  # (K, D)
+  proj: jax.Array  # (K, D, V)
+
+  @property
+  def num_heads(self) -> int:
+    return self.w.shape[0]
+
+
+def init_heads(base: M.Transformer, num_heads: int) -> MedusaHeads:
+  out = base.embed.T if base.lm_head is None else base.lm_head  # (D, V)
+  d = out.shape[0]
+  return MedusaHeads(w=jnp.zeros((num_heads, d, d), out.dtype),
+                     b=jnp.zeros((num_heads, d), out.dtype),
+                     proj=jnp.broadcast_to(out, (num_heads,) + out.shape).copy())
+
+
+def head_logits(heads: MedusaHeads, hidden: jax.Array) -> jax.Array:
+  """hidden (..., D) -> (K, ..., V) float32 logits of every head."""
+  x = hidden[None] + jax.nn.silu(
+      jnp.einsum("...d,kde->k...e", hidden, heads.w) + heads.b.reshape(
+          (heads.num_heads,) + (1,) * (hidden.ndim - 1) + (-1,)))
+  return jnp.einsum("k...d,kdv->k...v", x, heads.proj, preferred_element_type=jnp.float32)
+
+
+def head_weights(num_heads: int) -> jax.Array:
+  return 0.2 * 0.8 ** jnp.arange(num_heads, dtype=jnp.float32)
+
+
+def medusa_loss_fn(cfg: ModelConfig):
+  """loss_fn(heads, base, tokens (B, T+1), rng) for the shared training loop."""
+
+  def loss_fn(heads: MedusaHeads, base: M.Transformer, batch, rng):
+    del rng
+    inputs = batch[:, :-1]
+    positions = jnp.broadcast_to(jnp.arange(inputs.shape[1], dtype=jnp.int32), inputs.shape)
+    hidden, _ = M.forward(base, inputs, positions, cfg)
+    hidden = jax.lax.stop_gradient(hidden)  # the base is frozen
+    logits = head_logits(heads, hidden)  # (K, B, T, V)
+    k_heads, _, t, _ = logits.shape
+    losses, metrics = [], {}
+    for k in range(k_heads):
+      shift = k + 2  # head k at position t predicts the token at t + k + 2 (= batch[t + k + 2])
+      lg = logits[k, :, :t + 1 - shift]
+      target = batch[:, shift:]
+      logz = jax.nn.logsumexp(lg, -1)
+      gold = jnp.take_along_axis(lg, target[..., None], -1)[..., 0]
+      losses.append(jnp.mean(logz - gold))
+      metrics[f"head{k}_top1"] = jnp.mean(jnp.argmax(lg, -1) == target)
+    loss = jnp.sum(head_weights(k_heads) * jnp.stack(losses))
+    return loss, metrics
+
+  return loss_fn
+
+
+def topk_accuracy(heads: MedusaHeads, base: M.Transformer, cfg: ModelConfig, batches,
+                  top: int = 10) -> np.ndarray:
+  """(K, top): how often head k's i-th ranked candidate is the right token (held-out batches)."""
+  hits, count = None, np.zeros(heads.num_heads)
+
+  @jax.jit
+  def ranks(batch):
+    inputs = batch[:, :-1]
+    positions = jnp.broadcast_to(jnp.arange(inputs.shape[1], dtype=jnp.int32), inputs.shape)
+    hidden, _ = M.forward(base, inputs, positions, cfg)
+    logits = head_logits(heads, hidden)
+    out = []
+    for k in range(heads.num_heads):
+      shift = k + 2
+      cand = jax.lax.top_k(logits[k, :, :inputs.shape[1] + 1 - shift], top)[1]
+      target = batch[:, shift:]
+      out.append(jnp.sum(cand == target[..., None], axis=(0, 1)))  # (top,)
+    return jnp.stack(out)
+
+  for batch in batches:
+    h = np.asarray(ranks(jnp.asarray(batch)))
+    hits = h if hits is None else hits + h
+    count += np.array([batch.shape[0] * (batch.shape[1] - 1 - (k + 1))
+                       for k in range(heads.num_heads)])
+  if hits is None:
+    raise ValueError("topk_accuracy: no held-out batches")
+  return hits / count[:, None]
+
+
+def build_tree(accuracy: np.ndarray, num_nodes: int) -> list[tuple[int, ...]]:
+  """Medusa's static tree: the `num_nodes` candidate paths (rank of the candidate taken from
+  each head, depth d using head d - 1) of highest expected acceptance prod_j accuracy[j, r_j],
+  grown greedily from the root so that every path's prefix is in the tree. Breadth-first order."""
+  k, top = accuracy.shape
+  chosen: list[tuple[int, ...]] = []
+  heap = [(-accuracy[0, r], (r,)) for r in range(top)]
+  heapq.heapify(heap)
+  while heap and len(chosen) < num_nodes:
+    neg, path = heapq.heappop(heap)
+    chosen.append(path)
+    if len(path) < k:
+      for r in range(top):
+        heapq.heappush(heap, (neg * accuracy[len(path), r], path + (r,)))
+  return sorted(chosen, key=lambda p: (len(p), p))
+
+
+def tree_parents(paths: list[tuple[int, ...]]) -> np.ndarray:
+  """Parents of [root] + paths (breadth-first, prefix-closed)."""
+  index = {(): 0}
+  parents = [-1]
+  for i, p in enumerate(paths, start=1):
+    index[p] = i
+    parents.append(index[p[:-1]])
+  return np.asarray(parents, np.int32)
+
+
+def save(directory: str | Path, heads: MedusaHeads, info: dict[str, Any]) -> Path:
+  """heads.safetensors + medusa_config.json (format, shapes, tree, accuracies, training info)."""
+  from safetensors.numpy import save_file
+  out = Path(directory)
+  out.mkdir(parents=True, exist_ok=True)
+  tensors = {"w": np.asarray(heads.w, np.float32), "b": np.asarray(heads.b, np.float32),
+             "proj": np.asarray(heads.proj, np.float32)}
+  save_file(tensors, str(out / "heads.safetensors"))
+  config = dict(info, format=FORMAT, num_heads=heads.num_heads, hidden_size=heads.w.shape[1],
+                vocab_size=heads.proj.shape[2])
+  (out / "medusa_config.json").write_text(json.dumps(config, indent=2) + "\n")
+  return out
+
+
+def load(directory: str | Path, dtype=jnp.float32) -> tuple[MedusaHeads, dict[str, Any]]:
+  from safetensors.numpy import load_file
+  d = Path(directory)
+  cfg_path, weights = d / "medusa_config.json", d / "heads.safetensors"
+  if not cfg_path.is_file() or not weights.is_file():
+    raise FileNotFoundError(f"{directory}: not Medusa heads (expected medusa_config.json and "
+                            f"heads.safetensors, as written by jaxinfer train-draft)")
+  config = json.loads(cfg_path.read_text())
+  if config.get("format") != FORMAT:
+    raise ValueError(f"{directory}: format {config.get('format')!r}, expected {FORMAT!r}")
+  t = load_file(str(weights))
+  heads = MedusaHeads(*(jnp.asarray(t[n], dtype) for n in ("w", "b", "proj")))
+  if heads.proj.shape[2] != config["vocab_size"]:
+    raise ValueError(f"{directory}: heads.safetensors does not match medusa_config.json")
+  return heads, config
+
+
+@dataclasses.dataclass(frozen=True)
+class MedusaTree:
+  """The static tree a proposer drafts: candidate paths of head ranks."""
+
+  paths: tuple[tuple[int, ...], ...]
+
+  @property
+  def max_rank(self) -> int:
+    return 1 + max(max(p) for p in self.paths)
+
+
+def train_heads(cfg: ModelConfig, base: M.Transformer, train_tokens: np.ndarray,
+                held_tokens: np.ndarray, workdir: str | Path, *, num_heads: int = 4,
+                tree_nodes: int = 16, steps: int = 600, batch_size: int = 16, seq_len: int = 256,
+                learning_rate: float = 3e-3, warmup_steps: int = 30, checkpoint_every: int = 100,
+                seed: int = 0, mesh=None, progress: bool = True
+                ) -> tuple[MedusaHeads, dict[str, Any]]:
+  """Trains heads (resuming from `workdir`), then measures per-head top-k accuracy on held-out
+  tokens and builds the static tree from it. Returns the heads and their info for `save`."""
+  from jaxinfer.train.lm import TokenWindows
+  from jaxinfer.train.loop import TrainConfig, train
+  windows = TokenWindows(train_tokens, batch_size, seq_len, seed)
+  held = TokenWindows(held_tokens if len(held_tokens) > seq_len + 1 else train_tokens, 1, seq_len)
+  tcfg = TrainConfig(steps=steps, learning_rate=learning_rate, warmup_steps=warmup_steps,
+                     weight_decay=0.0, checkpoint_every=checkpoint_every, seed=seed,
+                     progress=progress)
+  heads, logged = train(medusa_loss_fn(cfg), init_heads(base, num_heads), windows, tcfg, workdir,
+                        frozen=base, mesh=mesh, description="train-draft")
+  accuracy = topk_accuracy(heads, base, cfg, held.sequential(max_batches=64))
+  paths = build_tree(accuracy, tree_nodes)
+  info = {"method": "medusa", "steps": steps, "train_tokens": int(len(train_tokens)),
+          "accuracy_top1": [round(float(a), 4) for a in accuracy[:, 0]],
+          "accuracy_topk": [[round(float(a), 4) for a in row] for row in accuracy],
+          "tree": [list(p) for p in paths],
+          # expected drafted tokens accepted per step under the independence assumption
+          "expected_accepted_per_step": round(float(sum(
+              np.prod([accuracy[d, r] for d, r in enumerate(p)]) for p in paths)), 3)}
+  return heads, info
+
+
+def self_distill(model: str, tokens: np.ndarray, workdir: str | Path, *, num_prompts: int,
+                 prompt_len: int = 64, new_tokens: int = 128, batch_size: int = 16,
+                 seed: int = 0, progress: bool = True) -> np.ndarray:
+  """Training tokens the base model writes itself: `num_prompts` windows of `tokens` as
+  prompts, each continued greedily by the batch engine (`jaxinfer generate`'s job, resumable
+  in `workdir`). Returns prompt + completion of every record, concatenated in id order."""
+  from jaxinfer.requests import Defaults
+  from jaxinfer.runner import GenerateJob, run
+  work = Path(workdir)
+  work.mkdir(parents=True, exist_ok=True)
+  if len(tokens) <= prompt_len:
+    raise ValueError(f"self-distillation: {len(tokens)} tokens cannot fill {prompt_len}-token "
+                     f"prompts")
+  rng = np.random.default_rng(seed)
+  starts = rng.integers(0, len(tokens) - prompt_len, size=num_prompts)
+  prompts = work / "distill_prompts.jsonl"
+  prompts.write_text("".join(json.dumps({"id": i, "prompt_ids": tokens[s:s + prompt_len].tolist()})
+                             + "\n" for i, s in enumerate(starts)))
+  out = work / "distill_outputs.jsonl"
+  run(GenerateJob(prompts=str(prompts), output=str(out), model=model,
+                  defaults=Defaults(max_new_tokens=new_tokens), batch_size=batch_size,
+                  mesh="data:1", progress=progress))
+  records = sorted((json.loads(l) for l in out.read_text().splitlines()), key=lambda r: r["id"])
+  return np.concatenate([np.concatenate([tokens[s:s + prompt_len], r["completion_ids"]])
+                         for s, r in zip(starts, records)]).astype(np.int32)
