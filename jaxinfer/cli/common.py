@@ -42,3 +42,14 @@ def load_model_from_flags():
   cfg, params, tokenizer = checkpoint.load_model(
       str(src), None if FLAGS.dtype == "auto" else FLAGS.dtype, mesh)
   return mesh, src, cfg, params, tokenizer
+
+
+def data_tokens(tokenizer, src, cfg):
+  """The --data text as one token array (documents separated by EOS), for training commands.
+
+  Raises FileNotFoundError / ValueError with user-facing messages."""
+  from jaxinfer.train.data import load_text_tokens
+  if tokenizer is None:
+    raise ValueError(f"--model: {src} has no tokenizer.json; training on text needs one")
+  return load_text_tokens(flags.FLAGS.data, tokenizer,
+                          cfg.eos_token_ids[0] if cfg.eos_token_ids else None)

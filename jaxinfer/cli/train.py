@@ -9,7 +9,8 @@ from pathlib import Path
 from absl import flags
 
 from jaxinfer.cli import fail, no_positional_args
-from jaxinfer.cli.common import apply_platform_flags, define_model_flags, load_model_from_flags
+from jaxinfer.cli.common import (apply_platform_flags, data_tokens, define_model_flags,
+                                 load_model_from_flags)
 
 define_model_flags()
 flags.DEFINE_string("data", None, "Training text: a .txt file, a JSONL file with a 'text' field "
@@ -41,15 +42,11 @@ def main(argv: list[str]) -> None:
   from jaxinfer import checkpoint
   from jaxinfer import model as M
   from jaxinfer.train import lm
-  from jaxinfer.train.data import load_text_tokens
   from jaxinfer.train.loop import TrainConfig, train
 
   try:
     mesh, src, cfg, params, tokenizer = load_model_from_flags()
-    if tokenizer is None:
-      raise ValueError(f"--model: {src} has no tokenizer.json; training on text needs one")
-    tokens = load_text_tokens(FLAGS.data, tokenizer,
-                              cfg.eos_token_ids[0] if cfg.eos_token_ids else None)
+    tokens = data_tokens(tokenizer, src, cfg)
     n_held = int(len(tokens) * FLAGS.heldout_fraction)
     train_tokens, held_tokens = tokens[:len(tokens) - n_held], tokens[len(tokens) - n_held:]
     windows = lm.TokenWindows(train_tokens, FLAGS.batch_size, FLAGS.seq_len, FLAGS.seed)

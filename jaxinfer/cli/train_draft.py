@@ -10,7 +10,8 @@ from pathlib import Path
 from absl import flags
 
 from jaxinfer.cli import fail, no_positional_args
-from jaxinfer.cli.common import apply_platform_flags, define_model_flags, load_model_from_flags
+from jaxinfer.cli.common import (apply_platform_flags, data_tokens, define_model_flags,
+                                 load_model_from_flags)
 
 define_model_flags()
 flags.DEFINE_enum("method", "medusa", ["medusa"], "Draft-head recipe (Medusa-1: frozen base).")
@@ -46,14 +47,10 @@ def main(argv: list[str]) -> None:
   no_positional_args(argv)
   apply_platform_flags()
   from jaxinfer.draft_heads import medusa
-  from jaxinfer.train.data import load_text_tokens
 
   try:
     mesh, src, cfg, base, tokenizer = load_model_from_flags()
-    if tokenizer is None:
-      raise ValueError(f"--model: {src} has no tokenizer.json; training on text needs one")
-    tokens = load_text_tokens(FLAGS.data, tokenizer,
-                              cfg.eos_token_ids[0] if cfg.eos_token_ids else None)
+    tokens = data_tokens(tokenizer, src, cfg)
     workdir = Path(FLAGS.workdir or FLAGS.output.rstrip("/") + ".run")
     if FLAGS.self_distill:
       tokens = medusa.self_distill(FLAGS.model, tokens, workdir / "distill",
