@@ -60,3 +60,29 @@ def softmax_finish(carry):
   seen = l > 0
   out = jnp.where(seen[:, None], o / jnp.where(seen, l, 1.0)[:, None], 0.0)
   return out, jnp.where(seen, m + jnp.log(jnp.where(seen, l, 1.0)), -jnp.inf)
+
+
+_TRANS_B = (((1,), (1,)), ((), ()))
+
+
+def split_pages(end, page_size: int, max_pages: int, pages_per_split: int):
+  """[first, last) of the pages this program (split = program_id 2) walks, of the pages holding
+  positions < end."""
+  from jax.experimental import pallas as pl
+  num_pages = jnp.minimum((end + page_size - 1) // page_size, max_pages)
+  first = pl.program_id(2) * pages_per_split
+  return first, jnp.minimum(first + pages_per_split, num_pages)
+
+
+def walk_pages(q, k_ref, v_ref, pt_ref, start, stop, visible_fn, carry, *, scale: float,
+               page_size: int):
+  """Folds pages start..stop-1 of this sequence's page table into the online-softmax `carry`:
+  one (rows, H) x (H, ps) matmul per page; visible_fn(pos (1, ps)) -> (rows, ps) bool."""
+  def body(j, carry):
+    page = pt_ref[j]
+    logits = jax.lax.dot_general(q, k_ref[page], _TRANS_B,
+                                 preferred_element_type=jnp.float32) * scale
+    pos = (j * page_size + jnp.arange(page_size))[None, :]
+    return softmax_update(carry, logits, visible_fn(pos), v_ref[page])
+
+  return jax.lax.fori_loop(start, jnp.maximum(start, stop), body, carry)

@@ -15,42 +15,33 @@ import functools
 
 import jax
 import jax.numpy as jnp
-from jax import lax
 from jax.experimental import pallas as pl
 
 from pallas_kernels.common import (compiler_params, merge_splits, resolve_interpret,
-                                   softmax_finish, softmax_init, softmax_update)
-
-_TRANS_B = (((1,), (1,)), ((), ()))
-
+                                   softmax_finish, softmax_init, split_pages, walk_pages)
 
 def _kernel(len_ref, pt_ref, q_ref, k_ref, v_ref, o_ref, lse_ref, *, scale, page_size,
             pages_per_split, window, sinks):
   q = q_ref[...]
   rows, h = q.shape
   length = len_ref[0]
-  num_pages = jnp.minimum((length + page_size - 1) // page_size, pt_ref.shape[0])
-  first = pl.program_id(2) * pages_per_split
-  last = jnp.minimum(first + pages_per_split, num_pages)
+  first, last = split_pages(length, page_size, pt_ref.shape[0], pages_per_split)
 
-  def body(j, carry):
-    page = pt_ref[j]
-    k = k_ref[page]  # (ps, H)
-    logits = lax.dot_general(q, k, _TRANS_B, preferred_element_type=jnp.float32) * scale
-    pos = (j * page_size + jnp.arange(page_size))[None, :]
-    visible = pos < length
+  def visible(pos):
+    vis = pos < length
     if window is not None:
-      visible &= (pos >= length - window) | (pos < sinks)
-    return softmax_update(carry, logits, visible, v_ref[page])
+      vis &= (pos >= length - window) | (pos < sinks)
+    return vis
 
-  init = softmax_init(rows, h)
+  walk = functools.partial(walk_pages, q, k_ref, v_ref, pt_ref, visible_fn=visible, scale=scale,
+                           page_size=page_size)
   if window is None:
-    carry = lax.fori_loop(first, jnp.maximum(first, last), body, init)
+    carry = walk(first, last, carry=softmax_init(rows, h))
   else:  # only the sink pages, then the window's pages, are read
     sink_end = jnp.maximum(first, jnp.minimum(last, (sinks + page_size - 1) // page_size))
-    carry = lax.fori_loop(first, sink_end, body, init)
+    carry = walk(first, sink_end, carry=softmax_init(rows, h))
     window_start = jnp.maximum(sink_end, jnp.maximum(length - window, 0) // page_size)
-    carry = lax.fori_loop(window_start, jnp.maximum(window_start, last), body, carry)
+    carry = walk(window_start, last, carry=carry)
   o_ref[...], lse_ref[...] = softmax_finish(carry)
 
 

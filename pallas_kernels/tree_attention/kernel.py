@@ -17,15 +17,11 @@ import functools
 
 import jax
 import jax.numpy as jnp
-from jax import lax
 from jax.experimental import pallas as pl
 
 from pallas_kernels.common import (compiler_params, merge_splits, resolve_interpret,
-                                   softmax_finish, softmax_init, softmax_update)
+                                   softmax_finish, softmax_init, split_pages, walk_pages)
 from pallas_kernels.paged_attention.kernel import default_num_splits
-
-_TRANS_B = (((1,), (1,)), ((), ()))
-
 
 def _kernel(len_ref, pt_ref, mask_ref, q_ref, k_ref, v_ref, o_ref, lse_ref, *, scale, page_size,
             pages_per_split, tree_size):
@@ -33,16 +29,9 @@ def _kernel(len_ref, pt_ref, mask_ref, q_ref, k_ref, v_ref, o_ref, lse_ref, *, s
   rows, h = q.shape
   words = mask_ref[...]  # (rows, W) int32
   prefix = len_ref[0]
-  end = prefix + tree_size
-  num_pages = jnp.minimum((end + page_size - 1) // page_size, pt_ref.shape[0])
-  first = pl.program_id(2) * pages_per_split
-  last = jnp.minimum(first + pages_per_split, num_pages)
+  first, last = split_pages(prefix + tree_size, page_size, pt_ref.shape[0], pages_per_split)
 
-  def body(j, carry):
-    page = pt_ref[j]
-    k = k_ref[page]  # (ps, H)
-    logits = lax.dot_general(q, k, _TRANS_B, preferred_element_type=jnp.float32) * scale
-    pos = (j * page_size + jnp.arange(page_size))[None, :]
+  def visible(pos):
     rel = pos - prefix
     in_tree = (rel >= 0) & (rel < tree_size)
     relc = jnp.clip(rel, 0, tree_size - 1)
@@ -50,10 +39,10 @@ def _kernel(len_ref, pt_ref, mask_ref, q_ref, k_ref, v_ref, o_ref, lse_ref, *, s
     for w in range(words.shape[1]):  # the word holding each column's bit
       shifted = words[:, w:w + 1] >> (relc & 31)  # (rows, ps); bit 31 is read after & 1
       bit = jnp.where((relc >> 5) == w, shifted & 1, bit)
-    visible = (pos < prefix) | (in_tree & (bit == 1))
-    return softmax_update(carry, logits, visible, v_ref[page])
+    return (pos < prefix) | (in_tree & (bit == 1))
 
-  carry = lax.fori_loop(first, jnp.maximum(first, last), body, softmax_init(rows, h))
+  carry = walk_pages(q, k_ref, v_ref, pt_ref, first, last, visible, softmax_init(rows, h),
+                     scale=scale, page_size=page_size)
   o_ref[...], lse_ref[...] = softmax_finish(carry)
 
 
