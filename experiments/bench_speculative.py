@@ -29,7 +29,11 @@ flags.DEFINE_integer("prompt_tokens", 128, "Prompt length (tokens of held-out so
 flags.DEFINE_integer("num_draft_tokens", 4, "Chain length for ngram / layerskip.")
 flags.DEFINE_string("tree", "4,2,1,1", "Recycling tree branching.")
 flags.DEFINE_string("draft_layers", None, "layerskip: layers kept (default: first half).")
-flags.DEFINE_string("draft_heads", None, "medusa: heads written by jaxinfer train-draft.")
+flags.DEFINE_string("draft_heads", None, "medusa: heads written by jaxinfer train-draft "
+                    "(default for the embedded model: the quickstart's, medusa-400).")
+flags.DEFINE_string("eagle_draft", None, "eagle: the draft layer written by jaxinfer train-draft "
+                    "--method=eagle (default for the embedded model: eagle-v1024-400, from "
+                    "experiments/train_heads.py --method=eagle --draft_vocab=1024).")
 flags.DEFINE_integer("repeats", 5, "Interleaved timed runs; the median ratio is reported.")
 flags.DEFINE_string("results", str(Path(__file__).parent / "results" / "bench_speculative.jsonl"),
                     "Results file (JSON lines, appended).")
@@ -63,6 +67,10 @@ def main(argv):
   from jaxinfer.speculative.decode import SpeculativeGenerator
 
   model_dir = checkpoint.resolve_model_dir(FLAGS.model)
+  heads = {"medusa": FLAGS.draft_heads, "eagle": FLAGS.eagle_draft}
+  for method, default in (("medusa", "medusa-400"), ("eagle", "eagle-v1024-400")):
+    if heads[method] is None and FLAGS.model == "embedded":
+      heads[method] = str(Path(model_dir).parent / default)
   cfg, params, tok = checkpoint.load_model(str(model_dir))
   sizes = [int(b) for b in FLAGS.batch_sizes]
   all_prompts = prompts(tok, max(sizes), FLAGS.prompt_tokens)
@@ -87,7 +95,7 @@ def main(argv):
       job = GenerateJob(prompts="-", output="-", speculative=method,
                         num_draft_tokens=FLAGS.num_draft_tokens, tree=FLAGS.tree,
                         draft_layers=FLAGS.draft_layers,
-                        draft_heads=FLAGS.draft_heads if method == "medusa" else None)
+                        draft_heads=heads.get(method))
       proposer, draft_params = make_proposer(job, cfg, params, None)
       gens = {"always": SpeculativeGenerator(cfg, params, proposer, draft_params=draft_params,
                                              steps_per_sync=16, policy="always"),

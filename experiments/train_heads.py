@@ -1,7 +1,9 @@
-"""Trains Medusa-1 heads on the embedded model and records what they learned.
+"""Trains draft heads (Medusa-1 heads or an EAGLE draft layer) on the embedded model and records
+what they learned.
 
-  python experiments/train_heads.py                      # self-distilled, 400 steps
+  python experiments/train_heads.py                      # Medusa-1, self-distilled, 400 steps
   python experiments/train_heads.py --self_distill=0     # on the stdlib text itself
+  python experiments/train_heads.py --method=eagle       # the EAGLE draft layer
 
 Data: --self_distill windows of the embedded model's training tokens, continued greedily by the
 batch engine (what the heads see when serving), or the training text itself. Held-out accuracy
@@ -20,12 +22,14 @@ from pathlib import Path
 
 from absl import app, flags
 
+flags.DEFINE_enum("method", "medusa", ["medusa", "eagle"], "Draft-head recipe.")
 flags.DEFINE_integer("steps", 400, "Training steps.")
 flags.DEFINE_integer("batch_size", 8, "Sequences per step.")
 flags.DEFINE_integer("seq_len", 128, "Tokens per sequence.")
 flags.DEFINE_integer("num_heads", 4, "Medusa heads.")
+flags.DEFINE_integer("draft_vocab", 0, "eagle: draft vocabulary size (0: the whole vocabulary).")
 flags.DEFINE_integer("self_distill", 1024, "Self-distillation windows (0: train on the text).")
-flags.DEFINE_string("output", None, "Heads directory (default: <embedded cache>/medusa-<steps>"
+flags.DEFINE_string("output", None, "Heads directory (default: <embedded cache>/<method>-<steps>"
                     " for self-distilled heads).")
 flags.DEFINE_string("results", str(Path(__file__).parent / "results" / "train_heads.jsonl"),
                     "Results file (JSON lines, appended).")
@@ -38,14 +42,16 @@ def main(argv):
   import numpy as np
 
   from jaxinfer import checkpoint, embedded
-  from jaxinfer.draft_heads import medusa
+  from jaxinfer.draft_heads import eagle, medusa
 
   model_dir = embedded.ensure()
   cfg, base, _ = checkpoint.load_model(str(model_dir), quiet=True)
   train_tokens = np.load(model_dir.parent / "train_tokens.npy")
   held_tokens = np.load(model_dir.parent / "heldout_tokens.npy")
-  default = model_dir.parent / (f"medusa-{FLAGS.steps}" if FLAGS.self_distill
-                                else f"medusa-text-{FLAGS.steps}")
+  m = FLAGS.method
+  name = m + (f"-v{FLAGS.draft_vocab}" if m == "eagle" and FLAGS.draft_vocab else "")
+  default = model_dir.parent / (f"{name}-{FLAGS.steps}" if FLAGS.self_distill
+                                else f"{name}-text-{FLAGS.steps}")
   out = Path(FLAGS.output or default)
   work = Path(str(out) + ".run")
   t0 = time.perf_counter()
@@ -55,23 +61,35 @@ def main(argv):
     held_tokens = medusa.self_distill(str(model_dir), held_tokens, work / "distill_held",
                                       num_prompts=64, progress=False)
   t1 = time.perf_counter()
-  heads, info = medusa.train_heads(cfg, base, train_tokens, held_tokens, work,
-                                   num_heads=FLAGS.num_heads, steps=FLAGS.steps,
-                                   batch_size=FLAGS.batch_size, seq_len=FLAGS.seq_len,
-                                   progress=False)
+  common = dict(steps=FLAGS.steps, batch_size=FLAGS.batch_size, seq_len=FLAGS.seq_len,
+                progress=False)
+  vocab = None
+  if m == "eagle":
+    heads, vocab, info = eagle.train_eagle(cfg, base, train_tokens, held_tokens, work,
+                                           draft_vocab=FLAGS.draft_vocab, **common)
+    top1, top5 = [info["accuracy_top1"]], [info["accuracy_top5"]]
+  else:
+    heads, info = medusa.train_heads(cfg, base, train_tokens, held_tokens, work,
+                                     num_heads=FLAGS.num_heads, **common)
+    top1 = info["accuracy_top1"]
+    top5 = [round(float(sum(r[:5])), 4) for r in info["accuracy_topk"]]
   info.update(train_seconds=round(time.perf_counter() - t1, 1),
               distill_seconds=round(t1 - t0, 1), self_distilled_prompts=FLAGS.self_distill)
-  medusa.save(out, heads, info)
-  row = {"model": "embedded", "method": "medusa-1", "device": jax.devices()[0].device_kind,
+  if m == "eagle":
+    eagle.save(out, heads, info, vocab)
+  else:
+    medusa.save(out, heads, info)
+  row = {"model": "embedded", "method": {"medusa": "medusa-1", "eagle": "eagle-1"}[m],
+         "device": jax.devices()[0].device_kind,
          "jax": jax.__version__, "date": datetime.date.today().isoformat(),
          "steps": FLAGS.steps, "batch_size": FLAGS.batch_size, "seq_len": FLAGS.seq_len,
          "self_distilled_prompts": FLAGS.self_distill, "train_tokens": int(len(train_tokens)),
-         "accuracy_top1": info["accuracy_top1"],
-         "accuracy_top5": [round(float(sum(r[:5])), 4) for r in info["accuracy_topk"]],
-         "tree_nodes": len(info["tree"]),
-         "expected_accepted_per_step": info["expected_accepted_per_step"],
+         "accuracy_top1": top1, "accuracy_top5": top5,
+         "tree_nodes": len(info.get("tree", [])) or None,
+         "expected_accepted_per_step": info.get("expected_accepted_per_step"),
          "distill_seconds": info["distill_seconds"], "train_seconds": info["train_seconds"],
-         "heads": out.name}
+         "draft_vocab": FLAGS.draft_vocab or None,
+         "draft_vocab_coverage": info.get("draft_vocab_coverage"), "heads": out.name}
   print(json.dumps(row, indent=2))
   Path(FLAGS.results).parent.mkdir(parents=True, exist_ok=True)
   with open(FLAGS.results, "a") as f:

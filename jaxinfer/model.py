@@ -181,7 +181,8 @@ def forward(params: Transformer, tokens: jax.Array, positions: jax.Array, cfg: M
             cache: Cache | None = None, *, kv_source: KVSource = "chunk",
             segment_ids: jax.Array | None = None, implementation: str = "xla",
             sparsity: Sparsity = DENSE, mesh: Mesh | None = None,
-            rules: ShardingRules = DEFAULT_RULES) -> tuple[jax.Array, Cache | None]:
+            rules: ShardingRules = DEFAULT_RULES,
+            embeddings: jax.Array | None = None) -> tuple[jax.Array, Cache | None]:
   """tokens, positions (B,T) -> final hidden states (B,T,D) and the updated cache.
 
   kv_source="chunk": queries attend to this chunk's own keys (training, fresh prefill);
@@ -191,10 +192,12 @@ def forward(params: Transformer, tokens: jax.Array, positions: jax.Array, cfg: M
   there are harmless.
   `sparsity` selects a long-prompt attention pattern (sparsity.py); dynamic patterns apply to
   chunks only.
+  `embeddings` (B,T,D), when given, replace the token embeddings as the first layer's input
+  (draft layers that read features as well as tokens).
   """
   if kv_source == "cache" and cache is None:
     raise ValueError("forward: kv_source='cache' needs a cache")
-  x = jnp.take(params.embed, tokens, axis=0)
+  x = jnp.take(params.embed, tokens, axis=0) if embeddings is None else embeddings
   x = constrain(x, ACT, mesh, rules)
   cos, sin = rope_tables(positions, cfg)
   new_layers = []

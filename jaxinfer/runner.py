@@ -61,9 +61,9 @@ class GenerateJob:
   steps_per_sync: int = 32  # static scheduler only
   cache_dir: str | None = None
   progress: bool = True
-  speculative: str = "none"  # none | ngram | recycling | draft | layerskip | medusa
+  speculative: str = "none"  # none | ngram | recycling | draft | layerskip | medusa | eagle
   draft_model: str | None = None
-  draft_heads: str | None = None  # medusa: a directory written by jaxinfer train-draft
+  draft_heads: str | None = None  # medusa, eagle: a directory written by jaxinfer train-draft
   num_draft_tokens: int = 4
   tree: str = "4,2,1,1"  # Token Recycling's branching per depth
   draft_layers: str | None = None  # layerskip: layers the draft keeps
@@ -121,8 +121,8 @@ class GenerateJob:
         raise UserError(f"--acceptance: expected exact or typical, got {self.acceptance!r}")
       if (self.speculative == "draft") != (self.draft_model is not None):
         raise UserError("--draft_model: needed with --speculative=draft, and only then")
-      if (self.speculative == "medusa") != (self.draft_heads is not None):
-        raise UserError("--draft_heads: needed with --speculative=medusa, and only then")
+      if (self.speculative in ("medusa", "eagle")) != (self.draft_heads is not None):
+        raise UserError("--draft_heads: needed with --speculative=medusa or eagle, and only then")
       try:
         tree_branching(self.tree)
         if self.draft_layers:
@@ -135,7 +135,7 @@ class GenerateJob:
                       f"got {self.implementation!r}")
 
 
-SPECULATIVE = ("none", "ngram", "recycling", "draft", "layerskip", "medusa")
+SPECULATIVE = ("none", "ngram", "recycling", "draft", "layerskip", "medusa", "eagle")
 
 
 def _int_list(text: str) -> tuple[int, ...]:
@@ -181,6 +181,14 @@ def make_proposer(job: "GenerateJob", cfg, params, dtype):
                       f"{info['hidden_size']}, the model has {cfg.vocab_size} / "
                       f"{cfg.embed}")
     return P.Medusa(paths=tuple(tuple(p) for p in info["tree"])), heads
+  if job.speculative == "eagle":
+    from jaxinfer.draft_heads import eagle
+    try:
+      draft, vocab, _ = eagle.load(job.draft_heads, cfg, cfg.jnp_dtype)
+    except (FileNotFoundError, ValueError) as e:
+      raise UserError(f"--draft_heads: {e}") from None
+    return (P.Eagle(eagle.draft_config(cfg), num_draft_tokens=job.num_draft_tokens),
+            eagle.serving_heads(draft, params, vocab))
   try:
     dcfg, dparams, _ = checkpoint.load_model(job.draft_model, dtype, quiet=True)
   except (FileNotFoundError, ValueError) as e:

@@ -1,5 +1,6 @@
-"""Medusa-1 heads: training on a frozen base learns, the base stays bitwise frozen, the files
-round-trip, the tree is prefix-closed, and serving them is lossless."""
+"""Draft heads (Medusa-1 heads, the EAGLE draft layer): training on a frozen base learns, the
+base stays bitwise frozen, the files round-trip, Medusa's tree is prefix-closed, and serving
+them is lossless."""
 
 import json
 import subprocess
@@ -11,10 +12,11 @@ import numpy as np
 import pytest
 
 from jaxinfer import checkpoint
-from jaxinfer.draft_heads import medusa
+from jaxinfer import model as M
+from jaxinfer.draft_heads import eagle, medusa
 from jaxinfer.generation import Generator, RowRequest
 from jaxinfer.speculative.decode import SpeculativeGenerator
-from jaxinfer.speculative.proposers import Medusa
+from jaxinfer.speculative.proposers import Eagle, Medusa
 from jaxinfer.train.lm import TokenWindows
 from jaxinfer.train.loop import TrainConfig, train
 
@@ -71,17 +73,26 @@ def test_medusa_heads_learn_on_a_frozen_base(tmp_path, tiny_model_dir):
   assert spec.stats.mean_accepted_tokens >= 1.0
 
 
-def test_train_draft_cli_and_generate_with_heads(tmp_path, tiny_model_dir):
+@pytest.mark.parametrize("method", ["medusa", "eagle"])
+def test_train_draft_cli_and_generate_with_heads(tmp_path, tiny_model_dir, method):
   data = tmp_path / "data.txt"
   data.write_text(("def add(a, b):\n    return a + b\n\n" * 300))
   out = tmp_path / "heads"
   cmd = [sys.executable, "-m", "jaxinfer", "train-draft", f"--model={tiny_model_dir}",
          f"--data={data}", f"--output={out}", "--steps=20", "--batch_size=4", "--seq_len=32",
-         "--num_heads=2", "--tree_nodes=6", "--progress=false"]
+         "--num_heads=2", "--tree_nodes=6", "--progress=false", f"--method={method}"]
+  if method == "eagle":
+    cmd.append("--draft_vocab=64")
   run = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
   assert run.returncode == 0, run.stderr
-  info = json.loads((out / "medusa_config.json").read_text())
-  assert len(info["accuracy_top1"]) == 2 and len(info["tree"]) == 6
+  if method == "medusa":
+    info = json.loads((out / "medusa_config.json").read_text())
+    assert len(info["accuracy_top1"]) == 2 and len(info["tree"]) == 6
+  else:
+    info = json.loads((out / "eagle_config.json").read_text())
+    assert 0.0 <= info["accuracy_top1"] <= info["accuracy_top5"] <= 1.0
+    assert info["draft_vocab_size"] == 64 and 0.0 < info["draft_vocab_coverage"] <= 1.0
+  assert (tmp_path / "heads.run" / "metrics.jsonl").is_file()
   prompts = tmp_path / "p.jsonl"
   prompts.write_text(json.dumps({"id": 1, "prompt": "def add(a, b):\n", "max_new_tokens": 16})
                      + "\n")
@@ -89,15 +100,85 @@ def test_train_draft_cli_and_generate_with_heads(tmp_path, tiny_model_dir):
           f"--prompts={prompts}", "--scheduler=static", "--progress=false"]
   plain = subprocess.run(base + [f"--output={tmp_path / 'a.jsonl'}"], capture_output=True,
                          text=True, timeout=600)
-  spec = subprocess.run(base + [f"--output={tmp_path / 'b.jsonl'}", "--speculative=medusa",
+  spec = subprocess.run(base + [f"--output={tmp_path / 'b.jsonl'}", f"--speculative={method}",
                                 f"--draft_heads={out}", f"--metrics_output={tmp_path / 'm.json'}"],
                         capture_output=True, text=True, timeout=600)
   assert plain.returncode == 0 and spec.returncode == 0, spec.stderr
   a = json.loads((tmp_path / "a.jsonl").read_text())
   b = json.loads((tmp_path / "b.jsonl").read_text())
   assert a["completion_ids"] == b["completion_ids"]
-  assert json.loads((tmp_path / "m.json").read_text())["speculative"] == "medusa"
-  bad = subprocess.run(base + [f"--output={tmp_path / 'c.jsonl'}", "--speculative=medusa",
+  assert json.loads((tmp_path / "m.json").read_text())["speculative"] == method
+  bad = subprocess.run(base + [f"--output={tmp_path / 'c.jsonl'}", f"--speculative={method}",
                                f"--draft_heads={tmp_path}"], capture_output=True, text=True,
                        timeout=600)
   assert bad.returncode == 2 and "--draft_heads" in bad.stderr and "Traceback" not in bad.stderr
+
+
+def _hidden(base, cfg, batch):
+  positions = jnp.broadcast_to(jnp.arange(batch.shape[1]), batch.shape)
+  return M.forward(base, jnp.asarray(batch), positions, cfg)[0]
+
+
+def test_eagle_draft_learns_on_a_frozen_base_and_serves_losslessly(tmp_path, tiny_model_dir):
+  cfg, base, _ = checkpoint.load_model(str(tiny_model_dir))
+  before = jax.tree_util.tree_map(np.asarray, base)
+  dcfg = eagle.draft_config(cfg)
+  assert dcfg.num_layers == 1
+  tokens = _periodic_tokens(cfg.vocab_size)
+  windows = TokenWindows(tokens, 8, 32)
+  held = lambda: TokenWindows(_periodic_tokens(cfg.vocab_size, 3000), 1, 32).sequential(20)
+  fresh = lambda: eagle.init_draft(dcfg, jax.random.key(0))
+  acc0 = eagle.accuracy(eagle.EagleHeads(fresh()), base, cfg, held())
+  loss_fn = eagle.eagle_loss_fn(cfg)
+  l0, _ = loss_fn(fresh(), base, jnp.asarray(windows(0)), jax.random.key(0))
+  tcfg = TrainConfig(steps=100, learning_rate=1e-2, warmup_steps=10, weight_decay=0.0,
+                     log_every=20, checkpoint_every=100, progress=False)
+  draft, _ = train(loss_fn, fresh(), windows, tcfg, tmp_path / "run", frozen=base)
+  l1, m1 = loss_fn(draft, base, jnp.asarray(windows(0)), jax.random.key(0))
+  acc = eagle.accuracy(eagle.EagleHeads(draft), base, cfg, held())
+  # one step ahead, against the base's own greedy token (what greedy verification accepts)
+  assert float(l1) < float(l0) and acc[0] > 0.45 and acc[0] > 2 * acc0[0], (acc0, acc)
+  after = jax.tree_util.tree_map(np.asarray, base)
+  assert all(np.array_equal(a, b) for a, b in zip(jax.tree_util.tree_leaves(before),
+                                                  jax.tree_util.tree_leaves(after)))
+
+  # A draft vocabulary of the 48 tokens the base predicts most often: scored on those only,
+  # the draft still learns.
+  vocab = eagle.frequent_tokens(base, cfg, [windows(i) for i in range(8)], 48)
+  pred = np.concatenate([np.asarray(jnp.argmax(M.logits(base, _hidden(base, cfg, w)),
+                                               -1)).reshape(-1) for w in map(windows, range(8))])
+  counts = np.bincount(pred, minlength=cfg.vocab_size)
+  assert len(vocab) == 48 and counts[vocab].min() >= np.delete(counts, vocab).max()
+  small, _ = train(eagle.eagle_loss_fn(cfg, vocab=vocab), fresh(), windows, tcfg,
+                   tmp_path / "run_vocab", frozen=base)
+  small_heads = eagle.serving_heads(small, base, vocab)
+  assert small_heads.proj.shape == (cfg.embed, 48)
+  acc_small = eagle.accuracy(small_heads, base, cfg, held())
+  assert acc_small[0] > 0.45, acc_small
+
+  out = eagle.save(tmp_path / "eagle", draft, {"steps": 100})
+  loaded, no_vocab, info = eagle.load(out, cfg)
+  assert no_vocab is None
+  np.testing.assert_array_equal(np.asarray(loaded.fc), np.asarray(draft.fc))
+  np.testing.assert_array_equal(np.asarray(loaded.layer.mlp.up), np.asarray(draft.layer.mlp.up))
+  assert info["format"] == eagle.FORMAT and eagle.is_eagle(out)
+  out_small = eagle.save(tmp_path / "eagle_small", small, {"steps": 100}, vocab)
+  _, vocab2, info2 = eagle.load(out_small, cfg)
+  np.testing.assert_array_equal(vocab2, vocab)
+  assert info2["draft_vocab_size"] == 48
+  with pytest.raises(FileNotFoundError, match="not an EAGLE draft"):
+    eagle.load(tmp_path, cfg)
+  import dataclasses
+  with pytest.raises(ValueError, match="shape"):
+    eagle.load(out, dataclasses.replace(cfg, embed=2 * cfg.embed))
+
+  # Served (greedy, mixed lengths): equal to plain greedy, with drafts accepted at several
+  # depths, so the draft's catch-up on ragged accepted paths is exercised.
+  prompt = list(_periodic_tokens(cfg.vocab_size, 40, seed=0))
+  rows = [RowRequest(prompt[:n], m, jax.random.key(n)) for n, m in ((9, 30), (20, 7), (33, 30))]
+  plain = Generator(cfg, base).generate(rows)
+  for heads in (eagle.serving_heads(loaded, base, None), small_heads):
+    spec = SpeculativeGenerator(cfg, base, Eagle(dcfg, num_draft_tokens=4), draft_params=heads,
+                                page_size=8, steps_per_sync=3, policy="always")
+    assert [r.tokens for r in spec.generate(rows)] == [r.tokens for r in plain]
+    assert spec.stats.accepted_hist[1:].sum() > 0 and spec.stats.mean_accepted_tokens > 1.0

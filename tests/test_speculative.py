@@ -39,9 +39,20 @@ def _rows(cfg, n, seed=0, temperature=0.0):
   return rows
 
 
+def _eagle(cfg):
+  """An untrained EAGLE layer with random (not identity) output projections."""
+  from jaxinfer.draft_heads import eagle
+  dcfg = eagle.draft_config(cfg)
+  draft = eagle.init_draft(dcfg, jax.random.key(1))
+  o = 0.05 * jax.random.normal(jax.random.key(2), draft.layer.attn.o.shape)
+  return P.Eagle(dcfg, num_draft_tokens=3), eagle.EagleHeads(draft.replace(
+      layer=draft.layer.replace(attn=draft.layer.attn.replace(o=o))))
+
+
 def _proposers(cfg, params, other):
   layer_cfg, layer_params = P.layer_skip_draft(cfg, params, (0,))
   return {
+      "eagle": _eagle(cfg),
       "ngram": (P.NGram(num_draft_tokens=4), None),
       "recycling": (P.Recycling(branching=(3, 2, 1)), None),
       "layerskip": (P.DraftModel(layer_cfg, num_draft_tokens=3), layer_params),
@@ -49,7 +60,7 @@ def _proposers(cfg, params, other):
   }
 
 
-@pytest.mark.parametrize("name", ["ngram", "recycling", "layerskip", "draft"])
+@pytest.mark.parametrize("name", ["ngram", "recycling", "layerskip", "draft", "eagle"])
 def test_greedy_speculative_equals_greedy(target, other_draft, name):
   cfg, params = target
   proposer, draft_params = _proposers(cfg, params, other_draft)[name]
@@ -115,6 +126,9 @@ def test_auto_policy_measures_both_modes_and_stays_lossless(target, other_draft)
   assert st.spec_batches >= 2 and st.plain_batches >= 2
   assert st.spec_tps > 0 and st.plain_tps > 0 and "measured" in st.decision()
   assert st.accepted_hist.sum() == st.verify_steps
+  split = st.metrics()["draft_verify_split"]  # measured once, on a batch after compilation
+  assert split is not None and 0.0 < split["draft_share"] <= 1.0
+  assert 0.0 < split["draft_ms_per_step"] <= split["step_ms"]
 
 
 def test_generate_job_with_speculation(tmp_path, tiny_model_dir):
@@ -146,7 +160,7 @@ def test_generate_job_with_speculation(tmp_path, tiny_model_dir):
                       model=str(tiny_model_dir), progress=False, **kw))
 
 
-@pytest.mark.parametrize("name", ["draft", "recycling"])
+@pytest.mark.parametrize("name", ["draft", "recycling", "eagle"])
 def test_sampled_speculation_matches_plain_sampling(target, other_draft, name):
   """The joint distribution of the second and third tokens (both drawn in speculative steps:
   the first comes from the prompt's forward) equals plain sampling's, by a two-sample

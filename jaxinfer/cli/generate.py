@@ -55,13 +55,15 @@ flags.DEFINE_integer("max_seq_len", None, "Override the model's context length (
 flags.DEFINE_integer("steps_per_sync", 32, "Static scheduler: decode steps per host round trip.",
                      lower_bound=1)
 flags.DEFINE_enum("speculative", "none",
-                  ["none", "ngram", "recycling", "draft", "layerskip", "medusa"],
+                  ["none", "ngram", "recycling", "draft", "layerskip", "medusa", "eagle"],
                   "Speculative decoding proposer (with --scheduler=static): prompt lookup, Token "
-                  "Recycling, a separate draft model, the model itself with layers skipped, or "
-                  "Medusa heads (--draft_heads).")
-flags.DEFINE_string("draft_heads", None, "Medusa heads written by jaxinfer train-draft.")
+                  "Recycling, a separate draft model, the model itself with layers skipped, "
+                  "Medusa heads or an EAGLE draft layer (--draft_heads).")
+flags.DEFINE_string("draft_heads", None, "Medusa heads or an EAGLE draft layer written by "
+                    "jaxinfer train-draft.")
 flags.DEFINE_string("draft_model", None, "Draft model for --speculative=draft (same vocabulary).")
-flags.DEFINE_integer("num_draft_tokens", 4, "Drafted tokens per step (chain proposers).",
+flags.DEFINE_integer("num_draft_tokens", 4, "Drafted tokens per step (chain proposers: ngram, "
+                     "draft, layerskip, eagle).",
                      lower_bound=1)
 flags.DEFINE_string("tree", "4,2,1,1", "Token Recycling's draft tree: children per node at each "
                     "depth.")

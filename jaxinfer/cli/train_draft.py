@@ -1,6 +1,7 @@
-"""jaxinfer train-draft: train Medusa-1 draft heads on a frozen model; resumes from its workdir
-after a crash; writes the heads, their measured per-head accuracies and the static tree built
-from them (for `jaxinfer generate --speculative=medusa --draft_heads=DIR`)."""
+"""jaxinfer train-draft: train draft heads on a frozen model — Medusa-1 heads or an EAGLE draft
+layer; resumes from its workdir after a crash; writes the heads with their measured held-out
+accuracies (and, for Medusa, the static tree built from them), served by
+`jaxinfer generate --speculative=medusa|eagle --draft_heads=DIR`."""
 
 from __future__ import annotations
 
@@ -14,14 +15,21 @@ from jaxinfer.cli.common import (apply_platform_flags, data_tokens, define_model
                                  load_model_from_flags)
 
 define_model_flags()
-flags.DEFINE_enum("method", "medusa", ["medusa"], "Draft-head recipe (Medusa-1: frozen base).")
+flags.DEFINE_enum("method", "medusa", ["medusa", "eagle"], "Draft-head recipe, both on a frozen "
+                  "base: medusa (Medusa-1 heads) or eagle (one decoder layer over features and "
+                  "tokens, EAGLE-1 loss).")
 flags.DEFINE_string("data", None, "Training text: a .txt file, a JSONL file with a 'text' field "
                     "per line, or a directory (its *.txt, *.py and *.md files).")
 flags.DEFINE_string("output", None, "Where the heads are written.")
 flags.DEFINE_string("workdir", None, "Checkpoints and metrics.jsonl (default: <output>.run).")
-flags.DEFINE_integer("num_heads", 4, "Medusa heads (head k predicts the token k + 2 ahead).",
+flags.DEFINE_integer("num_heads", 4, "--method=medusa: heads (head k predicts the token k + 2 "
+                     "ahead).",
                      lower_bound=1)
-flags.DEFINE_integer("tree_nodes", 16, "Draft-tree size (nodes besides the root).", lower_bound=1)
+flags.DEFINE_integer("tree_nodes", 16, "--method=medusa: draft-tree size (nodes besides the "
+                     "root).", lower_bound=1)
+flags.DEFINE_integer("draft_vocab", 0, "--method=eagle: score only this many of the training "
+                     "data's most frequent tokens when drafting (0: the whole vocabulary).",
+                     lower_bound=0)
 flags.DEFINE_integer("steps", 600, "Optimizer steps.", lower_bound=1)
 flags.DEFINE_integer("batch_size", 16, "Sequences per step.", lower_bound=1)
 flags.DEFINE_integer("seq_len", 256, "Tokens per sequence.", lower_bound=4)
@@ -46,7 +54,7 @@ FLAGS = flags.FLAGS
 def main(argv: list[str]) -> None:
   no_positional_args(argv)
   apply_platform_flags()
-  from jaxinfer.draft_heads import medusa
+  from jaxinfer.draft_heads import eagle, medusa
 
   try:
     mesh, src, cfg, base, tokenizer = load_model_from_flags()
@@ -63,13 +71,23 @@ def main(argv: list[str]) -> None:
       raise ValueError(f"--data: {len(tokens)} tokens cannot fill --seq_len={FLAGS.seq_len}")
   except (FileNotFoundError, ValueError) as e:
     fail(str(e))
-  heads, info = medusa.train_heads(
-      cfg, base, tokens[:len(tokens) - n_held], tokens[len(tokens) - n_held:], workdir,
-      num_heads=FLAGS.num_heads, tree_nodes=FLAGS.tree_nodes, steps=FLAGS.steps,
-      batch_size=FLAGS.batch_size, seq_len=FLAGS.seq_len, learning_rate=FLAGS.learning_rate,
-      warmup_steps=FLAGS.warmup_steps, checkpoint_every=FLAGS.checkpoint_every,
-      seed=FLAGS.seed, mesh=mesh, progress=FLAGS.progress)
+  train_tokens, held_tokens = tokens[:len(tokens) - n_held], tokens[len(tokens) - n_held:]
+  common = dict(steps=FLAGS.steps, batch_size=FLAGS.batch_size, seq_len=FLAGS.seq_len,
+                learning_rate=FLAGS.learning_rate, warmup_steps=FLAGS.warmup_steps,
+                checkpoint_every=FLAGS.checkpoint_every, seed=FLAGS.seed, mesh=mesh,
+                progress=FLAGS.progress)
+  if FLAGS.method == "eagle":
+    draft, vocab, info = eagle.train_eagle(cfg, base, train_tokens, held_tokens, workdir,
+                                           draft_vocab=FLAGS.draft_vocab, **common)
+    shown = ("accuracy_top1", "accuracy_top5")
+    save = lambda out, d, i: eagle.save(out, d, i, vocab)
+    heads = draft
+  else:
+    heads, info = medusa.train_heads(cfg, base, train_tokens, held_tokens, workdir,
+                                     num_heads=FLAGS.num_heads, tree_nodes=FLAGS.tree_nodes,
+                                     **common)
+    shown, save = ("accuracy_top1", "expected_accepted_per_step"), medusa.save
   info.update(base_model=str(src), self_distilled_prompts=FLAGS.self_distill)
-  out = medusa.save(FLAGS.output, heads, info)
-  print(json.dumps({k: info[k] for k in ("accuracy_top1", "expected_accepted_per_step")}))
+  out = save(FLAGS.output, heads, info)
+  print(json.dumps({k: info[k] for k in shown}))
   print(f"wrote {out}")

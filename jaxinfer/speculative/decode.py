@@ -25,7 +25,7 @@ from jaxinfer.generation import Generator, RowRequest, RowResult, next_pow2
 from jaxinfer.kv_cache import KVCache, PagedKVCache, TreeKVCache, commit_path
 from jaxinfer.sampling import SamplingParams, distribution, sample
 from jaxinfer.speculative import acceptance
-from jaxinfer.speculative.proposers import Context, DraftModel, Medusa, Recycling
+from jaxinfer.speculative.proposers import Context, DraftModel, Eagle, Medusa, Recycling
 from pallas_kernels.tree_attention import ancestor_matrix, pack_ancestors
 
 _DRAFT_SALT, _VERIFY_SALT = 1 << 20, 1 << 21
@@ -65,6 +65,9 @@ class SpecStats:
   plain_batches: int = 0  # ... that decoded plainly (policy "auto")
   spec_tps: float | None = None  # measured decode tokens/s of each (moving average)
   plain_tps: float | None = None
+  draft_ms_per_step: float | None = None  # drafting alone, timed once (after compilation)
+  step_ms: float | None = None  # a whole step (draft + verify + accept + commit), same batch
+  draft_share: float | None = None
 
   def decision(self) -> str:
     ratio = (f"; measured {self.spec_tps / self.plain_tps:.2f}x plain decoding"
@@ -88,7 +91,11 @@ class SpecStats:
             "verify_steps": self.verify_steps,
             "occupancy": round(self.verify_steps / self.row_slots, 4) if self.row_slots else 0.0,
             "speculation": self.decision(), "speculative_batches": self.spec_batches,
-            "plain_batches": self.plain_batches}
+            "plain_batches": self.plain_batches,
+            "draft_verify_split": None if self.draft_share is None else {
+                "draft_ms_per_step": round(self.draft_ms_per_step, 4),
+                "verify_ms_per_step": round(self.step_ms - self.draft_ms_per_step, 4),
+                "step_ms": round(self.step_ms, 4), "draft_share": round(self.draft_share, 4)}}
 
   def per_depth_acceptance(self) -> list[float]:
     """P(draft at depth d accepted | depth d - 1 accepted), d = 1..T-1."""
@@ -98,18 +105,39 @@ class SpecStats:
             for d in range(1, len(h))]
 
 
+def _propose(params, draft_params, state: SpecState, sampling: SamplingParams, proposer):
+  step_keys = jax.vmap(lambda k: jax.random.fold_in(k, state.step))(state.keys)
+  ctx = Context(state.history, state.length, sampling,
+                jax.vmap(lambda k: jax.random.fold_in(k, _DRAFT_SALT))(step_keys))
+  if isinstance(proposer, Eagle):
+    pstate, draft = proposer.propose((draft_params, params), state.proposer, ctx)
+  elif isinstance(proposer, (DraftModel, Medusa)):
+    pstate, draft = proposer.propose(draft_params, state.proposer, ctx)
+  else:
+    pstate, draft = proposer.propose(state.proposer, ctx)
+  return step_keys, pstate, draft
+
+
+def _draft_only(params, draft_params, state: SpecState, sampling, *, num_steps, proposer):
+  """`num_steps` proposals from the same state (the drafting part of a step, timed alone)."""
+  def body(i, carry):
+    pstate, acc = carry
+    # Each proposal reads the last one's proposer state and a value that depends on its tokens
+    # (acc is never negative, but the compiler cannot know): nothing is hoisted out of the loop.
+    s = state.replace(step=state.step + i, proposer=pstate,
+                      length=jnp.where(acc < 0, state.length + 1, state.length))
+    _, pstate, draft = _propose(params, draft_params, s, sampling, proposer)
+    return pstate, acc + jnp.sum(draft.tokens)
+
+  return jax.lax.fori_loop(0, num_steps, body, (state.proposer, jnp.zeros((), jnp.int32)))[1]
+
+
 def _step(params, draft_params, state: SpecState, sampling: SamplingParams, page_table, eos_ids,
           *, cfg, proposer, rule, implementation, mesh, rules):
   b = state.length.shape[0]
   t = proposer.tree_size
   live = ~state.done
-  step_keys = jax.vmap(lambda k: jax.random.fold_in(k, state.step))(state.keys)
-  ctx = Context(state.history, state.length, sampling,
-                jax.vmap(lambda k: jax.random.fold_in(k, _DRAFT_SALT))(step_keys))
-  if isinstance(proposer, (DraftModel, Medusa)):
-    pstate, draft = proposer.propose(draft_params, state.proposer, ctx)
-  else:
-    pstate, draft = proposer.propose(state.proposer, ctx)
+  step_keys, pstate, draft = _propose(params, draft_params, state, sampling, proposer)
   parents = jnp.broadcast_to(draft.parents, (b, t))
   depth = jnp.sum(ancestor_matrix(parents), axis=-1, dtype=jnp.int32) - 1  # (B,T)
   cache = TreeKVCache(state.k, state.v, page_table, state.length, pack_ancestors(parents),
@@ -164,6 +192,9 @@ def _step(params, draft_params, state: SpecState, sampling: SamplingParams, page
   elif isinstance(proposer, Medusa):
     pstate = jnp.where(live[:, None], proposer.update(pstate, hidden, verdict.path, n_acc),
                        pstate)
+  elif isinstance(proposer, Eagle):
+    pstate = proposer.update(pstate, hidden, draft.tokens, verdict.path, n_acc,
+                             verdict.next_token, state.length, live)
   hist_acc = state.accepted_hist + jnp.zeros_like(state.accepted_hist).at[n_acc].add(
       live.astype(jnp.int32))
   return SpecState(k_new, v_new, hist, new_length, out, state.num_generated + n_emit,
@@ -208,6 +239,8 @@ def _prefill(params, draft_params, history, prompt_len, max_new, sampling, keys,
     pstate = adjacency
   elif isinstance(proposer, Medusa):
     pstate = last  # the hidden state that predicted the first token
+  elif isinstance(proposer, Eagle):
+    pstate = proposer.prefill((draft_params, params), hidden, history, prompt_len, first, max_len)
   unview = lambda new, old: new.reshape(old.shape)
   rows = jnp.arange(b)
   hist = jnp.pad(history, ((0, 0), (0, max_len - width))).at[rows, prompt_len].set(first)
@@ -231,14 +264,16 @@ class SpeculativeGenerator:
   def __init__(self, cfg: ModelConfig, params: M.Transformer, proposer, *,
                draft_params: M.Transformer | None = None, rule: str = acceptance.EXACT,
                implementation: str = "xla", steps_per_sync: int = 16, page_size: int = 16,
-               policy: str = "auto", explore_every: int = 8, mesh=None, rules=None):
+               policy: str = "auto", explore_every: int = 8, mesh=None, rules=None,
+               measure_split: bool = True):
     """policy "auto": each batch speculates or decodes plainly (the plain `Generator`),
     whichever measured faster, so speculation that stops paying (large batches, compute-bound
-    devices) turns itself off; "always": speculate every batch."""
+    devices) turns itself off; "always": speculate every batch. measure_split: once, after
+    compilation, time the drafting part of a step alone (stats.draft_share)."""
     from jaxinfer.sharding import DEFAULT_RULES
     if cfg.sliding_window is not None:
       raise ValueError("speculative decoding: sliding-window models are not supported yet")
-    if isinstance(proposer, (DraftModel, Medusa)) and draft_params is None:
+    if isinstance(proposer, (DraftModel, Medusa, Eagle)) and draft_params is None:
       raise ValueError(f"speculative decoding: the {proposer.name} proposer needs draft_params")
     if isinstance(proposer, DraftModel) and proposer.cfg.vocab_size != cfg.vocab_size:
       raise ValueError(f"speculative decoding: the draft's vocabulary ({proposer.cfg.vocab_size})"
@@ -246,6 +281,7 @@ class SpeculativeGenerator:
     if policy not in ("auto", "always"):
       raise ValueError(f"speculative decoding: policy must be auto or always, got {policy!r}")
     self.policy, self.explore_every = policy, explore_every
+    self.measure_split = measure_split
     self._batches = 0
     self._fresh = 0  # executables compiled so far
     self._plain = Generator(cfg, params, mesh, rules or DEFAULT_RULES,
@@ -279,6 +315,19 @@ class SpeculativeGenerator:
       self.stats.compile_s += time.perf_counter() - t0
       self.stats.compilations += 1
     return self._compiled[key](*args)
+
+  def _measure_split(self, state, sampling, step_s: float) -> None:
+    """The draft / verify time split: `steps_per_sync` proposals alone, timed on this batch's
+    last state, against this batch's measured time per full step."""
+    st = self.stats
+    fn = partial(_draft_only, num_steps=self.steps_per_sync, proposer=self.proposer)
+    args = (self.params, self.draft_params, state, sampling)
+    self._run("draft_only", fn, *args).block_until_ready()  # compile (not timed)
+    t0 = time.perf_counter()
+    self._run("draft_only", fn, *args).block_until_ready()
+    draft_s = (time.perf_counter() - t0) / self.steps_per_sync
+    st.draft_ms_per_step, st.step_ms = 1e3 * draft_s, 1e3 * step_s
+    st.draft_share = min(1.0, draft_s / max(step_s, 1e-12))
 
   def _choose(self) -> str:
     """Per batch: speculate or decode plainly, whichever measured faster; the slower mode is
@@ -389,6 +438,8 @@ class SpeculativeGenerator:
     st.spec_batches += 1
     if self._fresh == fresh:  # not the first run of a fresh executable (slow)
       st.spec_tps = _average(st.spec_tps, new_tokens / max(decode_s, 1e-9))
+      if st.draft_share is None and self.measure_split and int(state.step):
+        self._measure_split(state, sampling, decode_s / int(state.step))
     results = []
     for i in range(n):
       ids = [int(x) for x in toks[i, :counts[i]]]

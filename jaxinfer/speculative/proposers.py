@@ -67,6 +67,19 @@ def _root_only(ctx: Context) -> jax.Array:
   return jnp.take_along_axis(ctx.history, ctx.length[:, None], axis=1)[:, 0]
 
 
+def _draw(q: jax.Array, ctx: Context, i: int) -> jax.Array:
+  """Draft token i of each row: sampled from q (B, V) for sampling rows, its argmax for greedy
+  ones; the draw (V random numbers per row) only runs when some row samples."""
+  greedy = jnp.argmax(q, -1).astype(jnp.int32)
+
+  def draw(_):
+    key = jax.vmap(lambda k: jax.random.fold_in(k, i))(ctx.keys)
+    sampled = jax.vmap(jax.random.categorical)(key, jnp.log(q)).astype(jnp.int32)
+    return jnp.where(ctx.sampling.temperature > 0, sampled, greedy)
+
+  return jax.lax.cond(jnp.any(ctx.sampling.temperature > 0), draw, lambda _: greedy, None)
+
+
 class _Chain:
   """A proposer that drafts a chain of `num_draft_tokens` after the root."""
 
@@ -175,9 +188,7 @@ class DraftModel(_Chain):
       hidden, cache = M.forward(params, tokens, positions, self.cfg, cache, kv_source="cache")
       logits = M.logits(params, hidden[:, -1])
       q = distribution(logits, ctx.sampling)
-      key = jax.vmap(lambda k: jax.random.fold_in(k, i))(ctx.keys)
-      sampled = jax.vmap(jax.random.categorical)(key, jnp.log(q))
-      tok = jnp.where(ctx.sampling.temperature > 0, sampled, jnp.argmax(q, -1)).astype(jnp.int32)
+      tok = _draw(q, ctx, i)
       drafted.append(tok)
       qs.append(q)
       tokens, positions = tok[:, None], (length + i + 1)[:, None]
@@ -229,3 +240,89 @@ class Medusa:
     """The hidden state at the last accepted node (it predicted the next root)."""
     rows = jnp.arange(path.shape[0])
     return verify_hidden[rows, path[rows, num_accepted]]
+
+
+@struct.dataclass
+class EagleState:
+  """The EAGLE draft's cache and the (feature, token) pairs it has not read yet: the accepted
+  path of the last verification, `count` pairs from position `start`, the last of them (the
+  feature that predicted the root, the root) at position root - 1."""
+
+  cache: KVCache
+  features: jax.Array  # (B, T, D)
+  tokens: jax.Array  # (B, T)
+  start: jax.Array  # (B,)
+  count: jax.Array  # (B,)
+
+
+@dataclasses.dataclass(frozen=True)
+class Eagle(_Chain):
+  """An EAGLE draft layer (jaxinfer.draft_heads.eagle; its params an `EagleHeads`) drafting a
+  chain: catch up on the pairs of the last accepted path, then feed its own predicted features
+  back `num_draft_tokens` - 1 times. Drafts are sampled from its filtered distribution for
+  sampling rows (q returned, zero outside its draft vocabulary)."""
+
+  cfg: ModelConfig  # the draft layer's (one layer)
+  num_draft_tokens: int = 4
+  name: str = "eagle"
+
+  def prefill(self, heads_and_base, features, history, prompt_len, first, max_len):
+    """The draft's cache over the prompt's pairs (f_p, x_{p+1}), p < prompt_len - 1; the pair
+    (f_{n-1}, first token) is left pending."""
+    from jaxinfer.draft_heads.eagle import draft_forward
+    heads, base = heads_and_base
+    draft = heads.draft
+    b, w = history.shape
+    cache = KVCache.init(self.cfg, b, int(max_len))
+    pos = jnp.arange(w)[None, :]
+    nxt = jnp.concatenate([history[:, 1:], jnp.zeros((b, 1), history.dtype)], axis=1)
+    positions = jnp.where(pos < prompt_len[:, None] - 1, pos, max_len)
+    _, cache = draft_forward(draft, base, features.astype(draft.fc.dtype), nxt, positions,
+                             self.cfg, cache)
+    rows = jnp.arange(b)
+    t = self.tree_size
+    last = features[rows, prompt_len - 1]
+    feats = jnp.zeros((b, t, features.shape[-1]), draft.fc.dtype).at[:, 0].set(last)
+    toks = jnp.zeros((b, t), jnp.int32).at[:, 0].set(first)
+    return EagleState(cache, feats, toks, prompt_len - 1, jnp.ones((b,), jnp.int32))
+
+  def propose(self, heads_and_base, st: EagleState, ctx: Context):
+    from jaxinfer.draft_heads.eagle import draft_forward
+    heads, base = heads_and_base
+    draft, vocab_size = heads.draft, base.embed.shape[0]
+    b, t = st.tokens.shape
+    rows = jnp.arange(b)
+    j = jnp.arange(t)[None, :]
+    positions = jnp.where(j < st.count[:, None], st.start[:, None] + j, st.cache.max_len)
+    hidden, cache = draft_forward(draft, base, st.features, st.tokens, positions, self.cfg,
+                                  st.cache, kv_source="cache")
+    feat = hidden[rows, st.count - 1]  # predicts the token after the root
+    drafted, qs = [_root_only(ctx)], []
+    for i in range(self.num_draft_tokens):
+      q = distribution(heads.logits(base, feat), ctx.sampling)  # over the draft vocabulary
+      tok = heads.token_ids(_draw(q, ctx, i))
+      drafted.append(tok)
+      qs.append(heads.full(q, vocab_size))
+      if i + 1 < self.num_draft_tokens:
+        hidden, cache = draft_forward(draft, base, feat[:, None], tok[:, None],
+                                      (ctx.length + i)[:, None], self.cfg, cache,
+                                      kv_source="cache")
+        feat = hidden[:, 0]
+    qs.append(qs[-1])  # the last node has no children
+    return st.replace(cache=cache), Draft(jnp.stack(drafted, 1),
+                                          jnp.asarray(chain_parents(self.tree_size)),
+                                          jnp.stack(qs, 1))
+
+  def update(self, st: EagleState, verify_hidden, tokens, path, num_accepted, next_token,
+             length, live):
+    """Pending := the accepted path's pairs: the target's feature at path node j (position
+    length + j) and the token after it (the next accepted draft, or the new root)."""
+    t = path.shape[1]
+    j = jnp.arange(t)[None, :]
+    feats = jnp.take_along_axis(verify_hidden, path[..., None], axis=1).astype(st.features.dtype)
+    path_tokens = jnp.take_along_axis(tokens, path, axis=1)
+    nxt = jnp.where(j < num_accepted[:, None], jnp.roll(path_tokens, -1, axis=1),
+                    next_token[:, None])
+    keep = lambda new, old: jnp.where(live.reshape((-1,) + (1,) * (new.ndim - 1)), new, old)
+    return st.replace(features=keep(feats, st.features), tokens=keep(nxt, st.tokens),
+                      start=keep(length, st.start), count=keep(num_accepted + 1, st.count))

@@ -1,0 +1,299 @@
+"""EAGLE draft layer: one decoder layer, autoregressive over (feature, token), on a frozen base.
+
+f_t is the base's final hidden state at position t (the feature its output projection reads to
+predict token t + 1). The draft reads the pair (f_t, x_{t+1}) at position t — the feature and the
+token that feature produced — as fc([f_t; embed(x_{t+1})]) (2D -> D), runs one decoder layer
+(the base's own layer type, causal over earlier pairs, its own KV cache when serving) and a norm,
+and predicts f_{t+1}; the base's frozen output projection turns that into a distribution over
+x_{t+2}. Drafting feeds its own predicted features back in, one token at a time.
+
+Training (EAGLE-1): the base is frozen (stop_gradient); loss = SmoothL1(f̂_{t+1}, f_{t+1})
++ `cls_weight` * CE(base distribution at t + 1, draft distribution), with uniform noise on the
+input features for robustness to its own errors. Initialisation makes the draft start as
+"predict f_{t+1} = f_t" (fc reads the feature only; the layer's output projections are zero).
+
+Draft vocabulary (as in EAGLE-3): the draft may score only the `draft_vocab` tokens most frequent
+in its training data. One drafted token then costs one layer plus a (D, draft_vocab) projection
+instead of the full (D, V) one — which, for small models and large vocabularies, is most of a
+draft step. Verification still scores the full vocabulary, so output is unchanged; a token
+outside the draft vocabulary is just never drafted.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import struct
+
+from jaxinfer import model as M
+from jaxinfer import params as P
+from jaxinfer.config import ModelConfig
+
+FORMAT = "jaxinfer-eagle-1"
+
+
+@struct.dataclass
+class EagleDraft:
+  fc: jax.Array  # (2D, D): [feature; token embedding] -> layer input
+  layer: M.Layer
+  norm: jax.Array  # (D,)
+
+
+@struct.dataclass
+class EagleHeads:
+  """What serving needs: the layer, and the output projection restricted to the draft
+  vocabulary (proj (D, Vd) and its token ids (Vd,)); both None for the full vocabulary."""
+
+  draft: EagleDraft
+  proj: jax.Array | None = None
+  vocab: jax.Array | None = None
+
+  def logits(self, base: M.Transformer, feat: jax.Array) -> jax.Array:
+    """feat (..., D) -> float32 logits over the draft vocabulary (..., Vd)."""
+    if self.proj is None:
+      return M.logits(base, feat)
+    return jnp.einsum("...d,dv->...v", feat, self.proj, preferred_element_type=jnp.float32)
+
+  def token_ids(self, index: jax.Array) -> jax.Array:
+    return index if self.vocab is None else self.vocab[index]
+
+  def full(self, q: jax.Array, vocab_size: int) -> jax.Array:
+    """A distribution over the draft vocabulary (..., Vd) as one over the whole (..., V)."""
+    if self.vocab is None:
+      return q
+    return jnp.zeros(q.shape[:-1] + (vocab_size,), q.dtype).at[..., self.vocab].set(q)
+
+
+def output_projection(base: M.Transformer) -> jax.Array:
+  return base.embed.T if base.lm_head is None else base.lm_head  # (D, V)
+
+
+def serving_heads(draft: EagleDraft, base: M.Transformer,
+                  vocab: np.ndarray | None) -> EagleHeads:
+  if vocab is None:
+    return EagleHeads(draft)
+  ids = jnp.asarray(vocab, jnp.int32)
+  return EagleHeads(draft, jnp.take(output_projection(base), ids, axis=1), ids)
+
+
+def frequent_tokens(base: M.Transformer, cfg: ModelConfig, batches, size: int) -> np.ndarray:
+  """The `size` tokens the base predicts (greedily) most often over `batches` (B, T) of text —
+  what the draft has to draft — sorted by id (ties: lower id first)."""
+  if not 0 < size <= cfg.vocab_size:
+    raise ValueError(f"draft vocabulary: size must be in [1, {cfg.vocab_size}], got {size}")
+
+  @jax.jit
+  def counts(base, batch):
+    positions = jnp.broadcast_to(jnp.arange(batch.shape[1], dtype=jnp.int32), batch.shape)
+    hidden, _ = M.forward(base, batch, positions, cfg)
+    pred = jnp.argmax(M.logits(base, hidden), -1)
+    return jnp.zeros((cfg.vocab_size,), jnp.int32).at[pred.reshape(-1)].add(1)
+
+  total = np.zeros(cfg.vocab_size, np.int64)
+  for batch in batches:
+    total += np.asarray(counts(base, jnp.asarray(batch)))
+  order = np.lexsort((np.arange(cfg.vocab_size), -total))
+  return np.sort(order[:size]).astype(np.int32)
+
+
+def draft_config(cfg: ModelConfig) -> ModelConfig:
+  """The draft layer's configuration: the base's, with one layer."""
+  return dataclasses.replace(cfg, num_layers=1)
+
+
+def init_draft(cfg: ModelConfig, key: jax.Array, dtype=None) -> EagleDraft:
+  dtype = dtype or cfg.jnp_dtype
+  d = cfg.embed
+  layer = P.init_params(M.Layer.spec(cfg), key, dtype)
+  layer = layer.replace(attn=layer.attn.replace(o=jnp.zeros_like(layer.attn.o)),
+                        mlp=layer.mlp.replace(down=jnp.zeros_like(layer.mlp.down)))
+  fc = jnp.concatenate([jnp.eye(d, dtype=dtype), jnp.zeros((d, d), dtype)], axis=0)
+  return EagleDraft(fc=fc, layer=layer, norm=jnp.ones((d,), dtype))
+
+
+def as_transformer(draft: EagleDraft, base: M.Transformer) -> M.Transformer:
+  """The draft as a one-layer model sharing the base's embedding and output projection."""
+  return M.Transformer(embed=base.embed, layers=(draft.layer,), final_norm=draft.norm,
+                       lm_head=base.lm_head)
+
+
+def draft_forward(draft: EagleDraft, base: M.Transformer, features: jax.Array,
+                  tokens: jax.Array, positions: jax.Array, dcfg: ModelConfig, cache=None, *,
+                  kv_source: M.KVSource = "chunk", implementation: str = "xla"):
+  """features (B,T,D) and the tokens they produced (B,T) at `positions` -> predicted next
+  features (B,T,D) and the updated draft cache."""
+  emb = jnp.take(base.embed, tokens, axis=0).astype(features.dtype)
+  x = jnp.concatenate([features, emb], axis=-1) @ draft.fc
+  return M.forward(as_transformer(draft, base), tokens, positions, dcfg, cache,
+                   kv_source=kv_source, implementation=implementation, embeddings=x)
+
+
+def _smooth_l1(x: jax.Array) -> jax.Array:
+  a = jnp.abs(x)
+  return jnp.where(a < 1.0, 0.5 * x * x, a - 0.5)
+
+
+def eagle_loss_fn(cfg: ModelConfig, *, cls_weight: float = 0.1, noise: float = 0.1,
+                  vocab: np.ndarray | None = None):
+  """loss_fn(draft, base, tokens (B, T+1), rng) for the shared training loop. With a draft
+  `vocab`, the token loss is over it (the base's distribution renormalised to it)."""
+  dcfg = draft_config(cfg)
+  ids = None if vocab is None else jnp.asarray(vocab, jnp.int32)
+
+  def loss_fn(draft: EagleDraft, base: M.Transformer, batch, rng):
+    inputs = batch[:, :-1]
+    positions = jnp.broadcast_to(jnp.arange(inputs.shape[1], dtype=jnp.int32), inputs.shape)
+    feats, _ = M.forward(base, inputs, positions, cfg)
+    feats = jax.lax.stop_gradient(feats.astype(jnp.float32))  # the base is frozen
+    base_logits = M.logits(base, feats)  # (B,T,V)
+    greedy = jnp.argmax(base_logits[:, 1:], -1)
+    if ids is not None:
+      base_logits = jnp.take(base_logits, ids, axis=-1)
+    teacher = jax.lax.stop_gradient(jax.nn.log_softmax(base_logits))
+    noisy = feats + noise * jax.random.uniform(rng, feats.shape, minval=-1.0, maxval=1.0)
+    pred, _ = draft_forward(draft, base, noisy.astype(draft.fc.dtype), batch[:, 1:], positions,
+                            dcfg)
+    pred = pred[:, :-1].astype(jnp.float32)  # pair t predicts f_{t+1}
+    reg = jnp.mean(_smooth_l1(pred - feats[:, 1:]))
+    heads = EagleHeads(draft) if ids is None else EagleHeads(
+        draft, jnp.take(output_projection(base), ids, axis=1), ids)
+    logp = jax.nn.log_softmax(heads.logits(base, pred))
+    cls = jnp.mean(-jnp.sum(jnp.exp(teacher[:, 1:]) * logp, -1))
+    top1 = jnp.mean(heads.token_ids(jnp.argmax(logp, -1)) == greedy)
+    return reg + cls_weight * cls, {"reg_loss": reg, "cls_loss": cls, "top1": top1}
+
+  return loss_fn
+
+
+def accuracy(heads: EagleHeads, base: M.Transformer, cfg: ModelConfig, batches,
+             top: int = 10) -> np.ndarray:
+  """(top,): how often the draft's i-th ranked token is the base's greedy next-next token, one
+  step ahead from true features (held-out batches)."""
+  dcfg = draft_config(cfg)
+
+  @jax.jit
+  def ranks(heads, base, batch):
+    inputs = batch[:, :-1]
+    positions = jnp.broadcast_to(jnp.arange(inputs.shape[1], dtype=jnp.int32), inputs.shape)
+    feats, _ = M.forward(base, inputs, positions, cfg)
+    pred, _ = draft_forward(heads.draft, base, feats, batch[:, 1:], positions, dcfg)
+    cand = heads.token_ids(jax.lax.top_k(heads.logits(base, pred[:, :-1]), top)[1])
+    target = jnp.argmax(M.logits(base, feats[:, 1:]), -1)
+    return jnp.sum(cand == target[..., None], axis=(0, 1)), target.size
+
+  hits, count = np.zeros(top), 0
+  for batch in batches:
+    h, n = ranks(heads, base, jnp.asarray(batch))
+    hits += np.asarray(h)
+    count += int(n)
+  if not count:
+    raise ValueError("eagle accuracy: no held-out batches")
+  return hits / count
+
+
+def _flat(draft: EagleDraft) -> dict[str, jax.Array]:
+  leaves = jax.tree_util.tree_flatten_with_path(draft)[0]
+  return {jax.tree_util.keystr(k).lstrip("."): v for k, v in leaves}
+
+
+def save(directory: str | Path, draft: EagleDraft, info: dict[str, Any],
+         vocab: np.ndarray | None = None) -> Path:
+  """draft.safetensors (+ the draft vocabulary's ids) + eagle_config.json (format, shapes,
+  training info)."""
+  from safetensors.numpy import save_file
+  out = Path(directory)
+  out.mkdir(parents=True, exist_ok=True)
+  tensors = {k: np.asarray(v, np.float32) for k, v in _flat(draft).items()}
+  if vocab is not None:
+    tensors["draft_vocab"] = np.asarray(vocab, np.int32)
+  save_file(tensors, str(out / "draft.safetensors"))
+  config = dict(info, format=FORMAT, hidden_size=int(draft.norm.shape[0]),
+                draft_vocab_size=None if vocab is None else int(len(vocab)))
+  (out / "eagle_config.json").write_text(json.dumps(config, indent=2) + "\n")
+  return out
+
+
+def is_eagle(directory: str | Path) -> bool:
+  return (Path(directory) / "eagle_config.json").is_file()
+
+
+def load(directory: str | Path, cfg: ModelConfig,
+         dtype=None) -> tuple[EagleDraft, np.ndarray | None, dict]:
+  """The draft layer for base config `cfg` (shapes checked against it), its draft vocabulary
+  (None: the full vocabulary) and its config."""
+  from safetensors.numpy import load_file
+  d = Path(directory)
+  cfg_path, weights = d / "eagle_config.json", d / "draft.safetensors"
+  if not cfg_path.is_file() or not weights.is_file():
+    raise FileNotFoundError(f"{directory}: not an EAGLE draft (expected eagle_config.json and "
+                            f"draft.safetensors, as written by jaxinfer train-draft)")
+  config = json.loads(cfg_path.read_text())
+  if config.get("format") != FORMAT:
+    raise ValueError(f"{directory}: format {config.get('format')!r}, expected {FORMAT!r}")
+  template = jax.eval_shape(lambda: init_draft(draft_config(cfg), jax.random.key(0), dtype))
+  tensors = load_file(str(weights))
+  vocab = tensors.pop("draft_vocab", None)
+  if vocab is not None and (vocab.ndim != 1 or not len(vocab) or vocab.min() < 0
+                            or vocab.max() >= cfg.vocab_size):
+    raise ValueError(f"{directory}: its draft vocabulary does not fit this model's "
+                     f"{cfg.vocab_size} tokens")
+  flat = _flat(template)
+  if set(tensors) != set(flat):
+    raise ValueError(f"{directory}: draft.safetensors holds {sorted(tensors)}, expected "
+                     f"{sorted(flat)} for this model")
+  for k, spec in flat.items():
+    if tensors[k].shape != spec.shape:
+      raise ValueError(f"{directory}: {k} has shape {tensors[k].shape}, this model needs "
+                       f"{spec.shape}")
+  leaves, treedef = jax.tree_util.tree_flatten(template)
+  keys = list(flat)
+  draft = jax.tree_util.tree_unflatten(
+      treedef, [jnp.asarray(tensors[k], spec.dtype) for k, spec in zip(keys, leaves)])
+  return draft, vocab, config
+
+
+def _coverage(base, cfg, vocab, held: "TokenWindows") -> float:
+  counts = np.zeros(cfg.vocab_size)
+  for batch in held.sequential(max_batches=64):
+    positions = jnp.broadcast_to(jnp.arange(batch.shape[1]), batch.shape)
+    hidden, _ = jax.jit(lambda b, p: M.forward(base, b, p, cfg))(jnp.asarray(batch), positions)
+    counts += np.bincount(np.asarray(jnp.argmax(M.logits(base, hidden), -1)).reshape(-1),
+                          minlength=cfg.vocab_size)
+  return counts[vocab].sum() / max(counts.sum(), 1)
+
+
+def train_eagle(cfg: ModelConfig, base: M.Transformer, train_tokens: np.ndarray,
+                held_tokens: np.ndarray, workdir: str | Path, *, steps: int = 600,
+                batch_size: int = 16, seq_len: int = 256, learning_rate: float = 3e-3,
+                warmup_steps: int = 30, checkpoint_every: int = 100, seed: int = 0,
+                cls_weight: float = 0.1, noise: float = 0.1, draft_vocab: int = 0, mesh=None,
+                progress: bool = True
+                ) -> tuple[EagleDraft, np.ndarray | None, dict[str, Any]]:
+  """Trains the draft layer (resuming from `workdir`), then measures its held-out accuracy.
+  draft_vocab > 0: score only that many of the training data's most frequent tokens."""
+  from jaxinfer.train.lm import TokenWindows
+  from jaxinfer.train.loop import TrainConfig, train
+  windows = TokenWindows(train_tokens, batch_size, seq_len, seed)
+  held = TokenWindows(held_tokens if len(held_tokens) > seq_len + 1 else train_tokens, 1, seq_len)
+  tcfg = TrainConfig(steps=steps, learning_rate=learning_rate, warmup_steps=warmup_steps,
+                     weight_decay=0.0, checkpoint_every=checkpoint_every, seed=seed,
+                     progress=progress)
+  vocab = None
+  if draft_vocab and draft_vocab < cfg.vocab_size:
+    vocab = frequent_tokens(base, cfg, (windows(10**6 + i) for i in range(64)), draft_vocab)
+  init = init_draft(draft_config(cfg), jax.random.key(seed))
+  draft, _ = train(eagle_loss_fn(cfg, cls_weight=cls_weight, noise=noise, vocab=vocab), init,
+                   windows, tcfg, workdir, frozen=base, mesh=mesh, description="train-draft")
+  acc = accuracy(serving_heads(draft, base, vocab), base, cfg, held.sequential(max_batches=64))
+  info = {"method": "eagle", "steps": steps, "train_tokens": int(len(train_tokens)),
+          "accuracy_top1": round(float(acc[0]), 4),
+          "accuracy_top5": round(float(acc[:5].sum()), 4)}
+  if vocab is not None:  # how often the base's next token is one the draft can draft
+    info["draft_vocab_coverage"] = round(float(_coverage(base, cfg, vocab, held)), 4)
+  return draft, vocab, info
