@@ -22,15 +22,21 @@ from pathlib import Path
 from absl import app, flags
 
 flags.DEFINE_string("model", "embedded", "Target model.")
-flags.DEFINE_list("methods", ["ngram", "recycling", "layerskip"], "Proposers to measure.")
+flags.DEFINE_list("methods", ["ngram", "recycling", "layerskip"], "Proposers to measure: "
+                  "ngram, recycling, layerskip, draft, medusa, hydra, eagle (a chain), eagle-tree "
+                  "(EAGLE-2 dynamic trees).")
 flags.DEFINE_list("batch_sizes", ["1", "4", "16"], "Batch sizes.")
 flags.DEFINE_integer("max_new_tokens", 96, "Tokens generated per prompt.")
 flags.DEFINE_integer("prompt_tokens", 128, "Prompt length (tokens of held-out source).")
 flags.DEFINE_integer("num_draft_tokens", 4, "Chain length for ngram / layerskip.")
 flags.DEFINE_string("tree", "4,2,1,1", "Recycling tree branching.")
+flags.DEFINE_string("dynamic_tree", "dynamic", "eagle-tree: dynamic or dynamic:NODES,TOPK,DEPTH.")
 flags.DEFINE_string("draft_layers", None, "layerskip: layers kept (default: first half).")
 flags.DEFINE_string("draft_heads", None, "medusa: heads written by jaxinfer train-draft "
                     "(default for the embedded model: the quickstart's, medusa-400).")
+flags.DEFINE_string("hydra_heads", None, "hydra: heads written by jaxinfer train-draft "
+                    "--method=hydra (default for the embedded model: hydra-400, from "
+                    "experiments/train_heads.py --method=hydra).")
 flags.DEFINE_string("eagle_draft", None, "eagle: the draft layer written by jaxinfer train-draft "
                     "--method=eagle (default for the embedded model: eagle-v1024-400, from "
                     "experiments/train_heads.py --method=eagle --draft_vocab=1024).")
@@ -67,8 +73,9 @@ def main(argv):
   from jaxinfer.speculative.decode import SpeculativeGenerator
 
   model_dir = checkpoint.resolve_model_dir(FLAGS.model)
-  heads = {"medusa": FLAGS.draft_heads, "eagle": FLAGS.eagle_draft}
-  for method, default in (("medusa", "medusa-400"), ("eagle", "eagle-v1024-400")):
+  heads = {"medusa": FLAGS.draft_heads, "hydra": FLAGS.hydra_heads, "eagle": FLAGS.eagle_draft}
+  for method, default in (("medusa", "medusa-400"), ("hydra", "hydra-400"),
+                          ("eagle", "eagle-v1024-400")):
     if heads[method] is None and FLAGS.model == "embedded":
       heads[method] = str(Path(model_dir).parent / default)
   cfg, params, tok = checkpoint.load_model(str(model_dir))
@@ -92,10 +99,12 @@ def main(argv):
     row = dict(base, batch_size=b, methods={})
     plain_times = []
     for method in FLAGS.methods:
-      job = GenerateJob(prompts="-", output="-", speculative=method,
-                        num_draft_tokens=FLAGS.num_draft_tokens, tree=FLAGS.tree,
-                        draft_layers=FLAGS.draft_layers,
-                        draft_heads=heads.get(method))
+      # "eagle-tree": the EAGLE draft growing EAGLE-2 dynamic trees (--dynamic_tree)
+      spec = "eagle" if method == "eagle-tree" else method
+      tree = FLAGS.dynamic_tree if method == "eagle-tree" else FLAGS.tree
+      job = GenerateJob(prompts="-", output="-", speculative=spec,
+                        num_draft_tokens=FLAGS.num_draft_tokens, tree=tree,
+                        draft_layers=FLAGS.draft_layers, draft_heads=heads.get(spec))
       proposer, draft_params = make_proposer(job, cfg, params, None)
       gens = {"always": SpeculativeGenerator(cfg, params, proposer, draft_params=draft_params,
                                              steps_per_sync=16, policy="always"),
@@ -121,7 +130,9 @@ def main(argv):
                 "speedup_over_tau": round(speedup / st.mean_accepted_tokens, 3),
                 "speedup_auto_policy": round(float(np.median(ratios["auto"])), 3),
                 "auto_policy": gens["auto"].stats.decision(),
-                "identical_to_plain": f"{same}/{b}", "tree_size": proposer.tree_size}
+                "identical_to_plain": f"{same}/{b}", "tree_size": proposer.tree_size,
+                "draft_share": None if st.draft_share is None else round(st.draft_share, 3),
+                "draft_heads": Path(heads[spec]).name if heads.get(spec) else None}
       row["methods"][method] = result
       print(f"  batch {b} {method}: {json.dumps(result)}", file=sys.stderr, flush=True)
     row["plain_tokens_per_second_median"] = round(new_tokens / float(np.median(plain_times)), 1)

@@ -3,7 +3,8 @@ what they learned.
 
   python experiments/train_heads.py                      # Medusa-1, self-distilled, 400 steps
   python experiments/train_heads.py --self_distill=0     # on the stdlib text itself
-  python experiments/train_heads.py --method=eagle       # the EAGLE draft layer
+  python experiments/train_heads.py --method=hydra       # Hydra heads, same data and budget
+  python experiments/train_heads.py --method=eagle --draft_vocab=1024   # the EAGLE draft layer
 
 Data: --self_distill windows of the embedded model's training tokens, continued greedily by the
 batch engine (what the heads see when serving), or the training text itself. Held-out accuracy
@@ -22,7 +23,7 @@ from pathlib import Path
 
 from absl import app, flags
 
-flags.DEFINE_enum("method", "medusa", ["medusa", "eagle"], "Draft-head recipe.")
+flags.DEFINE_enum("method", "medusa", ["medusa", "hydra", "eagle"], "Draft-head recipe.")
 flags.DEFINE_integer("steps", 400, "Training steps.")
 flags.DEFINE_integer("batch_size", 8, "Sequences per step.")
 flags.DEFINE_integer("seq_len", 128, "Tokens per sequence.")
@@ -42,7 +43,7 @@ def main(argv):
   import numpy as np
 
   from jaxinfer import checkpoint, embedded
-  from jaxinfer.draft_heads import eagle, medusa
+  from jaxinfer.draft_heads import eagle, hydra, medusa
 
   model_dir = embedded.ensure()
   cfg, base, _ = checkpoint.load_model(str(model_dir), quiet=True)
@@ -69,8 +70,8 @@ def main(argv):
                                            draft_vocab=FLAGS.draft_vocab, **common)
     top1, top5 = [info["accuracy_top1"]], [info["accuracy_top5"]]
   else:
-    heads, info = medusa.train_heads(cfg, base, train_tokens, held_tokens, work,
-                                     num_heads=FLAGS.num_heads, **common)
+    heads, info = (medusa if m == "medusa" else hydra).train_heads(
+        cfg, base, train_tokens, held_tokens, work, num_heads=FLAGS.num_heads, **common)
     top1 = info["accuracy_top1"]
     top5 = [round(float(sum(r[:5])), 4) for r in info["accuracy_topk"]]
   info.update(train_seconds=round(time.perf_counter() - t1, 1),
@@ -78,8 +79,9 @@ def main(argv):
   if m == "eagle":
     eagle.save(out, heads, info, vocab)
   else:
-    medusa.save(out, heads, info)
-  row = {"model": "embedded", "method": {"medusa": "medusa-1", "eagle": "eagle-1"}[m],
+    (medusa if m == "medusa" else hydra).save(out, heads, info)
+  row = {"model": "embedded", "method": {"medusa": "medusa-1", "hydra": "hydra",
+                                         "eagle": "eagle-1"}[m],
          "device": jax.devices()[0].device_kind,
          "jax": jax.__version__, "date": datetime.date.today().isoformat(),
          "steps": FLAGS.steps, "batch_size": FLAGS.batch_size, "seq_len": FLAGS.seq_len,

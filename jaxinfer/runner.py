@@ -61,9 +61,9 @@ class GenerateJob:
   steps_per_sync: int = 32  # static scheduler only
   cache_dir: str | None = None
   progress: bool = True
-  speculative: str = "none"  # none | ngram | recycling | draft | layerskip | medusa | eagle
+  speculative: str = "none"  # none | ngram | recycling | draft | layerskip | medusa | hydra | eagle
   draft_model: str | None = None
-  draft_heads: str | None = None  # medusa, eagle: a directory written by jaxinfer train-draft
+  draft_heads: str | None = None  # medusa, hydra, eagle: a directory written by train-draft
   num_draft_tokens: int = 4
   tree: str = "4,2,1,1"  # Token Recycling's branching per depth
   draft_layers: str | None = None  # layerskip: layers the draft keeps
@@ -121,10 +121,17 @@ class GenerateJob:
         raise UserError(f"--acceptance: expected exact or typical, got {self.acceptance!r}")
       if (self.speculative == "draft") != (self.draft_model is not None):
         raise UserError("--draft_model: needed with --speculative=draft, and only then")
-      if (self.speculative in ("medusa", "eagle")) != (self.draft_heads is not None):
-        raise UserError("--draft_heads: needed with --speculative=medusa or eagle, and only then")
+      if (self.speculative in HEADS) != (self.draft_heads is not None):
+        raise UserError("--draft_heads: needed with --speculative=medusa, hydra or eagle, and "
+                        "only then")
       try:
-        tree_branching(self.tree)
+        if self.tree.startswith("dynamic"):
+          if self.speculative != "eagle":
+            raise ValueError("--tree: dynamic trees are grown by the EAGLE draft "
+                             "(--speculative=eagle)")
+          dynamic_tree(self.tree)
+        else:
+          tree_branching(self.tree)
         if self.draft_layers:
           _int_list(self.draft_layers)
       except ValueError as e:
@@ -135,7 +142,8 @@ class GenerateJob:
                       f"got {self.implementation!r}")
 
 
-SPECULATIVE = ("none", "ngram", "recycling", "draft", "layerskip", "medusa", "eagle")
+SPECULATIVE = ("none", "ngram", "recycling", "draft", "layerskip", "medusa", "hydra", "eagle")
+HEADS = ("medusa", "hydra", "eagle")  # proposers served from --draft_heads
 
 
 def _int_list(text: str) -> tuple[int, ...]:
@@ -143,6 +151,26 @@ def _int_list(text: str) -> tuple[int, ...]:
     return tuple(int(x) for x in text.split(","))
   except ValueError:
     raise ValueError(f"--draft_layers: expected comma-separated integers, got {text!r}") from None
+
+
+DYNAMIC_TREE = (16, 4, 5)  # nodes, top-k, depth
+
+
+def dynamic_tree(text: str) -> tuple[int, int, int]:
+  """`dynamic` or `dynamic:NODES,TOPK,DEPTH` -> (nodes, top_k, depth)."""
+  if text == "dynamic":
+    return DYNAMIC_TREE
+  head, _, spec = text.partition(":")
+  try:
+    nodes, top_k, depth = (int(x) for x in spec.split(","))
+  except ValueError:
+    raise ValueError(f"--tree: expected dynamic or dynamic:NODES,TOPK,DEPTH, got {text!r}"
+                     ) from None
+  pool = top_k + (depth - 1) * top_k**2
+  if head != "dynamic" or top_k < 1 or depth < 1 or not 1 <= nodes <= pool:
+    raise ValueError(f"--tree: {text!r}: need TOPK >= 1, DEPTH >= 1 and 1 <= NODES <= TOPK + "
+                     f"(DEPTH - 1) * TOPK^2")
+  return nodes, top_k, depth
 
 
 def tree_branching(text: str) -> tuple[int, ...]:
@@ -170,25 +198,32 @@ def make_proposer(job: "GenerateJob", cfg, params, dtype):
     except ValueError as e:
       raise UserError(f"--draft_layers: {e}") from None
     return P.DraftModel(dcfg, num_draft_tokens=job.num_draft_tokens, name="layerskip"), dparams
-  if job.speculative == "medusa":
-    from jaxinfer.draft_heads import medusa
+  if job.speculative in ("medusa", "hydra"):
+    from jaxinfer.draft_heads import hydra, medusa
+    lib = medusa if job.speculative == "medusa" else hydra
     try:
-      heads, info = medusa.load(job.draft_heads, cfg.jnp_dtype)
+      heads, info = lib.load(job.draft_heads, cfg.jnp_dtype)
     except (FileNotFoundError, ValueError) as e:
       raise UserError(f"--draft_heads: {e}") from None
     if (info["vocab_size"], info["hidden_size"]) != (cfg.vocab_size, cfg.embed):
       raise UserError(f"--draft_heads: heads for vocabulary {info['vocab_size']} / hidden "
                       f"{info['hidden_size']}, the model has {cfg.vocab_size} / "
                       f"{cfg.embed}")
-    return P.Medusa(paths=tuple(tuple(p) for p in info["tree"])), heads
+    paths = tuple(tuple(p) for p in info["tree"])
+    return (P.Medusa(paths=paths) if lib is medusa else P.Hydra(paths=paths)), heads
   if job.speculative == "eagle":
     from jaxinfer.draft_heads import eagle
     try:
       draft, vocab, _ = eagle.load(job.draft_heads, cfg, cfg.jnp_dtype)
     except (FileNotFoundError, ValueError) as e:
       raise UserError(f"--draft_heads: {e}") from None
-    return (P.Eagle(eagle.draft_config(cfg), num_draft_tokens=job.num_draft_tokens),
-            eagle.serving_heads(draft, params, vocab))
+    heads = eagle.serving_heads(draft, params, vocab)
+    if job.tree.startswith("dynamic"):
+      from jaxinfer.speculative.dynamic_tree import EagleTree
+      nodes, top_k, depth = dynamic_tree(job.tree)
+      return EagleTree(eagle.draft_config(cfg), num_nodes=nodes, top_k=top_k,
+                       depth=depth), heads
+    return P.Eagle(eagle.draft_config(cfg), num_draft_tokens=job.num_draft_tokens), heads
   try:
     dcfg, dparams, _ = checkpoint.load_model(job.draft_model, dtype, quiet=True)
   except (FileNotFoundError, ValueError) as e:

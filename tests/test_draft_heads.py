@@ -1,4 +1,4 @@
-"""Draft heads (Medusa-1 heads, the EAGLE draft layer): training on a frozen base learns, the
+"""Draft heads (Medusa-1 heads, Hydra heads, the EAGLE draft layer): training on a frozen base learns, the
 base stays bitwise frozen, the files round-trip, Medusa's tree is prefix-closed, and serving
 them is lossless."""
 
@@ -13,10 +13,10 @@ import pytest
 
 from jaxinfer import checkpoint
 from jaxinfer import model as M
-from jaxinfer.draft_heads import eagle, medusa
+from jaxinfer.draft_heads import eagle, hydra, medusa
 from jaxinfer.generation import Generator, RowRequest
 from jaxinfer.speculative.decode import SpeculativeGenerator
-from jaxinfer.speculative.proposers import Eagle, Medusa
+from jaxinfer.speculative.proposers import Eagle, Hydra, Medusa
 from jaxinfer.train.lm import TokenWindows
 from jaxinfer.train.loop import TrainConfig, train
 
@@ -73,7 +73,7 @@ def test_medusa_heads_learn_on_a_frozen_base(tmp_path, tiny_model_dir):
   assert spec.stats.mean_accepted_tokens >= 1.0
 
 
-@pytest.mark.parametrize("method", ["medusa", "eagle"])
+@pytest.mark.parametrize("method", ["medusa", "hydra", "eagle"])
 def test_train_draft_cli_and_generate_with_heads(tmp_path, tiny_model_dir, method):
   data = tmp_path / "data.txt"
   data.write_text(("def add(a, b):\n    return a + b\n\n" * 300))
@@ -85,8 +85,8 @@ def test_train_draft_cli_and_generate_with_heads(tmp_path, tiny_model_dir, metho
     cmd.append("--draft_vocab=64")
   run = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
   assert run.returncode == 0, run.stderr
-  if method == "medusa":
-    info = json.loads((out / "medusa_config.json").read_text())
+  if method in ("medusa", "hydra"):
+    info = json.loads((out / f"{method}_config.json").read_text())
     assert len(info["accuracy_top1"]) == 2 and len(info["tree"]) == 6
   else:
     info = json.loads((out / "eagle_config.json").read_text())
@@ -182,3 +182,50 @@ def test_eagle_draft_learns_on_a_frozen_base_and_serves_losslessly(tmp_path, tin
                                 page_size=8, steps_per_sync=3, policy="always")
     assert [r.tokens for r in spec.generate(rows)] == [r.tokens for r in plain]
     assert spec.stats.accepted_hist[1:].sum() > 0 and spec.stats.mean_accepted_tokens > 1.0
+
+
+def test_hydra_heads_learn_depend_on_their_path_and_serve_losslessly(tmp_path, tiny_model_dir):
+  cfg, base, _ = checkpoint.load_model(str(tiny_model_dir))
+  before = jax.tree_util.tree_map(np.asarray, base)
+  windows = TokenWindows(_periodic_tokens(cfg.vocab_size), 8, 32)
+  heads0 = hydra.init_heads(base, 3, jax.random.key(0))
+  assert [w.shape[0] for w in heads0.w_in] == [2 * cfg.embed, 3 * cfg.embed, 4 * cfg.embed]
+  # zero-initialised output weights: every head starts as the base's next-token predictor
+  h = jax.random.normal(jax.random.key(1), (2, cfg.embed))
+  path = jax.random.normal(jax.random.key(2), (2, 2, cfg.embed))
+  np.testing.assert_allclose(np.asarray(hydra.head_logits(heads0, 1, h, path)),
+                             np.asarray(M.logits(base, h)), rtol=1e-5, atol=1e-5)
+  heads, _ = train(hydra.hydra_loss_fn(cfg, teacher=False), heads0, windows, TrainConfig(
+      steps=60, learning_rate=1e-2, warmup_steps=5, weight_decay=0.0, log_every=10,
+      checkpoint_every=60, progress=False), tmp_path / "run", frozen=base)
+  acc = hydra.topk_accuracy(heads, base, cfg, TokenWindows(
+      _periodic_tokens(cfg.vocab_size, 3000, seed=0), 1, 32).sequential(max_batches=20))
+  assert acc.shape == (3, 10) and (acc[:, 0] > 0.5).all()  # chance is 1/vocab
+  after = jax.tree_util.tree_map(np.asarray, base)
+  assert all(np.array_equal(a, b) for a, b in zip(jax.tree_util.tree_leaves(before),
+                                                  jax.tree_util.tree_leaves(after)))
+  # sequential dependence: head 1's prediction changes with the drafted token it is given
+  other = path.at[:, 1].set(jnp.take(base.embed, jnp.array([3, 4]), axis=0))
+  assert not np.allclose(np.asarray(hydra.head_logits(heads, 1, h, path)),
+                         np.asarray(hydra.head_logits(heads, 1, h, other)))
+  # the teacher loss (default) trains too
+  tl = hydra.hydra_loss_fn(cfg)
+  assert np.isfinite(float(tl(heads, base, jnp.asarray(windows(0)), None)[0]))
+
+  paths = medusa.build_tree(acc, 8)
+  out = hydra.save(tmp_path / "heads", heads, {"tree": [list(p) for p in paths]})
+  loaded, info = hydra.load(out)
+  np.testing.assert_array_equal(np.asarray(loaded.w_in[2]), np.asarray(heads.w_in[2]))
+  assert info["num_heads"] == 3 and hydra.is_hydra(out)
+  with pytest.raises(FileNotFoundError, match="not Hydra heads"):
+    hydra.load(tmp_path)
+
+  # Served (the tree drafted level by level, per branch): greedy output equals plain greedy at
+  # mixed lengths.
+  prompt = list(_periodic_tokens(cfg.vocab_size, 40, seed=0))
+  rows = [RowRequest(prompt[:n], m, jax.random.key(n)) for n, m in ((9, 30), (20, 7), (33, 30))]
+  plain = Generator(cfg, base).generate(rows)
+  spec = SpeculativeGenerator(cfg, base, Hydra(paths=tuple(paths)), draft_params=loaded,
+                              page_size=8, steps_per_sync=3, policy="always")
+  assert [r.tokens for r in spec.generate(rows)] == [r.tokens for r in plain]
+  assert spec.stats.mean_accepted_tokens >= 1.0

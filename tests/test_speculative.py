@@ -4,6 +4,7 @@ token for token (float32), at batch 1 and batch > 1 with mixed prompt and output
 import json
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 
@@ -50,9 +51,12 @@ def _eagle(cfg):
 
 
 def _proposers(cfg, params, other):
+  from jaxinfer.speculative.dynamic_tree import EagleTree
   layer_cfg, layer_params = P.layer_skip_draft(cfg, params, (0,))
+  chain, heads = _eagle(cfg)
   return {
-      "eagle": _eagle(cfg),
+      "eagle": (chain, heads),
+      "eagle-tree": (EagleTree(chain.cfg, num_nodes=7, top_k=2, depth=3), heads),
       "ngram": (P.NGram(num_draft_tokens=4), None),
       "recycling": (P.Recycling(branching=(3, 2, 1)), None),
       "layerskip": (P.DraftModel(layer_cfg, num_draft_tokens=3), layer_params),
@@ -60,7 +64,8 @@ def _proposers(cfg, params, other):
   }
 
 
-@pytest.mark.parametrize("name", ["ngram", "recycling", "layerskip", "draft", "eagle"])
+@pytest.mark.parametrize("name", ["ngram", "recycling", "layerskip", "draft", "eagle",
+                                  "eagle-tree"])
 def test_greedy_speculative_equals_greedy(target, other_draft, name):
   cfg, params = target
   proposer, draft_params = _proposers(cfg, params, other_draft)[name]
@@ -160,7 +165,7 @@ def test_generate_job_with_speculation(tmp_path, tiny_model_dir):
                       model=str(tiny_model_dir), progress=False, **kw))
 
 
-@pytest.mark.parametrize("name", ["draft", "recycling", "eagle"])
+@pytest.mark.parametrize("name", ["draft", "recycling", "eagle", "eagle-tree"])
 def test_sampled_speculation_matches_plain_sampling(target, other_draft, name):
   """The joint distribution of the second and third tokens (both drawn in speculative steps:
   the first comes from the prompt's forward) equals plain sampling's, by a two-sample
@@ -199,3 +204,71 @@ def test_sampled_speculation_matches_plain_sampling(target, other_draft, name):
   # p = 1e-4 critical value, Wilson-Hilferty approximation
   crit = df * (1 - 2 / (9 * df) + 3.719 * np.sqrt(2 / (9 * df))) ** 3
   assert chi2 < crit, (chi2, df, crit)
+
+
+def test_dynamic_tree_draft_attention_matches_dense():
+  """Tree-growing attention: each query sees the cache prefix (positions < prefix_len) and the
+  tree slots its mask marks, nothing else (checked against a per-query dense softmax)."""
+  from jaxinfer.speculative.dynamic_tree import _TreeDraftLayer
+  rng = np.random.RandomState(0)
+  b, t, n, kh, h, s, nt = 2, 3, 4, 2, 8, 10, 6
+  f = lambda *shape: jnp.asarray(rng.randn(*shape), jnp.float32)
+  q, k, v, tk, tv = f(b, t, n, h), f(kh, b, s, h), f(kh, b, s, h), f(kh, b, nt, h), f(kh, b, nt, h)
+  prefix = np.array([4, 7])
+  mask = rng.rand(b, t, nt) < 0.5
+  layer = _TreeDraftLayer(k, v, tk, tv, jnp.asarray(prefix), jnp.asarray(mask), 0)
+  out = np.asarray(layer.attend(None, q, None))
+  g = n // kh
+  for bi in range(b):
+    for ti in range(t):
+      for ni in range(n):
+        hk = ni // g
+        keys = np.concatenate([np.asarray(k)[hk, bi, :prefix[bi]],
+                               np.asarray(tk)[hk, bi, mask[bi, ti]]])
+        vals = np.concatenate([np.asarray(v)[hk, bi, :prefix[bi]],
+                               np.asarray(tv)[hk, bi, mask[bi, ti]]])
+        sc = keys @ np.asarray(q)[bi, ti, ni] / np.sqrt(h)
+        p = np.exp(sc - sc.max())
+        np.testing.assert_allclose(out[bi, ti, ni], (p / p.sum()) @ vals, rtol=1e-4, atol=1e-5)
+
+
+def test_dynamic_tree_shapes_and_chain_equivalence(target):
+  """A dynamic tree is a valid per-row tree (parents earlier, depth <= depth); with top_k = 1 it
+  is the greedy chain the chain proposer drafts."""
+  from jaxinfer import model as M
+  from jaxinfer.sampling import SamplingParams
+  from jaxinfer.speculative.dynamic_tree import EagleTree
+  from pallas_kernels.tree_attention import ancestor_matrix
+  cfg, params = target
+  chain, heads = _eagle(cfg)
+  b, max_len = 3, 64
+  rng = np.random.RandomState(3)
+  history = jnp.asarray(rng.randint(1, cfg.vocab_size, size=(b, max_len)), jnp.int32)
+  prompt_len = jnp.asarray([5, 17, 30], jnp.int32)
+  pos = jnp.broadcast_to(jnp.arange(max_len), (b, max_len))
+  feats, _ = M.forward(params, history, pos, cfg)
+  first = history[jnp.arange(b), prompt_len]
+  ctx = P.Context(history, prompt_len, SamplingParams.make(b),
+                  jax.random.split(jax.random.key(0), b))
+  for tree in (EagleTree(chain.cfg, num_nodes=4, top_k=1, depth=4),
+               EagleTree(chain.cfg, num_nodes=9, top_k=3, depth=3)):
+    st = tree.prefill((heads, params), feats, history, prompt_len, first, max_len)
+    _, draft = tree.propose((heads, params), st, ctx)
+    parents = np.asarray(draft.parents)
+    assert draft.tokens.shape == (b, tree.tree_size) and parents.shape == (b, tree.tree_size)
+    assert (parents[:, 0] == -1).all() and (parents[:, 1:] < np.arange(1, tree.tree_size)).all()
+    assert (parents[:, 1:] >= 0).all()
+    depth = np.asarray(ancestor_matrix(jnp.asarray(parents))).sum(-1) - 1
+    assert depth.max() <= tree.depth
+    if tree.top_k == 1:
+      chain4 = P.Eagle(chain.cfg, num_draft_tokens=4)
+      st4 = chain4.prefill((heads, params), feats, history, prompt_len, first, max_len)
+      _, want = chain4.propose((heads, params), st4, ctx)
+      np.testing.assert_array_equal(np.asarray(draft.tokens), np.asarray(want.tokens))
+      np.testing.assert_array_equal(parents, np.broadcast_to(np.arange(-1, 4), (b, 5)))
+    else:  # siblings are distinct tokens
+      tokens = np.asarray(draft.tokens)
+      for r in range(b):
+        for p in set(parents[r, 1:]):
+          kids = tokens[r, 1:][parents[r, 1:] == p]
+          assert len(set(kids)) == len(kids)

@@ -1,7 +1,7 @@
-"""jaxinfer train-draft: train draft heads on a frozen model — Medusa-1 heads or an EAGLE draft
-layer; resumes from its workdir after a crash; writes the heads with their measured held-out
-accuracies (and, for Medusa, the static tree built from them), served by
-`jaxinfer generate --speculative=medusa|eagle --draft_heads=DIR`."""
+"""jaxinfer train-draft: train draft heads on a frozen model — Medusa-1 heads, Hydra heads or an
+EAGLE draft layer; resumes from its workdir after a crash; writes the heads with their measured
+held-out accuracies (and, for Medusa and Hydra, the static tree built from them), served by
+`jaxinfer generate --speculative=medusa|hydra|eagle --draft_heads=DIR`."""
 
 from __future__ import annotations
 
@@ -15,18 +15,19 @@ from jaxinfer.cli.common import (apply_platform_flags, data_tokens, define_model
                                  load_model_from_flags)
 
 define_model_flags()
-flags.DEFINE_enum("method", "medusa", ["medusa", "eagle"], "Draft-head recipe, both on a frozen "
-                  "base: medusa (Medusa-1 heads) or eagle (one decoder layer over features and "
-                  "tokens, EAGLE-1 loss).")
+flags.DEFINE_enum("method", "medusa", ["medusa", "hydra", "eagle"], "Draft-head recipe, all on "
+                  "a frozen base: medusa (Medusa-1 heads), hydra (sequentially dependent heads, "
+                  "teacher loss) or eagle (one decoder layer over features and tokens, EAGLE-1 "
+                  "loss).")
 flags.DEFINE_string("data", None, "Training text: a .txt file, a JSONL file with a 'text' field "
                     "per line, or a directory (its *.txt, *.py and *.md files).")
 flags.DEFINE_string("output", None, "Where the heads are written.")
 flags.DEFINE_string("workdir", None, "Checkpoints and metrics.jsonl (default: <output>.run).")
-flags.DEFINE_integer("num_heads", 4, "--method=medusa: heads (head k predicts the token k + 2 "
-                     "ahead).",
+flags.DEFINE_integer("num_heads", 4, "--method=medusa|hydra: heads (head k drafts tree depth "
+                     "k + 1).",
                      lower_bound=1)
-flags.DEFINE_integer("tree_nodes", 16, "--method=medusa: draft-tree size (nodes besides the "
-                     "root).", lower_bound=1)
+flags.DEFINE_integer("tree_nodes", 16, "--method=medusa|hydra: draft-tree size (nodes besides "
+                     "the root).", lower_bound=1)
 flags.DEFINE_integer("draft_vocab", 0, "--method=eagle: score only this many of the training "
                      "data's most frequent tokens when drafting (0: the whole vocabulary).",
                      lower_bound=0)
@@ -54,7 +55,7 @@ FLAGS = flags.FLAGS
 def main(argv: list[str]) -> None:
   no_positional_args(argv)
   apply_platform_flags()
-  from jaxinfer.draft_heads import eagle, medusa
+  from jaxinfer.draft_heads import eagle, hydra, medusa
 
   try:
     mesh, src, cfg, base, tokenizer = load_model_from_flags()
@@ -83,10 +84,11 @@ def main(argv: list[str]) -> None:
     save = lambda out, d, i: eagle.save(out, d, i, vocab)
     heads = draft
   else:
-    heads, info = medusa.train_heads(cfg, base, train_tokens, held_tokens, workdir,
-                                     num_heads=FLAGS.num_heads, tree_nodes=FLAGS.tree_nodes,
-                                     **common)
-    shown, save = ("accuracy_top1", "expected_accepted_per_step"), medusa.save
+    lib = medusa if FLAGS.method == "medusa" else hydra
+    heads, info = lib.train_heads(cfg, base, train_tokens, held_tokens, workdir,
+                                  num_heads=FLAGS.num_heads, tree_nodes=FLAGS.tree_nodes,
+                                  **common)
+    shown, save = ("accuracy_top1", "expected_accepted_per_step"), lib.save
   info.update(base_model=str(src), self_distilled_prompts=FLAGS.self_distill)
   out = save(FLAGS.output, heads, info)
   print(json.dumps({k: info[k] for k in shown}))

@@ -25,7 +25,8 @@ from jaxinfer.generation import Generator, RowRequest, RowResult, next_pow2
 from jaxinfer.kv_cache import KVCache, PagedKVCache, TreeKVCache, commit_path
 from jaxinfer.sampling import SamplingParams, distribution, sample
 from jaxinfer.speculative import acceptance
-from jaxinfer.speculative.proposers import Context, DraftModel, Eagle, Medusa, Recycling
+from jaxinfer.speculative.proposers import (Context, DraftModel, Eagle, Hydra, Medusa,
+                                            Recycling)
 from pallas_kernels.tree_attention import ancestor_matrix, pack_ancestors
 
 _DRAFT_SALT, _VERIFY_SALT = 1 << 20, 1 << 21
@@ -111,6 +112,8 @@ def _propose(params, draft_params, state: SpecState, sampling: SamplingParams, p
                 jax.vmap(lambda k: jax.random.fold_in(k, _DRAFT_SALT))(step_keys))
   if isinstance(proposer, Eagle):
     pstate, draft = proposer.propose((draft_params, params), state.proposer, ctx)
+  elif isinstance(proposer, Hydra):
+    pstate, draft = proposer.propose((draft_params, params.embed), state.proposer, ctx)
   elif isinstance(proposer, (DraftModel, Medusa)):
     pstate, draft = proposer.propose(draft_params, state.proposer, ctx)
   else:
@@ -161,7 +164,7 @@ def _step(params, draft_params, state: SpecState, sampling: SamplingParams, page
 
   verdict = jax.lax.cond(jnp.all(greedy), all_greedy, sampled, None)
   n_acc = verdict.num_accepted
-  if proposer.max_depth == t - 1:  # a chain: the accepted path is already in place
+  if getattr(proposer, "is_chain", proposer.max_depth == t - 1):  # already in place
     k_new, v_new = cache.k, cache.v
   else:
     k_new = commit_path(cache.k, page_table, state.length, verdict.path, n_acc)
@@ -189,7 +192,7 @@ def _step(params, draft_params, state: SpecState, sampling: SamplingParams, page
                                                        >= state.max_new)))
   if isinstance(proposer, Recycling):
     pstate = proposer.update(pstate, draft.tokens, logits)
-  elif isinstance(proposer, Medusa):
+  elif isinstance(proposer, (Medusa, Hydra)):
     pstate = jnp.where(live[:, None], proposer.update(pstate, hidden, verdict.path, n_acc),
                        pstate)
   elif isinstance(proposer, Eagle):
@@ -237,7 +240,7 @@ def _prefill(params, draft_params, history, prompt_len, max_new, sampling, keys,
     pstate = proposer.prefill(draft_params, history, prompt_len, max_len)
   elif isinstance(proposer, Recycling):
     pstate = adjacency
-  elif isinstance(proposer, Medusa):
+  elif isinstance(proposer, (Medusa, Hydra)):
     pstate = last  # the hidden state that predicted the first token
   elif isinstance(proposer, Eagle):
     pstate = proposer.prefill((draft_params, params), hidden, history, prompt_len, first, max_len)
@@ -273,7 +276,7 @@ class SpeculativeGenerator:
     from jaxinfer.sharding import DEFAULT_RULES
     if cfg.sliding_window is not None:
       raise ValueError("speculative decoding: sliding-window models are not supported yet")
-    if isinstance(proposer, (DraftModel, Medusa, Eagle)) and draft_params is None:
+    if isinstance(proposer, (DraftModel, Medusa, Eagle, Hydra)) and draft_params is None:
       raise ValueError(f"speculative decoding: the {proposer.name} proposer needs draft_params")
     if isinstance(proposer, DraftModel) and proposer.cfg.vocab_size != cfg.vocab_size:
       raise ValueError(f"speculative decoding: the draft's vocabulary ({proposer.cfg.vocab_size})"

@@ -326,3 +326,52 @@ class Eagle(_Chain):
     keep = lambda new, old: jnp.where(live.reshape((-1,) + (1,) * (new.ndim - 1)), new, old)
     return st.replace(features=keep(feats, st.features), tokens=keep(nxt, st.tokens),
                       start=keep(length, st.start), count=keep(num_accepted + 1, st.count))
+
+
+@dataclasses.dataclass(frozen=True)
+class Hydra:
+  """Hydra heads (jaxinfer.draft_heads.hydra) draft a static tree level by level: the children
+  of a node at depth d are the top candidates of head d given the hidden state and the tokens on
+  the node's path, so each node's children depend on its branch. The proposer's state is the
+  hidden state at the last accepted token (B, D), refreshed from every verification."""
+
+  paths: tuple[tuple[int, ...], ...]
+  name: str = "hydra"
+
+  @property
+  def tree_size(self) -> int:
+    return 1 + len(self.paths)
+
+  @property
+  def max_depth(self) -> int:
+    return max(len(p) for p in self.paths)
+
+  def propose(self, heads_and_embed, hidden, ctx: Context):
+    from jaxinfer.draft_heads.hydra import head_logits
+    heads, embed = heads_and_embed
+    index = {(): 0}
+    for i, p in enumerate(sorted(self.paths, key=lambda p: (len(p), p)), start=1):
+      index[p] = i
+    nodes = [_root_only(ctx)]  # tokens by node index (breadth-first)
+    for depth in range(1, self.max_depth + 1):
+      level = [p for p in index if len(p) == depth]  # already breadth-first sorted
+      parents = sorted({p[:-1] for p in level}, key=lambda p: index[p])
+      top = 1 + max(p[-1] for p in level)
+      # each parent's path (root first) as node indices -> token embeddings (B, n, depth, D)
+      chains = np.array([[index[q[:j]] for j in range(depth)] for q in parents])
+      toks = jnp.stack(nodes, axis=1)[:, chains]  # (B, n, depth)
+      lg = head_logits(heads, depth - 1, jnp.broadcast_to(
+          hidden[:, None], (hidden.shape[0], len(parents), hidden.shape[-1])),
+          jnp.take(embed, toks, axis=0))
+      cand = jax.lax.top_k(lg, top)[1].astype(jnp.int32)  # (B, n, top): distinct per node
+      slot = {q: i for i, q in enumerate(parents)}
+      picked = cand[:, np.array([slot[p[:-1]] for p in level]), np.array([p[-1] for p in level])]
+      nodes.extend(picked[:, i] for i in range(len(level)))
+    from jaxinfer.draft_heads.medusa import tree_parents as parents_of
+    ordered = sorted(self.paths, key=lambda p: (len(p), p))
+    return hidden, Draft(jnp.stack(nodes, axis=1), jnp.asarray(parents_of(ordered)), None)
+
+  def update(self, hidden_state, verify_hidden, path, num_accepted):
+    """The hidden state at the last accepted node (it predicted the next root)."""
+    rows = jnp.arange(path.shape[0])
+    return verify_hidden[rows, path[rows, num_accepted]]

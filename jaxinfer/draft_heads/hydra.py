@@ -1,0 +1,203 @@
+"""Hydra draft heads: Medusa's heads made sequentially dependent, trained on a frozen base.
+
+Head k (k = 0..K-1) drafts the token k + 1 places after the root r, from the base's hidden state
+h at the token before the root *and* the embeddings of the tokens already on this tree path —
+the root and the k drafts before it: x = [h; e(r); e(d_1); ...; e(d_k)] ((k + 2) D), then
+y = h + W_out,k SiLU(W_in,k x + b_k) (W_out zero-initialised: each head starts as the base's own
+next-token predictor) and its own vocabulary projection (initialised from the base's). Where a
+Medusa head must guess every token on a path at once, a Hydra head sees which branch it is on,
+so the candidates of one node's children differ with the node.
+
+Training is teacher-forced on the data's own tokens (self-distilled data: the base's greedy
+continuations), with Hydra's teacher loss: cross-entropy against the base's distribution at
+the position being predicted, weighted sum_k 0.2 * 0.8^k as in Medusa. The static tree is
+grown from the per-head top-k accuracies measured the same way on held-out data — accuracies
+conditioned on the path so far being right, which is what acceptance at depth k + 1 needs.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import struct
+
+from jaxinfer import model as M
+from jaxinfer.config import ModelConfig
+from jaxinfer.draft_heads.medusa import build_tree, head_weights
+
+FORMAT = "jaxinfer-hydra-1"
+
+
+@struct.dataclass
+class HydraHeads:
+  w_in: tuple[jax.Array, ...]  # head k: ((k + 2) D, D)
+  b_in: tuple[jax.Array, ...]  # head k: (D,)
+  w_out: tuple[jax.Array, ...]  # head k: (D, D)
+  proj: jax.Array  # (K, D, V)
+
+  @property
+  def num_heads(self) -> int:
+    return len(self.w_in)
+
+
+def init_heads(base: M.Transformer, num_heads: int, key: jax.Array) -> HydraHeads:
+  out = base.embed.T if base.lm_head is None else base.lm_head  # (D, V)
+  d = out.shape[0]
+  keys = jax.random.split(key, num_heads)
+  w_in = tuple(jax.random.normal(keys[k], ((k + 2) * d, d), out.dtype) / np.sqrt((k + 2) * d)
+               for k in range(num_heads))
+  return HydraHeads(w_in=w_in, b_in=tuple(jnp.zeros((d,), out.dtype) for _ in range(num_heads)),
+                    w_out=tuple(jnp.zeros((d, d), out.dtype) for _ in range(num_heads)),
+                    proj=jnp.broadcast_to(out, (num_heads,) + out.shape).copy())
+
+
+def head_logits(heads: HydraHeads, k: int, hidden: jax.Array,
+                path_embeddings: jax.Array) -> jax.Array:
+  """Head k: hidden (..., D) and the embeddings of the root and k drafts (..., k + 1, D) ->
+  float32 logits (..., V) for the next token on that path."""
+  x = jnp.concatenate([hidden[..., None, :], path_embeddings], axis=-2)
+  x = x.reshape(x.shape[:-2] + (-1,)).astype(heads.w_in[k].dtype)
+  y = hidden + jax.nn.silu(x @ heads.w_in[k] + heads.b_in[k]) @ heads.w_out[k]
+  return jnp.einsum("...d,dv->...v", y, heads.proj[k], preferred_element_type=jnp.float32)
+
+
+def _teacher_forced(heads: HydraHeads, base: M.Transformer, cfg: ModelConfig, batch):
+  """Per head k: (logits (B, n_k, V), base logits at the predicted position, target tokens)."""
+  inputs = batch[:, :-1]
+  t = inputs.shape[1]
+  positions = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), inputs.shape)
+  hidden, _ = M.forward(base, inputs, positions, cfg)
+  hidden = jax.lax.stop_gradient(hidden)  # the base is frozen
+  base_logits = jax.lax.stop_gradient(M.logits(base, hidden))  # (B,T,V)
+  emb = jnp.take(base.embed, batch, axis=0)  # (B,T+1,D)
+  out = []
+  for k in range(heads.num_heads):
+    n = t - k - 1  # positions t' with x_{t'+k+2} in the window
+    path = jnp.stack([emb[:, 1 + j:1 + j + n] for j in range(k + 1)], axis=2)  # (B,n,k+1,D)
+    out.append((head_logits(heads, k, hidden[:, :n], path), base_logits[:, k + 1:k + 1 + n],
+                batch[:, k + 2:k + 2 + n]))
+  return out
+
+
+def hydra_loss_fn(cfg: ModelConfig, *, teacher: bool = True):
+  """loss_fn(heads, base, tokens (B, T+1), rng) for the shared training loop; teacher=False
+  trains on the data's tokens (hard labels) instead of the base's distribution."""
+
+  def loss_fn(heads: HydraHeads, base: M.Transformer, batch, rng):
+    del rng
+    losses, metrics = [], {}
+    for k, (lg, base_lg, target) in enumerate(_teacher_forced(heads, base, cfg, batch)):
+      logp = jax.nn.log_softmax(lg)
+      if teacher:
+        losses.append(jnp.mean(-jnp.sum(jax.nn.softmax(base_lg) * logp, -1)))
+      else:
+        losses.append(jnp.mean(-jnp.take_along_axis(logp, target[..., None], -1)))
+      metrics[f"head{k}_top1"] = jnp.mean(jnp.argmax(lg, -1) == target)
+    return jnp.sum(head_weights(heads.num_heads) * jnp.stack(losses)), metrics
+
+  return loss_fn
+
+
+def topk_accuracy(heads: HydraHeads, base: M.Transformer, cfg: ModelConfig, batches,
+                  top: int = 10) -> np.ndarray:
+  """(K, top): how often head k's i-th ranked candidate is the right token, the path before it
+  being right (teacher-forced, held-out batches)."""
+
+  @jax.jit
+  def ranks(heads, base, batch):
+    out = []
+    for lg, _, target in _teacher_forced(heads, base, cfg, batch):
+      cand = jax.lax.top_k(lg, top)[1]
+      out.append((jnp.sum(cand == target[..., None], axis=(0, 1)), target.size))
+    return out
+
+  hits, count = np.zeros((heads.num_heads, top)), np.zeros(heads.num_heads)
+  for batch in batches:
+    for k, (h, n) in enumerate(ranks(heads, base, jnp.asarray(batch))):
+      hits[k] += np.asarray(h)
+      count[k] += int(n)
+  if not count.all():
+    raise ValueError("topk_accuracy: no held-out batches")
+  return hits / count[:, None]
+
+
+def save(directory: str | Path, heads: HydraHeads, info: dict[str, Any]) -> Path:
+  """heads.safetensors + hydra_config.json (format, shapes, tree, accuracies, training info)."""
+  from safetensors.numpy import save_file
+  out = Path(directory)
+  out.mkdir(parents=True, exist_ok=True)
+  tensors = {"proj": np.asarray(heads.proj, np.float32)}
+  for k in range(heads.num_heads):
+    tensors.update({f"w_in.{k}": np.asarray(heads.w_in[k], np.float32),
+                    f"b_in.{k}": np.asarray(heads.b_in[k], np.float32),
+                    f"w_out.{k}": np.asarray(heads.w_out[k], np.float32)})
+  save_file(tensors, str(out / "heads.safetensors"))
+  config = dict(info, format=FORMAT, num_heads=heads.num_heads,
+                hidden_size=int(heads.proj.shape[1]), vocab_size=int(heads.proj.shape[2]))
+  (out / "hydra_config.json").write_text(json.dumps(config, indent=2) + "\n")
+  return out
+
+
+def is_hydra(directory: str | Path) -> bool:
+  return (Path(directory) / "hydra_config.json").is_file()
+
+
+def load(directory: str | Path, dtype=jnp.float32) -> tuple[HydraHeads, dict[str, Any]]:
+  from safetensors.numpy import load_file
+  d = Path(directory)
+  cfg_path, weights = d / "hydra_config.json", d / "heads.safetensors"
+  if not cfg_path.is_file() or not weights.is_file():
+    raise FileNotFoundError(f"{directory}: not Hydra heads (expected hydra_config.json and "
+                            f"heads.safetensors, as written by jaxinfer train-draft)")
+  config = json.loads(cfg_path.read_text())
+  if config.get("format") != FORMAT:
+    raise ValueError(f"{directory}: format {config.get('format')!r}, expected {FORMAT!r}")
+  t = load_file(str(weights))
+  k_heads, d_model = config["num_heads"], config["hidden_size"]
+  try:
+    heads = HydraHeads(
+        w_in=tuple(jnp.asarray(t[f"w_in.{k}"], dtype) for k in range(k_heads)),
+        b_in=tuple(jnp.asarray(t[f"b_in.{k}"], dtype) for k in range(k_heads)),
+        w_out=tuple(jnp.asarray(t[f"w_out.{k}"], dtype) for k in range(k_heads)),
+        proj=jnp.asarray(t["proj"], dtype))
+  except KeyError as e:
+    raise ValueError(f"{directory}: heads.safetensors lacks {e}") from None
+  if heads.proj.shape != (k_heads, d_model, config["vocab_size"]) or any(
+      w.shape != ((k + 2) * d_model, d_model) for k, w in enumerate(heads.w_in)):
+    raise ValueError(f"{directory}: heads.safetensors does not match hydra_config.json")
+  return heads, config
+
+
+def train_heads(cfg: ModelConfig, base: M.Transformer, train_tokens: np.ndarray,
+                held_tokens: np.ndarray, workdir: str | Path, *, num_heads: int = 4,
+                tree_nodes: int = 16, steps: int = 600, batch_size: int = 16, seq_len: int = 256,
+                learning_rate: float = 3e-3, warmup_steps: int = 30, checkpoint_every: int = 100,
+                seed: int = 0, teacher: bool = True, mesh=None, progress: bool = True
+                ) -> tuple[HydraHeads, dict[str, Any]]:
+  """Trains Hydra heads (resuming from `workdir`), measures their held-out top-k accuracies and
+  builds the static tree from them. Returns the heads and their info for `save`."""
+  from jaxinfer.train.lm import TokenWindows
+  from jaxinfer.train.loop import TrainConfig, train
+  windows = TokenWindows(train_tokens, batch_size, seq_len, seed)
+  held = TokenWindows(held_tokens if len(held_tokens) > seq_len + 1 else train_tokens, 1, seq_len)
+  tcfg = TrainConfig(steps=steps, learning_rate=learning_rate, warmup_steps=warmup_steps,
+                     weight_decay=0.0, checkpoint_every=checkpoint_every, seed=seed,
+                     progress=progress)
+  init = init_heads(base, num_heads, jax.random.key(seed))
+  heads, _ = train(hydra_loss_fn(cfg, teacher=teacher), init, windows, tcfg, workdir,
+                   frozen=base, mesh=mesh, description="train-draft")
+  accuracy = topk_accuracy(heads, base, cfg, held.sequential(max_batches=64))
+  paths = build_tree(accuracy, tree_nodes)
+  info = {"method": "hydra", "steps": steps, "train_tokens": int(len(train_tokens)),
+          "teacher_loss": teacher,
+          "accuracy_top1": [round(float(a), 4) for a in accuracy[:, 0]],
+          "accuracy_topk": [[round(float(a), 4) for a in row] for row in accuracy],
+          "tree": [list(p) for p in paths],
+          "expected_accepted_per_step": round(float(sum(
+              np.prod([accuracy[d, r] for d, r in enumerate(p)]) for p in paths)), 3)}
+  return heads, info
