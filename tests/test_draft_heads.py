@@ -80,7 +80,9 @@ def test_train_draft_cli_and_generate_with_heads(tmp_path, tiny_model_dir, metho
   out = tmp_path / "heads"
   cmd = [sys.executable, "-m", "jaxinfer", "train-draft", f"--model={tiny_model_dir}",
          f"--data={data}", f"--output={out}", "--steps=20", "--batch_size=4", "--seq_len=32",
-         "--num_heads=2", "--tree_nodes=6", "--progress=false", f"--method={method}"]
+         "--num_heads=2", "--tree_nodes=6", "--progress=false", f"--method={method}",
+         # trained on a mesh: batches over `data`, the frozen base sharded over `model`
+         "--mesh=data:2,model:2", "--cpu_devices=4"]
   if method == "eagle":
     cmd.append("--draft_vocab=64")
   run = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
@@ -92,7 +94,15 @@ def test_train_draft_cli_and_generate_with_heads(tmp_path, tiny_model_dir, metho
     info = json.loads((out / "eagle_config.json").read_text())
     assert 0.0 <= info["accuracy_top1"] <= info["accuracy_top5"] <= 1.0
     assert info["draft_vocab_size"] == 64 and 0.0 < info["draft_vocab_coverage"] <= 1.0
-  assert (tmp_path / "heads.run" / "metrics.jsonl").is_file()
+  run_dir = tmp_path / "heads.run"
+  metrics = [json.loads(l) for l in (run_dir / "metrics.jsonl").read_text().splitlines()]
+  evals = [m for m in metrics if "predicted_tau" in m]  # held-out evaluation during training
+  assert evals and evals[-1]["step"] == 20 and evals[-1]["predicted_tau"] >= 1.0
+  top1 = "eval_top1" if method == "eagle" else "eval_head1_top1"
+  assert 0.0 <= evals[-1][top1] <= 1.0
+  png = (run_dir / "training.png").read_bytes()
+  assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 5000
+  assert list((run_dir / "tensorboard").glob("events.out.tfevents.*"))
   prompts = tmp_path / "p.jsonl"
   prompts.write_text(json.dumps({"id": 1, "prompt": "def add(a, b):\n", "max_new_tokens": 16})
                      + "\n")

@@ -20,7 +20,7 @@ def _inputs(b, n, k, h, pool, ps, max_pages, dtype=jnp.float32, seed=0):
   return q, kp, vp, table
 
 
-@settings(max_examples=12, deadline=None)
+@settings(max_examples=8, deadline=None)
 @given(b=st.integers(1, 3), groups=st.sampled_from([1, 2, 4]), k=st.sampled_from([1, 2]),
        ps=st.sampled_from([2, 4, 8]), max_pages=st.integers(1, 6), splits=st.integers(1, 4),
        window=st.sampled_from([None, 1, 5]), sinks=st.sampled_from([0, 3]),

@@ -151,7 +151,7 @@ def test_generate_job_with_speculation(tmp_path, tiny_model_dir):
     return {r["id"]: r for r in map(json.loads, out.read_text().splitlines())}, m
 
   plain, _ = job("plain")
-  for method in ("ngram", "recycling", "layerskip"):
+  for method in ("ngram", "recycling"):  # every proposer: test_greedy_speculative_equals_greedy
     spec, m = job(method, speculative=method, tree="2,1")
     assert {i: r["completion_ids"] for i, r in spec.items()} == {
         i: r["completion_ids"] for i, r in plain.items()}, method
@@ -159,7 +159,10 @@ def test_generate_job_with_speculation(tmp_path, tiny_model_dir):
     assert sum(m["accepted_length_histogram"]) == m["verify_steps"] > 0
   for kw, flag in ((dict(speculative="ngram", scheduler="continuous"), "--speculative"),
                    (dict(speculative="draft", scheduler="static"), "--draft_model"),
-                   (dict(speculative="recycling", scheduler="static", tree="4,x"), "--tree")):
+                   (dict(speculative="recycling", scheduler="static", tree="4,x"), "--tree"),
+                   (dict(speculative="ngram", scheduler="static", tree="dynamic"), "--tree"),
+                   (dict(speculative="eagle", scheduler="static", tree="dynamic:99,2,3",
+                         draft_heads=str(tmp_path)), "--tree")):
     with pytest.raises(UserError, match=flag):
       run(GenerateJob(prompts=str(prompts), output=str(tmp_path / "x.jsonl"),
                       model=str(tiny_model_dir), progress=False, **kw))
@@ -247,13 +250,19 @@ def test_dynamic_tree_shapes_and_chain_equivalence(target):
   prompt_len = jnp.asarray([5, 17, 30], jnp.int32)
   pos = jnp.broadcast_to(jnp.arange(max_len), (b, max_len))
   feats, _ = M.forward(params, history, pos, cfg)
-  first = history[jnp.arange(b), prompt_len]
   ctx = P.Context(history, prompt_len, SamplingParams.make(b),
                   jax.random.split(jax.random.key(0), b))
+  def drafted(proposer):
+    @jax.jit
+    def run(heads, params, feats, ctx):
+      st = proposer.prefill((heads, params), feats, ctx.history, ctx.length,
+                            ctx.history[jnp.arange(b), ctx.length], max_len)
+      return proposer.propose((heads, params), st, ctx)[1]
+    return run(heads, params, feats, ctx)
+
   for tree in (EagleTree(chain.cfg, num_nodes=4, top_k=1, depth=4),
                EagleTree(chain.cfg, num_nodes=9, top_k=3, depth=3)):
-    st = tree.prefill((heads, params), feats, history, prompt_len, first, max_len)
-    _, draft = tree.propose((heads, params), st, ctx)
+    draft = drafted(tree)
     parents = np.asarray(draft.parents)
     assert draft.tokens.shape == (b, tree.tree_size) and parents.shape == (b, tree.tree_size)
     assert (parents[:, 0] == -1).all() and (parents[:, 1:] < np.arange(1, tree.tree_size)).all()
@@ -261,9 +270,7 @@ def test_dynamic_tree_shapes_and_chain_equivalence(target):
     depth = np.asarray(ancestor_matrix(jnp.asarray(parents))).sum(-1) - 1
     assert depth.max() <= tree.depth
     if tree.top_k == 1:
-      chain4 = P.Eagle(chain.cfg, num_draft_tokens=4)
-      st4 = chain4.prefill((heads, params), feats, history, prompt_len, first, max_len)
-      _, want = chain4.propose((heads, params), st4, ctx)
+      want = drafted(P.Eagle(chain.cfg, num_draft_tokens=4))
       np.testing.assert_array_equal(np.asarray(draft.tokens), np.asarray(want.tokens))
       np.testing.assert_array_equal(parents, np.broadcast_to(np.arange(-1, 4), (b, 5)))
     else:  # siblings are distinct tokens

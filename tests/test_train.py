@@ -10,6 +10,29 @@ import numpy as np
 
 from jaxinfer.train.loop import read_metrics
 
+
+def read_scalars(logdir):
+  """{tag: {step: value}} from TensorBoard event files, as TensorBoard reads them: files in
+  order, later values win, and a session START at step s drops earlier events at steps >= s."""
+  import struct
+
+  from tensorboardX.proto import event_pb2
+  out = {}
+  for f in sorted(Path(logdir).glob("events.out.tfevents.*")):
+    data = f.read_bytes()
+    i = 0
+    while i < len(data):
+      (n,) = struct.unpack("<Q", data[i:i + 8])
+      ev = event_pb2.Event.FromString(data[i + 12:i + 12 + n])
+      i += 12 + n + 4
+      if ev.HasField("session_log") and ev.session_log.status == ev.session_log.START:
+        for series in out.values():
+          for step in [s for s in series if s >= ev.step]:
+            del series[step]
+      for v in ev.summary.value:
+        out.setdefault(v.tag, {})[ev.step] = v.simple_value
+  return out
+
 SCRIPT = Path(__file__).with_name("train_script.py")
 
 
@@ -41,6 +64,11 @@ def test_resume_after_sigkill_matches_uninterrupted_run(tmp_path):
   np.testing.assert_allclose([m["loss"] for m in m_resumed], [m["loss"] for m in m_full],
                              rtol=1e-5)
   assert m_full[-1]["loss"] < 0.5 * m_full[0]["loss"]  # it learns the cycle
+  # TensorBoard sees the same curve: the crashed run's events past its checkpoint are purged.
+  for run, m in (("full", m_full), ("crash", m_resumed)):
+    loss = read_scalars(tmp_path / run / "tensorboard")["loss"]
+    assert sorted(loss) == [5, 10, 15, 20, 25, 30]
+    np.testing.assert_allclose([loss[r["step"]] for r in m], [r["loss"] for r in m], rtol=1e-6)
 
 
 def test_train_cli_finetunes_and_exports(tmp_path, tiny_model_dir):

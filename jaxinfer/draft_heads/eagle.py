@@ -22,7 +22,7 @@ outside the draft vocabulary is just never drafted.
 from __future__ import annotations
 
 import dataclasses
-import json
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -34,6 +34,7 @@ from flax import struct
 from jaxinfer import model as M
 from jaxinfer import params as P
 from jaxinfer.config import ModelConfig
+from jaxinfer.draft_heads import files
 
 FORMAT = "jaxinfer-eagle-1"
 
@@ -82,22 +83,28 @@ def serving_heads(draft: EagleDraft, base: M.Transformer,
   return EagleHeads(draft, jnp.take(output_projection(base), ids, axis=1), ids)
 
 
+@partial(jax.jit, static_argnames=("cfg",))
+def _predicted_counts(base: M.Transformer, batch, cfg: ModelConfig) -> jax.Array:
+  """(V,): how often the base predicts each token (greedily) over a (B, T) batch."""
+  positions = jnp.broadcast_to(jnp.arange(batch.shape[1], dtype=jnp.int32), batch.shape)
+  hidden, _ = M.forward(base, batch, positions, cfg)
+  pred = jnp.argmax(M.logits(base, hidden), -1)
+  return jnp.zeros((cfg.vocab_size,), jnp.int32).at[pred.reshape(-1)].add(1)
+
+
+def predicted_counts(base: M.Transformer, cfg: ModelConfig, batches) -> np.ndarray:
+  total = np.zeros(cfg.vocab_size, np.int64)
+  for batch in batches:
+    total += np.asarray(_predicted_counts(base, jnp.asarray(batch), cfg))
+  return total
+
+
 def frequent_tokens(base: M.Transformer, cfg: ModelConfig, batches, size: int) -> np.ndarray:
   """The `size` tokens the base predicts (greedily) most often over `batches` (B, T) of text —
   what the draft has to draft — sorted by id (ties: lower id first)."""
   if not 0 < size <= cfg.vocab_size:
     raise ValueError(f"draft vocabulary: size must be in [1, {cfg.vocab_size}], got {size}")
-
-  @jax.jit
-  def counts(base, batch):
-    positions = jnp.broadcast_to(jnp.arange(batch.shape[1], dtype=jnp.int32), batch.shape)
-    hidden, _ = M.forward(base, batch, positions, cfg)
-    pred = jnp.argmax(M.logits(base, hidden), -1)
-    return jnp.zeros((cfg.vocab_size,), jnp.int32).at[pred.reshape(-1)].add(1)
-
-  total = np.zeros(cfg.vocab_size, np.int64)
-  for batch in batches:
-    total += np.asarray(counts(base, jnp.asarray(batch)))
+  total = predicted_counts(base, cfg, batches)
   order = np.lexsort((np.arange(cfg.vocab_size), -total))
   return np.sort(order[:size]).astype(np.int32)
 
@@ -171,30 +178,37 @@ def eagle_loss_fn(cfg: ModelConfig, *, cls_weight: float = 0.1, noise: float = 0
   return loss_fn
 
 
+@partial(jax.jit, static_argnames=("cfg", "top"))
+def _ranks(heads: EagleHeads, base: M.Transformer, batch, cfg: ModelConfig, top: int):
+  inputs = batch[:, :-1]
+  positions = jnp.broadcast_to(jnp.arange(inputs.shape[1], dtype=jnp.int32), inputs.shape)
+  feats, _ = M.forward(base, inputs, positions, cfg)
+  pred, _ = draft_forward(heads.draft, base, feats, batch[:, 1:], positions, draft_config(cfg))
+  cand = heads.token_ids(jax.lax.top_k(heads.logits(base, pred[:, :-1]), top)[1])
+  target = jnp.argmax(M.logits(base, feats[:, 1:]), -1)
+  return jnp.sum(cand == target[..., None], axis=(0, 1)), target.size
+
+
 def accuracy(heads: EagleHeads, base: M.Transformer, cfg: ModelConfig, batches,
              top: int = 10) -> np.ndarray:
   """(top,): how often the draft's i-th ranked token is the base's greedy next-next token, one
   step ahead from true features (held-out batches)."""
-  dcfg = draft_config(cfg)
-
-  @jax.jit
-  def ranks(heads, base, batch):
-    inputs = batch[:, :-1]
-    positions = jnp.broadcast_to(jnp.arange(inputs.shape[1], dtype=jnp.int32), inputs.shape)
-    feats, _ = M.forward(base, inputs, positions, cfg)
-    pred, _ = draft_forward(heads.draft, base, feats, batch[:, 1:], positions, dcfg)
-    cand = heads.token_ids(jax.lax.top_k(heads.logits(base, pred[:, :-1]), top)[1])
-    target = jnp.argmax(M.logits(base, feats[:, 1:]), -1)
-    return jnp.sum(cand == target[..., None], axis=(0, 1)), target.size
-
   hits, count = np.zeros(top), 0
   for batch in batches:
-    h, n = ranks(heads, base, jnp.asarray(batch))
+    h, n = _ranks(heads, base, jnp.asarray(batch), cfg, top)
     hits += np.asarray(h)
     count += int(n)
   if not count:
     raise ValueError("eagle accuracy: no held-out batches")
   return hits / count
+
+
+def _eval_record(acc: np.ndarray, chain: int = 4) -> dict[str, float]:
+  """Held-out accuracy and the tau a chain of `chain` drafts would reach if every depth were
+  accepted as often as the first (an estimate: deeper drafts read predicted features)."""
+  a = float(acc[0])
+  return {"eval_top1": a, "eval_top5": float(acc[:5].sum()),
+          "predicted_tau": float(sum(a**d for d in range(chain + 1)))}
 
 
 def _flat(draft: EagleDraft) -> dict[str, jax.Array]:
@@ -206,17 +220,12 @@ def save(directory: str | Path, draft: EagleDraft, info: dict[str, Any],
          vocab: np.ndarray | None = None) -> Path:
   """draft.safetensors (+ the draft vocabulary's ids) + eagle_config.json (format, shapes,
   training info)."""
-  from safetensors.numpy import save_file
-  out = Path(directory)
-  out.mkdir(parents=True, exist_ok=True)
   tensors = {k: np.asarray(v, np.float32) for k, v in _flat(draft).items()}
   if vocab is not None:
     tensors["draft_vocab"] = np.asarray(vocab, np.int32)
-  save_file(tensors, str(out / "draft.safetensors"))
   config = dict(info, format=FORMAT, hidden_size=int(draft.norm.shape[0]),
                 draft_vocab_size=None if vocab is None else int(len(vocab)))
-  (out / "eagle_config.json").write_text(json.dumps(config, indent=2) + "\n")
-  return out
+  return files.write(directory, "draft.safetensors", tensors, "eagle_config.json", config)
 
 
 def is_eagle(directory: str | Path) -> bool:
@@ -227,17 +236,9 @@ def load(directory: str | Path, cfg: ModelConfig,
          dtype=None) -> tuple[EagleDraft, np.ndarray | None, dict]:
   """The draft layer for base config `cfg` (shapes checked against it), its draft vocabulary
   (None: the full vocabulary) and its config."""
-  from safetensors.numpy import load_file
-  d = Path(directory)
-  cfg_path, weights = d / "eagle_config.json", d / "draft.safetensors"
-  if not cfg_path.is_file() or not weights.is_file():
-    raise FileNotFoundError(f"{directory}: not an EAGLE draft (expected eagle_config.json and "
-                            f"draft.safetensors, as written by jaxinfer train-draft)")
-  config = json.loads(cfg_path.read_text())
-  if config.get("format") != FORMAT:
-    raise ValueError(f"{directory}: format {config.get('format')!r}, expected {FORMAT!r}")
+  tensors, config = files.read(directory, "draft.safetensors", "eagle_config.json", FORMAT,
+                               "an EAGLE draft")
   template = jax.eval_shape(lambda: init_draft(draft_config(cfg), jax.random.key(0), dtype))
-  tensors = load_file(str(weights))
   vocab = tensors.pop("draft_vocab", None)
   if vocab is not None and (vocab.ndim != 1 or not len(vocab) or vocab.min() < 0
                             or vocab.max() >= cfg.vocab_size):
@@ -258,16 +259,6 @@ def load(directory: str | Path, cfg: ModelConfig,
   return draft, vocab, config
 
 
-def _coverage(base, cfg, vocab, held: "TokenWindows") -> float:
-  counts = np.zeros(cfg.vocab_size)
-  for batch in held.sequential(max_batches=64):
-    positions = jnp.broadcast_to(jnp.arange(batch.shape[1]), batch.shape)
-    hidden, _ = jax.jit(lambda b, p: M.forward(base, b, p, cfg))(jnp.asarray(batch), positions)
-    counts += np.bincount(np.asarray(jnp.argmax(M.logits(base, hidden), -1)).reshape(-1),
-                          minlength=cfg.vocab_size)
-  return counts[vocab].sum() / max(counts.sum(), 1)
-
-
 def train_eagle(cfg: ModelConfig, base: M.Transformer, train_tokens: np.ndarray,
                 held_tokens: np.ndarray, workdir: str | Path, *, steps: int = 600,
                 batch_size: int = 16, seq_len: int = 256, learning_rate: float = 3e-3,
@@ -277,23 +268,27 @@ def train_eagle(cfg: ModelConfig, base: M.Transformer, train_tokens: np.ndarray,
                 ) -> tuple[EagleDraft, np.ndarray | None, dict[str, Any]]:
   """Trains the draft layer (resuming from `workdir`), then measures its held-out accuracy.
   draft_vocab > 0: score only that many of the training data's most frequent tokens."""
-  from jaxinfer.train.lm import TokenWindows
-  from jaxinfer.train.loop import TrainConfig, train
-  windows = TokenWindows(train_tokens, batch_size, seq_len, seed)
-  held = TokenWindows(held_tokens if len(held_tokens) > seq_len + 1 else train_tokens, 1, seq_len)
-  tcfg = TrainConfig(steps=steps, learning_rate=learning_rate, warmup_steps=warmup_steps,
-                     weight_decay=0.0, checkpoint_every=checkpoint_every, seed=seed,
-                     progress=progress)
+  from jaxinfer.train.loop import train
+  windows, held, tcfg = files.training_setup(
+      train_tokens, held_tokens, batch_size=batch_size, seq_len=seq_len, seed=seed, steps=steps,
+      learning_rate=learning_rate, warmup_steps=warmup_steps,
+      checkpoint_every=checkpoint_every, progress=progress)
   vocab = None
   if draft_vocab and draft_vocab < cfg.vocab_size:
     vocab = frequent_tokens(base, cfg, (windows(10**6 + i) for i in range(64)), draft_vocab)
   init = init_draft(draft_config(cfg), jax.random.key(seed))
+  probe = list(held.sequential(max_batches=8))
+  evaluate = lambda d, step: _eval_record(accuracy(serving_heads(d, base, vocab), base, cfg,
+                                                   probe))
   draft, _ = train(eagle_loss_fn(cfg, cls_weight=cls_weight, noise=noise, vocab=vocab), init,
-                   windows, tcfg, workdir, frozen=base, mesh=mesh, description="train-draft")
+                   windows, tcfg, workdir, frozen=base, eval_fn=evaluate,
+                   eval_every=files.eval_every(steps), mesh=mesh, description="train-draft")
+  files.plot(workdir, "EAGLE draft layer")
   acc = accuracy(serving_heads(draft, base, vocab), base, cfg, held.sequential(max_batches=64))
   info = {"method": "eagle", "steps": steps, "train_tokens": int(len(train_tokens)),
           "accuracy_top1": round(float(acc[0]), 4),
           "accuracy_top5": round(float(acc[:5].sum()), 4)}
   if vocab is not None:  # how often the base's next token is one the draft can draft
-    info["draft_vocab_coverage"] = round(float(_coverage(base, cfg, vocab, held)), 4)
+    counts = predicted_counts(base, cfg, held.sequential(max_batches=64))
+    info["draft_vocab_coverage"] = round(float(counts[vocab].sum() / max(counts.sum(), 1)), 4)
   return draft, vocab, info

@@ -17,7 +17,7 @@ conditioned on the path so far being right, which is what acceptance at depth k 
 
 from __future__ import annotations
 
-import json
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -28,6 +28,7 @@ from flax import struct
 
 from jaxinfer import model as M
 from jaxinfer.config import ModelConfig
+from jaxinfer.draft_heads import files
 from jaxinfer.draft_heads.medusa import build_tree, head_weights
 
 FORMAT = "jaxinfer-hydra-1"
@@ -103,22 +104,22 @@ def hydra_loss_fn(cfg: ModelConfig, *, teacher: bool = True):
   return loss_fn
 
 
+@partial(jax.jit, static_argnames=("cfg", "top"))
+def _ranks(heads: HydraHeads, base: M.Transformer, batch, cfg: ModelConfig, top: int):
+  out = []
+  for lg, _, target in _teacher_forced(heads, base, cfg, batch):
+    cand = jax.lax.top_k(lg, top)[1]
+    out.append((jnp.sum(cand == target[..., None], axis=(0, 1)), target.size))
+  return out
+
+
 def topk_accuracy(heads: HydraHeads, base: M.Transformer, cfg: ModelConfig, batches,
                   top: int = 10) -> np.ndarray:
   """(K, top): how often head k's i-th ranked candidate is the right token, the path before it
   being right (teacher-forced, held-out batches)."""
-
-  @jax.jit
-  def ranks(heads, base, batch):
-    out = []
-    for lg, _, target in _teacher_forced(heads, base, cfg, batch):
-      cand = jax.lax.top_k(lg, top)[1]
-      out.append((jnp.sum(cand == target[..., None], axis=(0, 1)), target.size))
-    return out
-
   hits, count = np.zeros((heads.num_heads, top)), np.zeros(heads.num_heads)
   for batch in batches:
-    for k, (h, n) in enumerate(ranks(heads, base, jnp.asarray(batch))):
+    for k, (h, n) in enumerate(_ranks(heads, base, jnp.asarray(batch), cfg, top)):
       hits[k] += np.asarray(h)
       count[k] += int(n)
   if not count.all():
@@ -128,19 +129,14 @@ def topk_accuracy(heads: HydraHeads, base: M.Transformer, cfg: ModelConfig, batc
 
 def save(directory: str | Path, heads: HydraHeads, info: dict[str, Any]) -> Path:
   """heads.safetensors + hydra_config.json (format, shapes, tree, accuracies, training info)."""
-  from safetensors.numpy import save_file
-  out = Path(directory)
-  out.mkdir(parents=True, exist_ok=True)
   tensors = {"proj": np.asarray(heads.proj, np.float32)}
   for k in range(heads.num_heads):
     tensors.update({f"w_in.{k}": np.asarray(heads.w_in[k], np.float32),
                     f"b_in.{k}": np.asarray(heads.b_in[k], np.float32),
                     f"w_out.{k}": np.asarray(heads.w_out[k], np.float32)})
-  save_file(tensors, str(out / "heads.safetensors"))
   config = dict(info, format=FORMAT, num_heads=heads.num_heads,
                 hidden_size=int(heads.proj.shape[1]), vocab_size=int(heads.proj.shape[2]))
-  (out / "hydra_config.json").write_text(json.dumps(config, indent=2) + "\n")
-  return out
+  return files.write(directory, "heads.safetensors", tensors, "hydra_config.json", config)
 
 
 def is_hydra(directory: str | Path) -> bool:
@@ -148,16 +144,8 @@ def is_hydra(directory: str | Path) -> bool:
 
 
 def load(directory: str | Path, dtype=jnp.float32) -> tuple[HydraHeads, dict[str, Any]]:
-  from safetensors.numpy import load_file
-  d = Path(directory)
-  cfg_path, weights = d / "hydra_config.json", d / "heads.safetensors"
-  if not cfg_path.is_file() or not weights.is_file():
-    raise FileNotFoundError(f"{directory}: not Hydra heads (expected hydra_config.json and "
-                            f"heads.safetensors, as written by jaxinfer train-draft)")
-  config = json.loads(cfg_path.read_text())
-  if config.get("format") != FORMAT:
-    raise ValueError(f"{directory}: format {config.get('format')!r}, expected {FORMAT!r}")
-  t = load_file(str(weights))
+  t, config = files.read(directory, "heads.safetensors", "hydra_config.json", FORMAT,
+                         "Hydra heads")
   k_heads, d_model = config["num_heads"], config["hidden_size"]
   try:
     heads = HydraHeads(
@@ -181,23 +169,20 @@ def train_heads(cfg: ModelConfig, base: M.Transformer, train_tokens: np.ndarray,
                 ) -> tuple[HydraHeads, dict[str, Any]]:
   """Trains Hydra heads (resuming from `workdir`), measures their held-out top-k accuracies and
   builds the static tree from them. Returns the heads and their info for `save`."""
-  from jaxinfer.train.lm import TokenWindows
-  from jaxinfer.train.loop import TrainConfig, train
-  windows = TokenWindows(train_tokens, batch_size, seq_len, seed)
-  held = TokenWindows(held_tokens if len(held_tokens) > seq_len + 1 else train_tokens, 1, seq_len)
-  tcfg = TrainConfig(steps=steps, learning_rate=learning_rate, warmup_steps=warmup_steps,
-                     weight_decay=0.0, checkpoint_every=checkpoint_every, seed=seed,
-                     progress=progress)
+  from jaxinfer.train.loop import train
+  windows, held, tcfg = files.training_setup(
+      train_tokens, held_tokens, batch_size=batch_size, seq_len=seq_len, seed=seed, steps=steps,
+      learning_rate=learning_rate, warmup_steps=warmup_steps,
+      checkpoint_every=checkpoint_every, progress=progress)
   init = init_heads(base, num_heads, jax.random.key(seed))
+  probe = list(held.sequential(max_batches=8))
+  evaluate = lambda h, step: files.eval_record(topk_accuracy(h, base, cfg, probe), tree_nodes)
   heads, _ = train(hydra_loss_fn(cfg, teacher=teacher), init, windows, tcfg, workdir,
-                   frozen=base, mesh=mesh, description="train-draft")
+                   frozen=base, eval_fn=evaluate, eval_every=files.eval_every(steps), mesh=mesh,
+                   description="train-draft")
+  files.plot(workdir, "Hydra heads")
   accuracy = topk_accuracy(heads, base, cfg, held.sequential(max_batches=64))
-  paths = build_tree(accuracy, tree_nodes)
-  info = {"method": "hydra", "steps": steps, "train_tokens": int(len(train_tokens)),
-          "teacher_loss": teacher,
-          "accuracy_top1": [round(float(a), 4) for a in accuracy[:, 0]],
-          "accuracy_topk": [[round(float(a), 4) for a in row] for row in accuracy],
-          "tree": [list(p) for p in paths],
-          "expected_accepted_per_step": round(float(sum(
-              np.prod([accuracy[d, r] for d, r in enumerate(p)]) for p in paths)), 3)}
+  info = dict({"method": "hydra", "steps": steps, "train_tokens": int(len(train_tokens)),
+               "teacher_loss": teacher},
+              **files.tree_info(accuracy, build_tree(accuracy, tree_nodes)))
   return heads, info

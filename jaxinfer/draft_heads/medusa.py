@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import heapq
+from functools import partial
 import json
 from pathlib import Path
 from typing import Any
@@ -23,6 +24,7 @@ from flax import struct
 
 from jaxinfer import model as M
 from jaxinfer.config import ModelConfig
+from jaxinfer.draft_heads import files
 
 FORMAT = "jaxinfer-medusa-1"
 
@@ -84,27 +86,27 @@ def medusa_loss_fn(cfg: ModelConfig):
   return loss_fn
 
 
+@partial(jax.jit, static_argnames=("cfg", "top"))
+def _ranks(heads: MedusaHeads, base: M.Transformer, batch, cfg: ModelConfig, top: int):
+  inputs = batch[:, :-1]
+  positions = jnp.broadcast_to(jnp.arange(inputs.shape[1], dtype=jnp.int32), inputs.shape)
+  hidden, _ = M.forward(base, inputs, positions, cfg)
+  logits = head_logits(heads, hidden)
+  out = []
+  for k in range(heads.num_heads):
+    shift = k + 2
+    cand = jax.lax.top_k(logits[k, :, :inputs.shape[1] + 1 - shift], top)[1]
+    target = batch[:, shift:]
+    out.append(jnp.sum(cand == target[..., None], axis=(0, 1)))  # (top,)
+  return jnp.stack(out)
+
+
 def topk_accuracy(heads: MedusaHeads, base: M.Transformer, cfg: ModelConfig, batches,
                   top: int = 10) -> np.ndarray:
   """(K, top): how often head k's i-th ranked candidate is the right token (held-out batches)."""
   hits, count = None, np.zeros(heads.num_heads)
-
-  @jax.jit
-  def ranks(batch):
-    inputs = batch[:, :-1]
-    positions = jnp.broadcast_to(jnp.arange(inputs.shape[1], dtype=jnp.int32), inputs.shape)
-    hidden, _ = M.forward(base, inputs, positions, cfg)
-    logits = head_logits(heads, hidden)
-    out = []
-    for k in range(heads.num_heads):
-      shift = k + 2
-      cand = jax.lax.top_k(logits[k, :, :inputs.shape[1] + 1 - shift], top)[1]
-      target = batch[:, shift:]
-      out.append(jnp.sum(cand == target[..., None], axis=(0, 1)))  # (top,)
-    return jnp.stack(out)
-
   for batch in batches:
-    h = np.asarray(ranks(jnp.asarray(batch)))
+    h = np.asarray(_ranks(heads, base, jnp.asarray(batch), cfg, top))
     hits = h if hits is None else hits + h
     count += np.array([batch.shape[0] * (batch.shape[1] - 1 - (k + 1))
                        for k in range(heads.num_heads)])
@@ -142,29 +144,16 @@ def tree_parents(paths: list[tuple[int, ...]]) -> np.ndarray:
 
 def save(directory: str | Path, heads: MedusaHeads, info: dict[str, Any]) -> Path:
   """heads.safetensors + medusa_config.json (format, shapes, tree, accuracies, training info)."""
-  from safetensors.numpy import save_file
-  out = Path(directory)
-  out.mkdir(parents=True, exist_ok=True)
   tensors = {"w": np.asarray(heads.w, np.float32), "b": np.asarray(heads.b, np.float32),
              "proj": np.asarray(heads.proj, np.float32)}
-  save_file(tensors, str(out / "heads.safetensors"))
   config = dict(info, format=FORMAT, num_heads=heads.num_heads, hidden_size=heads.w.shape[1],
                 vocab_size=heads.proj.shape[2])
-  (out / "medusa_config.json").write_text(json.dumps(config, indent=2) + "\n")
-  return out
+  return files.write(directory, "heads.safetensors", tensors, "medusa_config.json", config)
 
 
 def load(directory: str | Path, dtype=jnp.float32) -> tuple[MedusaHeads, dict[str, Any]]:
-  from safetensors.numpy import load_file
-  d = Path(directory)
-  cfg_path, weights = d / "medusa_config.json", d / "heads.safetensors"
-  if not cfg_path.is_file() or not weights.is_file():
-    raise FileNotFoundError(f"{directory}: not Medusa heads (expected medusa_config.json and "
-                            f"heads.safetensors, as written by jaxinfer train-draft)")
-  config = json.loads(cfg_path.read_text())
-  if config.get("format") != FORMAT:
-    raise ValueError(f"{directory}: format {config.get('format')!r}, expected {FORMAT!r}")
-  t = load_file(str(weights))
+  t, config = files.read(directory, "heads.safetensors", "medusa_config.json", FORMAT,
+                         "Medusa heads")
   heads = MedusaHeads(*(jnp.asarray(t[n], dtype) for n in ("w", "b", "proj")))
   if heads.proj.shape[2] != config["vocab_size"]:
     raise ValueError(f"{directory}: heads.safetensors does not match medusa_config.json")
@@ -190,24 +179,20 @@ def train_heads(cfg: ModelConfig, base: M.Transformer, train_tokens: np.ndarray,
                 ) -> tuple[MedusaHeads, dict[str, Any]]:
   """Trains heads (resuming from `workdir`), then measures per-head top-k accuracy on held-out
   tokens and builds the static tree from it. Returns the heads and their info for `save`."""
-  from jaxinfer.train.lm import TokenWindows
-  from jaxinfer.train.loop import TrainConfig, train
-  windows = TokenWindows(train_tokens, batch_size, seq_len, seed)
-  held = TokenWindows(held_tokens if len(held_tokens) > seq_len + 1 else train_tokens, 1, seq_len)
-  tcfg = TrainConfig(steps=steps, learning_rate=learning_rate, warmup_steps=warmup_steps,
-                     weight_decay=0.0, checkpoint_every=checkpoint_every, seed=seed,
-                     progress=progress)
+  from jaxinfer.train.loop import train
+  windows, held, tcfg = files.training_setup(
+      train_tokens, held_tokens, batch_size=batch_size, seq_len=seq_len, seed=seed, steps=steps,
+      learning_rate=learning_rate, warmup_steps=warmup_steps,
+      checkpoint_every=checkpoint_every, progress=progress)
+  probe = list(held.sequential(max_batches=8))
+  evaluate = lambda h, step: files.eval_record(topk_accuracy(h, base, cfg, probe), tree_nodes)
   heads, logged = train(medusa_loss_fn(cfg), init_heads(base, num_heads), windows, tcfg, workdir,
-                        frozen=base, mesh=mesh, description="train-draft")
+                        frozen=base, eval_fn=evaluate, eval_every=files.eval_every(steps),
+                        mesh=mesh, description="train-draft")
+  files.plot(workdir, "Medusa-1 heads")
   accuracy = topk_accuracy(heads, base, cfg, held.sequential(max_batches=64))
-  paths = build_tree(accuracy, tree_nodes)
-  info = {"method": "medusa", "steps": steps, "train_tokens": int(len(train_tokens)),
-          "accuracy_top1": [round(float(a), 4) for a in accuracy[:, 0]],
-          "accuracy_topk": [[round(float(a), 4) for a in row] for row in accuracy],
-          "tree": [list(p) for p in paths],
-          # expected drafted tokens accepted per step under the independence assumption
-          "expected_accepted_per_step": round(float(sum(
-              np.prod([accuracy[d, r] for d, r in enumerate(p)]) for p in paths)), 3)}
+  info = dict({"method": "medusa", "steps": steps, "train_tokens": int(len(train_tokens))},
+              **files.tree_info(accuracy, build_tree(accuracy, tree_nodes)))
   return heads, info
 
 

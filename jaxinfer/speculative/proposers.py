@@ -207,14 +207,12 @@ def layer_skip_draft(cfg: ModelConfig, params: M.Transformer,
           params.replace(layers=tuple(params.layers[i] for i in sorted(keep))))
 
 
-@dataclasses.dataclass(frozen=True)
-class Medusa:
-  """Medusa heads (jaxinfer.draft_heads.medusa) on the target's hidden state at the last accepted
-  token draft a static tree: node (r_1, ..., r_d) takes the r_d-th ranked candidate of head d-1.
-  The proposer's state is that hidden state (B, D), refreshed from every verification."""
+class _HeadsTree:
+  """Heads on the target's hidden state at the last accepted token, drafting a static tree of
+  `paths` (head ranks per depth, breadth-first). The proposer's state is that hidden state
+  (B, D), refreshed from every verification."""
 
   paths: tuple[tuple[int, ...], ...]
-  name: str = "medusa"
 
   @property
   def tree_size(self) -> int:
@@ -223,6 +221,20 @@ class Medusa:
   @property
   def max_depth(self) -> int:
     return max(len(p) for p in self.paths)
+
+  def update(self, hidden_state, verify_hidden, path, num_accepted):
+    """The hidden state at the last accepted node (it predicted the next root)."""
+    rows = jnp.arange(path.shape[0])
+    return verify_hidden[rows, path[rows, num_accepted]]
+
+
+@dataclasses.dataclass(frozen=True)
+class Medusa(_HeadsTree):
+  """Medusa heads (jaxinfer.draft_heads.medusa): node (r_1, ..., r_d) takes the r_d-th ranked
+  candidate of head d-1, the same for every branch."""
+
+  paths: tuple[tuple[int, ...], ...]
+  name: str = "medusa"
 
   def propose(self, heads, hidden, ctx: Context):
     from jaxinfer.draft_heads.medusa import head_logits, tree_parents
@@ -235,11 +247,6 @@ class Medusa:
     drafts = cand[depth, :, rank].T  # (B, T - 1)
     tokens = jnp.concatenate([_root_only(ctx)[:, None], drafts], axis=1)
     return hidden, Draft(tokens, jnp.asarray(tree_parents(list(self.paths))), None)
-
-  def update(self, hidden_state, verify_hidden, path, num_accepted):
-    """The hidden state at the last accepted node (it predicted the next root)."""
-    rows = jnp.arange(path.shape[0])
-    return verify_hidden[rows, path[rows, num_accepted]]
 
 
 @struct.dataclass
@@ -329,22 +336,13 @@ class Eagle(_Chain):
 
 
 @dataclasses.dataclass(frozen=True)
-class Hydra:
-  """Hydra heads (jaxinfer.draft_heads.hydra) draft a static tree level by level: the children
+class Hydra(_HeadsTree):
+  """Hydra heads (jaxinfer.draft_heads.hydra) draft the static tree level by level: the children
   of a node at depth d are the top candidates of head d given the hidden state and the tokens on
-  the node's path, so each node's children depend on its branch. The proposer's state is the
-  hidden state at the last accepted token (B, D), refreshed from every verification."""
+  the node's path, so each node's children depend on its branch."""
 
   paths: tuple[tuple[int, ...], ...]
   name: str = "hydra"
-
-  @property
-  def tree_size(self) -> int:
-    return 1 + len(self.paths)
-
-  @property
-  def max_depth(self) -> int:
-    return max(len(p) for p in self.paths)
 
   def propose(self, heads_and_embed, hidden, ctx: Context):
     from jaxinfer.draft_heads.hydra import head_logits
@@ -370,8 +368,3 @@ class Hydra:
     from jaxinfer.draft_heads.medusa import tree_parents as parents_of
     ordered = sorted(self.paths, key=lambda p: (len(p), p))
     return hidden, Draft(jnp.stack(nodes, axis=1), jnp.asarray(parents_of(ordered)), None)
-
-  def update(self, hidden_state, verify_hidden, path, num_accepted):
-    """The hidden state at the last accepted node (it predicted the next root)."""
-    rows = jnp.arange(path.shape[0])
-    return verify_hidden[rows, path[rows, num_accepted]]

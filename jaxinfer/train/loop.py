@@ -74,11 +74,17 @@ def make_optimizer(cfg: TrainConfig) -> optax.GradientTransformation:
 
 
 class MetricsWriter:
-  """Appends one JSON object per line; on resume drops lines past the restored step."""
+  """Appends one JSON object per line; on resume drops lines past the restored step. Also
+  writes every numeric metric as a TensorBoard scalar under <dir>/tensorboard (`tensorboard
+  --logdir`); a resumed run purges the events past the restored step."""
 
   def __init__(self, path: Path, resume_step: int):
+    from tensorboardX import SummaryWriter
     self.path = path
     path.parent.mkdir(parents=True, exist_ok=True)
+    # TensorBoard drops earlier events at steps >= purge_step: those past the restored step.
+    self._tb = SummaryWriter(str(path.parent / "tensorboard"),
+                             purge_step=resume_step + 1 if resume_step > 0 else None)
     kept = []
     if path.exists() and resume_step > 0:
       for line in path.read_text().splitlines():
@@ -93,9 +99,15 @@ class MetricsWriter:
   def write(self, record: dict[str, Any]) -> None:
     self._f.write(json.dumps(record) + "\n")
     self._f.flush()
+    step = int(record.get("step", 0))
+    for k, v in record.items():
+      if k != "step" and isinstance(v, (int, float)):
+        self._tb.add_scalar(k, v, step)
+    self._tb.flush()
 
   def close(self) -> None:
     self._f.close()
+    self._tb.close()
 
 
 def _to_float(metrics: dict[str, Any]) -> dict[str, float]:
