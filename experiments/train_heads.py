@@ -23,7 +23,9 @@ from pathlib import Path
 
 from absl import app, flags
 
-flags.DEFINE_enum("method", "medusa", ["medusa", "hydra", "eagle"], "Draft-head recipe.")
+flags.DEFINE_enum("method", "medusa", ["medusa", "medusa2", "hydra", "eagle"],
+                  "Draft-head recipe.")
+flags.DEFINE_float("kl_weight", 10.0, "medusa2: KL weight.")
 flags.DEFINE_integer("steps", 400, "Training steps.")
 flags.DEFINE_integer("batch_size", 8, "Sequences per step.")
 flags.DEFINE_integer("seq_len", 128, "Tokens per sequence.")
@@ -43,7 +45,7 @@ def main(argv):
   import numpy as np
 
   from jaxinfer import checkpoint, embedded
-  from jaxinfer.draft_heads import eagle, hydra, medusa
+  from jaxinfer.draft_heads import eagle, hydra, medusa, medusa2
 
   model_dir = embedded.ensure()
   cfg, base, _ = checkpoint.load_model(str(model_dir), quiet=True)
@@ -69,6 +71,13 @@ def main(argv):
     heads, vocab, info = eagle.train_eagle(cfg, base, train_tokens, held_tokens, work,
                                            draft_vocab=FLAGS.draft_vocab, **common)
     top1, top5 = [info["accuracy_top1"]], [info["accuracy_top5"]]
+  elif m == "medusa2":
+    heads, tuned, info = medusa2.train_medusa2(cfg, base, train_tokens, held_tokens, work,
+                                               num_heads=FLAGS.num_heads,
+                                               kl_weight=FLAGS.kl_weight, **common)
+    checkpoint.save_hf(out / "model", cfg, tuned, tokenizer_dir=model_dir)
+    top1 = info["accuracy_top1"]
+    top5 = [round(float(sum(r[:5])), 4) for r in info["accuracy_topk"]]
   else:
     heads, info = (medusa if m == "medusa" else hydra).train_heads(
         cfg, base, train_tokens, held_tokens, work, num_heads=FLAGS.num_heads, **common)
@@ -79,9 +88,9 @@ def main(argv):
   if m == "eagle":
     eagle.save(out, heads, info, vocab)
   else:
-    (medusa if m == "medusa" else hydra).save(out, heads, info)
-  row = {"model": "embedded", "method": {"medusa": "medusa-1", "hydra": "hydra",
-                                         "eagle": "eagle-1"}[m],
+    (hydra if m == "hydra" else medusa).save(out, heads, info)
+  row = {"model": "embedded", "method": {"medusa": "medusa-1", "medusa2": "medusa-2",
+                                         "hydra": "hydra", "eagle": "eagle-1"}[m],
          "device": jax.devices()[0].device_kind,
          "jax": jax.__version__, "date": datetime.date.today().isoformat(),
          "steps": FLAGS.steps, "batch_size": FLAGS.batch_size, "seq_len": FLAGS.seq_len,
@@ -91,7 +100,8 @@ def main(argv):
          "expected_accepted_per_step": info.get("expected_accepted_per_step"),
          "distill_seconds": info["distill_seconds"], "train_seconds": info["train_seconds"],
          "draft_vocab": FLAGS.draft_vocab or None,
-         "draft_vocab_coverage": info.get("draft_vocab_coverage"), "heads": out.name}
+         "draft_vocab_coverage": info.get("draft_vocab_coverage"),
+         "greedy_agreement": info.get("greedy_agreement"), "heads": out.name}
   print(json.dumps(row, indent=2))
   Path(FLAGS.results).parent.mkdir(parents=True, exist_ok=True)
   with open(FLAGS.results, "a") as f:

@@ -1,4 +1,4 @@
-"""Draft heads (Medusa-1 heads, Hydra heads, the EAGLE draft layer): training on a frozen base learns, the
+"""Draft heads (Medusa-1 and -2 heads, Hydra heads, the EAGLE draft layer): training on a frozen base learns, the
 base stays bitwise frozen, the files round-trip, Medusa's tree is prefix-closed, and serving
 them is lossless."""
 
@@ -13,7 +13,7 @@ import pytest
 
 from jaxinfer import checkpoint
 from jaxinfer import model as M
-from jaxinfer.draft_heads import eagle, hydra, medusa
+from jaxinfer.draft_heads import eagle, hydra, medusa, medusa2
 from jaxinfer.generation import Generator, RowRequest
 from jaxinfer.speculative.decode import SpeculativeGenerator
 from jaxinfer.speculative.proposers import Eagle, Hydra, Medusa
@@ -73,7 +73,7 @@ def test_medusa_heads_learn_on_a_frozen_base(tmp_path, tiny_model_dir):
   assert spec.stats.mean_accepted_tokens >= 1.0
 
 
-@pytest.mark.parametrize("method", ["medusa", "hydra", "eagle"])
+@pytest.mark.parametrize("method", ["medusa", "medusa2", "hydra", "eagle"])
 def test_train_draft_cli_and_generate_with_heads(tmp_path, tiny_model_dir, method):
   data = tmp_path / "data.txt"
   data.write_text(("def add(a, b):\n    return a + b\n\n" * 300))
@@ -87,8 +87,8 @@ def test_train_draft_cli_and_generate_with_heads(tmp_path, tiny_model_dir, metho
     cmd.append("--draft_vocab=64")
   run = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
   assert run.returncode == 0, run.stderr
-  if method in ("medusa", "hydra"):
-    info = json.loads((out / f"{method}_config.json").read_text())
+  if method in ("medusa", "medusa2", "hydra"):
+    info = json.loads((out / f"{method.rstrip('2')}_config.json").read_text())
     assert len(info["accuracy_top1"]) == 2 and len(info["tree"]) == 6
   else:
     info = json.loads((out / "eagle_config.json").read_text())
@@ -106,22 +106,28 @@ def test_train_draft_cli_and_generate_with_heads(tmp_path, tiny_model_dir, metho
   prompts = tmp_path / "p.jsonl"
   prompts.write_text(json.dumps({"id": 1, "prompt": "def add(a, b):\n", "max_new_tokens": 16})
                      + "\n")
-  base = [sys.executable, "-m", "jaxinfer", "generate", f"--model={tiny_model_dir}",
+  # Medusa-2 adapted the base: its heads are served on the adapted model it wrote
+  model = out / "model" if method == "medusa2" else tiny_model_dir
+  if method == "medusa2":
+    assert info["method"] == "medusa2" and 0.0 <= info["greedy_agreement"] <= 1.0
+  base = [sys.executable, "-m", "jaxinfer", "generate", f"--model={model}",
           f"--prompts={prompts}", "--scheduler=static", "--progress=false"]
   plain = subprocess.run(base + [f"--output={tmp_path / 'a.jsonl'}"], capture_output=True,
                          text=True, timeout=600)
-  spec = subprocess.run(base + [f"--output={tmp_path / 'b.jsonl'}", f"--speculative={method}",
+  served = "medusa" if method == "medusa2" else method
+  spec = subprocess.run(base + [f"--output={tmp_path / 'b.jsonl'}", f"--speculative={served}",
                                 f"--draft_heads={out}", f"--metrics_output={tmp_path / 'm.json'}"],
                         capture_output=True, text=True, timeout=600)
   assert plain.returncode == 0 and spec.returncode == 0, spec.stderr
   a = json.loads((tmp_path / "a.jsonl").read_text())
   b = json.loads((tmp_path / "b.jsonl").read_text())
   assert a["completion_ids"] == b["completion_ids"]
-  assert json.loads((tmp_path / "m.json").read_text())["speculative"] == method
-  bad = subprocess.run(base + [f"--output={tmp_path / 'c.jsonl'}", f"--speculative={method}",
-                               f"--draft_heads={tmp_path}"], capture_output=True, text=True,
-                       timeout=600)
-  assert bad.returncode == 2 and "--draft_heads" in bad.stderr and "Traceback" not in bad.stderr
+  assert json.loads((tmp_path / "m.json").read_text())["speculative"] == served
+  if method != "medusa2":  # (Medusa-2's heads load as Medusa's)
+    bad = subprocess.run(base + [f"--output={tmp_path / 'c.jsonl'}", f"--speculative={served}",
+                                 f"--draft_heads={tmp_path}"], capture_output=True, text=True,
+                         timeout=600)
+    assert bad.returncode == 2 and "--draft_heads" in bad.stderr and "Traceback" not in bad.stderr
 
 
 def _hidden(base, cfg, batch):
@@ -239,3 +245,39 @@ def test_hydra_heads_learn_depend_on_their_path_and_serve_losslessly(tmp_path, t
                               page_size=8, steps_per_sync=3, policy="always")
   assert [r.tokens for r in spec.generate(rows)] == [r.tokens for r in plain]
   assert spec.stats.mean_accepted_tokens >= 1.0
+
+
+def test_medusa2_adapts_the_base_and_the_kl_term_keeps_its_outputs(tmp_path, tiny_model_dir):
+  """Joint heads + LoRA: the adapters start as a no-op, the heads learn, and the KL term is what
+  keeps the adapted base's greedy predictions on the original's: with it (weight 10) they agree
+  on >= 85% of held-out positions, without it (weight 0) on fewer than half."""
+  cfg, base, _ = checkpoint.load_model(str(tiny_model_dir))
+  before = jax.tree_util.tree_map(np.asarray, base)
+  lora = medusa2.init_lora(base, 4, jax.random.key(0))
+  assert all(np.array_equal(a, b) for a, b in zip(
+      jax.tree_util.tree_leaves(base), jax.tree_util.tree_leaves(medusa2.merge(base, lora))))
+  tokens = _periodic_tokens(cfg.vocab_size)
+  runs = {}
+  for kl in (10.0, 0.0):
+    heads, tuned, info = medusa2.train_medusa2(
+        cfg, base, tokens[:18000], tokens[18000:], tmp_path / f"run{kl}", num_heads=3,
+        tree_nodes=6, rank=4, kl_weight=kl, steps=60, batch_size=8, seq_len=32,
+        learning_rate=1e-2, warmup_steps=5, checkpoint_every=60, progress=False)
+    runs[kl] = (heads, tuned, info)
+    assert min(info["accuracy_top1"]) > 0.8
+  assert runs[10.0][2]["greedy_agreement"] >= 0.85 > 0.5 > runs[0.0][2]["greedy_agreement"]
+  after = jax.tree_util.tree_map(np.asarray, base)  # the original itself is never changed
+  assert all(np.array_equal(a, b) for a, b in zip(jax.tree_util.tree_leaves(before),
+                                                  jax.tree_util.tree_leaves(after)))
+  metrics = [json.loads(l) for l in (tmp_path / "run10.0" / "metrics.jsonl").read_text()
+             .splitlines()]
+  assert "eval_greedy_agreement" in metrics[-1] and "kl" in metrics[-1]
+
+  # Served on the adapted model: lossless with respect to that model.
+  heads, tuned, info = runs[10.0]
+  prompt = list(_periodic_tokens(cfg.vocab_size, 40, seed=0))
+  rows = [RowRequest(prompt[:n], 20, jax.random.key(n)) for n in (9, 20)]
+  plain = Generator(cfg, tuned).generate(rows)
+  spec = SpeculativeGenerator(cfg, tuned, Medusa(paths=tuple(map(tuple, info["tree"]))),
+                              draft_params=heads, page_size=8, policy="always")
+  assert [r.tokens for r in spec.generate(rows)] == [r.tokens for r in plain]

@@ -1,7 +1,8 @@
 """jaxinfer train-draft: train draft heads on a frozen model — Medusa-1 heads, Hydra heads or an
 EAGLE draft layer; resumes from its workdir after a crash; writes the heads with their measured
 held-out accuracies (and, for Medusa and Hydra, the static tree built from them), served by
-`jaxinfer generate --speculative=medusa|hydra|eagle --draft_heads=DIR`."""
+`jaxinfer generate --speculative=medusa|hydra|eagle --draft_heads=DIR`. Medusa-2 also adapts the
+base: serve with `--model=DIR/model --speculative=medusa --draft_heads=DIR`."""
 
 from __future__ import annotations
 
@@ -15,10 +16,14 @@ from jaxinfer.cli.common import (apply_platform_flags, data_tokens, define_model
                                  load_model_from_flags)
 
 define_model_flags()
-flags.DEFINE_enum("method", "medusa", ["medusa", "hydra", "eagle"], "Draft-head recipe, all on "
-                  "a frozen base: medusa (Medusa-1 heads), hydra (sequentially dependent heads, "
-                  "teacher loss) or eagle (one decoder layer over features and tokens, EAGLE-1 "
-                  "loss).")
+flags.DEFINE_enum("method", "medusa", ["medusa", "medusa2", "hydra", "eagle"], "Draft-head "
+                  "recipe: medusa (Medusa-1 heads on a frozen base), medusa2 (heads + LoRA on "
+                  "the base with a KL term to the original; writes the adapted model to "
+                  "<output>/model), hydra (sequentially dependent heads, teacher loss) or eagle "
+                  "(one decoder layer over features and tokens, EAGLE-1 loss).")
+flags.DEFINE_integer("lora_rank", 8, "--method=medusa2: LoRA rank.", lower_bound=1)
+flags.DEFINE_float("kl_weight", 10.0, "--method=medusa2: weight of KL(original || adapted) "
+                   "next-token distributions.", lower_bound=0.0)
 flags.DEFINE_string("data", None, "Training text: a .txt file, a JSONL file with a 'text' field "
                     "per line, or a directory (its *.txt, *.py and *.md files).")
 flags.DEFINE_string("output", None, "Where the heads are written.")
@@ -55,7 +60,8 @@ FLAGS = flags.FLAGS
 def main(argv: list[str]) -> None:
   no_positional_args(argv)
   apply_platform_flags()
-  from jaxinfer.draft_heads import eagle, hydra, medusa
+  from jaxinfer import checkpoint
+  from jaxinfer.draft_heads import eagle, hydra, medusa, medusa2
 
   try:
     mesh, src, cfg, base, tokenizer = load_model_from_flags()
@@ -83,6 +89,13 @@ def main(argv: list[str]) -> None:
     shown = ("accuracy_top1", "accuracy_top5")
     save = lambda out, d, i: eagle.save(out, d, i, vocab)
     heads = draft
+  elif FLAGS.method == "medusa2":
+    heads, tuned, info = medusa2.train_medusa2(
+        cfg, base, train_tokens, held_tokens, workdir, num_heads=FLAGS.num_heads,
+        tree_nodes=FLAGS.tree_nodes, rank=FLAGS.lora_rank, kl_weight=FLAGS.kl_weight, **common)
+    model_out = checkpoint.save_hf(Path(FLAGS.output) / "model", cfg, tuned, tokenizer_dir=src)
+    info["model"] = str(model_out)
+    shown, save = ("accuracy_top1", "expected_accepted_per_step", "greedy_agreement"), medusa.save
   else:
     lib = medusa if FLAGS.method == "medusa" else hydra
     heads, info = lib.train_heads(cfg, base, train_tokens, held_tokens, workdir,

@@ -60,6 +60,23 @@ def head_weights(num_heads: int) -> jax.Array:
   return 0.2 * 0.8 ** jnp.arange(num_heads, dtype=jnp.float32)
 
 
+def heads_loss(heads: MedusaHeads, hidden: jax.Array, batch: jax.Array):
+  """Medusa's loss sum_k 0.2 * 0.8^k * CE_k of the heads on the base's hidden states (B, T, D)
+  for tokens batch (B, T+1), and per-head top-1 accuracy."""
+  logits = head_logits(heads, hidden)  # (K, B, T, V)
+  k_heads, _, t, _ = logits.shape
+  losses, metrics = [], {}
+  for k in range(k_heads):
+    shift = k + 2  # head k at position t predicts the token at t + k + 2 (= batch[t + k + 2])
+    lg = logits[k, :, :t + 1 - shift]
+    target = batch[:, shift:]
+    logz = jax.nn.logsumexp(lg, -1)
+    gold = jnp.take_along_axis(lg, target[..., None], -1)[..., 0]
+    losses.append(jnp.mean(logz - gold))
+    metrics[f"head{k}_top1"] = jnp.mean(jnp.argmax(lg, -1) == target)
+  return jnp.sum(head_weights(k_heads) * jnp.stack(losses)), metrics
+
+
 def medusa_loss_fn(cfg: ModelConfig):
   """loss_fn(heads, base, tokens (B, T+1), rng) for the shared training loop."""
 
@@ -68,20 +85,7 @@ def medusa_loss_fn(cfg: ModelConfig):
     inputs = batch[:, :-1]
     positions = jnp.broadcast_to(jnp.arange(inputs.shape[1], dtype=jnp.int32), inputs.shape)
     hidden, _ = M.forward(base, inputs, positions, cfg)
-    hidden = jax.lax.stop_gradient(hidden)  # the base is frozen
-    logits = head_logits(heads, hidden)  # (K, B, T, V)
-    k_heads, _, t, _ = logits.shape
-    losses, metrics = [], {}
-    for k in range(k_heads):
-      shift = k + 2  # head k at position t predicts the token at t + k + 2 (= batch[t + k + 2])
-      lg = logits[k, :, :t + 1 - shift]
-      target = batch[:, shift:]
-      logz = jax.nn.logsumexp(lg, -1)
-      gold = jnp.take_along_axis(lg, target[..., None], -1)[..., 0]
-      losses.append(jnp.mean(logz - gold))
-      metrics[f"head{k}_top1"] = jnp.mean(jnp.argmax(lg, -1) == target)
-    loss = jnp.sum(head_weights(k_heads) * jnp.stack(losses))
-    return loss, metrics
+    return heads_loss(heads, jax.lax.stop_gradient(hidden), batch)  # the base is frozen
 
   return loss_fn
 
