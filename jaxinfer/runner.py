@@ -130,6 +130,11 @@ class GenerateJob:
             raise ValueError("--tree: dynamic trees are grown by the EAGLE draft "
                              "(--speculative=eagle)")
           dynamic_tree(self.tree)
+        elif self.tree.startswith("nodes:"):
+          if self.speculative not in ("medusa", "hydra"):
+            raise ValueError("--tree: nodes:N re-grows the static tree of Medusa or Hydra heads "
+                             "(--speculative=medusa|hydra)")
+          tree_nodes(self.tree)
         else:
           tree_branching(self.tree)
         if self.draft_layers:
@@ -173,6 +178,17 @@ def dynamic_tree(text: str) -> tuple[int, int, int]:
   return nodes, top_k, depth
 
 
+def tree_nodes(text: str) -> int:
+  """`nodes:N` -> N."""
+  try:
+    n = int(text.partition(":")[2])
+  except ValueError:
+    n = 0
+  if n < 1:
+    raise ValueError(f"--tree: expected nodes:N with N >= 1, got {text!r}")
+  return n
+
+
 def tree_branching(text: str) -> tuple[int, ...]:
   try:
     branching = tuple(int(x) for x in text.split(","))
@@ -181,6 +197,12 @@ def tree_branching(text: str) -> tuple[int, ...]:
   if not branching or any(k < 1 for k in branching):
     raise ValueError(f"--tree: expected children per depth, e.g. 4,2,1,1; got {text!r}")
   return branching
+
+
+def _max_nodes(accuracy) -> int:
+  """Nodes in the full tree of K heads and `top` ranks each."""
+  k, top = accuracy.shape
+  return sum(top**d for d in range(1, k + 1))
 
 
 def make_proposer(job: "GenerateJob", cfg, params, dtype):
@@ -210,6 +232,11 @@ def make_proposer(job: "GenerateJob", cfg, params, dtype):
                       f"{info['hidden_size']}, the model has {cfg.vocab_size} / "
                       f"{cfg.embed}")
     paths = tuple(tuple(p) for p in info["tree"])
+    if job.tree.startswith("nodes:"):  # re-grown from the heads' measured accuracies
+      import numpy as np
+      accuracy = np.asarray(info["accuracy_topk"])
+      paths = tuple(medusa.build_tree(accuracy, min(tree_nodes(job.tree),
+                                                    _max_nodes(accuracy))))
     return (P.Medusa(paths=paths) if lib is medusa else P.Hydra(paths=paths)), heads
   if job.speculative == "eagle":
     from jaxinfer.draft_heads import eagle

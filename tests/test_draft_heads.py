@@ -90,6 +90,17 @@ def test_train_draft_cli_and_generate_with_heads(tmp_path, tiny_model_dir, metho
   if method in ("medusa", "medusa2", "hydra"):
     info = json.loads((out / f"{method.rstrip('2')}_config.json").read_text())
     assert len(info["accuracy_top1"]) == 2 and len(info["tree"]) == 6
+    # --tree=nodes:N re-grows the static tree from the stored accuracies
+    from jaxinfer.runner import GenerateJob, UserError, make_proposer
+    cfg, params, _ = checkpoint.load_model(str(tiny_model_dir))
+    job = lambda tree: GenerateJob(prompts=str(data), output=str(tmp_path / "x.jsonl"),
+                                   speculative=method.rstrip("2"), scheduler="static",
+                                   draft_heads=str(out), tree=tree)
+    small, _ = make_proposer(job("nodes:3"), cfg, params, None)
+    assert small.tree_size == 4 and set(small.paths) <= set(map(tuple, medusa.build_tree(
+        np.asarray(info["accuracy_topk"]), 6)))
+    with pytest.raises(UserError, match="--tree"):
+      job("nodes:0").validate()
   else:
     info = json.loads((out / "eagle_config.json").read_text())
     assert 0.0 <= info["accuracy_top1"] <= info["accuracy_top5"] <= 1.0

@@ -161,6 +161,7 @@ def test_generate_job_with_speculation(tmp_path, tiny_model_dir):
                    (dict(speculative="draft", scheduler="static"), "--draft_model"),
                    (dict(speculative="recycling", scheduler="static", tree="4,x"), "--tree"),
                    (dict(speculative="ngram", scheduler="static", tree="dynamic"), "--tree"),
+                   (dict(speculative="ngram", scheduler="static", tree="nodes:4"), "--tree"),
                    (dict(speculative="eagle", scheduler="static", tree="dynamic:99,2,3",
                          draft_heads=str(tmp_path)), "--tree")):
     with pytest.raises(UserError, match=flag):

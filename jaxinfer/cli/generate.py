@@ -69,7 +69,9 @@ flags.DEFINE_integer("num_draft_tokens", 4, "Drafted tokens per step (chain prop
 flags.DEFINE_string("tree", "4,2,1,1", "Token Recycling's draft tree: children per node at each "
                     "depth. With --speculative=eagle: dynamic (EAGLE-2 trees of 16 nodes, top-4 "
                     "children, 5 deep) or dynamic:NODES,TOPK,DEPTH; otherwise EAGLE drafts a "
-                    "chain of --num_draft_tokens.")
+                    "chain of --num_draft_tokens. With --speculative=medusa|hydra: nodes:N "
+                    "re-grows the heads' static tree with N nodes from their measured "
+                    "accuracies (default: the tree they were trained with).")
 flags.DEFINE_string("draft_layers", None, "--speculative=layerskip: comma-separated layers the "
                     "draft keeps (default: the first half).")
 flags.DEFINE_enum("acceptance", "exact", ["exact", "typical"], "exact: lossless rejection "
