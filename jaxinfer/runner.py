@@ -233,7 +233,6 @@ def make_proposer(job: "GenerateJob", cfg, params, dtype):
                       f"{cfg.embed}")
     paths = tuple(tuple(p) for p in info["tree"])
     if job.tree.startswith("nodes:"):  # re-grown from the heads' measured accuracies
-      import numpy as np
       accuracy = np.asarray(info["accuracy_topk"])
       paths = tuple(medusa.build_tree(accuracy, min(tree_nodes(job.tree),
                                                     _max_nodes(accuracy))))

@@ -84,11 +84,10 @@ def main(argv: list[str]) -> None:
                 checkpoint_every=FLAGS.checkpoint_every, seed=FLAGS.seed, mesh=mesh,
                 progress=FLAGS.progress)
   if FLAGS.method == "eagle":
-    draft, vocab, info = eagle.train_eagle(cfg, base, train_tokens, held_tokens, workdir,
+    heads, vocab, info = eagle.train_eagle(cfg, base, train_tokens, held_tokens, workdir,
                                            draft_vocab=FLAGS.draft_vocab, **common)
     shown = ("accuracy_top1", "accuracy_top5")
-    save = lambda out, d, i: eagle.save(out, d, i, vocab)
-    heads = draft
+    save = lambda out, draft, i: eagle.save(out, draft, i, vocab)
   elif FLAGS.method == "medusa2":
     heads, tuned, info = medusa2.train_medusa2(
         cfg, base, train_tokens, held_tokens, workdir, num_heads=FLAGS.num_heads,
