@@ -217,6 +217,11 @@ def forward(params: Transformer, tokens: jax.Array, positions: jax.Array, cfg: M
   return x, None if cache is None else cache.with_layers(new_layers)
 
 
+def output_projection(params: Transformer) -> jax.Array:
+  """(D, V): the output projection, the embedding's transpose when tied."""
+  return params.embed.T if params.lm_head is None else params.lm_head
+
+
 def logits(params: Transformer, hidden: jax.Array) -> jax.Array:
   """hidden (..., D) -> float32 logits (..., V)."""
   if params.lm_head is None:

@@ -171,10 +171,13 @@ def dynamic_tree(text: str) -> tuple[int, int, int]:
   except ValueError:
     raise ValueError(f"--tree: expected dynamic or dynamic:NODES,TOPK,DEPTH, got {text!r}"
                      ) from None
-  pool = top_k + (depth - 1) * top_k**2
-  if head != "dynamic" or top_k < 1 or depth < 1 or not 1 <= nodes <= pool:
-    raise ValueError(f"--tree: {text!r}: need TOPK >= 1, DEPTH >= 1 and 1 <= NODES <= TOPK + "
-                     f"(DEPTH - 1) * TOPK^2")
+  if head != "dynamic":
+    raise ValueError(f"--tree: expected dynamic or dynamic:NODES,TOPK,DEPTH, got {text!r}")
+  from jaxinfer.speculative.dynamic_tree import check_shape
+  try:
+    check_shape(nodes, top_k, depth)
+  except ValueError as e:
+    raise ValueError(f"--tree: {text!r}: {e}") from None
   return nodes, top_k, depth
 
 

@@ -71,16 +71,12 @@ class EagleHeads:
     return jnp.zeros(q.shape[:-1] + (vocab_size,), q.dtype).at[..., self.vocab].set(q)
 
 
-def output_projection(base: M.Transformer) -> jax.Array:
-  return base.embed.T if base.lm_head is None else base.lm_head  # (D, V)
-
-
 def serving_heads(draft: EagleDraft, base: M.Transformer,
                   vocab: np.ndarray | None) -> EagleHeads:
   if vocab is None:
     return EagleHeads(draft)
   ids = jnp.asarray(vocab, jnp.int32)
-  return EagleHeads(draft, jnp.take(output_projection(base), ids, axis=1), ids)
+  return EagleHeads(draft, jnp.take(M.output_projection(base), ids, axis=1), ids)
 
 
 @partial(jax.jit, static_argnames=("cfg",))
@@ -151,7 +147,6 @@ def eagle_loss_fn(cfg: ModelConfig, *, cls_weight: float = 0.1, noise: float = 0
   """loss_fn(draft, base, tokens (B, T+1), rng) for the shared training loop. With a draft
   `vocab`, the token loss is over it (the base's distribution renormalised to it)."""
   dcfg = draft_config(cfg)
-  ids = None if vocab is None else jnp.asarray(vocab, jnp.int32)
 
   def loss_fn(draft: EagleDraft, base: M.Transformer, batch, rng):
     inputs = batch[:, :-1]
@@ -160,16 +155,15 @@ def eagle_loss_fn(cfg: ModelConfig, *, cls_weight: float = 0.1, noise: float = 0
     feats = jax.lax.stop_gradient(feats.astype(jnp.float32))  # the base is frozen
     base_logits = M.logits(base, feats)  # (B,T,V)
     greedy = jnp.argmax(base_logits[:, 1:], -1)
-    if ids is not None:
-      base_logits = jnp.take(base_logits, ids, axis=-1)
+    if vocab is not None:
+      base_logits = jnp.take(base_logits, jnp.asarray(vocab, jnp.int32), axis=-1)
     teacher = jax.lax.stop_gradient(jax.nn.log_softmax(base_logits))
     noisy = feats + noise * jax.random.uniform(rng, feats.shape, minval=-1.0, maxval=1.0)
     pred, _ = draft_forward(draft, base, noisy.astype(draft.fc.dtype), batch[:, 1:], positions,
                             dcfg)
     pred = pred[:, :-1].astype(jnp.float32)  # pair t predicts f_{t+1}
     reg = jnp.mean(_smooth_l1(pred - feats[:, 1:]))
-    heads = EagleHeads(draft) if ids is None else EagleHeads(
-        draft, jnp.take(output_projection(base), ids, axis=1), ids)
+    heads = serving_heads(draft, base, vocab)
     logp = jax.nn.log_softmax(heads.logits(base, pred))
     cls = jnp.mean(-jnp.sum(jnp.exp(teacher[:, 1:]) * logp, -1))
     top1 = jnp.mean(heads.token_ids(jnp.argmax(logp, -1)) == greedy)

@@ -47,7 +47,7 @@ class HydraHeads:
 
 
 def init_heads(base: M.Transformer, num_heads: int, key: jax.Array) -> HydraHeads:
-  out = base.embed.T if base.lm_head is None else base.lm_head  # (D, V)
+  out = M.output_projection(base)  # (D, V)
   d = out.shape[0]
   keys = jax.random.split(key, num_heads)
   w_in = tuple(jax.random.normal(keys[k], ((k + 2) * d, d), out.dtype) / np.sqrt((k + 2) * d)

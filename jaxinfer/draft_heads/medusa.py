@@ -41,7 +41,7 @@ class MedusaHeads:
 
 
 def init_heads(base: M.Transformer, num_heads: int) -> MedusaHeads:
-  out = base.embed.T if base.lm_head is None else base.lm_head  # (D, V)
+  out = M.output_projection(base)  # (D, V)
   d = out.shape[0]
   return MedusaHeads(w=jnp.zeros((num_heads, d, d), out.dtype),
                      b=jnp.zeros((num_heads, d), out.dtype),

@@ -27,6 +27,14 @@ from jaxinfer.speculative.proposers import Context, Draft, Eagle, EagleState, _r
 _DEPTH_PENALTY = 1e-4  # makes a child's score strictly lower than its parent's
 
 
+def check_shape(num_nodes: int, top_k: int, depth: int) -> None:
+  """A tree of `num_nodes` can be kept from the pool of top_k + (depth - 1) top_k^2 nodes."""
+  pool = top_k + (depth - 1) * top_k**2
+  if top_k < 1 or depth < 1 or not 1 <= num_nodes <= pool:
+    raise ValueError(f"need top_k >= 1, depth >= 1 and 1 <= nodes <= top_k + (depth - 1) * "
+                     f"top_k^2 = {pool}; got nodes={num_nodes}, top_k={top_k}, depth={depth}")
+
+
 @struct.dataclass
 class _TreeDraftLayer:
   """The draft layer's keys and values while growing a tree: the cache prefix (read only,
@@ -95,11 +103,10 @@ class EagleTree(Eagle):
   name: str = "eagle"
 
   def __post_init__(self):
-    pool = self.top_k + (self.depth - 1) * self.top_k**2
-    if self.top_k < 1 or self.depth < 1 or not 1 <= self.num_nodes <= pool:
-      raise ValueError(f"dynamic tree: need top_k >= 1, depth >= 1 and 1 <= nodes <= "
-                       f"top_k + (depth - 1) * top_k^2 = {pool}; got nodes={self.num_nodes}, "
-                       f"top_k={self.top_k}, depth={self.depth}")
+    try:
+      check_shape(self.num_nodes, self.top_k, self.depth)
+    except ValueError as e:
+      raise ValueError(f"dynamic tree: {e}") from None
 
   @property
   def tree_size(self) -> int:
@@ -115,14 +122,9 @@ class EagleTree(Eagle):
     from jaxinfer.draft_heads.eagle import draft_forward
     heads, base = heads_and_base
     draft = heads.draft
-    b, t = st.tokens.shape
-    k = self.top_k
+    b, k = st.tokens.shape[0], self.top_k
     rows = jnp.arange(b)
-    j = jnp.arange(t)[None, :]
-    positions = jnp.where(j < st.count[:, None], st.start[:, None] + j, st.cache.max_len)
-    hidden, cache = draft_forward(draft, base, st.features, st.tokens, positions, self.cfg,
-                                  st.cache, kv_source="cache")
-    root_feat = hidden[rows, st.count - 1]  # (B, D): predicts the root's children
+    root_feat, cache = self.catch_up(heads, base, st)  # (B, D): scores the root's children
 
     def children(feat, score):
       """Top-k children of each node: tokens and cumulative scores (B, n, k)."""

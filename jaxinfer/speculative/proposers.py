@@ -293,17 +293,22 @@ class Eagle(_Chain):
     toks = jnp.zeros((b, t), jnp.int32).at[:, 0].set(first)
     return EagleState(cache, feats, toks, prompt_len - 1, jnp.ones((b,), jnp.int32))
 
+  def catch_up(self, heads, base, st: EagleState):
+    """Feeds the pending pairs into the draft's cache; returns the predicted feature after
+    the last of them (it scores the root's children) and the cache."""
+    from jaxinfer.draft_heads.eagle import draft_forward
+    b, t = st.tokens.shape
+    j = jnp.arange(t)[None, :]
+    positions = jnp.where(j < st.count[:, None], st.start[:, None] + j, st.cache.max_len)
+    hidden, cache = draft_forward(heads.draft, base, st.features, st.tokens, positions,
+                                  self.cfg, st.cache, kv_source="cache")
+    return hidden[jnp.arange(b), st.count - 1], cache
+
   def propose(self, heads_and_base, st: EagleState, ctx: Context):
     from jaxinfer.draft_heads.eagle import draft_forward
     heads, base = heads_and_base
     draft, vocab_size = heads.draft, base.embed.shape[0]
-    b, t = st.tokens.shape
-    rows = jnp.arange(b)
-    j = jnp.arange(t)[None, :]
-    positions = jnp.where(j < st.count[:, None], st.start[:, None] + j, st.cache.max_len)
-    hidden, cache = draft_forward(draft, base, st.features, st.tokens, positions, self.cfg,
-                                  st.cache, kv_source="cache")
-    feat = hidden[rows, st.count - 1]  # predicts the token after the root
+    feat, cache = self.catch_up(heads, base, st)
     drafted, qs = [_root_only(ctx)], []
     for i in range(self.num_draft_tokens):
       q = distribution(heads.logits(base, feat), ctx.sampling)  # over the draft vocabulary
