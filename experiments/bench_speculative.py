@@ -23,7 +23,8 @@ from absl import app, flags
 
 flags.DEFINE_string("model", "embedded", "Target model.")
 flags.DEFINE_list("methods", ["ngram", "recycling", "layerskip"], "Proposers to measure: "
-                  "ngram, recycling, layerskip, draft, medusa, hydra, eagle (a chain), eagle-tree "
+                  "ngram, recycling, layerskip, draft, medusa, hydra, hydra++ (with the prefix "
+                  "layer), eagle (a chain), eagle-tree "
                   "(EAGLE-2 dynamic trees).")
 flags.DEFINE_list("batch_sizes", ["1", "4", "16"], "Batch sizes.")
 flags.DEFINE_integer("max_new_tokens", 96, "Tokens generated per prompt.")
@@ -37,6 +38,10 @@ flags.DEFINE_string("draft_heads", None, "medusa: heads written by jaxinfer trai
 flags.DEFINE_string("hydra_heads", None, "hydra: heads written by jaxinfer train-draft "
                     "--method=hydra (default for the embedded model: hydra-400, from "
                     "experiments/train_heads.py --method=hydra).")
+flags.DEFINE_string("hydrapp_heads", None, "hydra++: Hydra heads with the prefix layer "
+                    "(train-draft --method=hydra --prefix_layer; default for the embedded model: "
+                    "hydrapp-400-cached, from experiments/train_heads.py --method=hydra "
+                    "--prefix_layer --hidden_cache).")
 flags.DEFINE_string("eagle_draft", None, "eagle: the draft layer written by jaxinfer train-draft "
                     "--method=eagle (default for the embedded model: eagle-v1024-400, from "
                     "experiments/train_heads.py --method=eagle --draft_vocab=1024).")
@@ -73,9 +78,10 @@ def main(argv):
   from jaxinfer.speculative.decode import SpeculativeGenerator
 
   model_dir = checkpoint.resolve_model_dir(FLAGS.model)
-  heads = {"medusa": FLAGS.draft_heads, "hydra": FLAGS.hydra_heads, "eagle": FLAGS.eagle_draft}
+  heads = {"medusa": FLAGS.draft_heads, "hydra": FLAGS.hydra_heads,
+           "hydra++": FLAGS.hydrapp_heads, "eagle": FLAGS.eagle_draft}
   for method, default in (("medusa", "medusa-400"), ("hydra", "hydra-400"),
-                          ("eagle", "eagle-v1024-400")):
+                          ("hydra++", "hydrapp-400-cached"), ("eagle", "eagle-v1024-400")):
     if heads[method] is None and FLAGS.model == "embedded":
       heads[method] = str(Path(model_dir).parent / default)
   cfg, params, tok = checkpoint.load_model(str(model_dir))
@@ -99,12 +105,14 @@ def main(argv):
     row = dict(base, batch_size=b, methods={})
     plain_times = []
     for method in FLAGS.methods:
-      # "eagle-tree": the EAGLE draft growing EAGLE-2 dynamic trees (--dynamic_tree)
-      spec = "eagle" if method == "eagle-tree" else method
+      # "eagle-tree": the EAGLE draft growing EAGLE-2 dynamic trees (--dynamic_tree);
+      # "hydra++": Hydra heads with the prefix layer
+      spec = {"eagle-tree": "eagle", "hydra++": "hydra"}.get(method, method)
       tree = FLAGS.dynamic_tree if method == "eagle-tree" else FLAGS.tree
+      head_dir = heads.get(method, heads.get(spec))
       job = GenerateJob(prompts="-", output="-", speculative=spec,
                         num_draft_tokens=FLAGS.num_draft_tokens, tree=tree,
-                        draft_layers=FLAGS.draft_layers, draft_heads=heads.get(spec))
+                        draft_layers=FLAGS.draft_layers, draft_heads=head_dir)
       proposer, draft_params = make_proposer(job, cfg, params, None)
       gens = {"always": SpeculativeGenerator(cfg, params, proposer, draft_params=draft_params,
                                              steps_per_sync=16, policy="always"),
@@ -132,7 +140,7 @@ def main(argv):
                 "auto_policy": gens["auto"].stats.decision(),
                 "identical_to_plain": f"{same}/{b}", "tree_size": proposer.tree_size,
                 "draft_share": None if st.draft_share is None else round(st.draft_share, 3),
-                "draft_heads": Path(heads[spec]).name if heads.get(spec) else None}
+                "draft_heads": Path(head_dir).name if head_dir else None}
       row["methods"][method] = result
       print(f"  batch {b} {method}: {json.dumps(result)}", file=sys.stderr, flush=True)
     row["plain_tokens_per_second_median"] = round(new_tokens / float(np.median(plain_times)), 1)

@@ -61,11 +61,12 @@ class GenerateJob:
   steps_per_sync: int = 32  # static scheduler only
   cache_dir: str | None = None
   progress: bool = True
-  speculative: str = "none"  # none | ngram | recycling | draft | layerskip | medusa | hydra | eagle
+  # none | ngram | lookahead | recycling | draft | layerskip | medusa | hydra | eagle
+  speculative: str = "none"
   draft_model: str | None = None
   draft_heads: str | None = None  # medusa, hydra, eagle: a directory written by train-draft
   num_draft_tokens: int = 4
-  tree: str = "4,2,1,1"  # Token Recycling's branching per depth
+  tree: str = "4,2,1,1"  # Token Recycling's branching per depth (DEFAULT_TREE)
   draft_layers: str | None = None  # layerskip: layers the draft keeps
   acceptance: str = "exact"  # exact | typical
 
@@ -131,10 +132,12 @@ class GenerateJob:
                              "(--speculative=eagle)")
           dynamic_tree(self.tree)
         elif self.tree.startswith("nodes:"):
-          if self.speculative not in ("medusa", "hydra"):
+          if self.speculative not in ("medusa", "hydra", "lookahead"):
             raise ValueError("--tree: nodes:N re-grows the static tree of Medusa or Hydra heads "
-                             "(--speculative=medusa|hydra)")
+                             "(--speculative=medusa|hydra) or sizes the lookahead trie")
           tree_nodes(self.tree)
+        elif self.speculative == "lookahead" and self.tree != DEFAULT_TREE:
+          raise ValueError("--tree: the lookahead trie takes nodes:N")
         else:
           tree_branching(self.tree)
         if self.draft_layers:
@@ -147,7 +150,10 @@ class GenerateJob:
                       f"got {self.implementation!r}")
 
 
-SPECULATIVE = ("none", "ngram", "recycling", "draft", "layerskip", "medusa", "hydra", "eagle")
+SPECULATIVE = ("none", "ngram", "lookahead", "recycling", "draft", "layerskip", "medusa",
+               "hydra", "eagle")
+DEFAULT_TREE = "4,2,1,1"
+LOOKAHEAD_NODES = 16
 HEADS = ("medusa", "hydra", "eagle")  # proposers served from --draft_heads
 
 
@@ -213,6 +219,9 @@ def make_proposer(job: "GenerateJob", cfg, params, dtype):
   from jaxinfer.speculative import proposers as P
   if job.speculative == "ngram":
     return P.NGram(num_draft_tokens=job.num_draft_tokens), None
+  if job.speculative == "lookahead":
+    nodes = tree_nodes(job.tree) if job.tree.startswith("nodes:") else LOOKAHEAD_NODES
+    return P.Lookahead(num_nodes=nodes, depth=job.num_draft_tokens), None
   if job.speculative == "recycling":
     return P.Recycling(branching=tree_branching(job.tree)), None
   if job.speculative == "layerskip":
@@ -227,7 +236,8 @@ def make_proposer(job: "GenerateJob", cfg, params, dtype):
     from jaxinfer.draft_heads import hydra, medusa
     lib = medusa if job.speculative == "medusa" else hydra
     try:
-      heads, info = lib.load(job.draft_heads, cfg.jnp_dtype)
+      heads, info = (medusa.load(job.draft_heads, cfg.jnp_dtype) if lib is medusa
+                     else hydra.load(job.draft_heads, cfg.jnp_dtype, cfg))
     except (FileNotFoundError, ValueError) as e:
       raise UserError(f"--draft_heads: {e}") from None
     if (info["vocab_size"], info["hidden_size"]) != (cfg.vocab_size, cfg.embed):
@@ -239,7 +249,10 @@ def make_proposer(job: "GenerateJob", cfg, params, dtype):
       accuracy = np.asarray(info["accuracy_topk"])
       paths = tuple(medusa.build_tree(accuracy, min(tree_nodes(job.tree),
                                                     _max_nodes(accuracy))))
-    return (P.Medusa(paths=paths) if lib is medusa else P.Hydra(paths=paths)), heads
+    if lib is medusa:
+      return P.Medusa(paths=paths), heads
+    return P.Hydra(paths=paths, prefix=None if heads.prefix is None
+                   else hydra.prefix_config(cfg)), heads
   if job.speculative == "eagle":
     from jaxinfer.draft_heads import eagle
     try:

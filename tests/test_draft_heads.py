@@ -85,8 +85,15 @@ def test_train_draft_cli_and_generate_with_heads(tmp_path, tiny_model_dir, metho
          "--mesh=data:2,model:2", "--cpu_devices=4"]
   if method == "eagle":
     cmd.append("--draft_vocab=64")
+  if method == "hydra":  # Hydra++, heads-only training from the model's cached hidden states
+    cmd += [f"--hidden_cache={tmp_path / 'cache'}", "--prefix_layer", "--head_layers=2"]
   run = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
   assert run.returncode == 0, run.stderr
+  if method == "hydra":
+    cache = json.loads((tmp_path / "cache" / "cache.json").read_text())
+    assert cache["written"] == cache["num_windows"] > 0 and cache["seq_len"] == 32
+    hydra_info = json.loads((out / "hydra_config.json").read_text())
+    assert hydra_info["prefix_layer"] and hydra_info["head_layers"] == 2
   if method in ("medusa", "medusa2", "hydra"):
     info = json.loads((out / f"{method.rstrip('2')}_config.json").read_text())
     assert len(info["accuracy_top1"]) == 2 and len(info["tree"]) == 6
@@ -292,3 +299,139 @@ def test_medusa2_adapts_the_base_and_the_kl_term_keeps_its_outputs(tmp_path, tin
   spec = SpeculativeGenerator(cfg, tuned, Medusa(paths=tuple(map(tuple, info["tree"]))),
                               draft_params=heads, page_size=8, policy="always")
   assert [r.tokens for r in spec.generate(rows)] == [r.tokens for r in plain]
+
+
+def test_hidden_cache_builds_resumes_refuses_and_trains_like_the_base(
+    tmp_path, tiny_model_dir, monkeypatch):
+  from tests.conftest import make_tiny_model_dir
+
+  from jaxinfer.draft_heads import hidden_cache as hc
+  cfg, base, _ = checkpoint.load_model(str(tiny_model_dir))
+  tokens = _periodic_tokens(cfg.vocab_size, 24 * 16 + 1)
+  path = tmp_path / "cache"
+  windows = tokens[:24 * 16 + 1][np.arange(24)[:, None] * 16 + np.arange(17)[None]]
+
+  # A build that crashes after its second batch keeps what it wrote; the next one finishes it.
+  finish = hc._finish
+  def crash(p, config, end, *writes):
+    finish(p, config, end, *writes)
+    if end >= 10:
+      raise RuntimeError("killed")
+  monkeypatch.setattr(hc, "_finish", crash)
+  with pytest.raises(RuntimeError, match="killed"):
+    hc.build(path, base, cfg, tokens, 16, batch_size=5, progress=False)
+  monkeypatch.setattr(hc, "_finish", finish)
+  assert json.loads((path / "cache.json").read_text())["written"] == 10
+  with pytest.raises(ValueError, match="incomplete"):
+    hc.HiddenCache(path)
+  cache = hc.build(path, base, cfg, tokens, 16, batch_size=5, progress=False)
+  assert cache.num_windows == 24
+  np.testing.assert_array_equal(cache.tokens.read().result(), windows)
+  np.testing.assert_allclose(cache.hidden.read().result(), _hidden(base, cfg, windows[:, :-1]),
+                             rtol=1e-5, atol=1e-5)
+
+  # Refused: other data, another window length, another model.
+  with pytest.raises(ValueError, match="other data"):
+    hc.build(path, base, cfg, tokens[::-1].copy(), 16, batch_size=5, progress=False)
+  with pytest.raises(ValueError, match="seq_len"):
+    hc.build(path, base, cfg, tokens, 8, batch_size=5, progress=False)
+  _, other, _ = checkpoint.load_model(str(make_tiny_model_dir(tmp_path / "other", seed=1)))
+  with pytest.raises(ValueError, match="another model"):
+    hc.build(path, other, cfg, tokens, 16, batch_size=5, progress=False)
+
+  # Batches: each epoch a permutation of the windows, fixed by (seed, step) — a fresh reader (a
+  # resumed run) reads what a running one (prefetching) does.
+  reader, fresh = hc.HiddenBatches(cache, 8, seed=3), hc.HiddenBatches(cache, 8, seed=3)
+  seen = [reader.indices(s) for s in range(6)]
+  assert sorted(np.concatenate(seen[:3])) == list(range(24))
+  assert sorted(np.concatenate(seen[3:])) == list(range(24))
+  assert not np.array_equal(np.concatenate(seen[:3]), np.concatenate(seen[3:]))
+  batches = [reader(s) for s in range(5)]
+  late = fresh(4)
+  for key in ("tokens", "hidden"):
+    np.testing.assert_array_equal(late[key], batches[4][key])
+  np.testing.assert_array_equal(batches[1]["tokens"], windows[seen[1]])
+  np.testing.assert_array_equal(batches[1]["hidden"], cache.hidden.read().result()[seen[1]])
+
+  # Every heads-only loss is the same on a cached batch as on its token windows.
+  b = jnp.asarray(batches[1]["tokens"])
+  cached = jax.tree_util.tree_map(jnp.asarray, batches[1])
+  draft = eagle.init_draft(eagle.draft_config(cfg), jax.random.key(1))
+  for fn, p in [(medusa.medusa_loss_fn(cfg), medusa.init_heads(base, 2)),
+                (hydra.hydra_loss_fn(cfg), hydra.init_heads(base, 2, jax.random.key(0))),
+                (eagle.eagle_loss_fn(cfg), draft)]:
+    (l_tok, _), g_tok = jax.value_and_grad(fn, has_aux=True)(p, base, b, jax.random.key(2))
+    (l_c, _), g_c = jax.value_and_grad(fn, has_aux=True)(p, base, cached, jax.random.key(2))
+    np.testing.assert_allclose(float(l_c), float(l_tok), rtol=1e-5)
+    for x, y in zip(jax.tree_util.tree_leaves(g_c), jax.tree_util.tree_leaves(g_tok)):
+      np.testing.assert_allclose(x, y, rtol=1e-4, atol=1e-6)
+
+
+def test_hydra_plus_plus_trains_reads_context_and_serves_from_its_cache(tmp_path,
+                                                                        tiny_model_dir):
+  """Hydra++: the prefix-attention layer and deeper heads (two residual blocks each here)."""
+  cfg, base, _ = checkpoint.load_model(str(tiny_model_dir))
+  pcfg = hydra.prefix_config(cfg)
+  heads0 = hydra.init_heads(base, 3, jax.random.key(0), pcfg, head_layers=2)
+  assert heads0.head_layers == 2 and heads0.block_in[0].shape == (1, cfg.embed, cfg.embed)
+  # self-distilled data: the base's own greedy continuations (teacher loss, as served)
+  src = _periodic_tokens(cfg.vocab_size, 1000, seed=1)
+  tokens = np.concatenate([r.tokens for r in Generator(cfg, base).generate(
+      [RowRequest(list(src[i * 50:i * 50 + 16]), 200, jax.random.key(i)) for i in range(16)])])
+  windows = TokenWindows(tokens.astype(np.int32), 8, 32)
+  batch = jnp.asarray(windows(0))
+  # At initialisation the layer passes h / rms(h): the heads still start as the base's predictor.
+  h = _hidden(base, cfg, batch[:, :-1])
+  pos = jnp.broadcast_to(jnp.arange(32), (8, 32))
+  state0, _ = hydra.prefix_forward(heads0, base, h, pos, pcfg)
+  np.testing.assert_array_equal(np.argmax(hydra.head_logits(heads0, 0, state0, jnp.take(
+      base.embed, batch[:, 1:, None], axis=0)), -1), np.argmax(M.logits(base, h), -1))
+  heads, _ = train(hydra.hydra_loss_fn(cfg), heads0, windows, TrainConfig(
+      steps=60, learning_rate=1e-2, warmup_steps=5, weight_decay=0.0, log_every=10,
+      checkpoint_every=60, progress=False), tmp_path / "run", frozen=base)
+  acc = hydra.topk_accuracy(heads, base, cfg, TokenWindows(
+      windows.tokens, 1, 32).sequential(max_batches=20))
+  assert (acc[:, 0] > 0.15).all()  # chance is 1/vocab
+  # the layer and the heads' second blocks were trained
+  assert float(jnp.abs(heads.prefix.attn.o).max()) > 0
+  assert float(jnp.abs(heads.block_out[2]).max()) > 0
+  # Causal over the prefix: changing an early state changes later outputs, never earlier ones.
+  state, _ = hydra.prefix_forward(heads, base, h, pos, pcfg)
+  moved, _ = hydra.prefix_forward(heads, base, h.at[:, 10].add(1.0), pos, pcfg)
+  np.testing.assert_array_equal(moved[:, :10], state[:, :10])
+  assert not np.allclose(moved[:, 11:], state[:, 11:])
+
+  out = hydra.save(tmp_path / "heads", heads, {"tree": [[0], [0, 0], [0, 0, 0], [1]]})
+  with pytest.raises(ValueError, match="config"):
+    hydra.load(out)
+  loaded, info = hydra.load(out, jnp.float32, cfg)
+  assert info["prefix_layer"] and info["head_layers"] == 2
+  np.testing.assert_array_equal(loaded.prefix.mlp.down, heads.prefix.mlp.down)
+  np.testing.assert_array_equal(loaded.block_out[1], heads.block_out[1])
+
+  # Serving keeps the layer's own cache: prompt prefill, then per step the accepted path's
+  # states — what the heads read equals the layer run over the whole sequence at once.
+  proposer = Hydra(paths=((0,), (0, 0), (0, 0, 0), (1,)), prefix=pcfg)
+  length, n_prompt = jnp.array([9, 5]), jnp.array([9, 5])
+  st = proposer.prefill((loaded, base), h[:2, :12], n_prompt, 40)
+  for accepted in ([2, 0], [0, 3], [1, 1]):
+    got, st = proposer.heads_input((loaded, base), st)
+    want = state[jnp.arange(2), st.start + st.count - 1]
+    np.testing.assert_allclose(got, want, rtol=2e-5, atol=2e-5)
+    n = jnp.asarray(accepted)
+    chain = jnp.broadcast_to(jnp.array([0, 1, 2, 3, 4]), (2, 5))  # path = the chain's nodes
+    verify = jnp.stack([h[r, int(length[r]):int(length[r]) + 5] for r in range(2)])
+    st = proposer.update_prefix(st, verify, jnp.zeros((2, 5), jnp.int32), chain, n,
+                                jnp.zeros(2, jnp.int32), length, jnp.array([True, True]))
+    length = length + n + 1
+
+  with pytest.raises(ValueError, match="prefix"):
+    SpeculativeGenerator(cfg, base, Hydra(paths=((0,),)), draft_params=loaded)
+  prompt = list(_periodic_tokens(cfg.vocab_size, 40, seed=0))
+  rows = [RowRequest(prompt[:n], m, jax.random.key(n)) for n, m in ((9, 30), (20, 7), (33, 30))]
+  plain = Generator(cfg, base).generate(rows)
+  spec = SpeculativeGenerator(cfg, base, Hydra(paths=tuple(map(tuple, medusa.build_tree(acc, 8))),
+                                               prefix=pcfg),
+                              draft_params=loaded, page_size=8, steps_per_sync=3, policy="always")
+  assert [r.tokens for r in spec.generate(rows)] == [r.tokens for r in plain]
+  assert spec.stats.mean_accepted_tokens >= 1.15

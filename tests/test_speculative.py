@@ -58,14 +58,15 @@ def _proposers(cfg, params, other):
       "eagle": (chain, heads),
       "eagle-tree": (EagleTree(chain.cfg, num_nodes=7, top_k=2, depth=3), heads),
       "ngram": (P.NGram(num_draft_tokens=4), None),
+      "lookahead": (P.Lookahead(num_nodes=7, depth=3, num_candidates=6), None),
       "recycling": (P.Recycling(branching=(3, 2, 1)), None),
       "layerskip": (P.DraftModel(layer_cfg, num_draft_tokens=3), layer_params),
       "draft": (P.DraftModel(other[0], num_draft_tokens=2), other[1]),
   }
 
 
-@pytest.mark.parametrize("name", ["ngram", "recycling", "layerskip", "draft", "eagle",
-                                  "eagle-tree"])
+@pytest.mark.parametrize("name", ["ngram", "lookahead", "recycling", "layerskip", "draft",
+                                  "eagle", "eagle-tree"])
 def test_greedy_speculative_equals_greedy(target, other_draft, name):
   cfg, params = target
   proposer, draft_params = _proposers(cfg, params, other_draft)[name]
@@ -83,15 +84,55 @@ def test_greedy_speculative_equals_greedy(target, other_draft, name):
     assert len(st.per_depth_acceptance()) == proposer.max_depth
 
 
-def test_ngram_accepts_on_repetitive_text(target):
+@pytest.mark.parametrize("proposer", [P.NGram(num_draft_tokens=4),
+                                      P.Lookahead(num_nodes=8, depth=4)])
+def test_lookup_proposers_accept_on_repetitive_text(target, proposer):
   cfg, params = target
   rows = [RowRequest([5, 6, 7, 8] * 8, 40, jax.random.key(0))]
-  spec = SpeculativeGenerator(cfg, params, P.NGram(num_draft_tokens=4), page_size=8,
-                              policy="always")
+  spec = SpeculativeGenerator(cfg, params, proposer, page_size=8, policy="always")
   plain = Generator(cfg, params).generate(rows)
   assert spec.generate(rows)[0].tokens == plain[0].tokens
   # A random tiny model's greedy output cycles; prompt lookup should then accept drafts.
   assert spec.stats.mean_accepted_tokens > 1.5, spec.stats.accepted_hist
+
+
+def test_lookahead_builds_the_trie_of_the_best_matches():
+  from jaxinfer.sampling import SamplingParams
+  from pallas_kernels.tree_attention import ancestor_matrix
+  # Row 0: the last tokens "1 2" occur three times before, followed by 3 7 5, 4 9 1 and 3 9 1.
+  row0 = [1, 2, 3, 9, 1, 2, 4, 9, 1, 2, 3, 7, 5, 1, 2]
+  row1 = [6, 7, 8, 9, 10, 11]  # no earlier match of its last token
+  hist = np.zeros((2, 24), np.int32)
+  hist[0, :len(row0)], hist[1, :len(row1)] = row0, row1
+  ctx = P.Context(jnp.asarray(hist), jnp.asarray([len(row0) - 1, len(row1) - 1]),
+                  SamplingParams.make(2), jax.random.split(jax.random.key(0), 2))
+  def draft(**kw):
+    d = jax.jit(lambda c: P.Lookahead(depth=3, **kw).propose((), c)[1])(ctx)
+    return np.asarray(d.tokens), np.asarray(d.parents)
+  # heaviest first: "3" (two matches), then "4", then depth 2 by recency: "3 7", "4 9", "3 9"
+  tokens, parents = draft(num_nodes=4)
+  assert tokens[0].tolist() == [2, 3, 4, 7, 9] and parents[0].tolist() == [-1, 0, 0, 1, 2]
+  tokens, parents = draft(num_nodes=6)
+  assert tokens[0].tolist() == [2, 3, 4, 7, 9, 9, 5]
+  assert parents[0].tolist() == [-1, 0, 0, 1, 2, 1, 3]
+  # the whole trie (8 nodes), then unused slots chained below its deepest node
+  tokens, parents = draft(num_nodes=11)
+  assert parents[0].tolist() == [-1, 0, 0, 1, 2, 1, 3, 4, 5, 8, 9, 10]
+  assert tokens[0, :9].tolist() == [2, 3, 4, 7, 9, 9, 5, 1, 1]
+  assert parents[1].tolist() == list(range(-1, 11))  # no match: one chain
+  # Valid trees for the lossless rule: parents first, siblings distinct.
+  rng = np.random.RandomState(0)
+  hist = jnp.asarray(rng.randint(0, 4, size=(3, 64)), jnp.int32)
+  ctx = P.Context(hist, jnp.asarray([10, 40, 63]), SamplingParams.make(3),
+                  jax.random.split(jax.random.key(0), 3))
+  d = P.Lookahead(num_nodes=12, depth=4).propose((), ctx)[1]
+  tok, par = np.asarray(d.tokens), np.asarray(d.parents)
+  assert (par[:, 1:] < np.arange(1, 13)).all() and (par[:, 1:] >= 0).all()
+  for r in range(3):
+    for node in range(13):
+      kids = tok[r, 1:][par[r, 1:] == node]
+      assert len(set(kids.tolist())) == len(kids), (r, node)
+  assert np.asarray(ancestor_matrix(jnp.asarray(par))).sum(-1).max() <= 13
 
 
 def test_pallas_tree_kernel_in_the_model(target):
@@ -151,8 +192,9 @@ def test_generate_job_with_speculation(tmp_path, tiny_model_dir):
     return {r["id"]: r for r in map(json.loads, out.read_text().splitlines())}, m
 
   plain, _ = job("plain")
-  for method in ("ngram", "recycling"):  # every proposer: test_greedy_speculative_equals_greedy
-    spec, m = job(method, speculative=method, tree="2,1")
+  for method, tree in (("ngram", "2,1"), ("recycling", "2,1"), ("lookahead", "nodes:6")):
+    # (every proposer: test_greedy_speculative_equals_greedy)
+    spec, m = job(method, speculative=method, tree=tree)
     assert {i: r["completion_ids"] for i, r in spec.items()} == {
         i: r["completion_ids"] for i, r in plain.items()}, method
     assert m["speculative"] == method and m["mean_accepted_tokens"] >= 1.0
@@ -162,6 +204,7 @@ def test_generate_job_with_speculation(tmp_path, tiny_model_dir):
                    (dict(speculative="recycling", scheduler="static", tree="4,x"), "--tree"),
                    (dict(speculative="ngram", scheduler="static", tree="dynamic"), "--tree"),
                    (dict(speculative="ngram", scheduler="static", tree="nodes:4"), "--tree"),
+                   (dict(speculative="lookahead", scheduler="static", tree="2,1"), "--tree"),
                    (dict(speculative="eagle", scheduler="static", tree="dynamic:99,2,3",
                          draft_heads=str(tmp_path)), "--tree")):
     with pytest.raises(UserError, match=flag):
@@ -169,7 +212,7 @@ def test_generate_job_with_speculation(tmp_path, tiny_model_dir):
                       model=str(tiny_model_dir), progress=False, **kw))
 
 
-@pytest.mark.parametrize("name", ["draft", "recycling", "eagle", "eagle-tree"])
+@pytest.mark.parametrize("name", ["draft", "recycling", "lookahead", "eagle", "eagle-tree"])
 def test_sampled_speculation_matches_plain_sampling(target, other_draft, name):
   """The joint distribution of the second and third tokens (both drawn in speculative steps:
   the first comes from the prompt's forward) equals plain sampling's, by a two-sample
@@ -177,7 +220,7 @@ def test_sampled_speculation_matches_plain_sampling(target, other_draft, name):
   cfg, params = target
   proposer, draft_params = _proposers(cfg, params, other_draft)[name]
   n = 3000
-  prompt = [5, 6, 7, 8, 9, 10]
+  prompt = [5, 6, 5, 6, 5, 6] if name == "lookahead" else [5, 6, 7, 8, 9, 10]  # (matches)
   rows = lambda salt: [RowRequest(prompt, 3, jax.random.key(salt + i), temperature=1.0, top_k=3)
                        for i in range(n)]
   plain = Generator(cfg, params).generate(rows(0))

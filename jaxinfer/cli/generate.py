@@ -55,23 +55,25 @@ flags.DEFINE_integer("max_seq_len", None, "Override the model's context length (
 flags.DEFINE_integer("steps_per_sync", 32, "Static scheduler: decode steps per host round trip.",
                      lower_bound=1)
 flags.DEFINE_enum("speculative", "none",
-                  ["none", "ngram", "recycling", "draft", "layerskip", "medusa", "hydra",
-                   "eagle"],
-                  "Speculative decoding proposer (with --scheduler=static): prompt lookup, Token "
+                  ["none", "ngram", "lookahead", "recycling", "draft", "layerskip", "medusa",
+                   "hydra", "eagle"],
+                  "Speculative decoding proposer (with --scheduler=static): prompt lookup (a "
+                  "chain), a Lookahead-style trie over prompt and output (a tree), Token "
                   "Recycling, a separate draft model, the model itself with layers skipped, "
                   "Medusa or Hydra heads, or an EAGLE draft layer (--draft_heads).")
 flags.DEFINE_string("draft_heads", None, "Medusa or Hydra heads, or an EAGLE draft layer, "
                     "written by jaxinfer train-draft.")
 flags.DEFINE_string("draft_model", None, "Draft model for --speculative=draft (same vocabulary).")
 flags.DEFINE_integer("num_draft_tokens", 4, "Drafted tokens per step (chain proposers: ngram, "
-                     "draft, layerskip, eagle).",
+                     "draft, layerskip, eagle); the trie's depth for lookahead.",
                      lower_bound=1)
 flags.DEFINE_string("tree", "4,2,1,1", "Token Recycling's draft tree: children per node at each "
                     "depth. With --speculative=eagle: dynamic (EAGLE-2 trees of 16 nodes, top-4 "
                     "children, 5 deep) or dynamic:NODES,TOPK,DEPTH; otherwise EAGLE drafts a "
                     "chain of --num_draft_tokens. With --speculative=medusa|hydra: nodes:N "
                     "re-grows the heads' static tree with N nodes from their measured "
-                    "accuracies (default: the tree they were trained with).")
+                    "accuracies (default: the tree they were trained with). With "
+                    "--speculative=lookahead: nodes:N, the trie's size (default 16).")
 flags.DEFINE_string("draft_layers", None, "--speculative=layerskip: comma-separated layers the "
                     "draft keeps (default: the first half).")
 flags.DEFINE_enum("acceptance", "exact", ["exact", "typical"], "exact: lossless rejection "

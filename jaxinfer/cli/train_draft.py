@@ -33,6 +33,10 @@ flags.DEFINE_integer("num_heads", 4, "--method=medusa|hydra: heads (head k draft
                      lower_bound=1)
 flags.DEFINE_integer("tree_nodes", 16, "--method=medusa|hydra: draft-tree size (nodes besides "
                      "the root).", lower_bound=1)
+flags.DEFINE_bool("prefix_layer", False, "--method=hydra: Hydra++'s prefix-attention layer (one "
+                  "decoder layer over the model's hidden states, read by the heads).")
+flags.DEFINE_integer("head_layers", 1, "--method=hydra: residual blocks per head (Hydra++ uses "
+                     "4).", lower_bound=1)
 flags.DEFINE_integer("draft_vocab", 0, "--method=eagle: score only this many of the training "
                      "data's most frequent tokens when drafting (0: the whole vocabulary).",
                      lower_bound=0)
@@ -51,9 +55,21 @@ flags.DEFINE_integer("distill_prompt_len", 64, "Prompt tokens per self-distillat
                      lower_bound=1)
 flags.DEFINE_integer("distill_new_tokens", 128, "Tokens the model writes per window.",
                      lower_bound=1)
+flags.DEFINE_string("hidden_cache", None, "--method=medusa|hydra|eagle: compute the frozen "
+                    "model's hidden states over the training windows once into this directory "
+                    "(tensorstore zarr; a crashed build continues) and train the heads from it "
+                    "in shuffled batches, without running the model each step. Reused by later "
+                    "runs on the same model, data and --seq_len; refused for any other.")
 flags.DEFINE_integer("seed", 0, "Data order.")
 flags.DEFINE_bool("progress", True, "Show a progress bar.")
 flags.mark_flags_as_required(["data", "output"])
+flags.register_multi_flags_validator(
+    ["method", "prefix_layer", "head_layers"],
+    lambda f: f["method"] == "hydra" or (not f["prefix_layer"] and f["head_layers"] == 1),
+    "--prefix_layer, --head_layers: Hydra options (--method=hydra)")
+flags.register_multi_flags_validator(
+    ["method", "hidden_cache"], lambda f: not (f["hidden_cache"] and f["method"] == "medusa2"),
+    "--hidden_cache: Medusa-2 trains the model itself, so its hidden states cannot be cached")
 FLAGS = flags.FLAGS
 
 
@@ -61,7 +77,7 @@ def main(argv: list[str]) -> None:
   no_positional_args(argv)
   apply_platform_flags()
   from jaxinfer import checkpoint
-  from jaxinfer.draft_heads import eagle, hydra, medusa, medusa2
+  from jaxinfer.draft_heads import eagle, hidden_cache, hydra, medusa, medusa2
 
   try:
     mesh, src, cfg, base, tokenizer = load_model_from_flags()
@@ -76,16 +92,20 @@ def main(argv: list[str]) -> None:
     n_held = int(len(tokens) * FLAGS.heldout_fraction)
     if len(tokens) - n_held <= FLAGS.seq_len + 1:
       raise ValueError(f"--data: {len(tokens)} tokens cannot fill --seq_len={FLAGS.seq_len}")
+    train_tokens, held_tokens = tokens[:len(tokens) - n_held], tokens[len(tokens) - n_held:]
+    if FLAGS.hidden_cache:  # built (or checked against this model and data) before training
+      hidden_cache.build(FLAGS.hidden_cache, base, cfg, train_tokens, FLAGS.seq_len,
+                         batch_size=FLAGS.batch_size, progress=FLAGS.progress)
   except (FileNotFoundError, ValueError) as e:
     fail(str(e))
-  train_tokens, held_tokens = tokens[:len(tokens) - n_held], tokens[len(tokens) - n_held:]
   common = dict(steps=FLAGS.steps, batch_size=FLAGS.batch_size, seq_len=FLAGS.seq_len,
                 learning_rate=FLAGS.learning_rate, warmup_steps=FLAGS.warmup_steps,
                 checkpoint_every=FLAGS.checkpoint_every, seed=FLAGS.seed, mesh=mesh,
                 progress=FLAGS.progress)
+  heads_only = dict(common, hidden_cache=FLAGS.hidden_cache)
   if FLAGS.method == "eagle":
     heads, vocab, info = eagle.train_eagle(cfg, base, train_tokens, held_tokens, workdir,
-                                           draft_vocab=FLAGS.draft_vocab, **common)
+                                           draft_vocab=FLAGS.draft_vocab, **heads_only)
     shown = ("accuracy_top1", "accuracy_top5")
     save = lambda out, draft, i: eagle.save(out, draft, i, vocab)
   elif FLAGS.method == "medusa2":
@@ -97,9 +117,11 @@ def main(argv: list[str]) -> None:
     shown, save = ("accuracy_top1", "expected_accepted_per_step", "greedy_agreement"), medusa.save
   else:
     lib = medusa if FLAGS.method == "medusa" else hydra
+    extra = ({"prefix_layer": FLAGS.prefix_layer, "head_layers": FLAGS.head_layers}
+             if lib is hydra else {})
     heads, info = lib.train_heads(cfg, base, train_tokens, held_tokens, workdir,
                                   num_heads=FLAGS.num_heads, tree_nodes=FLAGS.tree_nodes,
-                                  **common)
+                                  **heads_only, **extra)
     shown, save = ("accuracy_top1", "expected_accepted_per_step"), lib.save
   info.update(base_model=str(src), self_distilled_prompts=FLAGS.self_distill)
   out = save(FLAGS.output, heads, info)

@@ -35,6 +35,7 @@ from jaxinfer import model as M
 from jaxinfer import params as P
 from jaxinfer.config import ModelConfig
 from jaxinfer.draft_heads import files
+from jaxinfer.draft_heads.hidden_cache import tokens_and_hidden
 
 FORMAT = "jaxinfer-eagle-1"
 
@@ -144,15 +145,15 @@ def _smooth_l1(x: jax.Array) -> jax.Array:
 
 def eagle_loss_fn(cfg: ModelConfig, *, cls_weight: float = 0.1, noise: float = 0.1,
                   vocab: np.ndarray | None = None):
-  """loss_fn(draft, base, tokens (B, T+1), rng) for the shared training loop. With a draft
+  """loss_fn(draft, base, batch, rng) for the shared training loop (batch: token windows
+  (B, T+1) or a hidden-state cache's batches). With a draft
   `vocab`, the token loss is over it (the base's distribution renormalised to it)."""
   dcfg = draft_config(cfg)
 
   def loss_fn(draft: EagleDraft, base: M.Transformer, batch, rng):
-    inputs = batch[:, :-1]
-    positions = jnp.broadcast_to(jnp.arange(inputs.shape[1], dtype=jnp.int32), inputs.shape)
-    feats, _ = M.forward(base, inputs, positions, cfg)
-    feats = jax.lax.stop_gradient(feats.astype(jnp.float32))  # the base is frozen
+    batch, feats = tokens_and_hidden(base, batch, cfg)  # the base is frozen
+    feats = feats.astype(jnp.float32)
+    positions = jnp.broadcast_to(jnp.arange(feats.shape[1], dtype=jnp.int32), feats.shape[:2])
     base_logits = M.logits(base, feats)  # (B,T,V)
     greedy = jnp.argmax(base_logits[:, 1:], -1)
     if vocab is not None:
@@ -205,16 +206,11 @@ def _eval_record(acc: np.ndarray, chain: int = 4) -> dict[str, float]:
           "predicted_tau": float(sum(a**d for d in range(chain + 1)))}
 
 
-def _flat(draft: EagleDraft) -> dict[str, jax.Array]:
-  leaves = jax.tree_util.tree_flatten_with_path(draft)[0]
-  return {jax.tree_util.keystr(k).lstrip("."): v for k, v in leaves}
-
-
 def save(directory: str | Path, draft: EagleDraft, info: dict[str, Any],
          vocab: np.ndarray | None = None) -> Path:
   """draft.safetensors (+ the draft vocabulary's ids) + eagle_config.json (format, shapes,
   training info)."""
-  tensors = {k: np.asarray(v, np.float32) for k, v in _flat(draft).items()}
+  tensors = {k: np.asarray(v, np.float32) for k, v in files.flatten(draft).items()}
   if vocab is not None:
     tensors["draft_vocab"] = np.asarray(vocab, np.int32)
   config = dict(info, format=FORMAT, hidden_size=int(draft.norm.shape[0]),
@@ -238,19 +234,11 @@ def load(directory: str | Path, cfg: ModelConfig,
                             or vocab.max() >= cfg.vocab_size):
     raise ValueError(f"{directory}: its draft vocabulary does not fit this model's "
                      f"{cfg.vocab_size} tokens")
-  flat = _flat(template)
+  flat = files.flatten(template)
   if set(tensors) != set(flat):
     raise ValueError(f"{directory}: draft.safetensors holds {sorted(tensors)}, expected "
                      f"{sorted(flat)} for this model")
-  for k, spec in flat.items():
-    if tensors[k].shape != spec.shape:
-      raise ValueError(f"{directory}: {k} has shape {tensors[k].shape}, this model needs "
-                       f"{spec.shape}")
-  leaves, treedef = jax.tree_util.tree_flatten(template)
-  keys = list(flat)
-  draft = jax.tree_util.tree_unflatten(
-      treedef, [jnp.asarray(tensors[k], spec.dtype) for k, spec in zip(keys, leaves)])
-  return draft, vocab, config
+  return files.unflatten(template, tensors, directory), vocab, config
 
 
 def train_eagle(cfg: ModelConfig, base: M.Transformer, train_tokens: np.ndarray,
@@ -258,7 +246,7 @@ def train_eagle(cfg: ModelConfig, base: M.Transformer, train_tokens: np.ndarray,
                 batch_size: int = 16, seq_len: int = 256, learning_rate: float = 3e-3,
                 warmup_steps: int = 30, checkpoint_every: int = 100, seed: int = 0,
                 cls_weight: float = 0.1, noise: float = 0.1, draft_vocab: int = 0, mesh=None,
-                progress: bool = True
+                hidden_cache=None, progress: bool = True
                 ) -> tuple[EagleDraft, np.ndarray | None, dict[str, Any]]:
   """Trains the draft layer (resuming from `workdir`), then measures its held-out accuracy.
   draft_vocab > 0: score only that many of the training data's most frequent tokens."""
@@ -267,6 +255,9 @@ def train_eagle(cfg: ModelConfig, base: M.Transformer, train_tokens: np.ndarray,
       train_tokens, held_tokens, batch_size=batch_size, seq_len=seq_len, seed=seed, steps=steps,
       learning_rate=learning_rate, warmup_steps=warmup_steps,
       checkpoint_every=checkpoint_every, progress=progress)
+  batches = files.train_batches(windows, train_tokens, hidden_cache, base, cfg,
+                                batch_size=batch_size, seq_len=seq_len, seed=seed,
+                                progress=progress)
   vocab = None
   if draft_vocab and draft_vocab < cfg.vocab_size:
     vocab = frequent_tokens(base, cfg, (windows(10**6 + i) for i in range(64)), draft_vocab)
@@ -275,7 +266,7 @@ def train_eagle(cfg: ModelConfig, base: M.Transformer, train_tokens: np.ndarray,
   evaluate = lambda d, step: _eval_record(accuracy(serving_heads(d, base, vocab), base, cfg,
                                                    probe))
   draft, _ = train(eagle_loss_fn(cfg, cls_weight=cls_weight, noise=noise, vocab=vocab), init,
-                   windows, tcfg, workdir, frozen=base, eval_fn=evaluate,
+                   batches, tcfg, workdir, frozen=base, eval_fn=evaluate,
                    eval_every=files.eval_every(steps), mesh=mesh, description="train-draft")
   files.plot(workdir, "EAGLE draft layer")
   acc = accuracy(serving_heads(draft, base, vocab), base, cfg, held.sequential(max_batches=64))

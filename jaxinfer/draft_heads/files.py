@@ -36,6 +36,32 @@ def read(directory: str | Path, weights_name: str, config_name: str, fmt: str,
   return load_file(str(weights)), config
 
 
+def flatten(tree, prefix: str = "") -> dict[str, Any]:
+  """A pytree's leaves by their dotted path ("layer.attn.q", ...; under `prefix` if given), as
+  `write` stores them."""
+  import jax
+  leaves = jax.tree_util.tree_flatten_with_path(tree)[0]
+  name = lambda k: jax.tree_util.keystr(k, simple=True, separator=".")
+  return {(f"{prefix}.{name(k)}" if prefix else name(k)): v for k, v in leaves}
+
+
+def unflatten(template, tensors: dict[str, np.ndarray], directory, prefix: str = "", dtype=None):
+  """The pytree shaped like `template` (arrays or ShapeDtypeStructs) from `tensors` written by
+  `flatten` — every name present, every shape right, or a ValueError naming the difference."""
+  import jax
+  import jax.numpy as jnp
+  flat = flatten(template, prefix)
+  for k, spec in flat.items():
+    if k not in tensors:
+      raise ValueError(f"{directory}: the weights lack {k}")
+    if tensors[k].shape != spec.shape:
+      raise ValueError(f"{directory}: {k} has shape {tensors[k].shape}, this model needs "
+                       f"{spec.shape}")
+  treedef = jax.tree_util.tree_structure(template)
+  return jax.tree_util.tree_unflatten(
+      treedef, [jnp.asarray(tensors[k], dtype or spec.dtype) for k, spec in flat.items()])
+
+
 def training_setup(train_tokens: np.ndarray, held_tokens: np.ndarray, *, batch_size: int,
                    seq_len: int, seed: int, steps: int, learning_rate: float, warmup_steps: int,
                    checkpoint_every: int, progress: bool):
@@ -49,6 +75,19 @@ def training_setup(train_tokens: np.ndarray, held_tokens: np.ndarray, *, batch_s
                      weight_decay=0.0, checkpoint_every=checkpoint_every, seed=seed,
                      progress=progress)
   return windows, held, tcfg
+
+
+def train_batches(windows, train_tokens: np.ndarray, hidden_cache, base, cfg, *,
+                  batch_size: int, seq_len: int, seed: int, progress: bool):
+  """The training loop's batch_fn: random token windows, or — `hidden_cache` a directory — the
+  base's cached hidden states over the training windows (built there first if need be), in
+  shuffled batches: heads-only steps that skip the base."""
+  if hidden_cache is None:
+    return windows
+  from jaxinfer.draft_heads.hidden_cache import HiddenBatches, build
+  cache = build(hidden_cache, base, cfg, train_tokens, seq_len, batch_size=batch_size,
+                progress=progress)
+  return HiddenBatches(cache, batch_size, seed)
 
 
 def tree_info(accuracy: np.ndarray, paths: list[tuple[int, ...]]) -> dict[str, Any]:

@@ -8,6 +8,15 @@ next-token predictor) and its own vocabulary projection (initialised from the ba
 Medusa head must guess every token on a path at once, a Hydra head sees which branch it is on,
 so the candidates of one node's children differ with the node.
 
+Deeper heads (`head_layers` L > 1, Hydra++ uses 4): after that first block, L - 1 residual
+blocks y <- y + V_i SiLU(U_i y + c_i) per head (V_i zero-initialised, so the start is unchanged).
+
+Hydra++'s prefix-attention layer (`prefix=True`): one decoder layer (the base's layer type, its
+own KV cache when serving) runs causally over the base's hidden states, and the heads read its
+output s_t in place of h_t — context from the whole prefix, not one position's state. Its output
+projections start at zero, so s_t = h_t / rms(h_t) and the heads start, as without it, as the
+base's own next-token predictor. It is trained with the heads.
+
 Training is teacher-forced on the data's own tokens (self-distilled data: the base's greedy
 continuations), with Hydra's teacher loss: cross-entropy against the base's distribution at
 the position being predicted, weighted sum_k 0.2 * 0.8^k as in Medusa. The static tree is
@@ -17,6 +26,7 @@ conditioned on the path so far being right, which is what acceptance at depth k 
 
 from __future__ import annotations
 
+import dataclasses
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -27,8 +37,10 @@ import numpy as np
 from flax import struct
 
 from jaxinfer import model as M
+from jaxinfer import params as P
 from jaxinfer.config import ModelConfig
 from jaxinfer.draft_heads import files
+from jaxinfer.draft_heads.hidden_cache import tokens_and_hidden
 from jaxinfer.draft_heads.medusa import build_tree, head_weights
 
 FORMAT = "jaxinfer-hydra-1"
@@ -40,53 +52,104 @@ class HydraHeads:
   b_in: tuple[jax.Array, ...]  # head k: (D,)
   w_out: tuple[jax.Array, ...]  # head k: (D, D)
   proj: jax.Array  # (K, D, V)
+  prefix: M.Layer | None = None  # Hydra++'s prefix-attention layer
+  prefix_norm: jax.Array | None = None  # (D,)
+  # head_layers - 1 more residual blocks per head (None: one block): head k (L - 1, D, D) ...
+  block_in: tuple[jax.Array, ...] | None = None
+  block_b: tuple[jax.Array, ...] | None = None  # head k: (L - 1, D)
+  block_out: tuple[jax.Array, ...] | None = None
 
   @property
   def num_heads(self) -> int:
     return len(self.w_in)
 
+  @property
+  def head_layers(self) -> int:
+    return 1 if self.block_in is None else 1 + self.block_in[0].shape[0]
 
-def init_heads(base: M.Transformer, num_heads: int, key: jax.Array) -> HydraHeads:
+
+def prefix_config(cfg: ModelConfig) -> ModelConfig:
+  """The prefix-attention layer's configuration: the base's, with one layer."""
+  return dataclasses.replace(cfg, num_layers=1)
+
+
+def init_heads(base: M.Transformer, num_heads: int, key: jax.Array,
+               prefix_cfg: ModelConfig | None = None, head_layers: int = 1) -> HydraHeads:
+  """Heads on `base`, each `head_layers` residual blocks deep; with `prefix_cfg` (prefix_config
+  of the base's), Hydra++'s prefix layer."""
+  if head_layers < 1:
+    raise ValueError(f"Hydra heads: head_layers must be >= 1, got {head_layers}")
   out = M.output_projection(base)  # (D, V)
   d = out.shape[0]
-  keys = jax.random.split(key, num_heads)
+  keys = jax.random.split(key, 2 * num_heads + 1)
   w_in = tuple(jax.random.normal(keys[k], ((k + 2) * d, d), out.dtype) / np.sqrt((k + 2) * d)
                for k in range(num_heads))
+  layer = norm = None
+  if prefix_cfg is not None:
+    layer = P.init_params(M.Layer.spec(prefix_cfg), keys[-1], out.dtype)
+    layer = layer.replace(attn=layer.attn.replace(o=jnp.zeros_like(layer.attn.o)),
+                          mlp=layer.mlp.replace(down=jnp.zeros_like(layer.mlp.down)))
+    norm = jnp.ones((d,), out.dtype)
+  blocks = {}
+  if head_layers > 1:
+    n = head_layers - 1
+    blocks = dict(
+        block_in=tuple(jax.random.normal(keys[num_heads + k], (n, d, d), out.dtype) / np.sqrt(d)
+                       for k in range(num_heads)),
+        block_b=tuple(jnp.zeros((n, d), out.dtype) for _ in range(num_heads)),
+        block_out=tuple(jnp.zeros((n, d, d), out.dtype) for _ in range(num_heads)))
   return HydraHeads(w_in=w_in, b_in=tuple(jnp.zeros((d,), out.dtype) for _ in range(num_heads)),
                     w_out=tuple(jnp.zeros((d, d), out.dtype) for _ in range(num_heads)),
-                    proj=jnp.broadcast_to(out, (num_heads,) + out.shape).copy())
+                    proj=jnp.broadcast_to(out, (num_heads,) + out.shape).copy(),
+                    prefix=layer, prefix_norm=norm, **blocks)
+
+
+def prefix_forward(heads: HydraHeads, base: M.Transformer, hidden: jax.Array,
+                   positions: jax.Array, prefix_cfg: ModelConfig, cache=None, *,
+                   kv_source: M.KVSource = "chunk"):
+  """The base's hidden states (B, T, D) at `positions` -> what the heads read (B, T, D): the
+  prefix layer's output, or the hidden states themselves without one; and the layer's cache."""
+  if heads.prefix is None:
+    return hidden, cache
+  model = M.Transformer(embed=base.embed, layers=(heads.prefix,), final_norm=heads.prefix_norm,
+                        lm_head=base.lm_head)
+  return M.forward(model, jnp.zeros(positions.shape, jnp.int32), positions, prefix_cfg, cache,
+                   kv_source=kv_source, embeddings=hidden.astype(heads.prefix_norm.dtype))
 
 
 def head_logits(heads: HydraHeads, k: int, hidden: jax.Array,
                 path_embeddings: jax.Array) -> jax.Array:
-  """Head k: hidden (..., D) and the embeddings of the root and k drafts (..., k + 1, D) ->
-  float32 logits (..., V) for the next token on that path."""
+  """Head k: the state it reads (..., D) (the base's hidden state, or the prefix layer's
+  output) and the embeddings of the root and k drafts (..., k + 1, D) -> float32 logits
+  (..., V) for the next token on that path."""
   x = jnp.concatenate([hidden[..., None, :], path_embeddings], axis=-2)
   x = x.reshape(x.shape[:-2] + (-1,)).astype(heads.w_in[k].dtype)
   y = hidden + jax.nn.silu(x @ heads.w_in[k] + heads.b_in[k]) @ heads.w_out[k]
+  for i in range(heads.head_layers - 1):
+    y = y + jax.nn.silu(y @ heads.block_in[k][i] + heads.block_b[k][i]) @ heads.block_out[k][i]
   return jnp.einsum("...d,dv->...v", y, heads.proj[k], preferred_element_type=jnp.float32)
 
 
 def _teacher_forced(heads: HydraHeads, base: M.Transformer, cfg: ModelConfig, batch):
   """Per head k: (logits (B, n_k, V), base logits at the predicted position, target tokens)."""
-  inputs = batch[:, :-1]
-  t = inputs.shape[1]
-  positions = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), inputs.shape)
-  hidden, _ = M.forward(base, inputs, positions, cfg)
-  hidden = jax.lax.stop_gradient(hidden)  # the base is frozen
+  batch, hidden = tokens_and_hidden(base, batch, cfg)  # the base is frozen
+  b, t = hidden.shape[:2]
   base_logits = jax.lax.stop_gradient(M.logits(base, hidden))  # (B,T,V)
+  positions = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
+  state = prefix_forward(heads, base, hidden, positions, prefix_config(cfg))[0]
   emb = jnp.take(base.embed, batch, axis=0)  # (B,T+1,D)
   out = []
   for k in range(heads.num_heads):
     n = t - k - 1  # positions t' with x_{t'+k+2} in the window
     path = jnp.stack([emb[:, 1 + j:1 + j + n] for j in range(k + 1)], axis=2)  # (B,n,k+1,D)
-    out.append((head_logits(heads, k, hidden[:, :n], path), base_logits[:, k + 1:k + 1 + n],
+    out.append((head_logits(heads, k, state[:, :n], path), base_logits[:, k + 1:k + 1 + n],
                 batch[:, k + 2:k + 2 + n]))
   return out
 
 
 def hydra_loss_fn(cfg: ModelConfig, *, teacher: bool = True):
-  """loss_fn(heads, base, tokens (B, T+1), rng) for the shared training loop; teacher=False
+  """loss_fn(heads, base, batch, rng) for the shared training loop (batch: token windows
+  (B, T+1) or a hidden-state cache's batches); teacher=False
   trains on the data's tokens (hard labels) instead of the base's distribution."""
 
   def loss_fn(heads: HydraHeads, base: M.Transformer, batch, rng):
@@ -134,30 +197,57 @@ def save(directory: str | Path, heads: HydraHeads, info: dict[str, Any]) -> Path
     tensors.update({f"w_in.{k}": np.asarray(heads.w_in[k], np.float32),
                     f"b_in.{k}": np.asarray(heads.b_in[k], np.float32),
                     f"w_out.{k}": np.asarray(heads.w_out[k], np.float32)})
+    if heads.head_layers > 1:
+      tensors.update({f"{name}.{k}": np.asarray(getattr(heads, name)[k], np.float32)
+                      for name in _BLOCKS})
+  if heads.prefix is not None:
+    tensors.update({k: np.asarray(v, np.float32) for k, v in files.flatten(
+        {"layer": heads.prefix, "norm": heads.prefix_norm}, "prefix").items()})
   config = dict(info, format=FORMAT, num_heads=heads.num_heads,
-                hidden_size=int(heads.proj.shape[1]), vocab_size=int(heads.proj.shape[2]))
+                hidden_size=int(heads.proj.shape[1]), vocab_size=int(heads.proj.shape[2]),
+                prefix_layer=heads.prefix is not None, head_layers=heads.head_layers)
   return files.write(directory, "heads.safetensors", tensors, "hydra_config.json", config)
+
+
+_BLOCKS = ("block_in", "block_b", "block_out")
 
 
 def is_hydra(directory: str | Path) -> bool:
   return (Path(directory) / "hydra_config.json").is_file()
 
 
-def load(directory: str | Path, dtype=jnp.float32) -> tuple[HydraHeads, dict[str, Any]]:
+def load(directory: str | Path, dtype=jnp.float32,
+         cfg: ModelConfig | None = None) -> tuple[HydraHeads, dict[str, Any]]:
+  """The heads and their config; heads with Hydra++'s prefix layer need the base's `cfg`."""
   t, config = files.read(directory, "heads.safetensors", "hydra_config.json", FORMAT,
                          "Hydra heads")
+  prefix = norm = None
+  if config.get("prefix_layer"):
+    if cfg is None:
+      raise ValueError(f"{directory}: heads with a prefix layer load with the model's config")
+    template = jax.eval_shape(lambda: {
+        "layer": P.init_params(M.Layer.spec(prefix_config(cfg)), jax.random.key(0), dtype),
+        "norm": jnp.ones((cfg.embed,), dtype)})
+    loaded = files.unflatten(template, t, directory, "prefix", dtype)
+    prefix, norm = loaded["layer"], loaded["norm"]
   k_heads, d_model = config["num_heads"], config["hidden_size"]
   try:
     heads = HydraHeads(
         w_in=tuple(jnp.asarray(t[f"w_in.{k}"], dtype) for k in range(k_heads)),
         b_in=tuple(jnp.asarray(t[f"b_in.{k}"], dtype) for k in range(k_heads)),
         w_out=tuple(jnp.asarray(t[f"w_out.{k}"], dtype) for k in range(k_heads)),
-        proj=jnp.asarray(t["proj"], dtype))
+        proj=jnp.asarray(t["proj"], dtype), prefix=prefix, prefix_norm=norm,
+        **({name: tuple(jnp.asarray(t[f"{name}.{k}"], dtype) for k in range(k_heads))
+            for name in _BLOCKS} if config.get("head_layers", 1) > 1 else {}))
   except KeyError as e:
     raise ValueError(f"{directory}: heads.safetensors lacks {e}") from None
   if heads.proj.shape != (k_heads, d_model, config["vocab_size"]) or any(
       w.shape != ((k + 2) * d_model, d_model) for k, w in enumerate(heads.w_in)):
     raise ValueError(f"{directory}: heads.safetensors does not match hydra_config.json")
+  n = config.get("head_layers", 1) - 1
+  if n and any(w.shape != (n, d_model, d_model) for w in heads.block_in + heads.block_out) or (
+      n and any(b.shape != (n, d_model) for b in heads.block_b)):
+    raise ValueError(f"{directory}: the heads' blocks do not match head_layers={n + 1}")
   return heads, config
 
 
@@ -165,24 +255,31 @@ def train_heads(cfg: ModelConfig, base: M.Transformer, train_tokens: np.ndarray,
                 held_tokens: np.ndarray, workdir: str | Path, *, num_heads: int = 4,
                 tree_nodes: int = 16, steps: int = 600, batch_size: int = 16, seq_len: int = 256,
                 learning_rate: float = 3e-3, warmup_steps: int = 30, checkpoint_every: int = 100,
-                seed: int = 0, teacher: bool = True, mesh=None, progress: bool = True
+                seed: int = 0, teacher: bool = True, prefix_layer: bool = False,
+                head_layers: int = 1, mesh=None, hidden_cache=None, progress: bool = True
                 ) -> tuple[HydraHeads, dict[str, Any]]:
   """Trains Hydra heads (resuming from `workdir`), measures their held-out top-k accuracies and
-  builds the static tree from them. Returns the heads and their info for `save`."""
+  builds the static tree from them. Returns the heads and their info for `save`.
+  prefix_layer: with Hydra++'s prefix-attention layer; head_layers: residual blocks per head."""
   from jaxinfer.train.loop import train
   windows, held, tcfg = files.training_setup(
       train_tokens, held_tokens, batch_size=batch_size, seq_len=seq_len, seed=seed, steps=steps,
       learning_rate=learning_rate, warmup_steps=warmup_steps,
       checkpoint_every=checkpoint_every, progress=progress)
-  init = init_heads(base, num_heads, jax.random.key(seed))
+  batches = files.train_batches(windows, train_tokens, hidden_cache, base, cfg,
+                                batch_size=batch_size, seq_len=seq_len, seed=seed,
+                                progress=progress)
+  init = init_heads(base, num_heads, jax.random.key(seed),
+                    prefix_config(cfg) if prefix_layer else None, head_layers)
   probe = list(held.sequential(max_batches=8))
   evaluate = lambda h, step: files.eval_record(topk_accuracy(h, base, cfg, probe), tree_nodes)
-  heads, _ = train(hydra_loss_fn(cfg, teacher=teacher), init, windows, tcfg, workdir,
+  heads, _ = train(hydra_loss_fn(cfg, teacher=teacher), init, batches, tcfg, workdir,
                    frozen=base, eval_fn=evaluate, eval_every=files.eval_every(steps), mesh=mesh,
                    description="train-draft")
-  files.plot(workdir, "Hydra heads")
+  files.plot(workdir, "Hydra++ heads (prefix layer)" if prefix_layer else "Hydra heads")
   accuracy = topk_accuracy(heads, base, cfg, held.sequential(max_batches=64))
   info = dict({"method": "hydra", "steps": steps, "train_tokens": int(len(train_tokens)),
-               "teacher_loss": teacher},
+               "teacher_loss": teacher, "prefix_layer": prefix_layer,
+               "head_layers": head_layers},
               **files.tree_info(accuracy, build_tree(accuracy, tree_nodes)))
   return heads, info

@@ -25,6 +25,7 @@ from flax import struct
 from jaxinfer import model as M
 from jaxinfer.config import ModelConfig
 from jaxinfer.draft_heads import files
+from jaxinfer.draft_heads.hidden_cache import tokens_and_hidden
 
 FORMAT = "jaxinfer-medusa-1"
 
@@ -78,14 +79,13 @@ def heads_loss(heads: MedusaHeads, hidden: jax.Array, batch: jax.Array):
 
 
 def medusa_loss_fn(cfg: ModelConfig):
-  """loss_fn(heads, base, tokens (B, T+1), rng) for the shared training loop."""
+  """loss_fn(heads, base, batch, rng) for the shared training loop; batch: token windows
+  (B, T+1) or a hidden-state cache's batches."""
 
   def loss_fn(heads: MedusaHeads, base: M.Transformer, batch, rng):
     del rng
-    inputs = batch[:, :-1]
-    positions = jnp.broadcast_to(jnp.arange(inputs.shape[1], dtype=jnp.int32), inputs.shape)
-    hidden, _ = M.forward(base, inputs, positions, cfg)
-    return heads_loss(heads, jax.lax.stop_gradient(hidden), batch)  # the base is frozen
+    tokens, hidden = tokens_and_hidden(base, batch, cfg)  # the base is frozen
+    return heads_loss(heads, hidden, tokens)
 
   return loss_fn
 
@@ -179,7 +179,7 @@ def train_heads(cfg: ModelConfig, base: M.Transformer, train_tokens: np.ndarray,
                 held_tokens: np.ndarray, workdir: str | Path, *, num_heads: int = 4,
                 tree_nodes: int = 16, steps: int = 600, batch_size: int = 16, seq_len: int = 256,
                 learning_rate: float = 3e-3, warmup_steps: int = 30, checkpoint_every: int = 100,
-                seed: int = 0, mesh=None, progress: bool = True
+                seed: int = 0, mesh=None, hidden_cache=None, progress: bool = True
                 ) -> tuple[MedusaHeads, dict[str, Any]]:
   """Trains heads (resuming from `workdir`), then measures per-head top-k accuracy on held-out
   tokens and builds the static tree from it. Returns the heads and their info for `save`."""
@@ -188,9 +188,12 @@ def train_heads(cfg: ModelConfig, base: M.Transformer, train_tokens: np.ndarray,
       train_tokens, held_tokens, batch_size=batch_size, seq_len=seq_len, seed=seed, steps=steps,
       learning_rate=learning_rate, warmup_steps=warmup_steps,
       checkpoint_every=checkpoint_every, progress=progress)
+  batches = files.train_batches(windows, train_tokens, hidden_cache, base, cfg,
+                                batch_size=batch_size, seq_len=seq_len, seed=seed,
+                                progress=progress)
   probe = list(held.sequential(max_batches=8))
   evaluate = lambda h, step: files.eval_record(topk_accuracy(h, base, cfg, probe), tree_nodes)
-  heads, logged = train(medusa_loss_fn(cfg), init_heads(base, num_heads), windows, tcfg, workdir,
+  heads, logged = train(medusa_loss_fn(cfg), init_heads(base, num_heads), batches, tcfg, workdir,
                         frozen=base, eval_fn=evaluate, eval_every=files.eval_every(steps),
                         mesh=mesh, description="train-draft")
   files.plot(workdir, "Medusa-1 heads")

@@ -113,7 +113,7 @@ def _propose(params, draft_params, state: SpecState, sampling: SamplingParams, p
   if isinstance(proposer, Eagle):
     pstate, draft = proposer.propose((draft_params, params), state.proposer, ctx)
   elif isinstance(proposer, Hydra):
-    pstate, draft = proposer.propose((draft_params, params.embed), state.proposer, ctx)
+    pstate, draft = proposer.propose((draft_params, params), state.proposer, ctx)
   elif isinstance(proposer, (DraftModel, Medusa)):
     pstate, draft = proposer.propose(draft_params, state.proposer, ctx)
   else:
@@ -192,6 +192,9 @@ def _step(params, draft_params, state: SpecState, sampling: SamplingParams, page
                                                        >= state.max_new)))
   if isinstance(proposer, Recycling):
     pstate = proposer.update(pstate, draft.tokens, logits)
+  elif isinstance(proposer, Hydra) and proposer.prefix is not None:
+    pstate = proposer.update_prefix(pstate, hidden, draft.tokens, verdict.path, n_acc,
+                                    verdict.next_token, state.length, live)
   elif isinstance(proposer, (Medusa, Hydra)):
     pstate = jnp.where(live[:, None], proposer.update(pstate, hidden, verdict.path, n_acc),
                        pstate)
@@ -240,6 +243,8 @@ def _prefill(params, draft_params, history, prompt_len, max_new, sampling, keys,
     pstate = proposer.prefill(draft_params, history, prompt_len, max_len)
   elif isinstance(proposer, Recycling):
     pstate = adjacency
+  elif isinstance(proposer, Hydra) and proposer.prefix is not None:
+    pstate = proposer.prefill((draft_params, params), hidden, prompt_len, max_len)
   elif isinstance(proposer, (Medusa, Hydra)):
     pstate = last  # the hidden state that predicted the first token
   elif isinstance(proposer, Eagle):
@@ -278,6 +283,10 @@ class SpeculativeGenerator:
       raise ValueError("speculative decoding: sliding-window models are not supported yet")
     if isinstance(proposer, (DraftModel, Medusa, Eagle, Hydra)) and draft_params is None:
       raise ValueError(f"speculative decoding: the {proposer.name} proposer needs draft_params")
+    if isinstance(proposer, Hydra) and (proposer.prefix is None) != (
+        draft_params.prefix is None):
+      raise ValueError("speculative decoding: Hydra heads with a prefix layer need "
+                       "Hydra(prefix=prefix_config(cfg)), and only they")
     if isinstance(proposer, DraftModel) and proposer.cfg.vocab_size != cfg.vocab_size:
       raise ValueError(f"speculative decoding: the draft's vocabulary ({proposer.cfg.vocab_size})"
                        f" differs from the target's ({cfg.vocab_size})")

@@ -10,6 +10,9 @@ them as distinct top-k drafts) or sampled from a draft distribution q it returns
   (sampled from its filtered distribution for sampling rows, greedily for greedy rows). The same
   class is SWIFT-style self-speculation when the draft is the target with layers skipped
   (`layer_skip_draft`).
+- `Lookahead` (a Lookahead-style trie): the continuations of the `num_candidates` best earlier
+  matches of the last tokens in prompt + output, merged into a trie and cut to a tree of
+  `num_nodes` by how many matches share each branch; a tree per row.
 - `Recycling` (Token Recycling): an adjacency matrix (V, k) of each token's most likely
   successors, refreshed from every verification's logits; the draft tree is a breadth-first
   expansion of it with a static branching per depth.
@@ -119,6 +122,96 @@ class NGram(_Chain):
     drafts = jnp.take_along_axis(hist, idx, axis=1)
     tokens = jnp.concatenate([_root_only(ctx)[:, None], drafts], axis=1)
     return state, Draft(tokens, jnp.asarray(chain_parents(self.tree_size)), None)
+
+
+@dataclasses.dataclass(frozen=True)
+class Lookahead:
+  """Lookahead-style trie over each row's prompt and output (training-free; a tree per row).
+
+  Candidates: the `num_candidates` positions p whose preceding tokens best match the row's last
+  tokens (longest match up to `max_ngram` first, then the latest). Each gives the continuation
+  after it, up to `depth` known tokens. Merged, the continuations form a trie; a node's weight is
+  the summed match length of the candidates through it, which never grows with depth, so the
+  `num_nodes` heaviest nodes (ties: shallower first) are closed under taking parents. Siblings are
+  distinct tokens (trie nodes), as the lossless rule for deterministic drafts needs. Unused
+  slots hang as a chain below the deepest node (each an only child)."""
+
+  num_nodes: int = 16
+  depth: int = 6
+  num_candidates: int = 16
+  max_ngram: int = 4
+  name: str = "lookahead"
+
+  def __post_init__(self):
+    if min(self.num_nodes, self.depth, self.num_candidates, self.max_ngram) < 1:
+      raise ValueError(f"lookahead: sizes must be >= 1, got {self}")
+
+  @property
+  def tree_size(self) -> int:
+    return self.num_nodes + 1
+
+  @property
+  def max_depth(self) -> int:
+    return self.num_nodes  # the unused-slot chain can reach that deep
+
+  @property
+  def is_chain(self) -> bool:
+    return False  # (as deep as a chain could be, but a tree)
+
+  def propose(self, state, ctx: Context):
+    hist, length = ctx.history, ctx.length
+    b, s = hist.shape
+    m, dd, n_nodes = min(self.num_candidates, s), self.depth, self.num_nodes
+    pos = jnp.arange(s)[None, :]
+    # match[b, p]: how many tokens ending at p equal the row's last tokens (p < root position)
+    score = jnp.zeros((b, s), jnp.int32)
+    alive = pos < length[:, None]
+    for i in range(self.max_ngram):
+      last = jnp.take_along_axis(hist, jnp.maximum(length - i, 0)[:, None], axis=1)
+      alive &= (jnp.roll(hist, i, axis=1) == last) & (pos >= i) & (length[:, None] >= i)
+      score += alive.astype(jnp.int32)
+    key = jnp.where(score > 0, score * s + pos, -1)
+    top, cand = jax.lax.top_k(key, m)  # (B, M) best matches, longest then latest
+    weight = jnp.where(top >= 0, top // s, 0)  # match length, 0 for no candidate
+    idx = cand[:, :, None] + 1 + jnp.arange(dd)[None, None, :]  # (B, M, D) continuation
+    valid = (weight[:, :, None] > 0) & (idx <= length[:, None, None])  # known tokens only
+    cont = jnp.take_along_axis(hist, jnp.minimum(idx, s - 1).reshape(b, -1), axis=1).reshape(
+        b, m, dd)
+    # same[b, j, j', d]: candidates j and j' agree on their first d + 1 tokens (both valid)
+    eq = (cont[:, :, None, :] == cont[:, None, :, :]) & valid[:, :, None, :] & valid[:, None]
+    same = jnp.cumprod(eq.astype(jnp.int32), axis=-1).astype(bool)
+    rep = jnp.argmax(same, axis=2)  # (B, M, D): first candidate with the same prefix
+    node_w = jnp.sum(jnp.where(same, weight[:, None, :, None], 0), axis=2)  # (B, M, D)
+    canonical = valid & (rep == jnp.arange(m)[None, :, None])
+    d_idx = jnp.arange(dd)[None, None, :]
+    j_idx = jnp.arange(m)[None, :, None]
+    rank = ((node_w * (dd + 1) + (dd - d_idx)) * m + (m - 1 - j_idx))
+    rank = jnp.where(canonical, rank, -1).reshape(b, m * dd)
+    k = min(n_nodes, m * dd)
+    best, flat = jax.lax.top_k(rank, k)  # (B, k) the heaviest nodes
+    used = best >= 0
+    sel_j, sel_d = flat // dd, flat % dd
+    # breadth-first order (depth, then weight rank); unused slots last
+    order = jnp.argsort(jnp.where(used, sel_d * k + jnp.arange(k)[None], dd * k + 1), axis=1)
+    sel_j, sel_d = (jnp.take_along_axis(a, order, axis=1) for a in (sel_j, sel_d))
+    used = jnp.take_along_axis(used, order, axis=1)
+    rows = jnp.arange(b)[:, None]
+    tokens = cont[rows, sel_j, sel_d]
+    # parent: the node of (rep[j, d - 1], d - 1) among the selected, or the root at depth 0
+    par_j = rep[rows, sel_j, jnp.maximum(sel_d - 1, 0)]
+    hit = ((sel_j[:, None, :] == par_j[:, :, None]) & (sel_d[:, None, :] == sel_d[:, :, None] - 1)
+           & used[:, None, :])  # (B, k, k): slot i's parent is slot i'
+    parents = jnp.where(sel_d == 0, 0, 1 + jnp.argmax(hit, axis=2))
+    slot = jnp.arange(1, k + 1)[None]
+    parents = jnp.where(used, parents, slot - 1)  # unused: a chain below the deepest node
+    tokens = jnp.where(used, tokens, 0)
+    if k < n_nodes:  # more nodes than the trie can hold: extend the chain
+      extra = jnp.arange(k + 1, n_nodes + 1)[None]
+      parents = jnp.concatenate([parents, jnp.broadcast_to(extra - 1, (b, n_nodes - k))], 1)
+      tokens = jnp.concatenate([tokens, jnp.zeros((b, n_nodes - k), tokens.dtype)], 1)
+    tokens = jnp.concatenate([_root_only(ctx)[:, None], tokens.astype(jnp.int32)], axis=1)
+    parents = jnp.concatenate([jnp.full((b, 1), -1, jnp.int32), parents.astype(jnp.int32)], 1)
+    return state, Draft(tokens, parents, None)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -297,12 +390,8 @@ class Eagle(_Chain):
     """Feeds the pending pairs into the draft's cache; returns the predicted feature after
     the last of them (it scores the root's children) and the cache."""
     from jaxinfer.draft_heads.eagle import draft_forward
-    b, t = st.tokens.shape
-    j = jnp.arange(t)[None, :]
-    positions = jnp.where(j < st.count[:, None], st.start[:, None] + j, st.cache.max_len)
-    hidden, cache = draft_forward(heads.draft, base, st.features, st.tokens, positions,
-                                  self.cfg, st.cache, kv_source="cache")
-    return hidden[jnp.arange(b), st.count - 1], cache
+    return _catch_up(lambda f, x, pos, cache: draft_forward(
+        heads.draft, base, f, x, pos, self.cfg, cache, kv_source="cache"), st)
 
   def propose(self, heads_and_base, st: EagleState, ctx: Context):
     from jaxinfer.draft_heads.eagle import draft_forward
@@ -327,31 +416,84 @@ class Eagle(_Chain):
 
   def update(self, st: EagleState, verify_hidden, tokens, path, num_accepted, next_token,
              length, live):
-    """Pending := the accepted path's pairs: the target's feature at path node j (position
-    length + j) and the token after it (the next accepted draft, or the new root)."""
-    t = path.shape[1]
-    j = jnp.arange(t)[None, :]
-    feats = jnp.take_along_axis(verify_hidden, path[..., None], axis=1).astype(st.features.dtype)
-    path_tokens = jnp.take_along_axis(tokens, path, axis=1)
-    nxt = jnp.where(j < num_accepted[:, None], jnp.roll(path_tokens, -1, axis=1),
-                    next_token[:, None])
-    keep = lambda new, old: jnp.where(live.reshape((-1,) + (1,) * (new.ndim - 1)), new, old)
-    return st.replace(features=keep(feats, st.features), tokens=keep(nxt, st.tokens),
-                      start=keep(length, st.start), count=keep(num_accepted + 1, st.count))
+    return _pending_path(st, verify_hidden, tokens, path, num_accepted, next_token, length,
+                         live)
+
+
+def _catch_up(forward, st: EagleState):
+  """Runs `forward(features, tokens, positions, cache)` -> (out, cache) over the pending pairs
+  (writing them to the cache); returns the output at the last of them and the cache."""
+  b, t = st.tokens.shape
+  j = jnp.arange(t)[None, :]
+  positions = jnp.where(j < st.count[:, None], st.start[:, None] + j, st.cache.max_len)
+  hidden, cache = forward(st.features, st.tokens, positions, st.cache)
+  return hidden[jnp.arange(b), st.count - 1], cache
+
+
+def _pending_path(st: EagleState, verify_hidden, tokens, path, num_accepted, next_token, length,
+                  live) -> EagleState:
+  """Pending := the accepted path's pairs: the target's feature at path node j (position
+  length + j) and the token after it (the next accepted draft, or the new root)."""
+  t = path.shape[1]
+  j = jnp.arange(t)[None, :]
+  feats = jnp.take_along_axis(verify_hidden, path[..., None], axis=1).astype(st.features.dtype)
+  path_tokens = jnp.take_along_axis(tokens, path, axis=1)
+  nxt = jnp.where(j < num_accepted[:, None], jnp.roll(path_tokens, -1, axis=1),
+                  next_token[:, None])
+  keep = lambda new, old: jnp.where(live.reshape((-1,) + (1,) * (new.ndim - 1)), new, old)
+  return st.replace(features=keep(feats, st.features), tokens=keep(nxt, st.tokens),
+                    start=keep(length, st.start), count=keep(num_accepted + 1, st.count))
 
 
 @dataclasses.dataclass(frozen=True)
 class Hydra(_HeadsTree):
   """Hydra heads (jaxinfer.draft_heads.hydra) draft the static tree level by level: the children
   of a node at depth d are the top candidates of head d given the hidden state and the tokens on
-  the node's path, so each node's children depend on its branch."""
+  the node's path, so each node's children depend on its branch.
+
+  With Hydra++'s prefix layer (`prefix`: its one-layer config), the state is the layer's KV
+  cache and the target's hidden states on the last accepted path, still to be fed to it (an
+  `EagleState`, as the EAGLE draft keeps its pairs); the heads read the layer's output at the
+  last accepted token. Without it, the state is the target's hidden state there (B, D)."""
 
   paths: tuple[tuple[int, ...], ...]
   name: str = "hydra"
+  prefix: ModelConfig | None = None
 
-  def propose(self, heads_and_embed, hidden, ctx: Context):
+  def prefill(self, heads_and_base, features, prompt_len, max_len):
+    """Prefix layer: its cache over the prompt's hidden states but the last, left pending."""
+    from jaxinfer.draft_heads.hydra import prefix_forward
+    heads, base = heads_and_base
+    b, w, d = features.shape
+    cache = KVCache.init(self.prefix, b, int(max_len))
+    pos = jnp.arange(w)[None, :]
+    positions = jnp.where(pos < prompt_len[:, None] - 1, pos, max_len)
+    _, cache = prefix_forward(heads, base, features, positions, self.prefix, cache)
+    last = features[jnp.arange(b), prompt_len - 1]
+    t = self.tree_size
+    feats = jnp.zeros((b, t, d), heads.prefix_norm.dtype).at[:, 0].set(last)
+    return EagleState(cache, feats, jnp.zeros((b, t), jnp.int32), prompt_len - 1,
+                      jnp.ones((b,), jnp.int32))
+
+  def update_prefix(self, st: EagleState, verify_hidden, tokens, path, num_accepted,
+                    next_token, length, live):
+    return _pending_path(st, verify_hidden, tokens, path, num_accepted, next_token, length,
+                         live)
+
+  def heads_input(self, heads_and_base, state):
+    """(what the heads read at the last accepted token (B, D), the state after reading it)."""
+    from jaxinfer.draft_heads.hydra import prefix_forward
+    if self.prefix is None:
+      return state, state
+    heads, base = heads_and_base
+    out, cache = _catch_up(lambda f, x, pos, cache: prefix_forward(
+        heads, base, f, pos, self.prefix, cache, kv_source="cache"), state)
+    return out, state.replace(cache=cache)
+
+  def propose(self, heads_and_base, state, ctx: Context):
     from jaxinfer.draft_heads.hydra import head_logits
-    heads, embed = heads_and_embed
+    heads, embed = heads_and_base[0], heads_and_base[1].embed
+    hidden, state = self.heads_input(heads_and_base, state)
     index = {(): 0}
     for i, p in enumerate(sorted(self.paths, key=lambda p: (len(p), p)), start=1):
       index[p] = i
@@ -372,4 +514,4 @@ class Hydra(_HeadsTree):
       nodes.extend(picked[:, i] for i in range(len(level)))
     from jaxinfer.draft_heads.medusa import tree_parents as parents_of
     ordered = sorted(self.paths, key=lambda p: (len(p), p))
-    return hidden, Draft(jnp.stack(nodes, axis=1), jnp.asarray(parents_of(ordered)), None)
+    return state, Draft(jnp.stack(nodes, axis=1), jnp.asarray(parents_of(ordered)), None)
