@@ -53,7 +53,7 @@ def main(argv):
   import numpy as np
 
   from jaxinfer import checkpoint, embedded
-  from jaxinfer.draft_heads import eagle, hydra, medusa, medusa2
+  from jaxinfer.draft_heads import distill, eagle, hydra, medusa, medusa2
 
   model_dir = embedded.ensure()
   cfg, base, _ = checkpoint.load_model(str(model_dir), quiet=True)
@@ -76,10 +76,10 @@ def main(argv):
   work = Path(str(out) + ".run")
   t0 = time.perf_counter()
   if FLAGS.self_distill:
-    train_tokens = medusa.self_distill(str(model_dir), train_tokens, work / "distill",
-                                       num_prompts=FLAGS.self_distill, progress=False)
-    held_tokens = medusa.self_distill(str(model_dir), held_tokens, work / "distill_held",
-                                      num_prompts=64, progress=False)
+    train_tokens = distill.windows(str(model_dir), train_tokens, work / "distill",
+                                   num_prompts=FLAGS.self_distill, progress=False)
+    held_tokens = distill.windows(str(model_dir), held_tokens, work / "distill_held",
+                                  num_prompts=64, progress=False)
   t1 = time.perf_counter()
   common = dict(steps=FLAGS.steps, batch_size=FLAGS.batch_size, seq_len=FLAGS.seq_len,
                 progress=False)

@@ -1,5 +1,7 @@
 """The JSONL request contract of `jaxinfer generate`: parse and validate one input line into a
-`Request`, or into an error record that names the line and what was wrong with it."""
+`Request`, or into an error record that names the line and what was wrong with it. The prompt is
+text ('prompt'), token ids ('prompt_ids') or a conversation ('messages', rendered by the model's
+chat template with the generation prompt: the completion is the assistant's reply)."""
 
 from __future__ import annotations
 
@@ -11,7 +13,7 @@ from typing import Any
 from jaxinfer.sampling import validate as validate_sampling
 from jaxinfer.tokenizer import Tokenizer
 
-FIELDS = {"id", "prompt", "prompt_ids", "max_new_tokens", "temperature", "top_k", "top_p",
+FIELDS = {"id", "prompt", "prompt_ids", "messages", "max_new_tokens", "temperature", "top_k", "top_p",
           "min_p", "stop", "metadata"}
 
 
@@ -67,8 +69,9 @@ def _get(rec: dict, name: str, default, check, expected: str):
 
 
 def parse_request(line_no: int, text: str, defaults: Defaults, tokenizer: Tokenizer | None,
-                  vocab_size: int, max_seq_len: int) -> Request:
-  """Raises InvalidRequest with a message fit for the user."""
+                  vocab_size: int, max_seq_len: int, chat=None) -> Request:
+  """Raises InvalidRequest with a message fit for the user. `chat`: the model's
+  `jaxinfer.chat.ChatTemplate`, for 'messages' prompts."""
   try:
     rec = json.loads(text)
   except json.JSONDecodeError as e:
@@ -84,9 +87,21 @@ def parse_request(line_no: int, text: str, defaults: Defaults, tokenizer: Tokeni
   if not (isinstance(rid, str) or _is_int(rid)):
     raise InvalidRequest(f"id: expected a string or integer, got {json.dumps(rid)[:80]}")
   has_text, has_ids = rec.get("prompt") is not None, rec.get("prompt_ids") is not None
-  if has_text == has_ids:
-    raise InvalidRequest("expected exactly one of 'prompt' (text) or 'prompt_ids' (token ids)")
-  if has_text:
+  has_chat = rec.get("messages") is not None
+  if has_text + has_ids + has_chat != 1:
+    raise InvalidRequest("expected exactly one of 'prompt' (text), 'prompt_ids' (token ids) or "
+                         "'messages' (a conversation)")
+  if has_chat:
+    from jaxinfer.chat import check_messages
+    if tokenizer is None or chat is None:
+      raise InvalidRequest("messages: a conversation needs the model's tokenizer.json")
+    try:
+      prompt_ids = tokenizer.encode(chat.render(check_messages(rec["messages"], "messages"),
+                                                add_generation_prompt=True),
+                                    add_special_tokens=False)
+    except ValueError as e:
+      raise InvalidRequest(str(e)) from None
+  elif has_text:
     if not isinstance(rec["prompt"], str):
       raise InvalidRequest(f"prompt: expected a string, got {type(rec['prompt']).__name__}")
     if tokenizer is None:

@@ -276,9 +276,10 @@ def make_proposer(job: "GenerateJob", cfg, params, dtype):
   return P.DraftModel(dcfg, num_draft_tokens=job.num_draft_tokens), dparams
 
 
-def read_requests(job: GenerateJob, tokenizer, vocab_size: int,
-                  max_seq_len: int) -> tuple[list[Request], list[dict[str, Any]], int]:
-  """(valid requests, error records, number of request lines). Blank lines are not requests."""
+def read_requests(job: GenerateJob, tokenizer, vocab_size: int, max_seq_len: int,
+                  chat=None) -> tuple[list[Request], list[dict[str, Any]], int]:
+  """(valid requests, error records, number of request lines). Blank lines are not requests.
+  `chat`: the model's chat template, for conversation prompts."""
   requests, errors, first_line = [], [], {}
   lines = 0
   with open(job.prompts, encoding="utf-8", errors="replace") as f:
@@ -287,7 +288,8 @@ def read_requests(job: GenerateJob, tokenizer, vocab_size: int,
         continue
       lines += 1
       try:
-        req = parse_request(line_no, text, job.defaults, tokenizer, vocab_size, max_seq_len)
+        req = parse_request(line_no, text, job.defaults, tokenizer, vocab_size, max_seq_len,
+                            chat)
       except InvalidRequest as e:
         rid = None
         try:
@@ -412,7 +414,11 @@ def run(job: GenerateJob, *, coordinator_address: str | None = None,
                     f"({cfg.sliding_window}); sinks_window would replace it")
   load_s = time.perf_counter() - t_start
 
-  requests, errors, num_lines = read_requests(job, tokenizer, cfg.vocab_size, cfg.max_seq_len)
+  from jaxinfer.chat import ChatTemplate
+  chat = (ChatTemplate.from_dir(checkpoint.resolve_model_dir(job.model, job.cache_dir, True))
+          if tokenizer is not None else None)
+  requests, errors, num_lines = read_requests(job, tokenizer, cfg.vocab_size, cfg.max_seq_len,
+                                              chat)
   part = output.part_path(job.output, pid, nproc) if nproc > 1 else Path(job.output)
   if job.overwrite and pid == 0:
     for p in [Path(job.output)] + [output.part_path(job.output, i, nproc) for i in range(nproc)]:

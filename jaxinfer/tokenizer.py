@@ -38,10 +38,14 @@ class Tokenizer:
   def vocab_size(self) -> int:
     return self._tok.get_vocab_size(with_added_tokens=True)
 
-  def encode(self, text: str) -> list[int]:
+  def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
     """Token ids as the model saw them in training: the tokenizer's own special-token template,
-    plus BOS where tokenizer_config.json asks for it and the template did not add it."""
-    ids = self._tok.encode(text, add_special_tokens=True).ids
+    plus BOS where tokenizer_config.json asks for it and the template did not add it.
+    add_special_tokens=False: the text's tokens alone (text a chat template wrote, which holds
+    the special tokens it wants)."""
+    ids = self._tok.encode(text, add_special_tokens=add_special_tokens).ids
+    if not add_special_tokens:
+      return ids
     if self._bos_id is not None and (not ids or ids[0] != self._bos_id):
       ids = [self._bos_id] + ids
     return ids

@@ -83,12 +83,23 @@ def test_train_draft_cli_and_generate_with_heads(tmp_path, tiny_model_dir, metho
          "--num_heads=2", "--tree_nodes=6", "--progress=false", f"--method={method}",
          # trained on a mesh: batches over `data`, the frozen base sharded over `model`
          "--mesh=data:2,model:2", "--cpu_devices=4"]
+  if method == "medusa":  # chat data, self-distilled: the model rewrites each last reply
+    data = tmp_path / "chat.jsonl"
+    data.write_text("".join(json.dumps({"messages": [
+        {"role": "user", "content": f"Add {i} and b."},
+        {"role": "assistant", "content": f"def add(b):\n    return {i} + b"}]}) + "\n"
+        for i in range(20)))
+    cmd[5] = f"--data={data}"
+    cmd += ["--self_distill=8", "--distill_new_tokens=48"]
   if method == "eagle":
     cmd.append("--draft_vocab=64")
   if method == "hydra":  # Hydra++, heads-only training from the model's cached hidden states
     cmd += [f"--hidden_cache={tmp_path / 'cache'}", "--prefix_layer", "--head_layers=2"]
   run = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
   assert run.returncode == 0, run.stderr
+  if method == "medusa":
+    replies = (tmp_path / "heads.run" / "distill" / "distill_outputs.jsonl").read_text()
+    assert len(replies.splitlines()) == 8
   if method == "hydra":
     cache = json.loads((tmp_path / "cache" / "cache.json").read_text())
     assert cache["written"] == cache["num_windows"] > 0 and cache["seq_len"] == 32

@@ -48,8 +48,10 @@ def data_tokens(tokenizer, src, cfg):
   """The --data text as one token array (documents separated by EOS), for training commands.
 
   Raises FileNotFoundError / ValueError with user-facing messages."""
+  from jaxinfer.chat import ChatTemplate
   from jaxinfer.train.data import load_text_tokens
   if tokenizer is None:
     raise ValueError(f"--model: {src} has no tokenizer.json; training on text needs one")
   return load_text_tokens(flags.FLAGS.data, tokenizer,
-                          cfg.eos_token_ids[0] if cfg.eos_token_ids else None)
+                          cfg.eos_token_ids[0] if cfg.eos_token_ids else None,
+                          ChatTemplate.from_dir(src))

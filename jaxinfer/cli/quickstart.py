@@ -99,7 +99,7 @@ def medusa_heads(model_dir: Path, steps: int):
   import numpy as np
 
   from jaxinfer import checkpoint
-  from jaxinfer.draft_heads import medusa
+  from jaxinfer.draft_heads import distill, medusa
   from jaxinfer.speculative.proposers import Medusa
 
   out = model_dir.parent / f"medusa-{steps}"
@@ -112,10 +112,10 @@ def medusa_heads(model_dir: Path, steps: int):
     cfg, base, _ = checkpoint.load_model(str(model_dir), quiet=True)
     work = model_dir.parent / f"medusa-{steps}.run"
     t0 = time.perf_counter()
-    tokens = medusa.self_distill(str(model_dir), np.load(model_dir.parent / "train_tokens.npy"),
-                                 work / "distill", num_prompts=num_prompts, progress=False)
-    held = medusa.self_distill(str(model_dir), np.load(model_dir.parent / "heldout_tokens.npy"),
-                               work / "distill_held", num_prompts=64, progress=False)
+    tokens = distill.windows(str(model_dir), np.load(model_dir.parent / "train_tokens.npy"),
+                             work / "distill", num_prompts=num_prompts, progress=False)
+    held = distill.windows(str(model_dir), np.load(model_dir.parent / "heldout_tokens.npy"),
+                           work / "distill_held", num_prompts=64, progress=False)
     heads, info = medusa.train_heads(cfg, base, tokens, held, work, steps=steps, batch_size=8,
                                      seq_len=128, progress=False)
     info["train_seconds"] = round(time.perf_counter() - t0, 1)

@@ -175,9 +175,8 @@ def eagle_loss_fn(cfg: ModelConfig, *, cls_weight: float = 0.1, noise: float = 0
 
 @partial(jax.jit, static_argnames=("cfg", "top"))
 def _ranks(heads: EagleHeads, base: M.Transformer, batch, cfg: ModelConfig, top: int):
-  inputs = batch[:, :-1]
-  positions = jnp.broadcast_to(jnp.arange(inputs.shape[1], dtype=jnp.int32), inputs.shape)
-  feats, _ = M.forward(base, inputs, positions, cfg)
+  feats = tokens_and_hidden(base, batch, cfg)[1]
+  positions = jnp.broadcast_to(jnp.arange(feats.shape[1], dtype=jnp.int32), feats.shape[:2])
   pred, _ = draft_forward(heads.draft, base, feats, batch[:, 1:], positions, draft_config(cfg))
   cand = heads.token_ids(jax.lax.top_k(heads.logits(base, pred[:, :-1]), top)[1])
   target = jnp.argmax(M.logits(base, feats[:, 1:]), -1)

@@ -13,7 +13,6 @@ from __future__ import annotations
 import dataclasses
 import heapq
 from functools import partial
-import json
 from pathlib import Path
 from typing import Any
 
@@ -92,14 +91,12 @@ def medusa_loss_fn(cfg: ModelConfig):
 
 @partial(jax.jit, static_argnames=("cfg", "top"))
 def _ranks(heads: MedusaHeads, base: M.Transformer, batch, cfg: ModelConfig, top: int):
-  inputs = batch[:, :-1]
-  positions = jnp.broadcast_to(jnp.arange(inputs.shape[1], dtype=jnp.int32), inputs.shape)
-  hidden, _ = M.forward(base, inputs, positions, cfg)
+  hidden = tokens_and_hidden(base, batch, cfg)[1]
   logits = head_logits(heads, hidden)
   out = []
   for k in range(heads.num_heads):
     shift = k + 2
-    cand = jax.lax.top_k(logits[k, :, :inputs.shape[1] + 1 - shift], top)[1]
+    cand = jax.lax.top_k(logits[k, :, :hidden.shape[1] + 1 - shift], top)[1]
     target = batch[:, shift:]
     out.append(jnp.sum(cand == target[..., None], axis=(0, 1)))  # (top,)
   return jnp.stack(out)
@@ -201,30 +198,3 @@ def train_heads(cfg: ModelConfig, base: M.Transformer, train_tokens: np.ndarray,
   info = dict({"method": "medusa", "steps": steps, "train_tokens": int(len(train_tokens))},
               **files.tree_info(accuracy, build_tree(accuracy, tree_nodes)))
   return heads, info
-
-
-def self_distill(model: str, tokens: np.ndarray, workdir: str | Path, *, num_prompts: int,
-                 prompt_len: int = 64, new_tokens: int = 128, batch_size: int = 16,
-                 seed: int = 0, progress: bool = True) -> np.ndarray:
-  """Training tokens the base model writes itself: `num_prompts` windows of `tokens` as
-  prompts, each continued greedily by the batch engine (`jaxinfer generate`'s job, resumable
-  in `workdir`). Returns prompt + completion of every record, concatenated in id order."""
-  from jaxinfer.requests import Defaults
-  from jaxinfer.runner import GenerateJob, run
-  work = Path(workdir)
-  work.mkdir(parents=True, exist_ok=True)
-  if len(tokens) <= prompt_len:
-    raise ValueError(f"self-distillation: {len(tokens)} tokens cannot fill {prompt_len}-token "
-                     f"prompts")
-  rng = np.random.default_rng(seed)
-  starts = rng.integers(0, len(tokens) - prompt_len, size=num_prompts)
-  prompts = work / "distill_prompts.jsonl"
-  prompts.write_text("".join(json.dumps({"id": i, "prompt_ids": tokens[s:s + prompt_len].tolist()})
-                             + "\n" for i, s in enumerate(starts)))
-  out = work / "distill_outputs.jsonl"
-  run(GenerateJob(prompts=str(prompts), output=str(out), model=model,
-                  defaults=Defaults(max_new_tokens=new_tokens), batch_size=batch_size,
-                  mesh="data:1", progress=progress))
-  records = sorted((json.loads(l) for l in out.read_text().splitlines()), key=lambda r: r["id"])
-  return np.concatenate([np.concatenate([tokens[s:s + prompt_len], r["completion_ids"]])
-                         for s, r in zip(starts, records)]).astype(np.int32)

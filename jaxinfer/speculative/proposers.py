@@ -371,20 +371,10 @@ class Eagle(_Chain):
     (f_{n-1}, first token) is left pending."""
     from jaxinfer.draft_heads.eagle import draft_forward
     heads, base = heads_and_base
-    draft = heads.draft
-    b, w = history.shape
-    cache = KVCache.init(self.cfg, b, int(max_len))
-    pos = jnp.arange(w)[None, :]
-    nxt = jnp.concatenate([history[:, 1:], jnp.zeros((b, 1), history.dtype)], axis=1)
-    positions = jnp.where(pos < prompt_len[:, None] - 1, pos, max_len)
-    _, cache = draft_forward(draft, base, features.astype(draft.fc.dtype), nxt, positions,
-                             self.cfg, cache)
-    rows = jnp.arange(b)
-    t = self.tree_size
-    last = features[rows, prompt_len - 1]
-    feats = jnp.zeros((b, t, features.shape[-1]), draft.fc.dtype).at[:, 0].set(last)
-    toks = jnp.zeros((b, t), jnp.int32).at[:, 0].set(first)
-    return EagleState(cache, feats, toks, prompt_len - 1, jnp.ones((b,), jnp.int32))
+    nxt = jnp.concatenate([history[:, 1:], jnp.zeros_like(history[:, :1])], axis=1)
+    return _prefill_pending(lambda f, pos, cache: draft_forward(
+        heads.draft, base, f, nxt, pos, self.cfg, cache), self.cfg, features, prompt_len,
+        first, max_len, self.tree_size, heads.draft.fc.dtype)
 
   def catch_up(self, heads, base, st: EagleState):
     """Feeds the pending pairs into the draft's cache; returns the predicted feature after
@@ -418,6 +408,21 @@ class Eagle(_Chain):
              length, live):
     return _pending_path(st, verify_hidden, tokens, path, num_accepted, next_token, length,
                          live)
+
+
+def _prefill_pending(forward, cfg: ModelConfig, features, prompt_len, first, max_len, t: int,
+                     dtype) -> EagleState:
+  """A draft layer's state after the prompt: `forward(features, positions, cache)` -> (out,
+  cache) has written the prompt's pairs but the last to a fresh cache of `cfg`; that last pair
+  (the feature that predicted the first token, `first`) is pending."""
+  b, w, d = features.shape
+  pos = jnp.arange(w)[None, :]
+  positions = jnp.where(pos < prompt_len[:, None] - 1, pos, max_len)
+  _, cache = forward(features.astype(dtype), positions, KVCache.init(cfg, b, int(max_len)))
+  last = features[jnp.arange(b), prompt_len - 1]
+  feats = jnp.zeros((b, t, d), dtype).at[:, 0].set(last)
+  toks = jnp.zeros((b, t), jnp.int32).at[:, 0].set(first)
+  return EagleState(cache, feats, toks, prompt_len - 1, jnp.ones((b,), jnp.int32))
 
 
 def _catch_up(forward, st: EagleState):
@@ -464,16 +469,9 @@ class Hydra(_HeadsTree):
     """Prefix layer: its cache over the prompt's hidden states but the last, left pending."""
     from jaxinfer.draft_heads.hydra import prefix_forward
     heads, base = heads_and_base
-    b, w, d = features.shape
-    cache = KVCache.init(self.prefix, b, int(max_len))
-    pos = jnp.arange(w)[None, :]
-    positions = jnp.where(pos < prompt_len[:, None] - 1, pos, max_len)
-    _, cache = prefix_forward(heads, base, features, positions, self.prefix, cache)
-    last = features[jnp.arange(b), prompt_len - 1]
-    t = self.tree_size
-    feats = jnp.zeros((b, t, d), heads.prefix_norm.dtype).at[:, 0].set(last)
-    return EagleState(cache, feats, jnp.zeros((b, t), jnp.int32), prompt_len - 1,
-                      jnp.ones((b,), jnp.int32))
+    return _prefill_pending(lambda f, pos, cache: prefix_forward(
+        heads, base, f, pos, self.prefix, cache), self.prefix, features, prompt_len,
+        jnp.zeros_like(prompt_len), max_len, self.tree_size, heads.prefix_norm.dtype)
 
   def update_prefix(self, st: EagleState, verify_hidden, tokens, path, num_accepted,
                     next_token, length, live):

@@ -1,0 +1,97 @@
+"""Chat data: conversations ({"messages": [{"role", "content"}, ...]} per JSONL line) rendered
+to text by the model's own chat template.
+
+The template is the Jinja template Hugging Face model directories ship (tokenizer_config.json's
+"chat_template", or chat_template.jinja), rendered in a sandbox with the variables and helpers
+such templates expect (messages, add_generation_prompt, the special tokens, raise_exception,
+strftime_now, tojson). A model without one (a base model, such as the embedded one) uses
+`PLAIN`: each message as "<|role|>\\ncontent\\n", the generation prompt "<|assistant|>\\n".
+Rendered text is tokenized as it stands (the template writes the special tokens it wants).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime
+import json
+import os
+from functools import cached_property
+from pathlib import Path
+from typing import Any
+
+PLAIN = ("{% for m in messages %}<|{{ m['role'] }}|>\n{{ m['content'] }}\n{% endfor %}"
+         "{% if add_generation_prompt %}<|assistant|>\n{% endif %}")
+ROLES = ("system", "user", "assistant", "tool")
+
+
+def _token(value) -> str | None:
+  return value.get("content") if isinstance(value, dict) else value
+
+
+@dataclasses.dataclass(frozen=True)
+class ChatTemplate:
+  source: str
+  special: tuple[tuple[str, str], ...] = ()  # (bos_token, "<s>"), ...
+  name: str = "plain"
+
+  @classmethod
+  def from_dir(cls, directory: str | os.PathLike) -> "ChatTemplate":
+    """The model directory's chat template, or the plain one when it has none."""
+    d = Path(directory)
+    tcfg = {}
+    if (d / "tokenizer_config.json").is_file():
+      tcfg = json.loads((d / "tokenizer_config.json").read_text())
+    special = tuple((k, _token(tcfg[k])) for k in ("bos_token", "eos_token", "unk_token",
+                                                    "pad_token") if _token(tcfg.get(k)))
+    template = tcfg.get("chat_template")
+    if isinstance(template, list):  # named templates: the default one
+      named = {t.get("name"): t.get("template") for t in template if isinstance(t, dict)}
+      template = named.get("default")
+    if template is None and (d / "chat_template.jinja").is_file():
+      template = (d / "chat_template.jinja").read_text()
+    if not template:
+      return cls(PLAIN, special, "plain")
+    return cls(template, special, str(d))
+
+  @cached_property
+  def _compiled(self):
+    from jinja2.exceptions import TemplateError
+    from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+    def raise_exception(message):
+      raise TemplateError(message)
+
+    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
+    env.filters["tojson"] = lambda x, indent=None, ensure_ascii=False, sort_keys=False: (
+        json.dumps(x, indent=indent, ensure_ascii=ensure_ascii, sort_keys=sort_keys))
+    env.globals["raise_exception"] = raise_exception
+    env.globals["strftime_now"] = lambda fmt: datetime.datetime.now().strftime(fmt)
+    return env.from_string(self.source)
+
+  def render(self, messages: list[dict[str, Any]], add_generation_prompt: bool = False) -> str:
+    """The conversation as text; add_generation_prompt ends it where the assistant's reply
+    starts. A template's own error (e.g. roles out of order) is raised as ValueError."""
+    from jinja2.exceptions import TemplateError
+    try:
+      return self._compiled.render(messages=messages, add_generation_prompt=add_generation_prompt,
+                                   **dict(self.special))
+    except TemplateError as e:
+      raise ValueError(f"chat template ({self.name}): {e}") from None
+
+
+def check_messages(messages, where: str) -> list[dict[str, Any]]:
+  """`messages` if it is a non-empty list of {"role": one of ROLES, "content": str}."""
+  if not isinstance(messages, list) or not messages:
+    raise ValueError(f"{where}: 'messages' must be a non-empty list")
+  for i, m in enumerate(messages):
+    if not isinstance(m, dict) or m.get("role") not in ROLES or not isinstance(
+        m.get("content"), str):
+      raise ValueError(f"{where}: message {i} must be {{'role': one of {list(ROLES)}, "
+                       f"'content': a string}}")
+  return messages
+
+
+def reply_prompt(messages: list[dict[str, Any]]) -> list[dict[str, Any]]:
+  """The conversation up to the reply to regenerate: without its last message when that is the
+  assistant's, else all of it (the assistant answers the last turn)."""
+  return messages[:-1] if messages[-1]["role"] == "assistant" else messages

@@ -1,0 +1,124 @@
+"""Chat data: the model's chat template rendered as Hugging Face renders it, chat JSONL read as
+training documents, and self-distillation of each conversation's last reply."""
+
+import json
+import shutil
+
+import numpy as np
+import pytest
+
+from jaxinfer.chat import PLAIN, ChatTemplate, reply_prompt
+from jaxinfer.tokenizer import Tokenizer
+from jaxinfer.train.data import load_text_tokens
+
+# A ChatML-style template using what such templates use: bos_token, loops, conditionals,
+# raise_exception, the generation prompt.
+CHATML = (
+    "{{ bos_token }}{% for message in messages %}"
+    "{% if message['role'] not in ['system', 'user', 'assistant'] %}"
+    "{{ raise_exception('unknown role ' + message['role']) }}{% endif %}"
+    "{{ '<|im_start|>' + message['role'] + '\n' + message['content'] | trim + '<|im_end|>\n' }}"
+    "{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}")
+
+CONVERSATION = [{"role": "system", "content": "You write Python."},
+                {"role": "user", "content": "Add two numbers. "},
+                {"role": "assistant", "content": "def add(a, b):\n    return a + b"}]
+
+
+@pytest.fixture(scope="module")
+def chat_model_dir(tiny_model_dir, tmp_path_factory):
+  d = tmp_path_factory.mktemp("chat_model")
+  for f in tiny_model_dir.iterdir():
+    shutil.copy(f, d / f.name)
+  tcfg = json.loads((d / "tokenizer_config.json").read_text())
+  tcfg.update(chat_template=CHATML, bos_token="<|endoftext|>")
+  (d / "tokenizer_config.json").write_text(json.dumps(tcfg))
+  return d
+
+
+def test_chat_template_renders_as_hugging_face_does(chat_model_dir, tiny_model_dir):
+  from transformers import AutoTokenizer
+  hf = AutoTokenizer.from_pretrained(str(chat_model_dir))
+  ours = ChatTemplate.from_dir(chat_model_dir)
+  for messages in (CONVERSATION, CONVERSATION[:2], CONVERSATION[1:2]):
+    for gen in (False, True):
+      assert ours.render(messages, gen) == hf.apply_chat_template(
+          messages, tokenize=False, add_generation_prompt=gen)
+  with pytest.raises(ValueError, match="unknown role tool"):
+    ours.render([{"role": "tool", "content": "x"}])
+  plain = ChatTemplate.from_dir(tiny_model_dir)  # no template: the plain format
+  assert plain.source == PLAIN
+  assert plain.render(CONVERSATION[1:2], True) == "<|user|>\nAdd two numbers. \n<|assistant|>\n"
+  assert reply_prompt(CONVERSATION) == CONVERSATION[:2]
+  assert reply_prompt(CONVERSATION[:2]) == CONVERSATION[:2]
+
+
+def test_chat_jsonl_is_read_as_rendered_documents(tmp_path, chat_model_dir):
+  tok = Tokenizer.from_dir(chat_model_dir)
+  chat = ChatTemplate.from_dir(chat_model_dir)
+  data = tmp_path / "mixed.jsonl"
+  data.write_text(json.dumps({"messages": CONVERSATION}) + "\n\n"
+                  + json.dumps({"text": "x = 1"}) + "\n")
+  tokens = load_text_tokens(data, tok, 0, chat)
+  want = tok.encode(chat.render(CONVERSATION), add_special_tokens=False) + [0] + tok.encode(
+      "x = 1") + [0]
+  assert tokens.tolist() == want
+  with pytest.raises(ValueError, match="chat template"):
+    load_text_tokens(data, tok, 0)
+  for bad, msg in (({"messages": []}, "non-empty"),
+                   ({"messages": [{"role": "robot", "content": "hi"}]}, "message 0"),
+                   ({"messages": [{"role": "user", "content": 3}]}, "message 0"),
+                   ({"txt": "x"}, "'text'")):
+    data.write_text(json.dumps({"text": "ok"}) + "\n" + json.dumps(bad) + "\n")
+    with pytest.raises(ValueError, match=f"line 2.*{msg}|{msg}.*"):
+      load_text_tokens(data, tok, 0, chat)
+
+
+def test_self_distillation_rewrites_each_last_reply(tmp_path, chat_model_dir):
+  from jaxinfer.draft_heads import distill
+  from jaxinfer.generation import Generator, RowRequest
+  from jaxinfer import checkpoint
+  import jax
+  tok = Tokenizer.from_dir(chat_model_dir)
+  chat = ChatTemplate.from_dir(chat_model_dir)
+  conversations = [CONVERSATION, CONVERSATION[1:2], [{"role": "user", "content": "Hello"}]]
+  tokens = distill.chat(str(chat_model_dir), conversations, chat, tok, tmp_path / "d",
+                        num_prompts=5, new_tokens=12, eos_id=0, progress=False)
+  # each: the conversation before its last reply + the generation prompt, then the model's
+  # greedy reply, ended by EOS
+  cfg, params, _ = checkpoint.load_model(str(chat_model_dir))
+  prompts = [tok.encode(chat.render(reply_prompt(c), True), add_special_tokens=False)
+             for c in conversations]
+  replies = Generator(cfg, params).generate([RowRequest(p, 12, jax.random.key(0))
+                                              for p in prompts])
+  want = []
+  for p, r in zip(prompts, replies):
+    want += p + r.tokens + ([] if r.tokens[-1:] == [0] else [0])
+  assert tokens.tolist() == want
+  # a sample of them, fixed by the seed
+  two = distill.chat(str(chat_model_dir), conversations, chat, tok, tmp_path / "e",
+                     num_prompts=2, new_tokens=12, eos_id=0, progress=False)
+  assert 0 < len(two) < len(tokens)
+  with pytest.raises(ValueError, match="no turn before"):
+    distill.chat(str(chat_model_dir), [[CONVERSATION[2]]], chat, tok, tmp_path / "f",
+                 num_prompts=1, progress=False)
+
+
+def test_generate_takes_conversations(tmp_path, chat_model_dir):
+  from jaxinfer.runner import GenerateJob, run
+  tok = Tokenizer.from_dir(chat_model_dir)
+  rendered = tok.encode(ChatTemplate.from_dir(chat_model_dir).render(CONVERSATION[:2], True),
+                        add_special_tokens=False)
+  prompts = tmp_path / "p.jsonl"
+  prompts.write_text("".join(json.dumps(r) + "\n" for r in [
+      {"id": "chat", "messages": CONVERSATION[:2], "max_new_tokens": 10},
+      {"id": "ids", "prompt_ids": rendered, "max_new_tokens": 10},
+      {"id": "bad", "messages": [{"role": "user"}]},
+      {"id": "both", "messages": CONVERSATION[:1], "prompt": "x"}]))
+  out = tmp_path / "out.jsonl"
+  run(GenerateJob(prompts=str(prompts), output=str(out), model=str(chat_model_dir),
+                  scheduler="static", progress=False))
+  recs = {r["id"]: r for r in map(json.loads, out.read_text().splitlines())}
+  assert recs["chat"]["completion_ids"] == recs["ids"]["completion_ids"]
+  assert recs["chat"]["prompt_tokens"] == len(rendered)
+  assert "message 0" in recs["bad"]["error"] and "exactly one" in recs["both"]["error"]
