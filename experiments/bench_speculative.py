@@ -24,7 +24,8 @@ from absl import app, flags
 flags.DEFINE_string("model", "embedded", "Target model.")
 flags.DEFINE_list("methods", ["ngram", "recycling", "layerskip"], "Proposers to measure: "
                   "ngram, recycling, layerskip, draft, medusa, hydra, hydra++ (with the prefix "
-                  "layer), eagle (a chain), eagle-tree "
+                  "layer), eagle (a chain), eagle-ttt (a chain, drafted by a draft trained with the "
+                  "training-time test), eagle-tree "
                   "(EAGLE-2 dynamic trees).")
 flags.DEFINE_list("batch_sizes", ["1", "4", "16"], "Batch sizes.")
 flags.DEFINE_integer("max_new_tokens", 96, "Tokens generated per prompt.")
@@ -42,6 +43,10 @@ flags.DEFINE_string("hydrapp_heads", None, "hydra++: Hydra heads with the prefix
                     "(train-draft --method=hydra --prefix_layer; default for the embedded model: "
                     "hydrapp-400-cached, from experiments/train_heads.py --method=hydra "
                     "--prefix_layer --hidden_cache).")
+flags.DEFINE_string("eagle_ttt_draft", None, "eagle-ttt: an EAGLE draft trained with the "
+                    "training-time test (default for the embedded model: eagle-v1024-ttt3-400, "
+                    "from experiments/train_heads.py --method=eagle --draft_vocab=1024 "
+                    "--ttt_steps=3); drafted as a chain.")
 flags.DEFINE_string("eagle_draft", None, "eagle: the draft layer written by jaxinfer train-draft "
                     "--method=eagle (default for the embedded model: eagle-v1024-400, from "
                     "experiments/train_heads.py --method=eagle --draft_vocab=1024).")
@@ -79,9 +84,11 @@ def main(argv):
 
   model_dir = checkpoint.resolve_model_dir(FLAGS.model)
   heads = {"medusa": FLAGS.draft_heads, "hydra": FLAGS.hydra_heads,
-           "hydra++": FLAGS.hydrapp_heads, "eagle": FLAGS.eagle_draft}
+           "hydra++": FLAGS.hydrapp_heads, "eagle": FLAGS.eagle_draft,
+           "eagle-ttt": FLAGS.eagle_ttt_draft}
   for method, default in (("medusa", "medusa-400"), ("hydra", "hydra-400"),
-                          ("hydra++", "hydrapp-400-cached"), ("eagle", "eagle-v1024-400")):
+                          ("hydra++", "hydrapp-400-cached"), ("eagle", "eagle-v1024-400"),
+                          ("eagle-ttt", "eagle-v1024-ttt3-400")):
     if heads[method] is None and FLAGS.model == "embedded":
       heads[method] = str(Path(model_dir).parent / default)
   cfg, params, tok = checkpoint.load_model(str(model_dir))
@@ -107,7 +114,8 @@ def main(argv):
     for method in FLAGS.methods:
       # "eagle-tree": the EAGLE draft growing EAGLE-2 dynamic trees (--dynamic_tree);
       # "hydra++": Hydra heads with the prefix layer
-      spec = {"eagle-tree": "eagle", "hydra++": "hydra"}.get(method, method)
+      spec = {"eagle-tree": "eagle", "eagle-ttt": "eagle", "hydra++": "hydra"}.get(method,
+                                                                                  method)
       tree = FLAGS.dynamic_tree if method == "eagle-tree" else FLAGS.tree
       head_dir = heads.get(method, heads.get(spec))
       job = GenerateJob(prompts="-", output="-", speculative=spec,

@@ -36,6 +36,7 @@ flags.DEFINE_integer("draft_vocab", 0, "eagle: draft vocabulary size (0: the who
 flags.DEFINE_integer("self_distill", 1024, "Self-distillation windows (0: train on the text).")
 flags.DEFINE_bool("prefix_layer", False, "hydra: Hydra++'s prefix-attention layer (heads get a "
                   "hydrapp- name).")
+flags.DEFINE_integer("ttt_steps", 1, "eagle: training-time test steps (EAGLE-3 style).")
 flags.DEFINE_integer("head_layers", 1, "hydra: residual blocks per head (Hydra++: 4).")
 flags.DEFINE_bool("hidden_cache", False, "medusa|hydra|eagle: train from the base's hidden "
                   "states cached (tensorstore zarr) beside the embedded model, built on first use "
@@ -61,6 +62,8 @@ def main(argv):
   held_tokens = np.load(model_dir.parent / "heldout_tokens.npy")
   m = FLAGS.method
   name = m + (f"-v{FLAGS.draft_vocab}" if m == "eagle" and FLAGS.draft_vocab else "")
+  if m == "eagle" and FLAGS.ttt_steps > 1:
+    name += f"-ttt{FLAGS.ttt_steps}"
   if m == "hydra" and FLAGS.prefix_layer:
     name = "hydrapp"
   if m == "hydra" and FLAGS.head_layers > 1:
@@ -87,7 +90,8 @@ def main(argv):
   vocab = None
   if m == "eagle":
     heads, vocab, info = eagle.train_eagle(cfg, base, train_tokens, held_tokens, work,
-                                           draft_vocab=FLAGS.draft_vocab, **heads_only)
+                                           draft_vocab=FLAGS.draft_vocab,
+                                           ttt_steps=FLAGS.ttt_steps, **heads_only)
     top1, top5 = [info["accuracy_top1"]], [info["accuracy_top5"]]
   elif m == "medusa2":
     heads, tuned, info = medusa2.train_medusa2(cfg, base, train_tokens, held_tokens, work,
@@ -114,7 +118,9 @@ def main(argv):
                                          "hydra": ("hydra++" if FLAGS.prefix_layer else "hydra")
                                          + (f", {FLAGS.head_layers}-block heads"
                                             if FLAGS.head_layers > 1 else ""),
-                                         "eagle": "eagle-1"}[m],
+                                         "eagle": "eagle-1" + (
+                                             f", training-time test {FLAGS.ttt_steps}"
+                                             if FLAGS.ttt_steps > 1 else "")}[m],
          "device": jax.devices()[0].device_kind,
          "jax": jax.__version__, "date": datetime.date.today().isoformat(),
          "steps": FLAGS.steps, "batch_size": FLAGS.batch_size, "seq_len": FLAGS.seq_len,
@@ -125,7 +131,9 @@ def main(argv):
          "distill_seconds": info["distill_seconds"], "train_seconds": info["train_seconds"],
          "draft_vocab": FLAGS.draft_vocab or None,
          "draft_vocab_coverage": info.get("draft_vocab_coverage"),
-         "greedy_agreement": info.get("greedy_agreement"), "heads": out.name,
+         "greedy_agreement": info.get("greedy_agreement"),
+         "accuracy_top1_by_drafting_step": info.get("accuracy_top1_by_drafting_step"),
+         "heads": out.name,
          "hidden_cache": FLAGS.hidden_cache}
   print(json.dumps(row, indent=2))
   Path(FLAGS.results).parent.mkdir(parents=True, exist_ok=True)

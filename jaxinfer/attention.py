@@ -49,8 +49,10 @@ def attention_mask(q_pos: jax.Array, k_pos: jax.Array, window: int | None = None
 def attention_reference(q: jax.Array, k: jax.Array, v: jax.Array, q_pos: jax.Array,
                         k_pos: jax.Array, *, window: int | None = None,
                         q_segment: jax.Array | None = None, k_segment: jax.Array | None = None,
-                        scale: float | None = None, sinks: int = 0) -> jax.Array:
-  """q (B,T,N,H), k/v (B,S,K,H), q_pos (B,T), k_pos (B,S) -> (B,T,N,H). Softmax in float32."""
+                        scale: float | None = None, sinks: int = 0,
+                        mask: jax.Array | None = None) -> jax.Array:
+  """q (B,T,N,H), k/v (B,S,K,H), q_pos (B,T), k_pos (B,S) -> (B,T,N,H). Softmax in float32.
+  `mask` (B or 1, T, S), when given, is the visibility itself (positions are then unused)."""
   b, t, n, h = q.shape
   kv_heads = k.shape[2]
   if n % kv_heads:
@@ -58,7 +60,8 @@ def attention_reference(q: jax.Array, k: jax.Array, v: jax.Array, q_pos: jax.Arr
   scale = h**-0.5 if scale is None else scale
   qg = q.reshape(b, t, kv_heads, n // kv_heads, h)
   scores = jnp.einsum("btkgh,bskh->bkgts", qg, k, preferred_element_type=jnp.float32) * scale
-  mask = attention_mask(q_pos, k_pos, window, q_segment, k_segment, sinks)
+  if mask is None:
+    mask = attention_mask(q_pos, k_pos, window, q_segment, k_segment, sinks)
   scores = jnp.where(mask[:, None, None], scores, MASK_VALUE)
   probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
   out = jnp.einsum("bkgts,bskh->btkgh", probs, v, preferred_element_type=jnp.float32)

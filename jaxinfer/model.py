@@ -140,11 +140,9 @@ def layer_pattern(cfg: ModelConfig, layer: int, sparsity: Sparsity) -> tuple[int
   return sparsity.window, sparsity.num_sinks
 
 
-def attention_block(p: Attention, x: jax.Array, positions: jax.Array, cos: jax.Array,
-                    sin: jax.Array, cfg: ModelConfig, pattern: tuple[int | None, int],
-                    sparsity: Sparsity, kv: Any, kv_source: KVSource,
-                    segment_ids: jax.Array | None, implementation: str, mesh: Mesh | None,
-                    rules: ShardingRules):
+def project_qkv(p: Attention, x: jax.Array, cos: jax.Array, sin: jax.Array,
+                cfg: ModelConfig) -> tuple[jax.Array, jax.Array, jax.Array]:
+  """Normalised input (B,T,D) -> q (B,T,N,H), k, v (B,T,K,H), RoPE applied."""
   q = jnp.einsum("btd,dnh->btnh", x, p.q)
   k = jnp.einsum("btd,dkh->btkh", x, p.k)
   v = jnp.einsum("btd,dkh->btkh", x, p.v)
@@ -152,7 +150,21 @@ def attention_block(p: Attention, x: jax.Array, positions: jax.Array, cos: jax.A
     q, k, v = q + p.q_bias, k + p.k_bias, v + p.v_bias
   if p.q_norm is not None:
     q, k = rms_norm(q, p.q_norm, cfg.norm_eps), rms_norm(k, p.k_norm, cfg.norm_eps)
-  q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+  return apply_rope(q, cos, sin), apply_rope(k, cos, sin), v
+
+
+def project_out(p: Attention, out: jax.Array) -> jax.Array:
+  """Attention output (B,T,N,H) -> (B,T,D)."""
+  out = jnp.einsum("btnh,nhd->btd", out, p.o)
+  return out if p.o_bias is None else out + p.o_bias
+
+
+def attention_block(p: Attention, x: jax.Array, positions: jax.Array, cos: jax.Array,
+                    sin: jax.Array, cfg: ModelConfig, pattern: tuple[int | None, int],
+                    sparsity: Sparsity, kv: Any, kv_source: KVSource,
+                    segment_ids: jax.Array | None, implementation: str, mesh: Mesh | None,
+                    rules: ShardingRules):
+  q, k, v = project_qkv(p, x, cos, sin, cfg)
   q = constrain(q, ("batch", "seq", "act_heads", "head_dim"), mesh, rules)
 
   impl = attention_lib.get(implementation)
@@ -164,10 +176,7 @@ def attention_block(p: Attention, x: jax.Array, positions: jax.Array, cos: jax.A
   else:
     out = impl.chunk(q, k, v, positions, window=window, sinks=sinks, sparsity=sparsity,
                      segment_ids=segment_ids, mesh=mesh, rules=rules)
-  out = jnp.einsum("btnh,nhd->btd", out, p.o)
-  if p.o_bias is not None:
-    out = out + p.o_bias
-  return out, kv
+  return project_out(p, out), kv
 
 
 def mlp_block(p: MLP, x: jax.Array, mesh: Mesh | None, rules: ShardingRules) -> jax.Array:

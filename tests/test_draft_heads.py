@@ -446,3 +446,49 @@ def test_hydra_plus_plus_trains_reads_context_and_serves_from_its_cache(tmp_path
                               draft_params=loaded, page_size=8, steps_per_sync=3, policy="always")
   assert [r.tokens for r in spec.generate(rows)] == [r.tokens for r in plain]
   assert spec.stats.mean_accepted_tokens >= 1.15
+
+
+def test_eagle_training_time_test_sees_what_drafting_sees(tmp_path, tiny_model_dir):
+  """Step j of the training-time test at anchor t equals drafting j tokens ahead from the true
+  pairs up to t (the draft's own cache, fed its own predictions); with it the draft trains."""
+  from jaxinfer.kv_cache import KVCache
+  cfg, base, _ = checkpoint.load_model(str(tiny_model_dir))
+  dcfg = eagle.draft_config(cfg)
+  draft = eagle.init_draft(dcfg, jax.random.key(1))
+  o = 0.05 * jax.random.normal(jax.random.key(2), draft.layer.attn.o.shape)
+  down = 0.05 * jax.random.normal(jax.random.key(3), draft.layer.mlp.down.shape)
+  draft = draft.replace(layer=draft.layer.replace(attn=draft.layer.attn.replace(o=o),
+                                                  mlp=draft.layer.mlp.replace(down=down)))
+  batch = jnp.asarray(TokenWindows(_periodic_tokens(cfg.vocab_size), 2, 24)(0))
+  feats = _hidden(base, cfg, batch[:, :-1])
+  preds = eagle.ttt_predictions(draft, base, feats, batch, dcfg, steps=3)
+  pos = jnp.broadcast_to(jnp.arange(24), (2, 24))
+  one, _ = eagle.draft_forward(draft, base, feats, batch[:, 1:], pos, dcfg)
+  np.testing.assert_allclose(preds[0], one, rtol=1e-5, atol=1e-5)  # step 1: EAGLE-1's input
+  for t in (0, 7, 19):
+    cache = KVCache.init(dcfg, 2, 32)
+    _, cache = eagle.draft_forward(draft, base, feats, batch[:, 1:25],
+                                   jnp.where(pos <= t, pos, 32), dcfg, cache)
+    feat = preds[0][:, t]
+    for j in (1, 2):  # feed the previous step's prediction and the next token
+      out, cache = eagle.draft_forward(draft, base, feat[:, None], batch[:, t + j + 1, None],
+                                       jnp.full((2, 1), t + j), dcfg, cache, kv_source="cache")
+      np.testing.assert_allclose(preds[j][:, t], out[:, 0], rtol=1e-4, atol=1e-5)
+      feat = preds[j][:, t]
+
+  loss_fn = eagle.eagle_loss_fn(cfg, ttt_steps=3)
+  windows = TokenWindows(_periodic_tokens(cfg.vocab_size), 8, 32)
+  l0, m0 = loss_fn(eagle.init_draft(dcfg, jax.random.key(0)), base, jnp.asarray(windows(0)),
+                   jax.random.key(0))
+  assert {"top1", "top1_step2", "top1_step3"} <= set(m0)
+  trained, _ = train(loss_fn, eagle.init_draft(dcfg, jax.random.key(0)), windows, TrainConfig(
+      steps=40, learning_rate=1e-2, warmup_steps=5, weight_decay=0.0, log_every=20,
+      checkpoint_every=40, progress=False), tmp_path / "run", frozen=base)
+  l1, m1 = loss_fn(trained, base, jnp.asarray(windows(0)), jax.random.key(0))
+  assert float(l1) < float(l0) and float(m1["top1_step3"]) > float(m0["top1_step3"])
+  held = list(TokenWindows(_periodic_tokens(cfg.vocab_size, 3000), 1, 32).sequential(20))
+  by_step = eagle.step_accuracy(eagle.EagleHeads(trained), base, cfg, held, steps=3)
+  assert by_step.shape == (3,) and by_step[0] == pytest.approx(
+      eagle.accuracy(eagle.EagleHeads(trained), base, cfg, held)[0], abs=1e-6)
+  with pytest.raises(ValueError, match="ttt_steps"):
+    eagle.eagle_loss_fn(cfg, ttt_steps=0)

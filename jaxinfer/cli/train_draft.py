@@ -39,6 +39,9 @@ flags.DEFINE_bool("prefix_layer", False, "--method=hydra: Hydra++'s prefix-atten
                   "decoder layer over the model's hidden states, read by the heads).")
 flags.DEFINE_integer("head_layers", 1, "--method=hydra: residual blocks per head (Hydra++ uses "
                      "4).", lower_bound=1)
+flags.DEFINE_integer("ttt_steps", 1, "--method=eagle: drafting steps of EAGLE-3's training-time "
+                     "test (the draft fed its own predictions in training; 1: EAGLE-1).",
+                     lower_bound=1)
 flags.DEFINE_integer("draft_vocab", 0, "--method=eagle: score only this many of the training "
                      "data's most frequent tokens when drafting (0: the whole vocabulary).",
                      lower_bound=0)
@@ -70,6 +73,10 @@ flags.register_multi_flags_validator(
     ["method", "prefix_layer", "head_layers"],
     lambda f: f["method"] == "hydra" or (not f["prefix_layer"] and f["head_layers"] == 1),
     "--prefix_layer, --head_layers: Hydra options (--method=hydra)")
+flags.register_multi_flags_validator(
+    ["method", "ttt_steps", "draft_vocab"],
+    lambda f: f["method"] == "eagle" or (f["ttt_steps"] == 1 and not f["draft_vocab"]),
+    "--ttt_steps, --draft_vocab: EAGLE options (--method=eagle)")
 flags.register_multi_flags_validator(
     ["method", "hidden_cache"], lambda f: not (f["hidden_cache"] and f["method"] == "medusa2"),
     "--hidden_cache: Medusa-2 trains the model itself, so its hidden states cannot be cached")
@@ -131,7 +138,8 @@ def main(argv: list[str]) -> None:
   heads_only = dict(common, hidden_cache=FLAGS.hidden_cache)
   if FLAGS.method == "eagle":
     heads, vocab, info = eagle.train_eagle(cfg, base, train_tokens, held_tokens, workdir,
-                                           draft_vocab=FLAGS.draft_vocab, **heads_only)
+                                           draft_vocab=FLAGS.draft_vocab,
+                                           ttt_steps=FLAGS.ttt_steps, **heads_only)
     shown = ("accuracy_top1", "accuracy_top5")
     save = lambda out, draft, i: eagle.save(out, draft, i, vocab)
   elif FLAGS.method == "medusa2":
