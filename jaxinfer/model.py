@@ -111,6 +111,14 @@ class Transformer:
     )
 
 
+def init_residual_layer(cfg: ModelConfig, key: jax.Array, dtype) -> Layer:
+  """A decoder layer that starts as the identity on its residual stream (draft layers): random
+  input projections, zero output projections (attention's o, the MLP's down)."""
+  layer = P.init_params(Layer.spec(cfg), key, dtype)
+  return layer.replace(attn=layer.attn.replace(o=jnp.zeros_like(layer.attn.o)),
+                       mlp=layer.mlp.replace(down=jnp.zeros_like(layer.mlp.down)))
+
+
 def init_params(cfg: ModelConfig, key: jax.Array, mesh: Mesh | None = None,
                 rules: ShardingRules = DEFAULT_RULES) -> Transformer:
   """Random parameters, created directly in their shardings when a mesh is given."""

@@ -87,3 +87,9 @@ def test_train_cli_finetunes_and_exports(tmp_path, tiny_model_dir):
   assert metrics[-1]["loss"] < metrics[0]["loss"]
   assert report["heldout_loss_nats_per_token"] < metrics[0]["loss"]
   assert (out / "tokenizer.json").exists() and (out / "model.safetensors").exists()
+  # The workdir now holds a run: the same command again is refused unless told to resume.
+  again = subprocess.run(proc.args, capture_output=True, text=True, timeout=600)
+  assert again.returncode == 2 and "--resume" in again.stderr and "step 40" in again.stderr
+  resumed = subprocess.run(proc.args + ["--resume"], capture_output=True, text=True, timeout=600)
+  assert resumed.returncode == 0, resumed.stderr
+  assert json.loads((out / "report.json").read_text()) == report

@@ -9,12 +9,15 @@ from pathlib import Path
 from absl import flags
 
 from jaxinfer.cli import fail, no_positional_args
-from jaxinfer.cli.common import (apply_platform_flags, data_tokens, define_model_flags,
+from jaxinfer.cli.common import (apply_platform_flags, check_workdir, data_tokens,
+                                 define_model_flags, define_resume_flag,
                                  load_model_from_flags)
 
 define_model_flags()
-flags.DEFINE_string("data", None, "Training text: a .txt file, a JSONL file with a 'text' field "
-                    "per line, or a directory (its *.txt, *.py and *.md files).")
+define_resume_flag()
+flags.DEFINE_string("data", None, "Training text: a .txt file, a directory (its *.txt, *.py "
+                    "and *.md files), or JSONL with a 'text' field or a conversation "
+                    "('messages', rendered by the model's chat template) per line.")
 flags.DEFINE_string("output", None, "Where the trained model (HF format) is written.")
 flags.DEFINE_string("workdir", None, "Checkpoints and metrics.jsonl (default: <output>.run).")
 flags.DEFINE_enum("init", "pretrained", ["pretrained", "random"],
@@ -45,6 +48,7 @@ def main(argv: list[str]) -> None:
   from jaxinfer.train.loop import TrainConfig, train
 
   try:
+    check_workdir(FLAGS.workdir or FLAGS.output.rstrip("/") + ".run", FLAGS.resume)
     mesh, src, cfg, params, tokenizer = load_model_from_flags()
     tokens = data_tokens(tokenizer, src, cfg)
     n_held = int(len(tokens) * FLAGS.heldout_fraction)

@@ -12,10 +12,12 @@ from pathlib import Path
 from absl import flags
 
 from jaxinfer.cli import fail, no_positional_args
-from jaxinfer.cli.common import (apply_platform_flags, data_tokens, define_model_flags,
+from jaxinfer.cli.common import (apply_platform_flags, check_workdir, data_tokens,
+                                 define_model_flags, define_resume_flag,
                                  load_model_from_flags)
 
 define_model_flags()
+define_resume_flag()
 flags.DEFINE_enum("method", "medusa", ["medusa", "medusa2", "hydra", "eagle"], "Draft-head "
                   "recipe: medusa (Medusa-1 heads on a frozen base), medusa2 (heads + LoRA on "
                   "the base with a KL term to the original; writes the adapted model to "
@@ -105,8 +107,9 @@ def main(argv: list[str]) -> None:
   from jaxinfer.draft_heads import distill, eagle, hidden_cache, hydra, medusa, medusa2
 
   try:
-    mesh, src, cfg, base, tokenizer = load_model_from_flags()
     workdir = Path(FLAGS.workdir or FLAGS.output.rstrip("/") + ".run")
+    check_workdir(workdir, FLAGS.resume)
+    mesh, src, cfg, base, tokenizer = load_model_from_flags()
     conversations = chat_data(FLAGS.data) if FLAGS.self_distill else None
     if conversations:  # the model writes each conversation's last reply anew
       tokens = distill.chat(FLAGS.model, conversations, ChatTemplate.from_dir(src), tokenizer,

@@ -39,7 +39,6 @@ import numpy as np
 from flax import struct
 
 from jaxinfer import model as M
-from jaxinfer import params as P
 from jaxinfer.config import ModelConfig
 from jaxinfer.draft_heads import files
 from jaxinfer.draft_heads.hidden_cache import tokens_and_hidden
@@ -121,9 +120,7 @@ def draft_config(cfg: ModelConfig) -> ModelConfig:
 def init_draft(cfg: ModelConfig, key: jax.Array, dtype=None) -> EagleDraft:
   dtype = dtype or cfg.jnp_dtype
   d = cfg.embed
-  layer = P.init_params(M.Layer.spec(cfg), key, dtype)
-  layer = layer.replace(attn=layer.attn.replace(o=jnp.zeros_like(layer.attn.o)),
-                        mlp=layer.mlp.replace(down=jnp.zeros_like(layer.mlp.down)))
+  layer = M.init_residual_layer(cfg, key, dtype)
   fc = jnp.concatenate([jnp.eye(d, dtype=dtype), jnp.zeros((d, d), dtype)], axis=0)
   return EagleDraft(fc=fc, layer=layer, norm=jnp.ones((d,), dtype))
 

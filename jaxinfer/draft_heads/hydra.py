@@ -11,7 +11,7 @@ so the candidates of one node's children differ with the node.
 Deeper heads (`head_layers` L > 1, Hydra++ uses 4): after that first block, L - 1 residual
 blocks y <- y + V_i SiLU(U_i y + c_i) per head (V_i zero-initialised, so the start is unchanged).
 
-Hydra++'s prefix-attention layer (`prefix=True`): one decoder layer (the base's layer type, its
+Hydra++'s prefix-attention layer (`prefix_layer=True`): one decoder layer (the base's layer type, its
 own KV cache when serving) runs causally over the base's hidden states, and the heads read its
 output s_t in place of h_t — context from the whole prefix, not one position's state. Its output
 projections start at zero, so s_t = h_t / rms(h_t) and the heads start, as without it, as the
@@ -86,9 +86,7 @@ def init_heads(base: M.Transformer, num_heads: int, key: jax.Array,
                for k in range(num_heads))
   layer = norm = None
   if prefix_cfg is not None:
-    layer = P.init_params(M.Layer.spec(prefix_cfg), keys[-1], out.dtype)
-    layer = layer.replace(attn=layer.attn.replace(o=jnp.zeros_like(layer.attn.o)),
-                          mlp=layer.mlp.replace(down=jnp.zeros_like(layer.mlp.down)))
+    layer = M.init_residual_layer(prefix_cfg, keys[-1], out.dtype)
     norm = jnp.ones((d,), out.dtype)
   blocks = {}
   if head_layers > 1:

@@ -163,7 +163,7 @@ class Lookahead:
     b, s = hist.shape
     m, dd, n_nodes = min(self.num_candidates, s), self.depth, self.num_nodes
     pos = jnp.arange(s)[None, :]
-    # match[b, p]: how many tokens ending at p equal the row's last tokens (p < root position)
+    # score[b, p]: how many tokens ending at p equal the row's last tokens (p < root position)
     score = jnp.zeros((b, s), jnp.int32)
     alive = pos < length[:, None]
     for i in range(self.max_ngram):
