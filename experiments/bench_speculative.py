@@ -23,7 +23,8 @@ from absl import app, flags
 
 flags.DEFINE_string("model", "embedded", "Target model.")
 flags.DEFINE_list("methods", ["ngram", "recycling", "layerskip"], "Proposers to measure: "
-                  "ngram, recycling, layerskip, draft, medusa, hydra, hydra++ (with the prefix "
+                  "ngram, lookahead, recycling, layerskip, layerskip-fallback (with Big-Little's "
+                  "fallback), draft, medusa, hydra, hydra++ (with the prefix "
                   "layer), eagle (a chain), eagle-ttt (a chain, drafted by a draft trained with the "
                   "training-time test), eagle-tree "
                   "(EAGLE-2 dynamic trees).")
@@ -50,6 +51,8 @@ flags.DEFINE_string("eagle_ttt_draft", None, "eagle-ttt: an EAGLE draft trained 
 flags.DEFINE_string("eagle_draft", None, "eagle: the draft layer written by jaxinfer train-draft "
                     "--method=eagle (default for the embedded model: eagle-v1024-400, from "
                     "experiments/train_heads.py --method=eagle --draft_vocab=1024).")
+flags.DEFINE_float("draft_fallback", 0.5, "layerskip-fallback: Big-Little's fallback "
+                   "confidence for the layer-skip draft.")
 flags.DEFINE_integer("repeats", 5, "Interleaved timed runs; the median ratio is reported.")
 flags.DEFINE_string("results", str(Path(__file__).parent / "results" / "bench_speculative.jsonl"),
                     "Results file (JSON lines, appended).")
@@ -114,13 +117,15 @@ def main(argv):
     for method in FLAGS.methods:
       # "eagle-tree": the EAGLE draft growing EAGLE-2 dynamic trees (--dynamic_tree);
       # "hydra++": Hydra heads with the prefix layer
-      spec = {"eagle-tree": "eagle", "eagle-ttt": "eagle", "hydra++": "hydra"}.get(method,
-                                                                                  method)
+      spec = {"eagle-tree": "eagle", "eagle-ttt": "eagle", "hydra++": "hydra",
+              "layerskip-fallback": "layerskip"}.get(method, method)
       tree = FLAGS.dynamic_tree if method == "eagle-tree" else FLAGS.tree
       head_dir = heads.get(method, heads.get(spec))
       job = GenerateJob(prompts="-", output="-", speculative=spec,
                         num_draft_tokens=FLAGS.num_draft_tokens, tree=tree,
-                        draft_layers=FLAGS.draft_layers, draft_heads=head_dir)
+                        draft_layers=FLAGS.draft_layers, draft_heads=head_dir,
+                        draft_fallback=FLAGS.draft_fallback if method.endswith("-fallback")
+                        else 0.0)
       proposer, draft_params = make_proposer(job, cfg, params, None)
       gens = {"always": SpeculativeGenerator(cfg, params, proposer, draft_params=draft_params,
                                              steps_per_sync=16, policy="always"),

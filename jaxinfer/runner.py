@@ -68,6 +68,7 @@ class GenerateJob:
   num_draft_tokens: int = 4
   tree: str = "4,2,1,1"  # Token Recycling's branching per depth (DEFAULT_TREE)
   draft_layers: str | None = None  # layerskip: layers the draft keeps
+  draft_fallback: float = 0.0  # draft, layerskip: Big-Little fallback confidence (0: off)
   acceptance: str = "exact"  # exact | typical
 
   def validate(self) -> None:
@@ -142,6 +143,11 @@ class GenerateJob:
           tree_branching(self.tree)
         if self.draft_layers:
           _int_list(self.draft_layers)
+        if not 0.0 <= self.draft_fallback <= 1.0:
+          raise ValueError(f"--draft_fallback: must be in [0, 1], got {self.draft_fallback}")
+        if self.draft_fallback and self.speculative not in ("draft", "layerskip"):
+          raise ValueError("--draft_fallback: Big-Little's fallback applies to a draft model "
+                           "(--speculative=draft|layerskip)")
       except ValueError as e:
         raise UserError(str(e)) from None
     from jaxinfer import attention
@@ -231,7 +237,8 @@ def make_proposer(job: "GenerateJob", cfg, params, dtype):
       dcfg, dparams = P.layer_skip_draft(cfg, params, keep)
     except ValueError as e:
       raise UserError(f"--draft_layers: {e}") from None
-    return P.DraftModel(dcfg, num_draft_tokens=job.num_draft_tokens, name="layerskip"), dparams
+    return P.DraftModel(dcfg, num_draft_tokens=job.num_draft_tokens, name="layerskip",
+                        fallback=job.draft_fallback), dparams
   if job.speculative in ("medusa", "hydra"):
     from jaxinfer.draft_heads import hydra, medusa
     lib = medusa if job.speculative == "medusa" else hydra
@@ -273,7 +280,8 @@ def make_proposer(job: "GenerateJob", cfg, params, dtype):
   if dcfg.vocab_size != cfg.vocab_size:
     raise UserError(f"--draft_model: its vocabulary ({dcfg.vocab_size}) differs from the "
                     f"model's ({cfg.vocab_size})")
-  return P.DraftModel(dcfg, num_draft_tokens=job.num_draft_tokens), dparams
+  return P.DraftModel(dcfg, num_draft_tokens=job.num_draft_tokens,
+                      fallback=job.draft_fallback), dparams
 
 
 def read_requests(job: GenerateJob, tokenizer, vocab_size: int, max_seq_len: int,

@@ -61,12 +61,14 @@ def _proposers(cfg, params, other):
       "lookahead": (P.Lookahead(num_nodes=7, depth=3, num_candidates=6), None),
       "recycling": (P.Recycling(branching=(3, 2, 1)), None),
       "layerskip": (P.DraftModel(layer_cfg, num_draft_tokens=3), layer_params),
+      # Big-Little's fallback: rows stop drafting at an unsure draft
+      "draft-fallback": (P.DraftModel(other[0], num_draft_tokens=3, fallback=0.3), other[1]),
       "draft": (P.DraftModel(other[0], num_draft_tokens=2), other[1]),
   }
 
 
 @pytest.mark.parametrize("name", ["ngram", "lookahead", "recycling", "layerskip", "draft",
-                                  "eagle", "eagle-tree"])
+                                  "draft-fallback", "eagle", "eagle-tree"])
 def test_greedy_speculative_equals_greedy(target, other_draft, name):
   cfg, params = target
   proposer, draft_params = _proposers(cfg, params, other_draft)[name]
@@ -133,6 +135,25 @@ def test_lookahead_builds_the_trie_of_the_best_matches():
       kids = tok[r, 1:][par[r, 1:] == node]
       assert len(set(kids.tolist())) == len(kids), (r, node)
   assert np.asarray(ancestor_matrix(jnp.asarray(par))).sum(-1).max() <= 13
+
+
+def test_big_little_fallback_stops_drafting_at_an_unsure_draft(target):
+  """With fallback 1.0 no draft is sure enough: every row stops after its first draft, so no
+  step accepts two drafts; without it the same draft model gets deeper; both lossless."""
+  cfg, params = target
+  layer_cfg, layer_params = P.layer_skip_draft(cfg, params, (0, 1))
+  rows = [RowRequest([5, 6, 7, 8] * 8, 40, jax.random.key(0)),
+          RowRequest([9, 3, 9, 3, 9, 3], 25, jax.random.key(1))]
+  plain = Generator(cfg, params).generate(rows)
+  hists = {}
+  for fallback in (0.0, 1.0):
+    spec = SpeculativeGenerator(cfg, params, P.DraftModel(layer_cfg, num_draft_tokens=4,
+                                                          fallback=fallback),
+                                draft_params=layer_params, page_size=8, policy="always")
+    assert [r.tokens for r in spec.generate(rows)] == [r.tokens for r in plain]
+    hists[fallback] = spec.stats.accepted_hist
+  assert hists[1.0][2:].sum() == 0 and hists[1.0][1] > 0
+  assert hists[0.0][2:].sum() > 0
 
 
 def test_pallas_tree_kernel_in_the_model(target):
@@ -205,6 +226,10 @@ def test_generate_job_with_speculation(tmp_path, tiny_model_dir):
                    (dict(speculative="ngram", scheduler="static", tree="dynamic"), "--tree"),
                    (dict(speculative="ngram", scheduler="static", tree="nodes:4"), "--tree"),
                    (dict(speculative="lookahead", scheduler="static", tree="2,1"), "--tree"),
+                   (dict(speculative="ngram", scheduler="static", draft_fallback=0.5),
+                    "--draft_fallback"),
+                   (dict(speculative="layerskip", scheduler="static", draft_fallback=2.0),
+                    "--draft_fallback"),
                    (dict(speculative="eagle", scheduler="static", tree="dynamic:99,2,3",
                          draft_heads=str(tmp_path)), "--tree")):
     with pytest.raises(UserError, match=flag):
@@ -212,7 +237,8 @@ def test_generate_job_with_speculation(tmp_path, tiny_model_dir):
                       model=str(tiny_model_dir), progress=False, **kw))
 
 
-@pytest.mark.parametrize("name", ["draft", "recycling", "lookahead", "eagle", "eagle-tree"])
+@pytest.mark.parametrize("name", ["draft", "draft-fallback", "recycling", "lookahead", "eagle",
+                                  "eagle-tree"])
 def test_sampled_speculation_matches_plain_sampling(target, other_draft, name):
   """The joint distribution of the second and third tokens (both drawn in speculative steps:
   the first comes from the prompt's forward) equals plain sampling's, by a two-sample

@@ -74,6 +74,9 @@ flags.DEFINE_string("tree", "4,2,1,1", "Token Recycling's draft tree: children p
                     "re-grows the heads' static tree with N nodes from their measured "
                     "accuracies (default: the tree they were trained with). With "
                     "--speculative=lookahead: nodes:N, the trie's size (default 16).")
+flags.DEFINE_float("draft_fallback", 0.0, "--speculative=draft|layerskip: Big-Little's fallback "
+                   "policy — a row stops drafting after a draft the draft model is less than "
+                   "this sure of (its top probability); 0 drafts the whole chain.")
 flags.DEFINE_string("draft_layers", None, "--speculative=layerskip: comma-separated layers the "
                     "draft keeps (default: the first half).")
 flags.DEFINE_enum("acceptance", "exact", ["exact", "typical"], "exact: lossless rejection "
@@ -105,7 +108,7 @@ def main(argv: list[str]) -> None:
       speculative=FLAGS.speculative, draft_model=FLAGS.draft_model,
       draft_heads=FLAGS.draft_heads,
       num_draft_tokens=FLAGS.num_draft_tokens, tree=FLAGS.tree, draft_layers=FLAGS.draft_layers,
-      acceptance=FLAGS.acceptance)
+      draft_fallback=FLAGS.draft_fallback, acceptance=FLAGS.acceptance)
   try:
     metrics = run(job, coordinator_address=FLAGS.coordinator_address,
                   num_processes=FLAGS.num_processes, process_id=FLAGS.process_id,

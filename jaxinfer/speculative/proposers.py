@@ -251,11 +251,17 @@ class Recycling:
 
 @dataclasses.dataclass(frozen=True)
 class DraftModel(_Chain):
-  """A chain of `num_draft_tokens` from a small model sharing the target's vocabulary."""
+  """A chain of `num_draft_tokens` from a small model sharing the target's vocabulary.
+
+  `fallback` > 0 is Big-Little's fallback policy: a row stops drafting after the first draft
+  the draft model was less than `fallback` sure of (its softmax maximum), handing the rest of the
+  step to the target; once every row has stopped, no more draft steps run. Unused chain slots
+  hold token 0 drawn from a point mass (so the exact rule stays exact)."""
 
   cfg: ModelConfig
   num_draft_tokens: int = 4
   name: str = "draft"
+  fallback: float = 0.0
 
   def prefill(self, params, history, prompt_len, max_len):
     """The draft's own cache over the prompts (positions past a row's prompt are dropped)."""
@@ -276,6 +282,8 @@ class DraftModel(_Chain):
     root = _root_only(ctx)
     tokens = jnp.concatenate([prev, root[:, None]], 1)
     positions = jnp.stack([jnp.where(length > 0, length - 1, cache.max_len), length], 1)
+    if self.fallback > 0:
+      return self._propose_with_fallback(params, cache, ctx, tokens, positions)
     drafted, qs = [root], []
     for i in range(g):
       hidden, cache = M.forward(params, tokens, positions, self.cfg, cache, kv_source="cache")
@@ -288,6 +296,34 @@ class DraftModel(_Chain):
     qs.append(qs[-1])  # the last node has no children
     return cache, Draft(jnp.stack(drafted, 1), jnp.asarray(chain_parents(g + 1)),
                         jnp.stack(qs, 1))
+
+  def _propose_with_fallback(self, params, cache: KVCache, ctx: Context, tokens, positions):
+    """The chain drafted in a loop that ends when every row has fallen back."""
+    g, length, b = self.num_draft_tokens, ctx.length, ctx.length.shape[0]
+
+    def step(i, tokens, positions, cache, live):
+      hidden, cache = M.forward(params, tokens, positions, self.cfg, cache, kv_source="cache")
+      logits = M.logits(params, hidden[:, -1])
+      q = distribution(logits, ctx.sampling)
+      tok = jnp.where(live, _draw(q, ctx, i), 0)
+      q = jnp.where(live[:, None], q, jax.nn.one_hot(0, q.shape[-1], dtype=q.dtype))
+      sure = jnp.max(jax.nn.softmax(logits, axis=-1), axis=-1) >= self.fallback
+      return tok, q, cache, live & sure
+
+    tok, q, cache, live = step(0, tokens, positions, cache, jnp.ones((b,), bool))
+    drafted = jnp.zeros((b, g + 1), jnp.int32).at[:, 0].set(_root_only(ctx)).at[:, 1].set(tok)
+    qs = jnp.broadcast_to(jax.nn.one_hot(0, q.shape[-1], dtype=q.dtype)[None, None],
+                          (b, g + 1, q.shape[-1])).at[:, 0].set(q)
+
+    def body(c):
+      i, live, cache, drafted, qs = c
+      tok, q, cache, live = step(i, drafted[:, i, None], (length + i)[:, None], cache, live)
+      return i + 1, live, cache, drafted.at[:, i + 1].set(tok), qs.at[:, i].set(q)
+
+    _, _, cache, drafted, qs = jax.lax.while_loop(
+        lambda c: (c[0] < g) & jnp.any(c[1]), body, (1, live, cache, drafted, qs))
+    qs = qs.at[:, g].set(qs[:, g - 1])  # the last node has no children
+    return cache, Draft(drafted, jnp.asarray(chain_parents(g + 1)), qs)
 
 
 def layer_skip_draft(cfg: ModelConfig, params: M.Transformer,
