@@ -59,20 +59,6 @@ flags.DEFINE_string("results", str(Path(__file__).parent / "results" / "bench_sp
 FLAGS = flags.FLAGS
 
 
-def prompts(tokenizer, n: int, length: int) -> list[list[int]]:
-  from jaxinfer import embedded
-  recipe = embedded.Recipe()
-  files = embedded.stdlib_files(recipe)[1]  # held-out files
-  out = []
-  for f in files:
-    ids = tokenizer.encode(embedded.read_text(f))
-    for start in range(0, len(ids) - length, 4 * length):
-      out.append(ids[start:start + length])
-      if len(out) == n:
-        return out
-  raise RuntimeError("not enough held-out text for the prompts")
-
-
 def main(argv):
   del argv
   import time
@@ -80,7 +66,7 @@ def main(argv):
   import jax
   import numpy as np
 
-  from jaxinfer import checkpoint
+  from jaxinfer import checkpoint, embedded
   from jaxinfer.generation import Generator, RowRequest
   from jaxinfer.runner import GenerateJob, make_proposer
   from jaxinfer.speculative.decode import SpeculativeGenerator
@@ -96,7 +82,7 @@ def main(argv):
       heads[method] = str(Path(model_dir).parent / default)
   cfg, params, tok = checkpoint.load_model(str(model_dir))
   sizes = [int(b) for b in FLAGS.batch_sizes]
-  all_prompts = prompts(tok, max(sizes), FLAGS.prompt_tokens)
+  all_prompts = embedded.heldout_prompts(tok, max(sizes), FLAGS.prompt_tokens)
   base = {"model": FLAGS.model, "device": jax.devices()[0].device_kind, "jax": jax.__version__,
           "date": datetime.date.today().isoformat(), "max_new_tokens": FLAGS.max_new_tokens,
           "prompt_tokens": FLAGS.prompt_tokens}

@@ -98,6 +98,19 @@ def read_text(path: Path) -> str:
   return path.read_text(encoding="utf-8", errors="replace")
 
 
+def heldout_prompts(tokenizer, n: int, length: int) -> list[list[int]]:
+  """n prompts of `length` tokens from the held-out files (benchmarks' prompts: the model's
+  domain, text it was not trained on)."""
+  out = []
+  for f in stdlib_files(Recipe())[1]:
+    ids = tokenizer.encode(read_text(f))
+    for start in range(0, len(ids) - length, 4 * length):
+      out.append(ids[start:start + length])
+      if len(out) == n:
+        return out
+  raise RuntimeError(f"not enough held-out text for {n} prompts of {length} tokens")
+
+
 def train_tokenizer(files: list[Path], recipe: Recipe):
   from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 

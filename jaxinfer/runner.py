@@ -58,7 +58,7 @@ class GenerateJob:
   page_size: int = 16
   kv_pages: int | None = None
   overwrite: bool = False
-  steps_per_sync: int = 32  # static scheduler only
+  steps_per_sync: int = 32  # static scheduler and speculative decoding
   cache_dir: str | None = None
   progress: bool = True
   # none | ngram | lookahead | recycling | draft | layerskip | medusa | hydra | eagle
@@ -107,14 +107,15 @@ class GenerateJob:
       raise UserError(f"--sparsity: {sparsity} applies to whole-prompt prefill; use it with "
                       f"--scheduler=static (the continuous engine prefills in chunks)")
     if self.scheduler == "static" and self.num_samples > 1:
-      raise UserError("--num_samples: N > 1 shares prompt pages and needs the continuous "
-                      "scheduler")
+      raise UserError("--num_samples: N > 1 needs the continuous scheduler")
     if self.speculative not in SPECULATIVE:
       raise UserError(f"--speculative: expected one of {SPECULATIVE}, got {self.speculative!r}")
     if self.speculative != "none":
-      if self.scheduler != "static":
-        raise UserError("--speculative: speculative decoding runs in static batches for now; "
-                        "add --scheduler=static")
+      shape = parse_mesh(self.mesh) if self.mesh else None
+      if shape is not None and np.prod([shape[a] for a in MESH_AXES]) > 1:
+        raise UserError(f"--mesh: speculative decoding runs on one device for now, got "
+                        f"{format_mesh(shape)}; use --mesh=data:1 (or run one process per "
+                        f"device)")
       if sparsity.kind != "dense":
         raise UserError("--speculative: not combinable with --sparsity yet")
       if self.num_draft_tokens < 1:
@@ -403,9 +404,11 @@ def run(job: GenerateJob, *, coordinator_address: str | None = None,
     raise UserError(f"--mesh: {format_mesh(shape)} needs {np.prod(list(shape.values()))} "
                     f"devices, but this process has {jax.local_device_count()}")
   t_start = time.perf_counter()
-  meshes = _replica_meshes(job.mesh) if job.scheduler == "continuous" else []
+  speculative = job.speculative != "none"  # (its own batching, on one device)
+  meshes = (_replica_meshes(job.mesh) if job.scheduler == "continuous" and not speculative
+            else [])
   static_mesh = None
-  if job.scheduler == "static" and job.mesh:
+  if (job.scheduler == "static" or speculative) and job.mesh:
     from jaxinfer.sharding import make_mesh
     static_mesh = make_mesh(job.mesh, jax.local_devices())
   try:
@@ -446,7 +449,9 @@ def run(job: GenerateJob, *, coordinator_address: str | None = None,
   bar = tqdm(total=len(todo), desc="generate", unit="req", disable=not job.progress,
              dynamic_ncols=True, file=sys.stderr)
   t_gen = time.perf_counter()
-  if job.scheduler == "continuous":
+  if speculative:
+    stats = _run_speculative(job, cfg, params, tokenizer, todo, writer, bar)
+  elif job.scheduler == "continuous":
     stats = _run_engine(job, cfg, params, tokenizer, meshes, todo, writer, bar, sparsity)
   else:
     stats = _run_static(job, cfg, params, tokenizer, static_mesh, todo, writer, bar, sparsity)
@@ -505,7 +510,8 @@ def run(job: GenerateJob, *, coordinator_address: str | None = None,
       "sparsity": str(sparsity),
   }
   for key in ("mean_accepted_tokens", "accepted_length_histogram", "per_depth_acceptance",
-              "verify_steps"):
+              "verify_steps", "host_syncs", "speculation", "speculative_batches",
+              "plain_batches", "draft_verify_split"):
     if key in stats:
       metrics[key] = stats[key]
   if job.speculative != "none":
@@ -625,18 +631,8 @@ def _split_by_tokens(reqs: list[EngineRequest], parts: int) -> list[list[EngineR
 
 
 def _run_static(job, cfg, params, tokenizer, mesh, todo, writer, bar, sparsity) -> dict:
-  if job.speculative != "none":
-    from jaxinfer.speculative.decode import SpeculativeGenerator
-    if mesh is not None and mesh.size > 1:
-      raise UserError("--speculative: runs on one device for now; use --mesh=data:1")
-    proposer, draft_params = make_proposer(job, cfg, params, None if job.dtype == "auto"
-                                           else job.dtype)
-    gen = SpeculativeGenerator(cfg, params, proposer, draft_params=draft_params,
-                               rule=job.acceptance, implementation=job.implementation,
-                               steps_per_sync=job.steps_per_sync, page_size=job.page_size)
-  else:
-    gen = Generator(cfg, params, mesh, implementation=job.implementation,
-                    steps_per_sync=job.steps_per_sync, sparsity=sparsity)
+  gen = Generator(cfg, params, mesh, implementation=job.implementation,
+                  steps_per_sync=job.steps_per_sync, sparsity=sparsity)
   todo = sorted(todo, key=lambda r: len(r.prompt_ids))  # similar lengths pad little
   completion = 0
   for start in range(0, len(todo), job.batch_size):
@@ -654,8 +650,10 @@ def _run_static(job, cfg, params, tokenizer, mesh, todo, writer, bar, sparsity) 
     completion += sum(rec["completion_tokens"] for rec in records)
     writer.write(records)
     bar.update(len(batch))
-  tm = gen.timings
-  extra = {} if job.speculative == "none" else gen.stats.metrics()
+  return _static_stats(gen.timings, completion)
+
+
+def _static_stats(tm, completion: int) -> dict:
   return {
       "busy_s": tm.prefill_s + tm.decode_s, "completion_tokens": completion,
       "prefill_tokens": tm.prefill_tokens,
@@ -665,4 +663,55 @@ def _run_static(job, cfg, params, tokenizer, mesh, todo, writer, bar, sparsity) 
       "steps": tm.decode_steps, "compile_s": tm.compile_s, "compilations": tm.compilations,
       "replicas": 1,
       "expected_compilations": tm.compilations,
-  } | extra
+  }
+
+
+# Continuous speculative batching hands each batch of this many x --batch_size requests to the
+# speculative generator (its slots refilled as rows finish); the auto policy picks speculation
+# or plain decoding per batch.
+SPECULATIVE_WAVE = 8
+
+
+def _run_speculative(job, cfg, params, tokenizer, todo, writer, bar) -> dict:
+  """Speculative decoding: with --scheduler=continuous, --batch_size slots refilled as rows
+  finish (records written as they complete); with static, batches of --batch_size rows."""
+  from jaxinfer.speculative.decode import SpeculativeGenerator
+  continuous = job.scheduler == "continuous"
+  proposer, draft_params = make_proposer(job, cfg, params, None if job.dtype == "auto"
+                                         else job.dtype)
+  gen = SpeculativeGenerator(cfg, params, proposer, draft_params=draft_params,
+                             rule=job.acceptance, implementation=job.implementation,
+                             steps_per_sync=job.steps_per_sync, page_size=job.page_size,
+                             num_slots=job.batch_size if continuous else None)
+  n = job.num_samples
+  todo = sorted(todo, key=lambda r: len(r.prompt_ids))  # similar lengths pad little
+  rows = [(req, k) for req in todo for k in range(n)]
+  if continuous and todo:  # one slot geometry for the whole job: compiled once
+    gen.reserve(max(len(r.prompt_ids) for r in todo), max(r.max_new_tokens for r in todo))
+  wave = job.batch_size * (SPECULATIVE_WAVE if continuous else 1)
+  samples: dict[int, dict[int, tuple[list[int], bool]]] = {}
+  totals = {"completion": 0}
+
+  def deliver(req, k, res):
+    got = samples.setdefault(id(req), {})
+    got[k] = (res.tokens, res.finished_by_eos)
+    if len(got) == n:
+      del samples[id(req)]
+      record = make_record(req, [got[j] for j in range(n)], tokenizer)
+      totals["completion"] += sum(s["completion_tokens"] for s in record.get("samples",
+                                                                             [record]))
+      writer.write([record])
+      bar.update(1)
+
+  for start in range(0, len(rows), wave):
+    batch = rows[start:start + wave]
+    reqs = [RowRequest(r.prompt_ids, r.max_new_tokens, sample_key(job.seed, r.id, k),
+                       r.temperature, r.top_k, r.top_p, r.min_p) for r, k in batch]
+
+    def should_stop(i: int, tokens: list[int]) -> bool:
+      stop = batch[i][0].stop
+      return bool(stop) and any(s in tokenizer.decode(tokens) for s in stop)
+
+    gen.generate(reqs, should_stop, on_result=lambda i, res: deliver(*batch[i], res))
+  assert not samples, "every sample of every request is delivered"
+  return _static_stats(gen.timings, totals["completion"]) | gen.stats.metrics()

@@ -67,23 +67,65 @@ def _proposers(cfg, params, other):
   }
 
 
+def _head_proposers(cfg, params):
+  """Medusa, Hydra and Hydra++ heads, untrained (random where zeros would make them trivial)."""
+  from jaxinfer.draft_heads import hydra, medusa
+  paths = ((0,), (1,), (0, 0), (0, 1), (0, 0, 0))
+  mh = medusa.init_heads(params, 3)
+  mh = mh.replace(w=0.3 * jax.random.normal(jax.random.key(3), mh.w.shape))
+  pcfg = hydra.prefix_config(cfg)
+  return {
+      "medusa": (P.Medusa(paths=paths), mh),
+      "hydra": (P.Hydra(paths=paths), hydra.init_heads(params, 3, jax.random.key(4))),
+      "hydra++": (P.Hydra(paths=paths, prefix=pcfg),
+                  hydra.init_heads(params, 3, jax.random.key(5), pcfg)),
+  }
+
+
 @pytest.mark.parametrize("name", ["ngram", "lookahead", "recycling", "layerskip", "draft",
-                                  "draft-fallback", "eagle", "eagle-tree"])
+                                  "draft-fallback", "eagle", "eagle-tree", "medusa", "hydra",
+                                  "hydra++"])
 def test_greedy_speculative_equals_greedy(target, other_draft, name):
+  """Batch 1, then nine requests of mixed prompt and output lengths through three slots
+  (continuous batching): each finished row's slot is refilled with the next request (its prompt
+  prefilled into the slot's pages, the proposer's state for that row reset) while the other
+  rows keep verifying. Every output equals plain greedy decoding, delivered as rows finish."""
   cfg, params = target
-  proposer, draft_params = _proposers(cfg, params, other_draft)[name]
-  for n in (1, 6):
-    rows = _rows(cfg, n, seed=n)
-    plain = Generator(cfg, params).generate(rows)
-    spec = SpeculativeGenerator(cfg, params, proposer, draft_params=draft_params,
-                                steps_per_sync=4, page_size=8)
-    out = spec.generate(rows)
-    for i, (a, b) in enumerate(zip(plain, out)):
-      assert b.tokens == a.tokens, (name, n, i)
-      assert b.finished_by_eos == a.finished_by_eos
-    st = spec.stats
-    assert st.verify_steps > 0 and st.mean_accepted_tokens >= 1.0
-    assert len(st.per_depth_acceptance()) == proposer.max_depth
+  proposer, draft_params = (_proposers(cfg, params, other_draft) | _head_proposers(cfg, params))[
+      name]
+  make = lambda slots: SpeculativeGenerator(cfg, params, proposer, draft_params=draft_params,
+                                            steps_per_sync=8, page_size=8, policy="always",
+                                            num_slots=slots)
+  rows = _rows(cfg, 1, seed=1)
+  assert make(None).generate(rows)[0].tokens == Generator(cfg, params).generate(rows)[0].tokens
+  rows = _rows(cfg, 9, seed=21)
+  plain = Generator(cfg, params).generate(rows)
+  spec = make(3)
+  seen = []
+  out = spec.generate(rows, on_result=lambda i, r: seen.append(i))
+  assert [r.tokens for r in out] == [r.tokens for r in plain], name
+  assert [r.finished_by_eos for r in out] == [r.finished_by_eos for r in plain]
+  assert sorted(seen) == list(range(9)) and seen != list(range(9))  # in completion order
+  st = spec.stats
+  assert st.verify_steps > 0 and st.mean_accepted_tokens >= 1.0
+  assert len(st.per_depth_acceptance()) == proposer.max_depth
+  assert st.row_slots == 3 * st.steps
+  assert st.verify_steps / st.row_slots > 0.6  # slots were kept busy
+
+
+def test_continuous_speculation_samples_what_it_would_alone(target, other_draft):
+  """A request's sampled output depends on its own key only: the same in any slot, admitted at
+  any time, next to any other requests (keys follow the row's progress, not the batch's)."""
+  cfg, params = target
+  proposer, draft_params = _proposers(cfg, params, other_draft)["draft"]
+  rows = _rows(cfg, 7, seed=5, temperature=1.0)
+  gen = lambda slots: SpeculativeGenerator(cfg, params, proposer, draft_params=draft_params,
+                                           page_size=8, policy="always", num_slots=slots)
+  one = gen(1)
+  one.reserve(max(len(r.prompt_ids) for r in rows), max(r.max_new_tokens for r in rows))
+  alone = [one.generate([r])[0].tokens for r in rows]
+  assert [r.tokens for r in gen(2).generate(rows)] == alone
+  assert [r.tokens for r in gen(None).generate(rows[::-1])] == alone[::-1]
 
 
 @pytest.mark.parametrize("proposer", [P.NGram(num_draft_tokens=4),
@@ -209,18 +251,27 @@ def test_generate_job_with_speculation(tmp_path, tiny_model_dir):
   def job(name, **kw):
     out = tmp_path / f"{name}.jsonl"
     m = run(GenerateJob(prompts=str(prompts), output=str(out), model=str(tiny_model_dir),
-                        scheduler="static", batch_size=2, progress=False, **kw))
+                        batch_size=2, progress=False, **({"scheduler": "static"} | kw)))
     return {r["id"]: r for r in map(json.loads, out.read_text().splitlines())}, m
 
   plain, _ = job("plain")
-  for method, tree in (("ngram", "2,1"), ("recycling", "2,1"), ("lookahead", "nodes:6")):
+  for method, tree, scheduler in (("ngram", "2,1", "continuous"), ("recycling", "2,1", "static"),
+                                  ("lookahead", "nodes:6", "continuous")):
     # (every proposer: test_greedy_speculative_equals_greedy)
-    spec, m = job(method, speculative=method, tree=tree)
+    spec, m = job(method, speculative=method, tree=tree, scheduler=scheduler)
     assert {i: r["completion_ids"] for i, r in spec.items()} == {
         i: r["completion_ids"] for i, r in plain.items()}, method
     assert m["speculative"] == method and m["mean_accepted_tokens"] >= 1.0
     assert sum(m["accepted_length_histogram"]) == m["verify_steps"] > 0
-  for kw, flag in ((dict(speculative="ngram", scheduler="continuous"), "--speculative"),
+    assert m["scheduler"] == scheduler and "speculat" in m["speculation"]
+  # Several samples per prompt, sampled speculatively in slots: each sample as the engine
+  # would draw it alone (its own key), the records whole.
+  from jaxinfer.requests import Defaults
+  spec, m = job("samples", speculative="ngram", scheduler="continuous", num_samples=3,
+                defaults=Defaults(temperature=1.0))
+  assert all(len(r["samples"]) == 3 for r in spec.values()) and m["num_samples"] == 3
+  assert len({tuple(s["completion_ids"]) for s in spec[2]["samples"]}) > 1
+  for kw, flag in ((dict(speculative="ngram", mesh="data:2"), "--mesh"),
                    (dict(speculative="draft", scheduler="static"), "--draft_model"),
                    (dict(speculative="recycling", scheduler="static", tree="4,x"), "--tree"),
                    (dict(speculative="ngram", scheduler="static", tree="dynamic"), "--tree"),

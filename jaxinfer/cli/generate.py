@@ -52,12 +52,13 @@ flags.DEFINE_string("sparsity", "dense", "Long-prompt attention: dense, sinks_wi
                     "block_topk:TOPK[,BLOCK] or vertical_slash:V,S[,BLOCK] (see README).")
 flags.DEFINE_integer("max_seq_len", None, "Override the model's context length (prompt + output), "
                      "e.g. for long prompts under sinks_window sparsity.", lower_bound=2)
-flags.DEFINE_integer("steps_per_sync", 32, "Static scheduler: decode steps per host round trip.",
-                     lower_bound=1)
+flags.DEFINE_integer("steps_per_sync", 32, "Static scheduler and speculative decoding: decode "
+                     "(verification) steps per host round trip at most.", lower_bound=1)
 flags.DEFINE_enum("speculative", "none",
                   ["none", "ngram", "lookahead", "recycling", "draft", "layerskip", "medusa",
                    "hydra", "eagle"],
-                  "Speculative decoding proposer (with --scheduler=static): prompt lookup (a "
+                  "Speculative decoding proposer, on one device (continuous: --batch_size slots "
+                  "refilled as rows finish; static: padded batches): prompt lookup (a "
                   "chain), a Lookahead-style trie over prompt and output (a tree), Token "
                   "Recycling, a separate draft model, the model itself with layers skipped, "
                   "Medusa or Hydra heads, or an EAGLE draft layer (--draft_heads).")

@@ -2,9 +2,12 @@
 forward (the tree-verification kernel), accept with a lossless rule, commit the accepted path's
 K/V, repeat — all on the device, `steps_per_sync` verification steps per host round trip.
 
-B rows, T tree nodes, S cache positions per row (pages of the row's own), V vocabulary.
+B rows (slots), T tree nodes, S cache positions per row (pages of the row's own), V vocabulary.
 Rows have their own prompt lengths and accept different numbers of tokens per step (ragged);
-each row's committed length, pending root token and outputs live in device arrays.
+each row's committed length, pending root token and outputs live in device arrays. Rows are
+admitted into free slots of a running state (prefilled into the slot's pages, the proposer's
+state for the row reset), so with more requests than slots a finished row's slot is refilled at
+the next host round trip (continuous batching).
 """
 
 from __future__ import annotations
@@ -61,6 +64,7 @@ class SpecStats:
   decode_tokens: int = 0
   prefill_tokens: int = 0
   steps: int = 0  # batched verification steps
+  host_syncs: int = 0  # host round trips while decoding
   row_slots: int = 0  # steps x rows
   spec_batches: int = 0  # batches that speculated
   plain_batches: int = 0  # ... that decoded plainly (policy "auto")
@@ -89,7 +93,7 @@ class SpecStats:
     return {"mean_accepted_tokens": round(self.mean_accepted_tokens, 4),
             "accepted_length_histogram": [int(x) for x in self.accepted_hist],
             "per_depth_acceptance": [round(x, 4) for x in self.per_depth_acceptance()],
-            "verify_steps": self.verify_steps,
+            "verify_steps": self.verify_steps, "host_syncs": self.host_syncs,
             "occupancy": round(self.verify_steps / self.row_slots, 4) if self.row_slots else 0.0,
             "speculation": self.decision(), "speculative_batches": self.spec_batches,
             "plain_batches": self.plain_batches,
@@ -107,7 +111,9 @@ class SpecStats:
 
 
 def _propose(params, draft_params, state: SpecState, sampling: SamplingParams, proposer):
-  step_keys = jax.vmap(lambda k: jax.random.fold_in(k, state.step))(state.keys)
+  # Per row, keyed by its own progress: a request samples the same tokens whatever else shares
+  # its batch and whenever it was admitted.
+  step_keys = jax.vmap(jax.random.fold_in)(state.keys, state.num_generated)
   ctx = Context(state.history, state.length, sampling,
                 jax.vmap(lambda k: jax.random.fold_in(k, _DRAFT_SALT))(step_keys))
   if isinstance(proposer, Eagle):
@@ -127,7 +133,7 @@ def _draft_only(params, draft_params, state: SpecState, sampling, *, num_steps, 
     pstate, acc = carry
     # Each proposal reads the last one's proposer state and a value that depends on its tokens
     # (acc is never negative, but the compiler cannot know): nothing is hoisted out of the loop.
-    s = state.replace(step=state.step + i, proposer=pstate,
+    s = state.replace(num_generated=state.num_generated + i, proposer=pstate,
                       length=jnp.where(acc < 0, state.length + 1, state.length))
     _, pstate, draft = _propose(params, draft_params, s, sampling, proposer)
     return pstate, acc + jnp.sum(draft.tokens)
@@ -208,10 +214,12 @@ def _step(params, draft_params, state: SpecState, sampling: SamplingParams, page
                    state.emitted + jnp.sum(jnp.where(live, count, 0)))
 
 
-def _chunk(params, draft_params, state, sampling, page_table, eos_ids, *, num_steps, **kw):
+def _chunk(params, draft_params, state, sampling, page_table, eos_ids, min_done, *, num_steps,
+           **kw):
+  """Up to `num_steps` steps; ends early once `min_done` rows are done (a slot to refill)."""
   def cond(c):
     i, s = c
-    return (i < num_steps) & ~jnp.all(s.done)
+    return (i < num_steps) & (jnp.sum(s.done) < min_done)
 
   def body(c):
     i, s = c
@@ -220,46 +228,74 @@ def _chunk(params, draft_params, state, sampling, page_table, eos_ids, *, num_st
   return jax.lax.while_loop(cond, body, (0, state))[1]
 
 
-def _prefill(params, draft_params, history, prompt_len, max_new, sampling, keys, eos_ids,
-             adjacency, *, cfg, proposer, max_len, num_pages, page_size, out_len, implementation,
-             mesh, rules) -> SpecState:
-  """Target (and draft) prefill and the initial state; the first token is sampled as plain
-  decoding samples it."""
-  b, width = history.shape
-  k, v = PagedKVCache.init_pools(cfg, num_pages, page_size)
+def _proposer_prefill(params, draft_params, hidden, history, prompt_len, first, adjacency, *,
+                      proposer, max_len):
+  """The proposer's state for freshly prefilled rows (`hidden`: the target's over the prompts)."""
+  last = jnp.take_along_axis(hidden, (prompt_len - 1)[:, None, None], axis=1)[:, 0]
+  if isinstance(proposer, DraftModel):
+    return proposer.prefill(draft_params, history, prompt_len, max_len)
+  if isinstance(proposer, Recycling):
+    return adjacency
+  if isinstance(proposer, Hydra) and proposer.prefix is not None:
+    return proposer.prefill((draft_params, params), hidden, prompt_len, max_len)
+  if isinstance(proposer, (Medusa, Hydra)):
+    return last  # the hidden state that predicted the first token
+  if isinstance(proposer, Eagle):
+    return proposer.prefill((draft_params, params), hidden, history, prompt_len, first, max_len)
+  return ()
+
+
+def _put_rows(old, new, slots):
+  """old's rows `slots` := new's rows, leaf by leaf (rows are axis 1 of a KVCache's buffers,
+  axis 0 elsewhere); slots past the end are dropped."""
+  def put(o, n, axis=0):
+    n = n if n.dtype == o.dtype else n.astype(o.dtype)
+    return o.at[(slice(None),) * axis + (slots,)].set(n, mode="drop")
+
+  def leaf(o, n):
+    if isinstance(o, KVCache):
+      return jax.tree_util.tree_map(lambda a, b: put(a, b, 1), o, n)
+    return put(o, n)
+
+  return jax.tree_util.tree_map(leaf, old, new, is_leaf=lambda x: isinstance(x, KVCache))
+
+
+def _admit(params, draft_params, state: SpecState, history, prompt_len, max_new, sampling, keys,
+           eos_ids, slots, *, cfg, proposer, max_len, page_size, implementation, mesh,
+           rules) -> SpecState:
+  """Prefills k new rows into slots `slots` (k,) of a running state (a slot past the end: a
+  padding row, nothing written): the target's K/V straight into the slots' pages, the first
+  token sampled as plain decoding samples it, the proposer's state and the row's counters
+  reset. history (k, W) holds the prompts."""
+  k, width = history.shape
+  b, m = state.length.shape[0], max_len // page_size
+  real = slots < b
+  page_table = jnp.where(real[:, None], slots[:, None] * m + jnp.arange(m)[None, :], 0)
   pos = jnp.arange(width)[None, :]
-  positions = jnp.where(pos < prompt_len[:, None], pos, max_len)  # padding: dropped
-  view = lambda pool: pool.reshape(pool.shape[0], b, -1, pool.shape[3])  # row b: pages b*M...
-  cache = KVCache(tuple(map(view, k)), tuple(map(view, v)))
+  positions = jnp.where((pos < prompt_len[:, None]) & real[:, None], pos, max_len)  # dropped
+  cache = PagedKVCache(state.k, state.v, page_table.astype(jnp.int32))
   # The prompt attends to itself (padding sits at out-of-range positions, after every real
-  # token, and is never written); its K/V land in the row's pages.
+  # token, and is never written); its K/V land in the slot's pages.
   hidden, cache = M.forward(params, history, positions, cfg, cache, kv_source="chunk",
                             implementation=implementation, mesh=mesh, rules=rules)
   last = jnp.take_along_axis(hidden, (prompt_len - 1)[:, None, None], axis=1)[:, 0]
   first = sample(M.logits(params, last), sampling,
                  jax.vmap(lambda kk: jax.random.fold_in(kk, 0))(keys)).astype(jnp.int32)
-  pstate = ()
-  if isinstance(proposer, DraftModel):
-    pstate = proposer.prefill(draft_params, history, prompt_len, max_len)
-  elif isinstance(proposer, Recycling):
-    pstate = adjacency
-  elif isinstance(proposer, Hydra) and proposer.prefix is not None:
-    pstate = proposer.prefill((draft_params, params), hidden, prompt_len, max_len)
-  elif isinstance(proposer, (Medusa, Hydra)):
-    pstate = last  # the hidden state that predicted the first token
-  elif isinstance(proposer, Eagle):
-    pstate = proposer.prefill((draft_params, params), hidden, history, prompt_len, first, max_len)
-  unview = lambda new, old: new.reshape(old.shape)
-  rows = jnp.arange(b)
+  pstate = _proposer_prefill(params, draft_params, hidden, history, prompt_len, first,
+                             state.proposer, proposer=proposer, max_len=max_len)
+  if not isinstance(proposer, Recycling):  # (its adjacency is shared by every row)
+    pstate = _put_rows(state.proposer, pstate, slots)
+  rows = jnp.arange(k)
   hist = jnp.pad(history, ((0, 0), (0, max_len - width))).at[rows, prompt_len].set(first)
-  return SpecState(
-      k=tuple(map(unview, cache.k, k)), v=tuple(map(unview, cache.v, v)), history=hist,
-      length=prompt_len, out=jnp.zeros((b, out_len), jnp.int32).at[:, 0].set(first),
-      num_generated=jnp.ones((b,), jnp.int32), max_new=max_new,
-      done=(max_new <= 1) | jnp.isin(first, eos_ids), keys=keys,
-      step=jnp.zeros((), jnp.int32), proposer=pstate,
-      accepted_hist=jnp.zeros((proposer.max_depth + 1,), jnp.int32),
-      emitted=jnp.zeros((), jnp.int32))
+  out = jnp.zeros((k, state.out.shape[1]), jnp.int32).at[:, 0].set(first)
+  done = (max_new <= 1) | jnp.isin(first, eos_ids)
+  put = lambda old, new: _put_rows(old, new, slots)
+  return state.replace(
+      k=cache.k, v=cache.v, history=put(state.history, hist), length=put(state.length,
+                                                                           prompt_len),
+      out=put(state.out, out), num_generated=put(state.num_generated, jnp.ones((k,), jnp.int32)),
+      max_new=put(state.max_new, max_new), done=put(state.done, done),
+      keys=put(state.keys, keys), proposer=pstate)
 
 
 def _average(old: float | None, new: float) -> float:
@@ -273,11 +309,13 @@ class SpeculativeGenerator:
                draft_params: M.Transformer | None = None, rule: str = acceptance.EXACT,
                implementation: str = "xla", steps_per_sync: int = 16, page_size: int = 16,
                policy: str = "auto", explore_every: int = 8, mesh=None, rules=None,
-               measure_split: bool = True):
+               measure_split: bool = True, num_slots: int | None = None):
     """policy "auto": each batch speculates or decodes plainly (the plain `Generator`),
     whichever measured faster, so speculation that stops paying (large batches, compute-bound
     devices) turns itself off; "always": speculate every batch. measure_split: once, after
-    compilation, time the drafting part of a step alone (stats.draft_share)."""
+    compilation, time the drafting part of a step alone (stats.draft_share). num_slots:
+    continuous batching, each batch's rows through this many slots (None: all rows at once;
+    plain decoding then also runs in batches of num_slots)."""
     from jaxinfer.sharding import DEFAULT_RULES
     if cfg.sliding_window is not None:
       raise ValueError("speculative decoding: sliding-window models are not supported yet")
@@ -292,7 +330,11 @@ class SpeculativeGenerator:
                        f" differs from the target's ({cfg.vocab_size})")
     if policy not in ("auto", "always"):
       raise ValueError(f"speculative decoding: policy must be auto or always, got {policy!r}")
+    if num_slots is not None and num_slots < 1:
+      raise ValueError(f"speculative decoding: num_slots must be >= 1, got {num_slots}")
     self.policy, self.explore_every = policy, explore_every
+    self.num_slots = num_slots
+    self._reserved = (0, 0)  # (prompt, new tokens) every batch's slots have room for
     self.measure_split = measure_split
     self._batches = 0
     self._fresh = 0  # executables compiled so far
@@ -335,9 +377,13 @@ class SpeculativeGenerator:
     fn = partial(_draft_only, num_steps=self.steps_per_sync, proposer=self.proposer)
     args = (self.params, self.draft_params, state, sampling)
     self._run("draft_only", fn, *args).block_until_ready()  # compile (not timed)
-    t0 = time.perf_counter()
-    self._run("draft_only", fn, *args).block_until_ready()
-    draft_s = (time.perf_counter() - t0) / self.steps_per_sync
+    times = []
+    for _ in range(3):  # the fastest of three: a busy host only ever slows a run down
+      t0 = time.perf_counter()
+      self._run("draft_only", fn, *args).block_until_ready()
+      times.append((time.perf_counter() - t0) / self.steps_per_sync)
+    # (the step time is one measurement; on a busy host drafting alone can outlast it)
+    draft_s = min(min(times), step_s)
     st.draft_ms_per_step, st.step_ms = 1e3 * draft_s, 1e3 * step_s
     st.draft_share = min(1.0, draft_s / max(step_s, 1e-12))
 
@@ -359,7 +405,11 @@ class SpeculativeGenerator:
   def _generate_plain(self, rows, should_stop):
     st, tm = self.stats, self._plain.timings
     before = dataclasses.replace(tm)
-    results = self._plain.generate(rows, should_stop)
+    step = self.num_slots or len(rows)  # plain batches as large as the speculative ones
+    results = []
+    for lo in range(0, len(rows), step):
+      stop = None if should_stop is None else (lambda i, toks, lo=lo: should_stop(lo + i, toks))
+      results += self._plain.generate(rows[lo:lo + step], stop)
     new_tokens, decode_s = tm.decode_tokens - before.decode_tokens, tm.decode_s - before.decode_s
     st.prefill_s += tm.prefill_s - before.prefill_s
     st.prefill_tokens += tm.prefill_tokens - before.prefill_tokens
@@ -372,88 +422,150 @@ class SpeculativeGenerator:
       st.plain_tps = _average(st.plain_tps, new_tokens / max(decode_s, 1e-9))
     return results
 
+  def reserve(self, max_prompt_len: int, max_new_tokens: int) -> None:
+    """Sizes every later batch's slots for at least these lengths, so that batches of one job
+    share their compiled steps (continuous batching: set it for the job's longest request)."""
+    self._reserved = (max_prompt_len, max_new_tokens)
+
   def generate(self, rows: Sequence[RowRequest],
-               should_stop: Callable[[int, list[int]], bool] | None = None) -> list[RowResult]:
+               should_stop: Callable[[int, list[int]], bool] | None = None,
+               on_result: Callable[[int, RowResult], None] | None = None) -> list[RowResult]:
+    """Every row's result (in order); `on_result(i, result)` is also called as row i finishes.
+
+    With `num_slots` (continuous batching) the rows run in that many slots, a finished row's
+    slot refilled with the next row at the next host round trip; otherwise all rows at once."""
     if not rows:
       return []
     if self._choose() == "plain":
-      return self._generate_plain(rows, should_stop)
-    cfg, t = self.cfg, self.proposer.tree_size
+      results = self._generate_plain(rows, should_stop)
+      if on_result is not None:
+        for i, res in enumerate(results):
+          on_result(i, res)
+      return results
+    return self._generate_spec(rows, should_stop, on_result)
+
+  def _empty_state(self, b: int, max_len: int, out_len: int, key: jax.Array) -> SpecState:
+    """b free slots (done) over zeroed pages: rows are admitted into it."""
+    cfg, ps = self.cfg, self.page_size
+    k, v = PagedKVCache.init_pools(cfg, b * (max_len // ps), ps)
+    w = 16
+    spec = lambda shape, dtype: jax.ShapeDtypeStruct(shape, dtype)
+    shapes = jax.eval_shape(
+        partial(_proposer_prefill, proposer=self.proposer, max_len=max_len), self.params,
+        self.draft_params, spec((b, w, cfg.embed), cfg.jnp_dtype), spec((b, w), jnp.int32),
+        spec((b,), jnp.int32), spec((b,), jnp.int32), self._adjacency)
+    pstate = (self._adjacency if isinstance(self.proposer, Recycling) else
+              jax.tree_util.tree_map(lambda x: jnp.zeros(x.shape, x.dtype), shapes))
+    zeros = lambda *shape: jnp.zeros(shape, jnp.int32)
+    return SpecState(
+        k=k, v=v, history=zeros(b, max_len), length=zeros(b), out=zeros(b, out_len),
+        num_generated=zeros(b), max_new=zeros(b), done=jnp.ones((b,), bool),
+        keys=jnp.stack([key] * b), step=zeros(), proposer=pstate,
+        accepted_hist=zeros(self.proposer.max_depth + 1), emitted=zeros())
+
+  def _generate_spec(self, rows, should_stop, on_result) -> list[RowResult]:
+    cfg, t, ps = self.cfg, self.proposer.tree_size, self.page_size
     n = len(rows)
-    b = n
-    width = next_pow2(max(len(r.prompt_ids) for r in rows), 16)
-    o = next_pow2(max(r.max_new_tokens for r in rows), 16)
-    ps = self.page_size
+    b = n if self.num_slots is None else self.num_slots
+    reserved = self._reserved
+    o = next_pow2(max([r.max_new_tokens for r in rows] + [reserved[1]]), 16)
+    width = next_pow2(max([len(r.prompt_ids) for r in rows] + [reserved[0]]), 16)
     max_len = -(-(width + o + t) // ps) * ps  # room for the last tree
     m = max_len // ps
-    history = np.zeros((b, max_len), np.int32)
-    prompt_len = np.zeros((b,), np.int32)
-    max_new = np.zeros((b,), np.int32)
-    sp = {"temperature": np.zeros(b, np.float32), "top_k": np.zeros(b, np.int32),
-          "top_p": np.ones(b, np.float32), "min_p": np.zeros(b, np.float32)}
-    for i, r in enumerate(rows):
-      history[i, :len(r.prompt_ids)] = r.prompt_ids
-      prompt_len[i] = len(r.prompt_ids)
-      max_new[i] = r.max_new_tokens
-      for f in sp:
-        sp[f][i] = getattr(r, f)
-    keys = jnp.stack([r.key for r in rows])
-    sampling = SamplingParams(**{f: jnp.asarray(x) for f, x in sp.items()})
     page_table = jnp.arange(b * m, dtype=jnp.int32).reshape(b, m)
     kw = dict(cfg=cfg, proposer=self.proposer, implementation=self.implementation,
               mesh=self.mesh, rules=self.rules)
     eos = jnp.asarray(cfg.eos_token_ids or (-1,), jnp.int32)
-
-    t0 = time.perf_counter()
-    c0 = self.stats.compile_s
-    state = self._run(
-        "prefill", partial(_prefill, max_len=max_len, num_pages=b * m, page_size=ps, out_len=o,
-                           **kw),
-        self.params, self.draft_params, history[:, :width], prompt_len, max_new, sampling, keys,
-        eos, self._adjacency)
-    host_done = np.asarray(state.done)
-    t1 = time.perf_counter()
-    self.stats.prefill_s += t1 - t0 - (self.stats.compile_s - c0)
-    self.stats.prefill_tokens += int(prompt_len.sum())
-
+    eos_set = set(int(e) for e in cfg.eos_token_ids)
+    admit = partial(_admit, max_len=max_len, page_size=ps, **kw)
     chunk = partial(_chunk, num_steps=self.steps_per_sync, rule=self.rule, **kw)
-    decode_s = 0.0
+    fields = ("temperature", "top_k", "top_p", "min_p")
+    sp = {"temperature": np.zeros(b, np.float32), "top_k": np.zeros(b, np.int32),
+          "top_p": np.ones(b, np.float32), "min_p": np.zeros(b, np.float32)}
+    to_device = lambda d: SamplingParams(**{f: jnp.asarray(d[f]) for f in fields})
+
+    state = self._empty_state(b, max_len, o, rows[0].key)
+    sampling = to_device(sp)
+    slot_row: list[int | None] = [None] * b
+    pending = list(range(n))[::-1]  # popped from the end: in order
+    results: list[RowResult | None] = [None] * n
+    host_done = np.ones(b, bool)
+    st = self.stats
+    prefill_s = decode_s = 0.0
+    new_tokens = syncs = 0
     fresh = self._fresh
-    while not host_done.all():
-      c0 = self.stats.compile_s
-      t2 = time.perf_counter()
+    while True:
+      finished = [s for s in range(b) if slot_row[s] is not None and host_done[s]]
+      if finished:
+        toks, counts = np.asarray(state.out), np.asarray(state.num_generated)
+        for s in finished:
+          i, slot_row[s] = slot_row[s], None
+          ids = [int(x) for x in toks[s, :counts[s]]]
+          results[i] = RowResult(ids, bool(ids) and ids[-1] in eos_set)
+          new_tokens += max(0, len(ids) - 1)
+          if on_result is not None:
+            on_result(i, results[i])
+      free = [s for s in range(b) if slot_row[s] is None]
+      if pending and free:
+        take = [pending.pop() for _ in range(min(len(free), len(pending)))]
+        slots = free[:len(take)]
+        k = min(b, next_pow2(len(take)))  # a few admission sizes; padding rows write nothing
+        w = next_pow2(max(len(rows[i].prompt_ids) for i in take), 16)
+        hist = np.zeros((k, w), np.int32)
+        plen, mnew = np.ones(k, np.int32), np.ones(k, np.int32)
+        slot_ids = np.full(k, b, np.int32)
+        msp = {f: np.zeros(k, sp[f].dtype) for f in fields}
+        msp["top_p"][:] = 1.0
+        for j, (i, s) in enumerate(zip(take, slots)):
+          r = rows[i]
+          hist[j, :len(r.prompt_ids)] = r.prompt_ids
+          plen[j], mnew[j], slot_ids[j] = len(r.prompt_ids), r.max_new_tokens, s
+          slot_row[s] = i
+          for f in fields:
+            msp[f][j] = sp[f][s] = getattr(r, f)
+        keys = jnp.stack([rows[i].key for i in take] + [rows[take[0]].key] * (k - len(take)))
+        t0, c1 = time.perf_counter(), st.compile_s
+        state = self._run("admit", admit, self.params, self.draft_params, state, hist, plen,
+                          mnew, to_device(msp), keys, eos, slot_ids)
+        sampling = to_device(sp)
+        host_done = np.asarray(state.done)
+        prefill_s += time.perf_counter() - t0 - (st.compile_s - c1)
+        st.prefill_tokens += int(plen[:len(take)].sum())
+        continue  # rows done at their first token are delivered before decoding
+      live = [s for s in range(b) if slot_row[s] is not None and not host_done[s]]
+      if not live:
+        break
+      # With requests waiting, hand back as soon as one more row is done (its slot refilled).
+      min_done = b - len(live) + 1 if pending else b
+      t0, c1 = time.perf_counter(), st.compile_s
       state = self._run("decode", chunk, self.params, self.draft_params, state, sampling,
-                        page_table, eos)
+                        page_table, eos, np.int32(min_done))
       host_done = np.asarray(state.done)
-      decode_s += time.perf_counter() - t2 - (self.stats.compile_s - c0)
+      decode_s += time.perf_counter() - t0 - (st.compile_s - c1)
+      syncs += 1
       if should_stop is not None:
         toks, counts = np.asarray(state.out), np.asarray(state.num_generated)
-        newly = [i for i in range(n) if not host_done[i]
-                 and should_stop(i, [int(x) for x in toks[i, :counts[i]]])]
+        newly = [s for s in live if not host_done[s]
+                 and should_stop(slot_row[s], [int(x) for x in toks[s, :counts[s]]])]
         if newly:
           host_done = host_done.copy()
           host_done[newly] = True
           state = state.replace(done=jnp.asarray(host_done))
     if isinstance(self.proposer, Recycling):
       self._adjacency = state.proposer  # what it learned carries over to the next batch
-    toks, counts = np.asarray(state.out), np.asarray(state.num_generated)
-    eos_set = set(int(e) for e in cfg.eos_token_ids)
-    st = self.stats
+    steps = int(state.step)
     st.accepted_hist = st.accepted_hist + np.asarray(state.accepted_hist)
     st.verify_steps = int(st.accepted_hist.sum())
     st.emitted += int(state.emitted)
-    st.steps += int(state.step)
-    st.row_slots += int(state.step) * b
-    new_tokens = int(sum(max(0, c - 1) for c in counts))
+    st.steps += steps
+    st.row_slots += steps * b
     st.decode_tokens += new_tokens
     st.decode_s += decode_s
+    st.prefill_s += prefill_s
+    st.host_syncs += syncs
     st.spec_batches += 1
     if self._fresh == fresh:  # not the first run of a fresh executable (slow)
       st.spec_tps = _average(st.spec_tps, new_tokens / max(decode_s, 1e-9))
-      if st.draft_share is None and self.measure_split and int(state.step):
-        self._measure_split(state, sampling, decode_s / int(state.step))
-    results = []
-    for i in range(n):
-      ids = [int(x) for x in toks[i, :counts[i]]]
-      results.append(RowResult(ids, bool(ids) and ids[-1] in eos_set))
+      if st.draft_share is None and self.measure_split and steps:
+        self._measure_split(state, sampling, decode_s / steps)
     return results
