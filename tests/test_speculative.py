@@ -67,6 +67,15 @@ def _proposers(cfg, params, other):
   }
 
 
+@pytest.fixture(scope="module")
+def plain_greedy(target):
+  """{n: (rows, plain greedy results)} for the lossless tests' workloads."""
+  cfg, params = target
+  gen = Generator(cfg, params)
+  return {n: (rows, gen.generate(rows)) for n, rows in ((1, _rows(cfg, 1, seed=1)),
+                                                        (9, _rows(cfg, 9, seed=21)))}
+
+
 def _head_proposers(cfg, params):
   """Medusa, Hydra and Hydra++ heads, untrained (random where zeros would make them trivial)."""
   from jaxinfer.draft_heads import hydra, medusa
@@ -85,7 +94,7 @@ def _head_proposers(cfg, params):
 @pytest.mark.parametrize("name", ["ngram", "lookahead", "recycling", "layerskip", "draft",
                                   "draft-fallback", "eagle", "eagle-tree", "medusa", "hydra",
                                   "hydra++"])
-def test_greedy_speculative_equals_greedy(target, other_draft, name):
+def test_greedy_speculative_equals_greedy(target, other_draft, plain_greedy, name):
   """Batch 1, then nine requests of mixed prompt and output lengths through three slots
   (continuous batching): each finished row's slot is refilled with the next request (its prompt
   prefilled into the slot's pages, the proposer's state for that row reset) while the other
@@ -96,10 +105,9 @@ def test_greedy_speculative_equals_greedy(target, other_draft, name):
   make = lambda slots: SpeculativeGenerator(cfg, params, proposer, draft_params=draft_params,
                                             steps_per_sync=8, page_size=8, policy="always",
                                             num_slots=slots)
-  rows = _rows(cfg, 1, seed=1)
-  assert make(None).generate(rows)[0].tokens == Generator(cfg, params).generate(rows)[0].tokens
-  rows = _rows(cfg, 9, seed=21)
-  plain = Generator(cfg, params).generate(rows)
+  rows, plain = plain_greedy[1]
+  assert make(None).generate(rows)[0].tokens == plain[0].tokens
+  rows, plain = plain_greedy[9]
   spec = make(3)
   seen = []
   out = spec.generate(rows, on_result=lambda i, r: seen.append(i))
