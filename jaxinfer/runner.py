@@ -524,6 +524,35 @@ def run(job: GenerateJob, *, coordinator_address: str | None = None,
   return metrics
 
 
+class _Records:
+  """Gathers each request's N samples as they finish (in any order, from any thread) and writes
+  its record once all are in."""
+
+  def __init__(self, num_samples: int, tokenizer, writer: output.RecordWriter, bar):
+    self.n, self.tokenizer, self.writer, self.bar = num_samples, tokenizer, writer, bar
+    self.completion_tokens = 0
+    self._pending: dict[int, dict[int, tuple[list[int], bool]]] = {}
+    self._lock = threading.Lock()
+
+  def add(self, req: Request, k: int, tokens: list[int], eos: bool) -> bool:
+    """Sample k of `req`; True when that completed (and wrote) the request's record."""
+    with self._lock:
+      got = self._pending.setdefault(id(req), {})
+      got[k] = (tokens, eos)
+      if len(got) < self.n:
+        return False
+      del self._pending[id(req)]
+      record = make_record(req, [got[j] for j in range(self.n)], self.tokenizer)
+      self.completion_tokens += sum(s["completion_tokens"]
+                                    for s in record.get("samples", [record]))
+      self.writer.write([record])
+      self.bar.update(1)
+      return True
+
+  def complete(self) -> bool:
+    return not self._pending
+
+
 def _run_engine(job, cfg, params, tokenizer, meshes, todo, writer, bar, sparsity) -> dict:
   n = job.num_samples
   max_len = max([len(r.prompt_ids) + r.max_new_tokens for r in todo] + [2])
@@ -560,26 +589,13 @@ def _run_engine(job, cfg, params, tokenizer, meshes, todo, writer, bar, sparsity
   ereqs.sort(key=lambda e: (e.prompt_ids, e.uid))
   shares = _split_by_tokens(ereqs, len(engines))
 
-  lock = threading.Lock()
-  pending_samples: dict[int, dict[int, tuple[list[int], bool]]] = {}
-  totals = {"completion_tokens": 0}
+  records = _Records(n, tokenizer, writer, bar)
 
   def on_result(res):
     req, k = by_uid[res.uid]
-    i = res.uid // n
-    with lock:
-      samples = pending_samples.setdefault(i, {})
-      samples[k] = (res.tokens, res.finished_by_eos)
-      if len(samples) < n:
-        return
-      del pending_samples[i]
-      record = make_record(req, [samples[j] for j in range(n)], tokenizer)
-      totals["completion_tokens"] += sum(
-          s["completion_tokens"] for s in record.get("samples", [record]))
-      writer.write([record])
-      bar.update(1)
+    if records.add(req, k, res.tokens, res.finished_by_eos):
       busy = sum(e.stats.busy_s for e in engines)
-      bar.set_postfix(tok_s=f"{totals['completion_tokens'] / max(busy, 1e-9):.0f}")
+      bar.set_postfix(tok_s=f"{records.completion_tokens / max(busy, 1e-9):.0f}")
 
   def should_stop(uid, tokens):
     stop = by_uid[uid][0].stop
@@ -607,7 +623,7 @@ def _run_engine(job, cfg, params, tokenizer, meshes, todo, writer, bar, sparsity
   mixed = max(s.mixed_busy_s for s in st)
   pure = max(s.decode_busy_s for s in st)
   return {
-      "busy_s": busy, "completion_tokens": totals["completion_tokens"],
+      "busy_s": busy, "completion_tokens": records.completion_tokens,
       "prefill_tokens": prefill, "prefill_saved": sum(s.prefill_tokens_saved for s in st),
       "prefill_tps": round(prefill / mixed, 2) if mixed else 0.0,
       "decode_tps": round(sum(s.pure_decode_tokens for s in st) / pure, 2) if pure else 0.0,
@@ -650,10 +666,10 @@ def _run_static(job, cfg, params, tokenizer, mesh, todo, writer, bar, sparsity) 
     completion += sum(rec["completion_tokens"] for rec in records)
     writer.write(records)
     bar.update(len(batch))
-  return _static_stats(gen.timings, completion)
+  return _generator_stats(gen.timings, completion)
 
 
-def _static_stats(tm, completion: int) -> dict:
+def _generator_stats(tm, completion: int) -> dict:
   return {
       "busy_s": tm.prefill_s + tm.decode_s, "completion_tokens": completion,
       "prefill_tokens": tm.prefill_tokens,
@@ -689,19 +705,7 @@ def _run_speculative(job, cfg, params, tokenizer, todo, writer, bar) -> dict:
   if continuous and todo:  # one slot geometry for the whole job: compiled once
     gen.reserve(max(len(r.prompt_ids) for r in todo), max(r.max_new_tokens for r in todo))
   wave = job.batch_size * (SPECULATIVE_WAVE if continuous else 1)
-  samples: dict[int, dict[int, tuple[list[int], bool]]] = {}
-  totals = {"completion": 0}
-
-  def deliver(req, k, res):
-    got = samples.setdefault(id(req), {})
-    got[k] = (res.tokens, res.finished_by_eos)
-    if len(got) == n:
-      del samples[id(req)]
-      record = make_record(req, [got[j] for j in range(n)], tokenizer)
-      totals["completion"] += sum(s["completion_tokens"] for s in record.get("samples",
-                                                                             [record]))
-      writer.write([record])
-      bar.update(1)
+  records = _Records(n, tokenizer, writer, bar)
 
   for start in range(0, len(rows), wave):
     batch = rows[start:start + wave]
@@ -712,6 +716,7 @@ def _run_speculative(job, cfg, params, tokenizer, todo, writer, bar) -> dict:
       stop = batch[i][0].stop
       return bool(stop) and any(s in tokenizer.decode(tokens) for s in stop)
 
-    gen.generate(reqs, should_stop, on_result=lambda i, res: deliver(*batch[i], res))
-  assert not samples, "every sample of every request is delivered"
-  return _static_stats(gen.timings, totals["completion"]) | gen.stats.metrics()
+    gen.generate(reqs, should_stop, on_result=lambda i, res: records.add(
+        *batch[i], res.tokens, res.finished_by_eos))
+  assert records.complete(), "every sample of every request is delivered"
+  return _generator_stats(gen.timings, records.completion_tokens) | gen.stats.metrics()
