@@ -524,6 +524,12 @@ def run(job: GenerateJob, *, coordinator_address: str | None = None,
   return metrics
 
 
+def _hits_stop(req: Request, tokens: list[int], tokenizer) -> bool:
+  """Whether the text of `tokens` contains one of the request's stop strings (checked by the
+  generators between chunks; the record is cut there by make_record)."""
+  return bool(req.stop) and any(s in tokenizer.decode(tokens) for s in req.stop)
+
+
 class _Records:
   """Gathers each request's N samples as they finish (in any order, from any thread) and writes
   its record once all are in."""
@@ -598,8 +604,7 @@ def _run_engine(job, cfg, params, tokenizer, meshes, todo, writer, bar, sparsity
       bar.set_postfix(tok_s=f"{records.completion_tokens / max(busy, 1e-9):.0f}")
 
   def should_stop(uid, tokens):
-    stop = by_uid[uid][0].stop
-    return bool(stop) and any(s in tokenizer.decode(tokens) for s in stop)
+    return _hits_stop(by_uid[uid][0], tokens, tokenizer)
 
   failures = []
 
@@ -657,8 +662,7 @@ def _run_static(job, cfg, params, tokenizer, mesh, todo, writer, bar, sparsity) 
                        r.temperature, r.top_k, r.top_p, r.min_p) for r in batch]
 
     def should_stop(i: int, tokens: list[int]) -> bool:
-      stop = batch[i].stop
-      return bool(stop) and any(s in tokenizer.decode(tokens) for s in stop)
+      return _hits_stop(batch[i], tokens, tokenizer)
 
     results = gen.generate(rows, should_stop)
     records = [make_record(r, [(res.tokens, res.finished_by_eos)], tokenizer)
@@ -713,8 +717,7 @@ def _run_speculative(job, cfg, params, tokenizer, todo, writer, bar) -> dict:
                        r.temperature, r.top_k, r.top_p, r.min_p) for r, k in batch]
 
     def should_stop(i: int, tokens: list[int]) -> bool:
-      stop = batch[i][0].stop
-      return bool(stop) and any(s in tokenizer.decode(tokens) for s in stop)
+      return _hits_stop(batch[i][0], tokens, tokenizer)
 
     gen.generate(reqs, should_stop, on_result=lambda i, res: records.add(
         *batch[i], res.tokens, res.finished_by_eos))

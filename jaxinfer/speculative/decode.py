@@ -228,10 +228,10 @@ def _chunk(params, draft_params, state, sampling, page_table, eos_ids, min_done,
   return jax.lax.while_loop(cond, body, (0, state))[1]
 
 
-def _proposer_prefill(params, draft_params, hidden, history, prompt_len, first, adjacency, *,
-                      proposer, max_len):
-  """The proposer's state for freshly prefilled rows (`hidden`: the target's over the prompts)."""
-  last = jnp.take_along_axis(hidden, (prompt_len - 1)[:, None, None], axis=1)[:, 0]
+def _proposer_prefill(params, draft_params, hidden, last, history, prompt_len, first, adjacency,
+                      *, proposer, max_len):
+  """The proposer's state for freshly prefilled rows (`hidden`: the target's over the prompts,
+  `last`: at each prompt's last token)."""
   if isinstance(proposer, DraftModel):
     return proposer.prefill(draft_params, history, prompt_len, max_len)
   if isinstance(proposer, Recycling):
@@ -281,7 +281,7 @@ def _admit(params, draft_params, state: SpecState, history, prompt_len, max_new,
   last = jnp.take_along_axis(hidden, (prompt_len - 1)[:, None, None], axis=1)[:, 0]
   first = sample(M.logits(params, last), sampling,
                  jax.vmap(lambda kk: jax.random.fold_in(kk, 0))(keys)).astype(jnp.int32)
-  pstate = _proposer_prefill(params, draft_params, hidden, history, prompt_len, first,
+  pstate = _proposer_prefill(params, draft_params, hidden, last, history, prompt_len, first,
                              state.proposer, proposer=proposer, max_len=max_len)
   if not isinstance(proposer, Recycling):  # (its adjacency is shared by every row)
     pstate = _put_rows(state.proposer, pstate, slots)
@@ -452,7 +452,8 @@ class SpeculativeGenerator:
     spec = lambda shape, dtype: jax.ShapeDtypeStruct(shape, dtype)
     shapes = jax.eval_shape(
         partial(_proposer_prefill, proposer=self.proposer, max_len=max_len), self.params,
-        self.draft_params, spec((b, w, cfg.embed), cfg.jnp_dtype), spec((b, w), jnp.int32),
+        self.draft_params, spec((b, w, cfg.embed), cfg.jnp_dtype),
+        spec((b, cfg.embed), cfg.jnp_dtype), spec((b, w), jnp.int32),
         spec((b,), jnp.int32), spec((b,), jnp.int32), self._adjacency)
     pstate = (self._adjacency if isinstance(self.proposer, Recycling) else
               jax.tree_util.tree_map(lambda x: jnp.zeros(x.shape, x.dtype), shapes))
