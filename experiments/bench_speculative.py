@@ -8,8 +8,10 @@ checked to be identical. Per batch size: plain decode tokens/s, then per method 
 per target forward per row, bonus token included), per-depth acceptance, decode tokens/s and
 speedup = plain time / method time for the same batch (wall time of generate, prompt included),
 the median over --repeats interleaved rounds after warm-up, with speculation forced on (policy
-"always") and as users get it (policy "auto": each batch speculates or decodes plainly by
-measured speed; four warm-up batches let it measure both). Results are appended to experiments/results/bench_speculative.jsonl.
+"always") and as users get it (policy "auto": each batch speculates with the proposer's tree or
+a smaller one, or decodes plainly, by measured speed; the warm-up batches let it measure them),
+and with the auto policy limited to on / off (the proposer's tree or plain decoding). Results
+are appended to experiments/results/bench_speculative.jsonl.
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ from __future__ import annotations
 import datetime
 import json
 import sys
+from functools import partial
 from pathlib import Path
 
 from absl import app, flags
@@ -113,13 +116,14 @@ def main(argv):
                         draft_fallback=FLAGS.draft_fallback if method.endswith("-fallback")
                         else 0.0)
       proposer, draft_params = make_proposer(job, cfg, params, None)
-      gens = {"always": SpeculativeGenerator(cfg, params, proposer, draft_params=draft_params,
-                                             steps_per_sync=16, policy="always"),
-              "auto": SpeculativeGenerator(cfg, params, proposer, draft_params=draft_params,
-                                           steps_per_sync=16, policy="auto")}
-      for _ in range(4):  # compile; the auto policy measures both modes
-        outs = {k: g.generate(rows) for k, g in gens.items()}
-      ratios = {"always": [], "auto": []}
+      make = partial(SpeculativeGenerator, cfg, params, proposer, draft_params=draft_params,
+                     steps_per_sync=16)
+      gens = {"always": make(policy="always"), "auto": make(policy="auto"),
+              "on_off": make(policy="auto", max_shrinks=0)}
+      # compile; the auto policies measure their modes (two batches each: compile, measure)
+      warmup = {"always": 2, "on_off": 4, "auto": 2 * len(gens["auto"].ladder) + 2}
+      outs = {k: [g.generate(rows) for _ in range(warmup[k])][-1] for k, g in gens.items()}
+      ratios = {k: [] for k in gens}
       for _ in range(FLAGS.repeats):  # interleaved: drift hits all three alike
         tp, _ = clock(plain_gen, rows)
         plain_times.append(tp)
@@ -127,8 +131,9 @@ def main(argv):
           tk, outs[k] = clock(g, rows)
           ratios[k].append(tp / tk)
       st = gens["always"].stats
-      same = sum(a.tokens == c.tokens == d.tokens
-                 for a, c, d in zip(plain, outs["always"], outs["auto"]))
+      same = sum(a.tokens == c.tokens == d.tokens == e.tokens
+                 for a, c, d, e in zip(plain, outs["always"], outs["auto"], outs["on_off"]))
+      auto = gens["auto"].stats
       speedup = float(np.median(ratios["always"]))
       result = {"tau": round(st.mean_accepted_tokens, 3),
                 "per_depth_acceptance": [round(x, 3) for x in st.per_depth_acceptance()],
@@ -136,7 +141,12 @@ def main(argv):
                 "speedup_per_repeat": [round(x, 3) for x in ratios["always"]],
                 "speedup_over_tau": round(speedup / st.mean_accepted_tokens, 3),
                 "speedup_auto_policy": round(float(np.median(ratios["auto"])), 3),
-                "auto_policy": gens["auto"].stats.decision(),
+                "auto_policy": auto.decision(),
+                "auto_best_tree": auto.best_tree if (auto.spec_tps or 0) >= (
+                    auto.plain_tps or 0) else "plain",
+                "auto_tree_sizes": auto.metrics()["tree_sizes"],
+                "speedup_auto_on_off": round(float(np.median(ratios["on_off"])), 3),
+                "on_off_policy": gens["on_off"].stats.decision(),
                 "identical_to_plain": f"{same}/{b}", "tree_size": proposer.tree_size,
                 "draft_share": None if st.draft_share is None else round(st.draft_share, 3),
                 "draft_heads": Path(head_dir).name if head_dir else None}

@@ -70,6 +70,9 @@ class GenerateJob:
   draft_layers: str | None = None  # layerskip: layers the draft keeps
   draft_fallback: float = 0.0  # draft, layerskip: Big-Little fallback confidence (0: off)
   acceptance: str = "exact"  # exact | typical
+  # auto: per batch the proposer's tree, a smaller one or plain decoding, by measured speed;
+  # always: the proposer's tree every batch (sampled outputs then never depend on timing)
+  speculation: str = "auto"
 
   def validate(self) -> None:
     """Everything checkable before loading a model, with the flag named in the message."""
@@ -122,6 +125,8 @@ class GenerateJob:
         raise UserError(f"--num_draft_tokens: must be >= 1, got {self.num_draft_tokens}")
       if self.acceptance not in ("exact", "typical"):
         raise UserError(f"--acceptance: expected exact or typical, got {self.acceptance!r}")
+      if self.speculation not in ("auto", "always"):
+        raise UserError(f"--speculation: expected auto or always, got {self.speculation!r}")
       if (self.speculative == "draft") != (self.draft_model is not None):
         raise UserError("--draft_model: needed with --speculative=draft, and only then")
       if (self.speculative in HEADS) != (self.draft_heads is not None):
@@ -257,10 +262,12 @@ def make_proposer(job: "GenerateJob", cfg, params, dtype):
       accuracy = np.asarray(info["accuracy_topk"])
       paths = tuple(medusa.build_tree(accuracy, min(tree_nodes(job.tree),
                                                     _max_nodes(accuracy))))
+    acc = info.get("accuracy_topk")  # ranks the paths a smaller tree keeps
+    acc = None if acc is None else tuple(tuple(float(a) for a in row) for row in acc)
     if lib is medusa:
-      return P.Medusa(paths=paths), heads
+      return P.Medusa(paths=paths, accuracy=acc), heads
     return P.Hydra(paths=paths, prefix=None if heads.prefix is None
-                   else hydra.prefix_config(cfg)), heads
+                   else hydra.prefix_config(cfg), accuracy=acc), heads
   if job.speculative == "eagle":
     from jaxinfer.draft_heads import eagle
     try:
@@ -511,7 +518,7 @@ def run(job: GenerateJob, *, coordinator_address: str | None = None,
   }
   for key in ("mean_accepted_tokens", "accepted_length_histogram", "per_depth_acceptance",
               "verify_steps", "host_syncs", "speculation", "speculative_batches",
-              "plain_batches", "draft_verify_split"):
+              "plain_batches", "tree_sizes", "draft_verify_split"):
     if key in stats:
       metrics[key] = stats[key]
   if job.speculative != "none":
@@ -687,7 +694,7 @@ def _generator_stats(tm, completion: int) -> dict:
 
 
 # Continuous speculative batching hands each batch of this many x --batch_size requests to the
-# speculative generator (its slots refilled as rows finish); the auto policy picks speculation
+# speculative generator (its slots refilled as rows finish); the auto policy picks the tree size
 # or plain decoding per batch.
 SPECULATIVE_WAVE = 8
 
@@ -702,7 +709,8 @@ def _run_speculative(job, cfg, params, tokenizer, todo, writer, bar) -> dict:
   gen = SpeculativeGenerator(cfg, params, proposer, draft_params=draft_params,
                              rule=job.acceptance, implementation=job.implementation,
                              steps_per_sync=job.steps_per_sync, page_size=job.page_size,
-                             num_slots=job.batch_size if continuous else None)
+                             num_slots=job.batch_size if continuous else None,
+                             policy=job.speculation)
   n = job.num_samples
   todo = sorted(todo, key=lambda r: len(r.prompt_ids))  # similar lengths pad little
   rows = [(req, k) for req in todo for k in range(n)]

@@ -229,19 +229,24 @@ def test_sampling_runs_and_respects_budgets(target):
 
 
 def test_auto_policy_measures_both_modes_and_stays_lossless(target, other_draft):
-  """Batch after batch, the auto policy tries speculation and plain decoding, keeps the faster,
-  and says so; outputs equal plain greedy whichever mode ran."""
+  """Batch after batch, the auto policy tries speculation with the proposer's tree, plain
+  decoding and a halved tree, keeps the fastest, and says so; outputs equal plain greedy
+  whichever mode ran."""
   cfg, params = target
   rows = _rows(cfg, 5, seed=11)
   plain = Generator(cfg, params).generate(rows)
-  proposer, draft_params = _proposers(cfg, params, other_draft)["draft"]
+  proposer, draft_params = _proposers(cfg, params, other_draft)["layerskip"]
   gen = SpeculativeGenerator(cfg, params, proposer, draft_params=draft_params, steps_per_sync=4,
                              page_size=8, explore_every=1)
-  for _ in range(6):
+  assert [p.tree_size for p in gen.ladder] == [4, 2]  # 3 drafted tokens, then 1
+  for _ in range(7):
     assert [r.tokens for r in gen.generate(rows)] == [r.tokens for r in plain]
   st = gen.stats
-  assert st.spec_batches >= 2 and st.plain_batches >= 2
-  assert st.spec_tps > 0 and st.plain_tps > 0 and "measured" in st.decision()
+  assert st.spec_batches >= 4 and st.plain_batches >= 2
+  assert set(st.tree_tps) == {4, 2} and st.plain_tps > 0 and "measured" in st.decision()
+  assert "trees of 4, 2 tokens tried" in st.decision()
+  sizes = st.metrics()["tree_sizes"]
+  assert set(sizes) == {"4", "2"} and sum(v["batches"] for v in sizes.values()) == st.spec_batches
   assert st.accepted_hist.sum() == st.verify_steps
   split = st.metrics()["draft_verify_split"]  # measured once, on a batch after compilation
   assert split is not None and 0.0 < split["draft_share"] <= 1.0
@@ -263,15 +268,20 @@ def test_generate_job_with_speculation(tmp_path, tiny_model_dir):
     return {r["id"]: r for r in map(json.loads, out.read_text().splitlines())}, m
 
   plain, _ = job("plain")
-  for method, tree, scheduler in (("ngram", "2,1", "continuous"), ("recycling", "2,1", "static"),
-                                  ("lookahead", "nodes:6", "continuous")):
+  for method, tree, scheduler, policy in (("ngram", "2,1", "continuous", "auto"),
+                                          ("recycling", "2,1", "static", "always"),
+                                          ("lookahead", "nodes:6", "continuous", "auto")):
     # (every proposer: test_greedy_speculative_equals_greedy)
-    spec, m = job(method, speculative=method, tree=tree, scheduler=scheduler)
+    spec, m = job(method, speculative=method, tree=tree, scheduler=scheduler,
+                  speculation=policy)
     assert {i: r["completion_ids"] for i, r in spec.items()} == {
         i: r["completion_ids"] for i, r in plain.items()}, method
     assert m["speculative"] == method and m["mean_accepted_tokens"] >= 1.0
     assert sum(m["accepted_length_histogram"]) == m["verify_steps"] > 0
     assert m["scheduler"] == scheduler and "speculat" in m["speculation"]
+    assert sum(v["batches"] for v in m["tree_sizes"].values()) == m["speculative_batches"]
+    if policy == "always":  # the proposer's tree (2,1: 5 tokens), every batch
+      assert set(m["tree_sizes"]) == {"5"} and m["plain_batches"] == 0
   # Several samples per prompt, sampled speculatively in slots: each sample as the engine
   # would draw it alone (its own key), the records whole.
   from jaxinfer.requests import Defaults
@@ -280,6 +290,7 @@ def test_generate_job_with_speculation(tmp_path, tiny_model_dir):
   assert all(len(r["samples"]) == 3 for r in spec.values()) and m["num_samples"] == 3
   assert len({tuple(s["completion_ids"]) for s in spec[2]["samples"]}) > 1
   for kw, flag in ((dict(speculative="ngram", mesh="data:2"), "--mesh"),
+                   (dict(speculative="ngram", speculation="never"), "--speculation"),
                    (dict(speculative="draft", scheduler="static"), "--draft_model"),
                    (dict(speculative="recycling", scheduler="static", tree="4,x"), "--tree"),
                    (dict(speculative="ngram", scheduler="static", tree="dynamic"), "--tree"),
@@ -408,3 +419,65 @@ def test_dynamic_tree_shapes_and_chain_equivalence(target):
         for p in set(parents[r, 1:]):
           kids = tokens[r, 1:][parents[r, 1:] == p]
           assert len(set(kids)) == len(kids)
+
+
+def test_shrink_halves_every_proposers_tree(target, other_draft):
+  """Each proposer's smaller trees: strictly smaller, still valid trees (parents before
+  children), a static heads tree's kept paths closed under prefixes and, given the heads'
+  accuracies, the tree Medusa's construction grows for that size."""
+  from jaxinfer.draft_heads.medusa import build_tree
+  cfg, params = target
+  every = _proposers(cfg, params, other_draft) | _head_proposers(cfg, params)
+  for name, (proposer, _) in every.items():
+    sizes, p = [proposer.tree_size], proposer
+    while (p := P.shrink(p)) is not None:
+      assert p.tree_size < sizes[-1] and p.name == proposer.name, name
+      assert p.max_depth <= proposer.max_depth, name  # its histogram fits the original's
+      sizes.append(p.tree_size)
+      if isinstance(p, (P.Medusa, P.Hydra)):
+        assert all(q[:-1] in p.paths or len(q) == 1 for q in p.paths), name
+      if isinstance(p, P.Recycling):
+        assert (P.tree_parents(p.branching)[1:] < np.arange(1, p.tree_size)).all()
+    assert sizes[-1] == 2, (name, sizes)  # down to a single drafted token
+  acc = np.array([[0.7, 0.2, 0.1], [0.5, 0.3, 0.1], [0.4, 0.2, 0.05]])
+  med = P.Medusa(paths=tuple(build_tree(acc, 20)), accuracy=tuple(map(tuple, acc)))
+  while (med := P.shrink(med)) is not None:
+    assert med.paths == tuple(build_tree(acc, med.tree_size - 1))
+  # Token Recycling's smaller trees read and refresh the adjacency of the full one
+  full = P.Recycling(branching=(4, 2, 1))
+  small = P.shrink(P.shrink(full))
+  adj = full.init_adjacency(cfg.vocab_size)
+  logits = jax.random.normal(jax.random.key(0), (2, small.tree_size, cfg.vocab_size))
+  tokens = jnp.zeros((2, small.tree_size), jnp.int32)
+  assert small.update(adj, tokens, logits).shape == adj.shape
+
+
+def test_auto_policy_shrinks_trees_while_speculation_loses(target):
+  """The policy's choices from measured speeds: the proposer's tree, plain decoding, then
+  smaller trees while the smallest so far loses to plain decoding or beat the one before it;
+  then the fastest mode, the others re-tried less often the more they lost by."""
+  cfg, params = target
+  gen = SpeculativeGenerator(cfg, params, P.Lookahead(num_nodes=8, depth=4), explore_every=8)
+  assert [p.tree_size for p in gen.ladder] == [9, 5, 3, 2]
+  choose = gen._choose
+  assert choose() == 0  # nothing measured yet
+  gen._tps[0] = 100.0
+  assert choose() == "plain"
+  gen.stats.plain_tps = 150.0
+  assert choose() == 1  # losing: a smaller tree
+  gen._tps[1] = 130.0
+  assert choose() == 2  # still losing to plain
+  gen._tps[2] = 160.0
+  assert choose() == 3  # beat the one before it: smaller still
+  gen._tps[3] = 140.0
+  picks = [choose() for _ in range(256)]
+  assert picks.count(2) > 0.6 * len(picks)  # the fastest: 3-token trees
+  assert {0, 1, 3, "plain"} <= set(picks)  # every other mode re-tried now and then
+  assert picks.count(0) < picks.count(3)  # ... the slowest least often
+  gen2 = SpeculativeGenerator(cfg, params, P.NGram(num_draft_tokens=4))
+  gen2._tps[0], gen2.stats.plain_tps = 300.0, 100.0
+  assert gen2._choose() == 1  # winning: a smaller tree is still tried once
+  gen2._tps[1] = 200.0
+  assert gen2._choose() == 0  # slower and losing ground: no smaller trees; the fastest wins
+  always = SpeculativeGenerator(cfg, params, P.NGram(num_draft_tokens=4), policy="always")
+  assert len(always.ladder) == 1 and always._choose() == 0

@@ -82,6 +82,11 @@ flags.DEFINE_string("draft_layers", None, "--speculative=layerskip: comma-separa
                     "draft keeps (default: the first half).")
 flags.DEFINE_enum("acceptance", "exact", ["exact", "typical"], "exact: lossless rejection "
                   "sampling (greedy = plain greedy); typical: Medusa's typical acceptance (lossy).")
+flags.DEFINE_enum("speculation", "auto", ["auto", "always"], "auto: each batch speculates "
+                  "with the proposer's tree or a smaller one, or decodes plainly, whichever "
+                  "measured fastest (speculation that stops paying shrinks its trees or turns "
+                  "itself off); always: the proposer's tree every batch (sampled outputs then "
+                  "do not depend on measured speed).")
 flags.DEFINE_bool("progress", True, "Show a progress bar on stderr.")
 flags.mark_flags_as_required(["prompts", "output"])
 flags.register_validator("top_p", lambda v: 0.0 < v <= 1.0, "--top_p must be in (0, 1]")
@@ -109,7 +114,8 @@ def main(argv: list[str]) -> None:
       speculative=FLAGS.speculative, draft_model=FLAGS.draft_model,
       draft_heads=FLAGS.draft_heads,
       num_draft_tokens=FLAGS.num_draft_tokens, tree=FLAGS.tree, draft_layers=FLAGS.draft_layers,
-      draft_fallback=FLAGS.draft_fallback, acceptance=FLAGS.acceptance)
+      draft_fallback=FLAGS.draft_fallback, acceptance=FLAGS.acceptance,
+      speculation=FLAGS.speculation)
   try:
     metrics = run(job, coordinator_address=FLAGS.coordinator_address,
                   num_processes=FLAGS.num_processes, process_id=FLAGS.process_id,

@@ -29,7 +29,7 @@ from jaxinfer.kv_cache import KVCache, PagedKVCache, TreeKVCache, commit_path
 from jaxinfer.sampling import SamplingParams, distribution, sample
 from jaxinfer.speculative import acceptance
 from jaxinfer.speculative.proposers import (Context, DraftModel, Eagle, Hydra, Medusa,
-                                            Recycling)
+                                            Recycling, shrink)
 from pallas_kernels.tree_attention import ancestor_matrix, pack_ancestors
 
 _DRAFT_SALT, _VERIFY_SALT = 1 << 20, 1 << 21
@@ -68,21 +68,39 @@ class SpecStats:
   row_slots: int = 0  # steps x rows
   spec_batches: int = 0  # batches that speculated
   plain_batches: int = 0  # ... that decoded plainly (policy "auto")
-  spec_tps: float | None = None  # measured decode tokens/s of each (moving average)
-  plain_tps: float | None = None
+  plain_tps: float | None = None  # measured decode tokens/s (moving average)
+  full_tree: int = 0  # the proposer's tree size (tokens verified per row and step)
+  tree_tps: dict = dataclasses.field(default_factory=dict)  # tree size -> measured tokens/s
+  tree_batches: dict = dataclasses.field(default_factory=dict)  # tree size -> batches
   draft_ms_per_step: float | None = None  # drafting alone, timed once (after compilation)
   step_ms: float | None = None  # a whole step (draft + verify + accept + commit), same batch
   draft_share: float | None = None
+  split_tree: int | None = None  # the tree size the split was measured with
+
+  @property
+  def spec_tps(self) -> float | None:
+    """Measured decode tokens/s of the best tree size."""
+    return max(self.tree_tps.values()) if self.tree_tps else None
+
+  @property
+  def best_tree(self) -> int | None:
+    return max(self.tree_tps, key=self.tree_tps.get) if self.tree_tps else None
 
   def decision(self) -> str:
     ratio = (f"; measured {self.spec_tps / self.plain_tps:.2f}x plain decoding"
              if self.spec_tps and self.plain_tps else "")
+    sizes = sorted(self.tree_batches, reverse=True)
+    tried = f"; trees of {', '.join(map(str, sizes))} tokens tried" if len(sizes) > 1 else ""
+    best = self.best_tree
+    trees = (f" with {best}-token trees (shrunk from {self.full_tree})"
+             if best is not None and best != self.full_tree else "")
     if not self.plain_batches:
-      return "speculating throughout" + ratio
+      return "speculating throughout" + trees + tried + ratio
     share = self.spec_batches / (self.spec_batches + self.plain_batches)
     if self.spec_tps and self.plain_tps and self.spec_tps < self.plain_tps:
-      return f"speculation turned itself off ({share:.0%} of batches speculated{ratio})"
-    return f"speculating ({share:.0%} of batches{ratio})"
+      return (f"speculation turned itself off ({share:.0%} of batches speculated{tried}"
+              f"{ratio})")
+    return f"speculating{trees} ({share:.0%} of batches{tried}{ratio})"
 
   @property
   def mean_accepted_tokens(self) -> float:
@@ -97,10 +115,15 @@ class SpecStats:
             "occupancy": round(self.verify_steps / self.row_slots, 4) if self.row_slots else 0.0,
             "speculation": self.decision(), "speculative_batches": self.spec_batches,
             "plain_batches": self.plain_batches,
+            "tree_sizes": {str(n): {"batches": self.tree_batches[n],
+                                    "tokens_per_second": (None if n not in self.tree_tps
+                                                          else round(self.tree_tps[n], 1))}
+                           for n in sorted(self.tree_batches, reverse=True)},
             "draft_verify_split": None if self.draft_share is None else {
                 "draft_ms_per_step": round(self.draft_ms_per_step, 4),
                 "verify_ms_per_step": round(self.step_ms - self.draft_ms_per_step, 4),
-                "step_ms": round(self.step_ms, 4), "draft_share": round(self.draft_share, 4)}}
+                "step_ms": round(self.step_ms, 4), "draft_share": round(self.draft_share, 4),
+                "tree_size": self.split_tree}}
 
   def per_depth_acceptance(self) -> list[float]:
     """P(draft at depth d accepted | depth d - 1 accepted), d = 1..T-1."""
@@ -309,13 +332,16 @@ class SpeculativeGenerator:
                draft_params: M.Transformer | None = None, rule: str = acceptance.EXACT,
                implementation: str = "xla", steps_per_sync: int = 16, page_size: int = 16,
                policy: str = "auto", explore_every: int = 8, mesh=None, rules=None,
-               measure_split: bool = True, num_slots: int | None = None):
+               measure_split: bool = True, num_slots: int | None = None,
+               max_shrinks: int = 3):
     """policy "auto": each batch speculates or decodes plainly (the plain `Generator`),
-    whichever measured faster, so speculation that stops paying (large batches, compute-bound
-    devices) turns itself off; "always": speculate every batch. measure_split: once, after
-    compilation, time the drafting part of a step alone (stats.draft_share). num_slots:
-    continuous batching, each batch's rows through this many slots (None: all rows at once;
-    plain decoding then also runs in batches of num_slots)."""
+    whichever measured faster, and speculates with the proposer's tree or one of up to
+    `max_shrinks` successively halved trees (`proposers.shrink`), whichever measured fastest:
+    speculation that stops paying (large batches, compute-bound devices) shrinks its trees or
+    turns itself off; "always": speculate every batch with the proposer's own tree.
+    measure_split: once, after compilation, time the drafting part of a step alone
+    (stats.draft_share). num_slots: continuous batching, each batch's rows through this many
+    slots (None: all rows at once; plain decoding then also runs in batches of num_slots)."""
     from jaxinfer.sharding import DEFAULT_RULES
     if cfg.sliding_window is not None:
       raise ValueError("speculative decoding: sliding-window models are not supported yet")
@@ -345,7 +371,17 @@ class SpeculativeGenerator:
     self.rule, self.implementation = rule, implementation
     self.steps_per_sync, self.page_size = steps_per_sync, page_size
     self.mesh, self.rules = mesh, rules or DEFAULT_RULES
-    self.stats = SpecStats(accepted_hist=np.zeros(proposer.max_depth + 1, np.int64))
+    self.stats = SpecStats(accepted_hist=np.zeros(proposer.max_depth + 1, np.int64),
+                           full_tree=proposer.tree_size)
+    # the proposer and its smaller trees, largest first (policy "auto" picks among them)
+    self.ladder = [proposer]
+    while policy == "auto" and len(self.ladder) <= max_shrinks:
+      smaller = shrink(self.ladder[-1])
+      if smaller is None or smaller.tree_size >= self.ladder[-1].tree_size:
+        break
+      self.ladder.append(smaller)
+    self._tps: dict[int, float] = {}  # ladder level -> measured decode tokens/s
+    self._last: dict[int | str, int] = {}  # mode -> the batch that last ran it
     self._compiled: dict = {}
     self._adjacency = (proposer.init_adjacency(cfg.vocab_size)
                        if isinstance(proposer, Recycling) else None)
@@ -361,6 +397,7 @@ class SpeculativeGenerator:
                    row_steps=st.verify_steps)
 
   def _run(self, name, fn, *args):
+    """fn (a name per proposer and function) compiled once per argument shapes, then run."""
     key = (name,) + tuple((a.shape, str(a.dtype)) for a in jax.tree_util.tree_leaves(args))
     if key not in self._compiled:
       self._fresh += 1
@@ -370,37 +407,54 @@ class SpeculativeGenerator:
       self.stats.compilations += 1
     return self._compiled[key](*args)
 
-  def _measure_split(self, state, sampling, step_s: float) -> None:
+  def _measure_split(self, state, sampling, step_s: float, level: int) -> None:
     """The draft / verify time split: `steps_per_sync` proposals alone, timed on this batch's
     last state, against this batch's measured time per full step."""
     st = self.stats
-    fn = partial(_draft_only, num_steps=self.steps_per_sync, proposer=self.proposer)
+    fn = partial(_draft_only, num_steps=self.steps_per_sync, proposer=self.ladder[level])
     args = (self.params, self.draft_params, state, sampling)
-    self._run("draft_only", fn, *args).block_until_ready()  # compile (not timed)
+    name = ("draft_only", level)
+    self._run(name, fn, *args).block_until_ready()  # compile (not timed)
     times = []
     for _ in range(3):  # the fastest of three: a busy host only ever slows a run down
       t0 = time.perf_counter()
-      self._run("draft_only", fn, *args).block_until_ready()
+      self._run(name, fn, *args).block_until_ready()
       times.append((time.perf_counter() - t0) / self.steps_per_sync)
     # (the step time is one measurement; on a busy host drafting alone can outlast it)
     draft_s = min(min(times), step_s)
     st.draft_ms_per_step, st.step_ms = 1e3 * draft_s, 1e3 * step_s
     st.draft_share = min(1.0, draft_s / max(step_s, 1e-12))
+    st.split_tree = self.ladder[level].tree_size
 
-  def _choose(self) -> str:
-    """Per batch: speculate or decode plainly, whichever measured faster; the slower mode is
-    re-tried now and then, less often the more it lost by, so a change is noticed at a bounded
-    cost. Each mode's first batch (compilation) is not a measurement."""
-    st = self.stats
+  def _choose(self) -> int | str:
+    mode = self._pick()
+    self._last[mode] = self._batches
+    return mode
+
+  def _pick(self) -> int | str:
+    """Per batch: a ladder level (speculate with that tree) or "plain", whichever measured
+    fastest. The proposer's own tree and plain decoding are measured first; then ever smaller
+    trees while the smallest measured one still loses to plain decoding or beat the one before
+    it (the first smaller tree is always tried). Every slower mode is re-tried now and then,
+    less often the more it lost by, so a change is noticed at a bounded cost. Each mode's first
+    batch (compilation) is not a measurement."""
+    st, tps = self.stats, self._tps
     self._batches += 1
-    if self.policy == "always" or st.spec_tps is None:
-      return "spec"
+    if self.policy == "always" or 0 not in tps:
+      return 0
     if st.plain_tps is None:
       return "plain"
-    best, other = (("spec", "plain") if st.spec_tps >= st.plain_tps else ("plain", "spec"))
-    loss = max(st.spec_tps, st.plain_tps) / max(min(st.spec_tps, st.plain_tps), 1e-9)
-    interval = min(256, int(self.explore_every * loss**2))
-    return other if self._batches % max(1, interval) == 0 else best
+    deepest = max(tps)
+    if deepest + 1 < len(self.ladder) and (deepest == 0 or tps[deepest] < st.plain_tps
+                                           or tps[deepest] > tps[deepest - 1]):
+      return deepest + 1
+    modes: dict[int | str, float] = {**tps, "plain": st.plain_tps}
+    best = max(modes, key=lambda m: modes[m])
+    # the most overdue of the modes whose re-try interval has passed, else the fastest
+    overdue = {m: (self._batches - self._last.get(m, 0)) / min(256, self.explore_every * (
+        modes[best] / max(modes[m], 1e-9))**2) for m in modes if m != best}
+    late = max(overdue, key=lambda m: overdue[m], default=None)
+    return late if late is not None and overdue[late] >= 1 else best
 
   def _generate_plain(self, rows, should_stop):
     st, tm = self.stats, self._plain.timings
@@ -436,36 +490,39 @@ class SpeculativeGenerator:
     slot refilled with the next row at the next host round trip; otherwise all rows at once."""
     if not rows:
       return []
-    if self._choose() == "plain":
+    mode = self._choose()
+    if mode == "plain":
       results = self._generate_plain(rows, should_stop)
       if on_result is not None:
         for i, res in enumerate(results):
           on_result(i, res)
       return results
-    return self._generate_spec(rows, should_stop, on_result)
+    return self._generate_spec(rows, should_stop, on_result, mode)
 
-  def _empty_state(self, b: int, max_len: int, out_len: int, key: jax.Array) -> SpecState:
+  def _empty_state(self, b: int, max_len: int, out_len: int, key: jax.Array,
+                   proposer) -> SpecState:
     """b free slots (done) over zeroed pages: rows are admitted into it."""
     cfg, ps = self.cfg, self.page_size
     k, v = PagedKVCache.init_pools(cfg, b * (max_len // ps), ps)
     w = 16
     spec = lambda shape, dtype: jax.ShapeDtypeStruct(shape, dtype)
     shapes = jax.eval_shape(
-        partial(_proposer_prefill, proposer=self.proposer, max_len=max_len), self.params,
+        partial(_proposer_prefill, proposer=proposer, max_len=max_len), self.params,
         self.draft_params, spec((b, w, cfg.embed), cfg.jnp_dtype),
         spec((b, cfg.embed), cfg.jnp_dtype), spec((b, w), jnp.int32),
         spec((b,), jnp.int32), spec((b,), jnp.int32), self._adjacency)
-    pstate = (self._adjacency if isinstance(self.proposer, Recycling) else
+    pstate = (self._adjacency if isinstance(proposer, Recycling) else
               jax.tree_util.tree_map(lambda x: jnp.zeros(x.shape, x.dtype), shapes))
     zeros = lambda *shape: jnp.zeros(shape, jnp.int32)
     return SpecState(
         k=k, v=v, history=zeros(b, max_len), length=zeros(b), out=zeros(b, out_len),
         num_generated=zeros(b), max_new=zeros(b), done=jnp.ones((b,), bool),
         keys=jnp.stack([key] * b), step=zeros(), proposer=pstate,
-        accepted_hist=zeros(self.proposer.max_depth + 1), emitted=zeros())
+        accepted_hist=zeros(proposer.max_depth + 1), emitted=zeros())
 
-  def _generate_spec(self, rows, should_stop, on_result) -> list[RowResult]:
-    cfg, t, ps = self.cfg, self.proposer.tree_size, self.page_size
+  def _generate_spec(self, rows, should_stop, on_result, level: int) -> list[RowResult]:
+    proposer = self.ladder[level]
+    cfg, t, ps = self.cfg, proposer.tree_size, self.page_size
     n = len(rows)
     b = n if self.num_slots is None else self.num_slots
     reserved = self._reserved
@@ -474,7 +531,7 @@ class SpeculativeGenerator:
     max_len = -(-(width + o + t) // ps) * ps  # room for the last tree
     m = max_len // ps
     page_table = jnp.arange(b * m, dtype=jnp.int32).reshape(b, m)
-    kw = dict(cfg=cfg, proposer=self.proposer, implementation=self.implementation,
+    kw = dict(cfg=cfg, proposer=proposer, implementation=self.implementation,
               mesh=self.mesh, rules=self.rules)
     eos = jnp.asarray(cfg.eos_token_ids or (-1,), jnp.int32)
     eos_set = set(int(e) for e in cfg.eos_token_ids)
@@ -485,7 +542,7 @@ class SpeculativeGenerator:
           "top_p": np.ones(b, np.float32), "min_p": np.zeros(b, np.float32)}
     to_device = lambda d: SamplingParams(**{f: jnp.asarray(d[f]) for f in fields})
 
-    state = self._empty_state(b, max_len, o, rows[0].key)
+    state = self._empty_state(b, max_len, o, rows[0].key, proposer)
     sampling = to_device(sp)
     slot_row: list[int | None] = [None] * b
     pending = list(range(n))[::-1]  # popped from the end: in order
@@ -526,7 +583,7 @@ class SpeculativeGenerator:
             msp[f][j] = sp[f][s] = getattr(r, f)
         keys = jnp.stack([rows[i].key for i in take] + [rows[take[0]].key] * (k - len(take)))
         t0, c1 = time.perf_counter(), st.compile_s
-        state = self._run("admit", admit, self.params, self.draft_params, state, hist, plen,
+        state = self._run(("admit", level), admit, self.params, self.draft_params, state, hist, plen,
                           mnew, to_device(msp), keys, eos, slot_ids)
         sampling = to_device(sp)
         host_done = np.asarray(state.done)
@@ -539,7 +596,7 @@ class SpeculativeGenerator:
       # With requests waiting, hand back as soon as one more row is done (its slot refilled).
       min_done = b - len(live) + 1 if pending else b
       t0, c1 = time.perf_counter(), st.compile_s
-      state = self._run("decode", chunk, self.params, self.draft_params, state, sampling,
+      state = self._run(("decode", level), chunk, self.params, self.draft_params, state, sampling,
                         page_table, eos, np.int32(min_done))
       host_done = np.asarray(state.done)
       decode_s += time.perf_counter() - t0 - (st.compile_s - c1)
@@ -552,10 +609,11 @@ class SpeculativeGenerator:
           host_done = host_done.copy()
           host_done[newly] = True
           state = state.replace(done=jnp.asarray(host_done))
-    if isinstance(self.proposer, Recycling):
+    if isinstance(proposer, Recycling):
       self._adjacency = state.proposer  # what it learned carries over to the next batch
     steps = int(state.step)
-    st.accepted_hist = st.accepted_hist + np.asarray(state.accepted_hist)
+    hist = np.asarray(state.accepted_hist)  # (a smaller tree: fewer depths)
+    st.accepted_hist[:len(hist)] += hist
     st.verify_steps = int(st.accepted_hist.sum())
     st.emitted += int(state.emitted)
     st.steps += steps
@@ -565,8 +623,10 @@ class SpeculativeGenerator:
     st.prefill_s += prefill_s
     st.host_syncs += syncs
     st.spec_batches += 1
+    st.tree_batches[t] = st.tree_batches.get(t, 0) + 1
     if self._fresh == fresh:  # not the first run of a fresh executable (slow)
-      st.spec_tps = _average(st.spec_tps, new_tokens / max(decode_s, 1e-9))
+      self._tps[level] = _average(self._tps.get(level), new_tokens / max(decode_s, 1e-9))
+      st.tree_tps[t] = self._tps[level]
       if st.draft_share is None and self.measure_split and steps:
-        self._measure_split(state, sampling, decode_s / steps)
+        self._measure_split(state, sampling, decode_s / steps, level)
     return results

@@ -240,7 +240,7 @@ class Recycling:
 
   def update(self, adj, tokens, logits):
     """Each drafted token's successors := the target's top-k at its node."""
-    k = max(self.branching)
+    k = adj.shape[1]  # (its width, shared by the smaller trees `shrink` makes)
     top = jax.lax.top_k(logits, k)[1].astype(jnp.int32)  # (B, T, k)
     return adj.at[tokens.reshape(-1)].set(top.reshape(-1, k))
 
@@ -342,6 +342,9 @@ class _HeadsTree:
   (B, D), refreshed from every verification."""
 
   paths: tuple[tuple[int, ...], ...]
+  # the heads' measured top-k accuracy per head (K, top), if known: it ranks the paths that a
+  # smaller tree keeps (`shrink`)
+  accuracy: tuple[tuple[float, ...], ...] | None = None
 
   @property
   def tree_size(self) -> int:
@@ -364,6 +367,7 @@ class Medusa(_HeadsTree):
 
   paths: tuple[tuple[int, ...], ...]
   name: str = "medusa"
+  accuracy: tuple[tuple[float, ...], ...] | None = None
 
   def propose(self, heads, hidden, ctx: Context):
     from jaxinfer.draft_heads.medusa import head_logits, tree_parents
@@ -500,6 +504,7 @@ class Hydra(_HeadsTree):
   paths: tuple[tuple[int, ...], ...]
   name: str = "hydra"
   prefix: ModelConfig | None = None
+  accuracy: tuple[tuple[float, ...], ...] | None = None
 
   def prefill(self, heads_and_base, features, prompt_len, max_len):
     """Prefix layer: its cache over the prompt's hidden states but the last, left pending."""
@@ -549,3 +554,53 @@ class Hydra(_HeadsTree):
     from jaxinfer.draft_heads.medusa import tree_parents as parents_of
     ordered = sorted(self.paths, key=lambda p: (len(p), p))
     return state, Draft(jnp.stack(nodes, axis=1), jnp.asarray(parents_of(ordered)), None)
+
+
+def _keep_paths(paths, accuracy, n: int) -> tuple[tuple[int, ...], ...]:
+  """The n paths of highest expected acceptance (prod_j accuracy[j, r_j]; without accuracies,
+  prod_j 1 / (r_j + 2): low ranks, shallow first), breadth-first. A path scores strictly below
+  its prefix, so the kept set is closed under taking prefixes."""
+  acc = None if accuracy is None else np.asarray(accuracy, np.float64)
+
+  def score(p):
+    if acc is None:
+      logs = [-np.log(r + 2.0) for r in p]
+    else:
+      logs = [np.log(max(acc[j, r] if j < acc.shape[0] and r < acc.shape[1] else 0.0, 1e-12))
+              for j, r in enumerate(p)]
+    return float(sum(logs)) - 1e-6 * len(p)
+
+  kept = sorted(paths, key=lambda p: (-score(p), len(p), p))[:n]
+  return tuple(sorted(kept, key=lambda p: (len(p), p)))
+
+
+def shrink(proposer):
+  """The same proposer drafting about half as many tokens per step (None: it drafts one token
+  already, or cannot shrink). Speculation that stops paying verifies smaller trees first."""
+  from jaxinfer.speculative.dynamic_tree import EagleTree
+  replace = dataclasses.replace
+  if isinstance(proposer, EagleTree):
+    n = proposer.num_nodes // 2
+    return None if n < 1 else replace(proposer, num_nodes=n, top_k=min(proposer.top_k, n),
+                                      depth=min(proposer.depth, n))
+  if isinstance(proposer, _Chain):
+    n = proposer.num_draft_tokens // 2
+    return None if n < 1 else replace(proposer, num_draft_tokens=n)
+  if isinstance(proposer, Lookahead):
+    n = proposer.num_nodes // 2
+    return None if n < 1 else replace(proposer, num_nodes=n, depth=min(proposer.depth, n))
+  if isinstance(proposer, Recycling):
+    b = list(proposer.branching)
+    if max(b) > 1:  # halve the widest level (the first of equals)
+      i = b.index(max(b))
+      b[i] //= 2
+    elif len(b) > 1:  # a chain: half as deep
+      b = b[:len(b) // 2]
+    else:
+      return None
+    return replace(proposer, branching=tuple(b))
+  if isinstance(proposer, _HeadsTree):
+    n = len(proposer.paths) // 2
+    return None if n < 1 else replace(proposer, paths=_keep_paths(proposer.paths,
+                                                                  proposer.accuracy, n))
+  return None
