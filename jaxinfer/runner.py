@@ -115,10 +115,10 @@ class GenerateJob:
       raise UserError(f"--speculative: expected one of {SPECULATIVE}, got {self.speculative!r}")
     if self.speculative != "none":
       shape = parse_mesh(self.mesh) if self.mesh else None
-      if shape is not None and np.prod([shape[a] for a in MESH_AXES]) > 1:
-        raise UserError(f"--mesh: speculative decoding runs on one device for now, got "
-                        f"{format_mesh(shape)}; use --mesh=data:1 (or run one process per "
-                        f"device)")
+      if shape is not None and shape["fsdp"] * shape["model"] > 1:
+        raise UserError(f"--mesh: speculative decoding runs data-parallel replicas of one "
+                        f"device each (--mesh=data:N), not yet fsdp or model sharding; got "
+                        f"{format_mesh(shape)}")
       if sparsity.kind != "dense":
         raise UserError("--speculative: not combinable with --sparsity yet")
       if self.num_draft_tokens < 1:
@@ -411,11 +411,11 @@ def run(job: GenerateJob, *, coordinator_address: str | None = None,
     raise UserError(f"--mesh: {format_mesh(shape)} needs {np.prod(list(shape.values()))} "
                     f"devices, but this process has {jax.local_device_count()}")
   t_start = time.perf_counter()
-  speculative = job.speculative != "none"  # (its own batching, on one device)
-  meshes = (_replica_meshes(job.mesh) if job.scheduler == "continuous" and not speculative
-            else [])
+  speculative = job.speculative != "none"  # (its own batching; replicas with --mesh=data:N)
+  meshes = (_replica_meshes(job.mesh) if (job.scheduler == "continuous" and not speculative)
+            or (speculative and job.mesh) else [])
   static_mesh = None
-  if (job.scheduler == "static" or speculative) and job.mesh:
+  if job.scheduler == "static" and not speculative and job.mesh:
     from jaxinfer.sharding import make_mesh
     static_mesh = make_mesh(job.mesh, jax.local_devices())
   try:
@@ -457,7 +457,7 @@ def run(job: GenerateJob, *, coordinator_address: str | None = None,
              dynamic_ncols=True, file=sys.stderr)
   t_gen = time.perf_counter()
   if speculative:
-    stats = _run_speculative(job, cfg, params, tokenizer, todo, writer, bar)
+    stats = _run_speculative(job, cfg, params, tokenizer, meshes, todo, writer, bar)
   elif job.scheduler == "continuous":
     stats = _run_engine(job, cfg, params, tokenizer, meshes, todo, writer, bar, sparsity)
   else:
@@ -572,12 +572,9 @@ def _run_engine(job, cfg, params, tokenizer, meshes, todo, writer, bar, sparsity
   ecfg = EngineConfig(num_slots=job.batch_size, chunk_size=job.chunk_size,
                       chunk_lanes=job.chunk_lanes, page_size=job.page_size,
                       kv_pages=job.kv_pages)
-  shardings = lambda mesh: jax.tree_util.tree_map(lambda x: jax.sharding.NamedSharding(
-      mesh, x.sharding.spec), params)
   engines = []
   for mesh in meshes:
-    replica_params = params if mesh is meshes[0] else jax.device_put(params, shardings(mesh))
-    engines.append(Engine(cfg, replica_params, ecfg, max_len, mesh,
+    engines.append(Engine(cfg, _on_replica(params, mesh, meshes), ecfg, max_len, mesh,
                           implementation=job.implementation, sparsity=sparsity))
   for eng in engines:
     _check_memory(eng, cfg, job)
@@ -647,6 +644,14 @@ def _run_engine(job, cfg, params, tokenizer, meshes, todo, writer, bar, sparsity
   }
 
 
+def _on_replica(params, mesh, meshes):
+  """params (placed on meshes[0]) on replica `mesh`, with the same partitioning."""
+  if mesh is meshes[0]:
+    return params
+  return jax.device_put(params, jax.tree_util.tree_map(
+      lambda x: jax.sharding.NamedSharding(mesh, x.sharding.spec), params))
+
+
 def _split_by_tokens(reqs: list[EngineRequest], parts: int) -> list[list[EngineRequest]]:
   """Contiguous shares of a sorted list with about equal prompt + output tokens each."""
   if parts == 1:
@@ -699,35 +704,64 @@ def _generator_stats(tm, completion: int) -> dict:
 SPECULATIVE_WAVE = 8
 
 
-def _run_speculative(job, cfg, params, tokenizer, todo, writer, bar) -> dict:
+def _run_speculative(job, cfg, params, tokenizer, meshes, todo, writer, bar) -> dict:
   """Speculative decoding: with --scheduler=continuous, --batch_size slots refilled as rows
-  finish (records written as they complete); with static, batches of --batch_size rows."""
-  from jaxinfer.speculative.decode import SpeculativeGenerator
+  finish (records written as they complete); with static, batches of --batch_size rows. With
+  --mesh=data:N, N replicas of one device each, every one with its share of the rows (in a
+  thread of its own, as the engine's replicas run)."""
+  from jaxinfer.speculative.decode import SpecStats, SpeculativeGenerator
   continuous = job.scheduler == "continuous"
   proposer, draft_params = make_proposer(job, cfg, params, None if job.dtype == "auto"
                                          else job.dtype)
-  gen = SpeculativeGenerator(cfg, params, proposer, draft_params=draft_params,
-                             rule=job.acceptance, implementation=job.implementation,
-                             steps_per_sync=job.steps_per_sync, page_size=job.page_size,
-                             num_slots=job.batch_size if continuous else None,
-                             policy=job.speculation)
+  gens = []
+  for mesh in meshes or [None]:
+    dparams = (draft_params if mesh is None or draft_params is None
+               else jax.device_put(draft_params, mesh.devices.flat[0]))
+    gens.append(SpeculativeGenerator(
+        cfg, params if mesh is None else _on_replica(params, mesh, meshes), proposer,
+        draft_params=dparams, rule=job.acceptance, implementation=job.implementation,
+        steps_per_sync=job.steps_per_sync, page_size=job.page_size,
+        num_slots=job.batch_size if continuous else None, policy=job.speculation, mesh=mesh))
   n = job.num_samples
   todo = sorted(todo, key=lambda r: len(r.prompt_ids))  # similar lengths pad little
   rows = [(req, k) for req in todo for k in range(n)]
-  if continuous and todo:  # one slot geometry for the whole job: compiled once
-    gen.reserve(max(len(r.prompt_ids) for r in todo), max(r.max_new_tokens for r in todo))
   wave = job.batch_size * (SPECULATIVE_WAVE if continuous else 1)
   records = _Records(n, tokenizer, writer, bar)
+  failures = []
 
-  for start in range(0, len(rows), wave):
-    batch = rows[start:start + wave]
-    reqs = [RowRequest(r.prompt_ids, r.max_new_tokens, sample_key(job.seed, r.id, k),
-                       r.temperature, r.top_k, r.top_p, r.min_p) for r, k in batch]
+  def work(gen, share):
+    try:
+      if continuous and todo:  # one slot geometry for the whole job: compiled once
+        gen.reserve(max(len(r.prompt_ids) for r in todo), max(r.max_new_tokens for r in todo))
+      for start in range(0, len(share), wave):
+        batch = share[start:start + wave]
+        reqs = [RowRequest(r.prompt_ids, r.max_new_tokens, sample_key(job.seed, r.id, k),
+                           r.temperature, r.top_k, r.top_p, r.min_p) for r, k in batch]
 
-    def should_stop(i: int, tokens: list[int]) -> bool:
-      return _hits_stop(batch[i][0], tokens, tokenizer)
+        def should_stop(i: int, tokens: list[int], batch=batch) -> bool:
+          return _hits_stop(batch[i][0], tokens, tokenizer)
 
-    gen.generate(reqs, should_stop, on_result=lambda i, res: records.add(
-        *batch[i], res.tokens, res.finished_by_eos))
+        gen.generate(reqs, should_stop, on_result=lambda i, res, batch=batch: records.add(
+            *batch[i], res.tokens, res.finished_by_eos))
+    except Exception as e:  # surfaced after the other replicas finish
+      failures.append(e)
+
+  # rows sorted by prompt length, dealt round-robin: every replica gets a like mix
+  threads = [threading.Thread(target=work, args=(g, rows[i::len(gens)]))
+             for i, g in enumerate(gens)]
+  for t in threads:
+    t.start()
+  for t in threads:
+    t.join()
+  if failures:
+    raise failures[0]
   assert records.complete(), "every sample of every request is delivered"
-  return _generator_stats(gen.timings, records.completion_tokens) | gen.stats.metrics()
+  tms = [g.timings for g in gens]
+  stats = _generator_stats(dataclasses.replace(  # replicas run side by side: the longest time
+      tms[0], prefill_s=max(t.prefill_s for t in tms), decode_s=max(t.decode_s for t in tms),
+      **{f: sum(getattr(t, f) for t in tms) for f in (
+          "compile_s", "prefill_tokens", "decode_tokens", "compilations", "decode_steps",
+          "row_steps")}), records.completion_tokens)
+  stats["busy_s"] = max(t.prefill_s + t.decode_s for t in tms)
+  stats["replicas"] = len(gens)
+  return stats | SpecStats.merge([g.stats for g in gens]).metrics()

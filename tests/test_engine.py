@@ -182,19 +182,24 @@ def test_sigkill_then_rerun_gives_every_id_once(tmp_path, tiny_model_dir):
   assert all(r == want[r["id"]] for r in got)
 
 
-def test_two_processes_write_one_output(tmp_path, tiny_model_dir):
+@pytest.mark.parametrize("speculative", ["none", "ngram"])
+def test_two_processes_write_one_output(tmp_path, tiny_model_dir, speculative):
+  """Two processes on loopback, each with its share of the input; speculative decoding too
+  (forced on, so sampled records are the same samples as a one-process run's)."""
   records = _workload() + ["{not json"]
   prompts = tmp_path / "p.jsonl"
   prompts.write_text("".join((r if isinstance(r, str) else json.dumps(r)) + "\n"
                              for r in records))
-  single, _ = _job(tmp_path, tiny_model_dir, _workload(), "single")
+  spec = {} if speculative == "none" else dict(speculative=speculative, speculation="always")
+  single, _ = _job(tmp_path, tiny_model_dir, _workload(), "single", **spec)
   out = tmp_path / "two.jsonl"
   port = _free_port()
   env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
   procs = [_cli([f"--model={tiny_model_dir}", f"--prompts={prompts}", f"--output={out}",
                  "--noprogress", "--cpu_devices=1", f"--coordinator_address=127.0.0.1:{port}",
                  "--num_processes=2", f"--process_id={i}",
-                 f"--metrics_output={tmp_path / 'm.json'}"], env=env) for i in range(2)]
+                 f"--metrics_output={tmp_path / 'm.json'}"]
+                + [f"--{k}={v}" for k, v in spec.items()], env=env) for i in range(2)]
   codes = [p.wait(timeout=600) for p in procs]
   assert codes == [1, 1], [p.stderr.read() for p in procs]  # 1: the bad line failed
   assert not list(tmp_path.glob("two.jsonl.part-*"))  # merged and cleaned up
@@ -208,3 +213,4 @@ def test_two_processes_write_one_output(tmp_path, tiny_model_dir):
     assert by_id[rid]["completion_ids"] == rec["completion_ids"]
   metrics = json.loads((tmp_path / "m.json").read_text())
   assert metrics["processes"] == 2 and metrics["records_in_output"] == len(records)
+  assert metrics.get("speculative", "none") == speculative

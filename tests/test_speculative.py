@@ -282,14 +282,25 @@ def test_generate_job_with_speculation(tmp_path, tiny_model_dir):
     assert sum(v["batches"] for v in m["tree_sizes"].values()) == m["speculative_batches"]
     if policy == "always":  # the proposer's tree (2,1: 5 tokens), every batch
       assert set(m["tree_sizes"]) == {"5"} and m["plain_batches"] == 0
+  # Data-parallel replicas (one device each, a thread each): the same records, split between
+  # them, sampled with each request's own keys
+  greedy_dp, m = job("dp", speculative="ngram", scheduler="continuous", mesh="data:2")
+  assert m["replicas"] == 2 and m["verify_steps"] > 0
+  assert {i: r["completion_ids"] for i, r in greedy_dp.items()} == {
+      i: r["completion_ids"] for i, r in plain.items()}
+  from jaxinfer.requests import Defaults
+  hot = dict(speculative="ngram", scheduler="continuous", num_samples=2, speculation="always",
+             defaults=Defaults(temperature=1.0))
+  one, _ = job("hot1", **hot)
+  two, _ = job("hot2", mesh="data:2", **hot)
+  assert one == two
   # Several samples per prompt, sampled speculatively in slots: each sample as the engine
   # would draw it alone (its own key), the records whole.
-  from jaxinfer.requests import Defaults
   spec, m = job("samples", speculative="ngram", scheduler="continuous", num_samples=3,
                 defaults=Defaults(temperature=1.0))
   assert all(len(r["samples"]) == 3 for r in spec.values()) and m["num_samples"] == 3
   assert len({tuple(s["completion_ids"]) for s in spec[2]["samples"]}) > 1
-  for kw, flag in ((dict(speculative="ngram", mesh="data:2"), "--mesh"),
+  for kw, flag in ((dict(speculative="ngram", mesh="data:2,model:2"), "--mesh"),
                    (dict(speculative="ngram", speculation="never"), "--speculation"),
                    (dict(speculative="draft", scheduler="static"), "--draft_model"),
                    (dict(speculative="recycling", scheduler="static", tree="4,x"), "--tree"),

@@ -12,6 +12,7 @@ the next host round trip (continuous batching).
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import time
 from functools import partial
@@ -76,6 +77,29 @@ class SpecStats:
   step_ms: float | None = None  # a whole step (draft + verify + accept + commit), same batch
   draft_share: float | None = None
   split_tree: int | None = None  # the tree size the split was measured with
+
+  @classmethod
+  def merge(cls, stats: Sequence["SpecStats"]) -> "SpecStats":
+    """Replicas' stats as one: counts and times summed, measured speeds averaged."""
+    if len(stats) == 1:
+      return stats[0]
+    total = lambda f: sum(getattr(s, f) for s in stats)
+    mean = lambda xs: float(np.mean(xs)) if xs else None
+    sizes = {n for s in stats for n in s.tree_batches}
+    split = next((s for s in stats if s.draft_share is not None), stats[0])
+    return cls(
+        **{f: total(f) for f in ("verify_steps", "emitted", "prefill_s", "decode_s",
+                                  "compile_s", "compilations", "decode_tokens",
+                                  "prefill_tokens", "steps", "host_syncs", "row_slots",
+                                  "spec_batches", "plain_batches")},
+        accepted_hist=sum(s.accepted_hist for s in stats),
+        plain_tps=mean([s.plain_tps for s in stats if s.plain_tps is not None]),
+        full_tree=stats[0].full_tree,
+        tree_tps={n: mean([s.tree_tps[n] for s in stats if n in s.tree_tps])
+                  for n in sizes if any(n in s.tree_tps for s in stats)},
+        tree_batches={n: sum(s.tree_batches.get(n, 0) for s in stats) for n in sizes},
+        draft_ms_per_step=split.draft_ms_per_step, step_ms=split.step_ms,
+        draft_share=split.draft_share, split_tree=split.split_tree)
 
   @property
   def spec_tps(self) -> float | None:
@@ -490,6 +514,16 @@ class SpeculativeGenerator:
     slot refilled with the next row at the next host round trip; otherwise all rows at once."""
     if not rows:
       return []
+    with self._on_device():
+      return self._generate(rows, should_stop, on_result)
+
+  def _on_device(self):
+    """New arrays on this generator's device (a replica's one-device mesh), in this thread."""
+    if self.mesh is not None and self.mesh.devices.size == 1:
+      return jax.default_device(self.mesh.devices.flat[0])
+    return contextlib.nullcontext()
+
+  def _generate(self, rows, should_stop, on_result) -> list[RowResult]:
     mode = self._choose()
     if mode == "plain":
       results = self._generate_plain(rows, should_stop)
