@@ -123,7 +123,7 @@ def main(argv: list[str]) -> None:
   except (UserError, FileNotFoundError) as e:
     fail(str(e))
   keys = ("num_requests", "num_failed", "tokens_per_second", "prefill_tokens_per_second",
-          "decode_tokens_per_second", "mean_accepted_tokens")
+          "decode_tokens_per_second", "mean_accepted_tokens", "speculation")
   print(json.dumps({k: metrics[k] for k in keys if k in metrics}), file=sys.stderr)
   if metrics["num_failed"]:
     print(f"{metrics['num_failed']} of {metrics['num_requests']} requests failed; see their "
