@@ -717,11 +717,16 @@ def _run_speculative(job, cfg, params, tokenizer, meshes, todo, writer, bar) -> 
   for mesh in meshes or [None]:
     dparams = (draft_params if mesh is None or draft_params is None
                else jax.device_put(draft_params, mesh.devices.flat[0]))
-    gens.append(SpeculativeGenerator(
-        cfg, params if mesh is None else _on_replica(params, mesh, meshes), proposer,
-        draft_params=dparams, rule=job.acceptance, implementation=job.implementation,
-        steps_per_sync=job.steps_per_sync, page_size=job.page_size,
-        num_slots=job.batch_size if continuous else None, policy=job.speculation, mesh=mesh))
+    try:
+      gens.append(SpeculativeGenerator(
+          cfg, params if mesh is None else _on_replica(params, mesh, meshes), proposer,
+          draft_params=dparams, rule=job.acceptance, implementation=job.implementation,
+          steps_per_sync=job.steps_per_sync, page_size=job.page_size,
+          num_slots=job.batch_size if continuous else None, policy=job.speculation,
+          mesh=mesh))
+    except ValueError as e:  # e.g. a tree larger than the model's sliding window
+      raise UserError(f"--speculative={job.speculative} (--tree / --num_draft_tokens): "
+                      f"{e}") from None
   n = job.num_samples
   todo = sorted(todo, key=lambda r: len(r.prompt_ids))  # similar lengths pad little
   rows = [(req, k) for req in todo for k in range(n)]

@@ -492,3 +492,29 @@ def test_auto_policy_shrinks_trees_while_speculation_loses(target):
   assert gen2._choose() == 0  # slower and losing ground: no smaller trees; the fastest wins
   always = SpeculativeGenerator(cfg, params, P.NGram(num_draft_tokens=4), policy="always")
   assert len(always.ladder) == 1 and always._choose() == 0
+
+
+def test_sliding_window_model_speculates_losslessly(tmp_path):
+  """A Mistral-style model (every layer slides over 12 positions, shorter than the outputs):
+  chain, trie and Token Recycling proposers, through the XLA and the Pallas tree attention,
+  equal plain greedy decoding; a tree larger than the window is refused."""
+  cfg, params, _ = checkpoint.load_model(str(make_tiny_model_dir(tmp_path, sliding_window=12)))
+  rows = _rows(cfg, 5, seed=31)
+  plain = Generator(cfg, params).generate(rows)
+  assert any(len(r.prompt_ids) + len(p.tokens) > 12 for r, p in zip(rows, plain))
+  for proposer, impl in ((P.NGram(num_draft_tokens=4), "xla"),
+                         (P.Lookahead(num_nodes=7, depth=3, num_candidates=6), "pallas"),
+                         (P.Recycling(branching=(3, 2)), "xla")):
+    spec = SpeculativeGenerator(cfg, params, proposer, page_size=8, policy="always",
+                                implementation=impl, num_slots=2)
+    assert [r.tokens for r in spec.generate(rows)] == [r.tokens for r in plain], proposer.name
+  with pytest.raises(ValueError, match="sliding window"):
+    SpeculativeGenerator(cfg, params, P.Lookahead(num_nodes=12))
+  # one-layer draft configurations of a model with per-layer attention kinds
+  import dataclasses
+
+  from jaxinfer.draft_heads import eagle, hydra
+  mixed = dataclasses.replace(cfg, layer_types=("full_attention",) * (cfg.num_layers - 1)
+                              + ("sliding_attention",))
+  for one in (eagle.draft_config(mixed), hydra.prefix_config(mixed)):
+    assert one.num_layers == 1 and one.layer_window(0) == 12

@@ -97,3 +97,28 @@ def test_bad_shapes_are_refused():
     tree_attention(q, kp, vp, prefix, table, jnp.zeros((2, 3, 2), jnp.int32))
   with pytest.raises(ValueError, match="do not match batch"):
     tree_attention(q, kp, vp, prefix[:1], table, jnp.zeros((2, 3, 1), jnp.int32))
+
+
+@pytest.mark.parametrize("window,splits", [(5, 1), (9, 3), (20, 2)])
+def test_sliding_window(window, splits):
+  """With a sliding window, chain token i (position L + i) is causal decode at length L + i + 1
+  over the window (the paged kernel's reference, independent of the tree code); random trees
+  match the tree reference, whose prefix keys each token sees end at its own depth's window."""
+  rng = np.random.RandomState(window)
+  b, t, n, k, h, ps, m = 3, 5, 4, 2, 16, 4, 9
+  q, kp, vp, table, _ = _inputs(rng, b, t, n, k, h, ps, m)
+  prefix = jnp.array([0, 13, 30])  # no prefix, a window inside it, pages skipped before it
+  chain = jnp.asarray(np.arange(-1, t - 1)[None].repeat(b, 0))
+  out = tree_attention(q, kp, vp, prefix, table, pack_ancestors(chain), window=window,
+                       num_splits=splits)
+  for i in range(t):
+    ref = paged_attention_reference(q[:, i], kp, vp, prefix + i + 1, table, window=window)
+    np.testing.assert_allclose(out[:, i], ref, atol=2e-5, rtol=2e-5)
+  mask = pack_ancestors(jnp.asarray(_random_parents(rng, b, t)))
+  out = tree_attention(q, kp, vp, prefix, table, mask, window=window, num_splits=splits)
+  ref = tree_attention_reference(q, kp, vp, prefix, table, mask, window=window)
+  np.testing.assert_allclose(out, ref, atol=2e-5, rtol=2e-5)
+  full = tree_attention_reference(q, kp, vp, prefix, table, mask)
+  assert not np.allclose(ref[2], full[2])  # the window hid something
+  with pytest.raises(ValueError, match="smaller than the tree"):
+    tree_attention(q, kp, vp, prefix, table, mask, window=t - 1)

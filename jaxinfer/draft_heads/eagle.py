@@ -114,7 +114,8 @@ def frequent_tokens(base: M.Transformer, cfg: ModelConfig, batches, size: int) -
 
 def draft_config(cfg: ModelConfig) -> ModelConfig:
   """The draft layer's configuration: the base's, with one layer."""
-  return dataclasses.replace(cfg, num_layers=1)
+  return dataclasses.replace(cfg, num_layers=1, layer_types=None if cfg.layer_types is None
+                             else cfg.layer_types[-1:])
 
 
 def init_draft(cfg: ModelConfig, key: jax.Array, dtype=None) -> EagleDraft:

@@ -70,7 +70,8 @@ class HydraHeads:
 
 def prefix_config(cfg: ModelConfig) -> ModelConfig:
   """The prefix-attention layer's configuration: the base's, with one layer."""
-  return dataclasses.replace(cfg, num_layers=1)
+  return dataclasses.replace(cfg, num_layers=1, layer_types=None if cfg.layer_types is None
+                             else cfg.layer_types[-1:])
 
 
 def init_heads(base: M.Transformer, num_heads: int, key: jax.Array,

@@ -367,8 +367,9 @@ class SpeculativeGenerator:
     (stats.draft_share). num_slots: continuous batching, each batch's rows through this many
     slots (None: all rows at once; plain decoding then also runs in batches of num_slots)."""
     from jaxinfer.sharding import DEFAULT_RULES
-    if cfg.sliding_window is not None:
-      raise ValueError("speculative decoding: sliding-window models are not supported yet")
+    if cfg.sliding_window is not None and proposer.tree_size > cfg.sliding_window:
+      raise ValueError(f"speculative decoding: the draft tree ({proposer.tree_size} tokens) "
+                       f"must fit the model's sliding window ({cfg.sliding_window})")
     if isinstance(proposer, (DraftModel, Medusa, Eagle, Hydra)) and draft_params is None:
       raise ValueError(f"speculative decoding: the {proposer.name} proposer needs draft_params")
     if isinstance(proposer, Hydra) and (proposer.prefix is None) != (

@@ -9,6 +9,10 @@ and, among the tree positions, only itself and its ancestors (bit j of its packe
 program per (sequence, kv head, split): the T tree tokens times the G query heads sharing the kv
 head are the rows of one (T*G, H) x (H, ps) matmul per page, so each page is read once for the
 whole tree; splits walk disjoint page ranges (FlashDecoding) and are merged by log-sum-exp.
+
+With a sliding window (at least T), tree token t at position L + depth(t) sees prefix positions
+> L + depth(t) - window only (its ancestors always), and pages wholly before the earliest
+token's window are not read.
 """
 
 from __future__ import annotations
@@ -22,14 +26,17 @@ from jax.experimental import pallas as pl
 from pallas_kernels.common import (compiler_params, merge_splits, resolve_interpret,
                                    softmax_finish, softmax_init, split_pages, walk_pages)
 from pallas_kernels.paged_attention.kernel import default_num_splits
+from pallas_kernels.tree_attention.reference import check_window, tree_depths
 
-def _kernel(len_ref, pt_ref, mask_ref, q_ref, k_ref, v_ref, o_ref, lse_ref, *, scale, page_size,
-            pages_per_split, tree_size):
+def _kernel(len_ref, pt_ref, mask_ref, depth_ref, q_ref, k_ref, v_ref, o_ref, lse_ref, *, scale,
+            page_size, pages_per_split, tree_size, window):
   q = q_ref[...]
   rows, h = q.shape
   words = mask_ref[...]  # (rows, W) int32
   prefix = len_ref[0]
   first, last = split_pages(prefix + tree_size, page_size, pt_ref.shape[0], pages_per_split)
+  if window is not None:  # the root (depth 0) sees the earliest prefix position
+    first = jnp.maximum(first, jnp.maximum(prefix - window + 1, 0) // page_size)
 
   def visible(pos):
     rel = pos - prefix
@@ -39,7 +46,10 @@ def _kernel(len_ref, pt_ref, mask_ref, q_ref, k_ref, v_ref, o_ref, lse_ref, *, s
     for w in range(words.shape[1]):  # the word holding each column's bit
       shifted = words[:, w:w + 1] >> (relc & 31)  # (rows, ps); bit 31 is read after & 1
       bit = jnp.where((relc >> 5) == w, shifted & 1, bit)
-    return (pos < prefix) | (in_tree & (bit == 1))
+    seen = pos < prefix
+    if window is not None:
+      seen &= pos > prefix + depth_ref[...] - window  # (rows, 1): each row's depth
+    return seen | (in_tree & (bit == 1))
 
   carry = walk_pages(q, k_ref, v_ref, pt_ref, first, last, visible, softmax_init(rows, h),
                      scale=scale, page_size=page_size)
@@ -61,16 +71,19 @@ def _check(q, k_pages, v_pages, prefix_len, page_table, tree_mask):
                      f"{(b, t, -(-t // 32))}, got {tree_mask.shape}")
 
 
-@functools.partial(jax.jit, static_argnames=("num_splits", "scale", "interpret", "min_rows"))
+@functools.partial(jax.jit, static_argnames=("window", "num_splits", "scale", "interpret",
+                                             "min_rows"))
 def tree_attention(q: jax.Array, k_pages: jax.Array, v_pages: jax.Array, prefix_len: jax.Array,
-                   page_table: jax.Array, tree_mask: jax.Array, *, num_splits: int | None = None,
-                   scale: float | None = None, interpret: bool | None = None,
-                   min_rows: int | None = None) -> jax.Array:
+                   page_table: jax.Array, tree_mask: jax.Array, *, window: int | None = None,
+                   num_splits: int | None = None, scale: float | None = None,
+                   interpret: bool | None = None, min_rows: int | None = None) -> jax.Array:
   """q (B,T,N,H): the tree tokens; their keys at positions prefix_len[b] + j (node j) in the
   pages, position p living in page page_table[b, p // ps] at offset p % ps; tree_mask (B,T,W)
-  packed ancestor bits (pack_ancestors). Returns (B,T,N,H)."""
+  packed ancestor bits (pack_ancestors); window: a sliding window (>= T) over positions, token
+  t's being prefix_len + its depth. Returns (B,T,N,H)."""
   _check(q, k_pages, v_pages, prefix_len, page_table, tree_mask)
   b, t, n, h = q.shape
+  check_window(window, t)
   kv_heads, _, page_size, _ = k_pages.shape
   g = n // kv_heads
   max_pages = page_table.shape[1]
@@ -84,11 +97,13 @@ def tree_attention(q: jax.Array, k_pages: jax.Array, v_pages: jax.Array, prefix_
   # Row r = t * G + g: tree token t, query head g of the group.
   qg = q.reshape(b, t, kv_heads, g, h).transpose(0, 2, 1, 3, 4).reshape(b, kv_heads, t * g, h)
   mask = jnp.repeat(tree_mask.astype(jnp.int32), g, axis=1)  # (B, T*G, W)
+  depth = jnp.repeat(tree_depths(tree_mask), g, axis=1)[..., None]  # (B, T*G, 1)
   if rows > t * g:
     qg = jnp.pad(qg, ((0, 0), (0, 0), (0, rows - t * g), (0, 0)))
     mask = jnp.pad(mask, ((0, 0), (0, rows - t * g), (0, 0)))
+    depth = jnp.pad(depth, ((0, 0), (0, rows - t * g), (0, 0)))
   kernel = functools.partial(_kernel, scale=scale, page_size=page_size,
-                             pages_per_split=per_split, tree_size=t)
+                             pages_per_split=per_split, tree_size=t, window=window)
   pool = pl.BlockSpec((None,) + k_pages.shape[1:], lambda bi, ki, si: (ki, 0, 0, 0))
   o, lse = pl.pallas_call(
       kernel,
@@ -96,6 +111,7 @@ def tree_attention(q: jax.Array, k_pages: jax.Array, v_pages: jax.Array, prefix_
       in_specs=[pl.BlockSpec((None, 1), lambda bi, ki, si: (bi, 0)),
                 pl.BlockSpec((None, max_pages), lambda bi, ki, si: (bi, 0)),
                 pl.BlockSpec((None, rows, words), lambda bi, ki, si: (bi, 0, 0)),
+                pl.BlockSpec((None, rows, 1), lambda bi, ki, si: (bi, 0, 0)),
                 pl.BlockSpec((None, None, rows, h), lambda bi, ki, si: (bi, ki, 0, 0)),
                 pool, pool],
       out_specs=[pl.BlockSpec((None, None, None, rows, h), lambda bi, ki, si: (bi, ki, si, 0, 0)),
@@ -104,8 +120,8 @@ def tree_attention(q: jax.Array, k_pages: jax.Array, v_pages: jax.Array, prefix_
                  jax.ShapeDtypeStruct((b, kv_heads, splits, rows), jnp.float32)],
       interpret=resolve_interpret(interpret), compiler_params=compiler_params(),
       name="tree_verify_attention",
-  )(prefix_len.astype(jnp.int32)[:, None], page_table.astype(jnp.int32), mask, qg, k_pages,
-    v_pages)
+  )(prefix_len.astype(jnp.int32)[:, None], page_table.astype(jnp.int32), mask, depth, qg,
+    k_pages, v_pages)
   out = merge_splits(o, lse, axis=2)[:, :, :t * g]  # (B, K, T*G, H)
   out = out.reshape(b, kv_heads, t, g, h).transpose(0, 2, 1, 3, 4)
   return out.reshape(b, t, n, h).astype(q.dtype)

@@ -42,31 +42,51 @@ def unpack_ancestors(words: jax.Array, t: int) -> jax.Array:
   return bits.reshape(words.shape[:-1] + (-1,))[..., :t].astype(bool)
 
 
-def tree_visibility(prefix_len: jax.Array, tree_mask: jax.Array, num_keys: int) -> jax.Array:
+def tree_depths(tree_mask: jax.Array) -> jax.Array:
+  """(B, T) int32: each tree token's depth (the root's is 0), from its packed ancestor bits."""
+  return unpack_ancestors(tree_mask, tree_mask.shape[1]).sum(-1, dtype=jnp.int32) - 1
+
+
+def check_window(window: int | None, tree_size: int) -> None:
+  """A sliding window must hold a whole tree path: then it only ever hides prefix keys."""
+  if window is not None and window < tree_size:
+    raise ValueError(f"tree_attention: a sliding window of {window} is smaller than the tree "
+                     f"({tree_size} tokens)")
+
+
+def tree_visibility(prefix_len: jax.Array, tree_mask: jax.Array, num_keys: int,
+                    window: int | None = None) -> jax.Array:
   """(B, T, S) bool: tree token t sees cache position s iff s < prefix_len, or s holds a tree
-  token (prefix_len <= s < prefix_len + T) that is t or an ancestor of t."""
+  token (prefix_len <= s < prefix_len + T) that is t or an ancestor of t. With a sliding
+  `window` (>= T), a prefix position s is seen only if s > prefix_len + depth(t) - window (t's
+  position is prefix_len + depth(t)); ancestors are always within it."""
   t = tree_mask.shape[1]
   anc = unpack_ancestors(tree_mask, t)  # (B,T,T)
   pos = jnp.arange(num_keys)[None, :]
   rel = pos - prefix_len[:, None]  # (B,S)
   in_tree = (rel >= 0) & (rel < t)
   tree_bit = jnp.take_along_axis(anc, jnp.clip(rel, 0, t - 1)[:, None, :].repeat(t, 1), axis=2)
-  return (pos < prefix_len[:, None])[:, None, :] | (in_tree[:, None, :] & tree_bit)
+  prefix = jnp.broadcast_to((pos < prefix_len[:, None])[:, None, :], tree_bit.shape)
+  if window is not None:
+    q_pos = prefix_len[:, None] + tree_depths(tree_mask)  # (B,T)
+    prefix = prefix & (pos[:, None, :] > q_pos[:, :, None] - window)
+  return prefix | (in_tree[:, None, :] & tree_bit)
 
 
 def tree_attention_reference(q: jax.Array, k_pages: jax.Array, v_pages: jax.Array,
                              prefix_len: jax.Array, page_table: jax.Array, tree_mask: jax.Array,
-                             *, num_splits: int | None = None, scale: float | None = None,
-                             interpret: bool | None = None,
+                             *, window: int | None = None, num_splits: int | None = None,
+                             scale: float | None = None, interpret: bool | None = None,
                              min_rows: int | None = None) -> jax.Array:
   del num_splits, interpret, min_rows
   b, t, n, h = q.shape
+  check_window(window, t)
   kv_heads = k_pages.shape[0]
   scale = h**-0.5 if scale is None else scale
   k, v = gather_pages(k_pages, page_table), gather_pages(v_pages, page_table)  # (B,K,S,H)
   qg = q.reshape(b, t, kv_heads, n // kv_heads, h)
   logits = jnp.einsum("btkgh,bksh->bkgts", qg, k, preferred_element_type=jnp.float32) * scale
-  visible = tree_visibility(prefix_len, tree_mask, k.shape[2])  # (B,T,S)
+  visible = tree_visibility(prefix_len, tree_mask, k.shape[2], window)  # (B,T,S)
   logits = jnp.where(visible[:, None, None], logits, -jnp.inf)
   probs = jax.nn.softmax(logits, axis=-1)  # a tree token always sees itself
   out = jnp.einsum("bkgts,bksh->btkgh", probs.astype(v.dtype), v,
