@@ -496,15 +496,14 @@ def test_auto_policy_shrinks_trees_while_speculation_loses(target):
 
 def test_sliding_window_model_speculates_losslessly(tmp_path):
   """A Mistral-style model (every layer slides over 12 positions, shorter than the outputs):
-  chain, trie and Token Recycling proposers, through the XLA and the Pallas tree attention,
-  equal plain greedy decoding; a tree larger than the window is refused."""
+  a chain through the XLA tree attention and a trie (a tree, its accepted path moved) through
+  the Pallas kernel equal plain greedy decoding; a tree larger than the window is refused."""
   cfg, params, _ = checkpoint.load_model(str(make_tiny_model_dir(tmp_path, sliding_window=12)))
   rows = _rows(cfg, 5, seed=31)
   plain = Generator(cfg, params).generate(rows)
   assert any(len(r.prompt_ids) + len(p.tokens) > 12 for r, p in zip(rows, plain))
   for proposer, impl in ((P.NGram(num_draft_tokens=4), "xla"),
-                         (P.Lookahead(num_nodes=7, depth=3, num_candidates=6), "pallas"),
-                         (P.Recycling(branching=(3, 2)), "xla")):
+                         (P.Lookahead(num_nodes=7, depth=3, num_candidates=6), "pallas")):
     spec = SpeculativeGenerator(cfg, params, proposer, page_size=8, policy="always",
                                 implementation=impl, num_slots=2)
     assert [r.tokens for r in spec.generate(rows)] == [r.tokens for r in plain], proposer.name
