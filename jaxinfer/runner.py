@@ -610,21 +610,8 @@ def _run_engine(job, cfg, params, tokenizer, meshes, todo, writer, bar, sparsity
   def should_stop(uid, tokens):
     return _hits_stop(by_uid[uid][0], tokens, tokenizer)
 
-  failures = []
-
-  def work(engine, share):
-    try:
-      engine.run(share, on_result, should_stop)
-    except Exception as e:  # surfaced after the other replicas finish
-      failures.append(e)
-
-  threads = [threading.Thread(target=work, args=(e, s)) for e, s in zip(engines, shares)]
-  for t in threads:
-    t.start()
-  for t in threads:
-    t.join()
-  if failures:
-    raise failures[0]
+  _in_threads(lambda engine, share: engine.run(share, on_result, should_stop),
+              list(zip(engines, shares)))
   st = [e.stats for e in engines]
   busy = max(s.busy_s for s in st)
   prefill = sum(s.prefill_tokens for s in st)
@@ -642,6 +629,26 @@ def _run_engine(job, cfg, params, tokenizer, meshes, todo, writer, bar, sparsity
       "compilations": sum(s.compilations for s in st), "replicas": len(engines),
       "expected_compilations": sum(e.max_shapes for e in engines),
   }
+
+
+def _in_threads(fn, jobs: list[tuple]) -> None:
+  """fn(*job) for every job, each in a thread of its own (one per replica); the first failure
+  is raised once all have finished."""
+  failures = []
+
+  def work(*args):
+    try:
+      fn(*args)
+    except Exception as e:  # surfaced after the other replicas finish
+      failures.append(e)
+
+  threads = [threading.Thread(target=work, args=job) for job in jobs]
+  for t in threads:
+    t.start()
+  for t in threads:
+    t.join()
+  if failures:
+    raise failures[0]
 
 
 def _on_replica(params, mesh, meshes):
@@ -732,34 +739,23 @@ def _run_speculative(job, cfg, params, tokenizer, meshes, todo, writer, bar) -> 
   rows = [(req, k) for req in todo for k in range(n)]
   wave = job.batch_size * (SPECULATIVE_WAVE if continuous else 1)
   records = _Records(n, tokenizer, writer, bar)
-  failures = []
 
   def work(gen, share):
-    try:
-      if continuous and todo:  # one slot geometry for the whole job: compiled once
-        gen.reserve(max(len(r.prompt_ids) for r in todo), max(r.max_new_tokens for r in todo))
-      for start in range(0, len(share), wave):
-        batch = share[start:start + wave]
-        reqs = [RowRequest(r.prompt_ids, r.max_new_tokens, sample_key(job.seed, r.id, k),
-                           r.temperature, r.top_k, r.top_p, r.min_p) for r, k in batch]
+    if continuous and todo:  # one slot geometry for the whole job: compiled once
+      gen.reserve(max(len(r.prompt_ids) for r in todo), max(r.max_new_tokens for r in todo))
+    for start in range(0, len(share), wave):
+      batch = share[start:start + wave]
+      reqs = [RowRequest(r.prompt_ids, r.max_new_tokens, sample_key(job.seed, r.id, k),
+                         r.temperature, r.top_k, r.top_p, r.min_p) for r, k in batch]
 
-        def should_stop(i: int, tokens: list[int], batch=batch) -> bool:
-          return _hits_stop(batch[i][0], tokens, tokenizer)
+      def should_stop(i: int, tokens: list[int], batch=batch) -> bool:
+        return _hits_stop(batch[i][0], tokens, tokenizer)
 
-        gen.generate(reqs, should_stop, on_result=lambda i, res, batch=batch: records.add(
-            *batch[i], res.tokens, res.finished_by_eos))
-    except Exception as e:  # surfaced after the other replicas finish
-      failures.append(e)
+      gen.generate(reqs, should_stop, on_result=lambda i, res, batch=batch: records.add(
+          *batch[i], res.tokens, res.finished_by_eos))
 
   # rows sorted by prompt length, dealt round-robin: every replica gets a like mix
-  threads = [threading.Thread(target=work, args=(g, rows[i::len(gens)]))
-             for i, g in enumerate(gens)]
-  for t in threads:
-    t.start()
-  for t in threads:
-    t.join()
-  if failures:
-    raise failures[0]
+  _in_threads(work, [(g, rows[i::len(gens)]) for i, g in enumerate(gens)])
   assert records.complete(), "every sample of every request is delivered"
   tms = [g.timings for g in gens]
   stats = _generator_stats(dataclasses.replace(  # replicas run side by side: the longest time

@@ -618,8 +618,8 @@ class SpeculativeGenerator:
             msp[f][j] = sp[f][s] = getattr(r, f)
         keys = jnp.stack([rows[i].key for i in take] + [rows[take[0]].key] * (k - len(take)))
         t0, c1 = time.perf_counter(), st.compile_s
-        state = self._run(("admit", level), admit, self.params, self.draft_params, state, hist, plen,
-                          mnew, to_device(msp), keys, eos, slot_ids)
+        state = self._run(("admit", level), admit, self.params, self.draft_params, state, hist,
+                          plen, mnew, to_device(msp), keys, eos, slot_ids)
         sampling = to_device(sp)
         host_done = np.asarray(state.done)
         prefill_s += time.perf_counter() - t0 - (st.compile_s - c1)
