@@ -706,8 +706,9 @@ def _generator_stats(tm, completion: int) -> dict:
 
 
 # Continuous speculative batching hands each batch of this many x --batch_size requests to the
-# speculative generator (its slots refilled as rows finish); the auto policy picks the tree size
-# or plain decoding per batch.
+# speculative generator (its slots refilled as rows finish) once the auto policy has measured
+# its modes (before, batches of --batch_size); the policy picks the tree size or plain decoding
+# per batch.
 SPECULATIVE_WAVE = 8
 
 
@@ -743,8 +744,13 @@ def _run_speculative(job, cfg, params, tokenizer, meshes, todo, writer, bar) -> 
   def work(gen, share):
     if continuous and todo:  # one slot geometry for the whole job: compiled once
       gen.reserve(max(len(r.prompt_ids) for r in todo), max(r.max_new_tokens for r in todo))
-    for start in range(0, len(share), wave):
-      batch = share[start:start + wave]
+    start = 0
+    while start < len(share):
+      # while the auto policy still measures its modes, waves of one batch: it settles early
+      # in a long job, then waves are long (slots refilled for longer between decisions)
+      size = job.batch_size if gen.exploring is not None else wave
+      batch = share[start:start + size]
+      start += size
       reqs = [RowRequest(r.prompt_ids, r.max_new_tokens, sample_key(job.seed, r.id, k),
                          r.temperature, r.top_k, r.top_p, r.min_p) for r, k in batch]
 

@@ -282,6 +282,16 @@ def test_generate_job_with_speculation(tmp_path, tiny_model_dir):
     assert sum(v["batches"] for v in m["tree_sizes"].values()) == m["speculative_batches"]
     if policy == "always":  # the proposer's tree (2,1: 5 tokens), every batch
       assert set(m["tree_sizes"]) == {"5"} and m["plain_batches"] == 0
+  # A longer job: the auto policy measures its modes on one-batch waves first (the proposer's
+  # tree, plain decoding, a halved tree: two batches each), so even a short job has them all
+  many = tmp_path / "many.jsonl"
+  many.write_text("".join(json.dumps({"id": i, "prompt_ids": [5 + i % 3, 6, 7, 8] * 4,
+                                      "max_new_tokens": 12}) + "\n" for i in range(14)))
+  m = run(GenerateJob(prompts=str(many), output=str(tmp_path / "many.out.jsonl"),
+                      model=str(tiny_model_dir), batch_size=2, progress=False,
+                      speculative="ngram"))
+  assert m["plain_batches"] >= 2 and {"5", "3"} <= set(m["tree_sizes"]), m["tree_sizes"]
+  assert "tried" in m["speculation"]
   # Data-parallel replicas (one device each, a thread each): the same records, split between
   # them, sampled with each request's own keys
   greedy_dp, m = job("dp", speculative="ngram", scheduler="continuous", mesh="data:2")

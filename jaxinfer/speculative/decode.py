@@ -451,6 +451,23 @@ class SpeculativeGenerator:
     st.draft_share = min(1.0, draft_s / max(step_s, 1e-12))
     st.split_tree = self.ladder[level].tree_size
 
+  @property
+  def exploring(self) -> int | str | None:
+    """The mode policy "auto" still has to measure before it can pick (see `_pick`), or None
+    once it has measured all it will (always None for policy "always")."""
+    st, tps = self.stats, self._tps
+    if self.policy == "always":
+      return None
+    if 0 not in tps:
+      return 0
+    if st.plain_tps is None:
+      return "plain"
+    deepest = max(tps)
+    if deepest + 1 < len(self.ladder) and (deepest == 0 or tps[deepest] < st.plain_tps
+                                           or tps[deepest] > tps[deepest - 1]):
+      return deepest + 1
+    return None
+
   def _choose(self) -> int | str:
     mode = self._pick()
     self._last[mode] = self._batches
@@ -465,14 +482,11 @@ class SpeculativeGenerator:
     batch (compilation) is not a measurement."""
     st, tps = self.stats, self._tps
     self._batches += 1
-    if self.policy == "always" or 0 not in tps:
+    if self.policy == "always":
       return 0
-    if st.plain_tps is None:
-      return "plain"
-    deepest = max(tps)
-    if deepest + 1 < len(self.ladder) and (deepest == 0 or tps[deepest] < st.plain_tps
-                                           or tps[deepest] > tps[deepest - 1]):
-      return deepest + 1
+    explore = self.exploring
+    if explore is not None:
+      return explore
     modes: dict[int | str, float] = {**tps, "plain": st.plain_tps}
     best = max(modes, key=lambda m: modes[m])
     # the most overdue of the modes whose re-try interval has passed, else the fastest
