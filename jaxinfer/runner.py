@@ -115,10 +115,10 @@ class GenerateJob:
       raise UserError(f"--speculative: expected one of {SPECULATIVE}, got {self.speculative!r}")
     if self.speculative != "none":
       shape = parse_mesh(self.mesh) if self.mesh else None
-      if shape is not None and shape["fsdp"] * shape["model"] > 1:
-        raise UserError(f"--mesh: speculative decoding runs data-parallel replicas of one "
-                        f"device each (--mesh=data:N), not yet fsdp or model sharding; got "
-                        f"{format_mesh(shape)}")
+      if shape is not None and shape["fsdp"] > 1:
+        raise UserError(f"--mesh: speculative decoding runs data-parallel replicas, each "
+                        f"sharded over `model` only (--mesh=data:N,model:M), not yet over "
+                        f"fsdp; got {format_mesh(shape)}")
       if sparsity.kind != "dense":
         raise UserError("--speculative: not combinable with --sparsity yet")
       if self.num_draft_tokens < 1:
@@ -723,8 +723,9 @@ def _run_speculative(job, cfg, params, tokenizer, meshes, todo, writer, bar) -> 
                                          else job.dtype)
   gens = []
   for mesh in meshes or [None]:
-    dparams = (draft_params if mesh is None or draft_params is None
-               else jax.device_put(draft_params, mesh.devices.flat[0]))
+    dparams = (draft_params if mesh is None or draft_params is None  # replicated on a replica
+               else jax.device_put(draft_params, jax.sharding.NamedSharding(
+                   mesh, jax.sharding.PartitionSpec())))
     try:
       gens.append(SpeculativeGenerator(
           cfg, params if mesh is None else _on_replica(params, mesh, meshes), proposer,

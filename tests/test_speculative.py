@@ -292,9 +292,9 @@ def test_generate_job_with_speculation(tmp_path, tiny_model_dir):
                       speculative="ngram"))
   assert m["plain_batches"] >= 2 and {"5", "3"} <= set(m["tree_sizes"]), m["tree_sizes"]
   assert "tried" in m["speculation"]
-  # Data-parallel replicas (one device each, a thread each): the same records, split between
-  # them, sampled with each request's own keys
-  greedy_dp, m = job("dp", speculative="ngram", scheduler="continuous", mesh="data:2")
+  # Data-parallel replicas (a thread each), each over two devices (`model`) or one: the same
+  # records, split between them, sampled with each request's own keys
+  greedy_dp, m = job("dp", speculative="ngram", scheduler="continuous", mesh="data:2,model:2")
   assert m["replicas"] == 2 and m["verify_steps"] > 0
   assert {i: r["completion_ids"] for i, r in greedy_dp.items()} == {
       i: r["completion_ids"] for i, r in plain.items()}
@@ -310,7 +310,7 @@ def test_generate_job_with_speculation(tmp_path, tiny_model_dir):
                 defaults=Defaults(temperature=1.0))
   assert all(len(r["samples"]) == 3 for r in spec.values()) and m["num_samples"] == 3
   assert len({tuple(s["completion_ids"]) for s in spec[2]["samples"]}) > 1
-  for kw, flag in ((dict(speculative="ngram", mesh="data:2,model:2"), "--mesh"),
+  for kw, flag in ((dict(speculative="ngram", mesh="data:2,fsdp:2"), "--mesh"),
                    (dict(speculative="ngram", speculation="never"), "--speculation"),
                    (dict(speculative="draft", scheduler="static"), "--draft_model"),
                    (dict(speculative="recycling", scheduler="static", tree="4,x"), "--tree"),
