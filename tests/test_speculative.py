@@ -482,23 +482,24 @@ def test_auto_policy_shrinks_trees_while_speculation_loses(target):
   assert [p.tree_size for p in gen.ladder] == [9, 5, 3, 2]
   choose = gen._choose
   assert choose() == 0  # nothing measured yet
-  gen._tps[0] = 100.0
+  measured = gen.stats.tree_tps  # by tree size: 9, 5, 3, 2
+  measured[9] = 100.0
   assert choose() == "plain"
   gen.stats.plain_tps = 150.0
   assert choose() == 1  # losing: a smaller tree
-  gen._tps[1] = 130.0
+  measured[5] = 130.0
   assert choose() == 2  # still losing to plain
-  gen._tps[2] = 160.0
+  measured[3] = 160.0
   assert choose() == 3  # beat the one before it: smaller still
-  gen._tps[3] = 140.0
+  measured[2] = 140.0
   picks = [choose() for _ in range(256)]
   assert picks.count(2) > 0.6 * len(picks)  # the fastest: 3-token trees
   assert {0, 1, 3, "plain"} <= set(picks)  # every other mode re-tried now and then
   assert picks.count(0) < picks.count(3)  # ... the slowest least often
   gen2 = SpeculativeGenerator(cfg, params, P.NGram(num_draft_tokens=4))
-  gen2._tps[0], gen2.stats.plain_tps = 300.0, 100.0
+  gen2.stats.tree_tps[5], gen2.stats.plain_tps = 300.0, 100.0
   assert gen2._choose() == 1  # winning: a smaller tree is still tried once
-  gen2._tps[1] = 200.0
+  gen2.stats.tree_tps[3] = 200.0
   assert gen2._choose() == 0  # slower and losing ground: no smaller trees; the fastest wins
   always = SpeculativeGenerator(cfg, params, P.NGram(num_draft_tokens=4), policy="always")
   assert len(always.ladder) == 1 and always._choose() == 0

@@ -405,7 +405,6 @@ class SpeculativeGenerator:
       if smaller is None or smaller.tree_size >= self.ladder[-1].tree_size:
         break
       self.ladder.append(smaller)
-    self._tps: dict[int, float] = {}  # ladder level -> measured decode tokens/s
     self._last: dict[int | str, int] = {}  # mode -> the batch that last ran it
     self._compiled: dict = {}
     self._adjacency = (proposer.init_adjacency(cfg.vocab_size)
@@ -450,6 +449,13 @@ class SpeculativeGenerator:
     st.draft_ms_per_step, st.step_ms = 1e3 * draft_s, 1e3 * step_s
     st.draft_share = min(1.0, draft_s / max(step_s, 1e-12))
     st.split_tree = self.ladder[level].tree_size
+
+  @property
+  def _tps(self) -> dict[int, float]:
+    """Ladder level -> measured decode tokens/s (of its tree size)."""
+    measured = self.stats.tree_tps
+    return {i: measured[p.tree_size] for i, p in enumerate(self.ladder)
+            if p.tree_size in measured}
 
   @property
   def exploring(self) -> int | str | None:
@@ -674,8 +680,7 @@ class SpeculativeGenerator:
     st.spec_batches += 1
     st.tree_batches[t] = st.tree_batches.get(t, 0) + 1
     if self._fresh == fresh:  # not the first run of a fresh executable (slow)
-      self._tps[level] = _average(self._tps.get(level), new_tokens / max(decode_s, 1e-9))
-      st.tree_tps[t] = self._tps[level]
+      st.tree_tps[t] = _average(st.tree_tps.get(t), new_tokens / max(decode_s, 1e-9))
       if st.draft_share is None and self.measure_split and steps:
         self._measure_split(state, sampling, decode_s / steps, level)
     return results
