@@ -6,7 +6,7 @@ Variants are made with `dataclasses.replace`; nothing deep inside the model read
 from __future__ import annotations
 
 import dataclasses
-from typing import Literal
+from typing import Literal, Sequence
 
 import jax.numpy as jnp
 
@@ -77,6 +77,12 @@ class ModelConfig:
   @property
   def jnp_dtype(self):
     return DTYPES[self.dtype]
+
+  def keep_layers(self, layers: Sequence[int]) -> "ModelConfig":
+    """This configuration with only `layers` (indices, in order), each keeping its attention
+    kind."""
+    kinds = None if self.layer_types is None else tuple(self.layer_types[i] for i in layers)
+    return dataclasses.replace(self, num_layers=len(layers), layer_types=kinds)
 
   def layer_window(self, layer: int) -> int | None:
     """The sliding window of `layer`, or None for full attention."""

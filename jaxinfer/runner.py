@@ -258,12 +258,14 @@ def make_proposer(job: "GenerateJob", cfg, params, dtype):
                       f"{info['hidden_size']}, the model has {cfg.vocab_size} / "
                       f"{cfg.embed}")
     paths = tuple(tuple(p) for p in info["tree"])
-    if job.tree.startswith("nodes:"):  # re-grown from the heads' measured accuracies
+    # the heads' measured accuracies: they re-grow the tree (--tree=nodes:N) and rank the paths
+    # a smaller tree keeps
+    acc = info.get("accuracy_topk")
+    acc = None if acc is None else tuple(tuple(float(a) for a in row) for row in acc)
+    if job.tree.startswith("nodes:"):
       accuracy = np.asarray(info["accuracy_topk"])
       paths = tuple(medusa.build_tree(accuracy, min(tree_nodes(job.tree),
                                                     _max_nodes(accuracy))))
-    acc = info.get("accuracy_topk")  # ranks the paths a smaller tree keeps
-    acc = None if acc is None else tuple(tuple(float(a) for a in row) for row in acc)
     if lib is medusa:
       return P.Medusa(paths=paths, accuracy=acc), heads
     return P.Hydra(paths=paths, prefix=None if heads.prefix is None

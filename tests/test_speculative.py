@@ -528,6 +528,8 @@ def test_sliding_window_model_speculates_losslessly(tmp_path):
                               + ("sliding_attention",))
   for one in (eagle.draft_config(mixed), hydra.prefix_config(mixed)):
     assert one.num_layers == 1 and one.layer_window(0) == 12
+  skip_cfg, _ = P.layer_skip_draft(mixed, params, (cfg.num_layers - 1, 0))  # (in layer order)
+  assert skip_cfg.layer_types == ("full_attention", "sliding_attention")
 
 
 def test_tensor_parallel_speculation_equals_greedy(target, tiny_model_dir, plain_greedy):

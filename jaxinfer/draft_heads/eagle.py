@@ -28,7 +28,6 @@ outside the draft vocabulary is just never drafted.
 
 from __future__ import annotations
 
-import dataclasses
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -113,9 +112,8 @@ def frequent_tokens(base: M.Transformer, cfg: ModelConfig, batches, size: int) -
 
 
 def draft_config(cfg: ModelConfig) -> ModelConfig:
-  """The draft layer's configuration: the base's, with one layer."""
-  return dataclasses.replace(cfg, num_layers=1, layer_types=None if cfg.layer_types is None
-                             else cfg.layer_types[-1:])
+  """The draft layer's configuration: the base's, with one layer (of its last layer's kind)."""
+  return cfg.keep_layers([cfg.num_layers - 1])
 
 
 def init_draft(cfg: ModelConfig, key: jax.Array, dtype=None) -> EagleDraft:

@@ -26,7 +26,6 @@ conditioned on the path so far being right, which is what acceptance at depth k 
 
 from __future__ import annotations
 
-import dataclasses
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -69,9 +68,9 @@ class HydraHeads:
 
 
 def prefix_config(cfg: ModelConfig) -> ModelConfig:
-  """The prefix-attention layer's configuration: the base's, with one layer."""
-  return dataclasses.replace(cfg, num_layers=1, layer_types=None if cfg.layer_types is None
-                             else cfg.layer_types[-1:])
+  """The prefix-attention layer's configuration: the base's, with one layer (of its last
+  layer's kind)."""
+  return cfg.keep_layers([cfg.num_layers - 1])
 
 
 def init_heads(base: M.Transformer, num_heads: int, key: jax.Array,

@@ -332,7 +332,7 @@ def layer_skip_draft(cfg: ModelConfig, params: M.Transformer,
   if not keep or any(not 0 <= i < cfg.num_layers for i in keep) or len(set(keep)) != len(keep):
     raise ValueError(f"layer skip: layers to keep must be distinct indices in "
                      f"[0, {cfg.num_layers}), got {keep}")
-  return (dataclasses.replace(cfg, num_layers=len(keep)),
+  return (cfg.keep_layers(sorted(keep)),
           params.replace(layers=tuple(params.layers[i] for i in sorted(keep))))
 
 
