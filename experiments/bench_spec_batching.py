@@ -11,10 +11,14 @@ whole workload through --slots rows:
   spec-static      speculative decoding in batches of --slots requests (speculation forced on)
   spec-continuous  speculative decoding in --slots slots, a finished row's slot refilled with the
                    next request at the next host round trip (speculation forced on)
+  spec-continuous-no-reuse
+                   the same without prefix reuse (only with --shared_header: every prompt then
+                   starts with the same header, whose K/V the other modes compute once)
 
 Per mode: workload wall time (prompts included; the median over --repeats interleaved rounds
 after a compiling warm-up), its tokens/s, its time ratio against plain-static, and for the
-speculative modes tau and slot occupancy (live rows per verification step / slots). Outputs are
+speculative modes tau, slot occupancy (live rows per verification step / slots) and prompt tokens
+whose K/V were reused rather than computed (one round's worth). Outputs are
 checked identical across modes. Results are appended to
 experiments/results/bench_spec_batching.jsonl.
 """
@@ -36,6 +40,8 @@ flags.DEFINE_integer("requests", 32, "Requests in the workload.")
 flags.DEFINE_list("budgets", ["16", "32", "64", "128"], "max_new_tokens values, drawn per "
                   "request with a fixed seed.")
 flags.DEFINE_integer("prompt_tokens", 128, "Prompt length (tokens of held-out source).")
+flags.DEFINE_integer("shared_header", 0, "Tokens of one header (held-out source) put before "
+                     "every prompt, as a system prompt is (0: none).")
 flags.DEFINE_integer("num_draft_tokens", 4, "Chain length.")
 flags.DEFINE_string("eagle_draft", None, "eagle: the draft layer (default for the embedded "
                     "model: eagle-v1024-400).")
@@ -67,9 +73,12 @@ def main(argv):
   b, n = FLAGS.slots, FLAGS.requests
   rng = np.random.RandomState(0)
   budgets = [int(x) for x in rng.choice([int(x) for x in FLAGS.budgets], size=n)]
-  rows = [RowRequest(p, m, jax.random.key(i))
-          for i, (p, m) in enumerate(zip(embedded.heldout_prompts(tok, n, FLAGS.prompt_tokens), budgets))]
-  max_len = FLAGS.prompt_tokens + max(budgets)
+  prompts = embedded.heldout_prompts(tok, n + 1, max(FLAGS.prompt_tokens, FLAGS.shared_header))
+  header = list(prompts[n][:FLAGS.shared_header])
+  rows = [RowRequest(header + list(p[:FLAGS.prompt_tokens]), m, jax.random.key(i))
+          for i, (p, m) in enumerate(zip(prompts[:n], budgets))]
+  prompt_len = len(header) + FLAGS.prompt_tokens
+  max_len = prompt_len + max(budgets)
 
   def plain_static():
     gen = Generator(cfg, params, steps_per_sync=32)
@@ -86,33 +95,36 @@ def main(argv):
       return out
     return go
 
-  def spec(method, continuous):
+  def spec(method, continuous, reuse=True):
     job = GenerateJob(prompts="-", output="-", speculative=method,
                       num_draft_tokens=FLAGS.num_draft_tokens,
                       draft_heads=eagle_dir if method == "eagle" else None)
     proposer, draft_params = make_proposer(job, cfg, params, None)
     gen = SpeculativeGenerator(cfg, params, proposer, draft_params=draft_params,
                                steps_per_sync=16, policy="always", measure_split=False,
-                               num_slots=b if continuous else None)
+                               num_slots=b if continuous else None, prefix_reuse=reuse)
     if continuous:
-      gen.reserve(FLAGS.prompt_tokens, max(budgets))
+      gen.reserve(prompt_len, max(budgets))
       return gen, lambda: gen.generate(rows)
     return gen, lambda: [r for i in range(0, n, b) for r in gen.generate(rows[i:i + b])]
 
   tokens_of = lambda out: [r if isinstance(r, list) else r.tokens for r in out]
   base = {"model": FLAGS.model, "device": jax.devices()[0].device_kind, "jax": jax.__version__,
           "date": datetime.date.today().isoformat(), "slots": b, "requests": n,
-          "budgets": FLAGS.budgets, "prompt_tokens": FLAGS.prompt_tokens}
+          "budgets": FLAGS.budgets, "prompt_tokens": prompt_len,
+          "shared_header": len(header)}
   for method in FLAGS.methods:
     modes = {"plain-static": (None, plain_static()), "plain-engine": (None, plain_engine()),
              "spec-static": spec(method, False), "spec-continuous": spec(method, True)}
+    if header:
+      modes["spec-continuous-no-reuse"] = spec(method, True, reuse=False)
     ref = tokens_of(modes["plain-static"][1]())
     identical = {}
     for name, (_, run) in modes.items():  # compile (and the outputs' check)
       identical[name] = tokens_of(run()) == ref
     new_tokens = sum(len(t) for t in ref)
     snapshot = {name: None if g is None else (g.stats.verify_steps, g.stats.row_slots,
-                                              g.stats.emitted)
+                                              g.stats.emitted, g.stats.prefill_tokens_saved)
                 for name, (g, _) in modes.items()}
     times = {name: [] for name in modes}
     for _ in range(FLAGS.repeats):  # interleaved: drift hits every mode alike
@@ -130,10 +142,11 @@ def main(argv):
                "speedup_per_repeat": [round(x, 3) for x in ratios],
                "identical_to_plain": identical[name]}
       if g is not None:  # this mode's timed rounds only
-        v0, s0, e0 = snapshot[name]
+        v0, s0, e0, p0 = snapshot[name]
         st = g.stats
         entry["tau"] = round((st.emitted - e0) / max(st.verify_steps - v0, 1), 3)
         entry["occupancy"] = round((st.verify_steps - v0) / max(st.row_slots - s0, 1), 3)
+        entry["prefill_tokens_saved"] = (st.prefill_tokens_saved - p0) // FLAGS.repeats
       result["modes"][name] = entry
     del t_ref
     print(json.dumps(result), file=sys.stderr, flush=True)

@@ -661,11 +661,12 @@ def _on_replica(params, mesh, meshes):
       lambda x: jax.sharding.NamedSharding(mesh, x.sharding.spec), params))
 
 
-def _split_by_tokens(reqs: list[EngineRequest], parts: int) -> list[list[EngineRequest]]:
-  """Contiguous shares of a sorted list with about equal prompt + output tokens each."""
+def _split_by_tokens(reqs: list, parts: int, request=lambda r: r) -> list[list]:
+  """Contiguous shares of a sorted list with about equal prompt + output tokens each
+  (`request(item)`: the item's request)."""
   if parts == 1:
     return [reqs]
-  cost = np.cumsum([len(r.prompt_ids) + r.max_new_tokens for r in reqs])
+  cost = np.cumsum([len(request(r).prompt_ids) + request(r).max_new_tokens for r in reqs])
   total = cost[-1] if len(cost) else 0
   cuts = [int(np.searchsorted(cost, total * (i + 1) / parts)) for i in range(parts - 1)]
   bounds = [0] + cuts + [len(reqs)]
@@ -708,9 +709,8 @@ def _generator_stats(tm, completion: int) -> dict:
 
 
 # Continuous speculative batching hands each batch of this many x --batch_size requests to the
-# speculative generator (its slots refilled as rows finish) once the auto policy has measured
-# its modes (before, batches of --batch_size); the policy picks the tree size or plain decoding
-# per batch.
+# speculative generator (its slots refilled as rows finish), but a mode's first (compiling)
+# batch is --batch_size requests; the policy picks the tree size or plain decoding per batch.
 SPECULATIVE_WAVE = 8
 
 
@@ -734,12 +734,17 @@ def _run_speculative(job, cfg, params, tokenizer, meshes, todo, writer, bar) -> 
           draft_params=dparams, rule=job.acceptance, implementation=job.implementation,
           steps_per_sync=job.steps_per_sync, page_size=job.page_size,
           num_slots=job.batch_size if continuous else None, policy=job.speculation,
-          mesh=mesh))
+          mesh=mesh, engine_config=EngineConfig(
+              num_slots=job.batch_size, chunk_size=job.chunk_size,
+              chunk_lanes=job.chunk_lanes, page_size=job.page_size, kv_pages=job.kv_pages)))
     except ValueError as e:  # e.g. a tree larger than the model's sliding window
       raise UserError(f"--speculative={job.speculative} (--tree / --num_draft_tokens): "
                       f"{e}") from None
   n = job.num_samples
-  todo = sorted(todo, key=lambda r: len(r.prompt_ids))  # similar lengths pad little
+  # continuous: sorted by prompt, so rows sharing a prefix run close together (reusing its
+  # K/V); static: by length, so that a batch's rows pad little
+  todo = sorted(todo, key=(lambda r: r.prompt_ids) if continuous else
+                (lambda r: len(r.prompt_ids)))
   rows = [(req, k) for req in todo for k in range(n)]
   wave = job.batch_size * (SPECULATIVE_WAVE if continuous else 1)
   records = _Records(n, tokenizer, writer, bar)
@@ -749,9 +754,9 @@ def _run_speculative(job, cfg, params, tokenizer, meshes, todo, writer, bar) -> 
       gen.reserve(max(len(r.prompt_ids) for r in todo), max(r.max_new_tokens for r in todo))
     start = 0
     while start < len(share):
-      # while the auto policy still measures its modes, waves of one batch: it settles early
-      # in a long job, then waves are long (slots refilled for longer between decisions)
-      size = job.batch_size if gen.exploring is not None else wave
+      # a mode's first batch compiles its steps: one batch; measured batches and the rest are
+      # long waves (slots refilled for longer between decisions, as the job will run them)
+      size = job.batch_size if gen.compiling_next else wave
       batch = share[start:start + size]
       start += size
       reqs = [RowRequest(r.prompt_ids, r.max_new_tokens, sample_key(job.seed, r.id, k),
@@ -763,8 +768,13 @@ def _run_speculative(job, cfg, params, tokenizer, meshes, todo, writer, bar) -> 
       gen.generate(reqs, should_stop, on_result=lambda i, res, batch=batch: records.add(
           *batch[i], res.tokens, res.finished_by_eos))
 
-  # rows sorted by prompt length, dealt round-robin: every replica gets a like mix
-  _in_threads(work, [(g, rows[i::len(gens)]) for i, g in enumerate(gens)])
+  # static: rows dealt round-robin, so every replica gets a like mix of lengths; continuous:
+  # contiguous shares of about equal tokens, so that sharers of a prefix meet on one replica
+  if continuous:
+    shares = _split_by_tokens(rows, len(gens), request=lambda row: row[0])
+  else:
+    shares = [rows[i::len(gens)] for i in range(len(gens))]
+  _in_threads(work, list(zip(gens, shares)))
   assert records.complete(), "every sample of every request is delivered"
   tms = [g.timings for g in gens]
   stats = _generator_stats(dataclasses.replace(  # replicas run side by side: the longest time
@@ -774,4 +784,5 @@ def _run_speculative(job, cfg, params, tokenizer, meshes, todo, writer, bar) -> 
           "row_steps")}), records.completion_tokens)
   stats["busy_s"] = max(t.prefill_s + t.decode_s for t in tms)
   stats["replicas"] = len(gens)
+  stats["prefill_saved"] = sum(g.stats.prefill_tokens_saved for g in gens)
   return stats | SpecStats.merge([g.stats for g in gens]).metrics()

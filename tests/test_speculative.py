@@ -1,6 +1,7 @@
 """Speculative decoding end to end: every proposer's greedy output equals plain greedy decoding
 token for token (float32), at batch 1 and batch > 1 with mixed prompt and output lengths."""
 
+import dataclasses
 import json
 
 import jax
@@ -253,7 +254,8 @@ def test_auto_policy_measures_both_modes_and_stays_lossless(target, other_draft)
   assert 0.0 < split["draft_ms_per_step"] <= split["step_ms"]
 
 
-def test_generate_job_with_speculation(tmp_path, tiny_model_dir):
+def test_generate_job_with_speculation(tmp_path, tiny_model_dir, monkeypatch):
+  from jaxinfer import runner
   from jaxinfer.runner import GenerateJob, UserError, run
   prompts = tmp_path / "p.jsonl"
   prompts.write_text("".join(json.dumps(r) + "\n" for r in [
@@ -282,15 +284,19 @@ def test_generate_job_with_speculation(tmp_path, tiny_model_dir):
     assert sum(v["batches"] for v in m["tree_sizes"].values()) == m["speculative_batches"]
     if policy == "always":  # the proposer's tree (2,1: 5 tokens), every batch
       assert set(m["tree_sizes"]) == {"5"} and m["plain_batches"] == 0
-  # A longer job: the auto policy measures its modes on one-batch waves first (the proposer's
-  # tree, plain decoding, a halved tree: two batches each), so even a short job has them all
+  # A longer job: the auto policy measures its modes (the proposer's tree, plain decoding (the
+  # engine), a halved tree), each on a one-batch wave that compiles it, then a long wave
+  # (SPECULATIVE_WAVE batches: 2 here) that measures it: 2 + 4 + 2 + 4 + 2 requests
+  monkeypatch.setattr(runner, "SPECULATIVE_WAVE", 2)
   many = tmp_path / "many.jsonl"
   many.write_text("".join(json.dumps({"id": i, "prompt_ids": [5 + i % 3, 6, 7, 8] * 4,
                                       "max_new_tokens": 12}) + "\n" for i in range(14)))
   m = run(GenerateJob(prompts=str(many), output=str(tmp_path / "many.out.jsonl"),
                       model=str(tiny_model_dir), batch_size=2, progress=False,
                       speculative="ngram"))
-  assert m["plain_batches"] >= 2 and {"5", "3"} <= set(m["tree_sizes"]), m["tree_sizes"]
+  assert m["plain_batches"] == 2 and m["speculative_batches"] == 3, m["speculation"]
+  assert m["tree_sizes"]["5"]["batches"] == 2 and m["tree_sizes"]["3"]["batches"] == 1
+  assert m["tree_sizes"]["5"]["tokens_per_second"] > 0
   assert "tried" in m["speculation"]
   # Data-parallel replicas (a thread each), each over two devices (`model`) or one: the same
   # records, split between them, sampled with each request's own keys
@@ -481,9 +487,12 @@ def test_auto_policy_shrinks_trees_while_speculation_loses(target):
   gen = SpeculativeGenerator(cfg, params, P.Lookahead(num_nodes=8, depth=4), explore_every=8)
   assert [p.tree_size for p in gen.ladder] == [9, 5, 3, 2]
   choose = gen._choose
+  assert gen.compiling_next  # the first batch of a mode compiles (the runner makes it small)
   assert choose() == 0  # nothing measured yet
+  assert not gen.compiling_next  # the next (measured) batch is the same mode's second
   measured = gen.stats.tree_tps  # by tree size: 9, 5, 3, 2
   measured[9] = 100.0
+  assert gen.compiling_next
   assert choose() == "plain"
   gen.stats.plain_tps = 150.0
   assert choose() == 1  # losing: a smaller tree
@@ -542,3 +551,123 @@ def test_tensor_parallel_speculation_equals_greedy(target, tiny_model_dir, plain
   spec = SpeculativeGenerator(cfg, params, P.Lookahead(num_nodes=6, depth=3), mesh=mesh,
                               num_slots=3, policy="always", page_size=8, implementation="pallas")
   assert [r.tokens for r in spec.generate(rows)] == [r.tokens for r in plain]
+
+
+def _shared_prefix_rows(cfg):
+  """Seven prompts behind one 20-token system prompt (two full 8-token pages to share), the
+  last of them twice (a second sample: three pages to share)."""
+  rng = np.random.RandomState(5)
+  system = list(rng.randint(1, cfg.vocab_size, size=20))
+  prompts = [system + list(rng.randint(1, cfg.vocab_size, size=rng.randint(5, 16)))
+             for _ in range(6)]
+  prompts.append(system + list(rng.randint(1, cfg.vocab_size, size=10)))
+  prompts.append(prompts[-1])
+  return [RowRequest(p, int(rng.choice([3, 12, 25])), jax.random.key(200 + i))
+          for i, p in enumerate(prompts)]
+
+
+@pytest.mark.parametrize("name", ["ngram", "medusa", "eagle"])
+def test_prefix_reuse_is_lossless(target, other_draft, name):
+  """Rows whose prompts start with pages another row computed copy those pages' K/V and compute
+  only the rest (rows admitted together: the first computes the prefix, the others join at the
+  next admission); greedy output still equals plain greedy decoding. EAGLE's draft layer reads
+  the target's hidden states over the prompt: its cache's pages are copied too, and the
+  prefix's last token is computed again (its hidden state pairs with the token after it).
+  Without prefix reuse nothing is saved (and nothing changes)."""
+  cfg, params = target
+  proposer, draft_params = (_proposers(cfg, params, other_draft) | _head_proposers(cfg, params))[
+      name]
+  rows = _shared_prefix_rows(cfg)
+  plain = Generator(cfg, params).generate(rows)
+  for reuse in (True, False) if name == "ngram" else (True,):
+    spec = SpeculativeGenerator(cfg, params, proposer, draft_params=draft_params,
+                                steps_per_sync=8, page_size=8, policy="always", num_slots=3,
+                                prefix_reuse=reuse)
+    out = spec.generate(rows)
+    assert [r.tokens for r in out] == [r.tokens for r in plain], (name, reuse)
+    st = spec.stats
+    recompute = int(name == "eagle")
+    saved = 6 * (16 - recompute) + 24 - recompute if reuse else 0
+    assert st.prefill_tokens_saved == saved, (name, reuse)
+    assert st.prefill_tokens + saved == sum(len(r.prompt_ids) for r in rows)
+
+
+@pytest.mark.parametrize("name", ["eagle", "hydra++"])
+def test_prefix_reuse_builds_the_same_state(target, name):
+  """Admitting a row that reuses another row's prefix (its target K/V pages and the draft
+  layer's cache pages copied, the rest computed) leaves the row's state as admitting it alone
+  does: target K/V over the prompt, the draft layer's cache over the prompt's pairs, the pending
+  pair, history and first token."""
+  from functools import partial
+
+  from jaxinfer.engine.pages import page_keys
+  from jaxinfer.sampling import SamplingParams
+  from jaxinfer.speculative.decode import _admit
+  cfg, params = target
+  proposer, heads = (_head_proposers(cfg, params) | {"eagle": _eagle(cfg)})[name]
+  gen = SpeculativeGenerator(cfg, params, proposer, draft_params=heads, page_size=8,
+                             policy="always")
+  b, ps, max_len = 2, 8, 64
+  m = max_len // ps
+  rows = _shared_prefix_rows(cfg)
+  x, y = rows[0].prompt_ids, rows[1].prompt_ids
+  assert x[:16] == y[:16] and page_keys(x, ps, 2) == page_keys(y, ps, 2)
+  admit = partial(_admit, cfg=cfg, proposer=proposer, implementation="xla", mesh=None,
+                  rules=gen.rules, max_len=max_len, page_size=ps)
+  sampling = SamplingParams(*(np.asarray(v) for v in ([0.0], [0], [1.0], [0.0])))
+  eos = jnp.asarray([-1], jnp.int32)
+  i32 = lambda *v: np.asarray(v, np.int32)
+
+  def put(state, prompt, slot, start=0, copy=0):
+    width = max(16, len(prompt))
+    hist = np.zeros((1, width), np.int32)
+    hist[0, :len(prompt)] = prompt
+    toks = np.zeros((1, width), np.int32)
+    toks[0, :len(prompt) - start] = prompt[start:]
+    src, dst = np.zeros((1, m), np.int32), np.full((1, m), b * m, np.int32)
+    src[0, :copy] = np.arange(copy)  # slot 0's pages
+    dst[0, :copy] = slot * m + np.arange(copy)
+    return jax.jit(partial(admit, from_cache=start > 0))(
+        params, heads, state, toks, i32(start), hist, i32(len(prompt)), i32(20), sampling,
+        jnp.stack([jax.random.key(0)]), eos, i32(slot), src, dst)
+
+  fresh = lambda: gen._empty_state(b, max_len, 32, jax.random.key(0), proposer)
+  reused = put(put(fresh(), x, 0), y, 1, start=15, copy=2)
+  alone = put(fresh(), y, 1)
+  n = len(y)
+  pool_rows = lambda a: a.reshape(a.shape[0], b, max_len, -1)[:, 1, :n]
+  for got, want in zip(reused.k + reused.v, alone.k + alone.v):
+    np.testing.assert_allclose(pool_rows(got), pool_rows(want), atol=1e-5)
+  pr, pa = reused.proposer, alone.proposer
+  for got, want in zip(pr.cache.k + pr.cache.v, pa.cache.k + pa.cache.v):
+    np.testing.assert_allclose(got[:, 1, :n - 1], want[:, 1, :n - 1], atol=1e-5)
+  np.testing.assert_allclose(pr.features[1], pa.features[1], atol=1e-5)
+  for f in ("tokens", "start", "count"):
+    np.testing.assert_array_equal(getattr(pr, f)[1], getattr(pa, f)[1])
+  np.testing.assert_array_equal(reused.history[1], alone.history[1])
+  assert int(reused.out[1, 0]) == int(alone.out[1, 0])
+
+
+def test_plain_batches_run_in_the_engine(target, plain_greedy):
+  """With slots, a batch the auto policy decodes plainly runs through the continuous-batching
+  engine: greedy rows equal plain greedy decoding, sampled rows what the static Generator
+  samples (the same per-request keys), results delivered as rows finish."""
+  cfg, params = target
+  rows, plain = plain_greedy[9]
+  rows = [dataclasses.replace(r, temperature=0.8) if i % 3 == 0 else r
+          for i, r in enumerate(rows)]
+  want = Generator(cfg, params).generate(rows)
+  assert [w.tokens for i, w in enumerate(want) if i % 3] == [
+      p.tokens for i, p in enumerate(plain) if i % 3]
+  gen = SpeculativeGenerator(cfg, params, P.NGram(num_draft_tokens=3), page_size=8,
+                             num_slots=3)
+  gen.stats.tree_tps[gen.proposer.tree_size] = 1.0  # speculation measured: plain is next
+  assert gen.exploring == "plain"
+  seen = []
+  out = gen.generate(rows, on_result=lambda i, r: seen.append(i))
+  assert [r.tokens for r in out] == [w.tokens for w in want]
+  assert [r.finished_by_eos for r in out] == [w.finished_by_eos for w in want]
+  assert sorted(seen) == list(range(9)) and seen != list(range(9))
+  st = gen.stats
+  assert st.plain_batches == 1 and st.spec_batches == 0 and gen._engine is not None
+  assert st.decode_tokens == sum(len(r.tokens) - 1 for r in out)

@@ -25,12 +25,13 @@ from flax import struct
 
 from jaxinfer import model as M
 from jaxinfer.config import ModelConfig
+from jaxinfer.engine.pages import page_keys
 from jaxinfer.generation import Generator, RowRequest, RowResult, next_pow2
 from jaxinfer.kv_cache import KVCache, PagedKVCache, TreeKVCache, commit_path
 from jaxinfer.sampling import SamplingParams, distribution, sample
 from jaxinfer.speculative import acceptance
-from jaxinfer.speculative.proposers import (Context, DraftModel, Eagle, Hydra, Medusa,
-                                            Recycling, shrink)
+from jaxinfer.speculative.proposers import (Context, DraftModel, Eagle, EagleState, Hydra,
+                                            Medusa, Recycling, shrink)
 from pallas_kernels.tree_attention import ancestor_matrix, pack_ancestors
 
 _DRAFT_SALT, _VERIFY_SALT = 1 << 20, 1 << 21
@@ -63,13 +64,16 @@ class SpecStats:
   compile_s: float = 0.0
   compilations: int = 0
   decode_tokens: int = 0
-  prefill_tokens: int = 0
+  prefill_tokens: int = 0  # computed
+  prefill_tokens_saved: int = 0  # prompt tokens whose K/V were copied from another row's
   steps: int = 0  # batched verification steps
   host_syncs: int = 0  # host round trips while decoding
   row_slots: int = 0  # steps x rows
   spec_batches: int = 0  # batches that speculated
   plain_batches: int = 0  # ... that decoded plainly (policy "auto")
-  plain_tps: float | None = None  # measured decode tokens/s (moving average)
+  # measured generation speeds (moving averages): output tokens after each row's first per
+  # second of prefill and decoding
+  plain_tps: float | None = None
   full_tree: int = 0  # the proposer's tree size (tokens verified per row and step)
   tree_tps: dict = dataclasses.field(default_factory=dict)  # tree size -> measured tokens/s
   tree_batches: dict = dataclasses.field(default_factory=dict)  # tree size -> batches
@@ -90,8 +94,8 @@ class SpecStats:
     return cls(
         **{f: total(f) for f in ("verify_steps", "emitted", "prefill_s", "decode_s",
                                   "compile_s", "compilations", "decode_tokens",
-                                  "prefill_tokens", "steps", "host_syncs", "row_slots",
-                                  "spec_batches", "plain_batches")},
+                                  "prefill_tokens", "prefill_tokens_saved", "steps",
+                                  "host_syncs", "row_slots", "spec_batches", "plain_batches")},
         accepted_hist=sum(s.accepted_hist for s in stats),
         plain_tps=mean([s.plain_tps for s in stats if s.plain_tps is not None]),
         full_tree=stats[0].full_tree,
@@ -275,21 +279,35 @@ def _chunk(params, draft_params, state, sampling, page_table, eos_ids, min_done,
   return jax.lax.while_loop(cond, body, (0, state))[1]
 
 
-def _proposer_prefill(params, draft_params, hidden, last, history, prompt_len, first, adjacency,
-                      *, proposer, max_len):
-  """The proposer's state for freshly prefilled rows (`hidden`: the target's over the prompts,
-  `last`: at each prompt's last token)."""
+def _proposer_prefill(params, draft_params, hidden, last, history, prompt_len, first, pstate,
+                      start=None, copy_src=None, *, proposer, max_len):
+  """The proposer's state for freshly prefilled rows (`hidden`: the target's over the prompts
+  from position `start` on, `last`: at each prompt's last token). pstate: the running state's
+  (Recycling's adjacency; with `copy_src`, the pages of the draft layer's cache (EAGLE, Hydra++)
+  that hold each new row's prefix, copied as the target's are)."""
+  cache = None
+  if copy_src is not None and isinstance(pstate, EagleState):
+    cache = jax.tree_util.tree_map(lambda x: _gather_pages(x, copy_src), pstate.cache)
   if isinstance(proposer, DraftModel):
     return proposer.prefill(draft_params, history, prompt_len, max_len)
   if isinstance(proposer, Recycling):
-    return adjacency
+    return pstate
   if isinstance(proposer, Hydra) and proposer.prefix is not None:
-    return proposer.prefill((draft_params, params), hidden, prompt_len, max_len)
+    return proposer.prefill((draft_params, params), hidden, prompt_len, max_len, start, cache)
   if isinstance(proposer, (Medusa, Hydra)):
     return last  # the hidden state that predicted the first token
   if isinstance(proposer, Eagle):
-    return proposer.prefill((draft_params, params), hidden, history, prompt_len, first, max_len)
+    return proposer.prefill((draft_params, params), hidden, history, prompt_len, first, max_len,
+                            start, cache)
   return ()
+
+
+def _gather_pages(cache: jax.Array, pages: jax.Array) -> jax.Array:
+  """Rows of a contiguous cache (K, B, S, H) made of the pages `pages` (k, M) of its (K, B*M,
+  S/M, H) view -> (K, k, S, H)."""
+  kh, b, s, h = cache.shape
+  k, m = pages.shape
+  return cache.reshape(kh, b * m, s // m, h)[:, pages.reshape(-1)].reshape(kh, k, s, h)
 
 
 def _put_rows(old, new, slots):
@@ -307,33 +325,52 @@ def _put_rows(old, new, slots):
   return jax.tree_util.tree_map(leaf, old, new, is_leaf=lambda x: isinstance(x, KVCache))
 
 
-def _admit(params, draft_params, state: SpecState, history, prompt_len, max_new, sampling, keys,
-           eos_ids, slots, *, cfg, proposer, max_len, page_size, implementation, mesh,
-           rules) -> SpecState:
+def _copy_pages(pool: jax.Array, src: jax.Array, dst: jax.Array) -> jax.Array:
+  """pool[:, dst] := pool[:, src] (every source read before any write); dst past the pool's end
+  is dropped."""
+  return pool.at[:, dst.reshape(-1)].set(pool[:, src.reshape(-1)], mode="drop")
+
+
+def _admit(params, draft_params, state: SpecState, tokens, start, history, prompt_len, max_new,
+           sampling, keys, eos_ids, slots, copy_src, copy_dst, *, cfg, proposer, max_len,
+           page_size, from_cache, implementation, mesh, rules) -> SpecState:
   """Prefills k new rows into slots `slots` (k,) of a running state (a slot past the end: a
   padding row, nothing written): the target's K/V straight into the slots' pages, the first
   token sampled as plain decoding samples it, the proposer's state and the row's counters
-  reset. history (k, W) holds the prompts."""
-  k, width = history.shape
+  reset. history (k, W) holds the prompts; tokens (k, w) the part of each to compute, from
+  position start (k,) on.
+
+  from_cache: some rows' first `start` tokens are a prefix another row has computed (prefix
+  reuse): its pages are first copied into theirs (copy_src -> copy_dst, (k, M) pool pages; a
+  destination past the pool's end copies nothing) and the rest of the prompt attends to them
+  through the cache. Otherwise start is 0 and the prompt attends to itself."""
+  k, width = tokens.shape
   b, m = state.length.shape[0], max_len // page_size
   real = slots < b
   page_table = jnp.where(real[:, None], slots[:, None] * m + jnp.arange(m)[None, :], 0)
-  pos = jnp.arange(width)[None, :]
+  pos = start[:, None] + jnp.arange(width)[None, :]
   positions = jnp.where((pos < prompt_len[:, None]) & real[:, None], pos, max_len)  # dropped
-  cache = PagedKVCache(state.k, state.v, page_table.astype(jnp.int32))
-  # The prompt attends to itself (padding sits at out-of-range positions, after every real
-  # token, and is never written); its K/V land in the slot's pages.
-  hidden, cache = M.forward(params, history, positions, cfg, cache, kv_source="chunk",
+  k_pools, v_pools = state.k, state.v
+  if from_cache:
+    k_pools = tuple(_copy_pages(x, copy_src, copy_dst) for x in k_pools)
+    v_pools = tuple(_copy_pages(x, copy_src, copy_dst) for x in v_pools)
+  cache = PagedKVCache(k_pools, v_pools, page_table.astype(jnp.int32))
+  # Padding sits at out-of-range positions, after every real token, and is never written; the
+  # prompt's K/V land in the slot's pages.
+  hidden, cache = M.forward(params, tokens, positions, cfg, cache,
+                            kv_source="cache" if from_cache else "chunk",
                             implementation=implementation, mesh=mesh, rules=rules)
-  last = jnp.take_along_axis(hidden, (prompt_len - 1)[:, None, None], axis=1)[:, 0]
+  last = jnp.take_along_axis(hidden, (prompt_len - start - 1)[:, None, None], axis=1)[:, 0]
   first = sample(M.logits(params, last), sampling,
                  jax.vmap(lambda kk: jax.random.fold_in(kk, 0))(keys)).astype(jnp.int32)
   pstate = _proposer_prefill(params, draft_params, hidden, last, history, prompt_len, first,
-                             state.proposer, proposer=proposer, max_len=max_len)
+                             state.proposer, start, copy_src if from_cache else None,
+                             proposer=proposer, max_len=max_len)
   if not isinstance(proposer, Recycling):  # (its adjacency is shared by every row)
     pstate = _put_rows(state.proposer, pstate, slots)
   rows = jnp.arange(k)
-  hist = jnp.pad(history, ((0, 0), (0, max_len - width))).at[rows, prompt_len].set(first)
+  hist = jnp.pad(history, ((0, 0), (0, max_len - history.shape[1]))).at[rows, prompt_len].set(
+      first)
   out = jnp.zeros((k, state.out.shape[1]), jnp.int32).at[:, 0].set(first)
   done = (max_new <= 1) | jnp.isin(first, eos_ids)
   put = lambda old, new: _put_rows(old, new, slots)
@@ -343,6 +380,46 @@ def _admit(params, draft_params, state: SpecState, history, prompt_len, max_new,
       out=put(state.out, out), num_generated=put(state.num_generated, jnp.ones((k,), jnp.int32)),
       max_new=put(state.max_new, max_new), done=put(state.done, done),
       keys=put(state.keys, keys), proposer=pstate)
+
+
+def _reads_prompt_features(proposer) -> bool:
+  """Whether the proposer's state is built from the target's hidden states over the prompt
+  (EAGLE's and Hydra++'s draft layers): a row reusing a prefix then computes the prefix's last
+  token again, whose hidden state the draft layer reads with the token after it."""
+  return isinstance(proposer, Eagle) or (isinstance(proposer, Hydra)
+                                         and proposer.prefix is not None)
+
+
+class SlotPrefixes:
+  """Host index of the full prompt pages resident in the slots' pages: a page's chained key
+  (`pages.page_keys`: its tokens and all before them) -> the pool pages holding its K/V. A
+  prompt page is never written after its row's prefill (decoding writes past the prompt), so it
+  stays valid, even once its row is done, until its slot is refilled."""
+
+  def __init__(self, pages_per_slot: int):
+    self.m = pages_per_slot
+    self._where: dict[bytes, dict[int, None]] = {}
+    self._slot_keys: dict[int, list[bytes]] = {}
+
+  def find(self, keys: Sequence[bytes]) -> list[int]:
+    """Pool pages holding the longest run of leading `keys`."""
+    found = []
+    for key in keys:
+      pages = self._where.get(key)
+      if not pages:
+        break
+      found.append(next(iter(pages)))
+    return found
+
+  def refill(self, slot: int, keys: Sequence[bytes]) -> None:
+    """Slot `slot` now holds a prompt whose full pages have `keys` (its old entries dropped)."""
+    for j, key in enumerate(self._slot_keys.pop(slot, ())):
+      self._where[key].pop(slot * self.m + j, None)
+      if not self._where[key]:
+        del self._where[key]
+    self._slot_keys[slot] = list(keys)
+    for j, key in enumerate(keys):
+      self._where.setdefault(key, {})[slot * self.m + j] = None
 
 
 def _average(old: float | None, new: float) -> float:
@@ -357,15 +434,21 @@ class SpeculativeGenerator:
                implementation: str = "xla", steps_per_sync: int = 16, page_size: int = 16,
                policy: str = "auto", explore_every: int = 8, mesh=None, rules=None,
                measure_split: bool = True, num_slots: int | None = None,
-               max_shrinks: int = 3):
-    """policy "auto": each batch speculates or decodes plainly (the plain `Generator`),
-    whichever measured faster, and speculates with the proposer's tree or one of up to
-    `max_shrinks` successively halved trees (`proposers.shrink`), whichever measured fastest:
-    speculation that stops paying (large batches, compute-bound devices) shrinks its trees or
-    turns itself off; "always": speculate every batch with the proposer's own tree.
+               max_shrinks: int = 3, prefix_reuse: bool = True, engine_config=None):
+    """policy "auto": each batch speculates or decodes plainly (the continuous-batching engine
+    with num_slots, else the static `Generator`), whichever measured faster, and speculates
+    with the proposer's tree or one of up to `max_shrinks` successively halved trees
+    (`proposers.shrink`), whichever measured fastest: speculation that stops paying (large
+    batches, compute-bound devices) shrinks its trees or turns itself off; "always": speculate
+    every batch with the proposer's own tree.
     measure_split: once, after compilation, time the drafting part of a step alone
     (stats.draft_share). num_slots: continuous batching, each batch's rows through this many
-    slots (None: all rows at once; plain decoding then also runs in batches of num_slots)."""
+    slots (None: all rows at once, for plain decoding too).
+    prefix_reuse: a row whose prompt starts with full pages another row (in a slot, running or
+    done) has computed copies their K/V (and the draft layer's, for EAGLE and Hydra++) instead
+    of computing them again.
+    engine_config: the continuous-batching engine's for plain decoding with `num_slots`
+    (default: num_slots slots, this page size)."""
     from jaxinfer.sharding import DEFAULT_RULES
     if cfg.sliding_window is not None and proposer.tree_size > cfg.sliding_window:
       raise ValueError(f"speculative decoding: the draft tree ({proposer.tree_size} tokens) "
@@ -387,10 +470,13 @@ class SpeculativeGenerator:
     self.num_slots = num_slots
     self._reserved = (0, 0)  # (prompt, new tokens) every batch's slots have room for
     self.measure_split = measure_split
+    self.prefix_reuse = prefix_reuse
     self._batches = 0
     self._fresh = 0  # executables compiled so far
     self._plain = Generator(cfg, params, mesh, rules or DEFAULT_RULES,
-                            implementation=implementation)
+                            implementation=implementation)  # (without num_slots)
+    self.engine_config = engine_config
+    self._engine, self._engine_len = None, 0  # (with num_slots: built when first needed)
     self.cfg, self.params, self.proposer = cfg, params, proposer
     self.draft_params = draft_params
     self.rule, self.implementation = rule, implementation
@@ -474,6 +560,13 @@ class SpeculativeGenerator:
       return deepest + 1
     return None
 
+  @property
+  def compiling_next(self) -> bool:
+    """Whether the next batch is the first of the mode the policy will pick (it compiles: a
+    small batch will do); later batches are measured."""
+    mode = self.exploring if self.policy == "auto" else 0
+    return mode is not None and mode not in self._last
+
   def _choose(self) -> int | str:
     mode = self._pick()
     self._last[mode] = self._batches
@@ -501,24 +594,66 @@ class SpeculativeGenerator:
     late = max(overdue, key=lambda m: overdue[m], default=None)
     return late if late is not None and overdue[late] >= 1 else best
 
-  def _generate_plain(self, rows, should_stop):
+  def _generate_plain(self, rows, should_stop, on_result):
+    """Plain decoding: with `num_slots`, through the continuous-batching engine (its paged
+    cache, chunked prefill and prefix sharing; samples as the static `Generator` draws them);
+    otherwise in static batches."""
+    if self.num_slots is None:
+      return self._generate_static(rows, should_stop, on_result)
+    from jaxinfer.engine import EngineRequest
+    st = self.stats
+    need = max([len(r.prompt_ids) + r.max_new_tokens for r in rows] + [sum(self._reserved)])
+    if self._engine is None or self._engine_len < need:
+      from jaxinfer.engine import Engine, EngineConfig
+      ecfg = self.engine_config or EngineConfig(num_slots=self.num_slots,
+                                                page_size=self.page_size)
+      self._engine = Engine(self.cfg, self.params, ecfg, need, self.mesh, self.rules,
+                            implementation=self.implementation)
+      self._engine_len = need
+    eng = self._engine
+    before = dataclasses.replace(eng.stats)
+    reqs = [EngineRequest(i, list(r.prompt_ids), r.max_new_tokens,
+                          np.asarray(jax.random.key_data(r.key)), r.temperature, r.top_k,
+                          r.top_p, r.min_p) for i, r in enumerate(rows)]
+    results: list[RowResult | None] = [None] * len(rows)
+
+    def done(res):
+      results[res.uid] = RowResult(res.tokens, res.finished_by_eos)
+      if on_result is not None:
+        on_result(res.uid, results[res.uid])
+
+    after = eng.run(reqs, done, should_stop)
+    delta = lambda f: getattr(after, f) - getattr(before, f)
+    st.prefill_s += delta("mixed_busy_s")
+    st.decode_s += delta("decode_busy_s")
+    st.prefill_tokens += delta("prefill_tokens")
+    st.prefill_tokens_saved += delta("prefill_tokens_saved")
+    st.decode_tokens += delta("decode_tokens")
+    st.compile_s += delta("compile_s")
+    st.compilations += delta("compilations")
+    st.plain_batches += 1
+    if not delta("compilations"):  # (a batch that compiled is no measurement)
+      st.plain_tps = _average(st.plain_tps, delta("decode_tokens") / max(delta("busy_s"), 1e-9))
+    return results
+
+  def _generate_static(self, rows, should_stop, on_result):
     st, tm = self.stats, self._plain.timings
     before = dataclasses.replace(tm)
-    step = self.num_slots or len(rows)  # plain batches as large as the speculative ones
-    results = []
-    for lo in range(0, len(rows), step):
-      stop = None if should_stop is None else (lambda i, toks, lo=lo: should_stop(lo + i, toks))
-      results += self._plain.generate(rows[lo:lo + step], stop)
-    new_tokens, decode_s = tm.decode_tokens - before.decode_tokens, tm.decode_s - before.decode_s
-    st.prefill_s += tm.prefill_s - before.prefill_s
-    st.prefill_tokens += tm.prefill_tokens - before.prefill_tokens
-    st.decode_s += decode_s
-    st.decode_tokens += new_tokens
-    st.compile_s += tm.compile_s - before.compile_s
-    st.compilations += tm.compilations - before.compilations
+    results = self._plain.generate(rows, should_stop)
+    if on_result is not None:
+      for i, res in enumerate(results):
+        on_result(i, res)
+    delta = lambda f: getattr(tm, f) - getattr(before, f)
+    st.prefill_s += delta("prefill_s")
+    st.prefill_tokens += delta("prefill_tokens")
+    st.decode_s += delta("decode_s")
+    st.decode_tokens += delta("decode_tokens")
+    st.compile_s += delta("compile_s")
+    st.compilations += delta("compilations")
     st.plain_batches += 1
-    if tm.compilations == before.compilations:
-      st.plain_tps = _average(st.plain_tps, new_tokens / max(decode_s, 1e-9))
+    if not delta("compilations"):
+      st.plain_tps = _average(st.plain_tps, delta("decode_tokens") / max(
+          delta("prefill_s") + delta("decode_s"), 1e-9))
     return results
 
   def reserve(self, max_prompt_len: int, max_new_tokens: int) -> None:
@@ -547,11 +682,7 @@ class SpeculativeGenerator:
   def _generate(self, rows, should_stop, on_result) -> list[RowResult]:
     mode = self._choose()
     if mode == "plain":
-      results = self._generate_plain(rows, should_stop)
-      if on_result is not None:
-        for i, res in enumerate(results):
-          on_result(i, res)
-      return results
+      return self._generate_plain(rows, should_stop, on_result)
     return self._generate_spec(rows, should_stop, on_result, mode)
 
   def _empty_state(self, b: int, max_len: int, out_len: int, key: jax.Array,
@@ -598,6 +729,10 @@ class SpeculativeGenerator:
     to_device = lambda d: SamplingParams(**{f: jnp.asarray(d[f]) for f in fields})
 
     state = self._empty_state(b, max_len, o, rows[0].key, proposer)
+    sharing = self.prefix_reuse
+    # the prefix's last token computed again: its hidden state feeds the draft layer
+    recompute = int(_reads_prompt_features(proposer))
+    prefixes = SlotPrefixes(m)
     sampling = to_device(sp)
     slot_row: list[int | None] = [None] * b
     pending = list(range(n))[::-1]  # popped from the end: in order
@@ -620,30 +755,58 @@ class SpeculativeGenerator:
             on_result(i, results[i])
       free = [s for s in range(b) if slot_row[s] is None]
       if pending and free:
-        take = [pending.pop() for _ in range(min(len(free), len(pending)))]
+        take, starts, keys_of, computing = [], [], [], set()
+        while pending and len(take) < len(free):
+          r = rows[pending[-1]]
+          plen = len(r.prompt_ids)
+          pkeys = page_keys(r.prompt_ids, ps, plen // ps) if sharing else []
+          # the last prompt token is always computed (it samples the first output token)
+          shareable = pkeys[:(plen - 1) // ps]
+          found = prefixes.find(shareable)
+          if take and len(found) < len(shareable) and shareable[len(found)] in computing:
+            break  # an earlier row of this admission computes more of its prefix: next one
+          computing.update(pkeys)
+          take.append(pending.pop())
+          starts.append(found)
+          keys_of.append(pkeys)
         slots = free[:len(take)]
         k = min(b, next_pow2(len(take)))  # a few admission sizes; padding rows write nothing
-        w = next_pow2(max(len(rows[i].prompt_ids) for i in take), 16)
-        hist = np.zeros((k, w), np.int32)
-        plen, mnew = np.ones(k, np.int32), np.ones(k, np.int32)
+        first = [max(0, len(f) * ps - recompute) for f in starts]  # first position computed
+        w = next_pow2(max(len(rows[i].prompt_ids) - f for i, f in zip(take, first)), 16)
+        hw = next_pow2(max(len(rows[i].prompt_ids) for i in take), 16)
+        toks, hist = np.zeros((k, w), np.int32), np.zeros((k, hw), np.int32)
+        start, plen, mnew = np.zeros(k, np.int32), np.ones(k, np.int32), np.ones(k, np.int32)
+        copy_src = np.zeros((k, m), np.int32)
+        copy_dst = np.full((k, m), b * m, np.int32)  # past the pool: no copy
         slot_ids = np.full(k, b, np.int32)
         msp = {f: np.zeros(k, sp[f].dtype) for f in fields}
         msp["top_p"][:] = 1.0
-        for j, (i, s) in enumerate(zip(take, slots)):
+        for j, (i, s, found) in enumerate(zip(take, slots, starts)):
           r = rows[i]
           hist[j, :len(r.prompt_ids)] = r.prompt_ids
-          plen[j], mnew[j], slot_ids[j] = len(r.prompt_ids), r.max_new_tokens, s
+          toks[j, :len(r.prompt_ids) - first[j]] = r.prompt_ids[first[j]:]
+          start[j], plen[j], mnew[j], slot_ids[j] = first[j], len(r.prompt_ids), \
+              r.max_new_tokens, s
+          copy_src[j, :len(found)] = found
+          copy_dst[j, :len(found)] = s * m + np.arange(len(found))
           slot_row[s] = i
           for f in fields:
             msp[f][j] = sp[f][s] = getattr(r, f)
         keys = jnp.stack([rows[i].key for i in take] + [rows[take[0]].key] * (k - len(take)))
+        from_cache = bool(start.any())
         t0, c1 = time.perf_counter(), st.compile_s
-        state = self._run(("admit", level), admit, self.params, self.draft_params, state, hist,
-                          plen, mnew, to_device(msp), keys, eos, slot_ids)
+        state = self._run(("admit", level, from_cache), partial(admit, from_cache=from_cache),
+                          self.params, self.draft_params, state, toks if from_cache else hist,
+                          start, hist, plen, mnew, to_device(msp), keys, eos, slot_ids, copy_src,
+                          copy_dst)
+        for s, pkeys in zip(slots, keys_of):
+          prefixes.refill(s, pkeys)
         sampling = to_device(sp)
         host_done = np.asarray(state.done)
         prefill_s += time.perf_counter() - t0 - (st.compile_s - c1)
-        st.prefill_tokens += int(plen[:len(take)].sum())
+        saved = int(start.sum())
+        st.prefill_tokens += int(plen[:len(take)].sum()) - saved
+        st.prefill_tokens_saved += saved
         continue  # rows done at their first token are delivered before decoding
       live = [s for s in range(b) if slot_row[s] is not None and not host_done[s]]
       if not live:
@@ -680,7 +843,8 @@ class SpeculativeGenerator:
     st.spec_batches += 1
     st.tree_batches[t] = st.tree_batches.get(t, 0) + 1
     if self._fresh == fresh:  # not the first run of a fresh executable (slow)
-      st.tree_tps[t] = _average(st.tree_tps.get(t), new_tokens / max(decode_s, 1e-9))
+      st.tree_tps[t] = _average(st.tree_tps.get(t), new_tokens / max(prefill_s + decode_s,
+                                                                     1e-9))
       if st.draft_share is None and self.measure_split and steps:
         self._measure_split(state, sampling, decode_s / steps, level)
     return results

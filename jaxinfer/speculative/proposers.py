@@ -406,15 +406,21 @@ class Eagle(_Chain):
   num_draft_tokens: int = 4
   name: str = "eagle"
 
-  def prefill(self, heads_and_base, features, history, prompt_len, first, max_len):
+  def prefill(self, heads_and_base, features, history, prompt_len, first, max_len, start=None,
+              cache=None):
     """The draft's cache over the prompt's pairs (f_p, x_{p+1}), p < prompt_len - 1; the pair
-    (f_{n-1}, first token) is left pending."""
+    (f_{n-1}, first token) is left pending. `features` are the target's from position `start`
+    (B,) on, where `cache` (the draft's, holding positions before start) continues; by default
+    from 0 into a fresh cache."""
     from jaxinfer.draft_heads.eagle import draft_forward
     heads, base = heads_and_base
-    nxt = jnp.concatenate([history[:, 1:], jnp.zeros_like(history[:, :1])], axis=1)
-    return _prefill_pending(lambda f, pos, cache: draft_forward(
-        heads.draft, base, f, nxt, pos, self.cfg, cache), self.cfg, features, prompt_len,
-        first, max_len, self.tree_size, heads.draft.fc.dtype)
+    w = features.shape[1]
+    nxt_pos = (0 if start is None else start[:, None]) + jnp.arange(w)[None, :] + 1
+    nxt = jnp.take_along_axis(history, jnp.clip(nxt_pos, 0, history.shape[1] - 1), axis=1)
+    kv_source = "chunk" if cache is None else "cache"
+    return _prefill_pending(lambda f, pos, c: draft_forward(
+        heads.draft, base, f, nxt, pos, self.cfg, c, kv_source=kv_source), self.cfg, features,
+        prompt_len, first, max_len, self.tree_size, heads.draft.fc.dtype, start, cache)
 
   def catch_up(self, heads, base, st: EagleState):
     """Feeds the pending pairs into the draft's cache; returns the predicted feature after
@@ -451,15 +457,18 @@ class Eagle(_Chain):
 
 
 def _prefill_pending(forward, cfg: ModelConfig, features, prompt_len, first, max_len, t: int,
-                     dtype) -> EagleState:
+                     dtype, start=None, cache=None) -> EagleState:
   """A draft layer's state after the prompt: `forward(features, positions, cache)` -> (out,
-  cache) has written the prompt's pairs but the last to a fresh cache of `cfg`; that last pair
-  (the feature that predicted the first token, `first`) is pending."""
+  cache) has written the prompt's pairs but the last to `cache` (default: a fresh cache of
+  `cfg`); that last pair (the feature that predicted the first token, `first`) is pending.
+  features (B, W, D) are the prompt's from position `start` (B,) on (default 0)."""
   b, w, d = features.shape
-  pos = jnp.arange(w)[None, :]
+  start = jnp.zeros_like(prompt_len) if start is None else start
+  pos = start[:, None] + jnp.arange(w)[None, :]
   positions = jnp.where(pos < prompt_len[:, None] - 1, pos, max_len)
-  _, cache = forward(features.astype(dtype), positions, KVCache.init(cfg, b, int(max_len)))
-  last = features[jnp.arange(b), prompt_len - 1]
+  cache = KVCache.init(cfg, b, int(max_len)) if cache is None else cache
+  _, cache = forward(features.astype(dtype), positions, cache)
+  last = features[jnp.arange(b), prompt_len - 1 - start]
   feats = jnp.zeros((b, t, d), dtype).at[:, 0].set(last)
   toks = jnp.zeros((b, t), jnp.int32).at[:, 0].set(first)
   return EagleState(cache, feats, toks, prompt_len - 1, jnp.ones((b,), jnp.int32))
@@ -506,13 +515,16 @@ class Hydra(_HeadsTree):
   prefix: ModelConfig | None = None
   accuracy: tuple[tuple[float, ...], ...] | None = None
 
-  def prefill(self, heads_and_base, features, prompt_len, max_len):
-    """Prefix layer: its cache over the prompt's hidden states but the last, left pending."""
+  def prefill(self, heads_and_base, features, prompt_len, max_len, start=None, cache=None):
+    """Prefix layer: its cache over the prompt's hidden states but the last, left pending
+    (features from position `start` on, continuing `cache`, as `Eagle.prefill`)."""
     from jaxinfer.draft_heads.hydra import prefix_forward
     heads, base = heads_and_base
-    return _prefill_pending(lambda f, pos, cache: prefix_forward(
-        heads, base, f, pos, self.prefix, cache), self.prefix, features, prompt_len,
-        jnp.zeros_like(prompt_len), max_len, self.tree_size, heads.prefix_norm.dtype)
+    kv_source = "chunk" if cache is None else "cache"
+    return _prefill_pending(lambda f, pos, c: prefix_forward(
+        heads, base, f, pos, self.prefix, c, kv_source=kv_source), self.prefix, features,
+        prompt_len, jnp.zeros_like(prompt_len), max_len, self.tree_size,
+        heads.prefix_norm.dtype, start, cache)
 
   def update_prefix(self, st: EagleState, verify_hidden, tokens, path, num_accepted,
                     next_token, length, live):
