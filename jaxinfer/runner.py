@@ -387,19 +387,26 @@ def _replica_meshes(mesh_spec: str) -> list[jax.sharding.Mesh]:
   return [jax.sharding.Mesh(grid[i], MESH_AXES) for i in range(r)]
 
 
-def _check_memory(engine: Engine, cfg, job: GenerateJob) -> None:
-  """Refuses a KV pool that cannot fit on the device, naming the flags that size it."""
-  device = engine.mesh.devices.flat[0] if engine.mesh is not None else jax.devices()[0]
+def _bytes_limit(mesh) -> int | None:
+  """Memory of the mesh's first device (the reference for every one of a replica's devices), or
+  None where the backend does not say (CPU)."""
+  device = mesh.devices.flat[0] if mesh is not None else jax.devices()[0]
   stats = getattr(device, "memory_stats", lambda: None)()
-  if not stats or "bytes_limit" not in stats:
+  return stats.get("bytes_limit") if stats else None
+
+
+def _check_memory(what: str, kv_bytes: int, params, mesh, fix: str) -> None:
+  """Refuses KV memory that cannot fit on the device beside the weights, saying how much it
+  needs and which flags size it."""
+  limit = _bytes_limit(mesh)
+  if not limit:
     return
-  params = sum(x.size * x.dtype.itemsize for x in jax.tree_util.tree_leaves(engine.params))
-  per_device = (engine.pool_bytes() + params) / engine.mesh.devices.size
-  if per_device > 0.95 * stats["bytes_limit"]:
-    raise UserError(f"--kv_pages: the KV pool ({engine.num_pool_pages} pages of "
-                    f"{job.page_size} tokens, {engine.pool_bytes() / 2**30:.2f} GiB) plus weights "
-                    f"need {per_device / 2**30:.2f} GiB per device, more than its "
-                    f"{stats['bytes_limit'] / 2**30:.2f} GiB; lower --kv_pages or --batch_size")
+  weights = sum(x.size * x.dtype.itemsize for x in jax.tree_util.tree_leaves(params))
+  per_device = (kv_bytes + weights) / (1 if mesh is None else mesh.devices.size)
+  if per_device > 0.95 * limit:
+    raise UserError(f"{what}, {kv_bytes / 2**30:.2f} GiB) plus weights need "
+                    f"{per_device / 2**30:.2f} GiB per device, more than its "
+                    f"{limit / 2**30:.2f} GiB; {fix}")
 
 
 def run(job: GenerateJob, *, coordinator_address: str | None = None,
@@ -579,7 +586,9 @@ def _run_engine(job, cfg, params, tokenizer, meshes, todo, writer, bar, sparsity
     engines.append(Engine(cfg, _on_replica(params, mesh, meshes), ecfg, max_len, mesh,
                           implementation=job.implementation, sparsity=sparsity))
   for eng in engines:
-    _check_memory(eng, cfg, job)
+    _check_memory(f"--kv_pages: the KV pool ({eng.num_pool_pages} pages of {job.page_size} "
+                  f"tokens", eng.pool_bytes(), eng.params, eng.mesh,
+                  "lower --kv_pages or --batch_size")
   pages_needed = max([-(-(len(r.prompt_ids) + r.max_new_tokens) // job.page_size) for r in todo]
                      + [1])
   if pages_needed > engines[0].num_pool_pages:
@@ -740,6 +749,13 @@ def _run_speculative(job, cfg, params, tokenizer, meshes, todo, writer, bar) -> 
     except ValueError as e:  # e.g. a tree larger than the model's sliding window
       raise UserError(f"--speculative={job.speculative} (--tree / --num_draft_tokens): "
                       f"{e}") from None
+  if todo:
+    longest = (max(len(r.prompt_ids) for r in todo), max(r.max_new_tokens for r in todo))
+    for gen in gens:
+      what = (f"--batch_size: speculative decoding's KV memory ({job.batch_size} rows of up "
+              f"to {sum(longest)} tokens, the proposer's caches, the plain-decoding pool")
+      _check_memory(what, gen.memory_bytes(*longest, job.batch_size), gen.params, gen.mesh,
+                    "lower --batch_size or --max_new_tokens")
   n = job.num_samples
   # continuous: sorted by prompt, so rows sharing a prefix run close together (reusing its
   # K/V); static: by length, so that a batch's rows pad little

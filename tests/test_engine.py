@@ -120,6 +120,25 @@ def test_a_pool_too_small_names_the_flag(tmp_path, tiny_model_dir):
          kv_pages=2, page_size=4)
 
 
+def test_memory_beyond_the_device_names_the_flags(tmp_path, tiny_model_dir, monkeypatch):
+  """On a device that reports its memory (not CPU), a KV pool (the engine's, or speculative
+  decoding's slots, caches and plain-decoding pool) that cannot fit beside the weights is
+  refused before anything runs, with the memory it needs and the flags that size it."""
+  from jaxinfer import runner
+  monkeypatch.setattr(runner, "_bytes_limit", lambda mesh: 4096)  # a 4 KiB device
+  one = [{"id": 1, "prompt": "x" * 20, "max_new_tokens": 20}]
+  with pytest.raises(UserError, match=r"--kv_pages: the KV pool \(\d+ pages of 16 tokens, "
+                     r"[\d.]+ GiB\) plus weights need [\d.]+ GiB per device, more than its "
+                     r"0.00 GiB; lower --kv_pages or --batch_size"):
+    _job(tmp_path, tiny_model_dir, one, "big")
+  with pytest.raises(UserError, match=r"--batch_size: speculative decoding's KV memory .* "
+                     r"lower --batch_size or --max_new_tokens"):
+    _job(tmp_path, tiny_model_dir, one, "big-spec", speculative="ngram")
+  monkeypatch.setattr(runner, "_bytes_limit", lambda mesh: 2**34)  # 16 GiB: it fits
+  assert _job(tmp_path, tiny_model_dir, one, "fits", speculative="ngram")[1][
+      "num_completed"] == 1
+
+
 def test_rerun_resumes_and_skips_completed(tmp_path, tiny_model_dir):
   records = _workload()
   prompts = tmp_path / "p.jsonl"

@@ -685,6 +685,30 @@ class SpeculativeGenerator:
       return self._generate_plain(rows, should_stop, on_result)
     return self._generate_spec(rows, should_stop, on_result, mode)
 
+  def _geometry(self, prompt_len: int, max_new: int, tree_size: int) -> tuple[int, int]:
+    """(output buffer length, positions per slot) for rows up to these lengths (and at least
+    the reserved ones)."""
+    o = next_pow2(max(max_new, self._reserved[1]), 16)
+    width = next_pow2(max(prompt_len, self._reserved[0]), 16)
+    return o, -(-(width + o + tree_size) // self.page_size) * self.page_size  # the last tree
+
+  def memory_bytes(self, max_prompt_len: int, max_new_tokens: int, rows: int) -> int:
+    """Device memory a batch of `rows` requests up to these lengths holds at its peak: the
+    speculative state of the largest tree (every slot's pages, the proposer's caches, per-row
+    buffers) plus, with slots and policy "auto", the plain-decoding engine's page pool."""
+    b = self.num_slots or rows
+    o, max_len = self._geometry(max_prompt_len, max_new_tokens, self.proposer.tree_size)
+    shapes = jax.eval_shape(lambda: self._empty_state(b, max_len, o, jax.random.key(0),
+                                                      self.proposer))
+    total = sum(x.size * x.dtype.itemsize for x in jax.tree_util.tree_leaves(shapes))
+    if self.num_slots is not None and self.policy == "auto":
+      from jaxinfer.engine import EngineConfig
+      from jaxinfer.engine.engine import pool_pages_for
+      ecfg = self.engine_config or EngineConfig(num_slots=b, page_size=self.page_size)
+      pages = pool_pages_for(ecfg, -(-(max_prompt_len + max_new_tokens) // ecfg.page_size))
+      total += PagedKVCache.pool_bytes(self.cfg, pages, ecfg.page_size)
+    return total
+
   def _empty_state(self, b: int, max_len: int, out_len: int, key: jax.Array,
                    proposer) -> SpecState:
     """b free slots (done) over zeroed pages: rows are admitted into it."""
@@ -711,10 +735,8 @@ class SpeculativeGenerator:
     cfg, t, ps = self.cfg, proposer.tree_size, self.page_size
     n = len(rows)
     b = n if self.num_slots is None else self.num_slots
-    reserved = self._reserved
-    o = next_pow2(max([r.max_new_tokens for r in rows] + [reserved[1]]), 16)
-    width = next_pow2(max([len(r.prompt_ids) for r in rows] + [reserved[0]]), 16)
-    max_len = -(-(width + o + t) // ps) * ps  # room for the last tree
+    o, max_len = self._geometry(max(len(r.prompt_ids) for r in rows),
+                                max(r.max_new_tokens for r in rows), t)
     m = max_len // ps
     page_table = jnp.arange(b * m, dtype=jnp.int32).reshape(b, m)
     kw = dict(cfg=cfg, proposer=proposer, implementation=self.implementation,
