@@ -390,7 +390,7 @@ def _replica_meshes(mesh_spec: str) -> list[jax.sharding.Mesh]:
 def _bytes_limit(mesh) -> int | None:
   """Memory of the mesh's first device (the reference for every one of a replica's devices), or
   None where the backend does not say (CPU)."""
-  device = mesh.devices.flat[0] if mesh is not None else jax.devices()[0]
+  device = mesh.devices.flat[0] if mesh is not None else jax.local_devices()[0]
   stats = getattr(device, "memory_stats", lambda: None)()
   return stats.get("bytes_limit") if stats else None
 

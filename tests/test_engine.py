@@ -221,7 +221,8 @@ def test_two_processes_write_one_output(tmp_path, tiny_model_dir, speculative):
                 + [f"--{k}={v}" for k, v in spec.items()], env=env) for i in range(2)]
   codes = [p.wait(timeout=600) for p in procs]
   assert codes == [1, 1], [p.stderr.read() for p in procs]  # 1: the bad line failed
-  assert not list(tmp_path.glob("two.jsonl.part-*"))  # merged and cleaned up
+  # merged and cleaned up
+  assert not list(tmp_path.glob("two.jsonl.part-*")), [p.stderr.read()[-3000:] for p in procs]
   got = [json.loads(l) for l in out.read_text().splitlines()]
   assert len(got) == len(records)
   errors = [r for r in got if "error" in r]

@@ -601,7 +601,6 @@ class SpeculativeGenerator:
     if self.num_slots is None:
       return self._generate_static(rows, should_stop, on_result)
     from jaxinfer.engine import EngineRequest
-    st = self.stats
     need = max([len(r.prompt_ids) + r.max_new_tokens for r in rows] + [sum(self._reserved)])
     if self._engine is None or self._engine_len < need:
       from jaxinfer.engine import Engine, EngineConfig
@@ -624,37 +623,36 @@ class SpeculativeGenerator:
 
     after = eng.run(reqs, done, should_stop)
     delta = lambda f: getattr(after, f) - getattr(before, f)
-    st.prefill_s += delta("mixed_busy_s")
-    st.decode_s += delta("decode_busy_s")
-    st.prefill_tokens += delta("prefill_tokens")
-    st.prefill_tokens_saved += delta("prefill_tokens_saved")
-    st.decode_tokens += delta("decode_tokens")
-    st.compile_s += delta("compile_s")
-    st.compilations += delta("compilations")
-    st.plain_batches += 1
-    if not delta("compilations"):  # (a batch that compiled is no measurement)
-      st.plain_tps = _average(st.plain_tps, delta("decode_tokens") / max(delta("busy_s"), 1e-9))
+    self._count_plain(delta, {"prefill_s": "mixed_busy_s", "decode_s": "decode_busy_s",
+                              "prefill_tokens_saved": "prefill_tokens_saved"},
+                      delta("busy_s"))
     return results
 
   def _generate_static(self, rows, should_stop, on_result):
-    st, tm = self.stats, self._plain.timings
+    tm = self._plain.timings
     before = dataclasses.replace(tm)
     results = self._plain.generate(rows, should_stop)
     if on_result is not None:
       for i, res in enumerate(results):
         on_result(i, res)
     delta = lambda f: getattr(tm, f) - getattr(before, f)
-    st.prefill_s += delta("prefill_s")
-    st.prefill_tokens += delta("prefill_tokens")
-    st.decode_s += delta("decode_s")
-    st.decode_tokens += delta("decode_tokens")
-    st.compile_s += delta("compile_s")
-    st.compilations += delta("compilations")
+    self._count_plain(delta, {"prefill_s": "prefill_s", "decode_s": "decode_s"},
+                      delta("prefill_s") + delta("decode_s"))
+    return results
+
+  def _count_plain(self, delta: Callable[[str], float], names: dict[str, str],
+                   busy_s: float) -> None:
+    """Adds a plain batch to the stats: `delta(counter)`, the growth of the plain decoder's
+    counter; `names`, our counters -> its, besides those of the same name; its speed unless it
+    compiled (no measurement)."""
+    st = self.stats
+    names = {f: f for f in ("prefill_tokens", "decode_tokens", "compile_s",
+                            "compilations")} | names
+    for ours, theirs in names.items():
+      setattr(st, ours, getattr(st, ours) + delta(theirs))
     st.plain_batches += 1
     if not delta("compilations"):
-      st.plain_tps = _average(st.plain_tps, delta("decode_tokens") / max(
-          delta("prefill_s") + delta("decode_s"), 1e-9))
-    return results
+      st.plain_tps = _average(st.plain_tps, delta("decode_tokens") / max(busy_s, 1e-9))
 
   def reserve(self, max_prompt_len: int, max_new_tokens: int) -> None:
     """Sizes every later batch's slots for at least these lengths, so that batches of one job
