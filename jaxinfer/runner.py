@@ -749,8 +749,9 @@ def _run_speculative(job, cfg, params, tokenizer, meshes, todo, writer, bar) -> 
     except ValueError as e:  # e.g. a tree larger than the model's sliding window
       raise UserError(f"--speculative={job.speculative} (--tree / --num_draft_tokens): "
                       f"{e}") from None
+  longest = (max(len(r.prompt_ids) for r in todo), max(r.max_new_tokens for r in todo)) \
+      if todo else (0, 0)
   if todo:
-    longest = (max(len(r.prompt_ids) for r in todo), max(r.max_new_tokens for r in todo))
     for gen in gens:
       what = (f"--batch_size: speculative decoding's KV memory ({job.batch_size} rows of up "
               f"to {sum(longest)} tokens, the proposer's caches, the plain-decoding pool")
@@ -767,7 +768,7 @@ def _run_speculative(job, cfg, params, tokenizer, meshes, todo, writer, bar) -> 
 
   def work(gen, share):
     if continuous and todo:  # one slot geometry for the whole job: compiled once
-      gen.reserve(max(len(r.prompt_ids) for r in todo), max(r.max_new_tokens for r in todo))
+      gen.reserve(*longest)
     start = 0
     while start < len(share):
       # a mode's first batch compiles its steps: one batch; measured batches and the rest are
