@@ -57,23 +57,69 @@ def record_key(record: dict[str, Any]) -> tuple:
 
 
 class RecordWriter:
-  """Appends whole records and flushes them to disk; safe to share between threads."""
+  """Appends whole records and makes them durable (write, flush, fsync) on a thread of its own,
+  so a slow disk never stalls generation: records queued while one group is being synced go out
+  together in the next (group commit). A record not yet synced when the process dies is simply
+  absent from the file, and its request runs again on restart. `close` waits for every queued
+  record. Safe to share between threads."""
 
   def __init__(self, path: str | os.PathLike):
     self._f = open(path, "a", encoding="utf-8")
-    self._lock = threading.Lock()
+    self._queue: list[dict[str, Any]] = []
+    self._busy = False  # a group is being written
+    self._closed = False
+    self._error: BaseException | None = None
+    self._cv = threading.Condition()
+    self._thread = threading.Thread(target=self._sync_loop, name="record-writer", daemon=True)
+    self._thread.start()
 
   def write(self, records: Iterable[dict[str, Any]]) -> None:
-    text = "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records)
-    if not text:
-      return
-    with self._lock:
-      self._f.write(text)
-      self._f.flush()
-      os.fsync(self._f.fileno())
+    records = list(records)
+    with self._cv:
+      self._check()
+      if self._closed:
+        raise ValueError("RecordWriter: write after close")
+      if records:
+        self._queue.extend(records)
+        self._cv.notify_all()
+
+  def flush(self) -> None:
+    """Returns once every record written so far is on disk."""
+    with self._cv:
+      self._cv.wait_for(lambda: (not self._queue and not self._busy) or self._error is not None)
+      self._check()
 
   def close(self) -> None:
+    with self._cv:
+      self._closed = True
+      self._cv.notify_all()
+    self._thread.join()
     self._f.close()
+    self._check()
+
+  def _check(self) -> None:
+    if self._error is not None:
+      raise OSError(f"writing {self._f.name} failed: {self._error}") from self._error
+
+  def _sync_loop(self) -> None:
+    while True:
+      with self._cv:
+        self._cv.wait_for(lambda: self._queue or self._closed)
+        if not self._queue:
+          return  # closed, and everything is written
+        group, self._queue, self._busy = self._queue, [], True
+      try:
+        self._f.write("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in group))
+        self._f.flush()
+        os.fsync(self._f.fileno())
+      except BaseException as e:  # surfaced by the next write, flush or close
+        with self._cv:
+          self._error, self._busy = e, False
+          self._cv.notify_all()
+        return
+      with self._cv:
+        self._busy = False
+        self._cv.notify_all()
 
 
 def merge_parts(output: str | os.PathLike, num_processes: int) -> int:

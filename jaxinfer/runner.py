@@ -1,9 +1,9 @@
 """The batch-generation job behind `jaxinfer generate`: JSONL in, one record per input line out.
 
 Requests run through the continuous-batching engine (or, with scheduler="static", padded static
-batches). Output is written record by record and fsync'ed; re-running the same command after a
-crash skips what is already written. With several processes (jax.distributed) each takes the
-requests whose id hashes to it and process 0 merges the parts.
+batches). Output is written record by record and fsync'ed (on a writer thread, in groups);
+re-running the same command after a crash skips what is already written. With several processes
+(jax.distributed) each takes the requests whose id hashes to it and process 0 merges the parts.
 """
 
 from __future__ import annotations
@@ -465,14 +465,16 @@ def run(job: GenerateJob, *, coordinator_address: str | None = None,
   bar = tqdm(total=len(todo), desc="generate", unit="req", disable=not job.progress,
              dynamic_ncols=True, file=sys.stderr)
   t_gen = time.perf_counter()
-  if speculative:
-    stats = _run_speculative(job, cfg, params, tokenizer, meshes, todo, writer, bar)
-  elif job.scheduler == "continuous":
-    stats = _run_engine(job, cfg, params, tokenizer, meshes, todo, writer, bar, sparsity)
-  else:
-    stats = _run_static(job, cfg, params, tokenizer, static_mesh, todo, writer, bar, sparsity)
-  bar.close()
-  writer.close()
+  try:
+    if speculative:
+      stats = _run_speculative(job, cfg, params, tokenizer, meshes, todo, writer, bar)
+    elif job.scheduler == "continuous":
+      stats = _run_engine(job, cfg, params, tokenizer, meshes, todo, writer, bar, sparsity)
+    else:
+      stats = _run_static(job, cfg, params, tokenizer, static_mesh, todo, writer, bar, sparsity)
+  finally:  # whatever was completed reaches the disk, even when generation fails
+    bar.close()
+    writer.close()
   t_end = time.perf_counter()
 
   merged = None

@@ -162,6 +162,42 @@ def test_rerun_resumes_and_skips_completed(tmp_path, tiny_model_dir):
   assert m["num_completed"] == 0 and len(out.read_text().splitlines()) == len(full)
 
 
+def test_record_writer_groups_records_from_threads_and_reports_a_failing_disk(tmp_path):
+  import threading
+
+  from jaxinfer.output import RecordWriter
+  path = tmp_path / "o.jsonl"
+  writer = RecordWriter(path)
+  def worker(t):
+    for i in range(50):
+      writer.write([{"id": f"{t}-{i}", "text": "é" * i}])
+  threads = [threading.Thread(target=worker, args=(t,)) for t in range(4)]
+  for t in threads:
+    t.start()
+  for t in threads:
+    t.join()
+  writer.write([{"id": "last"}])
+  writer.flush()  # on disk now, before close
+  lines = path.read_text(encoding="utf-8").splitlines()
+  assert len(lines) == 201 and json.loads(lines[-1]) == {"id": "last"}
+  writer.close()
+  got = [json.loads(l) for l in path.read_text(encoding="utf-8").splitlines()]
+  assert sorted(r["id"] for r in got) == sorted([f"{t}-{i}" for t in range(4) for i in range(50)]
+                                                + ["last"])
+  assert all(r["text"] == "é" * int(r["id"].split("-")[1]) for r in got if "text" in r)
+  with pytest.raises(ValueError, match="after close"):
+    writer.write([{"id": 0}])
+  if os.path.exists("/dev/full"):  # every write fails with ENOSPC
+    full = RecordWriter("/dev/full")
+    full.write([{"id": 0}])
+    with pytest.raises(OSError, match="failed"):
+      full.flush()
+    with pytest.raises(OSError):
+      full.write([{"id": 1}])
+    with pytest.raises(OSError):
+      full.close()
+
+
 def _free_port():
   with socket.socket() as s:
     s.bind(("127.0.0.1", 0))
