@@ -25,6 +25,16 @@ class SamplingParams:
                full(min_p, jnp.float32))
 
 
+def argmax(x: jax.Array) -> jax.Array:
+  """jnp.argmax over the last axis (int32), the same index (the first maximum, or the first NaN),
+  as a max and a min-index reduction: on CPU about 2x faster than argmax's single (value,
+  index) reduction over a vocabulary."""
+  v = x.shape[-1]
+  top = jnp.max(x, axis=-1, keepdims=True)
+  hit = (x == top) | jnp.isnan(x)
+  return jnp.min(jnp.where(hit, jnp.arange(v, dtype=jnp.int32), v), axis=-1)
+
+
 def filtered_sorted(logits: jax.Array, sp: SamplingParams) -> tuple[jax.Array, jax.Array]:
   """(B,V) logits -> (masked log-probs in descending order, the token of each sorted slot).
 
@@ -51,7 +61,7 @@ def target_probs(logits: jax.Array, sp: SamplingParams) -> jax.Array:
   logp, order = filtered_sorted(logits, sp)
   rows = jnp.arange(logits.shape[0])[:, None]
   probs = jnp.zeros_like(logp).at[rows, order].set(jnp.exp(logp))
-  greedy = jax.nn.one_hot(jnp.argmax(logits, axis=-1), logits.shape[-1], dtype=probs.dtype)
+  greedy = jax.nn.one_hot(argmax(logits), logits.shape[-1], dtype=probs.dtype)
   return jnp.where((sp.temperature > 0)[:, None], probs, greedy)
 
 
@@ -63,13 +73,13 @@ def distribution(logits: jax.Array, sp: SamplingParams) -> jax.Array:
     out = jax.vmap(lambda x: target_probs(x, sp), in_axes=1, out_axes=1)(flat)
     return out.reshape(l.shape)
 
-  greedy = lambda l: jax.nn.one_hot(jnp.argmax(l, -1), l.shape[-1], dtype=jnp.float32)
+  greedy = lambda l: jax.nn.one_hot(argmax(l), l.shape[-1], dtype=jnp.float32)
   return jax.lax.cond(jnp.any(sp.temperature > 0), full, greedy, logits)
 
 
 def sample(logits: jax.Array, sp: SamplingParams, keys: jax.Array) -> jax.Array:
   """(B,V) logits, (B,) keys -> (B,) int32 tokens."""
-  greedy = jnp.argmax(logits, axis=-1).astype(jnp.int32)
+  greedy = argmax(logits)
 
   def draw(_):
     logp, order = filtered_sorted(logits, sp)

@@ -7,7 +7,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from jaxinfer.sampling import SamplingParams, sample, target_probs, validate
+from jaxinfer.sampling import SamplingParams, argmax, sample, target_probs, validate
 
 PROBS = np.array([0.05, 0.4, 0.1, 0.3, 0.15])
 LOGITS = jnp.log(jnp.asarray(PROBS))[None]
@@ -16,6 +16,18 @@ LOGITS = jnp.log(jnp.asarray(PROBS))[None]
 def _dist(**kw):
   sp = SamplingParams.make(1, **{"temperature": 1.0, **kw})
   return np.asarray(target_probs(LOGITS, sp))[0]
+
+
+def test_argmax_picks_the_same_index_as_jnp_argmax():
+  rng = np.random.RandomState(0)
+  x = rng.randint(-3, 3, (6, 5, 40)).astype(np.float32)  # many ties: the first maximum wins
+  x[0, 0] = -np.inf
+  x[0, 1, 7] = x[0, 1, 30] = np.nan  # the first NaN wins, as in jnp.argmax
+  x[0, 2, 3] = np.inf
+  got = jax.jit(argmax)(jnp.asarray(x))
+  assert got.dtype == jnp.int32
+  np.testing.assert_array_equal(got, np.asarray(jnp.argmax(jnp.asarray(x), -1)))
+  assert int(got[0, 1]) == 7 and int(got[0, 2]) == 3 and int(got[0, 0]) == 0
 
 
 def test_no_filter_is_softmax():

@@ -32,6 +32,8 @@ import jax
 import jax.numpy as jnp
 from flax import struct
 
+from jaxinfer.sampling import argmax
+
 EXACT, TYPICAL = "exact", "typical"
 
 
@@ -101,7 +103,7 @@ def verify(key: jax.Array, p: jax.Array, tokens: jax.Array, parents: jax.Array,
   greedy = jnp.zeros((b,), bool) if greedy is None else greedy
   p = p.astype(jnp.float32)
   # Greedy rows verify against the one-hot argmax: accept only the argmax, emit the argmax.
-  p = jnp.where(greedy[:, None, None], jax.nn.one_hot(jnp.argmax(p, -1), v, dtype=p.dtype), p)
+  p = jnp.where(greedy[:, None, None], jax.nn.one_hot(argmax(p), v, dtype=p.dtype), p)
   keys = jax.vmap(lambda k: jax.random.split(k, 2))(key)
   uniforms = jax.vmap(lambda k: jax.random.uniform(k, (t,)))(keys[:, 0])  # one per node
   rows = jnp.arange(b)
@@ -143,5 +145,5 @@ def verify(key: jax.Array, p: jax.Array, tokens: jax.Array, parents: jax.Array,
     r = p[rows, cur]
   logits = jnp.log(jnp.where(r > 0, r, 0.0))
   drawn = jax.vmap(lambda k, l: jax.random.categorical(k, l))(keys[:, 1], logits)
-  next_token = jnp.where(greedy, jnp.argmax(r, -1), drawn).astype(jnp.int32)
+  next_token = jnp.where(greedy, argmax(r), drawn).astype(jnp.int32)
   return Verdict(path, depth, next_token)

@@ -28,7 +28,7 @@ from jaxinfer.config import ModelConfig
 from jaxinfer.engine.pages import page_keys
 from jaxinfer.generation import Generator, RowRequest, RowResult, next_pow2
 from jaxinfer.kv_cache import KVCache, PagedKVCache, TreeKVCache, commit_path
-from jaxinfer.sampling import SamplingParams, distribution, sample
+from jaxinfer.sampling import SamplingParams, argmax, distribution, sample
 from jaxinfer.speculative import acceptance
 from jaxinfer.speculative.proposers import (Context, DraftModel, Eagle, EagleState, Hydra,
                                             Medusa, Recycling, shrink)
@@ -217,7 +217,7 @@ def _step(params, draft_params, state: SpecState, sampling: SamplingParams, page
   def all_greedy(_):
     if rule == acceptance.TYPICAL:
       return sampled(None)
-    return acceptance.verify_greedy(draft.tokens, parents, jnp.argmax(logits, -1))
+    return acceptance.verify_greedy(draft.tokens, parents, argmax(logits))
 
   verdict = jax.lax.cond(jnp.all(greedy), all_greedy, sampled, None)
   n_acc = verdict.num_accepted

@@ -29,7 +29,7 @@ from flax import struct
 from jaxinfer import model as M
 from jaxinfer.config import ModelConfig
 from jaxinfer.kv_cache import KVCache
-from jaxinfer.sampling import SamplingParams, distribution
+from jaxinfer.sampling import SamplingParams, argmax, distribution
 
 
 @struct.dataclass
@@ -73,7 +73,7 @@ def _root_only(ctx: Context) -> jax.Array:
 def _draw(q: jax.Array, ctx: Context, i: int) -> jax.Array:
   """Draft token i of each row: sampled from q (B, V) for sampling rows, its argmax for greedy
   ones; the draw (V random numbers per row) only runs when some row samples."""
-  greedy = jnp.argmax(q, -1).astype(jnp.int32)
+  greedy = argmax(q)
 
   def draw(_):
     key = jax.vmap(lambda k: jax.random.fold_in(k, i))(ctx.keys)
