@@ -65,7 +65,7 @@ class RecordWriter:
 
   def __init__(self, path: str | os.PathLike):
     self._f = open(path, "a", encoding="utf-8")
-    self._queue: list[dict[str, Any]] = []
+    self._queue: list[str] = []  # encoded records, each a whole line
     self._busy = False  # a group is being written
     self._closed = False
     self._error: BaseException | None = None
@@ -74,13 +74,13 @@ class RecordWriter:
     self._thread.start()
 
   def write(self, records: Iterable[dict[str, Any]]) -> None:
-    records = list(records)
+    lines = [json.dumps(r, ensure_ascii=False) + "\n" for r in records]
     with self._cv:
       self._check()
       if self._closed:
         raise ValueError("RecordWriter: write after close")
-      if records:
-        self._queue.extend(records)
+      if lines:
+        self._queue.extend(lines)
         self._cv.notify_all()
 
   def flush(self) -> None:
@@ -109,7 +109,7 @@ class RecordWriter:
           return  # closed, and everything is written
         group, self._queue, self._busy = self._queue, [], True
       try:
-        self._f.write("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in group))
+        self._f.write("".join(group))
         self._f.flush()
         os.fsync(self._f.fileno())
       except BaseException as e:  # surfaced by the next write, flush or close
