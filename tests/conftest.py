@@ -1,13 +1,22 @@
-"""Test session setup: 8 simulated CPU devices (set before JAX initialises its backend)."""
+"""Test session setup: 8 simulated CPU devices (set before JAX initialises its backend), and one
+persistent compilation cache for the test workers and the commands they start (so a
+computation compiled by one is loaded by the others; a clean checkout starts it empty)."""
 
 import os
+from pathlib import Path
 
 os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") +
                            " --xla_force_host_platform_device_count=8").strip()
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
+os.environ.setdefault("JAX_COMPILATION_CACHE_DIR",
+                      str(Path(__file__).resolve().parent.parent / ".pytest_cache" / "xla"))
 
 import jax  # noqa: E402
 import pytest  # noqa: E402
+
+from jaxinfer import compilation_cache  # noqa: E402
+
+compilation_cache.enable(os.environ["JAX_COMPILATION_CACHE_DIR"])
 
 
 @pytest.fixture(scope="session")

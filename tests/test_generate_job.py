@@ -195,3 +195,25 @@ def test_pallas_implementation_matches_xla(tmp_path, tiny_model_dir):
                      sparsity="sinks_window:1,3")
   assert m["sparsity"] == "sinks_window:1,3"
   assert any(windowed[r]["completion_ids"] != xla[r]["completion_ids"] for r in xla)
+
+
+def test_cli_compilation_cache_makes_a_repeated_run_load_its_executables(tmp_path,
+                                                                         tiny_model_dir):
+  prompts = _write(tmp_path / "p.jsonl", [{"id": i, "prompt": p} for i, p in
+                                          enumerate(["def add(", "class Point:", "x = 1"])])
+  cache = tmp_path / "xla"
+  runs = []
+  for i in range(2):
+    out, metrics = tmp_path / f"out{i}.jsonl", tmp_path / f"m{i}.json"
+    proc = _cli("generate", f"--model={tiny_model_dir}", f"--prompts={prompts}", f"--output={out}",
+                f"--metrics_output={metrics}", "--max_new_tokens=6", f"--compilation_cache={cache}",
+                "--cpu_devices=1", "--noprogress")
+    assert proc.returncode == 0, proc.stderr
+    runs.append((_read(out), json.loads(metrics.read_text())))
+    if i == 0:
+      entries = sorted(p.name for p in cache.iterdir() if p.name.endswith("-cache"))
+      assert entries, "nothing was written to the compilation cache"
+  (first, m0), (second, m1) = runs
+  assert first == second  # loaded executables compute the same completions
+  assert sorted(p.name for p in cache.iterdir() if p.name.endswith("-cache")) == entries
+  assert m1["compile_seconds"] < 0.5 * m0["compile_seconds"], (m0, m1)

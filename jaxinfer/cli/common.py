@@ -18,6 +18,24 @@ def define_model_flags() -> None:
                        "without accelerators).", lower_bound=1)
   flags.DEFINE_string("cache_dir", None, "Where the embedded model is cached (default "
                       "$JAXINFER_CACHE or ~/.cache/jaxinfer).")
+  define_compilation_cache_flag()
+
+
+def define_compilation_cache_flag() -> None:
+  flags.DEFINE_string("compilation_cache", None, "Directory of compiled XLA executables kept "
+                      "across runs, so a repeated run skips compilation (default: "
+                      "$JAX_COMPILATION_CACHE_DIR, else xla/ in the cache directory; 'none' "
+                      "turns it off).")
+
+
+def apply_compilation_cache() -> None:
+  from jaxinfer import compilation_cache
+  FLAGS = flags.FLAGS
+  value = FLAGS.compilation_cache
+  if value is not None and value.lower() in ("", "none"):
+    compilation_cache.enable(None)
+  else:
+    compilation_cache.enable(value or compilation_cache.default_dir(FLAGS.cache_dir))
 
 
 def apply_platform_flags() -> None:
@@ -27,6 +45,7 @@ def apply_platform_flags() -> None:
     import jax
     jax.config.update("jax_platforms", "cpu")
     jax.config.update("jax_num_cpu_devices", FLAGS.cpu_devices)
+  apply_compilation_cache()
 
 
 def load_model_from_flags():

@@ -13,6 +13,7 @@ from pathlib import Path
 from absl import flags
 
 from jaxinfer.cli import fail, no_positional_args
+from jaxinfer.cli.common import apply_compilation_cache, define_compilation_cache_flag
 
 flags.DEFINE_string("output_dir", "jaxinfer_quickstart", "Where completions and metrics go.")
 flags.DEFINE_string("cache_dir", None, "Embedded model cache (default $JAXINFER_CACHE or "
@@ -26,6 +27,7 @@ flags.DEFINE_integer("medusa_steps", 400, "Training steps for the Medusa heads o
                      "skip training them).", lower_bound=0)
 flags.DEFINE_enum("recipe", "default", ["default", "smoke"], "Embedded model recipe; smoke builds "
                   "a throwaway model in seconds (for testing the pipeline).")
+define_compilation_cache_flag()
 FLAGS = flags.FLAGS
 
 
@@ -35,6 +37,7 @@ def prompts_path() -> Path:
 
 def main(argv: list[str]) -> None:
   no_positional_args(argv)
+  apply_compilation_cache()
   from jaxinfer import embedded
   from jaxinfer.runner import GenerateJob, UserError, run
   from jaxinfer.requests import Defaults

@@ -1,0 +1,52 @@
+"""A persistent XLA compilation cache shared by every jaxinfer command.
+
+A run compiles a handful of step functions (the engine's step shapes, the static scheduler's
+prefill and decode, speculative verification); with the cache on, a later run with the same model,
+shapes, mesh and jax version loads them from disk instead of compiling again. Entries are keyed by
+the computation and the backend, so a changed model or flag compiles afresh; the directory is
+bounded (least recently used entries are evicted) and a damaged entry is recompiled, never trusted.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+MAX_BYTES = 4 << 30  # evict least recently used entries past this size
+MIN_COMPILE_SECONDS = 0.2  # cheaper computations are not worth a file
+
+
+def default_dir(cache_dir: str | os.PathLike | None = None) -> Path:
+  """$JAX_COMPILATION_CACHE_DIR (JAX's own setting) if set, else xla/ in jaxinfer's cache."""
+  if os.environ.get("JAX_COMPILATION_CACHE_DIR"):
+    return Path(os.environ["JAX_COMPILATION_CACHE_DIR"])
+  from jaxinfer.embedded import cache_root
+  return cache_root(cache_dir) / "xla"
+
+
+def enable(path: str | os.PathLike | None) -> Path | None:
+  """Keeps compiled executables under `path` (None or '' turns the cache off). Takes effect
+  for compilations after the call, even if the process has compiled before. An unusable
+  directory is reported on stderr and the run goes on without the cache."""
+  import jax
+  from jax.experimental.compilation_cache import compilation_cache as cc
+
+  if not path:
+    jax.config.update("jax_compilation_cache_dir", None)
+    cc.reset_cache()
+    return None
+  path = Path(path).expanduser()
+  try:
+    path.mkdir(parents=True, exist_ok=True)
+    if not os.access(path, os.W_OK | os.X_OK):
+      raise PermissionError(f"{path} is not writable")
+  except OSError as e:
+    print(f"warning: compilation cache off ({e}); pass --compilation_cache=DIR to choose another "
+          f"directory", file=sys.stderr)
+    return None
+  jax.config.update("jax_compilation_cache_dir", str(path))
+  jax.config.update("jax_persistent_cache_min_compile_time_secs", MIN_COMPILE_SECONDS)
+  jax.config.update("jax_compilation_cache_max_size", MAX_BYTES)
+  cc.reset_cache()  # jax decides once per process whether to use the cache: decide again
+  return path
