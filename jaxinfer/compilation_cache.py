@@ -3,8 +3,11 @@
 A run compiles a handful of step functions (the engine's step shapes, the static scheduler's
 prefill and decode, speculative verification); with the cache on, a later run with the same model,
 shapes, mesh and jax version loads them from disk instead of compiling again. Entries are keyed by
-the computation and the backend, so a changed model or flag compiles afresh; the directory is
-bounded (least recently used entries are evicted) and a damaged entry is recompiled, never trusted.
+the computation and the backend, so a changed model or flag compiles afresh, and a damaged entry
+is recompiled, never trusted. The directory is not size-capped: JAX's capped mode needs every
+process writing there to run capped (it keeps access-time files beside the entries), and the
+directory may be shared with other JAX programs through $JAX_COMPILATION_CACHE_DIR; entries
+hold code, not weights (tens to hundreds of KiB each), and deleting the directory is safe.
 """
 
 from __future__ import annotations
@@ -13,7 +16,6 @@ import os
 import sys
 from pathlib import Path
 
-MAX_BYTES = 4 << 30  # evict least recently used entries past this size
 MIN_COMPILE_SECONDS = 0.2  # cheaper computations are not worth a file
 
 
@@ -47,6 +49,5 @@ def enable(path: str | os.PathLike | None) -> Path | None:
     return None
   jax.config.update("jax_compilation_cache_dir", str(path))
   jax.config.update("jax_persistent_cache_min_compile_time_secs", MIN_COMPILE_SECONDS)
-  jax.config.update("jax_compilation_cache_max_size", MAX_BYTES)
   cc.reset_cache()  # jax decides once per process whether to use the cache: decide again
   return path
