@@ -221,25 +221,19 @@ def _pallas_cache(q, kv, positions, *, window, sinks, mesh, rules):
                 (q, kv.k, kv.v, positions))
 
 
-def _tree_check(sinks):
-  if sinks:
-    raise NotImplementedError("tree verification with attention sinks is not supported yet")
-
-
 def _xla_tree(q, kv, positions, *, window, sinks, mesh, rules):
   del positions, mesh, rules
-  _tree_check(sinks)
   from pallas_kernels.tree_attention import tree_attention_reference, tree_visibility
   if not kv.contiguous:
     return tree_attention_reference(q, kv.k, kv.v, kv.prefix_len, kv.page_table, kv.tree_mask,
-                                    window=window)
+                                    window=window, sinks=sinks)
   # Row b owns pages [b*M, (b+1)*M): the pool is a (K, B, S, H) cache, read in place.
   b, t, n, h = q.shape
   kv_heads = kv.k.shape[0]
   k, v = (x.reshape(kv_heads, b, -1, h) for x in (kv.k, kv.v))
   qg = q.reshape(b, t, kv_heads, n // kv_heads, h).transpose(2, 0, 3, 1, 4)  # (K,B,G,T,H)
   scores = jnp.einsum("kbgth,kbsh->kbgts", qg, k, preferred_element_type=jnp.float32)
-  visible = tree_visibility(kv.prefix_len, kv.tree_mask, k.shape[2], window)  # (B,T,S)
+  visible = tree_visibility(kv.prefix_len, kv.tree_mask, k.shape[2], window, sinks)
   scores = jnp.where(visible[None, :, None], scores * h**-0.5, MASK_VALUE)
   probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
   out = jnp.einsum("kbgts,kbsh->kbgth", probs, v, preferred_element_type=jnp.float32)
@@ -247,13 +241,12 @@ def _xla_tree(q, kv, positions, *, window, sinks, mesh, rules):
 
 
 def _pallas_tree(q, kv, positions, *, window, sinks, mesh, rules):
-  _tree_check(sinks)
   if not _heads_split_evenly(q.shape[2], kv.k.shape[0], mesh, rules):
     return _xla_tree(q, kv, positions, window=window, sinks=sinks, mesh=mesh, rules=rules)
   from pallas_kernels.tree_attention import tree_attention
   qa = ("batch", "seq", "act_heads", "head_dim")
   pa = ("act_kv_heads", None, None, "head_dim")
-  return _shard(functools.partial(tree_attention, window=window), mesh, rules,
+  return _shard(functools.partial(tree_attention, window=window, sinks=sinks), mesh, rules,
                 (qa, pa, pa, ("batch",), ("batch", None), ("batch", None, None)), qa,
                 (q, kv.k, kv.v, kv.prefix_len, kv.page_table, kv.tree_mask))
 

@@ -119,8 +119,9 @@ class GenerateJob:
         raise UserError(f"--mesh: speculative decoding runs data-parallel replicas, each "
                         f"sharded over `model` only (--mesh=data:N,model:M), not yet over "
                         f"fsdp; got {format_mesh(shape)}")
-      if sparsity.kind != "dense":
-        raise UserError("--speculative: not combinable with --sparsity yet")
+      if sparsity.dynamic:
+        raise UserError(f"--sparsity: {sparsity} is not combinable with --speculative (its "
+                        f"pattern needs whole-prompt prefill); sinks_window is")
       if self.num_draft_tokens < 1:
         raise UserError(f"--num_draft_tokens: must be >= 1, got {self.num_draft_tokens}")
       if self.acceptance not in ("exact", "typical"):
@@ -460,6 +461,9 @@ def run(job: GenerateJob, *, coordinator_address: str | None = None,
   todo = [r for r in requests if key_of(r) not in done and mine(key_of(r))]
   my_errors = [e for e in errors if err_key(e) not in done and mine(err_key(e))]
 
+  # speculative decoding's proposer, trees and memory are checked before the output is touched
+  gens = (_speculative_generators(job, cfg, params, meshes, todo, sparsity) if speculative
+          else None)
   writer = output.RecordWriter(part)
   writer.write(my_errors)
   bar = tqdm(total=len(todo), desc="generate", unit="req", disable=not job.progress,
@@ -467,7 +471,7 @@ def run(job: GenerateJob, *, coordinator_address: str | None = None,
   t_gen = time.perf_counter()
   try:
     if speculative:
-      stats = _run_speculative(job, cfg, params, tokenizer, meshes, todo, writer, bar)
+      stats = _run_speculative(job, gens, tokenizer, todo, writer, bar)
     elif job.scheduler == "continuous":
       stats = _run_engine(job, cfg, params, tokenizer, meshes, todo, writer, bar, sparsity)
     else:
@@ -725,12 +729,10 @@ def _generator_stats(tm, completion: int) -> dict:
 SPECULATIVE_WAVE = 8
 
 
-def _run_speculative(job, cfg, params, tokenizer, meshes, todo, writer, bar) -> dict:
-  """Speculative decoding: with --scheduler=continuous, --batch_size slots refilled as rows
-  finish (records written as they complete); with static, batches of --batch_size rows. With
-  --mesh=data:N, N replicas of one device each, every one with its share of the rows (in a
-  thread of its own, as the engine's replicas run)."""
-  from jaxinfer.speculative.decode import SpecStats, SpeculativeGenerator
+def _speculative_generators(job, cfg, params, meshes, todo, sparsity) -> list:
+  """One SpeculativeGenerator per replica (--mesh=data:N: N replicas of one device each), their
+  proposer built and their memory checked against the job's longest request."""
+  from jaxinfer.speculative.decode import SpeculativeGenerator
   continuous = job.scheduler == "continuous"
   proposer, draft_params = make_proposer(job, cfg, params, None if job.dtype == "auto"
                                          else job.dtype)
@@ -745,7 +747,7 @@ def _run_speculative(job, cfg, params, tokenizer, meshes, todo, writer, bar) -> 
           draft_params=dparams, rule=job.acceptance, implementation=job.implementation,
           steps_per_sync=job.steps_per_sync, page_size=job.page_size,
           num_slots=job.batch_size if continuous else None, policy=job.speculation,
-          mesh=mesh, engine_config=EngineConfig(
+          sparsity=sparsity, mesh=mesh, engine_config=EngineConfig(
               num_slots=job.batch_size, chunk_size=job.chunk_size,
               chunk_lanes=job.chunk_lanes, page_size=job.page_size, kv_pages=job.kv_pages)))
     except ValueError as e:  # e.g. a tree larger than the model's sliding window
@@ -759,6 +761,18 @@ def _run_speculative(job, cfg, params, tokenizer, meshes, todo, writer, bar) -> 
               f"to {sum(longest)} tokens, the proposer's caches, the plain-decoding pool")
       _check_memory(what, gen.memory_bytes(*longest, job.batch_size), gen.params, gen.mesh,
                     "lower --batch_size or --max_new_tokens")
+  return gens
+
+
+def _run_speculative(job, gens, tokenizer, todo, writer, bar) -> dict:
+  """Speculative decoding: with --scheduler=continuous, --batch_size slots refilled as rows
+  finish (records written as they complete); with static, batches of --batch_size rows. With
+  several replicas, every one with its share of the rows (in a thread of its own, as the
+  engine's replicas run)."""
+  from jaxinfer.speculative.decode import SpecStats
+  continuous = job.scheduler == "continuous"
+  longest = (max(len(r.prompt_ids) for r in todo), max(r.max_new_tokens for r in todo)) \
+      if todo else (0, 0)
   n = job.num_samples
   # continuous: sorted by prompt, so rows sharing a prefix run close together (reusing its
   # K/V); static: by length, so that a batch's rows pad little

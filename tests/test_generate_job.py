@@ -125,6 +125,9 @@ def test_job_validation_names_the_flag(tmp_path, tiny_model_dir):
       (dict(dtype="int8"), "--dtype"),
       (dict(defaults=Defaults(top_p=1.5)), "--top_p"),
       (dict(model=str(tmp_path)), "--model"),
+      (dict(speculative="ngram", sparsity="block_topk:2"), "--sparsity"),
+      (dict(speculative="ngram", sparsity="sinks_window:1,3", num_draft_tokens=4),
+       "--speculative=ngram"),  # a chain of 5 past the window of 3
   ]
   for overrides, flag in cases:
     kw = dict(prompts=str(prompts), output=str(tmp_path / "out.jsonl"), model=str(tiny_model_dir),

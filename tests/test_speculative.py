@@ -541,6 +541,33 @@ def test_sliding_window_model_speculates_losslessly(tmp_path):
   assert skip_cfg.layer_types == ("full_attention", "sliding_attention")
 
 
+def test_sinks_window_sparsity_speculates_losslessly(target):
+  """--sparsity=sinks_window (StreamingLLM: 2 sinks + a window of 10, shorter than the outputs)
+  on the target: prefill, tree verification (a chain through XLA, a trie through the Pallas
+  kernel, prompts sharing pages through prefix reuse) and plain decoding all keep the pattern,
+  so greedy speculation equals plain greedy decoding under it; a tree past the window and the
+  dynamic patterns are refused."""
+  from jaxinfer.sparsity import parse
+  cfg, params = target
+  sparsity = parse("sinks_window:2,10")
+  rows = _rows(cfg, 5, seed=41)
+  rows += [dataclasses.replace(rows[1], prompt_ids=list(rows[1].prompt_ids) + [7] * 9,
+                               max_new_tokens=30)]  # shares rows[1]'s full pages
+  plain = Generator(cfg, params, sparsity=sparsity).generate(rows)
+  dense = Generator(cfg, params).generate(rows)
+  assert [p.tokens for p in plain] != [d.tokens for d in dense]  # the pattern matters here
+  for proposer, impl in ((P.NGram(num_draft_tokens=4), "xla"),
+                         (P.Lookahead(num_nodes=7, depth=3, num_candidates=6), "pallas")):
+    spec = SpeculativeGenerator(cfg, params, proposer, page_size=8, policy="always",
+                                implementation=impl, num_slots=2, sparsity=sparsity)
+    assert [r.tokens for r in spec.generate(rows)] == [r.tokens for r in plain], proposer.name
+    assert spec.stats.verify_steps > 0
+  with pytest.raises(ValueError, match="window"):
+    SpeculativeGenerator(cfg, params, P.Lookahead(num_nodes=12), sparsity=sparsity)
+  with pytest.raises(ValueError, match="whole-prompt"):
+    SpeculativeGenerator(cfg, params, P.NGram(), sparsity=parse("block_topk:2,16"))
+
+
 def test_tensor_parallel_speculation_equals_greedy(target, tiny_model_dir, plain_greedy):
   """Weights sharded over `model` (two devices): a tree verified by the Pallas kernel per
   KV-head shard equals plain greedy decoding."""

@@ -122,3 +122,37 @@ def test_sliding_window(window, splits):
   assert not np.allclose(ref[2], full[2])  # the window hid something
   with pytest.raises(ValueError, match="smaller than the tree"):
     tree_attention(q, kp, vp, prefix, table, mask, window=t - 1)
+
+
+@pytest.mark.parametrize("sinks,window,splits", [(1, 6, 1), (4, 5, 2), (6, 9, 3)])
+def test_sinks_and_window(sinks, window, splits):
+  """StreamingLLM's sinks beside the window: a chain is causal decode over sinks + window (the
+  paged kernel's reference), random trees match the tree reference, and pages holding neither
+  a sink nor a windowed key are never read (NaN there changes nothing)."""
+  rng = np.random.RandomState(sinks * 10 + window)
+  b, t, n, k, h, ps, m = 3, 5, 4, 2, 16, 4, 12
+  q, kp, vp, table, _ = _inputs(rng, b, t, n, k, h, ps, m)
+  prefix = jnp.array([2, 17, 40])  # sinks overlapping the tree, inside the window, far before it
+  chain = jnp.asarray(np.arange(-1, t - 1)[None].repeat(b, 0))
+  out = tree_attention(q, kp, vp, prefix, table, pack_ancestors(chain), window=window,
+                       sinks=sinks, num_splits=splits)
+  for i in range(t):
+    ref = paged_attention_reference(q[:, i], kp, vp, prefix + i + 1, table, window=window,
+                                    sinks=sinks)
+    np.testing.assert_allclose(out[:, i], ref, atol=2e-5, rtol=2e-5)
+  mask = pack_ancestors(jnp.asarray(_random_parents(rng, b, t)))
+  ref = tree_attention_reference(q, kp, vp, prefix, table, mask, window=window, sinks=sinks)
+  windowed = tree_attention_reference(q, kp, vp, prefix, table, mask, window=window)
+  assert not np.allclose(ref[2], windowed[2])  # the sinks were seen
+  read = np.zeros(kp.shape[1], bool)  # the pages of sinks, of the earliest window, of the tree
+  for i, length in enumerate(np.asarray(prefix)):
+    lo = max(int(length) - window + 1, 0) // ps
+    read[np.asarray(table)[i, :-(-sinks // ps)]] = True
+    read[np.asarray(table)[i, lo:-(-(int(length) + t) // ps)]] = True
+  poison = jnp.asarray(~read)[None, :, None, None]
+  kp, vp = jnp.where(poison, jnp.nan, kp), jnp.where(poison, jnp.nan, vp)
+  out = tree_attention(q, kp, vp, prefix, table, mask, window=window, sinks=sinks,
+                       num_splits=splits)
+  np.testing.assert_allclose(out, ref, atol=2e-5, rtol=2e-5)
+  with pytest.raises(ValueError, match="need a sliding window"):
+    tree_attention(q, kp, vp, prefix, table, mask, sinks=2)

@@ -29,6 +29,7 @@ from jaxinfer.engine.pages import page_keys
 from jaxinfer.generation import Generator, RowRequest, RowResult, next_pow2
 from jaxinfer.kv_cache import KVCache, PagedKVCache, TreeKVCache, commit_path
 from jaxinfer.sampling import SamplingParams, argmax, distribution, sample
+from jaxinfer.sparsity import DENSE, Sparsity
 from jaxinfer.speculative import acceptance
 from jaxinfer.speculative.proposers import (Context, DraftModel, Eagle, EagleState, Hydra,
                                             Medusa, Recycling, shrink)
@@ -193,7 +194,7 @@ def _draft_only(params, draft_params, state: SpecState, sampling, *, num_steps, 
 
 
 def _step(params, draft_params, state: SpecState, sampling: SamplingParams, page_table, eos_ids,
-          *, cfg, proposer, rule, implementation, mesh, rules):
+          *, cfg, proposer, rule, implementation, mesh, rules, sparsity=DENSE):
   b = state.length.shape[0]
   t = proposer.tree_size
   live = ~state.done
@@ -203,8 +204,8 @@ def _step(params, draft_params, state: SpecState, sampling: SamplingParams, page
   cache = TreeKVCache(state.k, state.v, page_table, state.length, pack_ancestors(parents),
                       contiguous=True)
   hidden, cache = M.forward(params, draft.tokens, state.length[:, None] + depth, cfg, cache,
-                            kv_source="cache", implementation=implementation, mesh=mesh,
-                            rules=rules)
+                            kv_source="cache", implementation=implementation,
+                            sparsity=sparsity, mesh=mesh, rules=rules)
   logits = M.logits(params, hidden)  # (B,T,V)
   greedy = sampling.temperature <= 0
   verify_keys = jax.vmap(lambda k: jax.random.fold_in(k, _VERIFY_SALT))(step_keys)
@@ -333,7 +334,7 @@ def _copy_pages(pool: jax.Array, src: jax.Array, dst: jax.Array) -> jax.Array:
 
 def _admit(params, draft_params, state: SpecState, tokens, start, history, prompt_len, max_new,
            sampling, keys, eos_ids, slots, copy_src, copy_dst, *, cfg, proposer, max_len,
-           page_size, from_cache, implementation, mesh, rules) -> SpecState:
+           page_size, from_cache, implementation, mesh, rules, sparsity=DENSE) -> SpecState:
   """Prefills k new rows into slots `slots` (k,) of a running state (a slot past the end: a
   padding row, nothing written): the target's K/V straight into the slots' pages, the first
   token sampled as plain decoding samples it, the proposer's state and the row's counters
@@ -359,7 +360,8 @@ def _admit(params, draft_params, state: SpecState, tokens, start, history, promp
   # prompt's K/V land in the slot's pages.
   hidden, cache = M.forward(params, tokens, positions, cfg, cache,
                             kv_source="cache" if from_cache else "chunk",
-                            implementation=implementation, mesh=mesh, rules=rules)
+                            implementation=implementation, sparsity=sparsity, mesh=mesh,
+                            rules=rules)
   last = jnp.take_along_axis(hidden, (prompt_len - start - 1)[:, None, None], axis=1)[:, 0]
   first = sample(M.logits(params, last), sampling,
                  jax.vmap(lambda kk: jax.random.fold_in(kk, 0))(keys)).astype(jnp.int32)
@@ -434,7 +436,8 @@ class SpeculativeGenerator:
                implementation: str = "xla", steps_per_sync: int = 16, page_size: int = 16,
                policy: str = "auto", explore_every: int = 8, mesh=None, rules=None,
                measure_split: bool = True, num_slots: int | None = None,
-               max_shrinks: int = 3, prefix_reuse: bool = True, engine_config=None):
+               max_shrinks: int = 3, prefix_reuse: bool = True, engine_config=None,
+               sparsity: Sparsity = DENSE):
     """policy "auto": each batch speculates or decodes plainly (the continuous-batching engine
     with num_slots, else the static `Generator`), whichever measured faster, and speculates
     with the proposer's tree or one of up to `max_shrinks` successively halved trees
@@ -448,11 +451,18 @@ class SpeculativeGenerator:
     done) has computed copies their K/V (and the draft layer's, for EAGLE and Hydra++) instead
     of computing them again.
     engine_config: the continuous-batching engine's for plain decoding with `num_slots`
-    (default: num_slots slots, this page size)."""
+    (default: num_slots slots, this page size).
+    sparsity: the target's attention pattern (dense, or sinks_window: StreamingLLM's sinks plus a
+    sliding window, in prefill, verification and plain decoding alike; drafts attend densely)."""
     from jaxinfer.sharding import DEFAULT_RULES
-    if cfg.sliding_window is not None and proposer.tree_size > cfg.sliding_window:
-      raise ValueError(f"speculative decoding: the draft tree ({proposer.tree_size} tokens) "
-                       f"must fit the model's sliding window ({cfg.sliding_window})")
+    if sparsity.dynamic:
+      raise ValueError(f"speculative decoding: {sparsity} sparsity needs whole-prompt prefill "
+                       f"(use sinks_window or dense)")
+    for window, what in ((cfg.sliding_window, "the model's sliding window"),
+                         (sparsity.window, f"the {sparsity} window")):
+      if window is not None and proposer.tree_size > window:
+        raise ValueError(f"speculative decoding: the draft tree ({proposer.tree_size} tokens) "
+                         f"must fit {what} ({window})")
     if isinstance(proposer, (DraftModel, Medusa, Eagle, Hydra)) and draft_params is None:
       raise ValueError(f"speculative decoding: the {proposer.name} proposer needs draft_params")
     if isinstance(proposer, Hydra) and (proposer.prefix is None) != (
@@ -474,12 +484,13 @@ class SpeculativeGenerator:
     self._batches = 0
     self._fresh = 0  # executables compiled so far
     self._plain = Generator(cfg, params, mesh, rules or DEFAULT_RULES,
-                            implementation=implementation)  # (without num_slots)
+                            implementation=implementation,
+                            sparsity=sparsity)  # (without num_slots)
     self.engine_config = engine_config
     self._engine, self._engine_len = None, 0  # (with num_slots: built when first needed)
     self.cfg, self.params, self.proposer = cfg, params, proposer
     self.draft_params = draft_params
-    self.rule, self.implementation = rule, implementation
+    self.rule, self.implementation, self.sparsity = rule, implementation, sparsity
     self.steps_per_sync, self.page_size = steps_per_sync, page_size
     self.mesh, self.rules = mesh, rules or DEFAULT_RULES
     self.stats = SpecStats(accepted_hist=np.zeros(proposer.max_depth + 1, np.int64),
@@ -607,7 +618,7 @@ class SpeculativeGenerator:
       ecfg = self.engine_config or EngineConfig(num_slots=self.num_slots,
                                                 page_size=self.page_size)
       self._engine = Engine(self.cfg, self.params, ecfg, need, self.mesh, self.rules,
-                            implementation=self.implementation)
+                            implementation=self.implementation, sparsity=self.sparsity)
       self._engine_len = need
     eng = self._engine
     before = dataclasses.replace(eng.stats)
@@ -738,7 +749,7 @@ class SpeculativeGenerator:
     m = max_len // ps
     page_table = jnp.arange(b * m, dtype=jnp.int32).reshape(b, m)
     kw = dict(cfg=cfg, proposer=proposer, implementation=self.implementation,
-              mesh=self.mesh, rules=self.rules)
+              sparsity=self.sparsity, mesh=self.mesh, rules=self.rules)
     eos = jnp.asarray(cfg.eos_token_ids or (-1,), jnp.int32)
     eos_set = set(int(e) for e in cfg.eos_token_ids)
     admit = partial(_admit, max_len=max_len, page_size=ps, **kw)

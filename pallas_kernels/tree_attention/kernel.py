@@ -11,8 +11,8 @@ head are the rows of one (T*G, H) x (H, ps) matmul per page, so each page is rea
 whole tree; splits walk disjoint page ranges (FlashDecoding) and are merged by log-sum-exp.
 
 With a sliding window (at least T), tree token t at position L + depth(t) sees prefix positions
-> L + depth(t) - window only (its ancestors always), and pages wholly before the earliest
-token's window are not read.
+> L + depth(t) - window only (its ancestors always), plus the first `sinks` positions
+(StreamingLLM's attention sinks); pages holding neither are not read.
 """
 
 from __future__ import annotations
@@ -29,14 +29,12 @@ from pallas_kernels.paged_attention.kernel import default_num_splits
 from pallas_kernels.tree_attention.reference import check_window, tree_depths
 
 def _kernel(len_ref, pt_ref, mask_ref, depth_ref, q_ref, k_ref, v_ref, o_ref, lse_ref, *, scale,
-            page_size, pages_per_split, tree_size, window):
+            page_size, pages_per_split, tree_size, window, sinks):
   q = q_ref[...]
   rows, h = q.shape
   words = mask_ref[...]  # (rows, W) int32
   prefix = len_ref[0]
   first, last = split_pages(prefix + tree_size, page_size, pt_ref.shape[0], pages_per_split)
-  if window is not None:  # the root (depth 0) sees the earliest prefix position
-    first = jnp.maximum(first, jnp.maximum(prefix - window + 1, 0) // page_size)
 
   def visible(pos):
     rel = pos - prefix
@@ -48,11 +46,21 @@ def _kernel(len_ref, pt_ref, mask_ref, depth_ref, q_ref, k_ref, v_ref, o_ref, ls
       bit = jnp.where((relc >> 5) == w, shifted & 1, bit)
     seen = pos < prefix
     if window is not None:
-      seen &= pos > prefix + depth_ref[...] - window  # (rows, 1): each row's depth
+      recent = pos > prefix + depth_ref[...] - window  # (rows, 1): each row's depth
+      seen &= (recent | (pos < sinks)) if sinks else recent
     return seen | (in_tree & (bit == 1))
 
-  carry = walk_pages(q, k_ref, v_ref, pt_ref, first, last, visible, softmax_init(rows, h),
-                     scale=scale, page_size=page_size)
+  walk = functools.partial(walk_pages, q, k_ref, v_ref, pt_ref, visible_fn=visible, scale=scale,
+                           page_size=page_size)
+  carry = softmax_init(rows, h)
+  if window is not None:
+    if sinks:  # the sink pages, then the window's
+      sink_end = jnp.maximum(first, jnp.minimum(last, -(-sinks // page_size)))
+      carry = walk(first, sink_end, carry=carry)
+      first = sink_end
+    # the root (depth 0) sees the earliest prefix position
+    first = jnp.maximum(first, jnp.maximum(prefix - window + 1, 0) // page_size)
+  carry = walk(first, last, carry=carry)
   o_ref[...], lse_ref[...] = softmax_finish(carry)
 
 
@@ -71,19 +79,20 @@ def _check(q, k_pages, v_pages, prefix_len, page_table, tree_mask):
                      f"{(b, t, -(-t // 32))}, got {tree_mask.shape}")
 
 
-@functools.partial(jax.jit, static_argnames=("window", "num_splits", "scale", "interpret",
-                                             "min_rows"))
+@functools.partial(jax.jit, static_argnames=("window", "sinks", "num_splits", "scale",
+                                             "interpret", "min_rows"))
 def tree_attention(q: jax.Array, k_pages: jax.Array, v_pages: jax.Array, prefix_len: jax.Array,
                    page_table: jax.Array, tree_mask: jax.Array, *, window: int | None = None,
-                   num_splits: int | None = None, scale: float | None = None,
+                   sinks: int = 0, num_splits: int | None = None, scale: float | None = None,
                    interpret: bool | None = None, min_rows: int | None = None) -> jax.Array:
   """q (B,T,N,H): the tree tokens; their keys at positions prefix_len[b] + j (node j) in the
   pages, position p living in page page_table[b, p // ps] at offset p % ps; tree_mask (B,T,W)
   packed ancestor bits (pack_ancestors); window: a sliding window (>= T) over positions, token
-  t's being prefix_len + its depth. Returns (B,T,N,H)."""
+  t's being prefix_len + its depth; sinks: with a window, the first positions every token also
+  sees. Returns (B,T,N,H)."""
   _check(q, k_pages, v_pages, prefix_len, page_table, tree_mask)
   b, t, n, h = q.shape
-  check_window(window, t)
+  check_window(window, t, sinks)
   kv_heads, _, page_size, _ = k_pages.shape
   g = n // kv_heads
   max_pages = page_table.shape[1]
@@ -103,7 +112,8 @@ def tree_attention(q: jax.Array, k_pages: jax.Array, v_pages: jax.Array, prefix_
     mask = jnp.pad(mask, ((0, 0), (0, rows - t * g), (0, 0)))
     depth = jnp.pad(depth, ((0, 0), (0, rows - t * g), (0, 0)))
   kernel = functools.partial(_kernel, scale=scale, page_size=page_size,
-                             pages_per_split=per_split, tree_size=t, window=window)
+                             pages_per_split=per_split, tree_size=t, window=window,
+                             sinks=sinks)
   pool = pl.BlockSpec((None,) + k_pages.shape[1:], lambda bi, ki, si: (ki, 0, 0, 0))
   o, lse = pl.pallas_call(
       kernel,

@@ -47,19 +47,21 @@ def tree_depths(tree_mask: jax.Array) -> jax.Array:
   return unpack_ancestors(tree_mask, tree_mask.shape[1]).sum(-1, dtype=jnp.int32) - 1
 
 
-def check_window(window: int | None, tree_size: int) -> None:
+def check_window(window: int | None, tree_size: int, sinks: int = 0) -> None:
   """A sliding window must hold a whole tree path: then it only ever hides prefix keys."""
   if window is not None and window < tree_size:
     raise ValueError(f"tree_attention: a sliding window of {window} is smaller than the tree "
                      f"({tree_size} tokens)")
+  if sinks < 0 or (sinks and window is None):
+    raise ValueError(f"tree_attention: sinks ({sinks}) need a sliding window and must be >= 0")
 
 
 def tree_visibility(prefix_len: jax.Array, tree_mask: jax.Array, num_keys: int,
-                    window: int | None = None) -> jax.Array:
+                    window: int | None = None, sinks: int = 0) -> jax.Array:
   """(B, T, S) bool: tree token t sees cache position s iff s < prefix_len, or s holds a tree
   token (prefix_len <= s < prefix_len + T) that is t or an ancestor of t. With a sliding
   `window` (>= T), a prefix position s is seen only if s > prefix_len + depth(t) - window (t's
-  position is prefix_len + depth(t)); ancestors are always within it."""
+  position is prefix_len + depth(t)) or s < sinks; ancestors are always within it."""
   t = tree_mask.shape[1]
   anc = unpack_ancestors(tree_mask, t)  # (B,T,T)
   pos = jnp.arange(num_keys)[None, :]
@@ -69,24 +71,26 @@ def tree_visibility(prefix_len: jax.Array, tree_mask: jax.Array, num_keys: int,
   prefix = jnp.broadcast_to((pos < prefix_len[:, None])[:, None, :], tree_bit.shape)
   if window is not None:
     q_pos = prefix_len[:, None] + tree_depths(tree_mask)  # (B,T)
-    prefix = prefix & (pos[:, None, :] > q_pos[:, :, None] - window)
+    recent = pos[:, None, :] > q_pos[:, :, None] - window
+    prefix = prefix & ((recent | (pos[:, None, :] < sinks)) if sinks else recent)
   return prefix | (in_tree[:, None, :] & tree_bit)
 
 
 def tree_attention_reference(q: jax.Array, k_pages: jax.Array, v_pages: jax.Array,
                              prefix_len: jax.Array, page_table: jax.Array, tree_mask: jax.Array,
-                             *, window: int | None = None, num_splits: int | None = None,
-                             scale: float | None = None, interpret: bool | None = None,
+                             *, window: int | None = None, sinks: int = 0,
+                             num_splits: int | None = None, scale: float | None = None,
+                             interpret: bool | None = None,
                              min_rows: int | None = None) -> jax.Array:
   del num_splits, interpret, min_rows
   b, t, n, h = q.shape
-  check_window(window, t)
+  check_window(window, t, sinks)
   kv_heads = k_pages.shape[0]
   scale = h**-0.5 if scale is None else scale
   k, v = gather_pages(k_pages, page_table), gather_pages(v_pages, page_table)  # (B,K,S,H)
   qg = q.reshape(b, t, kv_heads, n // kv_heads, h)
   logits = jnp.einsum("btkgh,bksh->bkgts", qg, k, preferred_element_type=jnp.float32) * scale
-  visible = tree_visibility(prefix_len, tree_mask, k.shape[2], window)  # (B,T,S)
+  visible = tree_visibility(prefix_len, tree_mask, k.shape[2], window, sinks)  # (B,T,S)
   logits = jnp.where(visible[:, None, None], logits, -jnp.inf)
   probs = jax.nn.softmax(logits, axis=-1)  # a tree token always sees itself
   out = jnp.einsum("bkgts,bksh->btkgh", probs.astype(v.dtype), v,
