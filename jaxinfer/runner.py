@@ -461,9 +461,12 @@ def run(job: GenerateJob, *, coordinator_address: str | None = None,
   todo = [r for r in requests if key_of(r) not in done and mine(key_of(r))]
   my_errors = [e for e in errors if err_key(e) not in done and mine(err_key(e))]
 
-  # speculative decoding's proposer, trees and memory are checked before the output is touched
-  gens = (_speculative_generators(job, cfg, params, meshes, todo, sparsity) if speculative
-          else None)
+  # the engines' pools, speculative decoding's proposer and trees, and the memory each needs,
+  # are checked before the output is touched
+  if speculative:
+    replicas = _speculative_generators(job, cfg, params, meshes, todo, sparsity)
+  elif job.scheduler == "continuous":
+    replicas = _engines(job, cfg, params, meshes, todo, sparsity)
   writer = output.RecordWriter(part)
   writer.write(my_errors)
   bar = tqdm(total=len(todo), desc="generate", unit="req", disable=not job.progress,
@@ -471,9 +474,9 @@ def run(job: GenerateJob, *, coordinator_address: str | None = None,
   t_gen = time.perf_counter()
   try:
     if speculative:
-      stats = _run_speculative(job, gens, tokenizer, todo, writer, bar)
+      stats = _run_speculative(job, replicas, tokenizer, todo, writer, bar)
     elif job.scheduler == "continuous":
-      stats = _run_engine(job, cfg, params, tokenizer, meshes, todo, writer, bar, sparsity)
+      stats = _run_engine(job, replicas, tokenizer, todo, writer, bar)
     else:
       stats = _run_static(job, cfg, params, tokenizer, static_mesh, todo, writer, bar, sparsity)
   finally:  # whatever was completed reaches the disk, even when generation fails
@@ -581,8 +584,8 @@ class _Records:
     return not self._pending
 
 
-def _run_engine(job, cfg, params, tokenizer, meshes, todo, writer, bar, sparsity) -> dict:
-  n = job.num_samples
+def _engines(job, cfg, params, meshes, todo, sparsity) -> list:
+  """One engine per replica, its KV pool checked against the device and the longest request."""
   max_len = max([len(r.prompt_ids) + r.max_new_tokens for r in todo] + [2])
   ecfg = EngineConfig(num_slots=job.batch_size, chunk_size=job.chunk_size,
                       chunk_lanes=job.chunk_lanes, page_size=job.page_size,
@@ -602,7 +605,11 @@ def _run_engine(job, cfg, params, tokenizer, meshes, todo, writer, bar, sparsity
     raise UserError(f"--kv_pages: the longest request needs {pages_needed} KV pages "
                     f"({need / 2**20:.1f} MiB) but the pool holds {engines[0].num_pool_pages}; "
                     f"raise --kv_pages to at least {pages_needed} or lower --max_new_tokens")
+  return engines
 
+
+def _run_engine(job, engines, tokenizer, todo, writer, bar) -> dict:
+  n = job.num_samples
   # Engine requests: N samples per record, sorted by prompt so sharers run together.
   by_uid: dict[int, tuple[Request, int]] = {}
   ereqs = []

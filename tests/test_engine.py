@@ -118,6 +118,7 @@ def test_a_pool_too_small_names_the_flag(tmp_path, tiny_model_dir):
   with pytest.raises(UserError, match=r"--kv_pages: the longest request needs \d+ KV pages"):
     _job(tmp_path, tiny_model_dir, [{"id": 1, "prompt": "x" * 40, "max_new_tokens": 40}], "small",
          kv_pages=2, page_size=4)
+  assert not (tmp_path / "small.out.jsonl").exists()  # refused before the output is opened
 
 
 def test_memory_beyond_the_device_names_the_flags(tmp_path, tiny_model_dir, monkeypatch):
@@ -134,6 +135,7 @@ def test_memory_beyond_the_device_names_the_flags(tmp_path, tiny_model_dir, monk
   with pytest.raises(UserError, match=r"--batch_size: speculative decoding's KV memory .* "
                      r"lower --batch_size or --max_new_tokens"):
     _job(tmp_path, tiny_model_dir, one, "big-spec", speculative="ngram")
+  assert not any((tmp_path / f"{n}.out.jsonl").exists() for n in ("big", "big-spec"))
   monkeypatch.setattr(runner, "_bytes_limit", lambda mesh: 2**34)  # 16 GiB: it fits
   assert _job(tmp_path, tiny_model_dir, one, "fits", speculative="ngram")[1][
       "num_completed"] == 1
