@@ -1,0 +1,23 @@
+"""The benchmark scripts a GPU session runs, exercised end to end on a tiny model."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+EXPERIMENTS = Path(__file__).resolve().parent.parent / "experiments"
+
+
+def test_bench_vs_transformers_runs_both_sides_on_the_same_weights(tmp_path, tiny_model_dir):
+  """The engine and transformers' generate decode the same greedy completions (float32) from
+  the one Hugging Face directory the script writes, each side timed in its own process."""
+  results = tmp_path / "r.jsonl"
+  proc = subprocess.run([sys.executable, str(EXPERIMENTS / "bench_vs_transformers.py"),
+                         f"--model={tiny_model_dir}", "--batch_sizes=3", "--prompt_len=8",
+                         "--new_tokens=6", "--repeats=1", f"--results={results}"],
+                        capture_output=True, text=True, timeout=600)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  (row,) = map(json.loads, results.read_text().splitlines())
+  assert row["identical_completions"] == "3/3" and row["batch"] == 3
+  assert row["jaxinfer_tokens_per_second"] > 0 and row["transformers_tokens_per_second"] > 0
+  assert row["speedup"] > 0 and 0 < row["fraction_of_measured_bandwidth"]
