@@ -738,7 +738,8 @@ SPECULATIVE_WAVE = 8
 
 def _speculative_generators(job, cfg, params, meshes, todo, sparsity) -> list:
   """One SpeculativeGenerator per replica (--mesh=data:N: N replicas of one device each), their
-  proposer built and their memory checked against the job's longest request."""
+  proposer built, their memory checked against the job's longest request and (continuous) their
+  slots sized for it."""
   from jaxinfer.speculative.decode import SpeculativeGenerator
   continuous = job.scheduler == "continuous"
   proposer, draft_params = make_proposer(job, cfg, params, None if job.dtype == "auto"
@@ -768,6 +769,8 @@ def _speculative_generators(job, cfg, params, meshes, todo, sparsity) -> list:
               f"to {sum(longest)} tokens, the proposer's caches, the plain-decoding pool")
       _check_memory(what, gen.memory_bytes(*longest, job.batch_size), gen.params, gen.mesh,
                     "lower --batch_size or --max_new_tokens")
+      if continuous:  # one slot geometry for the whole job: compiled once
+        gen.reserve(*longest)
   return gens
 
 
@@ -778,8 +781,6 @@ def _run_speculative(job, gens, tokenizer, todo, writer, bar) -> dict:
   engine's replicas run)."""
   from jaxinfer.speculative.decode import SpecStats
   continuous = job.scheduler == "continuous"
-  longest = (max(len(r.prompt_ids) for r in todo), max(r.max_new_tokens for r in todo)) \
-      if todo else (0, 0)
   n = job.num_samples
   # continuous: sorted by prompt, so rows sharing a prefix run close together (reusing its
   # K/V); static: by length, so that a batch's rows pad little
@@ -790,8 +791,6 @@ def _run_speculative(job, gens, tokenizer, todo, writer, bar) -> dict:
   records = _Records(n, tokenizer, writer, bar)
 
   def work(gen, share):
-    if continuous and todo:  # one slot geometry for the whole job: compiled once
-      gen.reserve(*longest)
     start = 0
     while start < len(share):
       # a mode's first batch compiles its steps: one batch; measured batches and the rest are
