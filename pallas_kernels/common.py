@@ -86,3 +86,18 @@ def walk_pages(q, k_ref, v_ref, pt_ref, start, stop, visible_fn, carry, *, scale
     return softmax_update(carry, logits, visible_fn(pos), v_ref[page])
 
   return jax.lax.fori_loop(start, jnp.maximum(start, stop), body, carry)
+
+
+def walk_sinks_and_window(walk, first, last, carry, *, page_size: int, sinks: int = 0,
+                          window_start=None):
+  """Folds this program's pages [first, last) into `carry` through walk(start, stop, carry=...),
+  reading only pages that can hold a visible key: without a window (window_start None) all of
+  them; with one whose earliest visible position is `window_start`, the pages of the first
+  `sinks` positions, then the pages from the window's first on."""
+  if window_start is None:
+    return walk(first, last, carry=carry)
+  if sinks:
+    sink_end = jnp.maximum(first, jnp.minimum(last, -(-sinks // page_size)))
+    carry = walk(first, sink_end, carry=carry)
+    first = sink_end
+  return walk(jnp.maximum(first, jnp.maximum(window_start, 0) // page_size), last, carry=carry)

@@ -18,7 +18,8 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 
 from pallas_kernels.common import (compiler_params, merge_splits, resolve_interpret,
-                                   softmax_finish, softmax_init, split_pages, walk_pages)
+                                   softmax_finish, softmax_init, split_pages, walk_pages,
+                                   walk_sinks_and_window)
 
 def _kernel(len_ref, pt_ref, q_ref, k_ref, v_ref, o_ref, lse_ref, *, scale, page_size,
             pages_per_split, window, sinks):
@@ -35,13 +36,9 @@ def _kernel(len_ref, pt_ref, q_ref, k_ref, v_ref, o_ref, lse_ref, *, scale, page
 
   walk = functools.partial(walk_pages, q, k_ref, v_ref, pt_ref, visible_fn=visible, scale=scale,
                            page_size=page_size)
-  if window is None:
-    carry = walk(first, last, carry=softmax_init(rows, h))
-  else:  # only the sink pages, then the window's pages, are read
-    sink_end = jnp.maximum(first, jnp.minimum(last, (sinks + page_size - 1) // page_size))
-    carry = walk(first, sink_end, carry=softmax_init(rows, h))
-    window_start = jnp.maximum(sink_end, jnp.maximum(length - window, 0) // page_size)
-    carry = walk(window_start, last, carry=carry)
+  carry = walk_sinks_and_window(walk, first, last, softmax_init(rows, h), page_size=page_size,
+                                sinks=sinks,
+                                window_start=None if window is None else length - window)
   o_ref[...], lse_ref[...] = softmax_finish(carry)
 
 

@@ -24,7 +24,8 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 
 from pallas_kernels.common import (compiler_params, merge_splits, resolve_interpret,
-                                   softmax_finish, softmax_init, split_pages, walk_pages)
+                                   softmax_finish, softmax_init, split_pages, walk_pages,
+                                   walk_sinks_and_window)
 from pallas_kernels.paged_attention.kernel import default_num_splits
 from pallas_kernels.tree_attention.reference import check_window, tree_depths
 
@@ -52,15 +53,10 @@ def _kernel(len_ref, pt_ref, mask_ref, depth_ref, q_ref, k_ref, v_ref, o_ref, ls
 
   walk = functools.partial(walk_pages, q, k_ref, v_ref, pt_ref, visible_fn=visible, scale=scale,
                            page_size=page_size)
-  carry = softmax_init(rows, h)
-  if window is not None:
-    if sinks:  # the sink pages, then the window's
-      sink_end = jnp.maximum(first, jnp.minimum(last, -(-sinks // page_size)))
-      carry = walk(first, sink_end, carry=carry)
-      first = sink_end
-    # the root (depth 0) sees the earliest prefix position
-    first = jnp.maximum(first, jnp.maximum(prefix - window + 1, 0) // page_size)
-  carry = walk(first, last, carry=carry)
+  # the root (depth 0) sees the earliest prefix position
+  carry = walk_sinks_and_window(walk, first, last, softmax_init(rows, h), page_size=page_size,
+                                sinks=sinks,
+                                window_start=None if window is None else prefix - window + 1)
   o_ref[...], lse_ref[...] = softmax_finish(carry)
 
 
