@@ -86,7 +86,7 @@ def main(argv):
         runs[scheduler].append({k: m[k] for k in (
             "generation_tokens_per_second", "end_to_end_tokens_per_second", "completion_tokens",
             "prefill_tokens_computed", "prefill_tokens_saved", "mean_slot_occupancy",
-            "wall_seconds", "compile_seconds", "compilations", "steps")})
+            "wall_seconds", "compile_seconds", "compilations", "steps", "dispatches")})
         print(repeat, scheduler, json.dumps(runs[scheduler][-1]), file=sys.stderr, flush=True)
   same = sum(outputs["static"][i] == outputs["continuous"][i] for i in outputs["static"])
   row["identical_completions"] = f"{same}/{len(records)}"

@@ -55,6 +55,7 @@ class GenerateJob:
   num_samples: int = 1
   chunk_size: int = 128
   chunk_lanes: int = 1
+  decode_steps: int = 8
   page_size: int = 16
   kv_pages: int | None = None
   overwrite: bool = False
@@ -87,7 +88,8 @@ class GenerateJob:
           raise UserError(f"{flag}: {path!r} is a directory, expected a file path")
     if self.dtype != "auto" and self.dtype not in DTYPES:
       raise UserError(f"--dtype: expected auto or one of {sorted(DTYPES)}, got {self.dtype!r}")
-    for flag in ("batch_size", "num_samples", "chunk_size", "chunk_lanes", "page_size"):
+    for flag in ("batch_size", "num_samples", "chunk_size", "chunk_lanes", "decode_steps",
+                 "page_size"):
       if getattr(self, flag) < 1:
         raise UserError(f"--{flag}: must be >= 1, got {getattr(self, flag)}")
     if self.kv_pages is not None and self.kv_pages < 1:
@@ -514,6 +516,7 @@ def run(job: GenerateJob, *, coordinator_address: str | None = None,
       "kv_pages_used_peak": stats.get("peak_pages"),
       "kv_pages_pool": stats.get("pool_pages"),
       "steps": stats["steps"],
+      "dispatches": stats.get("dispatches"),
       "compile_seconds": round(stats["compile_s"], 3),
       "compilations": stats["compilations"],
       # beyond the fixed shapes (continuous: decode-only + lane lengths per engine; static: one
@@ -589,7 +592,7 @@ def _engines(job, cfg, params, meshes, todo, sparsity) -> list:
   max_len = max([len(r.prompt_ids) + r.max_new_tokens for r in todo] + [2])
   ecfg = EngineConfig(num_slots=job.batch_size, chunk_size=job.chunk_size,
                       chunk_lanes=job.chunk_lanes, page_size=job.page_size,
-                      kv_pages=job.kv_pages)
+                      kv_pages=job.kv_pages, decode_steps=job.decode_steps)
   engines = []
   for mesh in meshes:
     engines.append(Engine(cfg, _on_replica(params, mesh, meshes), ecfg, max_len, mesh,
@@ -649,7 +652,8 @@ def _run_engine(job, engines, tokenizer, todo, writer, bar) -> dict:
       "decode_tps": round(sum(s.pure_decode_tokens for s in st) / pure, 2) if pure else 0.0,
       "occupancy": round(float(np.mean([s.mean_occupancy for s in st])), 4),
       "peak_pages": max(s.peak_pages for s in st), "pool_pages": st[0].pool_pages,
-      "steps": sum(s.steps for s in st), "compile_s": sum(s.compile_s for s in st),
+      "steps": sum(s.steps for s in st), "dispatches": sum(s.dispatches for s in st),
+      "compile_s": sum(s.compile_s for s in st),
       "compilations": sum(s.compilations for s in st), "replicas": len(engines),
       "expected_compilations": sum(e.max_shapes for e in engines),
   }
@@ -757,7 +761,8 @@ def _speculative_generators(job, cfg, params, meshes, todo, sparsity) -> list:
           num_slots=job.batch_size if continuous else None, policy=job.speculation,
           sparsity=sparsity, mesh=mesh, engine_config=EngineConfig(
               num_slots=job.batch_size, chunk_size=job.chunk_size,
-              chunk_lanes=job.chunk_lanes, page_size=job.page_size, kv_pages=job.kv_pages)))
+              chunk_lanes=job.chunk_lanes, page_size=job.page_size, kv_pages=job.kv_pages,
+              decode_steps=job.decode_steps)))
     except ValueError as e:  # e.g. a tree larger than the model's sliding window
       raise UserError(f"--speculative={job.speculative} (--tree / --num_draft_tokens): "
                       f"{e}") from None

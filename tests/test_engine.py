@@ -85,13 +85,16 @@ def test_engine_equals_independent_generation(tmp_path, tiny_model_dir):
   assert m["prefill_tokens_saved"] > 0  # the shared system prompt was computed once
   assert m["prefill_tokens_computed"] + m["prefill_tokens_saved"] == m["prompt_tokens"]
   assert m["recompilations"] == 0  # only the fixed step shapes were compiled
+  assert m["dispatches"] < m["steps"]  # decode-only stretches ran several steps per dispatch
   assert 0 < m["mean_slot_occupancy"] <= 1 and m["kv_pages_used_peak"] <= m["kv_pages_pool"]
 
 
-def test_outputs_do_not_depend_on_slots_chunks_pages_or_replicas(tmp_path, tiny_model_dir):
+def test_outputs_do_not_depend_on_slots_chunks_pages_steps_or_replicas(tmp_path,
+                                                                       tiny_model_dir):
   records = _workload()
   base, _ = _job(tmp_path, tiny_model_dir, records, "a", batch_size=4, chunk_size=16)
-  variants = [dict(batch_size=1, chunk_size=8, page_size=4),
+  variants = [dict(batch_size=1, chunk_size=8, page_size=4, decode_steps=1),
+              dict(batch_size=5, decode_steps=3),
               dict(batch_size=7, chunk_size=32, chunk_lanes=3, page_size=16, kv_pages=300),
               dict(batch_size=3, mesh="data:2")]  # two replicas, each its own engine
   for i, kw in enumerate(variants):

@@ -568,6 +568,24 @@ def test_sinks_window_sparsity_speculates_losslessly(target):
     SpeculativeGenerator(cfg, params, P.NGram(), sparsity=parse("block_topk:2,16"))
 
 
+def test_a_draft_model_attends_with_the_targets_sparsity(target):
+  """Under sinks_window the generator hands the target's pattern to a draft model: the target
+  drafting for itself then proposes exactly what it verifies, every draft accepted, although
+  the outputs run well past the 12 positions the pattern lets a token see (a draft left to
+  attend densely has 13% of its first drafts accepted here)."""
+  from jaxinfer.sparsity import parse
+  cfg, params = target
+  sparsity = parse("sinks_window:2,10")
+  rows = [dataclasses.replace(r, max_new_tokens=40) for r in _rows(cfg, 4, seed=43)]
+  plain = Generator(cfg, params, sparsity=sparsity).generate(rows)
+  spec = SpeculativeGenerator(cfg, params, P.DraftModel(cfg, num_draft_tokens=3),
+                              draft_params=params, page_size=8, policy="always", num_slots=2,
+                              sparsity=sparsity)
+  assert spec.proposer.sparsity == sparsity
+  assert [r.tokens for r in spec.generate(rows)] == [r.tokens for r in plain]
+  assert spec.stats.per_depth_acceptance() == [1.0, 1.0, 1.0]
+
+
 def test_tensor_parallel_speculation_equals_greedy(target, tiny_model_dir, plain_greedy):
   """Weights sharded over `model` (two devices): a tree verified by the Pallas kernel per
   KV-head shard equals plain greedy decoding."""

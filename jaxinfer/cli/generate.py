@@ -34,6 +34,8 @@ flags.DEFINE_integer("num_samples", 1, "Completions per prompt (sharing the prom
                      lower_bound=1)
 flags.DEFINE_integer("chunk_size", 128, "Prompt tokens per prefill lane per step.", lower_bound=1)
 flags.DEFINE_integer("chunk_lanes", 1, "Prompts prefilled concurrently per step.", lower_bound=1)
+flags.DEFINE_integer("decode_steps", 8, "Most decode steps run in one dispatch while no prompt is "
+                     "being prefilled (continuous scheduler).", lower_bound=1)
 flags.DEFINE_integer("page_size", 16, "Tokens per KV page.", lower_bound=1)
 flags.DEFINE_integer("kv_pages", None, "KV pool size in pages per replica (default: 1.5 x slots x "
                      "the longest request).", lower_bound=1)
@@ -109,6 +111,7 @@ def main(argv: list[str]) -> None:
       metrics_output=FLAGS.metrics_output, implementation=FLAGS.implementation,
       sparsity=FLAGS.sparsity, max_seq_len=FLAGS.max_seq_len, scheduler=FLAGS.scheduler,
       num_samples=FLAGS.num_samples, chunk_size=FLAGS.chunk_size, chunk_lanes=FLAGS.chunk_lanes,
+      decode_steps=FLAGS.decode_steps,
       page_size=FLAGS.page_size, kv_pages=FLAGS.kv_pages, overwrite=FLAGS.overwrite,
       steps_per_sync=FLAGS.steps_per_sync, cache_dir=FLAGS.cache_dir, progress=FLAGS.progress,
       speculative=FLAGS.speculative, draft_model=FLAGS.draft_model,

@@ -1,12 +1,15 @@
-"""One engine replica: the scheduler's plans executed by one jitted, fixed-shape step.
+"""One engine replica: the scheduler's plans executed by jitted, fixed-shape steps.
 
 S slots, G lanes of Q prompt tokens, M pages per sequence, P pages in the pool, V vocab.
-The KV page pools are donated to every step and updated in place; each step returns one sampled
-token per slot (meaningful for the slots that sampled).
+A plan is one mixed step (decodes and prompt chunks) or up to `decode_steps` decode-only steps
+run in one dispatch (a loop on the device). The KV page pools are donated to every dispatch and
+updated in place; it returns one sampled token per slot and step (meaningful for the slots that
+sampled).
 """
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 import time
 from functools import partial
@@ -34,18 +37,23 @@ class EngineConfig:
   chunk_lanes: int = 1  # G
   page_size: int = 16
   kv_pages: int | None = None  # P; None: every slot's longest request, plus 50% for prefixes
+  steps_ahead: int = 1  # steps launched beyond the one whose tokens the host waits for
+  decode_steps: int = 8  # most decode-only steps run in one dispatch (none prefilling)
 
   def __post_init__(self):
-    for name in ("num_slots", "chunk_size", "chunk_lanes", "page_size"):
+    for name in ("num_slots", "chunk_size", "chunk_lanes", "page_size", "decode_steps"):
       if getattr(self, name) < 1:
         raise ValueError(f"EngineConfig: {name} must be >= 1, got {getattr(self, name)}")
     if self.kv_pages is not None and self.kv_pages < 1:
       raise ValueError(f"EngineConfig: kv_pages must be >= 1, got {self.kv_pages}")
+    if self.steps_ahead < 0:
+      raise ValueError(f"EngineConfig: steps_ahead must be >= 0, got {self.steps_ahead}")
 
 
 @dataclasses.dataclass
 class EngineStats:
-  steps: int = 0
+  steps: int = 0  # device steps (a decode-only dispatch runs up to decode_steps)
+  dispatches: int = 0
   busy_s: float = 0.0
   compile_s: float = 0.0
   compilations: int = 0
@@ -82,6 +90,31 @@ def engine_step(params, k, v, last_token, tokens, from_device, positions, decode
   return cache.k, cache.v, jnp.where(sampled, tok, last_token), tok
 
 
+def engine_decode(params, k, v, last_token, positions, decode_table, sample_index, sampled,
+                  key_data, temperature, top_k, top_p, min_p, num_steps, *, max_steps, cfg,
+                  implementation, sparsity, mesh, rules):
+  """`num_steps` (<= max_steps) decode-only steps in one dispatch: each slot that samples feeds
+  its last token at its next position and samples its next output index; returns the pools, the
+  last tokens and every step's tokens (max_steps, S) (rows past num_steps are zeros)."""
+  s, no_chunks = decode_table.shape[0], jnp.zeros((0, decode_table.shape[1]), jnp.int32)
+  sp = SamplingParams(temperature, top_k, top_p, min_p)
+  wrap = jax.vmap(jax.random.wrap_key_data)
+
+  def step(i, carry):
+    k, v, last, out = carry
+    cache = MixedPagedKVCache(k, v, decode_table, no_chunks)
+    pos = positions + jnp.where(sampled, i, 0)  # the rest stay out of range (nothing written)
+    hidden, cache = M.forward(params, last[None], pos[None], cfg, cache, kv_source="cache",
+                              implementation=implementation, sparsity=sparsity, mesh=mesh,
+                              rules=rules)
+    keys = jax.vmap(jax.random.fold_in)(wrap(key_data), sample_index + i)
+    tok = sample(M.logits(params, hidden[0]), sp, keys)
+    return cache.k, cache.v, jnp.where(sampled, tok, last), out.at[i].set(tok)
+
+  out = jnp.zeros((max_steps, s), jnp.int32)
+  return jax.lax.fori_loop(0, num_steps, step, (k, v, last_token, out))
+
+
 def pool_pages_for(cfg: EngineConfig, max_pages_per_request: int) -> int:
   return cfg.kv_pages or int(cfg.num_slots * max_pages_per_request * 1.5) + 1
 
@@ -107,21 +140,32 @@ class Engine:
     step = partial(engine_step, cfg=model_cfg, implementation=implementation, sparsity=sparsity,
                    mesh=mesh, rules=rules)
     self._step = jax.jit(step, donate_argnums=(1, 2, 3))
-    self._compiled: dict[int, Callable] = {}
+    decode = partial(engine_decode, max_steps=cfg.decode_steps, cfg=model_cfg,
+                     implementation=implementation, sparsity=sparsity, mesh=mesh, rules=rules)
+    self._decode = jax.jit(decode, donate_argnums=(1, 2, 3))
+    self._compiled: dict[int | str, Callable] = {}
 
   def pool_bytes(self) -> int:
     return PagedKVCache.pool_bytes(self.model_cfg, self.num_pool_pages, self.cfg.page_size)
 
   def _launch(self, plan: StepPlan) -> jax.Array:
-    """Starts a step; returns its sampled tokens (a device array, not waited on)."""
-    args = (self.params, self.k, self.v, self.last_token, plan.tokens, plan.from_device,
-            plan.positions, plan.decode_table, plan.chunk_table, plan.sample_rows,
-            plan.sample_index, plan.sampled, plan.key_data, plan.sampling["temperature"],
-            plan.sampling["top_k"], plan.sampling["top_p"], plan.sampling["min_p"])
-    shape = len(plan.tokens)
-    if shape not in self._compiled:  # decode-only, plus one per lane length
+    """Starts a plan's steps; returns their sampled tokens (a device array, not waited on)."""
+    if plan.num_prefill:  # one mixed step; a shape per lane length
+      fn, shape = self._step, len(plan.tokens)
+      args = (self.params, self.k, self.v, self.last_token, plan.tokens, plan.from_device,
+              plan.positions, plan.decode_table, plan.chunk_table, plan.sample_rows,
+              plan.sample_index, plan.sampled, plan.key_data)
+    else:  # decode-only steps
+      fn, shape = self._decode, "decode"
+      args = (self.params, self.k, self.v, self.last_token, plan.positions, plan.decode_table,
+              plan.sample_index, plan.sampled, plan.key_data)
+    args += (plan.sampling["temperature"], plan.sampling["top_k"], plan.sampling["top_p"],
+             plan.sampling["min_p"])
+    if shape == "decode":
+      args += (np.int32(plan.num_steps),)
+    if shape not in self._compiled:
       t0 = time.perf_counter()
-      self._compiled[shape] = self._step.lower(*args).compile()
+      self._compiled[shape] = fn.lower(*args).compile()
       self.stats.compile_s += time.perf_counter() - t0
       self.stats.compilations += 1
     self.k, self.v, self.last_token, tok = self._compiled[shape](*args)
@@ -140,21 +184,29 @@ class Engine:
     """Generates every request, calling `on_result` as each finishes (in completion order)."""
     pool = PagePool(self.num_pool_pages, self.cfg.page_size)
     sched = Scheduler(self.cfg.num_slots, self.cfg.chunk_lanes, self.cfg.chunk_size,
-                      self.cfg.page_size, self.max_pages, pool, self.model_cfg.eos_token_ids)
+                      self.cfg.page_size, self.max_pages, pool, self.model_cfg.eos_token_ids,
+                      self.cfg.decode_steps)
     for req in requests:
       sched.add(req)
     st = self.stats
-    # One step in flight: step t+1 is planned and launched before step t's tokens are read, so
-    # host work overlaps device work.
-    inflight: tuple[StepPlan, jax.Array] | None = None
+    # Steps run ahead of the host: step t+1+ahead is planned and launched before step t's
+    # tokens are read, so host work overlaps device work and the device has a step queued.
+    ahead = self.cfg.steps_ahead
+    inflight: collections.deque[tuple[StepPlan, jax.Array]] = collections.deque()
     t_last = time.perf_counter()
     while True:
       plan = sched.plan()
       compiles = st.compile_s
-      launched = None if plan is None else (plan, self._launch(plan))
-      if inflight is not None:
-        prev, tok = inflight
-        tokens = np.asarray(tok)  # waits for step t
+      if plan is not None:
+        inflight.append((plan, self._launch(plan)))
+        st.occupancy_sum += plan.num_steps * plan.active / self.cfg.num_slots
+      if plan is None or len(inflight) > ahead:
+        if not inflight:
+          if sched.idle():
+            break
+          raise RuntimeError("engine: requests remain but nothing can run (scheduler stalled)")
+        prev, tok = inflight.popleft()
+        tokens = np.asarray(tok)  # waits for that step
         now = time.perf_counter()
         elapsed = now - t_last - (st.compile_s - compiles)
         t_last = now
@@ -164,21 +216,14 @@ class Engine:
         else:
           st.decode_busy_s += elapsed
           st.pure_decode_tokens += prev.num_decode
-        st.steps += 1
+        st.steps += prev.num_steps
+        st.dispatches += 1
         st.decode_tokens += prev.num_decode
         for result in sched.commit(prev, tokens, should_stop):
           on_result(result)
         if on_step is not None:
           on_step(st)
-      else:
-        t_last = time.perf_counter()
-      st.occupancy_sum += sched.active / self.cfg.num_slots if launched else 0.0
       st.prefill_tokens = sched.prefill_tokens_computed
       st.prefill_tokens_saved = sched.prefill_tokens_saved
       st.peak_pages = max(st.peak_pages, pool.peak_in_use)
-      inflight = launched
-      if inflight is None:
-        if sched.idle():
-          break
-        raise RuntimeError("engine: requests remain but nothing can run (scheduler stalled)")
     return st

@@ -80,9 +80,11 @@ class StepPlan:
   sampled: np.ndarray  # (S,) bool: slots that sample this step
   sampling: dict[str, np.ndarray]  # per slot temperature, top_k, top_p, min_p
   key_data: np.ndarray  # (S, 2) uint32
-  samples: list[tuple[int, "_Seq", int]]  # (slot, sequence, output index) sampled this step
-  num_decode: int
+  samples: list[tuple[int, "_Seq", int, int]]  # (slot, sequence, output index, step)
+  num_decode: int  # tokens decoded (over all the plan's steps)
   num_prefill: int
+  num_steps: int = 1  # decode-only plans: steps run in one dispatch
+  active: int = 0  # slots holding a sequence during the plan's steps
 
 
 def lane_length(take: int, chunk: int) -> int:
@@ -92,8 +94,9 @@ def lane_length(take: int, chunk: int) -> int:
 class Scheduler:
 
   def __init__(self, num_slots: int, lanes: int, chunk: int, page_size: int, max_pages: int,
-               pool: PagePool, eos_ids: tuple[int, ...]):
+               pool: PagePool, eos_ids: tuple[int, ...], decode_steps: int = 1):
     self.s, self.g, self.q = num_slots, lanes, chunk
+    self.decode_steps = decode_steps
     self.page_size, self.max_pages = page_size, max_pages
     self.pool = pool
     self.eos = set(eos_ids)
@@ -189,12 +192,19 @@ class Scheduler:
     samples = []
     num_decode = num_prefill = 0
 
-    def take_sample(seq, row):
+    # With no prompt to prefill, decode runs until the first sequence reaches its length (at
+    # most `decode_steps` steps) in one dispatch: nothing can be admitted before then.
+    steps = 1
+    if not any(seq.in_prefill for seq in self.order):
+      steps = max(1, min([self.decode_steps] + [seq.req.max_new_tokens - seq.scheduled
+                                                for seq in self.order]))
+
+    def take_sample(seq, row, n=1):
       sample_rows[seq.slot] = row
       sample_index[seq.slot] = seq.scheduled
       sampled[seq.slot] = True
-      samples.append((seq.slot, seq, seq.scheduled))
-      seq.scheduled += 1
+      samples.extend((seq.slot, seq, seq.scheduled + i, i) for i in range(n))
+      seq.scheduled += n
 
     for seq in list(self.order):
       decode_table[seq.slot, :len(seq.pages)] = seq.pages
@@ -204,8 +214,8 @@ class Scheduler:
       if not seq.in_prefill and seq.scheduled < seq.req.max_new_tokens:
         from_device[seq.slot] = True  # the token sampled for this slot at the previous step
         positions[seq.slot] = seq.prompt_len + seq.scheduled - 1
-        take_sample(seq, seq.slot)
-        num_decode += 1
+        take_sample(seq, seq.slot, steps)
+        num_decode += steps
     for lane, (seq, take) in enumerate(lanes):
       base = s + lane * q
       tokens[base:base + take] = seq.req.prompt_ids[seq.computed:seq.computed + take]
@@ -221,23 +231,27 @@ class Scheduler:
       if not seq.in_prefill:  # the prompt's last token samples output token 0
         take_sample(seq, base + take - 1)
     self.prefill_tokens_computed += num_prefill
+    active = len(self.order)
     for seq in list(self.order):  # reached its length: nothing more will be written for it
       if seq.scheduled >= seq.req.max_new_tokens:
         self._release(seq)
     if not samples and not num_prefill:
       return None
     return StepPlan(tokens, from_device, positions, decode_table, chunk_table, sample_rows,
-                    sample_index, sampled, sampling, key_data, samples, num_decode, num_prefill)
+                    sample_index, sampled, sampling, key_data, samples, num_decode, num_prefill,
+                    steps, active)
 
   def commit(self, plan: StepPlan, tokens: np.ndarray,
              should_stop: Callable[[int, list[int]], bool] | None = None) -> list[EngineResult]:
-    """Takes a step's sampled tokens (one per slot); returns the sequences that finished."""
+    """Takes a plan's sampled tokens ((steps, S), or (S,) for one step); returns the sequences
+    that finished."""
     results = []
-    for slot, seq, index in plan.samples:
-      if seq.done:  # decoded once past its EOS / stop string: discard
+    tokens = tokens.reshape(-1, self.s)
+    for slot, seq, index, step in plan.samples:
+      if seq.done:  # decoded past its EOS / stop string: discard
         continue
       assert index == len(seq.generated), (index, len(seq.generated))
-      tok = int(tokens[slot])
+      tok = int(tokens[step, slot])
       seq.generated.append(tok)
       eos = tok in self.eos
       stopped = (not eos and should_stop is not None

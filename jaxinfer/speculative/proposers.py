@@ -30,6 +30,7 @@ from jaxinfer import model as M
 from jaxinfer.config import ModelConfig
 from jaxinfer.kv_cache import KVCache
 from jaxinfer.sampling import SamplingParams, argmax, distribution
+from jaxinfer.sparsity import DENSE, Sparsity
 
 
 @struct.dataclass
@@ -256,12 +257,14 @@ class DraftModel(_Chain):
   `fallback` > 0 is Big-Little's fallback policy: a row stops drafting after the first draft
   the draft model was less than `fallback` sure of (its softmax maximum), handing the rest of the
   step to the target; once every row has stopped, no more draft steps run. Unused chain slots
-  hold token 0 drawn from a point mass (so the exact rule stays exact)."""
+  hold token 0 drawn from a point mass (so the exact rule stays exact). `sparsity`: the draft's
+  attention pattern (the speculative generator gives it the target's)."""
 
   cfg: ModelConfig
   num_draft_tokens: int = 4
   name: str = "draft"
   fallback: float = 0.0
+  sparsity: Sparsity = DENSE
 
   def prefill(self, params, history, prompt_len, max_len):
     """The draft's own cache over the prompts (positions past a row's prompt are dropped)."""
@@ -270,7 +273,7 @@ class DraftModel(_Chain):
     width = history.shape[1]
     pos = jnp.arange(width)[None, :]
     positions = jnp.where(pos < prompt_len[:, None] - 1, pos, t)  # the root is fed later
-    _, cache = M.forward(params, history, positions, self.cfg, cache)
+    _, cache = M.forward(params, history, positions, self.cfg, cache, sparsity=self.sparsity)
     return cache
 
   def propose(self, params, cache: KVCache, ctx: Context):
@@ -286,7 +289,8 @@ class DraftModel(_Chain):
       return self._propose_with_fallback(params, cache, ctx, tokens, positions)
     drafted, qs = [root], []
     for i in range(g):
-      hidden, cache = M.forward(params, tokens, positions, self.cfg, cache, kv_source="cache")
+      hidden, cache = M.forward(params, tokens, positions, self.cfg, cache, kv_source="cache",
+                                sparsity=self.sparsity)
       logits = M.logits(params, hidden[:, -1])
       q = distribution(logits, ctx.sampling)
       tok = _draw(q, ctx, i)
@@ -302,7 +306,8 @@ class DraftModel(_Chain):
     g, length, b = self.num_draft_tokens, ctx.length, ctx.length.shape[0]
 
     def step(i, tokens, positions, cache, live):
-      hidden, cache = M.forward(params, tokens, positions, self.cfg, cache, kv_source="cache")
+      hidden, cache = M.forward(params, tokens, positions, self.cfg, cache, kv_source="cache",
+                                sparsity=self.sparsity)
       logits = M.logits(params, hidden[:, -1])
       q = distribution(logits, ctx.sampling)
       tok = jnp.where(live, _draw(q, ctx, i), 0)
