@@ -21,6 +21,8 @@ from pathlib import Path
 
 from absl import app, flags
 
+from jaxinfer import output
+
 flags.DEFINE_bool("quick", False, "Small shapes (checks the script end to end; use on CPU).")
 flags.DEFINE_list("seq_lens", ["4096", "8192", "16384", "32768"], "Dense sweep lengths.")
 flags.DEFINE_integer("density_seq_len", 8192, "Length for the density sweep.")
@@ -122,10 +124,7 @@ def main(argv):
         "ms": seconds * 1e3, "gbps": bytes_read / seconds / 1e9,
         "fraction_of_measured_bandwidth": bytes_read / seconds / 1e9 / ceilings.bandwidth_gbps})
 
-  Path(FLAGS.results).parent.mkdir(parents=True, exist_ok=True)
-  with open(FLAGS.results, "a") as f:
-    for row in rows:
-      f.write(json.dumps(row) + "\n")
+  output.append_jsonl(FLAGS.results, rows)
 
 
 if __name__ == "__main__":

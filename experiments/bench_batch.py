@@ -22,6 +22,8 @@ from pathlib import Path
 
 from absl import app, flags
 
+from jaxinfer import output
+
 flags.DEFINE_string("model", "embedded", "Model (as --model of jaxinfer generate).")
 flags.DEFINE_integer("num_prompts", 512, "Prompts in the workload.")
 flags.DEFINE_float("shared_fraction", 0.7, "Shared header's share of all prompt tokens.")
@@ -100,9 +102,7 @@ def main(argv):
   row["speedup"] = float(np.median(row["speedup_per_repeat"]))
   row["speedup_including_compilation"] = float(np.median(ratios("end_to_end_tokens_per_second")))
   print(json.dumps(row, indent=2))
-  Path(FLAGS.results).parent.mkdir(parents=True, exist_ok=True)
-  with open(FLAGS.results, "a") as f:
-    f.write(json.dumps(row) + "\n")
+  output.append_jsonl(FLAGS.results, [row])
 
 
 def _common_prefix(records) -> int:

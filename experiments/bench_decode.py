@@ -12,11 +12,12 @@ from __future__ import annotations
 
 import dataclasses
 import datetime
-import json
 import sys
 from pathlib import Path
 
 from absl import app, flags
+
+from jaxinfer import output
 
 flags.DEFINE_string("model", "embedded", "'embedded', a model directory, or preset:NAME "
                     "(random weights, e.g. preset:llama3-8b).")
@@ -99,10 +100,7 @@ def main(argv):
     print(f"batch {b:>3}: {row['decode_tokens_per_second']:>9.1f} tok/s  step "
           f"{row['step_ms']:.2f} ms  {gbps:.1f} GB/s ({row['fraction_of_measured_bandwidth']:.0%} "
           f"of measured)  compile {compile_s:.1f}s", file=sys.stderr)
-  Path(FLAGS.results).parent.mkdir(parents=True, exist_ok=True)
-  with open(FLAGS.results, "a") as f:
-    for row in rows_out:
-      f.write(json.dumps(row) + "\n")
+  output.append_jsonl(FLAGS.results, rows_out)
 
 
 if __name__ == "__main__":

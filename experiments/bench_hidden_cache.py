@@ -25,6 +25,8 @@ from pathlib import Path
 
 from absl import app, flags
 
+from jaxinfer import output
+
 flags.DEFINE_list("layers", ["4", "16"], "Base depths: 4 is the embedded model itself, others "
                   "random variants of it with that many layers.")
 flags.DEFINE_list("methods", ["medusa", "hydra", "eagle"], "Heads-only recipes.")
@@ -119,9 +121,7 @@ def main(argv):
       print(json.dumps(row))
       rows.append(row)
     shutil.rmtree(tmp)
-  Path(FLAGS.results).parent.mkdir(parents=True, exist_ok=True)
-  with open(FLAGS.results, "a") as f:
-    f.write("".join(json.dumps(r) + "\n" for r in rows))
+  output.append_jsonl(FLAGS.results, rows)
 
 
 if __name__ == "__main__":

@@ -32,6 +32,8 @@ from pathlib import Path
 
 from absl import app, flags
 
+from jaxinfer import output
+
 flags.DEFINE_string("model", "embedded", "Target model.")
 flags.DEFINE_list("methods", ["ngram", "eagle"], "Proposers (as bench_speculative.py names "
                   "them; eagle: a chain drafted by the embedded model's eagle-v1024-400 draft).")
@@ -150,9 +152,7 @@ def main(argv):
       result["modes"][name] = entry
     del t_ref
     print(json.dumps(result), file=sys.stderr, flush=True)
-    Path(FLAGS.results).parent.mkdir(parents=True, exist_ok=True)
-    with open(FLAGS.results, "a") as f:
-      f.write(json.dumps(result) + "\n")
+    output.append_jsonl(FLAGS.results, [result])
 
 
 if __name__ == "__main__":

@@ -24,6 +24,8 @@ from pathlib import Path
 
 from absl import app, flags
 
+from jaxinfer import output
+
 flags.DEFINE_string("model", "embedded", "Target model.")
 flags.DEFINE_list("methods", ["ngram", "recycling", "layerskip"], "Proposers to measure: "
                   "ngram, lookahead, recycling, layerskip, layerskip-fallback (with Big-Little's "
@@ -153,9 +155,7 @@ def main(argv):
       row["methods"][method] = result
       print(f"  batch {b} {method}: {json.dumps(result)}", file=sys.stderr, flush=True)
     row["plain_tokens_per_second_median"] = round(new_tokens / float(np.median(plain_times)), 1)
-    Path(FLAGS.results).parent.mkdir(parents=True, exist_ok=True)
-    with open(FLAGS.results, "a") as f:
-      f.write(json.dumps(row) + "\n")
+    output.append_jsonl(FLAGS.results, [row])
 
 
 if __name__ == "__main__":

@@ -30,6 +30,8 @@ from pathlib import Path
 
 from absl import app, flags
 
+from jaxinfer import output
+
 flags.DEFINE_string("model", "embedded", "'embedded', a model directory, or preset:NAME (random "
                     "weights, e.g. preset:llama3-8b).")
 flags.DEFINE_string("dtype", "auto", "auto, float32 or bfloat16 (both sides).")
@@ -199,10 +201,7 @@ def main(argv):
                              / row["transformers_tokens_per_second"], 2)
       rows.append(row)
       print(json.dumps(row, indent=2))
-  Path(FLAGS.results).parent.mkdir(parents=True, exist_ok=True)
-  with open(FLAGS.results, "a") as f:
-    for row in rows:
-      f.write(json.dumps(row) + "\n")
+  output.append_jsonl(FLAGS.results, rows)
 
 
 if __name__ == "__main__":

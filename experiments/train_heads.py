@@ -25,6 +25,8 @@ from pathlib import Path
 
 from absl import app, flags
 
+from jaxinfer import output
+
 flags.DEFINE_enum("method", "medusa", ["medusa", "medusa2", "hydra", "eagle"],
                   "Draft-head recipe.")
 flags.DEFINE_float("kl_weight", 10.0, "medusa2: KL weight.")
@@ -136,9 +138,7 @@ def main(argv):
          "heads": out.name,
          "hidden_cache": FLAGS.hidden_cache}
   print(json.dumps(row, indent=2))
-  Path(FLAGS.results).parent.mkdir(parents=True, exist_ok=True)
-  with open(FLAGS.results, "a") as f:
-    f.write(json.dumps(row) + "\n")
+  output.append_jsonl(FLAGS.results, [row])
 
 
 if __name__ == "__main__":

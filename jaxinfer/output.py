@@ -122,6 +122,14 @@ class RecordWriter:
         self._cv.notify_all()
 
 
+def append_jsonl(path: str | os.PathLike, records: Iterable[dict[str, Any]]) -> None:
+  """Appends records to a JSONL file, one line each (a benchmark's results), making its folder
+  if missing."""
+  Path(path).parent.mkdir(parents=True, exist_ok=True)
+  with open(path, "a", encoding="utf-8") as f:
+    f.write("".join(json.dumps(r) + "\n" for r in records))
+
+
 def merge_parts(output: str | os.PathLike, num_processes: int) -> int:
   """Process 0, after every process finished: one --output with each record once."""
   seen, merged = set(), []
