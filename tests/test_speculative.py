@@ -544,9 +544,9 @@ def test_sliding_window_model_speculates_losslessly(tmp_path):
 def test_sinks_window_sparsity_speculates_losslessly(target):
   """--sparsity=sinks_window (StreamingLLM: 2 sinks + a window of 10, shorter than the outputs)
   on the target: prefill, tree verification (a chain through XLA, a trie through the Pallas
-  kernel, prompts sharing pages through prefix reuse) and plain decoding all keep the pattern,
-  so greedy speculation equals plain greedy decoding under it; a tree past the window and the
-  dynamic patterns are refused."""
+  kernel, EAGLE-2 trees, prompts sharing pages through prefix reuse) and plain decoding all
+  keep the pattern, so greedy speculation equals plain greedy decoding under it; a tree past
+  the window and the dynamic patterns are refused."""
   from jaxinfer.sparsity import parse
   cfg, params = target
   sparsity = parse("sinks_window:2,10")
@@ -556,10 +556,15 @@ def test_sinks_window_sparsity_speculates_losslessly(target):
   plain = Generator(cfg, params, sparsity=sparsity).generate(rows)
   dense = Generator(cfg, params).generate(rows)
   assert [p.tokens for p in plain] != [d.tokens for d in dense]  # the pattern matters here
+  from jaxinfer.speculative.dynamic_tree import EagleTree
+  chain, heads = _eagle(cfg)
+  eagle_tree = EagleTree(chain.cfg, num_nodes=7, top_k=2, depth=3)
   for proposer, impl in ((P.NGram(num_draft_tokens=4), "xla"),
-                         (P.Lookahead(num_nodes=7, depth=3, num_candidates=6), "pallas")):
+                         (P.Lookahead(num_nodes=7, depth=3, num_candidates=6), "pallas"),
+                         (eagle_tree, "xla")):
     spec = SpeculativeGenerator(cfg, params, proposer, page_size=8, policy="always",
-                                implementation=impl, num_slots=2, sparsity=sparsity)
+                                implementation=impl, num_slots=2, sparsity=sparsity,
+                                draft_params=heads if proposer is eagle_tree else None)
     assert [r.tokens for r in spec.generate(rows)] == [r.tokens for r in plain], proposer.name
     assert spec.stats.verify_steps > 0
   with pytest.raises(ValueError, match="window"):
@@ -584,6 +589,55 @@ def test_a_draft_model_attends_with_the_targets_sparsity(target):
   assert spec.proposer.sparsity == sparsity
   assert [r.tokens for r in spec.generate(rows)] == [r.tokens for r in plain]
   assert spec.stats.per_depth_acceptance() == [1.0, 1.0, 1.0]
+
+
+@pytest.mark.parametrize("name", ["eagle", "eagle-tree", "hydra++"])
+def test_draft_layers_attend_with_the_targets_sparsity(target, other_draft, name):
+  """Under sinks_window the generator hands the target's pattern to EAGLE's (chain and dynamic
+  tree) and Hydra++'s draft layers: after prefilling 40-token prompts, overwriting their
+  cache's keys and values between the 2 sinks and the 10-token window changes none of the
+  drafts, and the same layer left dense drafts differently from the overwritten cache."""
+  from jaxinfer import model as M
+  from jaxinfer.sampling import SamplingParams
+  from jaxinfer.sparsity import DENSE, parse
+  cfg, params = target
+  sparsity = parse("sinks_window:2,10")
+  proposer, heads = (_proposers(cfg, params, other_draft) | _head_proposers(cfg, params))[name]
+  if name == "hydra++":  # the prefix layer's output projection starts at zero: make it read
+    o = 0.05 * jax.random.normal(jax.random.key(2), heads.prefix.attn.o.shape)
+    heads = heads.replace(prefix=heads.prefix.replace(attn=heads.prefix.attn.replace(o=o)))
+  spec = SpeculativeGenerator(cfg, params, proposer, draft_params=heads, page_size=8,
+                              policy="always", sparsity=sparsity)
+  assert spec.proposer.sparsity == sparsity
+  b, n, max_len = 2, 40, 64
+  prompts = jax.random.randint(jax.random.key(9), (b, n), 1, cfg.vocab_size)
+  hidden, _ = M.forward(params, prompts, jnp.broadcast_to(jnp.arange(n), (b, n)), cfg,
+                        sparsity=sparsity)
+  first = jnp.argmax(M.logits(params, hidden[:, -1]), axis=-1).astype(jnp.int32)
+  history = jnp.zeros((b, max_len), jnp.int32).at[:, :n].set(prompts).at[:, n].set(first)
+  prompt_len = jnp.full((b,), n, jnp.int32)
+  ctx = P.Context(history, prompt_len, SamplingParams.make(b), jax.random.split(
+      jax.random.key(0), b))
+  noise = lambda x: x.at[:, :, 2:n - 12].set(
+      100.0 * jax.random.normal(jax.random.key(1), x[:, :, 2:n - 12].shape, x.dtype))
+
+  def drafts(proposer):
+    """(drafts from the prefilled state, drafts from it with the hidden positions noised)."""
+    @jax.jit
+    def run(heads, params):
+      if isinstance(proposer, P.Hydra):
+        st = proposer.prefill((heads, params), hidden, prompt_len, max_len)
+      else:
+        st = proposer.prefill((heads, params), hidden, history, prompt_len, first, max_len)
+      # positions the pattern hides from every query from n - 1 on
+      noised = st.replace(cache=st.cache.replace(k=tuple(map(noise, st.cache.k)),
+                                                 v=tuple(map(noise, st.cache.v))))
+      return tuple(proposer.propose((heads, params), x, ctx)[1].tokens for x in (st, noised))
+    return map(np.asarray, run(heads, params))
+
+  np.testing.assert_array_equal(*drafts(spec.proposer))
+  dense, noised = drafts(dataclasses.replace(spec.proposer, sparsity=DENSE))
+  assert (dense != noised).any()
 
 
 def test_tensor_parallel_speculation_equals_greedy(target, tiny_model_dir, plain_greedy):

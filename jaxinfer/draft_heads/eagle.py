@@ -41,6 +41,7 @@ from jaxinfer import model as M
 from jaxinfer.config import ModelConfig
 from jaxinfer.draft_heads import files
 from jaxinfer.draft_heads.hidden_cache import tokens_and_hidden
+from jaxinfer.sparsity import DENSE, Sparsity
 
 FORMAT = "jaxinfer-eagle-1"
 
@@ -132,13 +133,16 @@ def as_transformer(draft: EagleDraft, base: M.Transformer) -> M.Transformer:
 
 def draft_forward(draft: EagleDraft, base: M.Transformer, features: jax.Array,
                   tokens: jax.Array, positions: jax.Array, dcfg: ModelConfig, cache=None, *,
-                  kv_source: M.KVSource = "chunk", implementation: str = "xla"):
+                  kv_source: M.KVSource = "chunk", implementation: str = "xla",
+                  sparsity: Sparsity = DENSE):
   """features (B,T,D) and the tokens they produced (B,T) at `positions` -> predicted next
-  features (B,T,D) and the updated draft cache."""
+  features (B,T,D) and the updated draft cache. `sparsity`: the target's attention pattern
+  (sinks_window at inference; dense in training)."""
   emb = jnp.take(base.embed, tokens, axis=0).astype(features.dtype)
   x = jnp.concatenate([features, emb], axis=-1) @ draft.fc
   return M.forward(as_transformer(draft, base), tokens, positions, dcfg, cache,
-                   kv_source=kv_source, implementation=implementation, embeddings=x)
+                   kv_source=kv_source, implementation=implementation, sparsity=sparsity,
+                   embeddings=x)
 
 
 def ttt_predictions(draft: EagleDraft, base: M.Transformer, features: jax.Array,

@@ -41,6 +41,7 @@ from jaxinfer.config import ModelConfig
 from jaxinfer.draft_heads import files
 from jaxinfer.draft_heads.hidden_cache import tokens_and_hidden
 from jaxinfer.draft_heads.medusa import build_tree, head_weights
+from jaxinfer.sparsity import DENSE, Sparsity
 
 FORMAT = "jaxinfer-hydra-1"
 
@@ -104,15 +105,17 @@ def init_heads(base: M.Transformer, num_heads: int, key: jax.Array,
 
 def prefix_forward(heads: HydraHeads, base: M.Transformer, hidden: jax.Array,
                    positions: jax.Array, prefix_cfg: ModelConfig, cache=None, *,
-                   kv_source: M.KVSource = "chunk"):
+                   kv_source: M.KVSource = "chunk", sparsity: Sparsity = DENSE):
   """The base's hidden states (B, T, D) at `positions` -> what the heads read (B, T, D): the
-  prefix layer's output, or the hidden states themselves without one; and the layer's cache."""
+  prefix layer's output, or the hidden states themselves without one; and the layer's cache.
+  `sparsity`: the target's attention pattern (sinks_window at inference; dense in training)."""
   if heads.prefix is None:
     return hidden, cache
   model = M.Transformer(embed=base.embed, layers=(heads.prefix,), final_norm=heads.prefix_norm,
                         lm_head=base.lm_head)
   return M.forward(model, jnp.zeros(positions.shape, jnp.int32), positions, prefix_cfg, cache,
-                   kv_source=kv_source, embeddings=hidden.astype(heads.prefix_norm.dtype))
+                   kv_source=kv_source, sparsity=sparsity,
+                   embeddings=hidden.astype(heads.prefix_norm.dtype))
 
 
 def head_logits(heads: HydraHeads, k: int, hidden: jax.Array,

@@ -454,7 +454,7 @@ class SpeculativeGenerator:
     (default: num_slots slots, this page size).
     sparsity: the target's attention pattern (dense, or sinks_window: StreamingLLM's sinks plus a
     sliding window, in prefill, verification and plain decoding alike, and in a draft model's
-    own forward; EAGLE's and Hydra++'s draft layers attend densely over their own caches)."""
+    and EAGLE's and Hydra++'s draft layers over their own caches)."""
     from jaxinfer.sharding import DEFAULT_RULES
     if sparsity.dynamic:
       raise ValueError(f"speculative decoding: {sparsity} sparsity needs whole-prompt prefill "
@@ -475,7 +475,7 @@ class SpeculativeGenerator:
                        f" differs from the target's ({cfg.vocab_size})")
     if policy not in ("auto", "always"):
       raise ValueError(f"speculative decoding: policy must be auto or always, got {policy!r}")
-    if isinstance(proposer, DraftModel):  # the draft attends as the target does
+    if isinstance(proposer, (DraftModel, Eagle, Hydra)):  # drafts attend as the target does
       proposer = dataclasses.replace(proposer, sparsity=sparsity)
     if num_slots is not None and num_slots < 1:
       raise ValueError(f"speculative decoding: num_slots must be >= 1, got {num_slots}")

@@ -55,16 +55,22 @@ class _TreeDraftLayer:
         buf, new.transpose(2, 0, 1, 3).astype(buf.dtype), at)
     return self.replace(tk=put(self.tk, k), tv=put(self.tv, v))
 
-  def attend(self, impl, q, positions, **kw):
-    del impl, positions, kw
+  def attend(self, impl, q, positions, *, window=None, sinks=0, **kw):
+    """The prefix keys a query sees (positions < prefix_len, within `window` of the query's
+    position or among the first `sinks`: the layer's pattern) and its tree ancestors (all
+    within the window: a tree fits it)."""
+    del impl, kw
     b, t, n, h = q.shape
     kh, s = self.k.shape[0], self.k.shape[2]
     qg = q.reshape(b, t, kh, n // kh, h).transpose(2, 0, 3, 1, 4)  # (K,B,G,T,H)
     scale = h**-0.5
     s1 = jnp.einsum("kbgth,kbsh->kbgts", qg, self.k, preferred_element_type=jnp.float32)
     s2 = jnp.einsum("kbgth,kbnh->kbgtn", qg, self.tk, preferred_element_type=jnp.float32)
-    seen = jnp.arange(s)[None, :] < self.prefix_len[:, None]  # (B,S)
-    s1 = jnp.where(seen[None, :, None, None, :], s1 * scale, MASK_VALUE)
+    key_pos = jnp.arange(s)[None, None, :]
+    seen = key_pos < self.prefix_len[:, None, None]  # (B,T,S)
+    if window is not None:
+      seen &= (key_pos > positions[:, :, None] - window) | (key_pos < sinks)
+    s1 = jnp.where(seen[None, :, None], s1 * scale, MASK_VALUE)
     s2 = jnp.where(self.mask[None, :, None], s2 * scale, MASK_VALUE)
     probs = jax.nn.softmax(jnp.concatenate([s1, s2], axis=-1), axis=-1)
     out = (jnp.einsum("kbgts,kbsh->kbgth", probs[..., :s].astype(self.v.dtype), self.v,
@@ -148,7 +154,7 @@ class EagleTree(Eagle):
       tree_cache = _TreeDraftCache(cache.k, cache.v, (tk,), (tv,), ctx.length, mask, offset)
       pos = jnp.broadcast_to((ctx.length + d - 1)[:, None], (b, k))
       out, tree_cache = draft_forward(draft, base, front_feat, front_tok, pos, self.cfg,
-                                      tree_cache, kv_source="cache")
+                                      tree_cache, kv_source="cache", sparsity=self.sparsity)
       tk, tv = tree_cache.tk[0], tree_cache.tv[0]
       c_tok, c_score = children(out, front_score)  # (B, k, k)
       c_tok, c_score = c_tok.reshape(b, k * k), c_score.reshape(b, k * k)

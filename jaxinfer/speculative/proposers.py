@@ -405,11 +405,13 @@ class Eagle(_Chain):
   """An EAGLE draft layer (jaxinfer.draft_heads.eagle; its params an `EagleHeads`) drafting a
   chain: catch up on the pairs of the last accepted path, then feed its own predicted features
   back `num_draft_tokens` - 1 times. Drafts are sampled from its filtered distribution for
-  sampling rows (q returned, zero outside its draft vocabulary)."""
+  sampling rows (q returned, zero outside its draft vocabulary). `sparsity`: the pattern its
+  layer attends its own cache with (the generator sets the target's)."""
 
   cfg: ModelConfig  # the draft layer's (one layer)
   num_draft_tokens: int = 4
   name: str = "eagle"
+  sparsity: Sparsity = DENSE
 
   def prefill(self, heads_and_base, features, history, prompt_len, first, max_len, start=None,
               cache=None):
@@ -424,7 +426,8 @@ class Eagle(_Chain):
     nxt = jnp.take_along_axis(history, jnp.clip(nxt_pos, 0, history.shape[1] - 1), axis=1)
     kv_source = "chunk" if cache is None else "cache"
     return _prefill_pending(lambda f, pos, c: draft_forward(
-        heads.draft, base, f, nxt, pos, self.cfg, c, kv_source=kv_source), self.cfg, features,
+        heads.draft, base, f, nxt, pos, self.cfg, c, kv_source=kv_source,
+        sparsity=self.sparsity), self.cfg, features,
         prompt_len, first, max_len, self.tree_size, heads.draft.fc.dtype, start, cache)
 
   def catch_up(self, heads, base, st: EagleState):
@@ -432,7 +435,8 @@ class Eagle(_Chain):
     the last of them (it scores the root's children) and the cache."""
     from jaxinfer.draft_heads.eagle import draft_forward
     return _catch_up(lambda f, x, pos, cache: draft_forward(
-        heads.draft, base, f, x, pos, self.cfg, cache, kv_source="cache"), st)
+        heads.draft, base, f, x, pos, self.cfg, cache, kv_source="cache",
+        sparsity=self.sparsity), st)
 
   def propose(self, heads_and_base, st: EagleState, ctx: Context):
     from jaxinfer.draft_heads.eagle import draft_forward
@@ -448,7 +452,7 @@ class Eagle(_Chain):
       if i + 1 < self.num_draft_tokens:
         hidden, cache = draft_forward(draft, base, feat[:, None], tok[:, None],
                                       (ctx.length + i)[:, None], self.cfg, cache,
-                                      kv_source="cache")
+                                      kv_source="cache", sparsity=self.sparsity)
         feat = hidden[:, 0]
     qs.append(qs[-1])  # the last node has no children
     return st.replace(cache=cache), Draft(jnp.stack(drafted, 1),
@@ -513,12 +517,15 @@ class Hydra(_HeadsTree):
   With Hydra++'s prefix layer (`prefix`: its one-layer config), the state is the layer's KV
   cache and the target's hidden states on the last accepted path, still to be fed to it (an
   `EagleState`, as the EAGLE draft keeps its pairs); the heads read the layer's output at the
-  last accepted token. Without it, the state is the target's hidden state there (B, D)."""
+  last accepted token. Without it, the state is the target's hidden state there (B, D).
+  `sparsity`: the pattern the prefix layer attends its cache with (the generator sets the
+  target's)."""
 
   paths: tuple[tuple[int, ...], ...]
   name: str = "hydra"
   prefix: ModelConfig | None = None
   accuracy: tuple[tuple[float, ...], ...] | None = None
+  sparsity: Sparsity = DENSE
 
   def prefill(self, heads_and_base, features, prompt_len, max_len, start=None, cache=None):
     """Prefix layer: its cache over the prompt's hidden states but the last, left pending
@@ -527,7 +534,8 @@ class Hydra(_HeadsTree):
     heads, base = heads_and_base
     kv_source = "chunk" if cache is None else "cache"
     return _prefill_pending(lambda f, pos, c: prefix_forward(
-        heads, base, f, pos, self.prefix, c, kv_source=kv_source), self.prefix, features,
+        heads, base, f, pos, self.prefix, c, kv_source=kv_source, sparsity=self.sparsity),
+        self.prefix, features,
         prompt_len, jnp.zeros_like(prompt_len), max_len, self.tree_size,
         heads.prefix_norm.dtype, start, cache)
 
@@ -543,7 +551,8 @@ class Hydra(_HeadsTree):
       return state, state
     heads, base = heads_and_base
     out, cache = _catch_up(lambda f, x, pos, cache: prefix_forward(
-        heads, base, f, pos, self.prefix, cache, kv_source="cache"), state)
+        heads, base, f, pos, self.prefix, cache, kv_source="cache", sparsity=self.sparsity),
+        state)
     return out, state.replace(cache=cache)
 
   def propose(self, heads_and_base, state, ctx: Context):
