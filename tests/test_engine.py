@@ -89,6 +89,25 @@ def test_engine_equals_independent_generation(tmp_path, tiny_model_dir):
   assert 0 < m["mean_slot_occupancy"] <= 1 and m["kv_pages_used_peak"] <= m["kv_pages_pool"]
 
 
+def test_tokens_decoded_past_a_stop_are_counted(tiny_model_dir):
+  """A sequence stopped by the host (a stop string) inside a multi-step decode keeps its slot
+  until the run ends; what is decoded for it meanwhile is discarded and counted: every decoded
+  token is delivered or counted as discarded (the first token of each comes from its prefill)."""
+  from jaxinfer import checkpoint
+  from jaxinfer.engine import Engine, EngineConfig
+  from jaxinfer.engine.scheduler import EngineRequest
+  cfg, params, _ = checkpoint.load_model(str(tiny_model_dir))
+  eng = Engine(cfg, params, EngineConfig(num_slots=3, chunk_size=16, page_size=8), max_len=48)
+  reqs = [EngineRequest(i, list(range(1, 6 + 3 * i)), 20, np.zeros(2, np.uint32))
+          for i in range(5)]
+  results = []
+  st = eng.run(reqs, results.append, lambda uid, toks: uid % 2 == 1 and len(toks) == 5)
+  assert sorted(len(r.tokens) for r in results if r.stopped) == [5, 5]
+  assert st.decode_tokens_discarded > 0
+  assert (sum(len(r.tokens) for r in results) + st.decode_tokens_discarded
+          == st.decode_tokens + len(reqs))
+
+
 def test_outputs_do_not_depend_on_slots_chunks_pages_steps_or_replicas(tmp_path,
                                                                        tiny_model_dir):
   records = _workload()

@@ -66,6 +66,7 @@ class EngineStats:
   mixed_busy_s: float = 0.0  # steps that prefilled (and decoded)
   decode_busy_s: float = 0.0  # steps that only decoded
   pure_decode_tokens: int = 0
+  decode_tokens_discarded: int = 0  # decoded after their sequence's EOS or stop string
 
   @property
   def mean_occupancy(self) -> float:
@@ -224,6 +225,7 @@ class Engine:
         if on_step is not None:
           on_step(st)
       st.prefill_tokens = sched.prefill_tokens_computed
+      st.decode_tokens_discarded = sched.tokens_discarded
       st.prefill_tokens_saved = sched.prefill_tokens_saved
       st.peak_pages = max(st.peak_pages, pool.peak_in_use)
     return st

@@ -106,6 +106,7 @@ class Scheduler:
     self.out_of_range = max_pages * page_size
     self.prefill_tokens_saved = 0
     self.prefill_tokens_computed = 0
+    self.tokens_discarded = 0  # decoded after their sequence ended (EOS / stop string)
 
   def pages_needed(self, req: EngineRequest) -> int:
     return -(-(len(req.prompt_ids) + req.max_new_tokens) // self.page_size)
@@ -249,6 +250,7 @@ class Scheduler:
     tokens = tokens.reshape(-1, self.s)
     for slot, seq, index, step in plan.samples:
       if seq.done:  # decoded past its EOS / stop string: discard
+        self.tokens_discarded += 1
         continue
       assert index == len(seq.generated), (index, len(seq.generated))
       tok = int(tokens[step, slot])
