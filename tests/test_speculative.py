@@ -541,7 +541,7 @@ def test_sliding_window_model_speculates_losslessly(tmp_path):
   assert skip_cfg.layer_types == ("full_attention", "sliding_attention")
 
 
-def test_sinks_window_sparsity_speculates_losslessly(target):
+def test_sinks_window_sparsity_speculates_losslessly(target, other_draft):
   """--sparsity=sinks_window (StreamingLLM: 2 sinks + a window of 10, shorter than the outputs)
   on the target: prefill, tree verification (a chain through XLA, a trie through the Pallas
   kernel, EAGLE-2 trees, prompts sharing pages through prefix reuse) and plain decoding all
@@ -556,9 +556,7 @@ def test_sinks_window_sparsity_speculates_losslessly(target):
   plain = Generator(cfg, params, sparsity=sparsity).generate(rows)
   dense = Generator(cfg, params).generate(rows)
   assert [p.tokens for p in plain] != [d.tokens for d in dense]  # the pattern matters here
-  from jaxinfer.speculative.dynamic_tree import EagleTree
-  chain, heads = _eagle(cfg)
-  eagle_tree = EagleTree(chain.cfg, num_nodes=7, top_k=2, depth=3)
+  eagle_tree, heads = _proposers(cfg, params, other_draft)["eagle-tree"]
   for proposer, impl in ((P.NGram(num_draft_tokens=4), "xla"),
                          (P.Lookahead(num_nodes=7, depth=3, num_candidates=6), "pallas"),
                          (eagle_tree, "xla")):
