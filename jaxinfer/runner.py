@@ -60,6 +60,7 @@ class GenerateJob:
   kv_pages: int | None = None
   overwrite: bool = False
   steps_per_sync: int = 32  # static scheduler and speculative decoding
+  prefill_chunk: int = 512  # speculative decoding: prompt tokens per row per admission chunk
   cache_dir: str | None = None
   progress: bool = True
   # none | ngram | lookahead | recycling | draft | layerskip | medusa | hydra | eagle
@@ -89,7 +90,7 @@ class GenerateJob:
     if self.dtype != "auto" and self.dtype not in DTYPES:
       raise UserError(f"--dtype: expected auto or one of {sorted(DTYPES)}, got {self.dtype!r}")
     for flag in ("batch_size", "num_samples", "chunk_size", "chunk_lanes", "decode_steps",
-                 "page_size"):
+                 "page_size", "prefill_chunk"):
       if getattr(self, flag) < 1:
         raise UserError(f"--{flag}: must be >= 1, got {getattr(self, flag)}")
     if self.kv_pages is not None and self.kv_pages < 1:
@@ -539,8 +540,8 @@ def run(job: GenerateJob, *, coordinator_address: str | None = None,
       "sparsity": str(sparsity),
   }
   for key in ("mean_accepted_tokens", "accepted_length_histogram", "per_depth_acceptance",
-              "verify_steps", "host_syncs", "speculation", "speculative_batches",
-              "plain_batches", "tree_sizes", "draft_verify_split"):
+              "verify_steps", "host_syncs", "prefill_chunks", "speculation",
+              "speculative_batches", "plain_batches", "tree_sizes", "draft_verify_split"):
     if key in stats:
       metrics[key] = stats[key]
   if job.speculative != "none":
@@ -760,7 +761,8 @@ def _speculative_generators(job, cfg, params, meshes, todo, sparsity) -> list:
           cfg, params if mesh is None else _on_replica(params, mesh, meshes), proposer,
           draft_params=dparams, rule=job.acceptance, implementation=job.implementation,
           steps_per_sync=job.steps_per_sync, page_size=job.page_size,
-          num_slots=job.batch_size if continuous else None, policy=job.speculation,
+          prefill_chunk=job.prefill_chunk, num_slots=job.batch_size if continuous else None,
+          policy=job.speculation,
           sparsity=sparsity, mesh=mesh, engine_config=EngineConfig(
               num_slots=job.batch_size, chunk_size=job.chunk_size,
               chunk_lanes=job.chunk_lanes, page_size=job.page_size, kv_pages=job.kv_pages,

@@ -98,18 +98,19 @@ def _head_proposers(cfg, params):
 def test_greedy_speculative_equals_greedy(target, other_draft, plain_greedy, name):
   """Batch 1, then nine requests of mixed prompt and output lengths through three slots
   (continuous batching): each finished row's slot is refilled with the next request (its prompt
-  prefilled into the slot's pages, the proposer's state for that row reset) while the other
-  rows keep verifying. Every output equals plain greedy decoding, delivered as rows finish."""
+  prefilled into the slot's pages, 8 tokens at a time between the other rows' verification
+  steps, the proposer's state for that row reset) while the other rows keep verifying. Every
+  output equals plain greedy decoding, delivered as rows finish."""
   cfg, params = target
   proposer, draft_params = (_proposers(cfg, params, other_draft) | _head_proposers(cfg, params))[
       name]
-  make = lambda slots: SpeculativeGenerator(cfg, params, proposer, draft_params=draft_params,
-                                            steps_per_sync=8, page_size=8, policy="always",
-                                            num_slots=slots)
+  make = lambda slots, chunk=512: SpeculativeGenerator(
+      cfg, params, proposer, draft_params=draft_params, steps_per_sync=8, page_size=8,
+      policy="always", num_slots=slots, prefill_chunk=chunk)
   rows, plain = plain_greedy[1]
   assert make(None).generate(rows)[0].tokens == plain[0].tokens
   rows, plain = plain_greedy[9]
-  spec = make(3)
+  spec = make(3, chunk=8)  # prompts of 9 to 29 tokens admitted in chunks of 8
   seen = []
   out = spec.generate(rows, on_result=lambda i, r: seen.append(i))
   assert [r.tokens for r in out] == [r.tokens for r in plain], name
@@ -120,6 +121,8 @@ def test_greedy_speculative_equals_greedy(target, other_draft, plain_greedy, nam
   assert len(st.per_depth_acceptance()) == proposer.max_depth
   assert st.row_slots == 3 * st.steps
   assert st.verify_steps / st.row_slots > 0.6  # slots were kept busy
+  chunks = [(len(r.prompt_ids) - 1) // 8 for r in rows]  # each row's (rows share chunks)
+  assert max(chunks) <= st.prefill_chunks <= sum(chunks)
 
 
 def test_continuous_speculation_samples_what_it_would_alone(target, other_draft):
@@ -270,12 +273,12 @@ def test_generate_job_with_speculation(tmp_path, tiny_model_dir, monkeypatch):
     return {r["id"]: r for r in map(json.loads, out.read_text().splitlines())}, m
 
   plain, _ = job("plain")
-  for method, tree, scheduler, policy in (("ngram", "2,1", "continuous", "auto"),
-                                          ("recycling", "2,1", "static", "always"),
-                                          ("lookahead", "nodes:6", "continuous", "auto")):
-    # (every proposer: test_greedy_speculative_equals_greedy)
+  for method, tree, scheduler, policy, chunk in (
+      ("ngram", "2,1", "continuous", "auto", 8), ("recycling", "2,1", "static", "always", 8),
+      ("lookahead", "nodes:6", "continuous", "auto", 512)):
+    # (every proposer: test_greedy_speculative_equals_greedy; prompts in chunks of 8 tokens)
     spec, m = job(method, speculative=method, tree=tree, scheduler=scheduler,
-                  speculation=policy)
+                  speculation=policy, prefill_chunk=chunk)
     assert {i: r["completion_ids"] for i, r in spec.items()} == {
         i: r["completion_ids"] for i, r in plain.items()}, method
     assert m["speculative"] == method and m["mean_accepted_tokens"] >= 1.0
@@ -284,6 +287,7 @@ def test_generate_job_with_speculation(tmp_path, tiny_model_dir, monkeypatch):
     assert sum(v["batches"] for v in m["tree_sizes"].values()) == m["speculative_batches"]
     if policy == "always":  # the proposer's tree (2,1: 5 tokens), every batch
       assert set(m["tree_sizes"]) == {"5"} and m["plain_batches"] == 0
+      assert m["prefill_chunks"] >= 2  # the 24-token prompt's first 16, at least
   # A longer job: the auto policy measures its modes (the proposer's tree, plain decoding (the
   # engine), a halved tree), each on a one-batch wave that compiles it, then a long wave
   # (SPECULATIVE_WAVE batches: 2 here) that measures it: 2 + 4 + 2 + 4 + 2 requests
@@ -317,6 +321,7 @@ def test_generate_job_with_speculation(tmp_path, tiny_model_dir, monkeypatch):
   assert all(len(r["samples"]) == 3 for r in spec.values()) and m["num_samples"] == 3
   assert len({tuple(s["completion_ids"]) for s in spec[2]["samples"]}) > 1
   for kw, flag in ((dict(speculative="ngram", mesh="data:2,fsdp:2"), "--mesh"),
+                   (dict(speculative="ngram", prefill_chunk=0), "--prefill_chunk"),
                    (dict(speculative="ngram", speculation="never"), "--speculation"),
                    (dict(speculative="draft", scheduler="static"), "--draft_model"),
                    (dict(speculative="recycling", scheduler="static", tree="4,x"), "--tree"),
@@ -663,6 +668,116 @@ def _shared_prefix_rows(cfg):
           for i, p in enumerate(prompts)]
 
 
+@pytest.mark.parametrize("name", ["ngram", "draft", "eagle", "hydra++"])
+def test_long_admissions_prefill_in_chunks_between_verification_steps(target, other_draft, name):
+  """Two slots; a 40-token prompt is admitted in chunks of 8 (the first once a short row has
+  left its slot) while another row decodes: that row runs a verification step between chunks
+  and finishes (its slot refilled) before the long row's admission completes. Outputs equal
+  plain greedy decoding, and so do the drafts with the prompt admitted whole (the same
+  acceptance histogram): the chunks build the target's and the draft layer's caches the whole
+  admission builds, and the verification steps between them write nothing a chunk keeps."""
+  cfg, params = target
+  proposer, draft_params = (_proposers(cfg, params, other_draft) | _head_proposers(cfg, params))[
+      name]
+  rng = np.random.RandomState(9)
+  prompt = lambda n: list(rng.randint(1, cfg.vocab_size, size=n))
+  rows = [RowRequest(prompt(n), new, jax.random.key(i))
+          for i, (n, new) in enumerate(((4, 1), (6, 3), (40, 12), (5, 1)))]
+  plain = Generator(cfg, params).generate(rows)
+  runs = {}
+  for chunk in (8, 512):
+    spec = SpeculativeGenerator(cfg, params, proposer, draft_params=draft_params, page_size=8,
+                                policy="always", num_slots=2, prefill_chunk=chunk)
+    chunks_then = {}  # row -> the long admission's chunks run when it finished
+    out = spec.generate(rows, on_result=lambda i, r: chunks_then.setdefault(
+        i, spec.stats.prefill_chunks))
+    assert [r.tokens for r in out] == [r.tokens for r in plain], (name, chunk)
+    runs[chunk] = chunks_then, spec.stats
+  (chunks_then, st), (_, st_whole) = runs[8], runs[512]
+  assert st.prefill_chunks == 4 and st_whole.prefill_chunks == 0  # 40 = 4 x 8 + the last 8
+  assert chunks_then[1] < 4 and chunks_then[3] < 4 and chunks_then[2] == 4, chunks_then
+  assert st.prefill_tokens == st_whole.prefill_tokens == sum(len(r.prompt_ids) for r in rows)
+  np.testing.assert_array_equal(st.accepted_hist, st_whole.accepted_hist)
+
+
+@pytest.mark.parametrize("name", ["eagle", "hydra++"])
+def test_reused_and_chunked_admissions_build_the_same_state(target, name):
+  """Admitting a row that reuses another row's prefix (its target K/V pages and the draft
+  layer's cache pages copied, the rest computed), or admitting it in chunks (the target's K/V
+  and the draft layer's cache extended 8 positions at a time, then the rest admitted), or both,
+  leaves the row's state as admitting it alone and whole does: target K/V over the prompt, the
+  draft layer's cache over the prompt's pairs, the pending pair, history, length and first
+  token."""
+  from functools import partial
+
+  from jaxinfer.sampling import SamplingParams
+  from jaxinfer.speculative.decode import _admit, _extend
+  cfg, params = target
+  proposer, heads = (_head_proposers(cfg, params) | {"eagle": _eagle(cfg)})[name]
+  gen = SpeculativeGenerator(cfg, params, proposer, draft_params=heads, page_size=8,
+                             policy="always")
+  b, ps, max_len = 2, 8, 64
+  m = max_len // ps
+  rows = _shared_prefix_rows(cfg)
+  x, y = rows[0].prompt_ids, rows[1].prompt_ids
+  assert x[:16] == y[:16] and x[:24] != y[:24]  # two shared pages (of 8)
+  kw = dict(cfg=cfg, proposer=proposer, implementation="xla", mesh=None, rules=gen.rules,
+            max_len=max_len, page_size=ps)
+  sampling = SamplingParams(*(np.asarray(v) for v in ([0.0], [0], [1.0], [0.0])))
+  eos = jnp.asarray([-1], jnp.int32)
+  i32 = lambda *v: np.asarray(v, np.int32)
+  own = lambda slot: (slot * m + np.arange(m))[None].astype(np.int32)
+  no_copy = np.full((1, m), b * m, np.int32)
+
+  def hist_of(prompt):
+    h = np.zeros((1, max(16, len(prompt))), np.int32)
+    h[0, :len(prompt)] = prompt
+    return h
+
+  def admit(state, prompt, slot, start=0, src=None, dst=None):
+    toks = np.zeros((1, max(16, len(prompt))), np.int32)
+    toks[0, :len(prompt) - start] = prompt[start:]
+    src = np.zeros((1, m), np.int32) if src is None else src
+    return jax.jit(partial(_admit, from_cache=start > 0, **kw))(
+        params, heads, state, toks, i32(start), hist_of(prompt), i32(len(prompt)), i32(20),
+        sampling, jnp.stack([jax.random.key(0)]), eos, i32(slot), src,
+        no_copy if dst is None else dst)
+
+  def extend(state, prompt, slot, start, end, src, dst=None):
+    toks = np.zeros((1, 8), np.int32)
+    toks[0, :end - start] = prompt[start:end]
+    return jax.jit(partial(_extend, copy=dst is not None, **kw))(
+        params, heads, state, toks, i32(start), i32(end), hist_of(prompt), i32(slot), src,
+        no_copy if dst is None else dst)
+
+  fresh = lambda: gen._empty_state(b, max_len, 32, jax.random.key(0), proposer)
+  n = len(y)
+  alone = admit(fresh(), y, 1)
+  chunked = admit(extend(extend(fresh(), y, 1, 0, 8, own(1)), y, 1, 8, 16, own(1)), y, 1, 16,
+                  src=own(1))
+  # reusing x's first two pages (copied by the admission, or with the first chunk), computing
+  # from the prefix's last token (again: the draft layer pairs its hidden state with the next)
+  src = own(0).copy()
+  src[0, 2:] = own(1)[0, 2:]
+  dst = no_copy.copy()
+  dst[0, :2] = own(1)[0, :2]
+  with_x = admit(fresh(), x, 0)
+  reused = admit(with_x, y, 1, 15, src=src, dst=dst)
+  reused_chunked = admit(extend(with_x, y, 1, 15, 23, src, dst), y, 1, 23, src=own(1))
+  pool_rows = lambda a: a.reshape(a.shape[0], b, max_len, -1)[:, 1, :n]
+  for got_state in (chunked, reused, reused_chunked):
+    for got, want in zip(got_state.k + got_state.v, alone.k + alone.v):
+      np.testing.assert_allclose(pool_rows(got), pool_rows(want), atol=1e-5)
+    pr, pa = got_state.proposer, alone.proposer
+    for got, want in zip(pr.cache.k + pr.cache.v, pa.cache.k + pa.cache.v):
+      np.testing.assert_allclose(got[:, 1, :n - 1], want[:, 1, :n - 1], atol=1e-5)
+    np.testing.assert_allclose(pr.features[1], pa.features[1], atol=1e-5)
+    for f in ("tokens", "start", "count"):
+      np.testing.assert_array_equal(getattr(pr, f)[1], getattr(pa, f)[1])
+    np.testing.assert_array_equal(got_state.history[1], alone.history[1])
+    assert int(got_state.length[1]) == n and int(got_state.out[1, 0]) == int(alone.out[1, 0])
+
+
 @pytest.mark.parametrize("name", ["ngram", "medusa", "eagle"])
 def test_prefix_reuse_is_lossless(target, other_draft, name):
   """Rows whose prompts start with pages another row computed copy those pages' K/V and compute
@@ -687,62 +802,6 @@ def test_prefix_reuse_is_lossless(target, other_draft, name):
     saved = 6 * (16 - recompute) + 24 - recompute if reuse else 0
     assert st.prefill_tokens_saved == saved, (name, reuse)
     assert st.prefill_tokens + saved == sum(len(r.prompt_ids) for r in rows)
-
-
-@pytest.mark.parametrize("name", ["eagle", "hydra++"])
-def test_prefix_reuse_builds_the_same_state(target, name):
-  """Admitting a row that reuses another row's prefix (its target K/V pages and the draft
-  layer's cache pages copied, the rest computed) leaves the row's state as admitting it alone
-  does: target K/V over the prompt, the draft layer's cache over the prompt's pairs, the pending
-  pair, history and first token."""
-  from functools import partial
-
-  from jaxinfer.engine.pages import page_keys
-  from jaxinfer.sampling import SamplingParams
-  from jaxinfer.speculative.decode import _admit
-  cfg, params = target
-  proposer, heads = (_head_proposers(cfg, params) | {"eagle": _eagle(cfg)})[name]
-  gen = SpeculativeGenerator(cfg, params, proposer, draft_params=heads, page_size=8,
-                             policy="always")
-  b, ps, max_len = 2, 8, 64
-  m = max_len // ps
-  rows = _shared_prefix_rows(cfg)
-  x, y = rows[0].prompt_ids, rows[1].prompt_ids
-  assert x[:16] == y[:16] and page_keys(x, ps, 2) == page_keys(y, ps, 2)
-  admit = partial(_admit, cfg=cfg, proposer=proposer, implementation="xla", mesh=None,
-                  rules=gen.rules, max_len=max_len, page_size=ps)
-  sampling = SamplingParams(*(np.asarray(v) for v in ([0.0], [0], [1.0], [0.0])))
-  eos = jnp.asarray([-1], jnp.int32)
-  i32 = lambda *v: np.asarray(v, np.int32)
-
-  def put(state, prompt, slot, start=0, copy=0):
-    width = max(16, len(prompt))
-    hist = np.zeros((1, width), np.int32)
-    hist[0, :len(prompt)] = prompt
-    toks = np.zeros((1, width), np.int32)
-    toks[0, :len(prompt) - start] = prompt[start:]
-    src, dst = np.zeros((1, m), np.int32), np.full((1, m), b * m, np.int32)
-    src[0, :copy] = np.arange(copy)  # slot 0's pages
-    dst[0, :copy] = slot * m + np.arange(copy)
-    return jax.jit(partial(admit, from_cache=start > 0))(
-        params, heads, state, toks, i32(start), hist, i32(len(prompt)), i32(20), sampling,
-        jnp.stack([jax.random.key(0)]), eos, i32(slot), src, dst)
-
-  fresh = lambda: gen._empty_state(b, max_len, 32, jax.random.key(0), proposer)
-  reused = put(put(fresh(), x, 0), y, 1, start=15, copy=2)
-  alone = put(fresh(), y, 1)
-  n = len(y)
-  pool_rows = lambda a: a.reshape(a.shape[0], b, max_len, -1)[:, 1, :n]
-  for got, want in zip(reused.k + reused.v, alone.k + alone.v):
-    np.testing.assert_allclose(pool_rows(got), pool_rows(want), atol=1e-5)
-  pr, pa = reused.proposer, alone.proposer
-  for got, want in zip(pr.cache.k + pr.cache.v, pa.cache.k + pa.cache.v):
-    np.testing.assert_allclose(got[:, 1, :n - 1], want[:, 1, :n - 1], atol=1e-5)
-  np.testing.assert_allclose(pr.features[1], pa.features[1], atol=1e-5)
-  for f in ("tokens", "start", "count"):
-    np.testing.assert_array_equal(getattr(pr, f)[1], getattr(pa, f)[1])
-  np.testing.assert_array_equal(reused.history[1], alone.history[1])
-  assert int(reused.out[1, 0]) == int(alone.out[1, 0])
 
 
 def test_plain_batches_run_in_the_engine(target, plain_greedy):

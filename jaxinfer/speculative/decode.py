@@ -67,6 +67,7 @@ class SpecStats:
   decode_tokens: int = 0
   prefill_tokens: int = 0  # computed
   prefill_tokens_saved: int = 0  # prompt tokens whose K/V were copied from another row's
+  prefill_chunks: int = 0  # chunks of long admissions run before the admission itself
   steps: int = 0  # batched verification steps
   host_syncs: int = 0  # host round trips while decoding
   row_slots: int = 0  # steps x rows
@@ -95,7 +96,8 @@ class SpecStats:
     return cls(
         **{f: total(f) for f in ("verify_steps", "emitted", "prefill_s", "decode_s",
                                   "compile_s", "compilations", "decode_tokens",
-                                  "prefill_tokens", "prefill_tokens_saved", "steps",
+                                  "prefill_tokens", "prefill_tokens_saved",
+                                  "prefill_chunks", "steps",
                                   "host_syncs", "row_slots", "spec_batches", "plain_batches")},
         accepted_hist=sum(s.accepted_hist for s in stats),
         plain_tps=mean([s.plain_tps for s in stats if s.plain_tps is not None]),
@@ -141,6 +143,7 @@ class SpecStats:
             "accepted_length_histogram": [int(x) for x in self.accepted_hist],
             "per_depth_acceptance": [round(x, 4) for x in self.per_depth_acceptance()],
             "verify_steps": self.verify_steps, "host_syncs": self.host_syncs,
+            "prefill_chunks": self.prefill_chunks,
             "occupancy": round(self.verify_steps / self.row_slots, 4) if self.row_slots else 0.0,
             "speculation": self.decision(), "speculative_batches": self.spec_batches,
             "plain_batches": self.plain_batches,
@@ -266,12 +269,13 @@ def _step(params, draft_params, state: SpecState, sampling: SamplingParams, page
                    state.emitted + jnp.sum(jnp.where(live, count, 0)))
 
 
-def _chunk(params, draft_params, state, sampling, page_table, eos_ids, min_done, *, num_steps,
-           **kw):
-  """Up to `num_steps` steps; ends early once `min_done` rows are done (a slot to refill)."""
+def _chunk(params, draft_params, state, sampling, page_table, eos_ids, min_done, max_steps, *,
+           num_steps, **kw):
+  """Up to `num_steps` steps (and `max_steps`, traced); ends early once `min_done` rows are done
+  (a slot to refill)."""
   def cond(c):
     i, s = c
-    return (i < num_steps) & (jnp.sum(s.done) < min_done)
+    return (i < jnp.minimum(num_steps, max_steps)) & (jnp.sum(s.done) < min_done)
 
   def body(c):
     i, s = c
@@ -332,6 +336,23 @@ def _copy_pages(pool: jax.Array, src: jax.Array, dst: jax.Array) -> jax.Array:
   return pool.at[:, dst.reshape(-1)].set(pool[:, src.reshape(-1)], mode="drop")
 
 
+def _slot_pages(state: SpecState, slots, start, end, width: int, copy_src, copy_dst, copy: bool,
+                max_len: int, page_size: int):
+  """(positions (k, width): start + j for each row's tokens before `end`, the rest and padding
+  rows' (slots past the end) out of range, so never written; the paged cache over the slots'
+  own pages, after copying pages copy_src -> copy_dst when `copy`)."""
+  b, m = state.length.shape[0], max_len // page_size
+  real = slots < b
+  page_table = jnp.where(real[:, None], slots[:, None] * m + jnp.arange(m)[None, :], 0)
+  pos = start[:, None] + jnp.arange(width)[None, :]
+  positions = jnp.where((pos < end[:, None]) & real[:, None], pos, max_len)
+  k_pools, v_pools = state.k, state.v
+  if copy:
+    k_pools = tuple(_copy_pages(x, copy_src, copy_dst) for x in k_pools)
+    v_pools = tuple(_copy_pages(x, copy_src, copy_dst) for x in v_pools)
+  return positions, PagedKVCache(k_pools, v_pools, page_table.astype(jnp.int32))
+
+
 def _admit(params, draft_params, state: SpecState, tokens, start, history, prompt_len, max_new,
            sampling, keys, eos_ids, slots, copy_src, copy_dst, *, cfg, proposer, max_len,
            page_size, from_cache, implementation, mesh, rules, sparsity=DENSE) -> SpecState:
@@ -345,19 +366,11 @@ def _admit(params, draft_params, state: SpecState, tokens, start, history, promp
   reuse): its pages are first copied into theirs (copy_src -> copy_dst, (k, M) pool pages; a
   destination past the pool's end copies nothing) and the rest of the prompt attends to them
   through the cache. Otherwise start is 0 and the prompt attends to itself."""
-  k, width = tokens.shape
-  b, m = state.length.shape[0], max_len // page_size
-  real = slots < b
-  page_table = jnp.where(real[:, None], slots[:, None] * m + jnp.arange(m)[None, :], 0)
-  pos = start[:, None] + jnp.arange(width)[None, :]
-  positions = jnp.where((pos < prompt_len[:, None]) & real[:, None], pos, max_len)  # dropped
-  k_pools, v_pools = state.k, state.v
-  if from_cache:
-    k_pools = tuple(_copy_pages(x, copy_src, copy_dst) for x in k_pools)
-    v_pools = tuple(_copy_pages(x, copy_src, copy_dst) for x in v_pools)
-  cache = PagedKVCache(k_pools, v_pools, page_table.astype(jnp.int32))
+  k = tokens.shape[0]
   # Padding sits at out-of-range positions, after every real token, and is never written; the
   # prompt's K/V land in the slot's pages.
+  positions, cache = _slot_pages(state, slots, start, prompt_len, tokens.shape[1], copy_src,
+                                 copy_dst, from_cache, max_len, page_size)
   hidden, cache = M.forward(params, tokens, positions, cfg, cache,
                             kv_source="cache" if from_cache else "chunk",
                             implementation=implementation, sparsity=sparsity, mesh=mesh,
@@ -382,6 +395,39 @@ def _admit(params, draft_params, state: SpecState, tokens, start, history, promp
       out=put(state.out, out), num_generated=put(state.num_generated, jnp.ones((k,), jnp.int32)),
       max_new=put(state.max_new, max_new), done=put(state.done, done),
       keys=put(state.keys, keys), proposer=pstate)
+
+
+def _extend(params, draft_params, state: SpecState, tokens, start, end, history, slots,
+            copy_src, copy_dst, *, copy, cfg, proposer, max_len, page_size, implementation, mesh,
+            rules, sparsity=DENSE) -> SpecState:
+  """One chunk of a long admission: the target's K/V for prompt positions [start, end) of each
+  of k rows (tokens (k, w), w >= end - start) written into its slot's pages (`slots` (k,); past
+  the end: a padding row), attending to what those pages already hold; a draft layer that reads
+  the target's hidden states over the prompt (EAGLE, Hydra++) extends its cache with the same
+  positions' pairs (the token after each is known: it is in the prompt). The rows stay done, so
+  no verification reads them; their length is set to `end`, so the tree tokens the
+  verification steps between chunks write for them land past what is computed, where the next
+  chunk (or the row's admission) overwrites them.
+
+  copy: the first chunk of rows reusing a prefix: copy_src -> copy_dst first, as `_admit`
+  copies. copy_src also names the pages the draft layer's cache rows are read from (the slot's
+  own, after the first chunk)."""
+  positions, cache = _slot_pages(state, slots, start, end, tokens.shape[1], copy_src, copy_dst,
+                                 copy, max_len, page_size)
+  hidden, cache = M.forward(params, tokens, positions, cfg, cache, kv_source="cache",
+                            implementation=implementation, sparsity=sparsity, mesh=mesh,
+                            rules=rules)
+  pstate = state.proposer
+  if _reads_prompt_features(proposer):
+    # pairs for positions < end: as a prompt ending at end + 1 would write them; nothing is left
+    # pending (count 0: the verification steps between chunks feed nothing for these rows)
+    rows = _proposer_prefill(params, draft_params, hidden, hidden[:, -1], history, end + 1,
+                             jnp.zeros_like(end), pstate, start, copy_src, proposer=proposer,
+                             max_len=max_len)
+    rows = rows.replace(start=end, count=jnp.zeros_like(end))
+    pstate = _put_rows(pstate, rows, slots)
+  return state.replace(k=cache.k, v=cache.v, proposer=pstate,
+                       length=state.length.at[slots].set(end, mode="drop"))
 
 
 def _reads_prompt_features(proposer) -> bool:
@@ -437,7 +483,7 @@ class SpeculativeGenerator:
                policy: str = "auto", explore_every: int = 8, mesh=None, rules=None,
                measure_split: bool = True, num_slots: int | None = None,
                max_shrinks: int = 3, prefix_reuse: bool = True, engine_config=None,
-               sparsity: Sparsity = DENSE):
+               sparsity: Sparsity = DENSE, prefill_chunk: int = 512):
     """policy "auto": each batch speculates or decodes plainly (the continuous-batching engine
     with num_slots, else the static `Generator`), whichever measured faster, and speculates
     with the proposer's tree or one of up to `max_shrinks` successively halved trees
@@ -454,7 +500,13 @@ class SpeculativeGenerator:
     (default: num_slots slots, this page size).
     sparsity: the target's attention pattern (dense, or sinks_window: StreamingLLM's sinks plus a
     sliding window, in prefill, verification and plain decoding alike, and in a draft model's
-    and EAGLE's and Hydra++'s draft layers over their own caches)."""
+    and EAGLE's and Hydra++'s draft layers over their own caches).
+    prefill_chunk: a row admitted with more prompt tokens than this to compute prefills them
+    this many at a time (the target's and a draft layer's caches), one verification step of
+    the running rows between chunks, and is admitted (its first token sampled) with the last
+    chunk: a long prompt neither stalls the other rows for its whole prefill nor needs
+    activations for all of it at once. (A separate draft model still prefills its own cache
+    over the whole prompt at admission.)"""
     from jaxinfer.sharding import DEFAULT_RULES
     if sparsity.dynamic:
       raise ValueError(f"speculative decoding: {sparsity} sparsity needs whole-prompt prefill "
@@ -477,6 +529,9 @@ class SpeculativeGenerator:
       raise ValueError(f"speculative decoding: policy must be auto or always, got {policy!r}")
     if isinstance(proposer, (DraftModel, Eagle, Hydra)):  # drafts attend as the target does
       proposer = dataclasses.replace(proposer, sparsity=sparsity)
+    if prefill_chunk < 1:
+      raise ValueError(f"speculative decoding: prefill_chunk must be >= 1, got {prefill_chunk}")
+    self.prefill_chunk = prefill_chunk
     if num_slots is not None and num_slots < 1:
       raise ValueError(f"speculative decoding: num_slots must be >= 1, got {num_slots}")
     self.policy, self.explore_every = policy, explore_every
@@ -757,6 +812,7 @@ class SpeculativeGenerator:
     eos_set = set(int(e) for e in cfg.eos_token_ids)
     admit = partial(_admit, max_len=max_len, page_size=ps, **kw)
     chunk = partial(_chunk, num_steps=self.steps_per_sync, rule=self.rule, **kw)
+    extend = partial(_extend, max_len=max_len, page_size=ps, **kw)
     fields = ("temperature", "top_k", "top_p", "min_p")
     sp = {"temperature": np.zeros(b, np.float32), "top_k": np.zeros(b, np.int32),
           "top_p": np.ones(b, np.float32), "min_p": np.zeros(b, np.float32)}
@@ -776,7 +832,80 @@ class SpeculativeGenerator:
     prefill_s = decode_s = 0.0
     new_tokens = syncs = 0
     fresh = self._fresh
+    c = self.prefill_chunk
+    # A long admission (rows with more than `c` prompt tokens to compute) runs in chunks of c
+    # tokens per row, one verification step of the other rows between chunks; its slots are
+    # held (not free, not live) until its last chunk admits the rows. One at a time.
+    group = None
+
+    def admit_rows(take, slots, found_of, first, from_start=None):
+      """Admits rows `take` into `slots`: computes each prompt from `from_start` (default: its
+      first position not reused), copying reused pages unless a long admission's chunks have
+      (they computed from `first` on); samples the first tokens. Returns the new state."""
+      chunked = from_start is not None
+      k = min(b, next_pow2(len(take)))  # a few admission sizes; padding rows write nothing
+      begin = list(from_start) if chunked else first
+      w = next_pow2(max(len(rows[i].prompt_ids) - f for i, f in zip(take, begin)), 16)
+      hw = next_pow2(max(len(rows[i].prompt_ids) for i in take), 16)
+      toks, hist = np.zeros((k, w), np.int32), np.zeros((k, hw), np.int32)
+      start, plen, mnew = np.zeros(k, np.int32), np.ones(k, np.int32), np.ones(k, np.int32)
+      copy_src = np.zeros((k, m), np.int32)
+      copy_dst = np.full((k, m), b * m, np.int32)  # past the pool: no copy
+      slot_ids = np.full(k, b, np.int32)
+      msp = {f: np.zeros(k, sp[f].dtype) for f in fields}
+      msp["top_p"][:] = 1.0
+      for j, (i, s, found) in enumerate(zip(take, slots, found_of)):
+        r = rows[i]
+        hist[j, :len(r.prompt_ids)] = r.prompt_ids
+        toks[j, :len(r.prompt_ids) - begin[j]] = r.prompt_ids[begin[j]:]
+        start[j], plen[j], mnew[j], slot_ids[j] = begin[j], len(r.prompt_ids), \
+            r.max_new_tokens, s
+        if chunked:  # the draft layer's cache continues in the slot's own pages
+          copy_src[j] = s * m + np.arange(m)
+        else:
+          copy_src[j, :len(found)] = found
+          copy_dst[j, :len(found)] = s * m + np.arange(len(found))
+        slot_row[s] = i
+        for f in fields:
+          msp[f][j] = sp[f][s] = getattr(r, f)
+      keys = jnp.stack([rows[i].key for i in take] + [rows[take[0]].key] * (k - len(take)))
+      from_cache = bool(start.any())
+      return self._run(("admit", level, from_cache), partial(admit, from_cache=from_cache),
+                       self.params, self.draft_params, state, toks if from_cache else hist,
+                       start, hist, plen, mnew, to_device(msp), keys, eos, slot_ids, copy_src,
+                       copy_dst)
+
+    def extend_rows(g):
+      """The next chunk of long admission `g`: c more prompt tokens for each of its rows with
+      more than c left (the rest wait for the admission itself)."""
+      take, slots, found_of, frontier = g["take"], g["slots"], g["found"], g["frontier"]
+      k = min(b, next_pow2(len(take)))
+      hw = next_pow2(max(len(rows[i].prompt_ids) for i in take), 16)
+      toks, hist = np.zeros((k, c), np.int32), np.zeros((k, hw), np.int32)
+      start, end = np.zeros(k, np.int32), np.zeros(k, np.int32)
+      copy_src = np.zeros((k, m), np.int32)
+      copy_dst = np.full((k, m), b * m, np.int32)
+      slot_ids = np.full(k, b, np.int32)
+      copy = g["chunks"] == 0 and any(found_of)
+      for j, (i, s, found) in enumerate(zip(take, slots, found_of)):
+        ids = rows[i].prompt_ids
+        hist[j, :len(ids)] = ids
+        f = frontier[j]
+        e = f + c if len(ids) - f > c else f  # short enough now: waits for the admission
+        toks[j, :e - f] = ids[f:e]
+        start[j], end[j], slot_ids[j] = f, e, s
+        copy_src[j] = s * m + np.arange(m)
+        if copy:
+          copy_src[j, :len(found)] = found
+          copy_dst[j, :len(found)] = s * m + np.arange(len(found))
+        frontier[j] = e
+      g["chunks"] += 1
+      return self._run(("extend", level, copy), partial(extend, copy=copy), self.params,
+                       self.draft_params, state, toks, start, end, hist, slot_ids, copy_src,
+                       copy_dst)
+
     while True:
+      held = set() if group is None else set(group["slots"])
       finished = [s for s in range(b) if slot_row[s] is not None and host_done[s]]
       if finished:
         toks, counts = np.asarray(state.out), np.asarray(state.num_generated)
@@ -787,9 +916,9 @@ class SpeculativeGenerator:
           new_tokens += max(0, len(ids) - 1)
           if on_result is not None:
             on_result(i, results[i])
-      free = [s for s in range(b) if slot_row[s] is None]
+      free = [s for s in range(b) if slot_row[s] is None and s not in held]
       if pending and free:
-        take, starts, keys_of, computing = [], [], [], set()
+        take, starts, keys_of, computing, long_rows = [], [], [], set(), []
         while pending and len(take) < len(free):
           r = rows[pending[-1]]
           plen = len(r.prompt_ids)
@@ -799,57 +928,67 @@ class SpeculativeGenerator:
           found = prefixes.find(shareable)
           if take and len(found) < len(shareable) and shareable[len(found)] in computing:
             break  # an earlier row of this admission computes more of its prefix: next one
+          long = plen - max(0, len(found) * ps - recompute) > c
+          if long and group is not None:
+            break  # one long admission at a time
           computing.update(pkeys)
+          long_rows.append(long)
           take.append(pending.pop())
           starts.append(found)
           keys_of.append(pkeys)
         slots = free[:len(take)]
-        k = min(b, next_pow2(len(take)))  # a few admission sizes; padding rows write nothing
         first = [max(0, len(f) * ps - recompute) for f in starts]  # first position computed
-        w = next_pow2(max(len(rows[i].prompt_ids) - f for i, f in zip(take, first)), 16)
-        hw = next_pow2(max(len(rows[i].prompt_ids) for i in take), 16)
-        toks, hist = np.zeros((k, w), np.int32), np.zeros((k, hw), np.int32)
-        start, plen, mnew = np.zeros(k, np.int32), np.ones(k, np.int32), np.ones(k, np.int32)
-        copy_src = np.zeros((k, m), np.int32)
-        copy_dst = np.full((k, m), b * m, np.int32)  # past the pool: no copy
-        slot_ids = np.full(k, b, np.int32)
-        msp = {f: np.zeros(k, sp[f].dtype) for f in fields}
-        msp["top_p"][:] = 1.0
-        for j, (i, s, found) in enumerate(zip(take, slots, starts)):
-          r = rows[i]
-          hist[j, :len(r.prompt_ids)] = r.prompt_ids
-          toks[j, :len(r.prompt_ids) - first[j]] = r.prompt_ids[first[j]:]
-          start[j], plen[j], mnew[j], slot_ids[j] = first[j], len(r.prompt_ids), \
-              r.max_new_tokens, s
-          copy_src[j, :len(found)] = found
-          copy_dst[j, :len(found)] = s * m + np.arange(len(found))
-          slot_row[s] = i
-          for f in fields:
-            msp[f][j] = sp[f][s] = getattr(r, f)
-        keys = jnp.stack([rows[i].key for i in take] + [rows[take[0]].key] * (k - len(take)))
-        from_cache = bool(start.any())
+        now = [j for j, long in enumerate(long_rows) if not long]
+        later = [j for j, long in enumerate(long_rows) if long]
         t0, c1 = time.perf_counter(), st.compile_s
-        state = self._run(("admit", level, from_cache), partial(admit, from_cache=from_cache),
-                          self.params, self.draft_params, state, toks if from_cache else hist,
-                          start, hist, plen, mnew, to_device(msp), keys, eos, slot_ids, copy_src,
-                          copy_dst)
-        for s, pkeys in zip(slots, keys_of):
-          prefixes.refill(s, pkeys)
-        sampling = to_device(sp)
-        host_done = np.asarray(state.done)
+        if now:
+          state = admit_rows([take[j] for j in now], [slots[j] for j in now],
+                             [starts[j] for j in now], [first[j] for j in now])
+          for j in now:
+            prefixes.refill(slots[j], keys_of[j])
+          sampling = to_device(sp)
+          host_done = np.asarray(state.done)
+          saved = sum(first[j] for j in now)
+          st.prefill_tokens += sum(len(rows[take[j]].prompt_ids) for j in now) - saved
+          st.prefill_tokens_saved += saved
+        if later:
+          group = {"take": [take[j] for j in later], "slots": [slots[j] for j in later],
+                   "found": [starts[j] for j in later], "first": [first[j] for j in later],
+                   "keys": [keys_of[j] for j in later],
+                   "frontier": [first[j] for j in later], "chunks": 0}
         prefill_s += time.perf_counter() - t0 - (st.compile_s - c1)
-        saved = int(start.sum())
-        st.prefill_tokens += int(plen[:len(take)].sum()) - saved
-        st.prefill_tokens_saved += saved
-        continue  # rows done at their first token are delivered before decoding
+        if now:
+          continue  # rows done at their first token are delivered before decoding
+      if group is not None:
+        t0, c1 = time.perf_counter(), st.compile_s
+        g = group
+        if all(len(rows[i].prompt_ids) - f <= c for i, f in zip(g["take"], g["frontier"])):
+          state = admit_rows(g["take"], g["slots"], g["found"], g["first"], g["frontier"])
+          for s, pkeys in zip(g["slots"], g["keys"]):
+            prefixes.refill(s, pkeys)
+          sampling = to_device(sp)
+          host_done = np.asarray(state.done)
+          saved = sum(g["first"])
+          st.prefill_tokens += sum(len(rows[i].prompt_ids) for i in g["take"]) - saved
+          st.prefill_tokens_saved += saved
+          group = None
+          prefill_s += time.perf_counter() - t0 - (st.compile_s - c1)
+          continue
+        state = extend_rows(g)
+        st.prefill_chunks += 1
+        prefill_s += time.perf_counter() - t0 - (st.compile_s - c1)
       live = [s for s in range(b) if slot_row[s] is not None and not host_done[s]]
       if not live:
+        if group is not None:
+          continue
         break
-      # With requests waiting, hand back as soon as one more row is done (its slot refilled).
+      # With requests waiting, hand back as soon as one more row is done (its slot refilled);
+      # during a long admission, after one step (its next chunk follows).
       min_done = b - len(live) + 1 if pending else b
       t0, c1 = time.perf_counter(), st.compile_s
       state = self._run(("decode", level), chunk, self.params, self.draft_params, state, sampling,
-                        page_table, eos, np.int32(min_done))
+                        page_table, eos, np.int32(min_done),
+                        np.int32(1 if group is not None else self.steps_per_sync))
       host_done = np.asarray(state.done)
       decode_s += time.perf_counter() - t0 - (st.compile_s - c1)
       syncs += 1
