@@ -670,22 +670,26 @@ def _shared_prefix_rows(cfg):
 
 @pytest.mark.parametrize("name", ["ngram", "draft", "eagle", "hydra++"])
 def test_long_admissions_prefill_in_chunks_between_verification_steps(target, other_draft, name):
-  """Two slots; a 40-token prompt is admitted in chunks of 8 (the first once a short row has
+  """Two slots; a 64-token prompt is admitted in chunks of 16 (the first once a short row has
   left its slot) while another row decodes: that row runs a verification step between chunks
-  and finishes (its slot refilled) before the long row's admission completes. Outputs equal
-  plain greedy decoding, and so do the drafts with the prompt admitted whole (the same
-  acceptance histogram): the chunks build the target's and the draft layer's caches the whole
-  admission builds, and the verification steps between them write nothing a chunk keeps."""
+  and finishes (its slot refilled, by a row whose prompt starts with pages the long row is
+  overwriting) before the long row's admission completes. Outputs equal plain greedy decoding,
+  and so do the drafts with the prompt admitted whole (the same acceptance histogram): the
+  chunks build the target's and the draft layer's caches the whole admission builds, and the
+  verification steps between them write nothing a chunk keeps."""
   cfg, params = target
   proposer, draft_params = (_proposers(cfg, params, other_draft) | _head_proposers(cfg, params))[
       name]
   rng = np.random.RandomState(9)
   prompt = lambda n: list(rng.randint(1, cfg.vocab_size, size=n))
   rows = [RowRequest(prompt(n), new, jax.random.key(i))
-          for i, (n, new) in enumerate(((4, 1), (6, 3), (40, 12), (5, 1)))]
+          for i, (n, new) in enumerate(((8, 1), (6, 3), (64, 12), (5, 1)))]
+  # the last row starts with the first's full page, which the long row's first chunk overwrites
+  # in that row's old slot: nothing may be reused from a slot whose pages are being refilled
+  rows[3] = dataclasses.replace(rows[3], prompt_ids=rows[0].prompt_ids + prompt(5))
   plain = Generator(cfg, params).generate(rows)
   runs = {}
-  for chunk in (8, 512):
+  for chunk in (16, 512):
     spec = SpeculativeGenerator(cfg, params, proposer, draft_params=draft_params, page_size=8,
                                 policy="always", num_slots=2, prefill_chunk=chunk)
     chunks_then = {}  # row -> the long admission's chunks run when it finished
@@ -693,9 +697,9 @@ def test_long_admissions_prefill_in_chunks_between_verification_steps(target, ot
         i, spec.stats.prefill_chunks))
     assert [r.tokens for r in out] == [r.tokens for r in plain], (name, chunk)
     runs[chunk] = chunks_then, spec.stats
-  (chunks_then, st), (_, st_whole) = runs[8], runs[512]
-  assert st.prefill_chunks == 4 and st_whole.prefill_chunks == 0  # 40 = 4 x 8 + the last 8
-  assert chunks_then[1] < 4 and chunks_then[3] < 4 and chunks_then[2] == 4, chunks_then
+  (chunks_then, st), (_, st_whole) = runs[16], runs[512]
+  assert st.prefill_chunks == 3 and st_whole.prefill_chunks == 0  # 64 = 3 x 16 + the last 16
+  assert chunks_then[1] < 3 and chunks_then[3] < 3 and chunks_then[2] == 3, chunks_then
   assert st.prefill_tokens == st_whole.prefill_tokens == sum(len(r.prompt_ids) for r in rows)
   np.testing.assert_array_equal(st.accepted_hist, st_whole.accepted_hist)
 

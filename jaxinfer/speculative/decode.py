@@ -952,6 +952,8 @@ class SpeculativeGenerator:
           st.prefill_tokens += sum(len(rows[take[j]].prompt_ids) for j in now) - saved
           st.prefill_tokens_saved += saved
         if later:
+          for j in later:  # its chunks overwrite the slot's pages: nothing there to reuse now
+            prefixes.refill(slots[j], [])
           group = {"take": [take[j] for j in later], "slots": [slots[j] for j in later],
                    "found": [starts[j] for j in later], "first": [first[j] for j in later],
                    "keys": [keys_of[j] for j in later],
