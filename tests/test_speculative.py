@@ -549,9 +549,9 @@ def test_sliding_window_model_speculates_losslessly(tmp_path):
 def test_sinks_window_sparsity_speculates_losslessly(target, other_draft):
   """--sparsity=sinks_window (StreamingLLM: 2 sinks + a window of 10, shorter than the outputs)
   on the target: prefill, tree verification (a chain through XLA, a trie through the Pallas
-  kernel, EAGLE-2 trees, prompts sharing pages through prefix reuse) and plain decoding all
-  keep the pattern, so greedy speculation equals plain greedy decoding under it; a tree past
-  the window and the dynamic patterns are refused."""
+  kernel, EAGLE-2 trees with prompts admitted in chunks of 8, prompts sharing pages through
+  prefix reuse) and plain decoding all keep the pattern, so greedy speculation equals plain
+  greedy decoding under it; a tree past the window and the dynamic patterns are refused."""
   from jaxinfer.sparsity import parse
   cfg, params = target
   sparsity = parse("sinks_window:2,10")
@@ -567,7 +567,8 @@ def test_sinks_window_sparsity_speculates_losslessly(target, other_draft):
                          (eagle_tree, "xla")):
     spec = SpeculativeGenerator(cfg, params, proposer, page_size=8, policy="always",
                                 implementation=impl, num_slots=2, sparsity=sparsity,
-                                draft_params=heads if proposer is eagle_tree else None)
+                                draft_params=heads if proposer is eagle_tree else None,
+                                prefill_chunk=8 if proposer is eagle_tree else 512)
     assert [r.tokens for r in spec.generate(rows)] == [r.tokens for r in plain], proposer.name
     assert spec.stats.verify_steps > 0
   with pytest.raises(ValueError, match="window"):
@@ -668,7 +669,7 @@ def _shared_prefix_rows(cfg):
           for i, p in enumerate(prompts)]
 
 
-@pytest.mark.parametrize("name", ["ngram", "draft", "eagle", "hydra++"])
+@pytest.mark.parametrize("name", ["ngram", "layerskip", "eagle", "hydra++"])
 def test_long_admissions_prefill_in_chunks_between_verification_steps(target, other_draft, name):
   """Two slots; a 64-token prompt is admitted in chunks of 16 (the first once a short row has
   left its slot) while another row decodes: that row runs a verification step between chunks
@@ -782,20 +783,22 @@ def test_reused_and_chunked_admissions_build_the_same_state(target, name):
     assert int(got_state.length[1]) == n and int(got_state.out[1, 0]) == int(alone.out[1, 0])
 
 
-@pytest.mark.parametrize("name", ["ngram", "medusa", "eagle"])
+@pytest.mark.parametrize("name", ["ngram", "medusa", "eagle", "layerskip"])
 def test_prefix_reuse_is_lossless(target, other_draft, name):
   """Rows whose prompts start with pages another row computed copy those pages' K/V and compute
   only the rest (rows admitted together: the first computes the prefix, the others join at the
-  next admission); greedy output still equals plain greedy decoding. EAGLE's draft layer reads
-  the target's hidden states over the prompt: its cache's pages are copied too, and the
-  prefix's last token is computed again (its hidden state pairs with the token after it).
-  Without prefix reuse nothing is saved (and nothing changes)."""
+  next admission); greedy output still equals plain greedy decoding. A draft model's cache and
+  EAGLE's draft layer's are copied the same way (EAGLE's layer reads the target's hidden states
+  over the prompt: the prefix's last token is computed again, its hidden state pairing with the
+  token after it), so the drafts, and the acceptance histogram, are those without reuse, where
+  nothing is saved."""
   cfg, params = target
   proposer, draft_params = (_proposers(cfg, params, other_draft) | _head_proposers(cfg, params))[
       name]
   rows = _shared_prefix_rows(cfg)
   plain = Generator(cfg, params).generate(rows)
-  for reuse in (True, False) if name == "ngram" else (True,):
+  hists = []
+  for reuse in (True, False):
     spec = SpeculativeGenerator(cfg, params, proposer, draft_params=draft_params,
                                 steps_per_sync=8, page_size=8, policy="always", num_slots=3,
                                 prefix_reuse=reuse)
@@ -806,6 +809,8 @@ def test_prefix_reuse_is_lossless(target, other_draft, name):
     saved = 6 * (16 - recompute) + 24 - recompute if reuse else 0
     assert st.prefill_tokens_saved == saved, (name, reuse)
     assert st.prefill_tokens + saved == sum(len(r.prompt_ids) for r in rows)
+    hists.append(st.accepted_hist)
+  np.testing.assert_array_equal(*hists)
 
 
 def test_plain_batches_run_in_the_engine(target, plain_greedy):

@@ -288,13 +288,16 @@ def _proposer_prefill(params, draft_params, hidden, last, history, prompt_len, f
                       start=None, copy_src=None, *, proposer, max_len):
   """The proposer's state for freshly prefilled rows (`hidden`: the target's over the prompts
   from position `start` on, `last`: at each prompt's last token). pstate: the running state's
-  (Recycling's adjacency; with `copy_src`, the pages of the draft layer's cache (EAGLE, Hydra++)
-  that hold each new row's prefix, copied as the target's are)."""
+  (Recycling's adjacency; with `copy_src`, the pages of the draft's own cache (a draft model's,
+  EAGLE's or Hydra++'s layer's) that hold each new row's prefix, copied as the target's are)."""
   cache = None
-  if copy_src is not None and isinstance(pstate, EagleState):
-    cache = jax.tree_util.tree_map(lambda x: _gather_pages(x, copy_src), pstate.cache)
-  if isinstance(proposer, DraftModel):
-    return proposer.prefill(draft_params, history, prompt_len, max_len)
+  if copy_src is not None and isinstance(pstate, (EagleState, KVCache)):
+    cache = jax.tree_util.tree_map(lambda x: _gather_pages(x, copy_src),
+                                   pstate.cache if isinstance(pstate, EagleState) else pstate)
+  if isinstance(proposer, DraftModel):  # the prompt tokens the target computed, from start
+    idx = (0 if start is None else start[:, None]) + jnp.arange(hidden.shape[1])[None, :]
+    tokens = jnp.take_along_axis(history, jnp.minimum(idx, history.shape[1] - 1), axis=1)
+    return proposer.prefill(draft_params, tokens, prompt_len, max_len, start, cache)
   if isinstance(proposer, Recycling):
     return pstate
   if isinstance(proposer, Hydra) and proposer.prefix is not None:
@@ -402,29 +405,32 @@ def _extend(params, draft_params, state: SpecState, tokens, start, end, history,
             rules, sparsity=DENSE) -> SpecState:
   """One chunk of a long admission: the target's K/V for prompt positions [start, end) of each
   of k rows (tokens (k, w), w >= end - start) written into its slot's pages (`slots` (k,); past
-  the end: a padding row), attending to what those pages already hold; a draft layer that reads
-  the target's hidden states over the prompt (EAGLE, Hydra++) extends its cache with the same
-  positions' pairs (the token after each is known: it is in the prompt). The rows stay done, so
+  the end: a padding row), attending to what those pages already hold; a draft model extends
+  its own cache over the same positions, and a draft layer that reads the target's hidden
+  states over the prompt (EAGLE, Hydra++) its cache with their pairs (the token after each is
+  known: it is in the prompt). The rows stay done, so
   no verification reads them; their length is set to `end`, so the tree tokens the
   verification steps between chunks write for them land past what is computed, where the next
   chunk (or the row's admission) overwrites them.
 
   copy: the first chunk of rows reusing a prefix: copy_src -> copy_dst first, as `_admit`
-  copies. copy_src also names the pages the draft layer's cache rows are read from (the slot's
-  own, after the first chunk)."""
+  copies. copy_src also names the pages the draft's cache rows are read from (the slot's own,
+  after the first chunk)."""
   positions, cache = _slot_pages(state, slots, start, end, tokens.shape[1], copy_src, copy_dst,
                                  copy, max_len, page_size)
   hidden, cache = M.forward(params, tokens, positions, cfg, cache, kv_source="cache",
                             implementation=implementation, sparsity=sparsity, mesh=mesh,
                             rules=rules)
   pstate = state.proposer
-  if _reads_prompt_features(proposer):
-    # pairs for positions < end: as a prompt ending at end + 1 would write them; nothing is left
-    # pending (count 0: the verification steps between chunks feed nothing for these rows)
+  if _reads_prompt_features(proposer) or isinstance(proposer, DraftModel):
+    # positions < end, as for a prompt ending at end + 1 (a draft layer's pairs: the token after
+    # each is in the prompt); nothing is left pending (count 0: the verification steps between
+    # chunks feed nothing for these rows)
     rows = _proposer_prefill(params, draft_params, hidden, hidden[:, -1], history, end + 1,
                              jnp.zeros_like(end), pstate, start, copy_src, proposer=proposer,
                              max_len=max_len)
-    rows = rows.replace(start=end, count=jnp.zeros_like(end))
+    if isinstance(rows, EagleState):
+      rows = rows.replace(start=end, count=jnp.zeros_like(end))
     pstate = _put_rows(pstate, rows, slots)
   return state.replace(k=cache.k, v=cache.v, proposer=pstate,
                        length=state.length.at[slots].set(end, mode="drop"))
@@ -505,8 +511,7 @@ class SpeculativeGenerator:
     this many at a time (the target's and a draft layer's caches), one verification step of
     the running rows between chunks, and is admitted (its first token sampled) with the last
     chunk: a long prompt neither stalls the other rows for its whole prefill nor needs
-    activations for all of it at once. (A separate draft model still prefills its own cache
-    over the whole prompt at admission.)"""
+    activations for all of it at once."""
     from jaxinfer.sharding import DEFAULT_RULES
     if sparsity.dynamic:
       raise ValueError(f"speculative decoding: {sparsity} sparsity needs whole-prompt prefill "

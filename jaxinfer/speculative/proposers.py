@@ -266,14 +266,18 @@ class DraftModel(_Chain):
   fallback: float = 0.0
   sparsity: Sparsity = DENSE
 
-  def prefill(self, params, history, prompt_len, max_len):
-    """The draft's own cache over the prompts (positions past a row's prompt are dropped)."""
-    b, t = history.shape[0], int(max_len)
-    cache = KVCache.init(self.cfg, b, t)
-    width = history.shape[1]
-    pos = jnp.arange(width)[None, :]
-    positions = jnp.where(pos < prompt_len[:, None] - 1, pos, t)  # the root is fed later
-    _, cache = M.forward(params, history, positions, self.cfg, cache, sparsity=self.sparsity)
+  def prefill(self, params, tokens, prompt_len, max_len, start=None, cache=None):
+    """The draft's own cache over the prompts: tokens (B, W) are each prompt from position
+    `start` (B,) on, continuing `cache` (holding the positions before start); by default from
+    0 into a fresh cache. The prompt's last token (the root, fed later) and padding past it are
+    not written."""
+    b, t = tokens.shape[0], int(max_len)
+    kv_source = "chunk" if cache is None else "cache"
+    cache = KVCache.init(self.cfg, b, t) if cache is None else cache
+    pos = (0 if start is None else start[:, None]) + jnp.arange(tokens.shape[1])[None, :]
+    positions = jnp.where(pos < prompt_len[:, None] - 1, pos, t)
+    _, cache = M.forward(params, tokens, positions, self.cfg, cache, kv_source=kv_source,
+                         sparsity=self.sparsity)
     return cache
 
   def propose(self, params, cache: KVCache, ctx: Context):
