@@ -843,10 +843,11 @@ class SpeculativeGenerator:
     # held (not free, not live) until its last chunk admits the rows. One at a time.
     group = None
 
-    def admit_rows(take, slots, found_of, first, from_start=None):
+    def admit_rows(take, slots, found_of, first, keys_of, from_start=None):
       """Admits rows `take` into `slots`: computes each prompt from `from_start` (default: its
       first position not reused), copying reused pages unless a long admission's chunks have
-      (they computed from `first` on); samples the first tokens. Returns the new state."""
+      (they computed from `first` on); samples the first tokens; offers the prompts' pages
+      (`keys_of`) for reuse and counts the prefill. Returns the new state."""
       chunked = from_start is not None
       k = min(b, next_pow2(len(take)))  # a few admission sizes; padding rows write nothing
       begin = list(from_start) if chunked else first
@@ -875,10 +876,15 @@ class SpeculativeGenerator:
           msp[f][j] = sp[f][s] = getattr(r, f)
       keys = jnp.stack([rows[i].key for i in take] + [rows[take[0]].key] * (k - len(take)))
       from_cache = bool(start.any())
-      return self._run(("admit", level, from_cache), partial(admit, from_cache=from_cache),
-                       self.params, self.draft_params, state, toks if from_cache else hist,
-                       start, hist, plen, mnew, to_device(msp), keys, eos, slot_ids, copy_src,
-                       copy_dst)
+      new = self._run(("admit", level, from_cache), partial(admit, from_cache=from_cache),
+                      self.params, self.draft_params, state, toks if from_cache else hist,
+                      start, hist, plen, mnew, to_device(msp), keys, eos, slot_ids, copy_src,
+                      copy_dst)
+      for s, pkeys in zip(slots, keys_of):
+        prefixes.refill(s, pkeys)
+      st.prefill_tokens += sum(len(rows[i].prompt_ids) for i in take) - sum(first)
+      st.prefill_tokens_saved += sum(first)
+      return new
 
     def extend_rows(g):
       """The next chunk of long admission `g`: c more prompt tokens for each of its rows with
@@ -947,22 +953,17 @@ class SpeculativeGenerator:
         later = [j for j, long in enumerate(long_rows) if long]
         t0, c1 = time.perf_counter(), st.compile_s
         if now:
-          state = admit_rows([take[j] for j in now], [slots[j] for j in now],
-                             [starts[j] for j in now], [first[j] for j in now])
-          for j in now:
-            prefixes.refill(slots[j], keys_of[j])
+          pick = lambda xs: [xs[j] for j in now]
+          state = admit_rows(pick(take), pick(slots), pick(starts), pick(first), pick(keys_of))
           sampling = to_device(sp)
           host_done = np.asarray(state.done)
-          saved = sum(first[j] for j in now)
-          st.prefill_tokens += sum(len(rows[take[j]].prompt_ids) for j in now) - saved
-          st.prefill_tokens_saved += saved
         if later:
-          for j in later:  # its chunks overwrite the slot's pages: nothing there to reuse now
-            prefixes.refill(slots[j], [])
-          group = {"take": [take[j] for j in later], "slots": [slots[j] for j in later],
-                   "found": [starts[j] for j in later], "first": [first[j] for j in later],
-                   "keys": [keys_of[j] for j in later],
-                   "frontier": [first[j] for j in later], "chunks": 0}
+          pick = lambda xs: [xs[j] for j in later]
+          for s in pick(slots):  # its chunks overwrite the slot's pages: nothing to reuse now
+            prefixes.refill(s, [])
+          group = {"take": pick(take), "slots": pick(slots), "found": pick(starts),
+                   "first": pick(first), "keys": pick(keys_of), "frontier": pick(first),
+                   "chunks": 0}
         prefill_s += time.perf_counter() - t0 - (st.compile_s - c1)
         if now:
           continue  # rows done at their first token are delivered before decoding
@@ -970,14 +971,10 @@ class SpeculativeGenerator:
         t0, c1 = time.perf_counter(), st.compile_s
         g = group
         if all(len(rows[i].prompt_ids) - f <= c for i, f in zip(g["take"], g["frontier"])):
-          state = admit_rows(g["take"], g["slots"], g["found"], g["first"], g["frontier"])
-          for s, pkeys in zip(g["slots"], g["keys"]):
-            prefixes.refill(s, pkeys)
+          state = admit_rows(g["take"], g["slots"], g["found"], g["first"], g["keys"],
+                             g["frontier"])
           sampling = to_device(sp)
           host_done = np.asarray(state.done)
-          saved = sum(g["first"])
-          st.prefill_tokens += sum(len(rows[i].prompt_ids) for i in g["take"]) - saved
-          st.prefill_tokens_saved += saved
           group = None
           prefill_s += time.perf_counter() - t0 - (st.compile_s - c1)
           continue
