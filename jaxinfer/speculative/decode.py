@@ -269,13 +269,13 @@ def _step(params, draft_params, state: SpecState, sampling: SamplingParams, page
                    state.emitted + jnp.sum(jnp.where(live, count, 0)))
 
 
-def _chunk(params, draft_params, state, sampling, page_table, eos_ids, min_done, max_steps, *,
-           num_steps, **kw):
-  """Up to `num_steps` steps (and `max_steps`, traced); ends early once `min_done` rows are done
-  (a slot to refill)."""
+def _chunk(params, draft_params, state, sampling, page_table, eos_ids, min_done, num_steps,
+           **kw):
+  """Up to `num_steps` (traced) steps; ends early once `min_done` rows are done (a slot to
+  refill)."""
   def cond(c):
     i, s = c
-    return (i < jnp.minimum(num_steps, max_steps)) & (jnp.sum(s.done) < min_done)
+    return (i < num_steps) & (jnp.sum(s.done) < min_done)
 
   def body(c):
     i, s = c
@@ -408,10 +408,9 @@ def _extend(params, draft_params, state: SpecState, tokens, start, end, history,
   the end: a padding row), attending to what those pages already hold; a draft model extends
   its own cache over the same positions, and a draft layer that reads the target's hidden
   states over the prompt (EAGLE, Hydra++) its cache with their pairs (the token after each is
-  known: it is in the prompt). The rows stay done, so
-  no verification reads them; their length is set to `end`, so the tree tokens the
-  verification steps between chunks write for them land past what is computed, where the next
-  chunk (or the row's admission) overwrites them.
+  known: it is in the prompt). The rows stay done, so no verification reads them; their length
+  is set to `end`, so the tree tokens the verification steps between chunks write for them land
+  past what is computed, where the next chunk (or the row's admission) overwrites them.
 
   copy: the first chunk of rows reusing a prefix: copy_src -> copy_dst first, as `_admit`
   copies. copy_src also names the pages the draft's cache rows are read from (the slot's own,
@@ -816,7 +815,7 @@ class SpeculativeGenerator:
     eos = jnp.asarray(cfg.eos_token_ids or (-1,), jnp.int32)
     eos_set = set(int(e) for e in cfg.eos_token_ids)
     admit = partial(_admit, max_len=max_len, page_size=ps, **kw)
-    chunk = partial(_chunk, num_steps=self.steps_per_sync, rule=self.rule, **kw)
+    chunk = partial(_chunk, rule=self.rule, **kw)
     extend = partial(_extend, max_len=max_len, page_size=ps, **kw)
     fields = ("temperature", "top_k", "top_p", "min_p")
     sp = {"temperature": np.zeros(b, np.float32), "top_k": np.zeros(b, np.int32),
@@ -897,7 +896,7 @@ class SpeculativeGenerator:
       copy_src = np.zeros((k, m), np.int32)
       copy_dst = np.full((k, m), b * m, np.int32)
       slot_ids = np.full(k, b, np.int32)
-      copy = g["chunks"] == 0 and any(found_of)
+      copy = g["frontier"] == g["first"] and any(found_of)  # the first chunk (all advance)
       for j, (i, s, found) in enumerate(zip(take, slots, found_of)):
         ids = rows[i].prompt_ids
         hist[j, :len(ids)] = ids
@@ -910,7 +909,6 @@ class SpeculativeGenerator:
           copy_src[j, :len(found)] = found
           copy_dst[j, :len(found)] = s * m + np.arange(len(found))
         frontier[j] = e
-      g["chunks"] += 1
       return self._run(("extend", level, copy), partial(extend, copy=copy), self.params,
                        self.draft_params, state, toks, start, end, hist, slot_ids, copy_src,
                        copy_dst)
@@ -929,7 +927,7 @@ class SpeculativeGenerator:
             on_result(i, results[i])
       free = [s for s in range(b) if slot_row[s] is None and s not in held]
       if pending and free:
-        take, starts, keys_of, computing, long_rows = [], [], [], set(), []
+        take, starts, keys_of, computing, first, long_rows = [], [], [], set(), [], []
         while pending and len(take) < len(free):
           r = rows[pending[-1]]
           plen = len(r.prompt_ids)
@@ -939,16 +937,17 @@ class SpeculativeGenerator:
           found = prefixes.find(shareable)
           if take and len(found) < len(shareable) and shareable[len(found)] in computing:
             break  # an earlier row of this admission computes more of its prefix: next one
-          long = plen - max(0, len(found) * ps - recompute) > c
+          begin = max(0, len(found) * ps - recompute)  # the first position computed
+          long = plen - begin > c
           if long and group is not None:
             break  # one long admission at a time
           computing.update(pkeys)
+          first.append(begin)
           long_rows.append(long)
           take.append(pending.pop())
           starts.append(found)
           keys_of.append(pkeys)
         slots = free[:len(take)]
-        first = [max(0, len(f) * ps - recompute) for f in starts]  # first position computed
         now = [j for j, long in enumerate(long_rows) if not long]
         later = [j for j, long in enumerate(long_rows) if long]
         t0, c1 = time.perf_counter(), st.compile_s
@@ -962,8 +961,7 @@ class SpeculativeGenerator:
           for s in pick(slots):  # its chunks overwrite the slot's pages: nothing to reuse now
             prefixes.refill(s, [])
           group = {"take": pick(take), "slots": pick(slots), "found": pick(starts),
-                   "first": pick(first), "keys": pick(keys_of), "frontier": pick(first),
-                   "chunks": 0}
+                   "first": pick(first), "keys": pick(keys_of), "frontier": pick(first)}
         prefill_s += time.perf_counter() - t0 - (st.compile_s - c1)
         if now:
           continue  # rows done at their first token are delivered before decoding
