@@ -31,7 +31,8 @@ flags.DEFINE_integer("mean_tail", 48, "Mean length of each prompt's own tail (to
 flags.DEFINE_integer("max_new_min", 8, "Fewest new tokens asked for.")
 flags.DEFINE_integer("max_new_max", 96, "Most new tokens asked for.")
 flags.DEFINE_integer("batch_size", 16, "Slots (engine) = batch size (static).")
-flags.DEFINE_integer("chunk_size", 128, "Engine prefill chunk.")
+flags.DEFINE_integer("chunk_size", 32, "Engine prefill lane length.")
+flags.DEFINE_integer("chunk_lanes", 4, "Engine prefill lanes per step.")
 flags.DEFINE_string("mesh", "data:1", "Mesh for both schedulers.")
 flags.DEFINE_integer("repeats", 3, "Alternating static/engine runs; the median ratio is reported.")
 flags.DEFINE_string("results", str(Path(__file__).parent / "results" / "bench_batch.jsonl"),
@@ -70,7 +71,8 @@ def main(argv):
   records = workload(tok, cfg.vocab_size, np.random.RandomState(0))
   prompt_tokens = sum(len(r["prompt_ids"]) for r in records)
   row = {"model": FLAGS.model, "num_prompts": len(records), "prompt_tokens": prompt_tokens,
-         "batch_size": FLAGS.batch_size, "device": jax.devices()[0].device_kind,
+         "batch_size": FLAGS.batch_size, "chunk_size": FLAGS.chunk_size,
+         "chunk_lanes": FLAGS.chunk_lanes, "device": jax.devices()[0].device_kind,
          "jax": jax.__version__, "date": datetime.date.today().isoformat()}
   with tempfile.TemporaryDirectory() as d:
     prompts = Path(d) / "p.jsonl"
@@ -81,7 +83,8 @@ def main(argv):
         out = Path(d) / f"{scheduler}.jsonl"
         m = run(GenerateJob(prompts=str(prompts), output=str(out), model=str(model_dir),
                             defaults=Defaults(), batch_size=FLAGS.batch_size, mesh=FLAGS.mesh,
-                            scheduler=scheduler, chunk_size=FLAGS.chunk_size, progress=False,
+                            scheduler=scheduler, chunk_size=FLAGS.chunk_size,
+                            chunk_lanes=FLAGS.chunk_lanes, progress=False,
                             overwrite=True))
         outputs[scheduler] = {r["id"]: r["completion_ids"]
                               for r in map(json.loads, out.read_text().splitlines())}

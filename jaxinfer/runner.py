@@ -53,8 +53,8 @@ class GenerateJob:
   max_seq_len: int | None = None  # overrides the model's context (e.g. long prompts + sinks)
   scheduler: str = "continuous"
   num_samples: int = 1
-  chunk_size: int = 128
-  chunk_lanes: int = 1
+  chunk_size: int = 32
+  chunk_lanes: int = 4
   decode_steps: int = 8
   page_size: int = 16
   kv_pages: int | None = None
@@ -644,7 +644,6 @@ def _run_engine(job, engines, tokenizer, todo, writer, bar) -> dict:
   st = [e.stats for e in engines]
   busy = max(s.busy_s for s in st)
   prefill = sum(s.prefill_tokens for s in st)
-  decode = sum(s.decode_tokens for s in st)
   mixed = max(s.mixed_busy_s for s in st)
   pure = max(s.decode_busy_s for s in st)
   return {

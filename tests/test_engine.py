@@ -41,6 +41,39 @@ def test_page_pool_refcounts_prefix_cache_and_eviction():
     pool.release([got[0], got[0]])
 
 
+def test_scheduler_packs_prompts_into_lanes_ahead_of_free_slots():
+  """A step's lanes are filled from as many prompts as they hold; a prompt prefilled in a step
+  (all but its last token) takes a free slot in that same step, its decode row feeding the last
+  token; prompts are prefilled ahead only while none waits for the next free slot; a sequence
+  sharing prefix pages prefills after them once they are written, in the same step."""
+  from jaxinfer.engine.scheduler import EngineRequest, Scheduler
+  pool = PagePool(64, page_size=8)
+  sched = Scheduler(num_slots=2, lanes=3, chunk=16, page_size=8, max_pages=4, pool=pool,
+                    eos_ids=(0,), decode_steps=4)
+  prompts = [[10 + i] * 10 for i in range(5)] + [[14] * 10 + [3, 4]]  # the last shares a page
+  for i, p in enumerate(prompts):
+    sched.add(EngineRequest(i, p, 5, np.zeros(2, np.uint32)))
+
+  def run(plan):
+    sched.commit(plan, np.ones((plan.num_steps, 2), np.int32))
+    return plan
+
+  first = run(sched.plan())  # three prompts in three lanes; two take the slots at once
+  assert first.num_prefill == 3 * 9 and first.chunk_table.shape == (3, 4)
+  assert len({tuple(row) for row in first.chunk_table}) == 3
+  assert first.sampled.all() and not first.from_device[:2].any()
+  assert list(first.tokens[:2]) == [10, 11] and list(first.positions[:2]) == [9, 9]
+  second = run(sched.plan())  # a prefilled prompt waits: decode only, until a slot frees
+  assert second.num_prefill == 0 and second.num_steps == 4 and second.from_device.all()
+  third = run(sched.plan())  # the waiting one and one prefilled now take the two free slots
+  assert [s.req.uid for s in sched.slots] == [2, 3] and list(third.tokens[:2]) == [12, 13]
+  lanes = third.tokens[2:].reshape(3, 16)
+  assert lanes[:, :9].tolist() == [[13] * 9, [14] * 9, [14, 14, 3] + [0] * 6]
+  assert list(third.positions[2 + 32:2 + 35]) == [8, 9, 10]  # after the shared page
+  assert sched.prefill_tokens_saved == 8
+  assert sched.prefill_tokens_computed == 27 + 2 + 21 + 2  # lanes and first decode rows
+
+
 # -- the job, end to end on a tiny model ---------------------------------------------------
 
 SYSTEM = "You are a helpful assistant. Answer briefly and precisely. " * 2
@@ -92,7 +125,8 @@ def test_engine_equals_independent_generation(tmp_path, tiny_model_dir):
 def test_tokens_decoded_past_a_stop_are_counted(tiny_model_dir):
   """A sequence stopped by the host (a stop string) inside a multi-step decode keeps its slot
   until the run ends; what is decoded for it meanwhile is discarded and counted: every decoded
-  token is delivered or counted as discarded (the first token of each comes from its prefill)."""
+  token (the first of each from its decode row's step over the prompt's last token) is delivered
+  or counted as discarded."""
   from jaxinfer import checkpoint
   from jaxinfer.engine import Engine, EngineConfig
   from jaxinfer.engine.scheduler import EngineRequest
@@ -105,7 +139,7 @@ def test_tokens_decoded_past_a_stop_are_counted(tiny_model_dir):
   assert sorted(len(r.tokens) for r in results if r.stopped) == [5, 5]
   assert st.decode_tokens_discarded > 0
   assert (sum(len(r.tokens) for r in results) + st.decode_tokens_discarded
-          == st.decode_tokens + len(reqs))
+          == st.decode_tokens)
 
 
 def test_outputs_do_not_depend_on_slots_chunks_pages_steps_or_replicas(tmp_path,

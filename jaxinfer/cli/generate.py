@@ -32,10 +32,11 @@ flags.DEFINE_enum("scheduler", "continuous", ["continuous", "static"],
                   "prefill mixed with decode, shared prompt prefixes; static: padded batches.")
 flags.DEFINE_integer("num_samples", 1, "Completions per prompt (sharing the prompt's KV).",
                      lower_bound=1)
-flags.DEFINE_integer("chunk_size", 128, "Prompt tokens per prefill lane per step.", lower_bound=1)
-flags.DEFINE_integer("chunk_lanes", 1, "Prompts prefilled concurrently per step.", lower_bound=1)
-flags.DEFINE_integer("decode_steps", 8, "Most decode steps run in one dispatch while no prompt is "
-                     "being prefilled (continuous scheduler).", lower_bound=1)
+flags.DEFINE_integer("chunk_size", 32, "Prompt tokens per prefill lane per step.", lower_bound=1)
+flags.DEFINE_integer("chunk_lanes", 4, "Prefill lanes per step (one prompt per lane; a prompt "
+                     "may fill several).", lower_bound=1)
+flags.DEFINE_integer("decode_steps", 8, "Most decode steps run in one dispatch between prefill "
+                     "steps (continuous scheduler).", lower_bound=1)
 flags.DEFINE_integer("page_size", 16, "Tokens per KV page.", lower_bound=1)
 flags.DEFINE_integer("kv_pages", None, "KV pool size in pages per replica (default: 1.5 x slots x "
                      "the longest request).", lower_bound=1)

@@ -33,8 +33,8 @@ from jaxinfer.sparsity import DENSE, Sparsity
 @dataclasses.dataclass(frozen=True)
 class EngineConfig:
   num_slots: int = 16
-  chunk_size: int = 128  # Q: prompt tokens per lane per step
-  chunk_lanes: int = 1  # G
+  chunk_size: int = 32  # Q: prompt tokens per lane per step
+  chunk_lanes: int = 4  # G: lanes per step (a prompt may fill several)
   page_size: int = 16
   kv_pages: int | None = None  # P; None: every slot's longest request, plus 50% for prefixes
   steps_ahead: int = 1  # steps launched beyond the one whose tokens the host waits for
@@ -74,29 +74,31 @@ class EngineStats:
 
 
 def engine_step(params, k, v, last_token, tokens, from_device, positions, decode_table,
-                chunk_table, sample_rows, sample_index, sampled, key_data, temperature, top_k,
-                top_p, min_p, *, cfg, implementation, sparsity, mesh, rules):
+                chunk_table, sample_index, sampled, key_data, temperature, top_k, top_p, min_p,
+                *, cfg, implementation, sparsity, mesh, rules):
   s = decode_table.shape[0]
-  # Decode rows (the first S) feed the token this slot sampled at the previous step.
+  # Decode rows (the first S) feed the token this slot sampled at the previous step, or a
+  # prompt's last token (a slot's first step).
   device_tokens = jnp.pad(last_token, (0, tokens.shape[0] - s))
   tokens = jnp.where(from_device, device_tokens, tokens)
   cache = MixedPagedKVCache(k, v, decode_table, chunk_table)
   hidden, cache = M.forward(params, tokens[None], positions[None], cfg, cache, kv_source="cache",
                             implementation=implementation, sparsity=sparsity, mesh=mesh,
                             rules=rules)
-  logits = M.logits(params, hidden[0, sample_rows])  # (S, V)
+  logits = M.logits(params, hidden[0, :s])  # (S, V): each slot's next token
   keys = jax.vmap(lambda kd, i: jax.random.fold_in(jax.random.wrap_key_data(kd), i))(
       key_data, sample_index)
   tok = sample(logits, SamplingParams(temperature, top_k, top_p, min_p), keys)
   return cache.k, cache.v, jnp.where(sampled, tok, last_token), tok
 
 
-def engine_decode(params, k, v, last_token, positions, decode_table, sample_index, sampled,
-                  key_data, temperature, top_k, top_p, min_p, num_steps, *, max_steps, cfg,
-                  implementation, sparsity, mesh, rules):
+def engine_decode(params, k, v, last_token, tokens, from_device, positions, decode_table,
+                  sample_index, sampled, key_data, temperature, top_k, top_p, min_p, num_steps,
+                  *, max_steps, cfg, implementation, sparsity, mesh, rules):
   """`num_steps` (<= max_steps) decode-only steps in one dispatch: each slot that samples feeds
-  its last token at its next position and samples its next output index; returns the pools, the
-  last tokens and every step's tokens (max_steps, S) (rows past num_steps are zeros)."""
+  its last token (the first step: `tokens` where not `from_device`, a prompt's last token) at
+  its next position and samples its next output index; returns the pools, the last tokens and
+  every step's tokens (max_steps, S) (rows past num_steps are zeros)."""
   s, no_chunks = decode_table.shape[0], jnp.zeros((0, decode_table.shape[1]), jnp.int32)
   sp = SamplingParams(temperature, top_k, top_p, min_p)
   wrap = jax.vmap(jax.random.wrap_key_data)
@@ -113,7 +115,8 @@ def engine_decode(params, k, v, last_token, positions, decode_table, sample_inde
     return cache.k, cache.v, jnp.where(sampled, tok, last), out.at[i].set(tok)
 
   out = jnp.zeros((max_steps, s), jnp.int32)
-  return jax.lax.fori_loop(0, num_steps, step, (k, v, last_token, out))
+  last = jnp.where(from_device, last_token, tokens)
+  return jax.lax.fori_loop(0, num_steps, step, (k, v, last, out))
 
 
 def pool_pages_for(cfg: EngineConfig, max_pages_per_request: int) -> int:
@@ -154,12 +157,13 @@ class Engine:
     if plan.num_prefill:  # one mixed step; a shape per lane length
       fn, shape = self._step, len(plan.tokens)
       args = (self.params, self.k, self.v, self.last_token, plan.tokens, plan.from_device,
-              plan.positions, plan.decode_table, plan.chunk_table, plan.sample_rows,
-              plan.sample_index, plan.sampled, plan.key_data)
+              plan.positions, plan.decode_table, plan.chunk_table, plan.sample_index,
+              plan.sampled, plan.key_data)
     else:  # decode-only steps
       fn, shape = self._decode, "decode"
-      args = (self.params, self.k, self.v, self.last_token, plan.positions, plan.decode_table,
-              plan.sample_index, plan.sampled, plan.key_data)
+      args = (self.params, self.k, self.v, self.last_token, plan.tokens, plan.from_device,
+              plan.positions, plan.decode_table, plan.sample_index, plan.sampled,
+              plan.key_data)
     args += (plan.sampling["temperature"], plan.sampling["top_k"], plan.sampling["top_p"],
              plan.sampling["min_p"])
     if shape == "decode":

@@ -1,11 +1,17 @@
 """Continuous batching on the host: slots, chunked prefill lanes and page tables.
 
 Steps come in a few fixed shapes (compiled once each): S decode rows, one per slot, and G lanes
-of Q prompt tokens, Q a power of two up to the chunk size (no lanes for a decode-only step). A
-slot is refilled as soon as its sequence is done. Prompts are prefilled Q tokens at a time in the
-lanes while the other slots keep decoding in the same step (SARATHI). Requests are admitted in
-the order given (the runner sorts them so that prompts sharing a prefix are adjacent), each
-reserving every page it can need, so a running sequence is never preempted.
+of Q prompt tokens, Q a power of two up to the chunk size (no lanes for a decode-only step).
+Requests are admitted in the order given (the runner sorts them so that prompts sharing a prefix
+are adjacent), each reserving every page it can need, so a running sequence is never preempted.
+
+A prompt is prefilled in lanes *before* its sequence takes a slot, all but its last token; a
+slot's decode row then feeds that token and samples output token 0. So the decode rows stay busy
+while prompts are prefilled beside them (SARATHI), and a step's lanes are filled from as many
+prompts as they hold (several lanes may carry one prompt; a lane carries one): when no prefilled
+sequence is waiting for the next free slot, the step prefills, admitting requests until its lanes
+are full. A sequence whose lanes are in a step may take a slot in that same step (each layer
+writes the step's K/V before it attends).
 
 The scheduler runs one step ahead of the results: a decode row's input token is the one the
 device sampled for that slot at the previous step (kept on the device), so step t+1 is planned
@@ -47,11 +53,11 @@ class EngineResult:
 @dataclasses.dataclass(eq=False)
 class _Seq:
   req: EngineRequest
-  slot: int
   pages: list[int]
   computed: int  # prompt tokens whose K/V are written (or scheduled to be)
   shared: int  # leading prompt tokens taken from the prefix cache
   to_mark: list[tuple[int, int]]  # (page index, page) we register, ready once computed
+  slot: int | None = None  # None until its prompt (but the last token) is prefilled
   scheduled: int = 0  # output tokens whose sampling has been launched
   generated: list[int] = dataclasses.field(default_factory=list)
   released: bool = False  # slot and pages given back
@@ -63,7 +69,8 @@ class _Seq:
 
   @property
   def in_prefill(self) -> bool:
-    return self.computed < self.prompt_len
+    """Prompt tokens remain for the lanes (the last one is its decode row's first input)."""
+    return self.computed < self.prompt_len - 1
 
 
 @dataclasses.dataclass
@@ -71,18 +78,17 @@ class StepPlan:
   """Host arrays for one device step."""
 
   tokens: np.ndarray  # (S + G*Q,) prompt tokens (decode rows take the device's last token)
-  from_device: np.ndarray  # (S + G*Q,) bool: decode rows
+  from_device: np.ndarray  # (S + G*Q,) bool: decode rows fed the slot's last sampled token
   positions: np.ndarray  # (S + G*Q,); out-of-range positions are padding (writes dropped)
   decode_table: np.ndarray  # (S, M)
   chunk_table: np.ndarray  # (G, M); G = 0 for a decode-only step
-  sample_rows: np.ndarray  # (S,): flat row whose logits give each slot's next token
   sample_index: np.ndarray  # (S,): index of that token in the request's output
   sampled: np.ndarray  # (S,) bool: slots that sample this step
   sampling: dict[str, np.ndarray]  # per slot temperature, top_k, top_p, min_p
   key_data: np.ndarray  # (S, 2) uint32
   samples: list[tuple[int, "_Seq", int, int]]  # (slot, sequence, output index, step)
   num_decode: int  # tokens decoded (over all the plan's steps)
-  num_prefill: int
+  num_prefill: int  # prompt tokens in lanes
   num_steps: int = 1  # decode-only plans: steps run in one dispatch
   active: int = 0  # slots holding a sequence during the plan's steps
 
@@ -102,7 +108,7 @@ class Scheduler:
     self.eos = set(eos_ids)
     self.pending: collections.deque[EngineRequest] = collections.deque()
     self.slots: list[_Seq | None] = [None] * num_slots
-    self.order: list[_Seq] = []  # sequences holding a slot, in admission order
+    self.order: list[_Seq] = []  # admitted sequences not yet released, in admission order
     self.out_of_range = max_pages * page_size
     self.prefill_tokens_saved = 0
     self.prefill_tokens_computed = 0
@@ -116,6 +122,8 @@ class Scheduler:
     if need > self.max_pages or need > self.pool.num_pages:
       raise ValueError(f"request {req.uid} needs {need} KV pages; the engine allows "
                        f"{min(self.max_pages, self.pool.num_pages)}")
+    if not req.prompt_ids or req.max_new_tokens < 1:
+      raise ValueError(f"request {req.uid}: needs a prompt and max_new_tokens >= 1")
     self.pending.append(req)
 
   @property
@@ -123,10 +131,12 @@ class Scheduler:
     return sum(s is not None for s in self.slots)
 
   def idle(self) -> bool:
-    return not self.pending and self.active == 0
+    return not self.pending and not self.order
 
-  def _admit(self, req: EngineRequest, slot: int) -> bool:
-    ps = self.page_size
+  def _admit(self) -> _Seq | None:
+    """Admits the first pending request (reserving its pages; no slot yet), or None when its
+    pages do not fit."""
+    req, ps = self.pending[0], self.page_size
     prompt_len = len(req.prompt_ids)
     full = prompt_len // ps
     keys = page_keys(req.prompt_ids, ps, full)
@@ -139,18 +149,28 @@ class Scheduler:
     fresh = self.pool.alloc(self.pages_needed(req) - len(shared))
     if fresh is None:
       self.pool.release(shared)
-      return False
+      return None
+    self.pending.popleft()
     pages = shared + fresh
     to_mark = []
     for j in range(len(shared), full):
       self.pool.register(keys[j], pages[j])
       to_mark.append((j, pages[j]))
-    seq = _Seq(req, slot, pages, computed=len(shared) * ps, shared=len(shared) * ps,
-               to_mark=to_mark)
+    seq = _Seq(req, pages, computed=len(shared) * ps, shared=len(shared) * ps, to_mark=to_mark)
     self.prefill_tokens_saved += seq.shared
-    self.slots[slot] = seq
     self.order.append(seq)
-    return True
+    return seq
+
+  def _advance(self, seq: _Seq, computed: int) -> None:
+    """Counts a prompt's tokens up to `computed` as written; the pages they complete are ready
+    for sharers (any later step, or a later lane or row of this one, reads them after)."""
+    self.prefill_tokens_computed += computed - seq.computed
+    seq.computed = computed
+    ps = self.page_size
+    for j, page in seq.to_mark:
+      if (j + 1) * ps <= computed:
+        self.pool.ready[page] = True
+    seq.to_mark = [(j, p) for j, p in seq.to_mark if (j + 1) * ps > computed]
 
   def _release(self, seq: _Seq) -> None:
     if not seq.released:
@@ -160,31 +180,60 @@ class Scheduler:
       self.order.remove(seq)
 
   def _shared_pages_ready(self, seq: _Seq) -> bool:
-    """A prefill may only start once every shared page it reads has been written."""
+    """A sequence may only read its shared pages once every one of them has been written."""
     return all(self.pool.ready[p] for p in seq.pages[:seq.shared // self.page_size])
 
-  def plan(self) -> StepPlan | None:
-    """Admits what fits, then lays out the next step; None when nothing can run now."""
-    for slot in range(self.s):
-      if self.slots[slot] is None and self.pending:
-        if not self._admit(self.pending[0], slot):
-          break
-        self.pending.popleft()
-    s, g, m = self.s, self.g, self.max_pages
-    lanes = []
+  def _can_decode(self, seq: _Seq) -> bool:
+    return seq.slot is None and not seq.in_prefill and self._shared_pages_ready(seq)
+
+  def _lanes(self) -> list[tuple[_Seq, int, int]]:
+    """This step's lanes (sequence, first token, tokens): unfinished prompts first, in admission
+    order, then newly admitted ones until every lane is full (at most S sequences beyond the
+    free slots go without one; admission pauses at a prompt waiting for shared pages)."""
+    lanes: list[tuple[_Seq, int, int]] = []
+
+    def fill(seq):
+      while len(lanes) < self.g and seq.in_prefill:
+        take = min(self.q, seq.prompt_len - 1 - seq.computed)
+        lanes.append((seq, seq.computed, take))
+        self._advance(seq, seq.computed + take)
+
     for seq in self.order:
-      if len(lanes) == g:
-        break
+      if len(lanes) == self.g:
+        return lanes
       if seq.in_prefill and self._shared_pages_ready(seq):
-        lanes.append((seq, min(self.q, seq.prompt_len - seq.computed)))
-    q = lane_length(max(t for _, t in lanes), self.q) if lanes else 0
+        fill(seq)
+    room = self.s + self.slots.count(None) - sum(seq.slot is None for seq in self.order)
+    while len(lanes) < self.g and self.pending and room > 0:
+      seq = self._admit()
+      if seq is None or not self._shared_pages_ready(seq):
+        break
+      fill(seq)
+      room -= 1
+    return lanes
+
+  def plan(self) -> StepPlan | None:
+    """Prefills and admits what is due, gives free slots to prefilled sequences, then lays out
+    the next step; None when nothing can run now."""
+    s, g, m = self.s, self.g, self.max_pages
+    free = self.slots.count(None)
+    waiting = sum(self._can_decode(seq) for seq in self.order)
+    # Prefill when no prefilled sequence would be left for the slot that frees next.
+    lanes = self._lanes() if waiting <= free else []
+    for seq in self.order:
+      if free == 0:
+        break
+      if self._can_decode(seq):
+        seq.slot = self.slots.index(None)
+        self.slots[seq.slot] = seq
+        free -= 1
+    q = lane_length(max(t for _, _, t in lanes), self.q) if lanes else 0
     n = s + (g * q if q else 0)
     tokens = np.zeros(n, np.int32)
     from_device = np.zeros(n, bool)
     positions = np.full(n, self.out_of_range, np.int32)
     decode_table = np.zeros((s, m), np.int32)
     chunk_table = np.zeros((g if q else 0, m), np.int32)
-    sample_rows = np.zeros(s, np.int32)
     sample_index = np.zeros(s, np.int32)
     sampled = np.zeros(s, bool)
     key_data = np.zeros((s, 2), np.uint32)
@@ -192,55 +241,45 @@ class Scheduler:
                 "top_p": np.ones(s, np.float32), "min_p": np.zeros(s, np.float32)}
     samples = []
     num_decode = num_prefill = 0
+    running = [seq for seq in self.order if seq.slot is not None]
 
-    # With no prompt to prefill, decode runs until the first sequence reaches its length (at
-    # most `decode_steps` steps) in one dispatch: nothing can be admitted before then.
+    # Without lanes, nothing changes before the first running sequence reaches its length: decode
+    # runs until then (at most `decode_steps` steps) in one dispatch.
     steps = 1
-    if not any(seq.in_prefill for seq in self.order):
+    if not lanes:
       steps = max(1, min([self.decode_steps] + [seq.req.max_new_tokens - seq.scheduled
-                                                for seq in self.order]))
-
-    def take_sample(seq, row, n=1):
-      sample_rows[seq.slot] = row
-      sample_index[seq.slot] = seq.scheduled
-      sampled[seq.slot] = True
-      samples.extend((seq.slot, seq, seq.scheduled + i, i) for i in range(n))
-      seq.scheduled += n
-
-    for seq in list(self.order):
-      decode_table[seq.slot, :len(seq.pages)] = seq.pages
-      key_data[seq.slot] = seq.req.key_data
+                                                for seq in running]))
+    for seq in running:
+      slot = seq.slot
+      decode_table[slot, :len(seq.pages)] = seq.pages
+      key_data[slot] = seq.req.key_data
       for f in sampling:
-        sampling[f][seq.slot] = getattr(seq.req, f)
-      if not seq.in_prefill and seq.scheduled < seq.req.max_new_tokens:
-        from_device[seq.slot] = True  # the token sampled for this slot at the previous step
-        positions[seq.slot] = seq.prompt_len + seq.scheduled - 1
-        take_sample(seq, seq.slot, steps)
-        num_decode += steps
-    for lane, (seq, take) in enumerate(lanes):
+        sampling[f][slot] = getattr(seq.req, f)
+      if seq.computed < seq.prompt_len:  # first step: the prompt's last token
+        tokens[slot] = seq.req.prompt_ids[-1]
+        self._advance(seq, seq.prompt_len)
+      else:  # the token sampled for this slot at the previous step
+        from_device[slot] = True
+      positions[slot] = seq.prompt_len + seq.scheduled - 1
+      sample_index[slot] = seq.scheduled
+      sampled[slot] = True
+      samples.extend((slot, seq, seq.scheduled + i, i) for i in range(steps))
+      seq.scheduled += steps
+      num_decode += steps
+    for lane, (seq, start, take) in enumerate(lanes):
       base = s + lane * q
-      tokens[base:base + take] = seq.req.prompt_ids[seq.computed:seq.computed + take]
-      positions[base:base + take] = np.arange(seq.computed, seq.computed + take)
+      tokens[base:base + take] = seq.req.prompt_ids[start:start + take]
+      positions[base:base + take] = np.arange(start, start + take)
       chunk_table[lane, :len(seq.pages)] = seq.pages
-      seq.computed += take
       num_prefill += take
-      # Pages this chunk completes are ready for sharers: any later step runs after this one.
-      for j, page in seq.to_mark:
-        if (j + 1) * self.page_size <= seq.computed:
-          self.pool.ready[page] = True
-      seq.to_mark = [(j, p) for j, p in seq.to_mark if (j + 1) * self.page_size > seq.computed]
-      if not seq.in_prefill:  # the prompt's last token samples output token 0
-        take_sample(seq, base + take - 1)
-    self.prefill_tokens_computed += num_prefill
-    active = len(self.order)
-    for seq in list(self.order):  # reached its length: nothing more will be written for it
+    for seq in running:  # reached its length: nothing more will be written for it
       if seq.scheduled >= seq.req.max_new_tokens:
         self._release(seq)
     if not samples and not num_prefill:
       return None
-    return StepPlan(tokens, from_device, positions, decode_table, chunk_table, sample_rows,
-                    sample_index, sampled, sampling, key_data, samples, num_decode, num_prefill,
-                    steps, active)
+    return StepPlan(tokens, from_device, positions, decode_table, chunk_table, sample_index,
+                    sampled, sampling, key_data, samples, num_decode, num_prefill, steps,
+                    len(running))
 
   def commit(self, plan: StepPlan, tokens: np.ndarray,
              should_stop: Callable[[int, list[int]], bool] | None = None) -> list[EngineResult]:

@@ -695,7 +695,11 @@ class SpeculativeGenerator:
         on_result(res.uid, results[res.uid])
 
     after = eng.run(reqs, done, should_stop)
-    delta = lambda f: getattr(after, f) - getattr(before, f)
+
+    def delta(f):  # the engine decodes each request's first token too: counted with its prefill
+      d = getattr(after, f) - getattr(before, f)  # here, as the static and speculative paths do
+      return d - len(rows) if f == "decode_tokens" else d
+
     self._count_plain(delta, {"prefill_s": "mixed_busy_s", "decode_s": "decode_busy_s",
                               "prefill_tokens_saved": "prefill_tokens_saved"},
                       delta("busy_s"))
