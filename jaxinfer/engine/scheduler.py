@@ -113,6 +113,7 @@ class Scheduler:
     self.prefill_tokens_saved = 0
     self.prefill_tokens_computed = 0
     self.tokens_discarded = 0  # decoded after their sequence ended (EOS / stop string)
+    self._head_keys: tuple[EngineRequest | None, list[bytes]] = (None, [])
 
   def pages_needed(self, req: EngineRequest) -> int:
     return -(-(len(req.prompt_ids) + req.max_new_tokens) // self.page_size)
@@ -139,7 +140,9 @@ class Scheduler:
     req, ps = self.pending[0], self.page_size
     prompt_len = len(req.prompt_ids)
     full = prompt_len // ps
-    keys = page_keys(req.prompt_ids, ps, full)
+    if self._head_keys[0] is not req:  # hashed once, however often a full pool defers it
+      self._head_keys = (req, page_keys(req.prompt_ids, ps, full))
+    keys = self._head_keys[1]
     shared = []
     for key in keys[:(prompt_len - 1) // ps]:  # the last prompt token is always computed
       page = self.pool.lookup(key)
@@ -176,7 +179,8 @@ class Scheduler:
     if not seq.released:
       seq.released = True
       self.pool.release(seq.pages)
-      self.slots[seq.slot] = None
+      if seq.slot is not None:
+        self.slots[seq.slot] = None
       self.order.remove(seq)
 
   def _shared_pages_ready(self, seq: _Seq) -> bool:
