@@ -649,7 +649,7 @@ def _run_engine(job, engines, tokenizer, todo, writer, bar) -> dict:
   return {
       "busy_s": busy, "completion_tokens": records.completion_tokens,
       "prefill_tokens": prefill, "prefill_saved": sum(s.prefill_tokens_saved for s in st),
-      "prefill_tps": round(prefill / mixed, 2) if mixed else 0.0,
+      "prefill_tps": round(sum(s.lane_tokens for s in st) / mixed, 2) if mixed else 0.0,
       "decode_tps": round(sum(s.pure_decode_tokens for s in st) / pure, 2) if pure else 0.0,
       "occupancy": round(float(np.mean([s.mean_occupancy for s in st])), 4),
       "peak_pages": max(s.peak_pages for s in st), "pool_pages": st[0].pool_pages,

@@ -72,6 +72,7 @@ def test_scheduler_packs_prompts_into_lanes_ahead_of_free_slots():
   assert list(third.positions[2 + 32:2 + 35]) == [8, 9, 10]  # after the shared page
   assert sched.prefill_tokens_saved == 8
   assert sched.prefill_tokens_computed == 27 + 2 + 21 + 2  # lanes and first decode rows
+  assert sched.lane_tokens == 27 + 21
 
 
 # -- the job, end to end on a tiny model ---------------------------------------------------

@@ -59,6 +59,7 @@ class EngineStats:
   compilations: int = 0
   decode_tokens: int = 0
   prefill_tokens: int = 0
+  lane_tokens: int = 0  # prefill tokens computed in lanes (the rest: prompts' last tokens)
   prefill_tokens_saved: int = 0
   occupancy_sum: float = 0.0
   peak_pages: int = 0
@@ -229,6 +230,7 @@ class Engine:
         if on_step is not None:
           on_step(st)
       st.prefill_tokens = sched.prefill_tokens_computed
+      st.lane_tokens = sched.lane_tokens
       st.decode_tokens_discarded = sched.tokens_discarded
       st.prefill_tokens_saved = sched.prefill_tokens_saved
       st.peak_pages = max(st.peak_pages, pool.peak_in_use)

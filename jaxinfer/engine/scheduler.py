@@ -111,7 +111,8 @@ class Scheduler:
     self.order: list[_Seq] = []  # admitted sequences not yet released, in admission order
     self.out_of_range = max_pages * page_size
     self.prefill_tokens_saved = 0
-    self.prefill_tokens_computed = 0
+    self.prefill_tokens_computed = 0  # in lanes, and each prompt's last token in its decode row
+    self.lane_tokens = 0  # prompt tokens computed in lanes
     self.tokens_discarded = 0  # decoded after their sequence ended (EOS / stop string)
     self._head_keys: tuple[EngineRequest | None, list[bytes]] = (None, [])
 
@@ -276,6 +277,7 @@ class Scheduler:
       positions[base:base + take] = np.arange(start, start + take)
       chunk_table[lane, :len(seq.pages)] = seq.pages
       num_prefill += take
+    self.lane_tokens += num_prefill
     for seq in running:  # reached its length: nothing more will be written for it
       if seq.scheduled >= seq.req.max_new_tokens:
         self._release(seq)
