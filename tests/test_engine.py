@@ -75,6 +75,24 @@ def test_scheduler_packs_prompts_into_lanes_ahead_of_free_slots():
   assert sched.lane_tokens == 27 + 21
 
 
+def test_scheduler_gives_a_prompt_that_fills_every_lane_one_long_lane():
+  """A prompt that alone fills the step's G lanes of Q runs as one lane of G*Q (its page table
+  read once, not G times); its remainder goes back to packed lanes."""
+  from jaxinfer.engine.scheduler import EngineRequest, Scheduler
+  sched = Scheduler(num_slots=2, lanes=2, chunk=16, page_size=8, max_pages=8,
+                    pool=PagePool(64, page_size=8), eos_ids=(0,), decode_steps=4)
+  sched.add(EngineRequest(0, list(range(1, 51)), 4, np.zeros(2, np.uint32)))
+  sched.add(EngineRequest(1, [60] * 6, 4, np.zeros(2, np.uint32)))
+  first = sched.plan()
+  assert first.chunk_table.shape == (1, 8) and first.num_prefill == 32
+  assert list(first.tokens[2:]) == list(range(1, 33))
+  assert list(first.positions[2:]) == list(range(32))
+  sched.commit(first, np.ones((1, 2), np.int32))
+  second = sched.plan()  # 17 tokens left: packed lanes of 16 and 1
+  assert second.chunk_table.shape == (2, 8) and second.num_prefill == 17
+  assert second.sampled[0] and second.tokens[0] == 50  # the long prompt's last token decodes
+
+
 # -- the job, end to end on a tiny model ---------------------------------------------------
 
 SYSTEM = "You are a helpful assistant. Answer briefly and precisely. " * 2

@@ -148,15 +148,15 @@ class Engine:
     decode = partial(engine_decode, max_steps=cfg.decode_steps, cfg=model_cfg,
                      implementation=implementation, sparsity=sparsity, mesh=mesh, rules=rules)
     self._decode = jax.jit(decode, donate_argnums=(1, 2, 3))
-    self._compiled: dict[int | str, Callable] = {}
+    self._compiled: dict[tuple[int, int] | str, Callable] = {}
 
   def pool_bytes(self) -> int:
     return PagedKVCache.pool_bytes(self.model_cfg, self.num_pool_pages, self.cfg.page_size)
 
   def _launch(self, plan: StepPlan) -> jax.Array:
     """Starts a plan's steps; returns their sampled tokens (a device array, not waited on)."""
-    if plan.num_prefill:  # one mixed step; a shape per lane length
-      fn, shape = self._step, len(plan.tokens)
+    if plan.num_prefill:  # one mixed step; a shape per lane count and length
+      fn, shape = self._step, (len(plan.chunk_table), len(plan.tokens))
       args = (self.params, self.k, self.v, self.last_token, plan.tokens, plan.from_device,
               plan.positions, plan.decode_table, plan.chunk_table, plan.sample_index,
               plan.sampled, plan.key_data)
@@ -179,10 +179,11 @@ class Engine:
 
   @property
   def max_shapes(self) -> int:
-    """Step shapes this engine can compile: decode-only and each lane length 16..chunk_size."""
+    """Step shapes this engine can compile: decode-only, G lanes of each length 16..chunk_size,
+    and (G > 1) one lane of G * chunk_size."""
     lengths = {min(self.cfg.chunk_size, max(16, 1 << (t - 1).bit_length()))
                for t in range(1, self.cfg.chunk_size + 1)}
-    return 1 + len(lengths)
+    return 1 + len(lengths) + (self.cfg.chunk_lanes > 1)
 
   def run(self, requests: Iterable[EngineRequest], on_result: Callable[[EngineResult], None],
           should_stop: Callable[[int, list[int]], bool] | None = None,

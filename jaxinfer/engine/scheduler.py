@@ -1,7 +1,8 @@
 """Continuous batching on the host: slots, chunked prefill lanes and page tables.
 
 Steps come in a few fixed shapes (compiled once each): S decode rows, one per slot, and G lanes
-of Q prompt tokens, Q a power of two up to the chunk size (no lanes for a decode-only step).
+of Q prompt tokens, Q a power of two up to the chunk size (no lanes for a decode-only step), or
+one lane of G times the chunk size when a single prompt fills every lane.
 Requests are admitted in the order given (the runner sorts them so that prompts sharing a prefix
 are adjacent), each reserving every page it can need, so a running sequence is never preempted.
 
@@ -205,7 +206,7 @@ class Scheduler:
 
     for seq in self.order:
       if len(lanes) == self.g:
-        return lanes
+        break
       if seq.in_prefill and self._shared_pages_ready(seq):
         fill(seq)
     room = self.s + self.slots.count(None) - sum(seq.slot is None for seq in self.order)
@@ -215,6 +216,10 @@ class Scheduler:
         break
       fill(seq)
       room -= 1
+    if self.g > 1 and len(lanes) == self.g and all(
+        lane[0] is lanes[0][0] and lane[2] == self.q for lane in lanes):
+      # One prompt fills every lane: one lane of G*Q tokens (its pages gathered once, not G times)
+      lanes = [(lanes[0][0], lanes[0][1], self.g * self.q)]
     return lanes
 
   def plan(self) -> StepPlan | None:
@@ -232,7 +237,10 @@ class Scheduler:
         seq.slot = self.slots.index(None)
         self.slots[seq.slot] = seq
         free -= 1
-    q = lane_length(max(t for _, _, t in lanes), self.q) if lanes else 0
+    if len(lanes) == 1 and lanes[0][2] > self.q:  # the whole step's prefill budget, one prompt
+      g, q = 1, lanes[0][2]
+    else:
+      q = lane_length(max(t for _, _, t in lanes), self.q) if lanes else 0
     n = s + (g * q if q else 0)
     tokens = np.zeros(n, np.int32)
     from_device = np.zeros(n, bool)
