@@ -216,10 +216,6 @@ class Scheduler:
         break
       fill(seq)
       room -= 1
-    if self.g > 1 and len(lanes) == self.g and all(
-        lane[0] is lanes[0][0] and lane[2] == self.q for lane in lanes):
-      # One prompt fills every lane: one lane of G*Q tokens (its pages gathered once, not G times)
-      lanes = [(lanes[0][0], lanes[0][1], self.g * self.q)]
     return lanes
 
   def plan(self) -> StepPlan | None:
@@ -237,8 +233,11 @@ class Scheduler:
         seq.slot = self.slots.index(None)
         self.slots[seq.slot] = seq
         free -= 1
-    if len(lanes) == 1 and lanes[0][2] > self.q:  # the whole step's prefill budget, one prompt
-      g, q = 1, lanes[0][2]
+    if g > 1 and len(lanes) == g and all(lane[0] is lanes[0][0] and lane[2] == self.q
+                                         for lane in lanes):
+      # One prompt fills every lane: one lane of G*Q tokens (its pages gathered once, not G times)
+      g, q = 1, g * self.q
+      lanes = [(lanes[0][0], lanes[0][1], q)]
     else:
       q = lane_length(max(t for _, _, t in lanes), self.q) if lanes else 0
     n = s + (g * q if q else 0)
