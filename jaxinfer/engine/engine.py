@@ -23,7 +23,8 @@ from jax.sharding import Mesh
 from jaxinfer import model as M
 from jaxinfer.config import ModelConfig
 from jaxinfer.engine.pages import PagePool
-from jaxinfer.engine.scheduler import EngineRequest, EngineResult, Scheduler, StepPlan
+from jaxinfer.engine.scheduler import (EngineRequest, EngineResult, Scheduler, StepPlan,
+                                        lane_length)
 from jaxinfer.kv_cache import MixedPagedKVCache, PagedKVCache
 from jaxinfer.sampling import SamplingParams, sample
 from jaxinfer.sharding import DEFAULT_RULES, ShardingRules
@@ -181,8 +182,7 @@ class Engine:
   def max_shapes(self) -> int:
     """Step shapes this engine can compile: decode-only, G lanes of each length 16..chunk_size,
     and (G > 1) one lane of G * chunk_size."""
-    lengths = {min(self.cfg.chunk_size, max(16, 1 << (t - 1).bit_length()))
-               for t in range(1, self.cfg.chunk_size + 1)}
+    lengths = {lane_length(t, self.cfg.chunk_size) for t in range(1, self.cfg.chunk_size + 1)}
     return 1 + len(lengths) + (self.cfg.chunk_lanes > 1)
 
   def run(self, requests: Iterable[EngineRequest], on_result: Callable[[EngineResult], None],

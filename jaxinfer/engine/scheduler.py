@@ -129,10 +129,6 @@ class Scheduler:
       raise ValueError(f"request {req.uid}: needs a prompt and max_new_tokens >= 1")
     self.pending.append(req)
 
-  @property
-  def active(self) -> int:
-    return sum(s is not None for s in self.slots)
-
   def idle(self) -> bool:
     return not self.pending and not self.order
 
