@@ -26,7 +26,7 @@ import jax
 import jax.numpy as jnp
 from jax.sharding import Mesh, PartitionSpec
 
-from jaxinfer.sharding import DEFAULT_RULES, ShardingRules
+from jaxinfer.sharding import DEFAULT_RULES, ShardingRules, rows_split
 from jaxinfer.sparsity import Sparsity
 
 MASK_VALUE = -0.7 * float(jnp.finfo(jnp.float32).max)  # finite: a fully masked row cannot NaN
@@ -144,13 +144,15 @@ def _static_mask_info(t: int, window: int | None, sinks: int, block: int):
 
 
 def _shard(fn, mesh: Mesh | None, rules: ShardingRules, in_axes, out_axes, args):
-  """Runs `fn(*args)` per shard when on a mesh; `*_axes` are logical axes per argument."""
+  """Runs `fn(*args)` per shard when on a mesh; `*_axes` are logical axes per argument (the
+  output has the first argument's shape, so it is split where that argument is: a batch that
+  does not divide over the batch axes stays whole in both)."""
   if mesh is None or mesh.size == 1:
     return fn(*args)
   spec = lambda axes, x: (None if x is None else
                           rules.partition_spec(axes, x.shape, mesh))
   in_specs = tuple(spec(a, x) for a, x in zip(in_axes, args))
-  out_spec = rules.partition_spec(out_axes, None, mesh)
+  out_spec = rules.partition_spec(out_axes, args[0].shape, mesh)
   return jax.shard_map(fn, mesh=mesh, in_specs=in_specs, out_specs=out_spec,
                        check_vma=False)(*args)
 
@@ -246,7 +248,18 @@ def _pallas_tree(q, kv, positions, *, window, sinks, mesh, rules):
   from pallas_kernels.tree_attention import tree_attention
   qa = ("batch", "seq", "act_heads", "head_dim")
   pa = ("act_kv_heads", None, None, "head_dim")
-  return _shard(functools.partial(tree_attention, window=window, sinks=sinks), mesh, rules,
+  # Row b owns pages [b*M, (b+1)*M) (a contiguous cache): with the rows split over the batch
+  # axes, each shard holds its own rows' pages and reads them through its own identity table.
+  local = kv.contiguous and rows_split(q.shape[0], mesh, rules)
+  if local:
+    pa = ("act_kv_heads", "batch", None, "head_dim")
+
+  def kernel(q, k, v, prefix_len, table, mask):
+    if local:  # the shard's pages start at its first row's
+      table = table - table[:1, :1]
+    return tree_attention(q, k, v, prefix_len, table, mask, window=window, sinks=sinks)
+
+  return _shard(kernel, mesh, rules,
                 (qa, pa, pa, ("batch",), ("batch", None), ("batch", None, None)), qa,
                 (q, kv.k, kv.v, kv.prefix_len, kv.page_table, kv.tree_mask))
 

@@ -117,11 +117,6 @@ class GenerateJob:
     if self.speculative not in SPECULATIVE:
       raise UserError(f"--speculative: expected one of {SPECULATIVE}, got {self.speculative!r}")
     if self.speculative != "none":
-      shape = parse_mesh(self.mesh) if self.mesh else None
-      if shape is not None and shape["fsdp"] > 1:
-        raise UserError(f"--mesh: speculative decoding runs data-parallel replicas, each "
-                        f"sharded over `model` only (--mesh=data:N,model:M), not yet over "
-                        f"fsdp; got {format_mesh(shape)}")
       if sparsity.dynamic:
         raise UserError(f"--sparsity: {sparsity} is not combinable with --speculative (its "
                         f"pattern needs whole-prompt prefill); sinks_window is")
@@ -743,9 +738,9 @@ SPECULATIVE_WAVE = 8
 
 
 def _speculative_generators(job, cfg, params, meshes, todo, sparsity) -> list:
-  """One SpeculativeGenerator per replica (--mesh=data:N: N replicas of one device each), their
-  proposer built, their memory checked against the job's longest request and (continuous) their
-  slots sized for it."""
+  """One SpeculativeGenerator per replica (--mesh=data:N: N replicas, each on one device or
+  sharded over its fsdp / model devices), their proposer built, their memory checked against
+  the job's longest request and (continuous) their slots sized for it."""
   from jaxinfer.speculative.decode import SpeculativeGenerator
   continuous = job.scheduler == "continuous"
   proposer, draft_params = make_proposer(job, cfg, params, None if job.dtype == "auto"

@@ -134,3 +134,11 @@ def constrain(x: jax.Array, logical_axes: Sequence[str | None], mesh: Mesh | Non
   if mesh is None or mesh.size == 1:
     return x
   return jax.lax.with_sharding_constraint(x, rules.sharding(mesh, logical_axes, x.shape))
+
+
+def rows_split(b: int, mesh: Mesh | None, rules: ShardingRules = DEFAULT_RULES) -> bool:
+  """Whether b rows split over the mesh's batch axes (into more than one shard)."""
+  if mesh is None:
+    return False
+  shards = math.prod(mesh.shape[a] for a in rules.mesh_axes("batch"))
+  return shards > 1 and b % shards == 0

@@ -168,7 +168,9 @@ def test_outputs_do_not_depend_on_slots_chunks_pages_steps_or_replicas(tmp_path,
   variants = [dict(batch_size=1, chunk_size=8, page_size=4, decode_steps=1),
               dict(batch_size=5, decode_steps=3),
               dict(batch_size=7, chunk_size=32, chunk_lanes=3, page_size=16, kv_pages=300),
-              dict(batch_size=3, mesh="data:2")]  # two replicas, each its own engine
+              dict(batch_size=3, mesh="data:2"),  # two replicas, each its own engine
+              # one engine over two devices, its kernels run per shard
+              dict(batch_size=4, mesh="fsdp:2", implementation="pallas")]
   for i, kw in enumerate(variants):
     other, _ = _job(tmp_path, tiny_model_dir, records, f"v{i}", **kw)
     for rid in base:

@@ -320,8 +320,14 @@ def test_generate_job_with_speculation(tmp_path, tiny_model_dir, monkeypatch):
                 defaults=Defaults(temperature=1.0))
   assert all(len(r["samples"]) == 3 for r in spec.values()) and m["num_samples"] == 3
   assert len({tuple(s["completion_ids"]) for s in spec[2]["samples"]}) > 1
-  for kw, flag in ((dict(speculative="ngram", mesh="data:2,fsdp:2"), "--mesh"),
-                   (dict(speculative="ngram", prefill_chunk=0), "--prefill_chunk"),
+  # ... or each over an fsdp axis: rows, their pages and the draft caches split between its
+  # devices
+  greedy_fsdp, m = job("fsdp", speculative="ngram", scheduler="continuous", mesh="data:2,fsdp:2",
+                       speculation="always")
+  assert m["replicas"] == 2 and m["verify_steps"] > 0
+  assert {i: r["completion_ids"] for i, r in greedy_fsdp.items()} == {
+      i: r["completion_ids"] for i, r in plain.items()}
+  for kw, flag in ((dict(speculative="ngram", prefill_chunk=0), "--prefill_chunk"),
                    (dict(speculative="ngram", speculation="never"), "--speculation"),
                    (dict(speculative="draft", scheduler="static"), "--draft_model"),
                    (dict(speculative="recycling", scheduler="static", tree="4,x"), "--tree"),
@@ -644,16 +650,28 @@ def test_draft_layers_attend_with_the_targets_sparsity(target, other_draft, name
   assert (dense != noised).any()
 
 
-def test_tensor_parallel_speculation_equals_greedy(target, tiny_model_dir, plain_greedy):
-  """Weights sharded over `model` (two devices): a tree verified by the Pallas kernel per
-  KV-head shard equals plain greedy decoding."""
+@pytest.mark.parametrize("mesh_spec,slots", [("model:2", 3), ("fsdp:2,model:2", 4),
+                                             ("fsdp:2", 3)])
+def test_sharded_speculation_equals_greedy(tiny_model_dir, plain_greedy, mesh_spec, slots):
+  """Weights sharded over `model` and / or `fsdp`: a tree verified by the Pallas kernel per
+  shard equals plain greedy decoding. With fsdp the slots (4) split over its devices with their
+  pages, each shard reading its own through a local page table; 3 slots do not split and stay
+  whole (admissions of 1 and 2 rows do not split either)."""
   from jaxinfer.sharding import make_mesh
-  mesh = make_mesh("model:2", jax.devices()[:2])
+  from jaxinfer.speculative.decode import state_shardings
+  mesh = make_mesh(mesh_spec, jax.devices()[:4 if "," in mesh_spec else 2])
   cfg, params, _ = checkpoint.load_model(str(tiny_model_dir), None, mesh)
   rows, plain = plain_greedy[9]
   spec = SpeculativeGenerator(cfg, params, P.Lookahead(num_nodes=6, depth=3), mesh=mesh,
-                              num_slots=3, policy="always", page_size=8, implementation="pallas")
+                              num_slots=slots, policy="always", page_size=8,
+                              implementation="pallas")
   assert [r.tokens for r in spec.generate(rows)] == [r.tokens for r in plain]
+  assert spec.stats.compilations == 4  # three admission sizes, one step: states keep a layout
+  state = spec._empty_state(slots, 64, 16, jax.random.key(0), spec.proposer)
+  where = state_shardings(state, mesh, spec.rules, spec.proposer)
+  split = "fsdp" in mesh_spec and slots % 2 == 0
+  assert where.k[0].spec[1] == ("fsdp" if split else None)
+  assert where.history.spec[0] == ("fsdp" if split else None)
 
 
 def _shared_prefix_rows(cfg):

@@ -27,7 +27,7 @@ from jaxinfer.engine.scheduler import (EngineRequest, EngineResult, Scheduler, S
                                         lane_length)
 from jaxinfer.kv_cache import MixedPagedKVCache, PagedKVCache
 from jaxinfer.sampling import SamplingParams, sample
-from jaxinfer.sharding import DEFAULT_RULES, ShardingRules
+from jaxinfer.sharding import DEFAULT_RULES, ShardingRules, constrain
 from jaxinfer.sparsity import DENSE, Sparsity
 
 
@@ -91,7 +91,9 @@ def engine_step(params, k, v, last_token, tokens, from_device, positions, decode
   keys = jax.vmap(lambda kd, i: jax.random.fold_in(jax.random.wrap_key_data(kd), i))(
       key_data, sample_index)
   tok = sample(logits, SamplingParams(temperature, top_k, top_p, min_p), keys)
-  return cache.k, cache.v, jnp.where(sampled, tok, last_token), tok
+  # the last tokens keep one layout (whole) from step to step, whatever the kernels' sharding
+  return cache.k, cache.v, constrain(jnp.where(sampled, tok, last_token), (None,), mesh,
+                                     rules), tok
 
 
 def engine_decode(params, k, v, last_token, tokens, from_device, positions, decode_table,
@@ -118,7 +120,8 @@ def engine_decode(params, k, v, last_token, tokens, from_device, positions, deco
 
   out = jnp.zeros((max_steps, s), jnp.int32)
   last = jnp.where(from_device, last_token, tokens)
-  return jax.lax.fori_loop(0, num_steps, step, (k, v, last, out))
+  k, v, last, out = jax.lax.fori_loop(0, num_steps, step, (k, v, last, out))
+  return k, v, constrain(last, (None,), mesh, rules), out
 
 
 def pool_pages_for(cfg: EngineConfig, max_pages_per_request: int) -> int:

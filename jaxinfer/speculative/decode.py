@@ -55,6 +55,40 @@ class SpecState:
   emitted: jax.Array  # () tokens emitted by verifications
 
 
+def state_shardings(state: SpecState, mesh, rules, proposer) -> SpecState | None:
+  """Where a state's arrays live on a replica's mesh (None off one): rows over the batch axes
+  (`data`/`fsdp`) with their pages (a slot owns pages [b*M, (b+1)*M)) and their draft caches,
+  KV heads over `model`; Token Recycling's adjacency (shared by every row) and the counters
+  whole. Rows that do not divide over the batch axes stay whole."""
+  from jaxinfer.kv_cache import CACHE_AXES
+  from jaxinfer.sharding import rows_split
+  if mesh is None or mesh.size == 1:
+    return None
+  b = state.length.shape[0]
+  rows = "batch" if rows_split(b, mesh, rules) else None
+  at = lambda x, axes: rules.sharding(mesh, axes, x.shape)
+  by_row = lambda x: at(x, (rows,) + (None,) * (x.ndim - 1))
+  whole = lambda x: at(x, (None,) * x.ndim)
+  pool = lambda x: at(x, ("kv_heads", rows, None, "head_dim"))
+  cache_axes = tuple(rows if a == "batch" else a for a in CACHE_AXES)
+
+  def proposer_leaf(x):
+    if isinstance(proposer, Recycling):
+      return whole(x)
+    if isinstance(x, KVCache):
+      return jax.tree_util.tree_map(lambda y: at(y, cache_axes), x)
+    return by_row(x)
+
+  return SpecState(
+      k=tuple(map(pool, state.k)), v=tuple(map(pool, state.v)),
+      **{f: by_row(getattr(state, f)) for f in ("history", "length", "out", "num_generated",
+                                                "max_new", "done", "keys")},
+      step=whole(state.step), accepted_hist=whole(state.accepted_hist),
+      emitted=whole(state.emitted),
+      proposer=jax.tree_util.tree_map(proposer_leaf, state.proposer,
+                                      is_leaf=lambda x: isinstance(x, KVCache)))
+
+
 @dataclasses.dataclass
 class SpecStats:
   verify_steps: int = 0  # row-verifications (one per live row per step)
@@ -585,10 +619,29 @@ class SpeculativeGenerator:
     if key not in self._compiled:
       self._fresh += 1
       t0 = time.perf_counter()
-      self._compiled[key] = jax.jit(fn).lower(*args).compile()
+      self._compiled[key] = jax.jit(self._placed(fn)).lower(*args).compile()
       self.stats.compile_s += time.perf_counter() - t0
       self.stats.compilations += 1
     return self._compiled[key](*args)
+
+  def _placed(self, fn):
+    """fn, a state it returns laid out as every state is on this generator's mesh (so each
+    compiled step takes the state the last one returned)."""
+    if self.mesh is None or self.mesh.size == 1:
+      return fn
+
+    def placed(*args):
+      out = fn(*args)
+      if isinstance(out, SpecState):
+        out = jax.lax.with_sharding_constraint(
+            out, state_shardings(out, self.mesh, self.rules, self.proposer))
+      return out
+    return placed
+
+  def _place(self, state: SpecState) -> SpecState:
+    """A state built on the host, laid out as `_placed` lays states out."""
+    where = state_shardings(state, self.mesh, self.rules, self.proposer)
+    return state if where is None else jax.device_put(state, where)
 
   def _measure_split(self, state, sampling, step_s: float, level: int) -> None:
     """The draft / verify time split: `steps_per_sync` proposals alone, timed on this batch's
@@ -826,7 +879,7 @@ class SpeculativeGenerator:
           "top_p": np.ones(b, np.float32), "min_p": np.zeros(b, np.float32)}
     to_device = lambda d: SamplingParams(**{f: jnp.asarray(d[f]) for f in fields})
 
-    state = self._empty_state(b, max_len, o, rows[0].key, proposer)
+    state = self._place(self._empty_state(b, max_len, o, rows[0].key, proposer))
     sharing = self.prefix_reuse
     # the prefix's last token computed again: its hidden state feeds the draft layer
     recompute = int(_reads_prompt_features(proposer))
@@ -1005,7 +1058,7 @@ class SpeculativeGenerator:
         if newly:
           host_done = host_done.copy()
           host_done[newly] = True
-          state = state.replace(done=jnp.asarray(host_done))
+          state = self._place(state.replace(done=jnp.asarray(host_done)))
     if isinstance(proposer, Recycling):
       self._adjacency = state.proposer  # what it learned carries over to the next batch
     steps = int(state.step)
