@@ -313,7 +313,8 @@ def test_generate_job_with_speculation(tmp_path, tiny_model_dir, monkeypatch):
              defaults=Defaults(temperature=1.0))
   one, _ = job("hot1", **hot)
   two, _ = job("hot2", mesh="data:2", **hot)
-  assert one == two
+  three, _ = job("hot3", mesh="fsdp:2", **hot)  # one replica, its two slots split
+  assert one == two == three
   # Several samples per prompt, sampled speculatively in slots: each sample as the engine
   # would draw it alone (its own key), the records whole.
   spec, m = job("samples", speculative="ngram", scheduler="continuous", num_samples=3,
