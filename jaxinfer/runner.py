@@ -29,7 +29,7 @@ from jaxinfer.kv_cache import PagedKVCache
 from jaxinfer.requests import (Defaults, InvalidRequest, Request, error_record, parse_request,
                                truncate_at_stop)
 from jaxinfer.sampling import validate as validate_sampling
-from jaxinfer.sharding import MESH_AXES, format_mesh, parse_mesh
+from jaxinfer.sharding import MESH_AXES, device_bytes, format_mesh, parse_mesh
 from jaxinfer.sparsity import parse as parse_sparsity
 
 
@@ -394,14 +394,15 @@ def _bytes_limit(mesh) -> int | None:
   return stats.get("bytes_limit") if stats else None
 
 
-def _check_memory(what: str, kv_bytes: int, params, mesh, fix: str) -> None:
-  """Refuses KV memory that cannot fit on the device beside the weights, saying how much it
-  needs and which flags size it."""
+def _check_memory(what: str, kv_bytes: int, kv_device_bytes: int, params, mesh,
+                  fix: str) -> None:
+  """Refuses KV memory (kv_bytes in all, kv_device_bytes on one device of the mesh) that cannot
+  fit on a device beside its shards of the weights, saying how much it needs and which flags
+  size it."""
   limit = _bytes_limit(mesh)
   if not limit:
     return
-  weights = sum(x.size * x.dtype.itemsize for x in jax.tree_util.tree_leaves(params))
-  per_device = (kv_bytes + weights) / (1 if mesh is None else mesh.devices.size)
+  per_device = kv_device_bytes + device_bytes(params)
   if per_device > 0.95 * limit:
     raise UserError(f"{what}, {kv_bytes / 2**30:.2f} GiB) plus weights need "
                     f"{per_device / 2**30:.2f} GiB per device, more than its "
@@ -596,7 +597,8 @@ def _engines(job, cfg, params, meshes, todo, sparsity) -> list:
                           implementation=job.implementation, sparsity=sparsity))
   for eng in engines:
     _check_memory(f"--kv_pages: the KV pool ({eng.num_pool_pages} pages of {job.page_size} "
-                  f"tokens", eng.pool_bytes(), eng.params, eng.mesh,
+                  f"tokens", eng.pool_bytes(), device_bytes((eng.k, eng.v)), eng.params,
+                  eng.mesh,
                   "lower --kv_pages or --batch_size")
   pages_needed = max([-(-(len(r.prompt_ids) + r.max_new_tokens) // job.page_size) for r in todo]
                      + [1])
@@ -770,8 +772,9 @@ def _speculative_generators(job, cfg, params, meshes, todo, sparsity) -> list:
     for gen in gens:
       what = (f"--batch_size: speculative decoding's KV memory ({job.batch_size} rows of up "
               f"to {sum(longest)} tokens, the proposer's caches, the plain-decoding pool")
-      _check_memory(what, gen.memory_bytes(*longest, job.batch_size), gen.params, gen.mesh,
-                    "lower --batch_size or --max_new_tokens")
+      _check_memory(what, gen.memory_bytes(*longest, job.batch_size),
+                    gen.memory_bytes(*longest, job.batch_size, per_device=True), gen.params,
+                    gen.mesh, "lower --batch_size or --max_new_tokens")
       if continuous:  # one slot geometry for the whole job: compiled once
         gen.reserve(*longest)
   return gens

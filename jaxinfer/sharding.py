@@ -140,5 +140,18 @@ def rows_split(b: int, mesh: Mesh | None, rules: ShardingRules = DEFAULT_RULES) 
   """Whether b rows split over the mesh's batch axes (into more than one shard)."""
   if mesh is None:
     return False
-  shards = math.prod(mesh.shape[a] for a in rules.mesh_axes("batch"))
+  shards = math.prod(mesh.shape.get(a, 1) for a in rules.mesh_axes("batch"))
   return shards > 1 and b % shards == 0
+
+
+def device_bytes(tree, shardings=None) -> int:
+  """Bytes one device holds of a tree of arrays (each by its own sharding) or of shapes laid
+  out by `shardings` (a matching tree; None: whole on the device)."""
+  def nbytes(x, where):
+    where = where if shardings is not None else getattr(x, "sharding", None)
+    shape = x.shape if where is None else where.shard_shape(x.shape)
+    return math.prod(shape) * x.dtype.itemsize
+
+  if shardings is None:
+    return sum(nbytes(x, None) for x in jax.tree_util.tree_leaves(tree))
+  return sum(jax.tree_util.tree_leaves(jax.tree_util.tree_map(nbytes, tree, shardings)))

@@ -667,12 +667,22 @@ def test_sharded_speculation_equals_greedy(tiny_model_dir, plain_greedy, mesh_sp
                               num_slots=slots, policy="always", page_size=8,
                               implementation="pallas")
   assert [r.tokens for r in spec.generate(rows)] == [r.tokens for r in plain]
-  assert spec.stats.compilations == 4  # three admission sizes, one step: states keep a layout
+  # the empty state, three admission sizes, one step: every state keeps its layout
+  assert spec.stats.compilations == 5
   state = spec._empty_state(slots, 64, 16, jax.random.key(0), spec.proposer)
   where = state_shardings(state, mesh, spec.rules, spec.proposer)
   split = "fsdp" in mesh_spec and slots % 2 == 0
   assert where.k[0].spec[1] == ("fsdp" if split else None)
   assert where.history.spec[0] == ("fsdp" if split else None)
+  # what one device holds, for the memory check: the pools' heads split over `model`, the
+  # slots over fsdp where they divide (else each device holds them all)
+  whole, one = (spec.memory_bytes(30, 40, 9, per_device=d) for d in (False, True))
+  if mesh_spec == "fsdp:2":  # 3 slots: all of them on each device
+    assert one == whole
+  elif split:  # heads over `model`, slots over fsdp
+    assert one <= whole / 3
+  else:  # heads over `model` only
+    assert whole / 2 <= one < whole
 
 
 def _shared_prefix_rows(cfg):

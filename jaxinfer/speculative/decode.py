@@ -820,27 +820,48 @@ class SpeculativeGenerator:
     width = next_pow2(max(prompt_len, self._reserved[0]), 16)
     return o, -(-(width + o + tree_size) // self.page_size) * self.page_size  # the last tree
 
-  def memory_bytes(self, max_prompt_len: int, max_new_tokens: int, rows: int) -> int:
+  def memory_bytes(self, max_prompt_len: int, max_new_tokens: int, rows: int,
+                   per_device: bool = False) -> int:
     """Device memory a batch of `rows` requests up to these lengths holds at its peak: the
     speculative state of the largest tree (every slot's pages, the proposer's caches, per-row
-    buffers) plus, with slots and policy "auto", the plain-decoding engine's page pool."""
+    buffers) plus, with slots and policy "auto", the plain-decoding engine's page pool.
+    per_device: what one device of the mesh holds of it (slots that do not split over fsdp are
+    whole on each device; the engine's pool splits over `model` only)."""
+    from jaxinfer.kv_cache import POOL_AXES
+    from jaxinfer.sharding import device_bytes
     b = self.num_slots or rows
     o, max_len = self._geometry(max_prompt_len, max_new_tokens, self.proposer.tree_size)
     shapes = jax.eval_shape(lambda: self._empty_state(b, max_len, o, jax.random.key(0),
                                                       self.proposer))
-    total = sum(x.size * x.dtype.itemsize for x in jax.tree_util.tree_leaves(shapes))
+    mesh = self.mesh if per_device else None
+    total = device_bytes(shapes, state_shardings(shapes, mesh, self.rules, self.proposer))
     if self.num_slots is not None and self.policy == "auto":
       from jaxinfer.engine import EngineConfig
       from jaxinfer.engine.engine import pool_pages_for
       ecfg = self.engine_config or EngineConfig(num_slots=b, page_size=self.page_size)
       pages = pool_pages_for(ecfg, -(-(max_prompt_len + max_new_tokens) // ecfg.page_size))
-      total += PagedKVCache.pool_bytes(self.cfg, pages, ecfg.page_size)
+      layer = jax.ShapeDtypeStruct(
+          PagedKVCache.pool_shape(self.cfg, pages, ecfg.page_size), self.cfg.jnp_dtype)
+      where = (None if mesh is None or mesh.size == 1 else
+               self.rules.sharding(mesh, POOL_AXES, layer.shape))
+      total += 2 * self.cfg.num_layers * device_bytes(layer, where)
     return total
 
+  def _new_state(self, b: int, max_len: int, out_len: int, key: jax.Array, proposer,
+                 level: int) -> SpecState:
+    """`_empty_state`, made where it lives: on a mesh each device makes only its own part."""
+    if self.mesh is None or self.mesh.size == 1:
+      return self._empty_state(b, max_len, out_len, key, proposer)
+    make = lambda key, adjacency: self._empty_state(b, max_len, out_len, key, proposer,
+                                                    adjacency)
+    return self._run(("empty", level, b, max_len, out_len), make, key, self._adjacency)
+
   def _empty_state(self, b: int, max_len: int, out_len: int, key: jax.Array,
-                   proposer) -> SpecState:
-    """b free slots (done) over zeroed pages: rows are admitted into it."""
+                   proposer, adjacency=None) -> SpecState:
+    """b free slots (done) over zeroed pages: rows are admitted into it (adjacency: Token
+    Recycling's, default this generator's)."""
     cfg, ps = self.cfg, self.page_size
+    adjacency = self._adjacency if adjacency is None else adjacency
     k, v = PagedKVCache.init_pools(cfg, b * (max_len // ps), ps)
     w = 16
     spec = lambda shape, dtype: jax.ShapeDtypeStruct(shape, dtype)
@@ -848,8 +869,8 @@ class SpeculativeGenerator:
         partial(_proposer_prefill, proposer=proposer, max_len=max_len), self.params,
         self.draft_params, spec((b, w, cfg.embed), cfg.jnp_dtype),
         spec((b, cfg.embed), cfg.jnp_dtype), spec((b, w), jnp.int32),
-        spec((b,), jnp.int32), spec((b,), jnp.int32), self._adjacency)
-    pstate = (self._adjacency if isinstance(proposer, Recycling) else
+        spec((b,), jnp.int32), spec((b,), jnp.int32), adjacency)
+    pstate = (adjacency if isinstance(proposer, Recycling) else
               jax.tree_util.tree_map(lambda x: jnp.zeros(x.shape, x.dtype), shapes))
     zeros = lambda *shape: jnp.zeros(shape, jnp.int32)
     return SpecState(
@@ -879,7 +900,7 @@ class SpeculativeGenerator:
           "top_p": np.ones(b, np.float32), "min_p": np.zeros(b, np.float32)}
     to_device = lambda d: SamplingParams(**{f: jnp.asarray(d[f]) for f in fields})
 
-    state = self._place(self._empty_state(b, max_len, o, rows[0].key, proposer))
+    state = self._new_state(b, max_len, o, rows[0].key, proposer, level)
     sharing = self.prefix_reuse
     # the prefix's last token computed again: its hidden state feeds the draft layer
     recompute = int(_reads_prompt_features(proposer))
