@@ -12,6 +12,13 @@ the median over --repeats interleaved rounds after warm-up, with speculation for
 a smaller one, or decodes plainly, by measured speed; the warm-up batches let it measure them),
 and with the auto policy limited to on / off (the proposer's tree or plain decoding). Results
 are appended to experiments/results/bench_speculative.jsonl.
+
+Each batch size also records what the device charges for verification: the target's forward
+over T tokens per row against one token (`verify_cost`, medians of interleaved timings of a
+compiled loop of forwards; speedup cannot exceed about tau / verify_cost(T)).
+`--model=preset:wide` (random weights, the embedded model's vocabulary at 126M parameters,
+prompts from the embedded tokenizer) is too large for a CPU's caches, so its decode step is
+bound by memory, as on accelerators.
 """
 
 from __future__ import annotations
@@ -26,7 +33,8 @@ from absl import app, flags
 
 from jaxinfer import output
 
-flags.DEFINE_string("model", "embedded", "Target model.")
+flags.DEFINE_string("model", "embedded", "Target model: 'embedded', a model directory, or "
+                    "preset:NAME (random weights, no EOS; prompts from the embedded tokenizer).")
 flags.DEFINE_list("methods", ["ngram", "recycling", "layerskip"], "Proposers to measure: "
                   "ngram, lookahead, recycling, layerskip, layerskip-fallback (with Big-Little's "
                   "fallback), draft, medusa, hydra, hydra++ (with the prefix "
@@ -64,19 +72,61 @@ flags.DEFINE_string("results", str(Path(__file__).parent / "results" / "bench_sp
 FLAGS = flags.FLAGS
 
 
+def forward_costs(cfg, params, batch: int, sizes, repeats: int = 5, steps: int = 20) -> dict:
+  """{T: the target's forward over T tokens per row (over a cache, logits included) / over one
+  token}, medians of `repeats` interleaved timings of a compiled loop of `steps` forwards."""
+  import time
+
+  import jax
+  import jax.numpy as jnp
+  import numpy as np
+
+  from jaxinfer import model as M
+  from jaxinfer.kv_cache import KVCache
+
+  def loop(t):
+    @jax.jit
+    def run(params, cache):
+      def body(i, cache):
+        tokens = jnp.full((batch, t), 5, jnp.int32) + i
+        positions = jnp.broadcast_to(100 + i + jnp.arange(t), (batch, t))
+        hidden, cache = M.forward(params, tokens, positions, cfg, cache, kv_source="cache")
+        logits = M.logits(params, hidden)  # (kept: its result feeds the next iteration)
+        return jax.tree_util.tree_map(lambda x: x + 0 * logits[0, 0, 0].astype(x.dtype), cache)
+      return jax.lax.fori_loop(0, steps, body, cache)
+    return run
+
+  cache = KVCache.init(cfg, batch, 128 + steps + max(sizes))
+  fns = {t: loop(t) for t in sorted({1, *sizes})}
+  for f in fns.values():
+    jax.block_until_ready(f(params, cache))
+  times = {t: [] for t in fns}
+  for _ in range(repeats):
+    for t, f in fns.items():
+      t0 = time.perf_counter()
+      jax.block_until_ready(f(params, cache))
+      times[t].append(time.perf_counter() - t0)
+  one = float(np.median(times[1]))
+  return {t: round(float(np.median(v)) / one, 3) for t, v in times.items()}
+
+
 def main(argv):
   del argv
+  import dataclasses
   import time
 
   import jax
   import numpy as np
 
   from jaxinfer import checkpoint, embedded
+  from jaxinfer import model as M
+  from jaxinfer.config import PRESETS
   from jaxinfer.generation import Generator, RowRequest
   from jaxinfer.runner import GenerateJob, make_proposer
   from jaxinfer.speculative.decode import SpeculativeGenerator
 
-  model_dir = checkpoint.resolve_model_dir(FLAGS.model)
+  preset = FLAGS.model.startswith("preset:")
+  model_dir = checkpoint.resolve_model_dir("embedded" if preset else FLAGS.model)
   heads = {"medusa": FLAGS.draft_heads, "hydra": FLAGS.hydra_heads,
            "hydra++": FLAGS.hydrapp_heads, "eagle": FLAGS.eagle_draft,
            "eagle-ttt": FLAGS.eagle_ttt_draft}
@@ -86,6 +136,12 @@ def main(argv):
     if heads[method] is None and FLAGS.model == "embedded":
       heads[method] = str(Path(model_dir).parent / default)
   cfg, params, tok = checkpoint.load_model(str(model_dir))
+  if preset:  # random weights; no EOS, so every row generates its whole budget
+    cfg = dataclasses.replace(PRESETS[FLAGS.model.split(":", 1)[1]], eos_token_ids=())
+    if cfg.vocab_size < tok.vocab_size:
+      raise ValueError(f"--model={FLAGS.model}: its vocabulary ({cfg.vocab_size}) is smaller "
+                       f"than the embedded tokenizer's ({tok.vocab_size})")
+    params = M.init_params(cfg, jax.random.key(0))
   sizes = [int(b) for b in FLAGS.batch_sizes]
   all_prompts = embedded.heldout_prompts(tok, max(sizes), FLAGS.prompt_tokens)
   base = {"model": FLAGS.model, "device": jax.devices()[0].device_kind, "jax": jax.__version__,
@@ -103,8 +159,9 @@ def main(argv):
     plain_gen = Generator(cfg, params, steps_per_sync=32)
     plain = plain_gen.generate(rows)  # compile
     new_tokens = sum(len(r.tokens) for r in plain)
-    row = dict(base, batch_size=b, methods={})
+    row = dict(base, batch_size=b, methods={}, params=cfg.num_params())
     plain_times = []
+    costs = {}  # tree size -> verify_cost, measured once all the methods' proposers are known
     for method in FLAGS.methods:
       # "eagle-tree": the EAGLE draft growing EAGLE-2 dynamic trees (--dynamic_tree);
       # "hydra++": Hydra heads with the prefix layer
@@ -153,7 +210,11 @@ def main(argv):
                 "draft_share": None if st.draft_share is None else round(st.draft_share, 3),
                 "draft_heads": Path(head_dir).name if head_dir else None}
       row["methods"][method] = result
+      costs[proposer.tree_size] = None
       print(f"  batch {b} {method}: {json.dumps(result)}", file=sys.stderr, flush=True)
+    row["verify_cost"] = forward_costs(cfg, params, b, list(costs))
+    print(f"  batch {b} verify cost (T: forward over T tokens / one): {row['verify_cost']}",
+          file=sys.stderr, flush=True)
     row["plain_tokens_per_second_median"] = round(new_tokens / float(np.median(plain_times)), 1)
     output.append_jsonl(FLAGS.results, [row])
 

@@ -109,6 +109,11 @@ PRESETS: dict[str, ModelConfig] = {
     "embedded": ModelConfig(vocab_size=4096, embed=128, num_layers=4, q_heads=4, kv_heads=2,
                             head_dim=32, mlp=384, max_seq_len=2048, rope_theta=10000.0,
                             norm_eps=1e-5, tie_embeddings=True),
+    # The embedded model's vocabulary at 126M parameters, for benchmarks with random weights:
+    # too large for a CPU's caches, so a decode step there is bound by memory, as on accelerators.
+    "wide": ModelConfig(vocab_size=4096, embed=1024, num_layers=8, q_heads=16, kv_heads=4,
+                        head_dim=64, mlp=4096, max_seq_len=2048, rope_theta=10000.0,
+                        norm_eps=1e-5, tie_embeddings=True),
     # Llama-3.1-8B shapes, for benchmarks with random weights.
     "llama3-8b": ModelConfig(vocab_size=128256, embed=4096, num_layers=32, q_heads=32, kv_heads=8,
                              head_dim=128, mlp=14336, max_seq_len=8192, rope_theta=500000.0,

@@ -21,3 +21,19 @@ def test_bench_vs_transformers_runs_both_sides_on_the_same_weights(tmp_path, tin
   assert row["identical_completions"] == "3/3" and row["batch"] == 3
   assert row["jaxinfer_tokens_per_second"] > 0 and row["transformers_tokens_per_second"] > 0
   assert row["speedup"] > 0 and 0 < row["fraction_of_measured_bandwidth"]
+
+
+def test_bench_speculative_measures_speedup_and_verify_cost(tmp_path, tiny_model_dir):
+  """Speculation against plain decoding side by side (outputs identical), and the cost of the
+  target's forward over T tokens against one, per batch size."""
+  results = tmp_path / "r.jsonl"
+  proc = subprocess.run([sys.executable, str(EXPERIMENTS / "bench_speculative.py"),
+                         f"--model={tiny_model_dir}", "--methods=ngram", "--batch_sizes=2",
+                         "--prompt_tokens=16", "--max_new_tokens=8", "--repeats=1",
+                         f"--results={results}"], capture_output=True, text=True, timeout=600)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  (row,) = map(json.loads, results.read_text().splitlines())
+  ngram = row["methods"]["ngram"]
+  assert ngram["identical_to_plain"] == "2/2" and ngram["tau"] >= 1.0 and ngram["speedup"] > 0
+  assert set(row["verify_cost"]) == {"1", "5"} and row["verify_cost"]["1"] == 1.0
+  assert row["verify_cost"]["5"] > 0 and row["params"] > 0
