@@ -1,4 +1,5 @@
-"""What every kernel shares: the mask value, interpret-mode defaults, backend compiler params."""
+"""What every kernel shares: the mask value, the choice of kernel form by target platform, Triton's
+params and padding, the online softmax over pages."""
 
 from __future__ import annotations
 
@@ -8,19 +9,52 @@ import jax.numpy as jnp
 MASK_VALUE = -0.7 * float(jnp.finfo(jnp.float32).max)
 
 
-def resolve_interpret(interpret: bool | None) -> bool:
-  """None: interpret on CPU (no Pallas backend there), compile on GPU and TPU."""
-  if interpret is None:
-    return jax.default_backend() == "cpu"
-  return interpret
+BACKENDS = ("gpu", "tpu")  # the kernel forms: Triton-style (also what CPU interprets), Mosaic TPU
 
 
-def compiler_params(num_warps: int = 4, num_stages: int = 2):
-  """Backend compiler parameters; None lets Pallas choose (CPU interpret, TPU)."""
-  if jax.default_backend() != "gpu":
-    return None
+def on_target(build, *args, backend: str | None = None, interpret: bool | None = None):
+  """Runs `build(form, interpret)(*args)` with the kernel form and interpret mode that the
+  platform being *lowered for* needs, not the host's: TPU gets the Mosaic TPU form, CUDA/ROCm the
+  Triton form, CPU interprets the Triton form. The choice is made by `lax.platform_dependent`, so
+  exporting or AOT-compiling for `tpu` or `cuda` from a CPU host yields real kernels.
+
+  backend ("gpu" | "tpu") forces the form; interpret forces interpretation (for the TPU form
+  that is jax's TPU interpret mode, which models DMAs, semaphores and SMEM). `interpret` handed
+  to `build` is False, True, or a `pltpu.InterpretParams`."""
+  if backend is not None and backend not in BACKENDS:
+    raise ValueError(f"kernel backend: expected one of {BACKENDS} or None, got {backend!r}")
+
+  def branch(platform):
+    form = backend or ("tpu" if platform == "tpu" else "gpu")
+    interp = (platform == "cpu") if interpret is None else interpret
+    if interp and form == "tpu":
+      from jax.experimental.pallas import tpu as pltpu
+      interp = pltpu.InterpretParams()
+    return build(form, interp)
+
+  return jax.lax.platform_dependent(*args, cpu=branch("cpu"), cuda=branch("gpu"),
+                                    rocm=branch("gpu"), tpu=branch("tpu"))
+
+
+def triton_params(num_warps: int = 4, num_stages: int = 2):
+  """Explicit Triton compiler params: they route `pallas_call` on CUDA to Triton in every jax
+  version (jax 0.10 otherwise picks Mosaic GPU, which stages whole blocks in shared memory)."""
   from jax.experimental.pallas import triton as plgpu
   return plgpu.CompilerParams(num_warps=num_warps, num_stages=num_stages)
+
+
+def pow2(n: int) -> int:
+  """The smallest power of two >= n (Triton's in-kernel arrays are power-of-two sized)."""
+  return 1 << max(0, (n - 1).bit_length())
+
+
+def gpu_rows(rows: int, interpret, min_rows: int | None) -> int:
+  """Rows of the GPU form's matmuls: compiled for Triton, a power of two >= 16 (its smallest
+  dot); interpreted, `min_rows` (default: no padding) so the padding itself can be tested."""
+  if min_rows is None:
+    min_rows = 1 if interpret else 16
+  rows = max(rows, min_rows)
+  return rows if interpret else pow2(rows)
 
 
 def merge_splits(o: jax.Array, lse: jax.Array, axis: int) -> jax.Array:

@@ -14,6 +14,10 @@ os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") +
                            " --xla_force_host_platform_device_count=8"
                            " --xla_backend_optimization_level=0").strip()
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
+# libtpu's compile-only client (tests that compile for TPU topologies): no cloud metadata
+# server, and both test workers may load it at once.
+os.environ.setdefault("TPU_SKIP_MDS_QUERY", "1")
+os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
 os.environ.setdefault("JAX_COMPILATION_CACHE_DIR",
                       str(Path(__file__).resolve().parent.parent / ".pytest_cache" / "xla"))
 
@@ -23,6 +27,21 @@ import pytest  # noqa: E402
 from jaxinfer import compilation_cache  # noqa: E402
 
 compilation_cache.enable(os.environ["JAX_COMPILATION_CACHE_DIR"])
+
+
+@pytest.fixture(scope="session")
+def tpu_device():
+  """tpu_device(name) -> the first device of a TPU topology ("v5e:2x2", "v6e:2x2", ...) from
+  libtpu's compile-only client: programs compile for it here, with no TPU attached."""
+  from jax.experimental import topologies
+  cache = {}
+
+  def get(name: str):
+    if name not in cache:
+      cache[name] = topologies.get_topology_desc(topology_name=name, platform="tpu").devices[0]
+    return cache[name]
+
+  return get
 
 
 @pytest.fixture(scope="session")

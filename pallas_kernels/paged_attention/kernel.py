@@ -17,9 +17,10 @@ import jax
 import jax.numpy as jnp
 from jax.experimental import pallas as pl
 
-from pallas_kernels.common import (compiler_params, merge_splits, resolve_interpret,
-                                   softmax_finish, softmax_init, split_pages, walk_pages,
+from pallas_kernels.common import (gpu_rows, merge_splits, on_target, softmax_finish,
+                                   softmax_init, split_pages, triton_params, walk_pages,
                                    walk_sinks_and_window)
+from pallas_kernels.paged_attention.tpu import paged_rows_attention, sublanes
 
 def _kernel(len_ref, pt_ref, q_ref, k_ref, v_ref, o_ref, lse_ref, *, scale, page_size,
             pages_per_split, window, sinks):
@@ -59,31 +60,17 @@ def _check(q, k_pages, v_pages, lengths, page_table):
                      f"do not match batch {b}")
 
 
-@functools.partial(jax.jit, static_argnames=("window", "sinks", "num_splits", "scale",
-                                             "interpret", "min_rows"))
-def paged_attention(q: jax.Array, k_pages: jax.Array, v_pages: jax.Array, lengths: jax.Array,
-                    page_table: jax.Array, *, window: int | None = None, sinks: int = 0,
-                    num_splits: int | None = None, scale: float | None = None,
-                    interpret: bool | None = None, min_rows: int | None = None) -> jax.Array:
-  """q (B,N,H) one token per sequence; keys at positions < lengths[b] are visible (and, with a
-  sliding window, >= lengths[b] - window or < sinks), position p living in page
-  page_table[b, p // ps] at offset p % ps. Returns (B,N,H)."""
-  _check(q, k_pages, v_pages, lengths, page_table)
-  b, n, h = q.shape
-  kv_heads, _, page_size, _ = k_pages.shape
-  g = n // kv_heads
+def _gpu_form(q, k_pages, v_pages, lengths, page_table, *, scale, splits, window, sinks,
+              min_rows, interpret):
+  """The Triton form (what CPU interprets): q (B,K,G,H) -> (B,K,G,H) f32. Triton reads the pools through pointers (never staged whole); its rows are padded to a power
+  of two >= 16."""
+  b, kv_heads, g, h = q.shape
   max_pages = page_table.shape[1]
-  splits = num_splits or default_num_splits(b, kv_heads, max_pages)
-  per_split = -(-max_pages // splits)
-  scale = h**-0.5 if scale is None else scale
-  if min_rows is None:
-    min_rows = 16 if jax.default_backend() == "gpu" else 1  # Triton's smallest matmul
-  rows = max(g, min_rows)
-  qg = q.reshape(b, kv_heads, g, h)
+  rows = gpu_rows(g, interpret, min_rows)
   if rows > g:
-    qg = jnp.pad(qg, ((0, 0), (0, 0), (0, rows - g), (0, 0)))
-  kernel = functools.partial(_kernel, scale=scale, page_size=page_size,
-                             pages_per_split=per_split, window=window, sinks=sinks)
+    q = jnp.pad(q, ((0, 0), (0, 0), (0, rows - g), (0, 0)))
+  kernel = functools.partial(_kernel, scale=scale, page_size=k_pages.shape[2],
+                             pages_per_split=-(-max_pages // splits), window=window, sinks=sinks)
   pool = pl.BlockSpec((None,) + k_pages.shape[1:], lambda bi, ki, si: (ki, 0, 0, 0))
   o, lse = pl.pallas_call(
       kernel,
@@ -96,8 +83,60 @@ def paged_attention(q: jax.Array, k_pages: jax.Array, v_pages: jax.Array, length
                  pl.BlockSpec((None, None, None, rows), lambda bi, ki, si: (bi, ki, si, 0))],
       out_shape=[jax.ShapeDtypeStruct((b, kv_heads, splits, rows, h), jnp.float32),
                  jax.ShapeDtypeStruct((b, kv_heads, splits, rows), jnp.float32)],
-      interpret=resolve_interpret(interpret), compiler_params=compiler_params(),
+      interpret=interpret, compiler_params=None if interpret else triton_params(),
       name="paged_decode_attention",
-  )(lengths.astype(jnp.int32)[:, None], page_table.astype(jnp.int32), qg, k_pages, v_pages)
-  out = merge_splits(o, lse, axis=2)[:, :, :g]
+  )(lengths[:, None], page_table, q, k_pages, v_pages)
+  return merge_splits(o, lse, axis=2)[:, :, :g]
+
+
+def _decode_visible(window, sinks):
+  def visible(pos, length):
+    vis = pos < length
+    if window is not None:
+      vis &= (pos >= length - window) | (pos < sinks)
+    return vis
+  return visible
+
+
+def _tpu_form(q, k_pages, v_pages, lengths, page_table, *, scale, splits, window, sinks,
+              interpret):
+  """The Mosaic TPU form (paged_attention/tpu.py); rows padded to a whole sublane tile."""
+  g = q.shape[2]
+  rows = -(-g // sublanes(q.dtype)) * sublanes(q.dtype)
+  q = jnp.pad(q, ((0, 0), (0, 0), (0, rows - g), (0, 0)))
+  o, lse = paged_rows_attention(q, k_pages, v_pages, lengths, page_table, (),
+                                _decode_visible(window, sinks), scale=scale, num_splits=splits,
+                                window_lag=window, sinks=sinks, interpret=interpret)
+  return merge_splits(o, lse, axis=2)[:, :, :g]
+
+
+@functools.partial(jax.jit, static_argnames=("window", "sinks", "num_splits", "scale", "backend",
+                                             "interpret", "min_rows"))
+def paged_attention(q: jax.Array, k_pages: jax.Array, v_pages: jax.Array, lengths: jax.Array,
+                    page_table: jax.Array, *, window: int | None = None, sinks: int = 0,
+                    num_splits: int | None = None, scale: float | None = None,
+                    backend: str | None = None, interpret: bool | None = None,
+                    min_rows: int | None = None) -> jax.Array:
+  """q (B,N,H) one token per sequence; keys at positions < lengths[b] are visible (and, with a
+  sliding window, >= lengths[b] - window or < sinks), position p living in page
+  page_table[b, p // ps] at offset p % ps. Returns (B,N,H).
+
+  The platform being lowered for picks the kernel form (TPU: Mosaic with DMAs; CUDA: Triton;
+  CPU: the Triton form interpreted); `backend` / `interpret` force them (common.on_target);
+  `min_rows` pads the GPU form's rows (default: 16 and a power of two when compiled)."""
+  _check(q, k_pages, v_pages, lengths, page_table)
+  b, n, h = q.shape
+  kv_heads = k_pages.shape[0]
+  g = n // kv_heads
+  kw = dict(scale=h**-0.5 if scale is None else scale, window=window, sinks=sinks)
+
+  def build(form, interp):
+    if form == "tpu":  # a TPU core walks the grid in order: splits only cost there
+      return functools.partial(_tpu_form, splits=num_splits or 1, interpret=interp, **kw)
+    splits = num_splits or default_num_splits(b, kv_heads, page_table.shape[1])
+    return functools.partial(_gpu_form, splits=splits, min_rows=min_rows, interpret=interp, **kw)
+
+  out = on_target(build, q.reshape(b, kv_heads, g, h), k_pages, v_pages,
+                  lengths.astype(jnp.int32), page_table.astype(jnp.int32), backend=backend,
+                  interpret=interpret)
   return out.reshape(b, n, h).astype(q.dtype)

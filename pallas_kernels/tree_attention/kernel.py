@@ -23,34 +23,42 @@ import jax
 import jax.numpy as jnp
 from jax.experimental import pallas as pl
 
-from pallas_kernels.common import (compiler_params, merge_splits, resolve_interpret,
-                                   softmax_finish, softmax_init, split_pages, walk_pages,
+from pallas_kernels.common import (gpu_rows, merge_splits, on_target, pow2, softmax_finish,
+                                   softmax_init, split_pages, triton_params, walk_pages,
                                    walk_sinks_and_window)
 from pallas_kernels.paged_attention.kernel import default_num_splits
+from pallas_kernels.paged_attention.tpu import paged_rows_attention, sublanes
 from pallas_kernels.tree_attention.reference import check_window, tree_depths
+
+def _visible(tree_size, window, sinks):
+  """visible(pos (1,bk), end, words (rows, W), depth (rows, 1)) -> (rows, bk): the prefix
+  (within the window, or among the sinks) and the row's own tree ancestors (its mask bits).
+  words and depth are refs: a word is loaded by a ref slice (Triton cannot slice values)."""
+  def visible(pos, end, words, depth):
+    prefix = end - tree_size
+    rel = pos - prefix
+    in_tree = (rel >= 0) & (rel < tree_size)
+    relc = jnp.clip(rel, 0, tree_size - 1)
+    bit = jnp.zeros((words.shape[0], pos.shape[1]), jnp.int32)
+    for w in range(words.shape[1]):  # the word holding each column's bit
+      shifted = words[:, w:w + 1] >> (relc & 31)  # bit 31 is read after & 1
+      bit = jnp.where((relc >> 5) == w, shifted & 1, bit)
+    seen = pos < prefix
+    if window is not None:
+      recent = pos > prefix + depth[...] - window  # each row's depth
+      seen &= (recent | (pos < sinks)) if sinks else recent
+    return seen | (in_tree & (bit == 1))
+  return visible
+
 
 def _kernel(len_ref, pt_ref, mask_ref, depth_ref, q_ref, k_ref, v_ref, o_ref, lse_ref, *, scale,
             page_size, pages_per_split, tree_size, window, sinks):
   q = q_ref[...]
   rows, h = q.shape
-  words = mask_ref[...]  # (rows, W) int32
   prefix = len_ref[0]
   first, last = split_pages(prefix + tree_size, page_size, pt_ref.shape[0], pages_per_split)
-
-  def visible(pos):
-    rel = pos - prefix
-    in_tree = (rel >= 0) & (rel < tree_size)
-    relc = jnp.clip(rel, 0, tree_size - 1)
-    bit = jnp.zeros((rows, page_size), jnp.int32)
-    for w in range(words.shape[1]):  # the word holding each column's bit
-      shifted = words[:, w:w + 1] >> (relc & 31)  # (rows, ps); bit 31 is read after & 1
-      bit = jnp.where((relc >> 5) == w, shifted & 1, bit)
-    seen = pos < prefix
-    if window is not None:
-      recent = pos > prefix + depth_ref[...] - window  # (rows, 1): each row's depth
-      seen &= (recent | (pos < sinks)) if sinks else recent
-    return seen | (in_tree & (bit == 1))
-
+  visible = functools.partial(_visible(tree_size, window, sinks), end=prefix + tree_size,
+                              words=mask_ref, depth=depth_ref)
   walk = functools.partial(walk_pages, q, k_ref, v_ref, pt_ref, visible_fn=visible, scale=scale,
                            page_size=page_size)
   # the root (depth 0) sees the earliest prefix position
@@ -75,41 +83,27 @@ def _check(q, k_pages, v_pages, prefix_len, page_table, tree_mask):
                      f"{(b, t, -(-t // 32))}, got {tree_mask.shape}")
 
 
-@functools.partial(jax.jit, static_argnames=("window", "sinks", "num_splits", "scale",
-                                             "interpret", "min_rows"))
-def tree_attention(q: jax.Array, k_pages: jax.Array, v_pages: jax.Array, prefix_len: jax.Array,
-                   page_table: jax.Array, tree_mask: jax.Array, *, window: int | None = None,
-                   sinks: int = 0, num_splits: int | None = None, scale: float | None = None,
-                   interpret: bool | None = None, min_rows: int | None = None) -> jax.Array:
-  """q (B,T,N,H): the tree tokens; their keys at positions prefix_len[b] + j (node j) in the
-  pages, position p living in page page_table[b, p // ps] at offset p % ps; tree_mask (B,T,W)
-  packed ancestor bits (pack_ancestors); window: a sliding window (>= T) over positions, token
-  t's being prefix_len + its depth; sinks: with a window, the first positions every token also
-  sees. Returns (B,T,N,H)."""
-  _check(q, k_pages, v_pages, prefix_len, page_table, tree_mask)
-  b, t, n, h = q.shape
-  check_window(window, t, sinks)
-  kv_heads, _, page_size, _ = k_pages.shape
-  g = n // kv_heads
+def _pad_rows(rows, *xs):
+  """Pads axis 2 (rows) of q (B,K,R,H) and axis 1 of the per-row inputs (B,R,X) to `rows`."""
+  q, *per_row = xs
+  r = q.shape[2]
+  q = jnp.pad(q, ((0, 0), (0, 0), (0, rows - r), (0, 0)))
+  return (q, *(jnp.pad(x, ((0, 0), (0, rows - r), (0, 0))) for x in per_row))
+
+
+def _gpu_form(qg, k_pages, v_pages, prefix_len, page_table, mask, depth, *, scale, splits,
+              tree_size, window, sinks, min_rows, interpret):
+  """The Triton form (what CPU interprets): qg (B,K,T*G,H) -> (B,K,T*G,H) f32. Rows and mask
+  words are padded to powers of two when compiled (Triton's array sizes)."""
+  b, kv_heads, tg, h = qg.shape
   max_pages = page_table.shape[1]
-  splits = num_splits or default_num_splits(b, kv_heads, max_pages)
-  per_split = -(-max_pages // splits)
-  scale = h**-0.5 if scale is None else scale
-  if min_rows is None:
-    min_rows = 16 if jax.default_backend() == "gpu" else 1  # Triton's smallest matmul
-  rows = max(t * g, min_rows)
-  words = tree_mask.shape[2]
-  # Row r = t * G + g: tree token t, query head g of the group.
-  qg = q.reshape(b, t, kv_heads, g, h).transpose(0, 2, 1, 3, 4).reshape(b, kv_heads, t * g, h)
-  mask = jnp.repeat(tree_mask.astype(jnp.int32), g, axis=1)  # (B, T*G, W)
-  depth = jnp.repeat(tree_depths(tree_mask), g, axis=1)[..., None]  # (B, T*G, 1)
-  if rows > t * g:
-    qg = jnp.pad(qg, ((0, 0), (0, 0), (0, rows - t * g), (0, 0)))
-    mask = jnp.pad(mask, ((0, 0), (0, rows - t * g), (0, 0)))
-    depth = jnp.pad(depth, ((0, 0), (0, rows - t * g), (0, 0)))
-  kernel = functools.partial(_kernel, scale=scale, page_size=page_size,
-                             pages_per_split=per_split, tree_size=t, window=window,
-                             sinks=sinks)
+  rows = gpu_rows(tg, interpret, min_rows)
+  words = mask.shape[2] if interpret else pow2(mask.shape[2])
+  mask = jnp.pad(mask, ((0, 0), (0, 0), (0, words - mask.shape[2])))
+  qg, mask, depth = _pad_rows(rows, qg, mask, depth)
+  kernel = functools.partial(_kernel, scale=scale, page_size=k_pages.shape[2],
+                             pages_per_split=-(-max_pages // splits), tree_size=tree_size,
+                             window=window, sinks=sinks)
   pool = pl.BlockSpec((None,) + k_pages.shape[1:], lambda bi, ki, si: (ki, 0, 0, 0))
   o, lse = pl.pallas_call(
       kernel,
@@ -124,10 +118,59 @@ def tree_attention(q: jax.Array, k_pages: jax.Array, v_pages: jax.Array, prefix_
                  pl.BlockSpec((None, None, None, rows), lambda bi, ki, si: (bi, ki, si, 0))],
       out_shape=[jax.ShapeDtypeStruct((b, kv_heads, splits, rows, h), jnp.float32),
                  jax.ShapeDtypeStruct((b, kv_heads, splits, rows), jnp.float32)],
-      interpret=resolve_interpret(interpret), compiler_params=compiler_params(),
+      interpret=interpret, compiler_params=None if interpret else triton_params(),
       name="tree_verify_attention",
-  )(prefix_len.astype(jnp.int32)[:, None], page_table.astype(jnp.int32), mask, depth, qg,
-    k_pages, v_pages)
-  out = merge_splits(o, lse, axis=2)[:, :, :t * g]  # (B, K, T*G, H)
+  )(prefix_len[:, None], page_table, mask, depth, qg, k_pages, v_pages)
+  return merge_splits(o, lse, axis=2)[:, :, :tg]
+
+
+def _tpu_form(qg, k_pages, v_pages, prefix_len, page_table, mask, depth, *, scale, splits,
+              tree_size, window, sinks, interpret):
+  """The Mosaic TPU form (paged_attention/tpu.py); rows padded to a whole sublane tile."""
+  tg = qg.shape[2]
+  tile = sublanes(qg.dtype)
+  qg, mask, depth = _pad_rows(-(-tg // tile) * tile, qg, mask, depth)
+  o, lse = paged_rows_attention(
+      qg, k_pages, v_pages, prefix_len + tree_size, page_table, (mask, depth),
+      _visible(tree_size, window, sinks), scale=scale, num_splits=splits,
+      window_lag=None if window is None else window + tree_size - 1, sinks=sinks,
+      interpret=interpret)
+  return merge_splits(o, lse, axis=2)[:, :, :tg]
+
+
+@functools.partial(jax.jit, static_argnames=("window", "sinks", "num_splits", "scale", "backend",
+                                             "interpret", "min_rows"))
+def tree_attention(q: jax.Array, k_pages: jax.Array, v_pages: jax.Array, prefix_len: jax.Array,
+                   page_table: jax.Array, tree_mask: jax.Array, *, window: int | None = None,
+                   sinks: int = 0, num_splits: int | None = None, scale: float | None = None,
+                   backend: str | None = None, interpret: bool | None = None,
+                   min_rows: int | None = None) -> jax.Array:
+  """q (B,T,N,H): the tree tokens; their keys at positions prefix_len[b] + j (node j) in the
+  pages, position p living in page page_table[b, p // ps] at offset p % ps; tree_mask (B,T,W)
+  packed ancestor bits (pack_ancestors); window: a sliding window (>= T) over positions, token
+  t's being prefix_len + its depth; sinks: with a window, the first positions every token also
+  sees. Returns (B,T,N,H).
+
+  The platform being lowered for picks the kernel form (TPU: Mosaic with DMAs; CUDA: Triton;
+  CPU: the Triton form interpreted); `backend` / `interpret` force them (common.on_target)."""
+  _check(q, k_pages, v_pages, prefix_len, page_table, tree_mask)
+  b, t, n, h = q.shape
+  check_window(window, t, sinks)
+  kv_heads = k_pages.shape[0]
+  g = n // kv_heads
+  # Row r = t * G + g: tree token t, query head g of the group.
+  qg = q.reshape(b, t, kv_heads, g, h).transpose(0, 2, 1, 3, 4).reshape(b, kv_heads, t * g, h)
+  mask = jnp.repeat(tree_mask.astype(jnp.int32), g, axis=1)  # (B, T*G, W)
+  depth = jnp.repeat(tree_depths(tree_mask), g, axis=1)[..., None]  # (B, T*G, 1)
+  kw = dict(scale=h**-0.5 if scale is None else scale, tree_size=t, window=window, sinks=sinks)
+
+  def build(form, interp):
+    if form == "tpu":  # a TPU core walks the grid in order: splits only cost there
+      return functools.partial(_tpu_form, splits=num_splits or 1, interpret=interp, **kw)
+    splits = num_splits or default_num_splits(b, kv_heads, page_table.shape[1])
+    return functools.partial(_gpu_form, splits=splits, min_rows=min_rows, interpret=interp, **kw)
+
+  out = on_target(build, qg, k_pages, v_pages, prefix_len.astype(jnp.int32),
+                  page_table.astype(jnp.int32), mask, depth, backend=backend, interpret=interpret)
   out = out.reshape(b, kv_heads, t, g, h).transpose(0, 2, 1, 3, 4)
   return out.reshape(b, t, n, h).astype(q.dtype)

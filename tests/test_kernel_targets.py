@@ -1,0 +1,174 @@
+"""Paged decode and tree-verification kernels in the form each target compiles: the Mosaic TPU
+form's numerics in jax's TPU interpret mode (DMAs and semaphores modelled), its compilation by
+libtpu for real TPU topologies at serving shapes, the Triton form's lowering for CUDA, and the
+choice of form made by the platform being lowered for, not by this CPU host."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from jax import export
+
+from pallas_kernels.paged_attention import paged_attention, paged_attention_reference
+from pallas_kernels.tree_attention import (pack_ancestors, tree_attention,
+                                           tree_attention_reference)
+
+PARENTS = [-1, 0, 0, 1, 1, 2, 3, 3, 5, 8]  # a 10-node tree: T*G = 40 rows, not a power of two
+
+
+def _pools(k, pool, ps, h, dtype, seed=0, poison=None):
+  ks = jax.random.split(jax.random.key(seed), 2)
+  kp = jax.random.normal(ks[0], (k, pool, ps, h)).astype(dtype)
+  vp = jax.random.normal(ks[1], (k, pool, ps, h)).astype(dtype)
+  if poison is not None:  # pages that must never be read
+    bad = jnp.asarray(poison)[None, :, None, None]
+    return kp, vp, jnp.where(bad, jnp.nan, kp), jnp.where(bad, jnp.nan, vp)
+  return kp, vp, kp, vp
+
+
+def _table(b, m, pool, seed=0):
+  return jnp.asarray(np.random.RandomState(seed).permutation(pool)[:b * m].reshape(b, m),
+                     jnp.int32)
+
+
+def _unread(table, ends, ps, pool, first_visible):
+  """Pool pages that no sequence reads: beyond its end, or wholly before its window."""
+  read = np.zeros(pool, bool)
+  for row, end, lo in zip(np.asarray(table), ends, first_visible):
+    for j, page in enumerate(row):
+      if j * ps < end and (j + 1) * ps > lo:
+        read[page] = True
+  return ~read
+
+
+@pytest.mark.parametrize("dtype,n,k,ps,window,splits", [
+    (jnp.float32, 8, 2, 16, None, None),
+    (jnp.float32, 6, 6, 32, 40, 2),
+    (jnp.bfloat16, 12, 4, 16, 50, None),
+])
+def test_tpu_form_paged_decode_matches_reference(dtype, n, k, ps, window, splits):
+  b, h, m, pool = 3, 128, 8, 40
+  table = _table(b, m, pool)
+  lengths = np.array([1, 70, m * ps])
+  lo = lengths - window if window else np.zeros(b)
+  q = jax.random.normal(jax.random.key(1), (b, n, h)).astype(dtype)
+  kp, vp, kbad, vbad = _pools(k, pool, ps, h, dtype, poison=_unread(table, lengths, ps, pool, lo))
+  kw = dict(window=window, sinks=0)
+  out = paged_attention(q, kbad, vbad, jnp.asarray(lengths), table, num_splits=splits,
+                        backend="tpu", interpret=True, **kw)
+  ref = paged_attention_reference(q, kp, vp, jnp.asarray(lengths), table, **kw)
+  tol = 2e-5 if dtype == jnp.float32 else 3e-2
+  np.testing.assert_allclose(np.asarray(out, np.float32), np.asarray(ref, np.float32), atol=tol,
+                             rtol=tol)
+
+
+@pytest.mark.parametrize("window,sinks", [(None, 0), (24, 3)])
+def test_tpu_form_tree_verification_matches_reference(window, sinks):
+  b, n, k, h, ps, m, pool = 3, 8, 2, 128, 16, 10, 40
+  parents = jnp.asarray([PARENTS, PARENTS[:5] + [0] * 5, [-1] + list(range(9))])  # ragged
+  mask = pack_ancestors(parents)
+  prefix = np.array([0, 50, 130])
+  t = len(PARENTS)
+  table = _table(b, m, pool)
+  q = jax.random.normal(jax.random.key(2), (b, t, n, h))
+  kp, vp, _, _ = _pools(k, pool, ps, h, jnp.float32)
+  kw = dict(window=window, sinks=sinks)
+  ref = tree_attention_reference(q, kp, vp, jnp.asarray(prefix), table, mask, **kw)
+  out = tree_attention(q, kp, vp, jnp.asarray(prefix), table, mask, backend="tpu",
+                       interpret=True, **kw)
+  np.testing.assert_allclose(out, ref, atol=2e-5, rtol=2e-5)
+
+
+def test_tpu_form_never_reads_pages_outside_the_tree_or_window():
+  b, n, k, h, ps, m, pool = 2, 4, 2, 128, 16, 12, 30
+  t, window, sinks = len(PARENTS), 40, 3
+  mask = pack_ancestors(jnp.asarray([PARENTS] * b))
+  prefix = np.array([20, 150])
+  table = _table(b, m, pool)
+  # the root sees the earliest prefix position, prefix - window + 1; the sinks' page is read too
+  poison = _unread(table, prefix + t, ps, pool, prefix - window + 1)
+  poison[np.asarray(table)[:, 0]] = False
+  q = jax.random.normal(jax.random.key(3), (b, t, n, h))
+  kp, vp, kbad, vbad = _pools(k, pool, ps, h, jnp.float32, poison=poison)
+  out = tree_attention(q, kbad, vbad, jnp.asarray(prefix), table, mask, window=window,
+                       sinks=sinks, backend="tpu", interpret=True)
+  ref = tree_attention_reference(q, kp, vp, jnp.asarray(prefix), table, mask, window=window,
+                                 sinks=sinks)
+  assert bool(jnp.all(jnp.isfinite(out)))
+  np.testing.assert_allclose(out, ref, atol=2e-5, rtol=2e-5)
+
+
+# Serving shapes: batch 64, head_dim 128, 8k context, GQA 32/8, a pool of >= 4096 pages.
+B, N, K, H, CONTEXT = 64, 32, 8, 128, 8192
+
+
+def _paged_args(ps, dtype, sharding=None):
+  m = CONTEXT // ps
+  pool = max(4096, B * m)
+  s = lambda shape, dt: jax.ShapeDtypeStruct(shape, dt, sharding=sharding)
+  return (s((B, N, H), dtype), s((K, pool, ps, H), dtype), s((K, pool, ps, H), dtype),
+          s((B,), jnp.int32), s((B, m), jnp.int32))
+
+
+def _tree_args(ps, dtype, t, sharding=None):
+  q, kp, vp, ends, table = _paged_args(ps, dtype, sharding)
+  s = lambda shape, dt: jax.ShapeDtypeStruct(shape, dt, sharding=sharding)
+  return (s((B, t, N, H), dtype), kp, vp, ends, table, s((B, t, -(-t // 32)), jnp.int32))
+
+
+def _paged(**kw):
+  return jax.jit(lambda q, k, v, lengths, table: paged_attention(q, k, v, lengths, table, **kw))
+
+
+def _tree(**kw):
+  return jax.jit(lambda q, k, v, prefix, table, mask: tree_attention(q, k, v, prefix, table,
+                                                                      mask, **kw))
+
+
+@pytest.mark.parametrize("topology", ["v5e:2x2", "v6e:2x2"])
+@pytest.mark.parametrize("ps,dtype", [(16, jnp.bfloat16), (64, jnp.float32)])
+def test_libtpu_compiles_both_kernels_at_serving_shapes(tpu_device, topology, ps, dtype):
+  sharding = jax.sharding.SingleDeviceSharding(tpu_device(topology))
+  for fn, args in [(_paged(), _paged_args(ps, dtype, sharding)),
+                   (_paged(window=1024, sinks=4), _paged_args(ps, dtype, sharding)),
+                   (_tree(), _tree_args(ps, dtype, 64, sharding)),
+                   (_tree(window=1024, sinks=4), _tree_args(ps, dtype, 64, sharding))]:
+    compiled = fn.lower(*args).compile()
+    assert "tpu_custom_call" in compiled.as_text()
+    # The pools stay in HBM: nothing pool-sized is allocated beside the arguments.
+    pool_bytes = args[1].size * jnp.dtype(dtype).itemsize
+    assert compiled.memory_analysis().temp_size_in_bytes < pool_bytes
+
+
+def test_libtpu_compiles_tiny_model_shapes(tpu_device):
+  """The test models' head_dim 16 and odd GQA ratios compile too."""
+  sharding = jax.sharding.SingleDeviceSharding(tpu_device("v5e:2x2"))
+  s = lambda shape, dt: jax.ShapeDtypeStruct(shape, dt, sharding=sharding)
+  for n, k, dtype in [(6, 2, jnp.float32), (7, 7, jnp.bfloat16)]:
+    pools = (s((k, 64, 16, 16), dtype),) * 2
+    _paged().lower(s((4, n, 16), dtype), *pools, s((4,), jnp.int32), s((4, 8), jnp.int32)).compile()
+    _tree(window=32).lower(s((4, 10, n, 16), dtype), *pools, s((4,), jnp.int32),
+                           s((4, 8), jnp.int32), s((4, 10, 1), jnp.int32)).compile()
+
+
+@pytest.mark.parametrize("t", [10, 64])
+def test_triton_form_lowers_for_cuda(t):
+  """Explicit Triton params (jax 0.10 would otherwise pick Mosaic GPU); rows and mask words
+  padded to powers of two (10 nodes x 4 heads = 40 rows)."""
+  for fn, args in [(_paged(), _paged_args(16, jnp.bfloat16)),
+                   (_tree(window=1024, sinks=4), _tree_args(16, jnp.bfloat16, t))]:
+    text = fn.trace(*args).lower(lowering_platforms=("cuda",)).as_text()
+    assert "__gpu$xla.gpu.triton" in text and "tpu_custom_call" not in text
+
+
+def test_the_target_platform_decides_the_form_not_the_host():
+  args = _paged_args(16, jnp.float32)
+  exported = {p: export.export(_paged(), platforms=(p,), disabled_checks=[
+      export.DisabledSafetyCheck.custom_call("__gpu$xla.gpu.triton")])(*args).mlir_module()
+      for p in ("tpu", "cuda", "cpu")}
+  assert "tpu_custom_call" in exported["tpu"] and "triton" not in exported["tpu"]
+  assert "triton" in exported["cuda"] and "tpu_custom_call" not in exported["cuda"]
+  assert "custom_call" not in exported["cpu"]  # interpreted: plain HLO loops
+  with pytest.raises(ValueError, match="kernel backend"):
+    paged_attention(jnp.zeros((1, 2, 8)), jnp.zeros((1, 4, 4, 8)), jnp.zeros((1, 4, 4, 8)),
+                    jnp.array([3]), jnp.zeros((1, 2), jnp.int32), backend="triton")
