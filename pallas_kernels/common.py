@@ -36,6 +36,15 @@ def on_target(build, *args, backend: str | None = None, interpret: bool | None =
                                     rocm=branch("gpu"), tpu=branch("tpu"))
 
 
+def gpu_target(device_kind: str = "NVIDIA H100"):
+  """A context for lowering the Triton form for CUDA on a host without a GPU: jax >= 0.11's
+  Triton lowering asks which GPU (its compute capability), and an abstract device answers.
+  `with gpu_target(): jax.jit(f).trace(...).lower(lowering_platforms=("cuda",))`."""
+  device = jax.sharding.AbstractDevice(device_kind=device_kind, num_cores=None, platform="gpu")
+  mesh = jax.sharding.AbstractMesh((1,), ("gpu",), abstract_device=device)
+  return jax.sharding.use_abstract_mesh(mesh)
+
+
 def triton_params(num_warps: int = 4, num_stages: int = 2):
   """Explicit Triton compiler params: they route `pallas_call` on CUDA to Triton in every jax
   version (jax 0.10 otherwise picks Mosaic GPU, which stages whole blocks in shared memory)."""

@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 from jax import export
 
+from pallas_kernels.common import gpu_target
 from pallas_kernels.paged_attention import paged_attention, paged_attention_reference
 from pallas_kernels.tree_attention import (pack_ancestors, tree_attention,
                                            tree_attention_reference)
@@ -157,15 +158,19 @@ def test_triton_form_lowers_for_cuda(t):
   padded to powers of two (10 nodes x 4 heads = 40 rows)."""
   for fn, args in [(_paged(), _paged_args(16, jnp.bfloat16)),
                    (_tree(window=1024, sinks=4), _tree_args(16, jnp.bfloat16, t))]:
-    text = fn.trace(*args).lower(lowering_platforms=("cuda",)).as_text()
+    with gpu_target():
+      text = fn.trace(*args).lower(lowering_platforms=("cuda",)).as_text()
     assert "__gpu$xla.gpu.triton" in text and "tpu_custom_call" not in text
 
 
 def test_the_target_platform_decides_the_form_not_the_host():
   args = _paged_args(16, jnp.float32)
-  exported = {p: export.export(_paged(), platforms=(p,), disabled_checks=[
-      export.DisabledSafetyCheck.custom_call("__gpu$xla.gpu.triton")])(*args).mlir_module()
-      for p in ("tpu", "cuda", "cpu")}
+  triton = [export.DisabledSafetyCheck.custom_call("__gpu$xla.gpu.triton")]
+  exported = {p: export.export(_paged(), platforms=(p,))(*args).mlir_module()
+              for p in ("tpu", "cpu")}
+  with gpu_target():
+    exported["cuda"] = export.export(_paged(), platforms=("cuda",), disabled_checks=triton)(
+        *args).mlir_module()
   assert "tpu_custom_call" in exported["tpu"] and "triton" not in exported["tpu"]
   assert "triton" in exported["cuda"] and "tpu_custom_call" not in exported["cuda"]
   assert "custom_call" not in exported["cpu"]  # interpreted: plain HLO loops
