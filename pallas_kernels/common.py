@@ -117,16 +117,17 @@ def split_pages(end, page_size: int, max_pages: int, pages_per_split: int):
   return first, jnp.minimum(first + pages_per_split, num_pages)
 
 
-def walk_pages(q, k_ref, v_ref, pt_ref, start, stop, visible_fn, carry, *, scale: float,
+def walk_pages(q, k_ref, v_ref, pt_ref, start, stop, visible_fn, carry, *, head, scale: float,
                page_size: int):
   """Folds pages start..stop-1 of this sequence's page table into the online-softmax `carry`:
-  one (rows, H) x (H, ps) matmul per page; visible_fn(pos (1, ps)) -> (rows, ps) bool."""
+  one (rows, H) x (H, ps) matmul per page of kv head `head` of the whole pools (K,P,ps,H);
+  visible_fn(pos (1, ps)) -> (rows, ps) bool."""
   def body(j, carry):
     page = pt_ref[j]
-    logits = jax.lax.dot_general(q, k_ref[page], _TRANS_B,
+    logits = jax.lax.dot_general(q, k_ref[head, page], _TRANS_B,
                                  preferred_element_type=jnp.float32) * scale
     pos = (j * page_size + jnp.arange(page_size))[None, :]
-    return softmax_update(carry, logits, visible_fn(pos), v_ref[page])
+    return softmax_update(carry, logits, visible_fn(pos), v_ref[head, page])
 
   return jax.lax.fori_loop(start, jnp.maximum(start, stop), body, carry)
 

@@ -35,8 +35,8 @@ def _kernel(len_ref, pt_ref, q_ref, k_ref, v_ref, o_ref, lse_ref, *, scale, page
       vis &= (pos >= length - window) | (pos < sinks)
     return vis
 
-  walk = functools.partial(walk_pages, q, k_ref, v_ref, pt_ref, visible_fn=visible, scale=scale,
-                           page_size=page_size)
+  walk = functools.partial(walk_pages, q, k_ref, v_ref, pt_ref, visible_fn=visible,
+                           head=pl.program_id(1), scale=scale, page_size=page_size)
   carry = walk_sinks_and_window(walk, first, last, softmax_init(rows, h), page_size=page_size,
                                 sinks=sinks,
                                 window_start=None if window is None else length - window)
@@ -71,7 +71,7 @@ def _gpu_form(q, k_pages, v_pages, lengths, page_table, *, scale, splits, window
     q = jnp.pad(q, ((0, 0), (0, 0), (0, rows - g), (0, 0)))
   kernel = functools.partial(_kernel, scale=scale, page_size=k_pages.shape[2],
                              pages_per_split=-(-max_pages // splits), window=window, sinks=sinks)
-  pool = pl.BlockSpec((None,) + k_pages.shape[1:], lambda bi, ki, si: (ki, 0, 0, 0))
+  pool = pl.BlockSpec(memory_space=pl.ANY)  # read page by page through the page table
   o, lse = pl.pallas_call(
       kernel,
       grid=(b, kv_heads, splits),

@@ -59,8 +59,8 @@ def _kernel(len_ref, pt_ref, mask_ref, depth_ref, q_ref, k_ref, v_ref, o_ref, ls
   first, last = split_pages(prefix + tree_size, page_size, pt_ref.shape[0], pages_per_split)
   visible = functools.partial(_visible(tree_size, window, sinks), end=prefix + tree_size,
                               words=mask_ref, depth=depth_ref)
-  walk = functools.partial(walk_pages, q, k_ref, v_ref, pt_ref, visible_fn=visible, scale=scale,
-                           page_size=page_size)
+  walk = functools.partial(walk_pages, q, k_ref, v_ref, pt_ref, visible_fn=visible,
+                           head=pl.program_id(1), scale=scale, page_size=page_size)
   # the root (depth 0) sees the earliest prefix position
   carry = walk_sinks_and_window(walk, first, last, softmax_init(rows, h), page_size=page_size,
                                 sinks=sinks,
@@ -104,7 +104,7 @@ def _gpu_form(qg, k_pages, v_pages, prefix_len, page_table, mask, depth, *, scal
   kernel = functools.partial(_kernel, scale=scale, page_size=k_pages.shape[2],
                              pages_per_split=-(-max_pages // splits), tree_size=tree_size,
                              window=window, sinks=sinks)
-  pool = pl.BlockSpec((None,) + k_pages.shape[1:], lambda bi, ki, si: (ki, 0, 0, 0))
+  pool = pl.BlockSpec(memory_space=pl.ANY)  # read page by page through the page table
   o, lse = pl.pallas_call(
       kernel,
       grid=(b, kv_heads, splits),
