@@ -19,15 +19,16 @@ def on_target(build, *args, backend: str | None = None, interpret: bool | None =
   exporting or AOT-compiling for `tpu` or `cuda` from a CPU host yields real kernels.
 
   backend ("gpu" | "tpu") forces the form; interpret forces interpretation (for the TPU form
-  that is jax's TPU interpret mode, which models DMAs, semaphores and SMEM). `interpret` handed
-  to `build` is False, True, or a `pltpu.InterpretParams`."""
+  that is jax's TPU interpret mode, which models DMAs, semaphores and SMEM; pass a
+  `pltpu.InterpretParams` for its options, e.g. race detection). `interpret` handed to `build`
+  is False, True, or a `pltpu.InterpretParams`."""
   if backend is not None and backend not in BACKENDS:
     raise ValueError(f"kernel backend: expected one of {BACKENDS} or None, got {backend!r}")
 
   def branch(platform):
     form = backend or ("tpu" if platform == "tpu" else "gpu")
     interp = (platform == "cpu") if interpret is None else interpret
-    if interp and form == "tpu":
+    if interp is True and form == "tpu":
       from jax.experimental.pallas import tpu as pltpu
       interp = pltpu.InterpretParams()
     return build(form, interp)

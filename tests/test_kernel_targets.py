@@ -42,61 +42,70 @@ def _unread(table, ends, ps, pool, first_visible):
   return ~read
 
 
-@pytest.mark.parametrize("dtype,n,k,ps,window,splits", [
-    (jnp.float32, 8, 2, 16, None, None),
-    (jnp.float32, 6, 6, 32, 40, 2),
-    (jnp.bfloat16, 12, 4, 16, 50, None),
+# block_pages=2 makes every sequence span several double-buffered DMA blocks.
+@pytest.mark.parametrize("dtype,n,k,ps,window,sinks,splits", [
+    (jnp.float32, 8, 2, 16, None, 0, None),
+    (jnp.float32, 6, 6, 32, 40, 3, 2),
+    (jnp.bfloat16, 12, 4, 16, 50, 0, None),
 ])
-def test_tpu_form_paged_decode_matches_reference(dtype, n, k, ps, window, splits):
+def test_tpu_form_paged_decode_matches_reference(dtype, n, k, ps, window, sinks, splits):
   b, h, m, pool = 3, 128, 8, 40
   table = _table(b, m, pool)
   lengths = np.array([1, 70, m * ps])
   lo = lengths - window if window else np.zeros(b)
+  poison = _unread(table, lengths, ps, pool, lo)
+  if sinks:
+    poison[np.asarray(table)[:, 0]] = False
   q = jax.random.normal(jax.random.key(1), (b, n, h)).astype(dtype)
-  kp, vp, kbad, vbad = _pools(k, pool, ps, h, dtype, poison=_unread(table, lengths, ps, pool, lo))
-  kw = dict(window=window, sinks=0)
+  kp, vp, kbad, vbad = _pools(k, pool, ps, h, dtype, poison=poison)
+  kw = dict(window=window, sinks=sinks)
   out = paged_attention(q, kbad, vbad, jnp.asarray(lengths), table, num_splits=splits,
-                        backend="tpu", interpret=True, **kw)
+                        backend="tpu", interpret=True, block_pages=2, **kw)
   ref = paged_attention_reference(q, kp, vp, jnp.asarray(lengths), table, **kw)
   tol = 2e-5 if dtype == jnp.float32 else 3e-2
   np.testing.assert_allclose(np.asarray(out, np.float32), np.asarray(ref, np.float32), atol=tol,
                              rtol=tol)
 
 
-@pytest.mark.parametrize("window,sinks", [(None, 0), (24, 3)])
+@pytest.mark.parametrize("window,sinks", [(None, 0), (40, 3)])
 def test_tpu_form_tree_verification_matches_reference(window, sinks):
-  b, n, k, h, ps, m, pool = 3, 8, 2, 128, 16, 10, 40
-  parents = jnp.asarray([PARENTS, PARENTS[:5] + [0] * 5, [-1] + list(range(9))])  # ragged
+  """Ragged trees at batch 3; with a window, pages outside it (but the sinks') are poisoned."""
+  b, n, k, h, ps, m, pool = 3, 8, 2, 128, 16, 12, 40
+  parents = jnp.asarray([PARENTS, PARENTS[:5] + [0] * 5, [-1] + list(range(9))])
   mask = pack_ancestors(parents)
-  prefix = np.array([0, 50, 130])
   t = len(PARENTS)
+  prefix = np.array([0, 50, 150])
   table = _table(b, m, pool)
+  poison = None
+  if window:  # the root sees the earliest prefix position, prefix - window + 1
+    poison = _unread(table, prefix + t, ps, pool, prefix - window + 1)
+    poison[np.asarray(table)[:, 0]] = False
   q = jax.random.normal(jax.random.key(2), (b, t, n, h))
-  kp, vp, _, _ = _pools(k, pool, ps, h, jnp.float32)
+  kp, vp, kbad, vbad = _pools(k, pool, ps, h, jnp.float32, poison=poison)
   kw = dict(window=window, sinks=sinks)
   ref = tree_attention_reference(q, kp, vp, jnp.asarray(prefix), table, mask, **kw)
-  out = tree_attention(q, kp, vp, jnp.asarray(prefix), table, mask, backend="tpu",
-                       interpret=True, **kw)
-  np.testing.assert_allclose(out, ref, atol=2e-5, rtol=2e-5)
-
-
-def test_tpu_form_never_reads_pages_outside_the_tree_or_window():
-  b, n, k, h, ps, m, pool = 2, 4, 2, 128, 16, 12, 30
-  t, window, sinks = len(PARENTS), 40, 3
-  mask = pack_ancestors(jnp.asarray([PARENTS] * b))
-  prefix = np.array([20, 150])
-  table = _table(b, m, pool)
-  # the root sees the earliest prefix position, prefix - window + 1; the sinks' page is read too
-  poison = _unread(table, prefix + t, ps, pool, prefix - window + 1)
-  poison[np.asarray(table)[:, 0]] = False
-  q = jax.random.normal(jax.random.key(3), (b, t, n, h))
-  kp, vp, kbad, vbad = _pools(k, pool, ps, h, jnp.float32, poison=poison)
-  out = tree_attention(q, kbad, vbad, jnp.asarray(prefix), table, mask, window=window,
-                       sinks=sinks, backend="tpu", interpret=True)
-  ref = tree_attention_reference(q, kp, vp, jnp.asarray(prefix), table, mask, window=window,
-                                 sinks=sinks)
+  out = tree_attention(q, kbad, vbad, jnp.asarray(prefix), table, mask, backend="tpu",
+                       interpret=True, block_pages=2, **kw)
   assert bool(jnp.all(jnp.isfinite(out)))
   np.testing.assert_allclose(out, ref, atol=2e-5, rtol=2e-5)
+
+
+def test_tpu_form_has_no_races_on_two_cores():
+  """jax's race detector over the double-buffered DMAs, with the grid split over two cores."""
+  from jax._src.pallas.mosaic.interpret import interpret_pallas_call
+  from jax.experimental.pallas import tpu as pltpu
+  b, n, k, h, ps, m, pool = 2, 8, 2, 128, 16, 8, 20
+  table = _table(b, m, pool)
+  q = jax.random.normal(jax.random.key(4), (b, n, h))
+  kp, vp, _, _ = _pools(k, pool, ps, h, jnp.float32)
+  lengths = jnp.array([37, 128])
+  params = pltpu.InterpretParams(detect_races=True, num_cores_or_threads=2)
+  out = paged_attention(q, kp, vp, lengths, table, backend="tpu", interpret=params,
+                        block_pages=2)
+  np.testing.assert_allclose(out, paged_attention_reference(q, kp, vp, lengths, table),
+                             atol=2e-5, rtol=2e-5)
+  assert interpret_pallas_call.races is not None
+  assert not interpret_pallas_call.races.races_found
 
 
 # Serving shapes: batch 64, head_dim 128, 8k context, GQA 32/8, a pool of >= 4096 pages.

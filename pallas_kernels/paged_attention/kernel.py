@@ -62,8 +62,8 @@ def _check(q, k_pages, v_pages, lengths, page_table):
 
 def _gpu_form(q, k_pages, v_pages, lengths, page_table, *, scale, splits, window, sinks,
               min_rows, interpret):
-  """The Triton form (what CPU interprets): q (B,K,G,H) -> (B,K,G,H) f32. Triton reads the pools through pointers (never staged whole); its rows are padded to a power
-  of two >= 16."""
+  """The Triton form (what CPU interprets): q (B,K,G,H) -> (B,K,G,H) f32. Triton reads the
+  pools through pointers (never staged whole); its rows are padded to a power of two >= 16."""
   b, kv_heads, g, h = q.shape
   max_pages = page_table.shape[1]
   rows = gpu_rows(g, interpret, min_rows)
@@ -99,31 +99,33 @@ def _decode_visible(window, sinks):
 
 
 def _tpu_form(q, k_pages, v_pages, lengths, page_table, *, scale, splits, window, sinks,
-              interpret):
+              block_pages, interpret):
   """The Mosaic TPU form (paged_attention/tpu.py); rows padded to a whole sublane tile."""
   g = q.shape[2]
   rows = -(-g // sublanes(q.dtype)) * sublanes(q.dtype)
   q = jnp.pad(q, ((0, 0), (0, 0), (0, rows - g), (0, 0)))
   o, lse = paged_rows_attention(q, k_pages, v_pages, lengths, page_table, (),
                                 _decode_visible(window, sinks), scale=scale, num_splits=splits,
-                                window_lag=window, sinks=sinks, interpret=interpret)
+                                window_lag=window, sinks=sinks, block_pages=block_pages,
+                                interpret=interpret)
   return merge_splits(o, lse, axis=2)[:, :, :g]
 
 
 @functools.partial(jax.jit, static_argnames=("window", "sinks", "num_splits", "scale", "backend",
-                                             "interpret", "min_rows"))
+                                             "interpret", "min_rows", "block_pages"))
 def paged_attention(q: jax.Array, k_pages: jax.Array, v_pages: jax.Array, lengths: jax.Array,
                     page_table: jax.Array, *, window: int | None = None, sinks: int = 0,
                     num_splits: int | None = None, scale: float | None = None,
                     backend: str | None = None, interpret: bool | None = None,
-                    min_rows: int | None = None) -> jax.Array:
+                    min_rows: int | None = None, block_pages: int | None = None) -> jax.Array:
   """q (B,N,H) one token per sequence; keys at positions < lengths[b] are visible (and, with a
   sliding window, >= lengths[b] - window or < sinks), position p living in page
   page_table[b, p // ps] at offset p % ps. Returns (B,N,H).
 
   The platform being lowered for picks the kernel form (TPU: Mosaic with DMAs; CUDA: Triton;
   CPU: the Triton form interpreted); `backend` / `interpret` force them (common.on_target);
-  `min_rows` pads the GPU form's rows (default: 16 and a power of two when compiled)."""
+  `min_rows` pads the GPU form's rows (default: 16 and a power of two when compiled);
+  `block_pages` is the TPU form's pages per DMA block (default: about 256 keys)."""
   _check(q, k_pages, v_pages, lengths, page_table)
   b, n, h = q.shape
   kv_heads = k_pages.shape[0]
@@ -132,7 +134,8 @@ def paged_attention(q: jax.Array, k_pages: jax.Array, v_pages: jax.Array, length
 
   def build(form, interp):
     if form == "tpu":  # a TPU core walks the grid in order: splits only cost there
-      return functools.partial(_tpu_form, splits=num_splits or 1, interpret=interp, **kw)
+      return functools.partial(_tpu_form, splits=num_splits or 1, block_pages=block_pages,
+                               interpret=interp, **kw)
     splits = num_splits or default_num_splits(b, kv_heads, page_table.shape[1])
     return functools.partial(_gpu_form, splits=splits, min_rows=min_rows, interpret=interp, **kw)
 

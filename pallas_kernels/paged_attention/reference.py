@@ -20,9 +20,10 @@ def paged_attention_reference(q: jax.Array, k_pages: jax.Array, v_pages: jax.Arr
                               window: int | None = None, sinks: int = 0,
                               num_splits: int | None = None,
                               scale: float | None = None,
-                              interpret: bool | None = None,
-                              min_rows: int | None = None) -> jax.Array:
-  del num_splits, interpret, min_rows
+                              backend: str | None = None, interpret: bool | None = None,
+                              min_rows: int | None = None,
+                              block_pages: int | None = None) -> jax.Array:
+  del num_splits, backend, interpret, min_rows, block_pages
   b, n, h = q.shape
   kv_heads = k_pages.shape[0]
   scale = h**-0.5 if scale is None else scale

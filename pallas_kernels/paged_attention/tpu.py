@@ -145,18 +145,20 @@ def _kernel(ends_ref, pt_ref, q_ref, *refs, num_extra, visible, scale, page_size
 def paged_rows_attention(q: jax.Array, k_pages: jax.Array, v_pages: jax.Array, ends: jax.Array,
                          page_table: jax.Array, extras: tuple[jax.Array, ...],
                          visible: Callable[..., jax.Array], *, scale: float, num_splits: int,
-                         window_lag: int | None, sinks: int, interpret=False):
+                         window_lag: int | None, sinks: int, block_pages: int | None = None,
+                         interpret=False):
   """q (B,K,R,H) -> (o (B,K,C,R,H) f32 unnormalised per split, lse (B,K,C,R)).
 
   Row r of (b, k) sees key position `pos` iff pos < ends[b] and visible(pos (1,bk), ends[b],
-  *refs to extras' (R, X) blocks of b) -> (R, bk); `extras` are (B, R, X) int32 per-row inputs. With a
-  window, no row sees a position below ends[b] - window_lag except the first `sinks`, so those
-  pages are skipped."""
+  *refs to extras' (R, X) blocks of b) -> (R, bk); `extras` are (B, R, X) int32 per-row
+  inputs. With a window, no row sees a position below ends[b] - window_lag except the first
+  `sinks`, so those pages are skipped. block_pages: pages per DMA block (default: about 256
+  keys)."""
   b, kv_heads, rows, h = q.shape
   _, _, page_size, _ = k_pages.shape
   max_pages = page_table.shape[1]
   per_split = -(-max_pages // num_splits)
-  bp = pages_per_block(page_size, per_split)
+  bp = min(block_pages, per_split) if block_pages else pages_per_block(page_size, per_split)
   kernel = functools.partial(_kernel, num_extra=len(extras), visible=visible, scale=scale,
                              page_size=page_size, bp=bp, max_pages=max_pages,
                              per_split=per_split, window_lag=window_lag, sinks=sinks)

@@ -125,7 +125,7 @@ def _gpu_form(qg, k_pages, v_pages, prefix_len, page_table, mask, depth, *, scal
 
 
 def _tpu_form(qg, k_pages, v_pages, prefix_len, page_table, mask, depth, *, scale, splits,
-              tree_size, window, sinks, interpret):
+              tree_size, window, sinks, block_pages, interpret):
   """The Mosaic TPU form (paged_attention/tpu.py); rows padded to a whole sublane tile."""
   tg = qg.shape[2]
   tile = sublanes(qg.dtype)
@@ -134,17 +134,17 @@ def _tpu_form(qg, k_pages, v_pages, prefix_len, page_table, mask, depth, *, scal
       qg, k_pages, v_pages, prefix_len + tree_size, page_table, (mask, depth),
       _visible(tree_size, window, sinks), scale=scale, num_splits=splits,
       window_lag=None if window is None else window + tree_size - 1, sinks=sinks,
-      interpret=interpret)
+      block_pages=block_pages, interpret=interpret)
   return merge_splits(o, lse, axis=2)[:, :, :tg]
 
 
 @functools.partial(jax.jit, static_argnames=("window", "sinks", "num_splits", "scale", "backend",
-                                             "interpret", "min_rows"))
+                                             "interpret", "min_rows", "block_pages"))
 def tree_attention(q: jax.Array, k_pages: jax.Array, v_pages: jax.Array, prefix_len: jax.Array,
                    page_table: jax.Array, tree_mask: jax.Array, *, window: int | None = None,
                    sinks: int = 0, num_splits: int | None = None, scale: float | None = None,
                    backend: str | None = None, interpret: bool | None = None,
-                   min_rows: int | None = None) -> jax.Array:
+                   min_rows: int | None = None, block_pages: int | None = None) -> jax.Array:
   """q (B,T,N,H): the tree tokens; their keys at positions prefix_len[b] + j (node j) in the
   pages, position p living in page page_table[b, p // ps] at offset p % ps; tree_mask (B,T,W)
   packed ancestor bits (pack_ancestors); window: a sliding window (>= T) over positions, token
@@ -152,7 +152,8 @@ def tree_attention(q: jax.Array, k_pages: jax.Array, v_pages: jax.Array, prefix_
   sees. Returns (B,T,N,H).
 
   The platform being lowered for picks the kernel form (TPU: Mosaic with DMAs; CUDA: Triton;
-  CPU: the Triton form interpreted); `backend` / `interpret` force them (common.on_target)."""
+  CPU: the Triton form interpreted); `backend` / `interpret` force them (common.on_target);
+  `block_pages` is the TPU form's pages per DMA block (default: about 256 keys)."""
   _check(q, k_pages, v_pages, prefix_len, page_table, tree_mask)
   b, t, n, h = q.shape
   check_window(window, t, sinks)
@@ -166,7 +167,8 @@ def tree_attention(q: jax.Array, k_pages: jax.Array, v_pages: jax.Array, prefix_
 
   def build(form, interp):
     if form == "tpu":  # a TPU core walks the grid in order: splits only cost there
-      return functools.partial(_tpu_form, splits=num_splits or 1, interpret=interp, **kw)
+      return functools.partial(_tpu_form, splits=num_splits or 1, block_pages=block_pages,
+                               interpret=interp, **kw)
     splits = num_splits or default_num_splits(b, kv_heads, page_table.shape[1])
     return functools.partial(_gpu_form, splits=splits, min_rows=min_rows, interpret=interp, **kw)
 

@@ -80,9 +80,10 @@ def tree_attention_reference(q: jax.Array, k_pages: jax.Array, v_pages: jax.Arra
                              prefix_len: jax.Array, page_table: jax.Array, tree_mask: jax.Array,
                              *, window: int | None = None, sinks: int = 0,
                              num_splits: int | None = None, scale: float | None = None,
-                             interpret: bool | None = None,
-                             min_rows: int | None = None) -> jax.Array:
-  del num_splits, interpret, min_rows
+                             backend: str | None = None, interpret: bool | None = None,
+                             min_rows: int | None = None,
+                             block_pages: int | None = None) -> jax.Array:
+  del num_splits, backend, interpret, min_rows, block_pages
   b, t, n, h = q.shape
   check_window(window, t, sinks)
   kv_heads = k_pages.shape[0]
