@@ -8,6 +8,8 @@ Each program owns one q block of one head and walks only that block's non-empty 
 Segment ids, when given, mask every visited block. The dK/dV pass walks the transposed
 metadata (the q blocks of each kv block), so backward is as sparse as forward.
 Rows that see no key at all output zeros (and get zero gradients).
+The kernels below are the Triton form (also what CPU interprets); tpu.py holds the Mosaic TPU
+form with the same contract, and the platform being lowered for picks between them.
 """
 
 from __future__ import annotations
@@ -21,7 +23,8 @@ from jax import lax
 from jax.experimental import pallas as pl
 
 from pallas_kernels.block_sparse_attention.masks import MaskInfo
-from pallas_kernels.common import MASK_VALUE, compiler_params, resolve_interpret
+from pallas_kernels.block_sparse_attention.tpu import tpu_call
+from pallas_kernels.common import MASK_VALUE, on_target, triton_params
 
 _TRANS_B = (((1,), (1,)), ((), ()))  # a @ b.T
 _TRANS_A = (((0,), (0,)), ((), ()))  # a.T @ b
@@ -154,8 +157,18 @@ def _meta_specs(meta_shape, width, index):
   return (pl.BlockSpec((None, None, None, width), idx), pl.BlockSpec((None, None, None, 1), idx))
 
 
-def _call(kind, q, k, v, qseg, kseg, meta, blocks, extra, *, scale, bq, bk, interpret):
-  """Builds and runs one of the three kernels over its grid."""
+def _call(kind, q, k, v, qseg, kseg, meta, blocks, extra, *, scale, bq, bk, backend, interpret):
+  """Runs one of the three kernels in the form the target platform needs (common.on_target)."""
+  def build(form, interp):
+    call = tpu_call if form == "tpu" else _gpu_call
+    return functools.partial(call, kind, scale=scale, bq=bq, bk=bk, interpret=interp)
+
+  return on_target(build, q, k, v, qseg, kseg, meta, blocks, extra, backend=backend,
+                   interpret=interpret)
+
+
+def _gpu_call(kind, q, k, v, qseg, kseg, meta, blocks, extra, *, scale, bq, bk, interpret):
+  """The Triton form (also what CPU interprets): one of the three kernels over its grid."""
   b, n, t, h = q.shape
   kv_heads, s = k.shape[1], k.shape[2]
   g = n // kv_heads
@@ -212,31 +225,31 @@ def _call(kind, q, k, v, qseg, kseg, meta, blocks, extra, *, scale, bq, bk, inte
     out_specs = [per_head, per_head]
   return pl.pallas_call(
       kernel, grid=grid, in_specs=in_specs, out_specs=out_specs, out_shape=out_shape,
-      interpret=interpret, compiler_params=compiler_params(),
+      interpret=interpret, compiler_params=None if interpret else triton_params(),
       name=f"block_sparse_attention_{kind}")(*args)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(10, 11, 12, 13))
+@functools.partial(jax.custom_vjp, nondiff_argnums=(10, 11, 12, 13, 14))
 def _attention(q, k, v, qseg, kseg, kv_meta_idx, kv_meta_num, kv_meta_part, q_meta, blocks,
-               scale, bq, bk, interpret):
+               scale, bq, bk, backend, interpret):
   out, _ = _call("fwd", q, k, v, qseg, kseg, (kv_meta_idx, kv_meta_num, kv_meta_part), blocks,
-                 None, scale=scale, bq=bq, bk=bk, interpret=interpret)
+                 None, scale=scale, bq=bq, bk=bk, backend=backend, interpret=interpret)
   return out
 
 
 def _attention_fwd(q, k, v, qseg, kseg, kv_meta_idx, kv_meta_num, kv_meta_part, q_meta, blocks,
-                   scale, bq, bk, interpret):
+                   scale, bq, bk, backend, interpret):
   out, lse = _call("fwd", q, k, v, qseg, kseg, (kv_meta_idx, kv_meta_num, kv_meta_part), blocks,
-                   None, scale=scale, bq=bq, bk=bk, interpret=interpret)
+                   None, scale=scale, bq=bq, bk=bk, backend=backend, interpret=interpret)
   res = (q, k, v, qseg, kseg, kv_meta_idx, kv_meta_num, kv_meta_part, q_meta, blocks, out, lse)
   return out, res
 
 
-def _attention_bwd(scale, bq, bk, interpret, res, do):
+def _attention_bwd(scale, bq, bk, backend, interpret, res, do):
   q, k, v, qseg, kseg, kv_idx, kv_num, kv_part, q_meta, blocks, out, lse = res
   delta = jnp.sum(out.astype(jnp.float32) * do.astype(jnp.float32), axis=-1)
   extra = (do, lse, delta)
-  kw = dict(scale=scale, bq=bq, bk=bk, interpret=interpret)
+  kw = dict(scale=scale, bq=bq, bk=bk, backend=backend, interpret=interpret)
   (dq,) = _call("dq", q, k, v, qseg, kseg, (kv_idx, kv_num, kv_part), blocks, extra, **kw)
   dk, dv = _call("dkv", q, k, v, qseg, kseg, q_meta, blocks, extra, **kw)
   b, n, s, h = dk.shape
@@ -281,11 +294,12 @@ def _pad_to(x, axis, multiple, value=0):
 def block_sparse_attention(q: jax.Array, k: jax.Array, v: jax.Array, info: MaskInfo, *,
                            q_segment_ids: jax.Array | None = None,
                            kv_segment_ids: jax.Array | None = None, scale: float | None = None,
-                           interpret: bool | None = None) -> jax.Array:
+                           backend: str | None = None, interpret: bool | None = None) -> jax.Array:
   """q (B,N,T,H), k/v (B,K,S,H), `info` from masks.mask_info (or a dynamic builder) -> (B,N,T,H).
 
   Differentiable in q, k and v. Lengths need not be multiples of the block sizes (inputs are
-  padded; the metadata already masks the padding)."""
+  padded; the metadata already masks the padding). The target platform picks the kernel form
+  and interpret mode; `backend` ("gpu" | "tpu") and `interpret` force them (common.on_target)."""
   _check(q, k, v, info, q_segment_ids, kv_segment_ids)
   t, s = q.shape[2], k.shape[2]
   bq, bk = info.block_q, info.block_kv
@@ -299,6 +313,5 @@ def block_sparse_attention(q: jax.Array, k: jax.Array, v: jax.Array, info: MaskI
   out = _attention(qp, kp, vp, qseg, kseg, as_i32(info.kv_indices), as_i32(info.num_kv),
                    as_i32(info.partial),
                    (as_i32(info.q_indices), as_i32(info.num_q), as_i32(info.partial_t)),
-                   jnp.asarray(info.blocks, jnp.int8), scale, bq, bk,
-                   resolve_interpret(interpret))
+                   jnp.asarray(info.blocks, jnp.int8), scale, bq, bk, backend, interpret)
   return out[:, :, :t]
