@@ -21,6 +21,14 @@ def define_model_flags() -> None:
   define_compilation_cache_flag()
 
 
+def define_implementation_flag() -> None:
+  from jaxinfer.attention import IMPLEMENTATIONS
+  flags.DEFINE_enum("implementation", "xla", sorted(IMPLEMENTATIONS),
+                    "Attention: xla (plain jnp, the reference), pallas (jaxinfer's kernels: "
+                    "block-sparse prefill, paged decode, tree verification; interpreted on CPU) or "
+                    "splash (jax's TPU splash kernel for prefill, pallas for the rest).")
+
+
 def define_compilation_cache_flag() -> None:
   flags.DEFINE_string("compilation_cache", None, "Directory of compiled XLA executables kept "
                       "across runs, so a repeated run skips compilation (default: "

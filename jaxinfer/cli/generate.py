@@ -8,7 +8,8 @@ import sys
 from absl import flags
 
 from jaxinfer.cli import fail, no_positional_args
-from jaxinfer.cli.common import apply_platform_flags, define_model_flags
+from jaxinfer.cli.common import (apply_platform_flags, define_implementation_flag,
+                                 define_model_flags)
 
 define_model_flags()
 flags.DEFINE_string("prompts", None, "Input JSONL: {id, prompt | prompt_ids, [max_new_tokens, "
@@ -49,8 +50,7 @@ flags.DEFINE_integer("process_id", None, "This process's index in a multi-proces
 flags.DEFINE_bool("distributed", False, "Initialise jax.distributed from the environment (TPU "
                   "pods, SLURM) instead of the three flags above.")
 flags.DEFINE_string("metrics_output", None, "Write run metrics (JSON) here.")
-flags.DEFINE_enum("implementation", "xla", ["xla", "pallas"], "Attention: xla (reference) or "
-                  "pallas (block-sparse prefill and paged decode kernels; interpreted on CPU).")
+define_implementation_flag()
 flags.DEFINE_string("sparsity", "dense", "Long-prompt attention: dense, sinks_window:SINKS,WINDOW, "
                     "block_topk:TOPK[,BLOCK] or vertical_slash:V,S[,BLOCK] (see README).")
 flags.DEFINE_integer("max_seq_len", None, "Override the model's context length (prompt + output), "

@@ -1,0 +1,522 @@
+"""Ahead-of-time compilation of the engine's steps for hardware that is not here.
+
+A TPU target ("tpu:v5e:2x4") is compiled by libtpu's compile-only client for the named topology
+(no TPU needed); `compiled.memory_analysis()` then says what one device holds while a step runs.
+A CUDA target is lowered only: compiling for a GPU needs the GPU.
+
+Shapes only: the parameters are `jax.ShapeDtypeStruct`s laid out by the model's ParamSpecs over a
+mesh of the target's devices, so no weights are read. The steps are the engine's own
+(`engine_step`: S decode rows beside G lanes of Q prompt tokens; `engine_decode`: decode-only
+steps in one dispatch) and speculative decoding's verification chunk (`_chunk`), jitted as the
+engine and the speculative generator jit them. With `--mesh=data:N` every replica is the same
+program on its own devices, so one replica is compiled.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import importlib.util
+import math
+import os
+import re
+import sys
+import time
+from functools import partial
+from pathlib import Path
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+from jaxinfer import model as M
+from jaxinfer.config import DTYPES, PRESETS, ModelConfig
+from jaxinfer.engine.engine import EngineConfig, engine_decode, engine_step, pool_pages_for
+from jaxinfer.kv_cache import POOL_AXES, PagedKVCache
+from jaxinfer.params import abstract_params
+from jaxinfer.sharding import DEFAULT_RULES, MESH_AXES, device_bytes, format_mesh, parse_mesh
+from jaxinfer.sparsity import parse as parse_sparsity
+
+HBM_GIB = {"v4": 32, "v5e": 16, "v5p": 95, "v6e": 32}  # per chip
+GIB = 2**30
+# proposers whose drafts need no trained weights (the others read --draft_heads / --draft_model)
+SPECULATIVE = ("none", "ngram", "lookahead", "recycling", "layerskip")
+
+
+class CompileError(ValueError):
+  """A problem with the flags, or a configuration that does not fit: one line, no traceback."""
+
+
+class StepFailed(RuntimeError):
+  """The compiler refused a step for a reason other than memory (its message follows)."""
+
+
+@dataclasses.dataclass(frozen=True)
+class CompileJob:
+  target: str  # tpu:GEN:TOPOLOGY (e.g. tpu:v5e:2x4) or cuda
+  model: str = "embedded"  # preset:NAME, embedded[:RECIPE], or a directory with a config.json
+  dtype: str = "auto"
+  mesh: str = ""  # empty: every device on `data`
+  batch_size: int = 8  # slots per replica
+  kv_pages: int | None = None  # None: the engine's default for batch_size x max_seq_len
+  page_size: int = 16
+  chunk_size: int = 32
+  chunk_lanes: int = 4
+  decode_steps: int = 8
+  max_seq_len: int | None = None  # None: the model's
+  implementation: str = "xla"
+  sparsity: str = "dense"
+  speculative: str = "none"
+  num_draft_tokens: int = 4
+  tree: str = "4,2,1,1"
+  draft_layers: str | None = None
+  steps_per_sync: int = 32
+
+  @property
+  def engine_config(self) -> EngineConfig:
+    return EngineConfig(num_slots=self.batch_size, chunk_size=self.chunk_size,
+                        chunk_lanes=self.chunk_lanes, page_size=self.page_size,
+                        kv_pages=self.kv_pages, decode_steps=self.decode_steps)
+
+
+@dataclasses.dataclass(frozen=True)
+class Target:
+  platform: str  # "tpu" or "cuda"
+  topology: str | None = None  # libtpu's name, e.g. "v5e:2x4"
+
+  @property
+  def generation(self) -> str | None:
+    return None if self.topology is None else self.topology.split(":")[0]
+
+  def __str__(self) -> str:
+    return self.platform if self.topology is None else f"tpu:{self.topology}"
+
+
+def parse_target(text: str) -> Target:
+  if text == "cuda":
+    return Target("cuda")
+  platform, _, topology = text.partition(":")
+  gen = topology.split(":")[0]
+  if platform != "tpu" or gen not in HBM_GIB or ":" not in topology:
+    raise CompileError(f"--target: expected tpu:GEN:TOPOLOGY with GEN one of "
+                       f"{', '.join(HBM_GIB)} (e.g. tpu:v5e:2x4), or cuda; got {text!r}")
+  return Target("tpu", topology)
+
+
+def prepare_host(target: Target, mesh: str) -> None:
+  """Before JAX's first computation: the host computes on its CPU (the target is compiled for,
+  never run), libtpu asks no metadata server, and a CUDA target's mesh gets that many host
+  devices to be laid out over (lowering needs devices; any will do)."""
+  os.environ.setdefault("TPU_SKIP_MDS_QUERY", "1")
+  jax.config.update("jax_platforms", "cpu")
+  if target.platform == "cuda":
+    with contextlib.suppress(RuntimeError, ValueError):  # already started / a bad mesh (later)
+      shape = parse_mesh(mesh)
+      jax.config.update("jax_num_cpu_devices", math.prod(shape.values()))
+
+
+@contextlib.contextmanager
+def _quiet_stderr():
+  """libtpu writes start-up warnings (no metadata server, no TPU host here) straight to file
+  descriptor 2; they say nothing about the target."""
+  sys.stderr.flush()
+  saved = os.dup(2)
+  try:
+    with open(os.devnull, "w") as null:
+      os.dup2(null.fileno(), 2)
+      yield
+  finally:
+    os.dup2(saved, 2)
+    os.close(saved)
+
+
+@contextlib.contextmanager
+def _without_persistent_cache():
+  """An executable compiled for an absent target cannot be loaded back from JAX's persistent
+  cache (that needs a client of its platform): keep it out of the cache."""
+  from jax.experimental.compilation_cache import compilation_cache as cc
+  enabled = jax.config.jax_enable_compilation_cache
+  jax.config.update("jax_enable_compilation_cache", False)
+  cc.reset_cache()  # jax decides once per process whether to use the cache: decide again
+  try:
+    yield
+  finally:
+    jax.config.update("jax_enable_compilation_cache", enabled)
+    cc.reset_cache()
+
+
+def target_devices(target: Target) -> list:
+  """The target's devices: a compile-only TPU topology, or (CUDA) the host's CPU devices."""
+  if target.platform == "cuda":
+    return jax.devices("cpu")
+  if importlib.util.find_spec("libtpu") is None:
+    raise CompileError(f"--target={target}: compiling for TPU needs libtpu: "
+                       f"pip install -e \".[tpu-aot]\"")
+  os.environ.setdefault("TPU_SKIP_MDS_QUERY", "1")
+  from jax.experimental import topologies
+  try:
+    with _quiet_stderr():
+      topo = topologies.get_topology_desc(topology_name=target.topology, platform="tpu")
+  except Exception as e:  # libtpu's own message says what is wrong with the name
+    raise CompileError(f"--target={target}: libtpu does not know this topology: "
+                       f"{_first_line(e)}") from None
+  return list(topo.devices)
+
+
+def _first_line(e: BaseException) -> str:
+  lines = [l.strip() for l in str(e).splitlines() if l.strip()]
+  return lines[0] if lines else type(e).__name__
+
+
+def _device_grid(devices: list, shape: tuple[int, ...]) -> np.ndarray:
+  """Devices as a (data, fsdp, model) grid, the model axis on neighbouring chips where jax knows
+  the topology's layout (else in order)."""
+  if math.prod(shape) == len(devices) and devices[0].platform == "tpu":
+    from jax.experimental import mesh_utils
+    try:
+      return mesh_utils.create_device_mesh(shape, devices=devices)
+    except (AssertionError, ValueError, NotImplementedError):  # e.g. v4's two cores per chip
+      pass
+  return np.asarray(devices[:math.prod(shape)], dtype=object).reshape(shape)
+
+
+def replica_mesh(devices: list, mesh: str, target: Target) -> tuple[Mesh, int]:
+  """(one replica's (1, fsdp, model) mesh, number of data-parallel replicas). An empty mesh puts
+  every TPU device on `data`; for CUDA (laid out over host devices) it is one device."""
+  try:
+    everything = {"data": len(devices) if target.platform == "tpu" else 1, "fsdp": 1, "model": 1}
+    shape = parse_mesh(mesh) if mesh.strip() else everything
+  except ValueError as e:
+    raise CompileError(f"--{e}") from None
+  dims = tuple(shape[a] for a in MESH_AXES)
+  if math.prod(dims) > len(devices):
+    what = f"{target} has" if target.platform == "tpu" else "the host has"
+    raise CompileError(f"--mesh: {format_mesh(shape)} needs {math.prod(dims)} devices, but "
+                       f"{what} {len(devices)}")
+  return Mesh(_device_grid(devices, dims)[:1], MESH_AXES), dims[0]
+
+
+def model_config(job: CompileJob) -> ModelConfig:
+  """The model's configuration alone: a preset, the embedded model's recipe, or a directory's
+  config.json (no weights are read)."""
+  name = job.model
+  if name.startswith("preset:"):
+    preset = name.partition(":")[2]
+    if preset not in PRESETS:
+      raise CompileError(f"--model: unknown preset {preset!r} (known: {', '.join(PRESETS)})")
+    cfg = PRESETS[preset]
+  elif name == "embedded" or name.startswith("embedded:"):
+    from jaxinfer import embedded
+    recipe = name.partition(":")[2] or "default"
+    if recipe not in embedded.RECIPES:
+      raise CompileError(f"--model: unknown embedded recipe {recipe!r} (known: "
+                         f"{', '.join(embedded.RECIPES)})")
+    cfg = embedded.RECIPES[recipe].model
+  else:
+    path = Path(os.path.expanduser(name))
+    if not (path / "config.json").is_file():
+      raise CompileError(f"--model: expected preset:NAME, embedded, or a directory with a "
+                         f"config.json; got {name!r}")
+    from jaxinfer.checkpoint.hf import read_config
+    try:
+      cfg = read_config(path)
+    except ValueError as e:
+      raise CompileError(f"--model: {e}") from None
+  if job.dtype != "auto":
+    if job.dtype not in DTYPES:
+      raise CompileError(f"--dtype: expected auto or one of {sorted(DTYPES)}, got {job.dtype!r}")
+    cfg = dataclasses.replace(cfg, dtype=job.dtype)
+  if job.max_seq_len is not None:
+    cfg = dataclasses.replace(cfg, max_seq_len=job.max_seq_len)
+  return cfg
+
+
+def _whole(mesh: Mesh):
+  """Shapes of host arrays a step takes (plans, sampling settings): whole on every device."""
+  where = NamedSharding(mesh, PartitionSpec())
+  return lambda shape, dtype: jax.ShapeDtypeStruct(shape, dtype, sharding=where)
+
+
+def engine_steps(cfg: ModelConfig, job: CompileJob, params, mesh: Mesh, sparsity):
+  """{name: (jitted step, abstract arguments)}: the engine's mixed step at its widest (G lanes of
+  Q prompt tokens beside the S decode rows) and its decode-only dispatch, with the KV pools
+  (K, P, ps, H) per layer laid out as the engine lays them out."""
+  ecfg, rules = job.engine_config, DEFAULT_RULES
+  s, g, q, ps = ecfg.num_slots, ecfg.chunk_lanes, ecfg.chunk_size, ecfg.page_size
+  m = max(1, -(-cfg.max_seq_len // ps))  # pages per sequence
+  shape = PagedKVCache.pool_shape(cfg, pool_pages_for(ecfg, m), ps)
+  pool = jax.ShapeDtypeStruct(shape, cfg.jnp_dtype,
+                              sharding=rules.sharding(mesh, POOL_AXES, shape))
+  pools = (pool,) * cfg.num_layers
+  whole = _whole(mesh)
+  i32, f32 = jnp.int32, jnp.float32
+  sampling = (whole((s,), f32), whole((s,), i32), whole((s,), f32), whole((s,), f32))
+  per_slot = (whole((s,), i32), whole((s,), bool), whole((s, 2), jnp.uint32))
+  n = s + g * q  # a mixed step's tokens
+  mixed = (params, pools, pools, whole((s,), i32), whole((n,), i32), whole((n,), bool),
+           whole((n,), i32), whole((s, m), i32), whole((g, m), i32)) + per_slot + sampling
+  decode = (params, pools, pools, whole((s,), i32), whole((s,), i32), whole((s,), bool),
+            whole((s,), i32), whole((s, m), i32)) + per_slot + sampling + (whole((), i32),)
+  kw = dict(cfg=cfg, implementation=job.implementation, sparsity=sparsity, mesh=mesh,
+            rules=rules)
+  step = jax.jit(partial(engine_step, **kw), donate_argnums=(1, 2, 3))
+  dispatch = jax.jit(partial(engine_decode, max_steps=ecfg.decode_steps, **kw),
+                     donate_argnums=(1, 2, 3))
+  return {"prefill": (step, mixed), "decode": (dispatch, decode)}
+
+
+def verify_step(cfg: ModelConfig, job: CompileJob, params, mesh: Mesh, sparsity):
+  """(jitted verification chunk, abstract arguments, bytes per device of its state, of the
+  draft's weights): the speculative generator's `steps_per_sync` draft-verify-accept steps over
+  --batch_size slots, each slot sized for --max_seq_len tokens (half prompt, half output)."""
+  from jaxinfer.runner import GenerateJob, make_proposer
+  from jaxinfer.sampling import SamplingParams
+  from jaxinfer.speculative.decode import SpeculativeGenerator, _chunk, state_shardings
+  job_like = GenerateJob(prompts="", output="", speculative=job.speculative,
+                         num_draft_tokens=job.num_draft_tokens, tree=job.tree,
+                         draft_layers=job.draft_layers)
+  try:
+    proposer, draft = make_proposer(job_like, cfg, params, None)
+  except ValueError as e:
+    raise CompileError(str(e) if str(e).startswith("--") else f"--tree: {e}") from None
+  whole = _whole(mesh)
+  if draft is not None:  # whole on each of a replica's devices, as the runner places a draft
+    draft = jax.tree_util.tree_map(lambda x: whole(x.shape, x.dtype), draft)
+  b, rules = job.batch_size, DEFAULT_RULES
+  try:
+    gen = SpeculativeGenerator(cfg, params, proposer, draft_params=draft,
+                               implementation=job.implementation, page_size=job.page_size,
+                               steps_per_sync=job.steps_per_sync, num_slots=b, mesh=mesh,
+                               sparsity=sparsity, engine_config=job.engine_config)
+  except ValueError as e:
+    raise CompileError(f"--speculative={job.speculative}: {e}") from None
+  half = cfg.max_seq_len // 2
+  out_len, slot_len = gen._geometry(half, cfg.max_seq_len - half, proposer.tree_size)
+  shapes = jax.eval_shape(lambda: gen._empty_state(b, slot_len, out_len, jax.random.key(0),
+                                                   proposer))
+  where = state_shardings(shapes, mesh, rules, proposer)
+  if where is None:
+    state = jax.tree_util.tree_map(lambda x: whole(x.shape, x.dtype), shapes)
+  else:
+    state = jax.tree_util.tree_map(
+        lambda x, w: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=w), shapes, where)
+  i32, f32 = jnp.int32, jnp.float32
+  sampling = SamplingParams(whole((b,), f32), whole((b,), i32), whole((b,), f32),
+                            whole((b,), f32))
+  eos = whole((max(1, len(cfg.eos_token_ids)),), i32)
+  args = (params, draft, state, sampling, whole((b, slot_len // job.page_size), i32), eos,
+          whole((), i32), whole((), i32))
+  fn = partial(_chunk, rule=gen.rule, cfg=cfg, proposer=proposer,
+               implementation=job.implementation, sparsity=sparsity, mesh=mesh, rules=rules)
+  return jax.jit(gen._placed(fn)), args, device_bytes(state), device_bytes(draft)
+
+
+@dataclasses.dataclass
+class StepReport:
+  """One step's compilation and what one device holds while it runs (None: lowered only)."""
+
+  name: str
+  lower_s: float
+  compile_s: float | None = None
+  weights_bytes: int | None = None  # from the shardings (None: lowered only)
+  kv_bytes: int | None = None  # KV pools (and, verifying, the speculative state)
+  argument_bytes: int | None = None
+  output_bytes: int | None = None
+  alias_bytes: int | None = None  # outputs written in place of donated arguments
+  temp_bytes: int | None = None
+  code_bytes: int | None = None
+  resident_bytes: int = 0  # held while it runs but not its argument (verifying: the engine's pool)
+
+  @property
+  def total_bytes(self) -> int | None:
+    if self.argument_bytes is None:
+      return None
+    return (self.argument_bytes + self.output_bytes - self.alias_bytes + self.temp_bytes
+            + self.resident_bytes)
+
+  def as_dict(self) -> dict[str, Any]:
+    return dataclasses.asdict(self) | {"total_bytes": self.total_bytes}
+
+
+@dataclasses.dataclass
+class Report:
+  target: str
+  device_kind: str
+  devices: int  # the target's
+  hbm_bytes: int | None  # per device (a chip's HBM over its devices); None for CUDA
+  mesh: str  # one replica's
+  replicas: int
+  model: str
+  config: dict[str, Any]
+  settings: dict[str, Any]  # batch_size, kv_pages, page_size, ...
+  steps: list[StepReport] = dataclasses.field(default_factory=list)
+  note: str | None = None
+
+  @property
+  def peak_bytes(self) -> int | None:
+    totals = [s.total_bytes for s in self.steps if s.total_bytes is not None]
+    return max(totals) if totals else None
+
+  def as_dict(self) -> dict[str, Any]:
+    out = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name != "steps"}
+    return out | {"steps": [s.as_dict() for s in self.steps], "peak_bytes": self.peak_bytes,
+                  "fits": None if self.hbm_bytes is None else self.peak_bytes <= self.hbm_bytes}
+
+  def table(self) -> str:
+    cfg, st = self.config, self.settings
+    hbm = "" if self.hbm_bytes is None else f", {_size(self.hbm_bytes)} HBM each"
+    spec = "" if st["speculative"] == "none" else f", speculative {st['speculative']}"
+    n = cfg["params"]
+    params = f"{n / 1e9:.2f}B" if n >= 1e9 else f"{n / 1e6:.2f}M"
+    lines = [f"{self.model} ({params} params, {cfg['dtype']}) on {self.target} "
+             f"({self.devices} x {self.device_kind}{hbm})",
+             f"mesh {self.mesh} per replica, {self.replicas} replica(s); {st['batch_size']} slots, "
+             f"{st['kv_pages']} KV pages of {st['page_size']} tokens; {st['implementation']} "
+             f"attention{spec}",
+             f"{'step':<8}{'lower s':>8}{'compile s':>10}{'weights':>11}{'KV':>11}{'temp':>11}"
+             f"{'total':>11}{'of HBM':>7}   (per device)"]
+    for s in self.steps:
+      share = ("-" if s.total_bytes is None or not self.hbm_bytes
+               else f"{100 * s.total_bytes / self.hbm_bytes:.0f}%")
+      compile_s = "-" if s.compile_s is None else f"{s.compile_s:.1f}"
+      lines.append(f"{s.name:<8}{s.lower_s:>8.1f}{compile_s:>10}{_size(s.weights_bytes):>11}"
+                   f"{_size(s.kv_bytes):>11}{_size(s.temp_bytes):>11}"
+                   f"{_size(s.total_bytes):>11}{share:>7}")
+    if self.note:
+      lines.append(self.note)
+    return "\n".join(lines)
+
+
+def _size(b: int | None) -> str:
+  if b is None:
+    return "-"
+  return f"{b / GIB:.2f} GiB" if b >= GIB else f"{b / 2**20:.1f} MiB"
+
+
+def hbm_per_device(target: Target, devices: list) -> int:
+  """A chip's HBM shared by its devices (v4's compile-only topology has two cores per chip)."""
+  chips = len({tuple(getattr(d, "coords", (d.id,))) for d in devices})
+  return HBM_GIB[target.generation] * GIB * chips // len(devices)
+
+
+def compile_step(name: str, fn, args, target: Target) -> StepReport:
+  """Lowers (and for a TPU compiles) one step; StepFailed when the compiler refuses it, with
+  "RESOURCE_EXHAUSTED" in the message when it does not fit."""
+  t0 = time.perf_counter()
+  if target.platform == "cuda":
+    fn.trace(*args).lower(lowering_platforms=("cuda",))
+    return StepReport(name, time.perf_counter() - t0)
+  lowered = fn.lower(*args)
+  t1 = time.perf_counter()
+  try:
+    with _without_persistent_cache():
+      compiled = lowered.compile()
+  except jax.errors.JaxRuntimeError as e:
+    raise StepFailed(f"{name}: {e}") from None
+  t2 = time.perf_counter()
+  mem = compiled.memory_analysis()
+  return StepReport(name, t1 - t0, t2 - t1, argument_bytes=mem.argument_size_in_bytes,
+                    output_bytes=mem.output_size_in_bytes, alias_bytes=mem.alias_size_in_bytes,
+                    temp_bytes=mem.temp_size_in_bytes,
+                    code_bytes=mem.generated_code_size_in_bytes)
+
+
+def _shrink_advice(report: Report, step: str, need: int, weights: int, kv: int,
+                   engine_kv: int) -> str:
+  """One line: what needs how much, and which flag to lower (or the mesh to widen)."""
+  hbm, st = report.hbm_bytes, report.settings
+  head = (f"the {step} step needs {_size(need)} per device (weights {_size(weights)}, KV "
+          f"{_size(kv)}) but a {report.device_kind} device has {_size(hbm)} of HBM")
+  wider = f"spread the model over more chips (--mesh, now {report.mesh})"
+  if weights > 0.8 * hbm:
+    return f"--mesh: {head}; the weights alone need {_size(weights)}: {wider}"
+  if engine_kv and need - engine_kv < hbm:
+    per_page = engine_kv / st["kv_pages"]
+    fit = int((hbm - (need - engine_kv)) / per_page)
+    return (f"--kv_pages: {head}; lower --kv_pages to at most {fit} (now {st['kv_pages']}) or "
+            f"--batch_size (now {st['batch_size']}), or {wider}")
+  return f"--batch_size: {head}; lower --batch_size (now {st['batch_size']}) or {wider}"
+
+
+def _checked(job: CompileJob):
+  """The job's sparsity, after refusing what the engine or this command cannot compile."""
+  from jaxinfer import attention
+  if job.implementation not in attention.IMPLEMENTATIONS:
+    raise CompileError(f"--implementation: expected one of {sorted(attention.IMPLEMENTATIONS)}, "
+                       f"got {job.implementation!r}")
+  if job.speculative not in SPECULATIVE:
+    raise CompileError(f"--speculative: compile takes one of {', '.join(SPECULATIVE)} (medusa, "
+                       f"hydra, eagle and draft need trained draft weights), got "
+                       f"{job.speculative!r}")
+  try:
+    job.engine_config  # noqa: B018 (validates the sizes)
+    sparsity = parse_sparsity(job.sparsity)
+  except ValueError as e:
+    raise CompileError(f"--{str(e).removeprefix('EngineConfig: ')}") from None
+  if sparsity.dynamic:
+    raise CompileError(f"--sparsity: {sparsity} needs whole-prompt prefill; the engine "
+                       f"prefills in chunks")
+  return sparsity
+
+
+def _compile_checked(name, fn, args, target: Target, report: Report, weights: int, kv: int,
+                     engine_kv: int, resident: int = 0, log=None) -> StepReport:
+  """compile_step, its memory checked against the device's HBM (CompileError when over)."""
+  hbm = report.hbm_bytes
+  if hbm and weights + kv > hbm:  # no need to ask the compiler
+    raise CompileError(_shrink_advice(report, name, weights + kv, weights, kv, engine_kv))
+  if log:
+    log(f"{'lowering' if target.platform == 'cuda' else 'compiling'} the {name} step")
+  try:
+    step = compile_step(name, fn, args, target)
+  except StepFailed as e:
+    if "RESOURCE_EXHAUSTED" not in str(e):
+      raise
+    said = re.search(r"\(([\d.]+)G\)", str(e))  # "... required ... (19.07G) exceeds ..."
+    need = max(weights + kv, int(float(said.group(1)) * GIB) if said else 0)
+    raise CompileError(_shrink_advice(report, name, need, weights, kv, engine_kv)) from None
+  if target.platform == "cuda":
+    return step
+  step.weights_bytes, step.kv_bytes, step.resident_bytes = weights, kv, resident
+  if step.total_bytes > hbm:
+    raise CompileError(_shrink_advice(report, name, step.total_bytes, weights, kv, engine_kv))
+  return step
+
+
+def run(job: CompileJob, log=None) -> Report:
+  """Compiles (TPU) or lowers (CUDA) the engine's steps and, with job.speculative, the
+  verification step; CompileError (one line, naming the flag) for bad flags or a configuration
+  that does not fit; StepFailed when the compiler refuses a step for another reason."""
+  target = parse_target(job.target)
+  cfg = model_config(job)
+  sparsity = _checked(job)
+  devices = target_devices(target)
+  mesh, replicas = replica_mesh(devices, job.mesh, target)
+  params = abstract_params(M.Transformer.spec(cfg), cfg.jnp_dtype, mesh, DEFAULT_RULES)
+  steps = engine_steps(cfg, job, params, mesh, sparsity)
+  pools = steps["decode"][1][1:3]  # (k, v): every layer's (K, P, ps, H) pool
+  kv_pages = pools[0][0].shape[1]
+  report = Report(
+      target=str(target), device_kind=devices[0].device_kind if target.platform == "tpu"
+      else "cuda", devices=len(devices) if target.platform == "tpu" else mesh.size * replicas,
+      hbm_bytes=hbm_per_device(target, devices) if target.platform == "tpu" else None,
+      mesh=",".join(f"{a}:{n}" for a, n in mesh.shape.items() if n > 1) or "one device",
+      replicas=replicas, model=job.model,
+      config=dataclasses.asdict(cfg) | {"params": cfg.num_params()},
+      settings={f.name: getattr(job, f.name) for f in dataclasses.fields(job)}
+      | {"kv_pages": kv_pages, "max_seq_len": cfg.max_seq_len},
+      note=("lowered only: compiling for cuda needs the GPU (no memory numbers)"
+            if target.platform == "cuda" else None))
+  weights, engine_kv = device_bytes(params), device_bytes(pools)
+  for name, (fn, args) in steps.items():
+    report.steps.append(_compile_checked(name, fn, args, target, report, weights, engine_kv,
+                                         engine_kv, log=log))
+  if job.speculative != "none":
+    fn, args, state_bytes, draft_bytes = verify_step(cfg, job, params, mesh, sparsity)
+    # the plain-decoding engine's pool stays allocated while the generator speculates
+    report.steps.append(_compile_checked(
+        "verify", fn, args, target, report, weights + draft_bytes, state_bytes + engine_kv,
+        engine_kv, resident=engine_kv, log=log))
+  return report

@@ -1,0 +1,136 @@
+"""`jaxinfer compile`: the engine's steps compiled for a TPU topology with libtpu's compile-only
+client (no TPU here), lowered for CUDA, and configurations that do not fit refused in one line."""
+
+import importlib.util
+import json
+import subprocess
+import sys
+
+import pytest
+from hf_models import COMMON
+
+from jaxinfer import aot
+from jaxinfer.config import PRESETS
+from jaxinfer.kv_cache import PagedKVCache
+
+needs_libtpu = pytest.mark.skipif(importlib.util.find_spec("libtpu") is None,
+                                  reason='needs libtpu: pip install -e ".[tpu-aot]"')
+TPU = "tpu:v5e:2x2"  # 4 chips of 16 GiB
+
+
+def _cli(*args):
+  return subprocess.run([sys.executable, "-m", "jaxinfer", "compile", *args],
+                        capture_output=True, text=True, timeout=300)
+
+
+@needs_libtpu
+def test_tpu_steps_on_a_model_mesh_with_verification():
+  job = aot.CompileJob(TPU, model="preset:tiny", mesh="model:2", batch_size=4, kv_pages=64,
+                       speculative="recycling")
+  report = aot.run(job)
+  cfg = PRESETS["tiny"]
+  assert [s.name for s in report.steps] == ["prefill", "decode", "verify"]
+  assert report.hbm_bytes == 16 * 2**30 and report.replicas == 1 and report.mesh == "model:2"
+  prefill, decode, verify = report.steps
+  # 2 KV heads over model:2: each device holds half of every pool
+  assert decode.kv_bytes == PagedKVCache.pool_bytes(cfg, 64, 16) // 2
+  assert 0 < decode.weights_bytes < cfg.num_params() * 4  # heads, mlp, vocab split
+  for s in (prefill, decode):
+    assert s.compile_s > 0 and s.alias_bytes >= s.kv_bytes  # the pools are updated in place
+    assert s.total_bytes >= s.weights_bytes + s.kv_bytes
+  assert verify.kv_bytes > decode.kv_bytes  # its own slots' pages beside the engine's pool
+  assert verify.total_bytes >= verify.resident_bytes + verify.argument_bytes
+  record = json.loads(json.dumps(report.as_dict(), default=str))
+  assert record["fits"] is True and record["peak_bytes"] == max(s.total_bytes
+                                                               for s in report.steps)
+  assert record["settings"]["kv_pages"] == 64 and record["config"]["num_layers"] == 2
+  for key in ("lower_s", "compile_s", "weights_bytes", "kv_bytes", "argument_bytes",
+              "output_bytes", "alias_bytes", "temp_bytes", "total_bytes"):
+    assert isinstance(record["steps"][1][key], (int, float)), key
+  table = report.table()
+  assert "TPU v5 lite" in table and all(name in table for name in ("prefill", "decode", "verify"))
+
+
+@needs_libtpu
+def test_hf_directory_needs_only_its_config_json(tmp_path):
+  (tmp_path / "config.json").write_text(json.dumps({**COMMON, "model_type": "llama",
+                                                    "torch_dtype": "bfloat16"}))
+  job = aot.CompileJob(TPU, model=str(tmp_path), mesh="data:2,fsdp:2", batch_size=4)
+  report = aot.run(job)
+  assert report.config["vocab_size"] == COMMON["vocab_size"]
+  assert report.config["dtype"] == "bfloat16"
+  assert report.replicas == 2 and report.mesh == "fsdp:2"
+  # the default pool: 1.5 x slots x the context's pages, plus one
+  assert report.settings["kv_pages"] == int(4 * (COMMON["max_position_embeddings"] // 16) * 1.5) + 1
+  assert [s.name for s in report.steps] == ["prefill", "decode"]
+
+
+@needs_libtpu
+def test_a_pool_that_does_not_fit_is_one_line_naming_kv_pages(tmp_path):
+  out = tmp_path / "r.json"
+  res = _cli(f"--target={TPU}", "--model=preset:tiny", "--mesh=model:2", "--kv_pages=100000000",
+             f"--output={out}")
+  assert res.returncode == 2 and res.stdout == ""
+  lines = res.stderr.strip().splitlines()
+  assert len(lines) == 1, res.stderr
+  assert lines[0].startswith("error: --kv_pages:") and "lower --kv_pages to at most" in lines[0]
+  assert not out.exists()
+
+
+@needs_libtpu
+def test_weights_that_do_not_fit_ask_for_a_wider_mesh():
+  # every device a replica of its own: 15 GiB of bfloat16 weights beside 8 GiB of KV pages on
+  # each 16 GiB chip (refused before compiling)
+  with pytest.raises(aot.CompileError, match=r"^--mesh: .* weights alone"):
+    aot.run(aot.CompileJob(TPU, model="preset:llama3-8b", kv_pages=4096))
+
+
+def test_cuda_is_lowered_and_reported_without_memory_numbers(tmp_path):
+  out = tmp_path / "r.json"
+  res = _cli("--target=cuda", "--model=preset:tiny", "--mesh=model:2", "--batch_size=4",
+             "--kv_pages=64", f"--output={out}")
+  assert res.returncode == 0, res.stderr
+  assert "compiling for cuda needs the GPU" in res.stdout
+  record = json.loads(out.read_text())
+  assert record["target"] == "cuda" and record["hbm_bytes"] is None and record["fits"] is None
+  assert [s["name"] for s in record["steps"]] == ["prefill", "decode"]
+  assert all(s["lower_s"] > 0 and s["compile_s"] is None and s["total_bytes"] is None
+             for s in record["steps"])
+
+
+@pytest.mark.parametrize("target, message", [
+    ("tpu:v9:2x2", "--target: expected tpu:GEN:TOPOLOGY"),
+    ("gpu", "--target: expected"),
+    ("tpu:v5e", "--target: expected"),
+])
+def test_unknown_targets(target, message):
+  with pytest.raises(aot.CompileError, match=message):
+    aot.run(aot.CompileJob(target, model="preset:tiny"))
+
+
+@needs_libtpu
+def test_unknown_topology_is_libtpus_word_in_one_line():
+  with pytest.raises(aot.CompileError, match="libtpu does not know this topology") as e:
+    aot.run(aot.CompileJob("tpu:v5e:3x7", model="preset:tiny"))
+  assert "\n" not in str(e.value)
+
+
+def test_missing_libtpu_says_what_to_install(monkeypatch):
+  real = importlib.util.find_spec
+  monkeypatch.setattr(importlib.util, "find_spec",
+                      lambda name, *a: None if name == "libtpu" else real(name, *a))
+  with pytest.raises(aot.CompileError, match=r'pip install -e "\.\[tpu-aot\]"'):
+    aot.run(aot.CompileJob(TPU, model="preset:tiny"))
+
+
+@pytest.mark.parametrize("overrides, message", [
+    (dict(model="preset:nope"), "--model: unknown preset"),
+    (dict(model="/no/such/dir"), "--model: expected preset:NAME"),
+    (dict(speculative="medusa"), "--speculative: compile takes one of"),
+    (dict(sparsity="block_topk:8"), "--sparsity:"),
+    (dict(mesh="model:16"), "--mesh: .* needs 16 devices"),
+])
+def test_flag_errors_name_the_flag(overrides, message):
+  job = aot.CompileJob(**{"target": "cuda", "model": "preset:tiny", **overrides})
+  with pytest.raises(aot.CompileError, match=message):
+    aot.run(job)
