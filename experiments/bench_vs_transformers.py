@@ -172,7 +172,6 @@ def main(argv):
   with tempfile.TemporaryDirectory() as d:
     workdir = Path(d)
     model = _side("save", workdir)
-    rows = []
     for b in map(int, FLAGS.batch_sizes):
       runs = {"jaxinfer": [], "transformers": []}
       for _ in range(FLAGS.repeats):
@@ -199,9 +198,8 @@ def main(argv):
           "transformers": theirs["transformers"], "date": datetime.date.today().isoformat()}
       row["speedup"] = round(row["jaxinfer_tokens_per_second"]
                              / row["transformers_tokens_per_second"], 2)
-      rows.append(row)
+      output.append_jsonl(FLAGS.results, [row])  # per batch size: a timeout keeps the rest
       print(json.dumps(row, indent=2))
-  output.append_jsonl(FLAGS.results, rows)
 
 
 if __name__ == "__main__":

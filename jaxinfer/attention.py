@@ -11,8 +11,9 @@ Each implementation provides two entry points:
 
 "xla" is the plain-jnp reference. "pallas" runs the block-sparse flash kernel for chunks and the
 paged decode kernel for single-token cache reads (a contiguous cache is viewed as pages with an
-identity page table); shapes it does not cover fall back to "xla". On a mesh the kernels run
-under shard_map (batch over data/fsdp, heads over model).
+identity page table); shapes it does not cover fall back to "xla". "splash" runs jax's own TPU
+splash kernel for chunks (interpreted on CPU) and "pallas" for everything else. On a mesh the
+kernels run under shard_map (batch over data/fsdp, heads over model).
 """
 
 from __future__ import annotations
@@ -264,6 +265,81 @@ def _pallas_tree(q, kv, positions, *, window, sinks, mesh, rules):
                 (q, kv.k, kv.v, kv.prefix_len, kv.page_table, kv.tree_mask))
 
 
+# --- Splash (jax's TPU block-sparse flash attention) ----------------------------------------
+
+
+@functools.lru_cache(maxsize=None)
+def _splash_sinks_window_mask():
+  """A splash mask class for causal sinks + window, computed inside the kernel (splash's own
+  LocalMask has no sinks); built on first use so splash is imported only when chosen."""
+  from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_mask as sm
+
+  class SinksAndWindow(sm._ComputableMask):
+    def __init__(self, t: int, window: int, sinks: int):
+      self.key = (t, window, sinks)
+      super().__init__((t, t), lambda q, k: (k <= q) & ((k > q - window) | (k < sinks)))
+
+    def __eq__(self, other):
+      return type(other) is type(self) and other.key == self.key
+
+    def __hash__(self):
+      return hash((type(self), self.key))
+
+  return SinksAndWindow
+
+
+def _splash_kernel(n: int, t: int, window: int | None, sinks: int, block: int, interpret: bool):
+  """Splash over (N,T,H) q, (K,T,H) k/v for one chunk length and pattern. Made per trace (it holds
+  jnp arrays); splash caches the host-side mask processing per mask and block shape."""
+  from jax.experimental.pallas.ops.tpu import splash_attention as sa
+  if window is None:
+    mask = sa.CausalMask((t, t))
+  elif not sinks:
+    mask = sa.LocalMask((t, t), (window - 1, 0), 0)
+  else:
+    mask = _splash_sinks_window_mask()(t, window, sinks)
+  sizes = sa.BlockSizes(block_q=block, block_kv=block, block_kv_compute=block, block_q_dkv=block,
+                        block_kv_dkv=block, block_kv_dkv_compute=block, block_q_dq=block,
+                        block_kv_dq=block)
+  return sa.make_splash_mha_single_device(sa.MultiHeadMask([mask] * n), block_sizes=sizes,
+                                          interpret=interpret)
+
+
+def _splash_chunk(q, k, v, positions, *, window, sinks, sparsity, segment_ids, mesh, rules):
+  """jax's splash kernel on TPU (interpreted on CPU); the "pallas" path on GPUs and for what
+  splash does not cover: dynamic sparsity, chunks that are not a whole number (>= 1) of 128
+  blocks, heads that do not split evenly over the mesh."""
+  b, t, n, h = q.shape
+  block = next((c for c in (512, 256, 128) if t % c == 0), None)
+  kw = dict(window=window, sinks=sinks, sparsity=sparsity)
+  if (sparsity.dynamic or block is None
+      or not _heads_split_evenly(n, k.shape[2], mesh, rules)):
+    return _pallas_chunk(q, k, v, positions, segment_ids=segment_ids, mesh=mesh, rules=rules, **kw)
+
+  def local(q, k, v, seg):
+    def splash(interpret):
+      def run(q, k, v, seg):
+        from jax.experimental.pallas.ops.tpu.splash_attention import SegmentIds
+        kernel = _splash_kernel(q.shape[2], t, window, sinks, block, interpret)
+        qh, kh, vh = _heads_major(q * jnp.asarray(h**-0.5, q.dtype), k, v)
+        if seg is None:
+          out = jax.vmap(kernel)(qh, kh, vh)
+        else:
+          out = jax.vmap(lambda q, k, v, s: kernel(q, k, v, SegmentIds(s, s)))(qh, kh, vh, seg)
+        return out.transpose(0, 2, 1, 3)
+      return run
+
+    def pallas(q, k, v, seg):
+      return _pallas_chunk(q, k, v, None, segment_ids=seg, mesh=None, rules=rules, **kw)
+
+    return jax.lax.platform_dependent(q, k, v, seg, tpu=splash(False), cpu=splash(True),
+                                      default=pallas)
+
+  qa = ("batch", "seq", "act_heads", "head_dim")
+  ka = ("batch", "seq", "act_kv_heads", "head_dim")
+  return _shard(local, mesh, rules, (qa, ka, ka, ("batch", "seq")), qa, (q, k, v, segment_ids))
+
+
 @dataclasses.dataclass(frozen=True)
 class AttentionImpl:
   chunk: Callable[..., jax.Array]  # a chunk attending to itself
@@ -274,6 +350,7 @@ class AttentionImpl:
 IMPLEMENTATIONS: dict[str, AttentionImpl] = {
     "xla": AttentionImpl(_xla_chunk, _xla_cache, _xla_tree),
     "pallas": AttentionImpl(_pallas_chunk, _pallas_cache, _pallas_tree),
+    "splash": AttentionImpl(_splash_chunk, _pallas_cache, _pallas_tree),
 }
 
 
