@@ -38,6 +38,7 @@ from jaxinfer.kv_cache import POOL_AXES, PagedKVCache
 from jaxinfer.params import abstract_params
 from jaxinfer.sharding import DEFAULT_RULES, MESH_AXES, device_bytes, format_mesh, parse_mesh
 from jaxinfer.sparsity import parse as parse_sparsity
+from pallas_kernels.common import gpu_target
 
 HBM_GIB = {"v4": 32, "v5e": 16, "v5p": 95, "v6e": 32}  # per chip
 GIB = 2**30
@@ -328,6 +329,7 @@ class StepReport:
   temp_bytes: int | None = None
   code_bytes: int | None = None
   resident_bytes: int = 0  # held while it runs but not its argument (verifying: the engine's pool)
+  kernels: int = 0  # Pallas kernels in the program (Mosaic TPU or Triton custom calls)
 
   @property
   def total_bytes(self) -> int | None:
@@ -375,13 +377,14 @@ class Report:
              f"mesh {self.mesh} per replica, {self.replicas} replica(s); {st['batch_size']} slots, "
              f"{st['kv_pages']} KV pages of {st['page_size']} tokens; {st['implementation']} "
              f"attention{spec}",
-             f"{'step':<8}{'lower s':>8}{'compile s':>10}{'weights':>11}{'KV':>11}{'temp':>11}"
-             f"{'total':>11}{'of HBM':>7}   (per device)"]
+             f"{'step':<8}{'lower s':>8}{'compile s':>10}{'kernels':>8}{'weights':>11}{'KV':>11}"
+             f"{'temp':>11}{'total':>11}{'of HBM':>7}   (per device)"]
     for s in self.steps:
       share = ("-" if s.total_bytes is None or not self.hbm_bytes
                else f"{100 * s.total_bytes / self.hbm_bytes:.0f}%")
       compile_s = "-" if s.compile_s is None else f"{s.compile_s:.1f}"
-      lines.append(f"{s.name:<8}{s.lower_s:>8.1f}{compile_s:>10}{_size(s.weights_bytes):>11}"
+      lines.append(f"{s.name:<8}{s.lower_s:>8.1f}{compile_s:>10}{s.kernels:>8}"
+                   f"{_size(s.weights_bytes):>11}"
                    f"{_size(s.kv_bytes):>11}{_size(s.temp_bytes):>11}"
                    f"{_size(s.total_bytes):>11}{share:>7}")
     if self.note:
@@ -401,14 +404,39 @@ def hbm_per_device(target: Target, devices: list) -> int:
   return HBM_GIB[target.generation] * GIB * chips // len(devices)
 
 
+_TPU_CALL = "custom_call @tpu_custom_call("  # in the lowered StableHLO text
+_TRITON_CALL = "custom_call @__gpu$xla.gpu.triton("
+
+
+def _lower_for_cuda(fn, args) -> str:
+  """The step lowered for CUDA from this host. jax >= 0.11's Triton lowering asks which GPU it
+  is for; an abstract GPU (`gpu_target`) answers for a lone kernel, but a step's meshes (its
+  shardings, shard_map) replace that context, so there its Pallas kernels lower on a GPU host
+  only."""
+  traced = fn.trace(*args)
+  try:
+    return traced.lower(lowering_platforms=("cuda",)).as_text()
+  except RuntimeError as e:
+    if "No supported GPU devices" not in str(e):
+      raise
+  try:
+    with gpu_target():
+      return traced.lower(lowering_platforms=("cuda",)).as_text()
+  except (RuntimeError, ValueError):
+    raise CompileError(f"--target=cuda: jax {jax.__version__} lowers a step's Triton kernels "
+                       "only on a GPU host; use --implementation=xla here (jax 0.10 lowers "
+                       "them anywhere)") from None
+
+
 def compile_step(name: str, fn, args, target: Target) -> StepReport:
   """Lowers (and for a TPU compiles) one step; StepFailed when the compiler refuses it, with
   "RESOURCE_EXHAUSTED" in the message when it does not fit."""
   t0 = time.perf_counter()
   if target.platform == "cuda":
-    fn.trace(*args).lower(lowering_platforms=("cuda",))
-    return StepReport(name, time.perf_counter() - t0)
+    text = _lower_for_cuda(fn, args)
+    return StepReport(name, time.perf_counter() - t0, kernels=text.count(_TRITON_CALL))
   lowered = fn.lower(*args)
+  kernels = lowered.as_text().count(_TPU_CALL)
   t1 = time.perf_counter()
   try:
     with _without_persistent_cache():
@@ -420,7 +448,7 @@ def compile_step(name: str, fn, args, target: Target) -> StepReport:
   return StepReport(name, t1 - t0, t2 - t1, argument_bytes=mem.argument_size_in_bytes,
                     output_bytes=mem.output_size_in_bytes, alias_bytes=mem.alias_size_in_bytes,
                     temp_bytes=mem.temp_size_in_bytes,
-                    code_bytes=mem.generated_code_size_in_bytes)
+                    code_bytes=mem.generated_code_size_in_bytes, kernels=kernels)
 
 
 def _shrink_advice(report: Report, step: str, need: int, weights: int, kv: int,

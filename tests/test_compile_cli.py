@@ -13,8 +13,6 @@ from jaxinfer import aot
 from jaxinfer.config import PRESETS
 from jaxinfer.kv_cache import PagedKVCache
 
-needs_libtpu = pytest.mark.skipif(importlib.util.find_spec("libtpu") is None,
-                                  reason='needs libtpu: pip install -e ".[tpu-aot]"')
 TPU = "tpu:v5e:2x2"  # 4 chips of 16 GiB
 
 
@@ -23,10 +21,9 @@ def _cli(*args):
                         capture_output=True, text=True, timeout=300)
 
 
-@needs_libtpu
 def test_tpu_steps_on_a_model_mesh_with_verification():
   job = aot.CompileJob(TPU, model="preset:tiny", mesh="model:2", batch_size=4, kv_pages=64,
-                       speculative="recycling")
+                       speculative="recycling", implementation="pallas")
   report = aot.run(job)
   cfg = PRESETS["tiny"]
   assert [s.name for s in report.steps] == ["prefill", "decode", "verify"]
@@ -35,6 +32,7 @@ def test_tpu_steps_on_a_model_mesh_with_verification():
   # 2 KV heads over model:2: each device holds half of every pool
   assert decode.kv_bytes == PagedKVCache.pool_bytes(cfg, 64, 16) // 2
   assert 0 < decode.weights_bytes < cfg.num_params() * 4  # heads, mlp, vocab split
+  assert prefill.kernels and decode.kernels and verify.kernels  # Pallas kernels, not interpreted
   for s in (prefill, decode):
     assert s.compile_s > 0 and s.alias_bytes >= s.kv_bytes  # the pools are updated in place
     assert s.total_bytes >= s.weights_bytes + s.kv_bytes
@@ -51,7 +49,6 @@ def test_tpu_steps_on_a_model_mesh_with_verification():
   assert "TPU v5 lite" in table and all(name in table for name in ("prefill", "decode", "verify"))
 
 
-@needs_libtpu
 def test_hf_directory_needs_only_its_config_json(tmp_path):
   (tmp_path / "config.json").write_text(json.dumps({**COMMON, "model_type": "llama",
                                                     "torch_dtype": "bfloat16"}))
@@ -65,7 +62,6 @@ def test_hf_directory_needs_only_its_config_json(tmp_path):
   assert [s.name for s in report.steps] == ["prefill", "decode"]
 
 
-@needs_libtpu
 def test_a_pool_that_does_not_fit_is_one_line_naming_kv_pages(tmp_path):
   out = tmp_path / "r.json"
   res = _cli(f"--target={TPU}", "--model=preset:tiny", "--mesh=model:2", "--kv_pages=100000000",
@@ -77,7 +73,6 @@ def test_a_pool_that_does_not_fit_is_one_line_naming_kv_pages(tmp_path):
   assert not out.exists()
 
 
-@needs_libtpu
 def test_weights_that_do_not_fit_ask_for_a_wider_mesh():
   # every device a replica of its own: 15 GiB of bfloat16 weights beside 8 GiB of KV pages on
   # each 16 GiB chip (refused before compiling)
@@ -88,14 +83,14 @@ def test_weights_that_do_not_fit_ask_for_a_wider_mesh():
 def test_cuda_is_lowered_and_reported_without_memory_numbers(tmp_path):
   out = tmp_path / "r.json"
   res = _cli("--target=cuda", "--model=preset:tiny", "--mesh=model:2", "--batch_size=4",
-             "--kv_pages=64", f"--output={out}")
+             "--kv_pages=64", "--implementation=pallas", f"--output={out}")
   assert res.returncode == 0, res.stderr
   assert "compiling for cuda needs the GPU" in res.stdout
   record = json.loads(out.read_text())
   assert record["target"] == "cuda" and record["hbm_bytes"] is None and record["fits"] is None
   assert [s["name"] for s in record["steps"]] == ["prefill", "decode"]
   assert all(s["lower_s"] > 0 and s["compile_s"] is None and s["total_bytes"] is None
-             for s in record["steps"])
+             and s["kernels"] > 0 for s in record["steps"])  # Triton kernels, not interpreted
 
 
 @pytest.mark.parametrize("target, message", [
@@ -108,7 +103,6 @@ def test_unknown_targets(target, message):
     aot.run(aot.CompileJob(target, model="preset:tiny"))
 
 
-@needs_libtpu
 def test_unknown_topology_is_libtpus_word_in_one_line():
   with pytest.raises(aot.CompileError, match="libtpu does not know this topology") as e:
     aot.run(aot.CompileJob("tpu:v5e:3x7", model="preset:tiny"))
