@@ -3,34 +3,19 @@ reference (forward and gradients), and proof that it compiles: libtpu's compile-
 builds forward and backward for v5e and v6e at 8k tokens, and the Triton form still lowers for
 CUDA."""
 
-import os
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
 
-# Before libtpu loads: no cloud metadata lookup, and no lockfile shared with other processes
-# that compile for TPU at the same time (the compile-only client needs no exclusive device).
-os.environ.setdefault("TPU_SKIP_MDS_QUERY", "1")
-os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
-
-import jax  # noqa: E402
-import jax.numpy as jnp  # noqa: E402
-import numpy as np  # noqa: E402
-import pytest  # noqa: E402
-
-from pallas_kernels.block_sparse_attention import (block_sparse_attention,  # noqa: E402
+from pallas_kernels.block_sparse_attention import (block_sparse_attention,
                                                    block_sparse_attention_reference, mask_info,
                                                    masks)
-from pallas_kernels.block_sparse_attention.dynamic import block_topk_mask_info  # noqa: E402
-from pallas_kernels.common import gpu_target  # noqa: E402
+from pallas_kernels.block_sparse_attention.dynamic import block_topk_mask_info
+from pallas_kernels.common import gpu_target
+from test_block_sparse_attention import GRAD_TOL, TOL, _qkv
 
 TPU = dict(backend="tpu", interpret=True)
-TOL = {jnp.float32: dict(atol=2e-5, rtol=2e-5), jnp.bfloat16: dict(atol=3e-2, rtol=3e-2)}
-GRAD_TOL = {jnp.float32: dict(atol=1e-4, rtol=1e-4), jnp.bfloat16: dict(atol=1e-1, rtol=1e-1)}
-
-
-def _qkv(b, n, k, t, s, h, dtype=jnp.float32, seed=0):
-  ks = jax.random.split(jax.random.key(seed), 3)
-  return (jax.random.normal(ks[0], (b, n, t, h)).astype(dtype),
-          jax.random.normal(ks[1], (b, k, s, h)).astype(dtype),
-          jax.random.normal(ks[2], (b, k, s, h)).astype(dtype))
 
 
 def _loss(fn, info, **kw):

@@ -48,6 +48,18 @@ def default_num_splits(batch: int, kv_heads: int, max_pages: int, target: int = 
   return max(1, min(max_pages, -(-target // max(1, batch * kv_heads))))
 
 
+def page_walk_forms(gpu_form, tpu_form, *, batch: int, kv_heads: int, max_pages: int,
+                    num_splits: int | None, min_rows: int | None, block_pages: int | None, **kw):
+  """`build(form, interpret)` for common.on_target, shared by the kernels that walk pages."""
+  def build(form, interp):
+    if form == "tpu":  # a TPU core walks the grid in order: splits only cost there
+      return functools.partial(tpu_form, splits=num_splits or 1, block_pages=block_pages,
+                               interpret=interp, **kw)
+    splits = num_splits or default_num_splits(batch, kv_heads, max_pages)
+    return functools.partial(gpu_form, splits=splits, min_rows=min_rows, interpret=interp, **kw)
+  return build
+
+
 def _check(q, k_pages, v_pages, lengths, page_table):
   if q.ndim != 3 or k_pages.ndim != 4 or v_pages.shape != k_pages.shape:
     raise ValueError(f"paged_attention: expected q (B,N,H) and pages (K,P,ps,H), got {q.shape}, "
@@ -130,15 +142,10 @@ def paged_attention(q: jax.Array, k_pages: jax.Array, v_pages: jax.Array, length
   b, n, h = q.shape
   kv_heads = k_pages.shape[0]
   g = n // kv_heads
-  kw = dict(scale=h**-0.5 if scale is None else scale, window=window, sinks=sinks)
-
-  def build(form, interp):
-    if form == "tpu":  # a TPU core walks the grid in order: splits only cost there
-      return functools.partial(_tpu_form, splits=num_splits or 1, block_pages=block_pages,
-                               interpret=interp, **kw)
-    splits = num_splits or default_num_splits(b, kv_heads, page_table.shape[1])
-    return functools.partial(_gpu_form, splits=splits, min_rows=min_rows, interpret=interp, **kw)
-
+  build = page_walk_forms(_gpu_form, _tpu_form, batch=b, kv_heads=kv_heads,
+                          max_pages=page_table.shape[1], num_splits=num_splits,
+                          min_rows=min_rows, block_pages=block_pages,
+                          scale=h**-0.5 if scale is None else scale, window=window, sinks=sinks)
   out = on_target(build, q.reshape(b, kv_heads, g, h), k_pages, v_pages,
                   lengths.astype(jnp.int32), page_table.astype(jnp.int32), backend=backend,
                   interpret=interpret)

@@ -84,19 +84,12 @@ def _kernel(ends_ref, pt_ref, q_ref, *refs, num_extra, visible, scale, page_size
       yield p < stop, [pltpu.make_async_copy(src.at[head, page], buf.at[slot, j], sems.at[n, slot])
                        for n, (src, buf) in enumerate(((k_hbm, k_buf), (v_hbm, v_buf)))]
 
-  def fetch(i, slot):
+  def dma(i, slot, op):  # op: "start" or "wait" each valid page's K and V copies
     for valid, pair in copies(i, slot):
       @pl.when(valid)
       def _():
         for c in pair:
-          c.start()
-
-  def wait(i, slot):
-    for valid, pair in copies(i, slot):
-      @pl.when(valid)
-      def _():
-        for c in pair:
-          c.wait()
+          getattr(c, op)()
 
   q = q_ref[...]
   rows, h = q.shape
@@ -108,9 +101,9 @@ def _kernel(ends_ref, pt_ref, q_ref, *refs, num_extra, visible, scale, page_size
 
     @pl.when(i + 1 < na + nb)
     def _():
-      fetch(i + 1, 1 - slot)
+      dma(i + 1, 1 - slot, "start")
 
-    wait(i, slot)
+    dma(i, slot, "wait")
     start, stop = block(i)
     limit = jnp.minimum(stop * page_size, end)  # fetched, and written
     pos = start * page_size + lax.broadcasted_iota(jnp.int32, (1, bk), 1)
@@ -131,7 +124,7 @@ def _kernel(ends_ref, pt_ref, q_ref, *refs, num_extra, visible, scale, page_size
 
   @pl.when(na + nb > 0)
   def _():
-    fetch(0, 0)
+    dma(0, 0, "start")
 
   init = (jnp.zeros((rows, h), jnp.float32), jnp.full((rows, 1), MASK_VALUE, jnp.float32),
           jnp.zeros((rows, 1), jnp.float32))

@@ -26,7 +26,7 @@ from jax.experimental import pallas as pl
 from pallas_kernels.common import (gpu_rows, merge_splits, on_target, pow2, softmax_finish,
                                    softmax_init, split_pages, triton_params, walk_pages,
                                    walk_sinks_and_window)
-from pallas_kernels.paged_attention.kernel import default_num_splits
+from pallas_kernels.paged_attention.kernel import page_walk_forms
 from pallas_kernels.paged_attention.tpu import paged_rows_attention, sublanes
 from pallas_kernels.tree_attention.reference import check_window, tree_depths
 
@@ -163,15 +163,11 @@ def tree_attention(q: jax.Array, k_pages: jax.Array, v_pages: jax.Array, prefix_
   qg = q.reshape(b, t, kv_heads, g, h).transpose(0, 2, 1, 3, 4).reshape(b, kv_heads, t * g, h)
   mask = jnp.repeat(tree_mask.astype(jnp.int32), g, axis=1)  # (B, T*G, W)
   depth = jnp.repeat(tree_depths(tree_mask), g, axis=1)[..., None]  # (B, T*G, 1)
-  kw = dict(scale=h**-0.5 if scale is None else scale, tree_size=t, window=window, sinks=sinks)
-
-  def build(form, interp):
-    if form == "tpu":  # a TPU core walks the grid in order: splits only cost there
-      return functools.partial(_tpu_form, splits=num_splits or 1, block_pages=block_pages,
-                               interpret=interp, **kw)
-    splits = num_splits or default_num_splits(b, kv_heads, page_table.shape[1])
-    return functools.partial(_gpu_form, splits=splits, min_rows=min_rows, interpret=interp, **kw)
-
+  build = page_walk_forms(_gpu_form, _tpu_form, batch=b, kv_heads=kv_heads,
+                          max_pages=page_table.shape[1], num_splits=num_splits,
+                          min_rows=min_rows, block_pages=block_pages,
+                          scale=h**-0.5 if scale is None else scale, tree_size=t, window=window,
+                          sinks=sinks)
   out = on_target(build, qg, k_pages, v_pages, prefix_len.astype(jnp.int32),
                   page_table.astype(jnp.int32), mask, depth, backend=backend, interpret=interpret)
   out = out.reshape(b, kv_heads, t, g, h).transpose(0, 2, 1, 3, 4)
