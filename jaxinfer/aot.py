@@ -31,6 +31,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
+from jaxinfer import compilation_cache
 from jaxinfer import model as M
 from jaxinfer.config import DTYPES, PRESETS, ModelConfig
 from jaxinfer.engine.engine import EngineConfig, engine_decode, engine_step, pool_pages_for
@@ -131,21 +132,6 @@ def _quiet_stderr():
   finally:
     os.dup2(saved, 2)
     os.close(saved)
-
-
-@contextlib.contextmanager
-def _without_persistent_cache():
-  """An executable compiled for an absent target cannot be loaded back from JAX's persistent
-  cache (that needs a client of its platform): keep it out of the cache."""
-  from jax.experimental.compilation_cache import compilation_cache as cc
-  enabled = jax.config.jax_enable_compilation_cache
-  jax.config.update("jax_enable_compilation_cache", False)
-  cc.reset_cache()  # jax decides once per process whether to use the cache: decide again
-  try:
-    yield
-  finally:
-    jax.config.update("jax_enable_compilation_cache", enabled)
-    cc.reset_cache()
 
 
 def target_devices(target: Target) -> list:
@@ -439,7 +425,7 @@ def compile_step(name: str, fn, args, target: Target) -> StepReport:
   kernels = lowered.as_text().count(_TPU_CALL)
   t1 = time.perf_counter()
   try:
-    with _without_persistent_cache():
+    with compilation_cache.suspended():
       compiled = lowered.compile()
   except jax.errors.JaxRuntimeError as e:
     raise StepFailed(f"{name}: {e}") from None

@@ -12,6 +12,7 @@ hold code, not weights (tens to hundreds of KiB each), and deleting the director
 
 from __future__ import annotations
 
+import contextlib
 import os
 import sys
 from pathlib import Path
@@ -51,3 +52,20 @@ def enable(path: str | os.PathLike | None) -> Path | None:
   jax.config.update("jax_persistent_cache_min_compile_time_secs", MIN_COMPILE_SECONDS)
   cc.reset_cache()  # jax decides once per process whether to use the cache: decide again
   return path
+
+
+@contextlib.contextmanager
+def suspended():
+  """Compilations inside stay out of the cache: an executable compiled for an absent target (a
+  TPU topology compiled for on this host) cannot be loaded back, which needs a client of its
+  platform; kept there, a later run would warn and compile again."""
+  import jax
+  from jax.experimental.compilation_cache import compilation_cache as cc
+  enabled = jax.config.jax_enable_compilation_cache
+  jax.config.update("jax_enable_compilation_cache", False)
+  cc.reset_cache()  # jax decides once per process whether to use the cache: decide again
+  try:
+    yield
+  finally:
+    jax.config.update("jax_enable_compilation_cache", enabled)
+    cc.reset_cache()

@@ -44,6 +44,14 @@ def tpu_device():
   return get
 
 
+@pytest.fixture
+def no_persistent_cache():
+  """For tests that compile for a TPU topology: its executables cannot be loaded back from the
+  persistent cache here, so they are kept out of it."""
+  with compilation_cache.suspended():
+    yield
+
+
 @pytest.fixture(scope="session")
 def devices():
   assert len(jax.devices()) == 8, "tests expect 8 simulated CPU devices"

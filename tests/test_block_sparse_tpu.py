@@ -99,19 +99,6 @@ def test_per_batch_and_head_dynamic_mask():
 B, N, K, T, H = 1, 4, 2, 8192, 128  # GQA, head dim 128, 8k tokens
 
 
-@pytest.fixture
-def no_persistent_cache():
-  """An executable compiled for an absent TPU cannot be loaded back from JAX's persistent cache
-  (that needs a TPU client): keep it out, so a warm cache neither warns nor recompiles."""
-  from jax.experimental.compilation_cache import compilation_cache as cc
-  enabled = jax.config.jax_enable_compilation_cache
-  jax.config.update("jax_enable_compilation_cache", False)
-  cc.reset_cache()
-  yield
-  jax.config.update("jax_enable_compilation_cache", enabled)
-  cc.reset_cache()
-
-
 @pytest.fixture(scope="module")
 def duo_8k():
   """Per-head metadata: causal heads and sinks + window heads."""

@@ -137,7 +137,8 @@ def _tree(**kw):
 
 @pytest.mark.parametrize("topology", ["v5e:2x2", "v6e:2x2"])
 @pytest.mark.parametrize("ps,dtype", [(16, jnp.bfloat16), (64, jnp.float32)])
-def test_libtpu_compiles_both_kernels_at_serving_shapes(tpu_device, topology, ps, dtype):
+def test_libtpu_compiles_both_kernels_at_serving_shapes(tpu_device, no_persistent_cache, topology,
+                                                        ps, dtype):
   sharding = jax.sharding.SingleDeviceSharding(tpu_device(topology))
   for fn, args in [(_paged(), _paged_args(ps, dtype, sharding)),
                    (_paged(window=1024, sinks=4), _paged_args(ps, dtype, sharding)),
@@ -150,7 +151,7 @@ def test_libtpu_compiles_both_kernels_at_serving_shapes(tpu_device, topology, ps
     assert compiled.memory_analysis().temp_size_in_bytes < pool_bytes
 
 
-def test_libtpu_compiles_tiny_model_shapes(tpu_device):
+def test_libtpu_compiles_tiny_model_shapes(tpu_device, no_persistent_cache):
   """The test models' head_dim 16 and odd GQA ratios compile too."""
   sharding = jax.sharding.SingleDeviceSharding(tpu_device("v5e:2x2"))
   s = lambda shape, dt: jax.ShapeDtypeStruct(shape, dt, sharding=sharding)
