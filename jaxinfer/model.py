@@ -4,9 +4,12 @@ B batch, T query len, S kv len (cache slots), D embed, N q heads, K kv heads, H 
 F mlp, V vocab.
 
 Parameters are flax.struct dataclasses whose `spec(cfg)` declares every weight once (shape,
-logical axes, initializer); see params.py for what derives from it. Layers are a tuple and the
-layer loop is unrolled so each layer's KV cache (kv_cache.py) is its own donated buffer, updated
-in place.
+logical axes, initializer, and for quantization the axes it is contracted over); see params.py
+for what derives from it. Layers are a tuple and the layer loop is unrolled so each layer's KV
+cache (kv_cache.py) is its own donated buffer, updated in place.
+
+A weight may be a quantized leaf (quant/): every use reads it through `weight`, which
+dequantizes it, so quantized serving and the QAT forward compute the same numbers.
 """
 
 from __future__ import annotations
@@ -23,6 +26,7 @@ from jaxinfer import params as P
 from jaxinfer.config import ModelConfig
 from jaxinfer.kv_cache import (CACHE_AXES, KVCache, LayerKV, MixedPagedKVCache,  # noqa: F401
                                PagedKVCache)
+from jaxinfer.quant import weight
 from jaxinfer.rope import apply_rope, rope_tables
 from jaxinfer.sharding import DEFAULT_RULES, ShardingRules, constrain
 from jaxinfer.sparsity import DENSE, Sparsity
@@ -30,6 +34,12 @@ from jaxinfer.sparsity import DENSE, Sparsity
 Array = Any  # jax.Array, or a ParamSpec inside a declaration tree
 
 ACT = ("batch", "seq", "act_embed")  # logical axes of the residual stream
+
+
+def norm_spec(size: int, axis: str) -> P.ParamSpec:
+  """An RMSNorm weight; quantized (one scale, or groups along it) only when norms opt in."""
+  return P.ParamSpec((size,), (axis,), P.constant_init(1.0), contract=(axis,), group=axis,
+                     quant="norm")
 
 
 @struct.dataclass
@@ -49,19 +59,21 @@ class Attention:
   def spec(cls, cfg: ModelConfig) -> "Attention":
     d, n, k, h = cfg.embed, cfg.q_heads, cfg.kv_heads, cfg.head_dim
     w = P.fan_in_init(1)
-    zeros, ones = P.constant_init(0.0), P.constant_init(1.0)
+    zeros = P.constant_init(0.0)
     bias = cfg.qkv_bias
     return cls(
-        q=P.ParamSpec((d, n, h), ("embed", "q_heads", "head_dim"), w),
-        k=P.ParamSpec((d, k, h), ("embed", "kv_heads", "head_dim"), w),
-        v=P.ParamSpec((d, k, h), ("embed", "kv_heads", "head_dim"), w),
-        o=P.ParamSpec((n, h, d), ("q_heads", "head_dim", "embed"), P.fan_in_init(2)),
+        q=P.linear((d, n, h), ("embed", "q_heads", "head_dim"), w, contract=("embed",)),
+        k=P.linear((d, k, h), ("embed", "kv_heads", "head_dim"), w, contract=("embed",)),
+        v=P.linear((d, k, h), ("embed", "kv_heads", "head_dim"), w, contract=("embed",)),
+        # contracts heads and head_dim; groups run along head_dim, one set per head
+        o=P.linear((n, h, d), ("q_heads", "head_dim", "embed"), P.fan_in_init(2),
+                   contract=("q_heads", "head_dim"), group="head_dim"),
         q_bias=P.ParamSpec((n, h), ("q_heads", "head_dim"), zeros) if bias else None,
         k_bias=P.ParamSpec((k, h), ("kv_heads", "head_dim"), zeros) if bias else None,
         v_bias=P.ParamSpec((k, h), ("kv_heads", "head_dim"), zeros) if bias else None,
         o_bias=P.ParamSpec((d,), ("embed",), zeros) if cfg.o_bias else None,
-        q_norm=P.ParamSpec((h,), ("head_dim",), ones) if cfg.qk_norm else None,
-        k_norm=P.ParamSpec((h,), ("head_dim",), ones) if cfg.qk_norm else None,
+        q_norm=norm_spec(h, "head_dim") if cfg.qk_norm else None,
+        k_norm=norm_spec(h, "head_dim") if cfg.qk_norm else None,
     )
 
 
@@ -74,9 +86,10 @@ class MLP:
   @classmethod
   def spec(cls, cfg: ModelConfig) -> "MLP":
     d, f = cfg.embed, cfg.mlp
-    return cls(gate=P.ParamSpec((d, f), ("embed", "mlp"), P.fan_in_init(1)),
-               up=P.ParamSpec((d, f), ("embed", "mlp"), P.fan_in_init(1)),
-               down=P.ParamSpec((f, d), ("mlp", "embed"), P.fan_in_init(1)))
+    w = P.fan_in_init(1)
+    return cls(gate=P.linear((d, f), ("embed", "mlp"), w, contract=("embed",)),
+               up=P.linear((d, f), ("embed", "mlp"), w, contract=("embed",)),
+               down=P.linear((f, d), ("mlp", "embed"), w, contract=("mlp",)))
 
 
 @struct.dataclass
@@ -88,7 +101,7 @@ class Layer:
 
   @classmethod
   def spec(cls, cfg: ModelConfig) -> "Layer":
-    norm = P.ParamSpec((cfg.embed,), ("embed",), P.constant_init(1.0))
+    norm = norm_spec(cfg.embed, "embed")
     return cls(attn_norm=norm, attn=Attention.spec(cfg), mlp_norm=norm, mlp=MLP.spec(cfg))
 
 
@@ -103,11 +116,13 @@ class Transformer:
   def spec(cls, cfg: ModelConfig) -> "Transformer":
     v, d = cfg.vocab_size, cfg.embed
     return cls(
-        embed=P.ParamSpec((v, d), ("vocab", "embed"), P.normal_init(0.02)),
+        # rows are looked up, and contracted over embed when tied to the output
+        embed=P.linear((v, d), ("vocab", "embed"), P.normal_init(0.02), contract=("embed",),
+                       quant="embed"),
         layers=tuple(Layer.spec(cfg) for _ in range(cfg.num_layers)),
-        final_norm=P.ParamSpec((d,), ("embed",), P.constant_init(1.0)),
-        lm_head=None if cfg.tie_embeddings else P.ParamSpec((d, v), ("embed", "vocab"),
-                                                             P.fan_in_init(1)),
+        final_norm=norm_spec(d, "embed"),
+        lm_head=None if cfg.tie_embeddings else P.linear(
+            (d, v), ("embed", "vocab"), P.fan_in_init(1), contract=("embed",), quant="lm_head"),
     )
 
 
@@ -151,19 +166,20 @@ def layer_pattern(cfg: ModelConfig, layer: int, sparsity: Sparsity) -> tuple[int
 def project_qkv(p: Attention, x: jax.Array, cos: jax.Array, sin: jax.Array,
                 cfg: ModelConfig) -> tuple[jax.Array, jax.Array, jax.Array]:
   """Normalised input (B,T,D) -> q (B,T,N,H), k, v (B,T,K,H), RoPE applied."""
-  q = jnp.einsum("btd,dnh->btnh", x, p.q)
-  k = jnp.einsum("btd,dkh->btkh", x, p.k)
-  v = jnp.einsum("btd,dkh->btkh", x, p.v)
+  q = jnp.einsum("btd,dnh->btnh", x, weight(p.q))
+  k = jnp.einsum("btd,dkh->btkh", x, weight(p.k))
+  v = jnp.einsum("btd,dkh->btkh", x, weight(p.v))
   if p.q_bias is not None:
     q, k, v = q + p.q_bias, k + p.k_bias, v + p.v_bias
   if p.q_norm is not None:
-    q, k = rms_norm(q, p.q_norm, cfg.norm_eps), rms_norm(k, p.k_norm, cfg.norm_eps)
+    q = rms_norm(q, weight(p.q_norm), cfg.norm_eps)
+    k = rms_norm(k, weight(p.k_norm), cfg.norm_eps)
   return apply_rope(q, cos, sin), apply_rope(k, cos, sin), v
 
 
 def project_out(p: Attention, out: jax.Array) -> jax.Array:
   """Attention output (B,T,N,H) -> (B,T,D)."""
-  out = jnp.einsum("btnh,nhd->btd", out, p.o)
+  out = jnp.einsum("btnh,nhd->btd", out, weight(p.o))
   return out if p.o_bias is None else out + p.o_bias
 
 
@@ -188,10 +204,10 @@ def attention_block(p: Attention, x: jax.Array, positions: jax.Array, cos: jax.A
 
 
 def mlp_block(p: MLP, x: jax.Array, mesh: Mesh | None, rules: ShardingRules) -> jax.Array:
-  gate = jnp.einsum("btd,df->btf", x, p.gate)
-  up = jnp.einsum("btd,df->btf", x, p.up)
+  gate = jnp.einsum("btd,df->btf", x, weight(p.gate))
+  up = jnp.einsum("btd,df->btf", x, weight(p.up))
   h = constrain(jax.nn.silu(gate) * up, ("batch", "seq", "act_mlp"), mesh, rules)
-  return jnp.einsum("btf,fd->btd", h, p.down)
+  return jnp.einsum("btf,fd->btd", h, weight(p.down))
 
 
 def forward(params: Transformer, tokens: jax.Array, positions: jax.Array, cfg: ModelConfig,
@@ -214,7 +230,7 @@ def forward(params: Transformer, tokens: jax.Array, positions: jax.Array, cfg: M
   """
   if kv_source == "cache" and cache is None:
     raise ValueError("forward: kv_source='cache' needs a cache")
-  x = jnp.take(params.embed, tokens, axis=0) if embeddings is None else embeddings
+  x = jnp.take(weight(params.embed), tokens, axis=0) if embeddings is None else embeddings
   x = constrain(x, ACT, mesh, rules)
   cos, sin = rope_tables(positions, cfg)
   new_layers = []
@@ -222,25 +238,29 @@ def forward(params: Transformer, tokens: jax.Array, positions: jax.Array, cfg: M
     with jax.named_scope(f"layer_{i}"):
       with jax.named_scope("attention"):
         h, kv = attention_block(
-            layer.attn, rms_norm(x, layer.attn_norm, cfg.norm_eps), positions, cos, sin, cfg,
-            layer_pattern(cfg, i, sparsity), sparsity, None if cache is None else cache.layer(i),
-            kv_source, segment_ids, implementation, mesh, rules)
+            layer.attn, rms_norm(x, weight(layer.attn_norm), cfg.norm_eps), positions, cos, sin,
+            cfg, layer_pattern(cfg, i, sparsity), sparsity,
+            None if cache is None else cache.layer(i), kv_source, segment_ids, implementation,
+            mesh, rules)
       x = constrain(x + h, ACT, mesh, rules)
       with jax.named_scope("mlp"):
-        x = x + mlp_block(layer.mlp, rms_norm(x, layer.mlp_norm, cfg.norm_eps), mesh, rules)
+        x = x + mlp_block(layer.mlp, rms_norm(x, weight(layer.mlp_norm), cfg.norm_eps), mesh,
+                          rules)
       x = constrain(x, ACT, mesh, rules)
       new_layers.append(kv)
-  x = rms_norm(x, params.final_norm, cfg.norm_eps)
+  x = rms_norm(x, weight(params.final_norm), cfg.norm_eps)
   return x, None if cache is None else cache.with_layers(new_layers)
 
 
 def output_projection(params: Transformer) -> jax.Array:
   """(D, V): the output projection, the embedding's transpose when tied."""
-  return params.embed.T if params.lm_head is None else params.lm_head
+  return weight(params.embed).T if params.lm_head is None else weight(params.lm_head)
 
 
 def logits(params: Transformer, hidden: jax.Array) -> jax.Array:
   """hidden (..., D) -> float32 logits (..., V)."""
   if params.lm_head is None:
-    return jnp.einsum("...d,vd->...v", hidden, params.embed, preferred_element_type=jnp.float32)
-  return jnp.einsum("...d,dv->...v", hidden, params.lm_head, preferred_element_type=jnp.float32)
+    return jnp.einsum("...d,vd->...v", hidden, weight(params.embed),
+                      preferred_element_type=jnp.float32)
+  return jnp.einsum("...d,dv->...v", hidden, weight(params.lm_head),
+                    preferred_element_type=jnp.float32)

@@ -1,6 +1,7 @@
 """Parameter declarations: each weight is declared once as a `ParamSpec` (shape, logical axes,
-initializer) inside a flax.struct dataclass; random init, abstract shapes, shardings and
-checkpoint restore targets are all derived from that one declaration tree.
+initializer) inside a flax.struct dataclass; random init, abstract shapes, shardings,
+checkpoint restore targets and quantized variants (quant/) are all derived from that one
+declaration tree.
 """
 
 from __future__ import annotations
@@ -17,17 +18,47 @@ from jaxinfer.sharding import DEFAULT_RULES, ShardingRules
 
 Initializer = Callable[[jax.Array, tuple[int, ...], Any], jax.Array]
 
+# What a weight is to quantization: "linear" weights are quantized whenever a model is; the rest
+# only when a run opts them in by this name.
+QUANT_ROLES = ("linear", "embed", "lm_head", "norm")
+
 
 @dataclasses.dataclass(frozen=True)
 class ParamSpec:
+  """One weight. For quantization (quant/) it also declares `contract`, the axes the weight is
+  contracted (or reduced) over, so one scale is shared along them and every other axis gets its
+  own; and `group`, the contracted axis that groups of a grouped format run along (the other
+  contracted axes then get a scale per index). `quant` is its role (QUANT_ROLES), None if never
+  quantized. The grouping is declared here, never inferred from an einsum string."""
+
   shape: tuple[int, ...]
   axes: tuple[str | None, ...]
   init: Initializer
   dtype: Any = None  # None: the model's dtype
+  contract: tuple[str, ...] = ()
+  group: str | None = None
+  quant: str | None = None
 
   def __post_init__(self):
     if len(self.shape) != len(self.axes):
       raise ValueError(f"ParamSpec: shape {self.shape} and axes {self.axes} differ in rank")
+    if self.quant is not None:
+      if self.quant not in QUANT_ROLES:
+        raise ValueError(f"ParamSpec: quant must be one of {QUANT_ROLES}, got {self.quant!r}")
+      if not self.contract or not set(self.contract) <= set(self.axes):
+        raise ValueError(f"ParamSpec: contract {self.contract} must name axes of {self.axes}")
+      if self.group not in self.contract:
+        raise ValueError(f"ParamSpec: group {self.group!r} must be one of contract "
+                         f"{self.contract}")
+
+  def axis(self, name: str) -> int:
+    return self.axes.index(name)
+
+
+def linear(shape: tuple[int, ...], axes: tuple[str, ...], init: Initializer,
+           contract: tuple[str, ...], group: str | None = None, quant: str = "linear") -> ParamSpec:
+  """A weight contracted over `contract` (groups along `group`, default the first of them)."""
+  return ParamSpec(shape, axes, init, contract=contract, group=group or contract[0], quant=quant)
 
 
 def is_spec(x) -> bool:

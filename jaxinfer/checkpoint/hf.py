@@ -26,6 +26,7 @@ from jaxinfer import params as P
 from jaxinfer.checkpoint.hf_config import config_from_hf, config_to_hf
 from jaxinfer.config import ModelConfig
 from jaxinfer.model import MLP, Attention, Layer, Transformer
+from jaxinfer.quant import is_quantized
 from jaxinfer.sharding import DEFAULT_RULES, ShardingRules
 
 NP_DTYPES = {"float32": np.float32, "bfloat16": ml_dtypes.bfloat16, "float16": np.float16}
@@ -187,6 +188,9 @@ def save_hf(directory: str | os.PathLike, cfg: ModelConfig, params: Transformer,
   """Writes a Hugging Face directory that transformers (and `load_hf`) read back."""
   directory = Path(directory)
   P.check_against_spec(params, Transformer.spec(cfg))
+  if any(map(is_quantized, jax.tree_util.tree_leaves(params, is_leaf=is_quantized))):
+    raise ValueError(f"{directory}: quantized parameters are written as jaxinfer (orbax) "
+                     f"checkpoints only; convert the full-precision model instead")
   tensors: dict[str, np.ndarray] = {}
   for rule, leaf in zip(jax.tree_util.tree_leaves(_rules(cfg), is_leaf=_is_rule),
                         jax.tree_util.tree_leaves(params)):

@@ -1,5 +1,7 @@
 """Our own checkpoints: a directory with an HF-style config.json, the tokenizer files, and the
-parameter pytree under params/ written by orbax; restored straight into the mesh's shardings."""
+parameter pytree under params/ written by orbax; restored straight into the mesh's shardings.
+A quantized model (jaxinfer quantize) also has quantization.json naming its format; its
+quantized leaves are qwix QArrays, restored bit for bit."""
 
 from __future__ import annotations
 
@@ -9,10 +11,12 @@ import shutil
 from pathlib import Path
 
 import jax
+import jax.numpy as jnp
 import orbax.checkpoint as ocp
 from jax.sharding import Mesh
 
 from jaxinfer import params as P
+from jaxinfer import quant
 from jaxinfer.checkpoint.hf import TOKENIZER_FILES, read_config
 from jaxinfer.checkpoint.hf_config import config_to_hf
 from jaxinfer.config import ModelConfig
@@ -27,9 +31,13 @@ def is_orbax_dir(directory: str | os.PathLike) -> bool:
 
 
 def save_orbax(directory: str | os.PathLike, cfg: ModelConfig, params: Transformer,
-               tokenizer_dir: str | os.PathLike | None = None) -> Path:
+               tokenizer_dir: str | os.PathLike | None = None,
+               quant_format: quant.QuantFormat | None = None) -> Path:
+  """Writes `params`; quantized params need the `quant_format` they were quantized with."""
   directory = Path(directory).absolute()
-  P.check_against_spec(params, Transformer.spec(cfg))
+  spec = Transformer.spec(cfg)
+  P.check_against_spec(params, spec)
+  _check_format(params, spec, quant_format, directory)
   target = directory / PARAMS_DIR
   if target.exists() and jax.process_index() == 0:
     shutil.rmtree(target)
@@ -38,6 +46,7 @@ def save_orbax(directory: str | os.PathLike, cfg: ModelConfig, params: Transform
     ckptr.wait_until_finished()
   if jax.process_index() == 0:
     (directory / "config.json").write_text(json.dumps(config_to_hf(cfg), indent=2) + "\n")
+    quant.write_metadata(directory, quant_format)
     if tokenizer_dir is not None and Path(tokenizer_dir).resolve() != directory.resolve():
       for name in TOKENIZER_FILES:
         if (Path(tokenizer_dir) / name).exists():
@@ -53,6 +62,9 @@ def load_orbax(directory: str | os.PathLike, dtype: str | None = None, mesh: Mes
   if mesh is None:
     mesh = make_mesh("data:1", jax.devices()[:1])
   target = P.abstract_params(spec, cfg.jnp_dtype, mesh, rules)
+  fmt = quant.read_metadata(directory)
+  if fmt is not None:
+    target = quant.abstract_quantized(target, spec, fmt, mesh, rules)
   with ocp.StandardCheckpointer() as ckptr:
     try:
       params = ckptr.restore(directory / PARAMS_DIR, target)
@@ -60,3 +72,16 @@ def load_orbax(directory: str | os.PathLike, dtype: str | None = None, mesh: Mes
       raise ValueError(f"{directory}: checkpoint does not match config.json: {e}") from None
   P.check_against_spec(params, spec, str(directory))
   return cfg, params
+
+
+def _check_format(params, spec, fmt: quant.QuantFormat | None, directory: Path) -> None:
+  """The tree's quantized leaves must be exactly the ones `fmt` names, so that it restores."""
+  if fmt is None:
+    if any(map(quant.is_quantized, jax.tree_util.tree_leaves(params, is_leaf=quant.is_quantized))):
+      raise ValueError(f"{directory}: the parameters are quantized; pass their format")
+    return
+  target = quant.abstract_quantized(P.abstract_params(spec, jnp.float32), spec, fmt)
+  (t_leaves, t_def), (p_leaves, p_def) = map(jax.tree_util.tree_flatten, (target, params))
+  if t_def != p_def or any(t.shape != p.shape for t, p in zip(t_leaves, p_leaves)):
+    raise ValueError(f"{directory}: the parameters do not match quantization format "
+                     f"{fmt.name} (include {list(fmt.include)})")

@@ -15,6 +15,8 @@ COMMANDS = {
     "train": ("jaxinfer.cli.train", "pretrain or fine-tune a model on text (resumable)"),
     "train-draft": ("jaxinfer.cli.train_draft", "train Medusa draft heads on a frozen model"),
     "convert": ("jaxinfer.cli.convert", "convert between Hugging Face and orbax checkpoints"),
+    "quantize": ("jaxinfer.cli.quantize", "quantize a model's weights (int8/int4/fp8/...) into a "
+                 "checkpoint generate serves"),
     "compile": ("jaxinfer.cli.compile", "compile for a TPU (or lower for a GPU) not here: "
                 "memory per device"),
 }

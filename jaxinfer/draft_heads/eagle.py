@@ -41,6 +41,7 @@ from jaxinfer import model as M
 from jaxinfer.config import ModelConfig
 from jaxinfer.draft_heads import files
 from jaxinfer.draft_heads.hidden_cache import tokens_and_hidden
+from jaxinfer.quant import weight
 from jaxinfer.sparsity import DENSE, Sparsity
 
 FORMAT = "jaxinfer-eagle-1"
@@ -138,7 +139,7 @@ def draft_forward(draft: EagleDraft, base: M.Transformer, features: jax.Array,
   """features (B,T,D) and the tokens they produced (B,T) at `positions` -> predicted next
   features (B,T,D) and the updated draft cache. `sparsity`: the target's attention pattern
   (sinks_window at inference; dense in training)."""
-  emb = jnp.take(base.embed, tokens, axis=0).astype(features.dtype)
+  emb = jnp.take(weight(base.embed), tokens, axis=0).astype(features.dtype)
   x = jnp.concatenate([features, emb], axis=-1) @ draft.fc
   return M.forward(as_transformer(draft, base), tokens, positions, dcfg, cache,
                    kv_source=kv_source, implementation=implementation, sparsity=sparsity,
@@ -160,7 +161,7 @@ def ttt_predictions(draft: EagleDraft, base: M.Transformer, features: jax.Array,
   causal, own = anchor[None, :] <= anchor[:, None], anchor[None, :] == anchor[:, None]
   preds, keys, values, feat = [], [], [], features
   for j in range(steps):
-    emb = jnp.take(base.embed, tokens[:, j + 1:j + 1 + t], axis=0).astype(feat.dtype)
+    emb = jnp.take(weight(base.embed), tokens[:, j + 1:j + 1 + t], axis=0).astype(feat.dtype)
     x = jnp.concatenate([feat, emb], axis=-1) @ draft.fc
     cos, sin = rope_tables(jnp.broadcast_to(anchor + j, (b, t)), dcfg)
     q, k, v = M.project_qkv(layer.attn, M.rms_norm(x, layer.attn_norm, eps), cos, sin, dcfg)

@@ -41,6 +41,7 @@ from jaxinfer.config import ModelConfig
 from jaxinfer.draft_heads import files
 from jaxinfer.draft_heads.hidden_cache import tokens_and_hidden
 from jaxinfer.draft_heads.medusa import build_tree, head_weights
+from jaxinfer.quant import weight
 from jaxinfer.sparsity import DENSE, Sparsity
 
 FORMAT = "jaxinfer-hydra-1"
@@ -138,7 +139,7 @@ def _teacher_forced(heads: HydraHeads, base: M.Transformer, cfg: ModelConfig, ba
   base_logits = jax.lax.stop_gradient(M.logits(base, hidden))  # (B,T,V)
   positions = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
   state = prefix_forward(heads, base, hidden, positions, prefix_config(cfg))[0]
-  emb = jnp.take(base.embed, batch, axis=0)  # (B,T+1,D)
+  emb = jnp.take(weight(base.embed), batch, axis=0)  # (B,T+1,D)
   out = []
   for k in range(heads.num_heads):
     n = t - k - 1  # positions t' with x_{t'+k+2} in the window

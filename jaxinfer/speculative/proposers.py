@@ -29,6 +29,7 @@ from flax import struct
 from jaxinfer import model as M
 from jaxinfer.config import ModelConfig
 from jaxinfer.kv_cache import KVCache
+from jaxinfer.quant import weight
 from jaxinfer.sampling import SamplingParams, argmax, distribution
 from jaxinfer.sparsity import DENSE, Sparsity
 
@@ -561,7 +562,7 @@ class Hydra(_HeadsTree):
 
   def propose(self, heads_and_base, state, ctx: Context):
     from jaxinfer.draft_heads.hydra import head_logits
-    heads, embed = heads_and_base[0], heads_and_base[1].embed
+    heads, embed = heads_and_base[0], weight(heads_and_base[1].embed)
     hidden, state = self.heads_input(heads_and_base, state)
     index = {(): 0}
     for i, p in enumerate(sorted(self.paths, key=lambda p: (len(p), p)), start=1):

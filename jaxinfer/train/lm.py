@@ -1,5 +1,6 @@
 """Causal language modelling on a token stream: windows sampled as a pure function of the step,
-and the next-token loss over `model.forward`. B batch, T window len, V vocab."""
+and the next-token loss over `model.forward` (optionally quantization-aware: the forward sees the
+weights a quantized model serves). B batch, T window len, V vocab."""
 
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxinfer import model as M
+from jaxinfer import quant
 from jaxinfer.config import ModelConfig
 
 
@@ -55,10 +57,14 @@ def token_losses(params: M.Transformer, tokens: jax.Array, cfg: ModelConfig,
   return logz - gold
 
 
-def lm_loss_fn(cfg: ModelConfig):
+def lm_loss_fn(cfg: ModelConfig, qat: quant.QuantFormat | None = None):
+  """The mean next-token loss; with `qat`, of the fake-quantized weights (straight-through
+  gradients to the full-precision ones)."""
+  spec = M.Transformer.spec(cfg)
+
   def loss_fn(params, frozen, batch, rng) -> tuple[jax.Array, dict[str, Any]]:
     del frozen, rng
-    loss = jnp.mean(token_losses(params, batch, cfg))
+    loss = jnp.mean(token_losses(quant.qat_params(params, spec, qat), batch, cfg))
     return loss, {}
 
   return loss_fn

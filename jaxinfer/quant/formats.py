@@ -1,0 +1,104 @@
+"""Weight quantization formats: a frozen `QuantFormat` parsed from names like "int4:g128".
+
+A format is the element type, the scale layout (one scale per output channel, or per group of
+`group` elements along the weight's declared group axis) and which optional roles (embeddings,
+LM head, norms) are quantized besides the linear weights of attention and MLP.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+
+import jax
+import jax.numpy as jnp
+
+from jaxinfer.params import QUANT_ROLES
+
+# name -> qwix qtype (QArray.qtype, the logical element type). Scales are symmetric absmax
+# (qwix) except ternary (absmean).
+KINDS = {
+    "int8": jnp.int8,
+    "int4": jnp.int4,
+    "int2": "int2",  # qwix's synthetic int2: levels -2..1 (absmax bound 1.5)
+    "ternary": jnp.int2,  # BitNet b1.58: {-1, 0, +1} x absmean scale
+    "fp8_e4m3": jnp.float8_e4m3fn,
+    "fp8_e5m2": jnp.float8_e5m2,
+    # ml_dtypes' float6 types exist in jax.numpy, but jax 0.10.2's XLA has no F6 primitive type
+    # ("Invalid XLA PrimitiveType"), so no array can hold them: parsing refuses them (see
+    # `_unavailable`) rather than emulating them in a wider type.
+    "fp6_e2m3": jnp.float6_e2m3fn,
+    "fp6_e3m2": jnp.float6_e3m2fn,
+    "fp4_e2m1": jnp.float4_e2m1fn,
+}
+OPTIONAL_ROLES = tuple(r for r in QUANT_ROLES if r != "linear")
+
+# Storage. qwix holds qvalue in the logical type itself (its "int2" in an int4 array). Here the
+# sub-byte types are held in one-byte containers instead, values unchanged (QArray.qtype keeps
+# the logical type): with jax 0.10.2 on CPU an executable compiled ahead of time
+# (`.lower().compile()`, as the engine and Generator do) for mesh-sharded int4/int2/fp4 inputs
+# requires a packed sub-byte layout that jax's own arrays of those types do not have, and
+# refuses them. It costs nothing here: those arrays take one byte per element on CPU anyway
+# (on_device_size_in_bytes == size). Packing two int4 per byte is left for later.
+CONTAINERS = {jnp.dtype(jnp.int4): jnp.int8, jnp.dtype(jnp.int2): jnp.int8,
+              jnp.dtype(jnp.float4_e2m1fn): jnp.float8_e4m3fn}  # e4m3 holds every e2m1 value
+
+
+@dataclasses.dataclass(frozen=True)
+class QuantFormat:
+  kind: str  # a key of KINDS
+  group: int | None = None  # elements per scale along the group axis; None: per channel
+  include: tuple[str, ...] = ()  # OPTIONAL_ROLES quantized besides the linear weights
+
+  def __post_init__(self):
+    if self.kind not in KINDS:
+      raise ValueError(f"quantization format {self.kind!r}: unknown; expected one of "
+                       f"{', '.join(KINDS)}, optionally :gN for groups of N (e.g. int4:g128)")
+    if self.group is not None and self.group < 2:
+      raise ValueError(f"quantization format {self.name}: groups need at least 2 elements")
+    bad = sorted(set(self.include) - set(OPTIONAL_ROLES))
+    if bad:
+      raise ValueError(f"quantization include {bad}: expected some of {', '.join(OPTIONAL_ROLES)}")
+    object.__setattr__(self, "include", tuple(r for r in OPTIONAL_ROLES if r in self.include))
+
+  @classmethod
+  def parse(cls, text: str, include=()) -> "QuantFormat":
+    """"int8", "int4:g128", "ternary", "fp8_e4m3", ...; one-line ValueError otherwise."""
+    kind, sep, rest = text.strip().partition(":")
+    group = None
+    if sep:
+      if not (rest[:1] == "g" and rest[1:].isdigit()):
+        raise ValueError(f"quantization format {text!r}: expected KIND or KIND:gN with N the "
+                         f"group size (e.g. int4:g128)")
+      group = int(rest[1:])
+    fmt = cls(kind, group, tuple(include))
+    reason = _unavailable(fmt.kind)
+    if reason:
+      raise ValueError(f"quantization format {text!r}: {reason}; use fp8_e4m3 or fp4_e2m1")
+    return fmt
+
+  @property
+  def name(self) -> str:
+    return self.kind if self.group is None else f"{self.kind}:g{self.group}"
+
+  @property
+  def qtype(self):
+    return KINDS[self.kind]
+
+  def __str__(self) -> str:
+    return self.name
+
+
+@functools.cache
+def _unavailable(kind: str) -> str | None:
+  """Why this jax cannot hold `kind`'s element type, or None when it can."""
+  qtype = KINDS[kind]
+  if isinstance(qtype, str):
+    return None
+  try:
+    jnp.zeros((1,), jnp.float32).astype(qtype).block_until_ready()
+  except Exception as e:  # XLA refuses the primitive type
+    msg = str(e).splitlines()[0] if str(e) else type(e).__name__
+    return (f"jax {jax.__version__} cannot hold {jnp.dtype(qtype).name} arrays on "
+            f"{jax.default_backend()} ({msg})")
+  return None

@@ -1,0 +1,93 @@
+"""The one quantize function, its inverse, and the straight-through fake-quant built from them.
+
+Quantized weights are data: a qwix `QArray` (qvalue, scale; a flax.struct pytree, so it is a
+leaf group of the parameter tree). PTQ conversion, serving (`weight` at each use in model.py) and
+QAT (`fake_quant` in the loss) all go through `quantize` and `dequantize` here, so trained and
+served numerics cannot drift.
+
+The scale layout comes from the weight's ParamSpec alone: one scale is shared along the axes it
+is contracted over (`contract`); with groups, `group` consecutive elements of the declared group
+axis share one, and every other axis, contracted or not, gets its own.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import qwix
+
+from jaxinfer.params import ParamSpec
+from jaxinfer.quant.formats import CONTAINERS, QuantFormat
+
+QArray = qwix.QArray
+
+
+def is_quantized(x) -> bool:
+  return isinstance(x, QArray)
+
+
+def scale_axes(spec: ParamSpec, fmt: QuantFormat) -> tuple[tuple[int, ...], dict[int, int]]:
+  """(channelwise axes, {tiled axis: group size}) in qwix's terms, from the declaration."""
+  if fmt.group is None:
+    contracted = {spec.axis(a) for a in spec.contract}
+    return tuple(i for i in range(len(spec.shape)) if i not in contracted), {}
+  g = spec.axis(spec.group)
+  if spec.shape[g] % fmt.group:
+    raise ValueError(f"{fmt.name}: groups of {fmt.group} do not divide {spec.group} "
+                     f"({spec.shape[g]}); choose a group size that divides it")
+  return tuple(i for i in range(len(spec.shape)) if i != g), {g: fmt.group}
+
+
+def quantize(w: jax.Array, spec: ParamSpec, fmt: QuantFormat) -> QArray:
+  """w (spec.shape) -> QArray in `fmt`, scales in w's dtype (they set the dequantized dtype)."""
+  channelwise, tiled = scale_axes(spec, fmt)
+  if fmt.kind == "ternary":
+    q = _ternary(w, channelwise, tiled)
+  else:
+    q = qwix.quantize(w, fmt.qtype, channelwise_axes=channelwise, tiled_axes=tiled)
+  container = CONTAINERS.get(q.qvalue.dtype)  # see formats.CONTAINERS
+  return q if container is None else q.replace(qvalue=q.qvalue.astype(container))
+
+
+def _ternary(w: jax.Array, channelwise, tiled) -> QArray:
+  """BitNet b1.58: gamma = mean|W|, W_q = RoundClip(W / gamma, -1, 1); qwix has no absmean
+  calibration, so the scale is computed here over the same axes absmax would reduce. BitNet
+  shares one gamma per tensor; here it is per channel (or group), the same rule at finer grain."""
+  split, reduce, scale_shape = [], [], []
+  for i, d in enumerate(w.shape):
+    if i in tiled:
+      split += [d // tiled[i], tiled[i]]
+      scale_shape.append(d // tiled[i])
+      reduce.append(len(split) - 1)
+    else:
+      split.append(d)
+      scale_shape.append(d if i in channelwise else 1)
+      if i not in channelwise:
+        reduce.append(len(split) - 1)
+  ws = w.reshape(split)
+  gamma = jnp.mean(jnp.abs(ws.astype(jnp.float32)), axis=reduce, keepdims=True)
+  gamma = jnp.where(gamma < jnp.sqrt(jnp.finfo(jnp.float32).tiny), 1.0, gamma).astype(w.dtype)
+  q = jnp.clip(jnp.round(ws / gamma), -1, 1).reshape(w.shape).astype(jnp.int2)
+  return QArray(q, gamma.reshape(scale_shape), None, jnp.int2)
+
+
+def dequantize(q: QArray) -> jax.Array:
+  return qwix.dequantize(q)
+
+
+def weight(x):
+  """The array a weight leaf stands for: a QArray dequantized, anything else as it is. Every
+  weight use in the model goes through this (weight-only quantization)."""
+  return dequantize(x) if isinstance(x, QArray) else x
+
+
+def fake_quant(w: jax.Array, spec: ParamSpec, fmt: QuantFormat) -> jax.Array:
+  """dequantize(quantize(w)) forward; straight-through (identity) gradient. A custom VJP rather
+  than w + stop_gradient(q - w), whose rounding would differ from the served weights."""
+
+  @jax.custom_vjp
+  def ste(w):
+    return dequantize(quantize(w, spec, fmt))
+
+  ste.defvjp(lambda w: (ste(w), None), lambda _, g: (g,))
+  return ste(w)

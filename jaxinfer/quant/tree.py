@@ -1,0 +1,144 @@
+"""Parameter trees: PTQ conversion (`quantize_params`), the QAT view (`qat_params`), restore
+targets for a quantized checkpoint, and the metadata file that names its format.
+
+Which leaves are quantized derives from the declarations: every ParamSpec whose role (`quant`)
+is "linear" (attention q/k/v/o, MLP), plus the roles a format opts in (embed, lm_head, norm).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+import qwix
+from jax.sharding import Mesh
+
+from jaxinfer.params import ParamSpec, is_spec
+from jaxinfer.quant.formats import QuantFormat
+from jaxinfer.quant.ops import fake_quant, is_quantized, quantize, scale_axes
+from jaxinfer.sharding import DEFAULT_RULES, ShardingRules
+
+QUANT_FILE = "quantization.json"
+# The layout of quantized leaves in a checkpoint (qwix QArray: qvalue, scale; qtype static).
+# Bump when it changes; a checkpoint of another version is refused, not misread.
+QUANT_VERSION = 1
+
+
+def _map(fn: Callable[[str, ParamSpec, Any], Any], params, spec_tree, fmt: QuantFormat):
+  """fn(path, spec, leaf) on the leaves `fmt` quantizes; the others are kept as they are."""
+  roles = ("linear",) + fmt.include
+
+  def one(path, spec, leaf):
+    where = jax.tree_util.keystr(path)
+    if spec.quant in roles:
+      return fn(where, spec, leaf)
+    if is_quantized(leaf):
+      raise ValueError(f"{where}: is quantized, but {fmt.name} with include "
+                       f"{list(fmt.include)} does not quantize {spec.quant} weights")
+    return leaf
+
+  return jax.tree_util.tree_map_with_path(one, spec_tree, params, is_leaf=is_spec)
+
+
+def selected_specs(spec_tree, fmt: QuantFormat) -> list[tuple[str, ParamSpec]]:
+  """(path, spec) of every leaf `fmt` quantizes; raises a one-line ValueError naming the first
+  whose group axis the group size does not divide."""
+  out = []
+
+  def check(where, spec, leaf):
+    try:
+      scale_axes(spec, fmt)
+    except ValueError as e:
+      raise ValueError(f"{where}: {e}") from None
+    out.append((where, spec))
+    return leaf
+
+  _map(check, spec_tree, spec_tree, fmt)
+  return out
+
+
+def quantize_params(params, spec_tree, fmt: QuantFormat):
+  """PTQ: every selected leaf quantized with `fmt`. Idempotent: a leaf already quantized in
+  `fmt` is kept as it is; one in another layout is an error."""
+  selected_specs(spec_tree, fmt)
+
+  def one(where, spec, leaf):
+    if not is_quantized(leaf):
+      return quantize(leaf, spec, fmt)
+    want = jax.eval_shape(lambda w: quantize(w, spec, fmt),
+                          jax.ShapeDtypeStruct(leaf.shape, leaf.dtype))
+    if (leaf.qtype, leaf.qvalue.dtype, leaf.scale.shape) != (want.qtype, want.qvalue.dtype,
+                                                              want.scale.shape):
+      qtype = leaf.qtype if isinstance(leaf.qtype, str) else jnp.dtype(leaf.qtype).name
+      raise ValueError(f"{where}: already quantized in another format ({qtype}, scales "
+                       f"{leaf.scale.shape}); quantize the full-precision model to {fmt.name}")
+    return leaf
+
+  return _map(one, params, spec_tree, fmt)
+
+
+def qat_params(params, spec_tree, fmt: QuantFormat | None):
+  """The QAT view: every selected leaf through `fake_quant` (the served weights' values, the
+  full-precision gradient). Call it inside the loss. fmt None returns `params` itself."""
+  if fmt is None:
+    return params
+  selected_specs(spec_tree, fmt)
+
+  def one(where, spec, leaf):
+    if is_quantized(leaf):
+      raise ValueError(f"{where}: already quantized; QAT trains full-precision weights")
+    return fake_quant(leaf, spec, fmt)
+
+  return _map(one, params, spec_tree, fmt)
+
+
+def abstract_quantized(abstract, spec_tree, fmt: QuantFormat, mesh: Mesh | None = None,
+                       rules: ShardingRules = DEFAULT_RULES):
+  """Restore targets: `abstract` (ShapeDtypeStructs of the full-precision tree) with each
+  selected leaf replaced by its QArray's shapes, sharded like the weight when a mesh is given."""
+  selected_specs(spec_tree, fmt)
+
+  def one(where, spec, sds):
+    q = jax.eval_shape(lambda w: quantize(w, spec, fmt), jax.ShapeDtypeStruct(sds.shape,
+                                                                              sds.dtype))
+    if mesh is None:
+      return q
+    return jax.tree_util.tree_map(lambda x: jax.ShapeDtypeStruct(
+        x.shape, x.dtype, sharding=rules.sharding(mesh, spec.axes, x.shape)), q)
+
+  return _map(one, abstract, spec_tree, fmt)
+
+
+def write_metadata(directory: str | os.PathLike, fmt: QuantFormat | None) -> None:
+  """Records `fmt` beside a checkpoint's params/ (removes the record when fmt is None)."""
+  path = Path(directory) / QUANT_FILE
+  if fmt is None:
+    path.unlink(missing_ok=True)
+    return
+  meta = {"version": QUANT_VERSION, "format": fmt.name, "include": list(fmt.include),
+          "qwix": qwix.__version__}
+  path.write_text(json.dumps(meta, indent=2) + "\n")
+
+
+def read_metadata(directory: str | os.PathLike) -> QuantFormat | None:
+  """The format a checkpoint was quantized with, None when it is not quantized."""
+  path = Path(directory) / QUANT_FILE
+  if not path.exists():
+    return None
+  try:
+    meta = json.loads(path.read_text())
+  except json.JSONDecodeError as e:
+    raise ValueError(f"{path}: not valid JSON ({e})") from None
+  version = meta.get("version") if isinstance(meta, dict) else None
+  if version != QUANT_VERSION:
+    raise ValueError(f"{path}: quantized checkpoint version {version!r}, but this jaxinfer reads "
+                     f"version {QUANT_VERSION}; re-run jaxinfer quantize on the full-precision "
+                     f"model")
+  try:
+    return QuantFormat.parse(meta["format"], meta.get("include", ()))
+  except (KeyError, TypeError, ValueError) as e:
+    raise ValueError(f"{path}: {e}") from None
