@@ -25,13 +25,18 @@ def on_target(build, *args, backend: str | None = None, interpret: bool | None =
   if backend is not None and backend not in BACKENDS:
     raise ValueError(f"kernel backend: expected one of {BACKENDS} or None, got {backend!r}")
 
+  built = {}  # one function per (form, interpret): platform_dependent traces each only once
+
   def branch(platform):
     form = backend or ("tpu" if platform == "tpu" else "gpu")
     interp = (platform == "cpu") if interpret is None else interpret
-    if interp is True and form == "tpu":
-      from jax.experimental.pallas import tpu as pltpu
-      interp = pltpu.InterpretParams()
-    return build(form, interp)
+    if (form, interp) not in built:
+      mode = interp
+      if interp is True and form == "tpu":
+        from jax.experimental.pallas import tpu as pltpu
+        mode = pltpu.InterpretParams()
+      built[form, interp] = build(form, mode)
+    return built[form, interp]
 
   return jax.lax.platform_dependent(*args, cpu=branch("cpu"), cuda=branch("gpu"),
                                     rocm=branch("gpu"), tpu=branch("tpu"))
