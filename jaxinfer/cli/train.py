@@ -1,5 +1,6 @@
-"""jaxinfer train: pretrain (--init=random) or fine-tune a model on text; resumes from its
-workdir after a crash; writes a Hugging Face directory (plus report.json) at the end."""
+"""jaxinfer train: pretrain (--init=random) or fine-tune a model on text, optionally
+quantization-aware (--qat); resumes from its workdir after a crash; writes a Hugging Face
+directory, or with --qat a quantized jaxinfer checkpoint, plus report.json at the end."""
 
 from __future__ import annotations
 
@@ -18,7 +19,8 @@ define_resume_flag()
 flags.DEFINE_string("data", None, "Training text: a .txt file, a directory (its *.txt, *.py "
                     "and *.md files), or JSONL with a 'text' field or a conversation "
                     "('messages', rendered by the model's chat template) per line.")
-flags.DEFINE_string("output", None, "Where the trained model (HF format) is written.")
+flags.DEFINE_string("output", None, "Where the trained model is written: a Hugging Face "
+                    "directory, or with --qat a quantized jaxinfer (orbax) checkpoint instead.")
 flags.DEFINE_string("workdir", None, "Checkpoints and metrics.jsonl (default: <output>.run).")
 flags.DEFINE_enum("init", "pretrained", ["pretrained", "random"],
                   "Start from --model's weights, or from random weights of its architecture.")
@@ -32,6 +34,14 @@ flags.DEFINE_integer("checkpoint_every", 200, "Steps between orbax checkpoints."
 flags.DEFINE_float("heldout_fraction", 0.05, "Tail of the data kept for evaluation.",
                    lower_bound=0.0, upper_bound=0.5)
 flags.DEFINE_integer("seed", 0, "Data order and init seed.")
+flags.DEFINE_string("qat", None, "Quantization-aware training for this weight format (as in "
+                    "jaxinfer quantize --format, e.g. int4:g32): the forward sees the weights the "
+                    "quantized model serves, gradients pass straight through to the full-precision "
+                    "weights the checkpoints hold. --output then receives the quantized checkpoint "
+                    "(Hugging Face files cannot hold it) that jaxinfer generate --model serves.")
+flags.DEFINE_bool("distill", False, "With --qat: train on the KL divergence from the starting "
+                  "model's next-token distribution (full precision, frozen) on the same batch, as "
+                  "LLM-QAT does, instead of the next-token loss on the text.")
 flags.mark_flags_as_required(["data", "output"])
 FLAGS = flags.FLAGS
 
@@ -44,9 +54,18 @@ def main(argv: list[str]) -> None:
 
   from jaxinfer import checkpoint
   from jaxinfer import model as M
-  from jaxinfer.train import lm
+  from jaxinfer import quant
+  from jaxinfer.train import lm, qat
   from jaxinfer.train.loop import TrainConfig, train
 
+  try:
+    fmt = quant.QuantFormat.parse(FLAGS.qat) if FLAGS.qat is not None else None
+  except ValueError as e:
+    fail(f"--qat: {e}")
+  if FLAGS.distill and fmt is None:
+    fail("--distill: distils the model into its quantized view; pass --qat=FORMAT too")
+  if FLAGS.distill and FLAGS.init == "random":
+    fail("--distill: the teacher is the starting model; use --init=pretrained")
   try:
     check_workdir(FLAGS.workdir or FLAGS.output.rstrip("/") + ".run", FLAGS.resume)
     mesh, src, cfg, params, tokenizer = load_model_from_flags()
@@ -57,17 +76,28 @@ def main(argv: list[str]) -> None:
     tcfg = TrainConfig(steps=FLAGS.steps, learning_rate=FLAGS.learning_rate,
                        warmup_steps=FLAGS.warmup_steps, weight_decay=FLAGS.weight_decay,
                        checkpoint_every=FLAGS.checkpoint_every, seed=FLAGS.seed)
+    if fmt is not None:
+      qat.check(cfg, params, fmt)
   except (FileNotFoundError, ValueError) as e:
     fail(str(e))
   if FLAGS.init == "random":
     params = M.init_params(cfg, jax.random.key(FLAGS.seed), mesh)
   workdir = Path(FLAGS.workdir or FLAGS.output.rstrip("/") + ".run")
-  params, _ = train(lm.lm_loss_fn(cfg), params, windows, tcfg, workdir, mesh=mesh)
+  if fmt is None:
+    params, _ = train(lm.lm_loss_fn(cfg), params, windows, tcfg, workdir, mesh=mesh)
+  else:
+    params, _ = qat.finetune(cfg, params, windows, tcfg, workdir, fmt, FLAGS.distill, mesh=mesh)
+    params = qat.served(cfg, params, fmt)
   report = {"train_tokens": int(len(train_tokens)), "steps": FLAGS.steps}
+  if fmt is not None:
+    report.update(quantization=fmt.name, distill=FLAGS.distill)
   if len(held_tokens) > FLAGS.seq_len + 1:
     held = lm.TokenWindows(np.asarray(held_tokens), 1, FLAGS.seq_len)
     report["heldout_loss_nats_per_token"] = round(lm.evaluate(params, cfg, held, 64), 4)
-  out = checkpoint.save_hf(FLAGS.output, cfg, params, tokenizer_dir=src)
+  if fmt is None:
+    out = checkpoint.save_hf(FLAGS.output, cfg, params, tokenizer_dir=src)
+  else:
+    out = checkpoint.save_orbax(FLAGS.output, cfg, params, tokenizer_dir=src, quant_format=fmt)
   (out / "report.json").write_text(json.dumps(report, indent=2) + "\n")
   print(json.dumps(report))
-  print(f"wrote {out}")
+  print(f"wrote {out}" + (f" ({fmt.name} quantized checkpoint)" if fmt is not None else ""))

@@ -1,6 +1,7 @@
 """Causal language modelling on a token stream: windows sampled as a pure function of the step,
 and the next-token loss over `model.forward` (optionally quantization-aware: the forward sees the
-weights a quantized model serves). B batch, T window len, V vocab."""
+weights a quantized model serves), or the KL from a frozen teacher's logits. B batch, T window
+len, V vocab."""
 
 from __future__ import annotations
 
@@ -45,15 +46,21 @@ class TokenWindows:
       yield np.stack(windows[b:b + self.batch_size]).astype(np.int32)
 
 
+def next_token_logits(params: M.Transformer, tokens: jax.Array, cfg: ModelConfig,
+                      implementation: str = "xla") -> jax.Array:
+  """tokens (B, T+1) -> float32 logits (B, T, V) predicting tokens[:, 1:]."""
+  inputs = tokens[:, :-1]
+  positions = jnp.broadcast_to(jnp.arange(inputs.shape[1], dtype=jnp.int32), inputs.shape)
+  hidden, _ = M.forward(params, inputs, positions, cfg, implementation=implementation)
+  return M.logits(params, hidden)
+
+
 def token_losses(params: M.Transformer, tokens: jax.Array, cfg: ModelConfig,
                  implementation: str = "xla") -> jax.Array:
   """tokens (B, T+1) -> per-position next-token cross entropy (B, T), float32."""
-  inputs, targets = tokens[:, :-1], tokens[:, 1:]
-  positions = jnp.broadcast_to(jnp.arange(inputs.shape[1], dtype=jnp.int32), inputs.shape)
-  hidden, _ = M.forward(params, inputs, positions, cfg, implementation=implementation)
-  logits = M.logits(params, hidden)
+  logits = next_token_logits(params, tokens, cfg, implementation)
   logz = jax.nn.logsumexp(logits, axis=-1)
-  gold = jnp.take_along_axis(logits, targets[..., None], axis=-1)[..., 0]
+  gold = jnp.take_along_axis(logits, tokens[:, 1:, None], axis=-1)[..., 0]
   return logz - gold
 
 
@@ -66,6 +73,24 @@ def lm_loss_fn(cfg: ModelConfig, qat: quant.QuantFormat | None = None):
     del frozen, rng
     loss = jnp.mean(token_losses(quant.qat_params(params, spec, qat), batch, cfg))
     return loss, {}
+
+  return loss_fn
+
+
+def distill_loss_fn(cfg: ModelConfig, qat: quant.QuantFormat | None):
+  """LLM-QAT's logit distillation: the mean per-position KL(teacher || student) on the batch.
+  The student is the trained params (with `qat`, their fake-quantized view); the teacher is the
+  loop's `frozen` params (the full-precision starting weights, never updated). The student's
+  next-token loss is logged beside it."""
+  spec = M.Transformer.spec(cfg)
+
+  def loss_fn(params, teacher, batch, rng) -> tuple[jax.Array, dict[str, Any]]:
+    del rng
+    log_q = jax.nn.log_softmax(next_token_logits(quant.qat_params(params, spec, qat), batch, cfg))
+    log_p = jax.nn.log_softmax(jax.lax.stop_gradient(next_token_logits(teacher, batch, cfg)))
+    kl = jnp.sum(jnp.exp(log_p) * (log_p - log_q), axis=-1)  # (B, T)
+    nll = -jnp.take_along_axis(log_q, batch[:, 1:, None], axis=-1)[..., 0]
+    return jnp.mean(kl), {"next_token_loss": jnp.mean(nll)}
 
   return loss_fn
 
