@@ -107,7 +107,8 @@ def test_conversion_is_idempotent_and_refuses_another_format(params):
   twice = quant.quantize_params(once, SPEC, fmt)
   _assert_same(once, twice)
   assert twice.layers[0].attn.o is once.layers[0].attn.o  # kept, not requantized
-  with pytest.raises(ValueError, match=r"embed: already quantized in another format \(int4, scales"):
+  with pytest.raises(ValueError,
+                     match=r"embed: already quantized in another format \(int4, scales"):
     quant.quantize_params(once, SPEC, _fmt("int8", ("embed",)))
   with pytest.raises(ValueError, match=r"embed: is quantized, but int4:g32"):
     quant.quantize_params(once, SPEC, fmt.__class__("int4", 32))
