@@ -142,6 +142,18 @@ class SpecStats:
         draft_ms_per_step=split.draft_ms_per_step, step_ms=split.step_ms,
         draft_share=split.draft_share, split_tree=split.split_tree)
 
+  def since(self, before: "SpecStats") -> "SpecStats":
+    """What happened after `before` (a copy of these stats taken earlier): counts and times as
+    differences, measured speeds and the draft / verify split as they stand now."""
+    counts = ("verify_steps", "emitted", "prefill_s", "decode_s", "compile_s", "compilations",
+              "decode_tokens", "prefill_tokens", "prefill_tokens_saved", "prefill_chunks",
+              "steps", "host_syncs", "row_slots", "spec_batches", "plain_batches")
+    return dataclasses.replace(
+        self, **{f: getattr(self, f) - getattr(before, f) for f in counts},
+        accepted_hist=self.accepted_hist - before.accepted_hist,
+        tree_batches={n: b - before.tree_batches.get(n, 0) for n, b in self.tree_batches.items()
+                      if b > before.tree_batches.get(n, 0)})
+
   @property
   def spec_tps(self) -> float | None:
     """Measured decode tokens/s of the best tree size."""
