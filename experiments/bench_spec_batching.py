@@ -72,7 +72,8 @@ def main(argv):
   from jaxinfer import checkpoint, embedded
   from jaxinfer.engine import Engine, EngineConfig, EngineRequest
   from jaxinfer.generation import Generator, RowRequest
-  from jaxinfer.runner import GenerateJob, make_proposer
+  from jaxinfer.runner import GenerateJob
+  from jaxinfer.speculative.registry import build as make_proposer
   from jaxinfer.speculative.decode import SpeculativeGenerator
 
   model_dir = checkpoint.resolve_model_dir(FLAGS.model)

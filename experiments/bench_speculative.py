@@ -122,7 +122,8 @@ def main(argv):
   from jaxinfer import model as M
   from jaxinfer.config import PRESETS
   from jaxinfer.generation import Generator, RowRequest
-  from jaxinfer.runner import GenerateJob, make_proposer
+  from jaxinfer.runner import GenerateJob
+  from jaxinfer.speculative.registry import build as make_proposer
   from jaxinfer.speculative.decode import SpeculativeGenerator
 
   preset = FLAGS.model.startswith("preset:")

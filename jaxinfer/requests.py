@@ -41,6 +41,8 @@ class Request:
   min_p: float
   stop: tuple[str, ...]
   metadata: Any = None
+  n: int = 1  # samples (completions) of this prompt
+  seed: int = 0  # each sample's key derives from (seed, id, sample index)
 
 
 class InvalidRequest(ValueError):
@@ -69,13 +71,22 @@ def _get(rec: dict, name: str, default, check, expected: str):
 
 
 def parse_request(line_no: int, text: str, defaults: Defaults, tokenizer: Tokenizer | None,
-                  vocab_size: int, max_seq_len: int, chat=None) -> Request:
+                  vocab_size: int, max_seq_len: int, chat=None, *, n: int = 1,
+                  seed: int = 0) -> Request:
   """Raises InvalidRequest with a message fit for the user. `chat`: the model's
   `jaxinfer.chat.ChatTemplate`, for 'messages' prompts."""
   try:
     rec = json.loads(text)
   except json.JSONDecodeError as e:
     raise InvalidRequest(f"not valid JSON: {e.msg} at column {e.colno}") from None
+  return make_request(line_no, rec, defaults, tokenizer, vocab_size, max_seq_len, chat, n=n,
+                      seed=seed)
+
+
+def make_request(line_no: int, rec: Any, defaults: Defaults, tokenizer: Tokenizer | None,
+                 vocab_size: int, max_seq_len: int, chat=None, *, n: int = 1,
+                 seed: int = 0) -> Request:
+  """A request from one decoded record (a JSONL line, or a prompt given to `jaxinfer.LLM`)."""
   if not isinstance(rec, dict):
     raise InvalidRequest(f"expected a JSON object, got {type(rec).__name__}")
   unknown = sorted(set(rec) - FIELDS)
@@ -148,7 +159,7 @@ def parse_request(line_no: int, text: str, defaults: Defaults, tokenizer: Tokeni
   max_new = min(max_new, max_seq_len - len(prompt_ids))
   return Request(id=rid, line=line_no, prompt_ids=list(prompt_ids), max_new_tokens=max_new,
                  temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p, stop=stop,
-                 metadata=rec.get("metadata"))
+                 metadata=rec.get("metadata"), n=n, seed=seed)
 
 
 def truncate_at_stop(tokens: list[int], stop: tuple[str, ...],

@@ -109,12 +109,13 @@ def test_train_draft_cli_and_generate_with_heads(tmp_path, tiny_model_dir, metho
     info = json.loads((out / f"{method.rstrip('2')}_config.json").read_text())
     assert len(info["accuracy_top1"]) == 2 and len(info["tree"]) == 6
     # --tree=nodes:N re-grows the static tree from the stored accuracies
-    from jaxinfer.runner import GenerateJob, UserError, make_proposer
+    from jaxinfer.runner import GenerateJob, UserError
+    from jaxinfer.speculative.registry import build
     cfg, params, _ = checkpoint.load_model(str(tiny_model_dir))
     job = lambda tree: GenerateJob(prompts=str(data), output=str(tmp_path / "x.jsonl"),
                                    speculative=method.rstrip("2"), scheduler="static",
                                    draft_heads=str(out), tree=tree)
-    small, _ = make_proposer(job("nodes:3"), cfg, params, None)
+    small, _ = build(job("nodes:3"), cfg, params, None)
     assert small.tree_size == 4 and set(small.paths) <= set(map(tuple, medusa.build_tree(
         np.asarray(info["accuracy_topk"]), 6)))
     with pytest.raises(UserError, match="--tree"):

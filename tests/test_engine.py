@@ -202,8 +202,8 @@ def test_memory_beyond_the_device_names_the_flags(tmp_path, tiny_model_dir, monk
   """On a device that reports its memory (not CPU), a KV pool (the engine's, or speculative
   decoding's slots, caches and plain-decoding pool) that cannot fit beside the weights is
   refused before anything runs, with the memory it needs and the flags that size it."""
-  from jaxinfer import runner
-  monkeypatch.setattr(runner, "_bytes_limit", lambda mesh: 4096)  # a 4 KiB device
+  from jaxinfer.serving import placement
+  monkeypatch.setattr(placement, "bytes_limit", lambda mesh: 4096)  # a 4 KiB device
   one = [{"id": 1, "prompt": "x" * 20, "max_new_tokens": 20}]
   with pytest.raises(UserError, match=r"--kv_pages: the KV pool \(\d+ pages of 16 tokens, "
                      r"[\d.]+ GiB\) plus weights need [\d.]+ GiB per device, more than its "
@@ -213,7 +213,7 @@ def test_memory_beyond_the_device_names_the_flags(tmp_path, tiny_model_dir, monk
                      r"lower --batch_size or --max_new_tokens"):
     _job(tmp_path, tiny_model_dir, one, "big-spec", speculative="ngram")
   assert not any((tmp_path / f"{n}.out.jsonl").exists() for n in ("big", "big-spec"))
-  monkeypatch.setattr(runner, "_bytes_limit", lambda mesh: 2**34)  # 16 GiB: it fits
+  monkeypatch.setattr(placement, "bytes_limit", lambda mesh: 2**34)  # 16 GiB: it fits
   assert _job(tmp_path, tiny_model_dir, one, "fits", speculative="ngram")[1][
       "num_completed"] == 1
 

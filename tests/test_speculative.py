@@ -258,8 +258,8 @@ def test_auto_policy_measures_both_modes_and_stays_lossless(target, other_draft)
 
 
 def test_generate_job_with_speculation(tmp_path, tiny_model_dir, monkeypatch):
-  from jaxinfer import runner
   from jaxinfer.runner import GenerateJob, UserError, run
+  from jaxinfer.serving import backends
   prompts = tmp_path / "p.jsonl"
   prompts.write_text("".join(json.dumps(r) + "\n" for r in [
       {"id": 1, "prompt": "def add(a, b):\n    return a + b\n\ndef add(", "max_new_tokens": 20},
@@ -291,7 +291,7 @@ def test_generate_job_with_speculation(tmp_path, tiny_model_dir, monkeypatch):
   # A longer job: the auto policy measures its modes (the proposer's tree, plain decoding (the
   # engine), a halved tree), each on a one-batch wave that compiles it, then a long wave
   # (SPECULATIVE_WAVE batches: 2 here) that measures it: 2 + 4 + 2 + 4 + 2 requests
-  monkeypatch.setattr(runner, "SPECULATIVE_WAVE", 2)
+  monkeypatch.setattr(backends, "SPECULATIVE_WAVE", 2)
   many = tmp_path / "many.jsonl"
   many.write_text("".join(json.dumps({"id": i, "prompt_ids": [5 + i % 3, 6, 7, 8] * 4,
                                       "max_new_tokens": 12}) + "\n" for i in range(14)))

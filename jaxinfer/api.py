@@ -1,0 +1,279 @@
+"""The Python API: `LLM(model, **options).generate(prompts, SamplingParams(...))`.
+
+Options have the names of `jaxinfer generate`'s flags (`--batch_size` is `batch_size=`; see
+`jaxinfer.options.ServeOptions`). The model loads once; each call builds nothing it already has
+(replicas large enough for an earlier call are kept, with their compiled steps).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import numbers
+import queue
+import sys
+import threading
+import time
+from typing import Any, Callable, Iterator, Sequence
+
+from tqdm.auto import tqdm
+
+from jaxinfer.errors import UserError
+from jaxinfer.options import ServeOptions
+from jaxinfer.requests import Defaults, InvalidRequest, Request, make_request, truncate_at_stop
+from jaxinfer.sampling import validate as validate_sampling
+
+
+@dataclasses.dataclass(frozen=True)
+class SamplingParams:
+  """How to sample each prompt's completions. temperature 0 is greedy; top_k 0, top_p 1 and
+  min_p 0 disable their filters; generation stops at the model's EOS, at a `stop` string (the
+  completion is cut before it) or after max_new_tokens; n completions per prompt, each with its
+  own key derived from (seed, the prompt's index, the sample's index)."""
+
+  max_new_tokens: int = 128
+  temperature: float = 0.0
+  top_k: int = 0
+  top_p: float = 1.0
+  min_p: float = 0.0
+  stop: str | Sequence[str] = ()
+  seed: int = 0
+  n: int = 1
+
+  def __post_init__(self):
+    object.__setattr__(self, "stop", (self.stop,) if isinstance(self.stop, str)
+                       else tuple(self.stop))
+    if self.max_new_tokens < 1:
+      raise UserError(f"max_new_tokens: must be >= 1, got {self.max_new_tokens}")
+    if self.n < 1:
+      raise UserError(f"n: must be >= 1, got {self.n}")
+    problems = validate_sampling(self.temperature, self.top_k, self.top_p, self.min_p)
+    if problems:
+      raise UserError("; ".join(problems))
+
+  def defaults(self) -> Defaults:
+    return Defaults(max_new_tokens=self.max_new_tokens, temperature=self.temperature,
+                    top_k=self.top_k, top_p=self.top_p, min_p=self.min_p, stop=self.stop)
+
+
+@dataclasses.dataclass(frozen=True)
+class Completion:
+  """One sample: its token ids, their text (None without a tokenizer) and why it ended: "stop"
+  (EOS or a stop string) or "length" (max_new_tokens or the model's context)."""
+
+  ids: list[int]
+  text: str | None
+  finish_reason: str
+
+
+def completion(tokens: list[int], eos: bool, stop: tuple[str, ...], tokenizer) -> Completion:
+  """A finished sample, cut before the first of `stop` it contains."""
+  text, hit = None, False
+  if tokenizer is not None and stop:
+    tokens, text, hit = truncate_at_stop(tokens, stop, tokenizer)
+  elif tokenizer is not None:
+    text = tokenizer.decode(tokens)
+  return Completion(list(tokens), text, "stop" if eos or hit else "length")
+
+
+@dataclasses.dataclass(frozen=True)
+class RequestOutput:
+  """A prompt's result: `outputs` holds its n completions; the first one's fields are also
+  `completion_ids`, `text` and `finish_reason`. stats: prompt_tokens, completion_tokens and
+  seconds (from the call's start until this prompt finished)."""
+
+  index: int
+  prompt_ids: list[int]
+  outputs: list[Completion]
+  stats: dict[str, Any]
+
+  @property
+  def completion_ids(self) -> list[int]:
+    return self.outputs[0].ids
+
+  @property
+  def text(self) -> str | None:
+    return self.outputs[0].text
+
+  @property
+  def finish_reason(self) -> str:
+    return self.outputs[0].finish_reason
+
+
+class _Samples:
+  """Gathers each request's n samples as they finish (in any order, from any replica's thread)
+  and hands the request on once all are in."""
+
+  def __init__(self, tokenizer, on_request: Callable[[Request, list[Completion]], None]):
+    self.tokenizer, self.on_request = tokenizer, on_request
+    self.completion_tokens = 0
+    self._pending: dict[int, dict[int, Completion]] = {}
+    self._lock = threading.Lock()
+
+  def add(self, req: Request, k: int, tokens: list[int], eos: bool) -> None:
+    with self._lock:
+      got = self._pending.setdefault(id(req), {})
+      got[k] = completion(tokens, eos, req.stop, self.tokenizer)
+      if len(got) < req.n:
+        return
+      del self._pending[id(req)]
+      samples = [got[j] for j in range(req.n)]
+      self.completion_tokens += sum(len(s.ids) for s in samples)
+      self.on_request(req, samples)
+
+
+def _one_prompt(p) -> bool:
+  """A single prompt, not a list of them: text, token ids or one conversation."""
+  if isinstance(p, str):
+    return True
+  return (isinstance(p, Sequence) and len(p) > 0
+          and all(isinstance(x, numbers.Integral) for x in p)
+          or isinstance(p, Sequence) and len(p) > 0 and all(isinstance(x, dict) for x in p))
+
+
+def _record(i: int, p) -> dict[str, Any]:
+  if isinstance(p, str):
+    return {"id": i, "prompt": p}
+  if hasattr(p, "tolist"):  # numpy / jax arrays of ids
+    p = p.tolist()
+  if isinstance(p, Sequence) and p and all(isinstance(x, dict) for x in p):
+    return {"id": i, "messages": list(p)}
+  if isinstance(p, Sequence) and all(isinstance(x, numbers.Integral) for x in p):
+    return {"id": i, "prompt_ids": [int(x) for x in p]}
+  raise UserError(f"prompts[{i}]: expected text, a list of token ids or a conversation (a list "
+                  f"of {{'role', 'content'}} messages), got {type(p).__name__}")
+
+
+class LLM:
+  """A model served on this process's devices.
+
+  model: "embedded" (the built-in model), a Hugging Face directory or an orbax checkpoint
+  (quantized ones included). options: the serving flags of `jaxinfer generate` by name, e.g.
+  dtype="float32", mesh="data:2,model:4", batch_size=16, speculative="ngram",
+  draft_heads="heads/", scheduler="static", sparsity="sinks_window:4,256".
+  """
+
+  def __init__(self, model: str = "embedded", **options):
+    from jaxinfer.serving.build import load
+    self.options = ServeOptions.from_keywords(model, options)
+    self.options.validate()
+    t0 = time.perf_counter()
+    (self.config, self.params, self.tokenizer, self._chat, self._backend,
+     self.sparsity) = load(self.options)
+    self.load_seconds = time.perf_counter() - t0
+    self.metrics: dict[str, Any] = {}  # the last call's
+    self._lock = threading.Lock()
+
+  def __repr__(self) -> str:
+    o = self.options
+    return (f"LLM({o.model!r}, {self.config.num_layers} layers, dtype={self.config.dtype}, "
+            f"scheduler={o.scheduler}, speculative={o.speculative}, mesh={o.mesh or 'default'})")
+
+  def requests(self, prompts, sampling: SamplingParams | Sequence[SamplingParams] | None = None
+               ) -> list[Request]:
+    """The prompts as validated requests (ids 0, 1, ... in order); a bad one raises UserError
+    naming its index."""
+    prompts = [prompts] if _one_prompt(prompts) else list(prompts)
+    if sampling is None or isinstance(sampling, SamplingParams):
+      sampling = [sampling or SamplingParams()] * len(prompts)
+    elif len(sampling) != len(prompts):
+      raise UserError(f"sampling_params: {len(sampling)} for {len(prompts)} prompts")
+    cfg, reqs = self.config, []
+    for i, (p, sp) in enumerate(zip(prompts, sampling)):
+      try:
+        reqs.append(make_request(i, _record(i, p), sp.defaults(), self.tokenizer,
+                                 cfg.vocab_size, cfg.max_seq_len, self._chat, n=sp.n,
+                                 seed=sp.seed))
+      except InvalidRequest as e:
+        raise UserError(f"prompts[{i}]: {e}") from None
+    return reqs
+
+  def prepare(self, requests: list[Request]) -> None:
+    """Builds (or keeps) replicas large enough for these requests and checks their memory
+    against the devices: what `serve` does first, for callers that must fail before touching
+    their output."""
+    self._backend.prepare(requests)
+
+  def serve(self, requests: list[Request],
+            on_request: Callable[[Request, list[Completion]], None],
+            progress: bool | None = None) -> dict[str, Any]:
+    """Generates every request, calling on_request(request, its completions) as each finishes
+    (from a replica's thread, one call at a time); returns the call's metrics."""
+    from jaxinfer.serving.metrics import generation_metrics
+    if not self._lock.acquire(blocking=False):
+      raise RuntimeError("LLM: another generate call of this LLM is running")
+    try:
+      self._backend.prepare(requests)
+      show = self.options.progress if progress is None else progress
+      bar = tqdm(total=len(requests), desc="generate", unit="req", disable=not show,
+                 dynamic_ncols=True, file=sys.stderr)
+
+      def finished(req, samples):
+        on_request(req, samples)
+        bar.update(1)
+
+      samples = _Samples(self.tokenizer, finished)
+      tok = self.tokenizer
+      stop = lambda req, tokens: bool(req.stop) and any(s in tok.decode(tokens)
+                                                        for s in req.stop)
+      t0 = time.perf_counter()
+      try:
+        stats = self._backend.run(requests, samples.add, stop)
+      finally:  # whatever finished has been handed on, even when generation fails
+        bar.close()
+      self.metrics = generation_metrics(
+          stats, completion_tokens=samples.completion_tokens,
+          prompt_tokens=sum(len(r.prompt_ids) for r in requests),
+          seconds=time.perf_counter() - t0, opts=self.options, dtype=self.config.dtype,
+          sparsity=self.sparsity)
+      return self.metrics
+    finally:
+      self._lock.release()
+
+  def generate(self, prompts, sampling_params: SamplingParams | Sequence[SamplingParams]
+               | None = None, *, progress: bool | None = None) -> list[RequestOutput]:
+    """One RequestOutput per prompt, in order. prompts: a prompt or a list of them, each text,
+    token ids or a conversation (rendered by the model's chat template); sampling_params: one
+    for all or one per prompt."""
+    reqs = self.requests(prompts, sampling_params)
+    results: list[RequestOutput | None] = [None] * len(reqs)
+    t0 = time.perf_counter()
+
+    def done(req, samples):
+      results[req.id] = _output(req, samples, t0)
+
+    self.serve(reqs, done, progress)
+    return results
+
+  def generate_iter(self, prompts, sampling_params: SamplingParams | Sequence[SamplingParams]
+                    | None = None, *, progress: bool | None = None
+                    ) -> Iterator[RequestOutput]:
+    """As `generate`, but yields each prompt's RequestOutput as soon as it finishes (completion
+    order; `.index` is its place among the prompts). Generation runs in a thread of its own;
+    an error there is raised here."""
+    reqs = self.requests(prompts, sampling_params)
+    results: queue.Queue = queue.Queue()
+    end = object()
+    t0 = time.perf_counter()
+
+    def work():
+      try:
+        self.serve(reqs, lambda req, samples: results.put(_output(req, samples, t0)), progress)
+      except BaseException as e:  # handed to the consumer
+        results.put(e)
+      finally:
+        results.put(end)
+
+    thread = threading.Thread(target=work, name="jaxinfer-generate", daemon=True)
+    thread.start()
+    while (item := results.get()) is not end:
+      if isinstance(item, BaseException):
+        raise item
+      yield item
+    thread.join()
+
+
+def _output(req: Request, samples: list[Completion], t0: float) -> RequestOutput:
+  return RequestOutput(req.id, list(req.prompt_ids), samples, {
+      "prompt_tokens": len(req.prompt_ids),
+      "completion_tokens": sum(len(s.ids) for s in samples),
+      "seconds": round(time.perf_counter() - t0, 4)})

@@ -1,0 +1,101 @@
+"""How a model is served: the options of `jaxinfer.LLM` and `jaxinfer generate`, with the same
+names as the CLI flags (`--batch_size` is `batch_size=`), checked before anything loads."""
+
+from __future__ import annotations
+
+import dataclasses
+
+from jaxinfer import checkpoint
+from jaxinfer.config import DTYPES
+from jaxinfer.errors import UserError
+from jaxinfer.sharding import parse_mesh
+from jaxinfer.sparsity import parse as parse_sparsity
+from jaxinfer.speculative import registry
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class ServeOptions:
+  model: str = checkpoint.EMBEDDED
+  dtype: str = "auto"
+  # data:R,fsdp:F,model:M over this process's devices: R replicas of F x M devices each
+  mesh: str = ""
+  batch_size: int = 8  # slots per replica (continuous) or sequences per batch (static)
+  implementation: str = "xla"
+  sparsity: str = "dense"
+  max_seq_len: int | None = None  # overrides the model's context (e.g. long prompts + sinks)
+  scheduler: str = "continuous"
+  chunk_size: int = 32
+  chunk_lanes: int = 4
+  decode_steps: int = 8
+  page_size: int = 16
+  kv_pages: int | None = None
+  steps_per_sync: int = 32  # static scheduler and speculative decoding
+  prefill_chunk: int = 512  # speculative decoding: prompt tokens per row per admission chunk
+  cache_dir: str | None = None
+  progress: bool = True
+  # none | ngram | lookahead | recycling | draft | layerskip | medusa | hydra | eagle
+  speculative: str = "none"
+  draft_model: str | None = None
+  draft_heads: str | None = None  # medusa, hydra, eagle: a directory written by train-draft
+  num_draft_tokens: int = 4
+  tree: str = registry.DEFAULT_TREE
+  draft_layers: str | None = None  # layerskip: layers the draft keeps
+  draft_fallback: float = 0.0  # draft, layerskip: Big-Little fallback confidence (0: off)
+  acceptance: str = "exact"  # exact | typical
+  # auto: per batch the proposer's tree, a smaller one or plain decoding, by measured speed;
+  # always: the proposer's tree every batch (sampled outputs then never depend on timing)
+  speculation: str = "auto"
+
+  @classmethod
+  def of(cls, options) -> "ServeOptions":
+    """The serving options of any object with these attributes (a GenerateJob)."""
+    return cls(**{f.name: getattr(options, f.name) for f in dataclasses.fields(cls)})
+
+  @classmethod
+  def from_keywords(cls, model: str, keywords: dict) -> "ServeOptions":
+    """ServeOptions(model=model, **keywords), naming an unknown keyword and the known ones."""
+    known = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(keywords) - known)
+    if unknown:
+      raise UserError(f"unknown option(s) {unknown}; options are {sorted(known - {'model'})}")
+    return cls(model=model, **keywords)
+
+  def validate(self) -> None:
+    """Everything checkable before loading a model, with the flag named in the message."""
+    if self.dtype != "auto" and self.dtype not in DTYPES:
+      raise UserError(f"--dtype: expected auto or one of {sorted(DTYPES)}, got {self.dtype!r}")
+    for flag in ("batch_size", "chunk_size", "chunk_lanes", "decode_steps", "page_size",
+                 "prefill_chunk", "steps_per_sync"):
+      if getattr(self, flag) < 1:
+        raise UserError(f"--{flag}: must be >= 1, got {getattr(self, flag)}")
+    if self.kv_pages is not None and self.kv_pages < 1:
+      raise UserError(f"--kv_pages: must be >= 1, got {self.kv_pages}")
+    if self.max_seq_len is not None and self.max_seq_len < 2:
+      raise UserError(f"--max_seq_len: must be >= 2, got {self.max_seq_len}")
+    if self.scheduler not in ("continuous", "static"):
+      raise UserError(f"--scheduler: expected continuous or static, got {self.scheduler!r}")
+    try:
+      parse_mesh(self.mesh)
+      sparsity = parse_sparsity(self.sparsity)
+    except ValueError as e:
+      raise UserError(f"--{e}") from None
+    if sparsity.dynamic and self.scheduler == "continuous":
+      raise UserError(f"--sparsity: {sparsity} applies to whole-prompt prefill; use it with "
+                      f"--scheduler=static (the continuous engine prefills in chunks)")
+    registry.check(self)
+    if self.speculative != "none":
+      if sparsity.dynamic:
+        raise UserError(f"--sparsity: {sparsity} is not combinable with --speculative (its "
+                        f"pattern needs whole-prompt prefill); sinks_window is")
+      if self.acceptance not in ("exact", "typical"):
+        raise UserError(f"--acceptance: expected exact or typical, got {self.acceptance!r}")
+      if self.speculation not in ("auto", "always"):
+        raise UserError(f"--speculation: expected auto or always, got {self.speculation!r}")
+    from jaxinfer import attention
+    if self.implementation not in attention.IMPLEMENTATIONS:
+      raise UserError(f"--implementation: expected one of {sorted(attention.IMPLEMENTATIONS)}, "
+                      f"got {self.implementation!r}")
+
+  @property
+  def speculating(self) -> bool:
+    return self.speculative != "none"

@@ -1,0 +1,256 @@
+"""The three ways requests run on this process's replicas, behind one interface:
+
+- `EngineBackend`: the continuous-batching engine (paged KV, chunked prefill, shared prefixes),
+  one per replica;
+- `StaticBackend`: padded static batches (whole-prompt prefill: the dynamic sparsity patterns);
+- `SpeculativeBackend`: speculative decoding with one proposer, one generator per replica.
+
+`prepare(requests)` builds the replicas (or keeps those of an earlier call when they are large
+enough, so repeated calls reuse their compiled steps) and checks memory before anything runs;
+`run(requests, deliver, should_stop)` generates every sample of every request, calling
+`deliver(request, sample_index, tokens, finished_by_eos)` as each finishes, and returns what
+the call measured (a stats dict, see `jaxinfer.serving.metrics`).
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+from typing import Callable
+
+import jax
+import numpy as np
+
+from jaxinfer.engine import Engine, EngineConfig, EngineRequest
+from jaxinfer.engine.engine import EngineStats
+from jaxinfer.errors import UserError
+from jaxinfer.generation import Generator, RowRequest, Timings, sample_key
+from jaxinfer.kv_cache import PagedKVCache
+from jaxinfer.options import ServeOptions
+from jaxinfer.requests import Request
+from jaxinfer.serving import placement
+from jaxinfer.sharding import device_bytes
+
+Deliver = Callable[[Request, int, list, bool], None]
+StopCheck = Callable[[Request, list], bool]
+
+
+def _rows(requests: list[Request]) -> list[tuple[Request, int]]:
+  return [(req, k) for req in requests for k in range(req.n)]
+
+
+def _longest(requests: list[Request]) -> tuple[int, int]:
+  return (max([len(r.prompt_ids) for r in requests] + [1]),
+          max([r.max_new_tokens for r in requests] + [1]))
+
+
+def _engine_config(opts: ServeOptions) -> EngineConfig:
+  return EngineConfig(num_slots=opts.batch_size, chunk_size=opts.chunk_size,
+                      chunk_lanes=opts.chunk_lanes, page_size=opts.page_size,
+                      kv_pages=opts.kv_pages, decode_steps=opts.decode_steps)
+
+
+class EngineBackend:
+  """One continuous-batching engine per replica; requests split among them by tokens, sorted
+  by prompt so that sharers of a prefix meet on one replica."""
+
+  def __init__(self, opts: ServeOptions, cfg, params, meshes, sparsity):
+    self.opts, self.cfg, self.params, self.meshes = opts, cfg, params, meshes
+    self.sparsity = sparsity
+    self.engines: list[Engine] = []
+    self.max_len = 0
+
+  def prepare(self, requests: list[Request]) -> None:
+    """Engines whose pools hold the longest request (kept from an earlier call when they do)."""
+    need = max([len(r.prompt_ids) + r.max_new_tokens for r in requests] + [2])
+    ps = self.opts.page_size
+    if need > self.max_len:
+      ecfg = _engine_config(self.opts)
+      engines = [Engine(self.cfg, placement.on_replica(self.params, mesh, self.meshes), ecfg,
+                        need, mesh, implementation=self.opts.implementation,
+                        sparsity=self.sparsity) for mesh in self.meshes]
+      for eng in engines:
+        placement.check_memory(
+            f"--kv_pages: the KV pool ({eng.num_pool_pages} pages of {ps} tokens",
+            eng.pool_bytes(), device_bytes((eng.k, eng.v)), eng.params, eng.mesh,
+            "lower --kv_pages or --batch_size")
+      self.engines, self.max_len = engines, need
+    pages_needed = -(-need // ps)
+    if pages_needed > self.engines[0].num_pool_pages:
+      size = PagedKVCache.pool_bytes(self.cfg, pages_needed, ps)
+      raise UserError(f"--kv_pages: the longest request needs {pages_needed} KV pages "
+                      f"({size / 2**20:.1f} MiB) but the pool holds "
+                      f"{self.engines[0].num_pool_pages}; raise --kv_pages to at least "
+                      f"{pages_needed} or lower --max_new_tokens")
+
+  @property
+  def expected_compilations(self) -> int:
+    return sum(e.max_shapes for e in self.engines)
+
+  def run(self, requests: list[Request], deliver: Deliver, should_stop: StopCheck) -> dict:
+    rows = _rows(requests)
+    ereqs = [EngineRequest(uid, req.prompt_ids, req.max_new_tokens,
+                           np.asarray(jax.random.key_data(sample_key(req.seed, req.id, k))),
+                           req.temperature, req.top_k, req.top_p, req.min_p)
+             for uid, (req, k) in enumerate(rows)]
+    ereqs.sort(key=lambda e: (e.prompt_ids, e.uid))
+    for eng in self.engines:  # this call's numbers (compiled steps are kept)
+      eng.stats = EngineStats(pool_pages=eng.num_pool_pages)
+    on_result = lambda res: deliver(*rows[res.uid], res.tokens, res.finished_by_eos)
+    stop = lambda uid, tokens: should_stop(rows[uid][0], tokens)
+    shares = placement.split_by_tokens(ereqs, len(self.engines))
+    placement.in_threads(lambda eng, share: eng.run(share, on_result, stop),
+                         list(zip(self.engines, shares)))
+    st = [e.stats for e in self.engines]
+    mixed = max(s.mixed_busy_s for s in st)
+    pure = max(s.decode_busy_s for s in st)
+    return {
+        "busy_s": max(s.busy_s for s in st),
+        "prefill_tokens": sum(s.prefill_tokens for s in st),
+        "prefill_saved": sum(s.prefill_tokens_saved for s in st),
+        "prefill_tps": round(sum(s.lane_tokens for s in st) / mixed, 2) if mixed else 0.0,
+        "decode_tps": round(sum(s.pure_decode_tokens for s in st) / pure, 2) if pure else 0.0,
+        "occupancy": round(float(np.mean([s.mean_occupancy for s in st])), 4),
+        "peak_pages": max(s.peak_pages for s in st), "pool_pages": st[0].pool_pages,
+        "steps": sum(s.steps for s in st), "dispatches": sum(s.dispatches for s in st),
+        "decode_tokens_discarded": sum(s.decode_tokens_discarded for s in st),
+        "compile_s": sum(s.compile_s for s in st),
+        "compilations": sum(s.compilations for s in st), "replicas": len(self.engines),
+        "expected_compilations": self.expected_compilations,
+    }
+
+
+def timings_stats(tm: Timings) -> dict:
+  """The stats dict of a static generator's (or a speculative generator's) timings."""
+  return {
+      "busy_s": tm.prefill_s + tm.decode_s, "prefill_tokens": tm.prefill_tokens,
+      "prefill_tps": round(tm.prefill_tokens / tm.prefill_s, 2) if tm.prefill_s else 0.0,
+      "decode_tps": round(tm.decode_tokens / tm.decode_s, 2) if tm.decode_s else 0.0,
+      "occupancy": round(tm.decode_tokens / tm.row_steps, 4) if tm.row_steps else 0.0,
+      "steps": tm.decode_steps, "compile_s": tm.compile_s, "compilations": tm.compilations,
+      "replicas": 1, "expected_compilations": tm.compilations,
+  }
+
+
+def _since(now: Timings, before: Timings) -> Timings:
+  return Timings(**{f.name: getattr(now, f.name) - getattr(before, f.name)
+                    for f in dataclasses.fields(Timings)})
+
+
+class StaticBackend:
+  """Padded static batches of --batch_size requests of similar length, on one mesh."""
+
+  def __init__(self, opts: ServeOptions, cfg, params, mesh, sparsity):
+    self.opts = opts
+    self.gen = Generator(cfg, params, mesh, implementation=opts.implementation,
+                         steps_per_sync=opts.steps_per_sync, sparsity=sparsity)
+
+  def prepare(self, requests: list[Request]) -> None:
+    if any(r.n > 1 for r in requests):
+      raise UserError("--num_samples: N > 1 needs the continuous scheduler")
+
+  def run(self, requests: list[Request], deliver: Deliver, should_stop: StopCheck) -> dict:
+    before = dataclasses.replace(self.gen.timings)
+    todo = sorted(requests, key=lambda r: len(r.prompt_ids))  # similar lengths pad little
+    b = self.opts.batch_size
+    for start in range(0, len(todo), b):
+      batch = todo[start:start + b]
+      rows = [RowRequest(r.prompt_ids, r.max_new_tokens, sample_key(r.seed, r.id, 0),
+                         r.temperature, r.top_k, r.top_p, r.min_p) for r in batch]
+      results = self.gen.generate(rows, lambda i, tokens, batch=batch: should_stop(batch[i],
+                                                                                  tokens))
+      for req, res in zip(batch, results):
+        deliver(req, 0, res.tokens, res.finished_by_eos)
+    return timings_stats(_since(self.gen.timings, before))
+
+
+# Continuous speculative batching hands each batch of this many x --batch_size requests to the
+# speculative generator (its slots refilled as rows finish), but a mode's first (compiling)
+# batch is --batch_size requests; the policy picks the tree size or plain decoding per batch.
+SPECULATIVE_WAVE = 8
+
+
+class SpeculativeBackend:
+  """One SpeculativeGenerator per replica (--mesh=data:N: N replicas, each on one device or
+  sharded over its fsdp / model devices), all with the same proposer."""
+
+  def __init__(self, opts: ServeOptions, cfg, params, meshes, sparsity, proposer, draft_params):
+    from jaxinfer.speculative.decode import SpeculativeGenerator
+    self.opts, self.continuous = opts, opts.scheduler == "continuous"
+    self.gens = []
+    for mesh in meshes or [None]:
+      try:
+        self.gens.append(SpeculativeGenerator(
+            cfg, params if mesh is None else placement.on_replica(params, mesh, meshes),
+            proposer, draft_params=placement.replicated(draft_params, mesh),
+            rule=opts.acceptance, implementation=opts.implementation,
+            steps_per_sync=opts.steps_per_sync, page_size=opts.page_size,
+            prefill_chunk=opts.prefill_chunk,
+            num_slots=opts.batch_size if self.continuous else None, policy=opts.speculation,
+            sparsity=sparsity, mesh=mesh, engine_config=_engine_config(opts)))
+      except ValueError as e:  # e.g. a tree larger than the model's sliding window
+        raise UserError(f"--speculative={opts.speculative} (--tree / --num_draft_tokens): "
+                        f"{e}") from None
+    self.reserved = (0, 0)
+
+  def prepare(self, requests: list[Request]) -> None:
+    """Memory checked for the longest request; with continuous batching every generator's slots
+    sized for it (one slot geometry: compiled once, and kept by later calls that fit)."""
+    if not requests:
+      return
+    longest = _longest(requests)
+    b = self.opts.batch_size
+    for gen in self.gens:
+      what = (f"--batch_size: speculative decoding's KV memory ({b} rows of up to "
+              f"{sum(longest)} tokens, the proposer's caches, the plain-decoding pool")
+      placement.check_memory(what, gen.memory_bytes(*longest, b),
+                             gen.memory_bytes(*longest, b, per_device=True), gen.params,
+                             gen.mesh, "lower --batch_size or --max_new_tokens")
+    if self.continuous:
+      self.reserved = tuple(max(a, c) for a, c in zip(self.reserved, longest))
+      for gen in self.gens:
+        gen.reserve(*self.reserved)
+
+  def _work(self, gen, share, deliver: Deliver, should_stop: StopCheck) -> None:
+    b = self.opts.batch_size
+    wave = b * (SPECULATIVE_WAVE if self.continuous else 1)
+    start = 0
+    while start < len(share):
+      # a mode's first batch compiles its steps: one batch; measured batches and the rest are
+      # long waves (slots refilled for longer between decisions, as the job will run them)
+      size = b if gen.compiling_next else wave
+      batch = share[start:start + size]
+      start += size
+      rows = [RowRequest(r.prompt_ids, r.max_new_tokens, sample_key(r.seed, r.id, k),
+                         r.temperature, r.top_k, r.top_p, r.min_p) for r, k in batch]
+      gen.generate(rows, lambda i, tokens, batch=batch: should_stop(batch[i][0], tokens),
+                   on_result=lambda i, res, batch=batch: deliver(*batch[i], res.tokens,
+                                                                 res.finished_by_eos))
+
+  def run(self, requests: list[Request], deliver: Deliver, should_stop: StopCheck) -> dict:
+    from jaxinfer.speculative.decode import SpecStats
+    # continuous: sorted by prompt, so rows sharing a prefix run close together (reusing its
+    # K/V), in contiguous shares of about equal tokens; static: by length, so that a batch's
+    # rows pad little, dealt round-robin so that every replica gets a like mix of lengths
+    key = (lambda r: r.prompt_ids) if self.continuous else (lambda r: len(r.prompt_ids))
+    rows = _rows(sorted(requests, key=key))
+    n = len(self.gens)
+    shares = (placement.split_by_tokens(rows, n, request=lambda row: row[0])
+              if self.continuous else [rows[i::n] for i in range(n)])
+    before = [copy.deepcopy(g.stats) for g in self.gens]
+    placement.in_threads(lambda gen, share: self._work(gen, share, deliver, should_stop),
+                         list(zip(self.gens, shares)))
+    st = [g.stats.since(b) for g, b in zip(self.gens, before)]
+    tms = [Timings(prefill_s=s.prefill_s, decode_s=s.decode_s, compile_s=s.compile_s,
+                   prefill_tokens=s.prefill_tokens, decode_tokens=s.decode_tokens,
+                   compilations=s.compilations, decode_steps=s.steps, row_steps=s.verify_steps)
+           for s in st]
+    stats = timings_stats(dataclasses.replace(  # replicas run side by side: the longest time
+        tms[0], prefill_s=max(t.prefill_s for t in tms), decode_s=max(t.decode_s for t in tms),
+        **{f: sum(getattr(t, f) for t in tms) for f in (
+            "compile_s", "prefill_tokens", "decode_tokens", "compilations", "decode_steps",
+            "row_steps")}))
+    stats["busy_s"] = max(t.prefill_s + t.decode_s for t in tms)
+    stats["replicas"] = n
+    stats["prefill_saved"] = sum(s.prefill_tokens_saved for s in st)
+    return stats | SpecStats.merge(st).metrics()

@@ -1,0 +1,56 @@
+"""From options to a model ready to serve: its weights loaded onto the first replica's mesh (or
+the static scheduler's), its tokenizer and chat template, and the backend that will run its
+requests."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+
+from jaxinfer import checkpoint
+from jaxinfer.errors import UserError
+from jaxinfer.options import ServeOptions
+from jaxinfer.serving import placement
+from jaxinfer.serving.backends import EngineBackend, SpeculativeBackend, StaticBackend
+from jaxinfer.sparsity import parse as parse_sparsity
+
+
+def load(opts: ServeOptions):
+  """(model config, params, tokenizer or None, chat template or None, backend, sparsity)."""
+  if opts.mesh:
+    placement.check_devices(opts.mesh)
+  static = opts.scheduler == "static" and not opts.speculating
+  # speculative decoding without --mesh runs on the default device, unplaced
+  meshes = [] if static or (opts.speculating and not opts.mesh) else placement.replica_meshes(
+      opts.mesh)
+  static_mesh = None
+  if static and opts.mesh:
+    from jaxinfer.sharding import make_mesh
+    static_mesh = make_mesh(opts.mesh, jax.local_devices())
+  dtype = None if opts.dtype == "auto" else opts.dtype
+  try:
+    cfg, params, tokenizer = checkpoint.load_model(
+        opts.model, dtype, meshes[0] if meshes else static_mesh, cache_dir=opts.cache_dir,
+        quiet=not opts.progress)
+  except (FileNotFoundError, ValueError) as e:
+    raise UserError(str(e)) from None
+  if opts.max_seq_len is not None:
+    cfg = dataclasses.replace(cfg, max_seq_len=opts.max_seq_len)
+  sparsity = parse_sparsity(opts.sparsity)
+  if sparsity.kind == "sinks_window" and cfg.sliding_window is not None:
+    raise UserError(f"--sparsity: {opts.model} already uses a sliding window "
+                    f"({cfg.sliding_window}); sinks_window would replace it")
+  chat = None
+  if tokenizer is not None:
+    from jaxinfer.chat import ChatTemplate
+    chat = ChatTemplate.from_dir(checkpoint.resolve_model_dir(opts.model, opts.cache_dir, True))
+  if opts.speculating:
+    from jaxinfer.speculative import registry
+    proposer, draft_params = registry.build(opts, cfg, params, dtype)
+    backend = SpeculativeBackend(opts, cfg, params, meshes, sparsity, proposer, draft_params)
+  elif static:
+    backend = StaticBackend(opts, cfg, params, static_mesh, sparsity)
+  else:
+    backend = EngineBackend(opts, cfg, params, meshes, sparsity)
+  return cfg, params, tokenizer, chat, backend, sparsity

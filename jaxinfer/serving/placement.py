@@ -1,0 +1,102 @@
+"""Where a model runs: one (1, fsdp, model) mesh per data-parallel replica over this process's
+devices, weights copied onto each, memory checked against a device before anything is
+allocated, and work split among replicas (each driven from a thread of its own)."""
+
+from __future__ import annotations
+
+import threading
+
+import jax
+import numpy as np
+
+from jaxinfer.errors import UserError
+from jaxinfer.sharding import MESH_AXES, device_bytes, format_mesh, parse_mesh
+
+
+def check_devices(mesh_spec: str) -> None:
+  """Refuses a --mesh with more devices than this process has."""
+  shape = parse_mesh(mesh_spec)
+  need = int(np.prod([shape[a] for a in MESH_AXES]))
+  if need > jax.local_device_count():
+    raise UserError(f"--mesh: {format_mesh(shape)} needs {need} devices, but this process has "
+                    f"{jax.local_device_count()}")
+
+
+def replica_meshes(mesh_spec: str) -> list[jax.sharding.Mesh]:
+  """One (1, fsdp, model) mesh per data-parallel replica, over this process's devices (default:
+  one replica per device)."""
+  local = jax.local_devices()
+  shape = parse_mesh(mesh_spec) if mesh_spec else {"data": len(local), "fsdp": 1, "model": 1}
+  r, f, m = (shape[a] for a in MESH_AXES)
+  grid = np.asarray(local[:r * f * m], dtype=object).reshape(r, 1, f, m)
+  return [jax.sharding.Mesh(grid[i], MESH_AXES) for i in range(r)]
+
+
+def on_replica(params, mesh, meshes):
+  """params (placed on meshes[0]) on replica `mesh`, with the same partitioning."""
+  if mesh is meshes[0]:
+    return params
+  return jax.device_put(params, jax.tree_util.tree_map(
+      lambda x: jax.sharding.NamedSharding(mesh, x.sharding.spec), params))
+
+
+def replicated(tree, mesh):
+  """`tree` whole on each of a replica's devices (a draft model's weights)."""
+  if mesh is None or tree is None:
+    return tree
+  return jax.device_put(tree, jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec()))
+
+
+def bytes_limit(mesh) -> int | None:
+  """Memory of the mesh's first device (the reference for every one of a replica's devices), or
+  None where the backend does not say (CPU)."""
+  device = mesh.devices.flat[0] if mesh is not None else jax.local_devices()[0]
+  stats = getattr(device, "memory_stats", lambda: None)()
+  return stats.get("bytes_limit") if stats else None
+
+
+def check_memory(what: str, kv_bytes: int, kv_device_bytes: int, params, mesh,
+                 fix: str) -> None:
+  """Refuses KV memory (kv_bytes in all, kv_device_bytes on one device of the mesh) that cannot
+  fit on a device beside its shards of the weights, saying how much it needs and which flags
+  size it."""
+  limit = bytes_limit(mesh)
+  if not limit:
+    return
+  per_device = kv_device_bytes + device_bytes(params)
+  if per_device > 0.95 * limit:
+    raise UserError(f"{what}, {kv_bytes / 2**30:.2f} GiB) plus weights need "
+                    f"{per_device / 2**30:.2f} GiB per device, more than its "
+                    f"{limit / 2**30:.2f} GiB; {fix}")
+
+
+def split_by_tokens(items: list, parts: int, request=lambda r: r) -> list[list]:
+  """Contiguous shares of a sorted list with about equal prompt + output tokens each
+  (`request(item)`: the item's request)."""
+  if parts == 1:
+    return [items]
+  cost = np.cumsum([len(request(r).prompt_ids) + request(r).max_new_tokens for r in items])
+  total = cost[-1] if len(cost) else 0
+  cuts = [int(np.searchsorted(cost, total * (i + 1) / parts)) for i in range(parts - 1)]
+  bounds = [0] + cuts + [len(items)]
+  return [items[bounds[i]:bounds[i + 1]] for i in range(parts)]
+
+
+def in_threads(fn, jobs: list[tuple]) -> None:
+  """fn(*job) for every job, each in a thread of its own (one per replica); the first failure
+  is raised once all have finished."""
+  failures = []
+
+  def work(*args):
+    try:
+      fn(*args)
+    except Exception as e:  # surfaced after the other replicas finish
+      failures.append(e)
+
+  threads = [threading.Thread(target=work, args=job) for job in jobs]
+  for t in threads:
+    t.start()
+  for t in threads:
+    t.join()
+  if failures:
+    raise failures[0]

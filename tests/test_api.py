@@ -1,0 +1,89 @@
+"""The Python API: jaxinfer.LLM(...).generate(prompts, SamplingParams(...)) — the same requests,
+sampling and outputs as the JSONL job, in prompt order or as they finish; repeated calls reuse
+what they built; bad input is refused with the option or prompt named."""
+
+import json
+
+import pytest
+
+import jaxinfer
+from jaxinfer import SamplingParams, UserError
+from jaxinfer.runner import generate_file
+
+PROMPTS = ["def add(a, b):\n    return a + b\n\ndef add(", [5, 6, 7, 8] * 6, "class Point:",
+           "import os\n"]
+
+
+@pytest.fixture(scope="module")
+def llm(tiny_model_dir):
+  return jaxinfer.LLM(str(tiny_model_dir), batch_size=2, chunk_size=8, progress=False)
+
+
+def test_generate_equals_the_jsonl_job(llm, tiny_model_dir, tmp_path):
+  sp = SamplingParams(max_new_tokens=12)
+  outs = llm.generate(PROMPTS, sp)
+  assert [o.index for o in outs] == list(range(len(PROMPTS)))
+  assert all(o.outputs[0].ids == o.completion_ids and len(o.outputs) == 1 for o in outs)
+  assert all(o.stats["completion_tokens"] == len(o.completion_ids) for o in outs)
+  assert outs[1].prompt_ids == PROMPTS[1] and outs[1].stats["prompt_tokens"] == 24
+  assert all(o.finish_reason in ("stop", "length") and isinstance(o.text, str) for o in outs)
+  assert llm.metrics["completion_tokens"] == sum(len(o.completion_ids) for o in outs)
+  # the CLI's job (a thin layer over the API) writes the same completions
+  src = tmp_path / "p.jsonl"
+  src.write_text("".join(json.dumps({"id": i, "prompt" if isinstance(p, str) else "prompt_ids": p})
+                         + "\n" for i, p in enumerate(PROMPTS)))
+  generate_file(str(src), str(tmp_path / "o.jsonl"), str(tiny_model_dir), batch_size=2,
+                chunk_size=8, progress=False, max_new_tokens=12)
+  recs = {r["id"]: r for r in map(json.loads, (tmp_path / "o.jsonl").read_text().splitlines())}
+  assert [recs[i]["completion_ids"] for i in range(len(PROMPTS))] == [
+      o.completion_ids for o in outs]
+  # a second call of the same shapes compiles nothing
+  again = llm.generate(PROMPTS[:2], sp)
+  assert [o.completion_ids for o in again] == [o.completion_ids for o in outs[:2]]
+  assert llm.metrics["compilations"] == 0
+
+
+def test_iterator_samples_and_stop_strings(llm):
+  sp = [SamplingParams(max_new_tokens=10, temperature=0.9, top_k=20, seed=3, n=3),
+        SamplingParams(max_new_tokens=10, stop=":"), SamplingParams(max_new_tokens=4)]
+  prompts = PROMPTS[:3]
+  ordered = llm.generate(prompts, sp)
+  streamed = {o.index: o for o in llm.generate_iter(prompts, sp)}
+  assert sorted(streamed) == [0, 1, 2]
+  # sampling keys derive from (seed, index, sample): the same outputs however they are collected
+  assert all(streamed[i].outputs == ordered[i].outputs for i in range(3))
+  samples = [c.ids for c in ordered[0].outputs]
+  assert len(samples) == 3 and len({tuple(s) for s in samples}) > 1  # n distinct draws
+  cut = ordered[1]
+  assert ":" not in cut.text and (cut.finish_reason == "stop" or len(cut.completion_ids) == 10)
+  assert len(ordered[2].completion_ids) == 4 and ordered[2].finish_reason == "length"
+
+
+def test_speculative_llm_equals_plain_greedy(llm, tiny_model_dir):
+  spec = jaxinfer.LLM(str(tiny_model_dir), speculative="ngram", num_draft_tokens=3,
+                      speculation="always", batch_size=2, progress=False)
+  sp = SamplingParams(max_new_tokens=16)
+  assert [o.completion_ids for o in spec.generate(PROMPTS, sp)] == [
+      o.completion_ids for o in llm.generate(PROMPTS, sp)]
+  assert spec.metrics["speculative"] == "ngram" and spec.metrics["mean_accepted_tokens"] >= 1
+
+
+def test_bad_input_is_named(llm, tiny_model_dir):
+  with pytest.raises(UserError, match=r"unknown option\(s\) \['batchsize'\]"):
+    jaxinfer.LLM(str(tiny_model_dir), batchsize=2)
+  with pytest.raises(UserError, match="--speculative: expected one of"):
+    jaxinfer.LLM(str(tiny_model_dir), speculative="magic")
+  with pytest.raises(UserError, match=r"prompts\[1\]: prompt_ids: token id 99999 is outside"):
+    llm.generate(["ok", [1, 99999]])
+  with pytest.raises(UserError, match=r"prompts\[0\]: expected text, a list of token ids"):
+    llm.generate([3.5])
+  with pytest.raises(UserError, match="top_p"):
+    SamplingParams(top_p=0.0)
+  with pytest.raises(UserError, match="n: must be >= 1"):
+    SamplingParams(n=0)
+  with pytest.raises(UserError, match=r"sampling_params: 1 for 2 prompts"):
+    llm.generate(["a", "b"], [SamplingParams()])
+  static = jaxinfer.LLM(str(tiny_model_dir), scheduler="static", progress=False)
+  with pytest.raises(UserError, match="N > 1 needs the continuous scheduler"):
+    static.generate("x", SamplingParams(n=2))
+  assert static.generate("def f", SamplingParams(max_new_tokens=3))[0].completion_ids
