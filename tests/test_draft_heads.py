@@ -75,28 +75,35 @@ def test_medusa_heads_learn_on_a_frozen_base(tmp_path, tiny_model_dir):
 
 @pytest.mark.parametrize("method", ["medusa", "medusa2", "hydra", "eagle"])
 def test_train_draft_cli_and_generate_with_heads(tmp_path, tiny_model_dir, method):
+  """Medusa through the CLI (a thin layer), the others through jaxinfer.train_draft."""
+  import jaxinfer
   data = tmp_path / "data.txt"
   data.write_text(("def add(a, b):\n    return a + b\n\n" * 300))
   out = tmp_path / "heads"
-  cmd = [sys.executable, "-m", "jaxinfer", "train-draft", f"--model={tiny_model_dir}",
-         f"--data={data}", f"--output={out}", "--steps=20", "--batch_size=4", "--seq_len=32",
-         "--num_heads=2", "--tree_nodes=6", "--progress=false", f"--method={method}",
-         # trained on a mesh: batches over `data`, the frozen base sharded over `model`
-         "--mesh=data:2,model:2", "--cpu_devices=4"]
+  # trained on a mesh: batches over `data`, the frozen base sharded over `model`
+  options = dict(steps=20, batch_size=4, seq_len=32, num_heads=2, tree_nodes=6, progress=False,
+                 method=method, mesh="data:2,model:2")
   if method == "medusa":  # chat data, self-distilled: the model rewrites each last reply
     data = tmp_path / "chat.jsonl"
     data.write_text("".join(json.dumps({"messages": [
         {"role": "user", "content": f"Add {i} and b."},
         {"role": "assistant", "content": f"def add(b):\n    return {i} + b"}]}) + "\n"
         for i in range(20)))
-    cmd[5] = f"--data={data}"
-    cmd += ["--self_distill=8", "--distill_new_tokens=48"]
+    options.update(self_distill=8, distill_new_tokens=48)
   if method == "eagle":
-    cmd.append("--draft_vocab=64")
+    options["draft_vocab"] = 64
   if method == "hydra":  # Hydra++, heads-only training from the model's cached hidden states
-    cmd += [f"--hidden_cache={tmp_path / 'cache'}", "--prefix_layer", "--head_layers=2"]
-  run = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
-  assert run.returncode == 0, run.stderr
+    options.update(hidden_cache=str(tmp_path / "cache"), prefix_layer=True, head_layers=2)
+  if method == "medusa":
+    cmd = [sys.executable, "-m", "jaxinfer", "train-draft", f"--model={tiny_model_dir}",
+           f"--data={data}", f"--output={out}", "--cpu_devices=4"] + [
+               f"--{k}={str(v).lower() if isinstance(v, bool) else v}"
+               for k, v in options.items()]
+    run = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    assert run.returncode == 0, run.stderr
+  else:
+    result = jaxinfer.train_draft(str(tiny_model_dir), str(data), str(out), **options)
+    assert result.path == out and "accuracy_top1" in result.info
   if method == "medusa":
     replies = (tmp_path / "heads.run" / "distill" / "distill_outputs.jsonl").read_text()
     assert len(replies.splitlines()) == 8

@@ -5,6 +5,7 @@ from __future__ import annotations
 from absl import flags
 
 from jaxinfer.config import DTYPES
+from jaxinfer.train.workdir import check_workdir  # noqa: F401  (the training commands')
 
 
 def define_model_flags() -> None:
@@ -88,18 +89,3 @@ def define_resume_flag() -> None:
   flags.DEFINE_bool("resume", False, "Continue the run in the workdir (after a crash, a kill or "
                     "a preemption) from its last checkpoint, with the same data order. Without "
                     "it, a workdir that already holds a run is an error, not silently reused.")
-
-
-def check_workdir(workdir, resume: bool) -> None:
-  """ValueError when `workdir` holds a run (checkpoints, metrics or self-distilled data) and
-  --resume was not given; with --resume, a missing run simply starts."""
-  from pathlib import Path
-  w = Path(workdir)
-  ckpt = w / "checkpoints"
-  steps = sorted(int(p.name) for p in ckpt.iterdir() if p.name.isdigit()) if ckpt.is_dir() else []
-  held = steps or (w / "metrics.jsonl").is_file() or (w / "distill").is_dir()
-  if held and not resume:
-    where = f"last checkpoint at step {steps[-1]}" if steps else "no checkpoint yet"
-    raise ValueError(f"--workdir: {w} holds a run ({where}); pass --resume to continue it, or "
-                     f"remove it or choose another --workdir")
-

@@ -7,14 +7,11 @@ base: serve with `--model=DIR/model --speculative=medusa --draft_heads=DIR`."""
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 from absl import flags
 
 from jaxinfer.cli import fail, no_positional_args
-from jaxinfer.cli.common import (apply_platform_flags, check_workdir, data_tokens,
-                                 define_model_flags, define_resume_flag,
-                                 load_model_from_flags)
+from jaxinfer.cli.common import apply_platform_flags, define_model_flags, define_resume_flag
 
 define_model_flags()
 define_resume_flag()
@@ -71,96 +68,27 @@ flags.DEFINE_string("hidden_cache", None, "--method=medusa|hydra|eagle: compute 
 flags.DEFINE_integer("seed", 0, "Data order.")
 flags.DEFINE_bool("progress", True, "Show a progress bar.")
 flags.mark_flags_as_required(["data", "output"])
-flags.register_multi_flags_validator(
-    ["method", "prefix_layer", "head_layers"],
-    lambda f: f["method"] == "hydra" or (not f["prefix_layer"] and f["head_layers"] == 1),
-    "--prefix_layer, --head_layers: Hydra options (--method=hydra)")
-flags.register_multi_flags_validator(
-    ["method", "ttt_steps", "draft_vocab"],
-    lambda f: f["method"] == "eagle" or (f["ttt_steps"] == 1 and not f["draft_vocab"]),
-    "--ttt_steps, --draft_vocab: EAGLE options (--method=eagle)")
-flags.register_multi_flags_validator(
-    ["method", "hidden_cache"], lambda f: not (f["hidden_cache"] and f["method"] == "medusa2"),
-    "--hidden_cache: Medusa-2 trains the model itself, so its hidden states cannot be cached")
 FLAGS = flags.FLAGS
-
-
-def chat_data(path: str):
-  """The conversations of a chat JSONL --data file, None for text data; a file mixing the two
-  cannot be self-distilled."""
-  from jaxinfer.train.data import is_jsonl, iter_jsonl
-  if not is_jsonl(path):
-    return None
-  records = [rec for _, rec in iter_jsonl(path)]
-  chats = [rec["messages"] for rec in records if "messages" in rec]
-  if chats and len(chats) < len(records):
-    raise ValueError(f"--data: {path} mixes text and conversations; --self_distill takes one "
-                     f"kind")
-  return chats or None
 
 
 def main(argv: list[str]) -> None:
   no_positional_args(argv)
   apply_platform_flags()
-  from jaxinfer import checkpoint
-  from jaxinfer.chat import ChatTemplate
-  from jaxinfer.draft_heads import distill, eagle, hidden_cache, hydra, medusa, medusa2
+  from jaxinfer.errors import UserError
+  from jaxinfer.train.draft import train_draft
 
+  names = ("method", "workdir", "resume", "dtype", "mesh", "cache_dir", "num_heads",
+           "tree_nodes", "prefix_layer", "head_layers", "ttt_steps", "draft_vocab", "lora_rank",
+           "kl_weight", "steps", "batch_size", "seq_len", "learning_rate", "warmup_steps",
+           "checkpoint_every", "heldout_fraction", "self_distill", "distill_prompt_len",
+           "distill_new_tokens", "hidden_cache", "seed", "progress")
   try:
-    workdir = Path(FLAGS.workdir or FLAGS.output.rstrip("/") + ".run")
-    check_workdir(workdir, FLAGS.resume)
-    mesh, src, cfg, base, tokenizer = load_model_from_flags()
-    conversations = chat_data(FLAGS.data) if FLAGS.self_distill else None
-    if conversations:  # the model writes each conversation's last reply anew
-      tokens = distill.chat(FLAGS.model, conversations, ChatTemplate.from_dir(src), tokenizer,
-                            workdir / "distill", num_prompts=FLAGS.self_distill,
-                            new_tokens=FLAGS.distill_new_tokens,
-                            eos_id=cfg.eos_token_ids[0] if cfg.eos_token_ids else None,
-                            seed=FLAGS.seed, progress=FLAGS.progress)
-    else:
-      tokens = data_tokens(tokenizer, src, cfg)
-      if FLAGS.self_distill:
-        tokens = distill.windows(FLAGS.model, tokens, workdir / "distill",
-                                 num_prompts=FLAGS.self_distill,
-                                 prompt_len=FLAGS.distill_prompt_len,
-                                 new_tokens=FLAGS.distill_new_tokens, seed=FLAGS.seed,
-                                 progress=FLAGS.progress)
-    n_held = int(len(tokens) * FLAGS.heldout_fraction)
-    if len(tokens) - n_held <= FLAGS.seq_len + 1:
-      raise ValueError(f"--data: {len(tokens)} tokens cannot fill --seq_len={FLAGS.seq_len}")
-    train_tokens, held_tokens = tokens[:len(tokens) - n_held], tokens[len(tokens) - n_held:]
-    if FLAGS.hidden_cache:  # built (or checked against this model and data) before training
-      hidden_cache.build(FLAGS.hidden_cache, base, cfg, train_tokens, FLAGS.seq_len,
-                         batch_size=FLAGS.batch_size, progress=FLAGS.progress)
-  except (FileNotFoundError, ValueError) as e:
+    result = train_draft(FLAGS.model, FLAGS.data, FLAGS.output,
+                         **{name: getattr(FLAGS, name) for name in names})
+  except UserError as e:
     fail(str(e))
-  common = dict(steps=FLAGS.steps, batch_size=FLAGS.batch_size, seq_len=FLAGS.seq_len,
-                learning_rate=FLAGS.learning_rate, warmup_steps=FLAGS.warmup_steps,
-                checkpoint_every=FLAGS.checkpoint_every, seed=FLAGS.seed, mesh=mesh,
-                progress=FLAGS.progress)
-  heads_only = dict(common, hidden_cache=FLAGS.hidden_cache)
-  if FLAGS.method == "eagle":
-    heads, vocab, info = eagle.train_eagle(cfg, base, train_tokens, held_tokens, workdir,
-                                           draft_vocab=FLAGS.draft_vocab,
-                                           ttt_steps=FLAGS.ttt_steps, **heads_only)
-    shown = ("accuracy_top1", "accuracy_top5")
-    save = lambda out, draft, i: eagle.save(out, draft, i, vocab)
-  elif FLAGS.method == "medusa2":
-    heads, tuned, info = medusa2.train_medusa2(
-        cfg, base, train_tokens, held_tokens, workdir, num_heads=FLAGS.num_heads,
-        tree_nodes=FLAGS.tree_nodes, rank=FLAGS.lora_rank, kl_weight=FLAGS.kl_weight, **common)
-    model_out = checkpoint.save_hf(Path(FLAGS.output) / "model", cfg, tuned, tokenizer_dir=src)
-    info["model"] = str(model_out)
-    shown, save = ("accuracy_top1", "expected_accepted_per_step", "greedy_agreement"), medusa.save
-  else:
-    lib = medusa if FLAGS.method == "medusa" else hydra
-    extra = ({"prefix_layer": FLAGS.prefix_layer, "head_layers": FLAGS.head_layers}
-             if lib is hydra else {})
-    heads, info = lib.train_heads(cfg, base, train_tokens, held_tokens, workdir,
-                                  num_heads=FLAGS.num_heads, tree_nodes=FLAGS.tree_nodes,
-                                  **heads_only, **extra)
-    shown, save = ("accuracy_top1", "expected_accepted_per_step"), lib.save
-  info.update(base_model=str(src), self_distilled_prompts=FLAGS.self_distill)
-  out = save(FLAGS.output, heads, info)
-  print(json.dumps({k: info[k] for k in shown}))
-  print(f"wrote {out}")
+  shown = {"eagle": ("accuracy_top1", "accuracy_top5"),
+           "medusa2": ("accuracy_top1", "expected_accepted_per_step", "greedy_agreement")
+           }.get(FLAGS.method, ("accuracy_top1", "expected_accepted_per_step"))
+  print(json.dumps({k: result.info[k] for k in shown}))
+  print(f"wrote {result.path}")

@@ -21,17 +21,15 @@ def regenerate(model: str, prompts: list[list[int]], workdir: str | Path, *, new
                progress: bool = True) -> list[tuple[list[int], list[int]]]:
   """(prompt, the model's greedy continuation) of every prompt, in order; `separator` (EOS)
   ends each continuation that did not end by itself."""
-  from jaxinfer.requests import Defaults
-  from jaxinfer.runner import GenerateJob, run
+  from jaxinfer.runner import generate_file
   work = Path(workdir)
   work.mkdir(parents=True, exist_ok=True)
   path = work / "distill_prompts.jsonl"
   path.write_text("".join(json.dumps({"id": i, "prompt_ids": [int(t) for t in p]}) + "\n"
                           for i, p in enumerate(prompts)))
   out = work / "distill_outputs.jsonl"
-  run(GenerateJob(prompts=str(path), output=str(out), model=model,
-                  defaults=Defaults(max_new_tokens=new_tokens), batch_size=batch_size,
-                  mesh="data:1", progress=progress))
+  generate_file(str(path), str(out), model, max_new_tokens=new_tokens, batch_size=batch_size,
+                mesh="data:1", progress=progress)
   records = sorted((json.loads(l) for l in out.read_text().splitlines()), key=lambda r: r["id"])
   if len(records) != len(prompts) or any("error" in r for r in records):
     bad = next((r for r in records if "error" in r), None)
