@@ -17,7 +17,8 @@ from jaxinfer.speculative import registry
 class ServeOptions:
   model: str = checkpoint.EMBEDDED
   dtype: str = "auto"
-  # data:R,fsdp:F,model:M over this process's devices: R replicas of F x M devices each
+  # data:R,fsdp:F,model:M over every process's devices: R replicas of F x M devices each, dealt
+  # to the processes (a replica lies within one process)
   mesh: str = ""
   batch_size: int = 8  # slots per replica (continuous) or sequences per batch (static)
   implementation: str = "xla"

@@ -316,10 +316,11 @@ def test_sigkill_then_rerun_gives_every_id_once(tmp_path, tiny_model_dir):
   assert all(r == want[r["id"]] for r in got)
 
 
-@pytest.mark.parametrize("speculative", ["none", "ngram"])
-def test_two_processes_write_one_output(tmp_path, tiny_model_dir, speculative):
-  """Two processes on loopback, each with its share of the input; speculative decoding too
-  (forced on, so sampled records are the same samples as a one-process run's)."""
+@pytest.mark.parametrize("speculative,mesh", [("none", "data:4"), ("ngram", "data:2,model:2")])
+def test_two_processes_write_one_output(tmp_path, tiny_model_dir, speculative, mesh):
+  """Two processes of two devices each on loopback, --mesh spanning all four (each process
+  drives its replicas, with its share of the input); speculative decoding too (forced on, so
+  sampled records are the same samples as a one-process run's)."""
   records = _workload() + ["{not json"]
   prompts = tmp_path / "p.jsonl"
   prompts.write_text("".join((r if isinstance(r, str) else json.dumps(r)) + "\n"
@@ -330,8 +331,8 @@ def test_two_processes_write_one_output(tmp_path, tiny_model_dir, speculative):
   port = _free_port()
   env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
   procs = [_cli([f"--model={tiny_model_dir}", f"--prompts={prompts}", f"--output={out}",
-                 "--noprogress", "--cpu_devices=1", f"--coordinator_address=127.0.0.1:{port}",
-                 "--num_processes=2", f"--process_id={i}",
+                 "--noprogress", "--cpu_devices=2", f"--coordinator_address=127.0.0.1:{port}",
+                 "--num_processes=2", f"--process_id={i}", f"--mesh={mesh}",
                  f"--metrics_output={tmp_path / 'm.json'}"]
                 + [f"--{k}={v}" for k, v in spec.items()], env=env) for i in range(2)]
   codes = [p.wait(timeout=600) for p in procs]
@@ -349,3 +350,19 @@ def test_two_processes_write_one_output(tmp_path, tiny_model_dir, speculative):
   metrics = json.loads((tmp_path / "m.json").read_text())
   assert metrics["processes"] == 2 and metrics["records_in_output"] == len(records)
   assert metrics.get("speculative", "none") == speculative
+  assert metrics["replicas"] == (2 if mesh == "data:4" else 1)  # this process's
+
+
+def test_a_multi_process_mesh_spans_every_process(monkeypatch):
+  """--mesh in a run of several processes covers all their devices: each process takes its
+  share of the data replicas; a replica that would span processes is refused, named."""
+  import jax
+  from jaxinfer.serving.placement import local_spec
+  monkeypatch.setattr(jax, "process_count", lambda: 2)
+  monkeypatch.setattr(jax, "device_count", lambda: 4)
+  assert local_spec("data:4") == "data:2,fsdp:1,model:1"
+  assert local_spec("data:2,model:2") == "data:1,fsdp:1,model:2"
+  with pytest.raises(UserError, match=r"fsdp:4,model:1 has 1 replica\(s\) for 2 processes"):
+    local_spec("fsdp:4")
+  with pytest.raises(UserError, match="spans all 4 of their devices"):
+    local_spec("data:2")

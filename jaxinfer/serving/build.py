@@ -18,16 +18,14 @@ from jaxinfer.sparsity import parse as parse_sparsity
 
 def load(opts: ServeOptions):
   """(model config, params, tokenizer or None, chat template or None, backend, sparsity)."""
-  if opts.mesh:
-    placement.check_devices(opts.mesh)
+  spec = placement.local_spec(opts.mesh)  # this process's part of the mesh
   static = opts.scheduler == "static" and not opts.speculating
   # speculative decoding without --mesh runs on the default device, unplaced
-  meshes = [] if static or (opts.speculating and not opts.mesh) else placement.replica_meshes(
-      opts.mesh)
+  meshes = [] if static or (opts.speculating and not spec) else placement.replica_meshes(spec)
   static_mesh = None
-  if static and opts.mesh:
+  if static and spec:
     from jaxinfer.sharding import make_mesh
-    static_mesh = make_mesh(opts.mesh, jax.local_devices())
+    static_mesh = make_mesh(spec, jax.local_devices())
   dtype = None if opts.dtype == "auto" else opts.dtype
   try:
     cfg, params, tokenizer = checkpoint.load_model(

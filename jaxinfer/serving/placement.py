@@ -13,13 +13,29 @@ from jaxinfer.errors import UserError
 from jaxinfer.sharding import MESH_AXES, device_bytes, format_mesh, parse_mesh
 
 
-def check_devices(mesh_spec: str) -> None:
-  """Refuses a --mesh with more devices than this process has."""
+def local_spec(mesh_spec: str) -> str:
+  """This process's part of a --mesh, which spans every process's devices: the `data` replicas
+  are dealt to the processes (data / process count each), a replica's fsdp x model devices lie
+  within one process. Refuses a mesh of more (or, across processes, other) devices than the run
+  has, and replicas that would span processes."""
+  if not mesh_spec:
+    return mesh_spec
   shape = parse_mesh(mesh_spec)
   need = int(np.prod([shape[a] for a in MESH_AXES]))
-  if need > jax.local_device_count():
-    raise UserError(f"--mesh: {format_mesh(shape)} needs {need} devices, but this process has "
-                    f"{jax.local_device_count()}")
+  nproc = jax.process_count()
+  if nproc == 1:
+    if need > jax.local_device_count():
+      raise UserError(f"--mesh: {format_mesh(shape)} needs {need} devices, but this process has "
+                      f"{jax.local_device_count()}")
+    return mesh_spec
+  if need != jax.device_count():
+    raise UserError(f"--mesh: {format_mesh(shape)} has {need} devices; a run of {nproc} "
+                    f"processes spans all {jax.device_count()} of their devices")
+  if shape["data"] % nproc:
+    raise UserError(f"--mesh: {format_mesh(shape)} has {shape['data']} replica(s) for {nproc} "
+                    f"processes; a replica (fsdp x model devices) must lie within one process, "
+                    f"so data must be a multiple of the process count")
+  return format_mesh(dict(shape, data=shape["data"] // nproc))
 
 
 def replica_meshes(mesh_spec: str) -> list[jax.sharding.Mesh]:
