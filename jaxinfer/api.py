@@ -203,9 +203,11 @@ class LLM:
       raise RuntimeError("LLM: another generate call of this LLM is running")
     try:
       self._backend.prepare(requests)
+      import jax
       show = self.options.progress if progress is None else progress
-      bar = tqdm(total=len(requests), desc="generate", unit="req", disable=not show,
-                 dynamic_ncols=True, file=sys.stderr)
+      # (several processes: each finishes the requests of the replicas it leads)
+      bar = tqdm(total=len(requests) if jax.process_count() == 1 else None, desc="generate",
+                 unit="req", disable=not show, dynamic_ncols=True, file=sys.stderr)
 
       def finished(req, samples):
         on_request(req, samples)
@@ -233,7 +235,8 @@ class LLM:
                | None = None, *, progress: bool | None = None) -> list[RequestOutput]:
     """One RequestOutput per prompt, in order. prompts: a prompt or a list of them, each text,
     token ids or a conversation (rendered by the model's chat template); sampling_params: one
-    for all or one per prompt."""
+    for all or one per prompt. In a run of several processes (all calling with the same
+    prompts) each process's list holds the outputs of the replicas it leads, None elsewhere."""
     reqs = self.requests(prompts, sampling_params)
     results: list[RequestOutput | None] = [None] * len(reqs)
     t0 = time.perf_counter()

@@ -3,7 +3,8 @@ run through `jaxinfer.LLM`.
 
 Output is written record by record and fsync'ed (on a writer thread, in groups); re-running the
 same command after a crash skips what is already written. With several processes
-(jax.distributed) each takes the requests whose id hashes to it and process 0 merges the parts.
+(jax.distributed) the requests are split among all replicas of the run, each process writes the
+records of the replicas it leads to a part of its own, and process 0 merges the parts.
 """
 
 from __future__ import annotations
@@ -163,11 +164,16 @@ def run(job: GenerateJob, *, coordinator_address: str | None = None,
   mine = lambda k: _owner(k, nproc) == pid
   skipped = sum(1 for r in requests if key_of(r) in done) + sum(
       1 for e in errors if output.record_key(e) in done)
-  todo = [r for r in requests if key_of(r) not in done and mine(key_of(r))]
+  # every process is given every request: the backend splits them among all replicas of the
+  # run alike everywhere, each process writing the records of the replicas it leads
+  todo = [r for r in requests if key_of(r) not in done]
   my_errors = [e for e in errors if output.record_key(e) not in done
                and mine(output.record_key(e))]
 
   llm.prepare(todo)  # pools, trees and memory checked before the output is touched
+  if nproc > 1:  # every process has read what is done before any writes
+    from jax.experimental import multihost_utils
+    multihost_utils.sync_global_devices("jaxinfer_generate_start")
   writer = output.RecordWriter(part)
   writer.write(my_errors)
   try:

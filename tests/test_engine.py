@@ -316,11 +316,13 @@ def test_sigkill_then_rerun_gives_every_id_once(tmp_path, tiny_model_dir):
   assert all(r == want[r["id"]] for r in got)
 
 
-@pytest.mark.parametrize("speculative,mesh", [("none", "data:4"), ("ngram", "data:2,model:2")])
+@pytest.mark.parametrize("speculative,mesh", [("none", "data:4"), ("none", "fsdp:4"),
+                                               ("ngram", "data:2,model:2")])
 def test_two_processes_write_one_output(tmp_path, tiny_model_dir, speculative, mesh):
-  """Two processes of two devices each on loopback, --mesh spanning all four (each process
-  drives its replicas, with its share of the input); speculative decoding too (forced on, so
-  sampled records are the same samples as a one-process run's)."""
+  """Two processes of two devices each on loopback, --mesh spanning all four: each process
+  drives its replicas (fsdp:4: one replica over both processes, driven by both in step) with
+  their share of the input; speculative decoding too (forced on, so sampled records are the
+  same samples as a one-process run's)."""
   records = _workload() + ["{not json"]
   prompts = tmp_path / "p.jsonl"
   prompts.write_text("".join((r if isinstance(r, str) else json.dumps(r)) + "\n"
@@ -328,6 +330,11 @@ def test_two_processes_write_one_output(tmp_path, tiny_model_dir, speculative, m
   spec = {} if speculative == "none" else dict(speculative=speculative, speculation="always")
   single, _ = _job(tmp_path, tiny_model_dir, _workload(), "single", **spec)
   out = tmp_path / "two.jsonl"
+  resumed = []
+  if mesh == "fsdp:4":  # as a killed run leaves it: process 1's part with 4 records, torn
+    resumed = [json.loads(l) for l in (tmp_path / "single.out.jsonl").read_text().splitlines()][:4]
+    (tmp_path / "two.jsonl.part-1-of-2").write_text(
+        "".join(json.dumps(r) + "\n" for r in resumed) + '{"id": "r9", "li')
   port = _free_port()
   env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
   procs = [_cli([f"--model={tiny_model_dir}", f"--prompts={prompts}", f"--output={out}",
@@ -350,19 +357,19 @@ def test_two_processes_write_one_output(tmp_path, tiny_model_dir, speculative, m
   metrics = json.loads((tmp_path / "m.json").read_text())
   assert metrics["processes"] == 2 and metrics["records_in_output"] == len(records)
   assert metrics.get("speculative", "none") == speculative
-  assert metrics["replicas"] == (2 if mesh == "data:4" else 1)  # this process's
+  assert metrics["replicas"] == {"data:4": 2, "fsdp:4": 1}.get(mesh, 1)  # process 0's
+  assert metrics["num_skipped_already_done"] == len(resumed)  # each record once (above)
 
 
 def test_a_multi_process_mesh_spans_every_process(monkeypatch):
-  """--mesh in a run of several processes covers all their devices: each process takes its
-  share of the data replicas; a replica that would span processes is refused, named."""
+  """--mesh in a run of several processes covers all their devices (a mesh of other size is
+  refused, named); the static scheduler deals its data axis to the processes."""
   import jax
-  from jaxinfer.serving.placement import local_spec
+  from jaxinfer.serving.placement import process_spec, replicas
   monkeypatch.setattr(jax, "process_count", lambda: 2)
   monkeypatch.setattr(jax, "device_count", lambda: 4)
-  assert local_spec("data:4") == "data:2,fsdp:1,model:1"
-  assert local_spec("data:2,model:2") == "data:1,fsdp:1,model:2"
-  with pytest.raises(UserError, match=r"fsdp:4,model:1 has 1 replica\(s\) for 2 processes"):
-    local_spec("fsdp:4")
+  assert process_spec("data:4") == "data:2,fsdp:1,model:1"
+  with pytest.raises(UserError, match="data a multiple of the 2 processes"):
+    process_spec("fsdp:4")
   with pytest.raises(UserError, match="spans all 4 of their devices"):
-    local_spec("data:2")
+    replicas("data:2")

@@ -10,6 +10,10 @@ enough, so repeated calls reuse their compiled steps) and checks memory before a
 `run(requests, deliver, should_stop)` generates every sample of every request, calling
 `deliver(request, sample_index, tokens, finished_by_eos)` as each finishes, and returns what
 the call measured (a stats dict, see `jaxinfer.serving.metrics`).
+
+In a run of several processes every process is given all requests: they are split among all
+replicas of the run alike everywhere, each process runs its replicas' shares, and the results of
+a replica are delivered by the one process that leads it.
 """
 
 from __future__ import annotations
@@ -54,9 +58,10 @@ class EngineBackend:
   """One continuous-batching engine per replica; requests split among them by tokens, sorted
   by prompt so that sharers of a prefix meet on one replica."""
 
-  def __init__(self, opts: ServeOptions, cfg, params, meshes, sparsity):
-    self.opts, self.cfg, self.params, self.meshes = opts, cfg, params, meshes
-    self.sparsity = sparsity
+  def __init__(self, opts: ServeOptions, cfg, params, replicas: list[placement.Replica],
+               total: int, sparsity):
+    self.opts, self.cfg, self.params = opts, cfg, params
+    self.replicas, self.total, self.sparsity = replicas, total, sparsity
     self.engines: list[Engine] = []
     self.max_len = 0
 
@@ -66,9 +71,10 @@ class EngineBackend:
     ps = self.opts.page_size
     if need > self.max_len:
       ecfg = _engine_config(self.opts)
-      engines = [Engine(self.cfg, placement.on_replica(self.params, mesh, self.meshes), ecfg,
-                        need, mesh, implementation=self.opts.implementation,
-                        sparsity=self.sparsity) for mesh in self.meshes]
+      meshes = [r.mesh for r in self.replicas]
+      engines = [Engine(self.cfg, placement.on_replica(self.params, mesh, meshes), ecfg, need,
+                        mesh, implementation=self.opts.implementation, sparsity=self.sparsity)
+                 for mesh in meshes]
       for eng in engines:
         placement.check_memory(
             f"--kv_pages: the KV pool ({eng.num_pool_pages} pages of {ps} tokens",
@@ -98,9 +104,10 @@ class EngineBackend:
       eng.stats = EngineStats(pool_pages=eng.num_pool_pages)
     on_result = lambda res: deliver(*rows[res.uid], res.tokens, res.finished_by_eos)
     stop = lambda uid, tokens: should_stop(rows[uid][0], tokens)
-    shares = placement.split_by_tokens(ereqs, len(self.engines))
-    placement.in_threads(lambda eng, share: eng.run(share, on_result, stop),
-                         list(zip(self.engines, shares)))
+    shares = placement.split_by_tokens(ereqs, self.total)
+    placement.in_threads(
+        lambda eng, share, leads: eng.run(share, on_result if leads else lambda res: None, stop),
+        [(e, shares[r.index], r.leads) for e, r in zip(self.engines, self.replicas)])
     st = [e.stats for e in self.engines]
     mixed = max(s.mixed_busy_s for s in st)
     pure = max(s.decode_busy_s for s in st)
@@ -151,7 +158,8 @@ class StaticBackend:
 
   def run(self, requests: list[Request], deliver: Deliver, should_stop: StopCheck) -> dict:
     before = dataclasses.replace(self.gen.timings)
-    todo = sorted(requests, key=lambda r: len(r.prompt_ids))  # similar lengths pad little
+    mine = placement.process_share(requests)
+    todo = sorted(mine, key=lambda r: len(r.prompt_ids))  # similar lengths pad little
     b = self.opts.batch_size
     for start in range(0, len(todo), b):
       batch = todo[start:start + b]
@@ -174,9 +182,18 @@ class SpeculativeBackend:
   """One SpeculativeGenerator per replica (--mesh=data:N: N replicas, each on one device or
   sharded over its fsdp / model devices), all with the same proposer."""
 
-  def __init__(self, opts: ServeOptions, cfg, params, meshes, sparsity, proposer, draft_params):
+  def __init__(self, opts: ServeOptions, cfg, params, replicas: list[placement.Replica],
+               total: int, sparsity, proposer, draft_params):
     from jaxinfer.speculative.decode import SpeculativeGenerator
     self.opts, self.continuous = opts, opts.scheduler == "continuous"
+    if any(r.spans_processes for r in replicas):
+      raise UserError(f"--mesh: speculative decoding runs each replica within one process; "
+                      f"{opts.mesh} has replicas spanning processes (its auto policy decides "
+                      f"by measured time, which processes would not agree on)")
+    meshes = [r.mesh for r in replicas]
+    # without --mesh (one process): one generator on the default device, unplaced
+    self.replicas = replicas or [placement.Replica(None, 0, True, False)]
+    self.total = total
     self.gens = []
     for mesh in meshes or [None]:
       try:
@@ -234,12 +251,13 @@ class SpeculativeBackend:
     # rows pad little, dealt round-robin so that every replica gets a like mix of lengths
     key = (lambda r: r.prompt_ids) if self.continuous else (lambda r: len(r.prompt_ids))
     rows = _rows(sorted(requests, key=key))
-    n = len(self.gens)
+    n = self.total
     shares = (placement.split_by_tokens(rows, n, request=lambda row: row[0])
               if self.continuous else [rows[i::n] for i in range(n)])
     before = [copy.deepcopy(g.stats) for g in self.gens]
-    placement.in_threads(lambda gen, share: self._work(gen, share, deliver, should_stop),
-                         list(zip(self.gens, shares)))
+    placement.in_threads(
+        lambda gen, share: self._work(gen, share, deliver, should_stop),
+        [(g, shares[r.index]) for g, r in zip(self.gens, self.replicas)])
     st = [g.stats.since(b) for g, b in zip(self.gens, before)]
     tms = [Timings(prefill_s=s.prefill_s, decode_s=s.decode_s, compile_s=s.compile_s,
                    prefill_tokens=s.prefill_tokens, decode_tokens=s.decode_tokens,
@@ -251,6 +269,6 @@ class SpeculativeBackend:
             "compile_s", "prefill_tokens", "decode_tokens", "compilations", "decode_steps",
             "row_steps")}))
     stats["busy_s"] = max(t.prefill_s + t.decode_s for t in tms)
-    stats["replicas"] = n
+    stats["replicas"] = len(self.gens)
     stats["prefill_saved"] = sum(s.prefill_tokens_saved for s in st)
     return stats | SpecStats.merge(st).metrics()

@@ -18,18 +18,20 @@ from jaxinfer.sparsity import parse as parse_sparsity
 
 def load(opts: ServeOptions):
   """(model config, params, tokenizer or None, chat template or None, backend, sparsity)."""
-  spec = placement.local_spec(opts.mesh)  # this process's part of the mesh
   static = opts.scheduler == "static" and not opts.speculating
-  # speculative decoding without --mesh runs on the default device, unplaced
-  meshes = [] if static or (opts.speculating and not spec) else placement.replica_meshes(spec)
-  static_mesh = None
-  if static and spec:
-    from jaxinfer.sharding import make_mesh
-    static_mesh = make_mesh(spec, jax.local_devices())
+  replicas, total, static_mesh = [], 1, None
+  if static:
+    spec = placement.process_spec(opts.mesh)  # each process its own static batches
+    if spec:
+      from jaxinfer.sharding import make_mesh
+      static_mesh = make_mesh(spec, jax.local_devices())
+  elif opts.mesh or not opts.speculating or jax.process_count() > 1:
+    # (speculative decoding without --mesh, one process: the default device, unplaced)
+    replicas, total = placement.replicas(opts.mesh)
   dtype = None if opts.dtype == "auto" else opts.dtype
   try:
     cfg, params, tokenizer = checkpoint.load_model(
-        opts.model, dtype, meshes[0] if meshes else static_mesh, cache_dir=opts.cache_dir,
+        opts.model, dtype, replicas[0].mesh if replicas else static_mesh, cache_dir=opts.cache_dir,
         quiet=not opts.progress)
   except (FileNotFoundError, ValueError) as e:
     raise UserError(str(e)) from None
@@ -46,9 +48,10 @@ def load(opts: ServeOptions):
   if opts.speculating:
     from jaxinfer.speculative import registry
     proposer, draft_params = registry.build(opts, cfg, params, dtype)
-    backend = SpeculativeBackend(opts, cfg, params, meshes, sparsity, proposer, draft_params)
+    backend = SpeculativeBackend(opts, cfg, params, replicas, total, sparsity, proposer,
+                                 draft_params)
   elif static:
     backend = StaticBackend(opts, cfg, params, static_mesh, sparsity)
   else:
-    backend = EngineBackend(opts, cfg, params, meshes, sparsity)
+    backend = EngineBackend(opts, cfg, params, replicas, total, sparsity)
   return cfg, params, tokenizer, chat, backend, sparsity

@@ -1,10 +1,14 @@
-"""Where a model runs: one (1, fsdp, model) mesh per data-parallel replica over this process's
-devices, weights copied onto each, memory checked against a device before anything is
-allocated, and work split among replicas (each driven from a thread of its own)."""
+"""Where a model runs: `--mesh` over every process's devices (JAX's multi-controller way), one
+(1, fsdp, model) mesh per data-parallel replica; weights copied onto each; memory checked
+against a device before anything is allocated; and requests split among all replicas of the
+run, each process driving the replicas that hold its devices (a replica whose devices span
+processes is driven by all of them, in step) from a thread per replica."""
 
 from __future__ import annotations
 
+import dataclasses
 import threading
+import zlib
 
 import jax
 import numpy as np
@@ -13,39 +17,56 @@ from jaxinfer.errors import UserError
 from jaxinfer.sharding import MESH_AXES, device_bytes, format_mesh, parse_mesh
 
 
-def local_spec(mesh_spec: str) -> str:
-  """This process's part of a --mesh, which spans every process's devices: the `data` replicas
-  are dealt to the processes (data / process count each), a replica's fsdp x model devices lie
-  within one process. Refuses a mesh of more (or, across processes, other) devices than the run
-  has, and replicas that would span processes."""
+@dataclasses.dataclass(frozen=True)
+class Replica:
+  mesh: jax.sharding.Mesh
+  index: int  # among all replicas of the run
+  leads: bool  # this process hands on its results (the first of the processes it spans)
+  spans_processes: bool
+
+
+def _shape(mesh_spec: str) -> dict[str, int]:
+  """The mesh's shape over all processes' devices (default: a replica per device); refuses more
+  devices than the run has, or (several processes) fewer."""
   if not mesh_spec:
-    return mesh_spec
+    return {"data": jax.device_count(), "fsdp": 1, "model": 1}
   shape = parse_mesh(mesh_spec)
   need = int(np.prod([shape[a] for a in MESH_AXES]))
   nproc = jax.process_count()
-  if nproc == 1:
-    if need > jax.local_device_count():
-      raise UserError(f"--mesh: {format_mesh(shape)} needs {need} devices, but this process has "
-                      f"{jax.local_device_count()}")
-    return mesh_spec
-  if need != jax.device_count():
+  if nproc == 1 and need > jax.device_count():
+    raise UserError(f"--mesh: {format_mesh(shape)} needs {need} devices, but this process has "
+                    f"{jax.device_count()}")
+  if nproc > 1 and need != jax.device_count():
     raise UserError(f"--mesh: {format_mesh(shape)} has {need} devices; a run of {nproc} "
                     f"processes spans all {jax.device_count()} of their devices")
-  if shape["data"] % nproc:
-    raise UserError(f"--mesh: {format_mesh(shape)} has {shape['data']} replica(s) for {nproc} "
-                    f"processes; a replica (fsdp x model devices) must lie within one process, "
-                    f"so data must be a multiple of the process count")
-  return format_mesh(dict(shape, data=shape["data"] // nproc))
+  return shape
 
 
-def replica_meshes(mesh_spec: str) -> list[jax.sharding.Mesh]:
-  """One (1, fsdp, model) mesh per data-parallel replica, over this process's devices (default:
-  one replica per device)."""
-  local = jax.local_devices()
-  shape = parse_mesh(mesh_spec) if mesh_spec else {"data": len(local), "fsdp": 1, "model": 1}
+def replicas(mesh_spec: str) -> tuple[list[Replica], int]:
+  """(the replicas this process drives, how many the run has)."""
+  shape = _shape(mesh_spec)
   r, f, m = (shape[a] for a in MESH_AXES)
-  grid = np.asarray(local[:r * f * m], dtype=object).reshape(r, 1, f, m)
-  return [jax.sharding.Mesh(grid[i], MESH_AXES) for i in range(r)]
+  grid = np.asarray(jax.devices()[:r * f * m], dtype=object).reshape(r, 1, f, m)
+  me, mine = jax.process_index(), []
+  for i in range(r):
+    procs = sorted({d.process_index for d in grid[i].flat})
+    if me in procs:
+      mine.append(Replica(jax.sharding.Mesh(grid[i], MESH_AXES), i, procs[0] == me,
+                          len(procs) > 1))
+  return mine, r
+
+
+def process_spec(mesh_spec: str) -> str:
+  """This process's part of a --mesh for the static scheduler (one mesh per process): the `data`
+  axis dealt to the processes."""
+  shape = _shape(mesh_spec)
+  nproc = jax.process_count()
+  if nproc == 1 or not mesh_spec:
+    return mesh_spec
+  if shape["data"] % nproc:
+    raise UserError(f"--mesh: {format_mesh(shape)} with --scheduler=static needs data a "
+                    f"multiple of the {nproc} processes (each runs its own static batches)")
+  return format_mesh(dict(shape, data=shape["data"] // nproc))
 
 
 def on_replica(params, mesh, meshes):
@@ -66,7 +87,9 @@ def replicated(tree, mesh):
 def bytes_limit(mesh) -> int | None:
   """Memory of the mesh's first device (the reference for every one of a replica's devices), or
   None where the backend does not say (CPU)."""
-  device = mesh.devices.flat[0] if mesh is not None else jax.local_devices()[0]
+  me = jax.process_index()
+  device = (next(d for d in mesh.devices.flat if d.process_index == me) if mesh is not None
+            else jax.local_devices()[0])
   stats = getattr(device, "memory_stats", lambda: None)()
   return stats.get("bytes_limit") if stats else None
 
@@ -84,6 +107,15 @@ def check_memory(what: str, kv_bytes: int, kv_device_bytes: int, params, mesh,
     raise UserError(f"{what}, {kv_bytes / 2**30:.2f} GiB) plus weights need "
                     f"{per_device / 2**30:.2f} GiB per device, more than its "
                     f"{limit / 2**30:.2f} GiB; {fix}")
+
+
+def process_share(requests: list) -> list:
+  """The requests this process runs when each process runs its own (the static scheduler):
+  those whose (id, line) hashes to it."""
+  nproc, me = jax.process_count(), jax.process_index()
+  if nproc == 1:
+    return requests
+  return [r for r in requests if zlib.crc32(repr((r.id, r.line)).encode()) % nproc == me]
 
 
 def split_by_tokens(items: list, parts: int, request=lambda r: r) -> list[list]:
