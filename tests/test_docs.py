@@ -5,6 +5,7 @@ links point at files that exist. No model is built: one subprocess imports the C
 import importlib.util
 import json
 import re
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -32,6 +33,18 @@ def experiment(name: str):
   return module
 
 
+def results_page():
+  """experiments/results_page as a package, as `python experiments/results_readme.py` imports
+  it (experiments/ itself is not a package)."""
+  if "results_page" not in sys.modules:
+    folder = ROOT / "experiments" / "results_page"
+    spec = importlib.util.spec_from_file_location("results_page", folder / "__init__.py",
+                                                  submodule_search_locations=[str(folder)])
+    sys.modules["results_page"] = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(sys.modules["results_page"])
+  return sys.modules["results_page"]
+
+
 @pytest.fixture(scope="module")
 def commands():
   """{command: {summary, description, flags}} as the CLI defines them now (a fresh process: each
@@ -54,11 +67,39 @@ def test_flags_page_is_current(commands):
 
 
 def test_results_page_is_current():
-  results = experiment("results_readme")
-  files = results.load()
-  assert "bench_speculative.jsonl" in files and "long_context.json" in files
-  assert RESULTS_PAGE.read_text() == results.render(files), (
-      "experiments/results/README.md is stale: run python experiments/results_readme.py")
+  files = results_page().load().files
+  assert {"bench_speculative.jsonl", "long_context.json", "recorded.jsonl"} <= set(files)
+  assert "claims.json" not in files
+  proc = subprocess.run([sys.executable, "experiments/results_readme.py", "--check"],
+                        capture_output=True, text=True, timeout=60, cwd=ROOT)
+  assert proc.returncode == 0, proc.stderr
+
+
+def test_results_page_check_sees_a_changed_record(tmp_path, capsys):
+  page = results_page()
+  shutil.copytree(page.RESULTS, tmp_path, dirs_exist_ok=True)
+  assert page.main(["results_readme.py"], tmp_path) == 0
+  assert page.main(["results_readme.py", "--check"], tmp_path) == 0
+  decode = tmp_path / "bench_decode.jsonl"
+  decode.write_text(decode.read_text().replace('"step_ms": 0.181', '"step_ms": 0.182', 1))
+  assert page.main(["results_readme.py", "--check"], tmp_path) == 1
+  assert "is stale" in capsys.readouterr().err
+
+
+def test_claims_name_fields_their_results_files_have():
+  """A misspelt field in claims.json would leave its claim "not measured yet" for good."""
+  results = results_page().load()
+  for c in results.claims:
+    ours = c["ours"]
+    if ours is None:
+      continue
+    recs = results.files[ours["file"]]
+    if ours["kind"] == "speculative_pair":
+      recs = [{**r, "method": None, **m} for r in recs for m in r["methods"].values()]
+    have = {k for r in recs for k in r}
+    wheres = [ours.get("where", {})] + [ours[s]["where"] for s in ("a", "b") if s in ours]
+    unknown = {k for w in wheres for k in w} - have
+    assert not unknown, f"{c['claim']}: {ours['file']} has no field {sorted(unknown)}"
 
 
 def test_results_page_reports_every_file_and_plot():
@@ -68,6 +109,8 @@ def test_results_page_reports_every_file_and_plot():
     if path.suffix in (".jsonl", ".json", ".png"):
       assert f"({path.name})" in text, f"{path.name} is not linked from the results page"
   assert "## Reproductions" in text and "not measured yet" in text
+  for claim in results_page().load().claims:
+    assert f"| {claim['claim']} |" in text, f"claims.json's {claim['claim']!r} is not on the page"
 
 
 def test_pages_name_only_flags_a_command_defines(commands):

@@ -1,0 +1,173 @@
+"""The sections of bench_speculative.jsonl (a row per record and method) and
+bench_spec_batching.jsonl (a record per method, its modes side by side)."""
+
+from __future__ import annotations
+
+from .markdown import NA, Section, field, fmt, part, ratio, short_model, table
+from .results import spec_rows
+
+
+def depths(values) -> str:
+  """Per-depth acceptance; a long run of trailing zeros (a trie's unused depths) is counted."""
+  if not values:
+    return NA
+  values = list(values)
+  zeros = 0
+  while len(values) > 8 and values[-1] == 0:
+    values.pop()
+    zeros += 1
+  text = ", ".join(f"{x:.2f}" for x in values)
+  return text + (f", then 0 × {zeros}" if zeros else "")
+
+
+def auto_chose(m: dict) -> str:
+  best = m.get("auto_best_tree")
+  if best is not None:
+    return "plain" if best == "plain" else f"{best}-token trees"
+  policy = m.get("auto_policy") or ""
+  return "plain" if policy.startswith("speculation turned itself off") else (
+      "speculate" if policy else NA)
+
+
+def verify_cost(row: dict):
+  """The target's forward over the row's tree against one token, as the same run measured it."""
+  return row.get("verify_cost", {}).get(str(row.get("tree_size")))
+
+
+MODEL = ("model", lambda r: short_model(r.get("model")))
+METHODS = [
+    MODEL, field("batch", "batch_size"),
+    field("plain tok/s", "plain_tokens_per_second_median", 0), field("method", "method"),
+    field("tree nodes", "tree_size"), field("draft heads", "draft_heads"), field("τ", "tau"),
+    ("per-depth acceptance", lambda r: depths(r.get("per_depth_acceptance"))),
+    field("speedup, always", "speedup", unit="×"),
+    field("speedup, auto", "speedup_auto_policy", unit="×"), ("auto chose", auto_chose),
+    field("draft share", "draft_share"), field("identical to plain", "identical_to_plain")]
+COSTS = [
+    MODEL, field("params", "params"), field("batch", "batch_size"), field("method", "method"),
+    field("τ", "tau"), ("verify cost", lambda r: fmt(verify_cost(r))),
+    ("bound τ / cost", lambda r: ratio(r["tau"] / verify_cost(r))),
+    field("speedup, always", "speedup", unit="×"),
+    ("speedup / τ", lambda r: fmt(r["speedup"] / r["tau"])),
+    ("speedup, auto (chose)",
+     lambda r: f"{ratio(r.get('speedup_auto_policy'))} ({auto_chose(r)})")]
+TREE_SIZES = [
+    field("batch", "batch_size"), field("method", "method"), field("tree nodes", "tree_size"),
+    field("always on", "speedup", unit="×"),
+    field("auto, on / off", "speedup_auto_on_off", unit="×"),
+    field("auto, shrinking", "speedup_auto_policy", unit="×"), ("auto chose", auto_chose),
+    ("measured per tree size", lambda r: ", ".join(
+        f"{k}: {v['tokens_per_second'] / 1000:.1f}k" for k, v in r["auto_tree_sizes"].items()))]
+
+
+def _speculative(recs) -> list[str]:
+  rows = spec_rows(recs)
+  return ([""] + table(METHODS, rows) + part(
+      "Verification cost",
+      "The target's forward over T tokens per row against one token, measured in the same run "
+      "(`verify_cost`); speedup ≤ about τ / cost. `preset:wide` is the embedded model's "
+      "vocabulary at 126M parameters with random weights (`--model=preset:wide "
+      "--prompt_tokens=32 --max_new_tokens=192`): far beyond the CPU's caches, so its decode "
+      "step is bound by memory, as on accelerators.",
+      COSTS, [r for r in rows if verify_cost(r)]) + part(
+      "The auto policy's tree sizes",
+      "The auto policy with smaller trees, against the policy limited to on / off and against "
+      "speculation forced on; the last column is what the policy measured per tree size (decode "
+      "tokens/s).", TREE_SIZES, [r for r in rows if r.get("auto_tree_sizes")]))
+
+
+SPECULATIVE = Section(
+    "Speculative decoding",
+    "`python experiments/bench_speculative.py --methods=...`: 128-token prompts of held-out "
+    "stdlib source, 96 new tokens, greedy; speedup = plain time / method time for the same batch, "
+    "median of interleaved rounds; \"always\" forces the proposer's tree every batch, \"auto\" is "
+    "the default policy (the proposer's tree, a smaller one or plain decoding, by measured "
+    "speed). τ counts the bonus token. Heads come from `experiments/train_heads.py` (below).",
+    body=_speculative)
+
+
+# ---------------------------------------------------------------------------------------------
+# bench_spec_batching: what its records do not say about their runs, by line index in the file
+
+SPEC_BATCHING_NOTES = {
+    **{i: "plain engine: one 128-token prefill lane a step" for i in range(0, 9)},
+    **{i: "plain engine: the default lanes (4 × 32)" for i in range(9, 12)},
+    7: "plain engine: one 128-token lane a step; before the draft model's own cache was "
+       "admitted in chunks too",
+}
+
+
+def _mode(mode: str):
+  """A mode's time ratio against plain static batches."""
+  return lambda r: ratio(r["modes"][mode]["speedup_over_plain_static"]) if mode in r["modes"] \
+      else NA
+
+
+def _gain(fast: str, slow: str):
+  return lambda r: ratio(r["modes"][fast]["speedup_over_plain_static"] /
+                         r["modes"][slow]["speedup_over_plain_static"])
+
+
+def _with_occupancy(mode: str):
+  return lambda r: f"{_mode(mode)(r)} ({r['modes'][mode]['occupancy']:.2f})"
+
+
+COMMON = [field("method", "method"), field("slots", "slots"), field("requests", "requests")]
+TAU = ("τ", lambda r: fmt(r["modes"].get("spec-continuous", {}).get("tau")))
+IDENTICAL = ("identical", lambda r: fmt(all(m.get("identical_to_plain")
+                                            for m in r["modes"].values())))
+NOTE = field("note", "note")
+CONTINUOUS = COMMON + [
+    field("prompt tokens", "prompt_tokens"), field("prefill chunk", "prefill_chunk"),
+    ("plain engine", _mode("plain-engine")),
+    ("spec, static (occupancy)", _with_occupancy("spec-static")),
+    ("spec, continuous (occupancy)", _with_occupancy("spec-continuous")),
+    ("continuous / static", _gain("spec-continuous", "spec-static")), TAU, IDENTICAL, NOTE]
+REUSE = COMMON + [
+    field("shared header", "shared_header"), field("prompt tokens", "prompt_tokens"),
+    ("plain engine", _mode("plain-engine")), ("spec, static", _mode("spec-static")),
+    ("spec, continuous", _mode("spec-continuous")),
+    ("spec, continuous, no reuse", _mode("spec-continuous-no-reuse")),
+    ("reuse gain", _gain("spec-continuous", "spec-continuous-no-reuse")), TAU,
+    ("tokens reused", lambda r: fmt(r["modes"]["spec-continuous"].get("prefill_tokens_saved"))),
+    ("rounds", lambda r: len(r["modes"]["plain-static"]["speedup_per_repeat"])), IDENTICAL, NOTE]
+CHUNKED = COMMON + [
+    field("prompt tokens", "prompt_tokens"), field("prefill chunk", "prefill_chunk"),
+    ("plain engine", _mode("plain-engine")), ("spec, static", _mode("spec-static")),
+    ("spec, continuous", _mode("spec-continuous")),
+    ("spec, continuous, whole", _mode("spec-continuous-whole")),
+    ("chunked / whole", _gain("spec-continuous", "spec-continuous-whole")),
+    ("longest admission call, chunked / whole ms",
+     lambda r: f"{r['modes']['spec-continuous']['longest_prefill_call_ms']:.0f} / "
+               f"{r['modes']['spec-continuous-whole']['longest_prefill_call_ms']:.0f}"),
+    TAU, IDENTICAL, NOTE]
+
+
+def _kind(r: dict) -> str:
+  """Which of the three comparisons a record's modes make."""
+  modes = r["modes"]
+  return ("reuse" if "spec-continuous-no-reuse" in modes else
+          "chunked" if "spec-continuous-whole" in modes else "continuous")
+
+
+def _spec_batching(recs) -> list[str]:
+  rows = [{**r, "note": SPEC_BATCHING_NOTES.get(i)} for i, r in enumerate(recs)]
+  plain, reuse, chunked = ([r for r in rows if _kind(r) == k]
+                           for k in ("continuous", "reuse", "chunked"))
+  return (part("Continuous against static batches", "", CONTINUOUS, plain) +
+          part("Prefix reuse", "`--shared_header=N`: one header of held-out source before every "
+               "prompt; \"tokens reused\" is one round's prompt tokens whose K/V were copied "
+               "rather than computed.", REUSE, reuse) +
+          part("Chunked admission", "Prompts longer than `--prefill_chunk` are admitted in "
+               "chunks, a verification step of the running rows between chunks; \"whole\" "
+               "admits each in one call. Longest admission call: the longest the running rows "
+               "stood still (one more round, every call waited for).", CHUNKED, chunked))
+
+
+SPEC_BATCHING = Section(
+    "Speculative decoding in continuous and static batches",
+    "`python experiments/bench_spec_batching.py`: requests of held-out prompts with output "
+    "budgets drawn from 16 / 32 / 64 / 128 tokens, greedy; each mode runs the whole workload, "
+    "prompts included; time ratio against plain static batches, median of interleaved rounds. "
+    "Occupancy: live rows per verification step / slots.",
+    body=_spec_batching)

@@ -1,0 +1,222 @@
+"""The sections of the results files other than the speculative benchmarks': what each run did,
+and the columns its records show."""
+
+from __future__ import annotations
+
+from .markdown import NA, Section, every_field, field, fmt, part, short_model, table
+
+
+def _batch_intro(recs) -> str:
+  head = recs[0] if recs else {}
+  return (f"`python experiments/bench_batch.py`: {head.get('num_prompts')} prompts "
+          f"({head.get('prompt_tokens')} prompt tokens, "
+          f"{head.get('shared_prefix_fraction_of_prompt_tokens', 0):.0%} of them one shared "
+          "header of real stdlib source), 8–96 new tokens each, greedy, "
+          f"{head.get('batch_size')} slots / batch {head.get('batch_size')}, model "
+          f"{head.get('model')}, float32. Static and engine runs alternate in one process; the "
+          "median ratio is the headline. Columns with two values are static / engine.")
+
+
+def _both(key: str, digits: int = 2):
+  """static / engine values of one field."""
+  return lambda r: f"{fmt(r['static'][key], digits)} / {fmt(r['continuous'][key], digits)}"
+
+
+BATCH = Section("Batch engine against static batches", _batch_intro, [
+    ("lanes × tokens",
+     lambda r: f"{r['chunk_lanes']} × {r['chunk_size']}" if "chunk_lanes" in r else NA),
+    field("static tok/s", "static.generation_tokens_per_second", 0),
+    field("engine tok/s", "continuous.generation_tokens_per_second", 0),
+    field("engine / static, per repeat", "speedup_per_repeat"),
+    field("median", "speedup", unit="×"),
+    field("including compilation", "speedup_including_compilation", unit="×"),
+    ("steps (engine dispatches)",
+     lambda r: f"{_both('steps')(r)} ({fmt(r['continuous'].get('dispatches'))})"),
+    ("slot occupancy", _both("mean_slot_occupancy")),
+    ("prompt tokens computed", lambda r: f"{_both('prefill_tokens_computed')(r)} "
+     f"({r['continuous']['prefill_tokens_saved']} saved)"),
+    ("compilations", _both("compilations")),
+    field("identical", "identical_completions"),
+])
+
+DECODE = Section(
+    "Decode throughput",
+    "`python experiments/bench_decode.py` (GPU plan: `--model=preset:llama3-8b "
+    "--batch_sizes=1`, target ≥ 80% of measured HBM bandwidth). Bandwidth = bytes of weights and "
+    "KV a step reads / step time, against the ceiling the same run measured. On a CPU the small "
+    "model stays in cache, so the fraction exceeds 1 and means nothing; runs of the same command "
+    "varied by up to 2× on the shared CPU.",
+    [field("model", "model"), field("dtype", "dtype"), field("params", "params"),
+     field("batch", "batch"), ("prompt / new", lambda r: f"{r.get('prompt_len')} / "
+                               f"{r.get('new_tokens')}"),
+     field("decode tok/s", "decode_tokens_per_second", 0), field("step ms", "step_ms", 3),
+     field("compile s", "compile_seconds"), field("GB/s", "achieved_gbps", 1),
+     field("measured ceiling GB/s", "ceilings.bandwidth_gbps", 1),
+     field("fraction of ceiling", "fraction_of_measured_bandwidth")])
+
+VS_TRANSFORMERS = Section(
+    "Engine against transformers' generate",
+    "`python experiments/bench_vs_transformers.py`: the same weights, each side in its own "
+    "process, alternating; exactly `new` greedy tokens per prompt (EOS off); compilation "
+    "excluded. The planned GPU comparison is `--model=preset:llama3-8b --dtype=bfloat16 "
+    "--batch_sizes=64,128,256` (target ≥ 5×).",
+    [field("torch", "torch"), field("transformers", "transformers"), field("model", "model"),
+     field("dtype", "dtype"), field("batch", "batch"),
+     ("prompt / new", lambda r: f"{r.get('prompt_len')} / {r.get('new_tokens')}"),
+     field("engine tok/s", "jaxinfer_tokens_per_second", 0),
+     field("transformers tok/s", "transformers_tokens_per_second", 0),
+     field("ratio", "speedup", unit="×"),
+     field("engine decode-only tok/s", "jaxinfer_decode_tokens_per_second", 0),
+     field("identical", "identical_completions")])
+
+# bench_attention's kinds of row: the sub-table's title and the columns its rows fill
+ATTENTION_KINDS = {
+    "dense_causal": ("Dense causal forward", [
+        field("seq", "seq_len"), field("ours ms", "ours_ms", 3),
+        field("ours TFLOP/s", "ours_tflops", 3),
+        field("of matmul peak", "ours_fraction_of_matmul_peak", 3), field("XLA ms", "xla_ms", 3),
+        field("XLA TFLOP/s", "xla_tflops", 3)]),
+    "density": ("Time against block density", [
+        field("seq", "seq_len"), ("density", lambda r: r.get("density", NA)), field("ms", "ms", 3),
+        field("time / (density × dense)", "time_over_density_x_dense")]),
+    "paged_decode": ("Paged decode", [
+        field("batch", "batch"), field("context", "context"), field("page size", "page_size"),
+        field("ms", "ms", 3), field("GB/s", "gbps", 3),
+        field("of measured bandwidth", "fraction_of_measured_bandwidth", 3)]),
+}
+# fields every attention row has, or that a kind's columns show; the rest go to "other fields"
+ATTENTION_KNOWN = {"bench", "device", "backend", "jax", "date", "dtype", "ceilings", "interpret",
+                   "seq_len", "ours_ms", "ours_tflops", "ours_fraction_of_matmul_peak", "xla_ms",
+                   "xla_tflops", "density", "ms", "time_over_density_x_dense", "batch", "context",
+                   "page_size", "gbps", "fraction_of_measured_bandwidth"}
+
+
+def _attention_other(r) -> str:
+  return ", ".join(f"{k}={fmt(v, 3)}" for k, v in r.items() if k not in ATTENTION_KNOWN) or NA
+
+
+def _attention(recs) -> list[str]:
+  out = []
+  for kind in dict.fromkeys(r.get("bench") for r in recs):
+    title, columns = ATTENTION_KINDS.get(kind, (str(kind), []))
+    out += part(title, "", [field("dtype", "dtype"), field("interpret", "interpret"), *columns,
+                            ("other fields", _attention_other)],
+                [r for r in recs if r.get("bench") == kind])
+  return out
+
+
+ATTENTION = Section(
+    "Attention kernels",
+    "`python experiments/bench_attention.py` (`--quick` anywhere). Rows marked interpret ran the "
+    "kernels in Pallas interpret mode on a CPU: they check the script end to end and are not "
+    "speed measurements. Targets on an accelerator: dense ≥ 50% of the matmul peak, time ≤ 1.25 "
+    "× density × dense down to density 0.1, paged decode ≥ 75% of HBM bandwidth.",
+    body=_attention)
+
+LONG_CONTEXT_COLUMNS = [
+    field("pattern", "pattern"), field("implementation", "implementation"),
+    field("loss", "loss", 3), field("last quarter", "loss_last_quarter", 3),
+    field("top-1 agreement with dense", "top1_agreement_with_dense", 3),
+    ("tiles visited", lambda r: NA if r.get("tiles_visited") is None
+     else f"{r['tiles_visited']:.1%}"),
+    field("max loss difference to reference", "max_abs_loss_diff_vs_reference", 6)]
+
+
+def _long_context(recs) -> list[str]:
+  out = []
+  for r in recs:
+    y = r["yardstick_windows_of_train_len"]
+    rows = [{**r, **y, "pattern": f"yardstick: independent {y['train_len']}-token windows"}]
+    rows += [{**r, **p, "pattern": f"`{name}`"} for name, p in r["patterns"].items()]
+    out += ["", f"{r['num_seqs']} sequences of {r['seq_len']} tokens, model "
+            f"{short_model(r['model'])}:", ""] + table(LONG_CONTEXT_COLUMNS, rows)
+    g = r.get("generate_long_prompt")
+    if g:
+      out += ["", f"Generation from a {g['prompt_tokens']}-token prompt through `jaxinfer "
+              f"generate --implementation=pallas --sparsity={g['sparsity']}`: "
+              f"{g['completion_tokens']} tokens, prefill {g['prefill_tokens_per_second']:.0f} "
+              "tokens/s (interpret mode)."]
+  return out
+
+
+LONG_CONTEXT = Section(
+    "Long prompts: attention patterns beyond the training length",
+    "`python experiments/long_context.py`: held-out stdlib text, teacher-forced loss "
+    "(nats/token) per pattern through the Pallas block-sparse kernel (checked against the jnp "
+    "reference), against dense attention and against the same text scored in windows of the "
+    "model's training length (what the model can do at best).",
+    body=_long_context)
+
+TRAIN_HEADS = Section(
+    "Draft-head training",
+    "`python experiments/train_heads.py --method=...`: heads trained on the embedded model's own "
+    "greedy continuations (self-distilled by the batch engine) or on the stdlib text; held-out "
+    "top-1 / top-5 per head (Hydra's given the path so far; EAGLE's one step ahead), and the "
+    "accepted tokens per step their tree predicts. τ in serving is in the speculative table "
+    "above (its draft heads column names these heads).",
+    [field("method", "method"), ("heads", lambda r: f"`{r.get('heads')}`"),
+     field("steps", "steps"), ("batch × seq", lambda r: f"{r.get('batch_size')} × "
+                               f"{r.get('seq_len')}"),
+     ("data", lambda r: f"{r['self_distilled_prompts']} self-distilled"
+      if r.get("self_distilled_prompts") else "the text"),
+     field("train tokens", "train_tokens"), field("held-out top-1", "accuracy_top1"),
+     field("held-out top-5", "accuracy_top5"), field("tree nodes", "tree_nodes"),
+     field("predicted accepted / step", "expected_accepted_per_step"),
+     ("draft vocabulary (coverage)", lambda r: f"{r['draft_vocab']} "
+      f"({r['draft_vocab_coverage']:.1%})" if r.get("draft_vocab") else NA),
+     field("greedy agreement", "greedy_agreement"),
+     ("hidden cache", lambda r: fmt(r.get("hidden_cache", False))),
+     field("train s", "train_seconds", 0), field("distill s", "distill_seconds", 1)],
+    plot=lambda r: f"train_heads_{r.get('heads')}.png",
+    plots_caption="Training curves (held-out top-1 / top-5 and predicted τ where evaluated; the "
+    "first Medusa-1, Hydra and EAGLE runs show training-batch curves only):")
+
+HIDDEN_CACHE = Section(
+    "Heads-only training from cached hidden states",
+    "`python experiments/bench_hidden_cache.py`: one jitted training step with its batch, from "
+    "the tensorstore cache of the base's hidden states against from token windows (which runs "
+    "the frozen base), medians of interleaved rounds. The 16-layer variant has random weights "
+    "(timing only).",
+    [field("model", "model"), field("layers", "num_layers"), field("method", "method"),
+     ("batch × seq", lambda r: f"{r.get('batch_size')} × {r.get('seq_len')}"),
+     field("s / step, tokens", "seconds_per_step_tokens", 4),
+     field("s / step, cache", "seconds_per_step_cache", 4), field("speedup", "speedup", unit="×"),
+     field("cache windows", "cache_windows"), field("cache build s", "cache_build_seconds", 1),
+     ("cache size", lambda r: f"{r['cache_bytes'] / 1e6:.0f} MB" if r.get("cache_bytes")
+      else NA)])
+
+
+def _weight_bytes(r) -> str:
+  """Quantized weights against float32, as held in memory / as packed bits."""
+  f32 = r.get("quantized_weights_float32_bytes")
+  if not f32:
+    return f"{NA} / {NA}"
+  return (f"{r['quantized_weights_bytes'] / f32:.3f} / "
+          f"{r['quantized_weights_packed_bytes'] / f32:.3f}")
+
+
+QUANT = Section(
+    "Weight quantization: PTQ and QAT",
+    "`python experiments/bench_quant.py --steps=N`: held-out loss (nats/token) of the embedded "
+    "model after PTQ per format, after QAT, and of a full-precision control fine-tuned for the "
+    "same steps; \"ptq_of_control\" quantizes the control. Gap recovered = (PTQ loss − QAT "
+    "loss) / (PTQ loss − control loss); n/a (—) when the control is no better than PTQ. Target: "
+    "the row's goal (loss increase for PTQ, gap recovered for QAT). Weight bytes: the quantized "
+    "weights as held in memory (sub-byte values in one-byte containers) and as packed bits would "
+    "take, against float32. Embeddings are not quantized.",
+    [field("method", "method"), field("format", "format"), field("steps", "steps"),
+     field("lr", "learning_rate", 4), field("held-out loss", "heldout_loss", 4),
+     field("loss increase", "loss_increase_percent", 2, "%"),
+     field("gap recovered", "gap_recovered_percent", 1, "%"),
+     field("against PTQ of control", "gap_recovered_percent_vs_ptq_of_control", 1, "%"),
+     ("target", lambda r: fmt(r.get("target_gap_recovered_percent",
+                                    r.get("target_loss_increase_percent")), 1, "%")),
+     ("weight bytes vs float32, held / packed", _weight_bytes),
+     field("train s", "train_seconds", 1)])
+
+RECORDED = Section(
+    "Recorded without a results file",
+    "Figures from runs whose benchmarks wrote no results file at the time, typed into "
+    "`recorded.jsonl` with what each ran on (a date of \"not recorded\" was not written down). "
+    "A benchmark that measures one of them again appends its own record to its own file.",
+    body=every_field)
