@@ -6,6 +6,7 @@ len, V vocab."""
 from __future__ import annotations
 
 import dataclasses
+from functools import partial
 from typing import Any
 
 import jax
@@ -95,13 +96,18 @@ def distill_loss_fn(cfg: ModelConfig, qat: quant.QuantFormat | None):
   return loss_fn
 
 
+@partial(jax.jit, static_argnames="cfg")
+def _summed_loss(params, batch, cfg):
+  """Compiled once per model config and batch shape, for every evaluation of a run."""
+  return jnp.sum(token_losses(params, batch, cfg))
+
+
 def evaluate(params: M.Transformer, cfg: ModelConfig, windows: TokenWindows,
              max_batches: int | None = None) -> float:
   """Mean next-token loss (nats) over sequential windows."""
-  fn = jax.jit(lambda p, b: jnp.sum(token_losses(p, b, cfg)))
   total, count = 0.0, 0
   for batch in windows.sequential(max_batches):
-    total += float(fn(params, batch))
+    total += float(_summed_loss(params, batch, cfg))
     count += batch.shape[0] * (batch.shape[1] - 1)
   if not count:
     raise ValueError("evaluate: no complete evaluation batch")
