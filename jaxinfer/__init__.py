@@ -15,6 +15,7 @@ _NAMES = {
     "Completion": "jaxinfer.api", "UserError": "jaxinfer.errors",
     "ServeOptions": "jaxinfer.options", "generate_file": "jaxinfer.runner",
     "train_draft": "jaxinfer.train.draft", "TrainDraftResult": "jaxinfer.train.draft",
+    "quantize": "jaxinfer.quant.convert",
 }
 __all__ = sorted(_NAMES)
 

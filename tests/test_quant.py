@@ -257,3 +257,27 @@ def test_cli_quantize_then_generate(tmp_path, model_dir):
                             defaults=Defaults(max_new_tokens=8)))
   record = json.loads((tmp_path / "o.jsonl").read_text())
   assert metrics["num_failed"] == 0 and record["completion_tokens"] > 0
+
+
+def test_quantized_model_serves_sharded_speculative_and_under_trained_heads(tmp_path, model_dir):
+  """A PTQ checkpoint through the Python API: sharded serving equals one device, speculative
+  decoding on it equals its plain greedy decoding, and draft heads train on it as a frozen
+  base and serve losslessly."""
+  import jaxinfer
+  out, before, after = jaxinfer.quantize(str(model_dir), str(tmp_path / "q"), "int4:g32")
+  assert after < before
+  prompts = ["def add(a, b):\n    return a + b\n\ndef add(", "class Point:", [5, 6, 7, 8] * 5]
+  greedy = jaxinfer.SamplingParams(max_new_tokens=12)
+  ids = lambda llm: [o.completion_ids for o in llm.generate(prompts, greedy)]
+  plain = ids(jaxinfer.LLM(str(out), mesh="data:1", progress=False))
+  for mesh in ("fsdp:2", "data:2,model:2"):
+    assert ids(jaxinfer.LLM(str(out), mesh=mesh, progress=False)) == plain, mesh
+  assert ids(jaxinfer.LLM(str(out), speculative="ngram", speculation="always",
+                          progress=False)) == plain
+  data = tmp_path / "data.txt"
+  data.write_text("def add(a, b):\n    return a + b\n\n" * 200)
+  heads = jaxinfer.train_draft(str(out), str(data), str(tmp_path / "heads"), steps=5,
+                               batch_size=4, seq_len=32, num_heads=2, tree_nodes=4,
+                               progress=False)
+  assert ids(jaxinfer.LLM(str(out), speculative="medusa", draft_heads=str(heads.path),
+                          speculation="always", mesh="data:1", progress=False)) == plain

@@ -6,7 +6,7 @@ from __future__ import annotations
 from absl import flags
 
 from jaxinfer.cli import fail, no_positional_args
-from jaxinfer.cli.common import apply_platform_flags, define_model_flags, load_model_from_flags
+from jaxinfer.cli.common import apply_platform_flags, define_model_flags
 
 define_model_flags()
 flags.DEFINE_string("output", None, "Destination directory (a jaxinfer checkpoint).")
@@ -23,22 +23,13 @@ FLAGS = flags.FLAGS
 def main(argv: list[str]) -> None:
   no_positional_args(argv)
   apply_platform_flags()
-  import jax
-
-  from jaxinfer import checkpoint, quant
-  from jaxinfer.model import Transformer
+  from jaxinfer.errors import UserError
+  from jaxinfer.quant.convert import quantize
 
   try:
-    fmt = quant.QuantFormat.parse(FLAGS.format, FLAGS.include)
-  except ValueError as e:
+    out, before, after = quantize(FLAGS.model, FLAGS.output, FLAGS.format, include=FLAGS.include,
+                                  dtype=FLAGS.dtype, cache_dir=FLAGS.cache_dir)
+  except UserError as e:
     fail(str(e))
-  try:
-    _, src, cfg, params, _ = load_model_from_flags()
-    quantized = quant.quantize_params(params, Transformer.spec(cfg), fmt)
-    out = checkpoint.save_orbax(FLAGS.output, cfg, quantized, tokenizer_dir=src,
-                                quant_format=fmt)
-  except (FileNotFoundError, ValueError) as e:
-    fail(str(e))
-  size = lambda tree: sum(x.nbytes for x in jax.tree_util.tree_leaves(tree))
-  print(f"wrote {fmt.name} checkpoint to {out} (parameters in memory: {size(params):,} -> "
-        f"{size(quantized):,} bytes)")
+  print(f"wrote {FLAGS.format} checkpoint to {out} (parameters in memory: {before:,} -> "
+        f"{after:,} bytes)")
