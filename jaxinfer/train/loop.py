@@ -114,6 +114,34 @@ def _to_float(metrics: dict[str, Any]) -> dict[str, float]:
   return {k: float(v) for k, v in jax.device_get(metrics).items()}
 
 
+def _step_fn(loss_fn: LossFn, optimizer: optax.GradientTransformation, seed: int):
+  """One optimizer step: (state, frozen, batch) -> (state, metrics)."""
+
+  def step_fn(state: TrainState, frozen, batch):
+    rng = jax.random.fold_in(jax.random.key(seed), state.step)
+    (loss, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params, frozen,
+                                                                       batch, rng)
+    updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
+    params = optax.apply_updates(state.params, updates)
+    metrics = dict(metrics, loss=loss, grad_norm=optax.tree.norm(grads))
+    return TrainState(step=state.step + 1, params=params, opt_state=opt_state), metrics
+
+  return step_fn
+
+
+def _batch_placer(mesh: Mesh | None, rules: ShardingRules):
+  """A batch's leading axis sharded over the mesh's batch axes (as is without a mesh)."""
+
+  def put(batch):
+    if mesh is None or mesh.size == 1:
+      return batch
+    return jax.tree_util.tree_map(
+        lambda x: jax.device_put(x, rules.sharding(mesh, ("batch",) + (None,) * (x.ndim - 1),
+                                                   x.shape)), batch)
+
+  return put
+
+
 def train(loss_fn: LossFn, params: Any, batch_fn: Callable[[int], Any], cfg: TrainConfig,
           workdir: str | os.PathLike, frozen: Any = None,
           eval_fn: Callable[[Any, int], dict[str, float]] | None = None,
@@ -140,24 +168,8 @@ def train(loss_fn: LossFn, params: Any, batch_fn: Callable[[int], Any], cfg: Tra
     abstract = jax.tree_util.tree_map(ocp.utils.to_shape_dtype_struct, state)
     state = manager.restore(start, args=ocp.args.StandardRestore(abstract))
   writer = MetricsWriter(workdir / "metrics.jsonl", start)
-
-  def step_fn(state: TrainState, frozen, batch):
-    rng = jax.random.fold_in(jax.random.key(cfg.seed), state.step)
-    (loss, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params, frozen,
-                                                                       batch, rng)
-    updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
-    params = optax.apply_updates(state.params, updates)
-    metrics = dict(metrics, loss=loss, grad_norm=optax.tree.norm(grads))
-    return TrainState(step=state.step + 1, params=params, opt_state=opt_state), metrics
-
-  step_jit = jax.jit(step_fn, donate_argnums=(0,))
-
-  def put(batch):
-    if mesh is None or mesh.size == 1:
-      return batch
-    return jax.tree_util.tree_map(
-        lambda x: jax.device_put(x, rules.sharding(mesh, ("batch",) + (None,) * (x.ndim - 1),
-                                                   x.shape)), batch)
+  step_jit = jax.jit(_step_fn(loss_fn, optimizer, cfg.seed), donate_argnums=(0,))
+  put = _batch_placer(mesh, rules)
 
   interrupted = []  # SIGTERM (e.g. a preempted job) finishes the step, checkpoints, and stops
   try:
