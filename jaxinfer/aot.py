@@ -258,14 +258,17 @@ def verify_step(cfg: ModelConfig, job: CompileJob, params, mesh: Mesh, sparsity)
   """(jitted verification chunk, abstract arguments, bytes per device of its state, of the
   draft's weights): the speculative generator's `steps_per_sync` draft-verify-accept steps over
   --batch_size slots, each slot sized for --max_seq_len tokens (half prompt, half output)."""
-  from jaxinfer.runner import GenerateJob, make_proposer
+  from types import SimpleNamespace
+
   from jaxinfer.sampling import SamplingParams
+  from jaxinfer.speculative import registry
   from jaxinfer.speculative.decode import SpeculativeGenerator, _chunk, state_shardings
-  job_like = GenerateJob(prompts="", output="", speculative=job.speculative,
-                         num_draft_tokens=job.num_draft_tokens, tree=job.tree,
-                         draft_layers=job.draft_layers)
+  # the options `registry.build` reads; compile takes the proposers that need no trained weights
+  opts = SimpleNamespace(speculative=job.speculative, num_draft_tokens=job.num_draft_tokens,
+                         tree=job.tree, draft_layers=job.draft_layers, draft_fallback=0.0,
+                         draft_model=None, draft_heads=None)
   try:
-    proposer, draft = make_proposer(job_like, cfg, params, None)
+    proposer, draft = registry.build(opts, cfg, params, None)
   except ValueError as e:
     raise CompileError(str(e) if str(e).startswith("--") else f"--tree: {e}") from None
   whole = _whole(mesh)

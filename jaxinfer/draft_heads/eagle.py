@@ -1,4 +1,5 @@
-"""EAGLE draft layer: one decoder layer, autoregressive over (feature, token), on a frozen base.
+"""EAGLE draft layer: one decoder layer, autoregressive over (feature, token), on a frozen base
+(the layer, its forward and files are `eagle_serve`).
 
 f_t is the base's final hidden state at position t (the feature its output projection reads to
 predict token t + 1). The draft reads the pair (f_t, x_{t+1}) at position t — the feature and the
@@ -35,56 +36,15 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
-from flax import struct
 
 from jaxinfer import model as M
 from jaxinfer.config import ModelConfig
-from jaxinfer.draft_heads import files
+from jaxinfer.draft_heads import recipe
+from jaxinfer.draft_heads.eagle_serve import (FORMAT, EagleDraft, EagleHeads,  # noqa: F401
+                                              as_transformer, draft_config, draft_forward,
+                                              init_draft, is_eagle, load, save, serving_heads)
 from jaxinfer.draft_heads.hidden_cache import tokens_and_hidden
 from jaxinfer.quant import weight
-from jaxinfer.sparsity import DENSE, Sparsity
-
-FORMAT = "jaxinfer-eagle-1"
-
-
-@struct.dataclass
-class EagleDraft:
-  fc: jax.Array  # (2D, D): [feature; token embedding] -> layer input
-  layer: M.Layer
-  norm: jax.Array  # (D,)
-
-
-@struct.dataclass
-class EagleHeads:
-  """What serving needs: the layer, and the output projection restricted to the draft
-  vocabulary (proj (D, Vd) and its token ids (Vd,)); both None for the full vocabulary."""
-
-  draft: EagleDraft
-  proj: jax.Array | None = None
-  vocab: jax.Array | None = None
-
-  def logits(self, base: M.Transformer, feat: jax.Array) -> jax.Array:
-    """feat (..., D) -> float32 logits over the draft vocabulary (..., Vd)."""
-    if self.proj is None:
-      return M.logits(base, feat)
-    return jnp.einsum("...d,dv->...v", feat, self.proj, preferred_element_type=jnp.float32)
-
-  def token_ids(self, index: jax.Array) -> jax.Array:
-    return index if self.vocab is None else self.vocab[index]
-
-  def full(self, q: jax.Array, vocab_size: int) -> jax.Array:
-    """A distribution over the draft vocabulary (..., Vd) as one over the whole (..., V)."""
-    if self.vocab is None:
-      return q
-    return jnp.zeros(q.shape[:-1] + (vocab_size,), q.dtype).at[..., self.vocab].set(q)
-
-
-def serving_heads(draft: EagleDraft, base: M.Transformer,
-                  vocab: np.ndarray | None) -> EagleHeads:
-  if vocab is None:
-    return EagleHeads(draft)
-  ids = jnp.asarray(vocab, jnp.int32)
-  return EagleHeads(draft, jnp.take(M.output_projection(base), ids, axis=1), ids)
 
 
 @partial(jax.jit, static_argnames=("cfg",))
@@ -111,39 +71,6 @@ def frequent_tokens(base: M.Transformer, cfg: ModelConfig, batches, size: int) -
   total = predicted_counts(base, cfg, batches)
   order = np.lexsort((np.arange(cfg.vocab_size), -total))
   return np.sort(order[:size]).astype(np.int32)
-
-
-def draft_config(cfg: ModelConfig) -> ModelConfig:
-  """The draft layer's configuration: the base's, with one layer (of its last layer's kind)."""
-  return cfg.keep_layers([cfg.num_layers - 1])
-
-
-def init_draft(cfg: ModelConfig, key: jax.Array, dtype=None) -> EagleDraft:
-  dtype = dtype or cfg.jnp_dtype
-  d = cfg.embed
-  layer = M.init_residual_layer(cfg, key, dtype)
-  fc = jnp.concatenate([jnp.eye(d, dtype=dtype), jnp.zeros((d, d), dtype)], axis=0)
-  return EagleDraft(fc=fc, layer=layer, norm=jnp.ones((d,), dtype))
-
-
-def as_transformer(draft: EagleDraft, base: M.Transformer) -> M.Transformer:
-  """The draft as a one-layer model sharing the base's embedding and output projection."""
-  return M.Transformer(embed=base.embed, layers=(draft.layer,), final_norm=draft.norm,
-                       lm_head=base.lm_head)
-
-
-def draft_forward(draft: EagleDraft, base: M.Transformer, features: jax.Array,
-                  tokens: jax.Array, positions: jax.Array, dcfg: ModelConfig, cache=None, *,
-                  kv_source: M.KVSource = "chunk", implementation: str = "xla",
-                  sparsity: Sparsity = DENSE):
-  """features (B,T,D) and the tokens they produced (B,T) at `positions` -> predicted next
-  features (B,T,D) and the updated draft cache. `sparsity`: the target's attention pattern
-  (sinks_window at inference; dense in training)."""
-  emb = jnp.take(weight(base.embed), tokens, axis=0).astype(features.dtype)
-  x = jnp.concatenate([features, emb], axis=-1) @ draft.fc
-  return M.forward(as_transformer(draft, base), tokens, positions, dcfg, cache,
-                   kv_source=kv_source, implementation=implementation, sparsity=sparsity,
-                   embeddings=x)
 
 
 def ttt_predictions(draft: EagleDraft, base: M.Transformer, features: jax.Array,
@@ -284,41 +211,6 @@ def _eval_record(acc: np.ndarray, chain: int = 4) -> dict[str, float]:
           "predicted_tau": float(sum(a**d for d in range(chain + 1)))}
 
 
-def save(directory: str | Path, draft: EagleDraft, info: dict[str, Any],
-         vocab: np.ndarray | None = None) -> Path:
-  """draft.safetensors (+ the draft vocabulary's ids) + eagle_config.json (format, shapes,
-  training info)."""
-  tensors = {k: np.asarray(v, np.float32) for k, v in files.flatten(draft).items()}
-  if vocab is not None:
-    tensors["draft_vocab"] = np.asarray(vocab, np.int32)
-  config = dict(info, format=FORMAT, hidden_size=int(draft.norm.shape[0]),
-                draft_vocab_size=None if vocab is None else int(len(vocab)))
-  return files.write(directory, "draft.safetensors", tensors, "eagle_config.json", config)
-
-
-def is_eagle(directory: str | Path) -> bool:
-  return (Path(directory) / "eagle_config.json").is_file()
-
-
-def load(directory: str | Path, cfg: ModelConfig,
-         dtype=None) -> tuple[EagleDraft, np.ndarray | None, dict]:
-  """The draft layer for base config `cfg` (shapes checked against it), its draft vocabulary
-  (None: the full vocabulary) and its config."""
-  tensors, config = files.read(directory, "draft.safetensors", "eagle_config.json", FORMAT,
-                               "an EAGLE draft")
-  template = jax.eval_shape(lambda: init_draft(draft_config(cfg), jax.random.key(0), dtype))
-  vocab = tensors.pop("draft_vocab", None)
-  if vocab is not None and (vocab.ndim != 1 or not len(vocab) or vocab.min() < 0
-                            or vocab.max() >= cfg.vocab_size):
-    raise ValueError(f"{directory}: its draft vocabulary does not fit this model's "
-                     f"{cfg.vocab_size} tokens")
-  flat = files.flatten(template)
-  if set(tensors) != set(flat):
-    raise ValueError(f"{directory}: draft.safetensors holds {sorted(tensors)}, expected "
-                     f"{sorted(flat)} for this model")
-  return files.unflatten(template, tensors, directory), vocab, config
-
-
 def train_eagle(cfg: ModelConfig, base: M.Transformer, train_tokens: np.ndarray,
                 held_tokens: np.ndarray, workdir: str | Path, *, steps: int = 600,
                 batch_size: int = 16, seq_len: int = 256, learning_rate: float = 3e-3,
@@ -330,11 +222,11 @@ def train_eagle(cfg: ModelConfig, base: M.Transformer, train_tokens: np.ndarray,
   draft_vocab > 0: score only that many of the training data's most frequent tokens;
   ttt_steps > 1: with the training-time test over that many drafting steps."""
   from jaxinfer.train.loop import train
-  windows, held, tcfg = files.training_setup(
+  windows, held, tcfg = recipe.training_setup(
       train_tokens, held_tokens, batch_size=batch_size, seq_len=seq_len, seed=seed, steps=steps,
       learning_rate=learning_rate, warmup_steps=warmup_steps,
       checkpoint_every=checkpoint_every, progress=progress)
-  batches = files.train_batches(windows, train_tokens, hidden_cache, base, cfg,
+  batches = recipe.train_batches(windows, train_tokens, hidden_cache, base, cfg,
                                 batch_size=batch_size, seq_len=seq_len, seed=seed,
                                 progress=progress)
   vocab = None
@@ -347,8 +239,8 @@ def train_eagle(cfg: ModelConfig, base: M.Transformer, train_tokens: np.ndarray,
   draft, _ = train(eagle_loss_fn(cfg, cls_weight=cls_weight, noise=noise, vocab=vocab,
                                  ttt_steps=ttt_steps), init,
                    batches, tcfg, workdir, frozen=base, eval_fn=evaluate,
-                   eval_every=files.eval_every(steps), mesh=mesh, description="train-draft")
-  files.plot(workdir, "EAGLE draft layer")
+                   eval_every=recipe.eval_every(steps), mesh=mesh, description="train-draft")
+  recipe.plot(workdir, "EAGLE draft layer")
   acc = accuracy(serving_heads(draft, base, vocab), base, cfg, held.sequential(max_batches=64))
   by_step = step_accuracy(serving_heads(draft, base, vocab), base, cfg,
                           held.sequential(max_batches=64))

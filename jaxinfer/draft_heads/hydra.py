@@ -1,4 +1,5 @@
-"""Hydra draft heads: Medusa's heads made sequentially dependent, trained on a frozen base.
+"""Hydra draft heads: Medusa's heads made sequentially dependent, trained on a frozen base
+(the heads, their forward and files are `hydra_serve`).
 
 Head k (k = 0..K-1) drafts the token k + 1 places after the root r, from the base's hidden state
 h at the token before the root *and* the embeddings of the tokens already on this tree path —
@@ -11,11 +12,11 @@ so the candidates of one node's children differ with the node.
 Deeper heads (`head_layers` L > 1, Hydra++ uses 4): after that first block, L - 1 residual
 blocks y <- y + V_i SiLU(U_i y + c_i) per head (V_i zero-initialised, so the start is unchanged).
 
-Hydra++'s prefix-attention layer (`prefix_layer=True`): one decoder layer (the base's layer type, its
-own KV cache when serving) runs causally over the base's hidden states, and the heads read its
-output s_t in place of h_t — context from the whole prefix, not one position's state. Its output
-projections start at zero, so s_t = h_t / rms(h_t) and the heads start, as without it, as the
-base's own next-token predictor. It is trained with the heads.
+Hydra++'s prefix-attention layer (`prefix_layer=True`): one decoder layer (the base's layer
+type, its own KV cache when serving) runs causally over the base's hidden states, and the heads
+read its output s_t in place of h_t — context from the whole prefix, not one position's state.
+Its output projections start at zero, so s_t = h_t / rms(h_t) and the heads start, as without
+it, as the base's own next-token predictor. It is trained with the heads.
 
 Training is teacher-forced on the data's own tokens (self-distilled data: the base's greedy
 continuations), with Hydra's teacher loss: cross-entropy against the base's distribution at
@@ -33,46 +34,16 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
-from flax import struct
 
 from jaxinfer import model as M
-from jaxinfer import params as P
 from jaxinfer.config import ModelConfig
-from jaxinfer.draft_heads import files
+from jaxinfer.draft_heads import recipe
 from jaxinfer.draft_heads.hidden_cache import tokens_and_hidden
+from jaxinfer.draft_heads.hydra_serve import (FORMAT, HydraHeads, head_logits,  # noqa: F401
+                                              is_hydra, load, prefix_config, prefix_forward,
+                                              save)
 from jaxinfer.draft_heads.medusa import build_tree, head_weights
 from jaxinfer.quant import weight
-from jaxinfer.sparsity import DENSE, Sparsity
-
-FORMAT = "jaxinfer-hydra-1"
-
-
-@struct.dataclass
-class HydraHeads:
-  w_in: tuple[jax.Array, ...]  # head k: ((k + 2) D, D)
-  b_in: tuple[jax.Array, ...]  # head k: (D,)
-  w_out: tuple[jax.Array, ...]  # head k: (D, D)
-  proj: jax.Array  # (K, D, V)
-  prefix: M.Layer | None = None  # Hydra++'s prefix-attention layer
-  prefix_norm: jax.Array | None = None  # (D,)
-  # head_layers - 1 more residual blocks per head (None: one block): head k (L - 1, D, D) ...
-  block_in: tuple[jax.Array, ...] | None = None
-  block_b: tuple[jax.Array, ...] | None = None  # head k: (L - 1, D)
-  block_out: tuple[jax.Array, ...] | None = None
-
-  @property
-  def num_heads(self) -> int:
-    return len(self.w_in)
-
-  @property
-  def head_layers(self) -> int:
-    return 1 if self.block_in is None else 1 + self.block_in[0].shape[0]
-
-
-def prefix_config(cfg: ModelConfig) -> ModelConfig:
-  """The prefix-attention layer's configuration: the base's, with one layer (of its last
-  layer's kind)."""
-  return cfg.keep_layers([cfg.num_layers - 1])
 
 
 def init_heads(base: M.Transformer, num_heads: int, key: jax.Array,
@@ -102,34 +73,6 @@ def init_heads(base: M.Transformer, num_heads: int, key: jax.Array,
                     w_out=tuple(jnp.zeros((d, d), out.dtype) for _ in range(num_heads)),
                     proj=jnp.broadcast_to(out, (num_heads,) + out.shape).copy(),
                     prefix=layer, prefix_norm=norm, **blocks)
-
-
-def prefix_forward(heads: HydraHeads, base: M.Transformer, hidden: jax.Array,
-                   positions: jax.Array, prefix_cfg: ModelConfig, cache=None, *,
-                   kv_source: M.KVSource = "chunk", sparsity: Sparsity = DENSE):
-  """The base's hidden states (B, T, D) at `positions` -> what the heads read (B, T, D): the
-  prefix layer's output, or the hidden states themselves without one; and the layer's cache.
-  `sparsity`: the target's attention pattern (sinks_window at inference; dense in training)."""
-  if heads.prefix is None:
-    return hidden, cache
-  model = M.Transformer(embed=base.embed, layers=(heads.prefix,), final_norm=heads.prefix_norm,
-                        lm_head=base.lm_head)
-  return M.forward(model, jnp.zeros(positions.shape, jnp.int32), positions, prefix_cfg, cache,
-                   kv_source=kv_source, sparsity=sparsity,
-                   embeddings=hidden.astype(heads.prefix_norm.dtype))
-
-
-def head_logits(heads: HydraHeads, k: int, hidden: jax.Array,
-                path_embeddings: jax.Array) -> jax.Array:
-  """Head k: the state it reads (..., D) (the base's hidden state, or the prefix layer's
-  output) and the embeddings of the root and k drafts (..., k + 1, D) -> float32 logits
-  (..., V) for the next token on that path."""
-  x = jnp.concatenate([hidden[..., None, :], path_embeddings], axis=-2)
-  x = x.reshape(x.shape[:-2] + (-1,)).astype(heads.w_in[k].dtype)
-  y = hidden + jax.nn.silu(x @ heads.w_in[k] + heads.b_in[k]) @ heads.w_out[k]
-  for i in range(heads.head_layers - 1):
-    y = y + jax.nn.silu(y @ heads.block_in[k][i] + heads.block_b[k][i]) @ heads.block_out[k][i]
-  return jnp.einsum("...d,dv->...v", y, heads.proj[k], preferred_element_type=jnp.float32)
 
 
 def _teacher_forced(heads: HydraHeads, base: M.Transformer, cfg: ModelConfig, batch):
@@ -192,67 +135,6 @@ def topk_accuracy(heads: HydraHeads, base: M.Transformer, cfg: ModelConfig, batc
   return hits / count[:, None]
 
 
-def save(directory: str | Path, heads: HydraHeads, info: dict[str, Any]) -> Path:
-  """heads.safetensors + hydra_config.json (format, shapes, tree, accuracies, training info)."""
-  tensors = {"proj": np.asarray(heads.proj, np.float32)}
-  for k in range(heads.num_heads):
-    tensors.update({f"w_in.{k}": np.asarray(heads.w_in[k], np.float32),
-                    f"b_in.{k}": np.asarray(heads.b_in[k], np.float32),
-                    f"w_out.{k}": np.asarray(heads.w_out[k], np.float32)})
-    if heads.head_layers > 1:
-      tensors.update({f"{name}.{k}": np.asarray(getattr(heads, name)[k], np.float32)
-                      for name in _BLOCKS})
-  if heads.prefix is not None:
-    tensors.update({k: np.asarray(v, np.float32) for k, v in files.flatten(
-        {"layer": heads.prefix, "norm": heads.prefix_norm}, "prefix").items()})
-  config = dict(info, format=FORMAT, num_heads=heads.num_heads,
-                hidden_size=int(heads.proj.shape[1]), vocab_size=int(heads.proj.shape[2]),
-                prefix_layer=heads.prefix is not None, head_layers=heads.head_layers)
-  return files.write(directory, "heads.safetensors", tensors, "hydra_config.json", config)
-
-
-_BLOCKS = ("block_in", "block_b", "block_out")
-
-
-def is_hydra(directory: str | Path) -> bool:
-  return (Path(directory) / "hydra_config.json").is_file()
-
-
-def load(directory: str | Path, dtype=jnp.float32,
-         cfg: ModelConfig | None = None) -> tuple[HydraHeads, dict[str, Any]]:
-  """The heads and their config; heads with Hydra++'s prefix layer need the base's `cfg`."""
-  t, config = files.read(directory, "heads.safetensors", "hydra_config.json", FORMAT,
-                         "Hydra heads")
-  prefix = norm = None
-  if config.get("prefix_layer"):
-    if cfg is None:
-      raise ValueError(f"{directory}: heads with a prefix layer load with the model's config")
-    template = jax.eval_shape(lambda: {
-        "layer": P.init_params(M.Layer.spec(prefix_config(cfg)), jax.random.key(0), dtype),
-        "norm": jnp.ones((cfg.embed,), dtype)})
-    loaded = files.unflatten(template, t, directory, "prefix", dtype)
-    prefix, norm = loaded["layer"], loaded["norm"]
-  k_heads, d_model = config["num_heads"], config["hidden_size"]
-  try:
-    heads = HydraHeads(
-        w_in=tuple(jnp.asarray(t[f"w_in.{k}"], dtype) for k in range(k_heads)),
-        b_in=tuple(jnp.asarray(t[f"b_in.{k}"], dtype) for k in range(k_heads)),
-        w_out=tuple(jnp.asarray(t[f"w_out.{k}"], dtype) for k in range(k_heads)),
-        proj=jnp.asarray(t["proj"], dtype), prefix=prefix, prefix_norm=norm,
-        **({name: tuple(jnp.asarray(t[f"{name}.{k}"], dtype) for k in range(k_heads))
-            for name in _BLOCKS} if config.get("head_layers", 1) > 1 else {}))
-  except KeyError as e:
-    raise ValueError(f"{directory}: heads.safetensors lacks {e}") from None
-  if heads.proj.shape != (k_heads, d_model, config["vocab_size"]) or any(
-      w.shape != ((k + 2) * d_model, d_model) for k, w in enumerate(heads.w_in)):
-    raise ValueError(f"{directory}: heads.safetensors does not match hydra_config.json")
-  n = config.get("head_layers", 1) - 1
-  if n and any(w.shape != (n, d_model, d_model) for w in heads.block_in + heads.block_out) or (
-      n and any(b.shape != (n, d_model) for b in heads.block_b)):
-    raise ValueError(f"{directory}: the heads' blocks do not match head_layers={n + 1}")
-  return heads, config
-
-
 def train_heads(cfg: ModelConfig, base: M.Transformer, train_tokens: np.ndarray,
                 held_tokens: np.ndarray, workdir: str | Path, *, num_heads: int = 4,
                 tree_nodes: int = 16, steps: int = 600, batch_size: int = 16, seq_len: int = 256,
@@ -264,24 +146,24 @@ def train_heads(cfg: ModelConfig, base: M.Transformer, train_tokens: np.ndarray,
   builds the static tree from them. Returns the heads and their info for `save`.
   prefix_layer: with Hydra++'s prefix-attention layer; head_layers: residual blocks per head."""
   from jaxinfer.train.loop import train
-  windows, held, tcfg = files.training_setup(
+  windows, held, tcfg = recipe.training_setup(
       train_tokens, held_tokens, batch_size=batch_size, seq_len=seq_len, seed=seed, steps=steps,
       learning_rate=learning_rate, warmup_steps=warmup_steps,
       checkpoint_every=checkpoint_every, progress=progress)
-  batches = files.train_batches(windows, train_tokens, hidden_cache, base, cfg,
+  batches = recipe.train_batches(windows, train_tokens, hidden_cache, base, cfg,
                                 batch_size=batch_size, seq_len=seq_len, seed=seed,
                                 progress=progress)
   init = init_heads(base, num_heads, jax.random.key(seed),
                     prefix_config(cfg) if prefix_layer else None, head_layers)
   probe = list(held.sequential(max_batches=8))
-  evaluate = lambda h, step: files.eval_record(topk_accuracy(h, base, cfg, probe), tree_nodes)
+  evaluate = lambda h, step: recipe.eval_record(topk_accuracy(h, base, cfg, probe), tree_nodes)
   heads, _ = train(hydra_loss_fn(cfg, teacher=teacher), init, batches, tcfg, workdir,
-                   frozen=base, eval_fn=evaluate, eval_every=files.eval_every(steps), mesh=mesh,
+                   frozen=base, eval_fn=evaluate, eval_every=recipe.eval_every(steps), mesh=mesh,
                    description="train-draft")
-  files.plot(workdir, "Hydra++ heads (prefix layer)" if prefix_layer else "Hydra heads")
+  recipe.plot(workdir, "Hydra++ heads (prefix layer)" if prefix_layer else "Hydra heads")
   accuracy = topk_accuracy(heads, base, cfg, held.sequential(max_batches=64))
   info = dict({"method": "hydra", "steps": steps, "train_tokens": int(len(train_tokens)),
                "teacher_loss": teacher, "prefix_layer": prefix_layer,
                "head_layers": head_layers},
-              **files.tree_info(accuracy, build_tree(accuracy, tree_nodes)))
+              **recipe.tree_info(accuracy, build_tree(accuracy, tree_nodes)))
   return heads, info

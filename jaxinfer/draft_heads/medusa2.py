@@ -25,7 +25,7 @@ from flax import struct
 
 from jaxinfer import model as M
 from jaxinfer.config import ModelConfig
-from jaxinfer.draft_heads import files
+from jaxinfer.draft_heads import recipe
 from jaxinfer.draft_heads.medusa import (MedusaHeads, build_tree, heads_loss, init_heads,
                                          topk_accuracy)
 
@@ -122,7 +122,7 @@ def train_medusa2(cfg: ModelConfig, base: M.Transformer, train_tokens: np.ndarra
   """Trains heads and adapters jointly (resuming from `workdir`). Returns the heads, the merged
   adapted base, and their info (accuracies, tree, agreement with the original base)."""
   from jaxinfer.train.loop import train
-  windows, held, tcfg = files.training_setup(
+  windows, held, tcfg = recipe.training_setup(
       train_tokens, held_tokens, batch_size=batch_size, seq_len=seq_len, seed=seed, steps=steps,
       learning_rate=learning_rate, warmup_steps=warmup_steps,
       checkpoint_every=checkpoint_every, progress=progress)
@@ -131,20 +131,20 @@ def train_medusa2(cfg: ModelConfig, base: M.Transformer, train_tokens: np.ndarra
   def evaluate(trainable, step):
     heads, lora = trainable
     tuned = merge(base, lora)
-    return dict(files.eval_record(topk_accuracy(heads, tuned, cfg, probe), tree_nodes),
+    return dict(recipe.eval_record(topk_accuracy(heads, tuned, cfg, probe), tree_nodes),
                 eval_greedy_agreement=agreement(tuned, base, cfg, probe))
 
   init = (init_heads(base, num_heads), init_lora(base, rank, jax.random.key(seed)))
   (heads, lora), _ = train(medusa2_loss_fn(cfg, kl_weight=kl_weight), init, windows, tcfg,
                            workdir, frozen=base, eval_fn=evaluate,
-                           eval_every=files.eval_every(steps), mesh=mesh,
+                           eval_every=recipe.eval_every(steps), mesh=mesh,
                            description="train-draft")
-  files.plot(workdir, "Medusa-2 (heads + LoRA)")
+  recipe.plot(workdir, "Medusa-2 (heads + LoRA)")
   tuned = merge(base, lora)
   held_batches = list(held.sequential(max_batches=64))
   accuracy = topk_accuracy(heads, tuned, cfg, held_batches)
   info = dict({"method": "medusa2", "steps": steps, "train_tokens": int(len(train_tokens)),
                "lora_rank": rank, "kl_weight": kl_weight,
                "greedy_agreement": round(agreement(tuned, base, cfg, held_batches), 4)},
-              **files.tree_info(accuracy, build_tree(accuracy, tree_nodes)))
+              **recipe.tree_info(accuracy, build_tree(accuracy, tree_nodes)))
   return heads, tuned, info

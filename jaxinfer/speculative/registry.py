@@ -37,7 +37,7 @@ def dynamic_tree(text: str) -> tuple[int, int, int]:
                      ) from None
   if head != "dynamic":
     raise ValueError(f"--tree: expected dynamic or dynamic:NODES,TOPK,DEPTH, got {text!r}")
-  from jaxinfer.speculative.dynamic_tree import check_shape
+  from jaxinfer.speculative.proposers.eagle_tree import check_shape
   try:
     check_shape(nodes, top_k, depth)
   except ValueError as e:
@@ -158,7 +158,8 @@ def _draft(opts, cfg, params, dtype):
 
 def _heads_tree(opts, cfg, params, dtype):
   """Medusa or Hydra heads with their static tree (re-grown with --tree=nodes:N)."""
-  from jaxinfer.draft_heads import hydra, medusa
+  from jaxinfer.draft_heads import hydra_serve as hydra
+  from jaxinfer.draft_heads import medusa_serve as medusa
   from jaxinfer.speculative import proposers as P
   lib = medusa if opts.speculative == "medusa" else hydra
   try:
@@ -184,7 +185,7 @@ def _heads_tree(opts, cfg, params, dtype):
 
 
 def _eagle(opts, cfg, params, dtype):
-  from jaxinfer.draft_heads import eagle
+  from jaxinfer.draft_heads import eagle_serve as eagle
   from jaxinfer.speculative import proposers as P
   try:
     draft, vocab, _ = eagle.load(opts.draft_heads, cfg, cfg.jnp_dtype)
@@ -192,9 +193,8 @@ def _eagle(opts, cfg, params, dtype):
     raise UserError(f"--draft_heads: {e}") from None
   heads = eagle.serving_heads(draft, params, vocab)
   if opts.tree.startswith("dynamic"):
-    from jaxinfer.speculative.dynamic_tree import EagleTree
     nodes, top_k, depth = dynamic_tree(opts.tree)
-    return EagleTree(eagle.draft_config(cfg), num_nodes=nodes, top_k=top_k, depth=depth), heads
+    return P.EagleTree(eagle.draft_config(cfg), num_nodes=nodes, top_k=top_k, depth=depth), heads
   return P.Eagle(eagle.draft_config(cfg), num_draft_tokens=opts.num_draft_tokens), heads
 
 

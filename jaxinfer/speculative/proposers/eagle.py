@@ -1,0 +1,96 @@
+"""An EAGLE draft layer (jaxinfer.draft_heads.eagle_serve) drafting a chain from the target's
+features."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax.numpy as jnp
+
+from jaxinfer.config import ModelConfig
+from jaxinfer.draft_heads.eagle_serve import draft_forward
+from jaxinfer.sampling import distribution
+from jaxinfer.sparsity import DENSE, Sparsity
+from jaxinfer.speculative.proposers.common import Chain, chain_parents, draw, root_only
+from jaxinfer.speculative.proposers.pending import (EagleState, feed_pending, nothing_pending,
+                                                    observe_path, prefill_pending,
+                                                    reused_layer_cache)
+from jaxinfer.speculative.protocol import Context, Draft, Weights, put_rows
+
+
+@dataclasses.dataclass(frozen=True)
+class Eagle(Chain):
+  """An EAGLE draft layer (its params an `EagleHeads`) drafting a chain: catch up on the pairs
+  of the last accepted path, then feed its own predicted features back `num_draft_tokens` - 1
+  times. Drafts are sampled from its filtered distribution for sampling rows (q returned, zero
+  outside its draft vocabulary). `sparsity`: the pattern its layer attends its own cache with
+  (the generator sets the target's)."""
+
+  cfg: ModelConfig  # the draft layer's (one layer)
+  num_draft_tokens: int = 4
+  name: str = "eagle"
+  sparsity: Sparsity = DENSE
+  needs_draft_params = True
+  reads_prompt_features = True
+
+  def with_sparsity(self, sparsity):
+    return dataclasses.replace(self, sparsity=sparsity)
+
+  def row_state(self, weights, state, prompt):
+    return self.prefill(weights, prompt.hidden, prompt.history, prompt.prompt_len, prompt.first,
+                        prompt.max_len, prompt.start,
+                        reused_layer_cache(state, prompt.copy_src))
+
+  def extend(self, weights, state, prompt):
+    rows = nothing_pending(self.row_state(weights, state, prompt), prompt.prompt_len - 1)
+    return put_rows(state, rows, prompt.slots)
+
+  def prefill(self, heads_and_base, features, history, prompt_len, first, max_len, start=None,
+              cache=None):
+    """The draft's cache over the prompt's pairs (f_p, x_{p+1}), p < prompt_len - 1; the pair
+    (f_{n-1}, first token) is left pending. `features` are the target's from position `start`
+    (B,) on, where `cache` (the draft's, holding positions before start) continues; by default
+    from 0 into a fresh cache."""
+    heads, base = heads_and_base
+    w = features.shape[1]
+    nxt_pos = (0 if start is None else start[:, None]) + jnp.arange(w)[None, :] + 1
+    nxt = jnp.take_along_axis(history, jnp.clip(nxt_pos, 0, history.shape[1] - 1), axis=1)
+    kv_source = "chunk" if cache is None else "cache"
+    return prefill_pending(lambda f, pos, c: draft_forward(
+        heads.draft, base, f, nxt, pos, self.cfg, c, kv_source=kv_source,
+        sparsity=self.sparsity), self.cfg, features,
+        prompt_len, first, max_len, self.tree_size, heads.draft.fc.dtype, start, cache)
+
+  def catch_up(self, heads, base, st: EagleState):
+    """Feeds the pending pairs into the draft's cache; returns the predicted feature after
+    the last of them (it scores the root's children) and the cache."""
+    return feed_pending(lambda f, x, pos, cache: draft_forward(
+        heads.draft, base, f, x, pos, self.cfg, cache, kv_source="cache",
+        sparsity=self.sparsity), st)
+
+  def propose(self, heads_and_base, st: EagleState, ctx: Context):
+    """`draft` with weights (heads, base)."""
+    return self.draft(Weights(*heads_and_base), st, ctx)
+
+  def draft(self, weights, st: EagleState, ctx: Context):
+    heads, base = weights
+    draft, vocab_size = heads.draft, base.embed.shape[0]
+    feat, cache = self.catch_up(heads, base, st)
+    drafted, qs = [root_only(ctx)], []
+    for i in range(self.num_draft_tokens):
+      q = distribution(heads.logits(base, feat), ctx.sampling)  # over the draft vocabulary
+      tok = heads.token_ids(draw(q, ctx, i))
+      drafted.append(tok)
+      qs.append(heads.full(q, vocab_size))
+      if i + 1 < self.num_draft_tokens:
+        hidden, cache = draft_forward(draft, base, feat[:, None], tok[:, None],
+                                      (ctx.length + i)[:, None], self.cfg, cache,
+                                      kv_source="cache", sparsity=self.sparsity)
+        feat = hidden[:, 0]
+    qs.append(qs[-1])  # the last node has no children
+    return st.replace(cache=cache), Draft(jnp.stack(drafted, 1),
+                                          jnp.asarray(chain_parents(self.tree_size)),
+                                          jnp.stack(qs, 1))
+
+  def observe(self, weights, st: EagleState, verified):
+    return observe_path(st, verified)

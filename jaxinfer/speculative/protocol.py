@@ -1,0 +1,212 @@
+"""The one interface every draft proposer implements, and the data it exchanges with the
+speculative generator (`jaxinfer.speculative.decode`).
+
+A proposer is a frozen dataclass: its fields are configuration, static under jit. Its methods
+are pure functions of (weights, its state, the step's inputs), traced inside the generator's
+jitted steps. Its state is a pytree with one row per slot (B rows), or, for a proposer with
+`shared_state`, one value every row reads and refreshes. The generator calls, per batch:
+
+  init_state  the state of B free slots
+  admit       rows admitted into slots: their state after the prompt's prefill
+  extend      one chunk of a long admission's prompt (a draft cache of its own follows it)
+  draft       every step: a draft tree of `tree_size` nodes per row
+  observe     after each verification: what the target said about the tree
+
+and lays the state out on a mesh with `state_shardings`. What differs between proposers is
+declared, not inferred from their type: the capabilities below (class attributes or
+properties) are what callers read.
+"""
+
+from __future__ import annotations
+
+import abc
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+from flax import struct
+
+from jaxinfer.kv_cache import CACHE_AXES, KVCache
+from jaxinfer.sampling import SamplingParams
+
+
+class Weights(NamedTuple):
+  """The parameters a proposer reads: its own (a draft model, heads or a draft layer; None for
+  the lookups) and the target's (a draft layer shares its embedding and output projection)."""
+
+  draft: Any
+  target: Any
+
+
+@struct.dataclass
+class Context:
+  """What a proposer sees of the decode state (device arrays)."""
+
+  history: jax.Array  # (B, S) every committed token by position, the root at `length`
+  length: jax.Array  # (B,) position of the root (the last committed, not yet cached, token)
+  sampling: SamplingParams
+  keys: jax.Array  # (B,) this step's draft keys
+
+
+@struct.dataclass
+class Draft:
+  tokens: jax.Array  # (B, T); tokens[:, 0] is the root
+  parents: jax.Array  # (T,) or (B, T)
+  q: jax.Array | None  # (B, T, V): the distribution node t's children were drawn from
+
+
+@struct.dataclass
+class Prompt:
+  """k rows being admitted into slots, or one chunk of a long admission (then `prompt_len` is
+  the chunk's end + 1: its positions are those of a prompt ending there, whose last token is
+  not written)."""
+
+  hidden: jax.Array  # (k, w, D) the target's hidden states over each prompt from `start` on
+  last: jax.Array  # (k, D) the target's hidden state at each prompt's last token
+  history: jax.Array  # (k, W) each prompt's tokens by position
+  prompt_len: jax.Array  # (k,)
+  first: jax.Array  # (k,) each row's first generated token (a chunk: 0)
+  slots: jax.Array  # (k,) the slots the rows go to; past the end: a padding row
+  start: jax.Array | None = None  # (k,) position of hidden[:, 0] (None: 0)
+  # (k, M) pages of the proposer's own cache holding each row's reused prefix (None: none)
+  copy_src: jax.Array | None = None
+  max_len: int = struct.field(pytree_node=False, default=0)  # positions per slot
+
+
+@struct.dataclass
+class Verified:
+  """What one verification said about each row's draft tree."""
+
+  tokens: jax.Array  # (B, T) the tree's tokens, the root first
+  hidden: jax.Array  # (B, T, D) the target's hidden states at the tree's nodes
+  logits: jax.Array  # (B, T, V) the target's logits there
+  path: jax.Array  # (B, T) the accepted path's nodes, the root first
+  num_accepted: jax.Array  # (B,) accepted drafts
+  next_token: jax.Array  # (B,) the token after the accepted path (the next root)
+  length: jax.Array  # (B,) the root's position before this step
+  live: jax.Array  # (B,) rows that were generating in this step
+
+
+class Proposer(abc.ABC):
+  """A draft proposer. Subclasses are frozen dataclasses with a `name` field."""
+
+  name: str
+
+  # Capabilities, read instead of the proposer's type.
+  # It drafts with weights of its own (draft_params): a draft model, heads or a draft layer.
+  needs_draft_params: bool = False
+  # Its state is built from the target's hidden states over the prompt (a draft layer pairs each
+  # with the token after it): a row reusing another's prefix computes the prefix's last token
+  # again, for its hidden state.
+  reads_prompt_features: bool = False
+  # One state for every row (Token Recycling's adjacency matrix of likely successors), refreshed
+  # by every row's verification and carried from batch to batch.
+  shared_state: bool = False
+
+  @property
+  @abc.abstractmethod
+  def tree_size(self) -> int:
+    """T: the nodes of a draft tree, the root included (tokens verified per row and step)."""
+
+  @property
+  @abc.abstractmethod
+  def max_depth(self) -> int:
+    """The deepest a draft can reach: accepted drafts per step are at most this."""
+
+  @property
+  def is_chain(self) -> bool:
+    """Every tree is one chain (its accepted path's K/V already sit where they belong)."""
+    return self.max_depth == self.tree_size - 1
+
+  def validate(self, cfg, draft_params) -> None:
+    """Raises ValueError if this proposer cannot draft for target `cfg` with `draft_params`."""
+    if self.needs_draft_params and draft_params is None:
+      raise ValueError(f"speculative decoding: the {self.name} proposer needs draft_params")
+
+  def with_sparsity(self, sparsity) -> "Proposer":
+    """This proposer with a draft layer or model of its own attending as the target does."""
+    del sparsity
+    return self
+
+  def shrink(self) -> "Proposer | None":
+    """The same proposer drafting about half as many tokens per step (None: it drafts one token
+    already, or cannot shrink)."""
+    return None
+
+  def init_shared(self, cfg) -> Any:
+    """The first `shared_state` of a proposer that has one, for target `cfg` (else None)."""
+    del cfg
+    return None
+
+  def init_state(self, weights: Weights, cfg, num_rows: int, max_len: int, shared=None) -> Any:
+    """The state of `num_rows` free slots of `max_len` positions: zeros shaped as `row_state`
+    makes them (a free slot is done: nothing reads them); `shared` for `shared_state`."""
+    w = 16
+    spec = jax.ShapeDtypeStruct
+    i32 = lambda *shape: spec(shape, jnp.int32)
+    prompt = Prompt(spec((num_rows, w, cfg.embed), cfg.jnp_dtype),
+                    spec((num_rows, cfg.embed), cfg.jnp_dtype), i32(num_rows, w), i32(num_rows),
+                    i32(num_rows), i32(num_rows), max_len=max_len)
+    shapes = jax.eval_shape(lambda wt, p: self.row_state(wt, None, p), weights, prompt)
+    return jax.tree_util.tree_map(lambda x: jnp.zeros(x.shape, x.dtype), shapes)
+
+  def row_state(self, weights: Weights, state, prompt: Prompt) -> Any:
+    """The state of the rows `prompt` admits, k rows (`state`: the running one, whose own cache
+    pages `prompt.copy_src` name)."""
+    del weights, state, prompt
+    return ()
+
+  def admit(self, weights: Weights, state, prompt: Prompt) -> Any:
+    """`state` with the admitted rows' (`prompt.slots`) reset to their `row_state`."""
+    return put_rows(state, self.row_state(weights, state, prompt), prompt.slots)
+
+  def extend(self, weights: Weights, state, prompt: Prompt) -> Any:
+    """`state` after one chunk of a long admission (the target's K/V over it written): a draft
+    cache of the proposer's own follows over the same positions; nothing is left for a
+    verification step to feed (the rows stay done until admitted)."""
+    del weights, prompt
+    return state
+
+  @abc.abstractmethod
+  def draft(self, weights: Weights, state, ctx: Context) -> tuple[Any, Draft]:
+    """(the state after drafting, each row's draft tree). Deterministic drafts (q None) are
+    distinct top-k tokens per parent; sampled ones come with the distribution q they were
+    drawn from."""
+
+  def observe(self, weights: Weights, state, verified: Verified) -> Any:
+    """The state after a verification (a row that was not `live` keeps its own)."""
+    del weights, verified
+    return state
+
+  def state_shardings(self, state, mesh, rules, rows: str | None) -> Any:
+    """Where the state's arrays live on a replica's mesh: each row (axis 0) over `rows` (the
+    batch axes, or None: whole), a KV cache of the proposer's own by the cache's axes."""
+    return row_shardings(state, mesh, rules, rows)
+
+
+def row_shardings(state, mesh, rules, rows: str | None) -> Any:
+  """Rows (axis 0; a KVCache's axis 1) over `rows`, a KVCache's heads over `kv_heads`."""
+  at = lambda x, axes: rules.sharding(mesh, axes, x.shape)
+  cache_axes = tuple(rows if a == "batch" else a for a in CACHE_AXES)
+
+  def leaf(x):
+    if isinstance(x, KVCache):
+      return jax.tree_util.tree_map(lambda y: at(y, cache_axes), x)
+    return at(x, (rows,) + (None,) * (x.ndim - 1))
+
+  return jax.tree_util.tree_map(leaf, state, is_leaf=lambda x: isinstance(x, KVCache))
+
+
+def put_rows(old, new, slots):
+  """old's rows `slots` := new's rows, leaf by leaf (rows are axis 1 of a KVCache's buffers,
+  axis 0 elsewhere); slots past the end are dropped."""
+  def put(o, n, axis=0):
+    n = n if n.dtype == o.dtype else n.astype(o.dtype)
+    return o.at[(slice(None),) * axis + (slots,)].set(n, mode="drop")
+
+  def leaf(o, n):
+    if isinstance(o, KVCache):
+      return jax.tree_util.tree_map(lambda a, b: put(a, b, 1), o, n)
+    return put(o, n)
+
+  return jax.tree_util.tree_map(leaf, old, new, is_leaf=lambda x: isinstance(x, KVCache))

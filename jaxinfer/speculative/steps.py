@@ -1,0 +1,280 @@
+"""The speculative generator's device steps, each a pure function jitted by the generator:
+`_chunk` (up to N draft-verify-accept-commit steps), `_admit` (rows prefilled into free slots),
+`_extend` (one chunk of a long admission) and `_draft_only` (drafting alone, timed).
+
+B rows (slots), T tree nodes, S cache positions per row (pages of the row's own), V vocabulary,
+D embed. The proposer is static (a frozen dataclass); everything it does goes through its
+protocol (`jaxinfer.speculative.protocol`).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+from flax import struct
+
+from jaxinfer import model as M
+from jaxinfer.kv_cache import PagedKVCache, TreeKVCache, commit_path
+from jaxinfer.sampling import SamplingParams, argmax, distribution, sample
+from jaxinfer.sparsity import DENSE
+from jaxinfer.speculative import acceptance
+from jaxinfer.speculative.protocol import Context, Prompt, Verified, Weights, put_rows
+from pallas_kernels.tree_attention import ancestor_matrix, pack_ancestors
+
+_DRAFT_SALT, _VERIFY_SALT = 1 << 20, 1 << 21
+
+
+@struct.dataclass
+class SpecState:
+  k: tuple[jax.Array, ...]
+  v: tuple[jax.Array, ...]
+  history: jax.Array  # (B, S) tokens by position; the root at `length`
+  length: jax.Array  # (B,) committed tokens in the cache (= the root's position)
+  out: jax.Array  # (B, O) generated tokens
+  num_generated: jax.Array  # (B,)
+  max_new: jax.Array  # (B,)
+  done: jax.Array  # (B,)
+  keys: jax.Array  # (B,) request keys
+  step: jax.Array  # () verification steps so far
+  proposer: Any
+  accepted_hist: jax.Array  # (T,) verifications (of live rows) by accepted drafts
+  emitted: jax.Array  # () tokens emitted by verifications
+
+
+def state_shardings(state: SpecState, mesh, rules, proposer) -> SpecState | None:
+  """Where a state's arrays live on a replica's mesh (None off one): rows over the batch axes
+  (`data`/`fsdp`) with their pages (a slot owns pages [b*M, (b+1)*M)), KV heads over `model`,
+  the counters whole; the proposer's state as it lays it out (`Proposer.state_shardings`: its
+  rows and draft caches with the slots, a state shared by every row whole). Rows that do not
+  divide over the batch axes stay whole."""
+  from jaxinfer.sharding import rows_split
+  if mesh is None or mesh.size == 1:
+    return None
+  b = state.length.shape[0]
+  rows = "batch" if rows_split(b, mesh, rules) else None
+  at = lambda x, axes: rules.sharding(mesh, axes, x.shape)
+  by_row = lambda x: at(x, (rows,) + (None,) * (x.ndim - 1))
+  whole = lambda x: at(x, (None,) * x.ndim)
+  pool = lambda x: at(x, ("kv_heads", rows, None, "head_dim"))
+  return SpecState(
+      k=tuple(map(pool, state.k)), v=tuple(map(pool, state.v)),
+      **{f: by_row(getattr(state, f)) for f in ("history", "length", "out", "num_generated",
+                                                "max_new", "done", "keys")},
+      step=whole(state.step), accepted_hist=whole(state.accepted_hist),
+      emitted=whole(state.emitted),
+      proposer=proposer.state_shardings(state.proposer, mesh, rules, rows))
+
+
+def _propose(params, draft_params, state: SpecState, sampling: SamplingParams, proposer):
+  # Per row, keyed by its own progress: a request samples the same tokens whatever else shares
+  # its batch and whenever it was admitted.
+  step_keys = jax.vmap(jax.random.fold_in)(state.keys, state.num_generated)
+  ctx = Context(state.history, state.length, sampling,
+                jax.vmap(lambda k: jax.random.fold_in(k, _DRAFT_SALT))(step_keys))
+  pstate, draft = proposer.draft(Weights(draft_params, params), state.proposer, ctx)
+  return step_keys, pstate, draft
+
+
+def _draft_only(params, draft_params, state: SpecState, sampling, *, num_steps, proposer):
+  """`num_steps` proposals from the same state (the drafting part of a step, timed alone)."""
+  def body(i, carry):
+    pstate, acc = carry
+    # Each proposal reads the last one's proposer state and a value that depends on its tokens
+    # (acc is never negative, but the compiler cannot know): nothing is hoisted out of the loop.
+    s = state.replace(num_generated=state.num_generated + i, proposer=pstate,
+                      length=jnp.where(acc < 0, state.length + 1, state.length))
+    _, pstate, draft = _propose(params, draft_params, s, sampling, proposer)
+    return pstate, acc + jnp.sum(draft.tokens)
+
+  return jax.lax.fori_loop(0, num_steps, body, (state.proposer, jnp.zeros((), jnp.int32)))[1]
+
+
+def _verify(params, state: SpecState, draft, parents, sampling: SamplingParams, step_keys,
+            page_table, *, cfg, rule, implementation, mesh, rules, sparsity):
+  """One target forward over every row's tree (its K/V written past the committed length) and
+  the acceptance rule: (hidden (B,T,D), logits (B,T,V), verdict, the cache written)."""
+  depth = jnp.sum(ancestor_matrix(parents), axis=-1, dtype=jnp.int32) - 1  # (B,T)
+  cache = TreeKVCache(state.k, state.v, page_table, state.length, pack_ancestors(parents),
+                      contiguous=True)
+  hidden, cache = M.forward(params, draft.tokens, state.length[:, None] + depth, cfg, cache,
+                            kv_source="cache", implementation=implementation,
+                            sparsity=sparsity, mesh=mesh, rules=rules)
+  logits = M.logits(params, hidden)  # (B,T,V)
+  greedy = sampling.temperature <= 0
+  verify_keys = jax.vmap(lambda k: jax.random.fold_in(k, _VERIFY_SALT))(step_keys)
+
+  def sampled(_):  # the full rule on distributions (greedy rows among them follow the argmax)
+    p = distribution(logits, sampling)  # (B,T,V)
+    return acceptance.verify(verify_keys, p, draft.tokens, parents, draft.q, greedy=greedy,
+                             rule=rule)
+
+  def all_greedy(_):
+    if rule == acceptance.TYPICAL:
+      return sampled(None)
+    return acceptance.verify_greedy(draft.tokens, parents, argmax(logits))
+
+  return hidden, logits, jax.lax.cond(jnp.all(greedy), all_greedy, sampled, None), cache
+
+
+def _emit(state: SpecState, draft, verdict, eos_ids, live):
+  """(out, history, length, done, tokens emitted per row, tokens accepted + 1 per row) after a
+  verification: the accepted drafts, then the next token, cut at EOS and at the budget."""
+  b, t = draft.tokens.shape
+  n_acc = verdict.num_accepted
+  path_tokens = jnp.take_along_axis(draft.tokens, verdict.path, axis=1)  # (B,T); [:,0] = root
+  d = jnp.arange(t)[None, :]
+  emitted = jnp.where(d < n_acc[:, None], jnp.roll(path_tokens, -1, axis=1),
+                      verdict.next_token[:, None])  # (B,T): first n_acc + 1 are real
+  count = n_acc + 1
+  is_eos = jnp.isin(emitted, eos_ids) & (d < count[:, None])
+  first_eos = jnp.where(is_eos.any(1), jnp.argmax(is_eos, 1), t)
+  room = state.max_new - state.num_generated
+  n_emit = jnp.where(live, jnp.minimum(jnp.minimum(count, first_eos + 1), room), 0)
+  rows = jnp.arange(b)[:, None]
+  out = state.out.at[rows, jnp.where(d < n_emit[:, None], state.num_generated[:, None] + d,
+                                     state.out.shape[1])].set(emitted, mode="drop")
+  # history: accepted drafts and the next token follow the root.
+  hist = state.history.at[rows, jnp.where((d < count[:, None]) & live[:, None],
+                                          state.length[:, None] + 1 + d,
+                                          state.history.shape[1])].set(emitted, mode="drop")
+  new_length = jnp.where(live, state.length + count, state.length)
+  done = state.done | (live & ((first_eos < count) | (state.num_generated + n_emit
+                                                       >= state.max_new)))
+  return out, hist, new_length, done, n_emit, count
+
+
+def _step(params, draft_params, state: SpecState, sampling: SamplingParams, page_table, eos_ids,
+          *, cfg, proposer, rule, implementation, mesh, rules, sparsity=DENSE):
+  b = state.length.shape[0]
+  t = proposer.tree_size
+  live = ~state.done
+  step_keys, pstate, draft = _propose(params, draft_params, state, sampling, proposer)
+  parents = jnp.broadcast_to(draft.parents, (b, t))
+  hidden, logits, verdict, cache = _verify(
+      params, state, draft, parents, sampling, step_keys, page_table, cfg=cfg, rule=rule,
+      implementation=implementation, mesh=mesh, rules=rules, sparsity=sparsity)
+  n_acc = verdict.num_accepted
+  if proposer.is_chain:  # already in place
+    k_new, v_new = cache.k, cache.v
+  else:
+    k_new = commit_path(cache.k, page_table, state.length, verdict.path, n_acc)
+    v_new = commit_path(cache.v, page_table, state.length, verdict.path, n_acc)
+  out, hist, new_length, done, n_emit, count = _emit(state, draft, verdict, eos_ids, live)
+  pstate = proposer.observe(Weights(draft_params, params), pstate, Verified(
+      draft.tokens, hidden, logits, verdict.path, n_acc, verdict.next_token, state.length, live))
+  hist_acc = state.accepted_hist + jnp.zeros_like(state.accepted_hist).at[n_acc].add(
+      live.astype(jnp.int32))
+  return SpecState(k_new, v_new, hist, new_length, out, state.num_generated + n_emit,
+                   state.max_new, done, state.keys, state.step + 1, pstate, hist_acc,
+                   state.emitted + jnp.sum(jnp.where(live, count, 0)))
+
+
+def _chunk(params, draft_params, state, sampling, page_table, eos_ids, min_done, num_steps,
+           **kw):
+  """Up to `num_steps` (traced) steps; ends early once `min_done` rows are done (a slot to
+  refill)."""
+  def cond(c):
+    i, s = c
+    return (i < num_steps) & (jnp.sum(s.done) < min_done)
+
+  def body(c):
+    i, s = c
+    return i + 1, _step(params, draft_params, s, sampling, page_table, eos_ids, **kw)
+
+  return jax.lax.while_loop(cond, body, (0, state))[1]
+
+
+def _copy_pages(pool: jax.Array, src: jax.Array, dst: jax.Array) -> jax.Array:
+  """pool[:, dst] := pool[:, src] (every source read before any write); dst past the pool's end
+  is dropped."""
+  return pool.at[:, dst.reshape(-1)].set(pool[:, src.reshape(-1)], mode="drop")
+
+
+def _slot_pages(state: SpecState, slots, start, end, width: int, copy_src, copy_dst, copy: bool,
+                max_len: int, page_size: int):
+  """(positions (k, width): start + j for each row's tokens before `end`, the rest and padding
+  rows' (slots past the end) out of range, so never written; the paged cache over the slots'
+  own pages, after copying pages copy_src -> copy_dst when `copy`)."""
+  b, m = state.length.shape[0], max_len // page_size
+  real = slots < b
+  page_table = jnp.where(real[:, None], slots[:, None] * m + jnp.arange(m)[None, :], 0)
+  pos = start[:, None] + jnp.arange(width)[None, :]
+  positions = jnp.where((pos < end[:, None]) & real[:, None], pos, max_len)
+  k_pools, v_pools = state.k, state.v
+  if copy:
+    k_pools = tuple(_copy_pages(x, copy_src, copy_dst) for x in k_pools)
+    v_pools = tuple(_copy_pages(x, copy_src, copy_dst) for x in v_pools)
+  return positions, PagedKVCache(k_pools, v_pools, page_table.astype(jnp.int32))
+
+
+def _admit(params, draft_params, state: SpecState, tokens, start, history, prompt_len, max_new,
+           sampling, keys, eos_ids, slots, copy_src, copy_dst, *, cfg, proposer, max_len,
+           page_size, from_cache, implementation, mesh, rules, sparsity=DENSE) -> SpecState:
+  """Prefills k new rows into slots `slots` (k,) of a running state (a slot past the end: a
+  padding row, nothing written): the target's K/V straight into the slots' pages, the first
+  token sampled as plain decoding samples it, the proposer's state and the row's counters
+  reset. history (k, W) holds the prompts; tokens (k, w) the part of each to compute, from
+  position start (k,) on.
+
+  from_cache: some rows' first `start` tokens are a prefix another row has computed (prefix
+  reuse): its pages are first copied into theirs (copy_src -> copy_dst, (k, M) pool pages; a
+  destination past the pool's end copies nothing) and the rest of the prompt attends to them
+  through the cache. Otherwise start is 0 and the prompt attends to itself."""
+  k = tokens.shape[0]
+  # Padding sits at out-of-range positions, after every real token, and is never written; the
+  # prompt's K/V land in the slot's pages.
+  positions, cache = _slot_pages(state, slots, start, prompt_len, tokens.shape[1], copy_src,
+                                 copy_dst, from_cache, max_len, page_size)
+  hidden, cache = M.forward(params, tokens, positions, cfg, cache,
+                            kv_source="cache" if from_cache else "chunk",
+                            implementation=implementation, sparsity=sparsity, mesh=mesh,
+                            rules=rules)
+  last = jnp.take_along_axis(hidden, (prompt_len - start - 1)[:, None, None], axis=1)[:, 0]
+  first = sample(M.logits(params, last), sampling,
+                 jax.vmap(lambda kk: jax.random.fold_in(kk, 0))(keys)).astype(jnp.int32)
+  prompt = Prompt(hidden, last, history, prompt_len, first, slots, start,
+                  copy_src if from_cache else None, max_len)
+  pstate = proposer.admit(Weights(draft_params, params), state.proposer, prompt)
+  rows = jnp.arange(k)
+  hist = jnp.pad(history, ((0, 0), (0, max_len - history.shape[1]))).at[rows, prompt_len].set(
+      first)
+  out = jnp.zeros((k, state.out.shape[1]), jnp.int32).at[:, 0].set(first)
+  done = (max_new <= 1) | jnp.isin(first, eos_ids)
+  put = lambda old, new: put_rows(old, new, slots)
+  return state.replace(
+      k=cache.k, v=cache.v, history=put(state.history, hist), length=put(state.length,
+                                                                           prompt_len),
+      out=put(state.out, out), num_generated=put(state.num_generated, jnp.ones((k,), jnp.int32)),
+      max_new=put(state.max_new, max_new), done=put(state.done, done),
+      keys=put(state.keys, keys), proposer=pstate)
+
+
+def _extend(params, draft_params, state: SpecState, tokens, start, end, history, slots,
+            copy_src, copy_dst, *, copy, cfg, proposer, max_len, page_size, implementation, mesh,
+            rules, sparsity=DENSE) -> SpecState:
+  """One chunk of a long admission: the target's K/V for prompt positions [start, end) of each
+  of k rows (tokens (k, w), w >= end - start) written into its slot's pages (`slots` (k,); past
+  the end: a padding row), attending to what those pages already hold; the proposer's state
+  follows (`Proposer.extend`: a draft model extends its own cache over the same positions, a
+  draft layer over the target's hidden states its cache with their pairs, the token after each
+  being in the prompt). The rows stay done, so no verification reads them; their length is set
+  to `end`, so the tree tokens the verification steps between chunks write for them land past
+  what is computed, where the next chunk (or the row's admission) overwrites them.
+
+  copy: the first chunk of rows reusing a prefix: copy_src -> copy_dst first, as `_admit`
+  copies. copy_src also names the pages the draft's cache rows are read from (the slot's own,
+  after the first chunk)."""
+  positions, cache = _slot_pages(state, slots, start, end, tokens.shape[1], copy_src, copy_dst,
+                                 copy, max_len, page_size)
+  hidden, cache = M.forward(params, tokens, positions, cfg, cache, kv_source="cache",
+                            implementation=implementation, sparsity=sparsity, mesh=mesh,
+                            rules=rules)
+  # positions < end, as for a prompt ending at end + 1 (a draft layer's pairs: the token after
+  # each is in the prompt)
+  prompt = Prompt(hidden, hidden[:, -1], history, end + 1, jnp.zeros_like(end), slots, start,
+                  copy_src, max_len)
+  pstate = proposer.extend(Weights(draft_params, params), state.proposer, prompt)
+  return state.replace(k=cache.k, v=cache.v, proposer=pstate,
+                       length=state.length.at[slots].set(end, mode="drop"))
