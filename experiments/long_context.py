@@ -46,6 +46,7 @@ def main(argv):
   from jaxinfer.checkpoint import load_model
   from jaxinfer.requests import Defaults
   from jaxinfer.runner import GenerateJob, run
+  from jaxinfer.runtime import Runtime
   from jaxinfer.sparsity import parse
 
   model_dir = embedded.ensure()
@@ -61,8 +62,8 @@ def main(argv):
     def score(tokens):
       inputs, targets = tokens[None, :-1], tokens[None, 1:]
       pos = jnp.arange(inputs.shape[1])[None]
-      hidden, _ = M.forward(params, inputs, pos, cfg, sparsity=sparsity,
-                            implementation=implementation)
+      hidden, _ = M.forward(params, inputs, pos, cfg,
+                            runtime=Runtime(implementation=implementation, sparsity=sparsity))
       logits = M.logits(params, hidden)[0]
       loss = jax.nn.logsumexp(logits, -1) - jnp.take_along_axis(logits, targets[0][:, None],
                                                                  -1)[:, 0]

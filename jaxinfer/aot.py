@@ -37,7 +37,8 @@ from jaxinfer.config import DTYPES, PRESETS, ModelConfig
 from jaxinfer.engine.engine import EngineConfig, engine_decode, engine_step, pool_pages_for
 from jaxinfer.kv_cache import POOL_AXES, PagedKVCache
 from jaxinfer.params import abstract_params
-from jaxinfer.sharding import DEFAULT_RULES, MESH_AXES, device_bytes, format_mesh, parse_mesh
+from jaxinfer.runtime import Runtime
+from jaxinfer.sharding import MESH_AXES, device_bytes, format_mesh, parse_mesh
 from jaxinfer.sparsity import parse as parse_sparsity
 from pallas_kernels.common import gpu_target
 
@@ -226,11 +227,11 @@ def _whole(mesh: Mesh):
   return lambda shape, dtype: jax.ShapeDtypeStruct(shape, dtype, sharding=where)
 
 
-def engine_steps(cfg: ModelConfig, job: CompileJob, params, mesh: Mesh, sparsity):
+def engine_steps(cfg: ModelConfig, job: CompileJob, params, runtime: Runtime):
   """{name: (jitted step, abstract arguments)}: the engine's mixed step at its widest (G lanes of
   Q prompt tokens beside the S decode rows) and its decode-only dispatch, with the KV pools
   (K, P, ps, H) per layer laid out as the engine lays them out."""
-  ecfg, rules = job.engine_config, DEFAULT_RULES
+  ecfg, mesh, rules = job.engine_config, runtime.mesh, runtime.rules
   s, g, q, ps = ecfg.num_slots, ecfg.chunk_lanes, ecfg.chunk_size, ecfg.page_size
   m = max(1, -(-cfg.max_seq_len // ps))  # pages per sequence
   shape = PagedKVCache.pool_shape(cfg, pool_pages_for(ecfg, m), ps)
@@ -246,15 +247,13 @@ def engine_steps(cfg: ModelConfig, job: CompileJob, params, mesh: Mesh, sparsity
            whole((n,), i32), whole((s, m), i32), whole((g, m), i32)) + per_slot + sampling
   decode = (params, pools, pools, whole((s,), i32), whole((s,), i32), whole((s,), bool),
             whole((s,), i32), whole((s, m), i32)) + per_slot + sampling + (whole((), i32),)
-  kw = dict(cfg=cfg, implementation=job.implementation, sparsity=sparsity, mesh=mesh,
-            rules=rules)
-  step = jax.jit(partial(engine_step, **kw), donate_argnums=(1, 2, 3))
-  dispatch = jax.jit(partial(engine_decode, max_steps=ecfg.decode_steps, **kw),
-                     donate_argnums=(1, 2, 3))
+  step = jax.jit(partial(engine_step, cfg=cfg, runtime=runtime), donate_argnums=(1, 2, 3))
+  dispatch = jax.jit(partial(engine_decode, max_steps=ecfg.decode_steps, cfg=cfg,
+                             runtime=runtime), donate_argnums=(1, 2, 3))
   return {"prefill": (step, mixed), "decode": (dispatch, decode)}
 
 
-def verify_step(cfg: ModelConfig, job: CompileJob, params, mesh: Mesh, sparsity):
+def verify_step(cfg: ModelConfig, job: CompileJob, params, runtime: Runtime):
   """(jitted verification chunk, abstract arguments, bytes per device of its state, of the
   draft's weights): the speculative generator's `steps_per_sync` draft-verify-accept steps over
   --batch_size slots, each slot sized for --max_seq_len tokens (half prompt, half output)."""
@@ -271,15 +270,15 @@ def verify_step(cfg: ModelConfig, job: CompileJob, params, mesh: Mesh, sparsity)
     proposer, draft = registry.build(opts, cfg, params, None)
   except ValueError as e:
     raise CompileError(str(e) if str(e).startswith("--") else f"--tree: {e}") from None
+  mesh, rules = runtime.mesh, runtime.rules
   whole = _whole(mesh)
   if draft is not None:  # whole on each of a replica's devices, as the runner places a draft
     draft = jax.tree_util.tree_map(lambda x: whole(x.shape, x.dtype), draft)
-  b, rules = job.batch_size, DEFAULT_RULES
+  b = job.batch_size
   try:
-    gen = SpeculativeGenerator(cfg, params, proposer, draft_params=draft,
-                               implementation=job.implementation, page_size=job.page_size,
-                               steps_per_sync=job.steps_per_sync, num_slots=b, mesh=mesh,
-                               sparsity=sparsity, engine_config=job.engine_config)
+    gen = SpeculativeGenerator(cfg, params, proposer, draft_params=draft, runtime=runtime,
+                               page_size=job.page_size, steps_per_sync=job.steps_per_sync,
+                               num_slots=b, engine_config=job.engine_config)
   except ValueError as e:
     raise CompileError(f"--speculative={job.speculative}: {e}") from None
   half = cfg.max_seq_len // 2
@@ -298,8 +297,7 @@ def verify_step(cfg: ModelConfig, job: CompileJob, params, mesh: Mesh, sparsity)
   eos = whole((max(1, len(cfg.eos_token_ids)),), i32)
   args = (params, draft, state, sampling, whole((b, slot_len // job.page_size), i32), eos,
           whole((), i32), whole((), i32))
-  fn = partial(_chunk, rule=gen.rule, cfg=cfg, proposer=proposer,
-               implementation=job.implementation, sparsity=sparsity, mesh=mesh, rules=rules)
+  fn = partial(_chunk, rule=gen.rule, cfg=cfg, proposer=proposer, runtime=runtime)
   return jax.jit(gen._placed(fn)), args, device_bytes(state), device_bytes(draft)
 
 
@@ -511,8 +509,9 @@ def run(job: CompileJob, log=None) -> Report:
   sparsity = _checked(job)
   devices = target_devices(target)
   mesh, replicas = replica_mesh(devices, job.mesh, target)
-  params = abstract_params(M.Transformer.spec(cfg), cfg.jnp_dtype, mesh, DEFAULT_RULES)
-  steps = engine_steps(cfg, job, params, mesh, sparsity)
+  runtime = Runtime(mesh, implementation=job.implementation, sparsity=sparsity)
+  params = abstract_params(M.Transformer.spec(cfg), cfg.jnp_dtype, mesh, runtime.rules)
+  steps = engine_steps(cfg, job, params, runtime)
   pools = steps["decode"][1][1:3]  # (k, v): every layer's (K, P, ps, H) pool
   kv_pages = pools[0][0].shape[1]
   report = Report(
@@ -531,7 +530,7 @@ def run(job: CompileJob, log=None) -> Report:
     report.steps.append(_compile_checked(name, fn, args, target, report, weights, engine_kv,
                                          engine_kv, log=log))
   if job.speculative != "none":
-    fn, args, state_bytes, draft_bytes = verify_step(cfg, job, params, mesh, sparsity)
+    fn, args, state_bytes, draft_bytes = verify_step(cfg, job, params, runtime)
     # the plain-decoding engine's pool stays allocated while the generator speculates
     report.steps.append(_compile_checked(
         "verify", fn, args, target, report, weights + draft_bytes, state_bytes + engine_kv,

@@ -20,14 +20,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import struct
-from jax.sharding import Mesh
 
 from jaxinfer import model as M
 from jaxinfer.config import ModelConfig
 from jaxinfer.kv_cache import CACHE_AXES, KVCache
+from jaxinfer.runtime import Runtime
 from jaxinfer.sampling import SamplingParams, sample
-from jaxinfer.sharding import DEFAULT_RULES, ShardingRules, constrain
-from jaxinfer.sparsity import DENSE, Sparsity
 
 
 @struct.dataclass
@@ -50,15 +48,15 @@ def sample_key(seed: int, request_id: Any, sample: int = 0) -> jax.Array:
   return key if sample == 0 else jax.random.fold_in(key, sample)
 
 
-def _constrain_state(state: DecodeState, mesh, rules) -> DecodeState:
-  c = lambda x: constrain(x, ("batch",) + (None,) * (x.ndim - 1), mesh, rules)
+def _constrain_state(state: DecodeState, runtime: Runtime) -> DecodeState:
+  c = lambda x: runtime.constrain(x, ("batch",) + (None,) * (x.ndim - 1))
   return DecodeState(tokens=c(state.tokens), num_generated=c(state.num_generated),
                      prompt_len=c(state.prompt_len), max_new=c(state.max_new), done=c(state.done),
                      keys=state.keys)
 
 
-def _constrain_cache(cache: KVCache, mesh, rules) -> KVCache:
-  c = lambda x: constrain(x, CACHE_AXES, mesh, rules)
+def _constrain_cache(cache: KVCache, runtime: Runtime) -> KVCache:
+  c = lambda x: runtime.constrain(x, CACHE_AXES)
   return KVCache(k=tuple(map(c, cache.k)), v=tuple(map(c, cache.v)))
 
 
@@ -78,21 +76,18 @@ def _sample_and_append(params, hidden, state: DecodeState, sampling: SamplingPar
   return dataclasses.replace(state, tokens=tokens, num_generated=num_generated, done=done)
 
 
-def prefill_fn(params, cache, prompt, state: DecodeState, sampling, eos_ids, *, cfg, mesh, rules,
-               implementation, sparsity):
+def prefill_fn(params, cache, prompt, state: DecodeState, sampling, eos_ids, *, cfg, runtime):
   """prompt (B,T) -> state with the first token sampled, cache filled for slots < T."""
   t = prompt.shape[1]
   positions = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), prompt.shape)
   hidden, cache = M.forward(params, prompt, positions, cfg, cache, kv_source="chunk",
-                            implementation=implementation, sparsity=sparsity, mesh=mesh,
-                            rules=rules)
+                            runtime=runtime)
   last = jnp.take_along_axis(hidden, (state.prompt_len - 1)[:, None, None], axis=1)[:, 0]
   state = _sample_and_append(params, last, state, sampling, eos_ids)
-  return _constrain_state(state, mesh, rules), _constrain_cache(cache, mesh, rules)
+  return _constrain_state(state, runtime), _constrain_cache(cache, runtime)
 
 
-def decode_fn(params, cache, state: DecodeState, sampling, eos_ids, *, num_steps, cfg, mesh, rules,
-              implementation, sparsity):
+def decode_fn(params, cache, state: DecodeState, sampling, eos_ids, *, num_steps, cfg, runtime):
   """Up to `num_steps` decode steps; stops early once every row is done."""
   rows = jnp.arange(state.tokens.shape[0])
 
@@ -106,10 +101,9 @@ def decode_fn(params, cache, state: DecodeState, sampling, eos_ids, *, num_steps
     pos = state.prompt_len + state.num_generated - 1
     pos = jnp.where(state.done, cache.max_len, pos)  # finished rows write nowhere
     hidden, cache = M.forward(params, last[:, None], pos[:, None], cfg, cache, kv_source="cache",
-                              implementation=implementation, sparsity=sparsity, mesh=mesh,
-                              rules=rules)
+                              runtime=runtime)
     state = _sample_and_append(params, hidden[:, 0], state, sampling, eos_ids)
-    return i + 1, _constrain_state(state, mesh, rules), _constrain_cache(cache, mesh, rules)
+    return i + 1, _constrain_state(state, runtime), _constrain_cache(cache, runtime)
 
   _, state, cache = jax.lax.while_loop(cond, body, (jnp.int32(0), state, cache))
   return state, cache
@@ -157,32 +151,32 @@ class Generator:
   lengths to powers of two, so a long run compiles a handful of shapes.
   """
 
-  def __init__(self, cfg: ModelConfig, params: M.Transformer, mesh: Mesh | None = None,
-               rules: ShardingRules = DEFAULT_RULES, implementation: str = "xla",
-               steps_per_sync: int = 32, sparsity: Sparsity = DENSE):
-    self.cfg, self.params, self.mesh, self.rules = cfg, params, mesh, rules
-    self.implementation = implementation
+  def __init__(self, cfg: ModelConfig, params: M.Transformer, runtime: Runtime = Runtime(),
+               steps_per_sync: int = 32):
+    self.cfg, self.params, self.runtime = cfg, params, runtime
     self.steps_per_sync = steps_per_sync
     self.timings = Timings()
     self._compiled: dict[tuple, Callable] = {}
     eos = list(cfg.eos_token_ids) or [-1]
     self._eos = jnp.asarray(eos, jnp.int32)
-    kw = dict(cfg=cfg, mesh=mesh, rules=rules, implementation=implementation, sparsity=sparsity)
+    kw = dict(cfg=cfg, runtime=runtime)
     self._prefill = jax.jit(partial(prefill_fn, **kw), donate_argnums=(1,))
     self._decode = jax.jit(partial(decode_fn, num_steps=steps_per_sync, **kw),
                            donate_argnums=(1,))
 
   @property
   def batch_multiple(self) -> int:
-    if self.mesh is None:
+    mesh = self.runtime.mesh
+    if mesh is None:
       return 1
-    return self.mesh.shape["data"] * self.mesh.shape["fsdp"]
+    return mesh.shape["data"] * mesh.shape["fsdp"]
 
   def _put(self, x, axes):
     x = jnp.asarray(x)
-    if self.mesh is None:
+    mesh, rules = self.runtime.mesh, self.runtime.rules
+    if mesh is None:
       return x
-    return jax.device_put(x, self.rules.sharding(self.mesh, axes, x.shape))
+    return jax.device_put(x, rules.sharding(mesh, axes, x.shape))
 
   def _run(self, name: str, fn, *args):
     """Calls `fn` through an AOT-compiled executable cached by argument shapes."""
@@ -229,7 +223,7 @@ class Generator:
         prompt_len=self._put(prompt_len, batch), max_new=self._put(max_new, batch),
         done=self._put(done, batch), keys=jnp.stack(keys))
     sampling = SamplingParams(**{f: self._put(v, batch) for f, v in sp.items()})
-    cache = KVCache.init(self.cfg, b, s, self.mesh, self.rules)
+    cache = KVCache.init(self.cfg, b, s, self.runtime.mesh, self.runtime.rules)
     prompt_arr = self._put(prompt, ("batch", None))
 
     compile0 = self.timings.compile_s

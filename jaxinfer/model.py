@@ -28,8 +28,9 @@ from jaxinfer.kv_cache import (CACHE_AXES, KVCache, LayerKV, MixedPagedKVCache, 
                                PagedKVCache)
 from jaxinfer.quant import weight
 from jaxinfer.rope import apply_rope, rope_tables
-from jaxinfer.sharding import DEFAULT_RULES, ShardingRules, constrain
-from jaxinfer.sparsity import DENSE, Sparsity
+from jaxinfer.runtime import Runtime
+from jaxinfer.sharding import DEFAULT_RULES, ShardingRules
+from jaxinfer.sparsity import Sparsity
 
 Array = Any  # jax.Array, or a ParamSpec inside a declaration tree
 
@@ -184,37 +185,34 @@ def project_out(p: Attention, out: jax.Array) -> jax.Array:
 
 
 def attention_block(p: Attention, x: jax.Array, positions: jax.Array, cos: jax.Array,
-                    sin: jax.Array, cfg: ModelConfig, pattern: tuple[int | None, int],
-                    sparsity: Sparsity, kv: Any, kv_source: KVSource,
-                    segment_ids: jax.Array | None, implementation: str, mesh: Mesh | None,
-                    rules: ShardingRules):
+                    sin: jax.Array, cfg: ModelConfig, pattern: tuple[int | None, int], kv: Any,
+                    kv_source: KVSource, segment_ids: jax.Array | None, runtime: Runtime):
   q, k, v = project_qkv(p, x, cos, sin, cfg)
-  q = constrain(q, ("batch", "seq", "act_heads", "head_dim"), mesh, rules)
+  q = runtime.constrain(q, ("batch", "seq", "act_heads", "head_dim"))
 
-  impl = attention_lib.get(implementation)
+  impl = attention_lib.get(runtime.implementation)
+  mesh, rules = runtime.mesh, runtime.rules
   window, sinks = pattern
   if kv is not None:
     kv = kv.write(k, v, positions)
   if kv_source == "cache":
     out = kv.attend(impl, q, positions, window=window, sinks=sinks, mesh=mesh, rules=rules)
   else:
-    out = impl.chunk(q, k, v, positions, window=window, sinks=sinks, sparsity=sparsity,
+    out = impl.chunk(q, k, v, positions, window=window, sinks=sinks, sparsity=runtime.sparsity,
                      segment_ids=segment_ids, mesh=mesh, rules=rules)
   return project_out(p, out), kv
 
 
-def mlp_block(p: MLP, x: jax.Array, mesh: Mesh | None, rules: ShardingRules) -> jax.Array:
+def mlp_block(p: MLP, x: jax.Array, runtime: Runtime) -> jax.Array:
   gate = jnp.einsum("btd,df->btf", x, weight(p.gate))
   up = jnp.einsum("btd,df->btf", x, weight(p.up))
-  h = constrain(jax.nn.silu(gate) * up, ("batch", "seq", "act_mlp"), mesh, rules)
+  h = runtime.constrain(jax.nn.silu(gate) * up, ("batch", "seq", "act_mlp"))
   return jnp.einsum("btf,fd->btd", h, weight(p.down))
 
 
 def forward(params: Transformer, tokens: jax.Array, positions: jax.Array, cfg: ModelConfig,
             cache: Cache | None = None, *, kv_source: KVSource = "chunk",
-            segment_ids: jax.Array | None = None, implementation: str = "xla",
-            sparsity: Sparsity = DENSE, mesh: Mesh | None = None,
-            rules: ShardingRules = DEFAULT_RULES,
+            segment_ids: jax.Array | None = None, runtime: Runtime = Runtime(),
             embeddings: jax.Array | None = None) -> tuple[jax.Array, Cache | None]:
   """tokens, positions (B,T) -> final hidden states (B,T,D) and the updated cache.
 
@@ -223,15 +221,16 @@ def forward(params: Transformer, tokens: jax.Array, positions: jax.Array, cfg: M
   kv_source="cache": the chunk is written at slots `positions`, then queries attend to all cache
   slots (decode, continued prefill). Slots past a query's position are masked, so stale entries
   there are harmless.
-  `sparsity` selects a long-prompt attention pattern (sparsity.py); dynamic patterns apply to
-  chunks only.
+  `runtime`: the mesh and rules activations are constrained by, the attention implementation,
+  and the sparsity (sparsity.py: a long-prompt attention pattern; dynamic patterns apply to
+  chunks only).
   `embeddings` (B,T,D), when given, replace the token embeddings as the first layer's input
   (draft layers that read features as well as tokens).
   """
   if kv_source == "cache" and cache is None:
     raise ValueError("forward: kv_source='cache' needs a cache")
   x = jnp.take(weight(params.embed), tokens, axis=0) if embeddings is None else embeddings
-  x = constrain(x, ACT, mesh, rules)
+  x = runtime.constrain(x, ACT)
   cos, sin = rope_tables(positions, cfg)
   new_layers = []
   for i, layer in enumerate(params.layers):
@@ -239,14 +238,12 @@ def forward(params: Transformer, tokens: jax.Array, positions: jax.Array, cfg: M
       with jax.named_scope("attention"):
         h, kv = attention_block(
             layer.attn, rms_norm(x, weight(layer.attn_norm), cfg.norm_eps), positions, cos, sin,
-            cfg, layer_pattern(cfg, i, sparsity), sparsity,
-            None if cache is None else cache.layer(i), kv_source, segment_ids, implementation,
-            mesh, rules)
-      x = constrain(x + h, ACT, mesh, rules)
+            cfg, layer_pattern(cfg, i, runtime.sparsity),
+            None if cache is None else cache.layer(i), kv_source, segment_ids, runtime)
+      x = runtime.constrain(x + h, ACT)
       with jax.named_scope("mlp"):
-        x = x + mlp_block(layer.mlp, rms_norm(x, weight(layer.mlp_norm), cfg.norm_eps), mesh,
-                          rules)
-      x = constrain(x, ACT, mesh, rules)
+        x = x + mlp_block(layer.mlp, rms_norm(x, weight(layer.mlp_norm), cfg.norm_eps), runtime)
+      x = runtime.constrain(x, ACT)
       new_layers.append(kv)
   x = rms_norm(x, weight(params.final_norm), cfg.norm_eps)
   return x, None if cache is None else cache.with_layers(new_layers)

@@ -12,6 +12,7 @@ from jaxinfer import params as P
 from jaxinfer.attention import attention_mask, attention_reference
 from jaxinfer.config import PRESETS, ModelConfig, RopeScaling
 from jaxinfer.kv_cache import KVCache, PagedKVCache
+from jaxinfer.runtime import Runtime
 from jaxinfer.sparsity import parse as parse_sparsity
 
 TINY = PRESETS["tiny"]
@@ -33,9 +34,10 @@ def test_prefill_then_decode_equals_full_forward(kv_heads, window, sparsity, imp
   params = M.init_params(cfg, jax.random.key(0))
   tokens = jax.random.randint(jax.random.key(1), (2, 12), 0, cfg.vocab_size)
   positions = jnp.broadcast_to(jnp.arange(12), (2, 12))
-  full = M.logits(params, M.forward(params, tokens, positions, cfg, sparsity=sp)[0])
+  full = M.logits(params, M.forward(params, tokens, positions, cfg,
+                                    runtime=Runtime(sparsity=sp))[0])
 
-  kw = dict(implementation=implementation, sparsity=sp)
+  kw = dict(runtime=Runtime(implementation=implementation, sparsity=sp))
   cache = KVCache.init(cfg, 2, 16)
   prefix = 7
   pos = jnp.broadcast_to(jnp.arange(prefix), (2, prefix))
@@ -58,9 +60,9 @@ def test_pallas_prefill_equals_xla_for_every_sparsity(sparsity):
   tokens = jax.random.randint(jax.random.key(1), (2, 256), 0, TINY.vocab_size)
   pos = jnp.broadcast_to(jnp.arange(256), (2, 256))
   seg = jnp.asarray(np.repeat([[0, 1], [0, 0]], 128, axis=1))
-  xla = M.forward(params, tokens, pos, TINY, sparsity=sp, segment_ids=seg)[0]
-  pallas = M.forward(params, tokens, pos, TINY, sparsity=sp, segment_ids=seg,
-                     implementation="pallas")[0]
+  xla = M.forward(params, tokens, pos, TINY, runtime=Runtime(sparsity=sp), segment_ids=seg)[0]
+  pallas = M.forward(params, tokens, pos, TINY, segment_ids=seg,
+                     runtime=Runtime(implementation="pallas", sparsity=sp))[0]
   np.testing.assert_allclose(pallas, xla, rtol=2e-5, atol=2e-5)
   if sparsity != "dense":  # the pattern really changes the result
     dense = M.forward(params, tokens, pos, TINY, segment_ids=seg)[0]
@@ -71,7 +73,8 @@ def test_pallas_training_gradients_equal_xla():
   from jaxinfer.train.lm import token_losses
   params = M.init_params(TINY, jax.random.key(0))
   batch = jax.random.randint(jax.random.key(1), (2, 33), 0, TINY.vocab_size)
-  loss = lambda impl: jax.value_and_grad(lambda p: jnp.mean(token_losses(p, batch, TINY, impl)))
+  loss = lambda impl: jax.value_and_grad(lambda p: jnp.mean(token_losses(
+      p, batch, TINY, Runtime(implementation=impl))))
   (lx, gx), (lp, gp) = loss("xla")(params), loss("pallas")(params)
   np.testing.assert_allclose(lp, lx, rtol=1e-6)
   for a, b in zip(jax.tree_util.tree_leaves(gp), jax.tree_util.tree_leaves(gx)):
@@ -178,7 +181,7 @@ def test_paged_cache_with_shuffled_and_shared_pages(implementation):
   table = jnp.array([[7, 2, 9, 0], [7, 5, 11, 3]], jnp.int32)  # page 7 is shared
   k, v = PagedKVCache.init_pools(cfg, pool_pages, ps)
   cache = PagedKVCache(k, v, table[:1])
-  kw = dict(kv_source="cache", implementation=implementation)
+  kw = dict(kv_source="cache", runtime=Runtime(implementation=implementation))
   # row 0 computes the shared prefix page ...
   _, cache = M.forward(params, tokens[:1, :4], positions[:1, :4], cfg, cache, **kw)
   # ... then both rows continue from position 4 (row 1 never computes its first page)

@@ -11,6 +11,7 @@ from jax.sharding import PartitionSpec
 from jaxinfer import model as M
 from jaxinfer.config import PRESETS
 from jaxinfer.generation import Generator, RowRequest, request_key
+from jaxinfer.runtime import Runtime
 from jaxinfer.sharding import DEFAULT_RULES, ShardingRules, make_mesh, parse_mesh
 
 
@@ -68,7 +69,7 @@ def test_sharded_generation_equals_single_device(mesh_spec, reference_outputs, d
   sharded_params = jax.device_put(params, jax.tree_util.tree_map(
       lambda s: DEFAULT_RULES.sharding(mesh, s.axes, s.shape), M.Transformer.spec(cfg),
       is_leaf=lambda x: hasattr(x, "axes")))
-  gen = Generator(cfg, sharded_params, mesh, steps_per_sync=4)
+  gen = Generator(cfg, sharded_params, Runtime(mesh), steps_per_sync=4)
   out = gen.generate(rows)
   assert [r.tokens for r in out] == [r.tokens for r in greedy_ref]
   # sampling uses per-request keys, so it matches too (up to float rounding near ties)
@@ -86,7 +87,8 @@ def test_sharded_pallas_generation_equals_single_device(mesh_spec, reference_out
   ref = Generator(cfg, M.init_params(cfg, jax.random.key(0))).generate(rows)
   mesh = make_mesh(mesh_spec)
   sharded = M.init_params(cfg, jax.random.key(0), mesh)
-  out = Generator(cfg, sharded, mesh, implementation="pallas", steps_per_sync=8).generate(rows)
+  out = Generator(cfg, sharded, Runtime(mesh, implementation="pallas"),
+                  steps_per_sync=8).generate(rows)
   assert [r.tokens for r in out] == [r.tokens for r in ref]
 
 
@@ -98,6 +100,6 @@ def test_sharded_logits_close(devices):
   ref = M.logits(params, M.forward(params, tokens, pos, cfg)[0])
   mesh = make_mesh("data:2,fsdp:2,model:2")
   sharded = M.init_params(cfg, jax.random.key(1), mesh)
-  fwd = jax.jit(lambda p, t, q: M.logits(p, M.forward(p, t, q, cfg, mesh=mesh)[0]))
+  fwd = jax.jit(lambda p, t, q: M.logits(p, M.forward(p, t, q, cfg, runtime=Runtime(mesh))[0]))
   out = fwd(sharded, tokens, pos)
   np.testing.assert_allclose(np.asarray(out), np.asarray(ref), rtol=1e-5, atol=1e-5)

@@ -11,6 +11,7 @@ import pytest
 
 from jaxinfer import checkpoint
 from jaxinfer.generation import Generator, RowRequest
+from jaxinfer.runtime import Runtime
 from jaxinfer.speculative import proposers as P
 from jaxinfer.speculative.decode import SpeculativeGenerator
 from tests.conftest import make_tiny_model_dir
@@ -215,7 +216,7 @@ def test_pallas_tree_kernel_in_the_model(target):
   rows = _rows(cfg, 3, seed=4)
   ref = SpeculativeGenerator(cfg, params, P.Recycling(branching=(2, 2)), page_size=8)
   pal = SpeculativeGenerator(cfg, params, P.Recycling(branching=(2, 2)), page_size=8,
-                             implementation="pallas")
+                             runtime=Runtime(implementation="pallas"))
   assert [r.tokens for r in pal.generate(rows)] == [r.tokens for r in ref.generate(rows)]
 
 
@@ -537,7 +538,7 @@ def test_sliding_window_model_speculates_losslessly(tmp_path):
   for proposer, impl in ((P.NGram(num_draft_tokens=4), "xla"),
                          (P.Lookahead(num_nodes=7, depth=3, num_candidates=6), "pallas")):
     spec = SpeculativeGenerator(cfg, params, proposer, page_size=8, policy="always",
-                                implementation=impl, num_slots=2)
+                                runtime=Runtime(implementation=impl), num_slots=2)
     assert [r.tokens for r in spec.generate(rows)] == [r.tokens for r in plain], proposer.name
   with pytest.raises(ValueError, match="sliding window"):
     SpeculativeGenerator(cfg, params, P.Lookahead(num_nodes=12))
@@ -565,7 +566,7 @@ def test_sinks_window_sparsity_speculates_losslessly(target, other_draft):
   rows = _rows(cfg, 5, seed=41)
   rows += [dataclasses.replace(rows[1], prompt_ids=list(rows[1].prompt_ids) + [7] * 9,
                                max_new_tokens=30)]  # shares rows[1]'s full pages
-  plain = Generator(cfg, params, sparsity=sparsity).generate(rows)
+  plain = Generator(cfg, params, Runtime(sparsity=sparsity)).generate(rows)
   dense = Generator(cfg, params).generate(rows)
   assert [p.tokens for p in plain] != [d.tokens for d in dense]  # the pattern matters here
   eagle_tree, heads = _proposers(cfg, params, other_draft)["eagle-tree"]
@@ -573,15 +574,18 @@ def test_sinks_window_sparsity_speculates_losslessly(target, other_draft):
                          (P.Lookahead(num_nodes=7, depth=3, num_candidates=6), "pallas"),
                          (eagle_tree, "xla")):
     spec = SpeculativeGenerator(cfg, params, proposer, page_size=8, policy="always",
-                                implementation=impl, num_slots=2, sparsity=sparsity,
+                                runtime=Runtime(implementation=impl, sparsity=sparsity),
+                                num_slots=2,
                                 draft_params=heads if proposer is eagle_tree else None,
                                 prefill_chunk=8 if proposer is eagle_tree else 512)
     assert [r.tokens for r in spec.generate(rows)] == [r.tokens for r in plain], proposer.name
     assert spec.stats.verify_steps > 0
   with pytest.raises(ValueError, match="window"):
-    SpeculativeGenerator(cfg, params, P.Lookahead(num_nodes=12), sparsity=sparsity)
+    SpeculativeGenerator(cfg, params, P.Lookahead(num_nodes=12),
+                         runtime=Runtime(sparsity=sparsity))
   with pytest.raises(ValueError, match="whole-prompt"):
-    SpeculativeGenerator(cfg, params, P.NGram(), sparsity=parse("block_topk:2,16"))
+    SpeculativeGenerator(cfg, params, P.NGram(),
+                         runtime=Runtime(sparsity=parse("block_topk:2,16")))
 
 
 def test_a_draft_model_attends_with_the_targets_sparsity(target):
@@ -593,10 +597,10 @@ def test_a_draft_model_attends_with_the_targets_sparsity(target):
   cfg, params = target
   sparsity = parse("sinks_window:2,10")
   rows = [dataclasses.replace(r, max_new_tokens=40) for r in _rows(cfg, 4, seed=43)]
-  plain = Generator(cfg, params, sparsity=sparsity).generate(rows)
+  plain = Generator(cfg, params, Runtime(sparsity=sparsity)).generate(rows)
   spec = SpeculativeGenerator(cfg, params, P.DraftModel(cfg, num_draft_tokens=3),
                               draft_params=params, page_size=8, policy="always", num_slots=2,
-                              sparsity=sparsity)
+                              runtime=Runtime(sparsity=sparsity))
   assert spec.proposer.sparsity == sparsity
   assert [r.tokens for r in spec.generate(rows)] == [r.tokens for r in plain]
   assert spec.stats.per_depth_acceptance() == [1.0, 1.0, 1.0]
@@ -618,12 +622,12 @@ def test_draft_layers_attend_with_the_targets_sparsity(target, other_draft, name
     o = 0.05 * jax.random.normal(jax.random.key(2), heads.prefix.attn.o.shape)
     heads = heads.replace(prefix=heads.prefix.replace(attn=heads.prefix.attn.replace(o=o)))
   spec = SpeculativeGenerator(cfg, params, proposer, draft_params=heads, page_size=8,
-                              policy="always", sparsity=sparsity)
+                              policy="always", runtime=Runtime(sparsity=sparsity))
   assert spec.proposer.sparsity == sparsity
   b, n, max_len = 2, 40, 64
   prompts = jax.random.randint(jax.random.key(9), (b, n), 1, cfg.vocab_size)
   hidden, _ = M.forward(params, prompts, jnp.broadcast_to(jnp.arange(n), (b, n)), cfg,
-                        sparsity=sparsity)
+                        runtime=Runtime(sparsity=sparsity))
   first = jnp.argmax(M.logits(params, hidden[:, -1]), axis=-1).astype(jnp.int32)
   history = jnp.zeros((b, max_len), jnp.int32).at[:, :n].set(prompts).at[:, n].set(first)
   prompt_len = jnp.full((b,), n, jnp.int32)
@@ -663,14 +667,14 @@ def test_sharded_speculation_equals_greedy(tiny_model_dir, plain_greedy, mesh_sp
   mesh = make_mesh(mesh_spec, jax.devices()[:4 if "," in mesh_spec else 2])
   cfg, params, _ = checkpoint.load_model(str(tiny_model_dir), None, mesh)
   rows, plain = plain_greedy[9]
-  spec = SpeculativeGenerator(cfg, params, P.Lookahead(num_nodes=6, depth=3), mesh=mesh,
-                              num_slots=slots, policy="always", page_size=8,
-                              implementation="pallas")
+  spec = SpeculativeGenerator(cfg, params, P.Lookahead(num_nodes=6, depth=3),
+                              runtime=Runtime(mesh, implementation="pallas"),
+                              num_slots=slots, policy="always", page_size=8)
   assert [r.tokens for r in spec.generate(rows)] == [r.tokens for r in plain]
   # the empty state, three admission sizes, one step: every state keeps its layout
   assert spec.stats.compilations == 5
   state = spec._empty_state(slots, 64, 16, jax.random.key(0), spec.proposer)
-  where = state_shardings(state, mesh, spec.rules, spec.proposer)
+  where = state_shardings(state, mesh, spec.runtime.rules, spec.proposer)
   split = "fsdp" in mesh_spec and slots % 2 == 0
   assert where.k[0].spec[1] == ("fsdp" if split else None)
   assert where.history.spec[0] == ("fsdp" if split else None)
@@ -755,7 +759,7 @@ def test_reused_and_chunked_admissions_build_the_same_state(target, name):
   rows = _shared_prefix_rows(cfg)
   x, y = rows[0].prompt_ids, rows[1].prompt_ids
   assert x[:16] == y[:16] and x[:24] != y[:24]  # two shared pages (of 8)
-  kw = dict(cfg=cfg, proposer=proposer, implementation="xla", mesh=None, rules=gen.rules,
+  kw = dict(cfg=cfg, proposer=proposer, runtime=Runtime(rules=gen.runtime.rules),
             max_len=max_len, page_size=ps)
   sampling = SamplingParams(*(np.asarray(v) for v in ([0.0], [0], [1.0], [0.0])))
   eos = jnp.asarray([-1], jnp.int32)

@@ -154,6 +154,7 @@ def test_model_forward_with_splash_equals_xla(sparsity):
   not cover (not a whole number of 128-blocks) falls back to "pallas" and still equals "xla"."""
   from jaxinfer import model as M
   from jaxinfer.config import PRESETS
+  from jaxinfer.runtime import Runtime
   from jaxinfer.sparsity import parse
 
   cfg, sp = PRESETS["tiny"], parse(sparsity)
@@ -161,8 +162,9 @@ def test_model_forward_with_splash_equals_xla(sparsity):
   tokens = jax.random.randint(jax.random.key(1), (2, 256), 0, cfg.vocab_size)
   pos = jnp.broadcast_to(jnp.arange(256), (2, 256))
   seg = jnp.asarray(np.repeat([[0, 1], [0, 0]], 128, axis=1))
-  run = jax.jit(lambda impl, n: M.forward(params, tokens[:, :n], pos[:, :n], cfg, sparsity=sp,
-                                          segment_ids=seg[:, :n], implementation=impl)[0],
+  run = jax.jit(lambda impl, n: M.forward(params, tokens[:, :n], pos[:, :n], cfg,
+                                          segment_ids=seg[:, :n],
+                                          runtime=Runtime(implementation=impl, sparsity=sp))[0],
                 static_argnums=(0, 1))
   assert "splash" in str(jax.make_jaxpr(run, static_argnums=(0, 1))("splash", 256))  # used
   np.testing.assert_allclose(run("splash", 256), run("xla", 256), **TOL)

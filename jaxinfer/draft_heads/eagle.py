@@ -80,7 +80,7 @@ def ttt_predictions(draft: EagleDraft, base: M.Transformer, features: jax.Array,
   f_{t+j} from the true pairs up to t and its own steps before j."""
   from jaxinfer.attention import attention_reference
   from jaxinfer.rope import rope_tables
-  from jaxinfer.sharding import DEFAULT_RULES
+  from jaxinfer.runtime import Runtime
   layer, eps = draft.layer, dcfg.norm_eps
   b, t, _ = features.shape
   anchor = jnp.arange(t)
@@ -98,7 +98,7 @@ def ttt_predictions(draft: EagleDraft, base: M.Transformer, features: jax.Array,
     out = attention_reference(q, jnp.concatenate(keys, 1), jnp.concatenate(values, 1), None,
                               None, mask=mask)
     h = x + M.project_out(layer.attn, out)
-    h = h + M.mlp_block(layer.mlp, M.rms_norm(h, layer.mlp_norm, eps), None, DEFAULT_RULES)
+    h = h + M.mlp_block(layer.mlp, M.rms_norm(h, layer.mlp_norm, eps), Runtime())
     feat = M.rms_norm(h, draft.norm, eps)
     preds.append(feat)
   return preds

@@ -23,7 +23,7 @@ from jaxinfer import model as M
 from jaxinfer.config import ModelConfig
 from jaxinfer.draft_heads import files
 from jaxinfer.quant import weight
-from jaxinfer.sparsity import DENSE, Sparsity
+from jaxinfer.runtime import Runtime
 
 FORMAT = "jaxinfer-eagle-1"
 
@@ -89,16 +89,14 @@ def as_transformer(draft: EagleDraft, base: M.Transformer) -> M.Transformer:
 
 def draft_forward(draft: EagleDraft, base: M.Transformer, features: jax.Array,
                   tokens: jax.Array, positions: jax.Array, dcfg: ModelConfig, cache=None, *,
-                  kv_source: M.KVSource = "chunk", implementation: str = "xla",
-                  sparsity: Sparsity = DENSE):
+                  kv_source: M.KVSource = "chunk", runtime: Runtime = Runtime()):
   """features (B,T,D) and the tokens they produced (B,T) at `positions` -> predicted next
-  features (B,T,D) and the updated draft cache. `sparsity`: the target's attention pattern
-  (sinks_window at inference; dense in training)."""
+  features (B,T,D) and the updated draft cache. `runtime`: how the layer runs; its sparsity is
+  the target's attention pattern (sinks_window at inference; dense in training)."""
   emb = jnp.take(weight(base.embed), tokens, axis=0).astype(features.dtype)
   x = jnp.concatenate([features, emb], axis=-1) @ draft.fc
   return M.forward(as_transformer(draft, base), tokens, positions, dcfg, cache,
-                   kv_source=kv_source, implementation=implementation, sparsity=sparsity,
-                   embeddings=x)
+                   kv_source=kv_source, runtime=runtime, embeddings=x)
 
 
 def save(directory: str | Path, draft: EagleDraft, info: dict[str, Any],

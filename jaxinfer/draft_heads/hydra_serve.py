@@ -24,7 +24,7 @@ from jaxinfer import model as M
 from jaxinfer import params as P
 from jaxinfer.config import ModelConfig
 from jaxinfer.draft_heads import files
-from jaxinfer.sparsity import DENSE, Sparsity
+from jaxinfer.runtime import Runtime
 
 FORMAT = "jaxinfer-hydra-1"
 
@@ -59,16 +59,17 @@ def prefix_config(cfg: ModelConfig) -> ModelConfig:
 
 def prefix_forward(heads: HydraHeads, base: M.Transformer, hidden: jax.Array,
                    positions: jax.Array, prefix_cfg: ModelConfig, cache=None, *,
-                   kv_source: M.KVSource = "chunk", sparsity: Sparsity = DENSE):
+                   kv_source: M.KVSource = "chunk", runtime: Runtime = Runtime()):
   """The base's hidden states (B, T, D) at `positions` -> what the heads read (B, T, D): the
   prefix layer's output, or the hidden states themselves without one; and the layer's cache.
-  `sparsity`: the target's attention pattern (sinks_window at inference; dense in training)."""
+  `runtime`: how the layer runs; its sparsity is the target's attention pattern (sinks_window
+  at inference; dense in training)."""
   if heads.prefix is None:
     return hidden, cache
   model = M.Transformer(embed=base.embed, layers=(heads.prefix,), final_norm=heads.prefix_norm,
                         lm_head=base.lm_head)
   return M.forward(model, jnp.zeros(positions.shape, jnp.int32), positions, prefix_cfg, cache,
-                   kv_source=kv_source, sparsity=sparsity,
+                   kv_source=kv_source, runtime=runtime,
                    embeddings=hidden.astype(heads.prefix_norm.dtype))
 
 

@@ -18,7 +18,6 @@ from typing import Callable, Iterable
 import jax
 import jax.numpy as jnp
 import numpy as np
-from jax.sharding import Mesh
 
 from jaxinfer import model as M
 from jaxinfer.config import ModelConfig
@@ -26,9 +25,8 @@ from jaxinfer.engine.pages import PagePool
 from jaxinfer.engine.scheduler import (EngineRequest, EngineResult, Scheduler, StepPlan,
                                         lane_length)
 from jaxinfer.kv_cache import MixedPagedKVCache, PagedKVCache
+from jaxinfer.runtime import Runtime
 from jaxinfer.sampling import SamplingParams, sample
-from jaxinfer.sharding import DEFAULT_RULES, ShardingRules, constrain
-from jaxinfer.sparsity import DENSE, Sparsity
 
 
 @dataclasses.dataclass(frozen=True)
@@ -77,7 +75,7 @@ class EngineStats:
 
 def engine_step(params, k, v, last_token, tokens, from_device, positions, decode_table,
                 chunk_table, sample_index, sampled, key_data, temperature, top_k, top_p, min_p,
-                *, cfg, implementation, sparsity, mesh, rules):
+                *, cfg, runtime):
   s = decode_table.shape[0]
   # Decode rows (the first S) feed the token this slot sampled at the previous step, or a
   # prompt's last token (a slot's first step).
@@ -85,20 +83,18 @@ def engine_step(params, k, v, last_token, tokens, from_device, positions, decode
   tokens = jnp.where(from_device, device_tokens, tokens)
   cache = MixedPagedKVCache(k, v, decode_table, chunk_table)
   hidden, cache = M.forward(params, tokens[None], positions[None], cfg, cache, kv_source="cache",
-                            implementation=implementation, sparsity=sparsity, mesh=mesh,
-                            rules=rules)
+                            runtime=runtime)
   logits = M.logits(params, hidden[0, :s])  # (S, V): each slot's next token
   keys = jax.vmap(lambda kd, i: jax.random.fold_in(jax.random.wrap_key_data(kd), i))(
       key_data, sample_index)
   tok = sample(logits, SamplingParams(temperature, top_k, top_p, min_p), keys)
   # the last tokens keep one layout (whole) from step to step, whatever the kernels' sharding
-  return cache.k, cache.v, constrain(jnp.where(sampled, tok, last_token), (None,), mesh,
-                                     rules), tok
+  return cache.k, cache.v, runtime.constrain(jnp.where(sampled, tok, last_token), (None,)), tok
 
 
 def engine_decode(params, k, v, last_token, tokens, from_device, positions, decode_table,
                   sample_index, sampled, key_data, temperature, top_k, top_p, min_p, num_steps,
-                  *, max_steps, cfg, implementation, sparsity, mesh, rules):
+                  *, max_steps, cfg, runtime):
   """`num_steps` (<= max_steps) decode-only steps in one dispatch: each slot that samples feeds
   its last token (the first step: `tokens` where not `from_device`, a prompt's last token) at
   its next position and samples its next output index; returns the pools, the last tokens and
@@ -112,8 +108,7 @@ def engine_decode(params, k, v, last_token, tokens, from_device, positions, deco
     cache = MixedPagedKVCache(k, v, decode_table, no_chunks)
     pos = positions + jnp.where(sampled, i, 0)  # the rest stay out of range (nothing written)
     hidden, cache = M.forward(params, last[None], pos[None], cfg, cache, kv_source="cache",
-                              implementation=implementation, sparsity=sparsity, mesh=mesh,
-                              rules=rules)
+                              runtime=runtime)
     keys = jax.vmap(jax.random.fold_in)(wrap(key_data), sample_index + i)
     tok = sample(M.logits(params, hidden[0]), sp, keys)
     return cache.k, cache.v, jnp.where(sampled, tok, last), out.at[i].set(tok)
@@ -121,7 +116,7 @@ def engine_decode(params, k, v, last_token, tokens, from_device, positions, deco
   out = jnp.zeros((max_steps, s), jnp.int32)
   last = jnp.where(from_device, last_token, tokens)
   k, v, last, out = jax.lax.fori_loop(0, num_steps, step, (k, v, last, out))
-  return k, v, constrain(last, (None,), mesh, rules), out
+  return k, v, runtime.constrain(last, (None,)), out
 
 
 def pool_pages_for(cfg: EngineConfig, max_pages_per_request: int) -> int:
@@ -133,24 +128,21 @@ class Engine:
   fsdp/model axes, or one device)."""
 
   def __init__(self, model_cfg: ModelConfig, params: M.Transformer, cfg: EngineConfig,
-               max_len: int, mesh: Mesh | None = None, rules: ShardingRules = DEFAULT_RULES,
-               implementation: str = "xla", sparsity: Sparsity = DENSE):
-    if sparsity.dynamic:
-      raise ValueError(f"Engine: {sparsity} needs whole-prompt prefill; the engine prefills in "
-                       f"chunks (use the static Generator)")
-    self.model_cfg, self.params, self.cfg = model_cfg, params, cfg
-    self.mesh, self.rules = mesh, rules
+               max_len: int, runtime: Runtime = Runtime()):
+    if runtime.sparsity.dynamic:
+      raise ValueError(f"Engine: {runtime.sparsity} needs whole-prompt prefill; the engine "
+                       f"prefills in chunks (use the static Generator)")
+    self.model_cfg, self.params, self.cfg, self.runtime = model_cfg, params, cfg, runtime
     ps = cfg.page_size
     self.max_pages = max(1, -(-max_len // ps))
     self.num_pool_pages = pool_pages_for(cfg, self.max_pages)
-    self.k, self.v = PagedKVCache.init_pools(model_cfg, self.num_pool_pages, ps, mesh, rules)
+    self.k, self.v = PagedKVCache.init_pools(model_cfg, self.num_pool_pages, ps, runtime.mesh,
+                                             runtime.rules)
     self.last_token = jnp.zeros((cfg.num_slots,), jnp.int32)
     self.stats = EngineStats(pool_pages=self.num_pool_pages)
-    step = partial(engine_step, cfg=model_cfg, implementation=implementation, sparsity=sparsity,
-                   mesh=mesh, rules=rules)
+    step = partial(engine_step, cfg=model_cfg, runtime=runtime)
     self._step = jax.jit(step, donate_argnums=(1, 2, 3))
-    decode = partial(engine_decode, max_steps=cfg.decode_steps, cfg=model_cfg,
-                     implementation=implementation, sparsity=sparsity, mesh=mesh, rules=rules)
+    decode = partial(engine_decode, max_steps=cfg.decode_steps, cfg=model_cfg, runtime=runtime)
     self._decode = jax.jit(decode, donate_argnums=(1, 2, 3))
     self._compiled: dict[tuple[int, int] | str, Callable] = {}
 

@@ -32,6 +32,7 @@ from jaxinfer.generation import Generator, RowRequest, Timings, sample_key
 from jaxinfer.kv_cache import PagedKVCache
 from jaxinfer.options import ServeOptions
 from jaxinfer.requests import Request
+from jaxinfer.runtime import Runtime
 from jaxinfer.serving import placement
 from jaxinfer.sharding import device_bytes
 
@@ -48,6 +49,12 @@ def _longest(requests: list[Request]) -> tuple[int, int]:
           max([r.max_new_tokens for r in requests] + [1]))
 
 
+def _runtime(opts: ServeOptions, mesh, sparsity) -> Runtime:
+  """One replica's runtime: its mesh (None: the default device), the default rules, the
+  attention implementation and the parsed sparsity."""
+  return Runtime(mesh, implementation=opts.implementation, sparsity=sparsity)
+
+
 def _engine_config(opts: ServeOptions) -> EngineConfig:
   return EngineConfig(num_slots=opts.batch_size, chunk_size=opts.chunk_size,
                       chunk_lanes=opts.chunk_lanes, page_size=opts.page_size,
@@ -61,7 +68,8 @@ class EngineBackend:
   def __init__(self, opts: ServeOptions, cfg, params, replicas: list[placement.Replica],
                total: int, sparsity):
     self.opts, self.cfg, self.params = opts, cfg, params
-    self.replicas, self.total, self.sparsity = replicas, total, sparsity
+    self.replicas, self.total = replicas, total
+    self.runtimes = [_runtime(opts, r.mesh, sparsity) for r in replicas]
     self.engines: list[Engine] = []
     self.max_len = 0
 
@@ -72,13 +80,12 @@ class EngineBackend:
     if need > self.max_len:
       ecfg = _engine_config(self.opts)
       meshes = [r.mesh for r in self.replicas]
-      engines = [Engine(self.cfg, placement.on_replica(self.params, mesh, meshes), ecfg, need,
-                        mesh, implementation=self.opts.implementation, sparsity=self.sparsity)
-                 for mesh in meshes]
+      engines = [Engine(self.cfg, placement.on_replica(self.params, rt.mesh, meshes), ecfg, need,
+                        rt) for rt in self.runtimes]
       for eng in engines:
         placement.check_memory(
             f"--kv_pages: the KV pool ({eng.num_pool_pages} pages of {ps} tokens",
-            eng.pool_bytes(), device_bytes((eng.k, eng.v)), eng.params, eng.mesh,
+            eng.pool_bytes(), device_bytes((eng.k, eng.v)), eng.params, eng.runtime.mesh,
             "lower --kv_pages or --batch_size")
       self.engines, self.max_len = engines, need
     pages_needed = -(-need // ps)
@@ -149,8 +156,8 @@ class StaticBackend:
 
   def __init__(self, opts: ServeOptions, cfg, params, mesh, sparsity):
     self.opts = opts
-    self.gen = Generator(cfg, params, mesh, implementation=opts.implementation,
-                         steps_per_sync=opts.steps_per_sync, sparsity=sparsity)
+    self.gen = Generator(cfg, params, _runtime(opts, mesh, sparsity),
+                         steps_per_sync=opts.steps_per_sync)
 
   def prepare(self, requests: list[Request]) -> None:
     if any(r.n > 1 for r in requests):
@@ -200,11 +207,11 @@ class SpeculativeBackend:
         self.gens.append(SpeculativeGenerator(
             cfg, params if mesh is None else placement.on_replica(params, mesh, meshes),
             proposer, draft_params=placement.replicated(draft_params, mesh),
-            rule=opts.acceptance, implementation=opts.implementation,
+            rule=opts.acceptance, runtime=_runtime(opts, mesh, sparsity),
             steps_per_sync=opts.steps_per_sync, page_size=opts.page_size,
             prefill_chunk=opts.prefill_chunk,
             num_slots=opts.batch_size if self.continuous else None, policy=opts.speculation,
-            sparsity=sparsity, mesh=mesh, engine_config=_engine_config(opts)))
+            engine_config=_engine_config(opts)))
       except ValueError as e:  # e.g. a tree larger than the model's sliding window
         raise UserError(f"--speculative={opts.speculative} (--tree / --num_draft_tokens): "
                         f"{e}") from None
@@ -222,7 +229,7 @@ class SpeculativeBackend:
               f"{sum(longest)} tokens, the proposer's caches, the plain-decoding pool")
       placement.check_memory(what, gen.memory_bytes(*longest, b),
                              gen.memory_bytes(*longest, b, per_device=True), gen.params,
-                             gen.mesh, "lower --batch_size or --max_new_tokens")
+                             gen.runtime.mesh, "lower --batch_size or --max_new_tokens")
     if self.continuous:
       self.reserved = tuple(max(a, c) for a, c in zip(self.reserved, longest))
       for gen in self.gens:

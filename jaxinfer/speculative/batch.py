@@ -72,8 +72,7 @@ class SlotBatch:
                                max(r.max_new_tokens for r in rows), proposer.tree_size)
     m = self.m = max_len // ps
     self.page_table = jnp.arange(b * m, dtype=jnp.int32).reshape(b, m)
-    kw = dict(cfg=cfg, proposer=proposer, implementation=gen.implementation,
-              sparsity=gen.sparsity, mesh=gen.mesh, rules=gen.rules)
+    kw = dict(cfg=cfg, proposer=proposer, runtime=gen.runtime)
     self.eos = jnp.asarray(cfg.eos_token_ids or (-1,), jnp.int32)
     self.eos_set = set(int(e) for e in cfg.eos_token_ids)
     self.admit = partial(_admit, max_len=max_len, page_size=ps, **kw)

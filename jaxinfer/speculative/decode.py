@@ -31,7 +31,7 @@ from jaxinfer import model as M
 from jaxinfer.config import ModelConfig
 from jaxinfer.generation import Generator, RowRequest, RowResult, next_pow2
 from jaxinfer.kv_cache import PagedKVCache
-from jaxinfer.sparsity import DENSE, Sparsity
+from jaxinfer.runtime import Runtime
 from jaxinfer.speculative import acceptance
 from jaxinfer.speculative.batch import SlotBatch, SlotPrefixes  # noqa: F401
 from jaxinfer.speculative.protocol import Weights
@@ -45,11 +45,10 @@ class SpeculativeGenerator:
 
   def __init__(self, cfg: ModelConfig, params: M.Transformer, proposer, *,
                draft_params: M.Transformer | None = None, rule: str = acceptance.EXACT,
-               implementation: str = "xla", steps_per_sync: int = 16, page_size: int = 16,
-               policy: str = "auto", explore_every: int = 8, mesh=None, rules=None,
-               measure_split: bool = True, num_slots: int | None = None,
-               max_shrinks: int = 3, prefix_reuse: bool = True, engine_config=None,
-               sparsity: Sparsity = DENSE, prefill_chunk: int = 512):
+               runtime: Runtime = Runtime(), steps_per_sync: int = 16, page_size: int = 16,
+               policy: str = "auto", explore_every: int = 8, measure_split: bool = True,
+               num_slots: int | None = None, max_shrinks: int = 3, prefix_reuse: bool = True,
+               engine_config=None, prefill_chunk: int = 512):
     """policy "auto": each batch speculates or decodes plainly (the continuous-batching engine
     with num_slots, else the static `Generator`), whichever measured faster, and speculates
     with the proposer's tree or one of up to `max_shrinks` successively halved trees
@@ -64,15 +63,16 @@ class SpeculativeGenerator:
     of computing them again.
     engine_config: the continuous-batching engine's for plain decoding with `num_slots`
     (default: num_slots slots, this page size).
-    sparsity: the target's attention pattern (dense, or sinks_window: StreamingLLM's sinks plus a
-    sliding window, in prefill, verification and plain decoding alike, and in a draft model's
-    and EAGLE's and Hydra++'s draft layers over their own caches).
+    runtime: the target's mesh (one replica's), sharding rules, attention implementation and
+    sparsity (dense, or sinks_window: StreamingLLM's sinks plus a sliding window, in prefill,
+    verification and plain decoding alike, and in a draft model's and EAGLE's and Hydra++'s
+    draft layers over their own caches).
     prefill_chunk: a row admitted with more prompt tokens than this to compute prefills them
     this many at a time (the target's and a draft layer's caches), one verification step of
     the running rows between chunks, and is admitted (its first token sampled) with the last
     chunk: a long prompt neither stalls the other rows for its whole prefill nor needs
     activations for all of it at once."""
-    from jaxinfer.sharding import DEFAULT_RULES
+    sparsity = runtime.sparsity
     if sparsity.dynamic:
       raise ValueError(f"speculative decoding: {sparsity} sparsity needs whole-prompt prefill "
                        f"(use sinks_window or dense)")
@@ -97,16 +97,13 @@ class SpeculativeGenerator:
     self.prefix_reuse = prefix_reuse
     self._batches = 0
     self._fresh = 0  # executables compiled so far
-    self._plain = Generator(cfg, params, mesh, rules or DEFAULT_RULES,
-                            implementation=implementation,
-                            sparsity=sparsity)  # (without num_slots)
+    self._plain = Generator(cfg, params, runtime)  # (without num_slots)
     self.engine_config = engine_config
     self._engine, self._engine_len = None, 0  # (with num_slots: built when first needed)
     self.cfg, self.params, self.proposer = cfg, params, proposer
     self.draft_params = draft_params
-    self.rule, self.implementation, self.sparsity = rule, implementation, sparsity
+    self.rule, self.runtime = rule, runtime
     self.steps_per_sync, self.page_size = steps_per_sync, page_size
-    self.mesh, self.rules = mesh, rules or DEFAULT_RULES
     self.stats = SpecStats(accepted_hist=np.zeros(proposer.max_depth + 1, np.int64),
                            full_tree=proposer.tree_size)
     # the proposer and its smaller trees, largest first (policy "auto" picks among them)
@@ -145,20 +142,21 @@ class SpeculativeGenerator:
   def _placed(self, fn):
     """fn, a state it returns laid out as every state is on this generator's mesh (so each
     compiled step takes the state the last one returned)."""
-    if self.mesh is None or self.mesh.size == 1:
+    mesh, rules = self.runtime.mesh, self.runtime.rules
+    if mesh is None or mesh.size == 1:
       return fn
 
     def placed(*args):
       out = fn(*args)
       if isinstance(out, SpecState):
         out = jax.lax.with_sharding_constraint(
-            out, state_shardings(out, self.mesh, self.rules, self.proposer))
+            out, state_shardings(out, mesh, rules, self.proposer))
       return out
     return placed
 
   def _place(self, state: SpecState) -> SpecState:
     """A state built on the host, laid out as `_placed` lays states out."""
-    where = state_shardings(state, self.mesh, self.rules, self.proposer)
+    where = state_shardings(state, self.runtime.mesh, self.runtime.rules, self.proposer)
     return state if where is None else jax.device_put(state, where)
 
   def _measure_split(self, state, sampling, step_s: float, level: int) -> None:
@@ -250,8 +248,7 @@ class SpeculativeGenerator:
       from jaxinfer.engine import Engine, EngineConfig
       ecfg = self.engine_config or EngineConfig(num_slots=self.num_slots,
                                                 page_size=self.page_size)
-      self._engine = Engine(self.cfg, self.params, ecfg, need, self.mesh, self.rules,
-                            implementation=self.implementation, sparsity=self.sparsity)
+      self._engine = Engine(self.cfg, self.params, ecfg, need, self.runtime)
       self._engine_len = need
     eng = self._engine
     before = dataclasses.replace(eng.stats)
@@ -321,8 +318,9 @@ class SpeculativeGenerator:
 
   def _on_device(self):
     """New arrays on this generator's device (a replica's one-device mesh), in this thread."""
-    if self.mesh is not None and self.mesh.devices.size == 1:
-      return jax.default_device(self.mesh.devices.flat[0])
+    mesh = self.runtime.mesh
+    if mesh is not None and mesh.devices.size == 1:
+      return jax.default_device(mesh.devices.flat[0])
     return contextlib.nullcontext()
 
   def _generate(self, rows, should_stop, on_result) -> list[RowResult]:
@@ -351,8 +349,9 @@ class SpeculativeGenerator:
     o, max_len = self._geometry(max_prompt_len, max_new_tokens, self.proposer.tree_size)
     shapes = jax.eval_shape(lambda: self._empty_state(b, max_len, o, jax.random.key(0),
                                                       self.proposer))
-    mesh = self.mesh if per_device else None
-    total = device_bytes(shapes, state_shardings(shapes, mesh, self.rules, self.proposer))
+    rules = self.runtime.rules
+    mesh = self.runtime.mesh if per_device else None
+    total = device_bytes(shapes, state_shardings(shapes, mesh, rules, self.proposer))
     if self.num_slots is not None and self.policy == "auto":
       from jaxinfer.engine import EngineConfig
       from jaxinfer.engine.engine import pool_pages_for
@@ -361,14 +360,15 @@ class SpeculativeGenerator:
       layer = jax.ShapeDtypeStruct(
           PagedKVCache.pool_shape(self.cfg, pages, ecfg.page_size), self.cfg.jnp_dtype)
       where = (None if mesh is None or mesh.size == 1 else
-               self.rules.sharding(mesh, POOL_AXES, layer.shape))
+               rules.sharding(mesh, POOL_AXES, layer.shape))
       total += 2 * self.cfg.num_layers * device_bytes(layer, where)
     return total
 
   def _new_state(self, b: int, max_len: int, out_len: int, key: jax.Array, proposer,
                  level: int) -> SpecState:
     """`_empty_state`, made where it lives: on a mesh each device makes only its own part."""
-    if self.mesh is None or self.mesh.size == 1:
+    mesh = self.runtime.mesh
+    if mesh is None or mesh.size == 1:
       return self._empty_state(b, max_len, out_len, key, proposer)
     make = lambda key, shared: self._empty_state(b, max_len, out_len, key, proposer, shared)
     return self._run(("empty", level, b, max_len, out_len), make, key, self._shared)

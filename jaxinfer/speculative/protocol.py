@@ -27,7 +27,9 @@ import jax.numpy as jnp
 from flax import struct
 
 from jaxinfer.kv_cache import CACHE_AXES, KVCache
+from jaxinfer.runtime import Runtime
 from jaxinfer.sampling import SamplingParams
+from jaxinfer.sparsity import DENSE, Sparsity
 
 
 class Weights(NamedTuple):
@@ -102,6 +104,8 @@ class Proposer(abc.ABC):
   # One state for every row (Token Recycling's adjacency matrix of likely successors), refreshed
   # by every row's verification and carried from batch to batch.
   shared_state: bool = False
+  # The pattern a draft layer or model of its own attends with (`with_sparsity`).
+  sparsity: Sparsity = DENSE
 
   @property
   @abc.abstractmethod
@@ -127,6 +131,12 @@ class Proposer(abc.ABC):
     """This proposer with a draft layer or model of its own attending as the target does."""
     del sparsity
     return self
+
+  @property
+  def draft_runtime(self) -> Runtime:
+    """What a draft layer or model of its own runs with: its `sparsity`, the reference
+    attention, no mesh (draft weights are whole on each of a replica's devices)."""
+    return Runtime(sparsity=self.sparsity)
 
   def shrink(self) -> "Proposer | None":
     """The same proposer drafting about half as many tokens per step (None: it drafts one token

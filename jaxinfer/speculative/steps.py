@@ -4,7 +4,7 @@
 
 B rows (slots), T tree nodes, S cache positions per row (pages of the row's own), V vocabulary,
 D embed. The proposer is static (a frozen dataclass); everything it does goes through its
-protocol (`jaxinfer.speculative.protocol`).
+protocol (`jaxinfer.speculative.protocol`). So is the target's `runtime` (`jaxinfer.runtime`).
 """
 
 from __future__ import annotations
@@ -17,8 +17,8 @@ from flax import struct
 
 from jaxinfer import model as M
 from jaxinfer.kv_cache import PagedKVCache, TreeKVCache, commit_path
+from jaxinfer.runtime import Runtime
 from jaxinfer.sampling import SamplingParams, argmax, distribution, sample
-from jaxinfer.sparsity import DENSE
 from jaxinfer.speculative import acceptance
 from jaxinfer.speculative.protocol import Context, Prompt, Verified, Weights, put_rows
 from pallas_kernels.tree_attention import ancestor_matrix, pack_ancestors
@@ -92,15 +92,14 @@ def _draft_only(params, draft_params, state: SpecState, sampling, *, num_steps, 
 
 
 def _verify(params, state: SpecState, draft, parents, sampling: SamplingParams, step_keys,
-            page_table, *, cfg, rule, implementation, mesh, rules, sparsity):
+            page_table, *, cfg, rule, runtime: Runtime):
   """One target forward over every row's tree (its K/V written past the committed length) and
   the acceptance rule: (hidden (B,T,D), logits (B,T,V), verdict, the cache written)."""
   depth = jnp.sum(ancestor_matrix(parents), axis=-1, dtype=jnp.int32) - 1  # (B,T)
   cache = TreeKVCache(state.k, state.v, page_table, state.length, pack_ancestors(parents),
                       contiguous=True)
   hidden, cache = M.forward(params, draft.tokens, state.length[:, None] + depth, cfg, cache,
-                            kv_source="cache", implementation=implementation,
-                            sparsity=sparsity, mesh=mesh, rules=rules)
+                            kv_source="cache", runtime=runtime)
   logits = M.logits(params, hidden)  # (B,T,V)
   greedy = sampling.temperature <= 0
   verify_keys = jax.vmap(lambda k: jax.random.fold_in(k, _VERIFY_SALT))(step_keys)
@@ -146,7 +145,7 @@ def _emit(state: SpecState, draft, verdict, eos_ids, live):
 
 
 def _step(params, draft_params, state: SpecState, sampling: SamplingParams, page_table, eos_ids,
-          *, cfg, proposer, rule, implementation, mesh, rules, sparsity=DENSE):
+          *, cfg, proposer, rule, runtime: Runtime):
   b = state.length.shape[0]
   t = proposer.tree_size
   live = ~state.done
@@ -154,7 +153,7 @@ def _step(params, draft_params, state: SpecState, sampling: SamplingParams, page
   parents = jnp.broadcast_to(draft.parents, (b, t))
   hidden, logits, verdict, cache = _verify(
       params, state, draft, parents, sampling, step_keys, page_table, cfg=cfg, rule=rule,
-      implementation=implementation, mesh=mesh, rules=rules, sparsity=sparsity)
+      runtime=runtime)
   n_acc = verdict.num_accepted
   if proposer.is_chain:  # already in place
     k_new, v_new = cache.k, cache.v
@@ -211,7 +210,7 @@ def _slot_pages(state: SpecState, slots, start, end, width: int, copy_src, copy_
 
 def _admit(params, draft_params, state: SpecState, tokens, start, history, prompt_len, max_new,
            sampling, keys, eos_ids, slots, copy_src, copy_dst, *, cfg, proposer, max_len,
-           page_size, from_cache, implementation, mesh, rules, sparsity=DENSE) -> SpecState:
+           page_size, from_cache, runtime: Runtime) -> SpecState:
   """Prefills k new rows into slots `slots` (k,) of a running state (a slot past the end: a
   padding row, nothing written): the target's K/V straight into the slots' pages, the first
   token sampled as plain decoding samples it, the proposer's state and the row's counters
@@ -228,9 +227,7 @@ def _admit(params, draft_params, state: SpecState, tokens, start, history, promp
   positions, cache = _slot_pages(state, slots, start, prompt_len, tokens.shape[1], copy_src,
                                  copy_dst, from_cache, max_len, page_size)
   hidden, cache = M.forward(params, tokens, positions, cfg, cache,
-                            kv_source="cache" if from_cache else "chunk",
-                            implementation=implementation, sparsity=sparsity, mesh=mesh,
-                            rules=rules)
+                            kv_source="cache" if from_cache else "chunk", runtime=runtime)
   last = jnp.take_along_axis(hidden, (prompt_len - start - 1)[:, None, None], axis=1)[:, 0]
   first = sample(M.logits(params, last), sampling,
                  jax.vmap(lambda kk: jax.random.fold_in(kk, 0))(keys)).astype(jnp.int32)
@@ -252,8 +249,8 @@ def _admit(params, draft_params, state: SpecState, tokens, start, history, promp
 
 
 def _extend(params, draft_params, state: SpecState, tokens, start, end, history, slots,
-            copy_src, copy_dst, *, copy, cfg, proposer, max_len, page_size, implementation, mesh,
-            rules, sparsity=DENSE) -> SpecState:
+            copy_src, copy_dst, *, copy, cfg, proposer, max_len, page_size,
+            runtime: Runtime) -> SpecState:
   """One chunk of a long admission: the target's K/V for prompt positions [start, end) of each
   of k rows (tokens (k, w), w >= end - start) written into its slot's pages (`slots` (k,); past
   the end: a padding row), attending to what those pages already hold; the proposer's state
@@ -269,8 +266,7 @@ def _extend(params, draft_params, state: SpecState, tokens, start, end, history,
   positions, cache = _slot_pages(state, slots, start, end, tokens.shape[1], copy_src, copy_dst,
                                  copy, max_len, page_size)
   hidden, cache = M.forward(params, tokens, positions, cfg, cache, kv_source="cache",
-                            implementation=implementation, sparsity=sparsity, mesh=mesh,
-                            rules=rules)
+                            runtime=runtime)
   # positions < end, as for a prompt ending at end + 1 (a draft layer's pairs: the token after
   # each is in the prompt)
   prompt = Prompt(hidden, hidden[:, -1], history, end + 1, jnp.zeros_like(end), slots, start,

@@ -16,6 +16,7 @@ import numpy as np
 from jaxinfer import model as M
 from jaxinfer import quant
 from jaxinfer.config import ModelConfig
+from jaxinfer.runtime import Runtime
 
 
 @dataclasses.dataclass
@@ -48,18 +49,18 @@ class TokenWindows:
 
 
 def next_token_logits(params: M.Transformer, tokens: jax.Array, cfg: ModelConfig,
-                      implementation: str = "xla") -> jax.Array:
+                      runtime: Runtime = Runtime()) -> jax.Array:
   """tokens (B, T+1) -> float32 logits (B, T, V) predicting tokens[:, 1:]."""
   inputs = tokens[:, :-1]
   positions = jnp.broadcast_to(jnp.arange(inputs.shape[1], dtype=jnp.int32), inputs.shape)
-  hidden, _ = M.forward(params, inputs, positions, cfg, implementation=implementation)
+  hidden, _ = M.forward(params, inputs, positions, cfg, runtime=runtime)
   return M.logits(params, hidden)
 
 
 def token_losses(params: M.Transformer, tokens: jax.Array, cfg: ModelConfig,
-                 implementation: str = "xla") -> jax.Array:
+                 runtime: Runtime = Runtime()) -> jax.Array:
   """tokens (B, T+1) -> per-position next-token cross entropy (B, T), float32."""
-  logits = next_token_logits(params, tokens, cfg, implementation)
+  logits = next_token_logits(params, tokens, cfg, runtime)
   logz = jax.nn.logsumexp(logits, axis=-1)
   gold = jnp.take_along_axis(logits, tokens[:, 1:, None], axis=-1)[..., 0]
   return logz - gold

@@ -69,7 +69,7 @@ class DraftModel(Chain):
     pos = (0 if start is None else start[:, None]) + jnp.arange(tokens.shape[1])[None, :]
     positions = jnp.where(pos < prompt_len[:, None] - 1, pos, t)
     _, cache = M.forward(params, tokens, positions, self.cfg, cache, kv_source=kv_source,
-                         sparsity=self.sparsity)
+                         runtime=self.draft_runtime)
     return cache
 
   def draft(self, weights, cache: KVCache, ctx: Context):
@@ -86,7 +86,7 @@ class DraftModel(Chain):
     drafted, qs = [root], []
     for i in range(g):
       hidden, cache = M.forward(params, tokens, positions, self.cfg, cache, kv_source="cache",
-                                sparsity=self.sparsity)
+                                runtime=self.draft_runtime)
       logits = M.logits(params, hidden[:, -1])
       q = distribution(logits, ctx.sampling)
       tok = draw(q, ctx, i)
@@ -103,7 +103,7 @@ class DraftModel(Chain):
 
     def step(i, tokens, positions, cache, live):
       hidden, cache = M.forward(params, tokens, positions, self.cfg, cache, kv_source="cache",
-                                sparsity=self.sparsity)
+                                runtime=self.draft_runtime)
       logits = M.logits(params, hidden[:, -1])
       q = distribution(logits, ctx.sampling)
       tok = jnp.where(live, draw(q, ctx, i), 0)

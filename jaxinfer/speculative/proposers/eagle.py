@@ -58,7 +58,7 @@ class Eagle(Chain):
     kv_source = "chunk" if cache is None else "cache"
     return prefill_pending(lambda f, pos, c: draft_forward(
         heads.draft, base, f, nxt, pos, self.cfg, c, kv_source=kv_source,
-        sparsity=self.sparsity), self.cfg, features,
+        runtime=self.draft_runtime), self.cfg, features,
         prompt_len, first, max_len, self.tree_size, heads.draft.fc.dtype, start, cache)
 
   def catch_up(self, heads, base, st: EagleState):
@@ -66,7 +66,7 @@ class Eagle(Chain):
     the last of them (it scores the root's children) and the cache."""
     return feed_pending(lambda f, x, pos, cache: draft_forward(
         heads.draft, base, f, x, pos, self.cfg, cache, kv_source="cache",
-        sparsity=self.sparsity), st)
+        runtime=self.draft_runtime), st)
 
   def propose(self, heads_and_base, st: EagleState, ctx: Context):
     """`draft` with weights (heads, base)."""
@@ -85,7 +85,7 @@ class Eagle(Chain):
       if i + 1 < self.num_draft_tokens:
         hidden, cache = draft_forward(draft, base, feat[:, None], tok[:, None],
                                       (ctx.length + i)[:, None], self.cfg, cache,
-                                      kv_source="cache", sparsity=self.sparsity)
+                                      kv_source="cache", runtime=self.draft_runtime)
         feat = hidden[:, 0]
     qs.append(qs[-1])  # the last node has no children
     return st.replace(cache=cache), Draft(jnp.stack(drafted, 1),

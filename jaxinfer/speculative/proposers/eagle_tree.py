@@ -162,7 +162,8 @@ class EagleTree(Eagle):
       tree_cache = _TreeDraftCache(cache.k, cache.v, (tk,), (tv,), ctx.length, mask, offset)
       pos = jnp.broadcast_to((ctx.length + d - 1)[:, None], (b, k))
       out, tree_cache = draft_forward(draft, base, front_feat, front_tok, pos, self.cfg,
-                                      tree_cache, kv_source="cache", sparsity=self.sparsity)
+                                      tree_cache, kv_source="cache",
+                                      runtime=self.draft_runtime)
       tk, tv = tree_cache.tk[0], tree_cache.tv[0]
       c_tok, c_score = children(out, front_score)  # (B, k, k)
       c_tok, c_score = c_tok.reshape(b, k * k), c_score.reshape(b, k * k)

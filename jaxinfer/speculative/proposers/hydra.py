@@ -76,7 +76,8 @@ class Hydra(HeadsTree):
     heads, base = heads_and_base
     kv_source = "chunk" if cache is None else "cache"
     return prefill_pending(lambda f, pos, c: prefix_forward(
-        heads, base, f, pos, self.prefix, c, kv_source=kv_source, sparsity=self.sparsity),
+        heads, base, f, pos, self.prefix, c, kv_source=kv_source,
+        runtime=self.draft_runtime),
         self.prefix, features,
         prompt_len, jnp.zeros_like(prompt_len), max_len, self.tree_size,
         heads.prefix_norm.dtype, start, cache)
@@ -92,7 +93,8 @@ class Hydra(HeadsTree):
       return state, state
     heads, base = heads_and_base
     out, cache = feed_pending(lambda f, x, pos, cache: prefix_forward(
-        heads, base, f, pos, self.prefix, cache, kv_source="cache", sparsity=self.sparsity),
+        heads, base, f, pos, self.prefix, cache, kv_source="cache",
+        runtime=self.draft_runtime),
         state)
     return out, state.replace(cache=cache)
 

@@ -1,0 +1,34 @@
+"""Where and how a model runs: the mesh, the sharding rules, the attention implementation and the
+sparsity pattern, as one value.
+
+Every jitted step and every constructor that runs the model takes one `Runtime`, a static
+argument (frozen and hashable), built once per replica by the entry point; the model's blocks
+take what they need from it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Sequence
+
+import jax
+from jax.sharding import Mesh
+
+from jaxinfer.sharding import DEFAULT_RULES, ShardingRules, constrain
+from jaxinfer.sparsity import DENSE, Sparsity
+
+
+@dataclasses.dataclass(frozen=True)
+class Runtime:
+  """mesh: one replica's devices (None: one device, unplaced); rules: logical axes -> mesh axes;
+  implementation: the attention registry's key (attention.py); sparsity: the attention pattern
+  (sparsity.py)."""
+
+  mesh: Mesh | None = None
+  rules: ShardingRules = DEFAULT_RULES
+  implementation: str = "xla"
+  sparsity: Sparsity = DENSE
+
+  def constrain(self, x: jax.Array, logical_axes: Sequence[str | None]) -> jax.Array:
+    """`sharding.constrain` on this mesh by these rules (a no-op off a mesh)."""
+    return constrain(x, logical_axes, self.mesh, self.rules)
