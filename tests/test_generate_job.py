@@ -218,5 +218,9 @@ def test_cli_compilation_cache_makes_a_repeated_run_load_its_executables(tmp_pat
       assert entries, "nothing was written to the compilation cache"
   (first, m0), (second, m1) = runs
   assert first == second  # loaded executables compute the same completions
-  assert sorted(p.name for p in cache.iterdir() if p.name.endswith("-cache")) == entries
+  # the engine's steps were loaded, not compiled again (a small eager op may be written the
+  # second time when a busy host makes its compile outlast the cache's minimum)
+  after = {p.name for p in cache.iterdir() if p.name.endswith("-cache")}
+  assert set(entries) <= after
+  assert not [e for e in after - set(entries) if e.startswith("jit_engine")], after
   assert m1["compile_seconds"] < 0.5 * m0["compile_seconds"], (m0, m1)
