@@ -15,6 +15,22 @@ step time) against the device's measured copy bandwidth (roofline.py); and how m
 completions agree token for token (float32 agrees exactly; bfloat16 drifts where two logits are
 within rounding). transformers runs its default dynamic cache unless --hf_cache=static. Results
 are appended to experiments/results/bench_vs_transformers.jsonl.
+
+  python experiments/bench_vs_transformers.py --speculative  # speculative decoding, batch 1
+
+--speculative compares speculative decoding instead, at batch 1: --num_prompts prompts, the
+middle --prompt_len tokens of each of as many distinct held-out stdlib files (bench_speculative's
+prompts), --new_tokens greedy tokens each (EOS off). transformers runs plain `generate`, prompt
+lookup (`prompt_lookup_num_tokens=K` for each of --prompt_lookup) and assisted generation with a
+copy of the model keeping only its first half of layers (`assistant_model=`), one prompt at a
+time; jaxinfer runs `jaxinfer.LLM(model, batch_size=1)` plainly, with ngram drafts of
+--num_draft_tokens (speculation "always" and "auto") and with its own first-half-of-layers draft
+(layerskip, "always"), all prompts in one call through one slot. Each side is a process of its
+own that stays up; after warm-up they take turns for --repeats rounds, every mode once a round.
+Reported: each mode's tokens/s and speedup over its own side's plain decoding of the same round
+(median, min-max, quartiles), tau (tokens per target forward, bonus included), the absolute ratio
+of jaxinfer's ngram tokens/s over transformers' prompt lookup, and how many completions are
+identical to transformers' plain decoding in every round.
 """
 
 from __future__ import annotations
@@ -22,6 +38,7 @@ from __future__ import annotations
 import dataclasses
 import datetime
 import json
+import os
 import subprocess
 import sys
 import tempfile
@@ -41,10 +58,22 @@ flags.DEFINE_integer("new_tokens", 128, "Tokens generated per sequence.")
 flags.DEFINE_integer("repeats", 3, "Alternating rounds; medians are reported.")
 flags.DEFINE_enum("hf_cache", "dynamic", ["dynamic", "static"], "transformers' KV cache.")
 flags.DEFINE_integer("chunk_lanes", 8, "jaxinfer: prompts prefilled per engine step.")
+flags.DEFINE_bool("speculative", False, "Compare speculative decoding at batch 1 instead (see "
+                  "above).")
+flags.DEFINE_integer("num_prompts", 32, "--speculative: prompts, from distinct held-out files.")
+flags.DEFINE_integer("num_draft_tokens", 4, "--speculative: jaxinfer's ngram draft length.")
+flags.DEFINE_list("prompt_lookup", ["4", "10"], "--speculative: transformers' "
+                  "prompt_lookup_num_tokens values.")
+flags.DEFINE_integer("threads", os.cpu_count(), "torch's intra-op threads (jax uses the cores).")
+flags.DEFINE_string("omp_wait_policy", "", "--speculative: OMP_WAIT_POLICY of the "
+                    "transformers process ('': unset). On a CPU other jobs keep busy, OpenMP's "
+                    "spinning slows its small ops by 10x and more, PASSIVE avoids that; on an "
+                    "idle one PASSIVE is about 2x slower.")
 flags.DEFINE_string("results", str(Path(__file__).parent / "results" /
                                    "bench_vs_transformers.jsonl"), "Results file (appended).")
 # internal: one side's measurement, run in a process of its own
-flags.DEFINE_enum("side", None, ["save", "jaxinfer", "transformers"], "(internal)")
+flags.DEFINE_enum("side", None, ["save", "jaxinfer", "transformers", "jaxinfer-spec",
+                                  "transformers-spec"], "(internal)")
 flags.DEFINE_string("workdir", None, "(internal) model directory and prompts.")
 flags.DEFINE_integer("batch", None, "(internal) batch size.")
 FLAGS = flags.FLAGS
@@ -69,10 +98,17 @@ def save_side(workdir: Path) -> None:
     cfg = PRESETS[FLAGS.model.split(":", 1)[1]]
     cfg = dataclasses.replace(cfg, dtype=dtype or cfg.dtype)
     params = M.init_params(cfg, jax.random.key(0))
+    tok = None
   else:
-    cfg, params, _ = checkpoint.load_model(str(checkpoint.resolve_model_dir(FLAGS.model)), dtype)
+    cfg, params, tok = checkpoint.load_model(str(checkpoint.resolve_model_dir(FLAGS.model)),
+                                             dtype)
   cfg = dataclasses.replace(cfg, eos_token_ids=())
   checkpoint.save_hf(workdir / "model", cfg, params)
+  if FLAGS.speculative:
+    if tok is None:  # random weights: the embedded tokenizer's ids
+      tok = checkpoint.load_model(str(checkpoint.resolve_model_dir("embedded")))[2]
+    windows = file_windows(tok, FLAGS.num_prompts, FLAGS.prompt_len)
+    (workdir / "prompts.json").write_text(json.dumps(windows))
   info = {"vocab_size": cfg.vocab_size, "params": cfg.num_params(), "dtype": cfg.dtype,
           "itemsize": jax.numpy.dtype(cfg.jnp_dtype).itemsize, "num_layers": cfg.num_layers,
           "kv_heads": cfg.kv_heads, "head_dim": cfg.head_dim}
@@ -148,11 +184,212 @@ def transformers_side(workdir: Path, b: int, info: dict) -> None:
       "torch": torch.__version__, "transformers": transformers.__version__}))
 
 
-def _side(side: str, workdir: Path, b: int = 0) -> dict:
+def file_windows(tok, n: int, length: int) -> list[list[int]]:
+  """bench_speculative's prompts: the middle `length` tokens of each of the first n held-out
+  stdlib files (by path) longer than that."""
+  from jaxinfer import embedded
+  out = []
+  for f in embedded.stdlib_files(embedded.Recipe())[1]:
+    ids = tok.encode(embedded.read_text(f))
+    if len(ids) > length:
+      start = (len(ids) - length) // 2
+      out.append(ids[start:start + length])
+      if len(out) == n:
+        return out
+  raise ValueError(f"--num_prompts: the held-out files give {len(out)} windows of {length} "
+                   f"tokens, asked for {n}")
+
+
+def _serve_rounds(modes: dict, info: dict) -> None:
+  """A side's worker: warms every mode up, says READY with `info`, then runs every mode once per
+  line read ("round") and answers RESULT {mode: (seconds, completions, extras)}."""
+  for name, run in modes.items():
+    print(f"warm-up {name}: {run()[0]:.2f}s", file=sys.stderr, flush=True)
+  print("READY " + json.dumps(info), flush=True)
+  for _ in sys.stdin:
+    print("RESULT " + json.dumps({name: run() for name, run in modes.items()}), flush=True)
+
+
+def jaxinfer_spec_side(workdir: Path) -> None:
+  import jax
+
+  import jaxinfer
+  prompts = json.loads((workdir / "prompts.json").read_text())
+  sampling = jaxinfer.SamplingParams(max_new_tokens=FLAGS.new_tokens)
+  model, dtype = str(workdir / "model"), None if FLAGS.dtype == "auto" else FLAGS.dtype
+  opts = dict(batch_size=1, progress=False) | ({"dtype": dtype} if dtype else {})
+  k = FLAGS.num_draft_tokens
+  llms = {"plain": jaxinfer.LLM(model, **opts),
+          f"ngram K={k}, always": jaxinfer.LLM(model, speculative="ngram", num_draft_tokens=k,
+                                               speculation="always", **opts),
+          f"ngram K={k}, auto": jaxinfer.LLM(model, speculative="ngram", num_draft_tokens=k,
+                                             **opts),
+          f"layerskip K={k}, always": jaxinfer.LLM(model, speculative="layerskip",
+                                                   num_draft_tokens=k, speculation="always",
+                                                   **opts)}
+
+  def mode(llm):
+    def run():
+      t0 = time.perf_counter()
+      outs = llm.generate(prompts, sampling)
+      m = llm.metrics  # (compilation left out: the auto policy compiles a new tree size)
+      return (time.perf_counter() - t0 - m["compile_seconds"], [o.completion_ids for o in outs],
+              {"tau": m.get("mean_accepted_tokens") or None,  # None: no batch speculated
+               "compile_seconds": m["compile_seconds"],
+               "generation_tokens_per_second": m["generation_tokens_per_second"],
+               "speculation": m.get("speculation")})
+    return run
+
+  runs = {name: mode(llm) for name, llm in llms.items()}
+  for run in runs.values():  # compilation, and the auto policy's measurements of its modes
+    for _ in range(3):
+      run()
+  _serve_rounds(runs, {"device": jax.devices()[0].device_kind, "jax": jax.__version__})
+
+
+def transformers_spec_side(workdir: Path) -> None:
+  import copy
+
+  import torch
+  import transformers
+  from transformers import AutoModelForCausalLM
+  torch.set_num_threads(FLAGS.threads)
+  transformers.logging.set_verbosity_error()
+  prompts = json.loads((workdir / "prompts.json").read_text())
+  model = AutoModelForCausalLM.from_pretrained(str(workdir / "model"), dtype="auto").eval()
+  half = model.config.num_hidden_layers // 2
+  draft = copy.deepcopy(model)  # the first half of the layers, the same norm and head
+  draft.model.layers = draft.model.layers[:half]
+  draft.config.num_hidden_layers = half
+  forwards = [0]  # the target's forward calls (prefill, verifications)
+  model.register_forward_hook(lambda *_: forwards.__setitem__(0, forwards[0] + 1))
+  n = FLAGS.new_tokens
+  kw = dict(do_sample=False, max_new_tokens=n, pad_token_id=0)
+
+  def mode(extra):
+    def run():
+      forwards[0], outs = 0, []
+      t0 = time.perf_counter()
+      with torch.inference_mode():
+        for p in prompts:
+          ids = torch.tensor([p])
+          out = model.generate(ids, attention_mask=torch.ones_like(ids), **kw, **extra)
+          outs.append(out[0, len(p):].tolist())
+      seconds = time.perf_counter() - t0
+      assert all(len(c) == n for c in outs), "a completion ended early"
+      # tokens per verification forward: every token after the prefill's first one
+      return seconds, outs, {"tau": round(len(prompts) * (n - 1) / max(1, forwards[0] -
+                                                                        len(prompts)), 4)}
+    return run
+
+  runs = {"plain": mode({})}
+  runs |= {f"prompt lookup K={k}": mode({"prompt_lookup_num_tokens": int(k)})
+           for k in FLAGS.prompt_lookup}
+  runs[f"assisted, first {half} of {half * 2} layers"] = mode({"assistant_model": draft})
+  _serve_rounds(runs, {"torch": torch.__version__, "transformers": transformers.__version__,
+                       "threads": torch.get_num_threads()})
+
+
+class _Worker:
+  """A side's process, kept up between rounds."""
+
+  def __init__(self, side: str, workdir: Path):
+    self.side = side
+    env = dict(os.environ)
+    if side.startswith("transformers") and FLAGS.omp_wait_policy:
+      env["OMP_WAIT_POLICY"] = FLAGS.omp_wait_policy
+    self.proc = subprocess.Popen(_command(side, workdir), stdin=subprocess.PIPE,
+                                 stdout=subprocess.PIPE, text=True, env=env)  # stderr: ours
+    self.info = self._read("READY ")
+
+  def _read(self, prefix: str) -> dict:
+    for line in self.proc.stdout:
+      if line.startswith(prefix):
+        return json.loads(line[len(prefix):])
+    raise RuntimeError(f"{self.side} failed (its messages are above)")
+
+  def round(self) -> dict:
+    self.proc.stdin.write("round\n")
+    self.proc.stdin.flush()
+    return self._read("RESULT ")
+
+  def close(self) -> None:
+    self.proc.stdin.close()
+    self.proc.wait()
+
+
+def speculative_main(workdir: Path) -> None:
+  import numpy as np
+  t0 = time.perf_counter()
+  model = _side("save", workdir)
+  workers = [_Worker("jaxinfer-spec", workdir), _Worker("transformers-spec", workdir)]
+  rounds = {w.side: [] for w in workers}
+  for r in range(FLAGS.repeats):
+    for w in workers if r % 2 == 0 else workers[::-1]:  # alternating who goes first
+      rounds[w.side].append(w.round())
+      print(f"round {r + 1} {w.side}: " + ", ".join(
+          f"{k} {v[0]:.2f}s" for k, v in rounds[w.side][-1].items()), file=sys.stderr,
+          flush=True)
+  for w in workers:
+    w.close()
+  reference = rounds["transformers-spec"][0]["plain"][1]
+  tokens = len(reference) * FLAGS.new_tokens
+
+  def spread(xs) -> dict:
+    q1, med, q3 = np.percentile(xs, [25, 50, 75])
+    return {"median": round(float(med), 3), "min": round(float(min(xs)), 3),
+            "max": round(float(max(xs)), 3), "iqr": [round(float(q1), 3), round(float(q3), 3)]}
+
+  def side(name: str) -> dict:
+    rs, out = rounds[name], {}
+    for mode in rs[0]:
+      runs = [r[mode] for r in rs]
+      same = sum(all(run[1][i] == reference[i] for run in runs) for i in range(len(reference)))
+      out[mode] = {"tokens_per_second": round(tokens / float(np.median([x[0] for x in runs])), 1),
+                   "speedup_over_plain": spread([r["plain"][0] / r[mode][0] for r in rs]),
+                   "tau": runs[-1][2].get("tau"),
+                   "identical_to_transformers_plain": f"{same}/{len(reference)}"}
+      out[mode] |= {k: v for k, v in runs[-1][2].items() if k not in ("tau",) and v is not None}
+    return out
+
+  ours, theirs = side("jaxinfer-spec"), side("transformers-spec")
+  # jaxinfer's tokens/s over transformers' (the same tokens: their time over ours), per round
+  ratio = lambda a, b: spread([rt[b][0] / rj[a][0] for rj, rt in zip(
+      rounds["jaxinfer-spec"], rounds["transformers-spec"])])
+  k = FLAGS.num_draft_tokens
+  pairs = {f"jaxinfer ngram K={k} {policy} / transformers prompt lookup K={pl}":
+           ratio(f"ngram K={k}, {policy}", f"prompt lookup K={pl}")
+           for policy in ("always", "auto") for pl in FLAGS.prompt_lookup}
+  pairs["jaxinfer plain / transformers plain"] = ratio("plain", "plain")
+  info = workers[0].info | workers[1].info
+  row = {"protocol": f"{FLAGS.num_prompts} held-out files, speculative, batch 1",
+         "model": FLAGS.model, "params": model["params"], "dtype": model["dtype"], "batch": 1,
+         "num_prompts": FLAGS.num_prompts, "prompt_len": FLAGS.prompt_len,
+         "new_tokens": FLAGS.new_tokens, "eos": "off", "repeats": FLAGS.repeats,
+         "prompt_set": f"the middle {FLAGS.prompt_len}-token window of each of the first "
+                       f"{FLAGS.num_prompts} held-out stdlib files (by path) longer than that",
+         "jaxinfer_modes": ours, "transformers_modes": theirs, "absolute_ratios": pairs,
+         "transformers_assistant": "transformers' defaults (num_assistant_tokens etc.)",
+         "device": info["device"], "jax": info["jax"], "torch": info["torch"],
+         "transformers": info["transformers"], "threads": info["threads"],
+         "omp_wait_policy": FLAGS.omp_wait_policy or None,
+         "cpu_count": os.cpu_count(), "date": datetime.date.today().isoformat(),
+         "run_seconds": round(time.perf_counter() - t0, 1),
+         "load_average_1m": round(os.getloadavg()[0], 2)}  # other jobs on a shared CPU
+  output.append_jsonl(FLAGS.results, [row])
+  print(json.dumps(row, indent=2))
+
+
+def _command(side: str, workdir: Path, b: int = 0) -> list[str]:
   cmd = [sys.executable, __file__, f"--side={side}", f"--workdir={workdir}", f"--batch={b}"]
-  cmd += [f"--{f}={getattr(FLAGS, f)}" for f in ("model", "dtype", "prompt_len", "new_tokens",
-                                                  "hf_cache", "chunk_lanes")]
-  proc = subprocess.run(cmd, capture_output=True, text=True)
+  return cmd + [f"--{f}={getattr(FLAGS, f)}" for f in (
+      "model", "dtype", "prompt_len", "new_tokens", "hf_cache", "chunk_lanes", "speculative",
+      "num_prompts", "num_draft_tokens", "threads")] + [
+      f"--prompt_lookup={','.join(FLAGS.prompt_lookup)}"]
+
+
+def _side(side: str, workdir: Path, b: int = 0) -> dict:
+  proc = subprocess.run(_command(side, workdir, b), capture_output=True, text=True)
   if proc.returncode:
     raise RuntimeError(f"{side} failed:\n{proc.stderr[-4000:]}")
   return json.loads(proc.stdout.strip().splitlines()[-1])
@@ -164,10 +401,15 @@ def main(argv):
     workdir = Path(FLAGS.workdir)
     if FLAGS.side == "save":
       return save_side(workdir)
+    if FLAGS.side.endswith("-spec"):
+      return (jaxinfer_spec_side if FLAGS.side == "jaxinfer-spec" else transformers_spec_side)(
+          workdir)
     info = json.loads((workdir / "info.json").read_text())
     side = jaxinfer_side if FLAGS.side == "jaxinfer" else transformers_side
     return side(workdir, FLAGS.batch, info)
-    return
+  if FLAGS.speculative:
+    with tempfile.TemporaryDirectory() as d:
+      return speculative_main(Path(d))
   import numpy as np
   with tempfile.TemporaryDirectory() as d:
     workdir = Path(d)

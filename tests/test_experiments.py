@@ -30,6 +30,7 @@ def test_bench_speculative_measures_speedup_and_verify_cost(tmp_path, tiny_model
   proc = subprocess.run([sys.executable, str(EXPERIMENTS / "bench_speculative.py"),
                          f"--model={tiny_model_dir}", "--methods=ngram", "--batch_sizes=2",
                          "--prompt_tokens=16", "--max_new_tokens=8", "--repeats=1",
+                         "--num_prompts=2",
                          f"--results={results}"], capture_output=True, text=True, timeout=600)
   assert proc.returncode == 0, proc.stderr[-3000:]
   (row,) = map(json.loads, results.read_text().splitlines())

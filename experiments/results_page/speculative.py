@@ -34,7 +34,36 @@ def verify_cost(row: dict):
   return row.get("verify_cost", {}).get(str(row.get("tree_size")))
 
 
+def spread(r: dict, key: str) -> str:
+  """A [min, max] pair of per-round speedups."""
+  lo_hi = r.get(key)
+  return f"{lo_hi[0]:.2f}–{lo_hi[1]:.2f}" if lo_hi else NA
+
+
+def tokens_per_second(r: dict) -> str:
+  """plain / always / auto generation tokens/s (compilation left out), then end to end where a
+  call compiled (the auto policy trying a tree size for the first time)."""
+  gen, e2e = (r.get(k) or {} for k in ("generation_tokens_per_second",
+                                        "end_to_end_tokens_per_second"))
+  text = lambda v: " / ".join(fmt(v.get(m), 0) for m in ("plain", "always", "auto"))
+  return text(gen) + (f" ({text(e2e)} end to end)" if e2e != gen else "")
+
+
 MODEL = ("model", lambda r: short_model(r.get("model")))
+# rows of the current protocol (--num_prompts distinct held-out files at every batch size,
+# against the engine's plain decoding) carry "protocol"; earlier rows do not
+AGAINST_ENGINE = [
+    MODEL, field("batch", "batch_size"), field("prompts", "num_prompts"),
+    field("rounds", "repeats"), field("plain tok/s", "plain_tokens_per_second_median", 0),
+    field("method", "method"), field("tree nodes", "tree_size"),
+    field("draft heads", "draft_heads"), field("τ", "tau"),
+    field("speedup, always", "speedup", unit="×"),
+    ("always, min–max", lambda r: spread(r, "speedup_spread")),
+    field("speedup, auto", "speedup_auto_policy", unit="×"),
+    ("auto, min–max", lambda r: spread(r, "speedup_auto_spread")),
+    field("τ, auto", "tau_auto"), ("auto chose", auto_chose),
+    ("tok/s plain / always / auto", tokens_per_second),
+    field("identical to plain", "identical_to_plain"), field("note", "note")]
 METHODS = [
     MODEL, field("batch", "batch_size"),
     field("plain tok/s", "plain_tokens_per_second_median", 0), field("method", "method"),
@@ -44,8 +73,9 @@ METHODS = [
     field("speedup, auto", "speedup_auto_policy", unit="×"), ("auto chose", auto_chose),
     field("draft share", "draft_share"), field("identical to plain", "identical_to_plain")]
 COSTS = [
-    MODEL, field("params", "params"), field("batch", "batch_size"), field("method", "method"),
-    field("τ", "tau"), ("verify cost", lambda r: fmt(verify_cost(r))),
+    MODEL, field("params", "params"), field("batch", "batch_size"),
+    ("plain decoding", lambda r: "engine" if r.get("protocol") else "static generator"),
+    field("method", "method"), field("τ", "tau"), ("verify cost", lambda r: fmt(verify_cost(r))),
     ("bound τ / cost", lambda r: ratio(r["tau"] / verify_cost(r))),
     field("speedup, always", "speedup", unit="×"),
     ("speedup / τ", lambda r: fmt(r["speedup"] / r["tau"])),
@@ -62,7 +92,22 @@ TREE_SIZES = [
 
 def _speculative(recs) -> list[str]:
   rows = spec_rows(recs)
-  return ([""] + table(METHODS, rows) + part(
+  current = [r for r in rows if r.get("protocol")]
+  earlier = [r for r in rows if not r.get("protocol")]
+  return (part(
+      "Against the engine's plain decoding",
+      "`python experiments/bench_speculative.py`: the same prompts at every batch size, one "
+      "128-token window (the middle of the file) from each of 32 distinct held-out files; batch "
+      "B runs all of them through B slots (batch 1: one at a time). Each method runs through "
+      "`jaxinfer.LLM(..., speculative=METHOD, speculation=always|auto)` against "
+      "`jaxinfer.LLM(model, batch_size=B)` without speculation, compilation left out by warm-up "
+      "calls; per round and method: plain, always, auto. Speedup: plain wall time / method wall "
+      "time of the same round, the median over rounds, then the slowest and fastest round. "
+      "τ, auto: over the batches the auto policy speculated. Identical: prompts whose completions "
+      "equal plain decoding's in every round, both policies.", AGAINST_ENGINE, current) + part(
+      "Earlier runs: B prompts at batch B, against the static generator",
+      "Batch 1 measured one prompt; plain decoding was the static generator, not the engine "
+      "users get.", METHODS, earlier) + part(
       "Verification cost",
       "The target's forward over T tokens per row against one token, measured in the same run "
       "(`verify_cost`); speedup ≤ about τ / cost. `preset:wide` is the embedded model's "
@@ -73,16 +118,17 @@ def _speculative(recs) -> list[str]:
       "The auto policy's tree sizes",
       "The auto policy with smaller trees, against the policy limited to on / off and against "
       "speculation forced on; the last column is what the policy measured per tree size (decode "
-      "tokens/s).", TREE_SIZES, [r for r in rows if r.get("auto_tree_sizes")]))
+      "tokens/s).", TREE_SIZES, [r for r in rows if "speedup_auto_on_off" in r]))
 
 
 SPECULATIVE = Section(
     "Speculative decoding",
     "`python experiments/bench_speculative.py --methods=...`: 128-token prompts of held-out "
-    "stdlib source, 96 new tokens, greedy; speedup = plain time / method time for the same batch, "
-    "median of interleaved rounds; \"always\" forces the proposer's tree every batch, \"auto\" is "
-    "the default policy (the proposer's tree, a smaller one or plain decoding, by measured "
-    "speed). τ counts the bonus token. Heads come from `experiments/train_heads.py` (below).",
+    "stdlib source, 96 new tokens, greedy, float32; speedup = plain time / method time for the "
+    "same prompts, median of interleaved rounds; \"always\" forces the proposer's tree every "
+    "batch, \"auto\" is the default policy (the proposer's tree, a smaller one or plain decoding, "
+    "by measured speed). τ counts the bonus token. Heads come from `experiments/train_heads.py` "
+    "(below); `--heads=DIR` adds the methods whose heads DIR holds.",
     body=_speculative)
 
 

@@ -54,20 +54,68 @@ DECODE = Section(
      field("measured ceiling GB/s", "ceilings.bandwidth_gbps", 1),
      field("fraction of ceiling", "fraction_of_measured_bandwidth")])
 
+VS_BATCH = [
+    field("torch", "torch"), field("transformers", "transformers"), field("model", "model"),
+    field("dtype", "dtype"), field("batch", "batch"),
+    ("prompt / new", lambda r: f"{r.get('prompt_len')} / {r.get('new_tokens')}"),
+    field("engine tok/s", "jaxinfer_tokens_per_second", 0),
+    field("transformers tok/s", "transformers_tokens_per_second", 0),
+    field("ratio", "speedup", unit="×"),
+    field("engine decode-only tok/s", "jaxinfer_decode_tokens_per_second", 0),
+    field("identical", "identical_completions")]
+
+
+def _spread(s: dict | None) -> str:
+  """A per-round ratio: its median (slowest–fastest round)."""
+  return NA if not s else f"{s['median']:.2f}× ({s['min']:.2f}–{s['max']:.2f})"
+
+
+VS_SPECULATIVE = [
+    field("torch", "torch"), field("transformers", "transformers"), field("threads", "threads"),
+    field("prompts", "num_prompts"), field("rounds", "repeats"), field("side", "side"),
+    field("mode", "mode"), field("tok/s", "tokens_per_second", 0),
+    ("speedup over its plain (min–max)", lambda r: _spread(r.get("speedup_over_plain"))),
+    field("τ", "tau"), field("identical to transformers' plain",
+                             "identical_to_transformers_plain"), field("note", "note")]
+VS_RATIOS = [field("prompts", "num_prompts"), field("rounds", "repeats"),
+             field("tokens/s, one over the other", "pair"),
+             ("ratio (min–max)", lambda r: _spread(r.get("ratio")))]
+
+
+def _vs_transformers(recs) -> list[str]:
+  batch = [r for r in recs if not r.get("protocol")]
+  spec = [r for r in recs if r.get("protocol")]
+  modes = [{**r, "side": side, "mode": mode, **m} for r in spec
+           for side, key in (("jaxinfer", "jaxinfer_modes"), ("transformers", "transformers_modes"))
+           for mode, m in r[key].items()]
+  ratios = [{**r, "pair": pair, "ratio": v} for r in spec
+            for pair, v in r["absolute_ratios"].items()]
+  return ([""] + table(VS_BATCH, batch) + (part(
+      "Speculative decoding, batch 1",
+      "`python experiments/bench_vs_transformers.py --speculative --new_tokens=96`: one "
+      "128-token window from each of 32 distinct held-out files (bench_speculative's prompts), "
+      "96 greedy tokens each (EOS off), float32, one prompt at a time; transformers' prompt "
+      "lookup (`prompt_lookup_num_tokens=K`) and assisted generation with the model's first half "
+      "of layers as `assistant_model` (its defaults otherwise), jaxinfer's ngram (speculation "
+      "always / auto) and its own first-half-of-layers draft (layerskip). Both sides stay up in "
+      "processes of their own and take turns, every mode once a round; speedup is over the "
+      "same side's plain decoding in the same round. τ: tokens per target forward after the "
+      "first token (bonus included). torch's OpenMP threads spin while they wait: with other "
+      "jobs busy on the CPU that slows transformers by 10× and more (`--omp_wait_policy=PASSIVE` "
+      "avoids it, at about 2× on an idle CPU), so these runs need the CPU to themselves.",
+      VS_SPECULATIVE, modes) + part(
+      "Speculative decoding, batch 1: jaxinfer against transformers",
+      "Tokens/s of a jaxinfer mode over a transformers mode, per round (the same tokens).",
+      VS_RATIOS, ratios) if spec else []))
+
+
 VS_TRANSFORMERS = Section(
     "Engine against transformers' generate",
     "`python experiments/bench_vs_transformers.py`: the same weights, each side in its own "
     "process, alternating; exactly `new` greedy tokens per prompt (EOS off); compilation "
     "excluded. The planned GPU comparison is `--model=preset:llama3-8b --dtype=bfloat16 "
     "--batch_sizes=64,128,256` (target ≥ 5×).",
-    [field("torch", "torch"), field("transformers", "transformers"), field("model", "model"),
-     field("dtype", "dtype"), field("batch", "batch"),
-     ("prompt / new", lambda r: f"{r.get('prompt_len')} / {r.get('new_tokens')}"),
-     field("engine tok/s", "jaxinfer_tokens_per_second", 0),
-     field("transformers tok/s", "transformers_tokens_per_second", 0),
-     field("ratio", "speedup", unit="×"),
-     field("engine decode-only tok/s", "jaxinfer_decode_tokens_per_second", 0),
-     field("identical", "identical_completions")])
+    body=_vs_transformers)
 
 # bench_attention's kinds of row: the sub-table's title and the columns its rows fill
 ATTENTION_KINDS = {
