@@ -97,22 +97,6 @@ SPEC = {"eagle-tree": "eagle", "eagle-ttt": "eagle", "hydra++": "hydra",
         "layerskip-fallback": "layerskip"}  # a method's --speculative
 
 
-def file_windows(tok, n: int, length: int) -> list[list[int]]:
-  """The middle `length` tokens of each of the first n held-out stdlib files (by path) longer
-  than that: n prompts from n distinct files."""
-  from jaxinfer import embedded
-  out = []
-  for f in embedded.stdlib_files(embedded.Recipe())[1]:
-    ids = tok.encode(embedded.read_text(f))
-    if len(ids) > length:
-      start = (len(ids) - length) // 2
-      out.append(ids[start:start + length])
-      if len(out) == n:
-        return out
-  raise ValueError(f"--num_prompts: the held-out files give {len(out)} windows of {length} "
-                   f"tokens, asked for {n}")
-
-
 def forward_costs(cfg, params, batch: int, sizes, repeats: int = 5, steps: int = 20) -> dict:
   """{T: the target's forward over T tokens per row (over a cache, logits included) / over one
   token}, medians of `repeats` interleaved timings of a compiled loop of `steps` forwards."""
@@ -181,6 +165,7 @@ def main(argv):
   from jaxinfer import checkpoint
   from jaxinfer import model as M
   from jaxinfer.config import PRESETS
+  from jaxinfer.embedded import heldout_file_windows
 
   t_run = time.perf_counter()
   preset = FLAGS.model.startswith("preset:")
@@ -224,8 +209,8 @@ def main(argv):
   for b in map(int, FLAGS.batch_sizes):
     plain = jaxinfer.LLM(model, batch_size=b, **common)
     if prompts is None:
-      prompts = file_windows(tok if preset else plain.tokenizer, FLAGS.num_prompts,
-                             FLAGS.prompt_tokens)
+      prompts = heldout_file_windows(tok if preset else plain.tokenizer, FLAGS.num_prompts,
+                                     FLAGS.prompt_tokens)
     llms = {m: {mode: jaxinfer.LLM(model, batch_size=b, speculation=mode,
                                    **method_options(m, heads_dir), **common)
                 for mode in ("always", "auto")} for m in methods}

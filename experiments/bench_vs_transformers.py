@@ -93,6 +93,7 @@ def save_side(workdir: Path) -> None:
   from jaxinfer import checkpoint
   from jaxinfer import model as M
   from jaxinfer.config import PRESETS
+  from jaxinfer.embedded import heldout_file_windows
   dtype = None if FLAGS.dtype == "auto" else FLAGS.dtype
   if FLAGS.model.startswith("preset:"):
     cfg = PRESETS[FLAGS.model.split(":", 1)[1]]
@@ -107,7 +108,7 @@ def save_side(workdir: Path) -> None:
   if FLAGS.speculative:
     if tok is None:  # random weights: the embedded tokenizer's ids
       tok = checkpoint.load_model(str(checkpoint.resolve_model_dir("embedded")))[2]
-    windows = file_windows(tok, FLAGS.num_prompts, FLAGS.prompt_len)
+    windows = heldout_file_windows(tok, FLAGS.num_prompts, FLAGS.prompt_len)
     (workdir / "prompts.json").write_text(json.dumps(windows))
   info = {"vocab_size": cfg.vocab_size, "params": cfg.num_params(), "dtype": cfg.dtype,
           "itemsize": jax.numpy.dtype(cfg.jnp_dtype).itemsize, "num_layers": cfg.num_layers,
@@ -182,22 +183,6 @@ def transformers_side(workdir: Path, b: int, info: dict) -> None:
       "completions": completions, "device": (torch.cuda.get_device_name() if device == "cuda"
                                              else "cpu"),
       "torch": torch.__version__, "transformers": transformers.__version__}))
-
-
-def file_windows(tok, n: int, length: int) -> list[list[int]]:
-  """bench_speculative's prompts: the middle `length` tokens of each of the first n held-out
-  stdlib files (by path) longer than that."""
-  from jaxinfer import embedded
-  out = []
-  for f in embedded.stdlib_files(embedded.Recipe())[1]:
-    ids = tok.encode(embedded.read_text(f))
-    if len(ids) > length:
-      start = (len(ids) - length) // 2
-      out.append(ids[start:start + length])
-      if len(out) == n:
-        return out
-  raise ValueError(f"--num_prompts: the held-out files give {len(out)} windows of {length} "
-                   f"tokens, asked for {n}")
 
 
 def _serve_rounds(modes: dict, info: dict) -> None:

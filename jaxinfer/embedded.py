@@ -111,6 +111,21 @@ def heldout_prompts(tokenizer, n: int, length: int) -> list[list[int]]:
   raise RuntimeError(f"not enough held-out text for {n} prompts of {length} tokens")
 
 
+def heldout_file_windows(tokenizer, n: int, length: int) -> list[list[int]]:
+  """The middle `length` tokens of each of the first n held-out files (by path) longer than that:
+  n prompts from n distinct files (benchmarks that must not measure one file's repetitions)."""
+  out = []
+  for f in stdlib_files(Recipe())[1]:
+    ids = tokenizer.encode(read_text(f))
+    if len(ids) > length:
+      start = (len(ids) - length) // 2
+      out.append(ids[start:start + length])
+      if len(out) == n:
+        return out
+  raise ValueError(f"{n} prompts asked for, but the held-out files give {len(out)} windows of "
+                   f"{length} tokens")
+
+
 def train_tokenizer(files: list[Path], recipe: Recipe):
   from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
