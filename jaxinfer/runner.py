@@ -12,18 +12,18 @@ from __future__ import annotations
 import dataclasses
 import json
 import time
-import zlib
 from pathlib import Path
 from typing import Any
 
 import jax
 
 from jaxinfer import output
-from jaxinfer.api import LLM, Completion
+from jaxinfer.api import LLM, Completion, SamplingParams
 from jaxinfer.errors import UserError
 from jaxinfer.options import ServeOptions
 from jaxinfer.requests import Defaults, InvalidRequest, Request, error_record, parse_request
 from jaxinfer.sampling import validate as validate_sampling
+from jaxinfer.serving import placement
 
 __all__ = ["GenerateJob", "UserError", "generate_file", "run"]
 
@@ -101,10 +101,6 @@ def _request_id(text: str):
   return rid if isinstance(rid, (str, int)) else None
 
 
-def _owner(record_key: tuple, num_processes: int) -> int:
-  return zlib.crc32(repr(record_key).encode()) % num_processes
-
-
 def make_record(req: Request, samples: list[Completion]) -> dict:
   rec: dict[str, Any] = {"id": req.id, "line": req.line}
   parts = []
@@ -161,7 +157,7 @@ def run(job: GenerateJob, *, coordinator_address: str | None = None,
   done = set() if job.overwrite else {output.record_key(r) for r in
                                       output.completed(job.output, nproc, repair_part=pid)}
   key_of = lambda r: output.record_key({"id": r.id, "line": r.line})
-  mine = lambda k: _owner(k, nproc) == pid
+  mine = lambda k: placement.owner(k, nproc) == pid  # error records: one process each
   skipped = sum(1 for r in requests if key_of(r) in done) + sum(
       1 for e in errors if output.record_key(e) in done)
   # every process is given every request: the backend splits them among all replicas of the
@@ -209,13 +205,9 @@ def generate_file(prompts: str, output: str, model: str = "embedded", **options
   and stop are the defaults a line may override); returns the run's metrics."""
   sampling = {k: options.pop(k) for k in ("max_new_tokens", "temperature", "top_k", "top_p",
                                           "min_p", "stop") if k in options}
-  if isinstance(sampling.get("stop"), str):
-    sampling["stop"] = (sampling["stop"],)
-  elif "stop" in sampling:
-    sampling["stop"] = tuple(sampling["stop"])
   known = {f.name for f in dataclasses.fields(GenerateJob)}
   unknown = sorted(set(options) - known)
   if unknown:
     raise UserError(f"unknown option(s) {unknown}")
   return run(GenerateJob(prompts=prompts, output=output, model=model,
-                         defaults=Defaults(**sampling), **options))
+                         defaults=SamplingParams(**sampling).defaults(), **options))

@@ -109,13 +109,18 @@ def check_memory(what: str, kv_bytes: int, kv_device_bytes: int, params, mesh,
                     f"{limit / 2**30:.2f} GiB; {fix}")
 
 
+def owner(key, num_processes: int) -> int:
+  """The process that owns `key` (anything with a stable repr), alike in every process."""
+  return zlib.crc32(repr(key).encode()) % num_processes
+
+
 def process_share(requests: list) -> list:
   """The requests this process runs when each process runs its own (the static scheduler):
-  those whose (id, line) hashes to it."""
+  those whose (id, line) it owns."""
   nproc, me = jax.process_count(), jax.process_index()
   if nproc == 1:
     return requests
-  return [r for r in requests if zlib.crc32(repr((r.id, r.line)).encode()) % nproc == me]
+  return [r for r in requests if owner((r.id, r.line), nproc) == me]
 
 
 def split_by_tokens(items: list, parts: int, request=lambda r: r) -> list[list]:
