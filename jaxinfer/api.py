@@ -198,6 +198,7 @@ class LLM:
             progress: bool | None = None) -> dict[str, Any]:
     """Generates every request, calling on_request(request, its completions) as each finishes
     (from a replica's thread, one call at a time); returns the call's metrics."""
+    from jaxinfer.compilation_cache import CompileClock
     from jaxinfer.serving.metrics import generation_metrics
     if not self._lock.acquire(blocking=False):
       raise RuntimeError("LLM: another generate call of this LLM is running")
@@ -217,13 +218,15 @@ class LLM:
       tok = self.tokenizer
       stop = lambda req, tokens: bool(req.stop) and any(s in tok.decode(tokens)
                                                         for s in req.stop)
+      clock = CompileClock.totals()
       t0 = time.perf_counter()
       try:
         stats = self._backend.run(requests, samples.add, stop)
       finally:  # whatever finished has been handed on, even when generation fails
         bar.close()
+      compiled = [now - then for now, then in zip(CompileClock.totals(), clock)]
       self.metrics = generation_metrics(
-          stats, completion_tokens=samples.completion_tokens,
+          stats, compiled=compiled, completion_tokens=samples.completion_tokens,
           prompt_tokens=sum(len(r.prompt_ids) for r in requests),
           seconds=time.perf_counter() - t0, opts=self.options, dtype=self.config.dtype,
           sparsity=self.sparsity)

@@ -69,3 +69,29 @@ def suspended():
   finally:
     jax.config.update("jax_enable_compilation_cache", enabled)
     cc.reset_cache()
+
+
+class CompileClock:
+  """Every compilation this process runs (jit steps and small eager operations alike), from
+  jax's own compile events: `totals()` -> (seconds, backend compilations). Read two totals
+  around a call for what it compiled."""
+
+  _seconds, _count, _listening = 0.0, 0, False
+
+  @classmethod
+  def start(cls) -> None:
+    if not cls._listening:
+      import jax
+      jax.monitoring.register_event_duration_secs_listener(cls._on_event)
+      cls._listening = True
+
+  @classmethod
+  def _on_event(cls, event: str, duration: float, **_) -> None:
+    if event.startswith("/jax/core/compile/"):  # tracing, lowering and the backend's compile
+      cls._seconds += duration
+      cls._count += event.endswith("backend_compile_duration")
+
+  @classmethod
+  def totals(cls) -> tuple[float, int]:
+    cls.start()
+    return cls._seconds, cls._count

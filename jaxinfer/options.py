@@ -25,6 +25,9 @@ class ServeOptions:
   sparsity: str = "dense"
   max_seq_len: int | None = None  # overrides the model's context (e.g. long prompts + sinks)
   scheduler: str = "continuous"
+  # continuous: prefix (the whole input sorted by prompt, so sharers of a prefix run together:
+  # global prefix sharing) or arrival (input order, prefixes shared through the pool's LRU cache)
+  order: str = "prefix"
   chunk_size: int = 32
   chunk_lanes: int = 4
   decode_steps: int = 8
@@ -75,6 +78,8 @@ class ServeOptions:
       raise UserError(f"--max_seq_len: must be >= 2, got {self.max_seq_len}")
     if self.scheduler not in ("continuous", "static"):
       raise UserError(f"--scheduler: expected continuous or static, got {self.scheduler!r}")
+    if self.order not in ("prefix", "arrival"):
+      raise UserError(f"--order: expected prefix or arrival, got {self.order!r}")
     try:
       parse_mesh(self.mesh)
       sparsity = parse_sparsity(self.sparsity)

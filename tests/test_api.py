@@ -87,3 +87,23 @@ def test_bad_input_is_named(llm, tiny_model_dir):
   with pytest.raises(UserError, match="N > 1 needs the continuous scheduler"):
     static.generate("x", SamplingParams(n=2))
   assert static.generate("def f", SamplingParams(max_new_tokens=3))[0].completion_ids
+
+
+def test_arrival_order_shares_prefixes_only_while_cached(tiny_model_dir):
+  """order="prefix" (the default) runs sharers of a header together, so each header is computed
+  once; order="arrival" keeps the interleaved input order, and a pool too small to keep both
+  headers cached computes them again. The completions are the same either way."""
+  headers = [[3 + i % 40 for i in range(48)], [50 + i % 30 for i in range(48)]]
+  prompts = [headers[i % 2] + [100 + i, 101 + i] for i in range(6)]
+  sp = SamplingParams(max_new_tokens=6)
+  runs = {}
+  for order in ("prefix", "arrival"):
+    llm = jaxinfer.LLM(str(tiny_model_dir), batch_size=1, chunk_size=16, page_size=8,
+                       kv_pages=9, order=order, mesh="data:1", progress=False)
+    runs[order] = ([o.completion_ids for o in llm.generate(prompts, sp)],
+                   llm.metrics["prefill_tokens_saved"])
+  assert runs["prefix"][0] == runs["arrival"][0]
+  assert runs["prefix"][1] == 4 * 48  # 4 of the 6 reuse their header's 6 full pages
+  assert runs["arrival"][1] < runs["prefix"][1]
+  with pytest.raises(UserError, match="--order"):
+    jaxinfer.LLM(str(tiny_model_dir), order="fifo")

@@ -153,6 +153,38 @@ def test_lookup_proposers_accept_on_repetitive_text(target, proposer):
   assert spec.stats.mean_accepted_tokens > 1.5, spec.stats.accepted_hist
 
 
+def test_ngram_verifies_only_what_it_matched(target):
+  """Adaptive drafting: a row with no n-gram match verifies its root alone (a plain step), one
+  with a short continuation no more than that, and a row's budget shrinks after rejections; the
+  output stays plain greedy decoding."""
+  from jaxinfer.speculative.steps import widths
+  cfg, params = target
+  assert widths(5) == (1, 3, 5) and widths(11) == (1, 6, 11) and widths(2) == (1, 2)
+  prompt = list(np.random.RandomState(0).randint(1, cfg.vocab_size, 30))  # nothing repeats
+  rows = [RowRequest(prompt, 40, jax.random.key(0))]
+  spec = SpeculativeGenerator(cfg, params, P.NGram(num_draft_tokens=4), page_size=8,
+                              policy="always")
+  assert spec.generate(rows)[0].tokens == Generator(cfg, params).generate(rows)[0].tokens
+  m = spec.stats.metrics()
+  assert 1.0 <= m["mean_nodes_verified"] < 0.5 * P.NGram().tree_size, m
+
+
+def test_nothing_compiles_outside_the_counted_steps(target):
+  """Every computation of a speculative batch runs in a compiled step the generator counts (its
+  empty state included): no small eager operation compiles on first use beside them. (Caches
+  cleared first, so that operations another test compiled cannot hide one.)"""
+  from jaxinfer.compilation_cache import CompileClock
+  cfg, params = target
+  rows = [RowRequest([5, 6, 7, 8] * 4, 12, jax.random.key(i)) for i in range(3)]
+  spec = SpeculativeGenerator(cfg, params, P.NGram(num_draft_tokens=4), page_size=8,
+                              policy="always", num_slots=2, measure_split=False)
+  jax.clear_caches()
+  before = CompileClock.totals()
+  spec.generate(rows)
+  after = CompileClock.totals()
+  assert after[1] - before[1] == spec.stats.compilations > 0
+
+
 def test_lookahead_builds_the_trie_of_the_best_matches():
   from jaxinfer.sampling import SamplingParams
   from pallas_kernels.tree_attention import ancestor_matrix
@@ -248,7 +280,11 @@ def test_auto_policy_measures_both_modes_and_stays_lossless(target, other_draft)
     assert [r.tokens for r in gen.generate(rows)] == [r.tokens for r in plain]
   st = gen.stats
   assert st.spec_batches >= 4 and st.plain_batches >= 2
-  assert set(st.tree_tps) == {4, 2} and st.plain_tps > 0 and "measured" in st.decision()
+  assert set(st.tree_tps) == {4, 2} and st.plain_tps > 0
+  # what it reports is the job's speed (exploring included) over plain decoding's in the job
+  busy = st.prefill_s + st.decode_s
+  assert st.job_speedup() == pytest.approx(st.decode_tokens / busy / st.plain_tps)
+  assert f"{st.job_speedup():.2f}x plain decoding over the job" in st.decision()
   assert "trees of 4, 2 tokens tried" in st.decision()
   sizes = st.metrics()["tree_sizes"]
   assert set(sizes) == {"4", "2"} and sum(v["batches"] for v in sizes.values()) == st.spec_batches
@@ -347,16 +383,18 @@ def test_generate_job_with_speculation(tmp_path, tiny_model_dir, monkeypatch):
                       model=str(tiny_model_dir), progress=False, **kw))
 
 
-@pytest.mark.parametrize("name", ["draft", "draft-fallback", "recycling", "lookahead", "eagle",
-                                  "eagle-tree"])
+@pytest.mark.parametrize("name", ["ngram", "draft", "draft-fallback", "recycling", "lookahead",
+                                  "eagle", "eagle-tree"])
 def test_sampled_speculation_matches_plain_sampling(target, other_draft, name):
   """The joint distribution of the second and third tokens (both drawn in speculative steps:
   the first comes from the prompt's forward) equals plain sampling's, by a two-sample
-  chi-square over 3000 rows each; top_k = 3 keeps the support small."""
+  chi-square over 3000 rows each; top_k = 3 keeps the support small. (n-gram: rows whose
+  sampled tokens break the pattern draft less or nothing, beside rows that draft 4.)"""
   cfg, params = target
   proposer, draft_params = _proposers(cfg, params, other_draft)[name]
   n = 3000
-  prompt = [5, 6, 5, 6, 5, 6] if name == "lookahead" else [5, 6, 7, 8, 9, 10]  # (matches)
+  lookup = name in ("lookahead", "ngram")
+  prompt = [5, 6, 5, 6, 5, 6] if lookup else [5, 6, 7, 8, 9, 10]  # (matches)
   rows = lambda salt: [RowRequest(prompt, 3, jax.random.key(salt + i), temperature=1.0, top_k=3)
                        for i in range(n)]
   plain = Generator(cfg, params).generate(rows(0))

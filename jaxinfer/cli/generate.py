@@ -31,6 +31,10 @@ flags.DEFINE_integer("batch_size", 8, "Sequences decoded together: slots per rep
 flags.DEFINE_enum("scheduler", "continuous", ["continuous", "static"],
                   "continuous: paged KV cache, slots refilled as sequences finish, chunked "
                   "prefill mixed with decode, shared prompt prefixes; static: padded batches.")
+flags.DEFINE_enum("order", "prefix", ["prefix", "arrival"],
+                  "Continuous scheduler: prefix sorts the whole input by prompt, so requests "
+                  "sharing a prefix run together (global prefix sharing); arrival keeps input "
+                  "order, prefixes shared while the pool's LRU cache still holds them.")
 flags.DEFINE_integer("num_samples", 1, "Completions per prompt (sharing the prompt's KV).",
                      lower_bound=1)
 flags.DEFINE_integer("chunk_size", 32, "Prompt tokens per prefill lane per step.", lower_bound=1)
@@ -114,6 +118,7 @@ def main(argv: list[str]) -> None:
       seed=FLAGS.seed, dtype=FLAGS.dtype, mesh=FLAGS.mesh, batch_size=FLAGS.batch_size,
       metrics_output=FLAGS.metrics_output, implementation=FLAGS.implementation,
       sparsity=FLAGS.sparsity, max_seq_len=FLAGS.max_seq_len, scheduler=FLAGS.scheduler,
+      order=FLAGS.order,
       num_samples=FLAGS.num_samples, chunk_size=FLAGS.chunk_size, chunk_lanes=FLAGS.chunk_lanes,
       decode_steps=FLAGS.decode_steps,
       page_size=FLAGS.page_size, kv_pages=FLAGS.kv_pages, overwrite=FLAGS.overwrite,

@@ -63,7 +63,7 @@ def _engine_config(opts: ServeOptions) -> EngineConfig:
 
 class EngineBackend:
   """One continuous-batching engine per replica; requests split among them by tokens, sorted
-  by prompt so that sharers of a prefix meet on one replica."""
+  by prompt (`order` "prefix") so that sharers of a prefix meet on one replica."""
 
   def __init__(self, opts: ServeOptions, cfg, params, replicas: list[placement.Replica],
                total: int, sparsity):
@@ -106,7 +106,8 @@ class EngineBackend:
                            np.asarray(jax.random.key_data(sample_key(req.seed, req.id, k))),
                            req.temperature, req.top_k, req.top_p, req.min_p)
              for uid, (req, k) in enumerate(rows)]
-    ereqs.sort(key=lambda e: (e.prompt_ids, e.uid))
+    if self.opts.order == "prefix":
+      ereqs.sort(key=lambda e: (e.prompt_ids, e.uid))
     for eng in self.engines:  # this call's numbers (compiled steps are kept)
       eng.stats = EngineStats(pool_pages=eng.num_pool_pages)
     on_result = lambda res: deliver(*rows[res.uid], res.tokens, res.finished_by_eos)
@@ -253,11 +254,15 @@ class SpeculativeBackend:
 
   def run(self, requests: list[Request], deliver: Deliver, should_stop: StopCheck) -> dict:
     from jaxinfer.speculative.decode import SpecStats
-    # continuous: sorted by prompt, so rows sharing a prefix run close together (reusing its
-    # K/V), in contiguous shares of about equal tokens; static: by length, so that a batch's
-    # rows pad little, dealt round-robin so that every replica gets a like mix of lengths
-    key = (lambda r: r.prompt_ids) if self.continuous else (lambda r: len(r.prompt_ids))
-    rows = _rows(sorted(requests, key=key))
+    # continuous: sorted by prompt (order "prefix"), so rows sharing a prefix run close
+    # together (reusing its K/V), in contiguous shares of about equal tokens; static: by length,
+    # so that a batch's rows pad little, dealt round-robin so that every replica gets a like mix
+    # of lengths
+    if not self.continuous:
+      requests = sorted(requests, key=lambda r: len(r.prompt_ids))
+    elif self.opts.order == "prefix":
+      requests = sorted(requests, key=lambda r: r.prompt_ids)
+    rows = _rows(requests)
     n = self.total
     shares = (placement.split_by_tokens(rows, n, request=lambda row: row[0])
               if self.continuous else [rows[i::n] for i in range(n)])

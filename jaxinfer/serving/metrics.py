@@ -14,10 +14,14 @@ SPECULATIVE_KEYS = ("mean_accepted_tokens", "accepted_length_histogram", "per_de
                     "speculative_batches", "plain_batches", "tree_sizes", "draft_verify_split")
 
 
-def generation_metrics(stats: dict, *, completion_tokens: int, prompt_tokens: int,
-                       seconds: float, opts: ServeOptions, dtype: str, sparsity) -> dict:
-  """`stats`: a backend's (`jaxinfer.serving.backends`); `seconds`: the call's wall time."""
-  busy, compile_s = stats["busy_s"], stats["compile_s"]
+def generation_metrics(stats: dict, *, compiled: tuple[float, int], completion_tokens: int,
+                       prompt_tokens: int, seconds: float, opts: ServeOptions, dtype: str,
+                       sparsity) -> dict:
+  """`stats`: a backend's (`jaxinfer.serving.backends`); `compiled`: (seconds, compilations)
+  of every compilation in the call (`compilation_cache.CompileClock`), the backend's compiled
+  steps and anything outside them; `seconds`: the call's wall time."""
+  busy = stats["busy_s"]
+  compile_s = max(stats["compile_s"], compiled[0])
   metrics = {
       "prompt_tokens": prompt_tokens,
       "completion_tokens": completion_tokens,
@@ -37,8 +41,10 @@ def generation_metrics(stats: dict, *, completion_tokens: int, prompt_tokens: in
       "steps": stats["steps"],
       "dispatches": stats.get("dispatches"),
       "decode_tokens_discarded": stats.get("decode_tokens_discarded"),
-      "compile_seconds": round(compile_s, 3),
-      "compilations": stats["compilations"],
+      "compile_seconds": round(compile_s, 3),  # every compilation of the call
+      "compilations": stats["compilations"],  # of the compiled steps
+      # anything else that compiled (small eager operations outside the steps)
+      "other_compilations": max(0, compiled[1] - stats["compilations"]),
       # beyond the fixed shapes (continuous: decode-only + lane lengths per engine; static: one
       # per bucket it met)
       "recompilations": max(0, stats["compilations"] - stats["expected_compilations"]),

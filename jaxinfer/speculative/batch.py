@@ -13,7 +13,6 @@ import time
 from functools import partial
 from typing import Sequence
 
-import jax.numpy as jnp
 import numpy as np
 
 from jaxinfer.engine.pages import page_keys
@@ -71,9 +70,9 @@ class SlotBatch:
     o, max_len = gen._geometry(max(len(r.prompt_ids) for r in rows),
                                max(r.max_new_tokens for r in rows), proposer.tree_size)
     m = self.m = max_len // ps
-    self.page_table = jnp.arange(b * m, dtype=jnp.int32).reshape(b, m)
+    self.page_table = np.arange(b * m, dtype=np.int32).reshape(b, m)
     kw = dict(cfg=cfg, proposer=proposer, runtime=gen.runtime)
-    self.eos = jnp.asarray(cfg.eos_token_ids or (-1,), jnp.int32)
+    self.eos = np.asarray(cfg.eos_token_ids or (-1,), np.int32)
     self.eos_set = set(int(e) for e in cfg.eos_token_ids)
     self.admit = partial(_admit, max_len=max_len, page_size=ps, **kw)
     self.chunk = partial(_chunk, rule=gen.rule, **kw)
@@ -101,7 +100,9 @@ class SlotBatch:
 
   @staticmethod
   def to_device(d) -> SamplingParams:
-    return SamplingParams(**{f: jnp.asarray(d[f]) for f in _FIELDS})
+    """Host sampling values, passed to the compiled steps as they are (host arrays go to the
+    device with the call: no operation of their own)."""
+    return SamplingParams(**{f: np.array(d[f]) for f in _FIELDS})
 
   def run(self) -> list[RowResult]:
     b = self.b
@@ -238,7 +239,7 @@ class SlotBatch:
       self.slot_row[s] = i
       for f in _FIELDS:
         msp[f][j] = sp[f][s] = getattr(r, f)
-    keys = jnp.stack([rows[i].key for i in take] + [rows[take[0]].key] * (k - len(take)))
+    keys = tuple(rows[i].key for i in take) + (rows[take[0]].key,) * (k - len(take))
     from_cache = bool(start.any())
     new = gen._run(("admit", self.level, from_cache), partial(self.admit, from_cache=from_cache),
                    gen.params, gen.draft_params, self.state, toks if from_cache else hist,
@@ -302,7 +303,7 @@ class SlotBatch:
       if newly:
         self.host_done = self.host_done.copy()
         self.host_done[newly] = True
-        self.state = gen._place(self.state.replace(done=jnp.asarray(self.host_done)))
+        self.state = gen._place(self.state.replace(done=self.host_done))
 
   def _record(self) -> None:
     """The batch's counts, times and (unless it compiled) speed into the generator's stats; a
@@ -316,6 +317,7 @@ class SlotBatch:
     st.accepted_hist[:len(hist)] += hist
     st.verify_steps = int(st.accepted_hist.sum())
     st.emitted += int(state.emitted)
+    st.nodes_verified += int(state.verified)
     st.steps += steps
     st.row_slots += steps * self.b
     st.decode_tokens += self.new_tokens

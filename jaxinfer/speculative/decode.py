@@ -366,10 +366,8 @@ class SpeculativeGenerator:
 
   def _new_state(self, b: int, max_len: int, out_len: int, key: jax.Array, proposer,
                  level: int) -> SpecState:
-    """`_empty_state`, made where it lives: on a mesh each device makes only its own part."""
-    mesh = self.runtime.mesh
-    if mesh is None or mesh.size == 1:
-      return self._empty_state(b, max_len, out_len, key, proposer)
+    """`_empty_state`, made by a compiled step where it lives (on a mesh each device makes only
+    its own part), so that nothing compiles outside the counted steps."""
     make = lambda key, shared: self._empty_state(b, max_len, out_len, key, proposer, shared)
     return self._run(("empty", level, b, max_len, out_len), make, key, self._shared)
 
@@ -387,7 +385,8 @@ class SpeculativeGenerator:
         k=k, v=v, history=zeros(b, max_len), length=zeros(b), out=zeros(b, out_len),
         num_generated=zeros(b), max_new=zeros(b), done=jnp.ones((b,), bool),
         keys=jnp.stack([key] * b), step=zeros(), proposer=pstate,
-        accepted_hist=zeros(proposer.max_depth + 1), emitted=zeros())
+        accepted_hist=zeros(proposer.max_depth + 1), emitted=zeros(),
+        budget=jnp.full((b,), proposer.max_depth, jnp.int32), verified=zeros())
 
   def _generate_spec(self, rows, should_stop, on_result, level: int) -> list[RowResult]:
     return SlotBatch(self, rows, should_stop, on_result, level).run()

@@ -13,6 +13,7 @@ import numpy as np
 class SpecStats:
   verify_steps: int = 0  # row-verifications (one per live row per step)
   emitted: int = 0
+  nodes_verified: int = 0  # tree nodes verified over those (adaptive chains: fewer than T each)
   accepted_hist: np.ndarray | None = None
   prefill_s: float = 0.0
   decode_s: float = 0.0
@@ -48,8 +49,8 @@ class SpecStats:
     sizes = {n for s in stats for n in s.tree_batches}
     split = next((s for s in stats if s.draft_share is not None), stats[0])
     return cls(
-        **{f: total(f) for f in ("verify_steps", "emitted", "prefill_s", "decode_s",
-                                  "compile_s", "compilations", "decode_tokens",
+        **{f: total(f) for f in ("verify_steps", "emitted", "nodes_verified", "prefill_s",
+                                  "decode_s", "compile_s", "compilations", "decode_tokens",
                                   "prefill_tokens", "prefill_tokens_saved",
                                   "prefill_chunks", "steps",
                                   "host_syncs", "row_slots", "spec_batches", "plain_batches")},
@@ -65,9 +66,9 @@ class SpecStats:
   def since(self, before: "SpecStats") -> "SpecStats":
     """What happened after `before` (a copy of these stats taken earlier): counts and times as
     differences, measured speeds and the draft / verify split as they stand now."""
-    counts = ("verify_steps", "emitted", "prefill_s", "decode_s", "compile_s", "compilations",
-              "decode_tokens", "prefill_tokens", "prefill_tokens_saved", "prefill_chunks",
-              "steps", "host_syncs", "row_slots", "spec_batches", "plain_batches")
+    counts = ("verify_steps", "emitted", "nodes_verified", "prefill_s", "decode_s", "compile_s",
+              "compilations", "decode_tokens", "prefill_tokens", "prefill_tokens_saved",
+              "prefill_chunks", "steps", "host_syncs", "row_slots", "spec_batches", "plain_batches")
     return dataclasses.replace(
         self, **{f: getattr(self, f) - getattr(before, f) for f in counts},
         accepted_hist=self.accepted_hist - before.accepted_hist,
@@ -83,16 +84,25 @@ class SpecStats:
   def best_tree(self) -> int | None:
     return max(self.tree_tps, key=self.tree_tps.get) if self.tree_tps else None
 
+  def job_speedup(self) -> float | None:
+    """The job's generation speed (every batch it ran, exploring included, compilation not)
+    over plain decoding's speed measured in it; None before a plain batch was measured."""
+    busy = self.prefill_s + self.decode_s
+    if not self.plain_tps or not busy:
+      return None
+    return self.decode_tokens / busy / self.plain_tps
+
   def decision(self) -> str:
-    ratio = (f"; measured {self.spec_tps / self.plain_tps:.2f}x plain decoding"
-             if self.spec_tps and self.plain_tps else "")
+    job = self.job_speedup()
+    ratio = ("; too few batches to compare with plain decoding" if job is None else
+             f"; {job:.2f}x plain decoding over the job")
     sizes = sorted(self.tree_batches, reverse=True)
     tried = f"; trees of {', '.join(map(str, sizes))} tokens tried" if len(sizes) > 1 else ""
     best = self.best_tree
     trees = (f" with {best}-token trees (shrunk from {self.full_tree})"
              if best is not None and best != self.full_tree else "")
     if not self.plain_batches:
-      return "speculating throughout" + trees + tried + ratio
+      return "speculating throughout" + trees + tried
     share = self.spec_batches / (self.spec_batches + self.plain_batches)
     if self.spec_tps and self.plain_tps and self.spec_tps < self.plain_tps:
       return (f"speculation turned itself off ({share:.0%} of batches speculated{tried}"
@@ -109,6 +119,8 @@ class SpecStats:
             "accepted_length_histogram": [int(x) for x in self.accepted_hist],
             "per_depth_acceptance": [round(x, 4) for x in self.per_depth_acceptance()],
             "verify_steps": self.verify_steps, "host_syncs": self.host_syncs,
+            "mean_nodes_verified": (round(self.nodes_verified / self.verify_steps, 4)
+                                    if self.verify_steps else 0.0),
             "prefill_chunks": self.prefill_chunks,
             "occupancy": round(self.verify_steps / self.row_slots, 4) if self.row_slots else 0.0,
             "speculation": self.decision(), "speculative_batches": self.spec_batches,
