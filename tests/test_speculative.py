@@ -153,22 +153,6 @@ def test_lookup_proposers_accept_on_repetitive_text(target, proposer):
   assert spec.stats.mean_accepted_tokens > 1.5, spec.stats.accepted_hist
 
 
-def test_ngram_verifies_only_what_it_matched(target):
-  """Adaptive drafting: a row with no n-gram match verifies its root alone (a plain step), one
-  with a short continuation no more than that, and a row's budget shrinks after rejections; the
-  output stays plain greedy decoding."""
-  from jaxinfer.speculative.steps import widths
-  cfg, params = target
-  assert widths(5) == (1, 3, 5) and widths(11) == (1, 6, 11) and widths(2) == (1, 2)
-  prompt = list(np.random.RandomState(0).randint(1, cfg.vocab_size, 30))  # nothing repeats
-  rows = [RowRequest(prompt, 40, jax.random.key(0))]
-  spec = SpeculativeGenerator(cfg, params, P.NGram(num_draft_tokens=4), page_size=8,
-                              policy="always")
-  assert spec.generate(rows)[0].tokens == Generator(cfg, params).generate(rows)[0].tokens
-  m = spec.stats.metrics()
-  assert 1.0 <= m["mean_nodes_verified"] < 0.5 * P.NGram().tree_size, m
-
-
 def test_nothing_compiles_outside_the_counted_steps(target):
   """Every computation of a speculative batch runs in a compiled step the generator counts (its
   empty state included): no small eager operation compiles on first use beside them. (Caches
@@ -311,8 +295,7 @@ def test_generate_job_with_speculation(tmp_path, tiny_model_dir, monkeypatch):
 
   plain, _ = job("plain")
   for method, tree, scheduler, policy, chunk in (
-      ("ngram", "2,1", "continuous", "auto", 8), ("recycling", "2,1", "static", "always", 8),
-      ("lookahead", "nodes:6", "continuous", "auto", 512)):
+      ("ngram", "2,1", "continuous", "auto", 8), ("recycling", "2,1", "static", "always", 8)):
     # (every proposer: test_greedy_speculative_equals_greedy; prompts in chunks of 8 tokens)
     spec, m = job(method, speculative=method, tree=tree, scheduler=scheduler,
                   speculation=policy, prefill_chunk=chunk)
@@ -345,26 +328,17 @@ def test_generate_job_with_speculation(tmp_path, tiny_model_dir, monkeypatch):
   assert m["replicas"] == 2 and m["verify_steps"] > 0
   assert {i: r["completion_ids"] for i, r in greedy_dp.items()} == {
       i: r["completion_ids"] for i, r in plain.items()}
+  # Several samples per prompt, sampled speculatively in slots: each sample as it would be
+  # drawn alone (its own key), the records whole; the same on two replicas each over an fsdp
+  # axis (rows, their pages and the draft caches split between its devices)
   from jaxinfer.requests import Defaults
   hot = dict(speculative="ngram", scheduler="continuous", num_samples=2, speculation="always",
              defaults=Defaults(temperature=1.0))
-  one, _ = job("hot1", **hot)
-  two, _ = job("hot2", mesh="data:2", **hot)
-  three, _ = job("hot3", mesh="fsdp:2", **hot)  # one replica, its two slots split
-  assert one == two == three
-  # Several samples per prompt, sampled speculatively in slots: each sample as the engine
-  # would draw it alone (its own key), the records whole.
-  spec, m = job("samples", speculative="ngram", scheduler="continuous", num_samples=3,
-                defaults=Defaults(temperature=1.0))
-  assert all(len(r["samples"]) == 3 for r in spec.values()) and m["num_samples"] == 3
-  assert len({tuple(s["completion_ids"]) for s in spec[2]["samples"]}) > 1
-  # ... or each over an fsdp axis: rows, their pages and the draft caches split between its
-  # devices
-  greedy_fsdp, m = job("fsdp", speculative="ngram", scheduler="continuous", mesh="data:2,fsdp:2",
-                       speculation="always")
-  assert m["replicas"] == 2 and m["verify_steps"] > 0
-  assert {i: r["completion_ids"] for i, r in greedy_fsdp.items()} == {
-      i: r["completion_ids"] for i, r in plain.items()}
+  one, m = job("hot1", **hot)
+  assert all(len(r["samples"]) == 2 for r in one.values()) and m["num_samples"] == 2
+  assert len({tuple(s["completion_ids"]) for s in one[2]["samples"]}) > 1
+  split, m = job("hot2", mesh="data:2,fsdp:2", **hot)
+  assert m["replicas"] == 2 and m["verify_steps"] > 0 and split == one
   for kw, flag in ((dict(speculative="ngram", prefill_chunk=0), "--prefill_chunk"),
                    (dict(speculative="ngram", speculation="never"), "--speculation"),
                    (dict(speculative="draft", scheduler="static"), "--draft_model"),
@@ -383,18 +357,16 @@ def test_generate_job_with_speculation(tmp_path, tiny_model_dir, monkeypatch):
                       model=str(tiny_model_dir), progress=False, **kw))
 
 
-@pytest.mark.parametrize("name", ["ngram", "draft", "draft-fallback", "recycling", "lookahead",
-                                  "eagle", "eagle-tree"])
+@pytest.mark.parametrize("name", ["draft", "draft-fallback", "recycling", "lookahead", "eagle",
+                                  "eagle-tree"])
 def test_sampled_speculation_matches_plain_sampling(target, other_draft, name):
   """The joint distribution of the second and third tokens (both drawn in speculative steps:
   the first comes from the prompt's forward) equals plain sampling's, by a two-sample
-  chi-square over 3000 rows each; top_k = 3 keeps the support small. (n-gram: rows whose
-  sampled tokens break the pattern draft less or nothing, beside rows that draft 4.)"""
+  chi-square over 3000 rows each; top_k = 3 keeps the support small."""
   cfg, params = target
   proposer, draft_params = _proposers(cfg, params, other_draft)[name]
   n = 3000
-  lookup = name in ("lookahead", "ngram")
-  prompt = [5, 6, 5, 6, 5, 6] if lookup else [5, 6, 7, 8, 9, 10]  # (matches)
+  prompt = [5, 6, 5, 6, 5, 6] if name == "lookahead" else [5, 6, 7, 8, 9, 10]  # (matches)
   rows = lambda salt: [RowRequest(prompt, 3, jax.random.key(salt + i), temperature=1.0, top_k=3)
                        for i in range(n)]
   plain = Generator(cfg, params).generate(rows(0))

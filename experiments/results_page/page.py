@@ -12,6 +12,7 @@ COMMAND = "python experiments/results_readme.py"
 
 SECTIONS: dict[str, Section] = {  # in page order
     "bench_batch.jsonl": tables.BATCH,
+    "bench_prefix_order.jsonl": tables.PREFIX_ORDER,
     "bench_decode.jsonl": tables.DECODE,
     "bench_vs_transformers.jsonl": tables.VS_TRANSFORMERS,
     "bench_attention.jsonl": tables.ATTENTION,

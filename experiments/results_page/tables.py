@@ -39,6 +39,35 @@ BATCH = Section("Batch engine against static batches", _batch_intro, [
     field("identical", "identical_completions"),
 ])
 
+def _order_intro(recs) -> str:
+  head = recs[0] if recs else {}
+  return (f"`python experiments/bench_prefix_order.py`: {head.get('num_prompts')} prompts "
+          f"({head.get('prompt_tokens')} prompt tokens), {head.get('headers')} headers of "
+          f"{head.get('header_tokens')} tokens of real stdlib source each shared by "
+          f"{head.get('per_header')} of them, arriving interleaved in random order; 8–48 new "
+          f"tokens each, greedy, {head.get('batch_size')} slots, the engine's default KV pool, "
+          "model embedded, float32. The same engine runs them sorted by prompt (global prefix "
+          "sharing, BatchLLM) and in arrival order (the pool's LRU prefix cache alone, as "
+          "vLLM's automatic prefix caching), alternating in one process; the median ratio is "
+          "the headline. Columns with two values are prefix / arrival.")
+
+
+def _orders(key: str, digits: int = 2):
+  return lambda r: f"{fmt(r['prefix'][key], digits)} / {fmt(r['arrival'][key], digits)}"
+
+
+PREFIX_ORDER = Section("Global prefix sharing against LRU prefix caching", _order_intro, [
+    field("prefix-sorted tok/s", "prefix.generation_tokens_per_second", 0),
+    field("arrival-order tok/s", "arrival.generation_tokens_per_second", 0),
+    field("sorted / arrival, per repeat", "speedup_per_repeat"),
+    field("median", "speedup", unit="×"),
+    ("prompt tokens computed", _orders("prefill_tokens_computed")),
+    field("computed, arrival / sorted", "prefill_computed_ratio", unit="×"),
+    ("KV pages used at peak (pool)",
+     lambda r: f"{_orders('kv_pages_used_peak')(r)} ({r['prefix'].get('kv_pages_pool')})"),
+    field("identical", "identical_completions"),
+])
+
 DECODE = Section(
     "Decode throughput",
     "`python experiments/bench_decode.py` (GPU plan: `--model=preset:llama3-8b "

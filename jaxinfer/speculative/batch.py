@@ -317,7 +317,6 @@ class SlotBatch:
     st.accepted_hist[:len(hist)] += hist
     st.verify_steps = int(st.accepted_hist.sum())
     st.emitted += int(state.emitted)
-    st.nodes_verified += int(state.verified)
     st.steps += steps
     st.row_slots += steps * self.b
     st.decode_tokens += self.new_tokens

@@ -385,8 +385,7 @@ class SpeculativeGenerator:
         k=k, v=v, history=zeros(b, max_len), length=zeros(b), out=zeros(b, out_len),
         num_generated=zeros(b), max_new=zeros(b), done=jnp.ones((b,), bool),
         keys=jnp.stack([key] * b), step=zeros(), proposer=pstate,
-        accepted_hist=zeros(proposer.max_depth + 1), emitted=zeros(),
-        budget=jnp.full((b,), proposer.max_depth, jnp.int32), verified=zeros())
+        accepted_hist=zeros(proposer.max_depth + 1), emitted=zeros())
 
   def _generate_spec(self, rows, should_stop, on_result, level: int) -> list[RowResult]:
     return SlotBatch(self, rows, should_stop, on_result, level).run()

@@ -55,9 +55,6 @@ class Draft:
   tokens: jax.Array  # (B, T); tokens[:, 0] is the root
   parents: jax.Array  # (T,) or (B, T)
   q: jax.Array | None  # (B, T, V): the distribution node t's children were drawn from
-  # chains: (B,) the drafts each row believes in (an n-gram with no match: 0); the generator
-  # verifies at most these, in a step as narrow as the deepest row needs. None: every node.
-  depth: jax.Array | None = None
 
 
 @struct.dataclass

@@ -13,7 +13,6 @@ import numpy as np
 class SpecStats:
   verify_steps: int = 0  # row-verifications (one per live row per step)
   emitted: int = 0
-  nodes_verified: int = 0  # tree nodes verified over those (adaptive chains: fewer than T each)
   accepted_hist: np.ndarray | None = None
   prefill_s: float = 0.0
   decode_s: float = 0.0
@@ -49,7 +48,7 @@ class SpecStats:
     sizes = {n for s in stats for n in s.tree_batches}
     split = next((s for s in stats if s.draft_share is not None), stats[0])
     return cls(
-        **{f: total(f) for f in ("verify_steps", "emitted", "nodes_verified", "prefill_s",
+        **{f: total(f) for f in ("verify_steps", "emitted", "prefill_s",
                                   "decode_s", "compile_s", "compilations", "decode_tokens",
                                   "prefill_tokens", "prefill_tokens_saved",
                                   "prefill_chunks", "steps",
@@ -66,7 +65,7 @@ class SpecStats:
   def since(self, before: "SpecStats") -> "SpecStats":
     """What happened after `before` (a copy of these stats taken earlier): counts and times as
     differences, measured speeds and the draft / verify split as they stand now."""
-    counts = ("verify_steps", "emitted", "nodes_verified", "prefill_s", "decode_s", "compile_s",
+    counts = ("verify_steps", "emitted", "prefill_s", "decode_s", "compile_s",
               "compilations", "decode_tokens", "prefill_tokens", "prefill_tokens_saved",
               "prefill_chunks", "steps", "host_syncs", "row_slots", "spec_batches", "plain_batches")
     return dataclasses.replace(
@@ -119,8 +118,6 @@ class SpecStats:
             "accepted_length_histogram": [int(x) for x in self.accepted_hist],
             "per_depth_acceptance": [round(x, 4) for x in self.per_depth_acceptance()],
             "verify_steps": self.verify_steps, "host_syncs": self.host_syncs,
-            "mean_nodes_verified": (round(self.nodes_verified / self.verify_steps, 4)
-                                    if self.verify_steps else 0.0),
             "prefill_chunks": self.prefill_chunks,
             "occupancy": round(self.verify_steps / self.row_slots, 4) if self.row_slots else 0.0,
             "speculation": self.decision(), "speculative_batches": self.spec_batches,

@@ -20,8 +20,7 @@ from jaxinfer.kv_cache import PagedKVCache, TreeKVCache, commit_path
 from jaxinfer.runtime import Runtime
 from jaxinfer.sampling import SamplingParams, argmax, distribution, sample
 from jaxinfer.speculative import acceptance
-from jaxinfer.speculative.protocol import (Context, Draft, Prompt, Verified, Weights,
-                                          put_rows)
+from jaxinfer.speculative.protocol import Context, Prompt, Verified, Weights, put_rows
 from pallas_kernels.tree_attention import ancestor_matrix, pack_ancestors
 
 _DRAFT_SALT, _VERIFY_SALT = 1 << 20, 1 << 21
@@ -42,10 +41,6 @@ class SpecState:
   proposer: Any
   accepted_hist: jax.Array  # (T,) verifications (of live rows) by accepted drafts
   emitted: jax.Array  # () tokens emitted by verifications
-  # (B,) chains that report their depth: the most drafts a row verifies next step, adapted to
-  # its acceptance (all accepted: 2 more, else 1 fewer; between 1 and the chain's length)
-  budget: jax.Array
-  verified: jax.Array  # () tree nodes verified (the root included) over live rows
 
 
 def state_shardings(state: SpecState, mesh, rules, proposer) -> SpecState | None:
@@ -66,9 +61,9 @@ def state_shardings(state: SpecState, mesh, rules, proposer) -> SpecState | None
   return SpecState(
       k=tuple(map(pool, state.k)), v=tuple(map(pool, state.v)),
       **{f: by_row(getattr(state, f)) for f in ("history", "length", "out", "num_generated",
-                                                "max_new", "done", "keys", "budget")},
+                                                "max_new", "done", "keys")},
       step=whole(state.step), accepted_hist=whole(state.accepted_hist),
-      emitted=whole(state.emitted), verified=whole(state.verified),
+      emitted=whole(state.emitted),
       proposer=proposer.state_shardings(state.proposer, mesh, rules, rows))
 
 
@@ -122,36 +117,6 @@ def _verify(params, state: SpecState, draft, parents, sampling: SamplingParams, 
   return hidden, logits, jax.lax.cond(jnp.all(greedy), all_greedy, sampled, None), cache
 
 
-def widths(t: int) -> tuple[int, ...]:
-  """The verification widths an adaptive chain of t nodes is cut to: the root alone (a plain
-  step), about half the chain, the whole chain."""
-  return tuple(sorted({1, t // 2 + 1, t}))
-
-
-def _verify_cut(params, state: SpecState, draft, parents, depth, live, sampling, step_keys,
-                page_table, **kw):
-  """`_verify` of the chain's first W nodes, W the narrowest of `widths` that holds every live
-  row's `depth` drafts (a row's nodes past its depth are padding, never tried); the hidden
-  states, logits and path padded back to T nodes. Returns (hidden, logits, verdict, pools, W)."""
-  t = draft.tokens.shape[1]
-  ws = widths(t)
-  need = jnp.max(jnp.where(live, depth, 0)) + 1
-  index = jnp.sum(jnp.asarray(ws) < need)
-
-  def branch(w):
-    def run(_):
-      cut = Draft(draft.tokens[:, :w], parents[:, :w], None if draft.q is None else
-                  draft.q[:, :w])
-      hidden, logits, verdict, cache = _verify(params, state, cut, parents[:, :w], sampling,
-                                               step_keys, page_table, **kw)
-      pad = lambda x: jnp.pad(x, [(0, 0), (0, t - w)] + [(0, 0)] * (x.ndim - 2))
-      return (pad(hidden), pad(logits), verdict.replace(path=pad(verdict.path)),
-              (cache.k, cache.v), jnp.int32(w))
-    return run
-
-  return jax.lax.switch(index, [branch(w) for w in ws], None)
-
-
 def _emit(state: SpecState, draft, verdict, eos_ids, live):
   """(out, history, length, done, tokens emitted per row, tokens accepted + 1 per row) after a
   verification: the accepted drafts, then the next token, cut at EOS and at the budget."""
@@ -186,25 +151,15 @@ def _step(params, draft_params, state: SpecState, sampling: SamplingParams, page
   live = ~state.done
   step_keys, pstate, draft = _propose(params, draft_params, state, sampling, proposer)
   parents = jnp.broadcast_to(draft.parents, (b, t))
-  kw = dict(cfg=cfg, rule=rule, runtime=runtime)
-  budget = state.budget
-  if draft.depth is None:
-    hidden, logits, verdict, cache = _verify(params, state, draft, parents, sampling, step_keys,
-                                             page_table, **kw)
-    pools, width = (cache.k, cache.v), t
-  else:  # an adaptive chain: each row verifies what it believes in, within its budget
-    depth = jnp.minimum(draft.depth, budget)
-    parents = jnp.where(jnp.arange(t)[None, :] <= depth[:, None], parents, -1)
-    hidden, logits, verdict, pools, width = _verify_cut(
-        params, state, draft, parents, depth, live, sampling, step_keys, page_table, **kw)
-    grown = jnp.where(verdict.num_accepted >= depth, budget + 2, budget - 1)
-    budget = jnp.where(live & (depth > 0), jnp.clip(grown, 1, t - 1), budget)
+  hidden, logits, verdict, cache = _verify(
+      params, state, draft, parents, sampling, step_keys, page_table, cfg=cfg, rule=rule,
+      runtime=runtime)
   n_acc = verdict.num_accepted
   if proposer.is_chain:  # already in place
-    k_new, v_new = pools
+    k_new, v_new = cache.k, cache.v
   else:
-    k_new = commit_path(pools[0], page_table, state.length, verdict.path, n_acc)
-    v_new = commit_path(pools[1], page_table, state.length, verdict.path, n_acc)
+    k_new = commit_path(cache.k, page_table, state.length, verdict.path, n_acc)
+    v_new = commit_path(cache.v, page_table, state.length, verdict.path, n_acc)
   out, hist, new_length, done, n_emit, count = _emit(state, draft, verdict, eos_ids, live)
   pstate = proposer.observe(Weights(draft_params, params), pstate, Verified(
       draft.tokens, hidden, logits, verdict.path, n_acc, verdict.next_token, state.length, live))
@@ -212,8 +167,7 @@ def _step(params, draft_params, state: SpecState, sampling: SamplingParams, page
       live.astype(jnp.int32))
   return SpecState(k_new, v_new, hist, new_length, out, state.num_generated + n_emit,
                    state.max_new, done, state.keys, state.step + 1, pstate, hist_acc,
-                   state.emitted + jnp.sum(jnp.where(live, count, 0)), budget,
-                   state.verified + width * jnp.sum(live))
+                   state.emitted + jnp.sum(jnp.where(live, count, 0)))
 
 
 def _chunk(params, draft_params, state, sampling, page_table, eos_ids, min_done, num_steps,
@@ -292,8 +246,7 @@ def _admit(params, draft_params, state: SpecState, tokens, start, history, promp
                                                                            prompt_len),
       out=put(state.out, out), num_generated=put(state.num_generated, jnp.ones((k,), jnp.int32)),
       max_new=put(state.max_new, max_new), done=put(state.done, done),
-      keys=put(state.keys, keys), proposer=pstate,
-      budget=put(state.budget, jnp.full((k,), proposer.max_depth, jnp.int32)))
+      keys=put(state.keys, keys), proposer=pstate)
 
 
 def _extend(params, draft_params, state: SpecState, tokens, start, end, history, slots,

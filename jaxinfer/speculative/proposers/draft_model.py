@@ -98,8 +98,7 @@ class DraftModel(Chain):
                         jnp.stack(qs, 1))
 
   def _draft_with_fallback(self, params, cache: KVCache, ctx: Context, tokens, positions):
-    """The chain drafted in a loop that ends when every row has fallen back; each row's depth
-    is its drafts up to the first unsure one (it included), so nothing after is verified."""
+    """The chain drafted in a loop that ends when every row has fallen back."""
     g, length, b = self.num_draft_tokens, ctx.length, ctx.length.shape[0]
 
     def step(i, tokens, positions, cache, live):
@@ -118,16 +117,14 @@ class DraftModel(Chain):
                           (b, g + 1, q.shape[-1])).at[:, 0].set(q)
 
     def body(c):
-      i, live, cache, drafted, qs, depth = c
-      depth = depth + live
+      i, live, cache, drafted, qs = c
       tok, q, cache, live = step(i, drafted[:, i, None], (length + i)[:, None], cache, live)
-      return i + 1, live, cache, drafted.at[:, i + 1].set(tok), qs.at[:, i].set(q), depth
+      return i + 1, live, cache, drafted.at[:, i + 1].set(tok), qs.at[:, i].set(q)
 
-    _, _, cache, drafted, qs, depth = jax.lax.while_loop(
-        lambda c: (c[0] < g) & jnp.any(c[1]), body,
-        (1, live, cache, drafted, qs, jnp.ones((b,), jnp.int32)))
+    _, _, cache, drafted, qs = jax.lax.while_loop(
+        lambda c: (c[0] < g) & jnp.any(c[1]), body, (1, live, cache, drafted, qs))
     qs = qs.at[:, g].set(qs[:, g - 1])  # the last node has no children
-    return cache, Draft(drafted, jnp.asarray(chain_parents(g + 1)), qs, depth)
+    return cache, Draft(drafted, jnp.asarray(chain_parents(g + 1)), qs)
 
 
 def layer_skip_draft(cfg: ModelConfig, params: M.Transformer,

@@ -1,6 +1,5 @@
 """Prompt lookup: the continuation of the latest earlier occurrence of the last n tokens (n from
-`max_ngram` down to 1) in prompt + output; a chain, no weights, no state. A row with no match
-drafts nothing (its step is plain decoding); one near its match's end drafts what is known."""
+`max_ngram` down to 1) in prompt + output; a chain, no weights, no state."""
 
 from __future__ import annotations
 
@@ -31,11 +30,9 @@ class NGram(Chain):
         match &= shifted == last
       latest = jnp.max(jnp.where(match, pos, -1), axis=1)
       best = jnp.where((best < 0) & (latest >= 0) & (length >= n - 1), latest, best)
-    start = jnp.where(best >= 0, best + 1, length)  # no match: nothing to draft
+    start = jnp.where(best >= 0, best + 1, length)  # no match: propose the root repeated
     idx = start[:, None] + jnp.arange(self.num_draft_tokens)[None, :]
     idx = jnp.minimum(idx, length[:, None])  # only known tokens
     drafts = jnp.take_along_axis(hist, idx, axis=1)
     tokens = jnp.concatenate([root_only(ctx)[:, None], drafts], axis=1)
-    # the continuation runs up to the root: the tokens after the match that are known
-    depth = jnp.where(best >= 0, jnp.minimum(self.num_draft_tokens, length - best), 0)
-    return state, Draft(tokens, jnp.asarray(chain_parents(self.tree_size)), None, depth)
+    return state, Draft(tokens, jnp.asarray(chain_parents(self.tree_size)), None)
