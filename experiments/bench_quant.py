@@ -4,6 +4,8 @@ of a full-precision control fine-tuned for the same steps; weight bytes per form
   python experiments/bench_quant.py                  # ~10 minutes on 2 CPU cores
   python experiments/bench_quant.py --steps=1000 --batch_size=16   # a real QAT budget
   python experiments/bench_quant.py --distill        # QAT on LLM-QAT's KL loss as well
+  python experiments/bench_quant.py --ptq_formats=fp8_e4m3,fp8_e5m2,fp4_e2m1 \
+      --qat_formats=                                 # PTQ only: FP exponent / mantissa splits
 
 Loss: mean next-token loss (nats/token) over the first --eval_batches batches of 16 windows of
 256 tokens of the held-out stdlib text (files the embedded model never saw). PTQ quantizes the
@@ -116,6 +118,8 @@ def run_all(cfg, params, train_tokens, evaluate):
   for name in FLAGS.ptq_formats:
     q = quant.quantize_params(params, spec, quant.QuantFormat.parse(name))
     results.append(("ptq", name, evaluate(q), weight_bytes(params, q)))
+  if not FLAGS.qat_formats:  # PTQ alone (e.g. the FP formats' exponent / mantissa splits)
+    return results
   with tempfile.TemporaryDirectory() as tmp:
     control, secs = finetune(cfg, params, train_tokens, None, False, Path(tmp) / "control")
     results.append(("control", None, evaluate(control), {"train_seconds": round(secs, 1)}))
@@ -134,7 +138,7 @@ def to_rows(results, common) -> list[dict]:
   """JSONL rows: each loss with its cost against full precision and, for QAT, the gap
   recovered against the control (and against PTQ of the control)."""
   loss = {(m, f): l for m, f, l, _ in results}
-  fp, control = loss[("full_precision", None)], loss[("control", None)]
+  fp, control = loss[("full_precision", None)], loss.get(("control", None))
   rows = []
   for method, fmt, value, extra in results:
     row = {**common, "method": method, "format": fmt, "heldout_loss": round(value, 5),
@@ -196,7 +200,8 @@ def main(argv):
   evaluate = lambda p: lm.evaluate(p, cfg, held, FLAGS.eval_batches)
   t0 = time.perf_counter()
   results = run_all(cfg, params, train_tokens, evaluate)
-  common = {"model": "embedded", "params": cfg.num_params(), "steps": FLAGS.steps,
+  common = {"model": "embedded", "params": cfg.num_params(),
+            "steps": FLAGS.steps if FLAGS.qat_formats else 0,
             "batch_size": FLAGS.batch_size, "seq_len": FLAGS.seq_len,
             "learning_rate": FLAGS.learning_rate, "eval_tokens": FLAGS.eval_batches * 16 * 256,
             "device": jax.devices()[0].device_kind, "jax": jax.__version__,

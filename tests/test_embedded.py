@@ -37,8 +37,13 @@ def test_quickstart_builds_caches_and_generates(tmp_path):
   metrics = json.loads((tmp_path / "out" / "metrics.json").read_text())
   assert metrics["num_failed"] == 0 and metrics["decode_tokens_per_second"] > 0
 
-  second = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=900)
+  # a second run builds nothing (the speculative demos, run above, are left out: they would
+  # only compile again)
+  assert (model_dir.parent / "medusa-20" / "medusa_config.json").is_file()
+  second = subprocess.run(cmd + ["--speculative_prompts=0"], capture_output=True, text=True,
+                          env=env, timeout=900)
   assert second.returncode == 0 and "(cached)" in second.stdout
+  assert "building" not in second.stdout and "training Medusa" not in second.stdout
   # the cached model is a plain Hugging Face directory
   cfg, params, tok = load_model(str(model_dir))
   assert cfg.vocab_size == 512 and tok.decode(tok.encode("def f(x):")) == "def f(x):"

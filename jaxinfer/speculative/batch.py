@@ -18,7 +18,6 @@ import numpy as np
 from jaxinfer.engine.pages import page_keys
 from jaxinfer.generation import RowResult, next_pow2
 from jaxinfer.sampling import SamplingParams
-from jaxinfer.speculative.stats import average
 from jaxinfer.speculative.steps import _admit, _chunk, _extend
 
 _FIELDS = ("temperature", "top_k", "top_p", "min_p")
@@ -91,7 +90,6 @@ class SlotBatch:
     self.host_done = np.ones(b, bool)
     self.prefill_s = self.decode_s = 0.0
     self.new_tokens = self.syncs = 0
-    self.fresh = gen._fresh
     # A long admission (rows with more than `prefill_chunk` prompt tokens to compute) runs in
     # chunks of that many tokens per row, one verification step of the other rows between
     # chunks; its slots are held (not free, not live) until its last chunk admits the rows. One
@@ -306,8 +304,8 @@ class SlotBatch:
         self.state = gen._place(self.state.replace(done=self.host_done))
 
   def _record(self) -> None:
-    """The batch's counts, times and (unless it compiled) speed into the generator's stats; a
-    shared proposer state carries over to the next batch."""
+    """The batch's counts and times into the generator's stats (its speed: the generator's
+    `_generate`); a shared proposer state carries over to the next batch."""
     gen, st, state = self.gen, self.gen.stats, self.state
     t = self.proposer.tree_size
     if self.proposer.shared_state:
@@ -325,8 +323,4 @@ class SlotBatch:
     st.host_syncs += self.syncs
     st.spec_batches += 1
     st.tree_batches[t] = st.tree_batches.get(t, 0) + 1
-    if gen._fresh == self.fresh:  # not the first run of a fresh executable (slow)
-      st.tree_tps[t] = average(st.tree_tps.get(t), self.new_tokens / max(
-          self.prefill_s + self.decode_s, 1e-9))
-      if st.draft_share is None and gen.measure_split and steps:
-        gen._measure_split(state, self.sampling, self.decode_s / steps, self.level)
+    self.steps = steps

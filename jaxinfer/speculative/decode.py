@@ -96,7 +96,6 @@ class SpeculativeGenerator:
     self.measure_split = measure_split
     self.prefix_reuse = prefix_reuse
     self._batches = 0
-    self._fresh = 0  # executables compiled so far
     self._plain = Generator(cfg, params, runtime)  # (without num_slots)
     self.engine_config = engine_config
     self._engine, self._engine_len = None, 0  # (with num_slots: built when first needed)
@@ -132,7 +131,6 @@ class SpeculativeGenerator:
     """fn (a name per proposer and function) compiled once per argument shapes, then run."""
     key = (name,) + tuple((a.shape, str(a.dtype)) for a in jax.tree_util.tree_leaves(args))
     if key not in self._compiled:
-      self._fresh += 1
       t0 = time.perf_counter()
       self._compiled[key] = jax.jit(self._placed(fn)).lower(*args).compile()
       self.stats.compile_s += time.perf_counter() - t0
@@ -269,8 +267,7 @@ class SpeculativeGenerator:
       return d - len(rows) if f == "decode_tokens" else d
 
     self._count_plain(delta, {"prefill_s": "mixed_busy_s", "decode_s": "decode_busy_s",
-                              "prefill_tokens_saved": "prefill_tokens_saved"},
-                      delta("busy_s"))
+                              "prefill_tokens_saved": "prefill_tokens_saved"})
     return results
 
   def _generate_static(self, rows, should_stop, on_result):
@@ -281,23 +278,18 @@ class SpeculativeGenerator:
       for i, res in enumerate(results):
         on_result(i, res)
     delta = lambda f: getattr(tm, f) - getattr(before, f)
-    self._count_plain(delta, {"prefill_s": "prefill_s", "decode_s": "decode_s"},
-                      delta("prefill_s") + delta("decode_s"))
+    self._count_plain(delta, {"prefill_s": "prefill_s", "decode_s": "decode_s"})
     return results
 
-  def _count_plain(self, delta: Callable[[str], float], names: dict[str, str],
-                   busy_s: float) -> None:
+  def _count_plain(self, delta: Callable[[str], float], names: dict[str, str]) -> None:
     """Adds a plain batch to the stats: `delta(counter)`, the growth of the plain decoder's
-    counter; `names`, our counters -> its, besides those of the same name; its speed unless it
-    compiled (no measurement)."""
+    counter; `names`, our counters -> its, besides those of the same name."""
     st = self.stats
     names = {f: f for f in ("prefill_tokens", "decode_tokens", "compile_s",
                             "compilations")} | names
     for ours, theirs in names.items():
       setattr(st, ours, getattr(st, ours) + delta(theirs))
     st.plain_batches += 1
-    if not delta("compilations"):
-      st.plain_tps = average(st.plain_tps, delta("decode_tokens") / max(busy_s, 1e-9))
 
   def reserve(self, max_prompt_len: int, max_new_tokens: int) -> None:
     """Sizes every later batch's slots for at least these lengths, so that batches of one job
@@ -324,10 +316,31 @@ class SpeculativeGenerator:
     return contextlib.nullcontext()
 
   def _generate(self, rows, should_stop, on_result) -> list[RowResult]:
+    """One batch in the mode the policy picks. Its speed is measured in wall time (what the job
+    waits for: host work included, compilation not), unless it compiled; the draft / verify
+    split is timed once, after the first measured speculative batch, outside that time."""
     mode = self._choose()
+    st = self.stats
+    t0, compile_s, tokens, compilations = (time.perf_counter(), st.compile_s, st.decode_tokens,
+                                           st.compilations)
+    batch = None
     if mode == "plain":
-      return self._generate_plain(rows, should_stop, on_result)
-    return self._generate_spec(rows, should_stop, on_result, mode)
+      results = self._generate_plain(rows, should_stop, on_result)
+    else:
+      batch = SlotBatch(self, rows, should_stop, on_result, mode)
+      results = batch.run()
+    wall = time.perf_counter() - t0 - (st.compile_s - compile_s)
+    st.wall_s += wall
+    if st.compilations == compilations:  # a batch that compiled is not a measurement
+      tps = (st.decode_tokens - tokens) / max(wall, 1e-9)
+      if mode == "plain":
+        st.plain_tps = average(st.plain_tps, tps)
+      else:
+        size = self.ladder[mode].tree_size
+        st.tree_tps[size] = average(st.tree_tps.get(size), tps)
+        if st.draft_share is None and self.measure_split and batch.steps:
+          self._measure_split(batch.state, batch.sampling, batch.decode_s / batch.steps, mode)
+    return results
 
   def _geometry(self, prompt_len: int, max_new: int, tree_size: int) -> tuple[int, int]:
     """(output buffer length, positions per slot) for rows up to these lengths (and at least
@@ -386,6 +399,3 @@ class SpeculativeGenerator:
         num_generated=zeros(b), max_new=zeros(b), done=jnp.ones((b,), bool),
         keys=jnp.stack([key] * b), step=zeros(), proposer=pstate,
         accepted_hist=zeros(proposer.max_depth + 1), emitted=zeros())
-
-  def _generate_spec(self, rows, should_stop, on_result, level: int) -> list[RowResult]:
-    return SlotBatch(self, rows, should_stop, on_result, level).run()

@@ -16,6 +16,7 @@ class SpecStats:
   accepted_hist: np.ndarray | None = None
   prefill_s: float = 0.0
   decode_s: float = 0.0
+  wall_s: float = 0.0  # batches' wall time, host work included, compilation not
   compile_s: float = 0.0
   compilations: int = 0
   decode_tokens: int = 0
@@ -28,7 +29,7 @@ class SpecStats:
   spec_batches: int = 0  # batches that speculated
   plain_batches: int = 0  # ... that decoded plainly (policy "auto")
   # measured generation speeds (moving averages): output tokens after each row's first per
-  # second of prefill and decoding
+  # second of a batch's wall time (host work included, compilation not)
   plain_tps: float | None = None
   full_tree: int = 0  # the proposer's tree size (tokens verified per row and step)
   tree_tps: dict = dataclasses.field(default_factory=dict)  # tree size -> measured tokens/s
@@ -49,8 +50,8 @@ class SpecStats:
     split = next((s for s in stats if s.draft_share is not None), stats[0])
     return cls(
         **{f: total(f) for f in ("verify_steps", "emitted", "prefill_s",
-                                  "decode_s", "compile_s", "compilations", "decode_tokens",
-                                  "prefill_tokens", "prefill_tokens_saved",
+                                  "decode_s", "wall_s", "compile_s", "compilations",
+                                  "decode_tokens", "prefill_tokens", "prefill_tokens_saved",
                                   "prefill_chunks", "steps",
                                   "host_syncs", "row_slots", "spec_batches", "plain_batches")},
         accepted_hist=sum(s.accepted_hist for s in stats),
@@ -65,7 +66,7 @@ class SpecStats:
   def since(self, before: "SpecStats") -> "SpecStats":
     """What happened after `before` (a copy of these stats taken earlier): counts and times as
     differences, measured speeds and the draft / verify split as they stand now."""
-    counts = ("verify_steps", "emitted", "prefill_s", "decode_s", "compile_s",
+    counts = ("verify_steps", "emitted", "prefill_s", "decode_s", "wall_s", "compile_s",
               "compilations", "decode_tokens", "prefill_tokens", "prefill_tokens_saved",
               "prefill_chunks", "steps", "host_syncs", "row_slots", "spec_batches", "plain_batches")
     return dataclasses.replace(
@@ -84,12 +85,12 @@ class SpecStats:
     return max(self.tree_tps, key=self.tree_tps.get) if self.tree_tps else None
 
   def job_speedup(self) -> float | None:
-    """The job's generation speed (every batch it ran, exploring included, compilation not)
-    over plain decoding's speed measured in it; None before a plain batch was measured."""
-    busy = self.prefill_s + self.decode_s
-    if not self.plain_tps or not busy:
+    """The job's generation speed (every batch it ran, exploring included, in wall time less
+    compilation) over plain decoding's, measured the same way in it; None before a plain batch
+    was measured."""
+    if not self.plain_tps or not self.wall_s:
       return None
-    return self.decode_tokens / busy / self.plain_tps
+    return self.decode_tokens / self.wall_s / self.plain_tps
 
   def decision(self) -> str:
     job = self.job_speedup()
