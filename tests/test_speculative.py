@@ -363,10 +363,10 @@ def test_generate_job_with_speculation(tmp_path, tiny_model_dir, monkeypatch):
 def test_sampled_speculation_matches_plain_sampling(target, other_draft, name):
   """The joint distribution of the second and third tokens (both drawn in speculative steps:
   the first comes from the prompt's forward) equals plain sampling's, by a two-sample
-  chi-square over 3000 rows each; top_k = 3 keeps the support small."""
+  chi-square over 1500 rows each; top_k = 3 keeps the support small."""
   cfg, params = target
   proposer, draft_params = _proposers(cfg, params, other_draft)[name]
-  n = 3000
+  n = 1500
   prompt = [5, 6, 5, 6, 5, 6] if name == "lookahead" else [5, 6, 7, 8, 9, 10]  # (matches)
   rows = lambda salt: [RowRequest(prompt, 3, jax.random.key(salt + i), temperature=1.0, top_k=3)
                        for i in range(n)]
@@ -567,10 +567,10 @@ def test_sliding_window_model_speculates_losslessly(tmp_path):
 
 def test_sinks_window_sparsity_speculates_losslessly(target, other_draft):
   """--sparsity=sinks_window (StreamingLLM: 2 sinks + a window of 10, shorter than the outputs)
-  on the target: prefill, tree verification (a chain through XLA, a trie through the Pallas
-  kernel, EAGLE-2 trees with prompts admitted in chunks of 8, prompts sharing pages through
-  prefix reuse) and plain decoding all keep the pattern, so greedy speculation equals plain
-  greedy decoding under it; a tree past the window and the dynamic patterns are refused."""
+  on the target: prefill, tree verification (a trie through the Pallas kernel, EAGLE-2 trees
+  through XLA with prompts admitted in chunks of 8, prompts sharing pages through prefix reuse)
+  and plain decoding all keep the pattern, so greedy speculation equals plain greedy decoding
+  under it; a tree past the window and the dynamic patterns are refused."""
   from jaxinfer.sparsity import parse
   cfg, params = target
   sparsity = parse("sinks_window:2,10")
@@ -581,8 +581,7 @@ def test_sinks_window_sparsity_speculates_losslessly(target, other_draft):
   dense = Generator(cfg, params).generate(rows)
   assert [p.tokens for p in plain] != [d.tokens for d in dense]  # the pattern matters here
   eagle_tree, heads = _proposers(cfg, params, other_draft)["eagle-tree"]
-  for proposer, impl in ((P.NGram(num_draft_tokens=4), "xla"),
-                         (P.Lookahead(num_nodes=7, depth=3, num_candidates=6), "pallas"),
+  for proposer, impl in ((P.Lookahead(num_nodes=7, depth=3, num_candidates=6), "pallas"),
                          (eagle_tree, "xla")):
     spec = SpeculativeGenerator(cfg, params, proposer, page_size=8, policy="always",
                                 runtime=Runtime(implementation=impl, sparsity=sparsity),

@@ -139,6 +139,9 @@ class Engine:
     self.k, self.v = PagedKVCache.init_pools(model_cfg, self.num_pool_pages, ps, runtime.mesh,
                                              runtime.rules)
     self.last_token = jnp.zeros((cfg.num_slots,), jnp.int32)
+    # kept from run to run with the pools it describes: a later run reuses the prompt pages an
+    # earlier one cached (until they are evicted)
+    self.pool = PagePool(self.num_pool_pages, ps)
     self.stats = EngineStats(pool_pages=self.num_pool_pages)
     step = partial(engine_step, cfg=model_cfg, runtime=runtime)
     self._step = jax.jit(step, donate_argnums=(1, 2, 3))
@@ -183,8 +186,17 @@ class Engine:
   def run(self, requests: Iterable[EngineRequest], on_result: Callable[[EngineResult], None],
           should_stop: Callable[[int, list[int]], bool] | None = None,
           on_step: Callable[[EngineStats], None] | None = None) -> EngineStats:
-    """Generates every request, calling `on_result` as each finishes (in completion order)."""
-    pool = PagePool(self.num_pool_pages, self.cfg.page_size)
+    """Generates every request, calling `on_result` as each finishes (in completion order).
+    Prompt pages cached by earlier runs are reused; a run that fails forgets them all."""
+    pool = self.pool
+    pool.peak_in_use = pool.in_use
+    try:
+      return self._run(pool, requests, on_result, should_stop, on_step)
+    except BaseException:
+      self.pool = PagePool(self.num_pool_pages, self.cfg.page_size)  # its references are lost
+      raise
+
+  def _run(self, pool, requests, on_result, should_stop, on_step) -> EngineStats:
     sched = Scheduler(self.cfg.num_slots, self.cfg.chunk_lanes, self.cfg.chunk_size,
                       self.cfg.page_size, self.max_pages, pool, self.model_cfg.eos_token_ids,
                       self.cfg.decode_steps)
