@@ -76,6 +76,7 @@ class CompileJob:
   tree: str = "4,2,1,1"
   draft_layers: str | None = None
   steps_per_sync: int = 32
+  quantize: str | None = None  # a weight format (int8, int4:g128, fp8_e4m3, ...): served quantized
 
   @property
   def engine_config(self) -> EngineConfig:
@@ -359,7 +360,8 @@ class Report:
     spec = "" if st["speculative"] == "none" else f", speculative {st['speculative']}"
     n = cfg["params"]
     params = f"{n / 1e9:.2f}B" if n >= 1e9 else f"{n / 1e6:.2f}M"
-    lines = [f"{self.model} ({params} params, {cfg['dtype']}) on {self.target} "
+    weights = cfg["dtype"] + (f", weights {st['quantize']}" if st.get("quantize") else "")
+    lines = [f"{self.model} ({params} params, {weights}) on {self.target} "
              f"({self.devices} x {self.device_kind}{hbm})",
              f"mesh {self.mesh} per replica, {self.replicas} replica(s); {st['batch_size']} slots, "
              f"{st['kv_pages']} KV pages of {st['page_size']} tokens; {st['implementation']} "
@@ -500,6 +502,21 @@ def _compile_checked(name, fn, args, target: Target, report: Report, weights: in
   return step
 
 
+def _params(cfg: ModelConfig, job: CompileJob, mesh: Mesh, runtime: Runtime):
+  """The weights' shapes as the engine holds them on the mesh: --quantize's QArrays (values and
+  scales laid out as the weight) in place of the weights it selects."""
+  spec = M.Transformer.spec(cfg)
+  params = abstract_params(spec, cfg.jnp_dtype, mesh, runtime.rules)
+  if not job.quantize:
+    return params
+  from jaxinfer import quant
+  try:
+    fmt = quant.QuantFormat.parse(job.quantize)
+  except ValueError as e:
+    raise CompileError(f"--quantize: {e}") from None
+  return quant.abstract_quantized(params, spec, fmt, mesh, runtime.rules)
+
+
 def run(job: CompileJob, log=None) -> Report:
   """Compiles (TPU) or lowers (CUDA) the engine's steps and, with job.speculative, the
   verification step; CompileError (one line, naming the flag) for bad flags or a configuration
@@ -510,7 +527,7 @@ def run(job: CompileJob, log=None) -> Report:
   devices = target_devices(target)
   mesh, replicas = replica_mesh(devices, job.mesh, target)
   runtime = Runtime(mesh, implementation=job.implementation, sparsity=sparsity)
-  params = abstract_params(M.Transformer.spec(cfg), cfg.jnp_dtype, mesh, runtime.rules)
+  params = _params(cfg, job, mesh, runtime)
   steps = engine_steps(cfg, job, params, runtime)
   pools = steps["decode"][1][1:3]  # (k, v): every layer's (K, P, ps, H) pool
   kv_pages = pools[0][0].shape[1]

@@ -43,6 +43,9 @@ flags.DEFINE_string("draft_layers", None, "--speculative=layerskip: layers the d
                     "(default: the first half).")
 flags.DEFINE_integer("steps_per_sync", 32, "Verification steps per host round trip.",
                      lower_bound=1)
+flags.DEFINE_string("quantize", None, "Serve the weights quantized in this format (int8, "
+                    "int4:g128, fp8_e4m3, ... as jaxinfer quantize --format): their memory per "
+                    "device is what the report counts.")
 flags.mark_flags_as_required(["target"])
 FLAGS = flags.FLAGS
 
@@ -52,7 +55,7 @@ def _job():
   names = ("target", "model", "dtype", "mesh", "batch_size", "kv_pages", "page_size",
            "chunk_size", "chunk_lanes", "decode_steps", "max_seq_len", "implementation",
            "sparsity", "speculative", "num_draft_tokens", "tree", "draft_layers",
-           "steps_per_sync")
+           "steps_per_sync", "quantize")
   return CompileJob(**{name: getattr(FLAGS, name) for name in names})
 
 
