@@ -112,8 +112,11 @@ def parse_target(text: str) -> Target:
 def prepare_host(target: Target, mesh: str) -> None:
   """Before JAX's first computation: the host computes on its CPU (the target is compiled for,
   never run), libtpu asks no metadata server, and a CUDA target's mesh gets that many host
-  devices to be laid out over (lowering needs devices; any will do)."""
+  devices to be laid out over (lowering needs devices; any will do). The compile-only client
+  holds no chip, so it does not take libtpu's one-process lock (another JAX program on this
+  host may hold it)."""
   os.environ.setdefault("TPU_SKIP_MDS_QUERY", "1")
+  os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
   jax.config.update("jax_platforms", "cpu")
   if target.platform == "cuda":
     with contextlib.suppress(RuntimeError, ValueError):  # already started / a bad mesh (later)
