@@ -335,6 +335,8 @@ class SpeculativeGenerator:
       tps = (st.decode_tokens - tokens) / max(wall, 1e-9)
       if mode == "plain":
         st.plain_tps = average(st.plain_tps, tps)
+        st.plain_measured_tokens += st.decode_tokens - tokens
+        st.plain_measured_s += wall
       else:
         size = self.ladder[mode].tree_size
         st.tree_tps[size] = average(st.tree_tps.get(size), tps)

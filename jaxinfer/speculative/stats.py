@@ -17,6 +17,8 @@ class SpecStats:
   prefill_s: float = 0.0
   decode_s: float = 0.0
   wall_s: float = 0.0  # batches' wall time, host work included, compilation not
+  plain_measured_tokens: int = 0  # ... of the plain batches measured (not compiling)
+  plain_measured_s: float = 0.0
   compile_s: float = 0.0
   compilations: int = 0
   decode_tokens: int = 0
@@ -50,7 +52,8 @@ class SpecStats:
     split = next((s for s in stats if s.draft_share is not None), stats[0])
     return cls(
         **{f: total(f) for f in ("verify_steps", "emitted", "prefill_s",
-                                  "decode_s", "wall_s", "compile_s", "compilations",
+                                  "decode_s", "wall_s", "plain_measured_tokens",
+                                  "plain_measured_s", "compile_s", "compilations",
                                   "decode_tokens", "prefill_tokens", "prefill_tokens_saved",
                                   "prefill_chunks", "steps",
                                   "host_syncs", "row_slots", "spec_batches", "plain_batches")},
@@ -66,7 +69,8 @@ class SpecStats:
   def since(self, before: "SpecStats") -> "SpecStats":
     """What happened after `before` (a copy of these stats taken earlier): counts and times as
     differences, measured speeds and the draft / verify split as they stand now."""
-    counts = ("verify_steps", "emitted", "prefill_s", "decode_s", "wall_s", "compile_s",
+    counts = ("verify_steps", "emitted", "prefill_s", "decode_s", "wall_s",
+              "plain_measured_tokens", "plain_measured_s", "compile_s",
               "compilations", "decode_tokens", "prefill_tokens", "prefill_tokens_saved",
               "prefill_chunks", "steps", "host_syncs", "row_slots", "spec_batches", "plain_batches")
     return dataclasses.replace(
@@ -86,11 +90,12 @@ class SpecStats:
 
   def job_speedup(self) -> float | None:
     """The job's generation speed (every batch it ran, exploring included, in wall time less
-    compilation) over plain decoding's, measured the same way in it; None before a plain batch
-    was measured."""
-    if not self.plain_tps or not self.wall_s:
+    compilation) over plain decoding's, measured the same way in the same job (stats `since` a
+    call: that call); None when the job measured no plain batch."""
+    if not self.plain_measured_s or not self.wall_s:
       return None
-    return self.decode_tokens / self.wall_s / self.plain_tps
+    plain = self.plain_measured_tokens / self.plain_measured_s
+    return self.decode_tokens / self.wall_s / plain
 
   def decision(self) -> str:
     job = self.job_speedup()
@@ -103,8 +108,11 @@ class SpecStats:
              if best is not None and best != self.full_tree else "")
     if not self.plain_batches:
       return "speculating throughout" + trees + tried
+    slower = bool(self.spec_tps and self.plain_tps and self.spec_tps < self.plain_tps)
+    if not self.spec_batches:
+      return "decoded plainly throughout" + (" (speculation measured slower)" if slower else "")
     share = self.spec_batches / (self.spec_batches + self.plain_batches)
-    if self.spec_tps and self.plain_tps and self.spec_tps < self.plain_tps:
+    if slower:
       return (f"speculation turned itself off ({share:.0%} of batches speculated{tried}"
               f"{ratio})")
     return f"speculating{trees} ({share:.0%} of batches{tried}{ratio})"
