@@ -83,13 +83,13 @@ class SlotBatch:
     # the prefix's last token computed again: its hidden state feeds the draft layer
     self.recompute = int(proposer.reads_prompt_features)
     self.prefixes = SlotPrefixes(m)
-    self.sampling = self.to_device(self.sp)
+    self.sampling = self.host_sampling(self.sp)
     self.slot_row: list[int | None] = [None] * b
     self.pending = list(range(n))[::-1]  # popped from the end: in order
     self.results: list[RowResult | None] = [None] * n
     self.host_done = np.ones(b, bool)
     self.prefill_s = self.decode_s = 0.0
-    self.new_tokens = self.syncs = 0
+    self.new_tokens = self.syncs = self.steps = 0
     # A long admission (rows with more than `prefill_chunk` prompt tokens to compute) runs in
     # chunks of that many tokens per row, one verification step of the other rows between
     # chunks; its slots are held (not free, not live) until its last chunk admits the rows. One
@@ -97,7 +97,7 @@ class SlotBatch:
     self.group = None
 
   @staticmethod
-  def to_device(d) -> SamplingParams:
+  def host_sampling(d) -> SamplingParams:
     """Host sampling values, passed to the compiled steps as they are (host arrays go to the
     device with the call: no operation of their own)."""
     return SamplingParams(**{f: np.array(d[f]) for f in _FIELDS})
@@ -150,7 +150,7 @@ class SlotBatch:
       pick = lambda xs: [xs[j] for j in now]
       self.state = self._admit_rows(pick(take), pick(slots), pick(starts), pick(first),
                                     pick(keys_of))
-      self.sampling = self.to_device(self.sp)
+      self.sampling = self.host_sampling(self.sp)
       self.host_done = np.asarray(self.state.done)
     if later:
       pick = lambda xs: [xs[j] for j in later]
@@ -195,7 +195,7 @@ class SlotBatch:
     if all(len(self.rows[i].prompt_ids) - f <= c for i, f in zip(g["take"], g["frontier"])):
       self.state = self._admit_rows(g["take"], g["slots"], g["found"], g["first"], g["keys"],
                                     g["frontier"])
-      self.sampling = self.to_device(self.sp)
+      self.sampling = self.host_sampling(self.sp)
       self.host_done = np.asarray(self.state.done)
       self.group = None
       self.prefill_s += time.perf_counter() - t0 - (st.compile_s - c1)
@@ -241,7 +241,7 @@ class SlotBatch:
     from_cache = bool(start.any())
     new = gen._run(("admit", self.level, from_cache), partial(self.admit, from_cache=from_cache),
                    gen.params, gen.draft_params, self.state, toks if from_cache else hist,
-                   start, hist, plen, mnew, self.to_device(msp), keys, self.eos, slot_ids,
+                   start, hist, plen, mnew, self.host_sampling(msp), keys, self.eos, slot_ids,
                    copy_src, copy_dst)
     for s, pkeys in zip(slots, keys_of):
       self.prefixes.refill(s, pkeys)
