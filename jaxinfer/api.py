@@ -193,6 +193,11 @@ class LLM:
     their output."""
     self._backend.prepare(requests)
 
+  def reset_prefix_cache(self) -> None:
+    """Forgets the prompt pages earlier calls left cached (a later call reuses them otherwise):
+    for calls that must not benefit from earlier ones, such as a benchmark's rounds."""
+    self._backend.reset_prefix_cache()
+
   def serve(self, requests: list[Request],
             on_request: Callable[[Request, list[Completion]], None],
             progress: bool | None = None) -> dict[str, Any]:

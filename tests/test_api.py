@@ -42,6 +42,9 @@ def test_generate_equals_the_jsonl_job(llm, tiny_model_dir, tmp_path):
   again = llm.generate(PROMPTS, sp)
   assert [o.completion_ids for o in again] == [o.completion_ids for o in outs]
   assert llm.metrics["compilations"] == 0 and llm.metrics["prefill_tokens_saved"] >= 16
+  llm.reset_prefix_cache()  # ... unless told to forget them
+  assert [o.completion_ids for o in llm.generate(PROMPTS, sp)] == [o.completion_ids for o in outs]
+  assert llm.metrics["prefill_tokens_saved"] == 0
 
 
 def test_iterator_samples_and_stop_strings(llm):

@@ -149,6 +149,10 @@ class Engine:
     self._decode = jax.jit(decode, donate_argnums=(1, 2, 3))
     self._compiled: dict[tuple[int, int] | str, Callable] = {}
 
+  def reset_prefix_cache(self) -> None:
+    """Forgets every cached prompt page (the next run computes its prompts afresh)."""
+    self.pool = PagePool(self.num_pool_pages, self.cfg.page_size)
+
   def pool_bytes(self) -> int:
     return PagedKVCache.pool_bytes(self.model_cfg, self.num_pool_pages, self.cfg.page_size)
 
@@ -193,7 +197,7 @@ class Engine:
     try:
       return self._run(pool, requests, on_result, should_stop, on_step)
     except BaseException:
-      self.pool = PagePool(self.num_pool_pages, self.cfg.page_size)  # its references are lost
+      self.reset_prefix_cache()  # the failed run's references are lost
       raise
 
   def _run(self, pool, requests, on_result, should_stop, on_step) -> EngineStats:

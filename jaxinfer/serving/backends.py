@@ -100,6 +100,10 @@ class EngineBackend:
   def expected_compilations(self) -> int:
     return sum(e.max_shapes for e in self.engines)
 
+  def reset_prefix_cache(self) -> None:
+    for eng in self.engines:
+      eng.reset_prefix_cache()
+
   def run(self, requests: list[Request], deliver: Deliver, should_stop: StopCheck) -> dict:
     rows = _rows(requests)
     ereqs = [EngineRequest(uid, req.prompt_ids, req.max_new_tokens,
@@ -163,6 +167,9 @@ class StaticBackend:
   def prepare(self, requests: list[Request]) -> None:
     if any(r.n > 1 for r in requests):
       raise UserError("--num_samples: N > 1 needs the continuous scheduler")
+
+  def reset_prefix_cache(self) -> None:
+    """(static batches cache no prefixes)"""
 
   def run(self, requests: list[Request], deliver: Deliver, should_stop: StopCheck) -> dict:
     before = dataclasses.replace(self.gen.timings)
@@ -235,6 +242,10 @@ class SpeculativeBackend:
       self.reserved = tuple(max(a, c) for a, c in zip(self.reserved, longest))
       for gen in self.gens:
         gen.reserve(*self.reserved)
+
+  def reset_prefix_cache(self) -> None:
+    for gen in self.gens:
+      gen.reset_prefix_cache()
 
   def _work(self, gen, share, deliver: Deliver, should_stop: StopCheck) -> None:
     b = self.opts.batch_size

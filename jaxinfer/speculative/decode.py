@@ -291,6 +291,12 @@ class SpeculativeGenerator:
       setattr(st, ours, getattr(st, ours) + delta(theirs))
     st.plain_batches += 1
 
+  def reset_prefix_cache(self) -> None:
+    """Forgets the prompt pages plain decoding's engine cached (speculative batches share
+    prefixes within a batch only)."""
+    if self._engine is not None:
+      self._engine.reset_prefix_cache()
+
   def reserve(self, max_prompt_len: int, max_new_tokens: int) -> None:
     """Sizes every later batch's slots for at least these lengths, so that batches of one job
     share their compiled steps (continuous batching: set it for the job's longest request)."""
