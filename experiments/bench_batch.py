@@ -16,11 +16,10 @@ from __future__ import annotations
 
 import datetime
 import json
-import sys
-import tempfile
 from pathlib import Path
 
 from absl import app, flags
+from alternating_jobs import identical, median_run, ratios, run_alternating
 
 from jaxinfer import output
 
@@ -38,6 +37,10 @@ flags.DEFINE_integer("repeats", 3, "Alternating static/engine runs; the median r
 flags.DEFINE_string("results", str(Path(__file__).parent / "results" / "bench_batch.jsonl"),
                     "Results file (JSON lines, appended).")
 FLAGS = flags.FLAGS
+
+KEPT = ("generation_tokens_per_second", "end_to_end_tokens_per_second", "completion_tokens",
+        "prefill_tokens_computed", "prefill_tokens_saved", "mean_slot_occupancy", "wall_seconds",
+        "compile_seconds", "compilations", "steps", "dispatches")
 
 
 def workload(tokenizer, vocab_size: int, rng) -> list[dict]:
@@ -63,8 +66,6 @@ def main(argv):
   import numpy as np
 
   from jaxinfer import checkpoint
-  from jaxinfer.requests import Defaults
-  from jaxinfer.runner import GenerateJob, run
 
   model_dir = checkpoint.resolve_model_dir(FLAGS.model)
   cfg, _, tok = checkpoint.load_model(str(model_dir))
@@ -74,36 +75,20 @@ def main(argv):
          "batch_size": FLAGS.batch_size, "chunk_size": FLAGS.chunk_size,
          "chunk_lanes": FLAGS.chunk_lanes, "device": jax.devices()[0].device_kind,
          "jax": jax.__version__, "date": datetime.date.today().isoformat()}
-  with tempfile.TemporaryDirectory() as d:
-    prompts = Path(d) / "p.jsonl"
-    prompts.write_text("".join(json.dumps(r) + "\n" for r in records))
-    outputs, runs = {}, {"static": [], "continuous": []}
-    for repeat in range(FLAGS.repeats):
-      for scheduler in ("static", "continuous"):
-        out = Path(d) / f"{scheduler}.jsonl"
-        m = run(GenerateJob(prompts=str(prompts), output=str(out), model=str(model_dir),
-                            defaults=Defaults(), batch_size=FLAGS.batch_size, mesh=FLAGS.mesh,
-                            scheduler=scheduler, chunk_size=FLAGS.chunk_size,
-                            chunk_lanes=FLAGS.chunk_lanes, progress=False,
-                            overwrite=True))
-        outputs[scheduler] = {r["id"]: r["completion_ids"]
-                              for r in map(json.loads, out.read_text().splitlines())}
-        runs[scheduler].append({k: m[k] for k in (
-            "generation_tokens_per_second", "end_to_end_tokens_per_second", "completion_tokens",
-            "prefill_tokens_computed", "prefill_tokens_saved", "mean_slot_occupancy",
-            "wall_seconds", "compile_seconds", "compilations", "steps", "dispatches")})
-        print(repeat, scheduler, json.dumps(runs[scheduler][-1]), file=sys.stderr, flush=True)
-  same = sum(outputs["static"][i] == outputs["continuous"][i] for i in outputs["static"])
-  row["identical_completions"] = f"{same}/{len(records)}"
+  settings = {scheduler: dict(batch_size=FLAGS.batch_size, mesh=FLAGS.mesh, scheduler=scheduler,
+                              chunk_size=FLAGS.chunk_size, chunk_lanes=FLAGS.chunk_lanes)
+              for scheduler in ("static", "continuous")}
+  outputs, runs = run_alternating(records, str(model_dir), settings, FLAGS.repeats, KEPT)
+  row["identical_completions"] = identical(outputs, "static", "continuous")
   row["shared_prefix_fraction_of_prompt_tokens"] = round(
       len(records) * _common_prefix(records) / prompt_tokens, 3)
-  ratios = lambda key: [round(c[key] / s[key], 2)
-                        for s, c in zip(runs["static"], runs["continuous"])]
-  for scheduler, rs in runs.items():  # the run with the median generation throughput
-    row[scheduler] = sorted(rs, key=lambda r: r["generation_tokens_per_second"])[len(rs) // 2]
-  row["speedup_per_repeat"] = ratios("generation_tokens_per_second")  # compilation excluded
+  for scheduler, rs in runs.items():
+    row[scheduler] = median_run(rs)
+  # compilation excluded
+  row["speedup_per_repeat"] = ratios(runs, "continuous", "static", "generation_tokens_per_second")
   row["speedup"] = float(np.median(row["speedup_per_repeat"]))
-  row["speedup_including_compilation"] = float(np.median(ratios("end_to_end_tokens_per_second")))
+  row["speedup_including_compilation"] = float(np.median(
+      ratios(runs, "continuous", "static", "end_to_end_tokens_per_second")))
   print(json.dumps(row, indent=2))
   output.append_jsonl(FLAGS.results, [row])
 

@@ -19,12 +19,11 @@ from __future__ import annotations
 
 import datetime
 import json
-import sys
-import tempfile
 from pathlib import Path
 
 import numpy as np
 from absl import app, flags
+from alternating_jobs import identical, median_run, ratios, run_alternating
 
 from jaxinfer import output
 
@@ -74,8 +73,6 @@ def main(argv):
   import jax
 
   from jaxinfer import checkpoint
-  from jaxinfer.requests import Defaults
-  from jaxinfer.runner import GenerateJob, run
 
   model_dir = checkpoint.resolve_model_dir(FLAGS.model)
   cfg, _, tok = checkpoint.load_model(str(model_dir))
@@ -86,28 +83,13 @@ def main(argv):
          "batch_size": FLAGS.batch_size, "kv_pages": FLAGS.kv_pages, "repeats": FLAGS.repeats,
          "device": jax.devices()[0].device_kind, "jax": jax.__version__,
          "date": datetime.date.today().isoformat()}
-  with tempfile.TemporaryDirectory() as d:
-    prompts = Path(d) / "p.jsonl"
-    prompts.write_text("".join(json.dumps(r) + "\n" for r in records))
-    outputs, runs = {}, {o: [] for o in ORDERS}
-    for repeat in range(FLAGS.repeats):
-      for order in ORDERS:
-        out = Path(d) / f"{order}.jsonl"
-        m = run(GenerateJob(prompts=str(prompts), output=str(out), model=str(model_dir),
-                            defaults=Defaults(), batch_size=FLAGS.batch_size, mesh="data:1",
-                            order=order, kv_pages=FLAGS.kv_pages, progress=False,
-                            overwrite=True))
-        outputs[order] = {r["id"]: r["completion_ids"]
-                          for r in map(json.loads, out.read_text().splitlines())}
-        runs[order].append({k: m[k] for k in KEPT})
-        print(repeat, order, json.dumps(runs[order][-1]), file=sys.stderr, flush=True)
-  same = sum(outputs["prefix"][i] == outputs["arrival"][i] for i in outputs["prefix"])
-  row["identical_completions"] = f"{same}/{len(records)}"
-  for order, rs in runs.items():  # the run with the median generation throughput
-    row[order] = sorted(rs, key=lambda r: r["generation_tokens_per_second"])[len(rs) // 2]
-  row["speedup_per_repeat"] = [round(p["generation_tokens_per_second"]
-                                     / a["generation_tokens_per_second"], 2)
-                               for p, a in zip(runs["prefix"], runs["arrival"])]
+  settings = {order: dict(batch_size=FLAGS.batch_size, mesh="data:1", order=order,
+                          kv_pages=FLAGS.kv_pages) for order in ORDERS}
+  outputs, runs = run_alternating(records, str(model_dir), settings, FLAGS.repeats, KEPT)
+  row["identical_completions"] = identical(outputs, "prefix", "arrival")
+  for order, rs in runs.items():
+    row[order] = median_run(rs)
+  row["speedup_per_repeat"] = ratios(runs, "prefix", "arrival", "generation_tokens_per_second")
   row["speedup"] = float(np.median(row["speedup_per_repeat"]))
   row["prefill_computed_ratio"] = round(row["arrival"]["prefill_tokens_computed"]
                                         / row["prefix"]["prefill_tokens_computed"], 2)
