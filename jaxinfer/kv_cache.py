@@ -143,57 +143,73 @@ class MixedLayerKV:
   v: jax.Array
   decode_table: jax.Array
   chunk_table: jax.Array
+  prefix_len: jax.Array | None = None
+  tree_mask: jax.Array | None = None
 
   def _split(self, x: jax.Array):
-    """x (1, S + G*Q, ...) -> decode rows (S, 1, ...) and chunk lanes (G, Q, ...) (None when
+    """x (1, S*T + G*Q, ...) -> decode rows (S, T, ...) and chunk lanes (G, Q, ...) (None when
     G == 0: a decode-only step)."""
     s, g = self.decode_table.shape[0], self.chunk_table.shape[0]
+    t = 1 if self.tree_mask is None else self.tree_mask.shape[1]
+    dec = x[0, :s * t].reshape((s, t) + x.shape[2:])
     if g == 0:
-      return x[0, :s, None], None
-    return x[0, :s, None], x[0, s:].reshape((g, -1) + x.shape[2:])
+      return dec, None
+    return dec, x[0, s * t:].reshape((g, -1) + x.shape[2:])
 
-  def _groups(self):
-    return (LayerKV(self.k, self.v, self.decode_table), LayerKV(self.k, self.v, self.chunk_table))
+  def _decode_group(self):
+    if self.tree_mask is None:
+      return LayerKV(self.k, self.v, self.decode_table)
+    return TreeLayerKV(self.k, self.v, self.decode_table, self.prefix_len, self.tree_mask)
 
   def write(self, k: jax.Array, v: jax.Array, positions: jax.Array) -> "MixedLayerKV":
     kd, kc = self._split(k)
     vd, vc = self._split(v)
     pd, pc = self._split(positions)
-    dec, _ = self._groups()
-    dec = dec.write(kd, vd, pd)
+    if self.tree_mask is None:
+      dec = LayerKV(self.k, self.v, self.decode_table).write(kd, vd, pd)
+    else:  # tree nodes are stored by index after the prefix; an out-of-range row writes nothing
+      end = self.decode_table.shape[1] * self.k.shape[2]
+      slots = jnp.where(pd >= end, end, self.prefix_len[:, None] + jnp.arange(pd.shape[1]))
+      dec = LayerKV(self.k, self.v, self.decode_table).write(kd, vd, slots)
     if kc is not None:
       dec = LayerKV(dec.k, dec.v, self.chunk_table).write(kc, vc, pc)
-    return MixedLayerKV(dec.k, dec.v, self.decode_table, self.chunk_table)
+    return self.replace(k=dec.k, v=dec.v)
 
   def attend(self, impl, q: jax.Array, positions: jax.Array, **kw) -> jax.Array:
     qd, qc = self._split(q)
     pd, pc = self._split(positions)
-    dec, chunk = self._groups()
-    out_d = impl.cache(qd, dec, pd, **kw)[:, 0]  # (S, N, H): one token per sequence
+    out_d = self._decode_group().attend(impl, qd, pd, **kw)  # (S, T, N, H)
+    out_d = out_d.reshape((-1,) + out_d.shape[2:])
     if qc is None:
       return out_d[None]
-    out_c = impl.cache(qc, chunk, pc, **kw)  # (G, Q, N, H): a prompt chunk per lane
+    out_c = LayerKV(self.k, self.v, self.chunk_table).attend(impl, qc, pc, **kw)
     return jnp.concatenate([out_d, out_c.reshape((-1,) + out_c.shape[2:])])[None]
 
 
 @struct.dataclass
 class MixedPagedKVCache:
-  """The continuous-batching engine's step: one flat row of S + G*Q tokens (B=1) whose first S
-  tokens are one decode token per slot (page tables `decode_table` (S, M)) and whose rest are G
-  lanes of Q prompt tokens, each lane a chunk of one sequence (`chunk_table` (G, M)). Dense
-  layers see all tokens as one batch (SARATHI's mixed step); attention runs per group."""
+  """The continuous-batching engine's step: one flat row of S*T + G*Q tokens (B=1) whose first
+  S*T tokens are T per slot (page tables `decode_table` (S, M)) and whose rest are G lanes of Q
+  prompt tokens, each lane a chunk of one sequence (`chunk_table` (G, M)). Dense layers see all
+  tokens as one batch (SARATHI's mixed step); attention runs per group.
+
+  T = 1 (no `tree_mask`): one decode token per slot. Otherwise each slot's T tokens are a draft
+  tree verified over its pages (as `TreeKVCache`: stored at prefix_len + node index, seeing the
+  prefix and their ancestors, `tree_mask` (S, T, W) packed ancestor bits)."""
 
   k: tuple[jax.Array, ...]
   v: tuple[jax.Array, ...]
   decode_table: jax.Array
   chunk_table: jax.Array
+  prefix_len: jax.Array | None = None
+  tree_mask: jax.Array | None = None
 
   def layer(self, i: int) -> MixedLayerKV:
-    return MixedLayerKV(self.k[i], self.v[i], self.decode_table, self.chunk_table)
+    return MixedLayerKV(self.k[i], self.v[i], self.decode_table, self.chunk_table,
+                        self.prefix_len, self.tree_mask)
 
   def with_layers(self, layers: list[MixedLayerKV]) -> "MixedPagedKVCache":
-    return MixedPagedKVCache(k=tuple(l.k for l in layers), v=tuple(l.v for l in layers),
-                             decode_table=self.decode_table, chunk_table=self.chunk_table)
+    return self.replace(k=tuple(l.k for l in layers), v=tuple(l.v for l in layers))
 
 
 @struct.dataclass

@@ -211,10 +211,10 @@ def test_memory_beyond_the_device_names_the_flags(tmp_path, tiny_model_dir, monk
     _job(tmp_path, tiny_model_dir, one, "big")
   with pytest.raises(UserError, match=r"--batch_size: speculative decoding's KV memory .* "
                      r"lower --batch_size or --max_new_tokens"):
-    _job(tmp_path, tiny_model_dir, one, "big-spec", speculative="ngram")
+    _job(tmp_path, tiny_model_dir, one, "big-spec", speculative="layerskip")
   assert not any((tmp_path / f"{n}.out.jsonl").exists() for n in ("big", "big-spec"))
   monkeypatch.setattr(placement, "bytes_limit", lambda mesh: 2**34)  # 16 GiB: it fits
-  assert _job(tmp_path, tiny_model_dir, one, "fits", speculative="ngram")[1][
+  assert _job(tmp_path, tiny_model_dir, one, "fits", speculative="layerskip")[1][
       "num_completed"] == 1
 
 

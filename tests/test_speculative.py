@@ -319,7 +319,7 @@ def test_generate_job_with_speculation(tmp_path, tiny_model_dir, monkeypatch):
                                       "max_new_tokens": 12}) + "\n" for i in range(14)))
   m = run(GenerateJob(prompts=str(many), output=str(tmp_path / "many.out.jsonl"),
                       model=str(tiny_model_dir), batch_size=2, progress=False,
-                      speculative="ngram"))
+                      speculative="layerskip"))
   assert m["plain_batches"] == 2 and m["speculative_batches"] == 3, m["speculation"]
   assert m["tree_sizes"]["5"]["batches"] == 2 and m["tree_sizes"]["3"]["batches"] == 1
   assert m["tree_sizes"]["5"]["tokens_per_second"] > 0

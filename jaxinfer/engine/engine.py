@@ -21,12 +21,14 @@ import numpy as np
 
 from jaxinfer import model as M
 from jaxinfer.config import ModelConfig
+from jaxinfer.engine import policy, speculate
 from jaxinfer.engine.pages import PagePool
 from jaxinfer.engine.scheduler import (EngineRequest, EngineResult, Scheduler, StepPlan,
                                         lane_length)
 from jaxinfer.kv_cache import MixedPagedKVCache, PagedKVCache
 from jaxinfer.runtime import Runtime
 from jaxinfer.sampling import SamplingParams, sample
+from jaxinfer.speculative.protocol import check_fits
 
 
 @dataclasses.dataclass(frozen=True)
@@ -67,6 +69,10 @@ class EngineStats:
   decode_busy_s: float = 0.0  # steps that only decoded
   pure_decode_tokens: int = 0
   decode_tokens_discarded: int = 0  # decoded after their sequence's EOS or stop string
+  row_steps: int = 0  # speculating: verifications of live rows (tokens per one: tau)
+  # speculating: verifications by tokens emitted less one (accepted drafts, but a request's
+  # last verification counts only what it kept)
+  accepted_hist: np.ndarray = dataclasses.field(default_factory=lambda: np.zeros(1, np.int64))
 
   @property
   def mean_occupancy(self) -> float:
@@ -125,16 +131,30 @@ def pool_pages_for(cfg: EngineConfig, max_pages_per_request: int) -> int:
 
 class Engine:
   """Runs requests to completion with continuous batching on one replica (a mesh of the
-  fsdp/model axes, or one device)."""
+  fsdp/model axes, or one device).
+
+  With a `proposer` each slot's decode row is a draft tree it proposes, verified with the
+  acceptance `rule` (`engine.speculate`); the proposer must draft from tokens alone
+  (`Proposer.engine_ready`). `speculation` "always" verifies its tree every step; "auto"
+  picks its tree, a smaller one or plain decoding per dispatch, by measured speed
+  (`engine.policy`)."""
 
   def __init__(self, model_cfg: ModelConfig, params: M.Transformer, cfg: EngineConfig,
-               max_len: int, runtime: Runtime = Runtime()):
+               max_len: int, runtime: Runtime = Runtime(), proposer=None, rule: str = "exact",
+               speculation: str = "auto"):
     if runtime.sparsity.dynamic:
       raise ValueError(f"Engine: {runtime.sparsity} needs whole-prompt prefill; the engine "
                        f"prefills in chunks (use the static Generator)")
+    if proposer is not None:
+      if not proposer.engine_ready:
+        raise ValueError(f"Engine: the {proposer.name} proposer reads the target's hidden "
+                         f"states or a cache of its own, which the engine does not prefill")
+      check_fits(proposer, model_cfg, runtime.sparsity)
     self.model_cfg, self.params, self.cfg, self.runtime = model_cfg, params, cfg, runtime
+    self.proposer = proposer
     ps = cfg.page_size
-    self.max_pages = max(1, -(-max_len // ps))
+    self.tree_size = None if proposer is None else proposer.tree_size
+    self.max_pages = max(1, -(-(max_len + (self.tree_size or 0)) // ps))
     self.num_pool_pages = pool_pages_for(cfg, self.max_pages)
     self.k, self.v = PagedKVCache.init_pools(model_cfg, self.num_pool_pages, ps, runtime.mesh,
                                              runtime.rules)
@@ -148,6 +168,34 @@ class Engine:
     decode = partial(engine_decode, max_steps=cfg.decode_steps, cfg=model_cfg, runtime=runtime)
     self._decode = jax.jit(decode, donate_argnums=(1, 2, 3))
     self._compiled: dict[tuple[int, int] | str, Callable] = {}
+    if proposer is not None:
+      self._init_speculation(rule, speculation)
+
+  def _init_speculation(self, rule: str, speculation: str) -> None:
+    proposer, model_cfg, runtime = self.proposer, self.model_cfg, self.runtime
+    self.ladder = policy.ladder(proposer, speculation)
+    self.policy = policy.TreePolicy(self.ladder, speculation)
+    kw = lambda p: dict(cfg=model_cfg, proposer=p, rule=rule, runtime=runtime)
+    self._tree_step = [jax.jit(partial(speculate.step, **kw(p)), donate_argnums=(1, 2, 3))
+                       for p in self.ladder]
+    self._tree_steps = [jax.jit(partial(speculate.steps, max_steps=self.cfg.decode_steps,
+                                        **kw(p)), donate_argnums=(1, 2, 3)) for p in self.ladder]
+    self._tree_admit = jax.jit(partial(speculate.admit, proposer=proposer), donate_argnums=0)
+    self.eos = np.asarray(model_cfg.eos_token_ids or (-1,), np.int32)
+    history = self.max_pages * self.cfg.page_size
+    init = lambda shared: speculate.init_drafting(model_cfg, proposer, self.cfg.num_slots,
+                                                  history, shared)
+    # (kept from run to run: a shared proposer state keeps learning)
+    self.drafting = self._call("init", jax.jit(init), proposer.init_shared(model_cfg))
+
+  def _call(self, shape, fn, *args):
+    """fn compiled once per `shape` (counted in the stats), then run."""
+    if shape not in self._compiled:
+      t0 = time.perf_counter()
+      self._compiled[shape] = fn.lower(*args).compile()
+      self.stats.compile_s += time.perf_counter() - t0
+      self.stats.compilations += 1
+    return self._compiled[shape](*args)
 
   def reset_prefix_cache(self) -> None:
     """Forgets every cached prompt page (the next run computes its prompts afresh)."""
@@ -158,6 +206,8 @@ class Engine:
 
   def _launch(self, plan: StepPlan) -> jax.Array:
     """Starts a plan's steps; returns their sampled tokens (a device array, not waited on)."""
+    if self.proposer is not None:
+      return self._launch_trees(plan)
     if plan.num_prefill:  # one mixed step; a shape per lane count and length
       fn, shape = self._step, (len(plan.chunk_table), len(plan.tokens))
       args = (self.params, self.k, self.v, self.last_token, plan.tokens, plan.from_device,
@@ -172,13 +222,57 @@ class Engine:
              plan.sampling["min_p"])
     if shape == "decode":
       args += (np.int32(plan.num_steps),)
-    if shape not in self._compiled:
-      t0 = time.perf_counter()
-      self._compiled[shape] = fn.lower(*args).compile()
-      self.stats.compile_s += time.perf_counter() - t0
-      self.stats.compilations += 1
-    self.k, self.v, self.last_token, tok = self._compiled[shape](*args)
+    self.k, self.v, self.last_token, tok = self._call(shape, fn, *args)
     return tok
+
+  def _launch_trees(self, plan: StepPlan) -> tuple[jax.Array, jax.Array]:
+    """Speculating: admits the plan's new rows, then starts its steps; returns what they
+    emitted ((steps, S, T) tokens, (steps, S) counts; device arrays, not waited on)."""
+    s = self.cfg.num_slots
+    if plan.admits:
+      self._admit_rows(plan.admits)
+    sampling = SamplingParams(**plan.sampling)
+    plan.level = level = self.policy.pick()
+    if plan.num_prefill:
+      args = (self.params, self.k, self.v, self.drafting, plan.tokens[s:], plan.positions[s:],
+              plan.decode_table, plan.chunk_table, plan.sampled, sampling, plan.key_data,
+              self.eos)
+      shape = ("tree", level, len(plan.chunk_table), len(plan.tokens))
+      self.k, self.v, self.drafting, emitted, counts = self._call(shape, self._tree_step[level],
+                                                                  *args)
+      return emitted[None], counts[None]
+    args = (self.params, self.k, self.v, self.drafting, plan.decode_table, plan.sampled,
+            sampling, plan.key_data, self.eos, np.int32(plan.num_steps))
+    self.k, self.v, self.drafting, emitted, counts = self._call(("trees", level),
+                                                                self._tree_steps[level], *args)
+    return emitted, counts
+
+  def _measure_trees(self, plan: StepPlan, counts: np.ndarray, elapsed: float,
+                     compiled: bool) -> None:
+    """Speculating: what a plan's steps emitted (counts (steps, S)) into its plan and the stats;
+    a decode-only dispatch that did not compile is a measurement of its tree's speed."""
+    plan.num_decode = int(counts.sum())
+    plan.num_steps = 1 if plan.num_prefill else int(counts.any(axis=1).sum())
+    self.stats.row_steps += int((counts > 0).sum())
+    hist = np.bincount(counts[counts > 0] - 1, minlength=self.proposer.max_depth + 1)
+    old = self.stats.accepted_hist
+    self.stats.accepted_hist = hist + np.pad(old, (0, len(hist) - len(old)))
+    if not plan.num_prefill and not compiled and plan.num_decode:
+      self.policy.record(plan.level, plan.num_decode, elapsed)
+
+  def _admit_rows(self, seqs) -> None:
+    """Sequences taking their slots: their prompts and budgets onto the device (a few padded
+    shapes: rows and prompt width in powers of two)."""
+    s, width = self.cfg.num_slots, self.drafting.history.shape[1]
+    k = min(s, 1 << (len(seqs) - 1).bit_length())
+    w = min(width, max(16, 1 << (max(seq.prompt_len for seq in seqs) - 1).bit_length()))
+    slots, prompts = np.full(k, s, np.int32), np.zeros((k, w), np.int32)
+    prompt_len, max_new = np.ones(k, np.int32), np.ones(k, np.int32)
+    for j, seq in enumerate(seqs):
+      slots[j], prompt_len[j], max_new[j] = seq.slot, seq.prompt_len, seq.req.max_new_tokens
+      prompts[j, :seq.prompt_len] = seq.req.prompt_ids
+    self.drafting = self._call(("admit", k, w), self._tree_admit, self.drafting, slots, prompts,
+                               prompt_len, max_new)
 
   @property
   def max_shapes(self) -> int:
@@ -203,31 +297,33 @@ class Engine:
   def _run(self, pool, requests, on_result, should_stop, on_step) -> EngineStats:
     sched = Scheduler(self.cfg.num_slots, self.cfg.chunk_lanes, self.cfg.chunk_size,
                       self.cfg.page_size, self.max_pages, pool, self.model_cfg.eos_token_ids,
-                      self.cfg.decode_steps)
+                      self.cfg.decode_steps, self.tree_size)
     for req in requests:
       sched.add(req)
     st = self.stats
     # Steps run ahead of the host: step t+1+ahead is planned and launched before step t's
     # tokens are read, so host work overlaps device work and the device has a step queued.
     ahead = self.cfg.steps_ahead
-    inflight: collections.deque[tuple[StepPlan, jax.Array]] = collections.deque()
+    inflight: collections.deque[tuple[StepPlan, jax.Array, bool]] = collections.deque()
     t_last = time.perf_counter()
     while True:
       plan = sched.plan()
       compiles = st.compile_s
       if plan is not None:
-        inflight.append((plan, self._launch(plan)))
+        inflight.append((plan, self._launch(plan), st.compile_s != compiles))
         st.occupancy_sum += plan.num_steps * plan.active / self.cfg.num_slots
       if plan is None or len(inflight) > ahead:
         if not inflight:
           if sched.idle():
             break
           raise RuntimeError("engine: requests remain but nothing can run (scheduler stalled)")
-        prev, tok = inflight.popleft()
-        tokens = np.asarray(tok)  # waits for that step
+        prev, tok, compiled = inflight.popleft()
+        tokens = jax.tree_util.tree_map(np.asarray, tok)  # waits for that step
         now = time.perf_counter()
         elapsed = now - t_last - (st.compile_s - compiles)
         t_last = now
+        if self.proposer is not None:
+          self._measure_trees(prev, tokens[1], elapsed, compiled or st.compile_s != compiles)
         st.busy_s += elapsed
         if prev.num_prefill:
           st.mixed_busy_s += elapsed

@@ -90,8 +90,10 @@ class StepPlan:
   samples: list[tuple[int, "_Seq", int, int]]  # (slot, sequence, output index, step)
   num_decode: int  # tokens decoded (over all the plan's steps)
   num_prefill: int  # prompt tokens in lanes
-  num_steps: int = 1  # decode-only plans: steps run in one dispatch
+  num_steps: int = 1  # decode-only plans: steps run in one dispatch (speculating: at most)
   active: int = 0  # slots holding a sequence during the plan's steps
+  admits: list["_Seq"] = dataclasses.field(default_factory=list)  # speculating: slots' firsts
+  level: int = 0  # speculating: the ladder level (tree) its steps verify
 
 
 def lane_length(take: int, chunk: int) -> int:
@@ -101,8 +103,13 @@ def lane_length(take: int, chunk: int) -> int:
 class Scheduler:
 
   def __init__(self, num_slots: int, lanes: int, chunk: int, page_size: int, max_pages: int,
-               pool: PagePool, eos_ids: tuple[int, ...], decode_steps: int = 1):
+               pool: PagePool, eos_ids: tuple[int, ...], decode_steps: int = 1,
+               tree_size: int | None = None):
+    """tree_size: decode rows are draft trees of this many tokens (`engine.speculate`): a row's
+    progress is known on the host only once its step's results are read, so a sequence keeps
+    its slot until then, and reserves pages for one tree beyond its longest output."""
     self.s, self.g, self.q = num_slots, lanes, chunk
+    self.tree_size = tree_size
     self.decode_steps = decode_steps
     self.page_size, self.max_pages = page_size, max_pages
     self.pool = pool
@@ -118,7 +125,8 @@ class Scheduler:
     self._head_keys: tuple[EngineRequest | None, list[bytes]] = (None, [])
 
   def pages_needed(self, req: EngineRequest) -> int:
-    return -(-(len(req.prompt_ids) + req.max_new_tokens) // self.page_size)
+    return -(-(len(req.prompt_ids) + req.max_new_tokens + (self.tree_size or 0))
+             // self.page_size)
 
   def add(self, req: EngineRequest) -> None:
     need = self.pages_needed(req)
@@ -254,15 +262,25 @@ class Scheduler:
     # Without lanes, nothing changes before the first running sequence reaches its length: decode
     # runs until then (at most `decode_steps` steps) in one dispatch.
     steps = 1
-    if not lanes:
+    if not lanes and self.tree_size:
+      steps = self.decode_steps  # (the device ends the dispatch early when a row ends)
+    elif not lanes:
       steps = max(1, min([self.decode_steps] + [seq.req.max_new_tokens - seq.scheduled
                                                 for seq in running]))
+    admits = []
     for seq in running:
       slot = seq.slot
       decode_table[slot, :len(seq.pages)] = seq.pages
       key_data[slot] = seq.req.key_data
       for f in sampling:
         sampling[f][slot] = getattr(seq.req, f)
+      sampled[slot] = True
+      if self.tree_size:  # the device knows the row's progress; its first step roots at the
+        if seq.computed < seq.prompt_len:  # prompt's last token
+          admits.append(seq)
+          self._advance(seq, seq.prompt_len)
+        samples.extend((slot, seq, -1, i) for i in range(steps))
+        continue
       if seq.computed < seq.prompt_len:  # first step: the prompt's last token
         tokens[slot] = seq.req.prompt_ids[-1]
         self._advance(seq, seq.prompt_len)
@@ -270,7 +288,6 @@ class Scheduler:
         from_device[slot] = True
       positions[slot] = seq.prompt_len + seq.scheduled - 1
       sample_index[slot] = seq.scheduled
-      sampled[slot] = True
       samples.extend((slot, seq, seq.scheduled + i, i) for i in range(steps))
       seq.scheduled += steps
       num_decode += steps
@@ -282,18 +299,20 @@ class Scheduler:
       num_prefill += take
     self.lane_tokens += num_prefill
     for seq in running:  # reached its length: nothing more will be written for it
-      if seq.scheduled >= seq.req.max_new_tokens:
+      if not self.tree_size and seq.scheduled >= seq.req.max_new_tokens:
         self._release(seq)
     if not samples and not num_prefill:
       return None
     return StepPlan(tokens, from_device, positions, decode_table, chunk_table, sample_index,
                     sampled, sampling, key_data, samples, num_decode, num_prefill, steps,
-                    len(running))
+                    len(running), admits)
 
   def commit(self, plan: StepPlan, tokens: np.ndarray,
              should_stop: Callable[[int, list[int]], bool] | None = None) -> list[EngineResult]:
     """Takes a plan's sampled tokens ((steps, S), or (S,) for one step); returns the sequences
     that finished."""
+    if self.tree_size:
+      return self._commit_trees(plan, *tokens, should_stop)
     results = []
     tokens = tokens.reshape(-1, self.s)
     for slot, seq, index, step in plan.samples:
@@ -310,4 +329,27 @@ class Scheduler:
         seq.done = True
         self._release(seq)
         results.append(EngineResult(seq.req.uid, seq.generated, eos, stopped))
+    return results
+
+  def _commit_trees(self, plan: StepPlan, emitted: np.ndarray, counts: np.ndarray,
+                    should_stop) -> list[EngineResult]:
+    """Speculating: takes what each step emitted per slot (emitted (steps, S, T), the first
+    counts (steps, S) of each real); returns the sequences that finished."""
+    results = []
+    for slot, seq, _, step in plan.samples:
+      new = emitted[step, slot, :counts[step, slot]].tolist()
+      if seq.done:  # past its end (a stop string the device could not know of)
+        self.tokens_discarded += len(new)
+        continue
+      for j, tok in enumerate(new):
+        seq.generated.append(tok)
+        eos = tok in self.eos
+        stopped = (not eos and should_stop is not None
+                   and should_stop(seq.req.uid, seq.generated))
+        if eos or stopped or len(seq.generated) >= seq.req.max_new_tokens:
+          seq.done = True
+          self.tokens_discarded += len(new) - j - 1
+          self._release(seq)
+          results.append(EngineResult(seq.req.uid, seq.generated, eos, stopped))
+          break
     return results

@@ -63,11 +63,17 @@ def _engine_config(opts: ServeOptions) -> EngineConfig:
 
 class EngineBackend:
   """One continuous-batching engine per replica; requests split among them by tokens, sorted
-  by prompt (`order` "prefix") so that sharers of a prefix meet on one replica."""
+  by prompt (`order` "prefix") so that sharers of a prefix meet on one replica. With a
+  proposer (one that drafts from tokens alone) the engines speculate."""
 
   def __init__(self, opts: ServeOptions, cfg, params, replicas: list[placement.Replica],
-               total: int, sparsity):
-    self.opts, self.cfg, self.params = opts, cfg, params
+               total: int, sparsity, proposer=None):
+    if proposer is not None and opts.speculation == "auto" and any(
+        r.spans_processes for r in replicas):
+      raise UserError(f"--mesh: {opts.mesh} has replicas spanning processes, whose "
+                      f"--speculation=auto would pick trees by each process's own measured "
+                      f"time; use --speculation=always")
+    self.opts, self.cfg, self.params, self.proposer = opts, cfg, params, proposer
     self.replicas, self.total = replicas, total
     self.runtimes = [_runtime(opts, r.mesh, sparsity) for r in replicas]
     self.engines: list[Engine] = []
@@ -80,15 +86,20 @@ class EngineBackend:
     if need > self.max_len:
       ecfg = _engine_config(self.opts)
       meshes = [r.mesh for r in self.replicas]
-      engines = [Engine(self.cfg, placement.on_replica(self.params, rt.mesh, meshes), ecfg, need,
-                        rt) for rt in self.runtimes]
+      try:
+        engines = [Engine(self.cfg, placement.on_replica(self.params, rt.mesh, meshes), ecfg,
+                          need, rt, self.proposer, self.opts.acceptance, self.opts.speculation)
+                   for rt in self.runtimes]
+      except ValueError as e:  # e.g. a tree larger than the model's sliding window
+        raise UserError(f"--speculative={self.opts.speculative} (--tree / "
+                        f"--num_draft_tokens): {e}") from None
       for eng in engines:
         placement.check_memory(
             f"--kv_pages: the KV pool ({eng.num_pool_pages} pages of {ps} tokens",
             eng.pool_bytes(), device_bytes((eng.k, eng.v)), eng.params, eng.runtime.mesh,
             "lower --kv_pages or --batch_size")
       self.engines, self.max_len = engines, need
-    pages_needed = -(-need // ps)
+    pages_needed = -(-(need + (self.engines[0].tree_size or 0)) // ps)
     if pages_needed > self.engines[0].num_pool_pages:
       size = PagedKVCache.pool_bytes(self.cfg, pages_needed, ps)
       raise UserError(f"--kv_pages: the longest request needs {pages_needed} KV pages "
@@ -114,6 +125,7 @@ class EngineBackend:
       ereqs.sort(key=lambda e: (e.prompt_ids, e.uid))
     for eng in self.engines:  # this call's numbers (compiled steps are kept)
       eng.stats = EngineStats(pool_pages=eng.num_pool_pages)
+    before = [list(e.policy.dispatches) for e in self.engines if self.proposer is not None]
     on_result = lambda res: deliver(*rows[res.uid], res.tokens, res.finished_by_eos)
     stop = lambda uid, tokens: should_stop(rows[uid][0], tokens)
     shares = placement.split_by_tokens(ereqs, self.total)
@@ -136,7 +148,32 @@ class EngineBackend:
         "compile_s": sum(s.compile_s for s in st),
         "compilations": sum(s.compilations for s in st), "replicas": len(self.engines),
         "expected_compilations": self.expected_compilations,
-    }
+    } | ({} if self.proposer is None else self._speculation(st, before))
+
+  def _speculation(self, st: list[EngineStats], before) -> dict:
+    """The speculative metrics (`metrics.SPECULATIVE_KEYS`) of this call; "batches" are the
+    engine's dispatches."""
+    from jaxinfer.speculative.stats import SpecStats
+    depth = self.proposer.max_depth + 1
+    hist = sum(np.pad(s.accepted_hist, (0, depth - len(s.accepted_hist))) for s in st)
+    spec = SpecStats(verify_steps=sum(s.row_steps for s in st), accepted_hist=hist,
+                     emitted=sum(s.decode_tokens for s in st))
+    # dispatches per ladder level in this call, over every replica (they share one ladder)
+    counts = np.sum([np.subtract(e.policy.dispatches, b) for e, b in zip(self.engines, before)],
+                    axis=0).tolist()
+    busiest = max(self.engines, key=lambda e: sum(e.policy.measured))  # its speeds reported
+    policy = busiest.policy
+    by_size = dict(zip(policy.sizes, counts))
+    return {
+        "mean_accepted_tokens": round(spec.mean_accepted_tokens, 4),
+        "accepted_length_histogram": [int(x) for x in hist],
+        "per_depth_acceptance": [round(x, 4) for x in spec.per_depth_acceptance()],
+        "verify_steps": spec.verify_steps, "host_syncs": sum(s.dispatches for s in st),
+        "speculation": policy.summary(counts),
+        "speculative_batches": sum(n for size, n in by_size.items() if size > 1),
+        "plain_batches": by_size.get(1, 0),
+        "tree_sizes": {str(size): {"batches": n, "tokens_per_second": policy.size_tps(size)}
+                       for size, n in sorted(by_size.items(), reverse=True) if size > 1}}
 
 
 def timings_stats(tm: Timings) -> dict:

@@ -18,14 +18,16 @@ from jaxinfer.sparsity import parse as parse_sparsity
 
 def load(opts: ServeOptions):
   """(model config, params, tokenizer or None, chat template or None, backend, sparsity)."""
+  from jaxinfer.speculative import registry
   static = opts.scheduler == "static" and not opts.speculating
+  in_engine = opts.speculating and registry.in_engine(opts)
   replicas, total, static_mesh = [], 1, None
   if static:
     spec = placement.process_spec(opts.mesh)  # each process its own static batches
     if spec:
       from jaxinfer.sharding import make_mesh
       static_mesh = make_mesh(spec, jax.local_devices())
-  elif opts.mesh or not opts.speculating or jax.process_count() > 1:
+  elif opts.mesh or not opts.speculating or in_engine or jax.process_count() > 1:
     # (speculative decoding without --mesh, one process: the default device, unplaced)
     replicas, total = placement.replicas(opts.mesh)
   dtype = None if opts.dtype == "auto" else opts.dtype
@@ -46,10 +48,12 @@ def load(opts: ServeOptions):
     from jaxinfer.chat import ChatTemplate
     chat = ChatTemplate.from_dir(checkpoint.resolve_model_dir(opts.model, opts.cache_dir, True))
   if opts.speculating:
-    from jaxinfer.speculative import registry
     proposer, draft_params = registry.build(opts, cfg, params, dtype)
-    backend = SpeculativeBackend(opts, cfg, params, replicas, total, sparsity, proposer,
-                                 draft_params)
+    if in_engine:
+      backend = EngineBackend(opts, cfg, params, replicas, total, sparsity, proposer)
+    else:
+      backend = SpeculativeBackend(opts, cfg, params, replicas, total, sparsity, proposer,
+                                   draft_params)
   elif static:
     backend = StaticBackend(opts, cfg, params, static_mesh, sparsity)
   else:

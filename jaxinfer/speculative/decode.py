@@ -34,7 +34,7 @@ from jaxinfer.kv_cache import PagedKVCache
 from jaxinfer.runtime import Runtime
 from jaxinfer.speculative import acceptance
 from jaxinfer.speculative.batch import SlotBatch, SlotPrefixes  # noqa: F401
-from jaxinfer.speculative.protocol import Weights
+from jaxinfer.speculative.protocol import Weights, check_fits
 from jaxinfer.speculative.stats import SpecStats, average
 from jaxinfer.speculative.steps import (SpecState, _admit, _chunk, _draft_only,  # noqa: F401
                                         _extend, _propose, _step, state_shardings)
@@ -73,14 +73,7 @@ class SpeculativeGenerator:
     chunk: a long prompt neither stalls the other rows for its whole prefill nor needs
     activations for all of it at once."""
     sparsity = runtime.sparsity
-    if sparsity.dynamic:
-      raise ValueError(f"speculative decoding: {sparsity} sparsity needs whole-prompt prefill "
-                       f"(use sinks_window or dense)")
-    for window, what in ((cfg.sliding_window, "the model's sliding window"),
-                         (sparsity.window, f"the {sparsity} window")):
-      if window is not None and proposer.tree_size > window:
-        raise ValueError(f"speculative decoding: the draft tree ({proposer.tree_size} tokens) "
-                         f"must fit {what} ({window})")
+    check_fits(proposer, cfg, sparsity)
     proposer.validate(cfg, draft_params)
     if policy not in ("auto", "always"):
       raise ValueError(f"speculative decoding: policy must be auto or always, got {policy!r}")

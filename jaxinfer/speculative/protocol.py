@@ -104,6 +104,10 @@ class Proposer(abc.ABC):
   # One state for every row (Token Recycling's adjacency matrix of likely successors), refreshed
   # by every row's verification and carried from batch to batch.
   shared_state: bool = False
+  # It drafts from the rows' tokens alone (and a `shared_state`): the paged engine's slots run
+  # it (`jaxinfer.engine.speculate`), a row admitted with its prompt's tokens, no forward of its
+  # own over the prompt.
+  engine_ready: bool = False
   # The pattern a draft layer or model of its own attends with (`with_sparsity`).
   sparsity: Sparsity = DENSE
 
@@ -192,6 +196,19 @@ class Proposer(abc.ABC):
     """Where the state's arrays live on a replica's mesh: each row (axis 0) over `rows` (the
     batch axes, or None: whole), a KV cache of the proposer's own by the cache's axes."""
     return row_shardings(state, mesh, rules, rows)
+
+
+def check_fits(proposer: Proposer, cfg, sparsity: Sparsity) -> None:
+  """Raises ValueError when the proposer's trees cannot be verified under the target's attention
+  pattern (a tree must fit a sliding window) or it cannot draft for the target."""
+  if sparsity.dynamic:
+    raise ValueError(f"speculative decoding: {sparsity} sparsity needs whole-prompt prefill "
+                     f"(use sinks_window or dense)")
+  for window, what in ((cfg.sliding_window, "the model's sliding window"),
+                       (sparsity.window, f"the {sparsity} window")):
+    if window is not None and proposer.tree_size > window:
+      raise ValueError(f"speculative decoding: the draft tree ({proposer.tree_size} tokens) "
+                       f"must fit {what} ({window})")
 
 
 def row_shardings(state, mesh, rules, rows: str | None) -> Any:

@@ -101,6 +101,11 @@ def _verify(params, state: SpecState, draft, parents, sampling: SamplingParams, 
   hidden, cache = M.forward(params, draft.tokens, state.length[:, None] + depth, cfg, cache,
                             kv_source="cache", runtime=runtime)
   logits = M.logits(params, hidden)  # (B,T,V)
+  return hidden, logits, judge(logits, draft, parents, sampling, step_keys, rule), cache
+
+
+def judge(logits, draft, parents, sampling: SamplingParams, step_keys, rule: str):
+  """The acceptance rule's verdict on each row's tree given the target's logits (B,T,V)."""
   greedy = sampling.temperature <= 0
   verify_keys = jax.vmap(lambda k: jax.random.fold_in(k, _VERIFY_SALT))(step_keys)
 
@@ -114,12 +119,14 @@ def _verify(params, state: SpecState, draft, parents, sampling: SamplingParams, 
       return sampled(None)
     return acceptance.verify_greedy(draft.tokens, parents, argmax(logits))
 
-  return hidden, logits, jax.lax.cond(jnp.all(greedy), all_greedy, sampled, None), cache
+  return jax.lax.cond(jnp.all(greedy), all_greedy, sampled, None)
 
 
-def _emit(state: SpecState, draft, verdict, eos_ids, live):
-  """(out, history, length, done, tokens emitted per row, tokens accepted + 1 per row) after a
-  verification: the accepted drafts, then the next token, cut at EOS and at the budget."""
+def emit(state, draft, verdict, eos_ids, live):
+  """(emitted (B,T), tokens emitted per row, tokens accepted + 1 per row, history, length,
+  done) after a verification: the accepted drafts, then the next token, cut at EOS and at the
+  budget (the first `n_emit` of `emitted` are real). `state` has the rows' history, length,
+  num_generated, max_new and done."""
   b, t = draft.tokens.shape
   n_acc = verdict.num_accepted
   path_tokens = jnp.take_along_axis(draft.tokens, verdict.path, axis=1)  # (B,T); [:,0] = root
@@ -132,8 +139,6 @@ def _emit(state: SpecState, draft, verdict, eos_ids, live):
   room = state.max_new - state.num_generated
   n_emit = jnp.where(live, jnp.minimum(jnp.minimum(count, first_eos + 1), room), 0)
   rows = jnp.arange(b)[:, None]
-  out = state.out.at[rows, jnp.where(d < n_emit[:, None], state.num_generated[:, None] + d,
-                                     state.out.shape[1])].set(emitted, mode="drop")
   # history: accepted drafts and the next token follow the root.
   hist = state.history.at[rows, jnp.where((d < count[:, None]) & live[:, None],
                                           state.length[:, None] + 1 + d,
@@ -141,7 +146,7 @@ def _emit(state: SpecState, draft, verdict, eos_ids, live):
   new_length = jnp.where(live, state.length + count, state.length)
   done = state.done | (live & ((first_eos < count) | (state.num_generated + n_emit
                                                        >= state.max_new)))
-  return out, hist, new_length, done, n_emit, count
+  return emitted, n_emit, count, hist, new_length, done
 
 
 def _step(params, draft_params, state: SpecState, sampling: SamplingParams, page_table, eos_ids,
@@ -160,7 +165,11 @@ def _step(params, draft_params, state: SpecState, sampling: SamplingParams, page
   else:
     k_new = commit_path(cache.k, page_table, state.length, verdict.path, n_acc)
     v_new = commit_path(cache.v, page_table, state.length, verdict.path, n_acc)
-  out, hist, new_length, done, n_emit, count = _emit(state, draft, verdict, eos_ids, live)
+  emitted, n_emit, count, hist, new_length, done = emit(state, draft, verdict, eos_ids, live)
+  d = jnp.arange(t)[None, :]
+  out = state.out.at[jnp.arange(b)[:, None], jnp.where(
+      d < n_emit[:, None], state.num_generated[:, None] + d, state.out.shape[1])].set(
+          emitted, mode="drop")
   pstate = proposer.observe(Weights(draft_params, params), pstate, Verified(
       draft.tokens, hidden, logits, verdict.path, n_acc, verdict.next_token, state.length, live))
   hist_acc = state.accepted_hist + jnp.zeros_like(state.accepted_hist).at[n_acc].add(

@@ -1,0 +1,131 @@
+"""Which draft tree the engine verifies, chosen per dispatch from measured speed.
+
+The ladder is the proposer's tree, ever smaller ones (`Proposer.shrink`) and, last, plain
+decoding (a one-token tree: the root alone). Policy "always" verifies the proposer's own tree
+every step; "auto" measures each ladder level's output tokens per second over the dispatches
+that ran it (decode-only ones, not compiling: wall time between the host's reads) and runs the
+fastest, re-trying the slower ones now and then (less often the more they lost by), so that a
+change of load (a fuller batch, prompts that repeat less) is noticed at a bounded cost.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax.numpy as jnp
+
+from jaxinfer.speculative.proposers.common import root_only
+from jaxinfer.speculative.protocol import Draft, Proposer
+
+POLICIES = ("auto", "always")
+
+
+@dataclasses.dataclass(frozen=True)
+class Plain(Proposer):
+  """Plain decoding as a one-token tree (the root), next to a proposer whose state it keeps."""
+
+  base: Proposer
+  name: str = "plain"
+  engine_ready = True
+
+  @property
+  def tree_size(self) -> int:
+    return 1
+
+  @property
+  def max_depth(self) -> int:
+    return 0
+
+  def draft(self, weights, state, ctx):
+    return state, Draft(root_only(ctx)[:, None], jnp.asarray([-1], jnp.int32), None)
+
+
+def ladder(proposer: Proposer, policy: str, max_shrinks: int = 3) -> list[Proposer]:
+  """The levels a policy picks among: the proposer first; with "auto", its smaller trees and
+  plain decoding."""
+  if policy not in POLICIES:
+    raise ValueError(f"speculation policy: expected one of {POLICIES}, got {policy!r}")
+  levels = [proposer]
+  while policy == "auto" and len(levels) <= max_shrinks:
+    smaller = levels[-1].shrink()
+    if smaller is None or smaller.tree_size >= levels[-1].tree_size:
+      break
+    levels.append(smaller)
+  return levels + [Plain(proposer)] if policy == "auto" else levels
+
+
+class TreePolicy:
+  """Per dispatch: the ladder level to run (`pick`); `record` what a dispatch measured."""
+
+  MEASURED = 2  # dispatches a level needs before its speed is trusted
+  DECAY = 0.8  # weight of the past in a level's token and time sums
+
+  def __init__(self, levels: list[Proposer], policy: str, explore_every: int = 16):
+    self.sizes = [p.tree_size for p in levels]
+    self.policy, self.explore_every = policy, explore_every
+    n = len(levels)
+    self.tokens, self.seconds = [0.0] * n, [0.0] * n
+    self.measured, self.dispatches, self.last = [0] * n, [0] * n, [0] * n
+    self.clock = 0
+
+  def tps(self, level: int) -> float | None:
+    return self.tokens[level] / self.seconds[level] if self.measured[level] else None
+
+  def record(self, level: int, tokens: int, seconds: float) -> None:
+    self.tokens[level] = self.DECAY * self.tokens[level] + tokens
+    self.seconds[level] = self.DECAY * self.seconds[level] + max(seconds, 1e-9)
+    self.measured[level] += 1
+
+  def _exploring(self) -> int | None:
+    """The level still to measure: the proposer's tree, plain decoding, then ever smaller trees
+    while the smallest measured loses to plain decoding or beat the one before it."""
+    plain = len(self.sizes) - 1
+    for level in (0, plain):
+      if self.measured[level] < self.MEASURED:
+        return level
+    deepest = max(i for i in range(plain) if self.measured[i] >= self.MEASURED)
+    if deepest + 1 < plain and (deepest == 0 or self.tps(deepest) < self.tps(plain)
+                                or self.tps(deepest) > self.tps(deepest - 1)):
+      return deepest + 1
+    return None
+
+  def pick(self) -> int:
+    self.clock += 1
+    level = 0 if self.policy == "always" else self._pick()
+    self.last[level] = self.clock
+    self.dispatches[level] += 1
+    return level
+
+  def _pick(self) -> int:
+    explore = self._exploring()
+    if explore is not None:
+      return explore
+    speeds = {i: self.tps(i) for i in range(len(self.sizes)) if self.measured[i]}
+    best = max(speeds, key=speeds.get)
+    overdue = {i: (self.clock - self.last[i]) / min(256, self.explore_every * (
+        speeds[best] / max(speeds[i], 1e-9))**2) for i in speeds if i != best}
+    late = max(overdue, key=overdue.get, default=None)
+    return late if late is not None and overdue[late] >= 1 else best
+
+  def size_tps(self, size: int) -> float | None:
+    """The measured tokens/s of the ladder's tree of `size` tokens (None: not measured)."""
+    tps = self.tps(self.sizes.index(size))
+    return None if tps is None else round(tps, 1)
+
+  def summary(self, counts: list[int]) -> str:
+    """What was decoded with `counts` dispatches per ladder level (this policy's, or several
+    replicas' summed), in words, with this policy's measured speeds."""
+    total = sum(counts)
+    if not total:
+      return "nothing decoded"
+    if self.policy == "always":
+      return f"speculating throughout with {self.sizes[0]}-token trees"
+    plain = len(self.sizes) - 1
+    spec = 1 - counts[plain] / total
+    if spec == 0:
+      return "decoded plainly throughout"
+    best = max(range(plain), key=lambda i: counts[i])
+    speeds = ", ".join(f"{self.sizes[i]}: {self.tps(i):.1f}" for i in range(len(self.sizes))
+                       if self.measured[i])
+    return (f"speculating in {spec:.0%} of dispatches, mostly with {self.sizes[best]}-token "
+            f"trees (measured tokens/s by tree size: {speeds})")

@@ -1,0 +1,138 @@
+"""Speculative decoding inside the paged engine: draft trees verified in the engine's mixed step
+beside prompt lanes, over its one page pool; greedy equal to the plain engine, sampling equal
+to plain sampling in distribution, the per-dispatch tree policy."""
+
+import numpy as np
+import pytest
+
+from jaxinfer import checkpoint
+from jaxinfer.engine import Engine, EngineConfig
+from jaxinfer.engine.policy import Plain, TreePolicy, ladder
+from jaxinfer.engine.scheduler import EngineRequest
+from jaxinfer.runtime import Runtime
+from jaxinfer.speculative import proposers as P
+
+
+@pytest.fixture(scope="module")
+def target(tiny_model_dir):
+  cfg, params, _ = checkpoint.load_model(str(tiny_model_dir))
+  return cfg, params
+
+
+def _requests(n=9, **sampling):
+  """Prompts that repeat themselves (so lookups draft well), half behind a shared header of
+  three full pages, budgets 3..24."""
+  rng = np.random.RandomState(0)
+  header = [int(x) for x in rng.randint(3, 50, 24)]
+  reqs = []
+  for i in range(n):
+    body = [int(x) for x in rng.randint(3, 50, 5 + 3 * i)]
+    reqs.append(EngineRequest(i, (header if i % 2 else []) + body + body[:6],
+                              int(rng.randint(3, 25)), np.asarray([0, i], np.uint32),
+                              **sampling))
+  return reqs
+
+
+def _run(target, reqs, proposer=None, runtime=Runtime(), should_stop=None, **kw):
+  cfg, params = target
+  ecfg = EngineConfig(**{"num_slots": 3, "chunk_size": 16, "chunk_lanes": 2, "page_size": 8} |
+                      {k: kw.pop(k) for k in ("decode_steps", "num_slots", "chunk_lanes")
+                       if k in kw})
+  eng = Engine(cfg, params, ecfg, max_len=128, runtime=runtime, proposer=proposer, **kw)
+  out = {}
+  st = eng.run(reqs, lambda r: out.__setitem__(r.uid, r), should_stop)
+  return out, st, eng
+
+
+def test_speculating_engine_equals_the_plain_engine(target):
+  """Greedy: every lookup proposer's outputs equal plain decoding's, bit for bit, with more
+  requests than slots, prompts prefilled in lanes beside verification and a shared header read
+  by reference (never recomputed or copied); stop strings end a request where the plain engine
+  ends it, and every emitted token is delivered or counted as discarded."""
+  reqs = _requests()
+  stop = lambda uid, toks: uid == 4 and len(toks) >= 5
+  ref, _, _ = _run(target, reqs, should_stop=stop)
+  cases = [(P.NGram(num_draft_tokens=3), {}), (P.Lookahead(num_nodes=6, depth=3), {}),
+           (P.Recycling(branching=(2, 2, 1)), {}),
+           (P.NGram(num_draft_tokens=4), dict(speculation="auto", decode_steps=2)),
+           (P.Lookahead(num_nodes=4, depth=2), dict(runtime=Runtime(implementation="pallas")))]
+  for proposer, kw in cases:
+    kw.setdefault("speculation", "always")
+    out, st, eng = _run(target, reqs, proposer, should_stop=stop, **kw)
+    assert {u: r.tokens for u, r in out.items()} == {u: r.tokens for u, r in ref.items()}, (
+        proposer, kw)
+    assert out[4].stopped and len(out[4].tokens) == 5
+    assert st.prefill_tokens_saved >= 3 * 24  # the header's pages, by reference
+    assert st.decode_tokens == sum(len(r.tokens) for r in out.values()) + \
+        st.decode_tokens_discarded
+    assert st.decode_tokens > st.row_steps > 0  # more than one token per verification
+    assert sum(st.accepted_hist) == st.row_steps
+    if kw["speculation"] == "auto":
+      assert eng.policy.dispatches[-1] > 0 and eng.policy.dispatches[0] > 0  # both measured
+
+
+def test_speculating_engine_on_a_mesh_equals_one_device(target):
+  """One replica over two devices (pages' heads over `model`): the same greedy outputs."""
+  import jax
+  from jaxinfer.serving.placement import on_replica
+  from jaxinfer.sharding import make_mesh
+  reqs = _requests(5)
+  ref, _, _ = _run(target, reqs, P.NGram(num_draft_tokens=3), speculation="always")
+  mesh = make_mesh("model:2", jax.devices()[:2])
+  cfg, params = target
+  out, _, _ = _run((cfg, on_replica(params, mesh, [mesh])), reqs, P.NGram(num_draft_tokens=3),
+                   runtime=Runtime(mesh), speculation="always")
+  assert {u: r.tokens for u, r in out.items()} == {u: r.tokens for u, r in ref.items()}
+
+
+def test_sampled_engine_speculation_matches_plain_sampling(target):
+  """The joint distribution of the first three tokens (drawn by verification: accepted drafts
+  or the rule's residual) equals the plain engine's, two-sample chi-square over 1000 requests
+  each (top_k = 3 keeps the support small)."""
+  n, prompt = 1000, [5, 6, 7, 5, 6, 7, 5, 6]
+  reqs = lambda salt: [EngineRequest(i, prompt, 3, np.asarray([salt, i], np.uint32), 1.0, 3)
+                       for i in range(n)]
+  kw = dict(num_slots=32, chunk_lanes=8, decode_steps=2)
+  plain, _, _ = _run(target, reqs(0), **kw)
+  spec, st, _ = _run(target, reqs(1), P.NGram(num_draft_tokens=2), speculation="always", **kw)
+  assert st.decode_tokens > st.row_steps  # drafts were accepted
+  count = lambda res: np.unique([tuple(r.tokens) for r in res.values()], return_counts=True,
+                                axis=0)
+  a, b = ({tuple(k): c for k, c in zip(*count(res))} for res in (plain, spec))
+  keys = sorted(set(a) | set(b))
+  ca = np.array([a.get(k, 0) for k in keys], float)
+  cb = np.array([b.get(k, 0) for k in keys], float)
+  keep = ca + cb >= 10  # pool rare cells
+  ca, cb = np.append(ca[keep], ca[~keep].sum()), np.append(cb[keep], cb[~keep].sum())
+  used = ca + cb > 0
+  ca, cb = ca[used], cb[used]
+  chi2 = (((ca - cb) ** 2) / (ca + cb)).sum()
+  df = len(ca) - 1
+  crit = df * (1 - 2 / (9 * df) + 3.719 * np.sqrt(2 / (9 * df))) ** 3  # p = 1e-4
+  assert chi2 < crit, (chi2, df, crit)
+
+
+def test_engine_refuses_proposers_that_need_a_forward_of_their_own(target):
+  cfg, params = target
+  with pytest.raises(ValueError, match="medusa proposer reads the target's hidden states"):
+    Engine(cfg, params, EngineConfig(), 64, proposer=P.Medusa(paths=((0,), (0, 0))))
+
+
+def test_tree_policy_explores_then_runs_the_fastest():
+  """auto: the proposer's tree, plain decoding, then smaller trees while they gain; then the
+  fastest, other levels re-tried now and then; always: the proposer's tree only."""
+  levels = ladder(P.NGram(num_draft_tokens=4), "auto")
+  assert [p.tree_size for p in levels] == [5, 3, 2, 1] and isinstance(levels[-1], Plain)
+  speed = {0: 300.0, 1: 500.0, 2: 400.0, 3: 200.0}  # tokens/s by level: 3 tokens best
+  policy = TreePolicy(levels, "auto", explore_every=4)
+  picks = []
+  for _ in range(60):
+    level = policy.pick()
+    picks.append(level)
+    policy.record(level, int(speed[level]), 1.0)
+  assert picks[:8] == [0, 0, 3, 3, 1, 1, 2, 2]  # tree, plain, halved, quartered
+  assert picks[8:].count(1) > 0.6 * len(picks[8:]) and set(picks[8:]) == {0, 1, 2, 3}
+  always = TreePolicy(ladder(P.NGram(num_draft_tokens=4), "always"), "always")
+  assert {always.pick() for _ in range(5)} == {0}
+  with pytest.raises(ValueError, match="speculation policy"):
+    ladder(P.NGram(), "never")
