@@ -11,6 +11,9 @@ whole workload through --slots rows:
   spec-static      speculative decoding in batches of --slots requests (speculation forced on)
   spec-continuous  speculative decoding in --slots slots, a finished row's slot refilled with the
                    next request at the next host round trip (speculation forced on)
+  spec-engine      speculation inside the engine (proposers that draft from tokens alone): its
+                   --slots slots verify draft trees beside prompt lanes in one step, over its one
+                   page pool (shared prompt pages read by reference, not copied)
   spec-continuous-no-reuse
                    the same without prefix reuse (only with --shared_header: every prompt then
                    starts with the same header, whose K/V the other modes compute once)
@@ -95,16 +98,18 @@ def main(argv):
     gen = Generator(cfg, params, steps_per_sync=32)
     return lambda: [r for i in range(0, n, b) for r in gen.generate(rows[i:i + b])]
 
-  def plain_engine():
-    eng = Engine(cfg, params, EngineConfig(num_slots=b), max_len)
+  def engine(proposer=None):
+    eng = Engine(cfg, params, EngineConfig(num_slots=b), max_len, proposer=proposer,
+                 speculation="always")
     reqs = [EngineRequest(i, list(r.prompt_ids), r.max_new_tokens,
                           np.asarray(jax.random.key_data(r.key))) for i, r in enumerate(rows)]
 
     def go():
+      eng.reset_prefix_cache()  # no round reuses an earlier one's prompts
       out = [None] * n
       eng.run(reqs, lambda res: out.__setitem__(res.uid, res.tokens))
       return out
-    return go
+    return eng, go
 
   def spec(method, continuous, reuse=True, chunk=FLAGS.prefill_chunk):
     job = GenerateJob(prompts="-", output="-", speculative=method,
@@ -138,14 +143,25 @@ def main(argv):
     return 1e3 * max(calls)
 
   tokens_of = lambda out: [r if isinstance(r, list) else r.tokens for r in out]
+
+  def counters(gen):
+    """(row verifications, row slots of the steps, tokens emitted, prompt tokens reused) so far
+    (the engine: its slots over its steps)."""
+    st = gen.stats
+    if isinstance(gen, Engine):
+      return st.row_steps, st.steps * gen.cfg.num_slots, st.decode_tokens, st.prefill_tokens_saved
+    return st.verify_steps, st.row_slots, st.emitted, st.prefill_tokens_saved
   base = {"model": FLAGS.model, "device": jax.devices()[0].device_kind, "jax": jax.__version__,
           "date": datetime.date.today().isoformat(), "slots": b, "requests": n,
           "budgets": FLAGS.budgets, "prompt_tokens": prompt_len,
           "prefill_chunk": FLAGS.prefill_chunk,
           "shared_header": len(header)}
   for method in FLAGS.methods:
-    modes = {"plain-static": (None, plain_static()), "plain-engine": (None, plain_engine()),
+    modes = {"plain-static": (None, plain_static()), "plain-engine": (None, engine()[1]),
              "spec-static": spec(method, False), "spec-continuous": spec(method, True)}
+    proposer = modes["spec-static"][0].proposer
+    if proposer.engine_ready:
+      modes["spec-engine"] = engine(proposer)
     if header:
       modes["spec-continuous-no-reuse"] = spec(method, True, reuse=False)
     if prompt_len > FLAGS.prefill_chunk:
@@ -155,9 +171,7 @@ def main(argv):
     for name, (_, run) in modes.items():  # compile (and the outputs' check)
       identical[name] = tokens_of(run()) == ref
     new_tokens = sum(len(t) for t in ref)
-    snapshot = {name: None if g is None else (g.stats.verify_steps, g.stats.row_slots,
-                                              g.stats.emitted, g.stats.prefill_tokens_saved)
-                for name, (g, _) in modes.items()}
+    snapshot = {name: None if g is None else counters(g) for name, (g, _) in modes.items()}
     times = {name: [] for name in modes}
     for _ in range(FLAGS.repeats):  # interleaved: drift hits every mode alike
       for name, (_, run) in modes.items():
@@ -174,11 +188,10 @@ def main(argv):
                "speedup_per_repeat": [round(x, 3) for x in ratios],
                "identical_to_plain": identical[name]}
       if g is not None:  # this mode's timed rounds only
-        v0, s0, e0, p0 = snapshot[name]
-        st = g.stats
-        entry["tau"] = round((st.emitted - e0) / max(st.verify_steps - v0, 1), 3)
-        entry["occupancy"] = round((st.verify_steps - v0) / max(st.row_slots - s0, 1), 3)
-        entry["prefill_tokens_saved"] = (st.prefill_tokens_saved - p0) // FLAGS.repeats
+        v, s, e, p = np.subtract(counters(g), snapshot[name])
+        entry["tau"] = round(e / max(v, 1), 3)
+        entry["occupancy"] = round(v / max(s, 1), 3)
+        entry["prefill_tokens_saved"] = int(p) // FLAGS.repeats
         if name.startswith("spec-continuous"):
           entry["longest_prefill_call_ms"] = round(longest_prefill_call(g, modes[name][1]), 2)
       result["modes"][name] = entry

@@ -226,14 +226,13 @@ def _pallas_cache(q, kv, positions, *, window, sinks, mesh, rules):
 
 def _xla_tree(q, kv, positions, *, window, sinks, mesh, rules):
   del positions, mesh, rules
-  from pallas_kernels.tree_attention import tree_attention_reference, tree_visibility
-  if not kv.contiguous:
-    return tree_attention_reference(q, kv.k, kv.v, kv.prefix_len, kv.page_table, kv.tree_mask,
-                                    window=window, sinks=sinks)
-  # Row b owns pages [b*M, (b+1)*M): the pool is a (K, B, S, H) cache, read in place.
+  from pallas_kernels.tree_attention import tree_visibility
   b, t, n, h = q.shape
   kv_heads = kv.k.shape[0]
-  k, v = (x.reshape(kv_heads, b, -1, h) for x in (kv.k, kv.v))
+  if kv.contiguous:  # row b owns pages [b*M, (b+1)*M): the pool is a (K, B, S, H) cache
+    k, v = (x.reshape(kv_heads, b, -1, h) for x in (kv.k, kv.v))
+  else:  # each row's pages gathered heads-major, as the decode path gathers them
+    k, v = _gather_rows(kv.k, kv.page_table), _gather_rows(kv.v, kv.page_table)
   qg = q.reshape(b, t, kv_heads, n // kv_heads, h).transpose(2, 0, 3, 1, 4)  # (K,B,G,T,H)
   scores = jnp.einsum("kbgth,kbsh->kbgts", qg, k, preferred_element_type=jnp.float32)
   visible = tree_visibility(kv.prefix_len, kv.tree_mask, k.shape[2], window, sinks)

@@ -67,6 +67,7 @@ def test_speculating_engine_equals_the_plain_engine(target):
         st.decode_tokens_discarded
     assert st.decode_tokens > st.row_steps > 0  # more than one token per verification
     assert sum(st.accepted_hist) == st.row_steps
+    assert st.compilations <= eng.max_shapes  # the fixed shapes only
     if kw["speculation"] == "auto":
       assert eng.policy.dispatches[-1] > 0 and eng.policy.dispatches[0] > 0  # both measured
 

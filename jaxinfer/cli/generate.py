@@ -92,11 +92,11 @@ flags.DEFINE_string("draft_layers", None, "--speculative=layerskip: comma-separa
                     "draft keeps (default: the first half).")
 flags.DEFINE_enum("acceptance", "exact", ["exact", "typical"], "exact: lossless rejection "
                   "sampling (greedy = plain greedy); typical: Medusa's typical acceptance (lossy).")
-flags.DEFINE_enum("speculation", "auto", ["auto", "always"], "auto: each batch speculates "
-                  "with the proposer's tree or a smaller one, or decodes plainly, whichever "
-                  "measured fastest (speculation that stops paying shrinks its trees or turns "
-                  "itself off); always: the proposer's tree every batch (sampled outputs then "
-                  "do not depend on measured speed).")
+flags.DEFINE_enum("speculation", "auto", ["auto", "always"], "auto: each batch (the "
+                  "engine's lookups: each dispatch) speculates with the proposer's tree or a "
+                  "smaller one, or decodes plainly, whichever measured fastest (speculation that "
+                  "stops paying shrinks its trees or turns itself off); always: the proposer's "
+                  "tree every batch (sampled outputs then do not depend on measured speed).")
 flags.DEFINE_bool("progress", True, "Show a progress bar on stderr.")
 flags.mark_flags_as_required(["prompts", "output"])
 flags.register_validator("top_p", lambda v: 0.0 < v <= 1.0, "--top_p must be in (0, 1]")

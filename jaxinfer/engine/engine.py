@@ -252,7 +252,9 @@ class Engine:
     """Speculating: what a plan's steps emitted (counts (steps, S)) into its plan and the stats;
     a decode-only dispatch that did not compile is a measurement of its tree's speed."""
     plan.num_decode = int(counts.sum())
-    plan.num_steps = 1 if plan.num_prefill else int(counts.any(axis=1).sum())
+    ran = 1 if plan.num_prefill else int(counts.any(axis=1).sum())
+    self.stats.occupancy_sum += (ran - plan.num_steps) * plan.active / self.cfg.num_slots
+    plan.num_steps = ran
     self.stats.row_steps += int((counts > 0).sum())
     hist = np.bincount(counts[counts > 0] - 1, minlength=self.proposer.max_depth + 1)
     old = self.stats.accepted_hist
@@ -277,9 +279,16 @@ class Engine:
   @property
   def max_shapes(self) -> int:
     """Step shapes this engine can compile: decode-only, G lanes of each length 16..chunk_size,
-    and (G > 1) one lane of G * chunk_size."""
+    and (G > 1) one lane of G * chunk_size; speculating, those for each tree of the ladder, the
+    device state's set-up and admissions of 1, 2, 4, ... rows of prompts 16, 32, ... wide."""
     lengths = {lane_length(t, self.cfg.chunk_size) for t in range(1, self.cfg.chunk_size + 1)}
-    return 1 + len(lengths) + (self.cfg.chunk_lanes > 1)
+    steps = 1 + len(lengths) + (self.cfg.chunk_lanes > 1)
+    if self.proposer is None:
+      return steps
+    doublings = lambda n, start: (-(-n // start) - 1).bit_length() + 1  # start, 2 start, .., n
+    admits = (doublings(self.cfg.num_slots, 1)
+              * doublings(self.drafting.history.shape[1], 16))
+    return steps * len(self.ladder) + 1 + admits
 
   def run(self, requests: Iterable[EngineRequest], on_result: Callable[[EngineResult], None],
           should_stop: Callable[[int, list[int]], bool] | None = None,
@@ -301,6 +310,7 @@ class Engine:
     for req in requests:
       sched.add(req)
     st = self.stats
+    before = dataclasses.replace(st)  # (the counters below add this run's to earlier runs')
     # Steps run ahead of the host: step t+1+ahead is planned and launched before step t's
     # tokens are read, so host work overlaps device work and the device has a step queued.
     ahead = self.cfg.steps_ahead
@@ -337,9 +347,9 @@ class Engine:
           on_result(result)
         if on_step is not None:
           on_step(st)
-      st.prefill_tokens = sched.prefill_tokens_computed
-      st.lane_tokens = sched.lane_tokens
-      st.decode_tokens_discarded = sched.tokens_discarded
-      st.prefill_tokens_saved = sched.prefill_tokens_saved
+      st.prefill_tokens = before.prefill_tokens + sched.prefill_tokens_computed
+      st.lane_tokens = before.lane_tokens + sched.lane_tokens
+      st.decode_tokens_discarded = before.decode_tokens_discarded + sched.tokens_discarded
+      st.prefill_tokens_saved = before.prefill_tokens_saved + sched.prefill_tokens_saved
       st.peak_pages = max(st.peak_pages, pool.peak_in_use)
     return st
