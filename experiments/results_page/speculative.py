@@ -140,6 +140,10 @@ SPEC_BATCHING_NOTES = {
     **{i: "plain engine: the default lanes (4 × 32)" for i in range(9, 12)},
     7: "plain engine: one 128-token lane a step; before the draft model's own cache was "
        "admitted in chunks too",
+    12: "speculation in the engine after its step-ending fix, the prefix cache emptied before "
+        "each engine round",
+    13: "speculation in the engine: 4 lanes of 32 prompt tokens a step against the "
+        "generator's 256-token admission chunks",
 }
 
 
@@ -150,8 +154,9 @@ def _mode(mode: str):
 
 
 def _gain(fast: str, slow: str):
-  return lambda r: ratio(r["modes"][fast]["speedup_over_plain_static"] /
-                         r["modes"][slow]["speedup_over_plain_static"])
+  return lambda r: NA if fast not in r["modes"] else ratio(
+      r["modes"][fast]["speedup_over_plain_static"] /
+      r["modes"][slow]["speedup_over_plain_static"])
 
 
 def _with_occupancy(mode: str):
@@ -174,7 +179,9 @@ REUSE = COMMON + [
     ("plain engine", _mode("plain-engine")), ("spec, static", _mode("spec-static")),
     ("spec, continuous", _mode("spec-continuous")),
     ("spec, continuous, no reuse", _mode("spec-continuous-no-reuse")),
-    ("reuse gain", _gain("spec-continuous", "spec-continuous-no-reuse")), TAU,
+    ("reuse gain", _gain("spec-continuous", "spec-continuous-no-reuse")),
+    ("spec, engine", _mode("spec-engine")),
+    ("engine / continuous", _gain("spec-engine", "spec-continuous")), TAU,
     ("tokens reused", lambda r: fmt(r["modes"]["spec-continuous"].get("prefill_tokens_saved"))),
     ("rounds", lambda r: len(r["modes"]["plain-static"]["speedup_per_repeat"])), IDENTICAL, NOTE]
 CHUNKED = COMMON + [
@@ -183,6 +190,8 @@ CHUNKED = COMMON + [
     ("spec, continuous", _mode("spec-continuous")),
     ("spec, continuous, whole", _mode("spec-continuous-whole")),
     ("chunked / whole", _gain("spec-continuous", "spec-continuous-whole")),
+    ("spec, engine", _mode("spec-engine")),
+    ("engine / chunked", _gain("spec-engine", "spec-continuous")),
     ("longest admission call, chunked / whole ms",
      lambda r: f"{r['modes']['spec-continuous']['longest_prefill_call_ms']:.0f} / "
                f"{r['modes']['spec-continuous-whole']['longest_prefill_call_ms']:.0f}"),
@@ -203,11 +212,14 @@ def _spec_batching(recs) -> list[str]:
   return (part("Continuous against static batches", "", CONTINUOUS, plain) +
           part("Prefix reuse", "`--shared_header=N`: one header of held-out source before every "
                "prompt; \"tokens reused\" is one round's prompt tokens whose K/V were copied "
-               "rather than computed.", REUSE, reuse) +
+               "rather than computed. \"spec, engine\": speculation inside the engine, the "
+               "header's pages read by reference.", REUSE, reuse) +
           part("Chunked admission", "Prompts longer than `--prefill_chunk` are admitted in "
                "chunks, a verification step of the running rows between chunks; \"whole\" "
                "admits each in one call. Longest admission call: the longest the running rows "
-               "stood still (one more round, every call waited for).", CHUNKED, chunked))
+               "stood still (one more round, every call waited for). \"spec, engine\": "
+               "speculation inside the engine, prompts prefilled in its lanes beside the "
+               "verification rows (4 lanes of 32 tokens).", CHUNKED, chunked))
 
 
 SPEC_BATCHING = Section(

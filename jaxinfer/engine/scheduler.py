@@ -222,10 +222,10 @@ class Scheduler:
       room -= 1
     return lanes
 
-  def plan(self) -> StepPlan | None:
-    """Prefills and admits what is due, gives free slots to prefilled sequences, then lays out
-    the next step; None when nothing can run now."""
-    s, g, m = self.s, self.g, self.max_pages
+  def _schedule(self) -> tuple[list[tuple[_Seq, int, int]], int, int]:
+    """Prefills and admits what is due, gives free slots to prefilled sequences; returns the
+    step's lanes (sequence, first token, tokens), their number G and length Q (0: none)."""
+    g = self.g
     free = self.slots.count(None)
     waiting = sum(self._can_decode(seq) for seq in self.order)
     # Prefill when no prefilled sequence would be left for the slot that frees next.
@@ -244,6 +244,12 @@ class Scheduler:
       lanes = [(lanes[0][0], lanes[0][1], q)]
     else:
       q = lane_length(max(t for _, _, t in lanes), self.q) if lanes else 0
+    return lanes, g, q
+
+  def plan(self) -> StepPlan | None:
+    """Schedules the next step (`_schedule`) and lays it out; None when nothing can run now."""
+    lanes, g, q = self._schedule()
+    s, m = self.s, self.max_pages
     n = s + (g * q if q else 0)
     tokens = np.zeros(n, np.int32)
     from_device = np.zeros(n, bool)
