@@ -182,6 +182,7 @@ class Engine:
                                         **kw(p)), donate_argnums=(1, 2, 3)) for p in self.ladder]
     self._tree_admit = jax.jit(partial(speculate.admit, proposer=proposer), donate_argnums=0)
     self.eos = np.asarray(model_cfg.eos_token_ids or (-1,), np.int32)
+    self._last_read = (None, False)  # (level, decode-only) of the dispatch read last
     history = self.max_pages * self.cfg.page_size
     init = lambda shared: speculate.init_drafting(model_cfg, proposer, self.cfg.num_slots,
                                                   history, shared)
@@ -252,6 +253,11 @@ class Engine:
     """Speculating: what a plan's steps emitted (counts (steps, S)) into its plan and the stats;
     a decode-only dispatch that did not compile is a measurement of its tree's speed."""
     plan.num_decode = int(counts.sum())
+    # timed alone (the wall time since the last read): a decode-only dispatch after one of the
+    # same tree, neither compiling
+    clean = (not compiled and not plan.num_prefill and plan.num_decode
+             and self._last_read == (plan.level, True))
+    self._last_read = (plan.level, not plan.num_prefill and not compiled)
     ran = 1 if plan.num_prefill else int(counts.any(axis=1).sum())
     self.stats.occupancy_sum += (ran - plan.num_steps) * plan.active / self.cfg.num_slots
     plan.num_steps = ran
@@ -259,7 +265,7 @@ class Engine:
     hist = np.bincount(counts[counts > 0] - 1, minlength=self.proposer.max_depth + 1)
     old = self.stats.accepted_hist
     self.stats.accepted_hist = hist + np.pad(old, (0, len(hist) - len(old)))
-    if not plan.num_prefill and not compiled and plan.num_decode:
+    if clean:
       self.policy.record(plan.level, plan.num_decode, elapsed)
 
   def _admit_rows(self, seqs) -> None:

@@ -22,9 +22,8 @@ POLICIES = ("auto", "always")
 
 @dataclasses.dataclass(frozen=True)
 class Plain(Proposer):
-  """Plain decoding as a one-token tree (the root), next to a proposer whose state it keeps."""
+  """Plain decoding as a one-token tree (the root); the proposer's state passes through."""
 
-  base: Proposer
   name: str = "plain"
   engine_ready = True
 
@@ -51,7 +50,7 @@ def ladder(proposer: Proposer, policy: str, max_shrinks: int = 3) -> list[Propos
     if smaller is None or smaller.tree_size >= levels[-1].tree_size:
       break
     levels.append(smaller)
-  return levels + [Plain(proposer)] if policy == "auto" else levels
+  return levels + [Plain()] if policy == "auto" else levels
 
 
 class TreePolicy:
@@ -59,6 +58,10 @@ class TreePolicy:
 
   MEASURED = 2  # dispatches a level needs before its speed is trusted
   DECAY = 0.8  # weight of the past in a level's token and time sums
+  # A level picked after another runs this many dispatches in a row: the host times a dispatch
+  # as the wall time between two reads, which is that dispatch's alone only when the one before
+  # it ran the same tree (the device runs one dispatch while the host reads the last)
+  HOLD = 3
 
   def __init__(self, levels: list[Proposer], policy: str, explore_every: int = 16):
     self.sizes = [p.tree_size for p in levels]
@@ -66,7 +69,7 @@ class TreePolicy:
     n = len(levels)
     self.tokens, self.seconds = [0.0] * n, [0.0] * n
     self.measured, self.dispatches, self.last = [0] * n, [0] * n, [0] * n
-    self.clock = 0
+    self.clock, self.current, self.hold = 0, None, 0
 
   def tps(self, level: int) -> float | None:
     return self.tokens[level] / self.seconds[level] if self.measured[level] else None
@@ -91,7 +94,14 @@ class TreePolicy:
 
   def pick(self) -> int:
     self.clock += 1
-    level = 0 if self.policy == "always" else self._pick()
+    if self.policy == "always":
+      level = 0
+    elif self.hold > 0:
+      level, self.hold = self.current, self.hold - 1
+    else:
+      level = self._pick()
+      if level != self.current:
+        self.current, self.hold = level, self.HOLD - 1
     self.last[level] = self.clock
     self.dispatches[level] += 1
     return level
@@ -102,7 +112,9 @@ class TreePolicy:
       return explore
     speeds = {i: self.tps(i) for i in range(len(self.sizes)) if self.measured[i]}
     best = max(speeds, key=speeds.get)
-    overdue = {i: (self.clock - self.last[i]) / min(256, self.explore_every * (
+    # a slower level is re-tried (for HOLD dispatches) every explore_every * HOLD * (its speed
+    # ratio to the fastest)^2 dispatches, at most 256 apart
+    overdue = {i: (self.clock - self.last[i]) / min(256, self.explore_every * self.HOLD * (
         speeds[best] / max(speeds[i], 1e-9))**2) for i in speeds if i != best}
     late = max(overdue, key=overdue.get, default=None)
     return late if late is not None and overdue[late] >= 1 else best

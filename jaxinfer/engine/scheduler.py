@@ -326,15 +326,7 @@ class Scheduler:
         self.tokens_discarded += 1
         continue
       assert index == len(seq.generated), (index, len(seq.generated))
-      tok = int(tokens[step, slot])
-      seq.generated.append(tok)
-      eos = tok in self.eos
-      stopped = (not eos and should_stop is not None
-                 and should_stop(seq.req.uid, seq.generated))
-      if eos or stopped or len(seq.generated) >= seq.req.max_new_tokens:
-        seq.done = True
-        self._release(seq)
-        results.append(EngineResult(seq.req.uid, seq.generated, eos, stopped))
+      results += self._take(seq, [int(tokens[step, slot])], should_stop)
     return results
 
   def _commit_trees(self, plan: StepPlan, emitted: np.ndarray, counts: np.ndarray,
@@ -347,15 +339,20 @@ class Scheduler:
       if seq.done:  # past its end (a stop string the device could not know of)
         self.tokens_discarded += len(new)
         continue
-      for j, tok in enumerate(new):
-        seq.generated.append(tok)
-        eos = tok in self.eos
-        stopped = (not eos and should_stop is not None
-                   and should_stop(seq.req.uid, seq.generated))
-        if eos or stopped or len(seq.generated) >= seq.req.max_new_tokens:
-          seq.done = True
-          self.tokens_discarded += len(new) - j - 1
-          self._release(seq)
-          results.append(EngineResult(seq.req.uid, seq.generated, eos, stopped))
-          break
+      results += self._take(seq, new, should_stop)
     return results
+
+  def _take(self, seq: _Seq, new: list[int], should_stop) -> list[EngineResult]:
+    """Appends a sequence's new tokens up to its end (EOS, a stop string, its budget), counting
+    any after it as discarded; returns its result if it ended."""
+    for j, tok in enumerate(new):
+      seq.generated.append(tok)
+      eos = tok in self.eos
+      stopped = (not eos and should_stop is not None
+                 and should_stop(seq.req.uid, seq.generated))
+      if eos or stopped or len(seq.generated) >= seq.req.max_new_tokens:
+        seq.done = True
+        self.tokens_discarded += len(new) - j - 1
+        self._release(seq)
+        return [EngineResult(seq.req.uid, seq.generated, eos, stopped)]
+    return []
