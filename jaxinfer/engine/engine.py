@@ -182,7 +182,7 @@ class Engine:
                                         **kw(p)), donate_argnums=(1, 2, 3)) for p in self.ladder]
     self._tree_admit = jax.jit(partial(speculate.admit, proposer=proposer), donate_argnums=0)
     self.eos = np.asarray(model_cfg.eos_token_ids or (-1,), np.int32)
-    self._last_read = (None, False)  # (level, decode-only) of the dispatch read last
+    self._last_read = None  # (level, mixed?) of the dispatch read last (None: it compiled)
     history = self.max_pages * self.cfg.page_size
     init = lambda shared: speculate.init_drafting(model_cfg, proposer, self.cfg.num_slots,
                                                   history, shared)
@@ -233,7 +233,7 @@ class Engine:
     if plan.admits:
       self._admit_rows(plan.admits)
     sampling = SamplingParams(**plan.sampling)
-    plan.level = level = self.policy.pick()
+    plan.level = level = self.policy.pick(mixed=bool(plan.num_prefill))
     if plan.num_prefill:
       args = (self.params, self.k, self.v, self.drafting, plan.tokens[s:], plan.positions[s:],
               plan.decode_table, plan.chunk_table, plan.sampled, sampling, plan.key_data,
@@ -251,13 +251,13 @@ class Engine:
   def _measure_trees(self, plan: StepPlan, counts: np.ndarray, elapsed: float,
                      compiled: bool) -> None:
     """Speculating: what a plan's steps emitted (counts (steps, S)) into its plan and the stats;
-    a decode-only dispatch that did not compile is a measurement of its tree's speed."""
+    a dispatch timed alone is a measurement for the tree policy."""
     plan.num_decode = int(counts.sum())
-    # timed alone (the wall time since the last read): a decode-only dispatch after one of the
-    # same tree, neither compiling
-    clean = (not compiled and not plan.num_prefill and plan.num_decode
-             and self._last_read == (plan.level, True))
-    self._last_read = (plan.level, not plan.num_prefill and not compiled)
+    # timed alone (the wall time since the last read): after a dispatch of the same kind and
+    # tree, neither compiling
+    kind = (plan.level, bool(plan.num_prefill))
+    clean = not compiled and plan.num_decode and self._last_read == kind
+    self._last_read = None if compiled else kind
     ran = 1 if plan.num_prefill else int(counts.any(axis=1).sum())
     self.stats.occupancy_sum += (ran - plan.num_steps) * plan.active / self.cfg.num_slots
     plan.num_steps = ran
@@ -266,7 +266,7 @@ class Engine:
     old = self.stats.accepted_hist
     self.stats.accepted_hist = hist + np.pad(old, (0, len(hist) - len(old)))
     if clean:
-      self.policy.record(plan.level, plan.num_decode, elapsed)
+      self.policy.record(plan.level, plan.num_decode, elapsed, mixed=bool(plan.num_prefill))
 
   def _admit_rows(self, seqs) -> None:
     """Sequences taking their slots: their prompts and budgets onto the device (a few padded

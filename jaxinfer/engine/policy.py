@@ -53,11 +53,34 @@ def ladder(proposer: Proposer, policy: str, max_shrinks: int = 3) -> list[Propos
   return levels + [Plain()] if policy == "auto" else levels
 
 
+class _Meter:
+  """Decayed sums of what dispatches of one kind measured, per ladder level."""
+
+  DECAY = 0.8  # weight of the past
+
+  def __init__(self, n: int):
+    self.tokens, self.seconds, self.count = [0.0] * n, [0.0] * n, [0.0] * n
+    self.measured = [0] * n
+
+  def record(self, level: int, tokens: int, seconds: float) -> None:
+    for sums, x in ((self.tokens, tokens), (self.seconds, max(seconds, 1e-9)), (self.count, 1)):
+      sums[level] = self.DECAY * sums[level] + x
+    self.measured[level] += 1
+
+  def tps(self, level: int) -> float | None:
+    return self.tokens[level] / self.seconds[level] if self.measured[level] else None
+
+
 class TreePolicy:
-  """Per dispatch: the ladder level to run (`pick`); `record` what a dispatch measured."""
+  """Per dispatch: the ladder level to run (`pick`); `record` what a dispatch measured.
+
+  Decode-only dispatches run the level of highest measured output tokens/s. A mixed dispatch
+  (prompt lanes beside the trees) spends time on its lanes whatever the tree, so it runs the
+  level whose tokens save the most decode-only time for what it costs: of the fastest decode
+  level and plain decoding, the one of highest (tokens / fastest decode tokens/s - seconds)
+  per mixed dispatch."""
 
   MEASURED = 2  # dispatches a level needs before its speed is trusted
-  DECAY = 0.8  # weight of the past in a level's token and time sums
   # A level picked after another runs this many dispatches in a row: the host times a dispatch
   # as the wall time between two reads, which is that dispatch's alone only when the one before
   # it ran the same tree (the device runs one dispatch while the host reads the last)
@@ -67,17 +90,23 @@ class TreePolicy:
     self.sizes = [p.tree_size for p in levels]
     self.policy, self.explore_every = policy, explore_every
     n = len(levels)
-    self.tokens, self.seconds = [0.0] * n, [0.0] * n
-    self.measured, self.dispatches, self.last = [0] * n, [0] * n, [0] * n
-    self.clock, self.current, self.hold = 0, None, 0
+    self.decode, self.mixed = _Meter(n), _Meter(n)
+    self.dispatches = [0] * n
+    self.last = {False: [0] * n, True: [0] * n}  # (mixed?) -> the clock a level last ran at
+    self.clock = 0
+    self.current = {False: None, True: None}  # (mixed?) -> the level held, dispatches left
+    self.hold = {False: 0, True: 0}
+
+  @property
+  def measured(self) -> list[int]:
+    return self.decode.measured
 
   def tps(self, level: int) -> float | None:
-    return self.tokens[level] / self.seconds[level] if self.measured[level] else None
+    """A level's measured output tokens/s in decode-only dispatches."""
+    return self.decode.tps(level)
 
-  def record(self, level: int, tokens: int, seconds: float) -> None:
-    self.tokens[level] = self.DECAY * self.tokens[level] + tokens
-    self.seconds[level] = self.DECAY * self.seconds[level] + max(seconds, 1e-9)
-    self.measured[level] += 1
+  def record(self, level: int, tokens: int, seconds: float, mixed: bool = False) -> None:
+    (self.mixed if mixed else self.decode).record(level, tokens, seconds)
 
   def _exploring(self) -> int | None:
     """The level still to measure: the proposer's tree, plain decoding, then ever smaller trees
@@ -92,17 +121,18 @@ class TreePolicy:
       return deepest + 1
     return None
 
-  def pick(self) -> int:
+  def pick(self, mixed: bool = False) -> int:
     self.clock += 1
     if self.policy == "always":
       level = 0
-    elif self.hold > 0:
-      level, self.hold = self.current, self.hold - 1
+    elif self.hold[mixed] > 0:
+      level = self.current[mixed]
+      self.hold[mixed] -= 1
     else:
-      level = self._pick()
-      if level != self.current:
-        self.current, self.hold = level, self.HOLD - 1
-    self.last[level] = self.clock
+      level = self._pick_mixed() if mixed else self._pick()
+      if level != self.current[mixed]:
+        self.current[mixed], self.hold[mixed] = level, self.HOLD - 1
+    self.last[mixed][level] = self.clock
     self.dispatches[level] += 1
     return level
 
@@ -111,10 +141,30 @@ class TreePolicy:
     if explore is not None:
       return explore
     speeds = {i: self.tps(i) for i in range(len(self.sizes)) if self.measured[i]}
-    best = max(speeds, key=speeds.get)
-    # a slower level is re-tried (for HOLD dispatches) every explore_every * HOLD * (its speed
-    # ratio to the fastest)^2 dispatches, at most 256 apart
-    overdue = {i: (self.clock - self.last[i]) / min(256, self.explore_every * self.HOLD * (
+    return self._or_overdue(max(speeds, key=speeds.get), speeds, False)
+
+  def _pick_mixed(self) -> int:
+    plain = len(self.sizes) - 1
+    speeds = {i: self.tps(i) for i in range(len(self.sizes)) if self.measured[i]}
+    fastest = max(speeds, key=speeds.get) if speeds else 0
+    for level in (fastest, plain):
+      if self.mixed.measured[level] < self.MEASURED:
+        return level
+    m = self.mixed
+
+    def value(i):  # decode-only seconds its tokens save, less its own seconds (per dispatch)
+      if not speeds:
+        return m.tps(i)
+      return (m.tokens[i] / speeds[fastest] - m.seconds[i]) / m.count[i]
+    values = {i: value(i) for i in {fastest, plain}}
+    best = max(values, key=values.get)
+    return self._or_overdue(best, {i: 1.0 for i in values} | {best: 2.0}, True)
+
+  def _or_overdue(self, best: int, speeds: dict[int, float], mixed: bool) -> int:
+    """`best`, or the most overdue slower level: one is re-tried (for HOLD dispatches) every
+    explore_every * HOLD * (its speed ratio to the fastest)^2 dispatches, at most 256 apart."""
+    last = self.last[mixed]
+    overdue = {i: (self.clock - last[i]) / min(256, self.explore_every * self.HOLD * (
         speeds[best] / max(speeds[i], 1e-9))**2) for i in speeds if i != best}
     late = max(overdue, key=overdue.get, default=None)
     return late if late is not None and overdue[late] >= 1 else best
