@@ -130,7 +130,7 @@ def test_tree_policy_explores_then_runs_the_fastest():
   for _ in range(120):
     level = policy.pick()
     picks.append(level)
-    policy.record(level, int(speed[level]), 1.0)
+    policy.record(level, int(speed[level]), 10, 1, 1.0)  # 10 live rows, one step
   # tree, plain, halved, quartered, each for HOLD dispatches in a row
   assert picks[:12] == [0, 0, 0, 3, 3, 3, 1, 1, 1, 2, 2, 2]
   rest = picks[12:]

@@ -233,7 +233,7 @@ class Engine:
     if plan.admits:
       self._admit_rows(plan.admits)
     sampling = SamplingParams(**plan.sampling)
-    plan.level = level = self.policy.pick(mixed=bool(plan.num_prefill))
+    plan.level = level = self.policy.pick(mixed=bool(plan.num_prefill), live=plan.active)
     if plan.num_prefill:
       args = (self.params, self.k, self.v, self.drafting, plan.tokens[s:], plan.positions[s:],
               plan.decode_table, plan.chunk_table, plan.sampled, sampling, plan.key_data,
@@ -253,20 +253,21 @@ class Engine:
     """Speculating: what a plan's steps emitted (counts (steps, S)) into its plan and the stats;
     a dispatch timed alone is a measurement for the tree policy."""
     plan.num_decode = int(counts.sum())
-    # timed alone (the wall time since the last read): after a dispatch of the same kind and
-    # tree, neither compiling
-    kind = (plan.level, bool(plan.num_prefill))
-    clean = not compiled and plan.num_decode and self._last_read == kind
-    self._last_read = None if compiled else kind
     ran = 1 if plan.num_prefill else int(counts.any(axis=1).sum())
     self.stats.occupancy_sum += (ran - plan.num_steps) * plan.active / self.cfg.num_slots
     plan.num_steps = ran
-    self.stats.row_steps += int((counts > 0).sum())
+    row_steps = int((counts > 0).sum())
+    self.stats.row_steps += row_steps
     hist = np.bincount(counts[counts > 0] - 1, minlength=self.proposer.max_depth + 1)
     old = self.stats.accepted_hist
     self.stats.accepted_hist = hist + np.pad(old, (0, len(hist) - len(old)))
-    if clean:
-      self.policy.record(plan.level, plan.num_decode, elapsed, mixed=bool(plan.num_prefill))
+    # timed alone (the wall time since the last read): after a dispatch of the same kind and
+    # tree, neither compiling
+    kind = (plan.level, bool(plan.num_prefill))
+    if not compiled and plan.num_decode and self._last_read == kind:
+      self.policy.record(plan.level, plan.num_decode, row_steps, ran, elapsed,
+                         mixed=bool(plan.num_prefill))
+    self._last_read = None if compiled else kind
 
   def _admit_rows(self, seqs) -> None:
     """Sequences taking their slots: their prompts and budgets onto the device (a few padded

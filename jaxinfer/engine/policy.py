@@ -13,6 +13,7 @@ from __future__ import annotations
 import dataclasses
 
 import jax.numpy as jnp
+import numpy as np
 
 from jaxinfer.speculative.proposers.common import root_only
 from jaxinfer.speculative.protocol import Draft, Proposer
@@ -54,31 +55,45 @@ def ladder(proposer: Proposer, policy: str, max_shrinks: int = 3) -> list[Propos
 
 
 class _Meter:
-  """Decayed sums of what dispatches of one kind measured, per ladder level."""
+  """Decayed sums of what dispatches of one kind measured, per ladder level: output tokens,
+  verifications of live rows, steps, seconds, dispatches."""
 
   DECAY = 0.8  # weight of the past
 
   def __init__(self, n: int):
-    self.tokens, self.seconds, self.count = [0.0] * n, [0.0] * n, [0.0] * n
+    self.sums = np.zeros((n, 5))
     self.measured = [0] * n
 
-  def record(self, level: int, tokens: int, seconds: float) -> None:
-    for sums, x in ((self.tokens, tokens), (self.seconds, max(seconds, 1e-9)), (self.count, 1)):
-      sums[level] = self.DECAY * sums[level] + x
+  def record(self, level: int, tokens: int, row_steps: int, steps: int, seconds: float):
+    self.sums[level] = self.DECAY * self.sums[level] + (tokens, row_steps, steps,
+                                                        max(seconds, 1e-9), 1)
     self.measured[level] += 1
 
-  def tps(self, level: int) -> float | None:
-    return self.tokens[level] / self.seconds[level] if self.measured[level] else None
+  def tau(self, level: int) -> float:
+    """Tokens per verification of a live row."""
+    tokens, rows = self.sums[level, :2]
+    return tokens / max(rows, 1e-9)
+
+  def step_s(self, level: int) -> float:
+    """Seconds per step (a step computes every slot, live or not)."""
+    _, _, steps, seconds, _ = self.sums[level]
+    return seconds / max(steps, 1e-9)
+
+  def rate(self, level: int) -> float | None:
+    """Tokens per live row per second: tau over the step time, which does not depend on how
+    many rows were live when it was measured."""
+    return self.tau(level) / self.step_s(level) if self.measured[level] else None
 
 
 class TreePolicy:
   """Per dispatch: the ladder level to run (`pick`); `record` what a dispatch measured.
 
-  Decode-only dispatches run the level of highest measured output tokens/s. A mixed dispatch
-  (prompt lanes beside the trees) spends time on its lanes whatever the tree, so it runs the
-  level whose tokens save the most decode-only time for what it costs: of the fastest decode
-  level and plain decoding, the one of highest (tokens / fastest decode tokens/s - seconds)
-  per mixed dispatch."""
+  Speeds are tokens per live row per second (tau over the step time), so levels measured with
+  different numbers of live rows compare. Decode-only dispatches run the fastest level. A mixed
+  dispatch (prompt lanes beside the trees) spends time on its lanes whatever the tree, so it
+  runs, of the fastest decode level and plain decoding, the one whose tokens save the most
+  decode-only time for what its step costs: highest live rows x tau / fastest rate - step
+  seconds."""
 
   MEASURED = 2  # dispatches a level needs before its speed is trusted
   # A level picked after another runs this many dispatches in a row: the host times a dispatch
@@ -102,11 +117,12 @@ class TreePolicy:
     return self.decode.measured
 
   def tps(self, level: int) -> float | None:
-    """A level's measured output tokens/s in decode-only dispatches."""
-    return self.decode.tps(level)
+    """A level's measured tokens per live row per second in decode-only dispatches."""
+    return self.decode.rate(level)
 
-  def record(self, level: int, tokens: int, seconds: float, mixed: bool = False) -> None:
-    (self.mixed if mixed else self.decode).record(level, tokens, seconds)
+  def record(self, level: int, tokens: int, row_steps: int, steps: int, seconds: float,
+             mixed: bool = False) -> None:
+    (self.mixed if mixed else self.decode).record(level, tokens, row_steps, steps, seconds)
 
   def _exploring(self) -> int | None:
     """The level still to measure: the proposer's tree, plain decoding, then ever smaller trees
@@ -121,7 +137,8 @@ class TreePolicy:
       return deepest + 1
     return None
 
-  def pick(self, mixed: bool = False) -> int:
+  def pick(self, mixed: bool = False, live: int = 1) -> int:
+    """The level of the next dispatch (`mixed`: it has prompt lanes; `live`: rows it verifies)."""
     self.clock += 1
     if self.policy == "always":
       level = 0
@@ -129,7 +146,7 @@ class TreePolicy:
       level = self.current[mixed]
       self.hold[mixed] -= 1
     else:
-      level = self._pick_mixed() if mixed else self._pick()
+      level = self._pick_mixed(live) if mixed else self._pick()
       if level != self.current[mixed]:
         self.current[mixed], self.hold[mixed] = level, self.HOLD - 1
     self.last[mixed][level] = self.clock
@@ -143,7 +160,7 @@ class TreePolicy:
     speeds = {i: self.tps(i) for i in range(len(self.sizes)) if self.measured[i]}
     return self._or_overdue(max(speeds, key=speeds.get), speeds, False)
 
-  def _pick_mixed(self) -> int:
+  def _pick_mixed(self, live: int) -> int:
     plain = len(self.sizes) - 1
     speeds = {i: self.tps(i) for i in range(len(self.sizes)) if self.measured[i]}
     fastest = max(speeds, key=speeds.get) if speeds else 0
@@ -152,10 +169,10 @@ class TreePolicy:
         return level
     m = self.mixed
 
-    def value(i):  # decode-only seconds its tokens save, less its own seconds (per dispatch)
+    def value(i):  # decode-only seconds its tokens save, less its own step's
       if not speeds:
-        return m.tps(i)
-      return (m.tokens[i] / speeds[fastest] - m.seconds[i]) / m.count[i]
+        return m.rate(i)
+      return live * m.tau(i) / speeds[fastest] - m.step_s(i)
     values = {i: value(i) for i in {fastest, plain}}
     best = max(values, key=values.get)
     return self._or_overdue(best, {i: 1.0 for i in values} | {best: 2.0}, True)
@@ -169,10 +186,11 @@ class TreePolicy:
     late = max(overdue, key=overdue.get, default=None)
     return late if late is not None and overdue[late] >= 1 else best
 
-  def size_tps(self, size: int) -> float | None:
-    """The measured tokens/s of the ladder's tree of `size` tokens (None: not measured)."""
+  def size_tps(self, size: int, rows: int) -> float | None:
+    """The measured tokens/s of the ladder's tree of `size` tokens with `rows` live rows (None:
+    not measured)."""
     tps = self.tps(self.sizes.index(size))
-    return None if tps is None else round(tps, 1)
+    return None if tps is None else round(rows * tps, 1)
 
   def summary(self, counts: list[int]) -> str:
     """What was decoded with `counts` dispatches per ladder level (this policy's, or several
@@ -190,4 +208,4 @@ class TreePolicy:
     speeds = ", ".join(f"{self.sizes[i]}: {self.tps(i):.1f}" for i in range(len(self.sizes))
                        if self.measured[i])
     return (f"speculating in {spec:.0%} of dispatches, mostly with {self.sizes[best]}-token "
-            f"trees (measured tokens/s by tree size: {speeds})")
+            f"trees (measured tokens/s per live row by tree size: {speeds})")

@@ -172,7 +172,9 @@ class EngineBackend:
         "speculation": policy.summary(counts),
         "speculative_batches": sum(n for size, n in by_size.items() if size > 1),
         "plain_batches": by_size.get(1, 0),
-        "tree_sizes": {str(size): {"batches": n, "tokens_per_second": policy.size_tps(size)}
+        # (tokens/s with every slot live)
+        "tree_sizes": {str(size): {"batches": n, "tokens_per_second": policy.size_tps(
+            size, busiest.cfg.num_slots)}
                        for size, n in sorted(by_size.items(), reverse=True) if size > 1}}
 
 
