@@ -243,7 +243,7 @@ class Engine:
                                                                   *args)
       return emitted[None], counts[None]
     args = (self.params, self.k, self.v, self.drafting, plan.decode_table, plan.sampled,
-            sampling, plan.key_data, self.eos, np.int32(plan.num_steps))
+            sampling, plan.key_data, self.eos, np.int32(plan.num_steps), np.bool_(plan.waiting))
     self.k, self.v, self.drafting, emitted, counts = self._call(("trees", level),
                                                                 self._tree_steps[level], *args)
     return emitted, counts

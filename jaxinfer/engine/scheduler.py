@@ -94,6 +94,7 @@ class StepPlan:
   active: int = 0  # slots holding a sequence during the plan's steps
   admits: list["_Seq"] = dataclasses.field(default_factory=list)  # speculating: slots' firsts
   level: int = 0  # speculating: the ladder level (tree) its steps verify
+  waiting: bool = False  # requests wait for a slot (a slot freed now would be refilled)
 
 
 def lane_length(take: int, chunk: int) -> int:
@@ -309,9 +310,10 @@ class Scheduler:
         self._release(seq)
     if not samples and not num_prefill:
       return None
+    waiting = bool(self.pending) or any(seq.slot is None for seq in self.order)
     return StepPlan(tokens, from_device, positions, decode_table, chunk_table, sample_index,
                     sampled, sampling, key_data, samples, num_decode, num_prefill, steps,
-                    len(running), admits)
+                    len(running), admits, waiting=waiting)
 
   def commit(self, plan: StepPlan, tokens: np.ndarray,
              should_stop: Callable[[int, list[int]], bool] | None = None) -> list[EngineResult]:

@@ -98,19 +98,20 @@ def step(params, k, v, state: Drafting, lane_tokens, lane_positions, decode_tabl
 
 
 def steps(params, k, v, state: Drafting, decode_table, active, sampling, key_data, eos_ids,
-          num_steps, *, max_steps, cfg, proposer, rule, runtime: Runtime):
-  """Up to `num_steps` (<= max_steps) verification steps with no lanes in one dispatch, ending
-  after the first step in which an active row ends, and running none when one had already
-  ended: the host learns of a row's end a dispatch late, and its slot should be refilled rather
-  than left idle for a whole dispatch. Returns (k, v, state, emitted (max_steps, S, T),
-  counts (max_steps, S)); steps not run emit nothing."""
+          num_steps, waiting, *, max_steps, cfg, proposer, rule, runtime: Runtime):
+  """Up to `num_steps` (<= max_steps) verification steps with no lanes in one dispatch. With
+  requests `waiting` for a slot it ends after the first step in which an active row ends, and
+  runs none when one had already ended: the host learns of a row's end a dispatch late, and its
+  slot should be refilled rather than left idle for a whole dispatch (with none waiting, only
+  when no row is live). Returns (k, v, state, emitted (max_steps, S, T), counts (max_steps, S));
+  steps not run emit nothing."""
   s, t = decode_table.shape[0], proposer.tree_size
   no_lanes = jnp.zeros((0,), jnp.int32)
   no_chunks = jnp.zeros((0, decode_table.shape[1]), jnp.int32)
 
   def cond(c):
     i, _, _, st, _, _ = c
-    return (i < num_steps) & ~jnp.any(active & st.done)
+    return (i < num_steps) & jnp.any(active & ~st.done) & ~(waiting & jnp.any(active & st.done))
 
   def body(c):
     i, k, v, st, out, counts = c
