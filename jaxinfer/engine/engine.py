@@ -18,6 +18,7 @@ from typing import Callable, Iterable
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.sharding import NamedSharding, PartitionSpec
 
 from jaxinfer import model as M
 from jaxinfer.config import ModelConfig
@@ -180,14 +181,18 @@ class Engine:
                        for p in self.ladder]
     self._tree_steps = [jax.jit(partial(speculate.steps, max_steps=self.cfg.decode_steps,
                                         **kw(p)), donate_argnums=(1, 2, 3)) for p in self.ladder]
-    self._tree_admit = jax.jit(partial(speculate.admit, proposer=proposer), donate_argnums=0)
+    self._tree_admit = jax.jit(partial(speculate.admit, proposer=proposer, runtime=runtime),
+                               donate_argnums=0)
     self.eos = np.asarray(model_cfg.eos_token_ids or (-1,), np.int32)
     self._last_read = None  # (level, mixed?) of the dispatch read last (None: it compiled)
     history = self.max_pages * self.cfg.page_size
     init = lambda shared: speculate.init_drafting(model_cfg, proposer, self.cfg.num_slots,
-                                                  history, shared)
-    # (kept from run to run: a shared proposer state keeps learning)
-    self.drafting = self._call("init", jax.jit(init), proposer.init_shared(model_cfg))
+                                                  history, shared, runtime=runtime)
+    # whole on the replica's devices, as every step returns it (kept from run to run: a shared
+    # proposer state keeps learning)
+    where = None if runtime.mesh is None else NamedSharding(runtime.mesh, PartitionSpec())
+    self.drafting = self._call("init", jax.jit(init, out_shardings=where),
+                               proposer.init_shared(model_cfg))
 
   def _call(self, shape, fn, *args):
     """fn compiled once per `shape` (counted in the stats), then run."""

@@ -37,14 +37,22 @@ class Drafting:
   proposer: Any  # the proposer's state (one row per slot, or one shared value)
 
 
-def init_drafting(cfg, proposer, num_slots: int, max_len: int, shared) -> Drafting:
+def whole(state: Drafting, runtime: Runtime) -> Drafting:
+  """The state whole on each of the replica's devices (one layout from step to step)."""
+  return jax.tree_util.tree_map(lambda x: runtime.constrain(x, (None,) * x.ndim), state)
+
+
+def init_drafting(cfg, proposer, num_slots: int, max_len: int, shared, *,
+                  runtime: Runtime) -> Drafting:
   zeros = lambda *shape: jnp.zeros(shape, jnp.int32)
-  return Drafting(zeros(num_slots, max_len), zeros(num_slots), zeros(num_slots),
-                  zeros(num_slots), jnp.ones((num_slots,), bool),
-                  proposer.init_state(Weights(None, None), cfg, num_slots, max_len, shared))
+  return whole(Drafting(zeros(num_slots, max_len), zeros(num_slots), zeros(num_slots),
+                        zeros(num_slots), jnp.ones((num_slots,), bool),
+                        proposer.init_state(Weights(None, None), cfg, num_slots, max_len,
+                                            shared)), runtime)
 
 
-def admit(state: Drafting, slots, prompts, prompt_len, max_new, *, proposer) -> Drafting:
+def admit(state: Drafting, slots, prompts, prompt_len, max_new, *, proposer,
+          runtime: Runtime) -> Drafting:
   """Rows start in `slots` (k,) (past the end: padding): prompts (k, W) by position, the root
   at each prompt's last token (its K/V are written by the row's first verification)."""
   k, w = prompts.shape
@@ -52,10 +60,10 @@ def admit(state: Drafting, slots, prompts, prompt_len, max_new, *, proposer) -> 
   prompt = Prompt(None, None, prompts, prompt_len, jnp.zeros((k,), jnp.int32), slots,
                   max_len=state.history.shape[1])
   put = lambda old, new: put_rows(old, new, slots)
-  return Drafting(put(state.history, hist), put(state.length, prompt_len - 1),
-                  put(state.num_generated, jnp.zeros((k,), jnp.int32)),
-                  put(state.max_new, max_new), put(state.done, jnp.zeros((k,), bool)),
-                  proposer.admit(Weights(None, None), state.proposer, prompt))
+  return whole(Drafting(put(state.history, hist), put(state.length, prompt_len - 1),
+                        put(state.num_generated, jnp.zeros((k,), jnp.int32)),
+                        put(state.max_new, max_new), put(state.done, jnp.zeros((k,), bool)),
+                        proposer.admit(Weights(None, None), state.proposer, prompt)), runtime)
 
 
 def step(params, k, v, state: Drafting, lane_tokens, lane_positions, decode_table, chunk_table,
@@ -93,7 +101,8 @@ def step(params, k, v, state: Drafting, lane_tokens, lane_positions, decode_tabl
   emitted, n_emit, _, hist, length, done = emit(state, draft, verdict, eos_ids, live)
   pstate = proposer.observe(weights, pstate, Verified(
       draft.tokens, hidden, logits, verdict.path, n_acc, verdict.next_token, state.length, live))
-  state = Drafting(hist, length, state.num_generated + n_emit, state.max_new, done, pstate)
+  state = whole(Drafting(hist, length, state.num_generated + n_emit, state.max_new, done,
+                         pstate), runtime)
   return k_new, v_new, state, emitted, n_emit
 
 
