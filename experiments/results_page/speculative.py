@@ -144,6 +144,9 @@ SPEC_BATCHING_NOTES = {
         "each engine round",
     13: "speculation in the engine: 4 lanes of 32 prompt tokens a step against the "
         "generator's 256-token admission chunks",
+    14: "rerun at the final engine code (a dispatch ends at a row's end only while requests "
+        "wait)",
+    15: "rerun at the final engine code",
 }
 
 
