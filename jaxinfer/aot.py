@@ -257,23 +257,68 @@ def engine_steps(cfg: ModelConfig, job: CompileJob, params, runtime: Runtime):
   return {"prefill": (step, mixed), "decode": (dispatch, decode)}
 
 
-def verify_step(cfg: ModelConfig, job: CompileJob, params, runtime: Runtime):
+def _proposer(cfg: ModelConfig, job: CompileJob, params):
+  """(proposer, draft weights or None) of --speculative; compile takes the proposers that need
+  no trained weights."""
+  from types import SimpleNamespace
+
+  from jaxinfer.speculative import registry
+  # the options `registry.build` reads
+  opts = SimpleNamespace(speculative=job.speculative, num_draft_tokens=job.num_draft_tokens,
+                         tree=job.tree, draft_layers=job.draft_layers, draft_fallback=0.0,
+                         draft_model=None, draft_heads=None, scheduler="continuous")
+  try:
+    return registry.build(opts, cfg, params, None)
+  except ValueError as e:
+    raise CompileError(str(e) if str(e).startswith("--") else f"--tree: {e}") from None
+
+
+def engine_tree_steps(cfg: ModelConfig, job: CompileJob, params, runtime: Runtime, proposer):
+  """({name: (jitted step, abstract arguments)}, bytes per device of the KV pools and the rows'
+  device state): speculation inside the engine, as the engine jits it: the mixed step at its
+  widest (every slot's draft tree beside G lanes of Q prompt tokens) and the decode-only
+  dispatch of trees, over a pool whose sequences also hold one tree."""
+  from jaxinfer.engine import speculate
+  from jaxinfer.sampling import SamplingParams
+  from jaxinfer.speculative.protocol import check_fits
+  try:
+    check_fits(proposer, cfg, runtime.sparsity)
+  except ValueError as e:
+    raise CompileError(f"--speculative={job.speculative}: {e}") from None
+  ecfg, mesh, rules = job.engine_config, runtime.mesh, runtime.rules
+  s, g, q, ps = ecfg.num_slots, ecfg.chunk_lanes, ecfg.chunk_size, ecfg.page_size
+  m = max(1, -(-(cfg.max_seq_len + proposer.tree_size) // ps))
+  shape = PagedKVCache.pool_shape(cfg, pool_pages_for(ecfg, m), ps)
+  pool = jax.ShapeDtypeStruct(shape, cfg.jnp_dtype,
+                              sharding=rules.sharding(mesh, POOL_AXES, shape))
+  pools = (pool,) * cfg.num_layers
+  whole = _whole(mesh)
+  rows = jax.eval_shape(lambda: speculate.init_drafting(
+      cfg, proposer, s, m * ps, proposer.init_shared(cfg), runtime=Runtime()))
+  rows = jax.tree_util.tree_map(lambda x: whole(x.shape, x.dtype), rows)
+  i32, f32 = jnp.int32, jnp.float32
+  sampling = SamplingParams(whole((s,), f32), whole((s,), i32), whole((s,), f32),
+                            whole((s,), f32))
+  per_slot = (whole((s,), bool), sampling, whole((s, 2), jnp.uint32),
+              whole((max(1, len(cfg.eos_token_ids)),), i32))
+  mixed = (params, pools, pools, rows, whole((g * q,), i32), whole((g * q,), i32),
+           whole((s, m), i32), whole((g, m), i32)) + per_slot
+  decode = (params, pools, pools, rows, whole((s, m), i32)) + per_slot + (whole((), i32),
+                                                                          whole((), bool))
+  kw = dict(cfg=cfg, proposer=proposer, rule="exact", runtime=runtime)
+  step = jax.jit(partial(speculate.step, **kw), donate_argnums=(1, 2, 3))
+  dispatch = jax.jit(partial(speculate.steps, max_steps=ecfg.decode_steps, **kw),
+                     donate_argnums=(1, 2, 3))
+  return ({"verify-prefill": (step, mixed), "verify": (dispatch, decode)},
+          device_bytes(pools) * 2 + device_bytes(rows))
+
+
+def verify_step(cfg: ModelConfig, job: CompileJob, params, runtime: Runtime, proposer, draft):
   """(jitted verification chunk, abstract arguments, bytes per device of its state, of the
   draft's weights): the speculative generator's `steps_per_sync` draft-verify-accept steps over
   --batch_size slots, each slot sized for --max_seq_len tokens (half prompt, half output)."""
-  from types import SimpleNamespace
-
   from jaxinfer.sampling import SamplingParams
-  from jaxinfer.speculative import registry
   from jaxinfer.speculative.decode import SpeculativeGenerator, _chunk, state_shardings
-  # the options `registry.build` reads; compile takes the proposers that need no trained weights
-  opts = SimpleNamespace(speculative=job.speculative, num_draft_tokens=job.num_draft_tokens,
-                         tree=job.tree, draft_layers=job.draft_layers, draft_fallback=0.0,
-                         draft_model=None, draft_heads=None)
-  try:
-    proposer, draft = registry.build(opts, cfg, params, None)
-  except ValueError as e:
-    raise CompileError(str(e) if str(e).startswith("--") else f"--tree: {e}") from None
   mesh, rules = runtime.mesh, runtime.rules
   whole = _whole(mesh)
   if draft is not None:  # whole on each of a replica's devices, as the runner places a draft
@@ -549,10 +594,18 @@ def run(job: CompileJob, log=None) -> Report:
   for name, (fn, args) in steps.items():
     report.steps.append(_compile_checked(name, fn, args, target, report, weights, engine_kv,
                                          engine_kv, log=log))
-  if job.speculative != "none":
-    fn, args, state_bytes, draft_bytes = verify_step(cfg, job, params, runtime)
-    # the plain-decoding engine's pool stays allocated while the generator speculates
-    report.steps.append(_compile_checked(
-        "verify", fn, args, target, report, weights + draft_bytes, state_bytes + engine_kv,
-        engine_kv, resident=engine_kv, log=log))
+  if job.speculative == "none":
+    return report
+  proposer, draft = _proposer(cfg, job, params)
+  if proposer.engine_ready:  # speculation inside the engine: its own pool and rows' state
+    tree_steps, kv = engine_tree_steps(cfg, job, params, runtime, proposer)
+    for name, (fn, args) in tree_steps.items():
+      report.steps.append(_compile_checked(name, fn, args, target, report, weights, kv, kv,
+                                           log=log))
+    return report
+  fn, args, state_bytes, draft_bytes = verify_step(cfg, job, params, runtime, proposer, draft)
+  # the plain-decoding engine's pool stays allocated while the generator speculates
+  report.steps.append(_compile_checked(
+      "verify", fn, args, target, report, weights + draft_bytes, state_bytes + engine_kv,
+      engine_kv, resident=engine_kv, log=log))
   return report

@@ -26,17 +26,19 @@ def test_tpu_steps_on_a_model_mesh_with_verification():
                        speculative="recycling", implementation="pallas")
   report = aot.run(job)
   cfg = PRESETS["tiny"]
-  assert [s.name for s in report.steps] == ["prefill", "decode", "verify"]
+  # recycling speculates inside the engine: its trees beside the lanes, and decode-only
+  assert [s.name for s in report.steps] == ["prefill", "decode", "verify-prefill", "verify"]
   assert report.hbm_bytes == 16 * 2**30 and report.replicas == 1 and report.mesh == "model:2"
-  prefill, decode, verify = report.steps
+  prefill, decode, verify_prefill, verify = report.steps
   # 2 KV heads over model:2: each device holds half of every pool
   assert decode.kv_bytes == PagedKVCache.pool_bytes(cfg, 64, 16) // 2
   assert 0 < decode.weights_bytes < cfg.num_params() * 4  # heads, mlp, vocab split
-  assert prefill.kernels and decode.kernels and verify.kernels  # Pallas kernels, not interpreted
+  assert all(s.kernels for s in report.steps)  # Pallas kernels, not interpreted
   for s in (prefill, decode):
     assert s.compile_s > 0 and s.alias_bytes >= s.kv_bytes  # the pools are updated in place
     assert s.total_bytes >= s.weights_bytes + s.kv_bytes
-  assert verify.kv_bytes > decode.kv_bytes  # its own slots' pages beside the engine's pool
+  assert verify.kv_bytes > decode.kv_bytes  # the pool and the rows' tokens on the device
+  assert verify_prefill.alias_bytes >= decode.kv_bytes  # the pool updated in place
   assert verify.total_bytes >= verify.resident_bytes + verify.argument_bytes
   record = json.loads(json.dumps(report.as_dict(), default=str))
   assert record["fits"] is True and record["peak_bytes"] == max(s.total_bytes

@@ -33,7 +33,7 @@ flags.DEFINE_integer("max_seq_len", None, "Longest request (prompt + output) the
 define_implementation_flag()
 flags.DEFINE_string("sparsity", "dense", "Attention pattern: dense or sinks_window:SINKS,WINDOW.")
 flags.DEFINE_enum("speculative", "none", ["none", "ngram", "lookahead", "recycling", "layerskip"],
-                  "Also compile this proposer's verification step (proposers that need no "
+                  "Also compile this proposer's verification steps (proposers that need no "
                   "trained draft weights).")
 flags.DEFINE_integer("num_draft_tokens", 4, "Drafted tokens per step (ngram, layerskip); the "
                      "lookahead trie's depth.", lower_bound=1)
