@@ -4,7 +4,8 @@ S slots, G lanes of Q prompt tokens, M pages per sequence, P pages in the pool, 
 A plan is one mixed step (decodes and prompt chunks) or up to `decode_steps` decode-only steps
 run in one dispatch (a loop on the device). The KV page pools are donated to every dispatch and
 updated in place; it returns one sampled token per slot and step (meaningful for the slots that
-sampled).
+sampled). Speculating, a slot's decode row is a draft tree and a dispatch returns what each
+step emitted per slot (`engine.speculate`).
 """
 
 from __future__ import annotations
