@@ -15,6 +15,7 @@ from __future__ import annotations
 import contextlib
 import os
 import sys
+import time
 from pathlib import Path
 
 MIN_COMPILE_SECONDS = 0.2  # cheaper computations are not worth a file
@@ -95,3 +96,15 @@ class CompileClock:
   def totals(cls) -> tuple[float, int]:
     cls.start()
     return cls._seconds, cls._count
+
+
+def call_compiled(executables: dict, key, jitted, args: tuple, counter):
+  """`jitted(*args)` through an executable compiled ahead of time once per `key` (kept in
+  `executables`); a compilation's seconds and count are added to `counter.compile_s` and
+  `counter.compilations` (a run's stats)."""
+  if key not in executables:
+    t0 = time.perf_counter()
+    executables[key] = jitted.lower(*args).compile()
+    counter.compile_s += time.perf_counter() - t0
+    counter.compilations += 1
+  return executables[key](*args)

@@ -22,6 +22,7 @@ import numpy as np
 from flax import struct
 
 from jaxinfer import model as M
+from jaxinfer.compilation_cache import call_compiled
 from jaxinfer.config import ModelConfig
 from jaxinfer.kv_cache import CACHE_AXES, KVCache
 from jaxinfer.runtime import Runtime
@@ -181,12 +182,7 @@ class Generator:
   def _run(self, name: str, fn, *args):
     """Calls `fn` through an AOT-compiled executable cached by argument shapes."""
     key = (name,) + tuple((a.shape, str(a.dtype)) for a in jax.tree_util.tree_leaves(args[1:]))
-    if key not in self._compiled:
-      t0 = time.perf_counter()
-      self._compiled[key] = fn.lower(*args).compile()
-      self.timings.compile_s += time.perf_counter() - t0
-      self.timings.compilations += 1
-    return self._compiled[key](*args)
+    return call_compiled(self._compiled, key, fn, args, self.timings)
 
   def generate(self, rows: Sequence[RowRequest],
                should_stop: Callable[[int, list[int]], bool] | None = None) -> list[RowResult]:

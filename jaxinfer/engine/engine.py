@@ -22,6 +22,7 @@ import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec
 
 from jaxinfer import model as M
+from jaxinfer.compilation_cache import call_compiled
 from jaxinfer.config import ModelConfig
 from jaxinfer.engine import policy, speculate
 from jaxinfer.engine.pages import PagePool
@@ -197,12 +198,7 @@ class Engine:
 
   def _call(self, shape, fn, *args):
     """fn compiled once per `shape` (counted in the stats), then run."""
-    if shape not in self._compiled:
-      t0 = time.perf_counter()
-      self._compiled[shape] = fn.lower(*args).compile()
-      self.stats.compile_s += time.perf_counter() - t0
-      self.stats.compilations += 1
-    return self._compiled[shape](*args)
+    return call_compiled(self._compiled, shape, fn, args, self.stats)
 
   def reset_prefix_cache(self) -> None:
     """Forgets every cached prompt page (the next run computes its prompts afresh)."""

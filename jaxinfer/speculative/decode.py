@@ -28,6 +28,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxinfer import model as M
+from jaxinfer.compilation_cache import call_compiled
 from jaxinfer.config import ModelConfig
 from jaxinfer.generation import Generator, RowRequest, RowResult, next_pow2
 from jaxinfer.kv_cache import PagedKVCache
@@ -123,12 +124,7 @@ class SpeculativeGenerator:
   def _run(self, name, fn, *args):
     """fn (a name per proposer and function) compiled once per argument shapes, then run."""
     key = (name,) + tuple((a.shape, str(a.dtype)) for a in jax.tree_util.tree_leaves(args))
-    if key not in self._compiled:
-      t0 = time.perf_counter()
-      self._compiled[key] = jax.jit(self._placed(fn)).lower(*args).compile()
-      self.stats.compile_s += time.perf_counter() - t0
-      self.stats.compilations += 1
-    return self._compiled[key](*args)
+    return call_compiled(self._compiled, key, jax.jit(self._placed(fn)), args, self.stats)
 
   def _placed(self, fn):
     """fn, a state it returns laid out as every state is on this generator's mesh (so each
