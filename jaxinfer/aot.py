@@ -231,18 +231,25 @@ def _whole(mesh: Mesh):
   return lambda shape, dtype: jax.ShapeDtypeStruct(shape, dtype, sharding=where)
 
 
+def _engine_pools(cfg: ModelConfig, ecfg: EngineConfig, tokens: int, runtime: Runtime):
+  """(every layer's KV pool (K, P, ps, H), laid out as the engine lays it out, for sequences of
+  up to `tokens` tokens; M, their pages per sequence)."""
+  ps = ecfg.page_size
+  m = max(1, -(-tokens // ps))
+  shape = PagedKVCache.pool_shape(cfg, pool_pages_for(ecfg, m), ps)
+  pool = jax.ShapeDtypeStruct(shape, cfg.jnp_dtype,
+                              sharding=runtime.rules.sharding(runtime.mesh, POOL_AXES, shape))
+  return (pool,) * cfg.num_layers, m
+
+
 def engine_steps(cfg: ModelConfig, job: CompileJob, params, runtime: Runtime):
   """{name: (jitted step, abstract arguments)}: the engine's mixed step at its widest (G lanes of
   Q prompt tokens beside the S decode rows) and its decode-only dispatch, with the KV pools
   (K, P, ps, H) per layer laid out as the engine lays them out."""
-  ecfg, mesh, rules = job.engine_config, runtime.mesh, runtime.rules
-  s, g, q, ps = ecfg.num_slots, ecfg.chunk_lanes, ecfg.chunk_size, ecfg.page_size
-  m = max(1, -(-cfg.max_seq_len // ps))  # pages per sequence
-  shape = PagedKVCache.pool_shape(cfg, pool_pages_for(ecfg, m), ps)
-  pool = jax.ShapeDtypeStruct(shape, cfg.jnp_dtype,
-                              sharding=rules.sharding(mesh, POOL_AXES, shape))
-  pools = (pool,) * cfg.num_layers
-  whole = _whole(mesh)
+  ecfg = job.engine_config
+  s, g, q = ecfg.num_slots, ecfg.chunk_lanes, ecfg.chunk_size
+  pools, m = _engine_pools(cfg, ecfg, cfg.max_seq_len, runtime)
+  whole = _whole(runtime.mesh)
   i32, f32 = jnp.int32, jnp.float32
   sampling = (whole((s,), f32), whole((s,), i32), whole((s,), f32), whole((s,), f32))
   per_slot = (whole((s,), i32), whole((s,), bool), whole((s, 2), jnp.uint32))
@@ -285,16 +292,12 @@ def engine_tree_steps(cfg: ModelConfig, job: CompileJob, params, runtime: Runtim
     check_fits(proposer, cfg, runtime.sparsity)
   except ValueError as e:
     raise CompileError(f"--speculative={job.speculative}: {e}") from None
-  ecfg, mesh, rules = job.engine_config, runtime.mesh, runtime.rules
-  s, g, q, ps = ecfg.num_slots, ecfg.chunk_lanes, ecfg.chunk_size, ecfg.page_size
-  m = max(1, -(-(cfg.max_seq_len + proposer.tree_size) // ps))
-  shape = PagedKVCache.pool_shape(cfg, pool_pages_for(ecfg, m), ps)
-  pool = jax.ShapeDtypeStruct(shape, cfg.jnp_dtype,
-                              sharding=rules.sharding(mesh, POOL_AXES, shape))
-  pools = (pool,) * cfg.num_layers
-  whole = _whole(mesh)
+  ecfg = job.engine_config
+  s, g, q = ecfg.num_slots, ecfg.chunk_lanes, ecfg.chunk_size
+  pools, m = _engine_pools(cfg, ecfg, cfg.max_seq_len + proposer.tree_size, runtime)
+  whole = _whole(runtime.mesh)
   rows = jax.eval_shape(lambda: speculate.init_drafting(
-      cfg, proposer, s, m * ps, proposer.init_shared(cfg), runtime=Runtime()))
+      cfg, proposer, s, m * ecfg.page_size, proposer.init_shared(cfg), runtime=Runtime()))
   rows = jax.tree_util.tree_map(lambda x: whole(x.shape, x.dtype), rows)
   i32, f32 = jnp.int32, jnp.float32
   sampling = SamplingParams(whole((s,), f32), whole((s,), i32), whole((s,), f32),

@@ -165,12 +165,7 @@ class MixedLayerKV:
     kd, kc = self._split(k)
     vd, vc = self._split(v)
     pd, pc = self._split(positions)
-    if self.tree_mask is None:
-      dec = LayerKV(self.k, self.v, self.decode_table).write(kd, vd, pd)
-    else:  # tree nodes are stored by index after the prefix; an out-of-range row writes nothing
-      end = self.decode_table.shape[1] * self.k.shape[2]
-      slots = jnp.where(pd >= end, end, self.prefix_len[:, None] + jnp.arange(pd.shape[1]))
-      dec = LayerKV(self.k, self.v, self.decode_table).write(kd, vd, slots)
+    dec = self._decode_group().write(kd, vd, pd)
     if kc is not None:
       dec = LayerKV(dec.k, dec.v, self.chunk_table).write(kc, vc, pc)
     return self.replace(k=dec.k, v=dec.v)
@@ -215,7 +210,8 @@ class MixedPagedKVCache:
 @struct.dataclass
 class TreeLayerKV:
   """One layer of a `TreeKVCache`: writes the T tree tokens at slots prefix_len + node index
-  (whatever their RoPE positions), and attends through the tree-verification kernel."""
+  (whatever their RoPE positions; a token at a position past the rows' pages, as a row that is
+  not verifying has, is not written), and attends through the tree-verification kernel."""
 
   k: jax.Array
   v: jax.Array
@@ -224,12 +220,15 @@ class TreeLayerKV:
   tree_mask: jax.Array
   contiguous: bool = struct.field(pytree_node=False, default=False)  # table = identity
 
-  def slots(self, t: int) -> jax.Array:
-    return self.prefix_len[:, None] + jnp.arange(t, dtype=self.prefix_len.dtype)[None, :]
+  def slots(self, positions: jax.Array) -> jax.Array:
+    """Where the tokens at RoPE `positions` (B, T) are stored: by node index after the prefix;
+    out of range (dropped) where their position is."""
+    end = self.page_table.shape[1] * self.k.shape[2]
+    index = self.prefix_len[:, None] + jnp.arange(positions.shape[1], dtype=positions.dtype)
+    return jnp.where(positions >= end, end, index)
 
   def write(self, k: jax.Array, v: jax.Array, positions: jax.Array) -> "TreeLayerKV":
-    del positions  # RoPE positions (prefix + depth); storage is by node index
-    slots = self.slots(k.shape[1])
+    slots = self.slots(positions)
     if self.contiguous:  # row b's pages are [b*M, (b+1)*M): write the (K, B, S, H) view
       b = self.page_table.shape[0]
       write = lambda pool, new: _write_contiguous(

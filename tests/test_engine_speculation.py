@@ -114,9 +114,19 @@ def test_sampled_engine_speculation_matches_plain_sampling(target):
 
 
 def test_engine_refuses_proposers_that_need_a_forward_of_their_own(target):
+  """Serving routes by name (before the model loads) exactly the proposers the engine can run."""
+  from types import SimpleNamespace
+
+  from jaxinfer.speculative import registry
   cfg, params = target
   with pytest.raises(ValueError, match="medusa proposer reads the target's hidden states"):
     Engine(cfg, params, EngineConfig(), 64, proposer=P.Medusa(paths=((0,), (0, 0))))
+  for name in ("ngram", "lookahead", "recycling", "layerskip"):
+    opts = SimpleNamespace(speculative=name, scheduler="continuous", num_draft_tokens=2,
+                           tree="2,1" if name != "lookahead" else "nodes:4", draft_layers=None,
+                           draft_fallback=0.0)
+    proposer, _ = registry.build(opts, cfg, params, None)
+    assert registry.in_engine(opts) == proposer.engine_ready, name
 
 
 def test_tree_policy_explores_then_runs_the_fastest():

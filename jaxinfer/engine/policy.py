@@ -56,17 +56,17 @@ def ladder(proposer: Proposer, policy: str, max_shrinks: int = 3) -> list[Propos
 
 class _Meter:
   """Decayed sums of what dispatches of one kind measured, per ladder level: output tokens,
-  verifications of live rows, steps, seconds, dispatches."""
+  verifications of live rows, steps, seconds."""
 
   DECAY = 0.8  # weight of the past
 
   def __init__(self, n: int):
-    self.sums = np.zeros((n, 5))
+    self.sums = np.zeros((n, 4))
     self.measured = [0] * n
 
   def record(self, level: int, tokens: int, row_steps: int, steps: int, seconds: float):
     self.sums[level] = self.DECAY * self.sums[level] + (tokens, row_steps, steps,
-                                                        max(seconds, 1e-9), 1)
+                                                        max(seconds, 1e-9))
     self.measured[level] += 1
 
   def tau(self, level: int) -> float:
@@ -76,7 +76,7 @@ class _Meter:
 
   def step_s(self, level: int) -> float:
     """Seconds per step (a step computes every slot, live or not)."""
-    _, _, steps, seconds, _ = self.sums[level]
+    _, _, steps, seconds = self.sums[level]
     return seconds / max(steps, 1e-9)
 
   def rate(self, level: int) -> float | None:
@@ -109,8 +109,8 @@ class TreePolicy:
     self.dispatches = [0] * n
     self.last = {False: [0] * n, True: [0] * n}  # (mixed?) -> the clock a level last ran at
     self.clock = 0
-    self.current = {False: None, True: None}  # (mixed?) -> the level held, dispatches left
-    self.hold = {False: 0, True: 0}
+    self.current = {False: None, True: None}  # (mixed?) -> the level held
+    self.hold = {False: 0, True: 0}  # (mixed?) -> dispatches it is held for still
 
   @property
   def measured(self) -> list[int]:
@@ -119,6 +119,10 @@ class TreePolicy:
   def tps(self, level: int) -> float | None:
     """A level's measured tokens per live row per second in decode-only dispatches."""
     return self.decode.rate(level)
+
+  def _speeds(self) -> dict[int, float]:
+    """`tps` of every level measured."""
+    return {i: self.tps(i) for i in range(len(self.sizes)) if self.measured[i]}
 
   def record(self, level: int, tokens: int, row_steps: int, steps: int, seconds: float,
              mixed: bool = False) -> None:
@@ -157,12 +161,12 @@ class TreePolicy:
     explore = self._exploring()
     if explore is not None:
       return explore
-    speeds = {i: self.tps(i) for i in range(len(self.sizes)) if self.measured[i]}
+    speeds = self._speeds()
     return self._or_overdue(max(speeds, key=speeds.get), speeds, False)
 
   def _pick_mixed(self, live: int) -> int:
     plain = len(self.sizes) - 1
-    speeds = {i: self.tps(i) for i in range(len(self.sizes)) if self.measured[i]}
+    speeds = self._speeds()
     fastest = max(speeds, key=speeds.get) if speeds else 0
     for level in (fastest, plain):
       if self.mixed.measured[level] < self.MEASURED:
@@ -175,6 +179,7 @@ class TreePolicy:
       return live * m.tau(i) / speeds[fastest] - m.step_s(i)
     values = {i: value(i) for i in {fastest, plain}}
     best = max(values, key=values.get)
+    # (values are not speeds: the other is re-tried as a level at half the speed would be)
     return self._or_overdue(best, {i: 1.0 for i in values} | {best: 2.0}, True)
 
   def _or_overdue(self, best: int, speeds: dict[int, float], mixed: bool) -> int:

@@ -20,7 +20,7 @@ def load(opts: ServeOptions):
   """(model config, params, tokenizer or None, chat template or None, backend, sparsity)."""
   from jaxinfer.speculative import registry
   static = opts.scheduler == "static" and not opts.speculating
-  in_engine = opts.speculating and registry.in_engine(opts)
+  in_engine = registry.in_engine(opts)
   replicas, total, static_mesh = [], 1, None
   if static:
     spec = placement.process_spec(opts.mesh)  # each process its own static batches

@@ -200,7 +200,7 @@ class Proposer(abc.ABC):
 
 def check_fits(proposer: Proposer, cfg, sparsity: Sparsity) -> None:
   """Raises ValueError when the proposer's trees cannot be verified under the target's attention
-  pattern (a tree must fit a sliding window) or it cannot draft for the target."""
+  pattern: a dynamic sparsity pattern, or a tree larger than a sliding window."""
   if sparsity.dynamic:
     raise ValueError(f"speculative decoding: {sparsity} sparsity needs whole-prompt prefill "
                      f"(use sinks_window or dense)")
