@@ -72,6 +72,31 @@ def test_speculating_engine_equals_the_plain_engine(target):
       assert eng.policy.dispatches[-1] > 0 and eng.policy.dispatches[0] > 0  # both measured
 
 
+def test_switching_between_trees_and_plain_steps_keeps_plain_outputs(target):
+  """The auto policy's plain level runs the plain engine's steps: rows turn from trees to plain
+  decoding (the host feeds each row's last emitted token) and back (each row's tokens so far
+  re-admitted onto the device) with dispatches in flight read first; outputs stay plain
+  decoding's, also with one slot (a drain that ends every row)."""
+  reqs = _requests()
+  stop = lambda uid, toks: uid == 4 and len(toks) >= 5
+  ref, _, _ = _run(target, reqs, should_stop=stop)
+  for slots, pattern in ((3, (0, 2, 2, 1, 2, 0, 0, 1)), (1, (2, 0, 2, 1))):
+    cfg, params = target
+    eng = Engine(cfg, params, EngineConfig(num_slots=slots, chunk_size=16, chunk_lanes=2,
+                                           page_size=8, decode_steps=2), max_len=128,
+                 proposer=P.NGram(num_draft_tokens=3), speculation="auto")
+    assert len(eng.ladder) == 3 and isinstance(eng.ladder[2], Plain)
+    picks = iter(pattern * 1000)
+    eng.policy.pick = lambda mixed=False, live=1: next(picks)
+    out = {}
+    st = eng.run(reqs, lambda r: out.__setitem__(r.uid, r), stop)
+    assert {u: r.tokens for u, r in out.items()} == {u: r.tokens for u, r in ref.items()}
+    assert st.decode_tokens == sum(len(r.tokens) for r in out.values()) + \
+        st.decode_tokens_discarded
+    assert "decode" in eng._compiled and ("trees", 0) in eng._compiled  # both kinds ran
+    assert st.compilations <= eng.max_shapes
+
+
 def test_speculating_engine_on_a_mesh_equals_one_device(target):
   """One replica over two devices (pages' heads over `model`): the same greedy outputs."""
   import jax

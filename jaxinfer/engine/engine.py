@@ -5,7 +5,8 @@ A plan is one mixed step (decodes and prompt chunks) or up to `decode_steps` dec
 run in one dispatch (a loop on the device). The KV page pools are donated to every dispatch and
 updated in place; it returns one sampled token per slot and step (meaningful for the slots that
 sampled). Speculating, a slot's decode row is a draft tree and a dispatch returns what each
-step emitted per slot (`engine.speculate`).
+step emitted per slot (`engine.speculate`), unless the policy picked plain decoding for it: then
+it runs the plain steps above.
 """
 
 from __future__ import annotations
@@ -140,7 +141,9 @@ class Engine:
   acceptance `rule` (`engine.speculate`); the proposer must draft from tokens alone
   (`Proposer.engine_ready`). `speculation` "always" verifies its tree every step; "auto"
   picks its tree, a smaller one or plain decoding per dispatch, by measured speed
-  (`engine.policy`)."""
+  (`engine.policy`). Plain decoding runs the plain engine's own steps, the host planning each
+  dispatch's steps exactly; between trees and plain decoding the host first reads every
+  dispatch in flight (it must know each row's progress)."""
 
   def __init__(self, model_cfg: ModelConfig, params: M.Transformer, cfg: EngineConfig,
                max_len: int, runtime: Runtime = Runtime(), proposer=None, rule: str = "exact",
@@ -179,10 +182,12 @@ class Engine:
     self.ladder = policy.ladder(proposer, speculation)
     self.policy = policy.TreePolicy(self.ladder, speculation)
     kw = lambda p: dict(cfg=model_cfg, proposer=p, rule=rule, runtime=runtime)
+    trees = [p for p in self.ladder if not isinstance(p, policy.Plain)]  # levels 0, 1, ...
     self._tree_step = [jax.jit(partial(speculate.step, **kw(p)), donate_argnums=(1, 2, 3))
-                       for p in self.ladder]
+                       for p in trees]
     self._tree_steps = [jax.jit(partial(speculate.steps, max_steps=self.cfg.decode_steps,
-                                        **kw(p)), donate_argnums=(1, 2, 3)) for p in self.ladder]
+                                        **kw(p)), donate_argnums=(1, 2, 3)) for p in trees]
+    self._trees = None  # the last plan launched verified trees (None: none yet)
     self._tree_admit = jax.jit(partial(speculate.admit, proposer=proposer, runtime=runtime),
                                donate_argnums=0)
     self.eos = np.asarray(model_cfg.eos_token_ids or (-1,), np.int32)
@@ -209,7 +214,7 @@ class Engine:
 
   def _launch(self, plan: StepPlan) -> jax.Array:
     """Starts a plan's steps; returns their sampled tokens (a device array, not waited on)."""
-    if self.proposer is not None:
+    if plan.tree:
       return self._launch_trees(plan)
     if plan.num_prefill:  # one mixed step; a shape per lane count and length
       fn, shape = self._step, (len(plan.chunk_table), len(plan.tokens))
@@ -231,11 +236,10 @@ class Engine:
   def _launch_trees(self, plan: StepPlan) -> tuple[jax.Array, jax.Array]:
     """Speculating: admits the plan's new rows, then starts its steps; returns what they
     emitted ((steps, S, T) tokens, (steps, S) counts; device arrays, not waited on)."""
-    s = self.cfg.num_slots
+    s, level = self.cfg.num_slots, plan.level
     if plan.admits:
       self._admit_rows(plan.admits)
     sampling = SamplingParams(**plan.sampling)
-    plan.level = level = self.policy.pick(mixed=bool(plan.num_prefill), live=plan.active)
     if plan.num_prefill:
       args = (self.params, self.k, self.v, self.drafting, plan.tokens[s:], plan.positions[s:],
               plan.decode_table, plan.chunk_table, plan.sampled, sampling, plan.key_data,
@@ -250,17 +254,23 @@ class Engine:
                                                                 self._tree_steps[level], *args)
     return emitted, counts
 
-  def _measure_trees(self, plan: StepPlan, counts: np.ndarray, elapsed: float,
-                     compiled: bool) -> None:
-    """Speculating: what a plan's steps emitted (counts (steps, S)) into its plan and the stats;
-    a dispatch timed alone is a measurement for the tree policy."""
-    plan.num_decode = int(counts.sum())
-    ran = 1 if plan.num_prefill else int(counts.any(axis=1).sum())
-    self.stats.occupancy_sum += (ran - plan.num_steps) * plan.active / self.cfg.num_slots
-    plan.num_steps = ran
-    row_steps = int((counts > 0).sum())
+  def _measure(self, plan: StepPlan, tokens, elapsed: float, compiled: bool) -> None:
+    """Speculating: what a plan's steps emitted into its plan and the stats (trees: counts
+    (steps, S) in `tokens`; plain decoding: one token per row and step); a dispatch timed alone
+    is a measurement for the tree policy."""
+    if plan.tree:
+      counts = tokens[1]
+      plan.num_decode = int(counts.sum())
+      ran = 1 if plan.num_prefill else int(counts.any(axis=1).sum())
+      self.stats.occupancy_sum += (ran - plan.num_steps) * plan.active / self.cfg.num_slots
+      plan.num_steps = ran
+      row_steps = int((counts > 0).sum())
+      counts = counts[counts > 0]
+    else:
+      ran = row_steps = plan.num_decode
+      counts = np.ones(row_steps, np.int64)
     self.stats.row_steps += row_steps
-    hist = np.bincount(counts[counts > 0] - 1, minlength=self.proposer.max_depth + 1)
+    hist = np.bincount(counts - 1, minlength=self.proposer.max_depth + 1)
     old = self.stats.accepted_hist
     self.stats.accepted_hist = hist + np.pad(old, (0, len(hist) - len(old)))
     # timed alone (the wall time since the last read): after a dispatch of the same kind and
@@ -272,18 +282,41 @@ class Engine:
     self._last_read = None if compiled else kind
 
   def _admit_rows(self, seqs) -> None:
-    """Sequences taking their slots: their prompts and budgets onto the device (a few padded
-    shapes: rows and prompt width in powers of two)."""
+    """Sequences taking their slots, or turning from plain decoding to trees: their tokens so
+    far and budgets onto the device (a few padded shapes: rows and width in powers of two)."""
     s, width = self.cfg.num_slots, self.drafting.history.shape[1]
+    so_far = [seq.req.prompt_ids + seq.generated for seq in seqs]  # (generated: plainly)
     k = min(s, 1 << (len(seqs) - 1).bit_length())
-    w = min(width, max(16, 1 << (max(seq.prompt_len for seq in seqs) - 1).bit_length()))
+    w = min(width, max(16, 1 << (max(map(len, so_far)) - 1).bit_length()))
     slots, prompts = np.full(k, s, np.int32), np.zeros((k, w), np.int32)
-    prompt_len, max_new = np.ones(k, np.int32), np.ones(k, np.int32)
-    for j, seq in enumerate(seqs):
-      slots[j], prompt_len[j], max_new[j] = seq.slot, seq.prompt_len, seq.req.max_new_tokens
-      prompts[j, :seq.prompt_len] = seq.req.prompt_ids
+    lengths, generated, max_new = (np.ones(k, np.int32), np.zeros(k, np.int32),
+                                   np.ones(k, np.int32))
+    for j, (seq, ids) in enumerate(zip(seqs, so_far)):
+      slots[j], lengths[j], max_new[j] = seq.slot, len(ids), seq.req.max_new_tokens
+      generated[j] = len(seq.generated)
+      prompts[j, :len(ids)] = ids
     self.drafting = self._call(("admit", k, w), self._tree_admit, self.drafting, slots, prompts,
-                               prompt_len, max_new)
+                               lengths, generated, max_new)
+
+  def _plan(self, sched: Scheduler, drain: Callable[[], None] | None) -> StepPlan | None:
+    """The next step's plan; speculating, its rows verify the tree the policy picks, or decode
+    plainly. Between the two, every dispatch in flight is first read (`drain` reads one)."""
+    lanes, g, q = sched.schedule()
+    if self.proposer is None or not (lanes or sched.running):
+      return sched.layout(lanes, g, q)
+    level = self.policy.pick(mixed=bool(lanes), live=sched.running)
+    tree = not isinstance(self.ladder[level], policy.Plain)
+    drained = False
+    if tree != self._trees and self._trees is not None:
+      while drain is not None and sched.unread:
+        drain()
+        drained = True
+    plan = sched.layout(lanes, g, q, tree)
+    if plan is None and drained:  # every row it had ended meanwhile (and it had no lanes)
+      return self._plan(sched, None)
+    if plan is not None:
+      plan.level, self._trees = level, tree
+    return plan
 
   @property
   def max_shapes(self) -> int:
@@ -324,10 +357,37 @@ class Engine:
     # tokens are read, so host work overlaps device work and the device has a step queued.
     ahead = self.cfg.steps_ahead
     inflight: collections.deque[tuple[StepPlan, jax.Array, bool]] = collections.deque()
-    t_last = time.perf_counter()
+    t_last, c_last = time.perf_counter(), st.compile_s  # at the last read
+
+    def read() -> None:
+      """Waits for the oldest dispatch in flight and takes its tokens; its time is the wall time
+      since the last read, less any compilation in it."""
+      nonlocal t_last, c_last
+      prev, tok, compiled = inflight.popleft()
+      tokens = jax.tree_util.tree_map(np.asarray, tok)  # waits for that step
+      now = time.perf_counter()
+      elapsed = now - t_last - (st.compile_s - c_last)
+      compiled = compiled or st.compile_s != c_last
+      t_last, c_last = now, st.compile_s
+      if self.proposer is not None:
+        self._measure(prev, tokens, elapsed, compiled)
+      st.busy_s += elapsed
+      if prev.num_prefill:
+        st.mixed_busy_s += elapsed
+      else:
+        st.decode_busy_s += elapsed
+        st.pure_decode_tokens += prev.num_decode
+      st.steps += prev.num_steps
+      st.dispatches += 1
+      st.decode_tokens += prev.num_decode
+      for result in sched.commit(prev, tokens, should_stop):
+        on_result(result)
+      if on_step is not None:
+        on_step(st)
+
     while True:
-      plan = sched.plan()
       compiles = st.compile_s
+      plan = self._plan(sched, read if inflight else None)
       if plan is not None:
         inflight.append((plan, self._launch(plan), st.compile_s != compiles))
         st.occupancy_sum += plan.num_steps * plan.active / self.cfg.num_slots
@@ -336,26 +396,7 @@ class Engine:
           if sched.idle():
             break
           raise RuntimeError("engine: requests remain but nothing can run (scheduler stalled)")
-        prev, tok, compiled = inflight.popleft()
-        tokens = jax.tree_util.tree_map(np.asarray, tok)  # waits for that step
-        now = time.perf_counter()
-        elapsed = now - t_last - (st.compile_s - compiles)
-        t_last = now
-        if self.proposer is not None:
-          self._measure_trees(prev, tokens[1], elapsed, compiled or st.compile_s != compiles)
-        st.busy_s += elapsed
-        if prev.num_prefill:
-          st.mixed_busy_s += elapsed
-        else:
-          st.decode_busy_s += elapsed
-          st.pure_decode_tokens += prev.num_decode
-        st.steps += prev.num_steps
-        st.dispatches += 1
-        st.decode_tokens += prev.num_decode
-        for result in sched.commit(prev, tokens, should_stop):
-          on_result(result)
-        if on_step is not None:
-          on_step(st)
+        read()
       st.prefill_tokens = before.prefill_tokens + sched.prefill_tokens_computed
       st.lane_tokens = before.lane_tokens + sched.lane_tokens
       st.decode_tokens_discarded = before.decode_tokens_discarded + sched.tokens_discarded

@@ -59,7 +59,8 @@ class _Seq:
   shared: int  # leading prompt tokens taken from the prefix cache
   to_mark: list[tuple[int, int]]  # (page index, page) we register, ready once computed
   slot: int | None = None  # None until its prompt (but the last token) is prefilled
-  scheduled: int = 0  # output tokens whose sampling has been launched
+  scheduled: int = 0  # output tokens whose sampling has been launched (plain steps)
+  tree: bool | None = None  # speculating: its last step verified a tree (None: none yet)
   generated: list[int] = dataclasses.field(default_factory=list)
   released: bool = False  # slot and pages given back
   done: bool = False  # result delivered
@@ -95,6 +96,7 @@ class StepPlan:
   admits: list["_Seq"] = dataclasses.field(default_factory=list)  # speculating: slots' firsts
   level: int = 0  # speculating: the ladder level (tree) its steps verify
   waiting: bool = False  # requests wait for a slot (a slot freed now would be refilled)
+  tree: bool = False  # decode rows are draft trees (the device tracks their progress)
 
 
 def lane_length(take: int, chunk: int) -> int:
@@ -106,9 +108,11 @@ class Scheduler:
   def __init__(self, num_slots: int, lanes: int, chunk: int, page_size: int, max_pages: int,
                pool: PagePool, eos_ids: tuple[int, ...], decode_steps: int = 1,
                tree_size: int | None = None):
-    """tree_size: decode rows are draft trees of this many tokens (`engine.speculate`): a row's
-    progress is known on the host only once its step's results are read, so a sequence keeps
-    its slot until then, and reserves pages for one tree beyond its longest output."""
+    """tree_size: decode rows may be draft trees of this many tokens (`engine.speculate`),
+    each plan's rows either trees or plain decoding (`layout`). A tree row's progress is known
+    on the host only once its step's results are read, so a sequence keeps its slot until then,
+    and reserves pages for one tree beyond its longest output. A row changes between trees and
+    plain decoding only when every launched plan has been committed (its progress is known)."""
     self.s, self.g, self.q = num_slots, lanes, chunk
     self.tree_size = tree_size
     self.decode_steps = decode_steps
@@ -124,6 +128,7 @@ class Scheduler:
     self.lane_tokens = 0  # prompt tokens computed in lanes
     self.tokens_discarded = 0  # decoded after their sequence ended (EOS / stop string)
     self._head_keys: tuple[EngineRequest | None, list[bytes]] = (None, [])
+    self.unread = 0  # plans laid out and not yet committed
 
   def pages_needed(self, req: EngineRequest) -> int:
     return -(-(len(req.prompt_ids) + req.max_new_tokens + (self.tree_size or 0))
@@ -223,7 +228,12 @@ class Scheduler:
       room -= 1
     return lanes
 
-  def _schedule(self) -> tuple[list[tuple[_Seq, int, int]], int, int]:
+  @property
+  def running(self) -> int:
+    """Sequences holding a slot."""
+    return self.s - self.slots.count(None)
+
+  def schedule(self) -> tuple[list[tuple[_Seq, int, int]], int, int]:
     """Prefills and admits what is due, gives free slots to prefilled sequences; returns the
     step's lanes (sequence, first token, tokens), their number G and length Q (0: none)."""
     g = self.g
@@ -248,8 +258,13 @@ class Scheduler:
     return lanes, g, q
 
   def plan(self) -> StepPlan | None:
-    """Schedules the next step (`_schedule`) and lays it out; None when nothing can run now."""
-    lanes, g, q = self._schedule()
+    """Schedules the next step and lays it out (trees if the scheduler has a tree size); None
+    when nothing can run now."""
+    return self.layout(*self.schedule(), tree=bool(self.tree_size))
+
+  def layout(self, lanes, g: int, q: int, tree: bool = False) -> StepPlan | None:
+    """The host arrays of a scheduled step (`schedule`), its decode rows draft trees or plain
+    decoding; None when nothing can run now."""
     s, m = self.s, self.max_pages
     n = s + (g * q if q else 0)
     tokens = np.zeros(n, np.int32)
@@ -265,11 +280,15 @@ class Scheduler:
     samples = []
     num_decode = num_prefill = 0
     running = [seq for seq in self.order if seq.slot is not None]
+    for seq in running:
+      if seq.tree is not None and seq.tree != tree:  # its progress must be known: all read
+        assert not self.unread, "a row changes between trees and plain decoding unread"
+        seq.scheduled = len(seq.generated)
 
     # Without lanes, nothing changes before the first running sequence reaches its length: decode
     # runs until then (at most `decode_steps` steps) in one dispatch.
     steps = 1
-    if not lanes and self.tree_size:
+    if not lanes and tree:
       steps = self.decode_steps  # (the device ends the dispatch early when a row ends)
     elif not lanes:
       steps = max(1, min([self.decode_steps] + [seq.req.max_new_tokens - seq.scheduled
@@ -282,8 +301,9 @@ class Scheduler:
       for f in sampling:
         sampling[f][slot] = getattr(seq.req, f)
       sampled[slot] = True
-      if self.tree_size:  # the device knows the row's progress; its first step roots at the
-        if seq.computed < seq.prompt_len:  # prompt's last token
+      was_tree, seq.tree = seq.tree, tree
+      if tree:  # the device knows the row's progress; its first tree roots at the last token
+        if seq.computed < seq.prompt_len or was_tree is False:  # (so far) onto the device
           admits.append(seq)
           self._advance(seq, seq.prompt_len)
         samples.extend((slot, seq, -1, i) for i in range(steps))
@@ -291,6 +311,8 @@ class Scheduler:
       if seq.computed < seq.prompt_len:  # first step: the prompt's last token
         tokens[slot] = seq.req.prompt_ids[-1]
         self._advance(seq, seq.prompt_len)
+      elif was_tree:  # the last token its trees emitted
+        tokens[slot] = seq.generated[-1]
       else:  # the token sampled for this slot at the previous step
         from_device[slot] = True
       positions[slot] = seq.prompt_len + seq.scheduled - 1
@@ -306,20 +328,22 @@ class Scheduler:
       num_prefill += take
     self.lane_tokens += num_prefill
     for seq in running:  # reached its length: nothing more will be written for it
-      if not self.tree_size and seq.scheduled >= seq.req.max_new_tokens:
+      if not tree and seq.scheduled >= seq.req.max_new_tokens:
         self._release(seq)
     if not samples and not num_prefill:
       return None
+    self.unread += 1
     waiting = bool(self.pending) or any(seq.slot is None for seq in self.order)
     return StepPlan(tokens, from_device, positions, decode_table, chunk_table, sample_index,
                     sampled, sampling, key_data, samples, num_decode, num_prefill, steps,
-                    len(running), admits, waiting=waiting)
+                    len(running), admits, waiting=waiting, tree=tree)
 
   def commit(self, plan: StepPlan, tokens: np.ndarray,
              should_stop: Callable[[int, list[int]], bool] | None = None) -> list[EngineResult]:
     """Takes a plan's sampled tokens ((steps, S), or (S,) for one step); returns the sequences
     that finished."""
-    if self.tree_size:
+    self.unread -= 1
+    if plan.tree:
       return self._commit_trees(plan, *tokens, should_stop)
     results = []
     tokens = tokens.reshape(-1, self.s)

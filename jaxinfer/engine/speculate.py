@@ -51,17 +51,18 @@ def init_drafting(cfg, proposer, num_slots: int, max_len: int, shared, *,
                                             shared)), runtime)
 
 
-def admit(state: Drafting, slots, prompts, prompt_len, max_new, *, proposer,
+def admit(state: Drafting, slots, prompts, prompt_len, generated, max_new, *, proposer,
           runtime: Runtime) -> Drafting:
-  """Rows start in `slots` (k,) (past the end: padding): prompts (k, W) by position, the root
-  at each prompt's last token (its K/V are written by the row's first verification)."""
+  """Rows start in `slots` (k,) (past the end: padding): their tokens so far (k, W) by
+  position, of which the last `generated` are output (a row that decoded plainly until now),
+  the root at the last (its K/V are written by the row's first verification)."""
   k, w = prompts.shape
   hist = jnp.pad(prompts, ((0, 0), (0, state.history.shape[1] - w)))
   prompt = Prompt(None, None, prompts, prompt_len, jnp.zeros((k,), jnp.int32), slots,
                   max_len=state.history.shape[1])
   put = lambda old, new: put_rows(old, new, slots)
   return whole(Drafting(put(state.history, hist), put(state.length, prompt_len - 1),
-                        put(state.num_generated, jnp.zeros((k,), jnp.int32)),
+                        put(state.num_generated, generated),
                         put(state.max_new, max_new), put(state.done, jnp.zeros((k,), bool)),
                         proposer.admit(Weights(None, None), state.proposer, prompt)), runtime)
 
