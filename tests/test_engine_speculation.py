@@ -156,22 +156,39 @@ def test_engine_refuses_proposers_that_need_a_forward_of_their_own(target):
 
 def test_tree_policy_explores_then_runs_the_fastest():
   """auto: the proposer's tree, plain decoding, then smaller trees while they gain; then the
-  fastest, other levels re-tried now and then; always: the proposer's tree only."""
+  fastest, other levels re-tried now and then; always: the proposer's tree only. A level's tau
+  is its depths' share of the acceptance by depth that any tree measured (a smaller chain's
+  follows from the largest's before it ever runs)."""
   levels = ladder(P.NGram(num_draft_tokens=4), "auto")
   assert [p.tree_size for p in levels] == [5, 3, 2, 1] and isinstance(levels[-1], Plain)
-  speed = {0: 300.0, 1: 500.0, 2: 400.0, 3: 200.0}  # tokens/s by level: 3 tokens best
+  accept = np.array([0.5, 0.8, 0.6, 0.4])  # a draft's chance given the one before it
+  step_s = {0: 3.0, 1: 1.6, 2: 1.3, 3: 1.0}  # tau 2.24, 1.9, 1.5, 1: 3 tokens the fastest
+
+  def dispatch(policy, level, rows=10):
+    depth = levels[level].max_depth
+    reach = np.cumprod(np.append(1.0, accept[:depth]))  # P(accepting a or more drafts)
+    hist = rows * (reach - np.append(reach[1:], 0.0))  # rows accepting exactly a
+    policy.record(level, float(rows * reach.sum()), rows, 1, step_s[level], accepted=hist)
+
+  policy = TreePolicy(levels, "auto", explore_every=4)
+  dispatch(policy, 0)
+  assert policy.tau(1) == pytest.approx(1.9) and policy.tau(2) == pytest.approx(1.5)
+  assert policy.tau(0) == pytest.approx(2.236) and policy.tau(3) == 1.0
   policy = TreePolicy(levels, "auto", explore_every=4)
   picks = []
-  for _ in range(120):
-    level = policy.pick()
-    picks.append(level)
-    policy.record(level, int(speed[level]), 10, 1, 1.0)  # 10 live rows, one step
+  for _ in range(400):
+    picks.append(policy.pick())
+    dispatch(policy, picks[-1])
   # tree, plain, halved, quartered, each for HOLD dispatches in a row
   assert picks[:12] == [0, 0, 0, 3, 3, 3, 1, 1, 1, 2, 2, 2]
   rest = picks[12:]
-  assert rest.count(1) > 0.6 * len(rest) and set(rest) == {0, 1, 2, 3}
-  runs = [len(list(g)) for _, g in __import__("itertools").groupby(rest)]
-  assert min(runs) >= TreePolicy.HOLD  # a re-tried tree runs long enough to be timed alone
+  assert rest.count(1) > 0.8 * len(rest) and set(rest) == {0, 1, 2, 3}
+  runs = [(level, len(list(g))) for level, g in __import__("itertools").groupby(rest)]
+  assert min(n for _, n in runs[:-1]) >= TreePolicy.HOLD  # a re-try runs long enough to time
+  # each re-try that loses again waits longer than the one before (backoff)
+  starts = np.flatnonzero(np.diff(np.asarray(rest) == 3, prepend=0) == 1)
+  gaps = np.diff(starts)
+  assert len(gaps) >= 2 and np.all(gaps[1:] >= 0.9 * gaps[:-1]) and gaps[-1] > gaps[0], gaps
   always = TreePolicy(ladder(P.NGram(num_draft_tokens=4), "always"), "always")
   assert {always.pick() for _ in range(5)} == {0}
   with pytest.raises(ValueError, match="speculation policy"):

@@ -161,6 +161,7 @@ class Engine:
     ps = cfg.page_size
     self.tree_size = None if proposer is None else proposer.tree_size
     self.max_pages = max(1, -(-(max_len + (self.tree_size or 0)) // ps))
+    self.plain_pages = max(1, -(-max_len // ps))  # a plain step's table (no tree beyond)
     self.num_pool_pages = pool_pages_for(cfg, self.max_pages)
     self.k, self.v = PagedKVCache.init_pools(model_cfg, self.num_pool_pages, ps, runtime.mesh,
                                              runtime.rules)
@@ -216,15 +217,16 @@ class Engine:
     """Starts a plan's steps; returns their sampled tokens (a device array, not waited on)."""
     if plan.tree:
       return self._launch_trees(plan)
+    m = self.plain_pages  # (attention reads every page of a table)
     if plan.num_prefill:  # one mixed step; a shape per lane count and length
       fn, shape = self._step, (len(plan.chunk_table), len(plan.tokens))
       args = (self.params, self.k, self.v, self.last_token, plan.tokens, plan.from_device,
-              plan.positions, plan.decode_table, plan.chunk_table, plan.sample_index,
-              plan.sampled, plan.key_data)
+              plan.positions, plan.decode_table[:, :m], plan.chunk_table[:, :m],
+              plan.sample_index, plan.sampled, plan.key_data)
     else:  # decode-only steps
       fn, shape = self._decode, "decode"
       args = (self.params, self.k, self.v, self.last_token, plan.tokens, plan.from_device,
-              plan.positions, plan.decode_table, plan.sample_index, plan.sampled,
+              plan.positions, plan.decode_table[:, :m], plan.sample_index, plan.sampled,
               plan.key_data)
     args += (plan.sampling["temperature"], plan.sampling["top_k"], plan.sampling["top_p"],
              plan.sampling["min_p"])
@@ -256,29 +258,30 @@ class Engine:
 
   def _measure(self, plan: StepPlan, tokens, elapsed: float, compiled: bool) -> None:
     """Speculating: what a plan's steps emitted into its plan and the stats (trees: counts
-    (steps, S) in `tokens`; plain decoding: one token per row and step); a dispatch timed alone
-    is a measurement for the tree policy."""
+    (steps, S) in `tokens`; plain decoding: one token per row and step), and for the policy
+    (the acceptance of its drafts; its time if the dispatch was timed alone)."""
+    st, hist = self.stats, np.zeros(self.proposer.max_depth + 1, np.int64)
     if plan.tree:
       counts = tokens[1]
       plan.num_decode = int(counts.sum())
       ran = 1 if plan.num_prefill else int(counts.any(axis=1).sum())
-      self.stats.occupancy_sum += (ran - plan.num_steps) * plan.active / self.cfg.num_slots
+      st.occupancy_sum += (ran - plan.num_steps) * plan.active / self.cfg.num_slots
       plan.num_steps = ran
       row_steps = int((counts > 0).sum())
-      counts = counts[counts > 0]
+      hist = np.bincount(counts[counts > 0] - 1, minlength=len(hist))
     else:
-      ran = row_steps = plan.num_decode
-      counts = np.ones(row_steps, np.int64)
-    self.stats.row_steps += row_steps
-    hist = np.bincount(counts - 1, minlength=self.proposer.max_depth + 1)
-    old = self.stats.accepted_hist
-    self.stats.accepted_hist = hist + np.pad(old, (0, len(hist) - len(old)))
+      ran, row_steps = plan.num_steps, plan.num_decode
+      hist[0] = row_steps
+    st.row_steps += row_steps
+    st.accepted_hist = hist + np.pad(st.accepted_hist, (0, len(hist) - len(st.accepted_hist)))
     # timed alone (the wall time since the last read): after a dispatch of the same kind and
-    # tree, neither compiling
+    # tree, neither compiling. A decode-only dispatch of trees that ran no step (a row had
+    # ended in the one before) is timed too: the host's round trip it costs is the trees'.
     kind = (plan.level, bool(plan.num_prefill))
-    if not compiled and plan.num_decode and self._last_read == kind:
-      self.policy.record(plan.level, plan.num_decode, row_steps, ran, elapsed,
-                         mixed=bool(plan.num_prefill))
+    timed = (not compiled and self._last_read == kind
+             and (plan.num_decode or not plan.num_prefill))
+    self.policy.record(plan.level, plan.num_decode, row_steps, ran, elapsed if timed else None,
+                       mixed=bool(plan.num_prefill), accepted=hist if row_steps else None)
     self._last_read = None if compiled else kind
 
   def _admit_rows(self, seqs) -> None:

@@ -2,10 +2,19 @@
 
 The ladder is the proposer's tree, ever smaller ones (`Proposer.shrink`) and, last, plain
 decoding (a one-token tree: the root alone). Policy "always" verifies the proposer's own tree
-every step; "auto" measures each ladder level's output tokens per second over the dispatches
-that ran it (decode-only ones, not compiling: wall time between the host's reads) and runs the
-fastest, re-trying the slower ones now and then (less often the more they lost by), so that a
-change of load (a fuller batch, prompts that repeat less) is noticed at a bounded cost.
+every step; "auto" runs the level with the most output tokens per second, re-trying the slower
+ones now and then (less often the more they lost by), so that a change of load (a fuller batch,
+prompts that repeat less) is noticed at a bounded cost.
+
+A level's speed is its tokens per verification (tau) over its step time. The step time is
+measured per level over the dispatches that ran it (decode-only ones, not compiling: wall time
+between the host's reads); it depends on the tree's shape, not on the text. Tau depends on the
+text, which changes from prompt to prompt, so it is not each level's own average over whatever
+prompts it happened to run on: every tree dispatch updates one recent estimate of how often a
+draft is accepted at each depth, given the one before it was, and each level's tau follows from
+the depths it drafts (1 + the sum over its depths of the chance that all drafts up to there are
+accepted). For chains this is exact; a smaller tree is assumed to keep the larger one's best
+branches.
 """
 
 from __future__ import annotations
@@ -54,11 +63,38 @@ def ladder(proposer: Proposer, policy: str, max_shrinks: int = 3) -> list[Propos
   return levels + [Plain()] if policy == "auto" else levels
 
 
+DECAY = 0.8  # weight of the past in the decayed sums below
+
+
+class _Acceptance:
+  """Decayed counts, per draft depth d, of verified rows whose tree reached depth d with its
+  first d - 1 drafts accepted (`tried`), and of those that accepted the d-th too (`accepted`)."""
+
+  def __init__(self, max_depth: int):
+    self.tried = np.zeros(max_depth + 1)
+    self.accepted = np.zeros(max_depth + 1)
+
+  def record(self, depth: int, hist: np.ndarray) -> None:
+    """hist[a]: verified rows that accepted a drafts, of a tree `depth` deep."""
+    reached = np.cumsum(hist[::-1])[::-1]  # reached[a]: rows accepting a or more
+    self.tried *= DECAY
+    self.accepted *= DECAY
+    self.tried[1:depth + 1] += reached[:depth]
+    self.accepted[1:depth + 1] += reached[1:depth + 1]
+
+  def tau(self, depth: int) -> float | None:
+    """Expected tokens per verification of a tree `depth` deep (None: a depth never tried)."""
+    if depth and not self.tried[depth]:
+      return None
+    chance = np.cumprod(self.accepted[1:depth + 1] / np.maximum(self.tried[1:depth + 1], 1e-9))
+    return 1.0 + float(chance.sum())
+
+
 class _Meter:
   """Decayed sums of what dispatches of one kind measured, per ladder level: output tokens,
   verifications of live rows, steps, seconds."""
 
-  DECAY = 0.8  # weight of the past
+  DECAY = DECAY
 
   def __init__(self, n: int):
     self.sums = np.zeros((n, 4))
@@ -79,17 +115,20 @@ class _Meter:
     _, _, steps, seconds = self.sums[level]
     return seconds / max(steps, 1e-9)
 
-  def rate(self, level: int) -> float | None:
-    """Tokens per live row per second: tau over the step time, which does not depend on how
-    many rows were live when it was measured."""
-    return self.tau(level) / self.step_s(level) if self.measured[level] else None
+  def rate(self, level: int, tau: float | None = None) -> float | None:
+    """Tokens per live row per second: tau (`tau`, or the level's own) over the step time,
+    which does not depend on how many rows were live when it was measured."""
+    if not self.measured[level]:
+      return None
+    return (self.tau(level) if tau is None else tau) / self.step_s(level)
 
 
 class TreePolicy:
   """Per dispatch: the ladder level to run (`pick`); `record` what a dispatch measured.
 
   Speeds are tokens per live row per second (tau over the step time), so levels measured with
-  different numbers of live rows compare. Decode-only dispatches run the fastest level. A mixed
+  different numbers of live rows compare; tau comes from the recent acceptance by depth shared by
+  every level (see the module's description). Decode-only dispatches run the fastest level. A mixed
   dispatch (prompt lanes beside the trees) spends time on its lanes whatever the tree, so it
   runs, of the fastest decode level and plain decoding, the one whose tokens save the most
   decode-only time for what its step costs: highest live rows x tau / fastest rate - step
@@ -100,9 +139,18 @@ class TreePolicy:
   # as the wall time between two reads, which is that dispatch's alone only when the one before
   # it ran the same tree (the device runs one dispatch while the host reads the last)
   HOLD = 3
+  # A tree is picked over plain decoding only when measured this much faster: its dispatches'
+  # times leave out what trees cost beside their steps (a switch to or from plain decoding
+  # waits for every dispatch in flight; a row's end is learnt a dispatch late)
+  TREE_MARGIN = 0.1
+  # A level takes over from the fastest only when this much faster than it: speeds measured
+  # over changing prompts wander, and every switch between trees and plain decoding costs a wait
+  SWITCH_MARGIN = 0.1
 
   def __init__(self, levels: list[Proposer], policy: str, explore_every: int = 16):
     self.sizes = [p.tree_size for p in levels]
+    self.depths = [p.max_depth for p in levels]
+    self.acceptance = _Acceptance(max(self.depths))
     self.policy, self.explore_every = policy, explore_every
     n = len(levels)
     self.decode, self.mixed = _Meter(n), _Meter(n)
@@ -111,22 +159,41 @@ class TreePolicy:
     self.clock = 0
     self.current = {False: None, True: None}  # (mixed?) -> the level held
     self.hold = {False: 0, True: 0}  # (mixed?) -> dispatches it is held for still
+    self.best = {False: None, True: None}  # (mixed?) -> the fastest when last picked
+    # (mixed?) -> per level, how many times longer than at first its re-tries are apart: each
+    # re-try that confirms the level slower doubles it; a new fastest level resets them all
+    self.backoff = {False: [1] * n, True: [1] * n}
 
   @property
   def measured(self) -> list[int]:
     return self.decode.measured
 
+  def tau(self, level: int, meter: _Meter | None = None) -> float:
+    """A level's expected tokens per verification now: from the shared acceptance by depth,
+    else (a depth no dispatch has drafted yet) from its own dispatches' (`meter`'s)."""
+    tau = self.acceptance.tau(self.depths[level])
+    return (meter or self.decode).tau(level) if tau is None else tau
+
   def tps(self, level: int) -> float | None:
-    """A level's measured tokens per live row per second in decode-only dispatches."""
-    return self.decode.rate(level)
+    """A level's tokens per live row per second in decode-only dispatches: its expected tau
+    now over its measured step time."""
+    return self.decode.rate(level, self.tau(level))
 
   def _speeds(self) -> dict[int, float]:
-    """`tps` of every level measured."""
-    return {i: self.tps(i) for i in range(len(self.sizes)) if self.measured[i]}
+    """`tps` of every level measured, a tree's less TREE_MARGIN."""
+    plain = len(self.sizes) - 1
+    return {i: self.tps(i) * (1 if i == plain else 1 - self.TREE_MARGIN)
+            for i in range(len(self.sizes)) if self.measured[i]}
 
-  def record(self, level: int, tokens: int, row_steps: int, steps: int, seconds: float,
-             mixed: bool = False) -> None:
-    (self.mixed if mixed else self.decode).record(level, tokens, row_steps, steps, seconds)
+  def record(self, level: int, tokens: int, row_steps: int, steps: int, seconds: float | None,
+             mixed: bool = False, accepted: np.ndarray | None = None) -> None:
+    """What a dispatch of `level` did: `tokens` emitted by `row_steps` verifications of live
+    rows in `steps` steps, in `seconds` (None: not timed alone; only its acceptance counts),
+    `accepted[a]` of the verifications accepting a drafts."""
+    if accepted is not None and self.depths[level]:
+      self.acceptance.record(self.depths[level], accepted)
+    if seconds is not None:
+      (self.mixed if mixed else self.decode).record(level, tokens, row_steps, steps, seconds)
 
   def _exploring(self) -> int | None:
     """The level still to measure: the proposer's tree, plain decoding, then ever smaller trees
@@ -162,12 +229,16 @@ class TreePolicy:
     if explore is not None:
       return explore
     speeds = self._speeds()
-    return self._or_overdue(max(speeds, key=speeds.get), speeds, False)
+    best, held = max(speeds, key=speeds.get), self.best[False]
+    if held in speeds and speeds[best] < (1 + self.SWITCH_MARGIN) * speeds[held]:
+      best = held
+    return self._or_overdue(best, speeds, False)
 
   def _pick_mixed(self, live: int) -> int:
     plain = len(self.sizes) - 1
     speeds = self._speeds()
-    fastest = max(speeds, key=speeds.get) if speeds else 0
+    fastest = self.best[False] if self.best[False] in speeds else (
+        max(speeds, key=speeds.get) if speeds else 0)
     for level in (fastest, plain):
       if self.mixed.measured[level] < self.MEASURED:
         return level
@@ -175,8 +246,8 @@ class TreePolicy:
 
     def value(i):  # decode-only seconds its tokens save, less its own step's
       if not speeds:
-        return m.rate(i)
-      return live * m.tau(i) / speeds[fastest] - m.step_s(i)
+        return m.rate(i, self.tau(i, m))
+      return live * self.tau(i, m) / speeds[fastest] - m.step_s(i)
     values = {i: value(i) for i in {fastest, plain}}
     best = max(values, key=values.get)
     # (values are not speeds: the other is re-tried as a level at half the speed would be)
@@ -184,10 +255,16 @@ class TreePolicy:
 
   def _or_overdue(self, best: int, speeds: dict[int, float], mixed: bool) -> int:
     """`best`, or the most overdue slower level: one is re-tried (for HOLD dispatches) every
-    explore_every * HOLD * (its speed ratio to the fastest)^2 dispatches, at most 256 apart."""
-    last = self.last[mixed]
-    overdue = {i: (self.clock - last[i]) / min(256, self.explore_every * self.HOLD * (
-        speeds[best] / max(speeds[i], 1e-9))**2) for i in speeds if i != best}
+    explore_every * HOLD * (its speed ratio to the fastest)^2 dispatches (at most 256 apart),
+    times its backoff (at most 8)."""
+    last, backoff, held = self.last[mixed], self.backoff[mixed], self.current[mixed]
+    if best != self.best[mixed]:
+      self.best[mixed] = best
+      backoff[:] = [1] * len(backoff)
+    elif held is not None and held != best:  # a re-try that lost
+      backoff[held] = min(8, 2 * backoff[held])
+    overdue = {i: (self.clock - last[i]) / (backoff[i] * min(256, self.explore_every * self.HOLD * (
+        speeds[best] / max(speeds[i], 1e-9))**2)) for i in speeds if i != best}
     late = max(overdue, key=overdue.get, default=None)
     return late if late is not None and overdue[late] >= 1 else best
 
