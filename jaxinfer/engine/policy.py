@@ -1,7 +1,7 @@
 """Which draft tree the engine verifies, chosen per dispatch from measured speed.
 
 The ladder is the proposer's tree, ever smaller ones (`Proposer.shrink`) and, last, plain
-decoding (a one-token tree: the root alone). Policy "always" verifies the proposer's own tree
+decoding (which the engine runs with its plain steps). Policy "always" verifies the proposer's own tree
 every step; "auto" runs the level with the most output tokens per second, re-trying the slower
 ones now and then (less often the more they lost by), so that a change of load (a fuller batch,
 prompts that repeat less) is noticed at a bounded cost.
@@ -32,7 +32,8 @@ POLICIES = ("auto", "always")
 
 @dataclasses.dataclass(frozen=True)
 class Plain(Proposer):
-  """Plain decoding as a one-token tree (the root); the proposer's state passes through."""
+  """Plain decoding in the ladder (the engine runs its plain steps for it); as a proposer, the
+  one-token tree (the root alone), the proposer's state passing through."""
 
   name: str = "plain"
   engine_ready = True
