@@ -30,6 +30,7 @@ import numpy as np
 from jaxinfer import model as M
 from jaxinfer.compilation_cache import call_compiled
 from jaxinfer.config import ModelConfig
+from jaxinfer.engine.policy import Plain, ladder
 from jaxinfer.generation import Generator, RowRequest, RowResult, next_pow2
 from jaxinfer.kv_cache import PagedKVCache
 from jaxinfer.runtime import Runtime
@@ -76,8 +77,6 @@ class SpeculativeGenerator:
     sparsity = runtime.sparsity
     check_fits(proposer, cfg, sparsity)
     proposer.validate(cfg, draft_params)
-    if policy not in ("auto", "always"):
-      raise ValueError(f"speculative decoding: policy must be auto or always, got {policy!r}")
     proposer = proposer.with_sparsity(sparsity)  # its drafts attend as the target does
     if prefill_chunk < 1:
       raise ValueError(f"speculative decoding: prefill_chunk must be >= 1, got {prefill_chunk}")
@@ -99,13 +98,9 @@ class SpeculativeGenerator:
     self.steps_per_sync, self.page_size = steps_per_sync, page_size
     self.stats = SpecStats(accepted_hist=np.zeros(proposer.max_depth + 1, np.int64),
                            full_tree=proposer.tree_size)
-    # the proposer and its smaller trees, largest first (policy "auto" picks among them)
-    self.ladder = [proposer]
-    while policy == "auto" and len(self.ladder) <= max_shrinks:
-      smaller = self.ladder[-1].shrink()
-      if smaller is None or smaller.tree_size >= self.ladder[-1].tree_size:
-        break
-      self.ladder.append(smaller)
+    # the proposer and its smaller trees, largest first (policy "auto" picks among them and
+    # plain decoding)
+    self.ladder = [p for p in ladder(proposer, policy, max_shrinks) if not isinstance(p, Plain)]
     self._last: dict[int | str, int] = {}  # mode -> the batch that last ran it
     self._compiled: dict = {}
     # a proposer state every row shares (Token Recycling's adjacency), carried between batches
