@@ -186,6 +186,12 @@ def test_tree_policy_explores_then_runs_the_fastest():
   starts = np.flatnonzero(np.diff(np.asarray(rest) == 3, prepend=0) == 1)
   gaps = np.diff(starts)
   assert len(gaps) >= 2 and np.all(gaps[1:] >= 0.9 * gaps[:-1]) and gaps[-1] > gaps[0], gaps
+  # the summary compares this call's own timed decode-only dispatches, per live row
+  policy.start_call()
+  assert "too few decode-only dispatches of trees" in policy.summary([0, 1, 0, 1])
+  for level in (1, 1, 3):
+    dispatch(policy, level)
+  assert "at 1.19x plain decoding's" in policy.summary([0, 2, 0, 1])  # 1.9 / 1.6 over 1 / 1
   always = TreePolicy(ladder(P.NGram(num_draft_tokens=4), "always"), "always")
   assert {always.pick() for _ in range(5)} == {0}
   with pytest.raises(ValueError, match="speculation policy"):

@@ -164,6 +164,10 @@ class TreePolicy:
     # (mixed?) -> per level, how many times longer than at first its re-tries are apart: each
     # re-try that confirms the level slower doubles it; a new fastest level resets them all
     self.backoff = {False: [1] * n, True: [1] * n}
+    # per level, since `start_call`: output tokens and live-row seconds (each timed decode-only
+    # dispatch's seconds times its live rows) of the timed decode-only dispatches
+    self.call = np.zeros((n, 2))
+    self._live = [1.0] * n  # per level, the live rows of its last dispatch that ran a step
 
   @property
   def measured(self) -> list[int]:
@@ -193,8 +197,17 @@ class TreePolicy:
     `accepted[a]` of the verifications accepting a drafts."""
     if accepted is not None and self.depths[level]:
       self.acceptance.record(self.depths[level], accepted)
-    if seconds is not None:
-      (self.mixed if mixed else self.decode).record(level, tokens, row_steps, steps, seconds)
+    if seconds is None:
+      return
+    (self.mixed if mixed else self.decode).record(level, tokens, row_steps, steps, seconds)
+    if not mixed:
+      if steps:
+        self._live[level] = row_steps / steps
+      self.call[level] += (tokens, seconds * self._live[level])
+
+  def start_call(self) -> None:
+    """Starts counting what `summary` reports as one call's."""
+    self.call[:] = 0
 
   def _exploring(self) -> int | None:
     """The level still to measure: the proposer's tree, plain decoding, then ever smaller trees
@@ -275,9 +288,10 @@ class TreePolicy:
     tps = self.tps(self.sizes.index(size))
     return None if tps is None else round(rows * tps, 1)
 
-  def summary(self, counts: list[int]) -> str:
+  def summary(self, counts: list[int], call: np.ndarray | None = None) -> str:
     """What was decoded with `counts` dispatches per ladder level (this policy's, or several
-    replicas' summed), in words, with this policy's measured speeds."""
+    replicas' summed), in words, with this policy's measured speeds and what the call's timed
+    decode-only dispatches measured (`call`: as this policy's `call`, or several summed)."""
     total = sum(counts)
     if not total:
       return "nothing decoded"
@@ -290,5 +304,14 @@ class TreePolicy:
     best = max(range(plain), key=lambda i: counts[i])
     speeds = ", ".join(f"{self.sizes[i]}: {self.tps(i):.1f}" for i in range(len(self.sizes))
                        if self.measured[i])
+    call = self.call if call is None else call
+    trees, plain_sums = call[:plain].sum(axis=0), call[plain]
+    if trees[1] and plain_sums[1]:
+      ratio = (trees[0] / trees[1]) / (plain_sums[0] / plain_sums[1])
+      versus = (f"; this call's decode-only dispatches speculated at {ratio:.2f}x plain "
+                f"decoding's tokens per live row per second")
+    else:
+      versus = ("; this call timed too few decode-only dispatches of "
+                f"{'trees' if not trees[1] else 'plain decoding'} to compare")
     return (f"speculating in {spec:.0%} of dispatches, mostly with {self.sizes[best]}-token "
-            f"trees (measured tokens/s per live row by tree size: {speeds})")
+            f"trees (measured tokens/s per live row by tree size: {speeds}){versus}")

@@ -126,6 +126,8 @@ class EngineBackend:
     for eng in self.engines:  # this call's numbers (compiled steps are kept)
       eng.stats = EngineStats(pool_pages=eng.num_pool_pages)
     before = [list(e.policy.dispatches) for e in self.engines if self.proposer is not None]
+    for eng in self.engines if self.proposer is not None else ():
+      eng.policy.start_call()
     on_result = lambda res: deliver(*rows[res.uid], res.tokens, res.finished_by_eos)
     stop = lambda uid, tokens: should_stop(rows[uid][0], tokens)
     shares = placement.split_by_tokens(ereqs, self.total)
@@ -169,7 +171,7 @@ class EngineBackend:
         "accepted_length_histogram": [int(x) for x in hist],
         "per_depth_acceptance": [round(x, 4) for x in spec.per_depth_acceptance()],
         "verify_steps": spec.verify_steps, "host_syncs": sum(s.dispatches for s in st),
-        "speculation": policy.summary(counts),
+        "speculation": policy.summary(counts, sum(e.policy.call for e in self.engines)),
         "speculative_batches": sum(n for size, n in by_size.items() if size > 1),
         "plain_batches": by_size.get(1, 0),
         # (tokens/s with every slot live)
