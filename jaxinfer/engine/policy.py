@@ -1,10 +1,10 @@
 """Which draft tree the engine verifies, chosen per dispatch from measured speed.
 
 The ladder is the proposer's tree, ever smaller ones (`Proposer.shrink`) and, last, plain
-decoding (which the engine runs with its plain steps). Policy "always" verifies the proposer's own tree
-every step; "auto" runs the level with the most output tokens per second, re-trying the slower
-ones now and then (less often the more they lost by), so that a change of load (a fuller batch,
-prompts that repeat less) is noticed at a bounded cost.
+decoding (which the engine runs with its plain steps). Policy "always" verifies the proposer's
+own tree every step; "auto" runs the level with the most output tokens per second, re-trying
+the slower ones now and then (less often the more they lost by), so that a change of load (a
+fuller batch, prompts that repeat less) is noticed at a bounded cost.
 
 A level's speed is its tokens per verification (tau) over its step time. The step time is
 measured per level over the dispatches that ran it (decode-only ones, not compiling: wall time
@@ -95,15 +95,12 @@ class _Meter:
   """Decayed sums of what dispatches of one kind measured, per ladder level: output tokens,
   verifications of live rows, steps, seconds."""
 
-  DECAY = DECAY
-
   def __init__(self, n: int):
     self.sums = np.zeros((n, 4))
     self.measured = [0] * n
 
   def record(self, level: int, tokens: int, row_steps: int, steps: int, seconds: float):
-    self.sums[level] = self.DECAY * self.sums[level] + (tokens, row_steps, steps,
-                                                        max(seconds, 1e-9))
+    self.sums[level] = DECAY * self.sums[level] + (tokens, row_steps, steps, max(seconds, 1e-9))
     self.measured[level] += 1
 
   def tau(self, level: int) -> float:
@@ -155,7 +152,7 @@ class TreePolicy:
     self.policy, self.explore_every = policy, explore_every
     n = len(levels)
     self.decode, self.mixed = _Meter(n), _Meter(n)
-    self.dispatches = [0] * n
+    self.dispatches = [0] * n  # per level, since `start_call`
     self.last = {False: [0] * n, True: [0] * n}  # (mixed?) -> the clock a level last ran at
     self.clock = 0
     self.current = {False: None, True: None}  # (mixed?) -> the level held
@@ -206,7 +203,8 @@ class TreePolicy:
       self.call[level] += (tokens, seconds * self._live[level])
 
   def start_call(self) -> None:
-    """Starts counting what `summary` reports as one call's."""
+    """Starts counting what `summary` reports as one call's (`dispatches`, `call`)."""
+    self.dispatches = [0] * len(self.sizes)
     self.call[:] = 0
 
   def _exploring(self) -> int | None:

@@ -125,9 +125,8 @@ class EngineBackend:
       ereqs.sort(key=lambda e: (e.prompt_ids, e.uid))
     for eng in self.engines:  # this call's numbers (compiled steps are kept)
       eng.stats = EngineStats(pool_pages=eng.num_pool_pages)
-    before = [list(e.policy.dispatches) for e in self.engines if self.proposer is not None]
-    for eng in self.engines if self.proposer is not None else ():
-      eng.policy.start_call()
+      if self.proposer is not None:
+        eng.policy.start_call()
     on_result = lambda res: deliver(*rows[res.uid], res.tokens, res.finished_by_eos)
     stop = lambda uid, tokens: should_stop(rows[uid][0], tokens)
     shares = placement.split_by_tokens(ereqs, self.total)
@@ -150,9 +149,9 @@ class EngineBackend:
         "compile_s": sum(s.compile_s for s in st),
         "compilations": sum(s.compilations for s in st), "replicas": len(self.engines),
         "expected_compilations": self.expected_compilations,
-    } | ({} if self.proposer is None else self._speculation(st, before))
+    } | ({} if self.proposer is None else self._speculation(st))
 
-  def _speculation(self, st: list[EngineStats], before) -> dict:
+  def _speculation(self, st: list[EngineStats]) -> dict:
     """The speculative metrics (`metrics.SPECULATIVE_KEYS`) of this call; "batches" are the
     engine's dispatches."""
     from jaxinfer.speculative.stats import SpecStats
@@ -161,8 +160,7 @@ class EngineBackend:
     spec = SpecStats(verify_steps=sum(s.row_steps for s in st), accepted_hist=hist,
                      emitted=sum(s.decode_tokens for s in st))
     # dispatches per ladder level in this call, over every replica (they share one ladder)
-    counts = np.sum([np.subtract(e.policy.dispatches, b) for e, b in zip(self.engines, before)],
-                    axis=0).tolist()
+    counts = np.sum([e.policy.dispatches for e in self.engines], axis=0).tolist()
     busiest = max(self.engines, key=lambda e: sum(e.policy.measured))  # its speeds reported
     policy = busiest.policy
     by_size = dict(zip(policy.sizes, counts))
