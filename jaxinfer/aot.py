@@ -35,7 +35,7 @@ from jaxinfer import compilation_cache
 from jaxinfer import model as M
 from jaxinfer.config import DTYPES, PRESETS, ModelConfig
 from jaxinfer.engine.engine import EngineConfig, engine_decode, engine_step, pool_pages_for
-from jaxinfer.kv_cache import POOL_AXES, PagedKVCache
+from jaxinfer.kv_cache import SCALE_DTYPE, PagedKVCache, QuantizedKV
 from jaxinfer.params import abstract_params
 from jaxinfer.runtime import Runtime
 from jaxinfer.sharding import MESH_AXES, device_bytes, format_mesh, parse_mesh
@@ -77,12 +77,14 @@ class CompileJob:
   draft_layers: str | None = None
   steps_per_sync: int = 32
   quantize: str | None = None  # a weight format (int8, int4:g128, fp8_e4m3, ...): served quantized
+  kv_cache_dtype: str | None = None  # int8: the engine's KV pages quantized
 
   @property
   def engine_config(self) -> EngineConfig:
     return EngineConfig(num_slots=self.batch_size, chunk_size=self.chunk_size,
                         chunk_lanes=self.chunk_lanes, page_size=self.page_size,
-                        kv_pages=self.kv_pages, decode_steps=self.decode_steps)
+                        kv_pages=self.kv_pages, decode_steps=self.decode_steps,
+                        kv_cache_dtype=self.kv_cache_dtype)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -236,9 +238,14 @@ def _engine_pools(cfg: ModelConfig, ecfg: EngineConfig, tokens: int, runtime: Ru
   up to `tokens` tokens; M, their pages per sequence)."""
   ps = ecfg.page_size
   m = max(1, -(-tokens // ps))
-  shape = PagedKVCache.pool_shape(cfg, pool_pages_for(ecfg, m), ps)
-  pool = jax.ShapeDtypeStruct(shape, cfg.jnp_dtype,
-                              sharding=runtime.rules.sharding(runtime.mesh, POOL_AXES, shape))
+  pages = pool_pages_for(ecfg, m)
+  shape = PagedKVCache.pool_shape(cfg, pages, ps)
+  values, scales = PagedKVCache.pool_shardings(cfg, pages, ps, runtime.mesh, runtime.rules)
+  if ecfg.kv_cache_dtype is None:
+    pool = jax.ShapeDtypeStruct(shape, cfg.jnp_dtype, sharding=values)
+  else:
+    pool = QuantizedKV(jax.ShapeDtypeStruct(shape, jnp.int8, sharding=values),
+                       jax.ShapeDtypeStruct(shape[:3], SCALE_DTYPE, sharding=scales))
   return (pool,) * cfg.num_layers, m
 
 

@@ -27,6 +27,7 @@ import jax
 import jax.numpy as jnp
 from jax.sharding import Mesh, PartitionSpec
 
+from jaxinfer.kv_cache import kv_arrays, kv_dense, kv_gather, kv_reshape
 from jaxinfer.sharding import DEFAULT_RULES, ShardingRules, rows_split
 from jaxinfer.sparsity import Sparsity
 
@@ -119,16 +120,19 @@ def _xla_chunk(q, k, v, positions, *, window, sinks, sparsity, segment_ids, mesh
 
 def _xla_cache(q, kv, positions, *, window, sinks, mesh, rules):
   del mesh, rules
-  k, v = kv.k, kv.v
   if kv.page_table is not None:  # gather each row's pages into (K, B, M*ps, H)
-    k, v = _gather_rows(k, kv.page_table), _gather_rows(v, kv.page_table)
+    k, v = _gather_rows(kv.k, kv.page_table, q.dtype), _gather_rows(kv.v, kv.page_table, q.dtype)
+  else:
+    k, v = kv_dense(kv.k, q.dtype), kv_dense(kv.v, q.dtype)
   return cache_attention_reference(q, k, v, positions, window=window, sinks=sinks)
 
 
-def _gather_rows(pool, page_table):
+def _gather_rows(pool, page_table, dtype):
+  """Each row's pages of a pool (K,P,ps,H), in order and dequantized: (K, B, M*ps, H)."""
   kv_heads, _, ps, h = pool.shape
   b, m = page_table.shape
-  return pool[:, page_table].reshape(kv_heads, b, m * ps, h)
+  return kv_dense(kv_reshape(kv_gather(pool, (slice(None), page_table)), kv_heads, b, m * ps),
+                  dtype)
 
 
 # --- Pallas ---------------------------------------------------------------------------------
@@ -198,30 +202,40 @@ def _pallas_cache(q, kv, positions, *, window, sinks, mesh, rules):
   qa = ("batch", "seq", "act_heads", "head_dim")
 
   if kv.page_table is not None:
-    def paged(q, k_pages, v_pages, positions, table):
+    def paged(q, positions, table, k_pages, v_pages, *scales):
       lengths = jnp.minimum(positions[:, 0] + 1, table.shape[1] * k_pages.shape[2])
-      out = paged_attention(q[:, 0], k_pages, v_pages, lengths, table, window=window, sinks=sinks)
+      out = paged_attention(q[:, 0], k_pages, v_pages, lengths, table, *scales, window=window,
+                            sinks=sinks)
       return out[:, None]
 
     pa = ("act_kv_heads", None, None, "head_dim")
-    return _shard(paged, mesh, rules, (qa, pa, pa, ("batch", "seq"), ("batch", None)), qa,
-                  (q, kv.k, kv.v, positions, kv.page_table))
+    args, axes = _pool_args(kv, pa)
+    return _shard(paged, mesh, rules, (qa, ("batch", "seq"), ("batch", None)) + axes, qa,
+                  (q, positions, kv.page_table) + args)
 
-  def contiguous(q, k_cache, v_cache, positions):
+  def contiguous(q, positions, k_cache, v_cache, *scales):
     kv_heads, bl, s, hd = k_cache.shape
     ps = _page_size(s)
     pages_per_seq = s // ps
     # The contiguous cache is a page pool whose sequence b owns pages [b*M, (b+1)*M).
     k_pages = k_cache.reshape(kv_heads, bl * pages_per_seq, ps, hd)
     v_pages = v_cache.reshape(kv_heads, bl * pages_per_seq, ps, hd)
+    scales = tuple(x.reshape(kv_heads, bl * pages_per_seq, ps) for x in scales)
     table = jnp.arange(bl * pages_per_seq, dtype=jnp.int32).reshape(bl, pages_per_seq)
     lengths = jnp.minimum(positions[:, 0] + 1, s)
-    out = paged_attention(q[:, 0], k_pages, v_pages, lengths, table, window=window, sinks=sinks)
+    out = paged_attention(q[:, 0], k_pages, v_pages, lengths, table, *scales, window=window,
+                          sinks=sinks)
     return out[:, None]
 
-  ca = ("act_kv_heads", "batch", "cache_seq", "head_dim")
-  return _shard(contiguous, mesh, rules, (qa, ca, ca, ("batch", "seq")), qa,
-                (q, kv.k, kv.v, positions))
+  args, axes = _pool_args(kv, ("act_kv_heads", "batch", "cache_seq", "head_dim"))
+  return _shard(contiguous, mesh, rules, (qa, ("batch", "seq")) + axes, qa, (q, positions) + args)
+
+
+def _pool_args(kv, axes):
+  """The kernels' K/V arguments, (k, v) or (k, v, k scales, v scales), and their logical axes."""
+  k, v = kv_arrays(kv.k), kv_arrays(kv.v)
+  args = (k[0], v[0]) + k[1:] + v[1:]
+  return args, (axes, axes) + (axes[:3],) * (len(args) - 2)
 
 
 def _xla_tree(q, kv, positions, *, window, sinks, mesh, rules):
@@ -230,9 +244,9 @@ def _xla_tree(q, kv, positions, *, window, sinks, mesh, rules):
   b, t, n, h = q.shape
   kv_heads = kv.k.shape[0]
   if kv.contiguous:  # row b owns pages [b*M, (b+1)*M): the pool is a (K, B, S, H) cache
-    k, v = (x.reshape(kv_heads, b, -1, h) for x in (kv.k, kv.v))
+    k, v = (kv_dense(kv_reshape(x, kv_heads, b, -1), q.dtype) for x in (kv.k, kv.v))
   else:  # each row's pages gathered heads-major, as the decode path gathers them
-    k, v = _gather_rows(kv.k, kv.page_table), _gather_rows(kv.v, kv.page_table)
+    k, v = _gather_rows(kv.k, kv.page_table, q.dtype), _gather_rows(kv.v, kv.page_table, q.dtype)
   qg = q.reshape(b, t, kv_heads, n // kv_heads, h).transpose(2, 0, 3, 1, 4)  # (K,B,G,T,H)
   scores = jnp.einsum("kbgth,kbsh->kbgts", qg, k, preferred_element_type=jnp.float32)
   visible = tree_visibility(kv.prefix_len, kv.tree_mask, k.shape[2], window, sinks)
@@ -254,14 +268,15 @@ def _pallas_tree(q, kv, positions, *, window, sinks, mesh, rules):
   if local:
     pa = ("act_kv_heads", "batch", None, "head_dim")
 
-  def kernel(q, k, v, prefix_len, table, mask):
+  def kernel(q, prefix_len, table, mask, k, v, *scales):
     if local:  # the shard's pages start at its first row's
       table = table - table[:1, :1]
-    return tree_attention(q, k, v, prefix_len, table, mask, window=window, sinks=sinks)
+    return tree_attention(q, k, v, prefix_len, table, mask, *scales, window=window, sinks=sinks)
 
+  args, axes = _pool_args(kv, pa)
   return _shard(kernel, mesh, rules,
-                (qa, pa, pa, ("batch",), ("batch", None), ("batch", None, None)), qa,
-                (q, kv.k, kv.v, kv.prefix_len, kv.page_table, kv.tree_mask))
+                (qa, ("batch",), ("batch", None), ("batch", None, None)) + axes, qa,
+                (q, kv.prefix_len, kv.page_table, kv.tree_mask) + args)
 
 
 # --- Splash (jax's TPU block-sparse flash attention) ----------------------------------------

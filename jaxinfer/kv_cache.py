@@ -5,6 +5,11 @@ P pages in the pool, ps page size, M pages per row.
 
 Both are stored heads-major. A contiguous buffer (K, B, S, H) is itself a page pool with an
 identity page table, so the paged decode kernel reads either without a copy.
+
+Either may be int8 (`kv_cache_dtype="int8"`): each buffer is then a `QuantizedKV`, int8 values
+and beside them one float32 scale per token and kv head (symmetric absmax). A token's K/V are
+quantized once, when written; the attention paths read the int8 values with their scales (the
+kernels in-kernel, the XLA path by dequantizing what it gathers).
 """
 
 from __future__ import annotations
@@ -13,6 +18,7 @@ from typing import Optional
 
 import jax
 import jax.numpy as jnp
+import qwix
 from flax import struct
 from jax.sharding import Mesh
 
@@ -21,6 +27,101 @@ from jaxinfer.sharding import DEFAULT_RULES, ShardingRules
 
 CACHE_AXES = ("kv_heads", "batch", "cache_seq", "head_dim")
 POOL_AXES = ("kv_heads", "cache_pages", "page", "head_dim")
+KV_CACHE_DTYPES = ("int8",)  # besides the model's own dtype (None)
+
+
+def check_kv_cache_dtype(kv_cache_dtype: str | None) -> None:
+  if kv_cache_dtype is not None and kv_cache_dtype not in KV_CACHE_DTYPES:
+    raise ValueError(f"kv_cache_dtype: expected one of {', '.join(KV_CACHE_DTYPES)} (or none: "
+                     f"the model's dtype), got {kv_cache_dtype!r}")
+
+
+# float32: the TPU kernel fetches a page's scales as one row of a 32-bit tile (Mosaic cannot
+# slice a single row of packed bfloat16), and bfloat16 would save only 2 bytes a vector.
+SCALE_DTYPE = jnp.float32
+
+
+@struct.dataclass
+class QuantizedKV:
+  """An int8 K or V buffer: `values` (..., H) int8 and `scales` (...) float32, one per vector
+  (a token's K or V in one kv head), so that the buffer holds values * scales[..., None].
+  Indexing (`kv_set`, `kv_move`, `kv_gather`) addresses the leading axes, which both share."""
+
+  values: jax.Array
+  scales: jax.Array
+
+  @property
+  def shape(self) -> tuple[int, ...]:
+    return self.values.shape
+
+  @property
+  def dtype(self):
+    return self.values.dtype
+
+  @classmethod
+  def quantize(cls, x: jax.Array) -> "QuantizedKV":
+    """Symmetric absmax int8 per vector along the last axis, by qwix (as the weights are)."""
+    q = qwix.quantize(x.astype(jnp.float32), jnp.int8, channelwise_axes=tuple(range(x.ndim - 1)))
+    return cls(q.qvalue, q.scale[..., 0])
+
+  def dequantize(self, dtype) -> jax.Array:
+    return (self.values.astype(jnp.float32)
+            * self.scales.astype(jnp.float32)[..., None]).astype(dtype)
+
+  def reshape(self, *lead: int) -> "QuantizedKV":
+    """The same buffer with its leading axes reshaped to `lead`."""
+    return QuantizedKV(self.values.reshape(lead + self.shape[-1:]), self.scales.reshape(lead))
+
+
+def kv_set(buf, index: tuple, new: jax.Array):
+  """buf[index] := new (..., H) (quantized first when buf is); out-of-range indices are dropped."""
+  if isinstance(buf, QuantizedKV):
+    q = QuantizedKV.quantize(new)
+    return QuantizedKV(buf.values.at[index].set(q.values, mode="drop"),
+                       buf.scales.at[index].set(q.scales, mode="drop"))
+  return buf.at[index].set(new.astype(buf.dtype), mode="drop")
+
+
+def kv_move(buf, src: tuple, dst: tuple):
+  """buf[dst] := buf[src], stored values as they are (every source read before any write);
+  out-of-range destinations are dropped."""
+  return jax.tree.map(lambda x: x.at[dst].set(x[src], mode="drop"), buf)
+
+
+def kv_dense(buf, dtype) -> jax.Array:
+  """The buffer's values: an int8 buffer dequantized to `dtype`, any other as it is."""
+  return buf.dequantize(dtype) if isinstance(buf, QuantizedKV) else buf
+
+
+def kv_gather(buf, index: tuple):
+  """buf[index] over the leading axes, quantized or not."""
+  return jax.tree.map(lambda x: x[index], buf)
+
+
+def kv_reshape(buf, *lead: int):
+  return buf.reshape(*lead) if isinstance(buf, QuantizedKV) else buf.reshape(lead + buf.shape[-1:])
+
+
+def kv_arrays(buf) -> tuple[jax.Array, ...]:
+  """(values,) or (values, scales): what a kernel takes for one buffer."""
+  return (buf.values, buf.scales) if isinstance(buf, QuantizedKV) else (buf,)
+
+
+def kv_zeros(shape: tuple[int, ...], dtype, kv_cache_dtype: str | None, sharding=None,
+             scale_sharding=None):
+  """A zero-filled K or V buffer of `shape` (..., H): `dtype`, or int8 values with scales."""
+  check_kv_cache_dtype(kv_cache_dtype)
+  if kv_cache_dtype is None:
+    return jnp.zeros(shape, dtype, device=sharding)
+  return QuantizedKV(jnp.zeros(shape, jnp.int8, device=sharding),
+                     jnp.zeros(shape[:-1], SCALE_DTYPE, device=scale_sharding))
+
+
+def kv_bytes_per_vector(head_dim: int, dtype, kv_cache_dtype: str | None) -> int:
+  """Bytes one token's K (or V) takes in one kv head."""
+  if kv_cache_dtype is None:
+    return head_dim * jnp.dtype(dtype).itemsize
+  return head_dim + jnp.dtype(SCALE_DTYPE).itemsize  # int8 values and their scale
 
 
 @struct.dataclass
@@ -43,19 +144,17 @@ class LayerKV:
     return impl.cache(q, self, positions, **kw)
 
 
-def _write_contiguous(buf: jax.Array, new: jax.Array, positions: jax.Array) -> jax.Array:
+def _write_contiguous(buf, new: jax.Array, positions: jax.Array):
   rows = jnp.arange(buf.shape[1])[:, None]
-  return buf.at[:, rows, positions].set(new.transpose(2, 0, 1, 3).astype(buf.dtype), mode="drop")
+  return kv_set(buf, (slice(None), rows, positions), new.transpose(2, 0, 1, 3))
 
 
-def _write_paged(pool: jax.Array, new: jax.Array, positions: jax.Array,
-                 page_table: jax.Array) -> jax.Array:
+def _write_paged(pool, new: jax.Array, positions: jax.Array, page_table: jax.Array):
   ps, m = pool.shape[2], page_table.shape[1]
   index = positions // ps
   page = jnp.take_along_axis(page_table, jnp.clip(index, 0, m - 1), axis=1)
   page = jnp.where((index >= 0) & (index < m), page, pool.shape[1])  # out of range: dropped
-  return pool.at[:, page, positions % ps].set(new.transpose(2, 0, 1, 3).astype(pool.dtype),
-                                              mode="drop")
+  return kv_set(pool, (slice(None), page, positions % ps), new.transpose(2, 0, 1, 3))
 
 
 @struct.dataclass
@@ -81,10 +180,11 @@ class KVCache:
 
   @classmethod
   def init(cls, cfg: ModelConfig, batch: int, max_len: int, mesh: Mesh | None = None,
-           rules: ShardingRules = DEFAULT_RULES) -> "KVCache":
+           rules: ShardingRules = DEFAULT_RULES, kv_cache_dtype: str | None = None) -> "KVCache":
     shape = cls.shape_of(cfg, batch, max_len)
-    sharding = None if mesh is None else rules.sharding(mesh, CACHE_AXES, shape)
-    zeros = lambda: tuple(jnp.zeros(shape, cfg.jnp_dtype, device=sharding)
+    shard = lambda axes, shape: None if mesh is None else rules.sharding(mesh, axes, shape)
+    zeros = lambda: tuple(kv_zeros(shape, cfg.jnp_dtype, kv_cache_dtype, shard(CACHE_AXES, shape),
+                                   shard(CACHE_AXES[:3], shape[:3]))
                           for _ in range(cfg.num_layers))
     return cls(k=zeros(), v=zeros())
 
@@ -119,18 +219,28 @@ class PagedKVCache:
     return (cfg.kv_heads, num_pages, page_size, cfg.head_dim)
 
   @staticmethod
-  def pool_bytes(cfg: ModelConfig, num_pages: int, page_size: int) -> int:
+  def pool_bytes(cfg: ModelConfig, num_pages: int, page_size: int,
+                 kv_cache_dtype: str | None = None) -> int:
     """Bytes of K and V pools for every layer."""
-    return (2 * cfg.num_layers * num_pages * page_size * cfg.kv_heads * cfg.head_dim
-            * jnp.dtype(cfg.jnp_dtype).itemsize)
+    return (2 * cfg.num_layers * num_pages * page_size * cfg.kv_heads
+            * kv_bytes_per_vector(cfg.head_dim, cfg.jnp_dtype, kv_cache_dtype))
+
+  @staticmethod
+  def pool_shardings(cfg: ModelConfig, num_pages: int, page_size: int, mesh: Mesh | None,
+                     rules: ShardingRules = DEFAULT_RULES):
+    """(values' sharding, scales' sharding) of one pool; None without a mesh."""
+    shape = PagedKVCache.pool_shape(cfg, num_pages, page_size)
+    if mesh is None:
+      return None, None
+    return rules.sharding(mesh, POOL_AXES, shape), rules.sharding(mesh, POOL_AXES[:3], shape[:3])
 
   @staticmethod
   def init_pools(cfg: ModelConfig, num_pages: int, page_size: int, mesh: Mesh | None = None,
-                 rules: ShardingRules = DEFAULT_RULES):
-    """(k pools, v pools), zero-filled, one (K, P, ps, H) array per layer each."""
+                 rules: ShardingRules = DEFAULT_RULES, kv_cache_dtype: str | None = None):
+    """(k pools, v pools), zero-filled, one (K, P, ps, H) buffer per layer each."""
     shape = PagedKVCache.pool_shape(cfg, num_pages, page_size)
-    sharding = None if mesh is None else rules.sharding(mesh, POOL_AXES, shape)
-    zeros = lambda: tuple(jnp.zeros(shape, cfg.jnp_dtype, device=sharding)
+    shardings = PagedKVCache.pool_shardings(cfg, num_pages, page_size, mesh, rules)
+    zeros = lambda: tuple(kv_zeros(shape, cfg.jnp_dtype, kv_cache_dtype, *shardings)
                           for _ in range(cfg.num_layers))
     return zeros(), zeros()
 
@@ -231,8 +341,8 @@ class TreeLayerKV:
     slots = self.slots(positions)
     if self.contiguous:  # row b's pages are [b*M, (b+1)*M): write the (K, B, S, H) view
       b = self.page_table.shape[0]
-      write = lambda pool, new: _write_contiguous(
-          pool.reshape(pool.shape[0], b, -1, pool.shape[3]), new, slots).reshape(pool.shape)
+      write = lambda pool, new: kv_reshape(
+          _write_contiguous(kv_reshape(pool, pool.shape[0], b, -1), new, slots), *pool.shape[:3])
     else:
       write = lambda pool, new: _write_paged(pool, new, slots, self.page_table)
     return self.replace(k=write(self.k, k), v=write(self.v, v))
@@ -267,7 +377,7 @@ def commit_path(pools: tuple[jax.Array, ...], page_table: jax.Array, prefix_len:
                 path: jax.Array, num_accepted: jax.Array) -> tuple[jax.Array, ...]:
   """Moves the K/V of accepted tree nodes path[:, d] (stored at prefix_len + path[:, d]) to
   prefix_len + d, for 1 <= d <= num_accepted; everything else in the tree region is left as
-  garbage past the new length. pools: per-layer (K, P, ps, H) arrays."""
+  garbage past the new length. pools: per-layer (K, P, ps, H) buffers."""
   b, t = path.shape
   ps, m = pools[0].shape[2], page_table.shape[1]
   depth = jnp.arange(t)[None, :]
@@ -282,8 +392,6 @@ def commit_path(pools: tuple[jax.Array, ...], page_table: jax.Array, prefix_len:
 
   src_page, src_off = locate(src)
   dst_page, dst_off = locate(dst)
-  out = []
-  for pool in pools:
-    moved = pool.at[:, jnp.clip(src_page, 0, pool.shape[1] - 1), src_off].get()  # (K,B,T,H)
-    out.append(pool.at[:, dst_page, dst_off].set(moved, mode="drop"))
-  return tuple(out)
+  src_page = jnp.clip(src_page, 0, pools[0].shape[1] - 1)
+  return tuple(kv_move(pool, (slice(None), src_page, src_off), (slice(None), dst_page, dst_off))
+               for pool in pools)

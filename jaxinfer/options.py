@@ -33,6 +33,7 @@ class ServeOptions:
   decode_steps: int = 8
   page_size: int = 16
   kv_pages: int | None = None
+  kv_cache_dtype: str | None = None  # int8: the engine's KV pages in int8, scales beside them
   steps_per_sync: int = 32  # static scheduler and speculative decoding
   prefill_chunk: int = 512  # speculative decoding: prompt tokens per row per admission chunk
   cache_dir: str | None = None
@@ -74,6 +75,14 @@ class ServeOptions:
         raise UserError(f"--{flag}: must be >= 1, got {getattr(self, flag)}")
     if self.kv_pages is not None and self.kv_pages < 1:
       raise UserError(f"--kv_pages: must be >= 1, got {self.kv_pages}")
+    if self.kv_cache_dtype is not None:
+      from jaxinfer.kv_cache import KV_CACHE_DTYPES
+      if self.kv_cache_dtype not in KV_CACHE_DTYPES:
+        raise UserError(f"--kv_cache_dtype: expected one of {', '.join(KV_CACHE_DTYPES)} (or "
+                        f"unset: the model's dtype), got {self.kv_cache_dtype!r}")
+      if self.scheduler == "static":
+        raise UserError("--kv_cache_dtype: the continuous engine's page pool is quantized; "
+                        "the static scheduler's cache is not (use --scheduler=continuous)")
     if self.max_seq_len is not None and self.max_seq_len < 2:
       raise UserError(f"--max_seq_len: must be >= 2, got {self.max_seq_len}")
     if self.scheduler not in ("continuous", "static"):

@@ -91,15 +91,18 @@ def softmax_init(rows: int, h: int):
           jnp.zeros((rows,), jnp.float32))
 
 
-def softmax_update(carry, logits: jax.Array, visible: jax.Array, v: jax.Array):
-  """Folds one block: logits (rows, keys) f32 already scaled, visible (rows, keys), v (keys, H)."""
+def softmax_update(carry, logits: jax.Array, visible: jax.Array, v: jax.Array,
+                   v_scale: jax.Array | None = None):
+  """Folds one block: logits (rows, keys) f32 already scaled, visible (rows, keys), v (keys, H);
+  an int8 v's per-key scales `v_scale` (1, keys) weigh the probabilities instead."""
   o, m, l = carry
   logits = jnp.where(visible, logits, MASK_VALUE)
   m_new = jnp.maximum(m, logits.max(axis=-1))
   p = jnp.where(visible, jnp.exp(logits - m_new[:, None]), 0.0)
   corr = jnp.exp(m - m_new)
   l = corr * l + p.sum(axis=-1)
-  o = corr[:, None] * o + jnp.dot(p.astype(v.dtype), v, preferred_element_type=jnp.float32)
+  weights = p if v_scale is None else jnp.where(visible, p * v_scale, 0.0)
+  o = corr[:, None] * o + jnp.dot(weights.astype(v.dtype), v, preferred_element_type=jnp.float32)
   return o, m_new, l
 
 
@@ -114,6 +117,28 @@ def softmax_finish(carry):
 _TRANS_B = (((1,), (1,)), ((), ()))
 
 
+def check_scales(name: str, k_pages, k_scales, v_scales):
+  """int8 pools need both scale arrays (K,P,ps) in float32 (the TPU form fetches a page's
+  scales as one row of a 32-bit tile: Mosaic cannot slice one row of packed bfloat16); other
+  pools take none."""
+  quantized = k_pages.dtype == jnp.int8
+  if (k_scales is None) != (v_scales is None) or quantized != (k_scales is not None):
+    raise ValueError(f"{name}: int8 pools need k_scales and v_scales (and only they take them); "
+                     f"got {k_pages.dtype} pools with scales "
+                     f"{None if k_scales is None else k_scales.shape}, "
+                     f"{None if v_scales is None else v_scales.shape}")
+  if quantized:
+    for x in (k_scales, v_scales):
+      if x.shape != k_pages.shape[:3] or x.dtype != jnp.float32:
+        raise ValueError(f"{name}: scales must be float32 {k_pages.shape[:3]} (K,P,ps), got "
+                         f"{x.dtype} {x.shape}")
+
+
+def scale_kwargs(scale_refs) -> dict:
+  """walk_pages' keyword arguments for a kernel's scale refs: () or (ks_ref, vs_ref)."""
+  return dict(zip(("ks_ref", "vs_ref"), scale_refs))
+
+
 def split_pages(end, page_size: int, max_pages: int, pages_per_split: int):
   """[first, last) of the pages this program (split = program_id 2) walks, of the pages holding
   positions < end."""
@@ -124,16 +149,23 @@ def split_pages(end, page_size: int, max_pages: int, pages_per_split: int):
 
 
 def walk_pages(q, k_ref, v_ref, pt_ref, start, stop, visible_fn, carry, *, head, scale: float,
-               page_size: int):
+               page_size: int, ks_ref=None, vs_ref=None):
   """Folds pages start..stop-1 of this sequence's page table into the online-softmax `carry`:
   one (rows, H) x (H, ps) matmul per page of kv head `head` of the whole pools (K,P,ps,H);
-  visible_fn(pos (1, ps)) -> (rows, ps) bool."""
+  visible_fn(pos (1, ps)) -> (rows, ps) bool. int8 pools come with their per-key scales
+  `ks_ref`, `vs_ref` (K,P,ps): a key's scale multiplies its logits, a value's its weights."""
   def body(j, carry):
     page = pt_ref[j]
-    logits = jax.lax.dot_general(q, k_ref[head, page], _TRANS_B,
-                                 preferred_element_type=jnp.float32) * scale
+    k, v = k_ref[head, page], v_ref[head, page]
+    if ks_ref is not None:
+      k, v = k.astype(q.dtype), v.astype(q.dtype)
+    logits = jax.lax.dot_general(q, k, _TRANS_B, preferred_element_type=jnp.float32) * scale
+    v_scale = None
+    if ks_ref is not None:
+      logits = logits * ks_ref[head, page][None, :]
+      v_scale = vs_ref[head, page][None, :]
     pos = (j * page_size + jnp.arange(page_size))[None, :]
-    return softmax_update(carry, logits, visible_fn(pos), v_ref[head, page])
+    return softmax_update(carry, logits, visible_fn(pos), v, v_scale)
 
   return jax.lax.fori_loop(start, jnp.maximum(start, stop), body, carry)
 

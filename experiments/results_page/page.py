@@ -22,6 +22,7 @@ SECTIONS: dict[str, Section] = {  # in page order
     "train_heads.jsonl": tables.TRAIN_HEADS,
     "bench_hidden_cache.jsonl": tables.HIDDEN_CACHE,
     "bench_quant.jsonl": tables.QUANT,
+    "bench_kv_cache.jsonl": tables.KV_CACHE,
     "recorded.jsonl": tables.RECORDED,
 }
 

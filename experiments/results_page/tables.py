@@ -291,6 +291,41 @@ QUANT = Section(
      ("weight bytes vs float32, held / packed", _weight_bytes),
      field("train s", "train_seconds", 1)])
 
+def _kv_cache(recs) -> list[str]:
+  by = lambda m: [r for r in recs if r.get("measure") == m]
+  return (part("Held-out loss", "", [
+      field("model", "model"), field("eval tokens", "eval_tokens"),
+      field("model-dtype cache", "heldout_loss_model_dtype_cache", 5),
+      field("int8 cache", "heldout_loss_int8_cache", 5),
+      field("loss increase", "loss_increase_percent", 4, "%"),
+      field("target", "target_loss_increase_percent", 2, "%")], by("held-out loss"))
+      + part("Greedy agreement", "", [
+          field("path", "implementation"), field("prompts", "prompts"),
+          field("new tokens", "new_tokens"),
+          field("int8 vs model-dtype cache", "int8_vs_model_dtype_cache", 3),
+          field("int8: ngram vs plain", "int8_ngram_vs_int8_plain", 3),
+          field("identical rows", "identical_rows_int8_ngram_vs_plain")],
+          by("greedy agreement"))
+      + part("Bytes and pool capacity", "", [
+          field("shape", "shape"), field("head dim", "head_dim"),
+          field("bytes/token bf16", "kv_bytes_per_token_bfloat16"),
+          field("bytes/token int8", "kv_bytes_per_token_int8"),
+          field("int8 / bf16", "int8_vs_bfloat16", 3, "×"),
+          field("target", "target_vs_bfloat16", 2, "×"),
+          field("tokens in the same pool", "tokens_admitted_ratio", 2, "×"),
+          field("target", "target_tokens_admitted_ratio", 1, "×")], by("bytes")))
+
+
+KV_CACHE = Section(
+    "int8 KV cache",
+    "`python experiments/bench_kv_cache.py`: the engine's pool in int8 with one float32 scale "
+    "per token and kv head (`--kv_cache_dtype=int8`). Held-out loss of the embedded model with "
+    "every window prefilled through the cache (written, then read), model-dtype cache against "
+    "int8; greedy agreement: share of output tokens equal between two engine runs over the same "
+    "held-out prompts (an early flip changes the rest of its row); bytes of one token's K and V "
+    "over all layers, and the tokens a pool of the same bytes holds, int8 against bfloat16.",
+    body=_kv_cache)
+
 RECORDED = Section(
     "Recorded without a results file",
     "Figures from runs whose benchmarks wrote no results file at the time, typed into "

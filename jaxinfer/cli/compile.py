@@ -46,6 +46,8 @@ flags.DEFINE_integer("steps_per_sync", 32, "Verification steps per host round tr
 flags.DEFINE_string("quantize", None, "Serve the weights quantized in this format (int8, "
                     "int4:g128, fp8_e4m3, ... as jaxinfer quantize --format): their memory per "
                     "device is what the report counts.")
+flags.DEFINE_string("kv_cache_dtype", None, "int8: the engine's KV pages in int8 with per-token "
+                    "scales (as jaxinfer generate --kv_cache_dtype).")
 flags.mark_flags_as_required(["target"])
 FLAGS = flags.FLAGS
 
@@ -55,7 +57,7 @@ def _job():
   names = ("target", "model", "dtype", "mesh", "batch_size", "kv_pages", "page_size",
            "chunk_size", "chunk_lanes", "decode_steps", "max_seq_len", "implementation",
            "sparsity", "speculative", "num_draft_tokens", "tree", "draft_layers",
-           "steps_per_sync", "quantize")
+           "steps_per_sync", "quantize", "kv_cache_dtype")
   return CompileJob(**{name: getattr(FLAGS, name) for name in names})
 
 

@@ -43,6 +43,9 @@ flags.DEFINE_integer("chunk_lanes", 4, "Prefill lanes per step (one prompt per l
 flags.DEFINE_integer("decode_steps", 8, "Most decode steps run in one dispatch between prefill "
                      "steps (continuous scheduler).", lower_bound=1)
 flags.DEFINE_integer("page_size", 16, "Tokens per KV page.", lower_bound=1)
+flags.DEFINE_string("kv_cache_dtype", None, "int8: keep the engine's KV pages in int8, one float32 "
+                    "scale per token and kv head beside them (about half a bfloat16 cache; the "
+                    "kernels read them directly). Unset: the model's dtype.")
 flags.DEFINE_integer("kv_pages", None, "KV pool size in pages per replica (default: 1.5 x slots x "
                      "the longest request).", lower_bound=1)
 flags.DEFINE_bool("overwrite", False, "Start over instead of resuming from --output.")
@@ -121,7 +124,8 @@ def main(argv: list[str]) -> None:
       order=FLAGS.order,
       num_samples=FLAGS.num_samples, chunk_size=FLAGS.chunk_size, chunk_lanes=FLAGS.chunk_lanes,
       decode_steps=FLAGS.decode_steps,
-      page_size=FLAGS.page_size, kv_pages=FLAGS.kv_pages, overwrite=FLAGS.overwrite,
+      page_size=FLAGS.page_size, kv_pages=FLAGS.kv_pages, kv_cache_dtype=FLAGS.kv_cache_dtype,
+      overwrite=FLAGS.overwrite,
       steps_per_sync=FLAGS.steps_per_sync, prefill_chunk=FLAGS.prefill_chunk,
       cache_dir=FLAGS.cache_dir, progress=FLAGS.progress,
       speculative=FLAGS.speculative, draft_model=FLAGS.draft_model,

@@ -29,7 +29,7 @@ from jaxinfer.engine import policy, speculate
 from jaxinfer.engine.pages import PagePool
 from jaxinfer.engine.scheduler import (EngineRequest, EngineResult, Scheduler, StepPlan,
                                         lane_length)
-from jaxinfer.kv_cache import MixedPagedKVCache, PagedKVCache
+from jaxinfer.kv_cache import MixedPagedKVCache, PagedKVCache, check_kv_cache_dtype
 from jaxinfer.runtime import Runtime
 from jaxinfer.sampling import SamplingParams, sample
 from jaxinfer.speculative.protocol import check_fits
@@ -44,6 +44,7 @@ class EngineConfig:
   kv_pages: int | None = None  # P; None: every slot's longest request, plus 50% for prefixes
   steps_ahead: int = 1  # steps launched beyond the one whose tokens the host waits for
   decode_steps: int = 8  # most decode-only steps run in one dispatch (none prefilling)
+  kv_cache_dtype: str | None = None  # "int8": pools of int8 K/V with per-token-head scales
 
   def __post_init__(self):
     for name in ("num_slots", "chunk_size", "chunk_lanes", "page_size", "decode_steps"):
@@ -53,6 +54,7 @@ class EngineConfig:
       raise ValueError(f"EngineConfig: kv_pages must be >= 1, got {self.kv_pages}")
     if self.steps_ahead < 0:
       raise ValueError(f"EngineConfig: steps_ahead must be >= 0, got {self.steps_ahead}")
+    check_kv_cache_dtype(self.kv_cache_dtype)
 
 
 @dataclasses.dataclass
@@ -164,7 +166,7 @@ class Engine:
     self.plain_pages = max(1, -(-max_len // ps))  # a plain step's table (no tree beyond)
     self.num_pool_pages = pool_pages_for(cfg, self.max_pages)
     self.k, self.v = PagedKVCache.init_pools(model_cfg, self.num_pool_pages, ps, runtime.mesh,
-                                             runtime.rules)
+                                             runtime.rules, cfg.kv_cache_dtype)
     self.last_token = jnp.zeros((cfg.num_slots,), jnp.int32)
     # kept from run to run with the pools it describes: a later run reuses the prompt pages an
     # earlier one cached (until they are evicted)
@@ -211,7 +213,8 @@ class Engine:
     self.pool = PagePool(self.num_pool_pages, self.cfg.page_size)
 
   def pool_bytes(self) -> int:
-    return PagedKVCache.pool_bytes(self.model_cfg, self.num_pool_pages, self.cfg.page_size)
+    return PagedKVCache.pool_bytes(self.model_cfg, self.num_pool_pages, self.cfg.page_size,
+                                   self.cfg.kv_cache_dtype)
 
   def _launch(self, plan: StepPlan) -> jax.Array:
     """Starts a plan's steps; returns their sampled tokens (a device array, not waited on)."""

@@ -58,7 +58,8 @@ def _runtime(opts: ServeOptions, mesh, sparsity) -> Runtime:
 def _engine_config(opts: ServeOptions) -> EngineConfig:
   return EngineConfig(num_slots=opts.batch_size, chunk_size=opts.chunk_size,
                       chunk_lanes=opts.chunk_lanes, page_size=opts.page_size,
-                      kv_pages=opts.kv_pages, decode_steps=opts.decode_steps)
+                      kv_pages=opts.kv_pages, decode_steps=opts.decode_steps,
+                      kv_cache_dtype=opts.kv_cache_dtype)
 
 
 class EngineBackend:
@@ -101,7 +102,7 @@ class EngineBackend:
       self.engines, self.max_len = engines, need
     pages_needed = -(-(need + (self.engines[0].tree_size or 0)) // ps)
     if pages_needed > self.engines[0].num_pool_pages:
-      size = PagedKVCache.pool_bytes(self.cfg, pages_needed, ps)
+      size = PagedKVCache.pool_bytes(self.cfg, pages_needed, ps, self.opts.kv_cache_dtype)
       raise UserError(f"--kv_pages: the longest request needs {pages_needed} KV pages "
                       f"({size / 2**20:.1f} MiB) but the pool holds "
                       f"{self.engines[0].num_pool_pages}; raise --kv_pages to at least "

@@ -17,13 +17,14 @@ import jax
 import jax.numpy as jnp
 from jax.experimental import pallas as pl
 
-from pallas_kernels.common import (gpu_rows, merge_splits, on_target, softmax_finish,
-                                   softmax_init, split_pages, triton_params, walk_pages,
-                                   walk_sinks_and_window)
+from pallas_kernels.common import (check_scales, gpu_rows, merge_splits, on_target,
+                                   scale_kwargs, softmax_finish, softmax_init, split_pages,
+                                   triton_params, walk_pages, walk_sinks_and_window)
 from pallas_kernels.paged_attention.tpu import paged_rows_attention, sublanes
 
-def _kernel(len_ref, pt_ref, q_ref, k_ref, v_ref, o_ref, lse_ref, *, scale, page_size,
-            pages_per_split, window, sinks):
+def _kernel(len_ref, pt_ref, q_ref, k_ref, v_ref, *refs, scale, page_size, pages_per_split,
+            window, sinks):
+  *scale_refs, o_ref, lse_ref = refs  # (ks_ref, vs_ref) with int8 pools
   q = q_ref[...]
   rows, h = q.shape
   length = len_ref[0]
@@ -36,7 +37,8 @@ def _kernel(len_ref, pt_ref, q_ref, k_ref, v_ref, o_ref, lse_ref, *, scale, page
     return vis
 
   walk = functools.partial(walk_pages, q, k_ref, v_ref, pt_ref, visible_fn=visible,
-                           head=pl.program_id(1), scale=scale, page_size=page_size)
+                           head=pl.program_id(1), scale=scale, page_size=page_size,
+                           **scale_kwargs(scale_refs))
   carry = walk_sinks_and_window(walk, first, last, softmax_init(rows, h), page_size=page_size,
                                 sinks=sinks,
                                 window_start=None if window is None else length - window)
@@ -60,7 +62,7 @@ def page_walk_forms(gpu_form, tpu_form, *, batch: int, kv_heads: int, max_pages:
   return build
 
 
-def _check(q, k_pages, v_pages, lengths, page_table):
+def _check(q, k_pages, v_pages, lengths, page_table, k_scales, v_scales):
   if q.ndim != 3 or k_pages.ndim != 4 or v_pages.shape != k_pages.shape:
     raise ValueError(f"paged_attention: expected q (B,N,H) and pages (K,P,ps,H), got {q.shape}, "
                      f"{k_pages.shape}, {v_pages.shape}")
@@ -70,9 +72,10 @@ def _check(q, k_pages, v_pages, lengths, page_table):
   if lengths.shape != (b,) or page_table.ndim != 2 or page_table.shape[0] != b:
     raise ValueError(f"paged_attention: lengths {lengths.shape} / page_table {page_table.shape} "
                      f"do not match batch {b}")
+  check_scales("paged_attention", k_pages, k_scales, v_scales)
 
 
-def _gpu_form(q, k_pages, v_pages, lengths, page_table, *, scale, splits, window, sinks,
+def _gpu_form(q, k_pages, v_pages, lengths, page_table, *scales, scale, splits, window, sinks,
               min_rows, interpret):
   """The Triton form (what CPU interprets): q (B,K,G,H) -> (B,K,G,H) f32. Triton reads the
   pools through pointers (never staged whole); its rows are padded to a power of two >= 16."""
@@ -90,14 +93,14 @@ def _gpu_form(q, k_pages, v_pages, lengths, page_table, *, scale, splits, window
       in_specs=[pl.BlockSpec((None, 1), lambda bi, ki, si: (bi, 0)),
                 pl.BlockSpec((None, max_pages), lambda bi, ki, si: (bi, 0)),
                 pl.BlockSpec((None, None, rows, h), lambda bi, ki, si: (bi, ki, 0, 0)),
-                pool, pool],
+                pool, pool] + [pool] * len(scales),
       out_specs=[pl.BlockSpec((None, None, None, rows, h), lambda bi, ki, si: (bi, ki, si, 0, 0)),
                  pl.BlockSpec((None, None, None, rows), lambda bi, ki, si: (bi, ki, si, 0))],
       out_shape=[jax.ShapeDtypeStruct((b, kv_heads, splits, rows, h), jnp.float32),
                  jax.ShapeDtypeStruct((b, kv_heads, splits, rows), jnp.float32)],
       interpret=interpret, compiler_params=None if interpret else triton_params(),
       name="paged_decode_attention",
-  )(lengths[:, None], page_table, q, k_pages, v_pages)
+  )(lengths[:, None], page_table, q, k_pages, v_pages, *scales)
   return merge_splits(o, lse, axis=2)[:, :, :g]
 
 
@@ -110,7 +113,7 @@ def _decode_visible(window, sinks):
   return visible
 
 
-def _tpu_form(q, k_pages, v_pages, lengths, page_table, *, scale, splits, window, sinks,
+def _tpu_form(q, k_pages, v_pages, lengths, page_table, *scales, scale, splits, window, sinks,
               block_pages, interpret):
   """The Mosaic TPU form (paged_attention/tpu.py); rows padded to a whole sublane tile."""
   g = q.shape[2]
@@ -119,14 +122,15 @@ def _tpu_form(q, k_pages, v_pages, lengths, page_table, *, scale, splits, window
   o, lse = paged_rows_attention(q, k_pages, v_pages, lengths, page_table, (),
                                 _decode_visible(window, sinks), scale=scale, num_splits=splits,
                                 window_lag=window, sinks=sinks, block_pages=block_pages,
-                                interpret=interpret)
+                                scales=scales, interpret=interpret)
   return merge_splits(o, lse, axis=2)[:, :, :g]
 
 
 @functools.partial(jax.jit, static_argnames=("window", "sinks", "num_splits", "scale", "backend",
                                              "interpret", "min_rows", "block_pages"))
 def paged_attention(q: jax.Array, k_pages: jax.Array, v_pages: jax.Array, lengths: jax.Array,
-                    page_table: jax.Array, *, window: int | None = None, sinks: int = 0,
+                    page_table: jax.Array, k_scales: jax.Array | None = None,
+                    v_scales: jax.Array | None = None, *, window: int | None = None, sinks: int = 0,
                     num_splits: int | None = None, scale: float | None = None,
                     backend: str | None = None, interpret: bool | None = None,
                     min_rows: int | None = None, block_pages: int | None = None) -> jax.Array:
@@ -137,8 +141,11 @@ def paged_attention(q: jax.Array, k_pages: jax.Array, v_pages: jax.Array, length
   The platform being lowered for picks the kernel form (TPU: Mosaic with DMAs; CUDA: Triton;
   CPU: the Triton form interpreted); `backend` / `interpret` force them (common.on_target);
   `min_rows` pads the GPU form's rows (default: 16 and a power of two when compiled);
-  `block_pages` is the TPU form's pages per DMA block (default: about 256 keys)."""
-  _check(q, k_pages, v_pages, lengths, page_table)
+  `block_pages` is the TPU form's pages per DMA block (default: about 256 keys).
+
+  int8 pools come with float32 scales `k_scales`, `v_scales` (K,P,ps), one per key and head (pages hold round(x / scale)); the kernel reads the int8 pages and applies the
+  scales to the logits and the probabilities, never materialising dequantized pages."""
+  _check(q, k_pages, v_pages, lengths, page_table, k_scales, v_scales)
   b, n, h = q.shape
   kv_heads = k_pages.shape[0]
   g = n // kv_heads
@@ -146,7 +153,8 @@ def paged_attention(q: jax.Array, k_pages: jax.Array, v_pages: jax.Array, length
                           max_pages=page_table.shape[1], num_splits=num_splits,
                           min_rows=min_rows, block_pages=block_pages,
                           scale=h**-0.5 if scale is None else scale, window=window, sinks=sinks)
+  scales = () if k_scales is None else (k_scales, v_scales)
   out = on_target(build, q.reshape(b, kv_heads, g, h), k_pages, v_pages,
-                  lengths.astype(jnp.int32), page_table.astype(jnp.int32), backend=backend,
-                  interpret=interpret)
+                  lengths.astype(jnp.int32), page_table.astype(jnp.int32), *scales,
+                  backend=backend, interpret=interpret)
   return out.reshape(b, n, h).astype(q.dtype)

@@ -15,8 +15,17 @@ def gather_pages(pages: jax.Array, page_table: jax.Array) -> jax.Array:
   return seq.transpose(1, 0, 2, 3, 4).reshape(b, kv_heads, m * ps, h)
 
 
+def dequantize_pages(pages: jax.Array, scales: jax.Array | None, dtype) -> jax.Array:
+  """int8 pages (K,P,ps,H) times their scales (K,P,ps), in `dtype`; other pages as they are."""
+  if scales is None:
+    return pages
+  return (pages.astype(jnp.float32) * scales.astype(jnp.float32)[..., None]).astype(dtype)
+
+
 def paged_attention_reference(q: jax.Array, k_pages: jax.Array, v_pages: jax.Array,
-                              lengths: jax.Array, page_table: jax.Array, *,
+                              lengths: jax.Array, page_table: jax.Array,
+                              k_scales: jax.Array | None = None,
+                              v_scales: jax.Array | None = None, *,
                               window: int | None = None, sinks: int = 0,
                               num_splits: int | None = None,
                               scale: float | None = None,
@@ -27,6 +36,8 @@ def paged_attention_reference(q: jax.Array, k_pages: jax.Array, v_pages: jax.Arr
   b, n, h = q.shape
   kv_heads = k_pages.shape[0]
   scale = h**-0.5 if scale is None else scale
+  k_pages = dequantize_pages(k_pages, k_scales, q.dtype)
+  v_pages = dequantize_pages(v_pages, v_scales, q.dtype)
   k, v = gather_pages(k_pages, page_table), gather_pages(v_pages, page_table)
   qg = q.reshape(b, kv_heads, n // kv_heads, h)
   logits = jnp.einsum("bkgh,bksh->bkgs", qg, k, preferred_element_type=jnp.float32) * scale

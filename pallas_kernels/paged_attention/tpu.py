@@ -60,10 +60,14 @@ def _segments(end, split, *, page_size, max_pages, per_split, window_lag, sinks)
   return (first, sink_end), (jnp.minimum(jnp.maximum(sink_end, wfirst), last), last)
 
 
-def _kernel(ends_ref, pt_ref, q_ref, *refs, num_extra, visible, scale, page_size, bp,
+def _kernel(ends_ref, pt_ref, q_ref, *refs, num_extra, quantized, visible, scale, page_size, bp,
             max_pages, per_split, window_lag, sinks):
   extras = refs[:num_extra]
-  k_hbm, v_hbm, o_ref, lse_ref, k_buf, v_buf, sems = refs[num_extra:]
+  nq = 2 if quantized else 0  # int8 pools: their scales' HBM refs and VMEM buffers
+  k_hbm, v_hbm, *scale_hbm = refs[num_extra:num_extra + 2 + nq]
+  o_ref, lse_ref, k_buf, v_buf, *rest = refs[num_extra + 2 + nq:]
+  scale_buf, sems = rest[:nq], rest[nq]
+  pairs = [(k_hbm, k_buf), (v_hbm, v_buf)] + list(zip(scale_hbm, scale_buf))
   b, head, split = pl.program_id(0), pl.program_id(1), pl.program_id(2)
   end = ends_ref[b]
   (a0, a1), (b0, b1) = _segments(end, split, page_size=page_size, max_pages=max_pages,
@@ -82,7 +86,7 @@ def _kernel(ends_ref, pt_ref, q_ref, *refs, num_extra, visible, scale, page_size
       p = start + j
       page = pt_ref[b * max_pages + jnp.minimum(p, max_pages - 1)]
       yield p < stop, [pltpu.make_async_copy(src.at[head, page], buf.at[slot, j], sems.at[n, slot])
-                       for n, (src, buf) in enumerate(((k_hbm, k_buf), (v_hbm, v_buf)))]
+                       for n, (src, buf) in enumerate(pairs)]
 
   def dma(i, slot, op):  # op: "start" or "wait" each valid page's K and V copies
     for valid, pair in copies(i, slot):
@@ -107,19 +111,26 @@ def _kernel(ends_ref, pt_ref, q_ref, *refs, num_extra, visible, scale, page_size
     start, stop = block(i)
     limit = jnp.minimum(stop * page_size, end)  # fetched, and written
     pos = start * page_size + lax.broadcasted_iota(jnp.int32, (1, bk), 1)
-    k = k_buf[slot].reshape(bk, h)
-    v = v_buf[slot].reshape(bk, h)
+    k, v = k_buf[slot], v_buf[slot]
+    if quantized:  # int8 rows widened per page (a 32-bit tile holds a page's rows whole)
+      k, v = k.astype(jnp.float32), v.astype(jnp.float32)
+    k = k.reshape(bk, h).astype(q.dtype)
+    v = v.reshape(bk, h).astype(q.dtype)
     # Unfetched or stale buffer rows may hold anything, NaN included: mask keys and values.
     v = jnp.where(start * page_size + lax.broadcasted_iota(jnp.int32, (bk, 1), 0) < limit, v,
                   jnp.zeros_like(v))
     seen = visible(pos, end, *extras) & (pos < limit)
     logits = lax.dot_general(q, k, _TRANS_B, preferred_element_type=jnp.float32) * scale
+    if quantized:  # per-key scales along the lanes: on the logits, and on the weights of v
+      ks, vs = (buf[slot].reshape(1, bk) for buf in scale_buf)
+      logits = logits * ks
     logits = jnp.where(seen, logits, MASK_VALUE)
     m_new = jnp.maximum(m, logits.max(axis=-1, keepdims=True))
     p = jnp.where(seen, jnp.exp(logits - m_new), 0.0)
     corr = jnp.exp(m - m_new)
     l = corr * l + p.sum(axis=-1, keepdims=True)
-    o = corr * o + jnp.dot(p.astype(v.dtype), v, preferred_element_type=jnp.float32)
+    weights = jnp.where(seen, p * vs, 0.0) if quantized else p
+    o = corr * o + jnp.dot(weights.astype(v.dtype), v, preferred_element_type=jnp.float32)
     return o, m_new, l
 
   @pl.when(na + nb > 0)
@@ -139,20 +150,22 @@ def paged_rows_attention(q: jax.Array, k_pages: jax.Array, v_pages: jax.Array, e
                          page_table: jax.Array, extras: tuple[jax.Array, ...],
                          visible: Callable[..., jax.Array], *, scale: float, num_splits: int,
                          window_lag: int | None, sinks: int, block_pages: int | None = None,
-                         interpret=False):
+                         scales: tuple[jax.Array, ...] = (), interpret=False):
   """q (B,K,R,H) -> (o (B,K,C,R,H) f32 unnormalised per split, lse (B,K,C,R)).
 
   Row r of (b, k) sees key position `pos` iff pos < ends[b] and visible(pos (1,bk), ends[b],
   *refs to extras' (R, X) blocks of b) -> (R, bk); `extras` are (B, R, X) int32 per-row
   inputs. With a window, no row sees a position below ends[b] - window_lag except the first
   `sinks`, so those pages are skipped. block_pages: pages per DMA block (default: about 256
-  keys)."""
+  keys). scales: () or, for int8 pools, their float32 (K,P,ps) scales (k's, v's), fetched page
+  by page beside the pages."""
   b, kv_heads, rows, h = q.shape
   _, _, page_size, _ = k_pages.shape
   max_pages = page_table.shape[1]
   per_split = -(-max_pages // num_splits)
   bp = min(block_pages, per_split) if block_pages else pages_per_block(page_size, per_split)
-  kernel = functools.partial(_kernel, num_extra=len(extras), visible=visible, scale=scale,
+  kernel = functools.partial(_kernel, num_extra=len(extras), quantized=bool(scales),
+                             visible=visible, scale=scale,
                              page_size=page_size, bp=bp, max_pages=max_pages,
                              per_split=per_split, window_lag=window_lag, sinks=sinks)
   row_spec = lambda x: pl.BlockSpec((None,) + x.shape[1:], lambda bi, ki, si, *_: (bi, 0, 0))
@@ -161,14 +174,15 @@ def paged_rows_attention(q: jax.Array, k_pages: jax.Array, v_pages: jax.Array, e
       num_scalar_prefetch=2,
       grid=(b, kv_heads, num_splits),
       in_specs=[pl.BlockSpec((None, None, rows, h), lambda bi, ki, si, *_: (bi, ki, 0, 0))]
-      + [row_spec(x) for x in extras] + [hbm, hbm],
+      + [row_spec(x) for x in extras] + [hbm] * (2 + len(scales)),
       out_specs=[pl.BlockSpec((None, None, None, rows, h),
                               lambda bi, ki, si, *_: (bi, ki, si, 0, 0)),
                  pl.BlockSpec((None, None, None, rows, LANES),
                               lambda bi, ki, si, *_: (bi, ki, si, 0, 0))],
       scratch_shapes=[pltpu.VMEM((2, bp, page_size, h), k_pages.dtype),
-                      pltpu.VMEM((2, bp, page_size, h), v_pages.dtype),
-                      pltpu.SemaphoreType.DMA((2, 2))])
+                      pltpu.VMEM((2, bp, page_size, h), v_pages.dtype)]
+      + [pltpu.VMEM((2, bp, page_size), jnp.float32)] * len(scales)
+      + [pltpu.SemaphoreType.DMA((2 + len(scales), 2))])
   o, lse = pl.pallas_call(
       kernel, grid_spec=grid_spec,
       out_shape=[jax.ShapeDtypeStruct((b, kv_heads, num_splits, rows, h), jnp.float32),
@@ -177,5 +191,5 @@ def paged_rows_attention(q: jax.Array, k_pages: jax.Array, v_pages: jax.Array, e
           dimension_semantics=("parallel", "parallel", "arbitrary")),
       interpret=interpret, name="paged_rows_attention_tpu",
   )(ends.astype(jnp.int32), page_table.astype(jnp.int32).reshape(-1), q, *extras, k_pages,
-    v_pages)
+    v_pages, *scales)
   return o, lse[..., 0]

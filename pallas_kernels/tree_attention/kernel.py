@@ -23,9 +23,9 @@ import jax
 import jax.numpy as jnp
 from jax.experimental import pallas as pl
 
-from pallas_kernels.common import (gpu_rows, merge_splits, on_target, pow2, softmax_finish,
-                                   softmax_init, split_pages, triton_params, walk_pages,
-                                   walk_sinks_and_window)
+from pallas_kernels.common import (check_scales, gpu_rows, merge_splits, on_target, pow2,
+                                   scale_kwargs, softmax_finish, softmax_init, split_pages,
+                                   triton_params, walk_pages, walk_sinks_and_window)
 from pallas_kernels.paged_attention.kernel import page_walk_forms
 from pallas_kernels.paged_attention.tpu import paged_rows_attention, sublanes
 from pallas_kernels.tree_attention.reference import check_window, tree_depths
@@ -51,8 +51,9 @@ def _visible(tree_size, window, sinks):
   return visible
 
 
-def _kernel(len_ref, pt_ref, mask_ref, depth_ref, q_ref, k_ref, v_ref, o_ref, lse_ref, *, scale,
-            page_size, pages_per_split, tree_size, window, sinks):
+def _kernel(len_ref, pt_ref, mask_ref, depth_ref, q_ref, k_ref, v_ref, *refs, scale, page_size,
+            pages_per_split, tree_size, window, sinks):
+  *scale_refs, o_ref, lse_ref = refs  # (ks_ref, vs_ref) with int8 pools
   q = q_ref[...]
   rows, h = q.shape
   prefix = len_ref[0]
@@ -60,7 +61,8 @@ def _kernel(len_ref, pt_ref, mask_ref, depth_ref, q_ref, k_ref, v_ref, o_ref, ls
   visible = functools.partial(_visible(tree_size, window, sinks), end=prefix + tree_size,
                               words=mask_ref, depth=depth_ref)
   walk = functools.partial(walk_pages, q, k_ref, v_ref, pt_ref, visible_fn=visible,
-                           head=pl.program_id(1), scale=scale, page_size=page_size)
+                           head=pl.program_id(1), scale=scale, page_size=page_size,
+                           **scale_kwargs(scale_refs))
   # the root (depth 0) sees the earliest prefix position
   carry = walk_sinks_and_window(walk, first, last, softmax_init(rows, h), page_size=page_size,
                                 sinks=sinks,
@@ -68,7 +70,7 @@ def _kernel(len_ref, pt_ref, mask_ref, depth_ref, q_ref, k_ref, v_ref, o_ref, ls
   o_ref[...], lse_ref[...] = softmax_finish(carry)
 
 
-def _check(q, k_pages, v_pages, prefix_len, page_table, tree_mask):
+def _check(q, k_pages, v_pages, prefix_len, page_table, tree_mask, k_scales, v_scales):
   if q.ndim != 4 or k_pages.ndim != 4 or v_pages.shape != k_pages.shape:
     raise ValueError(f"tree_attention: expected q (B,T,N,H) and pages (K,P,ps,H), got {q.shape}, "
                      f"{k_pages.shape}, {v_pages.shape}")
@@ -81,6 +83,7 @@ def _check(q, k_pages, v_pages, prefix_len, page_table, tree_mask):
   if tree_mask.shape != (b, t, -(-t // 32)):
     raise ValueError(f"tree_attention: tree_mask must be (B, T, ceil(T/32)) = "
                      f"{(b, t, -(-t // 32))}, got {tree_mask.shape}")
+  check_scales("tree_attention", k_pages, k_scales, v_scales)
 
 
 def _pad_rows(rows, *xs):
@@ -91,7 +94,7 @@ def _pad_rows(rows, *xs):
   return (q, *(jnp.pad(x, ((0, 0), (0, rows - r), (0, 0))) for x in per_row))
 
 
-def _gpu_form(qg, k_pages, v_pages, prefix_len, page_table, mask, depth, *, scale, splits,
+def _gpu_form(qg, k_pages, v_pages, prefix_len, page_table, mask, depth, *scales, scale, splits,
               tree_size, window, sinks, min_rows, interpret):
   """The Triton form (what CPU interprets): qg (B,K,T*G,H) -> (B,K,T*G,H) f32. Rows and mask
   words are padded to powers of two when compiled (Triton's array sizes)."""
@@ -113,18 +116,18 @@ def _gpu_form(qg, k_pages, v_pages, prefix_len, page_table, mask, depth, *, scal
                 pl.BlockSpec((None, rows, words), lambda bi, ki, si: (bi, 0, 0)),
                 pl.BlockSpec((None, rows, 1), lambda bi, ki, si: (bi, 0, 0)),
                 pl.BlockSpec((None, None, rows, h), lambda bi, ki, si: (bi, ki, 0, 0)),
-                pool, pool],
+                pool, pool] + [pool] * len(scales),
       out_specs=[pl.BlockSpec((None, None, None, rows, h), lambda bi, ki, si: (bi, ki, si, 0, 0)),
                  pl.BlockSpec((None, None, None, rows), lambda bi, ki, si: (bi, ki, si, 0))],
       out_shape=[jax.ShapeDtypeStruct((b, kv_heads, splits, rows, h), jnp.float32),
                  jax.ShapeDtypeStruct((b, kv_heads, splits, rows), jnp.float32)],
       interpret=interpret, compiler_params=None if interpret else triton_params(),
       name="tree_verify_attention",
-  )(prefix_len[:, None], page_table, mask, depth, qg, k_pages, v_pages)
+  )(prefix_len[:, None], page_table, mask, depth, qg, k_pages, v_pages, *scales)
   return merge_splits(o, lse, axis=2)[:, :, :tg]
 
 
-def _tpu_form(qg, k_pages, v_pages, prefix_len, page_table, mask, depth, *, scale, splits,
+def _tpu_form(qg, k_pages, v_pages, prefix_len, page_table, mask, depth, *scales, scale, splits,
               tree_size, window, sinks, block_pages, interpret):
   """The Mosaic TPU form (paged_attention/tpu.py); rows padded to a whole sublane tile."""
   tg = qg.shape[2]
@@ -134,14 +137,15 @@ def _tpu_form(qg, k_pages, v_pages, prefix_len, page_table, mask, depth, *, scal
       qg, k_pages, v_pages, prefix_len + tree_size, page_table, (mask, depth),
       _visible(tree_size, window, sinks), scale=scale, num_splits=splits,
       window_lag=None if window is None else window + tree_size - 1, sinks=sinks,
-      block_pages=block_pages, interpret=interpret)
+      block_pages=block_pages, scales=scales, interpret=interpret)
   return merge_splits(o, lse, axis=2)[:, :, :tg]
 
 
 @functools.partial(jax.jit, static_argnames=("window", "sinks", "num_splits", "scale", "backend",
                                              "interpret", "min_rows", "block_pages"))
 def tree_attention(q: jax.Array, k_pages: jax.Array, v_pages: jax.Array, prefix_len: jax.Array,
-                   page_table: jax.Array, tree_mask: jax.Array, *, window: int | None = None,
+                   page_table: jax.Array, tree_mask: jax.Array, k_scales: jax.Array | None = None,
+                   v_scales: jax.Array | None = None, *, window: int | None = None,
                    sinks: int = 0, num_splits: int | None = None, scale: float | None = None,
                    backend: str | None = None, interpret: bool | None = None,
                    min_rows: int | None = None, block_pages: int | None = None) -> jax.Array:
@@ -153,8 +157,9 @@ def tree_attention(q: jax.Array, k_pages: jax.Array, v_pages: jax.Array, prefix_
 
   The platform being lowered for picks the kernel form (TPU: Mosaic with DMAs; CUDA: Triton;
   CPU: the Triton form interpreted); `backend` / `interpret` force them (common.on_target);
-  `block_pages` is the TPU form's pages per DMA block (default: about 256 keys)."""
-  _check(q, k_pages, v_pages, prefix_len, page_table, tree_mask)
+  `block_pages` is the TPU form's pages per DMA block (default: about 256 keys). int8 pools
+  come with (K,P,ps) `k_scales`, `v_scales`, as in paged_attention."""
+  _check(q, k_pages, v_pages, prefix_len, page_table, tree_mask, k_scales, v_scales)
   b, t, n, h = q.shape
   check_window(window, t, sinks)
   kv_heads = k_pages.shape[0]
@@ -169,6 +174,8 @@ def tree_attention(q: jax.Array, k_pages: jax.Array, v_pages: jax.Array, prefix_
                           scale=h**-0.5 if scale is None else scale, tree_size=t, window=window,
                           sinks=sinks)
   out = on_target(build, qg, k_pages, v_pages, prefix_len.astype(jnp.int32),
-                  page_table.astype(jnp.int32), mask, depth, backend=backend, interpret=interpret)
+                  page_table.astype(jnp.int32), mask, depth,
+                  *(() if k_scales is None else (k_scales, v_scales)), backend=backend,
+                  interpret=interpret)
   out = out.reshape(b, kv_heads, t, g, h).transpose(0, 2, 1, 3, 4)
   return out.reshape(b, t, n, h).astype(q.dtype)

@@ -8,7 +8,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from pallas_kernels.paged_attention.reference import gather_pages
+from pallas_kernels.paged_attention.reference import dequantize_pages, gather_pages
 
 
 def ancestor_matrix(parents: jax.Array) -> jax.Array:
@@ -78,7 +78,9 @@ def tree_visibility(prefix_len: jax.Array, tree_mask: jax.Array, num_keys: int,
 
 def tree_attention_reference(q: jax.Array, k_pages: jax.Array, v_pages: jax.Array,
                              prefix_len: jax.Array, page_table: jax.Array, tree_mask: jax.Array,
-                             *, window: int | None = None, sinks: int = 0,
+                             k_scales: jax.Array | None = None,
+                             v_scales: jax.Array | None = None, *, window: int | None = None,
+                             sinks: int = 0,
                              num_splits: int | None = None, scale: float | None = None,
                              backend: str | None = None, interpret: bool | None = None,
                              min_rows: int | None = None,
@@ -88,6 +90,8 @@ def tree_attention_reference(q: jax.Array, k_pages: jax.Array, v_pages: jax.Arra
   check_window(window, t, sinks)
   kv_heads = k_pages.shape[0]
   scale = h**-0.5 if scale is None else scale
+  k_pages = dequantize_pages(k_pages, k_scales, q.dtype)
+  v_pages = dequantize_pages(v_pages, v_scales, q.dtype)
   k, v = gather_pages(k_pages, page_table), gather_pages(v_pages, page_table)  # (B,K,S,H)
   qg = q.reshape(b, t, kv_heads, n // kv_heads, h)
   logits = jnp.einsum("btkgh,bksh->bkgts", qg, k, preferred_element_type=jnp.float32) * scale

@@ -1,0 +1,232 @@
+"""The int8 KV cache: pages of int8 K/V with a float32 scale per token and kv head, read by the
+paged decode and tree-verification kernels in every form (interpreted Triton form, TPU interpret
+mode, libtpu's compilation, the Triton lowering for CUDA) and by the XLA path; the engine serving
+from it (speculating, on a mesh, through the CLI's options), and its bytes."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from jaxinfer.kv_cache import KVCache, PagedKVCache, QuantizedKV, kv_move, kv_set
+from pallas_kernels.common import gpu_target
+from pallas_kernels.paged_attention import paged_attention, paged_attention_reference
+from pallas_kernels.tree_attention import (pack_ancestors, tree_attention,
+                                           tree_attention_reference)
+
+PARENTS = [-1, 0, 0, 1, 1, 2, 3, 3, 5, 8]
+
+
+def _quantized_pools(k, pool, ps, h, seed=0):
+  ks = jax.random.split(jax.random.key(seed), 2)
+  return [QuantizedKV.quantize(jax.random.normal(key, (k, pool, ps, h)) * 3) for key in ks]
+
+
+def test_quantize_is_per_token_and_head_and_within_half_a_step():
+  x = jax.random.normal(jax.random.key(1), (2, 5, 7, 32)) * jnp.arange(1, 8)[None, None, :, None]
+  q = QuantizedKV.quantize(x)
+  assert q.values.dtype == jnp.int8 and q.scales.shape == (2, 5, 7) and q.scales.dtype == jnp.float32
+  step = q.scales[..., None]
+  assert bool(jnp.all(jnp.abs(q.dequantize(jnp.float32) - x) <= step / 2 + 1e-6))
+  # each vector alone decides its scale: quantizing a slice gives the same values
+  part = QuantizedKV.quantize(x[:, 2:3])
+  assert np.array_equal(part.values, q.values[:, 2:3]) and np.array_equal(part.scales,
+                                                                          q.scales[:, 2:3])
+
+
+def test_writes_quantize_and_moves_copy_values_and_scales():
+  buf = QuantizedKV(jnp.zeros((2, 4, 8, 16), jnp.int8), jnp.zeros((2, 4, 8), jnp.float32))
+  new = jax.random.normal(jax.random.key(2), (2, 3, 16))
+  index = (slice(None), jnp.array([1, 1, 9]), jnp.array([0, 5, 0]))  # the last out of range
+  buf = kv_set(buf, index, new)
+  want = QuantizedKV.quantize(new)
+  assert np.array_equal(buf.values[:, 1, 5], want.values[:, 1])
+  assert np.array_equal(buf.scales[:, 1, 0], want.scales[:, 0])
+  moved = kv_move(buf, (slice(None), jnp.array([1]), jnp.array([5])),
+                  (slice(None), jnp.array([3]), jnp.array([2])))
+  assert np.array_equal(moved.values[:, 3, 2], buf.values[:, 1, 5])
+  assert np.array_equal(moved.scales[:, 3, 2], buf.scales[:, 1, 5])
+
+
+@pytest.mark.parametrize("backend", ["gpu", "tpu"])
+def test_kernels_read_int8_pages_with_their_scales(backend):
+  """Both kernels, both forms (the TPU form in TPU interpret mode, DMAs of pages and scales
+  modelled), sinks and a window, several DMA blocks: equal to attention over the dequantized
+  pages."""
+  k, pool, ps, h, b, n, m = 2, 32, 16, 16, 3, 6, 8
+  kq, vq = _quantized_pools(k, pool, ps, h)
+  table = jnp.asarray(np.random.RandomState(0).permutation(pool)[:b * m].reshape(b, m), jnp.int32)
+  scales = (kq.scales, vq.scales)
+  q = jax.random.normal(jax.random.key(3), (b, n, h))
+  lengths = jnp.array([5, 70, 128])
+  for kw in ({}, dict(window=40, sinks=3)):
+    out = paged_attention(q, kq.values, vq.values, lengths, table, *scales, backend=backend,
+                          block_pages=2, **kw)
+    ref = paged_attention_reference(q, kq.values, vq.values, lengths, table, *scales, **kw)
+    np.testing.assert_allclose(out, ref, atol=2e-5, rtol=2e-5)
+  qt = jax.random.normal(jax.random.key(4), (b, len(PARENTS), n, h))
+  mask = pack_ancestors(jnp.array([PARENTS] * b))
+  prefix = jnp.array([3, 60, 100])
+  out = tree_attention(qt, kq.values, vq.values, prefix, table, mask, *scales, window=40,
+                       sinks=2, backend=backend, block_pages=2)
+  ref = tree_attention_reference(qt, kq.values, vq.values, prefix, table, mask, *scales,
+                                 window=40, sinks=2)
+  np.testing.assert_allclose(out, ref, atol=2e-5, rtol=2e-5)
+
+
+def test_kernels_name_missing_or_misshapen_scales():
+  kq, vq = _quantized_pools(1, 4, 8, 16)
+  args = (jnp.zeros((1, 2, 16)), kq.values, vq.values, jnp.array([3]), jnp.zeros((1, 2), jnp.int32))
+  with pytest.raises(ValueError, match="int8 pools need k_scales and v_scales"):
+    paged_attention(*args)
+  with pytest.raises(ValueError, match="scales must be float32"):
+    paged_attention(*args, kq.scales.astype(jnp.bfloat16), vq.scales.astype(jnp.bfloat16))
+
+
+B, N, K, H, CONTEXT, PS = 64, 32, 8, 128, 8192, 16
+
+
+def _serving_args(sharding=None, t=None):
+  m = CONTEXT // PS
+  pool = B * m
+  s = lambda shape, dt: jax.ShapeDtypeStruct(shape, dt, sharding=sharding)
+  pages = (s((K, pool, PS, H), jnp.int8),) * 2
+  scales = (s((K, pool, PS), jnp.float32),) * 2
+  ends, table = s((B,), jnp.int32), s((B, m), jnp.int32)
+  if t is None:
+    return (s((B, N, H), jnp.bfloat16),) + pages + (ends, table) + scales
+  return (s((B, t, N, H), jnp.bfloat16),) + pages + (ends, table,
+                                                     s((B, t, -(-t // 32)), jnp.int32)) + scales
+
+
+def test_libtpu_compiles_int8_kernels_and_the_triton_form_lowers(tpu_device, no_persistent_cache):
+  """Serving shapes (batch 64, 8k context, GQA 32/8, head_dim 128, int8 pages): libtpu compiles
+  both kernels, and nothing pool-sized (no dequantized copy) is allocated beside the arguments;
+  the Triton form lowers for CUDA."""
+  paged = jax.jit(lambda q, k, v, e, t, ks, vs: paged_attention(q, k, v, e, t, ks, vs))
+  tree = jax.jit(lambda q, k, v, e, t, mk, ks, vs: tree_attention(q, k, v, e, t, mk, ks, vs,
+                                                                   window=1024, sinks=4))
+  sharding = jax.sharding.SingleDeviceSharding(tpu_device("v5e:2x2"))
+  for fn, args in [(paged, _serving_args(sharding)), (tree, _serving_args(sharding, 16))]:
+    compiled = fn.lower(*args).compile()
+    assert "tpu_custom_call" in compiled.as_text()
+    assert compiled.memory_analysis().temp_size_in_bytes < args[1].size  # one int8 pool
+  for fn, args in [(paged, _serving_args()), (tree, _serving_args(None, 16))]:
+    with gpu_target():
+      text = fn.trace(*args).lower(lowering_platforms=("cuda",)).as_text()
+    assert "__gpu$xla.gpu.triton" in text
+
+
+def test_pool_bytes_count_values_and_scales():
+  from jaxinfer.config import PRESETS
+  from jaxinfer.sharding import device_bytes
+  cfg = PRESETS["tiny"]
+  k, v = PagedKVCache.init_pools(cfg, 6, 8, kv_cache_dtype="int8")
+  assert device_bytes((k, v)) == PagedKVCache.pool_bytes(cfg, 6, 8, "int8")
+  llama = PRESETS["llama3-8b"]  # bfloat16, head_dim 128
+  assert PagedKVCache.pool_bytes(llama, 1, 1, "int8") / PagedKVCache.pool_bytes(llama, 1, 1) \
+      == pytest.approx((128 + 4) / 256)
+  with pytest.raises(ValueError, match="kv_cache_dtype"):
+    KVCache.init(cfg, 1, 8, kv_cache_dtype="int4")
+
+
+@pytest.fixture(scope="module")
+def target(tiny_model_dir):
+  from jaxinfer import checkpoint
+  cfg, params, _ = checkpoint.load_model(str(tiny_model_dir))
+  return cfg, params
+
+
+def _requests():
+  from jaxinfer.engine.scheduler import EngineRequest
+  rng = np.random.RandomState(0)
+  header = [int(x) for x in rng.randint(3, 50, 24)]
+  reqs = []
+  for i in range(6):
+    body = [int(x) for x in rng.randint(3, 50, 5 + 3 * i)]
+    reqs.append(EngineRequest(i, (header if i % 2 else []) + body + body[:6],
+                              int(rng.randint(8, 25)), np.asarray([0, i], np.uint32)))
+  return reqs
+
+
+def _run(target, proposer=None, runtime=None, **kw):
+  from jaxinfer.engine import Engine, EngineConfig
+  from jaxinfer.runtime import Runtime
+  cfg, params = target
+  ecfg = EngineConfig(num_slots=3, chunk_size=16, chunk_lanes=2, page_size=8,
+                      kv_cache_dtype="int8")
+  eng = Engine(cfg, params, ecfg, max_len=128, runtime=runtime or Runtime(), proposer=proposer,
+               **kw)
+  out = {}
+  st = eng.run(_requests(), lambda r: out.__setitem__(r.uid, r))
+  return {u: r.tokens for u, r in out.items()}, st, eng
+
+
+def test_int8_engine_speculation_equals_its_plain_decoding(target):
+  """Greedy speculation over the int8 pool (its kernels, the accepted path's int8 K/V and scales
+  moved into place) gives the same tokens as plain decoding over the int8 pool; the pages hold
+  int8 values, and a shared header's pages are still read by reference."""
+  from jaxinfer.runtime import Runtime
+  from jaxinfer.speculative import proposers as P
+  runtime = Runtime(implementation="pallas")
+  ref, _, eng = _run(target, runtime=runtime)
+  assert isinstance(eng.k[0], QuantizedKV) and eng.k[0].values.dtype == jnp.int8
+  for proposer in (P.NGram(num_draft_tokens=3), P.Lookahead(num_nodes=4, depth=2)):
+    out, st, _ = _run(target, proposer, runtime, speculation="always")
+    assert out == ref, proposer
+    assert st.decode_tokens > st.row_steps > 0 and st.prefill_tokens_saved >= 3 * 8
+
+
+def test_int8_engine_on_a_mesh_equals_one_device(target):
+  """Pages and scales split over the kv heads (model:2): the same tokens as one device."""
+  from jaxinfer.runtime import Runtime
+  from jaxinfer.serving.placement import on_replica
+  from jaxinfer.sharding import make_mesh
+  ref, _, _ = _run(target)
+  mesh = make_mesh("model:2", jax.devices()[:2])
+  cfg, params = target
+  out, _, eng = _run((cfg, on_replica(params, mesh, [mesh])), runtime=Runtime(mesh))
+  assert out == ref
+  assert eng.k[0].scales.sharding.spec[0] == "model"
+
+
+def test_generate_serves_an_int8_cache_and_refuses_what_cannot(tmp_path, tiny_model_dir):
+  """The API with kv_cache_dtype="int8" (the CLI's --kv_cache_dtype) serves through the engine;
+  an unknown dtype, the static scheduler, or a proposer that runs outside the engine is one
+  line naming the flag."""
+  import jaxinfer
+  from jaxinfer.errors import UserError
+  llm = jaxinfer.LLM(str(tiny_model_dir), kv_cache_dtype="int8", batch_size=2, progress=False)
+  out = llm.generate(["def add(a, b):", "class Point:"],
+                     jaxinfer.SamplingParams(max_new_tokens=6, min_p=0.0))
+  assert [len(r.outputs[0].ids) for r in out] == [6, 6]
+  for kw, match in [(dict(kv_cache_dtype="fp8"), "--kv_cache_dtype: expected one of int8"),
+                    (dict(kv_cache_dtype="int8", scheduler="static"), "static scheduler"),
+                    (dict(kv_cache_dtype="int8", speculative="draft",
+                          draft_model=str(tiny_model_dir)), "outside the")]:
+    with pytest.raises(UserError, match=match):
+      jaxinfer.LLM(str(tiny_model_dir), progress=False, **kw).generate(["x"])
+
+
+def test_contiguous_int8_cache_decodes_alike_through_the_kernel_and_xla():
+  """A contiguous int8 cache (viewed as pages by the decode kernel): prefill then one decode
+  step, Pallas against XLA. Not to 1e-5: the kernel's last-bit differences in one layer's
+  output can move a rounding step of the next layer's int8 K/V (the kernels alone agree to
+  2e-5, above)."""
+  from jaxinfer import model as M
+  from jaxinfer.config import PRESETS
+  from jaxinfer.runtime import Runtime
+  cfg = PRESETS["tiny"]
+  params = M.init_params(cfg, jax.random.key(0))
+  tokens = jax.random.randint(jax.random.key(1), (2, 21), 3, 200)
+  pos = jnp.broadcast_to(jnp.arange(21), (2, 21))
+  outs = []
+  for impl in ("xla", "pallas"):
+    cache = KVCache.init(cfg, 2, 32, kv_cache_dtype="int8")
+    rt = Runtime(implementation=impl)
+    _, cache = M.forward(params, tokens[:, :20], pos[:, :20], cfg, cache, kv_source="cache",
+                         runtime=rt)
+    hidden, _ = M.forward(params, tokens[:, 20:], pos[:, 20:], cfg, cache, kv_source="cache",
+                          runtime=rt)
+    outs.append(hidden)
+  np.testing.assert_allclose(outs[1], outs[0], atol=2e-3, rtol=2e-3)
