@@ -35,7 +35,8 @@ from jaxinfer import compilation_cache
 from jaxinfer import model as M
 from jaxinfer.config import DTYPES, PRESETS, ModelConfig
 from jaxinfer.engine.engine import EngineConfig, engine_decode, engine_step, pool_pages_for
-from jaxinfer.kv_cache import SCALE_DTYPE, PagedKVCache, QuantizedKV
+from jaxinfer.kv_cache import PagedKVCache
+from jaxinfer.kv_quant import SCALE_DTYPE, QuantizedKV, scales_shape
 from jaxinfer.params import abstract_params
 from jaxinfer.runtime import Runtime
 from jaxinfer.sharding import MESH_AXES, device_bytes, format_mesh, parse_mesh
@@ -245,7 +246,7 @@ def _engine_pools(cfg: ModelConfig, ecfg: EngineConfig, tokens: int, runtime: Ru
     pool = jax.ShapeDtypeStruct(shape, cfg.jnp_dtype, sharding=values)
   else:
     pool = QuantizedKV(jax.ShapeDtypeStruct(shape, jnp.int8, sharding=values),
-                       jax.ShapeDtypeStruct(shape[:3], SCALE_DTYPE, sharding=scales))
+                       jax.ShapeDtypeStruct(scales_shape(shape), SCALE_DTYPE, sharding=scales))
   return (pool,) * cfg.num_layers, m
 
 

@@ -27,7 +27,8 @@ import jax
 import jax.numpy as jnp
 from jax.sharding import Mesh, PartitionSpec
 
-from jaxinfer.kv_cache import kv_arrays, kv_dense, kv_gather, kv_reshape
+from jaxinfer.kv_cache import SCALE_AXES
+from jaxinfer.kv_quant import QuantizedKV, kv_arrays, kv_read, kv_reshape
 from jaxinfer.sharding import DEFAULT_RULES, ShardingRules, rows_split
 from jaxinfer.sparsity import Sparsity
 
@@ -123,7 +124,7 @@ def _xla_cache(q, kv, positions, *, window, sinks, mesh, rules):
   if kv.page_table is not None:  # gather each row's pages into (K, B, M*ps, H)
     k, v = _gather_rows(kv.k, kv.page_table, q.dtype), _gather_rows(kv.v, kv.page_table, q.dtype)
   else:
-    k, v = kv_dense(kv.k, q.dtype), kv_dense(kv.v, q.dtype)
+    k, v = kv_read(kv.k, (), q.dtype), kv_read(kv.v, (), q.dtype)
   return cache_attention_reference(q, k, v, positions, window=window, sinks=sinks)
 
 
@@ -131,8 +132,7 @@ def _gather_rows(pool, page_table, dtype):
   """Each row's pages of a pool (K,P,ps,H), in order and dequantized: (K, B, M*ps, H)."""
   kv_heads, _, ps, h = pool.shape
   b, m = page_table.shape
-  return kv_dense(kv_reshape(kv_gather(pool, (slice(None), page_table)), kv_heads, b, m * ps),
-                  dtype)
+  return kv_read(pool, (slice(None), page_table), dtype).reshape(kv_heads, b, m * ps, h)
 
 
 # --- Pallas ---------------------------------------------------------------------------------
@@ -213,6 +213,10 @@ def _pallas_cache(q, kv, positions, *, window, sinks, mesh, rules):
     return _shard(paged, mesh, rules, (qa, ("batch", "seq"), ("batch", None)) + axes, qa,
                   (q, positions, kv.page_table) + args)
 
+  if isinstance(kv.k, QuantizedKV) and rows_split(b, mesh, rules):
+    # scale rows are whole on every shard, the rows' pages are not: read them through XLA
+    return _xla_cache(q, kv, positions, window=window, sinks=sinks, mesh=mesh, rules=rules)
+
   def contiguous(q, positions, k_cache, v_cache, *scales):
     kv_heads, bl, s, hd = k_cache.shape
     ps = _page_size(s)
@@ -220,7 +224,6 @@ def _pallas_cache(q, kv, positions, *, window, sinks, mesh, rules):
     # The contiguous cache is a page pool whose sequence b owns pages [b*M, (b+1)*M).
     k_pages = k_cache.reshape(kv_heads, bl * pages_per_seq, ps, hd)
     v_pages = v_cache.reshape(kv_heads, bl * pages_per_seq, ps, hd)
-    scales = tuple(x.reshape(kv_heads, bl * pages_per_seq, ps) for x in scales)
     table = jnp.arange(bl * pages_per_seq, dtype=jnp.int32).reshape(bl, pages_per_seq)
     lengths = jnp.minimum(positions[:, 0] + 1, s)
     out = paged_attention(q[:, 0], k_pages, v_pages, lengths, table, *scales, window=window,
@@ -232,10 +235,11 @@ def _pallas_cache(q, kv, positions, *, window, sinks, mesh, rules):
 
 
 def _pool_args(kv, axes):
-  """The kernels' K/V arguments, (k, v) or (k, v, k scales, v scales), and their logical axes."""
+  """The kernels' K/V arguments, (k, v) or (k, v, k scale rows, v scale rows), and their logical
+  axes."""
   k, v = kv_arrays(kv.k), kv_arrays(kv.v)
   args = (k[0], v[0]) + k[1:] + v[1:]
-  return args, (axes, axes) + (axes[:3],) * (len(args) - 2)
+  return args, (axes, axes) + (SCALE_AXES,) * (len(args) - 2)
 
 
 def _xla_tree(q, kv, positions, *, window, sinks, mesh, rules):
@@ -244,7 +248,7 @@ def _xla_tree(q, kv, positions, *, window, sinks, mesh, rules):
   b, t, n, h = q.shape
   kv_heads = kv.k.shape[0]
   if kv.contiguous:  # row b owns pages [b*M, (b+1)*M): the pool is a (K, B, S, H) cache
-    k, v = (kv_dense(kv_reshape(x, kv_heads, b, -1), q.dtype) for x in (kv.k, kv.v))
+    k, v = (kv_read(kv_reshape(x, kv_heads, b, -1), (), q.dtype) for x in (kv.k, kv.v))
   else:  # each row's pages gathered heads-major, as the decode path gathers them
     k, v = _gather_rows(kv.k, kv.page_table, q.dtype), _gather_rows(kv.v, kv.page_table, q.dtype)
   qg = q.reshape(b, t, kv_heads, n // kv_heads, h).transpose(2, 0, 3, 1, 4)  # (K,B,G,T,H)
@@ -265,6 +269,8 @@ def _pallas_tree(q, kv, positions, *, window, sinks, mesh, rules):
   # Row b owns pages [b*M, (b+1)*M) (a contiguous cache): with the rows split over the batch
   # axes, each shard holds its own rows' pages and reads them through its own identity table.
   local = kv.contiguous and rows_split(q.shape[0], mesh, rules)
+  if local and isinstance(kv.k, QuantizedKV):  # scale rows are not split with the rows' pages
+    return _xla_tree(q, kv, positions, window=window, sinks=sinks, mesh=mesh, rules=rules)
   if local:
     pa = ("act_kv_heads", "batch", None, "head_dim")
 

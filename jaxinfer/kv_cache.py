@@ -6,10 +6,10 @@ P pages in the pool, ps page size, M pages per row.
 Both are stored heads-major. A contiguous buffer (K, B, S, H) is itself a page pool with an
 identity page table, so the paged decode kernel reads either without a copy.
 
-Either may be int8 (`kv_cache_dtype="int8"`): each buffer is then a `QuantizedKV`, int8 values
-and beside them one float32 scale per token and kv head (symmetric absmax). A token's K/V are
-quantized once, when written; the attention paths read the int8 values with their scales (the
-kernels in-kernel, the XLA path by dequantizing what it gathers).
+Either may be int8 (`kv_cache_dtype="int8"`): each buffer is then a `kv_quant.QuantizedKV`, int8
+values and beside them one float32 scale per token and kv head (symmetric absmax). A token's
+K/V are quantized once, when written; the attention paths read the int8 values with their
+scales (the kernels in-kernel, the XLA path by dequantizing what it gathers).
 """
 
 from __future__ import annotations
@@ -18,112 +18,17 @@ from typing import Optional
 
 import jax
 import jax.numpy as jnp
-import qwix
 from flax import struct
 from jax.sharding import Mesh
 
 from jaxinfer.config import ModelConfig
+from jaxinfer.kv_quant import (QuantizedKV, kv_bytes_per_vector, kv_move, kv_reshape, kv_set,
+                               kv_zeros, scales_shape)
 from jaxinfer.sharding import DEFAULT_RULES, ShardingRules
 
 CACHE_AXES = ("kv_heads", "batch", "cache_seq", "head_dim")
 POOL_AXES = ("kv_heads", "cache_pages", "page", "head_dim")
-KV_CACHE_DTYPES = ("int8",)  # besides the model's own dtype (None)
-
-
-def check_kv_cache_dtype(kv_cache_dtype: str | None) -> None:
-  if kv_cache_dtype is not None and kv_cache_dtype not in KV_CACHE_DTYPES:
-    raise ValueError(f"kv_cache_dtype: expected one of {', '.join(KV_CACHE_DTYPES)} (or none: "
-                     f"the model's dtype), got {kv_cache_dtype!r}")
-
-
-# float32: the TPU kernel fetches a page's scales as one row of a 32-bit tile (Mosaic cannot
-# slice a single row of packed bfloat16), and bfloat16 would save only 2 bytes a vector.
-SCALE_DTYPE = jnp.float32
-
-
-@struct.dataclass
-class QuantizedKV:
-  """An int8 K or V buffer: `values` (..., H) int8 and `scales` (...) float32, one per vector
-  (a token's K or V in one kv head), so that the buffer holds values * scales[..., None].
-  Indexing (`kv_set`, `kv_move`, `kv_gather`) addresses the leading axes, which both share."""
-
-  values: jax.Array
-  scales: jax.Array
-
-  @property
-  def shape(self) -> tuple[int, ...]:
-    return self.values.shape
-
-  @property
-  def dtype(self):
-    return self.values.dtype
-
-  @classmethod
-  def quantize(cls, x: jax.Array) -> "QuantizedKV":
-    """Symmetric absmax int8 per vector along the last axis, by qwix (as the weights are)."""
-    q = qwix.quantize(x.astype(jnp.float32), jnp.int8, channelwise_axes=tuple(range(x.ndim - 1)))
-    return cls(q.qvalue, q.scale[..., 0])
-
-  def dequantize(self, dtype) -> jax.Array:
-    return (self.values.astype(jnp.float32)
-            * self.scales.astype(jnp.float32)[..., None]).astype(dtype)
-
-  def reshape(self, *lead: int) -> "QuantizedKV":
-    """The same buffer with its leading axes reshaped to `lead`."""
-    return QuantizedKV(self.values.reshape(lead + self.shape[-1:]), self.scales.reshape(lead))
-
-
-def kv_set(buf, index: tuple, new: jax.Array):
-  """buf[index] := new (..., H) (quantized first when buf is); out-of-range indices are dropped."""
-  if isinstance(buf, QuantizedKV):
-    q = QuantizedKV.quantize(new)
-    return QuantizedKV(buf.values.at[index].set(q.values, mode="drop"),
-                       buf.scales.at[index].set(q.scales, mode="drop"))
-  return buf.at[index].set(new.astype(buf.dtype), mode="drop")
-
-
-def kv_move(buf, src: tuple, dst: tuple):
-  """buf[dst] := buf[src], stored values as they are (every source read before any write);
-  out-of-range destinations are dropped."""
-  return jax.tree.map(lambda x: x.at[dst].set(x[src], mode="drop"), buf)
-
-
-def kv_dense(buf, dtype) -> jax.Array:
-  """The buffer's values: an int8 buffer dequantized to `dtype`, any other as it is."""
-  return buf.dequantize(dtype) if isinstance(buf, QuantizedKV) else buf
-
-
-def kv_gather(buf, index: tuple):
-  """buf[index] over the leading axes, quantized or not."""
-  return jax.tree.map(lambda x: x[index], buf)
-
-
-def kv_reshape(buf, *lead: int):
-  return buf.reshape(*lead) if isinstance(buf, QuantizedKV) else buf.reshape(lead + buf.shape[-1:])
-
-
-def kv_arrays(buf) -> tuple[jax.Array, ...]:
-  """(values,) or (values, scales): what a kernel takes for one buffer."""
-  return (buf.values, buf.scales) if isinstance(buf, QuantizedKV) else (buf,)
-
-
-def kv_zeros(shape: tuple[int, ...], dtype, kv_cache_dtype: str | None, sharding=None,
-             scale_sharding=None):
-  """A zero-filled K or V buffer of `shape` (..., H): `dtype`, or int8 values with scales."""
-  check_kv_cache_dtype(kv_cache_dtype)
-  if kv_cache_dtype is None:
-    return jnp.zeros(shape, dtype, device=sharding)
-  return QuantizedKV(jnp.zeros(shape, jnp.int8, device=sharding),
-                     jnp.zeros(shape[:-1], SCALE_DTYPE, device=scale_sharding))
-
-
-def kv_bytes_per_vector(head_dim: int, dtype, kv_cache_dtype: str | None) -> int:
-  """Bytes one token's K (or V) takes in one kv head."""
-  if kv_cache_dtype is None:
-    return head_dim * jnp.dtype(dtype).itemsize
-  return head_dim + jnp.dtype(SCALE_DTYPE).itemsize  # int8 values and their scale
-
-
+SCALE_AXES = ("kv_heads", None, None)  # an int8 buffer's scale rows (kv_quant.QuantizedKV)
 @struct.dataclass
 class LayerKV:
   """One layer's keys and values; `page_table` (B, M) is None for a contiguous cache."""
@@ -184,7 +89,7 @@ class KVCache:
     shape = cls.shape_of(cfg, batch, max_len)
     shard = lambda axes, shape: None if mesh is None else rules.sharding(mesh, axes, shape)
     zeros = lambda: tuple(kv_zeros(shape, cfg.jnp_dtype, kv_cache_dtype, shard(CACHE_AXES, shape),
-                                   shard(CACHE_AXES[:3], shape[:3]))
+                                   shard(SCALE_AXES, scales_shape(shape)))
                           for _ in range(cfg.num_layers))
     return cls(k=zeros(), v=zeros())
 
@@ -232,7 +137,8 @@ class PagedKVCache:
     shape = PagedKVCache.pool_shape(cfg, num_pages, page_size)
     if mesh is None:
       return None, None
-    return rules.sharding(mesh, POOL_AXES, shape), rules.sharding(mesh, POOL_AXES[:3], shape[:3])
+    return (rules.sharding(mesh, POOL_AXES, shape),
+            rules.sharding(mesh, SCALE_AXES, scales_shape(shape)))
 
   @staticmethod
   def init_pools(cfg: ModelConfig, num_pages: int, page_size: int, mesh: Mesh | None = None,

@@ -117,10 +117,14 @@ def softmax_finish(carry):
 _TRANS_B = (((1,), (1,)), ((), ()))
 
 
+SCALE_LANES = 128
+
+
 def check_scales(name: str, k_pages, k_scales, v_scales):
-  """int8 pools need both scale arrays (K,P,ps) in float32 (the TPU form fetches a page's
-  scales as one row of a 32-bit tile: Mosaic cannot slice one row of packed bfloat16); other
-  pools take none."""
+  """int8 pools (K,P,ps,H) need both scale arrays, float32 rows (K, ceil(P*ps/128), 128): the
+  scale of page p's position o at flat position n = p*ps + o, [k, n // 128, n % 128] (so the
+  TPU form fetches a page's scales from one aligned row, with no copy into another layout:
+  the page size must divide 128). Other pools take no scales."""
   quantized = k_pages.dtype == jnp.int8
   if (k_scales is None) != (v_scales is None) or quantized != (k_scales is not None):
     raise ValueError(f"{name}: int8 pools need k_scales and v_scales (and only they take them); "
@@ -128,10 +132,19 @@ def check_scales(name: str, k_pages, k_scales, v_scales):
                      f"{None if k_scales is None else k_scales.shape}, "
                      f"{None if v_scales is None else v_scales.shape}")
   if quantized:
+    kv_heads, pages, ps, _ = k_pages.shape
+    want = (kv_heads, -(-pages * ps // SCALE_LANES), SCALE_LANES)
+    if SCALE_LANES % ps:
+      raise ValueError(f"{name}: int8 pages need a page size dividing {SCALE_LANES}, got {ps}")
     for x in (k_scales, v_scales):
-      if x.shape != k_pages.shape[:3] or x.dtype != jnp.float32:
-        raise ValueError(f"{name}: scales must be float32 {k_pages.shape[:3]} (K,P,ps), got "
-                         f"{x.dtype} {x.shape}")
+      if x.shape != want or x.dtype != jnp.float32:
+        raise ValueError(f"{name}: scales must be float32 rows {want}, got {x.dtype} {x.shape}")
+
+
+def scale_grid(rows: jax.Array, pages: int, page_size: int) -> jax.Array:
+  """Scale rows (K, R, 128) as (K, P, ps): the scale of page p's position o at [k, p, o]."""
+  k = rows.shape[0]
+  return rows.reshape(k, -1)[:, :pages * page_size].reshape(k, pages, page_size)
 
 
 def scale_kwargs(scale_refs) -> dict:

@@ -8,7 +8,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from jaxinfer.kv_cache import KVCache, PagedKVCache, QuantizedKV, kv_move, kv_set
+from jaxinfer.kv_cache import KVCache, PagedKVCache
+from jaxinfer.kv_quant import QuantizedKV, kv_move, kv_read, kv_set
 from pallas_kernels.common import gpu_target
 from pallas_kernels.paged_attention import paged_attention, paged_attention_reference
 from pallas_kernels.tree_attention import (pack_ancestors, tree_attention,
@@ -23,29 +24,32 @@ def _quantized_pools(k, pool, ps, h, seed=0):
 
 
 def test_quantize_is_per_token_and_head_and_within_half_a_step():
-  x = jax.random.normal(jax.random.key(1), (2, 5, 7, 32)) * jnp.arange(1, 8)[None, None, :, None]
+  """One scale per vector, stored in rows of 128 (position n at [k, n // 128, n % 128])."""
+  x = jax.random.normal(jax.random.key(1), (2, 5, 40, 32)) * jnp.arange(1, 41)[None, None, :, None]
   q = QuantizedKV.quantize(x)
-  assert q.values.dtype == jnp.int8 and q.scales.shape == (2, 5, 7) and q.scales.dtype == jnp.float32
-  step = q.scales[..., None]
-  assert bool(jnp.all(jnp.abs(q.dequantize(jnp.float32) - x) <= step / 2 + 1e-6))
+  assert q.values.dtype == jnp.int8 and q.scales.shape == (2, 2, 128)  # 200 positions: 2 rows
+  grid = q.scale_grid()
+  assert grid.shape == (2, 5, 40) and q.scales[1, 1, 160 - 128] == grid[1, 4, 0]
+  assert bool(jnp.all(jnp.abs(kv_read(q, (), jnp.float32) - x) <= grid[..., None] * 0.5001))
   # each vector alone decides its scale: quantizing a slice gives the same values
   part = QuantizedKV.quantize(x[:, 2:3])
-  assert np.array_equal(part.values, q.values[:, 2:3]) and np.array_equal(part.scales,
-                                                                          q.scales[:, 2:3])
+  assert np.array_equal(part.values, q.values[:, 2:3])
+  assert np.array_equal(part.scale_grid(), grid[:, 2:3])
 
 
 def test_writes_quantize_and_moves_copy_values_and_scales():
-  buf = QuantizedKV(jnp.zeros((2, 4, 8, 16), jnp.int8), jnp.zeros((2, 4, 8), jnp.float32))
+  buf = QuantizedKV.quantize(jnp.zeros((2, 4, 8, 16)))
   new = jax.random.normal(jax.random.key(2), (2, 3, 16))
-  index = (slice(None), jnp.array([1, 1, 9]), jnp.array([0, 5, 0]))  # the last out of range
+  index = (slice(None), jnp.array([1, 1, 4]), jnp.array([0, 5, 0]))  # the last out of range
   buf = kv_set(buf, index, new)
   want = QuantizedKV.quantize(new)
   assert np.array_equal(buf.values[:, 1, 5], want.values[:, 1])
-  assert np.array_equal(buf.scales[:, 1, 0], want.scales[:, 0])
+  assert np.array_equal(buf.scale_grid()[:, 1, 0], want.scale_grid()[:, 0])
+  assert not np.any(buf.scales[:, 0, 32:])  # the dropped write landed nowhere
   moved = kv_move(buf, (slice(None), jnp.array([1]), jnp.array([5])),
                   (slice(None), jnp.array([3]), jnp.array([2])))
   assert np.array_equal(moved.values[:, 3, 2], buf.values[:, 1, 5])
-  assert np.array_equal(moved.scales[:, 3, 2], buf.scales[:, 1, 5])
+  assert np.array_equal(moved.scale_grid()[:, 3, 2], buf.scale_grid()[:, 1, 5])
 
 
 @pytest.mark.parametrize("backend", ["gpu", "tpu"])
@@ -53,15 +57,15 @@ def test_kernels_read_int8_pages_with_their_scales(backend):
   """Both kernels, both forms (the TPU form in TPU interpret mode, DMAs of pages and scales
   modelled), sinks and a window, several DMA blocks: equal to attention over the dequantized
   pages."""
-  k, pool, ps, h, b, n, m = 2, 32, 16, 16, 3, 6, 8
+  k, pool, ps, h, b, n, m = 2, 36, 16, 16, 3, 6, 8  # 576 positions: a part-filled last row
   kq, vq = _quantized_pools(k, pool, ps, h)
   table = jnp.asarray(np.random.RandomState(0).permutation(pool)[:b * m].reshape(b, m), jnp.int32)
   scales = (kq.scales, vq.scales)
   q = jax.random.normal(jax.random.key(3), (b, n, h))
   lengths = jnp.array([5, 70, 128])
-  for kw in ({}, dict(window=40, sinks=3)):
+  for kw in ({}, dict(window=40, sinks=3), dict(block_pages=10)):  # 160 keys: two lane chunks
     out = paged_attention(q, kq.values, vq.values, lengths, table, *scales, backend=backend,
-                          block_pages=2, **kw)
+                          **({"block_pages": 2} | kw))
     ref = paged_attention_reference(q, kq.values, vq.values, lengths, table, *scales, **kw)
     np.testing.assert_allclose(out, ref, atol=2e-5, rtol=2e-5)
   qt = jax.random.normal(jax.random.key(4), (b, len(PARENTS), n, h))
@@ -79,8 +83,12 @@ def test_kernels_name_missing_or_misshapen_scales():
   args = (jnp.zeros((1, 2, 16)), kq.values, vq.values, jnp.array([3]), jnp.zeros((1, 2), jnp.int32))
   with pytest.raises(ValueError, match="int8 pools need k_scales and v_scales"):
     paged_attention(*args)
-  with pytest.raises(ValueError, match="scales must be float32"):
+  with pytest.raises(ValueError, match="scales must be float32 rows"):
     paged_attention(*args, kq.scales.astype(jnp.bfloat16), vq.scales.astype(jnp.bfloat16))
+  kq, vq = _quantized_pools(1, 4, 48, 16)
+  with pytest.raises(ValueError, match="page size dividing 128"):
+    paged_attention(jnp.zeros((1, 2, 16)), kq.values, vq.values, jnp.array([3]),
+                    jnp.zeros((1, 2), jnp.int32), kq.scales, vq.scales)
 
 
 B, N, K, H, CONTEXT, PS = 64, 32, 8, 128, 8192, 16
@@ -91,7 +99,7 @@ def _serving_args(sharding=None, t=None):
   pool = B * m
   s = lambda shape, dt: jax.ShapeDtypeStruct(shape, dt, sharding=sharding)
   pages = (s((K, pool, PS, H), jnp.int8),) * 2
-  scales = (s((K, pool, PS), jnp.float32),) * 2
+  scales = (s((K, pool * PS // 128, 128), jnp.float32),) * 2
   ends, table = s((B,), jnp.int32), s((B, m), jnp.int32)
   if t is None:
     return (s((B, N, H), jnp.bfloat16),) + pages + (ends, table) + scales
@@ -101,15 +109,18 @@ def _serving_args(sharding=None, t=None):
 
 def test_libtpu_compiles_int8_kernels_and_the_triton_form_lowers(tpu_device, no_persistent_cache):
   """Serving shapes (batch 64, 8k context, GQA 32/8, head_dim 128, int8 pages): libtpu compiles
-  both kernels, and nothing pool-sized (no dequantized copy) is allocated beside the arguments;
-  the Triton form lowers for CUDA."""
+  both kernels, takes the scale rows as they are stored (no copy into another layout) and
+  allocates nothing pool-sized (no dequantized copy) beside the arguments; the Triton form
+  lowers for CUDA."""
   paged = jax.jit(lambda q, k, v, e, t, ks, vs: paged_attention(q, k, v, e, t, ks, vs))
   tree = jax.jit(lambda q, k, v, e, t, mk, ks, vs: tree_attention(q, k, v, e, t, mk, ks, vs,
                                                                    window=1024, sinks=4))
   sharding = jax.sharding.SingleDeviceSharding(tpu_device("v5e:2x2"))
   for fn, args in [(paged, _serving_args(sharding)), (tree, _serving_args(sharding, 16))]:
     compiled = fn.lower(*args).compile()
-    assert "tpu_custom_call" in compiled.as_text()
+    text = compiled.as_text()
+    assert "tpu_custom_call" in text
+    assert not [l for l in text.splitlines() if " copy(" in l and f"f32[{K},{B * CONTEXT // 128},128]" in l]
     assert compiled.memory_analysis().temp_size_in_bytes < args[1].size  # one int8 pool
   for fn, args in [(paged, _serving_args()), (tree, _serving_args(None, 16))]:
     with gpu_target():
@@ -121,8 +132,8 @@ def test_pool_bytes_count_values_and_scales():
   from jaxinfer.config import PRESETS
   from jaxinfer.sharding import device_bytes
   cfg = PRESETS["tiny"]
-  k, v = PagedKVCache.init_pools(cfg, 6, 8, kv_cache_dtype="int8")
-  assert device_bytes((k, v)) == PagedKVCache.pool_bytes(cfg, 6, 8, "int8")
+  k, v = PagedKVCache.init_pools(cfg, 32, 8, kv_cache_dtype="int8")  # 256 positions: 2 rows
+  assert device_bytes((k, v)) == PagedKVCache.pool_bytes(cfg, 32, 8, "int8")
   llama = PRESETS["llama3-8b"]  # bfloat16, head_dim 128
   assert PagedKVCache.pool_bytes(llama, 1, 1, "int8") / PagedKVCache.pool_bytes(llama, 1, 1) \
       == pytest.approx((128 + 4) / 256)
@@ -202,6 +213,7 @@ def test_generate_serves_an_int8_cache_and_refuses_what_cannot(tmp_path, tiny_mo
   assert [len(r.outputs[0].ids) for r in out] == [6, 6]
   for kw, match in [(dict(kv_cache_dtype="fp8"), "--kv_cache_dtype: expected one of int8"),
                     (dict(kv_cache_dtype="int8", scheduler="static"), "static scheduler"),
+                    (dict(kv_cache_dtype="int8", page_size=48), "dividing 128"),
                     (dict(kv_cache_dtype="int8", speculative="draft",
                           draft_model=str(tiny_model_dir)), "outside the")]:
     with pytest.raises(UserError, match=match):

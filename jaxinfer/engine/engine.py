@@ -29,7 +29,8 @@ from jaxinfer.engine import policy, speculate
 from jaxinfer.engine.pages import PagePool
 from jaxinfer.engine.scheduler import (EngineRequest, EngineResult, Scheduler, StepPlan,
                                         lane_length)
-from jaxinfer.kv_cache import MixedPagedKVCache, PagedKVCache, check_kv_cache_dtype
+from jaxinfer.kv_cache import MixedPagedKVCache, PagedKVCache
+from jaxinfer.kv_quant import check_kv_cache_dtype
 from jaxinfer.runtime import Runtime
 from jaxinfer.sampling import SamplingParams, sample
 from jaxinfer.speculative.protocol import check_fits

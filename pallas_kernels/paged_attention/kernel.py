@@ -17,7 +17,7 @@ import jax
 import jax.numpy as jnp
 from jax.experimental import pallas as pl
 
-from pallas_kernels.common import (check_scales, gpu_rows, merge_splits, on_target,
+from pallas_kernels.common import (check_scales, gpu_rows, merge_splits, on_target, scale_grid,
                                    scale_kwargs, softmax_finish, softmax_init, split_pages,
                                    triton_params, walk_pages, walk_sinks_and_window)
 from pallas_kernels.paged_attention.tpu import paged_rows_attention, sublanes
@@ -82,6 +82,7 @@ def _gpu_form(q, k_pages, v_pages, lengths, page_table, *scales, scale, splits, 
   b, kv_heads, g, h = q.shape
   max_pages = page_table.shape[1]
   rows = gpu_rows(g, interpret, min_rows)
+  scales = tuple(scale_grid(x, *k_pages.shape[1:3]) for x in scales)  # (K,P,ps): read per page
   if rows > g:
     q = jnp.pad(q, ((0, 0), (0, 0), (0, rows - g), (0, 0)))
   kernel = functools.partial(_kernel, scale=scale, page_size=k_pages.shape[2],
@@ -143,8 +144,10 @@ def paged_attention(q: jax.Array, k_pages: jax.Array, v_pages: jax.Array, length
   `min_rows` pads the GPU form's rows (default: 16 and a power of two when compiled);
   `block_pages` is the TPU form's pages per DMA block (default: about 256 keys).
 
-  int8 pools come with float32 scales `k_scales`, `v_scales` (K,P,ps), one per key and head (pages hold round(x / scale)); the kernel reads the int8 pages and applies the
-  scales to the logits and the probabilities, never materialising dequantized pages."""
+  int8 pools come with float32 scales `k_scales`, `v_scales`, one per key and head (pages hold
+  round(x / scale)), laid out in rows of 128 (common.check_scales); the kernel reads the int8
+  pages and applies the scales to the logits and the probabilities, never materialising
+  dequantized pages."""
   _check(q, k_pages, v_pages, lengths, page_table, k_scales, v_scales)
   b, n, h = q.shape
   kv_heads = k_pages.shape[0]

@@ -6,6 +6,8 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
+from pallas_kernels.common import scale_grid
+
 
 def gather_pages(pages: jax.Array, page_table: jax.Array) -> jax.Array:
   """pages (K,P,ps,H), page_table (B,M) -> (B,K,M*ps,H), each sequence's cache in order."""
@@ -16,10 +18,12 @@ def gather_pages(pages: jax.Array, page_table: jax.Array) -> jax.Array:
 
 
 def dequantize_pages(pages: jax.Array, scales: jax.Array | None, dtype) -> jax.Array:
-  """int8 pages (K,P,ps,H) times their scales (K,P,ps), in `dtype`; other pages as they are."""
+  """int8 pages (K,P,ps,H) times their scales (rows, common.check_scales), in `dtype`; other
+  pages as they are."""
   if scales is None:
     return pages
-  return (pages.astype(jnp.float32) * scales.astype(jnp.float32)[..., None]).astype(dtype)
+  grid = scale_grid(scales, pages.shape[1], pages.shape[2])
+  return (pages.astype(jnp.float32) * grid[..., None]).astype(dtype)
 
 
 def paged_attention_reference(q: jax.Array, k_pages: jax.Array, v_pages: jax.Array,

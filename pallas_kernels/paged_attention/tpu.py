@@ -80,13 +80,36 @@ def _kernel(ends_ref, pt_ref, q_ref, *refs, num_extra, quantized, visible, scale
     in_a = i < na
     return jnp.where(in_a, a0 + i * bp, b0 + (i - na) * bp), jnp.where(in_a, a1, b1)
 
+  def page_of(i, j):
+    """(block i's page j, its pool page id)."""
+    p = block(i)[0] + j
+    return p, pt_ref[b * max_pages + jnp.minimum(p, max_pages - 1)]
+
   def copies(i, slot):
-    start, stop = block(i)
+    stop = block(i)[1]
     for j in range(bp):
-      p = start + j
-      page = pt_ref[b * max_pages + jnp.minimum(p, max_pages - 1)]
-      yield p < stop, [pltpu.make_async_copy(src.at[head, page], buf.at[slot, j], sems.at[n, slot])
+      p, page = page_of(i, j)
+      # a page's K and V; its scales: the aligned row of 128 that holds them
+      src_index = [page, page, _div(page * page_size, LANES), _div(page * page_size, LANES)]
+      yield p < stop, [pltpu.make_async_copy(src.at[head, src_index[n]], buf.at[slot, j],
+                                             sems.at[n, slot])
                        for n, (src, buf) in enumerate(pairs)]
+
+  lane = lax.broadcasted_iota(jnp.int32, (1, LANES), 1)
+
+  def page_scales(i, slot, buf):
+    """(1, bk): block i's keys' scales. Page j's segment of its fetched row is rotated to lanes
+    j*ps.. of the 128-lane chunk it belongs to (whole chunks are then joined: Mosaic joins
+    and slices lanes only at 128-lane boundaries)."""
+    chunks = [jnp.zeros((1, LANES), jnp.float32) for _ in range(-(-bk // LANES))]
+    for j in range(bp):
+      offset = lax.rem(page_of(i, j)[1] * page_size, LANES)  # in the row
+      dest = j * page_size % LANES  # in the chunk
+      rolled = pltpu.roll(buf[slot, pl.ds(j, 1), :], lax.rem(dest - offset + LANES, LANES), 1)
+      mine = (lane >= dest) & (lane < dest + page_size)
+      chunks[j * page_size // LANES] += jnp.where(mine, rolled, 0.0)
+    row = chunks[0] if len(chunks) == 1 else jnp.concatenate(chunks, axis=1)
+    return row[:, :bk]
 
   def dma(i, slot, op):  # op: "start" or "wait" each valid page's K and V copies
     for valid, pair in copies(i, slot):
@@ -122,7 +145,7 @@ def _kernel(ends_ref, pt_ref, q_ref, *refs, num_extra, quantized, visible, scale
     seen = visible(pos, end, *extras) & (pos < limit)
     logits = lax.dot_general(q, k, _TRANS_B, preferred_element_type=jnp.float32) * scale
     if quantized:  # per-key scales along the lanes: on the logits, and on the weights of v
-      ks, vs = (buf[slot].reshape(1, bk) for buf in scale_buf)
+      ks, vs = (page_scales(i, slot, buf) for buf in scale_buf)
       logits = logits * ks
     logits = jnp.where(seen, logits, MASK_VALUE)
     m_new = jnp.maximum(m, logits.max(axis=-1, keepdims=True))
@@ -157,8 +180,8 @@ def paged_rows_attention(q: jax.Array, k_pages: jax.Array, v_pages: jax.Array, e
   *refs to extras' (R, X) blocks of b) -> (R, bk); `extras` are (B, R, X) int32 per-row
   inputs. With a window, no row sees a position below ends[b] - window_lag except the first
   `sinks`, so those pages are skipped. block_pages: pages per DMA block (default: about 256
-  keys). scales: () or, for int8 pools, their float32 (K,P,ps) scales (k's, v's), fetched page
-  by page beside the pages."""
+  keys). scales: () or, for int8 pools, their float32 scale rows (k's, v's;
+  common.check_scales), a page's row fetched beside it."""
   b, kv_heads, rows, h = q.shape
   _, _, page_size, _ = k_pages.shape
   max_pages = page_table.shape[1]
@@ -181,7 +204,7 @@ def paged_rows_attention(q: jax.Array, k_pages: jax.Array, v_pages: jax.Array, e
                               lambda bi, ki, si, *_: (bi, ki, si, 0, 0))],
       scratch_shapes=[pltpu.VMEM((2, bp, page_size, h), k_pages.dtype),
                       pltpu.VMEM((2, bp, page_size, h), v_pages.dtype)]
-      + [pltpu.VMEM((2, bp, page_size), jnp.float32)] * len(scales)
+      + [pltpu.VMEM((2, bp, LANES), jnp.float32)] * len(scales)
       + [pltpu.SemaphoreType.DMA((2 + len(scales), 2))])
   o, lse = pl.pallas_call(
       kernel, grid_spec=grid_spec,

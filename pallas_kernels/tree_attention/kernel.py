@@ -24,8 +24,9 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 
 from pallas_kernels.common import (check_scales, gpu_rows, merge_splits, on_target, pow2,
-                                   scale_kwargs, softmax_finish, softmax_init, split_pages,
-                                   triton_params, walk_pages, walk_sinks_and_window)
+                                   scale_grid, scale_kwargs, softmax_finish, softmax_init,
+                                   split_pages, triton_params, walk_pages,
+                                   walk_sinks_and_window)
 from pallas_kernels.paged_attention.kernel import page_walk_forms
 from pallas_kernels.paged_attention.tpu import paged_rows_attention, sublanes
 from pallas_kernels.tree_attention.reference import check_window, tree_depths
@@ -104,6 +105,7 @@ def _gpu_form(qg, k_pages, v_pages, prefix_len, page_table, mask, depth, *scales
   words = mask.shape[2] if interpret else pow2(mask.shape[2])
   mask = jnp.pad(mask, ((0, 0), (0, 0), (0, words - mask.shape[2])))
   qg, mask, depth = _pad_rows(rows, qg, mask, depth)
+  scales = tuple(scale_grid(x, *k_pages.shape[1:3]) for x in scales)  # (K,P,ps): read per page
   kernel = functools.partial(_kernel, scale=scale, page_size=k_pages.shape[2],
                              pages_per_split=-(-max_pages // splits), tree_size=tree_size,
                              window=window, sinks=sinks)
@@ -158,7 +160,7 @@ def tree_attention(q: jax.Array, k_pages: jax.Array, v_pages: jax.Array, prefix_
   The platform being lowered for picks the kernel form (TPU: Mosaic with DMAs; CUDA: Triton;
   CPU: the Triton form interpreted); `backend` / `interpret` force them (common.on_target);
   `block_pages` is the TPU form's pages per DMA block (default: about 256 keys). int8 pools
-  come with (K,P,ps) `k_scales`, `v_scales`, as in paged_attention."""
+  come with float32 scale rows `k_scales`, `v_scales`, as in paged_attention."""
   _check(q, k_pages, v_pages, prefix_len, page_table, tree_mask, k_scales, v_scales)
   b, t, n, h = q.shape
   check_window(window, t, sinks)

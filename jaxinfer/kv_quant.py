@@ -1,0 +1,149 @@
+"""K/V buffers as the caches hold them: an array in the model's dtype, or a `QuantizedKV` (int8
+values with a float32 scale per token and kv head). The `kv_*` functions index, write and read
+either kind, so the caches and the attention paths have one code path for both.
+
+A buffer is (K, *positions, H): K kv heads, the position axes (a page pool's (P, ps), a
+contiguous cache's (B, S)), H head dim. `index` tuples address (K, *positions).
+"""
+
+from __future__ import annotations
+
+import math
+
+import jax
+import jax.numpy as jnp
+import qwix
+from flax import struct
+
+KV_CACHE_DTYPES = ("int8",)  # besides the model's own dtype (None)
+SCALE_LANES = 128  # scales are stored in rows of 128: see QuantizedKV
+# float32: the TPU kernel fetches a page's scales from one row of 32-bit tiles (Mosaic cannot
+# slice one row of packed bfloat16), and bfloat16 would save only 2 bytes a vector.
+SCALE_DTYPE = jnp.float32
+
+
+def check_kv_cache_dtype(kv_cache_dtype: str | None) -> None:
+  if kv_cache_dtype is not None and kv_cache_dtype not in KV_CACHE_DTYPES:
+    raise ValueError(f"kv_cache_dtype: expected one of {', '.join(KV_CACHE_DTYPES)} (or none: "
+                     f"the model's dtype), got {kv_cache_dtype!r}")
+
+
+def scale_rows(num_positions: int) -> int:
+  return -(-num_positions // SCALE_LANES)
+
+
+@struct.dataclass
+class QuantizedKV:
+  """An int8 K or V buffer: `values` (K, *positions, H) int8, and `scales` (K, R, 128) float32:
+  the scale of flat position n (row-major over the position axes) at [k, n // 128, n % 128], R
+  rows enough for them all. The buffer holds values * scale, per vector.
+
+  Why rows of 128: a TPU keeps an array whose last axis is short (a page's 16 positions) with
+  that axis padded to 128 lanes or transposed, so a (K, P, ps) scale array would be copied into
+  the kernel's layout at every step; rows of 128 are the kernel's layout as stored (a page's
+  scales are one aligned row's segment when the page size divides 128). Reshaping the position
+  axes (a contiguous cache viewed as pages) leaves the rows as they are."""
+
+  values: jax.Array
+  scales: jax.Array
+
+  @property
+  def shape(self) -> tuple[int, ...]:
+    return self.values.shape
+
+  @property
+  def dtype(self):
+    return self.values.dtype
+
+  @classmethod
+  def quantize(cls, x: jax.Array) -> "QuantizedKV":
+    """x (K, *positions, H) quantized: every vector along H by itself."""
+    values, scales = quantize_vectors(x)
+    k, n = x.shape[0], math.prod(x.shape[1:-1])
+    rows = jnp.pad(scales.reshape(k, n), ((0, 0), (0, scale_rows(n) * SCALE_LANES - n)))
+    return cls(values, rows.reshape(k, -1, SCALE_LANES))
+
+  def scale_grid(self) -> jax.Array:
+    """The scales as (K, *positions)."""
+    k, positions = self.shape[0], self.shape[1:-1]
+    return self.scales.reshape(k, -1)[:, :math.prod(positions)].reshape((k,) + positions)
+
+  def reshape(self, *lead: int) -> "QuantizedKV":
+    """The same buffer with (K, *positions) reshaped to `lead`: the scale rows are unchanged."""
+    return self.replace(values=self.values.reshape(lead + self.shape[-1:]))
+
+  def flat(self, index: tuple) -> tuple:
+    """(rows, lanes) of the scales at `index` into (K, *positions); an out-of-range position
+    gives a row past the end (dropped by a write)."""
+    positions = self.shape[1:-1]
+    n, valid = 0, True
+    for i, size in zip(index[1:], positions):
+      n = n * size + i
+      valid = valid & (i >= 0) & (i < size)
+    n = jnp.where(valid, n, self.scales.shape[1] * SCALE_LANES)
+    return index[0], n // SCALE_LANES, n % SCALE_LANES
+
+
+def quantize_vectors(x: jax.Array) -> tuple[jax.Array, jax.Array]:
+  """Symmetric absmax int8 per vector along the last axis (by qwix, as the weights are):
+  (values like x, scales x.shape[:-1] float32)."""
+  q = qwix.quantize(x.astype(jnp.float32), jnp.int8, channelwise_axes=tuple(range(x.ndim - 1)))
+  return q.qvalue, q.scale[..., 0]
+
+
+def kv_zeros(shape: tuple[int, ...], dtype, kv_cache_dtype: str | None, sharding=None,
+             scale_sharding=None):
+  """A zero-filled buffer of `shape` (K, *positions, H): `dtype`, or int8 values with scales."""
+  check_kv_cache_dtype(kv_cache_dtype)
+  if kv_cache_dtype is None:
+    return jnp.zeros(shape, dtype, device=sharding)
+  return QuantizedKV(jnp.zeros(shape, jnp.int8, device=sharding),
+                     jnp.zeros(scales_shape(shape), SCALE_DTYPE, device=scale_sharding))
+
+
+def scales_shape(shape: tuple[int, ...]) -> tuple[int, int, int]:
+  """The scale rows of an int8 buffer of `shape` (K, *positions, H)."""
+  return (shape[0], scale_rows(math.prod(shape[1:-1])), SCALE_LANES)
+
+
+def kv_bytes_per_vector(head_dim: int, dtype, kv_cache_dtype: str | None) -> int:
+  """Bytes one token's K (or V) takes in one kv head (scale rows' padding aside)."""
+  if kv_cache_dtype is None:
+    return head_dim * jnp.dtype(dtype).itemsize
+  return head_dim + jnp.dtype(SCALE_DTYPE).itemsize  # int8 values and their scale
+
+
+def kv_set(buf, index: tuple, new: jax.Array):
+  """buf[index] := new (..., H), quantized first when buf is; out-of-range positions dropped."""
+  if isinstance(buf, QuantizedKV):
+    values, scales = quantize_vectors(new)
+    return QuantizedKV(buf.values.at[index].set(values, mode="drop"),
+                       buf.scales.at[buf.flat(index)].set(scales, mode="drop"))
+  return buf.at[index].set(new.astype(buf.dtype), mode="drop")
+
+
+def kv_move(buf, src: tuple, dst: tuple):
+  """buf[dst] := buf[src], stored values as they are (every source read before any write);
+  out-of-range destinations are dropped."""
+  if isinstance(buf, QuantizedKV):
+    scales = buf.scales.at[buf.flat(dst)].set(buf.scales[buf.flat(src)], mode="drop")
+    return QuantizedKV(buf.values.at[dst].set(buf.values[src], mode="drop"), scales)
+  return buf.at[dst].set(buf[src], mode="drop")
+
+
+def kv_read(buf, index: tuple, dtype) -> jax.Array:
+  """buf[index] (index=() for all of it) in `dtype`, an int8 buffer dequantized."""
+  if isinstance(buf, QuantizedKV):
+    values, scales = buf.values[index], buf.scale_grid()[index]
+    return (values.astype(jnp.float32) * scales[..., None]).astype(dtype)
+  return buf[index]
+
+
+def kv_reshape(buf, *lead: int):
+  """The buffer with (K, *positions) reshaped to `lead`."""
+  return buf.reshape(*lead) if isinstance(buf, QuantizedKV) else buf.reshape(lead + buf.shape[-1:])
+
+
+def kv_arrays(buf) -> tuple[jax.Array, ...]:
+  """(values,) or (values, scale rows): what a kernel takes for one buffer."""
+  return (buf.values, buf.scales) if isinstance(buf, QuantizedKV) else (buf,)
