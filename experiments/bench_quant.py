@@ -21,14 +21,15 @@ quantized model is as good as the full-precision one trained as long; 0% that QA
 over PTQ; n/a when the control is no better than that PTQ (no gap to recover). The same ratio
 against PTQ of the control is reported beside it. The QAT budget here is small (few steps,
 small batch): the run says so in its output.
-Weight bytes: the quantized leaves as held in memory (qvalue + scales; int4/int2/ternary sit in
-int8 containers on CPU) and as packed bits would take, against the same weights in float32.
+Weight bytes: the quantized leaves as held in memory (qvalue + scales; int4/int2/ternary packed
+into bytes, fp4 a byte each) and as packed bits would take, against the same weights in float32.
 Appends one row per result to experiments/results/bench_quant.jsonl.
 """
 
 from __future__ import annotations
 
 import datetime
+import math
 import sys
 import tempfile
 import time
@@ -78,9 +79,10 @@ def weight_bytes(params, quantized) -> dict[str, int]:
     if not quant.is_quantized(q):
       continue
     bits = 2 if isinstance(q.qtype, str) else _bits(jnp.dtype(q.qtype))  # qwix's "int2": 2
+    size = math.prod(quant.logical_shape(q))
     held += q.qvalue.nbytes + q.scale.nbytes
-    packed += q.qvalue.size * bits // 8 + q.scale.nbytes
-    f32 += q.qvalue.size * 4
+    packed += size * bits // 8 + q.scale.nbytes
+    f32 += size * 4
   total = sum(x.size * 4 for x in jax.tree_util.tree_leaves(params))
   return {"quantized_weights_float32_bytes": f32, "quantized_weights_bytes": held,
           "quantized_weights_packed_bytes": packed, "model_float32_bytes": total,

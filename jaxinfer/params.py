@@ -120,13 +120,15 @@ def logical_axes(spec_tree) -> Any:
 
 
 def check_against_spec(params, spec_tree, where: str = "params") -> None:
-  """Raises a ValueError naming every leaf whose shape differs from its declaration."""
+  """Raises a ValueError naming every leaf whose shape differs from its declaration (a quantized
+  leaf's: the weight's it stands for)."""
+  from jaxinfer.quant.ops import logical_shape
   spec_leaves, spec_def = _leaves_with_paths(spec_tree)
   try:
     param_leaves = spec_def.flatten_up_to(params)
   except (ValueError, TypeError) as e:
     raise ValueError(f"{where}: structure does not match the model declaration: {e}") from None
-  bad = [f"{jax.tree_util.keystr(path)}: expected {spec.shape}, got {tuple(p.shape)}"
-         for (path, spec), p in zip(spec_leaves, param_leaves) if tuple(p.shape) != spec.shape]
+  bad = [f"{jax.tree_util.keystr(path)}: expected {spec.shape}, got {logical_shape(p)}"
+         for (path, spec), p in zip(spec_leaves, param_leaves) if logical_shape(p) != spec.shape]
   if bad:
     raise ValueError(f"{where}: shape mismatch: " + "; ".join(bad))

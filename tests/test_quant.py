@@ -75,6 +75,28 @@ def _greedy_logits(params, prompt):
 PROMPT = jax.random.randint(jax.random.key(1), (2, 8), 0, CFG.vocab_size)
 
 
+def test_sub_byte_values_are_packed_and_weights_shrink(params):
+  """int4 two values a byte, int2 and ternary four (uint8, along the last axis; unpacked exactly
+  where used); quantized weights against float32: int8 <= 0.27x, int4 <= 0.16x."""
+  spec = SPEC.layers[0].mlp.gate
+  w = params.layers[0].mlp.gate
+  for name, bits in [("int4", 4), ("int2:g32", 2), ("ternary", 2)]:
+    q = quant.quantize(w, spec, _fmt(name))
+    assert q.qvalue.dtype == jnp.uint8
+    assert q.qvalue.shape == w.shape[:-1] + (w.shape[-1] * bits // 8,)
+    assert quant.logical_shape(q) == w.shape
+    unpacked = quant.ops.unpack(q.qvalue, bits, jnp.int8)
+    assert int(unpacked.min()) >= -(1 << (bits - 1)) and int(unpacked.max()) < 1 << (bits - 1)
+    np.testing.assert_array_equal(quant.ops.pack(unpacked, bits), q.qvalue)
+  leaves = lambda q: [x for x in jax.tree_util.tree_leaves(q, is_leaf=quant.is_quantized)
+                      if quant.is_quantized(x)]
+  for name, bound in [("int8", 0.27), ("int4", 0.16), ("int4:g32", 0.16)]:
+    q = leaves(quant.quantize_params(params, SPEC, _fmt(name)))
+    held = sum(x.qvalue.nbytes + x.scale.nbytes for x in q)
+    f32 = sum(np.prod(quant.logical_shape(x)) * 4 for x in q)
+    assert held / f32 <= bound, (name, held / f32)
+
+
 @pytest.mark.parametrize("name,include", FORMATS)
 def test_served_decode_logits_equal_the_qat_forward(params, name, include):
   fmt = _fmt(name, include)
@@ -136,7 +158,7 @@ def test_checkpoint_errors(tmp_path, params):
   save_orbax(tmp_path, CFG, q, quant_format=fmt)
   meta = tmp_path / quant.QUANT_FILE
   meta.write_text(json.dumps({**json.loads(meta.read_text()), "version": 99}))
-  with pytest.raises(ValueError, match=r"version 99, but this jaxinfer reads version 1") as e:
+  with pytest.raises(ValueError, match=rf"version 99, but this jaxinfer reads version {quant.QUANT_VERSION}") as e:
     load_orbax(tmp_path)
   assert "\n" not in str(e.value)
   save_orbax(tmp_path, CFG, params)  # a full-precision save drops the format record

@@ -33,13 +33,16 @@ KINDS = {
 }
 OPTIONAL_ROLES = tuple(r for r in QUANT_ROLES if r != "linear")
 
-# Storage. qwix holds qvalue in the logical type itself (its "int2" in an int4 array). Here the
-# sub-byte types are held in one-byte containers instead, values unchanged (QArray.qtype keeps
-# the logical type): with jax 0.10.2 on CPU an executable compiled ahead of time
-# (`.lower().compile()`, as the engine and Generator do) for mesh-sharded int4/int2/fp4 inputs
-# requires a packed sub-byte layout that jax's own arrays of those types do not have, and
-# refuses them. It costs nothing here: those arrays take one byte per element on CPU anyway
-# (on_device_size_in_bytes == size). Packing two int4 per byte is left for later.
+# Storage. qwix holds qvalue in the logical type itself (its "int2" in an int4 array). jax's own
+# sub-byte arrays are not used for storage: with jax 0.10.2 on CPU an executable compiled ahead
+# of time (`.lower().compile()`, as the engine and Generator do) for mesh-sharded int4/int2/fp4
+# inputs requires a packed sub-byte layout those arrays do not have, and refuses them; and on
+# CPU they take a byte per element anyway. Instead the integer sub-byte types are packed by hand
+# into uint8 (`PACKED_BITS`: two int4 or four int2/ternary values per byte, along the last
+# axis; ops.pack), the same bytes on every backend, on disk and in memory, unpacked where a
+# weight is used. fp4, and a weight whose last axis does not divide into the bytes, are held in
+# one-byte containers (`CONTAINERS`), values unchanged.
+PACKED_BITS = {jnp.dtype(jnp.int4): 4, jnp.dtype(jnp.int2): 2}
 CONTAINERS = {jnp.dtype(jnp.int4): jnp.int8, jnp.dtype(jnp.int2): jnp.int8,
               jnp.dtype(jnp.float4_e2m1fn): jnp.float8_e4m3fn}  # e4m3 holds every e2m1 value
 

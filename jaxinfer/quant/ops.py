@@ -17,7 +17,7 @@ import jax.numpy as jnp
 import qwix
 
 from jaxinfer.params import ParamSpec
-from jaxinfer.quant.formats import CONTAINERS, QuantFormat
+from jaxinfer.quant.formats import CONTAINERS, PACKED_BITS, QuantFormat
 
 QArray = qwix.QArray
 
@@ -39,14 +39,46 @@ def scale_axes(spec: ParamSpec, fmt: QuantFormat) -> tuple[tuple[int, ...], dict
 
 
 def quantize(w: jax.Array, spec: ParamSpec, fmt: QuantFormat) -> QArray:
-  """w (spec.shape) -> QArray in `fmt`, scales in w's dtype (they set the dequantized dtype)."""
+  """w (spec.shape) -> QArray in `fmt`, scales in w's dtype (they set the dequantized dtype);
+  int4, int2 and ternary values packed into uint8 where the last axis divides into whole bytes
+  (see formats.CONTAINERS)."""
   channelwise, tiled = scale_axes(spec, fmt)
   if fmt.kind == "ternary":
     q = _ternary(w, channelwise, tiled)
   else:
     q = qwix.quantize(w, fmt.qtype, channelwise_axes=channelwise, tiled_axes=tiled)
-  container = CONTAINERS.get(q.qvalue.dtype)  # see formats.CONTAINERS
+  bits = _packed_bits(q.qtype)
+  if bits is not None and q.qvalue.shape[-1] % (8 // bits) == 0:
+    return q.replace(qvalue=pack(q.qvalue, bits))
+  container = CONTAINERS.get(q.qvalue.dtype)
   return q if container is None else q.replace(qvalue=q.qvalue.astype(container))
+
+
+def _packed_bits(qtype) -> int | None:
+  """Bits per value when `qtype` (a QArray's logical type) is packed, else None."""
+  if isinstance(qtype, str):  # qwix's "int2" (levels -2..1, held in an int4 array)
+    return 2
+  return PACKED_BITS.get(jnp.dtype(qtype))
+
+
+def pack(values: jax.Array, bits: int) -> jax.Array:
+  """Signed `bits`-bit integers -> uint8, 8 // bits per byte: the last axis cut into 8 // bits
+  equal parts, part i in bits [i*bits, (i+1)*bits) of each byte (so unpacking is a shift and a
+  concatenation). The last axis must divide into the parts."""
+  per_byte = 8 // bits
+  if values.shape[-1] % per_byte:
+    raise ValueError(f"packing {bits}-bit values {per_byte} per byte: the last axis "
+                     f"({values.shape[-1]}) does not divide by {per_byte}")
+  parts = jnp.split(values.astype(jnp.int32) & ((1 << bits) - 1), per_byte, axis=-1)
+  return sum(p << (i * bits) for i, p in enumerate(parts)).astype(jnp.uint8)
+
+
+def unpack(packed: jax.Array, bits: int, dtype) -> jax.Array:
+  """The inverse of `pack`, as `dtype` integers."""
+  x = packed.astype(jnp.int32)
+  sign = 1 << (bits - 1)
+  parts = [(((x >> (i * bits)) & ((1 << bits) - 1)) ^ sign) - sign for i in range(8 // bits)]
+  return jnp.concatenate(parts, axis=-1).astype(dtype)
 
 
 def _ternary(w: jax.Array, channelwise, tiled) -> QArray:
@@ -71,7 +103,17 @@ def _ternary(w: jax.Array, channelwise, tiled) -> QArray:
   return QArray(q, gamma.reshape(scale_shape), None, jnp.int2)
 
 
+def logical_shape(x) -> tuple[int, ...]:
+  """The shape of the weight `x` stands for: a packed QArray's last axis unpacked."""
+  shape = tuple(x.shape)
+  if isinstance(x, QArray) and x.qvalue.dtype == jnp.uint8:
+    return shape[:-1] + (shape[-1] * (8 // _packed_bits(x.qtype)),)
+  return shape
+
+
 def dequantize(q: QArray) -> jax.Array:
+  if q.qvalue.dtype == jnp.uint8:  # packed (see `quantize`)
+    q = q.replace(qvalue=unpack(q.qvalue, _packed_bits(q.qtype), jnp.int8))
   return qwix.dequantize(q)
 
 

@@ -25,7 +25,8 @@ from jaxinfer.sharding import DEFAULT_RULES, ShardingRules
 QUANT_FILE = "quantization.json"
 # The layout of quantized leaves in a checkpoint (qwix QArray: qvalue, scale; qtype static).
 # Bump when it changes; a checkpoint of another version is refused, not misread.
-QUANT_VERSION = 1
+# 2: int4 / int2 / ternary values packed into uint8 (ops.pack); 1 held them a byte each.
+QUANT_VERSION = 2
 
 
 def _map(fn: Callable[[str, ParamSpec, Any], Any], params, spec_tree, fmt: QuantFormat):
@@ -70,7 +71,7 @@ def quantize_params(params, spec_tree, fmt: QuantFormat):
     if not is_quantized(leaf):
       return quantize(leaf, spec, fmt)
     want = jax.eval_shape(lambda w: quantize(w, spec, fmt),
-                          jax.ShapeDtypeStruct(leaf.shape, leaf.dtype))
+                          jax.ShapeDtypeStruct(spec.shape, leaf.dtype))
     if (leaf.qtype, leaf.qvalue.dtype, leaf.scale.shape) != (want.qtype, want.qvalue.dtype,
                                                               want.scale.shape):
       qtype = leaf.qtype if isinstance(leaf.qtype, str) else jnp.dtype(leaf.qtype).name
