@@ -73,8 +73,10 @@ def attention_reference(q: jax.Array, k: jax.Array, v: jax.Array, q_pos: jax.Arr
 
 def cache_attention_reference(q: jax.Array, k_cache: jax.Array, v_cache: jax.Array,
                               positions: jax.Array, *, window: int | None = None,
-                              sinks: int = 0) -> jax.Array:
-  """q (B,T,N,H) at `positions` (B,T) over caches (K,B,S,H) whose slot s holds position s."""
+                              sinks: int = 0, k_scale: jax.Array | None = None,
+                              v_scale: jax.Array | None = None) -> jax.Array:
+  """q (B,T,N,H) at `positions` (B,T) over caches (K,B,S,H) whose slot s holds position s;
+  an int8 cache's values come widened, with their scales (K,B,S) (`kv_quant.kv_read`)."""
   b, t, n, h = q.shape
   kv_heads, _, s, _ = k_cache.shape
   # (K, B) lead both operands, as in the cache's own layout: no transpose of the cache.
@@ -82,10 +84,23 @@ def cache_attention_reference(q: jax.Array, k_cache: jax.Array, v_cache: jax.Arr
   scores = jnp.einsum("kbgth,kbsh->kbgts", qg, k_cache, preferred_element_type=jnp.float32)
   k_pos = jnp.broadcast_to(jnp.arange(s, dtype=positions.dtype), (b, s))
   mask = attention_mask(positions, k_pos, window, sinks=sinks)
-  scores = jnp.where(mask[None, :, None], scores * h**-0.5, MASK_VALUE)
-  probs = jax.nn.softmax(scores, axis=-1).astype(v_cache.dtype)
-  out = jnp.einsum("kbgts,kbsh->kbgth", probs, v_cache, preferred_element_type=jnp.float32)
-  return out.transpose(1, 3, 0, 2, 4).reshape(b, t, n, h).astype(q.dtype)
+  return _softmax_values(scores, mask[None, :, None], v_cache, h, k_scale, v_scale).transpose(
+      1, 3, 0, 2, 4).reshape(b, t, n, h).astype(q.dtype)
+
+
+def _softmax_values(scores, visible, v, h: int, k_scale, v_scale):
+  """Heads-major attention's rest: scores (K,B,G,T,S) f32 -> out (K,B,G,T,H) f32 over v
+  (K,B,S,H); an int8 cache's per-key scales (K,B,S) multiply the logits and the probabilities
+  (as the kernels apply them)."""
+  scale = lambda x: x[:, :, None, None, :]
+  if k_scale is not None:
+    scores = scores * scale(k_scale)
+  scores = jnp.where(visible, scores * h**-0.5, MASK_VALUE)
+  probs = jax.nn.softmax(scores, axis=-1)
+  if v_scale is not None:
+    probs = probs * scale(v_scale)
+  return jnp.einsum("kbgts,kbsh->kbgth", probs.astype(v.dtype), v,
+                    preferred_element_type=jnp.float32)
 
 
 def _dynamic_info(q, k, sparsity: Sparsity):
@@ -122,17 +137,21 @@ def _xla_chunk(q, k, v, positions, *, window, sinks, sparsity, segment_ids, mesh
 def _xla_cache(q, kv, positions, *, window, sinks, mesh, rules):
   del mesh, rules
   if kv.page_table is not None:  # gather each row's pages into (K, B, M*ps, H)
-    k, v = _gather_rows(kv.k, kv.page_table, q.dtype), _gather_rows(kv.v, kv.page_table, q.dtype)
+    (k, ks), (v, vs) = (_gather_rows(x, kv.page_table, q.dtype) for x in (kv.k, kv.v))
   else:
-    k, v = kv_read(kv.k, (), q.dtype), kv_read(kv.v, (), q.dtype)
-  return cache_attention_reference(q, k, v, positions, window=window, sinks=sinks)
+    (k, ks), (v, vs) = (kv_read(x, (), q.dtype) for x in (kv.k, kv.v))
+  return cache_attention_reference(q, k, v, positions, window=window, sinks=sinks, k_scale=ks,
+                                   v_scale=vs)
 
 
 def _gather_rows(pool, page_table, dtype):
-  """Each row's pages of a pool (K,P,ps,H), in order and dequantized: (K, B, M*ps, H)."""
+  """Each row's pages of a pool (K,P,ps,H), in order: (values (K, B, M*ps, H), their scales
+  (K, B, M*ps) or None), as kv_quant.kv_read."""
   kv_heads, _, ps, h = pool.shape
   b, m = page_table.shape
-  return kv_read(pool, (slice(None), page_table), dtype).reshape(kv_heads, b, m * ps, h)
+  x, scale = kv_read(pool, (slice(None), page_table), dtype)
+  return (x.reshape(kv_heads, b, m * ps, h),
+          None if scale is None else scale.reshape(kv_heads, b, m * ps))
 
 
 # --- Pallas ---------------------------------------------------------------------------------
@@ -248,15 +267,14 @@ def _xla_tree(q, kv, positions, *, window, sinks, mesh, rules):
   b, t, n, h = q.shape
   kv_heads = kv.k.shape[0]
   if kv.contiguous:  # row b owns pages [b*M, (b+1)*M): the pool is a (K, B, S, H) cache
-    k, v = (kv_read(kv_reshape(x, kv_heads, b, -1), (), q.dtype) for x in (kv.k, kv.v))
+    (k, ks), (v, vs) = (kv_read(kv_reshape(x, kv_heads, b, -1), (), q.dtype)
+                        for x in (kv.k, kv.v))
   else:  # each row's pages gathered heads-major, as the decode path gathers them
-    k, v = _gather_rows(kv.k, kv.page_table, q.dtype), _gather_rows(kv.v, kv.page_table, q.dtype)
+    (k, ks), (v, vs) = (_gather_rows(x, kv.page_table, q.dtype) for x in (kv.k, kv.v))
   qg = q.reshape(b, t, kv_heads, n // kv_heads, h).transpose(2, 0, 3, 1, 4)  # (K,B,G,T,H)
   scores = jnp.einsum("kbgth,kbsh->kbgts", qg, k, preferred_element_type=jnp.float32)
   visible = tree_visibility(kv.prefix_len, kv.tree_mask, k.shape[2], window, sinks)
-  scores = jnp.where(visible[None, :, None], scores * h**-0.5, MASK_VALUE)
-  probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
-  out = jnp.einsum("kbgts,kbsh->kbgth", probs, v, preferred_element_type=jnp.float32)
+  out = _softmax_values(scores, visible[None, :, None], v, h, ks, vs)
   return out.transpose(1, 3, 0, 2, 4).reshape(b, t, n, h).astype(q.dtype)
 
 

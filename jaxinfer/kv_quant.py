@@ -131,12 +131,13 @@ def kv_move(buf, src: tuple, dst: tuple):
   return buf.at[dst].set(buf[src], mode="drop")
 
 
-def kv_read(buf, index: tuple, dtype) -> jax.Array:
-  """buf[index] (index=() for all of it) in `dtype`, an int8 buffer dequantized."""
+def kv_read(buf, index: tuple, dtype) -> tuple[jax.Array, jax.Array | None]:
+  """buf[index] (index=() for all of it) as (values in `dtype`, float32 scales or None): an int8
+  buffer's values widened (exactly) and its scales beside them, for the attention to apply to
+  its logits and probabilities as the kernels do, never materialising dequantized K/V."""
   if isinstance(buf, QuantizedKV):
-    values, scales = buf.values[index], buf.scale_grid()[index]
-    return (values.astype(jnp.float32) * scales[..., None]).astype(dtype)
-  return buf[index]
+    return buf.values[index].astype(dtype), buf.scale_grid()[index]
+  return buf[index], None
 
 
 def kv_reshape(buf, *lead: int):

@@ -30,7 +30,9 @@ def test_quantize_is_per_token_and_head_and_within_half_a_step():
   assert q.values.dtype == jnp.int8 and q.scales.shape == (2, 2, 128)  # 200 positions: 2 rows
   grid = q.scale_grid()
   assert grid.shape == (2, 5, 40) and q.scales[1, 1, 160 - 128] == grid[1, 4, 0]
-  assert bool(jnp.all(jnp.abs(kv_read(q, (), jnp.float32) - x) <= grid[..., None] * 0.5001))
+  values, scales = kv_read(q, (), jnp.float32)
+  assert np.array_equal(scales, grid) and np.array_equal(values, q.values.astype(jnp.float32))
+  assert bool(jnp.all(jnp.abs(values * grid[..., None] - x) <= grid[..., None] * 0.5001))
   # each vector alone decides its scale: quantizing a slice gives the same values
   part = QuantizedKV.quantize(x[:, 2:3])
   assert np.array_equal(part.values, q.values[:, 2:3])
@@ -174,17 +176,19 @@ def _run(target, proposer=None, runtime=None, **kw):
 
 
 def test_int8_engine_speculation_equals_its_plain_decoding(target):
-  """Greedy speculation over the int8 pool (its kernels, the accepted path's int8 K/V and scales
-  moved into place) gives the same tokens as plain decoding over the int8 pool; the pages hold
-  int8 values, and a shared header's pages are still read by reference."""
+  """Greedy speculation over the int8 pool (the accepted path's int8 K/V and scales moved into
+  place) gives the same tokens as plain decoding over the int8 pool, through the kernels and
+  through XLA (which agree); the pages hold int8 values, and a shared header's pages are still
+  read by reference."""
   from jaxinfer.runtime import Runtime
   from jaxinfer.speculative import proposers as P
-  runtime = Runtime(implementation="pallas")
-  ref, _, eng = _run(target, runtime=runtime)
+  ref, _, eng = _run(target, runtime=Runtime(implementation="pallas"))
   assert isinstance(eng.k[0], QuantizedKV) and eng.k[0].values.dtype == jnp.int8
-  for proposer in (P.NGram(num_draft_tokens=3), P.Lookahead(num_nodes=4, depth=2)):
-    out, st, _ = _run(target, proposer, runtime, speculation="always")
-    assert out == ref, proposer
+  for proposer, impl in [(P.NGram(num_draft_tokens=3), "pallas"),
+                         (P.Lookahead(num_nodes=4, depth=2), "pallas"),
+                         (P.NGram(num_draft_tokens=3), "xla")]:
+    out, st, _ = _run(target, proposer, Runtime(implementation=impl), speculation="always")
+    assert out == ref, (proposer, impl)
     assert st.decode_tokens > st.row_steps > 0 and st.prefill_tokens_saved >= 3 * 8
 
 
