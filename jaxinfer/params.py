@@ -119,16 +119,17 @@ def logical_axes(spec_tree) -> Any:
   return jax.tree_util.tree_map(lambda s: s.axes, spec_tree, is_leaf=is_spec)
 
 
-def check_against_spec(params, spec_tree, where: str = "params") -> None:
-  """Raises a ValueError naming every leaf whose shape differs from its declaration (a quantized
-  leaf's: the weight's it stands for)."""
-  from jaxinfer.quant.ops import logical_shape
+def check_against_spec(params, spec_tree, where: str = "params",
+                       shape_of: Callable[[Any], tuple[int, ...]] = lambda x: tuple(x.shape)
+                       ) -> None:
+  """Raises a ValueError naming every leaf whose shape (by `shape_of`: a quantized tree passes
+  quant.logical_shape, the shape of the weight a leaf stands for) differs from its declaration."""
   spec_leaves, spec_def = _leaves_with_paths(spec_tree)
   try:
     param_leaves = spec_def.flatten_up_to(params)
   except (ValueError, TypeError) as e:
     raise ValueError(f"{where}: structure does not match the model declaration: {e}") from None
-  bad = [f"{jax.tree_util.keystr(path)}: expected {spec.shape}, got {logical_shape(p)}"
-         for (path, spec), p in zip(spec_leaves, param_leaves) if logical_shape(p) != spec.shape]
+  bad = [f"{jax.tree_util.keystr(path)}: expected {spec.shape}, got {shape_of(p)}"
+         for (path, spec), p in zip(spec_leaves, param_leaves) if shape_of(p) != spec.shape]
   if bad:
     raise ValueError(f"{where}: shape mismatch: " + "; ".join(bad))

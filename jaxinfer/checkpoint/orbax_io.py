@@ -36,7 +36,7 @@ def save_orbax(directory: str | os.PathLike, cfg: ModelConfig, params: Transform
   """Writes `params`; quantized params need the `quant_format` they were quantized with."""
   directory = Path(directory).absolute()
   spec = Transformer.spec(cfg)
-  P.check_against_spec(params, spec)
+  P.check_against_spec(params, spec, shape_of=quant.logical_shape)
   _check_format(params, spec, quant_format, directory)
   target = directory / PARAMS_DIR
   if target.exists() and jax.process_index() == 0:
@@ -70,7 +70,7 @@ def load_orbax(directory: str | os.PathLike, dtype: str | None = None, mesh: Mes
       params = ckptr.restore(directory / PARAMS_DIR, target)
     except (ValueError, KeyError) as e:
       raise ValueError(f"{directory}: checkpoint does not match config.json: {e}") from None
-  P.check_against_spec(params, spec, str(directory))
+  P.check_against_spec(params, spec, str(directory), quant.logical_shape)
   return cfg, params
 
 
