@@ -114,12 +114,26 @@ def kv_bytes_per_vector(head_dim: int, dtype, kv_cache_dtype: str | None) -> int
 
 
 def kv_set(buf, index: tuple, new: jax.Array):
-  """buf[index] := new (..., H), quantized first when buf is; out-of-range positions dropped."""
+  """buf[index] := new (K, ..., H), quantized first when buf is; out-of-range positions
+  dropped. `index` starts with slice(None) (every kv head)."""
+  index = _per_head(index, buf.shape[0])
   if isinstance(buf, QuantizedKV):
     values, scales = quantize_vectors(new)
     return QuantizedKV(buf.values.at[index].set(values, mode="drop"),
                        buf.scales.at[buf.flat(index)].set(scales, mode="drop"))
   return buf.at[index].set(new.astype(buf.dtype), mode="drop")
+
+
+def _per_head(index: tuple, kv_heads: int) -> tuple:
+  """`index` with its leading slice over the kv heads made an index array: each update is then
+  one vector (H,), contiguous in the buffer's (K, *positions, H) layout. Written with the heads
+  as a slice, an update is a (K, H) window, and XLA on a TPU lays the buffer out with K and H
+  minor to suit it, then copies it whole into the kernels' layout at every step."""
+  if not isinstance(index[0], slice):
+    return index
+  rest = jnp.broadcast_arrays(*index[1:])
+  heads = jnp.arange(kv_heads).reshape((kv_heads,) + (1,) * rest[0].ndim)
+  return (heads,) + tuple(x[None] for x in rest)
 
 
 def kv_move(buf, src: tuple, dst: tuple):
