@@ -26,7 +26,7 @@ from jaxinfer import params as P
 from jaxinfer.config import ModelConfig
 from jaxinfer.kv_cache import (CACHE_AXES, KVCache, LayerKV, MixedPagedKVCache,  # noqa: F401
                                PagedKVCache)
-from jaxinfer.quant import weight
+from jaxinfer.quant import linear, weight
 from jaxinfer.rope import apply_rope, rope_tables
 from jaxinfer.runtime import Runtime
 from jaxinfer.sharding import DEFAULT_RULES, ShardingRules
@@ -167,9 +167,9 @@ def layer_pattern(cfg: ModelConfig, layer: int, sparsity: Sparsity) -> tuple[int
 def project_qkv(p: Attention, x: jax.Array, cos: jax.Array, sin: jax.Array,
                 cfg: ModelConfig) -> tuple[jax.Array, jax.Array, jax.Array]:
   """Normalised input (B,T,D) -> q (B,T,N,H), k, v (B,T,K,H), RoPE applied."""
-  q = jnp.einsum("btd,dnh->btnh", x, weight(p.q))
-  k = jnp.einsum("btd,dkh->btkh", x, weight(p.k))
-  v = jnp.einsum("btd,dkh->btkh", x, weight(p.v))
+  q = linear("btd,dnh->btnh", x, p.q)
+  k = linear("btd,dkh->btkh", x, p.k)
+  v = linear("btd,dkh->btkh", x, p.v)
   if p.q_bias is not None:
     q, k, v = q + p.q_bias, k + p.k_bias, v + p.v_bias
   if p.q_norm is not None:
@@ -180,7 +180,7 @@ def project_qkv(p: Attention, x: jax.Array, cos: jax.Array, sin: jax.Array,
 
 def project_out(p: Attention, out: jax.Array) -> jax.Array:
   """Attention output (B,T,N,H) -> (B,T,D)."""
-  out = jnp.einsum("btnh,nhd->btd", out, weight(p.o))
+  out = linear("btnh,nhd->btd", out, p.o)
   return out if p.o_bias is None else out + p.o_bias
 
 
@@ -204,10 +204,10 @@ def attention_block(p: Attention, x: jax.Array, positions: jax.Array, cos: jax.A
 
 
 def mlp_block(p: MLP, x: jax.Array, runtime: Runtime) -> jax.Array:
-  gate = jnp.einsum("btd,df->btf", x, weight(p.gate))
-  up = jnp.einsum("btd,df->btf", x, weight(p.up))
+  gate = linear("btd,df->btf", x, p.gate)
+  up = linear("btd,df->btf", x, p.up)
   h = runtime.constrain(jax.nn.silu(gate) * up, ("batch", "seq", "act_mlp"))
-  return jnp.einsum("btf,fd->btd", h, weight(p.down))
+  return linear("btf,fd->btd", h, p.down)
 
 
 def forward(params: Transformer, tokens: jax.Array, positions: jax.Array, cfg: ModelConfig,

@@ -41,11 +41,14 @@ def _leaves(tree):
 
 
 def test_qat_learns_and_differs_from_plain_training(tmp_path):
+  """Weight-only and with int8 activations (the served forward, straight-through gradients)."""
   _, plain = train(lm_loss_fn(CFG), _start(), WINDOWS, _tcfg(), tmp_path / "plain")
-  _, logged = qat.finetune(CFG, _start(), WINDOWS, _tcfg(), tmp_path / "qat", INT4)
-  loss, plain_loss = (np.array([r["loss"] for r in m]) for m in (logged, plain))
-  assert np.isfinite(loss).all() and loss[-1] < loss[0]
-  assert loss[0] != plain_loss[0] and not np.allclose(loss, plain_loss)
+  plain_loss = np.array([r["loss"] for r in plain])
+  for fmt in (INT4, quant.QuantFormat.parse("int8:a8")):
+    _, logged = qat.finetune(CFG, _start(), WINDOWS, _tcfg(), tmp_path / fmt.name, fmt)
+    loss = np.array([r["loss"] for r in logged])
+    assert np.isfinite(loss).all() and loss[-1] < loss[0], fmt
+    assert loss[0] != plain_loss[0] and not np.allclose(loss, plain_loss)
 
 
 def test_resume_after_a_crash_matches_an_uninterrupted_run(tmp_path):

@@ -32,6 +32,7 @@ KINDS = {
     "fp4_e2m1": jnp.float4_e2m1fn,
 }
 OPTIONAL_ROLES = tuple(r for r in QUANT_ROLES if r != "linear")
+INTEGER_KINDS = ("int8", "int4", "int2", "ternary")
 
 # Storage. qwix holds qvalue in the logical type itself (its "int2" in an int4 array). jax's own
 # sub-byte arrays are not used for storage: with jax 0.10.2 on CPU an executable compiled ahead
@@ -52,6 +53,9 @@ class QuantFormat:
   kind: str  # a key of KINDS
   group: int | None = None  # elements per scale along the group axis; None: per channel
   include: tuple[str, ...] = ()  # OPTIONAL_ROLES quantized besides the linear weights
+  # int8 activations too (":a8"): each linear weight's input quantized per token (absmax over
+  # what the weight contracts), the product taken in integers
+  activations: bool = False
 
   def __post_init__(self):
     if self.kind not in KINDS:
@@ -59,6 +63,10 @@ class QuantFormat:
                        f"{', '.join(KINDS)}, optionally :gN for groups of N (e.g. int4:g128)")
     if self.group is not None and self.group < 2:
       raise ValueError(f"quantization format {self.name}: groups need at least 2 elements")
+    if self.activations and (self.group is not None or self.kind not in INTEGER_KINDS):
+      raise ValueError(f"quantization format {self.name}: int8 activations (:a8) need integer "
+                       f"weights with one scale per output channel ({', '.join(INTEGER_KINDS)} "
+                       f"without :gN), so that the product is taken in integers")
     bad = sorted(set(self.include) - set(OPTIONAL_ROLES))
     if bad:
       raise ValueError(f"quantization include {bad}: expected some of {', '.join(OPTIONAL_ROLES)}")
@@ -66,15 +74,19 @@ class QuantFormat:
 
   @classmethod
   def parse(cls, text: str, include=()) -> "QuantFormat":
-    """"int8", "int4:g128", "ternary", "fp8_e4m3", ...; one-line ValueError otherwise."""
-    kind, sep, rest = text.strip().partition(":")
-    group = None
-    if sep:
-      if not (rest[:1] == "g" and rest[1:].isdigit()):
-        raise ValueError(f"quantization format {text!r}: expected KIND or KIND:gN with N the "
-                         f"group size (e.g. int4:g128)")
-      group = int(rest[1:])
-    fmt = cls(kind, group, tuple(include))
+    """"int8", "int4:g128", "ternary", "fp8_e4m3", "int8:a8", ...; one-line ValueError
+    otherwise."""
+    kind, *options = text.strip().split(":")
+    group, activations = None, False
+    for option in options:
+      if option[:1] == "g" and option[1:].isdigit() and group is None:
+        group = int(option[1:])
+      elif option == "a8" and not activations:
+        activations = True
+      else:
+        raise ValueError(f"quantization format {text!r}: expected KIND, KIND:gN with N the "
+                         f"group size (e.g. int4:g128), or KIND:a8 for int8 activations")
+    fmt = cls(kind, group, tuple(include), activations)
     reason = _unavailable(fmt.kind)
     if reason:
       raise ValueError(f"quantization format {text!r}: {reason}; use fp8_e4m3 or fp4_e2m1")
@@ -82,7 +94,8 @@ class QuantFormat:
 
   @property
   def name(self) -> str:
-    return self.kind if self.group is None else f"{self.kind}:g{self.group}"
+    return (self.kind + ("" if self.group is None else f":g{self.group}")
+            + (":a8" if self.activations else ""))
 
   @property
   def qtype(self):

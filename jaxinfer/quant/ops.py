@@ -12,9 +12,12 @@ axis share one, and every other axis, contracted or not, gets its own.
 
 from __future__ import annotations
 
+from typing import Any
+
 import jax
 import jax.numpy as jnp
 import qwix
+from flax import struct
 
 from jaxinfer.params import ParamSpec
 from jaxinfer.quant.formats import CONTAINERS, PACKED_BITS, QuantFormat
@@ -23,7 +26,7 @@ QArray = qwix.QArray
 
 
 def is_quantized(x) -> bool:
-  return isinstance(x, QArray)
+  return isinstance(x, (QArray, ActQuantized))
 
 
 def scale_axes(spec: ParamSpec, fmt: QuantFormat) -> tuple[tuple[int, ...], dict[int, int]]:
@@ -105,6 +108,8 @@ def _ternary(w: jax.Array, channelwise, tiled) -> QArray:
 
 def logical_shape(x) -> tuple[int, ...]:
   """The shape of the weight `x` stands for: a packed QArray's last axis unpacked."""
+  if isinstance(x, ActQuantized):
+    x = x.q
   shape = tuple(x.shape)
   if isinstance(x, QArray) and x.qvalue.dtype == jnp.uint8:
     return shape[:-1] + (shape[-1] * (8 // _packed_bits(x.qtype)),)
@@ -117,9 +122,21 @@ def dequantize(q: QArray) -> jax.Array:
   return qwix.dequantize(q)
 
 
+@struct.dataclass
+class ActQuantized:
+  """A linear weight whose input is quantized to int8 too (format :a8), applied by
+  `quant.linear`: `q` its QArray; in QAT also `w`, its fake-quantized array, which carries the
+  straight-through gradient (the forward is the served one, from `q`)."""
+
+  q: QArray
+  w: Any = None
+
+
 def weight(x):
   """The array a weight leaf stands for: a QArray dequantized, anything else as it is. Every
-  weight use in the model goes through this (weight-only quantization)."""
+  weight use in the model goes through this or `quant.linear`."""
+  if isinstance(x, ActQuantized):
+    x = x.q if x.w is None else x.w
   return dequantize(x) if isinstance(x, QArray) else x
 
 

@@ -19,7 +19,7 @@ from jax.sharding import Mesh
 
 from jaxinfer.params import ParamSpec, is_spec
 from jaxinfer.quant.formats import QuantFormat
-from jaxinfer.quant.ops import fake_quant, is_quantized, quantize, scale_axes
+from jaxinfer.quant.ops import ActQuantized, fake_quant, is_quantized, quantize, scale_axes
 from jaxinfer.sharding import DEFAULT_RULES, ShardingRules
 
 QUANT_FILE = "quantization.json"
@@ -62,6 +62,19 @@ def selected_specs(spec_tree, fmt: QuantFormat) -> list[tuple[str, ParamSpec]]:
   return out
 
 
+def _leaf(fmt: QuantFormat, q):
+  """A quantized weight as the tree holds it: with int8 activations, marked for `linear`."""
+  return ActQuantized(q) if fmt.activations else q
+
+
+def _qat_leaf(w, spec: ParamSpec, fmt: QuantFormat):
+  """A weight as QAT sees it: fake-quantized; with int8 activations also its QArray, from which
+  `linear` computes the served forward."""
+  if not fmt.activations:
+    return fake_quant(w, spec, fmt)
+  return ActQuantized(jax.lax.stop_gradient(quantize(w, spec, fmt)), fake_quant(w, spec, fmt))
+
+
 def quantize_params(params, spec_tree, fmt: QuantFormat):
   """PTQ: every selected leaf quantized with `fmt`. Idempotent: a leaf already quantized in
   `fmt` is kept as it is; one in another layout is an error."""
@@ -69,14 +82,17 @@ def quantize_params(params, spec_tree, fmt: QuantFormat):
 
   def one(where, spec, leaf):
     if not is_quantized(leaf):
-      return quantize(leaf, spec, fmt)
+      return _leaf(fmt, quantize(leaf, spec, fmt))
+    q = leaf.q if isinstance(leaf, ActQuantized) else leaf
     want = jax.eval_shape(lambda w: quantize(w, spec, fmt),
-                          jax.ShapeDtypeStruct(spec.shape, leaf.dtype))
-    if (leaf.qtype, leaf.qvalue.dtype, leaf.scale.shape) != (want.qtype, want.qvalue.dtype,
-                                                              want.scale.shape):
-      qtype = leaf.qtype if isinstance(leaf.qtype, str) else jnp.dtype(leaf.qtype).name
+                          jax.ShapeDtypeStruct(spec.shape, q.dtype))
+    if ((q.qtype, q.qvalue.dtype, q.scale.shape, isinstance(leaf, ActQuantized))
+        != (want.qtype, want.qvalue.dtype, want.scale.shape, fmt.activations)):
+      qtype = q.qtype if isinstance(q.qtype, str) else jnp.dtype(q.qtype).name
+      acts = ", int8 activations" if isinstance(leaf, ActQuantized) else ""
       raise ValueError(f"{where}: already quantized in another format ({qtype}, scales "
-                       f"{leaf.scale.shape}); quantize the full-precision model to {fmt.name}")
+                       f"{q.scale.shape}{acts}); quantize the full-precision model to "
+                       f"{fmt.name}")
     return leaf
 
   return _map(one, params, spec_tree, fmt)
@@ -92,7 +108,7 @@ def qat_params(params, spec_tree, fmt: QuantFormat | None):
   def one(where, spec, leaf):
     if is_quantized(leaf):
       raise ValueError(f"{where}: already quantized; QAT trains full-precision weights")
-    return fake_quant(leaf, spec, fmt)
+    return _qat_leaf(leaf, spec, fmt)
 
   return _map(one, params, spec_tree, fmt)
 
@@ -104,8 +120,8 @@ def abstract_quantized(abstract, spec_tree, fmt: QuantFormat, mesh: Mesh | None 
   selected_specs(spec_tree, fmt)
 
   def one(where, spec, sds):
-    q = jax.eval_shape(lambda w: quantize(w, spec, fmt), jax.ShapeDtypeStruct(sds.shape,
-                                                                              sds.dtype))
+    q = jax.eval_shape(lambda w: _leaf(fmt, quantize(w, spec, fmt)),
+                       jax.ShapeDtypeStruct(sds.shape, sds.dtype))
     if mesh is None:
       return q
     return jax.tree_util.tree_map(lambda x: jax.ShapeDtypeStruct(

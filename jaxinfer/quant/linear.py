@@ -1,0 +1,59 @@
+"""The model's linear layers through possibly quantized weights: `linear(eq, x, w)`.
+
+A plain or weight-only quantized `w` is `einsum(eq, x, weight(w))`. With int8 activations (an
+`ActQuantized` weight, format :a8) the input is quantized too, per token: symmetric absmax int8
+over the axes the weight contracts (qwix, as the weights), and the product is taken in integers
+(int8 x int8 accumulated in int32) times the input's and the weight's scales (one per token,
+one per output channel). QAT runs that same forward (so trained and served outputs are equal bit
+for bit) and takes its gradient from the product of the fake-quantized input and weight
+(straight-through: the rounding passes gradients unchanged).
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import qwix
+
+from jaxinfer.quant.ops import ActQuantized, QArray, _packed_bits, unpack, weight
+
+
+def linear(eq: str, x: jax.Array, w) -> jax.Array:
+  """einsum(eq, x, w) for a two-operand equation such as "btd,dnh->btnh"."""
+  if not isinstance(w, ActQuantized):
+    return jnp.einsum(eq, x, weight(w))
+  inputs, out = eq.split("->")
+  xs, ws = inputs.split(",")
+  keep = tuple(i for i, c in enumerate(xs) if c in out)  # one scale per token
+  y = _integer_product(eq, jax.lax.stop_gradient(x), w.q, keep)
+  if w.w is None:  # served
+    return y
+  # QAT: the value is y's; the gradient that of the fake-quantized product
+  y_float = jnp.einsum(eq, _fake_quant_input(x, keep), w.w)
+  return y + (y_float - jax.lax.stop_gradient(y_float))
+
+
+def _integer_product(eq: str, x: jax.Array, q: QArray, keep: tuple[int, ...]) -> jax.Array:
+  inputs, out = eq.split("->")
+  xs, ws = inputs.split(",")
+  xq = qwix.quantize(x, jnp.int8, channelwise_axes=keep)
+  values = q.qvalue if q.qvalue.dtype != jnp.uint8 else unpack(q.qvalue, _packed_bits(q.qtype),
+                                                              jnp.int8)
+  acc = jnp.einsum(eq, xq.qvalue, values.astype(jnp.int8), preferred_element_type=jnp.int32)
+  squeeze = lambda s, letters: (s.reshape([d for d, c in zip(s.shape, letters) if c in out]),
+                                "".join(c for c in letters if c in out))
+  (sx, lx), (sw, lw) = squeeze(xq.scale, xs), squeeze(q.scale, ws)
+  scale = jnp.einsum(f"{lx},{lw}->{out}", sx.astype(jnp.float32), sw.astype(jnp.float32))
+  return (acc.astype(jnp.float32) * scale).astype(x.dtype)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(1,))
+def _fake_quant_input(x: jax.Array, keep: tuple[int, ...]) -> jax.Array:
+  """The input as served rounds it; straight-through (identity) gradient."""
+  return qwix.dequantize(qwix.quantize(x, jnp.int8, channelwise_axes=keep))
+
+
+_fake_quant_input.defvjp(lambda x, keep: (_fake_quant_input(x, keep), None),
+                         lambda keep, _, g: (g,))
