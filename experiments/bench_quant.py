@@ -78,6 +78,8 @@ def weight_bytes(params, quantized) -> dict[str, int]:
   for q in jax.tree_util.tree_leaves(quantized, is_leaf=quant.is_quantized):
     if not quant.is_quantized(q):
       continue
+    if isinstance(q, quant.ActQuantized):
+      q = q.q
     bits = 2 if isinstance(q.qtype, str) else _bits(jnp.dtype(q.qtype))  # qwix's "int2": 2
     size = math.prod(quant.logical_shape(q))
     held += q.qvalue.nbytes + q.scale.nbytes

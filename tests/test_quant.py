@@ -306,3 +306,19 @@ def test_quantized_model_serves_sharded_speculative_and_under_trained_heads(tmp_
                                progress=False)
   assert ids(jaxinfer.LLM(str(out), speculative="medusa", draft_heads=str(heads.path),
                           speculation="always", mesh="data:1", progress=False)) == plain
+
+
+def test_int8_activations_serve_sharded_and_refuse_speculation(tmp_path, model_dir):
+  """An :a8 checkpoint serves through the engine on a mesh as on one device; speculation on it
+  is refused in one line (rounded activations make verification and decoding disagree)."""
+  import jaxinfer
+  from jaxinfer.errors import UserError
+  out, _, _ = jaxinfer.quantize(str(model_dir), str(tmp_path / "a8"), "int8:a8")
+  prompts = ["def add(a, b):", "class Point:"]
+  ids = lambda llm: [o.completion_ids for o in llm.generate(
+      prompts, jaxinfer.SamplingParams(max_new_tokens=6))]
+  assert (ids(jaxinfer.LLM(str(out), mesh="fsdp:2", progress=False))
+          == ids(jaxinfer.LLM(str(out), mesh="data:1", progress=False)))
+  with pytest.raises(UserError, match="quantizes activations") as e:
+    jaxinfer.LLM(str(out), speculative="ngram", progress=False).generate(prompts)
+  assert "\n" not in str(e.value)

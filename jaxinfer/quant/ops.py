@@ -29,6 +29,12 @@ def is_quantized(x) -> bool:
   return isinstance(x, (QArray, ActQuantized))
 
 
+def quantizes_activations(params) -> bool:
+  """Whether any weight of `params` quantizes its input (format :a8)."""
+  leaves = jax.tree_util.tree_leaves(params, is_leaf=lambda x: isinstance(x, ActQuantized))
+  return any(isinstance(x, ActQuantized) for x in leaves)
+
+
 def scale_axes(spec: ParamSpec, fmt: QuantFormat) -> tuple[tuple[int, ...], dict[int, int]]:
   """(channelwise axes, {tiled axis: group size}) in qwix's terms, from the declaration."""
   if fmt.group is None:

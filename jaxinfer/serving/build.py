@@ -8,7 +8,7 @@ import dataclasses
 
 import jax
 
-from jaxinfer import checkpoint
+from jaxinfer import checkpoint, quant
 from jaxinfer.errors import UserError
 from jaxinfer.options import ServeOptions
 from jaxinfer.serving import placement
@@ -43,6 +43,11 @@ def load(opts: ServeOptions):
     raise UserError(str(e)) from None
   if opts.max_seq_len is not None:
     cfg = dataclasses.replace(cfg, max_seq_len=opts.max_seq_len)
+  if opts.speculating and quant.quantizes_activations(params):
+    raise UserError(f"--speculative: {opts.model} quantizes activations (:a8), and rounding "
+                    f"them turns the last-bit differences between verifying a draft and "
+                    f"decoding it into different tokens: speculation would not equal plain "
+                    f"decoding; use a weight-only quantization for it")
   sparsity = parse_sparsity(opts.sparsity)
   if sparsity.kind == "sinks_window" and cfg.sliding_window is not None:
     raise UserError(f"--sparsity: {opts.model} already uses a sliding window "
