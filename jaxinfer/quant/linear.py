@@ -17,7 +17,7 @@ import jax
 import jax.numpy as jnp
 import qwix
 
-from jaxinfer.quant.ops import ActQuantized, QArray, _packed_bits, unpack, weight
+from jaxinfer.quant.ops import ActQuantized, QArray, int_values, weight
 
 
 def linear(eq: str, x: jax.Array, w) -> jax.Array:
@@ -25,8 +25,7 @@ def linear(eq: str, x: jax.Array, w) -> jax.Array:
   if not isinstance(w, ActQuantized):
     return jnp.einsum(eq, x, weight(w))
   inputs, out = eq.split("->")
-  xs, ws = inputs.split(",")
-  keep = tuple(i for i, c in enumerate(xs) if c in out)  # one scale per token
+  keep = tuple(i for i, c in enumerate(inputs.split(",")[0]) if c in out)  # a scale per token
   y = _integer_product(eq, jax.lax.stop_gradient(x), w.q, keep)
   if w.w is None:  # served
     return y
@@ -39,9 +38,7 @@ def _integer_product(eq: str, x: jax.Array, q: QArray, keep: tuple[int, ...]) ->
   inputs, out = eq.split("->")
   xs, ws = inputs.split(",")
   xq = qwix.quantize(x, jnp.int8, channelwise_axes=keep)
-  values = q.qvalue if q.qvalue.dtype != jnp.uint8 else unpack(q.qvalue, _packed_bits(q.qtype),
-                                                              jnp.int8)
-  acc = jnp.einsum(eq, xq.qvalue, values.astype(jnp.int8), preferred_element_type=jnp.int32)
+  acc = jnp.einsum(eq, xq.qvalue, int_values(q), preferred_element_type=jnp.int32)
   squeeze = lambda s, letters: (s.reshape([d for d, c in zip(s.shape, letters) if c in out]),
                                 "".join(c for c in letters if c in out))
   (sx, lx), (sw, lw) = squeeze(xq.scale, xs), squeeze(q.scale, ws)

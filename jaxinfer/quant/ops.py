@@ -56,14 +56,14 @@ def quantize(w: jax.Array, spec: ParamSpec, fmt: QuantFormat) -> QArray:
     q = _ternary(w, channelwise, tiled)
   else:
     q = qwix.quantize(w, fmt.qtype, channelwise_axes=channelwise, tiled_axes=tiled)
-  bits = _packed_bits(q.qtype)
+  bits = packed_bits(q.qtype)
   if bits is not None and q.qvalue.shape[-1] % (8 // bits) == 0:
     return q.replace(qvalue=pack(q.qvalue, bits))
   container = CONTAINERS.get(q.qvalue.dtype)
   return q if container is None else q.replace(qvalue=q.qvalue.astype(container))
 
 
-def _packed_bits(qtype) -> int | None:
+def packed_bits(qtype) -> int | None:
   """Bits per value when `qtype` (a QArray's logical type) is packed, else None."""
   if isinstance(qtype, str):  # qwix's "int2" (levels -2..1, held in an int4 array)
     return 2
@@ -118,13 +118,20 @@ def logical_shape(x) -> tuple[int, ...]:
     x = x.q
   shape = tuple(x.shape)
   if isinstance(x, QArray) and x.qvalue.dtype == jnp.uint8:
-    return shape[:-1] + (shape[-1] * (8 // _packed_bits(x.qtype)),)
+    return shape[:-1] + (shape[-1] * (8 // packed_bits(x.qtype)),)
   return shape
+
+
+def int_values(q: QArray) -> jax.Array:
+  """The integer values of an integer-format QArray, unpacked, as int8."""
+  if q.qvalue.dtype == jnp.uint8:  # packed (see `quantize`)
+    return unpack(q.qvalue, packed_bits(q.qtype), jnp.int8)
+  return q.qvalue.astype(jnp.int8)
 
 
 def dequantize(q: QArray) -> jax.Array:
   if q.qvalue.dtype == jnp.uint8:  # packed (see `quantize`)
-    q = q.replace(qvalue=unpack(q.qvalue, _packed_bits(q.qtype), jnp.int8))
+    q = q.replace(qvalue=int_values(q))
   return qwix.dequantize(q)
 
 
