@@ -53,15 +53,15 @@ def test_tpu_steps_on_a_model_mesh_with_verification():
 
 def test_quantized_weights_compile_and_count_their_own_bytes():
   """--quantize: the steps compiled over int8 weights (values and per-channel scales laid out as
-  the weights), which take about a quarter of float32's bytes per device; a bad format is one
-  line naming the flag."""
+  the weights), which take about a quarter of float32's bytes per device, with int8 activations
+  (the linear layers' integer matmuls); a bad format is one line naming the flag."""
   common = dict(model="preset:tiny", dtype="float32", batch_size=2, kv_pages=16)
-  int8 = aot.run(aot.CompileJob(TPU, **common, mesh="data:4", quantize="int8"))
+  int8 = aot.run(aot.CompileJob(TPU, **common, mesh="data:4", quantize="int8:a8"))
   assert [s.name for s in int8.steps] == ["prefill", "decode"]
   # one device per replica: the whole model on each
   ratio = int8.steps[1].weights_bytes / (PRESETS["tiny"].num_params() * 4)
   assert 0.2 < ratio < 0.6, ratio  # the embedding and norms stay float32
-  assert "weights int8" in int8.table() and int8.settings["quantize"] == "int8"
+  assert "weights int8:a8" in int8.table() and int8.settings["quantize"] == "int8:a8"
   with pytest.raises(aot.CompileError, match="^--quantize: "):
     aot.run(aot.CompileJob(TPU, **common, quantize="int3"))
 
