@@ -138,7 +138,8 @@ def _per_head(index: tuple, kv_heads: int) -> tuple:
 
 def kv_move(buf, src: tuple, dst: tuple):
   """buf[dst] := buf[src], stored values as they are (every source read before any write);
-  out-of-range destinations are dropped."""
+  out-of-range destinations are dropped. Both start with slice(None), as in `kv_set`."""
+  src, dst = _per_head(src, buf.shape[0]), _per_head(dst, buf.shape[0])
   if isinstance(buf, QuantizedKV):
     scales = buf.scales.at[buf.flat(dst)].set(buf.scales[buf.flat(src)], mode="drop")
     return QuantizedKV(buf.values.at[dst].set(buf.values[src], mode="drop"), scales)

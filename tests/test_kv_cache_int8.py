@@ -249,32 +249,37 @@ def test_contiguous_int8_cache_decodes_alike_through_the_kernel_and_xla():
 
 
 @pytest.mark.parametrize("kv_cache_dtype", [None, "int8"])
-def test_the_tpu_decode_step_never_copies_a_pool(no_persistent_cache, kv_cache_dtype):
-  """The engine's decode step compiled by libtpu (several kv heads on one device, Pallas
-  kernels): XLA keeps every pool in the kernels' layout, so no pool (or scale rows) is copied
-  into another layout at any layer of any step; the pools alias their outputs."""
-  from jaxinfer import aot
-  from jaxinfer.runtime import Runtime
-  from jaxinfer.sharding import device_bytes
+def test_the_tpu_steps_keep_every_pool_in_the_kernels_layout(no_persistent_cache, kv_cache_dtype):
+  """The engine's decode step and its draft-tree verification steps compiled by libtpu (several
+  kv heads on one device, Pallas kernels): XLA keeps every pool (and the int8 scale rows) in the
+  kernels' layout everywhere in the step, so none is copied into another layout at any layer of
+  any step; the pools alias their outputs."""
   import dataclasses
 
+  from jaxinfer import aot
   from jaxinfer.config import PRESETS
+  from jaxinfer.runtime import Runtime
+  from jaxinfer.sharding import device_bytes
   job = aot.CompileJob(target="tpu:v5e:2x2", mesh="data:4", batch_size=4, kv_pages=64,
-                       implementation="pallas", kv_cache_dtype=kv_cache_dtype)
+                       implementation="pallas", kv_cache_dtype=kv_cache_dtype,
+                       speculative="ngram")
   # head_dim 128, as real models have (a TPU lays a shorter last axis out otherwise anyway)
   cfg = dataclasses.replace(PRESETS["tiny"], head_dim=128, max_seq_len=256)
   target = aot.parse_target(job.target)
   mesh, _ = aot.replica_mesh(aot.target_devices(target), job.mesh, target)
   runtime = Runtime(mesh, implementation="pallas")
-  fn, args = aot.engine_steps(cfg, job, aot._params(cfg, job, mesh, runtime), runtime)["decode"]
-  compiled = fn.lower(*args).compile()
+  params = aot._params(cfg, job, mesh, runtime)
+  steps = {"decode": aot.engine_steps(cfg, job, params, runtime)["decode"]}
+  steps |= aot.engine_tree_steps(cfg, job, params, runtime, aot._proposer(cfg, job, params)[0])[0]
   names = {"int8": "s8", "float32": "f32"}
-  layouts = {}  # every layout XLA gives a pool (or scale rows) anywhere in the step
-  for x in jax.tree_util.tree_leaves(args[1:3]):
-    shape = f"{names[jnp.dtype(x.dtype).name]}[{','.join(map(str, x.shape))}]{{"
-    default = ",".join(map(str, reversed(range(x.ndim))))
-    for line in compiled.as_text().splitlines():
-      for found in line.split(shape)[1:]:
-        layouts.setdefault(shape, set()).add(found.split(":")[0].split("}")[0] == default)
-  assert layouts and all(v == {True} for v in layouts.values()), layouts
-  assert compiled.memory_analysis().alias_size_in_bytes >= device_bytes(args[1:3])
+  for name, (fn, args) in steps.items():
+    compiled = fn.lower(*args).compile()
+    layouts = {}  # every layout XLA gives a pool (or scale rows) anywhere in the step
+    for x in jax.tree_util.tree_leaves(args[1:3]):
+      shape = f"{names[jnp.dtype(x.dtype).name]}[{','.join(map(str, x.shape))}]{{"
+      default = ",".join(map(str, reversed(range(x.ndim))))
+      for line in compiled.as_text().splitlines():
+        for found in line.split(shape)[1:]:
+          layouts.setdefault(shape, set()).add(found.split(":")[0].split("}")[0] == default)
+    assert layouts and all(v == {True} for v in layouts.values()), (name, layouts)
+    assert compiled.memory_analysis().alias_size_in_bytes >= device_bytes(args[1:3]), name
