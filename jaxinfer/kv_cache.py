@@ -8,8 +8,8 @@ identity page table, so the paged decode kernel reads either without a copy.
 
 Either may be int8 (`kv_cache_dtype="int8"`): each buffer is then a `kv_quant.QuantizedKV`, int8
 values and beside them one float32 scale per token and kv head (symmetric absmax). A token's
-K/V are quantized once, when written; the attention paths read the int8 values with their
-scales (the kernels in-kernel, the XLA path by dequantizing what it gathers).
+K/V are quantized once, when written; every attention path reads the int8 values and applies
+their scales to its logits and probabilities.
 """
 
 from __future__ import annotations
@@ -29,6 +29,8 @@ from jaxinfer.sharding import DEFAULT_RULES, ShardingRules
 CACHE_AXES = ("kv_heads", "batch", "cache_seq", "head_dim")
 POOL_AXES = ("kv_heads", "cache_pages", "page", "head_dim")
 SCALE_AXES = ("kv_heads", None, None)  # an int8 buffer's scale rows (kv_quant.QuantizedKV)
+
+
 @struct.dataclass
 class LayerKV:
   """One layer's keys and values; `page_table` (B, M) is None for a contiguous cache."""

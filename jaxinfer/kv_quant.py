@@ -15,8 +15,9 @@ import jax.numpy as jnp
 import qwix
 from flax import struct
 
+from pallas_kernels.common import SCALE_LANES  # scales are stored in rows of 128: QuantizedKV
+
 KV_CACHE_DTYPES = ("int8",)  # besides the model's own dtype (None)
-SCALE_LANES = 128  # scales are stored in rows of 128: see QuantizedKV
 # float32: the TPU kernel fetches a page's scales from one row of 32-bit tiles (Mosaic cannot
 # slice one row of packed bfloat16), and bfloat16 would save only 2 bytes a vector.
 SCALE_DTYPE = jnp.float32

@@ -117,7 +117,7 @@ def softmax_finish(carry):
 _TRANS_B = (((1,), (1,)), ((), ()))
 
 
-SCALE_LANES = 128
+SCALE_LANES = 128  # a TPU vector's lanes: a row of int8 pools' scales is one vector
 
 
 def check_scales(name: str, k_pages, k_scales, v_scales):

@@ -122,7 +122,8 @@ def test_libtpu_compiles_int8_kernels_and_the_triton_form_lowers(tpu_device, no_
     compiled = fn.lower(*args).compile()
     text = compiled.as_text()
     assert "tpu_custom_call" in text
-    assert not [l for l in text.splitlines() if " copy(" in l and f"f32[{K},{B * CONTEXT // 128},128]" in l]
+    scale_rows = f"f32[{K},{B * CONTEXT // 128},128]"
+    assert not [l for l in text.splitlines() if " copy(" in l and scale_rows in l]
     assert compiled.memory_analysis().temp_size_in_bytes < args[1].size  # one int8 pool
   for fn, args in [(paged, _serving_args()), (tree, _serving_args(None, 16))]:
     with gpu_target():

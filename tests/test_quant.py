@@ -159,7 +159,8 @@ def test_checkpoint_errors(tmp_path, params):
   save_orbax(tmp_path, CFG, q, quant_format=fmt)
   meta = tmp_path / quant.QUANT_FILE
   meta.write_text(json.dumps({**json.loads(meta.read_text()), "version": 99}))
-  with pytest.raises(ValueError, match=rf"version 99, but this jaxinfer reads version {quant.QUANT_VERSION}") as e:
+  with pytest.raises(ValueError,
+                     match=rf"version 99, but this jaxinfer reads version {quant.QUANT_VERSION}") as e:
     load_orbax(tmp_path)
   assert "\n" not in str(e.value)
   save_orbax(tmp_path, CFG, params)  # a full-precision save drops the format record

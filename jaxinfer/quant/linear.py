@@ -11,13 +11,11 @@ for bit) and takes its gradient from the product of the fake-quantized input and
 
 from __future__ import annotations
 
-import functools
-
 import jax
 import jax.numpy as jnp
 import qwix
 
-from jaxinfer.quant.ops import ActQuantized, QArray, int_values, weight
+from jaxinfer.quant.ops import ActQuantized, QArray, int_values, straight_through, weight
 
 
 def linear(eq: str, x: jax.Array, w) -> jax.Array:
@@ -46,11 +44,6 @@ def _integer_product(eq: str, x: jax.Array, q: QArray, keep: tuple[int, ...]) ->
   return (acc.astype(jnp.float32) * scale).astype(x.dtype)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(1,))
 def _fake_quant_input(x: jax.Array, keep: tuple[int, ...]) -> jax.Array:
-  """The input as served rounds it; straight-through (identity) gradient."""
-  return qwix.dequantize(qwix.quantize(x, jnp.int8, channelwise_axes=keep))
-
-
-_fake_quant_input.defvjp(lambda x, keep: (_fake_quant_input(x, keep), None),
-                         lambda keep, _, g: (g,))
+  """The input as served rounds it; straight-through gradient."""
+  return straight_through(x, qwix.dequantize(qwix.quantize(x, jnp.int8, channelwise_axes=keep)))

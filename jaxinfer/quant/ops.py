@@ -154,12 +154,17 @@ def weight(x):
 
 
 def fake_quant(w: jax.Array, spec: ParamSpec, fmt: QuantFormat) -> jax.Array:
-  """dequantize(quantize(w)) forward; straight-through (identity) gradient. A custom VJP rather
-  than w + stop_gradient(q - w), whose rounding would differ from the served weights."""
+  """dequantize(quantize(w)) forward; straight-through (identity) gradient."""
+  return straight_through(w, dequantize(quantize(w, spec, fmt)))
 
-  @jax.custom_vjp
-  def ste(w):
-    return dequantize(quantize(w, spec, fmt))
 
-  ste.defvjp(lambda w: (ste(w), None), lambda _, g: (g,))
-  return ste(w)
+@jax.custom_vjp
+def straight_through(x: jax.Array, rounded: jax.Array) -> jax.Array:
+  """`rounded` (x as some quantizer rounds it) forward, x's gradient passed through unchanged. A
+  custom VJP rather than x + stop_gradient(rounded - x), whose own rounding would differ from
+  `rounded`: trained values must be the served ones exactly."""
+  return rounded
+
+
+straight_through.defvjp(lambda x, rounded: (rounded, None),
+                        lambda _, g: (g, jnp.zeros_like(g)))

@@ -19,7 +19,8 @@ from jax.sharding import Mesh
 
 from jaxinfer.params import ParamSpec, is_spec
 from jaxinfer.quant.formats import QuantFormat
-from jaxinfer.quant.ops import ActQuantized, fake_quant, is_quantized, quantize, scale_axes
+from jaxinfer.quant.ops import (ActQuantized, dequantize, fake_quant, is_quantized, quantize,
+                                scale_axes, straight_through)
 from jaxinfer.sharding import DEFAULT_RULES, ShardingRules
 
 QUANT_FILE = "quantization.json"
@@ -72,7 +73,8 @@ def _qat_leaf(w, spec: ParamSpec, fmt: QuantFormat):
   `linear` computes the served forward."""
   if not fmt.activations:
     return fake_quant(w, spec, fmt)
-  return ActQuantized(jax.lax.stop_gradient(quantize(w, spec, fmt)), fake_quant(w, spec, fmt))
+  q = jax.lax.stop_gradient(quantize(w, spec, fmt))
+  return ActQuantized(q, straight_through(w, dequantize(q)))
 
 
 def quantize_params(params, spec_tree, fmt: QuantFormat):

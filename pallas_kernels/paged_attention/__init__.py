@@ -4,4 +4,5 @@ from pallas_kernels.paged_attention.kernel import default_num_splits, paged_atte
 from pallas_kernels.paged_attention.reference import (dequantize_pages, gather_pages,
                                                       paged_attention_reference)
 
-__all__ = ["default_num_splits", "dequantize_pages", "gather_pages", "paged_attention", "paged_attention_reference"]
+__all__ = ["default_num_splits", "dequantize_pages", "gather_pages", "paged_attention",
+           "paged_attention_reference"]

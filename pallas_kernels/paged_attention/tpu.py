@@ -22,7 +22,7 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
-from pallas_kernels.common import MASK_VALUE
+from pallas_kernels.common import MASK_VALUE, SCALE_LANES
 
 LANES = 128
 _TRANS_B = (((1,), (1,)), ((), ()))
@@ -89,25 +89,25 @@ def _kernel(ends_ref, pt_ref, q_ref, *refs, num_extra, quantized, visible, scale
     stop = block(i)[1]
     for j in range(bp):
       p, page = page_of(i, j)
-      # a page's K and V; its scales: the aligned row of 128 that holds them
-      src_index = [page, page, _div(page * page_size, LANES), _div(page * page_size, LANES)]
-      yield p < stop, [pltpu.make_async_copy(src.at[head, src_index[n]], buf.at[slot, j],
-                                             sems.at[n, slot])
+      row = _div(page * page_size, SCALE_LANES)  # the aligned row of 128 holding its scales
+      yield p < stop, [pltpu.make_async_copy(src.at[head, page if n < 2 else row],
+                                             buf.at[slot, j], sems.at[n, slot])
                        for n, (src, buf) in enumerate(pairs)]
 
-  lane = lax.broadcasted_iota(jnp.int32, (1, LANES), 1)
+  lane = lax.broadcasted_iota(jnp.int32, (1, SCALE_LANES), 1)
 
   def page_scales(i, slot, buf):
     """(1, bk): block i's keys' scales. Page j's segment of its fetched row is rotated to lanes
     j*ps.. of the 128-lane chunk it belongs to (whole chunks are then joined: Mosaic joins
     and slices lanes only at 128-lane boundaries)."""
-    chunks = [jnp.zeros((1, LANES), jnp.float32) for _ in range(-(-bk // LANES))]
+    chunks = [jnp.zeros((1, SCALE_LANES), jnp.float32) for _ in range(-(-bk // SCALE_LANES))]
     for j in range(bp):
-      offset = lax.rem(page_of(i, j)[1] * page_size, LANES)  # in the row
-      dest = j * page_size % LANES  # in the chunk
-      rolled = pltpu.roll(buf[slot, pl.ds(j, 1), :], lax.rem(dest - offset + LANES, LANES), 1)
+      offset = lax.rem(page_of(i, j)[1] * page_size, SCALE_LANES)  # in the row
+      dest = j * page_size % SCALE_LANES  # in the chunk
+      shift = lax.rem(dest - offset + SCALE_LANES, SCALE_LANES)
+      rolled = pltpu.roll(buf[slot, pl.ds(j, 1), :], shift, 1)
       mine = (lane >= dest) & (lane < dest + page_size)
-      chunks[j * page_size // LANES] += jnp.where(mine, rolled, 0.0)
+      chunks[j * page_size // SCALE_LANES] += jnp.where(mine, rolled, 0.0)
     row = chunks[0] if len(chunks) == 1 else jnp.concatenate(chunks, axis=1)
     return row[:, :bk]
 
@@ -204,7 +204,7 @@ def paged_rows_attention(q: jax.Array, k_pages: jax.Array, v_pages: jax.Array, e
                               lambda bi, ki, si, *_: (bi, ki, si, 0, 0))],
       scratch_shapes=[pltpu.VMEM((2, bp, page_size, h), k_pages.dtype),
                       pltpu.VMEM((2, bp, page_size, h), v_pages.dtype)]
-      + [pltpu.VMEM((2, bp, LANES), jnp.float32)] * len(scales)
+      + [pltpu.VMEM((2, bp, SCALE_LANES), jnp.float32)] * len(scales)
       + [pltpu.SemaphoreType.DMA((2 + len(scales), 2))])
   o, lse = pl.pallas_call(
       kernel, grid_spec=grid_spec,
