@@ -312,14 +312,15 @@ def engine_tree_steps(cfg: ModelConfig, job: CompileJob, params, runtime: Runtim
                             whole((s,), f32))
   per_slot = (whole((s,), bool), sampling, whole((s, 2), jnp.uint32),
               whole((max(1, len(cfg.eos_token_ids)),), i32))
-  mixed = (params, pools, pools, rows, whole((g * q,), i32), whole((g * q,), i32),
+  # (the proposers compile takes draft from tokens: no draft weights)
+  mixed = (params, None, pools, pools, rows, whole((g * q,), i32), whole((g * q,), i32),
            whole((s, m), i32), whole((g, m), i32)) + per_slot
-  decode = (params, pools, pools, rows, whole((s, m), i32)) + per_slot + (whole((), i32),
-                                                                          whole((), bool))
+  decode = (params, None, pools, pools, rows, whole((s, m), i32)) + per_slot + (
+      whole((), i32), whole((), bool))
   kw = dict(cfg=cfg, proposer=proposer, rule="exact", runtime=runtime)
-  step = jax.jit(partial(speculate.step, **kw), donate_argnums=(1, 2, 3))
+  step = jax.jit(partial(speculate.step, **kw), donate_argnums=(2, 3, 4))
   dispatch = jax.jit(partial(speculate.steps, max_steps=ecfg.decode_steps, **kw),
-                     donate_argnums=(1, 2, 3))
+                     donate_argnums=(2, 3, 4))
   return ({"verify-prefill": (step, mixed), "verify": (dispatch, decode)},
           device_bytes(pools) * 2 + device_bytes(rows))
 

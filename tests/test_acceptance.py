@@ -173,3 +173,35 @@ def test_greedy_fast_path_equals_the_general_rule():
                (full.next_token, fast.next_token)):
     np.testing.assert_array_equal(a, c)
   assert len(set(np.asarray(fast.num_accepted).tolist())) >= 3
+
+
+def test_rows_that_draft_less_stay_lossless():
+  """A draft's `limit` (how deep each row tries; 0: the row decodes plainly) cuts deeper nodes
+  off: the walk never passes it, and every emitted token still follows the target (the rows'
+  first tokens by chi-square, per limit); greedy, the walk stops at the limit with the argmax."""
+  from jaxinfer.sampling import SamplingParams
+  from jaxinfer.speculative.protocol import Draft
+  from jaxinfer.speculative.steps import judge
+  rng = np.random.RandomState(4)
+  chain = np.array([-1, 0, 1])
+  p = np.stack([_dist(rng) for _ in range(3)])
+  tokens = np.tile(np.argsort(-p[[0, 1]], axis=1)[:, 0], (N, 1))  # the likeliest, so accepted
+  tokens = np.concatenate([np.zeros((N, 1), np.int64), tokens], 1)
+  limit = np.arange(N) % 3
+  logits = jnp.broadcast_to(jnp.log(jnp.asarray(p, jnp.float32)), (N, 3, V))
+  parents = jnp.broadcast_to(jnp.asarray(chain), (N, 3))
+  draft = Draft(jnp.asarray(tokens, jnp.int32), parents, None, jnp.asarray(limit))
+  keys = jax.random.split(jax.random.key(5), N)
+  verdict = jax.jit(judge, static_argnums=5)(logits, draft, parents, SamplingParams.make(N, 1.0),
+                                             keys, A.EXACT)
+  acc, nxt = np.asarray(verdict.num_accepted), np.asarray(verdict.next_token)
+  assert (acc <= limit).all() and (acc[limit == 2] == 2).any()
+  first = np.where(acc >= 1, tokens[:, 1], nxt)
+  for depth in range(3):
+    chi2, df = _chi2(first[limit == depth], p[0])
+    assert chi2 < CRIT[df], (depth, chi2)
+  greedy = judge(logits[:3], draft.replace(tokens=draft.tokens[:3], limit=jnp.asarray([0, 1, 2])),
+                 parents[:3], SamplingParams.make(3), keys[:3], A.EXACT)
+  assert np.asarray(greedy.num_accepted).tolist() == [0, 1, 2]
+  assert np.asarray(greedy.next_token).tolist() == [tokens[0, 1], tokens[0, 2],
+                                                    int(np.argmax(p[2]))]

@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 
 from jaxinfer import checkpoint
+from jaxinfer.draft_heads import medusa
 from jaxinfer.engine import Engine, EngineConfig
 from jaxinfer.engine.policy import Plain, TreePolicy, ladder
 from jaxinfer.engine.scheduler import EngineRequest
@@ -49,8 +50,9 @@ def _run(target, reqs, proposer=None, runtime=Runtime(), should_stop=None, picks
 
 
 def test_speculating_engine_equals_the_plain_engine(target):
-  """Greedy: every lookup proposer's outputs equal plain decoding's, bit for bit, with more
-  requests than slots, prompts prefilled in lanes beside verification and a shared header read
+  """Greedy: every lookup proposer's and Medusa heads' outputs equal plain decoding's, bit for
+  bit (a row's first verification, which computes the hidden state the heads read, drafts
+  nothing), with more requests than slots, prompts prefilled in lanes beside verification and a shared header read
   by reference (never recomputed or copied); stop strings end a request where the plain engine
   ends it, and every emitted token is delivered or counted as discarded. Also with the auto
   policy switching between trees and the plain engine's steps every few dispatches: rows turn
@@ -59,8 +61,10 @@ def test_speculating_engine_equals_the_plain_engine(target):
   reqs = _requests()
   stop = lambda uid, toks: uid == 4 and len(toks) >= 5
   ref, _, _ = _run(target, reqs, should_stop=stop)
+  heads = medusa.init_heads(target[1], 3)  # zeros: each head proposes the target's next token
   cases = [(P.NGram(num_draft_tokens=3), {}), (P.Lookahead(num_nodes=6, depth=3), {}),
            (P.Recycling(branching=(2, 2, 1)), {}),
+           (P.Medusa(paths=((0,), (1,), (0, 0), (1, 0), (0, 0, 0))), dict(draft_params=heads)),
            (P.NGram(num_draft_tokens=4), dict(speculation="auto", decode_steps=2,
                                               picks=(0, 3, 3, 1, 3, 0, 0, 2))),
            (P.Lookahead(num_nodes=4, depth=2), dict(runtime=Runtime(implementation="pallas")))]
@@ -75,6 +79,11 @@ def test_speculating_engine_equals_the_plain_engine(target):
         st.decode_tokens_discarded
     assert st.decode_tokens > st.row_steps > 0  # more than one token per verification
     assert sum(st.accepted_hist) == st.row_steps
+    # the lookups verify as deep as their known drafts reach; recycling always drafts its tree
+    if isinstance(proposer, (P.NGram, P.Lookahead)):
+      assert st.row_steps < st.verified_nodes < proposer.tree_size * st.row_steps
+    elif isinstance(proposer, P.Recycling):
+      assert st.verified_nodes == proposer.tree_size * st.row_steps
     assert st.compilations <= eng.max_shapes  # the fixed shapes only
     if "picks" in kw:
       assert isinstance(eng.ladder[3], Plain)
@@ -92,6 +101,28 @@ def test_switching_to_plain_steps_when_every_row_ends_meanwhile(target):
   assert st.decode_tokens == sum(len(r.tokens) for r in out.values()) + \
       st.decode_tokens_discarded
   assert st.compilations <= eng.max_shapes
+
+
+def test_rows_without_a_match_verify_their_root_alone(target):
+  """Prompts of distinct tokens, and first tokens the prompts do not hold: neither verification
+  of a row (rooted at its prompt's last token, then at its first) has a lookup match, and the
+  target computes one token in the second (a plain step). The first shares its step with the
+  prompt's lanes, and a step that prefills verifies whole trees. One request at a time, so no
+  other row's lanes share the second."""
+  cfg, params = target
+  reqs = [EngineRequest(i, list(range(3 + 7 * i, 19 + 7 * i)), 2, np.asarray([0, i], np.uint32))
+          for i in range(6)]
+  ref, _, _ = _run(target, reqs)
+  reqs = [r for r in reqs if ref[r.uid].tokens[0] not in r.prompt_ids]
+  assert len(reqs) >= 3
+  eng = Engine(cfg, params, EngineConfig(num_slots=2, chunk_size=16, chunk_lanes=2, page_size=8),
+               max_len=128, proposer=P.NGram(num_draft_tokens=4), speculation="always")
+  for r in reqs:
+    out = []
+    st = eng.run([r], out.append)
+    assert out[0].tokens == ref[r.uid].tokens
+  assert st.row_steps == 2 * len(reqs)
+  assert st.verified_nodes == (5 + 1) * len(reqs)
 
 
 def test_speculating_engine_on_a_mesh_equals_one_device(target):
@@ -112,7 +143,7 @@ def test_sampled_engine_speculation_matches_plain_sampling(target):
   """The joint distribution of the first three tokens (drawn by verification: accepted drafts
   or the rule's residual) equals the plain engine's, two-sample chi-square over 1000 requests
   each (top_k = 3 keeps the support small)."""
-  n, prompt = 1000, [5, 6, 7, 5, 6, 7, 5, 6]
+  n, prompt = 1000, [5, 6, 7, 292, 292, 5, 6, 7, 292]  # (the tiny model often continues 5)
   reqs = lambda salt: [EngineRequest(i, prompt, 3, np.asarray([salt, i], np.uint32), 1.0, 3)
                        for i in range(n)]
   kw = dict(num_slots=32, chunk_lanes=8, decode_steps=2)
@@ -141,8 +172,14 @@ def test_engine_refuses_proposers_that_need_a_forward_of_their_own(target):
 
   from jaxinfer.speculative import registry
   cfg, params = target
-  with pytest.raises(ValueError, match="medusa proposer reads the target's hidden states"):
-    Engine(cfg, params, EngineConfig(), 64, proposer=P.Medusa(paths=((0,), (0, 0))))
+  from jaxinfer.draft_heads.hydra import prefix_config
+  paths = ((0,), (0, 0))
+  with pytest.raises(ValueError, match="hydra proposer reads the target's hidden states over"):
+    Engine(cfg, params, EngineConfig(), 64, proposer=P.Hydra(paths, prefix=prefix_config(cfg)))
+  with pytest.raises(ValueError, match="the medusa proposer needs draft_params"):
+    Engine(cfg, params, EngineConfig(), 64, proposer=P.Medusa(paths))
+  assert P.Medusa(paths).engine_ready and P.Hydra(paths).engine_ready  # heads, no cache
+  assert "medusa" in registry.ENGINE_READY
   for name in ("ngram", "lookahead", "recycling", "layerskip"):
     opts = SimpleNamespace(speculative=name, scheduler="continuous", num_draft_tokens=2,
                            tree="2,1" if name != "lookahead" else "nodes:4", draft_layers=None,

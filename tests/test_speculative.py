@@ -169,6 +169,21 @@ def test_nothing_compiles_outside_the_counted_steps(target):
   assert after[1] - before[1] == spec.stats.compilations > 0
 
 
+def test_ngram_drafts_the_known_continuation_of_a_match():
+  from jaxinfer.sampling import SamplingParams
+  rows = [[1, 2, 3, 9, 1, 2],  # "1 2" before: 3 9 then 1 2 (the root) are known
+          [7, 8, 9, 7],  # "7": 8 9 7 known, the fourth draft is not
+          [1, 2, 3]]  # no earlier match: the row decodes plainly
+  hist = np.zeros((3, 16), np.int32)
+  for i, r in enumerate(rows):
+    hist[i, :len(r)] = r
+  ctx = P.Context(jnp.asarray(hist), jnp.asarray([len(r) - 1 for r in rows]),
+                  SamplingParams.make(3), jax.random.split(jax.random.key(0), 3))
+  draft = jax.jit(lambda c: P.NGram(num_draft_tokens=4).draft(None, (), c)[1])(ctx)
+  assert np.asarray(draft.tokens)[:2, 1:].tolist() == [[3, 9, 1, 2], [8, 9, 7, 7]]
+  assert np.asarray(draft.limit).tolist() == [4, 3, 0]
+
+
 def test_lookahead_builds_the_trie_of_the_best_matches():
   from jaxinfer.sampling import SamplingParams
   from pallas_kernels.tree_attention import ancestor_matrix
@@ -193,6 +208,9 @@ def test_lookahead_builds_the_trie_of_the_best_matches():
   assert parents[0].tolist() == [-1, 0, 0, 1, 2, 1, 3, 4, 5, 8, 9, 10]
   assert tokens[0, :9].tolist() == [2, 3, 4, 7, 9, 9, 5, 1, 1]
   assert parents[1].tolist() == list(range(-1, 11))  # no match: one chain
+  # worth trying: the trie's nodes (three deep), not the unused chain; no match, none
+  assert jax.jit(lambda c: P.Lookahead(depth=3, num_nodes=11).propose((), c)[1].limit)(
+      ctx).tolist() == [3, 0]
   # Valid trees for the lossless rule: parents first, siblings distinct.
   rng = np.random.RandomState(0)
   hist = jnp.asarray(rng.randint(0, 4, size=(3, 64)), jnp.int32)

@@ -80,6 +80,9 @@ class EngineStats:
   # speculating: verifications by tokens emitted less one (accepted drafts, but a request's
   # last verification counts only what it kept)
   accepted_hist: np.ndarray = dataclasses.field(default_factory=lambda: np.zeros(1, np.int64))
+  # speculating: tokens the target computed for those verifications (a row's tree as deep as
+  # its drafts reach, `speculate.prefixes`; one for a plain step)
+  verified_nodes: int = 0
 
   @property
   def mean_occupancy(self) -> float:
@@ -150,17 +153,19 @@ class Engine:
 
   def __init__(self, model_cfg: ModelConfig, params: M.Transformer, cfg: EngineConfig,
                max_len: int, runtime: Runtime = Runtime(), proposer=None, rule: str = "exact",
-               speculation: str = "auto"):
+               speculation: str = "auto", draft_params=None):
     if runtime.sparsity.dynamic:
       raise ValueError(f"Engine: {runtime.sparsity} needs whole-prompt prefill; the engine "
                        f"prefills in chunks (use the static Generator)")
     if proposer is not None:
       if not proposer.engine_ready:
         raise ValueError(f"Engine: the {proposer.name} proposer reads the target's hidden "
-                         f"states or a cache of its own, which the engine does not prefill")
+                         f"states over the prompt or a cache of its own, which the engine does "
+                         f"not prefill")
+      proposer.validate(model_cfg, draft_params)
       check_fits(proposer, model_cfg, runtime.sparsity)
     self.model_cfg, self.params, self.cfg, self.runtime = model_cfg, params, cfg, runtime
-    self.proposer = proposer
+    self.proposer, self.draft_params = proposer, draft_params
     ps = cfg.page_size
     self.tree_size = None if proposer is None else proposer.tree_size
     self.max_pages = max(1, -(-(max_len + (self.tree_size or 0)) // ps))
@@ -187,13 +192,13 @@ class Engine:
     self.policy = policy.TreePolicy(self.ladder, speculation)
     kw = lambda p: dict(cfg=model_cfg, proposer=p, rule=rule, runtime=runtime)
     trees = [p for p in self.ladder if not isinstance(p, policy.Plain)]  # levels 0, 1, ...
-    self._tree_step = [jax.jit(partial(speculate.step, **kw(p)), donate_argnums=(1, 2, 3))
+    self._tree_step = [jax.jit(partial(speculate.step, **kw(p)), donate_argnums=(2, 3, 4))
                        for p in trees]
     self._tree_steps = [jax.jit(partial(speculate.steps, max_steps=self.cfg.decode_steps,
-                                        **kw(p)), donate_argnums=(1, 2, 3)) for p in trees]
+                                        **kw(p)), donate_argnums=(2, 3, 4)) for p in trees]
     self._trees = None  # the last plan launched verified trees (None: none yet)
-    self._tree_admit = jax.jit(partial(speculate.admit, proposer=proposer, runtime=runtime),
-                               donate_argnums=0)
+    self._tree_admit = jax.jit(partial(speculate.admit, cfg=model_cfg, proposer=proposer,
+                                       runtime=runtime), donate_argnums=0)
     self.eos = np.asarray(model_cfg.eos_token_ids or (-1,), np.int32)
     self._last_read = None  # (level, mixed?) of the dispatch read last (None: it compiled)
     history = self.max_pages * self.cfg.page_size
@@ -247,15 +252,16 @@ class Engine:
       self._admit_rows(plan.admits)
     sampling = SamplingParams(**plan.sampling)
     if plan.num_prefill:
-      args = (self.params, self.k, self.v, self.drafting, plan.tokens[s:], plan.positions[s:],
-              plan.decode_table, plan.chunk_table, plan.sampled, sampling, plan.key_data,
-              self.eos)
+      args = (self.params, self.draft_params, self.k, self.v, self.drafting, plan.tokens[s:],
+              plan.positions[s:], plan.decode_table, plan.chunk_table, plan.sampled, sampling,
+              plan.key_data, self.eos)
       shape = ("tree", level, len(plan.chunk_table), len(plan.tokens))
       self.k, self.v, self.drafting, emitted, counts = self._call(shape, self._tree_step[level],
                                                                   *args)
       return emitted[None], counts[None]
-    args = (self.params, self.k, self.v, self.drafting, plan.decode_table, plan.sampled,
-            sampling, plan.key_data, self.eos, np.int32(plan.num_steps), np.bool_(plan.waiting))
+    args = (self.params, self.draft_params, self.k, self.v, self.drafting, plan.decode_table,
+            plan.sampled, sampling, plan.key_data, self.eos, np.int32(plan.num_steps),
+            np.bool_(plan.waiting))
     self.k, self.v, self.drafting, emitted, counts = self._call(("trees", level),
                                                                 self._tree_steps[level], *args)
     return emitted, counts
@@ -276,6 +282,7 @@ class Engine:
     else:
       ran, row_steps = plan.num_steps, plan.num_decode
       hist[0] = row_steps
+      st.verified_nodes += row_steps
     st.row_steps += row_steps
     st.accepted_hist = hist + np.pad(st.accepted_hist, (0, len(hist) - len(st.accepted_hist)))
     # timed alone (the wall time since the last read): after a dispatch of the same kind and
@@ -360,6 +367,7 @@ class Engine:
       sched.add(req)
     st = self.stats
     before = dataclasses.replace(st)  # (the counters below add this run's to earlier runs')
+    tree_nodes = None if self.proposer is None else int(self.drafting.verified)
     # Steps run ahead of the host: step t+1+ahead is planned and launched before step t's
     # tokens are read, so host work overlaps device work and the device has a step queued.
     ahead = self.cfg.steps_ahead
@@ -409,4 +417,6 @@ class Engine:
       st.decode_tokens_discarded = before.decode_tokens_discarded + sched.tokens_discarded
       st.prefill_tokens_saved = before.prefill_tokens_saved + sched.prefill_tokens_saved
       st.peak_pages = max(st.peak_pages, pool.peak_in_use)
+    if tree_nodes is not None:
+      st.verified_nodes += int(self.drafting.verified) - tree_nodes
     return st

@@ -6,10 +6,13 @@ S slots, T tree nodes, L positions per sequence (its pages), G lanes of Q prompt
 A row accepts a varying number of drafts per step, so its length, its tokens by position (what
 a lookup proposer reads) and its output count live on the device (`Drafting`); the host admits
 prompts into slots, lays out lanes and page tables and reads back what each step emitted.
+A step computes only as much of the trees as the rows' drafts reach (`Draft.limit`,
+`prefixes`): with no row drafting, one token per row, a plain step.
 """
 
 from __future__ import annotations
 
+from functools import partial
 from typing import Any
 
 import jax
@@ -20,7 +23,7 @@ from jaxinfer import model as M
 from jaxinfer.kv_cache import MixedPagedKVCache, commit_path
 from jaxinfer.runtime import Runtime
 from jaxinfer.sampling import SamplingParams
-from jaxinfer.speculative.protocol import Context, Prompt, Verified, Weights, put_rows
+from jaxinfer.speculative.protocol import Context, Draft, Prompt, Verified, Weights, put_rows
 from jaxinfer.speculative.steps import _DRAFT_SALT, emit, judge
 from pallas_kernels.tree_attention import ancestor_matrix, pack_ancestors
 
@@ -34,6 +37,10 @@ class Drafting:
   num_generated: jax.Array  # (S,)
   max_new: jax.Array  # (S,)
   done: jax.Array  # (S,) the row ended (EOS or its budget): it writes and emits nothing more
+  # (S,) the row was verified since its admission (a proposer that `drafts_from_hidden` has
+  # its state only then)
+  primed: jax.Array
+  verified: jax.Array  # () tree nodes the target computed for live rows, every step so far
   proposer: Any  # the proposer's state (one row per slot, or one shared value)
 
 
@@ -47,90 +54,160 @@ def init_drafting(cfg, proposer, num_slots: int, max_len: int, shared, *,
   zeros = lambda *shape: jnp.zeros(shape, jnp.int32)
   return whole(Drafting(zeros(num_slots, max_len), zeros(num_slots), zeros(num_slots),
                         zeros(num_slots), jnp.ones((num_slots,), bool),
-                        proposer.init_state(Weights(None, None), cfg, num_slots, max_len,
+                        jnp.zeros((num_slots,), bool), zeros(), proposer.init_state(Weights(None, None), cfg, num_slots, max_len,
                                             shared)), runtime)
 
 
-def admit(state: Drafting, slots, prompts, prompt_len, generated, max_new, *, proposer,
+def admit(state: Drafting, slots, prompts, prompt_len, generated, max_new, *, cfg, proposer,
           runtime: Runtime) -> Drafting:
   """Rows start in `slots` (k,) (past the end: padding): their tokens so far (k, W) by
   position, of which the last `generated` are output (a row that decoded plainly until now),
-  the root at the last (its K/V are written by the row's first verification)."""
+  the root at the last (its K/V are written by the row's first verification). A proposer that
+  `drafts_from_hidden` gets zeros for the hidden state: the row drafts nothing until verified."""
   k, w = prompts.shape
   hist = jnp.pad(prompts, ((0, 0), (0, state.history.shape[1] - w)))
-  prompt = Prompt(None, None, prompts, prompt_len, jnp.zeros((k,), jnp.int32), slots,
-                  max_len=state.history.shape[1])
+  prompt = Prompt(None, jnp.zeros((k, cfg.embed), cfg.jnp_dtype), prompts, prompt_len,
+                  jnp.zeros((k,), jnp.int32), slots, max_len=state.history.shape[1])
   put = lambda old, new: put_rows(old, new, slots)
-  return whole(Drafting(put(state.history, hist), put(state.length, prompt_len - 1),
-                        put(state.num_generated, generated),
-                        put(state.max_new, max_new), put(state.done, jnp.zeros((k,), bool)),
-                        proposer.admit(Weights(None, None), state.proposer, prompt)), runtime)
+  return whole(state.replace(
+      history=put(state.history, hist), length=put(state.length, prompt_len - 1),
+      num_generated=put(state.num_generated, generated), max_new=put(state.max_new, max_new),
+      done=put(state.done, jnp.zeros((k,), bool)),
+      primed=put(state.primed, jnp.zeros((k,), bool)),
+      proposer=proposer.admit(Weights(None, None), state.proposer, prompt)), runtime)
 
 
-def step(params, k, v, state: Drafting, lane_tokens, lane_positions, decode_table, chunk_table,
-         active, sampling: SamplingParams, key_data, eos_ids, *, cfg, proposer, rule,
-         runtime: Runtime):
-  """One mixed step: every live slot (`active` and not done) verifies a draft tree; lanes of
-  prompt tokens are prefilled beside. Returns (k, v, state, emitted (S, T), counts (S,))."""
-  s, t = decode_table.shape[0], proposer.tree_size
+def prefixes(proposer) -> tuple[tuple[int, int], ...]:
+  """(nodes, the depth they reach) of the tree prefixes a step verifies, smallest first: a step
+  computes the smallest that reaches every live row's `Draft.limit`, down to the root alone (a
+  plain step) when no row drafts. Tree nodes come breadth-first, so a prefix is a tree; a
+  chain's are 1, 2, 3, 5, 9, ... nodes and the whole chain."""
+  t = proposer.tree_size
+  if not proposer.is_chain:
+    return ((1, 0), (t, proposer.max_depth))
+  sizes = {n for n in (1, 2, 3) if n < t} | {1 + (1 << i) for i in range(2, t.bit_length())
+                                             if 1 + (1 << i) < t}
+  return tuple((n, n - 1) for n in sorted(sizes | {t}))
+
+
+@struct.dataclass
+class _Next:
+  """The next step's drafts, proposed after the last step (or before the first)."""
+
+  proposer: Any  # the proposer's state after drafting
+  draft: Draft  # limit: how deep each live row tries (0: a row not live, or drafting nothing)
+  keys: jax.Array  # (S,) the step's keys
+  width: jax.Array  # () the index of the smallest prefix that reaches every row's limit
+
+
+def _propose(params, draft_params, state: Drafting, active, sampling, key_data, *, proposer,
+             sizes) -> _Next:
+  s, t = state.length.shape[0], proposer.tree_size
   live = active & ~state.done
   keys = jax.vmap(jax.random.wrap_key_data)(key_data)
   # keyed by each request's own progress, as the speculative generator keys its rows
   step_keys = jax.vmap(jax.random.fold_in)(keys, state.num_generated)
   ctx = Context(state.history, state.length, sampling,
                 jax.vmap(lambda key: jax.random.fold_in(key, _DRAFT_SALT))(step_keys))
-  weights = Weights(None, params)
-  pstate, draft = proposer.draft(weights, state.proposer, ctx)
-  parents = jnp.broadcast_to(draft.parents, (s, t))
-  depth = jnp.sum(ancestor_matrix(parents), axis=-1, dtype=jnp.int32) - 1
+  pstate, draft = proposer.draft(Weights(draft_params, params), state.proposer, ctx)
+  believed = proposer.max_depth if draft.limit is None else draft.limit
+  limit = jnp.where(live & (state.primed | (not proposer.drafts_from_hidden)), believed, 0)
+  draft = draft.replace(parents=jnp.broadcast_to(draft.parents, (s, t)), limit=limit)
+  reach = jnp.asarray([d for _, d in sizes])
+  return _Next(pstate, draft, step_keys, jnp.sum(reach < jnp.max(limit)))
+
+
+def _verify(params, draft_params, k, v, state: Drafting, nxt: _Next, n: int, lane_tokens,
+            lane_positions, decode_table, chunk_table, active, sampling, eos_ids, *, cfg,
+            proposer, rule, runtime: Runtime):
+  """One step: the target over the first `n` nodes of every live row's tree and the lanes, its
+  verdict, the accepted path's K/V committed; (k, v, state, emitted (S, T), counts (S,))."""
+  s, t = nxt.draft.tokens.shape
+  live = active & ~state.done
+  d = nxt.draft
+  draft = d.replace(tokens=d.tokens[:, :n], parents=d.parents[:, :n],
+                    q=None if d.q is None else d.q[:, :n])
+  depth = jnp.sum(ancestor_matrix(draft.parents), axis=-1, dtype=jnp.int32) - 1
   end = decode_table.shape[1] * k[0].shape[2]  # out of range: nothing written
   tree_pos = jnp.where(live[:, None], state.length[:, None] + depth, end)
   tokens = jnp.concatenate([draft.tokens.reshape(-1), lane_tokens])
   positions = jnp.concatenate([tree_pos.reshape(-1), lane_positions])
   cache = MixedPagedKVCache(k, v, decode_table, chunk_table, state.length,
-                            pack_ancestors(parents))
+                            pack_ancestors(draft.parents))
   hidden, cache = M.forward(params, tokens[None], positions[None], cfg, cache, kv_source="cache",
                             runtime=runtime)
-  hidden = hidden[0, :s * t].reshape(s, t, -1)
-  logits = M.logits(params, hidden)  # (S, T, V)
-  verdict = judge(logits, draft, parents, sampling, step_keys, rule)
+  hidden = hidden[0, :s * n].reshape(s, n, -1)
+  logits = M.logits(params, hidden)  # (S, n, V)
+  verdict = judge(logits, draft, draft.parents, sampling, nxt.keys, rule)
   n_acc = jnp.where(live, verdict.num_accepted, 0)
   k_new, v_new = cache.k, cache.v
   if not proposer.is_chain:  # the accepted path's K/V to consecutive positions
     k_new = commit_path(k_new, decode_table, state.length, verdict.path, n_acc)
     v_new = commit_path(v_new, decode_table, state.length, verdict.path, n_acc)
   emitted, n_emit, _, hist, length, done = emit(state, draft, verdict, eos_ids, live)
-  pstate = proposer.observe(weights, pstate, Verified(
+  pstate = proposer.observe(Weights(draft_params, params), nxt.proposer, Verified(
       draft.tokens, hidden, logits, verdict.path, n_acc, verdict.next_token, state.length, live))
-  state = whole(Drafting(hist, length, state.num_generated + n_emit, state.max_new, done,
-                         pstate), runtime)
-  return k_new, v_new, state, emitted, n_emit
+  state = Drafting(hist, length, state.num_generated + n_emit, state.max_new, done,
+                   state.primed | live, state.verified + n * jnp.sum(live, dtype=jnp.int32),
+                   pstate)
+  return k_new, v_new, state, jnp.pad(emitted, ((0, 0), (0, t - n))), n_emit
 
 
-def steps(params, k, v, state: Drafting, decode_table, active, sampling, key_data, eos_ids,
-          num_steps, waiting, *, max_steps, cfg, proposer, rule, runtime: Runtime):
-  """Up to `num_steps` (<= max_steps) verification steps with no lanes in one dispatch. With
-  requests `waiting` for a slot it ends after the first step in which an active row ends, and
-  runs none when one had already ended: the host learns of a row's end a dispatch late, and its
-  slot should be refilled rather than left idle for a whole dispatch (with none waiting, only
-  when no row is live). Returns (k, v, state, emitted (max_steps, S, T), counts (max_steps, S));
-  steps not run emit nothing."""
+def steps(params, draft_params, k, v, state: Drafting, decode_table, active, sampling, key_data,
+          eos_ids, num_steps, waiting, *, max_steps, cfg, proposer, rule, runtime: Runtime):
+  """Up to `num_steps` (<= max_steps) verification steps with no lanes in one dispatch, every
+  live slot (`active` and not done) verifying a draft tree, as much of it as any row's
+  `Draft.limit` reaches (`prefixes`). With requests `waiting` for a slot it ends after the first
+  step in which an active row ends, and runs none when one had already ended: the host learns of
+  a row's end a dispatch late, and its slot should be refilled rather than left idle for a whole
+  dispatch (with none waiting, only when no row is live). Returns (k, v, state, emitted
+  (max_steps, S, T), counts (max_steps, S)); steps not run emit nothing.
+
+  Each prefix runs in a loop of its own, for as long as the next step needs that prefix: the
+  pools are updated in place in loops, where a conditional's branches would copy them."""
   s, t = decode_table.shape[0], proposer.tree_size
   no_lanes = jnp.zeros((0,), jnp.int32)
   no_chunks = jnp.zeros((0, decode_table.shape[1]), jnp.int32)
+  sizes = prefixes(proposer)
+  propose = partial(_propose, params, draft_params, active=active, sampling=sampling,
+                    key_data=key_data, proposer=proposer, sizes=sizes)
 
-  def cond(c):
-    i, _, _, st, _, _ = c
+  def go(c):
+    i, _, _, st, _, _, _ = c
     return (i < num_steps) & jnp.any(active & ~st.done) & ~(waiting & jnp.any(active & st.done))
 
-  def body(c):
-    i, k, v, st, out, counts = c
-    k, v, st, emitted, n = step(params, k, v, st, no_lanes, no_lanes, decode_table, no_chunks,
-                                active, sampling, key_data, eos_ids, cfg=cfg, proposer=proposer,
-                                rule=rule, runtime=runtime)
-    return i + 1, k, v, st, out.at[i].set(emitted), counts.at[i].set(n)
+  def width(j, n):
+    def body(c):
+      i, k, v, st, nxt, out, counts = c
+      k, v, st, emitted, count = _verify(
+          params, draft_params, k, v, st, nxt, n, no_lanes, no_lanes, decode_table, no_chunks,
+          active, sampling, eos_ids, cfg=cfg, proposer=proposer, rule=rule, runtime=runtime)
+      st = whole(st, runtime)
+      return i + 1, k, v, st, propose(st), out.at[i].set(emitted), counts.at[i].set(count)
+    return lambda c: jax.lax.while_loop(lambda c: go(c) & (c[4].width == j), body, c)
 
-  init = (0, k, v, state, jnp.zeros((max_steps, s, t), jnp.int32),
+  def body(c):
+    for j, (n, _) in enumerate(sizes):
+      c = width(j, n)(c)
+    return c
+
+  init = (0, k, v, state, propose(state), jnp.zeros((max_steps, s, t), jnp.int32),
           jnp.zeros((max_steps, s), jnp.int32))
-  _, k, v, state, out, counts = jax.lax.while_loop(cond, body, init)
+  _, k, v, state, _, out, counts = jax.lax.while_loop(go, body, init)
   return k, v, state, out, counts
+
+
+def step(params, draft_params, k, v, state: Drafting, lane_tokens, lane_positions, decode_table,
+         chunk_table, active, sampling: SamplingParams, key_data, eos_ids, *, cfg, proposer, rule,
+         runtime: Runtime):
+  """One mixed step: every live slot (`active` and not done) verifies its whole draft tree
+  (rows' limits cut what is tried, not what is computed: a step that prefills is rare, and one
+  form of it keeps its tracing and its temporaries small); lanes of prompt tokens are prefilled
+  beside. Returns (k, v, state, emitted (S, T), counts (S,))."""
+  nxt = _propose(params, draft_params, state, active, sampling, key_data, proposer=proposer,
+                 sizes=prefixes(proposer)[-1:])
+  k, v, state, emitted, count = _verify(
+      params, draft_params, k, v, state, nxt, proposer.tree_size, lane_tokens, lane_positions,
+      decode_table, chunk_table, active, sampling, eos_ids, cfg=cfg, proposer=proposer,
+      rule=rule, runtime=runtime)
+  return k, v, whole(state, runtime), emitted, count

@@ -65,16 +65,18 @@ def _engine_config(opts: ServeOptions) -> EngineConfig:
 class EngineBackend:
   """One continuous-batching engine per replica; requests split among them by tokens, sorted
   by prompt (`order` "prefix") so that sharers of a prefix meet on one replica. With a
-  proposer (one that drafts from tokens alone) the engines speculate."""
+  proposer (`Proposer.engine_ready`) the engines speculate, its weights whole on each of a
+  replica's devices."""
 
   def __init__(self, opts: ServeOptions, cfg, params, replicas: list[placement.Replica],
-               total: int, sparsity, proposer=None):
+               total: int, sparsity, proposer=None, draft_params=None):
     if proposer is not None and opts.speculation == "auto" and any(
         r.spans_processes for r in replicas):
       raise UserError(f"--mesh: {opts.mesh} has replicas spanning processes, whose "
                       f"--speculation=auto would pick trees by each process's own measured "
                       f"time; use --speculation=always")
     self.opts, self.cfg, self.params, self.proposer = opts, cfg, params, proposer
+    self.draft_params = draft_params
     self.replicas, self.total = replicas, total
     self.runtimes = [_runtime(opts, r.mesh, sparsity) for r in replicas]
     self.engines: list[Engine] = []
@@ -89,7 +91,8 @@ class EngineBackend:
       meshes = [r.mesh for r in self.replicas]
       try:
         engines = [Engine(self.cfg, placement.on_replica(self.params, rt.mesh, meshes), ecfg,
-                          need, rt, self.proposer, self.opts.acceptance, self.opts.speculation)
+                          need, rt, self.proposer, self.opts.acceptance, self.opts.speculation,
+                          placement.replicated(self.draft_params, rt.mesh))
                    for rt in self.runtimes]
       except ValueError as e:  # e.g. a tree larger than the model's sliding window
         raise UserError(f"--speculative={self.opts.speculative} (--tree / "
@@ -170,6 +173,8 @@ class EngineBackend:
         "accepted_length_histogram": [int(x) for x in hist],
         "per_depth_acceptance": [round(x, 4) for x in spec.per_depth_acceptance()],
         "verify_steps": spec.verify_steps, "host_syncs": sum(s.dispatches for s in st),
+        "nodes_per_verification": round(sum(s.verified_nodes for s in st) / spec.verify_steps,
+                                        3) if spec.verify_steps else 0.0,
         "speculation": policy.summary(counts, sum(e.policy.call for e in self.engines)),
         "speculative_batches": sum(n for size, n in by_size.items() if size > 1),
         "plain_batches": by_size.get(1, 0),

@@ -24,7 +24,8 @@ def load(opts: ServeOptions):
   if opts.kv_cache_dtype is not None and opts.speculating and not in_engine:
     raise UserError(f"--kv_cache_dtype: --speculative={opts.speculative} runs outside the "
                     f"continuous engine, whose page pool is the one quantized; use a proposer "
-                    f"that drafts from tokens (ngram, lookahead, recycling) or no --kv_cache_dtype")
+                    f"the engine runs ({', '.join(registry.ENGINE_READY)}) or no "
+                    f"--kv_cache_dtype")
   replicas, total, static_mesh = [], 1, None
   if static:
     spec = placement.process_spec(opts.mesh)  # each process its own static batches
@@ -59,7 +60,8 @@ def load(opts: ServeOptions):
   if opts.speculating:
     proposer, draft_params = registry.build(opts, cfg, params, dtype)
     if in_engine:
-      backend = EngineBackend(opts, cfg, params, replicas, total, sparsity, proposer)
+      backend = EngineBackend(opts, cfg, params, replicas, total, sparsity, proposer,
+                              draft_params)
     else:
       backend = SpeculativeBackend(opts, cfg, params, replicas, total, sparsity, proposer,
                                    draft_params)

@@ -55,6 +55,10 @@ class Draft:
   tokens: jax.Array  # (B, T); tokens[:, 0] is the root
   parents: jax.Array  # (T,) or (B, T)
   q: jax.Array | None  # (B, T, V): the distribution node t's children were drawn from
+  # (B,) how deep each row's drafts are worth trying: nodes deeper are not tried, and a row at 0
+  # decodes plainly (None: every node). It may depend on the rows' tokens, never on the draw of
+  # the verification, so acceptance stays exact.
+  limit: jax.Array | None = None
 
 
 @struct.dataclass
@@ -104,10 +108,15 @@ class Proposer(abc.ABC):
   # One state for every row (Token Recycling's adjacency matrix of likely successors), refreshed
   # by every row's verification and carried from batch to batch.
   shared_state: bool = False
-  # It drafts from the rows' tokens alone (and a `shared_state`): the paged engine's slots run
-  # it (`jaxinfer.engine.speculate`), a row admitted with its prompt's tokens, no forward of its
+  # It drafts from the rows' tokens alone (and a `shared_state`), or from the target's hidden
+  # state at the last accepted token (`drafts_from_hidden`): the paged engine's slots run it
+  # (`jaxinfer.engine.speculate`), a row admitted with its prompt's tokens, no forward of its
   # own over the prompt.
   engine_ready: bool = False
+  # Its state is the target's hidden state at each row's last accepted token (heads with no
+  # cache of their own): in the engine a row drafts nothing in its first verification, which
+  # computes that state (the engine prefills prompts without keeping their hidden states).
+  drafts_from_hidden: bool = False
   # The pattern a draft layer or model of its own attends with (`with_sparsity`).
   sparsity: Sparsity = DENSE
 

@@ -199,13 +199,13 @@ def _eagle(opts, cfg, params, dtype):
 
 
 # the proposers that draft from tokens alone (`Proposer.engine_ready`)
-TOKEN_ONLY = ("ngram", "lookahead", "recycling")
+ENGINE_READY = ("ngram", "lookahead", "recycling", "medusa")
 
 
 def in_engine(opts) -> bool:
   """Whether `opts` speculate inside the continuous-batching engine (its slots, page pool and
   prefill lanes), rather than in the speculative generator's own slots."""
-  return opts.speculative in TOKEN_ONLY and opts.scheduler == "continuous"
+  return opts.speculative in ENGINE_READY and opts.scheduler == "continuous"
 
 
 BUILDERS: dict[str, Callable] = {

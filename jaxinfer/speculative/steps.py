@@ -104,9 +104,20 @@ def _verify(params, state: SpecState, draft, parents, sampling: SamplingParams, 
   return hidden, logits, judge(logits, draft, parents, sampling, step_keys, rule), cache
 
 
+def tried(parents, limit):
+  """parents (B,T) with the nodes deeper than each row's `limit` (B,) cut off (parent -1: never
+  tried); None: every node."""
+  if limit is None:
+    return parents
+  depth = jnp.sum(ancestor_matrix(parents), axis=-1, dtype=jnp.int32) - 1
+  return jnp.where(depth > limit[:, None], -1, parents)
+
+
 def judge(logits, draft, parents, sampling: SamplingParams, step_keys, rule: str):
-  """The acceptance rule's verdict on each row's tree given the target's logits (B,T,V)."""
+  """The acceptance rule's verdict on each row's tree given the target's logits (B,T,V); nodes
+  deeper than the draft's `limit` are not tried."""
   greedy = sampling.temperature <= 0
+  parents = tried(parents, draft.limit)
   verify_keys = jax.vmap(lambda k: jax.random.fold_in(k, _VERIFY_SALT))(step_keys)
 
   def sampled(_):  # the full rule on distributions (greedy rows among them follow the argmax)

@@ -91,6 +91,11 @@ class HeadsTree(Proposer):
   # smaller tree keeps (`shrink`)
   accuracy: tuple[tuple[float, ...], ...] | None = None
   needs_draft_params = True
+  drafts_from_hidden = True
+
+  @property
+  def engine_ready(self) -> bool:
+    return not self.reads_prompt_features  # (Hydra++'s prefix layer has a cache of its own)
 
   @property
   def tree_size(self) -> int:

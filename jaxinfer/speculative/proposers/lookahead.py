@@ -108,4 +108,6 @@ class Lookahead(Proposer):
       tokens = jnp.concatenate([tokens, jnp.zeros((b, n_nodes - k), tokens.dtype)], 1)
     tokens = jnp.concatenate([root_only(ctx)[:, None], tokens.astype(jnp.int32)], axis=1)
     parents = jnp.concatenate([jnp.full((b, 1), -1, jnp.int32), parents.astype(jnp.int32)], 1)
-    return state, Draft(tokens, parents, None)
+    # worth trying: the trie's nodes, not the unused chain (no candidate: the row decodes plainly)
+    limit = jnp.max(jnp.where(used, sel_d + 1, 0), axis=1)
+    return state, Draft(tokens, parents, None, limit)

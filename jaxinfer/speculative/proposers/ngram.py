@@ -1,5 +1,6 @@
 """Prompt lookup: the continuation of the latest earlier occurrence of the last n tokens (n from
-`max_ngram` down to 1) in prompt + output; a chain, no weights, no state."""
+`max_ngram` down to 1) in prompt + output; a chain, no weights, no state. A row drafts only the
+known continuation of a match (`Draft.limit`): none, and it decodes plainly."""
 
 from __future__ import annotations
 
@@ -36,4 +37,6 @@ class NGram(Chain):
     idx = jnp.minimum(idx, length[:, None])  # only known tokens
     drafts = jnp.take_along_axis(hist, idx, axis=1)
     tokens = jnp.concatenate([root_only(ctx)[:, None], drafts], axis=1)
-    return state, Draft(tokens, jnp.asarray(chain_parents(self.tree_size)), None)
+    # worth trying: the known continuation of a match; a row with none decodes plainly
+    limit = jnp.where(best >= 0, jnp.minimum(length - best, self.num_draft_tokens), 0)
+    return state, Draft(tokens, jnp.asarray(chain_parents(self.tree_size)), None, limit)
