@@ -2,11 +2,13 @@
 beside prompt lanes, over its one page pool; greedy equal to the plain engine, sampling equal
 to plain sampling in distribution, the per-dispatch tree policy."""
 
+import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 
 from jaxinfer import checkpoint
-from jaxinfer.draft_heads import medusa
+from jaxinfer.draft_heads import hydra, medusa
 from jaxinfer.engine import Engine, EngineConfig
 from jaxinfer.engine.policy import Plain, TreePolicy, ladder
 from jaxinfer.engine.scheduler import EngineRequest
@@ -50,21 +52,26 @@ def _run(target, reqs, proposer=None, runtime=Runtime(), should_stop=None, picks
 
 
 def test_speculating_engine_equals_the_plain_engine(target):
-  """Greedy: every lookup proposer's and Medusa heads' outputs equal plain decoding's, bit for
-  bit (a row's first verification, which computes the hidden state the heads read, drafts
-  nothing), with more requests than slots, prompts prefilled in lanes beside verification and a shared header read
-  by reference (never recomputed or copied); stop strings end a request where the plain engine
-  ends it, and every emitted token is delivered or counted as discarded. Also with the auto
-  policy switching between trees and the plain engine's steps every few dispatches: rows turn
-  from trees to plain decoding (the host feeds each row its last emitted token) and back (each
-  row's tokens so far re-admitted onto the device), dispatches in flight read first."""
+  """Greedy: every lookup proposer's and Medusa and Hydra heads' outputs equal plain decoding's,
+  bit for bit (a row's first verification, which computes the hidden state the heads read, drafts
+  nothing), with more requests than slots, prompts prefilled in lanes beside verification and a
+  shared header read by reference (never recomputed or copied); stop strings end a request where
+  the plain engine ends it, and every emitted token is delivered or counted as discarded. Also
+  with the auto policy switching between trees and the plain engine's steps every few dispatches:
+  rows turn from trees to plain decoding (the host feeds each row its last emitted token) and back
+  (each row's tokens so far re-admitted onto the device), dispatches in flight read first."""
   reqs = _requests()
   stop = lambda uid, toks: uid == 4 and len(toks) >= 5
   ref, _, _ = _run(target, reqs, should_stop=stop)
-  heads = medusa.init_heads(target[1], 3)  # zeros: each head proposes the target's next token
+  # heads that propose the target's own next token (zero residual blocks)
+  paths = ((0,), (1,), (0, 0), (1, 0), (0, 0, 0))
+  heads = medusa.init_heads(target[1], 3)
+  hheads = hydra.init_heads(target[1], 3, jax.random.key(0))
+  hheads = hheads.replace(w_out=tuple(jnp.zeros_like(w) for w in hheads.w_out))
   cases = [(P.NGram(num_draft_tokens=3), {}), (P.Lookahead(num_nodes=6, depth=3), {}),
            (P.Recycling(branching=(2, 2, 1)), {}),
-           (P.Medusa(paths=((0,), (1,), (0, 0), (1, 0), (0, 0, 0))), dict(draft_params=heads)),
+           (P.Medusa(paths=paths), dict(draft_params=heads)),
+           (P.Hydra(paths=paths), dict(draft_params=hheads)),
            (P.NGram(num_draft_tokens=4), dict(speculation="auto", decode_steps=2,
                                               picks=(0, 3, 3, 1, 3, 0, 0, 2))),
            (P.Lookahead(num_nodes=4, depth=2), dict(runtime=Runtime(implementation="pallas")))]
@@ -186,6 +193,23 @@ def test_engine_refuses_proposers_that_need_a_forward_of_their_own(target):
                            draft_fallback=0.0)
     proposer, _ = registry.build(opts, cfg, params, None)
     assert registry.in_engine(opts) == proposer.engine_ready, name
+
+
+def test_hydra_heads_run_in_the_engine_without_the_prefix_layer(target, tmp_path):
+  """--speculative=hydra routes by the heads' config, before anything loads: heads alone to the
+  engine, heads with Hydra++'s prefix layer (a cache of its own) to the generator."""
+  from types import SimpleNamespace
+
+  from jaxinfer.draft_heads import hydra_serve
+  from jaxinfer.speculative import registry
+  cfg, params = target
+  for prefix in (None, hydra.prefix_config(cfg)):
+    heads = hydra.init_heads(params, 2, jax.random.key(1), prefix)
+    where = hydra_serve.save(tmp_path / str(prefix is None), heads, {"tree": [[0], [0, 0]]})
+    opts = SimpleNamespace(speculative="hydra", scheduler="continuous", draft_heads=str(where),
+                           tree="", dtype="auto")
+    proposer, _ = registry.build(opts, cfg, params, None)
+    assert registry.in_engine(opts) == proposer.engine_ready == (prefix is None)
 
 
 def test_tree_policy_explores_then_runs_the_fastest():

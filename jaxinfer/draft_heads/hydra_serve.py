@@ -12,6 +12,8 @@ when serving) over the base's hidden states; the heads read its output in place 
 
 from __future__ import annotations
 
+import json
+
 from pathlib import Path
 from typing import Any
 
@@ -110,6 +112,16 @@ _BLOCKS = ("block_in", "block_b", "block_out")
 
 def is_hydra(directory: str | Path) -> bool:
   return (Path(directory) / "hydra_config.json").is_file()
+
+
+def has_prefix_layer(directory: str | Path) -> bool:
+  """Whether the Hydra heads in `directory` have Hydra++'s prefix layer (False where there are
+  no heads to read: loading them says what is wrong)."""
+  try:
+    return bool(json.loads((Path(directory) / "hydra_config.json").read_text()).get(
+        "prefix_layer"))
+  except (OSError, TypeError, ValueError):
+    return False
 
 
 def load(directory: str | Path, dtype=jnp.float32,

@@ -24,8 +24,8 @@ def load(opts: ServeOptions):
   if opts.kv_cache_dtype is not None and opts.speculating and not in_engine:
     raise UserError(f"--kv_cache_dtype: --speculative={opts.speculative} runs outside the "
                     f"continuous engine, whose page pool is the one quantized; use a proposer "
-                    f"the engine runs ({', '.join(registry.ENGINE_READY)}) or no "
-                    f"--kv_cache_dtype")
+                    f"the engine runs ({', '.join(registry.ENGINE_READY)}; Hydra heads without "
+                    f"the prefix layer) or no --kv_cache_dtype")
   replicas, total, static_mesh = [], 1, None
   if static:
     spec = placement.process_spec(opts.mesh)  # each process its own static batches
