@@ -11,6 +11,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+import qwix
 from conftest import make_tiny_model_dir
 
 from jaxinfer import model as M
@@ -76,8 +77,9 @@ PROMPT = jax.random.randint(jax.random.key(1), (2, 8), 0, CFG.vocab_size)
 
 
 def test_sub_byte_values_are_packed_and_weights_shrink(params):
-  """int4 two values a byte, int2 and ternary four (uint8, along the last axis; unpacked exactly
-  where used); quantized weights against float32: int8 <= 0.27x, int4 <= 0.16x."""
+  """int4 and fp4 two values a byte (fp4 as its 4-bit code), int2 and ternary four (uint8, along
+  the last axis; unpacked exactly where used); quantized weights against float32: int8 <= 0.27x,
+  int4 and fp4 <= 0.16x."""
   spec = SPEC.layers[0].mlp.gate
   w = params.layers[0].mlp.gate
   for name, bits in [("int4", 4), ("int2:g32", 2), ("ternary", 2)]:
@@ -88,9 +90,15 @@ def test_sub_byte_values_are_packed_and_weights_shrink(params):
     unpacked = quant.ops.unpack(q.qvalue, bits, jnp.int8)
     assert int(unpacked.min()) >= -(1 << (bits - 1)) and int(unpacked.max()) < 1 << (bits - 1)
     np.testing.assert_array_equal(quant.ops.pack(unpacked, bits), q.qvalue)
+  fp4 = quant.quantize(w, spec, _fmt("fp4_e2m1"))
+  assert fp4.qvalue.dtype == jnp.uint8 and quant.logical_shape(fp4) == w.shape
+  whole = qwix.quantize(w, jnp.float4_e2m1fn, channelwise_axes=quant.scale_axes(
+      spec, _fmt("fp4_e2m1"))[0])  # the same values held a byte each
+  np.testing.assert_array_equal(np.asarray(quant.dequantize(fp4)),
+                                np.asarray(qwix.dequantize(whole)))
   leaves = lambda q: [x for x in jax.tree_util.tree_leaves(q, is_leaf=quant.is_quantized)
                       if quant.is_quantized(x)]
-  for name, bound in [("int8", 0.27), ("int4", 0.16), ("int4:g32", 0.16)]:
+  for name, bound in [("int8", 0.27), ("int4", 0.16), ("int4:g32", 0.16), ("fp4_e2m1", 0.16)]:
     q = leaves(quant.quantize_params(params, SPEC, _fmt(name)))
     held = sum(x.qvalue.nbytes + x.scale.nbytes for x in q)
     f32 = sum(np.prod(quant.logical_shape(x)) * 4 for x in q)

@@ -38,12 +38,13 @@ INTEGER_KINDS = ("int8", "int4", "int2", "ternary")
 # sub-byte arrays are not used for storage: with jax 0.10.2 on CPU an executable compiled ahead
 # of time (`.lower().compile()`, as the engine and Generator do) for mesh-sharded int4/int2/fp4
 # inputs requires a packed sub-byte layout those arrays do not have, and refuses them; and on
-# CPU they take a byte per element anyway. Instead the integer sub-byte types are packed by hand
-# into uint8 (`PACKED_BITS`: two int4 or four int2/ternary values per byte, along the last
-# axis; ops.pack), the same bytes on every backend, on disk and in memory, unpacked where a
-# weight is used. fp4, and a weight whose last axis does not divide into the bytes, are held in
-# one-byte containers (`CONTAINERS`), values unchanged.
-PACKED_BITS = {jnp.dtype(jnp.int4): 4, jnp.dtype(jnp.int2): 2}
+# CPU they take a byte per element anyway. Instead the sub-byte types are packed by hand into
+# uint8 (`PACKED_BITS`: two int4 or fp4 values, or four int2/ternary values, per byte, along the
+# last axis; fp4 as its 4-bit code; ops.pack), the same bytes on every backend, on disk and in
+# memory, unpacked where a weight is used. A weight whose last axis does not divide into the
+# bytes is held in one-byte containers (`CONTAINERS`), values unchanged.
+PACKED_BITS = {jnp.dtype(jnp.int4): 4, jnp.dtype(jnp.int2): 2,
+               jnp.dtype(jnp.float4_e2m1fn): 4}
 CONTAINERS = {jnp.dtype(jnp.int4): jnp.int8, jnp.dtype(jnp.int2): jnp.int8,
               jnp.dtype(jnp.float4_e2m1fn): jnp.float8_e4m3fn}  # e4m3 holds every e2m1 value
 

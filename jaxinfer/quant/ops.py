@@ -16,6 +16,7 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import qwix
 from flax import struct
 
@@ -49,8 +50,8 @@ def scale_axes(spec: ParamSpec, fmt: QuantFormat) -> tuple[tuple[int, ...], dict
 
 def quantize(w: jax.Array, spec: ParamSpec, fmt: QuantFormat) -> QArray:
   """w (spec.shape) -> QArray in `fmt`, scales in w's dtype (they set the dequantized dtype);
-  int4, int2 and ternary values packed into uint8 where the last axis divides into whole bytes
-  (see formats.CONTAINERS)."""
+  int4, int2, ternary and fp4 values packed into uint8 where the last axis divides into whole
+  bytes (see formats.CONTAINERS)."""
   channelwise, tiled = scale_axes(spec, fmt)
   if fmt.kind == "ternary":
     q = _ternary(w, channelwise, tiled)
@@ -58,7 +59,8 @@ def quantize(w: jax.Array, spec: ParamSpec, fmt: QuantFormat) -> QArray:
     q = qwix.quantize(w, fmt.qtype, channelwise_axes=channelwise, tiled_axes=tiled)
   bits = packed_bits(q.qtype)
   if bits is not None and q.qvalue.shape[-1] % (8 // bits) == 0:
-    return q.replace(qvalue=pack(q.qvalue, bits))
+    floats = jnp.issubdtype(q.qvalue.dtype, jnp.floating)
+    return q.replace(qvalue=pack(_e2m1_codes(q.qvalue) if floats else q.qvalue, bits))
   container = CONTAINERS.get(q.qvalue.dtype)
   return q if container is None else q.replace(qvalue=q.qvalue.astype(container))
 
@@ -80,6 +82,25 @@ def pack(values: jax.Array, bits: int) -> jax.Array:
                      f"({values.shape[-1]}) does not divide by {per_byte}")
   parts = jnp.split(values.astype(jnp.int32) & ((1 << bits) - 1), per_byte, axis=-1)
   return sum(p << (i * bits) for i, p in enumerate(parts)).astype(jnp.uint8)
+
+
+# fp4 (e2m1) by 4-bit code: bit 3 the sign, bits 0-2 the magnitude's index here
+_E2M1 = np.array([0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0], np.float32)
+
+
+def _e2m1_codes(values: jax.Array) -> jax.Array:
+  """e2m1 values (any float type holding them exactly) -> their 4-bit codes."""
+  x = values.astype(jnp.float32)
+  midpoints = (_E2M1[1:] + _E2M1[:-1]) / 2
+  magnitude = jnp.sum(jnp.abs(x)[..., None] > midpoints, axis=-1)
+  return magnitude + 8 * jnp.signbit(x)
+
+
+def _e2m1_values(codes: jax.Array) -> jax.Array:
+  """The inverse of `_e2m1_codes` (4-bit codes in any integer type), in float8_e4m3 (the
+  container that holds every e2m1 value: what an unpacked fp4 weight is stored in)."""
+  table = jnp.asarray(np.concatenate([_E2M1, -_E2M1]), jnp.float8_e4m3fn)
+  return table[codes.astype(jnp.int32) & 15]
 
 
 def unpack(packed: jax.Array, bits: int, dtype) -> jax.Array:
@@ -131,7 +152,8 @@ def int_values(q: QArray) -> jax.Array:
 
 def dequantize(q: QArray) -> jax.Array:
   if q.qvalue.dtype == jnp.uint8:  # packed (see `quantize`)
-    q = q.replace(qvalue=int_values(q))
+    fp4 = not isinstance(q.qtype, str) and jnp.dtype(q.qtype) == jnp.float4_e2m1fn
+    q = q.replace(qvalue=_e2m1_values(unpack(q.qvalue, 4, jnp.int32)) if fp4 else int_values(q))
   return qwix.dequantize(q)
 
 
