@@ -92,10 +92,12 @@ def _fill(r: dict, template: str, fallback: str | None) -> str | None:
 
 def from_records(recs: list[dict], spec: dict) -> str | None:
   """`template` filled from each record matching `where` (only the last if `last`), or
-  `fallback` where the template names a field the record lacks; joined, after `prefix`."""
+  `fallback` where the template names a field the record lacks; joined (a text repeated by a
+  later record, once), after `prefix`."""
   sel = [r for r in recs if matches(r, spec.get("where", {}))]
   sel = sel[-1:] if spec.get("last") else sel
-  texts = [t for r in sel if (t := _fill(r, spec["template"], spec.get("fallback")))]
+  texts = list(dict.fromkeys(t for r in sel if (t := _fill(r, spec["template"],
+                                                             spec.get("fallback")))))
   return spec.get("prefix", "") + spec.get("join", "; ").join(texts) if texts else None
 
 
