@@ -367,7 +367,8 @@ class Engine:
       sched.add(req)
     st = self.stats
     before = dataclasses.replace(st)  # (the counters below add this run's to earlier runs')
-    tree_nodes = None if self.proposer is None else int(self.drafting.verified)
+    # (the device counts in int32 for the engine's life: the run's difference, modulo 2^32)
+    tree_nodes = None if self.proposer is None else np.uint32(self.drafting.verified)
     # Steps run ahead of the host: step t+1+ahead is planned and launched before step t's
     # tokens are read, so host work overlaps device work and the device has a step queued.
     ahead = self.cfg.steps_ahead
@@ -418,5 +419,5 @@ class Engine:
       st.prefill_tokens_saved = before.prefill_tokens_saved + sched.prefill_tokens_saved
       st.peak_pages = max(st.peak_pages, pool.peak_in_use)
     if tree_nodes is not None:
-      st.verified_nodes += int(self.drafting.verified) - tree_nodes
+      st.verified_nodes += int(np.uint32(self.drafting.verified) - tree_nodes)
     return st
