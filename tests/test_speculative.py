@@ -318,7 +318,7 @@ def test_generate_job_with_speculation(tmp_path, tiny_model_dir, monkeypatch):
       ("ngram", "2,1", "continuous", "auto", 8), ("recycling", "2,1", "static", "always", 8)):
     # (every proposer: test_greedy_speculative_equals_greedy; prompts in chunks of 8 tokens)
     spec, m = job(method, speculative=method, tree=tree, scheduler=scheduler,
-                  speculation=policy, prefill_chunk=chunk)
+                  speculation=policy, prefill_chunk=chunk, num_draft_tokens=2)
     assert {i: r["completion_ids"] for i, r in spec.items()} == {
         i: r["completion_ids"] for i, r in plain.items()}, method
     assert m["speculative"] == method and m["mean_accepted_tokens"] >= 1.0
