@@ -14,7 +14,7 @@ flags.DEFINE_string("format", None, "int8, int4, int2, ternary (BitNet b1.58 abs
                     "fp8_e5m2 or fp4_e2m1 (fp6_e2m3 / fp6_e3m2 need a jax whose XLA has 6-bit "
                     "types); :gN scales groups of N along each weight's declared group axis "
                     "(e.g. int4:g128), otherwise one scale per output channel; :a8 also quantizes "
-                    "each linear layer's input to int8 per token (integer weights without :gN).")
+                    "each linear layer's input to int8 per token (integer weights).")
 flags.DEFINE_list("include", [], "Also quantize these (attention and MLP weights always are): "
                   "embed, lm_head, norm.")
 flags.mark_flags_as_required(["output", "format"])

@@ -64,10 +64,10 @@ class QuantFormat:
                        f"{', '.join(KINDS)}, optionally :gN for groups of N (e.g. int4:g128)")
     if self.group is not None and self.group < 2:
       raise ValueError(f"quantization format {self.name}: groups need at least 2 elements")
-    if self.activations and (self.group is not None or self.kind not in INTEGER_KINDS):
+    if self.activations and self.kind not in INTEGER_KINDS:
       raise ValueError(f"quantization format {self.name}: int8 activations (:a8) need integer "
-                       f"weights with one scale per output channel ({', '.join(INTEGER_KINDS)} "
-                       f"without :gN), so that the product is taken in integers")
+                       f"weights ({', '.join(INTEGER_KINDS)}), so that the product is taken in "
+                       f"integers")
     bad = sorted(set(self.include) - set(OPTIONAL_ROLES))
     if bad:
       raise ValueError(f"quantization include {bad}: expected some of {', '.join(OPTIONAL_ROLES)}")

@@ -4,7 +4,8 @@ A plain or weight-only quantized `w` is `einsum(eq, x, weight(w))`. With int8 ac
 `ActQuantized` weight, format :a8) the input is quantized too, per token: symmetric absmax int8
 over the axes the weight contracts (qwix, as the weights), and the product is taken in integers
 (int8 x int8 accumulated in int32) times the input's and the weight's scales (one per token,
-one per output channel). QAT runs that same forward (so trained and served outputs are equal bit
+one per output channel). A grouped weight (:gN) accumulates each group apart, in int32, and sums
+the groups after their scales. QAT runs that same forward (so trained and served outputs are equal bit
 for bit) and takes its gradient from the product of the fake-quantized input and weight
 (straight-through: the rounding passes gradients unchanged).
 """
@@ -36,12 +37,48 @@ def _integer_product(eq: str, x: jax.Array, q: QArray, keep: tuple[int, ...]) ->
   inputs, out = eq.split("->")
   xs, ws = inputs.split(",")
   xq = qwix.quantize(x, jnp.int8, channelwise_axes=keep)
+  if any(c not in out and n > 1 for c, n in zip(ws, q.scale.shape)):
+    return _grouped_product(eq, xq, q).astype(x.dtype)
   acc = jnp.einsum(eq, xq.qvalue, int_values(q), preferred_element_type=jnp.int32)
   squeeze = lambda s, letters: (s.reshape([d for d, c in zip(s.shape, letters) if c in out]),
                                 "".join(c for c in letters if c in out))
   (sx, lx), (sw, lw) = squeeze(xq.scale, xs), squeeze(q.scale, ws)
   scale = jnp.einsum(f"{lx},{lw}->{out}", sx.astype(jnp.float32), sw.astype(jnp.float32))
   return (acc.astype(jnp.float32) * scale).astype(x.dtype)
+
+
+def _grouped_product(eq: str, xq: QArray, q: QArray) -> jax.Array:
+  """The integer product with weight scales along contracted axes (groups of a :gN format, and
+  the other contracted axes of a grouped weight): int32 sums per group, kept apart, then scaled
+  and summed."""
+  inputs, out = eq.split("->")
+  xs, ws = inputs.split(",")
+  xv, wv = xq.qvalue, int_values(q)
+  free = iter(c for c in "ABCDEFGHIJKLMNOPQRSTUVWXYZ" if c not in eq)
+  kept, scale_letters = "", ""
+  for c, n in zip(ws, q.scale.shape):
+    size = wv.shape[ws.index(c)]
+    if c in out or n == 1:
+      scale_letters += c if n > 1 else ""
+      continue
+    if n == size:  # a scale per element along a contracted axis
+      kept += c
+      scale_letters += c
+      continue
+    g = next(free)  # groups: axis c of both operands split into (n groups, size / n)
+    i, j = xs.index(c), ws.index(c)
+    xv = xv.reshape(xv.shape[:i] + (n, size // n) + xv.shape[i + 1:])
+    wv = wv.reshape(wv.shape[:j] + (n, size // n) + wv.shape[j + 1:])
+    xs, ws = xs.replace(c, g + c), ws.replace(c, g + c)
+    kept += g
+    scale_letters += g
+  acc = jnp.einsum(f"{xs},{ws}->{out}{kept}", xv, wv, preferred_element_type=jnp.int32)
+  sw = q.scale.reshape([n for n in q.scale.shape if n > 1]).astype(jnp.float32)
+  y = jnp.einsum(f"{out}{kept},{scale_letters}->{out}", acc.astype(jnp.float32), sw)
+  x_letters = inputs.split(",")[0]
+  sx = xq.scale.astype(jnp.float32)  # (one per token: 1 along the contracted axes)
+  per_token = [sx.shape[x_letters.index(c)] if c in x_letters else 1 for c in out]
+  return y * sx.reshape(per_token)
 
 
 def _fake_quant_input(x: jax.Array, keep: tuple[int, ...]) -> jax.Array:
