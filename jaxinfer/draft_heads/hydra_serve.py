@@ -13,7 +13,6 @@ when serving) over the base's hidden states; the heads read its output in place 
 from __future__ import annotations
 
 import json
-
 from pathlib import Path
 from typing import Any
 

@@ -54,7 +54,8 @@ def init_drafting(cfg, proposer, num_slots: int, max_len: int, shared, *,
   zeros = lambda *shape: jnp.zeros(shape, jnp.int32)
   return whole(Drafting(zeros(num_slots, max_len), zeros(num_slots), zeros(num_slots),
                         zeros(num_slots), jnp.ones((num_slots,), bool),
-                        jnp.zeros((num_slots,), bool), zeros(), proposer.init_state(Weights(None, None), cfg, num_slots, max_len,
+                        jnp.zeros((num_slots,), bool), zeros(),
+                        proposer.init_state(Weights(None, None), cfg, num_slots, max_len,
                                             shared)), runtime)
 
 
