@@ -9,6 +9,7 @@
 #
 #   bash experiments/device_check.sh                 # from the repository root; OUT=./device_out
 #   OUT=/tmp/x DEVICE_CHECK_BUDGET_S=300 bash experiments/device_check.sh
+#   WHEELS=.whl bash experiments/device_check.sh      # first installs .whl/*.whl (offline)
 #
 # A dry run on a CPU (benchmarks in their quick / interpret forms, a tiny model):
 #   TEST_PLATFORMS=cpu DECODE_ARGS="--model=preset:tiny --prompt_len=8 --new_tokens=8" \
@@ -20,14 +21,19 @@
 # budget; a failed or timed-out step is recorded and the next one runs. Under $OUT: one log per
 # step, steps.tsv (step, exit code, seconds; 124 = timed out), results/ (experiments/results/'s
 # files with this run's rows appended: copy them back), among them results/device_check.jsonl
-# (one row per result, with device, jax version and date).
+# (the steps, the kernel tests and the summary against the targets, with device, jax version
+# and date; the benchmarks' rows are in their own files).
 set -u -o pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-./device_out}
 mkdir -p "$OUT/results"
 OUT=$(cd "$OUT" && pwd)
 export PYTHONPATH=".${PYTHONPATH:+:$PYTHONPATH}"
-PY=${PYTHON:-python}
+PY=${PYTHON:-$(command -v python3 || command -v python)}
+if [ -n "${WHEELS:-}" ]; then  # packages the machine lacks (e.g. qwix), as wheels: no network
+  "$PY" -m pip install -q --no-index --no-deps --target "$OUT/site" "$WHEELS"/*.whl || exit 1
+  export PYTHONPATH="$PYTHONPATH:$OUT/site"
+fi
 BUDGET=${DEVICE_CHECK_BUDGET_S:-450}
 RESERVE=20  # seconds kept for the rows and the summary
 START=$SECONDS
@@ -169,9 +175,6 @@ rows.append({"step": "kernel_tests", **tests})
 attention = new_rows("bench_attention", os.environ["BEFORE_ATTENTION"])
 decode = new_rows("bench_decode", os.environ["BEFORE_DECODE"])
 vs = new_rows("bench_vs_transformers", os.environ["BEFORE_VS"])
-rows += [{"step": "bench_attention", **r} for r in attention]
-rows += [{"step": "bench_decode", **r} for r in decode]
-rows += [{"step": "bench_vs_transformers", **r} for r in vs]
 
 
 def bw(r, gbps):  # fraction of the HBM bandwidth the same process measured

@@ -81,6 +81,28 @@ def merge_splits(o: jax.Array, lse: jax.Array, axis: int) -> jax.Array:
   return jnp.sum(weights[..., None] * o, axis=axis)
 
 
+NN = (((1,), (0,)), ((), ()))  # dot_general dimension numbers: a @ b
+NT = (((1,), (1,)), ((), ()))  # a @ b.T
+TN = (((0,), (0,)), ((), ()))  # a.T @ b
+TRITON_MIN_DIM = 16
+
+
+def matmul(a: jax.Array, b: jax.Array, dims=NN) -> jax.Array:
+  """The Triton form's 2-d products in float32, under dimension numbers NN, NT or TN. Triton's
+  dot needs every dimension >= 16, and jax's lowering does not check: a smaller one compiles and
+  comes out wrong (a (16, 4) x (4, 16) product summed twice). A product with a dimension under
+  16 is multiplied and summed elementwise instead, on every platform, so CPU tests at small
+  shapes run the path that a GPU compiles."""
+  (ca,), (cb,) = dims[0]
+  m, n = a.shape[1 - ca], b.shape[1 - cb]
+  if min(m, n, a.shape[ca]) >= TRITON_MIN_DIM:
+    return jax.lax.dot_general(a, b, dims, preferred_element_type=jnp.float32)
+  a, b = a.astype(jnp.float32), b.astype(jnp.float32)
+  a = a if ca == 1 else a.T  # (M, K)
+  b = b if cb == 0 else b.T  # (K, N)
+  return jnp.sum(a[:, :, None] * b[None, :, :], axis=1)
+
+
 # Online softmax over key blocks (flash attention's running max / sum), shared by the kernels
 # that walk pages: a carry of (o (rows, H) f32 unnormalised output, m (rows,) running max,
 # l (rows,) running sum).
@@ -102,7 +124,7 @@ def softmax_update(carry, logits: jax.Array, visible: jax.Array, v: jax.Array,
   corr = jnp.exp(m - m_new)
   l = corr * l + p.sum(axis=-1)
   weights = p if v_scale is None else jnp.where(visible, p * v_scale, 0.0)
-  o = corr[:, None] * o + jnp.dot(weights.astype(v.dtype), v, preferred_element_type=jnp.float32)
+  o = corr[:, None] * o + matmul(weights.astype(v.dtype), v)
   return o, m_new, l
 
 
@@ -114,7 +136,6 @@ def softmax_finish(carry):
   return out, jnp.where(seen, m + jnp.log(jnp.where(seen, l, 1.0)), -jnp.inf)
 
 
-_TRANS_B = (((1,), (1,)), ((), ()))
 
 
 SCALE_LANES = 128  # a TPU vector's lanes: a row of int8 pools' scales is one vector
@@ -172,7 +193,7 @@ def walk_pages(q, k_ref, v_ref, pt_ref, start, stop, visible_fn, carry, *, head,
     k, v = k_ref[head, page], v_ref[head, page]
     if ks_ref is not None:
       k, v = k.astype(q.dtype), v.astype(q.dtype)
-    logits = jax.lax.dot_general(q, k, _TRANS_B, preferred_element_type=jnp.float32) * scale
+    logits = matmul(q, k, NT) * scale
     v_scale = None
     if ks_ref is not None:
       logits = logits * ks_ref[head, page][None, :]

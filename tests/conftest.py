@@ -28,6 +28,11 @@ from jaxinfer import compilation_cache  # noqa: E402
 
 compilation_cache.enable(os.environ["JAX_COMPILATION_CACHE_DIR"])
 
+if os.environ["JAX_PLATFORMS"].split(",")[0] != "cpu":
+  # An accelerator's float32 matmuls default to lower precision (TF32 on a GPU): the references
+  # that the kernels are compared with are computed in full float32 there, as on a CPU.
+  jax.config.update("jax_default_matmul_precision", "highest")
+
 
 @pytest.fixture(scope="session")
 def tpu_device():

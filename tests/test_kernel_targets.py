@@ -187,3 +187,56 @@ def test_the_target_platform_decides_the_form_not_the_host():
   with pytest.raises(ValueError, match="kernel backend"):
     paged_attention(jnp.zeros((1, 2, 8)), jnp.zeros((1, 4, 4, 8)), jnp.zeros((1, 4, 4, 8)),
                     jnp.array([3]), jnp.zeros((1, 2), jnp.int32), backend="triton")
+
+
+def _kernel_dots(fn, *args):
+  """(M, K, N) of every dot_general inside the Pallas kernels that fn(*args) traces."""
+  def sub_jaxprs(value):
+    for v in value if isinstance(value, (tuple, list)) else (value,):
+      if hasattr(v, "eqns"):
+        yield v
+      elif hasattr(getattr(v, "jaxpr", None), "eqns"):
+        yield v.jaxpr
+
+  def walk(jaxpr, in_kernel):
+    for eqn in jaxpr.eqns:
+      if in_kernel and eqn.primitive.name == "dot_general":
+        (ca,), (cb,) = eqn.params["dimension_numbers"][0]
+        a, b = (x.aval.shape for x in eqn.invars)
+        yield a[1 - ca], a[ca], b[1 - cb]
+      for value in eqn.params.values():
+        for sub in sub_jaxprs(value):
+          yield from walk(sub, in_kernel or eqn.primitive.name == "pallas_call")
+
+  return list(walk(jax.make_jaxpr(fn)(*args).jaxpr, False))
+
+
+def _triton_dots(ps: int, h: int, block: int) -> dict:
+  """The dots of each kernel's compiled Triton form (traced on this host): paged and tree over
+  pages of ps keys, head dim h; block-sparse forward and backward with block x block tiles."""
+  from pallas_kernels.block_sparse_attention import block_sparse_attention, mask_info, masks
+  gpu = dict(backend="gpu", interpret=False)
+  s = jax.ShapeDtypeStruct
+  b, n, k, m, t = 2, 4, 2, 6, 3 * block
+  pools = (s((k, b * m, ps, h), jnp.float32),) * 2
+  paged = (s((b, n, h), jnp.float32), *pools, s((b,), jnp.int32), s((b, m), jnp.int32))
+  tree = (s((b, 5, n, h), jnp.float32), *pools, s((b,), jnp.int32), s((b, m), jnp.int32),
+          s((b, 5, 1), jnp.int32))
+  info = mask_info(masks.Causal((t, t)), block, block)
+  loss = lambda q, k, v: jnp.sum(block_sparse_attention(q, k, v, info, **gpu))
+  qkv = (s((1, 4, t, h), jnp.float32),) + (s((1, 2, t, h), jnp.float32),) * 2
+  return {"paged": _kernel_dots(lambda *a: paged_attention(*a, **gpu), *paged),
+          "tree": _kernel_dots(lambda *a: tree_attention(*a, **gpu), *tree),
+          "block-sparse": _kernel_dots(jax.grad(loss, argnums=(0, 1, 2)), *qkv)}
+
+
+def test_triton_form_dots_are_at_least_16_wide():
+  """Triton's dot needs M, N, K >= 16 and jax's lowering does not check (on an H200 a
+  (16, 4) x (4, 16) product compiled and came out summed twice): at test-sized shapes (pages of
+  4 keys, head dim 8, 8-wide blocks) the compiled Triton forms multiply elementwise instead; from
+  16 on they keep Triton's dot (2 per page or block forward, 3 in dQ, 4 in dK/dV)."""
+  for name, dots in _triton_dots(ps=4, h=8, block=8).items():
+    assert all(min(d) >= 16 for d in dots), f"{name}: Triton dots {dots}"
+  wide = _triton_dots(ps=16, h=16, block=16)
+  assert {name: len(d) for name, d in wide.items()} == {"paged": 2, "tree": 2,
+                                                         "block-sparse": 2 + 3 + 4}, wide

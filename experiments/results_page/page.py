@@ -16,6 +16,7 @@ SECTIONS: dict[str, Section] = {  # in page order
     "bench_decode.jsonl": tables.DECODE,
     "bench_vs_transformers.jsonl": tables.VS_TRANSFORMERS,
     "bench_attention.jsonl": tables.ATTENTION,
+    "device_check.jsonl": tables.DEVICE_CHECK,
     "long_context.json": tables.LONG_CONTEXT,
     "bench_speculative.jsonl": speculative.SPECULATIVE,
     "bench_spec_batching.jsonl": speculative.SPEC_BATCHING,

@@ -326,6 +326,30 @@ KV_CACHE = Section(
     "over all layers, and the tokens a pool of the same bytes holds, int8 against bfloat16.",
     body=_kv_cache)
 
+def _device_check_result(r) -> str:
+  """One device_check.jsonl row in a line: each step's exit code and seconds, the kernel tests'
+  counts, or the summary's fractions against the targets."""
+  if r.get("step") == "steps":
+    return ", ".join(f"{name} {s['exit']} ({s['seconds']} s)" for name, s in r["steps"].items())
+  if r.get("step") == "kernel_tests":
+    failed = "; failed: " + ", ".join(f.split("::")[-1] for f in r["failures"]) \
+        if r.get("failures") else ""
+    note = f" ({r['note']})" if r.get("note") else ""
+    return (f"{r['passed']} passed, {r['failed']} failed, {r['errors']} errors{note}{failed}")
+  return ", ".join(f"{k} {fmt(v, 3)}" for k, v in r.items()
+                   if k not in ("step", "date", "device", "jax"))
+
+
+DEVICE_CHECK = Section(
+    "Device checks",
+    "`bash experiments/device_check.sh` on a GPU, in one call: each step's exit code (124: cut "
+    "at its time limit) and seconds, the kernel tests compiled for the GPU, and the benchmarks' "
+    "results as fractions of the ceilings the same run measured (their rows are in the sections "
+    "above). Targets: paged decode >= 0.75 of HBM bandwidth, dense attention >= 0.5 of the "
+    "matmul peak, block-sparse time <= 1.25 x density x dense down to density 0.1, 8B decode at "
+    "batch 1 >= 0.8 of HBM bandwidth.",
+    [field("step", "step"), ("result", _device_check_result)])
+
 RECORDED = Section(
     "Recorded without a results file",
     "Figures from runs whose benchmarks wrote no results file at the time, typed into "
