@@ -11,7 +11,7 @@ whole workload through --slots rows:
   spec-static      speculative decoding in batches of --slots requests (speculation forced on)
   spec-continuous  speculative decoding in --slots slots, a finished row's slot refilled with the
                    next request at the next host round trip (speculation forced on)
-  spec-engine      speculation inside the engine (proposers that draft from tokens alone): its
+  spec-engine      speculation inside the engine (`Proposer.engine_ready`): its
                    --slots slots verify draft trees beside prompt lanes in one step, over its one
                    page pool (shared prompt pages read by reference, not copied)
   spec-continuous-no-reuse
@@ -98,9 +98,9 @@ def main(argv):
     gen = Generator(cfg, params, steps_per_sync=32)
     return lambda: [r for i in range(0, n, b) for r in gen.generate(rows[i:i + b])]
 
-  def engine(proposer=None):
+  def engine(proposer=None, draft_params=None):
     eng = Engine(cfg, params, EngineConfig(num_slots=b), max_len, proposer=proposer,
-                 speculation="always")
+                 speculation="always", draft_params=draft_params)
     reqs = [EngineRequest(i, list(r.prompt_ids), r.max_new_tokens,
                           np.asarray(jax.random.key_data(r.key))) for i, r in enumerate(rows)]
 
@@ -159,9 +159,9 @@ def main(argv):
   for method in FLAGS.methods:
     modes = {"plain-static": (None, plain_static()), "plain-engine": (None, engine()[1]),
              "spec-static": spec(method, False), "spec-continuous": spec(method, True)}
-    proposer = modes["spec-static"][0].proposer
-    if proposer.engine_ready:
-      modes["spec-engine"] = engine(proposer)
+    static_gen = modes["spec-static"][0]
+    if static_gen.proposer.engine_ready:
+      modes["spec-engine"] = engine(static_gen.proposer, static_gen.draft_params)
     if header:
       modes["spec-continuous-no-reuse"] = spec(method, True, reuse=False)
     if prompt_len > FLAGS.prefill_chunk:

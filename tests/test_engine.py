@@ -209,10 +209,13 @@ def test_memory_beyond_the_device_names_the_flags(tmp_path, tiny_model_dir, monk
                      r"[\d.]+ GiB\) plus weights need [\d.]+ GiB per device, more than its "
                      r"0.00 GiB; lower --kv_pages or --batch_size"):
     _job(tmp_path, tiny_model_dir, one, "big")
+  with pytest.raises(UserError, match=r"--kv_pages: the KV pool \(\d+ pages of 16 tokens, with "
+                     r"the proposer's slots, [\d.]+ GiB\)"):  # the draft's cache in them
+    _job(tmp_path, tiny_model_dir, one, "big-draft", speculative="layerskip")
   with pytest.raises(UserError, match=r"--batch_size: speculative decoding's KV memory .* "
                      r"lower --batch_size or --max_new_tokens"):
-    _job(tmp_path, tiny_model_dir, one, "big-spec", speculative="layerskip")
-  assert not any((tmp_path / f"{n}.out.jsonl").exists() for n in ("big", "big-spec"))
+    _job(tmp_path, tiny_model_dir, one, "big-spec", speculative="layerskip", scheduler="static")
+  assert not any((tmp_path / f"{n}.out.jsonl").exists() for n in ("big", "big-draft", "big-spec"))
   monkeypatch.setattr(placement, "bytes_limit", lambda mesh: 2**34)  # 16 GiB: it fits
   assert _job(tmp_path, tiny_model_dir, one, "fits", speculative="layerskip")[1][
       "num_completed"] == 1

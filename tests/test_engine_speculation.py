@@ -52,7 +52,8 @@ def _run(target, reqs, proposer=None, runtime=Runtime(), should_stop=None, picks
 
 
 def test_speculating_engine_equals_the_plain_engine(target):
-  """Greedy: every lookup proposer's and Medusa and Hydra heads' outputs equal plain decoding's,
+  """Greedy: every lookup proposer's, a draft model's and Medusa and Hydra heads' outputs equal
+  plain decoding's,
   bit for bit (a row's first verification, which computes the hidden state the heads read, drafts
   nothing), with more requests than slots, prompts prefilled in lanes beside verification and a
   shared header read by reference (never recomputed or copied); stop strings end a request where
@@ -74,6 +75,11 @@ def test_speculating_engine_equals_the_plain_engine(target):
            (P.Hydra(paths=paths), dict(draft_params=hheads)),
            (P.NGram(num_draft_tokens=4), dict(speculation="auto", decode_steps=2,
                                               picks=(0, 3, 3, 1, 3, 0, 0, 2))),
+           # a draft model (the target itself: every draft accepted) with its own cache, filled
+           # again at every return from plain decoding
+           (P.DraftModel(target[0], num_draft_tokens=3),
+            dict(draft_params=target[1], speculation="auto", decode_steps=2,
+                 picks=(0, 2, 2, 1, 0, 2, 0, 0))),
            (P.Lookahead(num_nodes=4, depth=2), dict(runtime=Runtime(implementation="pallas")))]
   for proposer, kw in cases:
     kw.setdefault("speculation", "always")
@@ -92,8 +98,10 @@ def test_speculating_engine_equals_the_plain_engine(target):
     elif isinstance(proposer, P.Recycling):
       assert st.verified_nodes == proposer.tree_size * st.row_steps
     assert st.compilations <= eng.max_shapes  # the fixed shapes only
+    if isinstance(proposer, P.DraftModel):  # the target drafting for itself
+      assert st.accepted_hist[-1] > 0 and st.decode_tokens > 2 * st.row_steps
     if "picks" in kw:
-      assert isinstance(eng.ladder[3], Plain)
+      assert isinstance(eng.ladder[max(kw["picks"])], Plain)
       assert "decode" in eng._compiled and ("trees", 0) in eng._compiled  # both kinds ran
 
 

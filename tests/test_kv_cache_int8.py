@@ -219,8 +219,8 @@ def test_generate_serves_an_int8_cache_and_refuses_what_cannot(tmp_path, tiny_mo
   for kw, match in [(dict(kv_cache_dtype="fp8"), "--kv_cache_dtype: expected one of int8"),
                     (dict(kv_cache_dtype="int8", scheduler="static"), "static scheduler"),
                     (dict(kv_cache_dtype="int8", page_size=48), "dividing 128"),
-                    (dict(kv_cache_dtype="int8", speculative="draft",
-                          draft_model=str(tiny_model_dir)), "outside the")]:
+                    (dict(kv_cache_dtype="int8", speculative="eagle",
+                          draft_heads=str(tiny_model_dir)), "outside the")]:
     with pytest.raises(UserError, match=match):
       jaxinfer.LLM(str(tiny_model_dir), progress=False, **kw).generate(["x"])
 

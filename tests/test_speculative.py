@@ -328,16 +328,22 @@ def test_generate_job_with_speculation(tmp_path, tiny_model_dir, monkeypatch):
     if policy == "always":  # the proposer's tree (2,1: 5 tokens), every batch
       assert set(m["tree_sizes"]) == {"5"} and m["plain_batches"] == 0
       assert m["prefill_chunks"] >= 2  # the 24-token prompt's first 16, at least
-  # A longer job: the auto policy measures its modes (the proposer's tree, plain decoding (the
-  # engine), a halved tree), each on a one-batch wave that compiles it, then a long wave
+  # A longer job in the speculative generator's slots (Hydra++ heads: their prefix layer keeps
+  # a cache of its own): the auto policy measures its modes (the proposer's tree, plain decoding
+  # (the engine), a halved tree), each on a one-batch wave that compiles it, then a long wave
   # (SPECULATIVE_WAVE batches: 2 here) that measures it: 2 + 4 + 2 + 4 + 2 requests
+  from jaxinfer.draft_heads import hydra, hydra_serve
   monkeypatch.setattr(backends, "SPECULATIVE_WAVE", 2)
+  cfg, params, _ = checkpoint.load_model(str(tiny_model_dir))
+  heads = hydra_serve.save(tmp_path / "hydra++", hydra.init_heads(
+      params, 4, jax.random.key(0), hydra.prefix_config(cfg)), {"tree": [[0] * d for d in
+                                                                        range(1, 5)]})
   many = tmp_path / "many.jsonl"
   many.write_text("".join(json.dumps({"id": i, "prompt_ids": [5 + i % 3, 6, 7, 8] * 4,
                                       "max_new_tokens": 12}) + "\n" for i in range(14)))
   m = run(GenerateJob(prompts=str(many), output=str(tmp_path / "many.out.jsonl"),
                       model=str(tiny_model_dir), batch_size=2, progress=False,
-                      speculative="layerskip"))
+                      speculative="hydra", draft_heads=str(heads)))
   assert m["plain_batches"] == 2 and m["speculative_batches"] == 3, m["speculation"]
   assert m["tree_sizes"]["5"]["batches"] == 2 and m["tree_sizes"]["3"]["batches"] == 1
   assert m["tree_sizes"]["5"]["tokens_per_second"] > 0

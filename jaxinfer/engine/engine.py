@@ -160,10 +160,10 @@ class Engine:
     if proposer is not None:
       if not proposer.engine_ready:
         raise ValueError(f"Engine: the {proposer.name} proposer reads the target's hidden "
-                         f"states over the prompt or a cache of its own, which the engine does "
-                         f"not prefill")
+                         f"states over the prompt, which the engine does not keep")
       proposer.validate(model_cfg, draft_params)
       check_fits(proposer, model_cfg, runtime.sparsity)
+      proposer = proposer.with_sparsity(runtime.sparsity)  # a draft model attends as the target
     self.model_cfg, self.params, self.cfg, self.runtime = model_cfg, params, cfg, runtime
     self.proposer, self.draft_params = proposer, draft_params
     ps = cfg.page_size
@@ -202,13 +202,13 @@ class Engine:
     self.eos = np.asarray(model_cfg.eos_token_ids or (-1,), np.int32)
     self._last_read = None  # (level, mixed?) of the dispatch read last (None: it compiled)
     history = self.max_pages * self.cfg.page_size
-    init = lambda shared: speculate.init_drafting(model_cfg, proposer, self.cfg.num_slots,
-                                                  history, shared, runtime=runtime)
+    init = partial(speculate.init_drafting, model_cfg, proposer, self.cfg.num_slots, history,
+                   runtime=runtime)
     # whole on the replica's devices, as every step returns it (kept from run to run: a shared
     # proposer state keeps learning)
     where = None if runtime.mesh is None else NamedSharding(runtime.mesh, PartitionSpec())
     self.drafting = self._call("init", jax.jit(init, out_shardings=where),
-                               proposer.init_shared(model_cfg))
+                               proposer.init_shared(model_cfg), self.draft_params)
 
   def _call(self, shape, fn, *args):
     """fn compiled once per `shape` (counted in the stats), then run."""
@@ -309,8 +309,8 @@ class Engine:
       slots[j], lengths[j], max_new[j] = seq.slot, len(ids), seq.req.max_new_tokens
       generated[j] = len(seq.generated)
       prompts[j, :len(ids)] = ids
-    self.drafting = self._call(("admit", k, w), self._tree_admit, self.drafting, slots, prompts,
-                               lengths, generated, max_new)
+    self.drafting = self._call(("admit", k, w), self._tree_admit, self.drafting, self.params,
+                               self.draft_params, slots, prompts, lengths, generated, max_new)
 
   def _plan(self, sched: Scheduler, drain: Callable[[], None] | None) -> StepPlan | None:
     """The next step's plan; speculating, its rows verify the tree the policy picks, or decode

@@ -49,22 +49,23 @@ def whole(state: Drafting, runtime: Runtime) -> Drafting:
   return jax.tree_util.tree_map(lambda x: runtime.constrain(x, (None,) * x.ndim), state)
 
 
-def init_drafting(cfg, proposer, num_slots: int, max_len: int, shared, *,
+def init_drafting(cfg, proposer, num_slots: int, max_len: int, shared, draft_params, *,
                   runtime: Runtime) -> Drafting:
   zeros = lambda *shape: jnp.zeros(shape, jnp.int32)
   return whole(Drafting(zeros(num_slots, max_len), zeros(num_slots), zeros(num_slots),
                         zeros(num_slots), jnp.ones((num_slots,), bool),
                         jnp.zeros((num_slots,), bool), zeros(),
-                        proposer.init_state(Weights(None, None), cfg, num_slots, max_len,
-                                            shared)), runtime)
+                        proposer.init_state(Weights(draft_params, None), cfg, num_slots,
+                                            max_len, shared)), runtime)
 
 
-def admit(state: Drafting, slots, prompts, prompt_len, generated, max_new, *, cfg, proposer,
-          runtime: Runtime) -> Drafting:
+def admit(state: Drafting, params, draft_params, slots, prompts, prompt_len, generated, max_new,
+          *, cfg, proposer, runtime: Runtime) -> Drafting:
   """Rows start in `slots` (k,) (past the end: padding): their tokens so far (k, W) by
   position, of which the last `generated` are output (a row that decoded plainly until now),
   the root at the last (its K/V are written by the row's first verification). A proposer that
-  `drafts_from_hidden` gets zeros for the hidden state: the row drafts nothing until verified."""
+  `drafts_from_hidden` gets zeros for the hidden state: the row drafts nothing until verified;
+  a draft model fills its own cache from the tokens (all of them, at every admission)."""
   k, w = prompts.shape
   hist = jnp.pad(prompts, ((0, 0), (0, state.history.shape[1] - w)))
   prompt = Prompt(None, jnp.zeros((k, cfg.embed), cfg.jnp_dtype), prompts, prompt_len,
@@ -75,7 +76,7 @@ def admit(state: Drafting, slots, prompts, prompt_len, generated, max_new, *, cf
       num_generated=put(state.num_generated, generated), max_new=put(state.max_new, max_new),
       done=put(state.done, jnp.zeros((k,), bool)),
       primed=put(state.primed, jnp.zeros((k,), bool)),
-      proposer=proposer.admit(Weights(None, None), state.proposer, prompt)), runtime)
+      proposer=proposer.admit(Weights(draft_params, params), state.proposer, prompt)), runtime)
 
 
 def prefixes(proposer) -> tuple[tuple[int, int], ...]:

@@ -97,11 +97,13 @@ class EngineBackend:
       except ValueError as e:  # e.g. a tree larger than the model's sliding window
         raise UserError(f"--speculative={self.opts.speculative} (--tree / "
                         f"--num_draft_tokens): {e}") from None
-      for eng in engines:
+      for eng in engines:  # the pool, and a draft model's own cache in its slots
+        drafting = () if self.proposer is None else eng.drafting
         placement.check_memory(
-            f"--kv_pages: the KV pool ({eng.num_pool_pages} pages of {ps} tokens",
-            eng.pool_bytes(), device_bytes((eng.k, eng.v)), eng.params, eng.runtime.mesh,
-            "lower --kv_pages or --batch_size")
+            f"--kv_pages: the KV pool ({eng.num_pool_pages} pages of {ps} tokens"
+            + (", with the proposer's slots" if drafting else ""),
+            eng.pool_bytes() + device_bytes(drafting), device_bytes((eng.k, eng.v, drafting)),
+            eng.params, eng.runtime.mesh, "lower --kv_pages or --batch_size")
       self.engines, self.max_len = engines, need
     pages_needed = -(-(need + (self.engines[0].tree_size or 0)) // ps)
     if pages_needed > self.engines[0].num_pool_pages:

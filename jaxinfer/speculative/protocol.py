@@ -108,10 +108,10 @@ class Proposer(abc.ABC):
   # One state for every row (Token Recycling's adjacency matrix of likely successors), refreshed
   # by every row's verification and carried from batch to batch.
   shared_state: bool = False
-  # It drafts from the rows' tokens alone (and a `shared_state`), or from the target's hidden
-  # state at the last accepted token (`drafts_from_hidden`): the paged engine's slots run it
-  # (`jaxinfer.engine.speculate`), a row admitted with its prompt's tokens, no forward of its
-  # own over the prompt.
+  # It drafts from the rows' tokens alone (and a `shared_state`; a draft model's own cache is
+  # filled from them at admission), or from the target's hidden state at the last accepted
+  # token (`drafts_from_hidden`): the paged engine's slots run it (`jaxinfer.engine.speculate`),
+  # a row admitted with its tokens so far, not the target's hidden states over them.
   engine_ready: bool = False
   # Its state is the target's hidden state at each row's last accepted token (heads with no
   # cache of their own): in the engine a row drafts nothing in its first verification, which

@@ -199,8 +199,9 @@ def _eagle(opts, cfg, params, dtype):
 
 
 # the proposers the engine runs (`Proposer.engine_ready`): those that draft from tokens alone,
-# and heads on the target's hidden state (Hydra's without the prefix layer)
-ENGINE_READY = ("ngram", "lookahead", "recycling", "medusa", "hydra")
+# draft models (their own caches filled from the tokens) and heads on the target's hidden state
+# (Hydra's without the prefix layer)
+ENGINE_READY = ("ngram", "lookahead", "recycling", "draft", "layerskip", "medusa", "hydra")
 
 
 def in_engine(opts) -> bool:

@@ -36,6 +36,7 @@ class DraftModel(Chain):
   fallback: float = 0.0
   sparsity: Sparsity = DENSE
   needs_draft_params = True
+  engine_ready = True  # the engine's admission fills its cache from the rows' tokens
 
   def validate(self, cfg, draft_params) -> None:
     super().validate(cfg, draft_params)
@@ -47,9 +48,10 @@ class DraftModel(Chain):
     return dataclasses.replace(self, sparsity=sparsity)
 
   def row_state(self, weights, state, prompt):
-    """Its cache over the prompt tokens the target computed (from `start` on)."""
-    idx = ((0 if prompt.start is None else prompt.start[:, None])
-           + jnp.arange(prompt.hidden.shape[1])[None, :])
+    """Its cache over the prompt tokens the target computed (from `start` on); the engine's
+    admission (no hidden states) gives the whole of each row's tokens so far."""
+    width = prompt.history.shape[1] if prompt.hidden is None else prompt.hidden.shape[1]
+    idx = (0 if prompt.start is None else prompt.start[:, None]) + jnp.arange(width)[None, :]
     tokens = jnp.take_along_axis(prompt.history,
                                  jnp.minimum(idx, prompt.history.shape[1] - 1), axis=1)
     return self.prefill(weights.draft, tokens, prompt.prompt_len, prompt.max_len, prompt.start,
