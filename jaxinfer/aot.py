@@ -288,11 +288,13 @@ def _proposer(cfg: ModelConfig, job: CompileJob, params):
     raise CompileError(str(e) if str(e).startswith("--") else f"--tree: {e}") from None
 
 
-def engine_tree_steps(cfg: ModelConfig, job: CompileJob, params, runtime: Runtime, proposer):
+def engine_tree_steps(cfg: ModelConfig, job: CompileJob, params, runtime: Runtime, proposer,
+                      draft):
   """({name: (jitted step, abstract arguments)}, bytes per device of the KV pools and the rows'
-  device state): speculation inside the engine, as the engine jits it: the mixed step at its
-  widest (every slot's draft tree beside G lanes of Q prompt tokens) and the decode-only
-  dispatch of trees, over a pool whose sequences also hold one tree."""
+  device state (a draft model's cache in it), of the draft's weights): speculation inside the
+  engine, as the engine jits it: the mixed step at its widest (every slot's draft tree beside G
+  lanes of Q prompt tokens) and the decode-only dispatch of trees, over a pool whose sequences
+  also hold one tree."""
   from jaxinfer.engine import speculate
   from jaxinfer.sampling import SamplingParams
   from jaxinfer.speculative.protocol import check_fits
@@ -304,25 +306,28 @@ def engine_tree_steps(cfg: ModelConfig, job: CompileJob, params, runtime: Runtim
   s, g, q = ecfg.num_slots, ecfg.chunk_lanes, ecfg.chunk_size
   pools, m = _engine_pools(cfg, ecfg, cfg.max_seq_len + proposer.tree_size, runtime)
   whole = _whole(runtime.mesh)
-  rows = jax.eval_shape(lambda: speculate.init_drafting(
-      cfg, proposer, s, m * ecfg.page_size, proposer.init_shared(cfg), runtime=Runtime()))
+  proposer = proposer.with_sparsity(runtime.sparsity)  # as the engine gives a draft model
+  if draft is not None:  # whole on each of a replica's devices, as the engine places a draft
+    draft = jax.tree_util.tree_map(lambda x: whole(x.shape, x.dtype), draft)
+  rows = jax.eval_shape(lambda d: speculate.init_drafting(
+      cfg, proposer, s, m * ecfg.page_size, proposer.init_shared(cfg), d, runtime=Runtime()),
+      draft)
   rows = jax.tree_util.tree_map(lambda x: whole(x.shape, x.dtype), rows)
   i32, f32 = jnp.int32, jnp.float32
   sampling = SamplingParams(whole((s,), f32), whole((s,), i32), whole((s,), f32),
                             whole((s,), f32))
   per_slot = (whole((s,), bool), sampling, whole((s, 2), jnp.uint32),
               whole((max(1, len(cfg.eos_token_ids)),), i32))
-  # (the proposers compile takes draft from tokens: no draft weights)
-  mixed = (params, None, pools, pools, rows, whole((g * q,), i32), whole((g * q,), i32),
+  mixed = (params, draft, pools, pools, rows, whole((g * q,), i32), whole((g * q,), i32),
            whole((s, m), i32), whole((g, m), i32)) + per_slot
-  decode = (params, None, pools, pools, rows, whole((s, m), i32)) + per_slot + (
+  decode = (params, draft, pools, pools, rows, whole((s, m), i32)) + per_slot + (
       whole((), i32), whole((), bool))
   kw = dict(cfg=cfg, proposer=proposer, rule="exact", runtime=runtime)
   step = jax.jit(partial(speculate.step, **kw), donate_argnums=(2, 3, 4))
   dispatch = jax.jit(partial(speculate.steps, max_steps=ecfg.decode_steps, **kw),
                      donate_argnums=(2, 3, 4))
   return ({"verify-prefill": (step, mixed), "verify": (dispatch, decode)},
-          device_bytes(pools) * 2 + device_bytes(rows))
+          device_bytes(pools) * 2 + device_bytes(rows), device_bytes(draft))
 
 
 def verify_step(cfg: ModelConfig, job: CompileJob, params, runtime: Runtime, proposer, draft):
@@ -610,10 +615,10 @@ def run(job: CompileJob, log=None) -> Report:
     return report
   proposer, draft = _proposer(cfg, job, params)
   if proposer.engine_ready:  # speculation inside the engine: its own pool and rows' state
-    tree_steps, kv = engine_tree_steps(cfg, job, params, runtime, proposer)
+    tree_steps, kv, draft_bytes = engine_tree_steps(cfg, job, params, runtime, proposer, draft)
     for name, (fn, args) in tree_steps.items():
-      report.steps.append(_compile_checked(name, fn, args, target, report, weights, kv, kv,
-                                           log=log))
+      report.steps.append(_compile_checked(name, fn, args, target, report,
+                                           weights + draft_bytes, kv, kv, log=log))
     return report
   fn, args, state_bytes, draft_bytes = verify_step(cfg, job, params, runtime, proposer, draft)
   # the plain-decoding engine's pool stays allocated while the generator speculates

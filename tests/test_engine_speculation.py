@@ -157,14 +157,24 @@ def test_speculating_engine_on_a_mesh_equals_one_device(target):
 def test_sampled_engine_speculation_matches_plain_sampling(target):
   """The joint distribution of the first three tokens (drawn by verification: accepted drafts
   or the rule's residual) equals the plain engine's, two-sample chi-square over 1000 requests
-  each (top_k = 3 keeps the support small)."""
+  each (top_k = 3 keeps the support small): prompt lookup's deterministic drafts, and a draft
+  model's sampled ones (the target's first layer: its distribution differs from the target's,
+  so rejections draw from the residual)."""
   n, prompt = 1000, [5, 6, 7, 292, 292, 5, 6, 7, 292]  # (the tiny model often continues 5)
   reqs = lambda salt: [EngineRequest(i, prompt, 3, np.asarray([salt, i], np.uint32), 1.0, 3)
                        for i in range(n)]
   kw = dict(num_slots=32, chunk_lanes=8, decode_steps=2)
   plain, _, _ = _run(target, reqs(0), **kw)
-  spec, st, _ = _run(target, reqs(1), P.NGram(num_draft_tokens=2), speculation="always", **kw)
-  assert st.decode_tokens > st.row_steps  # drafts were accepted
+  layer_cfg, layer_params = P.layer_skip_draft(*target, (0,))
+  for proposer, draft in ((P.NGram(num_draft_tokens=2), {}),
+                          (P.DraftModel(layer_cfg, num_draft_tokens=2),
+                           dict(draft_params=layer_params))):
+    spec, st, _ = _run(target, reqs(1), proposer, speculation="always", **kw, **draft)
+    assert st.decode_tokens > st.row_steps  # drafts were accepted
+    _same_distribution(plain, spec)
+
+
+def _same_distribution(plain, spec):
   count = lambda res: np.unique([tuple(r.tokens) for r in res.values()], return_counts=True,
                                 axis=0)
   a, b = ({tuple(k): c for k, c in zip(*count(res))} for res in (plain, spec))

@@ -271,7 +271,7 @@ def test_the_tpu_steps_keep_every_pool_in_the_kernels_layout(no_persistent_cache
   runtime = Runtime(mesh, implementation="pallas")
   params = aot._params(cfg, job, mesh, runtime)
   steps = {"decode": aot.engine_steps(cfg, job, params, runtime)["decode"]}
-  steps |= aot.engine_tree_steps(cfg, job, params, runtime, aot._proposer(cfg, job, params)[0])[0]
+  steps |= aot.engine_tree_steps(cfg, job, params, runtime, *aot._proposer(cfg, job, params))[0]
   names = {"int8": "s8", "float32": "f32"}
   for name, (fn, args) in steps.items():
     compiled = fn.lower(*args).compile()
