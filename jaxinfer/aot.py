@@ -307,8 +307,6 @@ def engine_tree_steps(cfg: ModelConfig, job: CompileJob, params, runtime: Runtim
   pools, m = _engine_pools(cfg, ecfg, cfg.max_seq_len + proposer.tree_size, runtime)
   whole = _whole(runtime.mesh)
   proposer = proposer.with_sparsity(runtime.sparsity)  # as the engine gives a draft model
-  if draft is not None:  # whole on each of a replica's devices, as the engine places a draft
-    draft = jax.tree_util.tree_map(lambda x: whole(x.shape, x.dtype), draft)
   rows = jax.eval_shape(lambda d: speculate.init_drafting(
       cfg, proposer, s, m * ecfg.page_size, proposer.init_shared(cfg), d, runtime=Runtime()),
       draft)
@@ -338,8 +336,6 @@ def verify_step(cfg: ModelConfig, job: CompileJob, params, runtime: Runtime, pro
   from jaxinfer.speculative.decode import SpeculativeGenerator, _chunk, state_shardings
   mesh, rules = runtime.mesh, runtime.rules
   whole = _whole(mesh)
-  if draft is not None:  # whole on each of a replica's devices, as the runner places a draft
-    draft = jax.tree_util.tree_map(lambda x: whole(x.shape, x.dtype), draft)
   b = job.batch_size
   try:
     gen = SpeculativeGenerator(cfg, params, proposer, draft_params=draft, runtime=runtime,
@@ -614,6 +610,9 @@ def run(job: CompileJob, log=None) -> Report:
   if job.speculative == "none":
     return report
   proposer, draft = _proposer(cfg, job, params)
+  if draft is not None:  # whole on each of a replica's devices, as serving places a draft
+    whole = _whole(runtime.mesh)
+    draft = jax.tree_util.tree_map(lambda x: whole(x.shape, x.dtype), draft)
   if proposer.engine_ready:  # speculation inside the engine: its own pool and rows' state
     tree_steps, kv, draft_bytes = engine_tree_steps(cfg, job, params, runtime, proposer, draft)
     for name, (fn, args) in tree_steps.items():

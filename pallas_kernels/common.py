@@ -136,8 +136,6 @@ def softmax_finish(carry):
   return out, jnp.where(seen, m + jnp.log(jnp.where(seen, l, 1.0)), -jnp.inf)
 
 
-
-
 SCALE_LANES = 128  # a TPU vector's lanes: a row of int8 pools' scales is one vector
 
 

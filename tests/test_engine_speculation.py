@@ -53,11 +53,11 @@ def _run(target, reqs, proposer=None, runtime=Runtime(), should_stop=None, picks
 
 def test_speculating_engine_equals_the_plain_engine(target):
   """Greedy: every lookup proposer's, a draft model's and Medusa and Hydra heads' outputs equal
-  plain decoding's,
-  bit for bit (a row's first verification, which computes the hidden state the heads read, drafts
-  nothing), with more requests than slots, prompts prefilled in lanes beside verification and a
-  shared header read by reference (never recomputed or copied); stop strings end a request where
-  the plain engine ends it, and every emitted token is delivered or counted as discarded. Also
+  plain decoding's, bit for bit (a row's first verification, which computes the hidden state the
+  heads read, drafts nothing), with more requests than slots, prompts prefilled in lanes beside
+  verification and a shared header read by reference (never recomputed or copied); stop strings
+  end a request where the plain engine ends it, and every emitted token is delivered or counted
+  as discarded. Also
   with the auto policy switching between trees and the plain engine's steps every few dispatches:
   rows turn from trees to plain decoding (the host feeds each row its last emitted token) and back
   (each row's tokens so far re-admitted onto the device), dispatches in flight read first."""

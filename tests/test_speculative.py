@@ -335,9 +335,9 @@ def test_generate_job_with_speculation(tmp_path, tiny_model_dir, monkeypatch):
   from jaxinfer.draft_heads import hydra, hydra_serve
   monkeypatch.setattr(backends, "SPECULATIVE_WAVE", 2)
   cfg, params, _ = checkpoint.load_model(str(tiny_model_dir))
+  chain = [[0] * depth for depth in range(1, 5)]  # a chain of 4: a tree of 5 tokens
   heads = hydra_serve.save(tmp_path / "hydra++", hydra.init_heads(
-      params, 4, jax.random.key(0), hydra.prefix_config(cfg)), {"tree": [[0] * d for d in
-                                                                        range(1, 5)]})
+      params, 4, jax.random.key(0), hydra.prefix_config(cfg)), {"tree": chain})
   many = tmp_path / "many.jsonl"
   many.write_text("".join(json.dumps({"id": i, "prompt_ids": [5 + i % 3, 6, 7, 8] * 4,
                                       "max_new_tokens": 12}) + "\n" for i in range(14)))

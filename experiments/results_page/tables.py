@@ -326,6 +326,7 @@ KV_CACHE = Section(
     "over all layers, and the tokens a pool of the same bytes holds, int8 against bfloat16.",
     body=_kv_cache)
 
+
 def _device_check_result(r) -> str:
   """One device_check.jsonl row in a line: each step's exit code and seconds, the kernel tests'
   counts, or the summary's fractions against the targets."""
@@ -335,7 +336,7 @@ def _device_check_result(r) -> str:
     failed = "; failed: " + ", ".join(f.split("::")[-1] for f in r["failures"]) \
         if r.get("failures") else ""
     note = f" ({r['note']})" if r.get("note") else ""
-    return (f"{r['passed']} passed, {r['failed']} failed, {r['errors']} errors{note}{failed}")
+    return f"{r['passed']} passed, {r['failed']} failed, {r['errors']} errors{note}{failed}"
   return ", ".join(f"{k} {fmt(v, 3)}" for k, v in r.items()
                    if k not in ("step", "date", "device", "jax"))
 

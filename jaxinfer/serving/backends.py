@@ -101,7 +101,7 @@ class EngineBackend:
         drafting = () if self.proposer is None else eng.drafting
         placement.check_memory(
             f"--kv_pages: the KV pool ({eng.num_pool_pages} pages of {ps} tokens"
-            + (", with the proposer's slots" if drafting else ""),
+            + ("" if self.proposer is None else ", with the proposer's slots"),
             eng.pool_bytes() + device_bytes(drafting), device_bytes((eng.k, eng.v, drafting)),
             eng.params, eng.runtime.mesh, "lower --kv_pages or --batch_size")
       self.engines, self.max_len = engines, need

@@ -29,13 +29,12 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
-from pallas_kernels.common import MASK_VALUE
+from pallas_kernels.common import MASK_VALUE, NN, NT
 
 LANES, SUBLANES = 128, 8
-_NT = (((1,), (1,)), ((), ()))  # a @ b.T
 
 
-def _dot(a, b, dims=(((1,), (0,)), ((), ()))):
+def _dot(a, b, dims=NN):
   return lax.dot_general(a, b, dims, preferred_element_type=jnp.float32)
 
 
@@ -108,7 +107,7 @@ def _fwd_kernel(step_ref, num_ref, q_ref, k_ref, v_ref, qseg_ref, kseg_ref, blk_
     acc_ref[...] = jnp.zeros(acc_ref.shape, jnp.float32)
 
   def body(partial):
-    s = _dot(q_ref[...], k_ref[...], _NT) * scale  # (bq, bk)
+    s = _dot(q_ref[...], k_ref[...], NT) * scale  # (bq, bk)
     mask = _visible(partial, blk_ref, qseg_ref, kseg_ref)
     if mask is not None:
       s = jnp.where(mask, s, MASK_VALUE)
@@ -145,12 +144,12 @@ def _dq_kernel(step_ref, num_ref, q_ref, k_ref, v_ref, qseg_ref, kseg_ref, blk_r
 
   def body(partial):
     k = k_ref[...]
-    s = _dot(q_ref[...], k, _NT) * scale  # (bq, bk)
+    s = _dot(q_ref[...], k, NT) * scale  # (bq, bk)
     p = jnp.exp(s - lse_ref[0][:, None])  # lse +inf (a row that saw nothing): p = 0
     mask = _visible(partial, blk_ref, qseg_ref, kseg_ref)
     if mask is not None:
       p = jnp.where(mask, p, 0.0)
-    ds = p * (_dot(do_ref[...], v_ref[...], _NT) - delta_ref[0][:, None])
+    ds = p * (_dot(do_ref[...], v_ref[...], NT) - delta_ref[0][:, None])
     acc_ref[...] += _dot(ds.astype(k.dtype), k)
 
   _walk(step_ref, num_ref, row=row, width=width, body=body)
@@ -171,13 +170,13 @@ def _dkv_kernel(step_ref, num_ref, q_ref, k_ref, v_ref, qseg_ref, kseg_ref, blk_
 
   def body(partial):
     q, do = q_ref[...], do_ref[...]
-    s = _dot(k_ref[...], q, _NT) * scale  # (bk, bq): transposed, so lse/delta are rows
+    s = _dot(k_ref[...], q, NT) * scale  # (bk, bq): transposed, so lse/delta are rows
     p = jnp.exp(s - lse_ref[...])
     mask = _visible(partial, blk_ref, kseg_ref, qseg_ref)
     if mask is not None:
       p = jnp.where(mask, p, 0.0)
     dv_acc[...] += _dot(p.astype(do.dtype), do)
-    ds = p * (_dot(v_ref[...], do, _NT) - delta_ref[...])
+    ds = p * (_dot(v_ref[...], do, NT) - delta_ref[...])
     dk_acc[...] += _dot(ds.astype(q.dtype), q)
 
   _walk(step_ref, num_ref, row=row, width=width, body=body)

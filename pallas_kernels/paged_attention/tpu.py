@@ -22,10 +22,9 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
-from pallas_kernels.common import MASK_VALUE, SCALE_LANES
+from pallas_kernels.common import MASK_VALUE, NT, SCALE_LANES
 
 LANES = 128
-_TRANS_B = (((1,), (1,)), ((), ()))
 
 
 def _div(a, b: int):
@@ -143,7 +142,7 @@ def _kernel(ends_ref, pt_ref, q_ref, *refs, num_extra, quantized, visible, scale
     v = jnp.where(start * page_size + lax.broadcasted_iota(jnp.int32, (bk, 1), 0) < limit, v,
                   jnp.zeros_like(v))
     seen = visible(pos, end, *extras) & (pos < limit)
-    logits = lax.dot_general(q, k, _TRANS_B, preferred_element_type=jnp.float32) * scale
+    logits = lax.dot_general(q, k, NT, preferred_element_type=jnp.float32) * scale
     if quantized:  # per-key scales along the lanes: on the logits, and on the weights of v
       ks, vs = (page_scales(i, slot, buf) for buf in scale_buf)
       logits = logits * ks
