@@ -8,9 +8,7 @@ LM head, norms) are quantized besides the linear weights of attention and MLP.
 from __future__ import annotations
 
 import dataclasses
-import functools
 
-import jax
 import jax.numpy as jnp
 
 from jaxinfer.params import QUANT_ROLES
@@ -24,9 +22,9 @@ KINDS = {
     "ternary": jnp.int2,  # BitNet b1.58: {-1, 0, +1} x absmean scale
     "fp8_e4m3": jnp.float8_e4m3fn,
     "fp8_e5m2": jnp.float8_e5m2,
-    # ml_dtypes' float6 types exist in jax.numpy, but jax 0.10.2's XLA has no F6 primitive type
-    # ("Invalid XLA PrimitiveType"), so no array can hold them: parsing refuses them (see
-    # `_unavailable`) rather than emulating them in a wider type.
+    # ml_dtypes' float6 types: jax 0.10.2's XLA has no 6-bit primitive type ("Invalid XLA
+    # PrimitiveType"), so their values are rounded on the 6-bit grid here (ops.round_to_float)
+    # and held a byte each in the 8-bit type that holds every one of them (CONTAINERS)
     "fp6_e2m3": jnp.float6_e2m3fn,
     "fp6_e3m2": jnp.float6_e3m2fn,
     "fp4_e2m1": jnp.float4_e2m1fn,
@@ -42,11 +40,16 @@ INTEGER_KINDS = ("int8", "int4", "int2", "ternary")
 # uint8 (`PACKED_BITS`: two int4 or fp4 values, or four int2/ternary values, per byte, along the
 # last axis; fp4 as its 4-bit code; ops.pack), the same bytes on every backend, on disk and in
 # memory, unpacked where a weight is used. A weight whose last axis does not divide into the
-# bytes is held in one-byte containers (`CONTAINERS`), values unchanged.
+# bytes is held in one-byte containers (`CONTAINERS`), values unchanged; so are fp6 values
+# (not packed: four to three bytes would cut a byte's bits across values).
 PACKED_BITS = {jnp.dtype(jnp.int4): 4, jnp.dtype(jnp.int2): 2,
                jnp.dtype(jnp.float4_e2m1fn): 4}
+# e4m3 holds every e2m1 and e2m3 value (3 mantissa bits, a wider exponent), e5m2 every e3m2 one
 CONTAINERS = {jnp.dtype(jnp.int4): jnp.int8, jnp.dtype(jnp.int2): jnp.int8,
-              jnp.dtype(jnp.float4_e2m1fn): jnp.float8_e4m3fn}  # e4m3 holds every e2m1 value
+              jnp.dtype(jnp.float4_e2m1fn): jnp.float8_e4m3fn,
+              jnp.dtype(jnp.float6_e2m3fn): jnp.float8_e4m3fn,
+              jnp.dtype(jnp.float6_e3m2fn): jnp.float8_e5m2}
+ROUNDED_HERE = ("fp6_e2m3", "fp6_e3m2")  # kinds no XLA array holds: see ops.round_to_float
 
 
 @dataclasses.dataclass(frozen=True)
@@ -87,11 +90,7 @@ class QuantFormat:
       else:
         raise ValueError(f"quantization format {text!r}: expected KIND, KIND:gN with N the "
                          f"group size (e.g. int4:g128), or KIND:a8 for int8 activations")
-    fmt = cls(kind, group, tuple(include), activations)
-    reason = _unavailable(fmt.kind)
-    if reason:
-      raise ValueError(f"quantization format {text!r}: {reason}; use fp8_e4m3 or fp4_e2m1")
-    return fmt
+    return cls(kind, group, tuple(include), activations)
 
   @property
   def name(self) -> str:
@@ -104,18 +103,3 @@ class QuantFormat:
 
   def __str__(self) -> str:
     return self.name
-
-
-@functools.cache
-def _unavailable(kind: str) -> str | None:
-  """Why this jax cannot hold `kind`'s element type, or None when it can."""
-  qtype = KINDS[kind]
-  if isinstance(qtype, str):
-    return None
-  try:
-    jnp.zeros((1,), jnp.float32).astype(qtype).block_until_ready()
-  except Exception as e:  # XLA refuses the primitive type
-    msg = str(e).splitlines()[0] if str(e) else type(e).__name__
-    return (f"jax {jax.__version__} cannot hold {jnp.dtype(qtype).name} arrays on "
-            f"{jax.default_backend()} ({msg})")
-  return None

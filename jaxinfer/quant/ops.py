@@ -16,12 +16,13 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+import ml_dtypes
 import numpy as np
 import qwix
 from flax import struct
 
 from jaxinfer.params import ParamSpec
-from jaxinfer.quant.formats import CONTAINERS, PACKED_BITS, QuantFormat
+from jaxinfer.quant.formats import CONTAINERS, PACKED_BITS, ROUNDED_HERE, QuantFormat
 
 QArray = qwix.QArray
 
@@ -51,10 +52,12 @@ def scale_axes(spec: ParamSpec, fmt: QuantFormat) -> tuple[tuple[int, ...], dict
 def quantize(w: jax.Array, spec: ParamSpec, fmt: QuantFormat) -> QArray:
   """w (spec.shape) -> QArray in `fmt`, scales in w's dtype (they set the dequantized dtype);
   int4, int2, ternary and fp4 values packed into uint8 where the last axis divides into whole
-  bytes (see formats.CONTAINERS)."""
+  bytes (see formats.CONTAINERS); fp6 values a byte each."""
   channelwise, tiled = scale_axes(spec, fmt)
   if fmt.kind == "ternary":
     q = _ternary(w, channelwise, tiled)
+  elif fmt.kind in ROUNDED_HERE:
+    q = _rounded_here(w, fmt.qtype, channelwise, tiled)
   else:
     q = qwix.quantize(w, fmt.qtype, channelwise_axes=channelwise, tiled_axes=tiled)
   bits = packed_bits(q.qtype)
@@ -111,10 +114,9 @@ def unpack(packed: jax.Array, bits: int, dtype) -> jax.Array:
   return jnp.concatenate(parts, axis=-1).astype(dtype)
 
 
-def _ternary(w: jax.Array, channelwise, tiled) -> QArray:
-  """BitNet b1.58: gamma = mean|W|, W_q = RoundClip(W / gamma, -1, 1); qwix has no absmean
-  calibration, so the scale is computed here over the same axes absmax would reduce. BitNet
-  shares one gamma per tensor; here it is per channel (or group), the same rule at finer grain."""
+def _scale_groups(w: jax.Array, channelwise, tiled):
+  """(w split so that each scale's elements lie along `reduce`, reduce, the scales' shape): the
+  layout qwix gives its scales for the same axes."""
   split, reduce, scale_shape = [], [], []
   for i, d in enumerate(w.shape):
     if i in tiled:
@@ -126,11 +128,45 @@ def _ternary(w: jax.Array, channelwise, tiled) -> QArray:
       scale_shape.append(d if i in channelwise else 1)
       if i not in channelwise:
         reduce.append(len(split) - 1)
-  ws = w.reshape(split)
-  gamma = jnp.mean(jnp.abs(ws.astype(jnp.float32)), axis=reduce, keepdims=True)
-  gamma = jnp.where(gamma < jnp.sqrt(jnp.finfo(jnp.float32).tiny), 1.0, gamma).astype(w.dtype)
+  return w.reshape(split), tuple(reduce), tuple(scale_shape)
+
+
+def _nonzero(scale: jax.Array) -> jax.Array:
+  """An all-zero group's scale is 1 (as qwix's are): its values stay 0."""
+  return jnp.where(scale < jnp.sqrt(jnp.finfo(scale.dtype).tiny), 1, scale)
+
+
+def _ternary(w: jax.Array, channelwise, tiled) -> QArray:
+  """BitNet b1.58: gamma = mean|W|, W_q = RoundClip(W / gamma, -1, 1); qwix has no absmean
+  calibration, so the scale is computed here over the same axes absmax would reduce. BitNet
+  shares one gamma per tensor; here it is per channel (or group), the same rule at finer grain."""
+  ws, reduce, scale_shape = _scale_groups(w, channelwise, tiled)
+  gamma = _nonzero(jnp.mean(jnp.abs(ws.astype(jnp.float32)), axis=reduce, keepdims=True))
+  gamma = gamma.astype(w.dtype)
   q = jnp.clip(jnp.round(ws / gamma), -1, 1).reshape(w.shape).astype(jnp.int2)
   return QArray(q, gamma.reshape(scale_shape), None, jnp.int2)
+
+
+def _rounded_here(w: jax.Array, qtype, channelwise, tiled) -> QArray:
+  """A float format no XLA array holds (fp6), quantized as qwix quantizes the float types it
+  can hold: absmax scales (absmax / the type's largest value, in w's dtype), w / scale clipped
+  to the type's range and rounded to its grid (`round_to_float`), held in CONTAINERS[qtype]."""
+  ws, reduce, scale_shape = _scale_groups(w, channelwise, tiled)
+  bound = float(ml_dtypes.finfo(qtype).max)
+  scale = _nonzero(jnp.max(jnp.abs(ws), axis=reduce, keepdims=True) / bound).astype(w.dtype)
+  x = jnp.clip(ws / scale, -bound, bound).astype(jnp.float32)
+  q = round_to_float(x, qtype).reshape(w.shape).astype(CONTAINERS[jnp.dtype(qtype)])
+  return QArray(q, scale.reshape(scale_shape), None, qtype)
+
+
+def round_to_float(x: jax.Array, qtype) -> jax.Array:
+  """float32 x, within `qtype`'s range, rounded to the nearest `qtype` value (ties to even), as
+  a cast to it would round, without an array of that type: a value's step is 2 ** (its exponent
+  - the mantissa bits), subnormals taking the smallest normal exponent's."""
+  info = ml_dtypes.finfo(qtype)
+  exponent = jnp.maximum(jnp.frexp(x)[1] - 1, info.minexp)
+  step = jnp.ldexp(jnp.ones_like(x), exponent - info.nmant)
+  return jnp.round(x / step) * step  # (dividing by a power of two is exact)
 
 
 def logical_shape(x) -> tuple[int, ...]:
