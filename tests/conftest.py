@@ -3,16 +3,22 @@ persistent compilation cache for the test workers and the commands they start (s
 computation compiled by one is loaded by the others; a clean checkout starts it empty).
 
 The tests' programs are small and mostly compiled once, so XLA's CPU backend skips LLVM's
-optimisation passes for them (`--xla_backend_optimization_level=0`): about a quarter less
-compile time on a clean checkout. Every comparison a test makes is between results computed
+optimisation passes for them (`--xla_backend_optimization_level=0`: about a quarter less compile
+time on a clean checkout) and, with jaxlib 0.10, emits fusions through its older elemental
+emitters rather than the MLIR fusion emitters (`--xla_cpu_use_fusion_emitters=false`: the
+engine's verification steps compile in half the time; jaxlib 0.11's XLA no longer has the switch,
+and an unknown XLA flag is fatal). Every comparison a test makes is between results computed
 under the same flags; benchmarks and real runs keep XLA's default."""
 
 import os
+from importlib import metadata
 from pathlib import Path
 
 os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") +
                            " --xla_force_host_platform_device_count=8"
                            " --xla_backend_optimization_level=0").strip()
+if metadata.version("jaxlib").startswith("0.10."):
+  os.environ["XLA_FLAGS"] += " --xla_cpu_use_fusion_emitters=false"
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 # libtpu's compile-only client (tests that compile for TPU topologies): no cloud metadata
 # server, and both test workers may load it at once.
