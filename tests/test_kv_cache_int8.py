@@ -257,7 +257,7 @@ def test_the_tpu_steps_keep_every_pool_in_the_kernels_layout(no_persistent_cache
   any step; the pools alias their outputs."""
   import dataclasses
 
-  from jaxinfer import aot
+  from jaxinfer import aot, aot_steps
   from jaxinfer.config import PRESETS
   from jaxinfer.runtime import Runtime
   from jaxinfer.sharding import device_bytes
@@ -269,9 +269,10 @@ def test_the_tpu_steps_keep_every_pool_in_the_kernels_layout(no_persistent_cache
   target = aot.parse_target(job.target)
   mesh, _ = aot.replica_mesh(aot.target_devices(target), job.mesh, target)
   runtime = Runtime(mesh, implementation="pallas")
-  params = aot._params(cfg, job, mesh, runtime)
-  steps = {"decode": aot.engine_steps(cfg, job, params, runtime)["decode"]}
-  steps |= aot.engine_tree_steps(cfg, job, params, runtime, *aot._proposer(cfg, job, params))[0]
+  params = aot_steps.params_shapes(cfg, job, mesh, runtime)
+  steps = {"decode": aot_steps.engine_steps(cfg, job, params, runtime)["decode"]}
+  steps |= aot_steps.engine_tree_steps(cfg, job, params, runtime,
+                                       *aot_steps.proposer_for(cfg, job, params))[0]
   names = {"int8": "s8", "float32": "f32"}
   for name, (fn, args) in steps.items():
     compiled = fn.lower(*args).compile()

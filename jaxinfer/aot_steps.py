@@ -1,0 +1,175 @@
+"""The engine's steps as programs of shapes, for `jaxinfer compile` (aot.py): jitted as the engine
+and the speculative generator jit them, each with abstract arguments (`jax.ShapeDtypeStruct`s
+laid out on the replica's mesh) in place of weights, KV pools, plans and sampling settings.
+`job` is the command's `aot.CompileJob`."""
+
+from __future__ import annotations
+
+from functools import partial
+
+import jax
+import jax.numpy as jnp
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+from jaxinfer import model as M
+from jaxinfer.config import ModelConfig
+from jaxinfer.engine.engine import EngineConfig, engine_decode, engine_step, pool_pages_for
+from jaxinfer.kv_cache import PagedKVCache
+from jaxinfer.kv_quant import SCALE_DTYPE, QuantizedKV, scales_shape
+from jaxinfer.params import abstract_params
+from jaxinfer.runtime import Runtime
+from jaxinfer.sharding import device_bytes
+
+
+class CompileError(ValueError):
+  """A problem with the flags, or a configuration that does not fit: one line, no traceback."""
+
+
+def whole_on(mesh: Mesh):
+  """Shapes of host arrays a step takes (plans, sampling settings): whole on every device."""
+  where = NamedSharding(mesh, PartitionSpec())
+  return lambda shape, dtype: jax.ShapeDtypeStruct(shape, dtype, sharding=where)
+
+
+def _engine_pools(cfg: ModelConfig, ecfg: EngineConfig, tokens: int, runtime: Runtime):
+  """(every layer's KV pool (K, P, ps, H), laid out as the engine lays it out, for sequences of
+  up to `tokens` tokens; M, their pages per sequence)."""
+  ps = ecfg.page_size
+  m = max(1, -(-tokens // ps))
+  pages = pool_pages_for(ecfg, m)
+  shape = PagedKVCache.pool_shape(cfg, pages, ps)
+  values, scales = PagedKVCache.pool_shardings(cfg, pages, ps, runtime.mesh, runtime.rules)
+  if ecfg.kv_cache_dtype is None:
+    pool = jax.ShapeDtypeStruct(shape, cfg.jnp_dtype, sharding=values)
+  else:
+    pool = QuantizedKV(jax.ShapeDtypeStruct(shape, jnp.int8, sharding=values),
+                       jax.ShapeDtypeStruct(scales_shape(shape), SCALE_DTYPE, sharding=scales))
+  return (pool,) * cfg.num_layers, m
+
+
+def engine_steps(cfg: ModelConfig, job, params, runtime: Runtime):
+  """{name: (jitted step, abstract arguments)}: the engine's mixed step at its widest (G lanes of
+  Q prompt tokens beside the S decode rows) and its decode-only dispatch, with the KV pools
+  (K, P, ps, H) per layer laid out as the engine lays them out."""
+  ecfg = job.engine_config
+  s, g, q = ecfg.num_slots, ecfg.chunk_lanes, ecfg.chunk_size
+  pools, m = _engine_pools(cfg, ecfg, cfg.max_seq_len, runtime)
+  whole = whole_on(runtime.mesh)
+  i32, f32 = jnp.int32, jnp.float32
+  sampling = (whole((s,), f32), whole((s,), i32), whole((s,), f32), whole((s,), f32))
+  per_slot = (whole((s,), i32), whole((s,), bool), whole((s, 2), jnp.uint32))
+  n = s + g * q  # a mixed step's tokens
+  mixed = (params, pools, pools, whole((s,), i32), whole((n,), i32), whole((n,), bool),
+           whole((n,), i32), whole((s, m), i32), whole((g, m), i32)) + per_slot + sampling
+  decode = (params, pools, pools, whole((s,), i32), whole((s,), i32), whole((s,), bool),
+            whole((s,), i32), whole((s, m), i32)) + per_slot + sampling + (whole((), i32),)
+  step = jax.jit(partial(engine_step, cfg=cfg, runtime=runtime), donate_argnums=(1, 2, 3))
+  dispatch = jax.jit(partial(engine_decode, max_steps=ecfg.decode_steps, cfg=cfg,
+                             runtime=runtime), donate_argnums=(1, 2, 3))
+  return {"prefill": (step, mixed), "decode": (dispatch, decode)}
+
+
+def params_shapes(cfg: ModelConfig, job, mesh: Mesh, runtime: Runtime):
+  """The weights' shapes as the engine holds them on the mesh: --quantize's QArrays (values and
+  scales laid out as the weight) in place of the weights it selects."""
+  spec = M.Transformer.spec(cfg)
+  params = abstract_params(spec, cfg.jnp_dtype, mesh, runtime.rules)
+  if not job.quantize:
+    return params
+  from jaxinfer import quant
+  try:
+    fmt = quant.QuantFormat.parse(job.quantize)
+  except ValueError as e:
+    raise CompileError(f"--quantize: {e}") from None
+  return quant.abstract_quantized(params, spec, fmt, mesh, runtime.rules)
+
+
+def proposer_for(cfg: ModelConfig, job, params):
+  """(proposer, draft weights or None) of --speculative; compile takes the proposers that need
+  no trained weights."""
+  from types import SimpleNamespace
+
+  from jaxinfer.speculative import registry
+  # the options `registry.build` reads
+  opts = SimpleNamespace(speculative=job.speculative, num_draft_tokens=job.num_draft_tokens,
+                         tree=job.tree, draft_layers=job.draft_layers, draft_fallback=0.0,
+                         draft_model=None, draft_heads=None, scheduler="continuous")
+  try:
+    return registry.build(opts, cfg, params, None)
+  except ValueError as e:
+    raise CompileError(str(e) if str(e).startswith("--") else f"--tree: {e}") from None
+
+
+def engine_tree_steps(cfg: ModelConfig, job, params, runtime: Runtime, proposer,
+                      draft):
+  """({name: (jitted step, abstract arguments)}, bytes per device of the KV pools and the rows'
+  device state (a draft model's cache in it), of the draft's weights): speculation inside the
+  engine, as the engine jits it: the mixed step at its widest (every slot's draft tree beside G
+  lanes of Q prompt tokens) and the decode-only dispatch of trees, over a pool whose sequences
+  also hold one tree."""
+  from jaxinfer.engine import speculate
+  from jaxinfer.sampling import SamplingParams
+  from jaxinfer.speculative.protocol import check_fits
+  try:
+    check_fits(proposer, cfg, runtime.sparsity)
+  except ValueError as e:
+    raise CompileError(f"--speculative={job.speculative}: {e}") from None
+  ecfg = job.engine_config
+  s, g, q = ecfg.num_slots, ecfg.chunk_lanes, ecfg.chunk_size
+  pools, m = _engine_pools(cfg, ecfg, cfg.max_seq_len + proposer.tree_size, runtime)
+  whole = whole_on(runtime.mesh)
+  proposer = proposer.with_sparsity(runtime.sparsity)  # as the engine gives a draft model
+  rows = jax.eval_shape(lambda d: speculate.init_drafting(
+      cfg, proposer, s, m * ecfg.page_size, proposer.init_shared(cfg), d, runtime=Runtime()),
+      draft)
+  rows = jax.tree_util.tree_map(lambda x: whole(x.shape, x.dtype), rows)
+  i32, f32 = jnp.int32, jnp.float32
+  sampling = SamplingParams(whole((s,), f32), whole((s,), i32), whole((s,), f32),
+                            whole((s,), f32))
+  per_slot = (whole((s,), bool), sampling, whole((s, 2), jnp.uint32),
+              whole((max(1, len(cfg.eos_token_ids)),), i32))
+  mixed = (params, draft, pools, pools, rows, whole((g * q,), i32), whole((g * q,), i32),
+           whole((s, m), i32), whole((g, m), i32)) + per_slot
+  decode = (params, draft, pools, pools, rows, whole((s, m), i32)) + per_slot + (
+      whole((), i32), whole((), bool))
+  kw = dict(cfg=cfg, proposer=proposer, rule="exact", runtime=runtime)
+  step = jax.jit(partial(speculate.step, **kw), donate_argnums=(2, 3, 4))
+  dispatch = jax.jit(partial(speculate.steps, max_steps=ecfg.decode_steps, **kw),
+                     donate_argnums=(2, 3, 4))
+  return ({"verify-prefill": (step, mixed), "verify": (dispatch, decode)},
+          device_bytes(pools) * 2 + device_bytes(rows), device_bytes(draft))
+
+
+def verify_step(cfg: ModelConfig, job, params, runtime: Runtime, proposer, draft):
+  """(jitted verification chunk, abstract arguments, bytes per device of its state, of the
+  draft's weights): the speculative generator's `steps_per_sync` draft-verify-accept steps over
+  --batch_size slots, each slot sized for --max_seq_len tokens (half prompt, half output)."""
+  from jaxinfer.sampling import SamplingParams
+  from jaxinfer.speculative.decode import SpeculativeGenerator, _chunk, state_shardings
+  mesh, rules = runtime.mesh, runtime.rules
+  whole = whole_on(mesh)
+  b = job.batch_size
+  try:
+    gen = SpeculativeGenerator(cfg, params, proposer, draft_params=draft, runtime=runtime,
+                               page_size=job.page_size, steps_per_sync=job.steps_per_sync,
+                               num_slots=b, engine_config=job.engine_config)
+  except ValueError as e:
+    raise CompileError(f"--speculative={job.speculative}: {e}") from None
+  half = cfg.max_seq_len // 2
+  out_len, slot_len = gen._geometry(half, cfg.max_seq_len - half, proposer.tree_size)
+  shapes = jax.eval_shape(lambda: gen._empty_state(b, slot_len, out_len, jax.random.key(0),
+                                                   proposer))
+  where = state_shardings(shapes, mesh, rules, proposer)
+  if where is None:
+    state = jax.tree_util.tree_map(lambda x: whole(x.shape, x.dtype), shapes)
+  else:
+    state = jax.tree_util.tree_map(
+        lambda x, w: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=w), shapes, where)
+  i32, f32 = jnp.int32, jnp.float32
+  sampling = SamplingParams(whole((b,), f32), whole((b,), i32), whole((b,), f32),
+                            whole((b,), f32))
+  eos = whole((max(1, len(cfg.eos_token_ids)),), i32)
+  args = (params, draft, state, sampling, whole((b, slot_len // job.page_size), i32), eos,
+          whole((), i32), whole((), i32))
+  fn = partial(_chunk, rule=gen.rule, cfg=cfg, proposer=proposer, runtime=runtime)
+  return jax.jit(gen._placed(fn)), args, device_bytes(state), device_bytes(draft)
