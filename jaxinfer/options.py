@@ -76,10 +76,11 @@ class ServeOptions:
     if self.kv_pages is not None and self.kv_pages < 1:
       raise UserError(f"--kv_pages: must be >= 1, got {self.kv_pages}")
     if self.kv_cache_dtype is not None:
-      from jaxinfer.kv_quant import KV_CACHE_DTYPES, SCALE_LANES
-      if self.kv_cache_dtype not in KV_CACHE_DTYPES:
-        raise UserError(f"--kv_cache_dtype: expected one of {', '.join(KV_CACHE_DTYPES)} (or "
-                        f"unset: the model's dtype), got {self.kv_cache_dtype!r}")
+      from jaxinfer.kv_quant import SCALE_LANES, check_kv_cache_dtype
+      try:
+        check_kv_cache_dtype(self.kv_cache_dtype)
+      except ValueError as e:
+        raise UserError(f"--{e}") from None
       if SCALE_LANES % self.page_size:
         raise UserError(f"--page_size: the int8 KV cache needs a page size dividing "
                         f"{SCALE_LANES} (a page's scales lie in one row of them), got "

@@ -5,7 +5,7 @@ A plain or weight-only quantized `w` is `einsum(eq, x, weight(w))`. With int8 ac
 over the axes the weight contracts (qwix, as the weights), and the product is taken in integers
 (int8 x int8 accumulated in int32) times the input's and the weight's scales (one per token,
 one per output channel). A grouped weight (:gN) accumulates each group apart, in int32, and sums
-the groups after their scales. QAT runs that same forward (so trained and served outputs are
+the groups after their scales; a per-channel weight is the case of one group. QAT runs that same forward (so trained and served outputs are
 equal bit for bit) and takes its gradient from the product of the fake-quantized input and
 weight (straight-through: the rounding passes gradients unchanged).
 """
@@ -34,23 +34,11 @@ def linear(eq: str, x: jax.Array, w) -> jax.Array:
 
 
 def _integer_product(eq: str, x: jax.Array, q: QArray, keep: tuple[int, ...]) -> jax.Array:
-  inputs, out = eq.split("->")
-  xs, ws = inputs.split(",")
+  """x quantized to int8 per token (a scale per `keep` axis), times q in integers: int32 sums,
+  one per group where q has scales along contracted axes (a :gN format's groups, or a scale per
+  element of another contracted axis), kept apart, then scaled by q's scales and summed, then by
+  the input's."""
   xq = qwix.quantize(x, jnp.int8, channelwise_axes=keep)
-  if any(c not in out and n > 1 for c, n in zip(ws, q.scale.shape)):
-    return _grouped_product(eq, xq, q).astype(x.dtype)
-  acc = jnp.einsum(eq, xq.qvalue, int_values(q), preferred_element_type=jnp.int32)
-  squeeze = lambda s, letters: (s.reshape([d for d, c in zip(s.shape, letters) if c in out]),
-                                "".join(c for c in letters if c in out))
-  (sx, lx), (sw, lw) = squeeze(xq.scale, xs), squeeze(q.scale, ws)
-  scale = jnp.einsum(f"{lx},{lw}->{out}", sx.astype(jnp.float32), sw.astype(jnp.float32))
-  return (acc.astype(jnp.float32) * scale).astype(x.dtype)
-
-
-def _grouped_product(eq: str, xq: QArray, q: QArray) -> jax.Array:
-  """The integer product with weight scales along contracted axes (groups of a :gN format, and
-  the other contracted axes of a grouped weight): int32 sums per group, kept apart, then scaled
-  and summed."""
   inputs, out = eq.split("->")
   xs, ws = inputs.split(",")
   xv, wv = xq.qvalue, int_values(q)
@@ -78,7 +66,7 @@ def _grouped_product(eq: str, xq: QArray, q: QArray) -> jax.Array:
   x_letters = inputs.split(",")[0]
   sx = xq.scale.astype(jnp.float32)  # (one per token: 1 along the contracted axes)
   per_token = [sx.shape[x_letters.index(c)] if c in x_letters else 1 for c in out]
-  return y * sx.reshape(per_token)
+  return (y * sx.reshape(per_token)).astype(x.dtype)
 
 
 def _fake_quant_input(x: jax.Array, keep: tuple[int, ...]) -> jax.Array:
