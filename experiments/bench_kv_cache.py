@@ -18,6 +18,16 @@ Bytes: one token's K and V over all layers and kv heads, as the engine's pool ho
 values plus one float32 scale per token and kv head), against the same cache in bfloat16; pool
 capacity: tokens an engine pool of the same bytes holds (its pages, times the page size), int8
 against bfloat16. Appends one row per model shape to experiments/results/bench_kv_cache.jsonl.
+
+MiKV (`--measures=mikv`): evicting old KV against keeping it in low precision. Over the same
+held-out windows, each query reads the first --mikv_sinks positions and its --mikv_recent most
+recent ones as computed, and every older key and value either not at all (evicted, as a sinks +
+window cache keeps them) or rounded to int8, int4 or int2 per token and kv head (symmetric absmax,
+as the int8 cache rounds). A recent window of 0 rounds every key (the whole cache in low
+precision). Bytes: the cache a window's last token reads, against all of it in bfloat16 (a
+rounded vector: its values plus one float32 scale). This is a measurement of what the
+precision of old KV costs, in the model's own attention; the engine's pool has no mixed
+precision.
 """
 
 from __future__ import annotations
@@ -33,6 +43,9 @@ from jaxinfer import output
 flags.DEFINE_integer("eval_batches", 8, "Held-out batches of 16 x 256 tokens.")
 flags.DEFINE_integer("page_size", 16, "Tokens per KV page, for the pool capacity.")
 flags.DEFINE_integer("prompts", 16, "Held-out prompts for the greedy agreement.")
+flags.DEFINE_list("measures", ["loss", "agreement", "bytes", "mikv"], "What to measure.")
+flags.DEFINE_list("mikv_recent", ["32", "64"], "Recent positions a query reads as computed.")
+flags.DEFINE_integer("mikv_sinks", 4, "First positions every query reads as computed.")
 flags.DEFINE_string("results", str(Path(__file__).parent / "results" / "bench_kv_cache.jsonl"),
                     "Results file (JSON lines, appended).")
 FLAGS = flags.FLAGS
@@ -65,6 +78,95 @@ def cache_path_loss(params, cfg, windows, max_batches: int, kv_cache_dtype: str 
     total += float(summed(params, jnp.asarray(batch)))
     count += batch.shape[0] * (batch.shape[1] - 1)
   return total / count
+
+
+def rounded(x, bits: int):
+  """x (B, T, K, H) rounded to `bits`-bit integers per token and kv head (symmetric absmax)."""
+  import jax.numpy as jnp
+  import qwix
+  qtype = {8: jnp.int8, 4: jnp.int4, 2: "int2"}[bits]
+  return qwix.dequantize(qwix.quantize(x, qtype, channelwise_axes=(0, 1, 2))).astype(x.dtype)
+
+
+def mixed_precision_chunk(bits: int | None, recent: int, sinks: int):
+  """An attention registry `chunk`: causal attention in which keys older than `recent` positions
+  (past the first `sinks`) are read `rounded` to `bits` bits, or not at all (bits None)."""
+  import jax
+  import jax.numpy as jnp
+
+  from jaxinfer.attention import MASK_VALUE
+
+  def chunk(q, k, v, positions, **_):
+    b, t, n, h = q.shape
+    kh = k.shape[2]
+    qg = q.reshape(b, t, kh, n // kh, h)
+    product = lambda keys: jnp.einsum("btkgh,bskh->bkgts", qg, keys,
+                                      preferred_element_type=jnp.float32) * h**-0.5
+    qp, kp = positions[:, None, :, None], positions[:, None, None, :]
+    near = ((kp > qp - recent) | (kp < sinks))[:, None]  # (B, 1, 1, T, S)
+    causal = (kp <= qp)[:, None]
+    full = product(k)
+    if bits is None:
+      scores = jnp.where(near & causal, full, MASK_VALUE)
+    else:
+      scores = jnp.where(causal, jnp.where(near, full, product(rounded(k, bits))), MASK_VALUE)
+    probs = jax.nn.softmax(scores, axis=-1)
+    read = lambda p, values: jnp.einsum("bkgts,bskh->btkgh", p.astype(v.dtype), values,
+                                        preferred_element_type=jnp.float32)
+    out = read(jnp.where(near, probs, 0), v)
+    if bits is not None:
+      out += read(jnp.where(near, 0, probs), rounded(v, bits))
+    return out.reshape(b, t, n, h).astype(q.dtype)
+
+  return chunk
+
+
+def mikv_rows(params, cfg, windows, max_batches: int) -> list[dict]:
+  """Held-out loss and cache bytes per (recent window, old KV's precision); see the module."""
+  import jax
+  import jax.numpy as jnp
+
+  from jaxinfer import attention
+  from jaxinfer import model as M
+  from jaxinfer.runtime import Runtime
+
+  def loss(chunk) -> float:
+    name = f"bench-mikv-{len(attention.IMPLEMENTATIONS)}"
+    xla = attention.IMPLEMENTATIONS["xla"]
+    attention.IMPLEMENTATIONS[name] = attention.AttentionImpl(chunk, xla.cache, xla.tree)
+    runtime = Runtime(implementation=name)
+
+    @jax.jit
+    def summed(params, batch):
+      t = batch.shape[1] - 1
+      positions = jnp.broadcast_to(jnp.arange(t), (batch.shape[0], t))
+      hidden, _ = M.forward(params, batch[:, :-1], positions, cfg, runtime=runtime)
+      logits = M.logits(params, hidden).astype(jnp.float32)
+      gold = jnp.take_along_axis(logits, batch[:, 1:, None], axis=-1)[..., 0]
+      return jnp.sum(jax.nn.logsumexp(logits, axis=-1) - gold)
+
+    total, count = 0.0, 0
+    for batch in windows.sequential(max_batches):
+      total += float(summed(params, jnp.asarray(batch)))
+      count += batch.shape[0] * (batch.shape[1] - 1)
+    return total / count
+
+  t, h, sinks = windows.seq_len, cfg.head_dim, FLAGS.mikv_sinks
+  base = loss(mixed_precision_chunk(None, t, 0))  # every key as computed
+  rows = []
+  for recent in [0] + [int(r) for r in FLAGS.mikv_recent]:
+    kept = min(t, recent + sinks) if recent else 0
+    for bits in ([None] if recent else []) + [8, 4, 2]:
+      low = 0 if bits is None else (t - kept) * (bits * h / 8 + 4)
+      value = loss(mixed_precision_chunk(bits, recent, sinks if recent else 0))
+      rows.append({"measure": "mikv", "model": "embedded", "window_tokens": t,
+                   "eval_tokens": max_batches * windows.batch_size * t, "recent": recent,
+                   "sinks": sinks if recent else 0,
+                   "old_kv": "evicted" if bits is None else f"int{bits}",
+                   "heldout_loss": value, "heldout_loss_full_cache": base,
+                   "loss_increase_percent": 100 * (value - base) / base,
+                   "cache_vs_bfloat16": (kept * 2 * h + low) / (t * 2 * h)})
+  return rows
 
 
 def greedy_outputs(cfg, params, prompts, kv_cache_dtype, implementation, proposer=None):
@@ -144,31 +246,41 @@ def main(argv):
                          256)
   from jaxinfer.tokenizer import Tokenizer
   prompts = embedded.heldout_prompts(Tokenizer.from_dir(model_dir), FLAGS.prompts, 128)
-  base = cache_path_loss(params, cfg, held, FLAGS.eval_batches, None)
-  int8 = cache_path_loss(params, cfg, held, FLAGS.eval_batches, "int8")
   common = {"device": jax.devices()[0].device_kind, "jax": jax.__version__,
             "date": datetime.date.today().isoformat()}
-  rows = [{"measure": "held-out loss", "model": "embedded", "model_dtype": cfg.dtype,
-           "eval_tokens": FLAGS.eval_batches * 16 * 256, "heldout_loss_model_dtype_cache": base,
-           "heldout_loss_int8_cache": int8, "loss_increase_percent": 100 * (int8 - base) / base,
-           "target_loss_increase_percent": LOSS_TARGET} | common]
-  rows += [r | common for r in agreement_rows(cfg, params, prompts)]
-  rows += [{"measure": "bytes"} | r | common for r in byte_rows(FLAGS.page_size)]
+  rows = []
+  if "loss" in FLAGS.measures:
+    base = cache_path_loss(params, cfg, held, FLAGS.eval_batches, None)
+    int8 = cache_path_loss(params, cfg, held, FLAGS.eval_batches, "int8")
+    r = {"measure": "held-out loss", "model": "embedded", "model_dtype": cfg.dtype,
+         "eval_tokens": FLAGS.eval_batches * 16 * 256, "heldout_loss_model_dtype_cache": base,
+         "heldout_loss_int8_cache": int8, "loss_increase_percent": 100 * (int8 - base) / base,
+         "target_loss_increase_percent": LOSS_TARGET}
+    rows.append(r | common)
+    print(f"embedded model, held-out loss over {r['eval_tokens']:,} tokens through the cache: "
+          f"{cfg.dtype} cache {base:.5f}, int8 cache {int8:.5f} "
+          f"({r['loss_increase_percent']:+.4f}%; target <= {LOSS_TARGET}%)")
+  if "agreement" in FLAGS.measures:
+    for r in agreement_rows(cfg, params, prompts):
+      rows.append(r | common)
+      print(f"greedy, {r['implementation']}: int8 cache agrees with the {cfg.dtype} cache on "
+            f"{r['int8_vs_model_dtype_cache']:.1%} of tokens; ngram speculation over it with "
+            f"plain decoding over it on {r['int8_ngram_vs_int8_plain']:.1%} "
+            f"({r['identical_rows_int8_ngram_vs_plain']}/{r['prompts']} rows identical)")
+  if "bytes" in FLAGS.measures:
+    for r in byte_rows(FLAGS.page_size):
+      rows.append({"measure": "bytes"} | r | common)
+      print(f"{r['shape']:>10} (H={r['head_dim']}): {r['kv_bytes_per_token_int8']:,} "
+            f"bytes/token int8 vs {r['kv_bytes_per_token_bfloat16']:,} bf16 = "
+            f"{r['int8_vs_bfloat16']:.3f}x (target <= {BYTES_TARGET}); same-bytes pool holds "
+            f"{r['tokens_admitted_ratio']:.2f}x the tokens (target >= {CAPACITY_TARGET})")
+  if "mikv" in FLAGS.measures:
+    for r in mikv_rows(params, cfg, held, FLAGS.eval_batches):
+      rows.append(r | common)
+      print(f"recent {r['recent']:>3} + sinks {r['sinks']}, older KV {r['old_kv']:>7}: "
+            f"held-out loss {r['heldout_loss']:.5f} ({r['loss_increase_percent']:+.3f}%), "
+            f"cache {r['cache_vs_bfloat16']:.3f}x bfloat16")
   output.append_jsonl(FLAGS.results, rows)
-  r = rows[0]
-  print(f"embedded model, held-out loss over {r['eval_tokens']:,} tokens through the cache: "
-        f"{cfg.dtype} cache {base:.5f}, int8 cache {int8:.5f} "
-        f"({r['loss_increase_percent']:+.4f}%; target <= {LOSS_TARGET}%)")
-  for r in rows[1:3]:
-    print(f"greedy, {r['implementation']}: int8 cache agrees with the {cfg.dtype} cache on "
-          f"{r['int8_vs_model_dtype_cache']:.1%} of tokens; ngram speculation over it with plain "
-          f"decoding over it on {r['int8_ngram_vs_int8_plain']:.1%} "
-          f"({r['identical_rows_int8_ngram_vs_plain']}/{r['prompts']} rows identical)")
-  for r in rows[3:]:
-    print(f"{r['shape']:>10} (H={r['head_dim']}): {r['kv_bytes_per_token_int8']:,} bytes/token "
-          f"int8 vs {r['kv_bytes_per_token_bfloat16']:,} bf16 = {r['int8_vs_bfloat16']:.3f}x "
-          f"(target <= {BYTES_TARGET}); same-bytes pool holds {r['tokens_admitted_ratio']:.2f}x "
-          f"the tokens (target >= {CAPACITY_TARGET})")
   print(f"appended {len(rows)} rows to {FLAGS.results}", file=sys.stderr)
 
 

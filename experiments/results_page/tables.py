@@ -313,7 +313,18 @@ def _kv_cache(recs) -> list[str]:
           field("int8 / bf16", "int8_vs_bfloat16", 3, "×"),
           field("target", "target_vs_bfloat16", 2, "×"),
           field("tokens in the same pool", "tokens_admitted_ratio", 2, "×"),
-          field("target", "target_tokens_admitted_ratio", 1, "×")], by("bytes")))
+          field("target", "target_tokens_admitted_ratio", 1, "×")], by("bytes"))
+      + part("Old KV evicted or kept in low precision (MiKV)",
+             "`--measures=mikv`: each query reads its `recent` latest positions and the first "
+             "`sinks` as computed, older keys and values evicted or rounded per token and kv "
+             "head; recent 0 rounds them all. Cache: what a window's last token reads, against "
+             "all of it in bfloat16.", [
+          field("window", "window_tokens"), field("eval tokens", "eval_tokens"),
+          field("recent", "recent"), field("sinks", "sinks"), field("older KV", "old_kv"),
+          field("held-out loss", "heldout_loss", 5),
+          field("full cache", "heldout_loss_full_cache", 5),
+          field("loss increase", "loss_increase_percent", 3, "%"),
+          field("cache / bf16", "cache_vs_bfloat16", 3, "×")], by("mikv")))
 
 
 KV_CACHE = Section(
