@@ -55,21 +55,19 @@ BYTES_TARGET = 0.53  # KV bytes per token against bfloat16
 CAPACITY_TARGET = 1.8  # tokens admitted in the same pool memory
 
 
-def cache_path_loss(params, cfg, windows, max_batches: int, kv_cache_dtype: str | None) -> float:
-  """Mean next-token loss with each window prefilled through a KV cache (written, then read)."""
+def mean_loss(params, cfg, windows, max_batches: int, hidden) -> float:
+  """Mean next-token loss over the held-out windows; hidden(params, tokens, positions) -> the
+  model's last hidden states (run under jit)."""
   import jax
   import jax.numpy as jnp
 
   from jaxinfer import model as M
-  from jaxinfer.kv_cache import KVCache
 
   @jax.jit
   def summed(params, batch):
     b, t = batch.shape[0], batch.shape[1] - 1
-    cache = KVCache.init(cfg, b, t, kv_cache_dtype=kv_cache_dtype)
     positions = jnp.broadcast_to(jnp.arange(t), (b, t))
-    hidden, _ = M.forward(params, batch[:, :-1], positions, cfg, cache, kv_source="cache")
-    logits = M.logits(params, hidden).astype(jnp.float32)
+    logits = M.logits(params, hidden(params, batch[:, :-1], positions)).astype(jnp.float32)
     gold = jnp.take_along_axis(logits, batch[:, 1:, None], axis=-1)[..., 0]
     return jnp.sum(jax.nn.logsumexp(logits, axis=-1) - gold)
 
@@ -78,6 +76,18 @@ def cache_path_loss(params, cfg, windows, max_batches: int, kv_cache_dtype: str 
     total += float(summed(params, jnp.asarray(batch)))
     count += batch.shape[0] * (batch.shape[1] - 1)
   return total / count
+
+
+def cache_path_loss(params, cfg, windows, max_batches: int, kv_cache_dtype: str | None) -> float:
+  """Mean next-token loss with each window prefilled through a KV cache (written, then read)."""
+  from jaxinfer import model as M
+  from jaxinfer.kv_cache import KVCache
+
+  def hidden(params, tokens, positions):
+    cache = KVCache.init(cfg, *tokens.shape, kv_cache_dtype=kv_cache_dtype)
+    return M.forward(params, tokens, positions, cfg, cache, kv_source="cache")[0]
+
+  return mean_loss(params, cfg, windows, max_batches, hidden)
 
 
 def rounded(x, bits: int):
@@ -123,9 +133,6 @@ def mixed_precision_chunk(bits: int | None, recent: int, sinks: int):
 
 def mikv_rows(params, cfg, windows, max_batches: int) -> list[dict]:
   """Held-out loss and cache bytes per (recent window, old KV's precision); see the module."""
-  import jax
-  import jax.numpy as jnp
-
   from jaxinfer import attention
   from jaxinfer import model as M
   from jaxinfer.runtime import Runtime
@@ -135,21 +142,8 @@ def mikv_rows(params, cfg, windows, max_batches: int) -> list[dict]:
     xla = attention.IMPLEMENTATIONS["xla"]
     attention.IMPLEMENTATIONS[name] = attention.AttentionImpl(chunk, xla.cache, xla.tree)
     runtime = Runtime(implementation=name)
-
-    @jax.jit
-    def summed(params, batch):
-      t = batch.shape[1] - 1
-      positions = jnp.broadcast_to(jnp.arange(t), (batch.shape[0], t))
-      hidden, _ = M.forward(params, batch[:, :-1], positions, cfg, runtime=runtime)
-      logits = M.logits(params, hidden).astype(jnp.float32)
-      gold = jnp.take_along_axis(logits, batch[:, 1:, None], axis=-1)[..., 0]
-      return jnp.sum(jax.nn.logsumexp(logits, axis=-1) - gold)
-
-    total, count = 0.0, 0
-    for batch in windows.sequential(max_batches):
-      total += float(summed(params, jnp.asarray(batch)))
-      count += batch.shape[0] * (batch.shape[1] - 1)
-    return total / count
+    return mean_loss(params, cfg, windows, max_batches, lambda params, tokens, positions:
+                     M.forward(params, tokens, positions, cfg, runtime=runtime)[0])
 
   t, h, sinks = windows.seq_len, cfg.head_dim, FLAGS.mikv_sinks
   base = loss(mixed_precision_chunk(None, t, 0))  # every key as computed

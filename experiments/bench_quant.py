@@ -21,9 +21,9 @@ quantized model is as good as the full-precision one trained as long; 0% that QA
 over PTQ; n/a when the control is no better than that PTQ (no gap to recover). The same ratio
 against PTQ of the control is reported beside it. The QAT budget here is small (few steps,
 small batch): the run says so in its output.
-Weight bytes: the quantized leaves as held in memory (qvalue + scales; int4/int2/ternary/fp4
-packed into bytes, fp6 a byte each) and as the format's bits packed would take, against the same
-weights in float32.
+Weight bytes: the quantized leaves as held in memory (qvalue + scales; int4/int2/ternary/fp4/fp6
+packed into bytes) and as the format's bits packed would take, against the same weights in
+float32.
 Appends one row per result to experiments/results/bench_quant.jsonl.
 """
 

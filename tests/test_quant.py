@@ -79,9 +79,9 @@ PROMPT = jax.random.randint(jax.random.key(1), (2, 8), 0, CFG.vocab_size)
 
 
 def test_sub_byte_values_are_packed_and_weights_shrink(params):
-  """int4 and fp4 two values a byte (fp4 as its 4-bit code), int2 and ternary four (uint8, along
-  the last axis; unpacked exactly where used); quantized weights against float32: int8 <= 0.27x,
-  int4 and fp4 <= 0.16x."""
+  """int4 and fp4 two values a byte (fp4 as its 4-bit code), int2 and ternary four, fp6 four to
+  three bytes (uint8, along the last axis; unpacked exactly where used); quantized weights
+  against float32: int8 <= 0.27x, int4 and fp4 <= 0.16x, fp6 <= 0.21x."""
   spec = SPEC.layers[0].mlp.gate
   w = params.layers[0].mlp.gate
   for name, bits in [("int4", 4), ("int2:g32", 2), ("ternary", 2)]:
@@ -92,6 +92,9 @@ def test_sub_byte_values_are_packed_and_weights_shrink(params):
     unpacked = quant.ops.unpack(q.qvalue, bits, jnp.int8)
     assert int(unpacked.min()) >= -(1 << (bits - 1)) and int(unpacked.max()) < 1 << (bits - 1)
     np.testing.assert_array_equal(quant.ops.pack(unpacked, bits), q.qvalue)
+  six = jax.random.randint(jax.random.key(3), (5, 8), -32, 32)  # 6-bit words: 4 values, 3 bytes
+  assert quant.ops.pack(six, 6).shape == (5, 6)
+  np.testing.assert_array_equal(quant.ops.unpack(quant.ops.pack(six, 6), 6, jnp.int32), six)
   fp4 = quant.quantize(w, spec, _fmt("fp4_e2m1"))
   assert fp4.qvalue.dtype == jnp.uint8 and quant.logical_shape(fp4) == w.shape
   whole = qwix.quantize(w, jnp.float4_e2m1fn, channelwise_axes=quant.scale_axes(
@@ -100,7 +103,8 @@ def test_sub_byte_values_are_packed_and_weights_shrink(params):
                                 np.asarray(qwix.dequantize(whole)))
   leaves = lambda q: [x for x in jax.tree_util.tree_leaves(q, is_leaf=quant.is_quantized)
                       if quant.is_quantized(x)]
-  for name, bound in [("int8", 0.27), ("int4", 0.16), ("int4:g32", 0.16), ("fp4_e2m1", 0.16)]:
+  for name, bound in [("int8", 0.27), ("int4", 0.16), ("int4:g32", 0.16), ("fp4_e2m1", 0.16),
+                      ("fp6_e2m3", 0.21)]:
     q = leaves(quant.quantize_params(params, SPEC, _fmt(name)))
     held = sum(x.qvalue.nbytes + x.scale.nbytes for x in q)
     f32 = sum(np.prod(quant.logical_shape(x)) * 4 for x in q)
@@ -108,9 +112,10 @@ def test_sub_byte_values_are_packed_and_weights_shrink(params):
 
 
 def test_fp6_values_round_as_a_cast_to_the_6_bit_type_would(params):
-  """XLA here has no 6-bit float arrays: fp6 values are rounded on the type's grid and held in an
-  8-bit float type. The rounding equals ml_dtypes' cast (to nearest, ties to even) on random
-  values, on every tie between neighbouring values, and with the scales qwix would give."""
+  """XLA here has no 6-bit float arrays: fp6 values are rounded on the type's grid and packed as
+  their codes, four to three bytes (a byte each in an 8-bit float type when the last axis does
+  not divide into words). The rounding equals ml_dtypes' cast (to nearest, ties to even) on
+  random values, on every tie between neighbouring values, and with the scales qwix would give."""
   rng = np.random.RandomState(0)
   for qtype in (ml_dtypes.float6_e2m3fn, ml_dtypes.float6_e3m2fn):
     top = float(ml_dtypes.finfo(qtype).max)
@@ -122,17 +127,26 @@ def test_fp6_values_round_as_a_cast_to_the_6_bit_type_would(params):
     np.testing.assert_array_equal(np.asarray(quant.ops.round_to_float(jnp.asarray(x), qtype)),
                                   x.astype(qtype).astype(np.float32))
   spec, w = SPEC.layers[0].mlp.gate, params.layers[0].mlp.gate
-  for name, container, qtype in [("fp6_e2m3", jnp.float8_e4m3fn, ml_dtypes.float6_e2m3fn),
-                                 ("fp6_e3m2:g32", jnp.float8_e5m2, ml_dtypes.float6_e3m2fn)]:
+  for name, qtype in [("fp6_e2m3", ml_dtypes.float6_e2m3fn),
+                      ("fp6_e3m2:g32", ml_dtypes.float6_e3m2fn)]:
     fmt = _fmt(name)
-    q = quant.quantize(w, spec, fmt)
-    assert q.qvalue.dtype == container and q.qvalue.shape == w.shape
+    q = quant.quantize(w, spec, fmt)  # four values to three bytes
+    assert q.qvalue.dtype == jnp.uint8 and q.qvalue.shape == w.shape[:-1] + (w.shape[-1] * 3 // 4,)
+    assert quant.logical_shape(q) == w.shape
     channelwise, tiled = quant.scale_axes(spec, fmt)
     ref = qwix.quantize(w, jnp.float8_e4m3fn, channelwise_axes=channelwise, tiled_axes=tiled,
                         calibration_method=f"absmax,{448 / float(ml_dtypes.finfo(qtype).max)}")
     np.testing.assert_allclose(np.asarray(q.scale), np.asarray(ref.scale), rtol=1e-6)
-    back = np.asarray(q.qvalue.astype(jnp.float32))
-    np.testing.assert_array_equal(back, back.astype(qtype).astype(np.float32))  # on the grid
+    values = np.asarray(quant.dequantize(q) / q.scale.repeat(w.shape[0] // q.scale.shape[0], 0)
+                        .repeat(w.shape[1] // q.scale.shape[1], 1))
+    np.testing.assert_allclose(values, values.astype(qtype).astype(np.float32),  # on the grid
+                               rtol=1e-6)
+    odd = quant.quantize(w[:, :126], dataclasses.replace(spec, shape=(64, 126)),
+                         _fmt(name.split(":")[0]))
+    assert odd.qvalue.dtype in (jnp.float8_e4m3fn, jnp.float8_e5m2)  # no whole words: a byte each
+    np.testing.assert_array_equal(np.asarray(quant.dequantize(odd)),
+                                  np.asarray(quant.dequantize(quant.quantize(
+                                      w, spec, _fmt(name.split(":")[0]))))[:, :126])
 
 
 @pytest.mark.parametrize("name,include", FORMATS)

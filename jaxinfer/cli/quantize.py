@@ -11,7 +11,7 @@ from jaxinfer.cli.common import apply_platform_flags, define_model_flags
 define_model_flags()
 flags.DEFINE_string("output", None, "Destination directory (a jaxinfer checkpoint).")
 flags.DEFINE_string("format", None, "int8, int4, int2, ternary (BitNet b1.58 absmean), fp8_e4m3, "
-                    "fp8_e5m2, fp6_e2m3, fp6_e3m2 (held a byte each) or fp4_e2m1; :gN scales "
+                    "fp8_e5m2, fp6_e2m3, fp6_e3m2 or fp4_e2m1; :gN scales "
                     "groups of N along each weight's declared group axis (e.g. int4:g128), "
                     "otherwise one scale per output channel; :a8 also quantizes each linear "
                     "layer's input to int8 per token (integer weights).")

@@ -24,7 +24,7 @@ KINDS = {
     "fp8_e5m2": jnp.float8_e5m2,
     # ml_dtypes' float6 types: jax 0.10.2's XLA has no 6-bit primitive type ("Invalid XLA
     # PrimitiveType"), so their values are rounded on the 6-bit grid here (ops.round_to_float)
-    # and held a byte each in the 8-bit type that holds every one of them (CONTAINERS)
+    # and packed as their codes (or held in the 8-bit type that holds every one of them)
     "fp6_e2m3": jnp.float6_e2m3fn,
     "fp6_e3m2": jnp.float6_e3m2fn,
     "fp4_e2m1": jnp.float4_e2m1fn,
@@ -36,14 +36,15 @@ INTEGER_KINDS = ("int8", "int4", "int2", "ternary")
 # sub-byte arrays are not used for storage: with jax 0.10.2 on CPU an executable compiled ahead
 # of time (`.lower().compile()`, as the engine and Generator do) for mesh-sharded int4/int2/fp4
 # inputs requires a packed sub-byte layout those arrays do not have, and refuses them; and on
-# CPU they take a byte per element anyway. Instead the sub-byte types are packed by hand into
-# uint8 (`PACKED_BITS`: two int4 or fp4 values, or four int2/ternary values, per byte, along the
-# last axis; fp4 as its 4-bit code; ops.pack), the same bytes on every backend, on disk and in
-# memory, unpacked where a weight is used. A weight whose last axis does not divide into the
-# bytes is held in one-byte containers (`CONTAINERS`), values unchanged; so are fp6 values
-# (not packed: four to three bytes would cut a byte's bits across values).
+# CPU they take a byte per element anyway (and XLA here has no 6-bit type at all). Instead the
+# sub-byte types are packed by hand into uint8 (`PACKED_BITS`: two int4 or fp4 values, or four
+# int2/ternary values, per byte, four fp6 values per three bytes, along the last axis; the float
+# types as their codes; ops.pack), the same bytes on every backend, on disk and in memory,
+# unpacked where a weight is used. A weight whose last axis does not divide into the words is
+# held in one-byte containers (`CONTAINERS`), values unchanged.
 PACKED_BITS = {jnp.dtype(jnp.int4): 4, jnp.dtype(jnp.int2): 2,
-               jnp.dtype(jnp.float4_e2m1fn): 4}
+               jnp.dtype(jnp.float4_e2m1fn): 4, jnp.dtype(jnp.float6_e2m3fn): 6,
+               jnp.dtype(jnp.float6_e3m2fn): 6}
 # e4m3 holds every e2m1 and e2m3 value (3 mantissa bits, a wider exponent), e5m2 every e3m2 one
 CONTAINERS = {jnp.dtype(jnp.int4): jnp.int8, jnp.dtype(jnp.int2): jnp.int8,
               jnp.dtype(jnp.float4_e2m1fn): jnp.float8_e4m3fn,

@@ -12,6 +12,8 @@ axis share one, and every other axis, contracted or not, gets its own.
 
 from __future__ import annotations
 
+import functools
+import math
 from typing import Any
 
 import jax
@@ -51,8 +53,8 @@ def scale_axes(spec: ParamSpec, fmt: QuantFormat) -> tuple[tuple[int, ...], dict
 
 def quantize(w: jax.Array, spec: ParamSpec, fmt: QuantFormat) -> QArray:
   """w (spec.shape) -> QArray in `fmt`, scales in w's dtype (they set the dequantized dtype);
-  int4, int2, ternary and fp4 values packed into uint8 where the last axis divides into whole
-  bytes (see formats.CONTAINERS); fp6 values a byte each."""
+  int4, int2, ternary, fp4 and fp6 values packed into uint8 where the last axis divides into
+  whole words (see `pack` and formats.CONTAINERS)."""
   channelwise, tiled = scale_axes(spec, fmt)
   if fmt.kind == "ternary":
     q = _ternary(w, channelwise, tiled)
@@ -61,9 +63,9 @@ def quantize(w: jax.Array, spec: ParamSpec, fmt: QuantFormat) -> QArray:
   else:
     q = qwix.quantize(w, fmt.qtype, channelwise_axes=channelwise, tiled_axes=tiled)
   bits = packed_bits(q.qtype)
-  if bits is not None and q.qvalue.shape[-1] % (8 // bits) == 0:
+  if bits is not None and q.qvalue.shape[-1] % _word(bits)[0] == 0:
     floats = jnp.issubdtype(q.qvalue.dtype, jnp.floating)
-    return q.replace(qvalue=pack(_e2m1_codes(q.qvalue) if floats else q.qvalue, bits))
+    return q.replace(qvalue=pack(_float_codes(q.qvalue, q.qtype) if floats else q.qvalue, bits))
   container = CONTAINERS.get(q.qvalue.dtype)
   return q if container is None else q.replace(qvalue=q.qvalue.astype(container))
 
@@ -75,43 +77,61 @@ def packed_bits(qtype) -> int | None:
   return PACKED_BITS.get(jnp.dtype(qtype))
 
 
+def _word(bits: int) -> tuple[int, int]:
+  """(values, bytes) of the fewest whole bytes that `bits`-bit values fill: (4, 1) for 2 bits,
+  (2, 1) for 4, (4, 3) for 6."""
+  total = math.lcm(bits, 8)
+  return total // bits, total // 8
+
+
 def pack(values: jax.Array, bits: int) -> jax.Array:
-  """Signed `bits`-bit integers -> uint8, 8 // bits per byte: the last axis cut into 8 // bits
-  equal parts, part i in bits [i*bits, (i+1)*bits) of each byte (so unpacking is a shift and a
-  concatenation). The last axis must divide into the parts."""
-  per_byte = 8 // bits
-  if values.shape[-1] % per_byte:
-    raise ValueError(f"packing {bits}-bit values {per_byte} per byte: the last axis "
-                     f"({values.shape[-1]}) does not divide by {per_byte}")
-  parts = jnp.split(values.astype(jnp.int32) & ((1 << bits) - 1), per_byte, axis=-1)
-  return sum(p << (i * bits) for i, p in enumerate(parts)).astype(jnp.uint8)
-
-
-# fp4 (e2m1) by 4-bit code: bit 3 the sign, bits 0-2 the magnitude's index here
-_E2M1 = np.array([0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0], np.float32)
-
-
-def _e2m1_codes(values: jax.Array) -> jax.Array:
-  """e2m1 values (any float type holding them exactly) -> their 4-bit codes."""
-  x = values.astype(jnp.float32)
-  midpoints = (_E2M1[1:] + _E2M1[:-1]) / 2
-  magnitude = jnp.sum(jnp.abs(x)[..., None] > midpoints, axis=-1)
-  return magnitude + 8 * jnp.signbit(x)
-
-
-def _e2m1_values(codes: jax.Array) -> jax.Array:
-  """The inverse of `_e2m1_codes` (4-bit codes in any integer type), in float8_e4m3 (the
-  container that holds every e2m1 value: what an unpacked fp4 weight is stored in)."""
-  table = jnp.asarray(np.concatenate([_E2M1, -_E2M1]), jnp.float8_e4m3fn)
-  return table[codes.astype(jnp.int32) & 15]
+  """Signed `bits`-bit integers -> uint8 words (`_word`): the last axis cut into as many equal
+  parts as a word has values, part i in bits [i*bits, (i+1)*bits) of each little-endian word,
+  and byte j of the words in part j of the result's last axis (one-byte words: a byte per
+  position, so unpacking is a shift and a concatenation). The last axis must divide into the
+  parts."""
+  per_word, num_bytes = _word(bits)
+  if values.shape[-1] % per_word:
+    raise ValueError(f"packing {bits}-bit values {per_word} to {num_bytes} byte(s): the last "
+                     f"axis ({values.shape[-1]}) does not divide by {per_word}")
+  parts = jnp.split(values.astype(jnp.int32) & ((1 << bits) - 1), per_word, axis=-1)
+  word = sum(p << (i * bits) for i, p in enumerate(parts))
+  return jnp.concatenate([(word >> (8 * j)) & 255 for j in range(num_bytes)],
+                         axis=-1).astype(jnp.uint8)
 
 
 def unpack(packed: jax.Array, bits: int, dtype) -> jax.Array:
   """The inverse of `pack`, as `dtype` integers."""
-  x = packed.astype(jnp.int32)
+  per_word, num_bytes = _word(bits)
+  parts = jnp.split(packed.astype(jnp.int32), num_bytes, axis=-1)
+  word = sum(p << (8 * j) for j, p in enumerate(parts))
   sign = 1 << (bits - 1)
-  parts = [(((x >> (i * bits)) & ((1 << bits) - 1)) ^ sign) - sign for i in range(8 // bits)]
-  return jnp.concatenate(parts, axis=-1).astype(dtype)
+  values = [(((word >> (i * bits)) & ((1 << bits) - 1)) ^ sign) - sign for i in range(per_word)]
+  return jnp.concatenate(values, axis=-1).astype(dtype)
+
+
+@functools.cache
+def _float_table(qtype) -> np.ndarray:
+  """Every value of a packed float type by its code, which is its own bit pattern (the sign on
+  top, below it the magnitude's index in increasing order), as float32."""
+  bits = PACKED_BITS[jnp.dtype(qtype)]
+  return np.arange(1 << bits, dtype=np.uint8).view(qtype).astype(np.float32)
+
+
+def _float_codes(values: jax.Array, qtype) -> jax.Array:
+  """Values of the packed float type `qtype` (held exactly in any float type) -> their codes."""
+  magnitudes = _float_table(qtype)[:len(_float_table(qtype)) // 2]
+  x = values.astype(jnp.float32)
+  index = jnp.sum(jnp.abs(x)[..., None] > (magnitudes[1:] + magnitudes[:-1]) / 2, axis=-1)
+  return index + len(magnitudes) * jnp.signbit(x)
+
+
+def _float_values(codes: jax.Array, qtype) -> jax.Array:
+  """The inverse of `_float_codes` (codes in any integer type), in CONTAINERS[qtype] (the 8-bit
+  float type that holds every value: what an unpacked weight of that type is stored in)."""
+  table = _float_table(qtype)
+  return jnp.asarray(table, CONTAINERS[jnp.dtype(qtype)])[codes.astype(jnp.int32)
+                                                          & (len(table) - 1)]
 
 
 def _scale_groups(w: jax.Array, channelwise, tiled):
@@ -175,7 +195,8 @@ def logical_shape(x) -> tuple[int, ...]:
     x = x.q
   shape = tuple(x.shape)
   if isinstance(x, QArray) and x.qvalue.dtype == jnp.uint8:
-    return shape[:-1] + (shape[-1] * (8 // packed_bits(x.qtype)),)
+    per_word, num_bytes = _word(packed_bits(x.qtype))
+    return shape[:-1] + (shape[-1] // num_bytes * per_word,)
   return shape
 
 
@@ -188,8 +209,9 @@ def int_values(q: QArray) -> jax.Array:
 
 def dequantize(q: QArray) -> jax.Array:
   if q.qvalue.dtype == jnp.uint8:  # packed (see `quantize`)
-    fp4 = not isinstance(q.qtype, str) and jnp.dtype(q.qtype) == jnp.float4_e2m1fn
-    q = q.replace(qvalue=_e2m1_values(unpack(q.qvalue, 4, jnp.int32)) if fp4 else int_values(q))
+    floats = not isinstance(q.qtype, str) and jnp.issubdtype(q.qtype, jnp.floating)
+    q = q.replace(qvalue=_float_values(unpack(q.qvalue, packed_bits(q.qtype), jnp.int32),
+                                       q.qtype) if floats else int_values(q))
   return qwix.dequantize(q)
 
 
