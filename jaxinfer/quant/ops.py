@@ -120,7 +120,8 @@ def _float_table(qtype) -> np.ndarray:
 
 def _float_codes(values: jax.Array, qtype) -> jax.Array:
   """Values of the packed float type `qtype` (held exactly in any float type) -> their codes."""
-  magnitudes = _float_table(qtype)[:len(_float_table(qtype)) // 2]
+  table = _float_table(qtype)
+  magnitudes = table[:len(table) // 2]
   x = values.astype(jnp.float32)
   index = jnp.sum(jnp.abs(x)[..., None] > (magnitudes[1:] + magnitudes[:-1]) / 2, axis=-1)
   return index + len(magnitudes) * jnp.signbit(x)
@@ -129,9 +130,8 @@ def _float_codes(values: jax.Array, qtype) -> jax.Array:
 def _float_values(codes: jax.Array, qtype) -> jax.Array:
   """The inverse of `_float_codes` (codes in any integer type), in CONTAINERS[qtype] (the 8-bit
   float type that holds every value: what an unpacked weight of that type is stored in)."""
-  table = _float_table(qtype)
-  return jnp.asarray(table, CONTAINERS[jnp.dtype(qtype)])[codes.astype(jnp.int32)
-                                                          & (len(table) - 1)]
+  table = jnp.asarray(_float_table(qtype), CONTAINERS[jnp.dtype(qtype)])
+  return table[codes.astype(jnp.int32) & (len(table) - 1)]
 
 
 def _scale_groups(w: jax.Array, channelwise, tiled):
