@@ -187,6 +187,25 @@ def _dkv_kernel(step_ref, num_ref, q_ref, k_ref, v_ref, qseg_ref, kseg_ref, blk_
     dv_ref[...] = dv_acc[...].astype(dv_ref.dtype)
 
 
+def _segment_inputs(qseg, kseg, dkv: bool, bq: int, bk: int, q_at, kv_at):
+  """([q segment ids, kv segment ids], their block specs) laid out for the kernel's tiles (both
+  None without segments): the forward reads q ids down the rows and kv ids along the lanes, the
+  dkv kernel (rows of kv) the other way round; each replicated to a whole tile's width."""
+  if qseg is None:
+    return [None, None], [None, None]
+  spec = pl.BlockSpec
+  (b, t), s = qseg.shape, kseg.shape[1]
+  if dkv:
+    return ([jnp.broadcast_to(qseg[:, None, :], (b, SUBLANES, t)),
+             jnp.broadcast_to(kseg[:, :, None], (b, s, LANES))],
+            [spec((None, SUBLANES, bq), lambda bi, hi, *a: (bi, 0, q_at(bi, hi, *a))),
+             spec((None, bk, LANES), lambda bi, hi, *a: (bi, kv_at(bi, hi, *a), 0))])
+  return ([jnp.broadcast_to(qseg[:, :, None], (b, t, LANES)),
+           jnp.broadcast_to(kseg[:, None, :], (b, SUBLANES, s))],
+          [spec((None, bq, LANES), lambda bi, hi, *a: (bi, q_at(bi, hi, *a), 0)),
+           spec((None, SUBLANES, bk), lambda bi, hi, *a: (bi, 0, kv_at(bi, hi, *a)))])
+
+
 def tpu_call(kind, q, k, v, qseg, kseg, meta, blocks, extra, *, scale, bq, bk, interpret):
   """One of the three kernels ("fwd" | "dq" | "dkv") over grid (B, N, R, W), with
   kernel._gpu_call's inputs and outputs: fwd -> (o (B,N,T,H), lse (B,N,T)), dq -> (dq,),
@@ -218,18 +237,7 @@ def tpu_call(kind, q, k, v, qseg, kseg, meta, blocks, extra, *, scale, bq, bk, i
                   lambda *a: ((step(*a) >> 16) & 0x7FFF, 0, 0))
   if dkv:
     blocks = blocks.transpose(0, 2, 1)
-  seg_args, seg_specs = [None, None], [None, None]
-  if qseg is not None:
-    if dkv:  # kv ids lane-replicated down the rows, q ids along the lanes
-      seg_args = [jnp.broadcast_to(qseg[:, None, :], (b, SUBLANES, t)),
-                  jnp.broadcast_to(kseg[:, :, None], (b, s, LANES))]
-      seg_specs = [spec((None, SUBLANES, bq), lambda bi, hi, *a: (bi, 0, q_at(bi, hi, *a))),
-                   spec((None, bk, LANES), lambda bi, hi, *a: (bi, kv_at(bi, hi, *a), 0))]
-    else:
-      seg_args = [jnp.broadcast_to(qseg[:, :, None], (b, t, LANES)),
-                  jnp.broadcast_to(kseg[:, None, :], (b, SUBLANES, s))]
-      seg_specs = [spec((None, bq, LANES), lambda bi, hi, *a: (bi, q_at(bi, hi, *a), 0)),
-                   spec((None, SUBLANES, bk), lambda bi, hi, *a: (bi, 0, kv_at(bi, hi, *a)))]
+  seg_args, seg_specs = _segment_inputs(qseg, kseg, dkv, bq, bk, q_at, kv_at)
   in_specs = [q_spec, kv_spec, kv_spec, *seg_specs, blk_spec]
   args = [q, k, v, *seg_args, blocks]
   if kind != "fwd":
