@@ -59,6 +59,48 @@ def _segments(end, split, *, page_size, max_pages, per_split, window_lag, sinks)
   return (first, sink_end), (jnp.minimum(jnp.maximum(sink_end, wfirst), last), last)
 
 
+def _page_scales(buf, slot, pages, *, page_size: int, bk: int):
+  """(1, bk): a block's keys' scales, from its pages' fetched scale rows `buf[slot]` (`pages`:
+  their pool page ids). Page j's segment of its row is rotated to lanes j*ps.. of the 128-lane
+  chunk it belongs to (whole chunks are then joined: Mosaic joins and slices lanes only at
+  128-lane boundaries)."""
+  lane = lax.broadcasted_iota(jnp.int32, (1, SCALE_LANES), 1)
+  chunks = [jnp.zeros((1, SCALE_LANES), jnp.float32) for _ in range(-(-bk // SCALE_LANES))]
+  for j, page in enumerate(pages):
+    offset = lax.rem(page * page_size, SCALE_LANES)  # in the row
+    dest = j * page_size % SCALE_LANES  # in the chunk
+    shift = lax.rem(dest - offset + SCALE_LANES, SCALE_LANES)
+    rolled = pltpu.roll(buf[slot, pl.ds(j, 1), :], shift, 1)
+    mine = (lane >= dest) & (lane < dest + page_size)
+    chunks[j * page_size // SCALE_LANES] += jnp.where(mine, rolled, 0.0)
+  row = chunks[0] if len(chunks) == 1 else jnp.concatenate(chunks, axis=1)
+  return row[:, :bk]
+
+
+def _fold(carry, logits, seen, v, v_scale=None):
+  """One block of keys into the running (o, m, l), m and l as (rows, 1) columns: logits
+  (rows, keys) already scaled, seen (rows, keys), v (keys, H); an int8 v's per-key scales
+  (1, keys) weigh the probabilities."""
+  o, m, l = carry
+  logits = jnp.where(seen, logits, MASK_VALUE)
+  m_new = jnp.maximum(m, logits.max(axis=-1, keepdims=True))
+  p = jnp.where(seen, jnp.exp(logits - m_new), 0.0)
+  corr = jnp.exp(m - m_new)
+  l = corr * l + p.sum(axis=-1, keepdims=True)
+  weights = p if v_scale is None else jnp.where(seen, p * v_scale, 0.0)
+  o = corr * o + jnp.dot(weights.astype(v.dtype), v, preferred_element_type=jnp.float32)
+  return o, m_new, l
+
+
+def _finish(carry):
+  """(normalised output, log-sum-exp down LANES lanes); rows that saw no key give 0 and -inf."""
+  o, m, l = carry
+  seen = l > 0
+  safe_l = jnp.where(seen, l, 1.0)
+  lse = jnp.where(seen, m + jnp.log(safe_l), -jnp.inf)
+  return jnp.where(seen, o / safe_l, 0.0), jnp.broadcast_to(lse, (lse.shape[0], LANES))
+
+
 def _kernel(ends_ref, pt_ref, q_ref, *refs, num_extra, quantized, visible, scale, page_size, bp,
             max_pages, per_split, window_lag, sinks):
   extras = refs[:num_extra]
@@ -93,23 +135,6 @@ def _kernel(ends_ref, pt_ref, q_ref, *refs, num_extra, quantized, visible, scale
                                              buf.at[slot, j], sems.at[n, slot])
                        for n, (src, buf) in enumerate(pairs)]
 
-  lane = lax.broadcasted_iota(jnp.int32, (1, SCALE_LANES), 1)
-
-  def page_scales(i, slot, buf):
-    """(1, bk): block i's keys' scales. Page j's segment of its fetched row is rotated to lanes
-    j*ps.. of the 128-lane chunk it belongs to (whole chunks are then joined: Mosaic joins
-    and slices lanes only at 128-lane boundaries)."""
-    chunks = [jnp.zeros((1, SCALE_LANES), jnp.float32) for _ in range(-(-bk // SCALE_LANES))]
-    for j in range(bp):
-      offset = lax.rem(page_of(i, j)[1] * page_size, SCALE_LANES)  # in the row
-      dest = j * page_size % SCALE_LANES  # in the chunk
-      shift = lax.rem(dest - offset + SCALE_LANES, SCALE_LANES)
-      rolled = pltpu.roll(buf[slot, pl.ds(j, 1), :], shift, 1)
-      mine = (lane >= dest) & (lane < dest + page_size)
-      chunks[j * page_size // SCALE_LANES] += jnp.where(mine, rolled, 0.0)
-    row = chunks[0] if len(chunks) == 1 else jnp.concatenate(chunks, axis=1)
-    return row[:, :bk]
-
   def dma(i, slot, op):  # op: "start" or "wait" each valid page's K and V copies
     for valid, pair in copies(i, slot):
       @pl.when(valid)
@@ -122,7 +147,6 @@ def _kernel(ends_ref, pt_ref, q_ref, *refs, num_extra, quantized, visible, scale
   bk = bp * page_size
 
   def body(i, carry):
-    o, m, l = carry
     slot = lax.rem(i, 2)
 
     @pl.when(i + 1 < na + nb)
@@ -143,17 +167,12 @@ def _kernel(ends_ref, pt_ref, q_ref, *refs, num_extra, quantized, visible, scale
                   jnp.zeros_like(v))
     seen = visible(pos, end, *extras) & (pos < limit)
     logits = lax.dot_general(q, k, NT, preferred_element_type=jnp.float32) * scale
+    vs = None
     if quantized:  # per-key scales along the lanes: on the logits, and on the weights of v
-      ks, vs = (page_scales(i, slot, buf) for buf in scale_buf)
+      pages = [page_of(i, j)[1] for j in range(bp)]
+      ks, vs = (_page_scales(buf, slot, pages, page_size=page_size, bk=bk) for buf in scale_buf)
       logits = logits * ks
-    logits = jnp.where(seen, logits, MASK_VALUE)
-    m_new = jnp.maximum(m, logits.max(axis=-1, keepdims=True))
-    p = jnp.where(seen, jnp.exp(logits - m_new), 0.0)
-    corr = jnp.exp(m - m_new)
-    l = corr * l + p.sum(axis=-1, keepdims=True)
-    weights = jnp.where(seen, p * vs, 0.0) if quantized else p
-    o = corr * o + jnp.dot(weights.astype(v.dtype), v, preferred_element_type=jnp.float32)
-    return o, m_new, l
+    return _fold(carry, logits, seen, v, vs)
 
   @pl.when(na + nb > 0)
   def _():
@@ -161,11 +180,7 @@ def _kernel(ends_ref, pt_ref, q_ref, *refs, num_extra, quantized, visible, scale
 
   init = (jnp.zeros((rows, h), jnp.float32), jnp.full((rows, 1), MASK_VALUE, jnp.float32),
           jnp.zeros((rows, 1), jnp.float32))
-  o, m, l = lax.fori_loop(0, na + nb, body, init)
-  seen = l > 0
-  safe_l = jnp.where(seen, l, 1.0)
-  o_ref[...] = jnp.where(seen, o / safe_l, 0.0)
-  lse_ref[...] = jnp.broadcast_to(jnp.where(seen, m + jnp.log(safe_l), -jnp.inf), (rows, LANES))
+  o_ref[...], lse_ref[...] = _finish(lax.fori_loop(0, na + nb, body, init))
 
 
 def paged_rows_attention(q: jax.Array, k_pages: jax.Array, v_pages: jax.Array, ends: jax.Array,
