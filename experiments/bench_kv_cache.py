@@ -55,7 +55,7 @@ BYTES_TARGET = 0.53  # KV bytes per token against bfloat16
 CAPACITY_TARGET = 1.8  # tokens admitted in the same pool memory
 
 
-def mean_loss(params, cfg, windows, max_batches: int, hidden) -> float:
+def mean_loss(params, windows, max_batches: int, hidden) -> float:
   """Mean next-token loss over the held-out windows; hidden(params, tokens, positions) -> the
   model's last hidden states (run under jit)."""
   import jax
@@ -87,7 +87,7 @@ def cache_path_loss(params, cfg, windows, max_batches: int, kv_cache_dtype: str 
     cache = KVCache.init(cfg, *tokens.shape, kv_cache_dtype=kv_cache_dtype)
     return M.forward(params, tokens, positions, cfg, cache, kv_source="cache")[0]
 
-  return mean_loss(params, cfg, windows, max_batches, hidden)
+  return mean_loss(params, windows, max_batches, hidden)
 
 
 def rounded(x, bits: int):
@@ -104,28 +104,25 @@ def mixed_precision_chunk(bits: int | None, recent: int, sinks: int):
   import jax
   import jax.numpy as jnp
 
-  from jaxinfer.attention import MASK_VALUE
+  from jaxinfer.attention import MASK_VALUE, attention_mask, attention_reference
 
   def chunk(q, k, v, positions, **_):
+    if bits is None:  # the sinks + window mask
+      return attention_reference(q, k, v, positions, positions, window=recent, sinks=sinks)
     b, t, n, h = q.shape
     kh = k.shape[2]
     qg = q.reshape(b, t, kh, n // kh, h)
     product = lambda keys: jnp.einsum("btkgh,bskh->bkgts", qg, keys,
                                       preferred_element_type=jnp.float32) * h**-0.5
-    qp, kp = positions[:, None, :, None], positions[:, None, None, :]
-    near = ((kp > qp - recent) | (kp < sinks))[:, None]  # (B, 1, 1, T, S)
-    causal = (kp <= qp)[:, None]
-    full = product(k)
-    if bits is None:
-      scores = jnp.where(near & causal, full, MASK_VALUE)
-    else:
-      scores = jnp.where(causal, jnp.where(near, full, product(rounded(k, bits))), MASK_VALUE)
+    # (B, 1, 1, T, S): keys read as computed (causal), and every key a query sees
+    near = attention_mask(positions, positions, recent, sinks=sinks)[:, None, None]
+    causal = attention_mask(positions, positions)[:, None, None]
+    scores = jnp.where(causal, jnp.where(near, product(k), product(rounded(k, bits))),
+                       MASK_VALUE)
     probs = jax.nn.softmax(scores, axis=-1)
     read = lambda p, values: jnp.einsum("bkgts,bskh->btkgh", p.astype(v.dtype), values,
                                         preferred_element_type=jnp.float32)
-    out = read(jnp.where(near, probs, 0), v)
-    if bits is not None:
-      out += read(jnp.where(near, 0, probs), rounded(v, bits))
+    out = read(jnp.where(near, probs, 0), v) + read(jnp.where(near, 0, probs), rounded(v, bits))
     return out.reshape(b, t, n, h).astype(q.dtype)
 
   return chunk
@@ -142,7 +139,7 @@ def mikv_rows(params, cfg, windows, max_batches: int) -> list[dict]:
     xla = attention.IMPLEMENTATIONS["xla"]
     attention.IMPLEMENTATIONS[name] = attention.AttentionImpl(chunk, xla.cache, xla.tree)
     runtime = Runtime(implementation=name)
-    return mean_loss(params, cfg, windows, max_batches, lambda params, tokens, positions:
+    return mean_loss(params, windows, max_batches, lambda params, tokens, positions:
                      M.forward(params, tokens, positions, cfg, runtime=runtime)[0])
 
   t, h, sinks = windows.seq_len, cfg.head_dim, FLAGS.mikv_sinks

@@ -126,6 +126,10 @@ def test_fp6_values_round_as_a_cast_to_the_6_bit_type_would(params):
     x = np.concatenate([rng.uniform(-top, top, 1 << 16).astype(np.float32), ties, grid])
     np.testing.assert_array_equal(np.asarray(quant.ops.round_to_float(jnp.asarray(x), qtype)),
                                   x.astype(qtype).astype(np.float32))
+  for qtype in (ml_dtypes.float4_e2m1fn, ml_dtypes.float6_e2m3fn, ml_dtypes.float6_e3m2fn):
+    table = quant.ops._float_table(qtype)  # every value, -0 included, back to its own code
+    np.testing.assert_array_equal(quant.ops._float_codes(jnp.asarray(table), qtype),
+                                  np.arange(len(table)))
   spec, w = SPEC.layers[0].mlp.gate, params.layers[0].mlp.gate
   for name, qtype in [("fp6_e2m3", ml_dtypes.float6_e2m3fn),
                       ("fp6_e3m2:g32", ml_dtypes.float6_e3m2fn)]:

@@ -5,9 +5,10 @@ A plain or weight-only quantized `w` is `einsum(eq, x, weight(w))`. With int8 ac
 over the axes the weight contracts (qwix, as the weights), and the product is taken in integers
 (int8 x int8 accumulated in int32) times the input's and the weight's scales (one per token,
 one per output channel). A grouped weight (:gN) accumulates each group apart, in int32, and sums
-the groups after their scales; a per-channel weight is the case of one group. QAT runs that same forward (so trained and served outputs are
-equal bit for bit) and takes its gradient from the product of the fake-quantized input and
-weight (straight-through: the rounding passes gradients unchanged).
+the groups after their scales; a per-channel weight is the case of one group. QAT runs that same
+forward (so trained and served outputs are equal bit for bit) and takes its gradient from the
+product of the fake-quantized input and weight (straight-through: the rounding passes gradients
+unchanged).
 """
 
 from __future__ import annotations

@@ -113,18 +113,20 @@ def unpack(packed: jax.Array, bits: int, dtype) -> jax.Array:
 @functools.cache
 def _float_table(qtype) -> np.ndarray:
   """Every value of a packed float type by its code, which is its own bit pattern (the sign on
-  top, below it the magnitude's index in increasing order), as float32."""
+  top, below it the magnitude's index in increasing order: `_float_codes`), as float32."""
   bits = PACKED_BITS[jnp.dtype(qtype)]
   return np.arange(1 << bits, dtype=np.uint8).view(qtype).astype(np.float32)
 
 
 def _float_codes(values: jax.Array, qtype) -> jax.Array:
-  """Values of the packed float type `qtype` (held exactly in any float type) -> their codes."""
-  table = _float_table(qtype)
-  magnitudes = table[:len(table) // 2]
+  """Values of the packed float type `qtype` (held exactly in any float type) -> their codes:
+  the magnitude's index is its exponent field times 2 ** mantissa bits plus its mantissa
+  (subnormals: exponent field 0), the sign above it."""
+  info = ml_dtypes.finfo(qtype)
   x = values.astype(jnp.float32)
-  index = jnp.sum(jnp.abs(x)[..., None] > (magnitudes[1:] + magnitudes[:-1]) / 2, axis=-1)
-  return index + len(magnitudes) * jnp.signbit(x)
+  exponent, step = _exponent_and_step(jnp.abs(x), info)
+  index = (exponent - info.minexp) * (1 << info.nmant) + (jnp.abs(x) / step).astype(jnp.int32)
+  return index + (1 << (PACKED_BITS[jnp.dtype(qtype)] - 1)) * jnp.signbit(x)
 
 
 def _float_values(codes: jax.Array, qtype) -> jax.Array:
@@ -183,10 +185,15 @@ def round_to_float(x: jax.Array, qtype) -> jax.Array:
   """float32 x, within `qtype`'s range, rounded to the nearest `qtype` value (ties to even), as
   a cast to it would round, without an array of that type: a value's step is 2 ** (its exponent
   - the mantissa bits), subnormals taking the smallest normal exponent's."""
-  info = ml_dtypes.finfo(qtype)
-  exponent = jnp.maximum(jnp.frexp(x)[1] - 1, info.minexp)
-  step = jnp.ldexp(jnp.ones_like(x), exponent - info.nmant)
+  _, step = _exponent_and_step(x, ml_dtypes.finfo(qtype))
   return jnp.round(x / step) * step  # (dividing by a power of two is exact)
+
+
+def _exponent_and_step(x: jax.Array, info):
+  """(x's exponent, or the smallest normal one below it (and for 0); the spacing of the float
+  type `info` describes at that exponent), float32 x."""
+  exponent = jnp.where(x == 0, info.minexp, jnp.maximum(jnp.frexp(x)[1] - 1, info.minexp))
+  return exponent, jnp.ldexp(jnp.ones_like(x), exponent - info.nmant)
 
 
 def logical_shape(x) -> tuple[int, ...]:
