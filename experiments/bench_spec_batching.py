@@ -11,9 +11,9 @@ whole workload through --slots rows:
   spec-static      speculative decoding in batches of --slots requests (speculation forced on)
   spec-continuous  speculative decoding in --slots slots, a finished row's slot refilled with the
                    next request at the next host round trip (speculation forced on)
-  spec-engine      speculation inside the engine (`Proposer.engine_ready`): its
-                   --slots slots verify draft trees beside prompt lanes in one step, over its one
-                   page pool (shared prompt pages read by reference, not copied)
+  spec-engine      speculation inside the engine (the default): its --slots slots verify draft
+                   trees beside prompt lanes in one step, over its one page pool (shared prompt
+                   pages read by reference, not copied)
   spec-continuous-no-reuse
                    the same without prefix reuse (only with --shared_header: every prompt then
                    starts with the same header, whose K/V the other modes compute once)
@@ -160,8 +160,7 @@ def main(argv):
     modes = {"plain-static": (None, plain_static()), "plain-engine": (None, engine()[1]),
              "spec-static": spec(method, False), "spec-continuous": spec(method, True)}
     static_gen = modes["spec-static"][0]
-    if static_gen.proposer.engine_ready:
-      modes["spec-engine"] = engine(static_gen.proposer, static_gen.draft_params)
+    modes["spec-engine"] = engine(static_gen.proposer, static_gen.draft_params)
     if header:
       modes["spec-continuous-no-reuse"] = spec(method, True, reuse=False)
     if prompt_len > FLAGS.prefill_chunk:

@@ -7,8 +7,8 @@ A CUDA target is lowered only: compiling for a GPU needs the GPU.
 Shapes only: the parameters are `jax.ShapeDtypeStruct`s laid out by the model's ParamSpecs over a
 mesh of the target's devices, so no weights are read. The steps are the engine's own
 (`engine_step`: S decode rows beside G lanes of Q prompt tokens; `engine_decode`: decode-only
-steps in one dispatch) and speculative decoding's verification steps, jitted as the engine and the
-speculative generator jit them (aot_steps.py). With `--mesh=data:N` every replica is the same
+steps in one dispatch) and speculative decoding's verification steps, jitted as the engine jits
+them (aot_steps.py). With `--mesh=data:N` every replica is the same
 program on its own devices, so one replica is compiled.
 """
 
@@ -31,7 +31,7 @@ from jax.sharding import Mesh
 
 from jaxinfer import compilation_cache
 from jaxinfer.aot_steps import (CompileError, engine_steps, engine_tree_steps, params_shapes,
-                                proposer_for, verify_step, whole_on)
+                                proposer_for, whole_on)
 from jaxinfer.config import DTYPES, PRESETS, ModelConfig
 from jaxinfer.engine.engine import EngineConfig
 from jaxinfer.runtime import Runtime
@@ -234,15 +234,13 @@ class StepReport:
   alias_bytes: int | None = None  # outputs written in place of donated arguments
   temp_bytes: int | None = None
   code_bytes: int | None = None
-  resident_bytes: int = 0  # held while it runs but not its argument (verifying: the engine's pool)
   kernels: int = 0  # Pallas kernels in the program (Mosaic TPU or Triton custom calls)
 
   @property
   def total_bytes(self) -> int | None:
     if self.argument_bytes is None:
       return None
-    return (self.argument_bytes + self.output_bytes - self.alias_bytes + self.temp_bytes
-            + self.resident_bytes)
+    return self.argument_bytes + self.output_bytes - self.alias_bytes + self.temp_bytes
 
   def as_dict(self) -> dict[str, Any]:
     return dataclasses.asdict(self) | {"total_bytes": self.total_bytes}
@@ -397,7 +395,7 @@ def _checked(job: CompileJob):
 
 
 def _compile_checked(name, fn, args, target: Target, report: Report, weights: int, kv: int,
-                     engine_kv: int, resident: int = 0, log=None) -> StepReport:
+                     engine_kv: int, log=None) -> StepReport:
   """compile_step, its memory checked against the device's HBM (CompileError when over)."""
   hbm = report.hbm_bytes
   if hbm and weights + kv > hbm:  # no need to ask the compiler
@@ -414,7 +412,7 @@ def _compile_checked(name, fn, args, target: Target, report: Report, weights: in
     raise CompileError(_shrink_advice(report, name, need, weights, kv, engine_kv)) from None
   if target.platform == "cuda":
     return step
-  step.weights_bytes, step.kv_bytes, step.resident_bytes = weights, kv, resident
+  step.weights_bytes, step.kv_bytes = weights, kv
   if step.total_bytes > hbm:
     raise CompileError(_shrink_advice(report, name, step.total_bytes, weights, kv, engine_kv))
   return step
@@ -455,15 +453,9 @@ def run(job: CompileJob, log=None) -> Report:
   if draft is not None:  # whole on each of a replica's devices, as serving places a draft
     whole = whole_on(runtime.mesh)
     draft = jax.tree_util.tree_map(lambda x: whole(x.shape, x.dtype), draft)
-  if proposer.engine_ready:  # speculation inside the engine: its own pool and rows' state
-    tree_steps, kv, draft_bytes = engine_tree_steps(cfg, job, params, runtime, proposer, draft)
-    for name, (fn, args) in tree_steps.items():
-      report.steps.append(_compile_checked(name, fn, args, target, report,
-                                           weights + draft_bytes, kv, kv, log=log))
-    return report
-  fn, args, state_bytes, draft_bytes = verify_step(cfg, job, params, runtime, proposer, draft)
-  # the plain-decoding engine's pool stays allocated while the generator speculates
-  report.steps.append(_compile_checked(
-      "verify", fn, args, target, report, weights + draft_bytes, state_bytes + engine_kv,
-      engine_kv, resident=engine_kv, log=log))
+  # speculation inside the engine: its own pool and rows' state
+  tree_steps, kv, draft_bytes = engine_tree_steps(cfg, job, params, runtime, proposer, draft)
+  for name, (fn, args) in tree_steps.items():
+    report.steps.append(_compile_checked(name, fn, args, target, report,
+                                         weights + draft_bytes, kv, kv, log=log))
   return report

@@ -1,5 +1,5 @@
 """The engine's steps as programs of shapes, for `jaxinfer compile` (aot.py): jitted as the engine
-and the speculative generator jit them, each with abstract arguments (`jax.ShapeDtypeStruct`s
+jits them, each with abstract arguments (`jax.ShapeDtypeStruct`s
 laid out on the replica's mesh) in place of weights, KV pools, plans and sampling settings.
 `job` is the command's `aot.CompileJob`."""
 
@@ -120,8 +120,8 @@ def engine_tree_steps(cfg: ModelConfig, job, params, runtime: Runtime, proposer,
   whole = whole_on(runtime.mesh)
   proposer = proposer.with_sparsity(runtime.sparsity)  # as the engine gives a draft model
   rows = jax.eval_shape(lambda d: speculate.init_drafting(
-      cfg, proposer, s, m * ecfg.page_size, proposer.init_shared(cfg), d, runtime=Runtime()),
-      draft)
+      cfg, proposer, s, m * ecfg.page_size, proposer.init_shared(cfg), d,
+      pages=(pools[0].shape[1], ecfg.page_size), runtime=Runtime()), draft)
   rows = jax.tree_util.tree_map(lambda x: whole(x.shape, x.dtype), rows)
   i32, f32 = jnp.int32, jnp.float32
   sampling = SamplingParams(whole((s,), f32), whole((s,), i32), whole((s,), f32),
@@ -129,7 +129,7 @@ def engine_tree_steps(cfg: ModelConfig, job, params, runtime: Runtime, proposer,
   per_slot = (whole((s,), bool), sampling, whole((s, 2), jnp.uint32),
               whole((max(1, len(cfg.eos_token_ids)),), i32))
   mixed = (params, draft, pools, pools, rows, whole((g * q,), i32), whole((g * q,), i32),
-           whole((s, m), i32), whole((g, m), i32)) + per_slot
+           whole((g * q,), i32), whole((s, m), i32), whole((g, m), i32)) + per_slot
   decode = (params, draft, pools, pools, rows, whole((s, m), i32)) + per_slot + (
       whole((), i32), whole((), bool))
   kw = dict(cfg=cfg, proposer=proposer, rule="exact", runtime=runtime)
@@ -138,38 +138,3 @@ def engine_tree_steps(cfg: ModelConfig, job, params, runtime: Runtime, proposer,
                      donate_argnums=(2, 3, 4))
   return ({"verify-prefill": (step, mixed), "verify": (dispatch, decode)},
           device_bytes(pools) * 2 + device_bytes(rows), device_bytes(draft))
-
-
-def verify_step(cfg: ModelConfig, job, params, runtime: Runtime, proposer, draft):
-  """(jitted verification chunk, abstract arguments, bytes per device of its state, of the
-  draft's weights): the speculative generator's `steps_per_sync` draft-verify-accept steps over
-  --batch_size slots, each slot sized for --max_seq_len tokens (half prompt, half output)."""
-  from jaxinfer.sampling import SamplingParams
-  from jaxinfer.speculative.decode import SpeculativeGenerator, _chunk, state_shardings
-  mesh, rules = runtime.mesh, runtime.rules
-  whole = whole_on(mesh)
-  b = job.batch_size
-  try:
-    gen = SpeculativeGenerator(cfg, params, proposer, draft_params=draft, runtime=runtime,
-                               page_size=job.page_size, steps_per_sync=job.steps_per_sync,
-                               num_slots=b, engine_config=job.engine_config)
-  except ValueError as e:
-    raise CompileError(f"--speculative={job.speculative}: {e}") from None
-  half = cfg.max_seq_len // 2
-  out_len, slot_len = gen._geometry(half, cfg.max_seq_len - half, proposer.tree_size)
-  shapes = jax.eval_shape(lambda: gen._empty_state(b, slot_len, out_len, jax.random.key(0),
-                                                   proposer))
-  where = state_shardings(shapes, mesh, rules, proposer)
-  if where is None:
-    state = jax.tree_util.tree_map(lambda x: whole(x.shape, x.dtype), shapes)
-  else:
-    state = jax.tree_util.tree_map(
-        lambda x, w: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=w), shapes, where)
-  i32, f32 = jnp.int32, jnp.float32
-  sampling = SamplingParams(whole((b,), f32), whole((b,), i32), whole((b,), f32),
-                            whole((b,), f32))
-  eos = whole((max(1, len(cfg.eos_token_ids)),), i32)
-  args = (params, draft, state, sampling, whole((b, slot_len // job.page_size), i32), eos,
-          whole((), i32), whole((), i32))
-  fn = partial(_chunk, rule=gen.rule, cfg=cfg, proposer=proposer, runtime=runtime)
-  return jax.jit(gen._placed(fn)), args, device_bytes(state), device_bytes(draft)

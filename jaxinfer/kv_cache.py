@@ -117,6 +117,13 @@ class PagedKVCache:
   def layer(self, i: int) -> LayerKV:
     return LayerKV(self.k[i], self.v[i], self.page_table)
 
+  def rows(self) -> KVCache:
+    """Each row's pages gathered in order: a contiguous cache of M * ps positions per row."""
+    b, m = self.page_table.shape
+    gather = lambda pool: pool[:, self.page_table].reshape(
+        pool.shape[0], b, m * pool.shape[2], pool.shape[3])
+    return KVCache(tuple(map(gather, self.k)), tuple(map(gather, self.v)))
+
   def with_layers(self, layers: list[LayerKV]) -> "PagedKVCache":
     return PagedKVCache(k=tuple(l.k for l in layers), v=tuple(l.v for l in layers),
                         page_table=self.page_table)
@@ -151,6 +158,29 @@ class PagedKVCache:
     zeros = lambda: tuple(kv_zeros(shape, cfg.jnp_dtype, kv_cache_dtype, *shardings)
                           for _ in range(cfg.num_layers))
     return zeros(), zeros()
+
+
+@struct.dataclass
+class PagePools:
+  """A draft layer's K/V kept in the engine's page layout, (K, P, ps, H) buffers per layer: the
+  engine's page ids name its pages, so a prompt page shared by reference carries them too."""
+
+  k: tuple[jax.Array, ...]
+  v: tuple[jax.Array, ...]
+
+  @classmethod
+  def init(cls, cfg: ModelConfig, num_pages: int, page_size: int) -> "PagePools":
+    return cls(*PagedKVCache.init_pools(cfg, num_pages, page_size))
+
+  def over(self, page_table: jax.Array) -> PagedKVCache:
+    """The pools read and written through `page_table` (B, M); a row of -1 (not live) reads
+    clamped pages and writes nothing."""
+    return PagedKVCache(self.k, self.v, jnp.where(page_table < 0, self.k[0].shape[1],
+                                                  page_table))
+
+  @classmethod
+  def of(cls, cache: PagedKVCache) -> "PagePools":
+    return cls(cache.k, cache.v)
 
 
 @struct.dataclass

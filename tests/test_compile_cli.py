@@ -39,7 +39,7 @@ def test_tpu_steps_on_a_model_mesh_with_verification():
     assert s.total_bytes >= s.weights_bytes + s.kv_bytes
   assert verify.kv_bytes > decode.kv_bytes  # the pool and the rows' tokens on the device
   assert verify_prefill.alias_bytes >= decode.kv_bytes  # the pool updated in place
-  assert verify.total_bytes >= verify.resident_bytes + verify.argument_bytes
+  assert verify.total_bytes >= verify.argument_bytes
   record = json.loads(json.dumps(report.as_dict(), default=str))
   assert record["fits"] is True and record["peak_bytes"] == max(s.total_bytes
                                                                for s in report.steps)

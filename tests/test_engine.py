@@ -24,6 +24,9 @@ def test_page_pool_refcounts_prefix_cache_and_eviction():
   keys = page_keys([1, 2, 3, 4, 5], 2, 2)
   assert keys == page_keys([1, 2, 3, 4, 9], 2, 2)  # same full pages, same keys
   assert keys[0] != page_keys([1, 7], 2, 1)[0]
+  ahead = page_keys([1, 2, 3, 4, 5], 2, 2, lookahead=1)  # each page with the token after it
+  assert ahead[0] == page_keys([1, 2, 3, 4, 9], 2, 2, lookahead=1)[0] != keys[0]
+  assert ahead[1] != page_keys([1, 2, 3, 4, 9], 2, 2, lookahead=1)[1]
   a = pool.alloc(3)
   pool.register(keys[0], a[0])
   assert pool.lookup(keys[0]) == a[0] and pool.refcount[a[0]] == 2

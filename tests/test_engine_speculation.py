@@ -8,9 +8,9 @@ import numpy as np
 import pytest
 
 from jaxinfer import checkpoint
-from jaxinfer.draft_heads import hydra, medusa
+from jaxinfer.draft_heads import eagle, hydra, medusa
 from jaxinfer.engine import Engine, EngineConfig
-from jaxinfer.engine.policy import Plain, TreePolicy, ladder
+from jaxinfer.engine.policy import Follow, Plain, TreePolicy, ladder
 from jaxinfer.engine.scheduler import EngineRequest
 from jaxinfer.runtime import Runtime
 from jaxinfer.speculative import proposers as P
@@ -52,9 +52,10 @@ def _run(target, reqs, proposer=None, runtime=Runtime(), should_stop=None, picks
 
 
 def test_speculating_engine_equals_the_plain_engine(target):
-  """Greedy: every lookup proposer's, a draft model's and Medusa and Hydra heads' outputs equal
-  plain decoding's, bit for bit (a row's first verification, which computes the hidden state the
-  heads read, drafts nothing), with more requests than slots, prompts prefilled in lanes beside
+  """Greedy: every lookup proposer's, a draft model's, Medusa and Hydra heads' and the draft
+  layers' over the target's features (EAGLE's, Hydra++'s) outputs equal plain decoding's, bit for
+  bit (a row's first verification, which computes the hidden state the heads read, drafts
+  nothing), with more requests than slots, prompts prefilled in lanes beside
   verification and a shared header read by reference (never recomputed or copied); stop strings
   end a request where the plain engine ends it, and every emitted token is delivered or counted
   as discarded. Also
@@ -81,13 +82,27 @@ def test_speculating_engine_equals_the_plain_engine(target):
             dict(draft_params=target[1], speculation="auto", decode_steps=2,
                  picks=(0, 2, 2, 1, 0, 2, 0, 0))),
            (P.Lookahead(num_nodes=4, depth=2), dict(runtime=Runtime(implementation="pallas")))]
+  # draft layers over the target's features, their K/V in the engine's pages (written from the
+  # lanes), as initialised (EAGLE's drafts the root again, Hydra++'s the target's next token);
+  # Hydra++ with the auto policy, whose plain level still feeds its layer every token
+  dcfg, pcfg = eagle.draft_config(target[0]), hydra.prefix_config(target[0])
+  layer = eagle.EagleHeads(eagle.init_draft(dcfg, jax.random.key(1)))
+  prefixed = hydra.init_heads(target[1], 3, jax.random.key(0), pcfg)
+  prefixed = prefixed.replace(w_out=tuple(jnp.zeros_like(w) for w in prefixed.w_out))
+  cases += [(P.Eagle(dcfg, num_draft_tokens=3), dict(draft_params=layer)),
+            (P.EagleTree(dcfg, num_nodes=5, top_k=2, depth=3), dict(draft_params=layer)),
+            (P.Hydra(paths=paths, prefix=pcfg), dict(draft_params=prefixed, speculation="auto",
+                                                     decode_steps=2,
+                                                     picks=(0, 3, 3, 1, 0, 3, 2, 0)))]
   for proposer, kw in cases:
     kw.setdefault("speculation", "always")
     out, st, eng = _run(target, reqs, proposer, should_stop=stop, **kw)
     assert {u: r.tokens for u, r in out.items()} == {u: r.tokens for u, r in ref.items()}, (
         proposer, kw)
     assert out[4].stopped and len(out[4].tokens) == 5
-    assert st.prefill_tokens_saved >= 3 * 24  # the header's pages, by reference
+    # the header's pages, by reference (but the last, for a layer whose K/V at a position
+    # hold the token after it: the prompts differ there)
+    assert st.prefill_tokens_saved >= 3 * (24 if not proposer.feature_lookahead else 16)
     assert st.decode_tokens == sum(len(r.tokens) for r in out.values()) + \
         st.decode_tokens_discarded
     assert st.decode_tokens > st.row_steps > 0  # more than one token per verification
@@ -101,8 +116,10 @@ def test_speculating_engine_equals_the_plain_engine(target):
     if isinstance(proposer, P.DraftModel):  # the target drafting for itself
       assert st.accepted_hist[-1] > 0 and st.decode_tokens > 2 * st.row_steps
     if "picks" in kw:
-      assert isinstance(eng.ladder[max(kw["picks"])], Plain)
-      assert "decode" in eng._compiled and ("trees", 0) in eng._compiled  # both kinds ran
+      plain = Follow if proposer.paged_layers else Plain
+      assert isinstance(eng.ladder[max(kw["picks"])], plain)
+      ran_plain = ("trees", len(eng.ladder) - 1) if proposer.paged_layers else "decode"
+      assert ran_plain in eng._compiled and ("trees", 0) in eng._compiled  # both kinds ran
 
 
 def test_switching_to_plain_steps_when_every_row_ends_meanwhile(target):
@@ -191,43 +208,19 @@ def _same_distribution(plain, spec):
   assert chi2 < crit, (chi2, df, crit)
 
 
-def test_engine_refuses_proposers_that_need_a_forward_of_their_own(target):
-  """Serving routes by name (before the model loads) exactly the proposers the engine can run."""
+def test_every_proposer_speculates_in_the_engine(target):
+  """The continuous scheduler (the default) speculates in the engine whatever the proposer; the
+  static one in the generator's batches. A proposer short of its weights is refused."""
   from types import SimpleNamespace
 
   from jaxinfer.speculative import registry
   cfg, params = target
-  from jaxinfer.draft_heads.hydra import prefix_config
-  paths = ((0,), (0, 0))
-  with pytest.raises(ValueError, match="hydra proposer reads the target's hidden states over"):
-    Engine(cfg, params, EngineConfig(), 64, proposer=P.Hydra(paths, prefix=prefix_config(cfg)))
+  for name in registry.BUILDERS:
+    for scheduler in ("continuous", "static"):
+      opts = SimpleNamespace(speculative=name, scheduler=scheduler)
+      assert registry.in_engine(opts) == (scheduler == "continuous")
   with pytest.raises(ValueError, match="the medusa proposer needs draft_params"):
-    Engine(cfg, params, EngineConfig(), 64, proposer=P.Medusa(paths))
-  assert P.Medusa(paths).engine_ready and P.Hydra(paths).engine_ready  # heads, no cache
-  assert "medusa" in registry.ENGINE_READY
-  for name in ("ngram", "lookahead", "recycling", "layerskip"):
-    opts = SimpleNamespace(speculative=name, scheduler="continuous", num_draft_tokens=2,
-                           tree="2,1" if name != "lookahead" else "nodes:4", draft_layers=None,
-                           draft_fallback=0.0)
-    proposer, _ = registry.build(opts, cfg, params, None)
-    assert registry.in_engine(opts) == proposer.engine_ready, name
-
-
-def test_hydra_heads_run_in_the_engine_without_the_prefix_layer(target, tmp_path):
-  """--speculative=hydra routes by the heads' config, before anything loads: heads alone to the
-  engine, heads with Hydra++'s prefix layer (a cache of its own) to the generator."""
-  from types import SimpleNamespace
-
-  from jaxinfer.draft_heads import hydra_serve
-  from jaxinfer.speculative import registry
-  cfg, params = target
-  for prefix in (None, hydra.prefix_config(cfg)):
-    heads = hydra.init_heads(params, 2, jax.random.key(1), prefix)
-    where = hydra_serve.save(tmp_path / str(prefix is None), heads, {"tree": [[0], [0, 0]]})
-    opts = SimpleNamespace(speculative="hydra", scheduler="continuous", draft_heads=str(where),
-                           tree="", dtype="auto")
-    proposer, _ = registry.build(opts, cfg, params, None)
-    assert registry.in_engine(opts) == proposer.engine_ready == (prefix is None)
+    Engine(cfg, params, EngineConfig(), 64, proposer=P.Medusa(((0,), (0, 0))))
 
 
 def test_tree_policy_explores_then_runs_the_fastest():
@@ -275,3 +268,84 @@ def test_tree_policy_explores_then_runs_the_fastest():
   assert {always.pick() for _ in range(5)} == {0}
   with pytest.raises(ValueError, match="speculation policy"):
     ladder(P.NGram(), "never")
+
+
+def _feature_proposers(cfg, params):
+  """EAGLE (chain and dynamic tree) and Hydra++ with random draft layers (not the identity they
+  start as: their attention and EAGLE's token embeddings change their drafts)."""
+  dcfg = eagle.draft_config(cfg)
+  draft = eagle.init_draft(dcfg, jax.random.key(1))
+  o = lambda shape, seed: 0.5 * jax.random.normal(jax.random.key(seed), shape)
+  heads = eagle.EagleHeads(draft.replace(
+      fc=draft.fc.at[cfg.embed:].set(o((cfg.embed, cfg.embed), 4)),
+      layer=draft.layer.replace(attn=draft.layer.attn.replace(o=o(draft.layer.attn.o.shape,
+                                                                    2)))))
+  pcfg = hydra.prefix_config(cfg)
+  hh = hydra.init_heads(params, 3, jax.random.key(5), pcfg)
+  hh = hh.replace(prefix=hh.prefix.replace(attn=hh.prefix.attn.replace(
+      o=o(hh.prefix.attn.o.shape, 3))))
+  return {"eagle": (P.Eagle(dcfg, num_draft_tokens=3), heads),
+          "eagle-tree": (P.EagleTree(dcfg, num_nodes=7, top_k=2, depth=3), heads),
+          "hydra++": (P.Hydra(paths=((0,), (1,), (0, 0), (0, 1), (0, 0, 0)), prefix=pcfg), hh)}
+
+
+@pytest.mark.parametrize("name", ["eagle", "eagle-tree", "hydra++"])
+def test_draft_layers_in_the_engines_pages_draft_as_in_a_cache_of_their_own(target, name):
+  """A draft layer over the target's features keeps its K/V in the engine's page layout: the
+  prefill lanes' hidden states written there in chunks of 8 through scattered page tables, and
+  the pending pair (the one a row's first verification gives it) fed, its drafts (tokens and q)
+  equal those from the generator's cache of its own filled over the whole prompt; its state
+  after a verification, drafting again, too. A row not live writes no page."""
+  from jaxinfer import model as M
+  from jaxinfer.kv_cache import KVCache
+  from jaxinfer.sampling import SamplingParams
+  from jaxinfer.speculative.protocol import Context, Prompt, Verified, Weights
+  cfg, params = target
+  proposer, heads = _feature_proposers(cfg, params)[name]
+  w = Weights(heads, params)
+  rng = np.random.RandomState(0)
+  lens, width, ps, m = np.asarray([30, 21]), 32, 8, 6
+  history = rng.randint(3, cfg.vocab_size, (2, 64)).astype(np.int32)
+  hidden, _ = M.forward(params, jnp.asarray(history[:, :width]), jnp.arange(width)[None],
+                        cfg, KVCache.init(cfg, 2, width), kv_source="chunk")
+  first = history[np.arange(2), lens]  # the token after each prompt
+  prompt = Prompt(hidden, hidden[np.arange(2), lens - 1], jnp.asarray(history),
+                  jnp.asarray(lens), jnp.asarray(first), jnp.arange(2), max_len=m * ps)
+  dense = proposer.init_state(w, cfg, 2, m * ps)
+  dense = proposer.admit(w, dense, prompt)
+  # the engine's: the pages of each row scattered over a pool of 16
+  tables = jnp.asarray(rng.permutation(16)[:2 * m].reshape(2, m).astype(np.int32))
+  paged = proposer.init_pages(w, cfg, 2, 16, ps)
+  for start in range(0, width, 8):  # lanes of 8: one per row, the prompt's last token left out
+    pos = start + np.arange(8)[None] + np.zeros((2, 1), int)
+    pos = np.where(pos < lens[:, None] - 1, pos, m * ps)
+    nxt = np.take_along_axis(history, np.minimum(pos + 1, 63), axis=1)
+    paged = proposer.lanes(w, paged, hidden[:, start:start + 8], jnp.asarray(nxt),
+                           jnp.asarray(pos), tables)
+  paged = paged.replace(features=dense.features, tokens=dense.tokens, start=dense.start,
+                        count=dense.count)  # what the first verification pends
+  sampling = SamplingParams(jnp.asarray([0.0, 1.0]), jnp.zeros(2, jnp.int32), jnp.ones(2),
+                            jnp.zeros(2))
+  keys = jax.random.split(jax.random.key(7), 2)
+  hist = jnp.asarray(history).at[np.arange(2), lens].set(first)
+  for step in range(2):
+    ctx = Context(hist, jnp.asarray(lens + step), sampling, keys)
+    dense, d1 = proposer.draft(w, dense, ctx)
+    paged, d2 = proposer.draft(w, paged, ctx.replace(pages=tables))
+    np.testing.assert_array_equal(d1.tokens, d2.tokens)
+    np.testing.assert_array_equal(d1.parents, d2.parents)
+    if d1.q is not None:
+      np.testing.assert_allclose(d1.q, d2.q, atol=1e-5)
+    # a verification accepting the first draft of each row
+    t = d1.tokens.shape[1]
+    vh = jax.random.normal(jax.random.key(step), (2, t, cfg.embed))
+    path = jnp.zeros((2, t), jnp.int32).at[:, 1].set(1)
+    verified = Verified(d1.tokens, vh, None, path, jnp.ones(2, jnp.int32), d1.tokens[:, 2],
+                        jnp.asarray(lens + step), jnp.ones(2, bool))
+    dense, paged = (proposer.observe(w, s, verified) for s in (dense, paged))
+    hist = hist.at[np.arange(2), lens + step + 1].set(d1.tokens[:, 1])
+  before = jax.tree_util.tree_map(np.asarray, paged.cache)
+  ctx = Context(hist, jnp.asarray(lens + 2), sampling, keys, jnp.full((2, m), -1, jnp.int32))
+  after, _ = proposer.draft(w, paged, ctx)
+  for a, b in zip(jax.tree_util.tree_leaves(before), jax.tree_util.tree_leaves(after.cache)):
+    np.testing.assert_array_equal(a, b)

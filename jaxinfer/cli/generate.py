@@ -64,14 +64,14 @@ flags.DEFINE_integer("max_seq_len", None, "Override the model's context length (
                      "e.g. for long prompts under sinks_window sparsity.", lower_bound=2)
 flags.DEFINE_integer("steps_per_sync", 32, "Static scheduler and speculative decoding: decode "
                      "(verification) steps per host round trip at most.", lower_bound=1)
-flags.DEFINE_integer("prefill_chunk", 512, "Speculative decoding: a prompt with more tokens than "
-                     "this to compute is prefilled this many at a time, the running rows "
-                     "verifying between chunks.", lower_bound=1)
+flags.DEFINE_integer("prefill_chunk", 512, "Speculative decoding with --scheduler=static: a "
+                     "prompt with more tokens than this to compute is prefilled this many at a "
+                     "time, the running rows verifying between chunks.", lower_bound=1)
 flags.DEFINE_enum("speculative", "none",
                   ["none", "ngram", "lookahead", "recycling", "draft", "layerskip", "medusa",
                    "hydra", "eagle"],
-                  "Speculative decoding proposer, on one device (continuous: --batch_size slots "
-                  "refilled as rows finish; static: padded batches): prompt lookup (a "
+                  "Speculative decoding proposer (continuous: inside the paged engine, draft "
+                  "trees verified beside prompt lanes; static: padded batches): prompt lookup (a "
                   "chain), a Lookahead-style trie over prompt and output (a tree), Token "
                   "Recycling, a separate draft model, the model itself with layers skipped, "
                   "Medusa or Hydra heads, or an EAGLE draft layer (--draft_heads).")

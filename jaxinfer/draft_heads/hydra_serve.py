@@ -113,16 +113,6 @@ def is_hydra(directory: str | Path) -> bool:
   return (Path(directory) / "hydra_config.json").is_file()
 
 
-def has_prefix_layer(directory: str | Path) -> bool:
-  """Whether the Hydra heads in `directory` have Hydra++'s prefix layer (False where there are
-  no heads to read: loading them says what is wrong)."""
-  try:
-    return bool(json.loads((Path(directory) / "hydra_config.json").read_text()).get(
-        "prefix_layer"))
-  except (OSError, TypeError, ValueError):
-    return False
-
-
 def load(directory: str | Path, dtype=jnp.float32,
          cfg: ModelConfig | None = None) -> tuple[HydraHeads, dict[str, Any]]:
   """The heads and their config; heads with Hydra++'s prefix layer need the base's `cfg`."""

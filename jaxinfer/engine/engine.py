@@ -144,12 +144,12 @@ class Engine:
   fsdp/model axes, or one device).
 
   With a `proposer` each slot's decode row is a draft tree it proposes, verified with the
-  acceptance `rule` (`engine.speculate`); the proposer must draft from tokens alone
-  (`Proposer.engine_ready`). `speculation` "always" verifies its tree every step; "auto"
-  picks its tree, a smaller one or plain decoding per dispatch, by measured speed
+  acceptance `rule` (`engine.speculate`). `speculation` "always" verifies its tree every step;
+  "auto" picks its tree, a smaller one or plain decoding per dispatch, by measured speed
   (`engine.policy`). Plain decoding runs the plain engine's own steps, the host planning each
-  dispatch's steps exactly; between trees and plain decoding the host first reads every
-  dispatch in flight (it must know each row's progress)."""
+  dispatch's steps exactly (a draft layer in the engine's pages, which must read every token,
+  decodes plainly in one-token trees instead); between trees and plain decoding the host first
+  reads every dispatch in flight (it must know each row's progress)."""
 
   def __init__(self, model_cfg: ModelConfig, params: M.Transformer, cfg: EngineConfig,
                max_len: int, runtime: Runtime = Runtime(), proposer=None, rule: str = "exact",
@@ -158,9 +158,6 @@ class Engine:
       raise ValueError(f"Engine: {runtime.sparsity} needs whole-prompt prefill; the engine "
                        f"prefills in chunks (use the static Generator)")
     if proposer is not None:
-      if not proposer.engine_ready:
-        raise ValueError(f"Engine: the {proposer.name} proposer reads the target's hidden "
-                         f"states over the prompt, which the engine does not keep")
       proposer.validate(model_cfg, draft_params)
       check_fits(proposer, model_cfg, runtime.sparsity)
       proposer = proposer.with_sparsity(runtime.sparsity)  # a draft model attends as the target
@@ -203,7 +200,7 @@ class Engine:
     self._last_read = None  # (level, mixed?) of the dispatch read last (None: it compiled)
     history = self.max_pages * self.cfg.page_size
     init = partial(speculate.init_drafting, model_cfg, proposer, self.cfg.num_slots, history,
-                   runtime=runtime)
+                   pages=(self.num_pool_pages, self.cfg.page_size), runtime=runtime)
     # whole on the replica's devices, as every step returns it (kept from run to run: a shared
     # proposer state keeps learning)
     where = None if runtime.mesh is None else NamedSharding(runtime.mesh, PartitionSpec())
@@ -253,8 +250,8 @@ class Engine:
     sampling = SamplingParams(**plan.sampling)
     if plan.num_prefill:
       args = (self.params, self.draft_params, self.k, self.v, self.drafting, plan.tokens[s:],
-              plan.positions[s:], plan.decode_table, plan.chunk_table, plan.sampled, sampling,
-              plan.key_data, self.eos)
+              plan.positions[s:], plan.next_tokens[s:], plan.decode_table, plan.chunk_table,
+              plan.sampled, sampling, plan.key_data, self.eos)
       shape = ("tree", level, len(plan.chunk_table), len(plan.tokens))
       self.k, self.v, self.drafting, emitted, counts = self._call(shape, self._tree_step[level],
                                                                   *args)
@@ -362,7 +359,8 @@ class Engine:
   def _run(self, pool, requests, on_result, should_stop, on_step) -> EngineStats:
     sched = Scheduler(self.cfg.num_slots, self.cfg.chunk_lanes, self.cfg.chunk_size,
                       self.cfg.page_size, self.max_pages, pool, self.model_cfg.eos_token_ids,
-                      self.cfg.decode_steps, self.tree_size)
+                      self.cfg.decode_steps, self.tree_size,
+                      0 if self.proposer is None else self.proposer.feature_lookahead)
     for req in requests:
       sched.add(req)
     st = self.stats

@@ -36,7 +36,6 @@ class Plain(Proposer):
   one-token tree (the root alone), the proposer's state passing through."""
 
   name: str = "plain"
-  engine_ready = True
 
   @property
   def tree_size(self) -> int:
@@ -50,9 +49,42 @@ class Plain(Proposer):
     return state, Draft(root_only(ctx)[:, None], jnp.asarray([-1], jnp.int32), None)
 
 
+@dataclasses.dataclass(frozen=True)
+class Follow(Proposer):
+  """Plain decoding in the ladder of a proposer whose draft layer lives in the engine's pages
+  (`Proposer.paged_layers`): the one-token tree, run as tree steps so that the layer still reads
+  every token the target computes (`Proposer.follow`); nothing is drafted."""
+
+  inner: Proposer
+  name: str = "plain"
+
+  @property
+  def tree_size(self) -> int:
+    return 1
+
+  @property
+  def max_depth(self) -> int:
+    return 0
+
+  @property
+  def paged_layers(self) -> bool:
+    return self.inner.paged_layers
+
+  def lanes(self, weights, state, hidden, next_tokens, positions, pages):
+    return self.inner.lanes(weights, state, hidden, next_tokens, positions, pages)
+
+  def draft(self, weights, state, ctx):
+    return (self.inner.follow(weights, state, ctx),
+            Draft(root_only(ctx)[:, None], jnp.asarray([-1], jnp.int32), None))
+
+  def observe(self, weights, state, verified):
+    return self.inner.observe(weights, state, verified)
+
+
 def ladder(proposer: Proposer, policy: str, max_shrinks: int = 3) -> list[Proposer]:
   """The levels a policy picks among: the proposer first; with "auto", its smaller trees and
-  plain decoding."""
+  plain decoding (`Plain`, the engine's plain steps; `Follow` for a draft layer in the engine's
+  pages, which must read every token)."""
   if policy not in POLICIES:
     raise ValueError(f"speculation policy: expected one of {POLICIES}, got {policy!r}")
   levels = [proposer]
@@ -61,7 +93,9 @@ def ladder(proposer: Proposer, policy: str, max_shrinks: int = 3) -> list[Propos
     if smaller is None or smaller.tree_size >= levels[-1].tree_size:
       break
     levels.append(smaller)
-  return levels + [Plain()] if policy == "auto" else levels
+  if policy != "auto":
+    return levels
+  return levels + [Follow(proposer) if proposer.paged_layers else Plain()]
 
 
 DECAY = 0.8  # weight of the past in the decayed sums below

@@ -80,6 +80,7 @@ class StepPlan:
   """Host arrays for one device step."""
 
   tokens: np.ndarray  # (S + G*Q,) prompt tokens (decode rows take the device's last token)
+  next_tokens: np.ndarray  # (S + G*Q,) the prompt token after each lane token
   from_device: np.ndarray  # (S + G*Q,) bool: decode rows fed the slot's last sampled token
   positions: np.ndarray  # (S + G*Q,); out-of-range positions are padding (writes dropped)
   decode_table: np.ndarray  # (S, M)
@@ -107,14 +108,16 @@ class Scheduler:
 
   def __init__(self, num_slots: int, lanes: int, chunk: int, page_size: int, max_pages: int,
                pool: PagePool, eos_ids: tuple[int, ...], decode_steps: int = 1,
-               tree_size: int | None = None):
+               tree_size: int | None = None, lookahead: int = 0):
     """tree_size: decode rows may be draft trees of this many tokens (`engine.speculate`),
     each plan's rows either trees or plain decoding (`layout`). A tree row's progress is known
     on the host only once its step's results are read, so a sequence keeps its slot until then,
     and reserves pages for one tree beyond its longest output. A row changes between trees and
-    plain decoding only when every launched plan has been committed (its progress is known)."""
+    plain decoding only when every launched plan has been committed (its progress is known).
+    lookahead: prompt pages are shared only between prompts that agree on that many tokens after
+    them (`Proposer.feature_lookahead`)."""
     self.s, self.g, self.q = num_slots, lanes, chunk
-    self.tree_size = tree_size
+    self.tree_size, self.lookahead = tree_size, lookahead
     self.decode_steps = decode_steps
     self.page_size, self.max_pages = page_size, max_pages
     self.pool = pool
@@ -151,9 +154,9 @@ class Scheduler:
     pages do not fit."""
     req, ps = self.pending[0], self.page_size
     prompt_len = len(req.prompt_ids)
-    full = prompt_len // ps
+    full = (prompt_len - self.lookahead) // ps
     if self._head_keys[0] is not req:  # hashed once, however often a full pool defers it
-      self._head_keys = (req, page_keys(req.prompt_ids, ps, full))
+      self._head_keys = (req, page_keys(req.prompt_ids, ps, full, self.lookahead))
     keys = self._head_keys[1]
     shared = []
     for key in keys[:(prompt_len - 1) // ps]:  # the last prompt token is always computed
@@ -268,6 +271,7 @@ class Scheduler:
     s, m = self.s, self.max_pages
     n = s + (g * q if q else 0)
     tokens = np.zeros(n, np.int32)
+    next_tokens = np.zeros(n, np.int32)
     from_device = np.zeros(n, bool)
     positions = np.full(n, self.out_of_range, np.int32)
     decode_table = np.zeros((s, m), np.int32)
@@ -323,6 +327,7 @@ class Scheduler:
     for lane, (seq, start, take) in enumerate(lanes):
       base = s + lane * q
       tokens[base:base + take] = seq.req.prompt_ids[start:start + take]
+      next_tokens[base:base + take] = seq.req.prompt_ids[start + 1:start + take + 1]
       positions[base:base + take] = np.arange(start, start + take)
       chunk_table[lane, :len(seq.pages)] = seq.pages
       num_prefill += take
@@ -334,9 +339,9 @@ class Scheduler:
       return None
     self.unread += 1
     waiting = bool(self.pending) or any(seq.slot is None for seq in self.order)
-    return StepPlan(tokens, from_device, positions, decode_table, chunk_table, sample_index,
-                    sampled, sampling, key_data, samples, num_decode, num_prefill, steps,
-                    len(running), admits, waiting=waiting, tree=tree)
+    return StepPlan(tokens, next_tokens, from_device, positions, decode_table, chunk_table,
+                    sample_index, sampled, sampling, key_data, samples, num_decode, num_prefill,
+                    steps, len(running), admits, waiting=waiting, tree=tree)
 
   def commit(self, plan: StepPlan, tokens: np.ndarray,
              should_stop: Callable[[int, list[int]], bool] | None = None) -> list[EngineResult]:

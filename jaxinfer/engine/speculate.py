@@ -7,7 +7,9 @@ A row accepts a varying number of drafts per step, so its length, its tokens by 
 a lookup proposer reads) and its output count live on the device (`Drafting`); the host admits
 prompts into slots, lays out lanes and page tables and reads back what each step emitted.
 A step computes only as much of the trees as the rows' drafts reach (`Draft.limit`,
-`prefixes`): with no row drafting, one token per row, a plain step.
+`prefixes`): with no row drafting, one token per row, a plain step. A proposer with a draft layer
+over the target's features (`Proposer.paged_layers`) keeps its K/V in the engine's page layout,
+written from the lanes' hidden states.
 """
 
 from __future__ import annotations
@@ -50,13 +52,18 @@ def whole(state: Drafting, runtime: Runtime) -> Drafting:
 
 
 def init_drafting(cfg, proposer, num_slots: int, max_len: int, shared, draft_params, *,
-                  runtime: Runtime) -> Drafting:
+                  pages: tuple[int, int], runtime: Runtime) -> Drafting:
+  """The state of `num_slots` free slots of `max_len` positions; `pages`: the pool's (number,
+  size), for a proposer with `paged_layers`."""
   zeros = lambda *shape: jnp.zeros(shape, jnp.int32)
+  weights = Weights(draft_params, None)
+  if proposer.paged_layers:
+    rows = proposer.init_pages(weights, cfg, num_slots, *pages)
+  else:
+    rows = proposer.init_state(weights, cfg, num_slots, max_len, shared)
   return whole(Drafting(zeros(num_slots, max_len), zeros(num_slots), zeros(num_slots),
                         zeros(num_slots), jnp.ones((num_slots,), bool),
-                        jnp.zeros((num_slots,), bool), zeros(),
-                        proposer.init_state(Weights(draft_params, None), cfg, num_slots,
-                                            max_len, shared)), runtime)
+                        jnp.zeros((num_slots,), bool), zeros(), rows), runtime)
 
 
 def admit(state: Drafting, params, draft_params, slots, prompts, prompt_len, generated, max_new,
@@ -65,7 +72,8 @@ def admit(state: Drafting, params, draft_params, slots, prompts, prompt_len, gen
   position, of which the last `generated` are output (a row that decoded plainly until now),
   the root at the last (its K/V are written by the row's first verification). A proposer that
   `drafts_from_hidden` gets zeros for the hidden state: the row drafts nothing until verified;
-  a draft model fills its own cache from the tokens (all of them, at every admission)."""
+  a draft model fills its own cache from the tokens (all of them, at every admission); a draft
+  layer in the engine's pages has them from the prompt's lanes."""
   k, w = prompts.shape
   hist = jnp.pad(prompts, ((0, 0), (0, state.history.shape[1] - w)))
   prompt = Prompt(None, jnp.zeros((k, cfg.embed), cfg.jnp_dtype), prompts, prompt_len,
@@ -102,15 +110,16 @@ class _Next:
   width: jax.Array  # () the index of the smallest prefix that reaches every row's limit
 
 
-def _propose(params, draft_params, state: Drafting, active, sampling, key_data, *, proposer,
-             sizes) -> _Next:
+def _propose(params, draft_params, state: Drafting, decode_table, active, sampling, key_data, *,
+             proposer, sizes) -> _Next:
   s, t = state.length.shape[0], proposer.tree_size
   live = active & ~state.done
   keys = jax.vmap(jax.random.wrap_key_data)(key_data)
   # keyed by each request's own progress, as the speculative generator keys its rows
   step_keys = jax.vmap(jax.random.fold_in)(keys, state.num_generated)
+  pages = jnp.where(live[:, None], decode_table, -1) if proposer.paged_layers else None
   ctx = Context(state.history, state.length, sampling,
-                jax.vmap(lambda key: jax.random.fold_in(key, _DRAFT_SALT))(step_keys))
+                jax.vmap(lambda key: jax.random.fold_in(key, _DRAFT_SALT))(step_keys), pages)
   pstate, draft = proposer.draft(Weights(draft_params, params), state.proposer, ctx)
   believed = proposer.max_depth if draft.limit is None else draft.limit
   limit = jnp.where(live & (state.primed | (not proposer.drafts_from_hidden)), believed, 0)
@@ -120,10 +129,11 @@ def _propose(params, draft_params, state: Drafting, active, sampling, key_data, 
 
 
 def _verify(params, draft_params, k, v, state: Drafting, nxt: _Next, n: int, lane_tokens,
-            lane_positions, decode_table, chunk_table, active, sampling, eos_ids, *, cfg,
-            proposer, rule, runtime: Runtime):
-  """One step: the target over the first `n` nodes of every live row's tree and the lanes, its
-  verdict, the accepted path's K/V committed; (k, v, state, emitted (S, T), counts (S,))."""
+            lane_positions, lane_next, decode_table, chunk_table, active, sampling, eos_ids, *,
+            cfg, proposer, rule, runtime: Runtime):
+  """One step: the target over the first `n` nodes of every live row's tree and the lanes (the
+  prompt token after each: `lane_next`), its verdict, the accepted path's K/V committed;
+  (k, v, state, emitted (S, T), counts (S,))."""
   s, t = nxt.draft.tokens.shape
   live = active & ~state.done
   d = nxt.draft
@@ -138,6 +148,12 @@ def _verify(params, draft_params, k, v, state: Drafting, nxt: _Next, n: int, lan
                             pack_ancestors(draft.parents))
   hidden, cache = M.forward(params, tokens[None], positions[None], cfg, cache, kv_source="cache",
                             runtime=runtime)
+  weights, pstate = Weights(draft_params, params), nxt.proposer
+  if lane_tokens.shape[0] and proposer.paged_layers:
+    g = chunk_table.shape[0]
+    pstate = proposer.lanes(weights, pstate, hidden[0, s * n:].reshape(g, -1, hidden.shape[-1]),
+                            lane_next.reshape(g, -1), lane_positions.reshape(g, -1),
+                            chunk_table)
   hidden = hidden[0, :s * n].reshape(s, n, -1)
   logits = M.logits(params, hidden)  # (S, n, V)
   verdict = judge(logits, draft, draft.parents, sampling, nxt.keys, rule)
@@ -147,7 +163,7 @@ def _verify(params, draft_params, k, v, state: Drafting, nxt: _Next, n: int, lan
     k_new = commit_path(k_new, decode_table, state.length, verdict.path, n_acc)
     v_new = commit_path(v_new, decode_table, state.length, verdict.path, n_acc)
   emitted, n_emit, _, hist, length, done = emit(state, draft, verdict, eos_ids, live)
-  pstate = proposer.observe(Weights(draft_params, params), nxt.proposer, Verified(
+  pstate = proposer.observe(weights, pstate, Verified(
       draft.tokens, hidden, logits, verdict.path, n_acc, verdict.next_token, state.length, live))
   state = Drafting(hist, length, state.num_generated + n_emit, state.max_new, done,
                    state.primed | live, state.verified + n * jnp.sum(live, dtype=jnp.int32),
@@ -171,8 +187,8 @@ def steps(params, draft_params, k, v, state: Drafting, decode_table, active, sam
   no_lanes = jnp.zeros((0,), jnp.int32)
   no_chunks = jnp.zeros((0, decode_table.shape[1]), jnp.int32)
   sizes = prefixes(proposer)
-  propose = partial(_propose, params, draft_params, active=active, sampling=sampling,
-                    key_data=key_data, proposer=proposer, sizes=sizes)
+  propose = partial(_propose, params, draft_params, decode_table=decode_table, active=active,
+                    sampling=sampling, key_data=key_data, proposer=proposer, sizes=sizes)
 
   def go(c):
     i, _, _, st, _, _, _ = c
@@ -182,8 +198,9 @@ def steps(params, draft_params, k, v, state: Drafting, decode_table, active, sam
     def body(c):
       i, k, v, st, nxt, out, counts = c
       k, v, st, emitted, count = _verify(
-          params, draft_params, k, v, st, nxt, n, no_lanes, no_lanes, decode_table, no_chunks,
-          active, sampling, eos_ids, cfg=cfg, proposer=proposer, rule=rule, runtime=runtime)
+          params, draft_params, k, v, st, nxt, n, no_lanes, no_lanes, no_lanes, decode_table,
+          no_chunks, active, sampling, eos_ids, cfg=cfg, proposer=proposer, rule=rule,
+          runtime=runtime)
       st = whole(st, runtime)
       return i + 1, k, v, st, propose(st), out.at[i].set(emitted), counts.at[i].set(count)
     return lambda c: jax.lax.while_loop(lambda c: go(c) & (c[4].width == j), body, c)
@@ -199,17 +216,18 @@ def steps(params, draft_params, k, v, state: Drafting, decode_table, active, sam
   return k, v, state, out, counts
 
 
-def step(params, draft_params, k, v, state: Drafting, lane_tokens, lane_positions, decode_table,
-         chunk_table, active, sampling: SamplingParams, key_data, eos_ids, *, cfg, proposer, rule,
-         runtime: Runtime):
+def step(params, draft_params, k, v, state: Drafting, lane_tokens, lane_positions, lane_next,
+         decode_table, chunk_table, active, sampling: SamplingParams, key_data, eos_ids, *, cfg,
+         proposer, rule, runtime: Runtime):
   """One mixed step: every live slot (`active` and not done) verifies its whole draft tree
   (rows' limits cut what is tried, not what is computed: a step that prefills is rare, and one
   form of it keeps its tracing and its temporaries small); lanes of prompt tokens are prefilled
-  beside. Returns (k, v, state, emitted (S, T), counts (S,))."""
-  nxt = _propose(params, draft_params, state, active, sampling, key_data, proposer=proposer,
-                 sizes=prefixes(proposer)[-1:])
+  beside (`lane_next`: the prompt token after each). Returns (k, v, state, emitted (S, T),
+  counts (S,))."""
+  nxt = _propose(params, draft_params, state, decode_table, active, sampling, key_data,
+                 proposer=proposer, sizes=prefixes(proposer)[-1:])
   k, v, state, emitted, count = _verify(
       params, draft_params, k, v, state, nxt, proposer.tree_size, lane_tokens, lane_positions,
-      decode_table, chunk_table, active, sampling, eos_ids, cfg=cfg, proposer=proposer,
-      rule=rule, runtime=runtime)
+      lane_next, decode_table, chunk_table, active, sampling, eos_ids, cfg=cfg,
+      proposer=proposer, rule=rule, runtime=runtime)
   return k, v, whole(state, runtime), emitted, count

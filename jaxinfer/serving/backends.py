@@ -3,7 +3,8 @@
 - `EngineBackend`: the continuous-batching engine (paged KV, chunked prefill, shared prefixes),
   one per replica;
 - `StaticBackend`: padded static batches (whole-prompt prefill: the dynamic sparsity patterns);
-- `SpeculativeBackend`: speculative decoding with one proposer, one generator per replica.
+- `SpeculativeBackend`: speculative decoding in static batches (`--scheduler=static`), one
+  generator per replica (with the continuous scheduler the engines speculate).
 
 `prepare(requests)` builds the replicas (or keeps those of an earlier call when they are large
 enough, so repeated calls reuse their compiled steps) and checks memory before anything runs;
@@ -65,8 +66,7 @@ def _engine_config(opts: ServeOptions) -> EngineConfig:
 class EngineBackend:
   """One continuous-batching engine per replica; requests split among them by tokens, sorted
   by prompt (`order` "prefix") so that sharers of a prefix meet on one replica. With a
-  proposer (`Proposer.engine_ready`) the engines speculate, its weights whole on each of a
-  replica's devices."""
+  proposer the engines speculate, its weights whole on each of a replica's devices."""
 
   def __init__(self, opts: ServeOptions, cfg, params, replicas: list[placement.Replica],
                total: int, sparsity, proposer=None, draft_params=None):
@@ -234,20 +234,16 @@ class StaticBackend:
     return timings_stats(_since(self.gen.timings, before))
 
 
-# Continuous speculative batching hands each batch of this many x --batch_size requests to the
-# speculative generator (its slots refilled as rows finish), but a mode's first (compiling)
-# batch is --batch_size requests; the policy picks the tree size or plain decoding per batch.
-SPECULATIVE_WAVE = 8
-
-
 class SpeculativeBackend:
-  """One SpeculativeGenerator per replica (--mesh=data:N: N replicas, each on one device or
-  sharded over its fsdp / model devices), all with the same proposer."""
+  """Speculative decoding in static batches of --batch_size rows: one SpeculativeGenerator per
+  replica (--mesh=data:N: N replicas, each on one device or sharded over its fsdp / model
+  devices), all with the same proposer; the policy picks the tree size or plain decoding per
+  batch."""
 
   def __init__(self, opts: ServeOptions, cfg, params, replicas: list[placement.Replica],
                total: int, sparsity, proposer, draft_params):
     from jaxinfer.speculative.decode import SpeculativeGenerator
-    self.opts, self.continuous = opts, opts.scheduler == "continuous"
+    self.opts = opts
     if any(r.spans_processes for r in replicas):
       raise UserError(f"--mesh: speculative decoding runs each replica within one process; "
                       f"{opts.mesh} has replicas spanning processes (its auto policy decides "
@@ -264,17 +260,14 @@ class SpeculativeBackend:
             proposer, draft_params=placement.replicated(draft_params, mesh),
             rule=opts.acceptance, runtime=_runtime(opts, mesh, sparsity),
             steps_per_sync=opts.steps_per_sync, page_size=opts.page_size,
-            prefill_chunk=opts.prefill_chunk,
-            num_slots=opts.batch_size if self.continuous else None, policy=opts.speculation,
+            prefill_chunk=opts.prefill_chunk, policy=opts.speculation,
             engine_config=_engine_config(opts)))
       except ValueError as e:  # e.g. a tree larger than the model's sliding window
         raise UserError(f"--speculative={opts.speculative} (--tree / --num_draft_tokens): "
                         f"{e}") from None
-    self.reserved = (0, 0)
 
   def prepare(self, requests: list[Request]) -> None:
-    """Memory checked for the longest request; with continuous batching every generator's slots
-    sized for it (one slot geometry: compiled once, and kept by later calls that fit)."""
+    """Memory checked for the longest request."""
     if not requests:
       return
     longest = _longest(requests)
@@ -285,10 +278,6 @@ class SpeculativeBackend:
       placement.check_memory(what, gen.memory_bytes(*longest, b),
                              gen.memory_bytes(*longest, b, per_device=True), gen.params,
                              gen.runtime.mesh, "lower --batch_size or --max_new_tokens")
-    if self.continuous:
-      self.reserved = tuple(max(a, c) for a, c in zip(self.reserved, longest))
-      for gen in self.gens:
-        gen.reserve(*self.reserved)
 
   def reset_prefix_cache(self) -> None:
     for gen in self.gens:
@@ -296,14 +285,8 @@ class SpeculativeBackend:
 
   def _work(self, gen, share, deliver: Deliver, should_stop: StopCheck) -> None:
     b = self.opts.batch_size
-    wave = b * (SPECULATIVE_WAVE if self.continuous else 1)
-    start = 0
-    while start < len(share):
-      # a mode's first batch compiles its steps: one batch; measured batches and the rest are
-      # long waves (slots refilled for longer between decisions, as the job will run them)
-      size = b if gen.compiling_next else wave
-      batch = share[start:start + size]
-      start += size
+    for start in range(0, len(share), b):
+      batch = share[start:start + b]
       rows = [RowRequest(r.prompt_ids, r.max_new_tokens, sample_key(r.seed, r.id, k),
                          r.temperature, r.top_k, r.top_p, r.min_p) for r, k in batch]
       gen.generate(rows, lambda i, tokens, batch=batch: should_stop(batch[i][0], tokens),
@@ -312,18 +295,10 @@ class SpeculativeBackend:
 
   def run(self, requests: list[Request], deliver: Deliver, should_stop: StopCheck) -> dict:
     from jaxinfer.speculative.decode import SpecStats
-    # continuous: sorted by prompt (order "prefix"), so rows sharing a prefix run close
-    # together (reusing its K/V), in contiguous shares of about equal tokens; static: by length,
-    # so that a batch's rows pad little, dealt round-robin so that every replica gets a like mix
-    # of lengths
-    if not self.continuous:
-      requests = sorted(requests, key=lambda r: len(r.prompt_ids))
-    elif self.opts.order == "prefix":
-      requests = sorted(requests, key=lambda r: r.prompt_ids)
-    rows = _rows(requests)
-    n = self.total
-    shares = (placement.split_by_tokens(rows, n, request=lambda row: row[0])
-              if self.continuous else [rows[i::n] for i in range(n)])
+    # sorted by length, so that a batch's rows pad little, dealt round-robin so that every
+    # replica gets a like mix of lengths
+    rows = _rows(sorted(requests, key=lambda r: len(r.prompt_ids)))
+    shares = [rows[i::self.total] for i in range(self.total)]
     before = [copy.deepcopy(g.stats) for g in self.gens]
     placement.in_threads(
         lambda gen, share: self._work(gen, share, deliver, should_stop),

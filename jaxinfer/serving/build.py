@@ -21,11 +21,6 @@ def load(opts: ServeOptions):
   from jaxinfer.speculative import registry
   static = opts.scheduler == "static" and not opts.speculating
   in_engine = registry.in_engine(opts)
-  if opts.kv_cache_dtype is not None and opts.speculating and not in_engine:
-    raise UserError(f"--kv_cache_dtype: --speculative={opts.speculative} runs outside the "
-                    f"continuous engine, whose page pool is the one quantized; use a proposer "
-                    f"the engine runs ({', '.join(registry.ENGINE_READY)}; Hydra heads without "
-                    f"the prefix layer) or no --kv_cache_dtype")
   replicas, total, static_mesh = [], 1, None
   if static:
     spec = placement.process_spec(opts.mesh)  # each process its own static batches

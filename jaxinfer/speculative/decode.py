@@ -30,7 +30,7 @@ import numpy as np
 from jaxinfer import model as M
 from jaxinfer.compilation_cache import call_compiled
 from jaxinfer.config import ModelConfig
-from jaxinfer.engine.policy import Plain, ladder
+from jaxinfer.engine.policy import ladder
 from jaxinfer.generation import Generator, RowRequest, RowResult, next_pow2
 from jaxinfer.kv_cache import PagedKVCache
 from jaxinfer.runtime import Runtime
@@ -100,7 +100,7 @@ class SpeculativeGenerator:
                            full_tree=proposer.tree_size)
     # the proposer and its smaller trees, largest first (policy "auto" picks among them and
     # plain decoding)
-    self.ladder = [p for p in ladder(proposer, policy, max_shrinks) if not isinstance(p, Plain)]
+    self.ladder = [p for p in ladder(proposer, policy, max_shrinks) if p.max_depth]
     self._last: dict[int | str, int] = {}  # mode -> the batch that last ran it
     self._compiled: dict = {}
     # a proposer state every row shares (Token Recycling's adjacency), carried between batches

@@ -1,15 +1,18 @@
-"""The one interface every draft proposer implements, and the data it exchanges with the
-speculative generator (`jaxinfer.speculative.decode`).
+"""The one interface every draft proposer implements, and the data it exchanges with the paged
+engine (`jaxinfer.engine.speculate`) and the speculative generator's static batches
+(`jaxinfer.speculative.decode`).
 
 A proposer is a frozen dataclass: its fields are configuration, static under jit. Its methods
-are pure functions of (weights, its state, the step's inputs), traced inside the generator's
-jitted steps. Its state is a pytree with one row per slot (B rows), or, for a proposer with
-`shared_state`, one value every row reads and refreshes. The generator calls, per batch:
+are pure functions of (weights, its state, the step's inputs), traced inside the engine's (or
+the generator's) jitted steps. Its state is a pytree with one row per slot (B rows), or, for a
+proposer with `shared_state`, one value every row reads and refreshes. They call:
 
-  init_state  the state of B free slots
+  init_state  the state of B free slots (`init_pages` in the engine, for `paged_layers`)
   admit       rows admitted into slots: their state after the prompt's prefill
   extend      one chunk of a long admission's prompt (a draft cache of its own follows it)
+  lanes       (the paged engine) the target's hidden states over its prefill lanes
   draft       every step: a draft tree of `tree_size` nodes per row
+  follow      (the paged engine) a step that drafts nothing: what the state must still read
   observe     after each verification: what the target said about the tree
 
 and lays the state out on a mesh with `state_shardings`. What differs between proposers is
@@ -26,7 +29,7 @@ import jax
 import jax.numpy as jnp
 from flax import struct
 
-from jaxinfer.kv_cache import CACHE_AXES, KVCache
+from jaxinfer.kv_cache import CACHE_AXES, KVCache, PagePools
 from jaxinfer.runtime import Runtime
 from jaxinfer.sampling import SamplingParams
 from jaxinfer.sparsity import DENSE, Sparsity
@@ -48,6 +51,9 @@ class Context:
   length: jax.Array  # (B,) position of the root (the last committed, not yet cached, token)
   sampling: SamplingParams
   keys: jax.Array  # (B,) this step's draft keys
+  # (B, M) in the paged engine, each row's page table for a proposer with `paged_layers` (-1
+  # for a row not live: nothing of it is written); None elsewhere
+  pages: jax.Array | None = None
 
 
 @struct.dataclass
@@ -108,15 +114,19 @@ class Proposer(abc.ABC):
   # One state for every row (Token Recycling's adjacency matrix of likely successors), refreshed
   # by every row's verification and carried from batch to batch.
   shared_state: bool = False
-  # It drafts from the rows' tokens alone (and a `shared_state`; a draft model's own cache is
-  # filled from them at admission), or from the target's hidden state at the last accepted
-  # token (`drafts_from_hidden`): the paged engine's slots run it (`jaxinfer.engine.speculate`),
-  # a row admitted with its tokens so far, not the target's hidden states over them.
-  engine_ready: bool = False
-  # Its state is the target's hidden state at each row's last accepted token (heads with no
-  # cache of their own): in the engine a row drafts nothing in its first verification, which
-  # computes that state (the engine prefills prompts without keeping their hidden states).
+  # It drafts from the target's hidden state at each row's last accepted token: in the engine a
+  # row drafts nothing in its first verification, which computes that state (the engine keeps
+  # no hidden state of a prompt's last token, which its lanes leave to the row's first step).
   drafts_from_hidden: bool = False
+  # In the engine, the K/V of a draft layer of its own over the target's features (EAGLE's
+  # layer, Hydra++'s prefix layer) live in the engine's page layout (`init_pages`, a
+  # `PagePools` in its state): written from the prefill lanes' hidden states (`lanes`) and by
+  # drafting through the rows' page tables (`Context.pages`), so a prompt page shared by
+  # reference carries them too. Their K/V at position p depend on the tokens up to
+  # p + `feature_lookahead` (EAGLE's pair at p holds token p + 1): the engine shares a page only
+  # between prompts that agree that far.
+  paged_layers: bool = False
+  feature_lookahead: int = 0
   # The pattern a draft layer or model of its own attends with (`with_sparsity`).
   sparsity: Sparsity = DENSE
 
@@ -173,6 +183,19 @@ class Proposer(abc.ABC):
     shapes = jax.eval_shape(lambda wt, p: self.row_state(wt, None, p), weights, prompt)
     return jax.tree_util.tree_map(lambda x: jnp.zeros(x.shape, x.dtype), shapes)
 
+  def init_pages(self, weights: Weights, cfg, num_rows: int, num_pages: int,
+                 page_size: int) -> Any:
+    """A `paged_layers` proposer's state in the engine: `num_rows` free slots, its layers'
+    K/V in `num_pages` pages of `page_size` positions."""
+    raise NotImplementedError(f"the {self.name} proposer keeps no pages")
+
+  def lanes(self, weights: Weights, state, hidden, next_tokens, positions, pages) -> Any:
+    """A `paged_layers` proposer's state after the engine's prefill lanes: the target's
+    hidden states (G, Q, D) over their tokens at `positions` (G, Q) (out of range: padding),
+    the prompt token after each (G, Q), each lane's page table `pages` (G, M)."""
+    del weights, hidden, next_tokens, positions, pages
+    return state
+
   def row_state(self, weights: Weights, state, prompt: Prompt) -> Any:
     """The state of the rows `prompt` admits, k rows (`state`: the running one, whose own cache
     pages `prompt.copy_src` name)."""
@@ -195,6 +218,12 @@ class Proposer(abc.ABC):
     """(the state after drafting, each row's draft tree). Deterministic drafts (q None) are
     distinct top-k tokens per parent; sampled ones come with the distribution q they were
     drawn from."""
+
+  def follow(self, weights: Weights, state, ctx: Context) -> Any:
+    """The state for a step that drafts nothing (plain decoding in the engine's ladder, for a
+    proposer with `paged_layers`): what it must read of every token still read."""
+    del weights, ctx
+    return state
 
   def observe(self, weights: Weights, state, verified: Verified) -> Any:
     """The state after a verification (a row that was not `live` keeps its own)."""
@@ -221,28 +250,37 @@ def check_fits(proposer: Proposer, cfg, sparsity: Sparsity) -> None:
 
 
 def row_shardings(state, mesh, rules, rows: str | None) -> Any:
-  """Rows (axis 0; a KVCache's axis 1) over `rows`, a KVCache's heads over `kv_heads`."""
+  """Rows (axis 0; a KVCache's axis 1) over `rows`, a KVCache's heads over `kv_heads`; page
+  pools whole."""
   at = lambda x, axes: rules.sharding(mesh, axes, x.shape)
   cache_axes = tuple(rows if a == "batch" else a for a in CACHE_AXES)
 
   def leaf(x):
     if isinstance(x, KVCache):
       return jax.tree_util.tree_map(lambda y: at(y, cache_axes), x)
+    if isinstance(x, PagePools):
+      return jax.tree_util.tree_map(lambda y: at(y, (None,) * y.ndim), x)
     return at(x, (rows,) + (None,) * (x.ndim - 1))
 
-  return jax.tree_util.tree_map(leaf, state, is_leaf=lambda x: isinstance(x, KVCache))
+  return jax.tree_util.tree_map(leaf, state, is_leaf=_caches)
 
 
 def put_rows(old, new, slots):
   """old's rows `slots` := new's rows, leaf by leaf (rows are axis 1 of a KVCache's buffers,
-  axis 0 elsewhere); slots past the end are dropped."""
+  axis 0 elsewhere; page pools are no rows: old's are kept); slots past the end are dropped."""
   def put(o, n, axis=0):
     n = n if n.dtype == o.dtype else n.astype(o.dtype)
     return o.at[(slice(None),) * axis + (slots,)].set(n, mode="drop")
 
   def leaf(o, n):
+    if isinstance(o, PagePools):
+      return o
     if isinstance(o, KVCache):
       return jax.tree_util.tree_map(lambda a, b: put(a, b, 1), o, n)
     return put(o, n)
 
-  return jax.tree_util.tree_map(leaf, old, new, is_leaf=lambda x: isinstance(x, KVCache))
+  return jax.tree_util.tree_map(leaf, old, new, is_leaf=_caches)
+
+
+def _caches(x) -> bool:
+  return isinstance(x, (KVCache, PagePools))

@@ -198,23 +198,11 @@ def _eagle(opts, cfg, params, dtype):
   return P.Eagle(eagle.draft_config(cfg), num_draft_tokens=opts.num_draft_tokens), heads
 
 
-# the proposers the engine runs (`Proposer.engine_ready`): those that draft from tokens alone,
-# draft models (their own caches filled from the tokens) and heads on the target's hidden state
-# (Hydra's without the prefix layer)
-ENGINE_READY = ("ngram", "lookahead", "recycling", "draft", "layerskip", "medusa", "hydra")
-
-
 def in_engine(opts) -> bool:
   """Whether `opts` speculate inside the continuous-batching engine (its slots, page pool and
-  prefill lanes), rather than in the speculative generator's own slots. Hydra heads do when they
-  have no prefix layer (it keeps a cache of its own): their config says, read before anything
-  loads."""
-  if opts.speculative not in ENGINE_READY or opts.scheduler != "continuous":
-    return False
-  if opts.speculative == "hydra":
-    from jaxinfer.draft_heads.hydra_serve import has_prefix_layer
-    return not has_prefix_layer(opts.draft_heads)
-  return True
+  prefill lanes; every proposer does), rather than in the speculative generator's static
+  batches (`--scheduler=static`)."""
+  return opts.scheduler == "continuous"
 
 
 BUILDERS: dict[str, Callable] = {

@@ -94,10 +94,6 @@ class HeadsTree(Proposer):
   drafts_from_hidden = True
 
   @property
-  def engine_ready(self) -> bool:
-    return not self.reads_prompt_features  # (Hydra++'s prefix layer has a cache of its own)
-
-  @property
   def tree_size(self) -> int:
     return 1 + len(self.paths)
 

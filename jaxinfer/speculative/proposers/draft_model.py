@@ -36,7 +36,6 @@ class DraftModel(Chain):
   fallback: float = 0.0
   sparsity: Sparsity = DENSE
   needs_draft_params = True
-  engine_ready = True  # the engine's admission fills its cache from the rows' tokens
 
   def validate(self, cfg, draft_params) -> None:
     super().validate(cfg, draft_params)

@@ -12,9 +12,10 @@ from jaxinfer.draft_heads.eagle_serve import draft_forward
 from jaxinfer.sampling import distribution
 from jaxinfer.sparsity import DENSE, Sparsity
 from jaxinfer.speculative.proposers.common import Chain, chain_parents, draw, root_only
-from jaxinfer.speculative.proposers.pending import (EagleState, feed_pending, nothing_pending,
-                                                    observe_path, prefill_pending,
-                                                    reused_layer_cache)
+from jaxinfer.speculative.proposers.pending import (EagleState, attach, detach, engine_rows,
+                                                    feed_pending, nothing_pending, observe_path,
+                                                    paged_state, prefill_pending,
+                                                    reused_layer_cache, write_lanes)
 from jaxinfer.speculative.protocol import Context, Draft, Weights, put_rows
 
 
@@ -24,7 +25,8 @@ class Eagle(Chain):
   of the last accepted path, then feed its own predicted features back `num_draft_tokens` - 1
   times. Drafts are sampled from its filtered distribution for sampling rows (q returned, zero
   outside its draft vocabulary). `sparsity`: the pattern its layer attends its own cache with
-  (the generator sets the target's)."""
+  (the generator sets the target's). In the engine its layer's K/V live in the engine's page
+  layout; the pair at position p holds token p + 1."""
 
   cfg: ModelConfig  # the draft layer's (one layer)
   num_draft_tokens: int = 4
@@ -32,11 +34,30 @@ class Eagle(Chain):
   sparsity: Sparsity = DENSE
   needs_draft_params = True
   reads_prompt_features = True
+  drafts_from_hidden = True
+  paged_layers = True
+  feature_lookahead = 1
 
   def with_sparsity(self, sparsity):
     return dataclasses.replace(self, sparsity=sparsity)
 
+  def init_pages(self, weights, cfg, num_rows, num_pages, page_size):
+    return paged_state(self.cfg, num_rows, num_pages, page_size, self.tree_size, cfg.embed,
+                       weights.draft.draft.fc.dtype)
+
+  def lanes(self, weights, state, hidden, next_tokens, positions, pages):
+    return write_lanes(self._layer(weights), state, hidden, next_tokens, positions, pages)
+
+  def _layer(self, weights):
+    """forward(features, tokens, positions, cache) of the draft layer over its cache."""
+    heads, base = weights
+    return lambda f, x, pos, cache: draft_forward(
+        heads.draft, base, f, x, pos, self.cfg, cache, kv_source="cache",
+        runtime=self.draft_runtime)
+
   def row_state(self, weights, state, prompt):
+    if prompt.hidden is None:  # the engine's admission: its lanes wrote the prompt's pairs
+      return engine_rows(state, prompt.prompt_len)
     return self.prefill(weights, prompt.hidden, prompt.history, prompt.prompt_len, prompt.first,
                         prompt.max_len, prompt.start,
                         reused_layer_cache(state, prompt.copy_src))
@@ -64,9 +85,12 @@ class Eagle(Chain):
   def catch_up(self, heads, base, st: EagleState):
     """Feeds the pending pairs into the draft's cache; returns the predicted feature after
     the last of them (it scores the root's children) and the cache."""
-    return feed_pending(lambda f, x, pos, cache: draft_forward(
-        heads.draft, base, f, x, pos, self.cfg, cache, kv_source="cache",
-        runtime=self.draft_runtime), st)
+    return feed_pending(self._layer((heads, base)), st)
+
+  def follow(self, weights, st: EagleState, ctx: Context):
+    """The pending pairs fed, nothing drafted."""
+    st = attach(st, ctx.pages)
+    return detach(st.replace(cache=self.catch_up(*weights, st)[1]), ctx.pages)
 
   def propose(self, heads_and_base, st: EagleState, ctx: Context):
     """`draft` with weights (heads, base)."""
@@ -75,6 +99,7 @@ class Eagle(Chain):
   def draft(self, weights, st: EagleState, ctx: Context):
     heads, base = weights
     draft, vocab_size = heads.draft, base.embed.shape[0]
+    st = attach(st, ctx.pages)
     feat, cache = self.catch_up(heads, base, st)
     drafted, qs = [root_only(ctx)], []
     for i in range(self.num_draft_tokens):
@@ -88,7 +113,7 @@ class Eagle(Chain):
                                       kv_source="cache", runtime=self.draft_runtime)
         feat = hidden[:, 0]
     qs.append(qs[-1])  # the last node has no children
-    return st.replace(cache=cache), Draft(jnp.stack(drafted, 1),
+    return detach(st.replace(cache=cache), ctx.pages), Draft(jnp.stack(drafted, 1),
                                           jnp.asarray(chain_parents(self.tree_size)),
                                           jnp.stack(qs, 1))
 

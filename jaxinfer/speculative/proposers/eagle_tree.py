@@ -25,7 +25,7 @@ from jaxinfer.attention import MASK_VALUE
 from jaxinfer.draft_heads.eagle_serve import draft_forward
 from jaxinfer.speculative.proposers.common import root_only
 from jaxinfer.speculative.proposers.eagle import Eagle
-from jaxinfer.speculative.proposers.pending import EagleState
+from jaxinfer.speculative.proposers.pending import EagleState, attach, detach
 from jaxinfer.speculative.protocol import Context, Draft
 
 _DEPTH_PENALTY = 1e-4  # makes a child's score strictly lower than its parent's
@@ -138,7 +138,9 @@ class EagleTree(Eagle):
     draft = heads.draft
     b, k = st.tokens.shape[0], self.top_k
     rows = jnp.arange(b)
+    st = attach(st, ctx.pages)
     root_feat, cache = self.catch_up(heads, base, st)  # (B, D): scores the root's children
+    prefix = cache if ctx.pages is None else cache.rows()  # (the engine's: its rows' pages)
 
     def children(feat, score):
       """Top-k children of each node: tokens and cumulative scores (B, n, k)."""
@@ -159,7 +161,7 @@ class EagleTree(Eagle):
     for d in range(1, self.depth):  # feed the depth-d frontier, score depth d + 1
       offset = (d - 1) * k
       mask = ancestors | (jnp.arange(max(slots, 1)) == offset + jnp.arange(k)[:, None])[None]
-      tree_cache = _TreeDraftCache(cache.k, cache.v, (tk,), (tv,), ctx.length, mask, offset)
+      tree_cache = _TreeDraftCache(prefix.k, prefix.v, (tk,), (tv,), ctx.length, mask, offset)
       pos = jnp.broadcast_to((ctx.length + d - 1)[:, None], (b, k))
       out, tree_cache = draft_forward(draft, base, front_feat, front_tok, pos, self.cfg,
                                       tree_cache, kv_source="cache",
@@ -189,4 +191,4 @@ class EagleTree(Eagle):
     tokens = jnp.concatenate([root_only(ctx)[:, None],
                               jnp.take_along_axis(pool_tok, keep, axis=1)], axis=1)
     parents = jnp.concatenate([jnp.full((b, 1), -1, jnp.int32), parents], axis=1)
-    return st.replace(cache=cache), Draft(tokens, parents, None)
+    return detach(st.replace(cache=cache), ctx.pages), Draft(tokens, parents, None)

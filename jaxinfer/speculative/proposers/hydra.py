@@ -15,9 +15,10 @@ from jaxinfer.draft_heads.medusa_serve import tree_parents
 from jaxinfer.quant import weight
 from jaxinfer.sparsity import DENSE, Sparsity
 from jaxinfer.speculative.proposers.common import HeadsTree, root_only
-from jaxinfer.speculative.proposers.pending import (EagleState, feed_pending, nothing_pending,
-                                                    observe_path, pending_path, prefill_pending,
-                                                    reused_layer_cache)
+from jaxinfer.speculative.proposers.pending import (EagleState, attach, detach, engine_rows,
+                                                    feed_pending, nothing_pending, observe_path,
+                                                    paged_state, pending_path, prefill_pending,
+                                                    reused_layer_cache, write_lanes)
 from jaxinfer.speculative.protocol import Context, Draft, Weights, put_rows
 
 
@@ -32,7 +33,7 @@ class Hydra(HeadsTree):
   `EagleState`, as the EAGLE draft keeps its pairs); the heads read the layer's output at the
   last accepted token. Without it, the state is the target's hidden state there (B, D).
   `sparsity`: the pattern the prefix layer attends its cache with (the generator sets the
-  target's)."""
+  target's). In the engine the prefix layer's K/V live in the engine's page layout."""
 
   paths: tuple[tuple[int, ...], ...]
   name: str = "hydra"
@@ -43,6 +44,24 @@ class Hydra(HeadsTree):
   @property
   def reads_prompt_features(self) -> bool:
     return self.prefix is not None
+
+  @property
+  def paged_layers(self) -> bool:
+    return self.prefix is not None
+
+  def init_pages(self, weights, cfg, num_rows, num_pages, page_size):
+    return paged_state(self.prefix, num_rows, num_pages, page_size, self.tree_size, cfg.embed,
+                       weights.draft.prefix_norm.dtype)
+
+  def lanes(self, weights, state, hidden, next_tokens, positions, pages):
+    return write_lanes(self._layer(weights), state, hidden, next_tokens, positions, pages)
+
+  def _layer(self, weights):
+    """forward(hidden states, tokens (unread), positions, cache) of the prefix layer."""
+    heads, base = weights
+    return lambda f, x, pos, cache: prefix_forward(heads, base, f, pos, self.prefix, cache,
+                                                   kv_source="cache",
+                                                   runtime=self.draft_runtime)
 
   def validate(self, cfg, draft_params) -> None:
     super().validate(cfg, draft_params)
@@ -56,6 +75,8 @@ class Hydra(HeadsTree):
   def row_state(self, weights, state, prompt):
     if self.prefix is None:
       return super().row_state(weights, state, prompt)
+    if prompt.hidden is None:  # the engine's admission: its lanes wrote the prompt's states
+      return engine_rows(state, prompt.prompt_len)
     return self.prefill(weights, prompt.hidden, prompt.prompt_len, prompt.max_len, prompt.start,
                         reused_layer_cache(state, prompt.copy_src))
 
@@ -91,12 +112,14 @@ class Hydra(HeadsTree):
     """(what the heads read at the last accepted token (B, D), the state after reading it)."""
     if self.prefix is None:
       return state, state
-    heads, base = heads_and_base
-    out, cache = feed_pending(lambda f, x, pos, cache: prefix_forward(
-        heads, base, f, pos, self.prefix, cache, kv_source="cache",
-        runtime=self.draft_runtime),
-        state)
+    out, cache = feed_pending(self._layer(heads_and_base), state)
     return out, state.replace(cache=cache)
+
+  def follow(self, weights, state, ctx: Context):
+    """The prefix layer's pending states fed, nothing drafted."""
+    if self.prefix is None:
+      return state
+    return detach(self.heads_input(weights, attach(state, ctx.pages))[1], ctx.pages)
 
   def propose(self, heads_and_base, state, ctx: Context):
     """`draft` with weights (heads, base)."""
@@ -104,7 +127,8 @@ class Hydra(HeadsTree):
 
   def draft(self, weights, state, ctx: Context):
     heads, embed = weights.draft, weight(weights.target.embed)
-    hidden, state = self.heads_input(weights, state)
+    hidden, state = self.heads_input(weights, attach(state, ctx.pages))
+    state = detach(state, ctx.pages)
     index = {(): 0}
     for i, p in enumerate(sorted(self.paths, key=lambda p: (len(p), p)), start=1):
       index[p] = i

@@ -29,7 +29,6 @@ class Lookahead(Proposer):
   num_candidates: int = 16
   max_ngram: int = 4
   name: str = "lookahead"
-  engine_ready = True
 
   def __post_init__(self):
     if min(self.num_nodes, self.depth, self.num_candidates, self.max_ngram) < 1:

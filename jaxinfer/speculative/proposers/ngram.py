@@ -17,7 +17,6 @@ class NGram(Chain):
   num_draft_tokens: int = 4
   max_ngram: int = 3
   name: str = "ngram"
-  engine_ready = True
 
   def draft(self, weights, state, ctx: Context):
     hist, length = ctx.history, ctx.length

@@ -1,5 +1,11 @@
 """A draft layer over the target's features (EAGLE's draft layer, Hydra++'s prefix layer): its
-own KV cache, and the (feature, token) pairs of the last accepted path it has not read yet."""
+own KV cache, and the (feature, token) pairs of the last accepted path it has not read yet.
+
+In the speculative generator the cache is a `KVCache` of its own, rows by slot. In the paged
+engine it is a `PagePools` named by the engine's page tables: the prefill lanes write the
+prompt's pairs (`write_lanes`), drafting reads and writes through the rows' tables (`attach`,
+`detach`), and a row starts with nothing pending (`engine_rows`): its first verification drafts
+nothing and gives it the pair at its prompt's last token."""
 
 from __future__ import annotations
 
@@ -8,7 +14,7 @@ import jax.numpy as jnp
 from flax import struct
 
 from jaxinfer.config import ModelConfig
-from jaxinfer.kv_cache import KVCache
+from jaxinfer.kv_cache import KVCache, PagePools
 from jaxinfer.speculative.proposers.common import reused_cache
 
 
@@ -18,7 +24,7 @@ class EagleState:
   path of the last verification, `count` pairs from position `start`, the last of them (the
   feature that predicted the root, the root) at position root - 1."""
 
-  cache: KVCache
+  cache: KVCache | PagePools
   features: jax.Array  # (B, T, D)
   tokens: jax.Array  # (B, T)
   start: jax.Array  # (B,)
@@ -56,13 +62,16 @@ def feed_pending(forward, st: EagleState):
 def pending_path(st: EagleState, verify_hidden, tokens, path, num_accepted, next_token, length,
                  live) -> EagleState:
   """Pending := the accepted path's pairs: the target's feature at path node j (position
-  length + j) and the token after it (the next accepted draft, or the new root)."""
+  length + j) and the token after it (the next accepted draft, or the new root). A tree smaller
+  than the state's (a smaller level of the engine's ladder) pads its path."""
   t = path.shape[1]
   j = jnp.arange(t)[None, :]
   feats = jnp.take_along_axis(verify_hidden, path[..., None], axis=1).astype(st.features.dtype)
   path_tokens = jnp.take_along_axis(tokens, path, axis=1)
   nxt = jnp.where(j < num_accepted[:, None], jnp.roll(path_tokens, -1, axis=1),
                   next_token[:, None])
+  pad = st.tokens.shape[1] - t
+  feats, nxt = jnp.pad(feats, ((0, 0), (0, pad), (0, 0))), jnp.pad(nxt, ((0, 0), (0, pad)))
   keep = lambda new, old: jnp.where(live.reshape((-1,) + (1,) * (new.ndim - 1)), new, old)
   return st.replace(features=keep(feats, st.features), tokens=keep(nxt, st.tokens),
                     start=keep(length, st.start), count=keep(num_accepted + 1, st.count))
@@ -84,3 +93,42 @@ def nothing_pending(st: EagleState, end) -> EagleState:
   """Rows after a chunk of a long admission ending at `end` (k,): its pairs are in the cache,
   none is left for a verification step to feed."""
   return st.replace(start=end, count=jnp.zeros_like(end))
+
+
+def paged_state(cfg: ModelConfig, num_rows: int, num_pages: int, page_size: int, t: int, d: int,
+                dtype) -> EagleState:
+  """The engine's state of `num_rows` free slots: the layer's K/V in `num_pages` pages of the
+  engine's layout, nothing pending."""
+  zeros = lambda *shape: jnp.zeros(shape, jnp.int32)
+  return EagleState(PagePools.init(cfg, num_pages, page_size),
+                    jnp.zeros((num_rows, t, d), dtype), zeros(num_rows, t), zeros(num_rows),
+                    zeros(num_rows))
+
+
+def engine_rows(st: EagleState, prompt_len) -> EagleState:
+  """Rows admitted into the engine (k,), whose lanes wrote the pairs of their prompts but the
+  last: nothing pending (the pools are the running state's)."""
+  k, (t, d) = prompt_len.shape[0], st.features.shape[1:]
+  return EagleState(st.cache, jnp.zeros((k, t, d), st.features.dtype),
+                    jnp.zeros((k, t), jnp.int32), prompt_len - 1,
+                    jnp.zeros_like(prompt_len))
+
+
+def write_lanes(forward, st: EagleState, hidden, next_tokens, positions, pages) -> EagleState:
+  """The engine's prefill lanes' pairs, the target's hidden state at each lane token and the
+  prompt token after it, written through the lanes' page tables `pages` (G, M):
+  forward(features, tokens, positions, cache) -> (out, cache)."""
+  _, cache = forward(hidden.astype(st.features.dtype), next_tokens, positions,
+                     st.cache.over(pages))
+  return st.replace(cache=PagePools.of(cache))
+
+
+def attach(st, pages):
+  """The state with its cache read through the rows' page tables (`Context.pages`), in the
+  engine (pages None: as it is)."""
+  return st if pages is None else st.replace(cache=st.cache.over(pages))
+
+
+def detach(st, pages):
+  """`attach` undone: the cache back to the pools it wrote."""
+  return st if pages is None else st.replace(cache=PagePools.of(st.cache))

@@ -19,7 +19,6 @@ class Recycling(Proposer):
   branching: tuple[int, ...] = (4, 2, 1, 1)
   name: str = "recycling"
   shared_state = True
-  engine_ready = True
 
   @property
   def tree_size(self) -> int:
