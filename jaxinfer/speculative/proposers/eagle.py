@@ -14,7 +14,7 @@ from jaxinfer.sparsity import DENSE, Sparsity
 from jaxinfer.speculative.proposers.common import Chain, chain_parents, draw, root_only
 from jaxinfer.speculative.proposers.pending import (EagleState, attach, detach, engine_rows,
                                                     feed_pending, nothing_pending, observe_path,
-                                                    paged_state, prefill_pending,
+                                                    paged_state, pending_width, prefill_pending,
                                                     reused_layer_cache, write_lanes)
 from jaxinfer.speculative.protocol import Context, Draft, Weights, put_rows
 
@@ -42,7 +42,7 @@ class Eagle(Chain):
     return dataclasses.replace(self, sparsity=sparsity)
 
   def init_pages(self, weights, cfg, num_rows, num_pages, page_size):
-    return paged_state(self.cfg, num_rows, num_pages, page_size, self.tree_size, cfg.embed,
+    return paged_state(self.cfg, num_rows, num_pages, page_size, pending_width(self), cfg.embed,
                        weights.draft.draft.fc.dtype)
 
   def lanes(self, weights, state, hidden, next_tokens, positions, pages):
@@ -80,7 +80,7 @@ class Eagle(Chain):
     return prefill_pending(lambda f, pos, c: draft_forward(
         heads.draft, base, f, nxt, pos, self.cfg, c, kv_source=kv_source,
         runtime=self.draft_runtime), self.cfg, features,
-        prompt_len, first, max_len, self.tree_size, heads.draft.fc.dtype, start, cache)
+        prompt_len, first, max_len, pending_width(self), heads.draft.fc.dtype, start, cache)
 
   def catch_up(self, heads, base, st: EagleState):
     """Feeds the pending pairs into the draft's cache; returns the predicted feature after

@@ -17,8 +17,9 @@ from jaxinfer.sparsity import DENSE, Sparsity
 from jaxinfer.speculative.proposers.common import HeadsTree, root_only
 from jaxinfer.speculative.proposers.pending import (EagleState, attach, detach, engine_rows,
                                                     feed_pending, nothing_pending, observe_path,
-                                                    paged_state, pending_path, prefill_pending,
-                                                    reused_layer_cache, write_lanes)
+                                                    paged_state, pending_path, pending_width,
+                                                    prefill_pending, reused_layer_cache,
+                                                    write_lanes)
 from jaxinfer.speculative.protocol import Context, Draft, Weights, put_rows
 
 
@@ -50,8 +51,8 @@ class Hydra(HeadsTree):
     return self.prefix is not None
 
   def init_pages(self, weights, cfg, num_rows, num_pages, page_size):
-    return paged_state(self.prefix, num_rows, num_pages, page_size, self.tree_size, cfg.embed,
-                       weights.draft.prefix_norm.dtype)
+    return paged_state(self.prefix, num_rows, num_pages, page_size, pending_width(self),
+                       cfg.embed, weights.draft.prefix_norm.dtype)
 
   def lanes(self, weights, state, hidden, next_tokens, positions, pages):
     return write_lanes(self._layer(weights), state, hidden, next_tokens, positions, pages)
@@ -100,7 +101,7 @@ class Hydra(HeadsTree):
         heads, base, f, pos, self.prefix, c, kv_source=kv_source,
         runtime=self.draft_runtime),
         self.prefix, features,
-        prompt_len, jnp.zeros_like(prompt_len), max_len, self.tree_size,
+        prompt_len, jnp.zeros_like(prompt_len), max_len, pending_width(self),
         heads.prefix_norm.dtype, start, cache)
 
   def update_prefix(self, st: EagleState, verify_hidden, tokens, path, num_accepted,

@@ -31,6 +31,11 @@ class EagleState:
   count: jax.Array  # (B,)
 
 
+def pending_width(proposer) -> int:
+  """Pairs a state holds: the longest accepted path's, root included (not the tree's nodes)."""
+  return proposer.max_depth + 1
+
+
 def prefill_pending(forward, cfg: ModelConfig, features, prompt_len, first, max_len, t: int,
                     dtype, start=None, cache=None) -> EagleState:
   """A draft layer's state after the prompt: `forward(features, positions, cache)` -> (out,
@@ -62,16 +67,17 @@ def feed_pending(forward, st: EagleState):
 def pending_path(st: EagleState, verify_hidden, tokens, path, num_accepted, next_token, length,
                  live) -> EagleState:
   """Pending := the accepted path's pairs: the target's feature at path node j (position
-  length + j) and the token after it (the next accepted draft, or the new root). A tree smaller
-  than the state's (a smaller level of the engine's ladder) pads its path."""
+  length + j) and the token after it (the next accepted draft, or the new root). The state holds
+  as many pairs as the longest accepted path (`pending_width`): a tree's path is cut to it, a
+  smaller tree's (a lower level of the engine's ladder) padded."""
+  w = st.tokens.shape[1]
+  path = jnp.pad(path, ((0, 0), (0, max(0, w - path.shape[1]))))[:, :w]
   t = path.shape[1]
   j = jnp.arange(t)[None, :]
   feats = jnp.take_along_axis(verify_hidden, path[..., None], axis=1).astype(st.features.dtype)
   path_tokens = jnp.take_along_axis(tokens, path, axis=1)
   nxt = jnp.where(j < num_accepted[:, None], jnp.roll(path_tokens, -1, axis=1),
                   next_token[:, None])
-  pad = st.tokens.shape[1] - t
-  feats, nxt = jnp.pad(feats, ((0, 0), (0, pad), (0, 0))), jnp.pad(nxt, ((0, 0), (0, pad)))
   keep = lambda new, old: jnp.where(live.reshape((-1,) + (1,) * (new.ndim - 1)), new, old)
   return st.replace(features=keep(feats, st.features), tokens=keep(nxt, st.tokens),
                     start=keep(length, st.start), count=keep(num_accepted + 1, st.count))
