@@ -92,7 +92,7 @@ def render_section(section: Section, name: str, recs: list[dict], plots: list[st
   else:
     columns, shown = list(section.columns), []
     if section.plot is not None:
-      shown = [p for p in map(section.plot, recs) if p in plots]
+      shown = list(dict.fromkeys(p for p in map(section.plot, recs) if p in plots))
       columns.append(("plot", lambda r: f"[plot]({section.plot(r)})" if section.plot(r) in plots
                       else NA))
     out += [""] + table(columns, recs)
