@@ -90,7 +90,6 @@ def test_speculating_engine_equals_the_plain_engine(target):
   prefixed = hydra.init_heads(target[1], 3, jax.random.key(0), pcfg)
   prefixed = prefixed.replace(w_out=tuple(jnp.zeros_like(w) for w in prefixed.w_out))
   cases += [(P.Eagle(dcfg, num_draft_tokens=3), dict(draft_params=layer)),
-            (P.EagleTree(dcfg, num_nodes=5, top_k=2, depth=3), dict(draft_params=layer)),
             (P.Hydra(paths=paths, prefix=pcfg), dict(draft_params=prefixed, speculation="auto",
                                                      decode_steps=2,
                                                      picks=(0, 3, 3, 1, 0, 3, 2, 0)))]

@@ -30,12 +30,8 @@ from jaxinfer.speculative.protocol import Draft, Proposer
 POLICIES = ("auto", "always")
 
 
-@dataclasses.dataclass(frozen=True)
-class Plain(Proposer):
-  """Plain decoding in the ladder (the engine runs its plain steps for it); as a proposer, the
-  one-token tree (the root alone), the proposer's state passing through."""
-
-  name: str = "plain"
+class _RootOnly(Proposer):
+  """The one-token tree (the root alone): plain decoding as a level of the ladder."""
 
   @property
   def tree_size(self) -> int:
@@ -45,26 +41,30 @@ class Plain(Proposer):
   def max_depth(self) -> int:
     return 0
 
-  def draft(self, weights, state, ctx):
-    return state, Draft(root_only(ctx)[:, None], jnp.asarray([-1], jnp.int32), None)
+  @staticmethod
+  def root(ctx) -> Draft:
+    return Draft(root_only(ctx)[:, None], jnp.asarray([-1], jnp.int32), None)
 
 
 @dataclasses.dataclass(frozen=True)
-class Follow(Proposer):
+class Plain(_RootOnly):
+  """Plain decoding in the ladder (the engine runs its plain steps for it); as a proposer, the
+  proposer's state passing through."""
+
+  name: str = "plain"
+
+  def draft(self, weights, state, ctx):
+    return state, self.root(ctx)
+
+
+@dataclasses.dataclass(frozen=True)
+class Follow(_RootOnly):
   """Plain decoding in the ladder of a proposer whose draft layer lives in the engine's pages
-  (`Proposer.paged_layers`): the one-token tree, run as tree steps so that the layer still reads
-  every token the target computes (`Proposer.follow`); nothing is drafted."""
+  (`Proposer.paged_layers`): run as tree steps so that the layer still reads every token the
+  target computes (`Proposer.follow`); nothing is drafted."""
 
   inner: Proposer
   name: str = "plain"
-
-  @property
-  def tree_size(self) -> int:
-    return 1
-
-  @property
-  def max_depth(self) -> int:
-    return 0
 
   @property
   def paged_layers(self) -> bool:
@@ -74,8 +74,7 @@ class Follow(Proposer):
     return self.inner.lanes(weights, state, hidden, next_tokens, positions, pages)
 
   def draft(self, weights, state, ctx):
-    return (self.inner.follow(weights, state, ctx),
-            Draft(root_only(ctx)[:, None], jnp.asarray([-1], jnp.int32), None))
+    return self.inner.follow(weights, state, ctx), self.root(ctx)
 
   def observe(self, weights, state, verified):
     return self.inner.observe(weights, state, verified)
