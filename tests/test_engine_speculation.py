@@ -294,7 +294,8 @@ def test_draft_layers_in_the_engines_pages_draft_as_in_a_cache_of_their_own(targ
   prefill lanes' hidden states written there in chunks of 8 through scattered page tables, and
   the pending pair (the one a row's first verification gives it) fed, its drafts (tokens and q)
   equal those from the generator's cache of its own filled over the whole prompt; its state
-  after a verification, drafting again, too. A row not live writes no page."""
+  after a verification, drafting again, too. The auto policy's plain level in a device loop
+  feeds one pair, as the whole width would. A row not live writes no page."""
   from jaxinfer import model as M
   from jaxinfer.kv_cache import KVCache
   from jaxinfer.sampling import SamplingParams
@@ -343,8 +344,23 @@ def test_draft_layers_in_the_engines_pages_draft_as_in_a_cache_of_their_own(targ
                         jnp.asarray(lens + step), jnp.ones(2, bool))
     dense, paged = (proposer.observe(w, s, verified) for s in (dense, paged))
     hist = hist.at[np.arange(2), lens + step + 1].set(d1.tokens[:, 1])
+  # plain decoding in the auto policy's ladder: after a one-token step of its own, feeding one
+  # pending pair writes what feeding the state's whole width does
+  plain = Follow(proposer)
+  ctx = Context(hist, jnp.asarray(lens + 2), sampling, keys, tables)
+  paged, _ = plain.draft(w, paged, ctx)
+  one = jnp.zeros((2, 1), jnp.int32)
+  vh = jax.random.normal(jax.random.key(9), (2, 1, cfg.embed))
+  paged = plain.observe(w, paged, Verified(hist[np.arange(2), lens + 2][:, None], vh, None, one,
+                                           one[:, 0], jnp.asarray(first),
+                                           jnp.asarray(lens + 2), jnp.ones(2, bool)))
+  ctx = ctx.replace(length=jnp.asarray(lens + 3))
+  whole, _ = plain.draft(w, paged, ctx)
+  steady, _ = plain.steady().draft(w, paged, ctx)
+  for a, b in zip(jax.tree_util.tree_leaves(whole), jax.tree_util.tree_leaves(steady)):
+    np.testing.assert_array_equal(a, b)
   before = jax.tree_util.tree_map(np.asarray, paged.cache)
-  ctx = Context(hist, jnp.asarray(lens + 2), sampling, keys, jnp.full((2, m), -1, jnp.int32))
+  ctx = Context(hist, jnp.asarray(lens + 3), sampling, keys, jnp.full((2, m), -1, jnp.int32))
   after, _ = proposer.draft(w, paged, ctx)
   for a, b in zip(jax.tree_util.tree_leaves(before), jax.tree_util.tree_leaves(after.cache)):
     np.testing.assert_array_equal(a, b)

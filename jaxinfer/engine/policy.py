@@ -65,6 +65,10 @@ class Follow(_RootOnly):
 
   inner: Proposer
   name: str = "plain"
+  width: int | None = None  # pending pairs fed at most (None: the state's whole width)
+
+  def steady(self) -> "Follow":
+    return dataclasses.replace(self, width=1)  # a one-token tree leaves one pair
 
   @property
   def paged_layers(self) -> bool:
@@ -74,7 +78,7 @@ class Follow(_RootOnly):
     return self.inner.lanes(weights, state, hidden, next_tokens, positions, pages)
 
   def draft(self, weights, state, ctx):
-    return self.inner.follow(weights, state, ctx), self.root(ctx)
+    return self.inner.follow(weights, state, ctx, self.width), self.root(ctx)
 
   def observe(self, weights, state, verified):
     return self.inner.observe(weights, state, verified)

@@ -188,7 +188,8 @@ def steps(params, draft_params, k, v, state: Drafting, decode_table, active, sam
   no_chunks = jnp.zeros((0, decode_table.shape[1]), jnp.int32)
   sizes = prefixes(proposer)
   propose = partial(_propose, params, draft_params, decode_table=decode_table, active=active,
-                    sampling=sampling, key_data=key_data, proposer=proposer, sizes=sizes)
+                    sampling=sampling, key_data=key_data, sizes=sizes)
+  steady = partial(propose, proposer=proposer.steady())  # after a step of its own
 
   def go(c):
     i, _, _, st, _, _, _ = c
@@ -202,7 +203,7 @@ def steps(params, draft_params, k, v, state: Drafting, decode_table, active, sam
           no_chunks, active, sampling, eos_ids, cfg=cfg, proposer=proposer, rule=rule,
           runtime=runtime)
       st = whole(st, runtime)
-      return i + 1, k, v, st, propose(st), out.at[i].set(emitted), counts.at[i].set(count)
+      return i + 1, k, v, st, steady(st), out.at[i].set(emitted), counts.at[i].set(count)
     return lambda c: jax.lax.while_loop(lambda c: go(c) & (c[4].width == j), body, c)
 
   def body(c):
@@ -210,7 +211,8 @@ def steps(params, draft_params, k, v, state: Drafting, decode_table, active, sam
       c = width(j, n)(c)
     return c
 
-  init = (0, k, v, state, propose(state), jnp.zeros((max_steps, s, t), jnp.int32),
+  init = (0, k, v, state, propose(state, proposer=proposer),
+          jnp.zeros((max_steps, s, t), jnp.int32),
           jnp.zeros((max_steps, s), jnp.int32))
   _, k, v, state, _, out, counts = jax.lax.while_loop(go, body, init)
   return k, v, state, out, counts

@@ -219,11 +219,18 @@ class Proposer(abc.ABC):
     distinct top-k tokens per parent; sampled ones come with the distribution q they were
     drawn from."""
 
-  def follow(self, weights: Weights, state, ctx: Context) -> Any:
+  def follow(self, weights: Weights, state, ctx: Context, width: int | None = None) -> Any:
     """The state for a step that drafts nothing (plain decoding in the engine's ladder, for a
-    proposer with `paged_layers`): what it must read of every token still read."""
-    del weights, ctx
+    proposer with `paged_layers`): what it must read of every token still read. `width`: the
+    most tokens the last verification accepted, plus one (None: as many as it can hold)."""
+    del weights, ctx, width
     return state
+
+  def steady(self) -> "Proposer":
+    """This proposer for the steps of a device loop after its first: each follows a step of its
+    own, so its state holds only what such a step leaves (a `Follow` then feeds one pending
+    pair, not the state's whole width). By default itself."""
+    return self
 
   def observe(self, weights: Weights, state, verified: Verified) -> Any:
     """The state after a verification (a row that was not `live` keeps its own)."""

@@ -87,10 +87,11 @@ class Eagle(Chain):
     the last of them (it scores the root's children) and the cache."""
     return feed_pending(self._layer((heads, base)), st)
 
-  def follow(self, weights, st: EagleState, ctx: Context):
+  def follow(self, weights, st: EagleState, ctx: Context, width=None):
     """The pending pairs fed, nothing drafted."""
     st = attach(st, ctx.pages)
-    return detach(st.replace(cache=self.catch_up(*weights, st)[1]), ctx.pages)
+    _, cache = feed_pending(self._layer(weights), st, width)
+    return detach(st.replace(cache=cache), ctx.pages)
 
   def propose(self, heads_and_base, st: EagleState, ctx: Context):
     """`draft` with weights (heads, base)."""

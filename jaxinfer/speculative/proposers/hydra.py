@@ -116,11 +116,13 @@ class Hydra(HeadsTree):
     out, cache = feed_pending(self._layer(heads_and_base), state)
     return out, state.replace(cache=cache)
 
-  def follow(self, weights, state, ctx: Context):
+  def follow(self, weights, state, ctx: Context, width=None):
     """The prefix layer's pending states fed, nothing drafted."""
     if self.prefix is None:
       return state
-    return detach(self.heads_input(weights, attach(state, ctx.pages))[1], ctx.pages)
+    state = attach(state, ctx.pages)
+    _, cache = feed_pending(self._layer(weights), state, width)
+    return detach(state.replace(cache=cache), ctx.pages)
 
   def propose(self, heads_and_base, state, ctx: Context):
     """`draft` with weights (heads, base)."""

@@ -54,9 +54,12 @@ def prefill_pending(forward, cfg: ModelConfig, features, prompt_len, first, max_
   return EagleState(cache, feats, toks, prompt_len - 1, jnp.ones((b,), jnp.int32))
 
 
-def feed_pending(forward, st: EagleState):
+def feed_pending(forward, st: EagleState, width: int | None = None):
   """Runs `forward(features, tokens, positions, cache)` -> (out, cache) over the pending pairs
-  (writing them to the cache); returns the output at the last of them and the cache."""
+  (writing them to the cache); returns the output at the last of them and the cache. `width`:
+  the most pairs pending (None: the state's whole width)."""
+  if width is not None:
+    st = st.replace(features=st.features[:, :width], tokens=st.tokens[:, :width])
   b, t = st.tokens.shape
   j = jnp.arange(t)[None, :]
   positions = jnp.where(j < st.count[:, None], st.start[:, None] + j, st.cache.max_len)
