@@ -27,7 +27,7 @@ import jax
 import jax.numpy as jnp
 from jax.sharding import Mesh, PartitionSpec
 
-from jaxinfer.kv_cache import SCALE_AXES
+from jaxinfer.kv_cache import SCALE_AXES, gather_rows
 from jaxinfer.kv_quant import QuantizedKV, kv_arrays, kv_read, kv_reshape
 from jaxinfer.sharding import DEFAULT_RULES, ShardingRules, rows_split
 from jaxinfer.sparsity import Sparsity
@@ -137,21 +137,11 @@ def _xla_chunk(q, k, v, positions, *, window, sinks, sparsity, segment_ids, mesh
 def _xla_cache(q, kv, positions, *, window, sinks, mesh, rules):
   del mesh, rules
   if kv.page_table is not None:  # gather each row's pages into (K, B, M*ps, H)
-    (k, ks), (v, vs) = (_gather_rows(x, kv.page_table, q.dtype) for x in (kv.k, kv.v))
+    (k, ks), (v, vs) = (gather_rows(x, kv.page_table, q.dtype) for x in (kv.k, kv.v))
   else:
     (k, ks), (v, vs) = (kv_read(x, (), q.dtype) for x in (kv.k, kv.v))
   return cache_attention_reference(q, k, v, positions, window=window, sinks=sinks, k_scale=ks,
                                    v_scale=vs)
-
-
-def _gather_rows(pool, page_table, dtype):
-  """Each row's pages of a pool (K,P,ps,H), in order: (values (K, B, M*ps, H), their scales
-  (K, B, M*ps) or None), as kv_quant.kv_read."""
-  kv_heads, _, ps, h = pool.shape
-  b, m = page_table.shape
-  x, scale = kv_read(pool, (slice(None), page_table), dtype)
-  return (x.reshape(kv_heads, b, m * ps, h),
-          None if scale is None else scale.reshape(kv_heads, b, m * ps))
 
 
 # --- Pallas ---------------------------------------------------------------------------------
@@ -270,7 +260,7 @@ def _xla_tree(q, kv, positions, *, window, sinks, mesh, rules):
     (k, ks), (v, vs) = (kv_read(kv_reshape(x, kv_heads, b, -1), (), q.dtype)
                         for x in (kv.k, kv.v))
   else:  # each row's pages gathered heads-major, as the decode path gathers them
-    (k, ks), (v, vs) = (_gather_rows(x, kv.page_table, q.dtype) for x in (kv.k, kv.v))
+    (k, ks), (v, vs) = (gather_rows(x, kv.page_table, q.dtype) for x in (kv.k, kv.v))
   qg = q.reshape(b, t, kv_heads, n // kv_heads, h).transpose(2, 0, 3, 1, 4)  # (K,B,G,T,H)
   scores = jnp.einsum("kbgth,kbsh->kbgts", qg, k, preferred_element_type=jnp.float32)
   visible = tree_visibility(kv.prefix_len, kv.tree_mask, k.shape[2], window, sinks)

@@ -22,8 +22,8 @@ from flax import struct
 from jax.sharding import Mesh
 
 from jaxinfer.config import ModelConfig
-from jaxinfer.kv_quant import (QuantizedKV, kv_bytes_per_vector, kv_move, kv_reshape, kv_set,
-                               kv_zeros, scales_shape)
+from jaxinfer.kv_quant import (QuantizedKV, kv_bytes_per_vector, kv_move, kv_read, kv_reshape,
+                               kv_set, kv_zeros, scales_shape)
 from jaxinfer.sharding import DEFAULT_RULES, ShardingRules
 
 CACHE_AXES = ("kv_heads", "batch", "cache_seq", "head_dim")
@@ -118,10 +118,9 @@ class PagedKVCache:
     return LayerKV(self.k[i], self.v[i], self.page_table)
 
   def rows(self) -> KVCache:
-    """Each row's pages gathered in order: a contiguous cache of M * ps positions per row."""
-    b, m = self.page_table.shape
-    gather = lambda pool: pool[:, self.page_table].reshape(
-        pool.shape[0], b, m * pool.shape[2], pool.shape[3])
+    """Each row's pages gathered in order: a contiguous cache of M * ps positions per row (of
+    unquantized pools)."""
+    gather = lambda pool: gather_rows(pool, self.page_table, pool.dtype)[0]
     return KVCache(tuple(map(gather, self.k)), tuple(map(gather, self.v)))
 
   def with_layers(self, layers: list[LayerKV]) -> "PagedKVCache":
@@ -158,6 +157,16 @@ class PagedKVCache:
     zeros = lambda: tuple(kv_zeros(shape, cfg.jnp_dtype, kv_cache_dtype, *shardings)
                           for _ in range(cfg.num_layers))
     return zeros(), zeros()
+
+
+def gather_rows(pool, page_table, dtype):
+  """Each row's pages of a pool (K,P,ps,H), in order: (values (K, B, M*ps, H), their scales
+  (K, B, M*ps) or None), as kv_quant.kv_read."""
+  kv_heads, _, ps, h = pool.shape
+  b, m = page_table.shape
+  x, scale = kv_read(pool, (slice(None), page_table), dtype)
+  return (x.reshape(kv_heads, b, m * ps, h),
+          None if scale is None else scale.reshape(kv_heads, b, m * ps))
 
 
 @struct.dataclass

@@ -12,7 +12,7 @@ from jaxinfer.draft_heads.eagle_serve import draft_forward
 from jaxinfer.sampling import distribution
 from jaxinfer.sparsity import DENSE, Sparsity
 from jaxinfer.speculative.proposers.common import Chain, chain_parents, draw, root_only
-from jaxinfer.speculative.proposers.pending import (EagleState, attach, detach, engine_rows,
+from jaxinfer.speculative.proposers.pending import (EagleState, attach, detach, engine_rows, fed,
                                                     feed_pending, nothing_pending, observe_path,
                                                     paged_state, pending_width, prefill_pending,
                                                     reused_layer_cache, write_lanes)
@@ -89,9 +89,7 @@ class Eagle(Chain):
 
   def follow(self, weights, st: EagleState, ctx: Context, width=None):
     """The pending pairs fed, nothing drafted."""
-    st = attach(st, ctx.pages)
-    _, cache = feed_pending(self._layer(weights), st, width)
-    return detach(st.replace(cache=cache), ctx.pages)
+    return fed(self._layer(weights), st, ctx.pages, width)
 
   def propose(self, heads_and_base, st: EagleState, ctx: Context):
     """`draft` with weights (heads, base)."""

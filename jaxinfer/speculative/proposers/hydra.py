@@ -15,7 +15,7 @@ from jaxinfer.draft_heads.medusa_serve import tree_parents
 from jaxinfer.quant import weight
 from jaxinfer.sparsity import DENSE, Sparsity
 from jaxinfer.speculative.proposers.common import HeadsTree, root_only
-from jaxinfer.speculative.proposers.pending import (EagleState, attach, detach, engine_rows,
+from jaxinfer.speculative.proposers.pending import (EagleState, attach, detach, engine_rows, fed,
                                                     feed_pending, nothing_pending, observe_path,
                                                     paged_state, pending_path, pending_width,
                                                     prefill_pending, reused_layer_cache,
@@ -120,9 +120,7 @@ class Hydra(HeadsTree):
     """The prefix layer's pending states fed, nothing drafted."""
     if self.prefix is None:
       return state
-    state = attach(state, ctx.pages)
-    _, cache = feed_pending(self._layer(weights), state, width)
-    return detach(state.replace(cache=cache), ctx.pages)
+    return fed(self._layer(weights), state, ctx.pages, width)
 
   def propose(self, heads_and_base, state, ctx: Context):
     """`draft` with weights (heads, base)."""

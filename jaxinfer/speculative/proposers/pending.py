@@ -132,6 +132,14 @@ def write_lanes(forward, st: EagleState, hidden, next_tokens, positions, pages) 
   return st.replace(cache=PagePools.of(cache))
 
 
+def fed(forward, st: EagleState, pages, width: int | None = None) -> EagleState:
+  """The state with its pending pairs fed into its cache (`feed_pending`; through the rows' page
+  tables `pages` in the engine), nothing drafted."""
+  attached = attach(st, pages)
+  _, cache = feed_pending(forward, attached, width)
+  return detach(attached.replace(cache=cache), pages)
+
+
 def attach(st, pages):
   """The state with its cache read through the rows' page tables (`Context.pages`), in the
   engine (pages None: as it is)."""
