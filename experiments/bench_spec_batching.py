@@ -1,4 +1,4 @@
-"""Speculative decoding in continuous batching against static batches, side by side in one run.
+"""Speculative decoding in the engine against static batches, side by side in one run.
 
   python experiments/bench_spec_batching.py             # embedded model, 4 slots, ngram + eagle
 
@@ -8,28 +8,18 @@ whole workload through --slots rows:
 
   plain-static     padded batches of --slots requests, each run to its longest (Generator)
   plain-engine     the continuous-batching engine with --slots slots (the default scheduler)
-  spec-static      speculative decoding in batches of --slots requests (speculation forced on)
-  spec-continuous  speculative decoding in --slots slots, a finished row's slot refilled with the
-                   next request at the next host round trip (speculation forced on)
+  spec-static      speculative decoding in batches of --slots requests, each prompt prefilled
+                   whole (the static scheduler's; speculation forced on)
   spec-engine      speculation inside the engine (the default): its --slots slots verify draft
                    trees beside prompt lanes in one step, over its one page pool (shared prompt
                    pages read by reference, not copied)
-  spec-continuous-no-reuse
-                   the same without prefix reuse (only with --shared_header: every prompt then
-                   starts with the same header, whose K/V the other modes compute once)
-  spec-continuous-whole
-                   the same with every prompt admitted whole (only when prompts are longer than
-                   --prefill_chunk, which the other speculative modes prefill in chunks of, one
-                   verification step of the running rows between chunks)
 
-Per mode: workload wall time (prompts included; the median over --repeats interleaved rounds
-after a compiling warm-up), its tokens/s, its time ratio against plain-static, and for the
-speculative modes tau, slot occupancy (live rows per verification step / slots), prompt tokens
-whose K/V were reused rather than computed (one round's worth) and, for the continuous ones, the
-longest single prefill call of one more round (each call waited for: the longest the running rows
-stood still for an admission). Outputs are
-checked identical across modes. Results are appended to
-experiments/results/bench_spec_batching.jsonl.
+With --shared_header every prompt starts with the same header, whose pages the engine computes
+once. Per mode: workload wall time (prompts included; the median over --repeats interleaved
+rounds after a compiling warm-up), its tokens/s, its time ratio against plain-static, and for
+the speculative modes tau, slot occupancy (live rows per verification step / slots) and prompt
+tokens whose K/V were reused rather than computed (one round's worth). Outputs are checked
+identical across modes. Results are appended to experiments/results/bench_spec_batching.jsonl.
 """
 
 from __future__ import annotations
@@ -53,8 +43,6 @@ flags.DEFINE_list("budgets", ["16", "32", "64", "128"], "max_new_tokens values, 
 flags.DEFINE_integer("prompt_tokens", 128, "Prompt length (tokens of held-out source).")
 flags.DEFINE_integer("shared_header", 0, "Tokens of one header (held-out source) put before "
                      "every prompt, as a system prompt is (0: none).")
-flags.DEFINE_integer("prefill_chunk", 512, "Speculative modes: prompt tokens per row per "
-                     "admission chunk.")
 flags.DEFINE_integer("num_draft_tokens", 4, "Chain length.")
 flags.DEFINE_string("eagle_draft", None, "eagle: the draft layer (default for the embedded "
                     "model: eagle-v1024-400).")
@@ -111,60 +99,33 @@ def main(argv):
       return out
     return eng, go
 
-  def spec(method, continuous, reuse=True, chunk=FLAGS.prefill_chunk):
+  def spec_static(method):
     job = GenerateJob(prompts="-", output="-", speculative=method,
                       num_draft_tokens=FLAGS.num_draft_tokens,
                       draft_heads=eagle_dir if method == "eagle" else None)
     proposer, draft_params = make_proposer(job, cfg, params, None)
     gen = SpeculativeGenerator(cfg, params, proposer, draft_params=draft_params,
-                               steps_per_sync=16, policy="always", measure_split=False,
-                               num_slots=b if continuous else None, prefix_reuse=reuse,
-                               prefill_chunk=chunk)
-    if continuous:
-      gen.reserve(prompt_len, max(budgets))
-      return gen, lambda: gen.generate(rows)
+                               steps_per_sync=16, policy="always", measure_split=False)
     return gen, lambda: [r for i in range(0, n, b) for r in gen.generate(rows[i:i + b])]
-
-  def longest_prefill_call(gen, run):
-    """One more round with every admission call (a chunk or the admission) waited for."""
-    calls, inner = [], gen._run
-
-    def timed(name, fn, *args):
-      t0 = time.perf_counter()
-      out = jax.block_until_ready(inner(name, fn, *args))
-      if name[0] in ("admit", "extend"):
-        calls.append(time.perf_counter() - t0)
-      return out
-    gen._run = timed
-    try:
-      run()
-    finally:
-      gen._run = inner
-    return 1e3 * max(calls)
 
   tokens_of = lambda out: [r if isinstance(r, list) else r.tokens for r in out]
 
   def counters(gen):
     """(row verifications, row slots of the steps, tokens emitted, prompt tokens reused) so far
-    (the engine: its slots over its steps)."""
+    (the engine: its slots over its steps; static batches reuse nothing)."""
     st = gen.stats
     if isinstance(gen, Engine):
       return st.row_steps, st.steps * gen.cfg.num_slots, st.decode_tokens, st.prefill_tokens_saved
-    return st.verify_steps, st.row_slots, st.emitted, st.prefill_tokens_saved
+    return st.verify_steps, st.row_slots, st.emitted, 0
   base = {"model": FLAGS.model, "device": jax.devices()[0].device_kind, "jax": jax.__version__,
           "date": datetime.date.today().isoformat(), "slots": b, "requests": n,
           "budgets": FLAGS.budgets, "prompt_tokens": prompt_len,
-          "prefill_chunk": FLAGS.prefill_chunk,
           "shared_header": len(header)}
   for method in FLAGS.methods:
     modes = {"plain-static": (None, plain_static()), "plain-engine": (None, engine()[1]),
-             "spec-static": spec(method, False), "spec-continuous": spec(method, True)}
+             "spec-static": spec_static(method)}
     static_gen = modes["spec-static"][0]
     modes["spec-engine"] = engine(static_gen.proposer, static_gen.draft_params)
-    if header:
-      modes["spec-continuous-no-reuse"] = spec(method, True, reuse=False)
-    if prompt_len > FLAGS.prefill_chunk:
-      modes["spec-continuous-whole"] = spec(method, True, chunk=prompt_len)
     ref = tokens_of(modes["plain-static"][1]())
     identical = {}
     for name, (_, run) in modes.items():  # compile (and the outputs' check)
@@ -178,7 +139,6 @@ def main(argv):
         run()
         times[name].append(time.perf_counter() - t0)
     result = dict(base, method=method, modes={})
-    t_ref = float(np.median(times["plain-static"]))
     for name, (g, _) in modes.items():
       t = float(np.median(times[name]))
       ratios = [a / c for a, c in zip(times["plain-static"], times[name])]
@@ -191,10 +151,7 @@ def main(argv):
         entry["tau"] = round(e / max(v, 1), 3)
         entry["occupancy"] = round(v / max(s, 1), 3)
         entry["prefill_tokens_saved"] = int(p) // FLAGS.repeats
-        if name.startswith("spec-continuous"):
-          entry["longest_prefill_call_ms"] = round(longest_prefill_call(g, modes[name][1]), 2)
       result["modes"][name] = entry
-    del t_ref
     print(json.dumps(result), file=sys.stderr, flush=True)
     output.append_jsonl(FLAGS.results, [result])
 

@@ -35,7 +35,6 @@ class ServeOptions:
   kv_pages: int | None = None
   kv_cache_dtype: str | None = None  # int8: the engine's KV pages in int8, scales beside them
   steps_per_sync: int = 32  # static scheduler and speculative decoding
-  prefill_chunk: int = 512  # speculative decoding: prompt tokens per row per admission chunk
   cache_dir: str | None = None
   progress: bool = True
   # none | ngram | lookahead | recycling | draft | layerskip | medusa | hydra | eagle
@@ -70,7 +69,7 @@ class ServeOptions:
     if self.dtype != "auto" and self.dtype not in DTYPES:
       raise UserError(f"--dtype: expected auto or one of {sorted(DTYPES)}, got {self.dtype!r}")
     for flag in ("batch_size", "chunk_size", "chunk_lanes", "decode_steps", "page_size",
-                 "prefill_chunk", "steps_per_sync"):
+                 "steps_per_sync"):
       if getattr(self, flag) < 1:
         raise UserError(f"--{flag}: must be >= 1, got {getattr(self, flag)}")
     if self.kv_pages is not None and self.kv_pages < 1:

@@ -97,22 +97,19 @@ def _head_proposers(cfg, params):
                                   "draft-fallback", "eagle", "eagle-tree", "medusa", "hydra",
                                   "hydra++"])
 def test_greedy_speculative_equals_greedy(target, other_draft, plain_greedy, name):
-  """Batch 1, then nine requests of mixed prompt and output lengths through three slots
-  (continuous batching): each finished row's slot is refilled with the next request (its prompt
-  prefilled into the slot's pages, 8 tokens at a time between the other rows' verification
-  steps, the proposer's state for that row reset) while the other rows keep verifying. Every
-  output equals plain greedy decoding, delivered as rows finish."""
+  """The generator's static batches (the static scheduler's): batch 1, then nine requests of
+  mixed prompt and output lengths in one batch (ragged rows, each accepting its own number of
+  tokens per step). Every output equals plain greedy decoding, delivered as rows finish.
+  (Continuous batching with speculation is the engine's: test_engine_speculation.)"""
   cfg, params = target
   proposer, draft_params = (_proposers(cfg, params, other_draft) | _head_proposers(cfg, params))[
       name]
-  make = lambda slots, chunk=512: SpeculativeGenerator(
-      cfg, params, proposer, draft_params=draft_params, steps_per_sync=8, page_size=8,
-      policy="always", num_slots=slots, prefill_chunk=chunk)
+  spec = SpeculativeGenerator(cfg, params, proposer, draft_params=draft_params,
+                              steps_per_sync=8, page_size=8, policy="always")
   rows, plain = plain_greedy[1]
-  assert make(None).generate(rows)[0].tokens == plain[0].tokens
+  assert spec.generate(rows)[0].tokens == plain[0].tokens
   rows, plain = plain_greedy[9]
-  spec = make(3, chunk=8)  # prompts of 9 to 29 tokens admitted in chunks of 8
-  seen = []
+  seen, before = [], spec.stats.prefill_tokens
   out = spec.generate(rows, on_result=lambda i, r: seen.append(i))
   assert [r.tokens for r in out] == [r.tokens for r in plain], name
   assert [r.finished_by_eos for r in out] == [r.finished_by_eos for r in plain]
@@ -120,25 +117,21 @@ def test_greedy_speculative_equals_greedy(target, other_draft, plain_greedy, nam
   st = spec.stats
   assert st.verify_steps > 0 and st.mean_accepted_tokens >= 1.0
   assert len(st.per_depth_acceptance()) == proposer.max_depth
-  assert st.row_slots == 3 * st.steps
-  assert st.verify_steps / st.row_slots > 0.6  # slots were kept busy
-  chunks = [(len(r.prompt_ids) - 1) // 8 for r in rows]  # each row's (rows share chunks)
-  assert max(chunks) <= st.prefill_chunks <= sum(chunks)
+  assert st.prefill_tokens - before == sum(len(r.prompt_ids) for r in rows)  # each whole
 
 
-def test_continuous_speculation_samples_what_it_would_alone(target, other_draft):
-  """A request's sampled output depends on its own key only: the same in any slot, admitted at
-  any time, next to any other requests (keys follow the row's progress, not the batch's)."""
+def test_a_sampled_request_samples_what_it_would_alone(target, other_draft):
+  """A request's sampled output depends on its own key only: the same alone, in any row of a
+  batch, next to any other requests (keys follow the row's progress, not the batch's)."""
   cfg, params = target
   proposer, draft_params = _proposers(cfg, params, other_draft)["draft"]
   rows = _rows(cfg, 7, seed=5, temperature=1.0)
-  gen = lambda slots: SpeculativeGenerator(cfg, params, proposer, draft_params=draft_params,
-                                           page_size=8, policy="always", num_slots=slots)
-  one = gen(1)
-  one.reserve(max(len(r.prompt_ids) for r in rows), max(r.max_new_tokens for r in rows))
-  alone = [one.generate([r])[0].tokens for r in rows]
-  assert [r.tokens for r in gen(2).generate(rows)] == alone
-  assert [r.tokens for r in gen(None).generate(rows[::-1])] == alone[::-1]
+  gen = SpeculativeGenerator(cfg, params, proposer, draft_params=draft_params, page_size=8,
+                             policy="always")
+  alone = [gen.generate([r])[0].tokens for r in rows[:3]]
+  together = [r.tokens for r in gen.generate(rows)]
+  assert together[:3] == alone
+  assert [r.tokens for r in gen.generate(rows[::-1])] == together[::-1]
 
 
 @pytest.mark.parametrize("proposer", [P.NGram(num_draft_tokens=4),
@@ -161,7 +154,7 @@ def test_nothing_compiles_outside_the_counted_steps(target):
   cfg, params = target
   rows = [RowRequest([5, 6, 7, 8] * 4, 12, jax.random.key(i)) for i in range(3)]
   spec = SpeculativeGenerator(cfg, params, P.NGram(num_draft_tokens=4), page_size=8,
-                              policy="always", num_slots=2, measure_split=False)
+                              policy="always", measure_split=False)
   jax.clear_caches()
   before = CompileClock.totals()
   spec.generate(rows)
@@ -313,11 +306,11 @@ def test_generate_job_with_speculation(tmp_path, tiny_model_dir):
     return {r["id"]: r for r in map(json.loads, out.read_text().splitlines())}, m
 
   plain, _ = job("plain")
-  for method, tree, scheduler, policy, chunk in (
-      ("ngram", "2,1", "continuous", "auto", 8), ("recycling", "2,1", "static", "always", 8)):
-    # (every proposer: test_greedy_speculative_equals_greedy; prompts in chunks of 8 tokens)
+  for method, tree, scheduler, policy in (
+      ("ngram", "2,1", "continuous", "auto"), ("recycling", "2,1", "static", "always")):
+    # (every proposer: test_greedy_speculative_equals_greedy)
     spec, m = job(method, speculative=method, tree=tree, scheduler=scheduler,
-                  speculation=policy, prefill_chunk=chunk, num_draft_tokens=2)
+                  speculation=policy, num_draft_tokens=2)
     assert {i: r["completion_ids"] for i, r in spec.items()} == {
         i: r["completion_ids"] for i, r in plain.items()}, method
     assert m["speculative"] == method and m["mean_accepted_tokens"] >= 1.0
@@ -326,7 +319,6 @@ def test_generate_job_with_speculation(tmp_path, tiny_model_dir):
     assert sum(v["batches"] for v in m["tree_sizes"].values()) == m["speculative_batches"]
     if policy == "always":  # the proposer's tree (2,1: 5 tokens), every batch
       assert set(m["tree_sizes"]) == {"5"} and m["plain_batches"] == 0
-      assert m["prefill_chunks"] >= 2  # the 24-token prompt's first 16, at least
   # Hydra++ heads (their prefix layer over the target's hidden states keeps its K/V in the
   # engine's pages) through the engine with the auto policy: the proposer's tree, a halved one
   # and plain decoding in one-token trees, which still feed the layer every token
@@ -357,7 +349,7 @@ def test_generate_job_with_speculation(tmp_path, tiny_model_dir):
   assert len({tuple(s["completion_ids"]) for s in one[2]["samples"]}) > 1
   split, m = job("hot2", mesh="data:2,fsdp:2", **hot)
   assert m["replicas"] == 2 and m["verify_steps"] > 0 and split == one
-  for kw, flag in ((dict(speculative="ngram", prefill_chunk=0), "--prefill_chunk"),
+  for kw, flag in ((dict(speculative="ngram", steps_per_sync=0), "--steps_per_sync"),
                    (dict(speculative="ngram", speculation="never"), "--speculation"),
                    (dict(speculative="draft", scheduler="static"), "--draft_model"),
                    (dict(speculative="recycling", scheduler="static", tree="4,x"), "--tree"),
@@ -528,12 +520,9 @@ def test_auto_policy_shrinks_trees_while_speculation_loses(target):
   gen = SpeculativeGenerator(cfg, params, P.Lookahead(num_nodes=8, depth=4), explore_every=8)
   assert [p.tree_size for p in gen.ladder] == [9, 5, 3, 2]
   choose = gen._choose
-  assert gen.compiling_next  # the first batch of a mode compiles (the runner makes it small)
   assert choose() == 0  # nothing measured yet
-  assert not gen.compiling_next  # the next (measured) batch is the same mode's second
   measured = gen.stats.tree_tps  # by tree size: 9, 5, 3, 2
   measured[9] = 100.0
-  assert gen.compiling_next
   assert choose() == "plain"
   gen.stats.plain_tps = 150.0
   assert choose() == 1  # losing: a smaller tree
@@ -566,7 +555,7 @@ def test_sliding_window_model_speculates_losslessly(tmp_path):
   for proposer, impl in ((P.NGram(num_draft_tokens=4), "xla"),
                          (P.Lookahead(num_nodes=7, depth=3, num_candidates=6), "pallas")):
     spec = SpeculativeGenerator(cfg, params, proposer, page_size=8, policy="always",
-                                runtime=Runtime(implementation=impl), num_slots=2)
+                                runtime=Runtime(implementation=impl))
     assert [r.tokens for r in spec.generate(rows)] == [r.tokens for r in plain], proposer.name
   with pytest.raises(ValueError, match="sliding window"):
     SpeculativeGenerator(cfg, params, P.Lookahead(num_nodes=12))
@@ -585,15 +574,14 @@ def test_sliding_window_model_speculates_losslessly(tmp_path):
 def test_sinks_window_sparsity_speculates_losslessly(target, other_draft):
   """--sparsity=sinks_window (StreamingLLM: 2 sinks + a window of 10, shorter than the outputs)
   on the target: prefill, tree verification (a trie through the Pallas kernel, EAGLE-2 trees
-  through XLA with prompts admitted in chunks of 8, prompts sharing pages through prefix reuse)
-  and plain decoding all keep the pattern, so greedy speculation equals plain greedy decoding
+  through XLA) and plain decoding all keep the pattern, so greedy speculation equals plain greedy decoding
   under it; a tree past the window and the dynamic patterns are refused."""
   from jaxinfer.sparsity import parse
   cfg, params = target
   sparsity = parse("sinks_window:2,10")
   rows = _rows(cfg, 5, seed=41)
   rows += [dataclasses.replace(rows[1], prompt_ids=list(rows[1].prompt_ids) + [7] * 9,
-                               max_new_tokens=30)]  # shares rows[1]'s full pages
+                               max_new_tokens=30)]
   plain = Generator(cfg, params, Runtime(sparsity=sparsity)).generate(rows)
   dense = Generator(cfg, params).generate(rows)
   assert [p.tokens for p in plain] != [d.tokens for d in dense]  # the pattern matters here
@@ -602,9 +590,7 @@ def test_sinks_window_sparsity_speculates_losslessly(target, other_draft):
                          (eagle_tree, "xla")):
     spec = SpeculativeGenerator(cfg, params, proposer, page_size=8, policy="always",
                                 runtime=Runtime(implementation=impl, sparsity=sparsity),
-                                num_slots=2,
-                                draft_params=heads if proposer is eagle_tree else None,
-                                prefill_chunk=8 if proposer is eagle_tree else 512)
+                                draft_params=heads if proposer is eagle_tree else None)
     assert [r.tokens for r in spec.generate(rows)] == [r.tokens for r in plain], proposer.name
     assert spec.stats.verify_steps > 0
   with pytest.raises(ValueError, match="window"):
@@ -626,7 +612,7 @@ def test_a_draft_model_attends_with_the_targets_sparsity(target):
   rows = [dataclasses.replace(r, max_new_tokens=40) for r in _rows(cfg, 4, seed=43)]
   plain = Generator(cfg, params, Runtime(sparsity=sparsity)).generate(rows)
   spec = SpeculativeGenerator(cfg, params, P.DraftModel(cfg, num_draft_tokens=3),
-                              draft_params=params, page_size=8, policy="always", num_slots=2,
+                              draft_params=params, page_size=8, policy="always",
                               runtime=Runtime(sparsity=sparsity))
   assert spec.proposer.sparsity == sparsity
   assert [r.tokens for r in spec.generate(rows)] == [r.tokens for r in plain]
@@ -682,217 +668,35 @@ def test_draft_layers_attend_with_the_targets_sparsity(target, other_draft, name
   assert (dense != noised).any()
 
 
-@pytest.mark.parametrize("mesh_spec,slots", [("model:2", 3), ("fsdp:2,model:2", 4),
-                                             ("fsdp:2", 3)])
-def test_sharded_speculation_equals_greedy(tiny_model_dir, plain_greedy, mesh_spec, slots):
+@pytest.mark.parametrize("mesh_spec,n", [("model:2", 9), ("fsdp:2,model:2", 8), ("fsdp:2", 9)])
+def test_sharded_speculation_equals_greedy(tiny_model_dir, plain_greedy, mesh_spec, n):
   """Weights sharded over `model` and / or `fsdp`: a tree verified by the Pallas kernel per
-  shard equals plain greedy decoding. With fsdp the slots (4) split over its devices with their
-  pages, each shard reading its own through a local page table; 3 slots do not split and stay
-  whole (admissions of 1 and 2 rows do not split either)."""
+  shard equals plain greedy decoding. With fsdp a batch of 8 rows splits over its devices with
+  their pages, each shard reading its own through a local page table; 9 rows do not split and
+  stay whole."""
   from jaxinfer.sharding import make_mesh
-  from jaxinfer.speculative.decode import state_shardings
+  from jaxinfer.speculative.steps import state_shardings
   mesh = make_mesh(mesh_spec, jax.devices()[:4 if "," in mesh_spec else 2])
   cfg, params, _ = checkpoint.load_model(str(tiny_model_dir), None, mesh)
   rows, plain = plain_greedy[9]
+  rows, plain = rows[:n], plain[:n]
   spec = SpeculativeGenerator(cfg, params, P.Lookahead(num_nodes=6, depth=3),
-                              runtime=Runtime(mesh, implementation="pallas"),
-                              num_slots=slots, policy="always", page_size=8)
+                              runtime=Runtime(mesh, implementation="pallas"), policy="always",
+                              page_size=8)
   assert [r.tokens for r in spec.generate(rows)] == [r.tokens for r in plain]
-  # the empty state, three admission sizes, one step: every state keeps its layout
-  assert spec.stats.compilations == 5
-  state = spec._empty_state(slots, 64, 16, jax.random.key(0), spec.proposer)
+  # the empty state, the admission, the steps: every state keeps its layout
+  assert spec.stats.compilations == 3
+  state = spec._empty_state(n, 64, 16, jax.random.key(0), spec.proposer)
   where = state_shardings(state, mesh, spec.runtime.rules, spec.proposer)
-  split = "fsdp" in mesh_spec and slots % 2 == 0
+  split = "fsdp" in mesh_spec and n % 2 == 0
   assert where.k[0].spec[1] == ("fsdp" if split else None)
   assert where.history.spec[0] == ("fsdp" if split else None)
   # what one device holds, for the memory check: the pools' heads split over `model`, the
-  # slots over fsdp where they divide (else each device holds them all)
-  whole, one = (spec.memory_bytes(30, 40, 9, per_device=d) for d in (False, True))
-  if mesh_spec == "fsdp:2":  # 3 slots: all of them on each device
+  # rows over fsdp where they divide (else each device holds them all)
+  whole, one = (spec.memory_bytes(30, 40, n, per_device=d) for d in (False, True))
+  if mesh_spec == "fsdp:2":  # 9 rows: all of them on each device
     assert one == whole
   elif split:  # heads over `model`, slots over fsdp
     assert one <= whole / 3
   else:  # heads over `model` only
     assert whole / 2 <= one < whole
-
-
-def _shared_prefix_rows(cfg):
-  """Seven prompts behind one 20-token system prompt (two full 8-token pages to share), the
-  last of them twice (a second sample: three pages to share)."""
-  rng = np.random.RandomState(5)
-  system = list(rng.randint(1, cfg.vocab_size, size=20))
-  prompts = [system + list(rng.randint(1, cfg.vocab_size, size=rng.randint(5, 16)))
-             for _ in range(6)]
-  prompts.append(system + list(rng.randint(1, cfg.vocab_size, size=10)))
-  prompts.append(prompts[-1])
-  return [RowRequest(p, int(rng.choice([3, 12, 25])), jax.random.key(200 + i))
-          for i, p in enumerate(prompts)]
-
-
-@pytest.mark.parametrize("name", ["ngram", "layerskip", "eagle", "hydra++"])
-def test_long_admissions_prefill_in_chunks_between_verification_steps(target, other_draft, name):
-  """Two slots; a 64-token prompt is admitted in chunks of 16 (the first once a short row has
-  left its slot) while another row decodes: that row runs a verification step between chunks
-  and finishes (its slot refilled, by a row whose prompt starts with pages the long row is
-  overwriting) before the long row's admission completes. Outputs equal plain greedy decoding,
-  and so do the drafts with the prompt admitted whole (the same acceptance histogram): the
-  chunks build the target's and the draft layer's caches the whole admission builds, and the
-  verification steps between them write nothing a chunk keeps."""
-  cfg, params = target
-  proposer, draft_params = (_proposers(cfg, params, other_draft) | _head_proposers(cfg, params))[
-      name]
-  rng = np.random.RandomState(9)
-  prompt = lambda n: list(rng.randint(1, cfg.vocab_size, size=n))
-  rows = [RowRequest(prompt(n), new, jax.random.key(i))
-          for i, (n, new) in enumerate(((8, 1), (6, 3), (64, 12), (5, 1)))]
-  # the last row starts with the first's full page, which the long row's first chunk overwrites
-  # in that row's old slot: nothing may be reused from a slot whose pages are being refilled
-  rows[3] = dataclasses.replace(rows[3], prompt_ids=rows[0].prompt_ids + prompt(5))
-  plain = Generator(cfg, params).generate(rows)
-  runs = {}
-  for chunk in (16, 512):
-    spec = SpeculativeGenerator(cfg, params, proposer, draft_params=draft_params, page_size=8,
-                                policy="always", num_slots=2, prefill_chunk=chunk)
-    chunks_then = {}  # row -> the long admission's chunks run when it finished
-    out = spec.generate(rows, on_result=lambda i, r: chunks_then.setdefault(
-        i, spec.stats.prefill_chunks))
-    assert [r.tokens for r in out] == [r.tokens for r in plain], (name, chunk)
-    runs[chunk] = chunks_then, spec.stats
-  (chunks_then, st), (_, st_whole) = runs[16], runs[512]
-  assert st.prefill_chunks == 3 and st_whole.prefill_chunks == 0  # 64 = 3 x 16 + the last 16
-  assert chunks_then[1] < 3 and chunks_then[3] < 3 and chunks_then[2] == 3, chunks_then
-  assert st.prefill_tokens == st_whole.prefill_tokens == sum(len(r.prompt_ids) for r in rows)
-  np.testing.assert_array_equal(st.accepted_hist, st_whole.accepted_hist)
-
-
-@pytest.mark.parametrize("name", ["eagle", "hydra++"])
-def test_reused_and_chunked_admissions_build_the_same_state(target, name):
-  """Admitting a row that reuses another row's prefix (its target K/V pages and the draft
-  layer's cache pages copied, the rest computed), or admitting it in chunks (the target's K/V
-  and the draft layer's cache extended 8 positions at a time, then the rest admitted), or both,
-  leaves the row's state as admitting it alone and whole does: target K/V over the prompt, the
-  draft layer's cache over the prompt's pairs, the pending pair, history, length and first
-  token."""
-  from functools import partial
-
-  from jaxinfer.sampling import SamplingParams
-  from jaxinfer.speculative.decode import _admit, _extend
-  cfg, params = target
-  proposer, heads = (_head_proposers(cfg, params) | {"eagle": _eagle(cfg)})[name]
-  gen = SpeculativeGenerator(cfg, params, proposer, draft_params=heads, page_size=8,
-                             policy="always")
-  b, ps, max_len = 2, 8, 64
-  m = max_len // ps
-  rows = _shared_prefix_rows(cfg)
-  x, y = rows[0].prompt_ids, rows[1].prompt_ids
-  assert x[:16] == y[:16] and x[:24] != y[:24]  # two shared pages (of 8)
-  kw = dict(cfg=cfg, proposer=proposer, runtime=Runtime(rules=gen.runtime.rules),
-            max_len=max_len, page_size=ps)
-  sampling = SamplingParams(*(np.asarray(v) for v in ([0.0], [0], [1.0], [0.0])))
-  eos = jnp.asarray([-1], jnp.int32)
-  i32 = lambda *v: np.asarray(v, np.int32)
-  own = lambda slot: (slot * m + np.arange(m))[None].astype(np.int32)
-  no_copy = np.full((1, m), b * m, np.int32)
-
-  def hist_of(prompt):
-    h = np.zeros((1, max(16, len(prompt))), np.int32)
-    h[0, :len(prompt)] = prompt
-    return h
-
-  def admit(state, prompt, slot, start=0, src=None, dst=None):
-    toks = np.zeros((1, max(16, len(prompt))), np.int32)
-    toks[0, :len(prompt) - start] = prompt[start:]
-    src = np.zeros((1, m), np.int32) if src is None else src
-    return jax.jit(partial(_admit, from_cache=start > 0, **kw))(
-        params, heads, state, toks, i32(start), hist_of(prompt), i32(len(prompt)), i32(20),
-        sampling, jnp.stack([jax.random.key(0)]), eos, i32(slot), src,
-        no_copy if dst is None else dst)
-
-  def extend(state, prompt, slot, start, end, src, dst=None):
-    toks = np.zeros((1, 8), np.int32)
-    toks[0, :end - start] = prompt[start:end]
-    return jax.jit(partial(_extend, copy=dst is not None, **kw))(
-        params, heads, state, toks, i32(start), i32(end), hist_of(prompt), i32(slot), src,
-        no_copy if dst is None else dst)
-
-  fresh = lambda: gen._empty_state(b, max_len, 32, jax.random.key(0), proposer)
-  n = len(y)
-  alone = admit(fresh(), y, 1)
-  chunked = admit(extend(extend(fresh(), y, 1, 0, 8, own(1)), y, 1, 8, 16, own(1)), y, 1, 16,
-                  src=own(1))
-  # reusing x's first two pages (copied by the admission, or with the first chunk), computing
-  # from the prefix's last token (again: the draft layer pairs its hidden state with the next)
-  src = own(0).copy()
-  src[0, 2:] = own(1)[0, 2:]
-  dst = no_copy.copy()
-  dst[0, :2] = own(1)[0, :2]
-  with_x = admit(fresh(), x, 0)
-  reused = admit(with_x, y, 1, 15, src=src, dst=dst)
-  reused_chunked = admit(extend(with_x, y, 1, 15, 23, src, dst), y, 1, 23, src=own(1))
-  pool_rows = lambda a: a.reshape(a.shape[0], b, max_len, -1)[:, 1, :n]
-  for got_state in (chunked, reused, reused_chunked):
-    for got, want in zip(got_state.k + got_state.v, alone.k + alone.v):
-      np.testing.assert_allclose(pool_rows(got), pool_rows(want), atol=1e-5)
-    pr, pa = got_state.proposer, alone.proposer
-    for got, want in zip(pr.cache.k + pr.cache.v, pa.cache.k + pa.cache.v):
-      np.testing.assert_allclose(got[:, 1, :n - 1], want[:, 1, :n - 1], atol=1e-5)
-    np.testing.assert_allclose(pr.features[1], pa.features[1], atol=1e-5)
-    for f in ("tokens", "start", "count"):
-      np.testing.assert_array_equal(getattr(pr, f)[1], getattr(pa, f)[1])
-    np.testing.assert_array_equal(got_state.history[1], alone.history[1])
-    assert int(got_state.length[1]) == n and int(got_state.out[1, 0]) == int(alone.out[1, 0])
-
-
-@pytest.mark.parametrize("name", ["ngram", "medusa", "eagle", "layerskip"])
-def test_prefix_reuse_is_lossless(target, other_draft, name):
-  """Rows whose prompts start with pages another row computed copy those pages' K/V and compute
-  only the rest (rows admitted together: the first computes the prefix, the others join at the
-  next admission); greedy output still equals plain greedy decoding. A draft model's cache and
-  EAGLE's draft layer's are copied the same way (EAGLE's layer reads the target's hidden states
-  over the prompt: the prefix's last token is computed again, its hidden state pairing with the
-  token after it), so the drafts, and the acceptance histogram, are those without reuse, where
-  nothing is saved."""
-  cfg, params = target
-  proposer, draft_params = (_proposers(cfg, params, other_draft) | _head_proposers(cfg, params))[
-      name]
-  rows = _shared_prefix_rows(cfg)
-  plain = Generator(cfg, params).generate(rows)
-  hists = []
-  for reuse in (True, False):
-    spec = SpeculativeGenerator(cfg, params, proposer, draft_params=draft_params,
-                                steps_per_sync=8, page_size=8, policy="always", num_slots=3,
-                                prefix_reuse=reuse)
-    out = spec.generate(rows)
-    assert [r.tokens for r in out] == [r.tokens for r in plain], (name, reuse)
-    st = spec.stats
-    recompute = int(name == "eagle")
-    saved = 6 * (16 - recompute) + 24 - recompute if reuse else 0
-    assert st.prefill_tokens_saved == saved, (name, reuse)
-    assert st.prefill_tokens + saved == sum(len(r.prompt_ids) for r in rows)
-    hists.append(st.accepted_hist)
-  np.testing.assert_array_equal(*hists)
-
-
-def test_plain_batches_run_in_the_engine(target, plain_greedy):
-  """With slots, a batch the auto policy decodes plainly runs through the continuous-batching
-  engine: greedy rows equal plain greedy decoding, sampled rows what the static Generator
-  samples (the same per-request keys), results delivered as rows finish."""
-  cfg, params = target
-  rows, plain = plain_greedy[9]
-  rows = [dataclasses.replace(r, temperature=0.8) if i % 3 == 0 else r
-          for i, r in enumerate(rows)]
-  want = Generator(cfg, params).generate(rows)
-  assert [w.tokens for i, w in enumerate(want) if i % 3] == [
-      p.tokens for i, p in enumerate(plain) if i % 3]
-  gen = SpeculativeGenerator(cfg, params, P.NGram(num_draft_tokens=3), page_size=8,
-                             num_slots=3)
-  gen.stats.tree_tps[gen.proposer.tree_size] = 1.0  # speculation measured: plain is next
-  assert gen.exploring == "plain"
-  seen = []
-  out = gen.generate(rows, on_result=lambda i, r: seen.append(i))
-  assert [r.tokens for r in out] == [w.tokens for w in want]
-  assert [r.finished_by_eos for r in out] == [w.finished_by_eos for w in want]
-  assert sorted(seen) == list(range(9)) and seen != list(range(9))
-  st = gen.stats
-  assert st.plain_batches == 1 and st.spec_batches == 0 and gen._engine is not None
-  assert st.decode_tokens == sum(len(r.tokens) - 1 for r in out)

@@ -199,25 +199,43 @@ CHUNKED = COMMON + [
      lambda r: f"{r['modes']['spec-continuous']['longest_prefill_call_ms']:.0f} / "
                f"{r['modes']['spec-continuous-whole']['longest_prefill_call_ms']:.0f}"),
     TAU, IDENTICAL, NOTE]
+ENGINE = COMMON + [
+    field("shared header", "shared_header"), field("prompt tokens", "prompt_tokens"),
+    ("plain engine", _mode("plain-engine")),
+    ("spec, static (occupancy)", _with_occupancy("spec-static")),
+    ("spec, engine (occupancy)", _with_occupancy("spec-engine")),
+    ("engine / static", _gain("spec-engine", "spec-static")),
+    ("spec engine / plain engine", _gain("spec-engine", "plain-engine")),
+    ("τ", lambda r: fmt(r["modes"]["spec-engine"].get("tau"))),
+    ("tokens reused", lambda r: fmt(r["modes"]["spec-engine"].get("prefill_tokens_saved"))),
+    ("rounds", lambda r: len(r["modes"]["plain-static"]["speedup_per_repeat"])), IDENTICAL, NOTE]
 
 
 def _kind(r: dict) -> str:
-  """Which of the three comparisons a record's modes make."""
+  """Which of the comparisons a record's modes make (the generator's continuous slots, compared
+  until they were removed, or the engine against static batches)."""
   modes = r["modes"]
-  return ("reuse" if "spec-continuous-no-reuse" in modes else
+  return ("engine" if "spec-continuous" not in modes else
+          "reuse" if "spec-continuous-no-reuse" in modes else
           "chunked" if "spec-continuous-whole" in modes else "continuous")
 
 
 def _spec_batching(recs) -> list[str]:
   rows = [{**r, "note": SPEC_BATCHING_NOTES.get(i)} for i, r in enumerate(recs)]
-  plain, reuse, chunked = ([r for r in rows if _kind(r) == k]
-                           for k in ("continuous", "reuse", "chunked"))
-  return (part("Continuous against static batches", "", CONTINUOUS, plain) +
-          part("Prefix reuse", "`--shared_header=N`: one header of held-out source before every "
+  plain, reuse, chunked, engine = ([r for r in rows if _kind(r) == k]
+                                   for k in ("continuous", "reuse", "chunked", "engine"))
+  return (part("The engine against static batches", "Speculation inside the engine (slots "
+               "refilled, prompts prefilled in lanes beside verification, shared pages read by "
+               "reference) against the static scheduler's batches (each prompt prefilled whole, "
+               "rows held until the batch's longest ends).", ENGINE, engine) +
+          part("Continuous against static batches", "Until the generator's own slots were "
+               "removed (the records below): speculation in them, a finished row's slot refilled "
+               "at the next host round trip.", CONTINUOUS, plain) +
+          part("Prefix reuse", "The generator's slots, until removed. `--shared_header=N`: one header of held-out source before every "
                "prompt; \"tokens reused\" is one round's prompt tokens whose K/V were copied "
                "rather than computed. \"spec, engine\": speculation inside the engine, the "
                "header's pages read by reference.", REUSE, reuse) +
-          part("Chunked admission", "Prompts longer than `--prefill_chunk` are admitted in "
+          part("Chunked admission", "The generator's slots, until removed. Prompts longer than `--prefill_chunk` are admitted in "
                "chunks, a verification step of the running rows between chunks; \"whole\" "
                "admits each in one call. Longest admission call: the longest the running rows "
                "stood still (one more round, every call waited for). \"spec, engine\": "
@@ -226,7 +244,7 @@ def _spec_batching(recs) -> list[str]:
 
 
 SPEC_BATCHING = Section(
-    "Speculative decoding in continuous and static batches",
+    "Speculative decoding in the engine and in static batches",
     "`python experiments/bench_spec_batching.py`: requests of held-out prompts with output "
     "budgets drawn from 16 / 32 / 64 / 128 tokens, greedy; each mode runs the whole workload, "
     "prompts included; time ratio against plain static batches, median of interleaved rounds. "

@@ -64,9 +64,6 @@ flags.DEFINE_integer("max_seq_len", None, "Override the model's context length (
                      "e.g. for long prompts under sinks_window sparsity.", lower_bound=2)
 flags.DEFINE_integer("steps_per_sync", 32, "Static scheduler and speculative decoding: decode "
                      "(verification) steps per host round trip at most.", lower_bound=1)
-flags.DEFINE_integer("prefill_chunk", 512, "Speculative decoding with --scheduler=static: a "
-                     "prompt with more tokens than this to compute is prefilled this many at a "
-                     "time, the running rows verifying between chunks.", lower_bound=1)
 flags.DEFINE_enum("speculative", "none",
                   ["none", "ngram", "lookahead", "recycling", "draft", "layerskip", "medusa",
                    "hydra", "eagle"],
@@ -126,7 +123,7 @@ def main(argv: list[str]) -> None:
       decode_steps=FLAGS.decode_steps,
       page_size=FLAGS.page_size, kv_pages=FLAGS.kv_pages, kv_cache_dtype=FLAGS.kv_cache_dtype,
       overwrite=FLAGS.overwrite,
-      steps_per_sync=FLAGS.steps_per_sync, prefill_chunk=FLAGS.prefill_chunk,
+      steps_per_sync=FLAGS.steps_per_sync,
       cache_dir=FLAGS.cache_dir, progress=FLAGS.progress,
       speculative=FLAGS.speculative, draft_model=FLAGS.draft_model,
       draft_heads=FLAGS.draft_heads,

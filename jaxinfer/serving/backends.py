@@ -260,8 +260,7 @@ class SpeculativeBackend:
             proposer, draft_params=placement.replicated(draft_params, mesh),
             rule=opts.acceptance, runtime=_runtime(opts, mesh, sparsity),
             steps_per_sync=opts.steps_per_sync, page_size=opts.page_size,
-            prefill_chunk=opts.prefill_chunk, policy=opts.speculation,
-            engine_config=_engine_config(opts)))
+            policy=opts.speculation))
       except ValueError as e:  # e.g. a tree larger than the model's sliding window
         raise UserError(f"--speculative={opts.speculative} (--tree / --num_draft_tokens): "
                         f"{e}") from None
@@ -274,14 +273,13 @@ class SpeculativeBackend:
     b = self.opts.batch_size
     for gen in self.gens:
       what = (f"--batch_size: speculative decoding's KV memory ({b} rows of up to "
-              f"{sum(longest)} tokens, the proposer's caches, the plain-decoding pool")
+              f"{sum(longest)} tokens and the proposer's caches)")
       placement.check_memory(what, gen.memory_bytes(*longest, b),
                              gen.memory_bytes(*longest, b, per_device=True), gen.params,
                              gen.runtime.mesh, "lower --batch_size or --max_new_tokens")
 
   def reset_prefix_cache(self) -> None:
-    for gen in self.gens:
-      gen.reset_prefix_cache()
+    """(static batches cache no prefixes)"""
 
   def _work(self, gen, share, deliver: Deliver, should_stop: StopCheck) -> None:
     b = self.opts.batch_size
@@ -294,7 +292,7 @@ class SpeculativeBackend:
                                                                  res.finished_by_eos))
 
   def run(self, requests: list[Request], deliver: Deliver, should_stop: StopCheck) -> dict:
-    from jaxinfer.speculative.decode import SpecStats
+    from jaxinfer.speculative.stats import SpecStats
     # sorted by length, so that a batch's rows pad little, dealt round-robin so that every
     # replica gets a like mix of lengths
     rows = _rows(sorted(requests, key=lambda r: len(r.prompt_ids)))
@@ -315,5 +313,4 @@ class SpeculativeBackend:
             "row_steps")}))
     stats["busy_s"] = max(t.prefill_s + t.decode_s for t in tms)
     stats["replicas"] = len(self.gens)
-    stats["prefill_saved"] = sum(s.prefill_tokens_saved for s in st)
     return stats | SpecStats.merge(st).metrics()

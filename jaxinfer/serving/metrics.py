@@ -10,7 +10,7 @@ from jaxinfer.sharding import format_mesh, parse_mesh
 
 # the speculative generators' own numbers, passed through when present
 SPECULATIVE_KEYS = ("mean_accepted_tokens", "accepted_length_histogram", "per_depth_acceptance",
-                    "verify_steps", "nodes_per_verification", "host_syncs", "prefill_chunks",
+                    "verify_steps", "nodes_per_verification", "host_syncs",
                     "speculation", "speculative_batches", "plain_batches", "tree_sizes",
                     "draft_verify_split")
 

@@ -1,13 +1,13 @@
-"""Speculative batch generation: draft a tree per row, verify every row's tree in one target
-forward (the tree-verification kernel), accept with a lossless rule, commit the accepted path's
-K/V, repeat — all on the device, `steps_per_sync` verification steps per host round trip.
+"""Speculative decoding in static batches (the static scheduler's): draft a tree per row,
+verify every row's tree in one target forward (the tree-verification kernel), accept with a
+lossless rule, commit the accepted path's K/V, repeat — all on the device, `steps_per_sync`
+verification steps per host round trip.
 
-B rows (slots), T tree nodes, S cache positions per row (pages of the row's own), V vocabulary.
-Rows have their own prompt lengths and accept different numbers of tokens per step (ragged);
-each row's committed length, pending root token and outputs live in device arrays. Rows are
-admitted into free slots of a running state (prefilled into the slot's pages, the proposer's
-state for the row reset), so with more requests than slots a finished row's slot is refilled at
-the next host round trip (continuous batching).
+B rows, T tree nodes, S cache positions per row (pages of the row's own), V vocabulary. Rows
+have their own prompt lengths and accept different numbers of tokens per step (ragged); each
+row's committed length, pending root token and outputs live in device arrays. A batch's rows
+are prefilled whole and together, and run until every one is done. (Continuous batching with
+speculation is the paged engine's: `jaxinfer.engine`.)
 
 This module holds `SpeculativeGenerator`: the policy (speculate with which tree, or decode
 plainly), compilation and layout of the steps, and plain decoding. The device steps are
@@ -35,11 +35,10 @@ from jaxinfer.generation import Generator, RowRequest, RowResult, next_pow2
 from jaxinfer.kv_cache import PagedKVCache
 from jaxinfer.runtime import Runtime
 from jaxinfer.speculative import acceptance
-from jaxinfer.speculative.batch import SlotBatch, SlotPrefixes  # noqa: F401
+from jaxinfer.speculative.batch import Batch
 from jaxinfer.speculative.protocol import Weights, check_fits
 from jaxinfer.speculative.stats import SpecStats, average
-from jaxinfer.speculative.steps import (SpecState, _admit, _chunk, _draft_only,  # noqa: F401
-                                        _extend, _propose, _step, state_shardings)
+from jaxinfer.speculative.steps import SpecState, _draft_only, state_shardings
 
 
 class SpeculativeGenerator:
@@ -49,49 +48,26 @@ class SpeculativeGenerator:
                draft_params: M.Transformer | None = None, rule: str = acceptance.EXACT,
                runtime: Runtime = Runtime(), steps_per_sync: int = 16, page_size: int = 16,
                policy: str = "auto", explore_every: int = 8, measure_split: bool = True,
-               num_slots: int | None = None, max_shrinks: int = 3, prefix_reuse: bool = True,
-               engine_config=None, prefill_chunk: int = 512):
-    """policy "auto": each batch speculates or decodes plainly (the continuous-batching engine
-    with num_slots, else the static `Generator`), whichever measured faster, and speculates
-    with the proposer's tree or one of up to `max_shrinks` successively halved trees
-    (`Proposer.shrink`), whichever measured fastest: speculation that stops paying (large
-    batches, compute-bound devices) shrinks its trees or turns itself off; "always": speculate
-    every batch with the proposer's own tree.
+               max_shrinks: int = 3):
+    """policy "auto": each batch speculates or decodes plainly (the static `Generator`),
+    whichever measured faster, and speculates with the proposer's tree or one of up to
+    `max_shrinks` successively halved trees (`Proposer.shrink`), whichever measured fastest:
+    speculation that stops paying (large batches, compute-bound devices) shrinks its trees or
+    turns itself off; "always": speculate every batch with the proposer's own tree.
     measure_split: once, after compilation, time the drafting part of a step alone
-    (stats.draft_share). num_slots: continuous batching, each batch's rows through this many
-    slots (None: all rows at once, for plain decoding too).
-    prefix_reuse: a row whose prompt starts with full pages another row (in a slot, running or
-    done) has computed copies their K/V (and the draft layer's, for EAGLE and Hydra++) instead
-    of computing them again.
-    engine_config: the continuous-batching engine's for plain decoding with `num_slots`
-    (default: num_slots slots, this page size).
+    (stats.draft_share).
     runtime: the target's mesh (one replica's), sharding rules, attention implementation and
     sparsity (dense, or sinks_window: StreamingLLM's sinks plus a sliding window, in prefill,
     verification and plain decoding alike, and in a draft model's and EAGLE's and Hydra++'s
-    draft layers over their own caches).
-    prefill_chunk: a row admitted with more prompt tokens than this to compute prefills them
-    this many at a time (the target's and a draft layer's caches), one verification step of
-    the running rows between chunks, and is admitted (its first token sampled) with the last
-    chunk: a long prompt neither stalls the other rows for its whole prefill nor needs
-    activations for all of it at once."""
+    draft layers over their own caches)."""
     sparsity = runtime.sparsity
     check_fits(proposer, cfg, sparsity)
     proposer.validate(cfg, draft_params)
     proposer = proposer.with_sparsity(sparsity)  # its drafts attend as the target does
-    if prefill_chunk < 1:
-      raise ValueError(f"speculative decoding: prefill_chunk must be >= 1, got {prefill_chunk}")
-    self.prefill_chunk = prefill_chunk
-    if num_slots is not None and num_slots < 1:
-      raise ValueError(f"speculative decoding: num_slots must be >= 1, got {num_slots}")
     self.policy, self.explore_every = policy, explore_every
-    self.num_slots = num_slots
-    self._reserved = (0, 0)  # (prompt, new tokens) every batch's slots have room for
     self.measure_split = measure_split
-    self.prefix_reuse = prefix_reuse
     self._batches = 0
-    self._plain = Generator(cfg, params, runtime)  # (without num_slots)
-    self.engine_config = engine_config
-    self._engine, self._engine_len = None, 0  # (with num_slots: built when first needed)
+    self._plain = Generator(cfg, params, runtime)
     self.cfg, self.params, self.proposer = cfg, params, proposer
     self.draft_params = draft_params
     self.rule, self.runtime = rule, runtime
@@ -184,13 +160,6 @@ class SpeculativeGenerator:
       return deepest + 1
     return None
 
-  @property
-  def compiling_next(self) -> bool:
-    """Whether the next batch is the first of the mode the policy will pick (it compiles: a
-    small batch will do); later batches are measured."""
-    mode = self.exploring if self.policy == "auto" else 0
-    return mode is not None and mode not in self._last
-
   def _choose(self) -> int | str:
     mode = self._pick()
     self._last[mode] = self._batches
@@ -219,80 +188,26 @@ class SpeculativeGenerator:
     return late if late is not None and overdue[late] >= 1 else best
 
   def _generate_plain(self, rows, should_stop, on_result):
-    """Plain decoding: with `num_slots`, through the continuous-batching engine (its paged
-    cache, chunked prefill and prefix sharing; samples as the static `Generator` draws them);
-    otherwise in static batches."""
-    if self.num_slots is None:
-      return self._generate_static(rows, should_stop, on_result)
-    from jaxinfer.engine import EngineRequest
-    need = max([len(r.prompt_ids) + r.max_new_tokens for r in rows] + [sum(self._reserved)])
-    if self._engine is None or self._engine_len < need:
-      from jaxinfer.engine import Engine, EngineConfig
-      ecfg = self.engine_config or EngineConfig(num_slots=self.num_slots,
-                                                page_size=self.page_size)
-      self._engine = Engine(self.cfg, self.params, ecfg, need, self.runtime)
-      self._engine_len = need
-    eng = self._engine
-    before = dataclasses.replace(eng.stats)
-    reqs = [EngineRequest(i, list(r.prompt_ids), r.max_new_tokens,
-                          np.asarray(jax.random.key_data(r.key)), r.temperature, r.top_k,
-                          r.top_p, r.min_p) for i, r in enumerate(rows)]
-    results: list[RowResult | None] = [None] * len(rows)
-
-    def done(res):
-      results[res.uid] = RowResult(res.tokens, res.finished_by_eos)
-      if on_result is not None:
-        on_result(res.uid, results[res.uid])
-
-    after = eng.run(reqs, done, should_stop)
-
-    def delta(f):  # the engine decodes each request's first token too: counted with its prefill
-      d = getattr(after, f) - getattr(before, f)  # here, as the static and speculative paths do
-      return d - len(rows) if f == "decode_tokens" else d
-
-    self._count_plain(delta, {"prefill_s": "mixed_busy_s", "decode_s": "decode_busy_s",
-                              "prefill_tokens_saved": "prefill_tokens_saved"})
-    return results
-
-  def _generate_static(self, rows, should_stop, on_result):
+    """Plain decoding of the batch (the static `Generator`), counted in this generator's
+    stats."""
     tm = self._plain.timings
     before = dataclasses.replace(tm)
     results = self._plain.generate(rows, should_stop)
     if on_result is not None:
       for i, res in enumerate(results):
         on_result(i, res)
-    delta = lambda f: getattr(tm, f) - getattr(before, f)
-    self._count_plain(delta, {"prefill_s": "prefill_s", "decode_s": "decode_s"})
-    return results
-
-  def _count_plain(self, delta: Callable[[str], float], names: dict[str, str]) -> None:
-    """Adds a plain batch to the stats: `delta(counter)`, the growth of the plain decoder's
-    counter; `names`, our counters -> its, besides those of the same name."""
     st = self.stats
-    names = {f: f for f in ("prefill_tokens", "decode_tokens", "compile_s",
-                            "compilations")} | names
-    for ours, theirs in names.items():
-      setattr(st, ours, getattr(st, ours) + delta(theirs))
+    for f in ("prefill_tokens", "decode_tokens", "compile_s", "compilations", "prefill_s",
+              "decode_s"):
+      setattr(st, f, getattr(st, f) + getattr(tm, f) - getattr(before, f))
     st.plain_batches += 1
-
-  def reset_prefix_cache(self) -> None:
-    """Forgets the prompt pages plain decoding's engine cached (speculative batches share
-    prefixes within a batch only)."""
-    if self._engine is not None:
-      self._engine.reset_prefix_cache()
-
-  def reserve(self, max_prompt_len: int, max_new_tokens: int) -> None:
-    """Sizes every later batch's slots for at least these lengths, so that batches of one job
-    share their compiled steps (continuous batching: set it for the job's longest request)."""
-    self._reserved = (max_prompt_len, max_new_tokens)
+    return results
 
   def generate(self, rows: Sequence[RowRequest],
                should_stop: Callable[[int, list[int]], bool] | None = None,
                on_result: Callable[[int, RowResult], None] | None = None) -> list[RowResult]:
-    """Every row's result (in order); `on_result(i, result)` is also called as row i finishes.
-
-    With `num_slots` (continuous batching) the rows run in that many slots, a finished row's
-    slot refilled with the next row at the next host round trip; otherwise all rows at once."""
+    """Every row's result (in order), all rows in one static batch; `on_result(i, result)` is
+    also called as row i finishes."""
     if not rows:
       return []
     with self._on_device():
@@ -317,7 +232,7 @@ class SpeculativeGenerator:
     if mode == "plain":
       results = self._generate_plain(rows, should_stop, on_result)
     else:
-      batch = SlotBatch(self, rows, should_stop, on_result, mode)
+      batch = Batch(self, rows, should_stop, on_result, mode)
       results = batch.run()
     wall = time.perf_counter() - t0 - (st.compile_s - compile_s)
     st.wall_s += wall
@@ -335,39 +250,24 @@ class SpeculativeGenerator:
     return results
 
   def _geometry(self, prompt_len: int, max_new: int, tree_size: int) -> tuple[int, int]:
-    """(output buffer length, positions per slot) for rows up to these lengths (and at least
-    the reserved ones)."""
-    o = next_pow2(max(max_new, self._reserved[1]), 16)
-    width = next_pow2(max(prompt_len, self._reserved[0]), 16)
+    """(output buffer length, positions per row) for rows up to these lengths."""
+    o = next_pow2(max_new, 16)
+    width = next_pow2(prompt_len, 16)
     return o, -(-(width + o + tree_size) // self.page_size) * self.page_size  # the last tree
 
   def memory_bytes(self, max_prompt_len: int, max_new_tokens: int, rows: int,
                    per_device: bool = False) -> int:
     """Device memory a batch of `rows` requests up to these lengths holds at its peak: the
-    speculative state of the largest tree (every slot's pages, the proposer's caches, per-row
-    buffers) plus, with slots and policy "auto", the plain-decoding engine's page pool.
-    per_device: what one device of the mesh holds of it (slots that do not split over fsdp are
-    whole on each device; the engine's pool splits over `model` only)."""
-    from jaxinfer.kv_cache import POOL_AXES
+    speculative state of the largest tree (every row's pages, the proposer's caches, per-row
+    buffers). per_device: what one device of the mesh holds of it (rows that do not split over
+    fsdp are whole on each device)."""
     from jaxinfer.sharding import device_bytes
-    b = self.num_slots or rows
     o, max_len = self._geometry(max_prompt_len, max_new_tokens, self.proposer.tree_size)
-    shapes = jax.eval_shape(lambda: self._empty_state(b, max_len, o, jax.random.key(0),
+    shapes = jax.eval_shape(lambda: self._empty_state(rows, max_len, o, jax.random.key(0),
                                                       self.proposer))
     rules = self.runtime.rules
     mesh = self.runtime.mesh if per_device else None
-    total = device_bytes(shapes, state_shardings(shapes, mesh, rules, self.proposer))
-    if self.num_slots is not None and self.policy == "auto":
-      from jaxinfer.engine import EngineConfig
-      from jaxinfer.engine.engine import pool_pages_for
-      ecfg = self.engine_config or EngineConfig(num_slots=b, page_size=self.page_size)
-      pages = pool_pages_for(ecfg, -(-(max_prompt_len + max_new_tokens) // ecfg.page_size))
-      layer = jax.ShapeDtypeStruct(
-          PagedKVCache.pool_shape(self.cfg, pages, ecfg.page_size), self.cfg.jnp_dtype)
-      where = (None if mesh is None or mesh.size == 1 else
-               rules.sharding(mesh, POOL_AXES, layer.shape))
-      total += 2 * self.cfg.num_layers * device_bytes(layer, where)
-    return total
+    return device_bytes(shapes, state_shardings(shapes, mesh, rules, self.proposer))
 
   def _new_state(self, b: int, max_len: int, out_len: int, key: jax.Array, proposer,
                  level: int) -> SpecState:
@@ -378,7 +278,7 @@ class SpeculativeGenerator:
 
   def _empty_state(self, b: int, max_len: int, out_len: int, key: jax.Array,
                    proposer, shared=None) -> SpecState:
-    """b free slots (done) over zeroed pages: rows are admitted into it (shared: a shared
+    """b empty rows (done) over zeroed pages: a batch is admitted into it (shared: a shared
     proposer state, default this generator's)."""
     cfg, ps = self.cfg, self.page_size
     shared = self._shared if shared is None else shared

@@ -9,7 +9,6 @@ proposer with `shared_state`, one value every row reads and refreshes. They call
 
   init_state  the state of B free slots (`init_pages` in the engine, for `paged_layers`)
   admit       rows admitted into slots: their state after the prompt's prefill
-  extend      one chunk of a long admission's prompt (a draft cache of its own follows it)
   lanes       (the paged engine) the target's hidden states over its prefill lanes
   draft       every step: a draft tree of `tree_size` nodes per row
   follow      (the paged engine) a step that drafts nothing: what the state must still read
@@ -69,19 +68,15 @@ class Draft:
 
 @struct.dataclass
 class Prompt:
-  """k rows being admitted into slots, or one chunk of a long admission (then `prompt_len` is
-  the chunk's end + 1: its positions are those of a prompt ending there, whose last token is
-  not written)."""
+  """k rows being admitted into slots."""
 
-  hidden: jax.Array  # (k, w, D) the target's hidden states over each prompt from `start` on
+  hidden: jax.Array | None  # (k, w, D) the target's hidden states over each prompt (None: the
+  # engine's admission, whose lanes computed them)
   last: jax.Array  # (k, D) the target's hidden state at each prompt's last token
   history: jax.Array  # (k, W) each prompt's tokens by position
   prompt_len: jax.Array  # (k,)
-  first: jax.Array  # (k,) each row's first generated token (a chunk: 0)
+  first: jax.Array  # (k,) each row's first generated token (the engine's admission: 0)
   slots: jax.Array  # (k,) the slots the rows go to; past the end: a padding row
-  start: jax.Array | None = None  # (k,) position of hidden[:, 0] (None: 0)
-  # (k, M) pages of the proposer's own cache holding each row's reused prefix (None: none)
-  copy_src: jax.Array | None = None
   max_len: int = struct.field(pytree_node=False, default=0)  # positions per slot
 
 
@@ -107,10 +102,6 @@ class Proposer(abc.ABC):
   # Capabilities, read instead of the proposer's type.
   # It drafts with weights of its own (draft_params): a draft model, heads or a draft layer.
   needs_draft_params: bool = False
-  # Its state is built from the target's hidden states over the prompt (a draft layer pairs each
-  # with the token after it): a row reusing another's prefix computes the prefix's last token
-  # again, for its hidden state.
-  reads_prompt_features: bool = False
   # One state for every row (Token Recycling's adjacency matrix of likely successors), refreshed
   # by every row's verification and carried from batch to batch.
   shared_state: bool = False
@@ -197,21 +188,13 @@ class Proposer(abc.ABC):
     return state
 
   def row_state(self, weights: Weights, state, prompt: Prompt) -> Any:
-    """The state of the rows `prompt` admits, k rows (`state`: the running one, whose own cache
-    pages `prompt.copy_src` name)."""
+    """The state of the rows `prompt` admits, k rows (`state`: the running one)."""
     del weights, state, prompt
     return ()
 
   def admit(self, weights: Weights, state, prompt: Prompt) -> Any:
     """`state` with the admitted rows' (`prompt.slots`) reset to their `row_state`."""
     return put_rows(state, self.row_state(weights, state, prompt), prompt.slots)
-
-  def extend(self, weights: Weights, state, prompt: Prompt) -> Any:
-    """`state` after one chunk of a long admission (the target's K/V over it written): a draft
-    cache of the proposer's own follows over the same positions; nothing is left for a
-    verification step to feed (the rows stay done until admitted)."""
-    del weights, prompt
-    return state
 
   @abc.abstractmethod
   def draft(self, weights: Weights, state, ctx: Context) -> tuple[Any, Draft]:

@@ -23,8 +23,6 @@ class SpecStats:
   compilations: int = 0
   decode_tokens: int = 0
   prefill_tokens: int = 0  # computed
-  prefill_tokens_saved: int = 0  # prompt tokens whose K/V were copied from another row's
-  prefill_chunks: int = 0  # chunks of long admissions run before the admission itself
   steps: int = 0  # batched verification steps
   host_syncs: int = 0  # host round trips while decoding
   row_slots: int = 0  # steps x rows
@@ -54,8 +52,7 @@ class SpecStats:
         **{f: total(f) for f in ("verify_steps", "emitted", "prefill_s",
                                   "decode_s", "wall_s", "plain_measured_tokens",
                                   "plain_measured_s", "compile_s", "compilations",
-                                  "decode_tokens", "prefill_tokens", "prefill_tokens_saved",
-                                  "prefill_chunks", "steps",
+                                  "decode_tokens", "prefill_tokens", "steps",
                                   "host_syncs", "row_slots", "spec_batches", "plain_batches")},
         accepted_hist=sum(s.accepted_hist for s in stats),
         plain_tps=mean([s.plain_tps for s in stats if s.plain_tps is not None]),
@@ -71,8 +68,7 @@ class SpecStats:
     differences, measured speeds and the draft / verify split as they stand now."""
     counts = ("verify_steps", "emitted", "prefill_s", "decode_s", "wall_s",
               "plain_measured_tokens", "plain_measured_s", "compile_s",
-              "compilations", "decode_tokens", "prefill_tokens", "prefill_tokens_saved",
-              "prefill_chunks", "steps", "host_syncs", "row_slots", "spec_batches", "plain_batches")
+              "compilations", "decode_tokens", "prefill_tokens", "steps", "host_syncs", "row_slots", "spec_batches", "plain_batches")
     return dataclasses.replace(
         self, **{f: getattr(self, f) - getattr(before, f) for f in counts},
         accepted_hist=self.accepted_hist - before.accepted_hist,
@@ -127,7 +123,6 @@ class SpecStats:
             "accepted_length_histogram": [int(x) for x in self.accepted_hist],
             "per_depth_acceptance": [round(x, 4) for x in self.per_depth_acceptance()],
             "verify_steps": self.verify_steps, "host_syncs": self.host_syncs,
-            "prefill_chunks": self.prefill_chunks,
             "occupancy": round(self.verify_steps / self.row_slots, 4) if self.row_slots else 0.0,
             "speculation": self.decision(), "speculative_batches": self.spec_batches,
             "plain_batches": self.plain_batches,

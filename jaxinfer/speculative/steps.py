@@ -1,8 +1,8 @@
 """The speculative generator's device steps, each a pure function jitted by the generator:
-`_chunk` (up to N draft-verify-accept-commit steps), `_admit` (rows prefilled into free slots),
-`_extend` (one chunk of a long admission) and `_draft_only` (drafting alone, timed).
+`_chunk` (up to N draft-verify-accept-commit steps), `_admit` (a batch's prompts prefilled) and
+`_draft_only` (drafting alone, timed).
 
-B rows (slots), T tree nodes, S cache positions per row (pages of the row's own), V vocabulary,
+B rows, T tree nodes, S cache positions per row (pages of the row's own), V vocabulary,
 D embed. The proposer is static (a frozen dataclass); everything it does goes through its
 protocol (`jaxinfer.speculative.protocol`). So is the target's `runtime` (`jaxinfer.runtime`).
 """
@@ -20,7 +20,7 @@ from jaxinfer.kv_cache import PagedKVCache, TreeKVCache, commit_path
 from jaxinfer.runtime import Runtime
 from jaxinfer.sampling import SamplingParams, argmax, distribution, sample
 from jaxinfer.speculative import acceptance
-from jaxinfer.speculative.protocol import Context, Prompt, Verified, Weights, put_rows
+from jaxinfer.speculative.protocol import Context, Prompt, Verified, Weights
 from pallas_kernels.tree_attention import ancestor_matrix, pack_ancestors
 
 _DRAFT_SALT, _VERIFY_SALT = 1 << 20, 1 << 21
@@ -45,9 +45,9 @@ class SpecState:
 
 def state_shardings(state: SpecState, mesh, rules, proposer) -> SpecState | None:
   """Where a state's arrays live on a replica's mesh (None off one): rows over the batch axes
-  (`data`/`fsdp`) with their pages (a slot owns pages [b*M, (b+1)*M)), KV heads over `model`,
+  (`data`/`fsdp`) with their pages (a row owns pages [b*M, (b+1)*M)), KV heads over `model`,
   the counters whole; the proposer's state as it lays it out (`Proposer.state_shardings`: its
-  rows and draft caches with the slots, a state shared by every row whole). Rows that do not
+  rows and draft caches with the rows, a state shared by every row whole). Rows that do not
   divide over the batch axes stay whole."""
   from jaxinfer.sharding import rows_split
   if mesh is None or mesh.size == 1:
@@ -190,13 +190,11 @@ def _step(params, draft_params, state: SpecState, sampling: SamplingParams, page
                    state.emitted + jnp.sum(jnp.where(live, count, 0)))
 
 
-def _chunk(params, draft_params, state, sampling, page_table, eos_ids, min_done, num_steps,
-           **kw):
-  """Up to `num_steps` (traced) steps; ends early once `min_done` rows are done (a slot to
-  refill)."""
+def _chunk(params, draft_params, state, sampling, page_table, eos_ids, num_steps, **kw):
+  """Up to `num_steps` (traced) steps; ends early once every row is done."""
   def cond(c):
     i, s = c
-    return (i < num_steps) & (jnp.sum(s.done) < min_done)
+    return (i < num_steps) & ~jnp.all(s.done)
 
   def body(c):
     i, s = c
@@ -205,93 +203,30 @@ def _chunk(params, draft_params, state, sampling, page_table, eos_ids, min_done,
   return jax.lax.while_loop(cond, body, (0, state))[1]
 
 
-def _copy_pages(pool: jax.Array, src: jax.Array, dst: jax.Array) -> jax.Array:
-  """pool[:, dst] := pool[:, src] (every source read before any write); dst past the pool's end
-  is dropped."""
-  return pool.at[:, dst.reshape(-1)].set(pool[:, src.reshape(-1)], mode="drop")
-
-
-def _slot_pages(state: SpecState, slots, start, end, width: int, copy_src, copy_dst, copy: bool,
-                max_len: int, page_size: int):
-  """(positions (k, width): start + j for each row's tokens before `end`, the rest and padding
-  rows' (slots past the end) out of range, so never written; the paged cache over the slots'
-  own pages, after copying pages copy_src -> copy_dst when `copy`)."""
-  b, m = state.length.shape[0], max_len // page_size
-  real = slots < b
-  page_table = jnp.where(real[:, None], slots[:, None] * m + jnp.arange(m)[None, :], 0)
-  pos = start[:, None] + jnp.arange(width)[None, :]
-  positions = jnp.where((pos < end[:, None]) & real[:, None], pos, max_len)
-  k_pools, v_pools = state.k, state.v
-  if copy:
-    k_pools = tuple(_copy_pages(x, copy_src, copy_dst) for x in k_pools)
-    v_pools = tuple(_copy_pages(x, copy_src, copy_dst) for x in v_pools)
-  return positions, PagedKVCache(k_pools, v_pools, page_table.astype(jnp.int32))
-
-
-def _admit(params, draft_params, state: SpecState, tokens, start, history, prompt_len, max_new,
-           sampling, keys, eos_ids, slots, copy_src, copy_dst, *, cfg, proposer, max_len,
-           page_size, from_cache, runtime: Runtime) -> SpecState:
-  """Prefills k new rows into slots `slots` (k,) of a running state (a slot past the end: a
-  padding row, nothing written): the target's K/V straight into the slots' pages, the first
-  token sampled as plain decoding samples it, the proposer's state and the row's counters
-  reset. history (k, W) holds the prompts; tokens (k, w) the part of each to compute, from
-  position start (k,) on.
-
-  from_cache: some rows' first `start` tokens are a prefix another row has computed (prefix
-  reuse): its pages are first copied into theirs (copy_src -> copy_dst, (k, M) pool pages; a
-  destination past the pool's end copies nothing) and the rest of the prompt attends to them
-  through the cache. Otherwise start is 0 and the prompt attends to itself."""
-  k = tokens.shape[0]
+def _admit(params, draft_params, state: SpecState, history, prompt_len, max_new, sampling, keys,
+           eos_ids, *, cfg, proposer, max_len, page_size, runtime: Runtime) -> SpecState:
+  """Prefills the batch's B rows into an empty state: each whole prompt (history (B, W), by
+  position) computed into its row's own pages, the first token sampled as plain decoding samples
+  it, the proposer's state and the row's counters set."""
+  b, w = history.shape
   keys = jnp.stack(keys)  # (one key per row, stacked here rather than by an operation of its own)
-  # Padding sits at out-of-range positions, after every real token, and is never written; the
-  # prompt's K/V land in the slot's pages.
-  positions, cache = _slot_pages(state, slots, start, prompt_len, tokens.shape[1], copy_src,
-                                 copy_dst, from_cache, max_len, page_size)
-  hidden, cache = M.forward(params, tokens, positions, cfg, cache,
-                            kv_source="cache" if from_cache else "chunk", runtime=runtime)
-  last = jnp.take_along_axis(hidden, (prompt_len - start - 1)[:, None, None], axis=1)[:, 0]
+  rows = jnp.arange(b)
+  m = max_len // page_size
+  page_table = (rows[:, None] * m + jnp.arange(m)[None, :]).astype(jnp.int32)
+  # Padding sits at out-of-range positions, after every real token, and is never written.
+  pos = jnp.arange(w)[None, :]
+  positions = jnp.where(pos < prompt_len[:, None], pos, max_len)
+  hidden, cache = M.forward(params, history, positions, cfg,
+                            PagedKVCache(state.k, state.v, page_table), kv_source="chunk",
+                            runtime=runtime)
+  last = jnp.take_along_axis(hidden, (prompt_len - 1)[:, None, None], axis=1)[:, 0]
   first = sample(M.logits(params, last), sampling,
                  jax.vmap(lambda kk: jax.random.fold_in(kk, 0))(keys)).astype(jnp.int32)
-  prompt = Prompt(hidden, last, history, prompt_len, first, slots, start,
-                  copy_src if from_cache else None, max_len)
+  prompt = Prompt(hidden, last, history, prompt_len, first, rows, max_len=max_len)
   pstate = proposer.admit(Weights(draft_params, params), state.proposer, prompt)
-  rows = jnp.arange(k)
-  hist = jnp.pad(history, ((0, 0), (0, max_len - history.shape[1]))).at[rows, prompt_len].set(
-      first)
-  out = jnp.zeros((k, state.out.shape[1]), jnp.int32).at[:, 0].set(first)
-  done = (max_new <= 1) | jnp.isin(first, eos_ids)
-  put = lambda old, new: put_rows(old, new, slots)
+  hist = jnp.pad(history, ((0, 0), (0, max_len - w))).at[rows, prompt_len].set(first)
   return state.replace(
-      k=cache.k, v=cache.v, history=put(state.history, hist), length=put(state.length,
-                                                                           prompt_len),
-      out=put(state.out, out), num_generated=put(state.num_generated, jnp.ones((k,), jnp.int32)),
-      max_new=put(state.max_new, max_new), done=put(state.done, done),
-      keys=put(state.keys, keys), proposer=pstate)
-
-
-def _extend(params, draft_params, state: SpecState, tokens, start, end, history, slots,
-            copy_src, copy_dst, *, copy, cfg, proposer, max_len, page_size,
-            runtime: Runtime) -> SpecState:
-  """One chunk of a long admission: the target's K/V for prompt positions [start, end) of each
-  of k rows (tokens (k, w), w >= end - start) written into its slot's pages (`slots` (k,); past
-  the end: a padding row), attending to what those pages already hold; the proposer's state
-  follows (`Proposer.extend`: a draft model extends its own cache over the same positions, a
-  draft layer over the target's hidden states its cache with their pairs, the token after each
-  being in the prompt). The rows stay done, so no verification reads them; their length is set
-  to `end`, so the tree tokens the verification steps between chunks write for them land past
-  what is computed, where the next chunk (or the row's admission) overwrites them.
-
-  copy: the first chunk of rows reusing a prefix: copy_src -> copy_dst first, as `_admit`
-  copies. copy_src also names the pages the draft's cache rows are read from (the slot's own,
-  after the first chunk)."""
-  positions, cache = _slot_pages(state, slots, start, end, tokens.shape[1], copy_src, copy_dst,
-                                 copy, max_len, page_size)
-  hidden, cache = M.forward(params, tokens, positions, cfg, cache, kv_source="cache",
-                            runtime=runtime)
-  # positions < end, as for a prompt ending at end + 1 (a draft layer's pairs: the token after
-  # each is in the prompt)
-  prompt = Prompt(hidden, hidden[:, -1], history, end + 1, jnp.zeros_like(end), slots, start,
-                  copy_src, max_len)
-  pstate = proposer.extend(Weights(draft_params, params), state.proposer, prompt)
-  return state.replace(k=cache.k, v=cache.v, proposer=pstate,
-                       length=state.length.at[slots].set(end, mode="drop"))
+      k=cache.k, v=cache.v, history=hist, length=prompt_len,
+      out=jnp.zeros_like(state.out).at[:, 0].set(first),
+      num_generated=jnp.ones((b,), jnp.int32), max_new=max_new,
+      done=(max_new <= 1) | jnp.isin(first, eos_ids), keys=keys, proposer=pstate)

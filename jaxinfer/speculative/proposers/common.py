@@ -55,14 +55,6 @@ def gather_pages(cache: jax.Array, pages: jax.Array) -> jax.Array:
   return cache.reshape(kh, b * m, s // m, h)[:, pages.reshape(-1)].reshape(kh, k, s, h)
 
 
-def reused_cache(cache, copy_src):
-  """The rows of a proposer's own cache (a KVCache) that admitted rows continue: its pages
-  `copy_src` (k, M), copied as the target's are (None: the rows start from a fresh cache)."""
-  if copy_src is None:
-    return None
-  return jax.tree_util.tree_map(lambda x: gather_pages(x, copy_src), cache)
-
-
 class Chain(Proposer):
   """A proposer that drafts a chain of `num_draft_tokens` after the root."""
 

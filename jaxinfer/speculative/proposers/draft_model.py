@@ -15,8 +15,7 @@ from jaxinfer.config import ModelConfig
 from jaxinfer.kv_cache import KVCache
 from jaxinfer.sampling import distribution
 from jaxinfer.sparsity import DENSE, Sparsity
-from jaxinfer.speculative.proposers.common import (Chain, chain_parents, draw, reused_cache,
-                                                   root_only)
+from jaxinfer.speculative.proposers.common import Chain, chain_parents, draw, root_only
 from jaxinfer.speculative.protocol import Context, Draft
 
 
@@ -47,30 +46,18 @@ class DraftModel(Chain):
     return dataclasses.replace(self, sparsity=sparsity)
 
   def row_state(self, weights, state, prompt):
-    """Its cache over the prompt tokens the target computed (from `start` on); the engine's
-    admission (no hidden states) gives the whole of each row's tokens so far."""
-    width = prompt.history.shape[1] if prompt.hidden is None else prompt.hidden.shape[1]
-    idx = (0 if prompt.start is None else prompt.start[:, None]) + jnp.arange(width)[None, :]
-    tokens = jnp.take_along_axis(prompt.history,
-                                 jnp.minimum(idx, prompt.history.shape[1] - 1), axis=1)
-    return self.prefill(weights.draft, tokens, prompt.prompt_len, prompt.max_len, prompt.start,
-                        reused_cache(state, prompt.copy_src))
+    """Its cache over each row's tokens so far (the prompt; in the engine, also what the row
+    decoded plainly before)."""
+    return self.prefill(weights.draft, prompt.history, prompt.prompt_len, prompt.max_len)
 
-  def extend(self, weights, state, prompt):
-    return self.admit(weights, state, prompt)
-
-  def prefill(self, params, tokens, prompt_len, max_len, start=None, cache=None):
-    """The draft's own cache over the prompts: tokens (B, W) are each prompt from position
-    `start` (B,) on, continuing `cache` (holding the positions before start); by default from
-    0 into a fresh cache. The prompt's last token (the root, fed later) and padding past it are
-    not written."""
+  def prefill(self, params, tokens, prompt_len, max_len):
+    """The draft's own cache over the prompts, tokens (B, W) by position, in a fresh cache. The
+    prompt's last token (the root, fed later) and padding past it are not written."""
     b, t = tokens.shape[0], int(max_len)
-    kv_source = "chunk" if cache is None else "cache"
-    cache = KVCache.init(self.cfg, b, t) if cache is None else cache
-    pos = (0 if start is None else start[:, None]) + jnp.arange(tokens.shape[1])[None, :]
+    pos = jnp.arange(tokens.shape[1])[None, :]
     positions = jnp.where(pos < prompt_len[:, None] - 1, pos, t)
-    _, cache = M.forward(params, tokens, positions, self.cfg, cache, kv_source=kv_source,
-                         runtime=self.draft_runtime)
+    _, cache = M.forward(params, tokens, positions, self.cfg, KVCache.init(self.cfg, b, t),
+                         kv_source="chunk", runtime=self.draft_runtime)
     return cache
 
   def draft(self, weights, cache: KVCache, ctx: Context):

@@ -13,10 +13,9 @@ from jaxinfer.sampling import distribution
 from jaxinfer.sparsity import DENSE, Sparsity
 from jaxinfer.speculative.proposers.common import Chain, chain_parents, draw, root_only
 from jaxinfer.speculative.proposers.pending import (EagleState, attach, detach, engine_rows, fed,
-                                                    feed_pending, nothing_pending, observe_path,
-                                                    paged_state, pending_width, prefill_pending,
-                                                    reused_layer_cache, write_lanes)
-from jaxinfer.speculative.protocol import Context, Draft, Weights, put_rows
+                                                    feed_pending, observe_path, paged_state,
+                                                    pending_width, prefill_pending, write_lanes)
+from jaxinfer.speculative.protocol import Context, Draft, Weights
 
 
 @dataclasses.dataclass(frozen=True)
@@ -33,7 +32,6 @@ class Eagle(Chain):
   name: str = "eagle"
   sparsity: Sparsity = DENSE
   needs_draft_params = True
-  reads_prompt_features = True
   drafts_from_hidden = True
   paged_layers = True
   feature_lookahead = 1
@@ -59,28 +57,19 @@ class Eagle(Chain):
     if prompt.hidden is None:  # the engine's admission: its lanes wrote the prompt's pairs
       return engine_rows(state, prompt.prompt_len)
     return self.prefill(weights, prompt.hidden, prompt.history, prompt.prompt_len, prompt.first,
-                        prompt.max_len, prompt.start,
-                        reused_layer_cache(state, prompt.copy_src))
+                        prompt.max_len)
 
-  def extend(self, weights, state, prompt):
-    rows = nothing_pending(self.row_state(weights, state, prompt), prompt.prompt_len - 1)
-    return put_rows(state, rows, prompt.slots)
-
-  def prefill(self, heads_and_base, features, history, prompt_len, first, max_len, start=None,
-              cache=None):
-    """The draft's cache over the prompt's pairs (f_p, x_{p+1}), p < prompt_len - 1; the pair
-    (f_{n-1}, first token) is left pending. `features` are the target's from position `start`
-    (B,) on, where `cache` (the draft's, holding positions before start) continues; by default
-    from 0 into a fresh cache."""
+  def prefill(self, heads_and_base, features, history, prompt_len, first, max_len):
+    """The draft's cache over the prompt's pairs (f_p, x_{p+1}), p < prompt_len - 1, from the
+    target's `features` over the prompt; the pair (f_{n-1}, first token) is left pending."""
     heads, base = heads_and_base
     w = features.shape[1]
-    nxt_pos = (0 if start is None else start[:, None]) + jnp.arange(w)[None, :] + 1
+    nxt_pos = jnp.arange(w)[None, :] + 1
     nxt = jnp.take_along_axis(history, jnp.clip(nxt_pos, 0, history.shape[1] - 1), axis=1)
-    kv_source = "chunk" if cache is None else "cache"
     return prefill_pending(lambda f, pos, c: draft_forward(
-        heads.draft, base, f, nxt, pos, self.cfg, c, kv_source=kv_source,
+        heads.draft, base, f, nxt, pos, self.cfg, c, kv_source="chunk",
         runtime=self.draft_runtime), self.cfg, features,
-        prompt_len, first, max_len, pending_width(self), heads.draft.fc.dtype, start, cache)
+        prompt_len, first, max_len, pending_width(self), heads.draft.fc.dtype)
 
   def catch_up(self, heads, base, st: EagleState):
     """Feeds the pending pairs into the draft's cache; returns the predicted feature after

@@ -16,11 +16,10 @@ from jaxinfer.quant import weight
 from jaxinfer.sparsity import DENSE, Sparsity
 from jaxinfer.speculative.proposers.common import HeadsTree, root_only
 from jaxinfer.speculative.proposers.pending import (EagleState, attach, detach, engine_rows, fed,
-                                                    feed_pending, nothing_pending, observe_path,
-                                                    paged_state, pending_path, pending_width,
-                                                    prefill_pending, reused_layer_cache,
+                                                    feed_pending, observe_path, paged_state,
+                                                    pending_path, pending_width, prefill_pending,
                                                     write_lanes)
-from jaxinfer.speculative.protocol import Context, Draft, Weights, put_rows
+from jaxinfer.speculative.protocol import Context, Draft, Weights
 
 
 @dataclasses.dataclass(frozen=True)
@@ -41,10 +40,6 @@ class Hydra(HeadsTree):
   prefix: ModelConfig | None = None
   accuracy: tuple[tuple[float, ...], ...] | None = None
   sparsity: Sparsity = DENSE
-
-  @property
-  def reads_prompt_features(self) -> bool:
-    return self.prefix is not None
 
   @property
   def paged_layers(self) -> bool:
@@ -78,31 +73,20 @@ class Hydra(HeadsTree):
       return super().row_state(weights, state, prompt)
     if prompt.hidden is None:  # the engine's admission: its lanes wrote the prompt's states
       return engine_rows(state, prompt.prompt_len)
-    return self.prefill(weights, prompt.hidden, prompt.prompt_len, prompt.max_len, prompt.start,
-                        reused_layer_cache(state, prompt.copy_src))
-
-  def extend(self, weights, state, prompt):
-    if self.prefix is None:
-      return state
-    rows = nothing_pending(self.row_state(weights, state, prompt), prompt.prompt_len - 1)
-    return put_rows(state, rows, prompt.slots)
+    return self.prefill(weights, prompt.hidden, prompt.prompt_len, prompt.max_len)
 
   def observe(self, weights, state, verified):
     if self.prefix is None:
       return super().observe(weights, state, verified)
     return observe_path(state, verified)
 
-  def prefill(self, heads_and_base, features, prompt_len, max_len, start=None, cache=None):
-    """Prefix layer: its cache over the prompt's hidden states but the last, left pending
-    (features from position `start` on, continuing `cache`, as `Eagle.prefill`)."""
+  def prefill(self, heads_and_base, features, prompt_len, max_len):
+    """Prefix layer: its cache over the prompt's hidden states but the last, left pending."""
     heads, base = heads_and_base
-    kv_source = "chunk" if cache is None else "cache"
     return prefill_pending(lambda f, pos, c: prefix_forward(
-        heads, base, f, pos, self.prefix, c, kv_source=kv_source,
-        runtime=self.draft_runtime),
-        self.prefix, features,
-        prompt_len, jnp.zeros_like(prompt_len), max_len, pending_width(self),
-        heads.prefix_norm.dtype, start, cache)
+        heads, base, f, pos, self.prefix, c, kv_source="chunk", runtime=self.draft_runtime),
+        self.prefix, features, prompt_len, jnp.zeros_like(prompt_len), max_len,
+        pending_width(self), heads.prefix_norm.dtype)
 
   def update_prefix(self, st: EagleState, verify_hidden, tokens, path, num_accepted,
                     next_token, length, live):

@@ -1,7 +1,7 @@
 """A draft layer over the target's features (EAGLE's draft layer, Hydra++'s prefix layer): its
 own KV cache, and the (feature, token) pairs of the last accepted path it has not read yet.
 
-In the speculative generator the cache is a `KVCache` of its own, rows by slot. In the paged
+In the speculative generator's static batches the cache is a `KVCache` of its own, by row. In the paged
 engine it is a `PagePools` named by the engine's page tables: the prefill lanes write the
 prompt's pairs (`write_lanes`), drafting reads and writes through the rows' tables (`attach`,
 `detach`), and a row starts with nothing pending (`engine_rows`): its first verification drafts
@@ -15,7 +15,6 @@ from flax import struct
 
 from jaxinfer.config import ModelConfig
 from jaxinfer.kv_cache import KVCache, PagePools
-from jaxinfer.speculative.proposers.common import reused_cache
 
 
 @struct.dataclass
@@ -37,18 +36,16 @@ def pending_width(proposer) -> int:
 
 
 def prefill_pending(forward, cfg: ModelConfig, features, prompt_len, first, max_len, t: int,
-                    dtype, start=None, cache=None) -> EagleState:
+                    dtype) -> EagleState:
   """A draft layer's state after the prompt: `forward(features, positions, cache)` -> (out,
-  cache) has written the prompt's pairs but the last to `cache` (default: a fresh cache of
-  `cfg`); that last pair (the feature that predicted the first token, `first`) is pending.
-  features (B, W, D) are the prompt's from position `start` (B,) on (default 0)."""
+  cache) has written the prompt's pairs but the last to a fresh cache of `cfg`; that last pair
+  (the feature that predicted the first token, `first`) is pending. features (B, W, D) are the
+  prompt's by position."""
   b, w, d = features.shape
-  start = jnp.zeros_like(prompt_len) if start is None else start
-  pos = start[:, None] + jnp.arange(w)[None, :]
+  pos = jnp.arange(w)[None, :]
   positions = jnp.where(pos < prompt_len[:, None] - 1, pos, max_len)
-  cache = KVCache.init(cfg, b, int(max_len)) if cache is None else cache
-  _, cache = forward(features.astype(dtype), positions, cache)
-  last = features[jnp.arange(b), prompt_len - 1 - start]
+  _, cache = forward(features.astype(dtype), positions, KVCache.init(cfg, b, int(max_len)))
+  last = features[jnp.arange(b), prompt_len - 1]
   feats = jnp.zeros((b, t, d), dtype).at[:, 0].set(last)
   toks = jnp.zeros((b, t), jnp.int32).at[:, 0].set(first)
   return EagleState(cache, feats, toks, prompt_len - 1, jnp.ones((b,), jnp.int32))
@@ -91,17 +88,6 @@ def observe_path(st: EagleState, verified) -> EagleState:
   return pending_path(st, verified.hidden, verified.tokens, verified.path,
                       verified.num_accepted, verified.next_token, verified.length,
                       verified.live)
-
-
-def reused_layer_cache(st: EagleState | None, copy_src):
-  """The draft layer's cache rows admitted rows continue (`common.reused_cache`)."""
-  return None if copy_src is None else reused_cache(st.cache, copy_src)
-
-
-def nothing_pending(st: EagleState, end) -> EagleState:
-  """Rows after a chunk of a long admission ending at `end` (k,): its pairs are in the cache,
-  none is left for a verification step to feed."""
-  return st.replace(start=end, count=jnp.zeros_like(end))
 
 
 def paged_state(cfg: ModelConfig, num_rows: int, num_pages: int, page_size: int, t: int, d: int,
