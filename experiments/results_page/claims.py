@@ -101,24 +101,6 @@ def from_records(recs: list[dict], spec: dict) -> str | None:
   return spec.get("prefix", "") + spec.get("join", "; ").join(texts) if texts else None
 
 
-def chunked_admission(recs: list[dict], spec: dict) -> str | None:
-  """bench_spec_batching's chunked against whole admission: the running rows' longest stall and
-  the whole job's time, from each method's last record comparing them."""
-  parts = []
-  for method in spec["methods"]:
-    rows = [r for r in recs if r.get("method") == method
-            and "spec-continuous-whole" in r.get("modes", {})]
-    if rows:
-      chunked, whole = rows[-1]["modes"]["spec-continuous"], rows[-1]["modes"][
-          "spec-continuous-whole"]
-      gain = chunked["speedup_over_plain_static"] / whole["speedup_over_plain_static"]
-      parts.append(f"{method}: longest stall of the running rows "
-                   f"{whole['longest_prefill_call_ms']:.0f} → "
-                   f"{chunked['longest_prefill_call_ms']:.0f} ms; whole job {gain:.2f}× faster "
-                   "chunked")
-  return "; ".join(parts) or None
-
-
 def long_context(recs: list[dict], spec: dict) -> str | None:
   """One pattern's loss beyond the training length against dense attention and against the text
   scored in windows of the training length, from the last long_context record."""
@@ -134,7 +116,7 @@ def long_context(recs: list[dict], spec: dict) -> str | None:
 
 
 KINDS = {"speculative_pair": speculative_pair, "records": from_records,
-         "chunked_admission": chunked_admission, "long_context": long_context}
+         "long_context": long_context}
 
 
 def ours(spec: dict | None, files: dict[str, list[dict]]) -> str | None:

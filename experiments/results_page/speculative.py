@@ -147,6 +147,8 @@ SPEC_BATCHING_NOTES = {
     14: "rerun at the final engine code (a dispatch ends at a row's end only while requests "
         "wait)",
     15: "rerun at the final engine code",
+    **{i: "after the generator's own slots were removed: the engine against static batches"
+       for i in range(19, 24)},
 }
 
 
