@@ -10,7 +10,7 @@ import pytest
 from jaxinfer import checkpoint
 from jaxinfer.draft_heads import eagle, hydra, medusa
 from jaxinfer.engine import Engine, EngineConfig
-from jaxinfer.engine.policy import Follow, Plain, TreePolicy, ladder
+from jaxinfer.engine.policy import Plain, TreePolicy, ladder
 from jaxinfer.engine.scheduler import EngineRequest
 from jaxinfer.runtime import Runtime
 from jaxinfer.speculative import proposers as P
@@ -84,7 +84,7 @@ def test_speculating_engine_equals_the_plain_engine(target):
            (P.Lookahead(num_nodes=4, depth=2), dict(runtime=Runtime(implementation="pallas")))]
   # draft layers over the target's features, their K/V in the engine's pages (written from the
   # lanes), as initialised (EAGLE's drafts the root again, Hydra++'s the target's next token);
-  # Hydra++ with the auto policy, whose plain level still feeds its layer every token
+  # Hydra++ with the auto policy, whose plain steps feed its layer every token they compute
   dcfg, pcfg = eagle.draft_config(target[0]), hydra.prefix_config(target[0])
   layer = eagle.EagleHeads(eagle.init_draft(dcfg, jax.random.key(1)))
   prefixed = hydra.init_heads(target[1], 3, jax.random.key(0), pcfg)
@@ -115,10 +115,10 @@ def test_speculating_engine_equals_the_plain_engine(target):
     if isinstance(proposer, P.DraftModel):  # the target drafting for itself
       assert st.accepted_hist[-1] > 0 and st.decode_tokens > 2 * st.row_steps
     if "picks" in kw:
-      plain = Follow if proposer.paged_layers else Plain
-      assert isinstance(eng.ladder[max(kw["picks"])], plain)
-      ran_plain = ("trees", len(eng.ladder) - 1) if proposer.paged_layers else "decode"
-      assert ran_plain in eng._compiled and ("trees", 0) in eng._compiled  # both kinds ran
+      assert isinstance(eng.ladder[max(kw["picks"])], Plain)
+      assert "decode" in eng._compiled and ("trees", 0) in eng._compiled  # both kinds ran
+      if proposer.paged_layers:  # rows turned from trees to plain steps
+        assert "flush" in eng._compiled
 
 
 def test_switching_to_plain_steps_when_every_row_ends_meanwhile(target):
@@ -294,8 +294,7 @@ def test_draft_layers_in_the_engines_pages_draft_as_in_a_cache_of_their_own(targ
   prefill lanes' hidden states written there in chunks of 8 through scattered page tables, and
   the pending pair (the one a row's first verification gives it) fed, its drafts (tokens and q)
   equal those from the generator's cache of its own filled over the whole prompt; its state
-  after a verification, drafting again, too. The auto policy's plain level in a device loop
-  feeds one pair, as the whole width would. A row not live writes no page."""
+  after a verification, drafting again, too. A row not live writes no page."""
   from jaxinfer import model as M
   from jaxinfer.kv_cache import KVCache
   from jaxinfer.sampling import SamplingParams
@@ -344,23 +343,85 @@ def test_draft_layers_in_the_engines_pages_draft_as_in_a_cache_of_their_own(targ
                         jnp.asarray(lens + step), jnp.ones(2, bool))
     dense, paged = (proposer.observe(w, s, verified) for s in (dense, paged))
     hist = hist.at[np.arange(2), lens + step + 1].set(d1.tokens[:, 1])
-  # plain decoding in the auto policy's ladder: after a one-token step of its own, feeding one
-  # pending pair writes what feeding the state's whole width does
-  plain = Follow(proposer)
-  ctx = Context(hist, jnp.asarray(lens + 2), sampling, keys, tables)
-  paged, _ = plain.draft(w, paged, ctx)
-  one = jnp.zeros((2, 1), jnp.int32)
-  vh = jax.random.normal(jax.random.key(9), (2, 1, cfg.embed))
-  paged = plain.observe(w, paged, Verified(hist[np.arange(2), lens + 2][:, None], vh, None, one,
-                                           one[:, 0], jnp.asarray(first),
-                                           jnp.asarray(lens + 2), jnp.ones(2, bool)))
-  ctx = ctx.replace(length=jnp.asarray(lens + 3))
-  whole, _ = plain.draft(w, paged, ctx)
-  steady, _ = plain.steady().draft(w, paged, ctx)
-  for a, b in zip(jax.tree_util.tree_leaves(whole), jax.tree_util.tree_leaves(steady)):
-    np.testing.assert_array_equal(a, b)
   before = jax.tree_util.tree_map(np.asarray, paged.cache)
   ctx = Context(hist, jnp.asarray(lens + 3), sampling, keys, jnp.full((2, m), -1, jnp.int32))
   after, _ = proposer.draft(w, paged, ctx)
   for a, b in zip(jax.tree_util.tree_leaves(before), jax.tree_util.tree_leaves(after.cache)):
     np.testing.assert_array_equal(a, b)
+
+
+def test_plain_steps_feed_a_draft_layer_in_the_pages_what_its_own_prefill_would(target):
+  """The auto policy's plain level runs the plain engine's steps, which feed EAGLE's layer the
+  target's hidden state at every token they compute with the token after it: mixed steps (the
+  prompts in lanes through scattered page tables, then decode rows) and a decode dispatch of
+  four steps leave in the layer's pages the K/V its own prefill over prompt and output writes. A row turning from
+  trees to plain steps first has its pending pairs written (`Proposer.flush`): pages of rows
+  not turning are left alone."""
+  from functools import partial
+
+  from jaxinfer import model as M
+  from jaxinfer.engine import speculate
+  from jaxinfer.engine.engine import engine_decode, engine_step
+  from jaxinfer.kv_cache import KVCache, PagedKVCache, gather_rows
+  from jaxinfer.speculative.protocol import Weights
+  cfg, params = target
+  proposer, heads = _feature_proposers(cfg, params)["eagle"]
+  w, rt = Weights(heads, params), Runtime()
+  rng = np.random.RandomState(1)
+  s, ps, m, pool, q, steps = 2, 8, 6, 16, 24, 5
+  lens = np.asarray([20, 13])
+  prompts = [rng.randint(3, cfg.vocab_size, n).astype(np.int32) for n in lens]
+  table = rng.permutation(pool)[:s * m].reshape(s, m).astype(np.int32)
+  far = m * ps  # out of range: nothing written
+  # a mixed step: one lane per prompt (all but its last token), no decode row sampling
+  tokens, nxt = np.zeros(s + s * q, np.int32), np.zeros(s + s * q, np.int32)
+  positions = np.full(s + s * q, far, np.int32)
+  for i, p in enumerate(prompts):
+    base = s + i * q
+    tokens[base:base + len(p) - 1] = p[:-1]
+    nxt[base:base + len(p) - 1] = p[1:]
+    positions[base:base + len(p) - 1] = np.arange(len(p) - 1)
+  k, v = PagedKVCache.init_pools(cfg, pool, ps)
+  layer = proposer.init_pages(w, cfg, s, pool, ps)
+  feed = partial(speculate.feed, proposer=proposer, runtime=rt)
+  zeros = lambda dtype=np.int32: np.zeros(s, dtype)
+  sp = (zeros(np.float32), zeros(), np.ones(s, np.float32), zeros(np.float32))
+  key_data = np.zeros((s, 2), np.uint32)
+  k, v, _, _, layer = jax.jit(partial(engine_step, cfg=cfg, runtime=rt, feed=feed))(
+      params, k, v, zeros(), tokens, np.zeros_like(tokens, bool), positions, table, table,
+      zeros(), np.zeros(s, bool), key_data, *sp, nxt, heads, layer)
+  # a mixed step of decode rows alone (each prompt's last token), then four decode steps: greedy
+  step = jax.jit(partial(engine_step, cfg=cfg, runtime=rt, feed=feed))
+  last = np.asarray([p[-1] for p in prompts])
+  k, v, last, first, layer = step(
+      params, k, v, zeros(), last, np.zeros(s, bool), (lens - 1).astype(np.int32), table,
+      np.zeros((0, m), np.int32), zeros(), np.ones(s, bool), key_data, *sp, zeros(), heads,
+      layer)
+  k, v, _, out, layer = jax.jit(partial(engine_decode, max_steps=steps - 1, cfg=cfg, runtime=rt,
+                                        feed=feed))(
+      params, k, v, last, zeros(), np.ones(s, bool), lens.astype(np.int32), table,
+      np.ones(s, np.int32), np.ones(s, bool), key_data, *sp, np.int32(steps - 1), heads, layer)
+  out = np.concatenate([np.asarray(first)[None], np.asarray(out)])
+  # its own prefill over prompt and output: the pairs at positions < len + steps - 1
+  n = lens + steps
+  history = np.zeros((s, m * ps), np.int32)
+  for i, p in enumerate(prompts):
+    history[i, :n[i]] = np.concatenate([p, out[:, i]])
+  hidden, _ = M.forward(params, jnp.asarray(history), jnp.arange(m * ps)[None], cfg,
+                        KVCache.init(cfg, s, m * ps), kv_source="chunk")
+  dense = proposer.prefill(w, hidden, jnp.asarray(history), jnp.asarray(n),
+                           jnp.zeros(s, jnp.int32), m * ps)
+  for got, want in zip(layer.cache.k + layer.cache.v, dense.cache.k + dense.cache.v):
+    rows = np.asarray(gather_rows(got, jnp.asarray(table), got.dtype)[0])
+    for i in range(s):
+      np.testing.assert_allclose(rows[:, i, :n[i] - 1], np.asarray(want)[:, i, :n[i] - 1],
+                                 atol=2e-5)
+  # the flush writes the pending pairs of the rows turning (row 0), through their tables only
+  pending = layer.replace(features=jnp.ones_like(layer.features), tokens=layer.tokens + 1,
+                          start=jnp.asarray(n - 1), count=jnp.ones(s, jnp.int32))
+  flushed = proposer.flush(w, pending, jnp.asarray(table).at[1].set(-1))
+  for got, was in zip(flushed.cache.k, layer.cache.k):
+    got, was = (np.asarray(gather_rows(x, jnp.asarray(table), x.dtype)[0]) for x in (got, was))
+    assert not np.allclose(got[:, 0, n[0] - 1], was[:, 0, n[0] - 1])
+    np.testing.assert_array_equal(got[:, 1], was[:, 1])
+    np.testing.assert_array_equal(got[:, 0, :n[0] - 1], was[:, 0, :n[0] - 1])

@@ -91,7 +91,13 @@ class EngineStats:
 
 def engine_step(params, k, v, last_token, tokens, from_device, positions, decode_table,
                 chunk_table, sample_index, sampled, key_data, temperature, top_k, top_p, min_p,
-                *, cfg, runtime):
+                next_tokens=None, draft_params=None, layer=(), *, cfg, runtime, feed=None):
+  """One mixed step: S decode rows (each slot's next token) beside G lanes of prompt tokens;
+  returns the pools, the last tokens, the sampled tokens (S,) and `layer`.
+
+  feed (a speculating engine's draft layer in the pages, `speculate.feed`): `layer` (its state)
+  after reading the target's hidden state at every token computed here with the token after it
+  (`next_tokens` for the lanes', the sampled token for a decode row's)."""
   s = decode_table.shape[0]
   # Decode rows (the first S) feed the token this slot sampled at the previous step, or a
   # prompt's last token (a slot's first step).
@@ -104,35 +110,47 @@ def engine_step(params, k, v, last_token, tokens, from_device, positions, decode
   keys = jax.vmap(lambda kd, i: jax.random.fold_in(jax.random.wrap_key_data(kd), i))(
       key_data, sample_index)
   tok = sample(logits, SamplingParams(temperature, top_k, top_p, min_p), keys)
+  if feed is not None:
+    g = chunk_table.shape[0]
+    if g:
+      layer = feed(params, draft_params, layer, hidden[0, s:].reshape(g, -1, hidden.shape[-1]),
+                   next_tokens[s:].reshape(g, -1), positions[s:].reshape(g, -1), chunk_table)
+    layer = feed(params, draft_params, layer, hidden[0, :s, None], tok[:, None],
+                 positions[:s, None], decode_table)  # (rows not sampled: out of range)
   # the last tokens keep one layout (whole) from step to step, whatever the kernels' sharding
-  return cache.k, cache.v, runtime.constrain(jnp.where(sampled, tok, last_token), (None,)), tok
+  return (cache.k, cache.v, runtime.constrain(jnp.where(sampled, tok, last_token), (None,)), tok,
+          layer)
 
 
 def engine_decode(params, k, v, last_token, tokens, from_device, positions, decode_table,
                   sample_index, sampled, key_data, temperature, top_k, top_p, min_p, num_steps,
-                  *, max_steps, cfg, runtime):
+                  draft_params=None, layer=(), *, max_steps, cfg, runtime, feed=None):
   """`num_steps` (<= max_steps) decode-only steps in one dispatch: each slot that samples feeds
   its last token (the first step: `tokens` where not `from_device`, a prompt's last token) at
-  its next position and samples its next output index; returns the pools, the last tokens and
-  every step's tokens (max_steps, S) (rows past num_steps are zeros)."""
+  its next position and samples its next output index; returns the pools, the last tokens,
+  every step's tokens (max_steps, S) (rows past num_steps are zeros) and `layer`, fed each
+  step's hidden states as `engine_step` feeds it."""
   s, no_chunks = decode_table.shape[0], jnp.zeros((0, decode_table.shape[1]), jnp.int32)
   sp = SamplingParams(temperature, top_k, top_p, min_p)
   wrap = jax.vmap(jax.random.wrap_key_data)
 
   def step(i, carry):
-    k, v, last, out = carry
+    k, v, last, out, layer = carry
     cache = MixedPagedKVCache(k, v, decode_table, no_chunks)
     pos = positions + jnp.where(sampled, i, 0)  # the rest stay out of range (nothing written)
     hidden, cache = M.forward(params, last[None], pos[None], cfg, cache, kv_source="cache",
                               runtime=runtime)
     keys = jax.vmap(jax.random.fold_in)(wrap(key_data), sample_index + i)
     tok = sample(M.logits(params, hidden[0]), sp, keys)
-    return cache.k, cache.v, jnp.where(sampled, tok, last), out.at[i].set(tok)
+    if feed is not None:
+      layer = feed(params, draft_params, layer, hidden[0, :, None], tok[:, None], pos[:, None],
+                   decode_table)
+    return cache.k, cache.v, jnp.where(sampled, tok, last), out.at[i].set(tok), layer
 
   out = jnp.zeros((max_steps, s), jnp.int32)
   last = jnp.where(from_device, last_token, tokens)
-  k, v, last, out = jax.lax.fori_loop(0, num_steps, step, (k, v, last, out))
-  return k, v, runtime.constrain(last, (None,)), out
+  k, v, last, out, layer = jax.lax.fori_loop(0, num_steps, step, (k, v, last, out, layer))
+  return k, v, runtime.constrain(last, (None,)), out, layer
 
 
 def pool_pages_for(cfg: EngineConfig, max_pages_per_request: int) -> int:
@@ -147,9 +165,9 @@ class Engine:
   acceptance `rule` (`engine.speculate`). `speculation` "always" verifies its tree every step;
   "auto" picks its tree, a smaller one or plain decoding per dispatch, by measured speed
   (`engine.policy`). Plain decoding runs the plain engine's own steps, the host planning each
-  dispatch's steps exactly (a draft layer in the engine's pages, which must read every token,
-  decodes plainly in one-token trees instead); between trees and plain decoding the host first
-  reads every dispatch in flight (it must know each row's progress)."""
+  dispatch's steps exactly (they also feed a draft layer in the engine's pages, which must read
+  every token); between trees and plain decoding the host first reads every dispatch in flight
+  (it must know each row's progress)."""
 
   def __init__(self, model_cfg: ModelConfig, params: M.Transformer, cfg: EngineConfig,
                max_len: int, runtime: Runtime = Runtime(), proposer=None, rule: str = "exact",
@@ -189,6 +207,15 @@ class Engine:
     self.policy = policy.TreePolicy(self.ladder, speculation)
     kw = lambda p: dict(cfg=model_cfg, proposer=p, rule=rule, runtime=runtime)
     trees = [p for p in self.ladder if not isinstance(p, policy.Plain)]  # levels 0, 1, ...
+    if proposer.paged_layers:  # the plain steps feed its layer every token they compute
+      feed = partial(speculate.feed, proposer=proposer, runtime=runtime)
+      self._step = jax.jit(partial(engine_step, cfg=model_cfg, runtime=runtime, feed=feed),
+                           donate_argnums=(1, 2, 3, 18))
+      self._decode = jax.jit(partial(engine_decode, max_steps=self.cfg.decode_steps,
+                                     cfg=model_cfg, runtime=runtime, feed=feed),
+                             donate_argnums=(1, 2, 3, 17))
+      self._flush = jax.jit(partial(speculate.flush, proposer=proposer, runtime=runtime),
+                            donate_argnums=0)
     self._tree_step = [jax.jit(partial(speculate.step, **kw(p)), donate_argnums=(2, 3, 4))
                        for p in trees]
     self._tree_steps = [jax.jit(partial(speculate.steps, max_steps=self.cfg.decode_steps,
@@ -236,9 +263,16 @@ class Engine:
               plan.key_data)
     args += (plan.sampling["temperature"], plan.sampling["top_k"], plan.sampling["top_p"],
              plan.sampling["min_p"])
+    layer = self.proposer is not None and self.proposer.paged_layers
     if shape == "decode":
       args += (np.int32(plan.num_steps),)
-    self.k, self.v, self.last_token, tok = self._call(shape, fn, *args)
+    elif layer:
+      args += (plan.next_tokens,)
+    if layer:  # the draft layer's state, fed what the steps compute
+      args += (self.draft_params, self.drafting.proposer)
+    self.k, self.v, self.last_token, tok, fed = self._call(shape, fn, *args)
+    if layer:
+      self.drafting = self.drafting.replace(proposer=fed)
     return tok
 
   def _launch_trees(self, plan: StepPlan) -> tuple[jax.Array, jax.Array]:
@@ -309,6 +343,17 @@ class Engine:
     self.drafting = self._call(("admit", k, w), self._tree_admit, self.drafting, self.params,
                                self.draft_params, slots, prompts, lengths, generated, max_new)
 
+  def _flush_rows(self, seqs) -> None:
+    """Rows turning from trees to plain steps: what their last verification left pending for
+    the draft layer, written to its pages (`speculate.flush`)."""
+    if not seqs:
+      return
+    pages = np.full((self.cfg.num_slots, self.max_pages), -1, np.int32)
+    for seq in seqs:
+      pages[seq.slot, :len(seq.pages)] = seq.pages
+    self.drafting = self._call("flush", self._flush, self.drafting, self.params,
+                               self.draft_params, pages)
+
   def _plan(self, sched: Scheduler, drain: Callable[[], None] | None) -> StepPlan | None:
     """The next step's plan; speculating, its rows verify the tree the policy picks, or decode
     plainly. Between the two, every dispatch in flight is first read (`drain` reads one)."""
@@ -322,6 +367,8 @@ class Engine:
       while drain is not None and sched.unread:
         drain()
         drained = True
+      if not tree and self.proposer.paged_layers:
+        self._flush_rows([seq for seq in sched.order if seq.slot is not None and seq.tree])
     plan = sched.layout(lanes, g, q, tree)
     if plan is None and drained:  # every row it had ended meanwhile (and it had no lanes)
       return self._plan(sched, None)
@@ -333,7 +380,8 @@ class Engine:
   def max_shapes(self) -> int:
     """Step shapes this engine can compile: decode-only, G lanes of each length 16..chunk_size,
     and (G > 1) one lane of G * chunk_size; speculating, those for each tree of the ladder, the
-    device state's set-up and admissions of 1, 2, 4, ... rows of prompts 16, 32, ... wide."""
+    device state's set-up, admissions of 1, 2, 4, ... rows of prompts 16, 32, ... wide and, for
+    a draft layer in the pages, the flush of rows turning to plain steps."""
     lengths = {lane_length(t, self.cfg.chunk_size) for t in range(1, self.cfg.chunk_size + 1)}
     steps = 1 + len(lengths) + (self.cfg.chunk_lanes > 1)
     if self.proposer is None:
@@ -341,7 +389,7 @@ class Engine:
     doublings = lambda n, start: (-(-n // start) - 1).bit_length() + 1  # start, 2 start, .., n
     admits = (doublings(self.cfg.num_slots, 1)
               * doublings(self.drafting.history.shape[1], 16))
-    return steps * len(self.ladder) + 1 + admits
+    return steps * len(self.ladder) + 1 + admits + self.proposer.paged_layers  # (+ flush)
 
   def run(self, requests: Iterable[EngineRequest], on_result: Callable[[EngineResult], None],
           should_stop: Callable[[int, list[int]], bool] | None = None,

@@ -30,8 +30,13 @@ from jaxinfer.speculative.protocol import Draft, Proposer
 POLICIES = ("auto", "always")
 
 
-class _RootOnly(Proposer):
-  """The one-token tree (the root alone): plain decoding as a level of the ladder."""
+@dataclasses.dataclass(frozen=True)
+class Plain(Proposer):
+  """Plain decoding as a level of the ladder: the one-token tree (the root alone), which the
+  engine runs as its plain steps (a draft layer in its pages fed by them); as a proposer, the
+  proposer's state passing through."""
+
+  name: str = "plain"
 
   @property
   def tree_size(self) -> int:
@@ -41,53 +46,13 @@ class _RootOnly(Proposer):
   def max_depth(self) -> int:
     return 0
 
-  @staticmethod
-  def root(ctx) -> Draft:
-    return Draft(root_only(ctx)[:, None], jnp.asarray([-1], jnp.int32), None)
-
-
-@dataclasses.dataclass(frozen=True)
-class Plain(_RootOnly):
-  """Plain decoding in the ladder (the engine runs its plain steps for it); as a proposer, the
-  proposer's state passing through."""
-
-  name: str = "plain"
-
   def draft(self, weights, state, ctx):
-    return state, self.root(ctx)
-
-
-@dataclasses.dataclass(frozen=True)
-class Follow(_RootOnly):
-  """Plain decoding in the ladder of a proposer whose draft layer lives in the engine's pages
-  (`Proposer.paged_layers`): run as tree steps so that the layer still reads every token the
-  target computes (`Proposer.follow`); nothing is drafted."""
-
-  inner: Proposer
-  name: str = "plain"
-  width: int | None = None  # pending pairs fed at most (None: the state's whole width)
-
-  def steady(self) -> "Follow":
-    return dataclasses.replace(self, width=1)  # a one-token tree leaves one pair
-
-  @property
-  def paged_layers(self) -> bool:
-    return self.inner.paged_layers
-
-  def lanes(self, weights, state, hidden, next_tokens, positions, pages):
-    return self.inner.lanes(weights, state, hidden, next_tokens, positions, pages)
-
-  def draft(self, weights, state, ctx):
-    return self.inner.follow(weights, state, ctx, self.width), self.root(ctx)
-
-  def observe(self, weights, state, verified):
-    return self.inner.observe(weights, state, verified)
+    return state, Draft(root_only(ctx)[:, None], jnp.asarray([-1], jnp.int32), None)
 
 
 def ladder(proposer: Proposer, policy: str, max_shrinks: int = 3) -> list[Proposer]:
   """The levels a policy picks among: the proposer first; with "auto", its smaller trees and
-  plain decoding (`Plain`, the engine's plain steps; `Follow` for a draft layer in the engine's
-  pages, which must read every token)."""
+  plain decoding (`Plain`, the engine's plain steps)."""
   if policy not in POLICIES:
     raise ValueError(f"speculation policy: expected one of {POLICIES}, got {policy!r}")
   levels = [proposer]
@@ -98,7 +63,7 @@ def ladder(proposer: Proposer, policy: str, max_shrinks: int = 3) -> list[Propos
     levels.append(smaller)
   if policy != "auto":
     return levels
-  return levels + [Follow(proposer) if proposer.paged_layers else Plain()]
+  return levels + [Plain()]
 
 
 DECAY = 0.8  # weight of the past in the decayed sums below

@@ -9,7 +9,8 @@ prompts into slots, lays out lanes and page tables and reads back what each step
 A step computes only as much of the trees as the rows' drafts reach (`Draft.limit`,
 `prefixes`): with no row drafting, one token per row, a plain step. A proposer with a draft layer
 over the target's features (`Proposer.paged_layers`) keeps its K/V in the engine's page layout,
-written from the lanes' hidden states.
+written from the lanes' hidden states, and from the plain engine's steps' (`feed`) while the
+auto policy decodes plainly.
 """
 
 from __future__ import annotations
@@ -49,6 +50,26 @@ class Drafting:
 def whole(state: Drafting, runtime: Runtime) -> Drafting:
   """The state whole on each of the replica's devices (one layout from step to step)."""
   return jax.tree_util.tree_map(lambda x: runtime.constrain(x, (None,) * x.ndim), state)
+
+
+def feed(params, draft_params, layer, hidden, next_tokens, positions, pages, *, proposer,
+         runtime: Runtime):
+  """A `paged_layers` proposer's state `layer` after the target computed `hidden` (G, Q, D) at
+  `positions` (G, Q) (out of range: nothing), `next_tokens` (G, Q) the token after each, through
+  page tables `pages` (G, M): its layer's K/V written there (`Proposer.lanes`), whole on the
+  replica. The plain engine's steps feed it so (`engine.engine_step`)."""
+  out = proposer.lanes(Weights(draft_params, params), layer, hidden, next_tokens, positions,
+                       pages)
+  return jax.tree_util.tree_map(lambda x: runtime.constrain(x, (None,) * x.ndim), out)
+
+
+def flush(state: Drafting, params, draft_params, pages, *, proposer,
+          runtime: Runtime) -> Drafting:
+  """Rows turning from trees to the plain engine's steps: each one's pending pairs (what its
+  last verification accepted) written to a `paged_layers` proposer's pages through its table in
+  `pages` (S, M) (-1: a row not turning, nothing written)."""
+  pstate = proposer.flush(Weights(draft_params, params), state.proposer, pages)
+  return whole(state.replace(proposer=pstate), runtime)
 
 
 def init_drafting(cfg, proposer, num_slots: int, max_len: int, shared, draft_params, *,
@@ -188,8 +209,7 @@ def steps(params, draft_params, k, v, state: Drafting, decode_table, active, sam
   no_chunks = jnp.zeros((0, decode_table.shape[1]), jnp.int32)
   sizes = prefixes(proposer)
   propose = partial(_propose, params, draft_params, decode_table=decode_table, active=active,
-                    sampling=sampling, key_data=key_data, sizes=sizes)
-  steady = partial(propose, proposer=proposer.steady())  # after a step of its own
+                    sampling=sampling, key_data=key_data, proposer=proposer, sizes=sizes)
 
   def go(c):
     i, _, _, st, _, _, _ = c
@@ -203,7 +223,7 @@ def steps(params, draft_params, k, v, state: Drafting, decode_table, active, sam
           no_chunks, active, sampling, eos_ids, cfg=cfg, proposer=proposer, rule=rule,
           runtime=runtime)
       st = whole(st, runtime)
-      return i + 1, k, v, st, steady(st), out.at[i].set(emitted), counts.at[i].set(count)
+      return i + 1, k, v, st, propose(st), out.at[i].set(emitted), counts.at[i].set(count)
     return lambda c: jax.lax.while_loop(lambda c: go(c) & (c[4].width == j), body, c)
 
   def body(c):
@@ -211,7 +231,7 @@ def steps(params, draft_params, k, v, state: Drafting, decode_table, active, sam
       c = width(j, n)(c)
     return c
 
-  init = (0, k, v, state, propose(state, proposer=proposer),
+  init = (0, k, v, state, propose(state),
           jnp.zeros((max_steps, s, t), jnp.int32),
           jnp.zeros((max_steps, s), jnp.int32))
   _, k, v, state, _, out, counts = jax.lax.while_loop(go, body, init)

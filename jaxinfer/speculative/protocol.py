@@ -11,7 +11,7 @@ proposer with `shared_state`, one value every row reads and refreshes. They call
   admit       rows admitted into slots: their state after the prompt's prefill
   lanes       (the paged engine) the target's hidden states over its prefill lanes
   draft       every step: a draft tree of `tree_size` nodes per row
-  follow      (the paged engine) a step that drafts nothing: what the state must still read
+  flush       (the paged engine) before plain steps: what the state must still read, written
   observe     after each verification: what the target said about the tree
 
 and lays the state out on a mesh with `state_shardings`. What differs between proposers is
@@ -202,18 +202,13 @@ class Proposer(abc.ABC):
     distinct top-k tokens per parent; sampled ones come with the distribution q they were
     drawn from."""
 
-  def follow(self, weights: Weights, state, ctx: Context, width: int | None = None) -> Any:
-    """The state for a step that drafts nothing (plain decoding in the engine's ladder, for a
-    proposer with `paged_layers`): what it must read of every token still read. `width`: the
-    most tokens the last verification accepted, plus one (None: as many as it can hold)."""
-    del weights, ctx, width
+  def flush(self, weights: Weights, state, pages) -> Any:
+    """A `paged_layers` proposer's state with every row's pending pairs (those its last
+    verification left for the next draft to read) written through its page table in `pages`
+    (B, M) (-1: nothing written), before the engine's plain steps, which feed the layer only what
+    they compute themselves (`lanes`)."""
+    del weights, pages
     return state
-
-  def steady(self) -> "Proposer":
-    """This proposer for the steps of a device loop after its first: each follows a step of its
-    own, so its state holds only what such a step leaves (a `Follow` then feeds one pending
-    pair, not the state's whole width). By default itself."""
-    return self
 
   def observe(self, weights: Weights, state, verified: Verified) -> Any:
     """The state after a verification (a row that was not `live` keeps its own)."""

@@ -76,9 +76,8 @@ class Eagle(Chain):
     the last of them (it scores the root's children) and the cache."""
     return feed_pending(self._layer((heads, base)), st)
 
-  def follow(self, weights, st: EagleState, ctx: Context, width=None):
-    """The pending pairs fed, nothing drafted."""
-    return fed(self._layer(weights), st, ctx.pages, width)
+  def flush(self, weights, st: EagleState, pages):
+    return fed(self._layer(weights), st, pages)
 
   def propose(self, heads_and_base, st: EagleState, ctx: Context):
     """`draft` with weights (heads, base)."""

@@ -100,11 +100,10 @@ class Hydra(HeadsTree):
     out, cache = feed_pending(self._layer(heads_and_base), state)
     return out, state.replace(cache=cache)
 
-  def follow(self, weights, state, ctx: Context, width=None):
-    """The prefix layer's pending states fed, nothing drafted."""
+  def flush(self, weights, state, pages):
     if self.prefix is None:
       return state
-    return fed(self._layer(weights), state, ctx.pages, width)
+    return fed(self._layer(weights), state, pages)
 
   def propose(self, heads_and_base, state, ctx: Context):
     """`draft` with weights (heads, base)."""

@@ -51,12 +51,9 @@ def prefill_pending(forward, cfg: ModelConfig, features, prompt_len, first, max_
   return EagleState(cache, feats, toks, prompt_len - 1, jnp.ones((b,), jnp.int32))
 
 
-def feed_pending(forward, st: EagleState, width: int | None = None):
+def feed_pending(forward, st: EagleState):
   """Runs `forward(features, tokens, positions, cache)` -> (out, cache) over the pending pairs
-  (writing them to the cache); returns the output at the last of them and the cache. `width`:
-  the most pairs pending (None: the state's whole width)."""
-  if width is not None:
-    st = st.replace(features=st.features[:, :width], tokens=st.tokens[:, :width])
+  (writing them to the cache); returns the output at the last of them and the cache."""
   b, t = st.tokens.shape
   j = jnp.arange(t)[None, :]
   positions = jnp.where(j < st.count[:, None], st.start[:, None] + j, st.cache.max_len)
@@ -118,11 +115,11 @@ def write_lanes(forward, st: EagleState, hidden, next_tokens, positions, pages) 
   return st.replace(cache=PagePools.of(cache))
 
 
-def fed(forward, st: EagleState, pages, width: int | None = None) -> EagleState:
+def fed(forward, st: EagleState, pages) -> EagleState:
   """The state with its pending pairs fed into its cache (`feed_pending`; through the rows' page
   tables `pages` in the engine), nothing drafted."""
   attached = attach(st, pages)
-  _, cache = feed_pending(forward, attached, width)
+  _, cache = feed_pending(forward, attached)
   return detach(attached.replace(cache=cache), pages)
 
 
