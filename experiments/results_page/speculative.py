@@ -233,16 +233,18 @@ def _spec_batching(recs) -> list[str]:
           part("Continuous against static batches", "Until the generator's own slots were "
                "removed (the records below): speculation in them, a finished row's slot refilled "
                "at the next host round trip.", CONTINUOUS, plain) +
-          part("Prefix reuse", "The generator's slots, until removed. `--shared_header=N`: one header of held-out source before every "
-               "prompt; \"tokens reused\" is one round's prompt tokens whose K/V were copied "
-               "rather than computed. \"spec, engine\": speculation inside the engine, the "
-               "header's pages read by reference.", REUSE, reuse) +
-          part("Chunked admission", "The generator's slots, until removed. Prompts longer than `--prefill_chunk` are admitted in "
-               "chunks, a verification step of the running rows between chunks; \"whole\" "
-               "admits each in one call. Longest admission call: the longest the running rows "
-               "stood still (one more round, every call waited for). \"spec, engine\": "
-               "speculation inside the engine, prompts prefilled in its lanes beside the "
-               "verification rows (4 lanes of 32 tokens).", CHUNKED, chunked))
+          part("Prefix reuse", "The generator's slots, until removed. `--shared_header=N`: "
+               "one header of held-out source before every prompt; \"tokens reused\" is one "
+               "round's prompt tokens whose K/V were copied rather than computed. \"spec, "
+               "engine\": speculation inside the engine, the header's pages read by "
+               "reference.", REUSE, reuse) +
+          part("Chunked admission", "The generator's slots, until removed. Prompts longer "
+               "than its prefill chunk were admitted in chunks, a verification step of the "
+               "running rows between chunks; \"whole\" admits each in one call. Longest "
+               "admission call: the longest the running rows stood still (one more round, "
+               "every call waited for). \"spec, engine\": speculation inside the engine, "
+               "prompts prefilled in its lanes beside the verification rows (4 lanes of 32 "
+               "tokens).", CHUNKED, chunked))
 
 
 SPEC_BATCHING = Section(
