@@ -51,15 +51,9 @@ def engine_steps(cfg: ModelConfig, job, params, runtime: Runtime):
   """{name: (jitted step, abstract arguments)}: the engine's mixed step at its widest (G lanes of
   Q prompt tokens beside the S decode rows) and its decode-only dispatch, with the KV pools
   (K, P, ps, H) per layer laid out as the engine lays them out."""
-  pools, m = _engine_pools(cfg, job.engine_config, cfg.max_seq_len, runtime)
-  return _plain_steps(cfg, job.engine_config, params, pools, m, runtime)
-
-
-def _plain_steps(cfg: ModelConfig, ecfg, params, pools, m: int, runtime: Runtime, fed=None):
-  """`engine_steps` over `pools` read through tables of `m` pages; fed: (feed, the draft's
-  weights, its state's shapes) of a speculating engine whose plain steps feed a proposer's
-  pages (`speculate.feed`)."""
+  ecfg = job.engine_config
   s, g, q = ecfg.num_slots, ecfg.chunk_lanes, ecfg.chunk_size
+  pools, m = _engine_pools(cfg, ecfg, cfg.max_seq_len, runtime)
   whole = whole_on(runtime.mesh)
   i32, f32 = jnp.int32, jnp.float32
   sampling = (whole((s,), f32), whole((s,), i32), whole((s,), f32), whole((s,), f32))
@@ -69,17 +63,10 @@ def _plain_steps(cfg: ModelConfig, ecfg, params, pools, m: int, runtime: Runtime
            whole((n,), i32), whole((s, m), i32), whole((g, m), i32)) + per_slot + sampling
   decode = (params, pools, pools, whole((s,), i32), whole((s,), i32), whole((s,), bool),
             whole((s,), i32), whole((s, m), i32)) + per_slot + sampling + (whole((), i32),)
-  feed, extra = None, ()
-  if fed is not None:
-    feed, draft, layer = fed
-    mixed += (whole((n,), i32),)  # the lanes' next tokens
-    extra = (draft, layer)
-  step = jax.jit(partial(engine_step, cfg=cfg, runtime=runtime, feed=feed),
-                 donate_argnums=(1, 2, 3) + ((18,) if fed else ()))
+  step = jax.jit(partial(engine_step, cfg=cfg, runtime=runtime), donate_argnums=(1, 2, 3))
   dispatch = jax.jit(partial(engine_decode, max_steps=ecfg.decode_steps, cfg=cfg,
-                             runtime=runtime, feed=feed),
-                     donate_argnums=(1, 2, 3) + ((17,) if fed else ()))
-  return {"prefill": (step, mixed + extra), "decode": (dispatch, decode + extra)}
+                             runtime=runtime), donate_argnums=(1, 2, 3))
+  return {"prefill": (step, mixed), "decode": (dispatch, decode)}
 
 
 def params_shapes(cfg: ModelConfig, job, mesh: Mesh, runtime: Runtime):
@@ -149,10 +136,5 @@ def engine_tree_steps(cfg: ModelConfig, job, params, runtime: Runtime, proposer,
   step = jax.jit(partial(speculate.step, **kw), donate_argnums=(2, 3, 4))
   dispatch = jax.jit(partial(speculate.steps, max_steps=ecfg.decode_steps, **kw),
                      donate_argnums=(2, 3, 4))
-  steps = {"verify-prefill": (step, mixed), "verify": (dispatch, decode)}
-  if proposer.paged_layers:  # the auto policy's plain steps, which also feed the proposer's pages
-    feed = partial(speculate.feed, proposer=proposer, runtime=runtime)
-    plain = _plain_steps(cfg, ecfg, params, pools, -(-cfg.max_seq_len // ecfg.page_size),
-                         runtime, (feed, draft, rows.proposer))
-    steps |= {f"plain-{name}": step for name, step in plain.items()}
-  return steps, device_bytes(pools) * 2 + device_bytes(rows), device_bytes(draft)
+  return ({"verify-prefill": (step, mixed), "verify": (dispatch, decode)},
+          device_bytes(pools) * 2 + device_bytes(rows), device_bytes(draft))

@@ -23,15 +23,13 @@ def _cli(*args):
 
 def test_tpu_steps_on_a_model_mesh_with_verification():
   job = aot.CompileJob(TPU, model="preset:tiny", mesh="model:2", batch_size=4, kv_pages=64,
-                       speculative="layerskip", implementation="pallas")
+                       speculative="recycling", implementation="pallas")
   report = aot.run(job)
   cfg = PRESETS["tiny"]
-  # a layer-skip draft speculates inside the engine: its trees beside the lanes, and
-  # decode-only; the auto policy's plain steps also write the draft's K/V into its pages
-  assert [s.name for s in report.steps] == ["prefill", "decode", "verify-prefill", "verify",
-                                            "plain-prefill", "plain-decode"]
+  # recycling speculates inside the engine: its trees beside the lanes, and decode-only
+  assert [s.name for s in report.steps] == ["prefill", "decode", "verify-prefill", "verify"]
   assert report.hbm_bytes == 16 * 2**30 and report.replicas == 1 and report.mesh == "model:2"
-  prefill, decode, verify_prefill, verify, plain_prefill, plain_decode = report.steps
+  prefill, decode, verify_prefill, verify = report.steps
   # 2 KV heads over model:2: each device holds half of every pool
   assert decode.kv_bytes == PagedKVCache.pool_bytes(cfg, 64, 16) // 2
   assert 0 < decode.weights_bytes < cfg.num_params() * 4  # heads, mlp, vocab split
@@ -41,8 +39,6 @@ def test_tpu_steps_on_a_model_mesh_with_verification():
     assert s.total_bytes >= s.weights_bytes + s.kv_bytes
   assert verify.kv_bytes > decode.kv_bytes  # the pool and the rows' tokens on the device
   assert verify_prefill.alias_bytes >= decode.kv_bytes  # the pool updated in place
-  for s in (plain_prefill, plain_decode):  # the pools and the draft's pages updated in place
-    assert s.alias_bytes > decode.kv_bytes
   assert verify.total_bytes >= verify.argument_bytes
   record = json.loads(json.dumps(report.as_dict(), default=str))
   assert record["fits"] is True and record["peak_bytes"] == max(s.total_bytes

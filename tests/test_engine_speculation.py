@@ -283,22 +283,18 @@ def _feature_proposers(cfg, params):
   hh = hydra.init_heads(params, 3, jax.random.key(5), pcfg)
   hh = hh.replace(prefix=hh.prefix.replace(attn=hh.prefix.attn.replace(
       o=o(hh.prefix.attn.o.shape, 3))))
-  skip_cfg, skip = P.layer_skip_draft(cfg, params, (1,))
   return {"eagle": (P.Eagle(dcfg, num_draft_tokens=3), heads),
           "eagle-tree": (P.EagleTree(dcfg, num_nodes=7, top_k=2, depth=3), heads),
-          "hydra++": (P.Hydra(paths=((0,), (1,), (0, 0), (0, 1), (0, 0, 0)), prefix=pcfg), hh),
-          # a draft model of its own (layer skip): its K/V from the tokens themselves
-          "layerskip": (P.DraftModel(skip_cfg, num_draft_tokens=3), skip)}
+          "hydra++": (P.Hydra(paths=((0,), (1,), (0, 0), (0, 1), (0, 0, 0)), prefix=pcfg), hh)}
 
 
-@pytest.mark.parametrize("name", ["eagle", "eagle-tree", "hydra++", "layerskip"])
+@pytest.mark.parametrize("name", ["eagle", "eagle-tree", "hydra++"])
 def test_draft_layers_in_the_engines_pages_draft_as_in_a_cache_of_their_own(target, name):
-  """A draft layer over the target's features, or a draft model, keeps its K/V in the engine's
-  page layout: the prefill lanes' tokens (and the target's hidden states there) written in
-  chunks of 8 through scattered page tables, and the pending pair (the one a row's first
-  verification gives a draft layer) fed, its drafts (tokens and q) equal those from the
-  generator's cache of its own filled over the whole prompt; its state after a verification,
-  drafting again, too. A row not live writes no page."""
+  """A draft layer over the target's features keeps its K/V in the engine's page layout: the
+  prefill lanes' hidden states written there in chunks of 8 through scattered page tables, and
+  the pending pair (the one a row's first verification gives it) fed, its drafts (tokens and q)
+  equal those from the generator's cache of its own filled over the whole prompt; its state
+  after a verification, drafting again, too. A row not live writes no page."""
   from jaxinfer import model as M
   from jaxinfer.kv_cache import KVCache
   from jaxinfer.sampling import SamplingParams
@@ -323,13 +319,10 @@ def test_draft_layers_in_the_engines_pages_draft_as_in_a_cache_of_their_own(targ
     pos = start + np.arange(8)[None] + np.zeros((2, 1), int)
     pos = np.where(pos < lens[:, None] - 1, pos, m * ps)
     nxt = np.take_along_axis(history, np.minimum(pos + 1, 63), axis=1)
-    paged = proposer.lanes(w, paged, jnp.asarray(history[:, start:start + 8]),
-                           hidden[:, start:start + 8], jnp.asarray(nxt), jnp.asarray(pos), tables)
-  if isinstance(proposer, P.DraftModel):  # as the engine admits the rows
-    paged = paged.replace(written=dense.written)
-  else:  # what the first verification pends
-    paged = paged.replace(features=dense.features, tokens=dense.tokens, start=dense.start,
-                          count=dense.count)
+    paged = proposer.lanes(w, paged, hidden[:, start:start + 8], jnp.asarray(nxt),
+                           jnp.asarray(pos), tables)
+  paged = paged.replace(features=dense.features, tokens=dense.tokens, start=dense.start,
+                        count=dense.count)  # what the first verification pends
   sampling = SamplingParams(jnp.asarray([0.0, 1.0]), jnp.zeros(2, jnp.int32), jnp.ones(2),
                             jnp.zeros(2))
   keys = jax.random.split(jax.random.key(7), 2)
@@ -357,24 +350,22 @@ def test_draft_layers_in_the_engines_pages_draft_as_in_a_cache_of_their_own(targ
     np.testing.assert_array_equal(a, b)
 
 
-@pytest.mark.parametrize("name", ["eagle", "layerskip"])
-def test_plain_steps_feed_a_draft_layer_in_the_pages_what_its_own_prefill_would(target, name):
-  """The auto policy's plain level runs the plain engine's steps, which feed EAGLE's layer (the
-  target's hidden state at every token they compute with the token after it) or a draft model
-  (the tokens): mixed steps (the prompts in lanes through scattered page tables, then decode
-  rows) and a decode dispatch of four steps leave in its pages the K/V its own prefill over
-  prompt and output writes. A row turning from trees to plain steps first has what its last
-  verification left written (`Proposer.flush`: EAGLE's pending pairs, the draft model's token
-  before the root): pages of rows not turning are left alone."""
+def test_plain_steps_feed_a_draft_layer_in_the_pages_what_its_own_prefill_would(target):
+  """The auto policy's plain level runs the plain engine's steps, which feed EAGLE's layer the
+  target's hidden state at every token they compute with the token after it: mixed steps (the
+  prompts in lanes through scattered page tables, then decode rows) and a decode dispatch of
+  four steps leave in the layer's pages the K/V its own prefill over prompt and output writes. A row turning from
+  trees to plain steps first has its pending pairs written (`Proposer.flush`): pages of rows
+  not turning are left alone."""
   from functools import partial
 
   from jaxinfer import model as M
   from jaxinfer.engine import speculate
   from jaxinfer.engine.engine import engine_decode, engine_step
   from jaxinfer.kv_cache import KVCache, PagedKVCache, gather_rows
-  from jaxinfer.speculative.protocol import Context, Weights
+  from jaxinfer.speculative.protocol import Weights
   cfg, params = target
-  proposer, heads = _feature_proposers(cfg, params)[name]
+  proposer, heads = _feature_proposers(cfg, params)["eagle"]
   w, rt = Weights(heads, params), Runtime()
   rng = np.random.RandomState(1)
   s, ps, m, pool, q, steps = 2, 8, 6, 16, 24, 5
@@ -396,11 +387,11 @@ def test_plain_steps_feed_a_draft_layer_in_the_pages_what_its_own_prefill_would(
   zeros = lambda dtype=np.int32: np.zeros(s, dtype)
   sp = (zeros(np.float32), zeros(), np.ones(s, np.float32), zeros(np.float32))
   key_data = np.zeros((s, 2), np.uint32)
-  step = jax.jit(partial(engine_step, cfg=cfg, runtime=rt, feed=feed))
-  k, v, _, _, layer = step(params, k, v, zeros(), tokens, np.zeros_like(tokens, bool), positions,
-                           table, table, zeros(), np.zeros(s, bool), key_data, *sp, nxt, heads,
-                           layer)
+  k, v, _, _, layer = jax.jit(partial(engine_step, cfg=cfg, runtime=rt, feed=feed))(
+      params, k, v, zeros(), tokens, np.zeros_like(tokens, bool), positions, table, table,
+      zeros(), np.zeros(s, bool), key_data, *sp, nxt, heads, layer)
   # a mixed step of decode rows alone (each prompt's last token), then four decode steps: greedy
+  step = jax.jit(partial(engine_step, cfg=cfg, runtime=rt, feed=feed))
   last = np.asarray([p[-1] for p in prompts])
   k, v, last, first, layer = step(
       params, k, v, zeros(), last, np.zeros(s, bool), (lens - 1).astype(np.int32), table,
@@ -411,36 +402,26 @@ def test_plain_steps_feed_a_draft_layer_in_the_pages_what_its_own_prefill_would(
       params, k, v, last, zeros(), np.ones(s, bool), lens.astype(np.int32), table,
       np.ones(s, np.int32), np.ones(s, bool), key_data, *sp, np.int32(steps - 1), heads, layer)
   out = np.concatenate([np.asarray(first)[None], np.asarray(out)])
-  # its own prefill over prompt and output: positions < len + steps - 1
+  # its own prefill over prompt and output: the pairs at positions < len + steps - 1
   n = lens + steps
   history = np.zeros((s, m * ps), np.int32)
   for i, p in enumerate(prompts):
     history[i, :n[i]] = np.concatenate([p, out[:, i]])
-  if isinstance(proposer, P.DraftModel):
-    dense = proposer.prefill(heads, jnp.asarray(history), jnp.asarray(n), m * ps)
-  else:
-    hidden, _ = M.forward(params, jnp.asarray(history), jnp.arange(m * ps)[None], cfg,
-                          KVCache.init(cfg, s, m * ps), kv_source="chunk")
-    dense = proposer.prefill(w, hidden, jnp.asarray(history), jnp.asarray(n),
-                             jnp.zeros(s, jnp.int32), m * ps).cache
-  rows_of = lambda x: np.asarray(gather_rows(x, jnp.asarray(table), x.dtype)[0])
-  for got, want in zip(layer.cache.k + layer.cache.v, dense.k + dense.v):
-    got = rows_of(got)
+  hidden, _ = M.forward(params, jnp.asarray(history), jnp.arange(m * ps)[None], cfg,
+                        KVCache.init(cfg, s, m * ps), kv_source="chunk")
+  dense = proposer.prefill(w, hidden, jnp.asarray(history), jnp.asarray(n),
+                           jnp.zeros(s, jnp.int32), m * ps)
+  for got, want in zip(layer.cache.k + layer.cache.v, dense.cache.k + dense.cache.v):
+    rows = np.asarray(gather_rows(got, jnp.asarray(table), got.dtype)[0])
     for i in range(s):
-      np.testing.assert_allclose(got[:, i, :n[i] - 1], np.asarray(want)[:, i, :n[i] - 1],
+      np.testing.assert_allclose(rows[:, i, :n[i] - 1], np.asarray(want)[:, i, :n[i] - 1],
                                  atol=2e-5)
-  # the flush writes what row 0's last verification left (at position n - 1); row 1 is not
-  # turning: its pages are left alone
-  if isinstance(proposer, P.DraftModel):  # the token before the root at n not yet fed
-    pending = layer.replace(written=jnp.asarray(n - 1))
-  else:  # a pending pair at n - 1
-    pending = layer.replace(features=jnp.ones_like(layer.features), tokens=layer.tokens + 1,
-                            start=jnp.asarray(n - 1), count=jnp.ones(s, jnp.int32))
-  ctx = Context(jnp.asarray(history), jnp.asarray(n), None, None,
-                jnp.asarray(table).at[1].set(-1))
-  flushed = proposer.flush(w, pending, ctx)
+  # the flush writes the pending pairs of the rows turning (row 0), through their tables only
+  pending = layer.replace(features=jnp.ones_like(layer.features), tokens=layer.tokens + 1,
+                          start=jnp.asarray(n - 1), count=jnp.ones(s, jnp.int32))
+  flushed = proposer.flush(w, pending, jnp.asarray(table).at[1].set(-1))
   for got, was in zip(flushed.cache.k, layer.cache.k):
-    got, was = rows_of(got), rows_of(was)
+    got, was = (np.asarray(gather_rows(x, jnp.asarray(table), x.dtype)[0]) for x in (got, was))
     assert not np.allclose(got[:, 0, n[0] - 1], was[:, 0, n[0] - 1])
     np.testing.assert_array_equal(got[:, 1], was[:, 1])
     np.testing.assert_array_equal(got[:, 0, :n[0] - 1], was[:, 0, :n[0] - 1])

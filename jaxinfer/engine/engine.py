@@ -113,11 +113,10 @@ def engine_step(params, k, v, last_token, tokens, from_device, positions, decode
   if feed is not None:
     g = chunk_table.shape[0]
     if g:
-      layer = feed(params, draft_params, layer, tokens[s:].reshape(g, -1),
-                   hidden[0, s:].reshape(g, -1, hidden.shape[-1]), next_tokens[s:].reshape(g, -1),
-                   positions[s:].reshape(g, -1), chunk_table)
-    layer = feed(params, draft_params, layer, tokens[:s, None], hidden[0, :s, None],
-                 tok[:, None], positions[:s, None], decode_table)  # (not sampled: out of range)
+      layer = feed(params, draft_params, layer, hidden[0, s:].reshape(g, -1, hidden.shape[-1]),
+                   next_tokens[s:].reshape(g, -1), positions[s:].reshape(g, -1), chunk_table)
+    layer = feed(params, draft_params, layer, hidden[0, :s, None], tok[:, None],
+                 positions[:s, None], decode_table)  # (rows not sampled: out of range)
   # the last tokens keep one layout (whole) from step to step, whatever the kernels' sharding
   return (cache.k, cache.v, runtime.constrain(jnp.where(sampled, tok, last_token), (None,)), tok,
           layer)
@@ -144,8 +143,8 @@ def engine_decode(params, k, v, last_token, tokens, from_device, positions, deco
     keys = jax.vmap(jax.random.fold_in)(wrap(key_data), sample_index + i)
     tok = sample(M.logits(params, hidden[0]), sp, keys)
     if feed is not None:
-      layer = feed(params, draft_params, layer, last[:, None], hidden[0, :, None], tok[:, None],
-                   pos[:, None], decode_table)
+      layer = feed(params, draft_params, layer, hidden[0, :, None], tok[:, None], pos[:, None],
+                   decode_table)
     return cache.k, cache.v, jnp.where(sampled, tok, last), out.at[i].set(tok), layer
 
   out = jnp.zeros((max_steps, s), jnp.int32)

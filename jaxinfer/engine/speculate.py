@@ -52,25 +52,23 @@ def whole(state: Drafting, runtime: Runtime) -> Drafting:
   return jax.tree_util.tree_map(lambda x: runtime.constrain(x, (None,) * x.ndim), state)
 
 
-def feed(params, draft_params, layer, tokens, hidden, next_tokens, positions, pages, *, proposer,
+def feed(params, draft_params, layer, hidden, next_tokens, positions, pages, *, proposer,
          runtime: Runtime):
-  """A `paged_layers` proposer's state `layer` after the target computed `tokens` (G, Q) at
-  `positions` (G, Q) (out of range: nothing), its hidden states there `hidden` (G, Q, D),
-  `next_tokens` (G, Q) the token after each, through page tables `pages` (G, M): its K/V written
-  there (`Proposer.lanes`), whole on the replica. The plain engine's steps feed it so
-  (`engine.engine_step`)."""
-  out = proposer.lanes(Weights(draft_params, params), layer, tokens, hidden, next_tokens,
-                       positions, pages)
+  """A `paged_layers` proposer's state `layer` after the target computed `hidden` (G, Q, D) at
+  `positions` (G, Q) (out of range: nothing), `next_tokens` (G, Q) the token after each, through
+  page tables `pages` (G, M): its layer's K/V written there (`Proposer.lanes`), whole on the
+  replica. The plain engine's steps feed it so (`engine.engine_step`)."""
+  out = proposer.lanes(Weights(draft_params, params), layer, hidden, next_tokens, positions,
+                       pages)
   return jax.tree_util.tree_map(lambda x: runtime.constrain(x, (None,) * x.ndim), out)
 
 
 def flush(state: Drafting, params, draft_params, pages, *, proposer,
           runtime: Runtime) -> Drafting:
-  """Rows turning from trees to the plain engine's steps: what each one's last verification left
-  for the next draft written to a `paged_layers` proposer's pages through its table in `pages`
-  (S, M) (-1: a row not turning, nothing written; `Proposer.flush`)."""
-  ctx = Context(state.history, state.length, None, None, pages)
-  pstate = proposer.flush(Weights(draft_params, params), state.proposer, ctx)
+  """Rows turning from trees to the plain engine's steps: each one's pending pairs (what its
+  last verification accepted) written to a `paged_layers` proposer's pages through its table in
+  `pages` (S, M) (-1: a row not turning, nothing written)."""
+  pstate = proposer.flush(Weights(draft_params, params), state.proposer, pages)
   return whole(state.replace(proposer=pstate), runtime)
 
 
@@ -95,8 +93,8 @@ def admit(state: Drafting, params, draft_params, slots, prompts, prompt_len, gen
   position, of which the last `generated` are output (a row that decoded plainly until now),
   the root at the last (its K/V are written by the row's first verification). A proposer that
   `drafts_from_hidden` gets zeros for the hidden state: the row drafts nothing until verified;
-  a proposer with K/V in the engine's pages (a draft model, a draft layer) has them from the
-  prompt's lanes and the plain steps."""
+  a draft model fills its own cache from the tokens (all of them, at every admission); a draft
+  layer in the engine's pages has them from the prompt's lanes."""
   k, w = prompts.shape
   hist = jnp.pad(prompts, ((0, 0), (0, state.history.shape[1] - w)))
   prompt = Prompt(None, jnp.zeros((k, cfg.embed), cfg.jnp_dtype), prompts, prompt_len,
@@ -172,10 +170,9 @@ def _verify(params, draft_params, k, v, state: Drafting, nxt: _Next, n: int, lan
   hidden, cache = M.forward(params, tokens[None], positions[None], cfg, cache, kv_source="cache",
                             runtime=runtime)
   weights, pstate = Weights(draft_params, params), nxt.proposer
-  if lane_tokens.shape[0] and proposer.paged_layers and proposer.lanes_read_hidden:
+  if lane_tokens.shape[0] and proposer.paged_layers:
     g = chunk_table.shape[0]
-    pstate = proposer.lanes(weights, pstate, lane_tokens.reshape(g, -1),
-                            hidden[0, s * n:].reshape(g, -1, hidden.shape[-1]),
+    pstate = proposer.lanes(weights, pstate, hidden[0, s * n:].reshape(g, -1, hidden.shape[-1]),
                             lane_next.reshape(g, -1), lane_positions.reshape(g, -1),
                             chunk_table)
   hidden = hidden[0, :s * n].reshape(s, n, -1)
@@ -249,12 +246,6 @@ def step(params, draft_params, k, v, state: Drafting, lane_tokens, lane_position
   form of it keeps its tracing and its temporaries small); lanes of prompt tokens are prefilled
   beside (`lane_next`: the prompt token after each). Returns (k, v, state, emitted (S, T),
   counts (S,))."""
-  if lane_tokens.shape[0] and proposer.paged_layers and not proposer.lanes_read_hidden:
-    # the lanes' tokens first: a row may draft over the prompt whose last lane runs beside it
-    g = chunk_table.shape[0]
-    state = state.replace(proposer=proposer.lanes(
-        Weights(draft_params, params), state.proposer, lane_tokens.reshape(g, -1), None,
-        lane_next.reshape(g, -1), lane_positions.reshape(g, -1), chunk_table))
   nxt = _propose(params, draft_params, state, decode_table, active, sampling, key_data,
                  proposer=proposer, sizes=prefixes(proposer)[-1:])
   k, v, state, emitted, count = _verify(

@@ -9,7 +9,7 @@ proposer with `shared_state`, one value every row reads and refreshes. They call
 
   init_state  the state of B free slots (`init_pages` in the engine, for `paged_layers`)
   admit       rows admitted into slots: their state after the prompt's prefill
-  lanes       (the paged engine) what its prefill lanes and plain steps computed
+  lanes       (the paged engine) the target's hidden states over its prefill lanes
   draft       every step: a draft tree of `tree_size` nodes per row
   flush       (the paged engine) before plain steps: what the state must still read, written
   observe     after each verification: what the target said about the tree
@@ -109,21 +109,15 @@ class Proposer(abc.ABC):
   # row drafts nothing in its first verification, which computes that state (the engine keeps
   # no hidden state of a prompt's last token, which its lanes leave to the row's first step).
   drafts_from_hidden: bool = False
-  # In the engine, the K/V of a model or layer of its own (a draft model; EAGLE's layer and
-  # Hydra++'s prefix layer over the target's features) live in the engine's page layout
-  # (`init_pages`, a `PagePools` in its state): written from what the prefill lanes and the
-  # plain steps compute (`lanes`), before a turn to plain steps (`flush`) and by drafting, all
-  # through the rows' page tables (`Context.pages`), so a prompt page shared by reference
-  # carries them too. Their K/V at position p depend on the tokens up to
+  # In the engine, the K/V of a draft layer of its own over the target's features (EAGLE's
+  # layer, Hydra++'s prefix layer) live in the engine's page layout (`init_pages`, a
+  # `PagePools` in its state): written from the prefill lanes' hidden states (`lanes`) and by
+  # drafting through the rows' page tables (`Context.pages`), so a prompt page shared by
+  # reference carries them too. Their K/V at position p depend on the tokens up to
   # p + `feature_lookahead` (EAGLE's pair at p holds token p + 1): the engine shares a page only
   # between prompts that agree that far.
   paged_layers: bool = False
   feature_lookahead: int = 0
-  # Its `lanes` read the target's hidden states (a layer over its features): a step's lanes are
-  # given to it after the step's forward, which computes them (a row admitted beside its last
-  # lane drafts nothing in that step anyway); else before the step's drafts, which may read
-  # what the lanes write (a draft model's prompt).
-  lanes_read_hidden: bool = True
   # The pattern a draft layer or model of its own attends with (`with_sparsity`).
   sparsity: Sparsity = DENSE
 
@@ -186,13 +180,11 @@ class Proposer(abc.ABC):
     K/V in `num_pages` pages of `page_size` positions."""
     raise NotImplementedError(f"the {self.name} proposer keeps no pages")
 
-  def lanes(self, weights: Weights, state, tokens, hidden, next_tokens, positions,
-            pages) -> Any:
-    """A `paged_layers` proposer's state after the target computed `tokens` (G, Q) at
-    `positions` (G, Q) (out of range: padding) in the engine's prefill lanes or plain steps:
-    its hidden states there (G, Q, D), the token after each (G, Q), each lane's (or row's)
-    page table `pages` (G, M)."""
-    del weights, tokens, hidden, next_tokens, positions, pages
+  def lanes(self, weights: Weights, state, hidden, next_tokens, positions, pages) -> Any:
+    """A `paged_layers` proposer's state after the engine's prefill lanes: the target's
+    hidden states (G, Q, D) over their tokens at `positions` (G, Q) (out of range: padding),
+    the prompt token after each (G, Q), each lane's page table `pages` (G, M)."""
+    del weights, hidden, next_tokens, positions, pages
     return state
 
   def row_state(self, weights: Weights, state, prompt: Prompt) -> Any:
@@ -210,12 +202,12 @@ class Proposer(abc.ABC):
     distinct top-k tokens per parent; sampled ones come with the distribution q they were
     drawn from."""
 
-  def flush(self, weights: Weights, state, ctx: Context) -> Any:
-    """A `paged_layers` proposer's state with what each row's last verification left for its
-    next draft to read (EAGLE's pending pairs, a draft model's token before the root) written
-    through its page table in `ctx.pages` (-1: nothing written), before the engine's plain
-    steps, which feed it only what they compute themselves (`lanes`)."""
-    del weights, ctx
+  def flush(self, weights: Weights, state, pages) -> Any:
+    """A `paged_layers` proposer's state with every row's pending pairs (those its last
+    verification left for the next draft to read) written through its page table in `pages`
+    (B, M) (-1: nothing written), before the engine's plain steps, which feed the layer only what
+    they compute themselves (`lanes`)."""
+    del weights, pages
     return state
 
   def observe(self, weights: Weights, state, verified: Verified) -> Any:

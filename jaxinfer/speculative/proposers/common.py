@@ -9,7 +9,6 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxinfer.kv_cache import PagePools
 from jaxinfer.sampling import argmax
 from jaxinfer.speculative.protocol import Context, Draft, Proposer  # noqa: F401
 
@@ -54,17 +53,6 @@ def gather_pages(cache: jax.Array, pages: jax.Array) -> jax.Array:
   kh, b, s, h = cache.shape
   k, m = pages.shape
   return cache.reshape(kh, b * m, s // m, h)[:, pages.reshape(-1)].reshape(kh, k, s, h)
-
-
-def attach_cache(cache, pages):
-  """A proposer's cache as drafting reads and writes it: its own (`pages` None), or in the
-  engine its `PagePools` through the rows' page tables `pages` (`Context.pages`)."""
-  return cache if pages is None else cache.over(pages)
-
-
-def detach_cache(cache, pages):
-  """`attach_cache` undone: the cache back to the pools it wrote."""
-  return cache if pages is None else PagePools.of(cache)
 
 
 class Chain(Proposer):

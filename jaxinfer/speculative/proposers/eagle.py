@@ -43,7 +43,7 @@ class Eagle(Chain):
     return paged_state(self.cfg, num_rows, num_pages, page_size, pending_width(self), cfg.embed,
                        weights.draft.draft.fc.dtype)
 
-  def lanes(self, weights, state, tokens, hidden, next_tokens, positions, pages):
+  def lanes(self, weights, state, hidden, next_tokens, positions, pages):
     return write_lanes(self._layer(weights), state, hidden, next_tokens, positions, pages)
 
   def _layer(self, weights):
@@ -76,8 +76,8 @@ class Eagle(Chain):
     the last of them (it scores the root's children) and the cache."""
     return feed_pending(self._layer((heads, base)), st)
 
-  def flush(self, weights, st: EagleState, ctx: Context):
-    return fed(self._layer(weights), st, ctx.pages)
+  def flush(self, weights, st: EagleState, pages):
+    return fed(self._layer(weights), st, pages)
 
   def propose(self, heads_and_base, st: EagleState, ctx: Context):
     """`draft` with weights (heads, base)."""

@@ -49,7 +49,7 @@ class Hydra(HeadsTree):
     return paged_state(self.prefix, num_rows, num_pages, page_size, pending_width(self),
                        cfg.embed, weights.draft.prefix_norm.dtype)
 
-  def lanes(self, weights, state, tokens, hidden, next_tokens, positions, pages):
+  def lanes(self, weights, state, hidden, next_tokens, positions, pages):
     return write_lanes(self._layer(weights), state, hidden, next_tokens, positions, pages)
 
   def _layer(self, weights):
@@ -100,10 +100,10 @@ class Hydra(HeadsTree):
     out, cache = feed_pending(self._layer(heads_and_base), state)
     return out, state.replace(cache=cache)
 
-  def flush(self, weights, state, ctx: Context):
+  def flush(self, weights, state, pages):
     if self.prefix is None:
       return state
-    return fed(self._layer(weights), state, ctx.pages)
+    return fed(self._layer(weights), state, pages)
 
   def propose(self, heads_and_base, state, ctx: Context):
     """`draft` with weights (heads, base)."""

@@ -15,7 +15,6 @@ from flax import struct
 
 from jaxinfer.config import ModelConfig
 from jaxinfer.kv_cache import KVCache, PagePools
-from jaxinfer.speculative.proposers.common import attach_cache, detach_cache
 
 
 @struct.dataclass
@@ -125,11 +124,11 @@ def fed(forward, st: EagleState, pages) -> EagleState:
 
 
 def attach(st, pages):
-  """The state with its cache read through the rows' page tables (`common.attach_cache`), in
-  the engine (pages None: as it is)."""
-  return st if pages is None else st.replace(cache=attach_cache(st.cache, pages))
+  """The state with its cache read through the rows' page tables (`Context.pages`), in the
+  engine (pages None: as it is)."""
+  return st if pages is None else st.replace(cache=st.cache.over(pages))
 
 
 def detach(st, pages):
   """`attach` undone: the cache back to the pools it wrote."""
-  return st if pages is None else st.replace(cache=detach_cache(st.cache, pages))
+  return st if pages is None else st.replace(cache=PagePools.of(st.cache))
