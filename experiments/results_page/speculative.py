@@ -149,6 +149,8 @@ SPEC_BATCHING_NOTES = {
     15: "rerun at the final engine code",
     **{i: "after the generator's own slots were removed: the engine against static batches"
        for i in range(19, 24)},
+    24: "a draft model's K/V in the engine's pages (not kept; the same workload with its own "
+        "cache per slot, the code kept: the layerskip row above)",
 }
 
 
