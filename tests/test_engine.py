@@ -202,8 +202,8 @@ def test_a_pool_too_small_names_the_flag(tmp_path, tiny_model_dir):
 
 
 def test_memory_beyond_the_device_names_the_flags(tmp_path, tiny_model_dir, monkeypatch):
-  """On a device that reports its memory (not CPU), a KV pool (the engine's, or speculative
-  decoding's slots, caches and plain-decoding pool) that cannot fit beside the weights is
+  """On a device that reports its memory (not CPU), a KV pool (the engine's, or the pages and
+  caches of speculative decoding's static batches) that cannot fit beside the weights is
   refused before anything runs, with the memory it needs and the flags that size it."""
   from jaxinfer.serving import placement
   monkeypatch.setattr(placement, "bytes_limit", lambda mesh: 4096)  # a 4 KiB device
@@ -215,7 +215,8 @@ def test_memory_beyond_the_device_names_the_flags(tmp_path, tiny_model_dir, monk
   with pytest.raises(UserError, match=r"--kv_pages: the KV pool \(\d+ pages of 16 tokens, with "
                      r"the proposer's slots, [\d.]+ GiB\)"):  # the draft's cache in them
     _job(tmp_path, tiny_model_dir, one, "big-draft", speculative="layerskip")
-  with pytest.raises(UserError, match=r"--batch_size: speculative decoding's KV memory .* "
+  with pytest.raises(UserError, match=r"--batch_size: speculative decoding's KV memory \(\d+ rows "
+                     r"of up to \d+ tokens and the proposer's caches, [\d.]+ GiB\) .* "
                      r"lower --batch_size or --max_new_tokens"):
     _job(tmp_path, tiny_model_dir, one, "big-spec", speculative="layerskip", scheduler="static")
   assert not any((tmp_path / f"{n}.out.jsonl").exists() for n in ("big", "big-draft", "big-spec"))

@@ -273,7 +273,7 @@ class SpeculativeBackend:
     b = self.opts.batch_size
     for gen in self.gens:
       what = (f"--batch_size: speculative decoding's KV memory ({b} rows of up to "
-              f"{sum(longest)} tokens and the proposer's caches)")
+              f"{sum(longest)} tokens and the proposer's caches")
       placement.check_memory(what, gen.memory_bytes(*longest, b),
                              gen.memory_bytes(*longest, b, per_device=True), gen.params,
                              gen.runtime.mesh, "lower --batch_size or --max_new_tokens")
