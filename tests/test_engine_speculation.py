@@ -354,9 +354,9 @@ def test_plain_steps_feed_a_draft_layer_in_the_pages_what_its_own_prefill_would(
   """The auto policy's plain level runs the plain engine's steps, which feed EAGLE's layer the
   target's hidden state at every token they compute with the token after it: mixed steps (the
   prompts in lanes through scattered page tables, then decode rows) and a decode dispatch of
-  four steps leave in the layer's pages the K/V its own prefill over prompt and output writes. A row turning from
-  trees to plain steps first has its pending pairs written (`Proposer.flush`): pages of rows
-  not turning are left alone."""
+  four steps leave in the layer's pages the K/V its own prefill over prompt and output writes.
+  A row turning from trees to plain steps first has its pending pairs written
+  (`Proposer.flush`): pages of rows not turning are left alone."""
   from functools import partial
 
   from jaxinfer import model as M
@@ -387,11 +387,11 @@ def test_plain_steps_feed_a_draft_layer_in_the_pages_what_its_own_prefill_would(
   zeros = lambda dtype=np.int32: np.zeros(s, dtype)
   sp = (zeros(np.float32), zeros(), np.ones(s, np.float32), zeros(np.float32))
   key_data = np.zeros((s, 2), np.uint32)
-  k, v, _, _, layer = jax.jit(partial(engine_step, cfg=cfg, runtime=rt, feed=feed))(
-      params, k, v, zeros(), tokens, np.zeros_like(tokens, bool), positions, table, table,
-      zeros(), np.zeros(s, bool), key_data, *sp, nxt, heads, layer)
-  # a mixed step of decode rows alone (each prompt's last token), then four decode steps: greedy
   step = jax.jit(partial(engine_step, cfg=cfg, runtime=rt, feed=feed))
+  k, v, _, _, layer = step(params, k, v, zeros(), tokens, np.zeros_like(tokens, bool), positions,
+                           table, table, zeros(), np.zeros(s, bool), key_data, *sp, nxt, heads,
+                           layer)
+  # a mixed step of decode rows alone (each prompt's last token), then four decode steps: greedy
   last = np.asarray([p[-1] for p in prompts])
   k, v, last, first, layer = step(
       params, k, v, zeros(), last, np.zeros(s, bool), (lens - 1).astype(np.int32), table,

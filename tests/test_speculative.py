@@ -574,8 +574,8 @@ def test_sliding_window_model_speculates_losslessly(tmp_path):
 def test_sinks_window_sparsity_speculates_losslessly(target, other_draft):
   """--sparsity=sinks_window (StreamingLLM: 2 sinks + a window of 10, shorter than the outputs)
   on the target: prefill, tree verification (a trie through the Pallas kernel, EAGLE-2 trees
-  through XLA) and plain decoding all keep the pattern, so greedy speculation equals plain greedy decoding
-  under it; a tree past the window and the dynamic patterns are refused."""
+  through XLA) and plain decoding all keep the pattern, so greedy speculation equals plain
+  greedy decoding under it; a tree past the window and the dynamic patterns are refused."""
   from jaxinfer.sparsity import parse
   cfg, params = target
   sparsity = parse("sinks_window:2,10")

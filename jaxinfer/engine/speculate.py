@@ -47,8 +47,9 @@ class Drafting:
   proposer: Any  # the proposer's state (one row per slot, or one shared value)
 
 
-def whole(state: Drafting, runtime: Runtime) -> Drafting:
-  """The state whole on each of the replica's devices (one layout from step to step)."""
+def whole(state, runtime: Runtime):
+  """The state (`Drafting`, or a proposer's) whole on each of the replica's devices (one layout
+  from step to step)."""
   return jax.tree_util.tree_map(lambda x: runtime.constrain(x, (None,) * x.ndim), state)
 
 
@@ -58,9 +59,8 @@ def feed(params, draft_params, layer, hidden, next_tokens, positions, pages, *, 
   `positions` (G, Q) (out of range: nothing), `next_tokens` (G, Q) the token after each, through
   page tables `pages` (G, M): its layer's K/V written there (`Proposer.lanes`), whole on the
   replica. The plain engine's steps feed it so (`engine.engine_step`)."""
-  out = proposer.lanes(Weights(draft_params, params), layer, hidden, next_tokens, positions,
-                       pages)
-  return jax.tree_util.tree_map(lambda x: runtime.constrain(x, (None,) * x.ndim), out)
+  return whole(proposer.lanes(Weights(draft_params, params), layer, hidden, next_tokens,
+                              positions, pages), runtime)
 
 
 def flush(state: Drafting, params, draft_params, pages, *, proposer,
@@ -231,8 +231,7 @@ def steps(params, draft_params, k, v, state: Drafting, decode_table, active, sam
       c = width(j, n)(c)
     return c
 
-  init = (0, k, v, state, propose(state),
-          jnp.zeros((max_steps, s, t), jnp.int32),
+  init = (0, k, v, state, propose(state), jnp.zeros((max_steps, s, t), jnp.int32),
           jnp.zeros((max_steps, s), jnp.int32))
   _, k, v, state, _, out, counts = jax.lax.while_loop(go, body, init)
   return k, v, state, out, counts

@@ -31,20 +31,20 @@ class Batch:
     proposer = self.proposer = gen.ladder[level]
     cfg, ps = gen.cfg, gen.page_size
     b = self.b = len(rows)
-    o, self.max_len = gen._geometry(max(len(r.prompt_ids) for r in rows),
-                                    max(r.max_new_tokens for r in rows), proposer.tree_size)
-    m = self.max_len // ps
+    o, max_len = gen._geometry(max(len(r.prompt_ids) for r in rows),
+                               max(r.max_new_tokens for r in rows), proposer.tree_size)
+    m = max_len // ps
     self.page_table = np.arange(b * m, dtype=np.int32).reshape(b, m)
     kw = dict(cfg=cfg, proposer=proposer, runtime=gen.runtime)
     self.eos = np.asarray(cfg.eos_token_ids or (-1,), np.int32)
     self.eos_set = set(int(e) for e in cfg.eos_token_ids)
-    self.admit = partial(_admit, max_len=self.max_len, page_size=ps, **kw)
+    self.admit = partial(_admit, max_len=max_len, page_size=ps, **kw)
     self.chunk = partial(_chunk, rule=gen.rule, **kw)
     # host arrays go to the device with the call: no operation of their own
     self.sampling = SamplingParams(**{f: np.array([getattr(r, f) for r in rows],
                                                   np.int32 if f == "top_k" else np.float32)
                                       for f in _FIELDS})
-    self.state = gen._new_state(b, self.max_len, o, rows[0].key, proposer, level)
+    self.state = gen._new_state(b, max_len, o, rows[0].key, proposer, level)
     self.results: list[RowResult | None] = [None] * b
     self.host_done = np.zeros(b, bool)
     self.prefill_s = self.decode_s = 0.0

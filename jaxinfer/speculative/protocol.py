@@ -9,7 +9,8 @@ proposer with `shared_state`, one value every row reads and refreshes. They call
 
   init_state  the state of B free slots (`init_pages` in the engine, for `paged_layers`)
   admit       rows admitted into slots: their state after the prompt's prefill
-  lanes       (the paged engine) the target's hidden states over its prefill lanes
+  lanes       (the paged engine) the target's hidden states over its prefill lanes and plain
+              steps
   draft       every step: a draft tree of `tree_size` nodes per row
   flush       (the paged engine) before plain steps: what the state must still read, written
   observe     after each verification: what the target said about the tree
@@ -181,9 +182,9 @@ class Proposer(abc.ABC):
     raise NotImplementedError(f"the {self.name} proposer keeps no pages")
 
   def lanes(self, weights: Weights, state, hidden, next_tokens, positions, pages) -> Any:
-    """A `paged_layers` proposer's state after the engine's prefill lanes: the target's
-    hidden states (G, Q, D) over their tokens at `positions` (G, Q) (out of range: padding),
-    the prompt token after each (G, Q), each lane's page table `pages` (G, M)."""
+    """A `paged_layers` proposer's state after the engine's prefill lanes or plain steps: the
+    target's hidden states (G, Q, D) over their tokens at `positions` (G, Q) (out of range:
+    padding), the token after each (G, Q), each lane's (or row's) page table `pages` (G, M)."""
     del weights, hidden, next_tokens, positions, pages
     return state
 

@@ -9,6 +9,12 @@ from typing import Sequence
 import numpy as np
 
 
+# the counters and times that add up over batches and replicas
+_COUNTS = ("verify_steps", "emitted", "prefill_s", "decode_s", "wall_s", "plain_measured_tokens",
+           "plain_measured_s", "compile_s", "compilations", "decode_tokens", "prefill_tokens",
+           "steps", "host_syncs", "row_slots", "spec_batches", "plain_batches")
+
+
 @dataclasses.dataclass
 class SpecStats:
   verify_steps: int = 0  # row-verifications (one per live row per step)
@@ -49,11 +55,7 @@ class SpecStats:
     sizes = {n for s in stats for n in s.tree_batches}
     split = next((s for s in stats if s.draft_share is not None), stats[0])
     return cls(
-        **{f: total(f) for f in ("verify_steps", "emitted", "prefill_s",
-                                  "decode_s", "wall_s", "plain_measured_tokens",
-                                  "plain_measured_s", "compile_s", "compilations",
-                                  "decode_tokens", "prefill_tokens", "steps",
-                                  "host_syncs", "row_slots", "spec_batches", "plain_batches")},
+        **{f: total(f) for f in _COUNTS},
         accepted_hist=sum(s.accepted_hist for s in stats),
         plain_tps=mean([s.plain_tps for s in stats if s.plain_tps is not None]),
         full_tree=stats[0].full_tree,
@@ -66,11 +68,8 @@ class SpecStats:
   def since(self, before: "SpecStats") -> "SpecStats":
     """What happened after `before` (a copy of these stats taken earlier): counts and times as
     differences, measured speeds and the draft / verify split as they stand now."""
-    counts = ("verify_steps", "emitted", "prefill_s", "decode_s", "wall_s",
-              "plain_measured_tokens", "plain_measured_s", "compile_s",
-              "compilations", "decode_tokens", "prefill_tokens", "steps", "host_syncs", "row_slots", "spec_batches", "plain_batches")
     return dataclasses.replace(
-        self, **{f: getattr(self, f) - getattr(before, f) for f in counts},
+        self, **{f: getattr(self, f) - getattr(before, f) for f in _COUNTS},
         accepted_hist=self.accepted_hist - before.accepted_hist,
         tree_batches={n: b - before.tree_batches.get(n, 0) for n, b in self.tree_batches.items()
                       if b > before.tree_batches.get(n, 0)})

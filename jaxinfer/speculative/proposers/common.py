@@ -47,14 +47,6 @@ def draw(q: jax.Array, ctx: Context, i: int) -> jax.Array:
   return jax.lax.cond(jnp.any(ctx.sampling.temperature > 0), sample, lambda _: greedy, None)
 
 
-def gather_pages(cache: jax.Array, pages: jax.Array) -> jax.Array:
-  """Rows of a contiguous cache (K, B, S, H) made of the pages `pages` (k, M) of its (K, B*M,
-  S/M, H) view -> (K, k, S, H)."""
-  kh, b, s, h = cache.shape
-  k, m = pages.shape
-  return cache.reshape(kh, b * m, s // m, h)[:, pages.reshape(-1)].reshape(kh, k, s, h)
-
-
 class Chain(Proposer):
   """A proposer that drafts a chain of `num_draft_tokens` after the root."""
 
