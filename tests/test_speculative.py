@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 
 from jaxinfer import checkpoint
+from jaxinfer.engine.policy import Plain, TreePolicy, policy_metrics
 from jaxinfer.generation import Generator, RowRequest
 from jaxinfer.runtime import Runtime
 from jaxinfer.speculative import proposers as P
@@ -261,30 +262,34 @@ def test_sampling_runs_and_respects_budgets(target):
 
 
 def test_auto_policy_measures_both_modes_and_stays_lossless(target, other_draft):
-  """Batch after batch, the auto policy tries speculation with the proposer's tree, plain
-  decoding and a halved tree, keeps the fastest, and says so; outputs equal plain greedy
-  whichever mode ran."""
+  """Batch after batch, the engine's auto policy (a static batch as a dispatch, timed once it
+  has compiled) tries the proposer's tree, plain decoding and a halved tree, then runs the
+  fastest; outputs equal plain greedy whichever ran, and the metrics say what ran."""
   cfg, params = target
   rows = _rows(cfg, 5, seed=11)
   plain = Generator(cfg, params).generate(rows)
   proposer, draft_params = _proposers(cfg, params, other_draft)["layerskip"]
   gen = SpeculativeGenerator(cfg, params, proposer, draft_params=draft_params, steps_per_sync=4,
                              page_size=8, explore_every=1)
-  assert [p.tree_size for p in gen.ladder] == [4, 2]  # 3 drafted tokens, then 1
+  assert [p.tree_size for p in gen.ladder] == [4, 2, 1]  # 3 drafted tokens, 1, plain decoding
+  assert isinstance(gen.policy, TreePolicy) and isinstance(gen.ladder[-1], Plain)
+  picks, pick = [], gen.policy.pick
+  gen.policy.pick = lambda: picks.append(pick()) or picks[-1]
+  gen.policy.start_call()
   for _ in range(7):
     assert [r.tokens for r in gen.generate(rows)] == [r.tokens for r in plain]
+  # each level's first batch compiles (not a measurement), its second is measured
+  assert picks[:6] == [0, 0, 2, 2, 1, 1] and gen.policy.measured == [
+      picks.count(level) - 1 for level in range(3)]
+  assert gen.policy.tau(2) == 1.0 and all(gen.policy.tps(level) > 0 for level in range(3))
   st = gen.stats
-  assert st.spec_batches >= 4 and st.plain_batches >= 2
-  assert set(st.tree_tps) == {4, 2} and st.plain_tps > 0
-  # what it reports is the job's speed (exploring included, in wall time less compilation)
-  # over plain decoding's, measured the same way in the job
-  assert st.prefill_s + st.decode_s <= st.wall_s
-  plain = st.plain_measured_tokens / st.plain_measured_s
-  assert st.job_speedup() == pytest.approx(st.decode_tokens / st.wall_s / plain)
-  assert f"{st.job_speedup():.2f}x plain decoding over the job" in st.decision()
-  assert "trees of 4, 2 tokens tried" in st.decision()
-  sizes = st.metrics()["tree_sizes"]
-  assert set(sizes) == {"4", "2"} and sum(v["batches"] for v in sizes.values()) == st.spec_batches
+  m = policy_metrics([gen.policy], len(rows))
+  assert m["plain_batches"] == picks.count(2)
+  assert m["speculative_batches"] == picks.count(0) + picks.count(1)
+  assert {k: v["batches"] for k, v in m["tree_sizes"].items()} == {
+      "4": picks.count(0), "2": picks.count(1)}
+  assert all(v["tokens_per_second"] > 0 for v in m["tree_sizes"].values())
+  assert m["speculation"].startswith("speculating in ")
   assert st.accepted_hist.sum() == st.verify_steps
   split = st.metrics()["draft_verify_split"]  # measured once, on a batch after compilation
   assert split is not None and 0.0 < split["draft_share"] <= 1.0
@@ -510,38 +515,6 @@ def test_shrink_halves_every_proposers_tree(target, other_draft):
   logits = jax.random.normal(jax.random.key(0), (2, small.tree_size, cfg.vocab_size))
   tokens = jnp.zeros((2, small.tree_size), jnp.int32)
   assert small.update(adj, tokens, logits).shape == adj.shape
-
-
-def test_auto_policy_shrinks_trees_while_speculation_loses(target):
-  """The policy's choices from measured speeds: the proposer's tree, plain decoding, then
-  smaller trees while the smallest so far loses to plain decoding or beat the one before it;
-  then the fastest mode, the others re-tried less often the more they lost by."""
-  cfg, params = target
-  gen = SpeculativeGenerator(cfg, params, P.Lookahead(num_nodes=8, depth=4), explore_every=8)
-  assert [p.tree_size for p in gen.ladder] == [9, 5, 3, 2]
-  choose = gen._choose
-  assert choose() == 0  # nothing measured yet
-  measured = gen.stats.tree_tps  # by tree size: 9, 5, 3, 2
-  measured[9] = 100.0
-  assert choose() == "plain"
-  gen.stats.plain_tps = 150.0
-  assert choose() == 1  # losing: a smaller tree
-  measured[5] = 130.0
-  assert choose() == 2  # still losing to plain
-  measured[3] = 160.0
-  assert choose() == 3  # beat the one before it: smaller still
-  measured[2] = 140.0
-  picks = [choose() for _ in range(256)]
-  assert picks.count(2) > 0.6 * len(picks)  # the fastest: 3-token trees
-  assert {0, 1, 3, "plain"} <= set(picks)  # every other mode re-tried now and then
-  assert picks.count(0) < picks.count(3)  # ... the slowest least often
-  gen2 = SpeculativeGenerator(cfg, params, P.NGram(num_draft_tokens=4))
-  gen2.stats.tree_tps[5], gen2.stats.plain_tps = 300.0, 100.0
-  assert gen2._choose() == 1  # winning: a smaller tree is still tried once
-  gen2.stats.tree_tps[3] = 200.0
-  assert gen2._choose() == 0  # slower and losing ground: no smaller trees; the fastest wins
-  always = SpeculativeGenerator(cfg, params, P.NGram(num_draft_tokens=4), policy="always")
-  assert len(always.ladder) == 1 and always._choose() == 0
 
 
 def test_sliding_window_model_speculates_losslessly(tmp_path):

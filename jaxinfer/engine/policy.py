@@ -147,7 +147,11 @@ class TreePolicy:
   # over changing prompts wander, and every switch between trees and plain decoding costs a wait
   SWITCH_MARGIN = 0.1
 
-  def __init__(self, levels: list[Proposer], policy: str, explore_every: int = 16):
+  def __init__(self, levels: list[Proposer], policy: str, explore_every: int = 16,
+               hold: int = HOLD, min_measured: int = MEASURED):
+    """hold, min_measured: HOLD and MEASURED for a caller whose dispatches are each timed
+    alone and compile once (static batches: 1 and 1)."""
+    self.hold_for, self.min_measured = hold, min_measured
     self.sizes = [p.tree_size for p in levels]
     self.depths = [p.max_depth for p in levels]
     self.acceptance = _Acceptance(max(self.depths))
@@ -214,9 +218,9 @@ class TreePolicy:
     while the smallest measured loses to plain decoding or beat the one before it."""
     plain = len(self.sizes) - 1
     for level in (0, plain):
-      if self.measured[level] < self.MEASURED:
+      if self.measured[level] < self.min_measured:
         return level
-    deepest = max(i for i in range(plain) if self.measured[i] >= self.MEASURED)
+    deepest = max(i for i in range(plain) if self.measured[i] >= self.min_measured)
     if deepest + 1 < plain and (deepest == 0 or self.tps(deepest) < self.tps(plain)
                                 or self.tps(deepest) > self.tps(deepest - 1)):
       return deepest + 1
@@ -233,7 +237,7 @@ class TreePolicy:
     else:
       level = self._pick_mixed(live) if mixed else self._pick()
       if level != self.current[mixed]:
-        self.current[mixed], self.hold[mixed] = level, self.HOLD - 1
+        self.current[mixed], self.hold[mixed] = level, self.hold_for - 1
     self.last[mixed][level] = self.clock
     self.dispatches[level] += 1
     return level
@@ -254,7 +258,7 @@ class TreePolicy:
     fastest = self.best[False] if self.best[False] in speeds else (
         max(speeds, key=speeds.get) if speeds else 0)
     for level in (fastest, plain):
-      if self.mixed.measured[level] < self.MEASURED:
+      if self.mixed.measured[level] < self.min_measured:
         return level
     m = self.mixed
 
@@ -268,8 +272,8 @@ class TreePolicy:
     return self._or_overdue(best, {i: 1.0 for i in values} | {best: 2.0}, True)
 
   def _or_overdue(self, best: int, speeds: dict[int, float], mixed: bool) -> int:
-    """`best`, or the most overdue slower level: one is re-tried (for HOLD dispatches) every
-    explore_every * HOLD * (its speed ratio to the fastest)^2 dispatches (at most 256 apart),
+    """`best`, or the most overdue slower level: one is re-tried (for `hold` dispatches) every
+    explore_every * hold * (its speed ratio to the fastest)^2 dispatches (at most 256 apart),
     times its backoff (at most 8)."""
     last, backoff, held = self.last[mixed], self.backoff[mixed], self.current[mixed]
     if best != self.best[mixed]:
@@ -277,8 +281,9 @@ class TreePolicy:
       backoff[:] = [1] * len(backoff)
     elif held is not None and held != best:  # a re-try that lost
       backoff[held] = min(8, 2 * backoff[held])
-    overdue = {i: (self.clock - last[i]) / (backoff[i] * min(256, self.explore_every * self.HOLD * (
-        speeds[best] / max(speeds[i], 1e-9))**2)) for i in speeds if i != best}
+    apart = lambda i: min(256, self.explore_every * self.hold_for * (
+        speeds[best] / max(speeds[i], 1e-9))**2)
+    overdue = {i: (self.clock - last[i]) / (backoff[i] * apart(i)) for i in speeds if i != best}
     late = max(overdue, key=overdue.get, default=None)
     return late if late is not None and overdue[late] >= 1 else best
 
@@ -315,3 +320,18 @@ class TreePolicy:
                 f"{'trees' if not trees[1] else 'plain decoding'} to compare")
     return (f"speculating in {spec:.0%} of dispatches, mostly with {self.sizes[best]}-token "
             f"trees (measured tokens/s per live row by tree size: {speeds}){versus}")
+
+
+def policy_metrics(policies: list[TreePolicy], rows: int) -> dict:
+  """The speculative metrics of the call since `start_call` (`metrics.SPECULATIVE_KEYS`' policy
+  part) of replicas' policies over one ladder: dispatches (a static batch counts as one) summed,
+  speeds from the policy that measured most, tokens/s given for `rows` live rows."""
+  counts = np.sum([p.dispatches for p in policies], axis=0).tolist()
+  busiest = max(policies, key=lambda p: sum(p.measured))
+  by_size = dict(zip(busiest.sizes, counts))
+  return {
+      "speculation": busiest.summary(counts, sum(p.call for p in policies)),
+      "speculative_batches": sum(n for size, n in by_size.items() if size > 1),
+      "plain_batches": by_size.get(1, 0),
+      "tree_sizes": {str(size): {"batches": n, "tokens_per_second": busiest.size_tps(size, rows)}
+                     for size, n in sorted(by_size.items(), reverse=True) if size > 1}}

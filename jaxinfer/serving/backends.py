@@ -28,6 +28,7 @@ import numpy as np
 
 from jaxinfer.engine import Engine, EngineConfig, EngineRequest
 from jaxinfer.engine.engine import EngineStats
+from jaxinfer.engine.policy import policy_metrics
 from jaxinfer.errors import UserError
 from jaxinfer.generation import Generator, RowRequest, Timings, sample_key
 from jaxinfer.kv_cache import PagedKVCache
@@ -165,11 +166,6 @@ class EngineBackend:
     hist = sum(np.pad(s.accepted_hist, (0, depth - len(s.accepted_hist))) for s in st)
     spec = SpecStats(verify_steps=sum(s.row_steps for s in st), accepted_hist=hist,
                      emitted=sum(s.decode_tokens for s in st))
-    # dispatches per ladder level in this call, over every replica (they share one ladder)
-    counts = np.sum([e.policy.dispatches for e in self.engines], axis=0).tolist()
-    busiest = max(self.engines, key=lambda e: sum(e.policy.measured))  # its speeds reported
-    policy = busiest.policy
-    by_size = dict(zip(policy.sizes, counts))
     return {
         "mean_accepted_tokens": round(spec.mean_accepted_tokens, 4),
         "accepted_length_histogram": [int(x) for x in hist],
@@ -177,14 +173,7 @@ class EngineBackend:
         "verify_steps": spec.verify_steps, "host_syncs": sum(s.dispatches for s in st),
         "nodes_per_verification": round(sum(s.verified_nodes for s in st) / spec.verify_steps,
                                         3) if spec.verify_steps else 0.0,
-        "speculation": policy.summary(counts, sum(e.policy.call for e in self.engines)),
-        "speculative_batches": sum(n for size, n in by_size.items() if size > 1),
-        "plain_batches": by_size.get(1, 0),
-        # (tokens/s with every slot live)
-        "tree_sizes": {str(size): {"batches": n, "tokens_per_second": policy.size_tps(
-            size, busiest.cfg.num_slots)}
-                       for size, n in sorted(by_size.items(), reverse=True) if size > 1}}
-
+    } | policy_metrics([e.policy for e in self.engines], self.engines[0].cfg.num_slots)
 
 def timings_stats(tm: Timings) -> dict:
   """The stats dict of a static generator's (or a speculative generator's) timings."""
@@ -298,6 +287,8 @@ class SpeculativeBackend:
     rows = _rows(sorted(requests, key=lambda r: len(r.prompt_ids)))
     shares = [rows[i::self.total] for i in range(self.total)]
     before = [copy.deepcopy(g.stats) for g in self.gens]
+    for gen in self.gens:
+      gen.policy.start_call()
     placement.in_threads(
         lambda gen, share: self._work(gen, share, deliver, should_stop),
         [(g, shares[r.index]) for g, r in zip(self.gens, self.replicas)])
@@ -313,4 +304,5 @@ class SpeculativeBackend:
             "row_steps")}))
     stats["busy_s"] = max(t.prefill_s + t.decode_s for t in tms)
     stats["replicas"] = len(self.gens)
-    return stats | SpecStats.merge(st).metrics()
+    return (stats | SpecStats.merge(st).metrics()
+            | policy_metrics([g.policy for g in self.gens], self.opts.batch_size))

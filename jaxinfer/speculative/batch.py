@@ -49,6 +49,7 @@ class Batch:
     self.host_done = np.zeros(b, bool)
     self.prefill_s = self.decode_s = 0.0
     self.new_tokens = self.syncs = self.steps = 0
+    self.hist = None  # verifications by drafts accepted (once run)
 
   def run(self) -> list[RowResult]:
     self._admit()
@@ -113,7 +114,6 @@ class Batch:
     """The batch's counts and times into the generator's stats (its speed: the generator's
     `_generate`); a shared proposer state carries over to the next batch."""
     gen, st, state = self.gen, self.gen.stats, self.state
-    t = self.proposer.tree_size
     if self.proposer.shared_state:
       gen._shared = state.proposer  # what it learned carries over to the next batch
     steps = int(state.step)
@@ -127,6 +127,4 @@ class Batch:
     st.decode_s += self.decode_s
     st.prefill_s += self.prefill_s
     st.host_syncs += self.syncs
-    st.spec_batches += 1
-    st.tree_batches[t] = st.tree_batches.get(t, 0) + 1
-    self.steps = steps
+    self.steps, self.hist = steps, hist

@@ -9,10 +9,10 @@ row's committed length, pending root token and outputs live in device arrays. A 
 are prefilled whole and together, and run until every one is done. (Continuous batching with
 speculation is the paged engine's: `jaxinfer.engine`.)
 
-This module holds `SpeculativeGenerator`: the policy (speculate with which tree, or decode
-plainly), compilation and layout of the steps, and plain decoding. The device steps are
-`steps`, one batch's host loop `batch`, the measurements `stats`; the proposers implement
-`protocol.Proposer`.
+This module holds `SpeculativeGenerator`: the engine's policy (`engine.policy`, speculate with
+which tree or decode plainly) per batch, compilation and layout of the steps, and plain
+decoding. The device steps are `steps`, one batch's host loop `batch`, the measurements
+`stats`; the proposers implement `protocol.Proposer`.
 """
 
 from __future__ import annotations
@@ -30,14 +30,14 @@ import numpy as np
 from jaxinfer import model as M
 from jaxinfer.compilation_cache import call_compiled
 from jaxinfer.config import ModelConfig
-from jaxinfer.engine.policy import ladder
+from jaxinfer.engine.policy import Plain, TreePolicy, ladder
 from jaxinfer.generation import Generator, RowRequest, RowResult, next_pow2
 from jaxinfer.kv_cache import PagedKVCache
 from jaxinfer.runtime import Runtime
 from jaxinfer.speculative import acceptance
 from jaxinfer.speculative.batch import Batch
 from jaxinfer.speculative.protocol import Weights, check_fits
-from jaxinfer.speculative.stats import SpecStats, average
+from jaxinfer.speculative.stats import SpecStats
 from jaxinfer.speculative.steps import SpecState, _draft_only, state_shardings
 
 
@@ -49,9 +49,9 @@ class SpeculativeGenerator:
                runtime: Runtime = Runtime(), steps_per_sync: int = 16, page_size: int = 16,
                policy: str = "auto", explore_every: int = 8, measure_split: bool = True,
                max_shrinks: int = 3):
-    """policy "auto": each batch speculates or decodes plainly (the static `Generator`),
-    whichever measured faster, and speculates with the proposer's tree or one of up to
-    `max_shrinks` successively halved trees (`Proposer.shrink`), whichever measured fastest:
+    """policy "auto": each batch speculates with the proposer's tree or one of up to
+    `max_shrinks` successively halved trees (`Proposer.shrink`), or decodes plainly (the static
+    `Generator`), whichever measured fastest (the engine's `TreePolicy`, a batch as a dispatch):
     speculation that stops paying (large batches, compute-bound devices) shrinks its trees or
     turns itself off; "always": speculate every batch with the proposer's own tree.
     measure_split: once, after compilation, time the drafting part of a step alone
@@ -64,20 +64,17 @@ class SpeculativeGenerator:
     check_fits(proposer, cfg, sparsity)
     proposer.validate(cfg, draft_params)
     proposer = proposer.with_sparsity(sparsity)  # its drafts attend as the target does
-    self.policy, self.explore_every = policy, explore_every
     self.measure_split = measure_split
-    self._batches = 0
     self._plain = Generator(cfg, params, runtime)
     self.cfg, self.params, self.proposer = cfg, params, proposer
     self.draft_params = draft_params
     self.rule, self.runtime = rule, runtime
     self.steps_per_sync, self.page_size = steps_per_sync, page_size
-    self.stats = SpecStats(accepted_hist=np.zeros(proposer.max_depth + 1, np.int64),
-                           full_tree=proposer.tree_size)
-    # the proposer and its smaller trees, largest first (policy "auto" picks among them and
-    # plain decoding)
-    self.ladder = [p for p in ladder(proposer, policy, max_shrinks) if p.max_depth]
-    self._last: dict[int | str, int] = {}  # mode -> the batch that last ran it
+    self.stats = SpecStats(accepted_hist=np.zeros(proposer.max_depth + 1, np.int64))
+    # the proposer and its smaller trees, largest first, then (policy "auto") plain decoding;
+    # a batch is timed alone and compiles in its first run only
+    self.ladder = ladder(proposer, policy, max_shrinks)
+    self.policy = TreePolicy(self.ladder, policy, explore_every, hold=1, min_measured=1)
     self._compiled: dict = {}
     # a proposer state every row shares (Token Recycling's adjacency), carried between batches
     self._shared = proposer.init_shared(cfg)
@@ -136,60 +133,9 @@ class SpeculativeGenerator:
     st.draft_share = min(1.0, draft_s / max(step_s, 1e-12))
     st.split_tree = self.ladder[level].tree_size
 
-  @property
-  def _tps(self) -> dict[int, float]:
-    """Ladder level -> measured decode tokens/s (of its tree size)."""
-    measured = self.stats.tree_tps
-    return {i: measured[p.tree_size] for i, p in enumerate(self.ladder)
-            if p.tree_size in measured}
-
-  @property
-  def exploring(self) -> int | str | None:
-    """The mode policy "auto" still has to measure before it can pick (see `_pick`), or None
-    once it has measured all it will (always None for policy "always")."""
-    st, tps = self.stats, self._tps
-    if self.policy == "always":
-      return None
-    if 0 not in tps:
-      return 0
-    if st.plain_tps is None:
-      return "plain"
-    deepest = max(tps)
-    if deepest + 1 < len(self.ladder) and (deepest == 0 or tps[deepest] < st.plain_tps
-                                           or tps[deepest] > tps[deepest - 1]):
-      return deepest + 1
-    return None
-
-  def _choose(self) -> int | str:
-    mode = self._pick()
-    self._last[mode] = self._batches
-    return mode
-
-  def _pick(self) -> int | str:
-    """Per batch: a ladder level (speculate with that tree) or "plain", whichever measured
-    fastest. The proposer's own tree and plain decoding are measured first; then ever smaller
-    trees while the smallest measured one still loses to plain decoding or beat the one before
-    it (the first smaller tree is always tried). Every slower mode is re-tried now and then,
-    less often the more it lost by, so a change is noticed at a bounded cost. Each mode's first
-    batch (compilation) is not a measurement."""
-    st, tps = self.stats, self._tps
-    self._batches += 1
-    if self.policy == "always":
-      return 0
-    explore = self.exploring
-    if explore is not None:
-      return explore
-    modes: dict[int | str, float] = {**tps, "plain": st.plain_tps}
-    best = max(modes, key=lambda m: modes[m])
-    # the most overdue of the modes whose re-try interval has passed, else the fastest
-    overdue = {m: (self._batches - self._last.get(m, 0)) / min(256, self.explore_every * (
-        modes[best] / max(modes[m], 1e-9))**2) for m in modes if m != best}
-    late = max(overdue, key=lambda m: overdue[m], default=None)
-    return late if late is not None and overdue[late] >= 1 else best
-
   def _generate_plain(self, rows, should_stop, on_result):
     """Plain decoding of the batch (the static `Generator`), counted in this generator's
-    stats."""
+    stats; returns the results, the decode steps run and the prefill's seconds."""
     tm = self._plain.timings
     before = dataclasses.replace(tm)
     results = self._plain.generate(rows, should_stop)
@@ -200,8 +146,7 @@ class SpeculativeGenerator:
     for f in ("prefill_tokens", "decode_tokens", "compile_s", "compilations", "prefill_s",
               "decode_s"):
       setattr(st, f, getattr(st, f) + getattr(tm, f) - getattr(before, f))
-    st.plain_batches += 1
-    return results
+    return results, tm.decode_steps - before.decode_steps, tm.prefill_s - before.prefill_s
 
   def generate(self, rows: Sequence[RowRequest],
                should_stop: Callable[[int, list[int]], bool] | None = None,
@@ -221,32 +166,29 @@ class SpeculativeGenerator:
     return contextlib.nullcontext()
 
   def _generate(self, rows, should_stop, on_result) -> list[RowResult]:
-    """One batch in the mode the policy picks. Its speed is measured in wall time (what the job
-    waits for: host work included, compilation not), unless it compiled; the draft / verify
-    split is timed once, after the first measured speculative batch, outside that time."""
-    mode = self._choose()
+    """One batch at the ladder level the policy picks. The policy is told its decoding time in
+    wall time (host work included, prefill and compilation not; none if it compiled) and its
+    acceptance; the draft / verify split is timed once, after the first measured speculative
+    batch, outside that time."""
+    level = self.policy.pick()
     st = self.stats
     t0, compile_s, tokens, compilations = (time.perf_counter(), st.compile_s, st.decode_tokens,
                                            st.compilations)
-    batch = None
-    if mode == "plain":
-      results = self._generate_plain(rows, should_stop, on_result)
+    batch = None if isinstance(self.ladder[level], Plain) else Batch(
+        self, rows, should_stop, on_result, level)
+    if batch is None:
+      results, steps, prefill_s = self._generate_plain(rows, should_stop, on_result)
     else:
-      batch = Batch(self, rows, should_stop, on_result, mode)
-      results = batch.run()
-    wall = time.perf_counter() - t0 - (st.compile_s - compile_s)
-    st.wall_s += wall
-    if st.compilations == compilations:  # a batch that compiled is not a measurement
-      tps = (st.decode_tokens - tokens) / max(wall, 1e-9)
-      if mode == "plain":
-        st.plain_tps = average(st.plain_tps, tps)
-        st.plain_measured_tokens += st.decode_tokens - tokens
-        st.plain_measured_s += wall
-      else:
-        size = self.ladder[mode].tree_size
-        st.tree_tps[size] = average(st.tree_tps.get(size), tps)
-        if st.draft_share is None and self.measure_split and batch.steps:
-          self._measure_split(batch.state, batch.sampling, batch.decode_s / batch.steps, mode)
+      results, steps, prefill_s = batch.run(), batch.steps, batch.prefill_s
+    decode_s = time.perf_counter() - t0 - (st.compile_s - compile_s) - prefill_s
+    measured = st.compilations == compilations  # a batch that compiled is not a measurement
+    new = st.decode_tokens - tokens
+    # (plain decoding: a live row's step is a token)
+    self.policy.record(level, new, new if batch is None else int(batch.hist.sum()), steps,
+                       decode_s if measured else None,
+                       accepted=None if batch is None else batch.hist)
+    if batch is not None and measured and steps and st.draft_share is None and self.measure_split:
+      self._measure_split(batch.state, batch.sampling, batch.decode_s / steps, level)
     return results
 
   def _geometry(self, prompt_len: int, max_new: int, tree_size: int) -> tuple[int, int]:
