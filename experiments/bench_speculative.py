@@ -8,10 +8,12 @@ held-out Python standard-library files (the embedded model's domain, text it was
 on), the same prompts at every batch size: batch B is all of them through B slots (batch 1: one
 at a time). Each method runs through the Python API as users get it,
 `jaxinfer.LLM(model, batch_size=B, speculative=METHOD, speculation=...)`, with speculation forced
-on ("always") and with the default policy ("auto": per batch the proposer's tree, a smaller one or
-plain decoding, by measured speed), against `jaxinfer.LLM(model, batch_size=B)` with no
-speculation: the continuous-batching engine. Compilation is left out by warm-up calls (until two
-in a row compile nothing, which also lets the auto policy measure its modes). Then --repeats
+on ("always") and with the default policy ("auto": per dispatch the proposer's tree, a smaller
+one or plain decoding, by measured speed; a tree is compiled and tried only once the work in
+sight pays for its compilation, which on this CPU takes more work than these calls add up to, so
+here it decodes plainly), against `jaxinfer.LLM(model, batch_size=B)` with no speculation: the
+continuous-batching engine. Compilation is left out by warm-up calls (until two in a row
+compile nothing). Then --repeats
 rounds; in each, per method: plain, always, auto, one after the other, so that drift hits them
 alike.
 
@@ -189,8 +191,8 @@ def main(argv):
   prompts = None
 
   def warm(llm) -> float:
-    """Calls until two in a row compile nothing (the auto policy has measured its modes by
-    then, mostly: a later call that compiles has that time left out); the seconds spent."""
+    """Calls until two in a row compile nothing (a later call that compiles has that time
+    left out); the seconds spent."""
     spent, quiet = 0.0, 0
     for _ in range(FLAGS.max_warmup_calls):
       llm.generate(prompts, sampling)

@@ -153,13 +153,15 @@ def test_train_draft_cli_and_generate_with_heads(tmp_path, tiny_model_dir, metho
                          text=True, timeout=600)
   served = "medusa" if method == "medusa2" else method
   spec = subprocess.run(base + [f"--output={tmp_path / 'b.jsonl'}", f"--speculative={served}",
-                                f"--draft_heads={out}", f"--metrics_output={tmp_path / 'm.json'}"],
+                                f"--draft_heads={out}", f"--metrics_output={tmp_path / 'm.json'}",
+                                "--speculation=always"],
                         capture_output=True, text=True, timeout=600)
   assert plain.returncode == 0 and spec.returncode == 0, spec.stderr
   a = json.loads((tmp_path / "a.jsonl").read_text())
   b = json.loads((tmp_path / "b.jsonl").read_text())
   assert a["completion_ids"] == b["completion_ids"]
-  assert json.loads((tmp_path / "m.json").read_text())["speculative"] == served
+  m = json.loads((tmp_path / "m.json").read_text())
+  assert m["speculative"] == served and m["speculative_batches"] > 0
   if method != "medusa2":  # (Medusa-2's heads load as Medusa's)
     bad = subprocess.run(base + [f"--output={tmp_path / 'c.jsonl'}", f"--speculative={served}",
                                  f"--draft_heads={tmp_path}"], capture_output=True, text=True,

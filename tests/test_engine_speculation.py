@@ -45,7 +45,7 @@ def _run(target, reqs, proposer=None, runtime=Runtime(), should_stop=None, picks
   eng = Engine(cfg, params, ecfg, max_len=128, runtime=runtime, proposer=proposer, **kw)
   if picks is not None:
     cycle = iter(picks * 1000)
-    eng.policy.pick = lambda mixed=False, live=1: next(cycle)
+    eng.policy.pick = lambda mixed=False, live=1, work_s=None: next(cycle)
   out = {}
   st = eng.run(reqs, lambda r: out.__setitem__(r.uid, r), should_stop)
   return out, st, eng
@@ -223,8 +223,9 @@ def test_every_proposer_speculates_in_the_engine(target):
 
 
 def test_tree_policy_explores_then_runs_the_fastest():
-  """auto: the proposer's tree, plain decoding, then smaller trees while they gain; then the
-  fastest, other levels re-tried now and then; always: the proposer's tree only. A level's tau
+  """auto: plain decoding, the proposer's tree, then smaller trees while they gain; then the
+  fastest, other levels re-tried now and then; a tree compiled only once the work in sight pays
+  for it; always: the proposer's tree only. A level's tau
   is its depths' share of the acceptance by depth that any tree measured (a smaller chain's
   follows from the largest's before it ever runs)."""
   levels = ladder(P.NGram(num_draft_tokens=4), "auto")
@@ -247,8 +248,8 @@ def test_tree_policy_explores_then_runs_the_fastest():
   for _ in range(400):
     picks.append(policy.pick())
     dispatch(policy, picks[-1])
-  # tree, plain, halved, quartered, each for HOLD dispatches in a row
-  assert picks[:12] == [0, 0, 0, 3, 3, 3, 1, 1, 1, 2, 2, 2]
+  # plain, tree, halved, quartered, each for HOLD dispatches in a row
+  assert picks[:12] == [3, 3, 3, 0, 0, 0, 1, 1, 1, 2, 2, 2]
   rest = picks[12:]
   assert rest.count(1) > 0.8 * len(rest) and set(rest) == {0, 1, 2, 3}
   runs = [(level, len(list(g))) for level, g in __import__("itertools").groupby(rest)]
@@ -264,7 +265,27 @@ def test_tree_policy_explores_then_runs_the_fastest():
     dispatch(policy, level)
   assert "at 1.19x plain decoding's" in policy.summary([0, 2, 0, 1])  # 1.9 / 1.6 over 1 / 1
   always = TreePolicy(ladder(P.NGram(num_draft_tokens=4), "always"), "always")
-  assert {always.pick() for _ in range(5)} == {0}
+  assert {always.pick(work_s=0.0) for _ in range(5)} == {0}
+  # a tree is compiled to be tried only once the work in sight pays for it: AMORTIZE times
+  # TREE_COMPILE times plain decoding's compilation, then a compiled tree's
+  policy = TreePolicy(levels, "auto", explore_every=4)
+  bar = TreePolicy.AMORTIZE * TreePolicy.TREE_COMPILE * 0.5
+  for i in range(3):
+    level = policy.pick(work_s=0.9 * bar)
+    assert level == 3
+    policy.compiled(level, 0.25 * (i < 2))  # (plain decoding's shapes add up: 0.5 s)
+    dispatch(policy, level)
+  assert [policy.pick(work_s=0.9 * bar) for _ in range(50)] == [3] * 50
+  assert "trees not tried yet, compiling them (about 1.5 s)" in policy.summary([0, 0, 0, 50])
+  assert policy.pick(work_s=bar) == 0  # the work in sight grew: the proposer's tree
+  policy.compiled(0, 4.0)
+  for _ in range(2):
+    dispatch(policy, 0)
+  # the next tree (0 lost to plain decoding) is expected to compile as the first did
+  policy.work_s = bar
+  assert policy._exploring() is None
+  policy.work_s = TreePolicy.AMORTIZE * 4.0
+  assert policy._exploring() == 1
   with pytest.raises(ValueError, match="speculation policy"):
     ladder(P.NGram(), "never")
 

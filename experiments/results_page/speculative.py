@@ -25,7 +25,7 @@ def auto_chose(m: dict) -> str:
   if best is not None:
     return "plain" if best == "plain" else f"{best}-token trees"
   policy = m.get("auto_policy") or ""
-  return "plain" if policy.startswith("speculation turned itself off") else (
+  return "plain" if policy.startswith(("speculation turned itself off", "decoded plainly")) else (
       "speculate" if policy else NA)
 
 

@@ -224,6 +224,9 @@ class Engine:
     self._tree_admit = jax.jit(partial(speculate.admit, cfg=model_cfg, proposer=proposer,
                                        runtime=runtime), donate_argnums=0)
     self.eos = np.asarray(model_cfg.eos_token_ids or (-1,), np.int32)
+    # over the engine's life: seconds of dispatches read and tokens they emitted (the policy's
+    # work in sight: `_work_s`); this run's: tokens still in its requests' budgets
+    self._life_s, self._life_tokens, self._budget = 0.0, 0, 0
     self._last_read = None  # (level, mixed?) of the dispatch read last (None: it compiled)
     history = self.max_pages * self.cfg.page_size
     init = partial(speculate.init_drafting, model_cfg, proposer, self.cfg.num_slots, history,
@@ -360,7 +363,7 @@ class Engine:
     lanes, g, q = sched.schedule()
     if self.proposer is None or not (lanes or sched.running):
       return sched.layout(lanes, g, q)
-    level = self.policy.pick(mixed=bool(lanes), live=sched.running)
+    level = self.policy.pick(mixed=bool(lanes), live=sched.running, work_s=self._work_s())
     tree = not isinstance(self.ladder[level], policy.Plain)
     drained = False
     if tree != self._trees and self._trees is not None:
@@ -375,6 +378,12 @@ class Engine:
     if plan is not None:
       plan.level, self._trees = level, tree
     return plan
+
+  def _work_s(self) -> float:
+    """Seconds of work in sight for the policy: what is left of this run's budgets at the
+    engine's measured seconds per token, or what it has run so far, whichever is larger."""
+    per_token = self._life_s / max(self._life_tokens, 1)
+    return max(self._budget * per_token, self._life_s)
 
   @property
   def max_shapes(self) -> int:
@@ -409,8 +418,12 @@ class Engine:
                       self.cfg.page_size, self.max_pages, pool, self.model_cfg.eos_token_ids,
                       self.cfg.decode_steps, self.tree_size,
                       0 if self.proposer is None else self.proposer.feature_lookahead)
+    budgets = {}  # speculating: uid -> its budget (the policy's work in sight)
     for req in requests:
       sched.add(req)
+      if self.proposer is not None:
+        budgets[req.uid] = req.max_new_tokens
+    self._budget = sum(budgets.values())
     st = self.stats
     before = dataclasses.replace(st)  # (the counters below add this run's to earlier runs')
     # (the device counts in int32 for the engine's life: the run's difference, modulo 2^32)
@@ -433,6 +446,9 @@ class Engine:
       t_last, c_last = now, st.compile_s
       if self.proposer is not None:
         self._measure(prev, tokens, elapsed, compiled)
+        self._life_s += elapsed
+        self._life_tokens += prev.num_decode
+        self._budget = max(0, self._budget - prev.num_decode)
       st.busy_s += elapsed
       if prev.num_prefill:
         st.mixed_busy_s += elapsed
@@ -443,6 +459,9 @@ class Engine:
       st.dispatches += 1
       st.decode_tokens += prev.num_decode
       for result in sched.commit(prev, tokens, should_stop):
+        if budgets:  # (a request ended before its budget: the rest is not work in sight)
+          self._budget = max(0, self._budget - budgets.pop(result.uid, len(result.tokens))
+                                 + len(result.tokens))
         on_result(result)
       if on_step is not None:
         on_step(st)
@@ -452,6 +471,8 @@ class Engine:
       plan = self._plan(sched, read if inflight else None)
       if plan is not None:
         inflight.append((plan, self._launch(plan), st.compile_s != compiles))
+        if self.proposer is not None and st.compile_s != compiles:
+          self.policy.compiled(plan.level, st.compile_s - compiles)
         st.occupancy_sum += plan.num_steps * plan.active / self.cfg.num_slots
       if plan is None or len(inflight) > ahead:
         if not inflight:

@@ -15,6 +15,13 @@ draft is accepted at each depth, given the one before it was, and each level's t
 the depths it drafts (1 + the sum over its depths of the chance that all drafts up to there are
 accepted). For chains this is exact; a smaller tree is assumed to keep the larger one's best
 branches.
+
+Exploring a tree compiles its steps, which on a short job costs more than speculation can win
+back. Plain decoding is measured first; a tree not compiled yet is tried only once the work in
+sight (the caller's estimate: what is left of the job, or what this policy's engine has decoded
+so far, whichever is larger) is at least AMORTIZE times what compiling it is expected to cost
+(a tree compiled already, else TREE_COMPILE times plain decoding's compilation), so a job that
+ends right after paying for it has lost at most about 1 / AMORTIZE of its time.
 """
 
 from __future__ import annotations
@@ -146,6 +153,11 @@ class TreePolicy:
   # A level takes over from the fastest only when this much faster than it: speeds measured
   # over changing prompts wander, and every switch between trees and plain decoding costs a wait
   SWITCH_MARGIN = 0.1
+  # A tree is compiled to be tried only when the work in sight is this many times its expected
+  # compilation (module description); until plain decoding's is known, a tree's is expected
+  # to be TREE_COMPILE times it (a decode loop and a mixed step of trees against plain ones)
+  AMORTIZE = 20
+  TREE_COMPILE = 3
 
   def __init__(self, levels: list[Proposer], policy: str, explore_every: int = 16,
                hold: int = HOLD, min_measured: int = MEASURED):
@@ -171,6 +183,9 @@ class TreePolicy:
     # dispatch's seconds times its live rows) of the timed decode-only dispatches
     self.call = np.zeros((n, 2))
     self._live = [1.0] * n  # per level, the live rows of its last dispatch that ran a step
+    self.compile_s = [0.0] * n  # per level, the compilation its dispatches caused (`compiled`)
+    self.work_s: float | None = None  # the caller's work in sight at the last pick (None: any)
+    self.deferred: tuple[float, float] | None = None  # (compile, work) seconds a tree waits on
 
   @property
   def measured(self) -> list[int]:
@@ -208,27 +223,48 @@ class TreePolicy:
         self._live[level] = row_steps / steps
       self.call[level] += (tokens, seconds * self._live[level])
 
+  def compiled(self, level: int, seconds: float) -> None:
+    """A dispatch of `level` compiled for `seconds` (its steps, or rows turning to trees)."""
+    self.compile_s[level] += seconds
+
+  def _affordable(self, level: int) -> bool:
+    """Whether to try `level` now: compiled already, or the work in sight pays for compiling
+    it (module description; a caller that gives no work: always)."""
+    if self.work_s is None or self.compile_s[level]:
+      return True
+    plain = len(self.sizes) - 1
+    trees = [c for c in self.compile_s[:plain] if c]
+    expected = max(trees) if trees else self.TREE_COMPILE * self.compile_s[plain]
+    if self.work_s >= self.AMORTIZE * expected:
+      return True
+    self.deferred = (expected, self.work_s)
+    return False
+
   def start_call(self) -> None:
     """Starts counting what `summary` reports as one call's (`dispatches`, `call`)."""
     self.dispatches = [0] * len(self.sizes)
     self.call[:] = 0
 
   def _exploring(self) -> int | None:
-    """The level still to measure: the proposer's tree, plain decoding, then ever smaller trees
-    while the smallest measured loses to plain decoding or beat the one before it."""
+    """The level still to measure: plain decoding, the proposer's tree, then ever smaller trees
+    while the smallest measured loses to plain decoding or beat the one before it; a tree only
+    when `_affordable`."""
     plain = len(self.sizes) - 1
-    for level in (0, plain):
-      if self.measured[level] < self.min_measured:
-        return level
+    if self.measured[plain] < self.min_measured:
+      return plain
+    if self.measured[0] < self.min_measured:
+      return 0 if self._affordable(0) else None
     deepest = max(i for i in range(plain) if self.measured[i] >= self.min_measured)
     if deepest + 1 < plain and (deepest == 0 or self.tps(deepest) < self.tps(plain)
                                 or self.tps(deepest) > self.tps(deepest - 1)):
-      return deepest + 1
+      return deepest + 1 if self._affordable(deepest + 1) else None
     return None
 
-  def pick(self, mixed: bool = False, live: int = 1) -> int:
-    """The level of the next dispatch (`mixed`: it has prompt lanes; `live`: rows it verifies)."""
+  def pick(self, mixed: bool = False, live: int = 1, work_s: float | None = None) -> int:
+    """The level of the next dispatch (`mixed`: it has prompt lanes; `live`: rows it verifies;
+    `work_s`: the work in sight, in seconds, that compiling a tree must pay for; None: any)."""
     self.clock += 1
+    self.work_s = work_s
     if self.policy == "always":
       level = 0
     elif self.hold[mixed] > 0:
@@ -256,7 +292,7 @@ class TreePolicy:
     plain = len(self.sizes) - 1
     speeds = self._speeds()
     fastest = self.best[False] if self.best[False] in speeds else (
-        max(speeds, key=speeds.get) if speeds else 0)
+        max(speeds, key=speeds.get) if speeds else plain)
     for level in (fastest, plain):
       if self.mixed.measured[level] < self.min_measured:
         return level
@@ -304,6 +340,13 @@ class TreePolicy:
       return f"speculating throughout with {self.sizes[0]}-token trees"
     plain = len(self.sizes) - 1
     spec = 1 - counts[plain] / total
+    if spec == 0 and not any(self.measured[:plain]):
+      why = "plain decoding, measured first, was not measured yet"
+      if self.deferred:
+        why = (f"compiling them (about {self.deferred[0]:.1f} s) would cost more than "
+               f"1/{self.AMORTIZE} of the work in sight ({self.deferred[1]:.1f} s)")
+      return (f"decoded plainly throughout: trees not tried yet, {why}; "
+              f"speculation='always' speculates from the start")
     if spec == 0:
       return "decoded plainly throughout"
     best = max(range(plain), key=lambda i: counts[i])
