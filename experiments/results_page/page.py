@@ -15,6 +15,7 @@ SECTIONS: dict[str, Section] = {  # in page order
     "bench_prefix_order.jsonl": tables.PREFIX_ORDER,
     "bench_decode.jsonl": tables.DECODE,
     "bench_vs_transformers.jsonl": tables.VS_TRANSFORMERS,
+    "bench_cli.jsonl": tables.CLI,
     "bench_attention.jsonl": tables.ATTENTION,
     "device_check.jsonl": tables.DEVICE_CHECK,
     "long_context.json": tables.LONG_CONTEXT,

@@ -146,6 +146,24 @@ VS_TRANSFORMERS = Section(
     "--batch_sizes=64,128,256` (target ≥ 5×).",
     body=_vs_transformers)
 
+CLI = Section(
+    "`jaxinfer generate` end to end",
+    "`python experiments/bench_cli.py`: one `jaxinfer generate` process per mode and round over "
+    "bench_speculative's prompts (one 128-token window from each of 32 distinct held-out files, "
+    "96 greedy tokens each), modes taking turns; a mode's time is its whole process (start-up, "
+    "model load, compilation with the persistent compilation cache the earlier rounds left, "
+    "generation, output), the first round (which fills that cache) left out. Speedup: plain "
+    "decoding's wall time over the mode's, per round, then the median. The last round's own "
+    "metrics: its compilation, generation tokens/s and the policy's summary.",
+    [field("batch", "batch_size"), field("prompts", "num_prompts"), field("rounds", "rounds"),
+     field("mode", "mode"), field("wall s (median)", "wall_seconds_median"),
+     field("speedup, end to end", "speedup_end_to_end", unit="×"),
+     ("min–max", lambda r: "–".join(f"{x:.2f}" for x in r.get("speedup_spread") or ()) or NA),
+     field("compile s", "compile_seconds"),
+     field("generation tok/s", "generation_tokens_per_second", 0),
+     field("speculation", "speculation"), field("identical to plain", "identical_to_plain"),
+     field("note", "note")])
+
 # bench_attention's kinds of row: the sub-table's title and the columns its rows fill
 ATTENTION_KINDS = {
     "dense_causal": ("Dense causal forward", [
