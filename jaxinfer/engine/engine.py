@@ -304,7 +304,10 @@ class Engine:
     """Speculating: what a plan's steps emitted into its plan and the stats (trees: counts
     (steps, S) in `tokens`; plain decoding: one token per row and step), and for the policy
     (the acceptance of its drafts; its time if the dispatch was timed alone)."""
-    st, hist = self.stats, np.zeros(self.proposer.max_depth + 1, np.int64)
+    st, depths = self.stats, self.proposer.max_depth + 1
+    if len(st.accepted_hist) != depths:  # (a new call's stats)
+      st.accepted_hist = np.zeros(depths, np.int64)
+    hist = None
     if plan.tree:
       counts = tokens[1]
       plan.num_decode = int(counts.sum())
@@ -312,13 +315,13 @@ class Engine:
       st.occupancy_sum += (ran - plan.num_steps) * plan.active / self.cfg.num_slots
       plan.num_steps = ran
       row_steps = int((counts > 0).sum())
-      hist = np.bincount(counts[counts > 0] - 1, minlength=len(hist))
+      hist = np.bincount(counts[counts > 0] - 1, minlength=depths)
+      st.accepted_hist += hist
     else:
       ran, row_steps = plan.num_steps, plan.num_decode
-      hist[0] = row_steps
+      st.accepted_hist[0] += row_steps
       st.verified_nodes += row_steps
     st.row_steps += row_steps
-    st.accepted_hist = hist + np.pad(st.accepted_hist, (0, len(hist) - len(st.accepted_hist)))
     # timed alone (the wall time since the last read): after a dispatch of the same kind and
     # tree, neither compiling. A decode-only dispatch of trees that ran no step (a row had
     # ended in the one before) is timed too: the host's round trip it costs is the trees'.

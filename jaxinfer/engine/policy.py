@@ -74,6 +74,8 @@ def ladder(proposer: Proposer, policy: str, max_shrinks: int = 3) -> list[Propos
 
 
 DECAY = 0.8  # weight of the past in the decayed sums below
+# (the sums are Python floats: the policy runs on the host between every two dispatches, where
+# numpy's per-call cost on arrays this small would be most of its time)
 
 
 class _Acceptance:
@@ -81,23 +83,28 @@ class _Acceptance:
   first d - 1 drafts accepted (`tried`), and of those that accepted the d-th too (`accepted`)."""
 
   def __init__(self, max_depth: int):
-    self.tried = np.zeros(max_depth + 1)
-    self.accepted = np.zeros(max_depth + 1)
+    self.tried = [0.0] * (max_depth + 1)
+    self.accepted = [0.0] * (max_depth + 1)
 
-  def record(self, depth: int, hist: np.ndarray) -> None:
+  def record(self, depth: int, hist) -> None:
     """hist[a]: verified rows that accepted a drafts, of a tree `depth` deep."""
-    reached = np.cumsum(hist[::-1])[::-1]  # reached[a]: rows accepting a or more
-    self.tried *= DECAY
-    self.accepted *= DECAY
-    self.tried[1:depth + 1] += reached[:depth]
-    self.accepted[1:depth + 1] += reached[1:depth + 1]
+    reached = np.cumsum(np.asarray(hist)[::-1])[::-1].tolist()  # rows accepting a or more
+    for d in range(1, len(self.tried)):
+      self.tried[d] *= DECAY
+      self.accepted[d] *= DECAY
+      if d <= depth:
+        self.tried[d] += reached[d - 1]
+        self.accepted[d] += reached[d]
 
   def tau(self, depth: int) -> float | None:
     """Expected tokens per verification of a tree `depth` deep (None: a depth never tried)."""
     if depth and not self.tried[depth]:
       return None
-    chance = np.cumprod(self.accepted[1:depth + 1] / np.maximum(self.tried[1:depth + 1], 1e-9))
-    return 1.0 + float(chance.sum())
+    tau = chance = 1.0
+    for d in range(1, depth + 1):
+      chance *= self.accepted[d] / max(self.tried[d], 1e-9)
+      tau += chance
+    return tau
 
 
 class _Meter:
@@ -105,16 +112,17 @@ class _Meter:
   verifications of live rows, steps, seconds."""
 
   def __init__(self, n: int):
-    self.sums = np.zeros((n, 4))
+    self.sums = [[0.0] * 4 for _ in range(n)]
     self.measured = [0] * n
 
   def record(self, level: int, tokens: int, row_steps: int, steps: int, seconds: float):
-    self.sums[level] = DECAY * self.sums[level] + (tokens, row_steps, steps, max(seconds, 1e-9))
+    self.sums[level] = [DECAY * old + new for old, new in zip(
+        self.sums[level], (tokens, row_steps, steps, max(seconds, 1e-9)))]
     self.measured[level] += 1
 
   def tau(self, level: int) -> float:
     """Tokens per verification of a live row."""
-    tokens, rows = self.sums[level, :2]
+    tokens, rows = self.sums[level][:2]
     return tokens / max(rows, 1e-9)
 
   def step_s(self, level: int) -> float:
