@@ -282,10 +282,8 @@ def test_tree_policy_explores_then_runs_the_fastest():
   for _ in range(2):
     dispatch(policy, 0)
   # the next tree (0 lost to plain decoding) is expected to compile as the first did
-  policy.work_s = bar
-  assert policy._exploring() is None
-  policy.work_s = TreePolicy.AMORTIZE * 4.0
-  assert policy._exploring() == 1
+  assert policy._exploring(bar) is None
+  assert policy._exploring(TreePolicy.AMORTIZE * 4.0) == 1
   with pytest.raises(ValueError, match="speculation policy"):
     ladder(P.NGram(), "never")
 

@@ -4,6 +4,7 @@ and the columns its records show."""
 from __future__ import annotations
 
 from .markdown import NA, Section, every_field, field, fmt, part, short_model, table
+from .speculative import spread
 
 
 def _batch_intro(recs) -> str:
@@ -158,7 +159,7 @@ CLI = Section(
     [field("batch", "batch_size"), field("prompts", "num_prompts"), field("rounds", "rounds"),
      field("mode", "mode"), field("wall s (median)", "wall_seconds_median"),
      field("speedup, end to end", "speedup_end_to_end", unit="×"),
-     ("min–max", lambda r: "–".join(f"{x:.2f}" for x in r.get("speedup_spread") or ()) or NA),
+     ("min–max", lambda r: spread(r, "speedup_spread")),
      field("compile s", "compile_seconds"),
      field("generation tok/s", "generation_tokens_per_second", 0),
      field("speculation", "speculation"), field("identical to plain", "identical_to_plain"),

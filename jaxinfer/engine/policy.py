@@ -192,7 +192,6 @@ class TreePolicy:
     self.call = np.zeros((n, 2))
     self._live = [1.0] * n  # per level, the live rows of its last dispatch that ran a step
     self.compile_s = [0.0] * n  # per level, the compilation its dispatches caused (`compiled`)
-    self.work_s: float | None = None  # the caller's work in sight at the last pick (None: any)
     self.deferred: tuple[float, float] | None = None  # (compile, work) seconds a tree waits on
 
   @property
@@ -235,17 +234,17 @@ class TreePolicy:
     """A dispatch of `level` compiled for `seconds` (its steps, or rows turning to trees)."""
     self.compile_s[level] += seconds
 
-  def _affordable(self, level: int) -> bool:
-    """Whether to try `level` now: compiled already, or the work in sight pays for compiling
-    it (module description; a caller that gives no work: always)."""
-    if self.work_s is None or self.compile_s[level]:
+  def _affordable(self, level: int, work_s: float | None) -> bool:
+    """Whether to try `level` now: compiled already, or `work_s`, the work in sight, pays for
+    compiling it (module description; None: always)."""
+    if work_s is None or self.compile_s[level]:
       return True
     plain = len(self.sizes) - 1
     trees = [c for c in self.compile_s[:plain] if c]
     expected = max(trees) if trees else self.TREE_COMPILE * self.compile_s[plain]
-    if self.work_s >= self.AMORTIZE * expected:
+    if work_s >= self.AMORTIZE * expected:
       return True
-    self.deferred = (expected, self.work_s)
+    self.deferred = (expected, work_s)
     return False
 
   def start_call(self) -> None:
@@ -253,7 +252,7 @@ class TreePolicy:
     self.dispatches = [0] * len(self.sizes)
     self.call[:] = 0
 
-  def _exploring(self) -> int | None:
+  def _exploring(self, work_s: float | None) -> int | None:
     """The level still to measure: plain decoding, the proposer's tree, then ever smaller trees
     while the smallest measured loses to plain decoding or beat the one before it; a tree only
     when `_affordable`."""
@@ -261,33 +260,32 @@ class TreePolicy:
     if self.measured[plain] < self.min_measured:
       return plain
     if self.measured[0] < self.min_measured:
-      return 0 if self._affordable(0) else None
+      return 0 if self._affordable(0, work_s) else None
     deepest = max(i for i in range(plain) if self.measured[i] >= self.min_measured)
     if deepest + 1 < plain and (deepest == 0 or self.tps(deepest) < self.tps(plain)
                                 or self.tps(deepest) > self.tps(deepest - 1)):
-      return deepest + 1 if self._affordable(deepest + 1) else None
+      return deepest + 1 if self._affordable(deepest + 1, work_s) else None
     return None
 
   def pick(self, mixed: bool = False, live: int = 1, work_s: float | None = None) -> int:
     """The level of the next dispatch (`mixed`: it has prompt lanes; `live`: rows it verifies;
     `work_s`: the work in sight, in seconds, that compiling a tree must pay for; None: any)."""
     self.clock += 1
-    self.work_s = work_s
     if self.policy == "always":
       level = 0
     elif self.hold[mixed] > 0:
       level = self.current[mixed]
       self.hold[mixed] -= 1
     else:
-      level = self._pick_mixed(live) if mixed else self._pick()
+      level = self._pick_mixed(live) if mixed else self._pick(work_s)
       if level != self.current[mixed]:
         self.current[mixed], self.hold[mixed] = level, self.hold_for - 1
     self.last[mixed][level] = self.clock
     self.dispatches[level] += 1
     return level
 
-  def _pick(self) -> int:
-    explore = self._exploring()
+  def _pick(self, work_s: float | None) -> int:
+    explore = self._exploring(work_s)
     if explore is not None:
       return explore
     speeds = self._speeds()

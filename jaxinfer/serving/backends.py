@@ -175,6 +175,7 @@ class EngineBackend:
                                         3) if spec.verify_steps else 0.0,
     } | policy_metrics([e.policy for e in self.engines], self.engines[0].cfg.num_slots)
 
+
 def timings_stats(tm: Timings) -> dict:
   """The stats dict of a static generator's (or a speculative generator's) timings."""
   return {
