@@ -216,10 +216,12 @@ class Engine:
                              donate_argnums=(1, 2, 3, 17))
       self._flush = jax.jit(partial(speculate.flush, proposer=proposer, runtime=runtime),
                             donate_argnums=0)
-    self._tree_step = [jax.jit(partial(speculate.step, **kw(p)), donate_argnums=(2, 3, 4))
-                       for p in trees]
-    self._tree_steps = [jax.jit(partial(speculate.steps, max_steps=self.cfg.decode_steps,
-                                        **kw(p)), donate_argnums=(2, 3, 4)) for p in trees]
+    # [level][every slot greedy?]: a step compiles for the case its dispatches meet
+    self._tree_step = [[jax.jit(partial(speculate.step, greedy=g, **kw(p)),
+                                donate_argnums=(2, 3, 4)) for g in (False, True)] for p in trees]
+    self._tree_steps = [[jax.jit(partial(speculate.steps, max_steps=self.cfg.decode_steps,
+                                         greedy=g, **kw(p)), donate_argnums=(2, 3, 4))
+                         for g in (False, True)] for p in trees]
     self._trees = None  # the last plan launched verified trees (None: none yet)
     self._tree_admit = jax.jit(partial(speculate.admit, cfg=model_cfg, proposer=proposer,
                                        runtime=runtime), donate_argnums=0)
@@ -285,19 +287,20 @@ class Engine:
     if plan.admits:
       self._admit_rows(plan.admits)
     sampling = SamplingParams(**plan.sampling)
+    greedy = not bool((plan.sampling["temperature"] > 0).any())
     if plan.num_prefill:
       args = (self.params, self.draft_params, self.k, self.v, self.drafting, plan.tokens[s:],
               plan.positions[s:], plan.next_tokens[s:], plan.decode_table, plan.chunk_table,
               plan.sampled, sampling, plan.key_data, self.eos)
-      shape = ("tree", level, len(plan.chunk_table), len(plan.tokens))
-      self.k, self.v, self.drafting, emitted, counts = self._call(shape, self._tree_step[level],
-                                                                  *args)
+      shape = ("tree", level, greedy, len(plan.chunk_table), len(plan.tokens))
+      self.k, self.v, self.drafting, emitted, counts = self._call(
+          shape, self._tree_step[level][greedy], *args)
       return emitted[None], counts[None]
     args = (self.params, self.draft_params, self.k, self.v, self.drafting, plan.decode_table,
             plan.sampled, sampling, plan.key_data, self.eos, np.int32(plan.num_steps),
             np.bool_(plan.waiting))
-    self.k, self.v, self.drafting, emitted, counts = self._call(("trees", level),
-                                                                self._tree_steps[level], *args)
+    self.k, self.v, self.drafting, emitted, counts = self._call(
+        ("trees", level, greedy), self._tree_steps[level][greedy], *args)
     return emitted, counts
 
   def _measure(self, plan: StepPlan, tokens, elapsed: float, compiled: bool) -> None:
@@ -391,9 +394,10 @@ class Engine:
   @property
   def max_shapes(self) -> int:
     """Step shapes this engine can compile: decode-only, G lanes of each length 16..chunk_size,
-    and (G > 1) one lane of G * chunk_size; speculating, those for each tree of the ladder, the
-    device state's set-up, admissions of 1, 2, 4, ... rows of prompts 16, 32, ... wide and, for
-    a draft layer in the pages, the flush of rows turning to plain steps."""
+    and (G > 1) one lane of G * chunk_size; speculating, those for each level of the ladder
+    (a tree's twice: with every slot greedy, and not), the device state's set-up, admissions of
+    1, 2, 4, ... rows of prompts 16, 32, ... wide and, for a draft layer in the pages, the flush
+    of rows turning to plain steps."""
     lengths = {lane_length(t, self.cfg.chunk_size) for t in range(1, self.cfg.chunk_size + 1)}
     steps = 1 + len(lengths) + (self.cfg.chunk_lanes > 1)
     if self.proposer is None:
@@ -401,7 +405,9 @@ class Engine:
     doublings = lambda n, start: (-(-n // start) - 1).bit_length() + 1  # start, 2 start, .., n
     admits = (doublings(self.cfg.num_slots, 1)
               * doublings(self.drafting.history.shape[1], 16))
-    return steps * len(self.ladder) + 1 + admits + self.proposer.paged_layers  # (+ flush)
+    trees = sum(not isinstance(p, policy.Plain) for p in self.ladder)
+    return (steps * (len(self.ladder) + trees) + 1 + admits
+            + self.proposer.paged_layers)  # (+ flush)
 
   def run(self, requests: Iterable[EngineRequest], on_result: Callable[[EngineResult], None],
           should_stop: Callable[[int, list[int]], bool] | None = None,
