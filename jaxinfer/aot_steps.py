@@ -132,8 +132,7 @@ def engine_tree_steps(cfg: ModelConfig, job, params, runtime: Runtime, proposer,
            whole((g * q,), i32), whole((s, m), i32), whole((g, m), i32)) + per_slot
   decode = (params, draft, pools, pools, rows, whole((s, m), i32)) + per_slot + (
       whole((), i32), whole((), bool))
-  # the variant for slots that sample (it holds the vocabulary sort the greedy one skips)
-  kw = dict(cfg=cfg, proposer=proposer, rule="exact", runtime=runtime, greedy=False)
+  kw = dict(cfg=cfg, proposer=proposer, rule="exact", runtime=runtime)
   step = jax.jit(partial(speculate.step, **kw), donate_argnums=(2, 3, 4))
   dispatch = jax.jit(partial(speculate.steps, max_steps=ecfg.decode_steps, **kw),
                      donate_argnums=(2, 3, 4))

@@ -77,9 +77,13 @@ def distribution(logits: jax.Array, sp: SamplingParams) -> jax.Array:
   return jax.lax.cond(jnp.any(sp.temperature > 0), full, greedy, logits)
 
 
-def sample(logits: jax.Array, sp: SamplingParams, keys: jax.Array) -> jax.Array:
-  """(B,V) logits, (B,) keys -> (B,) int32 tokens."""
+def sample(logits: jax.Array, sp: SamplingParams, keys: jax.Array,
+           greedy_only: bool = False) -> jax.Array:
+  """(B,V) logits, (B,) keys -> (B,) int32 tokens. greedy_only: every row is known to be greedy
+  (compiled without the vocabulary sort)."""
   greedy = argmax(logits)
+  if greedy_only:
+    return greedy
 
   def draw(_):
     logp, order = filtered_sorted(logits, sp)

@@ -114,12 +114,10 @@ def tried(parents, limit):
 
 
 def judge(logits, draft, parents, sampling: SamplingParams, step_keys, rule: str,
-          greedy_rows: bool | None = None):
+          greedy_only: bool = False):
   """The acceptance rule's verdict on each row's tree given the target's logits (B,T,V); nodes
-  deeper than the draft's `limit` are not tried. greedy_rows: whether every row is greedy, when
-  the caller knows (the engine compiles a step for each case: the greedy one holds no
-  vocabulary sort, about 40% of a speculative step's compilation); None: decided on the
-  device."""
+  deeper than the draft's `limit` are not tried. greedy_only: every row is known to be greedy
+  (compiled without the vocabulary sort of sampled acceptance); otherwise the device checks."""
   greedy = sampling.temperature <= 0
   parents = tried(parents, draft.limit)
   verify_keys = jax.vmap(lambda k: jax.random.fold_in(k, _VERIFY_SALT))(step_keys)
@@ -134,9 +132,9 @@ def judge(logits, draft, parents, sampling: SamplingParams, step_keys, rule: str
       return sampled(None)
     return acceptance.verify_greedy(draft.tokens, parents, argmax(logits))
 
-  if greedy_rows is None:
-    return jax.lax.cond(jnp.all(greedy), all_greedy, sampled, None)
-  return all_greedy(None) if greedy_rows else sampled(None)
+  if greedy_only:
+    return all_greedy(None)
+  return jax.lax.cond(jnp.all(greedy), all_greedy, sampled, None)
 
 
 def emit(state, draft, verdict, eos_ids, live):
