@@ -26,7 +26,7 @@ from jaxinfer.compilation_cache import call_compiled
 from jaxinfer.config import ModelConfig
 from jaxinfer.kv_cache import CACHE_AXES, KVCache
 from jaxinfer.runtime import Runtime
-from jaxinfer.sampling import SamplingParams, sample
+from jaxinfer.sampling import SamplingParams, jit_variants, sample
 
 
 @struct.dataclass
@@ -62,11 +62,11 @@ def _constrain_cache(cache: KVCache, runtime: Runtime) -> KVCache:
 
 
 def _sample_and_append(params, hidden, state: DecodeState, sampling: SamplingParams,
-                       eos_ids: jax.Array) -> DecodeState:
+                       eos_ids: jax.Array, greedy_only: bool) -> DecodeState:
   logits = M.logits(params, hidden)  # (B, V)
   index = state.num_generated
   keys = jax.vmap(jax.random.fold_in)(state.keys, index)
-  tok = sample(logits, sampling, keys)
+  tok = sample(logits, sampling, keys, greedy_only)
   active = ~state.done
   rows = jnp.arange(tok.shape[0])
   tokens = state.tokens.at[rows, jnp.where(active, index, state.tokens.shape[1])].set(
@@ -77,19 +77,23 @@ def _sample_and_append(params, hidden, state: DecodeState, sampling: SamplingPar
   return dataclasses.replace(state, tokens=tokens, num_generated=num_generated, done=done)
 
 
-def prefill_fn(params, cache, prompt, state: DecodeState, sampling, eos_ids, *, cfg, runtime):
-  """prompt (B,T) -> state with the first token sampled, cache filled for slots < T."""
+def prefill_fn(params, cache, prompt, state: DecodeState, sampling, eos_ids, *, cfg, runtime,
+               greedy_only=False):
+  """prompt (B,T) -> state with the first token sampled, cache filled for slots < T.
+  greedy_only: every row is known to be greedy (`sampling.sample`)."""
   t = prompt.shape[1]
   positions = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), prompt.shape)
   hidden, cache = M.forward(params, prompt, positions, cfg, cache, kv_source="chunk",
                             runtime=runtime)
   last = jnp.take_along_axis(hidden, (state.prompt_len - 1)[:, None, None], axis=1)[:, 0]
-  state = _sample_and_append(params, last, state, sampling, eos_ids)
+  state = _sample_and_append(params, last, state, sampling, eos_ids, greedy_only)
   return _constrain_state(state, runtime), _constrain_cache(cache, runtime)
 
 
-def decode_fn(params, cache, state: DecodeState, sampling, eos_ids, *, num_steps, cfg, runtime):
-  """Up to `num_steps` decode steps; stops early once every row is done."""
+def decode_fn(params, cache, state: DecodeState, sampling, eos_ids, *, num_steps, cfg, runtime,
+              greedy_only=False):
+  """Up to `num_steps` decode steps; stops early once every row is done (greedy_only as in
+  `prefill_fn`)."""
   rows = jnp.arange(state.tokens.shape[0])
 
   def cond(carry):
@@ -103,7 +107,7 @@ def decode_fn(params, cache, state: DecodeState, sampling, eos_ids, *, num_steps
     pos = jnp.where(state.done, cache.max_len, pos)  # finished rows write nowhere
     hidden, cache = M.forward(params, last[:, None], pos[:, None], cfg, cache, kv_source="cache",
                               runtime=runtime)
-    state = _sample_and_append(params, hidden[:, 0], state, sampling, eos_ids)
+    state = _sample_and_append(params, hidden[:, 0], state, sampling, eos_ids, greedy_only)
     return i + 1, _constrain_state(state, runtime), _constrain_cache(cache, runtime)
 
   _, state, cache = jax.lax.while_loop(cond, body, (jnp.int32(0), state, cache))
@@ -161,9 +165,8 @@ class Generator:
     eos = list(cfg.eos_token_ids) or [-1]
     self._eos = jnp.asarray(eos, jnp.int32)
     kw = dict(cfg=cfg, runtime=runtime)
-    self._prefill = jax.jit(partial(prefill_fn, **kw), donate_argnums=(1,))
-    self._decode = jax.jit(partial(decode_fn, num_steps=steps_per_sync, **kw),
-                           donate_argnums=(1,))
+    self._prefill = jit_variants(partial(prefill_fn, **kw), (1,))
+    self._decode = jit_variants(partial(decode_fn, num_steps=steps_per_sync, **kw), (1,))
 
   @property
   def batch_multiple(self) -> int:
@@ -179,7 +182,7 @@ class Generator:
       return x
     return jax.device_put(x, rules.sharding(mesh, axes, x.shape))
 
-  def _run(self, name: str, fn, *args):
+  def _run(self, name, fn, *args):
     """Calls `fn` through an AOT-compiled executable cached by argument shapes."""
     key = (name,) + tuple((a.shape, str(a.dtype)) for a in jax.tree_util.tree_leaves(args[1:]))
     return call_compiled(self._compiled, key, fn, args, self.timings)
@@ -224,8 +227,9 @@ class Generator:
 
     compile0 = self.timings.compile_s
     t0 = time.perf_counter()
-    state, cache = self._run("prefill", self._prefill, self.params, cache, prompt_arr, state,
-                             sampling, self._eos)
+    greedy = not any(r.temperature > 0 for r in rows)
+    state, cache = self._run(("prefill", greedy), self._prefill[greedy], self.params, cache,
+                             prompt_arr, state, sampling, self._eos)
     host_done = np.asarray(state.done)
     t1 = time.perf_counter()
     self.timings.prefill_s += t1 - t0 - (self.timings.compile_s - compile0)
@@ -234,8 +238,8 @@ class Generator:
     while not host_done.all():
       compile0 = self.timings.compile_s
       t2 = time.perf_counter()
-      state, cache = self._run("decode", self._decode, self.params, cache, state, sampling,
-                               self._eos)
+      state, cache = self._run(("decode", greedy), self._decode[greedy], self.params, cache,
+                               state, sampling, self._eos)
       host_done = np.asarray(state.done)
       self.timings.decode_s += time.perf_counter() - t2 - (self.timings.compile_s - compile0)
       if should_stop is not None:

@@ -32,7 +32,7 @@ from jaxinfer.engine.scheduler import (EngineRequest, EngineResult, Scheduler, S
 from jaxinfer.kv_cache import MixedPagedKVCache, PagedKVCache
 from jaxinfer.kv_quant import check_kv_cache_dtype
 from jaxinfer.runtime import Runtime
-from jaxinfer.sampling import SamplingParams, sample
+from jaxinfer.sampling import SamplingParams, jit_variants, sample
 from jaxinfer.speculative.protocol import check_fits
 
 
@@ -156,13 +156,6 @@ def engine_decode(params, k, v, last_token, tokens, from_device, positions, deco
   return k, v, runtime.constrain(last, (None,)), out, layer
 
 
-def variants(step, donate: tuple[int, ...]) -> list:
-  """A step jitted twice: [False] for runs with sampled requests, [True] for runs of greedy
-  ones only (`greedy_only`: compiled without the vocabulary sort, a quarter to two fifths of a
-  step's compilation)."""
-  return [jax.jit(partial(step, greedy_only=g), donate_argnums=donate) for g in (False, True)]
-
-
 def pool_pages_for(cfg: EngineConfig, max_pages_per_request: int) -> int:
   return cfg.kv_pages or int(cfg.num_slots * max_pages_per_request * 1.5) + 1
 
@@ -204,9 +197,9 @@ class Engine:
     self.pool = PagePool(self.num_pool_pages, ps)
     self.stats = EngineStats(pool_pages=self.num_pool_pages)
     self._greedy = True  # this run's requests are all greedy (`_run`)
-    self._step = variants(partial(engine_step, cfg=model_cfg, runtime=runtime), (1, 2, 3))
-    self._decode = variants(partial(engine_decode, max_steps=cfg.decode_steps, cfg=model_cfg,
-                                    runtime=runtime), (1, 2, 3))
+    self._step = jit_variants(partial(engine_step, cfg=model_cfg, runtime=runtime), (1, 2, 3))
+    self._decode = jit_variants(partial(engine_decode, max_steps=cfg.decode_steps,
+                                        cfg=model_cfg, runtime=runtime), (1, 2, 3))
     self._compiled: dict[tuple[int, int] | str, Callable] = {}
     if proposer is not None:
       self._init_speculation(rule, speculation)
@@ -219,15 +212,16 @@ class Engine:
     trees = [p for p in self.ladder if not isinstance(p, policy.Plain)]  # levels 0, 1, ...
     if proposer.paged_layers:  # the plain steps feed its layer every token they compute
       feed = partial(speculate.feed, proposer=proposer, runtime=runtime)
-      self._step = variants(partial(engine_step, cfg=model_cfg, runtime=runtime, feed=feed),
-                            (1, 2, 3, 18))
-      self._decode = variants(partial(engine_decode, max_steps=self.cfg.decode_steps,
-                                      cfg=model_cfg, runtime=runtime, feed=feed), (1, 2, 3, 17))
+      self._step = jit_variants(partial(engine_step, cfg=model_cfg, runtime=runtime,
+                                        feed=feed), (1, 2, 3, 18))
+      self._decode = jit_variants(partial(engine_decode, max_steps=self.cfg.decode_steps,
+                                          cfg=model_cfg, runtime=runtime, feed=feed),
+                                  (1, 2, 3, 17))
       self._flush = jax.jit(partial(speculate.flush, proposer=proposer, runtime=runtime),
                             donate_argnums=0)
-    self._tree_step = [variants(partial(speculate.step, **kw(p)), (2, 3, 4)) for p in trees]
-    self._tree_steps = [variants(partial(speculate.steps, max_steps=self.cfg.decode_steps,
-                                         **kw(p)), (2, 3, 4)) for p in trees]
+    self._tree_step = [jit_variants(partial(speculate.step, **kw(p)), (2, 3, 4)) for p in trees]
+    self._tree_steps = [jit_variants(partial(speculate.steps, max_steps=self.cfg.decode_steps,
+                                             **kw(p)), (2, 3, 4)) for p in trees]
     self._trees = None  # the last plan launched verified trees (None: none yet)
     self._tree_admit = jax.jit(partial(speculate.admit, cfg=model_cfg, proposer=proposer,
                                        runtime=runtime), donate_argnums=0)
@@ -401,7 +395,7 @@ class Engine:
   def max_shapes(self) -> int:
     """Step shapes this engine can compile: decode-only, G lanes of each length 16..chunk_size,
     and (G > 1) one lane of G * chunk_size, each twice (runs of greedy requests only, and the
-    rest: `variants`); speculating, those for each level of the ladder, the device state's
+    rest: `jit_variants`); speculating, those for each level of the ladder, the device state's
     set-up, admissions of 1, 2, 4, ... rows of prompts 16, 32, ... wide and, for a draft layer in
     the pages, the flush of rows turning to plain steps."""
     lengths = {lane_length(t, self.cfg.chunk_size) for t in range(1, self.cfg.chunk_size + 1)}

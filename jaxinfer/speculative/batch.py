@@ -35,7 +35,9 @@ class Batch:
                                max(r.max_new_tokens for r in rows), proposer.tree_size)
     m = max_len // ps
     self.page_table = np.arange(b * m, dtype=np.int32).reshape(b, m)
-    kw = dict(cfg=cfg, proposer=proposer, runtime=gen.runtime)
+    # rows all greedy: steps compiled without the vocabulary sort (`sampling.jit_variants`)
+    self.greedy = not any(r.temperature > 0 for r in rows)
+    kw = dict(cfg=cfg, proposer=proposer, runtime=gen.runtime, greedy_only=self.greedy)
     self.eos = np.asarray(cfg.eos_token_ids or (-1,), np.int32)
     self.eos_set = set(int(e) for e in cfg.eos_token_ids)
     self.admit = partial(_admit, max_len=max_len, page_size=ps, **kw)
@@ -83,7 +85,7 @@ class Batch:
     for j, r in enumerate(rows):
       hist[j, :len(r.prompt_ids)] = r.prompt_ids
     i32 = lambda xs: np.asarray(xs, np.int32)
-    self.state = gen._run(("admit", self.level), self.admit, gen.params, gen.draft_params,
+    self.state = gen._run(("admit", self.level, self.greedy), self.admit, gen.params, gen.draft_params,
                           self.state, hist, i32([len(r.prompt_ids) for r in rows]),
                           i32([r.max_new_tokens for r in rows]), self.sampling,
                           tuple(r.key for r in rows), self.eos)
@@ -95,7 +97,7 @@ class Batch:
     """Up to `steps_per_sync` verification steps, then the host's stop check."""
     gen, st = self.gen, self.gen.stats
     t0, c1 = time.perf_counter(), st.compile_s
-    self.state = gen._run(("decode", self.level), self.chunk, gen.params, gen.draft_params,
+    self.state = gen._run(("decode", self.level, self.greedy), self.chunk, gen.params, gen.draft_params,
                           self.state, self.sampling, self.page_table, self.eos,
                           np.int32(gen.steps_per_sync))
     self.host_done = np.asarray(self.state.done)

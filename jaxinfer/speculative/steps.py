@@ -92,7 +92,7 @@ def _draft_only(params, draft_params, state: SpecState, sampling, *, num_steps, 
 
 
 def _verify(params, state: SpecState, draft, parents, sampling: SamplingParams, step_keys,
-            page_table, *, cfg, rule, runtime: Runtime):
+            page_table, *, cfg, rule, runtime: Runtime, greedy_only: bool):
   """One target forward over every row's tree (its K/V written past the committed length) and
   the acceptance rule: (hidden (B,T,D), logits (B,T,V), verdict, the cache written)."""
   depth = jnp.sum(ancestor_matrix(parents), axis=-1, dtype=jnp.int32) - 1  # (B,T)
@@ -101,7 +101,8 @@ def _verify(params, state: SpecState, draft, parents, sampling: SamplingParams, 
   hidden, cache = M.forward(params, draft.tokens, state.length[:, None] + depth, cfg, cache,
                             kv_source="cache", runtime=runtime)
   logits = M.logits(params, hidden)  # (B,T,V)
-  return hidden, logits, judge(logits, draft, parents, sampling, step_keys, rule), cache
+  return (hidden, logits, judge(logits, draft, parents, sampling, step_keys, rule, greedy_only),
+          cache)
 
 
 def tried(parents, limit):
@@ -165,7 +166,7 @@ def emit(state, draft, verdict, eos_ids, live):
 
 
 def _step(params, draft_params, state: SpecState, sampling: SamplingParams, page_table, eos_ids,
-          *, cfg, proposer, rule, runtime: Runtime):
+          *, cfg, proposer, rule, runtime: Runtime, greedy_only: bool = False):
   b = state.length.shape[0]
   t = proposer.tree_size
   live = ~state.done
@@ -173,7 +174,7 @@ def _step(params, draft_params, state: SpecState, sampling: SamplingParams, page
   parents = jnp.broadcast_to(draft.parents, (b, t))
   hidden, logits, verdict, cache = _verify(
       params, state, draft, parents, sampling, step_keys, page_table, cfg=cfg, rule=rule,
-      runtime=runtime)
+      runtime=runtime, greedy_only=greedy_only)
   n_acc = verdict.num_accepted
   if proposer.is_chain:  # already in place
     k_new, v_new = cache.k, cache.v
@@ -195,7 +196,8 @@ def _step(params, draft_params, state: SpecState, sampling: SamplingParams, page
 
 
 def _chunk(params, draft_params, state, sampling, page_table, eos_ids, num_steps, **kw):
-  """Up to `num_steps` (traced) steps; ends early once every row is done."""
+  """Up to `num_steps` (traced) steps; ends early once every row is done. greedy_only (in kw):
+  every row is known to be greedy (`judge`)."""
   def cond(c):
     i, s = c
     return (i < num_steps) & ~jnp.all(s.done)
@@ -208,7 +210,8 @@ def _chunk(params, draft_params, state, sampling, page_table, eos_ids, num_steps
 
 
 def _admit(params, draft_params, state: SpecState, history, prompt_len, max_new, sampling, keys,
-           eos_ids, *, cfg, proposer, max_len, page_size, runtime: Runtime) -> SpecState:
+           eos_ids, *, cfg, proposer, max_len, page_size, runtime: Runtime,
+           greedy_only: bool = False) -> SpecState:
   """Prefills the batch's B rows into an empty state: each whole prompt (history (B, W), by
   position) computed into its row's own pages, the first token sampled as plain decoding samples
   it, the proposer's state and the row's counters set."""
@@ -225,7 +228,8 @@ def _admit(params, draft_params, state: SpecState, history, prompt_len, max_new,
                             runtime=runtime)
   last = jnp.take_along_axis(hidden, (prompt_len - 1)[:, None, None], axis=1)[:, 0]
   first = sample(M.logits(params, last), sampling,
-                 jax.vmap(lambda kk: jax.random.fold_in(kk, 0))(keys)).astype(jnp.int32)
+                 jax.vmap(lambda kk: jax.random.fold_in(kk, 0))(keys),
+                 greedy_only).astype(jnp.int32)
   prompt = Prompt(hidden, last, history, prompt_len, first, rows, max_len=max_len)
   pstate = proposer.admit(Weights(draft_params, params), state.proposer, prompt)
   hist = jnp.pad(history, ((0, 0), (0, max_len - w))).at[rows, prompt_len].set(first)
