@@ -3,7 +3,6 @@ bundled prompts and print throughput and sample completions."""
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import sys
 import time
@@ -85,26 +84,25 @@ def main(argv: list[str]) -> None:
     print(f"\n--- {rec['id']} ({rec['finish_reason']}) ---")
     print(prompts[rec["id"]] + rec["completion"])
   if FLAGS.speculative_prompts:
-    from jaxinfer.speculative.proposers import NGram
     speculative_demo(model_dir, prompts_path(), FLAGS.speculative_prompts, FLAGS.max_new_tokens,
-                     "prompt lookup, 4 drafted tokens", NGram(num_draft_tokens=4), None)
+                     "prompt lookup, 4 drafted tokens", speculative="ngram", num_draft_tokens=4)
     if FLAGS.medusa_steps:
-      proposer, heads = medusa_heads(model_dir, FLAGS.medusa_steps)
+      heads, nodes = medusa_heads(model_dir, FLAGS.medusa_steps)
       speculative_demo(model_dir, prompts_path(), FLAGS.speculative_prompts,
-                       FLAGS.max_new_tokens, f"Medusa heads, {proposer.tree_size - 1}-node tree",
-                       proposer, heads)
+                       FLAGS.max_new_tokens, f"Medusa heads, {nodes}-node tree",
+                       speculative="medusa", draft_heads=str(heads))
   print(f"\n== done in {time.perf_counter() - t0:.0f}s; outputs in {out_dir}/")
   if m["num_failed"]:
     sys.exit(1)
 
 
-def medusa_heads(model_dir: Path, steps: int):
-  """Medusa heads for the embedded model: trained once (resumable) and cached beside it."""
+def medusa_heads(model_dir: Path, steps: int) -> tuple[Path, int]:
+  """Medusa heads for the embedded model, trained once (resumable) and cached beside it: their
+  directory (what `--draft_heads` reads) and the nodes their tree drafts."""
   import numpy as np
 
   from jaxinfer import checkpoint
   from jaxinfer.draft_heads import distill, medusa
-  from jaxinfer.speculative.proposers import Medusa
 
   out = model_dir.parent / f"medusa-{steps}"
   if not (out / "medusa_config.json").is_file():
@@ -124,47 +122,38 @@ def medusa_heads(model_dir: Path, steps: int):
                                      seq_len=128, progress=False)
     info["train_seconds"] = round(time.perf_counter() - t0, 1)
     medusa.save(out, heads, info)
-  heads, info = medusa.load(out)
+  _, info = medusa.load(out)
   print(f"\n== Medusa heads ({out}): held-out top-1 accuracy per head "
         f"{', '.join(f'{a:.2f}' for a in info['accuracy_top1'])}")
-  return Medusa(paths=tuple(tuple(p) for p in info["tree"])), heads
+  return out, len(info["tree"])
 
 
 def speculative_demo(model_dir: Path, prompts_file: Path, n: int, max_new_tokens: int,
-                     label: str, proposer, draft_params) -> None:
-  """Speculative decoding against plain decoding, one prompt at a time, greedy: the outputs
-  must match; prints tau and the measured speedup."""
+                     label: str, **options) -> None:
+  """Speculative decoding (`jaxinfer.LLM(..., speculative=..., speculation="always")`, the
+  engine with one slot) against the same engine's plain decoding over the same prompts, greedy:
+  the outputs must match; prints tau and the measured speedup (both compiled beforehand)."""
   import jax
 
-  from jaxinfer import checkpoint
-  from jaxinfer.generation import Generator, RowRequest
-  from jaxinfer.speculative.decode import SpeculativeGenerator
+  import jaxinfer
 
   print(f"\n== speculative decoding ({label}, greedy, batch 1, {n} prompts)", flush=True)
-  cfg, params, tok = checkpoint.load_model(str(model_dir), quiet=True)
   texts = [json.loads(l)["prompt"] for l in prompts_file.read_text().splitlines()[:n]]
-  rows = [[RowRequest(tok.encode(t), max_new_tokens, jax.random.key(i))]
-          for i, t in enumerate(texts)]
-  plain = Generator(cfg, params)
-  spec = SpeculativeGenerator(cfg, params, proposer, draft_params=draft_params, policy="always",
-                              measure_split=False)
-  for r in rows:  # compile every shape of both before timing
-    plain.generate(r)
-    spec.generate(r)
-  spec.stats = dataclasses.replace(spec.stats, accepted_hist=0 * spec.stats.accepted_hist,
-                                   emitted=0, verify_steps=0)  # tau of the timed pass
-  times = {"plain": 0.0, "spec": 0.0}
-  same = 0
-  for r in rows:
+  sp = jaxinfer.SamplingParams(max_new_tokens=max_new_tokens)
+  plain = jaxinfer.LLM(str(model_dir), batch_size=1, progress=False)
+  spec = jaxinfer.LLM(str(model_dir), batch_size=1, progress=False, speculation="always",
+                      **options)
+  timed = []
+  for llm in (plain, spec):
+    llm.generate(texts, sp)  # compiles every shape
+    llm.reset_prefix_cache()  # (the timed call computes its prompts too)
     t0 = time.perf_counter()
-    a = plain.generate(r)
-    t1 = time.perf_counter()
-    b = spec.generate(r)
-    times["plain"] += t1 - t0
-    times["spec"] += time.perf_counter() - t1
-    same += a[0].tokens == b[0].tokens
-  st = spec.stats
-  print(f"   tau {st.mean_accepted_tokens:.2f} tokens per target forward (bonus included); "
-        f"per-depth acceptance {', '.join(f'{x:.2f}' for x in st.per_depth_acceptance())}")
-  print(f"   {times['plain'] / times['spec']:.2f}x the speed of plain decoding on "
-        f"{jax.default_backend()}; outputs identical to plain greedy: {same}/{len(rows)}")
+    out = llm.generate(texts, sp)
+    timed.append((time.perf_counter() - t0, out))
+  (t_plain, a), (t_spec, b) = timed
+  same = sum(x.completion_ids == y.completion_ids for x, y in zip(a, b))
+  m = spec.metrics
+  print(f"   tau {m['mean_accepted_tokens']:.2f} tokens per target forward (bonus included); "
+        f"per-depth acceptance {', '.join(f'{x:.2f}' for x in m['per_depth_acceptance'])}")
+  print(f"   {t_plain / t_spec:.2f}x the speed of plain decoding on "
+        f"{jax.default_backend()}; outputs identical to plain greedy: {same}/{len(texts)}")
