@@ -68,15 +68,17 @@ def target_probs(logits: jax.Array, sp: SamplingParams) -> jax.Array:
   return jnp.where((sp.temperature > 0)[:, None], probs, greedy)
 
 
-def distribution(logits: jax.Array, sp: SamplingParams) -> jax.Array:
+def distribution(logits: jax.Array, sp: SamplingParams, greedy_only: bool = False) -> jax.Array:
   """target_probs for (..., V) logits over batch rows (B, ...); skips the vocabulary sort when
-  every row is greedy."""
+  every row is greedy (greedy_only: known to be, compiled without it)."""
   def full(l):
     flat = l.reshape(l.shape[0], -1, l.shape[-1])
     out = jax.vmap(lambda x: target_probs(x, sp), in_axes=1, out_axes=1)(flat)
     return out.reshape(l.shape)
 
   greedy = lambda l: jax.nn.one_hot(argmax(l), l.shape[-1], dtype=jnp.float32)
+  if greedy_only:
+    return greedy(logits)
   return jax.lax.cond(jnp.any(sp.temperature > 0), full, greedy, logits)
 
 

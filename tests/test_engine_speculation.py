@@ -117,6 +117,9 @@ def test_speculating_engine_equals_the_plain_engine(target):
     if "picks" in kw:
       assert isinstance(eng.ladder[max(kw["picks"])], Plain)
       assert ("decode", True) in eng._compiled and ("trees", 0, True) in eng._compiled
+      # greedy requests only: steps compiled without the vocabulary sort sampling needs
+      assert not any(" sort(" in eng._compiled[k].as_text()
+                     for k in (("decode", True), ("trees", 0, True)))
       if proposer.paged_layers:  # rows turned from trees to plain steps
         assert "flush" in eng._compiled
 
@@ -146,6 +149,7 @@ def test_greedy_rows_beside_sampled_ones_stay_lossless(target):
   assert {u: out[u].tokens for u in ref} == {u: r.tokens for u, r in ref.items()}
   assert all(out[r.uid].tokens for r in hot)
   assert {k[2] for k in eng._compiled if k[0] in ("tree", "trees")} == {False}
+  assert " sort(" in eng._compiled[("trees", 0, False)].as_text()
 
 
 def test_rows_without_a_match_verify_their_root_alone(target):

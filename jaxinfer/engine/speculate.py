@@ -132,7 +132,7 @@ class _Next:
 
 
 def _propose(params, draft_params, state: Drafting, decode_table, active, sampling, key_data, *,
-             proposer, sizes) -> _Next:
+             proposer, sizes, greedy_only: bool) -> _Next:
   s, t = state.length.shape[0], proposer.tree_size
   live = active & ~state.done
   keys = jax.vmap(jax.random.wrap_key_data)(key_data)
@@ -140,7 +140,8 @@ def _propose(params, draft_params, state: Drafting, decode_table, active, sampli
   step_keys = jax.vmap(jax.random.fold_in)(keys, state.num_generated)
   pages = jnp.where(live[:, None], decode_table, -1) if proposer.paged_layers else None
   ctx = Context(state.history, state.length, sampling,
-                jax.vmap(lambda key: jax.random.fold_in(key, _DRAFT_SALT))(step_keys), pages)
+                jax.vmap(lambda key: jax.random.fold_in(key, _DRAFT_SALT))(step_keys), pages,
+                greedy_only)
   pstate, draft = proposer.draft(Weights(draft_params, params), state.proposer, ctx)
   believed = proposer.max_depth if draft.limit is None else draft.limit
   limit = jnp.where(live & (state.primed | (not proposer.drafts_from_hidden)), believed, 0)
@@ -212,7 +213,8 @@ def steps(params, draft_params, k, v, state: Drafting, decode_table, active, sam
   no_chunks = jnp.zeros((0, decode_table.shape[1]), jnp.int32)
   sizes = prefixes(proposer)
   propose = partial(_propose, params, draft_params, decode_table=decode_table, active=active,
-                    sampling=sampling, key_data=key_data, proposer=proposer, sizes=sizes)
+                    sampling=sampling, key_data=key_data, proposer=proposer, sizes=sizes,
+                    greedy_only=greedy_only)
 
   def go(c):
     i, _, _, st, _, _, _ = c
@@ -249,7 +251,7 @@ def step(params, draft_params, k, v, state: Drafting, lane_tokens, lane_position
   beside (`lane_next`: the prompt token after each). Returns (k, v, state, emitted (S, T),
   counts (S,)); greedy_only as in `steps`."""
   nxt = _propose(params, draft_params, state, decode_table, active, sampling, key_data,
-                 proposer=proposer, sizes=prefixes(proposer)[-1:])
+                 proposer=proposer, sizes=prefixes(proposer)[-1:], greedy_only=greedy_only)
   k, v, state, emitted, count = _verify(
       params, draft_params, k, v, state, nxt, proposer.tree_size, lane_tokens, lane_positions,
       lane_next, decode_table, chunk_table, active, sampling, eos_ids, cfg=cfg,

@@ -114,13 +114,14 @@ class SpeculativeGenerator:
     where = state_shardings(state, self.runtime.mesh, self.runtime.rules, self.proposer)
     return state if where is None else jax.device_put(state, where)
 
-  def _measure_split(self, state, sampling, step_s: float, level: int) -> None:
+  def _measure_split(self, state, sampling, step_s: float, level: int, greedy: bool) -> None:
     """The draft / verify time split: `steps_per_sync` proposals alone, timed on this batch's
     last state, against this batch's measured time per full step."""
     st = self.stats
-    fn = partial(_draft_only, num_steps=self.steps_per_sync, proposer=self.ladder[level])
+    fn = partial(_draft_only, num_steps=self.steps_per_sync, proposer=self.ladder[level],
+                 greedy_only=greedy)
     args = (self.params, self.draft_params, state, sampling)
-    name = ("draft_only", level)
+    name = ("draft_only", level, greedy)
     self._run(name, fn, *args).block_until_ready()  # compile (not timed)
     times = []
     for _ in range(3):  # the fastest of three: a busy host only ever slows a run down
@@ -188,7 +189,8 @@ class SpeculativeGenerator:
                        decode_s if measured else None,
                        accepted=None if batch is None else batch.hist)
     if batch is not None and measured and steps and st.draft_share is None and self.measure_split:
-      self._measure_split(batch.state, batch.sampling, batch.decode_s / steps, level)
+      self._measure_split(batch.state, batch.sampling, batch.decode_s / steps, level,
+                          batch.greedy)
     return results
 
   def _geometry(self, prompt_len: int, max_new: int, tree_size: int) -> tuple[int, int]:

@@ -54,6 +54,9 @@ class Context:
   # (B, M) in the paged engine, each row's page table for a proposer with `paged_layers` (-1
   # for a row not live: nothing of it is written); None elsewhere
   pages: jax.Array | None = None
+  # every row is known to be greedy: drafts drawn without the sampling machinery (static: the
+  # step compiled for calls of greedy requests, `sampling.jit_variants`)
+  greedy_only: bool = struct.field(pytree_node=False, default=False)
 
 
 @struct.dataclass

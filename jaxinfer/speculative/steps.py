@@ -67,17 +67,20 @@ def state_shardings(state: SpecState, mesh, rules, proposer) -> SpecState | None
       proposer=proposer.state_shardings(state.proposer, mesh, rules, rows))
 
 
-def _propose(params, draft_params, state: SpecState, sampling: SamplingParams, proposer):
+def _propose(params, draft_params, state: SpecState, sampling: SamplingParams, proposer,
+             greedy_only: bool = False):
   # Per row, keyed by its own progress: a request samples the same tokens whatever else shares
   # its batch and whenever it was admitted.
   step_keys = jax.vmap(jax.random.fold_in)(state.keys, state.num_generated)
   ctx = Context(state.history, state.length, sampling,
-                jax.vmap(lambda k: jax.random.fold_in(k, _DRAFT_SALT))(step_keys))
+                jax.vmap(lambda k: jax.random.fold_in(k, _DRAFT_SALT))(step_keys),
+                greedy_only=greedy_only)
   pstate, draft = proposer.draft(Weights(draft_params, params), state.proposer, ctx)
   return step_keys, pstate, draft
 
 
-def _draft_only(params, draft_params, state: SpecState, sampling, *, num_steps, proposer):
+def _draft_only(params, draft_params, state: SpecState, sampling, *, num_steps, proposer,
+                greedy_only: bool = False):
   """`num_steps` proposals from the same state (the drafting part of a step, timed alone)."""
   def body(i, carry):
     pstate, acc = carry
@@ -85,7 +88,7 @@ def _draft_only(params, draft_params, state: SpecState, sampling, *, num_steps, 
     # (acc is never negative, but the compiler cannot know): nothing is hoisted out of the loop.
     s = state.replace(num_generated=state.num_generated + i, proposer=pstate,
                       length=jnp.where(acc < 0, state.length + 1, state.length))
-    _, pstate, draft = _propose(params, draft_params, s, sampling, proposer)
+    _, pstate, draft = _propose(params, draft_params, s, sampling, proposer, greedy_only)
     return pstate, acc + jnp.sum(draft.tokens)
 
   return jax.lax.fori_loop(0, num_steps, body, (state.proposer, jnp.zeros((), jnp.int32)))[1]
@@ -170,7 +173,8 @@ def _step(params, draft_params, state: SpecState, sampling: SamplingParams, page
   b = state.length.shape[0]
   t = proposer.tree_size
   live = ~state.done
-  step_keys, pstate, draft = _propose(params, draft_params, state, sampling, proposer)
+  step_keys, pstate, draft = _propose(params, draft_params, state, sampling, proposer,
+                                      greedy_only)
   parents = jnp.broadcast_to(draft.parents, (b, t))
   hidden, logits, verdict, cache = _verify(
       params, state, draft, parents, sampling, step_keys, page_table, cfg=cfg, rule=rule,

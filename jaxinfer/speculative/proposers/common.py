@@ -38,6 +38,8 @@ def draw(q: jax.Array, ctx: Context, i: int) -> jax.Array:
   """Draft token i of each row: sampled from q (B, V) for sampling rows, its argmax for greedy
   ones; the draw (V random numbers per row) only runs when some row samples."""
   greedy = argmax(q)
+  if ctx.greedy_only:
+    return greedy
 
   def sample(_):
     key = jax.vmap(lambda k: jax.random.fold_in(k, i))(ctx.keys)

@@ -76,7 +76,7 @@ class DraftModel(Chain):
       hidden, cache = M.forward(params, tokens, positions, self.cfg, cache, kv_source="cache",
                                 runtime=self.draft_runtime)
       logits = M.logits(params, hidden[:, -1])
-      q = distribution(logits, ctx.sampling)
+      q = distribution(logits, ctx.sampling, ctx.greedy_only)
       tok = draw(q, ctx, i)
       drafted.append(tok)
       qs.append(q)
@@ -93,7 +93,7 @@ class DraftModel(Chain):
       hidden, cache = M.forward(params, tokens, positions, self.cfg, cache, kv_source="cache",
                                 runtime=self.draft_runtime)
       logits = M.logits(params, hidden[:, -1])
-      q = distribution(logits, ctx.sampling)
+      q = distribution(logits, ctx.sampling, ctx.greedy_only)
       tok = jnp.where(live, draw(q, ctx, i), 0)
       q = jnp.where(live[:, None], q, jax.nn.one_hot(0, q.shape[-1], dtype=q.dtype))
       sure = jnp.max(jax.nn.softmax(logits, axis=-1), axis=-1) >= self.fallback
