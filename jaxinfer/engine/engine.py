@@ -229,7 +229,6 @@ class Engine:
     # over the engine's life: seconds of dispatches read and tokens they emitted (the policy's
     # work in sight: `_work_s`); this run's: tokens still in its requests' budgets
     self._life_s, self._life_tokens, self._budget = 0.0, 0, 0
-
     self._last_read = None  # (level, mixed?) of the dispatch read last (None: it compiled)
     history = self.max_pages * self.cfg.page_size
     init = partial(speculate.init_drafting, model_cfg, proposer, self.cfg.num_slots, history,
