@@ -150,12 +150,16 @@ class LLM:
   (quantized ones included). options: the serving flags of `jaxinfer generate` by name, e.g.
   dtype="float32", mesh="data:2,model:4", batch_size=16, speculative="ngram",
   draft_heads="heads/", scheduler="static", sparsity="sinks_window:4,256".
+  compilation_cache: as `--compilation_cache`, for the whole process: compiled steps kept in a
+  directory across runs ("none": off; default: the directory JAX has, else the CLI's).
   """
 
-  def __init__(self, model: str = "embedded", **options):
+  def __init__(self, model: str = "embedded", compilation_cache: str | None = None, **options):
+    from jaxinfer import compilation_cache as cache
     from jaxinfer.serving.build import load
     self.options = ServeOptions.from_keywords(model, options)
     self.options.validate()
+    cache.apply(compilation_cache, self.options.cache_dir)
     t0 = time.perf_counter()
     (self.config, self.params, self.tokenizer, self._chat, self._backend,
      self.sparsity) = load(self.options)

@@ -55,6 +55,16 @@ def enable(path: str | os.PathLike | None) -> Path | None:
   return path
 
 
+def apply(value: str | None, cache_dir: str | os.PathLike | None = None) -> Path | None:
+  """What `--compilation_cache` (and `jaxinfer.LLM(compilation_cache=...)`) asks for: 'none' (or
+  '') turns the cache off, a directory keeps executables there, None keeps the directory JAX
+  has already ($JAX_COMPILATION_CACHE_DIR, or one the caller set) or else uses `default_dir`."""
+  import jax
+  if value is not None and value.lower() in ("", "none"):
+    return enable(None)
+  return enable(value or jax.config.jax_compilation_cache_dir or default_dir(cache_dir))
+
+
 @contextlib.contextmanager
 def suspended():
   """Compilations inside stay out of the cache: an executable compiled for an absent target (a

@@ -111,3 +111,21 @@ def test_arrival_order_shares_prefixes_only_while_cached(tiny_model_dir):
   assert runs["arrival"][1] < runs["prefix"][1]
   with pytest.raises(UserError, match="--order"):
     jaxinfer.LLM(str(tiny_model_dir), order="fifo")
+
+
+def test_compilation_cache_keyword_as_the_flag(tiny_model_dir, tmp_path):
+  """compilation_cache= means what --compilation_cache means: a directory, 'none', or (by
+  default) the directory JAX already has (here the suite's)."""
+  import jax
+  suite = jax.config.jax_compilation_cache_dir
+  try:
+    jaxinfer.LLM(str(tiny_model_dir), progress=False)
+    assert jax.config.jax_compilation_cache_dir == suite
+    jaxinfer.LLM(str(tiny_model_dir), progress=False, compilation_cache=str(tmp_path / "xla"))
+    assert jax.config.jax_compilation_cache_dir == str(tmp_path / "xla")
+    assert (tmp_path / "xla").is_dir()
+    jaxinfer.LLM(str(tiny_model_dir), progress=False, compilation_cache="none")
+    assert jax.config.jax_compilation_cache_dir is None
+  finally:
+    from jaxinfer import compilation_cache
+    compilation_cache.enable(suite)

@@ -39,12 +39,7 @@ def define_compilation_cache_flag() -> None:
 
 def apply_compilation_cache() -> None:
   from jaxinfer import compilation_cache
-  FLAGS = flags.FLAGS
-  value = FLAGS.compilation_cache
-  if value is not None and value.lower() in ("", "none"):
-    compilation_cache.enable(None)
-  else:
-    compilation_cache.enable(value or compilation_cache.default_dir(FLAGS.cache_dir))
+  compilation_cache.apply(flags.FLAGS.compilation_cache, flags.FLAGS.cache_dir)
 
 
 def apply_platform_flags() -> None:
