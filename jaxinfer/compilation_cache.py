@@ -49,6 +49,9 @@ def enable(path: str | os.PathLike | None) -> Path | None:
     print(f"warning: compilation cache off ({e}); pass --compilation_cache=DIR to choose another "
           f"directory", file=sys.stderr)
     return None
+  if (jax.config.jax_compilation_cache_dir == str(path)
+      and jax.config.jax_persistent_cache_min_compile_time_secs == MIN_COMPILE_SECONDS):
+    return path  # as it is (no reset under compilations running in other threads)
   jax.config.update("jax_compilation_cache_dir", str(path))
   jax.config.update("jax_persistent_cache_min_compile_time_secs", MIN_COMPILE_SECONDS)
   cc.reset_cache()  # jax decides once per process whether to use the cache: decide again
