@@ -26,7 +26,7 @@ from jaxinfer.compilation_cache import call_compiled
 from jaxinfer.config import ModelConfig
 from jaxinfer.kv_cache import CACHE_AXES, KVCache
 from jaxinfer.runtime import Runtime
-from jaxinfer.sampling import SamplingParams, jit_variants, sample
+from jaxinfer.sampling import SamplingParams, all_greedy, jit_variants, sample
 
 
 @struct.dataclass
@@ -227,7 +227,7 @@ class Generator:
 
     compile0 = self.timings.compile_s
     t0 = time.perf_counter()
-    greedy = not any(r.temperature > 0 for r in rows)
+    greedy = all_greedy(rows)
     state, cache = self._run(("prefill", greedy), self._prefill[greedy], self.params, cache,
                              prompt_arr, state, sampling, self._eos)
     host_done = np.asarray(state.done)

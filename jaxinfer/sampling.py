@@ -100,6 +100,12 @@ def sample(logits: jax.Array, sp: SamplingParams, keys: jax.Array,
   return jax.lax.cond(jnp.any(sp.temperature > 0), draw, lambda _: greedy, None)
 
 
+def all_greedy(requests) -> bool:
+  """Whether every request (anything with a `temperature`) is greedy: its steps may run the
+  `greedy_only` variant of `jit_variants`."""
+  return not any(r.temperature > 0 for r in requests)
+
+
 def jit_variants(step, donate: tuple[int, ...] = ()) -> list:
   """`step` (taking `greedy_only`) jitted twice: [False] for calls with sampled rows, [True] for
   calls whose rows are all greedy (compiled without the vocabulary sort: on the embedded model

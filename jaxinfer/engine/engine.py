@@ -32,7 +32,7 @@ from jaxinfer.engine.scheduler import (EngineRequest, EngineResult, Scheduler, S
 from jaxinfer.kv_cache import MixedPagedKVCache, PagedKVCache
 from jaxinfer.kv_quant import check_kv_cache_dtype
 from jaxinfer.runtime import Runtime
-from jaxinfer.sampling import SamplingParams, jit_variants, sample
+from jaxinfer.sampling import SamplingParams, all_greedy, jit_variants, sample
 from jaxinfer.speculative.protocol import check_fits
 
 
@@ -425,10 +425,10 @@ class Engine:
                       self.cfg.decode_steps, self.tree_size,
                       0 if self.proposer is None else self.proposer.feature_lookahead)
     budgets = {}  # speculating: uid -> its budget (the policy's work in sight)
-    self._greedy = True
+    requests = list(requests)
+    self._greedy = all_greedy(requests)
     for req in requests:
       sched.add(req)
-      self._greedy &= not req.temperature > 0
       if self.proposer is not None:
         budgets[req.uid] = req.max_new_tokens
     self._budget = sum(budgets.values())

@@ -15,7 +15,7 @@ from functools import partial
 import numpy as np
 
 from jaxinfer.generation import RowResult, next_pow2
-from jaxinfer.sampling import SamplingParams
+from jaxinfer.sampling import SamplingParams, all_greedy
 from jaxinfer.speculative.steps import _admit, _chunk
 
 _FIELDS = ("temperature", "top_k", "top_p", "min_p")
@@ -36,7 +36,7 @@ class Batch:
     m = max_len // ps
     self.page_table = np.arange(b * m, dtype=np.int32).reshape(b, m)
     # rows all greedy: steps compiled without the vocabulary sort (`sampling.jit_variants`)
-    self.greedy = not any(r.temperature > 0 for r in rows)
+    self.greedy = all_greedy(rows)
     kw = dict(cfg=cfg, proposer=proposer, runtime=gen.runtime, greedy_only=self.greedy)
     self.eos = np.asarray(cfg.eos_token_ids or (-1,), np.int32)
     self.eos_set = set(int(e) for e in cfg.eos_token_ids)
