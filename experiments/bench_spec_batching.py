@@ -1,4 +1,5 @@
-"""Speculative decoding in the engine against static batches, side by side in one run.
+"""Speculative decoding in the engine against plain decoding in static batches and in the
+engine, side by side in one run.
 
   python experiments/bench_spec_batching.py             # embedded model, 4 slots, ngram + eagle
 
@@ -8,16 +9,14 @@ whole workload through --slots rows:
 
   plain-static     padded batches of --slots requests, each run to its longest (Generator)
   plain-engine     the continuous-batching engine with --slots slots (the default scheduler)
-  spec-static      speculative decoding in batches of --slots requests, each prompt prefilled
-                   whole (the static scheduler's; speculation forced on)
-  spec-engine      speculation inside the engine (the default): its --slots slots verify draft
+  spec-engine      speculation inside the engine (forced on): its --slots slots verify draft
                    trees beside prompt lanes in one step, over its one page pool (shared prompt
                    pages read by reference, not copied)
 
 With --shared_header every prompt starts with the same header, whose pages the engine computes
 once. Per mode: workload wall time (prompts included; the median over --repeats interleaved
 rounds after a compiling warm-up), its tokens/s, its time ratio against plain-static, and for
-the speculative modes tau, slot occupancy (live rows per verification step / slots) and prompt
+the speculative mode tau, slot occupancy (live rows per verification step / slots) and prompt
 tokens whose K/V were reused rather than computed (one round's worth). Outputs are checked
 identical across modes. Results are appended to experiments/results/bench_spec_batching.jsonl.
 """
@@ -65,7 +64,6 @@ def main(argv):
   from jaxinfer.generation import Generator, RowRequest
   from jaxinfer.runner import GenerateJob
   from jaxinfer.speculative.registry import build as make_proposer
-  from jaxinfer.speculative.decode import SpeculativeGenerator
 
   model_dir = checkpoint.resolve_model_dir(FLAGS.model)
   eagle_dir = FLAGS.eagle_draft
@@ -99,33 +97,22 @@ def main(argv):
       return out
     return eng, go
 
-  def spec_static(method):
-    job = GenerateJob(prompts="-", output="-", speculative=method,
-                      num_draft_tokens=FLAGS.num_draft_tokens,
-                      draft_heads=eagle_dir if method == "eagle" else None)
-    proposer, draft_params = make_proposer(job, cfg, params, None)
-    gen = SpeculativeGenerator(cfg, params, proposer, draft_params=draft_params,
-                               steps_per_sync=16, policy="always", measure_split=False)
-    return gen, lambda: [r for i in range(0, n, b) for r in gen.generate(rows[i:i + b])]
-
   tokens_of = lambda out: [r if isinstance(r, list) else r.tokens for r in out]
 
-  def counters(gen):
-    """(row verifications, row slots of the steps, tokens emitted, prompt tokens reused) so far
-    (the engine: its slots over its steps; static batches reuse nothing)."""
-    st = gen.stats
-    if isinstance(gen, Engine):
-      return st.row_steps, st.steps * gen.cfg.num_slots, st.decode_tokens, st.prefill_tokens_saved
-    return st.verify_steps, st.row_slots, st.emitted, 0
+  def counters(eng):
+    """(row verifications, row slots of its steps, tokens emitted, prompt tokens reused) so far."""
+    st = eng.stats
+    return st.row_steps, st.steps * eng.cfg.num_slots, st.decode_tokens, st.prefill_tokens_saved
   base = {"model": FLAGS.model, "device": jax.devices()[0].device_kind, "jax": jax.__version__,
           "date": datetime.date.today().isoformat(), "slots": b, "requests": n,
           "budgets": FLAGS.budgets, "prompt_tokens": prompt_len,
           "shared_header": len(header)}
   for method in FLAGS.methods:
+    job = GenerateJob(prompts="-", output="-", speculative=method,
+                      num_draft_tokens=FLAGS.num_draft_tokens,
+                      draft_heads=eagle_dir if method == "eagle" else None)
     modes = {"plain-static": (None, plain_static()), "plain-engine": (None, engine()[1]),
-             "spec-static": spec_static(method)}
-    static_gen = modes["spec-static"][0]
-    modes["spec-engine"] = engine(static_gen.proposer, static_gen.draft_params)
+             "spec-engine": engine(*make_proposer(job, cfg, params, None))}
     ref = tokens_of(modes["plain-static"][1]())
     identical = {}
     for name, (_, run) in modes.items():  # compile (and the outputs' check)

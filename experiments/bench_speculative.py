@@ -279,7 +279,6 @@ def main(argv):
           "rounds_compiling": sum(x[2]["compilations"] > 0 for x in a + u),
           "identical_to_plain": f"{same}/{len(reference)}",
           "tree_size": max(map(int, last["tree_sizes"])),
-          "draft_share": (last.get("draft_verify_split") or {}).get("draft_share"),
           "draft_heads": (Path(llms[m]["always"].options.draft_heads).name
                           if llms[m]["always"].options.draft_heads else None)}
       row["methods"][m] = result

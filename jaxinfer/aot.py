@@ -68,7 +68,6 @@ class CompileJob:
   num_draft_tokens: int = 4
   tree: str = "4,2,1,1"
   draft_layers: str | None = None
-  steps_per_sync: int = 32
   quantize: str | None = None  # a weight format (int8, int4:g128, fp8_e4m3, ...): served quantized
   kv_cache_dtype: str | None = None  # int8: the engine's KV pages quantized
 

@@ -34,7 +34,7 @@ class ServeOptions:
   page_size: int = 16
   kv_pages: int | None = None
   kv_cache_dtype: str | None = None  # int8: the engine's KV pages in int8, scales beside them
-  steps_per_sync: int = 32  # static scheduler and speculative decoding
+  steps_per_sync: int = 32  # the static scheduler's decode steps per host round trip
   cache_dir: str | None = None
   progress: bool = True
   # none | ngram | lookahead | recycling | draft | layerskip | medusa | hydra | eagle
@@ -46,8 +46,8 @@ class ServeOptions:
   draft_layers: str | None = None  # layerskip: layers the draft keeps
   draft_fallback: float = 0.0  # draft, layerskip: Big-Little fallback confidence (0: off)
   acceptance: str = "exact"  # exact | typical
-  # auto: per batch the proposer's tree, a smaller one or plain decoding, by measured speed;
-  # always: the proposer's tree every batch (sampled outputs then never depend on timing)
+  # auto: per dispatch the proposer's tree, a smaller one or plain decoding, by measured speed;
+  # always: the proposer's tree every dispatch (sampled outputs then never depend on timing)
   speculation: str = "auto"
 
   @classmethod
@@ -103,6 +103,10 @@ class ServeOptions:
                       f"--scheduler=static (the continuous engine prefills in chunks)")
     registry.check(self)
     if self.speculative != "none":
+      if self.scheduler == "static":
+        raise UserError("--scheduler: speculative decoding runs in the continuous engine (slots "
+                        "refilled, prompts prefilled in lanes beside verification); the static "
+                        "scheduler's batches decode plainly")
       if sparsity.dynamic:
         raise UserError(f"--sparsity: {sparsity} is not combinable with --speculative (its "
                         f"pattern needs whole-prompt prefill); sinks_window is")

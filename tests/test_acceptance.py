@@ -181,7 +181,7 @@ def test_rows_that_draft_less_stay_lossless():
   first tokens by chi-square, per limit); greedy, the walk stops at the limit with the argmax."""
   from jaxinfer.sampling import SamplingParams
   from jaxinfer.speculative.protocol import Draft
-  from jaxinfer.speculative.steps import judge
+  from jaxinfer.speculative.verdict import judge
   rng = np.random.RandomState(4)
   chain = np.array([-1, 0, 1])
   p = np.stack([_dist(rng) for _ in range(3)])

@@ -14,11 +14,10 @@ import pytest
 from jaxinfer import checkpoint
 from jaxinfer import model as M
 from jaxinfer.draft_heads import eagle, hydra, medusa, medusa2
-from jaxinfer.generation import Generator, RowRequest
-from jaxinfer.speculative.decode import SpeculativeGenerator
 from jaxinfer.speculative.proposers import Eagle, Hydra, Medusa
 from jaxinfer.train.lm import TokenWindows
 from jaxinfer.train.loop import TrainConfig, train
+from tests.engine_runs import requests, speculates_losslessly
 
 
 def _periodic_tokens(vocab, n=20000, period=7, seed=0):
@@ -63,14 +62,11 @@ def test_medusa_heads_learn_on_a_frozen_base(tmp_path, tiny_model_dir):
   with pytest.raises(FileNotFoundError, match="not Medusa heads"):
     medusa.load(tmp_path)
 
-  # Served: greedy output equals plain greedy, and the trained heads get drafts accepted.
+  # Served: greedy output equals plain greedy.
   prompt = list(_periodic_tokens(cfg.vocab_size, 40, seed=0))
-  rows = [RowRequest(prompt[:n], 30, jax.random.key(n)) for n in (9, 20, 33)]
-  plain = Generator(cfg, base).generate(rows)
-  spec = SpeculativeGenerator(cfg, base, Medusa(paths=tuple(paths)), draft_params=loaded,
-                              page_size=8, policy="always")
-  assert [r.tokens for r in spec.generate(rows)] == [r.tokens for r in plain]
-  assert spec.stats.mean_accepted_tokens >= 1.0
+  st, _ = speculates_losslessly((cfg, base), requests((prompt[:n], 30) for n in (9, 20, 33)),
+                                Medusa(paths=tuple(paths)), loaded)
+  assert st.row_steps > 0
 
 
 @pytest.mark.parametrize("method", ["medusa", "medusa2", "hydra", "eagle"])
@@ -120,7 +116,7 @@ def test_train_draft_cli_and_generate_with_heads(tmp_path, tiny_model_dir, metho
     from jaxinfer.speculative.registry import build
     cfg, params, _ = checkpoint.load_model(str(tiny_model_dir))
     job = lambda tree: GenerateJob(prompts=str(data), output=str(tmp_path / "x.jsonl"),
-                                   speculative=method.rstrip("2"), scheduler="static",
+                                   speculative=method.rstrip("2"),
                                    draft_heads=str(out), tree=tree)
     small, _ = build(job("nodes:3"), cfg, params, None)
     assert small.tree_size == 4 and set(small.paths) <= set(map(tuple, medusa.build_tree(
@@ -148,9 +144,9 @@ def test_train_draft_cli_and_generate_with_heads(tmp_path, tiny_model_dir, metho
   if method == "medusa2":
     assert info["method"] == "medusa2" and 0.0 <= info["greedy_agreement"] <= 1.0
   base = [sys.executable, "-m", "jaxinfer", "generate", f"--model={model}",
-          f"--prompts={prompts}", "--scheduler=static", "--progress=false"]
-  plain = subprocess.run(base + [f"--output={tmp_path / 'a.jsonl'}"], capture_output=True,
-                         text=True, timeout=600)
+          f"--prompts={prompts}", "--progress=false"]
+  plain = subprocess.run(base + [f"--output={tmp_path / 'a.jsonl'}", "--scheduler=static"],
+                         capture_output=True, text=True, timeout=600)
   served = "medusa" if method == "medusa2" else method
   spec = subprocess.run(base + [f"--output={tmp_path / 'b.jsonl'}", f"--speculative={served}",
                                 f"--draft_heads={out}", f"--metrics_output={tmp_path / 'm.json'}",
@@ -230,13 +226,11 @@ def test_eagle_draft_learns_on_a_frozen_base_and_serves_losslessly(tmp_path, tin
   # Served (greedy, mixed lengths): equal to plain greedy, with drafts accepted at several
   # depths, so the draft's catch-up on ragged accepted paths is exercised.
   prompt = list(_periodic_tokens(cfg.vocab_size, 40, seed=0))
-  rows = [RowRequest(prompt[:n], m, jax.random.key(n)) for n, m in ((9, 30), (20, 7), (33, 30))]
-  plain = Generator(cfg, base).generate(rows)
+  reqs = requests((prompt[:n], m) for n, m in ((9, 30), (20, 7), (33, 30)))
   for heads in (eagle.serving_heads(loaded, base, None), small_heads):
-    spec = SpeculativeGenerator(cfg, base, Eagle(dcfg, num_draft_tokens=4), draft_params=heads,
-                                page_size=8, steps_per_sync=3, policy="always")
-    assert [r.tokens for r in spec.generate(rows)] == [r.tokens for r in plain]
-    assert spec.stats.accepted_hist[1:].sum() > 0 and spec.stats.mean_accepted_tokens > 1.0
+    st, _ = speculates_losslessly((cfg, base), reqs, Eagle(dcfg, num_draft_tokens=4), heads,
+                                  decode_steps=3)
+    assert st.accepted_hist[1:].sum() > 0 and st.decode_tokens > st.row_steps
 
 
 def test_hydra_heads_learn_depend_on_their_path_and_serve_losslessly(tmp_path, tiny_model_dir):
@@ -278,12 +272,10 @@ def test_hydra_heads_learn_depend_on_their_path_and_serve_losslessly(tmp_path, t
   # Served (the tree drafted level by level, per branch): greedy output equals plain greedy at
   # mixed lengths.
   prompt = list(_periodic_tokens(cfg.vocab_size, 40, seed=0))
-  rows = [RowRequest(prompt[:n], m, jax.random.key(n)) for n, m in ((9, 30), (20, 7), (33, 30))]
-  plain = Generator(cfg, base).generate(rows)
-  spec = SpeculativeGenerator(cfg, base, Hydra(paths=tuple(paths)), draft_params=loaded,
-                              page_size=8, steps_per_sync=3, policy="always")
-  assert [r.tokens for r in spec.generate(rows)] == [r.tokens for r in plain]
-  assert spec.stats.mean_accepted_tokens >= 1.0
+  st, _ = speculates_losslessly((cfg, base), requests(
+      (prompt[:n], m) for n, m in ((9, 30), (20, 7), (33, 30))), Hydra(paths=tuple(paths)),
+      loaded, decode_steps=3)
+  assert st.decode_tokens > st.row_steps
 
 
 def test_medusa2_adapts_the_base_and_the_kl_term_keeps_its_outputs(tmp_path, tiny_model_dir):
@@ -315,11 +307,8 @@ def test_medusa2_adapts_the_base_and_the_kl_term_keeps_its_outputs(tmp_path, tin
   # Served on the adapted model: lossless with respect to that model.
   heads, tuned, info = runs[10.0]
   prompt = list(_periodic_tokens(cfg.vocab_size, 40, seed=0))
-  rows = [RowRequest(prompt[:n], 20, jax.random.key(n)) for n in (9, 20)]
-  plain = Generator(cfg, tuned).generate(rows)
-  spec = SpeculativeGenerator(cfg, tuned, Medusa(paths=tuple(map(tuple, info["tree"]))),
-                              draft_params=heads, page_size=8, policy="always")
-  assert [r.tokens for r in spec.generate(rows)] == [r.tokens for r in plain]
+  speculates_losslessly((cfg, tuned), requests((prompt[:n], 20) for n in (9, 20)),
+                        Medusa(paths=tuple(map(tuple, info["tree"]))), heads)
 
 
 def test_hidden_cache_builds_resumes_refuses_and_trains_like_the_base(
@@ -396,6 +385,7 @@ def test_hydra_plus_plus_trains_reads_context_and_serves_from_its_cache(tmp_path
   heads0 = hydra.init_heads(base, 3, jax.random.key(0), pcfg, head_layers=2)
   assert heads0.head_layers == 2 and heads0.block_in[0].shape == (1, cfg.embed, cfg.embed)
   # self-distilled data: the base's own greedy continuations (teacher loss, as served)
+  from jaxinfer.generation import Generator, RowRequest
   src = _periodic_tokens(cfg.vocab_size, 1000, seed=1)
   tokens = np.concatenate([r.tokens for r in Generator(cfg, base).generate(
       [RowRequest(list(src[i * 50:i * 50 + 16]), 200, jax.random.key(i)) for i in range(16)])])
@@ -446,16 +436,15 @@ def test_hydra_plus_plus_trains_reads_context_and_serves_from_its_cache(tmp_path
                                 jnp.zeros(2, jnp.int32), length, jnp.array([True, True]))
     length = length + n + 1
 
+  from jaxinfer.engine import Engine, EngineConfig
   with pytest.raises(ValueError, match="prefix"):
-    SpeculativeGenerator(cfg, base, Hydra(paths=((0,),)), draft_params=loaded)
+    Engine(cfg, base, EngineConfig(), 64, proposer=Hydra(paths=((0,),)), draft_params=loaded)
   prompt = list(_periodic_tokens(cfg.vocab_size, 40, seed=0))
-  rows = [RowRequest(prompt[:n], m, jax.random.key(n)) for n, m in ((9, 30), (20, 7), (33, 30))]
-  plain = Generator(cfg, base).generate(rows)
-  spec = SpeculativeGenerator(cfg, base, Hydra(paths=tuple(map(tuple, medusa.build_tree(acc, 8))),
-                                               prefix=pcfg),
-                              draft_params=loaded, page_size=8, steps_per_sync=3, policy="always")
-  assert [r.tokens for r in spec.generate(rows)] == [r.tokens for r in plain]
-  assert spec.stats.mean_accepted_tokens >= 1.15
+  st, _ = speculates_losslessly((cfg, base), requests(
+      (prompt[:n], m) for n, m in ((9, 30), (20, 7), (33, 30))),
+      Hydra(paths=tuple(map(tuple, medusa.build_tree(acc, 8))), prefix=pcfg), loaded,
+      decode_steps=3)
+  assert st.decode_tokens >= 1.15 * st.row_steps
 
 
 def test_eagle_training_time_test_sees_what_drafting_sees(tmp_path, tiny_model_dir):

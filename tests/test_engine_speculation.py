@@ -14,6 +14,7 @@ from jaxinfer.engine.policy import Plain, TreePolicy, ladder
 from jaxinfer.engine.scheduler import EngineRequest
 from jaxinfer.runtime import Runtime
 from jaxinfer.speculative import proposers as P
+from tests.engine_runs import run_engine, same_distribution
 
 
 @pytest.fixture(scope="module")
@@ -36,21 +37,6 @@ def _requests(n=9, **sampling):
   return reqs
 
 
-def _run(target, reqs, proposer=None, runtime=Runtime(), should_stop=None, picks=None, **kw):
-  """picks: the ladder levels the auto policy is made to pick, in turn (None: its own)."""
-  cfg, params = target
-  ecfg = EngineConfig(**{"num_slots": 3, "chunk_size": 16, "chunk_lanes": 2, "page_size": 8} |
-                      {k: kw.pop(k) for k in ("decode_steps", "num_slots", "chunk_lanes")
-                       if k in kw})
-  eng = Engine(cfg, params, ecfg, max_len=128, runtime=runtime, proposer=proposer, **kw)
-  if picks is not None:
-    cycle = iter(picks * 1000)
-    eng.policy.pick = lambda mixed=False, live=1, work_s=None: next(cycle)
-  out = {}
-  st = eng.run(reqs, lambda r: out.__setitem__(r.uid, r), should_stop)
-  return out, st, eng
-
-
 def test_speculating_engine_equals_the_plain_engine(target):
   """Greedy: every lookup proposer's, a draft model's, Medusa and Hydra heads' and the draft
   layers' over the target's features (EAGLE's, Hydra++'s) outputs equal plain decoding's, bit for
@@ -64,7 +50,7 @@ def test_speculating_engine_equals_the_plain_engine(target):
   (each row's tokens so far re-admitted onto the device), dispatches in flight read first."""
   reqs = _requests()
   stop = lambda uid, toks: uid == 4 and len(toks) >= 5
-  ref, _, _ = _run(target, reqs, should_stop=stop)
+  ref, _, _ = run_engine(target, reqs, should_stop=stop)
   # heads that propose the target's own next token (zero residual blocks)
   paths = ((0,), (1,), (0, 0), (1, 0), (0, 0, 0))
   heads = medusa.init_heads(target[1], 3)
@@ -95,7 +81,7 @@ def test_speculating_engine_equals_the_plain_engine(target):
                                                      picks=(0, 3, 3, 1, 0, 3, 2, 0)))]
   for proposer, kw in cases:
     kw.setdefault("speculation", "always")
-    out, st, eng = _run(target, reqs, proposer, should_stop=stop, **kw)
+    out, st, eng = run_engine(target, reqs, proposer, should_stop=stop, **kw)
     assert {u: r.tokens for u, r in out.items()} == {u: r.tokens for u, r in ref.items()}, (
         proposer, kw)
     assert out[4].stopped and len(out[4].tokens) == 5
@@ -128,8 +114,8 @@ def test_switching_to_plain_steps_when_every_row_ends_meanwhile(target):
   """One slot, the auto policy switching every dispatch or two: reading the dispatches in flight
   before a switch may end every row (nothing left to lay out); outputs stay plain decoding's."""
   reqs = _requests(4)
-  ref, _, _ = _run(target, reqs, num_slots=1)
-  out, st, eng = _run(target, reqs, P.NGram(num_draft_tokens=3), speculation="auto",
+  ref, _, _ = run_engine(target, reqs, num_slots=1)
+  out, st, eng = run_engine(target, reqs, P.NGram(num_draft_tokens=3), speculation="auto",
                       num_slots=1, decode_steps=2, picks=(2, 0, 2, 1))
   assert {u: r.tokens for u, r in out.items()} == {u: r.tokens for u, r in ref.items()}
   assert st.decode_tokens == sum(len(r.tokens) for r in out.values()) + \
@@ -143,8 +129,8 @@ def test_greedy_rows_beside_sampled_ones_stay_lossless(target):
   greedy = _requests(6)
   hot = [EngineRequest(10 + i, r.prompt_ids, r.max_new_tokens, r.key_data, 1.0, 3)
          for i, r in enumerate(_requests(2))]
-  ref, _, _ = _run(target, greedy)
-  out, _, eng = _run(target, greedy[:3] + hot + greedy[3:], P.NGram(num_draft_tokens=3),
+  ref, _, _ = run_engine(target, greedy)
+  out, _, eng = run_engine(target, greedy[:3] + hot + greedy[3:], P.NGram(num_draft_tokens=3),
                      speculation="always")
   assert {u: out[u].tokens for u in ref} == {u: r.tokens for u, r in ref.items()}
   assert all(out[r.uid].tokens for r in hot)
@@ -161,7 +147,7 @@ def test_rows_without_a_match_verify_their_root_alone(target):
   cfg, params = target
   reqs = [EngineRequest(i, list(range(3 + 7 * i, 19 + 7 * i)), 2, np.asarray([0, i], np.uint32))
           for i in range(6)]
-  ref, _, _ = _run(target, reqs)
+  ref, _, _ = run_engine(target, reqs)
   reqs = [r for r in reqs if ref[r.uid].tokens[0] not in r.prompt_ids]
   assert len(reqs) >= 3
   eng = Engine(cfg, params, EngineConfig(num_slots=2, chunk_size=16, chunk_lanes=2, page_size=8),
@@ -180,11 +166,11 @@ def test_speculating_engine_on_a_mesh_equals_one_device(target):
   from jaxinfer.serving.placement import on_replica
   from jaxinfer.sharding import make_mesh
   reqs = _requests(5)
-  ref, _, _ = _run(target, reqs, P.NGram(num_draft_tokens=3), speculation="always")
+  ref, _, _ = run_engine(target, reqs, P.NGram(num_draft_tokens=3), speculation="always")
   mesh = make_mesh("model:2", jax.devices()[:2])
   cfg, params = target
-  out, _, _ = _run((cfg, on_replica(params, mesh, [mesh])), reqs, P.NGram(num_draft_tokens=3),
-                   runtime=Runtime(mesh), speculation="always")
+  out, _, _ = run_engine((cfg, on_replica(params, mesh, [mesh])), reqs,
+                         P.NGram(num_draft_tokens=3), Runtime(mesh), speculation="always")
   assert {u: r.tokens for u, r in out.items()} == {u: r.tokens for u, r in ref.items()}
 
 
@@ -198,44 +184,18 @@ def test_sampled_engine_speculation_matches_plain_sampling(target):
   reqs = lambda salt: [EngineRequest(i, prompt, 3, np.asarray([salt, i], np.uint32), 1.0, 3)
                        for i in range(n)]
   kw = dict(num_slots=32, chunk_lanes=8, decode_steps=2)
-  plain, _, _ = _run(target, reqs(0), **kw)
+  plain, _, _ = run_engine(target, reqs(0), **kw)
   layer_cfg, layer_params = P.layer_skip_draft(*target, (0,))
   for proposer, draft in ((P.NGram(num_draft_tokens=2), {}),
                           (P.DraftModel(layer_cfg, num_draft_tokens=2),
                            dict(draft_params=layer_params))):
-    spec, st, _ = _run(target, reqs(1), proposer, speculation="always", **kw, **draft)
+    spec, st, _ = run_engine(target, reqs(1), proposer, speculation="always", **kw, **draft)
     assert st.decode_tokens > st.row_steps  # drafts were accepted
-    _same_distribution(plain, spec)
+    same_distribution(plain, spec)
 
 
-def _same_distribution(plain, spec):
-  count = lambda res: np.unique([tuple(r.tokens) for r in res.values()], return_counts=True,
-                                axis=0)
-  a, b = ({tuple(k): c for k, c in zip(*count(res))} for res in (plain, spec))
-  keys = sorted(set(a) | set(b))
-  ca = np.array([a.get(k, 0) for k in keys], float)
-  cb = np.array([b.get(k, 0) for k in keys], float)
-  keep = ca + cb >= 10  # pool rare cells
-  ca, cb = np.append(ca[keep], ca[~keep].sum()), np.append(cb[keep], cb[~keep].sum())
-  used = ca + cb > 0
-  ca, cb = ca[used], cb[used]
-  chi2 = (((ca - cb) ** 2) / (ca + cb)).sum()
-  df = len(ca) - 1
-  crit = df * (1 - 2 / (9 * df) + 3.719 * np.sqrt(2 / (9 * df))) ** 3  # p = 1e-4
-  assert chi2 < crit, (chi2, df, crit)
-
-
-def test_every_proposer_speculates_in_the_engine(target):
-  """The continuous scheduler (the default) speculates in the engine whatever the proposer; the
-  static one in the generator's batches. A proposer short of its weights is refused."""
-  from types import SimpleNamespace
-
-  from jaxinfer.speculative import registry
+def test_a_proposer_short_of_its_weights_is_refused(target):
   cfg, params = target
-  for name in registry.BUILDERS:
-    for scheduler in ("continuous", "static"):
-      opts = SimpleNamespace(speculative=name, scheduler=scheduler)
-      assert registry.in_engine(opts) == (scheduler == "continuous")
   with pytest.raises(ValueError, match="the medusa proposer needs draft_params"):
     Engine(cfg, params, EngineConfig(), 64, proposer=P.Medusa(((0,), (0, 0))))
 

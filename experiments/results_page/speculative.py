@@ -3,7 +3,7 @@ bench_spec_batching.jsonl (a record per method, its modes side by side)."""
 
 from __future__ import annotations
 
-from .markdown import NA, Section, field, fmt, part, ratio, short_model, table
+from .markdown import NA, Section, field, fmt, part, ratio, short_model
 from .results import spec_rows
 
 
@@ -161,13 +161,14 @@ def _mode(mode: str):
 
 
 def _gain(fast: str, slow: str):
-  return lambda r: NA if fast not in r["modes"] else ratio(
+  return lambda r: NA if fast not in r["modes"] or slow not in r["modes"] else ratio(
       r["modes"][fast]["speedup_over_plain_static"] /
       r["modes"][slow]["speedup_over_plain_static"])
 
 
 def _with_occupancy(mode: str):
-  return lambda r: f"{_mode(mode)(r)} ({r['modes'][mode]['occupancy']:.2f})"
+  return lambda r: NA if mode not in r["modes"] else \
+      f"{_mode(mode)(r)} ({r['modes'][mode]['occupancy']:.2f})"
 
 
 COMMON = [field("method", "method"), field("slots", "slots"), field("requests", "requests")]

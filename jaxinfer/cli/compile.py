@@ -41,8 +41,6 @@ flags.DEFINE_string("tree", "4,2,1,1", "Token Recycling's tree (children per dep
                     "for the lookahead trie's size.")
 flags.DEFINE_string("draft_layers", None, "--speculative=layerskip: layers the draft keeps "
                     "(default: the first half).")
-flags.DEFINE_integer("steps_per_sync", 32, "Verification steps per host round trip.",
-                     lower_bound=1)
 flags.DEFINE_string("quantize", None, "Serve the weights quantized in this format (int8, "
                     "int4:g128, fp8_e4m3, ... as jaxinfer quantize --format): their memory per "
                     "device is what the report counts.")
@@ -56,8 +54,8 @@ def _job():
   from jaxinfer.aot import CompileJob
   names = ("target", "model", "dtype", "mesh", "batch_size", "kv_pages", "page_size",
            "chunk_size", "chunk_lanes", "decode_steps", "max_seq_len", "implementation",
-           "sparsity", "speculative", "num_draft_tokens", "tree", "draft_layers",
-           "steps_per_sync", "quantize", "kv_cache_dtype")
+           "sparsity", "speculative", "num_draft_tokens", "tree", "draft_layers", "quantize",
+           "kv_cache_dtype")
   return CompileJob(**{name: getattr(FLAGS, name) for name in names})
 
 

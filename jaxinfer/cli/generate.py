@@ -30,7 +30,9 @@ flags.DEFINE_integer("batch_size", 8, "Sequences decoded together: slots per rep
                      "or sequences per padded batch (static).", lower_bound=1)
 flags.DEFINE_enum("scheduler", "continuous", ["continuous", "static"],
                   "continuous: paged KV cache, slots refilled as sequences finish, chunked "
-                  "prefill mixed with decode, shared prompt prefixes; static: padded batches.")
+                  "prefill mixed with decode, shared prompt prefixes, speculative decoding; "
+                  "static: padded batches, each prompt prefilled whole (the dynamic sparsity "
+                  "patterns), decoded plainly.")
 flags.DEFINE_enum("order", "prefix", ["prefix", "arrival"],
                   "Continuous scheduler: prefix sorts the whole input by prompt, so requests "
                   "sharing a prefix run together (global prefix sharing); arrival keeps input "
@@ -62,16 +64,16 @@ flags.DEFINE_string("sparsity", "dense", "Long-prompt attention: dense, sinks_wi
                     "block_topk:TOPK[,BLOCK] or vertical_slash:V,S[,BLOCK] (see README).")
 flags.DEFINE_integer("max_seq_len", None, "Override the model's context length (prompt + output), "
                      "e.g. for long prompts under sinks_window sparsity.", lower_bound=2)
-flags.DEFINE_integer("steps_per_sync", 32, "Static scheduler and speculative decoding: decode "
-                     "(verification) steps per host round trip at most.", lower_bound=1)
+flags.DEFINE_integer("steps_per_sync", 32, "Static scheduler: decode steps per host round trip "
+                     "at most.", lower_bound=1)
 flags.DEFINE_enum("speculative", "none",
                   ["none", "ngram", "lookahead", "recycling", "draft", "layerskip", "medusa",
                    "hydra", "eagle"],
-                  "Speculative decoding proposer (continuous: inside the paged engine, draft "
-                  "trees verified beside prompt lanes; static: padded batches): prompt lookup (a "
-                  "chain), a Lookahead-style trie over prompt and output (a tree), Token "
-                  "Recycling, a separate draft model, the model itself with layers skipped, "
-                  "Medusa or Hydra heads, or an EAGLE draft layer (--draft_heads).")
+                  "Speculative decoding proposer (inside the paged engine: draft trees verified "
+                  "beside prompt lanes): prompt lookup (a chain), a Lookahead-style trie over "
+                  "prompt and output (a tree), Token Recycling, a separate draft model, the model "
+                  "itself with layers skipped, Medusa or Hydra heads, or an EAGLE draft layer "
+                  "(--draft_heads).")
 flags.DEFINE_string("draft_heads", None, "Medusa or Hydra heads, or an EAGLE draft layer, "
                     "written by jaxinfer train-draft.")
 flags.DEFINE_string("draft_model", None, "Draft model for --speculative=draft (same vocabulary).")
@@ -92,11 +94,11 @@ flags.DEFINE_string("draft_layers", None, "--speculative=layerskip: comma-separa
                     "draft keeps (default: the first half).")
 flags.DEFINE_enum("acceptance", "exact", ["exact", "typical"], "exact: lossless rejection "
                   "sampling (greedy = plain greedy); typical: Medusa's typical acceptance (lossy).")
-flags.DEFINE_enum("speculation", "auto", ["auto", "always"], "auto: each batch (the "
-                  "engine's lookups: each dispatch) speculates with the proposer's tree or a "
-                  "smaller one, or decodes plainly, whichever measured fastest (speculation that "
-                  "stops paying shrinks its trees or turns itself off); always: the proposer's "
-                  "tree every batch (sampled outputs then do not depend on measured speed).")
+flags.DEFINE_enum("speculation", "auto", ["auto", "always"], "auto: each dispatch "
+                  "speculates with the proposer's tree or a smaller one, or decodes plainly, "
+                  "whichever measured fastest (speculation that stops paying shrinks its trees or "
+                  "turns itself off); always: the proposer's tree every dispatch (sampled outputs "
+                  "then do not depend on measured speed).")
 flags.DEFINE_bool("progress", True, "Show a progress bar on stderr.")
 flags.mark_flags_as_required(["prompts", "output"])
 flags.register_validator("top_p", lambda v: 0.0 < v <= 1.0, "--top_p must be in (0, 1]")

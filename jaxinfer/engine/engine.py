@@ -294,7 +294,7 @@ class Engine:
       shape = ("tree", level, greedy, len(plan.chunk_table), len(plan.tokens))
       self.k, self.v, self.drafting, emitted, counts = self._call(
           shape, self._tree_step[level][greedy], *args)
-      return emitted[None], counts[None]
+      return emitted, counts
     args = (self.params, self.draft_params, self.k, self.v, self.drafting, plan.decode_table,
             plan.sampled, sampling, plan.key_data, self.eos, np.int32(plan.num_steps),
             np.bool_(plan.waiting))

@@ -167,11 +167,7 @@ class TreePolicy:
   AMORTIZE = 20
   TREE_COMPILE = 3
 
-  def __init__(self, levels: list[Proposer], policy: str, explore_every: int = 16,
-               hold: int = HOLD, min_measured: int = MEASURED):
-    """hold, min_measured: HOLD and MEASURED for a caller whose dispatches are each timed
-    alone and compile once (static batches: 1 and 1)."""
-    self.hold_for, self.min_measured = hold, min_measured
+  def __init__(self, levels: list[Proposer], policy: str, explore_every: int = 16):
     self.sizes = [p.tree_size for p in levels]
     self.depths = [p.max_depth for p in levels]
     self.acceptance = _Acceptance(max(self.depths))
@@ -257,11 +253,11 @@ class TreePolicy:
     while the smallest measured loses to plain decoding or beat the one before it; a tree only
     when `_affordable`."""
     plain = len(self.sizes) - 1
-    if self.measured[plain] < self.min_measured:
+    if self.measured[plain] < self.MEASURED:
       return plain
-    if self.measured[0] < self.min_measured:
+    if self.measured[0] < self.MEASURED:
       return 0 if self._affordable(0, work_s) else None
-    deepest = max(i for i in range(plain) if self.measured[i] >= self.min_measured)
+    deepest = max(i for i in range(plain) if self.measured[i] >= self.MEASURED)
     if deepest + 1 < plain and (deepest == 0 or self.tps(deepest) < self.tps(plain)
                                 or self.tps(deepest) > self.tps(deepest - 1)):
       return deepest + 1 if self._affordable(deepest + 1, work_s) else None
@@ -279,7 +275,7 @@ class TreePolicy:
     else:
       level = self._pick_mixed(live) if mixed else self._pick(work_s)
       if level != self.current[mixed]:
-        self.current[mixed], self.hold[mixed] = level, self.hold_for - 1
+        self.current[mixed], self.hold[mixed] = level, self.HOLD - 1
     self.last[mixed][level] = self.clock
     self.dispatches[level] += 1
     return level
@@ -300,7 +296,7 @@ class TreePolicy:
     fastest = self.best[False] if self.best[False] in speeds else (
         max(speeds, key=speeds.get) if speeds else plain)
     for level in (fastest, plain):
-      if self.mixed.measured[level] < self.min_measured:
+      if self.mixed.measured[level] < self.MEASURED:
         return level
     m = self.mixed
 
@@ -323,7 +319,7 @@ class TreePolicy:
       backoff[:] = [1] * len(backoff)
     elif held is not None and held != best:  # a re-try that lost
       backoff[held] = min(8, 2 * backoff[held])
-    apart = lambda i: min(256, self.explore_every * self.hold_for * (
+    apart = lambda i: min(256, self.explore_every * self.HOLD * (
         speeds[best] / max(speeds[i], 1e-9))**2)
     overdue = {i: (self.clock - last[i]) / (backoff[i] * apart(i)) for i in speeds if i != best}
     late = max(overdue, key=overdue.get, default=None)
@@ -373,8 +369,8 @@ class TreePolicy:
 
 def policy_metrics(policies: list[TreePolicy], rows: int) -> dict:
   """The speculative metrics of the call since `start_call` (`metrics.SPECULATIVE_KEYS`' policy
-  part) of replicas' policies over one ladder: dispatches (a static batch counts as one) summed,
-  speeds from the policy that measured most, tokens/s given for `rows` live rows."""
+  part) of replicas' policies over one ladder: dispatches summed, speeds from the policy that
+  measured most, tokens/s given for `rows` live rows."""
   counts = np.sum([p.dispatches for p in policies], axis=0).tolist()
   busiest = max(policies, key=lambda p: sum(p.measured))
   by_size = dict(zip(busiest.sizes, counts))

@@ -27,7 +27,7 @@ from jaxinfer.kv_cache import MixedPagedKVCache, commit_path
 from jaxinfer.runtime import Runtime
 from jaxinfer.sampling import SamplingParams
 from jaxinfer.speculative.protocol import Context, Draft, Prompt, Verified, Weights, put_rows
-from jaxinfer.speculative.steps import _DRAFT_SALT, emit, judge
+from jaxinfer.speculative.verdict import DRAFT_SALT, emit, judge
 from pallas_kernels.tree_attention import ancestor_matrix, pack_ancestors
 
 
@@ -136,11 +136,11 @@ def _propose(params, draft_params, state: Drafting, decode_table, active, sampli
   s, t = state.length.shape[0], proposer.tree_size
   live = active & ~state.done
   keys = jax.vmap(jax.random.wrap_key_data)(key_data)
-  # keyed by each request's own progress, as the speculative generator keys its rows
+  # keyed by each request's own progress: a request samples what it would alone
   step_keys = jax.vmap(jax.random.fold_in)(keys, state.num_generated)
   pages = jnp.where(live[:, None], decode_table, -1) if proposer.paged_layers else None
   ctx = Context(state.history, state.length, sampling,
-                jax.vmap(lambda key: jax.random.fold_in(key, _DRAFT_SALT))(step_keys), pages,
+                jax.vmap(lambda key: jax.random.fold_in(key, DRAFT_SALT))(step_keys), pages,
                 greedy_only)
   pstate, draft = proposer.draft(Weights(draft_params, params), state.proposer, ctx)
   believed = proposer.max_depth if draft.limit is None else draft.limit
@@ -248,12 +248,12 @@ def step(params, draft_params, k, v, state: Drafting, lane_tokens, lane_position
   """One mixed step: every live slot (`active` and not done) verifies its whole draft tree
   (rows' limits cut what is tried, not what is computed: a step that prefills is rare, and one
   form of it keeps its tracing and its temporaries small); lanes of prompt tokens are prefilled
-  beside (`lane_next`: the prompt token after each). Returns (k, v, state, emitted (S, T),
-  counts (S,)); greedy_only as in `steps`."""
+  beside (`lane_next`: the prompt token after each). Returns (k, v, state, emitted (1, S, T),
+  counts (1, S)): one step of what `steps` returns; greedy_only as in `steps`."""
   nxt = _propose(params, draft_params, state, decode_table, active, sampling, key_data,
                  proposer=proposer, sizes=prefixes(proposer)[-1:], greedy_only=greedy_only)
   k, v, state, emitted, count = _verify(
       params, draft_params, k, v, state, nxt, proposer.tree_size, lane_tokens, lane_positions,
       lane_next, decode_table, chunk_table, active, sampling, eos_ids, cfg=cfg,
       proposer=proposer, rule=rule, runtime=runtime, greedy_only=greedy_only)
-  return k, v, whole(state, runtime), emitted, count
+  return k, v, whole(state, runtime), emitted[None], count[None]

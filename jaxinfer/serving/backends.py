@@ -1,10 +1,8 @@
-"""The three ways requests run on this process's replicas, behind one interface:
+"""The two ways requests run on this process's replicas, behind one interface:
 
-- `EngineBackend`: the continuous-batching engine (paged KV, chunked prefill, shared prefixes),
-  one per replica;
-- `StaticBackend`: padded static batches (whole-prompt prefill: the dynamic sparsity patterns);
-- `SpeculativeBackend`: speculative decoding in static batches (`--scheduler=static`), one
-  generator per replica (with the continuous scheduler the engines speculate).
+- `EngineBackend`: the continuous-batching engine (paged KV, chunked prefill, shared prefixes,
+  speculative decoding), one per replica;
+- `StaticBackend`: padded static batches (whole-prompt prefill: the dynamic sparsity patterns).
 
 `prepare(requests)` builds the replicas (or keeps those of an earlier call when they are large
 enough, so repeated calls reuse their compiled steps) and checks memory before anything runs;
@@ -19,7 +17,6 @@ a replica are delivered by the one process that leads it.
 
 from __future__ import annotations
 
-import copy
 import dataclasses
 from typing import Callable
 
@@ -44,11 +41,6 @@ StopCheck = Callable[[Request, list], bool]
 
 def _rows(requests: list[Request]) -> list[tuple[Request, int]]:
   return [(req, k) for req in requests for k in range(req.n)]
-
-
-def _longest(requests: list[Request]) -> tuple[int, int]:
-  return (max([len(r.prompt_ids) for r in requests] + [1]),
-          max([r.max_new_tokens for r in requests] + [1]))
 
 
 def _runtime(opts: ServeOptions, mesh, sparsity) -> Runtime:
@@ -161,23 +153,24 @@ class EngineBackend:
   def _speculation(self, st: list[EngineStats]) -> dict:
     """The speculative metrics (`metrics.SPECULATIVE_KEYS`) of this call; "batches" are the
     engine's dispatches."""
-    from jaxinfer.speculative.stats import SpecStats
     depth = self.proposer.max_depth + 1
     hist = sum(np.pad(s.accepted_hist, (0, depth - len(s.accepted_hist))) for s in st)
-    spec = SpecStats(verify_steps=sum(s.row_steps for s in st), accepted_hist=hist,
-                     emitted=sum(s.decode_tokens for s in st))
+    verifications = sum(s.row_steps for s in st)
+    per = lambda total: round(total / verifications, 4) if verifications else 0.0
+    reached = hist[::-1].cumsum()[::-1]  # verifications accepting d drafts or more
     return {
-        "mean_accepted_tokens": round(spec.mean_accepted_tokens, 4),
+        "mean_accepted_tokens": per(sum(s.decode_tokens for s in st)),
         "accepted_length_histogram": [int(x) for x in hist],
-        "per_depth_acceptance": [round(x, 4) for x in spec.per_depth_acceptance()],
-        "verify_steps": spec.verify_steps, "host_syncs": sum(s.dispatches for s in st),
-        "nodes_per_verification": round(sum(s.verified_nodes for s in st) / spec.verify_steps,
-                                        3) if spec.verify_steps else 0.0,
+        # P(the draft at depth d accepted | the one at depth d - 1 was), d = 1..
+        "per_depth_acceptance": [round(float(reached[d] / reached[d - 1]), 4)
+                                 if reached[d - 1] else 0.0 for d in range(1, depth)],
+        "verify_steps": verifications, "host_syncs": sum(s.dispatches for s in st),
+        "nodes_per_verification": round(per(sum(s.verified_nodes for s in st)), 3),
     } | policy_metrics([e.policy for e in self.engines], self.engines[0].cfg.num_slots)
 
 
 def timings_stats(tm: Timings) -> dict:
-  """The stats dict of a static generator's (or a speculative generator's) timings."""
+  """The stats dict of a static generator's timings."""
   return {
       "busy_s": tm.prefill_s + tm.decode_s, "prefill_tokens": tm.prefill_tokens,
       "prefill_tps": round(tm.prefill_tokens / tm.prefill_s, 2) if tm.prefill_s else 0.0,
@@ -222,88 +215,3 @@ class StaticBackend:
       for req, res in zip(batch, results):
         deliver(req, 0, res.tokens, res.finished_by_eos)
     return timings_stats(_since(self.gen.timings, before))
-
-
-class SpeculativeBackend:
-  """Speculative decoding in static batches of --batch_size rows: one SpeculativeGenerator per
-  replica (--mesh=data:N: N replicas, each on one device or sharded over its fsdp / model
-  devices), all with the same proposer; the policy picks the tree size or plain decoding per
-  batch."""
-
-  def __init__(self, opts: ServeOptions, cfg, params, replicas: list[placement.Replica],
-               total: int, sparsity, proposer, draft_params):
-    from jaxinfer.speculative.decode import SpeculativeGenerator
-    self.opts = opts
-    if any(r.spans_processes for r in replicas):
-      raise UserError(f"--mesh: speculative decoding runs each replica within one process; "
-                      f"{opts.mesh} has replicas spanning processes (its auto policy decides "
-                      f"by measured time, which processes would not agree on)")
-    meshes = [r.mesh for r in replicas]
-    # without --mesh (one process): one generator on the default device, unplaced
-    self.replicas = replicas or [placement.Replica(None, 0, True, False)]
-    self.total = total
-    self.gens = []
-    for mesh in meshes or [None]:
-      try:
-        self.gens.append(SpeculativeGenerator(
-            cfg, params if mesh is None else placement.on_replica(params, mesh, meshes),
-            proposer, draft_params=placement.replicated(draft_params, mesh),
-            rule=opts.acceptance, runtime=_runtime(opts, mesh, sparsity),
-            steps_per_sync=opts.steps_per_sync, page_size=opts.page_size,
-            policy=opts.speculation))
-      except ValueError as e:  # e.g. a tree larger than the model's sliding window
-        raise UserError(f"--speculative={opts.speculative} (--tree / --num_draft_tokens): "
-                        f"{e}") from None
-
-  def prepare(self, requests: list[Request]) -> None:
-    """Memory checked for the longest request."""
-    if not requests:
-      return
-    longest = _longest(requests)
-    b = self.opts.batch_size
-    for gen in self.gens:
-      what = (f"--batch_size: speculative decoding's KV memory ({b} rows of up to "
-              f"{sum(longest)} tokens and the proposer's caches")
-      placement.check_memory(what, gen.memory_bytes(*longest, b),
-                             gen.memory_bytes(*longest, b, per_device=True), gen.params,
-                             gen.runtime.mesh, "lower --batch_size or --max_new_tokens")
-
-  def reset_prefix_cache(self) -> None:
-    """(static batches cache no prefixes)"""
-
-  def _work(self, gen, share, deliver: Deliver, should_stop: StopCheck) -> None:
-    b = self.opts.batch_size
-    for start in range(0, len(share), b):
-      batch = share[start:start + b]
-      rows = [RowRequest(r.prompt_ids, r.max_new_tokens, sample_key(r.seed, r.id, k),
-                         r.temperature, r.top_k, r.top_p, r.min_p) for r, k in batch]
-      gen.generate(rows, lambda i, tokens, batch=batch: should_stop(batch[i][0], tokens),
-                   on_result=lambda i, res, batch=batch: deliver(*batch[i], res.tokens,
-                                                                 res.finished_by_eos))
-
-  def run(self, requests: list[Request], deliver: Deliver, should_stop: StopCheck) -> dict:
-    from jaxinfer.speculative.stats import SpecStats
-    # sorted by length, so that a batch's rows pad little, dealt round-robin so that every
-    # replica gets a like mix of lengths
-    rows = _rows(sorted(requests, key=lambda r: len(r.prompt_ids)))
-    shares = [rows[i::self.total] for i in range(self.total)]
-    before = [copy.deepcopy(g.stats) for g in self.gens]
-    for gen in self.gens:
-      gen.policy.start_call()
-    placement.in_threads(
-        lambda gen, share: self._work(gen, share, deliver, should_stop),
-        [(g, shares[r.index]) for g, r in zip(self.gens, self.replicas)])
-    st = [g.stats.since(b) for g, b in zip(self.gens, before)]
-    tms = [Timings(prefill_s=s.prefill_s, decode_s=s.decode_s, compile_s=s.compile_s,
-                   prefill_tokens=s.prefill_tokens, decode_tokens=s.decode_tokens,
-                   compilations=s.compilations, decode_steps=s.steps, row_steps=s.verify_steps)
-           for s in st]
-    stats = timings_stats(dataclasses.replace(  # replicas run side by side: the longest time
-        tms[0], prefill_s=max(t.prefill_s for t in tms), decode_s=max(t.decode_s for t in tms),
-        **{f: sum(getattr(t, f) for t in tms) for f in (
-            "compile_s", "prefill_tokens", "decode_tokens", "compilations", "decode_steps",
-            "row_steps")}))
-    stats["busy_s"] = max(t.prefill_s + t.decode_s for t in tms)
-    stats["replicas"] = len(self.gens)
-    return (stats | SpecStats.merge(st).metrics()
-            | policy_metrics([g.policy for g in self.gens], self.opts.batch_size))

@@ -12,23 +12,21 @@ from jaxinfer import checkpoint, quant
 from jaxinfer.errors import UserError
 from jaxinfer.options import ServeOptions
 from jaxinfer.serving import placement
-from jaxinfer.serving.backends import EngineBackend, SpeculativeBackend, StaticBackend
+from jaxinfer.serving.backends import EngineBackend, StaticBackend
 from jaxinfer.sparsity import parse as parse_sparsity
 
 
 def load(opts: ServeOptions):
   """(model config, params, tokenizer or None, chat template or None, backend, sparsity)."""
   from jaxinfer.speculative import registry
-  static = opts.scheduler == "static" and not opts.speculating
-  in_engine = registry.in_engine(opts)
+  static = opts.scheduler == "static"  # (never speculating: `ServeOptions.validate`)
   replicas, total, static_mesh = [], 1, None
   if static:
     spec = placement.process_spec(opts.mesh)  # each process its own static batches
     if spec:
       from jaxinfer.sharding import make_mesh
       static_mesh = make_mesh(spec, jax.local_devices())
-  elif opts.mesh or not opts.speculating or in_engine or jax.process_count() > 1:
-    # (speculative decoding without --mesh, one process: the default device, unplaced)
+  else:
     replicas, total = placement.replicas(opts.mesh)
   dtype = None if opts.dtype == "auto" else opts.dtype
   try:
@@ -54,12 +52,8 @@ def load(opts: ServeOptions):
     chat = ChatTemplate.from_dir(checkpoint.resolve_model_dir(opts.model, opts.cache_dir, True))
   if opts.speculating:
     proposer, draft_params = registry.build(opts, cfg, params, dtype)
-    if in_engine:
-      backend = EngineBackend(opts, cfg, params, replicas, total, sparsity, proposer,
-                              draft_params)
-    else:
-      backend = SpeculativeBackend(opts, cfg, params, replicas, total, sparsity, proposer,
-                                   draft_params)
+    backend = EngineBackend(opts, cfg, params, replicas, total, sparsity, proposer,
+                            draft_params)
   elif static:
     backend = StaticBackend(opts, cfg, params, static_mesh, sparsity)
   else:

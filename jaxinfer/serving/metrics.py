@@ -8,11 +8,10 @@ import jax
 from jaxinfer.options import ServeOptions
 from jaxinfer.sharding import format_mesh, parse_mesh
 
-# the speculative generators' own numbers, passed through when present
+# a speculating engine's own numbers, passed through when present
 SPECULATIVE_KEYS = ("mean_accepted_tokens", "accepted_length_histogram", "per_depth_acceptance",
                     "verify_steps", "nodes_per_verification", "host_syncs",
-                    "speculation", "speculative_batches", "plain_batches", "tree_sizes",
-                    "draft_verify_split")
+                    "speculation", "speculative_batches", "plain_batches", "tree_sizes")
 
 
 def generation_metrics(stats: dict, *, compiled: tuple[float, int], completion_tokens: int,

@@ -1,23 +1,21 @@
 """The one interface every draft proposer implements, and the data it exchanges with the paged
-engine (`jaxinfer.engine.speculate`) and the speculative generator's static batches
-(`jaxinfer.speculative.decode`).
+engine's speculative steps (`jaxinfer.engine.speculate`).
 
 A proposer is a frozen dataclass: its fields are configuration, static under jit. Its methods
-are pure functions of (weights, its state, the step's inputs), traced inside the engine's (or
-the generator's) jitted steps. Its state is a pytree with one row per slot (B rows), or, for a
-proposer with `shared_state`, one value every row reads and refreshes. They call:
+are pure functions of (weights, its state, the step's inputs), traced inside the engine's jitted
+steps. Its state is a pytree with one row per slot (B rows), or, for a proposer with
+`shared_state`, one value every row reads and refreshes; a replica holds it whole on each of its
+devices, as it holds the draft weights. They call:
 
-  init_state  the state of B free slots (`init_pages` in the engine, for `paged_layers`)
+  init_state  the state of B free slots (`init_pages` instead, for `paged_layers`)
   admit       rows admitted into slots: their state after the prompt's prefill
-  lanes       (the paged engine) the target's hidden states over its prefill lanes and plain
-              steps
+  lanes       the target's hidden states over the engine's prefill lanes and plain steps
   draft       every step: a draft tree of `tree_size` nodes per row
-  flush       (the paged engine) before plain steps: what the state must still read, written
+  flush       before plain steps: what the state must still read, written
   observe     after each verification: what the target said about the tree
 
-and lays the state out on a mesh with `state_shardings`. What differs between proposers is
-declared, not inferred from their type: the capabilities below (class attributes or
-properties) are what callers read.
+What differs between proposers is declared, not inferred from their type: the capabilities
+below (class attributes or properties) are what callers read.
 """
 
 from __future__ import annotations
@@ -29,7 +27,7 @@ import jax
 import jax.numpy as jnp
 from flax import struct
 
-from jaxinfer.kv_cache import CACHE_AXES, KVCache, PagePools
+from jaxinfer.kv_cache import KVCache, PagePools
 from jaxinfer.runtime import Runtime
 from jaxinfer.sampling import SamplingParams
 from jaxinfer.sparsity import DENSE, Sparsity
@@ -51,11 +49,11 @@ class Context:
   length: jax.Array  # (B,) position of the root (the last committed, not yet cached, token)
   sampling: SamplingParams
   keys: jax.Array  # (B,) this step's draft keys
-  # (B, M) in the paged engine, each row's page table for a proposer with `paged_layers` (-1
-  # for a row not live: nothing of it is written); None elsewhere
+  # (B, M) each row's page table, for a proposer with `paged_layers` (-1 for a row not live:
+  # nothing of it is written); None for the others
   pages: jax.Array | None = None
   # every row is known to be greedy: drafts drawn without the sampling machinery (static: the
-  # step compiled for calls of greedy requests, `sampling.jit_variants`)
+  # step compiled for runs of greedy requests, `sampling.jit_variants`)
   greedy_only: bool = struct.field(pytree_node=False, default=False)
 
 
@@ -219,11 +217,6 @@ class Proposer(abc.ABC):
     del weights, verified
     return state
 
-  def state_shardings(self, state, mesh, rules, rows: str | None) -> Any:
-    """Where the state's arrays live on a replica's mesh: each row (axis 0) over `rows` (the
-    batch axes, or None: whole), a KV cache of the proposer's own by the cache's axes."""
-    return row_shardings(state, mesh, rules, rows)
-
 
 def check_fits(proposer: Proposer, cfg, sparsity: Sparsity) -> None:
   """Raises ValueError when the proposer's trees cannot be verified under the target's attention
@@ -236,22 +229,6 @@ def check_fits(proposer: Proposer, cfg, sparsity: Sparsity) -> None:
     if window is not None and proposer.tree_size > window:
       raise ValueError(f"speculative decoding: the draft tree ({proposer.tree_size} tokens) "
                        f"must fit {what} ({window})")
-
-
-def row_shardings(state, mesh, rules, rows: str | None) -> Any:
-  """Rows (axis 0; a KVCache's axis 1) over `rows`, a KVCache's heads over `kv_heads`; page
-  pools whole."""
-  at = lambda x, axes: rules.sharding(mesh, axes, x.shape)
-  cache_axes = tuple(rows if a == "batch" else a for a in CACHE_AXES)
-
-  def leaf(x):
-    if isinstance(x, KVCache):
-      return jax.tree_util.tree_map(lambda y: at(y, cache_axes), x)
-    if isinstance(x, PagePools):
-      return jax.tree_util.tree_map(lambda y: at(y, (None,) * y.ndim), x)
-    return at(x, (rows,) + (None,) * (x.ndim - 1))
-
-  return jax.tree_util.tree_map(leaf, state, is_leaf=_caches)
 
 
 def put_rows(old, new, slots):

@@ -198,13 +198,6 @@ def _eagle(opts, cfg, params, dtype):
   return P.Eagle(eagle.draft_config(cfg), num_draft_tokens=opts.num_draft_tokens), heads
 
 
-def in_engine(opts) -> bool:
-  """Whether `opts` speculate inside the continuous-batching engine (its slots, page pool and
-  prefill lanes; every proposer does), rather than in the speculative generator's static
-  batches (`--scheduler=static`)."""
-  return opts.scheduler == "continuous"
-
-
 BUILDERS: dict[str, Callable] = {
     "ngram": _ngram, "lookahead": _lookahead, "recycling": _recycling, "draft": _draft,
     "layerskip": _layerskip, "medusa": _heads_tree, "hydra": _heads_tree, "eagle": _eagle,

@@ -27,7 +27,7 @@ class DraftModel(Chain):
   the draft model was less than `fallback` sure of (its softmax maximum), handing the rest of the
   step to the target; once every row has stopped, no more draft steps run. Unused chain slots
   hold token 0 drawn from a point mass (so the exact rule stays exact). `sparsity`: the draft's
-  attention pattern (the speculative generator gives it the target's)."""
+  attention pattern (the engine gives it the target's)."""
 
   cfg: ModelConfig
   num_draft_tokens: int = 4

@@ -24,7 +24,7 @@ class Eagle(Chain):
   of the last accepted path, then feed its own predicted features back `num_draft_tokens` - 1
   times. Drafts are sampled from its filtered distribution for sampling rows (q returned, zero
   outside its draft vocabulary). `sparsity`: the pattern its layer attends its own cache with
-  (the generator sets the target's). In the engine its layer's K/V live in the engine's page
+  (the engine sets the target's). In the engine its layer's K/V live in the engine's page
   layout; the pair at position p holds token p + 1."""
 
   cfg: ModelConfig  # the draft layer's (one layer)

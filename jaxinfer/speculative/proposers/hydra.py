@@ -32,7 +32,7 @@ class Hydra(HeadsTree):
   cache and the target's hidden states on the last accepted path, still to be fed to it (an
   `EagleState`, as the EAGLE draft keeps its pairs); the heads read the layer's output at the
   last accepted token. Without it, the state is the target's hidden state there (B, D).
-  `sparsity`: the pattern the prefix layer attends its cache with (the generator sets the
+  `sparsity`: the pattern the prefix layer attends its cache with (the engine sets the
   target's). In the engine the prefix layer's K/V live in the engine's page layout."""
 
   paths: tuple[tuple[int, ...], ...]

@@ -71,8 +71,3 @@ class Recycling(Proposer):
     k = adj.shape[1]  # (its width, shared by the smaller trees `shrink` makes)
     top = jax.lax.top_k(logits, k)[1].astype(jnp.int32)  # (B, T, k)
     return adj.at[tokens.reshape(-1)].set(top.reshape(-1, k))
-
-  def state_shardings(self, state, mesh, rules, rows):
-    """Whole on every device (every row reads all of it)."""
-    return jax.tree_util.tree_map(lambda x: rules.sharding(mesh, (None,) * x.ndim, x.shape),
-                                  state)
