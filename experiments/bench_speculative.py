@@ -220,11 +220,12 @@ def main(argv):
     compile_s = {"plain": warm(plain)} | {f"{m} {mode}": warm(llm) for m, d in llms.items()
                                           for mode, llm in d.items()}
     runs = {m: {"plain": [], "always": [], "auto": []} for m in methods}
-    for r in range(FLAGS.repeats):  # per method: plain, always, auto (drift hits them alike)
+    for r in range(FLAGS.repeats):
+      # per method: plain, always, auto, then the other way round (drift and each mode's place
+      # in a round hit them alike: a run right after another's leaves it caches and garbage)
       for m in methods:
-        runs[m]["plain"].append(timed(plain))
-        for mode in ("always", "auto"):
-          runs[m][mode].append(timed(llms[m][mode]))
+        for mode in ("plain", "always", "auto")[::1 if r % 2 == 0 else -1]:
+          runs[m][mode].append(timed(plain if mode == "plain" else llms[m][mode]))
         print(f"  batch {b} round {r + 1} {m}: " + ", ".join(
             f"{k} {v[-1][0]:.3f}s" for k, v in runs[m].items()), file=sys.stderr, flush=True)
     reference = runs[methods[0]]["plain"][0][1] if methods else None
@@ -237,7 +238,9 @@ def main(argv):
                          f"{FLAGS.num_prompts} held-out stdlib files (by path) longer than that",
            "prompt_tokens": FLAGS.prompt_tokens, "max_new_tokens": FLAGS.max_new_tokens,
            "baseline": f"jaxinfer.LLM(model, batch_size={b}): the engine, no speculation",
-           "repeats": FLAGS.repeats, "params": plain.config.num_params(),
+           "repeats": FLAGS.repeats,
+           "mode_order": "plain, always, auto; reversed every other round",
+           "params": plain.config.num_params(),
            "compile_seconds": compile_s,
            "plain_tokens_per_second_median": round(float(np.median(
                [x[2]["end_to_end_tokens_per_second"] for x in plain_runs])), 1),

@@ -21,15 +21,17 @@ def run_engine(target, reqs, proposer=None, runtime=Runtime(), should_stop=None,
                max_len=128, **kw):
   """({uid: EngineResult}, the engine's stats, the engine) of one engine run over `reqs` (3 slots,
   2 lanes of 16 prompt tokens and pages of 8 unless `kw` says otherwise); picks: the ladder
-  levels the auto policy is made to pick, in turn (None: its own)."""
+  levels the auto policy is made to pick, in turn, trees wanted from the start (None: its
+  own)."""
   cfg, params = target
   ecfg = EngineConfig(**{"num_slots": 3, "chunk_size": 16, "chunk_lanes": 2, "page_size": 8} |
                       {k: kw.pop(k) for k in ("decode_steps", "num_slots", "chunk_lanes")
                        if k in kw})
   eng = Engine(cfg, params, ecfg, max_len=max_len, runtime=runtime, proposer=proposer, **kw)
-  if picks is not None:
+  if picks is not None:  # (a draft layer in the pages fed from the start, as trees may run)
     cycle = iter(picks * 1000)
-    eng.policy.pick = lambda mixed=False, live=1, work_s=None: next(cycle)
+    eng.policy.pick = lambda mixed=False, live=1, work_s=None, hold_trees=False: next(cycle)
+    eng.policy.wants_trees = lambda work_s: True
   out = {}
   st = eng.run(reqs, lambda r: out.__setitem__(r.uid, r), should_stop)
   return out, st, eng

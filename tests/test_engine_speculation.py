@@ -102,10 +102,10 @@ def test_speculating_engine_equals_the_plain_engine(target):
       assert st.accepted_hist[-1] > 0 and st.decode_tokens > 2 * st.row_steps
     if "picks" in kw:
       assert isinstance(eng.ladder[max(kw["picks"])], Plain)
-      assert ("decode", True) in eng._compiled and ("trees", 0, True) in eng._compiled
+      decode = ("decode", True) + ("fed",) * proposer.paged_layers  # (feeding its layer)
+      assert decode in eng._compiled and ("trees", 0, True) in eng._compiled
       # greedy requests only: steps compiled without the vocabulary sort sampling needs
-      assert not any(" sort(" in eng._compiled[k].as_text()
-                     for k in (("decode", True), ("trees", 0, True)))
+      assert not any(" sort(" in eng._compiled[k].as_text() for k in (decode, ("trees", 0, True)))
       if proposer.paged_layers:  # rows turned from trees to plain steps
         assert "flush" in eng._compiled
 
@@ -345,6 +345,36 @@ def test_draft_layers_in_the_engines_pages_draft_as_in_a_cache_of_their_own(targ
   after, _ = proposer.draft(w, paged, ctx)
   for a, b in zip(jax.tree_util.tree_leaves(before), jax.tree_util.tree_leaves(after.cache)):
     np.testing.assert_array_equal(a, b)
+
+
+def test_a_draft_layer_in_the_pages_is_fed_once_trees_would_pay(target):
+  """auto with EAGLE's layer in the pages: a run too short to pay for compiling trees runs the
+  plain engine's own steps, which feed no draft layer. Once trees would pay (here from a run's
+  third dispatch on), the plain steps feed it, prompt pages computed before are no longer shared
+  (their layer K/V were never written), and trees wait until the rows that began unfed have
+  ended. Outputs equal plain decoding's throughout."""
+  cfg, params = target
+  proposer, heads = _feature_proposers(cfg, params)["eagle"]
+  reqs = _requests(15)
+  ref, _, _ = run_engine(target, reqs)
+  tokens = lambda out: {u: r.tokens for u, r in out.items()}
+  out, _, eng = run_engine(target, reqs, proposer, draft_params=heads, speculation="auto",
+                           decode_steps=2)
+  assert tokens(out) == tokens(ref)
+  assert not eng._feeding and not any("fed" in k or k[0] in ("tree", "trees")
+                                      for k in eng._compiled if isinstance(k, tuple))
+  assert "trees not tried yet, compiling them" in eng.policy.summary(eng.policy.dispatches)
+  holds, pick = [], eng.policy.pick
+  eng.policy.pick = lambda **kw: holds.append(kw["hold_trees"]) or pick(**kw)
+  pay = lambda st: setattr(eng.policy, "AMORTIZE", 0.0 if len(holds) > 2 else 1e9)
+  out = {}
+  eng.run(reqs, lambda r: out.__setitem__(r.uid, r), on_step=pay)
+  assert tokens(out) == tokens(ref)
+  assert eng._feeding and ("decode", True, "fed") in eng._compiled
+  # the rows begun before held trees back, then trees ran
+  held = [i for i, h in enumerate(holds) if h]
+  assert held and held[0] >= 2 and not holds[-1]
+  assert sum(eng.policy.dispatches[:-1]) > 0 and eng.stats.compilations <= eng.max_shapes
 
 
 def test_plain_steps_feed_a_draft_layer_in_the_pages_what_its_own_prefill_would(target):

@@ -210,13 +210,18 @@ class Engine:
     self.policy = policy.TreePolicy(self.ladder, speculation)
     kw = lambda p: dict(cfg=model_cfg, proposer=p, rule=rule, runtime=runtime)
     trees = [p for p in self.ladder if not isinstance(p, policy.Plain)]  # levels 0, 1, ...
-    if proposer.paged_layers:  # the plain steps feed its layer every token they compute
+    # A draft layer in the pages: once trees may run, the plain steps feed it every token they
+    # compute (`_feeding`); with the auto policy only from the moment it would try a tree, and
+    # trees then wait until every row whose context was computed unfed (`_unfed`) has ended
+    self._feeding = proposer.paged_layers and speculation == "always"
+    self._unfed: set = set()
+    if proposer.paged_layers:
       feed = partial(speculate.feed, proposer=proposer, runtime=runtime)
-      self._step = jit_variants(partial(engine_step, cfg=model_cfg, runtime=runtime,
-                                        feed=feed), (1, 2, 3, 18))
-      self._decode = jit_variants(partial(engine_decode, max_steps=self.cfg.decode_steps,
-                                          cfg=model_cfg, runtime=runtime, feed=feed),
-                                  (1, 2, 3, 17))
+      self._fed_step = jit_variants(partial(engine_step, cfg=model_cfg, runtime=runtime,
+                                            feed=feed), (1, 2, 3, 18))
+      self._fed_decode = jit_variants(partial(engine_decode, max_steps=self.cfg.decode_steps,
+                                              cfg=model_cfg, runtime=runtime, feed=feed),
+                                      (1, 2, 3, 17))
       self._flush = jax.jit(partial(speculate.flush, proposer=proposer, runtime=runtime),
                             donate_argnums=0)
     self._tree_step = [jit_variants(partial(speculate.step, **kw(p)), (2, 3, 4)) for p in trees]
@@ -256,19 +261,21 @@ class Engine:
     if plan.tree:
       return self._launch_trees(plan)
     m, greedy = self.plain_pages, self._greedy  # (attention reads every page of a table)
+    layer = self.proposer is not None and self._feeding
     if plan.num_prefill:  # one mixed step; a shape per lane count and length
-      fn, shape = self._step[greedy], (len(plan.chunk_table), len(plan.tokens), greedy)
+      fn = (self._fed_step if layer else self._step)[greedy]
+      shape = (len(plan.chunk_table), len(plan.tokens), greedy) + ("fed",) * layer
       args = (self.params, self.k, self.v, self.last_token, plan.tokens, plan.from_device,
               plan.positions, plan.decode_table[:, :m], plan.chunk_table[:, :m],
               plan.sample_index, plan.sampled, plan.key_data)
     else:  # decode-only steps
-      fn, shape = self._decode[greedy], ("decode", greedy)
+      fn = (self._fed_decode if layer else self._decode)[greedy]
+      shape = ("decode", greedy) + ("fed",) * layer
       args = (self.params, self.k, self.v, self.last_token, plan.tokens, plan.from_device,
               plan.positions, plan.decode_table[:, :m], plan.sample_index, plan.sampled,
               plan.key_data)
     args += (plan.sampling["temperature"], plan.sampling["top_k"], plan.sampling["top_p"],
              plan.sampling["min_p"])
-    layer = self.proposer is not None and self.proposer.paged_layers
     if not plan.num_prefill:
       args += (np.int32(plan.num_steps),)
     elif layer:
@@ -365,10 +372,13 @@ class Engine:
   def _plan(self, sched: Scheduler, drain: Callable[[], None] | None) -> StepPlan | None:
     """The next step's plan; speculating, its rows verify the tree the policy picks, or decode
     plainly. Between the two, every dispatch in flight is first read (`drain` reads one)."""
+    if self.proposer is not None and self.proposer.paged_layers:
+      self._feed_once_trees_pay(sched)
     lanes, g, q = sched.schedule()
     if self.proposer is None or not (lanes or sched.running):
       return sched.layout(lanes, g, q)
-    level = self.policy.pick(mixed=bool(lanes), live=sched.running, work_s=self._work_s())
+    level = self.policy.pick(mixed=bool(lanes), live=sched.running, work_s=self._work_s(),
+                             hold_trees=bool(self._unfed))
     tree = not isinstance(self.ladder[level], policy.Plain)
     drained = False
     if tree != self._trees and self._trees is not None:
@@ -383,6 +393,16 @@ class Engine:
     if plan is not None:
       plan.level, self._trees = level, tree
     return plan
+
+  def _feed_once_trees_pay(self, sched: Scheduler) -> None:
+    """A draft layer in the pages: the plain steps start to feed it once the policy would try a
+    tree. Prompt pages computed before are then no longer shared (the layer lacks their K/V),
+    and the rows begun before (`_unfed`) hold trees back until they end."""
+    if not self._feeding and self.policy.wants_trees(self._work_s()):
+      self._feeding = True
+      self.pool.forget_prefixes()
+      self._unfed = set(sched.order)
+    self._unfed &= set(sched.order)
 
   def _work_s(self) -> float:
     """Seconds of work in sight for the policy: what is left of this run's budgets at the
@@ -404,7 +424,9 @@ class Engine:
     doublings = lambda n, start: (-(-n // start) - 1).bit_length() + 1  # start, 2 start, .., n
     admits = (doublings(self.cfg.num_slots, 1)
               * doublings(self.drafting.history.shape[1], 16))
-    return steps * len(self.ladder) + 1 + admits + self.proposer.paged_layers  # (+ flush)
+    # a draft layer in the pages: plain steps that feed it and (auto) ones that do not, a flush
+    fed = self.proposer.paged_layers and self.policy.policy == "auto"
+    return steps * (len(self.ladder) + fed) + 1 + admits + self.proposer.paged_layers
 
   def run(self, requests: Iterable[EngineRequest], on_result: Callable[[EngineResult], None],
           should_stop: Callable[[int, list[int]], bool] | None = None,

@@ -98,6 +98,14 @@ class PagePool:
           self._forget(page)
           self._free.append(page)
 
+  def forget_prefixes(self) -> None:
+    """No page is findable any more: pages in use stay their holders' (and are freed when
+    released), cached unreferenced ones are free."""
+    self._cached.clear()
+    self._key_of.clear()
+    self._free.extend(self._evictable)
+    self._evictable.clear()
+
   def _ref(self, page: int) -> None:
     self.refcount[page] += 1
     self._evictable.pop(page, None)

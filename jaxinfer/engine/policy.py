@@ -189,6 +189,7 @@ class TreePolicy:
     self._live = [1.0] * n  # per level, the live rows of its last dispatch that ran a step
     self.compile_s = [0.0] * n  # per level, the compilation its dispatches caused (`compiled`)
     self.deferred: tuple[float, float] | None = None  # (compile, work) seconds a tree waits on
+    self.held = False  # the last pick was held to plain decoding by its caller (`pick`)
 
   @property
   def measured(self) -> list[int]:
@@ -243,6 +244,14 @@ class TreePolicy:
     self.deferred = (expected, work_s)
     return False
 
+  def wants_trees(self, work_s: float | None) -> bool:
+    """Whether a tree would be tried now: one is compiled already, or plain decoding's
+    compilation is known and the work in sight pays for compiling a tree (`_affordable`)."""
+    plain = len(self.sizes) - 1
+    if self.policy == "always" or any(self.compile_s[:plain]):
+      return True
+    return bool(self.compile_s[plain]) and self._affordable(0, work_s)
+
   def start_call(self) -> None:
     """Starts counting what `summary` reports as one call's (`dispatches`, `call`)."""
     self.dispatches = [0] * len(self.sizes)
@@ -263,12 +272,17 @@ class TreePolicy:
       return deepest + 1 if self._affordable(deepest + 1, work_s) else None
     return None
 
-  def pick(self, mixed: bool = False, live: int = 1, work_s: float | None = None) -> int:
+  def pick(self, mixed: bool = False, live: int = 1, work_s: float | None = None,
+           hold_trees: bool = False) -> int:
     """The level of the next dispatch (`mixed`: it has prompt lanes; `live`: rows it verifies;
-    `work_s`: the work in sight, in seconds, that compiling a tree must pay for; None: any)."""
+    `work_s`: the work in sight, in seconds, that compiling a tree must pay for; None: any;
+    `hold_trees`: the caller cannot run trees yet, plain decoding it is)."""
     self.clock += 1
+    self.held = hold_trees and self.policy != "always"
     if self.policy == "always":
       level = 0
+    elif self.held:
+      level = len(self.sizes) - 1
     elif self.hold[mixed] > 0:
       level = self.current[mixed]
       self.hold[mixed] -= 1
@@ -344,7 +358,10 @@ class TreePolicy:
     spec = 1 - counts[plain] / total
     if spec == 0 and not any(self.measured[:plain]):
       why = "plain decoding, measured first, was not measured yet"
-      if self.deferred:
+      if self.held:
+        why = ("they wait for the rows that began before the draft layer was fed to end "
+               "(its context of them is missing)")
+      elif self.deferred:
         why = (f"compiling them (about {self.deferred[0]:.1f} s) would cost more than "
                f"1/{self.AMORTIZE} of the work in sight ({self.deferred[1]:.1f} s)")
       return (f"decoded plainly throughout: trees not tried yet, {why}; "
