@@ -21,6 +21,13 @@ from pathlib import Path
 MIN_COMPILE_SECONDS = 0.2  # cheaper computations are not worth a file
 
 
+def min_compile_seconds() -> float:
+  """MIN_COMPILE_SECONDS, unless $JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS (JAX's own setting)
+  says otherwise."""
+  value = os.environ.get("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS")
+  return MIN_COMPILE_SECONDS if value is None else float(value)
+
+
 def default_dir(cache_dir: str | os.PathLike | None = None) -> Path:
   """$JAX_COMPILATION_CACHE_DIR (JAX's own setting) if set, else xla/ in jaxinfer's cache."""
   if os.environ.get("JAX_COMPILATION_CACHE_DIR"):
@@ -49,11 +56,12 @@ def enable(path: str | os.PathLike | None) -> Path | None:
     print(f"warning: compilation cache off ({e}); pass --compilation_cache=DIR to choose another "
           f"directory", file=sys.stderr)
     return None
+  least = min_compile_seconds()
   if (jax.config.jax_compilation_cache_dir == str(path)
-      and jax.config.jax_persistent_cache_min_compile_time_secs == MIN_COMPILE_SECONDS):
+      and jax.config.jax_persistent_cache_min_compile_time_secs == least):
     return path  # as it is (no reset under compilations running in other threads)
   jax.config.update("jax_compilation_cache_dir", str(path))
-  jax.config.update("jax_persistent_cache_min_compile_time_secs", MIN_COMPILE_SECONDS)
+  jax.config.update("jax_persistent_cache_min_compile_time_secs", least)
   cc.reset_cache()  # jax decides once per process whether to use the cache: decide again
   return path
 

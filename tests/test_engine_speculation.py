@@ -262,6 +262,15 @@ def test_tree_policy_explores_then_runs_the_fastest():
   # the next tree (0 lost to plain decoding) is expected to compile as the first did
   assert policy._exploring(bar) is None
   assert policy._exploring(TreePolicy.AMORTIZE * 4.0) == 1
+  # a draft layer's feeding starts when a tree would be tried: not before plain decoding is
+  # measured, whatever the work in sight (early estimates of it count prefill as decoding)
+  policy = TreePolicy(levels, "auto", explore_every=4)
+  assert not policy.wants_trees(work_s=1e9)
+  policy.compiled(3, 0.5)
+  dispatch(policy, 3)
+  assert not policy.wants_trees(work_s=1e9)
+  dispatch(policy, 3)
+  assert policy.wants_trees(work_s=bar) and not policy.wants_trees(work_s=0.9 * bar)
   with pytest.raises(ValueError, match="speculation policy"):
     ladder(P.NGram(), "never")
 

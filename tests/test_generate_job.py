@@ -208,9 +208,12 @@ def test_cli_compilation_cache_makes_a_repeated_run_load_its_executables(tmp_pat
   runs = []
   for i in range(2):
     out, metrics = tmp_path / f"out{i}.jsonl", tmp_path / f"m{i}.json"
+    # (every computation kept: the tiny model's steps may compile faster than the default
+    # minimum worth a file)
     proc = _cli("generate", f"--model={tiny_model_dir}", f"--prompts={prompts}", f"--output={out}",
                 f"--metrics_output={metrics}", "--max_new_tokens=6", f"--compilation_cache={cache}",
-                "--cpu_devices=1", "--noprogress")
+                "--cpu_devices=1", "--noprogress",
+                env={"JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0"})
     assert proc.returncode == 0, proc.stderr
     runs.append((_read(out), json.loads(metrics.read_text())))
     if i == 0:

@@ -245,12 +245,13 @@ class TreePolicy:
     return False
 
   def wants_trees(self, work_s: float | None) -> bool:
-    """Whether a tree would be tried now: one is compiled already, or plain decoding's
-    compilation is known and the work in sight pays for compiling a tree (`_affordable`)."""
+    """Whether a tree would be tried now: one is compiled already, or the next level to explore
+    is a tree (plain decoding measured first, then a tree only once the work in sight pays for
+    compiling it: `_exploring`)."""
     plain = len(self.sizes) - 1
     if self.policy == "always" or any(self.compile_s[:plain]):
       return True
-    return bool(self.compile_s[plain]) and self._affordable(0, work_s)
+    return self._exploring(work_s) not in (None, plain)
 
   def start_call(self) -> None:
     """Starts counting what `summary` reports as one call's (`dispatches`, `call`)."""
