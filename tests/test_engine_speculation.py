@@ -299,7 +299,7 @@ def test_draft_layers_in_the_engines_pages_draft_as_in_a_cache_of_their_own(targ
   """A draft layer over the target's features keeps its K/V in the engine's page layout: the
   prefill lanes' hidden states written there in chunks of 8 through scattered page tables, and
   the pending pair (the one a row's first verification gives it) fed, its drafts (tokens and q)
-  equal those from the generator's cache of its own filled over the whole prompt; its state
+  equal those from a cache of the layer's own filled over the whole prompt; its state
   after a verification, drafting again, too. A row not live writes no page."""
   from jaxinfer import model as M
   from jaxinfer.kv_cache import KVCache
