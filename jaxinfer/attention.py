@@ -28,7 +28,7 @@ import jax.numpy as jnp
 from jax.sharding import Mesh, PartitionSpec
 
 from jaxinfer.kv_cache import SCALE_AXES, gather_rows
-from jaxinfer.kv_quant import QuantizedKV, kv_arrays, kv_read, kv_reshape
+from jaxinfer.kv_quant import QuantizedKV, kv_arrays, kv_read
 from jaxinfer.sharding import DEFAULT_RULES, ShardingRules, rows_split
 from jaxinfer.sparsity import Sparsity
 
@@ -256,11 +256,8 @@ def _xla_tree(q, kv, positions, *, window, sinks, mesh, rules):
   from pallas_kernels.tree_attention import tree_visibility
   b, t, n, h = q.shape
   kv_heads = kv.k.shape[0]
-  if kv.contiguous:  # row b owns pages [b*M, (b+1)*M): the pool is a (K, B, S, H) cache
-    (k, ks), (v, vs) = (kv_read(kv_reshape(x, kv_heads, b, -1), (), q.dtype)
-                        for x in (kv.k, kv.v))
-  else:  # each row's pages gathered heads-major, as the decode path gathers them
-    (k, ks), (v, vs) = (gather_rows(x, kv.page_table, q.dtype) for x in (kv.k, kv.v))
+  # each row's pages gathered heads-major, as the decode path gathers them
+  (k, ks), (v, vs) = (gather_rows(x, kv.page_table, q.dtype) for x in (kv.k, kv.v))
   qg = q.reshape(b, t, kv_heads, n // kv_heads, h).transpose(2, 0, 3, 1, 4)  # (K,B,G,T,H)
   scores = jnp.einsum("kbgth,kbsh->kbgts", qg, k, preferred_element_type=jnp.float32)
   visible = tree_visibility(kv.prefix_len, kv.tree_mask, k.shape[2], window, sinks)
@@ -274,17 +271,8 @@ def _pallas_tree(q, kv, positions, *, window, sinks, mesh, rules):
   from pallas_kernels.tree_attention import tree_attention
   qa = ("batch", "seq", "act_heads", "head_dim")
   pa = ("act_kv_heads", None, None, "head_dim")
-  # Row b owns pages [b*M, (b+1)*M) (a contiguous cache): with the rows split over the batch
-  # axes, each shard holds its own rows' pages and reads them through its own identity table.
-  local = kv.contiguous and rows_split(q.shape[0], mesh, rules)
-  if local and isinstance(kv.k, QuantizedKV):  # scale rows are not split with the rows' pages
-    return _xla_tree(q, kv, positions, window=window, sinks=sinks, mesh=mesh, rules=rules)
-  if local:
-    pa = ("act_kv_heads", "batch", None, "head_dim")
 
   def kernel(q, prefix_len, table, mask, k, v, *scales):
-    if local:  # the shard's pages start at its first row's
-      table = table - table[:1, :1]
     return tree_attention(q, k, v, prefix_len, table, mask, *scales, window=window, sinks=sinks)
 
   args, axes = _pool_args(kv, pa)

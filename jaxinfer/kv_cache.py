@@ -22,8 +22,8 @@ from flax import struct
 from jax.sharding import Mesh
 
 from jaxinfer.config import ModelConfig
-from jaxinfer.kv_quant import (QuantizedKV, kv_bytes_per_vector, kv_move, kv_read, kv_reshape,
-                               kv_set, kv_zeros, scales_shape)
+from jaxinfer.kv_quant import (QuantizedKV, kv_bytes_per_vector, kv_move, kv_read, kv_set,
+                               kv_zeros, scales_shape)
 from jaxinfer.sharding import DEFAULT_RULES, ShardingRules
 
 CACHE_AXES = ("kv_heads", "batch", "cache_seq", "head_dim")
@@ -246,8 +246,9 @@ class MixedPagedKVCache:
   tokens as one batch (SARATHI's mixed step); attention runs per group.
 
   T = 1 (no `tree_mask`): one decode token per slot. Otherwise each slot's T tokens are a draft
-  tree verified over its pages (as `TreeKVCache`: stored at prefix_len + node index, seeing the
-  prefix and their ancestors, `tree_mask` (S, T, W) packed ancestor bits)."""
+  tree verified over its pages (`TreeLayerKV`: stored at prefix_len + node index, seeing the
+  prefix and their ancestors, `tree_mask` (S, T, W) packed ancestor bits); `commit_path` then
+  moves the accepted path's K/V to consecutive positions."""
 
   k: tuple[jax.Array, ...]
   v: tuple[jax.Array, ...]
@@ -266,16 +267,16 @@ class MixedPagedKVCache:
 
 @struct.dataclass
 class TreeLayerKV:
-  """One layer of a `TreeKVCache`: writes the T tree tokens at slots prefix_len + node index
-  (whatever their RoPE positions; a token at a position past the rows' pages, as a row that is
-  not verifying has, is not written), and attends through the tree-verification kernel."""
+  """One layer of draft trees over a paged cache: writes the T tree tokens at slots
+  prefix_len + node index (whatever their RoPE positions; a token at a position past the rows'
+  pages, as a row that is not verifying has, is not written), and attends through the
+  tree-verification kernel."""
 
   k: jax.Array
   v: jax.Array
   page_table: jax.Array
   prefix_len: jax.Array
   tree_mask: jax.Array
-  contiguous: bool = struct.field(pytree_node=False, default=False)  # table = identity
 
   def slots(self, positions: jax.Array) -> jax.Array:
     """Where the tokens at RoPE `positions` (B, T) are stored: by node index after the prefix;
@@ -286,38 +287,11 @@ class TreeLayerKV:
 
   def write(self, k: jax.Array, v: jax.Array, positions: jax.Array) -> "TreeLayerKV":
     slots = self.slots(positions)
-    if self.contiguous:  # row b's pages are [b*M, (b+1)*M): write the (K, B, S, H) view
-      b = self.page_table.shape[0]
-      write = lambda pool, new: kv_reshape(
-          _write_contiguous(kv_reshape(pool, pool.shape[0], b, -1), new, slots), *pool.shape[:3])
-    else:
-      write = lambda pool, new: _write_paged(pool, new, slots, self.page_table)
-    return self.replace(k=write(self.k, k), v=write(self.v, v))
+    return self.replace(k=_write_paged(self.k, k, slots, self.page_table),
+                        v=_write_paged(self.v, v, slots, self.page_table))
 
   def attend(self, impl, q: jax.Array, positions: jax.Array, **kw) -> jax.Array:
     return impl.tree(q, self, positions, **kw)
-
-
-@struct.dataclass
-class TreeKVCache:
-  """Verification of draft trees over a paged cache: each row's committed prefix is positions
-  [0, prefix_len) of its pages; its T tree tokens are written at [prefix_len, prefix_len + T)
-  and see the prefix plus their ancestors (`tree_mask`, packed ancestor bits (B, T, W)).
-  `commit_path` then moves the accepted path's K/V to consecutive positions."""
-
-  k: tuple[jax.Array, ...]
-  v: tuple[jax.Array, ...]
-  page_table: jax.Array
-  prefix_len: jax.Array
-  tree_mask: jax.Array
-  contiguous: bool = struct.field(pytree_node=False, default=False)  # table = identity
-
-  def layer(self, i: int) -> TreeLayerKV:
-    return TreeLayerKV(self.k[i], self.v[i], self.page_table, self.prefix_len, self.tree_mask,
-                       self.contiguous)
-
-  def with_layers(self, layers: list[TreeLayerKV]) -> "TreeKVCache":
-    return self.replace(k=tuple(l.k for l in layers), v=tuple(l.v for l in layers))
 
 
 def commit_path(pools: tuple[jax.Array, ...], page_table: jax.Array, prefix_len: jax.Array,

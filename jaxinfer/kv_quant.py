@@ -156,11 +156,6 @@ def kv_read(buf, index: tuple, dtype) -> tuple[jax.Array, jax.Array | None]:
   return buf[index], None
 
 
-def kv_reshape(buf, *lead: int):
-  """The buffer with (K, *positions) reshaped to `lead`."""
-  return buf.reshape(*lead) if isinstance(buf, QuantizedKV) else buf.reshape(lead + buf.shape[-1:])
-
-
 def kv_arrays(buf) -> tuple[jax.Array, ...]:
   """(values,) or (values, scale rows): what a kernel takes for one buffer."""
   return (buf.values, buf.scales) if isinstance(buf, QuantizedKV) else (buf,)

@@ -372,12 +372,13 @@ class Engine:
   def _plan(self, sched: Scheduler, drain: Callable[[], None] | None) -> StepPlan | None:
     """The next step's plan; speculating, its rows verify the tree the policy picks, or decode
     plainly. Between the two, every dispatch in flight is first read (`drain` reads one)."""
+    work_s = None if self.proposer is None else self._work_s()
     if self.proposer is not None and self.proposer.paged_layers:
-      self._feed_once_trees_pay(sched)
+      self._feed_once_trees_pay(sched, work_s)
     lanes, g, q = sched.schedule()
     if self.proposer is None or not (lanes or sched.running):
       return sched.layout(lanes, g, q)
-    level = self.policy.pick(mixed=bool(lanes), live=sched.running, work_s=self._work_s(),
+    level = self.policy.pick(mixed=bool(lanes), live=sched.running, work_s=work_s,
                              hold_trees=bool(self._unfed))
     tree = not isinstance(self.ladder[level], policy.Plain)
     drained = False
@@ -394,15 +395,16 @@ class Engine:
       plan.level, self._trees = level, tree
     return plan
 
-  def _feed_once_trees_pay(self, sched: Scheduler) -> None:
+  def _feed_once_trees_pay(self, sched: Scheduler, work_s: float) -> None:
     """A draft layer in the pages: the plain steps start to feed it once the policy would try a
     tree. Prompt pages computed before are then no longer shared (the layer lacks their K/V),
     and the rows begun before (`_unfed`) hold trees back until they end."""
-    if not self._feeding and self.policy.wants_trees(self._work_s()):
+    if not self._feeding and self.policy.wants_trees(work_s):
       self._feeding = True
       self.pool.forget_prefixes()
       self._unfed = set(sched.order)
-    self._unfed &= set(sched.order)
+    elif self._unfed:
+      self._unfed &= set(sched.order)
 
   def _work_s(self) -> float:
     """Seconds of work in sight for the policy: what is left of this run's budgets at the

@@ -184,7 +184,7 @@ def _verify(params, draft_params, k, v, state: Drafting, nxt: _Next, n: int, lan
   if not proposer.is_chain:  # the accepted path's K/V to consecutive positions
     k_new = commit_path(k_new, decode_table, state.length, verdict.path, n_acc)
     v_new = commit_path(v_new, decode_table, state.length, verdict.path, n_acc)
-  emitted, n_emit, _, hist, length, done = emit(state, draft, verdict, eos_ids, live)
+  emitted, n_emit, hist, length, done = emit(state, draft, verdict, eos_ids, live)
   pstate = proposer.observe(weights, pstate, Verified(
       draft.tokens, hidden, logits, verdict.path, n_acc, verdict.next_token, state.length, live))
   state = Drafting(hist, length, state.num_generated + n_emit, state.max_new, done,

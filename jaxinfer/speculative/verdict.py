@@ -52,10 +52,10 @@ def judge(logits, draft, parents, sampling: SamplingParams, step_keys, rule: str
 
 
 def emit(state, draft, verdict, eos_ids, live):
-  """(emitted (B,T), tokens emitted per row, tokens accepted + 1 per row, history, length,
-  done) after a verification: the accepted drafts, then the next token, cut at EOS and at the
-  budget (the first `n_emit` of `emitted` are real). `state` has the rows' history, length,
-  num_generated, max_new and done."""
+  """(emitted (B,T), tokens emitted per row, history, length, done) after a verification: the
+  accepted drafts, then the next token, cut at EOS and at the budget (the first `n_emit` of
+  `emitted` are real). `state` has the rows' history, length, num_generated, max_new and
+  done."""
   b, t = draft.tokens.shape
   n_acc = verdict.num_accepted
   path_tokens = jnp.take_along_axis(draft.tokens, verdict.path, axis=1)  # (B,T); [:,0] = root
@@ -75,4 +75,4 @@ def emit(state, draft, verdict, eos_ids, live):
   new_length = jnp.where(live, state.length + count, state.length)
   done = state.done | (live & ((first_eos < count) | (state.num_generated + n_emit
                                                        >= state.max_new)))
-  return emitted, n_emit, count, hist, new_length, done
+  return emitted, n_emit, hist, new_length, done

@@ -90,7 +90,8 @@ class Eagle(Chain):
     feat, cache = self.catch_up(heads, base, st)
     drafted, qs = [root_only(ctx)], []
     for i in range(self.num_draft_tokens):
-      q = distribution(heads.logits(base, feat), ctx.sampling, ctx.greedy_only)  # over the draft vocabulary
+      # over the draft vocabulary
+      q = distribution(heads.logits(base, feat), ctx.sampling, ctx.greedy_only)
       tok = heads.token_ids(draw(q, ctx, i))
       drafted.append(tok)
       qs.append(heads.full(q, vocab_size))

@@ -2,10 +2,11 @@
 own KV cache, and the (feature, token) pairs of the last accepted path it has not read yet.
 
 Prefilled whole by the proposer itself (`prefill`: the reference the engine's layout is held
-against) the cache is a `KVCache` of its own, by row. In the paged engine it is a `PagePools` named by the engine's page tables: the prefill lanes write the
-prompt's pairs (`write_lanes`), drafting reads and writes through the rows' tables (`attach`,
-`detach`), and a row starts with nothing pending (`engine_rows`): its first verification drafts
-nothing and gives it the pair at its prompt's last token."""
+against) the cache is a `KVCache` of its own, by row. In the paged engine it is a `PagePools`
+named by the engine's page tables: the prefill lanes write the prompt's pairs (`write_lanes`),
+drafting reads and writes through the rows' tables (`attach`, `detach`), and a row starts with
+nothing pending (`engine_rows`): its first verification drafts nothing and gives it the pair at
+its prompt's last token."""
 
 from __future__ import annotations
 
