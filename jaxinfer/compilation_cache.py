@@ -95,16 +95,17 @@ def suspended():
 
 class CompileClock:
   """Every compilation this process runs (jit steps and small eager operations alike), from
-  jax's own compile events: `totals()` -> (seconds, backend compilations). Read two totals
-  around a call for what it compiled."""
+  jax's own compile and cache events: `totals()` -> (seconds, backend compilations, of them
+  loaded from the persistent cache). Read two totals around a call for what it compiled."""
 
-  _seconds, _count, _listening = 0.0, 0, False
+  _seconds, _count, _loaded, _listening = 0.0, 0, 0, False
 
   @classmethod
   def start(cls) -> None:
     if not cls._listening:
       import jax
       jax.monitoring.register_event_duration_secs_listener(cls._on_event)
+      jax.monitoring.register_event_listener(cls._on_count)
       cls._listening = True
 
   @classmethod
@@ -114,9 +115,13 @@ class CompileClock:
       cls._count += event.endswith("backend_compile_duration")
 
   @classmethod
-  def totals(cls) -> tuple[float, int]:
+  def _on_count(cls, event: str, **_) -> None:
+    cls._loaded += event == "/jax/compilation_cache/cache_hits"
+
+  @classmethod
+  def totals(cls) -> tuple[float, int, int]:
     cls.start()
-    return cls._seconds, cls._count
+    return cls._seconds, cls._count, cls._loaded
 
 
 def call_compiled(executables: dict, key, jitted, args: tuple, counter):

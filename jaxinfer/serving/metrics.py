@@ -14,12 +14,12 @@ SPECULATIVE_KEYS = ("mean_accepted_tokens", "accepted_length_histogram", "per_de
                     "speculation", "speculative_batches", "plain_batches", "tree_sizes")
 
 
-def generation_metrics(stats: dict, *, compiled: tuple[float, int], completion_tokens: int,
+def generation_metrics(stats: dict, *, compiled: tuple[float, int, int], completion_tokens: int,
                        prompt_tokens: int, seconds: float, opts: ServeOptions, dtype: str,
                        sparsity) -> dict:
-  """`stats`: a backend's (`jaxinfer.serving.backends`); `compiled`: (seconds, compilations)
-  of every compilation in the call (`compilation_cache.CompileClock`), the backend's compiled
-  steps and anything outside them; `seconds`: the call's wall time."""
+  """`stats`: a backend's (`jaxinfer.serving.backends`); `compiled`: (seconds, compilations,
+  of them loaded from the persistent cache) of every compilation in the call
+  (`compilation_cache.CompileClock`), the backend's compiled steps and anything outside them; `seconds`: the call's wall time."""
   busy = stats["busy_s"]
   compile_s = max(stats["compile_s"], compiled[0])
   metrics = {
@@ -45,6 +45,8 @@ def generation_metrics(stats: dict, *, compiled: tuple[float, int], completion_t
       "compilations": stats["compilations"],  # of the compiled steps
       # anything else that compiled (small eager operations outside the steps)
       "other_compilations": max(0, compiled[1] - stats["compilations"]),
+      # of all these, how many the persistent compilation cache supplied
+      "compilations_loaded": compiled[2],
       # beyond the fixed shapes (continuous: decode-only + lane lengths per engine; static: one
       # per bucket it met)
       "recompilations": max(0, stats["compilations"] - stats["expected_compilations"]),
