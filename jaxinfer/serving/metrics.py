@@ -19,7 +19,8 @@ def generation_metrics(stats: dict, *, compiled: tuple[float, int, int], complet
                        sparsity) -> dict:
   """`stats`: a backend's (`jaxinfer.serving.backends`); `compiled`: (seconds, compilations,
   of them loaded from the persistent cache) of every compilation in the call
-  (`compilation_cache.CompileClock`), the backend's compiled steps and anything outside them; `seconds`: the call's wall time."""
+  (`compilation_cache.CompileClock`), the backend's compiled steps and anything outside them;
+  `seconds`: the call's wall time."""
   busy = stats["busy_s"]
   compile_s = max(stats["compile_s"], compiled[0])
   metrics = {
