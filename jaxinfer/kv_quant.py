@@ -12,7 +12,6 @@ import math
 
 import jax
 import jax.numpy as jnp
-import qwix
 from flax import struct
 
 from pallas_kernels.common import SCALE_LANES  # scales are stored in rows of 128: QuantizedKV
@@ -88,7 +87,8 @@ class QuantizedKV:
 def quantize_vectors(x: jax.Array) -> tuple[jax.Array, jax.Array]:
   """Symmetric absmax int8 per vector along the last axis (by qwix, as the weights are):
   (values like x, scales x.shape[:-1] float32)."""
-  q = qwix.quantize(x.astype(jnp.float32), jnp.int8, channelwise_axes=tuple(range(x.ndim - 1)))
+  from jaxinfer.quant.ops import load_qwix
+  q = load_qwix().quantize(x.astype(jnp.float32), jnp.int8, channelwise_axes=tuple(range(x.ndim - 1)))
   return q.qvalue, q.scale[..., 0]
 
 

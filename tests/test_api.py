@@ -3,6 +3,8 @@ sampling and outputs as the JSONL job, in prompt order or as they finish; repeat
 what they built; bad input is refused with the option or prompt named."""
 
 import json
+import subprocess
+import sys
 
 import pytest
 
@@ -129,3 +131,14 @@ def test_compilation_cache_keyword_as_the_flag(tiny_model_dir, tmp_path):
   finally:
     from jaxinfer import compilation_cache
     compilation_cache.enable(suite)
+
+
+def test_an_unquantized_model_never_imports_the_quantization_library(tiny_model_dir):
+  # (qwix's import costs about 0.4 s of every start-up; only quantized weights need it)
+  code = ("import sys, jaxinfer\n"
+          f"llm = jaxinfer.LLM({str(tiny_model_dir)!r}, batch_size=2, progress=False)\n"
+          "assert llm.generate(['def add('], jaxinfer.SamplingParams(max_new_tokens=3))\n"
+          "print(sorted(m for m in sys.modules if m.split('.')[0] == 'qwix'))\n")
+  proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+  assert proc.returncode == 0, proc.stderr
+  assert proc.stdout.strip().splitlines()[-1] == "[]"

@@ -13,11 +13,15 @@ unchanged).
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import jax
 import jax.numpy as jnp
-import qwix
 
-from jaxinfer.quant.ops import ActQuantized, QArray, int_values, straight_through, weight
+from jaxinfer.quant.ops import ActQuantized, int_values, load_qwix, straight_through, weight
+
+if TYPE_CHECKING:
+  from qwix import QArray
 
 
 def linear(eq: str, x: jax.Array, w) -> jax.Array:
@@ -39,7 +43,7 @@ def _integer_product(eq: str, x: jax.Array, q: QArray, keep: tuple[int, ...]) ->
   one per group where q has scales along contracted axes (a :gN format's groups, or a scale per
   element of another contracted axis), kept apart, then scaled by q's scales and summed, then by
   the input's."""
-  xq = qwix.quantize(x, jnp.int8, channelwise_axes=keep)
+  xq = load_qwix().quantize(x, jnp.int8, channelwise_axes=keep)
   inputs, out = eq.split("->")
   xs, ws = inputs.split(",")
   xv, wv = xq.qvalue, int_values(q)
@@ -72,4 +76,5 @@ def _integer_product(eq: str, x: jax.Array, q: QArray, keep: tuple[int, ...]) ->
 
 def _fake_quant_input(x: jax.Array, keep: tuple[int, ...]) -> jax.Array:
   """The input as served rounds it; straight-through gradient."""
+  qwix = load_qwix()
   return straight_through(x, qwix.dequantize(qwix.quantize(x, jnp.int8, channelwise_axes=keep)))

@@ -14,23 +14,37 @@ from __future__ import annotations
 
 import functools
 import math
-from typing import Any
+import sys
+from typing import TYPE_CHECKING, Any
 
 import jax
 import jax.numpy as jnp
 import ml_dtypes
 import numpy as np
-import qwix
 from flax import struct
 
 from jaxinfer.params import ParamSpec
 from jaxinfer.quant.formats import CONTAINERS, PACKED_BITS, ROUNDED_HERE, QuantFormat
 
-QArray = qwix.QArray
+if TYPE_CHECKING:
+  from qwix import QArray
+
+
+def load_qwix():
+  """qwix, imported on first use: a model without quantized weights never needs it (importing it
+  costs about 0.4 s of every start-up)."""
+  import qwix
+  return qwix
+
+
+def is_qarray(x) -> bool:
+  """Whether `x` is a qwix QArray (none exists before qwix is imported)."""
+  qwix = sys.modules.get("qwix")
+  return qwix is not None and isinstance(x, qwix.QArray)
 
 
 def is_quantized(x) -> bool:
-  return isinstance(x, (QArray, ActQuantized))
+  return isinstance(x, ActQuantized) or is_qarray(x)
 
 
 def quantizes_activations(params) -> bool:
@@ -61,7 +75,7 @@ def quantize(w: jax.Array, spec: ParamSpec, fmt: QuantFormat) -> QArray:
   elif fmt.kind in ROUNDED_HERE:
     q = _rounded_here(w, fmt.qtype, channelwise, tiled)
   else:
-    q = qwix.quantize(w, fmt.qtype, channelwise_axes=channelwise, tiled_axes=tiled)
+    q = load_qwix().quantize(w, fmt.qtype, channelwise_axes=channelwise, tiled_axes=tiled)
   bits = packed_bits(q.qtype)
   if bits is not None and q.qvalue.shape[-1] % _word(bits)[0] == 0:
     floats = jnp.issubdtype(q.qvalue.dtype, jnp.floating)
@@ -166,7 +180,7 @@ def _ternary(w: jax.Array, channelwise, tiled) -> QArray:
   gamma = _nonzero(jnp.mean(jnp.abs(ws.astype(jnp.float32)), axis=reduce, keepdims=True))
   gamma = gamma.astype(w.dtype)
   q = jnp.clip(jnp.round(ws / gamma), -1, 1).reshape(w.shape).astype(jnp.int2)
-  return QArray(q, gamma.reshape(scale_shape), None, jnp.int2)
+  return load_qwix().QArray(q, gamma.reshape(scale_shape), None, jnp.int2)
 
 
 def _rounded_here(w: jax.Array, qtype, channelwise, tiled) -> QArray:
@@ -178,7 +192,7 @@ def _rounded_here(w: jax.Array, qtype, channelwise, tiled) -> QArray:
   scale = _nonzero(jnp.max(jnp.abs(ws), axis=reduce, keepdims=True) / bound).astype(w.dtype)
   x = jnp.clip(ws / scale, -bound, bound).astype(jnp.float32)
   q = round_to_float(x, qtype).reshape(w.shape).astype(CONTAINERS[jnp.dtype(qtype)])
-  return QArray(q, scale.reshape(scale_shape), None, qtype)
+  return load_qwix().QArray(q, scale.reshape(scale_shape), None, qtype)
 
 
 def round_to_float(x: jax.Array, qtype) -> jax.Array:
@@ -201,7 +215,7 @@ def logical_shape(x) -> tuple[int, ...]:
   if isinstance(x, ActQuantized):
     x = x.q
   shape = tuple(x.shape)
-  if isinstance(x, QArray) and x.qvalue.dtype == jnp.uint8:
+  if is_qarray(x) and x.qvalue.dtype == jnp.uint8:
     per_word, num_bytes = _word(packed_bits(x.qtype))
     return shape[:-1] + (shape[-1] // num_bytes * per_word,)
   return shape
@@ -219,7 +233,7 @@ def dequantize(q: QArray) -> jax.Array:
     floats = not isinstance(q.qtype, str) and jnp.issubdtype(q.qtype, jnp.floating)
     q = q.replace(qvalue=_float_values(unpack(q.qvalue, packed_bits(q.qtype), jnp.int32),
                                        q.qtype) if floats else int_values(q))
-  return qwix.dequantize(q)
+  return load_qwix().dequantize(q)
 
 
 @struct.dataclass
@@ -237,7 +251,7 @@ def weight(x):
   weight use in the model goes through this or `quant.linear`."""
   if isinstance(x, ActQuantized):
     x = x.q if x.w is None else x.w
-  return dequantize(x) if isinstance(x, QArray) else x
+  return dequantize(x) if is_qarray(x) else x
 
 
 def fake_quant(w: jax.Array, spec: ParamSpec, fmt: QuantFormat) -> jax.Array:

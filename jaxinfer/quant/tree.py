@@ -14,13 +14,12 @@ from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
-import qwix
 from jax.sharding import Mesh
 
 from jaxinfer.params import ParamSpec, is_spec
 from jaxinfer.quant.formats import QuantFormat
-from jaxinfer.quant.ops import (ActQuantized, dequantize, fake_quant, is_quantized, quantize,
-                                scale_axes, straight_through)
+from jaxinfer.quant.ops import (ActQuantized, dequantize, fake_quant, is_quantized, load_qwix,
+                                quantize, scale_axes, straight_through)
 from jaxinfer.sharding import DEFAULT_RULES, ShardingRules
 
 QUANT_FILE = "quantization.json"
@@ -140,7 +139,7 @@ def write_metadata(directory: str | os.PathLike, fmt: QuantFormat | None) -> Non
     path.unlink(missing_ok=True)
     return
   meta = {"version": QUANT_VERSION, "format": fmt.name, "include": list(fmt.include),
-          "qwix": qwix.__version__}
+          "qwix": load_qwix().__version__}
   path.write_text(json.dumps(meta, indent=2) + "\n")
 
 
