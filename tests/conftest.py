@@ -29,10 +29,17 @@ os.environ.setdefault("JAX_COMPILATION_CACHE_DIR",
 
 import jax  # noqa: E402
 import pytest  # noqa: E402
+from hypothesis import settings  # noqa: E402
 
 from jaxinfer import compilation_cache  # noqa: E402
 
 compilation_cache.enable(os.environ["JAX_COMPILATION_CACHE_DIR"])
+
+# The property tests draw the same examples on every run, so a run's result does not depend on
+# the draw; HYPOTHESIS_PROFILE=explore draws new ones each time.
+settings.register_profile("repeatable", derandomize=True)
+settings.register_profile("explore", derandomize=False)
+settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "repeatable"))
 
 if os.environ["JAX_PLATFORMS"].split(",")[0] != "cpu":
   # An accelerator's float32 matmuls default to lower precision (TF32 on a GPU): the references

@@ -34,6 +34,8 @@ def run_engine(target, reqs, proposer=None, runtime=Runtime(), should_stop=None,
     eng.policy.wants_trees = lambda work_s: True
   out = {}
   st = eng.run(reqs, lambda r: out.__setitem__(r.uid, r), should_stop)
+  # the auto policy's work in sight is used up: every token taken and every early end counted once
+  assert proposer is None or eng._budget == 0, eng._budget
   return out, st, eng
 
 

@@ -344,7 +344,12 @@ def test_two_processes_write_one_output(tmp_path, tiny_model_dir, speculative, m
                  "--num_processes=2", f"--process_id={i}", f"--mesh={mesh}",
                  f"--metrics_output={tmp_path / 'm.json'}"]
                 + [f"--{k}={v}" for k, v in spec.items()], env=env) for i in range(2)]
-  codes = [p.wait(timeout=600) for p in procs]
+  try:
+    codes = [p.wait(timeout=600) for p in procs]
+  finally:  # (one process failing can leave the other waiting for it: none outlives the test)
+    for p in procs:
+      if p.poll() is None:
+        p.kill()
   assert codes == [1, 1], [p.stderr.read() for p in procs]  # 1: the bad line failed
   # merged and cleaned up
   assert not list(tmp_path.glob("two.jsonl.part-*")), [p.stderr.read()[-3000:] for p in procs]

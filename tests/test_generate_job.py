@@ -221,10 +221,10 @@ def test_cli_compilation_cache_makes_a_repeated_run_load_its_executables(tmp_pat
       assert entries, "nothing was written to the compilation cache"
   (first, m0), (second, m1) = runs
   assert first == second  # loaded executables compute the same completions
-  # everything the second run compiled was loaded, the engine's steps included, and nothing new
-  # was written (the first run, into an empty directory, loaded nothing)
-  assert m0["compilations_loaded"] == 0, m0
+  # the second run loaded at least as many executables as the engine compiled steps, and wrote
+  # no step of the engine anew
   assert m1["compilations"] == m0["compilations"] > 0, (m0, m1)
-  assert m1["compilations_loaded"] == m1["compilations"] + m1["other_compilations"], m1
-  after = sorted(p.name for p in cache.iterdir() if p.name.endswith("-cache"))
-  assert after == entries
+  assert m1["compilations_loaded"] >= m1["compilations"] > m0["compilations_loaded"], (m0, m1)
+  after = {p.name for p in cache.iterdir() if p.name.endswith("-cache")}
+  assert set(entries) <= after
+  assert not [e for e in after - set(entries) if e.startswith("jit_engine")], after

@@ -216,6 +216,8 @@ def test_generate_serves_an_int8_cache_and_refuses_what_cannot(tmp_path, tiny_mo
   out = llm.generate(["def add(a, b):", "class Point:"],
                      jaxinfer.SamplingParams(max_new_tokens=6, min_p=0.0))
   assert [len(r.outputs[0].ids) for r in out] == [6, 6]
+  pool = llm._backend.engines[0].k[0]  # the engine's pages hold int8 values
+  assert isinstance(pool, QuantizedKV) and pool.values.dtype == jnp.int8
   for kw, match in [(dict(kv_cache_dtype="fp8"), "--kv_cache_dtype: expected one of int8"),
                     (dict(kv_cache_dtype="int8", scheduler="static"), "static scheduler"),
                     (dict(kv_cache_dtype="int8", page_size=48), "dividing 128")]:

@@ -480,7 +480,6 @@ class Engine:
         self._measure(prev, tokens, elapsed, compiled)
         self._life_s += elapsed
         self._life_tokens += prev.num_decode
-        self._budget = max(0, self._budget - prev.num_decode)
       st.busy_s += elapsed
       if prev.num_prefill:
         st.mixed_busy_s += elapsed
@@ -490,10 +489,12 @@ class Engine:
       st.steps += prev.num_steps
       st.dispatches += 1
       st.decode_tokens += prev.num_decode
-      for result in sched.commit(prev, tokens, should_stop):
-        if budgets:  # (a request ended before its budget: the rest is not work in sight)
-          self._budget = max(0, self._budget - budgets.pop(result.uid, len(result.tokens))
-                                 + len(result.tokens))
+      taken = sched.tokens_taken
+      results = sched.commit(prev, tokens, should_stop)
+      if self.proposer is not None:  # work in sight: the tokens taken, and what ends left over
+        self._budget -= sched.tokens_taken - taken + sum(
+            budgets.pop(r.uid) - len(r.tokens) for r in results)
+      for result in results:
         on_result(result)
       if on_step is not None:
         on_step(st)

@@ -130,6 +130,7 @@ class Scheduler:
     self.prefill_tokens_computed = 0  # in lanes, and each prompt's last token in its decode row
     self.lane_tokens = 0  # prompt tokens computed in lanes
     self.tokens_discarded = 0  # decoded after their sequence ended (EOS / stop string)
+    self.tokens_taken = 0  # appended to their sequences' outputs
     self._head_keys: tuple[EngineRequest | None, list[bytes]] = (None, [])
     self.unread = 0  # plans laid out and not yet committed
 
@@ -378,6 +379,7 @@ class Scheduler:
     any after it as discarded; returns its result if it ended."""
     for j, tok in enumerate(new):
       seq.generated.append(tok)
+      self.tokens_taken += 1
       eos = tok in self.eos
       stopped = (not eos and should_stop is not None
                  and should_stop(seq.req.uid, seq.generated))
