@@ -290,7 +290,7 @@ def _cli(args, **kw):
                           stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, **kw)
 
 
-def test_sigkill_then_rerun_gives_every_id_once(tmp_path, tiny_model_dir):
+def test_ctrl_c_or_sigkill_then_rerun_gives_every_id_once(tmp_path, tiny_model_dir):
   records = [{"id": i, "prompt": SYSTEM + f"n{i}", "max_new_tokens": 24} for i in range(60)]
   prompts = tmp_path / "p.jsonl"
   prompts.write_text("".join(json.dumps(r) + "\n" for r in records))
@@ -299,17 +299,25 @@ def test_sigkill_then_rerun_gives_every_id_once(tmp_path, tiny_model_dir):
             "--noprogress"]
   ref = _cli(common + [f"--output={ref_out}"])
   assert ref.wait(timeout=600) == 0, ref.stderr.read()
-  proc = _cli(common + [f"--output={out}"])
-  deadline = time.time() + 300
-  while time.time() < deadline and proc.poll() is None:
-    if out.exists() and len(out.read_bytes().splitlines()) >= 10:
-      break
-    time.sleep(0.05)
-  assert proc.poll() is None, "finished before it could be killed"
-  proc.send_signal(signal.SIGKILL)
-  proc.wait()
-  partial = out.read_bytes().splitlines()
-  assert 10 <= len(partial) < 60
+  lines = lambda: len(out.read_bytes().splitlines()) if out.exists() else 0
+
+  def stop_once_written(n, sig):
+    """Runs the job into `out`, sends `sig` once it holds n records; (status, stderr)."""
+    proc = _cli(common + [f"--output={out}"])
+    deadline = time.time() + 300
+    while time.time() < deadline and proc.poll() is None and lines() < n:
+      time.sleep(0.05)
+    assert proc.poll() is None, "finished before it could be stopped"
+    proc.send_signal(sig)
+    return proc.wait(timeout=60), proc.stderr.read()
+
+  code, err = stop_once_written(10, signal.SIGINT)  # Ctrl-C: one line, status 130
+  assert code == 130 and "Traceback" not in err, err
+  assert err.strip().splitlines()[-1].startswith("interrupted; what was written is kept"), err
+  first = lines()
+  assert 10 <= first < 60
+  stop_once_written(first + 10, signal.SIGKILL)  # a crash
+  assert first + 10 <= lines() < 60
   resumed = _cli(common + [f"--output={out}"])
   assert resumed.wait(timeout=600) == 0, resumed.stderr.read()
   got = [json.loads(l) for l in out.read_text().splitlines()]

@@ -168,14 +168,17 @@ def test_cli_end_to_end_exit_status_and_no_traceback(tmp_path, tiny_model_dir):
     ("--dtype=int4", "dtype"),
     ("--sparsity=sinks_window:4", "sparsity"),
     ("--implementation=cuda", "implementation"),
+    ("--max_new_tokens=0", "max_new_tokens"),
+    ("--no_such_flag=1", "no_such_flag"),
 ])
 def test_cli_invalid_flags_fail_before_work(tmp_path, tiny_model_dir, flag, needle):
   prompts = _write(tmp_path / "p.jsonl", [{"id": 1, "prompt": "x"}])
   out = tmp_path / "out.jsonl"
   args = ["generate", f"--model={tiny_model_dir}", f"--prompts={prompts}", f"--output={out}", flag]
   proc = _cli(*args)
-  assert proc.returncode != 0
+  assert proc.returncode == 2  # (absl's own checks of a flag's value too)
   assert needle in proc.stderr and "Traceback" not in proc.stderr, proc.stderr
+  assert len(proc.stderr.strip().splitlines()) == 1, proc.stderr
   assert not out.exists()
 
 

@@ -306,10 +306,13 @@ def _cli(*args):
                         text=True, timeout=300)
 
 
-@pytest.mark.parametrize("fmt,needle", [("int3", "unknown"),
-                                        ("int4:g64", "groups of 64 do not divide head_dim")])
-def test_cli_errors_are_one_line(tmp_path, model_dir, fmt, needle):
-  proc = _cli("quantize", f"--model={model_dir}", f"--format={fmt}", f"--output={tmp_path}")
+@pytest.mark.parametrize("fmt,output,needle", [
+    ("int3", "new", "unknown"), ("int4:g64", "new", "groups of 64 do not divide head_dim"),
+    ("int8", "a file", "is a file"), ("int8", "the model", "is the model being read")])
+def test_cli_errors_are_one_line(tmp_path, model_dir, fmt, output, needle):
+  dest = {"new": tmp_path / "q", "a file": tmp_path / "f", "the model": model_dir}[output]
+  (tmp_path / "f").write_text("")
+  proc = _cli("quantize", f"--model={model_dir}", f"--format={fmt}", f"--output={dest}")
   assert proc.returncode == 2, proc.stderr
   assert "Traceback" not in proc.stderr
   line = [l for l in proc.stderr.splitlines() if l.startswith("error:")]

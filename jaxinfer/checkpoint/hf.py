@@ -23,6 +23,7 @@ from safetensors import safe_open
 from safetensors.numpy import save_file
 
 from jaxinfer import params as P
+from jaxinfer.checkpoint.destination import check_destination
 from jaxinfer.checkpoint.hf_config import config_from_hf, config_to_hf
 from jaxinfer.config import ModelConfig
 from jaxinfer.model import MLP, Attention, Layer, Transformer
@@ -186,7 +187,7 @@ def save_hf(directory: str | os.PathLike, cfg: ModelConfig, params: Transformer,
             tokenizer_dir: str | os.PathLike | None = None,
             max_shard_bytes: int = 4 * 2**30) -> Path:
   """Writes a Hugging Face directory that transformers (and `load_hf`) read back."""
-  directory = Path(directory)
+  directory = check_destination(directory, tokenizer_dir)
   P.check_against_spec(params, Transformer.spec(cfg))
   if any(map(is_quantized, jax.tree_util.tree_leaves(params, is_leaf=is_quantized))):
     raise ValueError(f"{directory}: quantized parameters are written as jaxinfer (orbax) "

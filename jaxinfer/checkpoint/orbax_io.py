@@ -17,6 +17,7 @@ from jax.sharding import Mesh
 
 from jaxinfer import params as P
 from jaxinfer import quant
+from jaxinfer.checkpoint.destination import check_destination
 from jaxinfer.checkpoint.hf import TOKENIZER_FILES, read_config
 from jaxinfer.checkpoint.hf_config import config_to_hf
 from jaxinfer.config import ModelConfig
@@ -34,7 +35,7 @@ def save_orbax(directory: str | os.PathLike, cfg: ModelConfig, params: Transform
                tokenizer_dir: str | os.PathLike | None = None,
                quant_format: quant.QuantFormat | None = None) -> Path:
   """Writes `params`; quantized params need the `quant_format` they were quantized with."""
-  directory = Path(directory).absolute()
+  directory = check_destination(directory, tokenizer_dir).absolute()
   spec = Transformer.spec(cfg)
   P.check_against_spec(params, spec, shape_of=quant.logical_shape)
   _check_format(params, spec, quant_format, directory)

@@ -7,7 +7,9 @@ User errors (bad flags, missing files) print one line and exit with status 2, ne
 from __future__ import annotations
 
 import importlib
+import os
 import sys
+from functools import partial
 
 COMMANDS = {
     "generate": ("jaxinfer.cli.generate", "batch generation: JSONL prompts in, JSONL completions out"),
@@ -38,11 +40,29 @@ def main(argv: list[str] | None = None) -> None:
     print(f"jaxinfer: unknown command {command!r}\n\n{usage()}", file=sys.stderr)
     sys.exit(2)
   module = importlib.import_module(COMMANDS[command][0])
-  from absl import app
+  from absl import app, flags
   rest = argv[2:]
   if not any(a.startswith(("--verbosity", "-v")) for a in rest):
     rest = ["--verbosity=-1"] + rest  # library INFO logs (orbax, jax) only on request
-  app.run(module.main, argv=[f"jaxinfer {command}"] + rest)
+  argv = [f"jaxinfer {command}"] + rest
+  app.define_help_flags()
+  try:  # (absl would print two lines and exit 1)
+    flags.FLAGS(argv)
+  except flags.Error as e:
+    fail(f"{e} (jaxinfer {command} --help lists the flags)")
+  app.run(partial(_interruptible, module.main), argv=argv)
+
+
+def _interruptible(command_main, argv: list[str]) -> None:
+  """Ctrl-C ends the command with one line and status 130. What it wrote is kept: records and
+  checkpoints are written whole (generate and train resume from them)."""
+  try:
+    command_main(argv)
+  except KeyboardInterrupt:
+    print("interrupted; what was written is kept (generate and train resume from it when run "
+          "again)", file=sys.stderr, flush=True)
+    sys.stdout.flush()
+    os._exit(130)  # (not the interpreter's shutdown: threads still running would abort it)
 
 
 def no_positional_args(argv: list[str]) -> None:

@@ -56,6 +56,7 @@ def main(argv: list[str]) -> None:
   from jaxinfer import model as M
   from jaxinfer import quant
   from jaxinfer.train import lm, qat
+  from jaxinfer.checkpoint.destination import check_destination
   from jaxinfer.train.loop import TrainConfig, train
 
   try:
@@ -69,6 +70,7 @@ def main(argv: list[str]) -> None:
   try:
     check_workdir(FLAGS.workdir or FLAGS.output.rstrip("/") + ".run", FLAGS.resume)
     mesh, src, cfg, params, tokenizer = load_model_from_flags()
+    check_destination(FLAGS.output, src)  # (refused now, not after training)
     tokens = data_tokens(tokenizer, src, cfg)
     n_held = int(len(tokens) * FLAGS.heldout_fraction)
     train_tokens, held_tokens = tokens[:len(tokens) - n_held], tokens[len(tokens) - n_held:]

@@ -7,6 +7,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Sequence
 
+from jaxinfer.checkpoint.destination import check_destination
 from jaxinfer.errors import UserError
 
 
@@ -22,6 +23,7 @@ def quantize(model: str, output: str, format: str, *, include: Sequence[str] = (
   try:
     fmt = quant.QuantFormat.parse(format, tuple(include))
     src = checkpoint.resolve_model_dir(model, cache_dir)
+    check_destination(output, src)  # (before the model is loaded)
     cfg, params, _ = checkpoint.load_model(str(src), None if dtype == "auto" else dtype)
     quantized = quant.quantize_params(params, Transformer.spec(cfg), fmt)
     out = checkpoint.save_orbax(output, cfg, quantized, tokenizer_dir=src, quant_format=fmt)
