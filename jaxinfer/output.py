@@ -130,20 +130,38 @@ def append_jsonl(path: str | os.PathLike, records: Iterable[dict[str, Any]]) -> 
     f.write("".join(json.dumps(r) + "\n" for r in records))
 
 
-def merge_parts(output: str | os.PathLike, num_processes: int) -> int:
-  """Process 0, after every process finished: one --output with each record once."""
-  seen, merged = set(), []
-  for record in completed(output, num_processes):
+def _one_per_line(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
+  """Each record once (`record_key`), without the error of a line that has since completed (a
+  bad line corrected, then run again)."""
+  completed_lines = {r.get("line") for r in records if "error" not in r}
+  seen, kept = set(), []
+  for record in records:
     key = record_key(record)
-    if key not in seen:
+    if key not in seen and not ("error" in record and record.get("line") in completed_lines):
       seen.add(key)
-      merged.append(record)
+      kept.append(record)
+  return kept
+
+
+def _replace(output: str | os.PathLike, records: list[dict[str, Any]]) -> None:
+  """Writes `output` anew, atomically (a crash leaves the old file or the new one)."""
   tmp = Path(f"{output}.merge-tmp")
   with open(tmp, "w", encoding="utf-8") as f:
-    f.write("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in merged))
+    f.write("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records))
     f.flush()
     os.fsync(f.fileno())
   os.replace(tmp, output)
+
+
+def merge_parts(output: str | os.PathLike, num_processes: int) -> int:
+  """Process 0, after every process finished: one --output with one record per input line."""
+  merged = _one_per_line(completed(output, num_processes))
+  _replace(output, merged)
   for i in range(num_processes):
     part_path(output, i, num_processes).unlink(missing_ok=True)
   return len(merged)
+
+
+def drop_superseded_errors(output: str | os.PathLike) -> None:
+  """A single process's --output after lines that had failed completed: their errors go."""
+  _replace(output, _one_per_line(_read_records(Path(output), repair=False)))

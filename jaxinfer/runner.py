@@ -52,6 +52,8 @@ class GenerateJob(ServeOptions):
           raise UserError(f"{flag}: directory {str(parent)!r} does not exist")
         if Path(path).is_dir():
           raise UserError(f"{flag}: {path!r} is a directory, expected a file path")
+        if Path(path).exists() and Path(path).samefile(self.prompts):
+          raise UserError(f"{flag}: {path!r} is the --prompts file")
     if self.num_samples < 1:
       raise UserError(f"--num_samples: must be >= 1, got {self.num_samples}")
     if self.defaults.max_new_tokens < 1:
@@ -120,6 +122,18 @@ def make_record(req: Request, samples: list[Completion]) -> dict:
   return rec
 
 
+def _check_resumable(written: list[dict[str, Any]], requests: list[Request]) -> None:
+  """Refuses to resume from records another job wrote: one for an id of `requests` made from a
+  prompt of another length."""
+  tokens = {r.id: len(r.prompt_ids) for r in requests}
+  for rec in written:
+    if "error" not in rec and tokens.get(rec.get("id"), rec.get("prompt_tokens")) != rec.get(
+        "prompt_tokens"):
+      raise UserError(f"--output: its record for id {rec['id']!r} was made from a prompt of "
+                      f"{rec.get('prompt_tokens')} tokens, not the {tokens[rec['id']]} of this "
+                      f"--prompts: it holds another job's output (--overwrite starts over)")
+
+
 def _init_distributed(coordinator_address, num_processes, process_id, auto) -> tuple[int, int]:
   if coordinator_address is None and not auto:
     if num_processes not in (None, 1):
@@ -154,8 +168,9 @@ def run(job: GenerateJob, *, coordinator_address: str | None = None,
   if job.overwrite and pid == 0:
     for p in [Path(job.output)] + [output.part_path(job.output, i, nproc) for i in range(nproc)]:
       p.unlink(missing_ok=True)
-  done = set() if job.overwrite else {output.record_key(r) for r in
-                                      output.completed(job.output, nproc, repair_part=pid)}
+  written = [] if job.overwrite else output.completed(job.output, nproc, repair_part=pid)
+  _check_resumable(written, requests)
+  done = {output.record_key(r) for r in written}
   key_of = lambda r: output.record_key({"id": r.id, "line": r.line})
   mine = lambda k: placement.owner(k, nproc) == pid  # error records: one process each
   skipped = sum(1 for r in requests if key_of(r) in done) + sum(
@@ -176,6 +191,9 @@ def run(job: GenerateJob, *, coordinator_address: str | None = None,
     generated = llm.serve(todo, lambda req, samples: writer.write([make_record(req, samples)]))
   finally:  # whatever was completed reaches the disk, even when generation fails
     writer.close()
+  fixed = {r.get("line") for r in written if "error" in r} & {r.line for r in todo}
+  if fixed and nproc == 1:  # lines that failed before and now completed: their errors go
+    output.drop_superseded_errors(job.output)
   t_end = time.perf_counter()
 
   merged = None

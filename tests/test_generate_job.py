@@ -79,6 +79,25 @@ def test_bad_lines_become_error_records_and_the_rest_complete(tmp_path, tiny_mod
     assert metrics[key] > 0
 
 
+def test_resuming_after_a_corrected_line_and_from_another_jobs_output(tmp_path, tiny_model_dir):
+  """A bad line corrected and the job run again: the line's error record gives way to its
+  completion (one record per line). An --output holding another job's records is refused."""
+  lines = [{"id": 1, "prompt": "def add("}, {"id": 2, "prompt": "x", "max_new_tokens": 0}]
+  prompts, out = _write(tmp_path / "p.jsonl", lines), tmp_path / "out.jsonl"
+  job = lambda: GenerateJob(prompts=str(prompts), output=str(out), model=str(tiny_model_dir),
+                            progress=False, mesh="data:1", defaults=Defaults(max_new_tokens=3))
+  assert run(job())["num_failed"] == 1
+  _write(prompts, lines[:1] + [{"id": 2, "prompt": "x"}])
+  metrics = run(job())
+  got = _read(out)
+  assert metrics["num_skipped_already_done"] == 1 and metrics["num_failed"] == 0
+  assert sorted(r["line"] for r in got) == [1, 2] and not any("error" in r for r in got)
+  _write(prompts, [{"id": 1, "prompt": "class Point(object):"}, {"id": 2, "prompt": "x"}])
+  with pytest.raises(UserError, match="--output: its record for id 1 .* another job's output"):
+    run(job())
+  assert _read(out) == got
+
+
 def test_stop_strings_truncate_text_and_ids(tmp_path, tiny_model_dir):
   tok = Tokenizer.from_dir(tiny_model_dir)
   base, _ = _run(tmp_path, tiny_model_dir, [{"id": "a", "prompt": "class Point:"}],
@@ -126,6 +145,7 @@ def test_job_validation_names_the_flag(tmp_path, tiny_model_dir):
       (dict(defaults=Defaults(top_p=1.5)), "--top_p"),
       (dict(model=str(tmp_path)), "--model"),
       (dict(speculative="ngram", sparsity="block_topk:2"), "--sparsity"),
+      (dict(output=str(prompts)), "--output: .* is the --prompts file"),
       (dict(speculative="ngram", sparsity="sinks_window:1,3", num_draft_tokens=4),
        "--speculative=ngram"),  # a chain of 5 past the window of 3
   ]
