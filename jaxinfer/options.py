@@ -4,6 +4,7 @@ names as the CLI flags (`--batch_size` is `batch_size=`), checked before anythin
 from __future__ import annotations
 
 import dataclasses
+import os
 
 from jaxinfer import checkpoint
 from jaxinfer.config import DTYPES
@@ -11,6 +12,11 @@ from jaxinfer.errors import UserError
 from jaxinfer.sharding import parse_mesh
 from jaxinfer.sparsity import parse as parse_sparsity
 from jaxinfer.speculative import registry
+
+
+def as_str(value):
+  """A path object (a directory option) as the string the options hold; anything else as is."""
+  return os.fspath(value) if isinstance(value, os.PathLike) else value
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -62,10 +68,23 @@ class ServeOptions:
     unknown = sorted(set(keywords) - known)
     if unknown:
       raise UserError(f"unknown option(s) {unknown}; options are {sorted(known - {'model'})}")
-    return cls(model=model, **keywords)
+    return cls(model=as_str(model), **{k: as_str(v) for k, v in keywords.items()})
+
+  def check_types(self) -> None:
+    """Each option of its declared type (an int where an int is, ...), named if not."""
+    for f in dataclasses.fields(ServeOptions):
+      value, kinds = getattr(self, f.name), f.type.replace(" ", "").split("|")
+      if value is None and "None" in kinds:
+        continue
+      number = isinstance(value, (int, float)) and not isinstance(value, bool)
+      if not any({"str": isinstance(value, str), "bool": isinstance(value, bool),
+                  "int": number and isinstance(value, int), "float": number}.get(k, False)
+                 for k in kinds):
+        raise UserError(f"--{f.name}: expected {' or '.join(kinds)}, got {value!r}")
 
   def validate(self) -> None:
     """Everything checkable before loading a model, with the flag named in the message."""
+    self.check_types()
     if self.dtype != "auto" and self.dtype not in DTYPES:
       raise UserError(f"--dtype: expected auto or one of {sorted(DTYPES)}, got {self.dtype!r}")
     for flag in ("batch_size", "chunk_size", "chunk_lanes", "decode_steps", "page_size",

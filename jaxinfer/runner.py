@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 import time
 from pathlib import Path
 from typing import Any
@@ -20,7 +21,7 @@ import jax
 from jaxinfer import output
 from jaxinfer.api import LLM, Completion, SamplingParams
 from jaxinfer.errors import UserError
-from jaxinfer.options import ServeOptions
+from jaxinfer.options import ServeOptions, as_str
 from jaxinfer.requests import Defaults, InvalidRequest, Request, error_record, parse_request
 from jaxinfer.sampling import validate as validate_sampling
 from jaxinfer.serving import placement
@@ -61,6 +62,10 @@ class GenerateJob(ServeOptions):
     d = self.defaults
     for problem in validate_sampling(d.temperature, d.top_k, d.top_p, d.min_p):
       raise UserError(f"--{problem.split()[0]}: {problem}")
+    if not all(d.stop):
+      raise UserError(f"--stop: stop strings must be non-empty, got {list(d.stop)}")
+    if not 0 <= self.seed < 2**32:  # (a key holds 32 bits of it: larger seeds would repeat)
+      raise UserError(f"--seed: expected an integer in [0, 2**32), got {self.seed}")
     super().validate()
     if self.scheduler == "static" and self.num_samples > 1:
       raise UserError("--num_samples: N > 1 needs the continuous scheduler")
@@ -227,5 +232,8 @@ def generate_file(prompts: str, output: str, model: str = "embedded", **options
   unknown = sorted(set(options) - known)
   if unknown:
     raise UserError(f"unknown option(s) {unknown}")
-  return run(GenerateJob(prompts=prompts, output=output, model=model,
-                         defaults=SamplingParams(**sampling).defaults(), **options))
+  if not all(isinstance(p, (str, os.PathLike)) for p in (prompts, output)):
+    raise UserError(f"prompts, output: expected file paths, got {prompts!r}, {output!r}")
+  return run(GenerateJob(prompts=str(prompts), output=str(output), model=as_str(model),
+                         defaults=SamplingParams(**sampling).defaults(),
+                         **{k: as_str(v) for k, v in options.items()}))

@@ -91,6 +91,25 @@ def test_bad_input_is_named(llm, tiny_model_dir):
     SamplingParams(n=0)
   with pytest.raises(UserError, match=r"sampling_params: 1 for 2 prompts"):
     llm.generate(["a", "b"], [SamplingParams()])
+  # wrong types are named too, before any work
+  for kw, match in [(dict(model=None), "--model: expected str"),
+                    (dict(batch_size="8"), "--batch_size: expected int"),
+                    (dict(batch_size=2.5), "--batch_size: expected int"),
+                    (dict(mesh=5), "--mesh: expected str")]:
+    with pytest.raises(UserError, match=match):
+      jaxinfer.LLM(**{"model": str(tiny_model_dir), **kw})
+  for kw, match in [(dict(max_new_tokens="5"), "max_new_tokens: expected an integer"),
+                    (dict(n=2.5), "n: expected an integer"), (dict(top_k=True), "top_k"),
+                    (dict(temperature=None), "temperature: expected a finite number"),
+                    (dict(stop=[5]), "stop: expected"), (dict(stop=""), "stop: expected"),
+                    (dict(seed=2**32), r"seed: expected an integer in \[0, 2\*\*32\)")]:
+    with pytest.raises(UserError, match=match):
+      SamplingParams(**kw)
+  for prompts, sp, match in [(None, None, "prompts: expected a prompt"),
+                             ([b"def"], None, r"prompts\[0\]: expected text"),
+                             (["x"], {"max_new_tokens": 3}, "sampling_params: expected")]:
+    with pytest.raises(UserError, match=match):
+      llm.generate(prompts, sp)
   static = jaxinfer.LLM(str(tiny_model_dir), scheduler="static", progress=False)
   with pytest.raises(UserError, match="N > 1 needs the continuous scheduler"):
     static.generate("x", SamplingParams(n=2))

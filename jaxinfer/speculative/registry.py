@@ -148,7 +148,7 @@ def _draft(opts, cfg, params, dtype):
   try:
     dcfg, dparams, _ = checkpoint.load_model(opts.draft_model, dtype, quiet=True)
   except (FileNotFoundError, ValueError) as e:
-    raise UserError(f"--draft_model: {e}") from None
+    raise UserError(f"--draft_model: {str(e).removeprefix('--model: ')}") from None
   if dcfg.vocab_size != cfg.vocab_size:
     raise UserError(f"--draft_model: its vocabulary ({dcfg.vocab_size}) differs from the "
                     f"model's ({cfg.vocab_size})")
