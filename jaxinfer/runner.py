@@ -77,11 +77,16 @@ def read_requests(job: GenerateJob, tokenizer, vocab_size: int, max_seq_len: int
   `chat`: the model's chat template, for conversation prompts."""
   requests, errors, first_line = [], [], {}
   lines = 0
-  with open(job.prompts, encoding="utf-8", errors="replace") as f:
-    for line_no, text in enumerate(f, start=1):
-      if not text.strip():
+  with open(job.prompts, "rb") as f:
+    for line_no, raw in enumerate(f, start=1):
+      if not raw.strip():
         continue
       lines += 1
+      try:  # (a byte-order mark before the first line is not part of it)
+        text = raw.decode("utf-8-sig" if line_no == 1 else "utf-8")
+      except UnicodeDecodeError as e:
+        errors.append(error_record(line_no, f"not valid UTF-8 (byte {e.start + 1} of the line)"))
+        continue
       try:
         req = parse_request(line_no, text, job.defaults, tokenizer, vocab_size, max_seq_len,
                             chat, n=job.num_samples, seed=job.seed)

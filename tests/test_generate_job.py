@@ -13,7 +13,9 @@ from jaxinfer.tokenizer import Tokenizer
 
 
 def _write(path, records):
-  path.write_text("".join((r if isinstance(r, str) else json.dumps(r)) + "\n" for r in records))
+  line = lambda r: r if isinstance(r, bytes) else (r if isinstance(r, str) else json.dumps(r)
+                                                   ).encode()
+  path.write_bytes(b"".join(line(r) + b"\n" for r in records))
   return path
 
 
@@ -49,12 +51,14 @@ BAD_LINES = [
     ("empty prompt ids", {"id": "m", "prompt_ids": []}),
     ("bad stop", {"id": "n", "prompt": "x", "stop": [1]}),
     ("array line", "[1, 2]"),
+    ("not utf-8", b'{"id": "u", "prompt": "caf\xe9"}'),
 ]
 
 
 def test_bad_lines_become_error_records_and_the_rest_complete(tmp_path, tiny_model_dir):
   good = [{"id": "ok1", "prompt": "def add("}, {"id": 7, "prompt_ids": [3, 4, 5]}]
-  records = good[:1] + [r for _, r in BAD_LINES] + good[1:] + [{"id": "ok1", "prompt": "x"}]
+  bom = b"\xef\xbb\xbf" + json.dumps(good[0]).encode()  # (a byte-order mark: not an error)
+  records = [bom] + [r for _, r in BAD_LINES] + good[1:] + [{"id": "ok1", "prompt": "x"}]
   by_id, metrics = _run(tmp_path, tiny_model_dir, records, defaults=Defaults(max_new_tokens=4))
   out = _read(tmp_path / "out.jsonl")
   assert len(out) == len(records)  # exactly one record per input line
@@ -66,6 +70,7 @@ def test_bad_lines_become_error_records_and_the_rest_complete(tmp_path, tiny_mod
   messages = {name: r["error"] for (name, _), r in zip(BAD_LINES, sorted(
       (r for r in errors if r["line"] < len(records)), key=lambda r: r["line"]))}
   assert "not valid JSON" in messages["not json"]
+  assert "not valid UTF-8 (byte 27" in messages["not utf-8"]
   assert "outside the vocabulary" in messages["out of vocab"]
   assert "context" in messages["too long"]
   assert "top_p" in messages["bad top_p"] and "temperature" in messages["bad temperature"]
