@@ -116,8 +116,8 @@ def jit_variants(step, donate: tuple[int, ...] = ()) -> list:
 def validate(temperature: float, top_k: int, top_p: float, min_p: float) -> list[str]:
   """Human-readable problems with one request's sampling values (empty when valid)."""
   problems = []
-  if not temperature >= 0:
-    problems.append(f"temperature must be >= 0, got {temperature}")
+  if not 0 <= temperature < float("inf"):
+    problems.append(f"temperature must be finite and >= 0, got {temperature}")
   if top_k < 0:
     problems.append(f"top_k must be >= 0 (0 disables), got {top_k}")
   if not 0 < top_p <= 1:
