@@ -285,9 +285,16 @@ def _free_port():
     return s.getsockname()[1]
 
 
+# `jaxinfer generate ARGS`, with SIGINT raising KeyboardInterrupt as at a terminal (a test
+# worker may ignore SIGINT, which its children would inherit)
+GENERATE = ("import runpy, signal, sys; signal.signal(signal.SIGINT, signal.default_int_handler); "
+            "sys.argv = ['jaxinfer', 'generate', *sys.argv[1:]]; "
+            "runpy.run_module('jaxinfer', run_name='__main__')")
+
+
 def _cli(args, **kw):
-  return subprocess.Popen([sys.executable, "-m", "jaxinfer", "generate", *args],
-                          stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, **kw)
+  return subprocess.Popen([sys.executable, "-c", GENERATE, *args], stdout=subprocess.PIPE,
+                          stderr=subprocess.PIPE, text=True, **kw)
 
 
 def test_ctrl_c_or_sigkill_then_rerun_gives_every_id_once(tmp_path, tiny_model_dir):
