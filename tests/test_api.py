@@ -155,7 +155,7 @@ def test_compilation_cache_keyword_as_the_flag(tiny_model_dir, tmp_path):
 
 
 def test_an_unquantized_model_never_imports_the_quantization_library(tiny_model_dir):
-  # (qwix's import costs about 0.4 s of every start-up; only quantized weights need it)
+  # (qwix's import costs about 0.25 s of every start-up; only quantized weights need it)
   code = ("import sys, jaxinfer\n"
           f"llm = jaxinfer.LLM({str(tiny_model_dir)!r}, batch_size=2, progress=False)\n"
           "assert llm.generate(['def add('], jaxinfer.SamplingParams(max_new_tokens=3))\n"

@@ -32,7 +32,7 @@ if TYPE_CHECKING:
 
 def load_qwix():
   """qwix, imported on first use: a model without quantized weights never needs it (importing it
-  costs about 0.4 s of every start-up)."""
+  costs about 0.25 s of every start-up)."""
   import qwix
   return qwix
 
