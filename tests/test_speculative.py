@@ -243,9 +243,9 @@ def test_sampling_runs_and_respects_budgets(target):
 
 
 def test_auto_policy_measures_every_level_and_stays_lossless(target, other_draft):
-  """Run after run, the engine's auto policy (trees affordable from the start) tries plain
-  decoding, the proposer's tree and a halved tree, then runs the fastest; outputs equal plain
-  greedy whichever ran, and the metrics say what ran."""
+  """Run after run, the engine's auto policy (trees affordable from the start) measures plain
+  decoding, the proposer's tree and a halved tree, then picks among them by measured speed;
+  outputs equal plain greedy whichever ran, and the metrics say what ran."""
   cfg, params = target
   reqs = _rows(cfg, 5, seed=11)
   want = plain_greedy(target, reqs)
@@ -475,8 +475,12 @@ def test_shrink_halves_every_proposers_tree(target, other_draft):
   small = P.shrink(P.shrink(full))
   adj = full.init_adjacency(cfg.vocab_size)
   logits = jax.random.normal(jax.random.key(0), (2, small.tree_size, cfg.vocab_size))
-  tokens = jnp.zeros((2, small.tree_size), jnp.int32)
-  assert small.update(adj, tokens, logits).shape == adj.shape
+  tokens = jnp.arange(2 * small.tree_size, dtype=jnp.int32).reshape(2, -1) + 3
+  new = small.update(adj, tokens, logits)
+  k = adj.shape[1]  # (the full tree's width)
+  np.testing.assert_array_equal(new[tokens], jax.lax.top_k(logits, k)[1])
+  untouched = np.setdiff1d(np.arange(cfg.vocab_size), np.asarray(tokens).ravel())
+  np.testing.assert_array_equal(new[untouched], adj[untouched])
 
 
 def test_sliding_window_model_speculates_losslessly(tmp_path):
