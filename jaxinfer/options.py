@@ -14,6 +14,12 @@ from jaxinfer.sparsity import parse as parse_sparsity
 from jaxinfer.speculative import registry
 
 
+# the options that only one scheduler reads
+SCHEDULER_OPTIONS = {"continuous": ("order", "chunk_size", "chunk_lanes", "decode_steps",
+                                    "page_size", "kv_pages"),
+                     "static": ("steps_per_sync",)}
+
+
 def as_str(value):
   """A path object (a directory option) as the string the options hold; anything else as is."""
   return os.fspath(value) if isinstance(value, os.PathLike) else value
@@ -112,6 +118,10 @@ class ServeOptions:
       raise UserError(f"--scheduler: expected continuous or static, got {self.scheduler!r}")
     if self.order not in ("prefix", "arrival"):
       raise UserError(f"--order: expected prefix or arrival, got {self.order!r}")
+    other = "static" if self.scheduler == "continuous" else "continuous"
+    for f in dataclasses.fields(ServeOptions):  # (they would be ignored)
+      if f.name in SCHEDULER_OPTIONS[other] and getattr(self, f.name) != f.default:
+        raise UserError(f"--{f.name}: applies to --scheduler={other} only")
     try:
       parse_mesh(self.mesh)
       sparsity = parse_sparsity(self.sparsity)
