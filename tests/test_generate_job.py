@@ -112,7 +112,7 @@ def test_stop_strings_truncate_text_and_ids(tmp_path, tiny_model_dir):
   stop = text[len(text) // 2:len(text) // 2 + 3]
   cut = text.index(stop)
   stopped, _ = _run(tmp_path, tiny_model_dir, [{"id": "a", "prompt": "class Point:", "stop": stop}],
-                    defaults=Defaults(max_new_tokens=24), steps_per_sync=3)
+                    defaults=Defaults(max_new_tokens=24), decode_steps=3)
   rec = stopped["a"]
   assert rec["finish_reason"] == "stop"
   assert rec["completion"] == text[:cut]
