@@ -195,7 +195,10 @@ def run(job: GenerateJob, *, coordinator_address: str | None = None,
   if nproc > 1:  # every process has read what is done before any writes
     from jax.experimental import multihost_utils
     multihost_utils.sync_global_devices("jaxinfer_generate_start")
-  writer = output.RecordWriter(part)
+  try:
+    writer = output.RecordWriter(part)
+  except OSError as e:
+    raise UserError(f"--output: cannot write {str(part)!r} ({e.strerror or e})") from None
   writer.write(my_errors)
   try:
     generated = llm.serve(todo, lambda req, samples: writer.write([make_record(req, samples)]))

@@ -151,6 +151,7 @@ def test_job_validation_names_the_flag(tmp_path, tiny_model_dir):
       (dict(model=str(tmp_path)), "--model"),
       (dict(speculative="ngram", sparsity="block_topk:2"), "--sparsity"),
       (dict(output=str(prompts)), "--output: .* is the --prompts file"),
+      (dict(output="/proc/out.jsonl"), "--output: "),  # (a directory no file can be made in)
       (dict(draft_fallback=0.5), "--draft_fallback: applies to speculative decoding"),
       (dict(scheduler="static", page_size=8), "--page_size: applies to --scheduler=continuous"),
       (dict(speculative="ngram", sparsity="sinks_window:1,3", num_draft_tokens=4),

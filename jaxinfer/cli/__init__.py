@@ -55,12 +55,12 @@ def main(argv: list[str] | None = None) -> None:
 
 def _interruptible(command_main, argv: list[str]) -> None:
   """Ctrl-C ends the command with one line and status 130. What it wrote is kept: records and
-  checkpoints are written whole (generate and train resume from them)."""
+  checkpoints are written whole (generate resumes from them, train with --resume)."""
   try:
     command_main(argv)
   except KeyboardInterrupt:
-    print("interrupted; what was written is kept (generate and train resume from it when run "
-          "again)", file=sys.stderr, flush=True)
+    print("interrupted; what was written is kept (generate resumes from it when run again, "
+          "train with --resume)", file=sys.stderr, flush=True)
     sys.stdout.flush()
     os._exit(130)  # (not the interpreter's shutdown: threads still running would abort it)
 
