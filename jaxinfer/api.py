@@ -21,7 +21,11 @@ from tqdm.auto import tqdm
 from jaxinfer.errors import UserError
 from jaxinfer.options import ServeOptions
 from jaxinfer.requests import Defaults, InvalidRequest, Request, make_request, truncate_at_stop
-from jaxinfer.sampling import validate as validate_sampling
+from jaxinfer.sampling import SEED_LIMIT, validate as validate_sampling
+
+
+def _integer(x) -> bool:
+  return isinstance(x, numbers.Integral) and not isinstance(x, bool)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -45,9 +49,8 @@ class SamplingParams:
     if not (isinstance(stop, Sequence) and all(isinstance(x, str) and x for x in stop)):
       raise UserError(f"stop: expected a non-empty string or a list of them, got {stop!r}")
     object.__setattr__(self, "stop", tuple(stop))
-    integer = lambda x: isinstance(x, numbers.Integral) and not isinstance(x, bool)
     for name in ("max_new_tokens", "top_k", "seed", "n"):
-      if not integer(getattr(self, name)):
+      if not _integer(getattr(self, name)):
         raise UserError(f"{name}: expected an integer, got {getattr(self, name)!r}")
     for name in ("temperature", "top_p", "min_p"):
       value = getattr(self, name)
@@ -58,7 +61,7 @@ class SamplingParams:
       raise UserError(f"max_new_tokens: must be >= 1, got {self.max_new_tokens}")
     if self.n < 1:
       raise UserError(f"n: must be >= 1, got {self.n}")
-    if not 0 <= self.seed < 2**32:  # (a key holds 32 bits of it: larger seeds would repeat)
+    if not 0 <= self.seed < SEED_LIMIT:
       raise UserError(f"seed: expected an integer in [0, 2**32), got {self.seed}")
     problems = validate_sampling(self.temperature, self.top_k, self.top_p, self.min_p)
     if problems:
@@ -135,17 +138,13 @@ class _Samples:
       self.on_request(req, samples)
 
 
-def _token_id(x) -> bool:
-  return isinstance(x, numbers.Integral) and not isinstance(x, bool)
-
-
 def _one_prompt(p) -> bool:
   """A single prompt, not a list of them: text, token ids or one conversation."""
   if isinstance(p, (bytes, bytearray)):
     raise UserError("prompts: bytes are neither text nor token ids; decode them to str")
   if isinstance(p, str):
     return True
-  return (isinstance(p, Sequence) and len(p) > 0 and all(map(_token_id, p))
+  return (isinstance(p, Sequence) and len(p) > 0 and all(map(_integer, p))
           or isinstance(p, Sequence) and len(p) > 0 and all(isinstance(x, dict) for x in p))
 
 
@@ -156,7 +155,7 @@ def _record(i: int, p) -> dict[str, Any]:
     p = p.tolist()
   if isinstance(p, Sequence) and p and all(isinstance(x, dict) for x in p):
     return {"id": i, "messages": list(p)}
-  if isinstance(p, Sequence) and not isinstance(p, (bytes, bytearray)) and all(map(_token_id, p)):
+  if isinstance(p, Sequence) and not isinstance(p, (bytes, bytearray)) and all(map(_integer, p)):
     return {"id": i, "prompt_ids": [int(x) for x in p]}
   raise UserError(f"prompts[{i}]: expected text, a list of token ids or a conversation (a list "
                   f"of {{'role', 'content'}} messages), got {type(p).__name__}")
@@ -195,10 +194,11 @@ class LLM:
                ) -> list[Request]:
     """The prompts as validated requests (ids 0, 1, ... in order); a bad one raises UserError
     naming its index."""
-    if not (_one_prompt(prompts) or isinstance(prompts, Iterable)):
+    one = _one_prompt(prompts)
+    if not (one or isinstance(prompts, Iterable)):
       raise UserError(f"prompts: expected a prompt (text, token ids or a conversation) or a "
                       f"list of them, got {type(prompts).__name__}")
-    prompts = [prompts] if _one_prompt(prompts) else list(prompts)
+    prompts = [prompts] if one else list(prompts)
     if sampling is None or isinstance(sampling, SamplingParams):
       sampling = [sampling or SamplingParams()] * len(prompts)
     elif not (isinstance(sampling, Sequence)

@@ -88,7 +88,8 @@ def quantize_vectors(x: jax.Array) -> tuple[jax.Array, jax.Array]:
   """Symmetric absmax int8 per vector along the last axis (by qwix, as the weights are):
   (values like x, scales x.shape[:-1] float32)."""
   from jaxinfer.quant.ops import load_qwix
-  q = load_qwix().quantize(x.astype(jnp.float32), jnp.int8, channelwise_axes=tuple(range(x.ndim - 1)))
+  q = load_qwix().quantize(x.astype(jnp.float32), jnp.int8,
+                           channelwise_axes=tuple(range(x.ndim - 1)))
   return q.qvalue, q.scale[..., 0]
 
 

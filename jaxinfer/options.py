@@ -88,6 +88,11 @@ class ServeOptions:
                  for k in kinds):
         raise UserError(f"--{f.name}: expected {' or '.join(kinds)}, got {value!r}")
 
+  def _given(self, names: tuple[str, ...]) -> list[str]:
+    """Of `names`, the options set to other than their defaults."""
+    return [f.name for f in dataclasses.fields(ServeOptions)
+            if f.name in names and getattr(self, f.name) != f.default]
+
   def validate(self) -> None:
     """Everything checkable before loading a model, with the flag named in the message."""
     self.check_types()
@@ -119,9 +124,8 @@ class ServeOptions:
     if self.order not in ("prefix", "arrival"):
       raise UserError(f"--order: expected prefix or arrival, got {self.order!r}")
     other = "static" if self.scheduler == "continuous" else "continuous"
-    for f in dataclasses.fields(ServeOptions):  # (they would be ignored)
-      if f.name in SCHEDULER_OPTIONS[other] and getattr(self, f.name) != f.default:
-        raise UserError(f"--{f.name}: applies to --scheduler={other} only")
+    for name in self._given(SCHEDULER_OPTIONS[other]):  # (they would be ignored)
+      raise UserError(f"--{name}: applies to --scheduler={other} only")
     try:
       parse_mesh(self.mesh)
       sparsity = parse_sparsity(self.sparsity)
@@ -131,6 +135,9 @@ class ServeOptions:
       raise UserError(f"--sparsity: {sparsity} applies to whole-prompt prefill; use it with "
                       f"--scheduler=static (the continuous engine prefills in chunks)")
     registry.check(self)
+    if not self.speculating:  # (they would be ignored)
+      for name in self._given(registry.SPECULATIVE_OPTIONS):
+        raise UserError(f"--{name}: applies to speculative decoding; pass --speculative too")
     if self.speculative != "none":
       if self.scheduler == "static":
         raise UserError("--scheduler: speculative decoding runs in the continuous engine (slots "

@@ -23,7 +23,7 @@ from jaxinfer.api import LLM, Completion, SamplingParams
 from jaxinfer.errors import UserError
 from jaxinfer.options import ServeOptions, as_str
 from jaxinfer.requests import Defaults, InvalidRequest, Request, error_record, parse_request
-from jaxinfer.sampling import validate as validate_sampling
+from jaxinfer.sampling import SEED_LIMIT, validate as validate_sampling
 from jaxinfer.serving import placement
 
 __all__ = ["GenerateJob", "UserError", "generate_file", "run"]
@@ -64,7 +64,7 @@ class GenerateJob(ServeOptions):
       raise UserError(f"--{problem.split()[0]}: {problem}")
     if not all(d.stop):
       raise UserError(f"--stop: stop strings must be non-empty, got {list(d.stop)}")
-    if not 0 <= self.seed < 2**32:  # (a key holds 32 bits of it: larger seeds would repeat)
+    if not 0 <= self.seed < SEED_LIMIT:
       raise UserError(f"--seed: expected an integer in [0, 2**32), got {self.seed}")
     super().validate()
     if self.scheduler == "static" and self.num_samples > 1:
@@ -137,11 +137,11 @@ def _check_resumable(written: list[dict[str, Any]], requests: list[Request]) -> 
   prompt of another length."""
   tokens = {r.id: len(r.prompt_ids) for r in requests}
   for rec in written:
-    if "error" not in rec and tokens.get(rec.get("id"), rec.get("prompt_tokens")) != rec.get(
-        "prompt_tokens"):
+    want = None if "error" in rec else tokens.get(rec.get("id"))
+    if want is not None and rec.get("prompt_tokens") != want:
       raise UserError(f"--output: its record for id {rec['id']!r} was made from a prompt of "
-                      f"{rec.get('prompt_tokens')} tokens, not the {tokens[rec['id']]} of this "
-                      f"--prompts: it holds another job's output (--overwrite starts over)")
+                      f"{rec.get('prompt_tokens')} tokens, not the {want} of this --prompts: it "
+                      f"holds another job's output (--overwrite starts over)")
 
 
 def _init_distributed(coordinator_address, num_processes, process_id, auto) -> tuple[int, int]:

@@ -113,6 +113,11 @@ def jit_variants(step, donate: tuple[int, ...] = ()) -> list:
   return [jax.jit(partial(step, greedy_only=g), donate_argnums=donate) for g in (False, True)]
 
 
+# run seeds lie below this: a key keeps 32 bits of one (without x64), so larger seeds would
+# repeat smaller ones' samples
+SEED_LIMIT = 2**32
+
+
 def validate(temperature: float, top_k: int, top_p: float, min_p: float) -> list[str]:
   """Human-readable problems with one request's sampling values (empty when valid)."""
   problems = []

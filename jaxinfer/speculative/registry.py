@@ -1,12 +1,10 @@
 """Proposers by name: `check` validates a proposer's options before anything loads, `build`
 makes (proposer, draft params) for a model. Options are read by attribute (`speculative`,
 `num_draft_tokens`, `tree`, `draft_layers`, `draft_fallback`, `draft_model`, `draft_heads`), so a
-`jaxinfer.options.ServeOptions`, a `GenerateJob` or any object with those names serves (`check`:
-a dataclass of them, whose defaults say which were given)."""
+`jaxinfer.options.ServeOptions`, a `GenerateJob` or any object with those names serves."""
 
 from __future__ import annotations
 
-import dataclasses
 from typing import Callable
 
 import numpy as np
@@ -68,7 +66,7 @@ def tree_branching(text: str) -> tuple[int, ...]:
   return branching
 
 
-# the options that only speculative decoding reads
+# the options that only speculative decoding reads (`ServeOptions` refuses them without it)
 SPECULATIVE_OPTIONS = ("num_draft_tokens", "tree", "draft_model", "draft_heads", "draft_layers",
                        "draft_fallback", "acceptance", "speculation")
 
@@ -77,10 +75,7 @@ def check(opts) -> None:
   """Raises UserError for options of `opts.speculative` that cannot work together."""
   if opts.speculative not in SPECULATIVE:
     raise UserError(f"--speculative: expected one of {SPECULATIVE}, got {opts.speculative!r}")
-  if opts.speculative == "none":  # (the options below would be ignored)
-    for f in dataclasses.fields(opts):
-      if f.name in SPECULATIVE_OPTIONS and getattr(opts, f.name) != f.default:
-        raise UserError(f"--{f.name}: applies to speculative decoding; pass --speculative too")
+  if opts.speculative == "none":
     return
   if opts.num_draft_tokens < 1:
     raise UserError(f"--num_draft_tokens: must be >= 1, got {opts.num_draft_tokens}")
