@@ -12,10 +12,15 @@ from jaxinfer.runner import GenerateJob, UserError, run
 from jaxinfer.tokenizer import Tokenizer
 
 
+def _line(record) -> bytes:
+  """A prompts file's line: bytes as they are, text encoded, anything else as JSON."""
+  if isinstance(record, bytes):
+    return record
+  return (record if isinstance(record, str) else json.dumps(record)).encode()
+
+
 def _write(path, records):
-  line = lambda r: r if isinstance(r, bytes) else (r if isinstance(r, str) else json.dumps(r)
-                                                   ).encode()
-  path.write_bytes(b"".join(line(r) + b"\n" for r in records))
+  path.write_bytes(b"".join(_line(r) + b"\n" for r in records))
   return path
 
 
