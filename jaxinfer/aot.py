@@ -387,9 +387,9 @@ def _checked(job: CompileJob):
     sparsity = parse_sparsity(job.sparsity)
   except ValueError as e:
     raise CompileError(f"--{str(e).removeprefix('EngineConfig: ')}") from None
-  if sparsity.dynamic:
-    raise CompileError(f"--sparsity: {sparsity} needs whole-prompt prefill; the engine "
-                       f"prefills in chunks")
+  if sparsity.dynamic and job.speculative != "none":
+    raise CompileError(f"--sparsity: {sparsity} is not combinable with --speculative (its "
+                       f"pattern needs whole-prompt prefill)")
   return sparsity
 
 
@@ -424,6 +424,10 @@ def run(job: CompileJob, log=None) -> Report:
   target = parse_target(job.target)
   cfg = model_config(job)
   sparsity = _checked(job)
+  from jaxinfer.attention import unsupported
+  why = unsupported(sparsity, job.implementation, target.platform)
+  if why:
+    raise CompileError(f"--sparsity: {why}")
   devices = target_devices(target)
   mesh, replicas = replica_mesh(devices, job.mesh, target)
   runtime = Runtime(mesh, implementation=job.implementation, sparsity=sparsity)

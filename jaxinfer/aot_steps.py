@@ -13,7 +13,9 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from jaxinfer import model as M
 from jaxinfer.config import ModelConfig
-from jaxinfer.engine.engine import EngineConfig, engine_decode, engine_step, pool_pages_for
+from jaxinfer.engine.engine import (EngineConfig, engine_decode, engine_step, pool_pages_for,
+                                     whole_lanes)
+from jaxinfer.engine.scheduler import lane_length
 from jaxinfer.kv_cache import PagedKVCache
 from jaxinfer.kv_quant import SCALE_DTYPE, QuantizedKV, scales_shape
 from jaxinfer.params import abstract_params
@@ -49,10 +51,13 @@ def _engine_pools(cfg: ModelConfig, ecfg: EngineConfig, tokens: int, runtime: Ru
 
 def engine_steps(cfg: ModelConfig, job, params, runtime: Runtime):
   """{name: (jitted step, abstract arguments)}: the engine's mixed step at its widest (G lanes of
-  Q prompt tokens beside the S decode rows) and its decode-only dispatch, with the KV pools
-  (K, P, ps, H) per layer laid out as the engine lays them out."""
+  Q prompt tokens beside the S decode rows; under a dynamic sparsity pattern one lane of the
+  longest prompt) and its decode-only dispatch, with the KV pools (K, P, ps, H) per layer laid
+  out as the engine lays them out."""
   ecfg = job.engine_config
   s, g, q = ecfg.num_slots, ecfg.chunk_lanes, ecfg.chunk_size
+  if whole_lanes(runtime):
+    g, q = 1, lane_length(cfg.max_seq_len - 1, None)
   pools, m = _engine_pools(cfg, ecfg, cfg.max_seq_len, runtime)
   whole = whole_on(runtime.mesh)
   i32, f32 = jnp.int32, jnp.float32

@@ -4,7 +4,9 @@ B batch, T query len, S kv len (cache slots), N q heads, K kv heads, G = N // K,
 
 Each implementation provides two entry points:
   chunk(q, k, v, positions, ...)  queries attend causally within their own chunk (training, fresh
-                                  prefill): q (B,T,N,H), k/v (B,T,K,H), consecutive positions
+                                  prefill): q (B,T,N,H), k/v (B,T,K,H), consecutive positions;
+                                  `lengths` (B,), if given, each row's real tokens (padding
+                                  after them: dynamic patterns are estimated from the real ones)
   cache(q, kv, positions, ...)    queries attend to cached positions <= their own (decode,
                                   continued prefill); kv is a kv_cache.LayerKV, contiguous
                                   (K,B,S,H) or a page pool (K,P,ps,H) with a page table
@@ -103,29 +105,31 @@ def _softmax_values(scores, visible, v, h: int, k_scale, v_scale):
                     preferred_element_type=jnp.float32)
 
 
-def _dynamic_info(q, k, sparsity: Sparsity):
+def _dynamic_info(q, k, sparsity: Sparsity, lengths=None):
   """MInference metadata from q (B,N,T,H), k (B,K,T,H), or None when the prompt is too short
-  (under two blocks, or not a whole number of blocks) for block sparsity to apply."""
+  (under two blocks, or not a whole number of blocks) for block sparsity to apply; lengths (B,)
+  (None: T): each row's real tokens, padding after them (the estimate reads real ones only)."""
   from pallas_kernels.block_sparse_attention import dynamic
   t, block = q.shape[2], sparsity.block
   if t % block or t < 2 * block:
     return None
   if sparsity.kind == "block_topk":
-    return dynamic.block_topk_mask_info(q, k, block, sparsity.top_k)
+    return dynamic.block_topk_mask_info(q, k, block, sparsity.top_k, lengths=lengths)
   return dynamic.vertical_slash_mask_info(q, k, block, sparsity.num_vertical, sparsity.num_slash,
-                                          sparsity.last_q)
+                                          sparsity.last_q, lengths=lengths)
 
 
 def _heads_major(*xs):
   return tuple(None if x is None else x.transpose(0, 2, 1, 3) for x in xs)
 
 
-def _xla_chunk(q, k, v, positions, *, window, sinks, sparsity, segment_ids, mesh, rules):
+def _xla_chunk(q, k, v, positions, *, window, sinks, sparsity, segment_ids, mesh, rules,
+               lengths=None):
   del mesh, rules
   if sparsity.dynamic:
     from pallas_kernels.block_sparse_attention import block_sparse_attention_reference
     qh, kh, vh = _heads_major(q, k, v)
-    info = _dynamic_info(qh, kh, sparsity)
+    info = _dynamic_info(qh, kh, sparsity, lengths)
     if info is not None:
       out = block_sparse_attention_reference(qh, kh, vh, info, q_segment_ids=segment_ids,
                                              kv_segment_ids=segment_ids)
@@ -179,24 +183,26 @@ def _heads_split_evenly(n: int, k: int, mesh: Mesh | None, rules: ShardingRules)
   return n % size == 0 and k % size == 0
 
 
-def _pallas_chunk(q, k, v, positions, *, window, sinks, sparsity, segment_ids, mesh, rules):
+def _pallas_chunk(q, k, v, positions, *, window, sinks, sparsity, segment_ids, mesh, rules,
+                  lengths=None):
   from pallas_kernels.block_sparse_attention import block_sparse_attention
   b, t, n, h = q.shape
   if not _heads_split_evenly(n, k.shape[2], mesh, rules):
     return _xla_chunk(q, k, v, positions, window=window, sinks=sinks, sparsity=sparsity,
-                      segment_ids=segment_ids, mesh=mesh, rules=rules)
+                      segment_ids=segment_ids, mesh=mesh, rules=rules, lengths=lengths)
   block = min(128, max(8, 1 << (t - 1).bit_length()))
   static_info = _static_mask_info(t, window, sinks, block)
 
-  def local(q, k, v, seg):
+  def local(q, k, v, seg, lengths):
     qh, kh, vh = _heads_major(q, k, v)
-    info = (_dynamic_info(qh, kh, sparsity) if sparsity.dynamic else None) or static_info
+    info = (_dynamic_info(qh, kh, sparsity, lengths) if sparsity.dynamic else None) or static_info
     out = block_sparse_attention(qh, kh, vh, info, q_segment_ids=seg, kv_segment_ids=seg)
     return out.transpose(0, 2, 1, 3)
 
   qa = ("batch", "seq", "act_heads", "head_dim")
   ka = ("batch", "seq", "act_kv_heads", "head_dim")
-  return _shard(local, mesh, rules, (qa, ka, ka, ("batch", "seq")), qa, (q, k, v, segment_ids))
+  return _shard(local, mesh, rules, (qa, ka, ka, ("batch", "seq"), ("batch",)), qa,
+                (q, k, v, segment_ids, lengths))
 
 
 def _page_size(s: int) -> int:
@@ -321,7 +327,8 @@ def _splash_kernel(n: int, t: int, window: int | None, sinks: int, block: int, i
                                           interpret=interpret)
 
 
-def _splash_chunk(q, k, v, positions, *, window, sinks, sparsity, segment_ids, mesh, rules):
+def _splash_chunk(q, k, v, positions, *, window, sinks, sparsity, segment_ids, mesh, rules,
+                  lengths=None):
   """jax's splash kernel on TPU (interpreted on CPU); the "pallas" path on GPUs and for what
   splash does not cover: dynamic sparsity, chunks that are not a whole number (>= 1) of 128
   blocks, heads that do not split evenly over the mesh."""
@@ -330,7 +337,8 @@ def _splash_chunk(q, k, v, positions, *, window, sinks, sparsity, segment_ids, m
   kw = dict(window=window, sinks=sinks, sparsity=sparsity)
   if (sparsity.dynamic or block is None
       or not _heads_split_evenly(n, k.shape[2], mesh, rules)):
-    return _pallas_chunk(q, k, v, positions, segment_ids=segment_ids, mesh=mesh, rules=rules, **kw)
+    return _pallas_chunk(q, k, v, positions, segment_ids=segment_ids, mesh=mesh, rules=rules,
+                         lengths=lengths, **kw)
 
   def local(q, k, v, seg):
     def splash(interpret):
@@ -368,6 +376,16 @@ IMPLEMENTATIONS: dict[str, AttentionImpl] = {
     "pallas": AttentionImpl(_pallas_chunk, _pallas_cache, _pallas_tree),
     "splash": AttentionImpl(_splash_chunk, _pallas_cache, _pallas_tree),
 }
+
+
+def unsupported(sparsity: Sparsity, implementation: str, platform: str) -> str | None:
+  """Why `implementation` cannot run `sparsity`'s chunks on `platform` (None: it can)."""
+  if (platform == "tpu" and implementation != "xla" and sparsity.dynamic
+      and sparsity.block % 128):
+    return (f"{sparsity}: on a TPU the block-sparse kernel takes blocks of a multiple of 128 "
+            f"(its rows of softmax statistics are lane-wide), got {sparsity.block}; use a BLOCK "
+            f"of 128 or --implementation=xla")
+  return None
 
 
 def get(implementation: str) -> AttentionImpl:

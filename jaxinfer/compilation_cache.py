@@ -1,7 +1,7 @@
 """A persistent XLA compilation cache shared by every jaxinfer command.
 
-A run compiles a handful of step functions (the engine's step shapes, the static scheduler's
-prefill and decode, speculative verification); with the cache on, a later run with the same model,
+A run compiles a handful of step functions (the engine's step shapes, speculative
+verification); with the cache on, a later run with the same model,
 shapes, mesh and jax version loads them from disk instead of compiling again. Entries are keyed by
 the computation and the backend, so a changed model or flag compiles afresh, and a damaged entry
 is recompiled, never trusted. The directory is not size-capped: JAX's capped mode needs every

@@ -1,5 +1,7 @@
-"""Batched generation: one jitted prefill, then jitted chunks of decode steps with the KV cache
-donated. The host looks at the output only between chunks (stop strings, progress).
+"""Requests' sampling keys, and the reference decoding loop: one jitted prefill of a padded
+batch into a dense cache, then jitted chunks of decode steps with the cache donated. Serving runs
+in the paged engine (`jaxinfer.engine`); this loop, an implementation of its own, is what tests
+hold the engine's outputs against and benchmarks measure padded static batches with.
 
 B batch, T padded prompt len, M output buffer len, S cache len, V vocab.
 
@@ -150,7 +152,7 @@ class Timings:
 
 
 class Generator:
-  """Compiles and runs batched generation for one model on one mesh.
+  """Compiles and runs batched generation for one model on one mesh (the reference loop).
 
   `generate(rows)` pads the batch to a multiple of the mesh's batch axes and the prompt / output
   lengths to powers of two, so a long run compiles a handful of shapes.

@@ -25,6 +25,7 @@ from jaxinfer.config import ModelConfig
 from jaxinfer.kv_quant import (QuantizedKV, kv_bytes_per_vector, kv_move, kv_read, kv_set,
                                kv_zeros, scales_shape)
 from jaxinfer.sharding import DEFAULT_RULES, ShardingRules
+from jaxinfer.sparsity import Sparsity
 
 CACHE_AXES = ("kv_heads", "batch", "cache_seq", "head_dim")
 POOL_AXES = ("kv_heads", "cache_pages", "page", "head_dim")
@@ -202,6 +203,8 @@ class MixedLayerKV:
   chunk_table: jax.Array
   prefix_len: jax.Array | None = None
   tree_mask: jax.Array | None = None
+  whole: Sparsity | None = struct.field(pytree_node=False, default=None)
+  lanes_kv: tuple[jax.Array, jax.Array] | None = None  # (whole lanes: their K/V, as written)
 
   def _split(self, x: jax.Array):
     """x (1, S*T + G*Q, ...) -> decode rows (S, T, ...) and chunk lanes (G, Q, ...) (None when
@@ -223,9 +226,10 @@ class MixedLayerKV:
     vd, vc = self._split(v)
     pd, pc = self._split(positions)
     dec = self._decode_group().write(kd, vd, pd)
-    if kc is not None:
-      dec = LayerKV(dec.k, dec.v, self.chunk_table).write(kc, vc, pc)
-    return self.replace(k=dec.k, v=dec.v)
+    if kc is None:
+      return self.replace(k=dec.k, v=dec.v)
+    dec = LayerKV(dec.k, dec.v, self.chunk_table).write(kc, vc, pc)
+    return self.replace(k=dec.k, v=dec.v, lanes_kv=None if self.whole is None else (kc, vc))
 
   def attend(self, impl, q: jax.Array, positions: jax.Array, **kw) -> jax.Array:
     qd, qc = self._split(q)
@@ -234,7 +238,12 @@ class MixedLayerKV:
     out_d = out_d.reshape((-1,) + out_d.shape[2:])
     if qc is None:
       return out_d[None]
-    out_c = LayerKV(self.k, self.v, self.chunk_table).attend(impl, qc, pc, **kw)
+    if self.whole is None:
+      out_c = LayerKV(self.k, self.v, self.chunk_table).attend(impl, qc, pc, **kw)
+    else:  # each lane a whole prompt: it attends to itself, with the run's pattern
+      lengths = (pc < self.chunk_table.shape[1] * self.k.shape[2]).sum(-1)  # (then padding)
+      out_c = impl.chunk(qc, *self.lanes_kv, pc, sparsity=self.whole, segment_ids=None,
+                         lengths=lengths, **kw)
     return jnp.concatenate([out_d, out_c.reshape((-1,) + out_c.shape[2:])])[None]
 
 
@@ -248,7 +257,11 @@ class MixedPagedKVCache:
   T = 1 (no `tree_mask`): one decode token per slot. Otherwise each slot's T tokens are a draft
   tree verified over its pages (`TreeLayerKV`: stored at prefix_len + node index, seeing the
   prefix and their ancestors, `tree_mask` (S, T, W) packed ancestor bits); `commit_path` then
-  moves the accepted path's K/V to consecutive positions."""
+  moves the accepted path's K/V to consecutive positions.
+
+  `whole` (a dynamic sparsity pattern, which needs a prompt's queries and keys all at once):
+  each lane is a whole prompt (but its last token) from position 0, and attends to its own K/V
+  with that pattern instead of reading its pages."""
 
   k: tuple[jax.Array, ...]
   v: tuple[jax.Array, ...]
@@ -256,10 +269,11 @@ class MixedPagedKVCache:
   chunk_table: jax.Array
   prefix_len: jax.Array | None = None
   tree_mask: jax.Array | None = None
+  whole: Sparsity | None = struct.field(pytree_node=False, default=None)
 
   def layer(self, i: int) -> MixedLayerKV:
     return MixedLayerKV(self.k[i], self.v[i], self.decode_table, self.chunk_table,
-                        self.prefix_len, self.tree_mask)
+                        self.prefix_len, self.tree_mask, self.whole)
 
   def with_layers(self, layers: list[MixedLayerKV]) -> "MixedPagedKVCache":
     return self.replace(k=tuple(l.k for l in layers), v=tuple(l.v for l in layers))

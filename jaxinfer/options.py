@@ -14,10 +14,8 @@ from jaxinfer.sparsity import parse as parse_sparsity
 from jaxinfer.speculative import registry
 
 
-# the options that only one scheduler reads
-SCHEDULER_OPTIONS = {"continuous": ("order", "chunk_size", "chunk_lanes", "decode_steps",
-                                    "page_size", "kv_pages"),
-                     "static": ("steps_per_sync",)}
+# what prefilling a prompt whole in one lane (a dynamic sparsity pattern) leaves unread
+CHUNK_OPTIONS = ("chunk_size", "chunk_lanes")
 
 
 def as_str(value):
@@ -32,10 +30,12 @@ class ServeOptions:
   # data:R,fsdp:F,model:M over every process's devices: R replicas of F x M devices each, dealt
   # to the processes (a replica lies within one process)
   mesh: str = ""
-  batch_size: int = 8  # slots per replica (continuous) or sequences per batch (static)
+  batch_size: int = 8  # slots per replica (static: requests admitted at a time)
   implementation: str = "xla"
   sparsity: str = "dense"
   max_seq_len: int | None = None  # overrides the model's context (e.g. long prompts + sinks)
+  # continuous: a slot refilled as soon as its request ends; static: batch_size requests at a
+  # time, the next once all have ended (both the paged engine)
   scheduler: str = "continuous"
   # continuous: prefix (the whole input sorted by prompt, so sharers of a prefix run together:
   # global prefix sharing) or arrival (input order, prefixes shared through the pool's LRU cache)
@@ -46,7 +46,6 @@ class ServeOptions:
   page_size: int = 16
   kv_pages: int | None = None
   kv_cache_dtype: str | None = None  # int8: the engine's KV pages in int8, scales beside them
-  steps_per_sync: int = 32  # the static scheduler's decode steps per host round trip
   cache_dir: str | None = None
   progress: bool = True
   # none | ngram | lookahead | recycling | draft | layerskip | medusa | hydra | eagle
@@ -98,8 +97,7 @@ class ServeOptions:
     self.check_types()
     if self.dtype != "auto" and self.dtype not in DTYPES:
       raise UserError(f"--dtype: expected auto or one of {sorted(DTYPES)}, got {self.dtype!r}")
-    for flag in ("batch_size", "chunk_size", "chunk_lanes", "decode_steps", "page_size",
-                 "steps_per_sync"):
+    for flag in ("batch_size", "chunk_size", "chunk_lanes", "decode_steps", "page_size"):
       if getattr(self, flag) < 1:
         raise UserError(f"--{flag}: must be >= 1, got {getattr(self, flag)}")
     if self.kv_pages is not None and self.kv_pages < 1:
@@ -114,35 +112,26 @@ class ServeOptions:
         raise UserError(f"--page_size: the int8 KV cache needs a page size dividing "
                         f"{SCALE_LANES} (a page's scales lie in one row of them), got "
                         f"{self.page_size}")
-      if self.scheduler == "static":
-        raise UserError("--kv_cache_dtype: the continuous engine's page pool is quantized; "
-                        "the static scheduler's cache is not (use --scheduler=continuous)")
     if self.max_seq_len is not None and self.max_seq_len < 2:
       raise UserError(f"--max_seq_len: must be >= 2, got {self.max_seq_len}")
     if self.scheduler not in ("continuous", "static"):
       raise UserError(f"--scheduler: expected continuous or static, got {self.scheduler!r}")
     if self.order not in ("prefix", "arrival"):
       raise UserError(f"--order: expected prefix or arrival, got {self.order!r}")
-    other = "static" if self.scheduler == "continuous" else "continuous"
-    for name in self._given(SCHEDULER_OPTIONS[other]):  # (they would be ignored)
-      raise UserError(f"--{name}: applies to --scheduler={other} only")
     try:
       parse_mesh(self.mesh)
       sparsity = parse_sparsity(self.sparsity)
     except ValueError as e:
       raise UserError(f"--{e}") from None
-    if sparsity.dynamic and self.scheduler == "continuous":
-      raise UserError(f"--sparsity: {sparsity} applies to whole-prompt prefill; use it with "
-                      f"--scheduler=static (the continuous engine prefills in chunks)")
+    if sparsity.dynamic:  # (they would be ignored)
+      for name in self._given(CHUNK_OPTIONS):
+        raise UserError(f"--{name}: under --sparsity={sparsity} each prompt is prefilled whole, "
+                        f"in one lane of its own")
     registry.check(self)
     if not self.speculating:  # (they would be ignored)
       for name in self._given(registry.SPECULATIVE_OPTIONS):
         raise UserError(f"--{name}: applies to speculative decoding; pass --speculative too")
     if self.speculative != "none":
-      if self.scheduler == "static":
-        raise UserError("--scheduler: speculative decoding runs in the continuous engine (slots "
-                        "refilled, prompts prefilled in lanes beside verification); the static "
-                        "scheduler's batches decode plainly")
       if sparsity.dynamic:
         raise UserError(f"--sparsity: {sparsity} is not combinable with --speculative (its "
                         f"pattern needs whole-prompt prefill); sinks_window is")

@@ -67,8 +67,6 @@ class GenerateJob(ServeOptions):
     if not 0 <= self.seed < SEED_LIMIT:
       raise UserError(f"--seed: expected an integer in [0, 2**32), got {self.seed}")
     super().validate()
-    if self.scheduler == "static" and self.num_samples > 1:
-      raise UserError("--num_samples: N > 1 needs the continuous scheduler")
 
 
 def read_requests(job: GenerateJob, tokenizer, vocab_size: int, max_seq_len: int,

@@ -221,3 +221,26 @@ def test_topk_picks_the_highest_pooled_scores():
   rows = [sorted(set(np.asarray(info.kv_indices)[0, 0, i, :int(info.num_kv[0, 0, i])]))
           for i in range(4)]
   assert rows == [[0], [0, 1], [1, 2], [1, 3]]  # diagonal forced, plus the best other
+
+
+@pytest.mark.parametrize("builder", ["topk", "vertical_slash"])
+def test_dynamic_masks_of_padded_rows_read_their_real_tokens_only(builder):
+  """With `lengths`, a row padded past its length (a prompt in a wider lane) gets the pattern of
+  its real tokens over their blocks, whatever the padding holds: the estimate pools and reads
+  real tokens only. Without, padding moves it."""
+  b, n, kh, t, h, block, real = 2, 4, 2, 128, 16, 16, 72  # 4.5 blocks real
+  make = ((lambda q, k, **kw: block_topk_mask_info(q, k, block, top_k=1, **kw))
+          if builder == "topk" else
+          (lambda q, k, **kw: vertical_slash_mask_info(q, k, block, num_vertical=3, num_slash=2,
+                                                       last_q=16, **kw)))
+  q, k, _ = _qkv(b, n, kh, t, t, h, seed=5)
+  junk, junk_k, _ = _qkv(b, n, kh, t, t, h, seed=6)
+  pad = lambda x, y: jnp.where(jnp.arange(t)[None, None, :, None] < real, x, 10 * y)
+  lengths = jnp.full((b,), real, jnp.int32)
+  masks_of = lambda info: np.asarray(dense_mask(info))[..., :real, :real]
+  want = masks_of(make(pad(q, 0 * junk), pad(k, 0 * junk_k), lengths=lengths))
+  got = masks_of(make(pad(q, junk), pad(k, junk_k), lengths=lengths))
+  np.testing.assert_array_equal(got, want)
+  assert got.sum() < b * n * np.tril(np.ones((real, real))).sum()  # (sparse)
+  moved = masks_of(make(pad(q, junk), pad(k, junk_k)))
+  assert (moved != want).any()

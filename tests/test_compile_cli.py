@@ -138,10 +138,23 @@ def test_missing_libtpu_says_what_to_install(monkeypatch):
     (dict(model="preset:nope"), "--model: unknown preset"),
     (dict(model="/no/such/dir"), "--model: expected preset:NAME"),
     (dict(speculative="medusa"), "--speculative: compile takes one of"),
-    (dict(sparsity="block_topk:8"), "--sparsity:"),
+    (dict(sparsity="block_topk:8", speculative="ngram"), "--sparsity:"),
     (dict(mesh="model:16"), "--mesh: .* needs 16 devices"),
 ])
 def test_flag_errors_name_the_flag(overrides, message):
   job = aot.CompileJob(**{"target": "cuda", "model": "preset:tiny", **overrides})
   with pytest.raises(aot.CompileError, match=message):
     aot.run(job)
+
+
+def test_a_dynamic_pattern_compiles_its_whole_prompt_lane_for_tpu():
+  """Under a dynamic sparsity pattern the engine prefills a prompt whole in one lane: compile
+  builds that step at the longest prompt, the block-sparse kernel with the pattern estimated
+  inside it, for TPU; blocks the TPU kernel cannot take are refused in one line."""
+  common = dict(model="preset:tiny", batch_size=2, kv_pages=16, max_seq_len=512,
+                implementation="pallas", mesh="data:4")
+  report = aot.run(aot.CompileJob(TPU, sparsity="vertical_slash:4,4,128", **common))
+  prefill, decode = report.steps
+  assert prefill.kernels > decode.kernels > 0 and prefill.compile_s > 0
+  with pytest.raises(aot.CompileError, match="--sparsity: .* multiple of 128"):
+    aot.run(aot.CompileJob(TPU, sparsity="block_topk:2,64", **common))

@@ -127,15 +127,43 @@ def _job(tmp_path, model_dir, records, name, **kw):
   return {r["id"]: r for r in map(json.loads, out.read_text().splitlines())}, metrics
 
 
+def _independent(tmp_path, model_dir, records) -> dict:
+  """{id: (completion ids, text, finish reason)} of each record decoded alone by the reference
+  `Generator` (an implementation of its own: a dense cache, the prompt prefilled whole), read and
+  cut at its stop strings as the job does."""
+  from jaxinfer import checkpoint
+  from jaxinfer.api import completion
+  from jaxinfer.generation import Generator, RowRequest, sample_key
+  from jaxinfer.runner import read_requests
+  cfg, params, tokenizer = checkpoint.load_model(str(model_dir))
+  prompts = tmp_path / "independent.jsonl"
+  prompts.write_text("".join(json.dumps(r) + "\n" for r in records))
+  job = GenerateJob(prompts=str(prompts), output=str(tmp_path / "unused.jsonl"),
+                    model=str(model_dir))
+  reqs, errors, _ = read_requests(job, tokenizer, cfg.vocab_size, cfg.max_seq_len)
+  assert not errors
+  gen, out = Generator(cfg, params), {}
+  for r in reqs:
+    res = gen.generate([RowRequest(r.prompt_ids, r.max_new_tokens, sample_key(r.seed, r.id),
+                                   r.temperature, r.top_k, r.top_p, r.min_p)])[0]
+    c = completion(res.tokens, res.finished_by_eos, r.stop, tokenizer)
+    out[r.id] = (c.ids, c.text, c.finish_reason)
+  return out
+
+
 def test_engine_equals_independent_generation(tmp_path, tiny_model_dir):
+  """Greedy and sampled records (stop strings, a shared header) through the engine equal each
+  decoded alone by the reference Generator, token for token; so do static waves'."""
   records = _workload()
-  ref, _ = _job(tmp_path, tiny_model_dir, records, "ref", scheduler="static", batch_size=1)
+  ref = _independent(tmp_path, tiny_model_dir, records)
   out, m = _job(tmp_path, tiny_model_dir, records, "engine", batch_size=4, chunk_size=16,
                 chunk_lanes=2, page_size=8)
-  assert set(out) == set(ref)
+  static, _ = _job(tmp_path, tiny_model_dir, records, "static", scheduler="static", batch_size=3)
+  assert set(out) == set(ref) == set(static)
   for rid in ref:
-    for field in ("completion_ids", "completion", "finish_reason", "prompt_tokens"):
-      assert out[rid][field] == ref[rid][field], (rid, field)
+    assert (out[rid]["completion_ids"], out[rid]["completion"], out[rid]["finish_reason"]) == \
+        ref[rid], rid
+    assert static[rid]["completion_ids"] == out[rid]["completion_ids"], rid
   assert m["prefill_tokens_saved"] > 0  # the shared system prompt was computed once
   assert m["prefill_tokens_computed"] + m["prefill_tokens_saved"] == m["prompt_tokens"]
   assert m["recompilations"] == 0  # only the fixed step shapes were compiled
@@ -385,13 +413,10 @@ def test_two_processes_write_one_output(tmp_path, tiny_model_dir, speculative, m
 
 def test_a_multi_process_mesh_spans_every_process(monkeypatch):
   """--mesh in a run of several processes covers all their devices (a mesh of other size is
-  refused, named); the static scheduler deals its data axis to the processes."""
+  refused, named)."""
   import jax
-  from jaxinfer.serving.placement import process_spec, replicas
+  from jaxinfer.serving.placement import replicas
   monkeypatch.setattr(jax, "process_count", lambda: 2)
   monkeypatch.setattr(jax, "device_count", lambda: 4)
-  assert process_spec("data:4") == "data:2,fsdp:1,model:1"
-  with pytest.raises(UserError, match="data a multiple of the 2 processes"):
-    process_spec("fsdp:4")
   with pytest.raises(UserError, match="spans all 4 of their devices"):
     replicas("data:2")

@@ -158,7 +158,7 @@ def test_job_validation_names_the_flag(tmp_path, tiny_model_dir):
       (dict(output=str(prompts)), "--output: .* is the --prompts file"),
       (dict(output="/proc/out.jsonl"), "--output: "),  # (a directory no file can be made in)
       (dict(draft_fallback=0.5), "--draft_fallback: applies to speculative decoding"),
-      (dict(scheduler="static", page_size=8), "--page_size: applies to --scheduler=continuous"),
+      (dict(sparsity="block_topk:2", chunk_lanes=2), "--chunk_lanes: under --sparsity="),
       (dict(speculative="ngram", sparsity="sinks_window:1,3", num_draft_tokens=4),
        "--speculative=ngram"),  # a chain of 5 past the window of 3
   ]

@@ -208,8 +208,7 @@ def test_int8_engine_on_a_mesh_equals_one_device(target):
 
 def test_generate_serves_an_int8_cache_and_refuses_what_cannot(tmp_path, tiny_model_dir):
   """The API with kv_cache_dtype="int8" (the CLI's --kv_cache_dtype) serves through the engine;
-  an unknown dtype, the static scheduler or a page size its scales cannot lie in is one line
-  naming the flag."""
+  an unknown dtype or a page size its scales cannot lie in is one line naming the flag."""
   import jaxinfer
   from jaxinfer.errors import UserError
   llm = jaxinfer.LLM(str(tiny_model_dir), kv_cache_dtype="int8", batch_size=2, progress=False)
@@ -219,7 +218,6 @@ def test_generate_serves_an_int8_cache_and_refuses_what_cannot(tmp_path, tiny_mo
   pool = llm._backend.engines[0].k[0]  # the engine's pages hold int8 values
   assert isinstance(pool, QuantizedKV) and pool.values.dtype == jnp.int8
   for kw, match in [(dict(kv_cache_dtype="fp8"), "--kv_cache_dtype: expected one of int8"),
-                    (dict(kv_cache_dtype="int8", scheduler="static"), "static scheduler"),
                     (dict(kv_cache_dtype="int8", page_size=48), "dividing 128")]:
     with pytest.raises(UserError, match=match):
       jaxinfer.LLM(str(tiny_model_dir), progress=False, **kw).generate(["x"])

@@ -336,7 +336,6 @@ def test_generate_job_with_speculation(tmp_path, tiny_model_dir):
   assert m["replicas"] == 2 and m["verify_steps"] > 0 and split == one
   for kw, flag in ((dict(speculative="ngram", decode_steps=0), "--decode_steps"),
                    (dict(speculative="ngram", speculation="never"), "--speculation"),
-                   (dict(speculative="ngram", scheduler="static"), "--scheduler"),
                    (dict(speculative="draft"), "--draft_model"),
                    (dict(speculative="recycling", tree="4,x"), "--tree"),
                    (dict(speculative="ngram", tree="dynamic"), "--tree"),
@@ -528,7 +527,7 @@ def test_sinks_window_sparsity_speculates_losslessly(target, other_draft):
                           runtime=dataclasses.replace(sparse, implementation=impl))
   with pytest.raises(ValueError, match="window"):
     Engine(cfg, params, EngineConfig(), 64, sparse, P.Lookahead(num_nodes=12))
-  with pytest.raises(ValueError, match="whole-prompt"):
+  with pytest.raises(ValueError, match="speculation under block_topk"):
     Engine(cfg, params, EngineConfig(), 64, Runtime(sparsity=parse("block_topk:2,16")),
            P.NGram())
 

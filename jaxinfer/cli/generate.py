@@ -26,24 +26,24 @@ flags.DEFINE_float("min_p", 0.0, "Default min-p filter in [0, 1]; 0 disables.", 
 flags.DEFINE_multi_string("stop", [], "Default stop string (repeatable).")
 flags.DEFINE_integer("seed", 0, "Run seed; each request's sampling key derives from it and the "
                      "request id.")
-flags.DEFINE_integer("batch_size", 8, "Sequences decoded together: slots per replica (continuous) "
-                     "or sequences per padded batch (static).", lower_bound=1)
+flags.DEFINE_integer("batch_size", 8, "Sequences decoded together: slots per replica.",
+                     lower_bound=1)
 flags.DEFINE_enum("scheduler", "continuous", ["continuous", "static"],
-                  "continuous: paged KV cache, slots refilled as sequences finish, chunked "
-                  "prefill mixed with decode, shared prompt prefixes, speculative decoding; "
-                  "static: padded batches, each prompt prefilled whole (the dynamic sparsity "
-                  "patterns), decoded plainly.")
+                  "How the paged engine fills its slots: continuous refills a slot as soon as "
+                  "its sequence ends; static admits --batch_size requests at a time and the "
+                  "next ones once all have ended (static batching, for comparison).")
 flags.DEFINE_enum("order", "prefix", ["prefix", "arrival"],
-                  "Continuous scheduler: prefix sorts the whole input by prompt, so requests "
+                  "prefix sorts the whole input by prompt, so requests "
                   "sharing a prefix run together (global prefix sharing); arrival keeps input "
                   "order, prefixes shared while the pool's LRU cache still holds them.")
 flags.DEFINE_integer("num_samples", 1, "Completions per prompt (sharing the prompt's KV).",
                      lower_bound=1)
-flags.DEFINE_integer("chunk_size", 32, "Prompt tokens per prefill lane per step.", lower_bound=1)
+flags.DEFINE_integer("chunk_size", 32, "Prompt tokens per prefill lane per step (a dynamic "
+                     "--sparsity prefills each prompt whole instead).", lower_bound=1)
 flags.DEFINE_integer("chunk_lanes", 4, "Prefill lanes per step (one prompt per lane; a prompt "
-                     "may fill several).", lower_bound=1)
+                     "may fill several; a dynamic --sparsity: one lane).", lower_bound=1)
 flags.DEFINE_integer("decode_steps", 8, "Most decode steps run in one dispatch between prefill "
-                     "steps (continuous scheduler).", lower_bound=1)
+                     "steps.", lower_bound=1)
 flags.DEFINE_integer("page_size", 16, "Tokens per KV page.", lower_bound=1)
 flags.DEFINE_string("kv_cache_dtype", None, "int8: keep the engine's KV pages in int8, one float32 "
                     "scale per token and kv head beside them (about half a bfloat16 cache; the "
@@ -64,8 +64,6 @@ flags.DEFINE_string("sparsity", "dense", "Long-prompt attention: dense, sinks_wi
                     "block_topk:TOPK[,BLOCK] or vertical_slash:V,S[,BLOCK] (see README).")
 flags.DEFINE_integer("max_seq_len", None, "Override the model's context length (prompt + output), "
                      "e.g. for long prompts under sinks_window sparsity.", lower_bound=2)
-flags.DEFINE_integer("steps_per_sync", 32, "Static scheduler: decode steps per host round trip "
-                     "at most.", lower_bound=1)
 flags.DEFINE_enum("speculative", "none",
                   ["none", "ngram", "lookahead", "recycling", "draft", "layerskip", "medusa",
                    "hydra", "eagle"],
@@ -125,7 +123,6 @@ def main(argv: list[str]) -> None:
       decode_steps=FLAGS.decode_steps,
       page_size=FLAGS.page_size, kv_pages=FLAGS.kv_pages, kv_cache_dtype=FLAGS.kv_cache_dtype,
       overwrite=FLAGS.overwrite,
-      steps_per_sync=FLAGS.steps_per_sync,
       cache_dir=FLAGS.cache_dir, progress=FLAGS.progress,
       speculative=FLAGS.speculative, draft_model=FLAGS.draft_model,
       draft_heads=FLAGS.draft_heads,

@@ -46,6 +46,7 @@ class EngineConfig:
   steps_ahead: int = 1  # steps launched beyond the one whose tokens the host waits for
   decode_steps: int = 8  # most decode-only steps run in one dispatch (none prefilling)
   kv_cache_dtype: str | None = None  # "int8": pools of int8 K/V with per-token-head scales
+  waves: bool = False  # static batching: S requests at a time, the next S once all have ended
 
   def __post_init__(self):
     for name in ("num_slots", "chunk_size", "chunk_lanes", "page_size", "decode_steps"):
@@ -89,6 +90,12 @@ class EngineStats:
     return self.occupancy_sum / self.steps if self.steps else 0.0
 
 
+def whole_lanes(runtime: Runtime):
+  """The dynamic sparsity pattern a run's prompts are prefilled with, each in a lane of its own
+  (`MixedPagedKVCache.whole`); None: prompts are prefilled in chunks."""
+  return runtime.sparsity if runtime.sparsity.dynamic else None
+
+
 def engine_step(params, k, v, last_token, tokens, from_device, positions, decode_table,
                 chunk_table, sample_index, sampled, key_data, temperature, top_k, top_p, min_p,
                 next_tokens=None, draft_params=None, layer=(), *, cfg, runtime, feed=None,
@@ -105,7 +112,7 @@ def engine_step(params, k, v, last_token, tokens, from_device, positions, decode
   # prompt's last token (a slot's first step).
   device_tokens = jnp.pad(last_token, (0, tokens.shape[0] - s))
   tokens = jnp.where(from_device, device_tokens, tokens)
-  cache = MixedPagedKVCache(k, v, decode_table, chunk_table)
+  cache = MixedPagedKVCache(k, v, decode_table, chunk_table, whole=whole_lanes(runtime))
   hidden, cache = M.forward(params, tokens[None], positions[None], cfg, cache, kv_source="cache",
                             runtime=runtime)
   logits = M.logits(params, hidden[0, :s])  # (S, V): each slot's next token
@@ -175,9 +182,9 @@ class Engine:
   def __init__(self, model_cfg: ModelConfig, params: M.Transformer, cfg: EngineConfig,
                max_len: int, runtime: Runtime = Runtime(), proposer=None, rule: str = "exact",
                speculation: str = "auto", draft_params=None):
-    if runtime.sparsity.dynamic:
-      raise ValueError(f"Engine: {runtime.sparsity} needs whole-prompt prefill; the engine "
-                       f"prefills in chunks (use the static Generator)")
+    if proposer is not None and runtime.sparsity.dynamic:
+      raise ValueError(f"Engine: speculation under {runtime.sparsity} is not built (its "
+                       f"verification steps would prefill prompts in chunks)")
     if proposer is not None:
       proposer.validate(model_cfg, draft_params)
       check_fits(proposer, model_cfg, runtime.sparsity)
@@ -419,8 +426,12 @@ class Engine:
     rest: `jit_variants`); speculating, those for each level of the ladder, the device state's
     set-up, admissions of 1, 2, 4, ... rows of prompts 16, 32, ... wide and, for a draft layer in
     the pages, the flush of rows turning to plain steps."""
-    lengths = {lane_length(t, self.cfg.chunk_size) for t in range(1, self.cfg.chunk_size + 1)}
-    steps = 2 * (1 + len(lengths) + (self.cfg.chunk_lanes > 1))
+    if whole_lanes(self.runtime):  # a lane per prompt, 16, 32, ... wide up to the longest
+      widest = lane_length(self.max_pages * self.cfg.page_size, None)
+      steps = 2 * (1 + (widest // 16).bit_length())
+    else:
+      lengths = {lane_length(t, self.cfg.chunk_size) for t in range(1, self.cfg.chunk_size + 1)}
+      steps = 2 * (1 + len(lengths) + (self.cfg.chunk_lanes > 1))
     if self.proposer is None:
       return steps
     doublings = lambda n, start: (-(-n // start) - 1).bit_length() + 1  # start, 2 start, .., n
@@ -447,7 +458,8 @@ class Engine:
     sched = Scheduler(self.cfg.num_slots, self.cfg.chunk_lanes, self.cfg.chunk_size,
                       self.cfg.page_size, self.max_pages, pool, self.model_cfg.eos_token_ids,
                       self.cfg.decode_steps, self.tree_size,
-                      0 if self.proposer is None else self.proposer.feature_lookahead)
+                      0 if self.proposer is None else self.proposer.feature_lookahead,
+                      whole_prompts=whole_lanes(self.runtime) is not None, waves=self.cfg.waves)
     budgets = {}  # speculating: uid -> its budget (the policy's work in sight)
     requests = list(requests)
     self._greedy = all_greedy(requests)

@@ -100,23 +100,32 @@ class StepPlan:
   tree: bool = False  # decode rows are draft trees (the device tracks their progress)
 
 
-def lane_length(take: int, chunk: int) -> int:
-  return min(chunk, max(16, 1 << (take - 1).bit_length()))
+def lane_length(take: int, chunk: int | None) -> int:
+  """The width of a lane for `take` tokens: a power of two >= 16, at most `chunk` (if any)."""
+  width = max(16, 1 << (take - 1).bit_length())
+  return width if chunk is None else min(chunk, width)
 
 
 class Scheduler:
 
   def __init__(self, num_slots: int, lanes: int, chunk: int, page_size: int, max_pages: int,
                pool: PagePool, eos_ids: tuple[int, ...], decode_steps: int = 1,
-               tree_size: int | None = None, lookahead: int = 0):
+               tree_size: int | None = None, lookahead: int = 0, whole_prompts: bool = False,
+               waves: bool = False):
     """tree_size: decode rows may be draft trees of this many tokens (`engine.speculate`),
     each plan's rows either trees or plain decoding (`layout`). A tree row's progress is known
     on the host only once its step's results are read, so a sequence keeps its slot until then,
     and reserves pages for one tree beyond its longest output. A row changes between trees and
     plain decoding only when every launched plan has been committed (its progress is known).
     lookahead: prompt pages are shared only between prompts that agree on that many tokens after
-    them (`Proposer.feature_lookahead`)."""
-    self.s, self.g, self.q = num_slots, lanes, chunk
+    them (`Proposer.feature_lookahead`).
+    whole_prompts: each prompt (but its last token) is prefilled in a step's one lane, however
+    long (a power of two >= 16 wide: its own width, whatever else runs), and shares no pages (a
+    dynamic sparsity pattern sees the whole prompt at once). waves: static batching: requests
+    are admitted S at a time, the next S once every one of them has ended."""
+    self.s, self.g, self.q = num_slots, 1 if whole_prompts else lanes, chunk
+    self.whole_prompts, self.waves = whole_prompts, waves
+    self._wave_left = 0  # (waves) requests the current wave may still admit
     self.tree_size, self.lookahead = tree_size, lookahead
     self.decode_steps = decode_steps
     self.page_size, self.max_pages = page_size, max_pages
@@ -155,7 +164,7 @@ class Scheduler:
     pages do not fit."""
     req, ps = self.pending[0], self.page_size
     prompt_len = len(req.prompt_ids)
-    full = (prompt_len - self.lookahead) // ps
+    full = 0 if self.whole_prompts else (prompt_len - self.lookahead) // ps
     if self._head_keys[0] is not req:  # hashed once, however often a full pool defers it
       self._head_keys = (req, page_keys(req.prompt_ids, ps, full, self.lookahead))
     keys = self._head_keys[1]
@@ -214,7 +223,8 @@ class Scheduler:
 
     def fill(seq):
       while len(lanes) < self.g and seq.in_prefill:
-        take = min(self.q, seq.prompt_len - 1 - seq.computed)
+        take = seq.prompt_len - 1 - seq.computed
+        take = take if self.whole_prompts else min(self.q, take)
         lanes.append((seq, seq.computed, take))
         self._advance(seq, seq.computed + take)
 
@@ -224,12 +234,16 @@ class Scheduler:
       if seq.in_prefill and self._shared_pages_ready(seq):
         fill(seq)
     room = self.s + self.slots.count(None) - sum(seq.slot is None for seq in self.order)
+    if self.waves:
+      self._wave_left = self._wave_left if self.order else self.s
+      room = min(room, self._wave_left)
     while len(lanes) < self.g and self.pending and room > 0:
       seq = self._admit()
       if seq is None or not self._shared_pages_ready(seq):
         break
       fill(seq)
       room -= 1
+      self._wave_left -= 1
     return lanes
 
   @property
@@ -258,7 +272,8 @@ class Scheduler:
       g, q = 1, g * self.q
       lanes = [(lanes[0][0], lanes[0][1], q)]
     else:
-      q = lane_length(max(t for _, _, t in lanes), self.q) if lanes else 0
+      longest = max([t for _, _, t in lanes], default=0)
+      q = lane_length(longest, None if self.whole_prompts else self.q) if lanes else 0
     return lanes, g, q
 
   def plan(self) -> StepPlan | None:

@@ -1,8 +1,6 @@
-"""The two ways requests run on this process's replicas, behind one interface:
-
-- `EngineBackend`: the continuous-batching engine (paged KV, chunked prefill, shared prefixes,
-  speculative decoding), one per replica;
-- `StaticBackend`: padded static batches (whole-prompt prefill: the dynamic sparsity patterns).
+"""Requests run on this process's replicas: one paged engine per replica (continuous batching or
+static waves, chunked prefill or whole prompts under a dynamic sparsity pattern, shared prefixes,
+speculative decoding).
 
 `prepare(requests)` builds the replicas (or keeps those of an earlier call when they are large
 enough, so repeated calls reuse their compiled steps) and checks memory before anything runs;
@@ -27,7 +25,7 @@ from jaxinfer.engine import Engine, EngineConfig, EngineRequest
 from jaxinfer.engine.engine import EngineStats
 from jaxinfer.engine.policy import policy_metrics
 from jaxinfer.errors import UserError
-from jaxinfer.generation import Generator, RowRequest, Timings, sample_key
+from jaxinfer.generation import sample_key
 from jaxinfer.kv_cache import PagedKVCache
 from jaxinfer.options import ServeOptions
 from jaxinfer.requests import Request
@@ -53,7 +51,7 @@ def _engine_config(opts: ServeOptions) -> EngineConfig:
   return EngineConfig(num_slots=opts.batch_size, chunk_size=opts.chunk_size,
                       chunk_lanes=opts.chunk_lanes, page_size=opts.page_size,
                       kv_pages=opts.kv_pages, decode_steps=opts.decode_steps,
-                      kv_cache_dtype=opts.kv_cache_dtype)
+                      kv_cache_dtype=opts.kv_cache_dtype, waves=opts.scheduler == "static")
 
 
 class EngineBackend:
@@ -167,51 +165,3 @@ class EngineBackend:
         "verify_steps": verifications, "host_syncs": sum(s.dispatches for s in st),
         "nodes_per_verification": round(per(sum(s.verified_nodes for s in st)), 3),
     } | policy_metrics([e.policy for e in self.engines], self.engines[0].cfg.num_slots)
-
-
-def timings_stats(tm: Timings) -> dict:
-  """The stats dict of a static generator's timings."""
-  return {
-      "busy_s": tm.prefill_s + tm.decode_s, "prefill_tokens": tm.prefill_tokens,
-      "prefill_tps": round(tm.prefill_tokens / tm.prefill_s, 2) if tm.prefill_s else 0.0,
-      "decode_tps": round(tm.decode_tokens / tm.decode_s, 2) if tm.decode_s else 0.0,
-      "occupancy": round(tm.decode_tokens / tm.row_steps, 4) if tm.row_steps else 0.0,
-      "steps": tm.decode_steps, "compile_s": tm.compile_s, "compilations": tm.compilations,
-      "replicas": 1, "expected_compilations": tm.compilations,
-  }
-
-
-def _since(now: Timings, before: Timings) -> Timings:
-  return Timings(**{f.name: getattr(now, f.name) - getattr(before, f.name)
-                    for f in dataclasses.fields(Timings)})
-
-
-class StaticBackend:
-  """Padded static batches of --batch_size requests of similar length, on one mesh."""
-
-  def __init__(self, opts: ServeOptions, cfg, params, mesh, sparsity):
-    self.opts = opts
-    self.gen = Generator(cfg, params, _runtime(opts, mesh, sparsity),
-                         steps_per_sync=opts.steps_per_sync)
-
-  def prepare(self, requests: list[Request]) -> None:
-    if any(r.n > 1 for r in requests):
-      raise UserError("--num_samples: N > 1 needs the continuous scheduler")
-
-  def reset_prefix_cache(self) -> None:
-    """(static batches cache no prefixes)"""
-
-  def run(self, requests: list[Request], deliver: Deliver, should_stop: StopCheck) -> dict:
-    before = dataclasses.replace(self.gen.timings)
-    mine = placement.process_share(requests)
-    todo = sorted(mine, key=lambda r: len(r.prompt_ids))  # similar lengths pad little
-    b = self.opts.batch_size
-    for start in range(0, len(todo), b):
-      batch = todo[start:start + b]
-      rows = [RowRequest(r.prompt_ids, r.max_new_tokens, sample_key(r.seed, r.id, 0),
-                         r.temperature, r.top_k, r.top_p, r.min_p) for r in batch]
-      results = self.gen.generate(rows, lambda i, tokens, batch=batch: should_stop(batch[i],
-                                                                                  tokens))
-      for req, res in zip(batch, results):
-        deliver(req, 0, res.tokens, res.finished_by_eos)
-    return timings_stats(_since(self.gen.timings, before))

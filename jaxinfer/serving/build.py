@@ -1,6 +1,5 @@
-"""From options to a model ready to serve: its weights loaded onto the first replica's mesh (or
-the static scheduler's), its tokenizer and chat template, and the backend that will run its
-requests."""
+"""From options to a model ready to serve: its weights loaded onto the first replica's mesh, its
+tokenizer and chat template, and the engines that will run its requests."""
 
 from __future__ import annotations
 
@@ -12,26 +11,18 @@ from jaxinfer import checkpoint, quant
 from jaxinfer.errors import UserError
 from jaxinfer.options import ServeOptions
 from jaxinfer.serving import placement
-from jaxinfer.serving.backends import EngineBackend, StaticBackend
+from jaxinfer.serving.backends import EngineBackend
 from jaxinfer.sparsity import parse as parse_sparsity
 
 
 def load(opts: ServeOptions):
   """(model config, params, tokenizer or None, chat template or None, backend, sparsity)."""
   from jaxinfer.speculative import registry
-  static = opts.scheduler == "static"  # (never speculating: `ServeOptions.validate`)
-  replicas, total, static_mesh = [], 1, None
-  if static:
-    spec = placement.process_spec(opts.mesh)  # each process its own static batches
-    if spec:
-      from jaxinfer.sharding import make_mesh
-      static_mesh = make_mesh(spec, jax.local_devices())
-  else:
-    replicas, total = placement.replicas(opts.mesh)
+  replicas, total = placement.replicas(opts.mesh)
   dtype = None if opts.dtype == "auto" else opts.dtype
   try:
     cfg, params, tokenizer = checkpoint.load_model(
-        opts.model, dtype, replicas[0].mesh if replicas else static_mesh, cache_dir=opts.cache_dir,
+        opts.model, dtype, replicas[0].mesh, cache_dir=opts.cache_dir,
         quiet=not opts.progress)
   except (FileNotFoundError, ValueError) as e:
     raise UserError(str(e)) from None
@@ -43,6 +34,12 @@ def load(opts: ServeOptions):
                     f"decoding it into different tokens: speculation would not equal plain "
                     f"decoding; use a weight-only quantization for it")
   sparsity = parse_sparsity(opts.sparsity)
+  from jaxinfer.attention import unsupported
+  mesh = replicas[0].mesh
+  why = unsupported(sparsity, opts.implementation, (jax.local_devices()[0] if mesh is None else
+                                                    mesh.devices.flat[0]).platform)
+  if why:
+    raise UserError(f"--sparsity: {why}")
   if sparsity.kind == "sinks_window" and cfg.sliding_window is not None:
     raise UserError(f"--sparsity: {opts.model} already uses a sliding window "
                     f"({cfg.sliding_window}); sinks_window would replace it")
@@ -50,12 +47,7 @@ def load(opts: ServeOptions):
   if tokenizer is not None:
     from jaxinfer.chat import ChatTemplate
     chat = ChatTemplate.from_dir(checkpoint.resolve_model_dir(opts.model, opts.cache_dir, True))
-  if opts.speculating:
-    proposer, draft_params = registry.build(opts, cfg, params, dtype)
-    backend = EngineBackend(opts, cfg, params, replicas, total, sparsity, proposer,
-                            draft_params)
-  elif static:
-    backend = StaticBackend(opts, cfg, params, static_mesh, sparsity)
-  else:
-    backend = EngineBackend(opts, cfg, params, replicas, total, sparsity)
+  proposer, draft_params = (registry.build(opts, cfg, params, dtype) if opts.speculating
+                            else (None, None))
+  backend = EngineBackend(opts, cfg, params, replicas, total, sparsity, proposer, draft_params)
   return cfg, params, tokenizer, chat, backend, sparsity

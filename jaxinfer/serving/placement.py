@@ -56,19 +56,6 @@ def replicas(mesh_spec: str) -> tuple[list[Replica], int]:
   return mine, r
 
 
-def process_spec(mesh_spec: str) -> str:
-  """This process's part of a --mesh for the static scheduler (one mesh per process): the `data`
-  axis dealt to the processes."""
-  shape = _shape(mesh_spec)
-  nproc = jax.process_count()
-  if nproc == 1 or not mesh_spec:
-    return mesh_spec
-  if shape["data"] % nproc:
-    raise UserError(f"--mesh: {format_mesh(shape)} with --scheduler=static needs data a "
-                    f"multiple of the {nproc} processes (each runs its own static batches)")
-  return format_mesh(dict(shape, data=shape["data"] // nproc))
-
-
 def on_replica(params, mesh, meshes):
   """params (placed on meshes[0]) on replica `mesh`, with the same partitioning."""
   if mesh is meshes[0]:
@@ -112,15 +99,6 @@ def check_memory(what: str, kv_bytes: int, kv_device_bytes: int, params, mesh,
 def owner(key, num_processes: int) -> int:
   """The process that owns `key` (anything with a stable repr), alike in every process."""
   return zlib.crc32(repr(key).encode()) % num_processes
-
-
-def process_share(requests: list) -> list:
-  """The requests this process runs when each process runs its own (the static scheduler):
-  those whose (id, line) it owns."""
-  nproc, me = jax.process_count(), jax.process_index()
-  if nproc == 1:
-    return requests
-  return [r for r in requests if owner((r.id, r.line), nproc) == me]
 
 
 def split_by_tokens(items: list, parts: int, request=lambda r: r) -> list[list]:

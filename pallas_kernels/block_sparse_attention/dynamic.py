@@ -53,14 +53,29 @@ def _check(q, k, block):
   return b, n, t, h, k.shape[1]
 
 
+def _real(b: int, t: int, lengths: jax.Array | None) -> jax.Array:
+  """(B,T) bool: the tokens of each row before its length (all without lengths)."""
+  if lengths is None:
+    return jnp.ones((b, t), jnp.bool_)
+  return jnp.arange(t)[None, :] < lengths[:, None]
+
+
 def block_topk_mask_info(q: jax.Array, k: jax.Array, block: int, top_k: int,
-                         num_sink_blocks: int = 1, num_local_blocks: int = 1) -> MaskInfo:
+                         num_sink_blocks: int = 1, num_local_blocks: int = 1,
+                         lengths: jax.Array | None = None) -> MaskInfo:
   """MInference's block-sparse pattern: per q block, the `top_k` kv blocks with the largest
-  mean-pooled q·k score, plus the first `num_sink_blocks` and the `num_local_blocks` nearest."""
+  mean-pooled q·k score, plus the first `num_sink_blocks` and the `num_local_blocks` nearest.
+  lengths (B,): each row's tokens before it are real, padding after it; blocks pool only real
+  tokens, so the pattern over a row's real blocks does not depend on its padding."""
   b, n, t, h, kv_heads = _check(q, k, block)
   nb = t // block
-  qp = jnp.mean(q.astype(jnp.float32).reshape(b, n, nb, block, h), axis=3)
-  kp = jnp.mean(k.astype(jnp.float32).reshape(b, kv_heads, nb, block, h), axis=3)
+  real = _real(b, t, lengths).reshape(b, 1, nb, block, 1)
+
+  def pool(x, heads):
+    x = jnp.where(real, x.astype(jnp.float32).reshape(b, heads, nb, block, h), 0.0)
+    return x.sum(3) / jnp.maximum(real.sum(3), 1)
+
+  qp, kp = pool(q, n), pool(k, kv_heads)
   kp = jnp.repeat(kp, n // kv_heads, axis=1)
   scores = jnp.einsum("bnqh,bnkh->bnqk", qp, kp)
   qi, ki = jnp.arange(nb)[:, None], jnp.arange(nb)[None, :]
@@ -78,20 +93,25 @@ def block_topk_mask_info(q: jax.Array, k: jax.Array, block: int, top_k: int,
 
 
 def vertical_slash_mask_info(q: jax.Array, k: jax.Array, block: int, num_vertical: int,
-                             num_slash: int, last_q: int = 64) -> MaskInfo:
+                             num_slash: int, last_q: int = 64,
+                             lengths: jax.Array | None = None) -> MaskInfo:
   """MInference's vertical-slash pattern at block granularity: attention of the last `last_q`
   queries estimates the most-attended key columns (vertical) and query-key offsets (slash); a
-  block is active if a selected column or diagonal passes through it."""
+  block is active if a selected column or diagonal passes through it. lengths (B,): each row's
+  tokens before it are real, padding after it; the estimate reads the last real queries."""
   b, n, t, h, kv_heads = _check(q, k, block)
   nb = t // block
   last_q = min(last_q, t)
-  ql = q[:, :, t - last_q:].astype(jnp.float32)
+  end = jnp.full((b,), t, jnp.int32) if lengths is None else lengths.astype(jnp.int32)
+  q_pos = end[:, None] - last_q + jnp.arange(last_q)[None, :]  # (B,last_q); < 0: none
+  ql = jnp.take_along_axis(q.astype(jnp.float32), jnp.maximum(q_pos, 0)[:, None, :, None],
+                           axis=2)
   kf = jnp.repeat(k.astype(jnp.float32), n // kv_heads, axis=1)
   logits = jnp.einsum("bnqh,bnkh->bnqk", ql, kf) * h**-0.5
-  q_pos = (t - last_q + jnp.arange(last_q))[:, None]
-  k_pos = jnp.arange(t)[None, :]
+  q_pos = q_pos[:, None, :, None]
+  k_pos = jnp.arange(t)[None, None, None, :]
   logits = jnp.where(k_pos <= q_pos, logits, -jnp.inf)
-  probs = jax.nn.softmax(logits, axis=-1)  # (B,N,last_q,T)
+  probs = jnp.where(q_pos >= 0, jax.nn.softmax(logits, axis=-1), 0.0)  # (B,N,last_q,T)
   vertical = probs.sum(axis=2)  # per key column
   offsets = jnp.broadcast_to(q_pos - k_pos, probs.shape)  # q - k >= 0 where visible
   slash = jnp.zeros((b, n, t), jnp.float32).at[

@@ -1,0 +1,101 @@
+"""The engine's two modes beside chunked continuous batching: prompts prefilled whole, each in a
+lane of its own, under a dynamic sparsity pattern (MInference's patterns need a prompt's queries
+and keys at once), and static batching (requests admitted in waves)."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from engine_runs import plain_greedy, requests, run_engine
+from jaxinfer import checkpoint
+from jaxinfer import model as M
+from jaxinfer.engine.scheduler import lane_length
+from jaxinfer.kv_cache import KVCache
+from jaxinfer.runtime import Runtime
+from jaxinfer.sparsity import parse
+from jaxinfer.speculative import proposers as P
+
+
+@pytest.fixture(scope="module")
+def target(tiny_model_dir):
+  cfg, params, _ = checkpoint.load_model(str(tiny_model_dir))
+  return cfg, params
+
+
+def whole_prompt_greedy(target, req, runtime: Runtime, max_len: int) -> list[int]:
+  """Greedy decoding written out: the prompt but its last token in one chunk forward (the
+  pattern applied to it), padded as the engine's lane is, into a contiguous cache; then one
+  token at a time over the cache."""
+  cfg, params = target
+  t = len(req.prompt_ids) - 1
+  width = lane_length(t, None)
+  tokens = np.zeros(width, np.int32)
+  positions = np.full(width, max_len, np.int32)  # padding: past the cache (written nowhere)
+  tokens[:t], positions[:t] = req.prompt_ids[:-1], np.arange(t)
+  cache = KVCache.init(cfg, 1, max_len)
+  _, cache = M.forward(params, jnp.asarray(tokens)[None], jnp.asarray(positions)[None], cfg,
+                       cache, kv_source="chunk", runtime=runtime)
+  out, last = [], req.prompt_ids[-1]
+  for i in range(req.max_new_tokens):
+    hidden, cache = M.forward(params, jnp.asarray([[last]]), jnp.asarray([[t + i]]), cfg, cache,
+                              kv_source="cache", runtime=runtime)
+    last = int(jnp.argmax(M.logits(params, hidden[0, 0])))
+    out.append(last)
+    if last in cfg.eos_token_ids:
+      break
+  return out
+
+
+@pytest.mark.parametrize("pattern", ["block_topk:1,16", "vertical_slash:1,1,16"])
+def test_dynamic_sparsity_prefills_each_prompt_whole(target, pattern):
+  """Under a dynamic pattern each prompt is prefilled in one lane of its own, sharing no pages
+  (a shared header is computed again), with more requests than slots: every output equals
+  decoding written out with the pattern over the whole prompt, and the pattern matters (dense
+  decoding differs)."""
+  rng = np.random.RandomState(0)
+  header = [int(x) for x in rng.randint(3, 60, 12)]
+  # prompts but their last token 32, 128, 16 (dense: under two blocks), 64, 32 long: no padding
+  reqs = requests([(header + [int(x) for x in rng.randint(3, 60, n)], 6)
+                   for n in (21, 117, 5, 53, 21)])
+  runtime = Runtime(sparsity=parse(pattern))
+  out, st, eng = run_engine(target, reqs, runtime=runtime, max_len=160)
+  max_len = eng.max_pages * eng.cfg.page_size
+  got = {u: r.tokens for u, r in out.items()}
+  assert got == {r.uid: whole_prompt_greedy(target, r, runtime, max_len) for r in reqs}
+  assert got != plain_greedy(target, reqs)
+  assert st.prefill_tokens_saved == 0
+  assert st.lane_tokens == sum(len(r.prompt_ids) - 1 for r in reqs)
+  assert st.compilations <= eng.max_shapes
+
+
+def test_static_batching_admits_requests_in_waves(target):
+  """waves (`--scheduler=static`): S requests at a time, the next S once all have ended, so every
+  request of a wave finishes before any of the next (continuous batching refills a slot at
+  once: a short request admitted later finishes first); the outputs are the same."""
+  rng = np.random.RandomState(1)
+  reqs = requests([([int(x) for x in rng.randint(3, 60, n)], budget)
+                   for n, budget in ((20, 24), (5, 3), (40, 4), (9, 2), (17, 3), (3, 5), (30, 2))])
+  waves, st_waves, _ = run_engine(target, reqs, waves=True)
+  cont, st_cont, _ = run_engine(target, reqs)
+  spec, _, _ = run_engine(target, reqs, P.NGram(num_draft_tokens=3), waves=True,
+                          speculation="always")
+  for out in (waves, spec):
+    assert [sorted(list(out)[i:i + 3]) for i in (0, 3, 6)] == [[0, 1, 2], [3, 4, 5], [6]]
+    assert {u: r.tokens for u, r in out.items()} == {u: r.tokens for u, r in cont.items()}
+  assert list(cont).index(3) < list(cont).index(0)
+  assert st_waves.mean_occupancy < st_cont.mean_occupancy
+
+
+def test_the_api_serves_a_dynamic_pattern(tiny_model_dir, target):
+  """`LLM(sparsity=...)` with a dynamic pattern serves through the engine (whole prompts), as
+  decoding written out does; chunk options it would not read are refused."""
+  import jaxinfer
+  llm = jaxinfer.LLM(str(tiny_model_dir), sparsity="vertical_slash:1,1,16", progress=False)
+  prompt = [int(x) for x in np.random.RandomState(2).randint(3, 60, 65)]
+  out = llm.generate([prompt], jaxinfer.SamplingParams(max_new_tokens=5))[0]
+  want = whole_prompt_greedy(target, requests([(prompt, 5)])[0], Runtime(sparsity=llm.sparsity),
+                             llm._backend.engines[0].max_pages * 16)
+  assert out.completion_ids == want
+  with pytest.raises(jaxinfer.UserError, match="--chunk_size: under --sparsity"):
+    jaxinfer.LLM(str(tiny_model_dir), sparsity="block_topk:2", chunk_size=64)
