@@ -6,6 +6,8 @@ from __future__ import annotations
 import dataclasses
 import os
 
+import numpy as np
+
 from jaxinfer import checkpoint
 from jaxinfer.config import DTYPES
 from jaxinfer.errors import UserError
@@ -18,9 +20,12 @@ from jaxinfer.speculative import registry
 CHUNK_OPTIONS = ("chunk_size", "chunk_lanes")
 
 
-def as_str(value):
-  """A path object (a directory option) as the string the options hold; anything else as is."""
-  return os.fspath(value) if isinstance(value, os.PathLike) else value
+def plain(value):
+  """An option's value as the options hold it: a path object (a directory option) as its string,
+  a NumPy scalar as the Python number it holds; anything else as is."""
+  if isinstance(value, os.PathLike):
+    return os.fspath(value)
+  return value.item() if isinstance(value, np.generic) else value
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -73,7 +78,7 @@ class ServeOptions:
     unknown = sorted(set(keywords) - known)
     if unknown:
       raise UserError(f"unknown option(s) {unknown}; options are {sorted(known - {'model'})}")
-    return cls(model=as_str(model), **{k: as_str(v) for k, v in keywords.items()})
+    return cls(model=plain(model), **{k: plain(v) for k, v in keywords.items()})
 
   def check_types(self) -> None:
     """Each option of its declared type (an int where an int is, ...), named if not."""

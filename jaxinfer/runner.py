@@ -21,7 +21,7 @@ import jax
 from jaxinfer import output
 from jaxinfer.api import LLM, Completion, SamplingParams
 from jaxinfer.errors import UserError
-from jaxinfer.options import ServeOptions, as_str
+from jaxinfer.options import ServeOptions, plain
 from jaxinfer.requests import Defaults, InvalidRequest, Request, error_record, parse_request
 from jaxinfer.sampling import SEED_LIMIT, validate as validate_sampling
 from jaxinfer.serving import placement
@@ -240,6 +240,6 @@ def generate_file(prompts: str, output: str, model: str = "embedded", **options
     raise UserError(f"unknown option(s) {unknown}")
   if not all(isinstance(p, (str, os.PathLike)) for p in (prompts, output)):
     raise UserError(f"prompts, output: expected file paths, got {prompts!r}, {output!r}")
-  return run(GenerateJob(prompts=str(prompts), output=str(output), model=as_str(model),
+  return run(GenerateJob(prompts=str(prompts), output=str(output), model=plain(model),
                          defaults=SamplingParams(**sampling).defaults(),
-                         **{k: as_str(v) for k, v in options.items()}))
+                         **{k: plain(v) for k, v in options.items()}))

@@ -6,6 +6,7 @@ import json
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 
 import jaxinfer
@@ -98,6 +99,11 @@ def test_bad_input_is_named(llm, tiny_model_dir):
                     (dict(mesh=5), "--mesh: expected str")]:
     with pytest.raises(UserError, match=match):
       jaxinfer.LLM(**{"model": str(tiny_model_dir), **kw})
+  # a NumPy number is the number it holds, a path its string (both as SamplingParams take them)
+  opts = jaxinfer.ServeOptions.from_keywords(tiny_model_dir, dict(batch_size=np.int64(2),
+                                                                  draft_fallback=np.float32(0)))
+  opts.validate()
+  assert (type(opts.model), type(opts.batch_size), type(opts.draft_fallback)) == (str, int, float)
   for kw, match in [(dict(max_new_tokens="5"), "max_new_tokens: expected an integer"),
                     (dict(n=2.5), "n: expected an integer"), (dict(top_k=True), "top_k"),
                     (dict(temperature=None), "temperature: expected a finite number"),

@@ -22,10 +22,20 @@ def quantize(model: str, output: str, format: str, *, include: Sequence[str] = (
   from jaxinfer.model import Transformer
   try:
     fmt = quant.QuantFormat.parse(format, tuple(include))
+  except ValueError as e:
+    flag = "--include" if str(e).startswith("quantization include") else "--format"
+    raise UserError(f"{flag}: {e}") from None
+  try:
     src = checkpoint.resolve_model_dir(model, cache_dir)
     check_destination(output, src)  # (before the model is loaded)
     cfg, params, _ = checkpoint.load_model(str(src), None if dtype == "auto" else dtype)
+  except (FileNotFoundError, ValueError) as e:
+    raise UserError(str(e)) from None
+  try:
     quantized = quant.quantize_params(params, Transformer.spec(cfg), fmt)
+  except ValueError as e:  # (a group size that does not divide a weight's axis)
+    raise UserError(f"--format: {e}") from None
+  try:
     out = checkpoint.save_orbax(output, cfg, quantized, tokenizer_dir=src, quant_format=fmt)
   except (FileNotFoundError, ValueError) as e:
     raise UserError(str(e)) from None
