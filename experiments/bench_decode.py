@@ -52,7 +52,8 @@ def main(argv):
   import jax.numpy as jnp
   import numpy as np
 
-  from jaxinfer.generation import Generator, RowRequest, request_key
+  from jaxinfer.generation import Generator, RowRequest
+  from jaxinfer.sampling import request_key
   from jaxinfer.roofline import measure_ceilings
 
   cfg, params = load(FLAGS.model, None if FLAGS.dtype == "auto" else FLAGS.dtype)

@@ -1,22 +1,21 @@
-"""Requests' sampling keys, and the reference decoding loop: one jitted prefill of a padded
-batch into a dense cache, then jitted chunks of decode steps with the cache donated. Serving runs
-in the paged engine (`jaxinfer.engine`); this loop, an implementation of its own, is what tests
-hold the engine's outputs against and benchmarks measure padded static batches with.
+"""The reference decoding loop: one jitted prefill of a padded batch into a dense cache, then
+jitted chunks of decode steps with the cache donated. Serving runs in the paged engine
+(`jaxinfer.engine`); this loop, an implementation of its own, is what tests hold the engine's
+outputs against and benchmarks measure padded static batches with.
 
 B batch, T padded prompt len, M output buffer len, S cache len, V vocab.
 
 Prompts are right-padded; row b's token i sits at position i and cache slot i, so a request's
-output does not depend on what it was batched with. Each request's sampling key is derived from
-(run seed, request id) and folded with the token index.
+output does not depend on what it was batched with. Each row's sampling key (`RowRequest.key`,
+`sampling.sample_key`) is folded with the token index.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import time
-import zlib
 from functools import partial
-from typing import Any, Callable, Sequence
+from typing import Callable, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -39,16 +38,6 @@ class DecodeState:
   max_new: jax.Array  # (B,) int32
   done: jax.Array  # (B,) bool
   keys: jax.Array  # (B,) typed PRNG keys, one per request
-
-
-def request_key(seed: int, request_id: Any) -> jax.Array:
-  return jax.random.fold_in(jax.random.key(seed), zlib.crc32(str(request_id).encode()) & 0x7FFFFFFF)
-
-
-def sample_key(seed: int, request_id: Any, sample: int = 0) -> jax.Array:
-  """The key of a request's `sample`-th completion; sample 0 is what a one-sample run draws."""
-  key = request_key(seed, request_id)
-  return key if sample == 0 else jax.random.fold_in(key, sample)
 
 
 def _constrain_state(state: DecodeState, runtime: Runtime) -> DecodeState:

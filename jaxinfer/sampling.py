@@ -3,15 +3,29 @@
 B batch, V vocab. Filters apply in Hugging Face's order: temperature, top-k, top-p, min-p.
 A row with temperature 0 is greedy. Top-k 0, top-p 1 and min-p 0 disable their filter. A call
 whose rows are all greedy runs steps compiled without the sampling machinery (`jit_variants`).
+Each request's key derives from (run seed, request id, sample index) (`sample_key`) and is
+folded with the token index, so its samples never depend on what it runs beside.
 """
 
 from __future__ import annotations
 
+import zlib
 from functools import partial
+from typing import Any
 
 import jax
 import jax.numpy as jnp
 from flax import struct
+
+
+def request_key(seed: int, request_id: Any) -> jax.Array:
+  return jax.random.fold_in(jax.random.key(seed), zlib.crc32(str(request_id).encode()) & 0x7FFFFFFF)
+
+
+def sample_key(seed: int, request_id: Any, sample: int = 0) -> jax.Array:
+  """The key of a request's `sample`-th completion; sample 0 is what a one-sample run draws."""
+  key = request_key(seed, request_id)
+  return key if sample == 0 else jax.random.fold_in(key, sample)
 
 
 @struct.dataclass

@@ -133,7 +133,8 @@ def _independent(tmp_path, model_dir, records) -> dict:
   cut at its stop strings as the job does."""
   from jaxinfer import checkpoint
   from jaxinfer.api import completion
-  from jaxinfer.generation import Generator, RowRequest, sample_key
+  from jaxinfer.generation import Generator, RowRequest
+  from jaxinfer.sampling import sample_key
   from jaxinfer.runner import read_requests
   cfg, params, tokenizer = checkpoint.load_model(str(model_dir))
   prompts = tmp_path / "independent.jsonl"

@@ -10,7 +10,8 @@ from jax.sharding import PartitionSpec
 
 from jaxinfer import model as M
 from jaxinfer.config import PRESETS
-from jaxinfer.generation import Generator, RowRequest, request_key
+from jaxinfer.generation import Generator, RowRequest
+from jaxinfer.sampling import request_key
 from jaxinfer.runtime import Runtime
 from jaxinfer.sharding import DEFAULT_RULES, ShardingRules, make_mesh, parse_mesh
 

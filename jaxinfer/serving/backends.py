@@ -15,7 +15,6 @@ a replica are delivered by the one process that leads it.
 
 from __future__ import annotations
 
-import dataclasses
 from typing import Callable
 
 import jax
@@ -25,11 +24,11 @@ from jaxinfer.engine import Engine, EngineConfig, EngineRequest
 from jaxinfer.engine.engine import EngineStats
 from jaxinfer.engine.policy import policy_metrics
 from jaxinfer.errors import UserError
-from jaxinfer.generation import sample_key
 from jaxinfer.kv_cache import PagedKVCache
 from jaxinfer.options import ServeOptions
 from jaxinfer.requests import Request
 from jaxinfer.runtime import Runtime
+from jaxinfer.sampling import sample_key
 from jaxinfer.serving import placement
 from jaxinfer.sharding import device_bytes
 
