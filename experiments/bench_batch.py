@@ -1,11 +1,14 @@
-"""Static padded batching vs the continuous-batching engine, same workload, same run.
+"""Static batching vs continuous batching in the paged engine, same workload, same run.
 
   python experiments/bench_batch.py                       # embedded model, 512 prompts
 
 The workload: --num_prompts prompts made of one shared header (about --shared_fraction of all
 prompt tokens; real stdlib source, as a system prompt would be) plus a distinct tail of varied
 length, each asking for a varied number of new tokens (greedy). Both schedulers run it through
-`jaxinfer generate`'s own job code with the same slot count; reported: generation tokens/s
+`jaxinfer generate`'s own job code with the same slot count: `--scheduler=static` admits
+--batch_size requests at a time and the next ones once all have ended (records before
+2026-12-05 ran padded static batches instead, each prompt prefilled whole in a dense cache, no
+prefix shared: `static_mode`); reported: generation tokens/s
 (wall time of generation, host work included, compilation excluded; compilation reported
 separately and in a second ratio), their ratio, prefill tokens saved, slot occupancy. The two
 alternate --repeats times in one process (timings on a shared CPU drift by 10-20% between runs);
@@ -74,7 +77,8 @@ def main(argv):
   row = {"model": FLAGS.model, "num_prompts": len(records), "prompt_tokens": prompt_tokens,
          "batch_size": FLAGS.batch_size, "chunk_size": FLAGS.chunk_size,
          "chunk_lanes": FLAGS.chunk_lanes, "device": jax.devices()[0].device_kind,
-         "jax": jax.__version__, "date": datetime.date.today().isoformat()}
+         "jax": jax.__version__, "date": datetime.date.today().isoformat(),
+         "static_mode": "engine waves"}
   settings = {scheduler: dict(batch_size=FLAGS.batch_size, mesh=FLAGS.mesh, scheduler=scheduler,
                               chunk_size=FLAGS.chunk_size, chunk_lanes=FLAGS.chunk_lanes)
               for scheduler in ("static", "continuous")}

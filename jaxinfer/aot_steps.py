@@ -57,7 +57,7 @@ def engine_steps(cfg: ModelConfig, job, params, runtime: Runtime):
   ecfg = job.engine_config
   s, g, q = ecfg.num_slots, ecfg.chunk_lanes, ecfg.chunk_size
   if whole_lanes(runtime):
-    g, q = 1, lane_length(cfg.max_seq_len - 1, None)
+    g, q = 1, lane_length(max(1, cfg.max_seq_len - 2), None)  # (a prompt leaves room for one)
   pools, m = _engine_pools(cfg, ecfg, cfg.max_seq_len, runtime)
   whole = whole_on(runtime.mesh)
   i32, f32 = jnp.int32, jnp.float32

@@ -99,3 +99,43 @@ def test_the_api_serves_a_dynamic_pattern(tiny_model_dir, target):
   assert out.completion_ids == want
   with pytest.raises(jaxinfer.UserError, match="--chunk_size: under --sparsity"):
     jaxinfer.LLM(str(tiny_model_dir), sparsity="block_topk:2", chunk_size=64)
+
+
+def test_a_wave_holds_at_most_s_requests_until_all_have_ended():
+  """A wave is the next S requests, however they are admitted: one whose shared prefix pages
+  are not written yet counts against its wave, and a wave whose first request ends before the
+  rest are admitted still takes S requests."""
+  from jaxinfer.engine.pages import PagePool
+  from jaxinfer.engine.scheduler import Scheduler
+  header = list(range(3, 19))  # four whole pages: the last written by its own decode row
+
+  def waves(prompts_and_budgets, lanes):
+    sched = Scheduler(num_slots=2, lanes=lanes, chunk=16, page_size=4, max_pages=20,
+                      pool=PagePool(200, 4), eos_ids=(), waves=True)
+    for req in requests(prompts_and_budgets):
+      sched.add(req)
+    seen, ended = [], []
+    while not sched.idle():
+      plan = sched.plan()
+      live = {seq.req.uid for seq in sched.order}
+      seen.append(live)
+      if plan is not None:
+        ended += [r.uid for r in sched.commit(plan, np.full((plan.num_steps, 2), 7, np.int32))]
+    return seen, ended
+
+  seen, ended = waves([(header, 2), (header + [52, 53], 6), ([60] * 10, 3), ([61] * 10, 3)], 2)
+  assert all(live <= {0, 1} or live <= {2, 3} for live in seen), seen
+  assert sorted(ended[:2]) == [0, 1] and sorted(ended[2:]) == [2, 3]
+  seen, ended = waves([([40] * 9, 1), ([41] * 30, 4), ([42] * 9, 2)], 1)  # one lane a step
+  assert all(live <= {0, 1} or live <= {2} for live in seen), seen
+
+
+def test_a_pattern_over_a_models_own_sliding_window_is_refused(tmp_path):
+  """A model with a sliding window keeps it: a --sparsity pattern, which would replace its mask,
+  is refused in one line."""
+  import jaxinfer
+  from conftest import make_tiny_model_dir
+  model = make_tiny_model_dir(tmp_path, sliding_window=12)
+  for pattern in ("block_topk:2,16", "sinks_window:2,8"):
+    with pytest.raises(jaxinfer.UserError, match="already uses a sliding window"):
+      jaxinfer.LLM(str(model), sparsity=pattern, progress=False)

@@ -15,7 +15,10 @@ def _batch_intro(recs) -> str:
           "header of real stdlib source), 8–96 new tokens each, greedy, "
           f"{head.get('batch_size')} slots / batch {head.get('batch_size')}, model "
           f"{head.get('model')}, float32. Static and engine runs alternate in one process; the "
-          "median ratio is the headline. Columns with two values are static / engine.")
+          "median ratio is the headline. Columns with two values are static / engine. Static "
+          "is padded batches (each prompt prefilled whole, no prefix shared) up to 2026-12-03, "
+          "and from 2026-12-05 the engine's own static waves (`--scheduler=static`: the same "
+          "steps and shared prefix pages, slots refilled only once a whole batch has ended).")
 
 
 def _both(key: str, digits: int = 2):

@@ -234,16 +234,19 @@ class Scheduler:
       if seq.in_prefill and self._shared_pages_ready(seq):
         fill(seq)
     room = self.s + self.slots.count(None) - sum(seq.slot is None for seq in self.order)
-    if self.waves:
-      self._wave_left = self._wave_left if self.order else self.s
+    if self.waves:  # a wave is the next S requests; the one after waits until all have ended
+      if not self.order and not self._wave_left:
+        self._wave_left = self.s
       room = min(room, self._wave_left)
     while len(lanes) < self.g and self.pending and room > 0:
       seq = self._admit()
-      if seq is None or not self._shared_pages_ready(seq):
+      if seq is None:
         break
-      fill(seq)
       room -= 1
       self._wave_left -= 1
+      if not self._shared_pages_ready(seq):
+        break
+      fill(seq)
     return lanes
 
   @property
@@ -354,7 +357,8 @@ class Scheduler:
     if not samples and not num_prefill:
       return None
     self.unread += 1
-    waiting = bool(self.pending) or any(seq.slot is None for seq in self.order)
+    waiting = (bool(self.pending) and (not self.waves or self._wave_left > 0)
+               or any(seq.slot is None for seq in self.order))
     return StepPlan(tokens, next_tokens, from_device, positions, decode_table, chunk_table,
                     sample_index, sampled, sampling, key_data, samples, num_decode, num_prefill,
                     steps, len(running), admits, waiting=waiting, tree=tree)

@@ -34,15 +34,16 @@ def load(opts: ServeOptions):
                     f"decoding it into different tokens: speculation would not equal plain "
                     f"decoding; use a weight-only quantization for it")
   sparsity = parse_sparsity(opts.sparsity)
+  if sparsity.kind != "dense" and any(cfg.layer_window(i) is not None
+                                      for i in range(cfg.num_layers)):
+    raise UserError(f"--sparsity: {opts.model} already uses a sliding window "
+                    f"({cfg.sliding_window}); {sparsity} would replace it")
   from jaxinfer.attention import unsupported
   mesh = replicas[0].mesh
   why = unsupported(sparsity, opts.implementation, (jax.local_devices()[0] if mesh is None else
                                                     mesh.devices.flat[0]).platform)
   if why:
     raise UserError(f"--sparsity: {why}")
-  if sparsity.kind == "sinks_window" and cfg.sliding_window is not None:
-    raise UserError(f"--sparsity: {opts.model} already uses a sliding window "
-                    f"({cfg.sliding_window}); sinks_window would replace it")
   chat = None
   if tokenizer is not None:
     from jaxinfer.chat import ChatTemplate
