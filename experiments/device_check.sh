@@ -2,7 +2,8 @@
 # Everything a session with a GPU (H100/H200) measures, in one call of under 8 minutes:
 #   1. the kernel tests compiled for the GPU (Triton), not interpreted
 #   2. bench_attention.py: paged decode, dense causal, block density; jax's own kernels alongside
-#   3. bench_decode.py on preset:llama3-8b (random weights), batch 1 (run between the parts of 2)
+#   3. bench_decode.py on preset:llama3-8b (random weights), batch 1 (run between the parts of 2),
+#      and engine_on_device.py: the engine through the Pallas kernels against XLA (after part 1)
 #   4. bench_vs_transformers.py at its planned sizes (8B, batch 64/128/256), if torch is there
 # then a summary against the targets, each ratio taken against the ceilings (HBM bandwidth, matmul
 # peak) that the same benchmark process measured.
@@ -106,6 +107,8 @@ attention() {  # attention PART LIMIT_S
     --results="$RESULTS/bench_attention.jsonl"
 }
 attention paged 45
+# the engine's steps through the Pallas kernels against XLA's: plain, a dynamic pattern, ngram
+step engine 90 "$PY" experiments/engine_on_device.py --output="$OUT/engine_on_device.json"
 # shellcheck disable=SC2086
 step bench_decode 120 "$PY" experiments/bench_decode.py --batch_sizes=1 $DECODE_ARGS \
   --results="$RESULTS/bench_decode.jsonl"
@@ -172,6 +175,9 @@ else:  # killed before pytest wrote its report: count the -v lines
   tests["failures"] = [t for t, o in seen.items() if o != "PASSED"]
   tests["note"] = "no junit report (timed out or crashed); counts from the log"
 rows.append({"step": "kernel_tests", **tests})
+engine = out / "engine_on_device.json"
+if engine.exists():
+  rows.append({"step": "engine", **json.loads(engine.read_text())})
 attention = new_rows("bench_attention", os.environ["BEFORE_ATTENTION"])
 decode = new_rows("bench_decode", os.environ["BEFORE_DECODE"])
 vs = new_rows("bench_vs_transformers", os.environ["BEFORE_VS"])
@@ -240,6 +246,11 @@ print(f"  kernel tests: {tests['passed']} passed, {tests['failed']} failed, {tes
       f"errors{' (' + tests['note'] + ')' if 'note' in tests else ''}")
 for fail in tests["failures"][:8]:
   print(f"    {fail}")
+if engine.exists():
+  e = json.loads(engine.read_text())
+  print("  engine, Pallas against XLA: " + ", ".join(
+      f"{m} {e[m]['identical']} identical ({e[m]['seconds']})" for m in e
+      if isinstance(e[m], dict)))
 for line in lines or ["no benchmark results"]:
   print(f"  {line}")
 print(f"  rows: {res / 'device_check.jsonl'}; logs: {out}")
