@@ -54,7 +54,8 @@ def _engine_config(opts: ServeOptions) -> EngineConfig:
 
 
 class EngineBackend:
-  """One continuous-batching engine per replica; requests split among them by tokens, sorted
+  """One paged engine per replica (`--scheduler`: continuous, or static waves); requests split
+  among them by tokens, sorted
   by prompt (`order` "prefix") so that sharers of a prefix meet on one replica. With a
   proposer the engines speculate, its weights whole on each of a replica's devices."""
 
