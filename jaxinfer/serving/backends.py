@@ -55,9 +55,9 @@ def _engine_config(opts: ServeOptions) -> EngineConfig:
 
 class EngineBackend:
   """One paged engine per replica (`--scheduler`: continuous, or static waves); requests split
-  among them by tokens, sorted
-  by prompt (`order` "prefix") so that sharers of a prefix meet on one replica. With a
-  proposer the engines speculate, its weights whole on each of a replica's devices."""
+  among them by tokens, sorted by prompt (`order` "prefix") so that sharers of a prefix meet on
+  one replica. With a proposer the engines speculate, its weights whole on each of a replica's
+  devices."""
 
   def __init__(self, opts: ServeOptions, cfg, params, replicas: list[placement.Replica],
                total: int, sparsity, proposer=None, draft_params=None):
