@@ -380,11 +380,10 @@ IMPLEMENTATIONS: dict[str, AttentionImpl] = {
 
 def unsupported(sparsity: Sparsity, implementation: str, platform: str) -> str | None:
   """Why `implementation` cannot run `sparsity`'s chunks on `platform` (None: it can)."""
-  if (platform == "tpu" and implementation != "xla" and sparsity.dynamic
-      and sparsity.block % 128):
-    return (f"{sparsity}: on a TPU the block-sparse kernel takes blocks of a multiple of 128 "
-            f"(its rows of softmax statistics are lane-wide), got {sparsity.block}; use a BLOCK "
-            f"of 128 or --implementation=xla")
+  if platform == "tpu" and implementation != "xla" and sparsity.dynamic and sparsity.block % 8:
+    return (f"{sparsity}: on a TPU the block-sparse kernel takes blocks of a multiple of 8 (a "
+            f"block's rows fill whole sublanes), got {sparsity.block}; use a BLOCK of 8, 16, ... "
+            f"or --implementation=xla")
   return None
 
 

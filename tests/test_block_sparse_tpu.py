@@ -142,3 +142,27 @@ def test_gpu_form_still_lowers_for_cuda(duo_8k):
     lowered = jax.jit(_step(duo_8k, True)).trace(*_sds()).lower(lowering_platforms=("cuda",))
   text = lowered.as_text()
   assert text.count("__gpu$xla.gpu.triton") == 3 and "tpu_custom_call" not in text
+
+
+@pytest.mark.parametrize("block", [32, 64])
+def test_blocks_under_128_match_and_compile(tpu_device, no_persistent_cache, block):
+  """A dynamic pattern's blocks under 128 (`vertical_slash:V,S,64`): the rows of softmax
+  statistics are laid out (T / bq, 1, bq), so each block is whole in its last two dims. Output
+  and gradients equal the reference's in TPU interpret mode, and libtpu compiles forward and
+  backward for v5e."""
+  from pallas_kernels.block_sparse_attention.dynamic import vertical_slash_mask_info
+  make = jax.jit(vertical_slash_mask_info, static_argnums=(2, 3, 4, 5))
+  q, k, v = _qkv(1, 2, 1, 256, 256, 64, seed=4)
+  info = make(q, k, block, 4, 2, 32)
+  assert int(info.num_kv.min()) < 256 // block  # sparse
+  _check(q, k, v, info)
+
+  def loss(q, k, v):
+    return jnp.sum(block_sparse_attention(q, k, v, make(q, k, block, 4, 2, 32)))
+
+  sds = lambda shape: jax.ShapeDtypeStruct(shape, jnp.bfloat16, sharding=jax.sharding
+                                           .SingleDeviceSharding(tpu_device("v5e:2x2")))
+  t = 2048
+  compiled = jax.jit(jax.value_and_grad(loss, argnums=(0, 1, 2))).lower(
+      sds((1, 4, t, 128)), sds((1, 2, t, 128)), sds((1, 2, t, 128))).compile()
+  assert compiled.as_text().count('custom_call_target="tpu_custom_call"') == 3

@@ -13,10 +13,12 @@ Same contract as kernel._gpu_call; the layout is Mosaic's (as in jax's splash at
   step keeps the last fetched mask block (the ids are forward-filled) and does no mask work.
 - Softmax state and gradients accumulate in VMEM scratch (m, l lane-replicated (bq, L); acc
   (bq, H) f32), set at the first step of a row and written out at its last.
-- lse and delta are rows (B, N, 1, T): a (1, bq) block is legal where a (bq,) one is not.
+- lse and delta are rows of q blocks (B, N, T / bq, 1, bq): a (1, bq) block is whole in its
+  last two dims at any bq, where a (bq,) one, or (1, bq) of (1, T), needs bq a multiple of 128.
 - Segment ids are broadcast to (B, T, L) / (B, 8, S), or (B, 8, T) / (B, S, L) for dK/dV, which
   works in the transposed (bk, bq) orientation so its matmuls need no transposed operand.
-Compiled for a TPU, bq and bk must be multiples of 128 (or the whole padded length).
+Compiled for a TPU, bq and bk must be multiples of 8 (or the whole padded length), and bk of 128
+with segment ids (compiled by libtpu: 8 to 128; tests/test_block_sparse_tpu.py).
 """
 
 from __future__ import annotations
@@ -232,7 +234,9 @@ def tpu_call(kind, q, k, v, qseg, kseg, meta, blocks, extra, *, scale, bq, bk, i
   q_spec = spec((None, None, bq, h), lambda bi, hi, *a: (bi, hi, q_at(bi, hi, *a), 0))
   kv_spec = spec((None, None, bk, h),
                  lambda bi, hi, *a: (bi, lax.div(hi, g), kv_at(bi, hi, *a), 0))
-  row_spec = spec((None, None, 1, bq), lambda bi, hi, *a: (bi, hi, 0, q_at(bi, hi, *a)))
+  # rows of q blocks: (B, N, T // bq, 1, bq), so a block's last two dims are whole at any bq
+  row_spec = spec((None, None, None, 1, bq), lambda bi, hi, *a: (bi, hi, q_at(bi, hi, *a), 0, 0))
+  rows_of = lambda x: x.reshape(b, n, t // bq, 1, bq)
   blk_spec = spec((None, bk, bq) if dkv else (None, bq, bk),
                   lambda *a: ((step(*a) >> 16) & 0x7FFF, 0, 0))
   if dkv:
@@ -243,13 +247,14 @@ def tpu_call(kind, q, k, v, qseg, kseg, meta, blocks, extra, *, scale, bq, bk, i
   if kind != "fwd":
     do, lse, delta = extra
     in_specs += [q_spec, row_spec, row_spec]
-    args += [do, lse.reshape(b, n, 1, t), delta.reshape(b, n, 1, t)]
+    args += [do, rows_of(lse), rows_of(delta)]
 
   kw = dict(scale=scale, row=row, width=width)
   f32 = jnp.float32
   if kind == "fwd":
     kernel = functools.partial(_fwd_kernel, **kw)
-    out_shape = [jax.ShapeDtypeStruct(q.shape, q.dtype), jax.ShapeDtypeStruct((b, n, 1, t), f32)]
+    out_shape = [jax.ShapeDtypeStruct(q.shape, q.dtype),
+                 jax.ShapeDtypeStruct((b, n, t // bq, 1, bq), f32)]
     out_specs = [q_spec, row_spec]
     scratch = [pltpu.VMEM((bq, LANES), f32), pltpu.VMEM((bq, LANES), f32), pltpu.VMEM((bq, h), f32)]
   elif kind == "dq":
