@@ -18,7 +18,8 @@ Same contract as kernel._gpu_call; the layout is Mosaic's (as in jax's splash at
 - Segment ids are broadcast to (B, T, L) / (B, 8, S), or (B, 8, T) / (B, S, L) for dK/dV, which
   works in the transposed (bk, bq) orientation so its matmuls need no transposed operand.
 Compiled for a TPU, bq and bk must be multiples of 8 (or the whole padded length), and bk of 128
-with segment ids (compiled by libtpu: 8 to 128; tests/test_block_sparse_tpu.py).
+with segment ids (libtpu compiled forward and backward at 32, 64 and 128:
+tests/test_block_sparse_tpu.py).
 """
 
 from __future__ import annotations
