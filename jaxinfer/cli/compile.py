@@ -31,7 +31,9 @@ flags.DEFINE_integer("decode_steps", 8, "Decode steps run in one dispatch.", low
 flags.DEFINE_integer("max_seq_len", None, "Longest request (prompt + output) the pages per "
                      "sequence are sized for (default: the model's context).", lower_bound=2)
 define_implementation_flag()
-flags.DEFINE_string("sparsity", "dense", "Attention pattern: dense or sinks_window:SINKS,WINDOW.")
+flags.DEFINE_string("sparsity", "dense", "Attention pattern: dense, sinks_window:SINKS,WINDOW, "
+                    "block_topk:TOPK[,BLOCK] or vertical_slash:V,S[,BLOCK] (a prompt prefilled "
+                    "whole: the lane compiled is the longest prompt).")
 flags.DEFINE_enum("speculative", "none", ["none", "ngram", "lookahead", "recycling", "layerskip"],
                   "Also compile this proposer's verification steps (proposers that need no "
                   "trained draft weights).")
