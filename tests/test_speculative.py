@@ -287,7 +287,7 @@ def test_generate_job_with_speculation(tmp_path, tiny_model_dir):
                         batch_size=2, progress=False, **kw))
     return {r["id"]: r for r in map(json.loads, out.read_text().splitlines())}, m
 
-  plain, _ = job("plain", scheduler="static")  # (an implementation of its own)
+  plain, _ = job("plain", scheduler="static")  # (the plain steps, in static waves)
   for method, tree, policy in (("ngram", "2,1", "auto"), ("recycling", "2,1", "always")):
     # (every proposer: test_greedy_speculative_equals_greedy)
     spec, m = job(method, speculative=method, tree=tree, speculation=policy,
