@@ -8,8 +8,6 @@ Options have the names of `jaxinfer generate`'s flags (`--batch_size` is `batch_
 from __future__ import annotations
 
 import dataclasses
-import math
-import numbers
 import queue
 import sys
 import threading
@@ -20,12 +18,9 @@ from tqdm.auto import tqdm
 
 from jaxinfer.errors import UserError
 from jaxinfer.options import ServeOptions
-from jaxinfer.requests import Defaults, InvalidRequest, Request, make_request, truncate_at_stop
+from jaxinfer.requests import (Defaults, InvalidRequest, Request, is_integer, is_number,
+                               make_request, truncate_at_stop)
 from jaxinfer.sampling import SEED_LIMIT, validate as validate_sampling
-
-
-def _integer(x) -> bool:
-  return isinstance(x, numbers.Integral) and not isinstance(x, bool)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -50,13 +45,11 @@ class SamplingParams:
       raise UserError(f"stop: expected a non-empty string or a list of them, got {stop!r}")
     object.__setattr__(self, "stop", tuple(stop))
     for name in ("max_new_tokens", "top_k", "seed", "n"):
-      if not _integer(getattr(self, name)):
+      if not is_integer(getattr(self, name)):
         raise UserError(f"{name}: expected an integer, got {getattr(self, name)!r}")
     for name in ("temperature", "top_p", "min_p"):
-      value = getattr(self, name)
-      if not (isinstance(value, numbers.Real) and not isinstance(value, bool)
-              and math.isfinite(value)):
-        raise UserError(f"{name}: expected a finite number, got {value!r}")
+      if not is_number(getattr(self, name)):
+        raise UserError(f"{name}: expected a finite number, got {getattr(self, name)!r}")
     if self.max_new_tokens < 1:
       raise UserError(f"max_new_tokens: must be >= 1, got {self.max_new_tokens}")
     if self.n < 1:
@@ -144,7 +137,7 @@ def _one_prompt(p) -> bool:
     raise UserError("prompts: bytes are neither text nor token ids; decode them to str")
   if isinstance(p, str):
     return True
-  return (isinstance(p, Sequence) and len(p) > 0 and all(map(_integer, p))
+  return (isinstance(p, Sequence) and len(p) > 0 and all(map(is_integer, p))
           or isinstance(p, Sequence) and len(p) > 0 and all(isinstance(x, dict) for x in p))
 
 
@@ -155,7 +148,7 @@ def _record(i: int, p) -> dict[str, Any]:
     p = p.tolist()
   if isinstance(p, Sequence) and p and all(isinstance(x, dict) for x in p):
     return {"id": i, "messages": list(p)}
-  if isinstance(p, Sequence) and not isinstance(p, (bytes, bytearray)) and all(map(_integer, p)):
+  if isinstance(p, Sequence) and not isinstance(p, (bytes, bytearray)) and all(map(is_integer, p)):
     return {"id": i, "prompt_ids": [int(x) for x in p]}
   raise UserError(f"prompts[{i}]: expected text, a list of token ids or a conversation (a list "
                   f"of {{'role', 'content'}} messages), got {type(p).__name__}")

@@ -8,6 +8,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import numbers
 from typing import Any
 
 from jaxinfer.sampling import validate as validate_sampling
@@ -53,12 +54,14 @@ def error_record(line: int, message: str, request_id: Any = None) -> dict[str, A
   return {"id": request_id, "line": line, "error": message}
 
 
-def _is_int(x) -> bool:
-  return isinstance(x, int) and not isinstance(x, bool)
+def is_integer(x) -> bool:
+  """An integer (a Python or NumPy one), not a bool."""
+  return isinstance(x, numbers.Integral) and not isinstance(x, bool)
 
 
-def _is_number(x) -> bool:
-  return (_is_int(x) or isinstance(x, float)) and math.isfinite(x)
+def is_number(x) -> bool:
+  """A finite real number, not a bool."""
+  return isinstance(x, numbers.Real) and not isinstance(x, bool) and math.isfinite(x)
 
 
 def _get(rec: dict, name: str, default, check, expected: str):
@@ -95,7 +98,7 @@ def make_request(line_no: int, rec: Any, defaults: Defaults, tokenizer: Tokenize
   if "id" not in rec:
     raise InvalidRequest("missing 'id'")
   rid = rec["id"]
-  if not (isinstance(rid, str) or _is_int(rid)):
+  if not (isinstance(rid, str) or is_integer(rid)):
     raise InvalidRequest(f"id: expected a string or integer, got {json.dumps(rid)[:80]}")
   has_text, has_ids = rec.get("prompt") is not None, rec.get("prompt_ids") is not None
   has_chat = rec.get("messages") is not None
@@ -121,7 +124,7 @@ def make_request(line_no: int, rec: Any, defaults: Defaults, tokenizer: Tokenize
     prompt_ids = tokenizer.encode(rec["prompt"])
   else:
     prompt_ids = rec["prompt_ids"]
-    if not isinstance(prompt_ids, list) or not all(_is_int(t) for t in prompt_ids):
+    if not isinstance(prompt_ids, list) or not all(is_integer(t) for t in prompt_ids):
       raise InvalidRequest("prompt_ids: expected a list of integers")
     bad = [t for t in prompt_ids if not 0 <= t < vocab_size]
     if bad:
@@ -133,12 +136,12 @@ def make_request(line_no: int, rec: Any, defaults: Defaults, tokenizer: Tokenize
     raise InvalidRequest(f"prompt has {len(prompt_ids)} tokens; the model's context is "
                          f"{max_seq_len}, which leaves no room to generate")
 
-  max_new = _get(rec, "max_new_tokens", defaults.max_new_tokens, lambda v: _is_int(v) and v >= 1,
+  max_new = _get(rec, "max_new_tokens", defaults.max_new_tokens, lambda v: is_integer(v) and v >= 1,
                  "an integer >= 1")
-  temperature = float(_get(rec, "temperature", defaults.temperature, _is_number, "a number"))
-  top_k = _get(rec, "top_k", defaults.top_k, _is_int, "an integer")
-  top_p = float(_get(rec, "top_p", defaults.top_p, _is_number, "a number"))
-  min_p = float(_get(rec, "min_p", defaults.min_p, _is_number, "a number"))
+  temperature = float(_get(rec, "temperature", defaults.temperature, is_number, "a number"))
+  top_k = _get(rec, "top_k", defaults.top_k, is_integer, "an integer")
+  top_p = float(_get(rec, "top_p", defaults.top_p, is_number, "a number"))
+  min_p = float(_get(rec, "min_p", defaults.min_p, is_number, "a number"))
   problems = validate_sampling(temperature, top_k, top_p, min_p)
   if problems:
     raise InvalidRequest("; ".join(problems))
