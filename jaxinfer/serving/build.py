@@ -5,8 +5,6 @@ from __future__ import annotations
 
 import dataclasses
 
-import jax
-
 from jaxinfer import checkpoint, quant
 from jaxinfer.errors import UserError
 from jaxinfer.options import ServeOptions
@@ -39,9 +37,8 @@ def load(opts: ServeOptions):
     raise UserError(f"--sparsity: {opts.model} already uses a sliding window "
                     f"({cfg.sliding_window}); {sparsity} would replace it")
   from jaxinfer.attention import unsupported
-  mesh = replicas[0].mesh
-  why = unsupported(sparsity, opts.implementation, (jax.local_devices()[0] if mesh is None else
-                                                    mesh.devices.flat[0]).platform)
+  why = unsupported(sparsity, opts.implementation,
+                    placement.first_device(replicas[0].mesh).platform)
   if why:
     raise UserError(f"--sparsity: {why}")
   chat = None

@@ -71,13 +71,17 @@ def replicated(tree, mesh):
   return jax.device_put(tree, jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec()))
 
 
-def bytes_limit(mesh) -> int | None:
-  """Memory of the mesh's first device (the reference for every one of a replica's devices), or
-  None where the backend does not say (CPU)."""
+def first_device(mesh):
+  """The mesh's first device in this process (the default device without a mesh): the
+  reference for every one of a replica's devices."""
   me = jax.process_index()
-  device = (next(d for d in mesh.devices.flat if d.process_index == me) if mesh is not None
-            else jax.local_devices()[0])
-  stats = getattr(device, "memory_stats", lambda: None)()
+  return (next(d for d in mesh.devices.flat if d.process_index == me) if mesh is not None
+          else jax.local_devices()[0])
+
+
+def bytes_limit(mesh) -> int | None:
+  """Memory of the mesh's first device, or None where the backend does not say (CPU)."""
+  stats = getattr(first_device(mesh), "memory_stats", lambda: None)()
   return stats.get("bytes_limit") if stats else None
 
 
