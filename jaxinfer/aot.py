@@ -372,8 +372,9 @@ def _shrink_advice(report: Report, step: str, need: int, weights: int, kv: int,
   return f"--batch_size: {head}; lower --batch_size (now {st['batch_size']}) or {wider}"
 
 
-def _checked(job: CompileJob):
-  """The job's sparsity, after refusing what the engine or this command cannot compile."""
+def _checked(job: CompileJob, target: Target):
+  """The job's sparsity, after refusing what the engine or this command cannot compile for
+  `target`."""
   from jaxinfer import attention
   if job.implementation not in attention.IMPLEMENTATIONS:
     raise CompileError(f"--implementation: expected one of {sorted(attention.IMPLEMENTATIONS)}, "
@@ -390,6 +391,9 @@ def _checked(job: CompileJob):
   if sparsity.dynamic and job.speculative != "none":
     raise CompileError(f"--sparsity: {sparsity} is not combinable with --speculative (its "
                        f"pattern needs whole-prompt prefill)")
+  why = attention.unsupported(sparsity, job.implementation, target.platform)
+  if why:
+    raise CompileError(f"--sparsity: {why}")
   return sparsity
 
 
@@ -423,11 +427,7 @@ def run(job: CompileJob, log=None) -> Report:
   that does not fit; StepFailed when the compiler refuses a step for another reason."""
   target = parse_target(job.target)
   cfg = model_config(job)
-  sparsity = _checked(job)
-  from jaxinfer.attention import unsupported
-  why = unsupported(sparsity, job.implementation, target.platform)
-  if why:
-    raise CompileError(f"--sparsity: {why}")
+  sparsity = _checked(job, target)
   devices = target_devices(target)
   mesh, replicas = replica_mesh(devices, job.mesh, target)
   runtime = Runtime(mesh, implementation=job.implementation, sparsity=sparsity)
