@@ -164,12 +164,13 @@ def layer_pattern(cfg: ModelConfig, layer: int, sparsity: Sparsity) -> tuple[int
   return sparsity.window, sparsity.num_sinks
 
 
-def project_qkv(p: Attention, x: jax.Array, cos: jax.Array, sin: jax.Array,
-                cfg: ModelConfig) -> tuple[jax.Array, jax.Array, jax.Array]:
+def project_qkv(p: Attention, x: jax.Array, cos: jax.Array, sin: jax.Array, cfg: ModelConfig,
+                runtime: Runtime = Runtime()) -> tuple[jax.Array, jax.Array, jax.Array]:
   """Normalised input (B,T,D) -> q (B,T,N,H), k, v (B,T,K,H), RoPE applied."""
-  q = linear("btd,dnh->btnh", x, p.q)
-  k = linear("btd,dkh->btkh", x, p.k)
-  v = linear("btd,dkh->btkh", x, p.v)
+  kernel = weight_kernel(runtime)
+  q = linear("btd,dnh->btnh", x, p.q, kernel)
+  k = linear("btd,dkh->btkh", x, p.k, kernel)
+  v = linear("btd,dkh->btkh", x, p.v, kernel)
   if p.q_bias is not None:
     q, k, v = q + p.q_bias, k + p.k_bias, v + p.v_bias
   if p.q_norm is not None:
@@ -178,16 +179,16 @@ def project_qkv(p: Attention, x: jax.Array, cos: jax.Array, sin: jax.Array,
   return apply_rope(q, cos, sin), apply_rope(k, cos, sin), v
 
 
-def project_out(p: Attention, out: jax.Array) -> jax.Array:
+def project_out(p: Attention, out: jax.Array, runtime: Runtime = Runtime()) -> jax.Array:
   """Attention output (B,T,N,H) -> (B,T,D)."""
-  out = linear("btnh,nhd->btd", out, p.o)
+  out = linear("btnh,nhd->btd", out, p.o, kernel=weight_kernel(runtime))
   return out if p.o_bias is None else out + p.o_bias
 
 
 def attention_block(p: Attention, x: jax.Array, positions: jax.Array, cos: jax.Array,
                     sin: jax.Array, cfg: ModelConfig, pattern: tuple[int | None, int], kv: Any,
                     kv_source: KVSource, segment_ids: jax.Array | None, runtime: Runtime):
-  q, k, v = project_qkv(p, x, cos, sin, cfg)
+  q, k, v = project_qkv(p, x, cos, sin, cfg, runtime)
   q = runtime.constrain(q, ("batch", "seq", "act_heads", "head_dim"))
 
   impl = attention_lib.get(runtime.implementation)
@@ -200,14 +201,22 @@ def attention_block(p: Attention, x: jax.Array, positions: jax.Array, cos: jax.A
   else:
     out = impl.chunk(q, k, v, positions, window=window, sinks=sinks, sparsity=runtime.sparsity,
                      segment_ids=segment_ids, mesh=mesh, rules=rules)
-  return project_out(p, out), kv
+  return project_out(p, out, runtime), kv
+
+
+def weight_kernel(runtime: Runtime) -> bool:
+  """Whether grouped integer weights go through the quantized matmul kernel (on a TPU: `linear`):
+  with the Pallas kernels (implementation other than "xla"), on one device (the kernel is not
+  partitioned over a mesh)."""
+  return runtime.implementation != "xla" and (runtime.mesh is None or runtime.mesh.size == 1)
 
 
 def mlp_block(p: MLP, x: jax.Array, runtime: Runtime) -> jax.Array:
-  gate = linear("btd,df->btf", x, p.gate)
-  up = linear("btd,df->btf", x, p.up)
+  kernel = weight_kernel(runtime)
+  gate = linear("btd,df->btf", x, p.gate, kernel)
+  up = linear("btd,df->btf", x, p.up, kernel)
   h = runtime.constrain(jax.nn.silu(gate) * up, ("batch", "seq", "act_mlp"))
-  return linear("btf,fd->btd", h, p.down)
+  return linear("btf,fd->btd", h, p.down, kernel)
 
 
 def forward(params: Transformer, tokens: jax.Array, positions: jax.Array, cfg: ModelConfig,

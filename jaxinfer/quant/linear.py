@@ -13,19 +13,30 @@ unchanged).
 
 from __future__ import annotations
 
+import functools
+import math
 from typing import TYPE_CHECKING
 
 import jax
 import jax.numpy as jnp
 
-from jaxinfer.quant.ops import ActQuantized, int_values, load_qwix, straight_through, weight
+from jaxinfer.quant.ops import (ActQuantized, int_values, is_qarray, load_qwix, packed_bits,
+                                straight_through, weight)
 
 if TYPE_CHECKING:
   from qwix import QArray
 
 
-def linear(eq: str, x: jax.Array, w) -> jax.Array:
-  """einsum(eq, x, w) for a two-operand equation such as "btd,dnh->btnh"."""
+def linear(eq: str, x: jax.Array, w, kernel: bool = False) -> jax.Array:
+  """einsum(eq, x, w) for a two-operand equation such as "btd,dnh->btnh". kernel: on a TPU, an
+  int8 or int4 weight in groups (:gN) goes through `pallas_kernels.quantized_matmul`
+  (dequantized tile by tile in VMEM) where its layout allows (`_kernel_layout`); elsewhere, and
+  for other weights, this is the XLA product. (XLA on a TPU fuses a per-channel weight's
+  dequantization into the dot, but writes a grouped weight out whole in bfloat16 first: measured
+  in the compiled decode step's temporaries, experiments/results/README.md.)"""
+  if kernel and is_qarray(w) and _kernel_layout(eq, x, w) is not None:
+    return jax.lax.platform_dependent(x, w, tpu=functools.partial(_through_kernel, eq),
+                                      default=lambda x, w: jnp.einsum(eq, x, weight(w)))
   if not isinstance(w, ActQuantized):
     return jnp.einsum(eq, x, weight(w))
   inputs, out = eq.split("->")
@@ -36,6 +47,51 @@ def linear(eq: str, x: jax.Array, w) -> jax.Array:
   # QAT: the value is y's; the gradient that of the fake-quantized product
   y_float = jnp.einsum(eq, _fake_quant_input(x, keep), w.w)
   return y + (y_float - jax.lax.stop_gradient(y_float))
+
+
+def _kernel_layout(eq: str, x: jax.Array, q: QArray) -> tuple[int, int, int, int] | None:
+  """(K, N, scale groups, bits) of `eq` as quantized_matmul's (M, K) @ (K, N): the weight's
+  contracted axes (x's last, in order) then its output axes, flattened, its scales in groups of
+  consecutive rows of K (more than one). None where the kernel does not apply (per-channel
+  scales, another layout or format, or no tile divides the weight)."""
+  from pallas_kernels.quantized_matmul import fits
+  inputs, out = eq.split("->")
+  xs, ws = inputs.split(",")
+  c = _contracted(eq)
+  bits = {jnp.dtype(jnp.uint8): 4, jnp.dtype(jnp.int8): 8}.get(jnp.dtype(q.qvalue.dtype))
+  integer = q.qtype in (jnp.int8, jnp.int4) and (bits == 8 or packed_bits(q.qtype) == 4)
+  if (bits is None or not integer or not 0 < c < len(ws) or not xs.endswith(ws[:c])
+      or out != xs[:-c] + ws[c:]):
+    return None
+  sizes, scales = x.shape[-c:], q.scale.shape[:c]
+  split = next((i for i, (d, s) in enumerate(zip(sizes, scales)) if s != d), c)
+  if any(s != 1 for s in scales[split + 1:]):  # groups would not be consecutive rows
+    return None
+  k, n, groups = math.prod(sizes), math.prod(q.scale.shape[c:]), math.prod(scales)
+  return (k, n, groups, bits) if groups > 1 and fits(k, n, groups, bits) else None
+
+
+def _through_kernel(eq: str, x: jax.Array, q: QArray, interpret=False) -> jax.Array:
+  """einsum(eq, x, q) by quantized_matmul (`_kernel_layout` must hold)."""
+  from pallas_kernels.quantized_matmul import quantized_matmul
+  k, n, groups, bits = _kernel_layout(eq, x, q)
+  c = _contracted(eq)
+  out_shape = q.scale.shape[c:]  # a scale per output element
+  scale = q.scale.reshape((groups,) + out_shape)
+  halves = bits == 4 and len(out_shape) > 1  # packed along the last axis, per leading index
+  if halves:  # the kernel's columns: every low half, then every high half
+    scale = jnp.moveaxis(scale.reshape(scale.shape[:-1] + (2, -1)), -2, 1)
+  y = quantized_matmul(x.reshape(-1, k), q.qvalue.reshape(k, -1), scale.reshape(groups, n),
+                       bits=bits, interpret=interpret)
+  if halves:
+    y = jnp.moveaxis(y.reshape((-1, 2) + out_shape[:-1] + (out_shape[-1] // 2,)), 1, -2)
+  return y.reshape(x.shape[:-c] + out_shape)
+
+
+def _contracted(eq: str) -> int:
+  """How many of the weight's leading axes `eq` contracts with x's."""
+  xs, ws = eq.split("->")[0].split(",")
+  return len(ws) - len(ws.lstrip(xs))
 
 
 def _integer_product(eq: str, x: jax.Array, q: QArray, keep: tuple[int, ...]) -> jax.Array:

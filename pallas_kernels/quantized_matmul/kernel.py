@@ -1,0 +1,129 @@
+"""x (M, K) @ W (K, N) where W is stored as integers and scales: `values` (K, N) int8 (bits=8)
+or (K, N/2) uint8 holding two int4 per byte (bits=4; `reference.unpack_int4`'s layout), and
+`scale` (G, N), one row per group of K / G consecutive rows (G = 1: per output channel).
+
+Why a kernel: in a decode step XLA on a TPU writes a weight with grouped scales out whole in
+bfloat16 before the dot (measured with libtpu's compile-only client on Llama-3-8B shapes: every
+layer's MLP weights in int4 groups of 128, 112 MiB each, among the step's temporaries; per-channel
+scales it fuses), so such a weight costs more memory traffic than its bfloat16 original. Here a
+(block_k, block_n) tile of values and its scales come into VMEM, are dequantized there and
+multiplied, accumulating in float32 over the K blocks; the weight is read once per block of M
+rows, as stored.
+
+There is one form, Mosaic TPU's; off a TPU the model takes the XLA product instead
+(`jaxinfer.quant.linear`), and the tests run this form in jax's TPU interpret mode.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import tpu as pltpu
+
+BLOCK_N = (512, 256, 128)  # lanes of a weight tile, largest first (packed columns for int4)
+BLOCK_K = 512  # rows of a weight tile (per-channel scales); grouped: 8 groups of rows
+BLOCK_M = 256  # rows of x per program
+
+
+def _blocks(k: int, n: int, groups: int, bits: int) -> tuple[int, int] | None:
+  """(block_k, block_n) for a (K, N) weight, or None when no tile the TPU takes divides it."""
+  cols = n // 2 if bits == 4 else n
+  block_n = next((b for b in BLOCK_N if cols % b == 0), None)
+  if groups == 1:
+    block_k = next((b for b in (BLOCK_K, 256, 128, 64, 32) if k % b == 0), None)
+  else:  # a tile's scales are 8 rows (the sublanes of a 32-bit tile) or all of them
+    block_k = (k // groups) * 8 if groups % 8 == 0 else (k if k * n <= (1 << 22) else None)
+  return None if block_n is None or block_k is None else (block_k, block_n)
+
+
+def fits(k: int, n: int, groups: int, bits: int) -> bool:
+  """Whether the kernel takes a (K, N) weight with `groups` scale rows and `bits`-bit values."""
+  return bits in (4, 8) and n % 2 == 0 and k % groups == 0 and _blocks(k, n, groups,
+                                                                      bits) is not None
+
+
+def _dequantize(v: jax.Array, s: jax.Array, dtype) -> jax.Array:
+  """A tile of integer values (bk, bn) times its scales (rows of groups, bn), rounded to `dtype`
+  as the reference rounds the whole weight (the product in the scales' dtype)."""
+  bk, bn = v.shape
+  rows = s.shape[0]
+  w = v.astype(jnp.float32).reshape(rows, bk // rows, bn) * s.astype(jnp.float32)[:, None, :]
+  return w.astype(s.dtype).astype(dtype).reshape(bk, bn)
+
+
+def _kernel(x_ref, w_ref, *refs, bits: int):
+  halves = 2 if bits == 4 else 1
+  scales, outs, accs = refs[:halves], refs[halves:2 * halves], refs[2 * halves:]
+  k = pl.program_id(2)
+
+  @pl.when(k == 0)
+  def _():
+    for acc in accs:
+      acc[...] = jnp.zeros_like(acc)
+
+  x = x_ref[...]
+  v = w_ref[...].astype(jnp.int32)
+  parts = [((v & 15) ^ 8) - 8, (((v >> 4) & 15) ^ 8) - 8] if bits == 4 else [v]
+  for part, s_ref, acc in zip(parts, scales, accs):
+    acc[...] += jnp.dot(x, _dequantize(part, s_ref[...], x.dtype),
+                        preferred_element_type=jnp.float32)
+
+  @pl.when(k == pl.num_programs(2) - 1)
+  def _():
+    for acc, out in zip(accs, outs):
+      out[...] = acc[...].astype(out.dtype)
+
+
+def _tpu(x, values, scale, *, bits: int, interpret, block_m: int | None, block_n: int | None):
+  m, k = x.shape
+  groups, n = scale.shape
+  block_k, bn = _blocks(k, n, groups, bits)
+  bn = block_n or bn
+  bm = block_m or (m if m <= BLOCK_M else BLOCK_M)
+  padded = -(-m // bm) * bm
+  if padded != m:
+    x = jnp.pad(x, ((0, padded - m), (0, 0)))
+  cols = values.shape[1]
+  nb = cols // bn
+  srows = 1 if groups == 1 else block_k * groups // k
+  scale_map = lambda half: (lambda i, j, kk: (kk if groups > 1 else 0, j + half * nb))
+  halves = 2 if bits == 4 else 1
+  outs = pl.pallas_call(
+      functools.partial(_kernel, bits=bits),
+      grid=(padded // bm, nb, k // block_k),
+      in_specs=[pl.BlockSpec((bm, block_k), lambda i, j, kk: (i, kk)),
+                pl.BlockSpec((block_k, bn), lambda i, j, kk: (kk, j))]
+               + [pl.BlockSpec((srows, bn), scale_map(h)) for h in range(halves)],
+      out_specs=[pl.BlockSpec((bm, bn), lambda i, j, kk: (i, j))] * halves,
+      out_shape=[jax.ShapeDtypeStruct((padded, cols), x.dtype)] * halves,
+      scratch_shapes=[pltpu.VMEM((bm, bn), jnp.float32)] * halves,
+      compiler_params=pltpu.CompilerParams(
+          dimension_semantics=("parallel", "parallel", "arbitrary")),
+      interpret=interpret,
+  )(x, values, *[scale] * halves)
+  return jnp.concatenate(outs, axis=-1)[:m]
+
+
+def quantized_matmul(x: jax.Array, values: jax.Array, scale: jax.Array, *, bits: int,
+                     interpret=False, block_m: int | None = None,
+                     block_n: int | None = None) -> jax.Array:
+  """x (M, K) @ the weight `values` and `scale` stand for -> (M, N) in x's dtype, by the Mosaic
+  TPU kernel (`fits` must hold); `interpret` (True or a `pltpu.InterpretParams`) runs it in
+  jax's TPU interpret mode wherever this runs. Off a TPU, callers use the reference."""
+  groups, n = scale.shape
+  k = x.shape[1]
+  expect = ((k, n // 2), jnp.uint8) if bits == 4 else ((k, n), jnp.int8)
+  if (values.shape, values.dtype) != expect:
+    raise ValueError(f"quantized_matmul: {bits}-bit values for x {x.shape} and scale "
+                     f"{scale.shape} must be {expect[0]} {jnp.dtype(expect[1]).name}, got "
+                     f"{values.shape} {values.dtype}")
+  if not fits(k, n, groups, bits):
+    raise ValueError(f"quantized_matmul: no TPU tile divides a ({k}, {n}) weight with {groups} "
+                     f"scale rows; use quantized_matmul_reference")
+  if interpret is True:
+    interpret = pltpu.InterpretParams()
+  return _tpu(x, values, scale, bits=bits, interpret=interpret, block_m=block_m,
+              block_n=block_n)

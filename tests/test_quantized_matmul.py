@@ -1,0 +1,128 @@
+"""The quantized matmul kernel (int8, or int4 packed two per byte, dequantized tile by tile in
+VMEM): numerics in jax's TPU interpret mode against the jnp reference, the model's linear layers
+through it (their weight layouts flattened, per-head packing reordered), and proof that it
+compiles: libtpu's compile-only client builds it at Llama-3-8B shapes for v5e and v6e with no
+dequantized weight among the temporaries, as XLA's product of a grouped weight has."""
+
+import json
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from jaxinfer import aot
+from jaxinfer import params as P
+from jaxinfer import quant
+from jaxinfer.quant.linear import _kernel_layout, _through_kernel, linear
+from pallas_kernels.quantized_matmul import fits, quantized_matmul, quantized_matmul_reference
+
+TOL = {jnp.float32: dict(rtol=1e-5, atol=1e-5), jnp.bfloat16: dict(rtol=2e-2, atol=2e-2)}
+
+
+def _weight(spec, fmt, dtype=jnp.float32, seed=0):
+  w = jax.random.normal(jax.random.key(seed), spec.shape, jnp.float32) / 16
+  return quant.quantize(w.astype(dtype), spec, quant.QuantFormat.parse(fmt))
+
+
+MLP_UP = P.linear((512, 512), ("embed", "mlp"), P.fan_in_init(1), contract=("embed",))
+
+
+@pytest.mark.parametrize("fmt", ["int4:g32", "int4", "int8", "int8:g64"])
+@pytest.mark.parametrize("rows,dtype", [(1, jnp.float32), (40, jnp.bfloat16),
+                                        (300, jnp.float32)])
+def test_kernel_matches_reference(fmt, rows, dtype):
+  """Per-channel and grouped scales, int4 and int8; one row, rows that are not a multiple of 8,
+  and more rows than a block (two blocks of 256, the second padded); several K and N blocks."""
+  q = _weight(MLP_UP, fmt, dtype)
+  bits = 4 if q.qvalue.dtype == jnp.uint8 else 8
+  x = jax.random.normal(jax.random.key(1), (rows, 512), jnp.float32).astype(dtype)
+  got = quantized_matmul(x, q.qvalue, q.scale, bits=bits, interpret=True, block_n=128)
+  want = quantized_matmul_reference(x, q.qvalue, q.scale, bits=bits)
+  assert got.shape == (rows, 512) and got.dtype == dtype
+  np.testing.assert_allclose(np.asarray(got, np.float32), np.asarray(want, np.float32),
+                             **TOL[dtype])
+  if dtype == jnp.float32:  # the reference is the model's own XLA product
+    np.testing.assert_array_equal(np.asarray(want), np.asarray(x @ quant.dequantize(q)))
+
+
+LAYERS = {  # name: (spec, equation, input shape), the model's own layouts
+    "q": (P.linear((256, 4, 64), ("embed", "q_heads", "head_dim"), P.fan_in_init(1),
+                   contract=("embed",)), "btd,dnh->btnh", (2, 3, 256)),
+    "o": (P.linear((4, 64, 256), ("q_heads", "head_dim", "embed"), P.fan_in_init(2),
+                   contract=("q_heads", "head_dim"), group="head_dim"), "btnh,nhd->btd",
+          (2, 3, 4, 64)),
+    "down": (P.linear((512, 256), ("mlp", "embed"), P.fan_in_init(1), contract=("mlp",)),
+             "btf,fd->btd", (2, 3, 512)),
+}
+
+
+@pytest.mark.parametrize("name", sorted(LAYERS))
+def test_linear_layers_through_the_kernel(name):
+  """q (int4 packed per head: its columns reordered around the kernel), o (two contracted axes,
+  groups along head_dim inside each head) and an MLP weight, in groups: through the kernel as on
+  a TPU they equal the XLA product within float32 rounding; off a TPU `linear(kernel=True)` is
+  the XLA product bit for bit; weights the kernel is not for stay on XLA."""
+  spec, eq, shape = LAYERS[name]
+  x = jax.random.normal(jax.random.key(1), shape)
+  for fmt in ("int4:g32", "int8:g32"):
+    q = _weight(spec, fmt)
+    want = jnp.einsum(eq, x, quant.dequantize(q))
+    assert _kernel_layout(eq, x, q) is not None, fmt
+    got = jax.jit(lambda x, q: _through_kernel(eq, x, q, interpret=True))(x, q)
+    np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-5, atol=1e-5)
+    here = jax.jit(lambda x, q: linear(eq, x, q, kernel=True))(x, q)
+    np.testing.assert_array_equal(np.asarray(here), np.asarray(want))
+  # per-channel weights stay on XLA, which fuses their dequantization; so do other formats
+  for fmt in ("int4", "int8", "fp8_e4m3", "fp4_e2m1", "int2:g32", "ternary"):
+    assert _kernel_layout(eq, x, _weight(spec, fmt)) is None, fmt
+  assert not fits(512, 200, 1, 4) and not fits(512, 256, 3, 8)  # no tile divides them
+
+
+def test_bad_values_are_refused():
+  x = jnp.zeros((8, 512))
+  scale = jnp.ones((1, 512))
+  with pytest.raises(ValueError, match=r"4-bit values .* must be \(512, 256\) uint8"):
+    quantized_matmul(x, jnp.zeros((512, 512), jnp.int8), scale, bits=4, interpret=True)
+  with pytest.raises(ValueError, match="no TPU tile divides"):
+    quantized_matmul(jnp.zeros((8, 512)), jnp.zeros((512, 100), jnp.uint8),
+                     jnp.ones((1, 200)), bits=4, interpret=True)
+
+
+@pytest.mark.parametrize("name", ["v5e:2x2", "v6e:2x2"])
+def test_compiles_for_tpu_without_a_dequantized_weight(tpu_device, no_persistent_cache, name):
+  """Llama-3-8B's MLP up (4096 x 14336) and down projections in int4 groups of 128 (decode's 8
+  rows; 512 prefill rows, two blocks) and per-channel int8: libtpu compiles the Mosaic kernel,
+  and the program's temporaries hold no weight-sized array. XLA's own product of the grouped
+  weight holds the bfloat16 weight (or its scales broadcast to its shape): 112 MiB."""
+  sharding = jax.sharding.SingleDeviceSharding(tpu_device(name))
+  sds = lambda shape, dtype: jax.ShapeDtypeStruct(shape, dtype, sharding=sharding)
+  cases = [(8, 4096, 14336, 4, 32), (512, 14336, 4096, 4, 112), (8, 4096, 14336, 8, 1)]
+  for rows, k, n, bits, groups in cases:
+    values = sds((k, n // 2), jnp.uint8) if bits == 4 else sds((k, n), jnp.int8)
+    args = (sds((rows, k), jnp.bfloat16), values, sds((groups, n), jnp.bfloat16))
+    compiled = jax.jit(lambda x, v, s: quantized_matmul(x, v, s, bits=bits)).lower(
+        *args).compile()
+    assert "tpu_custom_call" in compiled.as_text()
+    assert compiled.memory_analysis().temp_size_in_bytes < 2**20, (rows, k, n, bits)
+  xla = jax.jit(lambda x, v, s: quantized_matmul_reference(x, v, s, bits=4)).lower(
+      sds((8, 4096), jnp.bfloat16), sds((4096, 7168), jnp.uint8),
+      sds((32, 14336), jnp.bfloat16)).compile()
+  assert xla.memory_analysis().temp_size_in_bytes >= 4096 * 14336 * 2
+
+
+def test_the_engine_steps_take_it_for_grouped_weights(tmp_path, no_persistent_cache):
+  """`jaxinfer compile --implementation=pallas --quantize=int4:g32` for a TPU: each of a layer's
+  seven grouped weights (q, k, v, o, gate, up, down) is one more Mosaic kernel in every step than
+  without quantization; per-channel int4, which XLA fuses, adds none."""
+  config = dict(vocab_size=512, hidden_size=256, intermediate_size=512, num_hidden_layers=2,
+                num_attention_heads=4, num_key_value_heads=2, head_dim=128,
+                max_position_embeddings=256, bos_token_id=1, eos_token_id=2,
+                model_type="llama", torch_dtype="bfloat16")
+  (tmp_path / "config.json").write_text(json.dumps(config))
+  common = dict(model=str(tmp_path), mesh="data:4", batch_size=4, kv_pages=64,
+                implementation="pallas")
+  kernels = {fmt: [s.kernels for s in aot.run(aot.CompileJob(
+      "tpu:v5e:2x2", **common, quantize=fmt)).steps] for fmt in (None, "int4:g32", "int4")}
+  assert kernels["int4:g32"] == [k + 7 * 2 for k in kernels[None]], kernels
+  assert kernels["int4"] == kernels[None], kernels
