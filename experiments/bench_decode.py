@@ -2,6 +2,8 @@
 
   python experiments/bench_decode.py                       # embedded model (CPU default)
   python experiments/bench_decode.py --model=preset:llama3-8b --batch_sizes=1   # GPU
+  python experiments/bench_decode.py --model=preset:llama3-8b --batch_sizes=1 \
+      --quantize=none,int8,int4:g128    # quantized weights against the model's dtype, one run
 
 Achieved bandwidth = bytes a decode step must read (all weights + the KV cache slots the step
 attends over) / step time, reported against the device's measured ceiling (roofline.py), all in
@@ -26,6 +28,9 @@ flags.DEFINE_integer("prompt_len", 128, "Prompt tokens per sequence.")
 flags.DEFINE_integer("new_tokens", 128, "Decode steps measured per batch size.")
 flags.DEFINE_string("dtype", "auto", "auto, float32 or bfloat16.")
 flags.DEFINE_integer("repeats", 3, "Timed repetitions (median reported).")
+flags.DEFINE_list("quantize", ["none"], "Weight formats to measure in turn (none: the model's "
+                  "dtype; int8, int4:g128, ... as jaxinfer quantize --format); with none among "
+                  "them, each other row reports its speed against it.")
 flags.DEFINE_string("results", str(Path(__file__).parent / "results" / "bench_decode.jsonl"),
                     "Results file (JSON lines, appended).")
 FLAGS = flags.FLAGS
@@ -46,21 +51,23 @@ def load(name: str, dtype: str | None):
   return cfg, params
 
 
-def main(argv):
-  del argv
+def quantized(cfg, params, fmt: str):
+  """params with their attention and MLP weights in `fmt` (none: as they are)."""
+  if fmt == "none":
+    return params
+  from jaxinfer import quant
+  from jaxinfer.model import Transformer
+  return quant.quantize_params(params, Transformer.spec(cfg), quant.QuantFormat.parse(fmt))
+
+
+def measure(cfg, params, fmt: str, ceilings) -> list[dict]:
+  """One row per batch size: the median decode step over FLAGS.repeats runs."""
   import jax
   import jax.numpy as jnp
   import numpy as np
 
-  from jaxinfer.generation import Generator, RowRequest
+  from jaxinfer.generation import Generator, RowRequest, next_pow2
   from jaxinfer.sampling import request_key
-  from jaxinfer.roofline import measure_ceilings
-
-  cfg, params = load(FLAGS.model, None if FLAGS.dtype == "auto" else FLAGS.dtype)
-  cfg = dataclasses.replace(cfg, eos_token_ids=())  # every sequence decodes the full length
-  ceilings = measure_ceilings(matmul_dtype=cfg.jnp_dtype)
-  print(f"device: {ceilings.device_kind} ({ceilings.backend}); measured {ceilings.bandwidth_gbps} "
-        f"GB/s, {ceilings.matmul_tflops} TFLOP/s {ceilings.matmul_dtype}", file=sys.stderr)
   weight_bytes = sum(x.size * x.dtype.itemsize for x in jax.tree_util.tree_leaves(params))
   rows_out = []
   for b in map(int, FLAGS.batch_sizes):
@@ -79,14 +86,13 @@ def main(argv):
     step_s = float(np.median(decode_times)) / (FLAGS.new_tokens - 1)
     # The cache is allocated to the power-of-two bucket of prompt + new tokens, and a decode step
     # reads every slot of it (masked or not).
-    from jaxinfer.generation import next_pow2
     slots = next_pow2(FLAGS.prompt_len, 16) + next_pow2(FLAGS.new_tokens, 16)
     kv_bytes = 2 * cfg.num_layers * b * slots * cfg.kv_heads * cfg.head_dim * jnp.dtype(
         cfg.jnp_dtype).itemsize
     gbps = (weight_bytes + kv_bytes) / step_s / 1e9
     row = {
-        "model": FLAGS.model, "dtype": cfg.dtype, "params": cfg.num_params(), "batch": b,
-        "prompt_len": FLAGS.prompt_len, "new_tokens": FLAGS.new_tokens,
+        "model": FLAGS.model, "dtype": cfg.dtype, "weights": fmt, "params": cfg.num_params(),
+        "batch": b, "prompt_len": FLAGS.prompt_len, "new_tokens": FLAGS.new_tokens,
         "decode_tokens_per_second": round(b / step_s, 1),
         "step_ms": round(step_s * 1e3, 3),
         "bytes_per_step": int(weight_bytes + kv_bytes),
@@ -98,9 +104,30 @@ def main(argv):
         "date": datetime.date.today().isoformat(),
     }
     rows_out.append(row)
-    print(f"batch {b:>3}: {row['decode_tokens_per_second']:>9.1f} tok/s  step "
+    print(f"{fmt} batch {b:>3}: {row['decode_tokens_per_second']:>9.1f} tok/s  step "
           f"{row['step_ms']:.2f} ms  {gbps:.1f} GB/s ({row['fraction_of_measured_bandwidth']:.0%} "
           f"of measured)  compile {compile_s:.1f}s", file=sys.stderr)
+  return rows_out
+
+
+def main(argv):
+  del argv
+  from jaxinfer.roofline import measure_ceilings
+
+  cfg, params = load(FLAGS.model, None if FLAGS.dtype == "auto" else FLAGS.dtype)
+  cfg = dataclasses.replace(cfg, eos_token_ids=())  # every sequence decodes the full length
+  ceilings = measure_ceilings(matmul_dtype=cfg.jnp_dtype)
+  print(f"device: {ceilings.device_kind} ({ceilings.backend}); measured {ceilings.bandwidth_gbps} "
+        f"GB/s, {ceilings.matmul_tflops} TFLOP/s {ceilings.matmul_dtype}", file=sys.stderr)
+  rows_out = []
+  for fmt in FLAGS.quantize:
+    rows_out += measure(cfg, quantized(cfg, params, fmt), fmt, ceilings)
+  base = {r["batch"]: r["step_ms"] for r in rows_out if r["weights"] == "none"}
+  for row in rows_out:
+    if row["weights"] != "none" and row["batch"] in base:
+      row["speedup_vs_unquantized"] = round(base[row["batch"]] / row["step_ms"], 3)
+      print(f"{row['weights']} batch {row['batch']}: {row['speedup_vs_unquantized']:.2f}x the "
+            f"unquantized step", file=sys.stderr)
   output.append_jsonl(FLAGS.results, rows_out)
 
 

@@ -3,6 +3,7 @@
 #   1. the kernel tests compiled for the GPU (Triton), not interpreted
 #   2. bench_attention.py: paged decode, dense causal, block density; jax's own kernels alongside
 #   3. bench_decode.py on preset:llama3-8b (random weights), batch 1 (run between the parts of 2),
+#      plainly and with int8 / int4:g128 weights (QUANT_FORMATS) against bfloat16 in one process,
 #      and engine_on_device.py: the engine through the Pallas kernels against XLA (after part 1)
 #   4. bench_vs_transformers.py at its planned sizes (8B, batch 64/128/256), if torch is there
 # then a summary against the targets, each ratio taken against the ceilings (HBM bandwidth, matmul
@@ -15,7 +16,7 @@
 # A dry run on a CPU (benchmarks in their quick / interpret forms, a tiny model):
 #   TEST_PLATFORMS=cpu DECODE_ARGS="--model=preset:tiny --prompt_len=8 --new_tokens=8" \
 #     VS_ARGS="--model=preset:tiny --batch_sizes=2 --prompt_len=8 --new_tokens=4" \
-#     bash experiments/device_check.sh
+#     QUANT_FORMATS=none,int8,int4:g16 bash experiments/device_check.sh
 #
 # The repository is the working directory and jax is preinstalled (no network: nothing is
 # installed; PYTHONPATH=. instead). Each step has its own timeout, cut to what is left of the
@@ -43,6 +44,7 @@ KERNEL_TESTS=${KERNEL_TESTS:-tests/test_paged_attention.py tests/test_tree_atten
 tests/test_block_sparse_attention.py}
 DECODE_ARGS=${DECODE_ARGS:---model=preset:llama3-8b}
 VS_ARGS=${VS_ARGS:---model=preset:llama3-8b --dtype=bfloat16 --batch_sizes=64,128,256}
+QUANT_FORMATS=${QUANT_FORMATS:-none,int8,int4:g128}
 RESULTS="$OUT/results"
 STEPS="$OUT/steps.tsv"
 : > "$STEPS"
@@ -112,6 +114,10 @@ step engine 90 "$PY" experiments/engine_on_device.py --output="$OUT/engine_on_de
 # shellcheck disable=SC2086
 step bench_decode 120 "$PY" experiments/bench_decode.py --batch_sizes=1 $DECODE_ARGS \
   --results="$RESULTS/bench_decode.jsonl"
+# quantized weights against the unquantized model in one process (XLA's product on a GPU)
+# shellcheck disable=SC2086
+step bench_decode_quant 150 "$PY" experiments/bench_decode.py --batch_sizes=1 --new_tokens=64 \
+  --repeats=2 $DECODE_ARGS --quantize="$QUANT_FORMATS" --results="$RESULTS/bench_decode.jsonl"
 attention dense 90
 attention density 45
 
@@ -226,11 +232,20 @@ if density:
   lines.append(f"block-sparse time / (density x dense), density >= 0.1: worst {worst:.2f} "
                f"(goal <= 1.25) {verdict(worst <= 1.25)}  [{each}]")
 for r in (r for r in decode if r.get("batch") == 1):
-  f = bw(r, r["achieved_gbps"])
-  summary["decode_8b_batch1_fraction_of_hbm"] = f
-  lines.append(f"decode {r['model']} batch 1: {r['decode_tokens_per_second']} tok/s, "
-               f"{r['achieved_gbps']} GB/s = {f:.0%} of HBM (goal >= 80% for 8B) "
-               f"{verdict(f >= 0.8)}")
+  weights = r.get("weights", "none")
+  if weights == "none":
+    f = bw(r, r["achieved_gbps"])
+    summary.setdefault("decode_8b_batch1_fraction_of_hbm", f)
+    lines.append(f"decode {r['model']} batch 1: {r['decode_tokens_per_second']} tok/s, "
+                 f"{r['achieved_gbps']} GB/s = {f:.0%} of HBM (goal >= 80% for 8B) "
+                 f"{verdict(f >= 0.8)}")
+  elif "speedup_vs_unquantized" in r:
+    x = r["speedup_vs_unquantized"]
+    goal = {"int8": 1.3}.get(weights, 1.6 if weights.startswith("int4") else None)
+    summary[f"decode_batch1_{weights}_vs_unquantized"] = x
+    lines.append(f"decode {r['model']} batch 1, {weights} weights: {x}x the unquantized step, "
+                 f"{r['decode_tokens_per_second']} tok/s"
+                 + (f" (goal >= {goal}x) {verdict(x >= goal)}" if goal else ""))
 for r in vs:
   lines.append(f"vs transformers B{r['batch']}: {r['jaxinfer_tokens_per_second']:.0f} vs "
                f"{r['transformers_tokens_per_second']:.0f} tok/s (x{r['speedup']}), "

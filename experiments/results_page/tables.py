@@ -78,14 +78,18 @@ DECODE = Section(
     "--batch_sizes=1`, target ≥ 80% of measured HBM bandwidth). Bandwidth = bytes of weights and "
     "KV a step reads / step time, against the ceiling the same run measured. On a CPU the small "
     "model stays in cache, so the fraction exceeds 1 and means nothing; runs of the same command "
-    "varied by up to 2× on the shared CPU.",
-    [field("model", "model"), field("dtype", "dtype"), field("params", "params"),
+    "varied by up to 2× on the shared CPU. `--quantize=none,int8,int4:g128` measures quantized "
+    "weights in the same run (GPU plan: W8A16 ≥ 1.3× and W4A16 ≥ 1.6× the unquantized step); "
+    "their bandwidth counts the bytes stored.",
+    [field("model", "model"), field("dtype", "dtype"),
+     ("weights", lambda r: r.get("weights", "none")), field("params", "params"),
      field("batch", "batch"), ("prompt / new", lambda r: f"{r.get('prompt_len')} / "
                                f"{r.get('new_tokens')}"),
      field("decode tok/s", "decode_tokens_per_second", 0), field("step ms", "step_ms", 3),
      field("compile s", "compile_seconds"), field("GB/s", "achieved_gbps", 1),
      field("measured ceiling GB/s", "ceilings.bandwidth_gbps", 1),
-     field("fraction of ceiling", "fraction_of_measured_bandwidth")])
+     field("fraction of ceiling", "fraction_of_measured_bandwidth"),
+     field("× unquantized", "speedup_vs_unquantized", unit="×")])
 
 VS_BATCH = [
     field("torch", "torch"), field("transformers", "transformers"), field("model", "model"),
