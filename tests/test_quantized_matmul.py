@@ -76,7 +76,29 @@ def test_linear_layers_through_the_kernel(name):
   # per-channel weights stay on XLA, which fuses their dequantization; so do other formats
   for fmt in ("int4", "int8", "fp8_e4m3", "fp4_e2m1", "int2:g32", "ternary"):
     assert _kernel_layout(eq, x, _weight(spec, fmt)) is None, fmt
+  # another dtype than the scales': XLA's product promotes it, so it stays there
+  assert _kernel_layout(eq, x.astype(jnp.bfloat16), _weight(spec, "int4:g32")) is None
   assert not fits(512, 200, 1, 4) and not fits(512, 256, 3, 8)  # no tile divides them
+
+
+def test_gradients_through_the_kernel_are_xlas():
+  """Differentiating a model that takes the kernel (a Pallas runtime) works on every platform:
+  the gradients to the input and the scales are XLA's product's (within the forward's rounding);
+  off a TPU they are XLA's bit for bit."""
+  spec, eq, shape = LAYERS["o"]
+  q = _weight(spec, "int4:g32")
+  x = jax.random.normal(jax.random.key(1), shape)
+
+  def grads(fn):
+    loss = lambda x, s: jnp.sum(jnp.sin(fn(x, q.replace(scale=s))))
+    return jax.jit(jax.grad(loss, argnums=(0, 1)))(x, q.scale)
+
+  want = grads(lambda x, q: linear(eq, x, q))
+  here = grads(lambda x, q: linear(eq, x, q, kernel=True))
+  kernel = grads(lambda x, q: _through_kernel(eq, x, q, interpret=True))
+  for w, h, k in zip(want, here, kernel):
+    np.testing.assert_array_equal(np.asarray(h), np.asarray(w))
+    np.testing.assert_allclose(np.asarray(k), np.asarray(w), rtol=1e-4, atol=1e-4)
 
 
 def test_bad_values_are_refused():
@@ -90,6 +112,25 @@ def test_bad_values_are_refused():
 
 
 @pytest.mark.parametrize("name", ["v5e:2x2", "v6e:2x2"])
+def test_every_weight_it_accepts_compiles(tpu_device, no_persistent_cache, name):
+  """`fits` is the kernel's contract: group sizes whose tiles are not a multiple of 128 lanes of
+  x (8, 24) or whose whole-K tiles would not fit in VMEM (512 on v5e, at 256 prefill rows) get
+  other tiles or are refused, and whatever it accepts compiles."""
+  sharding = jax.sharding.SingleDeviceSharding(tpu_device(name))
+  sds = lambda shape, dtype: jax.ShapeDtypeStruct(shape, dtype, sharding=sharding)
+  accepted = 0
+  for (k, n), group, bits in [((4096, 14336), 8, 4), ((3072, 8192), 24, 4), ((4096, 14336), 512, 4),
+                               ((4096, 1024), 1024, 4), ((4096, 14336), 2, 8), ((14336, 4096), 1024, 8)]:
+    if not fits(k, n, k // group, bits):
+      continue
+    accepted += 1
+    values = sds((k, n // 2), jnp.uint8) if bits == 4 else sds((k, n), jnp.int8)
+    jax.jit(lambda x, v, s: quantized_matmul(x, v, s, bits=bits)).lower(
+        sds((256, k), jnp.bfloat16), values, sds((k // group, n), jnp.bfloat16)).compile()
+  assert accepted >= 4
+
+
+@pytest.mark.parametrize("name", ["v5e:2x2", "v6e:2x2"])
 def test_compiles_for_tpu_without_a_dequantized_weight(tpu_device, no_persistent_cache, name):
   """Llama-3-8B's MLP up (4096 x 14336) and down projections in int4 groups of 128 (decode's 8
   rows; 512 prefill rows, two blocks) and per-channel int8: libtpu compiles the Mosaic kernel,
@@ -97,7 +138,8 @@ def test_compiles_for_tpu_without_a_dequantized_weight(tpu_device, no_persistent
   weight holds the bfloat16 weight (or its scales broadcast to its shape): 112 MiB."""
   sharding = jax.sharding.SingleDeviceSharding(tpu_device(name))
   sds = lambda shape, dtype: jax.ShapeDtypeStruct(shape, dtype, sharding=sharding)
-  cases = [(8, 4096, 14336, 4, 32), (512, 14336, 4096, 4, 112), (8, 4096, 14336, 8, 1)]
+  cases = [(8, 4096, 14336, 4, 32), (512, 14336, 4096, 4, 112), (8, 4096, 14336, 8, 1),
+           (256, 4096, 14336, 8, 64)]
   for rows, k, n, bits, groups in cases:
     values = sds((k, n // 2), jnp.uint8) if bits == 4 else sds((k, n), jnp.int8)
     args = (sds((rows, k), jnp.bfloat16), values, sds((groups, n), jnp.bfloat16))

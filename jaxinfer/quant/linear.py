@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from jaxinfer.quant.ops import (ActQuantized, int_values, is_qarray, load_qwix, packed_bits,
                                 straight_through, weight)
@@ -61,8 +62,8 @@ def _kernel_layout(eq: str, x: jax.Array, q: QArray) -> tuple[int, int, int, int
   bits = {jnp.dtype(jnp.uint8): 4, jnp.dtype(jnp.int8): 8}.get(jnp.dtype(q.qvalue.dtype))
   integer = q.qtype in (jnp.int8, jnp.int4) and (bits == 8 or packed_bits(q.qtype) == 4)
   if (bits is None or not integer or not 0 < c < len(ws) or not xs.endswith(ws[:c])
-      or out != xs[:-c] + ws[c:]):
-    return None
+      or out != xs[:-c] + ws[c:] or jnp.dtype(x.dtype) != jnp.dtype(q.scale.dtype)):
+    return None  # (mixed dtypes: XLA's product promotes, the kernel keeps x's)
   sizes, scales = x.shape[-c:], q.scale.shape[:c]
   split = next((i for i, (d, s) in enumerate(zip(sizes, scales)) if s != d), c)
   if any(s != 1 for s in scales[split + 1:]):  # groups would not be consecutive rows
@@ -73,7 +74,6 @@ def _kernel_layout(eq: str, x: jax.Array, q: QArray) -> tuple[int, int, int, int
 
 def _through_kernel(eq: str, x: jax.Array, q: QArray, interpret=False) -> jax.Array:
   """einsum(eq, x, q) by quantized_matmul (`_kernel_layout` must hold)."""
-  from pallas_kernels.quantized_matmul import quantized_matmul
   k, n, groups, bits = _kernel_layout(eq, x, q)
   c = _contracted(eq)
   out_shape = q.scale.shape[c:]  # a scale per output element
@@ -81,11 +81,34 @@ def _through_kernel(eq: str, x: jax.Array, q: QArray, interpret=False) -> jax.Ar
   halves = bits == 4 and len(out_shape) > 1  # packed along the last axis, per leading index
   if halves:  # the kernel's columns: every low half, then every high half
     scale = jnp.moveaxis(scale.reshape(scale.shape[:-1] + (2, -1)), -2, 1)
-  y = quantized_matmul(x.reshape(-1, k), q.qvalue.reshape(k, -1), scale.reshape(groups, n),
-                       bits=bits, interpret=interpret)
+  y = _kernel_product(x.reshape(-1, k), q.qvalue.reshape(k, -1), scale.reshape(groups, n),
+                      bits, interpret)
   if halves:
     y = jnp.moveaxis(y.reshape((-1, 2) + out_shape[:-1] + (out_shape[-1] // 2,)), 1, -2)
   return y.reshape(x.shape[:-c] + out_shape)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4))
+def _kernel_product(x, values, scale, bits: int, interpret):
+  """quantized_matmul, differentiable: its gradients are XLA's product's (the integer values
+  get none)."""
+  from pallas_kernels.quantized_matmul import quantized_matmul
+  return quantized_matmul(x, values, scale, bits=bits, interpret=interpret)
+
+
+def _kernel_product_fwd(x, values, scale, bits, interpret):
+  return _kernel_product(x, values, scale, bits, interpret), (x, values, scale)
+
+
+def _kernel_product_bwd(bits, interpret, res, g):
+  from pallas_kernels.quantized_matmul import quantized_matmul_reference
+  x, values, scale = res
+  _, vjp = jax.vjp(lambda x, s: quantized_matmul_reference(x, values, s, bits=bits), x, scale)
+  dx, dscale = vjp(g)
+  return dx, np.zeros(values.shape, jax.dtypes.float0), dscale
+
+
+_kernel_product.defvjp(_kernel_product_fwd, _kernel_product_bwd)
 
 
 def _contracted(eq: str) -> int:

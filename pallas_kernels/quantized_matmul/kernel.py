@@ -24,25 +24,30 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
 BLOCK_N = (512, 256, 128)  # lanes of a weight tile, largest first (packed columns for int4)
-BLOCK_K = 512  # rows of a weight tile (per-channel scales); grouped: 8 groups of rows
-BLOCK_M = 256  # rows of x per program
+BLOCK_K = (512, 256, 128)  # rows of a weight tile with per-channel scales, largest first
+BLOCK_M = 256  # rows of x per program, at most
+TILE = 1 << 20  # at most this many dequantized weight elements, and x elements, per program
 
 
 def _blocks(k: int, n: int, groups: int, bits: int) -> tuple[int, int] | None:
-  """(block_k, block_n) for a (K, N) weight, or None when no tile the TPU takes divides it."""
+  """(block_k, block_n) for a (K, N) weight, or None when no tile the TPU takes divides it within
+  VMEM. block_k is x's lanes (a multiple of 128, or all of K); with groups, a tile's scales are a
+  multiple of 8 rows (32-bit sublanes) or all of them."""
   cols = n // 2 if bits == 4 else n
-  block_n = next((b for b in BLOCK_N if cols % b == 0), None)
   if groups == 1:
-    block_k = next((b for b in (BLOCK_K, 256, 128, 64, 32) if k % b == 0), None)
-  else:  # a tile's scales are 8 rows (the sublanes of a 32-bit tile) or all of them
-    block_k = (k // groups) * 8 if groups % 8 == 0 else (k if k * n <= (1 << 22) else None)
-  return None if block_n is None or block_k is None else (block_k, block_n)
+    block_k = next((b for b in BLOCK_K if k % b == 0), k)
+  else:
+    g = k // groups
+    block_k = next((b for b in range(8 * g, k, 8 * g) if b % 128 == 0 and k % b == 0), k)
+  per_column = block_k * (2 if bits == 4 else 1)  # dequantized elements per packed column
+  block_n = next((b for b in BLOCK_N if cols % b == 0 and b * per_column <= TILE), None)
+  return None if block_n is None else (block_k, block_n)
 
 
 def fits(k: int, n: int, groups: int, bits: int) -> bool:
   """Whether the kernel takes a (K, N) weight with `groups` scale rows and `bits`-bit values."""
-  return bits in (4, 8) and n % 2 == 0 and k % groups == 0 and _blocks(k, n, groups,
-                                                                      bits) is not None
+  return (bits in (4, 8) and n % 2 == 0 and groups >= 1 and k % groups == 0
+          and _blocks(k, n, groups, bits) is not None)
 
 
 def _dequantize(v: jax.Array, s: jax.Array, dtype) -> jax.Array:
@@ -82,7 +87,8 @@ def _tpu(x, values, scale, *, bits: int, interpret, block_m: int | None, block_n
   groups, n = scale.shape
   block_k, bn = _blocks(k, n, groups, bits)
   bn = block_n or bn
-  bm = block_m or (m if m <= BLOCK_M else BLOCK_M)
+  most = max(8, min(BLOCK_M, TILE // block_k // 8 * 8))  # rows of x in VMEM at once
+  bm = block_m or (m if m <= most else most)
   padded = -(-m // bm) * bm
   if padded != m:
     x = jnp.pad(x, ((0, padded - m), (0, 0)))
