@@ -56,8 +56,8 @@ def quantized(cfg, params, fmt: str):
   if fmt == "none":
     return params
   from jaxinfer import quant
-  from jaxinfer.model import Transformer
-  return quant.quantize_params(params, Transformer.spec(cfg), quant.QuantFormat.parse(fmt))
+  from jaxinfer.train import qat
+  return qat.served(cfg, params, quant.QuantFormat.parse(fmt))
 
 
 def measure(cfg, params, fmt: str, ceilings) -> list[dict]:

@@ -23,6 +23,8 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
+from pallas_kernels.quantized_matmul.reference import nibbles
+
 BLOCK_N = (512, 256, 128)  # lanes of a weight tile, largest first (packed columns for int4)
 BLOCK_K = (512, 256, 128)  # rows of a weight tile with per-channel scales, largest first
 BLOCK_M = 256  # rows of x per program, at most
@@ -71,7 +73,7 @@ def _kernel(x_ref, w_ref, *refs, bits: int):
 
   x = x_ref[...]
   v = w_ref[...].astype(jnp.int32)
-  parts = [((v & 15) ^ 8) - 8, (((v >> 4) & 15) ^ 8) - 8] if bits == 4 else [v]
+  parts = nibbles(v) if bits == 4 else (v,)
   for part, s_ref, acc in zip(parts, scales, accs):
     acc[...] += jnp.dot(x, _dequantize(part, s_ref[...], x.dtype),
                         preferred_element_type=jnp.float32)

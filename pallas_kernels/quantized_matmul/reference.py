@@ -7,12 +7,15 @@ import jax
 import jax.numpy as jnp
 
 
+def nibbles(v: jax.Array) -> tuple[jax.Array, jax.Array]:
+  """Packed int4 bytes (as int32) -> their low and high four bits as two's-complement values."""
+  return ((v & 15) ^ 8) - 8, (((v >> 4) & 15) ^ 8) - 8
+
+
 def unpack_int4(packed: jax.Array) -> jax.Array:
   """(K, N/2) uint8 -> (K, N) int8: byte j holds column j in its low four bits and column
-  N/2 + j in its high four (jaxinfer.quant.ops.pack's layout for 4 bits), two's complement."""
-  v = packed.astype(jnp.int32)
-  lo, hi = ((v & 15) ^ 8) - 8, (((v >> 4) & 15) ^ 8) - 8
-  return jnp.concatenate([lo, hi], axis=-1).astype(jnp.int8)
+  N/2 + j in its high four (jaxinfer.quant.ops.pack's layout for 4 bits)."""
+  return jnp.concatenate(nibbles(packed.astype(jnp.int32)), axis=-1).astype(jnp.int8)
 
 
 def dequantized(values: jax.Array, scale: jax.Array, bits: int) -> jax.Array:
