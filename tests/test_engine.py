@@ -230,8 +230,8 @@ def test_a_pool_too_small_names_the_flag(tmp_path, tiny_model_dir):
 
 
 def test_memory_beyond_the_device_names_the_flags(tmp_path, tiny_model_dir, monkeypatch):
-  """On a device that reports its memory (not CPU), a KV pool (with a draft model, its caches
-  in the proposer's slots) that cannot fit beside the weights is refused before anything runs,
+  """On a device that reports its memory (not CPU), a KV pool (with a draft model, its pages
+  in the proposer's state) that cannot fit beside the weights is refused before anything runs,
   with the memory it needs and the flags that size it."""
   from jaxinfer.serving import placement
   monkeypatch.setattr(placement, "bytes_limit", lambda mesh: 4096)  # a 4 KiB device
@@ -241,7 +241,7 @@ def test_memory_beyond_the_device_names_the_flags(tmp_path, tiny_model_dir, monk
                      r"0.00 GiB; lower --kv_pages or --batch_size"):
     _job(tmp_path, tiny_model_dir, one, "big")
   with pytest.raises(UserError, match=r"--kv_pages: the KV pool \(\d+ pages of 16 tokens, with "
-                     r"the proposer's slots, [\d.]+ GiB\)"):  # the draft's cache in them
+                     r"the proposer's state, [\d.]+ GiB\)"):  # the draft's pages in it
     _job(tmp_path, tiny_model_dir, one, "big-draft", speculative="layerskip")
   assert not any((tmp_path / f"{n}.out.jsonl").exists() for n in ("big", "big-draft"))
   monkeypatch.setattr(placement, "bytes_limit", lambda mesh: 2**34)  # 16 GiB: it fits

@@ -62,8 +62,9 @@ def test_speculating_engine_equals_the_plain_engine(target):
            (P.Hydra(paths=paths), dict(draft_params=hheads)),
            (P.NGram(num_draft_tokens=4), dict(speculation="auto", decode_steps=2,
                                               picks=(0, 3, 3, 1, 3, 0, 0, 2))),
-           # a draft model (the target itself: every draft accepted) with its own cache, filled
-           # again at every return from plain decoding
+           # a draft model (the target itself: every draft accepted), its K/V in the engine's
+           # pages, written by the lanes before the drafts of the step that prefills them and
+           # fed by the plain steps between trees
            (P.DraftModel(target[0], num_draft_tokens=3),
             dict(draft_params=target[1], speculation="auto", decode_steps=2,
                  picks=(0, 2, 2, 1, 0, 2, 0, 0))),
@@ -325,8 +326,8 @@ def test_draft_layers_in_the_engines_pages_draft_as_in_a_cache_of_their_own(targ
     pos = start + np.arange(8)[None] + np.zeros((2, 1), int)
     pos = np.where(pos < lens[:, None] - 1, pos, m * ps)
     nxt = np.take_along_axis(history, np.minimum(pos + 1, 63), axis=1)
-    paged = proposer.lanes(w, paged, hidden[:, start:start + 8], jnp.asarray(nxt),
-                           jnp.asarray(pos), tables)
+    paged = proposer.lanes(w, paged, jnp.asarray(history[:, start:start + 8]),
+                           hidden[:, start:start + 8], jnp.asarray(nxt), jnp.asarray(pos), tables)
   paged = paged.replace(features=dense.features, tokens=dense.tokens, start=dense.start,
                         count=dense.count)  # what the first verification pends
   sampling = SamplingParams(jnp.asarray([0.0, 1.0]), jnp.zeros(2, jnp.int32), jnp.ones(2),
@@ -352,6 +353,75 @@ def test_draft_layers_in_the_engines_pages_draft_as_in_a_cache_of_their_own(targ
   before = jax.tree_util.tree_map(np.asarray, paged.cache)
   ctx = Context(hist, jnp.asarray(lens + 3), sampling, keys, jnp.full((2, m), -1, jnp.int32))
   after, _ = proposer.draft(w, paged, ctx)
+  for a, b in zip(jax.tree_util.tree_leaves(before), jax.tree_util.tree_leaves(after.cache)):
+    np.testing.assert_array_equal(a, b)
+
+
+def test_a_draft_models_cache_in_the_engines_pages_drafts_as_its_own_prefill(target):
+  """A draft model keeps its K/V in the engine's page layout: the prefill lanes' tokens written
+  there in chunks of 8 through scattered page tables, its drafts (tokens and q, a greedy and a
+  sampled row) equal those from its own cache prefilled over the prompt; after verifications
+  accepting one draft, then the whole chain (whose last draft it never fed: pending, fed before
+  the next root), they equal those of a fresh prefill over everything decoded. Turning to plain
+  steps (`flush`) writes a row's pending token through its own table alone; a row not live
+  writes no page."""
+  from jaxinfer.sampling import SamplingParams
+  from jaxinfer.speculative.protocol import Context, Verified, Weights
+  cfg, params = target
+  dcfg, dparams = P.layer_skip_draft(cfg, params, (0,))
+  proposer, w = P.DraftModel(dcfg, num_draft_tokens=3), Weights(dparams, params)
+  rng = np.random.RandomState(0)
+  lens, width, ps, m = np.asarray([30, 21]), 32, 8, 6
+  history = jnp.asarray(rng.randint(3, cfg.vocab_size, (2, m * ps)).astype(np.int32))
+  tables = jnp.asarray(rng.permutation(16)[:2 * m].reshape(2, m).astype(np.int32))
+  paged = proposer.init_pages(w, cfg, 2, 16, ps)
+  for start in range(0, width, 8):  # lanes of 8: one per row, the prompt's last token left out
+    pos = start + np.arange(8)[None] + np.zeros((2, 1), int)
+    pos = jnp.asarray(np.where(pos < lens[:, None] - 1, pos, m * ps))
+    paged = proposer.lanes(w, paged, history[:, start:start + 8], None, None, pos, tables)
+  dense = proposer.prefill(dparams, history, jnp.asarray(lens), m * ps)
+  sampling = SamplingParams(jnp.asarray([0.0, 1.0]), jnp.zeros(2, jnp.int32), jnp.ones(2),
+                            jnp.zeros(2))
+  keys = jax.random.split(jax.random.key(7), 2)
+  length, rows = jnp.asarray(lens - 1), np.arange(2)  # the root: each prompt's last token
+
+  def same(d1, d2):
+    np.testing.assert_array_equal(d1.tokens, d2.tokens)
+    np.testing.assert_allclose(d1.q, d2.q, atol=1e-5)
+
+  for accepted in (1, 3, None):
+    ctx = Context(history, length, sampling, keys)
+    dense, d1 = proposer.draft(w, dense, ctx)
+    paged, d2 = proposer.draft(w, paged, ctx.replace(pages=tables))
+    same(d1, d2)
+    if accepted is None:  # as drafted from a fresh prefill over everything so far
+      _, d3 = proposer.draft(w, proposer.prefill(dparams, history, length + 1, m * ps), ctx)
+      same(d1, d3)
+      break
+    n = jnp.full((2,), accepted, jnp.int32)
+    nxt = jnp.asarray(rng.randint(3, cfg.vocab_size, 2).astype(np.int32))
+    verified = Verified(d1.tokens, None, None, jnp.tile(jnp.arange(4), (2, 1)), n, nxt, length,
+                        jnp.ones(2, bool))
+    dense, paged = (proposer.observe(w, st, verified) for st in (dense, paged))
+    for j in range(1, accepted + 1):
+      history = history.at[rows, length + j].set(d1.tokens[:, j])
+    length = length + accepted + 1
+    history = history.at[rows, length].set(nxt)
+    if accepted == 3:  # the chain's last draft is pending in both
+      np.testing.assert_array_equal(paged.position, length - 1)
+      flushed = proposer.flush(w, paged, tables.at[1].set(-1))
+      np.testing.assert_array_equal(flushed.position, [-1, length[1] - 1])
+      got = flushed.cache.over(tables).rows()
+      was = paged.cache.over(tables).rows()
+      for a, b in zip(got.k, was.k):
+        a, b = np.asarray(a), np.asarray(b)
+        assert not np.allclose(a[:, 0, length[0] - 1], b[:, 0, length[0] - 1])
+        np.testing.assert_array_equal(np.delete(a[:, 0], int(length[0]) - 1, axis=1),
+                                      np.delete(b[:, 0], int(length[0]) - 1, axis=1))
+        np.testing.assert_array_equal(a[:, 1], b[:, 1])
+  before = jax.tree_util.tree_map(np.asarray, paged.cache)
+  after, _ = proposer.draft(w, paged, Context(history, length, sampling, keys,
+                                              jnp.full((2, m), -1, jnp.int32)))
   for a, b in zip(jax.tree_util.tree_leaves(before), jax.tree_util.tree_leaves(after.cache)):
     np.testing.assert_array_equal(a, b)
 
@@ -386,13 +456,15 @@ def test_a_draft_layer_in_the_pages_is_fed_once_trees_would_pay(target):
   assert sum(eng.policy.dispatches[:-1]) > 0 and eng.stats.compilations <= eng.max_shapes
 
 
-def test_plain_steps_feed_a_draft_layer_in_the_pages_what_its_own_prefill_would(target):
-  """The auto policy's plain level runs the plain engine's steps, which feed EAGLE's layer the
-  target's hidden state at every token they compute with the token after it: mixed steps (the
-  prompts in lanes through scattered page tables, then decode rows) and a decode dispatch of
-  four steps leave in the layer's pages the K/V its own prefill over prompt and output writes.
-  A row turning from trees to plain steps first has its pending pairs written
-  (`Proposer.flush`): pages of rows not turning are left alone."""
+@pytest.mark.parametrize("name", ["eagle", "draft"])
+def test_plain_steps_feed_a_draft_layer_in_the_pages_what_its_own_prefill_would(target, name):
+  """The auto policy's plain level runs the plain engine's steps, which feed a draft layer in
+  the pages every token they compute (EAGLE's: the target's hidden state there with the token
+  after it; a draft model's: the token): mixed steps (the prompts in lanes through scattered
+  page tables, then decode rows) and a decode dispatch of four steps leave in the layer's pages
+  the K/V its own prefill over prompt and output writes. A row turning from trees to plain
+  steps first has EAGLE's pending pairs written (`Proposer.flush`): pages of rows not turning
+  are left alone."""
   from functools import partial
 
   from jaxinfer import model as M
@@ -401,7 +473,11 @@ def test_plain_steps_feed_a_draft_layer_in_the_pages_what_its_own_prefill_would(
   from jaxinfer.kv_cache import KVCache, PagedKVCache, gather_rows
   from jaxinfer.speculative.protocol import Weights
   cfg, params = target
-  proposer, heads = _feature_proposers(cfg, params)["eagle"]
+  if name == "draft":
+    dcfg, heads = P.layer_skip_draft(cfg, params, (1,))
+    proposer = P.DraftModel(dcfg, num_draft_tokens=3)
+  else:
+    proposer, heads = _feature_proposers(cfg, params)[name]
   w, rt = Weights(heads, params), Runtime()
   rng = np.random.RandomState(1)
   s, ps, m, pool, q, steps = 2, 8, 6, 16, 24, 5
@@ -443,15 +519,20 @@ def test_plain_steps_feed_a_draft_layer_in_the_pages_what_its_own_prefill_would(
   history = np.zeros((s, m * ps), np.int32)
   for i, p in enumerate(prompts):
     history[i, :n[i]] = np.concatenate([p, out[:, i]])
-  hidden, _ = M.forward(params, jnp.asarray(history), jnp.arange(m * ps)[None], cfg,
-                        KVCache.init(cfg, s, m * ps), kv_source="chunk")
-  dense = proposer.prefill(w, hidden, jnp.asarray(history), jnp.asarray(n),
-                           jnp.zeros(s, jnp.int32), m * ps)
+  if name == "draft":
+    dense = proposer.prefill(heads, jnp.asarray(history), jnp.asarray(n), m * ps)
+  else:
+    hidden, _ = M.forward(params, jnp.asarray(history), jnp.arange(m * ps)[None], cfg,
+                          KVCache.init(cfg, s, m * ps), kv_source="chunk")
+    dense = proposer.prefill(w, hidden, jnp.asarray(history), jnp.asarray(n),
+                             jnp.zeros(s, jnp.int32), m * ps)
   for got, want in zip(layer.cache.k + layer.cache.v, dense.cache.k + dense.cache.v):
     rows = np.asarray(gather_rows(got, jnp.asarray(table), got.dtype)[0])
     for i in range(s):
       np.testing.assert_allclose(rows[:, i, :n[i] - 1], np.asarray(want)[:, i, :n[i] - 1],
                                  atol=2e-5)
+  if name == "draft":  # (its flush: test_a_draft_models_cache_in_the_engines_pages_...)
+    return
   # the flush writes the pending pairs of the rows turning (row 0), through their tables only
   pending = layer.replace(features=jnp.ones_like(layer.features), tokens=layer.tokens + 1,
                           start=jnp.asarray(n - 1), count=jnp.ones(s, jnp.int32))

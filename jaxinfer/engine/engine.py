@@ -103,9 +103,9 @@ def engine_step(params, k, v, last_token, tokens, from_device, positions, decode
   """One mixed step: S decode rows (each slot's next token) beside G lanes of prompt tokens;
   returns the pools, the last tokens, the sampled tokens (S,) and `layer`.
 
-  feed (a speculating engine's draft layer in the pages, `speculate.feed`): `layer` (its state)
-  after reading the target's hidden state at every token computed here with the token after it
-  (`next_tokens` for the lanes', the sampled token for a decode row's).
+  feed (a speculating engine's draft layers in the pages, `speculate.feed`): `layer` (their
+  state) after reading every token computed here, the target's hidden state there and the token
+  after it (`next_tokens` for the lanes', the sampled token for a decode row's).
   greedy_only: every slot is known to be greedy (`sampling.sample`)."""
   s = decode_table.shape[0]
   # Decode rows (the first S) feed the token this slot sampled at the previous step, or a
@@ -122,10 +122,12 @@ def engine_step(params, k, v, last_token, tokens, from_device, positions, decode
   if feed is not None:
     g = chunk_table.shape[0]
     if g:
-      layer = feed(params, draft_params, layer, hidden[0, s:].reshape(g, -1, hidden.shape[-1]),
+      layer = feed(params, draft_params, layer, tokens[s:].reshape(g, -1),
+                   hidden[0, s:].reshape(g, -1, hidden.shape[-1]),
                    next_tokens[s:].reshape(g, -1), positions[s:].reshape(g, -1), chunk_table)
-    layer = feed(params, draft_params, layer, hidden[0, :s, None], tok[:, None],
-                 positions[:s, None], decode_table)  # (rows not sampled: out of range)
+    # (rows not sampled: out of range)
+    layer = feed(params, draft_params, layer, tokens[:s, None], hidden[0, :s, None],
+                 tok[:, None], positions[:s, None], decode_table)
   # the last tokens keep one layout (whole) from step to step, whatever the kernels' sharding
   return (cache.k, cache.v, runtime.constrain(jnp.where(sampled, tok, last_token), (None,)), tok,
           layer)
@@ -153,8 +155,8 @@ def engine_decode(params, k, v, last_token, tokens, from_device, positions, deco
     keys = jax.vmap(jax.random.fold_in)(wrap(key_data), sample_index + i)
     tok = sample(M.logits(params, hidden[0]), sp, keys, greedy_only)
     if feed is not None:
-      layer = feed(params, draft_params, layer, hidden[0, :, None], tok[:, None], pos[:, None],
-                   decode_table)
+      layer = feed(params, draft_params, layer, last[:, None], hidden[0, :, None],
+                   tok[:, None], pos[:, None], decode_table)
     return cache.k, cache.v, jnp.where(sampled, tok, last), out.at[i].set(tok), layer
 
   out = jnp.zeros((max_steps, s), jnp.int32)

@@ -8,9 +8,9 @@ a lookup proposer reads) and its output count live on the device (`Drafting`); t
 prompts into slots, lays out lanes and page tables and reads back what each step emitted.
 A step computes only as much of the trees as the rows' drafts reach (`Draft.limit`,
 `prefixes`): with no row drafting, one token per row, a plain step. A proposer with a draft layer
-over the target's features (`Proposer.paged_layers`) keeps its K/V in the engine's page layout,
-written from the lanes' hidden states, and from the plain engine's steps' (`feed`) while the
-auto policy decodes plainly.
+or a draft model of its own (`Proposer.paged_layers`) keeps its K/V in the engine's page layout,
+written from the lanes' tokens or hidden states, and from the plain engine's steps' (`feed`)
+while the auto policy decodes plainly.
 """
 
 from __future__ import annotations
@@ -53,13 +53,14 @@ def whole(state, runtime: Runtime):
   return jax.tree_util.tree_map(lambda x: runtime.constrain(x, (None,) * x.ndim), state)
 
 
-def feed(params, draft_params, layer, hidden, next_tokens, positions, pages, *, proposer,
-         runtime: Runtime):
-  """A `paged_layers` proposer's state `layer` after the target computed `hidden` (G, Q, D) at
-  `positions` (G, Q) (out of range: nothing), `next_tokens` (G, Q) the token after each, through
-  page tables `pages` (G, M): its layer's K/V written there (`Proposer.lanes`), whole on the
-  replica. The plain engine's steps feed it so (`engine.engine_step`)."""
-  return whole(proposer.lanes(Weights(draft_params, params), layer, hidden, next_tokens,
+def feed(params, draft_params, layer, tokens, hidden, next_tokens, positions, pages, *,
+         proposer, runtime: Runtime):
+  """A `paged_layers` proposer's state `layer` after the target computed `hidden` (G, Q, D) over
+  `tokens` (G, Q) at `positions` (G, Q) (out of range: nothing), `next_tokens` (G, Q) the token
+  after each, through page tables `pages` (G, M): its layers' K/V written there
+  (`Proposer.lanes`), whole on the replica. The plain engine's steps feed it so
+  (`engine.engine_step`)."""
+  return whole(proposer.lanes(Weights(draft_params, params), layer, tokens, hidden, next_tokens,
                               positions, pages), runtime)
 
 
@@ -93,8 +94,8 @@ def admit(state: Drafting, params, draft_params, slots, prompts, prompt_len, gen
   position, of which the last `generated` are output (a row that decoded plainly until now),
   the root at the last (its K/V are written by the row's first verification). A proposer that
   `drafts_from_hidden` gets zeros for the hidden state: the row drafts nothing until verified;
-  a draft model fills its own cache from the tokens (all of them, at every admission); a draft
-  layer in the engine's pages has them from the prompt's lanes."""
+  draft layers in the engine's pages (a draft model's too) have the prompt's K/V from its lanes
+  and what the row decoded plainly from the plain steps that fed them."""
   k, w = prompts.shape
   hist = jnp.pad(prompts, ((0, 0), (0, state.history.shape[1] - w)))
   prompt = Prompt(None, jnp.zeros((k, cfg.embed), cfg.jnp_dtype), prompts, prompt_len,
@@ -119,6 +120,17 @@ def prefixes(proposer) -> tuple[tuple[int, int], ...]:
   sizes = {n for n in (1, 2, 3) if n < t} | {1 + (1 << i) for i in range(2, t.bit_length())
                                              if 1 + (1 << i) < t}
   return tuple((n, n - 1) for n in sorted(sizes | {t}))
+
+
+def _lanes(weights, pstate, tokens, hidden, next_tokens, positions, table, *, proposer):
+  """A `paged_layers` proposer's state after the lanes' tokens (G * Q,) (hidden states: the
+  target's over them, or None where `lanes_read_hidden` is not set) through their tables."""
+  if not (tokens.shape[0] and proposer.paged_layers):
+    return pstate
+  g = table.shape[0]
+  hidden = None if hidden is None else hidden.reshape(g, -1, hidden.shape[-1])
+  return proposer.lanes(weights, pstate, tokens.reshape(g, -1), hidden,
+                        next_tokens.reshape(g, -1), positions.reshape(g, -1), table)
 
 
 @struct.dataclass
@@ -171,11 +183,9 @@ def _verify(params, draft_params, k, v, state: Drafting, nxt: _Next, n: int, lan
   hidden, cache = M.forward(params, tokens[None], positions[None], cfg, cache, kv_source="cache",
                             runtime=runtime)
   weights, pstate = Weights(draft_params, params), nxt.proposer
-  if lane_tokens.shape[0] and proposer.paged_layers:
-    g = chunk_table.shape[0]
-    pstate = proposer.lanes(weights, pstate, hidden[0, s * n:].reshape(g, -1, hidden.shape[-1]),
-                            lane_next.reshape(g, -1), lane_positions.reshape(g, -1),
-                            chunk_table)
+  if proposer.lanes_read_hidden:
+    pstate = _lanes(weights, pstate, lane_tokens, hidden[0, s * n:], lane_next, lane_positions,
+                    chunk_table, proposer=proposer)
   hidden = hidden[0, :s * n].reshape(s, n, -1)
   logits = M.logits(params, hidden)  # (S, n, V)
   verdict = judge(logits, draft, draft.parents, sampling, nxt.keys, rule, greedy_only)
@@ -250,6 +260,10 @@ def step(params, draft_params, k, v, state: Drafting, lane_tokens, lane_position
   form of it keeps its tracing and its temporaries small); lanes of prompt tokens are prefilled
   beside (`lane_next`: the prompt token after each). Returns (k, v, state, emitted (1, S, T),
   counts (1, S)): one step of what `steps` returns; greedy_only as in `steps`."""
+  if not proposer.lanes_read_hidden:  # the lanes first: a row may draft over them
+    state = state.replace(proposer=_lanes(
+        Weights(draft_params, params), state.proposer, lane_tokens, None, lane_next,
+        lane_positions, chunk_table, proposer=proposer))
   nxt = _propose(params, draft_params, state, decode_table, active, sampling, key_data,
                  proposer=proposer, sizes=prefixes(proposer)[-1:], greedy_only=greedy_only)
   k, v, state, emitted, count = _verify(

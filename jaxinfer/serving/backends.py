@@ -88,11 +88,11 @@ class EngineBackend:
       except ValueError as e:  # e.g. a tree larger than the model's sliding window
         raise UserError(f"--speculative={self.opts.speculative} (--tree / "
                         f"--num_draft_tokens): {e}") from None
-      for eng in engines:  # the pool, and a draft model's own cache in its slots
+      for eng in engines:  # the pool, and the proposer's state (a draft model's pages)
         drafting = () if self.proposer is None else eng.drafting
         placement.check_memory(
             f"--kv_pages: the KV pool ({eng.num_pool_pages} pages of {ps} tokens"
-            + ("" if self.proposer is None else ", with the proposer's slots"),
+            + ("" if self.proposer is None else ", with the proposer's state"),
             eng.pool_bytes() + device_bytes(drafting), device_bytes((eng.k, eng.v, drafting)),
             eng.params, eng.runtime.mesh, "lower --kv_pages or --batch_size")
       self.engines, self.max_len = engines, need

@@ -9,7 +9,8 @@ devices, as it holds the draft weights. They call:
 
   init_state  the state of B free slots (`init_pages` instead, for `paged_layers`)
   admit       rows admitted into slots: their state after the prompt's prefill
-  lanes       the target's hidden states over the engine's prefill lanes and plain steps
+  lanes       the tokens of the engine's prefill lanes and plain steps, and the target's
+              hidden states over them
   draft       every step: a draft tree of `tree_size` nodes per row
   flush       before plain steps: what the state must still read, written
   observe     after each verification: what the target said about the tree
@@ -111,15 +112,19 @@ class Proposer(abc.ABC):
   # row drafts nothing in its first verification, which computes that state (the engine keeps
   # no hidden state of a prompt's last token, which its lanes leave to the row's first step).
   drafts_from_hidden: bool = False
-  # In the engine, the K/V of a draft layer of its own over the target's features (EAGLE's
-  # layer, Hydra++'s prefix layer) live in the engine's page layout (`init_pages`, a
-  # `PagePools` in its state): written from the prefill lanes' hidden states (`lanes`) and by
-  # drafting through the rows' page tables (`Context.pages`), so a prompt page shared by
-  # reference carries them too. Their K/V at position p depend on the tokens up to
+  # In the engine, the K/V of draft layers of its own (a draft model's, EAGLE's layer over the
+  # target's features, Hydra++'s prefix layer) live in the engine's page layout (`init_pages`,
+  # a `PagePools` in its state): written from the prefill lanes' tokens or hidden states
+  # (`lanes`) and by drafting through the rows' page tables (`Context.pages`), so a prompt page
+  # shared by reference carries them too. Their K/V at position p depend on the tokens up to
   # p + `feature_lookahead` (EAGLE's pair at p holds token p + 1): the engine shares a page only
   # between prompts that agree that far.
   paged_layers: bool = False
   feature_lookahead: int = 0
+  # Its `lanes` read the target's hidden states, so a step's lanes are written after the
+  # target ran; else (a draft model's, which reads tokens alone) before the step's drafts, which
+  # then read them (a row may verify in the step that prefills its prompt's last lane).
+  lanes_read_hidden: bool = True
   # The pattern a draft layer or model of its own attends with (`with_sparsity`).
   sparsity: Sparsity = DENSE
 
@@ -182,11 +187,13 @@ class Proposer(abc.ABC):
     K/V in `num_pages` pages of `page_size` positions."""
     raise NotImplementedError(f"the {self.name} proposer keeps no pages")
 
-  def lanes(self, weights: Weights, state, hidden, next_tokens, positions, pages) -> Any:
-    """A `paged_layers` proposer's state after the engine's prefill lanes or plain steps: the
-    target's hidden states (G, Q, D) over their tokens at `positions` (G, Q) (out of range:
-    padding), the token after each (G, Q), each lane's (or row's) page table `pages` (G, M)."""
-    del weights, hidden, next_tokens, positions, pages
+  def lanes(self, weights: Weights, state, tokens, hidden, next_tokens, positions,
+            pages) -> Any:
+    """A `paged_layers` proposer's state after the engine's prefill lanes or plain steps: their
+    `tokens` (G, Q) at `positions` (G, Q) (out of range: padding), the target's hidden states
+    there (G, Q, D), the token after each (G, Q), each lane's (or row's) page table `pages`
+    (G, M)."""
+    del weights, tokens, hidden, next_tokens, positions, pages
     return state
 
   def row_state(self, weights: Weights, state, prompt: Prompt) -> Any:

@@ -1,7 +1,13 @@
 """A draft model: a separate small model with its own KV cache drafts a chain autoregressively
 (sampled from its filtered distribution for sampling rows, greedily for greedy rows). The same
 class is SWIFT-style self-speculation when the draft is the target with layers skipped
-(`layer_skip_draft`)."""
+(`layer_skip_draft`).
+
+In the engine the draft's K/V live in the engine's page layout (`Proposer.paged_layers`): the
+prefill lanes write the prompt's (so a prompt page shared by reference carries them too), the
+plain engine's steps write theirs, drafting reads and writes through the rows' page tables. Its
+own prefill over a prompt (`prefill`, a cache by row) is the reference that layout is held
+against."""
 
 from __future__ import annotations
 
@@ -9,14 +15,28 @@ import dataclasses
 
 import jax
 import jax.numpy as jnp
+from flax import struct
 
 from jaxinfer import model as M
 from jaxinfer.config import ModelConfig
-from jaxinfer.kv_cache import KVCache
+from jaxinfer.kv_cache import KVCache, PagePools
 from jaxinfer.sampling import distribution
 from jaxinfer.sparsity import DENSE, Sparsity
 from jaxinfer.speculative.proposers.common import Chain, chain_parents, draw, root_only
+from jaxinfer.speculative.proposers.pending import attach, detach
 from jaxinfer.speculative.protocol import Context, Draft
+
+
+@struct.dataclass
+class DraftState:
+  """The draft's cache (by row, or its pools in the engine) holds the K/V of every position
+  before each row's root but, when the last verification accepted a whole chain, its last
+  draft (drafting feeds a chain's tokens but the last): that token is pending at `position`
+  (-1: none), fed before the root."""
+
+  cache: KVCache | PagePools
+  token: jax.Array  # (B,)
+  position: jax.Array  # (B,)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -35,6 +55,8 @@ class DraftModel(Chain):
   fallback: float = 0.0
   sparsity: Sparsity = DENSE
   needs_draft_params = True
+  paged_layers = True
+  lanes_read_hidden = False
 
   def validate(self, cfg, draft_params) -> None:
     super().validate(cfg, draft_params)
@@ -45,12 +67,25 @@ class DraftModel(Chain):
   def with_sparsity(self, sparsity):
     return dataclasses.replace(self, sparsity=sparsity)
 
+  def init_pages(self, weights, cfg, num_rows, num_pages, page_size):
+    return DraftState(PagePools.init(self.cfg, num_pages, page_size),
+                      jnp.zeros((num_rows,), jnp.int32), jnp.full((num_rows,), -1, jnp.int32))
+
+  def lanes(self, weights, state, tokens, hidden, next_tokens, positions, pages):
+    del hidden, next_tokens
+    _, cache = M.forward(weights.draft, tokens, positions, self.cfg, state.cache.over(pages),
+                         kv_source="cache", runtime=self.draft_runtime)
+    return state.replace(cache=PagePools.of(cache))
+
   def row_state(self, weights, state, prompt):
-    """Its cache over each row's tokens so far (the prompt; in the engine, also what the row
-    decoded plainly before)."""
+    """Its cache over each row's prompt; in the engine, written by the prompt's lanes (and the
+    plain steps of a row that decoded plainly before): nothing pending."""
+    k = prompt.prompt_len.shape[0]
+    if prompt.hidden is None:
+      return DraftState(state.cache, jnp.zeros((k,), jnp.int32), jnp.full((k,), -1, jnp.int32))
     return self.prefill(weights.draft, prompt.history, prompt.prompt_len, prompt.max_len)
 
-  def prefill(self, params, tokens, prompt_len, max_len):
+  def prefill(self, params, tokens, prompt_len, max_len) -> DraftState:
     """The draft's own cache over the prompts, tokens (B, W) by position, in a fresh cache. The
     prompt's last token (the root, fed later) and padding past it are not written."""
     b, t = tokens.shape[0], int(max_len)
@@ -58,19 +93,19 @@ class DraftModel(Chain):
     positions = jnp.where(pos < prompt_len[:, None] - 1, pos, t)
     _, cache = M.forward(params, tokens, positions, self.cfg, KVCache.init(self.cfg, b, t),
                          kv_source="chunk", runtime=self.draft_runtime)
-    return cache
+    return DraftState(cache, jnp.zeros((b,), jnp.int32), jnp.full((b,), -1, jnp.int32))
 
-  def draft(self, weights, cache: KVCache, ctx: Context):
+  def draft(self, weights, st: DraftState, ctx: Context):
     params, g = weights.draft, self.num_draft_tokens
-    length = ctx.length
-    # Catch up: re-feed the token before the root (its K/V may be missing when every draft was
-    # accepted last step) and the root itself; then draft g tokens one at a time.
-    prev = jnp.take_along_axis(ctx.history, jnp.maximum(length - 1, 0)[:, None], axis=1)
+    length, st = ctx.length, attach(st, ctx.pages)
+    cache = st.cache
+    # Catch up: feed the pending token, if any, and the root; then draft g tokens one at a time.
     root = root_only(ctx)
-    tokens = jnp.concatenate([prev, root[:, None]], 1)
-    positions = jnp.stack([jnp.where(length > 0, length - 1, cache.max_len), length], 1)
+    tokens = jnp.stack([st.token, root], 1)
+    positions = jnp.stack([jnp.where(st.position >= 0, st.position, cache.max_len), length], 1)
     if self.fallback > 0:
-      return self._draft_with_fallback(params, cache, ctx, tokens, positions)
+      cache, draft = self._draft_with_fallback(params, cache, ctx, tokens, positions)
+      return detach(st.replace(cache=cache), ctx.pages), draft
     drafted, qs = [root], []
     for i in range(g):
       hidden, cache = M.forward(params, tokens, positions, self.cfg, cache, kv_source="cache",
@@ -82,10 +117,10 @@ class DraftModel(Chain):
       qs.append(q)
       tokens, positions = tok[:, None], (length + i + 1)[:, None]
     qs.append(qs[-1])  # the last node has no children
-    return cache, Draft(jnp.stack(drafted, 1), jnp.asarray(chain_parents(g + 1)),
-                        jnp.stack(qs, 1))
+    return detach(st.replace(cache=cache), ctx.pages), Draft(
+        jnp.stack(drafted, 1), jnp.asarray(chain_parents(g + 1)), jnp.stack(qs, 1))
 
-  def _draft_with_fallback(self, params, cache: KVCache, ctx: Context, tokens, positions):
+  def _draft_with_fallback(self, params, cache, ctx: Context, tokens, positions):
     """The chain drafted in a loop that ends when every row has fallen back."""
     g, length, b = self.num_draft_tokens, ctx.length, ctx.length.shape[0]
 
@@ -113,6 +148,24 @@ class DraftModel(Chain):
         lambda c: (c[0] < g) & jnp.any(c[1]), body, (1, live, cache, drafted, qs))
     qs = qs.at[:, g].set(qs[:, g - 1])  # the last node has no children
     return cache, Draft(drafted, jnp.asarray(chain_parents(g + 1)), qs)
+
+  def flush(self, weights, st: DraftState, pages):
+    """Rows turning to plain steps (a table in `pages`) have their pending token fed."""
+    turning = jnp.any(pages >= 0, axis=1)
+    cache = st.cache.over(pages)
+    position = jnp.where(turning & (st.position >= 0), st.position, cache.max_len)
+    _, cache = M.forward(weights.draft, st.token[:, None], position[:, None], self.cfg, cache,
+                         kv_source="cache", runtime=self.draft_runtime)
+    return st.replace(cache=PagePools.of(cache),
+                      position=jnp.where(turning, -1, st.position))
+
+  def observe(self, weights, st: DraftState, verified):
+    """A live row whose chain was accepted whole has its last draft pending."""
+    whole = verified.num_accepted >= self.num_draft_tokens
+    last = jnp.take_along_axis(verified.tokens, verified.num_accepted[:, None], axis=1)[:, 0]
+    pending = jnp.where(whole, verified.length + verified.num_accepted, -1)
+    return st.replace(token=jnp.where(verified.live, last, st.token),
+                      position=jnp.where(verified.live, pending, st.position))
 
 
 def layer_skip_draft(cfg: ModelConfig, params: M.Transformer,

@@ -43,7 +43,8 @@ class Eagle(Chain):
     return paged_state(self.cfg, num_rows, num_pages, page_size, pending_width(self), cfg.embed,
                        weights.draft.draft.fc.dtype)
 
-  def lanes(self, weights, state, hidden, next_tokens, positions, pages):
+  def lanes(self, weights, state, tokens, hidden, next_tokens, positions, pages):
+    del tokens  # (its pair at a position holds the token after it)
     return write_lanes(self._layer(weights), state, hidden, next_tokens, positions, pages)
 
   def _layer(self, weights):

@@ -49,7 +49,8 @@ class Hydra(HeadsTree):
     return paged_state(self.prefix, num_rows, num_pages, page_size, pending_width(self),
                        cfg.embed, weights.draft.prefix_norm.dtype)
 
-  def lanes(self, weights, state, hidden, next_tokens, positions, pages):
+  def lanes(self, weights, state, tokens, hidden, next_tokens, positions, pages):
+    del tokens  # (its layer reads the target's hidden states alone)
     return write_lanes(self._layer(weights), state, hidden, next_tokens, positions, pages)
 
   def _layer(self, weights):
