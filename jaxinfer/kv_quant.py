@@ -148,6 +148,19 @@ def kv_move(buf, src: tuple, dst: tuple):
   return buf.at[dst].set(buf[src], mode="drop")
 
 
+def kv_copy_pages(pool, src: jax.Array, dst: jax.Array):
+  """A page pool (K, P, ps, H) with pages `dst` := pages `src` (n,), an int8 pool's scales
+  with them as stored (bit for bit); a `dst` past the pool copies nothing."""
+  if not isinstance(pool, QuantizedKV):
+    return pool.at[:, dst].set(pool[:, src], mode="drop")
+  offsets = jnp.arange(pool.shape[2])[None, :]
+  _, row, lane = pool.flat((slice(None), src[:, None], offsets))
+  _, to_row, to_lane = pool.flat((slice(None), dst[:, None], offsets))
+  return QuantizedKV(pool.values.at[:, dst].set(pool.values[:, src], mode="drop"),
+                     pool.scales.at[:, to_row, to_lane].set(pool.scales[:, row, lane],
+                                                            mode="drop"))
+
+
 def kv_read(buf, index: tuple, dtype) -> tuple[jax.Array, jax.Array | None]:
   """buf[index] (index=() for all of it) as (values in `dtype`, float32 scales or None): an int8
   buffer's values widened (exactly) and its scales beside them, for the attention to apply to

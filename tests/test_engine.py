@@ -26,6 +26,9 @@ def test_page_pool_refcounts_prefix_cache_and_eviction():
   ahead = page_keys([1, 2, 3, 4, 5], 2, 2, lookahead=1)  # each page with the token after it
   assert ahead[0] == page_keys([1, 2, 3, 4, 9], 2, 2, lookahead=1)[0] != keys[0]
   assert ahead[1] != page_keys([1, 2, 3, 4, 9], 2, 2, lookahead=1)[1]
+  whole = page_keys([1, 2, 3, 4, 5], 2, 3, whole=True)  # prefilled at once: by all its tokens
+  assert len(whole) == 3 and whole == page_keys([1, 2, 3, 4, 5], 2, 3, whole=True)
+  assert whole[0] != page_keys([1, 2, 3, 4, 9], 2, 3, whole=True)[0] and whole[0] != keys[0]
   a = pool.alloc(3)
   pool.register(keys[0], a[0])
   assert pool.lookup(keys[0]) == a[0] and pool.refcount[a[0]] == 2

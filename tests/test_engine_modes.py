@@ -69,6 +69,32 @@ def test_dynamic_sparsity_prefills_each_prompt_whole(target, pattern):
   assert st.compilations <= eng.max_shapes
 
 
+@pytest.mark.parametrize("kv_cache_dtype", [None, "int8"])
+def test_the_same_prompt_prefilled_whole_is_computed_once(target, kv_cache_dtype):
+  """Under a dynamic pattern a prompt's pages depend on all of it, so only the same prompt
+  shares them (N samples of a prompt, a repeated one): its full pages by reference, its partial
+  last page copied to a page of the sharer's own before its first step (it writes its own
+  tokens after the prompt's there; int8 pages with their scales). Each prompt is computed once;
+  a prompt that differs from another in a single token (but its last) shares nothing; every
+  output equals decoding written out with the pattern (with int8 pages: the prompt's first
+  copy's, which computed it)."""
+  rng = np.random.RandomState(3)
+  same = [int(x) for x in rng.randint(3, 60, 45)]  # 44 tokens prefilled: 5 pages of 8, the last
+  other = same[:20] + [same[20] + 1] + same[21:]  # partial
+  reqs = requests([(same, 6), (other, 6), (same, 6), (same, 4), (same[:40], 6)])
+  runtime = Runtime(sparsity=parse("vertical_slash:1,1,16"))
+  out, st, eng = run_engine(target, reqs, runtime=runtime, max_len=64,
+                            kv_cache_dtype=kv_cache_dtype)
+  got = {u: r.tokens for u, r in out.items()}
+  assert got[2] == got[0] and got[3] == got[0][:4]
+  if kv_cache_dtype is None:
+    max_len = eng.max_pages * eng.cfg.page_size
+    assert got == {r.uid: whole_prompt_greedy(target, r, runtime, max_len) for r in reqs}
+  assert st.prefill_tokens_saved == 2 * 44
+  assert st.lane_tokens == 44 + 44 + 39
+  assert "copy" in eng._compiled and st.compilations <= eng.max_shapes
+
+
 def test_static_batching_admits_requests_in_waves(target):
   """waves (`--scheduler=static`): S requests at a time, the next S once all have ended, so every
   request of a wave finishes before any of the next (continuous batching refills a slot at

@@ -36,8 +36,8 @@ flags.DEFINE_enum("order", "prefix", ["prefix", "arrival"],
                   "prefix sorts the whole input by prompt, so requests "
                   "sharing a prefix run together (global prefix sharing); arrival keeps input "
                   "order, prefixes shared while the pool's LRU cache still holds them.")
-flags.DEFINE_integer("num_samples", 1, "Completions per prompt (sharing the prompt's KV, but under a "
-                     "dynamic --sparsity).",
+flags.DEFINE_integer("num_samples", 1, "Completions per prompt (sharing the prompt's KV; under "
+                     "a dynamic --sparsity its last partial page is copied).",
                      lower_bound=1)
 flags.DEFINE_integer("chunk_size", 32, "Prompt tokens per prefill lane per step (a dynamic "
                      "--sparsity prefills each prompt whole instead).", lower_bound=1)

@@ -30,7 +30,7 @@ from jaxinfer.engine.pages import PagePool
 from jaxinfer.engine.scheduler import (EngineRequest, EngineResult, Scheduler, StepPlan,
                                         lane_length)
 from jaxinfer.kv_cache import MixedPagedKVCache, PagedKVCache
-from jaxinfer.kv_quant import check_kv_cache_dtype
+from jaxinfer.kv_quant import check_kv_cache_dtype, kv_copy_pages
 from jaxinfer.runtime import Runtime
 from jaxinfer.sampling import SamplingParams, all_greedy, jit_variants, sample
 from jaxinfer.speculative.protocol import check_fits
@@ -165,6 +165,13 @@ def engine_decode(params, k, v, last_token, tokens, from_device, positions, deco
   return k, v, runtime.constrain(last, (None,)), out, layer
 
 
+def copy_pages(k, v, src, dst):
+  """The pools with pages `dst` := pages `src` (S,) (a `dst` past the pool: nothing): a prompt
+  prefilled whole shares its partial last page so (`scheduler._Seq.copy`)."""
+  copy = lambda pools: tuple(kv_copy_pages(pool, src, dst) for pool in pools)
+  return copy(k), copy(v)
+
+
 def pool_pages_for(cfg: EngineConfig, max_pages_per_request: int) -> int:
   return cfg.kv_pages or int(cfg.num_slots * max_pages_per_request * 1.5) + 1
 
@@ -209,6 +216,7 @@ class Engine:
     self._step = jit_variants(partial(engine_step, cfg=model_cfg, runtime=runtime), (1, 2, 3))
     self._decode = jit_variants(partial(engine_decode, max_steps=cfg.decode_steps,
                                         cfg=model_cfg, runtime=runtime), (1, 2, 3))
+    self._copy = jax.jit(copy_pages, donate_argnums=(0, 1))
     self._compiled: dict[tuple[int, int] | str, Callable] = {}
     if proposer is not None:
       self._init_speculation(rule, speculation)
@@ -267,6 +275,11 @@ class Engine:
 
   def _launch(self, plan: StepPlan) -> jax.Array:
     """Starts a plan's steps; returns their sampled tokens (a device array, not waited on)."""
+    if plan.copies:
+      src = np.zeros(self.cfg.num_slots, np.int32)
+      dst = np.full(self.cfg.num_slots, self.num_pool_pages, np.int32)  # (past it: nothing)
+      src[:len(plan.copies)], dst[:len(plan.copies)] = zip(*plan.copies)
+      self.k, self.v = self._call("copy", self._copy, self.k, self.v, src, dst)
     if plan.tree:
       return self._launch_trees(plan)
     m, greedy = self.plain_pages, self._greedy  # (attention reads every page of a table)
@@ -427,13 +440,13 @@ class Engine:
     and (G > 1) one lane of G * chunk_size, each twice (runs of greedy requests only, and the
     rest: `jit_variants`); speculating, those for each level of the ladder, the device state's
     set-up, admissions of 1, 2, 4, ... rows of prompts 16, 32, ... wide and, for a draft layer in
-    the pages, the flush of rows turning to plain steps."""
-    if whole_lanes(self.runtime):  # a lane per prompt, 16, 32, ... wide up to the longest
+    the pages, the flush of rows turning to plain steps. Whole prompts (no speculation): a lane
+    of each width 16, 32, ... up to the longest prompt, and the copy of a partial page."""
+    if whole_lanes(self.runtime):
       widest = lane_length(self.max_pages * self.cfg.page_size, None)
-      steps = 2 * (1 + (widest // 16).bit_length())
-    else:
-      lengths = {lane_length(t, self.cfg.chunk_size) for t in range(1, self.cfg.chunk_size + 1)}
-      steps = 2 * (1 + len(lengths) + (self.cfg.chunk_lanes > 1))
+      return 2 * (1 + (widest // 16).bit_length()) + 1
+    lengths = {lane_length(t, self.cfg.chunk_size) for t in range(1, self.cfg.chunk_size + 1)}
+    steps = 2 * (1 + len(lengths) + (self.cfg.chunk_lanes > 1))
     if self.proposer is None:
       return steps
     doublings = lambda n, start: (-(-n // start) - 1).bit_length() + 1  # start, 2 start, .., n

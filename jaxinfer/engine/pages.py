@@ -4,10 +4,13 @@ that lets sequences with a common prompt prefix share its pages by reference.
 A page is shareable when it is a *full* page of a prompt: its content (the K/V of its tokens)
 depends only on the tokens up to its end, so it is keyed by a hash chained over every page
 before it (and over the `lookahead` tokens after it, when a draft layer's K/V in it depend on
-those: EAGLE's pair at a position holds the next token). A page is registered when its owner is
-admitted and marked ready once the owner's prefill has written it; a sequence that finds a page
-not yet ready waits for it instead of computing it again. Pages nobody references but that hold
-a cached prefix stay in the pool, least recently used first in line for reuse.
+those: EAGLE's pair at a position holds the next token). A prompt prefilled whole under a
+dynamic sparsity pattern has pages that depend on all of it: keyed by all of it, its partial
+last page too (which a sharer copies, since it writes its own tokens after the prompt's). A
+page is registered when its owner is admitted and marked ready once the owner's prefill has
+written it; a sequence that finds a page not yet ready waits for it instead of computing it
+again. Pages nobody references but that hold a cached prefix stay in the pool, least recently
+used first in line for reuse.
 """
 
 from __future__ import annotations
@@ -20,10 +23,13 @@ import numpy as np
 
 
 def page_keys(tokens: Sequence[int], page_size: int, num_pages: int,
-              lookahead: int = 0) -> list[bytes]:
+              lookahead: int = 0, whole: bool = False) -> list[bytes]:
   """Chained keys of the first `num_pages` full pages of `tokens`, each over its tokens and the
-  `lookahead` after it (there must be that many)."""
-  keys, prev = [], b""
+  `lookahead` after it (there must be that many). whole: the pages of `tokens` computed at once
+  (a dynamic sparsity pattern sees them all), keyed by all of them, the last page partial."""
+  keys = []
+  prev = hashlib.blake2b(np.asarray(tokens, np.int64).tobytes(), digest_size=16,
+                         person=b"whole").digest() if whole else b""
   for j in range(num_pages):
     chunk = np.asarray(tokens[j * page_size:(j + 1) * page_size + lookahead],
                        np.int64).tobytes()

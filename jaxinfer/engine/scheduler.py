@@ -57,7 +57,10 @@ class _Seq:
   pages: list[int]
   computed: int  # prompt tokens whose K/V are written (or scheduled to be)
   shared: int  # leading prompt tokens taken from the prefix cache
-  to_mark: list[tuple[int, int]]  # (page index, page) we register, ready once computed
+  to_mark: list[tuple[int, int]]  # (tokens, page) we register, ready once that many computed
+  # (a cached page, its own) a prompt prefilled whole shares by copying, before its first step:
+  # the partial last page of the same prompt, which it then writes its own tokens into
+  copy: tuple[int, int] | None = None
   slot: int | None = None  # None until its prompt (but the last token) is prefilled
   scheduled: int = 0  # output tokens whose sampling has been launched (plain steps)
   tree: bool | None = None  # speculating: its last step verified a tree (None: none yet)
@@ -98,6 +101,8 @@ class StepPlan:
   level: int = 0  # speculating: the ladder level (tree) its steps verify
   waiting: bool = False  # requests wait for a slot (a slot freed now would be refilled)
   tree: bool = False  # decode rows are draft trees (the device tracks their progress)
+  copies: list[tuple[int, int]] = dataclasses.field(default_factory=list)  # (from, to) pages
+  # copied before the step (`_Seq.copy`)
 
 
 def lane_length(take: int, chunk: int | None) -> int:
@@ -120,8 +125,9 @@ class Scheduler:
     lookahead: prompt pages are shared only between prompts that agree on that many tokens after
     them (`Proposer.feature_lookahead`).
     whole_prompts: each prompt (but its last token) is prefilled in a step's one lane, however
-    long (a power of two >= 16 wide: its own width, whatever else runs), and shares no pages (a
-    dynamic sparsity pattern sees the whole prompt at once). waves: static batching: requests
+    long (a power of two >= 16 wide: its own width, whatever else runs), its pages shared only
+    with the same prompt (a dynamic sparsity pattern sees the whole prompt at once), whose
+    partial last page is copied (`_Seq.copy`). waves: static batching: requests
     are admitted S at a time, the next S once every one of them has ended."""
     self.s, self.g, self.q = num_slots, 1 if whole_prompts else lanes, chunk
     self.whole_prompts, self.waves = whole_prompts, waves
@@ -142,6 +148,7 @@ class Scheduler:
     self.tokens_taken = 0  # appended to their sequences' outputs
     self._head_keys: tuple[EngineRequest | None, list[bytes]] = (None, [])
     self.unread = 0  # plans laid out and not yet committed
+    self._marked: set[int] = set()  # pages the step being scheduled writes (marked ready)
 
   def pages_needed(self, req: EngineRequest) -> int:
     return -(-(len(req.prompt_ids) + req.max_new_tokens + (self.tree_size or 0))
@@ -164,27 +171,39 @@ class Scheduler:
     pages do not fit."""
     req, ps = self.pending[0], self.page_size
     prompt_len = len(req.prompt_ids)
-    full = 0 if self.whole_prompts else (prompt_len - self.lookahead) // ps
+    full = (prompt_len - 1) // ps  # the last prompt token is always computed
     if self._head_keys[0] is not req:  # hashed once, however often a full pool defers it
-      self._head_keys = (req, page_keys(req.prompt_ids, ps, full, self.lookahead))
+      if self.whole_prompts:  # every page the prompt but its last token fills, by all of it
+        keys = page_keys(req.prompt_ids[:-1], ps, -(-(prompt_len - 1) // ps), whole=True)
+      else:
+        keys = page_keys(req.prompt_ids, ps, (prompt_len - self.lookahead) // ps,
+                         self.lookahead)
+      self._head_keys = (req, keys)
     keys = self._head_keys[1]
-    shared = []
-    for key in keys[:(prompt_len - 1) // ps]:  # the last prompt token is always computed
+    found = []
+    for key in keys[:len(keys) if self.whole_prompts else full]:
       page = self.pool.lookup(key)
       if page is None:
         break
-      shared.append(page)
+      found.append(page)
+    if self.whole_prompts and len(found) < len(keys):  # none of it can be computed alone
+      self.pool.release(found)
+      found = []
+    shared = found[:full]  # (whole: the partial last page beyond, to copy)
     fresh = self.pool.alloc(self.pages_needed(req) - len(shared))
     if fresh is None:
-      self.pool.release(shared)
+      self.pool.release(found)
       return None
     self.pending.popleft()
     pages = shared + fresh
     to_mark = []
-    for j in range(len(shared), full):
+    end = prompt_len - 1 if self.whole_prompts else prompt_len  # (whole: a partial page's)
+    for j in range(len(found), len(keys)):
       self.pool.register(keys[j], pages[j])
-      to_mark.append((j, pages[j]))
-    seq = _Seq(req, pages, computed=len(shared) * ps, shared=len(shared) * ps, to_mark=to_mark)
+      to_mark.append((min((j + 1) * ps, end), pages[j]))
+    taken = prompt_len - 1 if self.whole_prompts and found else len(shared) * ps
+    seq = _Seq(req, pages, computed=taken, shared=taken, to_mark=to_mark,
+               copy=(found[-1], fresh[0]) if len(found) > len(shared) else None)
     self.prefill_tokens_saved += seq.shared
     self.order.append(seq)
     return seq
@@ -194,26 +213,31 @@ class Scheduler:
     for sharers (any later step, or a later lane or row of this one, reads them after)."""
     self.prefill_tokens_computed += computed - seq.computed
     seq.computed = computed
-    ps = self.page_size
-    for j, page in seq.to_mark:
-      if (j + 1) * ps <= computed:
+    for end, page in seq.to_mark:
+      if end <= computed:
         self.pool.ready[page] = True
-    seq.to_mark = [(j, p) for j, p in seq.to_mark if (j + 1) * ps > computed]
+        self._marked.add(page)
+    seq.to_mark = [(end, p) for end, p in seq.to_mark if end > computed]
 
   def _release(self, seq: _Seq) -> None:
     if not seq.released:
       seq.released = True
-      self.pool.release(seq.pages)
+      self.pool.release(seq.pages + ([seq.copy[0]] if seq.copy else []))
       if seq.slot is not None:
         self.slots[seq.slot] = None
       self.order.remove(seq)
 
   def _shared_pages_ready(self, seq: _Seq) -> bool:
-    """A sequence may only read its shared pages once every one of them has been written."""
-    return all(self.pool.ready[p] for p in seq.pages[:seq.shared // self.page_size])
+    """A sequence may only read its shared pages (or copy one) once every one of them has been
+    written."""
+    return (all(self.pool.ready[p] for p in seq.pages[:seq.shared // self.page_size])
+            and (seq.copy is None or self.pool.ready[seq.copy[0]]))
 
   def _can_decode(self, seq: _Seq) -> bool:
-    return seq.slot is None and not seq.in_prefill and self._shared_pages_ready(seq)
+    """Prefilled, its shared pages ready; a page it copies written by an earlier step (the copy
+    runs before the step)."""
+    return (seq.slot is None and not seq.in_prefill and self._shared_pages_ready(seq)
+            and (seq.copy is None or seq.copy[0] not in self._marked))
 
   def _lanes(self) -> list[tuple[_Seq, int, int]]:
     """This step's lanes (sequence, first token, tokens): unfinished prompts first, in admission
@@ -258,6 +282,7 @@ class Scheduler:
     """Prefills and admits what is due, gives free slots to prefilled sequences; returns the
     step's lanes (sequence, first token, tokens), their number G and length Q (0: none)."""
     g = self.g
+    self._marked = set()  # pages this step's lanes write
     free = self.slots.count(None)
     waiting = sum(self._can_decode(seq) for seq in self.order)
     # Prefill when no prefilled sequence would be left for the slot that frees next.
@@ -316,9 +341,13 @@ class Scheduler:
     elif not lanes:
       steps = max(1, min([self.decode_steps] + [seq.req.max_new_tokens - seq.scheduled
                                                 for seq in running]))
-    admits = []
+    admits, copies = [], []
     for seq in running:
       slot = seq.slot
+      if seq.copy is not None:  # its first step: the cached page copied to its own first
+        copies.append(seq.copy)
+        self.pool.release(seq.copy[:1])
+        seq.copy = None
       decode_table[slot, :len(seq.pages)] = seq.pages
       key_data[slot] = seq.req.key_data
       for f in sampling:
@@ -361,7 +390,7 @@ class Scheduler:
                or any(seq.slot is None for seq in self.order))
     return StepPlan(tokens, next_tokens, from_device, positions, decode_table, chunk_table,
                     sample_index, sampled, sampling, key_data, samples, num_decode, num_prefill,
-                    steps, len(running), admits, waiting=waiting, tree=tree)
+                    steps, len(running), admits, waiting=waiting, tree=tree, copies=copies)
 
   def commit(self, plan: StepPlan, tokens: np.ndarray,
              should_stop: Callable[[int, list[int]], bool] | None = None) -> list[EngineResult]:
