@@ -360,13 +360,14 @@ def test_draft_layers_in_the_engines_pages_draft_as_in_a_cache_of_their_own(targ
 def test_a_draft_models_cache_in_the_engines_pages_drafts_as_its_own_prefill(target):
   """A draft model keeps its K/V in the engine's page layout: the prefill lanes' tokens written
   there in chunks of 8 through scattered page tables, its drafts (tokens and q, a greedy and a
-  sampled row) equal those from its own cache prefilled over the prompt; after verifications
+  sampled row) equal those from its own cache prefilled over the prompt, and those from pages
+  it wrote from the tokens as the rows were admitted (rows caught up); after verifications
   accepting one draft, then the whole chain (whose last draft it never fed: pending, fed before
   the next root), they equal those of a fresh prefill over everything decoded. Turning to plain
   steps (`flush`) writes a row's pending token through its own table alone; a row not live
   writes no page."""
   from jaxinfer.sampling import SamplingParams
-  from jaxinfer.speculative.protocol import Context, Verified, Weights
+  from jaxinfer.speculative.protocol import Context, Prompt, Verified, Weights
   cfg, params = target
   dcfg, dparams = P.layer_skip_draft(cfg, params, (0,))
   proposer, w = P.DraftModel(dcfg, num_draft_tokens=3), Weights(dparams, params)
@@ -380,6 +381,10 @@ def test_a_draft_models_cache_in_the_engines_pages_drafts_as_its_own_prefill(tar
     pos = jnp.asarray(np.where(pos < lens[:, None] - 1, pos, m * ps))
     paged = proposer.lanes(w, paged, history[:, start:start + 8], None, None, pos, tables)
   dense = proposer.prefill(dparams, history, jnp.asarray(lens), m * ps)
+  # the same K/V written from the rows' tokens as they are admitted (a row caught up)
+  caught = proposer.admit(w, proposer.init_pages(w, cfg, 2, 16, ps), Prompt(
+      None, None, history[:, :width], jnp.asarray(lens), jnp.zeros(2, jnp.int32), jnp.arange(2),
+      max_len=m * ps, pages=tables))
   sampling = SamplingParams(jnp.asarray([0.0, 1.0]), jnp.zeros(2, jnp.int32), jnp.ones(2),
                             jnp.zeros(2))
   keys = jax.random.split(jax.random.key(7), 2)
@@ -394,6 +399,8 @@ def test_a_draft_models_cache_in_the_engines_pages_drafts_as_its_own_prefill(tar
     dense, d1 = proposer.draft(w, dense, ctx)
     paged, d2 = proposer.draft(w, paged, ctx.replace(pages=tables))
     same(d1, d2)
+    if accepted == 1:
+      same(d1, proposer.draft(w, caught, ctx.replace(pages=tables))[1])
     if accepted is None:  # as drafted from a fresh prefill over everything so far
       _, d3 = proposer.draft(w, proposer.prefill(dparams, history, length + 1, m * ps), ctx)
       same(d1, d3)
@@ -454,6 +461,33 @@ def test_a_draft_layer_in_the_pages_is_fed_once_trees_would_pay(target):
   held = [i for i, h in enumerate(holds) if h]
   assert held and held[0] >= 2 and not holds[-1]
   assert sum(eng.policy.dispatches[:-1]) > 0 and eng.stats.compilations <= eng.max_shapes
+
+
+def test_a_draft_model_in_the_pages_catches_rows_up_once_trees_would_pay(target):
+  """auto with a draft model's K/V in the pages: as for a draft layer, the plain steps feed it
+  only once trees would pay, but the rows begun before are not held back: each is caught up from
+  its tokens so far (prompt and plain output) as it turns to trees, and drafts as well as the
+  rows fed all along (the target drafting for itself: whole chains accepted). Outputs equal
+  plain decoding's."""
+  import dataclasses
+  reqs = [dataclasses.replace(r, max_new_tokens=24) for r in _requests(3)]  # one per slot
+  ref, _, _ = run_engine(target, reqs)
+  eng = run_engine(target, reqs[:1], P.DraftModel(target[0], num_draft_tokens=3),
+                   draft_params=target[1], speculation="auto", decode_steps=2)[2]
+  assert not eng._feeding  # (a job too short for trees)
+  holds, plain = [], len(eng.ladder) - 1
+  # three plain dispatches (every row begins unfed), then trees would pay: the whole chain
+  eng.policy.pick = lambda **kw: holds.append(kw["hold_trees"]) or (plain if len(holds) <= 3
+                                                                    else 0)
+  eng.policy.wants_trees = lambda work_s: len(holds) >= 3
+  before, out = eng.stats.accepted_hist.copy(), {}
+  eng.run(reqs, lambda r: out.__setitem__(r.uid, r))
+  assert {u: r.tokens for u, r in out.items()} == {u: r.tokens for u, r in ref.items()}
+  assert eng._feeding and not any(holds) and not eng._unfed
+  assert any(isinstance(k, tuple) and k[-1] == "caught up" for k in eng._compiled)
+  assert eng.stats.compilations <= eng.max_shapes
+  hist = eng.stats.accepted_hist - before
+  assert hist[-1] > 2 * hist[1:-1].sum()  # the caught-up rows' K/V are right
 
 
 @pytest.mark.parametrize("name", ["eagle", "draft"])

@@ -229,7 +229,8 @@ class Engine:
     trees = [p for p in self.ladder if not isinstance(p, policy.Plain)]  # levels 0, 1, ...
     # A draft layer in the pages: once trees may run, the plain steps feed it every token they
     # compute (`_feeding`); with the auto policy only from the moment it would try a tree, and
-    # trees then wait until every row whose context was computed unfed (`_unfed`) has ended
+    # trees then wait until every row whose context was computed unfed (`_unfed`) has ended (a
+    # draft model's: such a row is caught up from its tokens when it turns to trees)
     self._feeding = proposer.paged_layers and speculation == "always"
     self._unfed: set = set()
     if proposer.paged_layers:
@@ -377,8 +378,16 @@ class Engine:
       slots[j], lengths[j], max_new[j] = seq.slot, len(ids), seq.req.max_new_tokens
       generated[j] = len(seq.generated)
       prompts[j, :len(ids)] = ids
-    self.drafting = self._call(("admit", k, w), self._tree_admit, self.drafting, self.params,
-                               self.draft_params, slots, prompts, lengths, generated, max_new)
+    pages = None  # rows begun unfed, caught up from their tokens (`Proposer.layers_read_hidden`)
+    if self._unfed.intersection(seqs):
+      pages = np.full((k, self.max_pages), -1, np.int32)
+      for j, seq in enumerate(seqs):
+        if seq in self._unfed:
+          pages[j, :len(seq.pages)] = seq.pages
+      self._unfed.difference_update(seqs)
+    self.drafting = self._call(("admit", k, w) + ("caught up",) * (pages is not None),
+                               self._tree_admit, self.drafting, self.params, self.draft_params,
+                               slots, prompts, lengths, generated, max_new, pages)
 
   def _flush_rows(self, seqs) -> None:
     """Rows turning from trees to plain steps: what their last verification left pending for
@@ -401,7 +410,7 @@ class Engine:
     if self.proposer is None or not (lanes or sched.running):
       return sched.layout(lanes, g, q)
     level = self.policy.pick(mixed=bool(lanes), live=sched.running, work_s=work_s,
-                             hold_trees=bool(self._unfed))
+                             hold_trees=bool(self._unfed) and self.proposer.layers_read_hidden)
     tree = not isinstance(self.ladder[level], policy.Plain)
     drained = False
     if tree != self._trees and self._trees is not None:
@@ -420,7 +429,8 @@ class Engine:
   def _feed_once_trees_pay(self, sched: Scheduler, work_s: float) -> None:
     """A draft layer in the pages: the plain steps start to feed it once the policy would try a
     tree. Prompt pages computed before are then no longer shared (the layer lacks their K/V),
-    and the rows begun before (`_unfed`) hold trees back until they end."""
+    and the rows begun before (`_unfed`) hold trees back until they end, or (a draft model's,
+    `Proposer.layers_read_hidden`) are caught up from their tokens as they turn to trees."""
     if not self._feeding and self.policy.wants_trees(work_s):
       self._feeding = True
       self.pool.forget_prefixes()
@@ -450,10 +460,11 @@ class Engine:
     if self.proposer is None:
       return steps
     doublings = lambda n, start: (-(-n // start) - 1).bit_length() + 1  # start, 2 start, .., n
-    admits = (doublings(self.cfg.num_slots, 1)
-              * doublings(self.drafting.history.shape[1], 16))
-    # a draft layer in the pages: plain steps that feed it and (auto) ones that do not, a flush
+    # a draft layer in the pages: plain steps that feed it and (auto) ones that do not, a flush;
+    # a draft model's, admissions that catch rows up too
     fed = self.proposer.paged_layers and self.policy.policy == "auto"
+    admits = (doublings(self.cfg.num_slots, 1) * doublings(self.drafting.history.shape[1], 16)
+              * (1 + (fed and not self.proposer.layers_read_hidden)))
     return steps * (len(self.ladder) + fed) + 1 + admits + self.proposer.paged_layers
 
   def run(self, requests: Iterable[EngineRequest], on_result: Callable[[EngineResult], None],

@@ -89,17 +89,20 @@ def init_drafting(cfg, proposer, num_slots: int, max_len: int, shared, draft_par
 
 
 def admit(state: Drafting, params, draft_params, slots, prompts, prompt_len, generated, max_new,
-          *, cfg, proposer, runtime: Runtime) -> Drafting:
+          pages=None, *, cfg, proposer, runtime: Runtime) -> Drafting:
   """Rows start in `slots` (k,) (past the end: padding): their tokens so far (k, W) by
   position, of which the last `generated` are output (a row that decoded plainly until now),
   the root at the last (its K/V are written by the row's first verification). A proposer that
   `drafts_from_hidden` gets zeros for the hidden state: the row drafts nothing until verified;
   draft layers in the engine's pages (a draft model's too) have the prompt's K/V from its lanes
-  and what the row decoded plainly from the plain steps that fed them."""
+  and what the row decoded plainly from the plain steps that fed them; `pages` (k, M): the
+  tables of rows whose context they lack, which a draft model writes now from their tokens
+  (`Prompt.pages`)."""
   k, w = prompts.shape
   hist = jnp.pad(prompts, ((0, 0), (0, state.history.shape[1] - w)))
   prompt = Prompt(None, jnp.zeros((k, cfg.embed), cfg.jnp_dtype), prompts, prompt_len,
-                  jnp.zeros((k,), jnp.int32), slots, max_len=state.history.shape[1])
+                  jnp.zeros((k,), jnp.int32), slots, max_len=state.history.shape[1],
+                  pages=pages)
   put = lambda old, new: put_rows(old, new, slots)
   return whole(state.replace(
       history=put(state.history, hist), length=put(state.length, prompt_len - 1),
@@ -124,7 +127,7 @@ def prefixes(proposer) -> tuple[tuple[int, int], ...]:
 
 def _lanes(weights, pstate, tokens, hidden, next_tokens, positions, table, *, proposer):
   """A `paged_layers` proposer's state after the lanes' tokens (G * Q,) (hidden states: the
-  target's over them, or None where `lanes_read_hidden` is not set) through their tables."""
+  target's over them, or None where `layers_read_hidden` is not set) through their tables."""
   if not (tokens.shape[0] and proposer.paged_layers):
     return pstate
   g = table.shape[0]
@@ -183,7 +186,7 @@ def _verify(params, draft_params, k, v, state: Drafting, nxt: _Next, n: int, lan
   hidden, cache = M.forward(params, tokens[None], positions[None], cfg, cache, kv_source="cache",
                             runtime=runtime)
   weights, pstate = Weights(draft_params, params), nxt.proposer
-  if proposer.lanes_read_hidden:
+  if proposer.layers_read_hidden:
     pstate = _lanes(weights, pstate, lane_tokens, hidden[0, s * n:], lane_next, lane_positions,
                     chunk_table, proposer=proposer)
   hidden = hidden[0, :s * n].reshape(s, n, -1)
@@ -260,7 +263,7 @@ def step(params, draft_params, k, v, state: Drafting, lane_tokens, lane_position
   form of it keeps its tracing and its temporaries small); lanes of prompt tokens are prefilled
   beside (`lane_next`: the prompt token after each). Returns (k, v, state, emitted (1, S, T),
   counts (1, S)): one step of what `steps` returns; greedy_only as in `steps`."""
-  if not proposer.lanes_read_hidden:  # the lanes first: a row may draft over them
+  if not proposer.layers_read_hidden:  # the lanes first: a row may draft over them
     state = state.replace(proposer=_lanes(
         Weights(draft_params, params), state.proposer, lane_tokens, None, lane_next,
         lane_positions, chunk_table, proposer=proposer))

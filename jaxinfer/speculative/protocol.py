@@ -81,6 +81,9 @@ class Prompt:
   first: jax.Array  # (k,) each row's first generated token (the engine's admission: 0)
   slots: jax.Array  # (k,) the slots the rows go to; past the end: a padding row
   max_len: int = struct.field(pytree_node=False, default=0)  # positions per slot
+  # (k, M) the page tables of rows whose tokens so far a `paged_layers` proposer that does not
+  # `layers_read_hidden` writes through them (-1: a row not caught up); None: none is
+  pages: jax.Array | None = None
 
 
 @struct.dataclass
@@ -121,10 +124,12 @@ class Proposer(abc.ABC):
   # between prompts that agree that far.
   paged_layers: bool = False
   feature_lookahead: int = 0
-  # Its `lanes` read the target's hidden states, so a step's lanes are written after the
-  # target ran; else (a draft model's, which reads tokens alone) before the step's drafts, which
-  # then read them (a row may verify in the step that prefills its prompt's last lane).
-  lanes_read_hidden: bool = True
+  # Its layers in the pages read the target's hidden states (EAGLE's, Hydra++'s); else tokens
+  # alone (a draft model's): the engine then writes a step's lanes before the step's drafts,
+  # which read them (a row may verify in the step that prefills its prompt's last lane), and a
+  # row whose context the plain steps computed without feeding them is caught up from its
+  # tokens when it turns to trees (`Prompt.pages`) rather than holding trees back.
+  layers_read_hidden: bool = True
   # The pattern a draft layer or model of its own attends with (`with_sparsity`).
   sparsity: Sparsity = DENSE
 
@@ -240,14 +245,15 @@ def check_fits(proposer: Proposer, cfg, sparsity: Sparsity) -> None:
 
 def put_rows(old, new, slots):
   """old's rows `slots` := new's rows, leaf by leaf (rows are axis 1 of a KVCache's buffers,
-  axis 0 elsewhere; page pools are no rows: old's are kept); slots past the end are dropped."""
+  axis 0 elsewhere; page pools are no rows: new's are taken, the running ones or those written
+  through the rows' tables); slots past the end are dropped."""
   def put(o, n, axis=0):
     n = n if n.dtype == o.dtype else n.astype(o.dtype)
     return o.at[(slice(None),) * axis + (slots,)].set(n, mode="drop")
 
   def leaf(o, n):
     if isinstance(o, PagePools):
-      return o
+      return n
     if isinstance(o, KVCache):
       return jax.tree_util.tree_map(lambda a, b: put(a, b, 1), o, n)
     return put(o, n)

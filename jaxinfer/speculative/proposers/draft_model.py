@@ -56,7 +56,7 @@ class DraftModel(Chain):
   sparsity: Sparsity = DENSE
   needs_draft_params = True
   paged_layers = True
-  lanes_read_hidden = False
+  layers_read_hidden = False
 
   def validate(self, cfg, draft_params) -> None:
     super().validate(cfg, draft_params)
@@ -79,20 +79,33 @@ class DraftModel(Chain):
 
   def row_state(self, weights, state, prompt):
     """Its cache over each row's prompt; in the engine, written by the prompt's lanes (and the
-    plain steps of a row that decoded plainly before): nothing pending."""
+    plain steps of a row that decoded plainly before), or now through `prompt.pages` over the
+    row's tokens so far: nothing pending."""
     k = prompt.prompt_len.shape[0]
-    if prompt.hidden is None:
-      return DraftState(state.cache, jnp.zeros((k,), jnp.int32), jnp.full((k,), -1, jnp.int32))
-    return self.prefill(weights.draft, prompt.history, prompt.prompt_len, prompt.max_len)
+    if prompt.hidden is not None:
+      return self.prefill(weights.draft, prompt.history, prompt.prompt_len, prompt.max_len)
+    cache = state.cache
+    if prompt.pages is not None:
+      cache = self._write(weights.draft, cache, prompt.history, prompt.prompt_len, prompt.pages)
+    return DraftState(cache, jnp.zeros((k,), jnp.int32), jnp.full((k,), -1, jnp.int32))
+
+  def _write(self, params, cache, tokens, prompt_len, table):
+    """`cache` (a KVCache, or pools read through `table`) with the draft's K/V over tokens
+    (B, W) by position, but each row's last (the root, fed later) and padding past it."""
+    if table is not None:
+      cache = cache.over(table)
+    pos = jnp.arange(tokens.shape[1])[None, :]
+    positions = jnp.where(pos < prompt_len[:, None] - 1, pos, cache.max_len)
+    _, cache = M.forward(params, tokens, positions, self.cfg, cache,
+                         kv_source="chunk" if table is None else "cache",
+                         runtime=self.draft_runtime)
+    return cache if table is None else PagePools.of(cache)
 
   def prefill(self, params, tokens, prompt_len, max_len) -> DraftState:
     """The draft's own cache over the prompts, tokens (B, W) by position, in a fresh cache. The
     prompt's last token (the root, fed later) and padding past it are not written."""
-    b, t = tokens.shape[0], int(max_len)
-    pos = jnp.arange(tokens.shape[1])[None, :]
-    positions = jnp.where(pos < prompt_len[:, None] - 1, pos, t)
-    _, cache = M.forward(params, tokens, positions, self.cfg, KVCache.init(self.cfg, b, t),
-                         kv_source="chunk", runtime=self.draft_runtime)
+    b = tokens.shape[0]
+    cache = self._write(params, KVCache.init(self.cfg, b, int(max_len)), tokens, prompt_len, None)
     return DraftState(cache, jnp.zeros((b,), jnp.int32), jnp.full((b,), -1, jnp.int32))
 
   def draft(self, weights, st: DraftState, ctx: Context):
