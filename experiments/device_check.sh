@@ -109,7 +109,8 @@ attention() {  # attention PART LIMIT_S
     --results="$RESULTS/bench_attention.jsonl"
 }
 attention paged 45
-# the engine's steps through the Pallas kernels against XLA's: plain, a dynamic pattern, ngram
+# the engine's steps through the Pallas kernels against XLA's: plain, a dynamic pattern, ngram,
+# layerskip (a draft model in the pages)
 step engine 90 "$PY" experiments/engine_on_device.py --output="$OUT/engine_on_device.json"
 # shellcheck disable=SC2086
 step bench_decode 120 "$PY" experiments/bench_decode.py --batch_sizes=1 $DECODE_ARGS \

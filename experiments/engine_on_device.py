@@ -1,6 +1,8 @@
 """The paged engine on this machine's accelerator: the same greedy requests through the XLA and
-the Pallas attention, plainly, under a dynamic sparsity pattern (prompts prefilled whole) and
-speculating with prompt lookup, on a small random model (nothing to download or train).
+the Pallas attention, plainly, under a dynamic sparsity pattern (prompts prefilled whole; the
+second call copies their cached partial pages) and speculating with prompt lookup and with a
+layer-skip draft (its K/V in the engine's pages), on a small random model (nothing to download
+or train).
 
   python experiments/engine_on_device.py --output=engine_on_device.json
 
@@ -25,7 +27,8 @@ flags.DEFINE_integer("new_tokens", 16, "New tokens per request.")
 FLAGS = flags.FLAGS
 
 MODES = {"dense": {}, "vertical_slash": {"sparsity": "vertical_slash:8,8,128"},
-         "ngram": {"speculative": "ngram", "speculation": "always"}}
+         "ngram": {"speculative": "ngram", "speculation": "always"},
+         "layerskip": {"speculative": "layerskip", "speculation": "always"}}
 
 
 def main(argv):
