@@ -363,9 +363,12 @@ def test_a_draft_models_cache_in_the_engines_pages_drafts_as_its_own_prefill(tar
   sampled row) equal those from its own cache prefilled over the prompt, and those from pages
   it wrote from the tokens as the rows were admitted (rows caught up); after verifications
   accepting one draft, then the whole chain (whose last draft it never fed: pending, fed before
-  the next root), they equal those of a fresh prefill over everything decoded. Turning to plain
+  the next root), they equal those of a fresh prefill over everything decoded, with Big-Little's
+  fallback too (drafts past the row's stop never fed). Turning to plain
   steps (`flush`) writes a row's pending token through its own table alone; a row not live
   writes no page."""
+  import dataclasses
+
   from jaxinfer.sampling import SamplingParams
   from jaxinfer.speculative.protocol import Context, Prompt, Verified, Weights
   cfg, params = target
@@ -381,6 +384,7 @@ def test_a_draft_models_cache_in_the_engines_pages_drafts_as_its_own_prefill(tar
     pos = jnp.asarray(np.where(pos < lens[:, None] - 1, pos, m * ps))
     paged = proposer.lanes(w, paged, history[:, start:start + 8], None, None, pos, tables)
   dense = proposer.prefill(dparams, history, jnp.asarray(lens), m * ps)
+  lanes_written, prompts = paged, history
   # the same K/V written from the rows' tokens as they are admitted (a row caught up)
   caught = proposer.admit(w, proposer.init_pages(w, cfg, 2, 16, ps), Prompt(
       None, None, history[:, :width], jnp.asarray(lens), jnp.zeros(2, jnp.int32), jnp.arange(2),
@@ -431,6 +435,17 @@ def test_a_draft_models_cache_in_the_engines_pages_drafts_as_its_own_prefill(tar
                                               jnp.full((2, m), -1, jnp.int32)))
   for a, b in zip(jax.tree_util.tree_leaves(before), jax.tree_util.tree_leaves(after.cache)):
     np.testing.assert_array_equal(a, b)
+  # Big-Little's fallback: every row falls back after its first draft, which is never fed;
+  # accepted, it is pending, and the next drafts are a fresh prefill's
+  fb, length = dataclasses.replace(proposer, fallback=1.0), jnp.asarray(lens - 1)
+  st, d = fb.draft(w, lanes_written, Context(prompts, length, sampling, keys, tables))
+  nxt = jnp.asarray([5, 7], jnp.int32)
+  st = fb.observe(w, st, Verified(d.tokens, None, None, jnp.tile(jnp.arange(4), (2, 1)),
+                                  jnp.ones(2, jnp.int32), nxt, length, jnp.ones(2, bool)))
+  prompts = prompts.at[rows, length + 1].set(d.tokens[:, 1]).at[rows, length + 2].set(nxt)
+  ctx = Context(prompts, length + 2, sampling, keys)
+  same(fb.draft(w, fb.prefill(dparams, prompts, length + 3, m * ps), ctx)[1],
+       fb.draft(w, st, ctx.replace(pages=tables))[1])
 
 
 def test_a_draft_layer_in_the_pages_is_fed_once_trees_would_pay(target):

@@ -30,9 +30,9 @@ from jaxinfer.speculative.protocol import Context, Draft
 @struct.dataclass
 class DraftState:
   """The draft's cache (by row, or its pools in the engine) holds the K/V of every position
-  before each row's root but, when the last verification accepted a whole chain, its last
-  draft (drafting feeds a chain's tokens but the last): that token is pending at `position`
-  (-1: none), fed before the root."""
+  before each row's root but maybe the last accepted draft's: drafting feeds a chain's tokens
+  but the last (and with the fallback, none past where every row fell back), so that token is
+  pending at `position` (-1: none), fed before the root."""
 
   cache: KVCache | PagePools
   token: jax.Array  # (B,)
@@ -173,10 +173,10 @@ class DraftModel(Chain):
                       position=jnp.where(turning, -1, st.position))
 
   def observe(self, weights, st: DraftState, verified):
-    """A live row whose chain was accepted whole has its last draft pending."""
-    whole = verified.num_accepted >= self.num_draft_tokens
+    """A live row that accepted drafts has its last accepted draft pending (fed again if
+    drafting had fed it)."""
     last = jnp.take_along_axis(verified.tokens, verified.num_accepted[:, None], axis=1)[:, 0]
-    pending = jnp.where(whole, verified.length + verified.num_accepted, -1)
+    pending = jnp.where(verified.num_accepted > 0, verified.length + verified.num_accepted, -1)
     return st.replace(token=jnp.where(verified.live, last, st.token),
                       position=jnp.where(verified.live, pending, st.position))
 
