@@ -38,6 +38,11 @@ class DraftState:
   token: jax.Array  # (B,)
   position: jax.Array  # (B,)
 
+  @classmethod
+  def of(cls, cache, rows: int) -> "DraftState":
+    """`rows` rows over `cache`, nothing pending."""
+    return cls(cache, jnp.zeros((rows,), jnp.int32), jnp.full((rows,), -1, jnp.int32))
+
 
 @dataclasses.dataclass(frozen=True)
 class DraftModel(Chain):
@@ -68,8 +73,7 @@ class DraftModel(Chain):
     return dataclasses.replace(self, sparsity=sparsity)
 
   def init_pages(self, weights, cfg, num_rows, num_pages, page_size):
-    return DraftState(PagePools.init(self.cfg, num_pages, page_size),
-                      jnp.zeros((num_rows,), jnp.int32), jnp.full((num_rows,), -1, jnp.int32))
+    return DraftState.of(PagePools.init(self.cfg, num_pages, page_size), num_rows)
 
   def lanes(self, weights, state, tokens, hidden, next_tokens, positions, pages):
     del hidden, next_tokens
@@ -81,13 +85,12 @@ class DraftModel(Chain):
     """Its cache over each row's prompt; in the engine, written by the prompt's lanes (and the
     plain steps of a row that decoded plainly before), or now through `prompt.pages` over the
     row's tokens so far: nothing pending."""
-    k = prompt.prompt_len.shape[0]
     if prompt.hidden is not None:
       return self.prefill(weights.draft, prompt.history, prompt.prompt_len, prompt.max_len)
     cache = state.cache
     if prompt.pages is not None:
       cache = self._write(weights.draft, cache, prompt.history, prompt.prompt_len, prompt.pages)
-    return DraftState(cache, jnp.zeros((k,), jnp.int32), jnp.full((k,), -1, jnp.int32))
+    return DraftState.of(cache, prompt.prompt_len.shape[0])
 
   def _write(self, params, cache, tokens, prompt_len, table):
     """`cache` (a KVCache, or pools read through `table`) with the draft's K/V over tokens
@@ -106,7 +109,7 @@ class DraftModel(Chain):
     prompt's last token (the root, fed later) and padding past it are not written."""
     b = tokens.shape[0]
     cache = self._write(params, KVCache.init(self.cfg, b, int(max_len)), tokens, prompt_len, None)
-    return DraftState(cache, jnp.zeros((b,), jnp.int32), jnp.full((b,), -1, jnp.int32))
+    return DraftState.of(cache, b)
 
   def draft(self, weights, st: DraftState, ctx: Context):
     params, g = weights.draft, self.num_draft_tokens
