@@ -215,16 +215,20 @@ def test_lookahead_builds_the_trie_of_the_best_matches():
 
 def test_big_little_fallback_stops_drafting_at_an_unsure_draft(target):
   """With fallback 1.0 no draft is sure enough: every row stops after its first draft, so no
-  step accepts two drafts; without it the same draft model gets deeper; both lossless."""
+  step accepts two drafts, and decode-only steps verify only the root and that draft (its
+  limit); without it the same draft model gets deeper, over the whole chain; both lossless."""
   cfg, params = target
   layer_cfg, layer_params = P.layer_skip_draft(cfg, params, (0, 1))
   reqs = requests([([5, 6, 7, 8] * 8, 40), ([9, 3, 9, 3, 9, 3], 25)])
   want = plain_greedy(target, reqs)
   hists = {}
+  nodes = {}
   for fallback in (0.0, 1.0):
     st, _ = speculates_losslessly(target, reqs, P.DraftModel(
         layer_cfg, num_draft_tokens=4, fallback=fallback), layer_params, plain=want)
-    hists[fallback] = st.accepted_hist
+    hists[fallback], nodes[fallback] = st.accepted_hist, st.verified_nodes / st.row_steps
+  # (a step that prefills prompts beside the trees computes them whole)
+  assert nodes[0.0] == 5 and nodes[1.0] < 2.5
   assert hists[1.0][2:].sum() == 0 and hists[1.0][1] > 0
   assert hists[0.0][2:].sum() > 0
 

@@ -50,9 +50,10 @@ class DraftModel(Chain):
 
   `fallback` > 0 is Big-Little's fallback policy: a row stops drafting after the first draft
   the draft model was less than `fallback` sure of (its softmax maximum), handing the rest of the
-  step to the target; once every row has stopped, no more draft steps run. Unused chain slots
-  hold token 0 drawn from a point mass (so the exact rule stays exact). `sparsity`: the draft's
-  attention pattern (the engine gives it the target's)."""
+  step to the target: its `Draft.limit` is the drafts it drew, so the step verifies only as deep
+  as the rows' drafts reach; once every row has stopped, no more draft steps run. Unused chain
+  slots hold token 0 drawn from a point mass. `sparsity`: the draft's attention pattern (the
+  engine gives it the target's)."""
 
   cfg: ModelConfig
   num_draft_tokens: int = 4
@@ -156,14 +157,18 @@ class DraftModel(Chain):
                           (b, g + 1, q.shape[-1])).at[:, 0].set(q)
 
     def body(c):
-      i, live, cache, drafted, qs = c
-      tok, q, cache, live = step(i, drafted[:, i, None], (length + i)[:, None], cache, live)
-      return i + 1, live, cache, drafted.at[:, i + 1].set(tok), qs.at[:, i].set(q)
+      i, live, count, cache, drafted, qs = c
+      tok, q, cache, now = step(i, drafted[:, i, None], (length + i)[:, None], cache, live)
+      return (i + 1, now, count + live, cache, drafted.at[:, i + 1].set(tok),
+              qs.at[:, i].set(q))
 
-    _, _, cache, drafted, qs = jax.lax.while_loop(
-        lambda c: (c[0] < g) & jnp.any(c[1]), body, (1, live, cache, drafted, qs))
+    _, _, count, cache, drafted, qs = jax.lax.while_loop(
+        lambda c: (c[0] < g) & jnp.any(c[1]), body,
+        (1, live, jnp.ones((b,), jnp.int32), cache, drafted, qs))
     qs = qs.at[:, g].set(qs[:, g - 1])  # the last node has no children
-    return cache, Draft(drafted, jnp.asarray(chain_parents(g + 1)), qs)
+    # a row is verified only as deep as it drafted (the draft's confidence decides, not the
+    # verification's draw: exact)
+    return cache, Draft(drafted, jnp.asarray(chain_parents(g + 1)), qs, count)
 
   def flush(self, weights, st: DraftState, pages):
     """Rows turning to plain steps (a table in `pages`) have their pending token fed."""
