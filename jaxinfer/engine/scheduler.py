@@ -341,13 +341,9 @@ class Scheduler:
     elif not lanes:
       steps = max(1, min([self.decode_steps] + [seq.req.max_new_tokens - seq.scheduled
                                                 for seq in running]))
-    admits, copies = [], []
+    admits, copies = [], self._copies(running)
     for seq in running:
       slot = seq.slot
-      if seq.copy is not None:  # its first step: the cached page copied to its own first
-        copies.append(seq.copy)
-        self.pool.release(seq.copy[:1])
-        seq.copy = None
       decode_table[slot, :len(seq.pages)] = seq.pages
       key_data[slot] = seq.req.key_data
       for f in sampling:
@@ -391,6 +387,17 @@ class Scheduler:
     return StepPlan(tokens, next_tokens, from_device, positions, decode_table, chunk_table,
                     sample_index, sampled, sampling, key_data, samples, num_decode, num_prefill,
                     steps, len(running), admits, waiting=waiting, tree=tree, copies=copies)
+
+  def _copies(self, running: list[_Seq]) -> list[tuple[int, int]]:
+    """The page copies (`_Seq.copy`) of the sequences taking their first step, to run before
+    it; the cached pages they copy are released."""
+    copies = []
+    for seq in running:
+      if seq.copy is not None:
+        copies.append(seq.copy)
+        self.pool.release(seq.copy[:1])
+        seq.copy = None
+    return copies
 
   def commit(self, plan: StepPlan, tokens: np.ndarray,
              should_stop: Callable[[int, list[int]], bool] | None = None) -> list[EngineResult]:
