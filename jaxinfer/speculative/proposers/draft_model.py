@@ -78,9 +78,17 @@ class DraftModel(Chain):
 
   def lanes(self, weights, state, tokens, hidden, next_tokens, positions, pages):
     del hidden, next_tokens
-    _, cache = M.forward(weights.draft, tokens, positions, self.cfg, state.cache.over(pages),
-                         kv_source="cache", runtime=self.draft_runtime)
-    return state.replace(cache=PagePools.of(cache))
+    return state.replace(cache=self._through(weights.draft, state.cache, tokens, positions,
+                                             pages))
+
+  def _through(self, params, pools: PagePools, tokens, positions, table) -> PagePools:
+    """The pools with the draft's K/V over tokens (B, W) at `positions` (negative or past the
+    table: nothing) written through `table` (B, M)."""
+    cache = pools.over(table)
+    positions = jnp.where(positions >= 0, positions, cache.max_len)
+    _, cache = M.forward(params, tokens, positions, self.cfg, cache, kv_source="cache",
+                         runtime=self.draft_runtime)
+    return PagePools.of(cache)
 
   def row_state(self, weights, state, prompt):
     """Its cache over each row's prompt; in the engine, written by the prompt's lanes (and the
@@ -90,26 +98,17 @@ class DraftModel(Chain):
       return self.prefill(weights.draft, prompt.history, prompt.prompt_len, prompt.max_len)
     cache = state.cache
     if prompt.pages is not None:
-      cache = self._write(weights.draft, cache, prompt.history, prompt.prompt_len, prompt.pages)
+      cache = self._through(weights.draft, cache, prompt.history,
+                            _before_root(prompt.history, prompt.prompt_len, -1), prompt.pages)
     return DraftState.of(cache, prompt.prompt_len.shape[0])
-
-  def _write(self, params, cache, tokens, prompt_len, table):
-    """`cache` (a KVCache, or pools read through `table`) with the draft's K/V over tokens
-    (B, W) by position, but each row's last (the root, fed later) and padding past it."""
-    if table is not None:
-      cache = cache.over(table)
-    pos = jnp.arange(tokens.shape[1])[None, :]
-    positions = jnp.where(pos < prompt_len[:, None] - 1, pos, cache.max_len)
-    _, cache = M.forward(params, tokens, positions, self.cfg, cache,
-                         kv_source="chunk" if table is None else "cache",
-                         runtime=self.draft_runtime)
-    return cache if table is None else PagePools.of(cache)
 
   def prefill(self, params, tokens, prompt_len, max_len) -> DraftState:
     """The draft's own cache over the prompts, tokens (B, W) by position, in a fresh cache. The
     prompt's last token (the root, fed later) and padding past it are not written."""
-    b = tokens.shape[0]
-    cache = self._write(params, KVCache.init(self.cfg, b, int(max_len)), tokens, prompt_len, None)
+    b, t = tokens.shape[0], int(max_len)
+    _, cache = M.forward(params, tokens, _before_root(tokens, prompt_len, t), self.cfg,
+                         KVCache.init(self.cfg, b, t), kv_source="chunk",
+                         runtime=self.draft_runtime)
     return DraftState.of(cache, b)
 
   def draft(self, weights, st: DraftState, ctx: Context):
@@ -173,11 +172,9 @@ class DraftModel(Chain):
   def flush(self, weights, st: DraftState, pages):
     """Rows turning to plain steps (a table in `pages`) have their pending token fed."""
     turning = jnp.any(pages >= 0, axis=1)
-    cache = st.cache.over(pages)
-    position = jnp.where(turning & (st.position >= 0), st.position, cache.max_len)
-    _, cache = M.forward(weights.draft, st.token[:, None], position[:, None], self.cfg, cache,
-                         kv_source="cache", runtime=self.draft_runtime)
-    return st.replace(cache=PagePools.of(cache),
+    position = jnp.where(turning, st.position, -1)
+    return st.replace(cache=self._through(weights.draft, st.cache, st.token[:, None],
+                                          position[:, None], pages),
                       position=jnp.where(turning, -1, st.position))
 
   def observe(self, weights, st: DraftState, verified):
@@ -187,6 +184,13 @@ class DraftModel(Chain):
     pending = jnp.where(verified.num_accepted > 0, verified.length + verified.num_accepted, -1)
     return st.replace(token=jnp.where(verified.live, last, st.token),
                       position=jnp.where(verified.live, pending, st.position))
+
+
+def _before_root(tokens, prompt_len, elsewhere: int):
+  """Positions of tokens (B, W) by position, but each row's last (the root, fed later) and the
+  padding past it: `elsewhere`."""
+  pos = jnp.arange(tokens.shape[1])[None, :]
+  return jnp.where(pos < prompt_len[:, None] - 1, pos, elsewhere)
 
 
 def layer_skip_draft(cfg: ModelConfig, params: M.Transformer,
