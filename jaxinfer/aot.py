@@ -234,6 +234,7 @@ class StepReport:
   temp_bytes: int | None = None
   code_bytes: int | None = None
   kernels: int = 0  # Pallas kernels in the program (Mosaic TPU or Triton custom calls)
+  collective_bytes: int | None = None  # what the step's collectives deliver to one device
 
   @property
   def total_bytes(self) -> int | None:
@@ -282,7 +283,7 @@ class Report:
              f"{st['kv_pages']} KV pages of {st['page_size']} tokens; {st['implementation']} "
              f"attention{spec}",
              f"{'step':<8}{'lower s':>8}{'compile s':>10}{'kernels':>8}{'weights':>11}{'KV':>11}"
-             f"{'temp':>11}{'total':>11}{'of HBM':>7}   (per device)"]
+             f"{'temp':>11}{'total':>11}{'of HBM':>7}{'comm':>11}   (per device)"]
     for s in self.steps:
       share = ("-" if s.total_bytes is None or not self.hbm_bytes
                else f"{100 * s.total_bytes / self.hbm_bytes:.0f}%")
@@ -290,7 +291,7 @@ class Report:
       lines.append(f"{s.name:<8}{s.lower_s:>8.1f}{compile_s:>10}{s.kernels:>8}"
                    f"{_size(s.weights_bytes):>11}"
                    f"{_size(s.kv_bytes):>11}{_size(s.temp_bytes):>11}"
-                   f"{_size(s.total_bytes):>11}{share:>7}")
+                   f"{_size(s.total_bytes):>11}{share:>7}{_size(s.collective_bytes):>11}")
     if self.note:
       lines.append(self.note)
     return "\n".join(lines)
@@ -352,7 +353,23 @@ def compile_step(name: str, fn, args, target: Target) -> StepReport:
   return StepReport(name, t1 - t0, t2 - t1, argument_bytes=mem.argument_size_in_bytes,
                     output_bytes=mem.output_size_in_bytes, alias_bytes=mem.alias_size_in_bytes,
                     temp_bytes=mem.temp_size_in_bytes,
-                    code_bytes=mem.generated_code_size_in_bytes, kernels=kernels)
+                    code_bytes=mem.generated_code_size_in_bytes, kernels=kernels,
+                    collective_bytes=collective_bytes(compiled.as_text()))
+
+
+_COLLECTIVE = re.compile(r"=\s+(\([^=]*?\)|\S+)\s+(?:all-gather|all-reduce|reduce-scatter|"
+                         r"all-to-all|collective-permute)(?:-done)?\(")
+
+
+def collective_bytes(hlo: str) -> int:
+  """Bytes the collectives of a compiled program (its HLO text) deliver to one device: the sum of
+  their results (of asynchronous ones, the -done half's), each time the program runs them."""
+  total = 0
+  for result in _COLLECTIVE.findall(hlo):
+    for dtype, dims in re.findall(r"([a-z][a-z0-9]*)\[([\d,]*)\]", result):
+      bits = re.search(r"\d+", dtype)
+      total += math.prod(int(d) for d in dims.split(",") if d) * (int(bits[0]) if bits else 8)
+  return total // 8
 
 
 def _shrink_advice(report: Report, step: str, need: int, weights: int, kv: int,

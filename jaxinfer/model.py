@@ -26,7 +26,7 @@ from jaxinfer import params as P
 from jaxinfer.config import ModelConfig
 from jaxinfer.kv_cache import (CACHE_AXES, KVCache, LayerKV, MixedPagedKVCache,  # noqa: F401
                                PagedKVCache)
-from jaxinfer.quant import linear, weight
+from jaxinfer.quant import WeightKernel, linear, weight
 from jaxinfer.rope import apply_rope, rope_tables
 from jaxinfer.runtime import Runtime
 from jaxinfer.sharding import DEFAULT_RULES, ShardingRules
@@ -35,6 +35,10 @@ from jaxinfer.sparsity import Sparsity
 Array = Any  # jax.Array, or a ParamSpec inside a declaration tree
 
 ACT = ("batch", "seq", "act_embed")  # logical axes of the residual stream
+# logical axes of the linear layers' weights
+Q_AXES, KV_AXES = ("embed", "q_heads", "head_dim"), ("embed", "kv_heads", "head_dim")
+O_AXES = ("q_heads", "head_dim", "embed")
+UP_AXES, DOWN_AXES = ("embed", "mlp"), ("mlp", "embed")
 
 
 def norm_spec(size: int, axis: str) -> P.ParamSpec:
@@ -63,11 +67,11 @@ class Attention:
     zeros = P.constant_init(0.0)
     bias = cfg.qkv_bias
     return cls(
-        q=P.linear((d, n, h), ("embed", "q_heads", "head_dim"), w, contract=("embed",)),
-        k=P.linear((d, k, h), ("embed", "kv_heads", "head_dim"), w, contract=("embed",)),
-        v=P.linear((d, k, h), ("embed", "kv_heads", "head_dim"), w, contract=("embed",)),
+        q=P.linear((d, n, h), Q_AXES, w, contract=("embed",)),
+        k=P.linear((d, k, h), KV_AXES, w, contract=("embed",)),
+        v=P.linear((d, k, h), KV_AXES, w, contract=("embed",)),
         # contracts heads and head_dim; groups run along head_dim, one set per head
-        o=P.linear((n, h, d), ("q_heads", "head_dim", "embed"), P.fan_in_init(2),
+        o=P.linear((n, h, d), O_AXES, P.fan_in_init(2),
                    contract=("q_heads", "head_dim"), group="head_dim"),
         q_bias=P.ParamSpec((n, h), ("q_heads", "head_dim"), zeros) if bias else None,
         k_bias=P.ParamSpec((k, h), ("kv_heads", "head_dim"), zeros) if bias else None,
@@ -88,9 +92,9 @@ class MLP:
   def spec(cls, cfg: ModelConfig) -> "MLP":
     d, f = cfg.embed, cfg.mlp
     w = P.fan_in_init(1)
-    return cls(gate=P.linear((d, f), ("embed", "mlp"), w, contract=("embed",)),
-               up=P.linear((d, f), ("embed", "mlp"), w, contract=("embed",)),
-               down=P.linear((f, d), ("mlp", "embed"), w, contract=("mlp",)))
+    return cls(gate=P.linear((d, f), UP_AXES, w, contract=("embed",)),
+               up=P.linear((d, f), UP_AXES, w, contract=("embed",)),
+               down=P.linear((f, d), DOWN_AXES, w, contract=("mlp",)))
 
 
 @struct.dataclass
@@ -167,10 +171,9 @@ def layer_pattern(cfg: ModelConfig, layer: int, sparsity: Sparsity) -> tuple[int
 def project_qkv(p: Attention, x: jax.Array, cos: jax.Array, sin: jax.Array, cfg: ModelConfig,
                 runtime: Runtime = Runtime()) -> tuple[jax.Array, jax.Array, jax.Array]:
   """Normalised input (B,T,D) -> q (B,T,N,H), k, v (B,T,K,H), RoPE applied."""
-  kernel = weight_kernel(runtime)
-  q = linear("btd,dnh->btnh", x, p.q, kernel)
-  k = linear("btd,dkh->btkh", x, p.k, kernel)
-  v = linear("btd,dkh->btkh", x, p.v, kernel)
+  q = linear("btd,dnh->btnh", x, p.q, weight_kernel(runtime, Q_AXES))
+  k = linear("btd,dkh->btkh", x, p.k, weight_kernel(runtime, KV_AXES))
+  v = linear("btd,dkh->btkh", x, p.v, weight_kernel(runtime, KV_AXES))
   if p.q_bias is not None:
     q, k, v = q + p.q_bias, k + p.k_bias, v + p.v_bias
   if p.q_norm is not None:
@@ -181,7 +184,7 @@ def project_qkv(p: Attention, x: jax.Array, cos: jax.Array, sin: jax.Array, cfg:
 
 def project_out(p: Attention, out: jax.Array, runtime: Runtime = Runtime()) -> jax.Array:
   """Attention output (B,T,N,H) -> (B,T,D)."""
-  out = linear("btnh,nhd->btd", out, p.o, kernel=weight_kernel(runtime))
+  out = linear("btnh,nhd->btd", out, p.o, weight_kernel(runtime, O_AXES))
   return out if p.o_bias is None else out + p.o_bias
 
 
@@ -204,19 +207,21 @@ def attention_block(p: Attention, x: jax.Array, positions: jax.Array, cos: jax.A
   return project_out(p, out, runtime), kv
 
 
-def weight_kernel(runtime: Runtime) -> bool:
-  """Whether grouped integer weights go through the quantized matmul kernel (on a TPU: `linear`):
-  with the Pallas kernels (implementation other than "xla"), on one device (the kernel is not
-  partitioned over a mesh)."""
-  return runtime.implementation != "xla" and (runtime.mesh is None or runtime.mesh.size == 1)
+def weight_kernel(runtime: Runtime, axes: tuple[str, ...]) -> WeightKernel | None:
+  """Whether grouped integer weights (of these logical axes) go through the quantized matmul
+  kernel (on a TPU: `linear`): with the Pallas kernels (implementation other than "xla"), on
+  each device over its shard of the weight."""
+  if runtime.implementation == "xla":
+    return None
+  return WeightKernel(runtime.mesh, runtime.rules, axes)
 
 
 def mlp_block(p: MLP, x: jax.Array, runtime: Runtime) -> jax.Array:
-  kernel = weight_kernel(runtime)
+  kernel = weight_kernel(runtime, UP_AXES)
   gate = linear("btd,df->btf", x, p.gate, kernel)
   up = linear("btd,df->btf", x, p.up, kernel)
   h = runtime.constrain(jax.nn.silu(gate) * up, ("batch", "seq", "act_mlp"))
-  return linear("btf,fd->btd", h, p.down, kernel)
+  return linear("btf,fd->btd", h, p.down, weight_kernel(runtime, DOWN_AXES))
 
 
 def forward(params: Transformer, tokens: jax.Array, positions: jax.Array, cfg: ModelConfig,

@@ -45,10 +45,26 @@ def test_tpu_steps_on_a_model_mesh_with_verification():
                                                                for s in report.steps)
   assert record["settings"]["kv_pages"] == 64 and record["config"]["num_layers"] == 2
   for key in ("lower_s", "compile_s", "weights_bytes", "kv_bytes", "argument_bytes",
-              "output_bytes", "alias_bytes", "temp_bytes", "total_bytes"):
+              "output_bytes", "alias_bytes", "temp_bytes", "total_bytes", "collective_bytes"):
     assert isinstance(record["steps"][1][key], (int, float)), key
+  # heads and MLP split over model:2: each layer's attention output and MLP are summed
+  assert decode.collective_bytes >= 2 * cfg.num_layers * 4 * cfg.embed * 4
   table = report.table()
   assert "TPU v5 lite" in table and all(name in table for name in ("prefill", "decode", "verify"))
+  assert "comm" in table
+
+
+def test_collective_bytes_are_read_from_the_program():
+  """What a compiled program's collectives deliver to a device: each result (every part of a
+  tuple), asynchronous ones counted once (their -done half), other instructions not at all."""
+  hlo = """
+  %ag-start = (bf16[8,128]{1,0}, bf16[32,128]{1,0}) all-gather-start(bf16[8,128]{1,0} %p)
+  %ag-done = bf16[32,128]{1,0} all-gather-done((bf16[8,128]{1,0}, bf16[32,128]{1,0}) %ag-start)
+  ROOT %all-reduce = f32[8,1,4096]{2,0,1:T(8,128)} all-reduce(f32[8,1,4096] %x), to_apply=%add
+  %a2a = (s8[4,16]{1,0}, s8[4,16]{1,0}) all-to-all(s8[4,16] %a, s8[4,16] %b), dimensions={0}
+  %fusion = f32[1024,1024]{1,0} fusion(f32[8] %all-reduce), kind=kLoop
+  %cp-done = u4[256]{0} collective-permute-done(u4[256] %cp)"""
+  assert aot.collective_bytes(hlo) == 32 * 128 * 2 + 8 * 4096 * 4 + 2 * 64 + 128
 
 
 def test_quantized_weights_compile_and_count_their_own_bytes():

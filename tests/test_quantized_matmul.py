@@ -14,7 +14,7 @@ import pytest
 from jaxinfer import aot
 from jaxinfer import params as P
 from jaxinfer import quant
-from jaxinfer.quant.linear import _kernel_layout, _through_kernel, linear
+from jaxinfer.quant.linear import WeightKernel, _kernel_layout, _through_kernel, linear
 from pallas_kernels.quantized_matmul import fits, quantized_matmul, quantized_matmul_reference
 
 TOL = {jnp.float32: dict(rtol=1e-5, atol=1e-5), jnp.bfloat16: dict(rtol=2e-2, atol=2e-2)}
@@ -61,7 +61,7 @@ LAYERS = {  # name: (spec, equation, input shape), the model's own layouts
 def test_linear_layers_through_the_kernel(name):
   """q (int4 packed per head: its columns reordered around the kernel), o (two contracted axes,
   groups along head_dim inside each head) and an MLP weight, in groups: through the kernel as on
-  a TPU they equal the XLA product within float32 rounding; off a TPU `linear(kernel=True)` is
+  a TPU they equal the XLA product within float32 rounding; off a TPU `linear(..., WeightKernel())` is
   the XLA product bit for bit; weights the kernel is not for stay on XLA."""
   spec, eq, shape = LAYERS[name]
   x = jax.random.normal(jax.random.key(1), shape)
@@ -71,7 +71,7 @@ def test_linear_layers_through_the_kernel(name):
     assert _kernel_layout(eq, x, q) is not None, fmt
     got = jax.jit(lambda x, q: _through_kernel(eq, x, q, interpret=True))(x, q)
     np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-5, atol=1e-5)
-    here = jax.jit(lambda x, q: linear(eq, x, q, kernel=True))(x, q)
+    here = jax.jit(lambda x, q: linear(eq, x, q, WeightKernel()))(x, q)
     np.testing.assert_array_equal(np.asarray(here), np.asarray(want))
   # per-channel weights stay on XLA, which fuses their dequantization; so do other formats
   for fmt in ("int4", "int8", "fp8_e4m3", "fp4_e2m1", "int2:g32", "ternary"):
@@ -79,6 +79,43 @@ def test_linear_layers_through_the_kernel(name):
   # another dtype than the scales': XLA's product promotes it, so it stays there
   assert _kernel_layout(eq, x.astype(jnp.bfloat16), _weight(spec, "int4:g32")) is None
   assert not fits(512, 200, 1, 4) and not fits(512, 256, 3, 8)  # no tile divides them
+
+
+SHARDED = {  # name: (weight spec, equation, mesh, x shape)
+    "q": (P.linear((256, 8, 64), ("embed", "q_heads", "head_dim"), P.fan_in_init(1),
+                   contract=("embed",)), "btd,dnh->btnh", "model:2", (2, 3, 256)),
+    "o": LAYERS["o"][:2] + ("model:2", (2, 3, 4, 64)),
+    "down": LAYERS["down"][:2] + ("model:2", (2, 3, 512)),
+    "up": (P.linear((512, 512), ("embed", "mlp"), P.fan_in_init(1), contract=("embed",)),
+           "btd,df->btf", "data:2,model:2", (2, 3, 512)),
+}
+
+
+@pytest.mark.parametrize("name", sorted(SHARDED))
+def test_the_kernel_runs_on_each_shard(name):
+  """On a mesh that splits the weights (heads, MLP columns, or the contracted MLP rows and heads,
+  whose partial products are summed over the model axis; rows of x over the data axis), each
+  device's shard goes through the kernel, and the result is the XLA product of the whole weight
+  within float32 rounding. An int4 shard that would split a packed block, or values and scales
+  split differently, stay on XLA's product."""
+  from jaxinfer.quant.linear import _kernel_fn, _sharded
+  from jaxinfer.sharding import make_mesh
+  spec, eq, mesh, shape = SHARDED[name]
+  axes = spec.axes
+  kernel = WeightKernel(make_mesh(mesh), axes=axes)
+  x = jax.random.normal(jax.random.key(1), shape)
+  for fmt in ("int4:g32", "int8:g64"):
+    q = _weight(spec, fmt)
+    *_, summed = _sharded(eq, x, q, kernel)
+    assert summed == (("model",) if name in ("o", "down") else ()), summed
+    got = jax.jit(_kernel_fn(eq, x, q, kernel, interpret=True))(x, q)
+    want = jnp.einsum(eq, x, quant.dequantize(q))
+    np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-5, atol=1e-5)
+  if name == "up":  # 512 int4 columns in blocks of 256: four shards of 128 would split them
+    q = _weight(spec, "int4:g32")
+    assert _sharded(eq, x, q, WeightKernel(make_mesh("model:4"), axes=axes)) is None
+    assert _sharded(eq, x, _weight(spec, "int8:g32"), WeightKernel(make_mesh("model:4"),
+                                                                   axes=axes)) is not None
 
 
 def test_gradients_through_the_kernel_are_xlas():
@@ -94,7 +131,7 @@ def test_gradients_through_the_kernel_are_xlas():
     return jax.jit(jax.grad(loss, argnums=(0, 1)))(x, q.scale)
 
   want = grads(lambda x, q: linear(eq, x, q))
-  here = grads(lambda x, q: linear(eq, x, q, kernel=True))
+  here = grads(lambda x, q: linear(eq, x, q, WeightKernel()))
   kernel = grads(lambda x, q: _through_kernel(eq, x, q, interpret=True))
   for w, h, k in zip(want, here, kernel):
     np.testing.assert_array_equal(np.asarray(h), np.asarray(w))
@@ -153,17 +190,26 @@ def test_compiles_for_tpu_without_a_dequantized_weight(tpu_device, no_persistent
   assert xla.memory_analysis().temp_size_in_bytes >= 4096 * 14336 * 2
 
 
-def test_the_engine_steps_take_it_for_grouped_weights(tmp_path, no_persistent_cache):
-  """`jaxinfer compile --implementation=pallas --quantize=int4:g32` for a TPU: each of a layer's
-  seven grouped weights (q, k, v, o, gate, up, down) is one more Mosaic kernel in every step than
-  without quantization (per-channel weights, which XLA fuses, stay on XLA: tested above)."""
+@pytest.mark.parametrize("mesh", ["data:4", "model:2"])
+def test_the_engine_steps_take_it_for_grouped_weights(tmp_path, no_persistent_cache, mesh):
+  """`jaxinfer compile --implementation=pallas --quantize=int4:g32` for a TPU, one device per
+  replica or the weights split over two: each of a layer's seven grouped weights (q, k, v, o,
+  gate, up, down) is one more Mosaic kernel in every step than without quantization (per-channel
+  weights, which XLA fuses, stay on XLA: tested above), and split int4 weights unpack on each
+  device alone, through the kernel or XLA: the steps' collectives move no more than with float
+  weights (packed across the whole last axis, gate and up moved their values between devices
+  every step)."""
   config = dict(vocab_size=512, hidden_size=256, intermediate_size=512, num_hidden_layers=2,
-                num_attention_heads=4, num_key_value_heads=2, head_dim=128,
+                num_attention_heads=4, num_key_value_heads=4, head_dim=128,
                 max_position_embeddings=256, bos_token_id=1, eos_token_id=2,
                 model_type="llama", torch_dtype="bfloat16")
   (tmp_path / "config.json").write_text(json.dumps(config))
-  common = dict(model=str(tmp_path), mesh="data:4", batch_size=4, kv_pages=64,
-                implementation="pallas")
-  kernels = {fmt: [s.kernels for s in aot.run(aot.CompileJob(
-      "tpu:v5e:2x2", **common, quantize=fmt)).steps] for fmt in (None, "int4:g32")}
+  impls = ["pallas"] + (["xla"] if mesh == "model:2" else [])
+  steps = {(fmt, impl): aot.run(aot.CompileJob(
+      "tpu:v5e:2x2", model=str(tmp_path), mesh=mesh, batch_size=4, kv_pages=64,
+      implementation=impl, quantize=fmt)).steps for fmt in (None, "int4:g32") for impl in impls}
+  kernels = {fmt: [s.kernels for s in steps[fmt, "pallas"]] for fmt in (None, "int4:g32")}
   assert kernels["int4:g32"] == [k + 7 * 2 for k in kernels[None]], kernels
+  for impl in impls:
+    for plain, int4 in zip(steps[None, impl], steps["int4:g32", impl]):
+      assert int4.collective_bytes <= plain.collective_bytes, (impl, plain, int4)

@@ -13,6 +13,7 @@ unchanged).
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import math
 from typing import TYPE_CHECKING
@@ -20,23 +21,39 @@ from typing import TYPE_CHECKING
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.sharding import Mesh
+from jax.sharding import PartitionSpec as P
 
-from jaxinfer.quant.ops import (ActQuantized, int_values, is_qarray, load_qwix, packed_bits,
-                                straight_through, weight)
+from jaxinfer.quant.ops import (ActQuantized, int_values, is_qarray, load_qwix, pack_blocks,
+                                packed_bits, straight_through, weight)
+from jaxinfer.sharding import DEFAULT_RULES, ShardingRules
 
 if TYPE_CHECKING:
   from qwix import QArray
 
 
-def linear(eq: str, x: jax.Array, w, kernel: bool = False) -> jax.Array:
+@dataclasses.dataclass(frozen=True)
+class WeightKernel:
+  """Asks `linear` for the quantized matmul kernel: on one device (mesh None or of one device),
+  or on every device of `mesh` over its shard of a weight whose logical axes are `axes`, placed
+  by `rules` as the parameters are (`quant.abstract_quantized`)."""
+
+  mesh: Mesh | None = None
+  rules: ShardingRules = DEFAULT_RULES
+  axes: tuple[str | None, ...] = ()
+
+
+def linear(eq: str, x: jax.Array, w, kernel: WeightKernel | None = None) -> jax.Array:
   """einsum(eq, x, w) for a two-operand equation such as "btd,dnh->btnh". kernel: on a TPU, an
   int8 or int4 weight in groups (:gN) goes through `pallas_kernels.quantized_matmul`
-  (dequantized tile by tile in VMEM) where its layout allows (`_kernel_layout`); elsewhere, and
-  for other weights, this is the XLA product. (XLA on a TPU fuses a per-channel weight's
-  dequantization into the dot, but writes a grouped weight out whole in bfloat16 first: measured
-  in the compiled decode step's temporaries, experiments/results/README.md.)"""
-  if kernel and is_qarray(w) and _kernel_layout(eq, x, w) is not None:
-    return jax.lax.platform_dependent(x, w, tpu=functools.partial(_through_kernel, eq),
+  (dequantized tile by tile in VMEM) where its layout allows (`_kernel_layout`, on each device's
+  shard: `_sharded`); elsewhere, and for other weights, this is the XLA product. (XLA on a TPU
+  fuses a per-channel weight's dequantization into the dot, but writes a grouped weight out whole
+  in bfloat16 first: measured in the compiled decode step's temporaries,
+  experiments/results/README.md.)"""
+  through = kernel is not None and is_qarray(w) and _kernel_fn(eq, x, w, kernel)
+  if through:
+    return jax.lax.platform_dependent(x, w, tpu=through,
                                       default=lambda x, w: jnp.einsum(eq, x, weight(w)))
   if not isinstance(w, ActQuantized):
     return jnp.einsum(eq, x, weight(w))
@@ -72,38 +89,96 @@ def _kernel_layout(eq: str, x: jax.Array, q: QArray) -> tuple[int, int, int, int
   return (k, n, groups, bits) if groups > 1 and fits(k, n, groups, bits) else None
 
 
+def _kernel_fn(eq: str, x: jax.Array, q: QArray, kernel: WeightKernel, interpret=False):
+  """(x, q) -> einsum(eq, x, q) through the kernel, on one device or per shard; None where the
+  kernel does not take the weight (or its shards)."""
+  mesh = kernel.mesh
+  if mesh is None or mesh.size == 1:
+    return (_kernel_layout(eq, x, q) is not None
+            and functools.partial(_through_kernel, eq, interpret=interpret))
+  specs = _sharded(eq, x, q, kernel)
+  if specs is None:
+    return None
+  x_spec, v_spec, s_spec, out_spec, summed = specs
+
+  def local(x, values, scale):
+    y = _through_kernel(eq, x, q.replace(qvalue=values, scale=scale), interpret)
+    return jax.lax.psum(y, summed) if summed else y
+
+  def run(x, q):
+    return jax.shard_map(local, mesh=mesh, in_specs=(x_spec, v_spec, s_spec),
+                         out_specs=out_spec, check_vma=False)(x, q.qvalue, q.scale)
+  return run
+
+
+def _sharded(eq: str, x: jax.Array, q: QArray, kernel: WeightKernel):
+  """(x's, the values', the scales' and the output's PartitionSpecs, the mesh axes summed over)
+  for the kernel on each device's shard: the weight as the rules place it (less the mesh axes
+  that split x's rows: gathered, as XLA's product would), x's rows as the rules place a batch,
+  its contracted axes as the weight's; partial products summed over the contracted axes' mesh
+  axes. None where the values' and scales' shards disagree, an int4 shard would split a packed
+  block (`ops.pack`), or the kernel does not take a device's shard."""
+  mesh, rules = kernel.mesh, kernel.rules
+  inputs, out = eq.split("->")
+  xs, ws = inputs.split(",")
+  rows = rules.partition_spec(("batch",) + (None,) * (x.ndim - 1), x.shape, mesh)[0]
+  row_axes = set() if rows is None else {rows} if isinstance(rows, str) else set(rows)
+
+  def placed(a):
+    spec = rules.partition_spec(kernel.axes, a.shape, mesh)
+    return [None if s is None or row_axes & ({s} if isinstance(s, str) else set(s)) else s
+            for s in spec]
+
+  values, scales = placed(q.qvalue), placed(q.scale)
+  if values != scales:
+    return None
+  w_of = dict(zip(ws, values))
+  x_spec = P(*[rows if i == 0 else w_of.get(c) for i, c in enumerate(xs)])
+  out_spec = P(*[w_of[c] if c in ws else x_spec[xs.index(c)] for c in out])
+  summed = tuple(a for c in ws if c not in out and w_of[c] is not None
+                 for a in ((w_of[c],) if isinstance(w_of[c], str) else w_of[c]))
+  shard = lambda a, spec: jax.ShapeDtypeStruct(
+      tuple(n // math.prod(mesh.shape[m] for m in ((s,) if isinstance(s, str) else s or ()))
+            for n, s in zip(a.shape, spec)), a.dtype)
+  local_q = q.replace(qvalue=shard(q.qvalue, values), scale=shard(q.scale, values))
+  if q.qvalue.dtype == jnp.uint8 and values[-1] is not None:
+    run = pack_blocks(q.qvalue.shape[-1])[1]
+    if local_q.qvalue.shape[-1] % run:
+      return None
+  if _kernel_layout(eq, shard(x, x_spec), local_q) is None:
+    return None
+  return x_spec, P(*values), P(*values), out_spec, summed
+
+
 def _through_kernel(eq: str, x: jax.Array, q: QArray, interpret=False) -> jax.Array:
-  """einsum(eq, x, q) by quantized_matmul (`_kernel_layout` must hold)."""
+  """einsum(eq, x, q) by quantized_matmul (`_kernel_layout` must hold). The flattened packed
+  values keep the weight's runs (`ops.pack`: per head for q, k and v), which the kernel is told."""
   k, n, groups, bits = _kernel_layout(eq, x, q)
   c = _contracted(eq)
   out_shape = q.scale.shape[c:]  # a scale per output element
-  scale = q.scale.reshape((groups,) + out_shape)
-  halves = bits == 4 and len(out_shape) > 1  # packed along the last axis, per leading index
-  if halves:  # the kernel's columns: every low half, then every high half
-    scale = jnp.moveaxis(scale.reshape(scale.shape[:-1] + (2, -1)), -2, 1)
-  y = _kernel_product(x.reshape(-1, k), q.qvalue.reshape(k, -1), scale.reshape(groups, n),
-                      bits, interpret)
-  if halves:
-    y = jnp.moveaxis(y.reshape((-1, 2) + out_shape[:-1] + (out_shape[-1] // 2,)), 1, -2)
+  run = pack_blocks(q.qvalue.shape[-1])[1] if bits == 4 else None
+  y = _kernel_product(x.reshape(-1, k), q.qvalue.reshape(k, -1), q.scale.reshape(groups, n),
+                      bits, run, interpret)
   return y.reshape(x.shape[:-c] + out_shape)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4))
-def _kernel_product(x, values, scale, bits: int, interpret):
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4, 5))
+def _kernel_product(x, values, scale, bits: int, run: int | None, interpret):
   """quantized_matmul, differentiable: its gradients are XLA's product's (the integer values
   get none)."""
   from pallas_kernels.quantized_matmul import quantized_matmul
-  return quantized_matmul(x, values, scale, bits=bits, interpret=interpret)
+  return quantized_matmul(x, values, scale, bits=bits, run=run, interpret=interpret)
 
 
-def _kernel_product_fwd(x, values, scale, bits, interpret):
-  return _kernel_product(x, values, scale, bits, interpret), (x, values, scale)
+def _kernel_product_fwd(x, values, scale, bits, run, interpret):
+  return _kernel_product(x, values, scale, bits, run, interpret), (x, values, scale)
 
 
-def _kernel_product_bwd(bits, interpret, res, g):
+def _kernel_product_bwd(bits, run, interpret, res, g):
   from pallas_kernels.quantized_matmul import quantized_matmul_reference
   x, values, scale = res
-  _, vjp = jax.vjp(lambda x, s: quantized_matmul_reference(x, values, s, bits=bits), x, scale)
+  _, vjp = jax.vjp(lambda x, s: quantized_matmul_reference(x, values, s, bits=bits, run=run),
+                   x, scale)
   dx, dscale = vjp(g)
   return dx, np.zeros(values.shape, jax.dtypes.float0), dscale
 

@@ -98,30 +98,46 @@ def _word(bits: int) -> tuple[int, int]:
   return total // bits, total // 8
 
 
+PACK_RUN = 128  # most words in one run of a packed block (see `pack`)
+
+
+def pack_blocks(words: int) -> tuple[int, int]:
+  """(blocks, words per run) of a last axis of `words` words: runs of the largest power of two
+  up to PACK_RUN that divides it."""
+  run = math.gcd(words, PACK_RUN)
+  return words // run, run
+
+
 def pack(values: jax.Array, bits: int) -> jax.Array:
-  """Signed `bits`-bit integers -> uint8 words (`_word`): the last axis cut into as many equal
-  parts as a word has values, part i in bits [i*bits, (i+1)*bits) of each little-endian word,
-  and byte j of the words in part j of the result's last axis (one-byte words: a byte per
-  position, so unpacking is a shift and a concatenation). The last axis must divide into the
-  parts."""
+  """Signed `bits`-bit integers -> uint8 words (`_word`), block by block along the last axis: a
+  block is as many runs of `pack_blocks` words as a word has values; run i of a block's values
+  goes in bits [i*bits, (i+1)*bits) of its little-endian words, and byte j of those words in run
+  j of the block's bytes. For int4 with 256 columns or more: byte j of each 128 holds column j of
+  the block's 256 in its low four bits and column 128 + j in its high four. A block never straddles
+  a shard of the last axis whose size is a multiple of the block, so a weight sharded there
+  unpacks on each device alone. The last axis must divide into words."""
   per_word, num_bytes = _word(bits)
-  if values.shape[-1] % per_word:
+  n = values.shape[-1]
+  if n % per_word:
     raise ValueError(f"packing {bits}-bit values {per_word} to {num_bytes} byte(s): the last "
-                     f"axis ({values.shape[-1]}) does not divide by {per_word}")
-  parts = jnp.split(values.astype(jnp.int32) & ((1 << bits) - 1), per_word, axis=-1)
-  word = sum(p << (i * bits) for i, p in enumerate(parts))
-  return jnp.concatenate([(word >> (8 * j)) & 255 for j in range(num_bytes)],
-                         axis=-1).astype(jnp.uint8)
+                     f"axis ({n}) does not divide by {per_word}")
+  blocks, run = pack_blocks(n // per_word)
+  v = values.astype(jnp.int32).reshape(values.shape[:-1] + (blocks, per_word, run))
+  word = sum((v[..., i, :] & ((1 << bits) - 1)) << (i * bits) for i in range(per_word))
+  out = jnp.stack([(word >> (8 * j)) & 255 for j in range(num_bytes)], axis=-2)
+  return out.reshape(values.shape[:-1] + (blocks * num_bytes * run,)).astype(jnp.uint8)
 
 
 def unpack(packed: jax.Array, bits: int, dtype) -> jax.Array:
   """The inverse of `pack`, as `dtype` integers."""
   per_word, num_bytes = _word(bits)
-  parts = jnp.split(packed.astype(jnp.int32), num_bytes, axis=-1)
-  word = sum(p << (8 * j) for j, p in enumerate(parts))
+  blocks, run = pack_blocks(packed.shape[-1] // num_bytes)
+  b = packed.astype(jnp.int32).reshape(packed.shape[:-1] + (blocks, num_bytes, run))
+  word = sum(b[..., j, :] << (8 * j) for j in range(num_bytes))
   sign = 1 << (bits - 1)
-  values = [(((word >> (i * bits)) & ((1 << bits) - 1)) ^ sign) - sign for i in range(per_word)]
-  return jnp.concatenate(values, axis=-1).astype(dtype)
+  values = jnp.stack([(((word >> (i * bits)) & ((1 << bits) - 1)) ^ sign) - sign
+                      for i in range(per_word)], axis=-2)
+  return values.reshape(packed.shape[:-1] + (blocks * per_word * run,)).astype(dtype)
 
 
 @functools.cache

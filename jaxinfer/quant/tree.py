@@ -25,9 +25,10 @@ from jaxinfer.sharding import DEFAULT_RULES, ShardingRules
 QUANT_FILE = "quantization.json"
 # The layout of quantized leaves in a checkpoint (qwix QArray: qvalue, scale; qtype static).
 # Bump when it changes; a checkpoint of another version is refused, not misread.
+# 4: packed values in blocks along the last axis (ops.pack), so that a shard unpacks alone;
 # 3: fp4 values packed too (their 4-bit codes), fp6 four to three bytes; 2: int4 / int2 /
 # ternary values packed into uint8 (ops.pack); 1 held them a byte each.
-QUANT_VERSION = 3
+QUANT_VERSION = 4
 
 
 def _map(fn: Callable[[str, ParamSpec, Any], Any], params, spec_tree, fmt: QuantFormat):

@@ -1,5 +1,6 @@
 """x (M, K) @ W (K, N) where W is stored as integers and scales: `values` (K, N) int8 (bits=8)
-or (K, N/2) uint8 holding two int4 per byte (bits=4; `reference.unpack_int4`'s layout), and
+or (K, N/2) uint8 holding two int4 per byte (bits=4; `reference.unpack_int4`'s layout: in
+blocks of two runs of columns, which a tile puts back in order in VMEM), and
 `scale` (G, N), one row per group of K / G consecutive rows (G = 1: per output channel).
 
 Why a kernel: in a decode step XLA on a TPU writes a weight with grouped scales out whole in
@@ -17,6 +18,7 @@ There is one form, Mosaic TPU's; off a TPU the model takes the XLA product inste
 from __future__ import annotations
 
 import functools
+import math
 
 import jax
 import jax.numpy as jnp
@@ -61,68 +63,69 @@ def _dequantize(v: jax.Array, s: jax.Array, dtype) -> jax.Array:
   return w.astype(s.dtype).astype(dtype).reshape(bk, bn)
 
 
-def _kernel(x_ref, w_ref, *refs, bits: int):
-  halves = 2 if bits == 4 else 1
-  scales, outs, accs = refs[:halves], refs[halves:2 * halves], refs[2 * halves:]
+def _kernel(x_ref, w_ref, s_ref, out_ref, acc_ref, *, bits: int, run: int):
   k = pl.program_id(2)
 
   @pl.when(k == 0)
   def _():
-    for acc in accs:
-      acc[...] = jnp.zeros_like(acc)
+    acc_ref[...] = jnp.zeros_like(acc_ref)
 
   x = x_ref[...]
   v = w_ref[...].astype(jnp.int32)
-  parts = nibbles(v) if bits == 4 else (v,)
-  for part, s_ref, acc in zip(parts, scales, accs):
-    acc[...] += jnp.dot(x, _dequantize(part, s_ref[...], x.dtype),
-                        preferred_element_type=jnp.float32)
+  if bits == 4:  # the tile's columns in order: each run's low nibbles, then its high ones
+    low, high = nibbles(v)
+    v = jnp.concatenate([h[:, r * run:(r + 1) * run] for r in range(v.shape[1] // run)
+                         for h in (low, high)], axis=1)
+  acc_ref[...] += jnp.dot(x, _dequantize(v, s_ref[...], x.dtype),
+                          preferred_element_type=jnp.float32)
 
   @pl.when(k == pl.num_programs(2) - 1)
   def _():
-    for acc, out in zip(accs, outs):
-      out[...] = acc[...].astype(out.dtype)
+    out_ref[...] = acc_ref[...].astype(out_ref.dtype)
 
 
-def _tpu(x, values, scale, *, bits: int, interpret, block_m: int | None, block_n: int | None):
+def _tpu(x, values, scale, *, bits: int, run: int, interpret, block_m: int | None,
+         block_n: int | None):
   m, k = x.shape
   groups, n = scale.shape
   block_k, bn = _blocks(k, n, groups, bits)
-  bn = block_n or bn
+  bn = block_n or bn  # packed columns of a weight tile
+  out_bn = 2 * bn if bits == 4 else bn
   most = max(8, min(BLOCK_M, TILE // block_k // 8 * 8))  # rows of x in VMEM at once
   bm = block_m or (m if m <= most else most)
   padded = -(-m // bm) * bm
   if padded != m:
     x = jnp.pad(x, ((0, padded - m), (0, 0)))
-  cols = values.shape[1]
-  nb = cols // bn
   srows = 1 if groups == 1 else block_k * groups // k
-  scale_map = lambda half: (lambda i, j, kk: (kk if groups > 1 else 0, j + half * nb))
-  halves = 2 if bits == 4 else 1
-  outs = pl.pallas_call(
-      functools.partial(_kernel, bits=bits),
-      grid=(padded // bm, nb, k // block_k),
+  out = pl.pallas_call(
+      functools.partial(_kernel, bits=bits, run=run),
+      grid=(padded // bm, values.shape[1] // bn, k // block_k),
       in_specs=[pl.BlockSpec((bm, block_k), lambda i, j, kk: (i, kk)),
-                pl.BlockSpec((block_k, bn), lambda i, j, kk: (kk, j))]
-               + [pl.BlockSpec((srows, bn), scale_map(h)) for h in range(halves)],
-      out_specs=[pl.BlockSpec((bm, bn), lambda i, j, kk: (i, j))] * halves,
-      out_shape=[jax.ShapeDtypeStruct((padded, cols), x.dtype)] * halves,
-      scratch_shapes=[pltpu.VMEM((bm, bn), jnp.float32)] * halves,
+                pl.BlockSpec((block_k, bn), lambda i, j, kk: (kk, j)),
+                pl.BlockSpec((srows, out_bn), lambda i, j, kk: (kk if groups > 1 else 0, j))],
+      out_specs=pl.BlockSpec((bm, out_bn), lambda i, j, kk: (i, j)),
+      out_shape=jax.ShapeDtypeStruct((padded, n), x.dtype),
+      scratch_shapes=[pltpu.VMEM((bm, out_bn), jnp.float32)],
       compiler_params=pltpu.CompilerParams(
           dimension_semantics=("parallel", "parallel", "arbitrary")),
       interpret=interpret,
-  )(x, values, *[scale] * halves)
-  return jnp.concatenate(outs, axis=-1)[:m]
+  )(x, values, scale)
+  return out[:m]
 
 
 def quantized_matmul(x: jax.Array, values: jax.Array, scale: jax.Array, *, bits: int,
-                     interpret=False, block_m: int | None = None,
+                     run: int | None = None, interpret=False, block_m: int | None = None,
                      block_n: int | None = None) -> jax.Array:
   """x (M, K) @ the weight `values` and `scale` stand for -> (M, N) in x's dtype, by the Mosaic
-  TPU kernel (`fits` must hold); `interpret` (True or a `pltpu.InterpretParams`) runs it in
-  jax's TPU interpret mode wherever this runs. Off a TPU, callers use the reference."""
+  TPU kernel (`fits` must hold); run: int4's packed run (`reference.unpack_int4`); `interpret`
+  (True or a `pltpu.InterpretParams`) runs it in jax's TPU interpret mode wherever this runs.
+  Off a TPU, callers use the reference."""
   groups, n = scale.shape
   k = x.shape[1]
+  run = run or math.gcd(n // 2, 128)
+  if bits == 4 and (run & (run - 1) or 128 % run or (n // 2) % run):
+    raise ValueError(f"quantized_matmul: packed run {run} must be a power of two up to 128 "
+                     f"dividing the {n // 2} packed columns")
   expect = ((k, n // 2), jnp.uint8) if bits == 4 else ((k, n), jnp.int8)
   if (values.shape, values.dtype) != expect:
     raise ValueError(f"quantized_matmul: {bits}-bit values for x {x.shape} and scale "
@@ -133,5 +136,5 @@ def quantized_matmul(x: jax.Array, values: jax.Array, scale: jax.Array, *, bits:
                      f"scale rows; use quantized_matmul_reference")
   if interpret is True:
     interpret = pltpu.InterpretParams()
-  return _tpu(x, values, scale, bits=bits, interpret=interpret, block_m=block_m,
+  return _tpu(x, values, scale, bits=bits, run=run, interpret=interpret, block_m=block_m,
               block_n=block_n)

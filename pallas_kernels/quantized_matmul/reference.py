@@ -3,6 +3,8 @@ weight in the scales' dtype, then one dot. Also the path off a TPU."""
 
 from __future__ import annotations
 
+import math
+
 import jax
 import jax.numpy as jnp
 
@@ -12,15 +14,21 @@ def nibbles(v: jax.Array) -> tuple[jax.Array, jax.Array]:
   return ((v & 15) ^ 8) - 8, (((v >> 4) & 15) ^ 8) - 8
 
 
-def unpack_int4(packed: jax.Array) -> jax.Array:
-  """(K, N/2) uint8 -> (K, N) int8: byte j holds column j in its low four bits and column
-  N/2 + j in its high four (jaxinfer.quant.ops.pack's layout for 4 bits)."""
-  return jnp.concatenate(nibbles(packed.astype(jnp.int32)), axis=-1).astype(jnp.int8)
+def unpack_int4(packed: jax.Array, run: int | None = None) -> jax.Array:
+  """(K, N/2) uint8 -> (K, N) int8, in blocks of 2 * `run` columns: byte j of a block's `run`
+  bytes holds its column j in the low four bits and column run + j in the high four
+  (jaxinfer.quant.ops.pack's layout for 4 bits). run: that of the weight's own last axis
+  (None: the largest power of two up to 128 that divides N/2, as for a two-axis weight)."""
+  k, cols = packed.shape
+  run = run or math.gcd(cols, 128)
+  low, high = nibbles(packed.astype(jnp.int32).reshape(k, cols // run, run))
+  return jnp.stack([low, high], axis=-2).reshape(k, 2 * cols).astype(jnp.int8)
 
 
-def dequantized(values: jax.Array, scale: jax.Array, bits: int) -> jax.Array:
+def dequantized(values: jax.Array, scale: jax.Array, bits: int, run: int | None = None
+                ) -> jax.Array:
   """The weight (K, N) in the scales' dtype: each value times the scale of its group of rows."""
-  w = unpack_int4(values) if bits == 4 else values
+  w = unpack_int4(values, run) if bits == 4 else values
   groups, n = scale.shape
   k = w.shape[0]
   w = w.reshape(groups, k // groups, n).astype(scale.dtype) * scale[:, None, :]
@@ -28,7 +36,8 @@ def dequantized(values: jax.Array, scale: jax.Array, bits: int) -> jax.Array:
 
 
 def quantized_matmul_reference(x: jax.Array, values: jax.Array, scale: jax.Array, *, bits: int,
-                               interpret=None, block_m: int | None = None,
+                               run: int | None = None, interpret=None,
+                               block_m: int | None = None,
                                block_n: int | None = None) -> jax.Array:
   del interpret, block_m, block_n
-  return jnp.dot(x, dequantized(values, scale, bits).astype(x.dtype))
+  return jnp.dot(x, dequantized(values, scale, bits, run).astype(x.dtype))
