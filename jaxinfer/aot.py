@@ -363,9 +363,10 @@ _COLLECTIVE = re.compile(r"=\s+(\([^=]*?\)|\S+)\s+(?:all-gather|all-reduce|reduc
 
 def collective_bytes(hlo: str) -> int:
   """Bytes the collectives of a compiled program (its HLO text) deliver to one device: the sum of
-  their results (of asynchronous ones, the -done half's), each time the program runs them."""
+  their results (of asynchronous ones, the -done half's), each instruction once (a loop's body
+  counted once)."""
   total = 0
-  for result in _COLLECTIVE.findall(hlo):
+  for result in _COLLECTIVE.findall(re.sub(r"/\*.*?\*/", "", hlo)):  # (tuples' index notes)
     for dtype, dims in re.findall(r"([a-z][a-z0-9]*)\[([\d,]*)\]", result):
       bits = re.search(r"\d+", dtype)
       total += math.prod(int(d) for d in dims.split(",") if d) * (int(bits[0]) if bits else 8)

@@ -63,8 +63,9 @@ def test_collective_bytes_are_read_from_the_program():
   ROOT %all-reduce = f32[8,1,4096]{2,0,1:T(8,128)} all-reduce(f32[8,1,4096] %x), to_apply=%add
   %a2a = (s8[4,16]{1,0}, s8[4,16]{1,0}) all-to-all(s8[4,16] %a, s8[4,16] %b), dimensions={0}
   %fusion = f32[1024,1024]{1,0} fusion(f32[8] %all-reduce), kind=kLoop
-  %cp-done = u4[256]{0} collective-permute-done(u4[256] %cp)"""
-  assert aot.collective_bytes(hlo) == 32 * 128 * 2 + 8 * 4096 * 4 + 2 * 64 + 128
+  %cp-done = u4[256]{0} collective-permute-done(u4[256] %cp)
+  %ar7 = (f32[8]{0}, f32[8]{0}, f32[8]{0}, f32[8]{0}, f32[8]{0}, /*index=5*/f32[8]{0}, f32[8]{0}) all-reduce(f32[8]{0} %a, f32[8]{0} %b), to_apply=%add"""
+  assert aot.collective_bytes(hlo) == 32 * 128 * 2 + 8 * 4096 * 4 + 2 * 64 + 128 + 7 * 32
 
 
 def test_quantized_weights_compile_and_count_their_own_bytes():

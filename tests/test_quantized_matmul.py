@@ -1,6 +1,6 @@
 """The quantized matmul kernel (int8, or int4 packed two per byte, dequantized tile by tile in
 VMEM): numerics in jax's TPU interpret mode against the jnp reference, the model's linear layers
-through it (their weight layouts flattened, per-head packing reordered), and proof that it
+through it (their weight layouts flattened, q, k and v packed per head), and proof that it
 compiles: libtpu's compile-only client builds it at Llama-3-8B shapes for v5e and v6e with no
 dequantized weight among the temporaries, as XLA's product of a grouped weight has."""
 
@@ -59,7 +59,7 @@ LAYERS = {  # name: (spec, equation, input shape), the model's own layouts
 
 @pytest.mark.parametrize("name", sorted(LAYERS))
 def test_linear_layers_through_the_kernel(name):
-  """q (int4 packed per head: its columns reordered around the kernel), o (two contracted axes,
+  """q (int4 packed per head: the kernel told the run), o (two contracted axes,
   groups along head_dim inside each head) and an MLP weight, in groups: through the kernel as on
   a TPU they equal the XLA product within float32 rounding; off a TPU `linear(..., WeightKernel())` is
   the XLA product bit for bit; weights the kernel is not for stay on XLA."""

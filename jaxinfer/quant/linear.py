@@ -93,6 +93,9 @@ def _kernel_fn(eq: str, x: jax.Array, q: QArray, kernel: WeightKernel, interpret
   """(x, q) -> einsum(eq, x, q) through the kernel, on one device or per shard; None where the
   kernel does not take the weight (or its shards)."""
   mesh = kernel.mesh
+  if mesh is not None and mesh.size > 1 and len(kernel.axes) != q.scale.ndim:
+    raise ValueError(f"WeightKernel: {len(kernel.axes)} logical axes {kernel.axes} for a "
+                     f"weight of {q.scale.ndim} axes")
   if mesh is None or mesh.size == 1:
     return (_kernel_layout(eq, x, q) is not None
             and functools.partial(_through_kernel, eq, interpret=interpret))

@@ -123,9 +123,10 @@ def quantized_matmul(x: jax.Array, values: jax.Array, scale: jax.Array, *, bits:
   groups, n = scale.shape
   k = x.shape[1]
   run = run or math.gcd(n // 2, 128)
-  if bits == 4 and (run & (run - 1) or 128 % run or (n // 2) % run):
+  if bits == 4 and (run & (run - 1) or 128 % run or (n // 2) % run
+                    or (block_n or 128) % run):
     raise ValueError(f"quantized_matmul: packed run {run} must be a power of two up to 128 "
-                     f"dividing the {n // 2} packed columns")
+                     f"dividing the {n // 2} packed columns and block_n ({block_n})")
   expect = ((k, n // 2), jnp.uint8) if bits == 4 else ((k, n), jnp.int8)
   if (values.shape, values.dtype) != expect:
     raise ValueError(f"quantized_matmul: {bits}-bit values for x {x.shape} and scale "
