@@ -88,6 +88,11 @@ SHARDED = {  # name: (weight spec, equation, mesh, x shape)
     "down": LAYERS["down"][:2] + ("model:2", (2, 3, 512)),
     "up": (P.linear((512, 512), ("embed", "mlp"), P.fan_in_init(1), contract=("embed",)),
            "btd,df->btf", "data:2,model:2", (2, 3, 512)),
+    # x's rows and the weight's embed over fsdp: x, the smaller, gathered; embed summed
+    "up-fsdp": (P.linear((512, 512), ("embed", "mlp"), P.fan_in_init(1), contract=("embed",)),
+                "btd,df->btf", "fsdp:2,model:2", (2, 3, 512)),
+    # ... unless the weight is the smaller: gathered over fsdp, x's rows stay split
+    "down-fsdp": (LAYERS["down"][0], "btf,fd->btd", "fsdp:2", (64, 16, 512)),
 }
 
 
@@ -96,7 +101,8 @@ def test_the_kernel_runs_on_each_shard(name):
   """On a mesh that splits the weights (heads, MLP columns, or the contracted MLP rows and heads,
   whose partial products are summed over the model axis; rows of x over the data axis), each
   device's shard goes through the kernel, and the result is the XLA product of the whole weight
-  within float32 rounding. An int4 shard that would split a packed block, or values and scales
+  within float32 rounding; where x's rows and the weight are split over one axis (FSDP), the
+  smaller is gathered. An int4 shard that would split a packed block, or values and scales
   split differently, stay on XLA's product."""
   from jaxinfer.quant.linear import _kernel_fn, _sharded
   from jaxinfer.sharding import make_mesh
@@ -106,8 +112,9 @@ def test_the_kernel_runs_on_each_shard(name):
   x = jax.random.normal(jax.random.key(1), shape)
   for fmt in ("int4:g32", "int8:g64"):
     q = _weight(spec, fmt)
-    *_, summed = _sharded(eq, x, q, kernel)
-    assert summed == (("model",) if name in ("o", "down") else ()), summed
+    x_spec, *_, summed = _sharded(eq, x, q, kernel)
+    want = {"o": ("model",), "down": ("model",), "up-fsdp": ("fsdp",)}.get(name, ())
+    assert summed == want and (x_spec[0] == "fsdp") == (name == "down-fsdp"), (x_spec, summed)
     got = jax.jit(_kernel_fn(eq, x, q, kernel, interpret=True))(x, q)
     want = jnp.einsum(eq, x, quant.dequantize(q))
     np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-5, atol=1e-5)

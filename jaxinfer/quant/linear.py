@@ -116,33 +116,38 @@ def _kernel_fn(eq: str, x: jax.Array, q: QArray, kernel: WeightKernel, interpret
 
 def _sharded(eq: str, x: jax.Array, q: QArray, kernel: WeightKernel):
   """(x's, the values', the scales' and the output's PartitionSpecs, the mesh axes summed over)
-  for the kernel on each device's shard: the weight as the rules place it (less the mesh axes
-  that split x's rows: gathered, as XLA's product would), x's rows as the rules place a batch,
-  its contracted axes as the weight's; partial products summed over the contracted axes' mesh
-  axes. None where the values' and scales' shards disagree, an int4 shard would split a packed
-  block (`ops.pack`), or the kernel does not take a device's shard."""
+  for the kernel on each device's shard: the weight as the rules place it, x's rows as the rules
+  place a batch, its contracted axes as the weight's; partial products summed over the
+  contracted axes' mesh axes. Where a mesh axis splits both x's rows and the weight (FSDP), the
+  smaller side is gathered: x (and the summed output), as at decode, or the weight, as XLA's
+  product would for long prefills. None where the values' and scales' shards disagree, an int4
+  shard would split a packed block (`ops.pack`), or the kernel does not take a device's shard."""
   mesh, rules = kernel.mesh, kernel.rules
   inputs, out = eq.split("->")
   xs, ws = inputs.split(",")
-  rows = rules.partition_spec(("batch",) + (None,) * (x.ndim - 1), x.shape, mesh)[0]
-  row_axes = set() if rows is None else {rows} if isinstance(rows, str) else set(rows)
-
-  def placed(a):
-    spec = rules.partition_spec(kernel.axes, a.shape, mesh)
-    return [None if s is None or row_axes & ({s} if isinstance(s, str) else set(s)) else s
-            for s in spec]
-
-  values, scales = placed(q.qvalue), placed(q.scale)
+  c = _contracted(eq)
+  names = lambda s: () if s is None else (s,) if isinstance(s, str) else tuple(s)
+  spec_of = lambda axes: None if not axes else axes[0] if len(axes) == 1 else tuple(axes)
+  rows = names(rules.partition_spec(("batch",) + (None,) * (x.ndim - 1), x.shape, mesh)[0])
+  values = list(rules.partition_spec(kernel.axes, q.qvalue.shape, mesh))
+  scales = list(rules.partition_spec(kernel.axes, q.scale.shape, mesh))
   if values != scales:
     return None
+  both = set(rows) & {a for s in values for a in names(s)}
+  if both:
+    x_bytes = x.size * x.dtype.itemsize * (1 + math.prod(q.scale.shape[c:])
+                                             / math.prod(x.shape[-c:]))  # x and the output
+    if x_bytes < q.qvalue.size * q.qvalue.dtype.itemsize + q.scale.size * q.scale.dtype.itemsize:
+      rows = tuple(a for a in rows if a not in both)
+    else:
+      values = scales = [spec_of(tuple(a for a in names(s) if a not in both)) for s in values]
   w_of = dict(zip(ws, values))
-  x_spec = P(*[rows if i == 0 else w_of.get(c) for i, c in enumerate(xs)])
-  out_spec = P(*[w_of[c] if c in ws else x_spec[xs.index(c)] for c in out])
-  summed = tuple(a for c in ws if c not in out and w_of[c] is not None
-                 for a in ((w_of[c],) if isinstance(w_of[c], str) else w_of[c]))
+  x_spec = P(*[spec_of(rows) if i == 0 else w_of.get(ch) for i, ch in enumerate(xs)])
+  out_spec = P(*[w_of[ch] if ch in ws else x_spec[xs.index(ch)] for ch in out])
+  summed = tuple(a for ch in ws if ch not in out for a in names(w_of[ch]))
   shard = lambda a, spec: jax.ShapeDtypeStruct(
-      tuple(n // math.prod(mesh.shape[m] for m in ((s,) if isinstance(s, str) else s or ()))
-            for n, s in zip(a.shape, spec)), a.dtype)
+      tuple(n // math.prod(mesh.shape[m] for m in names(s)) for n, s in zip(a.shape, spec)),
+      a.dtype)
   local_q = q.replace(qvalue=shard(q.qvalue, values), scale=shard(q.scale, values))
   if q.qvalue.dtype == jnp.uint8 and values[-1] is not None:
     run = pack_blocks(q.qvalue.shape[-1])[1]
