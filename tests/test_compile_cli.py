@@ -64,7 +64,8 @@ def test_collective_bytes_are_read_from_the_program():
   %a2a = (s8[4,16]{1,0}, s8[4,16]{1,0}) all-to-all(s8[4,16] %a, s8[4,16] %b), dimensions={0}
   %fusion = f32[1024,1024]{1,0} fusion(f32[8] %all-reduce), kind=kLoop
   %cp-done = u4[256]{0} collective-permute-done(u4[256] %cp)
-  %ar7 = (f32[8]{0}, f32[8]{0}, f32[8]{0}, f32[8]{0}, f32[8]{0}, /*index=5*/f32[8]{0}, f32[8]{0}) all-reduce(f32[8]{0} %a, f32[8]{0} %b), to_apply=%add"""
+  %ar7 = (f32[8]{0}, f32[8]{0}, f32[8]{0}, f32[8]{0}, f32[8]{0}, /*index=5*/f32[8]{0},
+          f32[8]{0}) all-reduce(f32[8]{0} %a, f32[8]{0} %b), to_apply=%add"""
   assert aot.collective_bytes(hlo) == 32 * 128 * 2 + 8 * 4096 * 4 + 2 * 64 + 128 + 7 * 32
 
 

@@ -61,8 +61,9 @@ LAYERS = {  # name: (spec, equation, input shape), the model's own layouts
 def test_linear_layers_through_the_kernel(name):
   """q (int4 packed per head: the kernel told the run), o (two contracted axes,
   groups along head_dim inside each head) and an MLP weight, in groups: through the kernel as on
-  a TPU they equal the XLA product within float32 rounding; off a TPU `linear(..., WeightKernel())` is
-  the XLA product bit for bit; weights the kernel is not for stay on XLA."""
+  a TPU they equal the XLA product within float32 rounding; off a TPU
+  `linear(..., WeightKernel())` is the XLA product bit for bit; weights the kernel is not for
+  stay on XLA."""
   spec, eq, shape = LAYERS[name]
   x = jax.random.normal(jax.random.key(1), shape)
   for fmt in ("int4:g32", "int8:g32"):

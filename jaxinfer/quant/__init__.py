@@ -10,7 +10,7 @@ from jaxinfer.quant.tree import (QUANT_FILE, QUANT_VERSION, abstract_quantized, 
                                  quantize_params, read_metadata, selected_specs, write_metadata)
 
 __all__ = ["KINDS", "OPTIONAL_ROLES", "QuantFormat", "ActQuantized", "dequantize",
-           "fake_quant", "linear", "WeightKernel", "quantizes_activations", "is_qarray", "is_quantized",
-           "logical_shape", "quantize", "scale_axes", "weight", "QUANT_FILE", "QUANT_VERSION",
-           "abstract_quantized", "qat_params", "quantize_params", "read_metadata", "selected_specs",
-           "write_metadata"]
+           "fake_quant", "linear", "WeightKernel", "quantizes_activations", "is_qarray",
+           "is_quantized", "logical_shape", "quantize", "scale_axes", "weight", "QUANT_FILE",
+           "QUANT_VERSION", "abstract_quantized", "qat_params", "quantize_params", "read_metadata",
+           "selected_specs", "write_metadata"]

@@ -102,20 +102,21 @@ def _kernel_fn(eq: str, x: jax.Array, q: QArray, kernel: WeightKernel, interpret
   specs = _sharded(eq, x, q, kernel)
   if specs is None:
     return None
-  x_spec, v_spec, s_spec, out_spec, summed = specs
+  x_spec, w_spec, out_spec, summed = specs
 
   def local(x, values, scale):
     y = _through_kernel(eq, x, q.replace(qvalue=values, scale=scale), interpret)
     return jax.lax.psum(y, summed) if summed else y
 
   def run(x, q):
-    return jax.shard_map(local, mesh=mesh, in_specs=(x_spec, v_spec, s_spec),
+    return jax.shard_map(local, mesh=mesh, in_specs=(x_spec, w_spec, w_spec),
                          out_specs=out_spec, check_vma=False)(x, q.qvalue, q.scale)
   return run
 
 
 def _sharded(eq: str, x: jax.Array, q: QArray, kernel: WeightKernel):
-  """(x's, the values', the scales' and the output's PartitionSpecs, the mesh axes summed over)
+  """(x's, the weight's (its values' and its scales') and the output's PartitionSpecs, the mesh
+  axes summed over)
   for the kernel on each device's shard: the weight as the rules place it, x's rows as the rules
   place a batch, its contracted axes as the weight's; partial products summed over the
   contracted axes' mesh axes. Where a mesh axis splits both x's rows and the weight (FSDP), the
@@ -130,9 +131,8 @@ def _sharded(eq: str, x: jax.Array, q: QArray, kernel: WeightKernel):
   spec_of = lambda axes: None if not axes else axes[0] if len(axes) == 1 else tuple(axes)
   rows = names(rules.partition_spec(("batch",) + (None,) * (x.ndim - 1), x.shape, mesh)[0])
   values = list(rules.partition_spec(kernel.axes, q.qvalue.shape, mesh))
-  scales = list(rules.partition_spec(kernel.axes, q.scale.shape, mesh))
-  if values != scales:
-    return None
+  if values != list(rules.partition_spec(kernel.axes, q.scale.shape, mesh)):
+    return None  # (the scales split otherwise)
   both = set(rows) & {a for s in values for a in names(s)}
   if both:
     x_bytes = x.size * x.dtype.itemsize * (1 + math.prod(q.scale.shape[c:])
@@ -140,7 +140,7 @@ def _sharded(eq: str, x: jax.Array, q: QArray, kernel: WeightKernel):
     if x_bytes < q.qvalue.size * q.qvalue.dtype.itemsize + q.scale.size * q.scale.dtype.itemsize:
       rows = tuple(a for a in rows if a not in both)
     else:
-      values = scales = [spec_of(tuple(a for a in names(s) if a not in both)) for s in values]
+      values = [spec_of(tuple(a for a in names(s) if a not in both)) for s in values]
   w_of = dict(zip(ws, values))
   x_spec = P(*[spec_of(rows) if i == 0 else w_of.get(ch) for i, ch in enumerate(xs)])
   out_spec = P(*[w_of[ch] if ch in ws else x_spec[xs.index(ch)] for ch in out])
@@ -155,7 +155,7 @@ def _sharded(eq: str, x: jax.Array, q: QArray, kernel: WeightKernel):
       return None
   if _kernel_layout(eq, shard(x, x_spec), local_q) is None:
     return None
-  return x_spec, P(*values), P(*values), out_spec, summed
+  return x_spec, P(*values), out_spec, summed
 
 
 def _through_kernel(eq: str, x: jax.Array, q: QArray, interpret=False) -> jax.Array:

@@ -113,9 +113,9 @@ def pack(values: jax.Array, bits: int) -> jax.Array:
   block is as many runs of `pack_blocks` words as a word has values; run i of a block's values
   goes in bits [i*bits, (i+1)*bits) of its little-endian words, and byte j of those words in run
   j of the block's bytes. For int4 whose last axis is a multiple of 256: byte j of each 128 holds
-  column j of the block's 256 in its low four bits and column 128 + j in its high four. A block never straddles
-  a shard of the last axis whose size is a multiple of the block, so a weight sharded there
-  unpacks on each device alone. The last axis must divide into words."""
+  column j of the block's 256 in its low four bits and column 128 + j in its high four. A block
+  never straddles a shard of the last axis whose size is a multiple of the block, so a weight
+  sharded there unpacks on each device alone. The last axis must divide into words."""
   per_word, num_bytes = _word(bits)
   n = values.shape[-1]
   if n % per_word:

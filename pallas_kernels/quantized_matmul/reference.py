@@ -14,13 +14,19 @@ def nibbles(v: jax.Array) -> tuple[jax.Array, jax.Array]:
   return ((v & 15) ^ 8) - 8, (((v >> 4) & 15) ^ 8) - 8
 
 
+def default_run(cols: int) -> int:
+  """The packed run of a two-axis weight of `cols` packed columns: the largest power of two up
+  to 128 that divides it."""
+  return math.gcd(cols, 128)
+
+
 def unpack_int4(packed: jax.Array, run: int | None = None) -> jax.Array:
   """(K, N/2) uint8 -> (K, N) int8, in blocks of 2 * `run` columns: byte j of a block's `run`
   bytes holds its column j in the low four bits and column run + j in the high four
   (jaxinfer.quant.ops.pack's layout for 4 bits). run: that of the weight's own last axis
-  (None: the largest power of two up to 128 that divides N/2, as for a two-axis weight)."""
+  (None: `default_run`, as for a two-axis weight)."""
   k, cols = packed.shape
-  run = run or math.gcd(cols, 128)
+  run = run or default_run(cols)
   low, high = nibbles(packed.astype(jnp.int32).reshape(k, cols // run, run))
   return jnp.stack([low, high], axis=-2).reshape(k, 2 * cols).astype(jnp.int8)
 
