@@ -32,3 +32,13 @@ class Runtime:
   def constrain(self, x: jax.Array, logical_axes: Sequence[str | None]) -> jax.Array:
     """`sharding.constrain` on this mesh by these rules (a no-op off a mesh)."""
     return constrain(x, logical_axes, self.mesh, self.rules)
+
+  def local(self, fn):
+    """`fn` run whole on every device (a no-op off a mesh): its arguments gathered at entry and
+    every device computing the same result, no collective inside. For small per-row work
+    (a verification's tree walk) that XLA would otherwise split as the kernels split rows."""
+    if self.mesh is None or self.mesh.size == 1:
+      return fn
+    whole = jax.sharding.PartitionSpec()
+    return lambda *args: jax.shard_map(fn, mesh=self.mesh, in_specs=(whole,) * len(args),
+                                       out_specs=whole, check_vma=False)(*args)

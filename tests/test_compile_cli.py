@@ -54,6 +54,24 @@ def test_tpu_steps_on_a_model_mesh_with_verification():
   assert "comm" in table
 
 
+def test_fsdp_with_pallas_and_speculation_compiles_and_sums_the_lm_head(tmp_path):
+  """--mesh=fsdp:4 under the Pallas kernels with speculation: libtpu's compiler crashed
+  (SIGSEGV) on the verification step, whose rows' counters, split as the kernels split rows, were
+  sums across devices accumulated in its loops; and FSDP splits the LM head along `embed`, which
+  XLA gathered whole every decode step to keep the logits' rows split (Llama-3-8B: 1.00 GiB per
+  device per step, 28 MiB now). Run as a user would: a crash is a failed command."""
+  out = tmp_path / "report.json"
+  res = _cli(f"--target={TPU}", "--model=preset:tiny", "--mesh=fsdp:4", "--batch_size=8",
+             "--kv_pages=64", "--implementation=pallas", "--speculative=ngram",
+             f"--output={out}")
+  assert res.returncode == 0, res.stderr[-2000:]
+  steps = {s["name"]: s for s in json.loads(out.read_text())["steps"]}
+  assert list(steps) == ["prefill", "decode", "verify-prefill", "verify"]
+  cfg = PRESETS["tiny"]
+  # the LM head's partial logits summed, never the weight gathered (was 8.6x the weight)
+  assert steps["decode"]["collective_bytes"] < cfg.embed * cfg.vocab_size * 4
+
+
 def test_collective_bytes_are_read_from_the_program():
   """What a compiled program's collectives deliver to a device: each result (every part of a
   tuple), asynchronous ones counted once (their -done half), other instructions not at all."""

@@ -115,7 +115,7 @@ def engine_step(params, k, v, last_token, tokens, from_device, positions, decode
   cache = MixedPagedKVCache(k, v, decode_table, chunk_table, whole=whole_lanes(runtime))
   hidden, cache = M.forward(params, tokens[None], positions[None], cfg, cache, kv_source="cache",
                             runtime=runtime)
-  logits = M.logits(params, hidden[0, :s])  # (S, V): each slot's next token
+  logits = M.logits(params, hidden[0, :s], runtime)  # (S, V): each slot's next token
   keys = jax.vmap(lambda kd, i: jax.random.fold_in(jax.random.wrap_key_data(kd), i))(
       key_data, sample_index)
   tok = sample(logits, SamplingParams(temperature, top_k, top_p, min_p), keys, greedy_only)
@@ -153,7 +153,7 @@ def engine_decode(params, k, v, last_token, tokens, from_device, positions, deco
     hidden, cache = M.forward(params, last[None], pos[None], cfg, cache, kv_source="cache",
                               runtime=runtime)
     keys = jax.vmap(jax.random.fold_in)(wrap(key_data), sample_index + i)
-    tok = sample(M.logits(params, hidden[0]), sp, keys, greedy_only)
+    tok = sample(M.logits(params, hidden[0], runtime), sp, keys, greedy_only)
     if feed is not None:
       layer = feed(params, draft_params, layer, last[:, None], hidden[0, :, None],
                    tok[:, None], pos[:, None], decode_table)

@@ -190,20 +190,30 @@ def _verify(params, draft_params, k, v, state: Drafting, nxt: _Next, n: int, lan
     pstate = _lanes(weights, pstate, lane_tokens, hidden[0, s * n:], lane_next, lane_positions,
                     chunk_table, proposer=proposer)
   hidden = hidden[0, :s * n].reshape(s, n, -1)
-  logits = M.logits(params, hidden)  # (S, n, V)
-  verdict = judge(logits, draft, draft.parents, sampling, nxt.keys, rule, greedy_only)
+  logits = M.logits(params, hidden, runtime)  # (S, n, V)
+  verdict = judge(logits, draft, draft.parents, sampling, nxt.keys, rule, greedy_only, runtime)
   n_acc = jnp.where(live, verdict.num_accepted, 0)
   k_new, v_new = cache.k, cache.v
   if not proposer.is_chain:  # the accepted path's K/V to consecutive positions
     k_new = commit_path(k_new, decode_table, state.length, verdict.path, n_acc)
     v_new = commit_path(v_new, decode_table, state.length, verdict.path, n_acc)
-  emitted, n_emit, hist, length, done = emit(state, draft, verdict, eos_ids, live)
+  # the rows' bookkeeping whole on each device: split as the kernels split rows, its counters
+  # were sums across devices accumulated in the steps' loops, which libtpu's compiler crashed on
+  emitted, n_emit, hist, length, done, num_generated, verified = runtime.local(partial(
+      _account, n=n))(state.replace(proposer=()), draft, verdict, eos_ids, live)
   pstate = proposer.observe(weights, pstate, Verified(
       draft.tokens, hidden, logits, verdict.path, n_acc, verdict.next_token, state.length, live))
-  state = Drafting(hist, length, state.num_generated + n_emit, state.max_new, done,
-                   state.primed | live, state.verified + n * jnp.sum(live, dtype=jnp.int32),
-                   pstate)
+  state = Drafting(hist, length, num_generated, state.max_new, done, state.primed | live,
+                   verified, pstate)
   return k_new, v_new, state, jnp.pad(emitted, ((0, 0), (0, t - n))), n_emit
+
+
+def _account(state: Drafting, draft: Draft, verdict, eos_ids, live, *, n: int):
+  """`emit`'s outputs, the rows' generated counts and the tree nodes verified so far after a
+  step that verified `n` nodes of each live row's tree."""
+  emitted, n_emit, hist, length, done = emit(state, draft, verdict, eos_ids, live)
+  return (emitted, n_emit, hist, length, done, state.num_generated + n_emit,
+          state.verified + n * jnp.sum(live, dtype=jnp.int32))
 
 
 def steps(params, draft_params, k, v, state: Drafting, decode_table, active, sampling, key_data,
