@@ -465,12 +465,13 @@ def run(job: CompileJob, log=None) -> Report:
       note=("lowered only: compiling for cuda needs the GPU (no memory numbers)"
             if target.platform == "cuda" else None))
   weights, engine_kv = device_bytes(params), device_bytes(pools)
+  # the proposer first: a bad --tree or --draft_layers fails before minutes of compiling
+  proposer, draft = (None, None) if job.speculative == "none" else proposer_for(cfg, job, params)
   for name, (fn, args) in steps.items():
     report.steps.append(_compile_checked(name, fn, args, target, report, weights, engine_kv,
                                          engine_kv, log=log))
-  if job.speculative == "none":
+  if proposer is None:
     return report
-  proposer, draft = proposer_for(cfg, job, params)
   if draft is not None:  # whole on each of a replica's devices, as serving places a draft
     whole = whole_on(runtime.mesh)
     draft = jax.tree_util.tree_map(lambda x: whole(x.shape, x.dtype), draft)

@@ -176,8 +176,14 @@ def test_missing_libtpu_says_what_to_install(monkeypatch):
     (dict(speculative="medusa"), "--speculative: compile takes one of"),
     (dict(sparsity="block_topk:8", speculative="ngram"), "--sparsity:"),
     (dict(mesh="model:16"), "--mesh: .* needs 16 devices"),
+    (dict(speculative="layerskip", draft_layers="0:8"), "--draft_layers: expected"),
+    (dict(speculative="recycling", tree="4,x"), "--tree:"),
 ])
-def test_flag_errors_name_the_flag(overrides, message):
+def test_flag_errors_name_the_flag(overrides, message, monkeypatch):
+  """Refused before any step is compiled (a wrong draft flag was found after minutes of it)."""
+  def never(*args, **kwargs):
+    raise AssertionError("compiled before the flags were checked")
+  monkeypatch.setattr(aot, "compile_step", never)
   job = aot.CompileJob(**{"target": "cuda", "model": "preset:tiny", **overrides})
   with pytest.raises(aot.CompileError, match=message):
     aot.run(job)

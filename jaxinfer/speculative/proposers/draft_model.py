@@ -126,7 +126,7 @@ class DraftModel(Chain):
     for i in range(g):
       hidden, cache = M.forward(params, tokens, positions, self.cfg, cache, kv_source="cache",
                                 runtime=self.draft_runtime)
-      logits = M.logits(params, hidden[:, -1], self.draft_runtime)
+      logits = M.logits(params, hidden[:, -1])
       q = distribution(logits, ctx.sampling, ctx.greedy_only)
       tok = draw(q, ctx, i)
       drafted.append(tok)
@@ -143,7 +143,7 @@ class DraftModel(Chain):
     def step(i, tokens, positions, cache, live):
       hidden, cache = M.forward(params, tokens, positions, self.cfg, cache, kv_source="cache",
                                 runtime=self.draft_runtime)
-      logits = M.logits(params, hidden[:, -1], self.draft_runtime)
+      logits = M.logits(params, hidden[:, -1])
       q = distribution(logits, ctx.sampling, ctx.greedy_only)
       tok = jnp.where(live, draw(q, ctx, i), 0)
       q = jnp.where(live[:, None], q, jax.nn.one_hot(0, q.shape[-1], dtype=q.dtype))
