@@ -416,8 +416,10 @@ def _checked(job: CompileJob, target: Target):
 
 
 def _compile_checked(name, fn, args, target: Target, report: Report, weights: int, kv: int,
-                     engine_kv: int, log=None) -> StepReport:
-  """compile_step, its memory checked against the device's HBM (CompileError when over)."""
+                     engine_kv: int, log=None, twice: int = 0) -> StepReport:
+  """compile_step, its memory checked against the device's HBM (CompileError when over).
+  twice: bytes of arguments passed twice (layer skip's draft weights are the target's own
+  buffers), counted once."""
   hbm = report.hbm_bytes
   if hbm and weights + kv > hbm:  # no need to ask the compiler
     raise CompileError(_shrink_advice(report, name, weights + kv, weights, kv, engine_kv))
@@ -434,6 +436,7 @@ def _compile_checked(name, fn, args, target: Target, report: Report, weights: in
   if target.platform == "cuda":
     return step
   step.weights_bytes, step.kv_bytes = weights, kv
+  step.argument_bytes -= twice
   if step.total_bytes > hbm:
     raise CompileError(_shrink_advice(report, name, step.total_bytes, weights, kv, engine_kv))
   return step
@@ -472,12 +475,17 @@ def run(job: CompileJob, log=None) -> Report:
                                          engine_kv, log=log))
   if proposer is None:
     return report
-  if draft is not None:  # whole on each of a replica's devices, as serving places a draft
+  shared = proposer.draft_from_target(params)  # layer skip's: the target's own weights
+  if shared is not None:
+    draft = shared
+  elif draft is not None:  # whole on each of a replica's devices, as serving places a draft
     whole = whole_on(runtime.mesh)
     draft = jax.tree_util.tree_map(lambda x: whole(x.shape, x.dtype), draft)
   # speculation inside the engine: its own pool and rows' state
   tree_steps, kv, draft_bytes = engine_tree_steps(cfg, job, params, runtime, proposer, draft)
+  twice = 0 if shared is None else draft_bytes
   for name, (fn, args) in tree_steps.items():
     report.steps.append(_compile_checked(name, fn, args, target, report,
-                                         weights + draft_bytes, kv, kv, log=log))
+                                         weights + draft_bytes - twice, kv, kv, log=log,
+                                         twice=twice))
   return report

@@ -77,6 +77,24 @@ def test_speculative_llm_equals_plain_greedy(llm, tiny_model_dir):
   assert m["verify_steps"] > 0 and m["mean_accepted_tokens"] > 1, m
 
 
+def test_layer_skip_on_a_mesh_drafts_with_the_targets_own_shards(llm, tiny_model_dir):
+  """Layer skip's draft weights are the target's arrays as the replica holds them (split over
+  fsdp, nothing copied; they were copied whole onto each device), and its output on the mesh
+  equals plain greedy decoding on one device."""
+  spec = jaxinfer.LLM(str(tiny_model_dir), speculative="layerskip", num_draft_tokens=3,
+                      speculation="always", batch_size=2, mesh="fsdp:2", progress=False)
+  sp = SamplingParams(max_new_tokens=16)
+  assert [o.completion_ids for o in spec.generate(PROMPTS, sp)] == [
+      o.completion_ids for o in llm.generate(PROMPTS, sp)]
+  assert spec.metrics["speculative_batches"] > 0
+  eng = spec._backend.engines[0]
+  draft, target = eng.draft_params, eng.params
+  assert len(draft.layers) == len(target.layers) // 2
+  assert draft.layers[0].mlp.up is target.layers[0].mlp.up
+  assert draft.lm_head is target.lm_head
+  assert "fsdp" in tuple(draft.layers[0].mlp.up.sharding.spec)
+
+
 def test_bad_input_is_named(llm, tiny_model_dir):
   with pytest.raises(UserError, match=r"unknown option\(s\) \['batchsize'\]"):
     jaxinfer.LLM(str(tiny_model_dir), batchsize=2)

@@ -72,6 +72,18 @@ def test_fsdp_with_pallas_and_speculation_compiles_and_sums_the_lm_head(tmp_path
   assert steps["decode"]["collective_bytes"] < cfg.embed * cfg.vocab_size * 4
 
 
+def test_layer_skip_drafts_with_the_targets_shards():
+  """Layer skip's draft weights are the target's own (split over fsdp as they are), counted
+  once: the verification steps hold no more weights than plain decoding (a whole copy of half
+  the layers, embeddings and LM head on every device before)."""
+  job = aot.CompileJob(TPU, model="preset:tiny", mesh="fsdp:4", batch_size=8, kv_pages=64,
+                       speculative="layerskip")
+  prefill, decode, verify_prefill, verify = aot.run(job).steps
+  assert verify.weights_bytes == decode.weights_bytes < PRESETS["tiny"].num_params() * 4 / 2
+  for step in (verify_prefill, verify):  # the buffers passed twice, counted once
+    assert step.argument_bytes < decode.argument_bytes + step.kv_bytes
+
+
 def test_collective_bytes_are_read_from_the_program():
   """What a compiled program's collectives deliver to a device: each result (every part of a
   tuple), asynchronous ones counted once (their -done half), other instructions not at all."""

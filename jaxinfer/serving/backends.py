@@ -81,10 +81,14 @@ class EngineBackend:
       ecfg = _engine_config(self.opts)
       meshes = [r.mesh for r in self.replicas]
       try:
-        engines = [Engine(self.cfg, placement.on_replica(self.params, rt.mesh, meshes), ecfg,
-                          need, rt, self.proposer, self.opts.acceptance, self.opts.speculation,
-                          placement.replicated(self.draft_params, rt.mesh))
-                   for rt in self.runtimes]
+        engines = []
+        for rt in self.runtimes:
+          params = placement.on_replica(self.params, rt.mesh, meshes)
+          draft = None if self.proposer is None else self.proposer.draft_from_target(params)
+          if draft is None:
+            draft = placement.replicated(self.draft_params, rt.mesh)
+          engines.append(Engine(self.cfg, params, ecfg, need, rt, self.proposer,
+                                self.opts.acceptance, self.opts.speculation, draft))
       except ValueError as e:  # e.g. a tree larger than the model's sliding window
         raise UserError(f"--speculative={self.opts.speculative} (--tree / "
                         f"--num_draft_tokens): {e}") from None

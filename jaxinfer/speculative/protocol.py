@@ -161,8 +161,16 @@ class Proposer(abc.ABC):
   @property
   def draft_runtime(self) -> Runtime:
     """What a draft layer or model of its own runs with: its `sparsity`, the reference
-    attention, no mesh (draft weights are whole on each of a replica's devices)."""
+    attention, no mesh (draft weights are whole on each of a replica's devices, or the
+    target's own: `draft_from_target`)."""
     return Runtime(sparsity=self.sparsity)
+
+  def draft_from_target(self, params) -> Any:
+    """Draft weights that are the target's own arrays, taken from its `params` as a replica
+    holds them (split as the target's, nothing copied); None: the draft's weights are its own
+    (placed whole on each of a replica's devices)."""
+    del params
+    return None
 
   def shrink(self) -> "Proposer | None":
     """The same proposer drafting about half as many tokens per step (None: it drafts one token

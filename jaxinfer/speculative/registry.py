@@ -145,7 +145,7 @@ def _layerskip(opts, cfg, params, dtype):
   except ValueError as e:
     raise UserError(f"--draft_layers: {e}") from None
   return P.DraftModel(dcfg, num_draft_tokens=opts.num_draft_tokens, name="layerskip",
-                      fallback=opts.draft_fallback), dparams
+                      fallback=opts.draft_fallback, keep=tuple(sorted(keep))), dparams
 
 
 def _draft(opts, cfg, params, dtype):

@@ -53,13 +53,15 @@ class DraftModel(Chain):
   step to the target: its `Draft.limit` is the drafts it drew, so the step verifies only as deep
   as the rows' drafts reach; once every row has stopped, no more draft steps run. Unused chain
   slots hold token 0 drawn from a point mass. `sparsity`: the draft's attention pattern (the
-  engine gives it the target's)."""
+  engine gives it the target's). `keep`: layer skip's layers of the target (`layer_skip_draft`),
+  whose weights the draft takes from the target's as placed (`draft_from_target`)."""
 
   cfg: ModelConfig
   num_draft_tokens: int = 4
   name: str = "draft"
   fallback: float = 0.0
   sparsity: Sparsity = DENSE
+  keep: tuple[int, ...] | None = None
   needs_draft_params = True
   paged_layers = True
   layers_read_hidden = False
@@ -72,6 +74,11 @@ class DraftModel(Chain):
 
   def with_sparsity(self, sparsity):
     return dataclasses.replace(self, sparsity=sparsity)
+
+  def draft_from_target(self, params):
+    if self.keep is None:
+      return None
+    return params.replace(layers=tuple(params.layers[i] for i in self.keep))
 
   def init_pages(self, weights, cfg, num_rows, num_pages, page_size):
     return DraftState.of(PagePools.init(self.cfg, num_pages, page_size), num_rows)
