@@ -145,13 +145,15 @@ def rows_split(b: int, mesh: Mesh | None, rules: ShardingRules = DEFAULT_RULES) 
 
 
 def device_bytes(tree, shardings=None) -> int:
-  """Bytes one device holds of a tree of arrays (each by its own sharding) or of shapes laid
-  out by `shardings` (a matching tree; None: whole on the device)."""
+  """Bytes one device holds of a tree of arrays (each by its own sharding; an array the tree
+  holds twice, such as layer skip's draft weights beside the target's, counted once) or of
+  shapes laid out by `shardings` (a matching tree; None: whole on the device)."""
   def nbytes(x, where):
     where = where if shardings is not None else getattr(x, "sharding", None)
     shape = x.shape if where is None else where.shard_shape(x.shape)
     return math.prod(shape) * x.dtype.itemsize
 
   if shardings is None:
-    return sum(nbytes(x, None) for x in jax.tree_util.tree_leaves(tree))
+    leaves = {id(x): x for x in jax.tree_util.tree_leaves(tree)}
+    return sum(nbytes(x, None) for x in leaves.values())
   return sum(jax.tree_util.tree_leaves(jax.tree_util.tree_map(nbytes, tree, shardings)))

@@ -98,7 +98,8 @@ class EngineBackend:
             f"--kv_pages: the KV pool ({eng.num_pool_pages} pages of {ps} tokens"
             + ("" if self.proposer is None else ", with the proposer's state"),
             eng.pool_bytes() + device_bytes(drafting), device_bytes((eng.k, eng.v, drafting)),
-            eng.params, eng.runtime.mesh, "lower --kv_pages or --batch_size")
+            (eng.params, eng.draft_params), eng.runtime.mesh,
+            "lower --kv_pages or --batch_size")
       self.engines, self.max_len = engines, need
     pages_needed = -(-(need + (self.engines[0].tree_size or 0)) // ps)
     if pages_needed > self.engines[0].num_pool_pages:
