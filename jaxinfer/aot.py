@@ -483,7 +483,7 @@ def run(job: CompileJob, log=None) -> Report:
     draft = jax.tree_util.tree_map(lambda x: whole(x.shape, x.dtype), draft)
   # speculation inside the engine: its own pool and rows' state
   tree_steps, kv, draft_bytes = engine_tree_steps(cfg, job, params, runtime, proposer, draft)
-  twice = 0 if shared is None else draft_bytes
+  twice = 0 if shared is None else draft_bytes  # the target's buffers, passed again
   for name, (fn, args) in tree_steps.items():
     report.steps.append(_compile_checked(name, fn, args, target, report,
                                          weights + draft_bytes - twice, kv, kv, log=log,

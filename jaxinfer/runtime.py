@@ -33,7 +33,7 @@ class Runtime:
     """`sharding.constrain` on this mesh by these rules (a no-op off a mesh)."""
     return constrain(x, logical_axes, self.mesh, self.rules)
 
-  def local(self, fn):
+  def replicated(self, fn):
     """`fn` run whole on every device (a no-op off a mesh): its arguments gathered at entry and
     every device computing the same result, no collective inside. For small per-row work
     (a verification's tree walk) that XLA would otherwise split as the kernels split rows."""

@@ -153,7 +153,8 @@ def device_bytes(tree, shardings=None) -> int:
     shape = x.shape if where is None else where.shard_shape(x.shape)
     return math.prod(shape) * x.dtype.itemsize
 
-  if shardings is None:
-    leaves = {id(x): x for x in jax.tree_util.tree_leaves(tree)}
+  if shardings is None:  # (shapes are not buffers: each counts, the same one repeated too)
+    leaves = {id(x) if isinstance(x, jax.Array) else i: x
+              for i, x in enumerate(jax.tree_util.tree_leaves(tree))}
     return sum(nbytes(x, None) for x in leaves.values())
   return sum(jax.tree_util.tree_leaves(jax.tree_util.tree_map(nbytes, tree, shardings)))

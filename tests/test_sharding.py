@@ -4,6 +4,7 @@ import dataclasses
 import json
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 from jax.sharding import PartitionSpec
@@ -13,7 +14,7 @@ from jaxinfer.config import PRESETS
 from jaxinfer.generation import Generator, RowRequest
 from jaxinfer.sampling import request_key
 from jaxinfer.runtime import Runtime
-from jaxinfer.sharding import DEFAULT_RULES, ShardingRules, make_mesh, parse_mesh
+from jaxinfer.sharding import DEFAULT_RULES, ShardingRules, device_bytes, make_mesh, parse_mesh
 
 
 def test_parse_mesh():
@@ -104,3 +105,11 @@ def test_sharded_logits_close(devices):
   fwd = jax.jit(lambda p, t, q: M.logits(p, M.forward(p, t, q, cfg, runtime=Runtime(mesh))[0]))
   out = fwd(sharded, tokens, pos)
   np.testing.assert_allclose(np.asarray(out), np.asarray(ref), rtol=1e-5, atol=1e-5)
+
+
+def test_device_bytes_counts_a_buffer_once_and_every_shape():
+  """A buffer a tree holds twice (layer skip's draft weights are the target's) is one device's
+  memory once; shapes are not buffers: a pool shape repeated per layer counts per layer."""
+  a, shape = jnp.zeros((4,), jnp.float32), jax.ShapeDtypeStruct((4,), jnp.float32)
+  assert device_bytes((a, a)) == 16 and device_bytes((a, jnp.ones((4,)))) == 32
+  assert device_bytes((shape,) * 3) == 48

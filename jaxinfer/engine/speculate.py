@@ -199,7 +199,7 @@ def _verify(params, draft_params, k, v, state: Drafting, nxt: _Next, n: int, lan
     v_new = commit_path(v_new, decode_table, state.length, verdict.path, n_acc)
   # the rows' bookkeeping whole on each device: split as the kernels split rows, its counters
   # were sums across devices accumulated in the steps' loops, which libtpu's compiler crashed on
-  emitted, n_emit, hist, length, done, num_generated, verified = runtime.local(partial(
+  emitted, n_emit, hist, length, done, num_generated, verified = runtime.replicated(partial(
       _account, n=n))(state.replace(proposer=()), draft, verdict, eos_ids, live)
   pstate = proposer.observe(weights, pstate, Verified(
       draft.tokens, hidden, logits, verdict.path, n_acc, verdict.next_token, state.length, live))

@@ -33,9 +33,9 @@ def judge(logits, draft, parents, sampling: SamplingParams, step_keys, rule: str
   """The acceptance rule's verdict on each row's tree given the target's logits (B,T,V); nodes
   deeper than the draft's `limit` are not tried. greedy_only: every row is known to be greedy
   (compiled without the vocabulary sort of sampled acceptance); otherwise the device checks.
-  runtime: on a mesh, the tree walk runs whole on every device (`Runtime.local`): split as the
-  kernels split rows, each of its gathers was a sum across devices inside its loop; split over
-  the vocabulary, sampled acceptance's sort and scatter moved index arrays of B*T*V between
+  runtime: on a mesh, the tree walk runs whole on every device (`Runtime.replicated`): split as
+  the kernels split rows, each of its gathers was a sum across devices inside its loop; split
+  over the vocabulary, sampled acceptance's sort and scatter moved index arrays of B*T*V between
   devices (Llama-3-8B on --mesh=model:4 under the Pallas kernels: a verification step's
   collectives 443 MiB, 88 MiB now)."""
   greedy = sampling.temperature <= 0
@@ -47,12 +47,12 @@ def judge(logits, draft, parents, sampling: SamplingParams, step_keys, rule: str
       p = distribution(logits, sampling)  # (B,T,V)
       return acceptance.verify(keys, p, draft.tokens, parents, draft.q,
                                greedy=sampling.temperature <= 0, rule=rule)
-    return runtime.local(walk)(logits, draft, parents, sampling, verify_keys)
+    return runtime.replicated(walk)(logits, draft, parents, sampling, verify_keys)
 
   def all_greedy(_):
     if rule == acceptance.TYPICAL:
       return sampled(None)
-    return runtime.local(acceptance.verify_greedy)(draft.tokens, parents, argmax(logits))
+    return runtime.replicated(acceptance.verify_greedy)(draft.tokens, parents, argmax(logits))
 
   if greedy_only:
     return all_greedy(None)
