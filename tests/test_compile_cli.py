@@ -77,7 +77,7 @@ def test_layer_skip_drafts_with_the_targets_shards():
   once: the verification steps hold no more weights than plain decoding (a whole copy of half
   the layers, embeddings and LM head on every device before)."""
   job = aot.CompileJob(TPU, model="preset:tiny", mesh="fsdp:4", batch_size=8, kv_pages=64,
-                       speculative="layerskip")
+                       speculative="layerskip", num_draft_tokens=1)
   prefill, decode, verify_prefill, verify = aot.run(job).steps
   assert verify.weights_bytes == decode.weights_bytes < PRESETS["tiny"].num_params() * 4 / 2
   for step in (verify_prefill, verify):  # the buffers passed twice, counted once
