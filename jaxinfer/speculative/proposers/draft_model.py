@@ -76,9 +76,7 @@ class DraftModel(Chain):
     return dataclasses.replace(self, sparsity=sparsity)
 
   def draft_from_target(self, params):
-    if self.keep is None:
-      return None
-    return params.replace(layers=tuple(params.layers[i] for i in self.keep))
+    return None if self.keep is None else _kept_layers(params, self.keep)
 
   def init_pages(self, weights, cfg, num_rows, num_pages, page_size):
     return DraftState.of(PagePools.init(self.cfg, num_pages, page_size), num_rows)
@@ -206,5 +204,9 @@ def layer_skip_draft(cfg: ModelConfig, params: M.Transformer,
   if not keep or any(not 0 <= i < cfg.num_layers for i in keep) or len(set(keep)) != len(keep):
     raise ValueError(f"layer skip: layers to keep must be distinct indices in "
                      f"[0, {cfg.num_layers}), got {keep}")
-  return (cfg.keep_layers(sorted(keep)),
-          params.replace(layers=tuple(params.layers[i] for i in sorted(keep))))
+  return cfg.keep_layers(sorted(keep)), _kept_layers(params, sorted(keep))
+
+
+def _kept_layers(params: M.Transformer, keep) -> M.Transformer:
+  """The target's params with only the layers in `keep` (in order): the same arrays."""
+  return params.replace(layers=tuple(params.layers[i] for i in keep))
