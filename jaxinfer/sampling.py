@@ -52,6 +52,11 @@ def argmax(x: jax.Array) -> jax.Array:
   return jnp.min(jnp.where(hit, jnp.arange(v, dtype=jnp.int32), v), axis=-1)
 
 
+def _scaled(logits: jax.Array, sp: SamplingParams) -> jax.Array:
+  """(B,V) logits in float32 over each row's temperature (greedy rows: unscaled)."""
+  return logits.astype(jnp.float32) / jnp.where(sp.temperature > 0, sp.temperature, 1.0)[:, None]
+
+
 def filtered_sorted(logits: jax.Array, sp: SamplingParams) -> tuple[jax.Array, jax.Array]:
   """(B,V) logits -> (masked log-probs in descending order, the token of each sorted slot).
 
@@ -59,8 +64,7 @@ def filtered_sorted(logits: jax.Array, sp: SamplingParams) -> tuple[jax.Array, j
   when mapping a threshold back to the vocabulary).
   """
   v = logits.shape[-1]
-  temp = jnp.where(sp.temperature > 0, sp.temperature, 1.0)[:, None]
-  scaled = logits.astype(jnp.float32) / temp
+  scaled = _scaled(logits, sp)
   order = jnp.argsort(-scaled, axis=-1, stable=True)
   sorted_logits = jnp.take_along_axis(scaled, order, axis=-1)
   rank = jnp.arange(v)[None, :]
@@ -74,10 +78,21 @@ def filtered_sorted(logits: jax.Array, sp: SamplingParams) -> tuple[jax.Array, j
 
 
 def target_probs(logits: jax.Array, sp: SamplingParams) -> jax.Array:
-  """(B,V): the distribution sampling draws from (one-hot argmax for greedy rows)."""
+  """(B,V): the distribution sampling draws from (one-hot argmax for greedy rows).
+
+  The tokens `filtered_sorted` keeps are a prefix of the stable descending order, so in the
+  vocabulary's own order they are those above the prefix's last logit and those equal to it at
+  or before its token: the probabilities are taken there, with no scatter back from the sorted
+  order (on a TPU, a scatter of B*T*V indices laid out with the tree's nodes minor, padded 25x:
+  ~1 GiB of a Llama-3-8B verification's temporaries)."""
   logp, order = filtered_sorted(logits, sp)
-  rows = jnp.arange(logits.shape[0])[:, None]
-  probs = jnp.zeros_like(logp).at[rows, order].set(jnp.exp(logp))
+  kept = jnp.sum(logp > -jnp.inf, axis=-1, keepdims=True)  # >= 1: the top token is kept
+  scaled = _scaled(logits, sp)
+  last = jnp.take_along_axis(order, kept - 1, axis=-1)  # the prefix's last token
+  edge = jnp.take_along_axis(scaled, last, axis=-1)
+  token = jnp.arange(logits.shape[-1], dtype=order.dtype)[None, :]
+  keep = (scaled > edge) | ((scaled == edge) & (token <= last))
+  probs = jax.nn.softmax(jnp.where(keep, scaled, -jnp.inf), axis=-1)
   greedy = jax.nn.one_hot(argmax(logits), logits.shape[-1], dtype=probs.dtype)
   return jnp.where((sp.temperature > 0)[:, None], probs, greedy)
 

@@ -123,3 +123,22 @@ def test_validate_messages():
   assert validate(0.0, 0, 1.0, 0.0) == []
   problems = validate(-1.0, -2, 0.0, 1.5)
   assert len(problems) == 4 and "temperature" in problems[0] and "min_p" in problems[3]
+
+
+def test_target_probs_keep_the_sorted_prefix_among_ties():
+  """The kept set, read in the vocabulary's order, is the stable sort's prefix even when a filter
+  cuts through tied logits (lower token ids first), with the probabilities the sorted order gives."""
+  from jaxinfer.sampling import filtered_sorted
+  rng = np.random.RandomState(3)
+  x = jnp.asarray(rng.randint(-2, 2, (6, 64)).astype(np.float32))
+  x = x.at[5, :40].set(-jnp.inf)
+  sp = SamplingParams(temperature=jnp.array([1.0, 0.7, 1.3, 1.0, 2.0, 1.0]),
+                      top_k=jnp.array([5, 0, 17, 0, 3, 0], jnp.int32),
+                      top_p=jnp.array([1.0, 0.3, 0.8, 1.0, 1.0, 1.0]),
+                      min_p=jnp.array([0.0, 0.0, 0.0, 0.9, 0.0, 0.0]))
+  logp, order = filtered_sorted(x, sp)
+  rows = jnp.arange(6)[:, None]
+  expected = np.asarray(jnp.zeros_like(logp).at[rows, order].set(jnp.exp(logp)))
+  got = np.asarray(target_probs(x, sp))
+  np.testing.assert_array_equal(got > 0, expected > 0)
+  np.testing.assert_allclose(got, expected, rtol=1e-6, atol=0)
