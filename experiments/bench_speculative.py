@@ -44,6 +44,7 @@ from pathlib import Path
 from absl import app, flags
 
 from jaxinfer import output
+from jaxinfer.speculative import registry
 
 flags.DEFINE_string("model", "embedded", "Target model: 'embedded', a model directory, or "
                     "preset:NAME (random weights, no EOS; prompts from the embedded tokenizer).")
@@ -145,10 +146,17 @@ def spread(xs) -> dict:
 
 def method_options(method: str, heads_dir: Path | None) -> dict:
   spec = SPEC.get(method, method)
-  opts = dict(speculative=spec, num_draft_tokens=FLAGS.num_draft_tokens,
-              tree=FLAGS.dynamic_tree if method == "eagle-tree" else FLAGS.tree,
-              draft_layers=FLAGS.draft_layers,
+  opts = dict(speculative=spec,
               draft_fallback=FLAGS.draft_fallback if method.endswith("-fallback") else 0.0)
+  if method == "eagle-tree":
+    opts["tree"] = FLAGS.dynamic_tree
+  elif spec in registry.CHAINS:  # (each method gets the options it reads)
+    opts["num_draft_tokens"] = FLAGS.num_draft_tokens
+  if spec == "recycling" or (spec in ("lookahead", "medusa", "hydra")
+                             and FLAGS.tree.startswith("nodes:")):
+    opts["tree"] = FLAGS.tree
+  if spec == "layerskip":
+    opts["draft_layers"] = FLAGS.draft_layers
   if spec == "draft":
     opts["draft_model"] = FLAGS.draft_model
   if method in HEADS:

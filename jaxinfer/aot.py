@@ -30,8 +30,8 @@ import numpy as np
 from jax.sharding import Mesh
 
 from jaxinfer import compilation_cache
-from jaxinfer.aot_steps import (CompileError, engine_steps, engine_tree_steps, params_shapes,
-                                proposer_for, whole_on)
+from jaxinfer.aot_steps import (CompileError, check_speculative, engine_steps,
+                                engine_tree_steps, params_shapes, proposer_for, whole_on)
 from jaxinfer.config import DTYPES, PRESETS, ModelConfig
 from jaxinfer.engine.engine import EngineConfig
 from jaxinfer.runtime import Runtime
@@ -409,6 +409,17 @@ def _checked(job: CompileJob, target: Target):
   if sparsity.dynamic and job.speculative != "none":
     raise CompileError(f"--sparsity: {sparsity} is not combinable with --speculative (its "
                        f"pattern needs whole-prompt prefill)")
+  check_speculative(job)
+  if job.quantize and job.speculative != "none":
+    from jaxinfer import quant
+    try:
+      activations = quant.QuantFormat.parse(job.quantize).activations
+    except ValueError as e:
+      raise CompileError(f"--quantize: {e}") from None
+    if activations:  # (as jaxinfer generate refuses it)
+      raise CompileError(f"--speculative: {job.quantize} quantizes activations (:a8), under "
+                         f"which speculation would not equal plain decoding; use a weight-only "
+                         f"format")
   why = attention.unsupported(sparsity, job.implementation, target.platform)
   if why:
     raise CompileError(f"--sparsity: {why}")

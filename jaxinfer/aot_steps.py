@@ -84,23 +84,41 @@ def params_shapes(cfg: ModelConfig, job, mesh: Mesh, runtime: Runtime):
   from jaxinfer import quant
   try:
     fmt = quant.QuantFormat.parse(job.quantize)
-  except ValueError as e:
+    return quant.abstract_quantized(params, spec, fmt, mesh, runtime.rules)
+  except ValueError as e:  # (a group size that does not divide a weight's axis, ...)
     raise CompileError(f"--quantize: {e}") from None
-  return quant.abstract_quantized(params, spec, fmt, mesh, runtime.rules)
+
+
+def speculative_options(job):
+  """The job's speculative options as `registry.check` and `registry.build` read them (compile
+  takes the proposers that need no trained weights)."""
+  from types import SimpleNamespace
+  return SimpleNamespace(speculative=job.speculative, num_draft_tokens=job.num_draft_tokens,
+                         tree=job.tree, draft_layers=job.draft_layers, draft_fallback=0.0,
+                         draft_model=None, draft_heads=None, scheduler="continuous")
+
+
+def check_speculative(job) -> None:
+  """Refuses speculative options that do not fit together, or that no step would read."""
+  from jaxinfer.speculative import registry
+  opts = speculative_options(job)
+  if job.speculative == "none":
+    given = [name for name, default in (("num_draft_tokens", registry.DEFAULT_DRAFT_TOKENS),
+                                        ("tree", registry.DEFAULT_TREE), ("draft_layers", None))
+             if getattr(opts, name) != default]
+    if given:
+      raise CompileError(f"--{given[0]}: applies to speculative decoding; pass --speculative too")
+  try:
+    registry.check(opts)
+  except ValueError as e:  # (UserError is one)
+    raise CompileError(str(e)) from None
 
 
 def proposer_for(cfg: ModelConfig, job, params):
-  """(proposer, draft weights or None) of --speculative; compile takes the proposers that need
-  no trained weights."""
-  from types import SimpleNamespace
-
+  """(proposer, draft weights or None) of --speculative."""
   from jaxinfer.speculative import registry
-  # the options `registry.build` reads
-  opts = SimpleNamespace(speculative=job.speculative, num_draft_tokens=job.num_draft_tokens,
-                         tree=job.tree, draft_layers=job.draft_layers, draft_fallback=0.0,
-                         draft_model=None, draft_heads=None, scheduler="continuous")
   try:
-    return registry.build(opts, cfg, params, None)
+    return registry.build(speculative_options(job), cfg, params, None)
   except ValueError as e:
     raise CompileError(str(e) if str(e).startswith("--") else f"--tree: {e}") from None
 

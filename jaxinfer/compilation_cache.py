@@ -96,9 +96,12 @@ def suspended():
 class CompileClock:
   """Every compilation this process runs (jit steps and small eager operations alike), from
   jax's own compile and cache events: `totals()` -> (seconds, backend compilations, of them
-  loaded from the persistent cache). Read two totals around a call for what it compiled."""
+  loaded from the persistent cache). Read two totals around a call for what it compiled.
+  Seconds are wall-clock time during which something compiled: compilations running at once
+  (each replica's engine compiles its own steps in a thread of its own) count once."""
 
-  _seconds, _count, _loaded, _listening = 0.0, 0, 0, False
+  _spans: list = []  # (start, end) in perf_counter seconds, one per compile phase
+  _count, _loaded, _listening = 0, 0, False
 
   @classmethod
   def start(cls) -> None:
@@ -111,7 +114,8 @@ class CompileClock:
   @classmethod
   def _on_event(cls, event: str, duration: float, **_) -> None:
     if event.startswith("/jax/core/compile/"):  # tracing, lowering and the backend's compile
-      cls._seconds += duration
+      end = time.perf_counter()
+      cls._spans.append((end - duration, end))
       cls._count += event.endswith("backend_compile_duration")
 
   @classmethod
@@ -121,7 +125,17 @@ class CompileClock:
   @classmethod
   def totals(cls) -> tuple[float, int, int]:
     cls.start()
-    return cls._seconds, cls._count, cls._loaded
+    return covered(list(cls._spans)), cls._count, cls._loaded
+
+
+def covered(spans: list[tuple[float, float]]) -> float:
+  """The length of the union of (start, end) spans."""
+  total, reach = 0.0, float("-inf")
+  for start, end in sorted(spans):
+    if end > reach:
+      total += end - max(start, reach)
+      reach = end
+  return total
 
 
 def call_compiled(executables: dict, key, jitted, args: tuple, counter):

@@ -57,7 +57,7 @@ class ServeOptions:
   speculative: str = "none"
   draft_model: str | None = None
   draft_heads: str | None = None  # medusa, hydra, eagle: a directory written by train-draft
-  num_draft_tokens: int = 4
+  num_draft_tokens: int = registry.DEFAULT_DRAFT_TOKENS
   tree: str = registry.DEFAULT_TREE
   draft_layers: str | None = None  # layerskip: layers the draft keeps
   draft_fallback: float = 0.0  # draft, layerskip: Big-Little fallback confidence (0: off)

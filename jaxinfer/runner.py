@@ -131,15 +131,33 @@ def make_record(req: Request, samples: list[Completion]) -> dict:
 
 
 def _check_resumable(written: list[dict[str, Any]], requests: list[Request]) -> None:
-  """Refuses to resume from records another job wrote: one for an id of `requests` made from a
-  prompt of another length."""
-  tokens = {r.id: len(r.prompt_ids) for r in requests}
+  """Refuses to resume from records another job wrote: a completion for an id this --prompts
+  does not have, or made from a prompt of another length, with another number of samples or
+  another token budget (a `length` finish that is not this budget, or one overrun)."""
+  by_id = {json.dumps(r.id): r for r in requests}
+
+  def refuse(rec, why):
+    raise UserError(f"--output: its record for id {rec.get('id')!r} {why}: it holds another "
+                    f"job's output (--overwrite starts over)")
+
   for rec in written:
-    want = None if "error" in rec else tokens.get(rec.get("id"))
-    if want is not None and rec.get("prompt_tokens") != want:
-      raise UserError(f"--output: its record for id {rec['id']!r} was made from a prompt of "
-                      f"{rec.get('prompt_tokens')} tokens, not the {want} of this --prompts: it "
-                      f"holds another job's output (--overwrite starts over)")
+    if "error" in rec:
+      continue
+    req = by_id.get(json.dumps(rec.get("id")))
+    if req is None:
+      refuse(rec, "matches no request of this --prompts")
+    if rec.get("prompt_tokens") != len(req.prompt_ids):
+      refuse(rec, f"was made from a prompt of {rec.get('prompt_tokens')} tokens, not the "
+                  f"{len(req.prompt_ids)} of this --prompts")
+    samples = rec.get("samples", [rec])
+    if len(samples) != req.n:
+      refuse(rec, f"holds {len(samples)} completions, this job asks {req.n} (--num_samples)")
+    for sample in samples:
+      n, budget = sample.get("completion_tokens"), req.max_new_tokens
+      if not isinstance(n, int) or n > budget or (sample.get("finish_reason") == "length"
+                                                  and n != budget):
+        refuse(rec, f"ended after {n} tokens by {sample.get('finish_reason')!r}, under another "
+                    f"budget than this job's {budget} (max_new_tokens)")
 
 
 def _init_distributed(coordinator_address, num_processes, process_id, auto) -> tuple[int, int]:

@@ -56,6 +56,13 @@ def test_orbax_round_trip_restores_onto_a_mesh(tmp_path, devices):
   # load_model dispatches on the directory's contents
   cfg3, restored3, _ = load_model(str(tmp_path / "ckpt"))
   _assert_trees_equal(params, restored3)
+  # one checkpoint per directory: the other format beside it is refused, the same replaced
+  with pytest.raises(ValueError, match="holds a jaxinfer \\(orbax\\) checkpoint"):
+    save_hf(tmp_path / "ckpt", cfg, params)
+  with pytest.raises(ValueError, match="holds Hugging Face weights"):
+    save_orbax(tmp_path / "hf", cfg, params)
+  save_orbax(tmp_path / "ckpt", cfg, params)
+  _assert_trees_equal(params, load_orbax(tmp_path / "ckpt")[1])
 
 
 def test_hf_load_onto_mesh_matches_unsharded(tmp_path, devices):

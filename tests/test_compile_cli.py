@@ -190,6 +190,11 @@ def test_missing_libtpu_says_what_to_install(monkeypatch):
     (dict(mesh="model:16"), "--mesh: .* needs 16 devices"),
     (dict(speculative="layerskip", draft_layers="0:8"), "--draft_layers: expected"),
     (dict(speculative="recycling", tree="4,x"), "--tree:"),
+    (dict(tree="4,2"), "--tree: applies to speculative decoding"),
+    (dict(draft_layers="0"), "--draft_layers: applies to speculative decoding"),
+    (dict(speculative="ngram", draft_layers="0"), "--draft_layers: .*layerskip"),
+    (dict(quantize="int4:g7"), "--quantize: .* groups of 7 do not divide"),
+    (dict(quantize="int8:a8", speculative="ngram"), "--speculative: int8:a8 quantizes"),
 ])
 def test_flag_errors_name_the_flag(overrides, message, monkeypatch):
   """Refused before any step is compiled (a wrong draft flag was found after minutes of it)."""

@@ -67,6 +67,16 @@ def test_flags_page_is_current(commands):
       "docs/flags.md is stale: run python experiments/docs_flags.py")
 
 
+def test_command_help_lists_the_commands_flags(commands):
+  """`jaxinfer <command> --help` (as the flag errors and docs/flags.md point to it) lists the
+  command's own flags and exits 0."""
+  proc = subprocess.run([sys.executable, "-m", "jaxinfer", "train-draft", "--help"],
+                        capture_output=True, text=True, timeout=120, cwd=ROOT)
+  assert proc.returncode == 0, proc.stderr
+  listed = set(re.findall(r"^  --(?:\[no\])?(\w+):", proc.stdout, re.M))
+  assert listed == {f["name"] for f in commands["train-draft"]["flags"]}, proc.stdout
+
+
 def test_results_page_is_current():
   files = results_page().load().files
   assert {"bench_speculative.jsonl", "long_context.json", "recorded.jsonl"} <= set(files)

@@ -86,8 +86,9 @@ def test_train_draft_cli_and_generate_with_heads(tmp_path, tiny_model_dir, metho
         {"role": "assistant", "content": f"def add(b):\n    return {i} + b"}]}) + "\n"
         for i in range(20)))
     options.update(self_distill=8, distill_new_tokens=48)
-  if method == "eagle":
+  if method == "eagle":  # (one draft layer: no heads, its tree chosen when serving)
     options["draft_vocab"] = 64
+    del options["num_heads"], options["tree_nodes"]
   if method == "hydra":  # Hydra++, heads-only training from the model's cached hidden states
     options.update(hidden_cache=str(tmp_path / "cache"), prefix_layer=True, head_layers=2)
   if method == "medusa":
@@ -491,3 +492,20 @@ def test_eagle_training_time_test_sees_what_drafting_sees(tmp_path, tiny_model_d
       eagle.accuracy(eagle.EagleHeads(trained), base, cfg, held)[0], abs=1e-6)
   with pytest.raises(ValueError, match="ttt_steps"):
     eagle.eagle_loss_fn(cfg, ttt_steps=0)
+
+
+@pytest.mark.parametrize("method,options,needle", [
+    ("eagle", dict(num_heads=3), "--num_heads"),
+    ("eagle", dict(tree_nodes=8), "--tree_nodes"),
+    ("medusa", dict(lora_rank=4), "--lora_rank"),
+    ("hydra", dict(ttt_steps=2), "--ttt_steps"),
+    ("medusa", dict(prefix_layer=True), "--prefix_layer"),
+    ("medusa", dict(distill_new_tokens=32), "--distill_new_tokens"),
+])
+def test_train_draft_refuses_options_its_method_would_ignore(tmp_path, method, options, needle):
+  """Before any file is read: an option the method never reads is refused by name."""
+  import jaxinfer
+  from jaxinfer.errors import UserError
+  with pytest.raises(UserError, match=needle):
+    jaxinfer.train_draft(str(tmp_path / "no_model"), str(tmp_path / "no_data"),
+                         str(tmp_path / "heads"), method=method, **options)

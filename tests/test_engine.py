@@ -365,6 +365,44 @@ def test_ctrl_c_or_sigkill_then_rerun_gives_every_id_once(tmp_path, tiny_model_d
   assert all(r == want[r["id"]] for r in got)
 
 
+def test_ctrl_c_while_starting_ends_with_one_line(tmp_path, tiny_model_dir):
+  """Ctrl-C while JAX and the command import (a second or two): status 130 and one line, never a
+  traceback through the imports or an interrupt a library callback swallowed (the run would then
+  go on to the end)."""
+  prompts = tmp_path / "p.jsonl"
+  prompts.write_text("".join(json.dumps({"id": i, "prompt": f"n{i}", "max_new_tokens": 64}) + "\n"
+                             for i in range(40)))
+  for delay in (0.3, 0.6, 0.9):
+    proc = _cli([f"--model={tiny_model_dir}", f"--prompts={prompts}",
+                 f"--output={tmp_path / 'out.jsonl'}", "--batch_size=2", "--noprogress"])
+    time.sleep(delay)
+    proc.send_signal(signal.SIGINT)
+    code, err = proc.wait(timeout=60), proc.stderr.read()
+    assert code == 130 and "Traceback" not in err and "Exception ignored" not in err, err
+    assert err.strip().splitlines()[-1].startswith("interrupted"), err
+
+
+@pytest.mark.parametrize("ignored,exits,want", [(False, "sys.exit(1)", 130), (False, "", 130),
+                                                (True, "", 0)])
+def test_an_interrupt_a_callback_swallowed_still_ends_the_command(ignored, exits, want):
+  """A Ctrl-C that a library's callback swallowed ends the command with 130 once it returns or
+  exits; a process started with SIGINT ignored (a launcher's choice) keeps ignoring it."""
+  code = (f"import os, signal, sys, time\n"
+          f"if {ignored}: signal.signal(signal.SIGINT, signal.SIG_IGN)\n"
+          f"else: signal.signal(signal.SIGINT, signal.default_int_handler)\n"
+          f"from jaxinfer.cli import _interruptible\n"
+          f"def main(argv):\n"
+          f"  try:\n"
+          f"    os.kill(os.getpid(), signal.SIGINT); time.sleep(2)\n"
+          f"  except KeyboardInterrupt:\n"
+          f"    pass  # (swallowed)\n"
+          f"  {exits or 'pass'}\n"
+          f"_interruptible(main, [])\n")
+  proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+  assert proc.returncode == want, proc.stderr
+  assert ("interrupted" in proc.stderr) == (want == 130), proc.stderr
+
+
 @pytest.mark.parametrize("speculative,mesh", [("none", "data:4"), ("none", "fsdp:4"),
                                                ("ngram", "data:2,model:2")])
 def test_two_processes_write_one_output(tmp_path, tiny_model_dir, speculative, mesh):

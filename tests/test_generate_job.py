@@ -1,5 +1,6 @@
 """The `jaxinfer generate` contract: records, errors per bad line, stop strings, flags."""
 
+import dataclasses
 import json
 import os
 import subprocess
@@ -105,7 +106,17 @@ def test_resuming_after_a_corrected_line_and_from_another_jobs_output(tmp_path, 
   _write(prompts, [{"id": 1, "prompt": "class Point(object):"}, {"id": 2, "prompt": "x"}])
   with pytest.raises(UserError, match="--output: its record for id 1 .* another job's output"):
     run(job())
+  _write(prompts, [{"id": 3, "prompt": "def add("}, {"id": 2, "prompt": "x"}])
+  with pytest.raises(UserError, match="id 1 matches no request of this --prompts"):
+    run(job())
+  _write(prompts, lines[:1] + [{"id": 2, "prompt": "x"}])
+  with pytest.raises(UserError, match="id 1 ended after 3 tokens .* this job's 5"):
+    run(dataclasses.replace(job(), defaults=Defaults(max_new_tokens=5)))
+  with pytest.raises(UserError, match="id 1 holds 1 completions, this job asks 2"):
+    run(dataclasses.replace(job(), num_samples=2, defaults=Defaults(max_new_tokens=3,
+                                                                     temperature=1.0)))
   assert _read(out) == got
+  assert run(job())["num_skipped_already_done"] == 2  # the same job still resumes
 
 
 def test_stop_strings_truncate_text_and_ids(tmp_path, tiny_model_dir):
@@ -161,6 +172,10 @@ def test_job_validation_names_the_flag(tmp_path, tiny_model_dir):
       (dict(sparsity="block_topk:2", chunk_lanes=2), "--chunk_lanes: under --sparsity="),
       (dict(speculative="ngram", sparsity="sinks_window:1,3", num_draft_tokens=4),
        "--speculative=ngram"),  # a chain of 5 past the window of 3
+      # options the chosen proposer would not read
+      (dict(speculative="ngram", draft_layers="0"), "--draft_layers: .*layerskip"),
+      (dict(speculative="recycling", num_draft_tokens=7), "--num_draft_tokens: not read"),
+      (dict(speculative="ngram", tree="3,2"), "--tree: .*ngram takes no --tree"),
   ]
   for overrides, flag in cases:
     kw = dict(prompts=str(prompts), output=str(tmp_path / "out.jsonl"), model=str(tiny_model_dir),
@@ -178,17 +193,21 @@ def _cli(*args, env=None):
 
 def test_cli_end_to_end_exit_status_and_no_traceback(tmp_path, tiny_model_dir):
   prompts = _write(tmp_path / "p.jsonl", [{"id": "ok", "prompt": "def add("}, "{bad json",
-                                          {"id": "long", "prompt_ids": [1] * 1000}])
+                                          {"id": "long", "prompt_ids": [1] * 1000},
+                                          {"id": "b", "prompt": "class A:"},
+                                          {"id": "c", "prompt": "import os"}])
   out, metrics = tmp_path / "out.jsonl", tmp_path / "m.json"
   proc = _cli("generate", f"--model={tiny_model_dir}", f"--prompts={prompts}", f"--output={out}",
               f"--metrics_output={metrics}", "--max_new_tokens=5", "--mesh=data:2",
-              "--cpu_devices=2", "--noprogress")
+              "--cpu_devices=2", "--noprogress", "--compilation_cache=none")
   assert proc.returncode == 1, proc.stderr
   assert "Traceback" not in proc.stderr
   records = _read(out)
-  assert len(records) == 3 and sum("error" in r for r in records) == 2
+  assert len(records) == 5 and sum("error" in r for r in records) == 2
   m = json.loads(metrics.read_text())
-  assert m["num_requests"] == 3 and m["num_failed"] == 2 and m["mesh"] == "data:2,fsdp:1,model:1"
+  assert m["num_requests"] == 5 and m["num_failed"] == 2 and m["mesh"] == "data:2,fsdp:1,model:1"
+  # two replicas compile at once: wall time compiling, not the sum of their threads' times
+  assert 0 < m["compile_seconds"] < m["generate_seconds"], m
 
 
 @pytest.mark.parametrize("flag,needle", [

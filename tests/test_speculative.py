@@ -292,10 +292,10 @@ def test_generate_job_with_speculation(tmp_path, tiny_model_dir):
     return {r["id"]: r for r in map(json.loads, out.read_text().splitlines())}, m
 
   plain, _ = job("plain", scheduler="static")  # (the plain steps, in static waves)
-  for method, tree, policy in (("ngram", "2,1", "auto"), ("recycling", "2,1", "always")):
+  for method, shape, policy in (("ngram", dict(num_draft_tokens=2), "auto"),
+                                ("recycling", dict(tree="2,1"), "always")):
     # (every proposer: test_greedy_speculative_equals_greedy)
-    spec, m = job(method, speculative=method, tree=tree, speculation=policy,
-                  num_draft_tokens=2)
+    spec, m = job(method, speculative=method, speculation=policy, **shape)
     assert {i: r["completion_ids"] for i, r in spec.items()} == {
         i: r["completion_ids"] for i, r in plain.items()}, method
     assert m["speculative"] == method and m["mean_accepted_tokens"] >= 1.0

@@ -7,6 +7,7 @@ import sys
 from pathlib import Path
 
 import numpy as np
+import pytest
 
 from jaxinfer.train.loop import read_metrics
 
@@ -93,3 +94,32 @@ def test_train_cli_finetunes_and_exports(tmp_path, tiny_model_dir):
   resumed = subprocess.run(proc.args + ["--resume"], capture_output=True, text=True, timeout=600)
   assert resumed.returncode == 0, resumed.stderr
   assert json.loads((out / "report.json").read_text()) == report
+
+
+def test_training_data_errors_name_the_file_and_line(tmp_path):
+  from jaxinfer.train.data import iter_jsonl
+  good = json.dumps({"text": "x"}).encode()
+  cases = [(b"\xef\xbb\xbf" + good + b"\n\n" + good + b"\n", None),  # a BOM, a blank line: fine
+           (good + b"\n" + b'{"text": "caf\xe9"}\n', "line 2 is not valid UTF-8 \\(byte 14"),
+           (good + b"\n{bad\n", "line 2 is not valid JSON"),
+           (b'{"txt": "x"}\n', "line 1 has no string 'text' field")]
+  for i, (content, error) in enumerate(cases):
+    path = tmp_path / f"d{i}.jsonl"
+    path.write_bytes(content)
+    if error is None:
+      assert [n for n, _ in iter_jsonl(path)] == [1, 3]
+    else:
+      with pytest.raises(ValueError, match=f"--data: {path} {error}"):
+        list(iter_jsonl(path))
+
+
+def test_train_cli_refuses_data_too_short_for_one_window(tmp_path, tiny_model_dir):
+  data = tmp_path / "short.txt"
+  data.write_text("def f(x):\n    return x\n")
+  proc = subprocess.run(
+      [sys.executable, "-m", "jaxinfer", "train", f"--model={tiny_model_dir}", f"--data={data}",
+       f"--output={tmp_path / 'out'}", "--seq_len=64", "--mesh=data:1"],
+      capture_output=True, text=True, timeout=300)
+  assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr
+  assert proc.stderr.strip().splitlines()[-1].startswith(f"error: --data: {data} gives "), proc.stderr
+  assert "--seq_len=64" in proc.stderr

@@ -6,13 +6,21 @@ import os
 from pathlib import Path
 
 
-def check_destination(directory: str | os.PathLike, source: str | os.PathLike | None) -> Path:
-  """`directory` as a path, if a checkpoint may be written there: not an existing file, and not
-  the model directory it is made from (whose files it would be mixed with). Raises ValueError
-  naming it."""
+def check_destination(directory: str | os.PathLike, source: str | os.PathLike | None,
+                      writes: str | None = None) -> Path:
+  """`directory` as a path, if a checkpoint may be written there: not an existing file, not the
+  model directory it is made from (whose files it would be mixed with), and (`writes`: "hf" or
+  "orbax", the format about to be written) not a directory holding a checkpoint of the other
+  format, which the new one would leave beside it. A checkpoint of the same format is replaced.
+  Raises ValueError naming it."""
   path = Path(directory).expanduser()
   if path.exists() and not path.is_dir():
     raise ValueError(f"--output: {path} is a file; give a directory for the checkpoint")
   if source is not None and path.exists() and path.resolve() == Path(source).resolve():
     raise ValueError(f"--output: {path} is the model being read; write to another directory")
+  other = {"hf": ("a jaxinfer (orbax) checkpoint", (path / "params").is_dir()),
+           "orbax": ("Hugging Face weights", any(path.glob("*.safetensors")))}.get(writes)
+  if other is not None and other[1]:
+    raise ValueError(f"--output: {path} holds {other[0]}; writing {writes} files beside them "
+                     f"would mix two checkpoints: choose another directory or empty it")
   return path

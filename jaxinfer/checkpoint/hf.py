@@ -187,7 +187,7 @@ def save_hf(directory: str | os.PathLike, cfg: ModelConfig, params: Transformer,
             tokenizer_dir: str | os.PathLike | None = None,
             max_shard_bytes: int = 4 * 2**30) -> Path:
   """Writes a Hugging Face directory that transformers (and `load_hf`) read back."""
-  directory = check_destination(directory, tokenizer_dir)
+  directory = check_destination(directory, tokenizer_dir, "hf")
   P.check_against_spec(params, Transformer.spec(cfg))
   if any(map(is_quantized, jax.tree_util.tree_leaves(params, is_leaf=is_quantized))):
     raise ValueError(f"{directory}: quantized parameters are written as jaxinfer (orbax) "

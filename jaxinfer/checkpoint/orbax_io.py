@@ -35,7 +35,7 @@ def save_orbax(directory: str | os.PathLike, cfg: ModelConfig, params: Transform
                tokenizer_dir: str | os.PathLike | None = None,
                quant_format: quant.QuantFormat | None = None) -> Path:
   """Writes `params`; quantized params need the `quant_format` they were quantized with."""
-  directory = check_destination(directory, tokenizer_dir).absolute()
+  directory = check_destination(directory, tokenizer_dir, "orbax").absolute()
   spec = Transformer.spec(cfg)
   P.check_against_spec(params, spec, shape_of=quant.logical_shape)
   _check_format(params, spec, quant_format, directory)

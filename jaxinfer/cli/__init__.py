@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import importlib
 import os
+import signal
 import sys
 from functools import partial
 
@@ -39,9 +40,17 @@ def main(argv: list[str] | None = None) -> None:
   if command not in COMMANDS:
     print(f"jaxinfer: unknown command {command!r}\n\n{usage()}", file=sys.stderr)
     sys.exit(2)
+  # Until the command runs nothing is written: Ctrl-C while importing (JAX takes a second or
+  # two) ends the process at once, not as a KeyboardInterrupt that a library's callback could
+  # swallow or a traceback through the imports.
+  if signal.getsignal(signal.SIGINT) is not signal.SIG_IGN:  # (a launcher's choice is kept)
+    signal.signal(signal.SIGINT, _interrupted_before_start)
   module = importlib.import_module(COMMANDS[command][0])
   from absl import app, flags
   rest = argv[2:]
+  if any(a in ("-h", "--help", "-?", "--helpshort", "--helpfull") for a in rest):
+    print(command_help(command, full="--helpfull" in rest))
+    sys.exit(0)
   if not any(a.startswith(("--verbosity", "-v")) for a in rest):
     rest = ["--verbosity=-1"] + rest  # library INFO logs (orbax, jax) only on request
   argv = [f"jaxinfer {command}"] + rest
@@ -53,16 +62,61 @@ def main(argv: list[str] | None = None) -> None:
   app.run(partial(_interruptible, module.main), argv=argv)
 
 
+def command_help(command: str, full: bool = False) -> str:
+  """The command's summary and its own flags, by name (absl's --help lists only a program's
+  main module's, which defines none here); `full` adds absl's own (--verbosity, ...)."""
+  from absl import app, flags
+  app.define_help_flags()
+  own = lambda m: m.startswith("jaxinfer")
+  modules = sorted(m for m in flags.FLAGS.flags_by_module_dict() if full or own(m))
+
+  def listed(ms):
+    text = "\n".join(flags.FLAGS.module_help(m).strip().split("\n", 1)[1] for m in ms)
+    return "\n".join("  --" + f for f in sorted(("\n" + text).split("\n  --")[1:]))
+
+  text = f"flags:\n{listed([m for m in modules if own(m)])}"
+  if full:
+    text += f"\n\nabsl's flags:\n{listed([m for m in modules if not own(m)])}"
+  return (f"usage: jaxinfer {command} [--flags]\n{COMMANDS[command][1]}\n\n{text}\n\n"
+          f"(--helpfull adds absl's own flags; docs/flags.md lists every command's)")
+
+
+def _interrupted_before_start(signum, frame) -> None:
+  del signum, frame
+  print("interrupted before the command started; nothing was written", file=sys.stderr,
+        flush=True)
+  os._exit(130)
+
+
 def _interruptible(command_main, argv: list[str]) -> None:
   """Ctrl-C ends the command with one line and status 130. What it wrote is kept: records and
-  checkpoints are written whole (generate resumes from them, train with --resume)."""
+  checkpoints are written whole (generate resumes from them, train with --resume). An interrupt
+  that a callback swallowed (Python reports those as ignored) still ends the command when it
+  returns; a second Ctrl-C ends it at once."""
+  interrupts = []
+
+  def on_sigint(signum, frame):
+    interrupts.append(signum)
+    if len(interrupts) > 1:
+      _stop()
+    raise KeyboardInterrupt
+
+  if signal.getsignal(signal.SIGINT) is not signal.SIG_IGN:  # (a launcher's choice is kept)
+    signal.signal(signal.SIGINT, on_sigint)
   try:
     command_main(argv)
   except KeyboardInterrupt:
-    print("interrupted; what was written is kept (generate resumes from it when run again, "
-          "train with --resume)", file=sys.stderr, flush=True)
-    sys.stdout.flush()
-    os._exit(130)  # (not the interpreter's shutdown: threads still running would abort it)
+    _stop()
+  finally:  # (also when the command ends through sys.exit after an interrupt was swallowed)
+    if interrupts:
+      _stop()
+
+
+def _stop() -> None:
+  print("interrupted; what was written is kept (generate resumes from it when run again, "
+        "train with --resume)", file=sys.stderr, flush=True)
+  sys.stdout.flush()
+  os._exit(130)  # (not the interpreter's shutdown: threads still running would abort it)
 
 
 def no_positional_args(argv: list[str]) -> None:

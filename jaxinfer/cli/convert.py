@@ -19,8 +19,10 @@ def main(argv: list[str]) -> None:
   no_positional_args(argv)
   apply_platform_flags()
   from jaxinfer import checkpoint
+  from jaxinfer.checkpoint.destination import check_destination
 
   try:
+    check_destination(FLAGS.output, None, FLAGS.format)  # (before the model is loaded)
     _, src, cfg, params, _ = load_model_from_flags()
     save = checkpoint.save_hf if FLAGS.format == "hf" else checkpoint.save_orbax
     out = save(FLAGS.output, cfg, params, tokenizer_dir=src)

@@ -58,7 +58,8 @@ flags.DEFINE_integer("num_processes", None, "Processes in a multi-process run.",
 flags.DEFINE_integer("process_id", None, "This process's index in a multi-process run.",
                      lower_bound=0)
 flags.DEFINE_bool("distributed", False, "Initialise jax.distributed from the environment (TPU "
-                  "pods, SLURM) instead of the three flags above.")
+                  "pods, SLURM) instead of --coordinator_address, --num_processes and "
+                  "--process_id.")
 flags.DEFINE_string("metrics_output", None, "Write run metrics (JSON) here.")
 define_implementation_flag()
 flags.DEFINE_string("sparsity", "dense", "Long-prompt attention: dense, sinks_window:SINKS,WINDOW, "

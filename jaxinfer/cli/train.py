@@ -70,10 +70,13 @@ def main(argv: list[str]) -> None:
   try:
     check_workdir(FLAGS.workdir or FLAGS.output.rstrip("/") + ".run", FLAGS.resume)
     mesh, src, cfg, params, tokenizer = load_model_from_flags()
-    check_destination(FLAGS.output, src)  # (refused now, not after training)
+    check_destination(FLAGS.output, src, "hf" if fmt is None else "orbax")  # (now, not after)
     tokens = data_tokens(tokenizer, src, cfg)
     n_held = int(len(tokens) * FLAGS.heldout_fraction)
     train_tokens, held_tokens = tokens[:len(tokens) - n_held], tokens[len(tokens) - n_held:]
+    if len(train_tokens) <= FLAGS.seq_len + 1:
+      fail(f"--data: {FLAGS.data} gives {len(train_tokens)} training tokens, too few for one "
+           f"window of --seq_len={FLAGS.seq_len} (and its next token)")
     windows = lm.TokenWindows(train_tokens, FLAGS.batch_size, FLAGS.seq_len, FLAGS.seed)
     tcfg = TrainConfig(steps=FLAGS.steps, learning_rate=FLAGS.learning_rate,
                        warmup_steps=FLAGS.warmup_steps, weight_decay=FLAGS.weight_decay,

@@ -27,7 +27,7 @@ def quantize(model: str, output: str, format: str, *, include: Sequence[str] = (
     raise UserError(f"{flag}: {e}") from None
   try:
     src = checkpoint.resolve_model_dir(model, cache_dir)
-    check_destination(output, src)  # (before the model is loaded)
+    check_destination(output, src, "orbax")  # (before the model is loaded)
     cfg, params, _ = checkpoint.load_model(str(src), None if dtype == "auto" else dtype)
   except (FileNotFoundError, ValueError) as e:
     raise UserError(str(e)) from None

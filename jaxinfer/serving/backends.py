@@ -148,7 +148,7 @@ class EngineBackend:
         "peak_pages": max(s.peak_pages for s in st), "pool_pages": st[0].pool_pages,
         "steps": sum(s.steps for s in st), "dispatches": sum(s.dispatches for s in st),
         "decode_tokens_discarded": sum(s.decode_tokens_discarded for s in st),
-        "compile_s": sum(s.compile_s for s in st),
+        "compile_s": max(s.compile_s for s in st),  # (replicas compile at once)
         "compilations": sum(s.compilations for s in st), "replicas": len(self.engines),
         "expected_compilations": self.expected_compilations,
     } | ({} if self.proposer is None else self._speculation(st))

@@ -16,6 +16,11 @@ DEFAULT_TREE = "4,2,1,1"  # Token Recycling's branching per depth
 LOOKAHEAD_NODES = 16
 DYNAMIC_TREE = (16, 4, 5)  # nodes, top-k, depth
 HEADS = ("medusa", "hydra", "eagle")  # proposers served from --draft_heads
+DEFAULT_DRAFT_TOKENS = 4
+CHAINS = ("ngram", "lookahead", "layerskip", "draft", "eagle")  # read --num_draft_tokens
+TREE_FORMS = {"ngram": "no --tree", "layerskip": "no --tree", "draft": "no --tree",
+              "medusa": "--tree=nodes:N", "hydra": "--tree=nodes:N",
+              "eagle": "--tree=dynamic[:NODES,TOPK,DEPTH] or no --tree"}  # (--tree read)
 
 
 def _int_list(text: str) -> tuple[int, ...]:
@@ -72,7 +77,8 @@ SPECULATIVE_OPTIONS = ("num_draft_tokens", "tree", "draft_model", "draft_heads",
 
 
 def check(opts) -> None:
-  """Raises UserError for options of `opts.speculative` that cannot work together."""
+  """Raises UserError for options of `opts.speculative` that cannot work together, or that
+  its proposer would not read."""
   if opts.speculative not in SPECULATIVE:
     raise UserError(f"--speculative: expected one of {SPECULATIVE}, got {opts.speculative!r}")
   if opts.speculative == "none":
@@ -87,7 +93,15 @@ def check(opts) -> None:
   try:
     _check_tree(opts)
     if opts.draft_layers:
+      if opts.speculative != "layerskip":
+        raise ValueError("--draft_layers: the layers layer skip's draft keeps "
+                         "(--speculative=layerskip)")
       _int_list(opts.draft_layers)
+    chain = opts.speculative in CHAINS and not opts.tree.startswith("dynamic")
+    if opts.num_draft_tokens != DEFAULT_DRAFT_TOKENS and not chain:
+      raise ValueError(f"--num_draft_tokens: not read by {opts.speculative}'s tree (--tree "
+                       f"sizes it); it applies to the chains of --speculative="
+                       f"{'|'.join(CHAINS)} (eagle without --tree=dynamic)")
     if not 0.0 <= opts.draft_fallback <= 1.0:
       raise ValueError(f"--draft_fallback: must be in [0, 1], got {opts.draft_fallback}")
     if opts.draft_fallback and opts.speculative not in ("draft", "layerskip"):
@@ -110,6 +124,10 @@ def _check_tree(opts) -> None:
     tree_nodes(opts.tree)
   elif opts.speculative == "lookahead" and opts.tree != DEFAULT_TREE:
     raise ValueError("--tree: the lookahead trie takes nodes:N")
+  elif opts.speculative != "recycling" and opts.tree != DEFAULT_TREE:
+    raise ValueError(f"--tree: children per depth shape Token Recycling's tree "
+                     f"(--speculative=recycling); {opts.speculative} takes "
+                     f"{TREE_FORMS[opts.speculative]}")
   else:
     tree_branching(opts.tree)
 

@@ -21,8 +21,13 @@ def iter_jsonl(path: str | os.PathLike):
   """(line number, record) of each non-blank JSONL line: a dict with a string 'text' or a
   valid 'messages' list, else a ValueError naming the line."""
   from jaxinfer.chat import check_messages
-  with open(path, encoding="utf-8") as f:
-    for i, line in enumerate(f, start=1):
+  with open(path, "rb") as f:
+    for i, raw in enumerate(f, start=1):
+      try:  # (a byte-order mark before the first line is not part of it)
+        line = raw.decode("utf-8-sig" if i == 1 else "utf-8")
+      except UnicodeDecodeError as e:
+        raise ValueError(f"--data: {path} line {i} is not valid UTF-8 (byte {e.start + 1} of "
+                         f"the line)") from None
       if not line.strip():
         continue
       try:

@@ -40,9 +40,20 @@ def chat_data(path: str):
 
 
 def _check(method, prefix_layer, head_layers, ttt_steps, draft_vocab, hidden_cache, steps,
-           batch_size, seq_len, heldout_fraction) -> None:
+           batch_size, seq_len, heldout_fraction, *, num_heads=4, tree_nodes=16, lora_rank=8,
+           kl_weight=10.0, self_distill=0, distill_prompt_len=64,
+           distill_new_tokens=128) -> None:
+  """Refuses bad values, and options the method would ignore (defaults as the signature's)."""
   if method not in METHODS:
     raise UserError(f"--method: expected one of {METHODS}, got {method!r}")
+  if method == "eagle" and (num_heads != 4 or tree_nodes != 16):
+    raise UserError("--num_heads, --tree_nodes: Medusa and Hydra options (EAGLE drafts with one "
+                    "layer; its tree is chosen when serving: --tree)")
+  if method != "medusa2" and (lora_rank != 8 or kl_weight != 10.0):
+    raise UserError("--lora_rank, --kl_weight: Medusa-2 options (--method=medusa2)")
+  if not self_distill and (distill_prompt_len != 64 or distill_new_tokens != 128):
+    raise UserError("--distill_prompt_len, --distill_new_tokens: apply to self-distillation; "
+                    "pass --self_distill=N too")
   if method != "hydra" and (prefix_layer or head_layers != 1):
     raise UserError("--prefix_layer, --head_layers: Hydra options (--method=hydra)")
   if method != "eagle" and (ttt_steps != 1 or draft_vocab):
@@ -99,7 +110,9 @@ def train_draft(model: str, data: str, output: str, *, method: str = "medusa",
   from jaxinfer.sharding import make_mesh
   from jaxinfer.train.workdir import check_workdir
   _check(method, prefix_layer, head_layers, ttt_steps, draft_vocab, hidden_cache, steps,
-         batch_size, seq_len, heldout_fraction)
+         batch_size, seq_len, heldout_fraction, num_heads=num_heads, tree_nodes=tree_nodes,
+         lora_rank=lora_rank, kl_weight=kl_weight, self_distill=self_distill,
+         distill_prompt_len=distill_prompt_len, distill_new_tokens=distill_new_tokens)
   work = Path(workdir or output.rstrip("/") + ".run")
   try:
     check_workdir(work, resume)
