@@ -141,7 +141,7 @@ def engine_tree_steps(cfg: ModelConfig, job, params, runtime: Runtime, proposer,
   s, g, q = ecfg.num_slots, ecfg.chunk_lanes, ecfg.chunk_size
   pools, m = _engine_pools(cfg, ecfg, cfg.max_seq_len + proposer.tree_size, runtime)
   whole = whole_on(runtime.mesh)
-  proposer = proposer.with_sparsity(runtime.sparsity)  # as the engine gives a draft model
+  proposer = proposer.attend_as(runtime)  # as the engine gives a draft model
   rows = jax.eval_shape(lambda d: speculate.init_drafting(
       cfg, proposer, s, m * ecfg.page_size, proposer.init_shared(cfg), d,
       pages=(pools[0].shape[1], ecfg.page_size), runtime=Runtime()), draft)

@@ -33,6 +33,12 @@ class Runtime:
     """`sharding.constrain` on this mesh by these rules (a no-op off a mesh)."""
     return constrain(x, logical_axes, self.mesh, self.rules)
 
+  def whole(self) -> "Runtime":
+    """This runtime with nothing split: arrays whole on every device of the mesh, its kernels
+    under shard_map with every argument replicated (a draft model or layer whose state each
+    device holds whole)."""
+    return dataclasses.replace(self, rules=ShardingRules(()))
+
   def replicated(self, fn):
     """`fn` run whole on every device (a no-op off a mesh): its arguments gathered at entry and
     every device computing the same result, no collective inside. For small per-row work

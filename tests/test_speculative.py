@@ -548,7 +548,7 @@ def test_a_draft_model_attends_with_the_targets_sparsity(target):
   reqs = [dataclasses.replace(r, max_new_tokens=40) for r in _rows(cfg, 4, seed=43)]
   st, eng = speculates_losslessly(target, reqs, P.DraftModel(cfg, num_draft_tokens=3), params,
                                   sparse)
-  assert eng.proposer.sparsity == sparse.sparsity
+  assert eng.proposer.attention.sparsity == sparse.sparsity
   assert st.accepted_hist[:-1].sum() <= len(reqs) and st.accepted_hist[-1] > 0
 
 
@@ -560,7 +560,7 @@ def test_draft_layers_attend_with_the_targets_sparsity(target, other_draft, name
   drafts, and the same layer left dense drafts differently from the overwritten cache."""
   from jaxinfer import model as M
   from jaxinfer.sampling import SamplingParams
-  from jaxinfer.sparsity import DENSE, parse
+  from jaxinfer.sparsity import parse
   cfg, params = target
   sparsity = parse("sinks_window:2,10")
   proposer, heads = (_proposers(cfg, params, other_draft) | _head_proposers(cfg, params))[name]
@@ -569,7 +569,7 @@ def test_draft_layers_attend_with_the_targets_sparsity(target, other_draft, name
     heads = heads.replace(prefix=heads.prefix.replace(attn=heads.prefix.attn.replace(o=o)))
   served = Engine(cfg, params, EngineConfig(num_slots=2, page_size=8), 64,
                   Runtime(sparsity=sparsity), proposer, draft_params=heads).proposer
-  assert served.sparsity == sparsity
+  assert served.attention.sparsity == sparsity
   b, n, max_len = 2, 40, 64
   prompts = jax.random.randint(jax.random.key(9), (b, n), 1, cfg.vocab_size)
   hidden, _ = M.forward(params, prompts, jnp.broadcast_to(jnp.arange(n), (b, n)), cfg,
@@ -597,7 +597,7 @@ def test_draft_layers_attend_with_the_targets_sparsity(target, other_draft, name
     return map(np.asarray, run(heads, params))
 
   np.testing.assert_array_equal(*drafts(served))
-  dense, noised = drafts(dataclasses.replace(served, sparsity=DENSE))
+  dense, noised = drafts(dataclasses.replace(served, attention=Runtime()))
   assert (dense != noised).any()
 
 

@@ -197,7 +197,7 @@ class Engine:
     if proposer is not None:
       proposer.validate(model_cfg, draft_params)
       check_fits(proposer, model_cfg, runtime.sparsity)
-      proposer = proposer.with_sparsity(runtime.sparsity)  # a draft model attends as the target
+      proposer = proposer.attend_as(runtime)  # a draft model attends as the target
     self.model_cfg, self.params, self.cfg, self.runtime = model_cfg, params, cfg, runtime
     self.proposer, self.draft_params = proposer, draft_params
     ps = cfg.page_size

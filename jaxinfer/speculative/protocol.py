@@ -22,6 +22,7 @@ below (class attributes or properties) are what callers read.
 from __future__ import annotations
 
 import abc
+import dataclasses
 from typing import Any, NamedTuple
 
 import jax
@@ -31,7 +32,7 @@ from flax import struct
 from jaxinfer.kv_cache import KVCache, PagePools
 from jaxinfer.runtime import Runtime
 from jaxinfer.sampling import SamplingParams
-from jaxinfer.sparsity import DENSE, Sparsity
+from jaxinfer.sparsity import Sparsity
 
 
 class Weights(NamedTuple):
@@ -130,8 +131,9 @@ class Proposer(abc.ABC):
   # row whose context the plain steps computed without feeding them is caught up from its
   # tokens when it turns to trees (`Prompt.pages`) rather than holding trees back.
   layers_read_hidden: bool = True
-  # The pattern a draft layer or model of its own attends with (`with_sparsity`).
-  sparsity: Sparsity = DENSE
+  # How a draft layer or model of its own runs (`attend_as`): the target's mesh, attention
+  # implementation and pattern, nothing split (its state is whole on each device).
+  attention: Runtime = Runtime()
 
   @property
   @abc.abstractmethod
@@ -153,17 +155,20 @@ class Proposer(abc.ABC):
     if self.needs_draft_params and draft_params is None:
       raise ValueError(f"speculative decoding: the {self.name} proposer needs draft_params")
 
-  def with_sparsity(self, sparsity) -> "Proposer":
-    """This proposer with a draft layer or model of its own attending as the target does."""
-    del sparsity
-    return self
+  def attend_as(self, runtime: Runtime) -> "Proposer":
+    """This proposer with a draft layer or model of its own attending as the target does (its
+    implementation and pattern) on the target's mesh, every array of it whole on each device:
+    the kernels the target runs (a TPU's paged decode kernel rather than XLA gathering each
+    row's whole context) under shard_map with replicated arguments."""
+    if "attention" not in {f.name for f in dataclasses.fields(self)}:
+      return self  # (no draft layer or model of its own)
+    return dataclasses.replace(self, attention=runtime.whole())
 
   @property
   def draft_runtime(self) -> Runtime:
-    """What a draft layer or model of its own runs with: its `sparsity`, the reference
-    attention, no mesh (draft weights are whole on each of a replica's devices, or the
-    target's own: `draft_from_target`)."""
-    return Runtime(sparsity=self.sparsity)
+    """What a draft layer or model of its own runs with (`attend_as`; draft weights are whole
+    on each of a replica's devices, or the target's own: `draft_from_target`)."""
+    return self.attention
 
   def draft_from_target(self, params) -> Any:
     """Draft weights that are the target's own arrays, taken from its `params` as a replica

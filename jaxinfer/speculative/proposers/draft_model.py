@@ -21,7 +21,7 @@ from jaxinfer import model as M
 from jaxinfer.config import ModelConfig
 from jaxinfer.kv_cache import KVCache, PagePools
 from jaxinfer.sampling import distribution
-from jaxinfer.sparsity import DENSE, Sparsity
+from jaxinfer.runtime import Runtime
 from jaxinfer.speculative.proposers.common import Chain, chain_parents, draw, root_only
 from jaxinfer.speculative.proposers.pending import attach, detach
 from jaxinfer.speculative.protocol import Context, Draft
@@ -52,15 +52,15 @@ class DraftModel(Chain):
   the draft model was less than `fallback` sure of (its softmax maximum), handing the rest of the
   step to the target: its `Draft.limit` is the drafts it drew, so the step verifies only as deep
   as the rows' drafts reach; once every row has stopped, no more draft steps run. Unused chain
-  slots hold token 0 drawn from a point mass. `sparsity`: the draft's attention pattern (the
-  engine gives it the target's). `keep`: layer skip's layers of the target (`layer_skip_draft`),
+  slots hold token 0 drawn from a point mass. `attention`: how the draft runs (the engine gives
+  it the target's attention, `Proposer.attend_as`). `keep`: layer skip's layers of the target (`layer_skip_draft`),
   whose weights the draft takes from the target's as placed (`draft_from_target`)."""
 
   cfg: ModelConfig
   num_draft_tokens: int = 4
   name: str = "draft"
   fallback: float = 0.0
-  sparsity: Sparsity = DENSE
+  attention: Runtime = Runtime()
   keep: tuple[int, ...] | None = None
   needs_draft_params = True
   paged_layers = True
@@ -71,9 +71,6 @@ class DraftModel(Chain):
     if self.cfg.vocab_size != cfg.vocab_size:
       raise ValueError(f"speculative decoding: the draft's vocabulary ({self.cfg.vocab_size})"
                        f" differs from the target's ({cfg.vocab_size})")
-
-  def with_sparsity(self, sparsity):
-    return dataclasses.replace(self, sparsity=sparsity)
 
   def draft_from_target(self, params):
     return None if self.keep is None else _kept_layers(params, self.keep)

@@ -10,7 +10,7 @@ import jax.numpy as jnp
 from jaxinfer.config import ModelConfig
 from jaxinfer.draft_heads.eagle_serve import draft_forward
 from jaxinfer.sampling import distribution
-from jaxinfer.sparsity import DENSE, Sparsity
+from jaxinfer.runtime import Runtime
 from jaxinfer.speculative.proposers.common import Chain, chain_parents, draw, root_only
 from jaxinfer.speculative.proposers.pending import (EagleState, attach, detach, engine_rows, fed,
                                                     feed_pending, observe_path, paged_state,
@@ -23,21 +23,18 @@ class Eagle(Chain):
   """An EAGLE draft layer (its params an `EagleHeads`) drafting a chain: catch up on the pairs
   of the last accepted path, then feed its own predicted features back `num_draft_tokens` - 1
   times. Drafts are sampled from its filtered distribution for sampling rows (q returned, zero
-  outside its draft vocabulary). `sparsity`: the pattern its layer attends its own cache with
-  (the engine sets the target's). In the engine its layer's K/V live in the engine's page
+  outside its draft vocabulary). `attention`: how its layer attends its own cache (the engine
+  gives it the target's, `Proposer.attend_as`). In the engine its layer's K/V live in the engine's page
   layout; the pair at position p holds token p + 1."""
 
   cfg: ModelConfig  # the draft layer's (one layer)
   num_draft_tokens: int = 4
   name: str = "eagle"
-  sparsity: Sparsity = DENSE
+  attention: Runtime = Runtime()
   needs_draft_params = True
   drafts_from_hidden = True
   paged_layers = True
   feature_lookahead = 1
-
-  def with_sparsity(self, sparsity):
-    return dataclasses.replace(self, sparsity=sparsity)
 
   def init_pages(self, weights, cfg, num_rows, num_pages, page_size):
     return paged_state(self.cfg, num_rows, num_pages, page_size, pending_width(self), cfg.embed,

@@ -13,7 +13,7 @@ from jaxinfer.config import ModelConfig
 from jaxinfer.draft_heads.hydra_serve import head_logits, prefix_forward
 from jaxinfer.draft_heads.medusa_serve import tree_parents
 from jaxinfer.quant import weight
-from jaxinfer.sparsity import DENSE, Sparsity
+from jaxinfer.runtime import Runtime
 from jaxinfer.speculative.proposers.common import HeadsTree, root_only
 from jaxinfer.speculative.proposers.pending import (EagleState, attach, detach, engine_rows, fed,
                                                     feed_pending, observe_path, paged_state,
@@ -32,14 +32,14 @@ class Hydra(HeadsTree):
   cache and the target's hidden states on the last accepted path, still to be fed to it (an
   `EagleState`, as the EAGLE draft keeps its pairs); the heads read the layer's output at the
   last accepted token. Without it, the state is the target's hidden state there (B, D).
-  `sparsity`: the pattern the prefix layer attends its cache with (the engine sets the
-  target's). In the engine the prefix layer's K/V live in the engine's page layout."""
+  `attention`: how the prefix layer attends its cache (the engine gives it the target's,
+  `Proposer.attend_as`). In the engine the prefix layer's K/V live in the engine's page layout."""
 
   paths: tuple[tuple[int, ...], ...]
   name: str = "hydra"
   prefix: ModelConfig | None = None
   accuracy: tuple[tuple[float, ...], ...] | None = None
-  sparsity: Sparsity = DENSE
+  attention: Runtime = Runtime()
 
   @property
   def paged_layers(self) -> bool:
@@ -65,9 +65,6 @@ class Hydra(HeadsTree):
     if (self.prefix is None) != (draft_params.prefix is None):
       raise ValueError("speculative decoding: Hydra heads with a prefix layer need "
                        "Hydra(prefix=prefix_config(cfg)), and only they")
-
-  def with_sparsity(self, sparsity):
-    return dataclasses.replace(self, sparsity=sparsity)
 
   def row_state(self, weights, state, prompt):
     if self.prefix is None:
