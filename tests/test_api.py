@@ -79,10 +79,12 @@ def test_speculative_llm_equals_plain_greedy(llm, tiny_model_dir):
 
 def test_layer_skip_on_a_mesh_drafts_with_the_targets_own_shards(llm, tiny_model_dir):
   """Layer skip's draft weights are the target's arrays as the replica holds them (split over
-  fsdp, nothing copied; they were copied whole onto each device), and its output on the mesh
-  equals plain greedy decoding on one device."""
+  fsdp, nothing copied; they were copied whole onto each device), the draft attends through the
+  target's kernels (on the mesh, every argument whole), and its output on the mesh equals plain
+  greedy decoding on one device."""
   spec = jaxinfer.LLM(str(tiny_model_dir), speculative="layerskip", num_draft_tokens=3,
-                      speculation="always", batch_size=2, mesh="fsdp:2", progress=False)
+                      speculation="always", batch_size=2, mesh="fsdp:2", progress=False,
+                      implementation="pallas")
   sp = SamplingParams(max_new_tokens=16)
   assert [o.completion_ids for o in spec.generate(PROMPTS, sp)] == [
       o.completion_ids for o in llm.generate(PROMPTS, sp)]
@@ -93,6 +95,9 @@ def test_layer_skip_on_a_mesh_drafts_with_the_targets_own_shards(llm, tiny_model
   assert draft.layers[0].mlp.up is target.layers[0].mlp.up
   assert draft.lm_head is target.lm_head
   assert "fsdp" in tuple(draft.layers[0].mlp.up.sharding.spec)
+  attention = eng.proposer.draft_runtime
+  assert attention.implementation == "pallas" and attention.mesh is eng.runtime.mesh
+  assert attention.rules.mapping == ()  # (its state is whole on each device)
 
 
 def test_bad_input_is_named(llm, tiny_model_dir):

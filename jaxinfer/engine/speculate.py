@@ -262,7 +262,8 @@ def steps(params, draft_params, k, v, state: Drafting, decode_table, active, sam
   init = (0, k, v, state, propose(state), jnp.zeros((max_steps, s, t), jnp.int32),
           jnp.zeros((max_steps, s), jnp.int32))
   _, k, v, state, _, out, counts = jax.lax.while_loop(go, body, init)
-  return k, v, state, out, counts
+  # (the loop's carry may leave split as a kernel split rows: the next dispatch expects it whole)
+  return k, v, whole(state, runtime), out, counts
 
 
 def step(params, draft_params, k, v, state: Drafting, lane_tokens, lane_positions, lane_next,
