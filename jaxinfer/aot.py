@@ -41,8 +41,8 @@ from pallas_kernels.common import gpu_target
 
 HBM_GIB = {"v4": 32, "v5e": 16, "v5p": 95, "v6e": 32}  # per chip
 GIB = 2**30
-# proposers whose drafts need no trained weights (the others read --draft_heads / --draft_model)
-SPECULATIVE = ("none", "ngram", "lookahead", "recycling", "layerskip")
+# proposers compile builds without trained weights (EAGLE: its draft layer by shape)
+SPECULATIVE = ("none", "ngram", "lookahead", "recycling", "layerskip", "eagle")
 
 
 class StepFailed(RuntimeError):
@@ -399,7 +399,7 @@ def _checked(job: CompileJob, target: Target):
                        f"got {job.implementation!r}")
   if job.speculative not in SPECULATIVE:
     raise CompileError(f"--speculative: compile takes one of {', '.join(SPECULATIVE)} (medusa, "
-                       f"hydra, eagle and draft need trained draft weights), got "
+                       f"hydra and draft read trained weights' files), got "
                        f"{job.speculative!r}")
   try:
     job.engine_config  # noqa: B018 (validates the sizes)

@@ -89,13 +89,17 @@ def params_shapes(cfg: ModelConfig, job, mesh: Mesh, runtime: Runtime):
     raise CompileError(f"--quantize: {e}") from None
 
 
+# compile's EAGLE drafts with a layer of trained weights' shapes: no --draft_heads is read
+EAGLE_SHAPES = "(the draft layer's shapes)"
+
+
 def speculative_options(job):
-  """The job's speculative options as `registry.check` and `registry.build` read them (compile
-  takes the proposers that need no trained weights)."""
+  """The job's speculative options as `registry.check` and `registry.build` read them."""
   from types import SimpleNamespace
+  heads = EAGLE_SHAPES if job.speculative == "eagle" else None
   return SimpleNamespace(speculative=job.speculative, num_draft_tokens=job.num_draft_tokens,
                          tree=job.tree, draft_layers=job.draft_layers, draft_fallback=0.0,
-                         draft_model=None, draft_heads=None, scheduler="continuous")
+                         draft_model=None, draft_heads=heads, scheduler="continuous")
 
 
 def check_speculative(job) -> None:
@@ -115,8 +119,13 @@ def check_speculative(job) -> None:
 
 
 def proposer_for(cfg: ModelConfig, job, params):
-  """(proposer, draft weights or None) of --speculative."""
+  """(proposer, draft weights or None) of --speculative; EAGLE's layer as shapes (over the whole
+  vocabulary: the target's own output projection)."""
   from jaxinfer.speculative import registry
+  if job.speculative == "eagle":
+    from jaxinfer.draft_heads import eagle_serve as eagle
+    heads = jax.eval_shape(lambda: eagle.EagleHeads(eagle.init_draft(cfg, jax.random.key(0))))
+    return registry.eagle_proposer(speculative_options(job), cfg), heads
   try:
     return registry.build(speculative_options(job), cfg, params, None)
   except ValueError as e:

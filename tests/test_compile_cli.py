@@ -6,6 +6,7 @@ import json
 import subprocess
 import sys
 
+import jax
 import pytest
 from hf_models import COMMON
 
@@ -82,6 +83,30 @@ def test_layer_skip_drafts_with_the_targets_shards():
   assert verify.weights_bytes == decode.weights_bytes < PRESETS["tiny"].num_params() * 4 / 2
   for step in (verify_prefill, verify):  # the buffers passed twice, counted once
     assert step.argument_bytes < decode.argument_bytes + step.kv_bytes
+
+
+def test_eagle_compiles_from_its_layers_shapes_and_drafts_through_the_kernels():
+  """--speculative=eagle reads no trained weights: its draft layer by shape, whole on each
+  device, over the target's own output projection; under pallas on a mesh its one-token draft
+  steps run the paged decode kernel (with the target's tree kernel: 2 kernels in the mixed step,
+  where a draft through XLA's attention left 1)."""
+  from jaxinfer.aot_steps import engine_tree_steps, params_shapes, proposer_for, whole_on
+  from jaxinfer.runtime import Runtime
+  job = aot.CompileJob(TPU, model="preset:tiny", mesh="fsdp:2,model:2", batch_size=2,
+                       kv_pages=16, implementation="pallas", speculative="eagle",
+                       num_draft_tokens=2)
+  target, cfg = aot.parse_target(TPU), aot.model_config(job)
+  mesh, _ = aot.replica_mesh(aot.target_devices(target), job.mesh, target)
+  runtime = Runtime(mesh, implementation="pallas")
+  params = params_shapes(cfg, job, mesh, runtime)
+  proposer, heads = proposer_for(cfg, job, params)
+  heads = jax.tree_util.tree_map(lambda x: whole_on(mesh)(x.shape, x.dtype), heads)
+  steps, _, draft_bytes = engine_tree_steps(cfg, job, params, runtime, proposer, heads)
+  # the layer, its input projection (2D, D) and norm, whole on each device; no output projection
+  assert draft_bytes == sum(x.size * x.dtype.itemsize for x in jax.tree_util.tree_leaves(heads))
+  assert heads.proj is None and heads.draft.fc.shape == (2 * cfg.embed, cfg.embed)
+  step = aot.compile_step("verify-prefill", *steps["verify-prefill"], target)
+  assert step.kernels == 2 and step.compile_s > 0
 
 
 def test_collective_bytes_are_read_from_the_program():

@@ -34,13 +34,15 @@ define_implementation_flag()
 flags.DEFINE_string("sparsity", "dense", "Attention pattern: dense, sinks_window:SINKS,WINDOW, "
                     "block_topk:TOPK[,BLOCK] or vertical_slash:V,S[,BLOCK] (a prompt prefilled "
                     "whole: the lane compiled is the longest prompt).")
-flags.DEFINE_enum("speculative", "none", ["none", "ngram", "lookahead", "recycling", "layerskip"],
-                  "Also compile this proposer's verification steps (proposers that need no "
-                  "trained draft weights).")
-flags.DEFINE_integer("num_draft_tokens", 4, "Drafted tokens per step (ngram, layerskip); the "
-                     "lookahead trie's depth.", lower_bound=1)
+flags.DEFINE_enum("speculative", "none", ["none", "ngram", "lookahead", "recycling", "layerskip",
+                                         "eagle"],
+                  "Also compile this proposer's verification steps (eagle: its draft layer by "
+                  "shape, drafting over the whole vocabulary; no trained weights are read).")
+flags.DEFINE_integer("num_draft_tokens", 4, "Drafted tokens per step (ngram, layerskip, eagle's "
+                     "chain); the lookahead trie's depth.", lower_bound=1)
 flags.DEFINE_string("tree", "4,2,1,1", "Token Recycling's tree (children per depth); nodes:N "
-                    "for the lookahead trie's size.")
+                    "for the lookahead trie's size; dynamic[:NODES,TOPK,DEPTH] for EAGLE-2's "
+                    "dynamic tree.")
 flags.DEFINE_string("draft_layers", None, "--speculative=layerskip: layers the draft keeps "
                     "(default: the first half).")
 flags.DEFINE_string("quantize", None, "Serve the weights quantized in this format (int8, "

@@ -209,16 +209,22 @@ def _heads_tree(opts, cfg, params, dtype):
 
 def _eagle(opts, cfg, params, dtype):
   from jaxinfer.draft_heads import eagle_serve as eagle
-  from jaxinfer.speculative import proposers as P
   try:
     draft, vocab, _ = eagle.load(opts.draft_heads, cfg, cfg.jnp_dtype)
   except (FileNotFoundError, ValueError) as e:
     raise UserError(f"--draft_heads: {e}") from None
-  heads = eagle.serving_heads(draft, params, vocab)
+  return eagle_proposer(opts, cfg), eagle.serving_heads(draft, params, vocab)
+
+
+def eagle_proposer(opts, cfg):
+  """EAGLE's proposer for target `cfg`: a chain of --num_draft_tokens, or EAGLE-2's dynamic
+  tree (--tree=dynamic[:...])."""
+  from jaxinfer.draft_heads import eagle_serve as eagle
+  from jaxinfer.speculative import proposers as P
   if opts.tree.startswith("dynamic"):
     nodes, top_k, depth = dynamic_tree(opts.tree)
-    return P.EagleTree(eagle.draft_config(cfg), num_nodes=nodes, top_k=top_k, depth=depth), heads
-  return P.Eagle(eagle.draft_config(cfg), num_draft_tokens=opts.num_draft_tokens), heads
+    return P.EagleTree(eagle.draft_config(cfg), num_nodes=nodes, top_k=top_k, depth=depth)
+  return P.Eagle(eagle.draft_config(cfg), num_draft_tokens=opts.num_draft_tokens)
 
 
 BUILDERS: dict[str, Callable] = {
