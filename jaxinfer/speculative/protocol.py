@@ -131,9 +131,10 @@ class Proposer(abc.ABC):
   # row whose context the plain steps computed without feeding them is caught up from its
   # tokens when it turns to trees (`Prompt.pages`) rather than holding trees back.
   layers_read_hidden: bool = True
-  # How a draft layer or model of its own runs (`attend_as`): the target's mesh, attention
-  # implementation and pattern, nothing split (its state is whole on each device).
-  attention: Runtime = Runtime()
+  # The target's runtime (`attend_as`), for a draft layer or model of its own: it runs on the
+  # target's mesh with the target's attention, nothing of it split (`draft_runtime`), and its
+  # logits over the target's output projection are taken as the target's are.
+  runtime: Runtime = Runtime()
 
   @property
   @abc.abstractmethod
@@ -160,15 +161,15 @@ class Proposer(abc.ABC):
     implementation and pattern) on the target's mesh, every array of it whole on each device:
     the kernels the target runs (a TPU's paged decode kernel rather than XLA gathering each
     row's whole context) under shard_map with replicated arguments."""
-    if "attention" not in {f.name for f in dataclasses.fields(self)}:
+    if "runtime" not in {f.name for f in dataclasses.fields(self)}:
       return self  # (no draft layer or model of its own)
-    return dataclasses.replace(self, attention=runtime.whole())
+    return dataclasses.replace(self, runtime=runtime)
 
   @property
   def draft_runtime(self) -> Runtime:
     """What a draft layer or model of its own runs with (`attend_as`; draft weights are whole
     on each of a replica's devices, or the target's own: `draft_from_target`)."""
-    return self.attention
+    return self.runtime.whole()
 
   def draft_from_target(self, params) -> Any:
     """Draft weights that are the target's own arrays, taken from its `params` as a replica

@@ -52,15 +52,16 @@ class DraftModel(Chain):
   the draft model was less than `fallback` sure of (its softmax maximum), handing the rest of the
   step to the target: its `Draft.limit` is the drafts it drew, so the step verifies only as deep
   as the rows' drafts reach; once every row has stopped, no more draft steps run. Unused chain
-  slots hold token 0 drawn from a point mass. `attention`: how the draft runs (the engine gives
-  it the target's attention, `Proposer.attend_as`). `keep`: layer skip's layers of the target (`layer_skip_draft`),
-  whose weights the draft takes from the target's as placed (`draft_from_target`)."""
+  slots hold token 0 drawn from a point mass. `runtime`: the target's (the engine gives it,
+  `Proposer.attend_as`): the draft attends as the target and takes its logits as the target's.
+  `keep`: layer skip's layers of the target (`layer_skip_draft`), whose weights the draft takes
+  from the target's as placed (`draft_from_target`)."""
 
   cfg: ModelConfig
   num_draft_tokens: int = 4
   name: str = "draft"
   fallback: float = 0.0
-  attention: Runtime = Runtime()
+  runtime: Runtime = Runtime()
   keep: tuple[int, ...] | None = None
   needs_draft_params = True
   paged_layers = True
@@ -128,7 +129,7 @@ class DraftModel(Chain):
     for i in range(g):
       hidden, cache = M.forward(params, tokens, positions, self.cfg, cache, kv_source="cache",
                                 runtime=self.draft_runtime)
-      logits = M.logits(params, hidden[:, -1])
+      logits = M.logits(params, hidden[:, -1], self.runtime)
       q = distribution(logits, ctx.sampling, ctx.greedy_only)
       tok = draw(q, ctx, i)
       drafted.append(tok)
@@ -145,7 +146,7 @@ class DraftModel(Chain):
     def step(i, tokens, positions, cache, live):
       hidden, cache = M.forward(params, tokens, positions, self.cfg, cache, kv_source="cache",
                                 runtime=self.draft_runtime)
-      logits = M.logits(params, hidden[:, -1])
+      logits = M.logits(params, hidden[:, -1], self.runtime)
       q = distribution(logits, ctx.sampling, ctx.greedy_only)
       tok = jnp.where(live, draw(q, ctx, i), 0)
       q = jnp.where(live[:, None], q, jax.nn.one_hot(0, q.shape[-1], dtype=q.dtype))

@@ -23,14 +23,15 @@ class Eagle(Chain):
   """An EAGLE draft layer (its params an `EagleHeads`) drafting a chain: catch up on the pairs
   of the last accepted path, then feed its own predicted features back `num_draft_tokens` - 1
   times. Drafts are sampled from its filtered distribution for sampling rows (q returned, zero
-  outside its draft vocabulary). `attention`: how its layer attends its own cache (the engine
-  gives it the target's, `Proposer.attend_as`). In the engine its layer's K/V live in the engine's page
-  layout; the pair at position p holds token p + 1."""
+  outside its draft vocabulary). `runtime`: the target's (the engine gives it,
+  `Proposer.attend_as`): its layer attends as the target, its logits taken as the target's. In
+  the engine its layer's K/V live in the engine's page layout; the pair at position p holds
+  token p + 1."""
 
   cfg: ModelConfig  # the draft layer's (one layer)
   num_draft_tokens: int = 4
   name: str = "eagle"
-  attention: Runtime = Runtime()
+  runtime: Runtime = Runtime()
   needs_draft_params = True
   drafts_from_hidden = True
   paged_layers = True
@@ -89,7 +90,7 @@ class Eagle(Chain):
     drafted, qs = [root_only(ctx)], []
     for i in range(self.num_draft_tokens):
       # over the draft vocabulary
-      q = distribution(heads.logits(base, feat), ctx.sampling, ctx.greedy_only)
+      q = distribution(heads.logits(base, feat, self.runtime), ctx.sampling, ctx.greedy_only)
       tok = heads.token_ids(draw(q, ctx, i))
       drafted.append(tok)
       qs.append(heads.full(q, vocab_size))

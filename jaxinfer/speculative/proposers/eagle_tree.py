@@ -144,7 +144,7 @@ class EagleTree(Eagle):
 
     def children(feat, score):
       """Top-k children of each node: tokens and cumulative scores (B, n, k)."""
-      logp = jax.nn.log_softmax(heads.logits(base, feat), axis=-1)
+      logp = jax.nn.log_softmax(heads.logits(base, feat, self.runtime), axis=-1)
       lp, idx = jax.lax.top_k(logp, k)
       return heads.token_ids(idx).astype(jnp.int32), score[..., None] + lp - _DEPTH_PENALTY
 

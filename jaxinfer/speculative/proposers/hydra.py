@@ -32,14 +32,15 @@ class Hydra(HeadsTree):
   cache and the target's hidden states on the last accepted path, still to be fed to it (an
   `EagleState`, as the EAGLE draft keeps its pairs); the heads read the layer's output at the
   last accepted token. Without it, the state is the target's hidden state there (B, D).
-  `attention`: how the prefix layer attends its cache (the engine gives it the target's,
-  `Proposer.attend_as`). In the engine the prefix layer's K/V live in the engine's page layout."""
+  `runtime`: the target's (the engine gives it, `Proposer.attend_as`): the prefix layer
+  attends its cache as the target attends. In the engine the prefix layer's K/V live in the
+  engine's page layout."""
 
   paths: tuple[tuple[int, ...], ...]
   name: str = "hydra"
   prefix: ModelConfig | None = None
   accuracy: tuple[tuple[float, ...], ...] | None = None
-  attention: Runtime = Runtime()
+  runtime: Runtime = Runtime()
 
   @property
   def paged_layers(self) -> bool:
