@@ -604,9 +604,10 @@ def test_draft_layers_attend_with_the_targets_sparsity(target, other_draft, name
 @pytest.mark.parametrize("name", ["eagle", "layerskip"])
 def test_drafts_take_their_logits_as_the_target_on_its_mesh(target, other_draft, name):
   """A draft over the target's output projection (EAGLE's over the whole vocabulary, layer
-  skip's) takes its logits as the target's, the vocabulary split as the rules split it: left
-  unconstrained, XLA gathered a vocabulary-split projection whole for every draft (Llama-3-8B
-  on --mesh=model:4: 7.8 GiB of a verification dispatch's collectives per device)."""
+  skip's) takes its logits as the target's, the vocabulary split as the rules split it, and
+  filters them whole on each device: split over the vocabulary, sorting them moved rows x
+  vocabulary arrays between devices at every draft step (Llama-3-8B on --mesh=model:4: 7.8 GiB
+  of a verification dispatch's collectives per device)."""
   from jaxinfer.sampling import SamplingParams
   from jaxinfer.sharding import make_mesh
   cfg, params = target
@@ -629,6 +630,9 @@ def test_drafts_take_their_logits_as_the_target_on_its_mesh(target, other_draft,
   split = [e for e in jax.make_jaxpr(drafts)(draft, params).eqns
            if e.primitive.name == "sharding_constraint" and "model" in e.params["sharding"].spec]
   assert split and all(e.outvars[0].aval.shape[-1] == cfg.vocab_size for e in split)
+  whole = [e for e in jax.make_jaxpr(drafts)(draft, params).eqns if e.primitive.name ==
+           "shard_map" and any(v.aval.shape[-1:] == (cfg.vocab_size,) for v in e.invars)]
+  assert len(whole) == served.num_draft_tokens
 
 
 @pytest.mark.parametrize("mesh_spec", ["model:2", "fsdp:2,model:2", "fsdp:2"])

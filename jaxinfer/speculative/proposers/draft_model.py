@@ -20,9 +20,9 @@ from flax import struct
 from jaxinfer import model as M
 from jaxinfer.config import ModelConfig
 from jaxinfer.kv_cache import KVCache, PagePools
-from jaxinfer.sampling import distribution
 from jaxinfer.runtime import Runtime
-from jaxinfer.speculative.proposers.common import Chain, chain_parents, draw, root_only
+from jaxinfer.speculative.proposers.common import (Chain, chain_parents, draw, filtered,
+                                                    root_only)
 from jaxinfer.speculative.proposers.pending import attach, detach
 from jaxinfer.speculative.protocol import Context, Draft
 
@@ -130,7 +130,7 @@ class DraftModel(Chain):
       hidden, cache = M.forward(params, tokens, positions, self.cfg, cache, kv_source="cache",
                                 runtime=self.draft_runtime)
       logits = M.logits(params, hidden[:, -1], self.runtime)
-      q = distribution(logits, ctx.sampling, ctx.greedy_only)
+      q = filtered(logits, ctx, self.runtime)
       tok = draw(q, ctx, i)
       drafted.append(tok)
       qs.append(q)
@@ -147,7 +147,7 @@ class DraftModel(Chain):
       hidden, cache = M.forward(params, tokens, positions, self.cfg, cache, kv_source="cache",
                                 runtime=self.draft_runtime)
       logits = M.logits(params, hidden[:, -1], self.runtime)
-      q = distribution(logits, ctx.sampling, ctx.greedy_only)
+      q = filtered(logits, ctx, self.runtime)
       tok = jnp.where(live, draw(q, ctx, i), 0)
       q = jnp.where(live[:, None], q, jax.nn.one_hot(0, q.shape[-1], dtype=q.dtype))
       sure = jnp.max(jax.nn.softmax(logits, axis=-1), axis=-1) >= self.fallback

@@ -9,9 +9,9 @@ import jax.numpy as jnp
 
 from jaxinfer.config import ModelConfig
 from jaxinfer.draft_heads.eagle_serve import draft_forward
-from jaxinfer.sampling import distribution
 from jaxinfer.runtime import Runtime
-from jaxinfer.speculative.proposers.common import Chain, chain_parents, draw, root_only
+from jaxinfer.speculative.proposers.common import (Chain, chain_parents, draw, filtered,
+                                                    root_only)
 from jaxinfer.speculative.proposers.pending import (EagleState, attach, detach, engine_rows, fed,
                                                     feed_pending, observe_path, paged_state,
                                                     pending_width, prefill_pending, write_lanes)
@@ -90,7 +90,7 @@ class Eagle(Chain):
     drafted, qs = [root_only(ctx)], []
     for i in range(self.num_draft_tokens):
       # over the draft vocabulary
-      q = distribution(heads.logits(base, feat, self.runtime), ctx.sampling, ctx.greedy_only)
+      q = filtered(heads.logits(base, feat, self.runtime), ctx, self.runtime)
       tok = heads.token_ids(draw(q, ctx, i))
       drafted.append(tok)
       qs.append(heads.full(q, vocab_size))

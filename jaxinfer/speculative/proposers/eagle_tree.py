@@ -144,8 +144,9 @@ class EagleTree(Eagle):
 
     def children(feat, score):
       """Top-k children of each node: tokens and cumulative scores (B, n, k)."""
-      logp = jax.nn.log_softmax(heads.logits(base, feat, self.runtime), axis=-1)
-      lp, idx = jax.lax.top_k(logp, k)
+      # (whole on each device: over a vocabulary split as the target's, top-k moved it about)
+      lp, idx = self.runtime.replicated(lambda l: jax.lax.top_k(jax.nn.log_softmax(l), k))(
+          heads.logits(base, feat, self.runtime))
       return heads.token_ids(idx).astype(jnp.int32), score[..., None] + lp - _DEPTH_PENALTY
 
     tok, score = children(root_feat[:, None], jnp.zeros((b, 1)))
