@@ -47,8 +47,8 @@ class EagleHeads:
   def logits(self, base: M.Transformer, feat: jax.Array, runtime: Runtime | None = None):
     """feat (..., D) -> float32 logits over the draft vocabulary (..., Vd); over the whole
     vocabulary, through the base's output projection, taken as `M.logits` takes the target's on
-    `runtime` (unconstrained, XLA gathered a vocabulary-split projection whole every draft step:
-    Llama-3-8B on --mesh=model:4, 7.8 GiB of a verification dispatch's collectives)."""
+    `runtime` (the vocabulary split as the rules split it: `proposers.common.filtered` then
+    filters them whole on each device)."""
     if self.proj is None:
       return M.logits(base, feat, runtime)
     return jnp.einsum("...d,dv->...v", feat, self.proj, preferred_element_type=jnp.float32)
