@@ -124,7 +124,8 @@ def proposer_for(cfg: ModelConfig, job, params):
   from jaxinfer.speculative import registry
   if job.speculative == "eagle":
     from jaxinfer.draft_heads import eagle_serve as eagle
-    heads = jax.eval_shape(lambda: eagle.EagleHeads(eagle.init_draft(cfg, jax.random.key(0))))
+    heads = jax.eval_shape(lambda: eagle.EagleHeads(eagle.init_draft(eagle.draft_config(cfg),
+                                                                      jax.random.key(0))))
     return registry.eagle_proposer(speculative_options(job), cfg), heads
   try:
     return registry.build(speculative_options(job), cfg, params, None)

@@ -34,10 +34,14 @@ class Runtime:
     return constrain(x, logical_axes, self.mesh, self.rules)
 
   def whole(self) -> "Runtime":
-    """This runtime with nothing split: arrays whole on every device of the mesh, its kernels
-    under shard_map with every argument replicated (a draft model or layer whose state each
-    device holds whole)."""
-    return dataclasses.replace(self, rules=ShardingRules(()))
+    """This runtime with every activation whole on each device of the mesh (rows, heads, the
+    vocabulary: the rules for `batch` and the `act_*` axes dropped), its attention kernels under
+    shard_map with replicated arguments: a draft model or layer whose state each device holds
+    whole. Weights keep their rules, so the quantized matmul kernel multiplies a draft that
+    reads the target's own shards (layer skip) where they lie."""
+    kept = tuple((name, axes) for name, axes in self.rules.mapping
+                 if name != "batch" and not name.startswith("act_"))
+    return dataclasses.replace(self, rules=ShardingRules(kept))
 
   def replicated(self, fn):
     """`fn` run whole on every device (a no-op off a mesh): its arguments gathered at entry and

@@ -132,8 +132,9 @@ class Proposer(abc.ABC):
   # tokens when it turns to trees (`Prompt.pages`) rather than holding trees back.
   layers_read_hidden: bool = True
   # The target's runtime (`attend_as`), for a draft layer or model of its own: it runs on the
-  # target's mesh with the target's attention, nothing of it split (`draft_runtime`), and its
-  # logits over the target's output projection are taken as the target's are.
+  # target's mesh with the target's attention, its activations and state whole on each device
+  # (`draft_runtime`), and its logits over the target's output projection are taken as the
+  # target's are.
   runtime: Runtime = Runtime()
 
   @property
@@ -158,9 +159,9 @@ class Proposer(abc.ABC):
 
   def attend_as(self, runtime: Runtime) -> "Proposer":
     """This proposer with a draft layer or model of its own attending as the target does (its
-    implementation and pattern) on the target's mesh, every array of it whole on each device:
-    the kernels the target runs (a TPU's paged decode kernel rather than XLA gathering each
-    row's whole context) under shard_map with replicated arguments."""
+    implementation and pattern) on the target's mesh, its activations and state whole on each
+    device: the kernels the target runs (a TPU's paged decode kernel rather than XLA gathering
+    each row's whole context) under shard_map with replicated arguments."""
     if "runtime" not in {f.name for f in dataclasses.fields(self)}:
       return self  # (no draft layer or model of its own)
     return dataclasses.replace(self, runtime=runtime)
