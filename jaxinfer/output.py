@@ -15,6 +15,15 @@ from pathlib import Path
 from typing import Any, Iterable
 
 
+def decode_line(raw: bytes, line_no: int) -> str:
+  """A JSONL input line's text (a byte-order mark before the first line is not part of it);
+  ValueError "not valid UTF-8 (byte N of the line)" otherwise."""
+  try:
+    return raw.decode("utf-8-sig" if line_no == 1 else "utf-8")
+  except UnicodeDecodeError as e:
+    raise ValueError(f"not valid UTF-8 (byte {e.start + 1} of the line)") from None
+
+
 def part_path(output: str | os.PathLike, process: int, num_processes: int) -> Path:
   return Path(f"{output}.part-{process}-of-{num_processes}")
 

@@ -80,10 +80,10 @@ def read_requests(job: GenerateJob, tokenizer, vocab_size: int, max_seq_len: int
       if not raw.strip():
         continue
       lines += 1
-      try:  # (a byte-order mark before the first line is not part of it)
-        text = raw.decode("utf-8-sig" if line_no == 1 else "utf-8")
-      except UnicodeDecodeError as e:
-        errors.append(error_record(line_no, f"not valid UTF-8 (byte {e.start + 1} of the line)"))
+      try:
+        text = output.decode_line(raw, line_no)
+      except ValueError as e:
+        errors.append(error_record(line_no, str(e)))
         continue
       try:
         req = parse_request(line_no, text, job.defaults, tokenizer, vocab_size, max_seq_len,

@@ -18,9 +18,12 @@ def check_destination(directory: str | os.PathLike, source: str | os.PathLike | 
     raise ValueError(f"--output: {path} is a file; give a directory for the checkpoint")
   if source is not None and path.exists() and path.resolve() == Path(source).resolve():
     raise ValueError(f"--output: {path} is the model being read; write to another directory")
-  other = {"hf": ("a jaxinfer (orbax) checkpoint", (path / "params").is_dir()),
-           "orbax": ("Hugging Face weights", any(path.glob("*.safetensors")))}.get(writes)
-  if other is not None and other[1]:
-    raise ValueError(f"--output: {path} holds {other[0]}; writing {writes} files beside them "
+  other = None
+  if writes == "hf" and (path / "params").is_dir():
+    other = "a jaxinfer (orbax) checkpoint"
+  elif writes == "orbax" and any(path.glob("*.safetensors")):
+    other = "Hugging Face weights"
+  if other is not None:
+    raise ValueError(f"--output: {path} holds {other}; writing {writes} files beside them "
                      f"would mix two checkpoints: choose another directory or empty it")
   return path

@@ -43,8 +43,7 @@ def main(argv: list[str] | None = None) -> None:
   # Until the command runs nothing is written: Ctrl-C while importing (JAX takes a second or
   # two) ends the process at once, not as a KeyboardInterrupt that a library's callback could
   # swallow or a traceback through the imports.
-  if signal.getsignal(signal.SIGINT) is not signal.SIG_IGN:  # (a launcher's choice is kept)
-    signal.signal(signal.SIGINT, _interrupted_before_start)
+  _on_sigint(_interrupted_before_start)
   module = importlib.import_module(COMMANDS[command][0])
   from absl import app, flags
   rest = argv[2:]
@@ -81,6 +80,13 @@ def command_help(command: str, full: bool = False) -> str:
           f"(--helpfull adds absl's own flags; docs/flags.md lists every command's)")
 
 
+def _on_sigint(handler) -> None:
+  """Ctrl-C calls `handler`, unless the process was started with it ignored (a launcher's
+  choice, kept)."""
+  if signal.getsignal(signal.SIGINT) is not signal.SIG_IGN:
+    signal.signal(signal.SIGINT, handler)
+
+
 def _interrupted_before_start(signum, frame) -> None:
   del signum, frame
   print("interrupted before the command started; nothing was written", file=sys.stderr,
@@ -101,8 +107,7 @@ def _interruptible(command_main, argv: list[str]) -> None:
       _stop()
     raise KeyboardInterrupt
 
-  if signal.getsignal(signal.SIGINT) is not signal.SIG_IGN:  # (a launcher's choice is kept)
-    signal.signal(signal.SIGINT, on_sigint)
+  _on_sigint(on_sigint)
   try:
     command_main(argv)
   except KeyboardInterrupt:

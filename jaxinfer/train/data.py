@@ -12,6 +12,7 @@ from pathlib import Path
 
 import numpy as np
 
+from jaxinfer.output import decode_line
 from jaxinfer.tokenizer import Tokenizer
 
 TEXT_SUFFIXES = (".txt", ".py", ".md")
@@ -23,11 +24,10 @@ def iter_jsonl(path: str | os.PathLike):
   from jaxinfer.chat import check_messages
   with open(path, "rb") as f:
     for i, raw in enumerate(f, start=1):
-      try:  # (a byte-order mark before the first line is not part of it)
-        line = raw.decode("utf-8-sig" if i == 1 else "utf-8")
-      except UnicodeDecodeError as e:
-        raise ValueError(f"--data: {path} line {i} is not valid UTF-8 (byte {e.start + 1} of "
-                         f"the line)") from None
+      try:
+        line = decode_line(raw, i)
+      except ValueError as e:
+        raise ValueError(f"--data: {path} line {i} is {e}") from None
       if not line.strip():
         continue
       try:

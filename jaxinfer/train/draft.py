@@ -7,6 +7,7 @@ model, resumable from its workdir, and writes the heads with their measured held
 from __future__ import annotations
 
 import dataclasses
+import inspect
 from pathlib import Path
 from typing import Any
 
@@ -40,18 +41,17 @@ def chat_data(path: str):
 
 
 def _check(method, prefix_layer, head_layers, ttt_steps, draft_vocab, hidden_cache, steps,
-           batch_size, seq_len, heldout_fraction, *, num_heads=4, tree_nodes=16, lora_rank=8,
-           kl_weight=10.0, self_distill=0, distill_prompt_len=64,
-           distill_new_tokens=128) -> None:
-  """Refuses bad values, and options the method would ignore (defaults as the signature's)."""
+           batch_size, seq_len, heldout_fraction, given: set[str]) -> None:
+  """Refuses bad values, and options the method would ignore (`given`: the options set to
+  other than `train_draft`'s defaults)."""
   if method not in METHODS:
     raise UserError(f"--method: expected one of {METHODS}, got {method!r}")
-  if method == "eagle" and (num_heads != 4 or tree_nodes != 16):
+  if method == "eagle" and given & {"num_heads", "tree_nodes"}:
     raise UserError("--num_heads, --tree_nodes: Medusa and Hydra options (EAGLE drafts with one "
                     "layer; its tree is chosen when serving: --tree)")
-  if method != "medusa2" and (lora_rank != 8 or kl_weight != 10.0):
+  if method != "medusa2" and given & {"lora_rank", "kl_weight"}:
     raise UserError("--lora_rank, --kl_weight: Medusa-2 options (--method=medusa2)")
-  if not self_distill and (distill_prompt_len != 64 or distill_new_tokens != 128):
+  if "self_distill" not in given and given & {"distill_prompt_len", "distill_new_tokens"}:
     raise UserError("--distill_prompt_len, --distill_new_tokens: apply to self-distillation; "
                     "pass --self_distill=N too")
   if method != "hydra" and (prefix_layer or head_layers != 1):
@@ -109,10 +109,11 @@ def train_draft(model: str, data: str, output: str, *, method: str = "medusa",
   from jaxinfer.draft_heads import eagle, hidden_cache as hcache, hydra, medusa, medusa2
   from jaxinfer.sharding import make_mesh
   from jaxinfer.train.workdir import check_workdir
+  values = locals()
+  given = {name for name, p in inspect.signature(train_draft).parameters.items()
+           if p.default is not inspect.Parameter.empty and values[name] != p.default}
   _check(method, prefix_layer, head_layers, ttt_steps, draft_vocab, hidden_cache, steps,
-         batch_size, seq_len, heldout_fraction, num_heads=num_heads, tree_nodes=tree_nodes,
-         lora_rank=lora_rank, kl_weight=kl_weight, self_distill=self_distill,
-         distill_prompt_len=distill_prompt_len, distill_new_tokens=distill_new_tokens)
+         batch_size, seq_len, heldout_fraction, given)
   work = Path(workdir or output.rstrip("/") + ".run")
   try:
     check_workdir(work, resume)
