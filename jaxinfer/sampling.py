@@ -57,53 +57,86 @@ def _scaled(logits: jax.Array, sp: SamplingParams) -> jax.Array:
   return logits.astype(jnp.float32) / jnp.where(sp.temperature > 0, sp.temperature, 1.0)[:, None]
 
 
-def filtered_sorted(logits: jax.Array, sp: SamplingParams) -> tuple[jax.Array, jax.Array]:
-  """(B,V) logits -> (masked log-probs in descending order, the token of each sorted slot).
+def _ordered(x: jax.Array) -> jax.Array:
+  """float32 -> uint32 in the same order (for NaN-free x; -inf lowest)."""
+  bits = jax.lax.bitcast_convert_type(x, jnp.uint32)
+  return jnp.where(bits >> 31 == 1, ~bits, bits | jnp.uint32(1 << 31))
 
-  Every filter keeps a prefix of the sorted order, so the result is exact (no tie ambiguity
-  when mapping a threshold back to the vocabulary).
-  """
+
+def _largest(ok, rows: int, bits: int = 32, dtype=jnp.uint32) -> jax.Array:
+  """(rows,) the largest value below 2**bits for which ok (monotone: true up to a point, then
+  false; true at 0) holds, found one bit at a time."""
+  def step(i, found):
+    candidate = found | jnp.left_shift(jnp.asarray(1, dtype), (bits - 1 - i).astype(dtype))
+    return jnp.where(ok(candidate), candidate, found)
+  return jax.lax.fori_loop(0, bits, step, jnp.zeros(rows, dtype))
+
+
+def _first(mask: jax.Array, m: jax.Array) -> jax.Array:
+  """The first m (B,) True entries of each row of mask (B,V), in vocabulary order."""
+  v = mask.shape[-1]
+  token = jnp.arange(v, dtype=jnp.int32)[None, :]
+  # the largest j with fewer than m entries before it: the m-th entry's index
+  j = _largest(lambda j: jnp.sum(mask & (token < j[:, None]), axis=-1) < m, mask.shape[0],
+               bits=v.bit_length(), dtype=jnp.int32)
+  return mask & (token <= j[:, None])
+
+
+def _top_k(key: jax.Array, k: jax.Array) -> jax.Array:
+  """(B,V) mask of each row's k (B,) largest keys, ties taken in vocabulary order."""
+  kth = _largest(lambda u: jnp.sum(key >= u[:, None], axis=-1) >= k, key.shape[0])[:, None]
+  above = key > kth
+  return above | _first(key == kth, k - jnp.sum(above, axis=-1))
+
+
+def _top_p(key: jax.Array, probs: jax.Array, top_p: jax.Array) -> jax.Array:
+  """(B,V) mask of the tokens whose probability before them in the descending order (ties in
+  vocabulary order) is below top_p (B,): the smallest set reaching top_p."""
+  mass_from = lambda u: jnp.sum(jnp.where(key >= u[:, None], probs, 0.0), axis=-1)
+  edge = _largest(lambda u: mass_from(u) >= top_p, key.shape[0])[:, None]  # a kept token's key
+  above = key > edge
+  before = jnp.sum(jnp.where(above, probs, 0.0), axis=-1)
+  tie = (key == edge) & (probs > 0)
+  each = jnp.max(jnp.where(tie, probs, 0.0), axis=-1)  # tied tokens share one probability
+  ties = jnp.ceil((top_p - before) / jnp.where(each > 0, each, 1.0)).astype(jnp.int32)
+  return above | _first(tie, jnp.maximum(ties, 1))
+
+
+def filtered_logits(logits: jax.Array, sp: SamplingParams) -> jax.Array:
+  """(B,V): the rows' logits over their temperature, the tokens their filters drop at -inf.
+
+  The filters keep a prefix of the stable descending order (ties in vocabulary order), found
+  without sorting: each threshold by bisection over the logits' bits, so nothing but (B,V)
+  reductions runs (a TPU sorted the vocabulary with the rows on its lanes: ~300 MiB of
+  temporaries for 40 rows of Llama-3's). A filter no sampled row uses is skipped."""
   v = logits.shape[-1]
   scaled = _scaled(logits, sp)
-  order = jnp.argsort(-scaled, axis=-1, stable=True)
-  sorted_logits = jnp.take_along_axis(scaled, order, axis=-1)
-  rank = jnp.arange(v)[None, :]
-  keep = (sp.top_k[:, None] <= 0) | (rank < sp.top_k[:, None])
-  probs = jax.nn.softmax(jnp.where(keep, sorted_logits, -jnp.inf), axis=-1)
-  cum_before = jnp.cumsum(probs, axis=-1) - probs
-  keep &= (cum_before < sp.top_p[:, None]) | (rank == 0)
-  keep &= probs >= sp.min_p[:, None] * probs[:, :1]
-  masked = jnp.where(keep, sorted_logits, -jnp.inf)
-  return jax.nn.log_softmax(masked, axis=-1), order
+  key = _ordered(scaled)
+  sampled = sp.temperature > 0
+  k = jnp.where((sp.top_k > 0) & sampled, jnp.minimum(sp.top_k, v), v)
+  keep = jax.lax.cond(jnp.any(k < v), _top_k, lambda key, k: jnp.ones(key.shape, bool), key, k)
+  probs = jax.nn.softmax(jnp.where(keep, scaled, -jnp.inf), axis=-1)
+  top_p = jnp.where(sampled, sp.top_p, 1.0)
+  keep &= jax.lax.cond(jnp.any(top_p < 1), _top_p, lambda key, *_: jnp.ones(key.shape, bool),
+                       key, probs, top_p) | (top_p >= 1)[:, None]
+  keep &= probs >= sp.min_p[:, None] * jnp.max(probs, axis=-1, keepdims=True)
+  return jnp.where(keep, scaled, -jnp.inf)
 
 
 def target_probs(logits: jax.Array, sp: SamplingParams) -> jax.Array:
-  """(B,V): the distribution sampling draws from (one-hot argmax for greedy rows).
-
-  The tokens `filtered_sorted` keeps are a prefix of the stable descending order, so in the
-  vocabulary's own order they are those above the prefix's last logit and those equal to it at
-  or before its token: the probabilities are taken there, with no scatter back from the sorted
-  order (on a TPU, a scatter of B*T*V indices laid out with the tree's nodes minor, padded 25x:
-  ~1 GiB of a Llama-3-8B verification's temporaries)."""
-  logp, order = filtered_sorted(logits, sp)
-  kept = jnp.sum(logp > -jnp.inf, axis=-1, keepdims=True)  # >= 1: the top token is kept
-  scaled = _scaled(logits, sp)
-  last = jnp.take_along_axis(order, kept - 1, axis=-1)  # the prefix's last token
-  edge = jnp.take_along_axis(scaled, last, axis=-1)
-  token = jnp.arange(logits.shape[-1], dtype=order.dtype)[None, :]
-  keep = (scaled > edge) | ((scaled == edge) & (token <= last))
-  probs = jax.nn.softmax(jnp.where(keep, scaled, -jnp.inf), axis=-1)
+  """(B,V): the distribution sampling draws from (one-hot argmax for greedy rows)."""
+  probs = jax.nn.softmax(filtered_logits(logits, sp), axis=-1)
   greedy = jax.nn.one_hot(argmax(logits), logits.shape[-1], dtype=probs.dtype)
   return jnp.where((sp.temperature > 0)[:, None], probs, greedy)
 
 
 def distribution(logits: jax.Array, sp: SamplingParams, greedy_only: bool = False) -> jax.Array:
-  """target_probs for (..., V) logits over batch rows (B, ...); skips the vocabulary sort when
-  every row is greedy (greedy_only: known to be, compiled without it)."""
+  """target_probs for (B, ..., V) logits over batch rows (B,); skips the filters when every row
+  is greedy (greedy_only: known to be, compiled without them)."""
   def full(l):
-    flat = l.reshape(l.shape[0], -1, l.shape[-1])
-    out = jax.vmap(lambda x: target_probs(x, sp), in_axes=1, out_axes=1)(flat)
-    return out.reshape(l.shape)
+    each = l.size // (l.shape[0] * l.shape[-1])
+    rows = jax.tree.map(lambda a: jnp.repeat(a, each), sp)
+    return target_probs(l.reshape(-1, l.shape[-1]), rows).reshape(l.shape)
 
   greedy = lambda l: jax.nn.one_hot(argmax(l), l.shape[-1], dtype=jnp.float32)
   if greedy_only:
@@ -114,18 +147,16 @@ def distribution(logits: jax.Array, sp: SamplingParams, greedy_only: bool = Fals
 def sample(logits: jax.Array, sp: SamplingParams, keys: jax.Array,
            greedy_only: bool = False) -> jax.Array:
   """(B,V) logits, (B,) keys -> (B,) int32 tokens. greedy_only: every row is known to be greedy
-  (compiled without the vocabulary sort)."""
+  (compiled without the filters)."""
   greedy = argmax(logits)
   if greedy_only:
     return greedy
 
   def draw(_):
-    logp, order = filtered_sorted(logits, sp)
-    slot = jax.vmap(jax.random.categorical)(keys, logp)
-    drawn = jnp.take_along_axis(order, slot[:, None], axis=-1)[:, 0].astype(jnp.int32)
+    drawn = jax.vmap(jax.random.categorical)(keys, filtered_logits(logits, sp)).astype(jnp.int32)
     return jnp.where(sp.temperature > 0, drawn, greedy)
 
-  # The vocabulary sort only runs when some row samples.
+  # The filters only run when some row samples.
   return jax.lax.cond(jnp.any(sp.temperature > 0), draw, lambda _: greedy, None)
 
 
@@ -137,10 +168,11 @@ def all_greedy(requests) -> bool:
 
 def jit_variants(step, donate: tuple[int, ...] = ()) -> list:
   """`step` (taking `greedy_only`) jitted twice: [False] for calls with sampled rows, [True] for
-  calls whose rows are all greedy (compiled without the vocabulary sort: on the embedded model
-  a quarter of a plain step's compilation, two fifths of a speculative one's)."""
+  calls whose rows are all greedy (compiled without the sampling filters)."""
   return [jax.jit(partial(step, greedy_only=g), donate_argnums=donate) for g in (False, True)]
 
+
+FLOAT32_MAX = float(jnp.finfo(jnp.float32).max)  # rows' temperatures are float32
 
 # run seeds lie below this: a key keeps 32 bits of one (without x64), so larger seeds would
 # repeat smaller ones' samples
@@ -150,8 +182,9 @@ SEED_LIMIT = 2**32
 def validate(temperature: float, top_k: int, top_p: float, min_p: float) -> list[str]:
   """Human-readable problems with one request's sampling values (empty when valid)."""
   problems = []
-  if not 0 <= temperature < float("inf"):
-    problems.append(f"temperature must be finite and >= 0, got {temperature}")
+  if not 0 <= temperature <= FLOAT32_MAX:
+    problems.append(f"temperature must be >= 0 and a float32 (at most {FLOAT32_MAX:.4g}), got "
+                    f"{temperature}")
   if top_k < 0:
     problems.append(f"top_k must be >= 0 (0 disables), got {top_k}")
   if not 0 < top_p <= 1:

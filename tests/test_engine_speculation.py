@@ -105,7 +105,7 @@ def test_speculating_engine_equals_the_plain_engine(target):
       assert isinstance(eng.ladder[max(kw["picks"])], Plain)
       decode = ("decode", True) + ("fed",) * proposer.paged_layers  # (feeding its layer)
       assert decode in eng._compiled and ("trees", 0, True) in eng._compiled
-      # greedy requests only: steps compiled without the vocabulary sort sampling needs
+      # greedy requests only: steps compiled without the sampling filters
       assert not any(" sort(" in eng._compiled[k].as_text() for k in (decode, ("trees", 0, True)))
       if proposer.paged_layers:  # rows turned from trees to plain steps
         assert "flush" in eng._compiled
@@ -125,7 +125,7 @@ def test_switching_to_plain_steps_when_every_row_ends_meanwhile(target):
 
 
 def test_greedy_rows_beside_sampled_ones_stay_lossless(target):
-  """Trees' steps compile for runs of greedy requests only (no vocabulary sort) and for the
+  """Trees' steps compile for runs of greedy requests only (no sampling filters) and for the
   rest: in a run with sampled requests the greedy ones equal plain decoding's all the same."""
   greedy = _requests(6)
   hot = [EngineRequest(10 + i, r.prompt_ids, r.max_new_tokens, r.key_data, 1.0, 3)
@@ -136,7 +136,8 @@ def test_greedy_rows_beside_sampled_ones_stay_lossless(target):
   assert {u: out[u].tokens for u in ref} == {u: r.tokens for u, r in ref.items()}
   assert all(out[r.uid].tokens for r in hot)
   assert {k[2] for k in eng._compiled if k[0] in ("tree", "trees")} == {False}
-  assert " sort(" in eng._compiled[("trees", 0, False)].as_text()
+  text = eng._compiled[("trees", 0, False)].as_text()  # the general step: it draws, sorting
+  assert "threefry" in text and " sort(" not in text  # nothing (`sampling.filtered_logits`)
 
 
 def test_rows_without_a_match_verify_their_root_alone(target):

@@ -11,11 +11,13 @@ from jaxinfer.sampling import SamplingParams, argmax, sample, target_probs, vali
 
 PROBS = np.array([0.05, 0.4, 0.1, 0.3, 0.15])
 LOGITS = jnp.log(jnp.asarray(PROBS))[None]
+TARGET_PROBS = jax.jit(target_probs)
+SAMPLE = jax.jit(sample)
 
 
 def _dist(**kw):
   sp = SamplingParams.make(1, **{"temperature": 1.0, **kw})
-  return np.asarray(target_probs(LOGITS, sp))[0]
+  return np.asarray(TARGET_PROBS(LOGITS, sp))[0]
 
 
 def test_argmax_picks_the_same_index_as_jnp_argmax():
@@ -78,12 +80,12 @@ def test_greedy_rows_take_the_argmax_and_rows_are_independent():
   sp = SamplingParams(temperature=jnp.array([0.0, 0.0]), top_k=jnp.zeros(2, jnp.int32),
                       top_p=jnp.ones(2), min_p=jnp.zeros(2))
   keys = jax.random.split(jax.random.key(0), 2)
-  assert sample(logits, sp, keys).tolist() == [1, 3]
+  assert SAMPLE(logits, sp, keys).tolist() == [1, 3]
   # a greedy row stays greedy when its neighbour samples
   mixed = sp.replace(temperature=jnp.array([0.0, 1.0]))
   for seed in range(20):
     keys = jax.random.split(jax.random.key(seed), 2)
-    assert int(sample(logits, mixed, keys)[0]) == 1
+    assert int(SAMPLE(logits, mixed, keys)[0]) == 1
 
 
 def test_samples_follow_the_filtered_distribution():
@@ -91,8 +93,8 @@ def test_samples_follow_the_filtered_distribution():
   sp = SamplingParams.make(n, temperature=0.8, top_k=4, top_p=0.9, min_p=0.1)
   logits = jnp.broadcast_to(LOGITS, (n, 5))
   keys = jax.random.split(jax.random.key(42), n)
-  draws = np.asarray(sample(logits, sp, keys))
-  expected = np.asarray(target_probs(LOGITS, SamplingParams.make(1, 0.8, 4, 0.9, 0.1)))[0]
+  draws = np.asarray(SAMPLE(logits, sp, keys))
+  expected = np.asarray(TARGET_PROBS(LOGITS, SamplingParams.make(1, 0.8, 4, 0.9, 0.1)))[0]
   counts = np.bincount(draws, minlength=5)
   assert counts[expected == 0].sum() == 0  # filtered tokens never drawn
   support = expected > 0
@@ -107,8 +109,11 @@ def test_samples_follow_the_filtered_distribution():
        temperature=st.floats(0.1, 3.0))
 def test_filtered_distribution_properties(logits, top_k, top_p, min_p, temperature):
   logits = np.asarray(logits, np.float32)
-  x = jnp.asarray(logits)[None]
-  p = np.asarray(target_probs(x, SamplingParams.make(1, temperature, top_k, top_p, min_p)))[0]
+  x = np.full((1, 12), -np.inf, np.float32)  # one shape, one compilation; -inf never kept
+  x[0, :len(logits)] = logits
+  p = np.asarray(TARGET_PROBS(x, SamplingParams.make(1, temperature, top_k, top_p, min_p)))[0]
+  assert not p[len(logits):].any()
+  p = p[:len(logits)]
   assert abs(p.sum() - 1) < 1e-5
   assert p[logits == logits.max()].sum() > 0  # a most likely token always survives
   support = int((p > 0).sum())
@@ -125,20 +130,63 @@ def test_validate_messages():
   assert len(problems) == 4 and "temperature" in problems[0] and "min_p" in problems[3]
 
 
-def test_target_probs_keep_the_sorted_prefix_among_ties():
-  """The kept set, read in the vocabulary's order, is the stable sort's prefix even when a filter
-  cuts through tied logits (lower token ids first), with the probabilities the sorted order gives."""
-  from jaxinfer.sampling import filtered_sorted
+def _sorted_reference(x, sp):
+  """The filters as a stable descending sort states them (top-p 1 keeps everything)."""
+  scaled = np.asarray(x, np.float64) / np.where(sp.temperature > 0, sp.temperature, 1)[:, None]
+  out = np.zeros_like(scaled)
+  for b, row in enumerate(scaled):
+    order = np.argsort(-row, kind="stable")
+    k = int(sp.top_k[b]) or len(row)
+    kept = order[:k][np.isfinite(row[order[:k]])]
+    probs = np.exp(row[kept] - row[kept].max())
+    probs /= probs.sum()
+    if sp.top_p[b] < 1:
+      probs = probs[:max(1, int(np.sum(np.cumsum(probs) - probs < sp.top_p[b])))]
+    probs = probs[probs >= sp.min_p[b] * probs[0]]
+    out[b, kept[:len(probs)]] = probs / probs.sum()
+  return out
+
+
+@pytest.mark.parametrize("ties", [True, False])
+def test_target_probs_keep_the_stable_sorted_prefix(ties):
+  """Filters found by bisection keep what a stable sort keeps, cut through tied logits too (lower
+  token ids first), with -inf logits and every filter combined."""
   rng = np.random.RandomState(3)
-  x = jnp.asarray(rng.randint(-2, 2, (6, 64)).astype(np.float32))
-  x = x.at[5, :40].set(-jnp.inf)
-  sp = SamplingParams(temperature=jnp.array([1.0, 0.7, 1.3, 1.0, 2.0, 1.0]),
-                      top_k=jnp.array([5, 0, 17, 0, 3, 0], jnp.int32),
-                      top_p=jnp.array([1.0, 0.3, 0.8, 1.0, 1.0, 1.0]),
-                      min_p=jnp.array([0.0, 0.0, 0.0, 0.9, 0.0, 0.0]))
-  logp, order = filtered_sorted(x, sp)
-  rows = jnp.arange(6)[:, None]
-  expected = np.asarray(jnp.zeros_like(logp).at[rows, order].set(jnp.exp(logp)))
-  got = np.asarray(target_probs(x, sp))
+  b, v = 48, 200
+  x = rng.randint(-3, 3, (b, v)) if ties else rng.randn(b, v) * rng.uniform(0.2, 4, (b, 1))
+  x = x.astype(np.float32)
+  x[:4, :150] = -np.inf
+  sp = SamplingParams(temperature=jnp.asarray(rng.uniform(0.2, 2, b), jnp.float32),
+                      top_k=jnp.asarray(rng.randint(0, v + 5, b) * (rng.rand(b) < 0.7), jnp.int32),
+                      top_p=jnp.asarray(np.where(rng.rand(b) < 0.3, 1, rng.uniform(0.05, 1, b)),
+                                        jnp.float32),
+                      min_p=jnp.asarray(np.where(rng.rand(b) < 0.6, 0, rng.uniform(0, 1, b)),
+                                        jnp.float32))
+  sp = jax.tree.map(np.asarray, sp)
+  got = np.asarray(TARGET_PROBS(jnp.asarray(x), sp))
+  expected = _sorted_reference(x, sp)
   np.testing.assert_array_equal(got > 0, expected > 0)
-  np.testing.assert_allclose(got, expected, rtol=1e-6, atol=0)
+  np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-7)
+
+
+def test_top_p_one_keeps_the_whole_tail():
+  """top_p 1 disables the filter: tokens whose mass rounds away in float32 stay drawable."""
+  x = jnp.concatenate([jnp.zeros((1, 1)), jnp.full((1, 99), -20.0)], axis=-1)
+  assert int(np.sum(np.asarray(_dist_of(x, top_p=1.0)) > 0)) == 100
+
+
+def _dist_of(x, **kw):
+  return TARGET_PROBS(x, SamplingParams.make(x.shape[0], **{"temperature": 1.0, **kw}))[0]
+
+
+def test_filters_sort_nothing():
+  """Sampling and the speculative distributions filter by bisection: a TPU sorted the vocabulary
+  with the rows on its lanes (~300 MiB of temporaries for 40 rows of Llama-3's vocabulary)."""
+  from jaxinfer.sampling import distribution
+  logits = jax.ShapeDtypeStruct((8, 5, 128256), jnp.float32)
+  sp = SamplingParams.make(8, temperature=1.0)
+  keys = jax.ShapeDtypeStruct((8,), jax.random.key(0).dtype)
+  for hlo in (jax.jit(distribution).lower(logits, sp).as_text(),
+              jax.jit(sample).lower(jax.ShapeDtypeStruct((8, 128256), jnp.float32), sp,
+                                    keys).as_text()):
+    assert "sort" not in hlo

@@ -32,7 +32,7 @@ def judge(logits, draft, parents, sampling: SamplingParams, step_keys, rule: str
           greedy_only: bool = False, runtime: Runtime = Runtime()):
   """The acceptance rule's verdict on each row's tree given the target's logits (B,T,V); nodes
   deeper than the draft's `limit` are not tried. greedy_only: every row is known to be greedy
-  (compiled without the vocabulary sort of sampled acceptance); otherwise the device checks.
+  (compiled without the sampling filters of sampled acceptance); otherwise the device checks.
   runtime: on a mesh, the tree walk runs whole on every device (`Runtime.replicated`): split as
   the kernels split rows, each of its gathers was a sum across devices inside its loop; split
   over the vocabulary, sampled acceptance's sort and scatter moved index arrays of B*T*V between
