@@ -16,7 +16,7 @@ from typing import Any, Callable, Iterable, Iterator, Sequence
 
 from tqdm.auto import tqdm
 
-from jaxinfer.errors import UserError
+from jaxinfer.errors import Cancelled, UserError
 from jaxinfer.options import ServeOptions
 from jaxinfer.requests import (Defaults, InvalidRequest, Request, is_integer, is_number,
                                make_request, truncate_at_stop)
@@ -150,6 +150,12 @@ def _record(i: int, p) -> dict[str, Any]:
     return {"id": i, "messages": list(p)}
   if isinstance(p, Sequence) and not isinstance(p, (bytes, bytearray)) and all(map(is_integer, p)):
     return {"id": i, "prompt_ids": [int(x) for x in p]}
+  if isinstance(p, Sequence) and not isinstance(p, (str, bytes, bytearray)) and p:
+    bad = next(((j, x) for j, x in enumerate(p) if not is_integer(x) and not isinstance(x, dict)),
+               None)
+    raise UserError(f"prompts[{i}]: mixes token ids and messages" if bad is None else
+                    f"prompts[{i}][{bad[0]}]: expected a token id (an integer) or a message (a "
+                    f"dict), got {bad[1]!r}")
   raise UserError(f"prompts[{i}]: expected text, a list of token ids or a conversation (a list "
                   f"of {{'role', 'content'}} messages), got {type(p).__name__}")
 
@@ -223,9 +229,11 @@ class LLM:
 
   def serve(self, requests: list[Request],
             on_request: Callable[[Request, list[Completion]], None],
-            progress: bool | None = None) -> dict[str, Any]:
+            progress: bool | None = None, cancel: threading.Event | None = None
+            ) -> dict[str, Any]:
     """Generates every request, calling on_request(request, its completions) as each finishes
-    (from a replica's thread, one call at a time); returns the call's metrics."""
+    (from a replica's thread, one call at a time); returns the call's metrics. Setting `cancel`
+    stops every replica at its next token (`Cancelled` is raised); an interrupt does too."""
     from jaxinfer.compilation_cache import CompileClock
     from jaxinfer.serving.metrics import generation_metrics
     if not self._lock.acquire(blocking=False):
@@ -249,10 +257,11 @@ class LLM:
       clock = CompileClock.totals()
       t0 = time.perf_counter()
       try:
-        stats = self._backend.run(requests, samples.add, stop)
+        stats = self._backend.run(requests, samples.add, stop, cancel)
       finally:  # whatever finished has been handed on, even when generation fails
         bar.close()
       compiled = [now - then for now, then in zip(CompileClock.totals(), clock)]
+      compiled[0] = CompileClock.critical(t0)
       self.metrics = generation_metrics(
           stats, compiled=compiled, completion_tokens=samples.completion_tokens,
           prompt_tokens=sum(len(r.prompt_ids) for r in requests),
@@ -283,15 +292,20 @@ class LLM:
                     ) -> Iterator[RequestOutput]:
     """As `generate`, but yields each prompt's RequestOutput as soon as it finishes (completion
     order; `.index` is its place among the prompts). Generation runs in a thread of its own;
-    an error there is raised here."""
+    an error there is raised here. Leaving the loop early (or closing the iterator) stops the
+    generation at each replica's next token."""
     reqs = self.requests(prompts, sampling_params)
     results: queue.Queue = queue.Queue()
     end = object()
+    cancel = threading.Event()
     t0 = time.perf_counter()
 
     def work():
       try:
-        self.serve(reqs, lambda req, samples: results.put(_output(req, samples, t0)), progress)
+        self.serve(reqs, lambda req, samples: results.put(_output(req, samples, t0)), progress,
+                   cancel)
+      except Cancelled:
+        pass  # the consumer left
       except BaseException as e:  # handed to the consumer
         results.put(e)
       finally:
@@ -299,11 +313,14 @@ class LLM:
 
     thread = threading.Thread(target=work, name="jaxinfer-generate", daemon=True)
     thread.start()
-    while (item := results.get()) is not end:
-      if isinstance(item, BaseException):
-        raise item
-      yield item
-    thread.join()
+    try:
+      while (item := results.get()) is not end:
+        if isinstance(item, BaseException):
+          raise item
+        yield item
+    finally:  # (left early, interrupted or done: no generation outlives the iterator)
+      cancel.set()
+      thread.join()
 
 
 def _output(req: Request, samples: list[Completion], t0: float) -> RequestOutput:

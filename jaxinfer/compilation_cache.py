@@ -15,6 +15,7 @@ from __future__ import annotations
 import contextlib
 import os
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -98,9 +99,10 @@ class CompileClock:
   jax's own compile and cache events: `totals()` -> (seconds, backend compilations, of them
   loaded from the persistent cache). Read two totals around a call for what it compiled.
   Seconds are wall-clock time during which something compiled: compilations running at once
-  (each replica's engine compiles its own steps in a thread of its own) count once."""
+  (each replica's engine compiles its own steps in a thread of its own) count once;
+  `critical(since)` is what a call waited for (see there)."""
 
-  _spans: list = []  # (start, end) in perf_counter seconds, one per compile phase
+  _spans: list = []  # (start, end, thread) in perf_counter seconds, one per compile phase
   _count, _loaded, _listening = 0, 0, False
 
   @classmethod
@@ -115,7 +117,7 @@ class CompileClock:
   def _on_event(cls, event: str, duration: float, **_) -> None:
     if event.startswith("/jax/core/compile/"):  # tracing, lowering and the backend's compile
       end = time.perf_counter()
-      cls._spans.append((end - duration, end))
+      cls._spans.append((end - duration, end, threading.get_ident()))
       cls._count += event.endswith("backend_compile_duration")
 
   @classmethod
@@ -125,7 +127,21 @@ class CompileClock:
   @classmethod
   def totals(cls) -> tuple[float, int, int]:
     cls.start()
-    return covered(list(cls._spans)), cls._count, cls._loaded
+    return covered([s[:2] for s in list(cls._spans)]), cls._count, cls._loaded
+
+  @classmethod
+  def critical(cls, since: float) -> float:
+    """Seconds of compilation since `since` that the calling thread waited for: its own, and
+    the most that any one other thread (a replica's, running beside the others) spent. Replicas
+    compiling at different moments while others generate count as one replica's compiling (the
+    union of all their spans took generating time for compiling: 8 replicas' 0.25 s of
+    generation was once reported as 5.65 s of compilation in 5.9 s)."""
+    threads: dict[int, list] = {}
+    for start, end, thread in list(cls._spans):
+      if end > since:
+        threads.setdefault(thread, []).append((max(start, since), end))
+    own = covered(threads.pop(threading.get_ident(), []))
+    return own + max(map(covered, threads.values()), default=0.0)
 
 
 def covered(spans: list[tuple[float, float]]) -> float:

@@ -8,11 +8,15 @@ is cut off) and their requests are skipped.
 
 from __future__ import annotations
 
+import glob
 import json
 import os
+import re
 import threading
 from pathlib import Path
 from typing import Any, Iterable
+
+from jaxinfer.errors import UserError
 
 
 def decode_line(raw: bytes, line_no: int) -> str:
@@ -28,22 +32,35 @@ def part_path(output: str | os.PathLike, process: int, num_processes: int) -> Pa
   return Path(f"{output}.part-{process}-of-{num_processes}")
 
 
+RECORD_START = b'{"id": '  # (every record's first key)
+
+
 def _read_records(path: Path, repair: bool) -> list[dict[str, Any]]:
-  """Complete records of a JSONL file; with `repair`, a torn tail is truncated away."""
+  """Complete records of a JSONL file; with `repair`, a torn tail (a record a crash cut short)
+  is truncated away. A file holding anything else is refused, untouched: it is not an output
+  of this command."""
   if not path.exists():
     return []
   data = path.read_bytes()
   end = data.rfind(b"\n") + 1
+  records = []
+  for number, line in enumerate(data[:end].splitlines(), 1):
+    if line.strip():
+      try:
+        record = json.loads(line)
+      except (json.JSONDecodeError, UnicodeDecodeError):
+        record = None
+      if not isinstance(record, dict) or "line" not in record:
+        raise UserError(f"--output: line {number} of {str(path)!r} is not a record of jaxinfer "
+                        f"generate; name another --output, or pass --overwrite to replace it")
+      records.append(record)
+  tail = data[end:]  # a record a crash cut short starts as every record does
+  if tail and not (tail.startswith(RECORD_START) or RECORD_START.startswith(tail)):
+    raise UserError(f"--output: the last line of {str(path)!r} is not a record of jaxinfer "
+                    f"generate; name another --output, or pass --overwrite to replace it")
   if repair and end != len(data):
     with open(path, "r+b") as f:
       f.truncate(end)
-  records = []
-  for line in data[:end].splitlines():
-    if line.strip():
-      try:
-        records.append(json.loads(line))
-      except json.JSONDecodeError:
-        continue  # a corrupt line is treated as not written; its request runs again
   return records
 
 
@@ -160,6 +177,17 @@ def _replace(output: str | os.PathLike, records: list[dict[str, Any]]) -> None:
     f.flush()
     os.fsync(f.fileno())
   os.replace(tmp, output)
+
+
+def stray_part_counts(output: str | os.PathLike, num_processes: int) -> list[int]:
+  """The process counts of part files a run of another count left beside `output`."""
+  out = Path(output)
+  counts = set()
+  for p in out.parent.glob(glob.escape(out.name) + ".part-*-of-*"):
+    m = re.fullmatch(re.escape(out.name) + r"\.part-\d+-of-(\d+)", p.name)
+    if m and int(m.group(1)) != num_processes:
+      counts.add(int(m.group(1)))
+  return sorted(counts)
 
 
 def merge_parts(output: str | os.PathLike, num_processes: int) -> int:

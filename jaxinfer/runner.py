@@ -12,6 +12,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -161,6 +162,13 @@ def _check_resumable(written: list[dict[str, Any]], requests: list[Request]) -> 
 
 
 def _init_distributed(coordinator_address, num_processes, process_id, auto) -> tuple[int, int]:
+  """(this process's index, processes): jax.distributed started from the options, or as the
+  caller already started it (each process then writes its part of the output)."""
+  if jax.distributed.is_initialized():
+    if coordinator_address is not None or auto:
+      raise UserError("--coordinator_address: jax.distributed is already initialised in this "
+                      "process; leave the multi-process options out")
+    return jax.process_index(), jax.process_count()
   if coordinator_address is None and not auto:
     if num_processes not in (None, 1):
       raise UserError("--num_processes: a multi-process run needs --coordinator_address (or "
@@ -168,6 +176,10 @@ def _init_distributed(coordinator_address, num_processes, process_id, auto) -> t
     return 0, 1
   # Cross-process barriers on CPU need a collectives library (no effect on accelerators).
   jax.config.update("jax_cpu_collectives_implementation", "gloo")
+  print(f"process {process_id} of {num_processes}: waiting for the others at "
+        f"{coordinator_address} (jax.distributed gives up after 5 minutes)" if not auto else
+        "waiting for the other processes (jax.distributed, from the environment)",
+        file=sys.stderr, flush=True)
   try:
     if auto:
       jax.distributed.initialize()
@@ -177,6 +189,17 @@ def _init_distributed(coordinator_address, num_processes, process_id, auto) -> t
   except Exception as e:  # the runtime's own message says what is wrong (address, timeout, ...)
     raise UserError(f"--coordinator_address: jax.distributed could not start: {e}") from None
   return jax.process_index(), jax.process_count()
+
+
+def _barrier(name: str) -> None:
+  """Waits for every process of the run; one that died is named in one line (the records
+  written so far are kept: the same commands, rerun, resume)."""
+  from jax.experimental import multihost_utils
+  try:
+    multihost_utils.sync_global_devices(name)
+  except Exception as e:
+    raise UserError(f"another process of this run ended before it ({str(e).splitlines()[0]}); "
+                    f"rerun every process with the same command to resume") from None
 
 
 def run(job: GenerateJob, *, coordinator_address: str | None = None,
@@ -194,6 +217,15 @@ def run(job: GenerateJob, *, coordinator_address: str | None = None,
   if job.overwrite and pid == 0:
     for p in [Path(job.output)] + [output.part_path(job.output, i, nproc) for i in range(nproc)]:
       p.unlink(missing_ok=True)
+  for n in output.stray_part_counts(job.output, nproc):  # a killed run of another size's parts
+    if job.overwrite:
+      for i in range(n if pid == 0 else 0):
+        output.part_path(job.output, i, n).unlink(missing_ok=True)
+    elif nproc > 1:
+      raise UserError(f"--output: {job.output} has the parts of a {n}-process run; rerun it with "
+                      f"--num_processes={n}, or as one process (which merges them)")
+    else:
+      output.merge_parts(job.output, n)
   written = [] if job.overwrite else output.completed(job.output, nproc, repair_part=pid)
   _check_resumable(written, requests)
   done = {output.record_key(r) for r in written}
@@ -209,8 +241,7 @@ def run(job: GenerateJob, *, coordinator_address: str | None = None,
 
   llm.prepare(todo)  # pools, trees and memory checked before the output is touched
   if nproc > 1:  # every process has read what is done before any writes
-    from jax.experimental import multihost_utils
-    multihost_utils.sync_global_devices("jaxinfer_generate_start")
+    _barrier("jaxinfer_generate_start")
   try:
     writer = output.RecordWriter(part)
   except OSError as e:
@@ -227,11 +258,10 @@ def run(job: GenerateJob, *, coordinator_address: str | None = None,
 
   merged = None
   if nproc > 1:
-    from jax.experimental import multihost_utils
-    multihost_utils.sync_global_devices("jaxinfer_generate_done")
+    _barrier("jaxinfer_generate_done")
     if pid == 0:
       merged = output.merge_parts(job.output, nproc)
-    multihost_utils.sync_global_devices("jaxinfer_generate_merged")
+    _barrier("jaxinfer_generate_merged")
 
   metrics = {"num_requests": num_lines, "num_completed": len(todo),
              "num_skipped_already_done": skipped, "num_failed": len(errors),
@@ -249,9 +279,13 @@ def generate_file(prompts: str, output: str, model: str = "embedded", **options
                   ) -> dict[str, Any]:
   """`jaxinfer generate` from Python: the JSONL job (resumable: records already in `output`
   are skipped), with its flags as keywords (max_new_tokens, temperature, top_k, top_p, min_p
-  and stop are the defaults a line may override); returns the run's metrics."""
+  and stop are the defaults a line may override; coordinator_address, num_processes,
+  process_id and distributed start a multi-process run, as does calling it in processes that
+  initialised jax.distributed themselves); returns the run's metrics."""
   sampling = {k: options.pop(k) for k in ("max_new_tokens", "temperature", "top_k", "top_p",
                                           "min_p", "stop") if k in options}
+  processes = {k: options.pop(k) for k in ("coordinator_address", "num_processes", "process_id",
+                                           "distributed") if k in options}
   known = {f.name for f in dataclasses.fields(GenerateJob)}
   unknown = sorted(set(options) - known)
   if unknown:
@@ -260,4 +294,4 @@ def generate_file(prompts: str, output: str, model: str = "embedded", **options
     raise UserError(f"prompts, output: expected file paths, got {prompts!r}, {output!r}")
   return run(GenerateJob(prompts=str(prompts), output=str(output), model=plain(model),
                          defaults=SamplingParams(**sampling).defaults(),
-                         **{k: plain(v) for k, v in options.items()}))
+                         **{k: plain(v) for k, v in options.items()}), **processes)

@@ -5,6 +5,7 @@ what they built; bad input is refused with the option or prompt named."""
 import json
 import subprocess
 import sys
+import threading
 
 import numpy as np
 import pytest
@@ -50,6 +51,22 @@ def test_generate_equals_the_jsonl_job(llm, tiny_model_dir, tmp_path):
   assert llm.metrics["prefill_tokens_saved"] == 0
 
 
+def test_a_little_longer_call_keeps_the_engines_and_their_cached_prompts(llm):
+  """Engines hold whole pages and grow twofold: a call a few tokens longer than the last one
+  neither rebuilds them (compiling again, its cached prompt pages lost) nor recomputes the
+  prompt it shares with it."""
+  sp = SamplingParams(max_new_tokens=4)
+  base = [7, 8, 9, 10] * 9  # 36 tokens: 40 in all, the engines' length rounded to 48
+  llm.generate([base], sp)
+  llm.generate([base + [11, 12]], sp)
+  assert llm.metrics["compilations"] == 0 and llm.metrics["prefill_tokens_saved"] >= 32
+  built = llm._backend.max_len
+  llm.generate([base * 2], sp)  # outgrown: rebuilt for twice the length
+  assert llm._backend.max_len >= 2 * built
+  llm.generate([base * 2 + [5] * 8], sp)
+  assert llm.metrics["compilations"] == 0 and llm.metrics["prefill_tokens_saved"] >= 64
+
+
 def test_iterator_samples_and_stop_strings(llm):
   sp = [SamplingParams(max_new_tokens=10, temperature=0.9, top_k=20, seed=3, n=3),
         SamplingParams(max_new_tokens=10, stop=":"), SamplingParams(max_new_tokens=4)]
@@ -64,6 +81,29 @@ def test_iterator_samples_and_stop_strings(llm):
   cut = ordered[1]
   assert ":" not in cut.text and (cut.finish_reason == "stop" or len(cut.completion_ids) == 10)
   assert len(ordered[2].completion_ids) == 4 and ordered[2].finish_reason == "length"
+  # leaving the loop early stops the generation (its thread once ran on to the end, refusing
+  # the next call as "running", and aborted the interpreter at exit)
+  many = PROMPTS * 6
+  for _ in llm.generate_iter(many, SamplingParams(max_new_tokens=40)):
+    break
+  assert not [t for t in threading.enumerate() if t.name == "jaxinfer-generate"]
+  assert [o.outputs for o in llm.generate(prompts, sp)] == [o.outputs for o in ordered]
+
+
+def test_an_interrupt_stops_every_replica_before_it_is_raised():
+  """Ctrl-C while the replicas run: each is told to stop and has stopped when it surfaces."""
+  import _thread
+  from jaxinfer.serving.placement import in_threads
+  cancel, ended = threading.Event(), []
+
+  def replica(i):
+    cancel.wait(60)
+    ended.append(i)
+
+  threading.Timer(0.2, _thread.interrupt_main).start()
+  with pytest.raises(KeyboardInterrupt):
+    in_threads(replica, [(0,), (1,)], cancel)
+  assert cancel.is_set() and sorted(ended) == [0, 1]
 
 
 def test_speculative_llm_equals_plain_greedy(llm, tiny_model_dir):
@@ -111,6 +151,10 @@ def test_bad_input_is_named(llm, tiny_model_dir):
     llm.generate(["ok", [1, 99999]])
   with pytest.raises(UserError, match=r"prompts\[0\]: expected text, a list of token ids"):
     llm.generate([3.5])
+  with pytest.raises(UserError, match=r"prompts\[0\]\[0\]: expected a token id .* got 1.5"):
+    llm.generate([[1.5, 2]])
+  with pytest.raises(UserError, match=r"temperature must be >= 0 and a float32"):
+    SamplingParams(temperature=1e308)
   with pytest.raises(UserError, match="top_p"):
     SamplingParams(top_p=0.0)
   with pytest.raises(UserError, match="n: must be >= 1"):

@@ -403,13 +403,29 @@ def test_an_interrupt_a_callback_swallowed_still_ends_the_command(ignored, exits
   assert ("interrupted" in proc.stderr) == (want == 130), proc.stderr
 
 
-@pytest.mark.parametrize("speculative,mesh", [("none", "data:4"), ("none", "fsdp:4"),
-                                               ("ngram", "data:2,model:2")])
-def test_two_processes_write_one_output(tmp_path, tiny_model_dir, speculative, mesh):
+_GENERATE_FILE = """
+import sys, jax, jaxinfer
+port, i, prompts, out, model, mesh, metrics = sys.argv[1:]
+jax.config.update("jax_num_cpu_devices", 2)
+jax.distributed.initialize(f"127.0.0.1:{port}", 2, int(i))
+try:
+  jaxinfer.generate_file(prompts, out, model=model, mesh=mesh, metrics_output=metrics,
+                         progress=False)
+except jaxinfer.UserError as e:
+  sys.exit(str(e))
+"""
+
+
+@pytest.mark.parametrize("speculative,mesh,launcher", [
+    ("none", "data:4", "cli"), ("none", "fsdp:4", "cli"), ("ngram", "data:2,model:2", "cli"),
+    ("none", "data:4", "python")])
+def test_two_processes_write_one_output(tmp_path, tiny_model_dir, speculative, mesh, launcher):
   """Two processes of two devices each on loopback, --mesh spanning all four: each process
   drives its replicas (fsdp:4: one replica over both processes, driven by both in step) with
   their share of the input; speculative decoding too (forced on, so sampled records are the
-  same samples as a one-process run's)."""
+  same samples as a one-process run's); `jaxinfer.generate_file` in processes that started
+  jax.distributed themselves writes its part as the CLI does (it once wrote the output whole
+  from each, losing records)."""
   records = _workload() + ["{not json"]
   prompts = tmp_path / "p.jsonl"
   prompts.write_text("".join((r if isinstance(r, str) else json.dumps(r)) + "\n"
@@ -424,18 +440,24 @@ def test_two_processes_write_one_output(tmp_path, tiny_model_dir, speculative, m
         "".join(json.dumps(r) + "\n" for r in resumed) + '{"id": "r9", "li')
   port = _free_port()
   env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
-  procs = [_cli([f"--model={tiny_model_dir}", f"--prompts={prompts}", f"--output={out}",
-                 "--noprogress", "--cpu_devices=2", f"--coordinator_address=127.0.0.1:{port}",
-                 "--num_processes=2", f"--process_id={i}", f"--mesh={mesh}",
-                 f"--metrics_output={tmp_path / 'm.json'}"]
-                + [f"--{k}={v}" for k, v in spec.items()], env=env) for i in range(2)]
+  if launcher == "python":
+    procs = [subprocess.Popen([sys.executable, "-c", _GENERATE_FILE, str(port), str(i),
+                               str(prompts), str(out), str(tiny_model_dir), mesh,
+                               str(tmp_path / "m.json")], stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, text=True, env=env) for i in range(2)]
+  else:
+    procs = [_cli([f"--model={tiny_model_dir}", f"--prompts={prompts}", f"--output={out}",
+                   "--noprogress", "--cpu_devices=2", f"--coordinator_address=127.0.0.1:{port}",
+                   "--num_processes=2", f"--process_id={i}", f"--mesh={mesh}",
+                   f"--metrics_output={tmp_path / 'm.json'}"]
+                  + [f"--{k}={v}" for k, v in spec.items()], env=env) for i in range(2)]
   try:
     codes = [p.wait(timeout=600) for p in procs]
   finally:  # (one process failing can leave the other waiting for it: none outlives the test)
     for p in procs:
       if p.poll() is None:
         p.kill()
-  assert codes == [1, 1], [p.stderr.read() for p in procs]  # 1: the bad line failed
+  assert codes == ([1, 1] if launcher == "cli" else [0, 0]), [p.stderr.read() for p in procs]
   # merged and cleaned up
   assert not list(tmp_path.glob("two.jsonl.part-*")), [p.stderr.read()[-3000:] for p in procs]
   got = [json.loads(l) for l in out.read_text().splitlines()]

@@ -15,6 +15,7 @@ a replica are delivered by the one process that leads it.
 
 from __future__ import annotations
 
+import threading
 from typing import Callable
 
 import jax
@@ -23,7 +24,7 @@ import numpy as np
 from jaxinfer.engine import Engine, EngineConfig, EngineRequest
 from jaxinfer.engine.engine import EngineStats
 from jaxinfer.engine.policy import policy_metrics
-from jaxinfer.errors import UserError
+from jaxinfer.errors import Cancelled, UserError
 from jaxinfer.kv_cache import PagedKVCache
 from jaxinfer.options import ServeOptions
 from jaxinfer.requests import Request
@@ -74,33 +75,24 @@ class EngineBackend:
     self.max_len = 0
 
   def prepare(self, requests: list[Request]) -> None:
-    """Engines whose pools hold the longest request (kept from an earlier call when they do)."""
+    """Engines whose pools hold the longest request (kept from an earlier call when they do).
+    They hold whole pages, and engines a later call outgrows are rebuilt for twice their length
+    where that fits, so that calls a little longer each time do not each rebuild them (losing
+    the prompt pages their pools cache, and compiling again)."""
     need = max([len(r.prompt_ids) + r.max_new_tokens for r in requests] + [2])
     ps = self.opts.page_size
     if need > self.max_len:
-      ecfg = _engine_config(self.opts)
-      meshes = [r.mesh for r in self.replicas]
-      try:
-        engines = []
-        for rt in self.runtimes:
-          params = placement.on_replica(self.params, rt.mesh, meshes)
-          draft = None if self.proposer is None else self.proposer.draft_from_target(params)
-          if draft is None:
-            draft = placement.replicated(self.draft_params, rt.mesh)
-          engines.append(Engine(self.cfg, params, ecfg, need, rt, self.proposer,
-                                self.opts.acceptance, self.opts.speculation, draft))
-      except ValueError as e:  # e.g. a tree larger than the model's sliding window
-        raise UserError(f"--speculative={self.opts.speculative} (--tree / "
-                        f"--num_draft_tokens): {e}") from None
-      for eng in engines:  # the pool, and the proposer's state (a draft model's pages)
-        drafting = () if self.proposer is None else eng.drafting
-        placement.check_memory(
-            f"--kv_pages: the KV pool ({eng.num_pool_pages} pages of {ps} tokens"
-            + ("" if self.proposer is None else ", with the proposer's state"),
-            eng.pool_bytes() + device_bytes(drafting), device_bytes((eng.k, eng.v, drafting)),
-            (eng.params, eng.draft_params), eng.runtime.mesh,
-            "lower --kv_pages or --batch_size")
-      self.engines, self.max_len = engines, need
+      whole_pages = max(need, min(-(-need // ps) * ps, self.cfg.max_seq_len))
+      lengths = [whole_pages]
+      if self.engines:
+        lengths.insert(0, max(whole_pages, min(2 * self.max_len, self.cfg.max_seq_len)))
+      for i, length in enumerate(lengths):
+        try:
+          self._build(length)
+          break
+        except UserError:
+          if i == len(lengths) - 1:
+            raise
     pages_needed = -(-(need + (self.engines[0].tree_size or 0)) // ps)
     if pages_needed > self.engines[0].num_pool_pages:
       size = PagedKVCache.pool_bytes(self.cfg, pages_needed, ps, self.opts.kv_cache_dtype)
@@ -108,6 +100,32 @@ class EngineBackend:
                       f"({size / 2**20:.1f} MiB) but the pool holds "
                       f"{self.engines[0].num_pool_pages}; raise --kv_pages to at least "
                       f"{pages_needed} or lower --max_new_tokens")
+
+  def _build(self, need: int) -> None:
+    """One engine per replica for requests of up to `need` tokens, its memory checked."""
+    ecfg, ps = _engine_config(self.opts), self.opts.page_size
+    meshes = [r.mesh for r in self.replicas]
+    try:
+      engines = []
+      for rt in self.runtimes:
+        params = placement.on_replica(self.params, rt.mesh, meshes)
+        draft = None if self.proposer is None else self.proposer.draft_from_target(params)
+        if draft is None:
+          draft = placement.replicated(self.draft_params, rt.mesh)
+        engines.append(Engine(self.cfg, params, ecfg, need, rt, self.proposer,
+                              self.opts.acceptance, self.opts.speculation, draft))
+    except ValueError as e:  # e.g. a tree larger than the model's sliding window
+      raise UserError(f"--speculative={self.opts.speculative} (--tree / "
+                      f"--num_draft_tokens): {e}") from None
+    for eng in engines:  # the pool, and the proposer's state (a draft model's pages)
+      drafting = () if self.proposer is None else eng.drafting
+      placement.check_memory(
+          f"--kv_pages: the KV pool ({eng.num_pool_pages} pages of {ps} tokens"
+          + ("" if self.proposer is None else ", with the proposer's state"),
+          eng.pool_bytes() + device_bytes(drafting), device_bytes((eng.k, eng.v, drafting)),
+          (eng.params, eng.draft_params), eng.runtime.mesh,
+          "lower --kv_pages or --batch_size")
+    self.engines, self.max_len = engines, need
 
   @property
   def expected_compilations(self) -> int:
@@ -117,8 +135,11 @@ class EngineBackend:
     for eng in self.engines:
       eng.reset_prefix_cache()
 
-  def run(self, requests: list[Request], deliver: Deliver, should_stop: StopCheck) -> dict:
+  def run(self, requests: list[Request], deliver: Deliver, should_stop: StopCheck,
+          cancel: threading.Event | None = None) -> dict:
+    """cancel: once set, every replica stops at its next token (raising `Cancelled`)."""
     rows = _rows(requests)
+    cancel = threading.Event() if cancel is None else cancel
     ereqs = [EngineRequest(uid, req.prompt_ids, req.max_new_tokens,
                            np.asarray(jax.random.key_data(sample_key(req.seed, req.id, k))),
                            req.temperature, req.top_k, req.top_p, req.min_p)
@@ -130,11 +151,21 @@ class EngineBackend:
       if self.proposer is not None:
         eng.policy.start_call()
     on_result = lambda res: deliver(*rows[res.uid], res.tokens, res.finished_by_eos)
-    stop = lambda uid, tokens: should_stop(rows[uid][0], tokens)
+
+    def stop(uid, tokens):
+      if cancel.is_set():
+        raise Cancelled()
+      return should_stop(rows[uid][0], tokens)
+
     shares = placement.split_by_tokens(ereqs, self.total)
-    placement.in_threads(
-        lambda eng, share, leads: eng.run(share, on_result if leads else lambda res: None, stop),
-        [(e, shares[r.index], r.leads) for e, r in zip(self.engines, self.replicas)])
+    try:
+      placement.in_threads(
+          lambda eng, share, leads: eng.run(share, on_result if leads else lambda res: None,
+                                            stop),
+          [(e, shares[r.index], r.leads) for e, r in zip(self.engines, self.replicas)], cancel)
+    except BaseException:  # stopped mid-step: the next call builds its engines afresh
+      self.engines, self.max_len = [], 0
+      raise
     st = [e.stats for e in self.engines]
     mixed = max(s.mixed_busy_s for s in st)
     pure = max(s.decode_busy_s for s in st)

@@ -117,9 +117,10 @@ def split_by_tokens(items: list, parts: int, request=lambda r: r) -> list[list]:
   return [items[bounds[i]:bounds[i + 1]] for i in range(parts)]
 
 
-def in_threads(fn, jobs: list[tuple]) -> None:
+def in_threads(fn, jobs: list[tuple], cancel: threading.Event | None = None) -> None:
   """fn(*job) for every job, each in a thread of its own (one per replica); the first failure
-  is raised once all have finished."""
+  is raised once all have finished. An interrupt while they run sets `cancel` (which the jobs
+  watch) and waits for them before it is raised: no replica outlives the call."""
   failures = []
 
   def work(*args):
@@ -131,7 +132,14 @@ def in_threads(fn, jobs: list[tuple]) -> None:
   threads = [threading.Thread(target=work, args=job) for job in jobs]
   for t in threads:
     t.start()
-  for t in threads:
-    t.join()
+  try:
+    for t in threads:
+      t.join()
+  except BaseException:
+    if cancel is not None:
+      cancel.set()
+    for t in threads:
+      t.join()
+    raise
   if failures:
     raise failures[0]
