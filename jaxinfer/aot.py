@@ -69,6 +69,7 @@ class CompileJob:
   tree: str = "4,2,1,1"
   draft_layers: str | None = None
   quantize: str | None = None  # a weight format (int8, int4:g128, fp8_e4m3, ...): served quantized
+  quantize_include: tuple[str, ...] = ()  # (a quantized checkpoint's: embed, lm_head, norm)
   kv_cache_dtype: str | None = None  # int8: the engine's KV pages quantized
 
   @property
@@ -453,10 +454,32 @@ def _compile_checked(name, fn, args, target: Target, report: Report, weights: in
   return step
 
 
+def checkpoint_format(job: CompileJob) -> CompileJob:
+  """A quantized checkpoint's directory compiles as it serves, in its own format (its
+  quantization.json); a --quantize naming another is refused."""
+  path = Path(os.path.expanduser(job.model))
+  if job.model.startswith(("preset:", "embedded")) or not path.is_dir():
+    return job
+  from jaxinfer import quant
+  try:
+    fmt = quant.read_metadata(path)
+    asked = None if job.quantize is None else quant.QuantFormat.parse(job.quantize)
+  except ValueError as e:
+    raise CompileError(f"--{'model' if 'quantization format' not in str(e) else 'quantize'}: "
+                       f"{e}") from None
+  if fmt is None:
+    return job
+  if asked is not None and asked != dataclasses.replace(fmt, include=()):
+    raise CompileError(f"--quantize: {job.model} is quantized as {fmt.name} already; leave "
+                       f"--quantize out to compile it as it serves")
+  return dataclasses.replace(job, quantize=fmt.name, quantize_include=fmt.include)
+
+
 def run(job: CompileJob, log=None) -> Report:
   """Compiles (TPU) or lowers (CUDA) the engine's steps and, with job.speculative, the
   verification step; CompileError (one line, naming the flag) for bad flags or a configuration
   that does not fit; StepFailed when the compiler refuses a step for another reason."""
+  job = checkpoint_format(job)
   target = parse_target(job.target)
   cfg = model_config(job)
   sparsity = _checked(job, target)

@@ -83,7 +83,7 @@ def params_shapes(cfg: ModelConfig, job, mesh: Mesh, runtime: Runtime):
     return params
   from jaxinfer import quant
   try:
-    fmt = quant.QuantFormat.parse(job.quantize)
+    fmt = quant.QuantFormat.parse(job.quantize, job.quantize_include)
     return quant.abstract_quantized(params, spec, fmt, mesh, runtime.rules)
   except ValueError as e:  # (a group size that does not divide a weight's axis, ...)
     raise CompileError(f"--quantize: {e}") from None

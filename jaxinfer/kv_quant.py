@@ -22,10 +22,14 @@ KV_CACHE_DTYPES = ("int8",)  # besides the model's own dtype (None)
 SCALE_DTYPE = jnp.float32
 
 
-def check_kv_cache_dtype(kv_cache_dtype: str | None) -> None:
+def check_kv_cache_dtype(kv_cache_dtype: str | None, page_size: int | None = None) -> None:
+  """ValueError "flag: ..." for a KV cache dtype, or a page size, the int8 cache cannot take."""
   if kv_cache_dtype is not None and kv_cache_dtype not in KV_CACHE_DTYPES:
     raise ValueError(f"kv_cache_dtype: expected one of {', '.join(KV_CACHE_DTYPES)} (or none: "
                      f"the model's dtype), got {kv_cache_dtype!r}")
+  if kv_cache_dtype is not None and page_size is not None and SCALE_LANES % page_size:
+    raise ValueError(f"page_size: the int8 KV cache needs a page size dividing {SCALE_LANES} (a "
+                     f"page's scales lie in one row of them), got {page_size}")
 
 
 def scale_rows(num_positions: int) -> int:

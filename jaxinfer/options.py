@@ -108,15 +108,11 @@ class ServeOptions:
     if self.kv_pages is not None and self.kv_pages < 1:
       raise UserError(f"--kv_pages: must be >= 1, got {self.kv_pages}")
     if self.kv_cache_dtype is not None:
-      from jaxinfer.kv_quant import SCALE_LANES, check_kv_cache_dtype
+      from jaxinfer.kv_quant import check_kv_cache_dtype
       try:
-        check_kv_cache_dtype(self.kv_cache_dtype)
+        check_kv_cache_dtype(self.kv_cache_dtype, self.page_size)
       except ValueError as e:
         raise UserError(f"--{e}") from None
-      if SCALE_LANES % self.page_size:
-        raise UserError(f"--page_size: the int8 KV cache needs a page size dividing "
-                        f"{SCALE_LANES} (a page's scales lie in one row of them), got "
-                        f"{self.page_size}")
     if self.max_seq_len is not None and self.max_seq_len < 2:
       raise UserError(f"--max_seq_len: must be >= 2, got {self.max_seq_len}")
     if self.scheduler not in ("continuous", "static"):

@@ -220,6 +220,7 @@ def test_missing_libtpu_says_what_to_install(monkeypatch):
     (dict(speculative="ngram", draft_layers="0"), "--draft_layers: .*layerskip"),
     (dict(quantize="int4:g7"), "--quantize: .* groups of 7 do not divide"),
     (dict(quantize="int8:a8", speculative="ngram"), "--speculative: int8:a8 quantizes"),
+    (dict(kv_cache_dtype="int8", page_size=48), "--page_size: the int8 KV cache needs a page size"),
 ])
 def test_flag_errors_name_the_flag(overrides, message, monkeypatch):
   """Refused before any step is compiled (a wrong draft flag was found after minutes of it)."""
@@ -243,3 +244,16 @@ def test_a_dynamic_pattern_compiles_its_whole_prompt_lane_for_tpu():
   assert prefill.kernels > decode.kernels > 0 and prefill.compile_s > 0
   with pytest.raises(aot.CompileError, match="--sparsity: .* multiple of 8"):
     aot.run(aot.CompileJob(TPU, sparsity="block_topk:2,4", **common))
+
+
+def test_a_quantized_checkpoint_compiles_in_its_own_format(tmp_path):
+  """A checkpoint's quantization.json decides the format compiled (its weights were counted as
+  the float model's); a --quantize naming another format is refused, one line."""
+  from jaxinfer import quant
+  (tmp_path / "config.json").write_text(json.dumps({**COMMON, "model_type": "llama"}))
+  quant.write_metadata(tmp_path, quant.QuantFormat.parse("int4:g32", ("embed",)))
+  job = aot.checkpoint_format(aot.CompileJob(TPU, model=str(tmp_path)))
+  assert job.quantize == "int4:g32" and job.quantize_include == ("embed",)
+  assert aot.checkpoint_format(aot.CompileJob(TPU, model=str(tmp_path), quantize="int4:g32")) == job
+  with pytest.raises(aot.CompileError, match="^--quantize: .* is quantized as int4:g32 already"):
+    aot.checkpoint_format(aot.CompileJob(TPU, model=str(tmp_path), quantize="int8"))

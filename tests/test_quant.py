@@ -5,6 +5,7 @@ the quantize command."""
 import dataclasses
 import json
 import re
+import shutil
 import subprocess
 import sys
 
@@ -222,6 +223,18 @@ def test_checkpoint_errors(tmp_path, params):
   assert "\n" not in str(e.value)
   save_orbax(tmp_path, CFG, params)  # a full-precision save drops the format record
   assert not meta.exists()
+  # a format record that does not describe the arrays, or arrays gone: one line each (orbax's
+  # tree diff ran to hundreds of lines, a missing array file was a traceback)
+  quant.write_metadata(tmp_path, _fmt("int4:g32"))
+  with pytest.raises(ValueError, match=r"params/ does not restore as config.json and "
+                                       r"quantization.json \(int4:g32\)") as e:
+    load_orbax(tmp_path)
+  assert "\n" not in str(e.value)
+  quant.write_metadata(tmp_path, None)
+  shutil.rmtree(tmp_path / "params" / "d")
+  with pytest.raises(ValueError, match=r"params/ does not restore as config.json describe") as e:
+    load_orbax(tmp_path)
+  assert "\n" not in str(e.value)
 
 
 def test_ste_gradient_is_the_gradient_at_the_dequantized_weights(params):
@@ -340,6 +353,24 @@ def test_cli_quantize_then_generate(tmp_path, model_dir):
                             defaults=Defaults(max_new_tokens=8)))
   record = json.loads((tmp_path / "o.jsonl").read_text())
   assert metrics["num_failed"] == 0 and record["completion_tokens"] > 0
+  # training cannot update quantized weights: one line, before any work (it was a traceback
+  # from jax.grad, its workdir left behind)
+  data = tmp_path / "data.txt"
+  data.write_text("def add(a, b):\n    return a + b\n\n" * 100)
+  proc = _cli("train", f"--model={out}", f"--data={data}", f"--output={tmp_path / 't'}",
+              "--steps=2", "--batch_size=2", "--seq_len=16")
+  assert proc.returncode == 2 and "holds quantized weights" in proc.stderr, proc.stderr
+  assert "Traceback" not in proc.stderr and not (tmp_path / "t.run").exists()
+  # convert keeps the format in orbax (it asked for one it had no flag for) and refuses HF
+  proc = _cli("convert", f"--model={out}", "--format=orbax", f"--output={tmp_path / 'o'}")
+  assert proc.returncode == 0, proc.stderr
+  _assert_same(load_model(str(tmp_path / "o"))[1], restored)
+  proc = _cli("convert", f"--model={out}", "--format=hf", f"--output={tmp_path / 'h'}")
+  assert proc.returncode == 2 and "is quantized (int4:g32)" in proc.stderr, proc.stderr
+  # options quantize does not read are unknown to it (its --mesh was taken and ignored)
+  proc = _cli("quantize", f"--model={model_dir}", "--format=int8", f"--output={tmp_path / 'm'}",
+              "--mesh=fsdp:3")
+  assert proc.returncode != 0 and "Unknown command line flag 'mesh'" in proc.stderr
 
 
 def test_quantized_model_serves_sharded_speculative_and_under_trained_heads(tmp_path, model_dir):
@@ -366,11 +397,28 @@ def test_quantized_model_serves_sharded_speculative_and_under_trained_heads(tmp_
                         speculation="always", mesh="data:1", progress=False)
   assert ids(medusa) == plain
   assert medusa.metrics["speculative_batches"] > 0 and medusa.metrics["verify_steps"] > 0
+  # Medusa-2's adapters would train the quantized weights themselves: refused in one line
+  with pytest.raises(jaxinfer.UserError, match="--method=medusa2: .* quantized"):
+    jaxinfer.train_draft(str(out), str(data), str(tmp_path / "m2"), method="medusa2", steps=2,
+                         batch_size=2, seq_len=16, progress=False)
+
+
+def test_include_as_a_string_and_a_tied_lm_head(tmp_path):
+  """`include` spelled as the flag is ("embed,norm"); a model whose LM head is its embeddings
+  has no lm_head to include (it was recorded and nothing quantized)."""
+  import jaxinfer
+  tied = make_tiny_model_dir(tmp_path / "tied", tie_embeddings=True)
+  with pytest.raises(jaxinfer.UserError, match="--include: .* ties its LM head"):
+    jaxinfer.quantize(str(tied), str(tmp_path / "q"), "int8", include="lm_head")
+  out, before, after = jaxinfer.quantize(str(tied), str(tmp_path / "q"), "int8",
+                                         include="embed, norm")
+  assert quant.read_metadata(out).include == ("embed", "norm")
 
 
 def test_int8_activations_serve_sharded_and_refuse_speculation(tmp_path, model_dir):
-  """An :a8 checkpoint serves through the engine on a mesh as on one device; speculation on it
-  is refused in one line (rounded activations make verification and decoding disagree)."""
+  """An :a8 checkpoint serves through the engine on a mesh (here as on one device: past a
+  rounding flip it need not, docs/quantization.md); speculation on it is refused in one line
+  (rounded activations make verification and decoding disagree)."""
   import jaxinfer
   from jaxinfer.errors import UserError
   out, _, _ = jaxinfer.quantize(str(model_dir), str(tmp_path / "a8"), "int8:a8")
@@ -382,3 +430,8 @@ def test_int8_activations_serve_sharded_and_refuse_speculation(tmp_path, model_d
   with pytest.raises(UserError, match="quantizes activations") as e:
     jaxinfer.LLM(str(out), speculative="ngram", progress=False).generate(prompts)
   assert "\n" not in str(e.value)
+  data = tmp_path / "data.txt"  # heads trained on it could never be served: refused up front
+  data.write_text("def add(a, b):\n    return a + b\n\n" * 100)
+  with pytest.raises(UserError, match="quantizes activations .* never be served"):
+    jaxinfer.train_draft(str(out), str(data), str(tmp_path / "heads"), steps=2, batch_size=2,
+                         seq_len=16, progress=False)

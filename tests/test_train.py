@@ -94,6 +94,11 @@ def test_train_cli_finetunes_and_exports(tmp_path, tiny_model_dir):
   resumed = subprocess.run(proc.args + ["--resume"], capture_output=True, text=True, timeout=600)
   assert resumed.returncode == 0, resumed.stderr
   assert json.loads((out / "report.json").read_text()) == report
+  # resumed with other options, it would no longer be the run it continues: refused, named
+  other = subprocess.run(proc.args + ["--resume", "--learning_rate=0.5", "--seed=7"],
+                         capture_output=True, text=True, timeout=600)
+  assert other.returncode == 2, other.stderr
+  assert "started with --learning_rate=0.003, --seed=0" in other.stderr, other.stderr
 
 
 def test_training_data_errors_name_the_file_and_line(tmp_path):
@@ -123,3 +128,30 @@ def test_train_cli_refuses_data_too_short_for_one_window(tmp_path, tiny_model_di
   assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr
   assert proc.stderr.strip().splitlines()[-1].startswith(f"error: --data: {data} gives "), proc.stderr
   assert "--seq_len=64" in proc.stderr
+
+
+def test_an_interrupt_between_a_step_and_its_record_keeps_the_record(tmp_path):
+  """Ctrl-C after a logged step ran but before its metrics line was written: the checkpoint at
+  that step is saved with its line (a rerun starts after it, so the line was lost for good)."""
+  import jax.numpy as jnp
+  import optax
+
+  from jaxinfer.train.loop import TrainConfig, train
+  cfg = TrainConfig(steps=6, learning_rate=0.1, warmup_steps=0, checkpoint_every=100,
+                    log_every=2, progress=False, async_checkpoints=False)
+  loss = lambda p, frozen, batch, key: (jnp.sum((p["w"] - batch) ** 2), {})
+  calls = []
+
+  def evaluate(params, step):
+    calls.append(step)
+    if calls == [2, 4]:  # the first time step 4's record is being made
+      raise KeyboardInterrupt
+    return {}
+
+  run = lambda: train(loss, {"w": jnp.zeros(3)}, lambda s: jnp.ones(3), cfg, tmp_path,
+                      eval_fn=evaluate, eval_every=2, optimizer=optax.sgd(0.1))
+  with pytest.raises(KeyboardInterrupt):
+    run()
+  assert [m["step"] for m in read_metrics(tmp_path)] == [2, 4]
+  run()
+  assert [m["step"] for m in read_metrics(tmp_path)] == [2, 4, 6]

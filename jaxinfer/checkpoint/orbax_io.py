@@ -69,8 +69,11 @@ def load_orbax(directory: str | os.PathLike, dtype: str | None = None, mesh: Mes
   with ocp.StandardCheckpointer() as ckptr:
     try:
       params = ckptr.restore(directory / PARAMS_DIR, target)
-    except (ValueError, KeyError) as e:
-      raise ValueError(f"{directory}: checkpoint does not match config.json: {e}") from None
+    except Exception as e:  # (orbax's own: a tree diff, a missing array file, ...)
+      described = "config.json" + (f" and {quant.QUANT_FILE} ({fmt.name})" if fmt else "")
+      first = next((l.strip() for l in str(e).splitlines() if l.strip()), type(e).__name__)
+      raise ValueError(f"{directory}: {PARAMS_DIR}/ does not restore as {described} describe "
+                       f"it: {first[:200]}") from None
   P.check_against_spec(params, spec, str(directory), quant.logical_shape)
   return cfg, params
 

@@ -5,20 +5,24 @@ from __future__ import annotations
 from absl import flags
 
 from jaxinfer.config import DTYPES
-from jaxinfer.train.workdir import check_workdir  # noqa: F401  (the training commands')
+from jaxinfer.train.workdir import check_workdir, record_settings  # noqa: F401  (the training commands')
 
 
-def define_model_flags() -> None:
+def define_model_flags(devices: bool = True) -> None:
+  """--model, --dtype, --cache_dir; with `devices` (a command that computes on a mesh), --mesh,
+  --cpu_devices and --compilation_cache too."""
   flags.DEFINE_string("model", "embedded", "Hugging Face model directory, jaxinfer checkpoint "
                       "directory, or 'embedded' (the default model, built locally if missing).")
   flags.DEFINE_enum("dtype", "auto", ["auto"] + sorted(DTYPES),
                     "Parameter/activation dtype; auto uses the checkpoint's own.")
+  flags.DEFINE_string("cache_dir", None, "Where the embedded model is cached (default "
+                      "$JAXINFER_CACHE or ~/.cache/jaxinfer).")
+  if not devices:
+    return
   flags.DEFINE_string("mesh", "", "Device mesh, e.g. data:4,model:2 (axes data, fsdp, model; "
                       "absent axes are 1). Empty: all devices on the data axis.")
   flags.DEFINE_integer("cpu_devices", None, "Simulate this many CPU devices (testing meshes "
                        "without accelerators).", lower_bound=1)
-  flags.DEFINE_string("cache_dir", None, "Where the embedded model is cached (default "
-                      "$JAXINFER_CACHE or ~/.cache/jaxinfer).")
   define_compilation_cache_flag()
 
 

@@ -6,9 +6,9 @@ from __future__ import annotations
 from absl import flags
 
 from jaxinfer.cli import fail, no_positional_args
-from jaxinfer.cli.common import apply_platform_flags, define_model_flags
+from jaxinfer.cli.common import define_model_flags
 
-define_model_flags()
+define_model_flags(devices=False)  # (quantizes on the default device: no mesh to name)
 flags.DEFINE_string("output", None, "Destination directory (a jaxinfer checkpoint).")
 flags.DEFINE_string("format", None, "int8, int4, int2, ternary (BitNet b1.58 absmean), fp8_e4m3, "
                     "fp8_e5m2, fp6_e2m3, fp6_e3m2 or fp4_e2m1; :gN scales "
@@ -23,7 +23,6 @@ FLAGS = flags.FLAGS
 
 def main(argv: list[str]) -> None:
   no_positional_args(argv)
-  apply_platform_flags()
   from jaxinfer.errors import UserError
   from jaxinfer.quant.convert import quantize
 

@@ -12,7 +12,7 @@ from absl import flags
 from jaxinfer.cli import fail, no_positional_args
 from jaxinfer.cli.common import (apply_platform_flags, check_workdir, data_tokens,
                                  define_model_flags, define_resume_flag,
-                                 load_model_from_flags)
+                                 load_model_from_flags, record_settings)
 
 define_model_flags()
 define_resume_flag()
@@ -44,6 +44,10 @@ flags.DEFINE_bool("distill", False, "With --qat: train on the KL divergence from
                   "LLM-QAT does, instead of the next-token loss on the text.")
 flags.mark_flags_as_required(["data", "output"])
 FLAGS = flags.FLAGS
+# what decides a run's course: a resumed run must have the values it started with
+TRAIN_FLAGS = ("model", "dtype", "mesh", "data", "init", "batch_size", "seq_len",
+               "learning_rate", "warmup_steps", "weight_decay", "heldout_fraction", "seed", "qat",
+               "distill")
 
 
 def main(argv: list[str]) -> None:
@@ -68,7 +72,8 @@ def main(argv: list[str]) -> None:
   if FLAGS.distill and FLAGS.init == "random":
     fail("--distill: the teacher is the starting model; use --init=pretrained")
   try:
-    check_workdir(FLAGS.workdir or FLAGS.output.rstrip("/") + ".run", FLAGS.resume)
+    check_workdir(FLAGS.workdir or FLAGS.output.rstrip("/") + ".run", FLAGS.resume,
+                  {name: FLAGS[name].value for name in TRAIN_FLAGS})
     mesh, src, cfg, params, tokenizer = load_model_from_flags()
     check_destination(FLAGS.output, src, "hf" if fmt is None else "orbax")  # (now, not after)
     tokens = data_tokens(tokenizer, src, cfg)
@@ -83,11 +88,15 @@ def main(argv: list[str]) -> None:
                        checkpoint_every=FLAGS.checkpoint_every, seed=FLAGS.seed)
     if fmt is not None:
       qat.check(cfg, params, fmt)
+    elif quant.holds_quantized(params):
+      fail(f"--model: {FLAGS.model} holds quantized weights, which training cannot update; "
+           f"train the full-precision model (with --qat=FORMAT to fine-tune it for a format)")
   except (FileNotFoundError, ValueError) as e:
     fail(str(e))
   if FLAGS.init == "random":
     params = M.init_params(cfg, jax.random.key(FLAGS.seed), mesh)
   workdir = Path(FLAGS.workdir or FLAGS.output.rstrip("/") + ".run")
+  record_settings(workdir, {name: FLAGS[name].value for name in TRAIN_FLAGS})
   if fmt is None:
     params, _ = train(lm.lm_loss_fn(cfg), params, windows, tcfg, workdir, mesh=mesh)
   else:

@@ -56,7 +56,10 @@ class EngineConfig:
       raise ValueError(f"EngineConfig: kv_pages must be >= 1, got {self.kv_pages}")
     if self.steps_ahead < 0:
       raise ValueError(f"EngineConfig: steps_ahead must be >= 0, got {self.steps_ahead}")
-    check_kv_cache_dtype(self.kv_cache_dtype)
+    try:
+      check_kv_cache_dtype(self.kv_cache_dtype, self.page_size)
+    except ValueError as e:
+      raise ValueError(f"EngineConfig: {e}") from None
 
 
 @dataclasses.dataclass

@@ -20,6 +20,8 @@ def quantize(model: str, output: str, format: str, *, include: Sequence[str] = (
 
   from jaxinfer import checkpoint, quant
   from jaxinfer.model import Transformer
+  if isinstance(include, str):  # (as the flag spells it)
+    include = [part.strip() for part in include.split(",") if part.strip()]
   try:
     fmt = quant.QuantFormat.parse(format, tuple(include))
   except ValueError as e:
@@ -31,10 +33,14 @@ def quantize(model: str, output: str, format: str, *, include: Sequence[str] = (
     cfg, params, _ = checkpoint.load_model(str(src), None if dtype == "auto" else dtype)
   except (FileNotFoundError, ValueError) as e:
     raise UserError(str(e)) from None
+  if "lm_head" in fmt.include and cfg.tie_embeddings and "embed" not in fmt.include:
+    raise UserError(f"--include: {model} ties its LM head to its embeddings (it has no lm_head "
+                    f"of its own); include embed to quantize them")
   try:
     quantized = quant.quantize_params(params, Transformer.spec(cfg), fmt)
   except ValueError as e:  # (a group size that does not divide a weight's axis)
     raise UserError(f"--format: {e}") from None
+  (Path(output) / "report.json").unlink(missing_ok=True)  # (a training run's, now stale)
   try:
     out = checkpoint.save_orbax(output, cfg, quantized, tokenizer_dir=src, quant_format=fmt)
   except (FileNotFoundError, ValueError) as e:

@@ -65,7 +65,8 @@ class QuantFormat:
   def __post_init__(self):
     if self.kind not in KINDS:
       raise ValueError(f"quantization format {self.kind!r}: unknown; expected one of "
-                       f"{', '.join(KINDS)}, optionally :gN for groups of N (e.g. int4:g128)")
+                       f"{', '.join(KINDS)}, optionally :gN for groups of N (e.g. int4:g128) and "
+                       f":a8 for int8 activations")
     if self.group is not None and self.group < 2:
       raise ValueError(f"quantization format {self.name}: groups need at least 2 elements")
     if self.activations and self.kind not in INTEGER_KINDS:

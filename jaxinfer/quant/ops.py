@@ -47,6 +47,11 @@ def is_quantized(x) -> bool:
   return isinstance(x, ActQuantized) or is_qarray(x)
 
 
+def holds_quantized(params) -> bool:
+  """Whether any weight of `params` is quantized."""
+  return any(map(is_quantized, jax.tree_util.tree_leaves(params, is_leaf=is_quantized)))
+
+
 def quantizes_activations(params) -> bool:
   """Whether any weight of `params` quantizes its input (format :a8)."""
   leaves = jax.tree_util.tree_leaves(params, is_leaf=lambda x: isinstance(x, ActQuantized))

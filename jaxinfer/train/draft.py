@@ -91,6 +91,19 @@ def _tokens(model, data, src, cfg, tokenizer, workdir, *, self_distill, distill_
   return tokens
 
 
+def _check_base(base, method: str, model: str) -> None:
+  """Refuses a quantized base the heads could not be trained on or served with."""
+  from jaxinfer import quant
+  if quant.quantizes_activations(base):
+    raise ValueError(f"--model: {model} quantizes activations (:a8), which rules out speculative "
+                     f"decoding: heads trained on it could never be served; use a weight-only "
+                     f"quantization")
+  if method == "medusa2" and quant.holds_quantized(base):
+    raise ValueError(f"--method=medusa2: its LoRA adapters train the base's own weights, and "
+                     f"{model}'s are quantized; train medusa2 on the full-precision model, or "
+                     f"medusa, hydra or eagle on this one")
+
+
 def train_draft(model: str, data: str, output: str, *, method: str = "medusa",
                 workdir: str | None = None, resume: bool = False, dtype: str = "auto",
                 mesh: str = "", cache_dir: str | None = None, num_heads: int = 4,
@@ -108,7 +121,7 @@ def train_draft(model: str, data: str, output: str, *, method: str = "medusa",
   from jaxinfer import checkpoint
   from jaxinfer.draft_heads import eagle, hidden_cache as hcache, hydra, medusa, medusa2
   from jaxinfer.sharding import make_mesh
-  from jaxinfer.train.workdir import check_workdir
+  from jaxinfer.train.workdir import check_workdir, record_settings
   values = locals()
   given = {name for name, p in inspect.signature(train_draft).parameters.items()
            if p.default is not inspect.Parameter.empty and values[name] != p.default}
@@ -116,11 +129,12 @@ def train_draft(model: str, data: str, output: str, *, method: str = "medusa",
          batch_size, seq_len, heldout_fraction, given)
   work = Path(workdir or output.rstrip("/") + ".run")
   try:
-    check_workdir(work, resume)
+    check_workdir(work, resume, {k: values[k] for k in inspect.signature(train_draft).parameters})
     device_mesh = make_mesh(mesh) if mesh else None
     src = checkpoint.resolve_model_dir(model, cache_dir)
     cfg, base, tokenizer = checkpoint.load_model(str(src), None if dtype == "auto" else dtype,
                                                  device_mesh)
+    _check_base(base, method, model)
     tokens = _tokens(model, data, src, cfg, tokenizer, work, self_distill=self_distill,
                      distill_prompt_len=distill_prompt_len,
                      distill_new_tokens=distill_new_tokens, seed=seed, progress=progress)
@@ -133,6 +147,7 @@ def train_draft(model: str, data: str, output: str, *, method: str = "medusa",
                    progress=progress)
   except (FileNotFoundError, ValueError) as e:
     raise UserError(str(e)) from None
+  record_settings(work, {k: values[k] for k in inspect.signature(train_draft).parameters})
   common = dict(steps=steps, batch_size=batch_size, seq_len=seq_len,
                 learning_rate=learning_rate, warmup_steps=warmup_steps,
                 checkpoint_every=checkpoint_every, seed=seed, mesh=device_mesh,

@@ -85,14 +85,16 @@ class MetricsWriter:
     # TensorBoard drops earlier events at steps >= purge_step: those past the restored step.
     self._tb = SummaryWriter(str(path.parent / "tensorboard"),
                              purge_step=resume_step + 1 if resume_step > 0 else None)
-    kept = []
+    kept, steps = [], set()
     if path.exists() and resume_step > 0:
       for line in path.read_text().splitlines():
         try:
-          if json.loads(line).get("step", 0) <= resume_step:
-            kept.append(line)
+          step = json.loads(line).get("step", 0)
         except json.JSONDecodeError:
           break  # a torn last line from a crash
+        if step <= resume_step and step not in steps:  # (an interrupt can write one twice)
+          kept.append(line)
+          steps.add(step)
     path.write_text("".join(l + "\n" for l in kept))
     self._f = open(path, "a")
 
@@ -180,19 +182,27 @@ def train(loss_fn: LossFn, params: Any, batch_fn: Callable[[int], Any], cfg: Tra
   bar = tqdm(total=cfg.steps, initial=start, desc=description, disable=not cfg.progress,
              dynamic_ncols=True)
   t_last, step = time.perf_counter(), start
+  unlogged = None  # (step, metrics) of a step done whose record is not written yet
+
+  def log(done: int, metrics) -> None:
+    nonlocal t_last, unlogged
+    record = {"step": done, **_to_float(metrics)}
+    record["seconds_per_step"] = (time.perf_counter() - t_last) / cfg.log_every
+    t_last = time.perf_counter()
+    if eval_fn is not None and eval_every and (done % eval_every == 0 or done == cfg.steps):
+      record.update(eval_fn(state.params, done))
+    writer.write(record)
+    logged.append(record)
+    unlogged = None
+    bar.set_postfix(loss=f"{record['loss']:.3f}")
+
   try:
     for step in range(start, cfg.steps):
       state, metrics = step_jit(state, frozen, put(batch_fn(step)))
       done = step + 1
       if done % cfg.log_every == 0 or done == cfg.steps:
-        record = {"step": done, **_to_float(metrics)}
-        record["seconds_per_step"] = (time.perf_counter() - t_last) / cfg.log_every
-        t_last = time.perf_counter()
-        if eval_fn is not None and eval_every and (done % eval_every == 0 or done == cfg.steps):
-          record.update(eval_fn(state.params, done))
-        writer.write(record)
-        logged.append(record)
-        bar.set_postfix(loss=f"{record['loss']:.3f}")
+        unlogged = (done, metrics)
+        log(done, metrics)
       bar.update(1)
       if done % cfg.checkpoint_every == 0 or done == cfg.steps or interrupted:
         manager.save(done, args=ocp.args.StandardSave(state))
@@ -202,6 +212,9 @@ def train(loss_fn: LossFn, params: Any, batch_fn: Callable[[int], Any], cfg: Tra
   except KeyboardInterrupt:
     manager.wait_until_finished()
     try:
+      if (unlogged is not None and unlogged[0] == int(state.step)  # (a rerun starting after
+          and not (logged and logged[-1]["step"] == unlogged[0])):  # it would never write it)
+        log(*unlogged)
       if manager.latest_step() != int(state.step):
         manager.save(int(state.step), args=ocp.args.StandardSave(state), force=True)
         manager.wait_until_finished()

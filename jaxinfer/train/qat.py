@@ -27,7 +27,7 @@ def check(cfg: ModelConfig, params: Transformer, fmt: quant.QuantFormat) -> None
   """One-line ValueError before any step runs: a group size that does not divide a weight, or
   weights that are already quantized (QAT trains the full-precision ones)."""
   quant.selected_specs(Transformer.spec(cfg), fmt)
-  if any(map(quant.is_quantized, jax.tree_util.tree_leaves(params, is_leaf=quant.is_quantized))):
+  if quant.holds_quantized(params):
     raise ValueError(f"QAT for {fmt.name}: the model's weights are already quantized; start from "
                      f"the full-precision model")
 

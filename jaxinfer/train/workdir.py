@@ -3,12 +3,31 @@ continue."""
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
+# what a run may change when it resumes (how long it runs, where it writes, how it reports)
+RESUMABLE = frozenset({"steps", "checkpoint_every", "output", "workdir", "resume", "progress"})
 
-def check_workdir(workdir, resume: bool) -> None:
+
+def _recorded(settings: dict) -> dict:
+  return json.loads(json.dumps({k: v for k, v in sorted(settings.items()) if k not in RESUMABLE},
+                               default=str))
+
+
+def record_settings(workdir, settings: dict) -> None:
+  """Writes the options a run starts with (`check_workdir` compares a resumed run's)."""
+  w = Path(workdir)
+  w.mkdir(parents=True, exist_ok=True)
+  if not (w / "run.json").is_file():
+    (w / "run.json").write_text(json.dumps(_recorded(settings), indent=1) + "\n")
+
+
+def check_workdir(workdir, resume: bool, settings: dict | None = None) -> None:
   """ValueError when `workdir` holds a run (checkpoints, metrics or self-distilled data) and
-  --resume was not given; with --resume, a missing run simply starts."""
+  --resume was not given; with --resume, a missing run simply starts. `settings` (the run's
+  options by flag name): a resumed run must have those it started with (`record_settings`;
+  `RESUMABLE` aside)."""
   w = Path(workdir)
   ckpt = w / "checkpoints"
   steps = sorted(int(p.name) for p in ckpt.iterdir() if p.name.isdigit()) if ckpt.is_dir() else []
@@ -17,3 +36,16 @@ def check_workdir(workdir, resume: bool) -> None:
     where = f"last checkpoint at step {steps[-1]}" if steps else "no checkpoint yet"
     raise ValueError(f"--workdir: {w} holds a run ({where}); pass --resume to continue it, or "
                      f"remove it or choose another --workdir")
+  record = w / "run.json"
+  if not held:
+    record.unlink(missing_ok=True)  # (a run that stopped before its first record)
+  elif settings is not None and record.is_file():
+    settings = _recorded(settings)
+    started = json.loads(record.read_text())
+    changed = [k for k in sorted(set(started) | set(settings)) if started.get(k) != settings.get(k)]
+    if changed:
+      was = ", ".join(f"--{k}={started.get(k)}" for k in changed)
+      now = ", ".join(f"--{k}={settings.get(k)}" for k in changed)
+      raise ValueError(f"--resume: the run in {w} started with {was}; this command has {now}: "
+                       f"resume it with its own options, or remove it or choose another "
+                       f"--workdir")
