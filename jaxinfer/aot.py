@@ -463,10 +463,12 @@ def checkpoint_format(job: CompileJob) -> CompileJob:
   from jaxinfer import quant
   try:
     fmt = quant.read_metadata(path)
+  except ValueError as e:
+    raise CompileError(f"--model: {e}") from None
+  try:
     asked = None if job.quantize is None else quant.QuantFormat.parse(job.quantize)
   except ValueError as e:
-    raise CompileError(f"--{'model' if 'quantization format' not in str(e) else 'quantize'}: "
-                       f"{e}") from None
+    raise CompileError(f"--quantize: {e}") from None
   if fmt is None:
     return job
   if asked is not None and asked != dataclasses.replace(fmt, include=()):

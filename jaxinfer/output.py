@@ -190,6 +190,12 @@ def stray_part_counts(output: str | os.PathLike, num_processes: int) -> list[int
   return sorted(counts)
 
 
+def part_records(output: str | os.PathLike, num_processes: int) -> list[dict[str, Any]]:
+  """The records in the part files of a run of `num_processes` (a torn tail left as it is)."""
+  return [r for i in range(num_processes)
+          for r in _read_records(part_path(output, i, num_processes), repair=False)]
+
+
 def merge_parts(output: str | os.PathLike, num_processes: int) -> int:
   """Process 0, after every process finished: one --output with one record per input line."""
   merged = _one_per_line(completed(output, num_processes))

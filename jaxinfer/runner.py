@@ -168,6 +168,11 @@ def _init_distributed(coordinator_address, num_processes, process_id, auto) -> t
     if coordinator_address is not None or auto:
       raise UserError("--coordinator_address: jax.distributed is already initialised in this "
                       "process; leave the multi-process options out")
+    for flag, given, actual in (("num_processes", num_processes, jax.process_count()),
+                                ("process_id", process_id, jax.process_index())):
+      if given is not None and given != actual:
+        raise UserError(f"--{flag}: {given}, but jax.distributed (initialised already) has "
+                        f"{actual}")
     return jax.process_index(), jax.process_count()
   if coordinator_address is None and not auto:
     if num_processes not in (None, 1):
@@ -217,17 +222,20 @@ def run(job: GenerateJob, *, coordinator_address: str | None = None,
   if job.overwrite and pid == 0:
     for p in [Path(job.output)] + [output.part_path(job.output, i, nproc) for i in range(nproc)]:
       p.unlink(missing_ok=True)
-  for n in output.stray_part_counts(job.output, nproc):  # a killed run of another size's parts
+  stray = output.stray_part_counts(job.output, nproc)  # a killed run of another size's parts
+  for n in stray:
     if job.overwrite:
       for i in range(n if pid == 0 else 0):
         output.part_path(job.output, i, n).unlink(missing_ok=True)
     elif nproc > 1:
       raise UserError(f"--output: {job.output} has the parts of a {n}-process run; rerun it with "
                       f"--num_processes={n}, or as one process (which merges them)")
-    else:
-      output.merge_parts(job.output, n)
   written = [] if job.overwrite else output.completed(job.output, nproc, repair_part=pid)
+  if not job.overwrite and stray:  # (checked as this job's before they are merged)
+    written += [r for n in stray for r in output.part_records(job.output, n)]
   _check_resumable(written, requests)
+  for n in [] if job.overwrite else stray:
+    output.merge_parts(job.output, n)
   done = {output.record_key(r) for r in written}
   key_of = lambda r: output.record_key({"id": r.id, "line": r.line})
   mine = lambda k: placement.owner(k, nproc) == pid  # error records: one process each

@@ -58,8 +58,8 @@ def _scaled(logits: jax.Array, sp: SamplingParams) -> jax.Array:
 
 
 def _ordered(x: jax.Array) -> jax.Array:
-  """float32 -> uint32 in the same order (for NaN-free x; -inf lowest)."""
-  bits = jax.lax.bitcast_convert_type(x, jnp.uint32)
+  """float32 -> uint32 in the same order (for NaN-free x; -inf lowest; -0.0 and 0.0 equal)."""
+  bits = jax.lax.bitcast_convert_type(jnp.where(x == 0, 0.0, x), jnp.uint32)
   return jnp.where(bits >> 31 == 1, ~bits, bits | jnp.uint32(1 << 31))
 
 

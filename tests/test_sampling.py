@@ -190,3 +190,9 @@ def test_filters_sort_nothing():
               jax.jit(sample).lower(jax.ShapeDtypeStruct((8, 128256), jnp.float32), sp,
                                     keys).as_text()):
     assert "sort" not in hlo
+
+
+def test_signed_zeros_tie():
+  """-0.0 and 0.0 are one logit (a stable sort ties them): the lower token id is kept."""
+  x = jnp.asarray([[-0.0, 0.0, -1.0]])
+  np.testing.assert_array_equal(np.asarray(_dist_of(x, top_k=1)), [1, 0, 0])

@@ -152,6 +152,6 @@ def test_an_interrupt_between_a_step_and_its_record_keeps_the_record(tmp_path):
                       eval_fn=evaluate, eval_every=2, optimizer=optax.sgd(0.1))
   with pytest.raises(KeyboardInterrupt):
     run()
-  assert [m["step"] for m in read_metrics(tmp_path)] == [2, 4]
+  assert [m["step"] for m in read_metrics(tmp_path)] == [2, 4] and calls == [2, 4]
   run()
   assert [m["step"] for m in read_metrics(tmp_path)] == [2, 4, 6]

@@ -70,6 +70,8 @@ def load_orbax(directory: str | os.PathLike, dtype: str | None = None, mesh: Mes
     try:
       params = ckptr.restore(directory / PARAMS_DIR, target)
     except Exception as e:  # (orbax's own: a tree diff, a missing array file, ...)
+      if isinstance(e, MemoryError) or "RESOURCE_EXHAUSTED" in str(e):
+        raise
       described = "config.json" + (f" and {quant.QUANT_FILE} ({fmt.name})" if fmt else "")
       first = next((l.strip() for l in str(e).splitlines() if l.strip()), type(e).__name__)
       raise ValueError(f"{directory}: {PARAMS_DIR}/ does not restore as {described} describe "

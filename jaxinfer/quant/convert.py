@@ -40,7 +40,7 @@ def quantize(model: str, output: str, format: str, *, include: Sequence[str] = (
     quantized = quant.quantize_params(params, Transformer.spec(cfg), fmt)
   except ValueError as e:  # (a group size that does not divide a weight's axis)
     raise UserError(f"--format: {e}") from None
-  (Path(output) / "report.json").unlink(missing_ok=True)  # (a training run's, now stale)
+  (Path(output).expanduser() / "report.json").unlink(missing_ok=True)  # (a training run's, now stale)
   try:
     out = checkpoint.save_orbax(output, cfg, quantized, tokenizer_dir=src, quant_format=fmt)
   except (FileNotFoundError, ValueError) as e:

@@ -76,23 +76,13 @@ class EngineBackend:
 
   def prepare(self, requests: list[Request]) -> None:
     """Engines whose pools hold the longest request (kept from an earlier call when they do).
-    They hold whole pages, and engines a later call outgrows are rebuilt for twice their length
-    where that fits, so that calls a little longer each time do not each rebuild them (losing
-    the prompt pages their pools cache, and compiling again)."""
+    They are built for whole pages, so that a later call a few tokens longer keeps them (and the
+    prompt pages their pools cache); a longer one rebuilds them (attention reads every page of
+    a row's table: engines built larger would cost every later step)."""
     need = max([len(r.prompt_ids) + r.max_new_tokens for r in requests] + [2])
     ps = self.opts.page_size
     if need > self.max_len:
-      whole_pages = max(need, min(-(-need // ps) * ps, self.cfg.max_seq_len))
-      lengths = [whole_pages]
-      if self.engines:
-        lengths.insert(0, max(whole_pages, min(2 * self.max_len, self.cfg.max_seq_len)))
-      for i, length in enumerate(lengths):
-        try:
-          self._build(length)
-          break
-        except UserError:
-          if i == len(lengths) - 1:
-            raise
+      self._build(max(need, min(-(-need // ps) * ps, self.cfg.max_seq_len)))
     pages_needed = -(-(need + (self.engines[0].tree_size or 0)) // ps)
     if pages_needed > self.engines[0].num_pool_pages:
       size = PagedKVCache.pool_bytes(self.cfg, pages_needed, ps, self.opts.kv_cache_dtype)
@@ -152,16 +142,19 @@ class EngineBackend:
         eng.policy.start_call()
     on_result = lambda res: deliver(*rows[res.uid], res.tokens, res.finished_by_eos)
 
-    def stop(uid, tokens):
+    def cancelled(*_):
       if cancel.is_set():
         raise Cancelled()
+
+    def stop(uid, tokens):
+      cancelled()
       return should_stop(rows[uid][0], tokens)
 
     shares = placement.split_by_tokens(ereqs, self.total)
     try:
       placement.in_threads(
           lambda eng, share, leads: eng.run(share, on_result if leads else lambda res: None,
-                                            stop),
+                                            stop, on_step=cancelled),
           [(e, shares[r.index], r.leads) for e, r in zip(self.engines, self.replicas)], cancel)
     except BaseException:  # stopped mid-step: the next call builds its engines afresh
       self.engines, self.max_len = [], 0

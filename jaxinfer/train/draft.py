@@ -135,6 +135,7 @@ def train_draft(model: str, data: str, output: str, *, method: str = "medusa",
     cfg, base, tokenizer = checkpoint.load_model(str(src), None if dtype == "auto" else dtype,
                                                  device_mesh)
     _check_base(base, method, model)
+    record_settings(work, {k: values[k] for k in inspect.signature(train_draft).parameters})
     tokens = _tokens(model, data, src, cfg, tokenizer, work, self_distill=self_distill,
                      distill_prompt_len=distill_prompt_len,
                      distill_new_tokens=distill_new_tokens, seed=seed, progress=progress)
@@ -147,7 +148,6 @@ def train_draft(model: str, data: str, output: str, *, method: str = "medusa",
                    progress=progress)
   except (FileNotFoundError, ValueError) as e:
     raise UserError(str(e)) from None
-  record_settings(work, {k: values[k] for k in inspect.signature(train_draft).parameters})
   common = dict(steps=steps, batch_size=batch_size, seq_len=seq_len,
                 learning_rate=learning_rate, warmup_steps=warmup_steps,
                 checkpoint_every=checkpoint_every, seed=seed, mesh=device_mesh,

@@ -184,12 +184,13 @@ def train(loss_fn: LossFn, params: Any, batch_fn: Callable[[int], Any], cfg: Tra
   t_last, step = time.perf_counter(), start
   unlogged = None  # (step, metrics) of a step done whose record is not written yet
 
-  def log(done: int, metrics) -> None:
+  def log(done: int, metrics, evaluate: bool = True) -> None:
     nonlocal t_last, unlogged
     record = {"step": done, **_to_float(metrics)}
     record["seconds_per_step"] = (time.perf_counter() - t_last) / cfg.log_every
     t_last = time.perf_counter()
-    if eval_fn is not None and eval_every and (done % eval_every == 0 or done == cfg.steps):
+    if (evaluate and eval_fn is not None and eval_every
+        and (done % eval_every == 0 or done == cfg.steps)):
       record.update(eval_fn(state.params, done))
     writer.write(record)
     logged.append(record)
@@ -212,12 +213,12 @@ def train(loss_fn: LossFn, params: Any, batch_fn: Callable[[int], Any], cfg: Tra
   except KeyboardInterrupt:
     manager.wait_until_finished()
     try:
-      if (unlogged is not None and unlogged[0] == int(state.step)  # (a rerun starting after
-          and not (logged and logged[-1]["step"] == unlogged[0])):  # it would never write it)
-        log(*unlogged)
       if manager.latest_step() != int(state.step):
         manager.save(int(state.step), args=ocp.args.StandardSave(state), force=True)
         manager.wait_until_finished()
+      if (unlogged is not None and unlogged[0] == int(state.step)  # (a rerun starting after
+          and not (logged and logged[-1]["step"] == unlogged[0])):  # it would never write it;
+        log(*unlogged, evaluate=False)  # its evaluation is what the interrupt stopped)
     except RuntimeError:
       pass  # interrupted mid-step (state donated): the last periodic checkpoint stands
     raise

@@ -6,13 +6,18 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-# what a run may change when it resumes (how long it runs, where it writes, how it reports)
-RESUMABLE = frozenset({"steps", "checkpoint_every", "output", "workdir", "resume", "progress"})
-
+# what a run may change when it resumes: how long it runs, where it writes and reports, the
+# mesh it restores onto (a preempted job may come back on another slice), caches of the inputs
+RESUMABLE = frozenset({"steps", "checkpoint_every", "output", "workdir", "resume", "progress",
+                       "mesh", "cache_dir", "hidden_cache"})
+PATHS = ("model", "data")  # compared as the files they name, however spelled
 
 def _recorded(settings: dict) -> dict:
-  return json.loads(json.dumps({k: v for k, v in sorted(settings.items()) if k not in RESUMABLE},
-                               default=str))
+  kept = {k: v for k, v in sorted(settings.items()) if k not in RESUMABLE}
+  for k in PATHS:
+    if isinstance(kept.get(k), str) and Path(kept[k]).expanduser().exists():
+      kept[k] = str(Path(kept[k]).expanduser().resolve())
+  return json.loads(json.dumps(kept, default=str))
 
 
 def record_settings(workdir, settings: dict) -> None:
