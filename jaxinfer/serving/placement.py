@@ -130,16 +130,17 @@ def in_threads(fn, jobs: list[tuple], cancel: threading.Event | None = None) -> 
       failures.append(e)
 
   threads = [threading.Thread(target=work, args=job) for job in jobs]
-  for t in threads:
-    t.start()
   try:
+    for t in threads:
+      t.start()
     for t in threads:
       t.join()
   except BaseException:
     if cancel is not None:
       cancel.set()
     for t in threads:
-      t.join()
+      if t.ident is not None:  # (started)
+        t.join()
     raise
   if failures:
     raise failures[0]
