@@ -10,6 +10,7 @@ records of the replicas it leads to a part of its own, and process 0 merges the 
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import os
 import sys
@@ -207,6 +208,25 @@ def _barrier(name: str) -> None:
                     f"rerun every process with the same command to resume") from None
 
 
+def _same_job(job: GenerateJob) -> None:
+  """Every process of the run must read the same input under the same options: each splits the
+  requests among all replicas alike, so different ones would lose or repeat records."""
+  import numpy as np
+  from jax.experimental import multihost_utils
+  digest = hashlib.sha256(Path(job.prompts).read_bytes())
+  digest.update(json.dumps([dataclasses.asdict(job.defaults), job.seed, job.num_samples],
+                           default=str).encode())
+  mine = np.frombuffer(digest.digest()[:8], np.int32)
+  try:
+    multihost_utils.assert_equal(mine)
+  except AssertionError:
+    raise UserError("--prompts: the processes of this run read different input or options; "
+                    "give every process the same --prompts and generation options") from None
+  except Exception as e:
+    raise UserError(f"another process of this run ended before it ({str(e).splitlines()[0]}); "
+                    f"rerun every process with the same command to resume") from None
+
+
 def run(job: GenerateJob, *, coordinator_address: str | None = None,
         num_processes: int | None = None, process_id: int | None = None,
         distributed: bool = False) -> dict[str, Any]:
@@ -249,6 +269,7 @@ def run(job: GenerateJob, *, coordinator_address: str | None = None,
 
   llm.prepare(todo)  # pools, trees and memory checked before the output is touched
   if nproc > 1:  # every process has read what is done before any writes
+    _same_job(job)
     _barrier("jaxinfer_generate_start")
   try:
     writer = output.RecordWriter(part)

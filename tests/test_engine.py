@@ -475,6 +475,31 @@ def test_two_processes_write_one_output(tmp_path, tiny_model_dir, speculative, m
   assert metrics["num_skipped_already_done"] == len(resumed)  # each record once (above)
 
 
+def test_processes_reading_different_input_are_refused(tmp_path, tiny_model_dir):
+  """Each process splits the requests among all replicas alike: processes given different
+  prompts (they once wrote a mix of both files, lines repeated) are refused, nothing written."""
+  port, out = _free_port(), tmp_path / "o.jsonl"
+  env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+  procs = []
+  for i in range(2):
+    prompts = tmp_path / f"p{i}.jsonl"
+    prompts.write_text("".join(json.dumps({"id": j, "prompt": "x", "max_new_tokens": 2}) + "\n"
+                               for j in range(3 + i)))
+    procs.append(_cli([f"--model={tiny_model_dir}", f"--prompts={prompts}", f"--output={out}",
+                       "--noprogress", "--cpu_devices=1", f"--coordinator_address=127.0.0.1:{port}",
+                       "--num_processes=2", f"--process_id={i}"], env=env))
+  try:
+    codes = [p.wait(timeout=300) for p in procs]
+  finally:
+    for p in procs:
+      if p.poll() is None:
+        p.kill()
+  errors = [p.stderr.read() for p in procs]
+  assert codes == [2, 2], errors
+  assert all("processes of this run read different input" in e for e in errors), errors
+  assert not out.exists() and not list(tmp_path.glob("o.jsonl.part-*"))
+
+
 def test_a_multi_process_mesh_spans_every_process(monkeypatch):
   """--mesh in a run of several processes covers all their devices (a mesh of other size is
   refused, named)."""
