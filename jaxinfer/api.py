@@ -233,7 +233,8 @@ class LLM:
             ) -> dict[str, Any]:
     """Generates every request, calling on_request(request, its completions) as each finishes
     (from a replica's thread, one call at a time); returns the call's metrics. Setting `cancel`
-    stops every replica at its next token (`Cancelled` is raised); an interrupt does too."""
+    stops every replica after its dispatch in flight (`Cancelled` is raised); an interrupt does
+    too."""
     from jaxinfer.compilation_cache import CompileClock
     from jaxinfer.serving.metrics import generation_metrics
     if not self._lock.acquire(blocking=False):
@@ -293,7 +294,7 @@ class LLM:
     """As `generate`, but yields each prompt's RequestOutput as soon as it finishes (completion
     order; `.index` is its place among the prompts). Generation runs in a thread of its own;
     an error there is raised here. Leaving the loop early (or closing the iterator) stops the
-    generation at each replica's next token."""
+    generation once each replica's dispatch in flight is read."""
     reqs = self.requests(prompts, sampling_params)
     results: queue.Queue = queue.Queue()
     end = object()

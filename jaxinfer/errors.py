@@ -7,4 +7,4 @@ class UserError(ValueError):
 
 class Cancelled(Exception):
   """A generate call its caller stopped (an interrupt, or a `generate_iter` closed early): each
-  replica ends at its next token."""
+  replica ends once its dispatch in flight is read."""

@@ -197,15 +197,20 @@ def _init_distributed(coordinator_address, num_processes, process_id, auto) -> t
   return jax.process_index(), jax.process_count()
 
 
+def _process_ended(e: Exception) -> UserError:
+  """A collective that failed because another process of the run died, in one line (the
+  records written so far are kept: the same commands, rerun, resume)."""
+  return UserError(f"another process of this run ended before it ({str(e).splitlines()[0]}); "
+                   f"rerun every process with the same command to resume")
+
+
 def _barrier(name: str) -> None:
-  """Waits for every process of the run; one that died is named in one line (the records
-  written so far are kept: the same commands, rerun, resume)."""
+  """Waits for every process of the run."""
   from jax.experimental import multihost_utils
   try:
     multihost_utils.sync_global_devices(name)
   except Exception as e:
-    raise UserError(f"another process of this run ended before it ({str(e).splitlines()[0]}); "
-                    f"rerun every process with the same command to resume") from None
+    raise _process_ended(e) from None
 
 
 def _same_job(job: GenerateJob) -> None:
@@ -223,8 +228,7 @@ def _same_job(job: GenerateJob) -> None:
     raise UserError("--prompts: the processes of this run read different input or options; "
                     "give every process the same --prompts and generation options") from None
   except Exception as e:
-    raise UserError(f"another process of this run ended before it ({str(e).splitlines()[0]}); "
-                    f"rerun every process with the same command to resume") from None
+    raise _process_ended(e) from None
 
 
 def run(job: GenerateJob, *, coordinator_address: str | None = None,

@@ -91,7 +91,7 @@ def test_an_interrupt_stops_every_replica_before_it_is_raised():
   """Ctrl-C while the replicas run: each is told to stop and has stopped when it surfaces (in a
   process of its own, whose main thread is the one interrupted)."""
   code = ("import os, signal, threading, time\n"
-          "signal.signal(signal.SIGINT, signal.default_int_handler)  # (a background run ignores it)\n"
+          "signal.signal(signal.SIGINT, signal.default_int_handler)\n"  # (a background run: SIG_IGN)
           "from jaxinfer.serving.placement import in_threads\n"
           "cancel, started, ended = threading.Event(), [], []\n"
           "def replica(i):\n"

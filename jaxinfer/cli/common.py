@@ -5,7 +5,8 @@ from __future__ import annotations
 from absl import flags
 
 from jaxinfer.config import DTYPES
-from jaxinfer.train.workdir import check_workdir, record_settings  # noqa: F401  (the training commands')
+# (the training commands')
+from jaxinfer.train.workdir import check_workdir, record_settings  # noqa: F401
 
 
 def define_model_flags(devices: bool = True) -> None:

@@ -17,8 +17,9 @@ from jaxinfer.cli.common import define_implementation_flag, define_model_flags
 
 define_model_flags()
 flags.FLAGS["model"].help = ("preset:NAME (e.g. preset:llama3-8b), 'embedded', or a Hugging Face "
-                             "or jaxinfer model directory (its config.json is read, and a quantized "
-                             "checkpoint's quantization.json: it compiles in its format).")
+                             "or jaxinfer model directory (its config.json is read, and a "
+                             "quantized checkpoint's quantization.json: it compiles in its "
+                             "format).")
 flags.DEFINE_string("target", None, "tpu:GEN:TOPOLOGY (GEN v4, v5e, v5p or v6e; e.g. "
                     "tpu:v5e:2x4) to compile for, or cuda to lower for a GPU.")
 flags.DEFINE_string("output", None, "Also write the report here as JSON.")

@@ -71,9 +71,10 @@ def main(argv: list[str]) -> None:
     fail("--distill: distils the model into its quantized view; pass --qat=FORMAT too")
   if FLAGS.distill and FLAGS.init == "random":
     fail("--distill: the teacher is the starting model; use --init=pretrained")
+  settings = {name: FLAGS[name].value for name in TRAIN_FLAGS}
+  workdir = Path(FLAGS.workdir or FLAGS.output.rstrip("/") + ".run")
   try:
-    check_workdir(FLAGS.workdir or FLAGS.output.rstrip("/") + ".run", FLAGS.resume,
-                  {name: FLAGS[name].value for name in TRAIN_FLAGS})
+    check_workdir(workdir, FLAGS.resume, settings)
     mesh, src, cfg, params, tokenizer = load_model_from_flags()
     check_destination(FLAGS.output, src, "hf" if fmt is None else "orbax")  # (now, not after)
     tokens = data_tokens(tokenizer, src, cfg)
@@ -95,8 +96,7 @@ def main(argv: list[str]) -> None:
     fail(str(e))
   if FLAGS.init == "random":
     params = M.init_params(cfg, jax.random.key(FLAGS.seed), mesh)
-  workdir = Path(FLAGS.workdir or FLAGS.output.rstrip("/") + ".run")
-  record_settings(workdir, {name: FLAGS[name].value for name in TRAIN_FLAGS})
+  record_settings(workdir, settings)
   if fmt is None:
     params, _ = train(lm.lm_loss_fn(cfg), params, windows, tcfg, workdir, mesh=mesh)
   else:

@@ -40,7 +40,8 @@ def quantize(model: str, output: str, format: str, *, include: Sequence[str] = (
     quantized = quant.quantize_params(params, Transformer.spec(cfg), fmt)
   except ValueError as e:  # (a group size that does not divide a weight's axis)
     raise UserError(f"--format: {e}") from None
-  (Path(output).expanduser() / "report.json").unlink(missing_ok=True)  # (a training run's, now stale)
+  # (a training run's report, stale once the weights are replaced)
+  (Path(output).expanduser() / "report.json").unlink(missing_ok=True)
   try:
     out = checkpoint.save_orbax(output, cfg, quantized, tokenizer_dir=src, quant_format=fmt)
   except (FileNotFoundError, ValueError) as e:

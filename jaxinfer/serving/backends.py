@@ -127,7 +127,8 @@ class EngineBackend:
 
   def run(self, requests: list[Request], deliver: Deliver, should_stop: StopCheck,
           cancel: threading.Event | None = None) -> dict:
-    """cancel: once set, every replica stops at its next token (raising `Cancelled`)."""
+    """cancel: once set, every replica stops after its dispatch in flight is read (raising
+    `Cancelled`)."""
     rows = _rows(requests)
     cancel = threading.Event() if cancel is None else cancel
     ereqs = [EngineRequest(uid, req.prompt_ids, req.max_new_tokens,
@@ -141,14 +142,11 @@ class EngineBackend:
       if self.proposer is not None:
         eng.policy.start_call()
     on_result = lambda res: deliver(*rows[res.uid], res.tokens, res.finished_by_eos)
+    stop = lambda uid, tokens: should_stop(rows[uid][0], tokens)
 
-    def cancelled(*_):
+    def cancelled(stats):
       if cancel.is_set():
         raise Cancelled()
-
-    def stop(uid, tokens):
-      cancelled()
-      return should_stop(rows[uid][0], tokens)
 
     shares = placement.split_by_tokens(ereqs, self.total)
     try:

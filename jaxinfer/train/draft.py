@@ -123,19 +123,21 @@ def train_draft(model: str, data: str, output: str, *, method: str = "medusa",
   from jaxinfer.sharding import make_mesh
   from jaxinfer.train.workdir import check_workdir, record_settings
   values = locals()
-  given = {name for name, p in inspect.signature(train_draft).parameters.items()
-           if p.default is not inspect.Parameter.empty and values[name] != p.default}
+  parameters = inspect.signature(train_draft).parameters
+  options = {name: values[name] for name in parameters}  # (as the run records them)
+  given = {name for name, p in parameters.items()
+           if p.default is not inspect.Parameter.empty and options[name] != p.default}
   _check(method, prefix_layer, head_layers, ttt_steps, draft_vocab, hidden_cache, steps,
          batch_size, seq_len, heldout_fraction, given)
   work = Path(workdir or output.rstrip("/") + ".run")
   try:
-    check_workdir(work, resume, {k: values[k] for k in inspect.signature(train_draft).parameters})
+    check_workdir(work, resume, options)
     device_mesh = make_mesh(mesh) if mesh else None
     src = checkpoint.resolve_model_dir(model, cache_dir)
     cfg, base, tokenizer = checkpoint.load_model(str(src), None if dtype == "auto" else dtype,
                                                  device_mesh)
     _check_base(base, method, model)
-    record_settings(work, {k: values[k] for k in inspect.signature(train_draft).parameters})
+    record_settings(work, options)
     tokens = _tokens(model, data, src, cfg, tokenizer, work, self_distill=self_distill,
                      distill_prompt_len=distill_prompt_len,
                      distill_new_tokens=distill_new_tokens, seed=seed, progress=progress)

@@ -12,6 +12,7 @@ RESUMABLE = frozenset({"steps", "checkpoint_every", "output", "workdir", "resume
                        "mesh", "cache_dir", "hidden_cache"})
 PATHS = ("model", "data")  # compared as the files they name, however spelled
 
+
 def _recorded(settings: dict) -> dict:
   kept = {k: v for k, v in sorted(settings.items()) if k not in RESUMABLE}
   for k in PATHS:
