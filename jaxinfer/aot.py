@@ -69,7 +69,7 @@ class CompileJob:
   tree: str = "4,2,1,1"
   draft_layers: str | None = None
   quantize: str | None = None  # a weight format (int8, int4:g128, fp8_e4m3, ...): served quantized
-  quantize_include: tuple[str, ...] = ()  # (a quantized checkpoint's: embed, lm_head, norm)
+  quantize_include: tuple[str, ...] = ()  # with quantize: embed, lm_head, norm besides
   kv_cache_dtype: str | None = None  # int8: the engine's KV pages quantized
 
   @property
@@ -474,7 +474,26 @@ def checkpoint_format(job: CompileJob) -> CompileJob:
   if asked is not None and asked != dataclasses.replace(fmt, include=()):
     raise CompileError(f"--quantize: {job.model} is quantized as {fmt.name} already; leave "
                        f"--quantize out to compile it as it serves")
+  if job.quantize_include and set(job.quantize_include) != set(fmt.include):
+    raise CompileError(f"--quantize_include: {job.model} is quantized with "
+                       f"{list(fmt.include) or 'no'} optional roles already; leave "
+                       f"--quantize_include out to compile it as it serves")
   return dataclasses.replace(job, quantize=fmt.name, quantize_include=fmt.include)
+
+
+def _check_quantize(job: CompileJob, cfg) -> None:
+  """--quantize and --quantize_include as `jaxinfer quantize` takes its --format and
+  --include."""
+  if not job.quantize:
+    if job.quantize_include:
+      raise CompileError("--quantize_include: needs --quantize (the format to quantize them in)")
+    return
+  from jaxinfer import quant
+  try:
+    quant.QuantFormat.parse(job.quantize, job.quantize_include).check_model(cfg.tie_embeddings)
+  except ValueError as e:
+    flag = "--quantize_include" if str(e).startswith("quantization include") else "--quantize"
+    raise CompileError(f"{flag}: {e}") from None
 
 
 def run(job: CompileJob, log=None) -> Report:
@@ -484,6 +503,7 @@ def run(job: CompileJob, log=None) -> Report:
   job = checkpoint_format(job)
   target = parse_target(job.target)
   cfg = model_config(job)
+  _check_quantize(job, cfg)
   sparsity = _checked(job, target)
   devices = target_devices(target)
   mesh, replicas = replica_mesh(devices, job.mesh, target)

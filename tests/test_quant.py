@@ -113,6 +113,31 @@ def test_sub_byte_values_are_packed_and_weights_shrink(params):
     assert held / f32 <= bound, (name, held / f32)
 
 
+def test_a_long_packed_axis_splits_into_whole_blocks():
+  """A last axis of at least 8 runs of 128 words holds a multiple of 8 packed blocks (shorter
+  runs where 128 would not give that), so split 2, 4 or 8 ways each device unpacks its shard
+  alone: Llama-3's LM head in int4 (128,256 columns; runs of 128 made 501 blocks) unpacks over
+  8 devices with no collective in the compiled program. Packing round-trips at every run."""
+  from jax.sharding import NamedSharding
+  from jax.sharding import PartitionSpec as Spec
+
+  from jaxinfer.sharding import make_mesh
+  for words in (64128, 75968, 16000, 7168, 2048, 1032, 520, 64, 6):
+    blocks, run = quant.ops.pack_blocks(words)
+    assert blocks * run == words and run & (run - 1) == 0 and run <= 128
+    assert blocks % 8 == 0 if words >= 1024 and words % 8 == 0 else run == np.gcd(words, 128)
+  assert quant.ops.pack_blocks(7168) == (56, 128)  # Llama-3's MLP columns: as before
+  for bits, n in ((4, 2064), (2, 4128)):  # 1,032 words: runs of one word
+    v = jax.random.randint(jax.random.key(bits), (3, n), -(1 << (bits - 1)), 1 << (bits - 1))
+    np.testing.assert_array_equal(quant.ops.unpack(quant.ops.pack(v, bits), bits, jnp.int32), v)
+  split = NamedSharding(make_mesh("model:8"), Spec(None, "model"))
+  packed = jax.ShapeDtypeStruct((8, PRESETS["llama3-8b"].vocab_size // 2), jnp.uint8,
+                                sharding=split)
+  text = jax.jit(lambda p: quant.ops.unpack(p, 4, jnp.int8), out_shardings=split).lower(
+      packed).compile().as_text()
+  assert not re.search(r"all-to-all|all-gather|collective-permute|all-reduce", text)
+
+
 def test_fp6_values_round_as_a_cast_to_the_6_bit_type_would(params):
   """XLA here has no 6-bit float arrays: fp6 values are rounded on the type's grid and packed as
   their codes, four to three bytes (a byte each in an 8-bit float type when the last axis does

@@ -89,6 +89,9 @@ SHARDED = {  # name: (weight spec, equation, mesh, x shape)
     "down": LAYERS["down"][:2] + ("model:2", (2, 3, 512)),
     "up": (P.linear((512, 512), ("embed", "mlp"), P.fan_in_init(1), contract=("embed",)),
            "btd,df->btf", "data:2,model:2", (2, 3, 512)),
+    # 6,144 int4 columns pack in runs of 128; a shard's 3,072 alone would give runs of 64
+    "up-wide": (P.linear((128, 6144), ("embed", "mlp"), P.fan_in_init(1), contract=("embed",)),
+                "btd,df->btf", "model:2", (2, 3, 128)),
     # x's rows and the weight's embed over fsdp: x, the smaller, gathered; embed summed
     "up-fsdp": (P.linear((512, 512), ("embed", "mlp"), P.fan_in_init(1), contract=("embed",)),
                 "btd,df->btf", "fsdp:2,model:2", (2, 3, 512)),
@@ -103,8 +106,8 @@ def test_the_kernel_runs_on_each_shard(name):
   whose partial products are summed over the model axis; rows of x over the data axis), each
   device's shard goes through the kernel, and the result is the XLA product of the whole weight
   within float32 rounding; where x's rows and the weight are split over one axis (FSDP), the
-  smaller is gathered. An int4 shard that would split a packed block, or values and scales
-  split differently, stay on XLA's product."""
+  smaller is gathered. Each shard is unpacked in the whole weight's runs. An int4 shard that
+  would split a packed block, or values and scales split differently, stay on XLA's product."""
   from jaxinfer.quant.linear import _kernel_fn, _sharded
   from jaxinfer.sharding import make_mesh
   spec, eq, mesh, shape = SHARDED[name]

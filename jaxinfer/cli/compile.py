@@ -50,6 +50,8 @@ flags.DEFINE_string("draft_layers", None, "--speculative=layerskip: layers the d
 flags.DEFINE_string("quantize", None, "Serve the weights quantized in this format (int8, "
                     "int4:g128, fp8_e4m3, ... as jaxinfer quantize --format): their memory per "
                     "device is what the report counts.")
+flags.DEFINE_list("quantize_include", [], "With --quantize: also quantize these (as jaxinfer "
+                  "quantize --include): embed, lm_head, norm.")
 flags.DEFINE_string("kv_cache_dtype", None, "int8: the engine's KV pages in int8 with per-token "
                     "scales (as jaxinfer generate --kv_cache_dtype).")
 flags.mark_flags_as_required(["target"])
@@ -62,7 +64,8 @@ def _job():
            "chunk_size", "chunk_lanes", "decode_steps", "max_seq_len", "implementation",
            "sparsity", "speculative", "num_draft_tokens", "tree", "draft_layers", "quantize",
            "kv_cache_dtype")
-  return CompileJob(**{name: getattr(FLAGS, name) for name in names})
+  return CompileJob(**{name: getattr(FLAGS, name) for name in names},
+                    quantize_include=tuple(FLAGS.quantize_include))
 
 
 def _check_output(path: str | None) -> None:

@@ -33,9 +33,10 @@ def quantize(model: str, output: str, format: str, *, include: Sequence[str] = (
     cfg, params, _ = checkpoint.load_model(str(src), None if dtype == "auto" else dtype)
   except (FileNotFoundError, ValueError) as e:
     raise UserError(str(e)) from None
-  if "lm_head" in fmt.include and cfg.tie_embeddings and "embed" not in fmt.include:
-    raise UserError(f"--include: {model} ties its LM head to its embeddings (it has no lm_head "
-                    f"of its own); include embed to quantize them")
+  try:
+    fmt.check_model(cfg.tie_embeddings)
+  except ValueError as e:
+    raise UserError(f"--include: {model}: {e}") from None
   try:
     quantized = quant.quantize_params(params, Transformer.spec(cfg), fmt)
   except ValueError as e:  # (a group size that does not divide a weight's axis)

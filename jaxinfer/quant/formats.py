@@ -103,5 +103,12 @@ class QuantFormat:
   def qtype(self):
     return KINDS[self.kind]
 
+  def check_model(self, tie_embeddings: bool) -> None:
+    """ValueError (naming the include) where a model cannot take this format's include."""
+    if "lm_head" in self.include and tie_embeddings and "embed" not in self.include:
+      raise ValueError(f"quantization include {list(self.include)}: the model ties its LM head "
+                       f"to its embeddings (it has no lm_head of its own); include embed to "
+                       f"quantize them")
+
   def __str__(self) -> str:
     return self.name

@@ -104,14 +104,17 @@ def _kernel_fn(eq: str, x: jax.Array, q: QArray, kernel: WeightKernel, interpret
     return None
   x_spec, w_spec, out_spec, summed = specs
 
+  # int4's packed runs are the whole axis's (a shard's own size may give others)
+  run = pack_blocks(q.qvalue.shape[-1])[1] if q.qvalue.dtype == jnp.uint8 else None
+
   def local(x, values, scale):
-    y = _through_kernel(eq, x, q.replace(qvalue=values, scale=scale), interpret)
+    y = _through_kernel(eq, x, q.replace(qvalue=values, scale=scale), interpret, run)
     return jax.lax.psum(y, summed) if summed else y
 
-  def run(x, q):
+  def product(x, q):
     return jax.shard_map(local, mesh=mesh, in_specs=(x_spec, w_spec, w_spec),
                          out_specs=out_spec, check_vma=False)(x, q.qvalue, q.scale)
-  return run
+  return product
 
 
 def _sharded(eq: str, x: jax.Array, q: QArray, kernel: WeightKernel):
@@ -158,13 +161,16 @@ def _sharded(eq: str, x: jax.Array, q: QArray, kernel: WeightKernel):
   return x_spec, P(*values), out_spec, summed
 
 
-def _through_kernel(eq: str, x: jax.Array, q: QArray, interpret=False) -> jax.Array:
+def _through_kernel(eq: str, x: jax.Array, q: QArray, interpret=False,
+                    run: int | None = None) -> jax.Array:
   """einsum(eq, x, q) by quantized_matmul (`_kernel_layout` must hold). The flattened packed
-  values keep the weight's runs (`ops.pack`: per head for q, k and v), which the kernel is told."""
+  values keep the weight's runs (`ops.pack`: per head for q, k and v), which the kernel is told;
+  run: those of the whole weight `q` is a shard of (None: `q` is whole)."""
   k, n, groups, bits = _kernel_layout(eq, x, q)
   c = _contracted(eq)
   out_shape = q.scale.shape[c:]  # a scale per output element
-  run = pack_blocks(q.qvalue.shape[-1])[1] if bits == 4 else None
+  if bits == 4:
+    run = run or pack_blocks(q.qvalue.shape[-1])[1]
   y = _kernel_product(x.reshape(-1, k), q.qvalue.reshape(k, -1), q.scale.reshape(groups, n),
                       bits, run, interpret)
   return y.reshape(x.shape[:-c] + out_shape)

@@ -25,6 +25,7 @@ from flax import struct
 
 from jaxinfer.params import ParamSpec
 from jaxinfer.quant.formats import CONTAINERS, PACKED_BITS, ROUNDED_HERE, QuantFormat
+from pallas_kernels.quantized_matmul.reference import packed_run
 
 if TYPE_CHECKING:
   from qwix import QArray
@@ -103,13 +104,10 @@ def _word(bits: int) -> tuple[int, int]:
   return total // bits, total // 8
 
 
-PACK_RUN = 128  # most words in one run of a packed block (see `pack`)
-
-
 def pack_blocks(words: int) -> tuple[int, int]:
-  """(blocks, words per run) of a last axis of `words` words: runs of the largest power of two
-  up to PACK_RUN that divides it."""
-  run = math.gcd(words, PACK_RUN)
+  """(blocks, words per run) of a last axis of `words` words, runs as the quantized matmul
+  kernel reads them (`packed_run`: up to 128 words, fewer where 8 shards would split a block)."""
+  run = packed_run(words)
   return words // run, run
 
 
@@ -117,10 +115,11 @@ def pack(values: jax.Array, bits: int) -> jax.Array:
   """Signed `bits`-bit integers -> uint8 words (`_word`), block by block along the last axis: a
   block is as many runs of `pack_blocks` words as a word has values; run i of a block's values
   goes in bits [i*bits, (i+1)*bits) of its little-endian words, and byte j of those words in run
-  j of the block's bytes. For int4 whose last axis is a multiple of 256: byte j of each 128 holds
-  column j of the block's 256 in its low four bits and column 128 + j in its high four. A block
-  never straddles a shard of the last axis whose size is a multiple of the block, so a weight
-  sharded there unpacks on each device alone. The last axis must divide into words."""
+  j of the block's bytes. For int4 whose last axis is a multiple of 2,048: byte j of each 128
+  holds column j of the block's 256 in its low four bits and column 128 + j in its high four. A
+  block never straddles a shard of the last axis whose size is a multiple of the block (any split
+  of a long axis 2, 4 or 8 ways: `packed_run`), so a weight sharded there unpacks on each device
+  alone. The last axis must divide into words."""
   per_word, num_bytes = _word(bits)
   n = values.shape[-1]
   if n % per_word:

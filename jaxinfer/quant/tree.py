@@ -25,10 +25,11 @@ from jaxinfer.sharding import DEFAULT_RULES, ShardingRules
 QUANT_FILE = "quantization.json"
 # The layout of quantized leaves in a checkpoint (qwix QArray: qvalue, scale; qtype static).
 # Bump when it changes; a checkpoint of another version is refused, not misread.
+# 5: a long last axis in a multiple of 8 blocks (shorter runs where 128 would not give that);
 # 4: packed values in blocks along the last axis (ops.pack), so that a shard unpacks alone;
 # 3: fp4 values packed too (their 4-bit codes), fp6 four to three bytes; 2: int4 / int2 /
 # ternary values packed into uint8 (ops.pack); 1 held them a byte each.
-QUANT_VERSION = 4
+QUANT_VERSION = 5
 
 
 def _map(fn: Callable[[str, ParamSpec, Any], Any], params, spec_tree, fmt: QuantFormat):

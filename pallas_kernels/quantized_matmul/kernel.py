@@ -24,7 +24,7 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
-from pallas_kernels.quantized_matmul.reference import default_run, nibbles
+from pallas_kernels.quantized_matmul.reference import nibbles, packed_run
 
 BLOCK_N = (512, 256, 128)  # lanes of a weight tile, largest first (packed columns for int4)
 BLOCK_K = (512, 256, 128)  # rows of a weight tile with per-channel scales, largest first
@@ -121,7 +121,7 @@ def quantized_matmul(x: jax.Array, values: jax.Array, scale: jax.Array, *, bits:
   Off a TPU, callers use the reference."""
   groups, n = scale.shape
   k = x.shape[1]
-  run = run or default_run(n // 2)
+  run = run or packed_run(n // 2)
   if bits == 4 and (run & (run - 1) or 128 % run or (n // 2) % run
                     or (block_n or 128) % run):
     raise ValueError(f"quantized_matmul: packed run {run} must be a power of two up to 128 "

@@ -14,19 +14,28 @@ def nibbles(v: jax.Array) -> tuple[jax.Array, jax.Array]:
   return ((v & 15) ^ 8) - 8, (((v >> 4) & 15) ^ 8) - 8
 
 
-def default_run(cols: int) -> int:
-  """The packed run of a two-axis weight of `cols` packed columns: the largest power of two up
-  to 128 that divides it."""
-  return math.gcd(cols, 128)
+RUN = 128  # most words in one run of a packed block
+SPLITS = 8  # a long last axis splits this many ways into whole blocks
+
+
+def packed_run(words: int) -> int:
+  """Words per run of a packed last axis of `words` words (jaxinfer.quant.ops.pack's layout;
+  for int4 a word is a byte, a packed column): the largest power of two up to RUN that divides
+  it, or, for an axis of at least SPLITS runs of RUN, that divides a SPLITS-th of it, so that
+  the axis split 2, 4 or 8 ways leaves every shard whole blocks (Llama-3's LM head, 128,256
+  int4 columns: runs of 16 bytes, 4,008 blocks; runs of 128 made 501, which 8 shards split)."""
+  if words >= SPLITS * RUN and words % SPLITS == 0:
+    return math.gcd(words // SPLITS, RUN)
+  return math.gcd(words, RUN)
 
 
 def unpack_int4(packed: jax.Array, run: int | None = None) -> jax.Array:
   """(K, N/2) uint8 -> (K, N) int8, in blocks of 2 * `run` columns: byte j of a block's `run`
   bytes holds its column j in the low four bits and column run + j in the high four
   (jaxinfer.quant.ops.pack's layout for 4 bits). run: that of the weight's own last axis
-  (None: `default_run`, as for a two-axis weight)."""
+  (None: `packed_run`, as for a two-axis weight)."""
   k, cols = packed.shape
-  run = run or default_run(cols)
+  run = run or packed_run(cols)
   low, high = nibbles(packed.astype(jnp.int32).reshape(k, cols // run, run))
   return jnp.stack([low, high], axis=-2).reshape(k, 2 * cols).astype(jnp.int8)
 
