@@ -26,7 +26,7 @@ from jaxinfer import params as P
 from jaxinfer.config import ModelConfig
 from jaxinfer.kv_cache import (CACHE_AXES, KVCache, LayerKV, MixedPagedKVCache,  # noqa: F401
                                PagedKVCache)
-from jaxinfer.quant import WeightKernel, linear, weight
+from jaxinfer.quant import WeightKernel, is_qarray, linear, weight
 from jaxinfer.rope import apply_rope, rope_tables
 from jaxinfer.runtime import Runtime
 from jaxinfer.sharding import DEFAULT_RULES, ShardingRules
@@ -39,6 +39,7 @@ ACT = ("batch", "seq", "act_embed")  # logical axes of the residual stream
 Q_AXES, KV_AXES = ("embed", "q_heads", "head_dim"), ("embed", "kv_heads", "head_dim")
 O_AXES = ("q_heads", "head_dim", "embed")
 UP_AXES, DOWN_AXES = ("embed", "mlp"), ("mlp", "embed")
+LM_HEAD_AXES = ("embed", "vocab")
 
 
 def norm_spec(size: int, axis: str) -> P.ParamSpec:
@@ -127,7 +128,7 @@ class Transformer:
         layers=tuple(Layer.spec(cfg) for _ in range(cfg.num_layers)),
         final_norm=norm_spec(d, "embed"),
         lm_head=None if cfg.tie_embeddings else P.linear(
-            (d, v), ("embed", "vocab"), P.fan_in_init(1), contract=("embed",), quant="lm_head"),
+            (d, v), LM_HEAD_AXES, P.fan_in_init(1), contract=("embed",), quant="lm_head"),
     )
 
 
@@ -274,13 +275,19 @@ def logits(params: Transformer, hidden: jax.Array, runtime: Runtime | None = Non
   split as the rules split it, so an output projection split along `embed` (FSDP) is multiplied
   shard by shard and the partial logits summed across devices. Unconstrained, XLA may keep the
   rows split as the step's kernels split them and gather the whole weight instead (1 GiB per
-  decode step for Llama-3-8B's LM head on --mesh=fsdp:4 under --implementation=pallas)."""
+  decode step for Llama-3-8B's LM head on --mesh=fsdp:4 under --implementation=pallas). A
+  grouped integer LM head goes through the quantized matmul kernel as the layers' weights do
+  (`weight_kernel`; with int8 activations it is dequantized, as before)."""
   if params.lm_head is None:
     out = jnp.einsum("...d,vd->...v", hidden, weight(params.embed),
                      preferred_element_type=jnp.float32)
   else:
-    out = jnp.einsum("...d,dv->...v", hidden, weight(params.lm_head),
-                     preferred_element_type=jnp.float32)
+    w = params.lm_head
+    kernel = (weight_kernel(runtime, LM_HEAD_AXES)
+              if runtime is not None and is_qarray(w) and hidden.ndim > 1 else None)
+    rows = "abc"[:hidden.ndim - 1]
+    out = linear(f"{rows}d,dv->{rows}v", hidden, w if kernel else weight(w), kernel,
+                 out_dtype=jnp.float32)
   if runtime is None:
     return out
   return runtime.constrain(out, (None,) * (out.ndim - 1) + ("act_vocab",))

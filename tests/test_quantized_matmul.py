@@ -46,6 +46,29 @@ def test_kernel_matches_reference(fmt, rows, dtype):
     np.testing.assert_array_equal(np.asarray(want), np.asarray(x @ quant.dequantize(q)))
 
 
+def test_a_partial_last_tile():
+  """Columns no tile width divides (a split LM head's: 8,016 packed columns a device) take a
+  partial last tile: its lanes past the weight are dropped, and the product equals the
+  reference's (int4 in runs of 16: 464 packed columns in tiles of 256; int8 in tiles of 512)."""
+  spec = P.linear((256, 928), ("embed", "vocab"), P.fan_in_init(1), contract=("embed",))
+  x = jax.random.normal(jax.random.key(1), (5, 256))
+  for fmt in ("int4:g32", "int8:g64"):
+    q = _weight(spec, fmt)
+    bits = 4 if q.qvalue.dtype == jnp.uint8 else 8
+    assert fits(256, 928, q.scale.shape[0], bits)
+    got = quantized_matmul(x, q.qvalue, q.scale, bits=bits, interpret=True)
+    want = quantized_matmul_reference(x, q.qvalue, q.scale, bits=bits)
+    np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-5, atol=1e-5)
+  # bfloat16 in, float32 out (the LM head's logits): the reference's preferred_element_type
+  q = _weight(spec, "int4:g32", jnp.bfloat16)
+  x16 = x.astype(jnp.bfloat16)
+  got = quantized_matmul(x16, q.qvalue, q.scale, bits=4, interpret=True, out_dtype=jnp.float32)
+  want = quantized_matmul_reference(x16, q.qvalue, q.scale, bits=4, out_dtype=jnp.float32)
+  assert got.dtype == want.dtype == jnp.float32
+  np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-5, atol=1e-5)
+  assert not fits(512, 200, 1, 4)  # 100 packed columns: narrower than any tile
+
+
 LAYERS = {  # name: (spec, equation, input shape), the model's own layouts
     "q": (P.linear((256, 4, 64), ("embed", "q_heads", "head_dim"), P.fan_in_init(1),
                    contract=("embed",)), "btd,dnh->btnh", (2, 3, 256)),
@@ -92,6 +115,9 @@ SHARDED = {  # name: (weight spec, equation, mesh, x shape)
     # 6,144 int4 columns pack in runs of 128; a shard's 3,072 alone would give runs of 64
     "up-wide": (P.linear((128, 6144), ("embed", "mlp"), P.fan_in_init(1), contract=("embed",)),
                 "btd,df->btf", "model:2", (2, 3, 128)),
+    # an LM head's columns split: 576 packed columns a device, a partial last tile of 512
+    "lm_head": (P.linear((128, 2304), ("embed", "vocab"), P.fan_in_init(1), contract=("embed",)),
+                "btd,dv->btv", "model:2", (2, 3, 128)),
     # x's rows and the weight's embed over fsdp: x, the smaller, gathered; embed summed
     "up-fsdp": (P.linear((512, 512), ("embed", "mlp"), P.fan_in_init(1), contract=("embed",)),
                 "btd,df->btf", "fsdp:2,model:2", (2, 3, 512)),
@@ -183,15 +209,17 @@ def test_compiles_for_tpu_without_a_dequantized_weight(tpu_device, no_persistent
   """Llama-3-8B's MLP up (4096 x 14336) and down projections in int4 groups of 128 (decode's 8
   rows; 512 prefill rows, two blocks) and per-channel int8: libtpu compiles the Mosaic kernel,
   and the program's temporaries hold no weight-sized array. XLA's own product of the grouped
-  weight holds the bfloat16 weight (or its scales broadcast to its shape): 112 MiB."""
+  weight holds the bfloat16 weight (or its scales broadcast to its shape): 112 MiB. So does an
+  eighth of Llama-3's LM head in int4 (16,032 columns in runs of 16: a partial last tile)."""
   sharding = jax.sharding.SingleDeviceSharding(tpu_device(name))
   sds = lambda shape, dtype: jax.ShapeDtypeStruct(shape, dtype, sharding=sharding)
-  cases = [(8, 4096, 14336, 4, 32), (512, 14336, 4096, 4, 112), (8, 4096, 14336, 8, 1),
-           (256, 4096, 14336, 8, 64)]
-  for rows, k, n, bits, groups in cases:
+  cases = [(8, 4096, 14336, 4, 32, None), (512, 14336, 4096, 4, 112, None),
+           (8, 4096, 14336, 8, 1, None), (256, 4096, 14336, 8, 64, None),
+           (8, 4096, 16032, 4, 32, 16)]
+  for rows, k, n, bits, groups, run in cases:
     values = sds((k, n // 2), jnp.uint8) if bits == 4 else sds((k, n), jnp.int8)
     args = (sds((rows, k), jnp.bfloat16), values, sds((groups, n), jnp.bfloat16))
-    compiled = jax.jit(lambda x, v, s: quantized_matmul(x, v, s, bits=bits)).lower(
+    compiled = jax.jit(lambda x, v, s: quantized_matmul(x, v, s, bits=bits, run=run)).lower(
         *args).compile()
     assert "tpu_custom_call" in compiled.as_text()
     assert compiled.memory_analysis().temp_size_in_bytes < 2**20, (rows, k, n, bits)
@@ -205,7 +233,8 @@ def test_compiles_for_tpu_without_a_dequantized_weight(tpu_device, no_persistent
 def test_the_engine_steps_take_it_for_grouped_weights(tmp_path, no_persistent_cache, mesh):
   """`jaxinfer compile --implementation=pallas --quantize=int4:g32` for a TPU, one device per
   replica or the weights split over two: each of a layer's seven grouped weights (q, k, v, o,
-  gate, up, down) is one more Mosaic kernel in every step than without quantization (per-channel
+  gate, up, down) and the LM head (`--quantize_include=lm_head`) is one more Mosaic kernel in
+  every step than without quantization (per-channel
   weights, which XLA fuses, stay on XLA: tested above), and split int4 weights unpack on each
   device alone, through the kernel or XLA: the steps' collectives move no more than with float
   weights (packed across the whole last axis, gate and up moved their values between devices
@@ -218,9 +247,10 @@ def test_the_engine_steps_take_it_for_grouped_weights(tmp_path, no_persistent_ca
   impls = ["pallas"] + (["xla"] if mesh == "model:2" else [])
   steps = {(fmt, impl): aot.run(aot.CompileJob(
       "tpu:v5e:2x2", model=str(tmp_path), mesh=mesh, batch_size=4, kv_pages=64,
-      implementation=impl, quantize=fmt)).steps for fmt in (None, "int4:g32") for impl in impls}
+      implementation=impl, quantize=fmt, quantize_include=("lm_head",) if fmt else ())).steps
+      for fmt in (None, "int4:g32") for impl in impls}
   kernels = {fmt: [s.kernels for s in steps[fmt, "pallas"]] for fmt in (None, "int4:g32")}
-  assert kernels["int4:g32"] == [k + 7 * 2 for k in kernels[None]], kernels
+  assert kernels["int4:g32"] == [k + 7 * 2 + 1 for k in kernels[None]], kernels
   for impl in impls:
     for plain, int4 in zip(steps[None, impl], steps["int4:g32", impl]):
       assert int4.collective_bytes <= plain.collective_bytes, (impl, plain, int4)

@@ -43,20 +43,23 @@ class WeightKernel:
   axes: tuple[str | None, ...] = ()
 
 
-def linear(eq: str, x: jax.Array, w, kernel: WeightKernel | None = None) -> jax.Array:
-  """einsum(eq, x, w) for a two-operand equation such as "btd,dnh->btnh". kernel: on a TPU, an
+def linear(eq: str, x: jax.Array, w, kernel: WeightKernel | None = None,
+           out_dtype=None) -> jax.Array:
+  """einsum(eq, x, w) for a two-operand equation such as "btd,dnh->btnh" (out_dtype: as
+  einsum's preferred_element_type; weight-only formats and plain weights). kernel: on a TPU, an
   int8 or int4 weight in groups (:gN) goes through `pallas_kernels.quantized_matmul`
   (dequantized tile by tile in VMEM) where its layout allows (`_kernel_layout`, on each device's
   shard: `_sharded`); elsewhere, and for other weights, this is the XLA product. (XLA on a TPU
   fuses a per-channel weight's dequantization into the dot, but writes a grouped weight out whole
   in bfloat16 first: measured in the compiled decode step's temporaries,
   experiments/results/README.md.)"""
-  through = kernel is not None and is_qarray(w) and _kernel_fn(eq, x, w, kernel)
+  through = (kernel is not None and is_qarray(w)
+             and _kernel_fn(eq, x, w, kernel, out_dtype=out_dtype))
+  xla = lambda x, w: jnp.einsum(eq, x, weight(w), preferred_element_type=out_dtype)
   if through:
-    return jax.lax.platform_dependent(x, w, tpu=through,
-                                      default=lambda x, w: jnp.einsum(eq, x, weight(w)))
+    return jax.lax.platform_dependent(x, w, tpu=through, default=xla)
   if not isinstance(w, ActQuantized):
-    return jnp.einsum(eq, x, weight(w))
+    return xla(x, w)
   inputs, out = eq.split("->")
   keep = tuple(i for i, c in enumerate(inputs.split(",")[0]) if c in out)  # a scale per token
   y = _integer_product(eq, jax.lax.stop_gradient(x), w.q, keep)
@@ -89,7 +92,8 @@ def _kernel_layout(eq: str, x: jax.Array, q: QArray) -> tuple[int, int, int, int
   return (k, n, groups, bits) if groups > 1 and fits(k, n, groups, bits) else None
 
 
-def _kernel_fn(eq: str, x: jax.Array, q: QArray, kernel: WeightKernel, interpret=False):
+def _kernel_fn(eq: str, x: jax.Array, q: QArray, kernel: WeightKernel, interpret=False,
+               out_dtype=None):
   """(x, q) -> einsum(eq, x, q) through the kernel, on one device or per shard; None where the
   kernel does not take the weight (or its shards)."""
   mesh = kernel.mesh
@@ -98,7 +102,7 @@ def _kernel_fn(eq: str, x: jax.Array, q: QArray, kernel: WeightKernel, interpret
                      f"weight of {q.scale.ndim} axes")
   if mesh is None or mesh.size == 1:
     return (_kernel_layout(eq, x, q) is not None
-            and functools.partial(_through_kernel, eq, interpret=interpret))
+            and functools.partial(_through_kernel, eq, interpret=interpret, out_dtype=out_dtype))
   specs = _sharded(eq, x, q, kernel)
   if specs is None:
     return None
@@ -108,7 +112,7 @@ def _kernel_fn(eq: str, x: jax.Array, q: QArray, kernel: WeightKernel, interpret
   run = pack_blocks(q.qvalue.shape[-1])[1] if q.qvalue.dtype == jnp.uint8 else None
 
   def local(x, values, scale):
-    y = _through_kernel(eq, x, q.replace(qvalue=values, scale=scale), interpret, run)
+    y = _through_kernel(eq, x, q.replace(qvalue=values, scale=scale), interpret, run, out_dtype)
     return jax.lax.psum(y, summed) if summed else y
 
   def product(x, q):
@@ -162,7 +166,7 @@ def _sharded(eq: str, x: jax.Array, q: QArray, kernel: WeightKernel):
 
 
 def _through_kernel(eq: str, x: jax.Array, q: QArray, interpret=False,
-                    run: int | None = None) -> jax.Array:
+                    run: int | None = None, out_dtype=None) -> jax.Array:
   """einsum(eq, x, q) by quantized_matmul (`_kernel_layout` must hold). The flattened packed
   values keep the weight's runs (`ops.pack`: per head for q, k and v), which the kernel is told;
   run: those of the whole weight `q` is a shard of (None: `q` is whole)."""
@@ -172,27 +176,28 @@ def _through_kernel(eq: str, x: jax.Array, q: QArray, interpret=False,
   if bits == 4:
     run = run or pack_blocks(q.qvalue.shape[-1])[1]
   y = _kernel_product(x.reshape(-1, k), q.qvalue.reshape(k, -1), q.scale.reshape(groups, n),
-                      bits, run, interpret)
+                      bits, run, interpret, out_dtype)
   return y.reshape(x.shape[:-c] + out_shape)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4, 5))
-def _kernel_product(x, values, scale, bits: int, run: int | None, interpret):
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4, 5, 6))
+def _kernel_product(x, values, scale, bits: int, run: int | None, interpret, out_dtype):
   """quantized_matmul, differentiable: its gradients are XLA's product's (the integer values
   get none)."""
   from pallas_kernels.quantized_matmul import quantized_matmul
-  return quantized_matmul(x, values, scale, bits=bits, run=run, interpret=interpret)
+  return quantized_matmul(x, values, scale, bits=bits, run=run, interpret=interpret,
+                          out_dtype=out_dtype)
 
 
-def _kernel_product_fwd(x, values, scale, bits, run, interpret):
-  return _kernel_product(x, values, scale, bits, run, interpret), (x, values, scale)
+def _kernel_product_fwd(x, values, scale, bits, run, interpret, out_dtype):
+  return _kernel_product(x, values, scale, bits, run, interpret, out_dtype), (x, values, scale)
 
 
-def _kernel_product_bwd(bits, run, interpret, res, g):
+def _kernel_product_bwd(bits, run, interpret, out_dtype, res, g):
   from pallas_kernels.quantized_matmul import quantized_matmul_reference
   x, values, scale = res
-  _, vjp = jax.vjp(lambda x, s: quantized_matmul_reference(x, values, s, bits=bits, run=run),
-                   x, scale)
+  _, vjp = jax.vjp(lambda x, s: quantized_matmul_reference(x, values, s, bits=bits, run=run,
+                                                           out_dtype=out_dtype), x, scale)
   dx, dscale = vjp(g)
   return dx, np.zeros(values.shape, jax.dtypes.float0), dscale
 

@@ -33,9 +33,12 @@ TILE = 1 << 20  # at most this many dequantized weight elements, and x elements,
 
 
 def _blocks(k: int, n: int, groups: int, bits: int) -> tuple[int, int] | None:
-  """(block_k, block_n) for a (K, N) weight, or None when no tile the TPU takes divides it within
-  VMEM. block_k is x's lanes (a multiple of 128, or all of K); with groups, a tile's scales are a
-  multiple of 8 rows (32-bit sublanes) or all of them."""
+  """(block_k, block_n) for a (K, N) weight, or None when no tile the TPU takes fits VMEM.
+  block_k is x's lanes (a multiple of 128, or all of K); with groups, a tile's scales are a
+  multiple of 8 rows (32-bit sublanes) or all of them. block_n divides the columns where a
+  width does; otherwise the last tile is partial (its lanes past the weight are read as
+  undefined values and their outputs dropped: each output column depends on its own weight
+  column alone), as for a split LM head's 8,016 packed columns."""
   cols = n // 2 if bits == 4 else n
   if groups == 1:
     block_k = next((b for b in BLOCK_K if k % b == 0), k)
@@ -43,7 +46,9 @@ def _blocks(k: int, n: int, groups: int, bits: int) -> tuple[int, int] | None:
     g = k // groups
     block_k = next((b for b in range(8 * g, k, 8 * g) if b % 128 == 0 and k % b == 0), k)
   per_column = block_k * (2 if bits == 4 else 1)  # dequantized elements per packed column
-  block_n = next((b for b in BLOCK_N if cols % b == 0 and b * per_column <= TILE), None)
+  widths = [b for b in BLOCK_N if b * per_column <= TILE]
+  block_n = next((b for b in widths if cols % b == 0),
+                 next((b for b in widths if b < cols), None))
   return None if block_n is None else (block_k, block_n)
 
 
@@ -84,7 +89,7 @@ def _kernel(x_ref, w_ref, s_ref, out_ref, acc_ref, *, bits: int, run: int):
 
 
 def _tpu(x, values, scale, *, bits: int, run: int, interpret, block_m: int | None,
-         block_n: int | None):
+         block_n: int | None, out_dtype):
   m, k = x.shape
   groups, n = scale.shape
   block_k, bn = _blocks(k, n, groups, bits)
@@ -98,12 +103,12 @@ def _tpu(x, values, scale, *, bits: int, run: int, interpret, block_m: int | Non
   srows = 1 if groups == 1 else block_k * groups // k
   out = pl.pallas_call(
       functools.partial(_kernel, bits=bits, run=run),
-      grid=(padded // bm, values.shape[1] // bn, k // block_k),
+      grid=(padded // bm, pl.cdiv(values.shape[1], bn), k // block_k),
       in_specs=[pl.BlockSpec((bm, block_k), lambda i, j, kk: (i, kk)),
                 pl.BlockSpec((block_k, bn), lambda i, j, kk: (kk, j)),
                 pl.BlockSpec((srows, out_bn), lambda i, j, kk: (kk if groups > 1 else 0, j))],
       out_specs=pl.BlockSpec((bm, out_bn), lambda i, j, kk: (i, j)),
-      out_shape=jax.ShapeDtypeStruct((padded, n), x.dtype),
+      out_shape=jax.ShapeDtypeStruct((padded, n), out_dtype),
       scratch_shapes=[pltpu.VMEM((bm, out_bn), jnp.float32)],
       compiler_params=pltpu.CompilerParams(
           dimension_semantics=("parallel", "parallel", "arbitrary")),
@@ -114,8 +119,9 @@ def _tpu(x, values, scale, *, bits: int, run: int, interpret, block_m: int | Non
 
 def quantized_matmul(x: jax.Array, values: jax.Array, scale: jax.Array, *, bits: int,
                      run: int | None = None, interpret=False, block_m: int | None = None,
-                     block_n: int | None = None) -> jax.Array:
-  """x (M, K) @ the weight `values` and `scale` stand for -> (M, N) in x's dtype, by the Mosaic
+                     block_n: int | None = None, out_dtype=None) -> jax.Array:
+  """x (M, K) @ the weight `values` and `scale` stand for -> (M, N) in out_dtype (None: x's;
+  accumulated in float32 either way), by the Mosaic
   TPU kernel (`fits` must hold); run: int4's packed run (`reference.unpack_int4`); `interpret`
   (True or a `pltpu.InterpretParams`) runs it in jax's TPU interpret mode wherever this runs.
   Off a TPU, callers use the reference."""
@@ -137,4 +143,4 @@ def quantized_matmul(x: jax.Array, values: jax.Array, scale: jax.Array, *, bits:
   if interpret is True:
     interpret = pltpu.InterpretParams()
   return _tpu(x, values, scale, bits=bits, run=run, interpret=interpret, block_m=block_m,
-              block_n=block_n)
+              block_n=block_n, out_dtype=out_dtype or x.dtype)

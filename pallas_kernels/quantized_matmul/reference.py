@@ -53,6 +53,7 @@ def dequantized(values: jax.Array, scale: jax.Array, bits: int, run: int | None 
 def quantized_matmul_reference(x: jax.Array, values: jax.Array, scale: jax.Array, *, bits: int,
                                run: int | None = None, interpret=None,
                                block_m: int | None = None,
-                               block_n: int | None = None) -> jax.Array:
+                               block_n: int | None = None, out_dtype=None) -> jax.Array:
   del interpret, block_m, block_n
-  return jnp.dot(x, dequantized(values, scale, bits, run).astype(x.dtype))
+  return jnp.dot(x, dequantized(values, scale, bits, run).astype(x.dtype),
+                 preferred_element_type=out_dtype)
