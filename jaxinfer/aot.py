@@ -411,16 +411,6 @@ def _checked(job: CompileJob, target: Target):
     raise CompileError(f"--sparsity: {sparsity} is not combinable with --speculative (its "
                        f"pattern needs whole-prompt prefill)")
   check_speculative(job)
-  if job.quantize and job.speculative != "none":
-    from jaxinfer import quant
-    try:
-      activations = quant.QuantFormat.parse(job.quantize).activations
-    except ValueError as e:
-      raise CompileError(f"--quantize: {e}") from None
-    if activations:  # (as jaxinfer generate refuses it)
-      raise CompileError(f"--speculative: {job.quantize} quantizes activations (:a8), under "
-                         f"which speculation would not equal plain decoding; use a weight-only "
-                         f"format")
   why = attention.unsupported(sparsity, job.implementation, target.platform)
   if why:
     raise CompileError(f"--sparsity: {why}")
@@ -483,17 +473,21 @@ def checkpoint_format(job: CompileJob) -> CompileJob:
 
 def _check_quantize(job: CompileJob, cfg) -> None:
   """--quantize and --quantize_include as `jaxinfer quantize` takes its --format and
-  --include."""
+  --include, and as `jaxinfer generate` serves them."""
   if not job.quantize:
     if job.quantize_include:
       raise CompileError("--quantize_include: needs --quantize (the format to quantize them in)")
     return
   from jaxinfer import quant
   try:
-    quant.QuantFormat.parse(job.quantize, job.quantize_include).check_model(cfg.tie_embeddings)
+    fmt = quant.QuantFormat.parse(job.quantize, job.quantize_include)
+    fmt.check_model(cfg.tie_embeddings)
   except ValueError as e:
-    flag = "--quantize_include" if str(e).startswith("quantization include") else "--quantize"
+    flag = "--quantize_include" if isinstance(e, quant.IncludeError) else "--quantize"
     raise CompileError(f"{flag}: {e}") from None
+  if fmt.activations and job.speculative != "none":  # (as jaxinfer generate refuses it)
+    raise CompileError(f"--speculative: {job.quantize} quantizes activations (:a8), under which "
+                       f"speculation would not equal plain decoding; use a weight-only format")
 
 
 def run(job: CompileJob, log=None) -> Report:

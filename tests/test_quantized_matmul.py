@@ -14,7 +14,7 @@ import pytest
 from jaxinfer import aot
 from jaxinfer import params as P
 from jaxinfer import quant
-from jaxinfer.quant.linear import WeightKernel, _kernel_layout, _through_kernel, linear
+from jaxinfer.quant.linear import WeightKernel, _kernel_layout, _run, _through_kernel, linear
 from pallas_kernels.quantized_matmul import fits, quantized_matmul, quantized_matmul_reference
 
 TOL = {jnp.float32: dict(rtol=1e-5, atol=1e-5), jnp.bfloat16: dict(rtol=2e-2, atol=2e-2)}
@@ -69,6 +69,36 @@ def test_a_partial_last_tile():
   assert not fits(512, 200, 1, 4)  # 100 packed columns: narrower than any tile
 
 
+def test_logits_take_it_for_a_grouped_lm_head(monkeypatch):
+  """`model.logits` under a Pallas runtime sends a grouped int4 LM head through the kernel (the
+  TPU branch taken here, in interpret mode): float32 logits from bfloat16 hidden states, XLA's
+  product's within rounding. Packed runs too short for its tiles keep XLA's product."""
+  import importlib
+  from types import SimpleNamespace
+
+  from jaxinfer import model as M
+  from jaxinfer.runtime import Runtime
+  L = importlib.import_module("jaxinfer.quant.linear")  # (the package exports its function)
+  taken = []
+  real = L._kernel_fn
+
+  def interpreted(eq, x, q, kernel, **kw):
+    fn = real(eq, x, q, kernel, interpret=True, **kw)
+    taken.append(bool(fn))
+    return fn
+  monkeypatch.setattr(L, "_kernel_fn", interpreted)
+  monkeypatch.setattr(jax.lax, "platform_dependent", lambda *args, tpu, default: tpu(*args))
+  spec = P.linear((256, 2304), ("embed", "vocab"), P.fan_in_init(1), contract=("embed",))
+  q = _weight(spec, "int4:g32", jnp.bfloat16)
+  hidden = jax.random.normal(jax.random.key(1), (2, 3, 256)).astype(jnp.bfloat16)
+  got = M.logits(SimpleNamespace(lm_head=q, embed=None), hidden, Runtime(implementation="pallas"))
+  want = jnp.einsum("btd,dv->btv", hidden, quant.dequantize(q),
+                    preferred_element_type=jnp.float32)
+  assert taken == [True] and got.dtype == jnp.float32
+  np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-4, atol=1e-4)
+  assert fits(4096, 16032, 32, 4, run=16) and not fits(4096, 16032, 32, 4, run=8)
+
+
 LAYERS = {  # name: (spec, equation, input shape), the model's own layouts
     "q": (P.linear((256, 4, 64), ("embed", "q_heads", "head_dim"), P.fan_in_init(1),
                    contract=("embed",)), "btd,dnh->btnh", (2, 3, 256)),
@@ -92,17 +122,19 @@ def test_linear_layers_through_the_kernel(name):
   for fmt in ("int4:g32", "int8:g32"):
     q = _weight(spec, fmt)
     want = jnp.einsum(eq, x, quant.dequantize(q))
-    assert _kernel_layout(eq, x, q) is not None, fmt
+    assert _kernel_layout(eq, x, q, _run(q)) is not None, fmt
     got = jax.jit(lambda x, q: _through_kernel(eq, x, q, interpret=True))(x, q)
     np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-5, atol=1e-5)
     here = jax.jit(lambda x, q: linear(eq, x, q, WeightKernel()))(x, q)
     np.testing.assert_array_equal(np.asarray(here), np.asarray(want))
   # per-channel weights stay on XLA, which fuses their dequantization; so do other formats
   for fmt in ("int4", "int8", "fp8_e4m3", "fp4_e2m1", "int2:g32", "ternary"):
-    assert _kernel_layout(eq, x, _weight(spec, fmt)) is None, fmt
+    q = _weight(spec, fmt)
+    assert _kernel_layout(eq, x, q, _run(q)) is None, fmt
   # another dtype than the scales': XLA's product promotes it, so it stays there
-  assert _kernel_layout(eq, x.astype(jnp.bfloat16), _weight(spec, "int4:g32")) is None
-  assert not fits(512, 200, 1, 4) and not fits(512, 256, 3, 8)  # no tile divides them
+  q = _weight(spec, "int4:g32")
+  assert _kernel_layout(eq, x.astype(jnp.bfloat16), q, _run(q)) is None
+  assert not fits(512, 200, 1, 4) and not fits(512, 256, 3, 8)  # no tile fits them
 
 
 SHARDED = {  # name: (weight spec, equation, mesh, x shape)
@@ -142,7 +174,7 @@ def test_the_kernel_runs_on_each_shard(name):
   x = jax.random.normal(jax.random.key(1), shape)
   for fmt in ("int4:g32", "int8:g64"):
     q = _weight(spec, fmt)
-    x_spec, *_, summed = _sharded(eq, x, q, kernel)
+    x_spec, *_, summed = _sharded(eq, x, q, kernel, _run(q))
     want = {"o": ("model",), "down": ("model",), "up-fsdp": ("fsdp",)}.get(name, ())
     assert summed == want and (x_spec[0] == "fsdp") == (name == "down-fsdp"), (x_spec, summed)
     got = jax.jit(_kernel_fn(eq, x, q, kernel, interpret=True))(x, q)
@@ -150,9 +182,9 @@ def test_the_kernel_runs_on_each_shard(name):
     np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-5, atol=1e-5)
   if name == "up":  # 512 int4 columns in blocks of 256: four shards of 128 would split them
     q = _weight(spec, "int4:g32")
-    assert _sharded(eq, x, q, WeightKernel(make_mesh("model:4"), axes=axes)) is None
+    assert _sharded(eq, x, q, WeightKernel(make_mesh("model:4"), axes=axes), _run(q)) is None
     assert _sharded(eq, x, _weight(spec, "int8:g32"), WeightKernel(make_mesh("model:4"),
-                                                                   axes=axes)) is not None
+                                                                   axes=axes), None) is not None
 
 
 def test_gradients_through_the_kernel_are_xlas():
@@ -180,7 +212,7 @@ def test_bad_values_are_refused():
   scale = jnp.ones((1, 512))
   with pytest.raises(ValueError, match=r"4-bit values .* must be \(512, 256\) uint8"):
     quantized_matmul(x, jnp.zeros((512, 512), jnp.int8), scale, bits=4, interpret=True)
-  with pytest.raises(ValueError, match="no TPU tile divides"):
+  with pytest.raises(ValueError, match="no TPU tile fits"):
     quantized_matmul(jnp.zeros((8, 512)), jnp.zeros((512, 100), jnp.uint8),
                      jnp.ones((1, 200)), bits=4, interpret=True)
 

@@ -25,7 +25,7 @@ def quantize(model: str, output: str, format: str, *, include: Sequence[str] = (
   try:
     fmt = quant.QuantFormat.parse(format, tuple(include))
   except ValueError as e:
-    flag = "--include" if str(e).startswith("quantization include") else "--format"
+    flag = "--include" if isinstance(e, quant.IncludeError) else "--format"
     raise UserError(f"{flag}: {e}") from None
   try:
     src = checkpoint.resolve_model_dir(model, cache_dir)

@@ -53,6 +53,10 @@ CONTAINERS = {jnp.dtype(jnp.int4): jnp.int8, jnp.dtype(jnp.int2): jnp.int8,
 ROUNDED_HERE = ("fp6_e2m3", "fp6_e3m2")  # kinds no XLA array holds: see ops.round_to_float
 
 
+class IncludeError(ValueError):
+  """What a format's include (the optional roles it quantizes) names wrongly."""
+
+
 @dataclasses.dataclass(frozen=True)
 class QuantFormat:
   kind: str  # a key of KINDS
@@ -75,7 +79,8 @@ class QuantFormat:
                        f"integers")
     bad = sorted(set(self.include) - set(OPTIONAL_ROLES))
     if bad:
-      raise ValueError(f"quantization include {bad}: expected some of {', '.join(OPTIONAL_ROLES)}")
+      raise IncludeError(f"quantization include {bad}: expected some of "
+                         f"{', '.join(OPTIONAL_ROLES)}")
     object.__setattr__(self, "include", tuple(r for r in OPTIONAL_ROLES if r in self.include))
 
   @classmethod
@@ -104,11 +109,11 @@ class QuantFormat:
     return KINDS[self.kind]
 
   def check_model(self, tie_embeddings: bool) -> None:
-    """ValueError (naming the include) where a model cannot take this format's include."""
+    """IncludeError where a model cannot take this format's include."""
     if "lm_head" in self.include and tie_embeddings and "embed" not in self.include:
-      raise ValueError(f"quantization include {list(self.include)}: the model ties its LM head "
-                       f"to its embeddings (it has no lm_head of its own); include embed to "
-                       f"quantize them")
+      raise IncludeError(f"quantization include {list(self.include)}: the model ties its LM "
+                         f"head to its embeddings (it has no lm_head of its own); include embed "
+                         f"to quantize them")
 
   def __str__(self) -> str:
     return self.name

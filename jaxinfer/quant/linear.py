@@ -70,11 +70,18 @@ def linear(eq: str, x: jax.Array, w, kernel: WeightKernel | None = None,
   return y + (y_float - jax.lax.stop_gradient(y_float))
 
 
-def _kernel_layout(eq: str, x: jax.Array, q: QArray) -> tuple[int, int, int, int] | None:
+def _run(q: QArray) -> int | None:
+  """The packed run of an int4 weight's values (`ops.pack`; None unpacked): the whole weight's,
+  which a shard is unpacked in too (its own size may give another)."""
+  return pack_blocks(q.qvalue.shape[-1])[1] if q.qvalue.dtype == jnp.uint8 else None
+
+
+def _kernel_layout(eq: str, x: jax.Array, q: QArray,
+                   run: int | None) -> tuple[int, int, int, int] | None:
   """(K, N, scale groups, bits) of `eq` as quantized_matmul's (M, K) @ (K, N): the weight's
   contracted axes (x's last, in order) then its output axes, flattened, its scales in groups of
   consecutive rows of K (more than one). None where the kernel does not apply (per-channel
-  scales, another layout or format, or no tile divides the weight)."""
+  scales, another layout or format, or no tile fits the weight in its packed `run`, `_run`)."""
   from pallas_kernels.quantized_matmul import fits
   inputs, out = eq.split("->")
   xs, ws = inputs.split(",")
@@ -89,7 +96,7 @@ def _kernel_layout(eq: str, x: jax.Array, q: QArray) -> tuple[int, int, int, int
   if any(s != 1 for s in scales[split + 1:]):  # groups would not be consecutive rows
     return None
   k, n, groups = math.prod(sizes), math.prod(q.scale.shape[c:]), math.prod(scales)
-  return (k, n, groups, bits) if groups > 1 and fits(k, n, groups, bits) else None
+  return (k, n, groups, bits) if groups > 1 and fits(k, n, groups, bits, run) else None
 
 
 def _kernel_fn(eq: str, x: jax.Array, q: QArray, kernel: WeightKernel, interpret=False,
@@ -100,16 +107,14 @@ def _kernel_fn(eq: str, x: jax.Array, q: QArray, kernel: WeightKernel, interpret
   if mesh is not None and mesh.size > 1 and len(kernel.axes) != q.scale.ndim:
     raise ValueError(f"WeightKernel: {len(kernel.axes)} logical axes {kernel.axes} for a "
                      f"weight of {q.scale.ndim} axes")
+  run = _run(q)
   if mesh is None or mesh.size == 1:
-    return (_kernel_layout(eq, x, q) is not None
+    return (_kernel_layout(eq, x, q, run) is not None
             and functools.partial(_through_kernel, eq, interpret=interpret, out_dtype=out_dtype))
-  specs = _sharded(eq, x, q, kernel)
+  specs = _sharded(eq, x, q, kernel, run)
   if specs is None:
     return None
   x_spec, w_spec, out_spec, summed = specs
-
-  # int4's packed runs are the whole axis's (a shard's own size may give others)
-  run = pack_blocks(q.qvalue.shape[-1])[1] if q.qvalue.dtype == jnp.uint8 else None
 
   def local(x, values, scale):
     y = _through_kernel(eq, x, q.replace(qvalue=values, scale=scale), interpret, run, out_dtype)
@@ -121,7 +126,7 @@ def _kernel_fn(eq: str, x: jax.Array, q: QArray, kernel: WeightKernel, interpret
   return product
 
 
-def _sharded(eq: str, x: jax.Array, q: QArray, kernel: WeightKernel):
+def _sharded(eq: str, x: jax.Array, q: QArray, kernel: WeightKernel, run: int | None):
   """(x's, the weight's (its values' and its scales') and the output's PartitionSpecs, the mesh
   axes summed over)
   for the kernel on each device's shard: the weight as the rules place it, x's rows as the rules
@@ -129,7 +134,8 @@ def _sharded(eq: str, x: jax.Array, q: QArray, kernel: WeightKernel):
   contracted axes' mesh axes. Where a mesh axis splits both x's rows and the weight (FSDP), the
   smaller side is gathered: x (and the summed output), as at decode, or the weight, as XLA's
   product would for long prefills. None where the values' and scales' shards disagree, an int4
-  shard would split a packed block (`ops.pack`), or the kernel does not take a device's shard."""
+  shard would split a packed block of `run` (`ops.pack`), or the kernel does not take a
+  device's shard."""
   mesh, rules = kernel.mesh, kernel.rules
   inputs, out = eq.split("->")
   xs, ws = inputs.split(",")
@@ -156,11 +162,9 @@ def _sharded(eq: str, x: jax.Array, q: QArray, kernel: WeightKernel):
       tuple(n // math.prod(mesh.shape[m] for m in names(s)) for n, s in zip(a.shape, spec)),
       a.dtype)
   local_q = q.replace(qvalue=shard(q.qvalue, values), scale=shard(q.scale, values))
-  if q.qvalue.dtype == jnp.uint8 and values[-1] is not None:
-    run = pack_blocks(q.qvalue.shape[-1])[1]
-    if local_q.qvalue.shape[-1] % run:
-      return None
-  if _kernel_layout(eq, shard(x, x_spec), local_q) is None:
+  if run and values[-1] is not None and local_q.qvalue.shape[-1] % run:
+    return None
+  if _kernel_layout(eq, shard(x, x_spec), local_q, run) is None:
     return None
   return x_spec, P(*values), out_spec, summed
 
@@ -170,11 +174,10 @@ def _through_kernel(eq: str, x: jax.Array, q: QArray, interpret=False,
   """einsum(eq, x, q) by quantized_matmul (`_kernel_layout` must hold). The flattened packed
   values keep the weight's runs (`ops.pack`: per head for q, k and v), which the kernel is told;
   run: those of the whole weight `q` is a shard of (None: `q` is whole)."""
-  k, n, groups, bits = _kernel_layout(eq, x, q)
+  run = run or _run(q)
+  k, n, groups, bits = _kernel_layout(eq, x, q, run)
   c = _contracted(eq)
   out_shape = q.scale.shape[c:]  # a scale per output element
-  if bits == 4:
-    run = run or pack_blocks(q.qvalue.shape[-1])[1]
   y = _kernel_product(x.reshape(-1, k), q.qvalue.reshape(k, -1), q.scale.reshape(groups, n),
                       bits, run, interpret, out_dtype)
   return y.reshape(x.shape[:-c] + out_shape)

@@ -117,9 +117,9 @@ def pack(values: jax.Array, bits: int) -> jax.Array:
   goes in bits [i*bits, (i+1)*bits) of its little-endian words, and byte j of those words in run
   j of the block's bytes. For int4 whose last axis is a multiple of 2,048: byte j of each 128
   holds column j of the block's 256 in its low four bits and column 128 + j in its high four. A
-  block never straddles a shard of the last axis whose size is a multiple of the block (any split
-  of a long axis 2, 4 or 8 ways: `packed_run`), so a weight sharded there unpacks on each device
-  alone. The last axis must divide into words."""
+  block never straddles a shard of the last axis whose size is a multiple of the block (a long
+  axis whose words divide by 8, split 2, 4 or 8 ways: `packed_run`), so a weight sharded there
+  unpacks on each device alone. The last axis must divide into words."""
   per_word, num_bytes = _word(bits)
   n = values.shape[-1]
   if n % per_word:

@@ -30,6 +30,8 @@ BLOCK_N = (512, 256, 128)  # lanes of a weight tile, largest first (packed colum
 BLOCK_K = (512, 256, 128)  # rows of a weight tile with per-channel scales, largest first
 BLOCK_M = 256  # rows of x per program, at most
 TILE = 1 << 20  # at most this many dequantized weight elements, and x elements, per program
+MIN_RUN = 16  # fewest packed columns in an int4 run: tiles of shorter runs, put back in column
+# order in VMEM, ran out of VMEM (libtpu, v5e: runs of 2-8 at LM-head shapes)
 
 
 def _blocks(k: int, n: int, groups: int, bits: int) -> tuple[int, int] | None:
@@ -52,8 +54,11 @@ def _blocks(k: int, n: int, groups: int, bits: int) -> tuple[int, int] | None:
   return None if block_n is None else (block_k, block_n)
 
 
-def fits(k: int, n: int, groups: int, bits: int) -> bool:
-  """Whether the kernel takes a (K, N) weight with `groups` scale rows and `bits`-bit values."""
+def fits(k: int, n: int, groups: int, bits: int, run: int | None = None) -> bool:
+  """Whether the kernel takes a (K, N) weight with `groups` scale rows and `bits`-bit values
+  (int4: in packed runs of `run` columns, None: `packed_run`'s for a two-axis weight)."""
+  if bits == 4 and (run or packed_run(n // 2)) < MIN_RUN:
+    return False
   return (bits in (4, 8) and n % 2 == 0 and groups >= 1 and k % groups == 0
           and _blocks(k, n, groups, bits) is not None)
 
@@ -137,9 +142,10 @@ def quantized_matmul(x: jax.Array, values: jax.Array, scale: jax.Array, *, bits:
     raise ValueError(f"quantized_matmul: {bits}-bit values for x {x.shape} and scale "
                      f"{scale.shape} must be {expect[0]} {jnp.dtype(expect[1]).name}, got "
                      f"{values.shape} {values.dtype}")
-  if not fits(k, n, groups, bits):
-    raise ValueError(f"quantized_matmul: no TPU tile divides a ({k}, {n}) weight with {groups} "
-                     f"scale rows; use quantized_matmul_reference")
+  if not fits(k, n, groups, bits, run):
+    raise ValueError(f"quantized_matmul: no TPU tile fits a ({k}, {n}) weight with {groups} "
+                     f"scale rows" + (f" in packed runs of {run}" if bits == 4 else "")
+                     + "; use quantized_matmul_reference")
   if interpret is True:
     interpret = pltpu.InterpretParams()
   return _tpu(x, values, scale, bits=bits, run=run, interpret=interpret, block_m=block_m,

@@ -21,8 +21,8 @@ SPLITS = 8  # a long last axis splits this many ways into whole blocks
 def packed_run(words: int) -> int:
   """Words per run of a packed last axis of `words` words (jaxinfer.quant.ops.pack's layout;
   for int4 a word is a byte, a packed column): the largest power of two up to RUN that divides
-  it, or, for an axis of at least SPLITS runs of RUN, that divides a SPLITS-th of it, so that
-  the axis split 2, 4 or 8 ways leaves every shard whole blocks (Llama-3's LM head, 128,256
+  it, or, for an axis of at least SPLITS runs of RUN whose words divide by SPLITS, that divides
+  a SPLITS-th of it, so that the axis split 2, 4 or 8 ways leaves every shard whole blocks (Llama-3's LM head, 128,256
   int4 columns: runs of 16 bytes, 4,008 blocks; runs of 128 made 501, which 8 shards split)."""
   if words >= SPLITS * RUN and words % SPLITS == 0:
     return math.gcd(words // SPLITS, RUN)
