@@ -278,6 +278,7 @@ class Report:
     n = cfg["params"]
     params = f"{n / 1e9:.2f}B" if n >= 1e9 else f"{n / 1e6:.2f}M"
     weights = cfg["dtype"] + (f", weights {st['quantize']}" if st.get("quantize") else "")
+    weights += f" with {', '.join(st['quantize_include'])}" if st.get("quantize_include") else ""
     lines = [f"{self.model} ({params} params, {weights}) on {self.target} "
              f"({self.devices} x {self.device_kind}{hbm})",
              f"mesh {self.mesh} per replica, {self.replicas} replica(s); {st['batch_size']} slots, "
@@ -480,8 +481,8 @@ def _check_quantize(job: CompileJob, cfg) -> None:
     return
   from jaxinfer import quant
   try:
-    fmt = quant.QuantFormat.parse(job.quantize, job.quantize_include)
-    fmt.check_model(cfg.tie_embeddings)
+    fmt = quant.QuantFormat.parse(job.quantize, job.quantize_include).for_model(
+        cfg.tie_embeddings)
   except ValueError as e:
     flag = "--quantize_include" if isinstance(e, quant.IncludeError) else "--quantize"
     raise CompileError(f"{flag}: {e}") from None

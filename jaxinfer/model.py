@@ -26,7 +26,7 @@ from jaxinfer import params as P
 from jaxinfer.config import ModelConfig
 from jaxinfer.kv_cache import (CACHE_AXES, KVCache, LayerKV, MixedPagedKVCache,  # noqa: F401
                                PagedKVCache)
-from jaxinfer.quant import WeightKernel, is_qarray, linear, weight
+from jaxinfer.quant import WeightKernel, is_qarray, linear, take_rows, weight
 from jaxinfer.rope import apply_rope, rope_tables
 from jaxinfer.runtime import Runtime
 from jaxinfer.sharding import DEFAULT_RULES, ShardingRules
@@ -244,7 +244,7 @@ def forward(params: Transformer, tokens: jax.Array, positions: jax.Array, cfg: M
   """
   if kv_source == "cache" and cache is None:
     raise ValueError("forward: kv_source='cache' needs a cache")
-  x = jnp.take(weight(params.embed), tokens, axis=0) if embeddings is None else embeddings
+  x = take_rows(params.embed, tokens) if embeddings is None else embeddings
   x = runtime.constrain(x, ACT)
   cos, sin = rope_tables(positions, cfg)
   new_layers = []

@@ -3,6 +3,7 @@ served checkpoint computes the QAT forward of the final weights bit for bit, and
 after a crash like any training run."""
 
 import dataclasses
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -120,7 +121,7 @@ def test_cli_serves_the_qat_forward_of_the_final_weights(tmp_path, model_dir):
 
 
 @pytest.mark.parametrize("fmt,needle", [("int3", "--qat: quantization format 'int3': unknown"),
-                                        ("int4:g64", "groups of 64 do not divide head_dim")])
+                                        ("int4:g64", "--qat: .* groups of 64 do not divide head_dim")])
 def test_cli_bad_format_is_one_line(tmp_path, model_dir, fmt, needle):
   data = tmp_path / "data.txt"
   data.write_text(TINY_TEXT)
@@ -128,4 +129,4 @@ def test_cli_bad_format_is_one_line(tmp_path, model_dir, fmt, needle):
               f"--qat={fmt}", "--steps=2")
   assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
   lines = [l for l in proc.stderr.splitlines() if l.startswith("error:")]
-  assert len(lines) == 1 and needle in lines[0], proc.stderr[-3000:]
+  assert len(lines) == 1 and re.search(needle, lines[0]), proc.stderr[-3000:]

@@ -138,6 +138,21 @@ def test_a_long_packed_axis_splits_into_whole_blocks():
   assert not re.search(r"all-to-all|all-gather|collective-permute|all-reduce", text)
 
 
+def test_embedding_rows_are_dequantized_alone(params):
+  """A quantized embedding table is looked up from its packed values and scales, only the rows
+  taken dequantized: equal to rows of the dequantized table bit for bit, in every packing, and
+  no table-sized temporary in the compiled lookup (dequantized whole, Llama-3-8B's int4 table
+  was 4.47 GiB of a TPU decode step's temporaries)."""
+  tokens = jax.random.randint(jax.random.key(4), (3, 5), 0, CFG.vocab_size)
+  for name in ("int4:g32", "int2:g32", "fp6_e2m3", "fp4_e2m1", "int8:a8"):
+    q = quant.quantize_params(params, SPEC, _fmt(name, ("embed",))).embed
+    np.testing.assert_array_equal(np.asarray(quant.take_rows(q, tokens)),
+                                  np.asarray(jnp.take(quant.weight(q), tokens, axis=0)))
+  q = quant.quantize(jnp.ones((4096, 1024)), SPEC.embed, _fmt("int4:g32", ("embed",)))
+  temp = jax.jit(quant.take_rows).lower(q, tokens).compile().memory_analysis().temp_size_in_bytes
+  assert temp < 4096 * 1024, temp
+
+
 def test_fp6_values_round_as_a_cast_to_the_6_bit_type_would(params):
   """XLA here has no 6-bit float arrays: fp6 values are rounded on the type's grid and packed as
   their codes, four to three bytes (a byte each in an 8-bit float type when the last axis does
@@ -248,13 +263,21 @@ def test_checkpoint_errors(tmp_path, params):
   assert "\n" not in str(e.value)
   save_orbax(tmp_path, CFG, params)  # a full-precision save drops the format record
   assert not meta.exists()
-  # a format record that does not describe the arrays, or arrays gone: one line each (orbax's
-  # tree diff ran to hundreds of lines, a missing array file was a traceback)
+  # a format record that does not describe the arrays, or arrays gone: one line each naming the
+  # first array that differs (orbax's tree diff ran to hundreds of lines, or was cut mid-way; a
+  # missing array file was a traceback)
   quant.write_metadata(tmp_path, _fmt("int4:g32"))
   with pytest.raises(ValueError, match=r"params/ does not restore as config.json and "
-                                       r"quantization.json \(int4:g32\)") as e:
+                                       r"quantization.json \(int4:g32\) describe it: "
+                                       r"layers\.0\.\S+\.qvalue is not stored$") as e:
     load_orbax(tmp_path)
   assert "\n" not in str(e.value)
+  save_orbax(tmp_path, CFG, q, quant_format=fmt)
+  quant.write_metadata(tmp_path, _fmt("int4:g32"))  # the same tree, other arrays
+  with pytest.raises(ValueError, match=r"describe it: layers\.0\.\S+\.qvalue is stored as "
+                                       r"int8\[64, 4, 32\], expected uint8\[64, 4, 16\]$"):
+    load_orbax(tmp_path)
+  save_orbax(tmp_path, CFG, params)
   quant.write_metadata(tmp_path, None)
   shutil.rmtree(tmp_path / "params" / "d")
   with pytest.raises(ValueError, match=r"params/ does not restore as config.json describe") as e:
@@ -430,7 +453,8 @@ def test_quantized_model_serves_sharded_speculative_and_under_trained_heads(tmp_
 
 def test_include_as_a_string_and_a_tied_lm_head(tmp_path):
   """`include` spelled as the flag is ("embed,norm"); a model whose LM head is its embeddings
-  has no lm_head to include (it was recorded and nothing quantized)."""
+  has no lm_head to include (it was recorded and nothing quantized; beside embed it is
+  dropped)."""
   import jaxinfer
   tied = make_tiny_model_dir(tmp_path / "tied", tie_embeddings=True)
   with pytest.raises(jaxinfer.UserError, match="--include: .* ties its LM head"):
@@ -438,6 +462,9 @@ def test_include_as_a_string_and_a_tied_lm_head(tmp_path):
   out, before, after = jaxinfer.quantize(str(tied), str(tmp_path / "q"), "int8",
                                          include="embed, norm")
   assert quant.read_metadata(out).include == ("embed", "norm")
+  # embed quantizes a tied LM head too: lm_head beside it is not recorded as a role of its own
+  out, *_ = jaxinfer.quantize(str(tied), str(tmp_path / "q2"), "int8", include="embed,lm_head")
+  assert quant.read_metadata(out).include == ("embed",)
 
 
 def test_int8_activations_serve_sharded_and_refuse_speculation(tmp_path, model_dir):

@@ -99,6 +99,11 @@ def test_train_cli_finetunes_and_exports(tmp_path, tiny_model_dir):
                          capture_output=True, text=True, timeout=600)
   assert other.returncode == 2, other.stderr
   assert "started with --learning_rate=0.003, --seed=0" in other.stderr, other.stderr
+  # fewer --steps than its checkpoint reached: refused (it wrote step 40's weights as "steps": 20)
+  fewer = subprocess.run([a.replace("--steps=40", "--steps=20") for a in proc.args] + ["--resume"],
+                         capture_output=True, text=True, timeout=600)
+  assert fewer.returncode == 2 and "--steps: " in fewer.stderr, fewer.stderr
+  assert "checkpoint at step 40" in fewer.stderr
 
 
 def test_training_data_errors_name_the_file_and_line(tmp_path):

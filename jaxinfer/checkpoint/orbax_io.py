@@ -66,18 +66,41 @@ def load_orbax(directory: str | os.PathLike, dtype: str | None = None, mesh: Mes
   fmt = quant.read_metadata(directory)
   if fmt is not None:
     target = quant.abstract_quantized(target, spec, fmt, mesh, rules)
+  described = "config.json" + (f" and {quant.QUANT_FILE} ({fmt.name})" if fmt else "")
   with ocp.StandardCheckpointer() as ckptr:
     try:
-      params = ckptr.restore(directory / PARAMS_DIR, target)
-    except Exception as e:  # (orbax's own: a tree diff, a missing array file, ...)
+      stored = getattr(ckptr.metadata(directory / PARAMS_DIR), "item_metadata", None)
+      differ = None if stored is None else _first_difference(target, stored)
+      if differ is None:
+        params = ckptr.restore(directory / PARAMS_DIR, target)
+    except Exception as e:  # (orbax's own: a missing or damaged array file, ...)
       if isinstance(e, MemoryError) or "RESOURCE_EXHAUSTED" in str(e):
         raise
-      described = "config.json" + (f" and {quant.QUANT_FILE} ({fmt.name})" if fmt else "")
       first = next((l.strip() for l in str(e).splitlines() if l.strip()), type(e).__name__)
-      raise ValueError(f"{directory}: {PARAMS_DIR}/ does not restore as {described} describe "
-                       f"it: {first[:200]}") from None
+      differ = first.split(" [tensorstore_spec")[0]  # (tensorstore's specs: kilobytes of JSON)
+  if differ is not None:  # (checked before restoring: a failed restore is orbax's traceback)
+    raise ValueError(f"{directory}: {PARAMS_DIR}/ does not restore as {described} describe "
+                     f"it: {differ}")
   P.check_against_spec(params, spec, str(directory), quant.logical_shape)
   return cfg, params
+
+
+def _first_difference(target, stored) -> str | None:
+  """Where the stored arrays (orbax's metadata tree) differ from the target's shapes and dtypes,
+  in one line; None where they agree."""
+  name = lambda path: ".".join(str(getattr(k, "name", getattr(k, "key", getattr(k, "idx", k))))
+                               for k in path)
+  want = {name(p): x for p, x in jax.tree_util.tree_leaves_with_path(target)}
+  have = {name(p): x for p, x in jax.tree_util.tree_leaves_with_path(stored)}
+  for key, x in want.items():
+    if key not in have:
+      return f"{key} is not stored"
+    got = have[key]
+    if tuple(got.shape) != tuple(x.shape) or jnp.dtype(got.dtype) != jnp.dtype(x.dtype):
+      return (f"{key} is stored as {jnp.dtype(got.dtype).name}{list(got.shape)}, expected "
+              f"{jnp.dtype(x.dtype).name}{list(x.shape)}")
+  extra = sorted(set(have) - set(want))
+  return f"{extra[0]} is stored but not expected" if extra else None
 
 
 def _check_format(params, spec, fmt: quant.QuantFormat | None, directory: Path) -> None:

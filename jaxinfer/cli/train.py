@@ -27,7 +27,8 @@ flags.DEFINE_enum("init", "pretrained", ["pretrained", "random"],
 flags.DEFINE_integer("steps", 1000, "Optimizer steps.", lower_bound=1)
 flags.DEFINE_integer("batch_size", 16, "Sequences per step.", lower_bound=1)
 flags.DEFINE_integer("seq_len", 256, "Tokens per sequence.", lower_bound=2)
-flags.DEFINE_float("learning_rate", 1e-3, "Peak learning rate (AdamW).", lower_bound=0.0)
+flags.DEFINE_float("learning_rate", 1e-3, "Peak learning rate (AdamW), above 0.")
+flags.register_validator("learning_rate", lambda v: v > 0, "--learning_rate must be above 0")
 flags.DEFINE_integer("warmup_steps", 50, "Linear warmup steps.", lower_bound=0)
 flags.DEFINE_float("weight_decay", 0.1, "AdamW weight decay (matrices only).", lower_bound=0.0)
 flags.DEFINE_integer("checkpoint_every", 200, "Steps between orbax checkpoints.", lower_bound=1)
@@ -45,7 +46,7 @@ flags.DEFINE_bool("distill", False, "With --qat: train on the KL divergence from
 flags.mark_flags_as_required(["data", "output"])
 FLAGS = flags.FLAGS
 # what decides a run's course: a resumed run must have the values it started with
-TRAIN_FLAGS = ("model", "dtype", "mesh", "data", "init", "batch_size", "seq_len",
+TRAIN_FLAGS = ("model", "dtype", "mesh", "data", "init", "steps", "batch_size", "seq_len",
                "learning_rate", "warmup_steps", "weight_decay", "heldout_fraction", "seed", "qat",
                "distill")
 
@@ -87,11 +88,14 @@ def main(argv: list[str]) -> None:
     tcfg = TrainConfig(steps=FLAGS.steps, learning_rate=FLAGS.learning_rate,
                        warmup_steps=FLAGS.warmup_steps, weight_decay=FLAGS.weight_decay,
                        checkpoint_every=FLAGS.checkpoint_every, seed=FLAGS.seed)
-    if fmt is not None:
-      qat.check(cfg, params, fmt)
-    elif quant.holds_quantized(params):
+    if quant.holds_quantized(params):
       fail(f"--model: {FLAGS.model} holds quantized weights, which training cannot update; "
            f"train the full-precision model (with --qat=FORMAT to fine-tune it for a format)")
+    if fmt is not None:
+      try:
+        qat.check(cfg, params, fmt)
+      except ValueError as e:  # (a group size that does not divide a weight's axis)
+        fail(f"--qat: {e}")
   except (FileNotFoundError, ValueError) as e:
     fail(str(e))
   if FLAGS.init == "random":

@@ -47,7 +47,8 @@ flags.DEFINE_integer("draft_vocab", 0, "--method=eagle: score only this many of 
 flags.DEFINE_integer("steps", 600, "Optimizer steps.", lower_bound=1)
 flags.DEFINE_integer("batch_size", 16, "Sequences per step.", lower_bound=1)
 flags.DEFINE_integer("seq_len", 256, "Tokens per sequence.", lower_bound=4)
-flags.DEFINE_float("learning_rate", 3e-3, "Peak learning rate (AdamW).", lower_bound=0.0)
+flags.DEFINE_float("learning_rate", 3e-3, "Peak learning rate (AdamW), above 0.")
+flags.register_validator("learning_rate", lambda v: v > 0, "--learning_rate must be above 0")
 flags.DEFINE_integer("warmup_steps", 30, "Linear warmup steps.", lower_bound=0)
 flags.DEFINE_integer("checkpoint_every", 100, "Steps between orbax checkpoints.", lower_bound=1)
 flags.DEFINE_float("heldout_fraction", 0.05, "Tail of the data kept to measure accuracies.",

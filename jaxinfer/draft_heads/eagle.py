@@ -44,7 +44,7 @@ from jaxinfer.draft_heads.eagle_serve import (FORMAT, EagleDraft, EagleHeads,  #
                                               as_transformer, draft_config, draft_forward,
                                               init_draft, is_eagle, load, save, serving_heads)
 from jaxinfer.draft_heads.hidden_cache import tokens_and_hidden
-from jaxinfer.quant import weight
+from jaxinfer.quant import take_rows, weight
 
 
 @partial(jax.jit, static_argnames=("cfg",))
@@ -88,7 +88,7 @@ def ttt_predictions(draft: EagleDraft, base: M.Transformer, features: jax.Array,
   causal, own = anchor[None, :] <= anchor[:, None], anchor[None, :] == anchor[:, None]
   preds, keys, values, feat = [], [], [], features
   for j in range(steps):
-    emb = jnp.take(weight(base.embed), tokens[:, j + 1:j + 1 + t], axis=0).astype(feat.dtype)
+    emb = take_rows(base.embed, tokens[:, j + 1:j + 1 + t]).astype(feat.dtype)
     x = jnp.concatenate([feat, emb], axis=-1) @ draft.fc
     cos, sin = rope_tables(jnp.broadcast_to(anchor + j, (b, t)), dcfg)
     q, k, v = M.project_qkv(layer.attn, M.rms_norm(x, layer.attn_norm, eps), cos, sin, dcfg)

@@ -22,7 +22,7 @@ from flax import struct
 from jaxinfer import model as M
 from jaxinfer.config import ModelConfig
 from jaxinfer.draft_heads import files
-from jaxinfer.quant import weight
+from jaxinfer.quant import take_rows, weight
 from jaxinfer.runtime import Runtime
 
 FORMAT = "jaxinfer-eagle-1"
@@ -96,7 +96,7 @@ def draft_forward(draft: EagleDraft, base: M.Transformer, features: jax.Array,
   """features (B,T,D) and the tokens they produced (B,T) at `positions` -> predicted next
   features (B,T,D) and the updated draft cache. `runtime`: how the layer runs; its sparsity is
   the target's attention pattern (sinks_window at inference; dense in training)."""
-  emb = jnp.take(weight(base.embed), tokens, axis=0).astype(features.dtype)
+  emb = take_rows(base.embed, tokens).astype(features.dtype)
   x = jnp.concatenate([features, emb], axis=-1) @ draft.fc
   return M.forward(as_transformer(draft, base), tokens, positions, dcfg, cache,
                    kv_source=kv_source, runtime=runtime, embeddings=x)

@@ -34,7 +34,7 @@ def quantize(model: str, output: str, format: str, *, include: Sequence[str] = (
   except (FileNotFoundError, ValueError) as e:
     raise UserError(str(e)) from None
   try:
-    fmt.check_model(cfg.tie_embeddings)
+    fmt = fmt.for_model(cfg.tie_embeddings)
   except ValueError as e:
     raise UserError(f"--include: {model}: {e}") from None
   try:

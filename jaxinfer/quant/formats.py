@@ -108,12 +108,17 @@ class QuantFormat:
   def qtype(self):
     return KINDS[self.kind]
 
-  def check_model(self, tie_embeddings: bool) -> None:
-    """IncludeError where a model cannot take this format's include."""
-    if "lm_head" in self.include and tie_embeddings and "embed" not in self.include:
+  def for_model(self, tie_embeddings: bool) -> "QuantFormat":
+    """This format as a model takes it: one that ties its LM head to its embeddings has no
+    lm_head of its own (embed quantizes both, so lm_head beside it is dropped; alone, an
+    IncludeError)."""
+    if "lm_head" not in self.include or not tie_embeddings:
+      return self
+    if "embed" not in self.include:
       raise IncludeError(f"quantization include {list(self.include)}: the model ties its LM "
                          f"head to its embeddings (it has no lm_head of its own); include embed "
                          f"to quantize them")
+    return dataclasses.replace(self, include=tuple(r for r in self.include if r != "lm_head"))
 
   def __str__(self) -> str:
     return self.name

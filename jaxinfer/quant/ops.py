@@ -274,6 +274,20 @@ def weight(x):
   return dequantize(x) if is_qarray(x) else x
 
 
+def take_rows(x, index: jax.Array) -> jax.Array:
+  """weight(x)[index] along its first axis (an embedding lookup), a QArray dequantizing only the
+  rows taken: dequantized whole, a quantized table was a temporary of its full size in every
+  step (Llama-3-8B's: 4.47 GiB of a decode step's temporaries on one TPU v5e chip). Equal to
+  taking rows of the dequantized table, bit for bit (each element's unpacking and scaling is
+  its own)."""
+  if isinstance(x, ActQuantized):
+    x = x.q if x.w is None else x.w
+  if is_qarray(x) and x.scale.shape[0] == x.qvalue.shape[0]:  # a scale row per table row
+    return dequantize(x.replace(qvalue=jnp.take(x.qvalue, index, axis=0),
+                                scale=jnp.take(x.scale, index, axis=0)))
+  return jnp.take(weight(x), index, axis=0)
+
+
 def fake_quant(w: jax.Array, spec: ParamSpec, fmt: QuantFormat) -> jax.Array:
   """dequantize(quantize(w)) forward; straight-through (identity) gradient."""
   return straight_through(w, dequantize(quantize(w, spec, fmt)))

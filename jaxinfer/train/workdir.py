@@ -42,6 +42,10 @@ def check_workdir(workdir, resume: bool, settings: dict | None = None) -> None:
     where = f"last checkpoint at step {steps[-1]}" if steps else "no checkpoint yet"
     raise ValueError(f"--workdir: {w} holds a run ({where}); pass --resume to continue it, or "
                      f"remove it or choose another --workdir")
+  if steps and settings is not None and settings.get("steps", steps[-1]) < steps[-1]:
+    raise ValueError(f"--steps: the run in {w} has a checkpoint at step {steps[-1]} already, "
+                     f"past --steps={settings['steps']}; resume it with --steps of at least "
+                     f"{steps[-1]}")
   record = w / "run.json"
   if not held:
     record.unlink(missing_ok=True)  # (a run that stopped before its first record)
