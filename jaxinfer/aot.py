@@ -453,7 +453,7 @@ def checkpoint_format(job: CompileJob) -> CompileJob:
     return job
   from jaxinfer import quant
   try:
-    fmt = quant.read_metadata(path)
+    fmt = quant.read_metadata(path, model_config(job).tie_embeddings)
   except ValueError as e:
     raise CompileError(f"--model: {e}") from None
   try:

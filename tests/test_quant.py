@@ -465,6 +465,14 @@ def test_include_as_a_string_and_a_tied_lm_head(tmp_path):
   # embed quantizes a tied LM head too: lm_head beside it is not recorded as a role of its own
   out, *_ = jaxinfer.quantize(str(tied), str(tmp_path / "q2"), "int8", include="embed,lm_head")
   assert quant.read_metadata(out).include == ("embed",)
+  # a record naming lm_head alone for a tied model: refused where it is read, naming the file
+  quant.write_metadata(out, _fmt("int8", ("lm_head",)))
+  with pytest.raises(ValueError, match=r"quantization.json: quantization include \['lm_head'\]: "
+                                       r"the model ties its LM head"):
+    load_orbax(out)
+  from jaxinfer import aot
+  with pytest.raises(aot.CompileError, match=r"^--model: .*quantization.json: .* ties its LM"):
+    aot.checkpoint_format(aot.CompileJob("tpu:v5e:2x2", model=str(out)))
 
 
 def test_int8_activations_serve_sharded_and_refuse_speculation(tmp_path, model_dir):

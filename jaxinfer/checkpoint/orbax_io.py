@@ -63,7 +63,7 @@ def load_orbax(directory: str | os.PathLike, dtype: str | None = None, mesh: Mes
   if mesh is None:
     mesh = make_mesh("data:1", jax.devices()[:1])
   target = P.abstract_params(spec, cfg.jnp_dtype, mesh, rules)
-  fmt = quant.read_metadata(directory)
+  fmt = quant.read_metadata(directory, cfg.tie_embeddings)
   if fmt is not None:
     target = quant.abstract_quantized(target, spec, fmt, mesh, rules)
   described = "config.json" + (f" and {quant.QUANT_FILE} ({fmt.name})" if fmt else "")

@@ -145,8 +145,10 @@ def write_metadata(directory: str | os.PathLike, fmt: QuantFormat | None) -> Non
   path.write_text(json.dumps(meta, indent=2) + "\n")
 
 
-def read_metadata(directory: str | os.PathLike) -> QuantFormat | None:
-  """The format a checkpoint was quantized with, None when it is not quantized."""
+def read_metadata(directory: str | os.PathLike,
+                  tie_embeddings: bool | None = None) -> QuantFormat | None:
+  """The format a checkpoint was quantized with, None when it is not quantized; given whether
+  the model ties its LM head to its embeddings, as the model takes it (`QuantFormat.for_model`)."""
   path = Path(directory) / QUANT_FILE
   if not path.exists():
     return None
@@ -160,6 +162,7 @@ def read_metadata(directory: str | os.PathLike) -> QuantFormat | None:
                      f"version {QUANT_VERSION}; re-run jaxinfer quantize on the full-precision "
                      f"model")
   try:
-    return QuantFormat.parse(meta["format"], meta.get("include", ()))
+    fmt = QuantFormat.parse(meta["format"], meta.get("include", ()))
+    return fmt if tie_embeddings is None else fmt.for_model(tie_embeddings)
   except (KeyError, TypeError, ValueError) as e:
     raise ValueError(f"{path}: {e}") from None
