@@ -243,6 +243,11 @@ def test_orbax_save_restore_is_bit_exact(tmp_path, params, name, include):
   assert json.loads((tmp_path / quant.QUANT_FILE).read_text())["format"] == name
   _, restored = load_orbax(tmp_path)
   _assert_same(q, restored)  # qtype is static, so tree structures equal means qtypes equal
+  # restored as another float dtype (--dtype): the floats cast, the packed values as stored
+  _, cast = load_orbax(tmp_path, "bfloat16")
+  for a, b in zip(jax.tree_util.tree_leaves(q), jax.tree_util.tree_leaves(cast)):
+    assert b.dtype == (jnp.bfloat16 if a.dtype == jnp.float32 else a.dtype), (a.dtype, b.dtype)
+    np.testing.assert_array_equal(np.asarray(a.astype(b.dtype)), np.asarray(b))
 
 
 def test_checkpoint_errors(tmp_path, params):

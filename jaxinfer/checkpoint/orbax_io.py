@@ -85,9 +85,13 @@ def load_orbax(directory: str | os.PathLike, dtype: str | None = None, mesh: Mes
   return cfg, params
 
 
+CASTS = frozenset(map(jnp.dtype, (jnp.float32, jnp.bfloat16, jnp.float16)))  # (--dtype's)
+
+
 def _first_difference(target, stored) -> str | None:
   """Where the stored arrays (orbax's metadata tree) differ from the target's shapes and dtypes,
-  in one line; None where they agree."""
+  in one line; None where they agree. Float arrays restore cast to the dtype asked for
+  (`--dtype`); other dtypes (packed values, integers, 8-bit floats) must be the stored ones."""
   name = lambda path: ".".join(str(getattr(k, "name", getattr(k, "key", getattr(k, "idx", k))))
                                for k in path)
   want = {name(p): x for p, x in jax.tree_util.tree_leaves_with_path(target)}
@@ -96,7 +100,8 @@ def _first_difference(target, stored) -> str | None:
     if key not in have:
       return f"{key} is not stored"
     got = have[key]
-    if tuple(got.shape) != tuple(x.shape) or jnp.dtype(got.dtype) != jnp.dtype(x.dtype):
+    dtypes = {jnp.dtype(got.dtype), jnp.dtype(x.dtype)}
+    if tuple(got.shape) != tuple(x.shape) or (len(dtypes) > 1 and not dtypes <= CASTS):
       return (f"{key} is stored as {jnp.dtype(got.dtype).name}{list(got.shape)}, expected "
               f"{jnp.dtype(x.dtype).name}{list(x.shape)}")
   extra = sorted(set(have) - set(want))
