@@ -110,7 +110,8 @@ def _kernel_fn(eq: str, x: jax.Array, q: QArray, kernel: WeightKernel, interpret
   run = _run(q)
   if mesh is None or mesh.size == 1:
     return (_kernel_layout(eq, x, q, run) is not None
-            and functools.partial(_through_kernel, eq, interpret=interpret, out_dtype=out_dtype))
+            and functools.partial(_through_kernel, eq, interpret=interpret, run=run,
+                                  out_dtype=out_dtype))
   specs = _sharded(eq, x, q, kernel, run)
   if specs is None:
     return None

@@ -266,11 +266,18 @@ class ActQuantized:
   w: Any = None
 
 
+def _held(x):
+  """A weight leaf without its int8-activation marking: an ActQuantized weight's QArray as
+  served, or the fake-quantized array QAT trains; anything else as it is."""
+  if isinstance(x, ActQuantized):
+    return x.q if x.w is None else x.w
+  return x
+
+
 def weight(x):
   """The array a weight leaf stands for: a QArray dequantized, anything else as it is. Every
-  weight use in the model goes through this or `quant.linear`."""
-  if isinstance(x, ActQuantized):
-    x = x.q if x.w is None else x.w
+  weight use in the model goes through this, `take_rows` or `quant.linear`."""
+  x = _held(x)
   return dequantize(x) if is_qarray(x) else x
 
 
@@ -280,8 +287,7 @@ def take_rows(x, index: jax.Array) -> jax.Array:
   step (Llama-3-8B's: 4.47 GiB of a decode step's temporaries on one TPU v5e chip). Equal to
   taking rows of the dequantized table, bit for bit (each element's unpacking and scaling is
   its own)."""
-  if isinstance(x, ActQuantized):
-    x = x.q if x.w is None else x.w
+  x = _held(x)
   if is_qarray(x) and x.scale.shape[0] == x.qvalue.shape[0]:  # a scale row per table row
     return dequantize(x.replace(qvalue=jnp.take(x.qvalue, index, axis=0),
                                 scale=jnp.take(x.scale, index, axis=0)))
