@@ -1,6 +1,6 @@
 """The quantized matmul kernel (int8, or int4 packed two per byte, dequantized tile by tile in
 VMEM): numerics in jax's TPU interpret mode against the jnp reference, the model's linear layers
-through it (their weight layouts flattened, q, k and v packed per head), and proof that it
+through it (their weight layouts flattened, or q, k and v in heads as they lie), and proof that it
 compiles: libtpu's compile-only client builds it at Llama-3-8B shapes for v5e and v6e with no
 dequantized weight among the temporaries, as XLA's product of a grouped weight has."""
 
@@ -44,6 +44,34 @@ def test_kernel_matches_reference(fmt, rows, dtype):
                              **TOL[dtype])
   if dtype == jnp.float32:  # the reference is the model's own XLA product
     np.testing.assert_array_equal(np.asarray(want), np.asarray(x @ quant.dequantize(q)))
+
+
+HEADS = P.linear((512, 4, 128), ("embed", "q_heads", "head_dim"), P.fan_in_init(1),
+                 contract=("embed",))
+
+
+@pytest.mark.parametrize("fmt,shape,rows,dtype", [
+    ("int4:g128", (512, 4, 128), 1, jnp.float32), ("int4:g32", (512, 4, 128), 40, jnp.bfloat16),
+    ("int8:g256", (512, 2, 64), 300, jnp.float32), ("int4:g512", (1024, 1, 32), 5, jnp.float32)])
+def test_the_heads_form_matches_reference(fmt, shape, rows, dtype):
+  """A weight in heads of rows narrower than a lane (q, k, v: int4 heads of 128 and 32, int8
+  heads of 64; one head, as a model:8 shard of Llama-3's k) goes in as (K, H, W) and comes out
+  (M, H, D): groups of 32 lanes to a whole K tile, and tiles under one scale row; rows past a
+  block padded."""
+  spec = P.linear(shape, HEADS.axes, P.fan_in_init(1), contract=("embed",))
+  q = _weight(spec, fmt, dtype)
+  bits = 4 if q.qvalue.dtype == jnp.uint8 else 8
+  assert q.qvalue.ndim == 3 and fits(shape[0], shape[1] * shape[2], q.scale.shape[0], bits,
+                                     heads=shape[1])
+  x = jax.random.normal(jax.random.key(1), (rows, shape[0]), jnp.float32).astype(dtype)
+  got = quantized_matmul(x, q.qvalue, q.scale, bits=bits, interpret=True)
+  want = quantized_matmul_reference(x, q.qvalue, q.scale, bits=bits)
+  assert got.shape == (rows,) + shape[1:] and got.dtype == dtype
+  np.testing.assert_allclose(np.asarray(got, np.float32), np.asarray(want, np.float32),
+                             **TOL[dtype])
+  if dtype == jnp.float32:
+    np.testing.assert_array_equal(
+        np.asarray(want), np.asarray(jnp.einsum("md,dnh->mnh", x, quant.dequantize(q))))
 
 
 def test_a_partial_last_tile():
@@ -127,6 +155,12 @@ def test_linear_layers_through_the_kernel(name):
     np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-5, atol=1e-5)
     here = jax.jit(lambda x, q: linear(eq, x, q, WeightKernel()))(x, q)
     np.testing.assert_array_equal(np.asarray(here), np.asarray(want))
+  if name == "q":  # in heads, as it lies: int4 heads of 32 bytes, int8 of 64
+    assert _kernel_layout(eq, x, q, _run(q))[-1] == 4
+    x512 = jnp.zeros((2, 3, 512))
+    wide = _weight(HEADS, "int8:g32")  # int8 heads of 128: a lane wide, flattened
+    assert _kernel_layout(eq, x512, wide, None)[-1] is None
+    assert _kernel_layout(eq, x512, _weight(HEADS, "int4:g32"), 64)[-1] == 4
   # per-channel weights stay on XLA, which fuses their dequantization; so do other formats
   for fmt in ("int4", "int8", "fp8_e4m3", "fp4_e2m1", "int2:g32", "ternary"):
     q = _weight(spec, fmt)
@@ -215,6 +249,10 @@ def test_bad_values_are_refused():
   with pytest.raises(ValueError, match="no TPU tile fits"):
     quantized_matmul(jnp.zeros((8, 512)), jnp.zeros((512, 100), jnp.uint8),
                      jnp.ones((1, 200)), bits=4, interpret=True)
+  with pytest.raises(ValueError, match=r"in heads take scales \(G, H, D\) and rows narrower"):
+    quantized_matmul(x, jnp.zeros((512, 2, 128), jnp.uint8), jnp.ones((4, 2, 256)), bits=4)
+  with pytest.raises(ValueError, match="no TPU tile fits a .* in 2 heads"):  # groups of 16
+    quantized_matmul(x, jnp.zeros((512, 2, 64), jnp.uint8), jnp.ones((32, 2, 128)), bits=4)
 
 
 @pytest.mark.parametrize("name", ["v5e:2x2", "v6e:2x2"])
@@ -259,6 +297,28 @@ def test_compiles_for_tpu_without_a_dequantized_weight(tpu_device, no_persistent
       sds((8, 4096), jnp.bfloat16), sds((4096, 7168), jnp.uint8),
       sds((32, 14336), jnp.bfloat16)).compile()
   assert xla.memory_analysis().temp_size_in_bytes >= 4096 * 14336 * 2
+
+
+@pytest.mark.parametrize("name", ["v5e:2x2", "v6e:2x2"])
+def test_heads_compile_without_a_copy_of_the_weight(tpu_device, no_persistent_cache, name):
+  """Llama-3-8B's q (32 heads) and k (8; one, as a model:8 shard) in int4 groups of 128: XLA
+  keeps such (K, H, 64)-byte arrays K-minor in HBM, so flattening them to (K, N) copies the
+  weight in every step (the compiled program's temporaries hold it); the heads form reads it
+  as it lies: no copy of the values, no weight-sized temporary, decode and prefill rows."""
+  sharding = jax.sharding.SingleDeviceSharding(tpu_device(name))
+  sds = lambda shape, dtype: jax.ShapeDtypeStruct(shape, dtype, sharding=sharding)
+  for rows, heads in [(8, 32), (8, 8), (8, 1), (512, 8)]:
+    args = (sds((rows, 4096), jnp.bfloat16), sds((4096, heads, 64), jnp.uint8),
+            sds((32, heads, 128), jnp.bfloat16))
+    compiled = jax.jit(lambda x, v, s: quantized_matmul(x, v, s, bits=4)).lower(*args).compile()
+    hlo = compiled.as_text()
+    assert "tpu_custom_call" in hlo and " u8[" not in "".join(
+        line for line in hlo.splitlines() if " copy(" in line), (rows, heads)
+    assert compiled.memory_analysis().temp_size_in_bytes < 2**20, (rows, heads)
+  flat = jax.jit(lambda x, v, s: quantized_matmul(
+      x, v.reshape(4096, -1), s.reshape(32, -1), bits=4, run=64)).lower(*args[:1], *(
+          sds((4096, 32, 64), jnp.uint8), sds((32, 32, 128), jnp.bfloat16))).compile()
+  assert "u8[4096,2048]" in "".join(l for l in flat.as_text().splitlines() if " copy(" in l)
 
 
 @pytest.mark.parametrize("mesh", ["data:4", "model:2"])

@@ -54,6 +54,14 @@ def quantized_matmul_reference(x: jax.Array, values: jax.Array, scale: jax.Array
                                run: int | None = None, interpret=None,
                                block_m: int | None = None,
                                block_n: int | None = None, out_dtype=None) -> jax.Array:
+  """values (K, H, W) and scale (G, H, D), a weight in heads, give (M, H, D): flattened, each
+  head's runs kept (run: the last axis's)."""
   del interpret, block_m, block_n
+  if values.ndim == 3:
+    run = run or packed_run(values.shape[-1])
+    y = quantized_matmul_reference(x, values.reshape(values.shape[0], -1),
+                                   scale.reshape(scale.shape[0], -1), bits=bits, run=run,
+                                   out_dtype=out_dtype)
+    return y.reshape(x.shape[:1] + scale.shape[1:])
   return jnp.dot(x, dequantized(values, scale, bits, run).astype(x.dtype),
                  preferred_element_type=out_dtype)
