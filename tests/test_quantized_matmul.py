@@ -1,8 +1,9 @@
 """The quantized matmul kernel (int8, or int4 packed two per byte, dequantized tile by tile in
 VMEM): numerics in jax's TPU interpret mode against the jnp reference, the model's linear layers
-through it (their weight layouts flattened, or q, k and v in heads as they lie), and proof that it
-compiles: libtpu's compile-only client builds it at Llama-3-8B shapes for v5e and v6e with no
-dequantized weight among the temporaries, as XLA's product of a grouped weight has."""
+through it (their weight layouts flattened, or values XLA lays out K-minor read as they lie),
+and proof that it compiles: libtpu's compile-only client builds it at Llama-3-8B shapes for v5e
+and v6e with no dequantized weight among the temporaries, as XLA's product of a grouped weight
+has, and no copy of the values."""
 
 import json
 
@@ -53,11 +54,10 @@ HEADS = P.linear((512, 4, 128), ("embed", "q_heads", "head_dim"), P.fan_in_init(
 @pytest.mark.parametrize("fmt,shape,rows,dtype", [
     ("int4:g128", (512, 4, 128), 1, jnp.float32), ("int4:g32", (512, 4, 128), 40, jnp.bfloat16),
     ("int8:g256", (512, 2, 64), 300, jnp.float32), ("int4:g512", (1024, 1, 32), 5, jnp.float32)])
-def test_the_heads_form_matches_reference(fmt, shape, rows, dtype):
-  """A weight in heads of rows narrower than a lane (q, k, v: int4 heads of 128 and 32, int8
-  heads of 64; one head, as a model:8 shard of Llama-3's k) goes in as (K, H, W) and comes out
-  (M, H, D): groups of 32 lanes to a whole K tile, and tiles under one scale row; rows past a
-  block padded."""
+def test_the_k_minor_form_matches_reference(fmt, shape, rows, dtype):
+  """Values that lie K-minor go in as (K, H, W) and come out (M, H, D): q, k and v (int4 heads
+  of 128 and 32, int8 heads of 64; one head, as a model:8 shard of Llama-3's k), groups of 32
+  lanes to a whole K tile, and tiles under one scale row; rows past a block padded."""
   spec = P.linear(shape, HEADS.axes, P.fan_in_init(1), contract=("embed",))
   q = _weight(spec, fmt, dtype)
   bits = 4 if q.qvalue.dtype == jnp.uint8 else 8
@@ -72,6 +72,26 @@ def test_the_heads_form_matches_reference(fmt, shape, rows, dtype):
   if dtype == jnp.float32:
     np.testing.assert_array_equal(
         np.asarray(want), np.asarray(jnp.einsum("md,dnh->mnh", x, quant.dequantize(q))))
+
+
+def test_the_k_minor_form_of_a_long_axis():
+  """One head of more rows than a tile (a split LM head's: 8,016 packed columns a device, in
+  runs of 16) is read in tiles of 512 rows, the last partial (its rows past the weight read
+  undefined values whose output columns are dropped); int8 too."""
+  k, words = 256, 1040
+  keys = jax.random.split(jax.random.key(3), 3)
+  x = jax.random.normal(keys[0], (3, k))
+  for bits, cols in ((4, 2 * words), (8, words)):
+    values = jax.random.randint(keys[1], (k, 1, words), 0, 256).astype(jnp.uint8)
+    if bits == 8:
+      values = values.view(jnp.int8)
+    scale = jax.random.uniform(keys[2], (2, 1, cols), minval=0.01, maxval=0.1)
+    assert fits(k, cols, 2, bits, run=16, heads=1)
+    assert bits == 8 or not fits(k, cols, 2, bits, run=4, heads=1)  # runs of 4 rows: refused
+    got = quantized_matmul(x, values, scale, bits=bits, run=16, interpret=True)
+    want = quantized_matmul_reference(x, values, scale, bits=bits, run=16)
+    assert got.shape == (3, 1, cols)  # (outputs of about 100: float32 rounding of their sums)
+    np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-5, atol=1e-3)
 
 
 def test_a_partial_last_tile():
@@ -155,7 +175,7 @@ def test_linear_layers_through_the_kernel(name):
     np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-5, atol=1e-5)
     here = jax.jit(lambda x, q: linear(eq, x, q, WeightKernel()))(x, q)
     np.testing.assert_array_equal(np.asarray(here), np.asarray(want))
-  if name == "q":  # in heads, as it lies: int4 heads of 32 bytes, int8 of 64
+  if name == "q":  # in heads, as it lies (K-minor): int4 heads of 32 bytes, int8 of 64
     assert _kernel_layout(eq, x, q, _run(q))[-1] == 4
     x512 = jnp.zeros((2, 3, 512))
     wide = _weight(HEADS, "int8:g32")  # int8 heads of 128: a lane wide, flattened
@@ -213,6 +233,12 @@ def test_the_kernel_runs_on_each_shard(name):
     assert summed == want and (x_spec[0] == "fsdp") == (name == "down-fsdp"), (x_spec, summed)
     got = jax.jit(_kernel_fn(eq, x, q, kernel, interpret=True))(x, q)
     want = jnp.einsum(eq, x, quant.dequantize(q))
+    half = lambda a, axis: jax.lax.slice_in_dim(a, 0, a.shape[axis] // 2, axis=axis)
+    if name in ("q", "lm_head"):  # a device's 4 q heads, or 576 int4 LM head columns: K-minor
+      axis = 1 if name == "q" else -1
+      local = q.replace(qvalue=half(q.qvalue, axis), scale=half(q.scale, axis))
+      heads = 4 if name == "q" else 1 if fmt.startswith("int4") else None  # (int8: 1,152 cols)
+      assert _kernel_layout(eq, x, local, _run(q))[-1] == heads, fmt
     np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-5, atol=1e-5)
   if name == "up":  # 512 int4 columns in blocks of 256: four shards of 128 would split them
     q = _weight(spec, "int4:g32")
@@ -249,8 +275,8 @@ def test_bad_values_are_refused():
   with pytest.raises(ValueError, match="no TPU tile fits"):
     quantized_matmul(jnp.zeros((8, 512)), jnp.zeros((512, 100), jnp.uint8),
                      jnp.ones((1, 200)), bits=4, interpret=True)
-  with pytest.raises(ValueError, match=r"in heads take scales \(G, H, D\) and rows narrower"):
-    quantized_matmul(x, jnp.zeros((512, 2, 128), jnp.uint8), jnp.ones((4, 2, 256)), bits=4)
+  with pytest.raises(ValueError, match=r"in heads take scales \(G, H, D\); got scale \(4, 512\)"):
+    quantized_matmul(x, jnp.zeros((512, 2, 128), jnp.uint8), jnp.ones((4, 512)), bits=4)
   with pytest.raises(ValueError, match="no TPU tile fits a .* in 2 heads"):  # groups of 16
     quantized_matmul(x, jnp.zeros((512, 2, 64), jnp.uint8), jnp.ones((32, 2, 128)), bits=4)
 
@@ -300,25 +326,28 @@ def test_compiles_for_tpu_without_a_dequantized_weight(tpu_device, no_persistent
 
 
 @pytest.mark.parametrize("name", ["v5e:2x2", "v6e:2x2"])
-def test_heads_compile_without_a_copy_of_the_weight(tpu_device, no_persistent_cache, name):
-  """Llama-3-8B's q (32 heads) and k (8; one, as a model:8 shard) in int4 groups of 128: XLA
-  keeps such (K, H, 64)-byte arrays K-minor in HBM, so flattening them to (K, N) copies the
-  weight in every step (the compiled program's temporaries hold it); the heads form reads it
-  as it lies: no copy of the values, no weight-sized temporary, decode and prefill rows."""
+def test_k_minor_values_compile_without_a_copy(tpu_device, no_persistent_cache, name):
+  """Llama-3-8B's q (32 heads) and k (8; one, as a model:8 shard) in int4 groups of 128, and an
+  eighth of its int4 LM head (8,016 packed columns): XLA lays such values
+  out K-minor, so flattening them to the (K, N) form copies the weight in every step; the
+  K-minor form reads them as they lie: no copy of the values, no weight-sized temporary, decode
+  and prefill rows."""
   sharding = jax.sharding.SingleDeviceSharding(tpu_device(name))
   sds = lambda shape, dtype: jax.ShapeDtypeStruct(shape, dtype, sharding=sharding)
-  for rows, heads in [(8, 32), (8, 8), (8, 1), (512, 8)]:
-    args = (sds((rows, 4096), jnp.bfloat16), sds((4096, heads, 64), jnp.uint8),
-            sds((32, heads, 128), jnp.bfloat16))
-    compiled = jax.jit(lambda x, v, s: quantized_matmul(x, v, s, bits=4)).lower(*args).compile()
+  copied = lambda hlo: "".join(line for line in hlo.splitlines() if " copy(" in line)
+  for rows, heads, words, run in [(8, 32, 64, 64), (8, 8, 64, 64), (8, 1, 64, 64),
+                                  (512, 8, 64, 64), (8, 1, 8016, 16)]:
+    d = 2 * words
+    args = (sds((rows, 4096), jnp.bfloat16), sds((4096, heads, words), jnp.uint8),
+            sds((32, heads, d), jnp.bfloat16))
+    compiled = jax.jit(lambda x, v, s: quantized_matmul(x, v, s, bits=4, run=run)).lower(
+        *args).compile()
     hlo = compiled.as_text()
-    assert "tpu_custom_call" in hlo and " u8[" not in "".join(
-        line for line in hlo.splitlines() if " copy(" in line), (rows, heads)
-    assert compiled.memory_analysis().temp_size_in_bytes < 2**20, (rows, heads)
-  flat = jax.jit(lambda x, v, s: quantized_matmul(
-      x, v.reshape(4096, -1), s.reshape(32, -1), bits=4, run=64)).lower(*args[:1], *(
-          sds((4096, 32, 64), jnp.uint8), sds((32, 32, 128), jnp.bfloat16))).compile()
-  assert "u8[4096,2048]" in "".join(l for l in flat.as_text().splitlines() if " copy(" in l)
+    assert "tpu_custom_call" in hlo and " u8[" not in copied(hlo), (rows, heads, words)
+    assert compiled.memory_analysis().temp_size_in_bytes < 2**20, (rows, heads, words)
+  flat = jax.jit(lambda x, v, s: quantized_matmul(x, v, s, bits=4, run=16)).lower(
+      args[0], sds((4096, 8016), jnp.uint8), sds((32, 16032), jnp.bfloat16)).compile()
+  assert "u8[4096,8016]" in copied(flat.as_text())  # the two-axis form: copied K-major
 
 
 @pytest.mark.parametrize("mesh", ["data:4", "model:2"])

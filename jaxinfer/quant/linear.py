@@ -80,12 +80,13 @@ def _kernel_layout(eq: str, x: jax.Array, q: QArray,
                    run: int | None) -> tuple[int, int, int, int, int | None] | None:
   """(K, N, scale groups, bits, heads) of `eq` as quantized_matmul's (M, K) @ (K, N): the
   weight's contracted axes (x's last, in order) then its output axes, flattened, its scales in
-  groups of consecutive rows of K (more than one); heads: the first of two output axes, where
-  the weight takes the kernel's heads form (q, k and v in int4: `heads_form`; where its tiles do
-  not fit, the flattened form, a copy of the weight), else None. None
-  where the kernel does not apply (per-channel scales, another layout or format, or no tile
-  fits the weight in its packed `run`, `_run`)."""
-  from pallas_kernels.quantized_matmul import fits, heads_form
+  groups of consecutive rows of K (more than one); heads: where the weight takes the kernel's
+  K-minor form (one contracted axis, values XLA lays out K-minor: `k_minor`, such as q, k and v
+  in int4 or a split LM head), its first output axis's size when it has two, else 1; None for
+  the flattened form (also where the K-minor form's tiles do not fit: then a copy of the
+  weight on a TPU). None where the kernel does not apply (per-channel scales, another layout or
+  format, or no tile fits the weight in its packed `run`, `_run`)."""
+  from pallas_kernels.quantized_matmul import fits, k_minor
   inputs, out = eq.split("->")
   xs, ws = inputs.split(",")
   c = _contracted(eq)
@@ -101,9 +102,10 @@ def _kernel_layout(eq: str, x: jax.Array, q: QArray,
   k, n, groups = math.prod(sizes), math.prod(q.scale.shape[c:]), math.prod(scales)
   if groups == 1:
     return None
-  if c == 1 and q.scale.ndim == 3 and heads_form(q.qvalue.shape[-1]):
-    if fits(k, n, groups, bits, run, heads=q.scale.shape[1]):
-      return k, n, groups, bits, q.scale.shape[1]
+  if c == 1 and q.scale.ndim in (2, 3) and k_minor(k, q.qvalue.shape[-1]):
+    heads = q.scale.shape[1] if q.scale.ndim == 3 else 1
+    if fits(k, n, groups, bits, run, heads=heads):
+      return k, n, groups, bits, heads
   return (k, n, groups, bits, None) if fits(k, n, groups, bits, run) else None
 
 
@@ -181,16 +183,16 @@ def _sharded(eq: str, x: jax.Array, q: QArray, kernel: WeightKernel, run: int | 
 def _through_kernel(eq: str, x: jax.Array, q: QArray, interpret=False,
                     run: int | None = None, out_dtype=None) -> jax.Array:
   """einsum(eq, x, q) by quantized_matmul (`_kernel_layout` must hold). The flattened packed
-  values keep the weight's runs (`ops.pack`), which the kernel is told; a weight in heads
-  (`heads_form`) is handed over as it is, not flattened (a copy of it on a TPU). run: that of
-  the whole weight `q` is a shard of (None: `q` is whole)."""
+  values keep the weight's runs (`ops.pack`), which the kernel is told; values that lie K-minor
+  go in as (K, heads, W), not flattened (which is a copy of them on a TPU). run: that of the
+  whole weight `q` is a shard of (None: `q` is whole)."""
   run = run or _run(q)
   k, n, groups, bits, heads = _kernel_layout(eq, x, q, run)
   c = _contracted(eq)
   out_shape = q.scale.shape[c:]  # a scale per output element
-  values, scale = q.qvalue, q.scale
-  if heads is None:
-    values, scale = values.reshape(k, -1), scale.reshape(groups, n)
+  values, scale = q.qvalue.reshape(k, -1), q.scale.reshape(groups, n)
+  if heads is not None:
+    values, scale = values.reshape(k, heads, -1), scale.reshape(groups, heads, -1)
   y = _kernel_product(x.reshape(-1, k), values, scale, bits, run, interpret, out_dtype)
   return y.reshape(x.shape[:-c] + out_shape)
 

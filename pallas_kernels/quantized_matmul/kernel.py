@@ -3,15 +3,15 @@ or (K, N/2) uint8 holding two int4 per byte (bits=4; `reference.unpack_int4`'s l
 blocks of two runs of columns, which a tile puts back in order in VMEM), and
 `scale` (G, N), one row per group of K / G consecutive rows (G = 1: per output channel).
 
-A weight whose output is split into heads (attention's q, k and v: values (K, H, W), scales
-(G, H, D), D = W or 2W) has a form of its own when its rows are narrower than a lane (W < 128:
-int4 heads of up to 128, int8 heads of 64). XLA on a TPU keeps such an array K-minor in HBM
-(major-to-minor (1, 2, 0), measured with libtpu for v5e and v6e), so flattening it to (K, H * W)
-for the two-axis form is a copy of the weight in every step (Llama-3-8B in int4 on one v5e chip:
-q, k and v's 12 MiB a layer, 320 MiB among a decode step's temporaries). The heads form reads it
-as it lies, as (H, W, K) (that transpose is free): a tile is each head's (W, block_k) rows with
-K along the lanes, unpacked along the rows, dequantized with its scales turned to (D, groups) in
-VMEM, and multiplied into (M, D) per head, giving (M, H, D).
+Values whose rows are not a multiple of 128 lanes over a K that is lie K-minor in HBM: XLA on a
+TPU lays such an integer array out that way (`k_minor`; libtpu 0.0.42.1 for v4, v5e, v5p and
+v6e), e.g. Llama-3-8B's q, k and v in int4 ((K, H, 64) bytes) and its int4 LM head split over 2,
+4 or 8 chips (a shard's 8,016 packed columns). Handed to the form above they were copied into it
+in every step (320 MiB of a one-chip decode step's temporaries for q, k and v). The K-minor form
+takes values (K, H, W) (H = 1 for a two-axis weight) and scales (G, H, D), D = W or 2W, and reads
+the values as they lie, as (H, W, K) (that transpose is free): a tile is each head's (block_w,
+block_k) rows with K along the lanes, unpacked along the rows, dequantized with its scales turned
+to (D, groups) in VMEM, and multiplied into (M, D) per head, giving (M, H, D).
 
 Why a kernel: in a decode step XLA on a TPU writes a weight with grouped scales out whole in
 bfloat16 before the dot (measured with libtpu's compile-only client on Llama-3-8B shapes: every
@@ -21,8 +21,8 @@ scales it fuses), so such a weight costs more memory traffic than its bfloat16 o
 multiplied, accumulating in float32 over the K blocks; the weight is read once per block of M
 rows, as stored.
 
-There is one form, Mosaic TPU's; off a TPU the model takes the XLA product instead
-(`jaxinfer.quant.linear`), and the tests run this form in jax's TPU interpret mode.
+Both forms are Mosaic TPU's; off a TPU the model takes the XLA product instead
+(`jaxinfer.quant.linear`), and the tests run them in jax's TPU interpret mode.
 """
 
 from __future__ import annotations
@@ -43,9 +43,9 @@ BLOCK_M = 256  # rows of x per program, at most
 TILE = 1 << 20  # at most this many dequantized weight elements, and x elements, per program
 MIN_RUN = 16  # fewest packed columns in an int4 run: tiles of shorter runs, put back in column
 # order in VMEM, ran out of VMEM (libtpu, v5e: runs of 2-8 at LM-head shapes)
-LANES = 128  # a TPU vector register's lanes: heads' rows narrower than this take the heads form
-HEADS_VALUES = 1 << 21  # at most this many bytes of a heads-form tile of values per program
-HEADS_ROWS = 1 << 19  # at most this many accumulated outputs (rows x heads x D) per program
+LANES = 128  # a TPU vector register's lanes
+MINOR_VALUES = 1 << 21  # at most this many bytes of a K-minor tile of values per program
+MINOR_OUT = 1 << 19  # at most this many accumulated outputs (rows x heads x D) per program
 
 
 def _blocks(k: int, n: int, groups: int, bits: int) -> tuple[int, int] | None:
@@ -68,41 +68,55 @@ def _blocks(k: int, n: int, groups: int, bits: int) -> tuple[int, int] | None:
   return None if block_n is None else (block_k, block_n)
 
 
-def _heads_blocks(k: int, heads: int, width: int, groups: int) -> tuple[int, int] | None:
-  """(block_k, most rows of x per program) for the heads form of a (K, heads, width) weight with
-  `groups` scale rows, or None. block_k is a multiple of 128 lanes that divides K and either
-  divides a group's rows (one scale row a tile) or is a multiple of them, which must then be a
-  multiple of 32 (a tile's groups are slices of its lanes); a tile of values holds at most
-  HEADS_VALUES bytes (rows of 32 bytes, as VMEM tiles them)."""
+def _minor_blocks(k: int, heads: int, width: int, groups: int, bits: int,
+                  run: int) -> tuple[int, int, int] | None:
+  """(block_k, block_w, most rows of x per program) for the K-minor form of a (K, heads, width)
+  weight with `groups` scale rows, or None. block_w: all of a head's rows, or, for one head of
+  more than 512, 512 to 64 rows (int8: to 128), a multiple of the run, dividing them where one
+  does, else the last tile partial (its rows past the weight give output columns that are
+  dropped). block_k: a multiple of 128 lanes that divides K and either divides a group's rows
+  (one scale row a tile) or is a multiple of them, which must then be a multiple of 32 (a tile's
+  groups are slices of its lanes); a tile of values holds at most MINOR_VALUES bytes (rows of 32
+  bytes, as VMEM tiles them)."""
+  per_row = 2 if bits == 4 else 1  # output columns per row of values
+  block_w = width
+  if heads == 1 and width > 512:
+    widths = [b for b in (512, 256, 128, 64) if b * per_row % LANES == 0 and b % run == 0]
+    block_w = next((b for b in widths if width % b == 0), widths[0] if widths else None)
+  if block_w is None or block_w % 8 or block_w % run:
+    return None
   group = k // groups
   for block_k in (512, 256, 128):
     if (k % block_k == 0 and (group % block_k == 0 or block_k % group == 0 and group % 32 == 0)
-        and heads * -(-width // 32) * 32 * block_k <= HEADS_VALUES):
-      return block_k, max(8, min(BLOCK_M, HEADS_ROWS // (heads * width * 2) // 8 * 8))
+        and heads * -(-block_w // 32) * 32 * block_k <= MINOR_VALUES):
+      most = MINOR_OUT // (heads * block_w * per_row) // 8 * 8
+      return block_k, block_w, max(8, min(BLOCK_M, most))
   return None
 
 
 def fits(k: int, n: int, groups: int, bits: int, run: int | None = None,
          heads: int | None = None) -> bool:
   """Whether the kernel takes a (K, N) weight with `groups` scale rows and `bits`-bit values
-  (int4: in packed runs of `run` columns, None: `packed_run`'s for a two-axis weight); heads:
-  of the heads form, its N columns split into that many heads (`heads_form`)."""
+  (int4: in packed runs of `run` columns, None: `packed_run`'s of its last axis); heads: in the
+  K-minor form, its N columns split into that many heads (1: a two-axis weight), int4 in runs
+  of at least 8 rows (a vector register's sublanes)."""
   if bits not in (4, 8) or n % 2 or groups < 1 or k % groups:
     return False
   if heads is not None:
     width = n // heads // (2 if bits == 4 else 1)  # a head's rows of values
-    return (n % heads == 0 and heads_form(width) and width % 8 == 0
-            and (bits == 8 or width % (run or packed_run(width)) == 0)
-            and _heads_blocks(k, heads, width, groups) is not None)
+    run = 1 if bits == 8 else run or packed_run(width)
+    return (n % heads == 0 and width % run == 0 and (bits == 8 or run >= 8)
+            and _minor_blocks(k, heads, width, groups, bits, run) is not None)
   if bits == 4 and (run or packed_run(n // 2)) < MIN_RUN:
     return False
   return _blocks(k, n, groups, bits) is not None
 
 
-def heads_form(width: int) -> bool:
-  """Whether a weight whose output is split into heads of `width` values (packed bytes for
-  int4) a row takes the heads form: rows narrower than a lane, which XLA keeps K-minor."""
-  return width < LANES
+def k_minor(k: int, width: int) -> bool:
+  """Whether XLA on a TPU lays out integer values (K, ..., width) K-minor in HBM: a last axis not
+  a multiple of 128 lanes over a K that is (so it pads less; libtpu 0.0.42.1, v4, v5e, v5p and
+  v6e alike). Such values take the K-minor form."""
+  return width % LANES != 0 and k % LANES == 0
 
 
 def _dequantize(v: jax.Array, s: jax.Array, dtype) -> jax.Array:
@@ -135,8 +149,8 @@ def _kernel(x_ref, w_ref, s_ref, out_ref, acc_ref, *, bits: int, run: int):
     out_ref[...] = acc_ref[...].astype(out_ref.dtype)
 
 
-def _heads_kernel(x_ref, w_ref, s_ref, out_ref, acc_ref, *, bits: int, run: int, group: int):
-  k = pl.program_id(1)
+def _minor_kernel(x_ref, w_ref, s_ref, out_ref, acc_ref, *, bits: int, run: int, group: int):
+  k = pl.program_id(2)
 
   @pl.when(k == 0)
   def _():
@@ -145,30 +159,31 @@ def _heads_kernel(x_ref, w_ref, s_ref, out_ref, acc_ref, *, bits: int, run: int,
   x = x_ref[...]
   lanes = min(group, x.shape[1])  # a tile's lanes under one scale row
   for h in range(w_ref.shape[0]):
-    v = w_ref[h].astype(jnp.int32)  # (W, block_k): a head's packed rows, K along the lanes
-    if bits == 4:  # the head's D rows in order: each run's low nibbles, then its high ones
+    v = w_ref[h].astype(jnp.int32)  # (block_w, block_k): a head's packed rows, K along lanes
+    if bits == 4:  # the head's rows in column order: each run's low nibbles, then its high ones
       low, high = nibbles(v)
       v = jnp.concatenate([t[r * run:(r + 1) * run] for r in range(v.shape[0] // run)
                            for t in (low, high)], axis=0)
-    s = s_ref[:, h, :].astype(jnp.float32).T  # (D, scale rows of the tile)
+    s = s_ref[:, h, :].astype(jnp.float32).T  # (columns, scale rows of the tile)
     w = jnp.concatenate([v[:, i * lanes:(i + 1) * lanes].astype(jnp.float32) * s[:, i:i + 1]
                          for i in range(v.shape[1] // lanes)], axis=1)
     w = w.astype(s_ref.dtype).astype(x.dtype)  # rounded as `_dequantize` rounds
     acc_ref[h] += jax.lax.dot_general(x, w, (((1,), (1,)), ((), ())),
                                       preferred_element_type=jnp.float32)
 
-  @pl.when(k == pl.num_programs(1) - 1)
+  @pl.when(k == pl.num_programs(2) - 1)
   def _():
     for h in range(w_ref.shape[0]):
       out_ref[:, h, :] = acc_ref[h].astype(out_ref.dtype)
 
 
-def _tpu_heads(x, values, scale, *, bits: int, run: int, interpret, block_m: int | None,
+def _tpu_minor(x, values, scale, *, bits: int, run: int, interpret, block_m: int | None,
                out_dtype):
   m, k = x.shape
   _, heads, width = values.shape
   groups, _, d = scale.shape
-  block_k, most = _heads_blocks(k, heads, width, groups)
+  block_k, block_w, most = _minor_blocks(k, heads, width, groups, bits, run)
+  block_d = block_w * d // width  # output columns of a tile
   group = k // groups
   srows = max(1, block_k // group)
   per_row = max(1, group // block_k)  # tiles under one scale row (lax.div: no floor's sign)
@@ -177,15 +192,17 @@ def _tpu_heads(x, values, scale, *, bits: int, run: int, interpret, block_m: int
   if padded != m:
     x = jnp.pad(x, ((0, padded - m), (0, 0)))
   out = pl.pallas_call(
-      functools.partial(_heads_kernel, bits=bits, run=run, group=group),
-      grid=(padded // bm, k // block_k),
-      in_specs=[pl.BlockSpec((bm, block_k), lambda i, kk: (i, kk)),
-                pl.BlockSpec((heads, width, block_k), lambda i, kk: (0, 0, kk)),
-                pl.BlockSpec((srows, heads, d), lambda i, kk: (jax.lax.div(kk, per_row), 0, 0))],
-      out_specs=pl.BlockSpec((bm, heads, d), lambda i, kk: (i, 0, 0)),
+      functools.partial(_minor_kernel, bits=bits, run=run, group=group),
+      grid=(padded // bm, pl.cdiv(width, block_w), k // block_k),
+      in_specs=[pl.BlockSpec((bm, block_k), lambda i, j, kk: (i, kk)),
+                pl.BlockSpec((heads, block_w, block_k), lambda i, j, kk: (0, j, kk)),
+                pl.BlockSpec((srows, heads, block_d),
+                             lambda i, j, kk: (jax.lax.div(kk, per_row), 0, j))],
+      out_specs=pl.BlockSpec((bm, heads, block_d), lambda i, j, kk: (i, 0, j)),
       out_shape=jax.ShapeDtypeStruct((padded, heads, d), out_dtype),
-      scratch_shapes=[pltpu.VMEM((heads, bm, d), jnp.float32)],
-      compiler_params=pltpu.CompilerParams(dimension_semantics=("parallel", "arbitrary")),
+      scratch_shapes=[pltpu.VMEM((heads, bm, block_d), jnp.float32)],
+      compiler_params=pltpu.CompilerParams(
+          dimension_semantics=("parallel", "parallel", "arbitrary")),
       interpret=interpret,
   )(x, jnp.transpose(values, (1, 2, 0)), scale)
   return out[:m]
@@ -225,15 +242,15 @@ def quantized_matmul(x: jax.Array, values: jax.Array, scale: jax.Array, *, bits:
                      block_n: int | None = None, out_dtype=None) -> jax.Array:
   """x (M, K) @ the weight `values` and `scale` stand for -> (M, N) in out_dtype (None: x's;
   accumulated in float32 either way), by the Mosaic TPU kernel (`fits` must hold); values
-  (K, H, W) and scale (G, H, D), a weight split into heads of rows narrower than a lane, give
-  (M, H, D) by the heads form (`heads_form`). run: int4's packed run (`reference.unpack_int4`;
+  (K, H, W) and scale (G, H, D) give (M, H, D) by the K-minor form (for values `k_minor` says
+  lie K-minor; H = 1 for a two-axis weight). run: int4's packed run (`reference.unpack_int4`;
   None: `packed_run` of the last axis); `interpret` (True or a `pltpu.InterpretParams`) runs it
   in jax's TPU interpret mode wherever this runs. Off a TPU, callers use the reference."""
   k = x.shape[1]
   heads = values.shape[1] if values.ndim == 3 else None
-  if heads is not None and (scale.ndim != 3 or not heads_form(values.shape[-1])):
-    raise ValueError(f"quantized_matmul: values {values.shape} in heads take scales (G, H, D) "
-                     f"and rows narrower than {LANES}; got scale {scale.shape}")
+  if heads is not None and scale.ndim != 3:
+    raise ValueError(f"quantized_matmul: values {values.shape} in heads take scales (G, H, D); "
+                     f"got scale {scale.shape}")
   groups, n = scale.shape[0], math.prod(scale.shape[1:])
   words = values.shape[-1]  # packed columns of a run's axis (a head's, in heads)
   run = run or packed_run(words)
@@ -256,7 +273,7 @@ def quantized_matmul(x: jax.Array, values: jax.Array, scale: jax.Array, *, bits:
   if interpret is True:
     interpret = pltpu.InterpretParams()
   if heads is not None:
-    return _tpu_heads(x, values, scale, bits=bits, run=run, interpret=interpret,
-                      block_m=block_m, out_dtype=out_dtype or x.dtype)
+    return _tpu_minor(x, values, scale, bits=bits, run=run if bits == 4 else 1,
+                      interpret=interpret, block_m=block_m, out_dtype=out_dtype or x.dtype)
   return _tpu(x, values, scale, bits=bits, run=run, interpret=interpret, block_m=block_m,
               block_n=block_n, out_dtype=out_dtype or x.dtype)
