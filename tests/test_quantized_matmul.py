@@ -95,8 +95,7 @@ def test_the_k_minor_form_of_a_long_axis():
 
 
 def test_a_partial_last_tile():
-  """Columns no tile width divides (a split LM head's: 8,016 packed columns a device) take a
-  partial last tile: its lanes past the weight are dropped, and the product equals the
+  """Columns no tile width divides take a partial last tile: its lanes past the weight are dropped, and the product equals the
   reference's (int4 in runs of 16: 464 packed columns in tiles of 256; int8 in tiles of 512)."""
   spec = P.linear((256, 928), ("embed", "vocab"), P.fan_in_init(1), contract=("embed",))
   x = jax.random.normal(jax.random.key(1), (5, 256))
@@ -305,8 +304,9 @@ def test_compiles_for_tpu_without_a_dequantized_weight(tpu_device, no_persistent
   """Llama-3-8B's MLP up (4096 x 14336) and down projections in int4 groups of 128 (decode's 8
   rows; 512 prefill rows, two blocks) and per-channel int8: libtpu compiles the Mosaic kernel,
   and the program's temporaries hold no weight-sized array. XLA's own product of the grouped
-  weight holds the bfloat16 weight (or its scales broadcast to its shape): 112 MiB. So does an
-  eighth of Llama-3's LM head in int4 (16,032 columns in runs of 16: a partial last tile)."""
+  weight holds the bfloat16 weight (or its scales broadcast to its shape): 112 MiB. So does a
+  (4096, 16,032) int4 weight in runs of 16 in this two-axis form (a partial last tile; an
+  eighth of Llama-3's LM head, which lies K-minor and takes the K-minor form, below)."""
   sharding = jax.sharding.SingleDeviceSharding(tpu_device(name))
   sds = lambda shape, dtype: jax.ShapeDtypeStruct(shape, dtype, sharding=sharding)
   cases = [(8, 4096, 14336, 4, 32, None), (512, 14336, 4096, 4, 112, None),

@@ -54,7 +54,7 @@ def _blocks(k: int, n: int, groups: int, bits: int) -> tuple[int, int] | None:
   multiple of 8 rows (32-bit sublanes) or all of them. block_n divides the columns where a
   width does; otherwise the last tile is partial (its lanes past the weight are read as
   undefined values and their outputs dropped: each output column depends on its own weight
-  column alone), as for a split LM head's 8,016 packed columns."""
+  column alone), as for a weight of 464 packed columns in tiles of 256."""
   cols = n // 2 if bits == 4 else n
   if groups == 1:
     block_k = next((b for b in BLOCK_K if k % b == 0), k)
