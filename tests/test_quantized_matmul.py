@@ -53,11 +53,13 @@ HEADS = P.linear((512, 4, 128), ("embed", "q_heads", "head_dim"), P.fan_in_init(
 
 @pytest.mark.parametrize("fmt,shape,rows,dtype", [
     ("int4:g128", (512, 4, 128), 1, jnp.float32), ("int4:g32", (512, 4, 128), 40, jnp.bfloat16),
-    ("int8:g256", (512, 2, 64), 300, jnp.float32), ("int4:g512", (1024, 1, 32), 5, jnp.float32)])
+    ("int8:g256", (512, 2, 64), 300, jnp.float32), ("int4:g1024", (2048, 1, 32), 5, jnp.float32),
+    ("int4:g64", (512, 3, 96), 2, jnp.float32), ("int8:g128", (256, 64, 32), 3, jnp.float32)])
 def test_the_k_minor_form_matches_reference(fmt, shape, rows, dtype):
   """Values that lie K-minor go in as (K, H, W) and come out (M, H, D): q, k and v (int4 heads
-  of 128 and 32, int8 heads of 64; one head, as a model:8 shard of Llama-3's k), groups of 32
-  lanes to a whole K tile, and tiles under one scale row; rows past a block padded."""
+  of 128 and 32, int8 heads of 64; one head, as a model:8 shard of Llama-3's k; int4 heads of 96,
+  three packed runs of 16 each; 64 heads, in two programs of 32), groups of 32 lanes to a whole
+  K tile, and two tiles under one scale row; rows past a block padded."""
   spec = P.linear(shape, HEADS.axes, P.fan_in_init(1), contract=("embed",))
   q = _weight(spec, fmt, dtype)
   bits = 4 if q.qvalue.dtype == jnp.uint8 else 8
@@ -327,26 +329,29 @@ def test_compiles_for_tpu_without_a_dequantized_weight(tpu_device, no_persistent
 
 @pytest.mark.parametrize("name", ["v5e:2x2", "v6e:2x2"])
 def test_k_minor_values_compile_without_a_copy(tpu_device, no_persistent_cache, name):
-  """Llama-3-8B's q (32 heads) and k (8; one, as a model:8 shard) in int4 groups of 128, and an
-  eighth of its int4 LM head (8,016 packed columns): XLA lays such values
+  """Llama-3-8B's q (32 heads) and k (8; one, as a model:8 shard) in int4 groups of 128, an
+  eighth of its int4 LM head (8,016 packed columns), and a 70B-sized q (64 heads) in groups of
+  32 (one program of 64 heads ran out of VMEM): XLA lays such values
   out K-minor, so flattening them to the (K, N) form copies the weight in every step; the
   K-minor form reads them as they lie: no copy of the values, no weight-sized temporary, decode
   and prefill rows."""
   sharding = jax.sharding.SingleDeviceSharding(tpu_device(name))
   sds = lambda shape, dtype: jax.ShapeDtypeStruct(shape, dtype, sharding=sharding)
   copied = lambda hlo: "".join(line for line in hlo.splitlines() if " copy(" in line)
-  for rows, heads, words, run in [(8, 32, 64, 64), (8, 8, 64, 64), (8, 1, 64, 64),
-                                  (512, 8, 64, 64), (8, 1, 8016, 16)]:
+  for rows, heads, words, run, groups in [(8, 32, 64, 64, 32), (8, 1, 64, 64, 32),
+                                          (512, 8, 64, 64, 32), (8, 1, 8016, 16, 32),
+                                          (8, 64, 64, 64, 128)]:  # (64 heads of g32: 2 x 32)
     d = 2 * words
     args = (sds((rows, 4096), jnp.bfloat16), sds((4096, heads, words), jnp.uint8),
-            sds((32, heads, d), jnp.bfloat16))
+            sds((groups, heads, d), jnp.bfloat16))
     compiled = jax.jit(lambda x, v, s: quantized_matmul(x, v, s, bits=4, run=run)).lower(
         *args).compile()
     hlo = compiled.as_text()
     assert "tpu_custom_call" in hlo and " u8[" not in copied(hlo), (rows, heads, words)
     assert compiled.memory_analysis().temp_size_in_bytes < 2**20, (rows, heads, words)
   flat = jax.jit(lambda x, v, s: quantized_matmul(x, v, s, bits=4, run=16)).lower(
-      args[0], sds((4096, 8016), jnp.uint8), sds((32, 16032), jnp.bfloat16)).compile()
+      sds((8, 4096), jnp.bfloat16), sds((4096, 8016), jnp.uint8),
+      sds((32, 16032), jnp.bfloat16)).compile()
   assert "u8[4096,8016]" in copied(flat.as_text())  # the two-axis form: copied K-major
 
 

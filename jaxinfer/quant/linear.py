@@ -82,7 +82,7 @@ def _kernel_layout(eq: str, x: jax.Array, q: QArray,
   weight's contracted axes (x's last, in order) then its output axes, flattened, its scales in
   groups of consecutive rows of K (more than one); heads: where the weight takes the kernel's
   K-minor form (one contracted axis, values XLA lays out K-minor: `k_minor`, such as q, k and v
-  in int4 or a split LM head), its first output axis's size when it has two, else 1; None for
+  in int4 or int8 heads of 64, or a split int4 LM head), its first output axis's size when it has two, else 1; None for
   the flattened form (also where the K-minor form's tiles do not fit: then a copy of the
   weight on a TPU). None where the kernel does not apply (per-channel scales, another layout or
   format, or no tile fits the weight in its packed `run`, `_run`)."""

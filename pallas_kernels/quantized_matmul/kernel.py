@@ -44,8 +44,10 @@ TILE = 1 << 20  # at most this many dequantized weight elements, and x elements,
 MIN_RUN = 16  # fewest packed columns in an int4 run: tiles of shorter runs, put back in column
 # order in VMEM, ran out of VMEM (libtpu, v5e: runs of 2-8 at LM-head shapes)
 LANES = 128  # a TPU vector register's lanes
-MINOR_VALUES = 1 << 21  # at most this many bytes of a K-minor tile of values per program
-MINOR_OUT = 1 << 19  # at most this many accumulated outputs (rows x heads x D) per program
+MINOR_VALUES = 1 << 21  # bytes of a K-minor tile of values, at most
+MINOR_OUT = 1 << 19  # accumulated outputs (rows x heads x D) of a K-minor program, at most
+MINOR_HEADS = 32  # heads of a K-minor program, at most (its loop over them is unrolled: 64 heads
+# in groups of 32 needed 24 MiB of scoped VMEM on v5e, over its 16; up to 48 compiled)
 
 
 def _blocks(k: int, n: int, groups: int, bits: int) -> tuple[int, int] | None:
@@ -69,28 +71,32 @@ def _blocks(k: int, n: int, groups: int, bits: int) -> tuple[int, int] | None:
 
 
 def _minor_blocks(k: int, heads: int, width: int, groups: int, bits: int,
-                  run: int) -> tuple[int, int, int] | None:
-  """(block_k, block_w, most rows of x per program) for the K-minor form of a (K, heads, width)
-  weight with `groups` scale rows, or None. block_w: all of a head's rows, or, for one head of
-  more than 512, 512 to 64 rows (int8: to 128), a multiple of the run, dividing them where one
-  does, else the last tile partial (its rows past the weight give output columns that are
-  dropped). block_k: a multiple of 128 lanes that divides K and either divides a group's rows
-  (one scale row a tile) or is a multiple of them, which must then be a multiple of 32 (a tile's
-  groups are slices of its lanes); a tile of values holds at most MINOR_VALUES bytes (rows of 32
-  bytes, as VMEM tiles them)."""
+                  run: int) -> tuple[int, int, int, int] | None:
+  """(block_k, block_h, block_w, most rows of x per program) for the K-minor form of a
+  (K, heads, width) weight with `groups` scale rows, or None. block_h: all heads, or up to
+  MINOR_HEADS of them, a multiple of 16 (the scales' and the output's sublanes) dividing them.
+  block_w: all of a head's rows, or, for one head of more than 512, 512 to 64 rows (int8: to
+  128), a multiple of the run, dividing them where one does, else the last tile partial (its
+  rows past the weight give output columns that are dropped). block_k: a multiple of 128 lanes
+  that divides K and either divides a group's rows (one scale row a tile) or is a multiple of
+  them, which must then be a multiple of 32 (a tile's groups are slices of its lanes). A tile of
+  values holds at most MINOR_VALUES bytes (rows of 32 bytes, as VMEM tiles them), a program at
+  most MINOR_OUT outputs."""
   per_row = 2 if bits == 4 else 1  # output columns per row of values
+  block_h = heads if heads <= MINOR_HEADS else next(
+      (b for b in range(MINOR_HEADS, 0, -16) if heads % b == 0), None)
   block_w = width
   if heads == 1 and width > 512:
     widths = [b for b in (512, 256, 128, 64) if b * per_row % LANES == 0 and b % run == 0]
     block_w = next((b for b in widths if width % b == 0), widths[0] if widths else None)
-  if block_w is None or block_w % 8 or block_w % run:
+  if block_h is None or block_w is None or block_w % 8 or block_w % run:
     return None
   group = k // groups
   for block_k in (512, 256, 128):
     if (k % block_k == 0 and (group % block_k == 0 or block_k % group == 0 and group % 32 == 0)
-        and heads * -(-block_w // 32) * 32 * block_k <= MINOR_VALUES):
-      most = MINOR_OUT // (heads * block_w * per_row) // 8 * 8
-      return block_k, block_w, max(8, min(BLOCK_M, most))
+        and block_h * -(-block_w // 32) * 32 * block_k <= MINOR_VALUES):
+      most = MINOR_OUT // (block_h * block_w * per_row) // 8 * 8
+      return block_k, block_h, block_w, max(8, min(BLOCK_M, most))
   return None
 
 
@@ -182,8 +188,8 @@ def _tpu_minor(x, values, scale, *, bits: int, run: int, interpret, block_m: int
   m, k = x.shape
   _, heads, width = values.shape
   groups, _, d = scale.shape
-  block_k, block_w, most = _minor_blocks(k, heads, width, groups, bits, run)
-  block_d = block_w * d // width  # output columns of a tile
+  block_k, block_h, block_w, most = _minor_blocks(k, heads, width, groups, bits, run)
+  block_d = block_w * d // width  # output columns of a head's tile
   group = k // groups
   srows = max(1, block_k // group)
   per_row = max(1, group // block_k)  # tiles under one scale row (lax.div: no floor's sign)
@@ -191,16 +197,18 @@ def _tpu_minor(x, values, scale, *, bits: int, run: int, interpret, block_m: int
   padded = -(-m // bm) * bm
   if padded != m:
     x = jnp.pad(x, ((0, padded - m), (0, 0)))
+  # the middle grid axis walks blocks of heads, or of one head's rows
+  hw = (lambda j: (j, 0)) if heads > 1 else (lambda j: (0, j))
   out = pl.pallas_call(
       functools.partial(_minor_kernel, bits=bits, run=run, group=group),
-      grid=(padded // bm, pl.cdiv(width, block_w), k // block_k),
+      grid=(padded // bm, pl.cdiv(heads, block_h) * pl.cdiv(width, block_w), k // block_k),
       in_specs=[pl.BlockSpec((bm, block_k), lambda i, j, kk: (i, kk)),
-                pl.BlockSpec((heads, block_w, block_k), lambda i, j, kk: (0, j, kk)),
-                pl.BlockSpec((srows, heads, block_d),
-                             lambda i, j, kk: (jax.lax.div(kk, per_row), 0, j))],
-      out_specs=pl.BlockSpec((bm, heads, block_d), lambda i, j, kk: (i, 0, j)),
+                pl.BlockSpec((block_h, block_w, block_k), lambda i, j, kk: (*hw(j), kk)),
+                pl.BlockSpec((srows, block_h, block_d),
+                             lambda i, j, kk: (jax.lax.div(kk, per_row), *hw(j)))],
+      out_specs=pl.BlockSpec((bm, block_h, block_d), lambda i, j, kk: (i, *hw(j))),
       out_shape=jax.ShapeDtypeStruct((padded, heads, d), out_dtype),
-      scratch_shapes=[pltpu.VMEM((heads, bm, block_d), jnp.float32)],
+      scratch_shapes=[pltpu.VMEM((block_h, bm, block_d), jnp.float32)],
       compiler_params=pltpu.CompilerParams(
           dimension_semantics=("parallel", "parallel", "arbitrary")),
       interpret=interpret,
