@@ -54,12 +54,14 @@ HEADS = P.linear((512, 4, 128), ("embed", "q_heads", "head_dim"), P.fan_in_init(
 @pytest.mark.parametrize("fmt,shape,rows,dtype", [
     ("int4:g128", (512, 4, 128), 1, jnp.float32), ("int4:g32", (512, 4, 128), 40, jnp.bfloat16),
     ("int8:g256", (512, 2, 64), 300, jnp.float32), ("int4:g1024", (2048, 1, 32), 5, jnp.float32),
-    ("int4:g64", (512, 3, 96), 2, jnp.float32), ("int8:g128", (256, 64, 32), 3, jnp.float32)])
-def test_the_k_minor_form_matches_reference(fmt, shape, rows, dtype):
-  """Values that lie K-minor go in as (K, H, W) and come out (M, H, D): q, k and v (int4 heads
-  of 128 and 32, int8 heads of 64; one head, as a model:8 shard of Llama-3's k; int4 heads of 96,
-  three packed runs of 16 each; 64 heads, in two programs of 32), groups of 32 lanes to a whole
-  K tile, and two tiles under one scale row; rows past a block padded."""
+    ("int4:g64", (512, 3, 96), 2, jnp.float32), ("int8:g128", (256, 64, 32), 3, jnp.float32),
+    ("int8:g32", (256, 64, 128), 300, jnp.float32), ("int8:g512", (512, 2, 256), 5, jnp.bfloat16)])
+def test_the_heads_form_matches_reference(fmt, shape, rows, dtype):
+  """Values in heads go in as (K, H, W) and come out (M, H, D), read as XLA lays them out. K-minor:
+  q, k and v (int4 heads of 128 and 32, int8 heads of 64; one head, as a model:8 shard of
+  Llama-3's k; int4 heads of 96, three packed runs of 16 each; 64 heads, in two programs of 32).
+  Row-major: int8 heads of 128 and 256 (64 heads, two programs). Groups of 32 lanes to a whole K
+  tile, and two tiles under one scale row; rows past a block padded."""
   spec = P.linear(shape, HEADS.axes, P.fan_in_init(1), contract=("embed",))
   q = _weight(spec, fmt, dtype)
   bits = 4 if q.qvalue.dtype == jnp.uint8 else 8
@@ -76,7 +78,7 @@ def test_the_k_minor_form_matches_reference(fmt, shape, rows, dtype):
         np.asarray(want), np.asarray(jnp.einsum("md,dnh->mnh", x, quant.dequantize(q))))
 
 
-def test_the_k_minor_form_of_a_long_axis():
+def test_the_heads_form_of_a_long_axis():
   """One head of more rows than a tile (a split LM head's: 8,016 packed columns a device, in
   runs of 16) is read in tiles of 512 rows, the last partial (its rows past the weight read
   undefined values whose output columns are dropped); int8 too."""
@@ -179,9 +181,11 @@ def test_linear_layers_through_the_kernel(name):
   if name == "q":  # in heads, as it lies (K-minor): int4 heads of 32 bytes, int8 of 64
     assert _kernel_layout(eq, x, q, _run(q))[-1] == 4
     x512 = jnp.zeros((2, 3, 512))
-    wide = _weight(HEADS, "int8:g32")  # int8 heads of 128: a lane wide, flattened
-    assert _kernel_layout(eq, x512, wide, None)[-1] is None
+    wide = _weight(HEADS, "int8:g32")  # int8 heads of 128: row-major, in heads too
+    assert _kernel_layout(eq, x512, wide, None)[-1] == 4
     assert _kernel_layout(eq, x512, _weight(HEADS, "int4:g32"), 64)[-1] == 4
+    wider = P.linear((512, 2, 256), HEADS.axes, P.fan_in_init(1), contract=("embed",))
+    assert _kernel_layout(eq, x512, _weight(wider, "int4:g32"), None)[-1] is None  # flattened
   # per-channel weights stay on XLA, which fuses their dequantization; so do other formats
   for fmt in ("int4", "int8", "fp8_e4m3", "fp4_e2m1", "int2:g32", "ternary"):
     q = _weight(spec, fmt)
@@ -308,7 +312,7 @@ def test_compiles_for_tpu_without_a_dequantized_weight(tpu_device, no_persistent
   and the program's temporaries hold no weight-sized array. XLA's own product of the grouped
   weight holds the bfloat16 weight (or its scales broadcast to its shape): 112 MiB. So does a
   (4096, 16,032) int4 weight in runs of 16 in this two-axis form (a partial last tile; an
-  eighth of Llama-3's LM head, which lies K-minor and takes the K-minor form, below)."""
+  eighth of Llama-3's LM head, which lies K-minor and takes the heads form, below)."""
   sharding = jax.sharding.SingleDeviceSharding(tpu_device(name))
   sds = lambda shape, dtype: jax.ShapeDtypeStruct(shape, dtype, sharding=sharding)
   cases = [(8, 4096, 14336, 4, 32, None), (512, 14336, 4096, 4, 112, None),
@@ -328,13 +332,13 @@ def test_compiles_for_tpu_without_a_dequantized_weight(tpu_device, no_persistent
 
 
 @pytest.mark.parametrize("name", ["v5e:2x2", "v6e:2x2"])
-def test_k_minor_values_compile_without_a_copy(tpu_device, no_persistent_cache, name):
+def test_values_in_heads_compile_without_a_copy(tpu_device, no_persistent_cache, name):
   """Llama-3-8B's q (32 heads) and k (8; one, as a model:8 shard) in int4 groups of 128, an
   eighth of its int4 LM head (8,016 packed columns), and a 70B-sized q (64 heads) in groups of
   32 (one program of 64 heads ran out of VMEM): XLA lays such values
   out K-minor, so flattening them to the (K, N) form copies the weight in every step; the
-  K-minor form reads them as they lie: no copy of the values, no weight-sized temporary, decode
-  and prefill rows."""
+  heads form reads them as they lie: no copy of the values, no weight-sized temporary, decode
+  and prefill rows. So does int8 q in heads of 128, which lies row-major."""
   sharding = jax.sharding.SingleDeviceSharding(tpu_device(name))
   sds = lambda shape, dtype: jax.ShapeDtypeStruct(shape, dtype, sharding=sharding)
   copied = lambda hlo: "".join(line for line in hlo.splitlines() if " copy(" in line)
@@ -349,6 +353,12 @@ def test_k_minor_values_compile_without_a_copy(tpu_device, no_persistent_cache, 
     hlo = compiled.as_text()
     assert "tpu_custom_call" in hlo and " u8[" not in copied(hlo), (rows, heads, words)
     assert compiled.memory_analysis().temp_size_in_bytes < 2**20, (rows, heads, words)
+  # int8 heads of 128 lie row-major: read per head, no copy either (32 heads: Llama-3-8B's q)
+  compiled = jax.jit(lambda x, v, s: quantized_matmul(x, v, s, bits=8)).lower(
+      sds((8, 4096), jnp.bfloat16), sds((4096, 32, 128), jnp.int8),
+      sds((32, 32, 128), jnp.bfloat16)).compile()
+  assert " s8[" not in copied(compiled.as_text())
+  assert compiled.memory_analysis().temp_size_in_bytes < 2**20
   flat = jax.jit(lambda x, v, s: quantized_matmul(x, v, s, bits=4, run=16)).lower(
       sds((8, 4096), jnp.bfloat16), sds((4096, 8016), jnp.uint8),
       sds((32, 16032), jnp.bfloat16)).compile()

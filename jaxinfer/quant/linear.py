@@ -81,11 +81,12 @@ def _kernel_layout(eq: str, x: jax.Array, q: QArray,
   """(K, N, scale groups, bits, heads) of `eq` as quantized_matmul's (M, K) @ (K, N): the
   weight's contracted axes (x's last, in order) then its output axes, flattened, its scales in
   groups of consecutive rows of K (more than one); heads: where the weight takes the kernel's
-  K-minor form (one contracted axis, values XLA lays out K-minor: `k_minor`, such as q, k and v
-  in int4 or int8 heads of 64, or a split int4 LM head), its first output axis's size when it has two, else 1; None for
-  the flattened form (also where the K-minor form's tiles do not fit: then a copy of the
-  weight on a TPU). None where the kernel does not apply (per-channel scales, another layout or
-  format, or no tile fits the weight in its packed `run`, `_run`)."""
+  heads form, which reads values as XLA lays them out (one contracted axis: q, k and v, or a
+  two-axis weight lying K-minor, `k_minor`, such as a split int4 LM head), its first output
+  axis's size when it has two, else 1; None for the flattened form (also where the heads
+  form's tiles do not fit: then a copy of the weight on a TPU). None where the kernel does not
+  apply (per-channel scales, another layout or format, or no tile fits the weight in its packed
+  `run`, `_run`)."""
   from pallas_kernels.quantized_matmul import fits, k_minor
   inputs, out = eq.split("->")
   xs, ws = inputs.split(",")
@@ -102,7 +103,7 @@ def _kernel_layout(eq: str, x: jax.Array, q: QArray,
   k, n, groups = math.prod(sizes), math.prod(q.scale.shape[c:]), math.prod(scales)
   if groups == 1:
     return None
-  if c == 1 and q.scale.ndim in (2, 3) and k_minor(k, q.qvalue.shape[-1]):
+  if c == 1 and (q.scale.ndim == 3 or q.scale.ndim == 2 and k_minor(k, q.qvalue.shape[-1])):
     heads = q.scale.shape[1] if q.scale.ndim == 3 else 1
     if fits(k, n, groups, bits, run, heads=heads):
       return k, n, groups, bits, heads
@@ -183,7 +184,7 @@ def _sharded(eq: str, x: jax.Array, q: QArray, kernel: WeightKernel, run: int | 
 def _through_kernel(eq: str, x: jax.Array, q: QArray, interpret=False,
                     run: int | None = None, out_dtype=None) -> jax.Array:
   """einsum(eq, x, q) by quantized_matmul (`_kernel_layout` must hold). The flattened packed
-  values keep the weight's runs (`ops.pack`), which the kernel is told; values that lie K-minor
+  values keep the weight's runs (`ops.pack`), which the kernel is told; in the heads form values
   go in as (K, heads, W), not flattened (which is a copy of them on a TPU). run: that of the
   whole weight `q` is a shard of (None: `q` is whole)."""
   run = run or _run(q)

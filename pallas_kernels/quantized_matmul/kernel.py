@@ -3,15 +3,16 @@ or (K, N/2) uint8 holding two int4 per byte (bits=4; `reference.unpack_int4`'s l
 blocks of two runs of columns, which a tile puts back in order in VMEM), and
 `scale` (G, N), one row per group of K / G consecutive rows (G = 1: per output channel).
 
-Values whose rows are not a multiple of 128 lanes over a K that is lie K-minor in HBM: XLA on a
-TPU lays such an integer array out that way (`k_minor`; libtpu 0.0.42.1 for v4, v5e, v5p and
-v6e), e.g. Llama-3-8B's q, k and v in int4 ((K, H, 64) bytes) and its int4 LM head split over 2,
-4 or 8 chips (a shard's 8,016 packed columns). Handed to the form above they were copied into it
-in every step (320 MiB of a one-chip decode step's temporaries for q, k and v). The K-minor form
-takes values (K, H, W) (H = 1 for a two-axis weight) and scales (G, H, D), D = W or 2W, and reads
-the values as they lie, as (H, W, K) (that transpose is free): a tile is each head's (block_w,
-block_k) rows with K along the lanes, unpacked along the rows, dequantized with its scales turned
-to (D, groups) in VMEM, and multiplied into (M, D) per head, giving (M, H, D).
+The heads form takes values (K, H, W) and scales (G, H, D), D = W or 2W, and gives (M, H, D),
+reading the values as XLA on a TPU lays them out, where flattening them to (K, N) for the form
+above was a copy of the weight in every step (320 MiB of a one-chip Llama-3-8B int4 decode
+step's temporaries for q, k and v; 700 MiB in int8). Values whose rows are not a multiple of 128
+lanes over a K that is lie K-minor (`k_minor`; libtpu 0.0.42.1 for v4, v5e, v5p and v6e), e.g.
+q, k and v in int4 ((K, H, 64) bytes) and an int4 LM head split over 2, 4 or 8 chips (H = 1, a
+shard's 8,016 packed columns): read as (H, W, K) (that transpose is free), a tile is each
+head's (block_w, block_k) rows with K along the lanes, unpacked along the rows, dequantized with
+its scales turned to (D, groups) in VMEM, and multiplied into (M, D). Row-major values (int8
+heads of 128) are read per head as (block_k, D) tiles, as the form above reads them.
 
 Why a kernel: in a decode step XLA on a TPU writes a weight with grouped scales out whole in
 bfloat16 before the dot (measured with libtpu's compile-only client on Llama-3-8B shapes: every
@@ -44,9 +45,9 @@ TILE = 1 << 20  # at most this many dequantized weight elements, and x elements,
 MIN_RUN = 16  # fewest packed columns in an int4 run: tiles of shorter runs, put back in column
 # order in VMEM, ran out of VMEM (libtpu, v5e: runs of 2-8 at LM-head shapes)
 LANES = 128  # a TPU vector register's lanes
-MINOR_VALUES = 1 << 21  # bytes of a K-minor tile of values, at most
-MINOR_OUT = 1 << 19  # accumulated outputs (rows x heads x D) of a K-minor program, at most
-MINOR_HEADS = 32  # heads of a K-minor program, at most (its loop over them is unrolled: 64 heads
+HEADS_VALUES = 1 << 21  # bytes of a K-minor tile of values, at most
+HEADS_OUT = 1 << 19  # accumulated outputs (rows x heads x D) of a K-minor program, at most
+HEADS_MOST = 32  # heads of a K-minor program, at most (its loop over them is unrolled: 64 heads
 # in groups of 32 needed 24 MiB of scoped VMEM on v5e, over its 16; up to 48 compiled)
 
 
@@ -70,32 +71,40 @@ def _blocks(k: int, n: int, groups: int, bits: int) -> tuple[int, int] | None:
   return None if block_n is None else (block_k, block_n)
 
 
-def _minor_blocks(k: int, heads: int, width: int, groups: int, bits: int,
+def _heads_blocks(k: int, heads: int, width: int, groups: int, bits: int,
                   run: int) -> tuple[int, int, int, int] | None:
-  """(block_k, block_h, block_w, most rows of x per program) for the K-minor form of a
-  (K, heads, width) weight with `groups` scale rows, or None. block_h: all heads, or up to
-  MINOR_HEADS of them, a multiple of 16 (the scales' and the output's sublanes) dividing them.
-  block_w: all of a head's rows, or, for one head of more than 512, 512 to 64 rows (int8: to
-  128), a multiple of the run, dividing them where one does, else the last tile partial (its
-  rows past the weight give output columns that are dropped). block_k: a multiple of 128 lanes
-  that divides K and either divides a group's rows (one scale row a tile) or is a multiple of
-  them, which must then be a multiple of 32 (a tile's groups are slices of its lanes). A tile of
-  values holds at most MINOR_VALUES bytes (rows of 32 bytes, as VMEM tiles them), a program at
-  most MINOR_OUT outputs."""
+  """(block_k, block_h, block_w, most rows of x per program) for the heads form of a
+  (K, heads, width) weight with `groups` scale rows, or None. Values that lie K-minor
+  (`k_minor`): block_h all heads, or up to HEADS_MOST of them, a multiple of 16 (the scales'
+  and the output's sublanes) dividing them; block_w all of a head's rows, or, for one head of
+  more than 512, 512 to 64 rows (int8: to 128), a multiple of the run, dividing them where one
+  does, else the last tile partial (its rows past the weight give output columns that are
+  dropped). Row-major values (int8 heads of a multiple of 128): block_w all of a head's, block_h
+  all heads or 32 (the values' sublanes). block_k: a multiple of 128 lanes that divides K and
+  either divides a group's rows (one scale row a tile) or is a multiple of them, which must then
+  be a multiple of 32 (a tile's groups are slices of its lanes). A tile of values holds at most
+  HEADS_VALUES bytes (as VMEM tiles them: 32 rows of 128 bytes), a program at most HEADS_OUT
+  outputs."""
   per_row = 2 if bits == 4 else 1  # output columns per row of values
-  block_h = heads if heads <= MINOR_HEADS else next(
-      (b for b in range(MINOR_HEADS, 0, -16) if heads % b == 0), None)
+  lying_k = k_minor(k, width)
+  if not lying_k and (bits != 8 or width % LANES):
+    return None
+  step = 16 if lying_k else 32
+  block_h = heads if heads <= HEADS_MOST else next(
+      (b for b in range(HEADS_MOST, 0, -step) if heads % b == 0), None)
   block_w = width
-  if heads == 1 and width > 512:
+  if lying_k and heads == 1 and width > 512:
     widths = [b for b in (512, 256, 128, 64) if b * per_row % LANES == 0 and b % run == 0]
     block_w = next((b for b in widths if width % b == 0), widths[0] if widths else None)
   if block_h is None or block_w is None or block_w % 8 or block_w % run:
     return None
+  tile_rows = block_h * -(-block_w // 32) * 32 if lying_k else -(-block_h // 32) * 32 * block_w
   group = k // groups
-  for block_k in (512, 256, 128):
+  for block_k in (512, 256, 128) if lying_k else (128,):  # (row-major: its strided loads
+    # unroll per row of a tile; 512 rows took 15 s to compile for 32 heads)
     if (k % block_k == 0 and (group % block_k == 0 or block_k % group == 0 and group % 32 == 0)
-        and block_h * -(-block_w // 32) * 32 * block_k <= MINOR_VALUES):
-      most = MINOR_OUT // (block_h * block_w * per_row) // 8 * 8
+        and tile_rows * block_k <= HEADS_VALUES):
+      most = HEADS_OUT // (block_h * block_w * per_row) // 8 * 8
       return block_k, block_h, block_w, max(8, min(BLOCK_M, most))
   return None
 
@@ -104,15 +113,15 @@ def fits(k: int, n: int, groups: int, bits: int, run: int | None = None,
          heads: int | None = None) -> bool:
   """Whether the kernel takes a (K, N) weight with `groups` scale rows and `bits`-bit values
   (int4: in packed runs of `run` columns, None: `packed_run`'s of its last axis); heads: in the
-  K-minor form, its N columns split into that many heads (1: a two-axis weight), int4 in runs
-  of at least 8 rows (a vector register's sublanes)."""
+  heads form, its N columns split into that many heads (1: a two-axis weight), int4 in runs
+  of at least 8 rows (a vector register's sublanes) and lying K-minor."""
   if bits not in (4, 8) or n % 2 or groups < 1 or k % groups:
     return False
   if heads is not None:
     width = n // heads // (2 if bits == 4 else 1)  # a head's rows of values
     run = 1 if bits == 8 else run or packed_run(width)
     return (n % heads == 0 and width % run == 0 and (bits == 8 or run >= 8)
-            and _minor_blocks(k, heads, width, groups, bits, run) is not None)
+            and _heads_blocks(k, heads, width, groups, bits, run) is not None)
   if bits == 4 and (run or packed_run(n // 2)) < MIN_RUN:
     return False
   return _blocks(k, n, groups, bits) is not None
@@ -121,7 +130,7 @@ def fits(k: int, n: int, groups: int, bits: int, run: int | None = None,
 def k_minor(k: int, width: int) -> bool:
   """Whether XLA on a TPU lays out integer values (K, ..., width) K-minor in HBM: a last axis not
   a multiple of 128 lanes over a K that is (so it pads less; libtpu 0.0.42.1, v4, v5e, v5p and
-  v6e alike). Such values take the K-minor form."""
+  v6e alike). The heads form reads such values so, others row-major."""
   return width % LANES != 0 and k % LANES == 0
 
 
@@ -155,7 +164,8 @@ def _kernel(x_ref, w_ref, s_ref, out_ref, acc_ref, *, bits: int, run: int):
     out_ref[...] = acc_ref[...].astype(out_ref.dtype)
 
 
-def _minor_kernel(x_ref, w_ref, s_ref, out_ref, acc_ref, *, bits: int, run: int, group: int):
+def _heads_kernel(x_ref, w_ref, s_ref, out_ref, acc_ref, *, bits: int, run: int, group: int,
+                  lying_k: bool):
   k = pl.program_id(2)
 
   @pl.when(k == 0)
@@ -164,7 +174,11 @@ def _minor_kernel(x_ref, w_ref, s_ref, out_ref, acc_ref, *, bits: int, run: int,
 
   x = x_ref[...]
   lanes = min(group, x.shape[1])  # a tile's lanes under one scale row
-  for h in range(w_ref.shape[0]):
+  for h in range(acc_ref.shape[0]):
+    if not lying_k:  # row-major int8: the head's (block_k, D) values, a dot as the other form's
+      w = _dequantize(w_ref[:, h, :].astype(jnp.int32), s_ref[:, h, :], x.dtype)
+      acc_ref[h] += jnp.dot(x, w, preferred_element_type=jnp.float32)
+      continue
     v = w_ref[h].astype(jnp.int32)  # (block_w, block_k): a head's packed rows, K along lanes
     if bits == 4:  # the head's rows in column order: each run's low nibbles, then its high ones
       low, high = nibbles(v)
@@ -179,16 +193,16 @@ def _minor_kernel(x_ref, w_ref, s_ref, out_ref, acc_ref, *, bits: int, run: int,
 
   @pl.when(k == pl.num_programs(2) - 1)
   def _():
-    for h in range(w_ref.shape[0]):
+    for h in range(acc_ref.shape[0]):
       out_ref[:, h, :] = acc_ref[h].astype(out_ref.dtype)
 
 
-def _tpu_minor(x, values, scale, *, bits: int, run: int, interpret, block_m: int | None,
+def _tpu_heads(x, values, scale, *, bits: int, run: int, interpret, block_m: int | None,
                out_dtype):
   m, k = x.shape
   _, heads, width = values.shape
   groups, _, d = scale.shape
-  block_k, block_h, block_w, most = _minor_blocks(k, heads, width, groups, bits, run)
+  block_k, block_h, block_w, most = _heads_blocks(k, heads, width, groups, bits, run)
   block_d = block_w * d // width  # output columns of a head's tile
   group = k // groups
   srows = max(1, block_k // group)
@@ -199,11 +213,16 @@ def _tpu_minor(x, values, scale, *, bits: int, run: int, interpret, block_m: int
     x = jnp.pad(x, ((0, padded - m), (0, 0)))
   # the middle grid axis walks blocks of heads, or of one head's rows
   hw = (lambda j: (j, 0)) if heads > 1 else (lambda j: (0, j))
+  lying_k = k_minor(k, width)
+  if lying_k:  # read as (H, W, K), as it lies
+    values = jnp.transpose(values, (1, 2, 0))
+    value_spec = pl.BlockSpec((block_h, block_w, block_k), lambda i, j, kk: (*hw(j), kk))
+  else:
+    value_spec = pl.BlockSpec((block_k, block_h, block_w), lambda i, j, kk: (kk, *hw(j)))
   out = pl.pallas_call(
-      functools.partial(_minor_kernel, bits=bits, run=run, group=group),
+      functools.partial(_heads_kernel, bits=bits, run=run, group=group, lying_k=lying_k),
       grid=(padded // bm, pl.cdiv(heads, block_h) * pl.cdiv(width, block_w), k // block_k),
-      in_specs=[pl.BlockSpec((bm, block_k), lambda i, j, kk: (i, kk)),
-                pl.BlockSpec((block_h, block_w, block_k), lambda i, j, kk: (*hw(j), kk)),
+      in_specs=[pl.BlockSpec((bm, block_k), lambda i, j, kk: (i, kk)), value_spec,
                 pl.BlockSpec((srows, block_h, block_d),
                              lambda i, j, kk: (jax.lax.div(kk, per_row), *hw(j)))],
       out_specs=pl.BlockSpec((bm, block_h, block_d), lambda i, j, kk: (i, *hw(j))),
@@ -212,7 +231,7 @@ def _tpu_minor(x, values, scale, *, bits: int, run: int, interpret, block_m: int
       compiler_params=pltpu.CompilerParams(
           dimension_semantics=("parallel", "parallel", "arbitrary")),
       interpret=interpret,
-  )(x, jnp.transpose(values, (1, 2, 0)), scale)
+  )(x, values, scale)
   return out[:m]
 
 
@@ -250,8 +269,8 @@ def quantized_matmul(x: jax.Array, values: jax.Array, scale: jax.Array, *, bits:
                      block_n: int | None = None, out_dtype=None) -> jax.Array:
   """x (M, K) @ the weight `values` and `scale` stand for -> (M, N) in out_dtype (None: x's;
   accumulated in float32 either way), by the Mosaic TPU kernel (`fits` must hold); values
-  (K, H, W) and scale (G, H, D) give (M, H, D) by the K-minor form (for values `k_minor` says
-  lie K-minor; H = 1 for a two-axis weight). run: int4's packed run (`reference.unpack_int4`;
+  (K, H, W) and scale (G, H, D) give (M, H, D) by the heads form (H = 1 for a two-axis weight
+  lying K-minor), which reads them as XLA lays them out (`k_minor`). run: int4's packed run (`reference.unpack_int4`;
   None: `packed_run` of the last axis); `interpret` (True or a `pltpu.InterpretParams`) runs it
   in jax's TPU interpret mode wherever this runs. Off a TPU, callers use the reference."""
   k = x.shape[1]
@@ -281,7 +300,7 @@ def quantized_matmul(x: jax.Array, values: jax.Array, scale: jax.Array, *, bits:
   if interpret is True:
     interpret = pltpu.InterpretParams()
   if heads is not None:
-    return _tpu_minor(x, values, scale, bits=bits, run=run if bits == 4 else 1,
+    return _tpu_heads(x, values, scale, bits=bits, run=run if bits == 4 else 1,
                       interpret=interpret, block_m=block_m, out_dtype=out_dtype or x.dtype)
   return _tpu(x, values, scale, bits=bits, run=run, interpret=interpret, block_m=block_m,
               block_n=block_n, out_dtype=out_dtype or x.dtype)
