@@ -81,7 +81,7 @@ def test_the_heads_form_matches_reference(fmt, shape, rows, dtype):
 def test_the_heads_form_of_a_long_axis():
   """One head of more rows than a tile (a split LM head's: 8,016 packed columns a device, in
   runs of 16) is read in tiles of 512 rows, the last partial (its rows past the weight read
-  undefined values whose output columns are dropped); int8 too."""
+  undefined values whose output columns are dropped); int8 too, and float32 out of bfloat16."""
   k, words = 256, 1040
   keys = jax.random.split(jax.random.key(3), 3)
   x = jax.random.normal(keys[0], (3, k))
@@ -96,6 +96,13 @@ def test_the_heads_form_of_a_long_axis():
     want = quantized_matmul_reference(x, values, scale, bits=bits, run=16)
     assert got.shape == (3, 1, cols)  # (outputs of about 100: float32 rounding of their sums)
     np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-5, atol=1e-3)
+  # bfloat16 in, float32 out (a split LM head's logits)
+  x16, scale16 = x.astype(jnp.bfloat16), scale.astype(jnp.bfloat16)
+  got = quantized_matmul(x16, values, scale16, bits=8, run=16, interpret=True,
+                         out_dtype=jnp.float32)
+  want = quantized_matmul_reference(x16, values, scale16, bits=8, out_dtype=jnp.float32)
+  assert got.dtype == jnp.float32
+  np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-5, atol=1e-3)
 
 
 def test_a_partial_last_tile():
@@ -206,7 +213,8 @@ SHARDED = {  # name: (weight spec, equation, mesh, x shape)
     # 6,144 int4 columns pack in runs of 128; a shard's 3,072 alone would give runs of 64
     "up-wide": (P.linear((128, 6144), ("embed", "mlp"), P.fan_in_init(1), contract=("embed",)),
                 "btd,df->btf", "model:2", (2, 3, 128)),
-    # an LM head's columns split: 576 packed columns a device, a partial last tile of 512
+    # an LM head's columns split: 576 int4 packed columns a device, which lie K-minor: read in
+    # tiles of 512 rows, the last partial
     "lm_head": (P.linear((128, 2304), ("embed", "vocab"), P.fan_in_init(1), contract=("embed",)),
                 "btd,dv->btv", "model:2", (2, 3, 128)),
     # x's rows and the weight's embed over fsdp: x, the smaller, gathered; embed summed

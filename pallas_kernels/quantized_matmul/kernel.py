@@ -47,8 +47,9 @@ MIN_RUN = 16  # fewest packed columns in an int4 run: tiles of shorter runs, put
 LANES = 128  # a TPU vector register's lanes
 HEADS_VALUES = 1 << 21  # bytes of a K-minor tile of values, at most
 HEADS_OUT = 1 << 19  # accumulated outputs (rows x heads x D) of a K-minor program, at most
-HEADS_MOST = 32  # heads of a K-minor program, at most (its loop over them is unrolled: 64 heads
-# in groups of 32 needed 24 MiB of scoped VMEM on v5e, over its 16; up to 48 compiled)
+HEADS_MOST = 48  # heads of a heads-form program, at most (its loop over them is unrolled: 64
+# heads in groups of 32 needed 24 MiB of scoped VMEM on v5e, over its 16; 48 compiled); more
+# heads go in blocks of 32 or 16
 
 
 def _blocks(k: int, n: int, groups: int, bits: int) -> tuple[int, int] | None:
@@ -75,12 +76,12 @@ def _heads_blocks(k: int, heads: int, width: int, groups: int, bits: int,
                   run: int) -> tuple[int, int, int, int] | None:
   """(block_k, block_h, block_w, most rows of x per program) for the heads form of a
   (K, heads, width) weight with `groups` scale rows, or None. Values that lie K-minor
-  (`k_minor`): block_h all heads, or up to HEADS_MOST of them, a multiple of 16 (the scales'
-  and the output's sublanes) dividing them; block_w all of a head's rows, or, for one head of
-  more than 512, 512 to 64 rows (int8: to 128), a multiple of the run, dividing them where one
-  does, else the last tile partial (its rows past the weight give output columns that are
-  dropped). Row-major values (int8 heads of a multiple of 128): block_w all of a head's, block_h
-  all heads or 32 (the values' sublanes). block_k: a multiple of 128 lanes that divides K and
+  (`k_minor`): block_h all heads, up to HEADS_MOST, else 32 or 16 of them (the scales' and the
+  output's sublanes); block_w all of a head's rows, or, for one head of more than 512, 512 rows,
+  the last tile partial (its rows past the weight give output columns that are dropped: 501
+  tiles of 64 rows for 32,064 would cost 8 times the grid steps). Row-major values
+  (int8 heads of a multiple of 128): block_w all of a head's, block_h all heads or 32 (the
+  values' sublanes). block_k: a multiple of 128 lanes that divides K and
   either divides a group's rows (one scale row a tile) or is a multiple of them, which must then
   be a multiple of 32 (a tile's groups are slices of its lanes). A tile of values holds at most
   HEADS_VALUES bytes (as VMEM tiles them: 32 rows of 128 bytes), a program at most HEADS_OUT
@@ -89,14 +90,12 @@ def _heads_blocks(k: int, heads: int, width: int, groups: int, bits: int,
   lying_k = k_minor(k, width)
   if not lying_k and (bits != 8 or width % LANES):
     return None
-  step = 16 if lying_k else 32
   block_h = heads if heads <= HEADS_MOST else next(
-      (b for b in range(HEADS_MOST, 0, -step) if heads % b == 0), None)
+      (b for b in ((32, 16) if lying_k else (32,)) if heads % b == 0), None)
   block_w = width
-  if lying_k and heads == 1 and width > 512:
-    widths = [b for b in (512, 256, 128, 64) if b * per_row % LANES == 0 and b % run == 0]
-    block_w = next((b for b in widths if width % b == 0), widths[0] if widths else None)
-  if block_h is None or block_w is None or block_w % 8 or block_w % run:
+  if lying_k and heads == 1 and width > 512:  # (a partial last tile rather than small ones)
+    block_w = 512
+  if block_h is None or block_w % 8 or block_w % run:
     return None
   tile_rows = block_h * -(-block_w // 32) * 32 if lying_k else -(-block_h // 32) * 32 * block_w
   group = k // groups
