@@ -106,8 +106,9 @@ def test_the_heads_form_of_a_long_axis():
 
 
 def test_a_partial_last_tile():
-  """Columns no tile width divides take a partial last tile: its lanes past the weight are dropped, and the product equals the
-  reference's (int4 in runs of 16: 464 packed columns in tiles of 256; int8 in tiles of 512)."""
+  """Columns no tile width divides take a partial last tile: its lanes past the weight are
+  dropped, and the product equals the reference's (int4 in runs of 16: 464 packed columns in
+  tiles of 256; int8 in tiles of 512)."""
   spec = P.linear((256, 928), ("embed", "vocab"), P.fan_in_init(1), contract=("embed",))
   x = jax.random.normal(jax.random.key(1), (5, 256))
   for fmt in ("int4:g32", "int8:g64"):

@@ -45,8 +45,8 @@ TILE = 1 << 20  # at most this many dequantized weight elements, and x elements,
 MIN_RUN = 16  # fewest packed columns in an int4 run: tiles of shorter runs, put back in column
 # order in VMEM, ran out of VMEM (libtpu, v5e: runs of 2-8 at LM-head shapes)
 LANES = 128  # a TPU vector register's lanes
-HEADS_VALUES = 1 << 21  # bytes of a K-minor tile of values, at most
-HEADS_OUT = 1 << 19  # accumulated outputs (rows x heads x D) of a K-minor program, at most
+HEADS_VALUES = 1 << 21  # bytes of a heads-form tile of values, at most
+HEADS_OUT = 1 << 19  # accumulated outputs (rows x heads x D) of a heads-form program, at most
 HEADS_MOST = 48  # heads of a heads-form program, at most (its loop over them is unrolled: 64
 # heads in groups of 32 needed 24 MiB of scoped VMEM on v5e, over its 16; 48 compiled); more
 # heads go in blocks of 32 or 16
@@ -79,13 +79,12 @@ def _heads_blocks(k: int, heads: int, width: int, groups: int, bits: int,
   (`k_minor`): block_h all heads, up to HEADS_MOST, else 32 or 16 of them (the scales' and the
   output's sublanes); block_w all of a head's rows, or, for one head of more than 512, 512 rows,
   the last tile partial (its rows past the weight give output columns that are dropped: 501
-  tiles of 64 rows for 32,064 would cost 8 times the grid steps). Row-major values
-  (int8 heads of a multiple of 128): block_w all of a head's, block_h all heads or 32 (the
-  values' sublanes). block_k: a multiple of 128 lanes that divides K and
-  either divides a group's rows (one scale row a tile) or is a multiple of them, which must then
-  be a multiple of 32 (a tile's groups are slices of its lanes). A tile of values holds at most
-  HEADS_VALUES bytes (as VMEM tiles them: 32 rows of 128 bytes), a program at most HEADS_OUT
-  outputs."""
+  tiles of 64 rows for 32,064 would cost 8 times the grid steps). Row-major values (int8 heads
+  of a multiple of 128): block_w all of a head's, block_h all heads or 32 (the values'
+  sublanes). block_k: a multiple of 128 lanes that divides K and either divides a group's rows
+  (one scale row a tile) or is a multiple of them, which must then be a multiple of 32 (a tile's
+  groups are slices of its lanes). A tile of values holds at most HEADS_VALUES bytes (as VMEM
+  tiles them: 32 rows of 128 bytes), a program at most HEADS_OUT outputs."""
   per_row = 2 if bits == 4 else 1  # output columns per row of values
   lying_k = k_minor(k, width)
   if not lying_k and (bits != 8 or width % LANES):
@@ -205,7 +204,7 @@ def _tpu_heads(x, values, scale, *, bits: int, run: int, interpret, block_m: int
   block_d = block_w * d // width  # output columns of a head's tile
   group = k // groups
   srows = max(1, block_k // group)
-  per_row = max(1, group // block_k)  # tiles under one scale row (lax.div: no floor's sign)
+  under_row = max(1, group // block_k)  # tiles under one scale row (lax.div: no floor's sign)
   bm = block_m or (m if m <= most else most)
   padded = -(-m // bm) * bm
   if padded != m:
@@ -223,7 +222,7 @@ def _tpu_heads(x, values, scale, *, bits: int, run: int, interpret, block_m: int
       grid=(padded // bm, pl.cdiv(heads, block_h) * pl.cdiv(width, block_w), k // block_k),
       in_specs=[pl.BlockSpec((bm, block_k), lambda i, j, kk: (i, kk)), value_spec,
                 pl.BlockSpec((srows, block_h, block_d),
-                             lambda i, j, kk: (jax.lax.div(kk, per_row), *hw(j)))],
+                             lambda i, j, kk: (jax.lax.div(kk, under_row), *hw(j)))],
       out_specs=pl.BlockSpec((bm, block_h, block_d), lambda i, j, kk: (i, *hw(j))),
       out_shape=jax.ShapeDtypeStruct((padded, heads, d), out_dtype),
       scratch_shapes=[pltpu.VMEM((block_h, bm, block_d), jnp.float32)],
@@ -269,9 +268,10 @@ def quantized_matmul(x: jax.Array, values: jax.Array, scale: jax.Array, *, bits:
   """x (M, K) @ the weight `values` and `scale` stand for -> (M, N) in out_dtype (None: x's;
   accumulated in float32 either way), by the Mosaic TPU kernel (`fits` must hold); values
   (K, H, W) and scale (G, H, D) give (M, H, D) by the heads form (H = 1 for a two-axis weight
-  lying K-minor), which reads them as XLA lays them out (`k_minor`). run: int4's packed run (`reference.unpack_int4`;
-  None: `packed_run` of the last axis); `interpret` (True or a `pltpu.InterpretParams`) runs it
-  in jax's TPU interpret mode wherever this runs. Off a TPU, callers use the reference."""
+  lying K-minor), which reads them as XLA lays them out (`k_minor`). run: int4's packed run
+  (`reference.unpack_int4`; None: `packed_run` of the last axis); `interpret` (True or a
+  `pltpu.InterpretParams`) runs it in jax's TPU interpret mode wherever this runs. Off a TPU,
+  callers use the reference."""
   k = x.shape[1]
   heads = values.shape[1] if values.ndim == 3 else None
   if heads is not None and scale.ndim != 3:
@@ -284,7 +284,7 @@ def quantized_matmul(x: jax.Array, values: jax.Array, scale: jax.Array, *, bits:
                     or (block_n or 128) % run):
     raise ValueError(f"quantized_matmul: packed run {run} must be a power of two up to 128 "
                      f"dividing the {words} packed columns and block_n ({block_n})")
-  expect = (((k, n // 2), jnp.uint8) if bits == 4 else ((k, n), jnp.int8))
+  expect = ((k, n // 2), jnp.uint8) if bits == 4 else ((k, n), jnp.int8)
   if heads is not None:
     expect = ((k, heads, expect[0][1] // heads), expect[1])
   if (values.shape, values.dtype) != expect:
