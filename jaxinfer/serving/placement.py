@@ -16,6 +16,8 @@ import numpy as np
 from jaxinfer.errors import UserError
 from jaxinfer.sharding import MESH_AXES, device_bytes, format_mesh, parse_mesh
 
+WAIT_SLICE_S = 0.1  # how soon an interrupt is raised while the replicas run
+
 
 @dataclasses.dataclass(frozen=True)
 class Replica:
@@ -120,27 +122,48 @@ def split_by_tokens(items: list, parts: int, request=lambda r: r) -> list[list]:
 def in_threads(fn, jobs: list[tuple], cancel: threading.Event | None = None) -> None:
   """fn(*job) for every job, each in a thread of its own (one per replica); the first failure
   is raised once all have finished. An interrupt while they run sets `cancel` (which the jobs
-  watch) and waits for them before it is raised: no replica outlives the call."""
-  failures = []
+  watch) and waits for them before it is raised: no replica outlives the call (a second interrupt
+  leaves without waiting).
+
+  It waits in short slices rather than in Thread.join: a SIGINT that the kernel hands to another
+  of the process's threads does not wake a blocked join, and a join interrupted on Python 3.11
+  can mark a running thread as stopped (cpython bpo-45274's handler)."""
+  failures: list[Exception] = []
+  cv = threading.Condition()
+  began = ended = 0
+  closed = False  # interrupted: a replica not yet begun does not begin
 
   def work(*args):
+    nonlocal began, ended
+    with cv:
+      if closed:
+        return
+      began += 1
     try:
       fn(*args)
     except Exception as e:  # surfaced after the other replicas finish
       failures.append(e)
+    finally:
+      with cv:
+        ended += 1
+        cv.notify_all()
 
-  threads = [threading.Thread(target=work, args=job) for job in jobs]
+  def wait(done):
+    with cv:
+      while not done():
+        cv.wait(WAIT_SLICE_S)
+
+  threads = [threading.Thread(target=work, args=job, daemon=True) for job in jobs]
   try:
     for t in threads:
       t.start()
-    for t in threads:
-      t.join()
+    wait(lambda: ended == len(threads))
   except BaseException:
+    with cv:
+      closed = True
     if cancel is not None:
       cancel.set()
-    for t in threads:
-      if t.ident is not None:  # (started)
-        t.join()
+    wait(lambda: ended == began)
     raise
   if failures:
     raise failures[0]
