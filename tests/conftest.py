@@ -47,6 +47,18 @@ if os.environ["JAX_PLATFORMS"].split(",")[0] != "cpu":
   jax.config.update("jax_default_matmul_precision", "highest")
 
 
+# The longest files first: the two test workers take whole files (--dist loadfile) in collection
+# order (--no-loadscope-reorder: xdist would order them by their number of tests), and a long file
+# taken late ran alone while the other worker, done with its share, sat idle.
+LONGEST_FILES = ("test_speculative.py", "test_engine.py", "test_engine_speculation.py",
+                 "test_draft_heads.py", "test_notebooks.py", "test_kv_cache_int8.py")
+
+
+def pytest_collection_modifyitems(items):
+  first = {name: i for i, name in enumerate(LONGEST_FILES)}
+  items.sort(key=lambda item: first.get(item.path.name, len(first)))  # (stable: the rest in order)
+
+
 @pytest.fixture(scope="session")
 def tpu_device():
   """tpu_device(name) -> the first device of a TPU topology ("v5e:2x2", "v6e:2x2", ...) from
