@@ -40,6 +40,7 @@ Q_AXES, KV_AXES = ("embed", "q_heads", "head_dim"), ("embed", "kv_heads", "head_
 O_AXES = ("q_heads", "head_dim", "embed")
 UP_AXES, DOWN_AXES = ("embed", "mlp"), ("mlp", "embed")
 LM_HEAD_AXES = ("embed", "vocab")
+EMBED_AXES = ("vocab", "embed")
 
 
 def norm_spec(size: int, axis: str) -> P.ParamSpec:
@@ -123,7 +124,7 @@ class Transformer:
     v, d = cfg.vocab_size, cfg.embed
     return cls(
         # rows are looked up, and contracted over embed when tied to the output
-        embed=P.linear((v, d), ("vocab", "embed"), P.normal_init(0.02), contract=("embed",),
+        embed=P.linear((v, d), EMBED_AXES, P.normal_init(0.02), contract=("embed",),
                        quant="embed"),
         layers=tuple(Layer.spec(cfg) for _ in range(cfg.num_layers)),
         final_norm=norm_spec(d, "embed"),
@@ -277,17 +278,15 @@ def logits(params: Transformer, hidden: jax.Array, runtime: Runtime | None = Non
   rows split as the step's kernels split them and gather the whole weight instead (1 GiB per
   decode step for Llama-3-8B's LM head on --mesh=fsdp:4 under --implementation=pallas). A
   grouped integer LM head goes through the quantized matmul kernel as the layers' weights do
-  (`weight_kernel`; with int8 activations it is dequantized, as before)."""
-  if params.lm_head is None:
-    out = jnp.einsum("...d,vd->...v", hidden, weight(params.embed),
-                     preferred_element_type=jnp.float32)
-  else:
-    w = params.lm_head
-    kernel = (weight_kernel(runtime, LM_HEAD_AXES)
-              if runtime is not None and is_qarray(w) and hidden.ndim > 1 else None)
-    rows = "abc"[:hidden.ndim - 1]
-    out = linear(f"{rows}d,dv->{rows}v", hidden, w if kernel else weight(w), kernel,
-                 out_dtype=jnp.float32)
+  (`weight_kernel`; with int8 activations it is dequantized, as before), a tied embedding
+  table by the kernel's transposed form, as it lies."""
+  tied = params.lm_head is None
+  w = params.embed if tied else params.lm_head
+  kernel = (weight_kernel(runtime, EMBED_AXES if tied else LM_HEAD_AXES)
+            if runtime is not None and is_qarray(w) and hidden.ndim > 1 else None)
+  rows = "abcefg"[:hidden.ndim - 1]
+  eq = f"{rows}d,vd->{rows}v" if tied else f"{rows}d,dv->{rows}v"
+  out = linear(eq, hidden, w if kernel else weight(w), kernel, out_dtype=jnp.float32)
   if runtime is None:
     return out
   return runtime.constrain(out, (None,) * (out.ndim - 1) + ("act_vocab",))

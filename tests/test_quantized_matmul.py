@@ -128,6 +128,32 @@ def test_a_partial_last_tile():
   assert not fits(512, 200, 1, 4)  # 100 packed columns: narrower than any tile
 
 
+TIED = lambda v, d: P.linear((v, d), ("vocab", "embed"), P.normal_init(0.02),
+                             contract=("embed",), quant="embed")
+
+
+@pytest.mark.parametrize("fmt,v,d,rows,dtype", [
+    ("int4:g128", 1000, 1024, 5, jnp.float32), ("int8:g128", 640, 1024, 40, jnp.bfloat16),
+    ("int4", 300, 512, 300, jnp.float32), ("int4:g32", 256, 64, 3, jnp.float32)])
+def test_the_transposed_form_matches_reference(fmt, v, d, rows, dtype):
+  """A tied embedding table (V, D) as the LM head, x @ W.T: its values (packed along D) and
+  scales (V, G) read as they lie, in tiles of 512 of its rows (the last partial: 1,000), K
+  dequantized in one or several chunks, x's rows in blocks of 256 (the last partial: 300);
+  per-channel int4 too (whose unpacking XLA does not fuse). The reference is the model's XLA
+  product bit for bit."""
+  q = _weight(TIED(v, d), fmt, dtype)
+  bits = 4 if q.qvalue.dtype == jnp.uint8 else 8
+  x = jax.random.normal(jax.random.key(1), (rows, d), jnp.float32).astype(dtype)
+  got = quantized_matmul(x, q.qvalue, q.scale, bits=bits, interpret=True, transposed=True,
+                         out_dtype=jnp.float32)
+  want = quantized_matmul_reference(x, q.qvalue, q.scale, bits=bits, transposed=True,
+                                    out_dtype=jnp.float32)
+  np.testing.assert_array_equal(np.asarray(want), np.asarray(jnp.einsum(
+      "md,vd->mv", x, quant.dequantize(q), preferred_element_type=jnp.float32)))
+  assert got.shape == (rows, v)
+  np.testing.assert_allclose(np.asarray(got), np.asarray(want), **TOL[jnp.float32])
+
+
 def test_logits_take_it_for_a_grouped_lm_head(monkeypatch):
   """`model.logits` under a Pallas runtime sends a grouped int4 LM head through the kernel (the
   TPU branch taken here, in interpret mode): float32 logits from bfloat16 hidden states, XLA's
@@ -155,6 +181,13 @@ def test_logits_take_it_for_a_grouped_lm_head(monkeypatch):
                     preferred_element_type=jnp.float32)
   assert taken == [True] and got.dtype == jnp.float32
   np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-4, atol=1e-4)
+  table = _weight(TIED(2304, 256), "int4:g32", jnp.bfloat16)  # tied: the transposed form
+  got = M.logits(SimpleNamespace(lm_head=None, embed=table), hidden,
+                 Runtime(implementation="pallas"))
+  want = jnp.einsum("btd,vd->btv", hidden, quant.dequantize(table),
+                    preferred_element_type=jnp.float32)
+  assert taken == [True, True]
+  np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-4, atol=1e-4)
   assert fits(4096, 16032, 32, 4, run=16) and not fits(4096, 16032, 32, 4, run=8)
 
 
@@ -166,6 +199,7 @@ LAYERS = {  # name: (spec, equation, input shape), the model's own layouts
           (2, 3, 4, 64)),
     "down": (P.linear((512, 256), ("mlp", "embed"), P.fan_in_init(1), contract=("mlp",)),
              "btf,fd->btd", (2, 3, 512)),
+    "tied": (TIED(640, 256), "btd,vd->btv", (2, 3, 256)),  # an embedding table as LM head
 }
 
 
@@ -187,17 +221,18 @@ def test_linear_layers_through_the_kernel(name):
     here = jax.jit(lambda x, q: linear(eq, x, q, WeightKernel()))(x, q)
     np.testing.assert_array_equal(np.asarray(here), np.asarray(want))
   if name == "q":  # in heads, as it lies (K-minor): int4 heads of 32 bytes, int8 of 64
-    assert _kernel_layout(eq, x, q, _run(q))[-1] == 4
+    assert _kernel_layout(eq, x, q, _run(q)).heads == 4
     x512 = jnp.zeros((2, 3, 512))
     wide = _weight(HEADS, "int8:g32")  # int8 heads of 128: row-major, in heads too
-    assert _kernel_layout(eq, x512, wide, None)[-1] == 4
-    assert _kernel_layout(eq, x512, _weight(HEADS, "int4:g32"), 64)[-1] == 4
+    assert _kernel_layout(eq, x512, wide, None).heads == 4
+    assert _kernel_layout(eq, x512, _weight(HEADS, "int4:g32"), 64).heads == 4
     wider = P.linear((512, 2, 256), HEADS.axes, P.fan_in_init(1), contract=("embed",))
-    assert _kernel_layout(eq, x512, _weight(wider, "int4:g32"), None)[-1] is None  # flattened
+    assert _kernel_layout(eq, x512, _weight(wider, "int4:g32"), None).heads is None  # flattened
   # per-channel weights stay on XLA, which fuses their dequantization; so do other formats
   for fmt in ("int4", "int8", "fp8_e4m3", "fp4_e2m1", "int2:g32", "ternary"):
     q = _weight(spec, fmt)
-    assert _kernel_layout(eq, x, q, _run(q)) is None, fmt
+    taken = name == "tied" and fmt == "int4"  # (a table's unpacking XLA does not fuse)
+    assert (_kernel_layout(eq, x, q, _run(q)) is not None) == taken, fmt
   # another dtype than the scales': XLA's product promotes it, so it stays there
   q = _weight(spec, "int4:g32")
   assert _kernel_layout(eq, x.astype(jnp.bfloat16), q, _run(q)) is None
@@ -223,6 +258,10 @@ SHARDED = {  # name: (weight spec, equation, mesh, x shape)
                 "btd,df->btf", "fsdp:2,model:2", (2, 3, 512)),
     # ... unless the weight is the smaller: gathered over fsdp, x's rows stay split
     "down-fsdp": (LAYERS["down"][0], "btf,fd->btd", "fsdp:2", (64, 16, 512)),
+    # a tied embedding table as LM head (transposed): its rows over model, or its embed over
+    # fsdp (x's rows gathered, the partial logits summed)
+    "tied": (TIED(2304, 128), "btd,vd->btv", "model:2", (2, 3, 128)),
+    "tied-fsdp": (TIED(2304, 512), "btd,vd->btv", "fsdp:2,model:2", (2, 3, 512)),
 }
 
 
@@ -243,7 +282,8 @@ def test_the_kernel_runs_on_each_shard(name):
   for fmt in ("int4:g32", "int8:g64"):
     q = _weight(spec, fmt)
     x_spec, *_, summed = _sharded(eq, x, q, kernel, _run(q))
-    want = {"o": ("model",), "down": ("model",), "up-fsdp": ("fsdp",)}.get(name, ())
+    want = {"o": ("model",), "down": ("model",), "up-fsdp": ("fsdp",),
+            "tied-fsdp": ("fsdp",)}.get(name, ())
     assert summed == want and (x_spec[0] == "fsdp") == (name == "down-fsdp"), (x_spec, summed)
     got = jax.jit(_kernel_fn(eq, x, q, kernel, interpret=True))(x, q)
     want = jnp.einsum(eq, x, quant.dequantize(q))
@@ -252,7 +292,9 @@ def test_the_kernel_runs_on_each_shard(name):
       axis = 1 if name == "q" else -1
       local = q.replace(qvalue=half(q.qvalue, axis), scale=half(q.scale, axis))
       heads = 4 if name == "q" else 1 if fmt.startswith("int4") else None  # (int8: 1,152 cols)
-      assert _kernel_layout(eq, x, local, _run(q))[-1] == heads, fmt
+      assert _kernel_layout(eq, x, local, _run(q)).heads == heads, fmt
+    if name.startswith("tied"):
+      assert _kernel_fn(eq, x, q, kernel) is not None, fmt
     np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-5, atol=1e-5)
   if name == "up":  # 512 int4 columns in blocks of 256: four shards of 128 would split them
     q = _weight(spec, "int4:g32")
@@ -293,6 +335,13 @@ def test_bad_values_are_refused():
     quantized_matmul(x, jnp.zeros((512, 2, 128), jnp.uint8), jnp.ones((4, 512)), bits=4)
   with pytest.raises(ValueError, match="no TPU tile fits a .* in 2 heads"):  # groups of 16
     quantized_matmul(x, jnp.zeros((512, 2, 64), jnp.uint8), jnp.ones((32, 2, 128)), bits=4)
+  with pytest.raises(ValueError, match=r"transposed 4-bit .* values \(300, 256\) uint8; got "
+                                       r"scale \(300, 4\), values \(256, 300\)"):
+    quantized_matmul(x, jnp.zeros((256, 300), jnp.uint8), jnp.ones((300, 4)), bits=4,
+                     transposed=True)
+  with pytest.raises(ValueError, match=r"no TPU tile fits a transposed \(300, 512\)"):
+    quantized_matmul(x, jnp.zeros((300, 512), jnp.int8), jnp.ones((300, 32)), bits=8,
+                     transposed=True)  # groups of 16
 
 
 @pytest.mark.parametrize("name", ["v5e:2x2", "v6e:2x2"])
@@ -374,12 +423,38 @@ def test_values_in_heads_compile_without_a_copy(tpu_device, no_persistent_cache,
   assert "u8[4096,8016]" in copied(flat.as_text())  # the two-axis form: copied K-major
 
 
+@pytest.mark.parametrize("name", ["v5e:2x2", "v6e:2x2"])
+def test_a_tied_table_compiles_without_a_copy(tpu_device, no_persistent_cache, name):
+  """Llama-3.2-1B's tied embedding table (128,256 x 2,048) as its LM head, in int4 groups of
+  128, per-channel int4 and int8 groups of 128: the transposed form reads the values as they
+  lie (row-major, D along the lanes) and the scales, which lie (G, V), as (G, V): no copy, no
+  table-sized temporary. XLA's product of the dequantized table holds 1.7 GiB (int4)."""
+  sharding = jax.sharding.SingleDeviceSharding(tpu_device(name))
+  sds = lambda shape, dtype: jax.ShapeDtypeStruct(shape, dtype, sharding=sharding)
+  v, d = 128256, 2048
+  x = sds((8, d), jnp.bfloat16)
+  for bits, groups in ((4, 16), (4, 1), (8, 16)):
+    values = sds((v, d // 2), jnp.uint8) if bits == 4 else sds((v, d), jnp.int8)
+    compiled = jax.jit(lambda x, w, s: quantized_matmul(
+        x, w, s, bits=bits, transposed=True, out_dtype=jnp.float32)).lower(
+            x, values, sds((v, groups), jnp.bfloat16)).compile()
+    hlo = compiled.as_text()
+    assert "tpu_custom_call" in hlo and " copy(" not in hlo, (bits, groups)
+    assert compiled.memory_analysis().temp_size_in_bytes < 2**20, (bits, groups)
+  if name == "v5e:2x2":
+    xla = jax.jit(lambda x, w, s: quantized_matmul_reference(
+        x, w, s, bits=4, transposed=True)).lower(
+            x, sds((v, d // 2), jnp.uint8), sds((v, 16), jnp.bfloat16)).compile()
+    assert xla.memory_analysis().temp_size_in_bytes >= v * d * 2
+
+
 @pytest.mark.parametrize("mesh", ["data:4", "model:2"])
 def test_the_engine_steps_take_it_for_grouped_weights(tmp_path, no_persistent_cache, mesh):
   """`jaxinfer compile --implementation=pallas --quantize=int4:g32` for a TPU, one device per
   replica or the weights split over two: each of a layer's seven grouped weights (q, k, v, o,
-  gate, up, down) and the LM head (`--quantize_include=lm_head`) is one more Mosaic kernel in
-  every step than without quantization (per-channel
+  gate, up, down) and the LM head (`--quantize_include=lm_head`; on one device a model that ties
+  it to its embeddings, `--quantize_include=embed`: the transposed form) is one more Mosaic
+  kernel in every step than without quantization (per-channel
   weights, which XLA fuses, stay on XLA: tested above), and split int4 weights unpack on each
   device alone, through the kernel or XLA: the steps' collectives move no more than with float
   weights (packed across the whole last axis, gate and up moved their values between devices
@@ -387,12 +462,13 @@ def test_the_engine_steps_take_it_for_grouped_weights(tmp_path, no_persistent_ca
   config = dict(vocab_size=512, hidden_size=256, intermediate_size=512, num_hidden_layers=2,
                 num_attention_heads=4, num_key_value_heads=4, head_dim=128,
                 max_position_embeddings=256, bos_token_id=1, eos_token_id=2,
-                model_type="llama", torch_dtype="bfloat16")
+                model_type="llama", torch_dtype="bfloat16", tie_word_embeddings=mesh == "data:4")
   (tmp_path / "config.json").write_text(json.dumps(config))
   impls = ["pallas"] + (["xla"] if mesh == "model:2" else [])
+  include = ("embed",) if config["tie_word_embeddings"] else ("lm_head",)
   steps = {(fmt, impl): aot.run(aot.CompileJob(
       "tpu:v5e:2x2", model=str(tmp_path), mesh=mesh, batch_size=4, kv_pages=64,
-      implementation=impl, quantize=fmt, quantize_include=("lm_head",) if fmt else ())).steps
+      implementation=impl, quantize=fmt, quantize_include=include if fmt else ())).steps
       for fmt in (None, "int4:g32") for impl in impls}
   kernels = {fmt: [s.kernels for s in steps[fmt, "pallas"]] for fmt in (None, "int4:g32")}
   assert kernels["int4:g32"] == [k + 7 * 2 + 1 for k in kernels[None]], kernels

@@ -16,7 +16,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import math
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -76,26 +76,46 @@ def _run(q: QArray) -> int | None:
   return pack_blocks(q.qvalue.shape[-1])[1] if q.qvalue.dtype == jnp.uint8 else None
 
 
-def _kernel_layout(eq: str, x: jax.Array, q: QArray,
-                   run: int | None) -> tuple[int, int, int, int, int | None] | None:
-  """(K, N, scale groups, bits, heads) of `eq` as quantized_matmul's (M, K) @ (K, N): the
-  weight's contracted axes (x's last, in order) then its output axes, flattened, its scales in
-  groups of consecutive rows of K (more than one); heads: where the weight takes the kernel's
-  heads form, which reads values as XLA lays them out (one contracted axis: q, k and v, or a
-  two-axis weight lying K-minor, `k_minor`, such as a split int4 LM head), its first output
-  axis's size when it has two, else 1; None for the flattened form (also where the heads
-  form's tiles do not fit: then a copy of the weight on a TPU). None where the kernel does not
-  apply (per-channel scales, another layout or format, or no tile fits the weight in its packed
-  `run`, `_run`)."""
+class _Layout(NamedTuple):
+  """A weight as quantized_matmul takes it: (M, K) @ (K, N), its scales in `groups` rows of K;
+  heads: the heads form's heads (None: flattened); transposed: the transposed form's (values
+  (N, K), packed along K)."""
+  k: int
+  n: int
+  groups: int
+  bits: int
+  heads: int | None = None
+  transposed: bool = False
+
+
+def _kernel_layout(eq: str, x: jax.Array, q: QArray, run: int | None) -> _Layout | None:
+  """`eq` as quantized_matmul's (M, K) @ (K, N): the weight's contracted axes (x's last, in
+  order) then its output axes, flattened, its scales in groups of consecutive rows of K (more
+  than one); heads: where the weight takes the kernel's heads form, which reads values as XLA
+  lays them out (one contracted axis: q, k and v, or a two-axis weight lying K-minor,
+  `k_minor`, such as a split int4 LM head), its first output axis's size when it has two,
+  else 1; None for the flattened form (also where the heads form's tiles do not fit: then a
+  copy of the weight on a TPU). A two-axis weight that contracts its last axis (a tied
+  embedding table as the LM head, "...d,vd->...v") takes the transposed form, per-channel int4
+  too (XLA on a TPU writes its unpacked table out whole: 1.7 GiB for Llama-3.2-1B's). None where
+  the kernel does not apply (per-channel scales, another layout or format, or no tile fits the
+  weight in its packed `run`, `_run`)."""
   from pallas_kernels.quantized_matmul import fits, k_minor
   inputs, out = eq.split("->")
   xs, ws = inputs.split(",")
   c = _contracted(eq)
+  transposed = c == 0 and len(ws) == 2 and xs[-1] == ws[1] and out == xs[:-1] + ws[0]
   bits = {jnp.dtype(jnp.uint8): 4, jnp.dtype(jnp.int8): 8}.get(jnp.dtype(q.qvalue.dtype))
   integer = q.qtype in (jnp.int8, jnp.int4) and (bits == 8 or packed_bits(q.qtype) == 4)
-  if (bits is None or not integer or not 0 < c < len(ws) or not xs.endswith(ws[:c])
-      or out != xs[:-c] + ws[c:] or jnp.dtype(x.dtype) != jnp.dtype(q.scale.dtype)):
+  if (bits is None or not integer or jnp.dtype(x.dtype) != jnp.dtype(q.scale.dtype)
+      or not transposed and (not 0 < c < len(ws) or not xs.endswith(ws[:c])
+                             or out != xs[:-c] + ws[c:])):
     return None  # (mixed dtypes: XLA's product promotes, the kernel keeps x's)
+  if transposed:
+    (n, groups), k = q.scale.shape, x.shape[-1]
+    if groups == 1 and bits == 8 or not fits(k, n, groups, bits, run, transposed=True):
+      return None
+    return _Layout(k, n, groups, bits, transposed=True)
   sizes, scales = x.shape[-c:], q.scale.shape[:c]
   split = next((i for i, (d, s) in enumerate(zip(sizes, scales)) if s != d), c)
   if any(s != 1 for s in scales[split + 1:]):  # groups would not be consecutive rows
@@ -106,8 +126,8 @@ def _kernel_layout(eq: str, x: jax.Array, q: QArray,
   if c == 1 and (q.scale.ndim == 3 or q.scale.ndim == 2 and k_minor(k, q.qvalue.shape[-1])):
     heads = q.scale.shape[1] if q.scale.ndim == 3 else 1
     if fits(k, n, groups, bits, run, heads=heads):
-      return k, n, groups, bits, heads
-  return (k, n, groups, bits, None) if fits(k, n, groups, bits, run) else None
+      return _Layout(k, n, groups, bits, heads)
+  return _Layout(k, n, groups, bits) if fits(k, n, groups, bits, run) else None
 
 
 def _kernel_fn(eq: str, x: jax.Array, q: QArray, kernel: WeightKernel, interpret=False,
@@ -151,7 +171,6 @@ def _sharded(eq: str, x: jax.Array, q: QArray, kernel: WeightKernel, run: int | 
   mesh, rules = kernel.mesh, kernel.rules
   inputs, out = eq.split("->")
   xs, ws = inputs.split(",")
-  c = _contracted(eq)
   names = lambda s: () if s is None else (s,) if isinstance(s, str) else tuple(s)
   spec_of = lambda axes: None if not axes else axes[0] if len(axes) == 1 else tuple(axes)
   rows = names(rules.partition_spec(("batch",) + (None,) * (x.ndim - 1), x.shape, mesh)[0])
@@ -160,8 +179,9 @@ def _sharded(eq: str, x: jax.Array, q: QArray, kernel: WeightKernel, run: int | 
     return None  # (the scales split otherwise)
   both = set(rows) & {a for s in values for a in names(s)}
   if both:
-    x_bytes = x.size * x.dtype.itemsize * (1 + math.prod(q.scale.shape[c:])
-                                             / math.prod(x.shape[-c:]))  # x and the output
+    out_per_in = (math.prod(n for ch, n in zip(ws, q.scale.shape) if ch in out)
+                  / math.prod(n for ch, n in zip(xs, x.shape) if ch in ws))
+    x_bytes = x.size * x.dtype.itemsize * (1 + out_per_in)  # x and the output
     if x_bytes < q.qvalue.size * q.qvalue.dtype.itemsize + q.scale.size * q.scale.dtype.itemsize:
       rows = tuple(a for a in rows if a not in both)
     else:
@@ -188,7 +208,11 @@ def _through_kernel(eq: str, x: jax.Array, q: QArray, interpret=False,
   go in as (K, heads, W), not flattened (which is a copy of them on a TPU). run: that of the
   whole weight `q` is a shard of (None: `q` is whole)."""
   run = run or _run(q)
-  k, n, groups, bits, heads = _kernel_layout(eq, x, q, run)
+  k, n, groups, bits, heads, transposed = _kernel_layout(eq, x, q, run)
+  if transposed:
+    y = _kernel_product(x.reshape(-1, k), q.qvalue, q.scale, bits, run, interpret, out_dtype,
+                        True)
+    return y.reshape(x.shape[:-1] + (n,))
   c = _contracted(eq)
   out_shape = q.scale.shape[c:]  # a scale per output element
   values, scale = q.qvalue.reshape(k, -1), q.scale.reshape(groups, n)
@@ -198,24 +222,26 @@ def _through_kernel(eq: str, x: jax.Array, q: QArray, interpret=False,
   return y.reshape(x.shape[:-c] + out_shape)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4, 5, 6))
-def _kernel_product(x, values, scale, bits: int, run: int | None, interpret, out_dtype):
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4, 5, 6, 7))
+def _kernel_product(x, values, scale, bits: int, run: int | None, interpret, out_dtype,
+                    transposed: bool = False):
   """quantized_matmul, differentiable: its gradients are XLA's product's (the integer values
   get none)."""
   from pallas_kernels.quantized_matmul import quantized_matmul
   return quantized_matmul(x, values, scale, bits=bits, run=run, interpret=interpret,
-                          out_dtype=out_dtype)
+                          out_dtype=out_dtype, transposed=transposed)
 
 
-def _kernel_product_fwd(x, values, scale, bits, run, interpret, out_dtype):
-  return _kernel_product(x, values, scale, bits, run, interpret, out_dtype), (x, values, scale)
+def _kernel_product_fwd(x, values, scale, bits, run, interpret, out_dtype, transposed):
+  return (_kernel_product(x, values, scale, bits, run, interpret, out_dtype, transposed),
+          (x, values, scale))
 
 
-def _kernel_product_bwd(bits, run, interpret, out_dtype, res, g):
+def _kernel_product_bwd(bits, run, interpret, out_dtype, transposed, res, g):
   from pallas_kernels.quantized_matmul import quantized_matmul_reference
   x, values, scale = res
-  _, vjp = jax.vjp(lambda x, s: quantized_matmul_reference(x, values, s, bits=bits, run=run,
-                                                           out_dtype=out_dtype), x, scale)
+  _, vjp = jax.vjp(lambda x, s: quantized_matmul_reference(
+      x, values, s, bits=bits, run=run, out_dtype=out_dtype, transposed=transposed), x, scale)
   dx, dscale = vjp(g)
   return dx, np.zeros(values.shape, jax.dtypes.float0), dscale
 

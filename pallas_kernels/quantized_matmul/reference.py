@@ -53,10 +53,17 @@ def dequantized(values: jax.Array, scale: jax.Array, bits: int, run: int | None 
 def quantized_matmul_reference(x: jax.Array, values: jax.Array, scale: jax.Array, *, bits: int,
                                run: int | None = None, interpret=None,
                                block_m: int | None = None,
-                               block_n: int | None = None, out_dtype=None) -> jax.Array:
+                               block_n: int | None = None, out_dtype=None,
+                               transposed: bool = False) -> jax.Array:
   """values (K, H, W) and scale (G, H, D), a weight in heads, give (M, H, D): flattened, each
-  head's runs kept (run: the last axis's)."""
+  head's runs kept (run: the last axis's). transposed: values (N, K) and scale (N, G), x @ W.T
+  (W dequantized as stored, then transposed)."""
   del interpret, block_m, block_n
+  if transposed:
+    w = unpack_int4(values, run) if bits == 4 else values  # (N, K), unpacked along K
+    n, groups = scale.shape
+    w = (w.reshape(n, groups, -1).astype(scale.dtype) * scale[:, :, None]).reshape(n, -1)
+    return jnp.einsum("mk,nk->mn", x, w.astype(x.dtype), preferred_element_type=out_dtype)
   if values.ndim == 3:
     run = run or packed_run(values.shape[-1])
     y = quantized_matmul_reference(x, values.reshape(values.shape[0], -1),
