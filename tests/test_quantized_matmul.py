@@ -16,7 +16,9 @@ from jaxinfer import aot
 from jaxinfer import params as P
 from jaxinfer import quant
 from jaxinfer.quant.linear import WeightKernel, _kernel_layout, _run, _through_kernel, linear
-from pallas_kernels.quantized_matmul import fits, quantized_matmul, quantized_matmul_reference
+from pallas_kernels.quantized_matmul import (fits, fits_t, quantized_matmul,
+                                             quantized_matmul_reference, quantized_matmul_t,
+                                             quantized_matmul_t_reference)
 
 TOL = {jnp.float32: dict(rtol=1e-5, atol=1e-5), jnp.bfloat16: dict(rtol=2e-2, atol=2e-2)}
 
@@ -134,20 +136,20 @@ TIED = lambda v, d: P.linear((v, d), ("vocab", "embed"), P.normal_init(0.02),
 
 @pytest.mark.parametrize("fmt,v,d,rows,dtype", [
     ("int4:g128", 1000, 1024, 5, jnp.float32), ("int8:g128", 640, 1024, 40, jnp.bfloat16),
-    ("int4", 300, 512, 300, jnp.float32), ("int4:g32", 256, 64, 3, jnp.float32)])
+    ("int4", 300, 512, 300, jnp.float32), ("int4:g32", 256, 64, 3, jnp.float32),
+    ("int4:g1024", 256, 2048, 3, jnp.float32), ("int4", 300, 1024, 5, jnp.float32)])
 def test_the_transposed_form_matches_reference(fmt, v, d, rows, dtype):
   """A tied embedding table (V, D) as the LM head, x @ W.T: its values (packed along D) and
   scales (V, G) read as they lie, in tiles of 512 of its rows (the last partial: 1,000), K
-  dequantized in one or several chunks, x's rows in blocks of 256 (the last partial: 300);
-  per-channel int4 too (whose unpacking XLA does not fuse). The reference is the model's XLA
-  product bit for bit."""
+  dequantized in one or several chunks (a scale row over several, or several in one), x's rows
+  in blocks of 256 (the last partial: 300); per-channel int4 too (whose unpacking XLA does not
+  fuse). The reference is the model's XLA product bit for bit."""
   q = _weight(TIED(v, d), fmt, dtype)
   bits = 4 if q.qvalue.dtype == jnp.uint8 else 8
   x = jax.random.normal(jax.random.key(1), (rows, d), jnp.float32).astype(dtype)
-  got = quantized_matmul(x, q.qvalue, q.scale, bits=bits, interpret=True, transposed=True,
-                         out_dtype=jnp.float32)
-  want = quantized_matmul_reference(x, q.qvalue, q.scale, bits=bits, transposed=True,
-                                    out_dtype=jnp.float32)
+  got = quantized_matmul_t(x, q.qvalue, q.scale, bits=bits, interpret=True,
+                           out_dtype=jnp.float32)
+  want = quantized_matmul_t_reference(x, q.qvalue, q.scale, bits=bits, out_dtype=jnp.float32)
   np.testing.assert_array_equal(np.asarray(want), np.asarray(jnp.einsum(
       "md,vd->mv", x, quant.dequantize(q), preferred_element_type=jnp.float32)))
   assert got.shape == (rows, v)
@@ -335,13 +337,12 @@ def test_bad_values_are_refused():
     quantized_matmul(x, jnp.zeros((512, 2, 128), jnp.uint8), jnp.ones((4, 512)), bits=4)
   with pytest.raises(ValueError, match="no TPU tile fits a .* in 2 heads"):  # groups of 16
     quantized_matmul(x, jnp.zeros((512, 2, 64), jnp.uint8), jnp.ones((32, 2, 128)), bits=4)
-  with pytest.raises(ValueError, match=r"transposed 4-bit .* values \(300, 256\) uint8; got "
-                                       r"scale \(300, 4\), values \(256, 300\)"):
-    quantized_matmul(x, jnp.zeros((256, 300), jnp.uint8), jnp.ones((300, 4)), bits=4,
-                     transposed=True)
-  with pytest.raises(ValueError, match=r"no TPU tile fits a transposed \(300, 512\)"):
-    quantized_matmul(x, jnp.zeros((300, 512), jnp.int8), jnp.ones((300, 32)), bits=8,
-                     transposed=True)  # groups of 16
+  with pytest.raises(ValueError, match=r"4-bit values .* \(300, 256\) uint8; got scale "
+                                       r"\(300, 4\), values \(256, 300\)"):
+    quantized_matmul_t(x, jnp.zeros((256, 300), jnp.uint8), jnp.ones((300, 4)), bits=4)
+  with pytest.raises(ValueError, match=r"no TPU tile fits an \(300, 512\) table"):
+    quantized_matmul_t(x, jnp.zeros((300, 512), jnp.int8), jnp.ones((300, 32)), bits=8)  # g16
+  assert fits_t(16384, 1024, 128, 4) and not fits_t(1 << 17, 1024, 1024, 8)  # (VMEM)
 
 
 @pytest.mark.parametrize("name", ["v5e:2x2", "v6e:2x2"])
@@ -435,15 +436,14 @@ def test_a_tied_table_compiles_without_a_copy(tpu_device, no_persistent_cache, n
   x = sds((8, d), jnp.bfloat16)
   for bits, groups in ((4, 16), (4, 1), (8, 16)):
     values = sds((v, d // 2), jnp.uint8) if bits == 4 else sds((v, d), jnp.int8)
-    compiled = jax.jit(lambda x, w, s: quantized_matmul(
-        x, w, s, bits=bits, transposed=True, out_dtype=jnp.float32)).lower(
+    compiled = jax.jit(lambda x, w, s: quantized_matmul_t(
+        x, w, s, bits=bits, out_dtype=jnp.float32)).lower(
             x, values, sds((v, groups), jnp.bfloat16)).compile()
     hlo = compiled.as_text()
     assert "tpu_custom_call" in hlo and " copy(" not in hlo, (bits, groups)
     assert compiled.memory_analysis().temp_size_in_bytes < 2**20, (bits, groups)
   if name == "v5e:2x2":
-    xla = jax.jit(lambda x, w, s: quantized_matmul_reference(
-        x, w, s, bits=4, transposed=True)).lower(
+    xla = jax.jit(lambda x, w, s: quantized_matmul_t_reference(x, w, s, bits=4)).lower(
             x, sds((v, d // 2), jnp.uint8), sds((v, 16), jnp.bfloat16)).compile()
     assert xla.memory_analysis().temp_size_in_bytes >= v * d * 2
 

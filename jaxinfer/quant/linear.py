@@ -100,7 +100,7 @@ def _kernel_layout(eq: str, x: jax.Array, q: QArray, run: int | None) -> _Layout
   too (XLA on a TPU writes its unpacked table out whole: 1.7 GiB for Llama-3.2-1B's). None where
   the kernel does not apply (per-channel scales, another layout or format, or no tile fits the
   weight in its packed `run`, `_run`)."""
-  from pallas_kernels.quantized_matmul import fits, k_minor
+  from pallas_kernels.quantized_matmul import fits, fits_t, k_minor
   inputs, out = eq.split("->")
   xs, ws = inputs.split(",")
   c = _contracted(eq)
@@ -113,7 +113,7 @@ def _kernel_layout(eq: str, x: jax.Array, q: QArray, run: int | None) -> _Layout
     return None  # (mixed dtypes: XLA's product promotes, the kernel keeps x's)
   if transposed:
     (n, groups), k = q.scale.shape, x.shape[-1]
-    if groups == 1 and bits == 8 or not fits(k, n, groups, bits, run, transposed=True):
+    if groups == 1 and bits == 8 or not fits_t(k, n, groups, bits, run):
       return None
     return _Layout(k, n, groups, bits, transposed=True)
   sizes, scales = x.shape[-c:], q.scale.shape[:c]
@@ -225,11 +225,11 @@ def _through_kernel(eq: str, x: jax.Array, q: QArray, interpret=False,
 @functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4, 5, 6, 7))
 def _kernel_product(x, values, scale, bits: int, run: int | None, interpret, out_dtype,
                     transposed: bool = False):
-  """quantized_matmul, differentiable: its gradients are XLA's product's (the integer values
-  get none)."""
-  from pallas_kernels.quantized_matmul import quantized_matmul
-  return quantized_matmul(x, values, scale, bits=bits, run=run, interpret=interpret,
-                          out_dtype=out_dtype, transposed=transposed)
+  """quantized_matmul (transposed: quantized_matmul_t), differentiable: its gradients are XLA's
+  product's (the integer values get none)."""
+  from pallas_kernels.quantized_matmul import quantized_matmul, quantized_matmul_t
+  return (quantized_matmul_t if transposed else quantized_matmul)(
+      x, values, scale, bits=bits, run=run, interpret=interpret, out_dtype=out_dtype)
 
 
 def _kernel_product_fwd(x, values, scale, bits, run, interpret, out_dtype, transposed):
@@ -238,10 +238,12 @@ def _kernel_product_fwd(x, values, scale, bits, run, interpret, out_dtype, trans
 
 
 def _kernel_product_bwd(bits, run, interpret, out_dtype, transposed, res, g):
-  from pallas_kernels.quantized_matmul import quantized_matmul_reference
+  from pallas_kernels.quantized_matmul import (quantized_matmul_reference,
+                                               quantized_matmul_t_reference)
   x, values, scale = res
-  _, vjp = jax.vjp(lambda x, s: quantized_matmul_reference(
-      x, values, s, bits=bits, run=run, out_dtype=out_dtype, transposed=transposed), x, scale)
+  reference = quantized_matmul_t_reference if transposed else quantized_matmul_reference
+  _, vjp = jax.vjp(lambda x, s: reference(x, values, s, bits=bits, run=run, out_dtype=out_dtype),
+                   x, scale)
   dx, dscale = vjp(g)
   return dx, np.zeros(values.shape, jax.dtypes.float0), dscale
 

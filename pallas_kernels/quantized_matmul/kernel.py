@@ -50,7 +50,6 @@ HEADS_OUT = 1 << 19  # accumulated outputs (rows x heads x D) of a heads-form pr
 HEADS_MOST = 48  # heads of a heads-form program, at most (its loop over them is unrolled: 64
 # heads in groups of 32 needed 24 MiB of scoped VMEM on v5e, over its 16; 48 compiled); more
 # heads go in blocks of 32 or 16
-TRANSPOSED_TILE = 1 << 18  # elements of a transposed-form chunk, at most, as dequantized
 
 
 def _blocks(k: int, n: int, groups: int, bits: int) -> tuple[int, int] | None:
@@ -108,40 +107,13 @@ def _heads_blocks(k: int, heads: int, width: int, groups: int, bits: int,
   return None
 
 
-def _transposed_blocks(k: int, n: int, groups: int, bits: int,
-                       run: int) -> tuple[int, int, int] | None:
-  """(chunk, block_n, most rows of x per program) for the transposed form of an (N, K) weight
-  with `groups` scale rows per row, or None. A program holds all of K (so its scales are whole
-  columns of the (G, N) they lie as: their tiles need no slicing of rows by the grid) and
-  dequantizes it a chunk at a time: a multiple of 128 lanes of values (and of an int4 run)
-  that divides K and either divides a group or is a multiple of one (of 32 elements), else
-  all of K. block_n: all N up to 512 rows (fewer for a long chunk), the last tile partial."""
-  per_byte = 2 if bits == 4 else 1
-  group = k // groups
-  chunk = next((c for c in (512, 256) if k % c == 0 and (c // per_byte) % LANES == 0
-                and (c // per_byte) % run == 0
-                and (group % c == 0 or c % group == 0 and group % 32 == 0)), k)
-  if (k // per_byte) % run or groups > 1 and group % 32 and chunk == k:
-    return None
-  block_n = next((b for b in (512, 256, 128) if chunk * b <= TRANSPOSED_TILE), None)
-  if block_n is None:
-    return None
-  return chunk, min(n, block_n), max(8, min(BLOCK_M, TILE // k // 8 * 8))
-
-
 def fits(k: int, n: int, groups: int, bits: int, run: int | None = None,
-         heads: int | None = None, transposed: bool = False) -> bool:
+         heads: int | None = None) -> bool:
   """Whether the kernel takes a (K, N) weight with `groups` scale rows and `bits`-bit values
   (int4: in packed runs of `run` columns, None: `packed_run`'s of its last axis); heads: in the
   heads form, its N columns split into that many heads (1: a two-axis weight), int4 in runs
-  of at least 8 rows (a vector register's sublanes) and lying K-minor; transposed: in the
-  transposed form (values (N, K), packed along K)."""
-  if bits not in (4, 8) or groups < 1 or k % groups:
-    return False
-  if transposed:
-    return _transposed_blocks(k, n, groups, bits, run or packed_run(k // 2) if bits == 4
-                              else 1) is not None
-  if n % 2:
+  of at least 8 rows (a vector register's sublanes) and lying K-minor."""
+  if bits not in (4, 8) or n % 2 or groups < 1 or k % groups:
     return False
   if heads is not None:
     width = n // heads // (2 if bits == 4 else 1)  # a head's rows of values
@@ -261,52 +233,6 @@ def _tpu_heads(x, values, scale, *, bits: int, run: int, interpret, block_m: int
   return out[:m]
 
 
-def _transposed_kernel(x_ref, w_ref, s_ref, out_ref, *, bits: int, run: int, group: int,
-                       chunk: int):
-  """x (bm, K) @ a (block_n, K) tile of values packed along K, dequantized a chunk of K at a
-  time with its scales (G, block_n) turned to (block_n, groups) in VMEM, NT dots."""
-  per_byte = 2 if bits == 4 else 1
-  lanes = min(group, chunk)  # a chunk's lanes under one scale row
-  acc = jnp.zeros(out_ref.shape, jnp.float32)
-  for c in range(x_ref.shape[1] // chunk):
-    v = w_ref[:, c * chunk // per_byte:(c + 1) * chunk // per_byte].astype(jnp.int32)
-    if bits == 4:  # K in order: each run's low nibbles, then its high ones
-      low, high = nibbles(v)
-      v = jnp.concatenate([t[:, r * run:(r + 1) * run] for r in range(v.shape[1] // run)
-                           for t in (low, high)], axis=1)
-    first = c * chunk // group
-    s = s_ref[first:first + max(1, chunk // group), :].astype(jnp.float32).T
-    w = jnp.concatenate([v[:, i * lanes:(i + 1) * lanes].astype(jnp.float32) * s[:, i:i + 1]
-                         for i in range(chunk // lanes)], axis=1)
-    w = w.astype(s_ref.dtype).astype(x_ref.dtype)  # rounded as `_dequantize` rounds
-    acc += jax.lax.dot_general(x_ref[:, c * chunk:(c + 1) * chunk], w,
-                               (((1,), (1,)), ((), ())), preferred_element_type=jnp.float32)
-  out_ref[...] = acc.astype(out_ref.dtype)
-
-
-def _tpu_transposed(x, values, scale, *, bits: int, run: int, interpret, block_m: int | None,
-                    out_dtype):
-  """The transposed form: (N, K) values read as they lie (row-major, K along the lanes), the
-  scales (N, G) as the (G, N) they lie as (a free transpose where G is not a multiple of 128)."""
-  m, k = x.shape
-  n, groups = scale.shape
-  chunk, block_n, most = _transposed_blocks(k, n, groups, bits, run)
-  bm = block_m or (m if m <= most else most)
-  # (a partial last block of rows rather than padding x: padded, the logits of a long prefill
-  # were written twice, 1.1 GiB more of Llama-3.2-1B's prefill step)
-  return pl.pallas_call(
-      functools.partial(_transposed_kernel, bits=bits, run=run, group=k // groups, chunk=chunk),
-      grid=(pl.cdiv(m, bm), pl.cdiv(n, block_n)),
-      in_specs=[pl.BlockSpec((bm, k), lambda i, j: (i, 0)),
-                pl.BlockSpec((block_n, values.shape[1]), lambda i, j: (j, 0)),
-                pl.BlockSpec((groups, block_n), lambda i, j: (0, j))],
-      out_specs=pl.BlockSpec((bm, block_n), lambda i, j: (i, j)),
-      out_shape=jax.ShapeDtypeStruct((m, n), out_dtype),
-      compiler_params=pltpu.CompilerParams(dimension_semantics=("parallel", "parallel")),
-      interpret=interpret,
-  )(x, values, scale.T)
-
-
 def _tpu(x, values, scale, *, bits: int, run: int, interpret, block_m: int | None,
          block_n: int | None, out_dtype):
   m, k = x.shape
@@ -338,20 +264,16 @@ def _tpu(x, values, scale, *, bits: int, run: int, interpret, block_m: int | Non
 
 def quantized_matmul(x: jax.Array, values: jax.Array, scale: jax.Array, *, bits: int,
                      run: int | None = None, interpret=False, block_m: int | None = None,
-                     block_n: int | None = None, out_dtype=None,
-                     transposed: bool = False) -> jax.Array:
+                     block_n: int | None = None, out_dtype=None) -> jax.Array:
   """x (M, K) @ the weight `values` and `scale` stand for -> (M, N) in out_dtype (None: x's;
   accumulated in float32 either way), by the Mosaic TPU kernel (`fits` must hold); values
   (K, H, W) and scale (G, H, D) give (M, H, D) by the heads form (H = 1 for a two-axis weight
-  lying K-minor), which reads them as XLA lays them out (`k_minor`); transposed: values
-  (N, K) packed along K and scale (N, G), x @ W.T (a tied embedding table as the LM head).
+  lying K-minor), which reads them as XLA lays them out (`k_minor`). A weight stored
+  transposed (a tied embedding table as the LM head) has `transposed.quantized_matmul_t`.
   run: int4's packed run (`reference.unpack_int4`; None: `packed_run` of the last axis);
   `interpret` (True or a `pltpu.InterpretParams`) runs it in jax's TPU interpret mode wherever
   this runs. Off a TPU, callers use the reference."""
   k = x.shape[1]
-  if transposed:
-    return _transposed(x, values, scale, bits=bits, run=run, interpret=interpret,
-                       block_m=block_m, out_dtype=out_dtype)
   heads = values.shape[1] if values.ndim == 3 else None
   if heads is not None and scale.ndim != 3:
     raise ValueError(f"quantized_matmul: values {values.shape} in heads take scales (G, H, D); "
@@ -382,21 +304,3 @@ def quantized_matmul(x: jax.Array, values: jax.Array, scale: jax.Array, *, bits:
                       interpret=interpret, block_m=block_m, out_dtype=out_dtype or x.dtype)
   return _tpu(x, values, scale, bits=bits, run=run, interpret=interpret, block_m=block_m,
               block_n=block_n, out_dtype=out_dtype or x.dtype)
-
-
-def _transposed(x, values, scale, *, bits: int, run: int | None, interpret, block_m, out_dtype):
-  k = x.shape[1]
-  n, groups = scale.shape if scale.ndim == 2 else (None, None)
-  expect = ((n, k // 2), jnp.uint8) if bits == 4 else ((n, k), jnp.int8)
-  if n is None or (values.shape, values.dtype) != expect:
-    raise ValueError(f"quantized_matmul: transposed {bits}-bit values for x {x.shape} take "
-                     f"scale (N, G) and values {expect[0]} {jnp.dtype(expect[1]).name}; got "
-                     f"scale {scale.shape}, values {values.shape} {values.dtype}")
-  run = (run or packed_run(values.shape[1])) if bits == 4 else 1
-  if not fits(k, n, groups, bits, run, transposed=True):
-    raise ValueError(f"quantized_matmul: no TPU tile fits a transposed ({n}, {k}) weight with "
-                     f"{groups} scale groups a row; use quantized_matmul_reference")
-  if interpret is True:
-    interpret = pltpu.InterpretParams()
-  return _tpu_transposed(x, values, scale, bits=bits, run=run, interpret=interpret,
-                         block_m=block_m, out_dtype=out_dtype or x.dtype)

@@ -53,17 +53,10 @@ def dequantized(values: jax.Array, scale: jax.Array, bits: int, run: int | None 
 def quantized_matmul_reference(x: jax.Array, values: jax.Array, scale: jax.Array, *, bits: int,
                                run: int | None = None, interpret=None,
                                block_m: int | None = None,
-                               block_n: int | None = None, out_dtype=None,
-                               transposed: bool = False) -> jax.Array:
+                               block_n: int | None = None, out_dtype=None) -> jax.Array:
   """values (K, H, W) and scale (G, H, D), a weight in heads, give (M, H, D): flattened, each
-  head's runs kept (run: the last axis's). transposed: values (N, K) and scale (N, G), x @ W.T
-  (W dequantized as stored, then transposed)."""
+  head's runs kept (run: the last axis's)."""
   del interpret, block_m, block_n
-  if transposed:
-    w = unpack_int4(values, run) if bits == 4 else values  # (N, K), unpacked along K
-    n, groups = scale.shape
-    w = (w.reshape(n, groups, -1).astype(scale.dtype) * scale[:, :, None]).reshape(n, -1)
-    return jnp.einsum("mk,nk->mn", x, w.astype(x.dtype), preferred_element_type=out_dtype)
   if values.ndim == 3:
     run = run or packed_run(values.shape[-1])
     y = quantized_matmul_reference(x, values.reshape(values.shape[0], -1),
@@ -72,3 +65,15 @@ def quantized_matmul_reference(x: jax.Array, values: jax.Array, scale: jax.Array
     return y.reshape(x.shape[:1] + scale.shape[1:])
   return jnp.dot(x, dequantized(values, scale, bits, run).astype(x.dtype),
                  preferred_element_type=out_dtype)
+
+
+def quantized_matmul_t_reference(x: jax.Array, values: jax.Array, scale: jax.Array, *,
+                                 bits: int, run: int | None = None, interpret=None,
+                                 block_m: int | None = None, out_dtype=None) -> jax.Array:
+  """`transposed.quantized_matmul_t`'s specification: values (N, K) packed along K and scale
+  (N, G), x @ W.T with W dequantized as stored (the model's XLA product of a tied table)."""
+  del interpret, block_m
+  w = unpack_int4(values, run) if bits == 4 else values  # (N, K), unpacked along K
+  n, groups = scale.shape
+  w = (w.reshape(n, groups, -1).astype(scale.dtype) * scale[:, :, None]).reshape(n, -1)
+  return jnp.einsum("mk,nk->mn", x, w.astype(x.dtype), preferred_element_type=out_dtype)
