@@ -143,7 +143,7 @@ def _kernel_fn(eq: str, x: jax.Array, q: QArray, kernel: WeightKernel, interpret
     return (_kernel_layout(eq, x, q, run) is not None
             and functools.partial(_through_kernel, eq, interpret=interpret, run=run,
                                   out_dtype=out_dtype))
-  specs = _sharded(eq, x, q, kernel, run)
+  specs = _sharded(eq, x, q, kernel, run, out_dtype)
   if specs is None:
     return None
   x_spec, w_spec, out_spec, summed = specs
@@ -158,7 +158,8 @@ def _kernel_fn(eq: str, x: jax.Array, q: QArray, kernel: WeightKernel, interpret
   return product
 
 
-def _sharded(eq: str, x: jax.Array, q: QArray, kernel: WeightKernel, run: int | None):
+def _sharded(eq: str, x: jax.Array, q: QArray, kernel: WeightKernel, run: int | None,
+             out_dtype=None):
   """(x's, the weight's (its values' and its scales') and the output's PartitionSpecs, the mesh
   axes summed over)
   for the kernel on each device's shard: the weight as the rules place it, x's rows as the rules
@@ -181,7 +182,8 @@ def _sharded(eq: str, x: jax.Array, q: QArray, kernel: WeightKernel, run: int | 
   if both:
     out_per_in = (math.prod(n for ch, n in zip(ws, q.scale.shape) if ch in out)
                   / math.prod(n for ch, n in zip(xs, x.shape) if ch in ws))
-    x_bytes = x.size * x.dtype.itemsize * (1 + out_per_in)  # x and the output
+    x_bytes = x.size * (x.dtype.itemsize  # x and the output (float32 logits)
+                        + out_per_in * jnp.dtype(out_dtype or x.dtype).itemsize)
     if x_bytes < q.qvalue.size * q.qvalue.dtype.itemsize + q.scale.size * q.scale.dtype.itemsize:
       rows = tuple(a for a in rows if a not in both)
     else:

@@ -128,7 +128,7 @@ def in_threads(fn, jobs: list[tuple], cancel: threading.Event | None = None) -> 
   It waits in short slices rather than in Thread.join: a SIGINT that the kernel hands to another
   of the process's threads does not wake a blocked join, and a join interrupted on Python 3.11
   can mark a running thread as stopped (cpython bpo-45274's handler)."""
-  failures: list[Exception] = []
+  failures: list[BaseException] = []
   cv = threading.Condition()
   began = ended = 0
   closed = False  # interrupted: a replica not yet begun does not begin
@@ -141,7 +141,7 @@ def in_threads(fn, jobs: list[tuple], cancel: threading.Event | None = None) -> 
       began += 1
     try:
       fn(*args)
-    except Exception as e:  # surfaced after the other replicas finish
+    except BaseException as e:  # surfaced after the other replicas finish (SystemExit too)
       failures.append(e)
     finally:
       with cv:
