@@ -141,6 +141,24 @@ def _dequantize(v: jax.Array, s: jax.Array, dtype) -> jax.Array:
   return w.astype(s.dtype).astype(dtype).reshape(bk, bn)
 
 
+def in_order(v: jax.Array, run: int, axis: int) -> jax.Array:
+  """A tile's packed int4 bytes (as int32) -> its values in order along `axis`: each run of `run`
+  bytes' low nibbles, then its high ones (`reference.unpack_int4`'s blocks)."""
+  low, high = nibbles(v)
+  take = lambda t, r: jax.lax.slice_in_dim(t, r * run, (r + 1) * run, axis=axis)
+  return jnp.concatenate([take(t, r) for r in range(v.shape[axis] // run) for t in (low, high)],
+                         axis=axis)
+
+
+def dequantize_lanes(v: jax.Array, s: jax.Array, lanes: int, scale_dtype, dtype) -> jax.Array:
+  """A tile of integer values (rows, K) with K along the lanes times its scales (rows, groups)
+  in float32, a group every `lanes` lanes, rounded as `_dequantize` rounds (to the scales'
+  dtype, then `dtype`)."""
+  w = jnp.concatenate([v[:, i * lanes:(i + 1) * lanes].astype(jnp.float32) * s[:, i:i + 1]
+                       for i in range(v.shape[1] // lanes)], axis=1)
+  return w.astype(scale_dtype).astype(dtype)
+
+
 def _kernel(x_ref, w_ref, s_ref, out_ref, acc_ref, *, bits: int, run: int):
   k = pl.program_id(2)
 
@@ -150,10 +168,8 @@ def _kernel(x_ref, w_ref, s_ref, out_ref, acc_ref, *, bits: int, run: int):
 
   x = x_ref[...]
   v = w_ref[...].astype(jnp.int32)
-  if bits == 4:  # the tile's columns in order: each run's low nibbles, then its high ones
-    low, high = nibbles(v)
-    v = jnp.concatenate([h[:, r * run:(r + 1) * run] for r in range(v.shape[1] // run)
-                         for h in (low, high)], axis=1)
+  if bits == 4:  # the tile's columns in order
+    v = in_order(v, run, axis=1)
   acc_ref[...] += jnp.dot(x, _dequantize(v, s_ref[...], x.dtype),
                           preferred_element_type=jnp.float32)
 
@@ -178,14 +194,10 @@ def _heads_kernel(x_ref, w_ref, s_ref, out_ref, acc_ref, *, bits: int, run: int,
       acc_ref[h] += jnp.dot(x, w, preferred_element_type=jnp.float32)
       continue
     v = w_ref[h].astype(jnp.int32)  # (block_w, block_k): a head's packed rows, K along lanes
-    if bits == 4:  # the head's rows in column order: each run's low nibbles, then its high ones
-      low, high = nibbles(v)
-      v = jnp.concatenate([t[r * run:(r + 1) * run] for r in range(v.shape[0] // run)
-                           for t in (low, high)], axis=0)
+    if bits == 4:  # the head's rows in column order
+      v = in_order(v, run, axis=0)
     s = s_ref[:, h, :].astype(jnp.float32).T  # (columns, scale rows of the tile)
-    w = jnp.concatenate([v[:, i * lanes:(i + 1) * lanes].astype(jnp.float32) * s[:, i:i + 1]
-                         for i in range(v.shape[1] // lanes)], axis=1)
-    w = w.astype(s_ref.dtype).astype(x.dtype)  # rounded as `_dequantize` rounds
+    w = dequantize_lanes(v, s, lanes, s_ref.dtype, x.dtype)
     acc_ref[h] += jax.lax.dot_general(x, w, (((1,), (1,)), ((), ())),
                                       preferred_element_type=jnp.float32)
 

@@ -28,8 +28,9 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
-from pallas_kernels.quantized_matmul.kernel import BLOCK_M, LANES, TILE
-from pallas_kernels.quantized_matmul.reference import nibbles, packed_run
+from pallas_kernels.quantized_matmul.kernel import (BLOCK_M, LANES, TILE, dequantize_lanes,
+                                                    in_order)
+from pallas_kernels.quantized_matmul.reference import packed_run
 
 CHUNK = 1 << 18  # elements of a chunk of the table's rows, at most, as dequantized in VMEM
 VMEM = 12 << 20  # bytes a program's tiles may take (v5e's scoped VMEM is 16 MiB), as estimated
@@ -77,15 +78,11 @@ def _kernel(x_ref, w_ref, s_ref, out_ref, *, bits: int, run: int, group: int, ch
   acc = jnp.zeros(out_ref.shape, jnp.float32)
   for c in range(x_ref.shape[1] // chunk):
     v = w_ref[:, c * chunk // per_byte:(c + 1) * chunk // per_byte].astype(jnp.int32)
-    if bits == 4:  # K in order: each run's low nibbles, then its high ones
-      low, high = nibbles(v)
-      v = jnp.concatenate([t[:, r * run:(r + 1) * run] for r in range(v.shape[1] // run)
-                           for t in (low, high)], axis=1)
+    if bits == 4:  # K in order
+      v = in_order(v, run, axis=1)
     first = c * chunk // group
     s = s_ref[first:first + max(1, chunk // group), :].astype(jnp.float32).T
-    w = jnp.concatenate([v[:, i * lanes:(i + 1) * lanes].astype(jnp.float32) * s[:, i:i + 1]
-                         for i in range(chunk // lanes)], axis=1)
-    w = w.astype(s_ref.dtype).astype(x_ref.dtype)  # rounded as the reference rounds
+    w = dequantize_lanes(v, s, lanes, s_ref.dtype, x_ref.dtype)
     acc += jax.lax.dot_general(x_ref[:, c * chunk:(c + 1) * chunk], w,
                                (((1,), (1,)), ((), ())), preferred_element_type=jnp.float32)
   out_ref[...] = acc.astype(out_ref.dtype)
