@@ -505,7 +505,7 @@ def run(job: CompileJob, log=None) -> Report:
   runtime = Runtime(mesh, implementation=job.implementation, sparsity=sparsity)
   params = params_shapes(cfg, job, mesh, runtime)
   steps = engine_steps(cfg, job, params, runtime)
-  pools = steps["decode"][1][1:3]  # (k, v): every layer's (K, P, ps, H) pool
+  pools = steps["decode"][1][1:3]  # (k, v): every layer's (K/c, P, ps, c*H) pool
   kv_pages = pools[0][0].shape[1]
   report = Report(
       target=str(target), device_kind=devices[0].device_kind if target.platform == "tpu"

@@ -34,12 +34,12 @@ def whole_on(mesh: Mesh):
 
 
 def _engine_pools(cfg: ModelConfig, ecfg: EngineConfig, tokens: int, runtime: Runtime):
-  """(every layer's KV pool (K, P, ps, H), laid out as the engine lays it out, for sequences of
+  """(every layer's KV pool (K/c, P, ps, c*H), laid out as the engine lays it out, for sequences of
   up to `tokens` tokens; M, their pages per sequence)."""
   ps = ecfg.page_size
   m = max(1, -(-tokens // ps))
   pages = pool_pages_for(ecfg, m)
-  shape = PagedKVCache.pool_shape(cfg, pages, ps)
+  shape = PagedKVCache.pool_shape(cfg, pages, ps, runtime.mesh, runtime.rules)
   values, scales = PagedKVCache.pool_shardings(cfg, pages, ps, runtime.mesh, runtime.rules)
   if ecfg.kv_cache_dtype is None:
     pool = jax.ShapeDtypeStruct(shape, cfg.jnp_dtype, sharding=values)
@@ -52,7 +52,7 @@ def _engine_pools(cfg: ModelConfig, ecfg: EngineConfig, tokens: int, runtime: Ru
 def engine_steps(cfg: ModelConfig, job, params, runtime: Runtime):
   """{name: (jitted step, abstract arguments)}: the engine's mixed step at its widest (G lanes of
   Q prompt tokens beside the S decode rows; under a dynamic sparsity pattern one lane of the
-  longest prompt) and its decode-only dispatch, with the KV pools (K, P, ps, H) per layer laid
+  longest prompt) and its decode-only dispatch, with the KV pools (K/c, P, ps, c*H) per layer laid
   out as the engine lays them out."""
   ecfg = job.engine_config
   s, g, q = ecfg.num_slots, ecfg.chunk_lanes, ecfg.chunk_size

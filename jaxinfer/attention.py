@@ -9,7 +9,7 @@ Each implementation provides two entry points:
                                   after them: dynamic patterns are estimated from the real ones)
   cache(q, kv, positions, ...)    queries attend to cached positions <= their own (decode,
                                   continued prefill); kv is a kv_cache.LayerKV, contiguous
-                                  (K,B,S,H) or a page pool (K,P,ps,H) with a page table
+                                  (K,B,S,H) or a page pool (K/c,P,ps,c*H) with a page table
 
 "xla" is the plain-jnp reference. "pallas" runs the block-sparse flash kernel for chunks and the
 paged decode kernel for single-token cache reads (a contiguous cache is viewed as pages with an
@@ -141,7 +141,8 @@ def _xla_chunk(q, k, v, positions, *, window, sinks, sparsity, segment_ids, mesh
 def _xla_cache(q, kv, positions, *, window, sinks, mesh, rules):
   del mesh, rules
   if kv.page_table is not None:  # gather each row's pages into (K, B, M*ps, H)
-    (k, ks), (v, vs) = (gather_rows(x, kv.page_table, q.dtype) for x in (kv.k, kv.v))
+    (k, ks), (v, vs) = (gather_rows(x, kv.page_table, q.dtype, q.shape[-1])
+                        for x in (kv.k, kv.v))
   else:
     (k, ks), (v, vs) = (kv_read(x, (), q.dtype) for x in (kv.k, kv.v))
   return cache_attention_reference(q, k, v, positions, window=window, sinks=sinks, k_scale=ks,
@@ -261,9 +262,9 @@ def _xla_tree(q, kv, positions, *, window, sinks, mesh, rules):
   del positions, mesh, rules
   from pallas_kernels.tree_attention import tree_visibility
   b, t, n, h = q.shape
-  kv_heads = kv.k.shape[0]
   # each row's pages gathered heads-major, as the decode path gathers them
-  (k, ks), (v, vs) = (gather_rows(x, kv.page_table, q.dtype) for x in (kv.k, kv.v))
+  (k, ks), (v, vs) = (gather_rows(x, kv.page_table, q.dtype, h) for x in (kv.k, kv.v))
+  kv_heads = k.shape[0]
   qg = q.reshape(b, t, kv_heads, n // kv_heads, h).transpose(2, 0, 3, 1, 4)  # (K,B,G,T,H)
   scores = jnp.einsum("kbgth,kbsh->kbgts", qg, k, preferred_element_type=jnp.float32)
   visible = tree_visibility(kv.prefix_len, kv.tree_mask, k.shape[2], window, sinks)

@@ -3,7 +3,10 @@
 K kv heads, B rows (sequences, or flattened tokens in the engine), S slots, H head dim,
 P pages in the pool, ps page size, M pages per row.
 
-Both are stored heads-major. A contiguous buffer (K, B, S, H) is itself a page pool with an
+Both are stored heads-major. A pool's rows are at least a TPU vector (128 lanes) wide where the
+heads allow: heads narrower than that lie c = 128 // H side by side in a row, pools
+(K/c, P, ps, c*H) (`pool_heads_per_row`; pallas_kernels.common: why and how the kernels read them),
+written and gathered here as (K, ..., H) heads. A contiguous buffer (K, B, S, H) is itself a page pool with an
 identity page table, so the paged decode kernel reads either without a copy.
 
 Either may be int8 (`kv_cache_dtype="int8"`): each buffer is then a `kv_quant.QuantizedKV`, int8
@@ -14,6 +17,7 @@ their scales to its logits and probabilities.
 
 from __future__ import annotations
 
+import math
 from typing import Optional
 
 import jax
@@ -26,6 +30,7 @@ from jaxinfer.kv_quant import (QuantizedKV, kv_bytes_per_vector, kv_move, kv_rea
                                kv_zeros, scales_shape)
 from jaxinfer.sharding import DEFAULT_RULES, ShardingRules
 from jaxinfer.sparsity import Sparsity
+from pallas_kernels.common import SCALE_LANES, heads_per_row, unpack_heads
 
 CACHE_AXES = ("kv_heads", "batch", "cache_seq", "head_dim")
 POOL_AXES = ("kv_heads", "cache_pages", "page", "head_dim")
@@ -57,12 +62,18 @@ def _write_contiguous(buf, new: jax.Array, positions: jax.Array):
   return kv_set(buf, (slice(None), rows, positions), new.transpose(2, 0, 1, 3))
 
 
+def _as_rows(new: jax.Array, pool) -> jax.Array:
+  """new (B,T,K,H) as the pool's rows (B,T,K/c,c*H): c adjacent heads side by side (a reshape)."""
+  return new.reshape(new.shape[:2] + (pool.shape[0], pool.shape[-1]))
+
+
 def _write_paged(pool, new: jax.Array, positions: jax.Array, page_table: jax.Array):
   ps, m = pool.shape[2], page_table.shape[1]
   index = positions // ps
   page = jnp.take_along_axis(page_table, jnp.clip(index, 0, m - 1), axis=1)
   page = jnp.where((index >= 0) & (index < m), page, pool.shape[1])  # out of range: dropped
-  return kv_set(pool, (slice(None), page, positions % ps), new.transpose(2, 0, 1, 3))
+  return kv_set(pool, (slice(None), page, positions % ps),
+                _as_rows(new, pool).transpose(2, 0, 1, 3))
 
 
 @struct.dataclass
@@ -99,7 +110,7 @@ class KVCache:
 
 @struct.dataclass
 class PagedKVCache:
-  """Per-layer page pools (K, P, ps, H) and one page table (B, M) shared by all layers: row b's
+  """Per-layer page pools (K/c, P, ps, c*H) and one page table (B, M) shared by all layers: row b's
   position p lives in page page_table[b, p // ps] at offset p % ps. Rows may share pages (a
   common prompt prefix) by listing the same page ids."""
 
@@ -118,10 +129,10 @@ class PagedKVCache:
   def layer(self, i: int) -> LayerKV:
     return LayerKV(self.k[i], self.v[i], self.page_table)
 
-  def rows(self) -> KVCache:
-    """Each row's pages gathered in order: a contiguous cache of M * ps positions per row (of
+  def rows(self, head_dim: int) -> KVCache:
+    """Each row's pages gathered in order: a contiguous cache (K, B, M * ps, H) per layer (of
     unquantized pools)."""
-    gather = lambda pool: gather_rows(pool, self.page_table, pool.dtype)[0]
+    gather = lambda pool: gather_rows(pool, self.page_table, pool.dtype, head_dim)[0]
     return KVCache(tuple(map(gather, self.k)), tuple(map(gather, self.v)))
 
   def with_layers(self, layers: list[LayerKV]) -> "PagedKVCache":
@@ -129,21 +140,25 @@ class PagedKVCache:
                         page_table=self.page_table)
 
   @staticmethod
-  def pool_shape(cfg: ModelConfig, num_pages: int, page_size: int) -> tuple[int, ...]:
-    return (cfg.kv_heads, num_pages, page_size, cfg.head_dim)
+  def pool_shape(cfg: ModelConfig, num_pages: int, page_size: int, mesh: Mesh | None = None,
+                 rules: ShardingRules = DEFAULT_RULES) -> tuple[int, ...]:
+    """(K/c, P, ps, c*H): c = pool_heads_per_row(cfg, mesh, rules) kv heads a row."""
+    c = pool_heads_per_row(cfg, mesh, rules)
+    return (cfg.kv_heads // c, num_pages, page_size, c * cfg.head_dim)
 
   @staticmethod
   def pool_bytes(cfg: ModelConfig, num_pages: int, page_size: int,
                  kv_cache_dtype: str | None = None) -> int:
-    """Bytes of K and V pools for every layer."""
-    return (2 * cfg.num_layers * num_pages * page_size * cfg.kv_heads
-            * kv_bytes_per_vector(cfg.head_dim, cfg.jnp_dtype, kv_cache_dtype))
+    """Bytes of K and V pools for every layer (one device's worth without a mesh)."""
+    rows, _, _, width = PagedKVCache.pool_shape(cfg, num_pages, page_size)
+    return (2 * cfg.num_layers * num_pages * page_size * rows
+            * kv_bytes_per_vector(width, cfg.jnp_dtype, kv_cache_dtype))
 
   @staticmethod
   def pool_shardings(cfg: ModelConfig, num_pages: int, page_size: int, mesh: Mesh | None,
                      rules: ShardingRules = DEFAULT_RULES):
     """(values' sharding, scales' sharding) of one pool; None without a mesh."""
-    shape = PagedKVCache.pool_shape(cfg, num_pages, page_size)
+    shape = PagedKVCache.pool_shape(cfg, num_pages, page_size, mesh, rules)
     if mesh is None:
       return None, None
     return (rules.sharding(mesh, POOL_AXES, shape),
@@ -152,27 +167,48 @@ class PagedKVCache:
   @staticmethod
   def init_pools(cfg: ModelConfig, num_pages: int, page_size: int, mesh: Mesh | None = None,
                  rules: ShardingRules = DEFAULT_RULES, kv_cache_dtype: str | None = None):
-    """(k pools, v pools), zero-filled, one (K, P, ps, H) buffer per layer each."""
-    shape = PagedKVCache.pool_shape(cfg, num_pages, page_size)
+    """(k pools, v pools), zero-filled, one (K/c, P, ps, c*H) buffer per layer each."""
+    shape = PagedKVCache.pool_shape(cfg, num_pages, page_size, mesh, rules)
     shardings = PagedKVCache.pool_shardings(cfg, num_pages, page_size, mesh, rules)
     zeros = lambda: tuple(kv_zeros(shape, cfg.jnp_dtype, kv_cache_dtype, *shardings)
                           for _ in range(cfg.num_layers))
     return zeros(), zeros()
 
 
-def gather_rows(pool, page_table, dtype):
-  """Each row's pages of a pool (K,P,ps,H), in order: (values (K, B, M*ps, H), their scales
-  (K, B, M*ps) or None), as kv_quant.kv_read."""
-  kv_heads, _, ps, h = pool.shape
+def pool_heads_per_row(cfg: ModelConfig, mesh: Mesh | None = None,
+                       rules: ShardingRules = DEFAULT_RULES) -> int:
+  """c, the kv heads each row of a page pool holds: 128 // H for heads narrower than a TPU
+  vector when the kv heads (those of each device, on a mesh) group evenly by it; else 1.
+
+  Why: XLA on a TPU lays out a pool whose last axis is 64 with its pages minor (a 64-lane row
+  would be padded to 128), so the kernels' row-major view of it was a copy of the whole pool
+  into their layout and back at every step. Rows of 128 lie row-major, as stored. An int8
+  pool's scales are then per token and row (c heads) rather than per head."""
+  h, k = cfg.head_dim, cfg.kv_heads
+  if h >= SCALE_LANES or SCALE_LANES % h:
+    return 1
+  shards = 1 if mesh is None else math.prod(mesh.shape[a] for a in rules.mesh_axes("kv_heads"))
+  c = SCALE_LANES // h
+  return c if k % c == 0 and (k // c) % shards == 0 else 1
+
+
+def gather_rows(pool, page_table, dtype, head_dim: int | None = None):
+  """Each row's pages of a pool (K/c,P,ps,c*H), in order: (values (K, B, M*ps, H), their scales
+  (K, B, M*ps) or None), as kv_quant.kv_read; `head_dim` None: rows as stored (K/c, ..., c*H)."""
+  rows, _, ps, width = pool.shape
   b, m = page_table.shape
   x, scale = kv_read(pool, (slice(None), page_table), dtype)
-  return (x.reshape(kv_heads, b, m * ps, h),
-          None if scale is None else scale.reshape(kv_heads, b, m * ps))
+  x = x.reshape(rows, b, m * ps, width)
+  scale = None if scale is None else scale.reshape(rows, b, m * ps)
+  if head_dim is None:
+    return x, scale
+  c = heads_per_row(width, head_dim)
+  return unpack_heads(x, head_dim), None if scale is None else jnp.repeat(scale, c, axis=0)
 
 
 @struct.dataclass
 class PagePools:
-  """A draft layer's K/V kept in the engine's page layout, (K, P, ps, H) buffers per layer: the
+  """A draft layer's K/V kept in the engine's page layout, (K/c, P, ps, c*H) buffers per layer: the
   engine's page ids name its pages, so a prompt page shared by reference carries them too."""
 
   k: tuple[jax.Array, ...]
@@ -312,7 +348,7 @@ def commit_path(pools: tuple[jax.Array, ...], page_table: jax.Array, prefix_len:
                 path: jax.Array, num_accepted: jax.Array) -> tuple[jax.Array, ...]:
   """Moves the K/V of accepted tree nodes path[:, d] (stored at prefix_len + path[:, d]) to
   prefix_len + d, for 1 <= d <= num_accepted; everything else in the tree region is left as
-  garbage past the new length. pools: per-layer (K, P, ps, H) buffers."""
+  garbage past the new length. pools: per-layer (K/c, P, ps, c*H) buffers."""
   b, t = path.shape
   ps, m = pools[0].shape[2], page_table.shape[1]
   depth = jnp.arange(t)[None, :]

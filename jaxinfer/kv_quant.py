@@ -1,5 +1,6 @@
 """K/V buffers as the caches hold them: an array in the model's dtype, or a `QuantizedKV` (int8
-values with a float32 scale per token and kv head). The `kv_*` functions index, write and read
+values with a float32 scale per token and kv head: per buffer row, which in a page pool of
+narrow heads holds several, kv_cache.pool_heads_per_row). The `kv_*` functions index, write and read
 either kind, so the caches and the attention paths have one code path for both.
 
 A buffer is (K, *positions, H): K kv heads, the position axes (a page pool's (P, ps), a

@@ -72,6 +72,61 @@ def gpu_rows(rows: int, interpret, min_rows: int | None) -> int:
   return rows if interpret else pow2(rows)
 
 
+# Page pools with heads narrower than a TPU vector (128 lanes) hold c = width // H kv heads side
+# by side in each row: (K/c, P, ps, c*H), pool row j holding kv heads j*c .. j*c + c - 1, so a
+# TPU lays the pool out row-major as stored (a last axis of 64 would be padded to 128 lanes or
+# transposed, and copied into the kernels' layout at every step). The kernels read such a pool
+# as K/c heads of width c*H whose rows are the c heads' query rows, each head's queries in its
+# own lanes (zero elsewhere), and keep each row's own lanes of the output.
+
+
+def heads_per_row(pool_width: int, head_dim: int) -> int:
+  """c, the kv heads a pool row holds side by side (pools (K/c, P, ps, c*H))."""
+  if pool_width % head_dim:
+    raise ValueError(f"pages of width {pool_width} do not hold heads of {head_dim}")
+  return pool_width // head_dim
+
+
+def check_heads(name: str, n: int, h: int, pool_shape: tuple[int, ...]) -> None:
+  """ValueError unless N query heads of H fit pages (K/c, ..., c*H): c*H lanes and N a multiple
+  of K."""
+  width, rows = pool_shape[-1], pool_shape[0]
+  if width % h or n % (rows * (width // h)):
+    raise ValueError(f"{name}: {n} query heads of {h} do not fit pages {tuple(pool_shape)} "
+                     f"(K/c, ..., c*H: c kv heads a row)")
+
+
+def unpack_heads(x: jax.Array, head_dim: int) -> jax.Array:
+  """A pool or cache (K/c, ..., c*H) as (K, ..., H), kv head j*c + i from row j's lanes
+  i*H .. (i+1)*H."""
+  c = heads_per_row(x.shape[-1], head_dim)
+  if c == 1:
+    return x
+  x = jnp.moveaxis(x.reshape(x.shape[:-1] + (c, head_dim)), -2, 1)
+  return x.reshape((x.shape[0] * c,) + x.shape[2:])
+
+
+def pack_rows(q: jax.Array, c: int) -> jax.Array:
+  """Query rows (B, K, R, H) for pools of c heads a row: (B, K/c, c*R, c*H), head i of a row
+  group in rows i*R .. and lanes i*H .., zeros elsewhere."""
+  if c == 1:
+    return q
+  b, k, r, h = q.shape
+  own = jnp.eye(c, dtype=bool)[:, None, :, None]  # (head, row, lane group, lane)
+  q = jnp.where(own, q.reshape(b, k // c, c, r, 1, h), jnp.zeros((), q.dtype))
+  return q.reshape(b, k // c, c * r, c * h)
+
+
+def unpack_rows(o: jax.Array, c: int) -> jax.Array:
+  """pack_rows' inverse for outputs: (B, K/c, c*R, c*H) -> (B, K, R, H), each row's own lanes."""
+  if c == 1:
+    return o
+  b, kc, cr, ch = o.shape
+  r, h = cr // c, ch // c
+  o = jnp.diagonal(o.reshape(b, kc, c, r, c, h), axis1=2, axis2=4)  # (B, K/c, R, H, c)
+  return jnp.moveaxis(o, -1, 2).reshape(b, kc * c, r, h)
+
+
 def merge_splits(o: jax.Array, lse: jax.Array, axis: int) -> jax.Array:
   """Combines split-K partial results o (..., C, rows, H) by their log-sum-exps lse
   (..., C, rows) along the split axis; a split that saw no key (lse = -inf) weighs 0."""
@@ -140,10 +195,11 @@ SCALE_LANES = 128  # a TPU vector's lanes: a row of int8 pools' scales is one ve
 
 
 def check_scales(name: str, k_pages, k_scales, v_scales):
-  """int8 pools (K,P,ps,H) need both scale arrays, float32 rows (K, ceil(P*ps/128), 128): the
-  scale of page p's position o at flat position n = p*ps + o, [k, n // 128, n % 128] (so the
-  TPU form fetches a page's scales from one aligned row, with no copy into another layout:
-  the page size must divide 128). Other pools take no scales."""
+  """int8 pools (K,P,ps,H) (K rows, each one head or c side by side) need both scale arrays,
+  float32 rows (K, ceil(P*ps/128), 128): the scale of page p's position o at flat position
+  n = p*ps + o, [k, n // 128, n % 128] (so the TPU form fetches a page's scales from one aligned
+  row, with no copy into another layout: the page size must divide 128). Other pools take no
+  scales."""
   quantized = k_pages.dtype == jnp.int8
   if (k_scales is None) != (v_scales is None) or quantized != (k_scales is not None):
     raise ValueError(f"{name}: int8 pools need k_scales and v_scales (and only they take them); "

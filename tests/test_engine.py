@@ -1,6 +1,7 @@
 """The continuous-batching engine: pages, prefix sharing, equality with independent generation,
 determinism, resume after SIGKILL, and a two-process run."""
 
+import dataclasses
 import json
 import os
 import signal
@@ -209,6 +210,32 @@ def test_outputs_do_not_depend_on_slots_chunks_pages_steps_or_replicas(tmp_path,
     other, _ = _job(tmp_path, tiny_model_dir, records, f"v{i}", **kw)
     for rid in base:
       assert other[rid]["completion_ids"] == base[rid]["completion_ids"], (kw, rid)
+
+
+def test_heads_two_to_a_pool_row_decode_as_independent_generation(tmp_path):
+  """Heads of 64 lie two to a page-pool row (K/2, P, ps, 128); greedy records through the engine,
+  XLA's attention and the kernels (plain, verifying n-gram drafts, per shard over model:2), equal
+  each decoded alone by the reference Generator, whose dense cache keeps one head a row."""
+  import jax
+
+  from jaxinfer.config import PRESETS
+  from jaxinfer.kv_cache import PagedKVCache, pool_heads_per_row
+  from tests.conftest import make_tiny_model_dir
+  cfg = dataclasses.replace(PRESETS["tiny"], q_heads=8, kv_heads=4, head_dim=64)
+  assert PagedKVCache.pool_shape(cfg, 8, 4) == (2, 8, 4, 128)
+  assert pool_heads_per_row(cfg, jax.make_mesh((2,), ("model",))) == 2
+  assert pool_heads_per_row(cfg, jax.make_mesh((4,), ("model",))) == 1  # a head a device
+  assert pool_heads_per_row(dataclasses.replace(cfg, head_dim=128)) == 1
+  model = make_tiny_model_dir(tmp_path / "m", q_heads=8, kv_heads=4, head_dim=64)
+  records = [r for r in _workload() if "temperature" not in r]
+  ref = _independent(tmp_path, model, records)
+  for i, kw in enumerate([{}, dict(implementation="pallas"),
+                          dict(implementation="pallas", speculative="ngram"),
+                          dict(implementation="pallas", mesh="model:2")]):
+    out, _ = _job(tmp_path, model, records, f"v{i}", batch_size=4, chunk_size=16, page_size=8,
+                  **kw)
+    for rid in ref:
+      assert out[rid]["completion_ids"] == ref[rid][0], (kw, rid)
 
 
 def test_num_samples_share_the_prompt(tmp_path, tiny_model_dir):

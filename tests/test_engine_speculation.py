@@ -423,8 +423,8 @@ def test_a_draft_models_cache_in_the_engines_pages_drafts_as_its_own_prefill(tar
       np.testing.assert_array_equal(paged.position, length - 1)
       flushed = proposer.flush(w, paged, tables.at[1].set(-1))
       np.testing.assert_array_equal(flushed.position, [-1, length[1] - 1])
-      got = flushed.cache.over(tables).rows()
-      was = paged.cache.over(tables).rows()
+      got = flushed.cache.over(tables).rows(cfg.head_dim)
+      was = paged.cache.over(tables).rows(cfg.head_dim)
       for a, b in zip(got.k, was.k):
         a, b = np.asarray(a), np.asarray(b)
         assert not np.allclose(a[:, 0, length[0] - 1], b[:, 0, length[0] - 1])

@@ -80,6 +80,44 @@ def test_kernels_read_int8_pages_with_their_scales(backend):
   np.testing.assert_allclose(out, ref, atol=2e-5, rtol=2e-5)
 
 
+@pytest.mark.parametrize("backend", ["gpu", "tpu"])
+def test_kernels_read_pools_of_several_heads_a_row(backend):
+  """Pools of c kv heads a row, (K/c, P, ps, c*H) (heads of 64 two to a row, of 32 four), read
+  by both kernels in both forms, in float32 and int8 (one scale a token and row): equal to each
+  head's attention over its own pages, unpacked here by hand."""
+  b, ps, m, g = 2, 16, 6, 3
+  table = jnp.asarray(np.random.RandomState(1).permutation(16)[:b * m].reshape(b, m), jnp.int32)
+  mask = pack_ancestors(jnp.array([PARENTS] * b))
+  for k, h, int8 in ((4, 64, False), (4, 32, False), (2, 64, True)):
+    c = 128 // h
+    x = jax.random.normal(jax.random.key(h + k), (2, k // c, 16, ps, c * h)) * 2
+    pools, scales = (x[0], x[1]), ()
+    if int8:
+      quantized = [QuantizedKV.quantize(p) for p in pools]
+      pools, scales = [p.values for p in quantized], tuple(p.scales for p in quantized)
+      rows = [p.values.astype(jnp.float32) * p.scale_grid()[..., None] for p in quantized]
+    else:
+      rows = pools
+    # kv head j*c + i lies in row j, lanes i*h..(i+1)*h
+    heads = [np.asarray(r).reshape(k // c, 16, ps, c, h).transpose(0, 3, 1, 2, 4)
+             .reshape(k, 16, ps, h) for r in rows]
+    q = jax.random.normal(jax.random.key(7), (b, k * g, h))
+    lengths = jnp.array([9, 90])
+    out = paged_attention(q, *pools, lengths, table, *scales, backend=backend, block_pages=2)
+    ref = paged_attention_reference(q, *map(jnp.asarray, heads), lengths, table)
+    np.testing.assert_allclose(out, ref, atol=3e-5, rtol=3e-5, err_msg=f"{k} {h} {int8}")
+    qt = jax.random.normal(jax.random.key(8), (b, len(PARENTS), k * g, h))
+    prefix = jnp.array([4, 70])
+    out = tree_attention(qt, *pools, prefix, table, mask, *scales, window=40, sinks=2,
+                         backend=backend, block_pages=2)
+    ref = tree_attention_reference(qt, *map(jnp.asarray, heads), prefix, table, mask,
+                                   window=40, sinks=2)
+    np.testing.assert_allclose(out, ref, atol=3e-5, rtol=3e-5, err_msg=f"{k} {h} {int8}")
+  with pytest.raises(ValueError, match="do not fit pages"):  # 3 heads of 64: not two to a row
+    paged_attention(jnp.zeros((1, 3, 64)), pools[0], pools[1], jnp.array([3]), table[:1],
+                    *scales)
+
+
 def test_kernels_name_missing_or_misshapen_scales():
   kq, vq = _quantized_pools(1, 4, 8, 16)
   args = (jnp.zeros((1, 2, 16)), kq.values, vq.values, jnp.array([3]), jnp.zeros((1, 2), jnp.int32))
@@ -247,23 +285,28 @@ def test_contiguous_int8_cache_decodes_alike_through_the_kernel_and_xla():
   np.testing.assert_allclose(outs[1], outs[0], atol=2e-3, rtol=2e-3)
 
 
-@pytest.mark.parametrize("kv_cache_dtype", [None, "int8"])
-def test_the_tpu_steps_keep_every_pool_in_the_kernels_layout(no_persistent_cache, kv_cache_dtype):
+@pytest.mark.parametrize("kv_cache_dtype,head_dim", [(None, 128), (None, 64), ("int8", 64)])
+def test_the_tpu_steps_keep_every_pool_in_the_kernels_layout(no_persistent_cache, kv_cache_dtype,
+                                                             head_dim):
   """The engine's decode step and its draft-tree verification steps compiled by libtpu (several
   kv heads on one device, Pallas kernels): XLA keeps every pool (and the int8 scale rows) in the
   kernels' layout everywhere in the step, so none is copied into another layout at any layer of
-  any step; the pools alias their outputs."""
+  any step; the pools alias their outputs. Heads of 64 lie two to a pool row (a pool of 64
+  lanes lay pages-minor and was copied whole into the kernels' layout and back at every step)."""
   import dataclasses
 
   from jaxinfer import aot, aot_steps
   from jaxinfer.config import PRESETS
   from jaxinfer.runtime import Runtime
   from jaxinfer.sharding import device_bytes
-  job = aot.CompileJob(target="tpu:v5e:2x2", mesh="data:4", batch_size=4, kv_pages=64,
+  # heads of 64 as Llama-3.2-1B's (8 kv heads, 1,024 pages): smaller pools of 64 lanes happen
+  # to lie row-major
+  kv_heads, pages = (2, 64) if head_dim == 128 else (8, 1024)
+  job = aot.CompileJob(target="tpu:v5e:2x2", mesh="data:4", batch_size=4, kv_pages=pages,
                        implementation="pallas", kv_cache_dtype=kv_cache_dtype,
                        speculative="ngram")
-  # head_dim 128, as real models have (a TPU lays a shorter last axis out otherwise anyway)
-  cfg = dataclasses.replace(PRESETS["tiny"], head_dim=128, max_seq_len=256)
+  cfg = dataclasses.replace(PRESETS["tiny"], head_dim=head_dim, kv_heads=kv_heads,
+                            q_heads=2 * kv_heads, max_seq_len=256)
   target = aot.parse_target(job.target)
   mesh, _ = aot.replica_mesh(aot.target_devices(target), job.mesh, target)
   runtime = Runtime(mesh, implementation="pallas")
@@ -281,5 +324,6 @@ def test_the_tpu_steps_keep_every_pool_in_the_kernels_layout(no_persistent_cache
       for line in compiled.as_text().splitlines():
         for found in line.split(shape)[1:]:
           layouts.setdefault(shape, set()).add(found.split(":")[0].split("}")[0] == default)
+    assert all(x.shape[-1] == 128 for x in jax.tree_util.tree_leaves(args[1:3]))
     assert layouts and all(v == {True} for v in layouts.values()), (name, layouts)
     assert compiled.memory_analysis().alias_size_in_bytes >= device_bytes(args[1:3]), name

@@ -66,7 +66,7 @@ def test_pages_outside_the_sequence_or_window_are_never_read():
 
 def test_bad_shapes_are_refused():
   q, kp, vp, table = _inputs(2, 3, 2, 8, 8, 4, 2)
-  with pytest.raises(ValueError, match="does not fit"):
+  with pytest.raises(ValueError, match="do not fit"):
     paged_attention(q, kp, vp, jnp.array([1, 2]), table)
   q, kp, vp, table = _inputs(2, 4, 2, 8, 8, 4, 2)
   with pytest.raises(ValueError, match="batch"):

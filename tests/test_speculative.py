@@ -646,5 +646,5 @@ def test_sharded_speculation_equals_greedy(tiny_model_dir, plain, mesh_spec):
   st, eng = speculates_losslessly((cfg, params), reqs, P.Lookahead(num_nodes=6, depth=3),
                                   runtime=Runtime(mesh, implementation="pallas"), plain=want)
   assert st.compilations <= eng.max_shapes
-  heads = (tuple(eng.k[0].sharding.spec) + (None,))[0]  # a pool: (K, P, ps, H)
+  heads = (tuple(eng.k[0].sharding.spec) + (None,))[0]  # a pool: (K/c, P, ps, c*H)
   assert heads == ("model" if "model" in mesh_spec else None)

@@ -17,10 +17,12 @@ import jax
 import jax.numpy as jnp
 from jax.experimental import pallas as pl
 
-from pallas_kernels.common import (check_scales, gpu_rows, merge_splits, on_target, scale_grid,
-                                   scale_kwargs, softmax_finish, softmax_init, split_pages,
-                                   triton_params, walk_pages, walk_sinks_and_window)
+from pallas_kernels.common import (check_heads, check_scales, gpu_rows, heads_per_row,
+                                   merge_splits, on_target, pack_rows, scale_grid, scale_kwargs,
+                                   softmax_finish, softmax_init, split_pages, triton_params,
+                                   unpack_rows, walk_pages, walk_sinks_and_window)
 from pallas_kernels.paged_attention.tpu import paged_rows_attention, sublanes
+
 
 def _kernel(len_ref, pt_ref, q_ref, k_ref, v_ref, *refs, scale, page_size, pages_per_split,
             window, sinks):
@@ -64,11 +66,10 @@ def page_walk_forms(gpu_form, tpu_form, *, batch: int, kv_heads: int, max_pages:
 
 def _check(q, k_pages, v_pages, lengths, page_table, k_scales, v_scales):
   if q.ndim != 3 or k_pages.ndim != 4 or v_pages.shape != k_pages.shape:
-    raise ValueError(f"paged_attention: expected q (B,N,H) and pages (K,P,ps,H), got {q.shape}, "
-                     f"{k_pages.shape}, {v_pages.shape}")
+    raise ValueError(f"paged_attention: expected q (B,N,H) and pages (K/c,P,ps,c*H), got "
+                     f"{q.shape}, {k_pages.shape}, {v_pages.shape}")
   b, n, h = q.shape
-  if k_pages.shape[3] != h or n % k_pages.shape[0]:
-    raise ValueError(f"paged_attention: q {q.shape} does not fit pages {k_pages.shape}")
+  check_heads("paged_attention", n, h, k_pages.shape)
   if lengths.shape != (b,) or page_table.ndim != 2 or page_table.shape[0] != b:
     raise ValueError(f"paged_attention: lengths {lengths.shape} / page_table {page_table.shape} "
                      f"do not match batch {b}")
@@ -137,7 +138,8 @@ def paged_attention(q: jax.Array, k_pages: jax.Array, v_pages: jax.Array, length
                     min_rows: int | None = None, block_pages: int | None = None) -> jax.Array:
   """q (B,N,H) one token per sequence; keys at positions < lengths[b] are visible (and, with a
   sliding window, >= lengths[b] - window or < sinks), position p living in page
-  page_table[b, p // ps] at offset p % ps. Returns (B,N,H).
+  page_table[b, p // ps] at offset p % ps. Returns (B,N,H). Pages (K/c, P, ps, c*H) may hold
+  c kv heads a row (common.heads_per_row; c = 1: (K, P, ps, H)).
 
   The platform being lowered for picks the kernel form (TPU: Mosaic with DMAs; CUDA: Triton;
   CPU: the Triton form interpreted); `backend` / `interpret` force them (common.on_target);
@@ -150,14 +152,15 @@ def paged_attention(q: jax.Array, k_pages: jax.Array, v_pages: jax.Array, length
   dequantized pages."""
   _check(q, k_pages, v_pages, lengths, page_table, k_scales, v_scales)
   b, n, h = q.shape
-  kv_heads = k_pages.shape[0]
+  c = heads_per_row(k_pages.shape[3], h)
+  kv_heads = k_pages.shape[0] * c
   g = n // kv_heads
-  build = page_walk_forms(_gpu_form, _tpu_form, batch=b, kv_heads=kv_heads,
+  build = page_walk_forms(_gpu_form, _tpu_form, batch=b, kv_heads=k_pages.shape[0],
                           max_pages=page_table.shape[1], num_splits=num_splits,
                           min_rows=min_rows, block_pages=block_pages,
                           scale=h**-0.5 if scale is None else scale, window=window, sinks=sinks)
   scales = () if k_scales is None else (k_scales, v_scales)
-  out = on_target(build, q.reshape(b, kv_heads, g, h), k_pages, v_pages,
+  out = on_target(build, pack_rows(q.reshape(b, kv_heads, g, h), c), k_pages, v_pages,
                   lengths.astype(jnp.int32), page_table.astype(jnp.int32), *scales,
                   backend=backend, interpret=interpret)
-  return out.reshape(b, n, h).astype(q.dtype)
+  return unpack_rows(out, c).reshape(b, n, h).astype(q.dtype)

@@ -6,7 +6,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from pallas_kernels.common import scale_grid
+from pallas_kernels.common import scale_grid, unpack_heads
 
 
 def gather_pages(pages: jax.Array, page_table: jax.Array) -> jax.Array:
@@ -38,10 +38,10 @@ def paged_attention_reference(q: jax.Array, k_pages: jax.Array, v_pages: jax.Arr
                               block_pages: int | None = None) -> jax.Array:
   del num_splits, backend, interpret, min_rows, block_pages
   b, n, h = q.shape
-  kv_heads = k_pages.shape[0]
   scale = h**-0.5 if scale is None else scale
-  k_pages = dequantize_pages(k_pages, k_scales, q.dtype)
-  v_pages = dequantize_pages(v_pages, v_scales, q.dtype)
+  k_pages = unpack_heads(dequantize_pages(k_pages, k_scales, q.dtype), h)
+  v_pages = unpack_heads(dequantize_pages(v_pages, v_scales, q.dtype), h)
+  kv_heads = k_pages.shape[0]
   k, v = gather_pages(k_pages, page_table), gather_pages(v_pages, page_table)
   qg = q.reshape(b, kv_heads, n // kv_heads, h)
   logits = jnp.einsum("bkgh,bksh->bkgs", qg, k, preferred_element_type=jnp.float32) * scale

@@ -23,9 +23,10 @@ import jax
 import jax.numpy as jnp
 from jax.experimental import pallas as pl
 
-from pallas_kernels.common import (check_scales, gpu_rows, merge_splits, on_target, pow2,
-                                   scale_grid, scale_kwargs, softmax_finish, softmax_init,
-                                   split_pages, triton_params, walk_pages,
+from pallas_kernels.common import (check_heads, check_scales, gpu_rows, heads_per_row,
+                                   merge_splits, on_target, pack_rows, pow2, scale_grid,
+                                   scale_kwargs, softmax_finish, softmax_init, split_pages,
+                                   triton_params, unpack_rows, walk_pages,
                                    walk_sinks_and_window)
 from pallas_kernels.paged_attention.kernel import page_walk_forms
 from pallas_kernels.paged_attention.tpu import paged_rows_attention, sublanes
@@ -73,11 +74,10 @@ def _kernel(len_ref, pt_ref, mask_ref, depth_ref, q_ref, k_ref, v_ref, *refs, sc
 
 def _check(q, k_pages, v_pages, prefix_len, page_table, tree_mask, k_scales, v_scales):
   if q.ndim != 4 or k_pages.ndim != 4 or v_pages.shape != k_pages.shape:
-    raise ValueError(f"tree_attention: expected q (B,T,N,H) and pages (K,P,ps,H), got {q.shape}, "
-                     f"{k_pages.shape}, {v_pages.shape}")
+    raise ValueError(f"tree_attention: expected q (B,T,N,H) and pages (K/c,P,ps,c*H), got "
+                     f"{q.shape}, {k_pages.shape}, {v_pages.shape}")
   b, t, n, h = q.shape
-  if k_pages.shape[3] != h or n % k_pages.shape[0]:
-    raise ValueError(f"tree_attention: q {q.shape} does not fit pages {k_pages.shape}")
+  check_heads("tree_attention", n, h, k_pages.shape)
   if prefix_len.shape != (b,) or page_table.ndim != 2 or page_table.shape[0] != b:
     raise ValueError(f"tree_attention: prefix_len {prefix_len.shape} / page_table "
                      f"{page_table.shape} do not match batch {b}")
@@ -159,18 +159,21 @@ def tree_attention(q: jax.Array, k_pages: jax.Array, v_pages: jax.Array, prefix_
 
   The platform being lowered for picks the kernel form (TPU: Mosaic with DMAs; CUDA: Triton;
   CPU: the Triton form interpreted); `backend` / `interpret` force them (common.on_target);
-  `block_pages` is the TPU form's pages per DMA block (default: about 256 keys). int8 pools
-  come with float32 scale rows `k_scales`, `v_scales`, as in paged_attention."""
+  `block_pages` is the TPU form's pages per DMA block (default: about 256 keys). Pages and
+  int8 pools' float32 scale rows `k_scales`, `v_scales` are as in paged_attention (c kv heads a
+  row or one)."""
   _check(q, k_pages, v_pages, prefix_len, page_table, tree_mask, k_scales, v_scales)
   b, t, n, h = q.shape
   check_window(window, t, sinks)
-  kv_heads = k_pages.shape[0]
+  c = heads_per_row(k_pages.shape[3], h)
+  kv_heads = k_pages.shape[0] * c
   g = n // kv_heads
-  # Row r = t * G + g: tree token t, query head g of the group.
+  # Row r = t * G + g: tree token t, query head g of the group (of each of a pool row's c heads).
   qg = q.reshape(b, t, kv_heads, g, h).transpose(0, 2, 1, 3, 4).reshape(b, kv_heads, t * g, h)
-  mask = jnp.repeat(tree_mask.astype(jnp.int32), g, axis=1)  # (B, T*G, W)
-  depth = jnp.repeat(tree_depths(tree_mask), g, axis=1)[..., None]  # (B, T*G, 1)
-  build = page_walk_forms(_gpu_form, _tpu_form, batch=b, kv_heads=kv_heads,
+  qg = pack_rows(qg, c)
+  mask = jnp.tile(jnp.repeat(tree_mask.astype(jnp.int32), g, axis=1), (1, c, 1))  # (B,c*T*G,W)
+  depth = jnp.tile(jnp.repeat(tree_depths(tree_mask), g, axis=1), (1, c))[..., None]
+  build = page_walk_forms(_gpu_form, _tpu_form, batch=b, kv_heads=k_pages.shape[0],
                           max_pages=page_table.shape[1], num_splits=num_splits,
                           min_rows=min_rows, block_pages=block_pages,
                           scale=h**-0.5 if scale is None else scale, tree_size=t, window=window,
@@ -179,5 +182,5 @@ def tree_attention(q: jax.Array, k_pages: jax.Array, v_pages: jax.Array, prefix_
                   page_table.astype(jnp.int32), mask, depth,
                   *(() if k_scales is None else (k_scales, v_scales)), backend=backend,
                   interpret=interpret)
-  out = out.reshape(b, kv_heads, t, g, h).transpose(0, 2, 1, 3, 4)
+  out = unpack_rows(out, c).reshape(b, kv_heads, t, g, h).transpose(0, 2, 1, 3, 4)
   return out.reshape(b, t, n, h).astype(q.dtype)

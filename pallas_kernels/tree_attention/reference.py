@@ -8,6 +8,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
+from pallas_kernels.common import unpack_heads
 from pallas_kernels.paged_attention.reference import dequantize_pages, gather_pages
 
 
@@ -88,10 +89,10 @@ def tree_attention_reference(q: jax.Array, k_pages: jax.Array, v_pages: jax.Arra
   del num_splits, backend, interpret, min_rows, block_pages
   b, t, n, h = q.shape
   check_window(window, t, sinks)
-  kv_heads = k_pages.shape[0]
   scale = h**-0.5 if scale is None else scale
-  k_pages = dequantize_pages(k_pages, k_scales, q.dtype)
-  v_pages = dequantize_pages(v_pages, v_scales, q.dtype)
+  k_pages = unpack_heads(dequantize_pages(k_pages, k_scales, q.dtype), h)
+  v_pages = unpack_heads(dequantize_pages(v_pages, v_scales, q.dtype), h)
+  kv_heads = k_pages.shape[0]
   k, v = gather_pages(k_pages, page_table), gather_pages(v_pages, page_table)  # (B,K,S,H)
   qg = q.reshape(b, t, kv_heads, n // kv_heads, h)
   logits = jnp.einsum("btkgh,bksh->bkgts", qg, k, preferred_element_type=jnp.float32) * scale

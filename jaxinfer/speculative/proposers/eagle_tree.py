@@ -140,7 +140,7 @@ class EagleTree(Eagle):
     rows = jnp.arange(b)
     st = attach(st, ctx.pages)
     root_feat, cache = self.catch_up(heads, base, st)  # (B, D): scores the root's children
-    prefix = cache if ctx.pages is None else cache.rows()  # (the engine's: its rows' pages)
+    prefix = cache if ctx.pages is None else cache.rows(self.cfg.head_dim)  # (its rows' pages)
 
     def children(feat, score):
       """Top-k children of each node: tokens and cumulative scores (B, n, k)."""
@@ -155,7 +155,7 @@ class EagleTree(Eagle):
     front_tok, front_score, front_pool = tok, score, jnp.broadcast_to(jnp.arange(k), (b, k))
     front_feat = jnp.broadcast_to(root_feat[:, None], (b, k, root_feat.shape[-1]))
     slots = (self.depth - 1) * k
-    kh, hd = cache.k[0].shape[0], cache.k[0].shape[3]
+    kh, hd = prefix.k[0].shape[0], prefix.k[0].shape[3]
     tk = tv = jnp.zeros((kh, b, max(slots, 1), hd), cache.k[0].dtype)
     ancestors = jnp.zeros((b, k, max(slots, 1)), bool)
     pool_size = k
