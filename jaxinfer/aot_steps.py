@@ -45,7 +45,8 @@ def _engine_pools(cfg: ModelConfig, ecfg: EngineConfig, tokens: int, runtime: Ru
     pool = jax.ShapeDtypeStruct(shape, cfg.jnp_dtype, sharding=values)
   else:
     pool = QuantizedKV(jax.ShapeDtypeStruct(shape, jnp.int8, sharding=values),
-                       jax.ShapeDtypeStruct(scales_shape(shape), SCALE_DTYPE, sharding=scales))
+                       jax.ShapeDtypeStruct(scales_shape(shape, cfg.kv_heads // shape[0]),
+                                            SCALE_DTYPE, sharding=scales))
   return (pool,) * cfg.num_layers, m
 
 

@@ -11,9 +11,10 @@ Each implementation provides two entry points:
                                   continued prefill); kv is a kv_cache.LayerKV, contiguous
                                   (K,B,S,H) or a page pool (K/c,P,ps,c*H) with a page table
 
-"xla" is the plain-jnp reference. "pallas" runs the block-sparse flash kernel for chunks and the
+"xla" is the plain-jnp reference. "pallas" runs the block-sparse flash kernel for chunks, the
 paged decode kernel for single-token cache reads (a contiguous cache is viewed as pages with an
-identity page table); shapes it does not cover fall back to "xla". "splash" runs jax's own TPU
+identity page table) and the tree kernel for a chunk over its pages (blocks of it as chains);
+shapes it does not cover fall back to "xla". "splash" runs jax's own TPU
 splash kernel for chunks (interpreted on CPU) and "pallas" for everything else. On a mesh the
 kernels run under shard_map (batch over data/fsdp, heads over model).
 """
@@ -210,11 +211,52 @@ def _page_size(s: int) -> int:
   return math.gcd(s, 64)
 
 
+def _chain_block(t: int, rows: int) -> int:
+  """Tokens of a chunk per tree-kernel sequence: the largest power of two dividing T with at
+  most 128 kernel rows (tokens x `rows` query rows a token) in a program."""
+  block = 1
+  while block * 2 * rows <= 128 and t % (block * 2) == 0:
+    block *= 2
+  return block
+
+
+def _pallas_chunk_pages(q, kv, positions, *, window, sinks, mesh, rules):
+  """A chunk of T consecutive positions (a prompt's, from positions[:, 0]) over its row's pages,
+  already written there: blocks of `_chain_block` tokens, each a chain verified by the tree
+  kernel over the pages before it and itself, so no row's pages are gathered and no (T, M*ps)
+  score array is made. A block of padding (positions out of range) reads from position 0."""
+  from pallas_kernels.tree_attention import pack_ancestors, tree_attention
+  b, t, n, h = q.shape
+  block = _chain_block(t, n // kv.k.shape[0])  # G query rows a token, times c heads a pool row
+  if window is not None and window < block:
+    return _xla_cache(q, kv, positions, window=window, sinks=sinks, mesh=mesh, rules=rules)
+  chain = pack_ancestors(jnp.arange(block) - 1)  # (block, W)
+
+  def kernel(q, positions, table, k, v, *scales):
+    rows = q.shape[0] * (t // block)
+    start = positions[:, ::block].reshape(rows)
+    start = jnp.where(start < table.shape[1] * k.shape[2], start, 0)
+    out = tree_attention(q.reshape((rows, block) + q.shape[2:]), k, v, start,
+                         jnp.repeat(table, t // block, axis=0),
+                         jnp.broadcast_to(chain, (rows,) + chain.shape), *scales, window=window,
+                         sinks=sinks)
+    return out.reshape(q.shape)
+
+  qa = ("batch", "seq", "act_heads", "head_dim")
+  args, axes = _pool_args(kv, ("act_kv_heads", None, None, "head_dim"))
+  return _shard(kernel, mesh, rules, (qa, ("batch", "seq"), ("batch", None)) + axes, qa,
+                (q, positions, kv.page_table) + args)
+
+
 def _pallas_cache(q, kv, positions, *, window, sinks, mesh, rules):
   from pallas_kernels.paged_attention import paged_attention
   b, t, n, h = q.shape
-  if t != 1 or not _heads_split_evenly(n, kv.k.shape[0], mesh, rules):
+  if not _heads_split_evenly(n, kv.k.shape[0], mesh, rules) or (
+      t != 1 and kv.page_table is None):
     return _xla_cache(q, kv, positions, window=window, sinks=sinks, mesh=mesh, rules=rules)
+  if t != 1:
+    return _pallas_chunk_pages(q, kv, positions, window=window, sinks=sinks, mesh=mesh,
+                               rules=rules)
   qa = ("batch", "seq", "act_heads", "head_dim")
 
   if kv.page_table is not None:

@@ -30,7 +30,7 @@ from jaxinfer.kv_quant import (QuantizedKV, kv_bytes_per_vector, kv_move, kv_rea
                                kv_zeros, scales_shape)
 from jaxinfer.sharding import DEFAULT_RULES, ShardingRules
 from jaxinfer.sparsity import Sparsity
-from pallas_kernels.common import SCALE_LANES, heads_per_row, unpack_heads
+from pallas_kernels.common import SCALE_LANES, unpack_heads
 
 CACHE_AXES = ("kv_heads", "batch", "cache_seq", "head_dim")
 POOL_AXES = ("kv_heads", "cache_pages", "page", "head_dim")
@@ -149,10 +149,9 @@ class PagedKVCache:
   @staticmethod
   def pool_bytes(cfg: ModelConfig, num_pages: int, page_size: int,
                  kv_cache_dtype: str | None = None) -> int:
-    """Bytes of K and V pools for every layer (one device's worth without a mesh)."""
-    rows, _, _, width = PagedKVCache.pool_shape(cfg, num_pages, page_size)
-    return (2 * cfg.num_layers * num_pages * page_size * rows
-            * kv_bytes_per_vector(width, cfg.jnp_dtype, kv_cache_dtype))
+    """Bytes of K and V pools for every layer (however many heads a row)."""
+    return (2 * cfg.num_layers * num_pages * page_size * cfg.kv_heads
+            * kv_bytes_per_vector(cfg.head_dim, cfg.jnp_dtype, kv_cache_dtype))
 
   @staticmethod
   def pool_shardings(cfg: ModelConfig, num_pages: int, page_size: int, mesh: Mesh | None,
@@ -162,7 +161,8 @@ class PagedKVCache:
     if mesh is None:
       return None, None
     return (rules.sharding(mesh, POOL_AXES, shape),
-            rules.sharding(mesh, SCALE_AXES, scales_shape(shape)))
+            rules.sharding(mesh, SCALE_AXES,
+                           scales_shape(shape, pool_heads_per_row(cfg, mesh, rules))))
 
   @staticmethod
   def init_pools(cfg: ModelConfig, num_pages: int, page_size: int, mesh: Mesh | None = None,
@@ -170,8 +170,9 @@ class PagedKVCache:
     """(k pools, v pools), zero-filled, one (K/c, P, ps, c*H) buffer per layer each."""
     shape = PagedKVCache.pool_shape(cfg, num_pages, page_size, mesh, rules)
     shardings = PagedKVCache.pool_shardings(cfg, num_pages, page_size, mesh, rules)
-    zeros = lambda: tuple(kv_zeros(shape, cfg.jnp_dtype, kv_cache_dtype, *shardings)
-                          for _ in range(cfg.num_layers))
+    c = pool_heads_per_row(cfg, mesh, rules)
+    zeros = lambda: tuple(kv_zeros(shape, cfg.jnp_dtype, kv_cache_dtype, *shardings,
+                                   heads_per_row=c) for _ in range(cfg.num_layers))
     return zeros(), zeros()
 
 
@@ -183,27 +184,25 @@ def pool_heads_per_row(cfg: ModelConfig, mesh: Mesh | None = None,
   Why: XLA on a TPU lays out a pool whose last axis is 64 with its pages minor (a 64-lane row
   would be padded to 128), so the kernels' row-major view of it was a copy of the whole pool
   into their layout and back at every step. Rows of 128 lie row-major, as stored. An int8
-  pool's scales are then per token and row (c heads) rather than per head."""
+  pool keeps a scale per token and kv head (QuantizedKV)."""
   h, k = cfg.head_dim, cfg.kv_heads
   if h >= SCALE_LANES or SCALE_LANES % h:
     return 1
-  shards = 1 if mesh is None else math.prod(mesh.shape[a] for a in rules.mesh_axes("kv_heads"))
+  shards = 1 if mesh is None else math.prod(mesh.shape.get(a, 1)
+                                            for a in rules.mesh_axes("kv_heads"))
   c = SCALE_LANES // h
   return c if k % c == 0 and (k // c) % shards == 0 else 1
 
 
 def gather_rows(pool, page_table, dtype, head_dim: int | None = None):
   """Each row's pages of a pool (K/c,P,ps,c*H), in order: (values (K, B, M*ps, H), their scales
-  (K, B, M*ps) or None), as kv_quant.kv_read; `head_dim` None: rows as stored (K/c, ..., c*H)."""
+  (K, B, M*ps) or None), as kv_quant.kv_read; `head_dim` None: values as stored (K/c, ..., c*H)."""
   rows, _, ps, width = pool.shape
   b, m = page_table.shape
   x, scale = kv_read(pool, (slice(None), page_table), dtype)
   x = x.reshape(rows, b, m * ps, width)
-  scale = None if scale is None else scale.reshape(rows, b, m * ps)
-  if head_dim is None:
-    return x, scale
-  c = heads_per_row(width, head_dim)
-  return unpack_heads(x, head_dim), None if scale is None else jnp.repeat(scale, c, axis=0)
+  scale = None if scale is None else scale.reshape(scale.shape[0], b, m * ps)
+  return (x if head_dim is None else unpack_heads(x, head_dim)), scale
 
 
 @struct.dataclass

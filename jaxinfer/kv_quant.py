@@ -1,10 +1,11 @@
 """K/V buffers as the caches hold them: an array in the model's dtype, or a `QuantizedKV` (int8
-values with a float32 scale per token and kv head: per buffer row, which in a page pool of
-narrow heads holds several, kv_cache.pool_heads_per_row). The `kv_*` functions index, write and read
+values with a float32 scale per token and kv head, also where a page pool's row holds several
+narrow heads side by side, kv_cache.pool_heads_per_row). The `kv_*` functions index, write and read
 either kind, so the caches and the attention paths have one code path for both.
 
-A buffer is (K, *positions, H): K kv heads, the position axes (a page pool's (P, ps), a
-contiguous cache's (B, S)), H head dim. `index` tuples address (K, *positions).
+A buffer is (K, *positions, H): K rows of kv heads, the position axes (a page pool's (P, ps), a
+contiguous cache's (B, S)), H the row's width (c heads of H / c side by side in a page pool of
+narrow heads: c = 1 elsewhere). `index` tuples address (K, *positions).
 """
 
 from __future__ import annotations
@@ -39,9 +40,10 @@ def scale_rows(num_positions: int) -> int:
 
 @struct.dataclass
 class QuantizedKV:
-  """An int8 K or V buffer: `values` (K, *positions, H) int8, and `scales` (K, R, 128) float32:
-  the scale of flat position n (row-major over the position axes) at [k, n // 128, n % 128], R
-  rows enough for them all. The buffer holds values * scale, per vector.
+  """An int8 K or V buffer: `values` (K, *positions, c*H) int8 (c kv heads a row), and `scales`
+  (c*K, R, 128) float32: kv head k's scale at flat position n (row-major over the position axes)
+  at [k, n // 128, n % 128], R rows enough for them all. The buffer holds values * scale, per
+  head vector.
 
   Why rows of 128: a TPU keeps an array whose last axis is short (a page's 16 positions) with
   that axis padded to 128 lanes or transposed, so a (K, P, ps) scale array would be copied into
@@ -60,17 +62,21 @@ class QuantizedKV:
   def dtype(self):
     return self.values.dtype
 
+  @property
+  def heads_per_row(self) -> int:
+    return self.scales.shape[0] // self.values.shape[0]
+
   @classmethod
-  def quantize(cls, x: jax.Array) -> "QuantizedKV":
-    """x (K, *positions, H) quantized: every vector along H by itself."""
-    values, scales = quantize_vectors(x)
-    k, n = x.shape[0], math.prod(x.shape[1:-1])
+  def quantize(cls, x: jax.Array, heads_per_row: int = 1) -> "QuantizedKV":
+    """x (K, *positions, c*H) quantized: every head's vector along H by itself."""
+    values, scales = quantize_heads(x, heads_per_row)
+    k, n = scales.shape[0], math.prod(x.shape[1:-1])
     rows = jnp.pad(scales.reshape(k, n), ((0, 0), (0, scale_rows(n) * SCALE_LANES - n)))
     return cls(values, rows.reshape(k, -1, SCALE_LANES))
 
   def scale_grid(self) -> jax.Array:
-    """The scales as (K, *positions)."""
-    k, positions = self.shape[0], self.shape[1:-1]
+    """The scales as (c*K, *positions): kv head by kv head."""
+    k, positions = self.scales.shape[0], self.shape[1:-1]
     return self.scales.reshape(k, -1)[:, :math.prod(positions)].reshape((k,) + positions)
 
   def reshape(self, *lead: int) -> "QuantizedKV":
@@ -78,8 +84,8 @@ class QuantizedKV:
     return self.replace(values=self.values.reshape(lead + self.shape[-1:]))
 
   def flat(self, index: tuple) -> tuple:
-    """(rows, lanes) of the scales at `index` into (K, *positions); an out-of-range position
-    gives a row past the end (dropped by a write)."""
+    """(heads, rows, lanes) of the scales at `index` into (c*K, *positions) (its first entry
+    indexes kv heads); an out-of-range position gives a row past the end (dropped by a write)."""
     positions = self.shape[1:-1]
     n, valid = 0, True
     for i, size in zip(index[1:], positions):
@@ -87,6 +93,14 @@ class QuantizedKV:
       valid = valid & (i >= 0) & (i < size)
     n = jnp.where(valid, n, self.scales.shape[1] * SCALE_LANES)
     return index[0], n // SCALE_LANES, n % SCALE_LANES
+
+
+def quantize_heads(x: jax.Array, heads_per_row: int) -> tuple[jax.Array, jax.Array]:
+  """Rows x (K, *rest, c*H) quantized head by head: (values like x, scales (c*K, *rest))."""
+  c = heads_per_row
+  values, scales = quantize_vectors(x.reshape(x.shape[:-1] + (c, x.shape[-1] // c)))
+  scales = jnp.moveaxis(scales, -1, 1)  # (K, c, *rest)
+  return values.reshape(x.shape), scales.reshape((x.shape[0] * c,) + x.shape[1:-1])
 
 
 def quantize_vectors(x: jax.Array) -> tuple[jax.Array, jax.Array]:
@@ -99,18 +113,19 @@ def quantize_vectors(x: jax.Array) -> tuple[jax.Array, jax.Array]:
 
 
 def kv_zeros(shape: tuple[int, ...], dtype, kv_cache_dtype: str | None, sharding=None,
-             scale_sharding=None):
-  """A zero-filled buffer of `shape` (K, *positions, H): `dtype`, or int8 values with scales."""
+             scale_sharding=None, heads_per_row: int = 1):
+  """A zero-filled buffer of `shape` (K, *positions, c*H): `dtype`, or int8 values with scales."""
   check_kv_cache_dtype(kv_cache_dtype)
   if kv_cache_dtype is None:
     return jnp.zeros(shape, dtype, device=sharding)
   return QuantizedKV(jnp.zeros(shape, jnp.int8, device=sharding),
-                     jnp.zeros(scales_shape(shape), SCALE_DTYPE, device=scale_sharding))
+                     jnp.zeros(scales_shape(shape, heads_per_row), SCALE_DTYPE,
+                               device=scale_sharding))
 
 
-def scales_shape(shape: tuple[int, ...]) -> tuple[int, int, int]:
-  """The scale rows of an int8 buffer of `shape` (K, *positions, H)."""
-  return (shape[0], scale_rows(math.prod(shape[1:-1])), SCALE_LANES)
+def scales_shape(shape: tuple[int, ...], heads_per_row: int = 1) -> tuple[int, int, int]:
+  """The scale rows of an int8 buffer of `shape` (K, *positions, c*H): one per kv head."""
+  return (shape[0] * heads_per_row, scale_rows(math.prod(shape[1:-1])), SCALE_LANES)
 
 
 def kv_bytes_per_vector(head_dim: int, dtype, kv_cache_dtype: str | None) -> int:
@@ -121,14 +136,15 @@ def kv_bytes_per_vector(head_dim: int, dtype, kv_cache_dtype: str | None) -> int
 
 
 def kv_set(buf, index: tuple, new: jax.Array):
-  """buf[index] := new (K, ..., H), quantized first when buf is; out-of-range positions
-  dropped. `index` starts with slice(None) (every kv head)."""
-  index = _per_head(index, buf.shape[0])
+  """buf[index] := new (K, ..., c*H), quantized first (head by head) when buf is; out-of-range
+  positions dropped. `index` starts with slice(None) (every row)."""
+  rows = _per_head(index, buf.shape[0])
   if isinstance(buf, QuantizedKV):
-    values, scales = quantize_vectors(new)
-    return QuantizedKV(buf.values.at[index].set(values, mode="drop"),
-                       buf.scales.at[buf.flat(index)].set(scales, mode="drop"))
-  return buf.at[index].set(new.astype(buf.dtype), mode="drop")
+    values, scales = quantize_heads(new, buf.heads_per_row)
+    heads = _per_head(index, buf.scales.shape[0])
+    return QuantizedKV(buf.values.at[rows].set(values, mode="drop"),
+                       buf.scales.at[buf.flat(heads)].set(scales, mode="drop"))
+  return buf.at[rows].set(new.astype(buf.dtype), mode="drop")
 
 
 def _per_head(index: tuple, kv_heads: int) -> tuple:
@@ -146,15 +162,17 @@ def _per_head(index: tuple, kv_heads: int) -> tuple:
 def kv_move(buf, src: tuple, dst: tuple):
   """buf[dst] := buf[src], stored values as they are (every source read before any write);
   out-of-range destinations are dropped. Both start with slice(None), as in `kv_set`."""
+  if isinstance(buf, QuantizedKV):
+    heads = lambda i: buf.flat(_per_head(i, buf.scales.shape[0]))
+    scales = buf.scales.at[heads(dst)].set(buf.scales[heads(src)], mode="drop")
   src, dst = _per_head(src, buf.shape[0]), _per_head(dst, buf.shape[0])
   if isinstance(buf, QuantizedKV):
-    scales = buf.scales.at[buf.flat(dst)].set(buf.scales[buf.flat(src)], mode="drop")
     return QuantizedKV(buf.values.at[dst].set(buf.values[src], mode="drop"), scales)
   return buf.at[dst].set(buf[src], mode="drop")
 
 
 def kv_copy_pages(pool, src: jax.Array, dst: jax.Array):
-  """A page pool (K, P, ps, H) with pages `dst` := pages `src` (n,), an int8 pool's scales
+  """A page pool (K, P, ps, c*H) with pages `dst` := pages `src` (n,), an int8 pool's scales
   with them as stored (bit for bit); a `dst` past the pool copies nothing."""
   if not isinstance(pool, QuantizedKV):
     return pool.at[:, dst].set(pool[:, src], mode="drop")

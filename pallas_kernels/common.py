@@ -171,7 +171,7 @@ def softmax_init(rows: int, h: int):
 def softmax_update(carry, logits: jax.Array, visible: jax.Array, v: jax.Array,
                    v_scale: jax.Array | None = None):
   """Folds one block: logits (rows, keys) f32 already scaled, visible (rows, keys), v (keys, H);
-  an int8 v's per-key scales `v_scale` (1, keys) weigh the probabilities instead."""
+  an int8 v's per-key scales `v_scale` (1 or rows, keys) weigh the probabilities instead."""
   o, m, l = carry
   logits = jnp.where(visible, logits, MASK_VALUE)
   m_new = jnp.maximum(m, logits.max(axis=-1))
@@ -194,12 +194,12 @@ def softmax_finish(carry):
 SCALE_LANES = 128  # a TPU vector's lanes: a row of int8 pools' scales is one vector
 
 
-def check_scales(name: str, k_pages, k_scales, v_scales):
-  """int8 pools (K,P,ps,H) (K rows, each one head or c side by side) need both scale arrays,
-  float32 rows (K, ceil(P*ps/128), 128): the scale of page p's position o at flat position
-  n = p*ps + o, [k, n // 128, n % 128] (so the TPU form fetches a page's scales from one aligned
-  row, with no copy into another layout: the page size must divide 128). Other pools take no
-  scales."""
+def check_scales(name: str, k_pages, k_scales, v_scales, heads_per_row: int = 1):
+  """int8 pools (K,P,ps,c*H) (c kv heads a row) need both scale arrays, float32 rows
+  (c*K, ceil(P*ps/128), 128), one per kv head: the scale of kv head k at page p's position o
+  at flat position n = p*ps + o, [k, n // 128, n % 128] (so the TPU form fetches a page's
+  scales from one aligned row, with no copy into another layout: the page size must divide
+  128). Other pools take no scales."""
   quantized = k_pages.dtype == jnp.int8
   if (k_scales is None) != (v_scales is None) or quantized != (k_scales is not None):
     raise ValueError(f"{name}: int8 pools need k_scales and v_scales (and only they take them); "
@@ -208,7 +208,7 @@ def check_scales(name: str, k_pages, k_scales, v_scales):
                      f"{None if v_scales is None else v_scales.shape}")
   if quantized:
     kv_heads, pages, ps, _ = k_pages.shape
-    want = (kv_heads, -(-pages * ps // SCALE_LANES), SCALE_LANES)
+    want = (kv_heads * heads_per_row, -(-pages * ps // SCALE_LANES), SCALE_LANES)
     if SCALE_LANES % ps:
       raise ValueError(f"{name}: int8 pages need a page size dividing {SCALE_LANES}, got {ps}")
     for x in (k_scales, v_scales):
@@ -227,6 +227,19 @@ def scale_kwargs(scale_refs) -> dict:
   return dict(zip(("ks_ref", "vs_ref"), scale_refs))
 
 
+def rows_by_head(scales: list, rows: int, head_rows: int):
+  """Per-key scales of the c kv heads of a pool row, each (1, keys), as the query rows read
+  them: (rows, keys), row r taking head r // head_rows's (pack_rows' order), rows past the
+  heads' 0; one head: its (1, keys) as it is."""
+  if len(scales) == 1:
+    return scales[0]
+  row = jax.lax.broadcasted_iota(jnp.int32, (rows, 1), 0)
+  out = jnp.zeros((rows, scales[0].shape[-1]), scales[0].dtype)
+  for i, x in enumerate(scales):
+    out = jnp.where((row >= i * head_rows) & (row < (i + 1) * head_rows), x, out)
+  return out
+
+
 def split_pages(end, page_size: int, max_pages: int, pages_per_split: int):
   """[first, last) of the pages this program (split = program_id 2) walks, of the pages holding
   positions < end."""
@@ -237,11 +250,12 @@ def split_pages(end, page_size: int, max_pages: int, pages_per_split: int):
 
 
 def walk_pages(q, k_ref, v_ref, pt_ref, start, stop, visible_fn, carry, *, head, scale: float,
-               page_size: int, ks_ref=None, vs_ref=None):
+               page_size: int, head_rows: int, ks_ref=None, vs_ref=None):
   """Folds pages start..stop-1 of this sequence's page table into the online-softmax `carry`:
-  one (rows, H) x (H, ps) matmul per page of kv head `head` of the whole pools (K,P,ps,H);
+  one (rows, W) x (W, ps) matmul per page of row `head` of the whole pools (K,P,ps,W), W = c*H
+  lanes of c kv heads, each head's `head_rows` query rows in its own lanes (pack_rows);
   visible_fn(pos (1, ps)) -> (rows, ps) bool. int8 pools come with their per-key scales
-  `ks_ref`, `vs_ref` (K,P,ps): a key's scale multiplies its logits, a value's its weights."""
+  `ks_ref`, `vs_ref` (c*K,P,ps): a key's scale multiplies its logits, a value's its weights."""
   def body(j, carry):
     page = pt_ref[j]
     k, v = k_ref[head, page], v_ref[head, page]
@@ -250,8 +264,11 @@ def walk_pages(q, k_ref, v_ref, pt_ref, start, stop, visible_fn, carry, *, head,
     logits = matmul(q, k, NT) * scale
     v_scale = None
     if ks_ref is not None:
-      logits = logits * ks_ref[head, page][None, :]
-      v_scale = vs_ref[head, page][None, :]
+      c = ks_ref.shape[0] // k_ref.shape[0]
+      heads = lambda ref: rows_by_head([ref[head * c + i, page][None, :] for i in range(c)],
+                                       q.shape[0], head_rows)
+      logits = logits * heads(ks_ref)
+      v_scale = heads(vs_ref)
     pos = (j * page_size + jnp.arange(page_size))[None, :]
     return softmax_update(carry, logits, visible_fn(pos), v, v_scale)
 

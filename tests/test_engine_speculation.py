@@ -577,7 +577,7 @@ def test_plain_steps_feed_a_draft_layer_in_the_pages_what_its_own_prefill_would(
     dense = proposer.prefill(w, hidden, jnp.asarray(history), jnp.asarray(n),
                              jnp.zeros(s, jnp.int32), m * ps)
   for got, want in zip(layer.cache.k + layer.cache.v, dense.cache.k + dense.cache.v):
-    rows = np.asarray(gather_rows(got, jnp.asarray(table), got.dtype)[0])
+    rows = np.asarray(gather_rows(got, jnp.asarray(table), got.dtype, want.shape[-1])[0])
     for i in range(s):
       np.testing.assert_allclose(rows[:, i, :n[i] - 1], np.asarray(want)[:, i, :n[i] - 1],
                                  atol=2e-5)

@@ -83,24 +83,27 @@ def test_kernels_read_int8_pages_with_their_scales(backend):
 @pytest.mark.parametrize("backend", ["gpu", "tpu"])
 def test_kernels_read_pools_of_several_heads_a_row(backend):
   """Pools of c kv heads a row, (K/c, P, ps, c*H) (heads of 64 two to a row, of 32 four), read
-  by both kernels in both forms, in float32 and int8 (one scale a token and row): equal to each
-  head's attention over its own pages, unpacked here by hand."""
+  by both kernels in both forms, in float32 and int8 (a scale per token and kv head, as with a
+  head a row): equal to each head's attention over its own pages, unpacked here by hand."""
   b, ps, m, g = 2, 16, 6, 3
   table = jnp.asarray(np.random.RandomState(1).permutation(16)[:b * m].reshape(b, m), jnp.int32)
   mask = pack_ancestors(jnp.array([PARENTS] * b))
   for k, h, int8 in ((4, 64, False), (4, 32, False), (2, 64, True)):
     c = 128 // h
-    x = jax.random.normal(jax.random.key(h + k), (2, k // c, 16, ps, c * h)) * 2
-    pools, scales = (x[0], x[1]), ()
-    if int8:
-      quantized = [QuantizedKV.quantize(p) for p in pools]
-      pools, scales = [p.values for p in quantized], tuple(p.scales for p in quantized)
-      rows = [p.values.astype(jnp.float32) * p.scale_grid()[..., None] for p in quantized]
-    else:
-      rows = pools
+    x = jax.random.normal(jax.random.key(h + k), (2, k // c, 16, ps, c * h))
+    x = x * jnp.repeat(jnp.arange(1, c + 1), h)  # heads of a row differ in magnitude
     # kv head j*c + i lies in row j, lanes i*h..(i+1)*h
-    heads = [np.asarray(r).reshape(k // c, 16, ps, c, h).transpose(0, 3, 1, 2, 4)
-             .reshape(k, 16, ps, h) for r in rows]
+    unpack = lambda r: (np.asarray(r).reshape(k // c, 16, ps, c, h).transpose(0, 3, 1, 2, 4)
+                        .reshape(k, 16, ps, h))
+    pools, scales, heads = (x[0], x[1]), (), [unpack(x[0]), unpack(x[1])]
+    if int8:
+      quantized = [QuantizedKV.quantize(p, c) for p in pools]
+      for q, alone in zip(quantized, (QuantizedKV.quantize(jnp.asarray(u)) for u in heads)):
+        assert np.array_equal(unpack(q.values), alone.values)  # each head by itself
+        assert np.array_equal(q.scales, alone.scales)
+      pools, scales = [p.values for p in quantized], tuple(p.scales for p in quantized)
+      heads = [unpack(p.values).astype(np.float32) * np.asarray(p.scale_grid())[..., None]
+               for p in quantized]
     q = jax.random.normal(jax.random.key(7), (b, k * g, h))
     lengths = jnp.array([9, 90])
     out = paged_attention(q, *pools, lengths, table, *scales, backend=backend, block_pages=2)

@@ -191,3 +191,30 @@ def test_paged_cache_with_shuffled_and_shared_pages(implementation):
     hidden, cache = M.forward(params, tokens[:, t:t + 1], positions[:, t:t + 1], cfg, cache, **kw)
     outs.append(M.logits(params, hidden))
   np.testing.assert_allclose(jnp.concatenate(outs, 1), full[:, 4:], rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("head_dim,window", [(16, None), (64, None), (16, 40)])
+def test_chunks_over_pages_equal_a_full_forward(head_dim, window):
+  """Prompt chunks of 32 over shuffled pages through the kernels (blocks of 16 tokens a chain in
+  the tree kernel: 8 query heads a kv head; of 8 with heads of 64 two to a pool row), one row's
+  second chunk half padding, a window: the logits of every real token equal a full forward's."""
+  cfg = dataclasses.replace(TINY, q_heads=16, kv_heads=2, head_dim=head_dim,
+                            sliding_window=window)
+  params = M.init_params(cfg, jax.random.key(0))
+  ps, m = 8, 8
+  tokens = jax.random.randint(jax.random.key(1), (2, 64), 0, cfg.vocab_size)
+  positions = jnp.broadcast_to(jnp.arange(64), (2, 64))
+  full = M.logits(params, M.forward(params, tokens, positions, cfg)[0])
+  table = jnp.asarray(np.random.RandomState(0).permutation(20)[:2 * m].reshape(2, m), jnp.int32)
+  k, v = PagedKVCache.init_pools(cfg, 20, ps)
+  assert k[0].shape[-1] == 128 if head_dim == 64 else k[0].shape[-1] == 16
+  cache = PagedKVCache(k, v, table)
+  kw = dict(kv_source="cache", runtime=Runtime(implementation="pallas"))
+  hidden, cache = M.forward(params, tokens[:, :32], positions[:, :32], cfg, cache, **kw)
+  first = M.logits(params, hidden)
+  pad = positions[:, 32:].at[1, 8:].set(m * ps)  # row 1 ends at 40: the rest is padding
+  hidden, cache = M.forward(params, tokens[:, 32:], pad, cfg, cache, **kw)
+  second = M.logits(params, hidden)
+  np.testing.assert_allclose(first, full[:, :32], rtol=1e-5, atol=1e-5)
+  np.testing.assert_allclose(second[0], full[0, 32:], rtol=1e-5, atol=1e-5)
+  np.testing.assert_allclose(second[1, :8], full[1, 32:40], rtol=1e-5, atol=1e-5)

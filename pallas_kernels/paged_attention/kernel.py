@@ -25,7 +25,7 @@ from pallas_kernels.paged_attention.tpu import paged_rows_attention, sublanes
 
 
 def _kernel(len_ref, pt_ref, q_ref, k_ref, v_ref, *refs, scale, page_size, pages_per_split,
-            window, sinks):
+            window, sinks, head_rows):
   *scale_refs, o_ref, lse_ref = refs  # (ks_ref, vs_ref) with int8 pools
   q = q_ref[...]
   rows, h = q.shape
@@ -40,7 +40,7 @@ def _kernel(len_ref, pt_ref, q_ref, k_ref, v_ref, *refs, scale, page_size, pages
 
   walk = functools.partial(walk_pages, q, k_ref, v_ref, pt_ref, visible_fn=visible,
                            head=pl.program_id(1), scale=scale, page_size=page_size,
-                           **scale_kwargs(scale_refs))
+                           head_rows=head_rows, **scale_kwargs(scale_refs))
   carry = walk_sinks_and_window(walk, first, last, softmax_init(rows, h), page_size=page_size,
                                 sinks=sinks,
                                 window_start=None if window is None else length - window)
@@ -70,14 +70,15 @@ def _check(q, k_pages, v_pages, lengths, page_table, k_scales, v_scales):
                      f"{q.shape}, {k_pages.shape}, {v_pages.shape}")
   b, n, h = q.shape
   check_heads("paged_attention", n, h, k_pages.shape)
+  c = heads_per_row(k_pages.shape[3], h)
   if lengths.shape != (b,) or page_table.ndim != 2 or page_table.shape[0] != b:
     raise ValueError(f"paged_attention: lengths {lengths.shape} / page_table {page_table.shape} "
                      f"do not match batch {b}")
-  check_scales("paged_attention", k_pages, k_scales, v_scales)
+  check_scales("paged_attention", k_pages, k_scales, v_scales, c)
 
 
 def _gpu_form(q, k_pages, v_pages, lengths, page_table, *scales, scale, splits, window, sinks,
-              min_rows, interpret):
+              head_rows, min_rows, interpret):
   """The Triton form (what CPU interprets): q (B,K,G,H) -> (B,K,G,H) f32. Triton reads the
   pools through pointers (never staged whole); its rows are padded to a power of two >= 16."""
   b, kv_heads, g, h = q.shape
@@ -87,7 +88,8 @@ def _gpu_form(q, k_pages, v_pages, lengths, page_table, *scales, scale, splits, 
   if rows > g:
     q = jnp.pad(q, ((0, 0), (0, 0), (0, rows - g), (0, 0)))
   kernel = functools.partial(_kernel, scale=scale, page_size=k_pages.shape[2],
-                             pages_per_split=-(-max_pages // splits), window=window, sinks=sinks)
+                             pages_per_split=-(-max_pages // splits), window=window, sinks=sinks,
+                             head_rows=head_rows)
   pool = pl.BlockSpec(memory_space=pl.ANY)  # read page by page through the page table
   o, lse = pl.pallas_call(
       kernel,
@@ -116,7 +118,7 @@ def _decode_visible(window, sinks):
 
 
 def _tpu_form(q, k_pages, v_pages, lengths, page_table, *scales, scale, splits, window, sinks,
-              block_pages, interpret):
+              head_rows, block_pages, interpret):
   """The Mosaic TPU form (paged_attention/tpu.py); rows padded to a whole sublane tile."""
   g = q.shape[2]
   rows = -(-g // sublanes(q.dtype)) * sublanes(q.dtype)
@@ -124,7 +126,7 @@ def _tpu_form(q, k_pages, v_pages, lengths, page_table, *scales, scale, splits, 
   o, lse = paged_rows_attention(q, k_pages, v_pages, lengths, page_table, (),
                                 _decode_visible(window, sinks), scale=scale, num_splits=splits,
                                 window_lag=window, sinks=sinks, block_pages=block_pages,
-                                scales=scales, interpret=interpret)
+                                scales=scales, head_rows=head_rows, interpret=interpret)
   return merge_splits(o, lse, axis=2)[:, :, :g]
 
 
@@ -146,7 +148,7 @@ def paged_attention(q: jax.Array, k_pages: jax.Array, v_pages: jax.Array, length
   `min_rows` pads the GPU form's rows (default: 16 and a power of two when compiled);
   `block_pages` is the TPU form's pages per DMA block (default: about 256 keys).
 
-  int8 pools come with float32 scales `k_scales`, `v_scales`, one per key and head (pages hold
+  int8 pools come with float32 scales `k_scales`, `v_scales`, one per key and kv head (pages hold
   round(x / scale)), laid out in rows of 128 (common.check_scales); the kernel reads the int8
   pages and applies the scales to the logits and the probabilities, never materialising
   dequantized pages."""
@@ -158,7 +160,8 @@ def paged_attention(q: jax.Array, k_pages: jax.Array, v_pages: jax.Array, length
   build = page_walk_forms(_gpu_form, _tpu_form, batch=b, kv_heads=k_pages.shape[0],
                           max_pages=page_table.shape[1], num_splits=num_splits,
                           min_rows=min_rows, block_pages=block_pages,
-                          scale=h**-0.5 if scale is None else scale, window=window, sinks=sinks)
+                          scale=h**-0.5 if scale is None else scale, window=window, sinks=sinks,
+                          head_rows=g)
   scales = () if k_scales is None else (k_scales, v_scales)
   out = on_target(build, pack_rows(q.reshape(b, kv_heads, g, h), c), k_pages, v_pages,
                   lengths.astype(jnp.int32), page_table.astype(jnp.int32), *scales,

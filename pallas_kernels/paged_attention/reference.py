@@ -18,8 +18,8 @@ def gather_pages(pages: jax.Array, page_table: jax.Array) -> jax.Array:
 
 
 def dequantize_pages(pages: jax.Array, scales: jax.Array | None, dtype) -> jax.Array:
-  """int8 pages (K,P,ps,H) times their scales (rows, common.check_scales), in `dtype`; other
-  pages as they are."""
+  """int8 pages (K,P,ps,H) (one kv head a row: common.unpack_heads) times their scales (rows,
+  common.check_scales), in `dtype`; other pages as they are."""
   if scales is None:
     return pages
   grid = scale_grid(scales, pages.shape[1], pages.shape[2])
@@ -39,8 +39,8 @@ def paged_attention_reference(q: jax.Array, k_pages: jax.Array, v_pages: jax.Arr
   del num_splits, backend, interpret, min_rows, block_pages
   b, n, h = q.shape
   scale = h**-0.5 if scale is None else scale
-  k_pages = unpack_heads(dequantize_pages(k_pages, k_scales, q.dtype), h)
-  v_pages = unpack_heads(dequantize_pages(v_pages, v_scales, q.dtype), h)
+  k_pages = dequantize_pages(unpack_heads(k_pages, h), k_scales, q.dtype)
+  v_pages = dequantize_pages(unpack_heads(v_pages, h), v_scales, q.dtype)
   kv_heads = k_pages.shape[0]
   k, v = gather_pages(k_pages, page_table), gather_pages(v_pages, page_table)
   qg = q.reshape(b, kv_heads, n // kv_heads, h)

@@ -22,7 +22,7 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
-from pallas_kernels.common import MASK_VALUE, NT, SCALE_LANES
+from pallas_kernels.common import MASK_VALUE, NT, SCALE_LANES, rows_by_head
 
 LANES = 128
 
@@ -59,9 +59,9 @@ def _segments(end, split, *, page_size, max_pages, per_split, window_lag, sinks)
   return (first, sink_end), (jnp.minimum(jnp.maximum(sink_end, wfirst), last), last)
 
 
-def _page_scales(buf, slot, pages, *, page_size: int, bk: int):
-  """(1, bk): a block's keys' scales, from its pages' fetched scale rows `buf[slot]` (`pages`:
-  their pool page ids). Page j's segment of its row is rotated to lanes j*ps.. of the 128-lane
+def _page_scales(buf, slot, pages, *, page_size: int, bk: int, first: int = 0):
+  """(1, bk): a block's keys' scales, from its pages' fetched scale rows `buf[slot]` from row
+  `first` on (`pages`: their pool page ids). Page j's segment of its row is rotated to lanes j*ps.. of the 128-lane
   chunk it belongs to (whole chunks are then joined: Mosaic joins and slices lanes only at
   128-lane boundaries)."""
   lane = lax.broadcasted_iota(jnp.int32, (1, SCALE_LANES), 1)
@@ -70,7 +70,7 @@ def _page_scales(buf, slot, pages, *, page_size: int, bk: int):
     offset = lax.rem(page * page_size, SCALE_LANES)  # in the row
     dest = j * page_size % SCALE_LANES  # in the chunk
     shift = lax.rem(dest - offset + SCALE_LANES, SCALE_LANES)
-    rolled = pltpu.roll(buf[slot, pl.ds(j, 1), :], shift, 1)
+    rolled = pltpu.roll(buf[slot, pl.ds(first + j, 1), :], shift, 1)
     mine = (lane >= dest) & (lane < dest + page_size)
     chunks[j * page_size // SCALE_LANES] += jnp.where(mine, rolled, 0.0)
   row = chunks[0] if len(chunks) == 1 else jnp.concatenate(chunks, axis=1)
@@ -102,7 +102,7 @@ def _finish(carry):
 
 
 def _kernel(ends_ref, pt_ref, q_ref, *refs, num_extra, quantized, visible, scale, page_size, bp,
-            max_pages, per_split, window_lag, sinks):
+            max_pages, per_split, window_lag, sinks, heads, head_rows):
   extras = refs[:num_extra]
   nq = 2 if quantized else 0  # int8 pools: their scales' HBM refs and VMEM buffers
   k_hbm, v_hbm, *scale_hbm = refs[num_extra:num_extra + 2 + nq]
@@ -131,9 +131,12 @@ def _kernel(ends_ref, pt_ref, q_ref, *refs, num_extra, quantized, visible, scale
     for j in range(bp):
       p, page = page_of(i, j)
       row = _div(page * page_size, SCALE_LANES)  # the aligned row of 128 holding its scales
-      yield p < stop, [pltpu.make_async_copy(src.at[head, page if n < 2 else row],
-                                             buf.at[slot, j], sems.at[n, slot])
-                       for n, (src, buf) in enumerate(pairs)]
+      pages = [pltpu.make_async_copy(src.at[head, page], buf.at[slot, j], sems.at[n, slot])
+               for n, (src, buf) in enumerate(pairs[:2])]
+      scales = [pltpu.make_async_copy(src.at[head * heads + c, row], buf.at[slot, c * bp + j],
+                                      sems.at[2 + n, slot])  # each kv head's row of the page
+                for n, (src, buf) in enumerate(pairs[2:]) for c in range(heads)]
+      yield p < stop, pages + scales
 
   def dma(i, slot, op):  # op: "start" or "wait" each valid page's K and V copies
     for valid, pair in copies(i, slot):
@@ -170,7 +173,9 @@ def _kernel(ends_ref, pt_ref, q_ref, *refs, num_extra, quantized, visible, scale
     vs = None
     if quantized:  # per-key scales along the lanes: on the logits, and on the weights of v
       pages = [page_of(i, j)[1] for j in range(bp)]
-      ks, vs = (_page_scales(buf, slot, pages, page_size=page_size, bk=bk) for buf in scale_buf)
+      ks, vs = (rows_by_head([_page_scales(buf, slot, pages, page_size=page_size, bk=bk,
+                                           first=c * bp) for c in range(heads)], rows, head_rows)
+                for buf in scale_buf)
       logits = logits * ks
     return _fold(carry, logits, seen, v, vs)
 
@@ -187,7 +192,8 @@ def paged_rows_attention(q: jax.Array, k_pages: jax.Array, v_pages: jax.Array, e
                          page_table: jax.Array, extras: tuple[jax.Array, ...],
                          visible: Callable[..., jax.Array], *, scale: float, num_splits: int,
                          window_lag: int | None, sinks: int, block_pages: int | None = None,
-                         scales: tuple[jax.Array, ...] = (), interpret=False):
+                         scales: tuple[jax.Array, ...] = (), head_rows: int | None = None,
+                         interpret=False):
   """q (B,K,R,H) -> (o (B,K,C,R,H) f32 unnormalised per split, lse (B,K,C,R)).
 
   Row r of (b, k) sees key position `pos` iff pos < ends[b] and visible(pos (1,bk), ends[b],
@@ -195,16 +201,20 @@ def paged_rows_attention(q: jax.Array, k_pages: jax.Array, v_pages: jax.Array, e
   inputs. With a window, no row sees a position below ends[b] - window_lag except the first
   `sinks`, so those pages are skipped. block_pages: pages per DMA block (default: about 256
   keys). scales: () or, for int8 pools, their float32 scale rows (k's, v's;
-  common.check_scales), a page's row fetched beside it."""
+  common.check_scales), a page's row fetched beside it, one per kv head of a pool row: with
+  c kv heads a row (pools (K/c, ..., c*H)), rows [i*head_rows, (i+1)*head_rows) are head i's
+  (common.pack_rows) and take its scales."""
   b, kv_heads, rows, h = q.shape
   _, _, page_size, _ = k_pages.shape
   max_pages = page_table.shape[1]
   per_split = -(-max_pages // num_splits)
   bp = min(block_pages, per_split) if block_pages else pages_per_block(page_size, per_split)
+  heads = scales[0].shape[0] // kv_heads if scales else 1
   kernel = functools.partial(_kernel, num_extra=len(extras), quantized=bool(scales),
                              visible=visible, scale=scale,
                              page_size=page_size, bp=bp, max_pages=max_pages,
-                             per_split=per_split, window_lag=window_lag, sinks=sinks)
+                             per_split=per_split, window_lag=window_lag, sinks=sinks, heads=heads,
+                             head_rows=head_rows or rows)
   row_spec = lambda x: pl.BlockSpec((None,) + x.shape[1:], lambda bi, ki, si, *_: (bi, 0, 0))
   hbm = pl.BlockSpec(memory_space=pl.ANY)
   grid_spec = pltpu.PrefetchScalarGridSpec(
@@ -218,7 +228,7 @@ def paged_rows_attention(q: jax.Array, k_pages: jax.Array, v_pages: jax.Array, e
                               lambda bi, ki, si, *_: (bi, ki, si, 0, 0))],
       scratch_shapes=[pltpu.VMEM((2, bp, page_size, h), k_pages.dtype),
                       pltpu.VMEM((2, bp, page_size, h), v_pages.dtype)]
-      + [pltpu.VMEM((2, bp, SCALE_LANES), jnp.float32)] * len(scales)
+      + [pltpu.VMEM((2, heads * bp, SCALE_LANES), jnp.float32)] * len(scales)
       + [pltpu.SemaphoreType.DMA((2 + len(scales), 2))])
   o, lse = pl.pallas_call(
       kernel, grid_spec=grid_spec,

@@ -54,7 +54,7 @@ def _visible(tree_size, window, sinks):
 
 
 def _kernel(len_ref, pt_ref, mask_ref, depth_ref, q_ref, k_ref, v_ref, *refs, scale, page_size,
-            pages_per_split, tree_size, window, sinks):
+            pages_per_split, tree_size, window, sinks, head_rows):
   *scale_refs, o_ref, lse_ref = refs  # (ks_ref, vs_ref) with int8 pools
   q = q_ref[...]
   rows, h = q.shape
@@ -64,7 +64,7 @@ def _kernel(len_ref, pt_ref, mask_ref, depth_ref, q_ref, k_ref, v_ref, *refs, sc
                               words=mask_ref, depth=depth_ref)
   walk = functools.partial(walk_pages, q, k_ref, v_ref, pt_ref, visible_fn=visible,
                            head=pl.program_id(1), scale=scale, page_size=page_size,
-                           **scale_kwargs(scale_refs))
+                           head_rows=head_rows, **scale_kwargs(scale_refs))
   # the root (depth 0) sees the earliest prefix position
   carry = walk_sinks_and_window(walk, first, last, softmax_init(rows, h), page_size=page_size,
                                 sinks=sinks,
@@ -84,7 +84,7 @@ def _check(q, k_pages, v_pages, prefix_len, page_table, tree_mask, k_scales, v_s
   if tree_mask.shape != (b, t, -(-t // 32)):
     raise ValueError(f"tree_attention: tree_mask must be (B, T, ceil(T/32)) = "
                      f"{(b, t, -(-t // 32))}, got {tree_mask.shape}")
-  check_scales("tree_attention", k_pages, k_scales, v_scales)
+  check_scales("tree_attention", k_pages, k_scales, v_scales, heads_per_row(k_pages.shape[3], h))
 
 
 def _pad_rows(rows, *xs):
@@ -96,7 +96,7 @@ def _pad_rows(rows, *xs):
 
 
 def _gpu_form(qg, k_pages, v_pages, prefix_len, page_table, mask, depth, *scales, scale, splits,
-              tree_size, window, sinks, min_rows, interpret):
+              tree_size, window, sinks, head_rows, min_rows, interpret):
   """The Triton form (what CPU interprets): qg (B,K,T*G,H) -> (B,K,T*G,H) f32. Rows and mask
   words are padded to powers of two when compiled (Triton's array sizes)."""
   b, kv_heads, tg, h = qg.shape
@@ -108,7 +108,7 @@ def _gpu_form(qg, k_pages, v_pages, prefix_len, page_table, mask, depth, *scales
   scales = tuple(scale_grid(x, *k_pages.shape[1:3]) for x in scales)  # (K,P,ps): read per page
   kernel = functools.partial(_kernel, scale=scale, page_size=k_pages.shape[2],
                              pages_per_split=-(-max_pages // splits), tree_size=tree_size,
-                             window=window, sinks=sinks)
+                             window=window, sinks=sinks, head_rows=head_rows)
   pool = pl.BlockSpec(memory_space=pl.ANY)  # read page by page through the page table
   o, lse = pl.pallas_call(
       kernel,
@@ -130,7 +130,7 @@ def _gpu_form(qg, k_pages, v_pages, prefix_len, page_table, mask, depth, *scales
 
 
 def _tpu_form(qg, k_pages, v_pages, prefix_len, page_table, mask, depth, *scales, scale, splits,
-              tree_size, window, sinks, block_pages, interpret):
+              tree_size, window, sinks, head_rows, block_pages, interpret):
   """The Mosaic TPU form (paged_attention/tpu.py); rows padded to a whole sublane tile."""
   tg = qg.shape[2]
   tile = sublanes(qg.dtype)
@@ -139,7 +139,7 @@ def _tpu_form(qg, k_pages, v_pages, prefix_len, page_table, mask, depth, *scales
       qg, k_pages, v_pages, prefix_len + tree_size, page_table, (mask, depth),
       _visible(tree_size, window, sinks), scale=scale, num_splits=splits,
       window_lag=None if window is None else window + tree_size - 1, sinks=sinks,
-      block_pages=block_pages, scales=scales, interpret=interpret)
+      block_pages=block_pages, scales=scales, head_rows=head_rows, interpret=interpret)
   return merge_splits(o, lse, axis=2)[:, :, :tg]
 
 
@@ -177,7 +177,7 @@ def tree_attention(q: jax.Array, k_pages: jax.Array, v_pages: jax.Array, prefix_
                           max_pages=page_table.shape[1], num_splits=num_splits,
                           min_rows=min_rows, block_pages=block_pages,
                           scale=h**-0.5 if scale is None else scale, tree_size=t, window=window,
-                          sinks=sinks)
+                          sinks=sinks, head_rows=t * g)
   out = on_target(build, qg, k_pages, v_pages, prefix_len.astype(jnp.int32),
                   page_table.astype(jnp.int32), mask, depth,
                   *(() if k_scales is None else (k_scales, v_scales)), backend=backend,

@@ -90,8 +90,8 @@ def tree_attention_reference(q: jax.Array, k_pages: jax.Array, v_pages: jax.Arra
   b, t, n, h = q.shape
   check_window(window, t, sinks)
   scale = h**-0.5 if scale is None else scale
-  k_pages = unpack_heads(dequantize_pages(k_pages, k_scales, q.dtype), h)
-  v_pages = unpack_heads(dequantize_pages(v_pages, v_scales, q.dtype), h)
+  k_pages = dequantize_pages(unpack_heads(k_pages, h), k_scales, q.dtype)
+  v_pages = dequantize_pages(unpack_heads(v_pages, h), v_scales, q.dtype)
   kv_heads = k_pages.shape[0]
   k, v = gather_pages(k_pages, page_table), gather_pages(v_pages, page_table)  # (B,K,S,H)
   qg = q.reshape(b, t, kv_heads, n // kv_heads, h)
