@@ -41,7 +41,8 @@ RESERVE=20  # seconds kept for the rows and the summary
 START=$SECONDS
 TEST_PLATFORMS=${TEST_PLATFORMS:-cuda,cpu}
 KERNEL_TESTS=${KERNEL_TESTS:-tests/test_paged_attention.py tests/test_tree_attention.py \
-tests/test_block_sparse_attention.py}
+tests/test_block_sparse_attention.py \
+tests/test_kv_cache_int8.py::test_kernels_read_pools_of_several_heads_a_row}
 DECODE_ARGS=${DECODE_ARGS:---model=preset:llama3-8b}
 VS_ARGS=${VS_ARGS:---model=preset:llama3-8b --dtype=bfloat16 --batch_sizes=64,128,256}
 QUANT_FORMATS=${QUANT_FORMATS:-none,int8,int4:g128}

@@ -221,10 +221,10 @@ def _chain_block(t: int, rows: int) -> int:
 
 
 def _pallas_chunk_pages(q, kv, positions, *, window, sinks, mesh, rules):
-  """A chunk of T consecutive positions (a prompt's, from positions[:, 0]) over its row's pages,
-  already written there: blocks of `_chain_block` tokens, each a chain verified by the tree
-  kernel over the pages before it and itself, so no row's pages are gathered and no (T, M*ps)
-  score array is made. A block of padding (positions out of range) reads from position 0."""
+  """A chunk of T tokens at consecutive positions (padding, out of range, before or after them)
+  over its row's pages, already written there: blocks of `_chain_block` tokens, each a chain
+  verified by the tree kernel over the pages before it and itself, so no row's pages are
+  gathered and no (T, M*ps) score array is made. A block of padding reads from position 0."""
   from pallas_kernels.tree_attention import pack_ancestors, tree_attention
   b, t, n, h = q.shape
   block = _chain_block(t, n // kv.k.shape[0])  # G query rows a token, times c heads a pool row
@@ -233,11 +233,16 @@ def _pallas_chunk_pages(q, kv, positions, *, window, sinks, mesh, rules):
   chain = pack_ancestors(jnp.arange(block) - 1)  # (block, W)
 
   def kernel(q, positions, table, k, v, *scales):
-    rows = q.shape[0] * (t // block)
-    start = positions[:, ::block].reshape(rows)
-    start = jnp.where(start < table.shape[1] * k.shape[2], start, 0)
+    blocks = q.shape[1] // block
+    rows = q.shape[0] * blocks
+    pos = positions.reshape(rows, block)
+    real = (pos >= 0) & (pos < table.shape[1] * k.shape[2])
+    # a block's chain starts where its real tokens say (padding may lead, as a draft's feed of
+    # (nothing pending, root) has, or trail): keys before its first real token are then prefix
+    start = jnp.min(jnp.where(real, pos - jnp.arange(block), jnp.iinfo(jnp.int32).max), -1)
+    start = jnp.where(real.any(-1), start, 0)
     out = tree_attention(q.reshape((rows, block) + q.shape[2:]), k, v, start,
-                         jnp.repeat(table, t // block, axis=0),
+                         jnp.repeat(table, blocks, axis=0),
                          jnp.broadcast_to(chain, (rows,) + chain.shape), *scales, window=window,
                          sinks=sinks)
     return out.reshape(q.shape)

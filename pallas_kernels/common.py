@@ -257,7 +257,7 @@ def walk_pages(q, k_ref, v_ref, pt_ref, start, stop, visible_fn, carry, *, head,
   visible_fn(pos (1, ps)) -> (rows, ps) bool. int8 pools come with their per-key scales
   `ks_ref`, `vs_ref` (c*K,P,ps): a key's scale multiplies its logits, a value's its weights."""
   def body(j, carry):
-    page = pt_ref[j]
+    page = jnp.minimum(pt_ref[j], k_ref.shape[1] - 1)  # past the pool: clamped, as XLA's gather
     k, v = k_ref[head, page], v_ref[head, page]
     if ks_ref is not None:
       k, v = k.astype(q.dtype), v.astype(q.dtype)

@@ -218,3 +218,11 @@ def test_chunks_over_pages_equal_a_full_forward(head_dim, window):
   np.testing.assert_allclose(first, full[:, :32], rtol=1e-5, atol=1e-5)
   np.testing.assert_allclose(second[0], full[0, 32:], rtol=1e-5, atol=1e-5)
   np.testing.assert_allclose(second[1, :8], full[1, 32:40], rtol=1e-5, atol=1e-5)
+  # two tokens a row, the first padding in row 0 (a draft's feed with nothing pending)
+  pos = jnp.array([[m * ps, 40], [40, 41]])
+  hidden, _ = M.forward(params, jnp.stack([tokens[0, 39:41], tokens[1, 40:42]]), pos, cfg,
+                        cache, **kw)
+  fed = M.logits(params, hidden)
+  full = M.logits(params, M.forward(params, tokens[:, :42], positions[:, :42], cfg)[0])
+  np.testing.assert_allclose(fed[0, 1], full[0, 40], rtol=1e-5, atol=1e-5)
+  np.testing.assert_allclose(fed[1], full[1, 40:42], rtol=1e-5, atol=1e-5)

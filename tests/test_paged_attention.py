@@ -71,3 +71,15 @@ def test_bad_shapes_are_refused():
   q, kp, vp, table = _inputs(2, 4, 2, 8, 8, 4, 2)
   with pytest.raises(ValueError, match="batch"):
     paged_attention(q, kp, vp, jnp.array([1, 2, 3]), table)
+
+
+@pytest.mark.parametrize("backend", ["gpu", "tpu"])
+def test_a_page_id_past_the_pool_reads_its_last_page(backend):
+  """A page table's id past the pool (a row that is not live: no write may land there) reads
+  the pool's last page, as XLA's gather clamps, instead of memory past the pool."""
+  q, kp, vp, table = _inputs(2, 4, 2, 16, 6, 8, 3)
+  table = table.at[1, 1:].set(6)
+  lengths = jnp.array([20, 24])
+  out = paged_attention(q, kp, vp, lengths, table, backend=backend, interpret=True)
+  ref = paged_attention_reference(q, kp, vp, lengths, table.at[1, 1:].set(5))
+  np.testing.assert_allclose(out, ref, atol=2e-5, rtol=2e-5)

@@ -116,15 +116,18 @@ def _kernel(ends_ref, pt_ref, q_ref, *refs, num_extra, quantized, visible, scale
   na = _div(a1 - a0 + bp - 1, bp)
   nb = _div(b1 - b0 + bp - 1, bp)
 
+  num_pages = k_hbm.shape[1]
+
   def block(i):
     """First page and the segment's end page of page block i (sink blocks first)."""
     in_a = i < na
     return jnp.where(in_a, a0 + i * bp, b0 + (i - na) * bp), jnp.where(in_a, a1, b1)
 
   def page_of(i, j):
-    """(block i's page j, its pool page id)."""
+    """(block i's page j, its pool page id; an id past the pool reads its last page, as XLA's
+    gather clamps: a table's out-of-range id marks a page no write may land in)."""
     p = block(i)[0] + j
-    return p, pt_ref[b * max_pages + jnp.minimum(p, max_pages - 1)]
+    return p, jnp.minimum(pt_ref[b * max_pages + jnp.minimum(p, max_pages - 1)], num_pages - 1)
 
   def copies(i, slot):
     stop = block(i)[1]
