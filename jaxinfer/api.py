@@ -16,7 +16,7 @@ from typing import Any, Callable, Iterable, Iterator, Sequence
 
 from tqdm.auto import tqdm
 
-from jaxinfer.errors import Cancelled, UserError
+from jaxinfer.errors import Cancelled, UserError, keywords
 from jaxinfer.options import ServeOptions
 from jaxinfer.requests import (Defaults, InvalidRequest, Request, is_integer, is_number,
                                make_request, truncate_at_stop)
@@ -174,12 +174,13 @@ class LLM:
   def __init__(self, model: str = "embedded", compilation_cache: str | None = None, **options):
     from jaxinfer import compilation_cache as cache
     from jaxinfer.serving.build import load
-    self.options = ServeOptions.from_keywords(model, options)
-    self.options.validate()
-    cache.apply(compilation_cache, self.options.cache_dir)
-    t0 = time.perf_counter()
-    (self.config, self.params, self.tokenizer, self._chat, self._backend,
-     self.sparsity) = load(self.options)
+    with keywords():
+      self.options = ServeOptions.from_keywords(model, options)
+      self.options.validate()
+      cache.apply(compilation_cache, self.options.cache_dir)
+      t0 = time.perf_counter()
+      (self.config, self.params, self.tokenizer, self._chat, self._backend,
+       self.sparsity) = load(self.options)
     self.load_seconds = time.perf_counter() - t0
     self.metrics: dict[str, Any] = {}  # the last call's
     self._lock = threading.Lock()
@@ -240,7 +241,8 @@ class LLM:
     if not self._lock.acquire(blocking=False):
       raise RuntimeError("LLM: another generate call of this LLM is running")
     try:
-      self._backend.prepare(requests)
+      with keywords():
+        self._backend.prepare(requests)
       import jax
       show = self.options.progress if progress is None else progress
       # (several processes: each finishes the requests of the replicas it leads)
@@ -258,7 +260,8 @@ class LLM:
       clock = CompileClock.totals()
       t0 = time.perf_counter()
       try:
-        stats = self._backend.run(requests, samples.add, stop, cancel)
+        with keywords():
+          stats = self._backend.run(requests, samples.add, stop, cancel)
       finally:  # whatever finished has been handed on, even when generation fails
         bar.close()
       compiled = [now - then for now, then in zip(CompileClock.totals(), clock)]

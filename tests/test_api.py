@@ -155,7 +155,7 @@ def test_layer_skip_on_a_mesh_drafts_with_the_targets_own_shards(llm, tiny_model
 def test_bad_input_is_named(llm, tiny_model_dir):
   with pytest.raises(UserError, match=r"unknown option\(s\) \['batchsize'\]"):
     jaxinfer.LLM(str(tiny_model_dir), batchsize=2)
-  with pytest.raises(UserError, match="--speculative: expected one of"):
+  with pytest.raises(UserError, match="^speculative: expected one of"):
     jaxinfer.LLM(str(tiny_model_dir), speculative="magic")
   with pytest.raises(UserError, match=r"prompts\[1\]: prompt_ids: token id 99999 is outside"):
     llm.generate(["ok", [1, 99999]])
@@ -172,12 +172,18 @@ def test_bad_input_is_named(llm, tiny_model_dir):
   with pytest.raises(UserError, match=r"sampling_params: 1 for 2 prompts"):
     llm.generate(["a", "b"], [SamplingParams()])
   # wrong types are named too, before any work
-  for kw, match in [(dict(model=None), "--model: expected str"),
-                    (dict(batch_size="8"), "--batch_size: expected int"),
-                    (dict(batch_size=2.5), "--batch_size: expected int"),
-                    (dict(mesh=5), "--mesh: expected str")]:
+  for kw, match in [(dict(model=None), "^model: expected str"),
+                    (dict(batch_size="8"), "^batch_size: expected int"),
+                    (dict(batch_size=2.5), "^batch_size: expected int"),
+                    (dict(mesh=5), "^mesh: expected str")]:
     with pytest.raises(UserError, match=match):
       jaxinfer.LLM(**{"model": str(tiny_model_dir), **kw})
+  # options are keywords here: an error names them as such, never as the CLI's flags
+  with pytest.raises(UserError, match=r"^tree: applies to speculative decoding; pass "
+                                      r"speculative= too$"):
+    jaxinfer.LLM(str(tiny_model_dir), tree="2,1")
+  with pytest.raises(UserError, match=r"^kv_pages: the longest request needs \d+ KV pages"):
+    jaxinfer.LLM(str(tiny_model_dir), kv_pages=1, progress=False).generate("def f")
   # a NumPy number is the number it holds, a path its string (both as SamplingParams take them)
   opts = jaxinfer.ServeOptions.from_keywords(tiny_model_dir, dict(batch_size=np.int64(2),
                                                                   draft_fallback=np.float32(0)))
@@ -215,7 +221,7 @@ def test_arrival_order_shares_prefixes_only_while_cached(tiny_model_dir):
   assert runs["prefix"][0] == runs["arrival"][0]
   assert runs["prefix"][1] == 4 * 48  # 4 of the 6 reuse their header's 6 full pages
   assert runs["arrival"][1] < runs["prefix"][1]
-  with pytest.raises(UserError, match="--order"):
+  with pytest.raises(UserError, match="^order: expected prefix or arrival"):
     jaxinfer.LLM(str(tiny_model_dir), order="fifo")
 
 
