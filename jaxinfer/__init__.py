@@ -18,12 +18,18 @@ _NAMES = {
     "quantize": "jaxinfer.quant.convert",
 }
 __all__ = sorted(_NAMES)
+# functions the CLI shares: from here their errors name keywords, not flags (LLM does so itself)
+_KEYWORD_ERRORS = ("generate_file", "train_draft", "quantize")
 
 
 def __getattr__(name: str):
   if name not in _NAMES:
     raise AttributeError(f"module 'jaxinfer' has no attribute {name!r}")
-  return getattr(importlib.import_module(_NAMES[name]), name)
+  value = getattr(importlib.import_module(_NAMES[name]), name)
+  if name in _KEYWORD_ERRORS:
+    from jaxinfer.errors import keywords
+    value = keywords()(value)
+  return value
 
 
 def __dir__():

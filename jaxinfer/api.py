@@ -171,10 +171,12 @@ class LLM:
   directory across runs ("none": off; default: the directory JAX has, else the CLI's).
   """
 
+  _worded = staticmethod(keywords)  # its errors name options as keywords (a CLI job's: flags)
+
   def __init__(self, model: str = "embedded", compilation_cache: str | None = None, **options):
     from jaxinfer import compilation_cache as cache
     from jaxinfer.serving.build import load
-    with keywords():
+    with self._worded():
       self.options = ServeOptions.from_keywords(model, options)
       self.options.validate()
       cache.apply(compilation_cache, self.options.cache_dir)
@@ -241,7 +243,7 @@ class LLM:
     if not self._lock.acquire(blocking=False):
       raise RuntimeError("LLM: another generate call of this LLM is running")
     try:
-      with keywords():
+      with self._worded():
         self._backend.prepare(requests)
       import jax
       show = self.options.progress if progress is None else progress
@@ -260,7 +262,7 @@ class LLM:
       clock = CompileClock.totals()
       t0 = time.perf_counter()
       try:
-        with keywords():
+        with self._worded():
           stats = self._backend.run(requests, samples.add, stop, cancel)
       finally:  # whatever finished has been handed on, even when generation fails
         bar.close()

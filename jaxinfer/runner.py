@@ -9,6 +9,7 @@ records of the replicas it leads to a part of its own, and process 0 merges the 
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import hashlib
 import json
@@ -231,6 +232,12 @@ def _same_job(job: GenerateJob) -> None:
     raise _process_ended(e) from None
 
 
+class _JobLLM(LLM):
+  """The job's LLM: its errors name the CLI's flags (`generate_file` words them as keywords)."""
+
+  _worded = staticmethod(contextlib.nullcontext)
+
+
 def run(job: GenerateJob, *, coordinator_address: str | None = None,
         num_processes: int | None = None, process_id: int | None = None,
         distributed: bool = False) -> dict[str, Any]:
@@ -238,7 +245,7 @@ def run(job: GenerateJob, *, coordinator_address: str | None = None,
   job.validate()
   pid, nproc = _init_distributed(coordinator_address, num_processes, process_id, distributed)
   t_start = time.perf_counter()
-  llm = LLM(**dataclasses.asdict(ServeOptions.of(job)))
+  llm = _JobLLM(**dataclasses.asdict(ServeOptions.of(job)))
   cfg = llm.config
   requests, errors, num_lines = read_requests(job, llm.tokenizer, cfg.vocab_size,
                                               cfg.max_seq_len, llm._chat)

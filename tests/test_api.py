@@ -184,6 +184,8 @@ def test_bad_input_is_named(llm, tiny_model_dir):
     jaxinfer.LLM(str(tiny_model_dir), tree="2,1")
   with pytest.raises(UserError, match=r"^kv_pages: the longest request needs \d+ KV pages"):
     jaxinfer.LLM(str(tiny_model_dir), kv_pages=1, progress=False).generate("def f")
+  with pytest.raises(UserError, match=r"^prompts: 'p.jsonl' is not a readable file"):
+    jaxinfer.generate_file("p.jsonl", "o.jsonl", str(tiny_model_dir))  # (the CLI: --prompts)
   # a NumPy number is the number it holds, a path its string (both as SamplingParams take them)
   opts = jaxinfer.ServeOptions.from_keywords(tiny_model_dir, dict(batch_size=np.int64(2),
                                                                   draft_fallback=np.float32(0)))

@@ -214,8 +214,9 @@ def test_outputs_do_not_depend_on_slots_chunks_pages_steps_or_replicas(tmp_path,
 
 def test_heads_two_to_a_pool_row_decode_as_independent_generation(tmp_path):
   """Heads of 64 lie two to a page-pool row (K/2, P, ps, 128); greedy records through the engine,
-  XLA's attention and the kernels (plain, verifying n-gram drafts, per shard over model:2), equal
-  each decoded alone by the reference Generator, whose dense cache keeps one head a row."""
+  XLA's attention and the kernels (verifying n-gram drafts, per shard over model:2), equal each
+  decoded alone by the reference Generator, whose dense cache keeps one head a row; an int8 pool
+  so laid out speculates as it decodes plainly."""
   import jax
 
   from jaxinfer.config import PRESETS
@@ -229,13 +230,21 @@ def test_heads_two_to_a_pool_row_decode_as_independent_generation(tmp_path):
   model = make_tiny_model_dir(tmp_path / "m", q_heads=8, kv_heads=4, head_dim=64)
   records = [r for r in _workload() if "temperature" not in r]
   ref = _independent(tmp_path, model, records)
-  for i, kw in enumerate([{}, dict(implementation="pallas"),
-                          dict(implementation="pallas", speculative="ngram"),
+  for i, kw in enumerate([{}, dict(implementation="pallas", speculative="ngram"),
                           dict(implementation="pallas", mesh="model:2")]):
     out, _ = _job(tmp_path, model, records, f"v{i}", batch_size=4, chunk_size=16, page_size=8,
                   **kw)
     for rid in ref:
       assert out[rid]["completion_ids"] == ref[rid][0], (kw, rid)
+  # an int8 pool of two heads a row (a scale per token and kv head): verified drafts, their
+  # accepted K/V and scales moved into place, decode as plainly decoding it does
+  int8 = dict(batch_size=4, chunk_size=16, page_size=8, kv_cache_dtype="int8",
+              implementation="pallas")
+  plain, _ = _job(tmp_path, model, records, "int8", **int8)
+  spec, m = _job(tmp_path, model, records, "int8-ngram", speculative="ngram",
+                 speculation="always", **int8)
+  assert m["verify_steps"] > 0 and m["mean_accepted_tokens"] > 1
+  assert {r: spec[r]["completion_ids"] for r in ref} == {r: plain[r]["completion_ids"] for r in ref}
 
 
 def test_num_samples_share_the_prompt(tmp_path, tiny_model_dir):

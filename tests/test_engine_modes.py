@@ -123,7 +123,7 @@ def test_the_api_serves_a_dynamic_pattern(tiny_model_dir, target):
   want = whole_prompt_greedy(target, requests([(prompt, 5)])[0], Runtime(sparsity=llm.sparsity),
                              llm._backend.engines[0].max_pages * 16)
   assert out.completion_ids == want
-  with pytest.raises(jaxinfer.UserError, match="--chunk_size: under --sparsity"):
+  with pytest.raises(jaxinfer.UserError, match="^chunk_size: under sparsity="):
     jaxinfer.LLM(str(tiny_model_dir), sparsity="block_topk:2", chunk_size=64)
 
 

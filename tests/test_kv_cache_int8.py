@@ -52,6 +52,19 @@ def test_writes_quantize_and_moves_copy_values_and_scales():
                   (slice(None), jnp.array([3]), jnp.array([2])))
   assert np.array_equal(moved.values[:, 3, 2], buf.values[:, 1, 5])
   assert np.array_equal(moved.scale_grid()[:, 3, 2], buf.scale_grid()[:, 1, 5])
+  # two heads a row (a pool of heads of 8 as (1, P, ps, 16)): a scale per kv head, written and
+  # moved for both
+  two = QuantizedKV.quantize(jnp.zeros((1, 4, 8, 16)), heads_per_row=2)
+  assert two.scales.shape == (2, 1, 128) and two.heads_per_row == 2
+  row = new[:1].reshape(1, 3, 2, 8).at[:, :, 1].multiply(50).reshape(1, 3, 16)
+  two = kv_set(two, index, row)
+  alone = QuantizedKV.quantize(row.reshape(1, 3, 2, 8).transpose(2, 0, 1, 3)[:, 0])
+  assert np.array_equal(two.values[0, 1, 5], jnp.concatenate(list(alone.values[:, 1])))
+  assert np.array_equal(two.scale_grid()[:, 1, 5], alone.scale_grid()[:, 1])
+  moved = kv_move(two, (slice(None), jnp.array([1]), jnp.array([5])),
+                  (slice(None), jnp.array([3]), jnp.array([2])))
+  assert np.array_equal(moved.values[:, 3, 2], two.values[:, 1, 5])
+  assert np.array_equal(moved.scale_grid()[:, 3, 2], two.scale_grid()[:, 1, 5])
 
 
 @pytest.mark.parametrize("backend", ["gpu", "tpu"])
@@ -258,7 +271,7 @@ def test_generate_serves_an_int8_cache_and_refuses_what_cannot(tmp_path, tiny_mo
   assert [len(r.outputs[0].ids) for r in out] == [6, 6]
   pool = llm._backend.engines[0].k[0]  # the engine's pages hold int8 values
   assert isinstance(pool, QuantizedKV) and pool.values.dtype == jnp.int8
-  for kw, match in [(dict(kv_cache_dtype="fp8"), "--kv_cache_dtype: expected one of int8"),
+  for kw, match in [(dict(kv_cache_dtype="fp8"), "^kv_cache_dtype: expected one of int8"),
                     (dict(kv_cache_dtype="int8", page_size=48), "dividing 128")]:
     with pytest.raises(UserError, match=match):
       jaxinfer.LLM(str(tiny_model_dir), progress=False, **kw).generate(["x"])

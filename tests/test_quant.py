@@ -451,7 +451,7 @@ def test_quantized_model_serves_sharded_speculative_and_under_trained_heads(tmp_
   assert ids(medusa) == plain
   assert medusa.metrics["speculative_batches"] > 0 and medusa.metrics["verify_steps"] > 0
   # Medusa-2's adapters would train the quantized weights themselves: refused in one line
-  with pytest.raises(jaxinfer.UserError, match="--method=medusa2: .* quantized"):
+  with pytest.raises(jaxinfer.UserError, match="^method=medusa2: .* quantized"):
     jaxinfer.train_draft(str(out), str(data), str(tmp_path / "m2"), method="medusa2", steps=2,
                          batch_size=2, seq_len=16, progress=False)
 
@@ -462,7 +462,7 @@ def test_include_as_a_string_and_a_tied_lm_head(tmp_path):
   dropped)."""
   import jaxinfer
   tied = make_tiny_model_dir(tmp_path / "tied", tie_embeddings=True)
-  with pytest.raises(jaxinfer.UserError, match="--include: .* ties its LM head"):
+  with pytest.raises(jaxinfer.UserError, match="^include: .* ties its LM head"):
     jaxinfer.quantize(str(tied), str(tmp_path / "q"), "int8", include="lm_head")
   out, before, after = jaxinfer.quantize(str(tied), str(tmp_path / "q"), "int8",
                                          include="embed, norm")
