@@ -161,8 +161,7 @@ class PagedKVCache:
     if mesh is None:
       return None, None
     return (rules.sharding(mesh, POOL_AXES, shape),
-            rules.sharding(mesh, SCALE_AXES,
-                           scales_shape(shape, pool_heads_per_row(cfg, mesh, rules))))
+            rules.sharding(mesh, SCALE_AXES, scales_shape(shape, cfg.kv_heads // shape[0])))
 
   @staticmethod
   def init_pools(cfg: ModelConfig, num_pages: int, page_size: int, mesh: Mesh | None = None,
@@ -170,9 +169,9 @@ class PagedKVCache:
     """(k pools, v pools), zero-filled, one (K/c, P, ps, c*H) buffer per layer each."""
     shape = PagedKVCache.pool_shape(cfg, num_pages, page_size, mesh, rules)
     shardings = PagedKVCache.pool_shardings(cfg, num_pages, page_size, mesh, rules)
-    c = pool_heads_per_row(cfg, mesh, rules)
     zeros = lambda: tuple(kv_zeros(shape, cfg.jnp_dtype, kv_cache_dtype, *shardings,
-                                   heads_per_row=c) for _ in range(cfg.num_layers))
+                                   heads_per_row=cfg.kv_heads // shape[0])
+                          for _ in range(cfg.num_layers))
     return zeros(), zeros()
 
 

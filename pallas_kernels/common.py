@@ -87,13 +87,14 @@ def heads_per_row(pool_width: int, head_dim: int) -> int:
   return pool_width // head_dim
 
 
-def check_heads(name: str, n: int, h: int, pool_shape: tuple[int, ...]) -> None:
-  """ValueError unless N query heads of H fit pages (K/c, ..., c*H): c*H lanes and N a multiple
-  of K."""
+def check_heads(name: str, n: int, h: int, pool_shape: tuple[int, ...]) -> int:
+  """c, the kv heads a row of pages (K/c, ..., c*H) holds; ValueError unless N query heads of H
+  fit them: c*H lanes and N a multiple of K."""
   width, rows = pool_shape[-1], pool_shape[0]
   if width % h or n % (rows * (width // h)):
     raise ValueError(f"{name}: {n} query heads of {h} do not fit pages {tuple(pool_shape)} "
                      f"(K/c, ..., c*H: c kv heads a row)")
+  return width // h
 
 
 def unpack_heads(x: jax.Array, head_dim: int) -> jax.Array:

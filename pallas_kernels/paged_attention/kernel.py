@@ -17,8 +17,8 @@ import jax
 import jax.numpy as jnp
 from jax.experimental import pallas as pl
 
-from pallas_kernels.common import (check_heads, check_scales, gpu_rows, heads_per_row,
-                                   merge_splits, on_target, pack_rows, scale_grid, scale_kwargs,
+from pallas_kernels.common import (check_heads, check_scales, gpu_rows, merge_splits,
+                                   on_target, pack_rows, scale_grid, scale_kwargs,
                                    softmax_finish, softmax_init, split_pages, triton_params,
                                    unpack_rows, walk_pages, walk_sinks_and_window)
 from pallas_kernels.paged_attention.tpu import paged_rows_attention, sublanes
@@ -69,12 +69,12 @@ def _check(q, k_pages, v_pages, lengths, page_table, k_scales, v_scales):
     raise ValueError(f"paged_attention: expected q (B,N,H) and pages (K/c,P,ps,c*H), got "
                      f"{q.shape}, {k_pages.shape}, {v_pages.shape}")
   b, n, h = q.shape
-  check_heads("paged_attention", n, h, k_pages.shape)
-  c = heads_per_row(k_pages.shape[3], h)
+  c = check_heads("paged_attention", n, h, k_pages.shape)
   if lengths.shape != (b,) or page_table.ndim != 2 or page_table.shape[0] != b:
     raise ValueError(f"paged_attention: lengths {lengths.shape} / page_table {page_table.shape} "
                      f"do not match batch {b}")
   check_scales("paged_attention", k_pages, k_scales, v_scales, c)
+  return c
 
 
 def _gpu_form(q, k_pages, v_pages, lengths, page_table, *scales, scale, splits, window, sinks,
@@ -152,9 +152,8 @@ def paged_attention(q: jax.Array, k_pages: jax.Array, v_pages: jax.Array, length
   round(x / scale)), laid out in rows of 128 (common.check_scales); the kernel reads the int8
   pages and applies the scales to the logits and the probabilities, never materialising
   dequantized pages."""
-  _check(q, k_pages, v_pages, lengths, page_table, k_scales, v_scales)
+  c = _check(q, k_pages, v_pages, lengths, page_table, k_scales, v_scales)
   b, n, h = q.shape
-  c = heads_per_row(k_pages.shape[3], h)
   kv_heads = k_pages.shape[0] * c
   g = n // kv_heads
   build = page_walk_forms(_gpu_form, _tpu_form, batch=b, kv_heads=k_pages.shape[0],

@@ -23,8 +23,8 @@ import jax
 import jax.numpy as jnp
 from jax.experimental import pallas as pl
 
-from pallas_kernels.common import (check_heads, check_scales, gpu_rows, heads_per_row,
-                                   merge_splits, on_target, pack_rows, pow2, scale_grid,
+from pallas_kernels.common import (check_heads, check_scales, gpu_rows, merge_splits,
+                                   on_target, pack_rows, pow2, scale_grid,
                                    scale_kwargs, softmax_finish, softmax_init, split_pages,
                                    triton_params, unpack_rows, walk_pages,
                                    walk_sinks_and_window)
@@ -77,14 +77,15 @@ def _check(q, k_pages, v_pages, prefix_len, page_table, tree_mask, k_scales, v_s
     raise ValueError(f"tree_attention: expected q (B,T,N,H) and pages (K/c,P,ps,c*H), got "
                      f"{q.shape}, {k_pages.shape}, {v_pages.shape}")
   b, t, n, h = q.shape
-  check_heads("tree_attention", n, h, k_pages.shape)
+  c = check_heads("tree_attention", n, h, k_pages.shape)
   if prefix_len.shape != (b,) or page_table.ndim != 2 or page_table.shape[0] != b:
     raise ValueError(f"tree_attention: prefix_len {prefix_len.shape} / page_table "
                      f"{page_table.shape} do not match batch {b}")
   if tree_mask.shape != (b, t, -(-t // 32)):
     raise ValueError(f"tree_attention: tree_mask must be (B, T, ceil(T/32)) = "
                      f"{(b, t, -(-t // 32))}, got {tree_mask.shape}")
-  check_scales("tree_attention", k_pages, k_scales, v_scales, heads_per_row(k_pages.shape[3], h))
+  check_scales("tree_attention", k_pages, k_scales, v_scales, c)
+  return c
 
 
 def _pad_rows(rows, *xs):
@@ -162,10 +163,9 @@ def tree_attention(q: jax.Array, k_pages: jax.Array, v_pages: jax.Array, prefix_
   `block_pages` is the TPU form's pages per DMA block (default: about 256 keys). Pages and
   int8 pools' float32 scale rows `k_scales`, `v_scales` are as in paged_attention (c kv heads a
   row or one)."""
-  _check(q, k_pages, v_pages, prefix_len, page_table, tree_mask, k_scales, v_scales)
+  c = _check(q, k_pages, v_pages, prefix_len, page_table, tree_mask, k_scales, v_scales)
   b, t, n, h = q.shape
   check_window(window, t, sinks)
-  c = heads_per_row(k_pages.shape[3], h)
   kv_heads = k_pages.shape[0] * c
   g = n // kv_heads
   # Row r = t * G + g: tree token t, query head g of the group (of each of a pool row's c heads).
