@@ -453,8 +453,7 @@ except jaxinfer.UserError as e:
 
 
 @pytest.mark.parametrize("speculative,mesh,launcher", [
-    ("none", "data:4", "cli"), ("none", "fsdp:4", "cli"), ("ngram", "data:2,model:2", "cli"),
-    ("none", "data:4", "python")])
+    ("none", "fsdp:4", "cli"), ("ngram", "data:2,model:2", "cli"), ("none", "data:4", "python")])
 def test_two_processes_write_one_output(tmp_path, tiny_model_dir, speculative, mesh, launcher):
   """Two processes of two devices each on loopback, --mesh spanning all four: each process
   drives its replicas (fsdp:4: one replica over both processes, driven by both in step) with

@@ -13,6 +13,7 @@ import jax
 import jax.numpy as jnp
 import ml_dtypes
 import numpy as np
+import orbax.checkpoint as ocp
 import pytest
 import qwix
 from conftest import make_tiny_model_dir
@@ -282,6 +283,22 @@ def test_checkpoint_errors(tmp_path, params):
   with pytest.raises(ValueError, match=r"describe it: layers\.0\.\S+\.qvalue is stored as "
                                        r"int8\[64, 4, 32\], expected uint8\[64, 4, 16\]$"):
     load_orbax(tmp_path)
+  # formats whose arrays have the same shapes and dtypes: params/ keep their own record (a
+  # quantization.json left by an earlier save, or edited, served the values wrongly, silently)
+  for written, other in (("int4:g32", "fp4_e2m1:g32"), ("fp6_e2m3", "fp6_e3m2")):
+    save_orbax(tmp_path, CFG, quant.quantize_params(params, SPEC, _fmt(written)),
+               quant_format=_fmt(written))
+    quant.write_metadata(tmp_path, _fmt(other))
+    with pytest.raises(ValueError, match=rf"describe it: its arrays were written quantized as "
+                                         rf"{written} \(include \[\]\), but quantization.json "
+                                         rf"names {other} \(include \[\]\)$"):
+      load_orbax(tmp_path)
+  # params/ written without the record (by hand, or an older jaxinfer): the arrays decide alone
+  with ocp.StandardCheckpointer() as ckptr:
+    ckptr.save(tmp_path / "params", quant.quantize_params(params, SPEC, _fmt("int4:g32")),
+               force=True)
+  quant.write_metadata(tmp_path, _fmt("int4:g32"))
+  load_orbax(tmp_path)
   save_orbax(tmp_path, CFG, params)
   quant.write_metadata(tmp_path, None)
   shutil.rmtree(tmp_path / "params" / "d")

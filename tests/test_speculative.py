@@ -308,25 +308,6 @@ def test_generate_job_with_speculation(tmp_path, tiny_model_dir):
     else:  # a job this short does not pay for compiling trees: the policy says so
       assert m["speculative_batches"] == 0 and m["plain_batches"] > 0
       assert "decoded plainly throughout: trees not tried yet" in m["speculation"]
-  # Hydra++ heads (their prefix layer over the target's hidden states keeps its K/V in the
-  # engine's pages) through the engine (the auto policy's switches between its trees and the
-  # plain steps that feed the layer: test_engine_speculation)
-  from jaxinfer.draft_heads import hydra, hydra_serve
-  cfg, params, _ = checkpoint.load_model(str(tiny_model_dir))
-  chain = [[0] * depth for depth in range(1, 5)]  # a chain of 4: a tree of 5 tokens
-  heads = hydra_serve.save(tmp_path / "hydra++", hydra.init_heads(
-      params, 4, jax.random.key(0), hydra.prefix_config(cfg)), {"tree": chain})
-  hpp, m = job("hydra++", speculative="hydra", draft_heads=str(heads), speculation="always")
-  assert {i: r["completion_ids"] for i, r in hpp.items()} == {
-      i: r["completion_ids"] for i, r in plain.items()}
-  assert m["scheduler"] == "continuous" and m["verify_steps"] > 0
-  assert 1.0 <= m["nodes_per_verification"] <= 5.0 and "speculat" in m["speculation"]
-  # Data-parallel replicas (a thread each), each over two devices (`model`) or one: the same
-  # records, split between them, sampled with each request's own keys
-  greedy_dp, m = job("dp", speculative="ngram", mesh="data:2,model:2", speculation="always")
-  assert m["replicas"] == 2 and m["verify_steps"] > 0
-  assert {i: r["completion_ids"] for i, r in greedy_dp.items()} == {
-      i: r["completion_ids"] for i, r in plain.items()}
   # Several samples per prompt, sampled speculatively in slots: each sample as it would be
   # drawn alone (its own key), the records whole; the same on two replicas each over an fsdp
   # axis (rows, their pages and the draft caches split between its devices)

@@ -42,8 +42,8 @@ def save_orbax(directory: str | os.PathLike, cfg: ModelConfig, params: Transform
   target = directory / PARAMS_DIR
   if target.exists() and jax.process_index() == 0:
     shutil.rmtree(target)
-  with ocp.StandardCheckpointer() as ckptr:
-    ckptr.save(target, params)
+  with ocp.StandardCheckpointer() as ckptr:  # (the format in params/ too: see load_orbax)
+    ckptr.save(target, params, custom_metadata={QUANT_KEY: _record(quant_format)})
     ckptr.wait_until_finished()
   if jax.process_index() == 0:
     (directory / "config.json").write_text(json.dumps(config_to_hf(cfg), indent=2) + "\n")
@@ -69,8 +69,11 @@ def load_orbax(directory: str | os.PathLike, dtype: str | None = None, mesh: Mes
   described = "config.json" + (f" and {quant.QUANT_FILE} ({fmt.name})" if fmt else "")
   with ocp.StandardCheckpointer() as ckptr:
     try:
-      stored = getattr(ckptr.metadata(directory / PARAMS_DIR), "item_metadata", None)
+      meta = ckptr.metadata(directory / PARAMS_DIR)
+      stored = getattr(meta, "item_metadata", None)
       differ = None if stored is None else _first_difference(target, stored)
+      if differ is None:
+        differ = _format_difference(getattr(meta, "custom_metadata", None), fmt, cfg)
       if differ is None:
         params = ckptr.restore(directory / PARAMS_DIR, target)
     except Exception as e:  # (orbax's own: a missing or damaged array file, ...)
@@ -83,6 +86,34 @@ def load_orbax(directory: str | os.PathLike, dtype: str | None = None, mesh: Mes
                      f"it: {differ}")
   P.check_against_spec(params, spec, str(directory), quant.logical_shape)
   return cfg, params
+
+
+QUANT_KEY = "quantization"  # params/' own record of the format they were quantized with
+
+
+def _record(fmt: quant.QuantFormat | None) -> dict | None:
+  return None if fmt is None else {"format": fmt.name, "include": list(fmt.include)}
+
+
+def _format_difference(custom: dict | None, fmt: quant.QuantFormat | None,
+                       cfg: ModelConfig) -> str | None:
+  """Where the format params/ were written with differs from the one QUANT_FILE names, in one
+  line (None where they agree, or params/ predate the record). Formats of one storage width
+  (int4 and fp4, int8 and int8:a8) restore alike and serve differently: a QUANT_FILE left from
+  an earlier model (a save cut short between params/ and it) or edited by hand would serve the
+  values wrongly without a word."""
+  if not isinstance(custom, dict) or QUANT_KEY not in custom:
+    return None
+  written = custom[QUANT_KEY]
+  if written is not None:
+    written = quant.QuantFormat.parse(written["format"], written.get("include", ()))
+    written = written.for_model(cfg.tie_embeddings)
+  if written == fmt:
+    return None
+  name = lambda f: f"{f.name} (include {list(f.include)})"
+  was = "in full precision" if written is None else f"quantized as {name(written)}"
+  says = f"there is no {quant.QUANT_FILE}" if fmt is None else f"{quant.QUANT_FILE} names {name(fmt)}"
+  return f"its arrays were written {was}, but {says}"
 
 
 CASTS = frozenset(map(jnp.dtype, (jnp.float32, jnp.bfloat16, jnp.float16)))  # (--dtype's)
