@@ -226,6 +226,20 @@ def test_cli_end_to_end_exit_status_and_no_traceback(tmp_path, tiny_model_dir):
   assert 0 < m["compile_seconds"] < m["generate_seconds"], m
 
 
+def test_cli_on_a_host_without_a_tpu_starts_no_tpu_runtime(tmp_path, tiny_model_dir):
+  """libtpu installed (the tpu-aot extra, as here) on a host with no TPU chip: a command computes
+  on the CPU without starting libtpu's runtime, which printed a screen of warnings (no metadata
+  server, no TPU workers) before every command."""
+  prompts = _write(tmp_path / "p.jsonl", [{"id": 1, "prompt": "def add("}])
+  env = {k: v for k, v in os.environ.items() if k != "JAX_PLATFORMS"}
+  proc = subprocess.run([sys.executable, "-m", "jaxinfer", "generate", f"--model={tiny_model_dir}",
+                         f"--prompts={prompts}", f"--output={tmp_path / 'out.jsonl'}",
+                         "--max_new_tokens=2", "--noprogress"],
+                        capture_output=True, text=True, env=env, timeout=300)
+  assert proc.returncode == 0 and "TPU" not in proc.stderr, proc.stderr
+  assert _read(tmp_path / "out.jsonl")[0]["completion_ids"]
+
+
 def test_compile_seconds_count_one_replicas_compiling(monkeypatch):
   """A call waited for its own thread's compilation and for the most one replica compiled:
   replicas compiling one after another while the others generate are not all waited for (their
