@@ -24,6 +24,7 @@ from pathlib import Path
 import numpy as np
 
 from jaxinfer.config import PRESETS, ModelConfig
+from jaxinfer.files import write_atomically
 
 EOS = "<|endoftext|>"
 SKIP_DIRS = {"site-packages", "dist-packages", "__pycache__",
@@ -172,12 +173,6 @@ def _locked(directory: Path):
       fcntl.flock(f, fcntl.LOCK_UN)
 
 
-def _atomic_write(path: Path, text: str) -> None:
-  tmp = path.with_suffix(path.suffix + ".tmp")
-  tmp.write_text(text)
-  os.replace(tmp, path)
-
-
 def _say(msg: str, quiet: bool) -> None:
   if not quiet:
     print(f"[embedded] {msg}", file=sys.stderr, flush=True)
@@ -271,10 +266,10 @@ def _build(work: Path, recipe: Recipe, quiet: bool) -> Path:
   shutil.rmtree(staging, ignore_errors=True)
   save_hf(staging, cfg, params)
   shutil.copyfile(tok_path, staging / "tokenizer.json")
-  _atomic_write(staging / "tokenizer_config.json", json.dumps({
+  write_atomically(staging / "tokenizer_config.json", json.dumps({
       "tokenizer_class": "PreTrainedTokenizerFast", "eos_token": EOS, "bos_token": None,
       "pad_token": EOS, "add_bos_token": False, "model_max_length": cfg.max_seq_len}, indent=2))
-  _atomic_write(staging / "report.json", json.dumps(report, indent=2) + "\n")
+  write_atomically(staging / "report.json", json.dumps(report, indent=2) + "\n")
   final = work / "model"
   shutil.rmtree(final, ignore_errors=True)
   os.replace(staging, final)

@@ -65,6 +65,34 @@ def test_orbax_round_trip_restores_onto_a_mesh(tmp_path, devices):
   _assert_trees_equal(params, load_orbax(tmp_path / "ckpt")[1])
 
 
+def test_a_save_cut_short_leaves_the_checkpoint_it_was_replacing(tmp_path, monkeypatch):
+  """A save killed as orbax starts writing, or after it wrote the new arrays but before they took
+  the old ones' place: the old checkpoint loads as it was (its params/ were removed before the
+  new ones were written), and the next save replaces it, leaving nothing else behind."""
+  import orbax.checkpoint as ocp
+  make_hf_model("llama3", tmp_path / "hf")
+  cfg, params = load_hf(tmp_path / "hf")
+  save_orbax(tmp_path / "ckpt", cfg, params)
+  doubled = jax.tree_util.tree_map(lambda x: x * 2, params)
+  write = ocp.StandardCheckpointer.save
+
+  for written in (False, True):
+    def killed(self, *args, written=written, **kw):
+      if written:
+        write(self, *args, **kw)
+        self.wait_until_finished()
+      raise KeyboardInterrupt
+
+    monkeypatch.setattr(ocp.StandardCheckpointer, "save", killed)
+    with pytest.raises(KeyboardInterrupt):
+      save_orbax(tmp_path / "ckpt", cfg, doubled)
+    monkeypatch.undo()
+    _assert_trees_equal(params, load_orbax(tmp_path / "ckpt")[1])
+  save_orbax(tmp_path / "ckpt", cfg, doubled)
+  _assert_trees_equal(doubled, load_orbax(tmp_path / "ckpt")[1])
+  assert sorted(p.name for p in (tmp_path / "ckpt").iterdir()) == ["config.json", "params"]
+
+
 def test_hf_load_onto_mesh_matches_unsharded(tmp_path, devices):
   make_hf_model("qwen2", tmp_path)
   _, plain = load_hf(tmp_path)

@@ -21,6 +21,7 @@ from jaxinfer.checkpoint.destination import check_destination
 from jaxinfer.checkpoint.hf import TOKENIZER_FILES, read_config
 from jaxinfer.checkpoint.hf_config import config_to_hf
 from jaxinfer.config import ModelConfig
+from jaxinfer.files import write_atomically
 from jaxinfer.model import Transformer
 from jaxinfer.sharding import DEFAULT_RULES, ShardingRules, make_mesh
 
@@ -39,20 +40,35 @@ def save_orbax(directory: str | os.PathLike, cfg: ModelConfig, params: Transform
   spec = Transformer.spec(cfg)
   P.check_against_spec(params, spec, shape_of=quant.logical_shape)
   _check_format(params, spec, quant_format, directory)
-  target = directory / PARAMS_DIR
-  if target.exists() and jax.process_index() == 0:
-    shutil.rmtree(target)
+  # Written beside the checkpoint it replaces, which is removed only once the new one is
+  # whole: a save cut short leaves the old checkpoint as it was (removed first, both were lost).
+  staged = directory / f"{PARAMS_DIR}.new"
+  if staged.exists() and jax.process_index() == 0:  # (a save cut short before)
+    shutil.rmtree(staged)
   with ocp.StandardCheckpointer() as ckptr:  # (the format in params/ too: see load_orbax)
-    ckptr.save(target, params, custom_metadata={QUANT_KEY: _record(quant_format)})
+    ckptr.save(staged, params, custom_metadata={QUANT_KEY: _record(quant_format)})
     ckptr.wait_until_finished()
   if jax.process_index() == 0:
-    (directory / "config.json").write_text(json.dumps(config_to_hf(cfg), indent=2) + "\n")
+    _put_in_place(staged, directory / PARAMS_DIR)
+    write_atomically(directory / "config.json", json.dumps(config_to_hf(cfg), indent=2) + "\n")
     quant.write_metadata(directory, quant_format)
     if tokenizer_dir is not None and Path(tokenizer_dir).resolve() != directory.resolve():
       for name in TOKENIZER_FILES:
         if (Path(tokenizer_dir) / name).exists():
           shutil.copyfile(Path(tokenizer_dir) / name, directory / name)
   return directory
+
+
+def _put_in_place(new: Path, path: Path) -> None:
+  """`new` renamed to `path`; what was there is removed once `new` has taken its place."""
+  if not path.exists():
+    new.rename(path)
+    return
+  old = path.with_name(path.name + ".old")
+  shutil.rmtree(old, ignore_errors=True)
+  path.rename(old)
+  new.rename(path)
+  shutil.rmtree(old)
 
 
 def load_orbax(directory: str | os.PathLike, dtype: str | None = None, mesh: Mesh | None = None,

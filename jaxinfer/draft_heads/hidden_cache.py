@@ -33,6 +33,7 @@ import numpy as np
 
 from jaxinfer import model as M
 from jaxinfer.config import ModelConfig
+from jaxinfer.files import write_atomically
 
 FORMAT = "jaxinfer-hidden-cache-1"
 _CONFIG = "cache.json"
@@ -86,9 +87,7 @@ def _zarr_dtype(dtype) -> str:
 
 
 def _write_config(path: Path, config: dict[str, Any]) -> None:
-  tmp = path / (_CONFIG + ".tmp")
-  tmp.write_text(json.dumps(config, indent=2) + "\n")
-  os.replace(tmp, path / _CONFIG)  # atomic: a crash leaves the old count or the new one
+  write_atomically(path / _CONFIG, json.dumps(config, indent=2) + "\n")  # the old count or the new
 
 
 class HiddenCache:

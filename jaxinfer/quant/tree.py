@@ -16,6 +16,7 @@ import jax
 import jax.numpy as jnp
 from jax.sharding import Mesh
 
+from jaxinfer.files import write_atomically
 from jaxinfer.params import ParamSpec, is_spec
 from jaxinfer.quant.formats import QuantFormat
 from jaxinfer.quant.ops import (ActQuantized, dequantize, fake_quant, is_quantized, load_qwix,
@@ -142,7 +143,7 @@ def write_metadata(directory: str | os.PathLike, fmt: QuantFormat | None) -> Non
     return
   meta = {"version": QUANT_VERSION, "format": fmt.name, "include": list(fmt.include),
           "qwix": load_qwix().__version__}
-  path.write_text(json.dumps(meta, indent=2) + "\n")
+  write_atomically(path, json.dumps(meta, indent=2) + "\n")
 
 
 def read_metadata(directory: str | os.PathLike,
