@@ -1,7 +1,7 @@
 """Our own checkpoints: a directory with an HF-style config.json, the tokenizer files, and the
 parameter pytree under params/ written by orbax; restored straight into the mesh's shardings.
-A quantized model (jaxinfer quantize) also has quantization.json naming its format; its
-quantized leaves are qwix QArrays, restored bit for bit."""
+A quantized model (jaxinfer quantize) also has quantization.json naming its format (params/
+record it too, and must agree); its quantized leaves are qwix QArrays, restored bit for bit."""
 
 from __future__ import annotations
 
@@ -115,9 +115,9 @@ def _format_difference(custom: dict | None, fmt: quant.QuantFormat | None,
                        cfg: ModelConfig) -> str | None:
   """Where the format params/ were written with differs from the one QUANT_FILE names, in one
   line (None where they agree, or params/ predate the record). Formats of one storage width
-  (int4 and fp4, int8 and int8:a8) restore alike and serve differently: a QUANT_FILE left from
-  an earlier model (a save cut short between params/ and it) or edited by hand would serve the
-  values wrongly without a word."""
+  (int4 and fp4 e2m1, fp6 e2m3 and e3m2) restore alike and serve differently: a QUANT_FILE left
+  from an earlier model (a save cut short between params/ and it) or edited by hand would serve
+  the values wrongly without a word."""
   if not isinstance(custom, dict) or QUANT_KEY not in custom:
     return None
   written = custom[QUANT_KEY]
@@ -128,7 +128,8 @@ def _format_difference(custom: dict | None, fmt: quant.QuantFormat | None,
     return None
   name = lambda f: f"{f.name} (include {list(f.include)})"
   was = "in full precision" if written is None else f"quantized as {name(written)}"
-  says = f"there is no {quant.QUANT_FILE}" if fmt is None else f"{quant.QUANT_FILE} names {name(fmt)}"
+  says = (f"there is no {quant.QUANT_FILE}" if fmt is None
+          else f"{quant.QUANT_FILE} names {name(fmt)}")
   return f"its arrays were written {was}, but {says}"
 
 
