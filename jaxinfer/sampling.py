@@ -9,6 +9,8 @@ folded with the token index, so its samples never depend on what it runs beside.
 
 from __future__ import annotations
 
+import collections
+import threading
 import zlib
 from functools import partial
 from typing import Any
@@ -166,10 +168,36 @@ def all_greedy(requests) -> bool:
   return not any(r.temperature > 0 for r in requests)
 
 
+_JITTED: collections.OrderedDict = collections.OrderedDict()  # key -> jit_variants' list
+_JITTED_MAX = 64
+_JITTED_LOCK = threading.Lock()
+
+
 def jit_variants(step, donate: tuple[int, ...] = ()) -> list:
   """`step` (taking `greedy_only`) jitted twice: [False] for calls with sampled rows, [True] for
-  calls whose rows are all greedy (compiled without the sampling filters)."""
-  return [jax.jit(partial(step, greedy_only=g), donate_argnums=donate) for g in (False, True)]
+  calls whose rows are all greedy (compiled without the sampling filters).
+
+  A `partial` of a function with hashable arguments (configs, runtimes, proposers: frozen
+  dataclasses, equal by value) gets the same jitted functions as an equal one before it (the
+  64 latest kept), so an engine or generator built again in this process (a second
+  `jaxinfer.LLM` of the same model, a notebook cell run twice) traces, lowers and compiles
+  nothing its twin already did: JAX keeps a jitted function's lowerings and executables."""
+  try:
+    key = (step.func, step.args, frozenset(step.keywords.items()), donate)
+    hash(key)
+  except (AttributeError, TypeError):  # (not a partial, or an argument hashed by nothing)
+    key = None
+  with _JITTED_LOCK:
+    if key in _JITTED:
+      _JITTED.move_to_end(key)
+      return _JITTED[key]
+  jitted = [jax.jit(partial(step, greedy_only=g), donate_argnums=donate) for g in (False, True)]
+  if key is not None:
+    with _JITTED_LOCK:
+      _JITTED[key] = jitted
+      while len(_JITTED) > _JITTED_MAX:
+        _JITTED.popitem(last=False)
+  return jitted
 
 
 FLOAT32_MAX = float(jnp.finfo(jnp.float32).max)  # rows' temperatures are float32
