@@ -168,6 +168,14 @@ def all_greedy(requests) -> bool:
   return not any(r.temperature > 0 for r in requests)
 
 
+def _by_value(x):
+  """A `partial` (and the partials among its arguments) as a tuple of what it binds."""
+  if not isinstance(x, partial):
+    return x
+  return (x.func, tuple(map(_by_value, x.args)),
+          frozenset((k, _by_value(v)) for k, v in x.keywords.items()))
+
+
 _JITTED: collections.OrderedDict = collections.OrderedDict()  # key -> jit_variants' list
 _JITTED_MAX = 64
 _JITTED_LOCK = threading.Lock()
@@ -183,9 +191,9 @@ def jit_variants(step, donate: tuple[int, ...] = ()) -> list:
   `jaxinfer.LLM` of the same model, a notebook cell run twice) traces, lowers and compiles
   nothing its twin already did: JAX keeps a jitted function's lowerings and executables."""
   try:
-    key = (step.func, step.args, frozenset(step.keywords.items()), donate)
+    key = (_by_value(step), donate)
     hash(key)
-  except (AttributeError, TypeError):  # (not a partial, or an argument hashed by nothing)
+  except TypeError:  # (an argument that hashes by nothing)
     key = None
   with _JITTED_LOCK:
     if key in _JITTED:
