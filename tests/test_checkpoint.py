@@ -88,6 +88,7 @@ def test_a_save_cut_short_leaves_the_checkpoint_it_was_replacing(tmp_path, monke
       save_orbax(tmp_path / "ckpt", cfg, doubled)
     monkeypatch.undo()
     _assert_trees_equal(params, load_orbax(tmp_path / "ckpt")[1])
+  (tmp_path / "ckpt" / "params.old").mkdir()  # (as a removal that failed leaves it)
   save_orbax(tmp_path / "ckpt", cfg, doubled)
   _assert_trees_equal(doubled, load_orbax(tmp_path / "ckpt")[1])
   assert sorted(p.name for p in (tmp_path / "ckpt").iterdir()) == ["config.json", "params"]

@@ -230,6 +230,8 @@ def test_cli_on_a_host_without_a_tpu_starts_no_tpu_runtime(tmp_path, tiny_model_
   """libtpu installed (the tpu-aot extra, as here) on a host with no TPU chip: a command computes
   on the CPU without starting libtpu's runtime, which printed a screen of warnings (no metadata
   server, no TPU workers) before every command."""
+  import importlib.util
+  assert importlib.util.find_spec("libtpu"), "the test command installs the tpu-aot extra"
   prompts = _write(tmp_path / "p.jsonl", [{"id": 1, "prompt": "def add("}])
   env = {k: v for k, v in os.environ.items() if k != "JAX_PLATFORMS"}
   proc = subprocess.run([sys.executable, "-m", "jaxinfer", "generate", f"--model={tiny_model_dir}",

@@ -13,6 +13,7 @@ from pathlib import Path
 import jax
 import jax.numpy as jnp
 import orbax.checkpoint as ocp
+from jax.experimental import multihost_utils
 from jax.sharding import Mesh
 
 from jaxinfer import params as P
@@ -56,19 +57,20 @@ def save_orbax(directory: str | os.PathLike, cfg: ModelConfig, params: Transform
       for name in TOKENIZER_FILES:
         if (Path(tokenizer_dir) / name).exists():
           shutil.copyfile(Path(tokenizer_dir) / name, directory / name)
+  if jax.process_count() > 1:  # (every process returns with the checkpoint in place)
+    multihost_utils.sync_global_devices(f"jaxinfer save_orbax {directory}")
   return directory
 
 
 def _put_in_place(new: Path, path: Path) -> None:
-  """`new` renamed to `path`; what was there is removed once `new` has taken its place."""
-  if not path.exists():
-    new.rename(path)
-    return
+  """`new` renamed to `path`; what was there is removed once `new` has taken its place (a
+  removal that fails leaves it beside, for the next save to remove)."""
   old = path.with_name(path.name + ".old")
   shutil.rmtree(old, ignore_errors=True)
-  path.rename(old)
+  if path.exists():
+    path.rename(old)
   new.rename(path)
-  shutil.rmtree(old)
+  shutil.rmtree(old, ignore_errors=True)
 
 
 def load_orbax(directory: str | os.PathLike, dtype: str | None = None, mesh: Mesh | None = None,

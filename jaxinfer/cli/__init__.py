@@ -6,6 +6,7 @@ User errors (bad flags, missing files) print one line and exit with status 2, ne
 
 from __future__ import annotations
 
+import glob
 import importlib
 import os
 import signal
@@ -67,7 +68,8 @@ def _skip_an_absent_tpu() -> None:
   chip, JAX starts libtpu's runtime anyway, which fails after printing a screen of warnings (no
   metadata server, no TPU workers) before every command, and JAX then computes on the CPU: so
   the CPU at once. Left to JAX where $JAX_PLATFORMS or $JAX_FORCE_TPU_INIT is set, a TPU chip is
-  on the PCI bus (JAX's own test of a TPU host) or a GPU plugin is installed."""
+  on the PCI bus (JAX's own test of a TPU host) or a TPU device file is there (/dev/accel*,
+  /dev/vfio/N: a container may hide the bus), or a GPU plugin is installed."""
   import importlib.metadata
   import importlib.util
   if (os.environ.get("JAX_PLATFORMS") or "JAX_FORCE_TPU_INIT" in os.environ
@@ -75,6 +77,8 @@ def _skip_an_absent_tpu() -> None:
     return
   if (importlib.metadata.entry_points(group="jax_plugins")
       or importlib.util.find_spec("jax_plugins") is not None):
+    return
+  if glob.glob("/dev/accel*") or glob.glob("/dev/vfio/[0-9]*"):  # (TPU devices, sysfs or not)
     return
   try:
     from jax._src import hardware_utils
