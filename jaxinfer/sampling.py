@@ -9,8 +9,6 @@ folded with the token index, so its samples never depend on what it runs beside.
 
 from __future__ import annotations
 
-import collections
-import threading
 import zlib
 from functools import partial
 from typing import Any
@@ -168,44 +166,10 @@ def all_greedy(requests) -> bool:
   return not any(r.temperature > 0 for r in requests)
 
 
-def _by_value(x):
-  """A `partial` (and the partials among its arguments) as a tuple of what it binds."""
-  if not isinstance(x, partial):
-    return x
-  return (x.func, tuple(map(_by_value, x.args)),
-          frozenset((k, _by_value(v)) for k, v in x.keywords.items()))
-
-
-_JITTED: collections.OrderedDict = collections.OrderedDict()  # key -> jit_variants' list
-_JITTED_MAX = 64
-_JITTED_LOCK = threading.Lock()
-
-
 def jit_variants(step, donate: tuple[int, ...] = ()) -> list:
   """`step` (taking `greedy_only`) jitted twice: [False] for calls with sampled rows, [True] for
-  calls whose rows are all greedy (compiled without the sampling filters).
-
-  A `partial` of a function with hashable arguments (configs, runtimes, proposers: frozen
-  dataclasses, equal by value) gets the same jitted functions as an equal one before it (the
-  64 latest kept), so an engine or generator built again in this process (a second
-  `jaxinfer.LLM` of the same model, a notebook cell run twice) traces, lowers and compiles
-  nothing its twin already did: JAX keeps a jitted function's lowerings and executables."""
-  try:
-    key = (_by_value(step), donate)
-    hash(key)
-  except TypeError:  # (an argument that hashes by nothing)
-    key = None
-  with _JITTED_LOCK:
-    if key in _JITTED:
-      _JITTED.move_to_end(key)
-      return _JITTED[key]
-  jitted = [jax.jit(partial(step, greedy_only=g), donate_argnums=donate) for g in (False, True)]
-  if key is not None:
-    with _JITTED_LOCK:
-      _JITTED[key] = jitted
-      while len(_JITTED) > _JITTED_MAX:
-        _JITTED.popitem(last=False)
-  return jitted
+  calls whose rows are all greedy (compiled without the sampling filters)."""
+  return [jax.jit(partial(step, greedy_only=g), donate_argnums=donate) for g in (False, True)]
 
 
 FLOAT32_MAX = float(jnp.finfo(jnp.float32).max)  # rows' temperatures are float32

@@ -196,31 +196,6 @@ def test_tokens_decoded_past_a_stop_are_counted(tiny_model_dir):
           == st.decode_tokens)
 
 
-def test_an_engine_built_again_compiles_nothing(tiny_model_dir):
-  """A second engine of the same model, configuration and runtime (a second `jaxinfer.LLM`, a
-  notebook cell run again) reuses the first's jitted steps: no tracing, lowering or compiling,
-  and the same tokens."""
-  from jaxinfer import checkpoint
-  from jaxinfer.compilation_cache import CompileClock
-  from jaxinfer.engine import Engine, EngineConfig
-  from jaxinfer.engine.scheduler import EngineRequest
-  cfg, params, _ = checkpoint.load_model(str(tiny_model_dir))
-  reqs = [EngineRequest(i, list(range(1, 6 + 3 * i)), 9, np.zeros(2, np.uint32))
-          for i in range(4)]
-
-  def run_new_engine():
-    eng = Engine(cfg, params, EngineConfig(num_slots=2, chunk_size=8, page_size=8), max_len=40)
-    out = {}
-    eng.run(reqs, lambda r: out.__setitem__(r.uid, r.tokens))
-    return out
-
-  first = run_new_engine()
-  before = CompileClock.totals()
-  assert run_new_engine() == first
-  after = CompileClock.totals()
-  assert after[1] == before[1] and after[0] - before[0] < 0.05, (before, after)
-
-
 def test_outputs_do_not_depend_on_slots_chunks_pages_steps_or_replicas(tmp_path,
                                                                        tiny_model_dir):
   records = _workload()
