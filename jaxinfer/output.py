@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any, Iterable
 
 from jaxinfer.errors import UserError
+from jaxinfer.files import write_atomically
 
 
 def decode_line(raw: bytes, line_no: int) -> str:
@@ -171,12 +172,7 @@ def _one_per_line(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
 
 def _replace(output: str | os.PathLike, records: list[dict[str, Any]]) -> None:
   """Writes `output` anew, atomically (a crash leaves the old file or the new one)."""
-  tmp = Path(f"{output}.merge-tmp")
-  with open(tmp, "w", encoding="utf-8") as f:
-    f.write("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records))
-    f.flush()
-    os.fsync(f.fileno())
-  os.replace(tmp, output)
+  write_atomically(output, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records))
 
 
 def stray_part_counts(output: str | os.PathLike, num_processes: int) -> list[int]:
