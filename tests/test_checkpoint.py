@@ -66,9 +66,10 @@ def test_orbax_round_trip_restores_onto_a_mesh(tmp_path, devices):
 
 
 def test_a_save_cut_short_leaves_the_checkpoint_it_was_replacing(tmp_path, monkeypatch):
-  """A save killed as orbax starts writing, or after it wrote the new arrays but before they took
-  the old ones' place: the old checkpoint loads as it was (its params/ were removed before the
-  new ones were written), and the next save replaces it, leaving nothing else behind."""
+  """A save killed as orbax starts writing, after it wrote the new arrays but before they took
+  the old ones' place, or between the two renames of that swap: the old checkpoint loads as it
+  was (its params/ were removed before the new ones were written), and the next save replaces it,
+  leaving nothing else behind. The same for Hugging Face weights (old shards were deleted first)."""
   import orbax.checkpoint as ocp
   make_hf_model("llama3", tmp_path / "hf")
   cfg, params = load_hf(tmp_path / "hf")
@@ -92,6 +93,33 @@ def test_a_save_cut_short_leaves_the_checkpoint_it_was_replacing(tmp_path, monke
   save_orbax(tmp_path / "ckpt", cfg, doubled)
   _assert_trees_equal(doubled, load_orbax(tmp_path / "ckpt")[1])
   assert sorted(p.name for p in (tmp_path / "ckpt").iterdir()) == ["config.json", "params"]
+  # killed between the swap's two renames: params.old/ (what config.json describes) is read
+  (tmp_path / "ckpt" / "params").rename(tmp_path / "ckpt" / "params.old")
+  _assert_trees_equal(doubled, load_model(str(tmp_path / "ckpt"))[1])
+  save_orbax(tmp_path / "ckpt", cfg, params)
+  _assert_trees_equal(params, load_orbax(tmp_path / "ckpt")[1])
+  assert sorted(p.name for p in (tmp_path / "ckpt").iterdir()) == ["config.json", "params"]
+
+  # Hugging Face weights, one file replaced by shards: killed while writing the second shard
+  from jaxinfer.checkpoint import hf
+  save_hf(tmp_path / "exported", cfg, params)
+  write_shard, shards = hf.save_file, []
+
+  def killed_on_the_second(tensors, filename, **kw):
+    shards.append(filename)
+    if len(shards) == 2:
+      raise KeyboardInterrupt
+    write_shard(tensors, filename, **kw)
+
+  monkeypatch.setattr(hf, "save_file", killed_on_the_second)
+  with pytest.raises(KeyboardInterrupt):
+    save_hf(tmp_path / "exported", cfg, doubled, max_shard_bytes=200_000)
+  monkeypatch.undo()
+  _assert_trees_equal(params, load_hf(tmp_path / "exported")[1])
+  save_hf(tmp_path / "exported", cfg, doubled, max_shard_bytes=200_000)
+  _assert_trees_equal(doubled, load_hf(tmp_path / "exported")[1])
+  assert not list((tmp_path / "exported").glob("*.new"))
+  assert not (tmp_path / "exported" / "model.safetensors").exists()
 
 
 def test_hf_load_onto_mesh_matches_unsharded(tmp_path, devices):

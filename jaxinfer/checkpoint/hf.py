@@ -26,6 +26,7 @@ from jaxinfer import params as P
 from jaxinfer.checkpoint.destination import check_destination
 from jaxinfer.checkpoint.hf_config import config_from_hf, config_to_hf
 from jaxinfer.config import ModelConfig
+from jaxinfer.files import write_atomically
 from jaxinfer.model import MLP, Attention, Layer, Transformer
 from jaxinfer.quant import is_quantized
 from jaxinfer.sharding import DEFAULT_RULES, ShardingRules
@@ -207,22 +208,28 @@ def save_hf(directory: str | os.PathLike, cfg: ModelConfig, params: Transformer,
       size = 0
     shards[-1][name] = t
     size += t.nbytes
-  for old in directory.glob("*.safetensors"):
-    old.unlink()
-  metadata = {"format": "pt"}
+  # Written beside the weights they replace and renamed over them once all are whole: a save
+  # cut short leaves the old checkpoint as it was (before, the old files were deleted first).
+  names = (["model.safetensors"] if len(shards) == 1 else
+           [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))])
+  for stale in directory.glob("*.safetensors.new"):  # (a save cut short before)
+    stale.unlink()
+  for name, shard in zip(names, shards):
+    save_file(shard, str(directory / f"{name}.new"), metadata={"format": "pt"})
+  for name in names:
+    os.replace(directory / f"{name}.new", directory / name)
+  index = directory / "model.safetensors.index.json"
   if len(shards) == 1:
-    save_file(shards[0], str(directory / "model.safetensors"), metadata=metadata)
-    (directory / "model.safetensors.index.json").unlink(missing_ok=True)
+    index.unlink(missing_ok=True)
   else:
-    weight_map = {}
-    for i, shard in enumerate(shards):
-      fname = f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
-      save_file(shard, str(directory / fname), metadata=metadata)
-      weight_map.update({name: fname for name in shard})
+    weight_map = {t: name for name, shard in zip(names, shards) for t in shard}
     total = sum(t.nbytes for t in tensors.values())
-    (directory / "model.safetensors.index.json").write_text(
-        json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2))
-  (directory / "config.json").write_text(json.dumps(config_to_hf(cfg), indent=2) + "\n")
+    write_atomically(index, json.dumps({"metadata": {"total_size": total},
+                                        "weight_map": weight_map}, indent=2))
+  for old in directory.glob("*.safetensors"):
+    if old.name not in names:
+      old.unlink()
+  write_atomically(directory / "config.json", json.dumps(config_to_hf(cfg), indent=2) + "\n")
   if tokenizer_dir is not None and Path(tokenizer_dir).resolve() != directory.resolve():
     for name in TOKENIZER_FILES:
       src = Path(tokenizer_dir) / name

@@ -30,7 +30,15 @@ PARAMS_DIR = "params"
 
 
 def is_orbax_dir(directory: str | os.PathLike) -> bool:
-  return (Path(directory) / PARAMS_DIR).is_dir() and (Path(directory) / "config.json").exists()
+  return _params_dir(Path(directory)).is_dir() and (Path(directory) / "config.json").exists()
+
+
+def _params_dir(directory: Path) -> Path:
+  """params/, or the params.old/ a save cut short between its two renames (see _put_in_place)
+  left without it: the arrays config.json still describes."""
+  path = directory / PARAMS_DIR
+  old = path.with_name(PARAMS_DIR + ".old")
+  return old if not path.exists() and old.is_dir() else path
 
 
 def save_orbax(directory: str | os.PathLike, cfg: ModelConfig, params: Transformer,
@@ -66,10 +74,10 @@ def _put_in_place(new: Path, path: Path) -> None:
   """`new` renamed to `path`; what was there is removed once `new` has taken its place (a
   removal that fails leaves it beside, for the next save to remove)."""
   old = path.with_name(path.name + ".old")
-  shutil.rmtree(old, ignore_errors=True)
   if path.exists():
+    shutil.rmtree(old, ignore_errors=True)
     path.rename(old)
-  new.rename(path)
+  new.rename(path)  # (without path, old is what a load reads until here: kept till now)
   shutil.rmtree(old, ignore_errors=True)
 
 
@@ -85,15 +93,16 @@ def load_orbax(directory: str | os.PathLike, dtype: str | None = None, mesh: Mes
   if fmt is not None:
     target = quant.abstract_quantized(target, spec, fmt, mesh, rules)
   described = "config.json" + (f" and {quant.QUANT_FILE} ({fmt.name})" if fmt else "")
+  source = _params_dir(directory)
   with ocp.StandardCheckpointer() as ckptr:
     try:
-      meta = ckptr.metadata(directory / PARAMS_DIR)
+      meta = ckptr.metadata(source)
       stored = getattr(meta, "item_metadata", None)
       differ = None if stored is None else _first_difference(target, stored)
       if differ is None:
         differ = _format_difference(getattr(meta, "custom_metadata", None), fmt, cfg)
       if differ is None:
-        params = ckptr.restore(directory / PARAMS_DIR, target)
+        params = ckptr.restore(source, target)
     except Exception as e:  # (orbax's own: a missing or damaged array file, ...)
       if isinstance(e, MemoryError) or "RESOURCE_EXHAUSTED" in str(e):
         raise
