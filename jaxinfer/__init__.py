@@ -25,6 +25,8 @@ _KEYWORD_ERRORS = ("generate_file", "train_draft", "quantize")
 def __getattr__(name: str):
   if name not in _NAMES:
     raise AttributeError(f"module 'jaxinfer' has no attribute {name!r}")
+  from jaxinfer.platform import skip_an_absent_tpu
+  skip_an_absent_tpu()  # (before any of them starts JAX's backends)
   value = getattr(importlib.import_module(_NAMES[name]), name)
   if name in _KEYWORD_ERRORS:
     from jaxinfer.errors import keywords

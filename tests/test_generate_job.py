@@ -226,10 +226,10 @@ def test_cli_end_to_end_exit_status_and_no_traceback(tmp_path, tiny_model_dir):
   assert 0 < m["compile_seconds"] < m["generate_seconds"], m
 
 
-def test_cli_on_a_host_without_a_tpu_starts_no_tpu_runtime(tmp_path, tiny_model_dir):
-  """libtpu installed (the tpu-aot extra, as here) on a host with no TPU chip: a command computes
-  on the CPU without starting libtpu's runtime, which printed a screen of warnings (no metadata
-  server, no TPU workers) before every command."""
+def test_a_host_without_a_tpu_starts_no_tpu_runtime(tmp_path, tiny_model_dir):
+  """libtpu installed (the tpu-aot extra, as here) on a host with no TPU chip: a command, and the
+  Python API, compute on the CPU without starting libtpu's runtime, which printed a screen of
+  warnings (no metadata server, no TPU workers) first."""
   import importlib.util
   assert importlib.util.find_spec("libtpu"), "the test command installs the tpu-aot extra"
   prompts = _write(tmp_path / "p.jsonl", [{"id": 1, "prompt": "def add("}])
@@ -240,6 +240,14 @@ def test_cli_on_a_host_without_a_tpu_starts_no_tpu_runtime(tmp_path, tiny_model_
                         capture_output=True, text=True, env=env, timeout=300)
   assert proc.returncode == 0 and "TPU" not in proc.stderr, proc.stderr
   assert _read(tmp_path / "out.jsonl")[0]["completion_ids"]
+  api = (f"import jax, jaxinfer; llm = jaxinfer.LLM({str(tiny_model_dir)!r}, dtype='float32'); "
+         f"out, = llm.generate(['def add('], jaxinfer.SamplingParams(max_new_tokens=2)); "
+         f"print(jax.default_backend(), out.completion_ids == "
+         f"{_read(tmp_path / 'out.jsonl')[0]['completion_ids']!r})")
+  proc = subprocess.run([sys.executable, "-c", api], capture_output=True, text=True, env=env,
+                        timeout=300)
+  assert proc.returncode == 0 and "TPU" not in proc.stderr, proc.stderr
+  assert proc.stdout.split() == ["cpu", "True"], proc.stdout
 
 
 def test_compile_seconds_count_one_replicas_compiling(monkeypatch):

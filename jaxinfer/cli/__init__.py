@@ -6,12 +6,13 @@ User errors (bad flags, missing files) print one line and exit with status 2, ne
 
 from __future__ import annotations
 
-import glob
 import importlib
 import os
 import signal
 import sys
 from functools import partial
+
+from jaxinfer.platform import skip_an_absent_tpu
 
 COMMANDS = {
     "generate": ("jaxinfer.cli.generate", "batch generation: JSONL prompts in, JSONL completions out"),
@@ -45,7 +46,7 @@ def main(argv: list[str] | None = None) -> None:
   # two) ends the process at once, not as a KeyboardInterrupt that a library's callback could
   # swallow or a traceback through the imports.
   _on_sigint(_interrupted_before_start)
-  _skip_an_absent_tpu()
+  skip_an_absent_tpu()
   module = importlib.import_module(COMMANDS[command][0])
   from absl import app, flags
   rest = argv[2:]
@@ -61,34 +62,6 @@ def main(argv: list[str] | None = None) -> None:
   except flags.Error as e:
     fail(f"{e} (jaxinfer {command} --help lists the flags)")
   app.run(partial(_interruptible, module.main), argv=argv)
-
-
-def _skip_an_absent_tpu() -> None:
-  """With libtpu installed (the `tpu-aot` extra, for `jaxinfer compile`) on a host with no TPU
-  chip, JAX starts libtpu's runtime anyway, which fails after printing a screen of warnings (no
-  metadata server, no TPU workers) before every command, and JAX then computes on the CPU: so
-  the CPU at once. Left to JAX where $JAX_PLATFORMS or $JAX_FORCE_TPU_INIT is set, a TPU chip is
-  on the PCI bus (JAX's own test of a TPU host) or a TPU device file is there (/dev/accel*,
-  /dev/vfio/N: a container may hide the bus), or a GPU plugin is installed."""
-  import importlib.metadata
-  import importlib.util
-  if (os.environ.get("JAX_PLATFORMS") or "JAX_FORCE_TPU_INIT" in os.environ
-      or importlib.util.find_spec("libtpu") is None):
-    return
-  if (importlib.metadata.entry_points(group="jax_plugins")
-      or importlib.util.find_spec("jax_plugins") is not None):
-    return
-  if glob.glob("/dev/accel*") or glob.glob("/dev/vfio/[0-9]*"):  # (TPU devices, sysfs or not)
-    return
-  try:
-    from jax._src import hardware_utils
-    if hardware_utils.num_available_tpu_chips_and_device_id()[0]:
-      return
-  except Exception:  # (JAX's private test moved: leave the choice to JAX)
-    return
-  import jax
-  if not jax.config.jax_platforms:
-    jax.config.update("jax_platforms", "cpu")
 
 
 def command_help(command: str, full: bool = False) -> str:
