@@ -1,16 +1,17 @@
 """Test session setup: 8 simulated CPU devices (set before JAX initialises its backend), and one
-persistent compilation cache for the test workers and the commands they start (so a
-computation compiled by one is loaded by the others; a clean checkout starts it empty).
+persistent compilation cache for the test workers and the commands they start (so a computation
+compiled by one is loaded by the others; a clean checkout starts it empty).
 
 The tests' programs are small and mostly compiled once, so XLA's CPU backend skips LLVM's
 optimisation passes for them (`--xla_backend_optimization_level=0`: about a quarter less compile
 time on a clean checkout) and, with jaxlib 0.10, emits fusions through its older elemental
-emitters rather than the MLIR fusion emitters (`--xla_cpu_use_fusion_emitters=false`: the
-engine's verification steps compile in half the time; jaxlib 0.11's XLA no longer has the switch,
-and an unknown XLA flag is fatal) and hands LLVM each program whole rather than split into 32
-modules compiled in parallel (`--xla_cpu_parallel_codegen_split_count=1`: on two cores, each
-busy with a test worker, the split only adds work; the longest engine test took 17% less time). Every comparison a test makes is between results computed
-under the same flags; benchmarks and real runs keep XLA's default."""
+emitters rather than the MLIR fusion emitters (`--xla_cpu_use_fusion_emitters=false`: the engine's
+verification steps compile in half the time; jaxlib 0.11's XLA no longer has the switch, and an
+unknown XLA flag is fatal) and hands LLVM each program whole rather than split into 32 modules
+compiled in parallel (`--xla_cpu_parallel_codegen_split_count=1`: on two cores, each busy with a
+test worker, the split only adds work; the longest engine test took 17% less time). Every
+comparison a test makes is between results computed under the same flags; benchmarks and real runs
+keep XLA's default."""
 
 import os
 from importlib import metadata
@@ -29,6 +30,9 @@ os.environ.setdefault("TPU_SKIP_MDS_QUERY", "1")
 os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
 os.environ.setdefault("JAX_COMPILATION_CACHE_DIR",
                       str(Path(__file__).resolve().parent.parent / ".pytest_cache" / "xla"))
+# Every program kept, however quickly it compiled (jaxinfer keeps those over 0.2 s): the tests
+# compile many small ones again and again (the same steps for the same tiny models).
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
 
 import jax  # noqa: E402
 import pytest  # noqa: E402
