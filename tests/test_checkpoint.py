@@ -1,6 +1,8 @@
 """Hugging Face import/export, orbax round trips onto a mesh, and clear errors on bad files."""
 
 import json
+import os
+from pathlib import Path
 
 import jax
 import jax.numpy as jnp
@@ -65,11 +67,15 @@ def test_orbax_round_trip_restores_onto_a_mesh(tmp_path, devices):
   _assert_trees_equal(params, load_orbax(tmp_path / "ckpt")[1])
 
 
+def _raise(e):
+  raise e
+
+
 def test_a_save_cut_short_leaves_the_checkpoint_it_was_replacing(tmp_path, monkeypatch):
   """A save killed as orbax starts writing, after it wrote the new arrays but before they took
   the old ones' place, or between the two renames of that swap: the old checkpoint loads as it
-  was (its params/ were removed before the new ones were written), and the next save replaces it,
-  leaving nothing else behind. The same for Hugging Face weights (old shards were deleted first)."""
+  was, and the next save replaces it, leaving nothing else behind. The same for Hugging Face
+  weights, whose old and new shards never load mixed."""
   import orbax.checkpoint as ocp
   make_hf_model("llama3", tmp_path / "hf")
   cfg, params = load_hf(tmp_path / "hf")
@@ -93,33 +99,49 @@ def test_a_save_cut_short_leaves_the_checkpoint_it_was_replacing(tmp_path, monke
   save_orbax(tmp_path / "ckpt", cfg, doubled)
   _assert_trees_equal(doubled, load_orbax(tmp_path / "ckpt")[1])
   assert sorted(p.name for p in (tmp_path / "ckpt").iterdir()) == ["config.json", "params"]
-  # killed between the swap's two renames: params.old/ (what config.json describes) is read
+  # killed between the swap's two renames: params.old/ (what config.json describes) is read,
+  # and kept by a next save until its params/ are in place
   (tmp_path / "ckpt" / "params").rename(tmp_path / "ckpt" / "params.old")
+  _assert_trees_equal(doubled, load_model(str(tmp_path / "ckpt"))[1])
+  rename = Path.rename
+  monkeypatch.setattr(Path, "rename", lambda self, target: (
+      _raise(KeyboardInterrupt()) if Path(target).name == "params" else rename(self, target)))
+  with pytest.raises(KeyboardInterrupt):
+    save_orbax(tmp_path / "ckpt", cfg, params)
+  monkeypatch.undo()
   _assert_trees_equal(doubled, load_model(str(tmp_path / "ckpt"))[1])
   save_orbax(tmp_path / "ckpt", cfg, params)
   _assert_trees_equal(params, load_orbax(tmp_path / "ckpt")[1])
   assert sorted(p.name for p in (tmp_path / "ckpt").iterdir()) == ["config.json", "params"]
 
-  # Hugging Face weights, one file replaced by shards: killed while writing the second shard
+  # Hugging Face weights: one file replaced by shards, killed while writing the second; shards
+  # replaced by as many shards, killed as the second takes its place (it had the first's name)
   from jaxinfer.checkpoint import hf
-  save_hf(tmp_path / "exported", cfg, params)
-  write_shard, shards = hf.save_file, []
+  out = tmp_path / "exported"
+  save_hf(out, cfg, params)
+  write_shard, replace, calls = hf.save_file, os.replace, []
 
-  def killed_on_the_second(tensors, filename, **kw):
-    shards.append(filename)
-    if len(shards) == 2:
-      raise KeyboardInterrupt
-    write_shard(tensors, filename, **kw)
+  def killed_on_the_second(real):
+    def call(*args, **kw):
+      calls.append(args)
+      if len(calls) == 2:
+        raise KeyboardInterrupt
+      return real(*args, **kw)
+    return call
 
-  monkeypatch.setattr(hf, "save_file", killed_on_the_second)
-  with pytest.raises(KeyboardInterrupt):
-    save_hf(tmp_path / "exported", cfg, doubled, max_shard_bytes=200_000)
-  monkeypatch.undo()
-  _assert_trees_equal(params, load_hf(tmp_path / "exported")[1])
-  save_hf(tmp_path / "exported", cfg, doubled, max_shard_bytes=200_000)
-  _assert_trees_equal(doubled, load_hf(tmp_path / "exported")[1])
-  assert not list((tmp_path / "exported").glob("*.new"))
-  assert not (tmp_path / "exported" / "model.safetensors").exists()
+  for module, name, real, old, new in ((hf, "save_file", write_shard, params, doubled),
+                                       (os, "replace", replace, doubled, params)):
+    calls.clear()
+    monkeypatch.setattr(module, name, killed_on_the_second(real))
+    with pytest.raises(KeyboardInterrupt):
+      save_hf(out, cfg, new, max_shard_bytes=200_000)
+    monkeypatch.undo()
+    _assert_trees_equal(old, load_hf(out)[1])
+    save_hf(out, cfg, doubled, max_shard_bytes=200_000)
+  save_hf(out, cfg, params)  # (one file again: the shards and what the kills left are removed)
+  _assert_trees_equal(params, load_hf(out)[1])
+  assert sorted(p.name for p in out.iterdir()) == [
+      "config.json", "generation_config.json", "model.safetensors"]
 
 
 def test_hf_load_onto_mesh_matches_unsharded(tmp_path, devices):

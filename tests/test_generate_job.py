@@ -242,12 +242,27 @@ def test_a_host_without_a_tpu_starts_no_tpu_runtime(tmp_path, tiny_model_dir):
   assert _read(tmp_path / "out.jsonl")[0]["completion_ids"]
   api = (f"import jax, jaxinfer; llm = jaxinfer.LLM({str(tiny_model_dir)!r}, dtype='float32'); "
          f"out, = llm.generate(['def add('], jaxinfer.SamplingParams(max_new_tokens=2)); "
-         f"print(jax.default_backend(), out.completion_ids == "
+         f"print(jax.config.jax_platforms, jax.default_backend(), out.completion_ids == "
          f"{_read(tmp_path / 'out.jsonl')[0]['completion_ids']!r})")
   proc = subprocess.run([sys.executable, "-c", api], capture_output=True, text=True, env=env,
                         timeout=300)
   assert proc.returncode == 0 and "TPU" not in proc.stderr, proc.stderr
-  assert proc.stdout.split() == ["cpu", "True"], proc.stdout
+  assert proc.stdout.split() == ["cpu", "cpu", "True"], proc.stdout
+
+
+def test_jax_started_or_told_keeps_its_platforms(monkeypatch):
+  """Where JAX's backends have started (or its platforms were chosen), the choice stays JAX's."""
+  import jax
+  from jaxinfer.platform import skip_an_absent_tpu
+  jax.devices()
+  monkeypatch.delenv("JAX_PLATFORMS")
+  chosen = jax.config.jax_platforms
+  try:
+    jax.config.update("jax_platforms", None)
+    skip_an_absent_tpu.__wrapped__()
+    assert jax.config.jax_platforms is None  # (started: left alone)
+  finally:
+    jax.config.update("jax_platforms", chosen)
 
 
 def test_compile_seconds_count_one_replicas_compiling(monkeypatch):

@@ -19,9 +19,9 @@ def check_destination(directory: str | os.PathLike, source: str | os.PathLike | 
   if source is not None and path.exists() and path.resolve() == Path(source).resolve():
     raise ValueError(f"--output: {path} is the model being read; write to another directory")
   other = None
-  if writes == "hf" and (path / "params").is_dir():
+  if writes == "hf" and any((path / d).is_dir() for d in ("params", "params.old", "params.new")):
     other = "a jaxinfer (orbax) checkpoint"
-  elif writes == "orbax" and any(path.glob("*.safetensors")):
+  elif writes == "orbax" and any(path.glob("*.safetensors*")):
     other = "Hugging Face weights"
   if other is not None:
     raise ValueError(f"--output: {path} holds {other}; writing {writes} files beside them "

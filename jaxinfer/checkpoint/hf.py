@@ -18,6 +18,7 @@ from typing import Any, Callable
 import jax
 import ml_dtypes
 import numpy as np
+from jax.experimental import multihost_utils
 from jax.sharding import Mesh
 from safetensors import safe_open
 from safetensors.numpy import save_file
@@ -109,8 +110,9 @@ class SafetensorsReader:
     if index.exists():
       weight_map = json.loads(index.read_text())["weight_map"]
       self.files = {name: directory / f for name, f in weight_map.items()}
-    else:
-      shards = sorted(directory.glob("*.safetensors"))
+    else:  # (one model.safetensors is the model, as transformers reads it, whatever is beside)
+      single = directory / "model.safetensors"
+      shards = [single] if single.exists() else sorted(directory.glob("*.safetensors"))
       if not shards:
         raise FileNotFoundError(f"{directory}: no *.safetensors files")
       self.files = {}
@@ -197,8 +199,15 @@ def save_hf(directory: str | os.PathLike, cfg: ModelConfig, params: Transformer,
   for rule, leaf in zip(jax.tree_util.tree_leaves(_rules(cfg), is_leaf=_is_rule),
                         jax.tree_util.tree_leaves(params)):
     tensors[rule.name] = np.ascontiguousarray(rule.to_hf(_host(leaf)))
-  if jax.process_index() != 0:
-    return directory
+  if jax.process_index() == 0:
+    _write(directory, cfg, tensors, tokenizer_dir, max_shard_bytes)
+  if jax.process_count() > 1:  # (every process returns with the checkpoint in place)
+    multihost_utils.sync_global_devices(f"jaxinfer save_hf {directory}")
+  return directory
+
+
+def _write(directory: Path, cfg: ModelConfig, tensors: dict[str, np.ndarray],
+           tokenizer_dir: str | os.PathLike | None, max_shard_bytes: int) -> None:
   directory.mkdir(parents=True, exist_ok=True)
   shards: list[dict[str, np.ndarray]] = [{}]
   size = 0
@@ -208,14 +217,19 @@ def save_hf(directory: str | os.PathLike, cfg: ModelConfig, params: Transformer,
       size = 0
     shards[-1][name] = t
     size += t.nbytes
-  # Written beside the weights they replace and renamed over them once all are whole: a save
-  # cut short leaves the old checkpoint as it was (before, the old files were deleted first).
-  names = (["model.safetensors"] if len(shards) == 1 else
-           [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))])
+  # Written beside the weights they replace, and put in their place once all are whole: a save
+  # killed while writing leaves the old checkpoint as it was (the old files were deleted first).
+  # The file that says which weights are read is replaced last, in one rename (the index; one
+  # model.safetensors without an index), so no moment reads old and new weights mixed: new shards
+  # never take the names of the shards an index still lists.
+  names = _shard_names(len(shards), _read_names(directory))
   for stale in directory.glob("*.safetensors.new"):  # (a save cut short before)
     stale.unlink()
   for name, shard in zip(names, shards):
-    save_file(shard, str(directory / f"{name}.new"), metadata={"format": "pt"})
+    staged = directory / f"{name}.new"
+    save_file(shard, str(staged), metadata={"format": "pt"})
+    with open(staged, "rb") as f:  # (on disk before it replaces anything)
+      os.fsync(f.fileno())
   for name in names:
     os.replace(directory / f"{name}.new", directory / name)
   index = directory / "model.safetensors.index.json"
@@ -239,5 +253,28 @@ def save_hf(directory: str | os.PathLike, cfg: ModelConfig, params: Transformer,
     gen: dict[str, Any] = {"bos_token_id": cfg.bos_token_id}
     if cfg.eos_token_ids:
       gen["eos_token_id"] = list(cfg.eos_token_ids)
-    (directory / "generation_config.json").write_text(json.dumps(gen, indent=2) + "\n")
-  return directory
+    write_atomically(directory / "generation_config.json", json.dumps(gen, indent=2) + "\n")
+
+
+def _read_names(directory: Path) -> set[str]:
+  """The weight files a load would read now (SafetensorsReader's choice)."""
+  index = directory / "model.safetensors.index.json"
+  if index.exists():
+    return set(json.loads(index.read_text())["weight_map"].values())
+  if (directory / "model.safetensors").exists():
+    return {"model.safetensors"}
+  return {p.name for p in directory.glob("*.safetensors")}
+
+
+def _shard_names(count: int, read: set[str]) -> list[str]:
+  """Hugging Face's names for `count` shards (one: model.safetensors), or, where a load reads
+  shards of those names now (a sharded checkpoint saved over), the same with a suffix: the old
+  index names the old shards until the new index replaces it."""
+  if count == 1:
+    return ["model.safetensors"]
+  for suffix in ("", "-b"):
+    names = [f"model-{i + 1:05d}-of-{count:05d}{suffix}.safetensors" for i in range(count)]
+    if not read & set(names):
+      return names
+  raise ValueError(f"an index naming both model-N-of-{count:05d}.safetensors and "
+                   f"model-N-of-{count:05d}-b.safetensors: choose another directory")

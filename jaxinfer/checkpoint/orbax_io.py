@@ -52,10 +52,9 @@ def save_orbax(directory: str | os.PathLike, cfg: ModelConfig, params: Transform
   # Written beside the checkpoint it replaces, which is removed only once the new one is
   # whole: a save cut short leaves the old checkpoint as it was (removed first, both were lost).
   staged = directory / f"{PARAMS_DIR}.new"
-  if staged.exists() and jax.process_index() == 0:  # (a save cut short before)
-    shutil.rmtree(staged)
   with ocp.StandardCheckpointer() as ckptr:  # (the format in params/ too: see load_orbax)
-    ckptr.save(staged, params, custom_metadata={QUANT_KEY: _record(quant_format)})
+    ckptr.save(staged, params, custom_metadata={QUANT_KEY: _record(quant_format)},
+               force=True)  # (orbax removes what a save cut short left there, once, for all)
     ckptr.wait_until_finished()
   if jax.process_index() == 0:
     _put_in_place(staged, directory / PARAMS_DIR)
@@ -109,7 +108,7 @@ def load_orbax(directory: str | os.PathLike, dtype: str | None = None, mesh: Mes
       first = next((l.strip() for l in str(e).splitlines() if l.strip()), type(e).__name__)
       differ = first.split(" [tensorstore_spec")[0]  # (tensorstore's specs: kilobytes of JSON)
   if differ is not None:  # (checked before restoring: a failed restore is orbax's traceback)
-    raise ValueError(f"{directory}: {PARAMS_DIR}/ does not restore as {described} describe "
+    raise ValueError(f"{directory}: {source.name}/ does not restore as {described} describe "
                      f"it: {differ}")
   P.check_against_spec(params, spec, str(directory), quant.logical_shape)
   return cfg, params
