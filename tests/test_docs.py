@@ -19,7 +19,7 @@ RESULTS_PAGE = ROOT / "experiments" / "results" / "README.md"
 # flags the pages may name that no jaxinfer command defines: absl's own (every command takes
 # them), XLA's (XLA_FLAGS, set by tests/conftest.py) and TensorBoard's
 NOT_JAXINFER = {"help", "helpfull", "verbosity", "xla_backend_optimization_level",
-                "xla_cpu_use_fusion_emitters",
+                "xla_cpu_use_fusion_emitters", "xla_cpu_parallel_codegen_split_count",
                 "xla_force_host_platform_device_count", "logdir"}
 FLAG = re.compile(r"(?<![\w-])--([a-z][a-z0-9_]*)")
 LINK = re.compile(r"\]\(([^)#\s]*)(?:#([^)\s]*))?\)")
