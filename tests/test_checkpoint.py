@@ -1,5 +1,6 @@
 """Hugging Face import/export, orbax round trips onto a mesh, and clear errors on bad files."""
 
+import dataclasses
 import json
 import os
 from pathlib import Path
@@ -190,8 +191,16 @@ def test_unsupported_configs_are_refused(tmp_path):
 def test_generation_config_eos_ids_are_merged(tmp_path):
   make_hf_model("llama3", tmp_path)
   (tmp_path / "generation_config.json").write_text(json.dumps({"eos_token_id": [2, 9]}))
-  cfg, _ = load_hf(tmp_path)
+  cfg, params = load_hf(tmp_path)
   assert cfg.eos_token_ids == (2, 9)
+  # saved over a directory whose generation_config.json is another model's: its settings kept,
+  # the ids this model's (the old EOS ids would stop it early)
+  out = tmp_path / "out"
+  save_hf(out, cfg, params)
+  (out / "generation_config.json").write_text(json.dumps({"eos_token_id": [7], "top_k": 5}))
+  save_hf(out, dataclasses.replace(cfg, eos_token_ids=(2,)), params)
+  assert load_hf(out)[0].eos_token_ids == (2,)
+  assert json.loads((out / "generation_config.json").read_text())["top_k"] == 5
 
 
 def test_random_init_export_is_loadable_by_transformers(tmp_path):

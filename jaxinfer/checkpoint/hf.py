@@ -244,16 +244,23 @@ def _write(directory: Path, cfg: ModelConfig, tensors: dict[str, np.ndarray],
     if old.name not in names:
       old.unlink()
   write_atomically(directory / "config.json", json.dumps(config_to_hf(cfg), indent=2) + "\n")
+  copied = set()
   if tokenizer_dir is not None and Path(tokenizer_dir).resolve() != directory.resolve():
     for name in TOKENIZER_FILES:
       src = Path(tokenizer_dir) / name
       if src.exists():
         shutil.copyfile(src, directory / name)
-  if not (directory / "generation_config.json").exists():
-    gen: dict[str, Any] = {"bos_token_id": cfg.bos_token_id}
+        copied.add(name)
+  if "generation_config.json" not in copied:
+    # one already here (a model saved here before) keeps its other settings, with this model's
+    # ids: its old EOS ids would stop this model early
+    path = directory / "generation_config.json"
+    gen: dict[str, Any] = json.loads(path.read_text()) if path.exists() else {}
+    gen["bos_token_id"] = cfg.bos_token_id
+    gen.pop("eos_token_id", None)
     if cfg.eos_token_ids:
       gen["eos_token_id"] = list(cfg.eos_token_ids)
-    write_atomically(directory / "generation_config.json", json.dumps(gen, indent=2) + "\n")
+    write_atomically(path, json.dumps(gen, indent=2) + "\n")
 
 
 def _read_names(directory: Path) -> set[str]:
