@@ -101,24 +101,33 @@ def _is_rule(x) -> bool:
   return isinstance(x, TensorRule)
 
 
+def weight_files(directory: Path) -> dict[str, str] | list[str]:
+  """What a load reads: the index's weight map (tensor -> file name) where there is one, else
+  model.safetensors alone where it is there (as transformers reads it, whatever is beside),
+  else every *.safetensors file (sorted)."""
+  index = directory / "model.safetensors.index.json"
+  if index.exists():
+    return json.loads(index.read_text())["weight_map"]
+  if (directory / "model.safetensors").exists():
+    return ["model.safetensors"]
+  return sorted(p.name for p in directory.glob("*.safetensors"))
+
+
 class SafetensorsReader:
   """Tensor name -> file, over one `model.safetensors` or an index of shards."""
 
   def __init__(self, directory: Path):
     self.directory = directory
-    index = directory / "model.safetensors.index.json"
-    if index.exists():
-      weight_map = json.loads(index.read_text())["weight_map"]
-      self.files = {name: directory / f for name, f in weight_map.items()}
-    else:  # (one model.safetensors is the model, as transformers reads it, whatever is beside)
-      single = directory / "model.safetensors"
-      shards = [single] if single.exists() else sorted(directory.glob("*.safetensors"))
-      if not shards:
+    read = weight_files(directory)
+    if isinstance(read, dict):
+      self.files = {name: directory / f for name, f in read.items()}
+    else:
+      if not read:
         raise FileNotFoundError(f"{directory}: no *.safetensors files")
       self.files = {}
-      for shard in shards:
-        with safe_open(str(shard), framework="numpy") as f:
-          self.files.update({name: shard for name in f.keys()})
+      for shard in read:
+        with safe_open(str(directory / shard), framework="numpy") as f:
+          self.files.update({name: directory / shard for name in f.keys()})
 
   def has(self, name: str) -> bool:
     return name in self.files
@@ -222,7 +231,8 @@ def _write(directory: Path, cfg: ModelConfig, tensors: dict[str, np.ndarray],
   # The file that says which weights are read is replaced last, in one rename (the index; one
   # model.safetensors without an index), so no moment reads old and new weights mixed: new shards
   # never take the names of the shards an index still lists.
-  names = _shard_names(len(shards), _read_names(directory))
+  read = weight_files(directory)
+  names = _shard_names(len(shards), set(read.values() if isinstance(read, dict) else read))
   for stale in directory.glob("*.safetensors.new"):  # (a save cut short before)
     stale.unlink()
   for name, shard in zip(names, shards):
@@ -244,14 +254,7 @@ def _write(directory: Path, cfg: ModelConfig, tensors: dict[str, np.ndarray],
     if old.name not in names:
       old.unlink()
   write_atomically(directory / "config.json", json.dumps(config_to_hf(cfg), indent=2) + "\n")
-  copied = set()
-  if tokenizer_dir is not None and Path(tokenizer_dir).resolve() != directory.resolve():
-    for name in TOKENIZER_FILES:
-      src = Path(tokenizer_dir) / name
-      if src.exists():
-        shutil.copyfile(src, directory / name)
-        copied.add(name)
-  if "generation_config.json" not in copied:
+  if "generation_config.json" not in copy_tokenizer_files(tokenizer_dir, directory):
     # one already here (a model saved here before) keeps its other settings, with this model's
     # ids: its old EOS ids would stop this model early
     path = directory / "generation_config.json"
@@ -263,14 +266,15 @@ def _write(directory: Path, cfg: ModelConfig, tensors: dict[str, np.ndarray],
     write_atomically(path, json.dumps(gen, indent=2) + "\n")
 
 
-def _read_names(directory: Path) -> set[str]:
-  """The weight files a load would read now (SafetensorsReader's choice)."""
-  index = directory / "model.safetensors.index.json"
-  if index.exists():
-    return set(json.loads(index.read_text())["weight_map"].values())
-  if (directory / "model.safetensors").exists():
-    return {"model.safetensors"}
-  return {p.name for p in directory.glob("*.safetensors")}
+def copy_tokenizer_files(tokenizer_dir: str | os.PathLike | None, directory: Path) -> set[str]:
+  """TOKENIZER_FILES that `tokenizer_dir` has, copied into `directory` (unless it is that
+  directory); returns the names copied."""
+  if tokenizer_dir is None or Path(tokenizer_dir).resolve() == directory.resolve():
+    return set()
+  copied = {name for name in TOKENIZER_FILES if (Path(tokenizer_dir) / name).exists()}
+  for name in copied:
+    shutil.copyfile(Path(tokenizer_dir) / name, directory / name)
+  return copied
 
 
 def _shard_names(count: int, read: set[str]) -> list[str]:

@@ -19,7 +19,7 @@ from jax.sharding import Mesh
 from jaxinfer import params as P
 from jaxinfer import quant
 from jaxinfer.checkpoint.destination import check_destination
-from jaxinfer.checkpoint.hf import TOKENIZER_FILES, read_config
+from jaxinfer.checkpoint.hf import copy_tokenizer_files, read_config
 from jaxinfer.checkpoint.hf_config import config_to_hf
 from jaxinfer.config import ModelConfig
 from jaxinfer.files import write_atomically
@@ -60,10 +60,7 @@ def save_orbax(directory: str | os.PathLike, cfg: ModelConfig, params: Transform
     _put_in_place(staged, directory / PARAMS_DIR)
     write_atomically(directory / "config.json", json.dumps(config_to_hf(cfg), indent=2) + "\n")
     quant.write_metadata(directory, quant_format)
-    if tokenizer_dir is not None and Path(tokenizer_dir).resolve() != directory.resolve():
-      for name in TOKENIZER_FILES:
-        if (Path(tokenizer_dir) / name).exists():
-          shutil.copyfile(Path(tokenizer_dir) / name, directory / name)
+    copy_tokenizer_files(tokenizer_dir, directory)
   if jax.process_count() > 1:  # (every process returns with the checkpoint in place)
     multihost_utils.sync_global_devices(f"jaxinfer save_orbax {directory}")
   return directory
