@@ -26,7 +26,7 @@ def run_engine(target, reqs, proposer=None, runtime=Runtime(), should_stop=None,
   cfg, params = target
   ecfg = EngineConfig(**{"num_slots": 3, "chunk_size": 16, "chunk_lanes": 2, "page_size": 8} |
                       {k: kw.pop(k) for k in ("decode_steps", "num_slots", "chunk_lanes", "waves",
-                                              "kv_cache_dtype")
+                                              "kv_cache_dtype", "kv_pages")
                        if k in kw})
   eng = Engine(cfg, params, ecfg, max_len=max_len, runtime=runtime, proposer=proposer, **kw)
   if picks is not None:  # (a draft layer in the pages fed from the start, as trees may run)

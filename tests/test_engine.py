@@ -194,6 +194,8 @@ def test_tokens_decoded_past_a_stop_are_counted(tiny_model_dir):
   assert st.decode_tokens_discarded > 0
   assert (sum(len(r.tokens) for r in results) + st.decode_tokens_discarded
           == st.decode_tokens)
+  with pytest.raises(ValueError, match=r"29 prompt \+ 20 new tokens exceed .* max_len \(48\)"):
+    eng.run([EngineRequest(9, list(range(1, 30)), 20, np.zeros(2, np.uint32))], results.append)
 
 
 def test_outputs_do_not_depend_on_slots_chunks_pages_steps_or_replicas(tmp_path,

@@ -93,6 +93,11 @@ def test_the_same_prompt_prefilled_whole_is_computed_once(target, kv_cache_dtype
   assert st.prefill_tokens_saved == 2 * 44
   assert st.lane_tokens == 44 + 44 + 39
   assert "copy" in eng._compiled and st.compilations <= eng.max_shapes
+  if kv_cache_dtype is None:  # a pool of just the pages one request needs: the page a sharer
+    # would copy is one more, so the second sample computes the prompt again once the first ends
+    out, st, _ = run_engine(target, requests([(same, 6)] * 2), runtime=runtime, max_len=56,
+                            kv_pages=7)
+    assert [r.tokens for r in out.values()] == [got[0]] * 2 and st.prefill_tokens_saved == 0
 
 
 def test_static_batching_admits_requests_in_waves(target):

@@ -122,6 +122,18 @@ def test_switching_to_plain_steps_when_every_row_ends_meanwhile(target):
   assert st.decode_tokens == sum(len(r.tokens) for r in out.values()) + \
       st.decode_tokens_discarded
   assert st.compilations <= eng.max_shapes
+  # Two slots and a stop string the host finds: a row admitted into a freed slot by a tree
+  # dispatch that ran no step (another row had ended on the device) switches to plain steps
+  # from its prompt's last token
+  reqs = [EngineRequest(i, p, m, np.asarray([0, i], np.uint32)) for i, (p, m) in enumerate(
+      [([13, 7, 26, 17], 7), ([6, 27, 19, 49, 18], 6), ([23, 24], 4), ([40, 25, 30, 15, 15], 2),
+       ([29, 15, 10, 26], 7), ([15, 41, 30, 8], 4)])]
+  stop = lambda uid, toks: uid % 3 == 0 and len(toks) >= 5
+  ref, _, _ = run_engine(target, reqs, num_slots=2, should_stop=stop)
+  out, _, _ = run_engine(target, reqs, P.NGram(num_draft_tokens=3), speculation="auto",
+                         num_slots=2, decode_steps=3, max_len=64, should_stop=stop,
+                         picks=(0, 0, 2))
+  assert {u: r.tokens for u, r in out.items()} == {u: r.tokens for u, r in ref.items()}
 
 
 def test_greedy_rows_beside_sampled_ones_stay_lossless(target):

@@ -204,6 +204,7 @@ class Engine:
     self.model_cfg, self.params, self.cfg, self.runtime = model_cfg, params, cfg, runtime
     self.proposer, self.draft_params = proposer, draft_params
     ps = cfg.page_size
+    self.max_len = max_len
     self.tree_size = None if proposer is None else proposer.tree_size
     self.max_pages = max(1, -(-(max_len + (self.tree_size or 0)) // ps))
     self.plain_pages = max(1, -(-max_len // ps))  # a plain step's table (no tree beyond)
@@ -493,6 +494,10 @@ class Engine:
     requests = list(requests)
     self._greedy = all_greedy(requests)
     for req in requests:
+      if len(req.prompt_ids) + req.max_new_tokens > self.max_len:
+        raise ValueError(f"request {req.uid}: {len(req.prompt_ids)} prompt + "
+                         f"{req.max_new_tokens} new tokens exceed the engine's max_len "
+                         f"({self.max_len})")
       sched.add(req)
       if self.proposer is not None:
         budgets[req.uid] = req.max_new_tokens

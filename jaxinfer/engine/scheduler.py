@@ -191,6 +191,12 @@ class Scheduler:
       found = []
     shared = found[:full]  # (whole: the partial last page beyond, to copy)
     fresh = self.pool.alloc(self.pages_needed(req) - len(shared))
+    if fresh is None and len(found) > len(shared) and not self.order:
+      # the page to copy is one more than the request needs, and no sequence holds pages that
+      # it could wait for: computed alone, it fits
+      self.pool.release(found)
+      found = shared = []
+      fresh = self.pool.alloc(self.pages_needed(req))
     if fresh is None:
       self.pool.release(found)
       return None
@@ -359,8 +365,8 @@ class Scheduler:
       if seq.computed < seq.prompt_len:  # first step: the prompt's last token
         tokens[slot] = seq.req.prompt_ids[-1]
         self._advance(seq, seq.prompt_len)
-      elif was_tree:  # the last token its trees emitted
-        tokens[slot] = seq.generated[-1]
+      elif was_tree:  # the last token its trees emitted (none: its admitting dispatch ended
+        tokens[slot] = (seq.generated or seq.req.prompt_ids)[-1]  # before its first step)
       else:  # the token sampled for this slot at the previous step
         from_device[slot] = True
       positions[slot] = seq.prompt_len + seq.scheduled - 1
