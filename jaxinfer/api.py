@@ -132,10 +132,14 @@ class _Samples:
 
 
 def _one_prompt(p) -> bool:
-  """A single prompt, not a list of them: text, token ids or one conversation."""
+  """A single prompt, not a list of them: text, token ids (a 1-D array of them too) or one
+  conversation."""
   if isinstance(p, (bytes, bytearray)):
     raise UserError("prompts: bytes are neither text nor token ids; decode them to str")
-  if isinstance(p, str):
+  if isinstance(p, dict):
+    raise UserError("prompts: a dict is one message; a conversation is a list of them "
+                    "([{'role': ..., 'content': ...}, ...])")
+  if isinstance(p, str) or getattr(p, "ndim", None) == 1:
     return True
   return (isinstance(p, Sequence) and len(p) > 0 and all(map(is_integer, p))
           or isinstance(p, Sequence) and len(p) > 0 and all(isinstance(x, dict) for x in p))
@@ -168,7 +172,8 @@ class LLM:
   dtype="float32", mesh="data:2,model:4", batch_size=16, speculative="ngram",
   draft_heads="heads/", scheduler="static", sparsity="sinks_window:4,256".
   compilation_cache: as `--compilation_cache`, for the whole process: compiled steps kept in a
-  directory across runs ("none": off; default: the directory JAX has, else the CLI's).
+  directory across runs ("none": off, for later LLMs of the process too; default: the
+  directory JAX has, else the CLI's).
   """
 
   _worded = staticmethod(keywords)  # its errors name options as keywords (a CLI job's: flags)

@@ -20,6 +20,7 @@ import time
 from pathlib import Path
 
 MIN_COMPILE_SECONDS = 0.2  # cheaper computations are not worth a file
+_turned_off = False  # by a caller of `enable`: later `apply(None)`s keep it off
 
 
 def min_compile_seconds() -> float:
@@ -44,6 +45,8 @@ def enable(path: str | os.PathLike | None) -> Path | None:
   import jax
   from jax.experimental.compilation_cache import compilation_cache as cc
 
+  global _turned_off
+  _turned_off = not path
   if not path:
     jax.config.update("jax_compilation_cache_dir", None)
     cc.reset_cache()
@@ -69,10 +72,12 @@ def enable(path: str | os.PathLike | None) -> Path | None:
 
 def apply(value: str | None, cache_dir: str | os.PathLike | None = None) -> Path | None:
   """What `--compilation_cache` (and `jaxinfer.LLM(compilation_cache=...)`) asks for: 'none' (or
-  '') turns the cache off, a directory keeps executables there, None keeps the directory JAX
-  has already ($JAX_COMPILATION_CACHE_DIR, or one the caller set) or else uses `default_dir`."""
+  '') turns the cache off, a directory keeps executables there, None keeps what the process
+  has: the cache off where it was turned off (`jaxinfer generate --compilation_cache=none`
+  before its `jaxinfer.LLM`), else the directory JAX has ($JAX_COMPILATION_CACHE_DIR, or one the
+  caller set), else `default_dir`."""
   import jax
-  if value is not None and value.lower() in ("", "none"):
+  if value is not None and value.lower() in ("", "none") or value is None and _turned_off:
     return enable(None)
   return enable(value or jax.config.jax_compilation_cache_dir or default_dir(cache_dir))
 

@@ -24,6 +24,7 @@ from pathlib import Path
 import numpy as np
 
 from jaxinfer.config import PRESETS, ModelConfig
+from jaxinfer.errors import UserError
 from jaxinfer.files import write_atomically
 
 EOS = "<|endoftext|>"
@@ -63,11 +64,18 @@ RECIPES = {
 
 
 def cache_root(override: str | os.PathLike | None = None) -> Path:
+  """--cache_dir (`override`), else $JAXINFER_CACHE, else jaxinfer/ in the user's cache;
+  UserError where it names something other than a directory."""
   if override:
-    return Path(override).expanduser()
-  if os.environ.get("JAXINFER_CACHE"):
-    return Path(os.environ["JAXINFER_CACHE"]).expanduser()
-  return Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")).expanduser() / "jaxinfer"
+    root, named = Path(override).expanduser(), "--cache_dir"
+  elif os.environ.get("JAXINFER_CACHE"):
+    root, named = Path(os.environ["JAXINFER_CACHE"]).expanduser(), "$JAXINFER_CACHE"
+  else:
+    root, named = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")).expanduser() \
+        / "jaxinfer", "the cache directory"
+  if root.exists() and not root.is_dir():
+    raise UserError(f"{named}: {str(root)!r} is not a directory")
+  return root
 
 
 def stdlib_root() -> Path:

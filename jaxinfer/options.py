@@ -81,9 +81,13 @@ class ServeOptions:
     return cls(model=plain(model), **{k: plain(v) for k, v in keywords.items()})
 
   def check_types(self) -> None:
-    """Each option of its declared type (an int where an int is, ...), named if not."""
-    for f in dataclasses.fields(ServeOptions):
+    """Each option of its declared type (an int where an int is, ...), named if not (those of
+    a subclass too, such as the job's; options of other types are checked where they are made)."""
+    basic = {"str", "bool", "int", "float", "None"}
+    for f in dataclasses.fields(self):
       value, kinds = getattr(self, f.name), f.type.replace(" ", "").split("|")
+      if not basic.issuperset(kinds):
+        continue
       if value is None and "None" in kinds:
         continue
       number = isinstance(value, (int, float)) and not isinstance(value, bool)

@@ -8,6 +8,8 @@ is cut off) and their requests are skipped.
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import glob
 import json
 import os
@@ -27,6 +29,29 @@ def decode_line(raw: bytes, line_no: int) -> str:
     return raw.decode("utf-8-sig" if line_no == 1 else "utf-8")
   except UnicodeDecodeError as e:
     raise ValueError(f"not valid UTF-8 (byte {e.start + 1} of the line)") from None
+
+
+@contextlib.contextmanager
+def exclusive(output: str | os.PathLike):
+  """Held by the one run writing `output` (its process 0): a second run of the same output
+  while it runs would read what the first has not written yet and write every record again.
+  An advisory lock on `<output>.lock`, removed at the end (a killed run's lock file is left, and
+  its lock released with the process)."""
+  path = Path(f"{output}.lock")
+  try:
+    f = open(path, "a")
+  except OSError as e:
+    raise UserError(f"--output: cannot write {str(path)!r} ({e.strerror or e})") from None
+  with f:
+    try:
+      fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+      raise UserError(f"--output: another run is writing {str(output)!r} (it holds "
+                      f"{str(path)!r}); wait for it to end, or write elsewhere") from None
+    try:
+      yield
+    finally:
+      path.unlink(missing_ok=True)  # (before the lock is released with the file)
 
 
 def part_path(output: str | os.PathLike, process: int, num_processes: int) -> Path:

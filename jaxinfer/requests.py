@@ -86,12 +86,46 @@ def parse_request(line_no: int, text: str, defaults: Defaults, tokenizer: Tokeni
                       seed=seed)
 
 
+def is_text(x) -> bool:
+  """Whether `x` is a string that UTF-8 can hold (JSON's escapes and Python's strings can
+  also spell unpaired surrogates, which no text holds)."""
+  if not isinstance(x, str):
+    return False
+  try:
+    x.encode("utf-8")
+  except UnicodeEncodeError:
+    return False
+  return True
+
+
+def _surrogate(x, where: str) -> str | None:
+  """Where in a decoded record a string holds an unpaired surrogate (None: nowhere)."""
+  if isinstance(x, str):
+    return None if is_text(x) else where
+  if isinstance(x, dict):
+    items = x.items()
+  elif isinstance(x, (list, tuple)):
+    items = enumerate(x)
+  else:
+    return None
+  for k, v in items:
+    name = f"{where}[{k!r}]" if where else str(k)
+    bad = _surrogate(k, name) or _surrogate(v, name)
+    if bad:
+      return bad
+  return None
+
+
 def make_request(line_no: int, rec: Any, defaults: Defaults, tokenizer: Tokenizer | None,
                  vocab_size: int, max_seq_len: int, chat=None, *, n: int = 1,
                  seed: int = 0) -> Request:
   """A request from one decoded record (a JSONL line, or a prompt given to `jaxinfer.LLM`)."""
   if not isinstance(rec, dict):
     raise InvalidRequest(f"expected a JSON object, got {type(rec).__name__}")
+  bad = _surrogate(rec, "")
+  if bad:
+    raise InvalidRequest(f"{bad}: holds an unpaired surrogate (a \\ud800-\\udfff escape "
+                         f"alone), which is not text")
   unknown = sorted(set(rec) - FIELDS)
   if unknown:
     raise InvalidRequest(f"unknown field(s) {unknown}; allowed: {sorted(FIELDS)}")

@@ -25,7 +25,8 @@ from jaxinfer import output
 from jaxinfer.api import LLM, Completion, SamplingParams
 from jaxinfer.errors import UserError
 from jaxinfer.options import ServeOptions, plain
-from jaxinfer.requests import Defaults, InvalidRequest, Request, error_record, parse_request
+from jaxinfer.requests import (Defaults, InvalidRequest, Request, error_record, is_text,
+                               parse_request)
 from jaxinfer.sampling import SEED_LIMIT, validate as validate_sampling
 from jaxinfer.serving import placement
 
@@ -47,6 +48,7 @@ class GenerateJob(ServeOptions):
 
   def validate(self) -> None:
     """Everything checkable before loading a model, with the flag named in the message."""
+    self.check_types()
     if not Path(self.prompts).is_file():
       raise UserError(f"--prompts: {self.prompts!r} is not a readable file")
     for flag, path in (("--output", self.output), ("--metrics_output", self.metrics_output)):
@@ -58,6 +60,9 @@ class GenerateJob(ServeOptions):
           raise UserError(f"{flag}: {path!r} is a directory, expected a file path")
         if Path(path).exists() and Path(path).samefile(self.prompts):
           raise UserError(f"{flag}: {path!r} is the --prompts file")
+    if self.metrics_output is not None and (
+        Path(self.metrics_output).resolve() == Path(self.output).resolve()):
+      raise UserError(f"--metrics_output: {self.metrics_output!r} is the --output file")
     if self.num_samples < 1:
       raise UserError(f"--num_samples: must be >= 1, got {self.num_samples}")
     if self.defaults.max_new_tokens < 1:
@@ -111,7 +116,7 @@ def _request_id(text: str):
   except json.JSONDecodeError:
     return None
   rid = rec.get("id") if isinstance(rec, dict) else None
-  return rid if isinstance(rid, (str, int)) else None
+  return rid if is_text(rid) or isinstance(rid, int) else None
 
 
 def make_record(req: Request, samples: list[Completion]) -> dict:
@@ -244,21 +249,20 @@ def run(job: GenerateJob, *, coordinator_address: str | None = None,
   """Runs the job; returns this run's metrics (also written to job.metrics_output)."""
   job.validate()
   pid, nproc = _init_distributed(coordinator_address, num_processes, process_id, distributed)
+  with output.exclusive(job.output) if pid == 0 else contextlib.nullcontext():
+    return _run(job, pid, nproc)
+
+
+def _run(job: GenerateJob, pid: int, nproc: int) -> dict[str, Any]:
   t_start = time.perf_counter()
   llm = _JobLLM(**dataclasses.asdict(ServeOptions.of(job)))
   cfg = llm.config
   requests, errors, num_lines = read_requests(job, llm.tokenizer, cfg.vocab_size,
                                               cfg.max_seq_len, llm._chat)
   part = output.part_path(job.output, pid, nproc) if nproc > 1 else Path(job.output)
-  if job.overwrite and pid == 0:
-    for p in [Path(job.output)] + [output.part_path(job.output, i, nproc) for i in range(nproc)]:
-      p.unlink(missing_ok=True)
   stray = output.stray_part_counts(job.output, nproc)  # a killed run of another size's parts
   for n in stray:
-    if job.overwrite:
-      for i in range(n if pid == 0 else 0):
-        output.part_path(job.output, i, n).unlink(missing_ok=True)
-    elif nproc > 1:
+    if nproc > 1 and not job.overwrite:
       raise UserError(f"--output: {job.output} has the parts of a {n}-process run; rerun it with "
                       f"--num_processes={n}, or as one process (which merges them)")
   written = [] if job.overwrite else output.completed(job.output, nproc, repair_part=pid)
@@ -279,6 +283,10 @@ def run(job: GenerateJob, *, coordinator_address: str | None = None,
                and mine(output.record_key(e))]
 
   llm.prepare(todo)  # pools, trees and memory checked before the output is touched
+  if job.overwrite and pid == 0:
+    for p in [Path(job.output)] + [output.part_path(job.output, i, n)
+                                   for n in [nproc] + stray for i in range(n)]:
+      p.unlink(missing_ok=True)
   if nproc > 1:  # every process has read what is done before any writes
     _same_job(job)
     _barrier("jaxinfer_generate_start")
@@ -326,12 +334,16 @@ def generate_file(prompts: str, output: str, model: str = "embedded", **options
                                           "min_p", "stop") if k in options}
   processes = {k: options.pop(k) for k in ("coordinator_address", "num_processes", "process_id",
                                            "distributed") if k in options}
-  known = {f.name for f in dataclasses.fields(GenerateJob)}
+  cache = options.pop("compilation_cache", None)
+  known = {f.name for f in dataclasses.fields(GenerateJob)} - {"defaults"}  # (its sampling keys)
   unknown = sorted(set(options) - known)
   if unknown:
     raise UserError(f"unknown option(s) {unknown}")
   if not all(isinstance(p, (str, os.PathLike)) for p in (prompts, output)):
     raise UserError(f"prompts, output: expected file paths, got {prompts!r}, {output!r}")
+  if cache is not None:  # (as `jaxinfer.LLM(compilation_cache=...)`: for the whole process)
+    from jaxinfer import compilation_cache
+    compilation_cache.apply(cache, options.get("cache_dir"))
   return run(GenerateJob(prompts=str(prompts), output=str(output), model=plain(model),
                          defaults=SamplingParams(**sampling).defaults(),
                          **{k: plain(v) for k, v in options.items()}), **processes)

@@ -185,8 +185,8 @@ def validate(temperature: float, top_k: int, top_p: float, min_p: float) -> list
   if not 0 <= temperature <= FLOAT32_MAX:
     problems.append(f"temperature must be >= 0 and a float32 (at most {FLOAT32_MAX:.4g}), got "
                     f"{temperature}")
-  if top_k < 0:
-    problems.append(f"top_k must be >= 0 (0 disables), got {top_k}")
+  if not 0 <= top_k < 2**31:  # (rows' top_k are int32; any k past the vocabulary keeps all)
+    problems.append(f"top_k must be in [0, 2**31) (0 disables), got {top_k}")
   if not 0 < top_p <= 1:
     problems.append(f"top_p must be in (0, 1], got {top_p}")
   if not 0 <= min_p <= 1:

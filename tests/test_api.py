@@ -198,7 +198,19 @@ def test_bad_input_is_named(llm, tiny_model_dir):
                     (dict(seed=2**32), r"seed: expected an integer in \[0, 2\*\*32\)")]:
     with pytest.raises(UserError, match=match):
       SamplingParams(**kw)
+  with pytest.raises(UserError, match=r"top_k must be in \[0, 2\*\*31\)"):
+    SamplingParams(top_k=2**31)
+  one_array = llm.generate(np.array([5, 6, 7]), SamplingParams(max_new_tokens=2))
+  assert [o.completion_ids for o in one_array] == [
+      o.completion_ids for o in llm.generate([[5, 6, 7]], SamplingParams(max_new_tokens=2))]
+  for kw, match in [(dict(num_samples="2"), "^num_samples: expected int"),
+                    (dict(seed=1.5), "^seed: expected int"),
+                    (dict(defaults={}), r"unknown option\(s\) \['defaults'\]")]:
+    with pytest.raises(UserError, match=match):
+      jaxinfer.generate_file("p.jsonl", "o.jsonl", str(tiny_model_dir), **kw)
   for prompts, sp, match in [(None, None, "prompts: expected a prompt"),
+                             ({"role": "user", "content": "Hi"}, None, "a dict is one message"),
+                             ("ab\ud800", None, r"prompts\[0\]: prompt: holds an unpaired"),
                              ([b"def"], None, r"prompts\[0\]: expected text"),
                              (["x"], {"max_new_tokens": 3}, "sampling_params: expected")]:
     with pytest.raises(UserError, match=match):
@@ -240,6 +252,14 @@ def test_compilation_cache_keyword_as_the_flag(tiny_model_dir, tmp_path):
     assert (tmp_path / "xla").is_dir()
     jaxinfer.LLM(str(tiny_model_dir), progress=False, compilation_cache="none")
     assert jax.config.jax_compilation_cache_dir is None
+    # off for the process: an LLM that leaves the choice keeps it off (`jaxinfer generate
+    # --compilation_cache=none` turns it off, then makes its LLM)
+    jaxinfer.LLM(str(tiny_model_dir), progress=False)
+    assert jax.config.jax_compilation_cache_dir is None
+    with pytest.raises(UserError, match="^prompts: "):  # the job's keyword, as the LLM's
+      jaxinfer.generate_file("p.jsonl", "o.jsonl", str(tiny_model_dir),
+                             compilation_cache=str(tmp_path / "xla2"))
+    assert jax.config.jax_compilation_cache_dir == str(tmp_path / "xla2")
   finally:
     from jaxinfer import compilation_cache
     compilation_cache.enable(suite)

@@ -509,3 +509,27 @@ def test_train_draft_refuses_options_its_method_would_ignore(tmp_path, method, o
   with pytest.raises(UserError, match=needle):
     jaxinfer.train_draft(str(tmp_path / "no_model"), str(tmp_path / "no_data"),
                          str(tmp_path / "heads"), method=method, **options)
+
+
+def test_self_distillation_writes_its_data_with_the_base_the_heads_train_on(
+    tmp_path, tiny_model_dir, monkeypatch):
+  """The text the heads learn is written by the model directory the heads train on (its
+  resolved place: an `embedded` name's --cache_dir), in the --dtype they train on."""
+  import jaxinfer
+  from jaxinfer import runner
+  from jaxinfer.errors import UserError
+  calls = []
+
+  def generate_file(prompts, output, model, **options):
+    calls.append((model, options))
+    raise UserError("stopped here")
+
+  monkeypatch.setattr(runner, "generate_file", generate_file)
+  data = tmp_path / "data.txt"
+  data.write_text("def add(a, b):\n    return a + b\n\n" * 50)
+  with pytest.raises(UserError, match="stopped here"):
+    jaxinfer.train_draft(str(tiny_model_dir), str(data), str(tmp_path / "heads"),
+                         dtype="bfloat16", self_distill=2, progress=False)
+  [(model, options)] = calls
+  assert model == str(checkpoint.resolve_model_dir(str(tiny_model_dir), None))
+  assert options["dtype"] == "bfloat16"

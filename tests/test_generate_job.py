@@ -58,6 +58,10 @@ BAD_LINES = [
     ("bad stop", {"id": "n", "prompt": "x", "stop": [1]}),
     ("array line", "[1, 2]"),
     ("not utf-8", b'{"id": "u", "prompt": "caf\xe9"}'),
+    # JSON can spell what no text holds (the record could not be written back)
+    ("unpaired surrogate", '{"id": "v", "prompt_ids": [3], "metadata": {"note": "x\\udc00y"}}'),
+    ("unpaired surrogate id", '{"id": "\\ud800", "prompt_ids": [3]}'),
+    ("huge top_k", {"id": "w", "prompt": "x", "temperature": 1.0, "top_k": 2**40}),
 ]
 
 
@@ -81,6 +85,9 @@ def test_bad_lines_become_error_records_and_the_rest_complete(tmp_path, tiny_mod
   assert "context" in messages["too long"]
   assert "top_p" in messages["bad top_p"] and "temperature" in messages["bad temperature"]
   assert "unknown field" in messages["unknown field"] and "max_tokens" in messages["unknown field"]
+  assert messages["unpaired surrogate"].startswith("metadata['note']: holds an unpaired surrogate")
+  assert messages["unpaired surrogate id"].startswith("id: holds an unpaired surrogate")
+  assert "top_k must be in [0, 2**31)" in messages["huge top_k"]
   for rid in ("ok1", 7):
     rec = by_id[rid] if rid == 7 else [r for r in out if r.get("id") == "ok1" and "error" not in r][0]
     assert rec["finish_reason"] in ("stop", "length") and rec["completion_ids"]
@@ -172,6 +179,10 @@ def test_per_record_parameters_and_seeds(tmp_path, tiny_model_dir):
 
 def test_job_validation_names_the_flag(tmp_path, tiny_model_dir):
   prompts = _write(tmp_path / "p.jsonl", [{"id": 1, "prompt": "x"}])
+  bad_config = tmp_path / "bad_model"
+  bad_config.mkdir()
+  (bad_config / "config.json").write_text("{oops")
+  (bad_config / "model.safetensors").write_bytes(b"")
   cases = [
       (dict(prompts=str(tmp_path / "missing.jsonl")), "--prompts"),
       (dict(output=str(tmp_path / "no_dir" / "out.jsonl")), "--output"),
@@ -183,6 +194,8 @@ def test_job_validation_names_the_flag(tmp_path, tiny_model_dir):
       (dict(model=str(tmp_path)), "--model"),
       (dict(speculative="ngram", sparsity="block_topk:2"), "--sparsity"),
       (dict(output=str(prompts)), "--output: .* is the --prompts file"),
+      (dict(metrics_output=str(tmp_path / "out.jsonl")), "--metrics_output: .* is the --output"),
+      (dict(model=str(bad_config)), r"config.json: not valid JSON \(Expecting property name"),
       (dict(output="/proc/out.jsonl"), "--output: "),  # (a directory no file can be made in)
       (dict(draft_fallback=0.5), "--draft_fallback: applies to speculative decoding"),
       (dict(sparsity="block_topk:2", chunk_lanes=2), "--chunk_lanes: under --sparsity="),
@@ -200,6 +213,19 @@ def test_job_validation_names_the_flag(tmp_path, tiny_model_dir):
     with pytest.raises(UserError, match=flag):
       run(GenerateJob(**kw))
     assert not (tmp_path / "out.jsonl").exists()  # failed before any work
+  # --overwrite removes the old output only once the job is known to run
+  (tmp_path / "out.jsonl").write_text("kept\n")
+  with pytest.raises(UserError, match="--kv_pages: "):
+    run(GenerateJob(prompts=str(prompts), output=str(tmp_path / "out.jsonl"),
+                    model=str(tiny_model_dir), kv_pages=1, overwrite=True, progress=False))
+  assert (tmp_path / "out.jsonl").read_text() == "kept\n"
+  # one run writes an output at a time (a second would write every record again)
+  from jaxinfer import output
+  with output.exclusive(tmp_path / "out.jsonl"):
+    with pytest.raises(UserError, match="--output: another run is writing"):
+      run(GenerateJob(prompts=str(prompts), output=str(tmp_path / "out.jsonl"),
+                      model=str(tiny_model_dir), progress=False))
+  assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith("out")) == ["out.jsonl"]
 
 
 def _cli(*args, env=None):
@@ -224,6 +250,12 @@ def test_cli_end_to_end_exit_status_and_no_traceback(tmp_path, tiny_model_dir):
   assert m["num_requests"] == 5 and m["num_failed"] == 2 and m["mesh"] == "data:2,fsdp:1,model:1"
   # two replicas compile at once: wall time compiling, not the sum of their threads' times
   assert 0 < m["compile_seconds"] < m["generate_seconds"], m
+  assert m["compilations_loaded"] == 0  # (--compilation_cache=none: none kept or loaded)
+  # a --cache_dir that is not a directory: one line
+  proc = _cli("generate", "--model=embedded:smoke", f"--cache_dir={prompts}",
+              f"--prompts={prompts}", f"--output={tmp_path / 'x.jsonl'}")
+  assert proc.returncode == 2 and proc.stderr.splitlines() == [
+      f"error: --cache_dir: {str(prompts)!r} is not a directory"], proc.stderr
 
 
 def test_a_host_without_a_tpu_starts_no_tpu_runtime(tmp_path, tiny_model_dir):

@@ -463,6 +463,7 @@ def test_quantized_model_serves_sharded_speculative_and_under_trained_heads(tmp_
   heads = jaxinfer.train_draft(str(out), str(data), str(tmp_path / "heads"), steps=5,
                                batch_size=4, seq_len=32, num_heads=2, tree_nodes=4,
                                progress=False)
+  assert heads.info["mesh"] == "data:8,fsdp:1,model:1"  # (no mesh: every device on `data`)
   medusa = jaxinfer.LLM(str(out), speculative="medusa", draft_heads=str(heads.path),
                         speculation="always", mesh="data:1", progress=False)
   assert ids(medusa) == plain

@@ -80,10 +80,11 @@ def test_train_cli_finetunes_and_exports(tmp_path, tiny_model_dir):
   proc = subprocess.run(
       [sys.executable, "-m", "jaxinfer", "train", f"--model={tiny_model_dir}", f"--data={data}",
        f"--output={out}", "--steps=40", "--batch_size=4", "--seq_len=32", "--learning_rate=3e-3",
-       "--checkpoint_every=20", "--mesh=data:2", "--cpu_devices=2"],
+       "--checkpoint_every=20", "--cpu_devices=2"],  # (no --mesh: every device on `data`)
       capture_output=True, text=True, timeout=600)
   assert proc.returncode == 0, proc.stderr
   report = json.loads((out / "report.json").read_text())
+  assert report["mesh"] == "data:2,fsdp:1,model:1"
   metrics = read_metrics(str(out) + ".run")
   assert metrics[-1]["loss"] < metrics[0]["loss"]
   assert report["heldout_loss_nats_per_token"] < metrics[0]["loss"]
@@ -133,6 +134,17 @@ def test_train_cli_refuses_data_too_short_for_one_window(tmp_path, tiny_model_di
   assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr
   assert proc.stderr.strip().splitlines()[-1].startswith(f"error: --data: {data} gives "), proc.stderr
   assert "--seq_len=64" in proc.stderr
+
+
+def test_learning_rates_warm_up_for_the_steps_asked_and_allow_a_single_step():
+  """No warmup: the first step at the peak rate; a one-step run at the peak (its warmup cut to
+  end before the last step, where a schedule of no decay steps would not exist)."""
+  from jaxinfer.train.loop import TrainConfig, learning_rates
+  lr = lambda step, **kw: float(learning_rates(TrainConfig(learning_rate=0.5, **kw))(step))
+  assert lr(0, steps=1, warmup_steps=50) == 0.5
+  assert lr(0, steps=10, warmup_steps=0) == 0.5 > lr(1, steps=10, warmup_steps=0)
+  assert [lr(s, steps=10, warmup_steps=2) for s in range(3)] == [0.0, 0.25, 0.5]
+  assert lr(9, steps=10, warmup_steps=2) > lr(10, steps=10, warmup_steps=2) == pytest.approx(0.05)
 
 
 def test_an_interrupt_between_a_step_and_its_record_keeps_the_record(tmp_path):

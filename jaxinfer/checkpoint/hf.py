@@ -107,7 +107,7 @@ def weight_files(directory: Path) -> dict[str, str] | list[str]:
   else every *.safetensors file (sorted)."""
   index = directory / "model.safetensors.index.json"
   if index.exists():
-    return json.loads(index.read_text())["weight_map"]
+    return read_json(index)["weight_map"]
   if (directory / "model.safetensors").exists():
     return ["model.safetensors"]
   return sorted(p.name for p in directory.glob("*.safetensors"))
@@ -141,16 +141,25 @@ class SafetensorsReader:
       return f.get_tensor(name)
 
 
+def read_json(path: Path) -> Any:
+  """A checkpoint's JSON file; ValueError naming the file where it is not JSON."""
+  try:
+    return json.loads(path.read_text())
+  except json.JSONDecodeError as e:
+    raise ValueError(f"{path}: not valid JSON ({e.msg} at line {e.lineno}, column {e.colno})"
+                     ) from None
+
+
 def read_config(directory: str | os.PathLike, dtype: str | None = None) -> ModelConfig:
   directory = Path(directory)
   path = directory / "config.json"
   if not path.exists():
     raise FileNotFoundError(f"{directory}: no config.json (expected a Hugging Face model directory)")
-  hf = json.loads(path.read_text())
+  hf = read_json(path)
   gen = directory / "generation_config.json"
   cfg = config_from_hf(hf, dtype)
   if gen.exists():  # generation_config's EOS ids (e.g. Llama 3 instruct's <|eot_id|>) also stop
-    extra = json.loads(gen.read_text()).get("eos_token_id")
+    extra = read_json(gen).get("eos_token_id")
     extra = [extra] if isinstance(extra, int) else list(extra or [])
     merged = tuple(dict.fromkeys(list(cfg.eos_token_ids) + [int(e) for e in extra]))
     cfg = dataclasses.replace(cfg, eos_token_ids=merged)
@@ -258,7 +267,7 @@ def _write(directory: Path, cfg: ModelConfig, tensors: dict[str, np.ndarray],
     # one already here (a model saved here before) keeps its other settings, with this model's
     # ids: its old EOS ids would stop this model early
     path = directory / "generation_config.json"
-    gen: dict[str, Any] = json.loads(path.read_text()) if path.exists() else {}
+    gen: dict[str, Any] = read_json(path) if path.exists() else {}
     gen["bos_token_id"] = cfg.bos_token_id
     gen.pop("eos_token_id", None)
     if cfg.eos_token_ids:

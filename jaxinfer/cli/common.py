@@ -44,7 +44,12 @@ def define_compilation_cache_flag() -> None:
 
 def apply_compilation_cache() -> None:
   from jaxinfer import compilation_cache
-  compilation_cache.apply(flags.FLAGS.compilation_cache, flags.FLAGS.cache_dir)
+  from jaxinfer.cli import fail
+  from jaxinfer.errors import UserError
+  try:
+    compilation_cache.apply(flags.FLAGS.compilation_cache, flags.FLAGS.cache_dir)
+  except UserError as e:  # (a --cache_dir that is not a directory)
+    fail(str(e))
 
 
 def apply_platform_flags() -> None:
@@ -65,7 +70,7 @@ def load_model_from_flags():
   from jaxinfer.sharding import make_mesh
 
   FLAGS = flags.FLAGS
-  mesh = make_mesh(FLAGS.mesh) if FLAGS.mesh else None
+  mesh = make_mesh(FLAGS.mesh)  # (empty: every device on `data`)
   src = checkpoint.resolve_model_dir(FLAGS.model, FLAGS.cache_dir)
   cfg, params, tokenizer = checkpoint.load_model(
       str(src), None if FLAGS.dtype == "auto" else FLAGS.dtype, mesh)

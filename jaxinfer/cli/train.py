@@ -62,6 +62,7 @@ def main(argv: list[str]) -> None:
   from jaxinfer import quant
   from jaxinfer.train import lm, qat
   from jaxinfer.checkpoint.destination import check_destination
+  from jaxinfer.sharding import format_mesh
   from jaxinfer.train.loop import TrainConfig, train
 
   try:
@@ -106,7 +107,8 @@ def main(argv: list[str]) -> None:
   else:
     params, _ = qat.finetune(cfg, params, windows, tcfg, workdir, fmt, FLAGS.distill, mesh=mesh)
     params = qat.served(cfg, params, fmt)
-  report = {"train_tokens": int(len(train_tokens)), "steps": FLAGS.steps}
+  report = {"train_tokens": int(len(train_tokens)), "steps": FLAGS.steps,
+            "mesh": format_mesh(dict(mesh.shape))}
   if fmt is not None:
     report.update(quantization=fmt.name, distill=FLAGS.distill)
   if len(held_tokens) > FLAGS.seq_len + 1:

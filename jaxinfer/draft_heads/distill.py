@@ -17,10 +17,11 @@ import numpy as np
 
 
 def regenerate(model: str, prompts: list[list[int]], workdir: str | Path, *, new_tokens: int,
-               batch_size: int = 16, separator: int | None = None,
+               batch_size: int = 16, separator: int | None = None, dtype: str = "auto",
                progress: bool = True) -> list[tuple[list[int], list[int]]]:
-  """(prompt, the model's greedy continuation) of every prompt, in order; `separator` (EOS)
-  ends each continuation that did not end by itself."""
+  """(prompt, the model's greedy continuation) of every prompt, in order, by `model` (a
+  directory) in `dtype` (`jaxinfer generate`'s --dtype: the base the heads train on);
+  `separator` (EOS) ends each continuation that did not end by itself."""
   from jaxinfer.runner import generate_file
   work = Path(workdir)
   work.mkdir(parents=True, exist_ok=True)
@@ -29,7 +30,7 @@ def regenerate(model: str, prompts: list[list[int]], workdir: str | Path, *, new
                           for i, p in enumerate(prompts)))
   out = work / "distill_outputs.jsonl"
   generate_file(str(path), str(out), model, max_new_tokens=new_tokens, batch_size=batch_size,
-                mesh="data:1", progress=progress)
+                mesh="data:1", dtype=dtype, progress=progress)
   records = sorted((json.loads(l) for l in out.read_text().splitlines()), key=lambda r: r["id"])
   if len(records) != len(prompts) or any("error" in r for r in records):
     bad = next((r for r in records if "error" in r), None)
@@ -46,7 +47,7 @@ def regenerate(model: str, prompts: list[list[int]], workdir: str | Path, *, new
 
 def windows(model: str, tokens: np.ndarray, workdir: str | Path, *, num_prompts: int,
             prompt_len: int = 64, new_tokens: int = 128, batch_size: int = 16,
-            seed: int = 0, progress: bool = True) -> np.ndarray:
+            seed: int = 0, dtype: str = "auto", progress: bool = True) -> np.ndarray:
   """Training tokens the base model writes itself: `num_prompts` windows of `tokens` as
   prompts, each continued greedily by the batch engine. Returns prompt + completion of every
   window, concatenated in order."""
@@ -56,13 +57,14 @@ def windows(model: str, tokens: np.ndarray, workdir: str | Path, *, num_prompts:
   rng = np.random.default_rng(seed)
   starts = rng.integers(0, len(tokens) - prompt_len, size=num_prompts)
   pairs = regenerate(model, [tokens[s:s + prompt_len] for s in starts], workdir,
-                     new_tokens=new_tokens, batch_size=batch_size, progress=progress)
+                     new_tokens=new_tokens, batch_size=batch_size, dtype=dtype,
+                     progress=progress)
   return np.concatenate([np.concatenate([p, c]) for p, c in pairs]).astype(np.int32)
 
 
 def chat(model: str, conversations: list[list[dict[str, Any]]], template, tokenizer,
          workdir: str | Path, *, num_prompts: int, new_tokens: int = 256,
-         batch_size: int = 16, eos_id: int | None = None, seed: int = 0,
+         batch_size: int = 16, eos_id: int | None = None, seed: int = 0, dtype: str = "auto",
          progress: bool = True) -> np.ndarray:
   """Training tokens from conversations: for `num_prompts` of them (all when fewer; else a
   sample fixed by `seed`), the conversation up to its last reply, rendered with the generation
@@ -83,5 +85,5 @@ def chat(model: str, conversations: list[list[dict[str, Any]]], template, tokeni
     prompts.append(tokenizer.encode(template.render(context, add_generation_prompt=True),
                                     add_special_tokens=False))
   pairs = regenerate(model, prompts, workdir, new_tokens=new_tokens, batch_size=batch_size,
-                     separator=eos_id, progress=progress)
+                     separator=eos_id, dtype=dtype, progress=progress)
   return np.concatenate([np.concatenate([p, c]) for p, c in pairs]).astype(np.int32)

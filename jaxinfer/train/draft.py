@@ -69,9 +69,10 @@ def _check(method, prefix_layer, head_layers, ttt_steps, draft_vocab, hidden_cac
     raise UserError(f"--heldout_fraction: must be in [0, 0.5], got {heldout_fraction}")
 
 
-def _tokens(model, data, src, cfg, tokenizer, workdir, *, self_distill, distill_prompt_len,
-            distill_new_tokens, seed, progress):
-  """The training tokens: --data's, or (self_distill) the model's own continuations of it."""
+def _tokens(data, src, cfg, tokenizer, workdir, *, self_distill, distill_prompt_len,
+            distill_new_tokens, seed, dtype, progress):
+  """The training tokens: --data's, or (self_distill) the continuations of it by the model in
+  `src` (in `dtype`, as the heads' base)."""
   from jaxinfer.chat import ChatTemplate
   from jaxinfer.draft_heads import distill
   from jaxinfer.train.data import load_text_tokens
@@ -80,14 +81,15 @@ def _tokens(model, data, src, cfg, tokenizer, workdir, *, self_distill, distill_
   eos = cfg.eos_token_ids[0] if cfg.eos_token_ids else None
   conversations = chat_data(data) if self_distill else None
   if conversations:  # the model writes each conversation's last reply anew
-    return distill.chat(model, conversations, ChatTemplate.from_dir(src), tokenizer,
+    return distill.chat(str(src), conversations, ChatTemplate.from_dir(src), tokenizer,
                         workdir / "distill", num_prompts=self_distill,
-                        new_tokens=distill_new_tokens, eos_id=eos, seed=seed, progress=progress)
+                        new_tokens=distill_new_tokens, eos_id=eos, seed=seed, dtype=dtype,
+                        progress=progress)
   tokens = load_text_tokens(data, tokenizer, eos, ChatTemplate.from_dir(src))
   if self_distill:
-    tokens = distill.windows(model, tokens, workdir / "distill", num_prompts=self_distill,
+    tokens = distill.windows(str(src), tokens, workdir / "distill", num_prompts=self_distill,
                              prompt_len=distill_prompt_len, new_tokens=distill_new_tokens,
-                             seed=seed, progress=progress)
+                             seed=seed, dtype=dtype, progress=progress)
   return tokens
 
 
@@ -120,7 +122,7 @@ def train_draft(model: str, data: str, output: str, *, method: str = "medusa",
   flags (see `jaxinfer train-draft --help`). Raises UserError on bad options or files."""
   from jaxinfer import checkpoint
   from jaxinfer.draft_heads import eagle, hidden_cache as hcache, hydra, medusa, medusa2
-  from jaxinfer.sharding import make_mesh
+  from jaxinfer.sharding import format_mesh, make_mesh
   from jaxinfer.train.workdir import check_workdir, record_settings
   values = locals()
   parameters = inspect.signature(train_draft).parameters
@@ -132,15 +134,16 @@ def train_draft(model: str, data: str, output: str, *, method: str = "medusa",
   work = Path(workdir or output.rstrip("/") + ".run")
   try:
     check_workdir(work, resume, options)
-    device_mesh = make_mesh(mesh) if mesh else None
+    device_mesh = make_mesh(mesh)  # (empty: every device on `data`)
     src = checkpoint.resolve_model_dir(model, cache_dir)
     cfg, base, tokenizer = checkpoint.load_model(str(src), None if dtype == "auto" else dtype,
                                                  device_mesh)
     _check_base(base, method, model)
     record_settings(work, options)
-    tokens = _tokens(model, data, src, cfg, tokenizer, work, self_distill=self_distill,
+    tokens = _tokens(data, src, cfg, tokenizer, work, self_distill=self_distill,
                      distill_prompt_len=distill_prompt_len,
-                     distill_new_tokens=distill_new_tokens, seed=seed, progress=progress)
+                     distill_new_tokens=distill_new_tokens, seed=seed, dtype=dtype,
+                     progress=progress)
     n_held = int(len(tokens) * heldout_fraction)
     if len(tokens) - n_held <= seq_len + 1:
       raise ValueError(f"--data: {len(tokens)} tokens cannot fill --seq_len={seq_len}")
@@ -174,5 +177,6 @@ def train_draft(model: str, data: str, output: str, *, method: str = "medusa",
                                   num_heads=num_heads, tree_nodes=tree_nodes, **heads_only,
                                   **extra)
     save = lib.save
-  info.update(base_model=str(src), self_distilled_prompts=self_distill)
+  info.update(base_model=str(src), self_distilled_prompts=self_distill,
+              mesh=format_mesh(dict(device_mesh.shape)))
   return TrainDraftResult(Path(save(output, heads, info)), info)

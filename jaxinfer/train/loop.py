@@ -63,10 +63,16 @@ class TrainState:
   opt_state: Any
 
 
-def make_optimizer(cfg: TrainConfig) -> optax.GradientTransformation:
-  schedule = optax.warmup_cosine_decay_schedule(
-      0.0, cfg.learning_rate, max(1, min(cfg.warmup_steps, cfg.steps - 1)), cfg.steps,
+def learning_rates(cfg: TrainConfig) -> optax.Schedule:
+  """Linear warmup from 0 over `warmup_steps` (0: step 0 at the peak), then cosine decay to
+  `min_lr_ratio` of it by the last step; the warmup ends a step before the last at the latest."""
+  return optax.warmup_cosine_decay_schedule(
+      0.0, cfg.learning_rate, min(cfg.warmup_steps, cfg.steps - 1), cfg.steps,
       cfg.learning_rate * cfg.min_lr_ratio)
+
+
+def make_optimizer(cfg: TrainConfig) -> optax.GradientTransformation:
+  schedule = learning_rates(cfg)
   decay_mask = lambda params: jax.tree_util.tree_map(lambda p: p.ndim >= 2, params)
   return optax.chain(
       optax.clip_by_global_norm(cfg.grad_clip),
