@@ -195,7 +195,7 @@ def _one_per_line(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
   return kept
 
 
-def _replace(output: str | os.PathLike, records: list[dict[str, Any]]) -> None:
+def rewrite(output: str | os.PathLike, records: list[dict[str, Any]]) -> None:
   """Writes `output` anew, atomically (a crash leaves the old file or the new one)."""
   write_atomically(output, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records))
 
@@ -220,12 +220,25 @@ def part_records(output: str | os.PathLike, num_processes: int) -> list[dict[str
 def merge_parts(output: str | os.PathLike, num_processes: int) -> int:
   """Process 0, after every process finished: one --output with one record per input line."""
   merged = _one_per_line(completed(output, num_processes))
-  _replace(output, merged)
+  rewrite(output, merged)
   for i in range(num_processes):
     part_path(output, i, num_processes).unlink(missing_ok=True)
   return len(merged)
 
 
-def drop_superseded_errors(output: str | os.PathLike) -> None:
-  """A single process's --output after lines that had failed completed: their errors go."""
-  _replace(output, _one_per_line(_read_records(Path(output), repair=False)))
+def reconciled(written: list[dict[str, Any]], line_of: dict[str, int],
+               errors: list[dict[str, Any]]) -> list[dict[str, Any]]:
+  """A single process's --output as this run's --prompts now reads: each completion with the
+  line its id is on now (lines inserted or removed since), and only the error records this
+  run's lines still give (a corrected line's goes; this run writes the errors it lacks).
+  `line_of`: json.dumps(id) -> line of every request (each completion's id is one of them)."""
+  current = {(e["line"], e["error"]) for e in errors}
+  kept = []
+  for r in _one_per_line(written):
+    if "error" not in r:
+      line = line_of[json.dumps(r["id"])]
+      kept.append(r if r.get("line") == line else {**r, "line": line})
+    elif (r.get("line"), r["error"]) in current:
+      kept.append(r)
+  return kept
+

@@ -271,7 +271,10 @@ def _run(job: GenerateJob, pid: int, nproc: int) -> dict[str, Any]:
   _check_resumable(written, requests)
   for n in [] if job.overwrite else stray:
     output.merge_parts(job.output, n)
-  done = {output.record_key(r) for r in written}
+  kept = written
+  if nproc == 1:  # (written out once the job is checked)
+    kept = output.reconciled(written, {json.dumps(r.id): r.line for r in requests}, errors)
+  done = {output.record_key(r) for r in kept}
   key_of = lambda r: output.record_key({"id": r.id, "line": r.line})
   mine = lambda k: placement.owner(k, nproc) == pid  # error records: one process each
   skipped = sum(1 for r in requests if key_of(r) in done) + sum(
@@ -287,6 +290,8 @@ def _run(job: GenerateJob, pid: int, nproc: int) -> dict[str, Any]:
     for p in [Path(job.output)] + [output.part_path(job.output, i, n)
                                    for n in [nproc] + stray for i in range(n)]:
       p.unlink(missing_ok=True)
+  if kept != written:
+    output.rewrite(job.output, kept)
   if nproc > 1:  # every process has read what is done before any writes
     _same_job(job)
     _barrier("jaxinfer_generate_start")
@@ -299,9 +304,6 @@ def _run(job: GenerateJob, pid: int, nproc: int) -> dict[str, Any]:
     generated = llm.serve(todo, lambda req, samples: writer.write([make_record(req, samples)]))
   finally:  # whatever was completed reaches the disk, even when generation fails
     writer.close()
-  fixed = {r.get("line") for r in written if "error" in r} & {r.line for r in todo}
-  if fixed and nproc == 1:  # lines that failed before and now completed: their errors go
-    output.drop_superseded_errors(job.output)
   t_end = time.perf_counter()
 
   merged = None

@@ -142,6 +142,27 @@ def test_resuming_after_a_corrected_line_and_from_another_jobs_output(tmp_path, 
     assert out.read_text() == text
 
 
+def test_resuming_after_lines_were_inserted_keeps_one_record_per_line(tmp_path, tiny_model_dir):
+  """Lines inserted before others between two runs: the records already written take their
+  ids' new lines, and an error record is the current line's (never a stale one beside it)."""
+  a, bad, c = ({"id": "a", "prompt": "x"}, {"id": "b", "prompt": "x", "max_new_tokens": 0},
+               {"id": "c", "prompt_ids": [5, 6]})
+  prompts, out = _write(tmp_path / "p.jsonl", [a, bad, c]), tmp_path / "out.jsonl"
+  job = lambda: GenerateJob(prompts=str(prompts), output=str(out), model=str(tiny_model_dir),
+                            progress=False, mesh="data:1", defaults=Defaults(max_new_tokens=2))
+  run(job())
+  first = {r["id"]: r for r in _read(out)}
+  _write(prompts, [{"id": "z", "prompt_ids": [7]}, a, bad, c])
+  metrics = run(job())
+  got = _read(out)
+  assert sorted((r["line"], r["id"], "error" in r) for r in got) == [
+      (1, "z", False), (2, "a", False), (3, "b", True), (4, "c", False)]
+  assert metrics["num_skipped_already_done"] == 2 and metrics["num_completed"] == 1
+  assert {r["id"]: r["completion_ids"] for r in got if "error" not in r and r["id"] != "z"} == {
+      k: r["completion_ids"] for k, r in first.items() if "error" not in r}
+  assert run(job())["num_skipped_already_done"] == 4 and _read(out) == got
+
+
 def test_stop_strings_truncate_text_and_ids(tmp_path, tiny_model_dir):
   tok = Tokenizer.from_dir(tiny_model_dir)
   base, _ = _run(tmp_path, tiny_model_dir, [{"id": "a", "prompt": "class Point:"}],
