@@ -1,10 +1,11 @@
 """Chat data: conversations ({"messages": [{"role", "content"}, ...]} per JSONL line) rendered
 to text by the model's own chat template.
 
-The template is the Jinja template Hugging Face model directories ship (tokenizer_config.json's
-"chat_template", or chat_template.jinja), rendered in a sandbox with the variables and helpers
-such templates expect (messages, add_generation_prompt, the special tokens, raise_exception,
-strftime_now, tojson). A model without one (a base model, such as the embedded one) uses
+The template is the Jinja template Hugging Face model directories ship (chat_template.jinja, else
+tokenizer_config.json's "chat_template", as transformers chooses), rendered in a sandbox as
+transformers renders it: the variables and helpers such templates expect (messages,
+add_generation_prompt, the special tokens, raise_exception, strftime_now, tojson), loop controls
+(`{% break %}`) and the `{% generation %}` block (rendered as its body). A model without one (a base model, such as the embedded one) uses
 `PLAIN`: each message as "<|role|>\\ncontent\\n", the generation prompt "<|assistant|>\\n".
 Rendered text is tokenized as it stands (the template writes the special tokens it wants).
 """
@@ -47,7 +48,7 @@ class ChatTemplate:
     if isinstance(template, list):  # named templates: the default one
       named = {t.get("name"): t.get("template") for t in template if isinstance(t, dict)}
       template = named.get("default")
-    if template is None and (d / "chat_template.jinja").is_file():
+    if (d / "chat_template.jinja").is_file():  # (transformers 5 saves it so, and reads it first)
       template = (d / "chat_template.jinja").read_text()
     if not template:
       return cls(PLAIN, special, "plain")
@@ -61,9 +62,13 @@ class ChatTemplate:
     def raise_exception(message):
       raise TemplateError(message)
 
-    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
-    env.filters["tojson"] = lambda x, indent=None, ensure_ascii=False, sort_keys=False: (
-        json.dumps(x, indent=indent, ensure_ascii=ensure_ascii, sort_keys=sort_keys))
+    env = ImmutableSandboxedEnvironment(
+        trim_blocks=True, lstrip_blocks=True,
+        extensions=[_generation_extension(), "jinja2.ext.loopcontrols"])
+    env.filters["tojson"] = (
+        lambda x, ensure_ascii=False, indent=None, separators=None, sort_keys=False: json.dumps(
+            x, ensure_ascii=ensure_ascii, indent=indent, separators=separators,
+            sort_keys=sort_keys))
     env.globals["raise_exception"] = raise_exception
     env.globals["strftime_now"] = lambda fmt: datetime.datetime.now().strftime(fmt)
     return env.from_string(self.source)
@@ -75,8 +80,28 @@ class ChatTemplate:
     try:
       return self._compiled.render(messages=messages, add_generation_prompt=add_generation_prompt,
                                    **dict(self.special))
-    except TemplateError as e:
+    except (TemplateError, TypeError, KeyError, AttributeError) as e:  # (the template's code)
       raise ValueError(f"chat template ({self.name}): {e}") from None
+
+
+def _generation_extension():
+  """`{% generation %}...{% endgeneration %}`, which transformers' templates use to mark the
+  assistant's tokens: rendered as its body."""
+  from jinja2 import nodes
+  from jinja2.ext import Extension
+
+  class Generation(Extension):
+    tags = {"generation"}
+
+    def parse(self, parser):
+      lineno = next(parser.stream).lineno
+      body = parser.parse_statements(("name:endgeneration",), drop_needle=True)
+      return nodes.CallBlock(self.call_method("_body"), [], [], body).set_lineno(lineno)
+
+    def _body(self, caller):
+      return caller()
+
+  return Generation
 
 
 def check_messages(messages, where: str) -> list[dict[str, Any]]:

@@ -20,7 +20,7 @@ FAMILIES = {
     "llama_bias_mqa": ("LlamaConfig", "LlamaForCausalLM", dict(
         num_key_value_heads=1, attention_bias=True)),
     "qwen2": ("Qwen2Config", "Qwen2ForCausalLM", dict(tie_word_embeddings=True)),
-    "qwen3": ("Qwen3Config", "Qwen3ForCausalLM", dict(head_dim=32)),
+    "qwen3": ("Qwen3Config", "Qwen3ForCausalLM", dict(head_dim=32, attention_bias=True)),
     "mistral": ("MistralConfig", "MistralForCausalLM", dict(sliding_window=8)),
 }
 

@@ -53,6 +53,32 @@ def test_chat_template_renders_as_hugging_face_does(chat_model_dir, tiny_model_d
   assert reply_prompt(CONVERSATION[:2]) == CONVERSATION[:2]
 
 
+def test_a_chat_template_jinja_file_wins_and_renders_with_transformers_extensions(
+    tmp_path, chat_model_dir):
+  """chat_template.jinja (as transformers 5 saves a template) over tokenizer_config.json's,
+  with what transformers' environment has: loop controls, the {% generation %} block, tojson's
+  separators; a saved model keeps the file."""
+  from transformers import AutoTokenizer
+
+  from jaxinfer import checkpoint
+  d = tmp_path / "model"
+  shutil.copytree(chat_model_dir, d)
+  template = ("{% for m in messages %}{% if loop.index > 2 %}{% break %}{% endif %}"
+              "[{{ m['role'] }}]{% if m['role'] == 'assistant' %}{% generation %}"
+              "{{ m['content'] }}{% endgeneration %}{% else %}{{ m | tojson(separators=(',', ':')) }}"
+              "{% endif %}{% endfor %}{% if add_generation_prompt %}[assistant]{% endif %}")
+  (d / "chat_template.jinja").write_text(template)
+  hf, ours = AutoTokenizer.from_pretrained(str(d)), ChatTemplate.from_dir(d)
+  for messages in (CONVERSATION, CONVERSATION[1:]):
+    assert ours.render(messages, True) == hf.apply_chat_template(
+        messages, tokenize=False, add_generation_prompt=True)
+  assert ours.render(CONVERSATION[1:]) == '[user]{"role":"user","content":"Add two numbers. "}' \
+      '[assistant]def add(a, b):\n    return a + b'
+  cfg, params, _ = checkpoint.load_model(str(d))
+  checkpoint.save_hf(tmp_path / "saved", cfg, params, tokenizer_dir=d)
+  assert ChatTemplate.from_dir(tmp_path / "saved").source == template
+
+
 def test_chat_jsonl_is_read_as_rendered_documents(tmp_path, chat_model_dir):
   tok = Tokenizer.from_dir(chat_model_dir)
   chat = ChatTemplate.from_dir(chat_model_dir)

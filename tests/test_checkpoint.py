@@ -174,6 +174,13 @@ def test_missing_and_misshaped_tensors_are_named(tmp_path):
   msg = str(e.value)
   assert "missing tensor 'model.layers.1.mlp.up_proj.weight'" in msg and "(96, 64)" in msg
   assert "'model.layers.0.self_attn.k_proj.weight' has shape (7, 64), expected (32, 64)" in msg
+  # weights of more layers than config.json describes: another model's (never read in part)
+  tensors = load_file(str(path))
+  tensors.update({k.replace("layers.1.", "layers.2."): v for k, v in tensors.items()
+                  if k.startswith("model.layers.1.")})
+  save_file(tensors, str(path))
+  with pytest.raises(ValueError, match="holds weights of layer 2, but config.json describes 2 "):
+    load_hf(tmp_path)
 
 
 def test_unsupported_configs_are_refused(tmp_path):

@@ -166,7 +166,7 @@ def test_a_pattern_over_a_models_own_sliding_window_is_refused(tmp_path):
   is refused in one line."""
   import jaxinfer
   from conftest import make_tiny_model_dir
-  model = make_tiny_model_dir(tmp_path, sliding_window=12)
+  model = make_tiny_model_dir(tmp_path, sliding_window=12, family="mistral")
   for pattern in ("block_topk:2,16", "sinks_window:2,8"):
     with pytest.raises(jaxinfer.UserError, match="already uses a sliding window"):
       jaxinfer.LLM(str(model), sparsity=pattern, progress=False)

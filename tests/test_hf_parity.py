@@ -7,9 +7,9 @@ import numpy as np
 import pytest
 import torch
 
-from hf_models import FAMILIES, VOCAB, make_hf_model, to_transformers4_style
+from hf_models import COMMON, FAMILIES, VOCAB, make_hf_model, to_transformers4_style
 from jaxinfer import model as M
-from jaxinfer.checkpoint import load_hf
+from jaxinfer.checkpoint import load_hf, save_hf
 from jaxinfer.requests import Defaults
 from jaxinfer.runner import GenerateJob, run
 
@@ -46,6 +46,31 @@ def test_transformers4_config_style_loads_identically(hf_dir, tmp_path):
   assert "rope_parameters" not in json.loads((tmp_path / "config.json").read_text())
   cfg4, _ = load_hf(tmp_path)
   assert cfg4 == cfg5, name
+  save_hf(tmp_path / "again", *load_hf(d))  # (what jaxinfer writes reads back the same)
+  assert load_hf(tmp_path / "again")[0] == cfg5, name
+
+
+def test_config_fields_read_as_transformers_models_read_them():
+  """Llama's attention never reads a sliding_window (transformers' LlamaAttention); Mistral's
+  is 4,096 where config.json has no key (null: none); Qwen's slides only with use_sliding_window,
+  from max_window_layers (28 unless given) on; Qwen3's attention_bias biases o too, Mistral's
+  attention has no biases whatever it says."""
+  from transformers import LlamaConfig, MistralConfig, Qwen2Config, Qwen3Config
+
+  from jaxinfer.checkpoint.hf_config import config_from_hf
+  common = dict(COMMON, num_hidden_layers=30)
+  read = lambda config_cls, **kw: config_from_hf({**config_cls(**common).to_dict(), **kw})
+  assert read(LlamaConfig, sliding_window=8).sliding_window is None
+  mistral = {**MistralConfig(**common).to_dict()}
+  del mistral["sliding_window"]
+  assert config_from_hf(mistral).sliding_window == 4096
+  assert read(MistralConfig, sliding_window=None).sliding_window is None
+  qwen = {k: v for k, v in Qwen2Config(**common).to_dict().items()
+          if k not in ("max_window_layers", "layer_types")}
+  qwen.update(use_sliding_window=True, sliding_window=64)
+  assert config_from_hf(qwen).layer_types == ("full_attention",) * 28 + ("sliding_attention",) * 2
+  assert (read(Qwen3Config, attention_bias=True).o_bias, read(Qwen2Config).o_bias) == (True, False)
+  assert not read(MistralConfig, attention_bias=True).qkv_bias
 
 
 def test_generate_greedy_matches_transformers(hf_dir, tmp_path):

@@ -471,7 +471,7 @@ def test_sliding_window_model_speculates_losslessly(tmp_path):
   """A Mistral-style model (every layer slides over 12 positions, shorter than the outputs):
   a chain through the XLA tree attention and a trie (a tree, its accepted path moved) through
   the Pallas kernel equal plain greedy decoding; a tree larger than the window is refused."""
-  cfg, params, _ = checkpoint.load_model(str(make_tiny_model_dir(tmp_path, sliding_window=12)))
+  cfg, params, _ = checkpoint.load_model(str(make_tiny_model_dir(tmp_path, sliding_window=12, family="mistral")))
   reqs = _rows(cfg, 5, seed=31)
   want = plain_greedy((cfg, params), reqs)
   assert any(len(r.prompt_ids) + len(want[r.uid]) > 12 for r in reqs)

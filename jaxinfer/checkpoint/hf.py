@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import re
 import shutil
 from pathlib import Path
 from typing import Any, Callable
@@ -34,7 +35,7 @@ from jaxinfer.sharding import DEFAULT_RULES, ShardingRules
 
 NP_DTYPES = {"float32": np.float32, "bfloat16": ml_dtypes.bfloat16, "float16": np.float16}
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
-                   "generation_config.json")
+                   "chat_template.jinja", "generation_config.json")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -183,6 +184,11 @@ def load_hf(directory: str | os.PathLike, dtype: str | None = None, mesh: Mesh |
     elif reader.shape(rule.name) != rule.hf_shape:
       problems.append(f"tensor {rule.name!r} has shape {reader.shape(rule.name)}, expected "
                       f"{rule.hf_shape}")
+  deeper = sorted({int(m.group(1)) for m in map(re.compile(r"model\.layers\.(\d+)\.").match,
+                                                reader.files) if m} - set(range(cfg.num_layers)))
+  if deeper:  # (weights of another model than config.json describes)
+    problems.append(f"holds weights of layer {deeper[-1]}, but config.json describes "
+                    f"{cfg.num_layers} layers")
   if problems:
     raise ValueError(f"{directory}: " + "; ".join(problems))
 

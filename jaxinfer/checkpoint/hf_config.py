@@ -60,15 +60,19 @@ def config_from_hf(hf: dict[str, Any], dtype: str | None = None) -> ModelConfig:
     embed = int(hf["hidden_size"])
     theta, scaling = _rope(hf)
     num_layers = int(hf["num_hidden_layers"])
-    window = hf.get("sliding_window")
+    # as transformers reads them: Llama has no window; Mistral's is 4,096 unless the file says
+    # (null: none); Qwen's only with use_sliding_window, in layers from max_window_layers on
+    window = hf.get("sliding_window", 4096) if family != "llama" else None
     layer_types = hf.get("layer_types")
     if family in ("qwen2", "qwen3"):
       if not hf.get("use_sliding_window", False):
         window, layer_types = None, None
       elif layer_types is None:
-        start = int(hf.get("max_window_layers", num_layers))
+        start = int(hf.get("max_window_layers", 28))
         layer_types = ["sliding_attention" if i >= start else "full_attention"
                        for i in range(num_layers)]
+    bias = bool(hf.get("attention_bias", False)) and family in ("llama", "qwen3")  # (all four:
+    # Mistral's has none, Qwen2's biases q, k and v whatever it says)
     if window is None:
       layer_types = None
     if dtype is None:
@@ -86,8 +90,8 @@ def config_from_hf(hf: dict[str, Any], dtype: str | None = None) -> ModelConfig:
         rope_theta=theta,
         rope_scaling=scaling,
         norm_eps=float(hf.get("rms_norm_eps", 1e-6)),
-        qkv_bias=family == "qwen2" or bool(hf.get("attention_bias", False)),
-        o_bias=family in ("llama", "mistral") and bool(hf.get("attention_bias", False)),
+        qkv_bias=family == "qwen2" or bias,
+        o_bias=bias,
         qk_norm=family == "qwen3",
         tie_embeddings=bool(hf.get("tie_word_embeddings", False)),
         sliding_window=None if window is None else int(window),
@@ -135,20 +139,29 @@ def config_to_hf(cfg: ModelConfig) -> dict[str, Any]:
       "rope_scaling": rope_scaling,
       "rope_parameters": rope_parameters,
       "tie_word_embeddings": cfg.tie_embeddings,
-      "attention_bias": cfg.o_bias if cfg.family in ("llama", "mistral") else False,
+      "attention_bias": cfg.o_bias,
       "sliding_window": cfg.sliding_window,
       "torch_dtype": cfg.dtype,
       "bos_token_id": cfg.bos_token_id,
       "eos_token_id": eos[0] if len(eos) == 1 else (eos or None),
   }
-  if cfg.family in ("llama", "mistral") and cfg.qkv_bias != cfg.o_bias:
-    raise ValueError("export: llama/mistral checkpoints bias q, k, v and o together or not at all")
+  if cfg.family in ("llama", "qwen3") and cfg.qkv_bias != cfg.o_bias:
+    raise ValueError(f"export: {cfg.family} checkpoints bias q, k, v and o together or not at "
+                     f"all")
+  if cfg.family == "mistral" and (cfg.qkv_bias or cfg.o_bias):
+    raise ValueError("export: mistral checkpoints have no attention biases")
+  if cfg.family == "qwen2" and cfg.o_bias:
+    raise ValueError("export: qwen2 checkpoints bias q, k and v, never o")
+  if cfg.family == "llama" and cfg.sliding_window is not None:
+    raise ValueError("export: llama checkpoints have no sliding window (transformers ignores "
+                     "one there); give the model family mistral")
   if cfg.family in ("qwen2", "qwen3"):
     out["use_sliding_window"] = cfg.sliding_window is not None
     if cfg.layer_types is not None:
       out["layer_types"] = list(cfg.layer_types)
-      out["max_window_layers"] = next(
-          (i for i, t in enumerate(cfg.layer_types) if t == "sliding_attention"), cfg.num_layers)
+    out["max_window_layers"] = next(  # (no layer types: every layer slides)
+        (i for i, t in enumerate(cfg.layer_types or ()) if t == "sliding_attention"),
+        cfg.num_layers if cfg.layer_types else 0)
   elif cfg.layer_types is not None and set(cfg.layer_types) != {"sliding_attention"}:
     raise ValueError(f"export: the {cfg.family} format cannot express per-layer attention types")
   return out
