@@ -76,7 +76,9 @@ def test_a_save_cut_short_leaves_the_checkpoint_it_was_replacing(tmp_path, monke
   """A save killed as orbax starts writing, after it wrote the new arrays but before they took
   the old ones' place, or between the two renames of that swap: the old checkpoint loads as it
   was, and the next save replaces it, leaving nothing else behind. The same for Hugging Face
-  weights, whose old and new shards never load mixed."""
+  weights, whose old and new shards never load mixed. config.json and the rest are replaced
+  with the weights: a model of another shape saved over, killed just after its weights took
+  their place, loads whole (finished by the load), and killed just before, loads as it was."""
   import orbax.checkpoint as ocp
   make_hf_model("llama3", tmp_path / "hf")
   cfg, params = load_hf(tmp_path / "hf")
@@ -124,6 +126,8 @@ def test_a_save_cut_short_leaves_the_checkpoint_it_was_replacing(tmp_path, monke
 
   def killed_on_the_second(real):
     def call(*args, **kw):
+      if real is replace and not str(args[0]).endswith(".safetensors.new"):
+        return real(*args, **kw)  # (the shards' renames are counted)
       calls.append(args)
       if len(calls) == 2:
         raise KeyboardInterrupt
@@ -143,6 +147,36 @@ def test_a_save_cut_short_leaves_the_checkpoint_it_was_replacing(tmp_path, monke
   _assert_trees_equal(params, load_hf(out)[1])
   assert sorted(p.name for p in out.iterdir()) == [
       "config.json", "generation_config.json", "model.safetensors"]
+
+  # Another model (a layer more) saved over each, killed once its weights are in place but
+  # before config.json and the rest are: the next load finishes the save (it read the new
+  # weights with the old config.json, silently dropping a layer, or failed)
+  from jaxinfer.checkpoint import pending
+  deeper = dataclasses.replace(cfg, num_layers=3)
+  deeper_params = M.init_params(deeper, jax.random.key(1))
+  for save, directory in ((save_hf, out), (save_orbax, tmp_path / "ckpt")):
+    monkeypatch.setattr(pending, "commit", lambda directory: _raise(KeyboardInterrupt()))
+    with pytest.raises(KeyboardInterrupt):
+      save(directory, deeper, deeper_params)
+    monkeypatch.undo()
+    assert (directory / pending.NOTE).exists()
+    got_cfg, got, _ = load_model(str(directory))
+    assert got_cfg.num_layers == 3
+    _assert_trees_equal(deeper_params, got)
+    assert not [p.name for p in directory.iterdir() if p.name.endswith(".new")
+                or p.name == pending.NOTE]
+  # ... or staged, before its weights took the old ones' place: the old model, as it was
+  from jaxinfer.checkpoint import orbax_io
+  monkeypatch.setattr(orbax_io, "_put_in_place", lambda *a: _raise(KeyboardInterrupt()))
+  with pytest.raises(KeyboardInterrupt):
+    save_orbax(tmp_path / "ckpt", cfg, params)
+  monkeypatch.undo()
+  assert (tmp_path / "ckpt" / "config.json.new").exists()
+  got_cfg, got, _ = load_model(str(tmp_path / "ckpt"))
+  assert got_cfg.num_layers == 3
+  _assert_trees_equal(deeper_params, got)
+  assert sorted(p.name for p in (tmp_path / "ckpt").iterdir()) == [
+      "config.json", "params", "params.new"]  # (its arrays: the next save removes them)
 
 
 def test_hf_load_onto_mesh_matches_unsharded(tmp_path, devices):

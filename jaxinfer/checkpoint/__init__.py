@@ -8,8 +8,11 @@ from pathlib import Path
 
 from jax.sharding import Mesh
 
+from jaxinfer.checkpoint import pending
 from jaxinfer.checkpoint.hf import load_hf, read_config, save_hf
+from jaxinfer.checkpoint.hf import weights_save as hf_weights_save
 from jaxinfer.checkpoint.orbax_io import is_orbax_dir, load_orbax, save_orbax
+from jaxinfer.checkpoint.orbax_io import weights_save as orbax_weights_save
 from jaxinfer.config import ModelConfig
 from jaxinfer.model import Transformer
 from jaxinfer.sharding import DEFAULT_RULES, ShardingRules
@@ -34,6 +37,8 @@ def resolve_model_dir(name: str, cache_dir: str | None = None, quiet: bool = Fal
   if not path.is_dir():
     raise FileNotFoundError(f"--model: {name!r} is not a directory (expected a Hugging Face "
                             f"model directory, a jaxinfer checkpoint, or 'embedded')")
+  pending.settle(path, lambda: (hf_weights_save if any(path.glob("*.safetensors"))
+                                else orbax_weights_save)(path))  # (a save cut short: finished)
   if not (path / "config.json").exists():
     raise FileNotFoundError(f"--model: {path} has no config.json")
   if not any(path.glob("*.safetensors")) and not is_orbax_dir(path):

@@ -12,7 +12,6 @@ import dataclasses
 import json
 import os
 import re
-import shutil
 from pathlib import Path
 from typing import Any, Callable
 
@@ -25,6 +24,7 @@ from safetensors import safe_open
 from safetensors.numpy import save_file
 
 from jaxinfer import params as P
+from jaxinfer.checkpoint import pending
 from jaxinfer.checkpoint.destination import check_destination
 from jaxinfer.checkpoint.hf_config import config_from_hf, config_to_hf
 from jaxinfer.config import ModelConfig
@@ -167,10 +167,25 @@ def read_config(directory: str | os.PathLike, dtype: str | None = None) -> Model
   return cfg
 
 
+SAVE_KEY = "jaxinfer_save"  # the save id (`pending`) in the weights' metadata
+
+
+def weights_save(directory: Path) -> str | None:
+  """The id of the save that wrote the weights a load reads (None: another program's)."""
+  index = directory / "model.safetensors.index.json"
+  if index.exists():
+    return (read_json(index).get("metadata") or {}).get(SAVE_KEY)
+  if (directory / "model.safetensors").exists():
+    with safe_open(str(directory / "model.safetensors"), framework="numpy") as f:
+      return (f.metadata() or {}).get(SAVE_KEY)
+  return None
+
+
 def load_hf(directory: str | os.PathLike, dtype: str | None = None, mesh: Mesh | None = None,
             rules: ShardingRules = DEFAULT_RULES) -> tuple[ModelConfig, Transformer]:
   """Reads a Hugging Face directory into (config, params), sharded over `mesh` when given."""
   directory = Path(directory)
+  pending.settle(directory, lambda: weights_save(directory))
   cfg = read_config(directory, dtype)
   reader = SafetensorsReader(directory)
   rule_tree = _rules(cfg)
@@ -233,6 +248,8 @@ def save_hf(directory: str | os.PathLike, cfg: ModelConfig, params: Transformer,
 def _write(directory: Path, cfg: ModelConfig, tensors: dict[str, np.ndarray],
            tokenizer_dir: str | os.PathLike | None, max_shard_bytes: int) -> None:
   directory.mkdir(parents=True, exist_ok=True)
+  pending.settle(directory, lambda: weights_save(directory))
+  save_id = pending.new_id()
   shards: list[dict[str, np.ndarray]] = [{}]
   size = 0
   for name, t in tensors.items():
@@ -245,16 +262,18 @@ def _write(directory: Path, cfg: ModelConfig, tensors: dict[str, np.ndarray],
   # killed while writing leaves the old checkpoint as it was (the old files were deleted first).
   # The file that says which weights are read is replaced last, in one rename (the index; one
   # model.safetensors without an index), so no moment reads old and new weights mixed: new shards
-  # never take the names of the shards an index still lists.
+  # never take the names of the shards an index still lists. config.json and the rest take
+  # their places with them (`pending`).
   read = weight_files(directory)
   names = _shard_names(len(shards), set(read.values() if isinstance(read, dict) else read))
   for stale in directory.glob("*.safetensors.new"):  # (a save cut short before)
     stale.unlink()
   for name, shard in zip(names, shards):
     staged = directory / f"{name}.new"
-    save_file(shard, str(staged), metadata={"format": "pt"})
+    save_file(shard, str(staged), metadata={"format": "pt", SAVE_KEY: save_id})
     with open(staged, "rb") as f:  # (on disk before it replaces anything)
       os.fsync(f.fileno())
+  pending.stage(directory, save_id, _descriptions(directory, cfg, tokenizer_dir))
   for name in names:
     os.replace(directory / f"{name}.new", directory / name)
   index = directory / "model.safetensors.index.json"
@@ -263,13 +282,20 @@ def _write(directory: Path, cfg: ModelConfig, tensors: dict[str, np.ndarray],
   else:
     weight_map = {t: name for name, shard in zip(names, shards) for t in shard}
     total = sum(t.nbytes for t in tensors.values())
-    write_atomically(index, json.dumps({"metadata": {"total_size": total},
+    write_atomically(index, json.dumps({"metadata": {"total_size": total, SAVE_KEY: save_id},
                                         "weight_map": weight_map}, indent=2))
   for old in directory.glob("*.safetensors"):
     if old.name not in names:
       old.unlink()
-  write_atomically(directory / "config.json", json.dumps(config_to_hf(cfg), indent=2) + "\n")
-  if "generation_config.json" not in copy_tokenizer_files(tokenizer_dir, directory):
+  pending.commit(directory)
+
+
+def _descriptions(directory: Path, cfg: ModelConfig, tokenizer_dir) -> dict[str, bytes]:
+  """What a Hugging Face directory holds beside its weights: config.json, the tokenizer files
+  and generation_config.json."""
+  files = {"config.json": (json.dumps(config_to_hf(cfg), indent=2) + "\n").encode()}
+  files.update(tokenizer_files(tokenizer_dir, directory))
+  if "generation_config.json" not in files:
     # one already here (a model saved here before) keeps its other settings, with this model's
     # ids: its old EOS ids would stop this model early
     path = directory / "generation_config.json"
@@ -278,18 +304,17 @@ def _write(directory: Path, cfg: ModelConfig, tensors: dict[str, np.ndarray],
     gen.pop("eos_token_id", None)
     if cfg.eos_token_ids:
       gen["eos_token_id"] = list(cfg.eos_token_ids)
-    write_atomically(path, json.dumps(gen, indent=2) + "\n")
+    files["generation_config.json"] = (json.dumps(gen, indent=2) + "\n").encode()
+  return files
 
 
-def copy_tokenizer_files(tokenizer_dir: str | os.PathLike | None, directory: Path) -> set[str]:
-  """TOKENIZER_FILES that `tokenizer_dir` has, copied into `directory` (unless it is that
-  directory); returns the names copied."""
+def tokenizer_files(tokenizer_dir: str | os.PathLike | None, directory: Path) -> dict[str, bytes]:
+  """The TOKENIZER_FILES `tokenizer_dir` has, by name, to be written into `directory` (none
+  where it is that directory)."""
   if tokenizer_dir is None or Path(tokenizer_dir).resolve() == directory.resolve():
-    return set()
-  copied = {name for name in TOKENIZER_FILES if (Path(tokenizer_dir) / name).exists()}
-  for name in copied:
-    shutil.copyfile(Path(tokenizer_dir) / name, directory / name)
-  return copied
+    return {}
+  return {name: (Path(tokenizer_dir) / name).read_bytes() for name in TOKENIZER_FILES
+          if (Path(tokenizer_dir) / name).exists()}
 
 
 def _shard_names(count: int, read: set[str]) -> list[str]:

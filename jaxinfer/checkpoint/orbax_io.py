@@ -12,6 +12,7 @@ from pathlib import Path
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import orbax.checkpoint as ocp
 from jax.experimental import multihost_utils
 from jax.sharding import Mesh
@@ -19,10 +20,10 @@ from jax.sharding import Mesh
 from jaxinfer import params as P
 from jaxinfer import quant
 from jaxinfer.checkpoint.destination import check_destination
-from jaxinfer.checkpoint.hf import copy_tokenizer_files, read_config
+from jaxinfer.checkpoint import pending
+from jaxinfer.checkpoint.hf import read_config, tokenizer_files
 from jaxinfer.checkpoint.hf_config import config_to_hf
 from jaxinfer.config import ModelConfig
-from jaxinfer.files import write_atomically
 from jaxinfer.model import Transformer
 from jaxinfer.sharding import DEFAULT_RULES, ShardingRules, make_mesh
 
@@ -49,18 +50,32 @@ def save_orbax(directory: str | os.PathLike, cfg: ModelConfig, params: Transform
   spec = Transformer.spec(cfg)
   P.check_against_spec(params, spec, shape_of=quant.logical_shape)
   _check_format(params, spec, quant_format, directory)
+  if jax.process_index() == 0:
+    pending.settle(directory, lambda: weights_save(directory))
+  if jax.process_count() > 1:
+    multihost_utils.sync_global_devices(f"jaxinfer save_orbax settled {directory}")
   # Written beside the checkpoint it replaces, which is removed only once the new one is
   # whole: a save cut short leaves the old checkpoint as it was (removed first, both were lost).
+  # config.json and the rest take their places with params/ (`pending`).
   staged = directory / f"{PARAMS_DIR}.new"
+  save_id = pending.new_id() if jax.process_index() == 0 else None
+  if jax.process_count() > 1:  # (one id, process 0's, in every process's metadata)
+    save_id = multihost_utils.broadcast_one_to_all(
+        np.frombuffer(bytes.fromhex(save_id or "0" * 32), np.uint8)).tobytes().hex()
   with ocp.StandardCheckpointer() as ckptr:  # (the format in params/ too: see load_orbax)
-    ckptr.save(staged, params, custom_metadata={QUANT_KEY: _record(quant_format)},
+    ckptr.save(staged, params, custom_metadata={QUANT_KEY: _record(quant_format),
+                                                SAVE_KEY: save_id},
                force=True)  # (orbax removes what a save cut short left there, once, for all)
     ckptr.wait_until_finished()
   if jax.process_index() == 0:
+    files = {"config.json": (json.dumps(config_to_hf(cfg), indent=2) + "\n").encode(),
+             **tokenizer_files(tokenizer_dir, directory)}
+    if quant_format is not None:
+      files[quant.QUANT_FILE] = quant.metadata_text(quant_format).encode()
+    pending.stage(directory, save_id, files,
+                  remove=() if quant_format is not None else (quant.QUANT_FILE,))
     _put_in_place(staged, directory / PARAMS_DIR)
-    write_atomically(directory / "config.json", json.dumps(config_to_hf(cfg), indent=2) + "\n")
-    quant.write_metadata(directory, quant_format)
-    copy_tokenizer_files(tokenizer_dir, directory)
+    pending.commit(directory)
   if jax.process_count() > 1:  # (every process returns with the checkpoint in place)
     multihost_utils.sync_global_devices(f"jaxinfer save_orbax {directory}")
   return directory
@@ -77,9 +92,23 @@ def _put_in_place(new: Path, path: Path) -> None:
   shutil.rmtree(old, ignore_errors=True)
 
 
+SAVE_KEY = "save"  # params/' record of the save (`pending`) that wrote them
+
+
+def weights_save(directory: Path) -> str | None:
+  """The id of the save that wrote the params/ a load reads (None: none there)."""
+  source = _params_dir(directory)
+  if not source.is_dir():
+    return None
+  with ocp.StandardCheckpointer() as ckptr:
+    custom = getattr(ckptr.metadata(source), "custom_metadata", None)
+  return custom.get(SAVE_KEY) if isinstance(custom, dict) else None
+
+
 def load_orbax(directory: str | os.PathLike, dtype: str | None = None, mesh: Mesh | None = None,
                rules: ShardingRules = DEFAULT_RULES) -> tuple[ModelConfig, Transformer]:
   directory = Path(directory).absolute()
+  pending.settle(directory, lambda: weights_save(directory))
   cfg = read_config(directory, dtype)
   spec = Transformer.spec(cfg)
   if mesh is None:

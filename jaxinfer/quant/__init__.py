@@ -6,12 +6,13 @@ from jaxinfer.quant.linear import WeightKernel, linear
 from jaxinfer.quant.ops import (ActQuantized, dequantize, fake_quant, holds_quantized, is_qarray,
                                 is_quantized, logical_shape, quantize, quantizes_activations,
                                 scale_axes, take_rows, weight)
-from jaxinfer.quant.tree import (QUANT_FILE, QUANT_VERSION, abstract_quantized, qat_params,
-                                 quantize_params, read_metadata, selected_specs, write_metadata)
+from jaxinfer.quant.tree import (QUANT_FILE, QUANT_VERSION, abstract_quantized, metadata_text,
+                                 qat_params, quantize_params, read_metadata, selected_specs,
+                                 write_metadata)
 
 __all__ = ["KINDS", "OPTIONAL_ROLES", "IncludeError", "QuantFormat", "ActQuantized", "dequantize",
            "fake_quant", "holds_quantized", "linear", "WeightKernel", "quantizes_activations",
            "is_qarray", "is_quantized", "logical_shape", "quantize", "scale_axes", "take_rows",
            "weight",
-           "QUANT_FILE", "QUANT_VERSION", "abstract_quantized", "qat_params", "quantize_params",
-           "read_metadata", "selected_specs", "write_metadata"]
+           "QUANT_FILE", "QUANT_VERSION", "abstract_quantized", "metadata_text", "qat_params",
+           "quantize_params", "read_metadata", "selected_specs", "write_metadata"]

@@ -135,15 +135,20 @@ def abstract_quantized(abstract, spec_tree, fmt: QuantFormat, mesh: Mesh | None 
   return _map(one, abstract, spec_tree, fmt)
 
 
+def metadata_text(fmt: QuantFormat) -> str:
+  """QUANT_FILE's text for `fmt`."""
+  meta = {"version": QUANT_VERSION, "format": fmt.name, "include": list(fmt.include),
+          "qwix": load_qwix().__version__}
+  return json.dumps(meta, indent=2) + "\n"
+
+
 def write_metadata(directory: str | os.PathLike, fmt: QuantFormat | None) -> None:
   """Records `fmt` beside a checkpoint's params/ (removes the record when fmt is None)."""
   path = Path(directory) / QUANT_FILE
   if fmt is None:
     path.unlink(missing_ok=True)
     return
-  meta = {"version": QUANT_VERSION, "format": fmt.name, "include": list(fmt.include),
-          "qwix": load_qwix().__version__}
-  write_atomically(path, json.dumps(meta, indent=2) + "\n")
+  write_atomically(path, metadata_text(fmt))
 
 
 def read_metadata(directory: str | os.PathLike,
