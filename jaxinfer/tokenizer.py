@@ -38,6 +38,17 @@ class Tokenizer:
   def vocab_size(self) -> int:
     return self._tok.get_vocab_size(with_added_tokens=True)
 
+  def first_difference(self, other: "Tokenizer") -> str | None:
+    """Where `other` gives a token another id (or has none for it), in words; None where both
+    map every token to the same id."""
+    mine, theirs = self._tok.get_vocab(with_added_tokens=True), \
+        other._tok.get_vocab(with_added_tokens=True)
+    for token, i in sorted(mine.items(), key=lambda kv: kv[1]):
+      if theirs.get(token) != i:
+        return f"token {token!r} is id {i} in one and {theirs.get(token)} in the other"
+    extra = sorted(set(theirs) - set(mine), key=theirs.get)
+    return f"token {extra[0]!r} is in one only" if extra else None
+
   def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
     """Token ids as the model saw them in training: the tokenizer's own special-token template,
     plus BOS where tokenizer_config.json asks for it and the template did not add it.

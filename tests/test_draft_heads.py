@@ -218,6 +218,10 @@ def test_eagle_draft_learns_on_a_frozen_base_and_serves_losslessly(tmp_path, tin
   _, vocab2, info2 = eagle.load(out_small, cfg)
   np.testing.assert_array_equal(vocab2, vocab)
   assert info2["draft_vocab_size"] == 48
+  repeated = vocab.copy()
+  repeated[1] = repeated[0]  # (its draws of that token would be verified at one id's chance)
+  with pytest.raises(ValueError, match="its draft vocabulary repeats token ids"):
+    eagle.load(eagle.save(tmp_path / "eagle_repeated", small, {"steps": 100}, repeated), cfg)
   with pytest.raises(FileNotFoundError, match="not an EAGLE draft"):
     eagle.load(tmp_path, cfg)
   import dataclasses

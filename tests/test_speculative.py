@@ -6,6 +6,7 @@ mechanics with speculation: test_engine_speculation.)"""
 
 import dataclasses
 import json
+import shutil
 
 import jax
 import jax.numpy as jnp
@@ -319,6 +320,14 @@ def test_generate_job_with_speculation(tmp_path, tiny_model_dir):
   assert len({tuple(s["completion_ids"]) for s in one[2]["samples"]}) > 1
   split, m = job("hot2", mesh="data:2,fsdp:2", **hot)
   assert m["replicas"] == 2 and m["verify_steps"] > 0 and split == one
+  # a draft model of as many tokens, two of them with each other's ids
+  other_tokens = tmp_path / "other_tokens"
+  shutil.copytree(tiny_model_dir, other_tokens)
+  tok = json.loads((other_tokens / "tokenizer.json").read_text())
+  vocab = tok["model"]["vocab"]
+  a, b = sorted(vocab)[100:102]
+  vocab[a], vocab[b] = vocab[b], vocab[a]
+  (other_tokens / "tokenizer.json").write_text(json.dumps(tok))
   for kw, flag in ((dict(speculative="ngram", decode_steps=0), "--decode_steps"),
                    (dict(speculative="ngram", speculation="never"), "--speculation"),
                    (dict(speculative="draft"), "--draft_model"),
@@ -331,7 +340,9 @@ def test_generate_job_with_speculation(tmp_path, tiny_model_dir):
                    (dict(speculative="layerskip", draft_fallback=2.0),
                     "--draft_fallback"),
                    (dict(speculative="eagle", tree="dynamic:99,2,3",
-                         draft_heads=str(tmp_path)), "--tree")):
+                         draft_heads=str(tmp_path)), "--tree"),
+                   (dict(speculative="draft", draft_model=str(other_tokens)),
+                    "--draft_model: its tokenizer is not the model's \\(token .* is id")):
     with pytest.raises(UserError, match=flag):
       run(GenerateJob(prompts=str(prompts), output=str(tmp_path / "x.jsonl"),
                       model=str(tiny_model_dir), progress=False, **kw))
@@ -465,6 +476,12 @@ def test_shrink_halves_every_proposers_tree(target, other_draft):
   np.testing.assert_array_equal(new[tokens], jax.lax.top_k(logits, k)[1])
   untouched = np.setdiff1d(np.arange(cfg.vocab_size), np.asarray(tokens).ravel())
   np.testing.assert_array_equal(new[untouched], adj[untouched])
+  # a row not live (an idle or finished slot, verified over what it last held) writes nothing
+  new = small.update(adj, tokens, logits, jnp.asarray([True, False]))
+  np.testing.assert_array_equal(new[tokens[0]], jax.lax.top_k(logits[0], k)[1])
+  np.testing.assert_array_equal(new[tokens[1]], adj[tokens[1]])
+  # Lookahead tries no deeper than its trie (its unused slots' chain reaches further)
+  assert P.Lookahead(num_nodes=16, depth=4).max_depth == 4
 
 
 def test_sliding_window_model_speculates_losslessly(tmp_path):

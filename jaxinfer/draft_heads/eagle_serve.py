@@ -130,6 +130,9 @@ def load(directory: str | Path, cfg: ModelConfig,
                             or vocab.max() >= cfg.vocab_size):
     raise ValueError(f"{directory}: its draft vocabulary does not fit this model's "
                      f"{cfg.vocab_size} tokens")
+  if vocab is not None and len(np.unique(vocab)) != len(vocab):
+    # (a token drawn through two draft ids would be verified at one id's probability: lossy)
+    raise ValueError(f"{directory}: its draft vocabulary repeats token ids")
   flat = files.flatten(template)
   if set(tensors) != set(flat):
     raise ValueError(f"{directory}: draft.safetensors holds {sorted(tensors)}, expected "

@@ -168,13 +168,19 @@ def _layerskip(opts, cfg, params, dtype):
 
 def _draft(opts, cfg, params, dtype):
   from jaxinfer.speculative import proposers as P
+  from jaxinfer.tokenizer import Tokenizer
   try:
-    dcfg, dparams, _ = checkpoint.load_model(opts.draft_model, dtype, quiet=True)
+    dcfg, dparams, dtok = checkpoint.load_model(opts.draft_model, dtype,
+                                                cache_dir=opts.cache_dir, quiet=True)
+    tok = Tokenizer.from_dir(checkpoint.resolve_model_dir(opts.model, opts.cache_dir, True))
   except (FileNotFoundError, ValueError) as e:
     raise UserError(f"--draft_model: {str(e).removeprefix('--model: ')}") from None
   if dcfg.vocab_size != cfg.vocab_size:
     raise UserError(f"--draft_model: its vocabulary ({dcfg.vocab_size}) differs from the "
                     f"model's ({cfg.vocab_size})")
+  differ = None if tok is None or dtok is None else tok.first_difference(dtok)
+  if differ:  # (its drafts would be other tokens' ids: never accepted)
+    raise UserError(f"--draft_model: its tokenizer is not the model's ({differ})")
   return P.DraftModel(dcfg, num_draft_tokens=opts.num_draft_tokens,
                       fallback=opts.draft_fallback), dparams
 

@@ -40,7 +40,9 @@ class Lookahead(Proposer):
 
   @property
   def max_depth(self) -> int:
-    return self.num_nodes  # the unused-slot chain can reach that deep
+    # (the unused slots' chain reaches num_nodes deep, but a row tries no deeper than its
+    # trie's nodes: `Draft.limit`)
+    return min(self.num_nodes, self.depth)
 
   @property
   def is_chain(self) -> bool:

@@ -64,10 +64,14 @@ class Recycling(Proposer):
                       None)
 
   def observe(self, weights, adj, verified):
-    return self.update(adj, verified.tokens, verified.logits)
+    return self.update(adj, verified.tokens, verified.logits, verified.live)
 
-  def update(self, adj, tokens, logits):
-    """Each drafted token's successors := the target's top-k at its node."""
+  def update(self, adj, tokens, logits, live=None):
+    """Each drafted token's successors := the target's top-k at its node, in the `live` rows
+    (B,) only (None: all): an idle or finished slot's tree is verified over what it last held,
+    and would overwrite live rows' successors with that."""
     k = adj.shape[1]  # (its width, shared by the smaller trees `shrink` makes)
     top = jax.lax.top_k(logits, k)[1].astype(jnp.int32)  # (B, T, k)
-    return adj.at[tokens.reshape(-1)].set(top.reshape(-1, k))
+    if live is not None:
+      tokens = jnp.where(live[:, None], tokens, adj.shape[0])  # (past the table: dropped)
+    return adj.at[tokens.reshape(-1)].set(top.reshape(-1, k), mode="drop")
