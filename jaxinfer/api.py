@@ -139,7 +139,8 @@ def _one_prompt(p) -> bool:
   if isinstance(p, dict):
     raise UserError("prompts: a dict is one message; a conversation is a list of them "
                     "([{'role': ..., 'content': ...}, ...])")
-  if isinstance(p, str) or getattr(p, "ndim", None) == 1:
+  if isinstance(p, str) or getattr(p, "ndim", None) == 1 and getattr(
+      getattr(p, "dtype", None), "kind", None) in ("i", "u"):  # (a 1-D array of ids)
     return True
   return (isinstance(p, Sequence) and len(p) > 0 and all(map(is_integer, p))
           or isinstance(p, Sequence) and len(p) > 0 and all(isinstance(x, dict) for x in p))

@@ -77,7 +77,8 @@ def apply(value: str | None, cache_dir: str | os.PathLike | None = None) -> Path
   before its `jaxinfer.LLM`), else the directory JAX has ($JAX_COMPILATION_CACHE_DIR, or one the
   caller set), else `default_dir`."""
   import jax
-  if value is not None and value.lower() in ("", "none") or value is None and _turned_off:
+  if value is not None and value.lower() in ("", "none") or (
+      value is None and _turned_off and not jax.config.jax_compilation_cache_dir):
     return enable(None)
   return enable(value or jax.config.jax_compilation_cache_dir or default_dir(cache_dir))
 

@@ -38,16 +38,21 @@ def exclusive(output: str | os.PathLike):
   An advisory lock on `<output>.lock`, removed at the end (a killed run's lock file is left, and
   its lock released with the process)."""
   path = Path(f"{output}.lock")
-  try:
-    f = open(path, "a")
-  except OSError as e:
-    raise UserError(f"--output: cannot write {str(path)!r} ({e.strerror or e})") from None
-  with f:
+  while True:
+    try:
+      f = open(path, "a")
+    except OSError as e:
+      raise UserError(f"--output: cannot write {str(path)!r} ({e.strerror or e})") from None
     try:
       fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
+      f.close()
       raise UserError(f"--output: another run is writing {str(output)!r} (it holds "
                       f"{str(path)!r}); wait for it to end, or write elsewhere") from None
+    if path.exists() and os.stat(path).st_ino == os.fstat(f.fileno()).st_ino:
+      break
+    f.close()  # (locked as the run that held it removed it: lock the file there now)
+  with f:
     try:
       yield
     finally:

@@ -46,6 +46,11 @@ class GenerateJob(ServeOptions):
   metrics_output: str | None = None
   overwrite: bool = False
 
+  def __post_init__(self):
+    for name in ("prompts", "output", "metrics_output"):  # (a Path is the path it names)
+      if isinstance(getattr(self, name), os.PathLike):
+        object.__setattr__(self, name, os.fspath(getattr(self, name)))
+
   def validate(self) -> None:
     """Everything checkable before loading a model, with the flag named in the message."""
     self.check_types()
@@ -250,6 +255,8 @@ def run(job: GenerateJob, *, coordinator_address: str | None = None,
   job.validate()
   pid, nproc = _init_distributed(coordinator_address, num_processes, process_id, distributed)
   with output.exclusive(job.output) if pid == 0 else contextlib.nullcontext():
+    if nproc > 1:  # (no process reads the output before process 0 holds it)
+      _barrier("jaxinfer_generate_locked")
     return _run(job, pid, nproc)
 
 
@@ -343,9 +350,11 @@ def generate_file(prompts: str, output: str, model: str = "embedded", **options
     raise UserError(f"unknown option(s) {unknown}")
   if not all(isinstance(p, (str, os.PathLike)) for p in (prompts, output)):
     raise UserError(f"prompts, output: expected file paths, got {prompts!r}, {output!r}")
+  job = GenerateJob(prompts=str(prompts), output=str(output), model=plain(model),
+                    defaults=SamplingParams(**sampling).defaults(),
+                    **{k: plain(v) for k, v in options.items()})
   if cache is not None:  # (as `jaxinfer.LLM(compilation_cache=...)`: for the whole process)
     from jaxinfer import compilation_cache
-    compilation_cache.apply(cache, options.get("cache_dir"))
-  return run(GenerateJob(prompts=str(prompts), output=str(output), model=plain(model),
-                         defaults=SamplingParams(**sampling).defaults(),
-                         **{k: plain(v) for k, v in options.items()}), **processes)
+    job.validate()
+    compilation_cache.apply(plain(cache), job.cache_dir)
+  return run(job, **processes)

@@ -200,6 +200,7 @@ def test_bad_input_is_named(llm, tiny_model_dir):
       SamplingParams(**kw)
   with pytest.raises(UserError, match=r"top_k must be in \[0, 2\*\*31\)"):
     SamplingParams(top_k=2**31)
+  assert len(llm.generate(np.array(["def f", "x"]), SamplingParams(max_new_tokens=2))) == 2
   one_array = llm.generate(np.array([5, 6, 7]), SamplingParams(max_new_tokens=2))
   assert [o.completion_ids for o in one_array] == [
       o.completion_ids for o in llm.generate([[5, 6, 7]], SamplingParams(max_new_tokens=2))]
@@ -259,7 +260,11 @@ def test_compilation_cache_keyword_as_the_flag(tiny_model_dir, tmp_path):
     with pytest.raises(UserError, match="^prompts: "):  # the job's keyword, as the LLM's
       jaxinfer.generate_file("p.jsonl", "o.jsonl", str(tiny_model_dir),
                              compilation_cache=str(tmp_path / "xla2"))
-    assert jax.config.jax_compilation_cache_dir == str(tmp_path / "xla2")
+    assert jax.config.jax_compilation_cache_dir is None  # (a job refused changes nothing)
+    # a directory set since (here by hand) is kept
+    jax.config.update("jax_compilation_cache_dir", str(tmp_path / "mine"))
+    jaxinfer.LLM(str(tiny_model_dir), progress=False)
+    assert jax.config.jax_compilation_cache_dir == str(tmp_path / "mine")
   finally:
     from jaxinfer import compilation_cache
     compilation_cache.enable(suite)

@@ -77,6 +77,9 @@ def test_a_chat_template_jinja_file_wins_and_renders_with_transformers_extension
   cfg, params, _ = checkpoint.load_model(str(d))
   checkpoint.save_hf(tmp_path / "saved", cfg, params, tokenizer_dir=d)
   assert ChatTemplate.from_dir(tmp_path / "saved").source == template
+  # a model whose template is in tokenizer_config.json saved over it: the old file goes
+  checkpoint.save_hf(tmp_path / "saved", cfg, params, tokenizer_dir=chat_model_dir)
+  assert ChatTemplate.from_dir(tmp_path / "saved").source == CHATML
 
 
 def test_chat_jsonl_is_read_as_rendered_documents(tmp_path, chat_model_dir):

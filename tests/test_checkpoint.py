@@ -155,7 +155,7 @@ def test_a_save_cut_short_leaves_the_checkpoint_it_was_replacing(tmp_path, monke
   deeper = dataclasses.replace(cfg, num_layers=3)
   deeper_params = M.init_params(deeper, jax.random.key(1))
   for save, directory in ((save_hf, out), (save_orbax, tmp_path / "ckpt")):
-    monkeypatch.setattr(pending, "commit", lambda directory: _raise(KeyboardInterrupt()))
+    monkeypatch.setattr(pending, "_commit", lambda *a: _raise(KeyboardInterrupt()))
     with pytest.raises(KeyboardInterrupt):
       save(directory, deeper, deeper_params)
     monkeypatch.undo()
@@ -177,6 +177,25 @@ def test_a_save_cut_short_leaves_the_checkpoint_it_was_replacing(tmp_path, monke
   _assert_trees_equal(deeper_params, got)
   assert sorted(p.name for p in (tmp_path / "ckpt").iterdir()) == [
       "config.json", "params", "params.new"]  # (its arrays: the next save removes them)
+
+
+def test_a_load_waits_for_a_save_in_progress(tmp_path):
+  """A load while a save stages its files (its weights not yet in place) waits for it, rather
+  than taking it for a save cut short and dropping its files."""
+  import threading
+
+  from jaxinfer.checkpoint import pending
+  (tmp_path / "config.json").write_text("old")
+  seen = []
+  load = lambda: (pending.settle(tmp_path, lambda: "before"),
+                  seen.append((tmp_path / "config.json").read_text()))
+  with pending.staged(tmp_path, "this save", {"config.json": b"new"}):
+    reader = threading.Thread(target=load)
+    reader.start()
+    reader.join(0.5)
+    assert reader.is_alive() and not seen
+  reader.join(10)
+  assert seen == ["new"] and sorted(p.name for p in tmp_path.iterdir()) == ["config.json"]
 
 
 def test_hf_load_onto_mesh_matches_unsharded(tmp_path, devices):

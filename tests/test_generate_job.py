@@ -240,6 +240,7 @@ def test_job_validation_names_the_flag(tmp_path, tiny_model_dir):
     run(GenerateJob(prompts=str(prompts), output=str(tmp_path / "out.jsonl"),
                     model=str(tiny_model_dir), kv_pages=1, overwrite=True, progress=False))
   assert (tmp_path / "out.jsonl").read_text() == "kept\n"
+  GenerateJob(prompts=prompts, output=tmp_path / "o.jsonl", model=str(tiny_model_dir)).validate()
   # one run writes an output at a time (a second would write every record again)
   from jaxinfer import output
   with output.exclusive(tmp_path / "out.jsonl"):

@@ -477,7 +477,9 @@ def test_shrink_halves_every_proposers_tree(target, other_draft):
   untouched = np.setdiff1d(np.arange(cfg.vocab_size), np.asarray(tokens).ravel())
   np.testing.assert_array_equal(new[untouched], adj[untouched])
   # a row not live (an idle or finished slot, verified over what it last held) writes nothing
-  new = small.update(adj, tokens, logits, jnp.asarray([True, False]))
+  from types import SimpleNamespace
+  new = small.observe(None, adj, SimpleNamespace(tokens=tokens, logits=logits,
+                                                 live=jnp.asarray([True, False])))
   np.testing.assert_array_equal(new[tokens[0]], jax.lax.top_k(logits[0], k)[1])
   np.testing.assert_array_equal(new[tokens[1]], adj[tokens[1]])
   # Lookahead tries no deeper than its trie (its unused slots' chain reaches further)

@@ -273,28 +273,29 @@ def _write(directory: Path, cfg: ModelConfig, tensors: dict[str, np.ndarray],
     save_file(shard, str(staged), metadata={"format": "pt", SAVE_KEY: save_id})
     with open(staged, "rb") as f:  # (on disk before it replaces anything)
       os.fsync(f.fileno())
-  pending.stage(directory, save_id, _descriptions(directory, cfg, tokenizer_dir))
-  for name in names:
-    os.replace(directory / f"{name}.new", directory / name)
-  index = directory / "model.safetensors.index.json"
-  if len(shards) == 1:
-    index.unlink(missing_ok=True)
-  else:
-    weight_map = {t: name for name, shard in zip(names, shards) for t in shard}
-    total = sum(t.nbytes for t in tensors.values())
-    write_atomically(index, json.dumps({"metadata": {"total_size": total, SAVE_KEY: save_id},
-                                        "weight_map": weight_map}, indent=2))
-  for old in directory.glob("*.safetensors"):
-    if old.name not in names:
-      old.unlink()
-  pending.commit(directory)
+  with pending.staged(directory, save_id, *_descriptions(directory, cfg, tokenizer_dir)):
+    for name in names:
+      os.replace(directory / f"{name}.new", directory / name)
+    index = directory / "model.safetensors.index.json"
+    if len(shards) == 1:
+      index.unlink(missing_ok=True)
+    else:
+      weight_map = {t: name for name, shard in zip(names, shards) for t in shard}
+      total = sum(t.nbytes for t in tensors.values())
+      write_atomically(index, json.dumps({"metadata": {"total_size": total, SAVE_KEY: save_id},
+                                          "weight_map": weight_map}, indent=2))
+    for old in directory.glob("*.safetensors"):
+      if old.name not in names:
+        old.unlink()
 
 
-def _descriptions(directory: Path, cfg: ModelConfig, tokenizer_dir) -> dict[str, bytes]:
-  """What a Hugging Face directory holds beside its weights: config.json, the tokenizer files
-  and generation_config.json."""
+def _descriptions(directory: Path, cfg: ModelConfig,
+                  tokenizer_dir) -> tuple[dict[str, bytes], tuple[str, ...]]:
+  """What a Hugging Face directory holds beside its weights (config.json, the tokenizer files
+  and generation_config.json), and the files to remove (`tokenizer_files`)."""
   files = {"config.json": (json.dumps(config_to_hf(cfg), indent=2) + "\n").encode()}
-  files.update(tokenizer_files(tokenizer_dir, directory))
+  tokenizer, remove = tokenizer_files(tokenizer_dir, directory)
+  files.update(tokenizer)
   if "generation_config.json" not in files:
     # one already here (a model saved here before) keeps its other settings, with this model's
     # ids: its old EOS ids would stop this model early
@@ -305,16 +306,20 @@ def _descriptions(directory: Path, cfg: ModelConfig, tokenizer_dir) -> dict[str,
     if cfg.eos_token_ids:
       gen["eos_token_id"] = list(cfg.eos_token_ids)
     files["generation_config.json"] = (json.dumps(gen, indent=2) + "\n").encode()
-  return files
+  return files, tuple(n for n in remove if n not in files)
 
 
-def tokenizer_files(tokenizer_dir: str | os.PathLike | None, directory: Path) -> dict[str, bytes]:
-  """The TOKENIZER_FILES `tokenizer_dir` has, by name, to be written into `directory` (none
-  where it is that directory)."""
+def tokenizer_files(tokenizer_dir: str | os.PathLike | None,
+                    directory: Path) -> tuple[dict[str, bytes], tuple[str, ...]]:
+  """The TOKENIZER_FILES `tokenizer_dir` has, by name, to be written into `directory`, and
+  those it lacks, to be removed there (a model saved there before left them: its
+  chat_template.jinja would be read before this model's template); nothing where there is no
+  `tokenizer_dir`, or it is `directory`."""
   if tokenizer_dir is None or Path(tokenizer_dir).resolve() == directory.resolve():
-    return {}
-  return {name: (Path(tokenizer_dir) / name).read_bytes() for name in TOKENIZER_FILES
+    return {}, ()
+  have = {name: (Path(tokenizer_dir) / name).read_bytes() for name in TOKENIZER_FILES
           if (Path(tokenizer_dir) / name).exists()}
+  return have, tuple(name for name in TOKENIZER_FILES if name not in have)
 
 
 def _shard_names(count: int, read: set[str]) -> list[str]:

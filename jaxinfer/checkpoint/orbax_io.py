@@ -68,14 +68,15 @@ def save_orbax(directory: str | os.PathLike, cfg: ModelConfig, params: Transform
                force=True)  # (orbax removes what a save cut short left there, once, for all)
     ckptr.wait_until_finished()
   if jax.process_index() == 0:
+    tokenizer, remove = tokenizer_files(tokenizer_dir, directory)
     files = {"config.json": (json.dumps(config_to_hf(cfg), indent=2) + "\n").encode(),
-             **tokenizer_files(tokenizer_dir, directory)}
+             **tokenizer}
     if quant_format is not None:
       files[quant.QUANT_FILE] = quant.metadata_text(quant_format).encode()
-    pending.stage(directory, save_id, files,
-                  remove=() if quant_format is not None else (quant.QUANT_FILE,))
-    _put_in_place(staged, directory / PARAMS_DIR)
-    pending.commit(directory)
+    else:
+      remove += (quant.QUANT_FILE,)
+    with pending.staged(directory, save_id, files, remove):
+      _put_in_place(staged, directory / PARAMS_DIR)
   if jax.process_count() > 1:  # (every process returns with the checkpoint in place)
     multihost_utils.sync_global_devices(f"jaxinfer save_orbax {directory}")
   return directory

@@ -62,15 +62,16 @@ def apply_platform_flags() -> None:
   apply_compilation_cache()
 
 
-def load_model_from_flags():
-  """(mesh, model directory, config, params, tokenizer) from the model flags.
+def load_model_from_flags(on_mesh: bool = True):
+  """(mesh, model directory, config, params, tokenizer) from the model flags; on_mesh: the
+  params placed on --mesh (empty: every device on `data`), else on --mesh only where given.
 
   Raises FileNotFoundError / ValueError with user-facing messages."""
   from jaxinfer import checkpoint
   from jaxinfer.sharding import make_mesh
 
   FLAGS = flags.FLAGS
-  mesh = make_mesh(FLAGS.mesh)  # (empty: every device on `data`)
+  mesh = make_mesh(FLAGS.mesh) if on_mesh or FLAGS.mesh else None
   src = checkpoint.resolve_model_dir(FLAGS.model, FLAGS.cache_dir)
   cfg, params, tokenizer = checkpoint.load_model(
       str(src), None if FLAGS.dtype == "auto" else FLAGS.dtype, mesh)

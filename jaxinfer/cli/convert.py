@@ -28,7 +28,7 @@ def main(argv: list[str]) -> None:
       fail(f"--format=hf: {FLAGS.model} is quantized ({fmt.name}), and a Hugging Face directory "
            f"holds full-precision weights; convert the model it was quantized from, or use "
            f"--format=orbax")
-    _, src, cfg, params, _ = load_model_from_flags()
+    _, src, cfg, params, _ = load_model_from_flags(on_mesh=False)  # (copies to write out)
     if FLAGS.format == "hf":
       out = checkpoint.save_hf(FLAGS.output, cfg, params, tokenizer_dir=src)
     else:
