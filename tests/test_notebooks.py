@@ -39,7 +39,7 @@ def test_quickstart_notebook(tmp_path, tiny_model_dir):
   data.write_text("def add(a, b):\n    return a + b\n\n" * 200)
   nb = execute("quickstart.ipynb", dict(
       MODEL=str(tiny_model_dir), NUM_PROMPTS=4, MAX_NEW_TOKENS=12, TRAIN_STEPS=10, SEQ_LEN=32,
-      SELF_DISTILL=8, DATA=str(data), WORKDIR=str(tmp_path / "run")), tmp_path)
+      SELF_DISTILL=8, DATA=str(data), WORKDIR=str(tmp_path / "run"), MESH="data:1"), tmp_path)
   text = printed(nb)
   assert "plain decoding:" in text and "medusa: tau" in text and "hydra: tau" in text
   assert (tmp_path / "run" / "speedup.png").stat().st_size > 0  # the plot
