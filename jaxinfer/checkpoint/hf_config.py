@@ -71,8 +71,9 @@ def config_from_hf(hf: dict[str, Any], dtype: str | None = None) -> ModelConfig:
         start = int(hf.get("max_window_layers", 28))
         layer_types = ["sliding_attention" if i >= start else "full_attention"
                        for i in range(num_layers)]
-    bias = bool(hf.get("attention_bias", False)) and family in ("llama", "qwen3")  # (all four:
-    # Mistral's has none, Qwen2's biases q, k and v whatever it says)
+    # attention_bias: q, k, v and o in Llama and Qwen3; Mistral's attention has no biases and
+    # Qwen2's biases q, k and v whatever it says
+    bias = bool(hf.get("attention_bias", False)) and family in ("llama", "qwen3")
     if window is None:
       layer_types = None
     if dtype is None:
