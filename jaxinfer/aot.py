@@ -145,11 +145,32 @@ def target_devices(target: Target) -> list:
   from jax.experimental import topologies
   try:
     with _quiet_stderr():
-      topo = topologies.get_topology_desc(topology_name=target.topology, platform="tpu")
+      topo = topologies.get_topology_desc(topology_name=target.topology, platform="tpu",
+                                          **_slice_options(target.topology))
   except Exception as e:  # libtpu's own message says what is wrong with the name
     raise CompileError(f"--target={target}: libtpu does not know this topology: "
                        f"{_first_line(e)}") from None
   return list(topo.devices)
+
+
+def _slice_options(topology: str) -> dict[str, Any]:
+  """libtpu's options for the slice as JAX on it sees it: a v4 chip's two cores as one device
+  (megacore, as a v4 host runs them: 32 GiB each), and the slice's hosts: a v5e or v6e slice of
+  up to 8 chips on one host (v5litepod-8, v6e-8), other slices on hosts of 2x2x1 chips, a
+  smaller slice (one chip, say) on one host of its own size (libtpu's default host, 2x2x1,
+  refuses it)."""
+  gen, _, dims = topology.partition(":")
+  options: dict[str, Any] = {"chip_config_name": "megacore"} if gen == "v4" else {}
+  try:
+    size = [int(d) for d in dims.split("x")]
+  except ValueError:
+    return options  # (libtpu names what is wrong with the name)
+  size += [1] * (3 - len(size))
+  if gen in ("v5e", "v6e") and len(size) == 3 and math.prod(size) <= 8:
+    options["chips_per_host_bounds"] = tuple(size)
+  elif len(size) == 3 and any(s < h for s, h in zip(size, (2, 2, 1))):
+    options["chips_per_host_bounds"] = tuple(min(s, h) for s, h in zip(size, (2, 2, 1)))
+  return options
 
 
 def _first_line(e: BaseException) -> str:
@@ -164,7 +185,7 @@ def _device_grid(devices: list, shape: tuple[int, ...]) -> np.ndarray:
     from jax.experimental import mesh_utils
     try:
       return mesh_utils.create_device_mesh(shape, devices=devices)
-    except (AssertionError, ValueError, NotImplementedError):  # e.g. v4's two cores per chip
+    except (AssertionError, ValueError, NotImplementedError):  # a layout it does not know
       pass
   return np.asarray(devices[:math.prod(shape)], dtype=object).reshape(shape)
 
@@ -182,6 +203,11 @@ def replica_mesh(devices: list, mesh: str, target: Target) -> tuple[Mesh, int]:
     what = f"{target} has" if target.platform == "tpu" else "the host has"
     raise CompileError(f"--mesh: {format_mesh(shape)} needs {math.prod(dims)} devices, but "
                        f"{what} {len(devices)}")
+  hosts = len({getattr(d, "process_index", 0) for d in devices})
+  if target.platform == "tpu" and math.prod(dims) < len(devices) and hosts > 1:
+    raise CompileError(f"--mesh: {format_mesh(shape)} uses {math.prod(dims)} devices, but "
+                       f"{target} spans {hosts} hosts and a multi-host run must use all "
+                       f"{len(devices)} (as jaxinfer generate requires)")
   return Mesh(_device_grid(devices, dims)[:1], MESH_AXES), dims[0]
 
 
@@ -271,6 +297,10 @@ class Report:
     return out | {"steps": [s.as_dict() for s in self.steps], "peak_bytes": self.peak_bytes,
                   "fits": None if self.hbm_bytes is None else self.peak_bytes <= self.hbm_bytes}
 
+  def _unused(self) -> str:
+    used = math.prod(int(n) for n in re.findall(r":(\d+)", self.mesh)) * self.replicas
+    return "" if used >= self.devices else f" on {used} of the {self.devices} devices"
+
   def table(self) -> str:
     cfg, st = self.config, self.settings
     hbm = "" if self.hbm_bytes is None else f", {_size(self.hbm_bytes)} HBM each"
@@ -281,16 +311,17 @@ class Report:
     weights += f" with {', '.join(st['quantize_include'])}" if st.get("quantize_include") else ""
     lines = [f"{self.model} ({params} params, {weights}) on {self.target} "
              f"({self.devices} x {self.device_kind}{hbm})",
-             f"mesh {self.mesh} per replica, {self.replicas} replica(s); {st['batch_size']} slots, "
+             f"mesh {self.mesh} per replica, {self.replicas} replica(s){self._unused()}; "
+             f"{st['batch_size']} slots, "
              f"{st['kv_pages']} KV pages of {st['page_size']} tokens; {st['implementation']} "
              f"attention{spec}",
-             f"{'step':<8}{'lower s':>8}{'compile s':>10}{'kernels':>8}{'weights':>11}{'KV':>11}"
+             f"{'step':<15}{'lower s':>8}{'compile s':>10}{'kernels':>8}{'weights':>11}{'KV':>11}"
              f"{'temp':>11}{'total':>11}{'of HBM':>7}{'comm':>11}   (per device)"]
     for s in self.steps:
       share = ("-" if s.total_bytes is None or not self.hbm_bytes
                else f"{100 * s.total_bytes / self.hbm_bytes:.0f}%")
       compile_s = "-" if s.compile_s is None else f"{s.compile_s:.1f}"
-      lines.append(f"{s.name:<8}{s.lower_s:>8.1f}{compile_s:>10}{s.kernels:>8}"
+      lines.append(f"{s.name:<15}{s.lower_s:>8.1f}{compile_s:>10}{s.kernels:>8}"
                    f"{_size(s.weights_bytes):>11}"
                    f"{_size(s.kv_bytes):>11}{_size(s.temp_bytes):>11}"
                    f"{_size(s.total_bytes):>11}{share:>7}{_size(s.collective_bytes):>11}")
@@ -306,7 +337,8 @@ def _size(b: int | None) -> str:
 
 
 def hbm_per_device(target: Target, devices: list) -> int:
-  """A chip's HBM shared by its devices (v4's compile-only topology has two cores per chip)."""
+  """A chip's HBM over its devices (one device a chip on every slice `_slice_options` asks for:
+  a v4 chip's two cores are one megacore device)."""
   chips = len({tuple(getattr(d, "coords", (d.id,))) for d in devices})
   return HBM_GIB[target.generation] * GIB * chips // len(devices)
 
@@ -342,7 +374,12 @@ def compile_step(name: str, fn, args, target: Target) -> StepReport:
   if target.platform == "cuda":
     text = _lower_for_cuda(fn, args)
     return StepReport(name, time.perf_counter() - t0, kernels=text.count(_TRITON_CALL))
-  lowered = fn.lower(*args)
+  try:
+    lowered = fn.lower(*args)
+  except CompileError:
+    raise
+  except Exception as e:  # noqa: BLE001 (a kernel Mosaic refuses: its words, for its author)
+    raise StepFailed(f"{name}: lowering: {type(e).__name__}: {e}") from None
   kernels = lowered.as_text().count(_TPU_CALL)
   t1 = time.perf_counter()
   try:
@@ -375,19 +412,28 @@ def collective_bytes(hlo: str) -> int:
   return total // 8
 
 
-def _shrink_advice(report: Report, step: str, need: int, weights: int, kv: int,
-                   engine_kv: int) -> str:
-  """One line: what needs how much, and which flag to lower (or the mesh to widen)."""
+def _shrink_advice(report: Report, step: str, need: int, weights: int, kv: int, engine_kv: int,
+                   usable: int | None = None, temporaries: bool = True) -> str:
+  """One line: what needs how much, and which flag to lower (or the mesh to widen). usable: the
+  HBM the compiler said it had (a chip keeps some for itself: 15.75 of v5e's 16 GiB), else the
+  chip's; temporaries: whether `need` counts the step's temporaries (the check before compiling
+  does not, so its page count is an upper bound)."""
   hbm, st = report.hbm_bytes, report.settings
+  usable = usable or hbm
   head = (f"the {step} step needs {_size(need)} per device (weights {_size(weights)}, KV "
-          f"{_size(kv)}) but a {report.device_kind} device has {_size(hbm)} of HBM")
+          f"{_size(kv)}) but a {report.device_kind} device has {_size(usable)} of HBM")
+  if usable != hbm:
+    head += " free"
   wider = f"spread the model over more chips (--mesh, now {report.mesh})"
-  if weights > 0.8 * hbm:
+  if weights > 0.8 * usable:
     return f"--mesh: {head}; the weights alone need {_size(weights)}: {wider}"
-  if engine_kv and need - engine_kv < hbm:
+  if engine_kv and need - engine_kv < usable:
     per_page = engine_kv / st["kv_pages"]
-    fit = int((hbm - (need - engine_kv)) / per_page)
-    return (f"--kv_pages: {head}; lower --kv_pages to at most {fit} (now {st['kv_pages']}) or "
+    # (the compiler's figures are rounded to 0.01 GiB: a page count that fits either way)
+    slack = 0.01 * GIB if usable != hbm else 0
+    fit = st["kv_pages"] - max(1, math.ceil((need + slack - usable) / per_page))
+    most = "at most" if temporaries else "fewer than"
+    return (f"--kv_pages: {head}; lower --kv_pages to {most} {fit} (now {st['kv_pages']}) or "
             f"--batch_size (now {st['batch_size']}), or {wider}")
   return f"--batch_size: {head}; lower --batch_size (now {st['batch_size']}) or {wider}"
 
@@ -425,7 +471,8 @@ def _compile_checked(name, fn, args, target: Target, report: Report, weights: in
   buffers), counted once."""
   hbm = report.hbm_bytes
   if hbm and weights + kv > hbm:  # no need to ask the compiler
-    raise CompileError(_shrink_advice(report, name, weights + kv, weights, kv, engine_kv))
+    raise CompileError(_shrink_advice(report, name, weights + kv, weights, kv, engine_kv,
+                                      temporaries=False))
   if log:
     log(f"{'lowering' if target.platform == 'cuda' else 'compiling'} the {name} step")
   try:
@@ -433,9 +480,14 @@ def _compile_checked(name, fn, args, target: Target, report: Report, weights: in
   except StepFailed as e:
     if "RESOURCE_EXHAUSTED" not in str(e):
       raise
-    said = re.search(r"\(([\d.]+)G\)", str(e))  # "... required ... (19.07G) exceeds ..."
-    need = max(weights + kv, int(float(said.group(1)) * GIB) if said else 0)
-    raise CompileError(_shrink_advice(report, name, need, weights, kv, engine_kv)) from None
+    # "... required for HLO temporaries (16.00G) exceeds available HBM (15.75G) ..."
+    said = re.search(r"\(([\d.]+)G\) exceeds available HBM \(([\d.]+)G\)", str(e))
+    need, usable = weights + kv, None
+    if said:
+      need = max(need, int(float(said.group(1)) * GIB))
+      usable = int(float(said.group(2)) * GIB)
+    raise CompileError(_shrink_advice(report, name, need, weights, kv, engine_kv,
+                                      usable)) from None
   if target.platform == "cuda":
     return step
   step.weights_bytes, step.kv_bytes = weights, kv

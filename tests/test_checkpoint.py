@@ -246,6 +246,17 @@ def test_unsupported_configs_are_refused(tmp_path):
     (tmp_path / "config.json").write_text(json.dumps({**cfg, **patch}))
     with pytest.raises(ValueError, match=needle):
       load_hf(tmp_path)
+  # malformed files: one line naming config.json or the field (they were AttributeError,
+  # ZeroDivisionError, TypeError)
+  plain = {k: v for k, v in cfg.items() if k != "rope_parameters"}
+  for text, needle in (("[]", "config.json: expected a JSON object, got list"),
+                       (json.dumps({**cfg, "num_attention_heads": 0}), "q_heads must be positive"),
+                       (json.dumps({**cfg, "hidden_size": None}), "config.json: a field of the "),
+                       (json.dumps({**plain, "rope_scaling": 2}), "config.json: a field of the "),
+                       (json.dumps({**cfg, "vocab_size": "x"}), "config.json: .* not a number")):
+    (tmp_path / "config.json").write_text(text)
+    with pytest.raises(ValueError, match=needle):
+      load_hf(tmp_path)
 
 
 def test_generation_config_eos_ids_are_merged(tmp_path):

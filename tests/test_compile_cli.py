@@ -1,8 +1,10 @@
 """`jaxinfer compile`: the engine's steps compiled for a TPU topology with libtpu's compile-only
 client (no TPU here), lowered for CUDA, and configurations that do not fit refused in one line."""
 
+import dataclasses
 import importlib.util
 import json
+import re
 import subprocess
 import sys
 
@@ -163,8 +165,41 @@ def test_a_pool_that_does_not_fit_is_one_line_naming_kv_pages(tmp_path):
   assert res.returncode == 2 and res.stdout == ""
   lines = res.stderr.strip().splitlines()
   assert len(lines) == 1, res.stderr
-  assert lines[0].startswith("error: --kv_pages:") and "lower --kv_pages to at most" in lines[0]
+  # (refused before compiling: the step's temporaries are not known yet)
+  assert lines[0].startswith("error: --kv_pages:") and "lower --kv_pages to fewer than" in lines[0]
   assert not out.exists()
+
+
+def test_the_kv_pages_advice_fits():
+  """Where the compiler refuses a pool, the advice is a page count that compiles, below the
+  one asked for (it was counted against the chip's 16 GiB, of which v5e's compiler has 15.75,
+  and read from its sizes rounded to 0.01 GiB: it repeated the count refused). A mesh leaving
+  devices of the slice unused is said."""
+  job = aot.CompileJob("tpu:v5e:2x4", model="preset:tiny", mesh="model:2", batch_size=2,
+                       max_seq_len=64, kv_pages=4_150_000)  # 4 KiB a page: 15.83 GiB
+  with pytest.raises(aot.CompileError, match=r"^--kv_pages: .* 15\.75 GiB of HBM free; lower "
+                     r"--kv_pages to at most (\d+) \(now 4150000\)") as e:
+    aot.run(job)
+  fit = int(re.search(r"at most (\d+)", str(e.value))[1])
+  assert fit < 4_150_000
+  report = aot.run(dataclasses.replace(job, kv_pages=fit))
+  assert report.as_dict()["fits"]
+  assert "mesh model:2 per replica, 1 replica(s) on 2 of the 8 devices;" in report.table()
+
+
+def test_slices_are_as_jax_on_them_sees_them():
+  """A v4 chip's two cores are one megacore device of 32 GiB (libtpu's default: two of 16);
+  one-chip slices compile (libtpu's default host of 2x2x1 chips refused them); a v5e slice of 8
+  chips is one host, and a mesh leaving devices unused on a slice of several hosts is refused,
+  as jaxinfer generate refuses it."""
+  v4 = aot.parse_target("tpu:v4:2x2x1")
+  devices = aot.target_devices(v4)
+  assert len(devices) == 4 and aot.hbm_per_device(v4, devices) == 32 * aot.GIB
+  for one in ("tpu:v6e:1x1", "tpu:v5e:1x1", "tpu:v5p:1x1x1"):
+    assert len(aot.target_devices(aot.parse_target(one))) == 1
+  assert {d.process_index for d in aot.target_devices(aot.parse_target("tpu:v5e:2x4"))} == {0}
+  with pytest.raises(aot.CompileError, match="--mesh: .* spans 4 hosts .* must use all 16"):
+    aot.run(aot.CompileJob("tpu:v5e:4x4", model="preset:tiny", mesh="model:2"))
 
 
 def test_weights_that_do_not_fit_ask_for_a_wider_mesh():

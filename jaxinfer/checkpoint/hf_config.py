@@ -46,6 +46,8 @@ def _rope(hf: dict[str, Any]) -> tuple[float, RopeScaling | None]:
 
 def config_from_hf(hf: dict[str, Any], dtype: str | None = None) -> ModelConfig:
   """Builds a ModelConfig; `dtype` None takes the checkpoint's own (`torch_dtype` / `dtype`)."""
+  if not isinstance(hf, dict):
+    raise ValueError(f"config.json: expected a JSON object, got {type(hf).__name__}")
   family = hf.get("model_type")
   if family not in FAMILIES:
     raise ValueError(f"config.json: model_type {family!r} is not supported (supported: "
@@ -85,7 +87,7 @@ def config_from_hf(hf: dict[str, Any], dtype: str | None = None) -> ModelConfig:
         num_layers=num_layers,
         q_heads=heads,
         kv_heads=int(hf.get("num_key_value_heads") or heads),
-        head_dim=int(hf.get("head_dim") or embed // heads),
+        head_dim=int(hf.get("head_dim") or embed // max(heads, 1)),  # (heads > 0: checked)
         mlp=int(hf["intermediate_size"]),
         max_seq_len=int(hf.get("max_position_embeddings", 2048)),
         rope_theta=theta,
@@ -104,6 +106,12 @@ def config_from_hf(hf: dict[str, Any], dtype: str | None = None) -> ModelConfig:
     )
   except KeyError as e:
     raise ValueError(f"config.json: missing required field {e.args[0]!r}") from None
+  except (TypeError, AttributeError) as e:  # e.g. "hidden_size": null, "rope_scaling": 2
+    raise ValueError(f"config.json: a field of the wrong type ({e})") from None
+  except ValueError as e:  # e.g. "hidden_size": "x" (int()'s words do not name the file)
+    if str(e).startswith(("config.json", "ModelConfig")):
+      raise
+    raise ValueError(f"config.json: a field's value is not a number ({e})") from None
 
 
 def config_to_hf(cfg: ModelConfig) -> dict[str, Any]:

@@ -9,22 +9,28 @@ from jaxinfer.config import DTYPES
 from jaxinfer.train.workdir import check_workdir, record_settings  # noqa: F401
 
 
-def define_model_flags(devices: bool = True) -> None:
-  """--model, --dtype, --cache_dir; with `devices` (a command that computes on a mesh), --mesh,
-  --cpu_devices and --compilation_cache too."""
+def define_model_flags(devices: bool = True, cache_dir: bool = True) -> None:
+  """--model, --dtype and (cache_dir: a command that may build the embedded model) --cache_dir;
+  with `devices` (a command that computes on a mesh), --mesh, --cpu_devices and
+  --compilation_cache too."""
   flags.DEFINE_string("model", "embedded", "Hugging Face model directory, jaxinfer checkpoint "
                       "directory, or 'embedded' (the default model, built locally if missing).")
   flags.DEFINE_enum("dtype", "auto", ["auto"] + sorted(DTYPES),
                     "Parameter/activation dtype; auto uses the checkpoint's own.")
-  flags.DEFINE_string("cache_dir", None, "Where the embedded model is cached (default "
-                      "$JAXINFER_CACHE or ~/.cache/jaxinfer).")
+  if cache_dir:
+    flags.DEFINE_string("cache_dir", None, "Where the embedded model is cached (default "
+                        "$JAXINFER_CACHE or ~/.cache/jaxinfer).")
   if not devices:
     return
-  flags.DEFINE_string("mesh", "", "Device mesh, e.g. data:4,model:2 (axes data, fsdp, model; "
-                      "absent axes are 1). Empty: all devices on the data axis.")
+  define_mesh_flag()
   flags.DEFINE_integer("cpu_devices", None, "Simulate this many CPU devices (testing meshes "
                        "without accelerators).", lower_bound=1)
   define_compilation_cache_flag()
+
+
+def define_mesh_flag() -> None:
+  flags.DEFINE_string("mesh", "", "Device mesh, e.g. data:4,model:2 (axes data, fsdp, model; "
+                      "absent axes are 1). Empty: all devices on the data axis.")
 
 
 def define_implementation_flag() -> None:

@@ -13,9 +13,11 @@ from pathlib import Path
 from absl import flags
 
 from jaxinfer.cli import fail, no_positional_args
-from jaxinfer.cli.common import define_implementation_flag, define_model_flags
+from jaxinfer.cli.common import define_implementation_flag, define_mesh_flag, define_model_flags
+from jaxinfer.files import write_atomically
 
-define_model_flags()
+define_model_flags(devices=False, cache_dir=False)  # (shapes only: nothing runs or is built)
+define_mesh_flag()
 flags.FLAGS["model"].help = ("preset:NAME (e.g. preset:llama3-8b), 'embedded', or a Hugging Face "
                              "or jaxinfer model directory (its config.json is read, and a "
                              "quantized checkpoint's quantization.json: it compiles in its "
@@ -92,4 +94,7 @@ def main(argv: list[str]) -> None:
     sys.exit(1)
   print(report.table())
   if FLAGS.output:
-    Path(FLAGS.output).write_text(json.dumps(report.as_dict(), indent=2, default=str) + "\n")
+    try:
+      write_atomically(FLAGS.output, json.dumps(report.as_dict(), indent=2, default=str) + "\n")
+    except OSError as e:
+      fail(f"--output: {e}")
