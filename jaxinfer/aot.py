@@ -504,8 +504,9 @@ def checkpoint_format(job: CompileJob) -> CompileJob:
   if job.model.startswith(("preset:", "embedded")) or not path.is_dir():
     return job
   from jaxinfer import quant
+  tied = model_config(job).tie_embeddings
   try:
-    fmt = quant.read_metadata(path, model_config(job).tie_embeddings)
+    fmt = quant.read_metadata(path, tied)
   except ValueError as e:
     raise CompileError(f"--model: {e}") from None
   try:
@@ -517,7 +518,13 @@ def checkpoint_format(job: CompileJob) -> CompileJob:
   if asked is not None and asked != dataclasses.replace(fmt, include=()):
     raise CompileError(f"--quantize: {job.model} is quantized as {fmt.name} already; leave "
                        f"--quantize out to compile it as it serves")
-  if job.quantize_include and set(job.quantize_include) != set(fmt.include):
+  if not job.quantize_include:
+    return dataclasses.replace(job, quantize=fmt.name, quantize_include=fmt.include)
+  try:  # (as quantize took them: a tied model's lm_head is its embed)
+    roles = quant.QuantFormat.parse(fmt.name, tuple(job.quantize_include)).for_model(tied).include
+  except ValueError as e:
+    raise CompileError(f"--quantize_include: {e}") from None
+  if set(roles) != set(fmt.include):
     raise CompileError(f"--quantize_include: {job.model} is quantized with "
                        f"{list(fmt.include) or 'no'} optional roles already; leave "
                        f"--quantize_include out to compile it as it serves")

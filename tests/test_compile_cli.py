@@ -302,3 +302,8 @@ def test_a_quantized_checkpoint_compiles_in_its_own_format(tmp_path):
     aot.checkpoint_format(aot.CompileJob(TPU, model=str(tmp_path), quantize="int8"))
   with pytest.raises(aot.CompileError, match=r"^--quantize_include: .* with \['embed'\] optional"):
     aot.checkpoint_format(aot.CompileJob(TPU, model=str(tmp_path), quantize_include=("lm_head",)))
+  # a tied model's lm_head is its embed: the roles quantize was given are its record's
+  (tmp_path / "config.json").write_text(json.dumps({**COMMON, "model_type": "llama",
+                                                    "tie_word_embeddings": True}))
+  both = aot.CompileJob(TPU, model=str(tmp_path), quantize_include=("embed", "lm_head"))
+  assert aot.checkpoint_format(both) == job

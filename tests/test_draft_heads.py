@@ -515,6 +515,17 @@ def test_train_draft_refuses_options_its_method_would_ignore(tmp_path, method, o
                          str(tmp_path / "heads"), method=method, **options)
 
 
+def test_train_draft_refuses_an_output_it_could_not_write_before_training(tmp_path):
+  """An empty output (the working directory) or one under a file was found at the save, after
+  the training (or written into the working directory)."""
+  import jaxinfer
+  from jaxinfer.errors import UserError
+  (tmp_path / "f").write_text("")
+  for output, needle in (("", "output: empty"), (str(tmp_path / "f" / "heads"), "is a file")):
+    with pytest.raises(UserError, match=needle):
+      jaxinfer.train_draft(str(tmp_path / "no_model"), str(tmp_path / "no_data"), output)
+
+
 def test_self_distillation_writes_its_data_with_the_base_the_heads_train_on(
     tmp_path, tiny_model_dir, monkeypatch):
   """The text the heads learn is written by the model directory the heads train on (its

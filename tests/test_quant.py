@@ -267,6 +267,10 @@ def test_checkpoint_errors(tmp_path, params):
   with pytest.raises(ValueError, match=want) as e:
     load_orbax(tmp_path)
   assert "\n" not in str(e.value)
+  meta.write_text(json.dumps({**json.loads(meta.read_text()), "version": quant.QUANT_VERSION,
+                              "format": 3}))  # (a traceback)
+  with pytest.raises(ValueError, match="expected a format name and a list of roles"):
+    load_orbax(tmp_path)
   save_orbax(tmp_path, CFG, params)  # a full-precision save drops the format record
   assert not meta.exists()
   # a format record that does not describe the arrays, or arrays gone: one line each naming the
@@ -393,9 +397,13 @@ def _cli(*args):
 @pytest.mark.parametrize("fmt,output,needle", [
     ("int3", "new", "--format: quantization format 'int3': unknown"),
     ("int4:g64", "new", "--format: .* groups of 64 do not divide head_dim"),
-    ("int8", "a file", "is a file"), ("int8", "the model", "is the model being read")])
+    ("int8", "a file", "is a file"), ("int8", "the model", "is the model being read"),
+    # (an empty name wrote into the working directory, removing files there; a directory under
+    # a file was a traceback)
+    ("int8", "empty", "--output: empty"), ("int8", "under a file", "f is a file, so .* cannot")])
 def test_cli_errors_are_one_line(tmp_path, model_dir, fmt, output, needle):
-  dest = {"new": tmp_path / "q", "a file": tmp_path / "f", "the model": model_dir}[output]
+  dest = {"new": tmp_path / "q", "a file": tmp_path / "f", "the model": model_dir, "empty": "",
+          "under a file": tmp_path / "f" / "q"}[output]
   (tmp_path / "f").write_text("")
   proc = _cli("quantize", f"--model={model_dir}", f"--format={fmt}", f"--output={dest}")
   assert proc.returncode == 2, proc.stderr

@@ -134,6 +134,14 @@ def test_train_cli_refuses_data_too_short_for_one_window(tmp_path, tiny_model_di
   assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr
   assert proc.stderr.strip().splitlines()[-1].startswith(f"error: --data: {data} gives "), proc.stderr
   assert "--seq_len=64" in proc.stderr
+  # an output under a file: refused before the model is read (a traceback, or with --workdir
+  # after the whole run)
+  proc = subprocess.run(
+      [sys.executable, "-m", "jaxinfer", "train", f"--model={tiny_model_dir}", f"--data={data}",
+       f"--output={data / 'out'}", f"--workdir={tmp_path / 'w'}"],
+      capture_output=True, text=True, timeout=300)
+  assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr
+  assert proc.stderr.strip().splitlines()[-1].startswith(f"error: --output: {data} is a file")
 
 
 def test_learning_rates_warm_up_for_the_steps_asked_and_allow_a_single_step():

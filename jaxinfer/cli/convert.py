@@ -33,6 +33,6 @@ def main(argv: list[str]) -> None:
       out = checkpoint.save_hf(FLAGS.output, cfg, params, tokenizer_dir=src)
     else:
       out = checkpoint.save_orbax(FLAGS.output, cfg, params, tokenizer_dir=src, quant_format=fmt)
-  except (FileNotFoundError, ValueError) as e:
+  except (OSError, ValueError) as e:
     fail(str(e))
   print(f"wrote {FLAGS.format} checkpoint to {out}")

@@ -62,6 +62,7 @@ def main(argv: list[str]) -> None:
   from jaxinfer import quant
   from jaxinfer.train import lm, qat
   from jaxinfer.checkpoint.destination import check_destination
+  from jaxinfer.files import write_atomically
   from jaxinfer.sharding import format_mesh
   from jaxinfer.train.loop import TrainConfig, train
 
@@ -74,8 +75,9 @@ def main(argv: list[str]) -> None:
   if FLAGS.distill and FLAGS.init == "random":
     fail("--distill: the teacher is the starting model; use --init=pretrained")
   settings = {name: FLAGS[name].value for name in TRAIN_FLAGS}
-  workdir = Path(FLAGS.workdir or FLAGS.output.rstrip("/") + ".run")
   try:
+    check_destination(FLAGS.output, None)  # (an empty name, or one under a file: before all)
+    workdir = Path(FLAGS.workdir or FLAGS.output.rstrip("/") + ".run")
     check_workdir(workdir, FLAGS.resume, settings)
     mesh, src, cfg, params, tokenizer = load_model_from_flags()
     check_destination(FLAGS.output, src, "hf" if fmt is None else "orbax")  # (now, not after)
@@ -97,7 +99,7 @@ def main(argv: list[str]) -> None:
         qat.check(cfg, params, fmt)
       except ValueError as e:  # (a group size that does not divide a weight's axis)
         fail(f"--qat: {e}")
-  except (FileNotFoundError, ValueError) as e:
+  except (OSError, ValueError) as e:  # (OSError: e.g. a --workdir under a file)
     fail(str(e))
   if FLAGS.init == "random":
     params = M.init_params(cfg, jax.random.key(FLAGS.seed), mesh)
@@ -118,6 +120,6 @@ def main(argv: list[str]) -> None:
     out = checkpoint.save_hf(FLAGS.output, cfg, params, tokenizer_dir=src)
   else:
     out = checkpoint.save_orbax(FLAGS.output, cfg, params, tokenizer_dir=src, quant_format=fmt)
-  (out / "report.json").write_text(json.dumps(report, indent=2) + "\n")
+  write_atomically(out / "report.json", json.dumps(report, indent=2) + "\n")
   print(json.dumps(report))
   print(f"wrote {out}" + (f" ({fmt.name} quantized checkpoint)" if fmt is not None else ""))

@@ -45,7 +45,7 @@ def quantize(model: str, output: str, format: str, *, include: Sequence[str] = (
   (Path(output).expanduser() / "report.json").unlink(missing_ok=True)
   try:
     out = checkpoint.save_orbax(output, cfg, quantized, tokenizer_dir=src, quant_format=fmt)
-  except (FileNotFoundError, ValueError) as e:
+  except (OSError, ValueError) as e:
     raise UserError(str(e)) from None
   size = lambda tree: sum(x.nbytes for x in jax.tree_util.tree_leaves(tree))
   return Path(out), size(params), size(quantized)

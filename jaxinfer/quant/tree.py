@@ -168,7 +168,12 @@ def read_metadata(directory: str | os.PathLike,
                      f"version {QUANT_VERSION}; re-run jaxinfer quantize on the full-precision "
                      f"model")
   try:
-    fmt = QuantFormat.parse(meta["format"], meta.get("include", ()))
+    name, include = meta["format"], meta.get("include", ())
+    if not isinstance(name, str) or not isinstance(include, (list, tuple)) or not all(
+        isinstance(role, str) for role in include):
+      raise ValueError(f"expected a format name and a list of roles, got format {name!r}, "
+                       f"include {include!r}")
+    fmt = QuantFormat.parse(name, include)
     return fmt if tie_embeddings is None else fmt.for_model(tie_embeddings)
   except (KeyError, TypeError, ValueError) as e:
     raise ValueError(f"{path}: {e}") from None

@@ -121,6 +121,7 @@ def train_draft(model: str, data: str, output: str, *, method: str = "medusa",
   text or conversations) and writes them to `output`; keywords are `jaxinfer train-draft`'s
   flags (see `jaxinfer train-draft --help`). Raises UserError on bad options or files."""
   from jaxinfer import checkpoint
+  from jaxinfer.checkpoint.destination import check_destination
   from jaxinfer.draft_heads import eagle, hidden_cache as hcache, hydra, medusa, medusa2
   from jaxinfer.sharding import format_mesh, make_mesh
   from jaxinfer.train.workdir import check_workdir, record_settings
@@ -131,8 +132,9 @@ def train_draft(model: str, data: str, output: str, *, method: str = "medusa",
            if p.default is not inspect.Parameter.empty and options[name] != p.default}
   _check(method, prefix_layer, head_layers, ttt_steps, draft_vocab, hidden_cache, steps,
          batch_size, seq_len, heldout_fraction, given)
-  work = Path(workdir or output.rstrip("/") + ".run")
   try:
+    check_destination(output, None)  # (not empty or a file: before hours of training)
+    work = Path(workdir or output.rstrip("/") + ".run")
     check_workdir(work, resume, options)
     device_mesh = make_mesh(mesh)  # (empty: every device on `data`)
     src = checkpoint.resolve_model_dir(model, cache_dir)
@@ -151,7 +153,7 @@ def train_draft(model: str, data: str, output: str, *, method: str = "medusa",
     if hidden_cache:  # built (or checked against this model and data) before training
       hcache.build(hidden_cache, base, cfg, train_tokens, seq_len, batch_size=batch_size,
                    progress=progress)
-  except (FileNotFoundError, ValueError) as e:
+  except (OSError, ValueError) as e:
     raise UserError(str(e)) from None
   common = dict(steps=steps, batch_size=batch_size, seq_len=seq_len,
                 learning_rate=learning_rate, warmup_steps=warmup_steps,

@@ -6,6 +6,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from jaxinfer.checkpoint.destination import check_not_under_a_file
+
 # what a run may change when it resumes: how long it runs, where it writes and reports, the
 # mesh it restores onto (a preempted job may come back on another slice), caches of the inputs
 RESUMABLE = frozenset({"steps", "checkpoint_every", "output", "workdir", "resume", "progress",
@@ -35,6 +37,7 @@ def check_workdir(workdir, resume: bool, settings: dict | None = None) -> None:
   options by flag name): a resumed run must have those it started with (`record_settings`;
   `RESUMABLE` aside)."""
   w = Path(workdir)
+  check_not_under_a_file(w, "--workdir")
   ckpt = w / "checkpoints"
   steps = sorted(int(p.name) for p in ckpt.iterdir() if p.name.isdigit()) if ckpt.is_dir() else []
   held = steps or (w / "metrics.jsonl").is_file() or (w / "distill").is_dir()
