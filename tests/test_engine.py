@@ -441,6 +441,14 @@ def test_an_interrupt_a_callback_swallowed_still_ends_the_command(ignored, exits
   assert ("interrupted" in proc.stderr) == (want == 130), proc.stderr
 
 
+def _own_devices_env() -> dict[str, str]:
+  """The environment for processes that choose their own number of CPU devices: the tests' XLA
+  flags (tests/conftest.py) but their 8 simulated devices."""
+  flags = [f for f in os.environ.get("XLA_FLAGS", "").split()
+           if not f.startswith("--xla_force_host_platform_device_count")]
+  return {**os.environ, "XLA_FLAGS": " ".join(flags)}
+
+
 _GENERATE_FILE = """
 import sys, jax, jaxinfer
 port, i, prompts, out, model, mesh, metrics = sys.argv[1:]
@@ -476,7 +484,7 @@ def test_two_processes_write_one_output(tmp_path, tiny_model_dir, speculative, m
     (tmp_path / "two.jsonl.part-1-of-2").write_text(
         "".join(json.dumps(r) + "\n" for r in resumed) + '{"id": "r9", "li')
   port = _free_port()
-  env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+  env = _own_devices_env()
   if launcher == "python":
     procs = [subprocess.Popen([sys.executable, "-c", _GENERATE_FILE, str(port), str(i),
                                str(prompts), str(out), str(tiny_model_dir), mesh,
@@ -516,7 +524,7 @@ def test_processes_reading_different_input_are_refused(tmp_path, tiny_model_dir)
   """Each process splits the requests among all replicas alike: processes given different
   prompts (they once wrote a mix of both files, lines repeated) are refused, nothing written."""
   port, out = _free_port(), tmp_path / "o.jsonl"
-  env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+  env = _own_devices_env()
   procs = []
   for i in range(2):
     prompts = tmp_path / f"p{i}.jsonl"
