@@ -187,12 +187,15 @@ def transformers_side(workdir: Path, b: int, info: dict) -> None:
 
 def _serve_rounds(modes: dict, info: dict) -> None:
   """A side's worker: warms every mode up, says READY with `info`, then runs every mode once per
-  line read ("round") and answers RESULT {mode: (seconds, completions, extras)}."""
+  line read ("round") and answers RESULT {mode: (seconds, completions, extras)}; the modes run
+  in their order, reversed every other round (so drift over a round favours none of them)."""
   for name, run in modes.items():
     print(f"warm-up {name}: {run()[0]:.2f}s", file=sys.stderr, flush=True)
   print("READY " + json.dumps(info), flush=True)
-  for _ in sys.stdin:
-    print("RESULT " + json.dumps({name: run() for name, run in modes.items()}), flush=True)
+  for i, _ in enumerate(sys.stdin):
+    order = list(modes) if i % 2 == 0 else list(reversed(modes))
+    results = {name: modes[name]() for name in order}
+    print("RESULT " + json.dumps({name: results[name] for name in modes}), flush=True)
 
 
 def jaxinfer_spec_side(workdir: Path) -> None:
@@ -353,6 +356,7 @@ def speculative_main(workdir: Path) -> None:
          "new_tokens": FLAGS.new_tokens, "eos": "off", "repeats": FLAGS.repeats,
          "prompt_set": f"the middle {FLAGS.prompt_len}-token window of each of the first "
                        f"{FLAGS.num_prompts} held-out stdlib files (by path) longer than that",
+         "mode_order": "each side's modes in order, reversed every other round",
          "jaxinfer_modes": ours, "transformers_modes": theirs, "absolute_ratios": pairs,
          "transformers_assistant": "transformers' defaults (num_assistant_tokens etc.)",
          "device": info["device"], "jax": info["jax"], "torch": info["torch"],

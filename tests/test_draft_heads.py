@@ -3,6 +3,7 @@ base stays bitwise frozen, the files round-trip, Medusa's tree is prefix-closed,
 them is lossless."""
 
 import json
+import shutil
 import subprocess
 import sys
 
@@ -505,6 +506,9 @@ def test_eagle_training_time_test_sees_what_drafting_sees(tmp_path, tiny_model_d
     ("hydra", dict(ttt_steps=2), "ttt_steps="),
     ("medusa", dict(prefix_layer=True), "prefix_layer="),
     ("medusa", dict(distill_new_tokens=32), "distill_new_tokens="),
+    # (the last head learnt from nothing: a NaN loss, NaN in its config's accuracies)
+    ("medusa", dict(seq_len=4), "seq_len: must exceed num_heads=4"),
+    ("eagle", dict(seq_len=4, ttt_steps=4), "seq_len: must exceed ttt_steps=4"),
 ])
 def test_train_draft_refuses_options_its_method_would_ignore(tmp_path, method, options, needle):
   """Before any file is read: an option the method never reads is refused by name."""
@@ -513,6 +517,52 @@ def test_train_draft_refuses_options_its_method_would_ignore(tmp_path, method, o
   with pytest.raises(UserError, match=needle):
     jaxinfer.train_draft(str(tmp_path / "no_model"), str(tmp_path / "no_data"),
                          str(tmp_path / "heads"), method=method, **options)
+
+
+def test_heads_are_served_only_on_their_model_from_files_read_whole(tmp_path, tiny_model_dir):
+  """Heads record the model they were trained on: served on another (other weights of the same
+  shapes, or another depth) they are refused in one line (they were served silently, drafting
+  nothing of use); the same model in bfloat16 serves them. Damaged files are one line each
+  (they were tracebacks: a cut-short weights file, a config missing a field, a tree whose node
+  has no parent)."""
+  import dataclasses
+
+  from conftest import make_tiny_model_dir
+  from jaxinfer.draft_heads import files
+  from jaxinfer.runner import GenerateJob, UserError
+  from jaxinfer.speculative.registry import build
+  cfg, params, _ = checkpoint.load_model(str(tiny_model_dir))
+  good = tmp_path / "heads"
+  info = dict(tree=[[0], [1], [0, 0]], accuracy_topk=[[0.5, 0.2], [0.3, 0.1]],
+              base=files.base_record(cfg, params))
+  medusa.save(good, medusa.init_heads(params, 2), info)
+  job = lambda d: GenerateJob(prompts="p", output="o", speculative="medusa", draft_heads=str(d))
+  assert build(job(good), cfg, params, None)[0].tree_size == 4
+  half = jax.tree_util.tree_map(lambda x: x.astype(jnp.bfloat16), params)
+  build(job(good), dataclasses.replace(cfg, dtype="bfloat16"), half, None)
+  for seed, overrides, needle in ((1, {}, "another model of the same shapes"),
+                                  (0, dict(num_layers=3), "num_layers 2 \\(the model's 3\\)")):
+    other = make_tiny_model_dir(tmp_path / f"other{seed}", seed=seed, **overrides)
+    ocfg, oparams, _ = checkpoint.load_model(str(other))
+    with pytest.raises(UserError, match=needle):
+      build(job(good), ocfg, oparams, None)
+  config = json.loads((good / "medusa_config.json").read_text())
+  broken = {"cut short": lambda d: (d / "heads.safetensors").write_bytes(
+                (d / "heads.safetensors").read_bytes()[:100]),
+            "no tree": lambda d: (d / "medusa_config.json").write_text(json.dumps(
+                {k: v for k, v in config.items() if k != "tree"})),
+            "orphan": lambda d: (d / "medusa_config.json").write_text(json.dumps(
+                {**config, "tree": [[0], [1, 0]]})),
+            "a list": lambda d: (d / "medusa_config.json").write_text("[]")}
+  for name, needle in (("cut short", "heads.safetensors: not readable"),
+                       ("no tree", "its config has no 'tree'"),
+                       ("orphan", "node \\[1, 0\\] is not a path"),
+                       ("a list", "expected a JSON object")):
+    bad = tmp_path / name.replace(" ", "_")
+    shutil.copytree(good, bad)
+    broken[name](bad)
+    with pytest.raises(UserError, match=f"^--draft_heads: .*{needle}"):
+      build(job(bad), cfg, params, None)
 
 
 def test_train_draft_refuses_an_output_it_could_not_write_before_training(tmp_path):
@@ -524,6 +574,13 @@ def test_train_draft_refuses_an_output_it_could_not_write_before_training(tmp_pa
   for output, needle in (("", "output: empty"), (str(tmp_path / "f" / "heads"), "is a file")):
     with pytest.raises(UserError, match=needle):
       jaxinfer.train_draft(str(tmp_path / "no_model"), str(tmp_path / "no_data"), output)
+  # heads of another method there: the two would be mixed (medusa_config.json beside Hydra's
+  # weights, served as Medusa's, was a traceback)
+  (tmp_path / "heads").mkdir()
+  (tmp_path / "heads" / "hydra_config.json").write_text("{}")
+  with pytest.raises(UserError, match="output: .* holds hydra heads"):
+    jaxinfer.train_draft(str(tmp_path / "no_model"), str(tmp_path / "no_data"),
+                         str(tmp_path / "heads"), method="medusa")
 
 
 def test_self_distillation_writes_its_data_with_the_base_the_heads_train_on(

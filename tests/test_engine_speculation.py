@@ -256,6 +256,8 @@ def test_tree_policy_explores_then_runs_the_fastest():
   for level in (1, 1, 3):
     dispatch(policy, level)
   assert "at 1.19x plain decoding's" in policy.summary([0, 2, 0, 1])  # 1.9 / 1.6 over 1 / 1
+  policy.call[3, 0] = 0  # plain dispatches timed that emitted nothing (it said "infx")
+  assert "too few decode-only dispatches of plain decoding" in policy.summary([0, 2, 0, 1])
   always = TreePolicy(ladder(P.NGram(num_draft_tokens=4), "always"), "always")
   assert {always.pick(work_s=0.0) for _ in range(5)} == {0}
   # a tree is compiled to be tried only once the work in sight pays for it: AMORTIZE times

@@ -374,13 +374,13 @@ class TreePolicy:
                        if self.measured[i])
     call = self.call if call is None else call
     trees, plain_sums = call[:plain].sum(axis=0), call[plain]
-    if trees[1] and plain_sums[1]:
+    if trees.all() and plain_sums.all():  # (tokens and seconds of each: 0 gave "inf" or 0.00)
       ratio = (trees[0] / trees[1]) / (plain_sums[0] / plain_sums[1])
       versus = (f"; this call's decode-only dispatches speculated at {ratio:.2f}x plain "
                 f"decoding's tokens per live row per second")
     else:
       versus = ("; this call timed too few decode-only dispatches of "
-                f"{'trees' if not trees[1] else 'plain decoding'} to compare")
+                f"{'trees' if not trees.all() else 'plain decoding'} to compare")
     return (f"speculating in {spec:.0%} of dispatches, mostly with {self.sizes[best]}-token "
             f"trees (measured tokens/s per live row by tree size: {speeds}){versus}")
 

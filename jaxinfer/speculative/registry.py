@@ -5,6 +5,7 @@ makes (proposer, draft params) for a model. Options are read by attribute (`spec
 
 from __future__ import annotations
 
+import contextlib
 from typing import Callable
 
 import numpy as np
@@ -187,26 +188,33 @@ def _draft(opts, cfg, params, dtype):
 
 def _heads_tree(opts, cfg, params, dtype):
   """Medusa or Hydra heads with their static tree (re-grown with --tree=nodes:N)."""
+  from jaxinfer.draft_heads import files
   from jaxinfer.draft_heads import hydra_serve as hydra
   from jaxinfer.draft_heads import medusa_serve as medusa
   from jaxinfer.speculative import proposers as P
   lib = medusa if opts.speculative == "medusa" else hydra
-  try:
+  with _heads_files(opts):
     heads, info = (medusa.load(opts.draft_heads, cfg.jnp_dtype) if lib is medusa
                    else hydra.load(opts.draft_heads, cfg.jnp_dtype, cfg))
-  except (FileNotFoundError, ValueError) as e:
-    raise UserError(f"--draft_heads: {e}") from None
-  if (info["vocab_size"], info["hidden_size"]) != (cfg.vocab_size, cfg.embed):
-    raise UserError(f"--draft_heads: heads for vocabulary {info['vocab_size']} / hidden "
-                    f"{info['hidden_size']}, the model has {cfg.vocab_size} / {cfg.embed}")
-  paths = tuple(tuple(p) for p in info["tree"])
-  # the heads' measured accuracies: they re-grow the tree (--tree=nodes:N) and rank the paths a
-  # smaller tree keeps
-  acc = info.get("accuracy_topk")
-  acc = None if acc is None else tuple(tuple(float(a) for a in row) for row in acc)
-  if opts.tree.startswith("nodes:"):
-    accuracy = np.asarray(info["accuracy_topk"])
-    paths = tuple(medusa.build_tree(accuracy, min(tree_nodes(opts.tree), _max_nodes(accuracy))))
+    if (info["vocab_size"], info["hidden_size"]) != (cfg.vocab_size, cfg.embed):
+      raise ValueError(f"heads for vocabulary {info['vocab_size']} / hidden "
+                       f"{info['hidden_size']}, the model has {cfg.vocab_size} / {cfg.embed}")
+    files.check_base(opts.draft_heads, info, cfg, params)
+    paths = _tree(info["tree"], heads.num_heads, cfg.vocab_size)
+    # the heads' measured accuracies: they re-grow the tree (--tree=nodes:N) and rank the paths
+    # a smaller tree keeps
+    acc = info.get("accuracy_topk")
+    if acc is not None:
+      accuracy = np.asarray(acc, np.float64)
+      if accuracy.ndim != 2 or len(accuracy) > heads.num_heads or not accuracy.size:
+        raise ValueError(f"{opts.draft_heads}: its accuracy_topk is not a row of accuracies "
+                         f"per head (of {heads.num_heads})")
+      acc = tuple(tuple(float(a) for a in row) for row in accuracy)
+    if opts.tree.startswith("nodes:"):
+      if acc is None:
+        raise KeyError("accuracy_topk")
+      paths = tuple(medusa.build_tree(accuracy,
+                                      min(tree_nodes(opts.tree), _max_nodes(accuracy))))
   if lib is medusa:
     return P.Medusa(paths=paths, accuracy=acc), heads
   return P.Hydra(paths=paths, prefix=None if heads.prefix is None else hydra.prefix_config(cfg),
@@ -215,11 +223,41 @@ def _heads_tree(opts, cfg, params, dtype):
 
 def _eagle(opts, cfg, params, dtype):
   from jaxinfer.draft_heads import eagle_serve as eagle
+  from jaxinfer.draft_heads import files
+  with _heads_files(opts):
+    draft, vocab, info = eagle.load(opts.draft_heads, cfg, cfg.jnp_dtype)
+    files.check_base(opts.draft_heads, info, cfg, params)
+  return eagle_proposer(opts, cfg), eagle.serving_heads(draft, params, vocab)
+
+
+@contextlib.contextmanager
+def _heads_files(opts):
+  """Errors reading --draft_heads as one UserError naming it."""
   try:
-    draft, vocab, _ = eagle.load(opts.draft_heads, cfg, cfg.jnp_dtype)
+    yield
   except (FileNotFoundError, ValueError) as e:
     raise UserError(f"--draft_heads: {e}") from None
-  return eagle_proposer(opts, cfg), eagle.serving_heads(draft, params, vocab)
+  except KeyError as e:  # (a config without a field the heads' method writes)
+    raise UserError(f"--draft_heads: {opts.draft_heads}: its config has no {e.args[0]!r}, as "
+                    f"jaxinfer train-draft writes for --speculative={opts.speculative}") from None
+
+
+def _tree(paths, num_heads: int, vocab_size: int) -> tuple[tuple[int, ...], ...]:
+  """A stored tree's paths (each node a path of ranks, one per head it reaches down), checked:
+  every node's parent in the tree, no deeper than the heads, ranks within the vocabulary."""
+  try:
+    tree = tuple(tuple(int(r) for r in p) for p in paths)
+  except (TypeError, ValueError):
+    raise ValueError(f"its tree is not a list of paths of ranks: {paths!r}") from None
+  nodes = set(tree)
+  for p in tree:
+    if not p or len(p) > num_heads or min(p) < 0 or max(p) >= vocab_size or (
+        len(p) > 1 and p[:-1] not in nodes):
+      raise ValueError(f"its tree's node {list(p)} is not a path of ranks below another node "
+                       f"of the tree, within its {num_heads} heads")
+  if not tree:
+    raise ValueError("its tree is empty")
+  return tree
 
 
 def eagle_proposer(opts, cfg):

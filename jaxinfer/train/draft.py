@@ -41,7 +41,7 @@ def chat_data(path: str):
 
 
 def _check(method, prefix_layer, head_layers, ttt_steps, draft_vocab, hidden_cache, steps,
-           batch_size, seq_len, heldout_fraction, given: set[str]) -> None:
+           batch_size, seq_len, heldout_fraction, num_heads, given: set[str]) -> None:
   """Refuses bad values, and options the method would ignore (`given`: the options set to
   other than `train_draft`'s defaults)."""
   if method not in METHODS:
@@ -65,6 +65,11 @@ def _check(method, prefix_layer, head_layers, ttt_steps, draft_vocab, hidden_cac
                            ("seq_len", seq_len, 4)):
     if value < low:
       raise UserError(f"--{name}: must be >= {low}, got {value}")
+  # the last head (EAGLE's last training-time-test step) learns from tokens that far ahead: a
+  # window no longer gave it none (a NaN loss and accuracy)
+  ahead, flag = (ttt_steps, "--ttt_steps") if method == "eagle" else (num_heads, "--num_heads")
+  if seq_len <= ahead:
+    raise UserError(f"--seq_len: must exceed {flag}={ahead}, got {seq_len}")
   if not 0.0 <= heldout_fraction <= 0.5:
     raise UserError(f"--heldout_fraction: must be in [0, 0.5], got {heldout_fraction}")
 
@@ -91,6 +96,21 @@ def _tokens(data, src, cfg, tokenizer, workdir, *, self_distill, distill_prompt_
                              prompt_len=distill_prompt_len, new_tokens=distill_new_tokens,
                              seed=seed, dtype=dtype, progress=progress)
   return tokens
+
+
+HEADS_CONFIGS = {"medusa": "medusa_config.json", "hydra": "hydra_config.json",
+                 "eagle": "eagle_config.json"}  # (medusa2 writes Medusa heads)
+
+
+def _check_other_heads(output: str, method: str) -> None:
+  """Refuses an output holding another method's heads: written beside them, the two would be
+  mixed (one's weights file read as the other's)."""
+  mine = "medusa" if method == "medusa2" else method
+  for other, name in HEADS_CONFIGS.items():
+    if other != mine and (Path(output).expanduser() / name).is_file():
+      raise ValueError(f"--output: {output} holds {other} heads ({name}); writing {method} "
+                       f"heads beside them would mix the two: choose another directory or "
+                       f"empty it")
 
 
 def _check_base(base, method: str, model: str) -> None:
@@ -122,7 +142,7 @@ def train_draft(model: str, data: str, output: str, *, method: str = "medusa",
   flags (see `jaxinfer train-draft --help`). Raises UserError on bad options or files."""
   from jaxinfer import checkpoint
   from jaxinfer.checkpoint.destination import check_destination
-  from jaxinfer.draft_heads import eagle, hidden_cache as hcache, hydra, medusa, medusa2
+  from jaxinfer.draft_heads import eagle, files, hidden_cache as hcache, hydra, medusa, medusa2
   from jaxinfer.sharding import format_mesh, make_mesh
   from jaxinfer.train.workdir import check_workdir, record_settings
   values = locals()
@@ -131,9 +151,10 @@ def train_draft(model: str, data: str, output: str, *, method: str = "medusa",
   given = {name for name, p in parameters.items()
            if p.default is not inspect.Parameter.empty and options[name] != p.default}
   _check(method, prefix_layer, head_layers, ttt_steps, draft_vocab, hidden_cache, steps,
-         batch_size, seq_len, heldout_fraction, given)
+         batch_size, seq_len, heldout_fraction, num_heads, given)
   try:
     check_destination(output, None)  # (not empty or a file: before hours of training)
+    _check_other_heads(output, method)
     work = Path(workdir or output.rstrip("/") + ".run")
     check_workdir(work, resume, options)
     device_mesh = make_mesh(mesh)  # (empty: every device on `data`)
@@ -166,11 +187,11 @@ def train_draft(model: str, data: str, output: str, *, method: str = "medusa",
                                            **heads_only)
     save = lambda out, draft, i: eagle.save(out, draft, i, vocab)
   elif method == "medusa2":
-    heads, tuned, info = medusa2.train_medusa2(
+    heads, base, info = medusa2.train_medusa2(
         cfg, base, train_tokens, held_tokens, work, num_heads=num_heads, tree_nodes=tree_nodes,
         rank=lora_rank, kl_weight=kl_weight, **common)
-    info["model"] = str(checkpoint.save_hf(Path(output) / "model", cfg, tuned,
-                                           tokenizer_dir=src))
+    info["model"] = str(checkpoint.save_hf(Path(output) / "model", cfg, base,  # (adapted)
+                                           tokenizer_dir=src).resolve())
     save = medusa.save
   else:
     lib = medusa if method == "medusa" else hydra
@@ -179,6 +200,6 @@ def train_draft(model: str, data: str, output: str, *, method: str = "medusa",
                                   num_heads=num_heads, tree_nodes=tree_nodes, **heads_only,
                                   **extra)
     save = lib.save
-  info.update(base_model=str(src), self_distilled_prompts=self_distill,
-              mesh=format_mesh(dict(device_mesh.shape)))
+  info.update(base_model=str(Path(src).resolve()), base=files.base_record(cfg, base),
+              self_distilled_prompts=self_distill, mesh=format_mesh(dict(device_mesh.shape)))
   return TrainDraftResult(Path(save(output, heads, info)), info)

@@ -17,6 +17,8 @@ PATHS = ("model", "data")  # compared as the files they name, however spelled
 
 def _recorded(settings: dict) -> dict:
   kept = {k: v for k, v in sorted(settings.items()) if k not in RESUMABLE}
+  if settings.get("hidden_cache"):  # (where it lies may change; whether batches come from
+    kept["hidden_cache"] = True  # one, in its own order, may not)
   for k in PATHS:
     if isinstance(kept.get(k), str) and Path(kept[k]).expanduser().exists():
       kept[k] = str(Path(kept[k]).expanduser().resolve())
