@@ -49,6 +49,16 @@ def tokens_per_second(r: dict) -> str:
   return text(gen) + (f" ({text(e2e)} end to end)" if e2e != gen else "")
 
 
+def compile_seconds(r: dict) -> str:
+  """plain / always / auto seconds of compilation (the warm-up calls', which every process
+  pays once before its first tokens; the timed calls leave it out)."""
+  paid = r.get("compile_seconds")
+  if not isinstance(paid, dict):
+    return NA
+  name = r.get("method")
+  return " / ".join(fmt(paid.get(m), 1) for m in ("plain", f"{name} always", f"{name} auto"))
+
+
 MODEL = ("model", lambda r: short_model(r.get("model")))
 # rows of the current protocol (--num_prompts distinct held-out files at every batch size,
 # against the engine's plain decoding) carry "protocol"; earlier rows do not
@@ -63,6 +73,9 @@ AGAINST_ENGINE = [
     ("auto, min–max", lambda r: spread(r, "speedup_auto_spread")),
     field("τ, auto", "tau_auto"), ("auto chose", auto_chose),
     ("tok/s plain / always / auto", tokens_per_second),
+    ("compile s plain / always / auto", compile_seconds),
+    ("modes' order", lambda r: "reversed every other round" if "reversed" in str(
+        r.get("mode_order")) else "plain, always, auto every round"),
     field("identical to plain", "identical_to_plain"), field("note", "note")]
 METHODS = [
     MODEL, field("batch", "batch_size"),
@@ -101,7 +114,10 @@ def _speculative(recs) -> list[str]:
       "B runs all of them through B slots (batch 1: one at a time). Each method runs through "
       "`jaxinfer.LLM(..., speculative=METHOD, speculation=always|auto)` against "
       "`jaxinfer.LLM(model, batch_size=B)` without speculation, compilation left out by warm-up "
-      "calls; per round and method: plain, always, auto. Speedup: plain wall time / method wall "
+      "calls (its seconds, which a process pays once before its first tokens, in their own "
+      "column: beside a timed call's, they decide whether a short job gains); per round and "
+      "method: plain, always, auto, in the order its column says (a fixed order measured the "
+      "later modes in a warmer, or busier, machine). Speedup: plain wall time / method wall "
       "time of the same round, the median over rounds, then the slowest and fastest round. "
       "τ, auto: over the batches the auto policy speculated. Identical: prompts whose completions "
       "equal plain decoding's in every round, both policies.", AGAINST_ENGINE, current) + part(
