@@ -20,10 +20,17 @@ def _triple(values, unit: str = "") -> str:
   return " / ".join(f"{v:.2f}{unit}" for v in values)
 
 
+def _setting(row: dict) -> tuple:
+  """What a row's figures depend on besides the method: its protocol and prompts."""
+  return row.get("protocol"), row.get("prompt_set"), row.get("num_prompts")
+
+
 def _pair(rows: list[dict], where_a: dict, where_b: dict):
-  """(a's rows, b's rows, whether every pair shares a run), one per batch size: from the last
-  record holding both (one run, so their speeds compare), else each method's latest row."""
-  out_a, out_b, together = [], [], True
+  """(a's rows, b's rows, how they pair), one per batch size: from the last record holding both
+  (one run, so their speeds compare: "one run"), else the latest rows of the two on the same
+  protocol and prompts ("separate runs"), else each method's latest row ("different prompts":
+  not comparable)."""
+  out_a, out_b, how = [], [], "one run"
   for batch in BATCHES:
     a = [r for r in rows if matches(r, {**where_a, "batch_size": batch})]
     b = [r for r in rows if matches(r, {**where_b, "batch_size": batch})]
@@ -33,10 +40,18 @@ def _pair(rows: list[dict], where_a: dict, where_b: dict):
     if shared:
       a = [r for r in a if r["_record"] == max(shared)]
       b = [r for r in b if r["_record"] == max(shared)]
-    together = together and bool(shared)
+    else:
+      alike = [(x, y) for x in a for y in b if _setting(x) == _setting(y)]
+      if alike:
+        a, b = [max(alike, key=lambda xy: min(xy[0]["_record"], xy[1]["_record"]))[i]
+                for i in (0, 1)]
+        a, b = [a], [b]
+        how = "different prompts" if how == "different prompts" else "separate runs"
+      else:
+        how = "different prompts"
     out_a.append(a[-1])
     out_b.append(b[-1])
-  return out_a, out_b, together
+  return out_a, out_b, how
 
 
 def _lossless(value) -> bool:
@@ -52,7 +67,7 @@ def speculative_pair(recs: list[dict], spec: dict) -> str | None:
   found = _pair(spec_rows(recs), spec["a"]["where"], spec["b"]["where"])
   if found is None:
     return None
-  a, b, together = found
+  a, b, how = found
   label_a, label_b = spec["a"]["label"], spec["b"]["label"]
   tau_a, tau_b = [r["tau"] for r in a], [r["tau"] for r in b]
   ratios = _triple([x / y for x, y in zip(tau_a, tau_b)], "×")
@@ -61,7 +76,10 @@ def speculative_pair(recs: list[dict], spec: dict) -> str | None:
   for c in spec.get("compare", []):
     parts.append(f"{c['label']} {_triple([r[c['field']] for r in a], c['unit'])} against "
                  f"{_triple([r[c['field']] for r in b], c['unit'])}")
-  if spec.get("compare") and not together:
+  if how == "different prompts":  # (an earlier protocol's row on one side)
+    parts[0] += (" (from runs on different prompts or protocols: not comparable; not measured "
+                 "side by side under the current protocol)")
+  elif spec.get("compare") and how == "separate runs":
     parts[-1] += " (separate runs)"
   if spec.get("identical_to_plain"):
     same = all(_lossless(r.get("identical_to_plain")) for r in a + b)
