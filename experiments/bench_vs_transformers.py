@@ -229,10 +229,12 @@ def jaxinfer_spec_side(workdir: Path) -> None:
     return run
 
   runs = {name: mode(llm) for name, llm in llms.items()}
-  for run in runs.values():  # compilation, and the auto policy's measurements of its modes
+  warmup = dict.fromkeys(runs, 0.0)  # compilation, which the timed rounds leave out
+  for name, run in runs.items():  # (and the auto policy's measurements of its modes)
     for _ in range(3):
-      run()
-  _serve_rounds(runs, {"device": jax.devices()[0].device_kind, "jax": jax.__version__})
+      warmup[name] += run()[2]["compile_seconds"]
+  _serve_rounds(runs, {"device": jax.devices()[0].device_kind, "jax": jax.__version__,
+                       "warmup_compile_seconds": {k: round(v, 2) for k, v in warmup.items()}})
 
 
 def transformers_spec_side(workdir: Path) -> None:
@@ -335,11 +337,19 @@ def speculative_main(workdir: Path) -> None:
       same = sum(all(run[1][i] == reference[i] for run in runs) for i in range(len(reference)))
       out[mode] = {"tokens_per_second": round(tokens / float(np.median([x[0] for x in runs])), 1),
                    "speedup_over_plain": spread([r["plain"][0] / r[mode][0] for r in rs]),
-                   "tau": runs[-1][2].get("tau"),
                    "identical_to_transformers_plain": f"{same}/{len(reference)}"}
-      out[mode] |= {k: v for k, v in runs[-1][2].items() if k not in ("tau",) and v is not None}
+      for key, last in runs[-1][2].items():  # numbers: the median over rounds; words: the last's
+        values = [run[2].get(key) for run in runs]
+        if all(isinstance(v, (int, float)) for v in values):
+          out[mode][key] = round(float(np.median(values)), 4)
+        elif last is not None:
+          out[mode][key] = last
+      compiled = workers_info.get(name, {}).get("warmup_compile_seconds", {})
+      if mode in compiled:
+        out[mode]["warmup_compile_seconds"] = compiled[mode]
     return out
 
+  workers_info = {w.side: w.info for w in workers}
   ours, theirs = side("jaxinfer-spec"), side("transformers-spec")
   # jaxinfer's tokens/s over transformers' (the same tokens: their time over ours), per round
   ratio = lambda a, b: spread([rt[b][0] / rj[a][0] for rj, rt in zip(

@@ -112,7 +112,7 @@ VS_SPECULATIVE = [
     field("prompts", "num_prompts"), field("rounds", "repeats"), field("side", "side"),
     field("mode", "mode"), field("tok/s", "tokens_per_second", 0),
     ("speedup over its plain (min–max)", lambda r: _spread(r.get("speedup_over_plain"))),
-    field("τ", "tau"), field("identical to transformers' plain",
+    field("τ", "tau"), field("compile s, warm-up", "warmup_compile_seconds", 1), field("identical to transformers' plain",
                              "identical_to_transformers_plain"), field("note", "note")]
 VS_RATIOS = [field("prompts", "num_prompts"), field("rounds", "repeats"),
              field("tokens/s, one over the other", "pair"),
@@ -136,7 +136,9 @@ def _vs_transformers(recs) -> list[str]:
       "of layers as `assistant_model` (its defaults otherwise), jaxinfer's ngram (speculation "
       "always / auto) and its own first-half-of-layers draft (layerskip). Both sides stay up in "
       "processes of their own and take turns, every mode once a round; speedup is over the "
-      "same side's plain decoding in the same round. τ: tokens per target forward after the "
+      "same side's plain decoding in the same round (compilation, which a jaxinfer process pays "
+      "once before its first tokens, left out: its warm-up seconds in their own column, where "
+      "recorded). τ: tokens per target forward after the "
       "first token (bonus included). torch's OpenMP threads spin while they wait: with other "
       "jobs busy on the CPU that slows transformers by 10× and more (`--omp_wait_policy=PASSIVE` "
       "avoids it, at about 2× on an idle CPU), so these runs need the CPU to themselves.",

@@ -18,7 +18,8 @@ COMMANDS = {
     "generate": ("jaxinfer.cli.generate", "batch generation: JSONL prompts in, JSONL completions out"),
     "quickstart": ("jaxinfer.cli.quickstart", "build the embedded model if needed and run a demo"),
     "train": ("jaxinfer.cli.train", "pretrain or fine-tune a model on text (resumable)"),
-    "train-draft": ("jaxinfer.cli.train_draft", "train Medusa draft heads on a frozen model"),
+    "train-draft": ("jaxinfer.cli.train_draft",
+                    "train draft heads (Medusa, Hydra, EAGLE) on a frozen model"),
     "convert": ("jaxinfer.cli.convert", "convert between Hugging Face and orbax checkpoints"),
     "quantize": ("jaxinfer.cli.quantize", "quantize a model's weights (int8/int4/fp8/...) into a "
                  "checkpoint generate serves"),

@@ -12,8 +12,9 @@ from jaxinfer.cli.common import (apply_platform_flags, define_implementation_fla
                                  define_model_flags)
 
 define_model_flags()
-flags.DEFINE_string("prompts", None, "Input JSONL: {id, prompt | prompt_ids, [max_new_tokens, "
-                    "temperature, top_k, top_p, min_p, stop, metadata]} per line.")
+flags.DEFINE_string("prompts", None, "Input JSONL: {id, prompt | prompt_ids | messages, "
+                    "[max_new_tokens, temperature, top_k, top_p, min_p, stop, metadata]} per "
+                    "line.")
 flags.DEFINE_string("output", None, "Output JSONL: one record per input line.")
 flags.DEFINE_integer("max_new_tokens", 128, "Default tokens to generate per request.",
                      lower_bound=1)
@@ -63,7 +64,7 @@ flags.DEFINE_bool("distributed", False, "Initialise jax.distributed from the env
 flags.DEFINE_string("metrics_output", None, "Write run metrics (JSON) here.")
 define_implementation_flag()
 flags.DEFINE_string("sparsity", "dense", "Long-prompt attention: dense, sinks_window:SINKS,WINDOW, "
-                    "block_topk:TOPK[,BLOCK] or vertical_slash:V,S[,BLOCK] (see README).")
+                    "block_topk:TOPK[,BLOCK] or vertical_slash:V,S[,BLOCK] (see docs/kernels.md).")
 flags.DEFINE_integer("max_seq_len", None, "Override the model's context length (prompt + output), "
                      "e.g. for long prompts under sinks_window sparsity.", lower_bound=2)
 flags.DEFINE_enum("speculative", "none",
