@@ -16,7 +16,7 @@ import os
 import re
 import threading
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any, Callable, Iterable
 
 from jaxinfer.errors import UserError
 from jaxinfer.files import write_atomically
@@ -222,9 +222,14 @@ def part_records(output: str | os.PathLike, num_processes: int) -> list[dict[str
           for r in _read_records(part_path(output, i, num_processes), repair=False)]
 
 
-def merge_parts(output: str | os.PathLike, num_processes: int) -> int:
-  """Process 0, after every process finished: one --output with one record per input line."""
+def merge_parts(output: str | os.PathLike, num_processes: int,
+                reconcile: Callable[[list[dict[str, Any]]], list[dict[str, Any]]] | None = None
+                ) -> int:
+  """Process 0, after every process finished: one --output with one record per input line
+  (`reconcile`: as the input now reads, `reconciled`)."""
   merged = _one_per_line(completed(output, num_processes))
+  if reconcile is not None:
+    merged = reconcile(merged)
   rewrite(output, merged)
   for i in range(num_processes):
     part_path(output, i, num_processes).unlink(missing_ok=True)
@@ -233,17 +238,17 @@ def merge_parts(output: str | os.PathLike, num_processes: int) -> int:
 
 def reconciled(written: list[dict[str, Any]], line_of: dict[str, int],
                errors: list[dict[str, Any]]) -> list[dict[str, Any]]:
-  """A single process's --output as this run's --prompts now reads: each completion with the
-  line its id is on now (lines inserted or removed since), and only the error records this
-  run's lines still give (a corrected line's goes; this run writes the errors it lacks).
-  `line_of`: json.dumps(id) -> line of every request (each completion's id is one of them)."""
+  """Records written (a single process's --output, or a run's output and parts) as this run's
+  --prompts now reads: each completion with the line its id is on now (lines inserted or
+  removed since), and only the error records this run's lines still give (a corrected line's
+  goes; this run writes the errors it lacks), one record per line. `line_of`: json.dumps(id)
+  -> line of every request (each completion's id is one of them)."""
   current = {(e["line"], e["error"]) for e in errors}
-  kept = []
-  for r in _one_per_line(written):
+  fresh = []
+  for r in written:
     if "error" not in r:
       line = line_of[json.dumps(r["id"])]
-      kept.append(r if r.get("line") == line else {**r, "line": line})
+      fresh.append(r if r.get("line") == line else {**r, "line": line})
     elif (r.get("line"), r["error"]) in current:
-      kept.append(r)
-  return kept
-
+      fresh.append(r)
+  return _one_per_line(fresh)

@@ -278,9 +278,10 @@ def _run(job: GenerateJob, pid: int, nproc: int) -> dict[str, Any]:
   _check_resumable(written, requests)
   for n in [] if job.overwrite else stray:
     output.merge_parts(job.output, n)
-  kept = written
-  if nproc == 1:  # (written out once the job is checked)
-    kept = output.reconciled(written, {json.dumps(r.id): r.line for r in requests}, errors)
+  # what is done, as the input now reads (lines inserted or corrected since): a single process
+  # writes it out once the job is checked, a multi-process run's process 0 when it merges
+  line_of = {json.dumps(r.id): r.line for r in requests}
+  kept = output.reconciled(written, line_of, errors)
   done = {output.record_key(r) for r in kept}
   key_of = lambda r: output.record_key({"id": r.id, "line": r.line})
   mine = lambda k: placement.owner(k, nproc) == pid  # error records: one process each
@@ -297,7 +298,7 @@ def _run(job: GenerateJob, pid: int, nproc: int) -> dict[str, Any]:
     for p in [Path(job.output)] + [output.part_path(job.output, i, n)
                                    for n in [nproc] + stray for i in range(n)]:
       p.unlink(missing_ok=True)
-  if kept != written:
+  if nproc == 1 and kept != written:
     output.rewrite(job.output, kept)
   if nproc > 1:  # every process has read what is done before any writes
     _same_job(job)
@@ -317,7 +318,8 @@ def _run(job: GenerateJob, pid: int, nproc: int) -> dict[str, Any]:
   if nproc > 1:
     _barrier("jaxinfer_generate_done")
     if pid == 0:
-      merged = output.merge_parts(job.output, nproc)
+      merged = output.merge_parts(job.output, nproc,
+                                  lambda records: output.reconciled(records, line_of, errors))
     _barrier("jaxinfer_generate_merged")
 
   metrics = {"num_requests": num_lines, "num_completed": len(todo),

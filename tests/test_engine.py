@@ -470,7 +470,8 @@ def test_two_processes_write_one_output(tmp_path, tiny_model_dir, speculative, m
   their share of the input; speculative decoding too (forced on, so sampled records are the
   same samples as a one-process run's); `jaxinfer.generate_file` in processes that started
   jax.distributed themselves writes its part as the CLI does (it once wrote the output whole
-  from each, losing records)."""
+  from each, losing records), and resumes after lines were inserted with every record on its
+  id's new line."""
   records = _workload() + ["{not json"]
   prompts = tmp_path / "p.jsonl"
   prompts.write_text("".join((r if isinstance(r, str) else json.dumps(r)) + "\n"
@@ -483,26 +484,9 @@ def test_two_processes_write_one_output(tmp_path, tiny_model_dir, speculative, m
     resumed = [json.loads(l) for l in (tmp_path / "single.out.jsonl").read_text().splitlines()][:4]
     (tmp_path / "two.jsonl.part-1-of-2").write_text(
         "".join(json.dumps(r) + "\n" for r in resumed) + '{"id": "r9", "li')
-  port = _free_port()
-  env = _own_devices_env()
-  if launcher == "python":
-    procs = [subprocess.Popen([sys.executable, "-c", _GENERATE_FILE, str(port), str(i),
-                               str(prompts), str(out), str(tiny_model_dir), mesh,
-                               str(tmp_path / "m.json")], stdout=subprocess.PIPE,
-                              stderr=subprocess.PIPE, text=True, env=env) for i in range(2)]
-  else:
-    procs = [_cli([f"--model={tiny_model_dir}", f"--prompts={prompts}", f"--output={out}",
-                   "--noprogress", "--cpu_devices=2", f"--coordinator_address=127.0.0.1:{port}",
-                   "--num_processes=2", f"--process_id={i}", f"--mesh={mesh}",
-                   f"--metrics_output={tmp_path / 'm.json'}"]
-                  + [f"--{k}={v}" for k, v in spec.items()], env=env) for i in range(2)]
-  try:
-    codes = [p.wait(timeout=600) for p in procs]
-  finally:  # (one process failing can leave the other waiting for it: none outlives the test)
-    for p in procs:
-      if p.poll() is None:
-        p.kill()
-  assert codes == ([1, 1] if launcher == "cli" else [0, 0]), [p.stderr.read() for p in procs]
+  procs = _two_processes(tmp_path, tiny_model_dir, prompts, out, mesh, launcher, spec)
+  assert [p.returncode for p in procs] == ([1, 1] if launcher == "cli" else [0, 0]), [
+      p.stderr.read() for p in procs]
   # merged and cleaned up
   assert not list(tmp_path.glob("two.jsonl.part-*")), [p.stderr.read()[-3000:] for p in procs]
   got = [json.loads(l) for l in out.read_text().splitlines()]
@@ -518,6 +502,46 @@ def test_two_processes_write_one_output(tmp_path, tiny_model_dir, speculative, m
   assert metrics.get("speculative", "none") == speculative
   assert metrics["replicas"] == {"data:4": 2, "fsdp:4": 1}.get(mesh, 1)  # process 0's
   assert metrics["num_skipped_already_done"] == len(resumed)  # each record once (above)
+  if launcher != "python":
+    return
+  # lines inserted before the others, and the bad line corrected into a request: the records
+  # written take their ids' new lines, the stale error goes (they kept their old lines, and
+  # the error stood beside the corrected line's completion)
+  records = [{"id": "new", "prompt_ids": [7, 8], "max_new_tokens": 2}] + records[:-1] + [
+      {"id": "fixed", "prompt_ids": [5], "max_new_tokens": 2}]
+  prompts.write_text("".join(json.dumps(r) + "\n" for r in records))
+  procs = _two_processes(tmp_path, tiny_model_dir, prompts, out, mesh, launcher, spec)
+  assert [p.returncode for p in procs] == [0, 0], [p.stderr.read() for p in procs]
+  again = [json.loads(l) for l in out.read_text().splitlines()]
+  assert sorted((r["line"], r["id"]) for r in again) == [
+      (i + 1, r["id"]) for i, r in enumerate(records)] and not any("error" in r for r in again)
+  assert {r["id"]: r for r in again if r["id"] in single} == {
+      rid: {**by_id[rid], "line": by_id[rid]["line"] + 1} for rid in single}
+
+
+def _two_processes(tmp_path, model_dir, prompts, out, mesh, launcher, spec):
+  """Two processes of two devices each on loopback running one job, waited for."""
+  port = _free_port()
+  env = _own_devices_env()
+  if launcher == "python":
+    procs = [subprocess.Popen([sys.executable, "-c", _GENERATE_FILE, str(port), str(i),
+                               str(prompts), str(out), str(model_dir), mesh,
+                               str(tmp_path / "m.json")], stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, text=True, env=env) for i in range(2)]
+  else:
+    procs = [_cli([f"--model={model_dir}", f"--prompts={prompts}", f"--output={out}",
+                   "--noprogress", "--cpu_devices=2", f"--coordinator_address=127.0.0.1:{port}",
+                   "--num_processes=2", f"--process_id={i}", f"--mesh={mesh}",
+                   f"--metrics_output={tmp_path / 'm.json'}"]
+                  + [f"--{k}={v}" for k, v in spec.items()], env=env) for i in range(2)]
+  try:
+    for p in procs:
+      p.wait(timeout=600)
+  finally:  # (one process failing can leave the other waiting for it: none outlives the test)
+    for p in procs:
+      if p.poll() is None:
+        p.kill()
+  return procs
 
 
 def test_processes_reading_different_input_are_refused(tmp_path, tiny_model_dir):
