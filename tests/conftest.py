@@ -69,13 +69,14 @@ def pytest_collection_modifyitems(items):
 @pytest.fixture(scope="session")
 def tpu_device():
   """tpu_device(name) -> the first device of a TPU topology ("v5e:2x2", "v6e:2x2", ...) from
-  libtpu's compile-only client: programs compile for it here, with no TPU attached."""
-  from jax.experimental import topologies
+  libtpu's compile-only client, as JAX on that slice sees it (`jaxinfer compile`'s): programs
+  compile for it here, with no TPU attached."""
+  from jaxinfer import aot
   cache = {}
 
   def get(name: str):
     if name not in cache:
-      cache[name] = topologies.get_topology_desc(topology_name=name, platform="tpu").devices[0]
+      cache[name] = aot.target_devices(aot.Target("tpu", name))[0]
     return cache[name]
 
   return get
