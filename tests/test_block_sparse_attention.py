@@ -221,6 +221,13 @@ def test_topk_picks_the_highest_pooled_scores():
   rows = [sorted(set(np.asarray(info.kv_indices)[0, 0, i, :int(info.num_kv[0, 0, i])]))
           for i in range(4)]
   assert rows == [[0], [0, 1], [1, 2], [1, 3]]  # diagonal forced, plus the best other
+  # no local block asked for: the diagonal is still kept beside the sink and the best (it was
+  # cut off the end of a full row: rows 32-63 did not see themselves)
+  info = block_topk_mask_info(q, jnp.asarray(k), block, top_k=1, num_sink_blocks=1,
+                              num_local_blocks=0)
+  rows = [sorted(set(np.asarray(info.kv_indices)[0, 0, i, :int(info.num_kv[0, 0, i])]))
+          for i in range(4)]
+  assert rows == [[0], [0, 1], [0, 1, 2], [0, 1, 3]]
 
 
 @pytest.mark.parametrize("builder", ["topk", "vertical_slash"])

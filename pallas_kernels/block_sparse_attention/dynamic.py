@@ -88,7 +88,9 @@ def block_topk_mask_info(q: jax.Array, k: jax.Array, block: int, top_k: int,
   picked = picked.at[jnp.arange(b)[:, None, None, None], jnp.arange(n)[None, :, None, None],
                      jnp.arange(nb)[None, None, :, None], top].set(True)
   picked &= jnp.isfinite(scores)  # top_k may have filled with masked entries
-  width = min(nb, k_eff + num_sink_blocks + num_local_blocks)
+  # (the diagonal block is always kept, `_info_from_blocks`: one more where no local block is
+  # asked for, else it was cut off the end of a full row)
+  width = min(nb, k_eff + num_sink_blocks + max(num_local_blocks, 1))
   return _info_from_blocks(jax.lax.stop_gradient(picked | forced), block, t, width)
 
 
