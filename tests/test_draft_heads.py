@@ -565,6 +565,14 @@ def test_heads_are_served_only_on_their_model_from_files_read_whole(tmp_path, ti
       build(job(bad), cfg, params, None)
 
 
+def test_train_draft_refuses_a_draft_vocabulary_of_the_whole(tmp_path, tiny_model_dir):
+  import jaxinfer
+  from jaxinfer.errors import UserError
+  with pytest.raises(UserError, match="draft_vocab: 300 is not below .* vocabulary of 300"):
+    jaxinfer.train_draft(str(tiny_model_dir), str(tmp_path / "no_data"), str(tmp_path / "h"),
+                         method="eagle", draft_vocab=300)
+
+
 def test_train_draft_refuses_an_output_it_could_not_write_before_training(tmp_path):
   """An empty output (the working directory) or one under a file was found at the save, after
   the training (or written into the working directory)."""

@@ -162,6 +162,9 @@ def train_draft(model: str, data: str, output: str, *, method: str = "medusa",
     cfg, base, tokenizer = checkpoint.load_model(str(src), None if dtype == "auto" else dtype,
                                                  device_mesh)
     _check_base(base, method, model)
+    if draft_vocab and draft_vocab >= cfg.vocab_size:  # (it drafted over the whole, unsaid)
+      raise ValueError(f"--draft_vocab: {draft_vocab} is not below {model}'s vocabulary of "
+                       f"{cfg.vocab_size}; leave it out to draft over the whole vocabulary")
     record_settings(work, options)
     tokens = _tokens(data, src, cfg, tokenizer, work, self_distill=self_distill,
                      distill_prompt_len=distill_prompt_len,
