@@ -180,3 +180,23 @@ def test_an_interrupt_between_a_step_and_its_record_keeps_the_record(tmp_path):
   assert [m["step"] for m in read_metrics(tmp_path)] == [2, 4] and calls == [2, 4]
   run()
   assert [m["step"] for m in read_metrics(tmp_path)] == [2, 4, 6]
+
+
+def test_a_resumed_run_keeps_whether_it_reads_a_hidden_state_cache(tmp_path):
+  """Where the cache lies may change on resume; whether there is one may not (its batches come
+  in another order than random windows'). A run recorded before the key existed resumes."""
+  from jaxinfer.train.workdir import check_workdir, record_settings
+  work = tmp_path / "run"
+  settings = {"lr": 1e-3, "hidden_cache": None}
+  record_settings(work, settings)
+  (work / "metrics.jsonl").write_text("{}\n")  # (a run under way)
+  check_workdir(work, True, settings)
+  check_workdir(work, True, {**settings, "workdir": "elsewhere"})
+  with pytest.raises(ValueError, match="--hidden_cache"):
+    check_workdir(work, True, {**settings, "hidden_cache": "cache/"})
+  cached = tmp_path / "cached"
+  record_settings(cached, {**settings, "hidden_cache": "cache/"})
+  (cached / "metrics.jsonl").write_text("{}\n")
+  check_workdir(cached, True, {**settings, "hidden_cache": "moved/cache/"})
+  with pytest.raises(ValueError, match="--hidden_cache"):
+    check_workdir(cached, True, settings)
