@@ -156,3 +156,21 @@ def test_sinks_and_window(sinks, window, splits):
   np.testing.assert_allclose(out, ref, atol=2e-5, rtol=2e-5)
   with pytest.raises(ValueError, match="need a sliding window"):
     tree_attention(q, kp, vp, prefix, table, mask, sinks=2)
+
+
+def test_the_reference_takes_bfloat16_at_serving_head_size():
+  """The oracle in bfloat16 (head_dim 128, pages of 64): it failed on XLA:CPU ("Unsupported
+  element type for DotThunk: BF16 x BF16 = F32"); it equals the float32 reference to bfloat16's
+  rounding."""
+  b, t, n, k, h, ps, m = 2, 9, 4, 2, 128, 64, 3
+  keys = jax.random.split(jax.random.key(0), 3)
+  kp, vp = (jax.random.normal(x, (k, b * m + 2, ps, h)) for x in keys[:2])
+  q = jax.random.normal(keys[2], (b, t, n, h))
+  table = jnp.arange(b * m, dtype=jnp.int32).reshape(b, m)
+  mask = pack_ancestors(jnp.asarray([list(range(-1, t - 1))] * b))
+  prefix = jnp.array([5, 120])
+  bf = lambda x: x.astype(jnp.bfloat16)
+  half = tree_attention_reference(bf(q), bf(kp), bf(vp), prefix, table, mask)
+  full = tree_attention_reference(q, kp, vp, prefix, table, mask)
+  assert half.dtype == jnp.bfloat16
+  np.testing.assert_allclose(np.asarray(half, np.float32), full, atol=5e-2, rtol=5e-2)

@@ -95,10 +95,12 @@ def tree_attention_reference(q: jax.Array, k_pages: jax.Array, v_pages: jax.Arra
   kv_heads = k_pages.shape[0]
   k, v = gather_pages(k_pages, page_table), gather_pages(v_pages, page_table)  # (B,K,S,H)
   qg = q.reshape(b, t, kv_heads, n // kv_heads, h)
-  logits = jnp.einsum("btkgh,bksh->bkgts", qg, k, preferred_element_type=jnp.float32) * scale
+  # (operands widened to float32 after any rounding: exact, and XLA:CPU has no bfloat16 x
+  # bfloat16 -> float32 product at these sizes)
+  f32 = lambda x: x.astype(jnp.float32)
+  logits = jnp.einsum("btkgh,bksh->bkgts", f32(qg), f32(k)) * scale
   visible = tree_visibility(prefix_len, tree_mask, k.shape[2], window, sinks)  # (B,T,S)
   logits = jnp.where(visible[:, None, None], logits, -jnp.inf)
   probs = jax.nn.softmax(logits, axis=-1)  # a tree token always sees itself
-  out = jnp.einsum("bkgts,bksh->btkgh", probs.astype(v.dtype), v,
-                   preferred_element_type=jnp.float32)
+  out = jnp.einsum("bkgts,bksh->btkgh", f32(probs.astype(v.dtype)), f32(v))
   return out.reshape(b, t, n, h).astype(q.dtype)
