@@ -286,6 +286,7 @@ class Report:
   settings: dict[str, Any]  # batch_size, kv_pages, page_size, ...
   steps: list[StepReport] = dataclasses.field(default_factory=list)
   note: str | None = None
+  devices_used: int | None = None  # by the mesh's replicas (None: all)
 
   @property
   def peak_bytes(self) -> int | None:
@@ -298,8 +299,10 @@ class Report:
                   "fits": None if self.hbm_bytes is None else self.peak_bytes <= self.hbm_bytes}
 
   def _unused(self) -> str:
-    used = math.prod(int(n) for n in re.findall(r":(\d+)", self.mesh)) * self.replicas
-    return "" if used >= self.devices else f" on {used} of the {self.devices} devices"
+    used = self.devices_used
+    if used is None or used >= self.devices:
+      return ""
+    return f" on {used} of the {self.devices} devices"
 
   def table(self) -> str:
     cfg, st = self.config, self.settings
@@ -571,7 +574,7 @@ def run(job: CompileJob, log=None) -> Report:
       else "cuda", devices=len(devices) if target.platform == "tpu" else mesh.size * replicas,
       hbm_bytes=hbm_per_device(target, devices) if target.platform == "tpu" else None,
       mesh=",".join(f"{a}:{n}" for a, n in mesh.shape.items() if n > 1) or "one device",
-      replicas=replicas, model=job.model,
+      replicas=replicas, devices_used=mesh.size * replicas, model=job.model,
       config=dataclasses.asdict(cfg) | {"params": cfg.num_params()},
       settings={f.name: getattr(job, f.name) for f in dataclasses.fields(job)}
       | {"kv_pages": kv_pages, "max_seq_len": cfg.max_seq_len},

@@ -105,7 +105,7 @@ def medusa_heads(model_dir: Path, steps: int) -> tuple[Path, int]:
   from jaxinfer.draft_heads import distill, medusa
 
   out = model_dir.parent / f"medusa-{steps}"
-  if not (out / "medusa_config.json").is_file():
+  if not (out / medusa.CONFIG).is_file():
     # about two passes over the distilled tokens (64 prompt + 128 written per window)
     num_prompts = max(64, min(1024, steps * 8 * 128 // 192 // 2))
     print(f"\n== training Medusa heads on the frozen model: the batch engine writes {num_prompts} "

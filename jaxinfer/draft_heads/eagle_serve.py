@@ -26,6 +26,7 @@ from jaxinfer.quant import take_rows, weight
 from jaxinfer.runtime import Runtime
 
 FORMAT = "jaxinfer-eagle-1"
+CONFIG = "eagle_config.json"  # beside the weights: its format, shapes and training info
 
 
 @struct.dataclass
@@ -111,18 +112,18 @@ def save(directory: str | Path, draft: EagleDraft, info: dict[str, Any],
     tensors["draft_vocab"] = np.asarray(vocab, np.int32)
   config = dict(info, format=FORMAT, hidden_size=int(draft.norm.shape[0]),
                 draft_vocab_size=None if vocab is None else int(len(vocab)))
-  return files.write(directory, "draft.safetensors", tensors, "eagle_config.json", config)
+  return files.write(directory, "draft.safetensors", tensors, CONFIG, config)
 
 
 def is_eagle(directory: str | Path) -> bool:
-  return (Path(directory) / "eagle_config.json").is_file()
+  return (Path(directory) / CONFIG).is_file()
 
 
 def load(directory: str | Path, cfg: ModelConfig,
          dtype=None) -> tuple[EagleDraft, np.ndarray | None, dict]:
   """The draft layer for base config `cfg` (shapes checked against it), its draft vocabulary
   (None: the full vocabulary) and its config."""
-  tensors, config = files.read(directory, "draft.safetensors", "eagle_config.json", FORMAT,
+  tensors, config = files.read(directory, "draft.safetensors", CONFIG, FORMAT,
                                "an EAGLE draft")
   template = jax.eval_shape(lambda: init_draft(draft_config(cfg), jax.random.key(0), dtype))
   vocab = tensors.pop("draft_vocab", None)

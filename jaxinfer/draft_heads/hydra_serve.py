@@ -28,6 +28,7 @@ from jaxinfer.draft_heads import files
 from jaxinfer.runtime import Runtime
 
 FORMAT = "jaxinfer-hydra-1"
+CONFIG = "hydra_config.json"  # beside the weights: its format, shapes and training info
 
 
 @struct.dataclass
@@ -103,20 +104,20 @@ def save(directory: str | Path, heads: HydraHeads, info: dict[str, Any]) -> Path
   config = dict(info, format=FORMAT, num_heads=heads.num_heads,
                 hidden_size=int(heads.proj.shape[1]), vocab_size=int(heads.proj.shape[2]),
                 prefix_layer=heads.prefix is not None, head_layers=heads.head_layers)
-  return files.write(directory, "heads.safetensors", tensors, "hydra_config.json", config)
+  return files.write(directory, "heads.safetensors", tensors, CONFIG, config)
 
 
 _BLOCKS = ("block_in", "block_b", "block_out")
 
 
 def is_hydra(directory: str | Path) -> bool:
-  return (Path(directory) / "hydra_config.json").is_file()
+  return (Path(directory) / CONFIG).is_file()
 
 
 def load(directory: str | Path, dtype=jnp.float32,
          cfg: ModelConfig | None = None) -> tuple[HydraHeads, dict[str, Any]]:
   """The heads and their config; heads with Hydra++'s prefix layer need the base's `cfg`."""
-  t, config = files.read(directory, "heads.safetensors", "hydra_config.json", FORMAT,
+  t, config = files.read(directory, "heads.safetensors", CONFIG, FORMAT,
                          "Hydra heads")
   prefix = norm = None
   if config.get("prefix_layer"):
@@ -140,7 +141,7 @@ def load(directory: str | Path, dtype=jnp.float32,
     raise ValueError(f"{directory}: heads.safetensors lacks {e}") from None
   if heads.proj.shape != (k_heads, d_model, config["vocab_size"]) or any(
       w.shape != ((k + 2) * d_model, d_model) for k, w in enumerate(heads.w_in)):
-    raise ValueError(f"{directory}: heads.safetensors does not match hydra_config.json")
+    raise ValueError(f"{directory}: heads.safetensors does not match {CONFIG}")
   n = config.get("head_layers", 1) - 1
   if n and any(w.shape != (n, d_model, d_model) for w in heads.block_in + heads.block_out) or (
       n and any(b.shape != (n, d_model) for b in heads.block_b)):

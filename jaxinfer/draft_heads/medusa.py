@@ -23,9 +23,9 @@ from jaxinfer import model as M
 from jaxinfer.config import ModelConfig
 from jaxinfer.draft_heads import recipe
 from jaxinfer.draft_heads.hidden_cache import tokens_and_hidden
-from jaxinfer.draft_heads.medusa_serve import (FORMAT, MedusaHeads, MedusaTree,  # noqa: F401
-                                               build_tree, head_logits, load, save,
-                                               tree_parents)
+from jaxinfer.draft_heads.medusa_serve import (CONFIG, FORMAT, MedusaHeads,  # noqa: F401
+                                               MedusaTree, build_tree, head_logits, load,
+                                               save, tree_parents)
 
 
 def init_heads(base: M.Transformer, num_heads: int) -> MedusaHeads:

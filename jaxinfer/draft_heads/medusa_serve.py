@@ -21,6 +21,7 @@ from flax import struct
 from jaxinfer.draft_heads import files
 
 FORMAT = "jaxinfer-medusa-1"
+CONFIG = "medusa_config.json"  # beside the weights: its format, shapes and training info
 
 
 @struct.dataclass
@@ -86,13 +87,13 @@ def save(directory: str | Path, heads: MedusaHeads, info: dict[str, Any]) -> Pat
              "proj": np.asarray(heads.proj, np.float32)}
   config = dict(info, format=FORMAT, num_heads=heads.num_heads, hidden_size=heads.w.shape[1],
                 vocab_size=heads.proj.shape[2])
-  return files.write(directory, "heads.safetensors", tensors, "medusa_config.json", config)
+  return files.write(directory, "heads.safetensors", tensors, CONFIG, config)
 
 
 def load(directory: str | Path, dtype=jnp.float32) -> tuple[MedusaHeads, dict[str, Any]]:
-  t, config = files.read(directory, "heads.safetensors", "medusa_config.json", FORMAT,
+  t, config = files.read(directory, "heads.safetensors", CONFIG, FORMAT,
                          "Medusa heads")
   heads = MedusaHeads(*(jnp.asarray(t[n], dtype) for n in ("w", "b", "proj")))
   if heads.proj.shape[2] != config["vocab_size"]:
-    raise ValueError(f"{directory}: heads.safetensors does not match medusa_config.json")
+    raise ValueError(f"{directory}: heads.safetensors does not match {CONFIG}")
   return heads, config

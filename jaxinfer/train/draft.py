@@ -98,19 +98,16 @@ def _tokens(data, src, cfg, tokenizer, workdir, *, self_distill, distill_prompt_
   return tokens
 
 
-HEADS_CONFIGS = {"medusa": "medusa_config.json", "hydra": "hydra_config.json",
-                 "eagle": "eagle_config.json"}  # (medusa2 writes Medusa heads)
-
-
 def _check_other_heads(output: str, method: str) -> None:
   """Refuses an output holding another method's heads: written beside them, the two would be
   mixed (one's weights file read as the other's)."""
-  mine = "medusa" if method == "medusa2" else method
-  for other, name in HEADS_CONFIGS.items():
-    if other != mine and (Path(output).expanduser() / name).is_file():
-      raise ValueError(f"--output: {output} holds {other} heads ({name}); writing {method} "
-                       f"heads beside them would mix the two: choose another directory or "
-                       f"empty it")
+  from jaxinfer.draft_heads import eagle_serve, hydra_serve, medusa_serve
+  mine = "medusa" if method == "medusa2" else method  # (medusa2 writes Medusa heads)
+  for other, lib in (("medusa", medusa_serve), ("hydra", hydra_serve), ("eagle", eagle_serve)):
+    if other != mine and (Path(output).expanduser() / lib.CONFIG).is_file():
+      raise ValueError(f"--output: {output} holds {other} heads ({lib.CONFIG}); writing "
+                       f"{method} heads beside them would mix the two: choose another "
+                       f"directory or empty it")
 
 
 def _check_base(base, method: str, model: str) -> None:
