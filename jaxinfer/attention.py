@@ -94,14 +94,17 @@ def cache_attention_reference(q: jax.Array, k_cache: jax.Array, v_cache: jax.Arr
 def _softmax_values(scores, visible, v, h: int, k_scale, v_scale):
   """Heads-major attention's rest: scores (K,B,G,T,S) f32 -> out (K,B,G,T,H) f32 over v
   (K,B,S,H); an int8 cache's per-key scales (K,B,S) multiply the logits and the probabilities
-  (as the kernels apply them)."""
+  (as the kernels apply them). Values and scales no query sees are zeroed: a reused page's
+  unwritten tail may hold NaN, and 0 x NaN is NaN."""
   scale = lambda x: x[:, :, None, None, :]
   if k_scale is not None:
     scores = scores * scale(k_scale)
   scores = jnp.where(visible, scores * h**-0.5, MASK_VALUE)
   probs = jax.nn.softmax(scores, axis=-1)
+  seen = visible.any(axis=(2, 3))  # (1 or K, B, S)
   if v_scale is not None:
-    probs = probs * scale(v_scale)
+    probs = probs * scale(jnp.where(seen, v_scale, 0.0))
+  v = jnp.where(seen[..., None], v, jnp.zeros_like(v))
   return jnp.einsum("kbgts,kbsh->kbgth", probs.astype(v.dtype), v,
                     preferred_element_type=jnp.float32)
 

@@ -172,8 +172,11 @@ def softmax_init(rows: int, h: int):
 def softmax_update(carry, logits: jax.Array, visible: jax.Array, v: jax.Array,
                    v_scale: jax.Array | None = None):
   """Folds one block: logits (rows, keys) f32 already scaled, visible (rows, keys), v (keys, H);
-  an int8 v's per-key scales `v_scale` (1 or rows, keys) weigh the probabilities instead."""
+  an int8 v's per-key scales `v_scale` (1 or rows, keys) weigh the probabilities instead. Values
+  no row sees are zeroed (a reused page's unwritten tail may hold NaN: 0 x NaN is NaN)."""
   o, m, l = carry
+  seen = visible.astype(jnp.int32).max(axis=0) > 0  # (a max: Triton lowers no reduce_or)
+  v = jnp.where(seen[:, None], v, jnp.zeros_like(v))
   logits = jnp.where(visible, logits, MASK_VALUE)
   m_new = jnp.maximum(m, logits.max(axis=-1))
   p = jnp.where(visible, jnp.exp(logits - m_new[:, None]), 0.0)

@@ -83,3 +83,44 @@ def test_a_page_id_past_the_pool_reads_its_last_page(backend):
   out = paged_attention(q, kp, vp, lengths, table, backend=backend, interpret=True)
   ref = paged_attention_reference(q, kp, vp, lengths, table.at[1, 1:].set(5))
   np.testing.assert_allclose(out, ref, atol=2e-5, rtol=2e-5)
+
+
+def test_stale_slots_past_a_sequence_never_reach_its_output():
+  """Slots past a row's written end (a reused page's tail, where an earlier request's values
+  lie, NaN or inf among them) and pages no row owns are read by no path: the references, both
+  kernel forms and the model's XLA and Pallas paths give the clean pools' output."""
+  from jaxinfer import attention
+  from jaxinfer.kv_cache import LayerKV, TreeLayerKV
+  from jaxinfer.sharding import DEFAULT_RULES
+  from pallas_kernels.tree_attention import (pack_ancestors, tree_attention,
+                                             tree_attention_reference)
+  b, n, k, h, ps, m, pool, t = 2, 4, 2, 128, 16, 4, 10, 3
+  q, kp, vp, table = _inputs(b, n, k, h, pool, ps, m, seed=3)
+  qt = jax.random.normal(jax.random.key(9), (b, t, n, h))
+  lengths, prefix = jnp.array([21, 50]), jnp.array([18, 47])  # a tree's end: prefix + t
+  tree = pack_ancestors(jnp.array([[-1, 0, 0], [-1, 0, 1]]))
+  stale = np.ones((pool, ps), bool)
+  for row, end in zip(np.asarray(table), np.asarray(lengths)):
+    stale.reshape(-1)[(row[:, None] * ps + np.arange(ps)).reshape(-1)[:end]] = False
+  bad = lambda x: jnp.where(jnp.asarray(stale)[None, :, :, None], jnp.nan, x)
+  kbad, vbad = bad(kp), bad(vp)
+  kw = dict(atol=2e-5, rtol=2e-5)
+  ref = paged_attention_reference(q, kp, vp, lengths, table)
+  tref = tree_attention_reference(qt, kp, vp, prefix, table, tree)
+  for backend in ("gpu", "tpu"):
+    run = dict(backend=backend, interpret=True)
+    np.testing.assert_allclose(paged_attention(q, kbad, vbad, lengths, table, **run), ref, **kw)
+    np.testing.assert_allclose(tree_attention(qt, kbad, vbad, prefix, table, tree, **run), tref,
+                               **kw)
+  np.testing.assert_allclose(paged_attention_reference(q, kbad, vbad, lengths, table), ref, **kw)
+  np.testing.assert_allclose(tree_attention_reference(qt, kbad, vbad, prefix, table, tree), tref,
+                             **kw)
+  ctx = dict(window=None, sinks=0, mesh=None, rules=DEFAULT_RULES)
+  for impl in ("xla", "pallas"):
+    cache = attention.get(impl).cache(q[:, None], LayerKV(kbad, vbad, table),
+                                      (lengths - 1)[:, None], **ctx)
+    np.testing.assert_allclose(cache[:, 0], ref, **kw)
+    positions = prefix[:, None] + jnp.arange(t)
+    verify = attention.get(impl).tree(qt, TreeLayerKV(kbad, vbad, table, prefix, tree),
+                                      positions, **ctx)
+    np.testing.assert_allclose(verify, tref, **kw)

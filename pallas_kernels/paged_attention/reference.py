@@ -52,5 +52,6 @@ def paged_attention_reference(q: jax.Array, k_pages: jax.Array, v_pages: jax.Arr
   logits = jnp.where(visible[:, None, None], logits, -jnp.inf)
   any_ = jnp.any(visible, axis=-1)[:, None, None, None]
   probs = jnp.where(any_, jax.nn.softmax(jnp.where(any_, logits, 0.0), axis=-1), 0.0)
+  v = jnp.where(visible[:, None, :, None], v, jnp.zeros_like(v))  # unwritten slots may be NaN
   out = jnp.einsum("bkgs,bksh->bkgh", probs.astype(v.dtype), v, preferred_element_type=jnp.float32)
   return out.reshape(b, n, h).astype(q.dtype)

@@ -102,5 +102,6 @@ def tree_attention_reference(q: jax.Array, k_pages: jax.Array, v_pages: jax.Arra
   visible = tree_visibility(prefix_len, tree_mask, k.shape[2], window, sinks)  # (B,T,S)
   logits = jnp.where(visible[:, None, None], logits, -jnp.inf)
   probs = jax.nn.softmax(logits, axis=-1)  # a tree token always sees itself
+  v = jnp.where(visible.any(1)[:, None, :, None], v, jnp.zeros_like(v))  # unwritten: maybe NaN
   out = jnp.einsum("bkgts,bksh->btkgh", f32(probs.astype(v.dtype)), f32(v))
   return out.reshape(b, t, n, h).astype(q.dtype)
