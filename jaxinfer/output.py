@@ -85,14 +85,25 @@ def _read_records(path: Path, repair: bool) -> list[dict[str, Any]]:
         raise UserError(f"--output: line {number} of {str(path)!r} is not a record of jaxinfer "
                         f"generate; name another --output, or pass --overwrite to replace it")
       records.append(record)
-  tail = data[end:]  # a record a crash cut short starts as every record does
-  if tail and not (tail.startswith(RECORD_START) or RECORD_START.startswith(tail)):
+  tail = data[end:]  # a record a crash cut short starts as every record does, and is no JSON
+  if tail and (not (tail.startswith(RECORD_START) or RECORD_START.startswith(tail))
+               or _whole_object_but_no_record(tail)):
     raise UserError(f"--output: the last line of {str(path)!r} is not a record of jaxinfer "
                     f"generate; name another --output, or pass --overwrite to replace it")
   if repair and end != len(data):
     with open(path, "r+b") as f:
       f.truncate(end)
   return records
+
+
+def _whole_object_but_no_record(tail: bytes) -> bool:
+  """Whether a last line without its newline is a whole JSON object other than a record (a
+  one-line prompts file, say, named as --output by mistake): not a tail a crash cut short."""
+  try:
+    value = json.loads(tail)
+  except (ValueError, RecursionError):
+    return False
+  return not (isinstance(value, dict) and "line" in value)
 
 
 def completed(output: str | os.PathLike, num_processes: int,
@@ -151,8 +162,16 @@ class RecordWriter:
       self._closed = True
       self._cv.notify_all()
     self._thread.join()
-    self._f.close()
+    try:
+      self._f.close()
+    except OSError as e:  # (what a failed write left buffered fails again: keep the first)
+      self._error = self._error or e
     self._check()
+
+  @property
+  def error(self) -> BaseException | None:
+    """Why writing failed (None: it has not)."""
+    return self._error
 
   def _check(self) -> None:
     if self._error is not None:

@@ -78,13 +78,33 @@ def parse_request(line_no: int, text: str, defaults: Defaults, tokenizer: Tokeni
                   seed: int = 0) -> Request:
   """Raises InvalidRequest with a message fit for the user. `chat`: the model's
   `jaxinfer.chat.ChatTemplate`, for 'messages' prompts."""
+  return make_request(line_no, load_line(text), defaults, tokenizer, vocab_size, max_seq_len,
+                      chat, n=n, seed=seed)
+
+
+def _finite(text: str) -> float:
+  value = float(text)
+  if not math.isfinite(value):
+    raise ValueError(f"{text} is out of a float's range")
+  return value
+
+
+def _no_constant(name: str):
+  raise ValueError(f"{name} is not a JSON number")
+
+
+def load_line(text: str):
+  """A JSONL line's value, strict JSON: InvalidRequest for anything else, including NaN,
+  Infinity, a number out of float range, an integer too long for Python to read and nesting too
+  deep (each a traceback through `json.loads` alone)."""
   try:
-    rec = json.loads(text)
+    return json.loads(text, parse_constant=_no_constant, parse_float=_finite)
   except json.JSONDecodeError as e:
     raise InvalidRequest(f"not valid JSON: {e.msg} at column {e.colno}") from None
-  return make_request(line_no, rec, defaults, tokenizer, vocab_size, max_seq_len, chat, n=n,
-                      seed=seed)
-
+  except RecursionError:
+    raise InvalidRequest("not valid JSON: nested too deeply") from None
+  except ValueError as e:
+    raise InvalidRequest(f"not valid JSON: {e}") from None
 
 def is_text(x) -> bool:
   """Whether `x` is a string that UTF-8 can hold (JSON's escapes and Python's strings can

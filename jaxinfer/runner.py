@@ -26,7 +26,7 @@ from jaxinfer.api import LLM, Completion, SamplingParams
 from jaxinfer.errors import UserError
 from jaxinfer.options import ServeOptions, plain
 from jaxinfer.requests import (Defaults, InvalidRequest, Request, error_record, is_text,
-                               parse_request)
+                               load_line, parse_request)
 from jaxinfer.sampling import SEED_LIMIT, validate as validate_sampling
 from jaxinfer.serving import placement
 
@@ -54,7 +54,7 @@ class GenerateJob(ServeOptions):
   def validate(self) -> None:
     """Everything checkable before loading a model, with the flag named in the message."""
     self.check_types()
-    if not Path(self.prompts).is_file():
+    if not Path(self.prompts).is_file() or not os.access(self.prompts, os.R_OK):
       raise UserError(f"--prompts: {self.prompts!r} is not a readable file")
     for flag, path in (("--output", self.output), ("--metrics_output", self.metrics_output)):
       if path is not None:
@@ -117,8 +117,8 @@ def read_requests(job: GenerateJob, tokenizer, vocab_size: int, max_seq_len: int
 def _request_id(text: str):
   """The id of a line that failed to parse as a request, where it has a usable one."""
   try:
-    rec = json.loads(text)
-  except json.JSONDecodeError:
+    rec = load_line(text)
+  except InvalidRequest:
     return None
   rid = rec.get("id") if isinstance(rec, dict) else None
   return rid if is_text(rid) or isinstance(rid, int) else None
@@ -176,6 +176,10 @@ def _check_resumable(written: list[dict[str, Any]], requests: list[Request]) -> 
 def _init_distributed(coordinator_address, num_processes, process_id, auto) -> tuple[int, int]:
   """(this process's index, processes): jax.distributed started from the options, or as the
   caller already started it (each process then writes its part of the output)."""
+  if auto and (coordinator_address, num_processes, process_id) != (None, None, None):
+    raise UserError("--distributed: takes the run's processes from the environment; pass "
+                    "--coordinator_address, --num_processes and --process_id without it, or "
+                    "neither")
   if jax.distributed.is_initialized():
     if coordinator_address is not None or auto:
       raise UserError("--coordinator_address: jax.distributed is already initialised in this "
@@ -224,20 +228,32 @@ def _barrier(name: str) -> None:
     raise _process_ended(e) from None
 
 
+# Options a process may hold for itself: where it keeps caches, what it shows, the files only
+# process 0 writes, and paths (a model's copy on each host) whose contents decide nothing here.
+_PER_PROCESS = ("prompts", "cache_dir", "progress", "metrics_output", "model", "draft_model",
+                "draft_heads")
+
+
+def _job_digest(job: GenerateJob) -> bytes:
+  """What every process of a run must share: the prompts file's bytes and every option that
+  decides the requests, their split among the replicas or their records."""
+  options = {k: v for k, v in dataclasses.asdict(job).items() if k not in _PER_PROCESS}
+  digest = hashlib.sha256(Path(job.prompts).read_bytes())
+  digest.update(json.dumps(options, sort_keys=True, default=str).encode())
+  return digest.digest()
+
+
 def _same_job(job: GenerateJob) -> None:
   """Every process of the run must read the same input under the same options: each splits the
   requests among all replicas alike, so different ones would lose or repeat records."""
   import numpy as np
   from jax.experimental import multihost_utils
-  digest = hashlib.sha256(Path(job.prompts).read_bytes())
-  digest.update(json.dumps([dataclasses.asdict(job.defaults), job.seed, job.num_samples],
-                           default=str).encode())
-  mine = np.frombuffer(digest.digest()[:8], np.int32)
+  mine = np.frombuffer(_job_digest(job)[:8], np.int32)
   try:
     multihost_utils.assert_equal(mine)
   except AssertionError:
     raise UserError("--prompts: the processes of this run read different input or options; "
-                    "give every process the same --prompts and generation options") from None
+                    "give every process the same --prompts and options") from None
   except Exception as e:
     raise _process_ended(e) from None
 
@@ -307,11 +323,17 @@ def _run(job: GenerateJob, pid: int, nproc: int) -> dict[str, Any]:
     writer = output.RecordWriter(part)
   except OSError as e:
     raise UserError(f"--output: cannot write {str(part)!r} ({e.strerror or e})") from None
-  writer.write(my_errors)
   try:
-    generated = llm.serve(todo, lambda req, samples: writer.write([make_record(req, samples)]))
-  finally:  # whatever was completed reaches the disk, even when generation fails
-    writer.close()
+    try:
+      writer.write(my_errors)
+      generated = llm.serve(todo, lambda req, samples: writer.write([make_record(req, samples)]))
+    finally:  # whatever was completed reaches the disk, even when generation fails
+      writer.close()
+  except OSError:
+    if writer.error is None:
+      raise
+    raise UserError(f"--output: writing {str(part)!r} failed ({writer.error}); the records "
+                    f"written before are kept: free the space and rerun to resume") from None
   t_end = time.perf_counter()
 
   merged = None
@@ -330,7 +352,11 @@ def _run(job: GenerateJob, pid: int, nproc: int) -> dict[str, Any]:
   if merged is not None:
     metrics["records_in_output"] = merged
   if job.metrics_output and pid == 0:
-    Path(job.metrics_output).write_text(json.dumps(metrics, indent=2) + "\n")
+    try:
+      Path(job.metrics_output).write_text(json.dumps(metrics, indent=2) + "\n")
+    except OSError as e:
+      raise UserError(f"--metrics_output: cannot write {job.metrics_output!r} "
+                      f"({e.strerror or e}); the records are in --output") from None
   return metrics
 
 

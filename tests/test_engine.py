@@ -569,6 +569,37 @@ def test_processes_reading_different_input_are_refused(tmp_path, tiny_model_dir)
   assert not out.exists() and not list(tmp_path.glob("o.jsonl.part-*"))
 
 
+def test_what_every_process_of_a_run_must_share(tmp_path):
+  """The check across processes covers the prompts' bytes and every option that splits or
+  words the records (processes given different --order once each dropped the other's share of
+  the records, and exited 0); caches, progress and paths to the model may differ."""
+  from jaxinfer.runner import _job_digest
+  prompts = tmp_path / "p.jsonl"
+  prompts.write_text('{"id": 1, "prompt": "x"}\n')
+  base = GenerateJob(prompts=str(prompts), output="o.jsonl")
+  digest = lambda **kw: _job_digest(dataclasses.replace(base, **kw))
+  for kw in (dict(order="arrival"), dict(max_seq_len=64), dict(batch_size=4), dict(seed=1),
+             dict(overwrite=True), dict(speculative="ngram")):
+    assert digest(**kw) != _job_digest(base), kw
+  for kw in (dict(cache_dir="/elsewhere"), dict(progress=False), dict(model="/copy/of/it")):
+    assert digest(**kw) == _job_digest(base), kw
+  before = _job_digest(base)
+  prompts.write_text('{"id": 2, "prompt": "x"}\n')
+  assert _job_digest(base) != before
+
+
+def test_distributed_takes_no_explicit_processes(tmp_path, tiny_model_dir):
+  """--distributed (the processes from the environment) with --coordinator_address given too
+  was told "coordinator_address should be defined", the address dropped."""
+  prompts = tmp_path / "p.jsonl"
+  prompts.write_text('{"id": 1, "prompt": "x"}\n')
+  job = GenerateJob(prompts=str(prompts), output=str(tmp_path / "o.jsonl"),
+                    model=str(tiny_model_dir))
+  with pytest.raises(UserError, match="^--distributed: takes the run's processes from the env"):
+    run(job, distributed=True, coordinator_address="127.0.0.1:1234", num_processes=1,
+        process_id=0)
+
+
 def test_a_multi_process_mesh_spans_every_process(monkeypatch):
   """--mesh in a run of several processes covers all their devices (a mesh of other size is
   refused, named)."""

@@ -62,6 +62,11 @@ BAD_LINES = [
     ("unpaired surrogate", '{"id": "v", "prompt_ids": [3], "metadata": {"note": "x\\udc00y"}}'),
     ("unpaired surrogate id", '{"id": "\\ud800", "prompt_ids": [3]}'),
     ("huge top_k", {"id": "w", "prompt": "x", "temperature": 1.0, "top_k": 2**40}),
+    # strict JSON: what json.loads alone accepts or raises something other than a decode error on
+    ("nan", '{"id": "x", "prompt": "x", "metadata": {"score": NaN}}'),
+    ("float overflow", '{"id": "y", "prompt": "x", "metadata": 1e400}'),
+    ("long integer", '{"id": "z", "prompt": "x", "metadata": ' + "1" * 5000 + "}"),
+    ("deep nesting", '{"id": "zz", "prompt": "x", "metadata": ' + "[" * 100000 + "]" * 100000 + "}"),
 ]
 
 
@@ -88,6 +93,10 @@ def test_bad_lines_become_error_records_and_the_rest_complete(tmp_path, tiny_mod
   assert messages["unpaired surrogate"].startswith("metadata['note']: holds an unpaired surrogate")
   assert messages["unpaired surrogate id"].startswith("id: holds an unpaired surrogate")
   assert "top_k must be in [0, 2**31)" in messages["huge top_k"]
+  assert messages["nan"] == "not valid JSON: NaN is not a JSON number"
+  assert messages["float overflow"] == "not valid JSON: 1e400 is out of a float's range"
+  assert messages["long integer"].startswith("not valid JSON: Exceeds the limit")
+  assert messages["deep nesting"] == "not valid JSON: nested too deeply"
   for rid in ("ok1", 7):
     rec = by_id[rid] if rid == 7 else [r for r in out if r.get("id") == "ok1" and "error" not in r][0]
     assert rec["finish_reason"] in ("stop", "length") and rec["completion_ids"]
@@ -135,7 +144,8 @@ def test_resuming_after_a_corrected_line_and_from_another_jobs_output(tmp_path, 
   assert not list(tmp_path.glob("out.jsonl.part-*"))
   # a file that is no output of this command is refused untouched (its last line was cut off
   # as a torn record, and records appended to it)
-  for text in ("my notes\nline two\nlast line", '{"id": 1, "line": 1}\n[1, 2]\n'):
+  for text in ("my notes\nline two\nlast line", '{"id": 1, "line": 1}\n[1, 2]\n',
+               '{"id": "q1", "prompt": "a one-line prompts file"}'):
     out.write_text(text)
     with pytest.raises(UserError, match="--output: .* is not a record of jaxinfer generate"):
       run(job())
@@ -278,6 +288,31 @@ def test_cli_end_to_end_exit_status_and_no_traceback(tmp_path, tiny_model_dir):
               f"--prompts={prompts}", f"--output={tmp_path / 'x.jsonl'}")
   assert proc.returncode == 2 and proc.stderr.splitlines() == [
       f"error: --cache_dir: {str(prompts)!r} is not a directory"], proc.stderr
+
+
+def test_a_full_disk_is_one_line_and_keeps_what_was_written(tmp_path, tiny_model_dir):
+  """The output's file system refusing a write (here a file-size limit) ends the run with one
+  line (it was a traceback of the writer's thread, then of closing the file), the records
+  already written kept, and a rerun resumes from them."""
+  prompts = _write(tmp_path / "p.jsonl", [{"id": i, "prompt_ids": [3 + i, 4, 5]}
+                                          for i in range(40)])
+  out = tmp_path / "out.jsonl"
+  limited = ["sh", "-c", 'ulimit -f 8 && exec "$@"', "sh"]  # files of 4 or 8 KiB at most
+  proc = subprocess.run(limited + [sys.executable, "-m", "jaxinfer", "generate",
+                                   f"--model={tiny_model_dir}", f"--prompts={prompts}",
+                                   f"--output={out}", "--max_new_tokens=12", "--noprogress",
+                                   "--compilation_cache=none", "--mesh=data:1"],
+                        capture_output=True, text=True, timeout=300)
+  assert proc.returncode == 2, proc.stderr
+  assert proc.stderr.splitlines()[-1].startswith(
+      f"error: --output: writing {str(out)!r} failed ([Errno 27] File too large)"), proc.stderr
+  assert "Traceback" not in proc.stderr
+  kept = out.stat().st_size
+  assert 0 < kept <= 8192
+  metrics = run(GenerateJob(prompts=str(prompts), output=str(out), model=str(tiny_model_dir),
+                            progress=False, mesh="data:1", defaults=Defaults(max_new_tokens=12)))
+  assert 0 < metrics["num_skipped_already_done"] < 40
+  assert sorted(r["id"] for r in _read(out)) == list(range(40))
 
 
 def test_a_host_without_a_tpu_starts_no_tpu_runtime(tmp_path, tiny_model_dir):

@@ -6,13 +6,13 @@ chat template (jaxinfer/chat.py); a file may mix the two."""
 
 from __future__ import annotations
 
-import json
 import os
 from pathlib import Path
 
 import numpy as np
 
 from jaxinfer.output import decode_line
+from jaxinfer.requests import InvalidRequest, load_line
 from jaxinfer.tokenizer import Tokenizer
 
 TEXT_SUFFIXES = (".txt", ".py", ".md")
@@ -31,9 +31,9 @@ def iter_jsonl(path: str | os.PathLike):
       if not line.strip():
         continue
       try:
-        rec = json.loads(line)
-      except json.JSONDecodeError as e:
-        raise ValueError(f"--data: {path} line {i} is not valid JSON ({e.msg})") from None
+        rec = load_line(line)
+      except InvalidRequest as e:
+        raise ValueError(f"--data: {path} line {i} is {e}") from None
       if isinstance(rec, dict) and "messages" in rec:
         check_messages(rec["messages"], f"--data: {path} line {i}")
       elif not isinstance(rec, dict) or not isinstance(rec.get("text"), str):
