@@ -7,6 +7,7 @@ Options have the names of `jaxinfer generate`'s flags (`--batch_size` is `batch_
 
 from __future__ import annotations
 
+import atexit
 import dataclasses
 import queue
 import sys
@@ -247,7 +248,8 @@ class LLM:
     from jaxinfer.compilation_cache import CompileClock
     from jaxinfer.serving.metrics import generation_metrics
     if not self._lock.acquire(blocking=False):
-      raise RuntimeError("LLM: another generate call of this LLM is running")
+      raise RuntimeError("LLM: another generate call of this LLM is running (a generate_iter "
+                         "not read to its end runs until it is closed: call its close())")
     try:
       with self._worded():
         self._backend.prepare(requests)
@@ -324,6 +326,7 @@ class LLM:
         results.put(end)
 
     thread = threading.Thread(target=work, name="jaxinfer-generate", daemon=True)
+    _live[thread] = cancel
     thread.start()
     try:
       while (item := results.get()) is not end:
@@ -333,6 +336,19 @@ class LLM:
     finally:  # (left early, interrupted or done: no generation outlives the iterator)
       cancel.set()
       thread.join()
+      _live.pop(thread, None)
+
+
+_live: dict[threading.Thread, threading.Event] = {}  # generate_iter generations running
+
+
+@atexit.register
+def _stop_live() -> None:
+  """At exit, stops the generation of every generate_iter left open (a daemon thread still
+  inside JAX as the interpreter ends aborts the process)."""
+  for thread, cancel in list(_live.items()):
+    cancel.set()
+    thread.join()
 
 
 def _output(req: Request, samples: list[Completion], t0: float) -> RequestOutput:

@@ -15,10 +15,12 @@ class Cancelled(Exception):
 
 def as_keywords(e: UserError) -> UserError:
   """`e` worded for the Python API, where options are keywords: a leading "--name:" reads
-  "name:", "--name=value" reads "name=value", any other "--name" reads "name=" (the keyword)."""
+  "name:", "--name=value" reads "name=value", any other "--name" reads "name=" (the keyword).
+  A "--" inside a word or a path (a hub snapshot's "models--org--name") is left as it is."""
+  flag = r"(?<![\w/.~-])--(\w+)"
   text = re.sub(r"^--(\w+):", r"\1:", str(e))
-  text = re.sub(r"--(\w+)=", r"\1=", text)
-  return UserError(re.sub(r"--(\w+)", r"\1=", text))
+  text = re.sub(flag + "=", r"\1=", text)
+  return UserError(re.sub(flag, r"\1=", text))
 
 
 @contextlib.contextmanager

@@ -87,6 +87,18 @@ def test_iterator_samples_and_stop_strings(llm):
   assert [o.outputs for o in llm.generate(prompts, sp)] == [o.outputs for o in ordered]
 
 
+def test_an_iterator_left_open_stops_at_exit(tiny_model_dir):
+  """An iterator kept in a variable, read once, the program then ending: its generation stops
+  (it once ran on in a daemon thread inside JAX, and the interpreter aborted at exit)."""
+  code = ("import jaxinfer\n"
+          f"llm = jaxinfer.LLM({str(tiny_model_dir)!r}, progress=False)\n"
+          "it = llm.generate_iter([[5, 6, 7]] * 64, jaxinfer.SamplingParams(max_new_tokens=40))\n"
+          "next(it)\n"
+          "print('read one')\n")
+  proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+  assert (proc.returncode, proc.stdout.strip()) == (0, "read one"), proc.stderr[-2000:]
+
+
 @pytest.mark.parametrize("to", ["process", "replica"])
 def test_an_interrupt_stops_every_replica_before_it_is_raised(to):
   """Ctrl-C while the replicas run: each is told to stop and has stopped when it surfaces, within
@@ -186,6 +198,10 @@ def test_bad_input_is_named(llm, tiny_model_dir):
     jaxinfer.LLM(str(tiny_model_dir), kv_pages=1, progress=False).generate("def f")
   with pytest.raises(UserError, match=r"^prompts: 'p.jsonl' is not a readable file"):
     jaxinfer.generate_file("p.jsonl", "o.jsonl", str(tiny_model_dir))  # (the CLI: --prompts)
+  # a "--" inside a path (a hub snapshot's directory) is no flag
+  hub = "hub/models--org--tiny/snapshots/abc"
+  with pytest.raises(UserError, match=f"^model: '{hub}' is not a directory"):
+    jaxinfer.LLM(hub)
   # a NumPy number is the number it holds, a path its string (both as SamplingParams take them)
   opts = jaxinfer.ServeOptions.from_keywords(tiny_model_dir, dict(batch_size=np.int64(2),
                                                                   draft_fallback=np.float32(0)))
