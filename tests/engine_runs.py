@@ -37,6 +37,8 @@ def run_engine(target, reqs, proposer=None, runtime=Runtime(), should_stop=None,
   st = eng.run(reqs, lambda r: out.__setitem__(r.uid, r), should_stop)
   # the auto policy's work in sight is used up: every token taken and every early end counted once
   assert proposer is None or eng._budget == 0, eng._budget
+  # every dispatch the policy counts ran, and was read
+  assert proposer is None or sum(eng.policy.dispatches) == st.dispatches
   return out, st, eng
 
 

@@ -194,8 +194,20 @@ def test_tokens_decoded_past_a_stop_are_counted(tiny_model_dir):
   assert st.decode_tokens_discarded > 0
   assert (sum(len(r.tokens) for r in results) + st.decode_tokens_discarded
           == st.decode_tokens)
-  with pytest.raises(ValueError, match=r"29 prompt \+ 20 new tokens exceed .* max_len \(48\)"):
-    eng.run([EngineRequest(9, list(range(1, 30)), 20, np.zeros(2, np.uint32))], results.append)
+  # a run refused for a bad request (too long, no prompt, a uid twice: that crashed a speculating
+  # engine) has touched nothing: the prompt pages cached by the runs before are still shared
+  def again():  # prompt tokens it read from the cache (the engine's counters add up its runs)
+    saved = eng.stats.prefill_tokens_saved
+    return eng.run(reqs[4:], results.append).prefill_tokens_saved - saved
+
+  assert again() == 16
+  for bad, match in [(EngineRequest(9, list(range(1, 30)), 20, np.zeros(2, np.uint32)),
+                      r"29 prompt \+ 20 new tokens exceed .* max_len \(48\)"),
+                     (EngineRequest(9, [], 20, np.zeros(2, np.uint32)), "needs a prompt"),
+                     (reqs[0], "request 0: another request of this run has that uid")]:
+    with pytest.raises(ValueError, match=match):
+      eng.run([reqs[0], bad], results.append)
+  assert again() == 16
 
 
 def test_outputs_do_not_depend_on_slots_chunks_pages_steps_or_replicas(tmp_path,

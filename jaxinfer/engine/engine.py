@@ -426,8 +426,9 @@ class Engine:
     plan = sched.layout(lanes, g, q, tree)
     if plan is None and drained:  # every row it had ended meanwhile (and it had no lanes)
       return self._plan(sched, None)
-    if plan is not None:
+    if plan is not None:  # (a pick whose plan is dropped was never dispatched)
       plan.level, self._trees = level, tree
+      self.policy.dispatches[level] += 1
     return plan
 
   def _feed_once_trees_pay(self, sched: Scheduler, work_s: float) -> None:
@@ -478,29 +479,37 @@ class Engine:
     Prompt pages cached by earlier runs are reused; a run that fails forgets them all."""
     pool = self.pool
     pool.peak_in_use = pool.in_use
+    sched = self._scheduler(requests)  # (a request refused here has touched nothing)
     try:
-      return self._run(pool, requests, on_result, should_stop, on_step)
+      return self._run(pool, sched, on_result, should_stop, on_step)
     except BaseException:
       self.reset_prefix_cache()  # the failed run's references are lost
       raise
 
-  def _run(self, pool, requests, on_result, should_stop, on_step) -> EngineStats:
+  def _scheduler(self, requests: Iterable[EngineRequest]) -> Scheduler:
+    """A scheduler holding every request, each checked (ValueError naming it)."""
     sched = Scheduler(self.cfg.num_slots, self.cfg.chunk_lanes, self.cfg.chunk_size,
-                      self.cfg.page_size, self.max_pages, pool, self.model_cfg.eos_token_ids,
+                      self.cfg.page_size, self.max_pages, self.pool, self.model_cfg.eos_token_ids,
                       self.cfg.decode_steps, self.tree_size,
                       0 if self.proposer is None else self.proposer.feature_lookahead,
                       whole_prompts=whole_lanes(self.runtime) is not None, waves=self.cfg.waves)
-    budgets = {}  # speculating: uid -> its budget (the policy's work in sight)
-    requests = list(requests)
-    self._greedy = all_greedy(requests)
+    uids = set()
     for req in requests:
+      if req.uid in uids:
+        raise ValueError(f"request {req.uid}: another request of this run has that uid")
+      uids.add(req.uid)
       if len(req.prompt_ids) + req.max_new_tokens > self.max_len:
         raise ValueError(f"request {req.uid}: {len(req.prompt_ids)} prompt + "
                          f"{req.max_new_tokens} new tokens exceed the engine's max_len "
                          f"({self.max_len})")
       sched.add(req)
-      if self.proposer is not None:
-        budgets[req.uid] = req.max_new_tokens
+    return sched
+
+  def _run(self, pool, sched, on_result, should_stop, on_step) -> EngineStats:
+    requests = list(sched.pending)
+    self._greedy = all_greedy(requests)
+    # speculating: uid -> its budget (the policy's work in sight)
+    budgets = {} if self.proposer is None else {r.uid: r.max_new_tokens for r in requests}
     self._budget = sum(budgets.values())
     st = self.stats
     before = dataclasses.replace(st)  # (the counters below add this run's to earlier runs')

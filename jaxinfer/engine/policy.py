@@ -174,7 +174,7 @@ class TreePolicy:
     self.policy, self.explore_every = policy, explore_every
     n = len(levels)
     self.decode, self.mixed = _Meter(n), _Meter(n)
-    self.dispatches = [0] * n  # per level, since `start_call`
+    self.dispatches = [0] * n  # per level since `start_call` (the engine counts its dispatches)
     self.last = {False: [0] * n, True: [0] * n}  # (mixed?) -> the clock a level last ran at
     self.clock = 0
     self.current = {False: None, True: None}  # (mixed?) -> the level held
@@ -292,7 +292,6 @@ class TreePolicy:
       if level != self.current[mixed]:
         self.current[mixed], self.hold[mixed] = level, self.HOLD - 1
     self.last[mixed][level] = self.clock
-    self.dispatches[level] += 1
     return level
 
   def _pick(self, work_s: float | None) -> int:
