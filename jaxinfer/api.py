@@ -307,8 +307,11 @@ class LLM:
     """As `generate`, but yields each prompt's RequestOutput as soon as it finishes (completion
     order; `.index` is its place among the prompts). Generation runs in a thread of its own;
     an error there is raised here. Leaving the loop early (or closing the iterator) stops the
-    generation once each replica's dispatch in flight is read."""
-    reqs = self.requests(prompts, sampling_params)
+    generation once each replica's dispatch in flight is read. Bad input is raised by the
+    call itself; generation starts with the first item asked for."""
+    return self._stream(self.requests(prompts, sampling_params), progress)
+
+  def _stream(self, reqs: list[Request], progress: bool | None) -> Iterator[RequestOutput]:
     results: queue.Queue = queue.Queue()
     end = object()
     cancel = threading.Event()

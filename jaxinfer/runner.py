@@ -280,6 +280,8 @@ def _run(job: GenerateJob, pid: int, nproc: int) -> dict[str, Any]:
   t_start = time.perf_counter()
   llm = _JobLLM(**dataclasses.asdict(ServeOptions.of(job)))
   cfg = llm.config
+  if job.defaults.stop and llm.tokenizer is None:  # (every line's, not an error of each)
+    raise UserError("--stop: stop strings need a tokenizer and the model has no tokenizer.json")
   requests, errors, num_lines = read_requests(job, llm.tokenizer, cfg.vocab_size,
                                               cfg.max_seq_len, llm._chat)
   part = output.part_path(job.output, pid, nproc) if nproc > 1 else Path(job.output)

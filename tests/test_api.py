@@ -171,6 +171,8 @@ def test_bad_input_is_named(llm, tiny_model_dir):
     jaxinfer.LLM(str(tiny_model_dir), speculative="magic")
   with pytest.raises(UserError, match=r"prompts\[1\]: prompt_ids: token id 99999 is outside"):
     llm.generate(["ok", [1, 99999]])
+  with pytest.raises(UserError, match=r"prompts\[1\]: prompt_ids: token id 99999 is outside"):
+    llm.generate_iter(["ok", [1, 99999]])  # (by the call, not by the first item asked for)
   with pytest.raises(UserError, match=r"prompts\[0\]: expected text, a list of token ids"):
     llm.generate([3.5])
   with pytest.raises(UserError, match=r"prompts\[0\]\[0\]: expected a token id .* got 1.5"):

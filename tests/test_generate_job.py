@@ -290,6 +290,20 @@ def test_cli_end_to_end_exit_status_and_no_traceback(tmp_path, tiny_model_dir):
       f"error: --cache_dir: {str(prompts)!r} is not a directory"], proc.stderr
 
 
+def test_stop_strings_for_a_model_without_a_tokenizer_are_refused_once(tmp_path,
+                                                                       tiny_model_dir):
+  """--stop with a model that has no tokenizer.json names the flag, before any line is read
+  (each line's record was the same error)."""
+  import shutil
+  model = shutil.copytree(tiny_model_dir, tmp_path / "ids_only")
+  (model / "tokenizer.json").unlink()
+  prompts = _write(tmp_path / "p.jsonl", [{"id": 1, "prompt_ids": [3, 4]}])
+  with pytest.raises(UserError, match="^--stop: stop strings need a tokenizer"):
+    run(GenerateJob(prompts=str(prompts), output=str(tmp_path / "o.jsonl"), model=str(model),
+                    progress=False, defaults=Defaults(stop=("\n",))))
+  assert not (tmp_path / "o.jsonl").exists()
+
+
 def test_a_full_disk_is_one_line_and_keeps_what_was_written(tmp_path, tiny_model_dir):
   """The output's file system refusing a write (here a file-size limit) ends the run with one
   line (it was a traceback of the writer's thread, then of closing the file), the records
