@@ -4,12 +4,15 @@ XLA fallback."""
 
 from __future__ import annotations
 
+import functools
+
 import jax
 import jax.numpy as jnp
 
 from pallas_kernels.block_sparse_attention.masks import MaskInfo
 
 
+@jax.jit  # one program per shape (eager, each operation compiled apart: several times slower)
 def dense_mask(info: MaskInfo) -> jax.Array:
   """(Bm, Hm, T, S) bool from the block metadata; works on traced (dynamic) metadata too."""
   idx, num, part = (jnp.asarray(info.kv_indices), jnp.asarray(info.num_kv),
@@ -30,6 +33,7 @@ def dense_mask(info: MaskInfo) -> jax.Array:
   return dense[:, :, :info.shape[0], :info.shape[1]]
 
 
+@functools.partial(jax.jit, static_argnames=("scale", "interpret"))
 def block_sparse_attention_reference(q: jax.Array, k: jax.Array, v: jax.Array, info: MaskInfo, *,
                                      q_segment_ids: jax.Array | None = None,
                                      kv_segment_ids: jax.Array | None = None,

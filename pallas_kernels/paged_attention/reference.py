@@ -3,6 +3,8 @@ then ordinary attention over its first `lengths[b]` positions. Also the XLA fall
 
 from __future__ import annotations
 
+import functools
+
 import jax
 import jax.numpy as jnp
 
@@ -26,6 +28,8 @@ def dequantize_pages(pages: jax.Array, scales: jax.Array | None, dtype) -> jax.A
   return (pages.astype(jnp.float32) * grid[..., None]).astype(dtype)
 
 
+@functools.partial(jax.jit, static_argnames=("window", "sinks", "num_splits", "scale", "backend",
+                                             "interpret", "min_rows", "block_pages"))
 def paged_attention_reference(q: jax.Array, k_pages: jax.Array, v_pages: jax.Array,
                               lengths: jax.Array, page_table: jax.Array,
                               k_scales: jax.Array | None = None,

@@ -5,6 +5,8 @@ B sequences, T tree tokens each, N q heads, K kv heads, H head dim, W = ceil(T /
 
 from __future__ import annotations
 
+import functools
+
 import jax
 import jax.numpy as jnp
 
@@ -77,6 +79,8 @@ def tree_visibility(prefix_len: jax.Array, tree_mask: jax.Array, num_keys: int,
   return prefix | (in_tree[:, None, :] & tree_bit)
 
 
+@functools.partial(jax.jit, static_argnames=("window", "sinks", "num_splits", "scale", "backend",
+                                             "interpret", "min_rows", "block_pages"))
 def tree_attention_reference(q: jax.Array, k_pages: jax.Array, v_pages: jax.Array,
                              prefix_len: jax.Array, page_table: jax.Array, tree_mask: jax.Array,
                              k_scales: jax.Array | None = None,
