@@ -34,9 +34,10 @@ from jaxinfer.aot_steps import (CompileError, check_speculative, engine_steps,
                                 engine_tree_steps, params_shapes, proposer_for, whole_on)
 from jaxinfer.config import DTYPES, PRESETS, ModelConfig
 from jaxinfer.engine.engine import EngineConfig
+from jaxinfer.options import CHUNK_OPTIONS
 from jaxinfer.runtime import Runtime
 from jaxinfer.sharding import MESH_AXES, device_bytes, format_mesh, parse_mesh
-from jaxinfer.sparsity import parse as parse_sparsity
+from jaxinfer.sparsity import parse as parse_sparsity, window_conflict
 from pallas_kernels.common import gpu_target
 
 HBM_GIB = {"v4": 32, "v5e": 16, "v5p": 95, "v6e": 32}  # per chip
@@ -441,9 +442,9 @@ def _shrink_advice(report: Report, step: str, need: int, weights: int, kv: int, 
   return f"--batch_size: {head}; lower --batch_size (now {st['batch_size']}) or {wider}"
 
 
-def _checked(job: CompileJob, target: Target):
+def _checked(job: CompileJob, target: Target, cfg: ModelConfig):
   """The job's sparsity, after refusing what the engine or this command cannot compile for
-  `target`."""
+  `target` (and `jaxinfer generate` would refuse to serve)."""
   from jaxinfer import attention
   if job.implementation not in attention.IMPLEMENTATIONS:
     raise CompileError(f"--implementation: expected one of {sorted(attention.IMPLEMENTATIONS)}, "
@@ -460,6 +461,13 @@ def _checked(job: CompileJob, target: Target):
   if sparsity.dynamic and job.speculative != "none":
     raise CompileError(f"--sparsity: {sparsity} is not combinable with --speculative (its "
                        f"pattern needs whole-prompt prefill)")
+  if why := window_conflict(sparsity, cfg):
+    raise CompileError(f"--sparsity: {job.model} {why}")
+  defaults = {f.name: f.default for f in dataclasses.fields(CompileJob)}
+  for name in CHUNK_OPTIONS if sparsity.dynamic else ():  # (they would be ignored)
+    if getattr(job, name) != defaults[name]:
+      raise CompileError(f"--{name}: under --sparsity={sparsity} each prompt is prefilled "
+                         f"whole, in one lane of its own")
   check_speculative(job)
   why = attention.unsupported(sparsity, job.implementation, target.platform)
   if why:
@@ -561,7 +569,7 @@ def run(job: CompileJob, log=None) -> Report:
   target = parse_target(job.target)
   cfg = model_config(job)
   _check_quantize(job, cfg)
-  sparsity = _checked(job, target)
+  sparsity = _checked(job, target, cfg)
   devices = target_devices(target)
   mesh, replicas = replica_mesh(devices, job.mesh, target)
   runtime = Runtime(mesh, implementation=job.implementation, sparsity=sparsity)

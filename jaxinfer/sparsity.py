@@ -9,6 +9,8 @@
   vertical_slash:V,S[,BLOCK]     MInference vertical-slash at block granularity: the V most
                                  attended key columns and S most attended diagonals, estimated from
                                  the last 64 queries; prefill only
+
+BLOCK (default 128) is a power of two: each prompt runs in a lane a power of two wide.
 """
 
 from __future__ import annotations
@@ -47,6 +49,24 @@ class Sparsity:
 DENSE = Sparsity()
 
 
+def _whole_lanes(sparsity: Sparsity) -> Sparsity:
+  """A dynamic pattern applies to a prompt prefilled whole, in a lane a power of two wide: it
+  must be a whole number of blocks (BLOCK 48 never fitted one, and every prompt ran dense)."""
+  if sparsity.block & (sparsity.block - 1):
+    raise ValueError(f"sparsity: {sparsity}: BLOCK must be a power of two (a prompt's lane is "
+                     f"one, and must hold whole blocks), got {sparsity.block}")
+  return sparsity
+
+
+def window_conflict(sparsity: Sparsity, cfg) -> str | None:
+  """Why `sparsity` cannot apply to a model of config `cfg` (None: it can): a model with a
+  sliding window already has its own pattern, which a sparsity would replace."""
+  if sparsity.kind != "dense" and any(cfg.layer_window(i) is not None
+                                      for i in range(cfg.num_layers)):
+    return f"already uses a sliding window ({cfg.sliding_window}); {sparsity} would replace it"
+  return None
+
+
 def parse(spec: str) -> Sparsity:
   """Parses the `--sparsity` syntax above; raises ValueError naming what is wrong."""
   name, _, args = (spec or "dense").strip().partition(":")
@@ -61,9 +81,10 @@ def parse(spec: str) -> Sparsity:
   if name == "sinks_window" and len(values) == 2:
     return Sparsity("sinks_window", num_sinks=values[0], window=values[1])
   if name == "block_topk" and len(values) in (1, 2):
-    return Sparsity("block_topk", top_k=values[0], block=values[1] if len(values) > 1 else 128)
+    return _whole_lanes(Sparsity("block_topk", top_k=values[0],
+                                 block=values[1] if len(values) > 1 else 128))
   if name == "vertical_slash" and len(values) in (2, 3):
-    return Sparsity("vertical_slash", num_vertical=values[0], num_slash=values[1],
-                    block=values[2] if len(values) > 2 else 128)
+    return _whole_lanes(Sparsity("vertical_slash", num_vertical=values[0], num_slash=values[1],
+                                 block=values[2] if len(values) > 2 else 128))
   raise ValueError(f"sparsity: expected dense, sinks_window:SINKS,WINDOW, block_topk:TOPK[,BLOCK] "
                    f"or vertical_slash:V,S[,BLOCK]; got {spec!r}")

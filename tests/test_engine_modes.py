@@ -167,6 +167,29 @@ def test_a_pattern_over_a_models_own_sliding_window_is_refused(tmp_path):
   import jaxinfer
   from conftest import make_tiny_model_dir
   model = make_tiny_model_dir(tmp_path, sliding_window=12, family="mistral")
+  from jaxinfer import aot
   for pattern in ("block_topk:2,16", "sinks_window:2,8"):
     with pytest.raises(jaxinfer.UserError, match="already uses a sliding window"):
       jaxinfer.LLM(str(model), sparsity=pattern, progress=False)
+    # compile refuses it too (it was a traceback, or a step compiled without the model's window)
+    with pytest.raises(aot.CompileError, match="^--sparsity: .* already uses a sliding window"):
+      aot.run(aot.CompileJob("cuda", model=str(model), sparsity=pattern))
+  # a draft model with a window of its own, under a target's pattern (it crashed mid-run)
+  target = make_tiny_model_dir(tmp_path / "target")
+  with pytest.raises(jaxinfer.UserError, match="^sparsity: the draft model already uses a slid"):
+    jaxinfer.LLM(str(target), sparsity="sinks_window:2,8", speculative="draft",
+                 draft_model=str(model), progress=False)
+
+
+def test_a_dynamic_pattern_takes_blocks_a_lane_can_hold():
+  """A BLOCK that is not a power of two never fitted a prompt's lane (one): accepted, it ran
+  every prompt dense. Refused, as chunk options compile would have ignored."""
+  from jaxinfer import aot
+  from jaxinfer.sparsity import parse
+  for spec in ("block_topk:1,48", "vertical_slash:1,1,100"):
+    with pytest.raises(ValueError, match="BLOCK must be a power of two"):
+      parse(spec)
+  assert parse("block_topk:1,64").block == 64
+  with pytest.raises(aot.CompileError, match="^--chunk_size: under --sparsity=block_topk"):
+    aot.run(aot.CompileJob("cuda", model="preset:tiny", sparsity="block_topk:1,16",
+                           chunk_size=64))

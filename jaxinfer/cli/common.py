@@ -38,7 +38,9 @@ def define_implementation_flag() -> None:
   flags.DEFINE_enum("implementation", "xla", sorted(IMPLEMENTATIONS),
                     "Attention: xla (plain jnp, the reference), pallas (jaxinfer's kernels: "
                     "block-sparse prefill, paged decode, tree verification; interpreted on CPU) or "
-                    "splash (jax's TPU splash kernel for prefill, pallas for the rest).")
+                    "splash (jax's TPU splash kernel where a chunk attends only to itself, as "
+                    "in the static generator and training; the engine prefills over its KV "
+                    "pages, which splash does not read, so serving with it runs pallas).")
 
 
 def define_compilation_cache_flag() -> None:

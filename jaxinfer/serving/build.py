@@ -10,7 +10,7 @@ from jaxinfer.errors import UserError
 from jaxinfer.options import ServeOptions
 from jaxinfer.serving import placement
 from jaxinfer.serving.backends import EngineBackend
-from jaxinfer.sparsity import parse as parse_sparsity
+from jaxinfer.sparsity import parse as parse_sparsity, window_conflict
 
 
 def load(opts: ServeOptions):
@@ -32,10 +32,8 @@ def load(opts: ServeOptions):
                     f"decoding it into different tokens: speculation would not equal plain "
                     f"decoding; use a weight-only quantization for it")
   sparsity = parse_sparsity(opts.sparsity)
-  if sparsity.kind != "dense" and any(cfg.layer_window(i) is not None
-                                      for i in range(cfg.num_layers)):
-    raise UserError(f"--sparsity: {opts.model} already uses a sliding window "
-                    f"({cfg.sliding_window}); {sparsity} would replace it")
+  if why := window_conflict(sparsity, cfg):
+    raise UserError(f"--sparsity: {opts.model} {why}")
   from jaxinfer.attention import unsupported
   why = unsupported(sparsity, opts.implementation,
                     placement.first_device(replicas[0].mesh).platform)
@@ -47,5 +45,8 @@ def load(opts: ServeOptions):
     chat = ChatTemplate.from_dir(checkpoint.resolve_model_dir(opts.model, opts.cache_dir, True))
   proposer, draft_params = (registry.build(opts, cfg, params, dtype) if opts.speculating
                             else (None, None))
+  draft_cfg = getattr(proposer, "cfg", None)  # (a draft model attends with the target's pattern)
+  if draft_cfg is not None and (why := window_conflict(sparsity, draft_cfg)):
+    raise UserError(f"--sparsity: the draft model {why}")
   backend = EngineBackend(opts, cfg, params, replicas, total, sparsity, proposer, draft_params)
   return cfg, params, tokenizer, chat, backend, sparsity
