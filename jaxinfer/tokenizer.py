@@ -23,11 +23,19 @@ class Tokenizer:
     path = directory / "tokenizer.json"
     if not path.exists():
       return None
-    tok = tokenizers.Tokenizer.from_file(str(path))
+    try:
+      tok = tokenizers.Tokenizer.from_file(str(path))
+    except Exception as e:  # (the tokenizers library raises a bare Exception)
+      raise ValueError(f"{path}: not a tokenizer the tokenizers library reads ({e})") from None
     add_bos, bos = None, None
     cfg_path = directory / "tokenizer_config.json"
     if cfg_path.exists():
-      tcfg = json.loads(cfg_path.read_text())
+      try:
+        tcfg = json.loads(cfg_path.read_text())
+      except ValueError as e:
+        raise ValueError(f"{cfg_path}: not valid JSON ({e})") from None
+      if not isinstance(tcfg, dict):
+        raise ValueError(f"{cfg_path}: expected a JSON object")
       add_bos = tcfg.get("add_bos_token")
       bos = tcfg.get("bos_token")
       if isinstance(bos, dict):

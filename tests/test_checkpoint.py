@@ -236,6 +236,22 @@ def test_missing_and_misshaped_tensors_are_named(tmp_path):
     load_hf(tmp_path)
 
 
+def test_damaged_weight_and_tokenizer_files_are_named(tmp_path):
+  """A truncated model.safetensors, or a tokenizer file its library cannot read, was a traceback
+  of the library's own exception in every command."""
+  from jaxinfer.tokenizer import Tokenizer
+  make_hf_model("llama3", tmp_path)
+  path = tmp_path / "model.safetensors"
+  path.write_bytes(path.read_bytes()[:path.stat().st_size // 2])
+  with pytest.raises(ValueError, match=f"^{path}: not a readable safetensors file"):
+    load_hf(tmp_path)
+  (tmp_path / "tokenizer.json").write_text('{"x": 1}')
+  with pytest.raises(ValueError, match="tokenizer.json: not a tokenizer the tokenizers library"):
+    Tokenizer.from_dir(tmp_path)
+  (tmp_path / "tokenizer.json").unlink()
+  assert Tokenizer.from_dir(tmp_path) is None
+
+
 def test_unsupported_configs_are_refused(tmp_path):
   make_hf_model("llama3", tmp_path)
   cfg = json.loads((tmp_path / "config.json").read_text())

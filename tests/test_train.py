@@ -107,8 +107,19 @@ def test_train_cli_finetunes_and_exports(tmp_path, tiny_model_dir):
   assert "checkpoint at step 40" in fewer.stderr
 
 
+def test_a_resumed_run_keeps_its_steps(tmp_path):
+  """The learning-rate schedule spans --steps: resumed with more, a run's later steps followed
+  another schedule than its first (an extended 400-step run jumped from 1e-4 back to 9.8e-4)."""
+  from jaxinfer.train.workdir import check_workdir, record_settings
+  record_settings(tmp_path, {"steps": 3, "learning_rate": 0.1, "progress": True})
+  (tmp_path / "checkpoints" / "3").mkdir(parents=True)
+  check_workdir(tmp_path, True, {"steps": 3, "learning_rate": 0.1, "progress": False})
+  with pytest.raises(ValueError, match="started with --steps=3; this command has --steps=6"):
+    check_workdir(tmp_path, True, {"steps": 6, "learning_rate": 0.1, "progress": True})
+
+
 def test_training_data_errors_name_the_file_and_line(tmp_path):
-  from jaxinfer.train.data import iter_jsonl
+  from jaxinfer.train.data import is_jsonl, iter_jsonl
   good = json.dumps({"text": "x"}).encode()
   cases = [(b"\xef\xbb\xbf" + good + b"\n\n" + good + b"\n", None),  # a BOM, a blank line: fine
            (good + b"\n" + b'{"text": "caf\xe9"}\n', "line 2 is not valid UTF-8 \\(byte 14"),
@@ -122,6 +133,9 @@ def test_training_data_errors_name_the_file_and_line(tmp_path):
     else:
       with pytest.raises(ValueError, match=f"--data: {path} {error}"):
         list(iter_jsonl(path))
+  upper = tmp_path / "chat.JSONL"  # (was trained on as raw text, its JSON syntax and all)
+  upper.write_bytes(good + b"\n")
+  assert is_jsonl(upper)
 
 
 def test_train_cli_refuses_data_too_short_for_one_window(tmp_path, tiny_model_dir):
@@ -142,6 +156,13 @@ def test_train_cli_refuses_data_too_short_for_one_window(tmp_path, tiny_model_di
       capture_output=True, text=True, timeout=300)
   assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr
   assert proc.stderr.strip().splitlines()[-1].startswith(f"error: --output: {data} is a file")
+  # windows past the model's context (it trained, on positions the model has no rotary table for)
+  proc = subprocess.run(
+      [sys.executable, "-m", "jaxinfer", "train", f"--model={tiny_model_dir}", f"--data={data}",
+       f"--output={tmp_path / 'out'}", "--seq_len=100000", "--mesh=data:1"],
+      capture_output=True, text=True, timeout=300)
+  assert proc.returncode == 2 and proc.stderr.strip().splitlines()[-1].startswith(
+      "error: --seq_len: 100000 is past the model's context"), proc.stderr
 
 
 def test_learning_rates_warm_up_for_the_steps_asked_and_allow_a_single_step():
@@ -180,6 +201,39 @@ def test_an_interrupt_between_a_step_and_its_record_keeps_the_record(tmp_path):
   assert [m["step"] for m in read_metrics(tmp_path)] == [2, 4] and calls == [2, 4]
   run()
   assert [m["step"] for m in read_metrics(tmp_path)] == [2, 4, 6]
+
+
+def test_ctrl_c_finishes_the_step_and_checkpoints_it(tmp_path):
+  """Ctrl-C as a step is fed (raised there, it once landed mid-step as often as not, the state
+  handed to the step: no checkpoint at exit, a rerun started over): the step runs, is
+  checkpointed, and the run stops; the rerun goes on from it."""
+  import signal
+
+  import jax.numpy as jnp
+  import optax
+  import orbax.checkpoint as ocp
+
+  from jaxinfer.train.loop import TrainConfig, train
+  cfg = TrainConfig(steps=8, learning_rate=0.1, warmup_steps=0, checkpoint_every=100,
+                    log_every=100, progress=False, async_checkpoints=False)
+  loss = lambda p, frozen, batch, key: (jnp.sum((p["w"] - batch) ** 2), {})
+
+  sent = []
+
+  def batch(step):
+    if step == 4 and not sent:
+      sent.append(step)
+      signal.raise_signal(signal.SIGINT)
+    return jnp.ones(3)
+
+  run = lambda: train(loss, {"w": jnp.zeros(3)}, batch, cfg, tmp_path, optimizer=optax.sgd(0.1))
+  callers = signal.getsignal(signal.SIGINT)
+  with pytest.raises(KeyboardInterrupt, match="stopped by SIGINT at step 5"):
+    run()
+  assert ocp.CheckpointManager(tmp_path / "checkpoints").latest_step() == 5
+  assert signal.getsignal(signal.SIGINT) is callers
+  run()
+  assert ocp.CheckpointManager(tmp_path / "checkpoints").latest_step() == 8
 
 
 def test_a_resumed_run_keeps_whether_it_reads_a_hidden_state_cache(tmp_path):

@@ -8,6 +8,7 @@ one full tensor on the host.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import os
@@ -20,7 +21,7 @@ import ml_dtypes
 import numpy as np
 from jax.experimental import multihost_utils
 from jax.sharding import Mesh
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open as _safe_open
 from safetensors.numpy import save_file
 
 from jaxinfer import params as P
@@ -100,6 +101,17 @@ def _rules(cfg: ModelConfig) -> Transformer:
 
 def _is_rule(x) -> bool:
   return isinstance(x, TensorRule)
+
+
+@contextlib.contextmanager
+def safe_open(path: str, framework: str):
+  """safetensors' reader, its errors (a truncated or damaged file) as a ValueError naming the
+  file, one line (SafetensorError is neither an OSError nor a ValueError)."""
+  try:
+    with _safe_open(path, framework=framework) as f:
+      yield f
+  except SafetensorError as e:
+    raise ValueError(f"{path}: not a readable safetensors file ({e})") from None
 
 
 def weight_files(directory: Path) -> dict[str, str] | list[str]:

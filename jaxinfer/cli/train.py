@@ -81,6 +81,9 @@ def main(argv: list[str]) -> None:
     check_workdir(workdir, FLAGS.resume, settings)
     mesh, src, cfg, params, tokenizer = load_model_from_flags()
     check_destination(FLAGS.output, src, "hf" if fmt is None else "orbax")  # (now, not after)
+    if FLAGS.seq_len > cfg.max_seq_len:
+      fail(f"--seq_len: {FLAGS.seq_len} is past the model's context ({cfg.max_seq_len} "
+           f"positions)")
     tokens = data_tokens(tokenizer, src, cfg)
     n_held = int(len(tokens) * FLAGS.heldout_fraction)
     train_tokens, held_tokens = tokens[:len(tokens) - n_held], tokens[len(tokens) - n_held:]

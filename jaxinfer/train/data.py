@@ -43,7 +43,7 @@ def iter_jsonl(path: str | os.PathLike):
 
 
 def is_jsonl(path: str | os.PathLike) -> bool:
-  return Path(path).suffix == ".jsonl" and Path(path).is_file()
+  return Path(path).suffix.lower() == ".jsonl" and Path(path).is_file()
 
 
 def iter_documents(path: str | os.PathLike, chat=None):

@@ -179,11 +179,26 @@ def train(loss_fn: LossFn, params: Any, batch_fn: Callable[[int], Any], cfg: Tra
   step_jit = jax.jit(_step_fn(loss_fn, optimizer, cfg.seed), donate_argnums=(0,))
   put = _batch_placer(mesh, rules)
 
-  interrupted = []  # SIGTERM (e.g. a preempted job) finishes the step, checkpoints, and stops
+  # SIGTERM (a preempted job) or Ctrl-C finishes the step, checkpoints it and stops (raised
+  # mid-step, an interrupt found the state handed to the step: nothing was left to save); a
+  # second Ctrl-C is the caller's, at once
+  interrupted: list[str] = []
+  previous = {}
+
+  def on_signal(signum, frame):
+    if interrupted and signum == signal.SIGINT:
+      handler = previous[signal.SIGINT]
+      if callable(handler):
+        handler(signum, frame)
+      raise KeyboardInterrupt
+    interrupted.append(signal.Signals(signum).name)
+
   try:
-    previous = signal.signal(signal.SIGTERM, lambda *_: interrupted.append(True))
+    for sig in (signal.SIGTERM, signal.SIGINT):
+      if signal.getsignal(sig) is not signal.SIG_IGN:  # (a background job ignores Ctrl-C)
+        previous[sig] = signal.signal(sig, on_signal)
   except ValueError:  # not the main thread: leave signals alone
-    previous = None
+    previous = {}
   logged: list[dict[str, float]] = []
   bar = tqdm(total=cfg.steps, initial=start, desc=description, disable=not cfg.progress,
              dynamic_ncols=True)
@@ -215,7 +230,8 @@ def train(loss_fn: LossFn, params: Any, batch_fn: Callable[[int], Any], cfg: Tra
         manager.save(done, args=ocp.args.StandardSave(state))
       if interrupted:
         manager.wait_until_finished()
-        raise KeyboardInterrupt(f"{description}: stopped by SIGTERM at step {done}; rerun to resume")
+        raise KeyboardInterrupt(f"{description}: stopped by {interrupted[0]} at step {done}; "
+                                f"rerun to resume")
   except KeyboardInterrupt:
     manager.wait_until_finished()
     try:
@@ -231,8 +247,8 @@ def train(loss_fn: LossFn, params: Any, batch_fn: Callable[[int], Any], cfg: Tra
   finally:
     bar.close()
     writer.close()
-    if previous is not None:
-      signal.signal(signal.SIGTERM, previous)
+    for sig, handler in previous.items():
+      signal.signal(sig, handler)
   manager.wait_until_finished()
   manager.close()
   return state.params, logged

@@ -8,10 +8,11 @@ from pathlib import Path
 
 from jaxinfer.checkpoint.destination import check_not_under_a_file
 
-# what a run may change when it resumes: how long it runs, where it writes and reports, the
-# mesh it restores onto (a preempted job may come back on another slice), caches of the inputs
-RESUMABLE = frozenset({"steps", "checkpoint_every", "output", "workdir", "resume", "progress",
-                       "mesh", "cache_dir", "hidden_cache"})
+# what a run may change when it resumes: where it writes and reports, the mesh it restores onto
+# (a preempted job may come back on another slice), caches of the inputs. Not how long it runs:
+# the learning-rate schedule spans --steps, so other steps would redo the steps already run.
+RESUMABLE = frozenset({"checkpoint_every", "output", "workdir", "resume", "progress", "mesh",
+                       "cache_dir", "hidden_cache"})
 PATHS = ("model", "data")  # compared as the files they name, however spelled
 
 
