@@ -156,6 +156,25 @@ def test_train_cli_refuses_data_too_short_for_one_window(tmp_path, tiny_model_di
       capture_output=True, text=True, timeout=300)
   assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr
   assert proc.stderr.strip().splitlines()[-1].startswith(f"error: --output: {data} is a file")
+  # a tokenizer whose ids run past the model's vocabulary (it trained on NaN, and exited 0)
+  import dataclasses
+
+  from jaxinfer import checkpoint
+  from jaxinfer.cli.common import data_tokens
+  cfg, _, tok = checkpoint.load_model(str(tiny_model_dir))
+  with pytest.raises(ValueError, match="tokenizer.json gives token id .* past the model's vocab"):
+    data_tokens(tok, tiny_model_dir, dataclasses.replace(cfg, vocab_size=10), str(data))
+  # a run that diverges: one line, nothing written
+  text = tmp_path / "text.txt"
+  text.write_text(data.read_text() * 40)
+  proc = subprocess.run(
+      [sys.executable, "-m", "jaxinfer", "train", f"--model={tiny_model_dir}", f"--data={text}",
+       f"--output={tmp_path / 'diverged'}", "--seq_len=16", "--batch_size=2", "--steps=3",
+       "--warmup_steps=0", "--learning_rate=1e30", "--mesh=data:1"],
+      capture_output=True, text=True, timeout=300)
+  assert proc.returncode == 2 and proc.stderr.strip().splitlines()[-1].startswith(
+      "error: --learning_rate: training diverged (loss nan"), proc.stderr
+  assert not (tmp_path / "diverged").exists()
   # windows past the model's context (it trained, on positions the model has no rotary table for)
   proc = subprocess.run(
       [sys.executable, "-m", "jaxinfer", "train", f"--model={tiny_model_dir}", f"--data={data}",

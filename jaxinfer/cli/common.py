@@ -86,17 +86,22 @@ def load_model_from_flags(on_mesh: bool = True):
   return mesh, src, cfg, params, tokenizer
 
 
-def data_tokens(tokenizer, src, cfg):
-  """The --data text as one token array (documents separated by EOS), for training commands.
+def data_tokens(tokenizer, src, cfg, data: str | None = None):
+  """The --data text (or `data`'s) as one token array (documents separated by EOS), for
+  training commands.
 
   Raises FileNotFoundError / ValueError with user-facing messages."""
   from jaxinfer.chat import ChatTemplate
   from jaxinfer.train.data import load_text_tokens
   if tokenizer is None:
     raise ValueError(f"--model: {src} has no tokenizer.json; training on text needs one")
-  return load_text_tokens(flags.FLAGS.data, tokenizer,
-                          cfg.eos_token_ids[0] if cfg.eos_token_ids else None,
-                          ChatTemplate.from_dir(src))
+  tokens = load_text_tokens(data or flags.FLAGS.data, tokenizer,
+                            cfg.eos_token_ids[0] if cfg.eos_token_ids else None,
+                            ChatTemplate.from_dir(src))
+  if len(tokens) and int(tokens.max()) >= cfg.vocab_size:  # (their embeddings read as NaN)
+    raise ValueError(f"--model: {src}'s tokenizer.json gives token id {int(tokens.max())}, past "
+                     f"the model's vocabulary of {cfg.vocab_size}: not this model's tokenizer")
+  return tokens
 
 
 def define_resume_flag() -> None:

@@ -5,6 +5,7 @@ directory, or with --qat a quantized jaxinfer checkpoint, plus report.json at th
 from __future__ import annotations
 
 import json
+import sys
 from pathlib import Path
 
 from absl import flags
@@ -108,21 +109,33 @@ def main(argv: list[str]) -> None:
     params = M.init_params(cfg, jax.random.key(FLAGS.seed), mesh)
   record_settings(workdir, settings)
   if fmt is None:
-    params, _ = train(lm.lm_loss_fn(cfg), params, windows, tcfg, workdir, mesh=mesh)
+    params, logged = train(lm.lm_loss_fn(cfg), params, windows, tcfg, workdir, mesh=mesh)
   else:
-    params, _ = qat.finetune(cfg, params, windows, tcfg, workdir, fmt, FLAGS.distill, mesh=mesh)
+    params, logged = qat.finetune(cfg, params, windows, tcfg, workdir, fmt, FLAGS.distill,
+                                  mesh=mesh)
     params = qat.served(cfg, params, fmt)
+  for record in logged:
+    if not np.isfinite(record["loss"]):
+      fail(f"--learning_rate: training diverged (loss {record['loss']} at step "
+           f"{record['step']}); nothing was written to --output: train again with a lower "
+           f"--learning_rate (now {FLAGS.learning_rate}) in a new --workdir")
   report = {"train_tokens": int(len(train_tokens)), "steps": FLAGS.steps,
             "mesh": format_mesh(dict(mesh.shape))}
   if fmt is not None:
     report.update(quantization=fmt.name, distill=FLAGS.distill)
+  report["heldout_tokens"] = int(len(held_tokens))
+  report["heldout_loss_nats_per_token"] = None  # (a tail shorter than a window: no loss)
   if len(held_tokens) > FLAGS.seq_len + 1:
     held = lm.TokenWindows(np.asarray(held_tokens), 1, FLAGS.seq_len)
     report["heldout_loss_nats_per_token"] = round(lm.evaluate(params, cfg, held, 64), 4)
+  else:
+    print(f"warning: no held-out loss: --heldout_fraction={FLAGS.heldout_fraction} leaves "
+          f"{len(held_tokens)} tokens, under one window of --seq_len={FLAGS.seq_len} and its "
+          f"next token", file=sys.stderr)
   if fmt is None:
     out = checkpoint.save_hf(FLAGS.output, cfg, params, tokenizer_dir=src)
   else:
     out = checkpoint.save_orbax(FLAGS.output, cfg, params, tokenizer_dir=src, quant_format=fmt)
-  write_atomically(out / "report.json", json.dumps(report, indent=2) + "\n")
+  write_atomically(out / "report.json", json.dumps(report, indent=2, allow_nan=False) + "\n")
   print(json.dumps(report))
   print(f"wrote {out}" + (f" ({fmt.name} quantized checkpoint)" if fmt is not None else ""))
