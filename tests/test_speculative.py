@@ -500,6 +500,11 @@ def test_sliding_window_model_speculates_losslessly(tmp_path):
                           plain=want)
   with pytest.raises(ValueError, match="sliding window"):
     Engine(cfg, params, EngineConfig(), 64, proposer=P.Lookahead(num_nodes=12))
+  # a window no layer uses (Qwen's max_window_layers past the last layer) limits no tree
+  from jaxinfer.speculative.protocol import check_fits
+  from jaxinfer.sparsity import DENSE
+  check_fits(P.Lookahead(num_nodes=12), dataclasses.replace(
+      cfg, layer_types=("full_attention",) * cfg.num_layers), DENSE)
   # one-layer draft configurations of a model with per-layer attention kinds
   from jaxinfer.draft_heads import eagle, hydra
   mixed = dataclasses.replace(cfg, layer_types=("full_attention",) * (cfg.num_layers - 1)
