@@ -213,6 +213,13 @@ def test_dtype_auto_and_override(tmp_path):
   assert cfg.dtype == "bfloat16" and params.embed.dtype == jnp.bfloat16
   cfg32, params32 = load_hf(tmp_path, dtype="float32")
   assert cfg32.dtype == "float32" and params32.layers[1].mlp.down.dtype == jnp.float32
+  # a config.json naming no dtype: the weights' own (they were widened to float32, and a
+  # converted copy twice their size)
+  hf = json.loads((tmp_path / "config.json").read_text())
+  hf.pop("torch_dtype", None), hf.pop("dtype", None)
+  (tmp_path / "config.json").write_text(json.dumps(hf))
+  cfg, params = load_hf(tmp_path)
+  assert cfg.dtype == "bfloat16" and params.layers[1].mlp.down.dtype == jnp.bfloat16
 
 
 def test_missing_and_misshaped_tensors_are_named(tmp_path):

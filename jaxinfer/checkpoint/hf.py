@@ -170,6 +170,8 @@ def read_config(directory: str | os.PathLike, dtype: str | None = None) -> Model
     raise FileNotFoundError(f"{directory}: no config.json (expected a Hugging Face model directory)")
   hf = read_json(path)
   gen = directory / "generation_config.json"
+  if dtype is None and isinstance(hf, dict) and not (hf.get("dtype") or hf.get("torch_dtype")):
+    dtype = _stored_dtype(directory)  # (a config that names none: the weights' own)
   cfg = config_from_hf(hf, dtype)
   if gen.exists():  # generation_config's EOS ids (e.g. Llama 3 instruct's <|eot_id|>) also stop
     extra = read_json(gen).get("eos_token_id")
@@ -177,6 +179,22 @@ def read_config(directory: str | os.PathLike, dtype: str | None = None) -> Model
     merged = tuple(dict.fromkeys(list(cfg.eos_token_ids) + [int(e) for e in extra]))
     cfg = dataclasses.replace(cfg, eos_token_ids=merged)
   return cfg
+
+
+_SAFETENSORS_DTYPES = {"F32": "float32", "BF16": "bfloat16", "F16": "float16"}
+
+
+def _stored_dtype(directory: Path) -> str | None:
+  """The dtype the directory's floating-point weights are stored in (None: none found)."""
+  files = weight_files(directory)
+  files = sorted(set(files.values())) if isinstance(files, dict) else files
+  for name in files[:1]:
+    with safe_open(str(directory / name), framework="numpy") as f:
+      for key in f.keys():
+        stored = _SAFETENSORS_DTYPES.get(f.get_slice(key).get_dtype())
+        if stored is not None:
+          return stored
+  return None
 
 
 SAVE_KEY = "jaxinfer_save"  # the save id (`pending`) in the weights' metadata
