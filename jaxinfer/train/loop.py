@@ -24,6 +24,7 @@ from flax import struct
 from jax.sharding import Mesh
 from tqdm.auto import tqdm
 
+from jaxinfer.files import write_atomically
 from jaxinfer.sharding import DEFAULT_RULES, ShardingRules
 
 LossFn = Callable[[Any, Any, Any, jax.Array], tuple[jax.Array, dict[str, jax.Array]]]
@@ -101,7 +102,7 @@ class MetricsWriter:
         if step <= resume_step and step not in steps:  # (an interrupt can write one twice)
           kept.append(line)
           steps.add(step)
-    path.write_text("".join(l + "\n" for l in kept))
+    write_atomically(path, "".join(l + "\n" for l in kept))  # (a crash here loses none)
     self._f = open(path, "a")
 
   def write(self, record: dict[str, Any]) -> None:

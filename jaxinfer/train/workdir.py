@@ -7,6 +7,7 @@ import json
 from pathlib import Path
 
 from jaxinfer.checkpoint.destination import check_not_under_a_file
+from jaxinfer.files import write_atomically
 
 # what a run may change when it resumes: where it writes and reports, the mesh it restores onto
 # (a preempted job may come back on another slice), caches of the inputs. Not how long it runs:
@@ -31,7 +32,7 @@ def record_settings(workdir, settings: dict) -> None:
   w = Path(workdir)
   w.mkdir(parents=True, exist_ok=True)
   if not (w / "run.json").is_file():
-    (w / "run.json").write_text(json.dumps(_recorded(settings), indent=1) + "\n")
+    write_atomically(w / "run.json", json.dumps(_recorded(settings), indent=1) + "\n")
 
 
 def check_workdir(workdir, resume: bool, settings: dict | None = None) -> None:
