@@ -246,11 +246,15 @@ def test_ctrl_c_finishes_the_step_and_checkpoints_it(tmp_path):
     return jnp.ones(3)
 
   run = lambda: train(loss, {"w": jnp.zeros(3)}, batch, cfg, tmp_path, optimizer=optax.sgd(0.1))
-  callers = signal.getsignal(signal.SIGINT)
-  with pytest.raises(KeyboardInterrupt, match="stopped by SIGINT at step 5"):
-    run()
+  # as a foreground process has it (a background one, the tests' too maybe, ignores SIGINT)
+  callers = signal.signal(signal.SIGINT, signal.default_int_handler)
+  try:
+    with pytest.raises(KeyboardInterrupt, match="stopped by SIGINT at step 5"):
+      run()
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # (the caller's again)
+  finally:
+    signal.signal(signal.SIGINT, callers)
   assert ocp.CheckpointManager(tmp_path / "checkpoints").latest_step() == 5
-  assert signal.getsignal(signal.SIGINT) is callers
   run()
   assert ocp.CheckpointManager(tmp_path / "checkpoints").latest_step() == 8
 
