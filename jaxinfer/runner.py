@@ -121,7 +121,7 @@ def _request_id(text: str):
   except InvalidRequest:
     return None
   rid = rec.get("id") if isinstance(rec, dict) else None
-  return rid if is_text(rid) or isinstance(rid, int) else None
+  return rid if is_text(rid) or (isinstance(rid, int) and not isinstance(rid, bool)) else None
 
 
 def make_record(req: Request, samples: list[Completion]) -> dict:

@@ -66,6 +66,7 @@ BAD_LINES = [
     ("nan", '{"id": "x", "prompt": "x", "metadata": {"score": NaN}}'),
     ("float overflow", '{"id": "y", "prompt": "x", "metadata": 1e400}'),
     ("long integer", '{"id": "z", "prompt": "x", "metadata": ' + "1" * 5000 + "}"),
+    ("bool id", {"id": True, "prompt": "x"}),  # (its record's id: none, not the bad value)
     ("deep nesting", '{"id": "zz", "prompt": "x", "metadata": ' + "[" * 100000 + "]" * 100000 + "}"),
 ]
 
@@ -97,6 +98,8 @@ def test_bad_lines_become_error_records_and_the_rest_complete(tmp_path, tiny_mod
   assert messages["float overflow"] == "not valid JSON: 1e400 is out of a float's range"
   assert messages["long integer"].startswith("not valid JSON: Exceeds the limit")
   assert messages["deep nesting"] == "not valid JSON: nested too deeply"
+  assert messages["bool id"].startswith("id: expected a string or integer, got true")
+  assert [r["id"] for r in errors if r["error"] == messages["bool id"]] == [None]
   for rid in ("ok1", 7):
     rec = by_id[rid] if rid == 7 else [r for r in out if r.get("id") == "ok1" and "error" not in r][0]
     assert rec["finish_reason"] in ("stop", "length") and rec["completion_ids"]

@@ -222,6 +222,27 @@ def test_an_interrupt_between_a_step_and_its_record_keeps_the_record(tmp_path):
   assert [m["step"] for m in read_metrics(tmp_path)] == [2, 4, 6]
 
 
+def test_seconds_per_step_counts_the_steps_since_the_last_record(tmp_path):
+  """The last record of a run of 5 steps logged every 2 covers one step (it was divided by 2)."""
+  import time
+
+  import jax.numpy as jnp
+  import optax
+
+  from jaxinfer.train.loop import TrainConfig, train
+  cfg = TrainConfig(steps=5, learning_rate=0.1, warmup_steps=0, checkpoint_every=100,
+                    log_every=2, progress=False, async_checkpoints=False)
+  loss = lambda p, frozen, batch, key: (jnp.sum((p["w"] - batch) ** 2), {})
+
+  def batch(step):
+    time.sleep(0.1)
+    return jnp.ones(3)
+
+  _, logged = train(loss, {"w": jnp.zeros(3)}, batch, cfg, tmp_path, optimizer=optax.sgd(0.1))
+  assert [r["step"] for r in logged] == [2, 4, 5]
+  assert all(r["seconds_per_step"] >= 0.1 for r in logged), logged
+
+
 def test_ctrl_c_finishes_the_step_and_checkpoints_it(tmp_path):
   """Ctrl-C as a step is fed (raised there, it once landed mid-step as often as not, the state
   handed to the step: no checkpoint at exit, a rerun started over): the step runs, is

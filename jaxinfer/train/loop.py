@@ -203,14 +203,15 @@ def train(loss_fn: LossFn, params: Any, batch_fn: Callable[[int], Any], cfg: Tra
   logged: list[dict[str, float]] = []
   bar = tqdm(total=cfg.steps, initial=start, desc=description, disable=not cfg.progress,
              dynamic_ncols=True)
-  t_last, step = time.perf_counter(), start
+  t_last, step, step_last = time.perf_counter(), start, start
   unlogged = None  # (step, metrics) of a step done whose record is not written yet
 
   def log(done: int, metrics, evaluate: bool = True) -> None:
-    nonlocal t_last, unlogged
+    nonlocal t_last, step_last, unlogged
     record = {"step": done, **_to_float(metrics)}
-    record["seconds_per_step"] = (time.perf_counter() - t_last) / cfg.log_every
-    t_last = time.perf_counter()
+    # (over the steps since the last record: fewer than log_every at the end or after a resume)
+    record["seconds_per_step"] = (time.perf_counter() - t_last) / max(done - step_last, 1)
+    t_last, step_last = time.perf_counter(), done
     if (evaluate and eval_fn is not None and eval_every
         and (done % eval_every == 0 or done == cfg.steps)):
       record.update(eval_fn(state.params, done))
