@@ -571,6 +571,10 @@ def test_train_draft_refuses_a_draft_vocabulary_of_the_whole(tmp_path, tiny_mode
   with pytest.raises(UserError, match="draft_vocab: 300 is not below .* vocabulary of 300"):
     jaxinfer.train_draft(str(tiny_model_dir), str(tmp_path / "no_data"), str(tmp_path / "h"),
                          method="eagle", draft_vocab=300)
+  # windows past the model's context (it trained on positions it has no rotary table for)
+  with pytest.raises(UserError, match="^seq_len: 100000 is past the model's context"):
+    jaxinfer.train_draft(str(tiny_model_dir), str(tmp_path / "no_data"), str(tmp_path / "h2"),
+                         method="medusa", seq_len=100000)
 
 
 def test_train_draft_refuses_an_output_it_could_not_write_before_training(tmp_path):

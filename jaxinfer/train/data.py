@@ -73,7 +73,9 @@ def iter_documents(path: str | os.PathLike, chat=None):
 
 
 def load_text_tokens(path: str | os.PathLike, tokenizer: Tokenizer, eos_id: int | None,
-                     chat=None) -> np.ndarray:
+                     chat=None, vocab_size: int | None = None) -> np.ndarray:
+  """--data's documents as one token array, each followed by `eos_id`; ValueError where the
+  tokenizer gives an id past the model's `vocab_size` (its embedding would read as NaN)."""
   dtype = np.uint16 if tokenizer.vocab_size <= 2**16 else np.uint32
   out = []
   for text, rendered in iter_documents(path, chat):
@@ -82,4 +84,9 @@ def load_text_tokens(path: str | os.PathLike, tokenizer: Tokenizer, eos_id: int 
       out.append(np.asarray([eos_id], dtype))
   if not out:
     raise ValueError(f"--data: {path} holds no documents")
-  return np.concatenate(out)
+  tokens = np.concatenate(out)
+  if vocab_size is not None and len(tokens) and int(tokens.max()) >= vocab_size:
+    raise ValueError(f"--model: its tokenizer.json gives token id {int(tokens.max())} for "
+                     f"--data, past the model's vocabulary of {vocab_size}: not this model's "
+                     f"tokenizer")
+  return tokens

@@ -90,7 +90,7 @@ def _tokens(data, src, cfg, tokenizer, workdir, *, self_distill, distill_prompt_
                         workdir / "distill", num_prompts=self_distill,
                         new_tokens=distill_new_tokens, eos_id=eos, seed=seed, dtype=dtype,
                         progress=progress)
-  tokens = load_text_tokens(data, tokenizer, eos, ChatTemplate.from_dir(src))
+  tokens = load_text_tokens(data, tokenizer, eos, ChatTemplate.from_dir(src), cfg.vocab_size)
   if self_distill:
     tokens = distill.windows(str(src), tokens, workdir / "distill", num_prompts=self_distill,
                              prompt_len=distill_prompt_len, new_tokens=distill_new_tokens,
@@ -159,6 +159,9 @@ def train_draft(model: str, data: str, output: str, *, method: str = "medusa",
     cfg, base, tokenizer = checkpoint.load_model(str(src), None if dtype == "auto" else dtype,
                                                  device_mesh)
     _check_base(base, method, model)
+    if seq_len > cfg.max_seq_len:
+      raise ValueError(f"--seq_len: {seq_len} is past the model's context ({cfg.max_seq_len} "
+                       f"positions)")
     if draft_vocab and draft_vocab >= cfg.vocab_size:  # (it drafted over the whole, unsaid)
       raise ValueError(f"--draft_vocab: {draft_vocab} is not below {model}'s vocabulary of "
                        f"{cfg.vocab_size}; leave it out to draft over the whole vocabulary")
