@@ -34,7 +34,7 @@ from jaxinfer.aot_steps import (CompileError, check_speculative, engine_steps,
                                 engine_tree_steps, params_shapes, proposer_for, whole_on)
 from jaxinfer.config import DTYPES, PRESETS, ModelConfig
 from jaxinfer.engine.engine import EngineConfig
-from jaxinfer.options import CHUNK_OPTIONS
+from jaxinfer.options import ignored_chunk_option
 from jaxinfer.runtime import Runtime
 from jaxinfer.sharding import MESH_AXES, device_bytes, format_mesh, parse_mesh
 from jaxinfer.sparsity import parse as parse_sparsity, window_conflict
@@ -463,11 +463,8 @@ def _checked(job: CompileJob, target: Target, cfg: ModelConfig):
                        f"pattern needs whole-prompt prefill)")
   if why := window_conflict(sparsity, cfg):
     raise CompileError(f"--sparsity: {job.model} {why}")
-  defaults = {f.name: f.default for f in dataclasses.fields(CompileJob)}
-  for name in CHUNK_OPTIONS if sparsity.dynamic else ():  # (they would be ignored)
-    if getattr(job, name) != defaults[name]:
-      raise CompileError(f"--{name}: under --sparsity={sparsity} each prompt is prefilled "
-                         f"whole, in one lane of its own")
+  if why := ignored_chunk_option(sparsity, job):
+    raise CompileError(why)
   check_speculative(job)
   why = attention.unsupported(sparsity, job.implementation, target.platform)
   if why:

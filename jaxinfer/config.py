@@ -92,6 +92,11 @@ class ModelConfig:
       return self.sliding_window
     return None
 
+  def min_window(self) -> int | None:
+    """The smallest sliding window of any layer (None: every layer attends fully)."""
+    windows = (self.layer_window(i) for i in range(self.num_layers))
+    return min((w for w in windows if w is not None), default=None)
+
   def num_params(self) -> int:
     d, h = self.embed, self.head_dim
     attn = d * h * (2 * self.q_heads + 2 * self.kv_heads)

@@ -20,6 +20,17 @@ from jaxinfer.speculative import registry
 CHUNK_OPTIONS = ("chunk_size", "chunk_lanes")
 
 
+def ignored_chunk_option(sparsity, job) -> str | None:
+  """The refusal of a chunk option `job` (serving or compile options) sets that a dynamic
+  `sparsity` would ignore, each prompt being prefilled whole; None where there is none."""
+  if sparsity.dynamic:
+    for f in dataclasses.fields(job):
+      if f.name in CHUNK_OPTIONS and getattr(job, f.name) != f.default:
+        return (f"--{f.name}: under --sparsity={sparsity} each prompt is prefilled whole, in "
+                f"one lane of its own")
+  return None
+
+
 def plain(value):
   """An option's value as the options hold it: a path object (a directory option) as its string,
   a NumPy scalar as the Python number it holds; anything else as is."""
@@ -128,10 +139,8 @@ class ServeOptions:
       sparsity = parse_sparsity(self.sparsity)
     except ValueError as e:
       raise UserError(f"--{e}") from None
-    if sparsity.dynamic:  # (they would be ignored)
-      for name in self._given(CHUNK_OPTIONS):
-        raise UserError(f"--{name}: under --sparsity={sparsity} each prompt is prefilled whole, "
-                        f"in one lane of its own")
+    if why := ignored_chunk_option(sparsity, self):
+      raise UserError(why)
     registry.check(self)
     if not self.speculating:  # (they would be ignored)
       for name in self._given(registry.SPECULATIVE_OPTIONS):

@@ -106,6 +106,7 @@ def load_line(text: str):
   except ValueError as e:
     raise InvalidRequest(f"not valid JSON: {e}") from None
 
+
 def is_text(x) -> bool:
   """Whether `x` is a string that UTF-8 can hold (JSON's escapes and Python's strings can
   also spell unpaired surrogates, which no text holds)."""

@@ -61,8 +61,7 @@ def _whole_lanes(sparsity: Sparsity) -> Sparsity:
 def window_conflict(sparsity: Sparsity, cfg) -> str | None:
   """Why `sparsity` cannot apply to a model of config `cfg` (None: it can): a model with a
   sliding window already has its own pattern, which a sparsity would replace."""
-  if sparsity.kind != "dense" and any(cfg.layer_window(i) is not None
-                                      for i in range(cfg.num_layers)):
+  if sparsity.kind != "dense" and cfg.min_window() is not None:
     return f"already uses a sliding window ({cfg.sliding_window}); {sparsity} would replace it"
   return None
 

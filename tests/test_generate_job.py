@@ -67,7 +67,8 @@ BAD_LINES = [
     ("float overflow", '{"id": "y", "prompt": "x", "metadata": 1e400}'),
     ("long integer", '{"id": "z", "prompt": "x", "metadata": ' + "1" * 5000 + "}"),
     ("bool id", {"id": True, "prompt": "x"}),  # (its record's id: none, not the bad value)
-    ("deep nesting", '{"id": "zz", "prompt": "x", "metadata": ' + "[" * 100000 + "]" * 100000 + "}"),
+    ("deep nesting",
+     '{"id": "zz", "prompt": "x", "metadata": ' + "[" * 100000 + "]" * 100000 + "}"),
 ]
 
 

@@ -188,13 +188,11 @@ def _stored_dtype(directory: Path) -> str | None:
   """The dtype the directory's floating-point weights are stored in (None: none found)."""
   files = weight_files(directory)
   files = sorted(set(files.values())) if isinstance(files, dict) else files
-  for name in files[:1]:
-    with safe_open(str(directory / name), framework="numpy") as f:
-      for key in f.keys():
-        stored = _SAFETENSORS_DTYPES.get(f.get_slice(key).get_dtype())
-        if stored is not None:
-          return stored
-  return None
+  if not files:
+    return None
+  with safe_open(str(directory / files[0]), framework="numpy") as f:
+    stored = (_SAFETENSORS_DTYPES.get(f.get_slice(key).get_dtype()) for key in f.keys())
+    return next((dtype for dtype in stored if dtype is not None), None)
 
 
 SAVE_KEY = "jaxinfer_save"  # the save id (`pending`) in the weights' metadata

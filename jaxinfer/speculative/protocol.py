@@ -251,8 +251,7 @@ def check_fits(proposer: Proposer, cfg, sparsity: Sparsity) -> None:
   if sparsity.dynamic:
     raise ValueError(f"speculative decoding: {sparsity} sparsity needs whole-prompt prefill "
                      f"(use sinks_window or dense)")
-  windows = {cfg.layer_window(i) for i in range(cfg.num_layers)} - {None}  # (layers that slide)
-  for window, what in ((min(windows, default=None), "the model's sliding window"),
+  for window, what in ((cfg.min_window(), "the model's sliding window"),
                        (sparsity.window, f"the {sparsity} window")):
     if window is not None and proposer.tree_size > window:
       raise ValueError(f"speculative decoding: the draft tree ({proposer.tree_size} tokens) "
