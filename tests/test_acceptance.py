@@ -205,3 +205,18 @@ def test_rows_that_draft_less_stay_lossless():
   assert np.asarray(greedy.num_accepted).tolist() == [0, 1, 2]
   assert np.asarray(greedy.next_token).tolist() == [tokens[0, 1], tokens[0, 2],
                                                     int(np.argmax(p[2]))]
+
+
+def test_a_draft_q_could_not_have_drawn_is_rejected():
+  """A child whose token q gives probability 0 is rejected (it was not drawn from q: the rule's
+  ratio would divide by nothing), and the walk goes on to its siblings."""
+  n = 200
+  p = np.full((n, 3, V), 1 / V, np.float32)
+  q = np.zeros((n, 3, V), np.float32)
+  q[:, 0, :2] = 0.5
+  tokens = np.tile([0, 3, 1], (n, 1))  # the root, a token q never draws, then one it does
+  verdict = A.verify(jax.random.split(jax.random.key(0), n), jnp.asarray(p),
+                     jnp.asarray(tokens, jnp.int32), jnp.asarray([-1, 0, 0]), jnp.asarray(q))
+  accepted = np.asarray(verdict.num_accepted) >= 1
+  assert accepted.any()  # node 2, with probability r / q = 1/3
+  assert (np.asarray(verdict.path)[accepted, 1] == 2).all()

@@ -8,9 +8,11 @@ index order; accepting a child moves there, rejecting all of them stops. The wal
 accepted path and one more token drawn at the node where it stopped (the correction after a
 rejection, or the bonus token after a leaf), so each verification emits `accepted + 1` tokens.
 
-- "exact" with draft distributions `q` (drafts sampled from q; SpecInfer / EAGLE-1 form): child
-  x_j is accepted with probability min(1, r(x_j) / q_j(x_j)), q_j being q at the parent with the
+- "exact" with draft distributions `q` (SpecInfer / EAGLE-1 form, a node's children drawn from
+  q *without replacement*: each from q with the earlier siblings' tokens removed): child x_j is
+  accepted with probability min(1, r(x_j) / q_j(x_j)), q_j being q at the parent with the
   earlier siblings' tokens removed and renormalised; on rejection r <- norm(max(0, r - q_j)).
+  A child q_j could not have drawn is rejected and leaves r as it was.
   The emitted token is drawn from r where the walk stops. A chain is the one-child case
   (Leviathan et al. / Chen et al. rejection sampling).
 - "exact" without `q` (deterministic drafts: distinct top-k, n-gram, trie): the same rule with
@@ -93,8 +95,8 @@ def verify(key: jax.Array, p: jax.Array, tokens: jax.Array, parents: jax.Array,
   filtered by temperature / top-k / top-p / min-p). tokens: (B, T) drafted token of each node
   (tokens[:, 0], the root, is ignored). parents: (B, T) or (T,) parent node index (-1 for the
   root; -1 for a padding node that is never tried). q: (B, T, V) the draft distribution at each
-  node that its children were sampled from, or None for deterministic drafts. greedy: (B,) bool,
-  rows that decode greedily (argmax instead of sampling).
+  node that its children were sampled from (without replacement), or None for deterministic
+  drafts. greedy: (B,) bool, rows that decode greedily (argmax instead of sampling).
   """
   b, t, v = p.shape
   if rule not in (EXACT, TYPICAL):
@@ -122,9 +124,10 @@ def verify(key: jax.Array, p: jax.Array, tokens: jax.Array, parents: jax.Array,
         qj = jax.nn.one_hot(tok, v, dtype=r.dtype)
       else:
         qj = _normalise(jnp.where(tried, 0.0, q[rows, cur].astype(jnp.float32)))
-      ratio = r[rows, tok] / jnp.maximum(qj[rows, tok], 1e-30)
-      accept = uniforms[:, j] < jnp.minimum(1.0, ratio)
-      rejected = _residual(r, qj)
+      drawable = qj[rows, tok] > 0  # else rejected, r kept: q_j did not draw it
+      ratio = r[rows, tok] / jnp.where(drawable, qj[rows, tok], 1.0)
+      accept = drawable & (uniforms[:, j] < jnp.minimum(1.0, ratio))
+      rejected = jnp.where(drawable[:, None], _residual(r, qj), r)
     accept &= candidate
     reject = candidate & ~accept
     moved_r = p[rows, j]

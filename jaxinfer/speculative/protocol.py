@@ -63,7 +63,9 @@ class Context:
 class Draft:
   tokens: jax.Array  # (B, T); tokens[:, 0] is the root
   parents: jax.Array  # (T,) or (B, T)
-  q: jax.Array | None  # (B, T, V): the distribution node t's children were drawn from
+  # (B, T, V): the distribution node t's children were drawn from, without replacement (each
+  # from q with the earlier siblings' tokens removed); None: deterministic drafts
+  q: jax.Array | None
   # (B,) how deep each row's drafts are worth trying: nodes deeper are not tried, and a row at 0
   # decodes plainly (None: every node). It may depend on the rows' tokens, never on the draw of
   # the verification, so acceptance stays exact.
