@@ -12,7 +12,9 @@ hold code, not weights (tens to hundreds of KiB each), and deleting the director
 
 from __future__ import annotations
 
+import collections
 import contextlib
+import functools
 import os
 import sys
 import threading
@@ -160,13 +162,89 @@ def covered(spans: list[tuple[float, float]]) -> float:
   return total
 
 
+# One process, many engines: engines and generators built for the same model, runtime and
+# settings (a notebook's second `jaxinfer.LLM`, a benchmark's rounds, the test suite) run the same
+# programs. They share one jitted function per (function, settings), compared by value, and one
+# executable per argument signature, so only the first of them traces, lowers and compiles a
+# step; the persistent cache above serves later processes.
+_shared_lock = threading.Lock()
+_jitted: dict = {}  # settings -> jitted function (never dropped: the ids below stay unique)
+_shared_ids: set[int] = set()
+_executables: collections.OrderedDict = collections.OrderedDict()  # the most recent kept
+MAX_SHARED_EXECUTABLES = 256
+
+
+def _by_value(fn):
+  """A function's settings as a value: a `functools.partial` by its function and arguments
+  (nested ones too); anything else as itself (a plain function: by identity)."""
+  if isinstance(fn, functools.partial):
+    return (functools.partial, _by_value(fn.func), tuple(map(_by_value, fn.args)),
+            tuple(sorted((k, _by_value(v)) for k, v in fn.keywords.items())))
+  return fn
+
+
+def shared_jit(fn, donate: int | tuple[int, ...] = (), **jit_options):
+  """`jax.jit(fn, donate_argnums=donate, **jit_options)`, the same jitted function for every
+  `fn` of equal settings in the process (a `functools.partial` of frozen configurations, as the
+  engine's steps are); settings that cannot be compared by value (an array among them) get a
+  jitted function of their own. Its executables are shared through `call_compiled`."""
+  import jax
+  donate = (donate,) if isinstance(donate, int) else tuple(donate)
+  key = (_by_value(fn), donate, tuple(sorted(jit_options.items())))
+  try:
+    hash(key)
+  except TypeError:
+    return jax.jit(fn, donate_argnums=donate, **jit_options)
+  with _shared_lock:
+    if key not in _jitted:
+      _jitted[key] = jitted = jax.jit(fn, donate_argnums=donate, **jit_options)
+      _shared_ids.add(id(jitted))
+    return _jitted[key]
+
+
+def _signature(jitted, args: tuple):
+  """What an executable of `jitted` for `args` depends on: the arguments' structure, shapes,
+  dtypes and placements (not their values) and jax's tracing settings; None for a jitted
+  function that is not shared."""
+  import jax
+  from jax._src import config
+  if id(jitted) not in _shared_ids:
+    return None
+  leaves, tree = jax.tree.flatten(args)
+  leaf = lambda x: (jax.typeof(x), getattr(x, "sharding", None), getattr(x, "committed", None))
+  return (id(jitted), config.trace_context(), tree, tuple(map(leaf, leaves)))
+
+
+def clear_shared_executables() -> None:
+  """Forgets the executables engines share (the next engine compiles, or loads from the
+  persistent cache, afresh); `jax.clear_caches()` does not reach them."""
+  with _shared_lock:
+    _executables.clear()
+
+
 def call_compiled(executables: dict, key, jitted, args: tuple, counter):
   """`jitted(*args)` through an executable compiled ahead of time once per `key` (kept in
-  `executables`); a compilation's seconds and count are added to `counter.compile_s` and
-  `counter.compilations` (a run's stats)."""
+  `executables`), or taken from another engine's compilation of the same step for the same
+  argument signature (`shared_jit`). A compilation's seconds and count are added to
+  `counter.compile_s` and `counter.compilations` (a run's stats); `counter.programs_s` gains
+  the seconds the executable took to compile either way (what compiling it costs, wherever it
+  was compiled)."""
   if key not in executables:
-    t0 = time.perf_counter()
-    executables[key] = jitted.lower(*args).compile()
-    counter.compile_s += time.perf_counter() - t0
-    counter.compilations += 1
+    signature = _signature(jitted, args)
+    with _shared_lock:
+      shared = _executables.get(signature) if signature is not None else None
+      if shared is not None:
+        _executables.move_to_end(signature)
+    if shared is None:
+      t0 = time.perf_counter()
+      shared = (jitted.lower(*args).compile(), time.perf_counter() - t0)
+      counter.compile_s += shared[1]
+      counter.compilations += 1
+      if signature is not None:
+        with _shared_lock:
+          _executables[signature] = shared
+          while len(_executables) > MAX_SHARED_EXECUTABLES:
+            _executables.popitem(last=False)
+    executables[key] = shared[0]
+    counter.programs_s += shared[1]
   return executables[key](*args)
