@@ -44,7 +44,7 @@ class ServeOptions:
   model: str = checkpoint.EMBEDDED
   dtype: str = "auto"
   # data:R,fsdp:F,model:M over every process's devices: R replicas of F x M devices each, dealt
-  # to the processes (a replica lies within one process)
+  # to the processes (a replica may span several: each of them drives it in step)
   mesh: str = ""
   batch_size: int = 8  # slots per replica (static: requests admitted at a time)
   implementation: str = "xla"

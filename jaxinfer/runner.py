@@ -191,9 +191,10 @@ def _init_distributed(coordinator_address, num_processes, process_id, auto) -> t
                         f"{actual}")
     return jax.process_index(), jax.process_count()
   if coordinator_address is None and not auto:
-    if num_processes not in (None, 1):
-      raise UserError("--num_processes: a multi-process run needs --coordinator_address (or "
-                      "--distributed on a TPU pod)")
+    for flag, value, alone in (("num_processes", num_processes, 1), ("process_id", process_id, 0)):
+      if value not in (None, alone):
+        raise UserError(f"--{flag}: a multi-process run needs --coordinator_address (or "
+                        f"--distributed on a TPU pod)")
     return 0, 1
   # Cross-process barriers on CPU need a collectives library (no effect on accelerators).
   jax.config.update("jax_cpu_collectives_implementation", "gloo")
@@ -208,7 +209,8 @@ def _init_distributed(coordinator_address, num_processes, process_id, auto) -> t
       jax.distributed.initialize(coordinator_address=coordinator_address,
                                  num_processes=num_processes, process_id=process_id)
   except Exception as e:  # the runtime's own message says what is wrong (address, timeout, ...)
-    raise UserError(f"--coordinator_address: jax.distributed could not start: {e}") from None
+    flag = "--distributed" if auto else "--coordinator_address"
+    raise UserError(f"{flag}: jax.distributed could not start: {e}") from None
   return jax.process_index(), jax.process_count()
 
 
@@ -243,19 +245,41 @@ def _job_digest(job: GenerateJob) -> bytes:
   return digest.digest()
 
 
-def _same_job(job: GenerateJob) -> None:
-  """Every process of the run must read the same input under the same options: each splits the
+def _agree(job: GenerateJob, ready: bool) -> None:
+  """One exchange among the processes of a run before any writes: each says whether it is ready
+  (its model loaded, the input read and checked) and which job it runs. A process that failed
+  ends every other one with a line naming it (they once waited for it until jax.distributed
+  aborted them all); processes reading different input or options are refused: each splits the
   requests among all replicas alike, so different ones would lose or repeat records."""
   import numpy as np
   from jax.experimental import multihost_utils
-  mine = np.frombuffer(_job_digest(job)[:8], np.int32)
+  digest = np.frombuffer(_job_digest(job)[:8], np.int32) if ready else np.zeros(2, np.int32)
   try:
-    multihost_utils.assert_equal(mine)
-  except AssertionError:
-    raise UserError("--prompts: the processes of this run read different input or options; "
-                    "give every process the same --prompts and options") from None
+    every = np.asarray(multihost_utils.process_allgather(np.append(np.int32(ready), digest)))
   except Exception as e:
     raise _process_ended(e) from None
+  if not ready:
+    return  # (the caller raises its own error)
+  failed = [i for i, row in enumerate(every) if not row[0]]
+  if failed:
+    raise UserError(f"process {failed[0]} of this run failed before generating (its own error "
+                    f"says why); fix it and rerun every process with the same command")
+  if (every[:, 1:] != digest).any():
+    raise UserError("--prompts: the processes of this run read different input or options; "
+                    "give every process the same --prompts and options")
+
+
+@contextlib.contextmanager
+def _ready_together(job: GenerateJob, nproc: int):
+  """The block's preparation, then `_agree` among the processes (a failure in it too)."""
+  try:
+    yield
+  except Exception:
+    if nproc > 1:
+      _agree(job, ready=False)
+    raise
+  if nproc > 1:
+    _agree(job, ready=True)
 
 
 class _JobLLM(LLM):
@@ -278,40 +302,43 @@ def run(job: GenerateJob, *, coordinator_address: str | None = None,
 
 def _run(job: GenerateJob, pid: int, nproc: int) -> dict[str, Any]:
   t_start = time.perf_counter()
-  llm = _JobLLM(**dataclasses.asdict(ServeOptions.of(job)))
-  cfg = llm.config
-  if job.defaults.stop and llm.tokenizer is None:  # (every line's, not an error of each)
-    raise UserError("--stop: stop strings need a tokenizer and the model has no tokenizer.json")
-  requests, errors, num_lines = read_requests(job, llm.tokenizer, cfg.vocab_size,
-                                              cfg.max_seq_len, llm._chat)
-  part = output.part_path(job.output, pid, nproc) if nproc > 1 else Path(job.output)
-  stray = output.stray_part_counts(job.output, nproc)  # a killed run of another size's parts
-  for n in stray:
-    if nproc > 1 and not job.overwrite:
-      raise UserError(f"--output: {job.output} has the parts of a {n}-process run; rerun it with "
-                      f"--num_processes={n}, or as one process (which merges them)")
-  written = [] if job.overwrite else output.completed(job.output, nproc, repair_part=pid)
-  if not job.overwrite and stray:  # (checked as this job's before they are merged)
-    written += [r for n in stray for r in output.part_records(job.output, n)]
-  _check_resumable(written, requests)
-  for n in [] if job.overwrite else stray:
-    output.merge_parts(job.output, n)
-  # what is done, as the input now reads (lines inserted or corrected since): a single process
-  # writes it out once the job is checked, a multi-process run's process 0 when it merges
-  line_of = {json.dumps(r.id): r.line for r in requests}
-  kept = output.reconciled(written, line_of, errors)
-  done = {output.record_key(r) for r in kept}
-  key_of = lambda r: output.record_key({"id": r.id, "line": r.line})
-  mine = lambda k: placement.owner(k, nproc) == pid  # error records: one process each
-  skipped = sum(1 for r in requests if key_of(r) in done) + sum(
-      1 for e in errors if output.record_key(e) in done)
-  # every process is given every request: the backend splits them among all replicas of the
-  # run alike everywhere, each process writing the records of the replicas it leads
-  todo = [r for r in requests if key_of(r) not in done]
-  my_errors = [e for e in errors if output.record_key(e) not in done
-               and mine(output.record_key(e))]
+  with _ready_together(job, nproc):  # every process ready before the output is cleared
+    llm = _JobLLM(**dataclasses.asdict(ServeOptions.of(job)))
+    cfg = llm.config
+    if job.defaults.stop and llm.tokenizer is None:  # (every line's, not an error of each)
+      raise UserError("--stop: stop strings need a tokenizer and the model has no "
+                      "tokenizer.json")
+    requests, errors, num_lines = read_requests(job, llm.tokenizer, cfg.vocab_size,
+                                                cfg.max_seq_len, llm._chat)
+    stray = output.stray_part_counts(job.output, nproc)  # a killed run of another size's parts
+    for n in stray:
+      if nproc > 1 and not job.overwrite:
+        raise UserError(f"--output: {job.output} has the parts of a {n}-process run; rerun it "
+                        f"with --num_processes={n}, or as one process (which merges them)")
+    written = [] if job.overwrite else output.completed(job.output, nproc, repair_part=pid)
+    if not job.overwrite and stray:  # (checked as this job's before they are merged)
+      written += [r for n in stray for r in output.part_records(job.output, n)]
+    _check_resumable(written, requests)
+    for n in [] if job.overwrite else stray:
+      output.merge_parts(job.output, n)
+    # what is done, as the input now reads (lines inserted or corrected since): a single
+    # process writes it out once the job is checked, a multi-process run's process 0 when it
+    # merges
+    line_of = {json.dumps(r.id): r.line for r in requests}
+    kept = output.reconciled(written, line_of, errors)
+    done = {output.record_key(r) for r in kept}
+    key_of = lambda r: output.record_key({"id": r.id, "line": r.line})
+    mine = lambda k: placement.owner(k, nproc) == pid  # error records: one process each
+    skipped = sum(1 for r in requests if key_of(r) in done) + sum(
+        1 for e in errors if output.record_key(e) in done)
+    # every process is given every request: the backend splits them among all replicas of the
+    # run alike everywhere, each process writing the records of the replicas it leads
+    todo = [r for r in requests if key_of(r) not in done]
+    my_errors = [e for e in errors if output.record_key(e) not in done
+                 and mine(output.record_key(e))]
+    llm.prepare(todo)  # pools, trees and memory checked before the output is touched
 
-  llm.prepare(todo)  # pools, trees and memory checked before the output is touched
+  part = output.part_path(job.output, pid, nproc) if nproc > 1 else Path(job.output)
   if job.overwrite and pid == 0:
     for p in [Path(job.output)] + [output.part_path(job.output, i, n)
                                    for n in [nproc] + stray for i in range(n)]:
@@ -319,7 +346,6 @@ def _run(job: GenerateJob, pid: int, nproc: int) -> dict[str, Any]:
   if nproc == 1 and kept != written:
     output.rewrite(job.output, kept)
   if nproc > 1:  # every process has read what is done before any writes
-    _same_job(job)
     _barrier("jaxinfer_generate_start")
   try:
     writer = output.RecordWriter(part)

@@ -61,6 +61,14 @@ def make_mesh(shape: dict[str, int] | str | None = None,
   return Mesh(grid, MESH_AXES)
 
 
+def mesh_flag(spec: str) -> Mesh:
+  """`make_mesh` for a --mesh flag (empty: every device on `data`), its errors naming the flag."""
+  try:
+    return make_mesh(spec)
+  except ValueError as e:
+    raise ValueError(f"--{e}") from None
+
+
 def format_mesh(shape: dict[str, int]) -> str:
   return ",".join(f"{a}:{shape[a]}" for a in MESH_AXES)
 

@@ -478,17 +478,20 @@ except jaxinfer.UserError as e:
     ("none", "fsdp:4", "cli"), ("ngram", "data:2,model:2", "cli"), ("none", "data:4", "python")])
 def test_two_processes_write_one_output(tmp_path, tiny_model_dir, speculative, mesh, launcher):
   """Two processes of two devices each on loopback, --mesh spanning all four: each process
-  drives its replicas (fsdp:4: one replica over both processes, driven by both in step) with
-  their share of the input; speculative decoding too (forced on, so sampled records are the
-  same samples as a one-process run's); `jaxinfer.generate_file` in processes that started
-  jax.distributed themselves writes its part as the CLI does (it once wrote the output whole
-  from each, losing records), and resumes after lines were inserted with every record on its
-  id's new line."""
+  drives its replicas (fsdp:4: one replica over both processes, driven by both in step, its
+  attention in the Pallas kernels, which split rows over fsdp: the tokens they sampled were once
+  left split, unreadable by either process) with their share of the input; speculative decoding
+  too (forced on, so sampled records are the same samples as a one-process run's);
+  `jaxinfer.generate_file` in processes that started jax.distributed themselves writes its part
+  as the CLI does (it once wrote the output whole from each, losing records), and resumes after
+  lines were inserted with every record on its id's new line."""
   records = _workload() + ["{not json"]
   prompts = tmp_path / "p.jsonl"
   prompts.write_text("".join((r if isinstance(r, str) else json.dumps(r)) + "\n"
                              for r in records))
   spec = {} if speculative == "none" else dict(speculative=speculative, speculation="always")
+  if mesh == "fsdp:4":
+    spec["implementation"] = "pallas"
   single, _ = _job(tmp_path, tiny_model_dir, _workload(), "single", **spec)
   out = tmp_path / "two.jsonl"
   resumed = []
@@ -556,28 +559,40 @@ def _two_processes(tmp_path, model_dir, prompts, out, mesh, launcher, spec):
   return procs
 
 
-def test_processes_reading_different_input_are_refused(tmp_path, tiny_model_dir):
-  """Each process splits the requests among all replicas alike: processes given different
-  prompts (they once wrote a mix of both files, lines repeated) are refused, nothing written."""
+@pytest.mark.parametrize("fault", ["different_prompts", "missing_model"])
+def test_a_process_that_cannot_run_its_share_ends_the_run(tmp_path, tiny_model_dir, fault):
+  """Every process of a run is ready to run the same job before any writes, or each ends with
+  one line and nothing is written: processes given different prompts (each splits the requests
+  among all replicas alike: they once wrote a mix of both files, lines repeated), or one whose
+  --model is missing on its host (the other once waited for it until jax.distributed aborted
+  both, five minutes later, with no message of jaxinfer's)."""
   port, out = _free_port(), tmp_path / "o.jsonl"
   env = _own_devices_env()
   procs = []
   for i in range(2):
     prompts = tmp_path / f"p{i}.jsonl"
+    lines = 3 + i if fault == "different_prompts" else 3
     prompts.write_text("".join(json.dumps({"id": j, "prompt": "x", "max_new_tokens": 2}) + "\n"
-                               for j in range(3 + i)))
-    procs.append(_cli([f"--model={tiny_model_dir}", f"--prompts={prompts}", f"--output={out}",
+                               for j in range(lines)))
+    model = tmp_path / "absent" if fault == "missing_model" and i == 1 else tiny_model_dir
+    procs.append(_cli([f"--model={model}", f"--prompts={prompts}", f"--output={out}",
                        "--noprogress", "--cpu_devices=1", f"--coordinator_address=127.0.0.1:{port}",
                        "--num_processes=2", f"--process_id={i}"], env=env))
   try:
-    codes = [p.wait(timeout=300) for p in procs]
+    codes = [p.wait(timeout=150) for p in procs]
   finally:
     for p in procs:
       if p.poll() is None:
         p.kill()
   errors = [p.stderr.read() for p in procs]
   assert codes == [2, 2], errors
-  assert all("processes of this run read different input" in e for e in errors), errors
+  last = [e.strip().splitlines()[-1] for e in errors]
+  if fault == "different_prompts":
+    assert all("processes of this run read different input" in e for e in last), errors
+  else:
+    assert last[1].startswith("error: --model") and str(tmp_path / "absent") in last[1], errors
+    assert last[0].startswith("error: process 1 of this run failed"), errors
+  assert not any("Traceback" in e for e in errors), errors
   assert not out.exists() and not list(tmp_path.glob("o.jsonl.part-*"))
 
 
@@ -602,7 +617,8 @@ def test_what_every_process_of_a_run_must_share(tmp_path):
 
 def test_distributed_takes_no_explicit_processes(tmp_path, tiny_model_dir):
   """--distributed (the processes from the environment) with --coordinator_address given too
-  was told "coordinator_address should be defined", the address dropped."""
+  was told "coordinator_address should be defined", the address dropped; a --process_id with
+  no address (a process of a run launched without it) once ran the whole input alone."""
   prompts = tmp_path / "p.jsonl"
   prompts.write_text('{"id": 1, "prompt": "x"}\n')
   job = GenerateJob(prompts=str(prompts), output=str(tmp_path / "o.jsonl"),
@@ -610,6 +626,9 @@ def test_distributed_takes_no_explicit_processes(tmp_path, tiny_model_dir):
   with pytest.raises(UserError, match="^--distributed: takes the run's processes from the env"):
     run(job, distributed=True, coordinator_address="127.0.0.1:1234", num_processes=1,
         process_id=0)
+  with pytest.raises(UserError, match="^--process_id: a multi-process run needs --coordinator"):
+    run(job, process_id=1)
+  assert not (tmp_path / "o.jsonl").exists()
 
 
 def test_a_multi_process_mesh_spans_every_process(monkeypatch):

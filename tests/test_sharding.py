@@ -14,7 +14,8 @@ from jaxinfer.config import PRESETS
 from jaxinfer.generation import Generator, RowRequest
 from jaxinfer.sampling import request_key
 from jaxinfer.runtime import Runtime
-from jaxinfer.sharding import DEFAULT_RULES, ShardingRules, device_bytes, make_mesh, parse_mesh
+from jaxinfer.sharding import (DEFAULT_RULES, ShardingRules, device_bytes, make_mesh, mesh_flag,
+                               parse_mesh)
 
 
 def test_parse_mesh():
@@ -30,6 +31,12 @@ def test_make_mesh_device_counts(devices):
   assert make_mesh("data:2,model:2").size == 4
   with pytest.raises(ValueError, match="needs 16 devices"):
     make_mesh("data:4,model:4")
+  # as `jaxinfer train`/`convert`/`train-draft` read --mesh: the error names the flag
+  with pytest.raises(ValueError, match="^--mesh: data:4,fsdp:1,model:4 needs 16 devices"):
+    mesh_flag("data:4,model:4")
+  with pytest.raises(ValueError, match="^--mesh: expected"):
+    mesh_flag("rows:2")
+  assert mesh_flag("").shape == {"data": 8, "fsdp": 1, "model": 1}
 
 
 def test_rules_map_and_refuse_collisions(devices):

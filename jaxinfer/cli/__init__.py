@@ -135,6 +135,11 @@ def no_positional_args(argv: list[str]) -> None:
 
 
 def fail(message: str) -> None:
-  """Ends the process with a one-line user error."""
-  print(f"error: {message}", file=sys.stderr)
+  """Ends the process with a one-line user error. A process of a multi-process run ends without
+  jax.distributed's shutdown, which waits for every process: one that died would keep it
+  waiting until the runtime aborts."""
+  print(f"error: {message}", file=sys.stderr, flush=True)
+  if "jax" in sys.modules and sys.modules["jax"].distributed.is_initialized():
+    sys.stdout.flush()
+    os._exit(2)
   sys.exit(2)

@@ -76,10 +76,10 @@ def load_model_from_flags(on_mesh: bool = True):
 
   Raises FileNotFoundError / ValueError with user-facing messages."""
   from jaxinfer import checkpoint
-  from jaxinfer.sharding import make_mesh
+  from jaxinfer.sharding import mesh_flag
 
   FLAGS = flags.FLAGS
-  mesh = make_mesh(FLAGS.mesh) if on_mesh or FLAGS.mesh else None
+  mesh = mesh_flag(FLAGS.mesh) if on_mesh or FLAGS.mesh else None
   src = checkpoint.resolve_model_dir(FLAGS.model, FLAGS.cache_dir)
   cfg, params, tokenizer = checkpoint.load_model(
       str(src), None if FLAGS.dtype == "auto" else FLAGS.dtype, mesh)

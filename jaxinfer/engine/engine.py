@@ -166,7 +166,9 @@ def engine_decode(params, k, v, last_token, tokens, from_device, positions, deco
   out = jnp.zeros((max_steps, s), jnp.int32)
   last = jnp.where(from_device, last_token, tokens)
   k, v, last, out, layer = jax.lax.fori_loop(0, num_steps, step, (k, v, last, out, layer))
-  return k, v, runtime.constrain(last, (None,)), out, layer
+  # whole on every device, as the host reads them (a kernel splitting rows over an axis that
+  # spans processes would leave each process only its rows)
+  return k, v, runtime.constrain(last, (None,)), runtime.constrain(out, (None, None)), layer
 
 
 def copy_pages(k, v, src, dst):

@@ -140,7 +140,7 @@ def train_draft(model: str, data: str, output: str, *, method: str = "medusa",
   from jaxinfer import checkpoint
   from jaxinfer.checkpoint.destination import check_destination
   from jaxinfer.draft_heads import eagle, files, hidden_cache as hcache, hydra, medusa, medusa2
-  from jaxinfer.sharding import format_mesh, make_mesh
+  from jaxinfer.sharding import format_mesh, mesh_flag
   from jaxinfer.train.workdir import check_workdir, record_settings
   values = locals()
   parameters = inspect.signature(train_draft).parameters
@@ -154,7 +154,7 @@ def train_draft(model: str, data: str, output: str, *, method: str = "medusa",
     _check_other_heads(output, method)
     work = Path(workdir or output.rstrip("/") + ".run")
     check_workdir(work, resume, options)
-    device_mesh = make_mesh(mesh)  # (empty: every device on `data`)
+    device_mesh = mesh_flag(mesh)
     src = checkpoint.resolve_model_dir(model, cache_dir)
     cfg, base, tokenizer = checkpoint.load_model(str(src), None if dtype == "auto" else dtype,
                                                  device_mesh)
