@@ -25,10 +25,6 @@ PLAIN = ("{% for m in messages %}<|{{ m['role'] }}|>\n{{ m['content'] }}\n{% end
 ROLES = ("system", "user", "assistant", "tool")
 
 
-def _token(value) -> str | None:
-  return value.get("content") if isinstance(value, dict) else value
-
-
 @dataclasses.dataclass(frozen=True)
 class ChatTemplate:
   source: str
@@ -38,16 +34,16 @@ class ChatTemplate:
   @classmethod
   def from_dir(cls, directory: str | os.PathLike) -> "ChatTemplate":
     """The model directory's chat template, or the plain one when it has none."""
+    from jaxinfer.tokenizer import special_tokens, tokenizer_config
     d = Path(directory)
-    tcfg = {}
-    if (d / "tokenizer_config.json").is_file():
-      tcfg = json.loads((d / "tokenizer_config.json").read_text())
-    special = tuple((k, _token(tcfg[k])) for k in ("bos_token", "eos_token", "unk_token",
-                                                    "pad_token") if _token(tcfg.get(k)))
-    template = tcfg.get("chat_template")
+    special = tuple(special_tokens(d).items())
+    template = tokenizer_config(d).get("chat_template")
     if isinstance(template, list):  # named templates: the default one
       named = {t.get("name"): t.get("template") for t in template if isinstance(t, dict)}
-      template = named.get("default")
+      if "default" not in named:  # (transformers refuses to choose, as here)
+        raise ValueError(f"{d / 'tokenizer_config.json'}: its chat templates {sorted(named)} "
+                         f"name none 'default'")
+      template = named["default"]
     if (d / "chat_template.jinja").is_file():  # (transformers 5 saves it so, and reads it first)
       template = (d / "chat_template.jinja").read_text()
     if not template:
@@ -75,12 +71,16 @@ class ChatTemplate:
 
   def render(self, messages: list[dict[str, Any]], add_generation_prompt: bool = False) -> str:
     """The conversation as text; add_generation_prompt ends it where the assistant's reply
-    starts. A template's own error (e.g. roles out of order) is raised as ValueError."""
+    starts. As transformers renders it: a message's keys whose value is null left out (an
+    exported history's "tool_calls": null), no tools or documents. A template's own error (e.g.
+    roles out of order) is raised as ValueError."""
     from jinja2.exceptions import TemplateError
+    messages = [{k: v for k, v in m.items() if v is not None} for m in messages]
     try:
       return self._compiled.render(messages=messages, add_generation_prompt=add_generation_prompt,
-                                   **dict(self.special))
-    except (TemplateError, TypeError, KeyError, AttributeError) as e:  # (the template's code)
+                                   tools=None, documents=None, **dict(self.special))
+    except (TemplateError, TypeError, KeyError, AttributeError, ValueError,
+            ArithmeticError) as e:  # (the template's code)
       raise ValueError(f"chat template ({self.name}): {e}") from None
 
 

@@ -64,14 +64,17 @@ RECIPES = {
 
 
 def cache_root(override: str | os.PathLike | None = None) -> Path:
-  """--cache_dir (`override`), else $JAXINFER_CACHE, else jaxinfer/ in the user's cache;
-  UserError where it names something other than a directory."""
+  """--cache_dir (`override`), else $JAXINFER_CACHE, else jaxinfer/ in the user's cache
+  ($XDG_CACHE_HOME, else ~/.cache); UserError where it names something other than a
+  directory."""
   if override:
     root, named = Path(override).expanduser(), "--cache_dir"
   elif os.environ.get("JAXINFER_CACHE"):
     root, named = Path(os.environ["JAXINFER_CACHE"]).expanduser(), "$JAXINFER_CACHE"
   else:
-    root, named = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")).expanduser() \
+    # (an empty $XDG_CACHE_HOME is unset, as the XDG spec says: it once put the cache in a
+    # relative ./jaxinfer)
+    root, named = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache").expanduser() \
         / "jaxinfer", "the cache directory"
   if root.exists() and not root.is_dir():
     raise UserError(f"{named}: {str(root)!r} is not a directory")

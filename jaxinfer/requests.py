@@ -213,11 +213,24 @@ def make_request(line_no: int, rec: Any, defaults: Defaults, tokenizer: Tokenize
     raise InvalidRequest("stop: stop strings must be non-empty")
   if stop and tokenizer is None:
     raise InvalidRequest("stop: stop strings need a tokenizer and the model has no tokenizer.json")
+  if problem := special_stop(stop, tokenizer):
+    raise InvalidRequest(f"stop: {problem}")
   # Never generate past the model's context.
   max_new = min(max_new, max_seq_len - len(prompt_ids))
   return Request(id=rid, line=line_no, prompt_ids=list(prompt_ids), max_new_tokens=max_new,
                  temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p, stop=stop,
                  metadata=rec.get("metadata"), n=n, seed=seed)
+
+
+def special_stop(stop: tuple[str, ...], tokenizer: Tokenizer | None) -> str | None:
+  """Why a stop string can never match (it holds a special token: stop strings are found in
+  the completion's text, which has none), or None."""
+  for s in stop if tokenizer is not None else ():
+    if token := tokenizer.special_in(s):
+      return (f"{s!r} holds the special token {token!r}, which a completion's text never holds "
+              f"(the model ends a reply with it as an end-of-sequence id: eos_token_id in its "
+              f"generation_config.json)")
+  return None
 
 
 def truncate_at_stop(tokens: list[int], stop: tuple[str, ...],

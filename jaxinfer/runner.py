@@ -26,7 +26,7 @@ from jaxinfer.api import LLM, Completion, SamplingParams
 from jaxinfer.errors import UserError
 from jaxinfer.options import ServeOptions, plain
 from jaxinfer.requests import (Defaults, InvalidRequest, Request, error_record, is_text,
-                               load_line, parse_request)
+                               load_line, parse_request, special_stop)
 from jaxinfer.sampling import SEED_LIMIT, validate as validate_sampling
 from jaxinfer.serving import placement
 
@@ -308,6 +308,8 @@ def _run(job: GenerateJob, pid: int, nproc: int) -> dict[str, Any]:
     if job.defaults.stop and llm.tokenizer is None:  # (every line's, not an error of each)
       raise UserError("--stop: stop strings need a tokenizer and the model has no "
                       "tokenizer.json")
+    if problem := special_stop(job.defaults.stop, llm.tokenizer):
+      raise UserError(f"--stop: {problem}")
     requests, errors, num_lines = read_requests(job, llm.tokenizer, cfg.vocab_size,
                                                 cfg.max_seq_len, llm._chat)
     stray = output.stray_part_counts(job.output, nproc)  # a killed run of another size's parts

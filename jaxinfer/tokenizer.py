@@ -9,6 +9,43 @@ from pathlib import Path
 import tokenizers
 
 
+SPECIAL_TOKENS = ("bos_token", "eos_token", "unk_token", "sep_token", "pad_token", "cls_token",
+                  "mask_token")
+
+
+def _json_object(path: Path) -> dict:
+  """A JSON file's object ({} where the file does not exist)."""
+  if not path.is_file():
+    return {}
+  try:
+    value = json.loads(path.read_text())
+  except ValueError as e:
+    raise ValueError(f"{path}: not valid JSON ({e})") from None
+  if not isinstance(value, dict):
+    raise ValueError(f"{path}: expected a JSON object")
+  return value
+
+
+def tokenizer_config(directory: str | os.PathLike) -> dict:
+  """The directory's tokenizer_config.json ({} without one)."""
+  return _json_object(Path(directory) / "tokenizer_config.json")
+
+
+def special_tokens(directory: str | os.PathLike) -> dict[str, str]:
+  """The named special tokens ({"bos_token": "<s>", ...}), as transformers reads them:
+  tokenizer_config.json's over special_tokens_map.json's; a token given as {"content": ...}
+  read as its content."""
+  named = {}
+  for source in (_json_object(Path(directory) / "special_tokens_map.json"),
+                 tokenizer_config(directory)):
+    for name in SPECIAL_TOKENS:
+      value = source.get(name)
+      value = value.get("content") if isinstance(value, dict) else value
+      if isinstance(value, str) and value:
+        named[name] = value
+  return named
+
+
 class Tokenizer:
 
   def __init__(self, tok: tokenizers.Tokenizer, add_bos_token: bool | None = None,
@@ -27,20 +64,8 @@ class Tokenizer:
       tok = tokenizers.Tokenizer.from_file(str(path))
     except Exception as e:  # (the tokenizers library raises a bare Exception)
       raise ValueError(f"{path}: not a tokenizer the tokenizers library reads ({e})") from None
-    add_bos, bos = None, None
-    cfg_path = directory / "tokenizer_config.json"
-    if cfg_path.exists():
-      try:
-        tcfg = json.loads(cfg_path.read_text())
-      except ValueError as e:
-        raise ValueError(f"{cfg_path}: not valid JSON ({e})") from None
-      if not isinstance(tcfg, dict):
-        raise ValueError(f"{cfg_path}: expected a JSON object")
-      add_bos = tcfg.get("add_bos_token")
-      bos = tcfg.get("bos_token")
-      if isinstance(bos, dict):
-        bos = bos.get("content")
-    return cls(tok, add_bos, bos)
+    add_bos = tokenizer_config(directory).get("add_bos_token")
+    return cls(tok, add_bos, special_tokens(directory).get("bos_token"))
 
   @property
   def vocab_size(self) -> int:
@@ -71,6 +96,14 @@ class Tokenizer:
 
   def decode(self, ids: list[int]) -> str:
     return self._tok.decode(list(ids), skip_special_tokens=True)
+
+  def special_in(self, text: str) -> str | None:
+    """A special token that `text` holds (which decoded text never does: `decode` skips them),
+    or None."""
+    for token in self._tok.get_added_tokens_decoder().values():
+      if token.special and token.content and token.content in text:
+        return token.content
+    return None
 
   def token_id(self, token: str) -> int | None:
     return self._tok.token_to_id(token)

@@ -53,6 +53,38 @@ def test_chat_template_renders_as_hugging_face_does(chat_model_dir, tiny_model_d
   assert reply_prompt(CONVERSATION[:2]) == CONVERSATION[:2]
 
 
+def test_templates_see_what_transformers_gives_them(tmp_path, chat_model_dir):
+  """Special tokens from special_tokens_map.json too (a model whose BOS is only there rendered
+  without it) and all seven of them (sep, cls and mask rendered empty); tools and documents as
+  None (`tools is not none` held, then `tools|tojson` failed); a message's keys holding null left
+  out (an exported history's "tool_calls": null failed its template); named templates without a
+  default refused, as transformers refuses them (the plain format was used, unsaid)."""
+  from transformers import AutoTokenizer
+  d = tmp_path / "model"
+  shutil.copytree(chat_model_dir, d)
+  tcfg = json.loads((d / "tokenizer_config.json").read_text())
+  del tcfg["bos_token"]
+  tcfg["chat_template"] = (
+      "{{ bos_token }}[{{ sep_token }}|{{ cls_token }}|{{ mask_token }}]"
+      "{% if tools is not none %}{{ tools | tojson }}{% endif %}"
+      "{% if documents is defined %}D{% endif %}{% for m in messages %}{{ m['role'] }}:"
+      "{% if 'tool_calls' in m %}{{ m.tool_calls | length }}{% endif %}{{ m['content'] }};"
+      "{% endfor %}")
+  (d / "tokenizer_config.json").write_text(json.dumps(tcfg))
+  (d / "special_tokens_map.json").write_text(json.dumps(
+      {name: {"content": "<|endoftext|>"} for name in ("bos_token", "sep_token", "cls_token",
+                                                       "mask_token")}))
+  messages = [{"role": "user", "content": "hi"},
+              {"role": "assistant", "content": "Hello!", "tool_calls": None}]
+  want = AutoTokenizer.from_pretrained(str(d)).apply_chat_template(messages, tokenize=False)
+  assert ChatTemplate.from_dir(d).render(messages) == want
+  assert want.startswith("<|endoftext|>[<|endoftext|>|") and "assistant:Hello!" in want
+  tcfg["chat_template"] = [{"name": "tool_use", "template": "{{ messages }}"}]
+  (d / "tokenizer_config.json").write_text(json.dumps(tcfg))
+  with pytest.raises(ValueError, match=r"its chat templates \['tool_use'\] name none 'default'"):
+    ChatTemplate.from_dir(d)
+
+
 def test_a_chat_template_jinja_file_wins_and_renders_with_transformers_extensions(
     tmp_path, chat_model_dir):
   """chat_template.jinja (as transformers 5 saves a template) over tokenizer_config.json's,

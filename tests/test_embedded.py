@@ -18,6 +18,19 @@ def test_stdlib_corpus_split_is_deterministic():
   assert all(f.suffix == ".py" and "site-packages" not in f.parts for f in train)
 
 
+def test_the_cache_is_in_the_users_cache_directory(monkeypatch, tmp_path):
+  """$JAXINFER_CACHE, else $XDG_CACHE_HOME's jaxinfer/, else ~/.cache's; an empty
+  $XDG_CACHE_HOME counts as unset (it put the cache in ./jaxinfer, wherever the command ran)."""
+  from pathlib import Path
+  monkeypatch.delenv("JAXINFER_CACHE", raising=False)
+  monkeypatch.setenv("XDG_CACHE_HOME", "")
+  assert embedded.cache_root() == Path.home() / ".cache" / "jaxinfer"
+  monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+  assert embedded.cache_root() == tmp_path / "jaxinfer"
+  monkeypatch.setenv("JAXINFER_CACHE", str(tmp_path / "mine"))
+  assert embedded.cache_root() == tmp_path / "mine"
+
+
 def test_quickstart_builds_caches_and_generates(tmp_path):
   env = {**os.environ, "JAXINFER_CACHE": str(tmp_path / "cache")}
   cmd = [sys.executable, "-m", "jaxinfer", "quickstart", "--recipe=smoke",
@@ -44,6 +57,12 @@ def test_quickstart_builds_caches_and_generates(tmp_path):
                           env=env, timeout=900)
   assert second.returncode == 0 and "(cached)" in second.stdout
   assert "building" not in second.stdout and "training Medusa" not in second.stdout
+  # a cache directory that cannot be made: one line (it was a traceback)
+  (tmp_path / "file").write_text("")
+  third = subprocess.run(cmd + [f"--cache_dir={tmp_path / 'file' / 'cache'}"],
+                         capture_output=True, text=True, env=env, timeout=900)
+  assert third.returncode == 2 and "Traceback" not in third.stderr, third.stderr
+  assert third.stderr.strip().splitlines()[-1].startswith("error: --cache_dir: cannot use")
   # the cached model is a plain Hugging Face directory
   cfg, params, tok = load_model(str(model_dir))
   assert cfg.vocab_size == 512 and tok.decode(tok.encode("def f(x):")) == "def f(x):"

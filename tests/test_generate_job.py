@@ -3,6 +3,7 @@
 import dataclasses
 import json
 import os
+import re
 import subprocess
 import sys
 
@@ -294,10 +295,11 @@ def test_cli_end_to_end_exit_status_and_no_traceback(tmp_path, tiny_model_dir):
       f"error: --cache_dir: {str(prompts)!r} is not a directory"], proc.stderr
 
 
-def test_stop_strings_for_a_model_without_a_tokenizer_are_refused_once(tmp_path,
-                                                                       tiny_model_dir):
+def test_stop_strings_that_cannot_match_are_refused(tmp_path, tiny_model_dir):
   """--stop with a model that has no tokenizer.json names the flag, before any line is read
-  (each line's record was the same error)."""
+  (each line's record was the same error); a stop string holding a special token, which the
+  text it is looked for in never holds, is refused (it was ignored: generation ran on to its
+  budget), once for --stop, per request for a line's own."""
   import shutil
   model = shutil.copytree(tiny_model_dir, tmp_path / "ids_only")
   (model / "tokenizer.json").unlink()
@@ -306,6 +308,18 @@ def test_stop_strings_for_a_model_without_a_tokenizer_are_refused_once(tmp_path,
     run(GenerateJob(prompts=str(prompts), output=str(tmp_path / "o.jsonl"), model=str(model),
                     progress=False, defaults=Defaults(stop=("\n",))))
   assert not (tmp_path / "o.jsonl").exists()
+  with pytest.raises(UserError, match=re.escape(
+      "--stop: '<|endoftext|>\\n' holds the special token '<|endoftext|>'")):
+    run(GenerateJob(prompts=str(prompts), output=str(tmp_path / "o.jsonl"),
+                    model=str(tiny_model_dir), progress=False,
+                    defaults=Defaults(stop=(")", "<|endoftext|>\n"))))
+  from jaxinfer.requests import InvalidRequest, make_request
+  tok = Tokenizer.from_dir(tiny_model_dir)
+  line = {"id": 1, "prompt": "x", "stop": ["<|endoftext|>"]}
+  with pytest.raises(InvalidRequest, match=re.escape("stop: '<|endoftext|>' holds the special")):
+    make_request(1, line, Defaults(), tok, tok.vocab_size, 64)
+  assert make_request(1, line | {"stop": ["<|endoftext"]}, Defaults(), tok, tok.vocab_size,
+                      64).stop == ("<|endoftext",)
 
 
 def test_a_full_disk_is_one_line_and_keeps_what_was_written(tmp_path, tiny_model_dir):

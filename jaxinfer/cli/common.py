@@ -19,7 +19,8 @@ def define_model_flags(devices: bool = True, cache_dir: bool = True) -> None:
                     "Parameter/activation dtype; auto uses the checkpoint's own.")
   if cache_dir:
     flags.DEFINE_string("cache_dir", None, "Where the embedded model is cached (default "
-                        "$JAXINFER_CACHE or ~/.cache/jaxinfer).")
+                        "$JAXINFER_CACHE, else $XDG_CACHE_HOME/jaxinfer or "
+                        "~/.cache/jaxinfer).")
   if not devices:
     return
   define_mesh_flag()

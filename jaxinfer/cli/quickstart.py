@@ -3,6 +3,7 @@ bundled prompts and print throughput and sample completions."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import sys
 import time
@@ -15,8 +16,8 @@ from jaxinfer.cli import fail, no_positional_args
 from jaxinfer.cli.common import apply_compilation_cache, define_compilation_cache_flag
 
 flags.DEFINE_string("output_dir", "jaxinfer_quickstart", "Where completions and metrics go.")
-flags.DEFINE_string("cache_dir", None, "Embedded model cache (default $JAXINFER_CACHE or "
-                    "~/.cache/jaxinfer).")
+flags.DEFINE_string("cache_dir", None, "Embedded model cache (default $JAXINFER_CACHE, else "
+                    "$XDG_CACHE_HOME/jaxinfer or ~/.cache/jaxinfer).")
 flags.DEFINE_integer("max_new_tokens", 64, "Tokens per completion.", lower_bound=1)
 flags.DEFINE_integer("batch_size", 8, "Sequences generated together.", lower_bound=1)
 flags.DEFINE_integer("show", 3, "Completions to print.", lower_bound=0)
@@ -48,10 +49,11 @@ def main(argv: list[str]) -> None:
   except OSError as e:
     fail(f"--output_dir: cannot create {out_dir}: {e.strerror}")
   recipe = embedded.RECIPES[FLAGS.recipe]
-  cached = embedded.is_built(FLAGS.cache_dir, recipe)
-  print(f"== embedded model ({'cached' if cached else 'building: a few minutes on 2 CPU cores'})",
-        flush=True)
-  model_dir = embedded.ensure(FLAGS.cache_dir, recipe)
+  with _cache_errors():
+    cached = embedded.is_built(FLAGS.cache_dir, recipe)
+    print(f"== embedded model "
+          f"({'cached' if cached else 'building: a few minutes on 2 CPU cores'})", flush=True)
+    model_dir = embedded.ensure(FLAGS.cache_dir, recipe)
   report = json.loads((model_dir / "report.json").read_text())
   print(f"   {model_dir}")
   print(f"   {report['parameters'] / 1e6:.1f}M parameters, trained on the Python "
@@ -87,13 +89,28 @@ def main(argv: list[str]) -> None:
     speculative_demo(model_dir, prompts_path(), FLAGS.speculative_prompts, FLAGS.max_new_tokens,
                      "prompt lookup, 4 drafted tokens", speculative="ngram", num_draft_tokens=4)
     if FLAGS.medusa_steps:
-      heads, nodes = medusa_heads(model_dir, FLAGS.medusa_steps)
+      with _cache_errors():
+        heads, nodes = medusa_heads(model_dir, FLAGS.medusa_steps)
       speculative_demo(model_dir, prompts_path(), FLAGS.speculative_prompts,
                        FLAGS.max_new_tokens, f"Medusa heads, {nodes}-node tree",
                        speculative="medusa", draft_heads=str(heads))
   print(f"\n== done in {time.perf_counter() - t0:.0f}s; outputs in {out_dir}/")
   if m["num_failed"]:
     sys.exit(1)
+
+
+@contextlib.contextmanager
+def _cache_errors():
+  """A cache directory that cannot be used (not creatable, not writable) in one line, as
+  `jaxinfer generate` says it (it was a traceback)."""
+  from jaxinfer.errors import UserError
+  try:
+    yield
+  except UserError as e:
+    fail(str(e))
+  except OSError as e:
+    where = e.filename or FLAGS.cache_dir or "the cache directory"
+    fail(f"--cache_dir: cannot use {str(where)!r} ({e.strerror or e})")
 
 
 def medusa_heads(model_dir: Path, steps: int) -> tuple[Path, int]:
