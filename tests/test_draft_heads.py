@@ -565,6 +565,20 @@ def test_heads_are_served_only_on_their_model_from_files_read_whole(tmp_path, ti
       build(job(bad), cfg, params, None)
 
 
+def test_train_draft_stops_a_diverged_run_before_writing(tmp_path, tiny_model_dir):
+  """Heads trained into NaN (a learning rate far too high) are not written (they were, and the
+  run ended well): one error naming learning_rate, the output left absent."""
+  import jaxinfer
+  from jaxinfer.errors import UserError
+  data = tmp_path / "data.txt"
+  data.write_text("def add(a, b):\n    return a + b\n\n" * 50)
+  with pytest.raises(UserError, match="^learning_rate: training diverged"):
+    jaxinfer.train_draft(str(tiny_model_dir), str(data), str(tmp_path / "heads"), num_heads=2,
+                         tree_nodes=4, steps=3, batch_size=2, seq_len=16, warmup_steps=0,
+                         learning_rate=1e30, progress=False)
+  assert not (tmp_path / "heads").exists()
+
+
 def test_train_draft_refuses_a_draft_vocabulary_of_the_whole(tmp_path, tiny_model_dir):
   import jaxinfer
   from jaxinfer.errors import UserError

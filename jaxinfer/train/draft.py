@@ -123,6 +123,18 @@ def _check_base(base, method: str, model: str) -> None:
                      f"medusa, hydra or eagle on this one")
 
 
+def _check_finite(weights, learning_rate: float) -> None:
+  """A diverged run (weights no longer finite) ends here, before anything reaches --output (it
+  wrote heads of NaN, and exited 0)."""
+  import jax
+  import jax.numpy as jnp
+  floats = [x for x in jax.tree.leaves(weights) if jnp.issubdtype(x.dtype, jnp.floating)]
+  if not all(bool(jnp.isfinite(x).all()) for x in floats):
+    raise UserError(f"--learning_rate: training diverged (weights no longer finite); nothing "
+                    f"was written to --output: train again with a lower --learning_rate (now "
+                    f"{learning_rate}) in a new --workdir")
+
+
 def train_draft(model: str, data: str, output: str, *, method: str = "medusa",
                 workdir: str | None = None, resume: bool = False, dtype: str = "auto",
                 mesh: str = "", cache_dir: str | None = None, num_heads: int = 4,
@@ -193,6 +205,7 @@ def train_draft(model: str, data: str, output: str, *, method: str = "medusa",
     heads, base, info = medusa2.train_medusa2(
         cfg, base, train_tokens, held_tokens, work, num_heads=num_heads, tree_nodes=tree_nodes,
         rank=lora_rank, kl_weight=kl_weight, **common)
+    _check_finite((heads, base), learning_rate)
     info["model"] = str(checkpoint.save_hf(Path(output) / "model", cfg, base,  # (adapted)
                                            tokenizer_dir=src).resolve())
     save = medusa.save
@@ -203,6 +216,7 @@ def train_draft(model: str, data: str, output: str, *, method: str = "medusa",
                                   num_heads=num_heads, tree_nodes=tree_nodes, **heads_only,
                                   **extra)
     save = lib.save
+  _check_finite(heads, learning_rate)
   info.update(base_model=str(Path(src).resolve()), base=files.base_record(cfg, base),
               self_distilled_prompts=self_distill, mesh=format_mesh(dict(device_mesh.shape)))
   return TrainDraftResult(Path(save(output, heads, info)), info)
