@@ -222,6 +222,38 @@ def test_an_interrupt_between_a_step_and_its_record_keeps_the_record(tmp_path):
   assert [m["step"] for m in read_metrics(tmp_path)] == [2, 4, 6]
 
 
+def test_sigterm_saves_the_step_and_exits_as_terminated(tmp_path):
+  """SIGTERM (a preempted job) finishes the step, saves it and stops; the command then exits
+  143, as a process ended by SIGTERM reports (it exited 130, Ctrl-C's status)."""
+  import signal
+
+  import jax.numpy as jnp
+  import optax
+
+  from jaxinfer.train.loop import Stopped, TrainConfig, train
+  cfg = TrainConfig(steps=6, learning_rate=0.1, warmup_steps=0, checkpoint_every=100,
+                    progress=False, async_checkpoints=False)
+  loss = lambda p, frozen, batch, key: (jnp.sum((p["w"] - batch) ** 2), {})
+
+  def batch(step):
+    if step == 2:
+      os.kill(os.getpid(), signal.SIGTERM)
+    return jnp.ones(3)
+
+  with pytest.raises(Stopped, match="stopped by SIGTERM at step 3") as stopped:
+    train(loss, {"w": jnp.zeros(3)}, batch, cfg, tmp_path, optimizer=optax.sgd(0.1))
+  assert stopped.value.signum == signal.SIGTERM
+  assert sorted(int(p.name) for p in (tmp_path / "checkpoints").iterdir()
+                if p.name.isdigit()) == [3]
+  code = ("import signal, sys; from jaxinfer.cli import _interruptible\n"
+          "from jaxinfer.train.loop import Stopped\n"
+          "def main(argv): raise Stopped('train: stopped by SIGTERM', signal.SIGTERM)\n"
+          "_interruptible(main, [])")
+  proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                        timeout=120)
+  assert proc.returncode == 143 and "interrupted" in proc.stderr, proc.stderr
+
+
 def test_seconds_per_step_counts_the_steps_since_the_last_record(tmp_path):
   """The last record of a run of 5 steps logged every 2 covers one step (it was divided by 2)."""
   import time

@@ -99,7 +99,8 @@ def _interrupted_before_start(signum, frame) -> None:
 
 
 def _interruptible(command_main, argv: list[str]) -> None:
-  """Ctrl-C ends the command with one line and status 130. What it wrote is kept: records and
+  """Ctrl-C ends the command with one line and status 130 (a training run stopped by SIGTERM,
+  after saving its step: 143). What it wrote is kept: records and
   checkpoints are written whole (generate resumes from them, train with --resume). An interrupt
   that a callback swallowed (Python reports those as ignored) still ends the command when it
   returns; a second Ctrl-C ends it at once."""
@@ -114,18 +115,18 @@ def _interruptible(command_main, argv: list[str]) -> None:
   _on_sigint(on_sigint)
   try:
     command_main(argv)
-  except KeyboardInterrupt:
-    _stop()
+  except KeyboardInterrupt as e:  # (a training run stopped by SIGTERM says so: 143)
+    _stop(getattr(e, "signum", signal.SIGINT))
   finally:  # (also when the command ends through sys.exit after an interrupt was swallowed)
     if interrupts:
       _stop()
 
 
-def _stop() -> None:
+def _stop(signum: int = signal.SIGINT) -> None:
   print("interrupted; what was written is kept (generate resumes from it when run again, "
         "train with --resume)", file=sys.stderr, flush=True)
   sys.stdout.flush()
-  os._exit(130)  # (not the interpreter's shutdown: threads still running would abort it)
+  os._exit(128 + signum)  # (not the interpreter's shutdown: threads still running would abort)
 
 
 def no_positional_args(argv: list[str]) -> None:

@@ -151,6 +151,14 @@ def _batch_placer(mesh: Mesh | None, rules: ShardingRules):
   return put
 
 
+class Stopped(KeyboardInterrupt):
+  """Training stopped by a signal (`signum`: SIGTERM or SIGINT) once its step was saved."""
+
+  def __init__(self, message: str, signum: int):
+    super().__init__(message)
+    self.signum = signum
+
+
 def train(loss_fn: LossFn, params: Any, batch_fn: Callable[[int], Any], cfg: TrainConfig,
           workdir: str | os.PathLike, frozen: Any = None,
           eval_fn: Callable[[Any, int], dict[str, float]] | None = None,
@@ -183,7 +191,7 @@ def train(loss_fn: LossFn, params: Any, batch_fn: Callable[[int], Any], cfg: Tra
   # SIGTERM (a preempted job) or Ctrl-C finishes the step, checkpoints it and stops (raised
   # mid-step, an interrupt found the state handed to the step: nothing was left to save); a
   # second Ctrl-C is the caller's, at once
-  interrupted: list[str] = []
+  interrupted: list[signal.Signals] = []
   previous = {}
 
   def on_signal(signum, frame):
@@ -192,7 +200,7 @@ def train(loss_fn: LossFn, params: Any, batch_fn: Callable[[int], Any], cfg: Tra
       if callable(handler):
         handler(signum, frame)
       raise KeyboardInterrupt
-    interrupted.append(signal.Signals(signum).name)
+    interrupted.append(signal.Signals(signum))
 
   try:
     for sig in (signal.SIGTERM, signal.SIGINT):
@@ -232,8 +240,8 @@ def train(loss_fn: LossFn, params: Any, batch_fn: Callable[[int], Any], cfg: Tra
         manager.save(done, args=ocp.args.StandardSave(state))
       if interrupted:
         manager.wait_until_finished()
-        raise KeyboardInterrupt(f"{description}: stopped by {interrupted[0]} at step {done}; "
-                                f"rerun to resume")
+        raise Stopped(f"{description}: stopped by {interrupted[0].name} at step {done}; "
+                      f"rerun to resume", interrupted[0])
   except KeyboardInterrupt:
     manager.wait_until_finished()
     try:
