@@ -19,6 +19,7 @@ import os
 import sys
 import threading
 import time
+import weakref
 from pathlib import Path
 
 MIN_COMPILE_SECONDS = 0.2  # cheaper computations are not worth a file
@@ -166,12 +167,35 @@ def covered(spans: list[tuple[float, float]]) -> float:
 # settings (a notebook's second `jaxinfer.LLM`, a benchmark's rounds, the test suite) run the same
 # programs. They share one jitted function per (function, settings), compared by value, and one
 # executable per argument signature, so only the first of them traces, lowers and compiles a
-# step; the persistent cache above serves later processes.
+# step; the persistent cache above serves later processes. Jitted functions are kept while an
+# engine holds them, executables also the most recent few beyond: kept whole, jax's caches of
+# them held a test worker's compiled code past the 65,530 memory mappings a Linux process may
+# have by default, and XLA crashed.
 _shared_lock = threading.Lock()
-_jitted: dict = {}  # settings -> jitted function (never dropped: the ids below stay unique)
-_shared_ids: set[int] = set()
-_executables: collections.OrderedDict = collections.OrderedDict()  # the most recent kept
-MAX_SHARED_EXECUTABLES = 256
+# settings -> the jitted function, while an engine holds it (jax's own caches of a jitted
+# function live as long as it does), and back
+_jitted: weakref.WeakValueDictionary = weakref.WeakValueDictionary()
+_settings: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+# (settings, argument signature) -> executable, while an engine holds it, the most recent also
+# past their engines
+_executables: weakref.WeakValueDictionary = weakref.WeakValueDictionary()
+_recent: collections.deque = collections.deque(maxlen=32)
+
+
+class _Executable:
+  """A compiled step (called, and read, as the `jax.stages.Compiled` it wraps) and the seconds
+  its compilation took."""
+
+  __slots__ = ("compiled", "seconds", "__weakref__")
+
+  def __init__(self, compiled, seconds: float):
+    self.compiled, self.seconds = compiled, seconds
+
+  def __call__(self, *args):
+    return self.compiled(*args)
+
+  def __getattr__(self, name):
+    return getattr(self.compiled, name)
 
 
 def _by_value(fn):
@@ -196,10 +220,11 @@ def shared_jit(fn, donate: int | tuple[int, ...] = (), **jit_options):
   except TypeError:
     return jax.jit(fn, donate_argnums=donate, **jit_options)
   with _shared_lock:
-    if key not in _jitted:
+    jitted = _jitted.get(key)
+    if jitted is None:
       _jitted[key] = jitted = jax.jit(fn, donate_argnums=donate, **jit_options)
-      _shared_ids.add(id(jitted))
-    return _jitted[key]
+      _settings[jitted] = key
+    return jitted
 
 
 def _signature(jitted, args: tuple):
@@ -208,11 +233,12 @@ def _signature(jitted, args: tuple):
   function that is not shared."""
   import jax
   from jax._src import config
-  if id(jitted) not in _shared_ids:
+  settings = _settings.get(jitted)
+  if settings is None:
     return None
   leaves, tree = jax.tree.flatten(args)
   leaf = lambda x: (jax.typeof(x), getattr(x, "sharding", None), getattr(x, "committed", None))
-  return (id(jitted), config.trace_context(), tree, tuple(map(leaf, leaves)))
+  return (settings, config.trace_context(), tree, tuple(map(leaf, leaves)))
 
 
 def clear_shared_executables() -> None:
@@ -220,6 +246,7 @@ def clear_shared_executables() -> None:
   persistent cache, afresh); `jax.clear_caches()` does not reach them."""
   with _shared_lock:
     _executables.clear()
+    _recent.clear()
 
 
 def call_compiled(executables: dict, key, jitted, args: tuple, counter):
@@ -233,18 +260,19 @@ def call_compiled(executables: dict, key, jitted, args: tuple, counter):
     signature = _signature(jitted, args)
     with _shared_lock:
       shared = _executables.get(signature) if signature is not None else None
-      if shared is not None:
-        _executables.move_to_end(signature)
     if shared is None:
       t0 = time.perf_counter()
-      shared = (jitted.lower(*args).compile(), time.perf_counter() - t0)
-      counter.compile_s += shared[1]
+      shared = _Executable(jitted.lower(*args).compile(), time.perf_counter() - t0)
+      counter.compile_s += shared.seconds
       counter.compilations += 1
       if signature is not None:
         with _shared_lock:
           _executables[signature] = shared
-          while len(_executables) > MAX_SHARED_EXECUTABLES:
-            _executables.popitem(last=False)
-    executables[key] = shared[0]
-    counter.programs_s += shared[1]
+    if signature is not None:
+      with _shared_lock:  # (the most recently taken last)
+        if shared in _recent:
+          _recent.remove(shared)
+        _recent.append(shared)
+    executables[key] = shared
+    counter.programs_s += shared.seconds
   return executables[key](*args)
