@@ -12,14 +12,11 @@ hold code, not weights (tens to hundreds of KiB each), and deleting the director
 
 from __future__ import annotations
 
-import collections
 import contextlib
-import functools
 import os
 import sys
 import threading
 import time
-import weakref
 from pathlib import Path
 
 MIN_COMPILE_SECONDS = 0.2  # cheaper computations are not worth a file
@@ -163,116 +160,13 @@ def covered(spans: list[tuple[float, float]]) -> float:
   return total
 
 
-# One process, many engines: engines and generators built for the same model, runtime and
-# settings (a notebook's second `jaxinfer.LLM`, a benchmark's rounds, the test suite) run the same
-# programs. They share one jitted function per (function, settings), compared by value, and one
-# executable per argument signature, so only the first of them traces, lowers and compiles a
-# step; the persistent cache above serves later processes. Jitted functions are kept while an
-# engine holds them, executables also the most recent few beyond: kept whole, jax's caches of
-# them held a test worker's compiled code past the 65,530 memory mappings a Linux process may
-# have by default, and XLA crashed.
-_shared_lock = threading.Lock()
-# settings -> the jitted function, while an engine holds it (jax's own caches of a jitted
-# function live as long as it does), and back
-_jitted: weakref.WeakValueDictionary = weakref.WeakValueDictionary()
-_settings: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
-# (settings, argument signature) -> executable, while an engine holds it, the most recent also
-# past their engines
-_executables: weakref.WeakValueDictionary = weakref.WeakValueDictionary()
-_recent: collections.deque = collections.deque(maxlen=32)
-
-
-class _Executable:
-  """A compiled step (called, and read, as the `jax.stages.Compiled` it wraps) and the seconds
-  its compilation took."""
-
-  __slots__ = ("compiled", "seconds", "__weakref__")
-
-  def __init__(self, compiled, seconds: float):
-    self.compiled, self.seconds = compiled, seconds
-
-  def __call__(self, *args):
-    return self.compiled(*args)
-
-  def __getattr__(self, name):
-    return getattr(self.compiled, name)
-
-
-def _by_value(fn):
-  """A function's settings as a value: a `functools.partial` by its function and arguments
-  (nested ones too); anything else as itself (a plain function: by identity)."""
-  if isinstance(fn, functools.partial):
-    return (functools.partial, _by_value(fn.func), tuple(map(_by_value, fn.args)),
-            tuple(sorted((k, _by_value(v)) for k, v in fn.keywords.items())))
-  return fn
-
-
-def shared_jit(fn, donate: int | tuple[int, ...] = (), **jit_options):
-  """`jax.jit(fn, donate_argnums=donate, **jit_options)`, the same jitted function for every
-  `fn` of equal settings in the process (a `functools.partial` of frozen configurations, as the
-  engine's steps are); settings that cannot be compared by value (an array among them) get a
-  jitted function of their own. Its executables are shared through `call_compiled`."""
-  import jax
-  donate = (donate,) if isinstance(donate, int) else tuple(donate)
-  key = (_by_value(fn), donate, tuple(sorted(jit_options.items())))
-  try:
-    hash(key)
-  except TypeError:
-    return jax.jit(fn, donate_argnums=donate, **jit_options)
-  with _shared_lock:
-    jitted = _jitted.get(key)
-    if jitted is None:
-      _jitted[key] = jitted = jax.jit(fn, donate_argnums=donate, **jit_options)
-      _settings[jitted] = key
-    return jitted
-
-
-def _signature(jitted, args: tuple):
-  """What an executable of `jitted` for `args` depends on: the arguments' structure, shapes,
-  dtypes and placements (not their values) and jax's tracing settings; None for a jitted
-  function that is not shared."""
-  import jax
-  from jax._src import config
-  settings = _settings.get(jitted)
-  if settings is None:
-    return None
-  leaves, tree = jax.tree.flatten(args)
-  leaf = lambda x: (jax.typeof(x), getattr(x, "sharding", None), getattr(x, "committed", None))
-  return (settings, config.trace_context(), tree, tuple(map(leaf, leaves)))
-
-
-def clear_shared_executables() -> None:
-  """Forgets the executables engines share (the next engine compiles, or loads from the
-  persistent cache, afresh); `jax.clear_caches()` does not reach them."""
-  with _shared_lock:
-    _executables.clear()
-    _recent.clear()
-
-
 def call_compiled(executables: dict, key, jitted, args: tuple, counter):
   """`jitted(*args)` through an executable compiled ahead of time once per `key` (kept in
-  `executables`), or taken from another engine's compilation of the same step for the same
-  argument signature (`shared_jit`). A compilation's seconds and count are added to
-  `counter.compile_s` and `counter.compilations` (a run's stats); `counter.programs_s` gains
-  the seconds the executable took to compile either way (what compiling it costs, wherever it
-  was compiled)."""
+  `executables`); a compilation's seconds and count are added to `counter.compile_s` and
+  `counter.compilations` (a run's stats)."""
   if key not in executables:
-    signature = _signature(jitted, args)
-    with _shared_lock:
-      shared = _executables.get(signature) if signature is not None else None
-    if shared is None:
-      t0 = time.perf_counter()
-      shared = _Executable(jitted.lower(*args).compile(), time.perf_counter() - t0)
-      counter.compile_s += shared.seconds
-      counter.compilations += 1
-      if signature is not None:
-        with _shared_lock:
-          _executables[signature] = shared
-    if signature is not None:
-      with _shared_lock:  # (the most recently taken last)
-        if shared in _recent:
-          _recent.remove(shared)
-        _recent.append(shared)
-    executables[key] = shared
-    counter.programs_s += shared.seconds
+    t0 = time.perf_counter()
+    executables[key] = jitted.lower(*args).compile()
+    counter.compile_s += time.perf_counter() - t0
+    counter.compilations += 1
   return executables[key](*args)

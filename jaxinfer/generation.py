@@ -136,7 +136,6 @@ class Timings:
   prefill_tokens: int = 0
   decode_tokens: int = 0
   compilations: int = 0
-  programs_s: float = 0.0  # what its steps took to compile, here or in a generator sharing them
   decode_steps: int = 0
   row_steps: int = 0  # decode steps x batch rows: decode_tokens / row_steps is the occupancy
 

@@ -17,8 +17,6 @@ import jax
 import jax.numpy as jnp
 from flax import struct
 
-from jaxinfer.compilation_cache import shared_jit
-
 
 def request_key(seed: int, request_id: Any) -> jax.Array:
   return jax.random.fold_in(jax.random.key(seed), zlib.crc32(str(request_id).encode()) & 0x7FFFFFFF)
@@ -170,9 +168,8 @@ def all_greedy(requests) -> bool:
 
 def jit_variants(step, donate: tuple[int, ...] = ()) -> list:
   """`step` (taking `greedy_only`) jitted twice: [False] for calls with sampled rows, [True] for
-  calls whose rows are all greedy (compiled without the sampling filters). Shared with every
-  equal `step` in the process (`compilation_cache.shared_jit`)."""
-  return [shared_jit(partial(step, greedy_only=g), donate) for g in (False, True)]
+  calls whose rows are all greedy (compiled without the sampling filters)."""
+  return [jax.jit(partial(step, greedy_only=g), donate_argnums=donate) for g in (False, True)]
 
 
 FLOAT32_MAX = float(jnp.finfo(jnp.float32).max)  # rows' temperatures are float32

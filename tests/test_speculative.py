@@ -146,12 +146,11 @@ def test_lookup_proposers_accept_on_repetitive_text(target, proposer):
 def test_nothing_compiles_outside_the_counted_steps(target):
   """Every computation of a speculating run happens in a compiled step the engine counts: no
   small eager operation compiles on first use beside them. (Caches cleared first, so that
-  operations another test or engine compiled cannot hide one.)"""
-  from jaxinfer.compilation_cache import CompileClock, clear_shared_executables
+  operations another test compiled cannot hide one.)"""
+  from jaxinfer.compilation_cache import CompileClock
   reqs = requests([([5, 6, 7, 8] * 4, 12)] * 3)
   _, _, eng = run_engine(target, [], P.NGram(num_draft_tokens=4), speculation="always")
   jax.clear_caches()
-  clear_shared_executables()
   before, counted = CompileClock.totals(), eng.stats.compilations
   eng.run(reqs, lambda r: None)
   after = CompileClock.totals()

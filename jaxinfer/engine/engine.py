@@ -23,7 +23,7 @@ import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec
 
 from jaxinfer import model as M
-from jaxinfer.compilation_cache import call_compiled, shared_jit
+from jaxinfer.compilation_cache import call_compiled
 from jaxinfer.config import ModelConfig
 from jaxinfer.engine import policy, speculate
 from jaxinfer.engine.pages import PagePool
@@ -69,7 +69,6 @@ class EngineStats:
   busy_s: float = 0.0
   compile_s: float = 0.0
   compilations: int = 0
-  programs_s: float = 0.0  # what its steps took to compile, here or in an engine sharing them
   decode_tokens: int = 0
   prefill_tokens: int = 0
   lane_tokens: int = 0  # prefill tokens computed in lanes (the rest: prompts' last tokens)
@@ -223,7 +222,7 @@ class Engine:
     self._step = jit_variants(partial(engine_step, cfg=model_cfg, runtime=runtime), (1, 2, 3))
     self._decode = jit_variants(partial(engine_decode, max_steps=cfg.decode_steps,
                                         cfg=model_cfg, runtime=runtime), (1, 2, 3))
-    self._copy = shared_jit(copy_pages, (0, 1))
+    self._copy = jax.jit(copy_pages, donate_argnums=(0, 1))
     self._compiled: dict[tuple[int, int] | str, Callable] = {}
     if proposer is not None:
       self._init_speculation(rule, speculation)
@@ -247,13 +246,14 @@ class Engine:
       self._fed_decode = jit_variants(partial(engine_decode, max_steps=self.cfg.decode_steps,
                                               cfg=model_cfg, runtime=runtime, feed=feed),
                                       (1, 2, 3, 17))
-      self._flush = shared_jit(partial(speculate.flush, proposer=proposer, runtime=runtime), 0)
+      self._flush = jax.jit(partial(speculate.flush, proposer=proposer, runtime=runtime),
+                            donate_argnums=0)
     self._tree_step = [jit_variants(partial(speculate.step, **kw(p)), (2, 3, 4)) for p in trees]
     self._tree_steps = [jit_variants(partial(speculate.steps, max_steps=self.cfg.decode_steps,
                                              **kw(p)), (2, 3, 4)) for p in trees]
     self._trees = None  # the last plan launched verified trees (None: none yet)
-    self._tree_admit = shared_jit(partial(speculate.admit, cfg=model_cfg, proposer=proposer,
-                                          runtime=runtime), 0)
+    self._tree_admit = jax.jit(partial(speculate.admit, cfg=model_cfg, proposer=proposer,
+                                       runtime=runtime), donate_argnums=0)
     self.eos = np.asarray(model_cfg.eos_token_ids or (-1,), np.int32)
     # over the engine's life: seconds of dispatches read and tokens they emitted (the policy's
     # work in sight: `_work_s`); this run's: tokens still in its requests' budgets
@@ -265,7 +265,7 @@ class Engine:
     # whole on the replica's devices, as every step returns it (kept from run to run: a shared
     # proposer state keeps learning)
     where = None if runtime.mesh is None else NamedSharding(runtime.mesh, PartitionSpec())
-    self.drafting = self._call("init", shared_jit(init, out_shardings=where),
+    self.drafting = self._call("init", jax.jit(init, out_shardings=where),
                                proposer.init_shared(model_cfg), self.draft_params)
 
   def _call(self, shape, fn, *args):
@@ -557,12 +557,12 @@ class Engine:
         on_step(st)
 
     while True:
-      compiles, programs = st.compile_s, st.programs_s
+      compiles = st.compile_s
       plan = self._plan(sched, read if inflight else None)
       if plan is not None:
         inflight.append((plan, self._launch(plan), st.compile_s != compiles))
-        if self.proposer is not None and st.programs_s != programs:
-          self.policy.compiled(plan.level, st.programs_s - programs)
+        if self.proposer is not None and st.compile_s != compiles:
+          self.policy.compiled(plan.level, st.compile_s - compiles)
         st.occupancy_sum += plan.num_steps * plan.active / self.cfg.num_slots
       if plan is None or len(inflight) > ahead:
         if not inflight:

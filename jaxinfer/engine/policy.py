@@ -187,7 +187,7 @@ class TreePolicy:
     # dispatch's seconds times its live rows) of the timed decode-only dispatches
     self.call = np.zeros((n, 2))
     self._live = [1.0] * n  # per level, the live rows of its last dispatch that ran a step
-    self.compile_s = [0.0] * n  # per level, what its steps took to compile (`compiled`)
+    self.compile_s = [0.0] * n  # per level, the compilation its dispatches caused (`compiled`)
     self.deferred: tuple[float, float] | None = None  # (compile, work) seconds a tree waits on
     self.held = False  # the last pick was held to plain decoding by its caller (`pick`)
 
@@ -228,8 +228,7 @@ class TreePolicy:
       self.call[level] += (tokens, seconds * self._live[level])
 
   def compiled(self, level: int, seconds: float) -> None:
-    """A dispatch of `level` ran steps that took `seconds` to compile (its steps, or rows
-    turning to trees; compiled for it, or earlier by an engine sharing them)."""
+    """A dispatch of `level` compiled for `seconds` (its steps, or rows turning to trees)."""
     self.compile_s[level] += seconds
 
   def _affordable(self, level: int, work_s: float | None) -> bool:
