@@ -76,13 +76,14 @@ class Completion:
   finish_reason: str
 
 
-def completion(tokens: list[int], eos: bool, stop: tuple[str, ...], tokenizer) -> Completion:
-  """A finished sample, cut before the first of `stop` it contains."""
+def completion(tokens: list[int], eos: bool, req: Request, tokenizer) -> Completion:
+  """A finished sample of `req`, cut before the first of its stop strings it contains; its text
+  is what it adds to the prompt's."""
   text, hit = None, False
-  if tokenizer is not None and stop:
-    tokens, text, hit = truncate_at_stop(tokens, stop, tokenizer)
+  if tokenizer is not None and req.stop:
+    tokens, text, hit = truncate_at_stop(tokens, req.stop, tokenizer, req.prompt_ids)
   elif tokenizer is not None:
-    text = tokenizer.decode(tokens)
+    text = tokenizer.decode(tokens, req.prompt_ids)
   return Completion(list(tokens), text, "stop" if eos or hit else "length")
 
 
@@ -123,7 +124,7 @@ class _Samples:
   def add(self, req: Request, k: int, tokens: list[int], eos: bool) -> None:
     with self._lock:
       got = self._pending.setdefault(id(req), {})
-      got[k] = completion(tokens, eos, req.stop, self.tokenizer)
+      got[k] = completion(tokens, eos, req, self.tokenizer)
       if len(got) < req.n:
         return
       del self._pending[id(req)]
@@ -265,8 +266,8 @@ class LLM:
 
       samples = _Samples(self.tokenizer, finished)
       tok = self.tokenizer
-      stop = lambda req, tokens: bool(req.stop) and any(s in tok.decode(tokens)
-                                                        for s in req.stop)
+      stop = lambda req, tokens: bool(req.stop) and any(
+          s in tok.decode(tokens, req.prompt_ids) for s in req.stop)
       clock = CompileClock.totals()
       t0 = time.perf_counter()
       try:

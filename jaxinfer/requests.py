@@ -233,10 +233,12 @@ def special_stop(stop: tuple[str, ...], tokenizer: Tokenizer | None) -> str | No
   return None
 
 
-def truncate_at_stop(tokens: list[int], stop: tuple[str, ...],
-                     tokenizer: Tokenizer) -> tuple[list[int], str, bool]:
-  """(ids up to the token that completes the earliest stop string, text before it, found)."""
-  text = tokenizer.decode(tokens)
+def truncate_at_stop(tokens: list[int], stop: tuple[str, ...], tokenizer: Tokenizer,
+                     context: list[int] = ()) -> tuple[list[int], str, bool]:
+  """(ids up to the token that completes the earliest stop string, text before it, found), the
+  text decoded after `context` (the prompt's ids)."""
+  decode = lambda ids: tokenizer.decode(ids, context)
+  text = decode(tokens)
   hits = [(text.find(s), s) for s in stop if s in text]
   if not hits:
     return tokens, text, False
@@ -245,7 +247,7 @@ def truncate_at_stop(tokens: list[int], stop: tuple[str, ...],
   lo, hi = 1, len(tokens)  # smallest k whose decoded prefix reaches the end of the stop string
   while lo < hi:
     mid = (lo + hi) // 2
-    if len(tokenizer.decode(tokens[:mid])) >= end and s in tokenizer.decode(tokens[:mid]):
+    if len(decode(tokens[:mid])) >= end and s in decode(tokens[:mid]):
       hi = mid
     else:
       lo = mid + 1

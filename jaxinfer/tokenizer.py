@@ -9,6 +9,8 @@ from pathlib import Path
 import tokenizers
 
 
+# prompt ids a completion is decoded after (enough to hold a word and a character's bytes)
+CONTEXT_IDS = 8
 SPECIAL_TOKENS = ("bos_token", "eos_token", "unk_token", "sep_token", "pad_token", "cls_token",
                   "mask_token")
 
@@ -51,6 +53,7 @@ class Tokenizer:
   def __init__(self, tok: tokenizers.Tokenizer, add_bos_token: bool | None = None,
                bos_token: str | None = None):
     self._tok = tok
+    self._special_ids = {i for i, t in tok.get_added_tokens_decoder().items() if t.special}
     self._bos_id = tok.token_to_id(bos_token) if (add_bos_token and bos_token) else None
 
   @classmethod
@@ -94,8 +97,19 @@ class Tokenizer:
       ids = [self._bos_id] + ids
     return ids
 
-  def decode(self, ids: list[int]) -> str:
-    return self._tok.decode(list(ids), skip_special_tokens=True)
+  def decode(self, ids: list[int], context: list[int] = ()) -> str:
+    """The text of `ids` (special tokens skipped). After `context`, the ids before them (a
+    completion's prompt): the text they add to it, so that prompt + completion reads as the
+    whole. (Decoded alone, a SentencePiece-style tokenizer drops the space that begins a text:
+    "▁cat" is "cat" at the start, " cat" after "the".)"""
+    ids = list(ids)
+    tail = [i for i in context if i not in self._special_ids][-CONTEXT_IDS:]
+    if tail:
+      before = self._tok.decode(tail, skip_special_tokens=True)
+      text = self._tok.decode(tail + ids, skip_special_tokens=True)
+      if text.startswith(before):  # (not where the ids finish a character the context began)
+        return text[len(before):]
+    return self._tok.decode(ids, skip_special_tokens=True)
 
   def special_in(self, text: str) -> str | None:
     """A special token that `text` holds (which decoded text never does: `decode` skips them),

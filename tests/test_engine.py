@@ -151,7 +151,7 @@ def _independent(tmp_path, model_dir, records) -> dict:
   for r in reqs:
     res = gen.generate([RowRequest(r.prompt_ids, r.max_new_tokens, sample_key(r.seed, r.id),
                                    r.temperature, r.top_k, r.top_p, r.min_p)])[0]
-    c = completion(res.tokens, res.finished_by_eos, r.stop, tokenizer)
+    c = completion(res.tokens, res.finished_by_eos, r, tokenizer)
     out[r.id] = (c.ids, c.text, c.finish_reason)
   return out
 

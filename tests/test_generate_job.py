@@ -196,6 +196,32 @@ def test_stop_strings_truncate_text_and_ids(tmp_path, tiny_model_dir):
   assert stop in tok.decode(ids) and stop not in tok.decode(ids[:-1])
 
 
+def test_a_completion_reads_on_from_its_prompt(tmp_path):
+  """With a SentencePiece-style tokenizer (which drops the space that begins a text), a
+  completion's text is what it adds to its prompt's: " cat sat" after "the", the space kept,
+  also behind special tokens; stop strings are found in that text."""
+  from tokenizers import Tokenizer as HFTokenizer, decoders, models, pre_tokenizers, trainers
+  from jaxinfer.api import completion
+  from jaxinfer.requests import Request, truncate_at_stop
+  hf = HFTokenizer(models.BPE(unk_token="<unk>"))
+  hf.pre_tokenizer, hf.decoder = pre_tokenizers.Metaspace(), decoders.Metaspace()
+  hf.train_from_iterator(["the cat sat on the mat"] * 20, trainers.BpeTrainer(
+      vocab_size=60, special_tokens=["<unk>", "<s>", "</s>"], show_progress=False))
+  hf.save(str(tmp_path / "tokenizer.json"))
+  tok = Tokenizer.from_dir(tmp_path)
+  prompt, ids = tok.encode("the"), tok.encode("the cat sat")[1:]
+  assert tok.decode(ids) == "cat sat"  # (alone)
+  assert tok.decode(ids, prompt) == " cat sat"
+  assert tok.decode(ids, prompt + [tok.token_id("</s>")] * 9) == " cat sat"
+  assert tok.decode(prompt + ids) == tok.decode(prompt) + tok.decode(ids, prompt)
+  assert truncate_at_stop(ids, (" sat",), tok, prompt) == (ids[:2], " cat", True)
+  req = Request(0, 1, prompt, 8, 0.0, 0, 1.0, 0.0, stop=())
+  assert completion(ids, False, req, tok).text == " cat sat"
+  req = dataclasses.replace(req, stop=(" sat",))
+  assert (completion(ids, False, req, tok).text, completion(ids, False, req, tok).ids) == (
+      " cat", ids[:2])
+
+
 def test_per_record_parameters_and_seeds(tmp_path, tiny_model_dir):
   records = [{"id": "greedy", "prompt": "def add(a, b):", "max_new_tokens": 3},
              {"id": "hot", "prompt": "def add(a, b):", "temperature": 1.5, "top_k": 50,
