@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
-import json
 import os
 from pathlib import Path
 
 import tokenizers
+
+from jaxinfer.files import read_json_object
 
 
 # prompt ids a completion is decoded after (enough to hold a word and a character's bytes)
@@ -15,22 +16,9 @@ SPECIAL_TOKENS = ("bos_token", "eos_token", "unk_token", "sep_token", "pad_token
                   "mask_token")
 
 
-def _json_object(path: Path) -> dict:
-  """A JSON file's object ({} where the file does not exist)."""
-  if not path.is_file():
-    return {}
-  try:
-    value = json.loads(path.read_text())
-  except ValueError as e:
-    raise ValueError(f"{path}: not valid JSON ({e})") from None
-  if not isinstance(value, dict):
-    raise ValueError(f"{path}: expected a JSON object")
-  return value
-
-
 def tokenizer_config(directory: str | os.PathLike) -> dict:
   """The directory's tokenizer_config.json ({} without one)."""
-  return _json_object(Path(directory) / "tokenizer_config.json")
+  return read_json_object(Path(directory) / "tokenizer_config.json", missing_ok=True)
 
 
 def special_tokens(directory: str | os.PathLike) -> dict[str, str]:
@@ -38,7 +26,7 @@ def special_tokens(directory: str | os.PathLike) -> dict[str, str]:
   tokenizer_config.json's over special_tokens_map.json's; a token given as {"content": ...}
   read as its content."""
   named = {}
-  for source in (_json_object(Path(directory) / "special_tokens_map.json"),
+  for source in (read_json_object(Path(directory) / "special_tokens_map.json", missing_ok=True),
                  tokenizer_config(directory)):
     for name in SPECIAL_TOKENS:
       value = source.get(name)

@@ -295,6 +295,11 @@ def test_generation_config_eos_ids_are_merged(tmp_path):
   save_hf(out, dataclasses.replace(cfg, eos_token_ids=(2,)), params)
   assert load_hf(out)[0].eos_token_ids == (2,)
   assert json.loads((out / "generation_config.json").read_text())["top_k"] == 5
+  for text in ("[7]", "{7: 1}"):  # (a list was an AttributeError)
+    (out / "generation_config.json").write_text(text)
+    with pytest.raises(ValueError, match=r"generation_config.json: (expected a JSON object, got "
+                                         r"list|not valid JSON \(Expecting property name)"):
+      load_hf(out)
 
 
 def test_random_init_export_is_loadable_by_transformers(tmp_path):

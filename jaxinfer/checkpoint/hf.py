@@ -29,7 +29,7 @@ from jaxinfer.checkpoint import pending
 from jaxinfer.checkpoint.destination import check_destination
 from jaxinfer.checkpoint.hf_config import config_from_hf, config_to_hf
 from jaxinfer.config import ModelConfig
-from jaxinfer.files import write_atomically
+from jaxinfer.files import read_json_object, write_atomically
 from jaxinfer.model import MLP, Attention, Layer, Transformer
 from jaxinfer.quant import is_quantized
 from jaxinfer.sharding import DEFAULT_RULES, ShardingRules
@@ -120,7 +120,7 @@ def weight_files(directory: Path) -> dict[str, str] | list[str]:
   else every *.safetensors file (sorted)."""
   index = directory / "model.safetensors.index.json"
   if index.exists():
-    return read_json(index)["weight_map"]
+    return read_json_object(index)["weight_map"]
   if (directory / "model.safetensors").exists():
     return ["model.safetensors"]
   return sorted(p.name for p in directory.glob("*.safetensors"))
@@ -154,27 +154,18 @@ class SafetensorsReader:
       return f.get_tensor(name)
 
 
-def read_json(path: Path) -> Any:
-  """A checkpoint's JSON file; ValueError naming the file where it is not JSON."""
-  try:
-    return json.loads(path.read_text())
-  except json.JSONDecodeError as e:
-    raise ValueError(f"{path}: not valid JSON ({e.msg} at line {e.lineno}, column {e.colno})"
-                     ) from None
-
-
 def read_config(directory: str | os.PathLike, dtype: str | None = None) -> ModelConfig:
   directory = Path(directory)
   path = directory / "config.json"
   if not path.exists():
     raise FileNotFoundError(f"{directory}: no config.json (expected a Hugging Face model directory)")
-  hf = read_json(path)
+  hf = read_json_object(path)
   gen = directory / "generation_config.json"
-  if dtype is None and isinstance(hf, dict) and not (hf.get("dtype") or hf.get("torch_dtype")):
+  if dtype is None and not (hf.get("dtype") or hf.get("torch_dtype")):
     dtype = _stored_dtype(directory)  # (a config that names none: the weights' own)
   cfg = config_from_hf(hf, dtype)
   if gen.exists():  # generation_config's EOS ids (e.g. Llama 3 instruct's <|eot_id|>) also stop
-    extra = read_json(gen).get("eos_token_id")
+    extra = read_json_object(gen).get("eos_token_id")
     extra = [extra] if isinstance(extra, int) else list(extra or [])
     merged = tuple(dict.fromkeys(list(cfg.eos_token_ids) + [int(e) for e in extra]))
     cfg = dataclasses.replace(cfg, eos_token_ids=merged)
@@ -202,7 +193,7 @@ def weights_save(directory: Path) -> str | None:
   """The id of the save that wrote the weights a load reads (None: another program's)."""
   index = directory / "model.safetensors.index.json"
   if index.exists():
-    return (read_json(index).get("metadata") or {}).get(SAVE_KEY)
+    return (read_json_object(index).get("metadata") or {}).get(SAVE_KEY)
   if (directory / "model.safetensors").exists():
     with safe_open(str(directory / "model.safetensors"), framework="numpy") as f:
       return (f.metadata() or {}).get(SAVE_KEY)
@@ -328,7 +319,7 @@ def _descriptions(directory: Path, cfg: ModelConfig,
     # one already here (a model saved here before) keeps its other settings, with this model's
     # ids: its old EOS ids would stop this model early
     path = directory / "generation_config.json"
-    gen: dict[str, Any] = read_json(path) if path.exists() else {}
+    gen: dict[str, Any] = read_json_object(path) if path.exists() else {}
     gen["bos_token_id"] = cfg.bos_token_id
     gen.pop("eos_token_id", None)
     if cfg.eos_token_ids:

@@ -9,6 +9,8 @@ from typing import Any
 
 import numpy as np
 
+from jaxinfer.files import read_json_object
+
 
 def write(directory: str | Path, weights_name: str, tensors: dict[str, np.ndarray],
           config_name: str, config: dict[str, Any]) -> Path:
@@ -29,9 +31,7 @@ def read(directory: str | Path, weights_name: str, config_name: str, fmt: str,
   if not cfg_path.is_file() or not weights.is_file():
     raise FileNotFoundError(f"{directory}: not {what} (expected {config_name} and "
                             f"{weights_name}, as written by jaxinfer train-draft)")
-  config = json.loads(cfg_path.read_text())
-  if not isinstance(config, dict):
-    raise ValueError(f"{cfg_path}: expected a JSON object, got {type(config).__name__}")
+  config = read_json_object(cfg_path)
   if config.get("format") != fmt:
     raise ValueError(f"{directory}: format {config.get('format')!r}, expected {fmt!r}")
   try:

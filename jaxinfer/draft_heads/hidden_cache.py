@@ -33,7 +33,7 @@ import numpy as np
 
 from jaxinfer import model as M
 from jaxinfer.config import ModelConfig
-from jaxinfer.files import write_atomically
+from jaxinfer.files import read_json_object, write_atomically
 
 FORMAT = "jaxinfer-hidden-cache-1"
 _CONFIG = "cache.json"
@@ -98,7 +98,7 @@ class HiddenCache:
     cfg_path = self.path / _CONFIG
     if not cfg_path.is_file():
       raise FileNotFoundError(f"{path}: not a hidden-state cache (no {_CONFIG})")
-    self.config = json.loads(cfg_path.read_text())
+    self.config = read_json_object(cfg_path)
     if self.config.get("format") != FORMAT:
       raise ValueError(f"{path}: format {self.config.get('format')!r}, expected {FORMAT!r}")
     if self.config["written"] < self.config["num_windows"]:
@@ -134,7 +134,7 @@ def build(path: str | os.PathLike, base: M.Transformer, cfg: ModelConfig, tokens
   want = _fingerprint(windows, cfg.embed, dtype)
   config = None
   if (path / _CONFIG).is_file():
-    config = json.loads((path / _CONFIG).read_text())
+    config = read_json_object(path / _CONFIG)
     have = {k: config.get(k) for k in want}
     if have != want:
       diff = sorted(k for k in want if have[k] != want[k])

@@ -16,7 +16,7 @@ import jax
 import jax.numpy as jnp
 from jax.sharding import Mesh
 
-from jaxinfer.files import write_atomically
+from jaxinfer.files import read_json_object, write_atomically
 from jaxinfer.params import ParamSpec, is_spec
 from jaxinfer.quant.formats import QuantFormat
 from jaxinfer.quant.ops import (ActQuantized, dequantize, fake_quant, is_quantized, load_qwix,
@@ -158,11 +158,8 @@ def read_metadata(directory: str | os.PathLike,
   path = Path(directory) / QUANT_FILE
   if not path.exists():
     return None
-  try:
-    meta = json.loads(path.read_text())
-  except json.JSONDecodeError as e:
-    raise ValueError(f"{path}: not valid JSON ({e})") from None
-  version = meta.get("version") if isinstance(meta, dict) else None
+  meta = read_json_object(path)
+  version = meta.get("version")
   if version != QUANT_VERSION:
     raise ValueError(f"{path}: quantized checkpoint version {version!r}, but this jaxinfer reads "
                      f"version {QUANT_VERSION}; re-run jaxinfer quantize on the full-precision "
