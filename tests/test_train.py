@@ -105,6 +105,12 @@ def test_train_cli_finetunes_and_exports(tmp_path, tiny_model_dir):
                          capture_output=True, text=True, timeout=600)
   assert fewer.returncode == 2 and "--steps: " in fewer.stderr, fewer.stderr
   assert "checkpoint at step 40" in fewer.stderr
+  # its --data file changed since (its batches would not be the run's): refused, named
+  with data.open("a") as f:
+    f.write(json.dumps({"text": "def g(y):\n    return y\n"}) + "\n")
+  changed = subprocess.run(proc.args + ["--resume"], capture_output=True, text=True, timeout=600)
+  assert changed.returncode == 2, changed.stderr
+  assert f"error: --data: {data} now gives other tokens" in changed.stderr, changed.stderr
 
 
 def test_a_resumed_run_keeps_its_steps(tmp_path):
@@ -116,6 +122,22 @@ def test_a_resumed_run_keeps_its_steps(tmp_path):
   check_workdir(tmp_path, True, {"steps": 3, "learning_rate": 0.1, "progress": False})
   with pytest.raises(ValueError, match="started with --steps=3; this command has --steps=6"):
     check_workdir(tmp_path, True, {"steps": 6, "learning_rate": 0.1, "progress": True})
+
+
+def test_a_resumed_run_keeps_its_data(tmp_path):
+  """A run records the tokens it starts with; resumed on others (the --data file edited), it
+  would train on batches an uninterrupted run never saw: refused. A workdir without a run
+  forgets them."""
+  from jaxinfer.train.workdir import check_data, check_workdir
+  tokens = np.arange(100)
+  check_data(tmp_path, tokens, "d.txt")
+  check_data(tmp_path, tokens.astype(np.int32), "d.txt")  # (the same tokens, in any dtype)
+  for other in (tokens[:99], np.r_[tokens[:50], 7, tokens[51:]]):
+    with pytest.raises(ValueError, match=r"--data: d.txt now gives other tokens \(\d+\) than "
+                                         r"the run in .* started with \(100\)"):
+      check_data(tmp_path, other, "d.txt")
+  check_workdir(tmp_path, False)  # (no checkpoint, metrics or distilled data: no run)
+  check_data(tmp_path, tokens[:99], "d.txt")
 
 
 def test_training_data_errors_name_the_file_and_line(tmp_path):

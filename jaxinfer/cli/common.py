@@ -6,7 +6,7 @@ from absl import flags
 
 from jaxinfer.config import DTYPES
 # (the training commands')
-from jaxinfer.train.workdir import check_workdir, record_settings  # noqa: F401
+from jaxinfer.train.workdir import check_data, check_workdir, record_settings  # noqa: F401
 
 
 def define_model_flags(devices: bool = True, cache_dir: bool = True) -> None:

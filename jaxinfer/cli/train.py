@@ -11,7 +11,7 @@ from pathlib import Path
 from absl import flags
 
 from jaxinfer.cli import fail, no_positional_args
-from jaxinfer.cli.common import (apply_platform_flags, check_workdir, data_tokens,
+from jaxinfer.cli.common import (apply_platform_flags, check_data, check_workdir, data_tokens,
                                  define_model_flags, define_resume_flag,
                                  load_model_from_flags, record_settings)
 
@@ -86,6 +86,7 @@ def main(argv: list[str]) -> None:
       fail(f"--seq_len: {FLAGS.seq_len} is past the model's context ({cfg.max_seq_len} "
            f"positions)")
     tokens = data_tokens(tokenizer, src, cfg)
+    check_data(workdir, tokens, FLAGS.data)
     n_held = int(len(tokens) * FLAGS.heldout_fraction)
     train_tokens, held_tokens = tokens[:len(tokens) - n_held], tokens[len(tokens) - n_held:]
     if len(train_tokens) <= FLAGS.seq_len + 1:

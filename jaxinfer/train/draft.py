@@ -153,7 +153,7 @@ def train_draft(model: str, data: str, output: str, *, method: str = "medusa",
   from jaxinfer.checkpoint.destination import check_destination
   from jaxinfer.draft_heads import eagle, files, hidden_cache as hcache, hydra, medusa, medusa2
   from jaxinfer.sharding import format_mesh, mesh_flag
-  from jaxinfer.train.workdir import check_workdir, record_settings
+  from jaxinfer.train.workdir import check_data, check_workdir, record_settings
   values = locals()
   parameters = inspect.signature(train_draft).parameters
   options = {name: values[name] for name in parameters}  # (as the run records them)
@@ -182,6 +182,7 @@ def train_draft(model: str, data: str, output: str, *, method: str = "medusa",
                      distill_prompt_len=distill_prompt_len,
                      distill_new_tokens=distill_new_tokens, seed=seed, dtype=dtype,
                      progress=progress)
+    check_data(work, tokens, data)
     n_held = int(len(tokens) * heldout_fraction)
     if len(tokens) - n_held <= seq_len + 1:
       raise ValueError(f"--data: {len(tokens)} tokens cannot fill --seq_len={seq_len}")

@@ -3,6 +3,7 @@ continue."""
 
 from __future__ import annotations
 
+import hashlib
 import json
 from pathlib import Path
 
@@ -15,6 +16,7 @@ from jaxinfer.files import write_atomically
 RESUMABLE = frozenset({"checkpoint_every", "output", "workdir", "resume", "progress", "mesh",
                        "cache_dir", "hidden_cache"})
 PATHS = ("model", "data")  # compared as the files they name, however spelled
+DATA_RECORD = "data.json"  # the training tokens a run started with: their count and digest
 
 
 def _recorded(settings: dict) -> dict:
@@ -56,6 +58,7 @@ def check_workdir(workdir, resume: bool, settings: dict | None = None) -> None:
   record = w / "run.json"
   if not held:
     record.unlink(missing_ok=True)  # (a run that stopped before its first record)
+    (w / DATA_RECORD).unlink(missing_ok=True)
   elif settings is not None and record.is_file():
     settings = _recorded(settings)
     started = json.loads(record.read_text())
@@ -66,3 +69,23 @@ def check_workdir(workdir, resume: bool, settings: dict | None = None) -> None:
       raise ValueError(f"--resume: the run in {w} started with {was}; this command has {now}: "
                        f"resume it with its own options, or remove it or choose another "
                        f"--workdir")
+
+
+def check_data(workdir, tokens, data: str) -> None:
+  """Records the training tokens a run starts with (their count and digest); ValueError when a
+  resumed run's differ (the --data file changed since: its batches would not be the ones an
+  uninterrupted run trains on)."""
+  import numpy as np
+  w = Path(workdir)
+  tokens = np.ascontiguousarray(tokens, dtype=np.int64)
+  now = {"tokens": len(tokens), "sha256": hashlib.sha256(tokens.tobytes()).hexdigest()}
+  path = w / DATA_RECORD
+  if not path.is_file():
+    w.mkdir(parents=True, exist_ok=True)
+    write_atomically(path, json.dumps(now) + "\n")
+    return
+  then = json.loads(path.read_text())
+  if then != now:
+    raise ValueError(f"--data: {data} now gives other tokens ({now['tokens']}) than the run in "
+                     f"{w} started with ({then.get('tokens')}): resume it with the data it "
+                     f"started with, or remove it or choose another --workdir")
