@@ -519,13 +519,16 @@ def test_train_draft_refuses_options_its_method_would_ignore(tmp_path, method, o
                          str(tmp_path / "heads"), method=method, **options)
 
 
-def test_heads_are_served_only_on_their_model_from_files_read_whole(tmp_path, tiny_model_dir):
+def test_heads_are_served_only_on_their_model_from_files_read_whole(tmp_path, tiny_model_dir,
+                                                                    monkeypatch):
   """Heads record the model they were trained on: served on another (other weights of the same
   shapes, or another depth) they are refused in one line (they were served silently, drafting
   nothing of use); the same model in bfloat16 serves them. Damaged files are one line each
   (they were tracebacks: a cut-short weights file, a config missing a field, a tree whose node
   has no parent)."""
   import dataclasses
+
+  from safetensors.numpy import save_file
 
   from conftest import make_tiny_model_dir
   from jaxinfer.draft_heads import files
@@ -553,16 +556,36 @@ def test_heads_are_served_only_on_their_model_from_files_read_whole(tmp_path, ti
                 {k: v for k, v in config.items() if k != "tree"})),
             "orphan": lambda d: (d / "medusa_config.json").write_text(json.dumps(
                 {**config, "tree": [[0], [1, 0]]})),
-            "a list": lambda d: (d / "medusa_config.json").write_text("[]")}
+            "a list": lambda d: (d / "medusa_config.json").write_text("[]"),
+            "other tensors": lambda d: save_file({"w_out": np.zeros((2, 2), np.float32)},
+                                                 str(d / "heads.safetensors")),
+            "ragged accuracy": lambda d: (d / "medusa_config.json").write_text(json.dumps(
+                {**config, "accuracy_topk": [[0.5], [0.3, 0.1]]}))}
   for name, needle in (("cut short", "heads.safetensors: not readable"),
                        ("no tree", "its config has no 'tree'"),
                        ("orphan", "node \\[1, 0\\] is not a path"),
-                       ("a list", "expected a JSON object")):
+                       ("a list", "expected a JSON object"),
+                       ("other tensors", "heads.safetensors lacks \\['w', 'b', 'proj'\\]"),
+                       ("ragged accuracy", "its accuracy_topk is not a row")):
     bad = tmp_path / name.replace(" ", "_")
     shutil.copytree(good, bad)
     broken[name](bad)
     with pytest.raises(UserError, match=f"^--draft_heads: .*{needle}"):
       build(job(bad), cfg, params, None)
+  # a tree stored children first (it was a KeyError when drafting), and "~" as the home
+  monkeypatch.setenv("HOME", str(tmp_path))
+  (tmp_path / "unordered").mkdir()
+  shutil.copytree(good, tmp_path / "unordered", dirs_exist_ok=True)
+  (tmp_path / "unordered" / "medusa_config.json").write_text(json.dumps(
+      {**config, "tree": [[0, 0], [0], [1]]}))
+  assert build(job("~/unordered"), cfg, params, None)[0].paths == ((0,), (1,), (0, 0))
+  # EAGLE-2 taking more drafts a node than its draft vocabulary holds (a traceback mid-run)
+  eagle.save(tmp_path / "eagle", eagle.init_draft(eagle.draft_config(cfg), jax.random.key(0)),
+             {}, vocab=np.arange(8))
+  with pytest.raises(UserError, match="^--tree: dynamic:16,10,3 takes the top 10 drafts of a "
+                                      "node, but .* drafts over 8 tokens"):
+    build(dataclasses.replace(job(tmp_path / "eagle"), speculative="eagle",
+                              tree="dynamic:16,10,3"), cfg, params, None)
 
 
 def test_train_draft_stops_a_diverged_run_before_writing(tmp_path, tiny_model_dir):

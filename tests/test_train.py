@@ -163,10 +163,10 @@ def test_training_data_errors_name_the_file_and_line(tmp_path):
 def test_train_cli_refuses_data_too_short_for_one_window(tmp_path, tiny_model_dir):
   data = tmp_path / "short.txt"
   data.write_text("def f(x):\n    return x\n")
-  proc = subprocess.run(
-      [sys.executable, "-m", "jaxinfer", "train", f"--model={tiny_model_dir}", f"--data={data}",
-       f"--output={tmp_path / 'out'}", "--seq_len=64", "--mesh=data:1"],
-      capture_output=True, text=True, timeout=300)
+  proc = subprocess.run(  # ("~/": the home directory's, as a shell reads it)
+      [sys.executable, "-m", "jaxinfer", "train", f"--model={tiny_model_dir}", "--data=~/short.txt",
+       "--output=~/out", "--seq_len=64", "--mesh=data:1"],
+      capture_output=True, text=True, timeout=300, env={**os.environ, "HOME": str(tmp_path)})
   assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr
   assert proc.stderr.strip().splitlines()[-1].startswith(f"error: --data: {data} gives "), proc.stderr
   assert "--seq_len=64" in proc.stderr

@@ -65,6 +65,20 @@ def main(argv: list[str] | None = None) -> None:
   app.run(partial(_interruptible, module.main), argv=argv)
 
 
+# flags naming files or directories: "~/x" is the home directory's x, as a shell would read it
+# (bash leaves the "~" of "--output=~/x" as it is: written there, it became a directory "~" here)
+PATH_FLAGS = ("cache_dir", "compilation_cache", "data", "draft_heads", "draft_model",
+              "hidden_cache", "metrics_output", "model", "output", "output_dir", "prompts",
+              "workdir")
+
+
+def _expand_home(values) -> None:
+  for name in PATH_FLAGS:
+    if name in values and isinstance(values[name].value, str) and \
+        values[name].value.startswith("~"):
+      setattr(values, name, os.path.expanduser(values[name].value))
+
+
 def command_help(command: str, full: bool = False) -> str:
   """The command's summary and its own flags, by name (absl's --help lists only a program's
   main module's, which defines none here); `full` adds absl's own (--verbosity, ...)."""
@@ -113,6 +127,8 @@ def _interruptible(command_main, argv: list[str]) -> None:
     raise KeyboardInterrupt
 
   _on_sigint(on_sigint)
+  from absl import flags
+  _expand_home(flags.FLAGS)  # (app.run has parsed them again)
   try:
     command_main(argv)
   except KeyboardInterrupt as e:  # (a training run stopped by SIGTERM says so: 143)

@@ -4,21 +4,27 @@ training and read when serving. The recipes' shared training set-up is `recipe`.
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from jaxinfer.files import read_json_object
+from jaxinfer.files import read_json_object, write_atomically
 
 
 def write(directory: str | Path, weights_name: str, tensors: dict[str, np.ndarray],
           config_name: str, config: dict[str, Any]) -> Path:
+  """Writes the weights, then the config that names them: a crash leaves no config (not heads,
+  says `read`) or both whole, never one save's weights beside another's config."""
   from safetensors.numpy import save_file
-  out = Path(directory)
+  out = Path(directory).expanduser()
   out.mkdir(parents=True, exist_ok=True)
-  save_file(tensors, str(out / weights_name))
-  (out / config_name).write_text(json.dumps(config, indent=2) + "\n")
+  (out / config_name).unlink(missing_ok=True)
+  tmp = out / (weights_name + ".tmp")
+  save_file(tensors, str(tmp))
+  os.replace(tmp, out / weights_name)
+  write_atomically(out / config_name, json.dumps(config, indent=2) + "\n")
   return out
 
 
@@ -26,7 +32,7 @@ def read(directory: str | Path, weights_name: str, config_name: str, fmt: str,
          what: str) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
   """(tensors, config) of a directory written by `write`, with clear errors when it is not."""
   from safetensors.numpy import load_file
-  d = Path(directory)
+  d = Path(directory).expanduser()
   cfg_path, weights = d / config_name, d / weights_name
   if not cfg_path.is_file() or not weights.is_file():
     raise FileNotFoundError(f"{directory}: not {what} (expected {config_name} and "

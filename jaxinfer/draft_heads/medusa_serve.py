@@ -93,7 +93,12 @@ def save(directory: str | Path, heads: MedusaHeads, info: dict[str, Any]) -> Pat
 def load(directory: str | Path, dtype=jnp.float32) -> tuple[MedusaHeads, dict[str, Any]]:
   t, config = files.read(directory, "heads.safetensors", CONFIG, FORMAT,
                          "Medusa heads")
+  lacks = [n for n in ("w", "b", "proj") if n not in t]
+  if lacks:  # (e.g. Hydra's heads.safetensors)
+    raise ValueError(f"{directory}: heads.safetensors lacks {lacks}: not Medusa heads")
   heads = MedusaHeads(*(jnp.asarray(t[n], dtype) for n in ("w", "b", "proj")))
-  if heads.proj.shape[2] != config["vocab_size"]:
+  n, hidden = config["num_heads"], config["hidden_size"]
+  if (heads.w.shape[:2], heads.b.shape[:2], heads.proj.shape) != (
+      (n, hidden), (n, hidden), (n, hidden, config["vocab_size"])):
     raise ValueError(f"{directory}: heads.safetensors does not match {CONFIG}")
   return heads, config

@@ -205,7 +205,10 @@ def _heads_tree(opts, cfg, params, dtype):
     # a smaller tree keeps
     acc = info.get("accuracy_topk")
     if acc is not None:
-      accuracy = np.asarray(acc, np.float64)
+      try:
+        accuracy = np.asarray(acc, np.float64)
+      except (TypeError, ValueError):
+        accuracy = np.zeros((0,))
       if accuracy.ndim != 2 or len(accuracy) > heads.num_heads or not accuracy.size:
         raise ValueError(f"{opts.draft_heads}: its accuracy_topk is not a row of accuracies "
                          f"per head (of {heads.num_heads})")
@@ -227,7 +230,12 @@ def _eagle(opts, cfg, params, dtype):
   with _heads_files(opts):
     draft, vocab, info = eagle.load(opts.draft_heads, cfg, cfg.jnp_dtype)
     files.check_base(opts.draft_heads, info, cfg, params)
-  return eagle_proposer(opts, cfg), eagle.serving_heads(draft, params, vocab)
+  proposer = eagle_proposer(opts, cfg)
+  drafted = cfg.vocab_size if vocab is None else len(vocab)
+  if getattr(proposer, "top_k", 0) > drafted:
+    raise UserError(f"--tree: {opts.tree} takes the top {proposer.top_k} drafts of a node, but "
+                    f"{opts.draft_heads} drafts over {drafted} tokens (its draft vocabulary)")
+  return proposer, eagle.serving_heads(draft, params, vocab)
 
 
 @contextlib.contextmanager
@@ -257,7 +265,7 @@ def _tree(paths, num_heads: int, vocab_size: int) -> tuple[tuple[int, ...], ...]
                        f"of the tree, within its {num_heads} heads")
   if not tree:
     raise ValueError("its tree is empty")
-  return tree
+  return tuple(sorted(set(tree), key=lambda p: (len(p), p)))  # (parents first)
 
 
 def eagle_proposer(opts, cfg):

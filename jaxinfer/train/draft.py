@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import inspect
+import os
 from pathlib import Path
 from typing import Any
 
@@ -154,6 +155,9 @@ def train_draft(model: str, data: str, output: str, *, method: str = "medusa",
   from jaxinfer.draft_heads import eagle, files, hidden_cache as hcache, hydra, medusa, medusa2
   from jaxinfer.sharding import format_mesh, mesh_flag
   from jaxinfer.train.workdir import check_data, check_workdir, record_settings
+  # ("~/heads": where check_destination looks, not a directory named "~" here)
+  output, workdir, hidden_cache = (p if p is None else os.path.expanduser(p)
+                                   for p in (output, workdir, hidden_cache))
   values = locals()
   parameters = inspect.signature(train_draft).parameters
   options = {name: values[name] for name in parameters}  # (as the run records them)
@@ -218,6 +222,8 @@ def train_draft(model: str, data: str, output: str, *, method: str = "medusa",
                                   **extra)
     save = lib.save
   _check_finite(heads, learning_rate)
-  info.update(base_model=str(Path(src).resolve()), base=files.base_record(cfg, base),
+  # (Medusa-2's base: the model adapted with its heads, under --output)
+  info.update(base_model=info.get("model", str(Path(src).resolve())),
+              base=files.base_record(cfg, base),
               self_distilled_prompts=self_distill, mesh=format_mesh(dict(device_mesh.shape)))
   return TrainDraftResult(Path(save(output, heads, info)), info)
