@@ -104,12 +104,17 @@ def quantize_heads(x: jax.Array, heads_per_row: int) -> tuple[jax.Array, jax.Arr
 
 
 def quantize_vectors(x: jax.Array) -> tuple[jax.Array, jax.Array]:
-  """Symmetric absmax int8 per vector along the last axis (by qwix, as the weights are):
-  (values like x, scales x.shape[:-1] float32)."""
-  from jaxinfer.quant.ops import load_qwix
-  q = load_qwix().quantize(x.astype(jnp.float32), jnp.int8,
-                           channelwise_axes=tuple(range(x.ndim - 1)))
-  return q.qvalue, q.scale[..., 0]
+  """Symmetric absmax int8 per vector along the last axis, on [-127, 127]: (values like x,
+  scales x.shape[:-1] float32; 1 for a zero vector).
+
+  The scale is absmax / 127, so a vector's largest element is ±127 itself. (qwix's absmax / 127.5
+  puts it on a rounding tie, ±127.5, which its last float bit breaks: the same K computed by a
+  step of another shape, or on a mesh, was stored one step apart in a tenth of its vectors.)"""
+  x = x.astype(jnp.float32)
+  absmax = jnp.max(jnp.abs(x), axis=-1, keepdims=True)
+  scale = jnp.where(absmax > 0, absmax / 127, 1.0)
+  values = jnp.clip(jnp.round(x / scale), -127, 127).astype(jnp.int8)
+  return values, scale[..., 0]
 
 
 def kv_zeros(shape: tuple[int, ...], dtype, kv_cache_dtype: str | None, sharding=None,

@@ -39,6 +39,22 @@ def test_quantize_is_per_token_and_head_and_within_half_a_step():
   assert np.array_equal(part.scale_grid(), grid[:, 2:3])
 
 
+def test_a_vectors_largest_element_is_127_not_a_rounding_tie():
+  """Scale absmax / 127: a vector's largest element is ±127 whatever its last float bit. (At
+  absmax / 127.5 it lay on a tie, ±127.5, and K or V computed by a step of another shape was
+  stored one step apart in a tenth of its vectors: int8 speculation then differed from int8
+  plain decoding.)"""
+  from jaxinfer.kv_quant import quantize_vectors
+  x = jax.random.normal(jax.random.key(0), (4096, 64))
+  values, scales = quantize_vectors(x)
+  assert int(jnp.min(values)) == -127 and bool(jnp.all(jnp.max(jnp.abs(values), -1) == 127))
+  for direction in (jnp.inf, -jnp.inf):
+    moved = quantize_vectors(jnp.nextafter(x, direction))[0]
+    assert float(jnp.mean(jnp.any(moved != values, -1))) < 0.01
+  zero = quantize_vectors(jnp.zeros((2, 8)))
+  assert not bool(jnp.any(zero[0])) and bool(jnp.all(zero[1] == 1))
+
+
 def test_writes_quantize_and_moves_copy_values_and_scales():
   buf = QuantizedKV.quantize(jnp.zeros((2, 4, 8, 16)))
   new = jax.random.normal(jax.random.key(2), (2, 3, 16))
@@ -245,6 +261,35 @@ def test_int8_engine_speculation_equals_its_plain_decoding(target):
     out, st, _ = _run(target, proposer, Runtime(implementation=impl), speculation="always")
     assert out == ref, (proposer, impl)
     assert st.decode_tokens > st.row_steps > 0 and st.prefill_tokens_saved >= 3 * 8
+
+
+def test_int8_engine_equals_decoding_one_sequence_over_an_int8_cache(target, tiny_model_dir):
+  """The paged engine (prompts in chunks, decode steps) and one sequence decoded alone over a
+  contiguous int8 cache (prefilled whole, a token a step) store the same int8 K/V: the same
+  greedy tokens (they differed from the second token on, on a rounding tie)."""
+  from jaxinfer import model as M
+  from jaxinfer.engine import Engine, EngineConfig
+  from jaxinfer.engine.scheduler import EngineRequest
+  from jaxinfer.kv_cache import KVCache
+  from jaxinfer.tokenizer import Tokenizer
+  cfg, params = target
+  prompts = [Tokenizer.from_dir(tiny_model_dir).encode("def add(a, b):"),
+             _requests()[1].prompt_ids]
+  eng = Engine(cfg, params, EngineConfig(num_slots=2, page_size=8, chunk_size=16,
+                                         kv_cache_dtype="int8"), max_len=64)
+  out = {}
+  eng.run([EngineRequest(i, p, 6, np.asarray([0, i], np.uint32)) for i, p in enumerate(prompts)],
+          lambda r: out.__setitem__(r.uid, r.tokens))
+  for i, prompt in enumerate(prompts):
+    ids = list(prompt)
+    cache = KVCache.init(cfg, 1, 64, kv_cache_dtype="int8")
+    h, cache = M.forward(params, jnp.asarray([ids]), jnp.arange(len(ids))[None], cfg, cache,
+                         kv_source="cache")
+    while len(ids) < len(prompt) + 6:
+      ids.append(int(jnp.argmax(M.logits(params, h[0, -1:])[0])))
+      h, cache = M.forward(params, jnp.asarray([ids[-1:]]), jnp.asarray([[len(ids) - 1]]), cfg,
+                           cache, kv_source="cache")
+    assert ids[len(prompt):] == out[i], i
 
 
 def test_int8_engine_on_a_mesh_equals_one_device(target):

@@ -39,9 +39,10 @@ def load_qwix():
 
 
 def is_qarray(x) -> bool:
-  """Whether `x` is a qwix QArray (none exists before qwix is imported)."""
-  qwix = sys.modules.get("qwix")
-  return qwix is not None and isinstance(x, qwix.QArray)
+  """Whether `x` is a qwix QArray (none exists before qwix is imported: also while another
+  thread is importing it)."""
+  cls = getattr(sys.modules.get("qwix"), "QArray", None)
+  return cls is not None and isinstance(x, cls)
 
 
 def is_quantized(x) -> bool:
