@@ -102,6 +102,9 @@ def parse_target(text: str) -> Target:
   if platform != "tpu" or gen not in HBM_GIB or ":" not in topology:
     raise CompileError(f"--target: expected tpu:GEN:TOPOLOGY with GEN one of "
                        f"{', '.join(HBM_GIB)} (e.g. tpu:v5e:2x4), or cuda; got {text!r}")
+  if gen in ("v5e", "v6e") and topology.count("x") != 1:  # (libtpu takes 2x2x2 and lays it out)
+    raise CompileError(f"--target: {gen} slices are two-dimensional (e.g. tpu:{gen}:2x4), got "
+                       f"{text!r}")
   return Target("tpu", topology)
 
 
@@ -431,15 +434,31 @@ def _shrink_advice(report: Report, step: str, need: int, weights: int, kv: int, 
   wider = f"spread the model over more chips (--mesh, now {report.mesh})"
   if weights > 0.8 * usable:
     return f"--mesh: {head}; the weights alone need {_size(weights)}: {wider}"
-  if engine_kv and need - engine_kv < usable:
+  # (the compiler's figures are rounded to 0.01 GiB: a page count that fits either way)
+  slack = 0.01 * GIB if usable != hbm else 0
+  if engine_kv:
     per_page = engine_kv / st["kv_pages"]
-    # (the compiler's figures are rounded to 0.01 GiB: a page count that fits either way)
-    slack = 0.01 * GIB if usable != hbm else 0
     fit = st["kv_pages"] - max(1, math.ceil((need + slack - usable) / per_page))
-    most = "at most" if temporaries else "fewer than"
-    return (f"--kv_pages: {head}; lower --kv_pages to {most} {fit} (now {st['kv_pages']}) or "
-            f"--batch_size (now {st['batch_size']}), or {wider}")
+    if fit >= 1:  # (else the pool is not what to shrink: the step's temporaries are)
+      most = "at most" if temporaries else "fewer than"
+      return (f"--kv_pages: {head}; lower --kv_pages to {most} {fit} (now {st['kv_pages']}) "
+              f"or --batch_size (now {st['batch_size']}), or {wider}")
   return f"--batch_size: {head}; lower --batch_size (now {st['batch_size']}) or {wider}"
+
+
+def _compiler_oom(message: str) -> tuple[int, int] | None:
+  """(bytes needed, bytes usable) from libtpu's out-of-memory error, in either of its forms, or
+  None."""
+  said = re.search(r"\(([\d.]+)G\) exceeds available HBM \(([\d.]+)G\)", message)
+  if said:  # "... required for HLO temporaries (16.00G) exceeds available HBM (15.75G) ..."
+    return int(float(said.group(1)) * GIB), int(float(said.group(2)) * GIB)
+  # "... Used 15.75G of 15.75G hbm. Exceeded hbm capacity by 2.23M."
+  said = re.search(r"of ([\d.]+)G hbm\. Exceeded hbm capacity by ([\d.]+)([KMG])", message)
+  if said:
+    usable = int(float(said.group(1)) * GIB)
+    over = float(said.group(2)) * {"K": 1 << 10, "M": 1 << 20, "G": GIB}[said.group(3)]
+    return usable + math.ceil(over), usable
+  return None
 
 
 def _checked(job: CompileJob, target: Target, cfg: ModelConfig):
@@ -488,12 +507,14 @@ def _compile_checked(name, fn, args, target: Target, report: Report, weights: in
   except StepFailed as e:
     if "RESOURCE_EXHAUSTED" not in str(e):
       raise
-    # "... required for HLO temporaries (16.00G) exceeds available HBM (15.75G) ..."
-    said = re.search(r"\(([\d.]+)G\) exceeds available HBM \(([\d.]+)G\)", str(e))
-    need, usable = weights + kv, None
-    if said:
-      need = max(need, int(float(said.group(1)) * GIB))
-      usable = int(float(said.group(2)) * GIB)
+    said = _compiler_oom(str(e))
+    if said is None:  # (a form not known here: the compiler's own words)
+      first = str(e).strip().splitlines()[0]
+      raise CompileError(f"--batch_size: the {name} step does not fit a {report.device_kind} "
+                         f"device ({first}); lower --kv_pages (now {report.settings['kv_pages']}) "
+                         f"or --batch_size (now {report.settings['batch_size']}), or spread the "
+                         f"model over more chips (--mesh, now {report.mesh})") from None
+    need, usable = max(weights + kv, said[0]), said[1]
     raise CompileError(_shrink_advice(report, name, need, weights, kv, engine_kv,
                                       usable)) from None
   if target.platform == "cuda":
@@ -571,7 +592,10 @@ def run(job: CompileJob, log=None) -> Report:
   mesh, replicas = replica_mesh(devices, job.mesh, target)
   runtime = Runtime(mesh, implementation=job.implementation, sparsity=sparsity)
   params = params_shapes(cfg, job, mesh, runtime)
-  steps = engine_steps(cfg, job, params, runtime)
+  # the proposer first: a bad --tree or --draft_layers fails before minutes of compiling, and
+  # the engine's one pool holds its trees too
+  proposer, draft = (None, None) if job.speculative == "none" else proposer_for(cfg, job, params)
+  steps = engine_steps(cfg, job, params, runtime, proposer.tree_size if proposer else 0)
   pools = steps["decode"][1][1:3]  # (k, v): every layer's (K/c, P, ps, c*H) pool
   kv_pages = pools[0][0].shape[1]
   report = Report(
@@ -586,8 +610,6 @@ def run(job: CompileJob, log=None) -> Report:
       note=("lowered only: compiling for cuda needs the GPU (no memory numbers)"
             if target.platform == "cuda" else None))
   weights, engine_kv = device_bytes(params), device_bytes(pools)
-  # the proposer first: a bad --tree or --draft_layers fails before minutes of compiling
-  proposer, draft = (None, None) if job.speculative == "none" else proposer_for(cfg, job, params)
   for name, (fn, args) in steps.items():
     report.steps.append(_compile_checked(name, fn, args, target, report, weights, engine_kv,
                                          engine_kv, log=log))

@@ -33,12 +33,14 @@ def whole_on(mesh: Mesh):
   return lambda shape, dtype: jax.ShapeDtypeStruct(shape, dtype, sharding=where)
 
 
-def _engine_pools(cfg: ModelConfig, ecfg: EngineConfig, tokens: int, runtime: Runtime):
+def _engine_pools(cfg: ModelConfig, ecfg: EngineConfig, tokens: int, runtime: Runtime,
+                  tree_size: int = 0):
   """(every layer's KV pool (K/c, P, ps, c*H), laid out as the engine lays it out, for sequences of
-  up to `tokens` tokens; M, their pages per sequence)."""
+  up to `tokens` tokens; M, their pages per sequence). tree_size: a proposer's, whose trees the
+  engine's one pool also holds beyond each sequence (the default page count counts them)."""
   ps = ecfg.page_size
   m = max(1, -(-tokens // ps))
-  pages = pool_pages_for(ecfg, m)
+  pages = pool_pages_for(ecfg, max(1, -(-(tokens + tree_size) // ps)))
   shape = PagedKVCache.pool_shape(cfg, pages, ps, runtime.mesh, runtime.rules)
   values, scales = PagedKVCache.pool_shardings(cfg, pages, ps, runtime.mesh, runtime.rules)
   if ecfg.kv_cache_dtype is None:
@@ -50,16 +52,16 @@ def _engine_pools(cfg: ModelConfig, ecfg: EngineConfig, tokens: int, runtime: Ru
   return (pool,) * cfg.num_layers, m
 
 
-def engine_steps(cfg: ModelConfig, job, params, runtime: Runtime):
+def engine_steps(cfg: ModelConfig, job, params, runtime: Runtime, tree_size: int = 0):
   """{name: (jitted step, abstract arguments)}: the engine's mixed step at its widest (G lanes of
   Q prompt tokens beside the S decode rows; under a dynamic sparsity pattern one lane of the
   longest prompt) and its decode-only dispatch, with the KV pools (K/c, P, ps, c*H) per layer laid
-  out as the engine lays them out."""
+  out as the engine lays them out (tree_size: a proposer's, as `_engine_pools`)."""
   ecfg = job.engine_config
   s, g, q = ecfg.num_slots, ecfg.chunk_lanes, ecfg.chunk_size
   if whole_lanes(runtime):
     g, q = 1, lane_length(max(1, cfg.max_seq_len - 2), None)  # (a prompt leaves room for one)
-  pools, m = _engine_pools(cfg, ecfg, cfg.max_seq_len, runtime)
+  pools, m = _engine_pools(cfg, ecfg, cfg.max_seq_len, runtime, tree_size)
   whole = whole_on(runtime.mesh)
   i32, f32 = jnp.int32, jnp.float32
   sampling = (whole((s,), f32), whole((s,), i32), whole((s,), f32), whole((s,), f32))

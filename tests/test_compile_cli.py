@@ -14,6 +14,7 @@ from hf_models import COMMON
 
 from jaxinfer import aot
 from jaxinfer.config import PRESETS
+from jaxinfer.engine.engine import pool_pages_for
 from jaxinfer.kv_cache import PagedKVCache
 
 TPU = "tpu:v5e:2x2"  # 4 chips of 16 GiB
@@ -25,7 +26,7 @@ def _cli(*args):
 
 
 def test_tpu_steps_on_a_model_mesh_with_verification():
-  job = aot.CompileJob(TPU, model="preset:tiny", mesh="model:2", batch_size=4, kv_pages=64,
+  job = aot.CompileJob(TPU, model="preset:tiny", mesh="model:2", batch_size=4,
                        speculative="recycling", implementation="pallas")
   report = aot.run(job)
   cfg = PRESETS["tiny"]
@@ -33,8 +34,14 @@ def test_tpu_steps_on_a_model_mesh_with_verification():
   assert [s.name for s in report.steps] == ["prefill", "decode", "verify-prefill", "verify"]
   assert report.hbm_bytes == 16 * 2**30 and report.replicas == 1 and report.mesh == "model:2"
   prefill, decode, verify_prefill, verify = report.steps
+  # the engine's default pool, which holds each sequence's tree too (the plain steps were
+  # compiled over a pool without them, and the report said that smaller count)
+  tree = aot.proposer_for(cfg, job, None)[0].tree_size
+  pages = pool_pages_for(job.engine_config, -(-(cfg.max_seq_len + tree) // 16))
+  assert report.settings["kv_pages"] == pages > pool_pages_for(job.engine_config,
+                                                                cfg.max_seq_len // 16)
   # 2 KV heads over model:2: each device holds half of every pool
-  assert decode.kv_bytes == PagedKVCache.pool_bytes(cfg, 64, 16) // 2
+  assert decode.kv_bytes == PagedKVCache.pool_bytes(cfg, pages, 16) // 2
   assert 0 < decode.weights_bytes < cfg.num_params() * 4  # heads, mlp, vocab split
   assert all(s.kernels for s in report.steps)  # Pallas kernels, not interpreted
   for s in (prefill, decode):
@@ -46,7 +53,7 @@ def test_tpu_steps_on_a_model_mesh_with_verification():
   record = json.loads(json.dumps(report.as_dict(), default=str))
   assert record["fits"] is True and record["peak_bytes"] == max(s.total_bytes
                                                                for s in report.steps)
-  assert record["settings"]["kv_pages"] == 64 and record["config"]["num_layers"] == 2
+  assert record["settings"]["kv_pages"] == pages and record["config"]["num_layers"] == 2
   for key in ("lower_s", "compile_s", "weights_bytes", "kv_bytes", "argument_bytes",
               "output_bytes", "alias_bytes", "temp_bytes", "total_bytes", "collective_bytes"):
     assert isinstance(record["steps"][1][key], (int, float)), key
@@ -187,6 +194,29 @@ def test_the_kv_pages_advice_fits():
   assert "mesh model:2 per replica, 1 replica(s) on 2 of the 8 devices;" in report.table()
 
 
+def test_the_compilers_out_of_memory_words_are_read_in_either_form():
+  """libtpu says a step is too big in two ways; both give the bytes needed and usable (the
+  second was not read: the advice then removed one page of the thousands too many). Where the
+  pool is not what to shrink, the advice is --batch_size (it was a negative page count)."""
+  gib = aot.GIB
+  assert aot._compiler_oom("RESOURCE_EXHAUSTED: ... 5.0M required for HLO temporaries (16.00G) "
+                           "exceeds available HBM (15.75G) ...") == (16 * gib, int(15.75 * gib))
+  said = aot._compiler_oom("RESOURCE_EXHAUSTED: E1000: CompileTimeHbmOom: ... Used 15.75G of "
+                           "15.75G hbm. Exceeded hbm capacity by 2.23M.")
+  assert said == (int(15.75 * gib) + int(2.23 * 2**20) + 1, int(15.75 * gib))
+  assert aot._compiler_oom("RESOURCE_EXHAUSTED: out of memory") is None
+  report = aot.Report(TPU, "TPU v5 lite", 4, 16 * gib, "model:2", 1, "preset:tiny", {},
+                      {"kv_pages": 64, "batch_size": 512})
+  mib = 2**20
+  usable = int(15.75 * gib)  # 10 pages of 256 MiB too many (and the rounding's 0.01 GiB)
+  advice = aot._shrink_advice(report, "prefill", usable + 10 * 256 * mib, mib, 16 * gib,
+                              16 * gib, usable)
+  assert advice.startswith("--kv_pages: ") and "at most 53 (now 64)" in advice
+  advice = aot._shrink_advice(report, "prefill", int(15.75 * gib), mib, mib, mib,
+                              int(15.75 * gib))
+  assert advice.startswith("--batch_size: ") and "(now 512)" in advice
+
+
 def test_slices_are_as_jax_on_them_sees_them():
   """A v4 chip's two cores are one megacore device of 32 GiB (libtpu's default: two of 16);
   one-chip slices compile (libtpu's default host of 2x2x1 chips refused them); a v5e slice of 8
@@ -226,6 +256,7 @@ def test_cuda_is_lowered_and_reported_without_memory_numbers(tmp_path):
     ("tpu:v9:2x2", "--target: expected tpu:GEN:TOPOLOGY"),
     ("gpu", "--target: expected"),
     ("tpu:v5e", "--target: expected"),
+    ("tpu:v6e:2x2x2", "--target: v6e slices are two-dimensional"),
 ])
 def test_unknown_targets(target, message):
   with pytest.raises(aot.CompileError, match=message):
