@@ -79,8 +79,8 @@ class ChatTemplate:
     try:
       return self._compiled.render(messages=messages, add_generation_prompt=add_generation_prompt,
                                    tools=None, documents=None, **dict(self.special))
-    except (TemplateError, TypeError, KeyError, AttributeError, ValueError,
-            ArithmeticError) as e:  # (the template's code)
+    except (TemplateError, TypeError, LookupError, AttributeError, ValueError,
+            ArithmeticError, RecursionError) as e:  # (the template's code)
       raise ValueError(f"chat template ({self.name}): {e}") from None
 
 

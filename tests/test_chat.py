@@ -46,6 +46,9 @@ def test_chat_template_renders_as_hugging_face_does(chat_model_dir, tiny_model_d
           messages, tokenize=False, add_generation_prompt=gen)
   with pytest.raises(ValueError, match="unknown role tool"):
     ours.render([{"role": "tool", "content": "x"}])
+  recursive = ChatTemplate("{% macro f(n) %}{{ f(n) }}{% endmacro %}{{ f(1) }}", {}, "loops")
+  with pytest.raises(ValueError, match=r"chat template \(loops\): maximum recursion depth"):
+    recursive.render(CONVERSATION)  # (a RecursionError's traceback)
   plain = ChatTemplate.from_dir(tiny_model_dir)  # no template: the plain format
   assert plain.source == PLAIN
   assert plain.render(CONVERSATION[1:2], True) == "<|user|>\nAdd two numbers. \n<|assistant|>\n"
