@@ -12,7 +12,7 @@ import pytest
 import torch
 from safetensors.numpy import load_file, save_file
 
-from hf_models import VOCAB, make_hf_model
+from hf_models import COMMON, VOCAB, make_hf_model
 from jaxinfer import model as M
 from jaxinfer.checkpoint import load_hf, load_model, load_orbax, save_hf, save_orbax
 from jaxinfer.sharding import DEFAULT_RULES, make_mesh
@@ -257,6 +257,46 @@ def test_damaged_weight_and_tokenizer_files_are_named(tmp_path):
     Tokenizer.from_dir(tmp_path)
   (tmp_path / "tokenizer.json").unlink()
   assert Tokenizer.from_dir(tmp_path) is None
+
+
+def test_configs_are_read_as_transformers_reads_them(tmp_path):
+  """rope_scaling, where given, over the rope_parameters of a config transformers 5 saved (the
+  scaling was dropped, and yarn served unrefused); a top-level original_max_position_embeddings
+  over the scaling's; Qwen3's head_dim default of 128; "swish" as silu, and mlp_bias ignored
+  where the family's MLP has no biases. A malformed index or generation_config, and a tied
+  model whose lm_head.weight is not its embedding table, are one line each (two tracebacks
+  and a silently other output head)."""
+  from jaxinfer.checkpoint.hf_config import config_from_hf
+  from jaxinfer.config import RopeScaling
+  base = {**COMMON, "model_type": "llama", "rope_theta": 5e5,
+          "rope_parameters": {"rope_type": "default", "rope_theta": 5e5}}
+  llama3 = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
+            "high_freq_factor": 4.0, "original_max_position_embeddings": 32}
+  read = lambda **kw: config_from_hf({**base, **kw})
+  assert read(rope_scaling={"type": "linear", "factor": 4.0}).rope_scaling == RopeScaling(
+      "linear", 4.0)
+  with pytest.raises(ValueError, match="rope type 'yarn' is not supported"):
+    read(rope_scaling={"rope_type": "yarn", "factor": 4.0})
+  assert read(rope_scaling=llama3).rope_scaling.original_max_position_embeddings == 32
+  assert read(rope_scaling=llama3, original_max_position_embeddings=8
+              ).rope_scaling.original_max_position_embeddings == 8
+  assert read(model_type="qwen3", head_dim=None).head_dim == 128
+  assert read(model_type="qwen2", mlp_bias=True, hidden_act="swish").family == "qwen2"
+  with pytest.raises(ValueError, match="mlp_bias=true is not supported"):
+    read(mlp_bias=True)
+  make_hf_model("llama3", tmp_path)
+  (tmp_path / "model.safetensors.index.json").write_text('{"metadata": {}}')
+  with pytest.raises(ValueError, match='index.json: no "weight_map" object'):
+    load_hf(tmp_path)
+  (tmp_path / "model.safetensors.index.json").unlink()
+  (tmp_path / "generation_config.json").write_text('{"eos_token_id": 2.0}')
+  with pytest.raises(ValueError, match="generation_config.json: eos_token_id must be a token id"):
+    load_hf(tmp_path)
+  (tmp_path / "generation_config.json").unlink()
+  config = json.loads((tmp_path / "config.json").read_text())
+  (tmp_path / "config.json").write_text(json.dumps({**config, "tie_word_embeddings": True}))
+  with pytest.raises(ValueError, match="tie_word_embeddings, but lm_head.weight is not the "):
+    load_hf(tmp_path)
 
 
 def test_unsupported_configs_are_refused(tmp_path):

@@ -120,7 +120,11 @@ def weight_files(directory: Path) -> dict[str, str] | list[str]:
   else every *.safetensors file (sorted)."""
   index = directory / "model.safetensors.index.json"
   if index.exists():
-    return read_json_object(index)["weight_map"]
+    weight_map = read_json_object(index).get("weight_map")
+    if not isinstance(weight_map, dict) or not all(
+        isinstance(k, str) and isinstance(v, str) for k, v in weight_map.items()):
+      raise ValueError(f"{index}: no \"weight_map\" object of tensor names to file names")
+    return weight_map
   if (directory / "model.safetensors").exists():
     return ["model.safetensors"]
   return sorted(p.name for p in directory.glob("*.safetensors"))
@@ -166,8 +170,11 @@ def read_config(directory: str | os.PathLike, dtype: str | None = None) -> Model
   cfg = config_from_hf(hf, dtype)
   if gen.exists():  # generation_config's EOS ids (e.g. Llama 3 instruct's <|eot_id|>) also stop
     extra = read_json_object(gen).get("eos_token_id")
-    extra = [extra] if isinstance(extra, int) else list(extra or [])
-    merged = tuple(dict.fromkeys(list(cfg.eos_token_ids) + [int(e) for e in extra]))
+    extra = [extra] if isinstance(extra, int) else extra or []
+    if not isinstance(extra, list) or not all(isinstance(e, int) for e in extra):
+      raise ValueError(f"{gen}: eos_token_id must be a token id or a list of them, got "
+                       f"{extra!r}")
+    merged = tuple(dict.fromkeys(list(cfg.eos_token_ids) + extra))
     cfg = dataclasses.replace(cfg, eos_token_ids=merged)
   return cfg
 
@@ -218,6 +225,12 @@ def load_hf(directory: str | os.PathLike, dtype: str | None = None, mesh: Mesh |
     elif reader.shape(rule.name) != rule.hf_shape:
       problems.append(f"tensor {rule.name!r} has shape {reader.shape(rule.name)}, expected "
                       f"{rule.hf_shape}")
+  if cfg.tie_embeddings and reader.has("lm_head.weight") and reader.has(
+      "model.embed_tokens.weight") and not np.array_equal(
+          reader.get("lm_head.weight"), reader.get("model.embed_tokens.weight")):
+    problems.append("config.json says tie_word_embeddings, but lm_head.weight is not the "
+                    "embedding table (transformers 4 ties them and ignores it, transformers 5 "
+                    "serves it): set tie_word_embeddings to say which")
   deeper = sorted({int(m.group(1)) for m in map(re.compile(r"model\.layers\.(\d+)\.").match,
                                                 reader.files) if m} - set(range(cfg.num_layers)))
   if deeper:  # (weights of another model than config.json describes)

@@ -21,15 +21,14 @@ def _ids(value) -> tuple[int, ...]:
 
 
 def _rope(hf: dict[str, Any]) -> tuple[float, RopeScaling | None]:
+  """As transformers reads them: rope_scaling, where given, over rope_parameters (a config
+  transformers 5 saved holds rope_parameters of type default, and a model card's rope_scaling
+  added to it is what the model runs with)."""
   params = hf.get("rope_parameters")
-  if isinstance(params, dict) and params and not any(isinstance(v, dict) for v in params.values()):
-    theta = params.get("rope_theta", hf.get("rope_theta", 10000.0))
-    scaling = params
-  elif isinstance(params, dict) and params:
+  if isinstance(params, dict) and any(isinstance(v, dict) for v in params.values()):
     raise ValueError("config.json: per-layer-type rope_parameters are not supported")
-  else:
-    theta = hf.get("rope_theta", 10000.0)
-    scaling = hf.get("rope_scaling") or {}
+  scaling = hf.get("rope_scaling") or params or {}
+  theta = scaling.get("rope_theta", hf.get("rope_theta", 10000.0))
   rope_type = scaling.get("rope_type", scaling.get("type", "default"))
   if rope_type in (None, "default"):
     return float(theta), None
@@ -39,7 +38,9 @@ def _rope(hf: dict[str, Any]) -> tuple[float, RopeScaling | None]:
     return float(theta), RopeScaling(
         "llama3", float(scaling["factor"]), float(scaling["low_freq_factor"]),
         float(scaling["high_freq_factor"]),
-        int(scaling.get("original_max_position_embeddings", hf.get("max_position_embeddings"))))
+        # (a top-level original_max_position_embeddings wins, as in transformers' models)
+        int(hf.get("original_max_position_embeddings")
+            or scaling.get("original_max_position_embeddings", hf.get("max_position_embeddings"))))
   raise ValueError(f"config.json: rope type {rope_type!r} is not supported (supported: default, "
                    f"linear, llama3)")
 
@@ -52,10 +53,10 @@ def config_from_hf(hf: dict[str, Any], dtype: str | None = None) -> ModelConfig:
   if family not in FAMILIES:
     raise ValueError(f"config.json: model_type {family!r} is not supported (supported: "
                      f"{', '.join(FAMILIES)})")
-  if hf.get("mlp_bias"):
+  if hf.get("mlp_bias") and family == "llama":  # (the other families' MLPs have none)
     raise ValueError("config.json: mlp_bias=true is not supported")
   act = hf.get("hidden_act", "silu")
-  if act != "silu":
+  if act not in ("silu", "swish"):  # (one function: transformers maps both to SiLU)
     raise ValueError(f"config.json: hidden_act {act!r} is not supported (only silu)")
   try:
     heads = int(hf["num_attention_heads"])
@@ -87,7 +88,8 @@ def config_from_hf(hf: dict[str, Any], dtype: str | None = None) -> ModelConfig:
         num_layers=num_layers,
         q_heads=heads,
         kv_heads=int(hf.get("num_key_value_heads") or heads),
-        head_dim=int(hf.get("head_dim") or embed // max(heads, 1)),  # (heads > 0: checked)
+        # (Qwen3's default is 128, not hidden / heads; heads > 0: checked)
+        head_dim=int(hf.get("head_dim") or (128 if family == "qwen3" else embed // max(heads, 1))),
         mlp=int(hf["intermediate_size"]),
         max_seq_len=int(hf.get("max_position_embeddings", 2048)),
         rope_theta=theta,
