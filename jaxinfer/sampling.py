@@ -53,8 +53,12 @@ def argmax(x: jax.Array) -> jax.Array:
 
 
 def _scaled(logits: jax.Array, sp: SamplingParams) -> jax.Array:
-  """(B,V) logits in float32 over each row's temperature (greedy rows: unscaled)."""
-  return logits.astype(jnp.float32) / jnp.where(sp.temperature > 0, sp.temperature, 1.0)[:, None]
+  """(B,V) logits in float32 over each row's temperature, less the row's largest first (a
+  temperature of 1e-37 made logits of 30 infinite, and their softmax NaN: token 0 was drawn);
+  greedy rows as they are."""
+  x = logits.astype(jnp.float32)
+  t = sp.temperature[:, None]
+  return jnp.where(t > 0, (x - jnp.max(x, axis=-1, keepdims=True)) / jnp.where(t > 0, t, 1.0), x)
 
 
 def _ordered(x: jax.Array) -> jax.Array:

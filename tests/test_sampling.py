@@ -88,6 +88,17 @@ def test_greedy_rows_take_the_argmax_and_rows_are_independent():
     assert int(SAMPLE(logits, mixed, keys)[0]) == 1
 
 
+def test_a_tiny_temperature_samples_the_argmax():
+  """Down to the smallest normal float32 temperatures, a row samples its argmax (at 1e-37 the
+  logits / T of 30 and 45 were infinite, their softmax NaN: token 0 was drawn, and the target
+  probabilities of speculation were NaN)."""
+  logits = jnp.asarray([[3.0, 1.0, 45.0, 44.0]])
+  for t in (1e-3, 1e-20, 1e-37, 1.2e-38):
+    sp = SamplingParams.make(1, temperature=t)
+    assert int(SAMPLE(logits, sp, jax.random.split(jax.random.key(0), 1))[0]) == 2, t
+    assert np.array_equal(np.asarray(TARGET_PROBS(logits, sp))[0], [0, 0, 1, 0]), t
+
+
 def test_samples_follow_the_filtered_distribution():
   n = 20000
   sp = SamplingParams.make(n, temperature=0.8, top_k=4, top_p=0.9, min_p=0.1)
