@@ -275,9 +275,12 @@ def test_tree_policy_explores_then_runs_the_fastest():
   policy.compiled(0, 4.0)
   for _ in range(2):
     dispatch(policy, 0)
-  # the next tree (0 lost to plain decoding) is expected to compile as the first did
-  assert policy._exploring(bar) is None
-  assert policy._exploring(TreePolicy.AMORTIZE * 4.0) == 1
+  # the next tree (0 lost to plain decoding) is expected to compile as the first did, and the
+  # work in sight pays for both (each paying for itself alone, a ladder of trees spent several
+  # times 1 / AMORTIZE of a short job)
+  assert policy._exploring(TreePolicy.AMORTIZE * 4.0) is None
+  assert policy._exploring(TreePolicy.AMORTIZE * 7.9) is None
+  assert policy._exploring(TreePolicy.AMORTIZE * 8.0) == 1
   # a draft layer's feeding starts when a tree would be tried: not before plain decoding is
   # measured, whatever the work in sight (early estimates of it count prefill as decoding)
   policy = TreePolicy(levels, "auto", explore_every=4)

@@ -276,6 +276,11 @@ def test_auto_policy_measures_every_level_and_stays_lossless(target, other_draft
   assert all(v["tokens_per_second"] > 0 for v in m["tree_sizes"].values())
   assert m["speculation"].startswith("speculating in ")
   assert sum(eng.stats.accepted_hist) == eng.stats.row_steps
+  # the work in sight: what is left of the budgets at the share of them that the finished
+  # requests used (budgets taken whole, requests ending at EOS made a short job look long)
+  assert eng._finished == [sum(map(len, want.values())), sum(r.max_new_tokens for r in reqs)]
+  eng._finished, eng._budget = [10, 400], 4000
+  assert eng._work_s() == pytest.approx(max(100 * eng._life_s / eng._life_tokens, eng._life_s))
 
 
 def test_generate_job_with_speculation(tmp_path, tiny_model_dir):

@@ -256,8 +256,9 @@ class Engine:
                                        runtime=runtime), donate_argnums=0)
     self.eos = np.asarray(model_cfg.eos_token_ids or (-1,), np.int32)
     # over the engine's life: seconds of dispatches read and tokens they emitted (the policy's
-    # work in sight: `_work_s`); this run's: tokens still in its requests' budgets
-    self._life_s, self._life_tokens, self._budget = 0.0, 0, 0
+    # work in sight: `_work_s`); this run's: tokens still in its requests' budgets, and its
+    # finished requests' tokens and budgets
+    self._life_s, self._life_tokens, self._budget, self._finished = 0.0, 0, 0, [0, 0]
     self._last_read = None  # (level, mixed?) of the dispatch read last (None: it compiled)
     history = self.max_pages * self.cfg.page_size
     init = partial(speculate.init_drafting, model_cfg, proposer, self.cfg.num_slots, history,
@@ -446,10 +447,13 @@ class Engine:
       self._unfed &= set(sched.order)
 
   def _work_s(self) -> float:
-    """Seconds of work in sight for the policy: what is left of this run's budgets at the
-    engine's measured seconds per token, or what it has run so far, whichever is larger."""
+    """Seconds of work in sight for the policy: what is left of this run's budgets, scaled by
+    the share of their budgets that this run's finished requests used, at the engine's measured
+    seconds per token; or what it has run so far, whichever is larger."""
     per_token = self._life_s / max(self._life_tokens, 1)
-    return max(self._budget * per_token, self._life_s)
+    used, budgets = self._finished
+    share = used / budgets if budgets else 1.0
+    return max(self._budget * share * per_token, self._life_s)
 
   @property
   def max_shapes(self) -> int:
@@ -513,6 +517,7 @@ class Engine:
     # speculating: uid -> its budget (the policy's work in sight)
     budgets = {} if self.proposer is None else {r.uid: r.max_new_tokens for r in requests}
     self._budget = sum(budgets.values())
+    self._finished = [0, 0]  # this run's finished requests: tokens they took, their budgets
     st = self.stats
     before = dataclasses.replace(st)  # (the counters below add this run's to earlier runs')
     # (the device counts in int32 for the engine's life: the run's difference, modulo 2^32)
@@ -549,8 +554,10 @@ class Engine:
       taken = sched.tokens_taken
       results = sched.commit(prev, tokens, should_stop)
       if self.proposer is not None:  # work in sight: the tokens taken, and what ends left over
-        self._budget -= sched.tokens_taken - taken + sum(
-            budgets.pop(r.uid) - len(r.tokens) for r in results)
+        ended = [(len(r.tokens), budgets.pop(r.uid)) for r in results]
+        self._budget -= sched.tokens_taken - taken + sum(b - n for n, b in ended)
+        self._finished = [self._finished[0] + sum(n for n, _ in ended),
+                          self._finished[1] + sum(b for _, b in ended)]
       for result in results:
         on_result(result)
       if on_step is not None:

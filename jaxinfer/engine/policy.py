@@ -20,9 +20,11 @@ Exploring a tree compiles its steps, which on a short job costs more than specul
 back. Plain decoding is measured first; a tree not compiled yet is tried only once the work in
 sight (the caller's estimate: what is left of the job, or what this policy's engine has decoded
 so far, whichever is larger) is at least AMORTIZE times what compiling it is expected to cost
-(a tree compiled already, else TREE_COMPILE times plain decoding's compilation), so a job that
-ends right after paying for it has lost at most about 1 / AMORTIZE of its time.
-"""
+(the most a tree compiled already took, and at least TREE_COMPILE times plain decoding's
+compilation) and what the trees tried so far cost, so a job that ends right after paying for
+them has lost at most about 1 / AMORTIZE of its time. The work left is its requests' budgets
+scaled by the share of their budgets that the requests finished so far used (requests ending at
+EOS long before their budgets leave less work than the budgets say)."""
 
 from __future__ import annotations
 
@@ -238,8 +240,10 @@ class TreePolicy:
       return True
     plain = len(self.sizes) - 1
     trees = [c for c in self.compile_s[:plain] if c]
-    expected = max(trees) if trees else self.TREE_COMPILE * self.compile_s[plain]
-    if work_s >= self.AMORTIZE * expected:
+    expected = max(trees + [self.TREE_COMPILE * self.compile_s[plain]])
+    # what the trees tried so far cost counts too: each tree paying for itself alone, a ladder
+    # of them could spend AMORTIZE times less than the work in sight several times over
+    if work_s >= self.AMORTIZE * (sum(trees) + expected):
       return True
     self.deferred = (expected, work_s)
     return False
