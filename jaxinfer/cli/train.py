@@ -86,7 +86,6 @@ def main(argv: list[str]) -> None:
       fail(f"--seq_len: {FLAGS.seq_len} is past the model's context ({cfg.max_seq_len} "
            f"positions)")
     tokens = data_tokens(tokenizer, src, cfg)
-    check_data(workdir, tokens, FLAGS.data)
     n_held = int(len(tokens) * FLAGS.heldout_fraction)
     train_tokens, held_tokens = tokens[:len(tokens) - n_held], tokens[len(tokens) - n_held:]
     if len(train_tokens) <= FLAGS.seq_len + 1:
@@ -104,6 +103,7 @@ def main(argv: list[str]) -> None:
         qat.check(cfg, params, fmt)
       except ValueError as e:  # (a group size that does not divide a weight's axis)
         fail(f"--qat: {e}")
+    check_data(workdir, tokens, FLAGS.data)  # (the first write: every check above passed)
   except (OSError, ValueError) as e:  # (OSError: e.g. a --workdir under a file)
     fail(str(e))
   if FLAGS.init == "random":
