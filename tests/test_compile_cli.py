@@ -26,7 +26,7 @@ def _cli(*args):
 
 
 def test_tpu_steps_on_a_model_mesh_with_verification():
-  job = aot.CompileJob(TPU, model="preset:tiny", mesh="model:2", batch_size=4,
+  job = aot.CompileJob(TPU, model="preset:tiny", mesh="model:2", batch_size=4, max_seq_len=64,
                        speculative="recycling", implementation="pallas")
   report = aot.run(job)
   cfg = PRESETS["tiny"]
@@ -37,9 +37,8 @@ def test_tpu_steps_on_a_model_mesh_with_verification():
   # the engine's default pool, which holds each sequence's tree too (the plain steps were
   # compiled over a pool without them, and the report said that smaller count)
   tree = aot.proposer_for(cfg, job, None)[0].tree_size
-  pages = pool_pages_for(job.engine_config, -(-(cfg.max_seq_len + tree) // 16))
-  assert report.settings["kv_pages"] == pages > pool_pages_for(job.engine_config,
-                                                                cfg.max_seq_len // 16)
+  pages = pool_pages_for(job.engine_config, -(-(64 + tree) // 16))
+  assert report.settings["kv_pages"] == pages > pool_pages_for(job.engine_config, 64 // 16)
   # 2 KV heads over model:2: each device holds half of every pool
   assert decode.kv_bytes == PagedKVCache.pool_bytes(cfg, pages, 16) // 2
   assert 0 < decode.weights_bytes < cfg.num_params() * 4  # heads, mlp, vocab split
