@@ -266,8 +266,11 @@ class LLM:
 
       samples = _Samples(self.tokenizer, finished)
       tok = self.tokenizer
-      stop = lambda req, tokens: bool(req.stop) and any(
-          s in tok.decode(tokens, req.prompt_ids) for s in req.stop)
+
+      def stop(req, tokens) -> bool:  # (the text decoded once for all of the request's strings)
+        text = tok.decode(tokens, req.prompt_ids) if req.stop else ""
+        return any(s in text for s in req.stop)
+
       clock = CompileClock.totals()
       t0 = time.perf_counter()
       try:

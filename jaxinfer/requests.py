@@ -247,7 +247,8 @@ def truncate_at_stop(tokens: list[int], stop: tuple[str, ...], tokenizer: Tokeni
   lo, hi = 1, len(tokens)  # smallest k whose decoded prefix reaches the end of the stop string
   while lo < hi:
     mid = (lo + hi) // 2
-    if len(decode(tokens[:mid])) >= end and s in decode(tokens[:mid]):
+    prefix = decode(tokens[:mid])
+    if len(prefix) >= end and s in prefix:
       hi = mid
     else:
       lo = mid + 1

@@ -332,7 +332,7 @@ def _descriptions(directory: Path, cfg: ModelConfig,
     # one already here (a model saved here before) keeps its other settings, with this model's
     # ids: its old EOS ids would stop this model early
     path = directory / "generation_config.json"
-    gen: dict[str, Any] = read_json_object(path) if path.exists() else {}
+    gen: dict[str, Any] = read_json_object(path, missing_ok=True)
     gen["bos_token_id"] = cfg.bos_token_id
     gen.pop("eos_token_id", None)
     if cfg.eos_token_ids:

@@ -556,8 +556,8 @@ class Engine:
       if self.proposer is not None:  # work in sight: the tokens taken, and what ends left over
         ended = [(len(r.tokens), budgets.pop(r.uid)) for r in results]
         self._budget -= sched.tokens_taken - taken + sum(b - n for n, b in ended)
-        self._finished = [self._finished[0] + sum(n for n, _ in ended),
-                          self._finished[1] + sum(b for _, b in ended)]
+        self._finished[0] += sum(n for n, _ in ended)
+        self._finished[1] += sum(b for _, b in ended)
       for result in results:
         on_result(result)
       if on_step is not None:

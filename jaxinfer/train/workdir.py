@@ -8,7 +8,7 @@ import json
 from pathlib import Path
 
 from jaxinfer.checkpoint.destination import check_not_under_a_file
-from jaxinfer.files import write_atomically
+from jaxinfer.files import read_json_object, write_atomically
 
 # what a run may change when it resumes: where it writes and reports, the mesh it restores onto
 # (a preempted job may come back on another slice), caches of the inputs. Not how long it runs:
@@ -84,7 +84,7 @@ def check_data(workdir, tokens, data: str) -> None:
     w.mkdir(parents=True, exist_ok=True)
     write_atomically(path, json.dumps(now) + "\n")
     return
-  then = json.loads(path.read_text())
+  then = read_json_object(path)
   if then != now:
     raise ValueError(f"--data: {data} now gives other tokens ({now['tokens']}) than the run in "
                      f"{w} started with ({then.get('tokens')}): resume it with the data it "
