@@ -65,9 +65,10 @@ def linear(eq: str, x: jax.Array, w, kernel: WeightKernel | None = None,
   y = _integer_product(eq, jax.lax.stop_gradient(x), w.q, keep)
   if w.w is None:  # served
     return y
-  # QAT: the value is y's; the gradient that of the fake-quantized product
+  # QAT: the value is y itself (y + (y_float - y_float) would round apart from the served y
+  # where XLA fuses y's scaling into what follows); the gradient the fake-quantized product's
   y_float = jnp.einsum(eq, _fake_quant_input(x, keep), w.w)
-  return y + (y_float - jax.lax.stop_gradient(y_float))
+  return straight_through(y_float, y)
 
 
 def _run(q: QArray) -> int | None:

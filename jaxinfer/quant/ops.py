@@ -267,9 +267,23 @@ class ActQuantized:
   w: Any = None
 
 
+@struct.dataclass
+class TrainedTable:
+  """An embedding table as QAT sees it (a format including `embed`): `q` its QArray, `w` its
+  fake-quantized array. `take_rows` computes the rows taken from `q` as serving does, with the
+  straight-through gradient of `w`'s rows; elsewhere (a tied LM head) it is `w`. Taking rows of
+  the table dequantized whole is not enough: XLA may fuse the served rows' dequantization into
+  the addition that follows (a fused multiply-add, one rounding), the whole table's not."""
+
+  q: QArray
+  w: Any
+
+
 def _held(x):
-  """A weight leaf without its int8-activation marking: an ActQuantized weight's QArray as
-  served, or the fake-quantized array QAT trains; anything else as it is."""
+  """A weight leaf without its QAT or int8-activation wrapping: an ActQuantized weight's QArray
+  as served, or the fake-quantized array QAT trains; anything else as it is."""
+  if isinstance(x, TrainedTable):
+    return x.w
   if isinstance(x, ActQuantized):
     return x.q if x.w is None else x.w
   return x
@@ -287,8 +301,13 @@ def take_rows(x, index: jax.Array) -> jax.Array:
   rows taken: dequantized whole, a quantized table was a temporary of its full size in every
   step (Llama-3-8B's: 4.47 GiB of a decode step's temporaries on one TPU v5e chip). Equal to
   taking rows of the dequantized table, bit for bit (each element's unpacking and scaling is
-  its own)."""
-  x = _held(x)
+  its own). In QAT the served rows, with the trained rows' gradient (`TrainedTable`)."""
+  if isinstance(x, (TrainedTable, ActQuantized)) and x.w is not None:
+    return straight_through(jnp.take(x.w, index, axis=0), _rows(x.q, index))
+  return _rows(_held(x), index)
+
+
+def _rows(x, index: jax.Array) -> jax.Array:
   if is_qarray(x) and x.scale.shape[0] == x.qvalue.shape[0]:  # a scale row per table row
     return dequantize(x.replace(qvalue=jnp.take(x.qvalue, index, axis=0),
                                 scale=jnp.take(x.scale, index, axis=0)))

@@ -19,8 +19,8 @@ from jax.sharding import Mesh
 from jaxinfer.files import read_json_object, write_atomically
 from jaxinfer.params import ParamSpec, is_spec
 from jaxinfer.quant.formats import QuantFormat
-from jaxinfer.quant.ops import (ActQuantized, dequantize, fake_quant, is_quantized, load_qwix,
-                                quantize, scale_axes, straight_through)
+from jaxinfer.quant.ops import (ActQuantized, TrainedTable, dequantize, fake_quant, is_quantized,
+                                load_qwix, quantize, scale_axes, straight_through)
 from jaxinfer.sharding import DEFAULT_RULES, ShardingRules
 
 QUANT_FILE = "quantization.json"
@@ -72,12 +72,13 @@ def _leaf(fmt: QuantFormat, q):
 
 
 def _qat_leaf(w, spec: ParamSpec, fmt: QuantFormat):
-  """A weight as QAT sees it: fake-quantized; with int8 activations also its QArray, from which
-  `linear` computes the served forward."""
-  if not fmt.activations:
+  """A weight as QAT sees it: fake-quantized; with int8 activations, or as an embedding table,
+  also its QArray, from which `linear` or `take_rows` computes the served forward."""
+  if not fmt.activations and spec.quant != "embed":
     return fake_quant(w, spec, fmt)
   q = jax.lax.stop_gradient(quantize(w, spec, fmt))
-  return ActQuantized(q, straight_through(w, dequantize(q)))
+  trained = straight_through(w, dequantize(q))
+  return ActQuantized(q, trained) if fmt.activations else TrainedTable(q, trained)
 
 
 def quantize_params(params, spec_tree, fmt: QuantFormat):
@@ -164,6 +165,8 @@ def read_metadata(directory: str | os.PathLike,
     raise ValueError(f"{path}: quantized checkpoint version {version!r}, but this jaxinfer reads "
                      f"version {QUANT_VERSION}; re-run jaxinfer quantize on the full-precision "
                      f"model")
+  if "format" not in meta:
+    raise ValueError(f"{path}: no \"format\" (the quantization format, e.g. \"int4:g128\")")
   try:
     name, include = meta["format"], meta.get("include", ())
     if not isinstance(name, str) or not isinstance(include, (list, tuple)) or not all(
