@@ -16,7 +16,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 import pytest
 import qwix
-from conftest import make_tiny_model_dir
+from conftest import make_tiny_model_dir, own_devices_env
 
 from jaxinfer import model as M
 from jaxinfer import quant
@@ -211,6 +211,39 @@ def test_served_decode_logits_equal_the_qat_forward(params, name, include):
   assert float(jnp.abs(full - got).max()) > 0  # the format really changed the weights
 
 
+_DEFAULT_FLAGS_CHECK = """
+import dataclasses, jax, jax.numpy as jnp, numpy as np
+from jaxinfer import model as M, quant
+from jaxinfer.config import PRESETS
+cfg = dataclasses.replace(PRESETS["tiny"], head_dim=32)
+spec, params = M.Transformer.spec(cfg), M.init_params(cfg, jax.random.key(0))
+tokens = jax.random.randint(jax.random.key(1), (2, 8), 0, cfg.vocab_size)
+pos = jnp.broadcast_to(jnp.arange(8), tokens.shape)
+fwd = lambda p: M.logits(p, M.forward(p, tokens, pos, cfg)[0])
+for name, include in (("int8:a8", ()), ("int8", ("embed", "lm_head", "norm"))):
+  fmt = quant.QuantFormat.parse(name, include)
+  served = jax.jit(fwd)(quant.quantize_params(params, spec, fmt))
+  qat = jax.jit(lambda p: fwd(quant.qat_params(p, spec, fmt)))(params)
+  print(name, include, float(jnp.abs(served - qat).max()))
+"""
+
+
+def test_served_equals_the_qat_forward_under_xlas_default_flags():
+  """The suite compiles without LLVM's optimisations (tests/conftest.py), and so without the
+  fused multiply-adds XLA's CPU backend otherwise forms where a product meets an addition. A QAT
+  forward that reached the served value by another expression (y + (y_float - y_float) with int8
+  activations; an embedding table dequantized whole, then indexed) equalled serving only there:
+  under XLA's defaults one forward's logits moved by 0.05 (int8:a8; 5.7 over 64 decode steps)
+  and 1.4e-6 (a quantized table).
+  Here, in a process of its own with XLA's default flags: equal."""
+  env = {**own_devices_env(), "XLA_FLAGS": "", "JAX_PLATFORMS": "cpu"}
+  proc = subprocess.run([sys.executable, "-c", _DEFAULT_FLAGS_CHECK], capture_output=True,
+                        text=True, env=env, timeout=300)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  lines = proc.stdout.strip().splitlines()
+  assert len(lines) == 2 and all(line.endswith(" 0.0") for line in lines), proc.stdout
+
+
 def test_generator_greedy_tokens_equal_qat(params):
   fmt = _fmt("int4:g32")
   served = quant.quantize_params(params, SPEC, fmt)
@@ -270,6 +303,13 @@ def test_checkpoint_errors(tmp_path, params):
   meta.write_text(json.dumps({**json.loads(meta.read_text()), "version": quant.QUANT_VERSION,
                               "format": 3}))  # (a traceback)
   with pytest.raises(ValueError, match="expected a format name and a list of roles"):
+    load_orbax(tmp_path)
+  meta.write_text(json.dumps({"version": quant.QUANT_VERSION}))  # (a bare KeyError's 'format')
+  with pytest.raises(ValueError, match=r"quantization.json: no \"format\""):
+    load_orbax(tmp_path)
+  # a format whose groups do not divide this model's axes: named with its file
+  meta.write_text(json.dumps({"version": quant.QUANT_VERSION, "format": "int4:g64"}))
+  with pytest.raises(ValueError, match=r"quantization.json: .*attn.o: int4:g64: groups of 64"):
     load_orbax(tmp_path)
   save_orbax(tmp_path, CFG, params)  # a full-precision save drops the format record
   assert not meta.exists()
@@ -373,7 +413,8 @@ def test_formats_parse_and_refuse_in_one_line(params):
     assert _fmt(name).name == name
   for bad, needle in [("int3", "unknown"), ("int4:128", "KIND:gN"), ("int4:g1", "at least 2"),
                       ("int8:gx", "KIND:gN"), ("int8:a4", "KIND:a8"), ("int8:a8:a8", "KIND:a8"),
-                      ("fp8_e4m3:a8", "integer weights")]:
+                      ("fp8_e4m3:a8", "integer weights"), ("int4:g\u00b2", "KIND:gN"),
+                      ("int4:g\u0661\u0662\u0668", "KIND:gN")]:  # (non-ASCII digits)
     with pytest.raises(ValueError, match=needle) as e:
       _fmt(bad)
     assert "\n" not in str(e.value)

@@ -117,7 +117,10 @@ def load_orbax(directory: str | os.PathLike, dtype: str | None = None, mesh: Mes
   target = P.abstract_params(spec, cfg.jnp_dtype, mesh, rules)
   fmt = quant.read_metadata(directory, cfg.tie_embeddings)
   if fmt is not None:
-    target = quant.abstract_quantized(target, spec, fmt, mesh, rules)
+    try:
+      target = quant.abstract_quantized(target, spec, fmt, mesh, rules)
+    except ValueError as e:  # (a group size that does not divide this model's axis)
+      raise ValueError(f"{directory / quant.QUANT_FILE}: {e}") from None
   described = "config.json" + (f" and {quant.QUANT_FILE} ({fmt.name})" if fmt else "")
   source = _params_dir(directory)
   with ocp.StandardCheckpointer() as ckptr:

@@ -90,7 +90,7 @@ class QuantFormat:
     kind, *options = text.strip().split(":")
     group, activations = None, False
     for option in options:
-      if option[:1] == "g" and option[1:].isdigit() and group is None:
+      if option[:1] == "g" and option[1:].isascii() and option[1:].isdigit() and group is None:
         group = int(option[1:])
       elif option == "a8" and not activations:
         activations = True
