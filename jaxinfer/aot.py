@@ -30,6 +30,7 @@ import numpy as np
 from jax.sharding import Mesh
 
 from jaxinfer import compilation_cache
+from jaxinfer.checkpoint import is_embedded
 from jaxinfer.aot_steps import (CompileError, check_speculative, engine_steps,
                                 engine_tree_steps, params_shapes, proposer_for, whole_on)
 from jaxinfer.config import DTYPES, PRESETS, ModelConfig
@@ -224,7 +225,7 @@ def model_config(job: CompileJob) -> ModelConfig:
     if preset not in PRESETS:
       raise CompileError(f"--model: unknown preset {preset!r} (known: {', '.join(PRESETS)})")
     cfg = PRESETS[preset]
-  elif name == "embedded" or name.startswith("embedded:"):
+  elif is_embedded(name):
     from jaxinfer import embedded
     recipe = name.partition(":")[2] or "default"
     if recipe not in embedded.RECIPES:
@@ -530,12 +531,19 @@ def checkpoint_format(job: CompileJob) -> CompileJob:
   """A quantized checkpoint's directory compiles as it serves, in its own format (its
   quantization.json); a --quantize naming another is refused."""
   path = Path(os.path.expanduser(job.model))
-  if job.model.startswith(("preset:", "embedded")) or not path.is_dir():
+  if job.model.startswith("preset:") or is_embedded(job.model) or not path.is_dir():
     return job
   from jaxinfer import quant
-  tied = model_config(job).tie_embeddings
+  from jaxinfer.model import Transformer
+  cfg = model_config(job)
+  tied = cfg.tie_embeddings
   try:
     fmt = quant.read_metadata(path, tied)
+    if fmt is not None:  # (a group size that does not divide one of this model's axes)
+      try:
+        quant.selected_specs(Transformer.spec(cfg), fmt)
+      except ValueError as e:
+        raise ValueError(f"{path / quant.QUANT_FILE}: {e}") from None
   except ValueError as e:
     raise CompileError(f"--model: {e}") from None
   try:

@@ -324,11 +324,11 @@ def test_a_quantized_checkpoint_compiles_in_its_own_format(tmp_path):
   the float model's); a --quantize naming another format is refused, one line."""
   from jaxinfer import quant
   (tmp_path / "config.json").write_text(json.dumps({**COMMON, "model_type": "llama"}))
-  quant.write_metadata(tmp_path, quant.QuantFormat.parse("int4:g32", ("embed",)))
+  quant.write_metadata(tmp_path, quant.QuantFormat.parse("int4:g16", ("embed",)))
   job = aot.checkpoint_format(aot.CompileJob(TPU, model=str(tmp_path)))
-  assert job.quantize == "int4:g32" and job.quantize_include == ("embed",)
-  assert aot.checkpoint_format(aot.CompileJob(TPU, model=str(tmp_path), quantize="int4:g32")) == job
-  with pytest.raises(aot.CompileError, match="^--quantize: .* is quantized as int4:g32 already"):
+  assert job.quantize == "int4:g16" and job.quantize_include == ("embed",)
+  assert aot.checkpoint_format(aot.CompileJob(TPU, model=str(tmp_path), quantize="int4:g16")) == job
+  with pytest.raises(aot.CompileError, match="^--quantize: .* is quantized as int4:g16 already"):
     aot.checkpoint_format(aot.CompileJob(TPU, model=str(tmp_path), quantize="int8"))
   with pytest.raises(aot.CompileError, match=r"^--quantize_include: .* with \['embed'\] optional"):
     aot.checkpoint_format(aot.CompileJob(TPU, model=str(tmp_path), quantize_include=("lm_head",)))
@@ -337,3 +337,13 @@ def test_a_quantized_checkpoint_compiles_in_its_own_format(tmp_path):
                                                     "tie_word_embeddings": True}))
   both = aot.CompileJob(TPU, model=str(tmp_path), quantize_include=("embed", "lm_head"))
   assert aot.checkpoint_format(both) == job
+  # a directory whose name starts with "embedded" is a directory (it compiled unquantized)
+  named = tmp_path / "embedded_int4"
+  named.mkdir()
+  for f in ("config.json", quant.QUANT_FILE):
+    (named / f).write_text((tmp_path / f).read_text())
+  assert aot.checkpoint_format(aot.CompileJob(TPU, model=str(named))).quantize == "int4:g16"
+  # a record whose groups do not divide the model's axes: named with its file
+  quant.write_metadata(named, quant.QuantFormat.parse("int4:g64"))
+  with pytest.raises(aot.CompileError, match=r"^--model: .*quantization.json: .*groups of 64"):
+    aot.checkpoint_format(aot.CompileJob(TPU, model=str(named)))

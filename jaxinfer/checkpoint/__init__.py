@@ -20,13 +20,19 @@ from jaxinfer.tokenizer import Tokenizer
 
 EMBEDDED = "embedded"
 
-__all__ = ["EMBEDDED", "load_model", "resolve_model_dir", "load_hf", "save_hf", "load_orbax",
-           "save_orbax", "read_config"]
+__all__ = ["EMBEDDED", "is_embedded", "load_model", "resolve_model_dir", "load_hf", "save_hf",
+           "load_orbax", "save_orbax", "read_config"]
+
+
+def is_embedded(name: str) -> bool:
+  """`name` names the embedded model: "embedded" or "embedded:RECIPE" (a directory such as
+  embedded_int4/ does not)."""
+  return name == EMBEDDED or name.startswith(EMBEDDED + ":")
 
 
 def resolve_model_dir(name: str, cache_dir: str | None = None, quiet: bool = False) -> Path:
   """A model directory for `name`; "embedded" (or "embedded:RECIPE") builds it if needed."""
-  if name == EMBEDDED or name.startswith(EMBEDDED + ":"):
+  if is_embedded(name):
     from jaxinfer import embedded
     recipe = name.partition(":")[2] or "default"
     if recipe not in embedded.RECIPES:
