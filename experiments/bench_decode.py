@@ -29,8 +29,8 @@ flags.DEFINE_integer("new_tokens", 128, "Decode steps measured per batch size.")
 flags.DEFINE_string("dtype", "auto", "auto, float32 or bfloat16.")
 flags.DEFINE_integer("repeats", 3, "Timed repetitions (median reported).")
 flags.DEFINE_list("quantize", ["none"], "Weight formats to measure in turn (none: the model's "
-                  "dtype; int8, int4:g128, ... as jaxinfer quantize --format); with none among "
-                  "them, each other row reports its speed against it.")
+                  "dtype; int8, int4:g128, ... as jaxinfer quantize --format); with none "
+                  "first, each other row reports its speed against it.")
 flags.DEFINE_string("results", str(Path(__file__).parent / "results" / "bench_decode.jsonl"),
                     "Results file (JSON lines, appended).")
 FLAGS = flags.FLAGS
@@ -100,6 +100,7 @@ def measure(cfg, params, fmt: str, ceilings) -> list[dict]:
         "fraction_of_measured_bandwidth": round(gbps / ceilings.bandwidth_gbps, 3),
         "compile_seconds": round(compile_s, 2),
         "ceilings": ceilings.as_dict(),
+        "device": ceilings.device_kind,
         "jax": jax.__version__,
         "date": datetime.date.today().isoformat(),
     }
@@ -119,16 +120,17 @@ def main(argv):
   ceilings = measure_ceilings(matmul_dtype=cfg.jnp_dtype)
   print(f"device: {ceilings.device_kind} ({ceilings.backend}); measured {ceilings.bandwidth_gbps} "
         f"GB/s, {ceilings.matmul_tflops} TFLOP/s {ceilings.matmul_dtype}", file=sys.stderr)
-  rows_out = []
-  for fmt in FLAGS.quantize:
-    rows_out += measure(cfg, quantized(cfg, params, fmt), fmt, ceilings)
-  base = {r["batch"]: r["step_ms"] for r in rows_out if r["weights"] == "none"}
-  for row in rows_out:
-    if row["weights"] != "none" and row["batch"] in base:
-      row["speedup_vs_unquantized"] = round(base[row["batch"]] / row["step_ms"], 3)
-      print(f"{row['weights']} batch {row['batch']}: {row['speedup_vs_unquantized']:.2f}x the "
-            f"unquantized step", file=sys.stderr)
-  output.append_jsonl(FLAGS.results, rows_out)
+  base = {}  # batch -> the unquantized step's ms (when "none" was measured first)
+  for fmt in FLAGS.quantize:  # each format's rows written when measured (a timeout keeps them)
+    rows_out = measure(cfg, quantized(cfg, params, fmt), fmt, ceilings)
+    for row in rows_out:
+      if fmt == "none":
+        base[row["batch"]] = row["step_ms"]
+      elif row["batch"] in base:
+        row["speedup_vs_unquantized"] = round(base[row["batch"]] / row["step_ms"], 3)
+        print(f"{fmt} batch {row['batch']}: {row['speedup_vs_unquantized']:.2f}x the "
+              f"unquantized step", file=sys.stderr)
+    output.append_jsonl(FLAGS.results, rows_out)
 
 
 if __name__ == "__main__":

@@ -1,17 +1,19 @@
 #!/usr/bin/env bash
-# Everything a session with a GPU (H100/H200) measures, in one call of under 8 minutes:
-#   1. the kernel tests compiled for the GPU (Triton), not interpreted
-#   2. bench_attention.py: paged decode, dense causal, block density; jax's own kernels alongside
-#   3. bench_decode.py on preset:llama3-8b (random weights), batch 1 (run between the parts of 2),
-#      plainly and with int8 / int4:g128 weights (QUANT_FORMATS) against bfloat16 in one process,
-#      and engine_on_device.py: the engine through the Pallas kernels against XLA (after part 1)
-#   4. bench_vs_transformers.py at its planned sizes (8B, batch 64/128/256), if torch is there
+# Everything a session with a GPU (H100/H200) measures, in one call of under 8 minutes, the
+# quickest and steadiest measurements first (a step the budget does not reach is skipped):
+#   1. bench_attention.py: paged decode, dense causal, block density; jax's own kernels alongside
+#   2. bench_decode.py on preset:llama3-8b (random weights), batch 1, in bfloat16 and with int8 /
+#      int4:g128 weights (QUANT_FORMATS) in one process, each format's row written when measured
+#   3. engine_on_device.py: the engine through the Pallas kernels against XLA
+#   4. the kernel tests compiled for the GPU (Triton), not interpreted
+#   5. bench_vs_transformers.py at its planned sizes (8B, batch 64/128/256), if torch is there
 # then a summary against the targets, each ratio taken against the ceilings (HBM bandwidth, matmul
 # peak) that the same benchmark process measured.
 #
 #   bash experiments/device_check.sh                 # from the repository root; OUT=./device_out
 #   OUT=/tmp/x DEVICE_CHECK_BUDGET_S=300 bash experiments/device_check.sh
 #   WHEELS=.whl bash experiments/device_check.sh      # first installs .whl/*.whl (offline)
+#   ARCHIVE=/tmp/dc.tgz bash experiments/device_check.sh  # $OUT packed in one file after each step
 #
 # A dry run on a CPU (benchmarks in their quick / interpret forms, a tiny model):
 #   TEST_PLATFORMS=cpu DECODE_ARGS="--model=preset:tiny --prompt_len=8 --new_tokens=8" \
@@ -19,36 +21,49 @@
 #     QUANT_FORMATS=none,int8,int4:g16 bash experiments/device_check.sh
 #
 # The repository is the working directory and jax is preinstalled (no network: nothing is
-# installed; PYTHONPATH=. instead). Each step has its own timeout, cut to what is left of the
-# budget; a failed or timed-out step is recorded and the next one runs. Under $OUT: one log per
-# step, steps.tsv (step, exit code, seconds; 124 = timed out), results/ (experiments/results/'s
-# files with this run's rows appended: copy them back), among them results/device_check.jsonl
-# (the steps, the kernel tests and the summary against the targets, with device, jax version
-# and date; the benchmarks' rows are in their own files).
+# installed; PYTHONPATH=. instead; a missing or failed WHEELS install is recorded as the step
+# "wheels", and only what needs those packages fails). Each step has its own timeout, cut to
+# what is left of the budget; a failed or timed-out step is recorded and the next one runs.
+# Under $OUT: one log per step, steps.tsv (step, exit code, seconds; 124 = timed out), results/
+# (experiments/results/'s files with this run's rows appended: copy them back), among them
+# results/device_check.jsonl (the steps, the kernel tests and the summary against the targets,
+# with device, jax version and date; the benchmarks' rows are in their own files).
 set -u -o pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-./device_out}
 mkdir -p "$OUT/results"
 OUT=$(cd "$OUT" && pwd)
+rm -f "$OUT/kernel_tests.xml" "$OUT/engine_on_device.json"  # (a rerun's are its own)
 export PYTHONPATH=".${PYTHONPATH:+:$PYTHONPATH}"
 PY=${PYTHON:-$(command -v python3 || command -v python)}
-if [ -n "${WHEELS:-}" ]; then  # packages the machine lacks (e.g. qwix), as wheels: no network
-  "$PY" -m pip install -q --no-index --no-deps --target "$OUT/site" "$WHEELS"/*.whl || exit 1
-  export PYTHONPATH="$PYTHONPATH:$OUT/site"
-fi
 BUDGET=${DEVICE_CHECK_BUDGET_S:-450}
 RESERVE=20  # seconds kept for the rows and the summary
 START=$SECONDS
 TEST_PLATFORMS=${TEST_PLATFORMS:-cuda,cpu}
 KERNEL_TESTS=${KERNEL_TESTS:-tests/test_paged_attention.py tests/test_tree_attention.py \
 tests/test_block_sparse_attention.py \
-tests/test_kv_cache_int8.py::test_kernels_read_pools_of_several_heads_a_row}
+tests/test_kv_cache_int8.py::test_kernels_read_pools_of_several_heads_a_row[gpu]}
 DECODE_ARGS=${DECODE_ARGS:---model=preset:llama3-8b}
 VS_ARGS=${VS_ARGS:---model=preset:llama3-8b --dtype=bfloat16 --batch_sizes=64,128,256}
 QUANT_FORMATS=${QUANT_FORMATS:-none,int8,int4:g128}
 RESULTS="$OUT/results"
 STEPS="$OUT/steps.tsv"
 : > "$STEPS"
+pack() {  # $OUT (logs, results) as one file, for a caller that takes few files back
+  [ -z "${ARCHIVE:-}" ] && return
+  tar czf "$ARCHIVE.part" -C "$OUT" . && mv "$ARCHIVE.part" "$ARCHIVE"
+}
+
+if [ -n "${WHEELS:-}" ]; then  # packages the machine lacks (e.g. qwix), as wheels: no network
+  SITE=${TMPDIR:-/tmp}/device_check_site
+  if compgen -G "$WHEELS/*.whl" > /dev/null && "$PY" -m pip install -q --no-index --no-deps \
+      --no-compile --upgrade --target "$SITE" "$WHEELS"/*.whl > "$OUT/wheels.log" 2>&1; then
+    export PYTHONPATH="$PYTHONPATH:$SITE"
+  else
+    echo "== wheels: no $WHEELS/*.whl, or their install failed (wheels.log); going on without"
+    printf 'wheels\t1\t0\n' >> "$STEPS"
+  fi
+fi
 
 DEVICE=$(nvidia-smi --query-gpu=name --format=csv,noheader 2>/dev/null | head -n 1)
 DEVICE=${DEVICE:-no nvidia-smi}
@@ -83,6 +98,7 @@ step() {  # step NAME LIMIT_S CMD...: CMD under min(LIMIT_S, budget left), outpu
   printf '%s\t%s\t%s\n' "$name" "$rc" "$((SECONDS - t0))" >> "$STEPS"
   echo "   exit $rc after $((SECONDS - t0))s$( ((rc == 124)) && echo ' (timed out)')"
   tail -n 4 "$OUT/$name.log" | sed 's/^/   | /'
+  pack
 }
 
 # 0. what is installed, and that jax sees the GPU
@@ -90,7 +106,24 @@ step env 60 bash -c "nvidia-smi; $PY -V; $PY -m pip list 2>/dev/null | grep -iE 
 '^(jax|jaxlib|jax-cuda|flax|optax|orbax|numpy|absl|pytest|hypothesis|torch|transformers) '; \
 JAX_PLATFORMS=$TEST_PLATFORMS $PY -c 'import jax; print(jax.default_backend(), jax.devices())'"
 
-# 1. kernel tests on the GPU. tests/conftest.py defaults JAX_PLATFORMS to cpu (interpret mode):
+# 1, 2. the attention benchmarks, one process per part (a crash or timeout costs only its part),
+# and 8B decode at batch 1 (random weights): bfloat16 first, then each quantized format against it
+attention() {  # attention PART LIMIT_S
+  step "bench_attention_$1" "$2" "$PY" experiments/bench_attention.py --benches="$1" \
+    --results="$RESULTS/bench_attention.jsonl"
+}
+attention paged 45
+attention dense 90
+attention density 45
+# shellcheck disable=SC2086
+step bench_decode 150 "$PY" experiments/bench_decode.py --batch_sizes=1 --new_tokens=64 \
+  --repeats=2 $DECODE_ARGS --quantize="$QUANT_FORMATS" --results="$RESULTS/bench_decode.jsonl"
+
+# 3. the engine's steps through the Pallas kernels against XLA's: plain, a dynamic pattern, ngram,
+# layerskip (a draft model in the pages); the output is rewritten after each mode
+step engine 90 "$PY" experiments/engine_on_device.py --output="$OUT/engine_on_device.json"
+
+# 4. kernel tests on the GPU. tests/conftest.py defaults JAX_PLATFORMS to cpu (interpret mode):
 # set here, the default path compiles the kernels with Triton. Compiling dominates (a Triton
 # compile per hypothesis example), so with xdist there the tests spread over 8 processes that
 # share the GPU (no preallocation); without it they run in one.
@@ -98,32 +131,15 @@ PARALLEL=(-p no:xdist)
 if $PY -c 'import xdist' > /dev/null 2>&1; then
   PARALLEL=(-n "${TEST_WORKERS:-8}" --dist load)
 fi
-# shellcheck disable=SC2086  # KERNEL_TESTS is a list of paths
-JAX_PLATFORMS=$TEST_PLATFORMS XLA_PYTHON_CLIENT_PREALLOCATE=false step kernel_tests 120 \
+set -f  # KERNEL_TESTS is a list of test ids, some with [brackets]: no globbing
+# shellcheck disable=SC2086
+JAX_PLATFORMS=$TEST_PLATFORMS XLA_PYTHON_CLIENT_PREALLOCATE=false step kernel_tests 150 \
   "$PY" -m pytest -o addopts= "${PARALLEL[@]}" -v -rfE -p no:cacheprovider \
   --junitxml="$OUT/kernel_tests.xml" $KERNEL_TESTS
+set +f
 
-# 2, 3. the attention benchmarks, one process per part (a crash or timeout costs only its part),
-# and 8B decode at batch 1 (random weights), the two bandwidth targets first
-attention() {  # attention PART LIMIT_S
-  step "bench_attention_$1" "$2" "$PY" experiments/bench_attention.py --benches="$1" \
-    --results="$RESULTS/bench_attention.jsonl"
-}
-attention paged 45
-# the engine's steps through the Pallas kernels against XLA's: plain, a dynamic pattern, ngram,
-# layerskip (a draft model in the pages)
-step engine 90 "$PY" experiments/engine_on_device.py --output="$OUT/engine_on_device.json"
-# shellcheck disable=SC2086
-step bench_decode 120 "$PY" experiments/bench_decode.py --batch_sizes=1 $DECODE_ARGS \
-  --results="$RESULTS/bench_decode.jsonl"
-# quantized weights against the unquantized model in one process (XLA's product on a GPU)
-# shellcheck disable=SC2086
-step bench_decode_quant 150 "$PY" experiments/bench_decode.py --batch_sizes=1 --new_tokens=64 \
-  --repeats=2 $DECODE_ARGS --quantize="$QUANT_FORMATS" --results="$RESULTS/bench_decode.jsonl"
-attention dense 90
-attention density 45
-
-# 4. jaxinfer vs transformers at the planned sizes; each batch size's row is written when done
+# 5. jaxinfer vs transformers at the planned sizes, with what is left of the budget; each batch
+# size's row is written when done
 if $PY -c 'import torch, transformers' > /dev/null 2>&1; then
   # shellcheck disable=SC2086
   step bench_vs_transformers 600 "$PY" experiments/bench_vs_transformers.py --repeats=1 \
@@ -272,4 +288,5 @@ for line in lines or ["no benchmark results"]:
   print(f"  {line}")
 print(f"  rows: {res / 'device_check.jsonl'}; logs: {out}")
 EOF
+pack
 echo "device_check: done in $((SECONDS - START))s"
