@@ -195,7 +195,8 @@ def main(argv):
   if FLAGS.heads and not FLAGS["methods"].present:
     methods += [m for m in HEADS if (heads_dir / HEADS[m][1]).is_dir()]
   sampling = jaxinfer.SamplingParams(max_new_tokens=FLAGS.max_new_tokens)
-  common = dict(dtype=FLAGS.dtype, progress=False)
+  # one replica: batch size B is B rows of one engine, however many devices the host has
+  common = dict(dtype=FLAGS.dtype, progress=False, mesh="data:1")
   prompts = None
 
   def warm(llm) -> float:

@@ -96,6 +96,15 @@ def devices():
   return jax.devices()
 
 
+def own_devices_env() -> dict[str, str]:
+  """The environment for a process that chooses its own number of CPU devices (one unless it
+  says otherwise): the tests' XLA flags but their 8 simulated devices. A command run without
+  --mesh makes a replica of each device, and each replica compiles its own steps."""
+  flags = [f for f in os.environ.get("XLA_FLAGS", "").split()
+           if not f.startswith("--xla_force_host_platform_device_count")]
+  return {**os.environ, "XLA_FLAGS": " ".join(flags)}
+
+
 TINY_TEXT = """def add(a, b):
     return a + b
 

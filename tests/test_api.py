@@ -20,7 +20,9 @@ PROMPTS = ["def add(a, b):\n    return a + b\n\ndef add(", [5, 6, 7, 8] * 6, "cl
 
 @pytest.fixture(scope="module")
 def llm(tiny_model_dir):
-  return jaxinfer.LLM(str(tiny_model_dir), batch_size=2, chunk_size=8, progress=False)
+  # one replica (without --mesh, each of the 8 simulated devices is one, compiling its own steps)
+  return jaxinfer.LLM(str(tiny_model_dir), batch_size=2, chunk_size=8, mesh="data:1",
+                      progress=False)
 
 
 def test_generate_equals_the_jsonl_job(llm, tiny_model_dir, tmp_path):
@@ -130,7 +132,7 @@ def test_an_interrupt_stops_every_replica_before_it_is_raised(to):
 
 def test_speculative_llm_equals_plain_greedy(llm, tiny_model_dir):
   spec = jaxinfer.LLM(str(tiny_model_dir), speculative="ngram", num_draft_tokens=3,
-                      speculation="always", batch_size=2, progress=False)
+                      speculation="always", batch_size=2, mesh="data:1", progress=False)
   sp = SamplingParams(max_new_tokens=16)
   assert [o.completion_ids for o in spec.generate(PROMPTS, sp)] == [
       o.completion_ids for o in llm.generate(PROMPTS, sp)]

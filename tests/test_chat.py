@@ -181,7 +181,7 @@ def test_generate_takes_conversations(tmp_path, chat_model_dir):
       {"id": "both", "messages": CONVERSATION[:1], "prompt": "x"}]))
   out = tmp_path / "out.jsonl"
   run(GenerateJob(prompts=str(prompts), output=str(out), model=str(chat_model_dir),
-                  scheduler="static", progress=False))
+                  scheduler="static", mesh="data:1", progress=False))
   recs = {r["id"]: r for r in map(json.loads, out.read_text().splitlines())}
   assert recs["chat"]["completion_ids"] == recs["ids"]["completion_ids"]
   assert recs["chat"]["prompt_tokens"] == len(rendered)

@@ -1,10 +1,10 @@
 """The embedded-model pipeline end to end (smoke recipe: same code, seconds instead of minutes)."""
 
 import json
-import os
 import subprocess
 import sys
 
+from conftest import own_devices_env
 from jaxinfer import embedded
 from jaxinfer.checkpoint import load_model
 
@@ -32,7 +32,7 @@ def test_the_cache_is_in_the_users_cache_directory(monkeypatch, tmp_path):
 
 
 def test_quickstart_builds_caches_and_generates(tmp_path):
-  env = {**os.environ, "JAXINFER_CACHE": str(tmp_path / "cache")}
+  env = {**own_devices_env(), "JAXINFER_CACHE": str(tmp_path / "cache")}  # (one device)
   cmd = [sys.executable, "-m", "jaxinfer", "quickstart", "--recipe=smoke",
          f"--output_dir={tmp_path / 'out'}", "--max_new_tokens=8", "--medusa_steps=20"]
   first = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=900)

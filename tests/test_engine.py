@@ -13,6 +13,7 @@ import time
 import numpy as np
 import pytest
 
+from conftest import own_devices_env
 from jaxinfer.engine.pages import PagePool, page_keys
 from jaxinfer.runner import GenerateJob, UserError, run
 
@@ -453,14 +454,6 @@ def test_an_interrupt_a_callback_swallowed_still_ends_the_command(ignored, exits
   assert ("interrupted" in proc.stderr) == (want == 130), proc.stderr
 
 
-def _own_devices_env() -> dict[str, str]:
-  """The environment for processes that choose their own number of CPU devices: the tests' XLA
-  flags (tests/conftest.py) but their 8 simulated devices."""
-  flags = [f for f in os.environ.get("XLA_FLAGS", "").split()
-           if not f.startswith("--xla_force_host_platform_device_count")]
-  return {**os.environ, "XLA_FLAGS": " ".join(flags)}
-
-
 _GENERATE_FILE = """
 import sys, jax, jaxinfer
 port, i, prompts, out, model, mesh, metrics = sys.argv[1:]
@@ -537,7 +530,7 @@ def test_two_processes_write_one_output(tmp_path, tiny_model_dir, speculative, m
 def _two_processes(tmp_path, model_dir, prompts, out, mesh, launcher, spec):
   """Two processes of two devices each on loopback running one job, waited for."""
   port = _free_port()
-  env = _own_devices_env()
+  env = own_devices_env()
   if launcher == "python":
     procs = [subprocess.Popen([sys.executable, "-c", _GENERATE_FILE, str(port), str(i),
                                str(prompts), str(out), str(model_dir), mesh,
@@ -567,7 +560,7 @@ def test_a_process_that_cannot_run_its_share_ends_the_run(tmp_path, tiny_model_d
   --model is missing on its host (the other once waited for it until jax.distributed aborted
   both, five minutes later, with no message of jaxinfer's)."""
   port, out = _free_port(), tmp_path / "o.jsonl"
-  env = _own_devices_env()
+  env = own_devices_env()
   procs = []
   for i in range(2):
     prompts = tmp_path / f"p{i}.jsonl"

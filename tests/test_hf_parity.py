@@ -83,7 +83,7 @@ def test_generate_greedy_matches_transformers(hf_dir, tmp_path):
   out = tmp_path / "out.jsonl"
   run(GenerateJob(prompts=str(prompts_file), output=str(out), model=str(d),
                   defaults=Defaults(max_new_tokens=24), batch_size=2, decode_steps=5,
-                  progress=False))
+                  mesh="data:1", progress=False))
   records = {r["id"]: r for r in map(json.loads, out.read_text().splitlines())}
   for i, p in enumerate(prompts):
     with torch.no_grad():

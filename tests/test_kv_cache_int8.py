@@ -310,7 +310,8 @@ def test_generate_serves_an_int8_cache_and_refuses_what_cannot(tmp_path, tiny_mo
   an unknown dtype or a page size its scales cannot lie in is one line naming the flag."""
   import jaxinfer
   from jaxinfer.errors import UserError
-  llm = jaxinfer.LLM(str(tiny_model_dir), kv_cache_dtype="int8", batch_size=2, progress=False)
+  llm = jaxinfer.LLM(str(tiny_model_dir), kv_cache_dtype="int8", batch_size=2, mesh="data:1",
+                     progress=False)
   out = llm.generate(["def add(a, b):", "class Point:"],
                      jaxinfer.SamplingParams(max_new_tokens=6, min_p=0.0))
   assert [len(r.outputs[0].ids) for r in out] == [6, 6]

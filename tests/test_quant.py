@@ -505,7 +505,7 @@ def test_quantized_model_serves_sharded_speculative_and_under_trained_heads(tmp_
   plain = ids(jaxinfer.LLM(str(out), mesh="data:1", progress=False))
   for mesh in ("fsdp:2", "data:2,model:2"):
     assert ids(jaxinfer.LLM(str(out), mesh=mesh, progress=False)) == plain, mesh
-  assert ids(jaxinfer.LLM(str(out), speculative="ngram", speculation="always",
+  assert ids(jaxinfer.LLM(str(out), speculative="ngram", speculation="always", mesh="data:1",
                           progress=False)) == plain
   data = tmp_path / "data.txt"
   data.write_text("def add(a, b):\n    return a + b\n\n" * 200)

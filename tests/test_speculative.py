@@ -293,6 +293,7 @@ def test_generate_job_with_speculation(tmp_path, tiny_model_dir):
 
   def job(name, **kw):
     out = tmp_path / f"{name}.jsonl"
+    kw.setdefault("mesh", "data:1")  # one replica (each compiles its own steps) unless asked
     m = run(GenerateJob(prompts=str(prompts), output=str(out), model=str(tiny_model_dir),
                         batch_size=2, progress=False, **kw))
     return {r["id"]: r for r in map(json.loads, out.read_text().splitlines())}, m
