@@ -539,11 +539,6 @@ def checkpoint_format(job: CompileJob) -> CompileJob:
   tied = cfg.tie_embeddings
   try:
     fmt = quant.read_metadata(path, tied)
-    if fmt is not None:  # (a group size that does not divide one of this model's axes)
-      try:
-        quant.selected_specs(Transformer.spec(cfg), fmt)
-      except ValueError as e:
-        raise ValueError(f"{path / quant.QUANT_FILE}: {e}") from None
   except ValueError as e:
     raise CompileError(f"--model: {e}") from None
   try:
@@ -552,6 +547,10 @@ def checkpoint_format(job: CompileJob) -> CompileJob:
     raise CompileError(f"--quantize: {e}") from None
   if fmt is None:
     return job
+  try:  # (a group size that does not divide one of this model's axes)
+    quant.selected_specs(Transformer.spec(cfg), fmt)
+  except ValueError as e:
+    raise CompileError(f"--model: {path / quant.QUANT_FILE}: {e}") from None
   if asked is not None and asked != dataclasses.replace(fmt, include=()):
     raise CompileError(f"--quantize: {job.model} is quantized as {fmt.name} already; leave "
                        f"--quantize out to compile it as it serves")
